@@ -1,0 +1,3 @@
+#include "hello/greet.h"
+
+std::string Greet(const std::string& name) { return "hello, " + name; }
