@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Kiln's tests need (Debian 12, run as root).
+#
+# Idempotent and fast when nothing is missing: packages already installed
+# (per dpkg) are skipped, and `apt-get update` runs only when something must
+# be installed and apt has no package lists yet.
+set -euo pipefail
+
+# - bazel-bootstrap: Debian's Bazel 4.2.3, the real client driven by
+#   crates/kiln/tests/bazel_remote_cache.rs (pulls in a JDK and
+#   build-essential).
+# - g++, gcc, libc6-dev, binutils: the C/C++ toolchain Bazel's cc rules
+#   autodetect, also used by the cc crate for -sys build scripts.
+# - ca-certificates: cargo fetching crates over HTTPS.
+PACKAGES=(
+  bazel-bootstrap
+  g++
+  gcc
+  libc6-dev
+  binutils
+  ca-certificates
+)
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+  # dpkg -s exits 0 for packages that are merely known (e.g. removed but
+  # not purged); require the "install ok installed" status.
+  status="$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)"
+  if [[ "$status" != "install ok installed" ]]; then
+    missing+=("$package")
+  fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  echo "install-deps: all packages present: ${PACKAGES[*]}"
+  exit 0
+fi
+
+echo "install-deps: installing: ${missing[*]}"
+
+SUDO=()
+if [[ $EUID -ne 0 ]]; then
+  SUDO=(sudo)
+fi
+
+# Fresh containers ship without package lists; a populated cache is reused.
+if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+  "${SUDO[@]}" apt-get update
+fi
+
+install() {
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+# Stale lists point at package versions the mirror no longer has; refresh
+# once and retry instead of failing the run.
+if ! install; then
+  echo "install-deps: install failed; refreshing package lists and retrying"
+  "${SUDO[@]}" apt-get update
+  install
+fi
