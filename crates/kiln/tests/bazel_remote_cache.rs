@@ -1,0 +1,449 @@
+//! End-to-end test of Kiln as a remote cache for a real Bazel client.
+//!
+//! Starts the `kiln` binary, points Debian's Bazel 4.2.3 at it with
+//! `--remote_cache`, builds and tests the offline workspace in
+//! `tests/bazel/workspace`, then proves after `bazel clean` that every action
+//! is served from Kiln byte-for-byte, also when Bazel downloads nothing
+//! (`--remote_download_minimal`) and has to fetch test inputs on demand.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long the server may take to print its listening line.
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Outputs compared between the first build and the cache-served rebuild,
+/// relative to the workspace root (through Bazel's convenience symlinks).
+const COMPARED_OUTPUTS: &[&str] = &[
+    "bazel-bin/hello/greeting.txt",
+    "bazel-bin/hello/hello",
+    "bazel-bin/hello/libgreet.a",
+    "bazel-bin/hello/libgreet.so",
+    "bazel-testlogs/hello/hello_test/test.log",
+];
+
+#[test]
+fn bazel_uses_kiln_as_remote_cache() {
+    if !bazel_on_path() {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "bazel is not on PATH but CI is set: CI must run scripts/install-deps.sh \
+                 (Debian package bazel-bootstrap)"
+            );
+        }
+        eprintln!("**************************************************************");
+        eprintln!("skipped: bazel not installed (run scripts/install-deps.sh)");
+        eprintln!("**************************************************************");
+        println!("skipped: bazel not installed (run scripts/install-deps.sh)");
+        return;
+    }
+
+    let scratch = tempfile::Builder::new()
+        .prefix("kiln-bazel-")
+        .tempdir()
+        .expect("create scratch directory");
+    let server = KilnServer::start(
+        &scratch.path().join("kiln-data"),
+        &scratch.path().join("kiln.log"),
+    );
+    let bazel = Bazel::new(scratch.path(), server.port);
+
+    // 1. Cold build and test: everything runs locally and is uploaded.
+    let first_build = bazel.run_ok(&["build", "//..."]);
+    let summary = ProcessSummary::parse(&first_build);
+    assert_eq!(
+        summary.count("remote cache hit"),
+        0,
+        "the first build ran against an empty cache: {summary:?}"
+    );
+    bazel.run_ok(&["test", "//..."]);
+    let first_outputs = bazel.read_outputs();
+
+    // 2. After a clean, every action must be a remote cache hit and the
+    // outputs must be exactly what the first build produced.
+    bazel.run_ok(&["clean"]);
+    let cached = bazel.run_ok(&["test", "//..."]);
+    ProcessSummary::parse(&cached).assert_all_remote_cache_hits("cached `bazel test //...`");
+    assert_test_passed(&cached);
+    let cached_outputs = bazel.read_outputs();
+    for (path, first_bytes) in &first_outputs {
+        let cached_bytes = &cached_outputs[path];
+        assert!(
+            first_bytes == cached_bytes,
+            "{path}: {} bytes from the cache differ from the {} bytes the first build made",
+            cached_bytes.len(),
+            first_bytes.len()
+        );
+    }
+
+    // 3. Build without the bytes: Bazel only asks the cache for metadata...
+    bazel.run_ok(&["clean"]);
+    let minimal = bazel.run_ok(&["test", "--remote_download_minimal", "//..."]);
+    ProcessSummary::parse(&minimal)
+        .assert_all_remote_cache_hits("`bazel test --remote_download_minimal //...`");
+    assert_test_passed(&minimal);
+    assert!(
+        !bazel.workspace.join("bazel-bin/hello/hello").exists(),
+        "--remote_download_minimal should leave bazel-bin/hello/hello remote"
+    );
+
+    // ...and when the test must really run, it fetches its inputs (the
+    // binary and the genrule output) from Kiln's CAS on demand.
+    let rerun = bazel.run_ok(&[
+        "test",
+        "--remote_download_minimal",
+        "--nocache_test_results",
+        "//...",
+    ]);
+    assert_test_passed(&rerun);
+
+    bazel.run_ok(&["shutdown"]);
+}
+
+fn bazel_on_path() -> bool {
+    Command::new("bazel")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+fn assert_test_passed(output: &str) {
+    let passed = output
+        .lines()
+        .any(|line| line.starts_with("//hello:hello_test") && line.contains("PASSED"));
+    assert!(passed, "//hello:hello_test did not pass:\n{output}");
+}
+
+/// The `kiln serve` child process; killed when dropped.
+struct KilnServer {
+    child: Child,
+    port: u16,
+    log_path: PathBuf,
+}
+
+impl KilnServer {
+    fn start(data_dir: &Path, log_path: &Path) -> Self {
+        let log = fs::File::create(log_path).expect("create server log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kiln serve");
+
+        // Read the listening line on a thread so a server that hangs before
+        // printing it fails the test instead of hanging it.
+        let stdout = child.stdout.take().expect("server stdout is piped");
+        let (line_sender, line_receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let result = reader.read_line(&mut line).map(|_| line);
+            let _ = line_sender.send(result);
+            // Keep draining so a chatty server never blocks on a full pipe.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+
+        let mut server = KilnServer {
+            child,
+            port: 0,
+            log_path: log_path.to_path_buf(),
+        };
+        let line = match line_receiver.recv_timeout(SERVER_START_TIMEOUT) {
+            Ok(Ok(line)) => line,
+            Ok(Err(error)) => panic!("reading kiln's stdout: {error}"),
+            Err(_) => {
+                panic!("kiln did not print its listening line within {SERVER_START_TIMEOUT:?}")
+            }
+        };
+        server.port = parse_listening_line(&line).unwrap_or_else(|| {
+            panic!("kiln's first stdout line is not `listening grpc://127.0.0.1:PORT`: {line:?}")
+        });
+        server
+    }
+}
+
+impl Drop for KilnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let mut log = String::new();
+            let _ = fs::File::open(&self.log_path).and_then(|mut f| f.read_to_string(&mut log));
+            eprintln!(
+                "---- kiln server log ({}) ----\n{log}",
+                self.log_path.display()
+            );
+        }
+    }
+}
+
+fn parse_listening_line(line: &str) -> Option<u16> {
+    line.trim_end()
+        .strip_prefix("listening grpc://127.0.0.1:")?
+        .parse()
+        .ok()
+}
+
+/// A Bazel client with its own output root, working on a private copy of the
+/// test workspace; its server is shut down and its files made deletable when
+/// dropped.
+struct Bazel {
+    workspace: PathBuf,
+    output_user_root: PathBuf,
+    remote_cache: String,
+}
+
+impl Bazel {
+    fn new(scratch: &Path, port: u16) -> Self {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/bazel/workspace");
+        let workspace = scratch.join("workspace");
+        copy_tree(&source, &workspace);
+        Bazel {
+            workspace,
+            output_user_root: scratch.join("bazel-root"),
+            remote_cache: format!("grpc://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Runs one Bazel command, returns its stdout and stderr combined, and
+    /// panics with that output if it failed.
+    fn run_ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Captured by the test harness; shown when the test fails.
+        eprintln!("---- bazel {} ----\n{text}", args.join(" "));
+        assert!(
+            output.status.success(),
+            "`bazel {}` failed with {}:\n{text}",
+            args.join(" "),
+            output.status
+        );
+        text
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let (command, rest) = args.split_first().expect("a bazel command");
+        let mut invocation = Command::new("bazel");
+        invocation
+            .current_dir(&self.workspace)
+            .arg(format!(
+                "--output_user_root={}",
+                self.output_user_root.display()
+            ))
+            // Only the workspace's .bazelrc: nothing from the machine.
+            .arg("--nohome_rc")
+            .arg("--nosystem_rc")
+            .arg("--host_jvm_args=-Xmx1g")
+            // If the test dies without `bazel shutdown`, the server still goes.
+            .arg("--max_idle_secs=300")
+            .arg(command);
+        if matches!(*command, "build" | "test") {
+            invocation.args([
+                &format!("--remote_cache={}", self.remote_cache),
+                "--color=no",
+                "--curses=no",
+                "--jobs=2",
+                "--remote_timeout=60",
+            ]);
+        }
+        invocation
+            .args(rest)
+            .stdin(Stdio::null())
+            // Bazel must talk to 127.0.0.1 directly.
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("grpc_proxy")
+            .env_remove("GRPC_PROXY_EXP")
+            .output()
+            .unwrap_or_else(|error| panic!("running bazel {}: {error}", args.join(" ")))
+    }
+
+    fn read_outputs(&self) -> BTreeMap<&'static str, Vec<u8>> {
+        COMPARED_OUTPUTS
+            .iter()
+            .map(|relative| {
+                let path = self.workspace.join(relative);
+                let bytes = fs::read(&path)
+                    .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
+                (*relative, bytes)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Bazel {
+    fn drop(&mut self) {
+        if self.output_user_root.exists() {
+            let _ = self.run(&["shutdown"]);
+            // Bazel leaves read-only files and directories behind, which
+            // would keep the scratch directory from being removed.
+            make_writable(&self.output_user_root);
+        }
+    }
+}
+
+/// Spawn counts from Bazel's closing line, e.g.
+/// `INFO: 7 processes: 4 remote cache hit, 3 internal.`
+#[derive(Debug)]
+struct ProcessSummary {
+    total: u64,
+    by_kind: BTreeMap<String, u64>,
+}
+
+impl ProcessSummary {
+    fn parse(output: &str) -> Self {
+        output
+            .lines()
+            .rev()
+            .find_map(Self::parse_line)
+            .unwrap_or_else(|| {
+                panic!("no `INFO: N processes: ...` line in Bazel output:\n{output}")
+            })
+    }
+
+    fn parse_line(line: &str) -> Option<Self> {
+        let rest = line.trim().strip_prefix("INFO: ")?;
+        let (total, rest) = rest.split_once(' ')?;
+        let total = total.parse().ok()?;
+        let rest = rest
+            .strip_prefix("processes")
+            .or_else(|| rest.strip_prefix("process"))?;
+        let rest = rest.strip_suffix('.').unwrap_or(rest);
+        let mut by_kind = BTreeMap::new();
+        if let Some(kinds) = rest.strip_prefix(": ") {
+            for part in kinds.split(", ") {
+                let (count, kind) = part.split_once(' ')?;
+                *by_kind.entry(kind.to_string()).or_default() += count.parse::<u64>().ok()?;
+            }
+        } else if !rest.is_empty() {
+            return None;
+        }
+        Some(ProcessSummary { total, by_kind })
+    }
+
+    fn count(&self, kind: &str) -> u64 {
+        self.by_kind.get(kind).copied().unwrap_or(0)
+    }
+
+    fn assert_all_remote_cache_hits(&self, what: &str) {
+        let unexpected: Vec<_> = self
+            .by_kind
+            .iter()
+            .filter(|(kind, _)| !matches!(kind.as_str(), "remote cache hit" | "internal"))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "{what}: every action should be a remote cache hit, but Bazel ran {unexpected:?} \
+             ({self:?})"
+        );
+        assert!(
+            self.count("remote cache hit") > 0,
+            "{what}: no remote cache hits ({self:?})"
+        );
+        assert_eq!(
+            self.total,
+            self.by_kind.values().sum::<u64>(),
+            "{what}: process counts do not add up ({self:?})"
+        );
+    }
+}
+
+fn copy_tree(source: &Path, destination: &Path) {
+    fs::create_dir_all(destination)
+        .unwrap_or_else(|error| panic!("creating {}: {error}", destination.display()));
+    for entry in
+        fs::read_dir(source).unwrap_or_else(|error| panic!("listing {}: {error}", source.display()))
+    {
+        let entry = entry.expect("directory entry");
+        let name = entry.file_name();
+        // Convenience symlinks from someone's local Bazel run in the source.
+        if name.to_string_lossy().starts_with("bazel-") {
+            continue;
+        }
+        let from = entry.path();
+        let to = destination.join(&name);
+        let file_type = entry.file_type().expect("file type");
+        if file_type.is_dir() {
+            copy_tree(&from, &to);
+        } else if file_type.is_file() {
+            // fs::copy keeps the permission bits, so scripts stay executable.
+            fs::copy(&from, &to).unwrap_or_else(|error| {
+                panic!("copying {} to {}: {error}", from.display(), to.display())
+            });
+        }
+    }
+}
+
+fn make_writable(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(metadata) = fs::symlink_metadata(root) else {
+        return;
+    };
+    if metadata.file_type().is_symlink() {
+        return;
+    }
+    let mut permissions = metadata.permissions();
+    permissions.set_mode(permissions.mode() | 0o700);
+    let _ = fs::set_permissions(root, permissions);
+    if metadata.is_dir() {
+        if let Ok(entries) = fs::read_dir(root) {
+            for entry in entries.flatten() {
+                make_writable(&entry.path());
+            }
+        }
+    }
+}
+
+#[test]
+fn parses_bazel_process_summaries() {
+    let summary =
+        ProcessSummary::parse_line("INFO: 7 processes: 4 remote cache hit, 3 internal.").unwrap();
+    assert_eq!(summary.total, 7);
+    assert_eq!(summary.count("remote cache hit"), 4);
+    assert_eq!(summary.count("internal"), 3);
+    summary.assert_all_remote_cache_hits("example");
+
+    let summary = ProcessSummary::parse_line("INFO: 1 process: 1 internal.").unwrap();
+    assert_eq!(summary.count("internal"), 1);
+
+    let summary =
+        ProcessSummary::parse_line("INFO: 15 processes: 9 internal, 6 linux-sandbox.").unwrap();
+    assert_eq!(summary.count("linux-sandbox"), 6);
+
+    assert!(ProcessSummary::parse_line("INFO: 0 processes.").is_some());
+    assert!(ProcessSummary::parse_line("INFO: Elapsed time: 1.0s").is_none());
+    assert!(ProcessSummary::parse_line("INFO: Found 4 targets...").is_none());
+    assert_eq!(
+        parse_listening_line("listening grpc://127.0.0.1:4242\n"),
+        Some(4242)
+    );
+    assert_eq!(parse_listening_line("listening on 4242"), None);
+}
+
+#[test]
+#[should_panic(expected = "every action should be a remote cache hit")]
+fn rejects_locally_run_actions() {
+    ProcessSummary::parse_line("INFO: 5 processes: 2 remote cache hit, 1 internal, 2 local.")
+        .unwrap()
+        .assert_all_remote_cache_hits("example");
+}
