@@ -1,0 +1,1100 @@
+//! The disk store: Kiln's durable, size-bounded blob store.
+//!
+//! Layout under the store's directory:
+//! - `segments/NNNNNNNNNN.pack`: small blobs and Action Cache entries,
+//!   appended back to back (no file per tiny blob: that is what makes
+//!   200k small writes per second possible);
+//! - `files/XX/NS-HASH`: large blobs, one file each, written under `tmp/`
+//!   and renamed into place only after the caller verified the digest;
+//! - `journal`: one fixed-size record per stored blob (see [`journal`]);
+//! - `checkpoint`: how much of the journal is known to be on disk.
+//!
+//! Durability is group commit: a committer thread calls `syncfs` on the
+//! store's file system every `sync_interval` (or as soon as a writer waits,
+//! with [`Durability::Sync`]) and then advances the checkpoint. After a
+//! crash, journal records before the checkpoint are trusted; later ones are
+//! kept only if their data re-verifies (crc32c for packed blobs, the content
+//! hash for files). So a blob is either whole and verified, or absent — and
+//! a torn write can never surface.
+//!
+//! Eviction keeps the store under `max_size_bytes`, approximately least
+//! recently used: whole old segments and cold files are dropped, and blobs
+//! in a dropped segment that were used recently are first copied forward.
+
+pub mod journal;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasherDefault, Hash};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+use tokio::sync::watch;
+
+use self::journal::{Location, Record, RECORD_LEN};
+use crate::store::BufferingWriter;
+use crate::{Blob, BlobStore, BlobWriter, Key, Result, StoreError};
+
+/// When a write is acknowledged relative to reaching the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Acknowledge once the blob is written and visible; it reaches the disk
+    /// with the next group commit (at most `sync_interval` later). A crash of
+    /// the machine may lose blobs of that window, never corrupt one.
+    #[default]
+    GroupCommit,
+    /// Acknowledge only after the group commit that covers the blob.
+    Sync,
+}
+
+#[derive(Clone, Debug)]
+pub struct DiskStoreConfig {
+    pub path: PathBuf,
+    /// Upper bound for all stored bytes; eviction starts above it.
+    pub max_size_bytes: u64,
+    /// Blobs up to this size are appended to segments instead of getting a
+    /// file of their own.
+    pub max_packed_blob_bytes: u64,
+    pub sync_interval: Duration,
+    pub durability: Durability,
+}
+
+impl DiskStoreConfig {
+    pub fn new(path: impl Into<PathBuf>, max_size_bytes: u64) -> Self {
+        DiskStoreConfig {
+            path: path.into(),
+            max_size_bytes,
+            max_packed_blob_bytes: 256 * 1024,
+            sync_interval: Duration::from_secs(1),
+            durability: Durability::GroupCommit,
+        }
+    }
+
+    /// Segments are a small fraction of the budget so that eviction is fine
+    /// grained, but big enough to amortize their creation.
+    fn segment_size(&self) -> u64 {
+        (self.max_size_bytes / 32).clamp(4 * self.max_packed_blob_bytes.max(1024 * 1024), 256 << 20)
+    }
+}
+
+/// What start-up found, for the log.
+#[derive(Debug, Default, Clone)]
+pub struct RecoveryReport {
+    pub blobs: u64,
+    pub bytes: u64,
+    pub verified_after_checkpoint: u64,
+    pub dropped_invalid: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Clone)]
+pub struct DiskStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: DiskStoreConfig,
+    root: PathBuf,
+    segment_size: u64,
+    index: Index,
+    segments: RwLock<BTreeMap<u32, Arc<Segment>>>,
+    active: Mutex<Active>,
+    journal: Mutex<File>,
+    journal_len: AtomicU64,
+    committed: watch::Sender<u64>,
+    commit_lock: Mutex<()>,
+    commit_wakeup: Arc<Wakeup>,
+    /// Bytes on disk: all segments (as reserved) plus all blob files.
+    total_bytes: AtomicU64,
+    /// Logical clock for eviction: advances every `max_size / 32` bytes written.
+    epoch: AtomicU32,
+    bytes_this_epoch: AtomicU64,
+    evicting: AtomicBool,
+    _lock: File,
+}
+
+/// Wakes the committer thread early (a writer waits for durability, or the
+/// store is closing).
+#[derive(Default)]
+struct Wakeup {
+    flag: Mutex<bool>,
+    condvar: Condvar,
+}
+
+impl Wakeup {
+    fn wake(&self) {
+        *self.flag.lock() = true;
+        self.condvar.notify_one();
+    }
+}
+
+struct Segment {
+    id: u32,
+    file: Arc<File>,
+    /// Epoch in which the segment stopped taking writes (u32::MAX while active).
+    sealed_epoch: AtomicU32,
+    len: AtomicU64,
+}
+
+struct Active {
+    segment: Arc<Segment>,
+    next_offset: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    location: Location,
+    len: u64,
+    atime: u32,
+}
+
+/// Keys are uniformly distributed hashes already: use their bytes directly.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 ^= value;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct IndexKey(Key);
+
+impl Hash for IndexKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let word = u64::from_le_bytes(self.0.hash[8..16].try_into().expect("8 bytes"));
+        state.write_u64(word ^ self.0.namespace.to_byte() as u64);
+    }
+}
+
+const INDEX_SHARDS: usize = 64;
+
+struct Index {
+    shards: Box<[Mutex<HashMap<IndexKey, Entry, BuildHasherDefault<KeyHasher>>>]>,
+}
+
+impl Index {
+    fn new() -> Self {
+        Index {
+            shards: (0..INDEX_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, key: &Key) -> &Mutex<HashMap<IndexKey, Entry, BuildHasherDefault<KeyHasher>>> {
+        &self.shards[key.hash[0] as usize % INDEX_SHARDS]
+    }
+
+    /// Looks a key up and marks it used in `epoch`.
+    fn touch(&self, key: &Key, epoch: u32) -> Option<Entry> {
+        let mut shard = self.shard(key).lock();
+        let entry = shard.get_mut(&IndexKey(*key))?;
+        entry.atime = epoch;
+        Some(*entry)
+    }
+
+    fn insert(&self, key: Key, entry: Entry) {
+        self.shard(&key).lock().insert(IndexKey(key), entry);
+    }
+
+    /// Removes `key` only if it still lives at `location`.
+    fn remove_if_at(&self, key: &Key, location: Location) -> bool {
+        let mut shard = self.shard(key).lock();
+        match shard.get(&IndexKey(*key)) {
+            Some(entry) if entry.location == location => {
+                shard.remove(&IndexKey(*key));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(Key, Entry)> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            all.extend(shard.lock().iter().map(|(k, e)| (k.0, *e)));
+        }
+        all
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let context = context.into();
+    move |e| StoreError::io(context, e)
+}
+
+fn segment_path(root: &Path, id: u32) -> PathBuf {
+    root.join("segments").join(format!("{id:010}.pack"))
+}
+
+fn file_path(root: &Path, key: &Key) -> PathBuf {
+    root.join("files")
+        .join(format!("{:02x}", key.hash[0]))
+        .join(key.file_name())
+}
+
+fn fsync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// Writes `data` to `path` so that a reader sees the old file or the new
+/// one, never a mix, also after a crash.
+fn write_atomically(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
+    fsync_dir(path.parent().expect("store paths have a parent"))
+}
+
+impl DiskStore {
+    /// Opens (or creates) the store, replaying its journal. Blocking.
+    pub fn open(config: DiskStoreConfig) -> Result<(DiskStore, RecoveryReport)> {
+        let started = Instant::now();
+        let root = config.path.clone();
+        for dir in ["segments", "files", "tmp"] {
+            fs::create_dir_all(root.join(dir))
+                .map_err(io_err(format!("creating {}", root.join(dir).display())))?;
+        }
+        let lock = File::create(root.join("LOCK"))
+            .map_err(io_err(format!("creating {}/LOCK", root.display())))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |e| {
+                StoreError::io(
+                    format!(
+                        "locking {}: is another kiln using this data directory?",
+                        root.display()
+                    ),
+                    e.into(),
+                )
+            },
+        )?;
+        // Writes that never committed.
+        for entry in fs::read_dir(root.join("tmp"))
+            .map_err(io_err("listing tmp/"))?
+            .flatten()
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+
+        let mut report = RecoveryReport::default();
+        let (segments, files) = list_existing(&root)?;
+        let durable_len = fs::read(root.join("checkpoint"))
+            .ok()
+            .and_then(|buf| journal::decode_checkpoint(&buf))
+            .unwrap_or(0);
+        let replayed = replay_journal(&root, &segments, &files, durable_len, &mut report)?;
+
+        // Orphans: data no surviving record points at.
+        let live_segments: HashSet<u32> = replayed
+            .values()
+            .filter_map(|(r, _)| match r.location {
+                Location::Packed { segment, .. } => Some(segment),
+                Location::File => None,
+            })
+            .collect();
+        for (&id, _) in segments
+            .iter()
+            .filter(|(id, _)| !live_segments.contains(id))
+        {
+            let _ = fs::remove_file(segment_path(&root, id));
+        }
+        for (key, _) in files.iter().filter(|(key, _)| !replayed.contains_key(key)) {
+            let _ = fs::remove_file(file_path(&root, key));
+        }
+
+        // Rewrite the journal with live records only; make everything durable.
+        let mut compact = Vec::with_capacity(replayed.len() * RECORD_LEN);
+        let mut ordered: Vec<_> = replayed.values().collect();
+        ordered.sort_by_key(|(_, position)| *position);
+        for (record, _) in &ordered {
+            record.encode(&mut compact);
+        }
+        write_atomically(&root.join("journal"), &compact)
+            .map_err(io_err("rewriting the journal"))?;
+        let root_dir = File::open(&root).map_err(io_err(format!("opening {}", root.display())))?;
+        rustix::fs::syncfs(&root_dir).map_err(|e| StoreError::io("syncing the store", e.into()))?;
+        write_atomically(
+            &root.join("checkpoint"),
+            &journal::encode_checkpoint(compact.len() as u64),
+        )
+        .map_err(io_err("writing the checkpoint"))?;
+
+        // Ages: journal order stands in for access order across a restart.
+        const RESTART_EPOCHS: u64 = 32;
+        let count = ordered.len().max(1) as u64;
+        let index = Index::new();
+        let mut segment_epochs: HashMap<u32, u32> = HashMap::new();
+        let mut total_bytes = 0u64;
+        for (i, (record, _)) in ordered.iter().enumerate() {
+            let atime = (i as u64 * RESTART_EPOCHS / count) as u32;
+            match record.location {
+                Location::Packed { segment, .. } => {
+                    let epoch = segment_epochs.entry(segment).or_default();
+                    *epoch = (*epoch).max(atime);
+                }
+                Location::File => total_bytes += record.len,
+            }
+            report.blobs += 1;
+            report.bytes += record.len;
+            index.insert(
+                record.key,
+                Entry {
+                    location: record.location,
+                    len: record.len,
+                    atime,
+                },
+            );
+        }
+        let mut segment_map = BTreeMap::new();
+        for (&id, &(ref file, len)) in segments.iter().filter(|(id, _)| live_segments.contains(id))
+        {
+            total_bytes += len;
+            segment_map.insert(
+                id,
+                Arc::new(Segment {
+                    id,
+                    file: file.clone(),
+                    sealed_epoch: AtomicU32::new(segment_epochs.get(&id).copied().unwrap_or(0)),
+                    len: AtomicU64::new(len),
+                }),
+            );
+        }
+        let next_id = segments.keys().next_back().map_or(1, |id| id + 1);
+        let active = Self::create_segment(&root, next_id)?;
+        segment_map.insert(next_id, active.clone());
+
+        let journal = OpenOptions::new()
+            .append(true)
+            .open(root.join("journal"))
+            .map_err(io_err("opening the journal"))?;
+        let segment_size = config.segment_size();
+        let inner = Arc::new(Inner {
+            segment_size,
+            root,
+            index,
+            segments: RwLock::new(segment_map),
+            active: Mutex::new(Active {
+                segment: active,
+                next_offset: 0,
+            }),
+            journal: Mutex::new(journal),
+            journal_len: AtomicU64::new(compact.len() as u64),
+            committed: watch::channel(compact.len() as u64).0,
+            commit_lock: Mutex::new(()),
+            commit_wakeup: Arc::default(),
+            total_bytes: AtomicU64::new(total_bytes),
+            epoch: AtomicU32::new(RESTART_EPOCHS as u32),
+            bytes_this_epoch: AtomicU64::new(0),
+            evicting: AtomicBool::new(false),
+            _lock: lock,
+            config,
+        });
+        let (weak, wakeup, interval) = (
+            Arc::downgrade(&inner),
+            inner.commit_wakeup.clone(),
+            inner.config.sync_interval,
+        );
+        std::thread::Builder::new()
+            .name("kiln-store-commit".into())
+            .spawn(move || committer(weak, wakeup, interval))
+            .map_err(io_err("starting the commit thread"))?;
+        let store = DiskStore { inner };
+        store.inner.maybe_evict();
+        report.elapsed = started.elapsed();
+        Ok((store, report))
+    }
+
+    fn create_segment(root: &Path, id: u32) -> Result<Arc<Segment>> {
+        let path = segment_path(root, id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(format!("creating segment {}", path.display())))?;
+        Ok(Arc::new(Segment {
+            id,
+            file: Arc::new(file),
+            sealed_epoch: AtomicU32::new(u32::MAX),
+            len: AtomicU64::new(0),
+        }))
+    }
+
+    /// Makes everything written so far durable now. Blocking.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.commit()
+    }
+
+    /// Bytes currently held on disk.
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Number of blobs and Action Cache entries held.
+    pub fn blob_count(&self) -> usize {
+        self.inner.index.len()
+    }
+
+    /// Waits, if the configured durability says so, until the journal up to
+    /// `journal_end` is durable.
+    async fn settle(&self, journal_end: u64) -> Result<()> {
+        if self.inner.config.durability != Durability::Sync {
+            return Ok(());
+        }
+        self.inner.commit_wakeup.wake();
+        let mut committed = self.inner.committed.subscribe();
+        committed
+            .wait_for(|len| *len >= journal_end)
+            .await
+            .map_err(|_| {
+                StoreError::io(
+                    "waiting for the group commit",
+                    io::Error::other("store closed"),
+                )
+            })?;
+        Ok(())
+    }
+}
+
+fn list_existing(root: &Path) -> Result<(BTreeMap<u32, (Arc<File>, u64)>, HashMap<Key, u64>)> {
+    let mut segments = BTreeMap::new();
+    for entry in fs::read_dir(root.join("segments"))
+        .map_err(io_err("listing segments/"))?
+        .flatten()
+    {
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".pack"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .open(entry.path())
+            .map_err(io_err(format!("opening {}", entry.path().display())))?;
+        let len = file
+            .metadata()
+            .map_err(io_err("reading segment size"))?
+            .len();
+        segments.insert(id, (Arc::new(file), len));
+    }
+    let mut files = HashMap::new();
+    for dir in fs::read_dir(root.join("files"))
+        .map_err(io_err("listing files/"))?
+        .flatten()
+    {
+        for entry in fs::read_dir(dir.path())
+            .map_err(io_err("listing files/"))?
+            .flatten()
+        {
+            if let (Some(key), Ok(meta)) = (
+                entry.file_name().to_str().and_then(Key::parse_file_name),
+                entry.metadata(),
+            ) {
+                files.insert(key, meta.len());
+            }
+        }
+    }
+    Ok((segments, files))
+}
+
+/// Replays the journal: the last valid record of each key, with its
+/// position. Records past `durable_len` are re-verified against their data.
+fn replay_journal(
+    root: &Path,
+    segments: &BTreeMap<u32, (Arc<File>, u64)>,
+    files: &HashMap<Key, u64>,
+    durable_len: u64,
+    report: &mut RecoveryReport,
+) -> Result<HashMap<Key, (Record, u64)>> {
+    let mut live = HashMap::new();
+    let mut journal = match File::open(root.join("journal")) {
+        Ok(file) => io::BufReader::with_capacity(1 << 20, file),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(live),
+        Err(e) => return Err(StoreError::io("opening the journal", e)),
+    };
+    let mut buf = [0u8; RECORD_LEN];
+    let mut position = 0u64;
+    loop {
+        match journal.read_exact(&mut buf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(StoreError::io("reading the journal", e)),
+        }
+        let Some(record) = Record::decode(&buf) else {
+            // A torn append: nothing after it was acknowledged as durable.
+            report.dropped_invalid += 1;
+            break;
+        };
+        let trusted = position + RECORD_LEN as u64 <= durable_len;
+        let valid = match record.location {
+            Location::Packed { segment, offset } => match segments.get(&segment) {
+                Some((file, len)) if offset + record.len <= *len => {
+                    trusted || {
+                        report.verified_after_checkpoint += 1;
+                        let mut data = vec![0u8; record.len as usize];
+                        file.read_exact_at(&mut data, offset).is_ok()
+                            && crc32c::crc32c(&data) == record.payload_crc
+                    }
+                }
+                _ => false,
+            },
+            Location::File => match files.get(&record.key) {
+                Some(&len) if len == record.len => {
+                    trusted || {
+                        report.verified_after_checkpoint += 1;
+                        file_matches_key(&file_path(root, &record.key), &record.key)
+                    }
+                }
+                _ => false,
+            },
+        };
+        if valid {
+            live.insert(record.key, (record, position));
+        } else {
+            report.dropped_invalid += 1;
+        }
+        position += RECORD_LEN as u64;
+    }
+    Ok(live)
+}
+
+fn file_matches_key(path: &Path, key: &Key) -> bool {
+    let Some(function) = key.namespace.content_addressed() else {
+        return false;
+    };
+    let Ok(mut file) = File::open(path) else {
+        return false;
+    };
+    let mut hasher = function.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                size += n as u64;
+            }
+            Err(_) => return false,
+        }
+    }
+    hasher.finish(size).hash == key.hash
+}
+
+impl Inner {
+    fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    fn account_written(&self, bytes: u64) {
+        let per_epoch = (self.config.max_size_bytes / 32).max(1);
+        if self.bytes_this_epoch.fetch_add(bytes, Ordering::Relaxed) + bytes >= per_epoch {
+            self.bytes_this_epoch.store(0, Ordering::Relaxed);
+            self.epoch.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn lookup(&self, key: &Key) -> Option<Entry> {
+        self.index.touch(key, self.epoch())
+    }
+
+    fn get_blocking(&self, key: &Key) -> Result<Option<Blob>> {
+        let Some(entry) = self.lookup(key) else {
+            return Ok(None);
+        };
+        match entry.location {
+            Location::Packed { segment, offset } => {
+                let Some(segment) = self.segments.read().get(&segment).cloned() else {
+                    return Ok(None); // evicted between the lookup and now
+                };
+                Ok(Some(Blob::File {
+                    file: segment.file.clone(),
+                    offset,
+                    len: entry.len,
+                }))
+            }
+            Location::File => match File::open(file_path(&self.root, key)) {
+                Ok(file) => Ok(Some(Blob::File {
+                    file: Arc::new(file),
+                    offset: 0,
+                    len: entry.len,
+                })),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.index.remove_if_at(key, Location::File);
+                    Ok(None)
+                }
+                Err(e) => Err(StoreError::io(format!("opening blob {key:?}"), e)),
+            },
+        }
+    }
+
+    /// Appends blobs to the active segment with one write and one journal
+    /// append, then makes them visible. Returns the journal's end.
+    fn put_packed(&self, items: &[(Key, Bytes)]) -> Result<u64> {
+        let total: u64 = items.iter().map(|(_, data)| data.len() as u64).sum();
+        let (segment, base) = {
+            let mut active = self.active.lock();
+            if active.next_offset > 0 && active.next_offset + total > self.segment_size {
+                let id = active.segment.id + 1;
+                let fresh = DiskStore::create_segment(&self.root, id)?;
+                active
+                    .segment
+                    .sealed_epoch
+                    .store(self.epoch(), Ordering::Relaxed);
+                self.segments.write().insert(id, fresh.clone());
+                *active = Active {
+                    segment: fresh,
+                    next_offset: 0,
+                };
+            }
+            let base = active.next_offset;
+            active.next_offset += total;
+            active.segment.len.fetch_add(total, Ordering::Relaxed);
+            (active.segment.clone(), base)
+        };
+        self.total_bytes.fetch_add(total, Ordering::Relaxed);
+        self.account_written(total);
+
+        let write = |data: &[u8]| {
+            segment
+                .file
+                .write_all_at(data, base)
+                .map_err(io_err(format!(
+                    "appending {} bytes to segment {}",
+                    data.len(),
+                    segment.id
+                )))
+        };
+        if items.len() == 1 {
+            write(&items[0].1)?;
+        } else {
+            let mut joined = Vec::with_capacity(total as usize);
+            for (_, data) in items {
+                joined.extend_from_slice(data);
+            }
+            write(&joined)?;
+        }
+
+        let mut records = Vec::with_capacity(items.len() * RECORD_LEN);
+        let mut offset = base;
+        let mut entries = Vec::with_capacity(items.len());
+        for (key, data) in items {
+            let location = Location::Packed {
+                segment: segment.id,
+                offset,
+            };
+            Record {
+                key: *key,
+                location,
+                len: data.len() as u64,
+                payload_crc: crc32c::crc32c(data),
+            }
+            .encode(&mut records);
+            entries.push((
+                *key,
+                Entry {
+                    location,
+                    len: data.len() as u64,
+                    atime: self.epoch(),
+                },
+            ));
+            offset += data.len() as u64;
+        }
+        let journal_end = self.append_journal(&records)?;
+        for (key, entry) in entries {
+            self.index.insert(key, entry);
+        }
+        self.maybe_evict();
+        Ok(journal_end)
+    }
+
+    /// For blocking writers: with [`Durability::Sync`], commit before returning.
+    fn settle_blocking(&self) -> Result<()> {
+        match self.config.durability {
+            Durability::Sync => self.commit(),
+            Durability::GroupCommit => Ok(()),
+        }
+    }
+
+    fn append_journal(&self, records: &[u8]) -> Result<u64> {
+        let mut journal = self.journal.lock();
+        journal
+            .write_all(records)
+            .map_err(io_err("appending to the journal"))?;
+        Ok(self
+            .journal_len
+            .fetch_add(records.len() as u64, Ordering::Relaxed)
+            + records.len() as u64)
+    }
+
+    /// Group commit: everything appended so far reaches the disk, then the
+    /// checkpoint says so.
+    fn commit(&self) -> Result<()> {
+        let _serialized = self.commit_lock.lock();
+        let target = self.journal_len.load(Ordering::Acquire);
+        if target <= *self.committed.borrow() {
+            return Ok(());
+        }
+        let root =
+            File::open(&self.root).map_err(io_err(format!("opening {}", self.root.display())))?;
+        rustix::fs::syncfs(&root).map_err(|e| StoreError::io("syncing the store", e.into()))?;
+        write_atomically(
+            &self.root.join("checkpoint"),
+            &journal::encode_checkpoint(target),
+        )
+        .map_err(io_err("writing the checkpoint"))?;
+        self.committed.send_replace(target);
+        Ok(())
+    }
+
+    fn maybe_evict(self: &Inner) {
+        if self.total_bytes.load(Ordering::Relaxed) <= self.config.max_size_bytes {
+            return;
+        }
+        if self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Evict on this thread: writers are already on blocking threads, and
+        // a store over budget should push back on them.
+        if let Err(e) = self.evict() {
+            tracing::warn!(error = %e, "eviction failed");
+        }
+        self.evicting.store(false, Ordering::Release);
+    }
+
+    /// Drops the least recently used data until the store is under 90% of
+    /// its budget.
+    fn evict(&self) -> Result<()> {
+        let started = Instant::now();
+        let budget = self.config.max_size_bytes / 10 * 9;
+        let total = self.total_bytes.load(Ordering::Relaxed);
+        if total <= budget {
+            return Ok(());
+        }
+        let active_id = self.active.lock().segment.id;
+        let sealed: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .values()
+            .filter(|s| s.id != active_id)
+            .cloned()
+            .collect();
+        let mut per_segment: HashMap<u32, Vec<(Key, Entry)>> = HashMap::new();
+        let mut files = Vec::new();
+        for (key, entry) in self.index.snapshot() {
+            match entry.location {
+                Location::Packed { segment, .. } => {
+                    per_segment.entry(segment).or_default().push((key, entry))
+                }
+                Location::File => files.push((key, entry)),
+            }
+        }
+        // Blobs used in the newer half of the remembered history are kept.
+        let now = self.epoch();
+        let oldest = sealed
+            .iter()
+            .map(|s| s.sealed_epoch.load(Ordering::Relaxed))
+            .chain(files.iter().map(|(_, e)| e.atime))
+            .min()
+            .unwrap_or(now);
+        let keep_from = oldest + (now.saturating_sub(oldest)).div_ceil(2);
+
+        enum Victim {
+            Segment(Arc<Segment>),
+            File(Key, u64),
+        }
+        let mut candidates: Vec<(u32, Victim)> = sealed
+            .into_iter()
+            .map(|s| (s.sealed_epoch.load(Ordering::Relaxed), Victim::Segment(s)))
+            .chain(
+                files
+                    .into_iter()
+                    .map(|(k, e)| (e.atime, Victim::File(k, e.len))),
+            )
+            .collect();
+        candidates.sort_by_key(|(age, _)| *age);
+
+        let mut remaining = total;
+        let (mut dropped, mut copied) = (0u64, 0u64);
+        for (_, victim) in candidates {
+            if remaining <= budget {
+                break;
+            }
+            match victim {
+                Victim::File(key, len) => {
+                    if self.index.remove_if_at(&key, Location::File) {
+                        let _ = fs::remove_file(file_path(&self.root, &key));
+                        self.total_bytes.fetch_sub(len, Ordering::Relaxed);
+                        remaining = remaining.saturating_sub(len);
+                        dropped += 1;
+                    }
+                }
+                Victim::Segment(segment) => {
+                    let entries = per_segment.remove(&segment.id).unwrap_or_default();
+                    let keep: Vec<_> = entries
+                        .iter()
+                        .filter(|(_, e)| e.atime >= keep_from)
+                        .collect();
+                    for chunk in keep.chunks(256) {
+                        let mut items = Vec::with_capacity(chunk.len());
+                        for (key, entry) in chunk {
+                            if let Location::Packed { offset, .. } = entry.location {
+                                let mut data = vec![0u8; entry.len as usize];
+                                segment
+                                    .file
+                                    .read_exact_at(&mut data, offset)
+                                    .map_err(io_err(format!("copying {key:?} forward")))?;
+                                items.push((*key, Bytes::from(data)));
+                            }
+                        }
+                        copied += items.len() as u64;
+                        remaining += items.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+                        self.put_packed(&items)?;
+                    }
+                    for (key, entry) in &entries {
+                        if self.index.remove_if_at(key, entry.location) {
+                            dropped += 1;
+                        }
+                    }
+                    self.segments.write().remove(&segment.id);
+                    let _ = fs::remove_file(segment_path(&self.root, segment.id));
+                    let len = segment.len.load(Ordering::Relaxed);
+                    self.total_bytes.fetch_sub(len, Ordering::Relaxed);
+                    remaining = remaining.saturating_sub(len);
+                }
+            }
+        }
+        tracing::info!(
+            dropped,
+            copied_forward = copied,
+            size_bytes = self.total_bytes.load(Ordering::Relaxed),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "evicted least recently used blobs"
+        );
+        Ok(())
+    }
+}
+
+/// The group-commit loop. It holds the store only while committing, so
+/// dropping the store (which commits one last time) also ends the thread.
+fn committer(inner: Weak<Inner>, wakeup: Arc<Wakeup>, interval: Duration) {
+    loop {
+        {
+            let mut woken = wakeup.flag.lock();
+            if !*woken {
+                wakeup.condvar.wait_for(&mut woken, interval);
+            }
+            *woken = false;
+        }
+        let Some(store) = inner.upgrade() else { return };
+        if let Err(e) = store.commit() {
+            tracing::error!(error = %e, "group commit failed");
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.commit() {
+            tracing::error!(error = %e, "final commit failed");
+        }
+        self.commit_wakeup.wake();
+    }
+}
+
+/// Streams a large blob into `tmp/`; commit renames it into `files/`.
+struct FileWriter {
+    store: Arc<Inner>,
+    key: Key,
+    size: u64,
+    written: u64,
+    tmp_path: PathBuf,
+    file: Option<File>,
+}
+
+impl BlobWriter for FileWriter {
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        if self.written + data.len() as u64 > self.size {
+            return Err(StoreError::SizeMismatch(format!(
+                "received more than the announced {} bytes",
+                self.size
+            )));
+        }
+        let file = self.file.as_mut().expect("open until commit");
+        file.write_all(data).map_err(io_err(format!(
+            "writing blob {:?} to {}",
+            self.key,
+            self.tmp_path.display()
+        )))?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.written != self.size {
+            return Err(StoreError::SizeMismatch(format!(
+                "received {} bytes, announced {}",
+                self.written, self.size
+            )));
+        }
+        drop(self.file.take());
+        let path = file_path(&self.store.root, &self.key);
+        let parent = path
+            .parent()
+            .expect("blob files live in a fan-out directory");
+        fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
+        fs::rename(&self.tmp_path, &path)
+            .map_err(io_err(format!("moving blob {:?} into place", self.key)))?;
+        let mut record = Vec::with_capacity(RECORD_LEN);
+        Record {
+            key: self.key,
+            location: Location::File,
+            len: self.size,
+            payload_crc: 0,
+        }
+        .encode(&mut record);
+        self.store.append_journal(&record)?;
+        self.store.index.insert(
+            self.key,
+            Entry {
+                location: Location::File,
+                len: self.size,
+                atime: self.store.epoch(),
+            },
+        );
+        self.store
+            .total_bytes
+            .fetch_add(self.size, Ordering::Relaxed);
+        self.store.account_written(self.size);
+        self.store.maybe_evict();
+        self.store.settle_blocking()
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp_path);
+        }
+    }
+}
+
+/// Puts of at most this many bytes run on the calling task: they only copy
+/// into the page cache, cheaper than a hop to a blocking thread.
+const INLINE_PUT_BYTES: u64 = 64 * 1024;
+
+#[async_trait]
+impl BlobStore for DiskStore {
+    async fn contains(&self, keys: &[Key]) -> Result<Vec<bool>> {
+        let epoch = self.inner.epoch();
+        Ok(keys
+            .iter()
+            .map(|key| self.inner.index.touch(key, epoch).is_some())
+            .collect())
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Blob>> {
+        self.inner.get_blocking(key)
+    }
+
+    async fn put(&self, key: Key, data: Bytes) -> Result<()> {
+        self.put_many(vec![(key, data)])
+            .await
+            .pop()
+            .expect("one result per item")
+    }
+
+    async fn put_many(&self, items: Vec<(Key, Bytes)>) -> Vec<Result<()>> {
+        let count = items.len();
+        let total: u64 = items.iter().map(|(_, d)| d.len() as u64).sum();
+        let inner = self.inner.clone();
+        let write = move || -> Result<u64> {
+            let mut journal_end = 0;
+            let max_batch = (inner.segment_size / 4).max(1);
+            let (mut start, mut batch_bytes) = (0, 0u64);
+            for i in 0..=items.len() {
+                let next = items.get(i).map_or(0, |(_, d)| d.len() as u64);
+                if i == items.len() || (batch_bytes > 0 && batch_bytes + next > max_batch) {
+                    if start < i {
+                        journal_end = inner.put_packed(&items[start..i])?;
+                    }
+                    start = i;
+                    batch_bytes = 0;
+                }
+                batch_bytes += next;
+            }
+            Ok(journal_end)
+        };
+        let outcome = if total <= INLINE_PUT_BYTES {
+            write()
+        } else {
+            tokio::task::spawn_blocking(write)
+                .await
+                .unwrap_or_else(|e| Err(StoreError::io("writing blobs", io::Error::other(e))))
+        };
+        let outcome = match outcome {
+            Ok(journal_end) => self.settle(journal_end).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => (0..count).map(|_| Ok(())).collect(),
+            Err(e) => (0..count).map(|_| Err(e.duplicate())).collect(),
+        }
+    }
+
+    async fn writer(&self, key: Key, size: u64) -> Result<Box<dyn BlobWriter>> {
+        if size <= self.inner.config.max_packed_blob_bytes
+            || key.namespace.content_addressed().is_none()
+        {
+            let inner = self.inner.clone();
+            return Ok(Box::new(BufferingWriter::new(size, move |data| {
+                inner.put_packed(&[(key, data)])?;
+                inner.settle_blocking()
+            })));
+        }
+        let tmp_path = self
+            .inner
+            .root
+            .join("tmp")
+            .join(uuid::Uuid::new_v4().to_string());
+        let file =
+            File::create(&tmp_path).map_err(io_err(format!("creating {}", tmp_path.display())))?;
+        Ok(Box::new(FileWriter {
+            store: self.inner.clone(),
+            key,
+            size,
+            written: 0,
+            tmp_path,
+            file: Some(file),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,270 @@
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::DigestFunction;
+
+fn config(path: &Path, max: u64) -> DiskStoreConfig {
+    let mut config = DiskStoreConfig::new(path, max);
+    // Tests decide when commits happen.
+    config.sync_interval = Duration::from_secs(3600);
+    config
+}
+
+fn blob(seed: u64, len: usize) -> (Key, Bytes) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    (
+        DigestFunction::Sha256.digest_of(&data).key(),
+        Bytes::from(data),
+    )
+}
+
+async fn read(store: &DiskStore, key: &Key) -> Option<Bytes> {
+    let blob = store.get(key).await.unwrap()?;
+    Some(blob.into_bytes().await.unwrap())
+}
+
+/// Copies a store's directory while it is open: what a crash would leave.
+fn crash_snapshot(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            crash_snapshot(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+async fn write_streaming(store: &DiskStore, key: Key, data: &Bytes) {
+    let mut writer = store.writer(key, data.len() as u64).await.unwrap();
+    for chunk in data.chunks(100_000) {
+        writer.write(chunk).unwrap();
+    }
+    writer.commit().unwrap();
+}
+
+#[tokio::test]
+async fn blobs_survive_a_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let small: Vec<_> = (0..50).map(|i| blob(i, 1000 + i as usize)).collect();
+    let large = blob(999, 3 << 20);
+    {
+        let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+        for result in store.put_many(small.clone()).await {
+            result.unwrap();
+        }
+        write_streaming(&store, large.0, &large.1).await;
+        assert_eq!(read(&store, &large.0).await.as_ref(), Some(&large.1));
+    }
+    let (store, report) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    assert_eq!(report.blobs, 51);
+    assert_eq!(report.dropped_invalid, 0);
+    for (key, data) in &small {
+        assert_eq!(read(&store, key).await.as_ref(), Some(data));
+    }
+    assert_eq!(read(&store, &large.0).await.as_ref(), Some(&large.1));
+}
+
+#[tokio::test]
+async fn a_crash_keeps_uncommitted_blobs_only_if_they_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = tempfile::tempdir().unwrap();
+    let committed = blob(1, 4000);
+    let intact = blob(2, 4000);
+    let torn = blob(3, 4000);
+    let torn_large = blob(4, 2 << 20);
+    let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    store.put(committed.0, committed.1.clone()).await.unwrap();
+    store.flush().unwrap();
+    store.put(intact.0, intact.1.clone()).await.unwrap();
+    store.put(torn.0, torn.1.clone()).await.unwrap();
+    write_streaming(&store, torn_large.0, &torn_large.1).await;
+    crash_snapshot(dir.path(), snapshot.path());
+    drop(store);
+
+    // The crash tore the last small blob's data and the large file's tail,
+    // and left half a journal record behind.
+    let segment = fs::read_dir(snapshot.path().join("segments"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .max()
+        .unwrap();
+    let len = fs::metadata(&segment).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let large_path = file_path(snapshot.path(), &torn_large.0);
+    OpenOptions::new()
+        .write(true)
+        .open(&large_path)
+        .unwrap()
+        .set_len((1 << 20) + 5)
+        .unwrap();
+    let mut journal = OpenOptions::new()
+        .append(true)
+        .open(snapshot.path().join("journal"))
+        .unwrap();
+    journal.write_all(&[7u8; RECORD_LEN / 2]).unwrap();
+    drop(journal);
+
+    let (store, report) = DiskStore::open(config(snapshot.path(), 1 << 30)).unwrap();
+    assert_eq!(
+        read(&store, &committed.0).await.as_ref(),
+        Some(&committed.1)
+    );
+    assert_eq!(read(&store, &intact.0).await.as_ref(), Some(&intact.1));
+    assert_eq!(
+        read(&store, &torn.0).await,
+        None,
+        "a torn blob must not surface"
+    );
+    assert_eq!(
+        read(&store, &torn_large.0).await,
+        None,
+        "a torn file must not surface"
+    );
+    assert!(report.dropped_invalid >= 2, "{report:?}");
+    assert!(!large_path.exists(), "the torn file is removed");
+}
+
+#[tokio::test]
+async fn an_abandoned_write_leaves_nothing_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    let (key, data) = blob(5, 2 << 20);
+    let mut writer = store.writer(key, data.len() as u64).await.unwrap();
+    writer.write(&data[..1 << 20]).unwrap();
+    drop(writer);
+    assert!(store.get(&key).await.unwrap().is_none());
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+
+    let mut short = store.writer(key, data.len() as u64).await.unwrap();
+    short.write(&data[..10]).unwrap();
+    assert!(matches!(short.commit(), Err(StoreError::SizeMismatch(_))));
+    assert!(store.get(&key).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn eviction_keeps_the_store_under_budget_and_spares_recent_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 64 << 20;
+    let (store, _) = DiskStore::open(config(dir.path(), budget)).unwrap();
+    let hot = blob(10_000, 8192);
+    store.put(hot.0, hot.1.clone()).await.unwrap();
+    let mut written = Vec::new();
+    for i in 0..(3 * budget / 65536) {
+        let item = blob(i, 65536);
+        store.put(item.0, item.1.clone()).await.unwrap();
+        written.push(item.0);
+        // The hot blob is used all along, so eviction must keep it.
+        if i % 64 == 0 {
+            assert_eq!(store.contains(&[hot.0]).await.unwrap(), vec![true]);
+        }
+        assert!(
+            store.size_bytes() <= budget + (4 << 20),
+            "{} over budget",
+            store.size_bytes()
+        );
+    }
+    assert_eq!(read(&store, &hot.0).await.as_ref(), Some(&hot.1));
+    let present = store.contains(&written).await.unwrap();
+    assert!(!present[0], "the oldest cold blob is evicted");
+    assert!(present[present.len() - 1], "the newest blob is kept");
+    // What the index claims is really there.
+    for (key, present) in written.iter().zip(present) {
+        if present {
+            assert!(store.get(key).await.unwrap().is_some());
+        }
+    }
+    drop(store);
+    let (store, _) = DiskStore::open(config(dir.path(), budget)).unwrap();
+    assert!(store.size_bytes() <= budget);
+    assert_eq!(read(&store, &hot.0).await.as_ref(), Some(&hot.1));
+}
+
+#[tokio::test]
+async fn action_cache_entries_are_replaced_and_the_last_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let action = DigestFunction::Sha256.digest_of(b"action");
+    let key = Key::action_cache("", &action);
+    {
+        let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+        store.put(key, Bytes::from_static(b"first")).await.unwrap();
+        store.put(key, Bytes::from_static(b"second")).await.unwrap();
+        assert_eq!(read(&store, &key).await.unwrap(), "second");
+    }
+    let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    assert_eq!(read(&store, &key).await.unwrap(), "second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_of_one_blob_are_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    let (key, data) = blob(42, 3 << 20);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, data) = (store.clone(), data.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut writer =
+                    futures_lite_block_on(store.writer(key, data.len() as u64)).unwrap();
+                for chunk in data.chunks(65536) {
+                    writer.write(chunk).unwrap();
+                }
+                writer.commit().unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(read(&store, &key).await.as_ref(), Some(&data));
+    drop(store);
+    let (store, report) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    assert_eq!(report.blobs, 1);
+    assert_eq!(read(&store, &key).await.as_ref(), Some(&data));
+}
+
+fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Handle::current().block_on(future)
+}
+
+#[tokio::test]
+async fn sync_durability_commits_before_acknowledging() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 1 << 30);
+    config.durability = Durability::Sync;
+    let (store, _) = DiskStore::open(config).unwrap();
+    let item = blob(7, 1000);
+    store.put(item.0, item.1.clone()).await.unwrap();
+    let checkpoint = fs::read(dir.path().join("checkpoint")).unwrap();
+    let durable = journal::decode_checkpoint(&checkpoint).unwrap();
+    assert_eq!(
+        durable,
+        fs::metadata(dir.path().join("journal")).unwrap().len()
+    );
+}
+
+#[tokio::test]
+async fn a_second_server_cannot_open_the_same_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    let error = DiskStore::open(config(dir.path(), 1 << 30)).err().unwrap();
+    assert!(error.to_string().contains("another kiln"), "{error}");
+}

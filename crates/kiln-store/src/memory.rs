@@ -1,0 +1,116 @@
+//! A bounded in-memory store: the hot tier in front of the disk store, or
+//! the whole store for throw-away servers. Eviction approximates LRU with two
+//! generations: hits move an entry to the young one, and when the young one
+//! fills, the old one is dropped whole — O(1) per access, no linked list.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::store::BufferingWriter;
+use crate::{Blob, BlobStore, BlobWriter, Key, Result, StoreError};
+
+const SHARDS: usize = 16;
+
+#[derive(Clone)]
+pub struct MemoryStore {
+    shards: Arc<[Mutex<Generations>]>,
+    shard_capacity: u64,
+}
+
+#[derive(Default)]
+struct Generations {
+    young: HashMap<Key, Bytes>,
+    young_bytes: u64,
+    old: HashMap<Key, Bytes>,
+}
+
+impl Generations {
+    fn get(&mut self, key: &Key, shard_capacity: u64) -> Option<Bytes> {
+        if let Some(data) = self.young.get(key) {
+            return Some(data.clone());
+        }
+        let data = self.old.remove(key)?;
+        self.insert(*key, data.clone(), shard_capacity);
+        Some(data)
+    }
+
+    fn insert(&mut self, key: Key, data: Bytes, shard_capacity: u64) {
+        let len = data.len() as u64;
+        if let Some(previous) = self.young.insert(key, data) {
+            self.young_bytes -= previous.len() as u64;
+        }
+        self.old.remove(&key);
+        self.young_bytes += len;
+        // Each generation holds at most half of the shard's budget.
+        if self.young_bytes > shard_capacity / 2 {
+            self.old = std::mem::take(&mut self.young);
+            self.young_bytes = 0;
+        }
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most about `capacity` bytes.
+    pub fn new(capacity: u64) -> Self {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shard_capacity: (capacity / SHARDS as u64).max(1),
+        }
+    }
+
+    fn shard(&self, key: &Key) -> &Mutex<Generations> {
+        &self.shards[key.hash[0] as usize % SHARDS]
+    }
+
+    pub fn get_now(&self, key: &Key) -> Option<Bytes> {
+        self.shard(key).lock().get(key, self.shard_capacity)
+    }
+
+    /// Stores `data`, silently declining blobs too big to be worth caching.
+    pub fn insert(&self, key: Key, data: Bytes) {
+        if data.len() as u64 <= self.shard_capacity / 4 {
+            self.shard(&key)
+                .lock()
+                .insert(key, data, self.shard_capacity);
+        }
+    }
+
+    fn check_fits(&self, key: &Key, size: u64) -> Result<()> {
+        if size > self.shard_capacity / 4 {
+            return Err(StoreError::TooLarge(format!(
+                "blob {key:?} of {size} bytes exceeds what the memory store can hold"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlobStore for MemoryStore {
+    async fn contains(&self, keys: &[Key]) -> Result<Vec<bool>> {
+        Ok(keys.iter().map(|key| self.get_now(key).is_some()).collect())
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Blob>> {
+        Ok(self.get_now(key).map(Blob::Memory))
+    }
+
+    async fn put(&self, key: Key, data: Bytes) -> Result<()> {
+        self.check_fits(&key, data.len() as u64)?;
+        self.insert(key, data);
+        Ok(())
+    }
+
+    async fn writer(&self, key: Key, size: u64) -> Result<Box<dyn BlobWriter>> {
+        self.check_fits(&key, size)?;
+        let store = self.clone();
+        Ok(Box::new(BufferingWriter::new(size, move |data| {
+            store.insert(key, data);
+            Ok(())
+        })))
+    }
+}

@@ -1,0 +1,147 @@
+//! The one seam every storage backend implements: [`BlobStore`]. Features
+//! (a memory tier, later sharding, replication, existence caching) are
+//! wrappers that hold another `BlobStore`, composed once at start-up.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+use crate::{Key, Result, StoreError};
+
+/// A readable blob: either bytes in memory, or a byte range of an open file
+/// (the file stays readable even if the store evicts it meanwhile).
+#[derive(Clone, Debug)]
+pub enum Blob {
+    Memory(Bytes),
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Blob {
+    pub fn len(&self) -> u64 {
+        match self {
+            Blob::Memory(bytes) => bytes.len() as u64,
+            Blob::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads `len` bytes starting at `offset` within the blob. Blocking for
+    /// file-backed blobs: call from a blocking context for large ranges.
+    pub fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Bytes> {
+        let end = offset.saturating_add(len).min(self.len());
+        let offset = offset.min(end);
+        match self {
+            Blob::Memory(bytes) => Ok(bytes.slice(offset as usize..end as usize)),
+            Blob::File {
+                file, offset: base, ..
+            } => {
+                let mut buf = BytesMut::zeroed((end - offset) as usize);
+                file.read_exact_at(&mut buf, base + offset)?;
+                Ok(buf.freeze())
+            }
+        }
+    }
+
+    /// The whole blob in memory. Only for blobs known to be small.
+    pub async fn into_bytes(self) -> std::io::Result<Bytes> {
+        match self {
+            Blob::Memory(bytes) => Ok(bytes),
+            Blob::File { len, .. } if len <= 64 * 1024 => self.read_range(0, len),
+            file_blob => {
+                tokio::task::spawn_blocking(move || file_blob.read_range(0, file_blob.len()))
+                    .await
+                    .map_err(std::io::Error::other)?
+            }
+        }
+    }
+}
+
+/// A blob being written piece by piece. Blocking: drive it from a blocking
+/// thread. Dropping it without [`BlobWriter::commit`] discards everything
+/// written, so a failed or abandoned upload never becomes visible.
+pub trait BlobWriter: Send {
+    fn write(&mut self, data: &[u8]) -> Result<()>;
+    /// Makes the blob visible. The caller has already verified its content.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// Storage of immutable blobs (CAS) and replaceable entries (Action Cache)
+/// by [`Key`]. Callers verify content before writing; stores never see a
+/// blob whose digest does not match.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// For each key, whether the store holds it. Counts as an access for
+    /// eviction, as clients ask just before relying on a blob.
+    async fn contains(&self, keys: &[Key]) -> Result<Vec<bool>>;
+
+    async fn get(&self, key: &Key) -> Result<Option<Blob>>;
+
+    /// Stores a blob that is already whole in memory.
+    async fn put(&self, key: Key, data: Bytes) -> Result<()>;
+
+    /// Stores many blobs; one result per item, in order. Backends override
+    /// it to write a batch in one go.
+    async fn put_many(&self, items: Vec<(Key, Bytes)>) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(items.len());
+        for (key, data) in items {
+            results.push(self.put(key, data).await);
+        }
+        results
+    }
+
+    /// Starts a streaming write of a blob of `size` bytes.
+    async fn writer(&self, key: Key, size: u64) -> Result<Box<dyn BlobWriter>>;
+}
+
+/// A writer that gathers the blob in memory and hands it to `finish`:
+/// the natural writer for small blobs and memory stores.
+pub struct BufferingWriter<F: FnOnce(Bytes) -> Result<()> + Send> {
+    buf: BytesMut,
+    size: u64,
+    finish: Option<F>,
+}
+
+impl<F: FnOnce(Bytes) -> Result<()> + Send> BufferingWriter<F> {
+    pub fn new(size: u64, finish: F) -> Self {
+        BufferingWriter {
+            buf: BytesMut::with_capacity(size as usize),
+            size,
+            finish: Some(finish),
+        }
+    }
+}
+
+impl<F: FnOnce(Bytes) -> Result<()> + Send> BlobWriter for BufferingWriter<F> {
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        if self.buf.len() as u64 + data.len() as u64 > self.size {
+            return Err(StoreError::SizeMismatch(format!(
+                "received more than the announced {} bytes",
+                self.size
+            )));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.buf.len() as u64 != self.size {
+            return Err(StoreError::SizeMismatch(format!(
+                "received {} bytes, announced {}",
+                self.buf.len(),
+                self.size
+            )));
+        }
+        let finish = self.finish.take().expect("commit runs once");
+        finish(std::mem::take(&mut self.buf).freeze())
+    }
+}
