@@ -1,0 +1,24 @@
+//! Kiln's REAPI storage services over a [`kiln_store::BlobStore`]:
+//! Capabilities, ContentAddressableStorage, ByteStream and ActionCache.
+//!
+//! Instance names: the Action Cache is partitioned by instance name (the
+//! same action under two instance names has two independent entries); the
+//! CAS is one content-addressed space shared by all instance names, since a
+//! blob's name is its content and sharing it loses nothing.
+#![forbid(unsafe_code)]
+
+pub mod action_cache;
+pub mod bytestream;
+pub mod capabilities;
+pub mod cas;
+pub mod error;
+pub mod resource;
+pub mod storage;
+pub mod wire;
+
+pub use action_cache::{ActionCacheService, ActionCacheStore};
+pub use bytestream::ByteStreamService;
+pub use capabilities::CapabilitiesService;
+pub use cas::CasService;
+pub use error::CasError;
+pub use storage::{Storage, StorageLimits};

@@ -9,9 +9,10 @@
 //! - `journal`: one fixed-size record per stored blob (see [`journal`]);
 //! - `checkpoint`: how much of the journal is known to be on disk.
 //!
-//! Durability is group commit: a committer thread calls `syncfs` on the
-//! store's file system every `sync_interval` (or as soon as a writer waits,
-//! with [`Durability::Sync`]) and then advances the checkpoint. After a
+//! Durability is group commit: every `sync_interval` (or as soon as a
+//! writer waits, with [`Durability::Sync`]) a committer thread syncs the
+//! segments, blob files and directories written since the last commit, then
+//! the journal, and then advances the checkpoint. After a
 //! crash, journal records before the checkpoint are trusted; later ones are
 //! kept only if their data re-verifies (crc32c for packed blobs, the content
 //! hash for files). So a blob is either whole and verified, or absent — and
@@ -117,7 +118,18 @@ struct Inner {
     epoch: AtomicU32,
     bytes_this_epoch: AtomicU64,
     evicting: AtomicBool,
+    /// What the next group commit must sync.
+    unsynced: Mutex<Unsynced>,
     _lock: File,
+}
+
+/// Files written since the last group commit. Syncing exactly these (not the
+/// whole file system) keeps commits cheap on a busy machine.
+#[derive(Default)]
+struct Unsynced {
+    segments: HashSet<u32>,
+    files: Vec<File>,
+    dirs: HashSet<PathBuf>,
 }
 
 /// Wakes the committer thread early (a writer waits for durability, or the
@@ -409,6 +421,7 @@ impl DiskStore {
             epoch: AtomicU32::new(RESTART_EPOCHS as u32),
             bytes_this_epoch: AtomicU64::new(0),
             evicting: AtomicBool::new(false),
+            unsynced: Mutex::default(),
             _lock: lock,
             config,
         });
@@ -700,6 +713,7 @@ impl Inner {
             }
             write(&joined)?;
         }
+        self.unsynced.lock().segments.insert(segment.id);
 
         let mut records = Vec::with_capacity(items.len() * RECORD_LEN);
         let mut offset = base;
@@ -761,9 +775,31 @@ impl Inner {
         if target <= *self.committed.borrow() {
             return Ok(());
         }
-        let root =
-            File::open(&self.root).map_err(io_err(format!("opening {}", self.root.display())))?;
-        rustix::fs::syncfs(&root).map_err(|e| StoreError::io("syncing the store", e.into()))?;
+        let unsynced = std::mem::take(&mut *self.unsynced.lock());
+        let segments: Vec<Arc<Segment>> = {
+            let all = self.segments.read();
+            unsynced
+                .segments
+                .iter()
+                .filter_map(|id| all.get(id).cloned())
+                .collect()
+        };
+        for segment in segments {
+            segment
+                .file
+                .sync_data()
+                .map_err(io_err(format!("syncing segment {}", segment.id)))?;
+        }
+        for file in &unsynced.files {
+            file.sync_all().map_err(io_err("syncing a blob file"))?;
+        }
+        for dir in &unsynced.dirs {
+            fsync_dir(dir).map_err(io_err(format!("syncing {}", dir.display())))?;
+        }
+        self.journal
+            .lock()
+            .sync_data()
+            .map_err(io_err("syncing the journal"))?;
         write_atomically(
             &self.root.join("checkpoint"),
             &journal::encode_checkpoint(target),
@@ -963,7 +999,7 @@ impl BlobWriter for FileWriter {
                 self.written, self.size
             )));
         }
-        drop(self.file.take());
+        let file = self.file.take().expect("open until commit");
         let path = file_path(&self.store.root, &self.key);
         let parent = path
             .parent()

@@ -1,0 +1,236 @@
+//! The Action Cache service. Entries are keyed by instance name and action
+//! digest. A hit is only served when every blob it references is still in
+//! the CAS (completeness check): a client that trusts a hit must be able to
+//! download all of its outputs.
+
+use bytes::Bytes;
+use kiln_proto::reapi::{self, action_cache_server::ActionCache};
+use kiln_store::{Digest, DigestFunction, Key};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::error::{CasError, Result};
+use crate::storage::Storage;
+use crate::wire::{digest_function, parse_digest};
+
+pub struct ActionCacheService {
+    storage: Storage,
+}
+
+impl ActionCacheService {
+    pub fn new(storage: Storage) -> Self {
+        ActionCacheService { storage }
+    }
+}
+
+/// Reads and writes Action Cache entries; shared with the execution
+/// service, which writes results of successful actions.
+#[derive(Clone)]
+pub struct ActionCacheStore {
+    storage: Storage,
+}
+
+impl ActionCacheStore {
+    pub fn new(storage: Storage) -> Self {
+        ActionCacheStore { storage }
+    }
+
+    /// The stored result for `action`, if complete.
+    pub async fn get(
+        &self,
+        instance_name: &str,
+        action: &Digest,
+    ) -> Result<Option<reapi::ActionResult>> {
+        let key = Key::action_cache(instance_name, action);
+        let Some(blob) = self.storage.store.get(&key).await.map_err(|e| {
+            CasError::store(format_args!("reading the action result of {action}"), e)
+        })?
+        else {
+            return Ok(None);
+        };
+        let data = blob.into_bytes().await.map_err(|e| {
+            CasError::Internal(format!("reading the action result of {action}: {e}"))
+        })?;
+        let Ok(result) = reapi::ActionResult::decode(data) else {
+            tracing::warn!(%action, "undecodable action result treated as a miss");
+            return Ok(None);
+        };
+        let missing = self.missing_blobs(action.function, &result).await?;
+        if !missing.is_empty() {
+            tracing::debug!(%action, missing = missing.len(), first = %missing[0], "incomplete action result treated as a miss");
+            return Ok(None);
+        }
+        Ok(Some(result))
+    }
+
+    pub async fn put(
+        &self,
+        instance_name: &str,
+        action: &Digest,
+        result: &reapi::ActionResult,
+    ) -> Result<()> {
+        let key = Key::action_cache(instance_name, action);
+        self.storage
+            .store
+            .put(key, Bytes::from(result.encode_to_vec()))
+            .await
+            .map_err(|e| CasError::store(format_args!("storing the action result of {action}"), e))
+    }
+
+    /// Every blob `result` references that the CAS lacks, including the
+    /// files inside output directory trees.
+    async fn missing_blobs(
+        &self,
+        function: DigestFunction,
+        result: &reapi::ActionResult,
+    ) -> Result<Vec<Digest>> {
+        let mut referenced = Vec::new();
+        let mut add = |digest: Option<&reapi::Digest>, what: &str| -> Result<()> {
+            if let Some(d) = digest {
+                referenced.push(parse_digest(function, Some(d), what)?);
+            }
+            Ok(())
+        };
+        for file in &result.output_files {
+            add(file.digest.as_ref(), "output file digest")?;
+        }
+        add(result.stdout_digest.as_ref(), "stdout_digest")?;
+        add(result.stderr_digest.as_ref(), "stderr_digest")?;
+        let mut trees = Vec::new();
+        for directory in &result.output_directories {
+            let tree = parse_digest(
+                function,
+                directory.tree_digest.as_ref(),
+                "output directory tree_digest",
+            )?;
+            trees.push(tree);
+            referenced.push(tree);
+        }
+        let missing = self.storage.find_missing(&referenced).await?;
+        if !missing.is_empty() {
+            return Ok(missing);
+        }
+        // The trees are present: their files must be too.
+        let mut files = Vec::new();
+        for tree in trees {
+            let data = self.storage.read_small(&tree).await?;
+            let tree = reapi::Tree::decode(data).map_err(|e| {
+                CasError::Internal(format!("output tree {tree} does not decode: {e}"))
+            })?;
+            for directory in tree.root.iter().chain(&tree.children) {
+                for file in &directory.files {
+                    files.push(parse_digest(
+                        function,
+                        file.digest.as_ref(),
+                        "tree file digest",
+                    )?);
+                }
+            }
+        }
+        self.storage.find_missing(&files).await
+    }
+
+    /// Fills `*_raw` and output file `contents` as the client asked, within
+    /// the inline budget.
+    pub async fn inline(
+        &self,
+        function: DigestFunction,
+        result: &mut reapi::ActionResult,
+        stdout: bool,
+        stderr: bool,
+        files: &[String],
+    ) -> Result<()> {
+        let mut budget = self.storage.limits.max_inline_bytes;
+        let mut fetch = async |digest: Option<&reapi::Digest>| -> Result<Option<Vec<u8>>> {
+            let Some(digest) = digest else {
+                return Ok(None);
+            };
+            let digest = parse_digest(function, Some(digest), "digest")?;
+            if digest.size > budget {
+                return Ok(None);
+            }
+            budget -= digest.size;
+            Ok(Some(self.storage.read_small(&digest).await?.to_vec()))
+        };
+        if stdout && result.stdout_raw.is_empty() {
+            if let Some(data) = fetch(result.stdout_digest.as_ref()).await? {
+                result.stdout_raw = data;
+            }
+        }
+        if stderr && result.stderr_raw.is_empty() {
+            if let Some(data) = fetch(result.stderr_digest.as_ref()).await? {
+                result.stderr_raw = data;
+            }
+        }
+        for file in result
+            .output_files
+            .iter_mut()
+            .filter(|f| files.contains(&f.path))
+        {
+            if let Some(data) = fetch(file.digest.as_ref()).await? {
+                file.contents = data;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<reapi::GetActionResultRequest>,
+    ) -> Result<Response<reapi::ActionResult>, Status> {
+        let request = request.into_inner();
+        let function = digest_function(request.digest_function)?;
+        let action = parse_digest(function, request.action_digest.as_ref(), "action_digest")?;
+        let cache = ActionCacheStore::new(self.storage.clone());
+        let Some(mut result) = cache.get(&request.instance_name, &action).await? else {
+            return Err(Status::not_found(format!(
+                "no action result for action {action} in instance {:?}",
+                request.instance_name
+            )));
+        };
+        cache
+            .inline(
+                function,
+                &mut result,
+                request.inline_stdout,
+                request.inline_stderr,
+                &request.inline_output_files,
+            )
+            .await?;
+        Ok(Response::new(result))
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<reapi::UpdateActionResultRequest>,
+    ) -> Result<Response<reapi::ActionResult>, Status> {
+        let request = request.into_inner();
+        let function = digest_function(request.digest_function)?;
+        let action = parse_digest(function, request.action_digest.as_ref(), "action_digest")?;
+        let result = request.action_result.ok_or_else(|| {
+            CasError::InvalidArgument(format!("action {action}: action_result is missing"))
+        })?;
+        // Malformed digests inside the result are rejected now, not at read time.
+        for file in &result.output_files {
+            parse_digest(
+                function,
+                file.digest.as_ref(),
+                &format!("output file {:?} digest", file.path),
+            )?;
+        }
+        for directory in &result.output_directories {
+            parse_digest(
+                function,
+                directory.tree_digest.as_ref(),
+                &format!("output directory {:?} tree_digest", directory.path),
+            )?;
+        }
+        ActionCacheStore::new(self.storage.clone())
+            .put(&request.instance_name, &action, &result)
+            .await?;
+        Ok(Response::new(result))
+    }
+}

@@ -1,0 +1,561 @@
+//! The ByteStream service: streamed, resumable blob uploads and ranged
+//! downloads, plain or zstd-compressed.
+//!
+//! Nothing is buffered whole: a large upload is hashed and written to the
+//! store chunk by chunk on a blocking thread while the next chunks arrive,
+//! and a large download is read ahead on a blocking thread into a small
+//! bounded queue. An interrupted upload is parked so the client can ask
+//! QueryWriteStatus and resume from the committed offset.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use kiln_proto::bytestream::{
+    byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
+    ReadResponse, WriteRequest, WriteResponse,
+};
+use kiln_store::{Blob, BlobWriter, Digest, Hasher};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{CasError, Result};
+use crate::resource::{BlobResource, Compressor};
+use crate::storage::Storage;
+
+/// Uploads up to this size are handled on the receiving task; larger ones
+/// get a blocking thread so hashing and disk writes overlap the network.
+const INLINE_UPLOAD_BYTES: u64 = 1024 * 1024;
+/// Chunks queued between the network and the hashing/writing thread.
+const PIPELINE_DEPTH: usize = 8;
+/// Interrupted uploads kept for resumption, and for how long.
+const MAX_PARKED_UPLOADS: usize = 1024;
+const PARKED_UPLOAD_TTL: Duration = Duration::from_secs(15 * 60);
+
+pub struct ByteStreamService {
+    storage: Storage,
+    parked: Arc<Mutex<HashMap<String, Upload>>>,
+}
+
+impl ByteStreamService {
+    pub fn new(storage: Storage) -> Self {
+        ByteStreamService {
+            storage,
+            parked: Arc::default(),
+        }
+    }
+}
+
+/// An upload in progress: hashes and writes what arrives.
+struct Upload {
+    digest: Digest,
+    compressor: Compressor,
+    hasher: Option<Hasher>,
+    writer: Box<dyn BlobWriter>,
+    /// Uncompressed bytes written so far.
+    committed: u64,
+    decoder: Option<zstd::stream::raw::Decoder<'static>>,
+    last_active: Instant,
+}
+
+impl Upload {
+    fn new(digest: Digest, compressor: Compressor, writer: Box<dyn BlobWriter>) -> Result<Self> {
+        let mut upload = Upload {
+            digest,
+            compressor,
+            hasher: Some(digest.function.hasher()),
+            writer,
+            committed: 0,
+            decoder: None,
+            last_active: Instant::now(),
+        };
+        upload.restart_frame()?;
+        Ok(upload)
+    }
+
+    /// A resumed compressed upload starts a new zstd frame.
+    fn restart_frame(&mut self) -> Result<()> {
+        if self.compressor == Compressor::Zstd {
+            self.decoder = Some(
+                zstd::stream::raw::Decoder::new()
+                    .map_err(|e| CasError::Internal(format!("starting a zstd decoder: {e}")))?,
+            );
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, data: &[u8]) -> Result<()> {
+        match self.decoder.as_mut() {
+            None => self.accept_plain(data),
+            Some(_) => {
+                use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+                let mut input = InBuffer::around(data);
+                let mut scratch = vec![0u8; 128 * 1024];
+                while input.pos() < data.len() {
+                    let mut output = OutBuffer::around(&mut scratch[..]);
+                    let decoder = self.decoder.as_mut().expect("checked above");
+                    decoder.run(&mut input, &mut output).map_err(|e| {
+                        CasError::InvalidArgument(format!(
+                            "blob {}: invalid zstd data: {e}",
+                            self.digest
+                        ))
+                    })?;
+                    let produced = output.pos();
+                    if produced == 0 && input.pos() < data.len() {
+                        continue;
+                    }
+                    self.accept_plain(&scratch[..produced])?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn accept_plain(&mut self, data: &[u8]) -> Result<()> {
+        if self.committed + data.len() as u64 > self.digest.size {
+            return Err(CasError::InvalidArgument(format!(
+                "blob {}: received more than its {} bytes",
+                self.digest, self.digest.size
+            )));
+        }
+        self.hasher
+            .as_mut()
+            .expect("hasher lives until finish")
+            .update(data);
+        self.writer
+            .write(data)
+            .map_err(|e| CasError::store(format_args!("writing blob {}", self.digest), e))?;
+        self.committed += data.len() as u64;
+        Ok(())
+    }
+
+    /// Verifies the digest and makes the blob visible.
+    fn finish(mut self) -> Result<()> {
+        if let Some(mut decoder) = self.decoder.take() {
+            use zstd::stream::raw::{Operation, OutBuffer};
+            let mut scratch = vec![0u8; 128 * 1024];
+            loop {
+                let mut output = OutBuffer::around(&mut scratch[..]);
+                let remaining = decoder.flush(&mut output).map_err(|e| {
+                    CasError::InvalidArgument(format!(
+                        "blob {}: invalid zstd data: {e}",
+                        self.digest
+                    ))
+                })?;
+                let produced = output.pos();
+                if produced > 0 {
+                    let chunk = scratch[..produced].to_vec();
+                    self.accept_plain(&chunk)?;
+                }
+                if remaining == 0 || produced == 0 {
+                    break;
+                }
+            }
+        }
+        if self.committed != self.digest.size {
+            return Err(CasError::InvalidArgument(format!(
+                "blob {}: upload finished after {} of {} bytes",
+                self.digest, self.committed, self.digest.size
+            )));
+        }
+        let actual = self
+            .hasher
+            .take()
+            .expect("finish runs once")
+            .finish(self.committed);
+        if actual != self.digest {
+            return Err(CasError::InvalidArgument(format!(
+                "blob {}: content does not match its digest (got {actual}); nothing was stored",
+                self.digest
+            )));
+        }
+        let digest = self.digest;
+        self.writer
+            .commit()
+            .map_err(|e| CasError::store(format_args!("storing blob {digest}"), e))
+    }
+}
+
+/// What the receiving loop did with a stream of WriteRequests.
+enum Received {
+    Finished,
+    /// The stream ended or failed before `finish_write`.
+    Interrupted(Status),
+}
+
+impl ByteStreamService {
+    fn park(&self, resource_name: String, mut upload: Upload) {
+        upload.last_active = Instant::now();
+        let mut parked = self.parked.lock();
+        parked.retain(|_, u| u.last_active.elapsed() < PARKED_UPLOAD_TTL);
+        if parked.len() >= MAX_PARKED_UPLOADS {
+            if let Some(oldest) = parked
+                .iter()
+                .min_by_key(|(_, u)| u.last_active)
+                .map(|(k, _)| k.clone())
+            {
+                parked.remove(&oldest);
+            }
+        }
+        parked.insert(resource_name, upload);
+    }
+
+    /// The upload to continue: a parked one at `write_offset`, or a new one.
+    async fn resume_or_start(
+        &self,
+        resource: &BlobResource,
+        name: &str,
+        write_offset: i64,
+    ) -> Result<Upload> {
+        if let Some(mut upload) = self.parked.lock().remove(name) {
+            if write_offset as u64 == upload.committed {
+                upload.restart_frame()?;
+                return Ok(upload);
+            }
+            if write_offset != 0 {
+                let committed = upload.committed;
+                self.parked.lock().insert(name.to_string(), upload);
+                return Err(CasError::InvalidArgument(format!(
+                    "{name}: write_offset {write_offset} does not match the {committed} bytes committed"
+                )));
+            }
+        } else if write_offset != 0 {
+            return Err(CasError::InvalidArgument(format!(
+                "{name}: write_offset {write_offset} but no upload is in progress; start at 0"
+            )));
+        }
+        let digest = resource.digest;
+        let writer = self
+            .storage
+            .store
+            .writer(digest.key(), digest.size)
+            .await
+            .map_err(|e| CasError::store(format_args!("starting upload of blob {digest}"), e))?;
+        Upload::new(digest, resource.compressor, writer)
+    }
+
+    async fn write(&self, mut stream: Streaming<WriteRequest>) -> Result<WriteResponse, Status> {
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| CasError::InvalidArgument("Write stream carried no request".into()))?;
+        let name = first.resource_name.clone();
+        let resource = BlobResource::parse_write(&name).map_err(CasError::from)?;
+        let digest = resource.digest;
+        let complete_response = WriteResponse {
+            committed_size: match resource.compressor {
+                Compressor::Identity => digest.size as i64,
+                Compressor::Zstd => -1,
+            },
+        };
+        if self.storage.contains(&digest).await? {
+            return Ok(complete_response);
+        }
+        if first.write_offset < 0 {
+            return Err(CasError::InvalidArgument(format!(
+                "{name}: write_offset {} is negative",
+                first.write_offset
+            ))
+            .into());
+        }
+        let upload = self
+            .resume_or_start(&resource, &name, first.write_offset)
+            .await?;
+        let (upload, received, outcome) = if digest.size <= INLINE_UPLOAD_BYTES {
+            receive_inline(upload, first, &mut stream).await
+        } else {
+            receive_pipelined(upload, first, &mut stream).await
+        };
+        match (received, outcome) {
+            (_, Err(e)) => Err(e.into()), // bad data: the upload is dropped, nothing stored
+            (Received::Interrupted(status), Ok(())) => {
+                tracing::debug!(resource = %name, committed = upload.committed, "upload interrupted; parked for resumption");
+                self.park(name, upload);
+                Err(status)
+            }
+            (Received::Finished, Ok(())) => {
+                let finished = if digest.size <= INLINE_UPLOAD_BYTES {
+                    upload.finish()
+                } else {
+                    tokio::task::spawn_blocking(move || upload.finish())
+                        .await
+                        .map_err(|e| CasError::Internal(format!("finishing blob {digest}: {e}")))?
+                };
+                finished?;
+                Ok(complete_response)
+            }
+        }
+    }
+}
+
+/// Checks a follow-up request's offset: the first request's offset plus
+/// the payload bytes seen since (compressed bytes, for compressed uploads).
+fn check_offset(request: &WriteRequest, expected: i64, digest: &Digest) -> Result<()> {
+    if request.write_offset != expected {
+        return Err(CasError::InvalidArgument(format!(
+            "blob {digest}: write_offset {} where {expected} was expected",
+            request.write_offset
+        )));
+    }
+    Ok(())
+}
+
+async fn receive_inline(
+    mut upload: Upload,
+    first: WriteRequest,
+    stream: &mut Streaming<WriteRequest>,
+) -> (Upload, Received, Result<()>) {
+    let digest = upload.digest;
+    let mut expected = first.write_offset;
+    let mut next = Some(first);
+    loop {
+        let request = match next.take() {
+            Some(request) => request,
+            None => match stream.message().await {
+                Ok(Some(request)) => request,
+                Ok(None) => {
+                    let status = Status::invalid_argument(format!(
+                        "blob {digest}: stream ended without finish_write"
+                    ));
+                    return (upload, Received::Interrupted(status), Ok(()));
+                }
+                Err(status) => return (upload, Received::Interrupted(status), Ok(())),
+            },
+        };
+        if let Err(e) = check_offset(&request, expected, &digest) {
+            return (upload, Received::Finished, Err(e));
+        }
+        expected += request.data.len() as i64;
+        if let Err(e) = upload.accept(&request.data) {
+            return (upload, Received::Finished, Err(e));
+        }
+        if request.finish_write {
+            return (upload, Received::Finished, Ok(()));
+        }
+    }
+}
+
+async fn receive_pipelined(
+    upload: Upload,
+    first: WriteRequest,
+    stream: &mut Streaming<WriteRequest>,
+) -> (Upload, Received, Result<()>) {
+    let digest = upload.digest;
+    let (sender, mut receiver) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut upload = upload;
+        while let Some(chunk) = receiver.blocking_recv() {
+            if let Err(e) = upload.accept(&chunk) {
+                return (upload, Err(e));
+            }
+        }
+        (upload, Ok(()))
+    });
+    let mut expected = first.write_offset;
+    let mut next = Some(first);
+    let received = loop {
+        let request = match next.take() {
+            Some(request) => request,
+            None => match stream.message().await {
+                Ok(Some(request)) => request,
+                Ok(None) => {
+                    break Received::Interrupted(Status::invalid_argument(format!(
+                        "blob {digest}: stream ended without finish_write"
+                    )))
+                }
+                Err(status) => break Received::Interrupted(status),
+            },
+        };
+        if let Err(e) = check_offset(&request, expected, &digest) {
+            drop(sender);
+            let (upload, _) = join(worker).await;
+            return (upload, Received::Finished, Err(e));
+        }
+        expected += request.data.len() as i64;
+        let finish = request.finish_write;
+        if !request.data.is_empty() && sender.send(request.data).await.is_err() {
+            break Received::Finished; // the worker failed; its error is reported below
+        }
+        if finish {
+            break Received::Finished;
+        }
+    };
+    drop(sender);
+    let (upload, outcome) = join(worker).await;
+    (upload, received, outcome)
+}
+
+async fn join(worker: tokio::task::JoinHandle<(Upload, Result<()>)>) -> (Upload, Result<()>) {
+    match worker.await {
+        Ok(result) => result,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+impl ByteStreamService {
+    async fn read(&self, request: ReadRequest) -> Result<ReadStream> {
+        let resource = BlobResource::parse_read(&request.resource_name)?;
+        let digest = resource.digest;
+        if request.read_offset < 0 || request.read_offset as u64 > digest.size {
+            return Err(CasError::InvalidArgument(format!(
+                "blob {digest}: read_offset {} is outside the blob's {} bytes",
+                request.read_offset, digest.size
+            )));
+        }
+        if request.read_limit < 0 {
+            return Err(CasError::InvalidArgument(format!(
+                "blob {digest}: read_limit {} is negative",
+                request.read_limit
+            )));
+        }
+        if resource.compressor != Compressor::Identity && request.read_limit != 0 {
+            return Err(CasError::InvalidArgument(format!(
+                "blob {digest}: read_limit must be 0 for compressed reads"
+            )));
+        }
+        let blob = self
+            .storage
+            .open(&digest)
+            .await?
+            .ok_or_else(|| CasError::NotFound(format!("blob {digest} is not in the CAS")))?;
+        let offset = request.read_offset as u64;
+        let len = match request.read_limit {
+            0 => digest.size - offset,
+            limit => (limit as u64).min(digest.size - offset),
+        };
+        let chunk = self.storage.limits.read_chunk_bytes as u64;
+        if resource.compressor == Compressor::Identity
+            && (len <= chunk || matches!(blob, Blob::Memory(_)))
+        {
+            // In memory or small: no thread hop.
+            let mut responses = Vec::with_capacity(len.div_ceil(chunk).max(1) as usize);
+            let mut at = offset;
+            loop {
+                let this = chunk.min(offset + len - at);
+                let data = blob
+                    .read_range(at, this)
+                    .map_err(|e| CasError::Internal(format!("reading blob {digest}: {e}")))?;
+                responses.push(Ok(ReadResponse { data }));
+                at += this;
+                if at >= offset + len {
+                    break;
+                }
+            }
+            return Ok(Box::pin(futures::stream::iter(responses)));
+        }
+        let (sender, receiver) = mpsc::channel(4);
+        let compressor = resource.compressor;
+        tokio::task::spawn_blocking(move || {
+            let result = match compressor {
+                Compressor::Identity => stream_plain(&blob, offset, len, chunk, &sender),
+                Compressor::Zstd => stream_zstd(&blob, offset, len, chunk, &sender),
+            };
+            if let Err(e) = result {
+                let _ = sender
+                    .blocking_send(Err(Status::internal(format!("reading blob {digest}: {e}"))));
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+}
+
+type ChunkSender = mpsc::Sender<Result<ReadResponse, Status>>;
+
+fn stream_plain(
+    blob: &Blob,
+    offset: u64,
+    len: u64,
+    chunk: u64,
+    sender: &ChunkSender,
+) -> std::io::Result<()> {
+    let mut at = offset;
+    while at < offset + len {
+        let this = chunk.min(offset + len - at);
+        let data = blob.read_range(at, this)?;
+        if sender.blocking_send(Ok(ReadResponse { data })).is_err() {
+            return Ok(()); // the client went away
+        }
+        at += this;
+    }
+    Ok(())
+}
+
+fn stream_zstd(
+    blob: &Blob,
+    offset: u64,
+    len: u64,
+    chunk: u64,
+    sender: &ChunkSender,
+) -> std::io::Result<()> {
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 1)?;
+    let mut at = offset;
+    let send = |data: Vec<u8>| {
+        sender
+            .blocking_send(Ok(ReadResponse {
+                data: Bytes::from(data),
+            }))
+            .is_ok()
+    };
+    while at < offset + len {
+        let this = chunk.min(offset + len - at);
+        std::io::Write::write_all(&mut encoder, &blob.read_range(at, this)?)?;
+        at += this;
+        let produced = std::mem::take(encoder.get_mut());
+        if !produced.is_empty() && !send(produced) {
+            return Ok(());
+        }
+    }
+    let tail = encoder.finish()?;
+    send(tail);
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl ByteStream for ByteStreamService {
+    type ReadStream = ReadStream;
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        Ok(Response::new(
+            ByteStreamService::read(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        Ok(Response::new(
+            ByteStreamService::write(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let name = request.into_inner().resource_name;
+        let resource = BlobResource::parse_write(&name).map_err(CasError::from)?;
+        if let Some(upload) = self.parked.lock().get(&name) {
+            return Ok(Response::new(QueryWriteStatusResponse {
+                committed_size: upload.committed as i64,
+                complete: false,
+            }));
+        }
+        let complete = self.storage.contains(&resource.digest).await?;
+        Ok(Response::new(QueryWriteStatusResponse {
+            committed_size: if complete {
+                resource.digest.size as i64
+            } else {
+                0
+            },
+            complete,
+        }))
+    }
+}

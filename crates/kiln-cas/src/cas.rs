@@ -1,0 +1,296 @@
+//! The ContentAddressableStorage service: existence checks, batched reads
+//! and writes of small blobs, and whole-tree fetches (GetTree).
+
+use std::collections::HashSet;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::Stream;
+use kiln_proto::reapi::{
+    self, batch_read_blobs_response, batch_update_blobs_response,
+    content_addressable_storage_server::ContentAddressableStorage,
+};
+use kiln_store::{Digest, DigestFunction};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::error::{CasError, Result};
+use crate::resource::Compressor;
+use crate::storage::Storage;
+use crate::wire::{digest_function, parse_digest, to_wire};
+
+/// Directories per GetTree page when the client does not say.
+const DEFAULT_TREE_PAGE: usize = 1000;
+
+pub struct CasService {
+    storage: Storage,
+}
+
+impl CasService {
+    pub fn new(storage: Storage) -> Self {
+        CasService { storage }
+    }
+}
+
+fn ok_status() -> Option<kiln_proto::rpc::Status> {
+    Some(kiln_proto::rpc::Status::default())
+}
+
+impl CasService {
+    async fn find_missing(
+        &self,
+        request: reapi::FindMissingBlobsRequest,
+    ) -> Result<reapi::FindMissingBlobsResponse> {
+        let function = digest_function(request.digest_function)?;
+        let digests = request
+            .blob_digests
+            .iter()
+            .map(|d| parse_digest(function, Some(d), "blob_digests entry"))
+            .collect::<Result<Vec<_>>>()?;
+        let missing = self.storage.find_missing(&digests).await?;
+        Ok(reapi::FindMissingBlobsResponse {
+            missing_blob_digests: missing.iter().map(to_wire).collect(),
+        })
+    }
+
+    async fn batch_update(
+        &self,
+        request: reapi::BatchUpdateBlobsRequest,
+    ) -> Result<reapi::BatchUpdateBlobsResponse> {
+        let function = digest_function(request.digest_function)?;
+        let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
+        let limit = self.storage.limits.max_batch_total_size_bytes;
+        if total > limit {
+            return Err(CasError::InvalidArgument(format!(
+                "BatchUpdateBlobs carries {total} bytes, over the limit of {limit} (max_batch_total_size_bytes); use ByteStream.Write for large blobs"
+            )));
+        }
+        let mut responses = Vec::with_capacity(request.requests.len());
+        let mut verified: Vec<(usize, Digest, Bytes)> = Vec::with_capacity(request.requests.len());
+        for item in request.requests {
+            let outcome =
+                parse_digest(function, item.digest.as_ref(), "digest").and_then(|digest| {
+                    let compressor = Compressor::from_wire(item.compressor).ok_or_else(|| {
+                        CasError::InvalidArgument(format!(
+                            "blob {digest}: compressor {} is not supported",
+                            item.compressor
+                        ))
+                    })?;
+                    let data = Storage::verify(&digest, Bytes::from(item.data), compressor)?;
+                    Ok((digest, data))
+                });
+            responses.push(batch_update_blobs_response::Response {
+                digest: item.digest,
+                status: match &outcome {
+                    Ok(_) => ok_status(),
+                    Err(e) => Some(e.to_rpc_status()),
+                },
+            });
+            if let Ok((digest, data)) = outcome {
+                if !digest.is_empty_blob() {
+                    verified.push((responses.len() - 1, digest, data));
+                }
+            }
+        }
+        // Blobs the CAS already holds are not written again.
+        let digests: Vec<Digest> = verified.iter().map(|(_, d, _)| *d).collect();
+        let missing: HashSet<Digest> = self
+            .storage
+            .find_missing(&digests)
+            .await?
+            .into_iter()
+            .collect();
+        verified.retain(|(_, digest, _)| missing.contains(digest));
+        let (slots, items): (Vec<(usize, Digest)>, Vec<_>) = verified
+            .into_iter()
+            .map(|(slot, digest, data)| ((slot, digest), (digest.key(), data)))
+            .unzip();
+        let results = self.storage.store.put_many(items).await;
+        for ((slot, digest), result) in slots.into_iter().zip(results) {
+            if let Err(e) = result {
+                responses[slot].status =
+                    Some(CasError::store(format_args!("storing blob {digest}"), e).to_rpc_status());
+            }
+        }
+        Ok(reapi::BatchUpdateBlobsResponse { responses })
+    }
+
+    async fn batch_read(
+        &self,
+        request: reapi::BatchReadBlobsRequest,
+    ) -> Result<reapi::BatchReadBlobsResponse> {
+        let function = digest_function(request.digest_function)?;
+        let digests = request
+            .digests
+            .iter()
+            .map(|d| parse_digest(function, Some(d), "digests entry"))
+            .collect::<Result<Vec<_>>>()?;
+        let total: u64 = digests.iter().map(|d| d.size).sum();
+        let limit = self.storage.limits.max_batch_total_size_bytes;
+        if total > limit {
+            return Err(CasError::InvalidArgument(format!(
+                "BatchReadBlobs asks for {total} bytes, over the limit of {limit} (max_batch_total_size_bytes); use ByteStream.Read for large blobs"
+            )));
+        }
+        let mut responses = Vec::with_capacity(digests.len());
+        for (digest, wire) in digests.iter().zip(request.digests) {
+            let (data, status) = match self.storage.read_small(digest).await {
+                Ok(data) => (data.to_vec(), ok_status()),
+                Err(e) => (Vec::new(), Some(e.to_rpc_status())),
+            };
+            responses.push(batch_read_blobs_response::Response {
+                digest: Some(wire),
+                data,
+                compressor: 0,
+                status,
+            });
+        }
+        Ok(reapi::BatchReadBlobsResponse { responses })
+    }
+
+    /// All directories under `root`, breadth first, each once. Directories
+    /// missing from the CAS are left out, as REAPI allows.
+    async fn tree(&self, function: DigestFunction, root: Digest) -> Result<Vec<reapi::Directory>> {
+        let mut seen = HashSet::from([root]);
+        let mut queue = std::collections::VecDeque::from([root]);
+        let mut directories = Vec::new();
+        while let Some(digest) = queue.pop_front() {
+            let data = match self.storage.read_small(&digest).await {
+                Ok(data) => data,
+                Err(CasError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let directory = reapi::Directory::decode(data).map_err(|e| {
+                CasError::InvalidArgument(format!("blob {digest} is not a Directory: {e}"))
+            })?;
+            for child in &directory.directories {
+                let child =
+                    parse_digest(function, child.digest.as_ref(), "a DirectoryNode digest")?;
+                if seen.insert(child) {
+                    queue.push_back(child);
+                }
+            }
+            directories.push(directory);
+        }
+        Ok(directories)
+    }
+}
+
+type TreeStream = Pin<Box<dyn Stream<Item = Result<reapi::GetTreeResponse, Status>> + Send>>;
+type ChunkMappingStream =
+    Pin<Box<dyn Stream<Item = Result<reapi::GetChunkMappingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ContentAddressableStorage for CasService {
+    async fn find_missing_blobs(
+        &self,
+        request: Request<reapi::FindMissingBlobsRequest>,
+    ) -> Result<Response<reapi::FindMissingBlobsResponse>, Status> {
+        Ok(Response::new(
+            self.find_missing(request.into_inner()).await?,
+        ))
+    }
+
+    async fn batch_update_blobs(
+        &self,
+        request: Request<reapi::BatchUpdateBlobsRequest>,
+    ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
+        Ok(Response::new(
+            self.batch_update(request.into_inner()).await?,
+        ))
+    }
+
+    async fn batch_read_blobs(
+        &self,
+        request: Request<reapi::BatchReadBlobsRequest>,
+    ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
+        Ok(Response::new(self.batch_read(request.into_inner()).await?))
+    }
+
+    type GetTreeStream = TreeStream;
+
+    async fn get_tree(
+        &self,
+        request: Request<reapi::GetTreeRequest>,
+    ) -> Result<Response<TreeStream>, Status> {
+        let request = request.into_inner();
+        let function = digest_function(request.digest_function)?;
+        let root = parse_digest(function, request.root_digest.as_ref(), "root_digest")?;
+        let start: usize = if request.page_token.is_empty() {
+            0
+        } else {
+            request.page_token.parse().map_err(|_| {
+                CasError::InvalidArgument(format!(
+                    "page_token {:?} was not issued by this server",
+                    request.page_token
+                ))
+            })?
+        };
+        let page_size = match request.page_size {
+            size if size > 0 => size as usize,
+            _ => DEFAULT_TREE_PAGE,
+        };
+        let directories = self.tree(function, root).await?;
+        if start > directories.len() {
+            return Err(CasError::InvalidArgument(format!(
+                "page_token {start} is past the end of tree {root}"
+            ))
+            .into());
+        }
+        // One response per page; paging tokens let a client resume later.
+        let mut pages = Vec::new();
+        let mut offset = start;
+        loop {
+            let end = (offset + page_size).min(directories.len());
+            pages.push(Ok(reapi::GetTreeResponse {
+                directories: directories[offset..end].to_vec(),
+                next_page_token: if end < directories.len() {
+                    end.to_string()
+                } else {
+                    String::new()
+                },
+            }));
+            offset = end;
+            if offset >= directories.len() {
+                break;
+            }
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(pages))))
+    }
+
+    async fn split_blob(
+        &self,
+        _request: Request<reapi::SplitBlobRequest>,
+    ) -> Result<Response<reapi::SplitBlobResponse>, Status> {
+        Err(CasError::Unimplemented(
+            "SplitBlob is not supported (split_blob_support is false)".into(),
+        )
+        .into())
+    }
+
+    type GetChunkMappingStream = ChunkMappingStream;
+
+    async fn get_chunk_mapping(
+        &self,
+        _request: Request<reapi::GetChunkMappingRequest>,
+    ) -> Result<Response<ChunkMappingStream>, Status> {
+        Err(CasError::Unimplemented("GetChunkMapping is not supported".into()).into())
+    }
+
+    async fn splice_blob(
+        &self,
+        _request: Request<reapi::SpliceBlobRequest>,
+    ) -> Result<Response<reapi::SpliceBlobResponse>, Status> {
+        Err(CasError::Unimplemented(
+            "SpliceBlob is not supported (splice_blob_support is false)".into(),
+        )
+        .into())
+    }
+
+    async fn register_chunk_mapping(
+        &self,
+        _request: Request<tonic::Streaming<reapi::RegisterChunkMappingRequest>>,
+    ) -> Result<Response<reapi::RegisterChunkMappingResponse>, Status> {
+        Err(CasError::Unimplemented("RegisterChunkMapping is not supported".into()).into())
+    }
+}

@@ -1,0 +1,147 @@
+//! [`Storage`]: the REAPI view of a [`BlobStore`], shared by all storage
+//! services. It owns digest verification (nothing unverified reaches the
+//! store) and the empty blob (always present, never stored).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kiln_store::{Blob, BlobStore, Digest, DigestFunction, Key};
+
+use crate::error::{CasError, Result};
+use crate::resource::Compressor;
+
+/// Service limits, advertised in the capabilities where REAPI has a field.
+#[derive(Clone, Debug)]
+pub struct StorageLimits {
+    /// Largest total of blob bytes in one BatchUpdateBlobs/BatchReadBlobs.
+    pub max_batch_total_size_bytes: u64,
+    /// Largest total of stdout/stderr/file bytes inlined into one ActionResult.
+    pub max_inline_bytes: u64,
+    /// Size of the chunks ByteStream.Read sends.
+    pub read_chunk_bytes: usize,
+}
+
+impl Default for StorageLimits {
+    fn default() -> Self {
+        StorageLimits {
+            max_batch_total_size_bytes: 4 * 1024 * 1024 - 64 * 1024,
+            max_inline_bytes: 1024 * 1024,
+            read_chunk_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Storage {
+    pub(crate) store: Arc<dyn BlobStore>,
+    pub(crate) limits: StorageLimits,
+}
+
+impl Storage {
+    pub fn new(store: Arc<dyn BlobStore>, limits: StorageLimits) -> Self {
+        Storage { store, limits }
+    }
+
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.store
+    }
+
+    pub fn limits(&self) -> &StorageLimits {
+        &self.limits
+    }
+
+    /// The digests among `digests` the CAS lacks, in request order.
+    pub async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let keys: Vec<Key> = digests.iter().map(Digest::key).collect();
+        let present = self
+            .store
+            .contains(&keys)
+            .await
+            .map_err(|e| CasError::store("looking up blobs", e))?;
+        Ok(digests
+            .iter()
+            .zip(present)
+            .filter(|(digest, present)| !present && !digest.is_empty_blob())
+            .map(|(digest, _)| *digest)
+            .collect())
+    }
+
+    pub async fn contains(&self, digest: &Digest) -> Result<bool> {
+        Ok(self
+            .find_missing(std::slice::from_ref(digest))
+            .await?
+            .is_empty())
+    }
+
+    /// Opens a blob for reading; `None` if the CAS lacks it. A stored blob
+    /// whose size differs from the digest's does not match it.
+    pub async fn open(&self, digest: &Digest) -> Result<Option<Blob>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(Blob::Memory(Bytes::new())));
+        }
+        let blob = self
+            .store
+            .get(&digest.key())
+            .await
+            .map_err(|e| CasError::store(format_args!("reading blob {digest}"), e))?;
+        Ok(blob.filter(|blob| blob.len() == digest.size))
+    }
+
+    /// A whole blob in memory, or NOT_FOUND naming it.
+    pub async fn read_small(&self, digest: &Digest) -> Result<Bytes> {
+        let blob = self
+            .open(digest)
+            .await?
+            .ok_or_else(|| CasError::NotFound(format!("blob {digest} is not in the CAS")))?;
+        blob.into_bytes()
+            .await
+            .map_err(|e| CasError::Internal(format!("reading blob {digest}: {e}")))
+    }
+
+    /// Checks `data` against `digest`, decompressing first if needed.
+    pub fn verify(digest: &Digest, data: Bytes, compressor: Compressor) -> Result<Bytes> {
+        let data = match compressor {
+            Compressor::Identity => data,
+            Compressor::Zstd => {
+                let capacity = usize::try_from(digest.size).unwrap_or(usize::MAX);
+                let decoded = zstd::bulk::decompress(&data, capacity).map_err(|e| {
+                    CasError::InvalidArgument(format!(
+                        "blob {digest}: zstd data does not decompress to its size: {e}"
+                    ))
+                })?;
+                Bytes::from(decoded)
+            }
+        };
+        let actual = digest.function.digest_of(&data);
+        if actual != *digest {
+            return Err(CasError::InvalidArgument(format!(
+                "blob {digest}: content does not match its digest (got {actual})"
+            )));
+        }
+        Ok(data)
+    }
+
+    /// Verifies and stores a blob that is whole in memory.
+    pub async fn put(&self, digest: &Digest, data: Bytes, compressor: Compressor) -> Result<()> {
+        let data = Self::verify(digest, data, compressor)?;
+        if digest.is_empty_blob() {
+            return Ok(());
+        }
+        self.store
+            .put(digest.key(), data)
+            .await
+            .map_err(|e| CasError::store(format_args!("storing blob {digest}"), e))
+    }
+
+    /// Hashes `data` with `function` and stores it; returns its digest.
+    pub async fn put_content(&self, function: DigestFunction, data: Bytes) -> Result<Digest> {
+        let digest = function.digest_of(&data);
+        if !digest.is_empty_blob() {
+            self.store
+                .put(digest.key(), data)
+                .await
+                .map_err(|e| CasError::store(format_args!("storing blob {digest}"), e))?;
+        }
+        Ok(digest)
+    }
+}

@@ -1,0 +1,200 @@
+//! Kiln's configuration: one typed tree, every field documented and
+//! defaulted, read from an optional TOML file and overridden by flags.
+//! `kiln config print-default` prints it all.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on. Port 0 picks a free port; the
+    /// bound address is printed on stdout as `listening grpc://ADDR`.
+    pub listen: SocketAddr,
+    /// Directory for all of Kiln's data. Default: `$XDG_DATA_HOME/kiln`,
+    /// else `$HOME/.local/share/kiln`, else `/var/lib/kiln`.
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` (default) or `json`, written to stderr.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `kiln_cas=debug,info`.
+    /// The `RUST_LOG` environment variable wins when set.
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Durable store under `data_dir/cas`, with a memory tier in front.
+    Disk,
+    /// Memory only: everything is lost on exit. For tests and throw-away servers.
+    Memory,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DurabilityMode {
+    /// Acknowledge writes at once; sync to disk every `sync_interval_ms`.
+    /// A machine crash may lose that window's blobs, never corrupt one.
+    GroupCommit,
+    /// Acknowledge a write only once it is on disk (batched with others).
+    Sync,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub backend: Backend,
+    /// Most bytes the store keeps on disk (or in memory, for `memory`);
+    /// least recently used blobs are evicted above it. Sizes accept
+    /// `B`, `K`/`KB`, `M`/`MB`, `G`/`GB`, `T`/`TB` and `KiB`…`TiB`.
+    pub max_size: String,
+    /// Memory tier in front of the disk store, for small hot blobs.
+    pub memory_cache_size: String,
+    /// Blobs up to this size are cached in the memory tier.
+    pub memory_cache_max_blob: String,
+    /// Blobs up to this size are packed into shared segment files rather
+    /// than getting a file each.
+    pub max_packed_blob: String,
+    pub durability: DurabilityMode,
+    /// Group-commit interval.
+    pub sync_interval_ms: u64,
+    /// Largest BatchUpdateBlobs/BatchReadBlobs payload, as advertised in
+    /// the capabilities.
+    pub max_batch_total_size: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:1985".parse().expect("valid address"),
+            data_dir: default_data_dir(),
+            log: LogConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: Backend::Disk,
+            max_size: "10GiB".into(),
+            memory_cache_size: "64MiB".into(),
+            memory_cache_max_blob: "64KiB".into(),
+            max_packed_blob: "256KiB".into(),
+            durability: DurabilityMode::GroupCommit,
+            sync_interval_ms: 1000,
+            max_batch_total_size: "4032KiB".into(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("kiln");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".local/share/kiln");
+    }
+    PathBuf::from("/var/lib/kiln")
+}
+
+impl Config {
+    pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serializes")
+    }
+}
+
+/// Parses a size such as `512`, `4KB`, `1.5GiB`, `10G`. Decimal units are
+/// powers of 1000, binary units (`KiB`…) powers of 1024; a bare `K`/`M`/`G`/`T`
+/// is decimal, as in the platform properties.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("size {text:?} does not start with a number"))?;
+    let multiplier: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KB" => 1e3,
+        "M" | "MB" => 1e6,
+        "G" | "GB" => 1e9,
+        "T" | "TB" => 1e12,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("size {text:?} has unknown unit {other:?} (use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB)")),
+    };
+    let bytes = number * multiplier;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("size {text:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_both_unit_systems() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("4KB"), Ok(4000));
+        assert_eq!(parse_size("4KiB"), Ok(4096));
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert!(parse_size("lots").unwrap_err().contains("lots"));
+        assert!(parse_size("5 furlongs")
+            .unwrap_err()
+            .contains("unknown unit"));
+    }
+
+    #[test]
+    fn the_default_config_round_trips_through_toml() {
+        let text = Config::default().to_toml();
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed.listen, Config::default().listen);
+        assert!(
+            toml::from_str::<Config>("bogus = 1").is_err(),
+            "unknown keys are rejected"
+        );
+    }
+}

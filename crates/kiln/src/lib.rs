@@ -1,0 +1,6 @@
+//! The `kiln` binary's library half: configuration and server assembly,
+//! so integration tests can start a whole server in-process.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod serve;

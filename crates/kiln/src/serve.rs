@@ -1,0 +1,166 @@
+//! `kiln serve`: composes the configured store and the REAPI services into
+//! one gRPC server, written once here from the typed config.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_cas::{
+    ActionCacheService, ByteStreamService, CapabilitiesService, CasService, Storage, StorageLimits,
+};
+use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::reapi::action_cache_server::ActionCacheServer;
+use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
+use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use kiln_store::{BlobStore, DiskStore, DiskStoreConfig, Durability, MemoryStore, TieredStore};
+use tokio::sync::oneshot;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::{parse_size, Backend, Config, DurabilityMode};
+
+/// Largest gRPC message accepted or sent: a full batch plus framing.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// A running server; dropping it without [`RunningServer::stop`] aborts it.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight calls finish, and syncs the store.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.context("server task panicked")?
+    }
+
+    /// Waits until the server ends by itself (it does not, short of an error).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        (&mut self.task).await.context("server task panicked")?
+    }
+
+    /// Asks the server to stop; [`RunningServer::wait`] then returns.
+    pub fn request_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn size(field: &str, text: &str) -> anyhow::Result<u64> {
+    parse_size(text).map_err(|e| anyhow::anyhow!("storage.{field}: {e}"))
+}
+
+/// Builds the store the config describes. Returns the disk store too, so
+/// the caller can sync it at shutdown.
+pub async fn open_store(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn BlobStore>, Option<DiskStore>)> {
+    let storage = &config.storage;
+    let max_size = size("max_size", &storage.max_size)?;
+    match storage.backend {
+        Backend::Memory => Ok((Arc::new(MemoryStore::new(max_size)), None)),
+        Backend::Disk => {
+            let path = config.data_dir.join("cas");
+            let mut disk_config = DiskStoreConfig::new(&path, max_size);
+            disk_config.max_packed_blob_bytes = size("max_packed_blob", &storage.max_packed_blob)?;
+            disk_config.sync_interval = Duration::from_millis(storage.sync_interval_ms.max(1));
+            disk_config.durability = match storage.durability {
+                DurabilityMode::GroupCommit => Durability::GroupCommit,
+                DurabilityMode::Sync => Durability::Sync,
+            };
+            let (disk, report) = tokio::task::spawn_blocking(move || DiskStore::open(disk_config))
+                .await?
+                .with_context(|| format!("opening the store in {}", path.display()))?;
+            tracing::info!(
+                path = %path.display(),
+                blobs = report.blobs,
+                bytes = report.bytes,
+                reverified = report.verified_after_checkpoint,
+                dropped_invalid = report.dropped_invalid,
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "disk store opened"
+            );
+            let cache_size = size("memory_cache_size", &storage.memory_cache_size)?;
+            let store: Arc<dyn BlobStore> = if cache_size == 0 {
+                Arc::new(disk.clone())
+            } else {
+                Arc::new(TieredStore::new(
+                    MemoryStore::new(cache_size),
+                    Arc::new(disk.clone()),
+                    size("memory_cache_max_blob", &storage.memory_cache_max_blob)?,
+                ))
+            };
+            Ok((store, Some(disk)))
+        }
+    }
+}
+
+/// Starts serving; returns once the listener is bound.
+pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
+    let (store, disk) = open_store(config).await?;
+    let limits = StorageLimits {
+        max_batch_total_size_bytes: size(
+            "max_batch_total_size",
+            &config.storage.max_batch_total_size,
+        )?,
+        ..StorageLimits::default()
+    };
+    let storage = Storage::new(store, limits.clone());
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // Small RPCs must not wait for Nagle or delayed ACKs.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    let router = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(16 * 1024 * 1024))
+        .initial_connection_window_size(Some(64 * 1024 * 1024))
+        .max_frame_size(Some(1024 * 1024))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(CapabilitiesServer::new(CapabilitiesService::new(
+            limits, None,
+        )))
+        .add_service(
+            ContentAddressableStorageServer::new(CasService::new(storage.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ByteStreamServer::new(ByteStreamService::new(storage.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ActionCacheServer::new(ActionCacheService::new(storage))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await
+            .context("gRPC server failed")?;
+        if let Some(disk) = disk {
+            tokio::task::spawn_blocking(move || disk.flush())
+                .await?
+                .context("syncing the store at shutdown")?;
+        }
+        Ok(())
+    });
+    Ok(RunningServer {
+        addr,
+        stop: Some(stop),
+        task,
+    })
+}
