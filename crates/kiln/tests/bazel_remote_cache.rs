@@ -101,6 +101,16 @@ fn bazel_uses_kiln_as_remote_cache() {
         "//...",
     ]);
     assert_test_passed(&rerun);
+    assert!(
+        rerun.contains("Executed 1 out of 1 test"),
+        "--nocache_test_results should have run the test:\n{rerun}"
+    );
+    let summary = ProcessSummary::parse(&rerun);
+    assert_eq!(
+        summary.count("remote cache hit") + summary.count("internal") + 1,
+        summary.total,
+        "only the test itself should run locally: {summary:?}"
+    );
 
     bazel.run_ok(&["shutdown"]);
 }
@@ -169,6 +179,10 @@ impl KilnServer {
                 panic!("kiln did not print its listening line within {SERVER_START_TIMEOUT:?}")
             }
         };
+        if line.is_empty() {
+            let status = server.child.wait().expect("wait for kiln");
+            panic!("kiln exited ({status}) before printing its listening line");
+        }
         server.port = parse_listening_line(&line).unwrap_or_else(|| {
             panic!("kiln's first stdout line is not `listening grpc://127.0.0.1:PORT`: {line:?}")
         });
@@ -248,9 +262,9 @@ impl Bazel {
                 "--output_user_root={}",
                 self.output_user_root.display()
             ))
-            // Only the workspace's .bazelrc: nothing from the machine.
+            // Not the user's ~/.bazelrc. The system rc stays: Debian's
+            // points Bazel at its install base.
             .arg("--nohome_rc")
-            .arg("--nosystem_rc")
             .arg("--host_jvm_args=-Xmx1g")
             // If the test dies without `bazel shutdown`, the server still goes.
             .arg("--max_idle_secs=300")

@@ -999,7 +999,6 @@ impl BlobWriter for FileWriter {
                 self.written, self.size
             )));
         }
-        let file = self.file.take().expect("open until commit");
         let path = file_path(&self.store.root, &self.key);
         let parent = path
             .parent()
@@ -1007,6 +1006,13 @@ impl BlobWriter for FileWriter {
         fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
         fs::rename(&self.tmp_path, &path)
             .map_err(io_err(format!("moving blob {:?} into place", self.key)))?;
+        {
+            let mut unsynced = self.store.unsynced.lock();
+            unsynced
+                .files
+                .push(self.file.take().expect("open until commit"));
+            unsynced.dirs.insert(parent.to_path_buf());
+        }
         let mut record = Vec::with_capacity(RECORD_LEN);
         Record {
             key: self.key,
