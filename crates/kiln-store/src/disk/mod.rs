@@ -199,8 +199,14 @@ impl Hash for IndexKey {
 
 const INDEX_SHARDS: usize = 64;
 
+type IndexShard = Mutex<HashMap<IndexKey, Entry, BuildHasherDefault<KeyHasher>>>;
+/// Segment files found on disk at start-up, by id, with their lengths.
+type ExistingSegments = BTreeMap<u32, (Arc<File>, u64)>;
+/// Blob files found on disk at start-up, with their lengths.
+type ExistingFiles = HashMap<Key, u64>;
+
 struct Index {
-    shards: Box<[Mutex<HashMap<IndexKey, Entry, BuildHasherDefault<KeyHasher>>>]>,
+    shards: Box<[IndexShard]>,
 }
 
 impl Index {
@@ -210,7 +216,7 @@ impl Index {
         }
     }
 
-    fn shard(&self, key: &Key) -> &Mutex<HashMap<IndexKey, Entry, BuildHasherDefault<KeyHasher>>> {
+    fn shard(&self, key: &Key) -> &IndexShard {
         &self.shards[key.hash[0] as usize % INDEX_SHARDS]
     }
 
@@ -492,7 +498,7 @@ impl DiskStore {
     }
 }
 
-fn list_existing(root: &Path) -> Result<(BTreeMap<u32, (Arc<File>, u64)>, HashMap<Key, u64>)> {
+fn list_existing(root: &Path) -> Result<(ExistingSegments, ExistingFiles)> {
     let mut segments = BTreeMap::new();
     for entry in fs::read_dir(root.join("segments"))
         .map_err(io_err("listing segments/"))?
@@ -540,8 +546,8 @@ fn list_existing(root: &Path) -> Result<(BTreeMap<u32, (Arc<File>, u64)>, HashMa
 /// position. Records past `durable_len` are re-verified against their data.
 fn replay_journal(
     root: &Path,
-    segments: &BTreeMap<u32, (Arc<File>, u64)>,
-    files: &HashMap<Key, u64>,
+    segments: &ExistingSegments,
+    files: &ExistingFiles,
     durable_len: u64,
     report: &mut RecoveryReport,
 ) -> Result<HashMap<Key, (Record, u64)>> {

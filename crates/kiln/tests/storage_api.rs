@@ -1,0 +1,967 @@
+//! End-to-end tests of the REAPI storage services: a whole server started
+//! in-process on 127.0.0.1, driven by real tonic clients over gRPC.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use kiln::config::{Backend, Config};
+use kiln::serve::RunningServer;
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
+use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::{self, batch_update_blobs_request};
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Harness {
+    server: Option<RunningServer>,
+    channel: Channel,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mut harness = Harness::start_in(dir.path(), |_| {}).await;
+        harness._dir = Some(dir);
+        harness
+    }
+
+    async fn start_in(data_dir: &Path, adjust: impl FnOnce(&mut Config)) -> Harness {
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data_dir.to_path_buf(),
+            ..Default::default()
+        };
+        config.storage.max_size = "1GiB".into();
+        adjust(&mut config);
+        let server = kiln::serve::start(&config).await.expect("server starts");
+        let channel = Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Harness {
+            server: Some(server),
+            channel,
+            _dir: None,
+        }
+    }
+
+    async fn stop(mut self) {
+        self.server.take().unwrap().stop().await.unwrap();
+    }
+
+    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    fn bytestream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel.clone())
+    }
+
+    fn action_cache(&self) -> ActionCacheClient<Channel> {
+        ActionCacheClient::new(self.channel.clone())
+    }
+
+    async fn upload_batch(&self, blobs: &[&[u8]]) {
+        let response = self
+            .cas()
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                requests: blobs
+                    .iter()
+                    .map(|data| batch_update_blobs_request::Request {
+                        digest: Some(digest(data)),
+                        data: data.to_vec(),
+                        compressor: 0,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for r in response.responses {
+            assert_eq!(r.status.unwrap().code, 0);
+        }
+    }
+
+    async fn missing(&self, digests: Vec<reapi::Digest>) -> Vec<reapi::Digest> {
+        self.cas()
+            .find_missing_blobs(reapi::FindMissingBlobsRequest {
+                blob_digests: digests,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing_blob_digests
+    }
+
+    async fn write(&self, name: &str, chunks: Vec<Bytes>) -> Result<i64, tonic::Status> {
+        let mut offset = 0;
+        let count = chunks.len();
+        let requests: Vec<WriteRequest> = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| {
+                let request = WriteRequest {
+                    resource_name: if i == 0 {
+                        name.to_string()
+                    } else {
+                        String::new()
+                    },
+                    write_offset: offset,
+                    finish_write: i + 1 == count,
+                    data: data.clone(),
+                };
+                offset += data.len() as i64;
+                request
+            })
+            .collect();
+        self.bytestream()
+            .write(futures::stream::iter(requests))
+            .await
+            .map(|r| r.into_inner().committed_size)
+    }
+
+    async fn read(&self, name: &str, offset: i64, limit: i64) -> Result<Vec<u8>, tonic::Status> {
+        let mut stream = self
+            .bytestream()
+            .read(ReadRequest {
+                resource_name: name.to_string(),
+                read_offset: offset,
+                read_limit: limit,
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?.data);
+        }
+        Ok(out)
+    }
+}
+
+fn digest(data: &[u8]) -> reapi::Digest {
+    reapi::Digest {
+        hash: hex::encode(Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Bytes {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn chunks(data: &Bytes, size: usize) -> Vec<Bytes> {
+    (0..data.len())
+        .step_by(size)
+        .map(|at| data.slice(at..(at + size).min(data.len())))
+        .collect()
+}
+
+fn blob_name(data: &[u8]) -> String {
+    let d = digest(data);
+    format!("blobs/{}/{}", d.hash, d.size_bytes)
+}
+
+fn upload_name(data: &[u8]) -> String {
+    format!("uploads/{}/{}", uuid(), blob_name(data))
+}
+
+fn uuid() -> String {
+    format!("{:032x}", rand_u128())
+}
+
+fn rand_u128() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed) as u128;
+    (std::process::id() as u128) << 64 | n
+}
+
+#[tokio::test]
+async fn capabilities_describe_the_storage_server() {
+    let harness = Harness::start().await;
+    let caps = CapabilitiesClient::new(harness.channel.clone())
+        .get_capabilities(reapi::GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let cache = caps.cache_capabilities.unwrap();
+    assert!(cache
+        .digest_functions
+        .contains(&(reapi::digest_function::Value::Sha256 as i32)));
+    assert!(cache
+        .digest_functions
+        .contains(&(reapi::digest_function::Value::Blake3 as i32)));
+    assert!(
+        cache
+            .action_cache_update_capabilities
+            .unwrap()
+            .update_enabled
+    );
+    assert!(cache.max_batch_total_size_bytes > 1 << 20);
+    assert!(cache
+        .supported_compressors
+        .contains(&(reapi::compressor::Value::Zstd as i32)));
+    assert!(
+        caps.execution_capabilities.is_none(),
+        "execution is not offered yet"
+    );
+    assert_eq!(caps.high_api_version.unwrap().minor, 3);
+}
+
+#[tokio::test]
+async fn find_missing_reports_only_absent_blobs_and_never_the_empty_one() {
+    let harness = Harness::start().await;
+    harness.upload_batch(&[b"present"]).await;
+    let missing = harness
+        .missing(vec![digest(b"present"), digest(b"absent"), digest(b"")])
+        .await;
+    assert_eq!(missing, vec![digest(b"absent")]);
+
+    let error = harness
+        .cas()
+        .find_missing_blobs(reapi::FindMissingBlobsRequest {
+            blob_digests: vec![reapi::Digest {
+                hash: "xyz".into(),
+                size_bytes: 3,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("xyz"), "{}", error.message());
+}
+
+#[tokio::test]
+async fn batch_update_verifies_each_blob_and_stores_nothing_wrong() {
+    let harness = Harness::start().await;
+    let good = b"good blob".to_vec();
+    let mut lying = digest(b"claimed content");
+    lying.size_bytes = 5;
+    let response = harness
+        .cas()
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: vec![
+                batch_update_blobs_request::Request {
+                    digest: Some(digest(&good)),
+                    data: good.clone(),
+                    compressor: 0,
+                },
+                batch_update_blobs_request::Request {
+                    digest: Some(lying.clone()),
+                    data: b"other".to_vec(),
+                    compressor: 0,
+                },
+                batch_update_blobs_request::Request {
+                    digest: Some(digest(b"zz")),
+                    data: b"zz".to_vec(),
+                    compressor: 7,
+                },
+                batch_update_blobs_request::Request {
+                    digest: Some(digest(b"compressed")),
+                    data: zstd::bulk::compress(b"compressed", 3).unwrap(),
+                    compressor: reapi::compressor::Value::Zstd as i32,
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<i32> = response
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            0,
+            Code::InvalidArgument as i32,
+            Code::InvalidArgument as i32,
+            0
+        ]
+    );
+    let message = &response.responses[1].status.as_ref().unwrap().message;
+    assert!(
+        message.contains(&lying.hash) && message.contains("does not match"),
+        "{message}"
+    );
+    assert!(response.responses[2]
+        .status
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("compressor 7"));
+    assert_eq!(
+        harness
+            .missing(vec![lying.clone(), digest(b"zz")])
+            .await
+            .len(),
+        2
+    );
+    assert!(harness
+        .missing(vec![digest(&good), digest(b"compressed")])
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn batches_over_the_advertised_limit_are_rejected() {
+    let harness = Harness::start().await;
+    let big = vec![7u8; 3 << 20];
+    let request = |data: &Vec<u8>| batch_update_blobs_request::Request {
+        digest: Some(digest(data)),
+        data: data.clone(),
+        compressor: 0,
+    };
+    let error = harness
+        .cas()
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: vec![request(&big), request(&big)],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("max_batch_total_size_bytes"),
+        "{}",
+        error.message()
+    );
+
+    let error = harness
+        .cas()
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            digests: vec![digest(&big), digest(&big)],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn batch_read_returns_blobs_and_names_the_missing_ones() {
+    let harness = Harness::start().await;
+    harness.upload_batch(&[b"one", b"two"]).await;
+    let response = harness
+        .cas()
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            digests: vec![digest(b"one"), digest(b"nope"), digest(b""), digest(b"two")],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(i32, Vec<u8>)> = response
+        .responses
+        .iter()
+        .map(|r| (r.status.as_ref().unwrap().code, r.data.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, b"one".to_vec()),
+            (Code::NotFound as i32, vec![]),
+            (0, vec![]),
+            (0, b"two".to_vec())
+        ]
+    );
+    assert!(response.responses[1]
+        .status
+        .as_ref()
+        .unwrap()
+        .message
+        .contains(&digest(b"nope").hash));
+}
+
+#[tokio::test]
+async fn bytestream_round_trips_large_blobs_with_ranges() {
+    let harness = Harness::start().await;
+    let data = pseudo_random(5 << 20, 11);
+    let committed = harness
+        .write(&upload_name(&data), chunks(&data, 64 * 1024))
+        .await
+        .unwrap();
+    assert_eq!(committed, data.len() as i64);
+    let name = blob_name(&data);
+    assert_eq!(harness.read(&name, 0, 0).await.unwrap(), data.to_vec());
+    assert_eq!(
+        harness.read(&name, 1000, 5000).await.unwrap(),
+        data[1000..6000].to_vec()
+    );
+    assert_eq!(
+        harness
+            .read(&name, data.len() as i64 - 10, 0)
+            .await
+            .unwrap(),
+        data[data.len() - 10..].to_vec()
+    );
+    // A second upload of the same blob completes at once.
+    let again = harness
+        .write(&upload_name(&data), chunks(&data, 1 << 20)[..1].to_vec())
+        .await
+        .unwrap();
+    assert_eq!(again, data.len() as i64);
+    // Instance names prefix resource names; the CAS is shared across them.
+    assert_eq!(
+        harness
+            .read(&format!("some/instance/{name}"), 0, 10)
+            .await
+            .unwrap(),
+        data[..10].to_vec()
+    );
+}
+
+#[tokio::test]
+async fn bytestream_rejects_bad_names_wrong_content_and_bad_offsets() {
+    let harness = Harness::start().await;
+    let error = harness.read("not-a-resource", 0, 0).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("not-a-resource"));
+
+    let absent = pseudo_random(100, 3);
+    let error = harness.read(&blob_name(&absent), 0, 0).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    assert!(
+        error.message().contains(&digest(&absent).hash),
+        "{}",
+        error.message()
+    );
+
+    harness.upload_batch(&[b"0123456789"]).await;
+    let error = harness
+        .read(&blob_name(b"0123456789"), 11, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("read_offset 11"),
+        "{}",
+        error.message()
+    );
+
+    for size in [1000usize, 3 << 20] {
+        let data = pseudo_random(size, 5);
+        let mut wrong = data.to_vec();
+        wrong[size / 2] ^= 1;
+        let name = upload_name(&data);
+        let error = harness
+            .write(&name, chunks(&Bytes::from(wrong), 256 * 1024))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+        assert!(
+            error.message().contains(&digest(&data).hash),
+            "{}",
+            error.message()
+        );
+        assert_eq!(
+            harness.missing(vec![digest(&data)]).await.len(),
+            1,
+            "nothing stored"
+        );
+
+        let error = harness
+            .write(&name, vec![data.slice(..size / 2)])
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+    }
+
+    let data = pseudo_random(1000, 9);
+    let error = harness
+        .bytestream()
+        .write(futures::stream::iter(vec![
+            WriteRequest {
+                resource_name: upload_name(&data),
+                write_offset: 0,
+                finish_write: false,
+                data: data.slice(..10),
+            },
+            WriteRequest {
+                resource_name: String::new(),
+                write_offset: 500,
+                finish_write: true,
+                data: data.slice(10..),
+            },
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("write_offset 500"),
+        "{}",
+        error.message()
+    );
+
+    let error = harness
+        .write(
+            &format!("uploads/x/compressed-blobs/lz4/{}", &blob_name(&data)[6..]),
+            vec![data.clone()],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("lz4"));
+}
+
+#[tokio::test]
+async fn bytestream_speaks_zstd_both_ways() {
+    let harness = Harness::start().await;
+    for size in [5000usize, 3 << 20] {
+        let data = Bytes::from(b"kiln ".repeat(size / 5));
+        let d = digest(&data);
+        let compressed = Bytes::from(zstd::bulk::compress(&data, 3).unwrap());
+        let name = format!(
+            "uploads/{}/compressed-blobs/zstd/{}/{}",
+            uuid(),
+            d.hash,
+            d.size_bytes
+        );
+        assert_eq!(
+            harness
+                .write(&name, chunks(&compressed, 1000))
+                .await
+                .unwrap(),
+            -1
+        );
+        let read = harness
+            .read(
+                &format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes),
+                0,
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(zstd::stream::decode_all(&read[..]).unwrap(), data.to_vec());
+        assert_eq!(
+            harness.read(&blob_name(&data), 0, 0).await.unwrap(),
+            data.to_vec()
+        );
+    }
+}
+
+#[tokio::test]
+async fn interrupted_uploads_resume_from_the_committed_offset() {
+    let harness = Harness::start().await;
+    for size in [600 * 1024usize, 4 << 20] {
+        let data = pseudo_random(size, size as u64);
+        let name = upload_name(&data);
+        let half = size / 2;
+        // The client sends half and then the stream ends without finishing.
+        let error = harness
+            .bytestream()
+            .write(futures::stream::iter(vec![WriteRequest {
+                resource_name: name.clone(),
+                write_offset: 0,
+                finish_write: false,
+                data: data.slice(..half),
+            }]))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+        let status = harness
+            .bytestream()
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (status.committed_size, status.complete),
+            (half as i64, false)
+        );
+        let committed = harness
+            .bytestream()
+            .write(futures::stream::iter(vec![WriteRequest {
+                resource_name: name.clone(),
+                write_offset: half as i64,
+                finish_write: true,
+                data: data.slice(half..),
+            }]))
+            .await
+            .unwrap()
+            .into_inner()
+            .committed_size;
+        assert_eq!(committed, size as i64);
+        assert_eq!(
+            harness.read(&blob_name(&data), 0, 0).await.unwrap(),
+            data.to_vec()
+        );
+        let status = harness
+            .bytestream()
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(status.complete);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_of_one_blob_all_succeed() {
+    let harness = Harness::start().await;
+    let data = pseudo_random(3 << 20, 77);
+    let uploads =
+        (0..6).map(|_| harness.write_owned(upload_name(&data), chunks(&data, 128 * 1024)));
+    for result in futures::future::join_all(uploads).await {
+        assert_eq!(result.unwrap(), data.len() as i64);
+    }
+    assert_eq!(
+        harness.read(&blob_name(&data), 0, 0).await.unwrap(),
+        data.to_vec()
+    );
+}
+
+impl Harness {
+    async fn write_owned(&self, name: String, chunks: Vec<Bytes>) -> Result<i64, tonic::Status> {
+        self.write(&name, chunks).await
+    }
+}
+
+fn output_file(path: &str, data: &[u8]) -> reapi::OutputFile {
+    reapi::OutputFile {
+        path: path.into(),
+        digest: Some(digest(data)),
+        is_executable: false,
+        contents: vec![],
+        node_properties: None,
+    }
+}
+
+#[tokio::test]
+async fn the_action_cache_serves_only_complete_results() {
+    let harness = Harness::start().await;
+    harness
+        .upload_batch(&[b"output bytes", b"hello on stdout"])
+        .await;
+    let action = digest(b"an action");
+    let result = reapi::ActionResult {
+        output_files: vec![output_file("out/a.txt", b"output bytes")],
+        stdout_digest: Some(digest(b"hello on stdout")),
+        exit_code: 0,
+        ..Default::default()
+    };
+    harness
+        .action_cache()
+        .update_action_result(reapi::UpdateActionResultRequest {
+            instance_name: "main".into(),
+            action_digest: Some(action.clone()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = harness
+        .action_cache()
+        .get_action_result(reapi::GetActionResultRequest {
+            instance_name: "main".into(),
+            action_digest: Some(action.clone()),
+            inline_stdout: true,
+            inline_output_files: vec!["out/a.txt".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stdout_raw, b"hello on stdout");
+    assert_eq!(got.output_files[0].contents, b"output bytes");
+
+    // Another instance name is another Action Cache.
+    let error = harness
+        .action_cache()
+        .get_action_result(reapi::GetActionResultRequest {
+            instance_name: "other".into(),
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    assert!(error.message().contains(&action.hash));
+
+    // A result whose output is not in the CAS is a miss, never a hit.
+    let broken_action = digest(b"another action");
+    harness
+        .action_cache()
+        .update_action_result(reapi::UpdateActionResultRequest {
+            instance_name: "main".into(),
+            action_digest: Some(broken_action.clone()),
+            action_result: Some(reapi::ActionResult {
+                output_files: vec![output_file("gone", b"never uploaded")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let error = harness
+        .action_cache()
+        .get_action_result(reapi::GetActionResultRequest {
+            instance_name: "main".into(),
+            action_digest: Some(broken_action),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+
+    // Output directories: the tree and every file in it must be present.
+    let file_in_tree = b"file inside a tree";
+    let tree = reapi::Tree {
+        root: Some(reapi::Directory {
+            files: vec![reapi::FileNode {
+                name: "f".into(),
+                digest: Some(digest(file_in_tree)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        children: vec![],
+    };
+    let tree_bytes = tree.encode_to_vec();
+    harness.upload_batch(&[&tree_bytes]).await;
+    let tree_action = digest(b"tree action");
+    harness
+        .action_cache()
+        .update_action_result(reapi::UpdateActionResultRequest {
+            action_digest: Some(tree_action.clone()),
+            action_result: Some(reapi::ActionResult {
+                output_directories: vec![reapi::OutputDirectory {
+                    path: "dir".into(),
+                    tree_digest: Some(digest(&tree_bytes)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let get = || {
+        let mut client = harness.action_cache();
+        let request = reapi::GetActionResultRequest {
+            action_digest: Some(tree_action.clone()),
+            ..Default::default()
+        };
+        async move { client.get_action_result(request).await }
+    };
+    assert_eq!(get().await.unwrap_err().code(), Code::NotFound);
+    harness.upload_batch(&[file_in_tree]).await;
+    assert!(get().await.is_ok());
+
+    let error = harness
+        .action_cache()
+        .update_action_result(reapi::UpdateActionResultRequest {
+            action_digest: Some(reapi::Digest {
+                hash: "short".into(),
+                size_bytes: 1,
+            }),
+            action_result: Some(reapi::ActionResult::default()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("short"));
+}
+
+#[tokio::test]
+async fn get_tree_pages_through_a_directory_tree() {
+    let harness = Harness::start().await;
+    // root -> 5 children, each with a distinct file.
+    let mut children = Vec::new();
+    for i in 0..5 {
+        let child = reapi::Directory {
+            files: vec![reapi::FileNode {
+                name: format!("f{i}"),
+                digest: Some(digest(format!("content {i}").as_bytes())),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        children.push(child.encode_to_vec());
+    }
+    let root = reapi::Directory {
+        directories: children
+            .iter()
+            .enumerate()
+            .map(|(i, c)| reapi::DirectoryNode {
+                name: format!("d{i}"),
+                digest: Some(digest(c)),
+            })
+            .collect(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut all: Vec<&[u8]> = children.iter().map(|c| c.as_slice()).collect();
+    all.push(&root);
+    harness.upload_batch(&all).await;
+
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let mut stream = harness
+            .cas()
+            .get_tree(reapi::GetTreeRequest {
+                root_digest: Some(digest(&root)),
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        pages += 1;
+        seen.extend(first.directories);
+        token = first.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        assert!(pages < 10, "paging must end");
+    }
+    assert_eq!(seen.len(), 6);
+    assert_eq!(pages, 3);
+    assert_eq!(seen[0].encode_to_vec(), root);
+}
+
+#[tokio::test]
+async fn blobs_and_results_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(2 << 20, 4);
+    let harness = Harness::start_in(dir.path(), |_| {}).await;
+    harness.upload_batch(&[b"small and durable"]).await;
+    harness
+        .write(&upload_name(&data), chunks(&data, 1 << 20))
+        .await
+        .unwrap();
+    harness.stop().await;
+
+    let harness = Harness::start_in(dir.path(), |_| {}).await;
+    assert!(harness
+        .missing(vec![digest(b"small and durable"), digest(&data)])
+        .await
+        .is_empty());
+    assert_eq!(
+        harness.read(&blob_name(&data), 0, 0).await.unwrap(),
+        data.to_vec()
+    );
+    harness.stop().await;
+}
+
+/// A data directory on a tiny tmpfs: writes must fail with
+/// RESOURCE_EXHAUSTED and leave no partial blob behind.
+#[tokio::test]
+async fn a_full_disk_gives_resource_exhausted_and_no_partial_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=3m",
+            "kiln-test-full",
+            dir.path().to_str().unwrap(),
+        ])
+        .output();
+    match mount {
+        Ok(out) if out.status.success() => {}
+        other => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root and must be able to mount a tmpfs: {other:?}"
+            );
+            eprintln!("skipped: cannot mount a small tmpfs to fill ({other:?}); run as root");
+            return;
+        }
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+
+    let harness = Harness::start_in(dir.path(), |config| {
+        config.storage.memory_cache_size = "0".into();
+    })
+    .await;
+    let big = pseudo_random(5 << 20, 99);
+    let error = harness
+        .write(&upload_name(&big), chunks(&big, 256 * 1024))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error.message().contains(&digest(&big).hash),
+        "{}",
+        error.message()
+    );
+    assert_eq!(harness.missing(vec![digest(&big)]).await.len(), 1);
+    let leftovers = std::fs::read_dir(dir.path().join("cas/tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(leftovers, 0, "the partial upload was removed");
+
+    // Small blobs packed into segments fail the same way.
+    let mut error = None;
+    for i in 0..100u64 {
+        let blob = pseudo_random(200 * 1024, i);
+        if let Err(e) = harness.write(&upload_name(&blob), vec![blob.clone()]).await {
+            assert_eq!(harness.missing(vec![digest(&blob)]).await.len(), 1);
+            error = Some(e);
+            break;
+        }
+    }
+    let error = error.expect("a 3 MiB disk fills up");
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn the_memory_backend_serves_the_same_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let harness = Harness::start_in(dir.path(), |config| {
+        config.storage.backend = Backend::Memory
+    })
+    .await;
+    let data = pseudo_random(2 << 20, 8);
+    harness
+        .write(&upload_name(&data), chunks(&data, 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(
+        harness.read(&blob_name(&data), 0, 0).await.unwrap(),
+        data.to_vec()
+    );
+    assert!(!dir.path().join("cas").exists(), "nothing on disk");
+}
