@@ -965,3 +965,73 @@ async fn the_memory_backend_serves_the_same_api() {
     );
     assert!(!dir.path().join("cas").exists(), "nothing on disk");
 }
+
+/// Sends raw bytes as a request message, to test what a malformed proto
+/// does to the server.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_proto_is_refused_and_the_server_keeps_serving() {
+    let harness = Harness::start().await;
+    let mut grpc = tonic::client::Grpc::new(harness.channel.clone());
+    grpc.ready().await.unwrap();
+    // Field 1 declared as a length-delimited string running past the end.
+    let garbage = vec![0x0a, 0xff, 0xff, 0x03, 0x01];
+    let error = grpc
+        .unary(
+            tonic::Request::new(garbage),
+            "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs"
+                .parse()
+                .unwrap(),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    // gRPC's status-code guide assigns INTERNAL to undecodable requests.
+    assert_eq!(error.code(), Code::Internal, "{error:?}");
+    assert!(error.message().contains("decode"), "{}", error.message());
+    harness.upload_batch(&[b"still fine"]).await;
+    assert!(harness
+        .missing(vec![digest(b"still fine")])
+        .await
+        .is_empty());
+}
