@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Kiln's tests need (Debian 12, run as root).
+# Installs the Debian packages Kiln needs to build, or to run its tests
+# (Debian 12, run as root).
 #
 # Idempotent and fast when nothing is missing: packages already installed
 # (per dpkg) are skipped, and `apt-get update` runs only when something must
 # be installed and apt has no package lists yet.
 set -euo pipefail
 
-# - bazel-bootstrap: Debian's Bazel 4.2.3, the real client driven by
-#   crates/kiln/tests/bazel_remote_cache.rs (pulls in a JDK and
-#   build-essential).
-# - g++, gcc, libc6-dev, binutils: the C/C++ toolchain Bazel's cc rules
-#   autodetect, also used by the cc crate for -sys build scripts.
+# Usage: install-deps.sh [build|test]   (default: test)
+#   build: what building and running `kiln` needs;
+#   test:  that, plus what the test suite drives.
+#
+# - g++, gcc, libc6-dev, binutils: the C/C++ toolchain for -sys build
+#   scripts (zstd), and the one Bazel's cc rules autodetect.
 # - ca-certificates: cargo fetching crates over HTTPS.
-PACKAGES=(
-  bazel-bootstrap
+# - bazel-bootstrap: Debian's Bazel 4.2.3, the real client driven by
+#   crates/kiln/tests/bazel_remote_cache.rs (pulls in a JDK).
+BUILD_PACKAGES=(
   g++
   gcc
   libc6-dev
   binutils
   ca-certificates
 )
+TEST_PACKAGES=(
+  bazel-bootstrap
+)
+
+case "${1:-test}" in
+  build) PACKAGES=("${BUILD_PACKAGES[@]}") ;;
+  test) PACKAGES=("${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}") ;;
+  *)
+    echo "usage: $0 [build|test]" >&2
+    exit 2
+    ;;
+esac
 
 missing=()
 for package in "${PACKAGES[@]}"; do
