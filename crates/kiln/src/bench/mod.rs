@@ -1,0 +1,10 @@
+//! Load generators that measure a running Kiln server from the outside, over
+//! its real gRPC API. They live in the binary (`kiln bench ...`) so anyone can
+//! check a deployment's numbers against the machine's ceilings.
+//!
+//! `cas` measures the storage path: ByteStream for large blobs, the batch
+//! RPCs for many small ones.
+
+pub mod cas;
+mod data;
+mod report;
