@@ -39,6 +39,9 @@ else
 fi
 echo "CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
 
+section "Formatting (cargo fmt --check)"
+cargo fmt --all -- --check
+
 section "Building tests (cargo test --workspace --no-run)"
 cargo test --workspace --no-run </dev/null
 

@@ -226,7 +226,11 @@ struct Bazel {
 
 impl Bazel {
     fn new(scratch: &Path, port: u16) -> Self {
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/bazel/workspace");
+        // Read at run time: a test binary reused from a shared target dir
+        // may have been compiled in another clone.
+        let manifest_dir =
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR");
+        let source = Path::new(&manifest_dir).join("../../tests/bazel/workspace");
         let workspace = scratch.join("workspace");
         copy_tree(&source, &workspace);
         Bazel {
