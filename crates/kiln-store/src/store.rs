@@ -3,7 +3,6 @@
 //! wrappers that hold another `BlobStore`, composed once at start-up.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -45,9 +44,22 @@ impl Blob {
             Blob::File {
                 file, offset: base, ..
             } => {
-                let mut buf = BytesMut::zeroed((end - offset) as usize);
-                file.read_exact_at(&mut buf, base + offset)?;
-                Ok(buf.freeze())
+                // Read into spare capacity: no zero-fill of memory the read
+                // overwrites anyway.
+                let want = (end - offset) as usize;
+                let mut buf = Vec::with_capacity(want);
+                while buf.len() < want {
+                    let at = base + offset + buf.len() as u64;
+                    let read =
+                        rustix::io::pread(&**file, rustix::buffer::spare_capacity(&mut buf), at)?;
+                    if read == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("blob file ends {} bytes early", want - buf.len()),
+                        ));
+                    }
+                }
+                Ok(Bytes::from(buf))
             }
         }
     }

@@ -22,6 +22,7 @@
 //! recently used: whole old segments and cold files are dropped, and blobs
 //! in a dropped segment that were used recently are first copied forward.
 
+mod direct;
 pub mod journal;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -39,6 +40,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::watch;
 
+use self::direct::DirectFileSink;
 use self::journal::{Location, Record, RECORD_LEN};
 use crate::store::BufferingWriter;
 use crate::{Blob, BlobStore, BlobWriter, Key, Result, StoreError};
@@ -128,7 +130,7 @@ struct Inner {
 #[derive(Default)]
 struct Unsynced {
     segments: HashSet<u32>,
-    files: Vec<File>,
+    files: Vec<Arc<File>>,
     dirs: HashSet<PathBuf>,
 }
 
@@ -977,7 +979,7 @@ struct FileWriter {
     size: u64,
     written: u64,
     tmp_path: PathBuf,
-    file: Option<File>,
+    sink: Option<DirectFileSink>,
 }
 
 impl BlobWriter for FileWriter {
@@ -988,8 +990,8 @@ impl BlobWriter for FileWriter {
                 self.size
             )));
         }
-        let file = self.file.as_mut().expect("open until commit");
-        file.write_all(data).map_err(io_err(format!(
+        let sink = self.sink.as_mut().expect("open until commit");
+        sink.write(data).map_err(io_err(format!(
             "writing blob {:?} to {}",
             self.key,
             self.tmp_path.display()
@@ -1005,18 +1007,38 @@ impl BlobWriter for FileWriter {
                 self.written, self.size
             )));
         }
+        let file = self
+            .sink
+            .take()
+            .expect("open until commit")
+            .finish(self.size)
+            .map_err(io_err(format!(
+                "writing blob {:?} to {}",
+                self.key,
+                self.tmp_path.display()
+            )));
+        let file = match file {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = fs::remove_file(&self.tmp_path);
+                return Err(e);
+            }
+        };
         let path = file_path(&self.store.root, &self.key);
         let parent = path
             .parent()
             .expect("blob files live in a fan-out directory");
         fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
-        fs::rename(&self.tmp_path, &path)
-            .map_err(io_err(format!("moving blob {:?} into place", self.key)))?;
+        if let Err(e) = fs::rename(&self.tmp_path, &path) {
+            let _ = fs::remove_file(&self.tmp_path);
+            return Err(StoreError::io(
+                format!("moving blob {:?} into place", self.key),
+                e,
+            ));
+        }
         {
             let mut unsynced = self.store.unsynced.lock();
-            unsynced
-                .files
-                .push(self.file.take().expect("open until commit"));
+            unsynced.files.push(file);
             unsynced.dirs.insert(parent.to_path_buf());
         }
         let mut record = Vec::with_capacity(RECORD_LEN);
@@ -1047,7 +1069,7 @@ impl BlobWriter for FileWriter {
 
 impl Drop for FileWriter {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if self.sink.is_some() {
             let _ = fs::remove_file(&self.tmp_path);
         }
     }
@@ -1131,15 +1153,15 @@ impl BlobStore for DiskStore {
             .root
             .join("tmp")
             .join(uuid::Uuid::new_v4().to_string());
-        let file =
-            File::create(&tmp_path).map_err(io_err(format!("creating {}", tmp_path.display())))?;
+        let sink = DirectFileSink::create(&tmp_path)
+            .map_err(io_err(format!("creating {}", tmp_path.display())))?;
         Ok(Box::new(FileWriter {
             store: self.inner.clone(),
             key,
             size,
             written: 0,
             tmp_path,
-            file: Some(file),
+            sink: Some(sink),
         }))
     }
 }
