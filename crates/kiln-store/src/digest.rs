@@ -2,7 +2,9 @@
 //! blob by; a [`Key`] is what a store indexes by (a digest's hash, or an
 //! Action Cache slot), packed into a small `Copy` value so indexes stay cheap.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hash};
 
 use sha2::Digest as _;
 
@@ -112,18 +114,12 @@ impl Digest {
         if size < 0 {
             return Err(DigestParseError::NegativeSize(size));
         }
-        let mut hash = [0u8; 32];
-        let ok = hash_hex.len() == 64
-            && hash_hex
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            && hex::decode_to_slice(hash_hex, &mut hash).is_ok();
-        if !ok {
+        let Some(hash) = decode_lower_hex32(hash_hex.as_bytes()) else {
             return Err(DigestParseError::BadHash {
                 hash: hash_hex.chars().take(80).collect(),
                 expected: 64,
             });
-        }
+        };
         Ok(Digest {
             function,
             hash,
@@ -146,6 +142,40 @@ impl Digest {
             hash: self.hash,
         }
     }
+}
+
+/// Lower-case hex digit values; 0xff marks anything else (REAPI hashes are
+/// lower-case only).
+const HEX_VALUES: [u8; 256] = {
+    let mut table = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// Decodes 64 lower-case hex characters. This runs for every digest of
+/// every request, so it is a table lookup per character and nothing more.
+fn decode_lower_hex32(text: &[u8]) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    let mut invalid = 0u8;
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        let (high, low) = (HEX_VALUES[pair[0] as usize], HEX_VALUES[pair[1] as usize]);
+        invalid |= high | low;
+        *byte = (high << 4) | (low & 0x0f);
+    }
+    // Valid digits are < 16, so any 0xff marker sets the high bits.
+    (invalid & 0xf0 == 0).then_some(out)
 }
 
 impl fmt::Display for Digest {
@@ -202,7 +232,7 @@ impl Namespace {
 }
 
 /// What a store indexes by: 33 bytes, `Copy`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
     pub namespace: Namespace,
     pub hash: [u8; 32],
@@ -238,6 +268,38 @@ impl Key {
         Some(Key { namespace, hash })
     }
 }
+
+/// A key's hash bytes are already uniformly distributed: hashing them again
+/// (SipHash, per lookup) would be wasted work on the hottest paths.
+impl Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let word = u64::from_le_bytes(self.hash[8..16].try_into().expect("8 bytes"));
+        state.write_u64(word ^ self.namespace.to_byte() as u64);
+    }
+}
+
+/// The hasher for [`KeyMap`]: passes [`Key`]'s pre-mixed word through.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 ^= value;
+    }
+}
+
+/// A hash map keyed by [`Key`], without rehashing the key.
+pub type KeyMap<V> = HashMap<Key, V, BuildHasherDefault<KeyHasher>>;
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -275,6 +337,18 @@ mod tests {
             Digest::parse(DigestFunction::Sha256, good, -1),
             Err(DigestParseError::NegativeSize(-1))
         );
+    }
+
+    #[test]
+    fn hex_decoding_accepts_exactly_lower_case_hex() {
+        let hash: String = (0..32).map(|i| format!("{:02x}", i * 8 + 1)).collect();
+        let decoded = decode_lower_hex32(hash.as_bytes()).unwrap();
+        assert_eq!(hex::encode(decoded), hash);
+        for bad in ["g", "G", "A", " ", "/"] {
+            let mut text = hash.clone();
+            text.replace_range(10..11, bad);
+            assert_eq!(decode_lower_hex32(text.as_bytes()), None, "{bad:?}");
+        }
     }
 
     #[test]

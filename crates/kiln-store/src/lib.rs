@@ -5,6 +5,7 @@
 //! completeness) live in `kiln-cas`.
 #![forbid(unsafe_code)]
 
+mod aligned;
 pub mod digest;
 pub mod disk;
 mod error;

@@ -3,13 +3,13 @@
 //! generations: hits move an entry to the young one, and when the young one
 //! fills, the old one is dropped whole — O(1) per access, no linked list.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use crate::digest::KeyMap;
 use crate::store::BufferingWriter;
 use crate::{Blob, BlobStore, BlobWriter, Key, Result, StoreError};
 
@@ -23,9 +23,9 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Generations {
-    young: HashMap<Key, Bytes>,
+    young: KeyMap<Bytes>,
     young_bytes: u64,
-    old: HashMap<Key, Bytes>,
+    old: KeyMap<Bytes>,
 }
 
 impl Generations {

@@ -17,45 +17,12 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// Direct I/O needs buffer addresses, offsets and lengths aligned to the
-/// device's logical block size; 4 KiB covers every common device.
-const ALIGN: usize = 4096;
+use crate::aligned::AlignedBuf;
+
 /// Bytes per write. Big enough to stream at device speed.
 const BUFFER_BYTES: usize = 1024 * 1024;
 /// Buffers per file: one being filled, the rest being written.
 const BUFFERS: usize = 3;
-
-/// A byte buffer whose data starts on an [`ALIGN`] boundary. Safe code: it
-/// over-allocates a `Vec` and starts at the first aligned address in it
-/// (the heap block does not move when the `Vec` value moves).
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new() -> Self {
-        let raw = vec![0u8; BUFFER_BYTES + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN);
-        AlignedBuf { raw, start, len: 0 }
-    }
-
-    fn spare(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start + self.len..self.start + BUFFER_BYTES]
-    }
-
-    fn is_full(&self) -> bool {
-        self.len == BUFFER_BYTES
-    }
-
-    /// The data, zero-padded to a whole number of aligned blocks.
-    fn padded(&mut self) -> &[u8] {
-        let padded = self.len.div_ceil(ALIGN) * ALIGN;
-        self.raw[self.start + self.len..self.start + padded].fill(0);
-        &self.raw[self.start..self.start + padded]
-    }
-}
 
 type Job = (AlignedBuf, u64);
 
@@ -93,7 +60,7 @@ impl DirectFileSink {
         };
         Ok(DirectFileSink {
             file: Arc::new(file),
-            filling: AlignedBuf::new(),
+            filling: AlignedBuf::new(BUFFER_BYTES),
             offset: 0,
             spare: Vec::new(),
             in_flight: 0,
@@ -110,7 +77,7 @@ impl DirectFileSink {
             spare[..n].copy_from_slice(&data[..n]);
             self.filling.len += n;
             data = &data[n..];
-            if self.filling.is_full() {
+            if self.filling.len == self.filling.capacity() {
                 self.submit()?;
             }
         }
@@ -124,7 +91,7 @@ impl DirectFileSink {
         }
         let next = match self.spare.pop() {
             Some(buffer) => buffer,
-            None if self.in_flight + 1 < BUFFERS => AlignedBuf::new(),
+            None if self.in_flight + 1 < BUFFERS => AlignedBuf::new(BUFFER_BYTES),
             None => self.reap()?,
         };
         let full = std::mem::replace(&mut self.filling, next);

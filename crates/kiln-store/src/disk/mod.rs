@@ -27,7 +27,6 @@ pub mod journal;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::hash::{BuildHasherDefault, Hash};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -42,6 +41,7 @@ use tokio::sync::watch;
 
 use self::direct::DirectFileSink;
 use self::journal::{Location, Record, RECORD_LEN};
+use crate::digest::KeyMap;
 use crate::store::BufferingWriter;
 use crate::{Blob, BlobStore, BlobWriter, Key, Result, StoreError};
 
@@ -169,39 +169,9 @@ struct Entry {
     atime: u32,
 }
 
-/// Keys are uniformly distributed hashes already: use their bytes directly.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
-        }
-    }
-    fn write_u64(&mut self, value: u64) {
-        self.0 ^= value;
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct IndexKey(Key);
-
-impl Hash for IndexKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let word = u64::from_le_bytes(self.0.hash[8..16].try_into().expect("8 bytes"));
-        state.write_u64(word ^ self.0.namespace.to_byte() as u64);
-    }
-}
-
 const INDEX_SHARDS: usize = 64;
 
-type IndexShard = Mutex<HashMap<IndexKey, Entry, BuildHasherDefault<KeyHasher>>>;
+type IndexShard = Mutex<KeyMap<Entry>>;
 /// Segment files found on disk at start-up, by id, with their lengths.
 type ExistingSegments = BTreeMap<u32, (Arc<File>, u64)>;
 /// Blob files found on disk at start-up, with their lengths.
@@ -225,21 +195,21 @@ impl Index {
     /// Looks a key up and marks it used in `epoch`.
     fn touch(&self, key: &Key, epoch: u32) -> Option<Entry> {
         let mut shard = self.shard(key).lock();
-        let entry = shard.get_mut(&IndexKey(*key))?;
+        let entry = shard.get_mut(key)?;
         entry.atime = epoch;
         Some(*entry)
     }
 
     fn insert(&self, key: Key, entry: Entry) {
-        self.shard(&key).lock().insert(IndexKey(key), entry);
+        self.shard(&key).lock().insert(key, entry);
     }
 
     /// Removes `key` only if it still lives at `location`.
     fn remove_if_at(&self, key: &Key, location: Location) -> bool {
         let mut shard = self.shard(key).lock();
-        match shard.get(&IndexKey(*key)) {
+        match shard.get(key) {
             Some(entry) if entry.location == location => {
-                shard.remove(&IndexKey(*key));
+                shard.remove(key);
                 true
             }
             _ => false,
@@ -249,7 +219,7 @@ impl Index {
     fn snapshot(&self) -> Vec<(Key, Entry)> {
         let mut all = Vec::new();
         for shard in self.shards.iter() {
-            all.extend(shard.lock().iter().map(|(k, e)| (k.0, *e)));
+            all.extend(shard.lock().iter().map(|(k, e)| (*k, *e)));
         }
         all
     }
@@ -660,6 +630,9 @@ impl Inner {
                     len: entry.len,
                 }))
             }
+            // Reads stay buffered: the page cache is the hot tier for large
+            // blobs that many clients fetch (a direct read measured a steady
+            // but device-bound 0.8-0.9 GB/s here; see BENCHMARKS.md).
             Location::File => match File::open(file_path(&self.root, key)) {
                 Ok(file) => Ok(Some(Blob::File {
                     file: Arc::new(file),

@@ -1,0 +1,73 @@
+//! Memory aligned for direct I/O, recycled through a small pool so that hot
+//! paths do not fault in fresh pages for every buffer.
+//!
+//! Safe code only: a `Vec` is over-allocated and used from its first
+//! aligned address on (its heap block does not move when the `Vec` does).
+
+use parking_lot::Mutex;
+
+/// Direct I/O needs addresses, offsets and lengths aligned to the device's
+/// logical block size; 4 KiB covers every common device.
+pub const ALIGN: usize = 4096;
+
+/// Buffers kept for reuse, and the largest kept.
+const POOL_BUFFERS: usize = 16;
+const POOL_MAX_CAPACITY: usize = 8 << 20;
+
+static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    capacity: usize,
+    /// Bytes of data, from the aligned start.
+    pub len: usize,
+}
+
+impl AlignedBuf {
+    /// A buffer of at least `capacity` bytes (rounded up to [`ALIGN`]).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.div_ceil(ALIGN) * ALIGN;
+        let reused = {
+            let mut pool = POOL.lock();
+            pool.iter()
+                .position(|raw| raw.len() >= capacity + ALIGN)
+                .map(|i| pool.swap_remove(i))
+        };
+        let raw = reused.unwrap_or_else(|| vec![0u8; capacity + ALIGN]);
+        let start = raw.as_ptr().align_offset(ALIGN);
+        AlignedBuf {
+            raw,
+            start,
+            capacity,
+            len: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The unfilled part.
+    pub fn spare(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start + self.len..self.start + self.capacity]
+    }
+
+    /// The data, zero-padded to a whole number of aligned blocks.
+    pub fn padded(&mut self) -> &[u8] {
+        let padded = self.len.div_ceil(ALIGN) * ALIGN;
+        self.raw[self.start + self.len..self.start + padded].fill(0);
+        &self.raw[self.start..self.start + padded]
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.raw.len() <= POOL_MAX_CAPACITY + ALIGN {
+            let mut pool = POOL.lock();
+            if pool.len() < POOL_BUFFERS {
+                pool.push(std::mem::take(&mut self.raw));
+            }
+        }
+    }
+}
