@@ -468,8 +468,8 @@ impl ByteStreamService {
 
 type ChunkSender = mpsc::Sender<Result<ReadResponse, Status>>;
 
-/// Disk reads are this many message chunks at a time: large reads keep a
-/// direct-I/O device streaming, and the messages are zero-copy slices.
+/// Disk reads are this many message chunks at a time: fewer, larger reads
+/// keep the disk streaming, and the messages are zero-copy slices.
 const CHUNKS_PER_READ: u64 = 4;
 
 fn stream_plain(

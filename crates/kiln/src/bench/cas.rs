@@ -48,13 +48,13 @@ pub struct CasBenchArgs {
 
     /// Size of the large blob hashed, written and read back through
     /// ByteStream; 0 skips the large-blob phases.
-    #[arg(long, default_value = "1GiB", value_parser = parse_byte_size)]
+    #[arg(long, default_value = "1GiB", value_parser = kiln::config::parse_size)]
     pub large_size: u64,
 
     /// ByteStream chunk size, for both writes and the local hash. Each chunk
     /// is one gRPC message, so it must stay under the server's message limit
     /// (commonly 4 MiB including framing).
-    #[arg(long, default_value = "1MiB", value_parser = parse_byte_size)]
+    #[arg(long, default_value = "1MiB", value_parser = kiln::config::parse_size)]
     pub chunk_size: u64,
 
     /// Also SHA-256 the large blob as it is read back (caps the read at the
@@ -63,7 +63,7 @@ pub struct CasBenchArgs {
     pub verify_read_hash: bool,
 
     /// Sizes of the small blobs for the batch phases, one full round each.
-    #[arg(long, value_delimiter = ',', default_value = "1024,4096", value_parser = parse_byte_size)]
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096", value_parser = kiln::config::parse_size)]
     pub small_size: Vec<u64>,
 
     /// How many small blobs per size; 0 skips the batch phases.
@@ -79,7 +79,7 @@ pub struct CasBenchArgs {
     pub find_missing_batch: usize,
 
     /// HTTP/2 stream and connection flow-control window.
-    #[arg(long, default_value = "32MiB", value_parser = parse_byte_size)]
+    #[arg(long, default_value = "32MiB", value_parser = kiln::config::parse_size)]
     pub window_size: u64,
 
     /// Server process to sample VmRSS/VmHWM and CPU time from, around each
@@ -181,28 +181,6 @@ fn fresh_seed() -> u64 {
     hasher.write_u128(now);
     hasher.write_u32(std::process::id());
     hasher.finish()
-}
-
-/// Parses `4096`, `4KiB`, `1M`, `1GiB`... into bytes (binary units).
-pub fn parse_byte_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|character: char| !character.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 4096, 4KiB or 1GiB"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        other => return Err(format!("{text:?}: unknown unit {other:?}")),
-    };
-    number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Splits `count` entries of `entry_bytes` each into consecutive batches whose
@@ -920,16 +898,6 @@ fn progress(message: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_sizes() {
-        assert_eq!(parse_byte_size("4096"), Ok(4096));
-        assert_eq!(parse_byte_size("4KiB"), Ok(4096));
-        assert_eq!(parse_byte_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_byte_size("1GiB"), Ok(1 << 30));
-        assert!(parse_byte_size("1PiB").is_err());
-        assert!(parse_byte_size("KiB").is_err());
-    }
 
     #[test]
     fn batches_respect_the_budget() {
