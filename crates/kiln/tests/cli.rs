@@ -1,0 +1,152 @@
+//! The `kiln` binary as an operator meets it: default config, the
+//! listening line, JSON logs, clean shutdown on SIGTERM and SIGINT, and
+//! clear errors for a bad config.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+/// Starts `kiln serve` and returns it with the address it printed.
+fn serve(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
+    let mut child = kiln()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening grpc://")
+        .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn stderr_of(mut child: Child) -> (std::process::ExitStatus, String) {
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
+}
+
+#[test]
+fn print_default_is_a_complete_loadable_config() {
+    let output = kiln().args(["config", "print-default"]).output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:1985\""), "{text}");
+    assert!(
+        text.contains("[storage]") && text.contains("max_size"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.toml");
+    // The printed default, with a test port, is accepted as a config file.
+    std::fs::write(&path, text.replace("127.0.0.1:1985", "127.0.0.1:0")).unwrap();
+    let (child, addr) = serve(dir.path(), &["--config", path.to_str().unwrap()]);
+    assert!(addr.starts_with("127.0.0.1:"));
+    signal(&child, "TERM");
+    assert!(stderr_of(child).0.success());
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_server_cleanly() {
+    for name in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (child, _) = serve(dir.path(), &[]);
+        signal(&child, name);
+        let (status, stderr) = stderr_of(child);
+        assert!(status.success(), "SIG{name}: {status:?}\n{stderr}");
+        assert!(stderr.contains("stopped cleanly"), "{stderr}");
+        // What the store needs to restart is on disk.
+        assert!(dir.path().join("cas/checkpoint").exists());
+    }
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _) = serve(dir.path(), &["--log-format", "json"]);
+    signal(&child, "TERM");
+    let (status, stderr) = stderr_of(child);
+    assert!(status.success());
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    for line in lines {
+        assert!(
+            line.starts_with('{') && line.ends_with('}') && line.contains("\"level\""),
+            "not a JSON log line: {line}"
+        );
+    }
+}
+
+#[test]
+fn bad_configs_fail_with_a_message_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[storage]\nmax_size = \"lots\"\n").unwrap();
+    let output = kiln()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("max_size") && stderr.contains("lots"),
+        "{stderr}"
+    );
+
+    std::fs::write(&path, "lisen = \"127.0.0.1:0\"\n").unwrap();
+    let output = kiln()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("lisen") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = serve(dir.path(), &[]);
+    let output = kiln()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another kiln"), "{stderr}");
+    signal(&first, "TERM");
+    assert!(stderr_of(first).0.success());
+}
