@@ -200,8 +200,9 @@ impl Index {
         Some(*entry)
     }
 
-    fn insert(&self, key: Key, entry: Entry) {
-        self.shard(&key).lock().insert(key, entry);
+    /// Inserts or replaces; returns the entry replaced.
+    fn insert(&self, key: Key, entry: Entry) -> Option<Entry> {
+        self.shard(&key).lock().insert(key, entry)
     }
 
     /// Removes `key` only if it still lives at `location`.
@@ -1023,7 +1024,7 @@ impl BlobWriter for FileWriter {
         }
         .encode(&mut record);
         self.store.append_journal(&record)?;
-        self.store.index.insert(
+        let replaced = self.store.index.insert(
             self.key,
             Entry {
                 location: Location::File,
@@ -1031,9 +1032,19 @@ impl BlobWriter for FileWriter {
                 atime: self.store.epoch(),
             },
         );
-        self.store
-            .total_bytes
-            .fetch_add(self.size, Ordering::Relaxed);
+        // A concurrent upload of the same blob renamed over the same path:
+        // the bytes on disk did not grow.
+        if !matches!(
+            replaced,
+            Some(Entry {
+                location: Location::File,
+                ..
+            })
+        ) {
+            self.store
+                .total_bytes
+                .fetch_add(self.size, Ordering::Relaxed);
+        }
         self.store.account_written(self.size);
         self.store.maybe_evict();
         self.store.settle_blocking()

@@ -235,6 +235,11 @@ async fn concurrent_writes_of_one_blob_are_safe() {
         task.await.unwrap();
     }
     assert_eq!(read(&store, &key).await.as_ref(), Some(&data));
+    assert_eq!(
+        store.size_bytes(),
+        data.len() as u64,
+        "one copy is accounted"
+    );
     drop(store);
     let (store, report) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
     assert_eq!(report.blobs, 1);

@@ -22,6 +22,7 @@ use kiln_proto::reapi::{
 use sha2::{Digest as _, Sha256};
 use tonic::transport::{Channel, Endpoint};
 
+use super::calls;
 use super::data::{mix, LargeBlob, SmallBlobSet};
 use super::report::{human_bytes, process_cpu_seconds, Measurement, MemorySample, Report};
 
@@ -91,6 +92,20 @@ pub struct CasBenchArgs {
     /// blob is new to the server (an existing blob would be deduplicated).
     #[arg(long)]
     pub seed: Option<u64>,
+
+    /// Small blobs sent and fetched one ByteStream call each (the way Bazel 4
+    /// moves every blob); 0 skips these phases.
+    #[arg(long, default_value_t = 20_000)]
+    pub bytestream_count: usize,
+
+    /// Size of those blobs.
+    #[arg(long, default_value = "1KiB", value_parser = kiln::config::parse_size)]
+    pub bytestream_size: u64,
+
+    /// ByteStream calls in flight at once for the throughput phases (the
+    /// latency phases run one at a time).
+    #[arg(long, default_value_t = 16)]
+    pub bytestream_concurrency: usize,
 
     /// Print the report as JSON instead of a table.
     #[arg(long)]
@@ -294,8 +309,55 @@ impl CasBench {
                 }
             }
         }
+        if self.args.bytestream_count > 0 {
+            if let Err(error) = self.bytestream_call_phases(&mut report).await {
+                report.problems.push(format!("{error:#}"));
+            }
+        }
         self.sample_memory(&mut report, "end");
         report
+    }
+
+    /// Small blobs, one ByteStream call each: the first tenth one call at a
+    /// time (latency), the rest many at once (throughput); then read back.
+    async fn bytestream_call_phases(&self, report: &mut Report) -> anyhow::Result<()> {
+        let set = SmallBlobSet {
+            seed: mix(self.seed ^ 0xB17E),
+            size: self.args.bytestream_size,
+            count: self.args.bytestream_count,
+        };
+        let sequential = 0..(set.count / 10).max(1).min(set.count);
+        let concurrent = sequential.end..set.count;
+        let upload_id = upload_id(set.seed);
+        let instance = &self.args.instance_name;
+        for direction in [calls::Direction::Write, calls::Direction::Read] {
+            for (range, in_flight) in [
+                (sequential.clone(), 1),
+                (concurrent.clone(), self.args.bytestream_concurrency),
+            ] {
+                if range.is_empty() {
+                    continue;
+                }
+                progress(format!(
+                    "ByteStream calls: {} blobs, {in_flight} in flight",
+                    range.len()
+                ));
+                let cpu = self.server_cpu();
+                let mut measurement = calls::measure(
+                    &self.byte_stream,
+                    set,
+                    range,
+                    in_flight,
+                    direction,
+                    instance,
+                    &upload_id,
+                )
+                .await?;
+                measurement.server_cpu_seconds = cpu.since();
+                report.measurements.push(measurement);
+            }
+        }
+        Ok(())
     }
 
     fn server_cpu(&self) -> CpuClock {

@@ -3,8 +3,10 @@
 //! check a deployment's numbers against the machine's ceilings.
 //!
 //! `cas` measures the storage path: ByteStream for large blobs, the batch
-//! RPCs for many small ones.
+//! RPCs for many small ones, and the per-call cost of ByteStream on small
+//! blobs (`calls`), which is how Bazel 4 moves every blob.
 
+mod calls;
 pub mod cas;
 mod data;
 mod report;
