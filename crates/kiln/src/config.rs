@@ -139,53 +139,12 @@ impl Config {
     }
 }
 
-/// Parses a size such as `512`, `4KB`, `1.5GiB`, `10G`. Decimal units are
-/// powers of 1000, binary units (`KiB`…) powers of 1024; a bare `K`/`M`/`G`/`T`
-/// is decimal, as in the platform properties.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("size {text:?} does not start with a number"))?;
-    let multiplier: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "K" | "KB" => 1e3,
-        "M" | "MB" => 1e6,
-        "G" | "GB" => 1e9,
-        "T" | "TB" => 1e12,
-        "KiB" => 1024.0,
-        "MiB" => 1024.0 * 1024.0,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
-        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("size {text:?} has unknown unit {other:?} (use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB)")),
-    };
-    let bytes = number * multiplier;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("size {text:?} is out of range"));
-    }
-    Ok(bytes.round() as u64)
-}
+/// Sizes in the config read like the platform properties' (`4KB`, `10GiB`).
+pub use kiln_platform::parse_size;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_in_both_unit_systems() {
-        assert_eq!(parse_size("512"), Ok(512));
-        assert_eq!(parse_size("4KB"), Ok(4000));
-        assert_eq!(parse_size("4KiB"), Ok(4096));
-        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
-        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
-        assert!(parse_size("lots").unwrap_err().contains("lots"));
-        assert!(parse_size("5 furlongs")
-            .unwrap_err()
-            .contains("unknown unit"));
-    }
 
     #[test]
     fn the_default_config_round_trips_through_toml() {

@@ -1,0 +1,659 @@
+//! The platform-property contract of `shared/PLATFORM.md`, parsed once into
+//! typed values. Everything past this crate sees [`Platform`], never the raw
+//! strings: the scheduler matches on it, executors and isolation backends
+//! read it, and [`Platform::runner_key`] decides warm-runner reuse.
+//!
+//! Sources, lowest precedence first: `Command.platform` (older clients),
+//! `Action.platform`, then request headers `x-buildbuddy-platform.KEY` and
+//! `x-kiln-platform.KEY`. Header values are how users pass secrets, so the
+//! registry password is a [`Secret`] that never prints, and the runner key
+//! holds only its hash.
+#![forbid(unsafe_code)]
+
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+
+pub use units::{parse_duration, parse_size};
+
+/// Header prefixes that override platform properties.
+pub const HEADER_PREFIXES: [&str; 2] = ["x-buildbuddy-platform.", "x-kiln-platform."];
+
+/// Every key PLATFORM.md defines, spelled as users write them.
+pub const KNOWN_KEYS: [&str; 27] = [
+    "Pool",
+    "OSFamily",
+    "Arch",
+    "use-self-hosted-executors",
+    "workload-isolation-type",
+    "recycle-runner",
+    "preserve-workspace",
+    "clean-workspace-inputs",
+    "nonroot-workspace",
+    "runner-recycling-key",
+    "EstimatedCPU",
+    "EstimatedMemory",
+    "EstimatedComputeUnits",
+    "EstimatedFreeDiskBytes",
+    "default-timeout",
+    "termination-grace-period",
+    "persistentWorkerKey",
+    "persistentWorkerProtocol",
+    "container-image",
+    "container-registry-username",
+    "container-registry-password",
+    "dockerUser",
+    "dockerInit",
+    "dockerRunAsRoot",
+    "dockerNetwork",
+    "init-dockerd",
+    "enable-dockerd-tcp",
+];
+
+/// Keys whose values are secrets: never logged, echoed or stored.
+const SECRET_KEYS: [&str; 1] = ["container-registry-password"];
+
+/// A malformed value of a known key, rejected before the action is queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("platform property {key}={shown:?} is invalid: {accepted}")]
+pub struct PlatformError {
+    pub key: String,
+    /// The value as given, or `<redacted>` for secrets.
+    pub shown: String,
+    /// What the key accepts.
+    pub accepted: String,
+}
+
+/// A string that never prints. Compare and hash it; do not log it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it (a registry login).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum OsFamily {
+    #[default]
+    Linux,
+    Darwin,
+    Windows,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Arch {
+    #[default]
+    Amd64,
+    Arm64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IsolationType {
+    None,
+    Sandbox,
+    Podman,
+    Docker,
+    Firecracker,
+}
+
+impl IsolationType {
+    pub fn name(self) -> &'static str {
+        match self {
+            IsolationType::None => "none",
+            IsolationType::Sandbox => "sandbox",
+            IsolationType::Podman => "podman",
+            IsolationType::Docker => "docker",
+            IsolationType::Firecracker => "firecracker",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WorkerProtocol {
+    #[default]
+    Proto,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DockerNetwork {
+    Off,
+    #[default]
+    Bridge,
+}
+
+/// `dockerUser`: a name, a uid, or `uid:gid`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DockerUser {
+    Name(String),
+    Uid(u32),
+    UidGid(u32, u32),
+}
+
+/// What an image reference names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageReference {
+    Tag(String),
+    /// `sha256:<64 hex>`.
+    Digest(String),
+}
+
+/// A parsed `container-image`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerImage {
+    /// Registry host (and port); `docker.io` when the name has none.
+    pub registry: String,
+    pub repository: String,
+    pub reference: ImageReference,
+}
+
+impl fmt::Display for ContainerImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reference {
+            ImageReference::Tag(tag) => write!(f, "{}/{}:{}", self.registry, self.repository, tag),
+            ImageReference::Digest(digest) => {
+                write!(f, "{}/{}@{}", self.registry, self.repository, digest)
+            }
+        }
+    }
+}
+
+/// Registry credentials from properties or headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// What the action expects to use; the scheduler reserves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Resources {
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub free_disk_bytes: Option<u64>,
+}
+
+/// One compute unit is 1 CPU and 2.5 GB of memory.
+const COMPUTE_UNIT_MILLIS: u64 = 1000;
+const COMPUTE_UNIT_BYTES: u64 = 2_500_000_000;
+
+/// The typed platform of one action.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Platform {
+    /// `None`: the default pool.
+    pub pool: Option<String>,
+    pub os_family: OsFamily,
+    pub arch: Arch,
+    pub use_self_hosted_executors: Option<bool>,
+    /// `None`: the executor's configured default.
+    pub isolation: Option<IsolationType>,
+    pub recycle_runner: bool,
+    pub preserve_workspace: bool,
+    pub clean_workspace_inputs: Vec<String>,
+    pub nonroot_workspace: bool,
+    pub runner_recycling_key: Option<String>,
+    pub resources: Resources,
+    pub default_timeout: Option<Duration>,
+    pub termination_grace_period: Option<Duration>,
+    pub persistent_worker_key: Option<String>,
+    pub persistent_worker_protocol: WorkerProtocol,
+    pub container_image: Option<ContainerImage>,
+    pub registry_credentials: Option<RegistryCredentials>,
+    pub docker_user: Option<DockerUser>,
+    pub docker_init: bool,
+    pub docker_run_as_root: bool,
+    pub docker_network: DockerNetwork,
+    pub init_dockerd: bool,
+    pub enable_dockerd_tcp: bool,
+    /// Keys PLATFORM.md does not define: carried along, and constraining
+    /// placement only where an executor declares them.
+    pub other: BTreeMap<String, String>,
+    /// Every effective property (secrets hashed), for the runner key.
+    effective: BTreeMap<String, String>,
+}
+
+/// The raw properties of one request, from all sources.
+#[derive(Clone, Debug, Default)]
+pub struct PropertySources<'a> {
+    /// `Command.platform` (older clients put the platform here).
+    pub command: &'a [(String, String)],
+    /// `Action.platform`: wins over the command's.
+    pub action: &'a [(String, String)],
+    /// gRPC request headers (names lower-case, as HTTP/2 delivers them).
+    pub headers: &'a [(String, String)],
+}
+
+/// The canonical spelling of a key: header names arrive lower-cased, so a
+/// known key matches case-insensitively there; other sources are exact.
+fn canonical_header_key(lowercase: &str) -> String {
+    KNOWN_KEYS
+        .iter()
+        .find(|known| known.eq_ignore_ascii_case(lowercase))
+        .map_or_else(|| lowercase.to_string(), |known| known.to_string())
+}
+
+/// The platform keys carried by request headers, in the order given.
+pub fn header_properties<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<(String, String)> {
+    headers
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let lower = name.to_ascii_lowercase();
+            HEADER_PREFIXES.iter().find_map(|prefix| {
+                lower
+                    .strip_prefix(prefix)
+                    .map(|key| (canonical_header_key(key), value.to_string()))
+            })
+        })
+        .collect()
+}
+
+fn invalid(key: &str, value: &str, accepted: &str) -> PlatformError {
+    let shown = if SECRET_KEYS.contains(&key) {
+        "<redacted>".to_string()
+    } else {
+        value.chars().take(200).collect()
+    };
+    PlatformError {
+        key: key.to_string(),
+        shown,
+        accepted: accepted.to_string(),
+    }
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, PlatformError> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(invalid(key, value, "expected true or false")),
+    }
+}
+
+fn non_empty(key: &str, value: &str) -> Result<String, PlatformError> {
+    if value.trim().is_empty() {
+        return Err(invalid(key, value, "expected a non-empty value"));
+    }
+    Ok(value.to_string())
+}
+
+/// Splits a comma-separated glob list, leaving commas inside `{a,b}`
+/// alternatives and `[...]` classes alone.
+fn split_globs(list: &str) -> Vec<&str> {
+    let (mut parts, mut start, mut braces, mut in_class) = (Vec::new(), 0, 0usize, false);
+    for (i, c) in list.char_indices() {
+        match c {
+            '[' if !in_class => in_class = true,
+            ']' if in_class => in_class = false,
+            '{' if !in_class => braces += 1,
+            '}' if !in_class => braces = braces.saturating_sub(1),
+            ',' if !in_class && braces == 0 => {
+                parts.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&list[start..]);
+    parts
+}
+
+fn parse_cpu_millis(key: &str, value: &str) -> Result<u64, PlatformError> {
+    let accepted = "expected CPU cores such as 2, 0.5 or 4000m";
+    let millis = match value.trim().strip_suffix('m') {
+        Some(millis) => millis
+            .parse::<u64>()
+            .map_err(|_| invalid(key, value, accepted))?,
+        None => {
+            let cores: f64 = value
+                .trim()
+                .parse()
+                .map_err(|_| invalid(key, value, accepted))?;
+            if !cores.is_finite() || !(0.0..=1e6).contains(&cores) {
+                return Err(invalid(key, value, accepted));
+            }
+            (cores * 1000.0).round() as u64
+        }
+    };
+    Ok(millis)
+}
+
+fn parse_platform_size(key: &str, value: &str) -> Result<u64, PlatformError> {
+    units::parse_size(value).map_err(|_| {
+        invalid(
+            key,
+            value,
+            "expected a size such as 1M, 2GB or 4.5GB (B, K/KB, M/MB, G/GB, T/TB, or KiB…TiB)",
+        )
+    })
+}
+
+fn parse_platform_duration(key: &str, value: &str) -> Result<Duration, PlatformError> {
+    units::parse_duration(value).map_err(|_| {
+        invalid(
+            key,
+            value,
+            "expected a duration such as 500ms, 1s, 15m, 1h or 1h30m",
+        )
+    })
+}
+
+fn parse_image(key: &str, value: &str) -> Result<ContainerImage, PlatformError> {
+    let accepted =
+        "expected docker://REGISTRY/NAME:TAG or docker://REGISTRY/NAME@sha256:<64 hex digits>";
+    let name = value.strip_prefix("docker://").unwrap_or(value);
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(key, value, accepted));
+    }
+    let (rest, reference) = match name.split_once('@') {
+        Some((rest, digest)) => {
+            let hex = digest
+                .strip_prefix("sha256:")
+                .ok_or_else(|| invalid(key, value, accepted))?;
+            if hex.len() != 64
+                || !hex
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return Err(invalid(key, value, accepted));
+            }
+            (rest, ImageReference::Digest(digest.to_string()))
+        }
+        None => {
+            // A tag follows the last ':' after the last '/' (a ':' before it is a port).
+            let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+            match name[last_slash..].rfind(':') {
+                Some(i) => (
+                    &name[..last_slash + i],
+                    ImageReference::Tag(name[last_slash + i + 1..].to_string()),
+                ),
+                None => (name, ImageReference::Tag("latest".to_string())),
+            }
+        }
+    };
+    if let ImageReference::Tag(tag) = &reference {
+        let valid_tag = !tag.is_empty()
+            && tag.len() <= 128
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !valid_tag {
+            return Err(invalid(key, value, accepted));
+        }
+    }
+    let (registry, repository) = match rest.split_once('/') {
+        Some((first, path))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            (first.to_string(), path.to_string())
+        }
+        _ => ("docker.io".to_string(), rest.to_string()),
+    };
+    let valid_repository = !repository.is_empty()
+        && repository.split('/').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        });
+    if !valid_repository || registry.is_empty() {
+        return Err(invalid(key, value, accepted));
+    }
+    Ok(ContainerImage {
+        registry,
+        repository,
+        reference,
+    })
+}
+
+fn parse_docker_user(key: &str, value: &str) -> Result<DockerUser, PlatformError> {
+    let accepted = "expected a user name, a uid, or uid:gid";
+    if value.is_empty() || value.chars().any(|c| c.is_whitespace()) {
+        return Err(invalid(key, value, accepted));
+    }
+    if let Some((uid, gid)) = value.split_once(':') {
+        if let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse()) {
+            return Ok(DockerUser::UidGid(uid, gid));
+        }
+        if uid.is_empty() || gid.is_empty() {
+            return Err(invalid(key, value, accepted));
+        }
+        return Ok(DockerUser::Name(value.to_string()));
+    }
+    Ok(value
+        .parse()
+        .map_or_else(|_| DockerUser::Name(value.to_string()), DockerUser::Uid))
+}
+
+impl Platform {
+    /// Merges the sources (headers over action over command) and parses
+    /// every known key. The first malformed value is the error.
+    pub fn parse(sources: &PropertySources<'_>) -> Result<Platform, PlatformError> {
+        let mut merged: BTreeMap<String, String> = BTreeMap::new();
+        // Later sources win key by key.
+        for (key, value) in sources
+            .command
+            .iter()
+            .chain(sources.action)
+            .chain(sources.headers)
+        {
+            merged.insert(key.clone(), value.clone());
+        }
+
+        let mut platform = Platform::default();
+        let mut compute_units = None;
+        let (mut cpu, mut memory) = (None, None);
+        let (mut username, mut password) = (None, None);
+        for (key, value) in &merged {
+            let v = value.as_str();
+            match key.as_str() {
+                "Pool" => platform.pool = Some(non_empty(key, v)?),
+                "OSFamily" => {
+                    platform.os_family = match v.to_ascii_lowercase().as_str() {
+                        "linux" => OsFamily::Linux,
+                        "darwin" => OsFamily::Darwin,
+                        "windows" => OsFamily::Windows,
+                        _ => return Err(invalid(key, v, "expected linux, darwin or windows")),
+                    }
+                }
+                "Arch" => {
+                    platform.arch = match v.to_ascii_lowercase().as_str() {
+                        "amd64" | "x86_64" => Arch::Amd64,
+                        "arm64" | "aarch64" => Arch::Arm64,
+                        _ => {
+                            return Err(invalid(
+                                key,
+                                v,
+                                "expected amd64 or arm64 (x86_64 and aarch64 are aliases)",
+                            ))
+                        }
+                    }
+                }
+                "use-self-hosted-executors" => {
+                    platform.use_self_hosted_executors = Some(parse_bool(key, v)?)
+                }
+                "workload-isolation-type" => {
+                    platform.isolation = Some(match v.to_ascii_lowercase().as_str() {
+                        "none" => IsolationType::None,
+                        "sandbox" => IsolationType::Sandbox,
+                        "podman" => IsolationType::Podman,
+                        "docker" => IsolationType::Docker,
+                        "firecracker" => IsolationType::Firecracker,
+                        _ => {
+                            return Err(invalid(
+                                key,
+                                v,
+                                "expected none, sandbox, podman, docker or firecracker",
+                            ))
+                        }
+                    })
+                }
+                "recycle-runner" => platform.recycle_runner = parse_bool(key, v)?,
+                "preserve-workspace" => platform.preserve_workspace = parse_bool(key, v)?,
+                "clean-workspace-inputs" => {
+                    let mut patterns = Vec::new();
+                    for pattern in split_globs(v)
+                        .into_iter()
+                        .map(str::trim)
+                        .filter(|p| !p.is_empty())
+                    {
+                        globset::Glob::new(pattern).map_err(|e| {
+                            invalid(
+                                key,
+                                v,
+                                &format!("expected comma-separated globs; {pattern:?}: {e}"),
+                            )
+                        })?;
+                        patterns.push(pattern.to_string());
+                    }
+                    platform.clean_workspace_inputs = patterns;
+                }
+                "nonroot-workspace" => platform.nonroot_workspace = parse_bool(key, v)?,
+                "runner-recycling-key" => platform.runner_recycling_key = Some(v.to_string()),
+                "EstimatedCPU" => cpu = Some(parse_cpu_millis(key, v)?),
+                "EstimatedMemory" => memory = Some(parse_platform_size(key, v)?),
+                "EstimatedComputeUnits" => {
+                    let units: f64 = v
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|u: &f64| u.is_finite() && *u >= 0.0 && *u <= 1e6)
+                        .ok_or_else(|| {
+                            invalid(key, v, "expected a number of compute units such as 1 or 9")
+                        })?;
+                    compute_units = Some(units);
+                }
+                "EstimatedFreeDiskBytes" => {
+                    platform.resources.free_disk_bytes = Some(parse_platform_size(key, v)?)
+                }
+                "default-timeout" => {
+                    platform.default_timeout = Some(parse_platform_duration(key, v)?)
+                }
+                "termination-grace-period" => {
+                    platform.termination_grace_period = Some(parse_platform_duration(key, v)?)
+                }
+                "persistentWorkerKey" => platform.persistent_worker_key = Some(v.to_string()),
+                "persistentWorkerProtocol" => {
+                    platform.persistent_worker_protocol = match v.to_ascii_lowercase().as_str() {
+                        "proto" | "" => WorkerProtocol::Proto,
+                        "json" => WorkerProtocol::Json,
+                        _ => return Err(invalid(key, v, "expected proto or json")),
+                    }
+                }
+                "container-image" => {
+                    platform.container_image = if v.is_empty() || v == "none" {
+                        None
+                    } else {
+                        Some(parse_image(key, v)?)
+                    }
+                }
+                "container-registry-username" => username = Some(v.to_string()),
+                "container-registry-password" => password = Some(Secret::new(v)),
+                "dockerUser" => platform.docker_user = Some(parse_docker_user(key, v)?),
+                "dockerInit" => platform.docker_init = parse_bool(key, v)?,
+                "dockerRunAsRoot" => platform.docker_run_as_root = parse_bool(key, v)?,
+                "dockerNetwork" => {
+                    platform.docker_network = match v.to_ascii_lowercase().as_str() {
+                        "off" => DockerNetwork::Off,
+                        "bridge" | "" => DockerNetwork::Bridge,
+                        _ => return Err(invalid(key, v, "expected off or bridge")),
+                    }
+                }
+                "init-dockerd" => platform.init_dockerd = parse_bool(key, v)?,
+                "enable-dockerd-tcp" => platform.enable_dockerd_tcp = parse_bool(key, v)?,
+                _ => {
+                    platform.other.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        // Explicit estimates win over the compute-unit shorthand.
+        let units_cpu = compute_units.map(|u| (u * COMPUTE_UNIT_MILLIS as f64).round() as u64);
+        let units_memory = compute_units.map(|u| (u * COMPUTE_UNIT_BYTES as f64).round() as u64);
+        platform.resources.cpu_millis = cpu.or(units_cpu);
+        platform.resources.memory_bytes = memory.or(units_memory);
+        match (username, password) {
+            (Some(username), Some(password)) => {
+                platform.registry_credentials = Some(RegistryCredentials { username, password })
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(invalid(
+                    "container-registry-password",
+                    "",
+                    "container-registry-username is set, so the password must be too",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "container-registry-username",
+                    "",
+                    "container-registry-password is set, so the username must be too",
+                ))
+            }
+        }
+        platform.effective = merged
+            .into_iter()
+            .map(|(key, value)| {
+                if SECRET_KEYS.contains(&key.as_str()) {
+                    let hashed = hex::encode(Sha256::digest(value.as_bytes()));
+                    (key, format!("sha256:{hashed}"))
+                } else {
+                    (key, value)
+                }
+            })
+            .collect();
+        Ok(platform)
+    }
+
+    /// Decides warm-runner reuse: the isolation type, the image, every
+    /// property (header overrides and the recycling key included; secrets
+    /// only as hashes) and the organisation. Equal keys may share a runner.
+    pub fn runner_key(&self, organisation: &str) -> String {
+        let mut hasher = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        };
+        field(b"kiln-runner-key-v1");
+        field(organisation.as_bytes());
+        field(self.isolation.map_or("", IsolationType::name).as_bytes());
+        field(
+            self.container_image
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        for (key, value) in &self.effective {
+            field(key.as_bytes());
+            field(value.as_bytes());
+        }
+        hex::encode(hasher.finalize())
+    }
+
+    /// The effective properties with secrets replaced by their hashes: safe
+    /// to log or show.
+    pub fn redacted_properties(&self) -> &BTreeMap<String, String> {
+        &self.effective
+    }
+}
+
+#[cfg(test)]
+mod tests;

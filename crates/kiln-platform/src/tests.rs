@@ -1,0 +1,243 @@
+use super::*;
+
+fn props(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn parse_action(pairs: &[(&str, &str)]) -> Result<Platform, PlatformError> {
+    let action = props(pairs);
+    Platform::parse(&PropertySources {
+        action: &action,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn defaults_follow_the_contract() {
+    let platform = parse_action(&[]).unwrap();
+    assert_eq!(platform.pool, None);
+    assert_eq!(platform.os_family, OsFamily::Linux);
+    assert_eq!(platform.arch, Arch::Amd64);
+    assert_eq!(platform.isolation, None);
+    assert_eq!(platform.docker_network, DockerNetwork::Bridge);
+    assert_eq!(platform.persistent_worker_protocol, WorkerProtocol::Proto);
+    assert!(!platform.recycle_runner);
+}
+
+#[test]
+fn every_known_key_parses_into_its_typed_value() {
+    let platform = parse_action(&[
+        ("Pool", "gpu"),
+        ("OSFamily", "Linux"),
+        ("Arch", "aarch64"),
+        ("use-self-hosted-executors", "TRUE"),
+        ("workload-isolation-type", "docker"),
+        ("recycle-runner", "true"),
+        ("preserve-workspace", "True"),
+        ("clean-workspace-inputs", "**/*.o, out/{a,b}/?.txt"),
+        ("nonroot-workspace", "true"),
+        ("runner-recycling-key", "mysql@v1.2.3"),
+        ("EstimatedCPU", "4000m"),
+        ("EstimatedMemory", "4.5GB"),
+        ("EstimatedFreeDiskBytes", "10GiB"),
+        ("default-timeout", "1h30m"),
+        ("termination-grace-period", "500ms"),
+        ("persistentWorkerKey", "javac-1"),
+        ("persistentWorkerProtocol", "json"),
+        ("container-image", "docker://127.0.0.1:5000/team/tools:v1"),
+        ("container-registry-username", "ci"),
+        ("container-registry-password", "hunter2"),
+        ("dockerUser", "1000:1000"),
+        ("dockerInit", "true"),
+        ("dockerRunAsRoot", "false"),
+        ("dockerNetwork", "off"),
+        ("init-dockerd", "true"),
+        ("enable-dockerd-tcp", "false"),
+        ("ISA", "avx2"),
+    ])
+    .unwrap();
+    assert_eq!(platform.pool.as_deref(), Some("gpu"));
+    assert_eq!(platform.arch, Arch::Arm64);
+    assert_eq!(platform.use_self_hosted_executors, Some(true));
+    assert_eq!(platform.isolation, Some(IsolationType::Docker));
+    assert!(platform.recycle_runner && platform.preserve_workspace && platform.nonroot_workspace);
+    assert_eq!(
+        platform.clean_workspace_inputs,
+        vec!["**/*.o", "out/{a,b}/?.txt"]
+    );
+    assert_eq!(platform.resources.cpu_millis, Some(4000));
+    assert_eq!(platform.resources.memory_bytes, Some(4_500_000_000));
+    assert_eq!(platform.resources.free_disk_bytes, Some(10 << 30));
+    assert_eq!(platform.default_timeout, Some(Duration::from_secs(5400)));
+    assert_eq!(
+        platform.termination_grace_period,
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(platform.persistent_worker_protocol, WorkerProtocol::Json);
+    let image = platform.container_image.as_ref().unwrap();
+    assert_eq!(image.registry, "127.0.0.1:5000");
+    assert_eq!(image.repository, "team/tools");
+    assert_eq!(image.reference, ImageReference::Tag("v1".into()));
+    let credentials = platform.registry_credentials.as_ref().unwrap();
+    assert_eq!(
+        (credentials.username.as_str(), credentials.password.expose()),
+        ("ci", "hunter2")
+    );
+    assert_eq!(platform.docker_user, Some(DockerUser::UidGid(1000, 1000)));
+    assert!(platform.docker_init && !platform.docker_run_as_root && platform.init_dockerd);
+    assert_eq!(platform.docker_network, DockerNetwork::Off);
+    assert_eq!(platform.other.get("ISA").map(String::as_str), Some("avx2"));
+}
+
+#[test]
+fn malformed_values_name_key_value_and_what_is_accepted() {
+    for (key, value, accepted) in [
+        ("EstimatedMemory", "lots", "size"),
+        ("EstimatedCPU", "many", "CPU"),
+        ("EstimatedComputeUnits", "-1", "compute units"),
+        ("OSFamily", "plan9", "linux, darwin or windows"),
+        ("Arch", "riscv", "amd64 or arm64"),
+        ("workload-isolation-type", "chroot", "sandbox"),
+        ("recycle-runner", "yes", "true or false"),
+        ("default-timeout", "soon", "duration"),
+        ("dockerNetwork", "host", "off or bridge"),
+        ("container-image", "docker://Bad Image", "docker://"),
+        ("container-image", "docker://alpine@sha256:abc", "sha256"),
+        ("clean-workspace-inputs", "a/[", "globs"),
+        ("persistentWorkerProtocol", "xml", "proto or json"),
+        ("Pool", " ", "non-empty"),
+    ] {
+        let error = parse_action(&[(key, value)]).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains(key), "{message}");
+        assert!(message.contains(value), "{message}");
+        assert!(message.contains(accepted), "{key}: {message}");
+    }
+}
+
+#[test]
+fn the_action_wins_over_the_command_and_headers_win_over_both() {
+    let command = props(&[
+        ("Pool", "from-command"),
+        ("OSFamily", "linux"),
+        ("ISA", "x"),
+    ]);
+    let action = props(&[("Pool", "from-action")]);
+    let headers = header_properties([
+        ("x-buildbuddy-platform.pool", "from-header"),
+        ("x-kiln-platform.estimatedmemory", "2GB"),
+        ("content-type", "application/grpc"),
+    ]);
+    let platform = Platform::parse(&PropertySources {
+        command: &command,
+        action: &action,
+        headers: &[],
+    })
+    .unwrap();
+    assert_eq!(platform.pool.as_deref(), Some("from-action"));
+    assert_eq!(platform.other.get("ISA").map(String::as_str), Some("x"));
+    let platform = Platform::parse(&PropertySources {
+        command: &command,
+        action: &action,
+        headers: &headers,
+    })
+    .unwrap();
+    // Header names arrive lower-cased; known keys regain their spelling.
+    assert_eq!(platform.pool.as_deref(), Some("from-header"));
+    assert_eq!(platform.resources.memory_bytes, Some(2_000_000_000));
+}
+
+#[test]
+fn compute_units_are_a_shorthand_that_explicit_estimates_override() {
+    let platform = parse_action(&[("EstimatedComputeUnits", "2")]).unwrap();
+    assert_eq!(platform.resources.cpu_millis, Some(2000));
+    assert_eq!(platform.resources.memory_bytes, Some(5_000_000_000));
+    let platform =
+        parse_action(&[("EstimatedComputeUnits", "2"), ("EstimatedCPU", "0.5")]).unwrap();
+    assert_eq!(platform.resources.cpu_millis, Some(500));
+    assert_eq!(platform.resources.memory_bytes, Some(5_000_000_000));
+}
+
+#[test]
+fn images_parse_registries_tags_and_digests() {
+    let image = |v: &str| {
+        parse_action(&[("container-image", v)])
+            .unwrap()
+            .container_image
+            .unwrap()
+    };
+    let alpine = image("alpine");
+    assert_eq!(
+        (alpine.registry.as_str(), alpine.repository.as_str()),
+        ("docker.io", "alpine")
+    );
+    assert_eq!(alpine.reference, ImageReference::Tag("latest".into()));
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let pinned = image(&format!("docker://gcr.io/p/img@{digest}"));
+    assert_eq!(pinned.registry, "gcr.io");
+    assert_eq!(pinned.reference, ImageReference::Digest(digest));
+    let local = image("localhost/busybox:1.36");
+    assert_eq!(local.registry, "localhost");
+    assert_eq!(local.to_string(), "localhost/busybox:1.36");
+}
+
+#[test]
+fn secrets_never_print_and_only_their_hash_reaches_the_runner_key() {
+    let platform = parse_action(&[
+        ("container-registry-username", "ci"),
+        ("container-registry-password", "hunter2"),
+    ])
+    .unwrap();
+    assert!(!format!("{platform:?}").contains("hunter2"));
+    assert!(!format!("{:?}", platform.redacted_properties()).contains("hunter2"));
+    let error = parse_action(&[("container-registry-password", "hunter2")]).unwrap_err();
+    assert!(!error.to_string().contains("hunter2"), "{error}");
+
+    let other = parse_action(&[
+        ("container-registry-username", "ci"),
+        ("container-registry-password", "other"),
+    ])
+    .unwrap();
+    assert_ne!(platform.runner_key("org"), other.runner_key("org"));
+}
+
+#[test]
+fn runner_keys_separate_what_must_not_share_a_runner() {
+    let key = |pairs: &[(&str, &str)], org: &str| parse_action(pairs).unwrap().runner_key(org);
+    let base = [
+        ("workload-isolation-type", "docker"),
+        ("container-image", "alpine:3"),
+    ];
+    assert_eq!(key(&base, "a"), key(&base, "a"));
+    assert_ne!(
+        key(&base, "a"),
+        key(&base, "b"),
+        "organisations never share"
+    );
+    assert_ne!(
+        key(&base, "a"),
+        key(
+            &[base[0], base[1], ("runner-recycling-key", "mysql@1")],
+            "a"
+        )
+    );
+    assert_ne!(
+        key(&base, "a"),
+        key(&[base[0], ("container-image", "alpine:4")], "a")
+    );
+    // Order of properties does not matter.
+    assert_eq!(key(&[base[1], base[0]], "a"), key(&base, "a"));
+    // A header override counts like any property.
+    let action = props(&base);
+    let headers = header_properties([("x-buildbuddy-platform.recycle-runner", "true")]);
+    let with_header = Platform::parse(&PropertySources {
+        action: &action,
+        headers: &headers,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_ne!(with_header.runner_key("a"), key(&base, "a"));
+}
