@@ -1,5 +1,7 @@
 //! Memory aligned for direct I/O, recycled through a small pool so that hot
-//! paths do not fault in fresh pages for every buffer.
+//! paths do not fault in fresh pages for every buffer. (Large `Vec`s come
+//! from `mmap` and go back on free; on the VMs measured, faulting their
+//! pages in again cost more than the copy into them.)
 //!
 //! Safe code only: a `Vec` is over-allocated and used from its first
 //! aligned address on (its heap block does not move when the `Vec` does).
@@ -58,6 +60,33 @@ impl AlignedBuf {
         let padded = self.len.div_ceil(ALIGN) * ALIGN;
         self.raw[self.start + self.len..self.start + padded].fill(0);
         &self.raw[self.start..self.start + padded]
+    }
+}
+
+/// A filled range of a pooled buffer, handed out as `Bytes` without a copy;
+/// the buffer returns to the pool when the last `Bytes` is dropped.
+struct PooledRange {
+    buf: AlignedBuf,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for PooledRange {
+    fn as_ref(&self) -> &[u8] {
+        let from = self.buf.start + self.start;
+        &self.buf.raw[from..from + self.len]
+    }
+}
+
+impl AlignedBuf {
+    /// Bytes `start..start + len` of the filled data, zero-copy.
+    pub fn into_bytes(self, start: usize, len: usize) -> bytes::Bytes {
+        assert!(start + len <= self.len, "a range within the data");
+        bytes::Bytes::from_owner(PooledRange {
+            buf: self,
+            start,
+            len,
+        })
     }
 }
 

@@ -3,11 +3,13 @@
 //! wrappers that hold another `BlobStore`, composed once at start-up.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
+use crate::aligned::AlignedBuf;
 use crate::{Key, Result, StoreError};
 
 /// A readable blob: either bytes in memory, or a byte range of an open file
@@ -44,19 +46,30 @@ impl Blob {
             Blob::File {
                 file, offset: base, ..
             } => {
+                let want = (end - offset) as usize;
+                if want > POOLED_READ_BYTES {
+                    // Large reads land in a recycled buffer (see `aligned`).
+                    let mut buf = AlignedBuf::new(want);
+                    while buf.len < want {
+                        let filled = buf.len;
+                        let spare = &mut buf.spare()[..want - filled];
+                        let read = file.read_at(spare, base + offset + filled as u64)?;
+                        if read == 0 {
+                            return Err(early_end(want - buf.len));
+                        }
+                        buf.len += read;
+                    }
+                    return Ok(buf.into_bytes(0, want));
+                }
                 // Read into spare capacity: no zero-fill of memory the read
                 // overwrites anyway.
-                let want = (end - offset) as usize;
                 let mut buf = Vec::with_capacity(want);
                 while buf.len() < want {
                     let at = base + offset + buf.len() as u64;
                     let read =
                         rustix::io::pread(&**file, rustix::buffer::spare_capacity(&mut buf), at)?;
                     if read == 0 {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            format!("blob file ends {} bytes early", want - buf.len()),
-                        ));
+                        return Err(early_end(want - buf.len()));
                     }
                 }
                 Ok(Bytes::from(buf))
@@ -76,6 +89,16 @@ impl Blob {
             }
         }
     }
+}
+
+/// Reads larger than this use pooled buffers instead of fresh allocations.
+const POOLED_READ_BYTES: usize = 256 * 1024;
+
+fn early_end(missing: usize) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("blob file ends {missing} bytes early"),
+    )
 }
 
 /// A blob being written piece by piece. Blocking: drive it from a blocking

@@ -378,15 +378,13 @@ impl CasBench {
 
     /// SHA-256 ceiling, then ByteStream Write and Read of the same blob.
     async fn large_blob_phases(&self, report: &mut Report) -> anyhow::Result<()> {
-        let blob = LargeBlob {
-            seed: mix(self.seed),
-            size: self.args.large_size,
-            chunk_size: self.args.chunk_size,
-        };
+        let blob = LargeBlob::new(mix(self.seed), self.args.large_size, self.args.chunk_size);
         progress(format!("hashing {} locally", human_bytes(blob.size)));
-        let (digest, generate, hash) = tokio::task::spawn_blocking(move || hash_large_blob(blob))
-            .await
-            .context("hashing task panicked")?;
+        let to_hash = blob.clone();
+        let (digest, generate, hash) =
+            tokio::task::spawn_blocking(move || hash_large_blob(to_hash))
+                .await
+                .context("hashing task panicked")?;
         let hash_rate = hash.megabytes_per_second();
         report.measurements.push(generate);
         report.measurements.push(hash);
@@ -431,17 +429,13 @@ impl CasBench {
         );
         let sent = Arc::new(AtomicU64::new(0));
         let sent_by_stream = Arc::clone(&sent);
-        // Chunks are generated on the blocking pool a few ahead of the sender,
-        // so generation overlaps the transfer instead of adding to it; the
-        // stream is pulled by tonic, so at most that many chunks are resident.
+        // Chunks are zero-copy slices of the blob's pattern; the stream is
+        // pulled by tonic, so only the chunks in flight are resident.
+        let (chunk_size, size, chunk_count) = (blob.chunk_size, blob.size, blob.chunk_count());
         let requests = futures::stream::iter(0..blob.chunk_count())
-            .map(move |index| tokio::task::spawn_blocking(move || (index, blob.chunk(index))))
-            .buffered(4)
-            // A panicked generator leaves a gap in the offsets, which the
-            // server rejects; the write then fails with its message.
-            .filter_map(|generated| futures::future::ready(generated.ok()))
+            .map(move |index| (index, blob.chunk(index)))
             .map(move |(index, data)| {
-                let offset = index * blob.chunk_size;
+                let offset = index * chunk_size;
                 let length = data.len() as u64;
                 sent_by_stream.fetch_add(length, Ordering::Relaxed);
                 WriteRequest {
@@ -451,7 +445,7 @@ impl CasBench {
                         String::new()
                     },
                     write_offset: offset as i64,
-                    finish_write: offset + length == blob.size,
+                    finish_write: offset + length == size,
                     data,
                 }
             });
@@ -472,19 +466,19 @@ impl CasBench {
             digest.size_bytes
         );
         let sent = sent.load(Ordering::Relaxed);
-        let note = if sent < blob.size {
+        let note = if sent < size {
             format!(
                 "server answered after {} of {}: blob already stored? rate is not a transfer",
                 human_bytes(sent),
-                human_bytes(blob.size)
+                human_bytes(size)
             )
         } else {
             String::new()
         };
         Ok(Measurement {
             operation: "ByteStream Write (large blob)".into(),
-            count: blob.chunk_count(),
-            bytes: blob.size,
+            count: chunk_count,
+            bytes: size,
             seconds,
             note,
             server_cpu_seconds: None,
@@ -915,7 +909,7 @@ fn hash_large_blob(blob: LargeBlob) -> (Digest, Measurement, Measurement) {
     (
         digest,
         measure(
-            "local generate (xorshift)",
+            "local generate (pattern slices)",
             generating,
             "must be far above the rates below",
         ),

@@ -57,25 +57,55 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// One large blob, produced as a sequence of chunks. Chunk `i` depends only on
-/// the seed and `i`, so chunks can be generated in parallel and in any order.
-#[derive(Clone, Copy, Debug)]
+/// Bytes of pseudo-random pattern a large blob repeats.
+const PATTERN_BYTES: usize = 64 << 20;
+
+/// One large blob, produced as a sequence of chunks: a 64 MiB pseudo-random
+/// pattern (from the seed) repeated. Chunks are zero-copy slices of it, so
+/// the client spends its share of the machine's cores sending, not
+/// generating; what the server does (hash, store) does not depend on the
+/// content repeating.
+#[derive(Clone, Debug)]
 pub struct LargeBlob {
     pub seed: u64,
     pub size: u64,
     pub chunk_size: u64,
+    pattern: Bytes,
 }
 
 impl LargeBlob {
+    pub fn new(seed: u64, size: u64, chunk_size: u64) -> Self {
+        let length = PATTERN_BYTES.min(size as usize).max(1);
+        let mut pattern = vec![0u8; length];
+        Xorshift::new(seed).fill(&mut pattern);
+        LargeBlob {
+            seed,
+            size,
+            chunk_size,
+            pattern: Bytes::from(pattern),
+        }
+    }
+
     pub fn chunk_count(&self) -> u64 {
         self.size.div_ceil(self.chunk_size)
     }
 
     pub fn chunk(&self, index: u64) -> Bytes {
         let start = index * self.chunk_size;
-        let length = self.chunk_size.min(self.size.saturating_sub(start));
-        let mut buffer = vec![0u8; length as usize];
-        Xorshift::new(self.seed ^ mix(index)).fill(&mut buffer);
+        let length = self.chunk_size.min(self.size.saturating_sub(start)) as usize;
+        let pattern_length = self.pattern.len();
+        let offset = (start % pattern_length as u64) as usize;
+        if offset + length <= pattern_length {
+            return self.pattern.slice(offset..offset + length);
+        }
+        // A chunk that wraps around the pattern's end.
+        let mut buffer = Vec::with_capacity(length);
+        let mut at = offset;
+        while buffer.len() < length {
+            let take = (length - buffer.len()).min(pattern_length - at);
+            buffer.extend_from_slice(&self.pattern[at..at + take]);
+            at = (at + take) % pattern_length;
+        }
         Bytes::from(buffer)
     }
 }
@@ -114,16 +144,19 @@ mod tests {
 
     #[test]
     fn large_blob_chunks_are_deterministic_and_cover_the_size() {
-        let blob = LargeBlob {
-            seed: 7,
-            size: 10_000,
-            chunk_size: 4096,
-        };
+        let blob = LargeBlob::new(7, 10_000, 4096);
         assert_eq!(blob.chunk_count(), 3);
         let lengths: Vec<usize> = (0..3).map(|i| blob.chunk(i).len()).collect();
         assert_eq!(lengths, [4096, 4096, 1808]);
         assert_eq!(blob.chunk(1), blob.chunk(1));
         assert_ne!(blob.chunk(0), blob.chunk(1));
+        // Chunks that straddle the pattern's end wrap around it.
+        let long = LargeBlob::new(7, (PATTERN_BYTES + 5000) as u64, 3000);
+        let all: Vec<u8> = (0..long.chunk_count())
+            .flat_map(|i| long.chunk(i).to_vec())
+            .collect();
+        assert_eq!(all.len(), PATTERN_BYTES + 5000);
+        assert_eq!(&all[PATTERN_BYTES..], &all[..5000]);
     }
 
     #[test]
