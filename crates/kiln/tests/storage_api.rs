@@ -1035,3 +1035,29 @@ async fn a_malformed_proto_is_refused_and_the_server_keeps_serving() {
         .await
         .is_empty());
 }
+
+#[tokio::test]
+async fn a_request_over_the_message_limit_is_refused_before_it_is_buffered() {
+    let harness = Harness::start().await;
+    // 20 MiB in one message: over the server's 16 MiB gRPC message limit.
+    let big = vec![1u8; 20 << 20];
+    let error = harness
+        .cas()
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(digest(&big)),
+                data: big.clone(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{error:?}"
+    );
+    assert!(error.message().contains("too large"), "{}", error.message());
+    assert_eq!(harness.missing(vec![digest(&big)]).await.len(), 1);
+    harness.upload_batch(&[b"still serving"]).await;
+}
