@@ -67,6 +67,9 @@ pub struct DiskStoreConfig {
     pub max_packed_blob_bytes: u64,
     pub sync_interval: Duration,
     pub durability: Durability,
+    /// The journal is rewritten once it exceeds this size and twice what its
+    /// live records need.
+    pub journal_compaction_min_bytes: u64,
 }
 
 impl DiskStoreConfig {
@@ -77,6 +80,7 @@ impl DiskStoreConfig {
             max_packed_blob_bytes: 256 * 1024,
             sync_interval: Duration::from_secs(1),
             durability: Durability::GroupCommit,
+            journal_compaction_min_bytes: 64 << 20,
         }
     }
 
@@ -109,8 +113,7 @@ struct Inner {
     index: Index,
     segments: RwLock<BTreeMap<u32, Arc<Segment>>>,
     active: Mutex<Active>,
-    journal: Mutex<File>,
-    journal_len: AtomicU64,
+    journal: Mutex<JournalFile>,
     committed: watch::Sender<u64>,
     commit_lock: Mutex<()>,
     commit_wakeup: Arc<Wakeup>,
@@ -167,6 +170,19 @@ struct Entry {
     location: Location,
     len: u64,
     atime: u32,
+    /// The journal record's payload checksum, kept so the journal can be
+    /// rewritten from the index.
+    payload_crc: u32,
+}
+
+/// The journal file and where appends go.
+struct JournalFile {
+    file: Arc<File>,
+    /// Bytes in the file.
+    len: u64,
+    /// Bytes ever appended since start-up: only grows, also across
+    /// compactions, so writers can wait for "durable up to here".
+    logical: u64,
 }
 
 const INDEX_SHARDS: usize = 64;
@@ -356,6 +372,7 @@ impl DiskStore {
                     location: record.location,
                     len: record.len,
                     atime,
+                    payload_crc: record.payload_crc,
                 },
             );
         }
@@ -391,9 +408,12 @@ impl DiskStore {
                 segment: active,
                 next_offset: 0,
             }),
-            journal: Mutex::new(journal),
-            journal_len: AtomicU64::new(compact.len() as u64),
-            committed: watch::channel(compact.len() as u64).0,
+            journal: Mutex::new(JournalFile {
+                file: Arc::new(journal),
+                len: compact.len() as u64,
+                logical: 0,
+            }),
+            committed: watch::channel(0).0,
             commit_lock: Mutex::new(()),
             commit_wakeup: Arc::default(),
             total_bytes: AtomicU64::new(total_bytes),
@@ -438,6 +458,17 @@ impl DiskStore {
     /// Makes everything written so far durable now. Blocking.
     pub fn flush(&self) -> Result<()> {
         self.inner.commit()
+    }
+
+    /// Rewrites the journal with live records only (the commit thread does
+    /// this by itself when the journal grows). Blocking; writers wait.
+    pub fn compact_journal(&self) -> Result<()> {
+        self.inner.compact_journal()
+    }
+
+    /// Bytes in the journal file.
+    pub fn journal_bytes(&self) -> u64 {
+        self.inner.journal.lock().len
     }
 
     /// Bytes currently held on disk.
@@ -705,11 +736,12 @@ impl Inner {
                 segment: segment.id,
                 offset,
             };
+            let payload_crc = crc32c::crc32c(data);
             Record {
                 key: *key,
                 location,
                 len: data.len() as u64,
-                payload_crc: crc32c::crc32c(data),
+                payload_crc,
             }
             .encode(&mut records);
             entries.push((
@@ -718,14 +750,12 @@ impl Inner {
                     location,
                     len: data.len() as u64,
                     atime: self.epoch(),
+                    payload_crc,
                 },
             ));
             offset += data.len() as u64;
         }
-        let journal_end = self.append_journal(&records)?;
-        for (key, entry) in entries {
-            self.index.insert(key, entry);
-        }
+        let (journal_end, _) = self.append_journal(&records, &entries)?;
         self.maybe_evict();
         Ok(journal_end)
     }
@@ -738,25 +768,30 @@ impl Inner {
         }
     }
 
-    fn append_journal(&self, records: &[u8]) -> Result<u64> {
+    /// Appends `records` and makes `entries` visible, under one lock so a
+    /// journal compaction sees every visible entry. Returns the logical
+    /// journal end (for durability waits) and the entries replaced.
+    fn append_journal(
+        &self,
+        records: &[u8],
+        entries: &[(Key, Entry)],
+    ) -> Result<(u64, Vec<Option<Entry>>)> {
         let mut journal = self.journal.lock();
-        journal
+        (&*journal.file)
             .write_all(records)
             .map_err(io_err("appending to the journal"))?;
-        Ok(self
-            .journal_len
-            .fetch_add(records.len() as u64, Ordering::Relaxed)
-            + records.len() as u64)
+        journal.len += records.len() as u64;
+        journal.logical += records.len() as u64;
+        let replaced = entries
+            .iter()
+            .map(|(key, entry)| self.index.insert(*key, *entry))
+            .collect();
+        Ok((journal.logical, replaced))
     }
 
-    /// Group commit: everything appended so far reaches the disk, then the
-    /// checkpoint says so.
-    fn commit(&self) -> Result<()> {
-        let _serialized = self.commit_lock.lock();
-        let target = self.journal_len.load(Ordering::Acquire);
-        if target <= *self.committed.borrow() {
-            return Ok(());
-        }
+    /// Syncs the data written since the last commit: segments, blob files
+    /// and the directories they were renamed into.
+    fn sync_unsynced(&self) -> Result<()> {
         let unsynced = std::mem::take(&mut *self.unsynced.lock());
         let segments: Vec<Arc<Segment>> = {
             let all = self.segments.read();
@@ -778,16 +813,84 @@ impl Inner {
         for dir in &unsynced.dirs {
             fsync_dir(dir).map_err(io_err(format!("syncing {}", dir.display())))?;
         }
-        self.journal
-            .lock()
-            .sync_data()
-            .map_err(io_err("syncing the journal"))?;
+        Ok(())
+    }
+
+    /// Whether the journal holds so many replaced or evicted records that
+    /// rewriting it is worth a short pause of writers.
+    fn journal_needs_compaction(&self) -> bool {
+        let len = self.journal.lock().len;
+        let live = self.index.len() as u64 * RECORD_LEN as u64;
+        len > self.config.journal_compaction_min_bytes.max(2 * live)
+    }
+
+    /// Rewrites the journal with one record per live entry. Writers wait
+    /// meanwhile; everything the new journal names is synced first, so it
+    /// is trusted whole.
+    fn compact_journal(&self) -> Result<()> {
+        let started = Instant::now();
+        let _serialized = self.commit_lock.lock();
+        let mut journal = self.journal.lock();
+        self.sync_unsynced()?;
+        let mut live = self.index.snapshot();
+        // Oldest use first: a restart reads journal order as access order.
+        live.sort_by_key(|(_, entry)| entry.atime);
+        let mut records = Vec::with_capacity(live.len() * RECORD_LEN);
+        for (key, entry) in &live {
+            Record {
+                key: *key,
+                location: entry.location,
+                len: entry.len,
+                payload_crc: entry.payload_crc,
+            }
+            .encode(&mut records);
+        }
+        let path = self.root.join("journal");
+        let before = journal.len;
+        write_atomically(&path, &records).map_err(io_err("rewriting the journal"))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err("reopening the journal"))?;
+        journal.file = Arc::new(file);
+        journal.len = records.len() as u64;
         write_atomically(
             &self.root.join("checkpoint"),
-            &journal::encode_checkpoint(target),
+            &journal::encode_checkpoint(journal.len),
         )
         .map_err(io_err("writing the checkpoint"))?;
-        self.committed.send_replace(target);
+        self.committed.send_replace(journal.logical);
+        tracing::info!(
+            records = live.len(),
+            bytes_before = before,
+            bytes_after = journal.len,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "compacted the journal"
+        );
+        Ok(())
+    }
+
+    /// Group commit: everything appended so far reaches the disk, then the
+    /// checkpoint says so.
+    fn commit(&self) -> Result<()> {
+        let _serialized = self.commit_lock.lock();
+        // Data of every record up to here was registered as unsynced before
+        // its record was appended, so the sync below covers it.
+        let (logical, file_len, file) = {
+            let journal = self.journal.lock();
+            (journal.logical, journal.len, journal.file.clone())
+        };
+        if logical <= *self.committed.borrow() {
+            return Ok(());
+        }
+        self.sync_unsynced()?;
+        file.sync_data().map_err(io_err("syncing the journal"))?;
+        write_atomically(
+            &self.root.join("checkpoint"),
+            &journal::encode_checkpoint(file_len),
+        )
+        .map_err(io_err("writing the checkpoint"))?;
+        self.committed.send_replace(logical);
         Ok(())
     }
 
@@ -933,6 +1036,10 @@ fn committer(inner: Weak<Inner>, wakeup: Arc<Wakeup>, interval: Duration) {
         let Some(store) = inner.upgrade() else { return };
         if let Err(e) = store.commit() {
             tracing::error!(error = %e, "group commit failed");
+        } else if store.journal_needs_compaction() {
+            if let Err(e) = store.compact_journal() {
+                tracing::error!(error = %e, "journal compaction failed");
+            }
         }
     }
 }
@@ -1023,15 +1130,14 @@ impl BlobWriter for FileWriter {
             payload_crc: 0,
         }
         .encode(&mut record);
-        self.store.append_journal(&record)?;
-        let replaced = self.store.index.insert(
-            self.key,
-            Entry {
-                location: Location::File,
-                len: self.size,
-                atime: self.store.epoch(),
-            },
-        );
+        let entry = Entry {
+            location: Location::File,
+            len: self.size,
+            atime: self.store.epoch(),
+            payload_crc: 0,
+        };
+        let (_, replaced) = self.store.append_journal(&record, &[(self.key, entry)])?;
+        let replaced = replaced.into_iter().next().flatten();
         // A concurrent upload of the same blob renamed over the same path:
         // the bytes on disk did not grow.
         if !matches!(
