@@ -1,0 +1,397 @@
+//! The executor's view of the CAS: a thin client over a tonic channel that
+//! batches small blobs (within the server's `max_batch_total_size_bytes`)
+//! and streams large ones through ByteStream, so callers think in digests.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::bytestream::{ReadRequest, WriteRequest};
+use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::{self, Digest};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::error::{format_digest, RunError};
+
+/// Largest gRPC message this client sends or accepts.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Per-blob framing allowance when packing a batch.
+const BATCH_OVERHEAD_BYTES: u64 = 256;
+/// Batch limit when the server does not state one.
+const DEFAULT_MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024 - 64 * 1024;
+/// Chunk size of ByteStream writes.
+const WRITE_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// The SHA-256 digest of `data` (the only digest function the runner uses).
+pub fn digest_of(data: &[u8]) -> Digest {
+    Digest {
+        hash: hex::encode(Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+/// A blob to upload: bytes in memory or a file on disk.
+#[derive(Debug, Clone)]
+pub enum UploadSource {
+    Bytes(Bytes),
+    File(std::path::PathBuf),
+}
+
+/// CAS and ByteStream clients on one channel, for one instance name.
+#[derive(Clone)]
+pub struct CasClient {
+    channel: Channel,
+    max_batch_bytes: u64,
+}
+
+impl CasClient {
+    /// Connects the clients and learns the server's batch limit from
+    /// `GetCapabilities`.
+    pub async fn new(channel: Channel, instance_name: &str) -> Result<CasClient, RunError> {
+        let capabilities = CapabilitiesClient::new(channel.clone())
+            .get_capabilities(reapi::GetCapabilitiesRequest {
+                instance_name: instance_name.to_string(),
+            })
+            .await
+            .map_err(|status| RunError::cas("GetCapabilities", status))?
+            .into_inner();
+        let stated = capabilities
+            .cache_capabilities
+            .map(|c| c.max_batch_total_size_bytes)
+            .unwrap_or(0);
+        let max_batch_bytes = if stated > 0 {
+            stated as u64
+        } else {
+            DEFAULT_MAX_BATCH_BYTES
+        };
+        Ok(CasClient {
+            channel,
+            max_batch_bytes,
+        })
+    }
+
+    /// The largest batch (sum of blob sizes plus framing) sent in one call.
+    pub fn max_batch_bytes(&self) -> u64 {
+        self.max_batch_bytes
+    }
+
+    /// Whether a blob of this size goes through a batch call.
+    pub fn fits_batch(&self, size: i64) -> bool {
+        (size as u64) + BATCH_OVERHEAD_BYTES <= self.max_batch_bytes
+    }
+
+    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn bytestream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Splits digests into batches that respect the server's limit.
+    pub fn batches(&self, digests: Vec<Digest>) -> Vec<Vec<Digest>> {
+        let mut batches = Vec::new();
+        let mut current = Vec::new();
+        let mut current_bytes = 0u64;
+        for digest in digests {
+            let cost = digest.size_bytes as u64 + BATCH_OVERHEAD_BYTES;
+            if !current.is_empty() && current_bytes + cost > self.max_batch_bytes {
+                batches.push(std::mem::take(&mut current));
+                current_bytes = 0;
+            }
+            current_bytes += cost;
+            current.push(digest);
+        }
+        if !current.is_empty() {
+            batches.push(current);
+        }
+        batches
+    }
+
+    /// Reads one batch of small blobs. Returns `(digest, Some(bytes))` for
+    /// found blobs and `(digest, None)` for blobs the CAS does not have.
+    pub async fn batch_read(
+        &self,
+        instance_name: &str,
+        digests: Vec<Digest>,
+    ) -> Result<Vec<(Digest, Option<Bytes>)>, RunError> {
+        if digests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let response = self
+            .cas()
+            .batch_read_blobs(reapi::BatchReadBlobsRequest {
+                instance_name: instance_name.to_string(),
+                digests,
+                ..Default::default()
+            })
+            .await
+            .map_err(|status| RunError::cas("BatchReadBlobs", status))?
+            .into_inner();
+        let mut blobs = Vec::with_capacity(response.responses.len());
+        for entry in response.responses {
+            let digest = entry.digest.unwrap_or_default();
+            let code = entry.status.as_ref().map(|s| s.code).unwrap_or(0);
+            if code == Code::NotFound as i32 {
+                blobs.push((digest, None));
+            } else if code != 0 {
+                let message = entry.status.map(|s| s.message).unwrap_or_default();
+                return Err(RunError::cas(
+                    format!("BatchReadBlobs of {}", format_digest(&digest)),
+                    tonic::Status::new(Code::from_i32(code), message),
+                ));
+            } else {
+                let data = Bytes::from(entry.data);
+                if digest_of(&data) != digest {
+                    return Err(RunError::Internal(format!(
+                        "BatchReadBlobs returned data that does not match {}",
+                        format_digest(&digest)
+                    )));
+                }
+                blobs.push((digest, Some(data)));
+            }
+        }
+        Ok(blobs)
+    }
+
+    /// Opens a ByteStream read of one blob; `Ok(None)` if the CAS lacks it.
+    pub async fn read_stream(
+        &self,
+        instance_name: &str,
+        digest: &Digest,
+    ) -> Result<Option<tonic::Streaming<kiln_proto::bytestream::ReadResponse>>, RunError> {
+        let resource_name = resource_prefix(instance_name)
+            + &format!("blobs/{}/{}", digest.hash, digest.size_bytes);
+        match self
+            .bytestream()
+            .read(ReadRequest {
+                resource_name,
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await
+        {
+            Ok(response) => Ok(Some(response.into_inner())),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(RunError::cas(
+                format!("ByteStream.Read of {}", format_digest(digest)),
+                status,
+            )),
+        }
+    }
+
+    /// Which of `digests` the CAS lacks.
+    pub async fn find_missing(
+        &self,
+        instance_name: &str,
+        digests: Vec<Digest>,
+    ) -> Result<Vec<Digest>, RunError> {
+        let mut missing = Vec::new();
+        // FindMissingBlobs carries no payload; 10k digests keep it small.
+        for chunk in digests.chunks(10_000) {
+            let response = self
+                .cas()
+                .find_missing_blobs(reapi::FindMissingBlobsRequest {
+                    instance_name: instance_name.to_string(),
+                    blob_digests: chunk.to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|status| RunError::cas("FindMissingBlobs", status))?
+                .into_inner();
+            missing.extend(response.missing_blob_digests);
+        }
+        Ok(missing)
+    }
+
+    /// Uploads blobs the CAS lacks: FindMissingBlobs first, then
+    /// BatchUpdateBlobs for small ones and ByteStream.Write for large ones.
+    pub async fn upload(
+        &self,
+        instance_name: &str,
+        blobs: Vec<(Digest, UploadSource)>,
+    ) -> Result<(), RunError> {
+        let mut unique = std::collections::HashMap::new();
+        for (digest, source) in blobs {
+            if digest.size_bytes > 0 {
+                unique.entry(digest).or_insert(source);
+            }
+        }
+        let missing = self
+            .find_missing(instance_name, unique.keys().cloned().collect())
+            .await?;
+        let (small, large): (Vec<Digest>, Vec<Digest>) = missing
+            .into_iter()
+            .partition(|digest| self.fits_batch(digest.size_bytes));
+        for batch in self.batches(small) {
+            let mut requests = Vec::with_capacity(batch.len());
+            for digest in batch {
+                let data = match &unique[&digest] {
+                    UploadSource::Bytes(bytes) => bytes.to_vec(),
+                    UploadSource::File(path) => tokio::fs::read(path)
+                        .await
+                        .map_err(|e| RunError::io(format!("reading {}", path.display()), e))?,
+                };
+                requests.push(reapi::batch_update_blobs_request::Request {
+                    digest: Some(digest),
+                    data,
+                    compressor: 0,
+                });
+            }
+            let response = self
+                .cas()
+                .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                    instance_name: instance_name.to_string(),
+                    requests,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|status| RunError::cas("BatchUpdateBlobs", status))?
+                .into_inner();
+            for entry in response.responses {
+                let status = entry.status.unwrap_or_default();
+                if status.code != 0 {
+                    return Err(RunError::cas(
+                        format!(
+                            "BatchUpdateBlobs of {}",
+                            format_digest(&entry.digest.unwrap_or_default())
+                        ),
+                        tonic::Status::new(Code::from_i32(status.code), status.message),
+                    ));
+                }
+            }
+        }
+        for digest in large {
+            self.write_one(instance_name, &digest, &unique[&digest])
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn write_one(
+        &self,
+        instance_name: &str,
+        digest: &Digest,
+        source: &UploadSource,
+    ) -> Result<(), RunError> {
+        let resource_name = format!(
+            "{}uploads/{}/blobs/{}/{}",
+            resource_prefix(instance_name),
+            uuid::Uuid::new_v4(),
+            digest.hash,
+            digest.size_bytes
+        );
+        let chunks: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>> =
+            match source {
+                UploadSource::Bytes(bytes) => {
+                    let bytes = bytes.clone();
+                    let chunks: Vec<Result<Bytes, std::io::Error>> = (0..bytes.len())
+                        .step_by(WRITE_CHUNK_BYTES)
+                        .map(|start| {
+                            Ok(bytes.slice(start..(start + WRITE_CHUNK_BYTES).min(bytes.len())))
+                        })
+                        .collect();
+                    futures::stream::iter(chunks).boxed()
+                }
+                UploadSource::File(path) => file_chunks(path).await?,
+            };
+        let total = digest.size_bytes;
+        let (error_tx, mut error_rx) = tokio::sync::mpsc::channel::<std::io::Error>(1);
+        let mut offset = 0i64;
+        let mut first = true;
+        let requests = chunks
+            .take_while(move |chunk| {
+                let ok = match chunk {
+                    Ok(_) => true,
+                    Err(e) => {
+                        let _ = error_tx.try_send(std::io::Error::new(e.kind(), e.to_string()));
+                        false
+                    }
+                };
+                futures::future::ready(ok)
+            })
+            .map(move |chunk| {
+                let data = chunk.unwrap_or_default();
+                let request = WriteRequest {
+                    resource_name: if first {
+                        resource_name.clone()
+                    } else {
+                        String::new()
+                    },
+                    write_offset: offset,
+                    finish_write: offset + data.len() as i64 == total,
+                    data: data.clone(),
+                };
+                first = false;
+                offset += data.len() as i64;
+                request
+            });
+        let result = self.bytestream().write(requests).await;
+        if let Ok(error) = error_rx.try_recv() {
+            return Err(RunError::io(
+                format!("reading the upload of {}", format_digest(digest)),
+                error,
+            ));
+        }
+        let committed = result
+            .map_err(|status| {
+                RunError::cas(
+                    format!("ByteStream.Write of {}", format_digest(digest)),
+                    status,
+                )
+            })?
+            .into_inner()
+            .committed_size;
+        if committed != total {
+            return Err(RunError::Internal(format!(
+                "ByteStream.Write of {} committed {committed} bytes",
+                format_digest(digest)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A file read in chunks, so a large upload never sits whole in memory.
+async fn file_chunks(
+    path: &Path,
+) -> Result<futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>, RunError> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| RunError::io(format!("opening {}", path.display()), e))?;
+    Ok(futures::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut buffer = vec![0u8; WRITE_CHUNK_BYTES];
+        let mut filled = 0;
+        while filled < buffer.len() {
+            match file.read(&mut buffer[filled..]).await {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => return Some((Err(e), None)),
+            }
+        }
+        if filled == 0 {
+            return None;
+        }
+        buffer.truncate(filled);
+        Some((Ok(Bytes::from(buffer)), Some(file)))
+    })
+    .boxed())
+}
+
+fn resource_prefix(instance_name: &str) -> String {
+    if instance_name.is_empty() {
+        String::new()
+    } else {
+        format!("{instance_name}/")
+    }
+}

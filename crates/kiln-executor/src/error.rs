@@ -1,0 +1,132 @@
+//! The executor's one error type, [`RunError`], and its conversion to a
+//! `tonic::Status` at the edge (the scheduler answering `Execute`). Every
+//! message names the digest, path or limit involved.
+
+use bytes::Bytes;
+use kiln_proto::reapi::Digest;
+use prost::Message;
+
+/// Why an action could not be run to completion. A command that runs and
+/// fails is *not* an error: it is an `ActionResult` with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Blobs the action needs (Action, Command, Directory or input file) are
+    /// not in the CAS. The client should upload them and retry
+    /// (`FAILED_PRECONDITION` with one `PreconditionFailure` violation each).
+    #[error("missing inputs: {}", format_digests(.0))]
+    MissingInputs(Vec<Digest>),
+    /// The action itself is malformed (bad directory entry, output path
+    /// escaping the workspace, empty arguments, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// This executor cannot run the action now for a reason of its own
+    /// (its disk is full): a scheduler should retry the action on another
+    /// executor rather than fail it (`RESOURCE_EXHAUSTED`).
+    #[error("executor unavailable: {0}")]
+    ExecutorUnavailable(String),
+    /// The CAS answered with an error other than a missing blob.
+    #[error("{context}: {status}")]
+    Cas {
+        context: String,
+        status: tonic::Status,
+    },
+    /// A local failure (I/O on the workspace or cache, a spawn failure).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RunError {
+    /// Wraps a local I/O error with what was being done; a full disk
+    /// becomes [`RunError::ExecutorUnavailable`].
+    pub(crate) fn io(context: impl std::fmt::Display, error: std::io::Error) -> RunError {
+        if error.kind() == std::io::ErrorKind::StorageFull
+            || error.kind() == std::io::ErrorKind::QuotaExceeded
+        {
+            RunError::ExecutorUnavailable(format!("{context}: {error}"))
+        } else {
+            RunError::Internal(format!("{context}: {error}"))
+        }
+    }
+
+    pub(crate) fn cas(context: impl Into<String>, status: tonic::Status) -> RunError {
+        RunError::Cas {
+            context: context.into(),
+            status,
+        }
+    }
+
+    /// Whether a scheduler should retry the action elsewhere.
+    pub fn is_retryable_elsewhere(&self) -> bool {
+        matches!(self, RunError::ExecutorUnavailable(_))
+    }
+}
+
+pub(crate) fn format_digest(digest: &Digest) -> String {
+    format!("{}/{}", digest.hash, digest.size_bytes)
+}
+
+fn format_digests(digests: &[Digest]) -> String {
+    digests
+        .iter()
+        .map(format_digest)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `google.rpc.PreconditionFailure`, which `bazel-remote-apis` does not ship.
+#[derive(Clone, PartialEq, Message)]
+pub struct PreconditionFailure {
+    #[prost(message, repeated, tag = "1")]
+    pub violations: Vec<Violation>,
+}
+
+/// `google.rpc.PreconditionFailure.Violation`.
+#[derive(Clone, PartialEq, Message)]
+pub struct Violation {
+    #[prost(string, tag = "1")]
+    pub r#type: String,
+    #[prost(string, tag = "2")]
+    pub subject: String,
+    #[prost(string, tag = "3")]
+    pub description: String,
+}
+
+/// The violation type REAPI defines for a blob missing from the CAS.
+pub const VIOLATION_TYPE_MISSING: &str = "MISSING";
+
+impl From<RunError> for tonic::Status {
+    fn from(error: RunError) -> tonic::Status {
+        let message = error.to_string();
+        match error {
+            RunError::MissingInputs(digests) => {
+                let failure = PreconditionFailure {
+                    violations: digests
+                        .iter()
+                        .map(|digest| Violation {
+                            r#type: VIOLATION_TYPE_MISSING.into(),
+                            subject: format!("blobs/{}", format_digest(digest)),
+                            description: String::new(),
+                        })
+                        .collect(),
+                };
+                let details = kiln_proto::rpc::Status {
+                    code: tonic::Code::FailedPrecondition as i32,
+                    message: message.clone(),
+                    details: vec![kiln_proto::protobuf::Any {
+                        type_url: "type.googleapis.com/google.rpc.PreconditionFailure".into(),
+                        value: failure.encode_to_vec(),
+                    }],
+                };
+                tonic::Status::with_details(
+                    tonic::Code::FailedPrecondition,
+                    message,
+                    Bytes::from(details.encode_to_vec()),
+                )
+            }
+            RunError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            RunError::ExecutorUnavailable(_) => tonic::Status::resource_exhausted(message),
+            RunError::Cas { status, .. } => tonic::Status::new(status.code(), message),
+            RunError::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}

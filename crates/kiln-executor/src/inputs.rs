@@ -1,0 +1,300 @@
+//! Input staging: fetch an action's input tree (Directory messages level by
+//! level in batched BatchReadBlobs calls, never one call per directory),
+//! fill the file cache with the files it lacks (batched small blobs,
+//! streamed large ones, bounded parallelism), and materialize the tree in a
+//! fresh workspace by hardlinking from the cache.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use kiln_proto::reapi::{Digest, Directory};
+use prost::Message;
+
+use crate::cache::FileCache;
+use crate::cas::CasClient;
+use crate::error::{format_digest, RunError};
+use crate::validate::check_directory;
+
+/// Parallel CAS calls while fetching inputs.
+const FETCH_PARALLELISM: usize = 8;
+
+/// Every Directory of an input tree, by digest.
+pub type DirectoryMap = HashMap<Digest, Directory>;
+
+/// Fetches a blob by digest, batched or streamed by size. `None` when the
+/// CAS lacks it.
+pub async fn fetch_blobs(
+    cas: &CasClient,
+    instance_name: &str,
+    digests: Vec<Digest>,
+) -> Result<Vec<(Digest, Option<bytes::Bytes>)>, RunError> {
+    let mut unique: Vec<Digest> = digests
+        .into_iter()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    unique.sort_by(|a, b| a.hash.cmp(&b.hash));
+    let mut results = Vec::new();
+    let (small, large): (Vec<Digest>, Vec<Digest>) = unique
+        .into_iter()
+        .partition(|digest| cas.fits_batch(digest.size_bytes));
+    let (empty, small): (Vec<Digest>, Vec<Digest>) =
+        small.into_iter().partition(|d| d.size_bytes == 0);
+    results.extend(empty.into_iter().map(|d| (d, Some(bytes::Bytes::new()))));
+    let batches: Vec<_> = futures::stream::iter(cas.batches(small))
+        .map(|batch| cas.batch_read(instance_name, batch))
+        .buffer_unordered(FETCH_PARALLELISM)
+        .try_collect()
+        .await?;
+    results.extend(batches.into_iter().flatten());
+    for digest in large {
+        let data = match cas.read_stream(instance_name, &digest).await? {
+            None => None,
+            Some(stream) => {
+                let mut data = Vec::with_capacity(digest.size_bytes as usize);
+                let mut stream = stream;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(chunk)) => data.extend_from_slice(&chunk.data),
+                        Ok(None) => break,
+                        Err(status) => {
+                            return Err(RunError::cas(
+                                format!("ByteStream.Read of {}", format_digest(&digest)),
+                                status,
+                            ))
+                        }
+                    }
+                }
+                let data = bytes::Bytes::from(data);
+                if crate::cas::digest_of(&data) != digest {
+                    return Err(RunError::Internal(format!(
+                        "ByteStream.Read returned data that does not match {}",
+                        format_digest(&digest)
+                    )));
+                }
+                Some(data)
+            }
+        };
+        results.push((digest, data));
+    }
+    Ok(results)
+}
+
+/// Fetches the whole tree under `root`, one batched round per level, and
+/// checks each Directory. Returns the directories found and the digests
+/// the CAS lacks.
+pub async fn fetch_tree(
+    cas: &CasClient,
+    instance_name: &str,
+    root: &Digest,
+) -> Result<(DirectoryMap, Vec<Digest>), RunError> {
+    let mut directories = DirectoryMap::new();
+    let mut missing = Vec::new();
+    let mut frontier = vec![root.clone()];
+    while !frontier.is_empty() {
+        let wanted: Vec<Digest> = frontier
+            .drain(..)
+            .filter(|digest| !directories.contains_key(digest))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for (digest, data) in fetch_blobs(cas, instance_name, wanted).await? {
+            let Some(data) = data else {
+                missing.push(digest);
+                continue;
+            };
+            let directory = Directory::decode(data).map_err(|e| {
+                RunError::InvalidArgument(format!(
+                    "directory {} is not a Directory message: {e}",
+                    format_digest(&digest)
+                ))
+            })?;
+            check_directory(&digest, &directory)?;
+            frontier.extend(
+                directory
+                    .directories
+                    .iter()
+                    .filter_map(|node| node.digest.clone()),
+            );
+            directories.insert(digest, directory);
+        }
+    }
+    Ok((directories, missing))
+}
+
+/// Makes sure every (file digest, executable) of the tree is in the file
+/// cache, downloading only what is absent. Returns the digests the CAS lacks.
+pub async fn fill_cache(
+    cas: &CasClient,
+    cache: &FileCache,
+    instance_name: &str,
+    directories: &DirectoryMap,
+) -> Result<Vec<Digest>, RunError> {
+    let mut needed: HashSet<(Digest, bool)> = HashSet::new();
+    for directory in directories.values() {
+        for file in &directory.files {
+            if let Some(digest) = &file.digest {
+                needed.insert((digest.clone(), file.is_executable));
+            }
+        }
+    }
+    let mut to_fetch: HashMap<Digest, Vec<bool>> = HashMap::new();
+    for (digest, executable) in needed {
+        if !cache.derive_variant(&digest, executable).await? {
+            to_fetch.entry(digest).or_default().push(executable);
+        }
+    }
+    let (small, large): (Vec<Digest>, Vec<Digest>) = to_fetch
+        .keys()
+        .cloned()
+        .partition(|digest| cas.fits_batch(digest.size_bytes));
+    let to_fetch = &to_fetch;
+
+    // Small files: batches in parallel, each written to the cache as it lands.
+    let small_missing: Vec<Vec<Digest>> = futures::stream::iter(cas.batches(small))
+        .map(|batch| async move {
+            let mut missing = Vec::new();
+            let (empty, batch): (Vec<Digest>, Vec<Digest>) =
+                batch.into_iter().partition(|d| d.size_bytes == 0);
+            let mut blobs: Vec<(Digest, Option<bytes::Bytes>)> = empty
+                .into_iter()
+                .map(|d| (d, Some(bytes::Bytes::new())))
+                .collect();
+            blobs.extend(cas.batch_read(instance_name, batch).await?);
+            for (digest, data) in blobs {
+                match data {
+                    None => missing.push(digest),
+                    Some(data) => insert_variants(cache, &digest, &to_fetch[&digest], data).await?,
+                }
+            }
+            Ok::<_, RunError>(missing)
+        })
+        .buffer_unordered(FETCH_PARALLELISM)
+        .try_collect()
+        .await?;
+
+    // Large files: streamed straight to the cache, never whole in memory.
+    let large_missing: Vec<Option<Digest>> = futures::stream::iter(large)
+        .map(|digest| async move {
+            let Some(stream) = cas.read_stream(instance_name, &digest).await? else {
+                return Ok::<_, RunError>(Some(digest));
+            };
+            let variants = &to_fetch[&digest];
+            let context = format!("ByteStream.Read of {}", format_digest(&digest));
+            let chunks = stream.map(move |chunk| {
+                chunk
+                    .map(|response| response.data)
+                    .map_err(|status| RunError::cas(context.clone(), status))
+            });
+            let first = variants[0];
+            match cache.insert_stream(&digest, first, chunks).await {
+                Err(RunError::Cas { status, .. }) if status.code() == tonic::Code::NotFound => {
+                    return Ok(Some(digest))
+                }
+                other => other?,
+            }
+            for &executable in &variants[1..] {
+                cache.derive_variant(&digest, executable).await?;
+            }
+            Ok(None)
+        })
+        .buffer_unordered(FETCH_PARALLELISM)
+        .try_collect()
+        .await?;
+
+    let mut missing: Vec<Digest> = small_missing.into_iter().flatten().collect();
+    missing.extend(large_missing.into_iter().flatten());
+    Ok(missing)
+}
+
+async fn insert_variants(
+    cache: &FileCache,
+    digest: &Digest,
+    variants: &[bool],
+    data: bytes::Bytes,
+) -> Result<(), RunError> {
+    cache.insert_bytes(digest, variants[0], data).await?;
+    for &executable in &variants[1..] {
+        cache.derive_variant(digest, executable).await?;
+    }
+    Ok(())
+}
+
+/// Lays the tree out under `workspace` (which must exist and be empty):
+/// directories (empty ones too), files hardlinked from the cache (copied
+/// where a hardlink is refused, e.g. across devices), symlinks as given.
+pub async fn materialize(
+    cache: Arc<FileCache>,
+    directories: Arc<DirectoryMap>,
+    root: Digest,
+    workspace: std::path::PathBuf,
+) -> Result<(), RunError> {
+    tokio::task::spawn_blocking(move || {
+        materialize_directory(&cache, &directories, &root, &workspace)
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("materializing the input root: {e}")))?
+}
+
+fn materialize_directory(
+    cache: &FileCache,
+    directories: &DirectoryMap,
+    digest: &Digest,
+    path: &Path,
+) -> Result<(), RunError> {
+    let directory = directories.get(digest).ok_or_else(|| {
+        RunError::Internal(format!(
+            "directory {} was not fetched",
+            format_digest(digest)
+        ))
+    })?;
+    for file in &directory.files {
+        let file_digest = file.digest.clone().unwrap_or_default();
+        let source = cache.path(&file_digest, file.is_executable);
+        let target = path.join(&file.name);
+        if let Err(link_error) = std::fs::hard_link(&source, &target) {
+            if is_disk_full(&link_error) {
+                return Err(RunError::io(
+                    format!("linking {}", target.display()),
+                    link_error,
+                ));
+            }
+            std::fs::copy(&source, &target).map_err(|e| {
+                RunError::io(
+                    format!(
+                        "copying {} to {} (hardlink failed: {link_error})",
+                        source.display(),
+                        target.display()
+                    ),
+                    e,
+                )
+            })?;
+        }
+    }
+    for symlink in &directory.symlinks {
+        let target = path.join(&symlink.name);
+        std::os::unix::fs::symlink(&symlink.target, &target)
+            .map_err(|e| RunError::io(format!("creating symlink {}", target.display()), e))?;
+    }
+    for child in &directory.directories {
+        let child_path = path.join(&child.name);
+        std::fs::create_dir(&child_path)
+            .map_err(|e| RunError::io(format!("creating {}", child_path.display()), e))?;
+        materialize_directory(
+            cache,
+            directories,
+            child.digest.as_ref().unwrap_or(&Digest::default()),
+            &child_path,
+        )?;
+    }
+    Ok(())
+}
+
+fn is_disk_full(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}

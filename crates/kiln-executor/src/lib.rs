@@ -1,0 +1,34 @@
+//! Kiln's action runner: the part of REAPI execution that runs *one*
+//! action given its digest. The scheduler that decides which action runs
+//! where lives elsewhere; this crate owns what happens on the executor:
+//!
+//! - [`cas`]: the CAS client (batched small blobs, streamed large ones);
+//! - [`cache`]: the local content-addressed file cache inputs are linked from;
+//! - [`inputs`]: fetching, checking and materializing the input tree;
+//! - [`validate`]: directory-entry and path checks before anything runs;
+//! - [`isolation`]: the [`Isolation`] seam and its `none` backend;
+//! - [`process`]: the child-process supervision every backend shares
+//!   (process group, timeout, SIGTERM → grace → SIGKILL);
+//! - [`outputs`]: turning the declared outputs into ActionResult entries;
+//! - [`runner`]: [`ActionRunner`], which composes the above.
+//!
+//! Errors are one type, [`RunError`], converted to a `tonic::Status` at the
+//! edge. [`RunError::ExecutorUnavailable`] (a full disk) means "retry on
+//! another executor", not "the action is broken".
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod cas;
+pub mod error;
+pub mod inputs;
+pub mod isolation;
+pub mod outputs;
+pub mod process;
+pub mod runner;
+pub mod validate;
+
+pub use error::RunError;
+pub use isolation::{CommandSpec, Isolation, NoIsolation};
+pub use process::{Limits, ProcessOutcome, StopReason};
+pub use runner::{ActionRunner, RunOutcome, RunnerConfig};
+pub use tokio_util::sync::CancellationToken;

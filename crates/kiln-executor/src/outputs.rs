@@ -1,0 +1,245 @@
+//! Output collection after the run: the declared outputs that exist become
+//! OutputFile / OutputDirectory (with a Tree) / OutputSymlink entries, and
+//! every blob they reference is listed for upload. Symlinks are never
+//! followed; missing outputs are simply absent.
+
+// The legacy output_files/output_directories and the *_symlinks result
+// fields are deprecated in REAPI, yet older clients still send and read them.
+#![allow(deprecated)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use kiln_proto::reapi::{
+    self, Command, Digest, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile,
+    OutputSymlink, SymlinkNode, Tree,
+};
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+
+use crate::cas::{digest_of, UploadSource};
+use crate::error::RunError;
+
+/// The output part of an ActionResult, and the blobs it references.
+#[derive(Debug, Default)]
+pub struct CollectedOutputs {
+    pub output_files: Vec<OutputFile>,
+    pub output_directories: Vec<OutputDirectory>,
+    pub output_symlinks: Vec<OutputSymlink>,
+    pub output_file_symlinks: Vec<OutputSymlink>,
+    pub output_directory_symlinks: Vec<OutputSymlink>,
+    pub blobs: Vec<(Digest, UploadSource)>,
+}
+
+impl CollectedOutputs {
+    /// Moves the outputs into `result`.
+    pub fn fill(self, result: &mut reapi::ActionResult) -> Vec<(Digest, UploadSource)> {
+        result.output_files = self.output_files;
+        result.output_directories = self.output_directories;
+        result.output_symlinks = self.output_symlinks;
+        result.output_file_symlinks = self.output_file_symlinks;
+        result.output_directory_symlinks = self.output_directory_symlinks;
+        self.blobs
+    }
+}
+
+/// What a declared path is expected to be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Declared {
+    /// `output_paths` (REAPI v2.1+): whatever is there.
+    Any,
+    /// Legacy `output_files`.
+    File,
+    /// Legacy `output_directories`.
+    Directory,
+}
+
+/// Collects the Command's outputs below `working_directory` (on a blocking
+/// thread: this hashes every output file).
+pub async fn collect(
+    command: &Command,
+    working_directory: PathBuf,
+) -> Result<CollectedOutputs, RunError> {
+    let declared: Vec<(String, Declared)> = if !command.output_paths.is_empty() {
+        command
+            .output_paths
+            .iter()
+            .map(|p| (p.clone(), Declared::Any))
+            .collect()
+    } else {
+        command
+            .output_files
+            .iter()
+            .map(|p| (p.clone(), Declared::File))
+            .chain(
+                command
+                    .output_directories
+                    .iter()
+                    .map(|p| (p.clone(), Declared::Directory)),
+            )
+            .collect()
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut collected = CollectedOutputs::default();
+        for (path, kind) in declared {
+            collect_one(&working_directory, &path, kind, &mut collected)?;
+        }
+        Ok(collected)
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("collecting outputs: {e}")))?
+}
+
+fn collect_one(
+    working_directory: &Path,
+    path: &str,
+    kind: Declared,
+    collected: &mut CollectedOutputs,
+) -> Result<(), RunError> {
+    let full = working_directory.join(path);
+    let metadata = match std::fs::symlink_metadata(&full) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => return Ok(()),
+        Err(e) => return Err(RunError::io(format!("output {path:?}"), e)),
+    };
+    let file_type = metadata.file_type();
+    if file_type.is_symlink() {
+        let target = read_link(&full, path)?;
+        let symlink = OutputSymlink {
+            path: path.to_string(),
+            target,
+            node_properties: None,
+        };
+        match kind {
+            Declared::Any => collected.output_symlinks.push(symlink),
+            Declared::File => {
+                collected.output_file_symlinks.push(symlink.clone());
+                collected.output_symlinks.push(symlink);
+            }
+            Declared::Directory => {
+                collected.output_directory_symlinks.push(symlink.clone());
+                collected.output_symlinks.push(symlink);
+            }
+        }
+    } else if file_type.is_file() && kind != Declared::Directory {
+        let digest = hash_file(&full)?;
+        collected.output_files.push(OutputFile {
+            path: path.to_string(),
+            digest: Some(digest.clone()),
+            is_executable: is_executable(&metadata),
+            contents: Vec::new(),
+            node_properties: None,
+        });
+        collected.blobs.push((digest, UploadSource::File(full)));
+    } else if file_type.is_dir() && kind != Declared::File {
+        let mut children = HashMap::new();
+        let root = build_directory(&full, &mut children, &mut collected.blobs)?;
+        let root_digest = digest_of(&root.encode_to_vec());
+        let mut children: Vec<(Digest, Directory)> = children.into_iter().collect();
+        children.sort_by(|a, b| a.0.hash.cmp(&b.0.hash));
+        let tree = Tree {
+            root: Some(root),
+            children: children.into_iter().map(|(_, d)| d).collect(),
+        };
+        let tree_bytes = Bytes::from(tree.encode_to_vec());
+        let tree_digest = digest_of(&tree_bytes);
+        collected
+            .blobs
+            .push((tree_digest.clone(), UploadSource::Bytes(tree_bytes)));
+        collected.output_directories.push(OutputDirectory {
+            path: path.to_string(),
+            tree_digest: Some(tree_digest),
+            is_topologically_sorted: false,
+            root_directory_digest: Some(root_digest),
+        });
+    }
+    // Anything else (a file where a directory was declared, a socket) is
+    // not an output of the declared kind: absent, like a missing one.
+    Ok(())
+}
+
+/// Builds the Directory message for `path`; every descendant Directory goes
+/// into `children` by digest (deduplicated), every file into `blobs`.
+fn build_directory(
+    path: &Path,
+    children: &mut HashMap<Digest, Directory>,
+    blobs: &mut Vec<(Digest, UploadSource)>,
+) -> Result<Directory, RunError> {
+    let mut directory = Directory::default();
+    let entries = std::fs::read_dir(path)
+        .map_err(|e| RunError::io(format!("listing {}", path.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| RunError::io(format!("listing {}", path.display()), e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let full = entry.path();
+        let metadata = std::fs::symlink_metadata(&full)
+            .map_err(|e| RunError::io(format!("stat {}", full.display()), e))?;
+        let file_type = metadata.file_type();
+        if file_type.is_symlink() {
+            directory.symlinks.push(SymlinkNode {
+                name,
+                target: read_link(&full, &full.display().to_string())?,
+                node_properties: None,
+            });
+        } else if file_type.is_file() {
+            let digest = hash_file(&full)?;
+            directory.files.push(FileNode {
+                name,
+                digest: Some(digest.clone()),
+                is_executable: is_executable(&metadata),
+                node_properties: None,
+            });
+            blobs.push((digest, UploadSource::File(full)));
+        } else if file_type.is_dir() {
+            let child = build_directory(&full, children, blobs)?;
+            let bytes = child.encode_to_vec();
+            let digest = digest_of(&bytes);
+            children.insert(digest.clone(), child);
+            directory.directories.push(DirectoryNode {
+                name,
+                digest: Some(digest),
+            });
+        }
+    }
+    directory.files.sort_by(|a, b| a.name.cmp(&b.name));
+    directory.directories.sort_by(|a, b| a.name.cmp(&b.name));
+    directory.symlinks.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(directory)
+}
+
+fn read_link(full: &Path, what: &str) -> Result<String, RunError> {
+    std::fs::read_link(full)
+        .map(|target| target.to_string_lossy().into_owned())
+        .map_err(|e| RunError::io(format!("reading symlink {what}"), e))
+}
+
+fn is_executable(metadata: &std::fs::Metadata) -> bool {
+    metadata.permissions().mode() & 0o111 != 0
+}
+
+/// The SHA-256 digest of a file, read in chunks.
+pub fn hash_file(path: &Path) -> Result<Digest, RunError> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| RunError::io(format!("opening {}", path.display()), e))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut size = 0i64;
+    loop {
+        let n = file
+            .read(&mut buffer)
+            .map_err(|e| RunError::io(format!("reading {}", path.display()), e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        size += n as i64;
+    }
+    Ok(Digest {
+        hash: hex::encode(hasher.finalize()),
+        size_bytes: size,
+    })
+}

@@ -1,0 +1,199 @@
+//! Running one child process under a deadline, shared by every isolation
+//! backend: program lookup as a shell does it, the child in its own process
+//! group, and the stop sequence (SIGTERM to the group, a grace period, then
+//! SIGKILL to the group) on timeout or cancellation.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rustix::process::{kill_process_group, Pid, Signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::RunError;
+
+/// Exit code a shell gives a command it cannot find.
+pub const EXIT_COMMAND_NOT_FOUND: i32 = 127;
+/// Exit code a shell gives a command it cannot execute.
+pub const EXIT_CANNOT_EXECUTE: i32 = 126;
+
+/// How long the action may run and how a stop is carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall time from spawn to the polite stop.
+    pub timeout: Duration,
+    /// Time between SIGTERM and SIGKILL.
+    pub grace: Duration,
+}
+
+/// Why a process was stopped by the executor rather than ending by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Timeout,
+    Cancelled,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessOutcome {
+    /// The exit code, or 128 + signal number for a process killed by a signal.
+    pub exit_code: i32,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// Set when the executor stopped it (timeout or cancellation).
+    pub stopped: Option<StopReason>,
+}
+
+impl ProcessOutcome {
+    fn exited(exit_code: i32) -> ProcessOutcome {
+        ProcessOutcome {
+            exit_code,
+            signal: None,
+            stopped: None,
+        }
+    }
+}
+
+/// Resolves `arguments[0]` as a shell would: a name with a `/` is taken
+/// relative to the working directory; a bare name is looked up in `path`
+/// (the Command's `PATH`, else the executor's), whose relative entries are
+/// relative to the working directory too.
+pub fn resolve_program(
+    program: &str,
+    working_directory: &Path,
+    path: Option<&str>,
+) -> Option<PathBuf> {
+    if program.is_empty() {
+        return None;
+    }
+    if program.contains('/') {
+        let candidate = working_directory.join(program);
+        return candidate.exists().then_some(candidate);
+    }
+    let search = path
+        .map(str::to_string)
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for entry in search.split(':') {
+        let dir = if entry.is_empty() {
+            working_directory.to_path_buf()
+        } else {
+            working_directory.join(entry)
+        };
+        let candidate = dir.join(program);
+        if let Ok(metadata) = std::fs::metadata(&candidate) {
+            if metadata.is_file() && metadata.permissions().mode() & 0o111 != 0 {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
+
+/// Writes a message where the action's stderr goes, for failures the
+/// executor reports as the action's own (command not found).
+pub fn write_stderr(stderr_path: &Path, message: &str) -> Result<(), RunError> {
+    std::fs::write(stderr_path, message)
+        .map_err(|e| RunError::io(format!("writing {}", stderr_path.display()), e))
+}
+
+/// Opens the files stdout and stderr go to (never memory: output is unbounded).
+pub fn output_stdio(stdout_path: &Path, stderr_path: &Path) -> Result<(Stdio, Stdio), RunError> {
+    let open = |path: &Path| {
+        std::fs::File::create(path)
+            .map(Stdio::from)
+            .map_err(|e| RunError::io(format!("creating {}", path.display()), e))
+    };
+    Ok((open(stdout_path)?, open(stderr_path)?))
+}
+
+/// Kills the process group when dropped, so no child outlives the future
+/// that owns it (a dropped run, a panic).
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn signal(&self, signal: Signal) {
+        if let Some(pid) = self.0 {
+            // ESRCH: the group is already gone, which is what we want.
+            let _ = kill_process_group(pid, signal);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.signal(Signal::KILL);
+    }
+}
+
+/// Spawns `command` in a process group of its own with stdin closed, and
+/// waits for it under `limits`. On timeout or cancellation the group gets
+/// SIGTERM, then SIGKILL after the grace period. When the leader is gone,
+/// whatever is left of its group is killed too. `stderr_path` receives the
+/// reason when the program cannot be started at all.
+pub async fn supervise(
+    mut command: tokio::process::Command,
+    program: &str,
+    stderr_path: &Path,
+    limits: &Limits,
+    cancel: &CancellationToken,
+) -> Result<ProcessOutcome, RunError> {
+    command.process_group(0).stdin(Stdio::null());
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            let (code, what) = match error.kind() {
+                std::io::ErrorKind::NotFound => (EXIT_COMMAND_NOT_FOUND, "command not found"),
+                std::io::ErrorKind::PermissionDenied => (EXIT_CANNOT_EXECUTE, "permission denied"),
+                _ => return Err(RunError::io(format!("starting {program:?}"), error)),
+            };
+            write_stderr(stderr_path, &format!("kiln: {program}: {what} ({error})\n"))?;
+            return Ok(ProcessOutcome::exited(code));
+        }
+    };
+    let guard = GroupGuard(child.id().and_then(|id| Pid::from_raw(id as i32)));
+    let wait_error = |e| RunError::io(format!("waiting for {program:?}"), e);
+
+    let stopped = tokio::select! {
+        status = child.wait() => {
+            let status = status.map_err(wait_error)?;
+            guard.signal(Signal::KILL);
+            return Ok(outcome(status, None));
+        }
+        _ = tokio::time::sleep(limits.timeout) => StopReason::Timeout,
+        _ = cancel.cancelled() => StopReason::Cancelled,
+    };
+    tracing::debug!(program, ?stopped, "stopping the process group");
+    guard.signal(Signal::TERM);
+    let status = tokio::select! {
+        status = child.wait() => status.map_err(wait_error)?,
+        _ = tokio::time::sleep(limits.grace) => {
+            guard.signal(Signal::KILL);
+            child.wait().await.map_err(wait_error)?
+        }
+    };
+    guard.signal(Signal::KILL);
+    Ok(outcome(status, Some(stopped)))
+}
+
+fn outcome(status: std::process::ExitStatus, stopped: Option<StopReason>) -> ProcessOutcome {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ProcessOutcome {
+            exit_code: code,
+            signal: None,
+            stopped,
+        },
+        (None, Some(signal)) => ProcessOutcome {
+            exit_code: 128 + signal,
+            signal: Some(signal),
+            stopped,
+        },
+        (None, None) => ProcessOutcome {
+            exit_code: -1,
+            signal: None,
+            stopped,
+        },
+    }
+}

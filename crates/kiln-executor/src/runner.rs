@@ -1,0 +1,398 @@
+//! [`ActionRunner`]: runs one action given its digest, start to finish:
+//! fetch and check the Action, Command and input tree, materialize the
+//! workspace, run the command under the configured [`Isolation`], upload the
+//! outputs, and record every phase in `ExecutedActionMetadata`.
+
+// The legacy output_files/output_directories and the *_symlinks result
+// fields are deprecated in REAPI, yet older clients still send and read them.
+#![allow(deprecated)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kiln_platform::Platform;
+use kiln_proto::protobuf::Timestamp;
+use kiln_proto::reapi::{Action, ActionResult, Command, Digest, ExecutedActionMetadata};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::cache::FileCache;
+use crate::cas::{CasClient, UploadSource};
+use crate::error::{format_digest, RunError};
+use crate::inputs;
+use crate::isolation::{CommandSpec, Isolation};
+use crate::outputs;
+use crate::process::{Limits, StopReason};
+use crate::validate::{check_output_path, check_relative_path};
+
+/// The executor's settings for running actions.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Where per-action directories (workspace and captured output) go.
+    pub work_root: PathBuf,
+    /// The local file cache. Best on the same file system as `work_root`,
+    /// so inputs are hardlinked rather than copied.
+    pub cache_dir: PathBuf,
+    /// Reported as `ExecutedActionMetadata.worker`.
+    pub worker_name: String,
+    /// Upper bound of any action's timeout, and the timeout of actions that
+    /// set none (neither `Action.timeout` nor `default-timeout`).
+    pub max_timeout: Duration,
+    /// SIGTERM→SIGKILL grace when `termination-grace-period` is unset.
+    pub default_grace: Duration,
+    /// Keep each action's directory after the run (for debugging).
+    pub keep_workspaces: bool,
+}
+
+impl RunnerConfig {
+    /// Defaults for everything but the paths.
+    pub fn new(work_root: impl Into<PathBuf>, cache_dir: impl Into<PathBuf>) -> RunnerConfig {
+        RunnerConfig {
+            work_root: work_root.into(),
+            cache_dir: cache_dir.into(),
+            worker_name: "kiln-executor".into(),
+            max_timeout: Duration::from_secs(3600),
+            default_grace: Duration::from_secs(10),
+            keep_workspaces: false,
+        }
+    }
+}
+
+/// The result of running an action.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// The ActionResult, outputs uploaded; also for timed-out actions
+    /// (with what they wrote to stdout/stderr until stopped).
+    pub result: ActionResult,
+    /// `ExecuteResponse.status`: OK, DEADLINE_EXCEEDED or CANCELLED.
+    pub status: tonic::Status,
+    /// Whether the result may go to the Action Cache: only a completed run
+    /// with exit code 0 of an action without `do_not_cache`.
+    pub cacheable: bool,
+}
+
+/// Runs actions: one CAS client, one file cache, one isolation backend.
+pub struct ActionRunner {
+    cas: CasClient,
+    cache: Arc<FileCache>,
+    config: RunnerConfig,
+    isolation: Arc<dyn Isolation>,
+}
+
+impl ActionRunner {
+    /// Connects to the CAS on `channel` (reading its capabilities) and
+    /// opens the file cache.
+    pub async fn new(
+        channel: Channel,
+        config: RunnerConfig,
+        isolation: Arc<dyn Isolation>,
+    ) -> Result<ActionRunner, RunError> {
+        let cas = CasClient::new(channel, "").await?;
+        let cache = Arc::new(FileCache::open(&config.cache_dir)?);
+        std::fs::create_dir_all(&config.work_root)
+            .map_err(|e| RunError::io(format!("creating {}", config.work_root.display()), e))?;
+        Ok(ActionRunner {
+            cas,
+            cache,
+            config,
+            isolation,
+        })
+    }
+
+    /// The local file cache (its counters show what was downloaded).
+    pub fn cache(&self) -> &FileCache {
+        &self.cache
+    }
+
+    pub fn config(&self) -> &RunnerConfig {
+        &self.config
+    }
+
+    /// Runs the action `action_digest` of `instance_name`. `platform` is the
+    /// action's parsed platform (timeouts, grace period). Cancelling
+    /// `cancel` stops the command (SIGTERM, grace, SIGKILL) and returns a
+    /// CANCELLED outcome; before the command starts it returns at once.
+    pub async fn run(
+        &self,
+        instance_name: &str,
+        action_digest: &Digest,
+        platform: &Platform,
+        cancel: CancellationToken,
+    ) -> Result<RunOutcome, RunError> {
+        let mut metadata = ExecutedActionMetadata {
+            worker: self.config.worker_name.clone(),
+            worker_start_timestamp: Some(now()),
+            ..Default::default()
+        };
+        let action_dir = self
+            .config
+            .work_root
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let result = self
+            .run_in(
+                instance_name,
+                action_digest,
+                platform,
+                &cancel,
+                &action_dir,
+                &mut metadata,
+            )
+            .await;
+        if !self.config.keep_workspaces {
+            remove_tree(action_dir).await;
+        }
+        result
+    }
+
+    async fn run_in(
+        &self,
+        instance_name: &str,
+        action_digest: &Digest,
+        platform: &Platform,
+        cancel: &CancellationToken,
+        action_dir: &Path,
+        metadata: &mut ExecutedActionMetadata,
+    ) -> Result<RunOutcome, RunError> {
+        metadata.input_fetch_start_timestamp = Some(now());
+        let (action, command) = self.fetch_action(instance_name, action_digest).await?;
+        let working_directory = check_command(&command)?;
+        let input_root = action.input_root_digest.clone().ok_or_else(|| {
+            RunError::InvalidArgument(format!(
+                "action {} has no input_root_digest",
+                format_digest(action_digest)
+            ))
+        })?;
+        let (directories, mut missing) =
+            inputs::fetch_tree(&self.cas, instance_name, &input_root).await?;
+        missing
+            .extend(inputs::fill_cache(&self.cas, &self.cache, instance_name, &directories).await?);
+        if !missing.is_empty() {
+            return Err(RunError::MissingInputs(missing));
+        }
+
+        let workspace = action_dir.join("workspace");
+        let io_dir = action_dir.join("io");
+        for dir in [&workspace, &io_dir] {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| RunError::io(format!("creating {}", dir.display()), e))?;
+        }
+        inputs::materialize(
+            self.cache.clone(),
+            Arc::new(directories),
+            input_root,
+            workspace.clone(),
+        )
+        .await?;
+        let working_path = workspace.join(&working_directory);
+        create_output_parents(&command, &working_path).await?;
+        metadata.input_fetch_completed_timestamp = Some(now());
+
+        let spec = CommandSpec {
+            arguments: command.arguments.clone(),
+            environment_variables: command
+                .environment_variables
+                .iter()
+                .map(|v| (v.name.clone(), v.value.clone()))
+                .collect(),
+            workspace: workspace.clone(),
+            working_directory: working_path.clone(),
+            stdout_path: io_dir.join("stdout"),
+            stderr_path: io_dir.join("stderr"),
+        };
+        let limits = self.limits(&action, platform);
+        metadata.execution_start_timestamp = Some(now());
+        let process = if cancel.is_cancelled() {
+            None
+        } else {
+            Some(self.isolation.run(&spec, &limits, cancel).await?)
+        };
+        metadata.execution_completed_timestamp = Some(now());
+
+        metadata.output_upload_start_timestamp = Some(now());
+        let mut result = ActionResult::default();
+        let mut blobs = Vec::new();
+        let mut status = tonic::Status::ok("");
+        match process {
+            None => {
+                status = tonic::Status::cancelled(format!(
+                    "action {} was cancelled before it started",
+                    format_digest(action_digest)
+                ));
+            }
+            Some(process) => {
+                result.exit_code = process.exit_code;
+                match process.stopped {
+                    Some(StopReason::Timeout) => {
+                        status = tonic::Status::deadline_exceeded(format!(
+                            "action {} timed out after {:?}",
+                            format_digest(action_digest),
+                            limits.timeout
+                        ));
+                    }
+                    Some(StopReason::Cancelled) => {
+                        status = tonic::Status::cancelled(format!(
+                            "action {} was cancelled",
+                            format_digest(action_digest)
+                        ));
+                    }
+                    None => {
+                        blobs = outputs::collect(&command, working_path.clone())
+                            .await?
+                            .fill(&mut result);
+                    }
+                }
+            }
+        }
+        for (path, field) in [
+            (&spec.stdout_path, &mut result.stdout_digest),
+            (&spec.stderr_path, &mut result.stderr_digest),
+        ] {
+            let digest = match tokio::fs::metadata(path).await {
+                Ok(_) => {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || outputs::hash_file(&path))
+                        .await
+                        .map_err(|e| RunError::Internal(format!("hashing output: {e}")))??
+                }
+                Err(_) => crate::cas::digest_of(&[]),
+            };
+            blobs.push((digest.clone(), UploadSource::File(path.clone())));
+            *field = Some(digest);
+        }
+        self.cas.upload(instance_name, blobs).await?;
+        metadata.output_upload_completed_timestamp = Some(now());
+        metadata.worker_completed_timestamp = Some(now());
+        result.execution_metadata = Some(metadata.clone());
+
+        let cacheable =
+            status.code() == tonic::Code::Ok && result.exit_code == 0 && !action.do_not_cache;
+        Ok(RunOutcome {
+            result,
+            status,
+            cacheable,
+        })
+    }
+
+    /// Fetches and decodes the Action, then the Command (one batch each).
+    async fn fetch_action(
+        &self,
+        instance_name: &str,
+        action_digest: &Digest,
+    ) -> Result<(Action, Command), RunError> {
+        let action: Action = self
+            .fetch_message(instance_name, action_digest, "action")
+            .await?;
+        let command_digest = action.command_digest.clone().ok_or_else(|| {
+            RunError::InvalidArgument(format!(
+                "action {} has no command_digest",
+                format_digest(action_digest)
+            ))
+        })?;
+        let command: Command = self
+            .fetch_message(instance_name, &command_digest, "command")
+            .await?;
+        Ok((action, command))
+    }
+
+    async fn fetch_message<M: Message + Default>(
+        &self,
+        instance_name: &str,
+        digest: &Digest,
+        what: &str,
+    ) -> Result<M, RunError> {
+        let fetched = inputs::fetch_blobs(&self.cas, instance_name, vec![digest.clone()]).await?;
+        let Some((_, Some(data))) = fetched.into_iter().next() else {
+            return Err(RunError::MissingInputs(vec![digest.clone()]));
+        };
+        M::decode(data).map_err(|e| {
+            RunError::InvalidArgument(format!(
+                "{what} {} does not decode: {e}",
+                format_digest(digest)
+            ))
+        })
+    }
+
+    /// The timeout: `Action.timeout`, else `default-timeout`, else the
+    /// configured maximum, and never above the maximum.
+    fn limits(&self, action: &Action, platform: &Platform) -> Limits {
+        let from_action = action
+            .timeout
+            .as_ref()
+            .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+            .filter(|t| !t.is_zero());
+        let timeout = from_action
+            .or(platform.default_timeout.filter(|t| !t.is_zero()))
+            .unwrap_or(self.config.max_timeout)
+            .min(self.config.max_timeout);
+        Limits {
+            timeout,
+            grace: platform
+                .termination_grace_period
+                .unwrap_or(self.config.default_grace),
+        }
+    }
+}
+
+/// Checks the Command's paths; returns the normalized working directory.
+fn check_command(command: &Command) -> Result<String, RunError> {
+    if command.arguments.is_empty() || command.arguments[0].is_empty() {
+        return Err(RunError::InvalidArgument(
+            "command has no arguments (arguments[0] is the program)".into(),
+        ));
+    }
+    check_relative_path("working_directory", &command.working_directory)?;
+    let working_directory = crate::validate::normalize(&command.working_directory);
+    for (field, paths) in [
+        ("output_paths", &command.output_paths),
+        ("output_files", &command.output_files),
+        ("output_directories", &command.output_directories),
+    ] {
+        for path in paths {
+            check_output_path(field, &working_directory, path)?;
+        }
+    }
+    Ok(working_directory)
+}
+
+/// REAPI: the server creates the parent directory of every declared output
+/// (and, for legacy output_directories, the directory itself is not made).
+async fn create_output_parents(command: &Command, working_path: &Path) -> Result<(), RunError> {
+    let all = command
+        .output_paths
+        .iter()
+        .chain(&command.output_files)
+        .chain(&command.output_directories);
+    for path in all {
+        if let Some(parent) = working_path.join(path).parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| RunError::io(format!("creating the parent of output {path:?}"), e))?;
+        }
+    }
+    Ok(())
+}
+
+async fn remove_tree(path: PathBuf) {
+    let shown = path.display().to_string();
+    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    })
+    .await;
+    if let Ok(Err(e)) = removed {
+        tracing::warn!(path = %shown, error = %e, "could not delete an action directory");
+    }
+}
+
+fn now() -> Timestamp {
+    let since_epoch = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
+}
