@@ -293,16 +293,64 @@ impl ByteStreamService {
     }
 }
 
-/// Checks a follow-up request's offset: the first request's offset plus
-/// the payload bytes seen since (compressed bytes, for compressed uploads).
-fn check_offset(request: &WriteRequest, expected: i64, digest: &Digest) -> Result<()> {
-    if request.write_offset != expected {
-        return Err(CasError::InvalidArgument(format!(
-            "blob {digest}: write_offset {} where {expected} was expected",
-            request.write_offset
-        )));
+/// The WriteRequests of one upload, checked as they arrive: each offset
+/// must be the first request's offset plus the payload bytes seen since
+/// (compressed bytes, for compressed uploads).
+struct Requests<'a> {
+    stream: &'a mut Streaming<WriteRequest>,
+    first: Option<WriteRequest>,
+    expected: i64,
+    digest: Digest,
+}
+
+/// What the next request of an upload brought.
+enum Next {
+    Data {
+        data: Bytes,
+        finish: bool,
+    },
+    /// The stream ended or failed before `finish_write`.
+    Interrupted(Status),
+    /// A request that breaks the protocol; the upload is abandoned.
+    Invalid(CasError),
+}
+
+impl<'a> Requests<'a> {
+    fn new(stream: &'a mut Streaming<WriteRequest>, first: WriteRequest, digest: Digest) -> Self {
+        Requests {
+            stream,
+            expected: first.write_offset,
+            first: Some(first),
+            digest,
+        }
     }
-    Ok(())
+
+    async fn next(&mut self) -> Next {
+        let request = match self.first.take() {
+            Some(request) => request,
+            None => match self.stream.message().await {
+                Ok(Some(request)) => request,
+                Ok(None) => {
+                    return Next::Interrupted(Status::invalid_argument(format!(
+                        "blob {}: stream ended without finish_write",
+                        self.digest
+                    )))
+                }
+                Err(status) => return Next::Interrupted(status),
+            },
+        };
+        if request.write_offset != self.expected {
+            return Next::Invalid(CasError::InvalidArgument(format!(
+                "blob {}: write_offset {} where {} was expected",
+                self.digest, request.write_offset, self.expected
+            )));
+        }
+        self.expected += request.data.len() as i64;
+        Next::Data {
+            data: request.data,
+            finish: request.finish_write,
+        }
+    }
 }
 
 async fn receive_inline(
@@ -310,32 +358,19 @@ async fn receive_inline(
     first: WriteRequest,
     stream: &mut Streaming<WriteRequest>,
 ) -> (Upload, Received, Result<()>) {
-    let digest = upload.digest;
-    let mut expected = first.write_offset;
-    let mut next = Some(first);
+    let mut requests = Requests::new(stream, first, upload.digest);
     loop {
-        let request = match next.take() {
-            Some(request) => request,
-            None => match stream.message().await {
-                Ok(Some(request)) => request,
-                Ok(None) => {
-                    let status = Status::invalid_argument(format!(
-                        "blob {digest}: stream ended without finish_write"
-                    ));
-                    return (upload, Received::Interrupted(status), Ok(()));
+        match requests.next().await {
+            Next::Data { data, finish } => {
+                if let Err(e) = upload.accept(&data) {
+                    return (upload, Received::Finished, Err(e));
                 }
-                Err(status) => return (upload, Received::Interrupted(status), Ok(())),
-            },
-        };
-        if let Err(e) = check_offset(&request, expected, &digest) {
-            return (upload, Received::Finished, Err(e));
-        }
-        expected += request.data.len() as i64;
-        if let Err(e) = upload.accept(&request.data) {
-            return (upload, Received::Finished, Err(e));
-        }
-        if request.finish_write {
-            return (upload, Received::Finished, Ok(()));
+                if finish {
+                    return (upload, Received::Finished, Ok(()));
+                }
+            }
+            Next::Interrupted(status) => return (upload, Received::Interrupted(status), Ok(())),
+            Next::Invalid(e) => return (upload, Received::Finished, Err(e)),
         }
     }
 }
@@ -345,7 +380,7 @@ async fn receive_pipelined(
     first: WriteRequest,
     stream: &mut Streaming<WriteRequest>,
 ) -> (Upload, Received, Result<()>) {
-    let digest = upload.digest;
+    let mut requests = Requests::new(stream, first, upload.digest);
     let (sender, mut receiver) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
     let worker = tokio::task::spawn_blocking(move || {
         let mut upload = upload;
@@ -356,33 +391,22 @@ async fn receive_pipelined(
         }
         (upload, Ok(()))
     });
-    let mut expected = first.write_offset;
-    let mut next = Some(first);
     let received = loop {
-        let request = match next.take() {
-            Some(request) => request,
-            None => match stream.message().await {
-                Ok(Some(request)) => request,
-                Ok(None) => {
-                    break Received::Interrupted(Status::invalid_argument(format!(
-                        "blob {digest}: stream ended without finish_write"
-                    )))
+        match requests.next().await {
+            Next::Data { data, finish } => {
+                if !data.is_empty() && sender.send(data).await.is_err() {
+                    break Received::Finished; // the worker failed; its error is reported below
                 }
-                Err(status) => break Received::Interrupted(status),
-            },
-        };
-        if let Err(e) = check_offset(&request, expected, &digest) {
-            drop(sender);
-            let (upload, _) = join(worker).await;
-            return (upload, Received::Finished, Err(e));
-        }
-        expected += request.data.len() as i64;
-        let finish = request.finish_write;
-        if !request.data.is_empty() && sender.send(request.data).await.is_err() {
-            break Received::Finished; // the worker failed; its error is reported below
-        }
-        if finish {
-            break Received::Finished;
+                if finish {
+                    break Received::Finished;
+                }
+            }
+            Next::Interrupted(status) => break Received::Interrupted(status),
+            Next::Invalid(e) => {
+                drop(sender);
+                let (upload, _) = join(worker).await;
+                return (upload, Received::Finished, Err(e));
+            }
         }
     };
     drop(sender);

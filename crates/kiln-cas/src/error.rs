@@ -52,7 +52,15 @@ impl CasError {
 }
 
 impl From<CasError> for Status {
+    /// The service edge: failures that are the server's problem (disk full,
+    /// I/O errors) are logged for operators; client mistakes only at debug.
     fn from(error: CasError) -> Status {
+        match error {
+            CasError::Internal(_) | CasError::ResourceExhausted(_) => {
+                tracing::warn!(code = ?error.code(), %error, "storage request failed")
+            }
+            _ => tracing::debug!(code = ?error.code(), %error, "storage request refused"),
+        }
         Status::new(error.code(), error.to_string())
     }
 }
