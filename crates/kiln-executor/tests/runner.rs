@@ -1,0 +1,899 @@
+//! End-to-end tests of the action runner: a real Kiln server in-process on
+//! 127.0.0.1, real protos and files uploaded with tonic clients, real
+//! processes (/bin/sh, /bin/echo, /bin/sleep) run by `ActionRunner`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln::config::Config;
+use kiln::serve::RunningServer;
+use kiln_executor::error::PreconditionFailure;
+use kiln_executor::{ActionRunner, CancellationToken, NoIsolation, RunError, RunnerConfig};
+use kiln_platform::Platform;
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::bytestream::ReadRequest;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::{
+    self, batch_update_blobs_request, command::EnvironmentVariable, Action, Command, Digest,
+    Directory, DirectoryNode, FileNode, SymlinkNode, Tree,
+};
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Upper bound for anything that could hang; never a pass/fail threshold.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+/// Server batch limit, small so large blobs go through ByteStream.
+const MAX_BATCH: &str = "64KiB";
+
+fn digest(data: &[u8]) -> Digest {
+    Digest {
+        hash: hex::encode(Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+struct Harness {
+    server: Option<RunningServer>,
+    channel: Channel,
+    dir: tempfile::TempDir,
+    runner: ActionRunner,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().to_path_buf();
+        Harness::start_with(dir, work).await
+    }
+
+    async fn start_with(dir: tempfile::TempDir, runner_root: PathBuf) -> Harness {
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("server"),
+            ..Default::default()
+        };
+        config.storage.max_size = "1GiB".into();
+        config.storage.max_batch_total_size = MAX_BATCH.into();
+        let server = kiln::serve::start(&config).await.expect("server starts");
+        let channel = Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut runner_config =
+            RunnerConfig::new(runner_root.join("work"), runner_root.join("cache"));
+        runner_config.worker_name = "test-worker".into();
+        runner_config.max_timeout = Duration::from_secs(600);
+        runner_config.default_grace = Duration::from_secs(60);
+        let runner = ActionRunner::new(channel.clone(), runner_config, Arc::new(NoIsolation))
+            .await
+            .expect("runner starts");
+        Harness {
+            server: Some(server),
+            channel,
+            dir,
+            runner,
+        }
+    }
+
+    async fn stop(mut self) {
+        self.server.take().unwrap().stop().await.unwrap();
+    }
+
+    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// Uploads blobs: small ones batched, large ones through ByteStream.
+    async fn upload(&self, blobs: &[Vec<u8>]) {
+        for blob in blobs {
+            if blob.len() > 32 * 1024 {
+                let d = digest(blob);
+                let request = kiln_proto::bytestream::WriteRequest {
+                    resource_name: format!(
+                        "uploads/{}/blobs/{}/{}",
+                        uuid::Uuid::new_v4(),
+                        d.hash,
+                        d.size_bytes
+                    ),
+                    write_offset: 0,
+                    finish_write: true,
+                    data: bytes::Bytes::from(blob.clone()),
+                };
+                ByteStreamClient::new(self.channel.clone())
+                    .write(futures::stream::iter(vec![request]))
+                    .await
+                    .unwrap();
+                continue;
+            }
+            let response = self
+                .cas()
+                .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                    requests: vec![batch_update_blobs_request::Request {
+                        digest: Some(digest(blob)),
+                        data: blob.clone(),
+                        compressor: 0,
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for r in response.responses {
+                assert_eq!(r.status.unwrap().code, 0);
+            }
+        }
+    }
+
+    async fn download(&self, digest: &Digest) -> Vec<u8> {
+        let mut stream = ByteStreamClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .read(ReadRequest {
+                resource_name: format!("blobs/{}/{}", digest.hash, digest.size_bytes),
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            data.extend_from_slice(&chunk.unwrap().data);
+        }
+        data
+    }
+
+    async fn run(
+        &self,
+        action: &Digest,
+        platform: &Platform,
+    ) -> Result<kiln_executor::RunOutcome, RunError> {
+        self.run_cancellable(action, platform, CancellationToken::new())
+            .await
+    }
+
+    async fn run_cancellable(
+        &self,
+        action: &Digest,
+        platform: &Platform,
+        cancel: CancellationToken,
+    ) -> Result<kiln_executor::RunOutcome, RunError> {
+        tokio::time::timeout(HANG_GUARD, self.runner.run("", action, platform, cancel))
+            .await
+            .expect("the run ends")
+    }
+
+    fn work_root(&self) -> PathBuf {
+        self.runner.config().work_root.clone()
+    }
+}
+
+/// Collects the blobs of a test action as it is built.
+#[derive(Default)]
+struct Blobs(Vec<Vec<u8>>);
+
+impl Blobs {
+    fn add(&mut self, data: &[u8]) -> Digest {
+        self.0.push(data.to_vec());
+        digest(data)
+    }
+
+    fn message<M: Message>(&mut self, message: &M) -> Digest {
+        self.add(&message.encode_to_vec())
+    }
+
+    fn file(&mut self, name: &str, data: &[u8], executable: bool) -> FileNode {
+        FileNode {
+            name: name.into(),
+            digest: Some(self.add(data)),
+            is_executable: executable,
+            node_properties: None,
+        }
+    }
+
+    fn directory(&mut self, name: &str, directory: &Directory) -> DirectoryNode {
+        DirectoryNode {
+            name: name.into(),
+            digest: Some(self.message(directory)),
+        }
+    }
+
+    /// An Action running `arguments` with `PATH=/bin:/usr/bin`.
+    fn action(&mut self, root: &Directory, arguments: &[&str], outputs: &[&str]) -> Digest {
+        let command = Command {
+            arguments: arguments.iter().map(|s| s.to_string()).collect(),
+            environment_variables: vec![EnvironmentVariable {
+                name: "PATH".into(),
+                value: "/bin:/usr/bin".into(),
+            }],
+            output_paths: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        self.action_with(root, command, None)
+    }
+
+    fn action_with(
+        &mut self,
+        root: &Directory,
+        command: Command,
+        timeout: Option<Duration>,
+    ) -> Digest {
+        let command_digest = self.message(&command);
+        let root_digest = self.message(root);
+        self.message(&Action {
+            command_digest: Some(command_digest),
+            input_root_digest: Some(root_digest),
+            timeout: timeout.map(|t| kiln_proto::protobuf::Duration {
+                seconds: t.as_secs() as i64,
+                nanos: t.subsec_nanos() as i32,
+            }),
+            ..Default::default()
+        })
+    }
+}
+
+fn shell(script: &str) -> Vec<&str> {
+    vec!["/bin/sh", "-c", script]
+}
+
+fn entries_of(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+const TOOL: &[u8] = b"#!/bin/sh\nset -e\ncat link > out/copy.txt\nmkdir -p out/dir/sub\ncp src/deep/b.txt out/dir/sub/b.txt\necho top > out/dir/top.txt\nln -s top.txt out/dir/top-link\ncp src/big.bin out/big.bin\ntest -d empty\ntest ! -x src/a.txt\necho stdout-text\necho stderr-text >&2\n";
+
+/// The happy path's action: nested inputs, an executable, a symlink, an
+/// empty directory, and a file large enough for ByteStream.
+fn happy_action(blobs: &mut Blobs) -> (Digest, Vec<u8>) {
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let deep = Directory {
+        files: vec![blobs.file("b.txt", b"bee\n", false)],
+        ..Default::default()
+    };
+    let src = Directory {
+        files: vec![
+            blobs.file("a.txt", b"ay\n", false),
+            blobs.file("big.bin", &big, false),
+        ],
+        directories: vec![blobs.directory("deep", &deep)],
+        ..Default::default()
+    };
+    let root = Directory {
+        files: vec![blobs.file("tool.sh", TOOL, true)],
+        directories: vec![
+            blobs.directory("empty", &Directory::default()),
+            blobs.directory("src", &src),
+        ],
+        symlinks: vec![SymlinkNode {
+            name: "link".into(),
+            target: "src/a.txt".into(),
+            node_properties: None,
+        }],
+        ..Default::default()
+    };
+    let action = blobs.action(
+        &root,
+        &["./tool.sh"],
+        &["out/copy.txt", "out/dir", "out/big.bin", "out/absent.txt"],
+    );
+    (action, big)
+}
+
+fn millis(timestamp: &Option<kiln_proto::protobuf::Timestamp>, name: &str) -> i128 {
+    let t = timestamp
+        .as_ref()
+        .unwrap_or_else(|| panic!("{name} is set"));
+    t.seconds as i128 * 1_000_000_000 + t.nanos as i128
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_runs_and_uploads_outputs() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let (action, big) = happy_action(&mut blobs);
+    harness.upload(&blobs.0).await;
+
+    let outcome = harness.run(&action, &Platform::default()).await.unwrap();
+    let result = &outcome.result;
+    let stderr = harness
+        .download(result.stderr_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(
+        result.exit_code,
+        0,
+        "stderr: {}",
+        String::from_utf8_lossy(&stderr)
+    );
+    assert_eq!(outcome.status.code(), Code::Ok);
+    assert!(outcome.cacheable);
+    assert_eq!(stderr, b"stderr-text\n");
+    let stdout = harness
+        .download(result.stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(stdout, b"stdout-text\n");
+
+    // Files: copied through the symlink, and a large one (ByteStream both ways).
+    let mut files: Vec<_> = result.output_files.iter().collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files[0].path, "out/big.bin");
+    assert_eq!(files[0].digest.as_ref(), Some(&digest(&big)));
+    assert_eq!(harness.download(&digest(&big)).await, big);
+    assert_eq!(files[1].path, "out/copy.txt");
+    assert_eq!(files[1].digest.as_ref(), Some(&digest(b"ay\n")));
+    assert!(!files[1].is_executable);
+
+    // The directory: a Tree in the CAS with root and deduplicated children.
+    assert_eq!(result.output_directories.len(), 1);
+    let output_directory = &result.output_directories[0];
+    assert_eq!(output_directory.path, "out/dir");
+    let tree = Tree::decode(
+        harness
+            .download(output_directory.tree_digest.as_ref().unwrap())
+            .await
+            .as_slice(),
+    )
+    .unwrap();
+    let root = tree.root.unwrap();
+    assert_eq!(
+        output_directory.root_directory_digest.as_ref(),
+        Some(&digest(&root.encode_to_vec()))
+    );
+    assert_eq!(root.files.len(), 1);
+    assert_eq!(root.files[0].name, "top.txt");
+    assert_eq!(
+        harness
+            .download(root.files[0].digest.as_ref().unwrap())
+            .await,
+        b"top\n"
+    );
+    assert_eq!(root.symlinks.len(), 1);
+    assert_eq!(root.symlinks[0].name, "top-link");
+    assert_eq!(root.symlinks[0].target, "top.txt");
+    assert_eq!(root.directories.len(), 1);
+    assert_eq!(root.directories[0].name, "sub");
+    assert_eq!(tree.children.len(), 1);
+    let sub = &tree.children[0];
+    assert_eq!(
+        root.directories[0].digest.as_ref(),
+        Some(&digest(&sub.encode_to_vec()))
+    );
+    assert_eq!(sub.files[0].name, "b.txt");
+    assert_eq!(
+        harness
+            .download(sub.files[0].digest.as_ref().unwrap())
+            .await,
+        b"bee\n"
+    );
+    assert!(result.output_symlinks.is_empty());
+
+    // Metadata: every phase stamped, in order; queued is the scheduler's.
+    let metadata = result.execution_metadata.as_ref().unwrap();
+    assert_eq!(metadata.worker, "test-worker");
+    assert!(metadata.queued_timestamp.is_none());
+    let order = [
+        millis(&metadata.worker_start_timestamp, "worker_start"),
+        millis(&metadata.input_fetch_start_timestamp, "input_fetch_start"),
+        millis(
+            &metadata.input_fetch_completed_timestamp,
+            "input_fetch_completed",
+        ),
+        millis(&metadata.execution_start_timestamp, "execution_start"),
+        millis(
+            &metadata.execution_completed_timestamp,
+            "execution_completed",
+        ),
+        millis(
+            &metadata.output_upload_start_timestamp,
+            "output_upload_start",
+        ),
+        millis(
+            &metadata.output_upload_completed_timestamp,
+            "output_upload_completed",
+        ),
+        millis(&metadata.worker_completed_timestamp, "worker_completed"),
+    ];
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+
+    // The workspace is gone.
+    assert_eq!(entries_of(&harness.work_root()), 0);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_run_takes_inputs_from_the_cache() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let (action, _) = happy_action(&mut blobs);
+    harness.upload(&blobs.0).await;
+
+    let first = harness.run(&action, &Platform::default()).await.unwrap();
+    assert_eq!(first.result.exit_code, 0);
+    let after_first = harness.runner.cache().stats();
+    // tool.sh, a.txt, big.bin, b.txt.
+    assert_eq!(after_first.blobs_filled, 4);
+
+    let second = harness.run(&action, &Platform::default()).await.unwrap();
+    assert_eq!(second.result.exit_code, 0);
+    assert_eq!(harness.runner.cache().stats(), after_first);
+    assert_eq!(second.result.output_files, first.result.output_files);
+    harness.stop().await;
+}
+
+/// Runs an action whose root holds `bad` as a subdirectory; expects
+/// INVALID_ARGUMENT naming `bad`'s digest and `entry`.
+async fn expect_bad_directory(harness: &Harness, bad: Directory, entry: &str) {
+    let mut blobs = Blobs::default();
+    let bad_digest = blobs.message(&bad);
+    let root = Directory {
+        directories: vec![DirectoryNode {
+            name: "d".into(),
+            digest: Some(bad_digest.clone()),
+        }],
+        ..Default::default()
+    };
+    let action = blobs.action(&root, &["/bin/true"], &[]);
+    harness.upload(&blobs.0).await;
+    let error = harness
+        .run(&action, &Platform::default())
+        .await
+        .expect_err("a bad directory is rejected");
+    let RunError::InvalidArgument(message) = &error else {
+        panic!("expected InvalidArgument, got {error:?}");
+    };
+    assert!(message.contains(&bad_digest.hash), "{message}");
+    assert!(message.contains(&format!("{entry:?}")), "{message}");
+    assert_eq!(tonic::Status::from(error).code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_directory_entries_are_rejected() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let file = |blobs: &mut Blobs, name: &str| blobs.file(name, b"x", false);
+    let empty_dir = |blobs: &mut Blobs, name: &str| blobs.directory(name, &Directory::default());
+    for name in ["", ".", "..", "a/b", "a\0b"] {
+        let bad = Directory {
+            files: vec![file(&mut blobs, name)],
+            ..Default::default()
+        };
+        expect_bad_directory(&harness, bad, name).await;
+    }
+    // The same name as a file and a directory.
+    let bad = Directory {
+        files: vec![file(&mut blobs, "same")],
+        directories: vec![empty_dir(&mut blobs, "same")],
+        ..Default::default()
+    };
+    expect_bad_directory(&harness, bad, "same").await;
+    // The same name as a directory and a symlink.
+    let bad = Directory {
+        directories: vec![empty_dir(&mut blobs, "same")],
+        symlinks: vec![SymlinkNode {
+            name: "same".into(),
+            target: "x".into(),
+            node_properties: None,
+        }],
+        ..Default::default()
+    };
+    expect_bad_directory(&harness, bad, "same").await;
+    // Unsorted entries.
+    let bad = Directory {
+        files: vec![file(&mut blobs, "b"), file(&mut blobs, "a")],
+        ..Default::default()
+    };
+    expect_bad_directory(&harness, bad, "a").await;
+    // Nothing ran: the work root holds no workspace.
+    assert_eq!(entries_of(&harness.work_root()), 0);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_paths_are_rejected() {
+    let harness = Harness::start().await;
+    #[allow(deprecated)]
+    let cases: Vec<(Command, &str)> = vec![
+        (
+            Command {
+                output_paths: vec!["/etc/passwd".into()],
+                ..Default::default()
+            },
+            "/etc/passwd",
+        ),
+        (
+            Command {
+                output_paths: vec!["a/../../escape".into()],
+                ..Default::default()
+            },
+            "a/../../escape",
+        ),
+        (
+            Command {
+                working_directory: "sub".into(),
+                output_paths: vec!["../../escape".into()],
+                ..Default::default()
+            },
+            "../../escape",
+        ),
+        (
+            Command {
+                output_files: vec!["../legacy-file".into()],
+                ..Default::default()
+            },
+            "../legacy-file",
+        ),
+        (
+            Command {
+                output_directories: vec!["/abs/dir".into()],
+                ..Default::default()
+            },
+            "/abs/dir",
+        ),
+        (
+            Command {
+                working_directory: "../outside".into(),
+                ..Default::default()
+            },
+            "../outside",
+        ),
+        (
+            Command {
+                working_directory: "/tmp".into(),
+                ..Default::default()
+            },
+            "/tmp",
+        ),
+    ];
+    for (mut command, path) in cases {
+        command.arguments = vec!["/bin/true".into()];
+        let mut blobs = Blobs::default();
+        let action = blobs.action_with(&Directory::default(), command, None);
+        harness.upload(&blobs.0).await;
+        let error = harness
+            .run(&action, &Platform::default())
+            .await
+            .expect_err("a bad path is rejected");
+        let RunError::InvalidArgument(message) = &error else {
+            panic!("expected InvalidArgument for {path}, got {error:?}");
+        };
+        assert!(message.contains(&format!("{path:?}")), "{message}");
+    }
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_inputs_are_listed() {
+    let harness = Harness::start().await;
+    let mut uploaded = Blobs::default();
+    let mut not_uploaded = Blobs::default();
+
+    // A missing file, a missing subdirectory, and a present one.
+    let missing_file = not_uploaded.file("gone.txt", b"never uploaded", false);
+    let missing_dir = not_uploaded.directory(
+        "gone",
+        &Directory {
+            files: vec![uploaded.file("inner", b"inner", false)],
+            ..Default::default()
+        },
+    );
+    let root = Directory {
+        files: vec![
+            missing_file.clone(),
+            uploaded.file("here.txt", b"here", false),
+        ],
+        directories: vec![missing_dir.clone()],
+        ..Default::default()
+    };
+    let action = uploaded.action(&root, &["/bin/true"], &[]);
+    harness.upload(&uploaded.0).await;
+    let error = harness
+        .run(&action, &Platform::default())
+        .await
+        .expect_err("missing inputs");
+    let RunError::MissingInputs(digests) = &error else {
+        panic!("expected MissingInputs, got {error:?}");
+    };
+    let got: HashSet<Digest> = digests.iter().cloned().collect();
+    let want: HashSet<Digest> = [missing_file.digest.unwrap(), missing_dir.digest.unwrap()]
+        .into_iter()
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(digests.len(), 2);
+
+    // At the edge: FAILED_PRECONDITION with one MISSING violation per blob.
+    let status = tonic::Status::from(error);
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let details = kiln_proto::rpc::Status::decode(status.details()).unwrap();
+    let failure = PreconditionFailure::decode(details.details[0].value.as_slice()).unwrap();
+    let subjects: HashSet<String> = failure
+        .violations
+        .iter()
+        .map(|v| {
+            assert_eq!(v.r#type, "MISSING");
+            v.subject.clone()
+        })
+        .collect();
+    let want_subjects: HashSet<String> = want
+        .iter()
+        .map(|d| format!("blobs/{}/{}", d.hash, d.size_bytes))
+        .collect();
+    assert_eq!(subjects, want_subjects);
+
+    // A missing Action, and a missing Command.
+    let mut blobs = Blobs::default();
+    let absent_action = digest(b"no such action");
+    let error = harness
+        .run(&absent_action, &Platform::default())
+        .await
+        .expect_err("missing action");
+    assert!(
+        matches!(&error, RunError::MissingInputs(d) if d == &vec![absent_action.clone()]),
+        "{error:?}"
+    );
+    let absent_command = digest(b"no such command");
+    let action = blobs.message(&Action {
+        command_digest: Some(absent_command.clone()),
+        input_root_digest: Some(digest(&Directory::default().encode_to_vec())),
+        ..Default::default()
+    });
+    harness.upload(&blobs.0).await;
+    let error = harness
+        .run(&action, &Platform::default())
+        .await
+        .expect_err("missing command");
+    assert!(
+        matches!(&error, RunError::MissingInputs(d) if d == &vec![absent_command.clone()]),
+        "{error:?}"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_not_found_is_a_result() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let action = blobs.action(&Directory::default(), &["no-such-tool-xyz", "--flag"], &[]);
+    harness.upload(&blobs.0).await;
+    let outcome = harness.run(&action, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.status.code(), Code::Ok);
+    assert_eq!(outcome.result.exit_code, 127);
+    assert!(!outcome.cacheable);
+    let stderr = harness
+        .download(outcome.result.stderr_digest.as_ref().unwrap())
+        .await;
+    let stderr = String::from_utf8_lossy(&stderr);
+    assert!(stderr.contains("no-such-tool-xyz"), "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_runs_with_exactly_the_command_environment() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let command = Command {
+        arguments: vec!["env".into()],
+        environment_variables: vec![
+            EnvironmentVariable {
+                name: "PATH".into(),
+                value: "/usr/bin:/bin".into(),
+            },
+            EnvironmentVariable {
+                name: "ONLY".into(),
+                value: "this".into(),
+            },
+        ],
+        ..Default::default()
+    };
+    let action = blobs.action_with(&Directory::default(), command, None);
+    let echo = blobs.action(&Directory::default(), &["/bin/echo", "hello", "world"], &[]);
+    harness.upload(&blobs.0).await;
+
+    let outcome = harness.run(&action, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.result.exit_code, 0);
+    let stdout = harness
+        .download(outcome.result.stdout_digest.as_ref().unwrap())
+        .await;
+    let mut lines: Vec<&str> = std::str::from_utf8(&stdout).unwrap().lines().collect();
+    lines.sort();
+    assert_eq!(lines, vec!["ONLY=this", "PATH=/usr/bin:/bin"]);
+
+    let outcome = harness.run(&echo, &Platform::default()).await.unwrap();
+    let stdout = harness
+        .download(outcome.result.stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(stdout, b"hello world\n");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_sends_term_then_waits_the_grace_period() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let command = Command {
+        arguments: shell(
+            "trap 'echo got-term; sleep 0.2; exit 3' TERM; echo started; while true; do sleep 0.05; done",
+        )
+        .into_iter()
+        .map(String::from)
+        .collect(),
+        ..Default::default()
+    };
+    let action = blobs.action_with(&Directory::default(), command, Some(Duration::from_secs(2)));
+    harness.upload(&blobs.0).await;
+    let mut platform = Platform::default();
+    // Far longer than the trap needs: the trap must end the script itself.
+    platform.termination_grace_period = Some(Duration::from_secs(60));
+    let outcome = harness.run(&action, &platform).await.unwrap();
+    assert_eq!(outcome.status.code(), Code::DeadlineExceeded);
+    assert!(!outcome.cacheable);
+    assert_eq!(outcome.result.exit_code, 3, "the trap ran to its exit");
+    let stdout = harness
+        .download(outcome.result.stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&stdout),
+        "started\ngot-term\n",
+        "partial stdout is returned"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_kills_a_process_that_ignores_term() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let command = Command {
+        arguments: shell("trap '' TERM; echo started; while true; do sleep 0.05; done")
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        ..Default::default()
+    };
+    // No Action.timeout: the platform's default-timeout applies.
+    let action = blobs.action_with(&Directory::default(), command, None);
+    harness.upload(&blobs.0).await;
+    let mut platform = Platform::default();
+    platform.default_timeout = Some(Duration::from_secs(1));
+    platform.termination_grace_period = Some(Duration::from_millis(300));
+    let outcome = harness.run(&action, &platform).await.unwrap();
+    assert_eq!(outcome.status.code(), Code::DeadlineExceeded);
+    assert_eq!(outcome.result.exit_code, 128 + 9, "killed by SIGKILL");
+    let stdout = harness
+        .download(outcome.result.stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(stdout, b"started\n");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_kills_the_process_group() {
+    let harness = Harness::start().await;
+    let fifo = harness.dir.path().join("grandchild.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let script = format!("sleep 1000 & echo $! > {}; wait", fifo.display());
+    let mut blobs = Blobs::default();
+    let action = blobs.action(&Directory::default(), &shell(&script), &[]);
+    harness.upload(&blobs.0).await;
+
+    let cancel = CancellationToken::new();
+    let platform = Platform::default();
+    let run = harness.run_cancellable(&action, &platform, cancel.clone());
+    let watch = async {
+        // Blocks until the script has started its grandchild.
+        let fifo = fifo.clone();
+        let pid: i32 = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo))
+            .await
+            .unwrap()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .expect("the grandchild is alive");
+        cancel.cancel();
+        (pid, pidfd)
+    };
+    let (outcome, (pid, pidfd)) = tokio::join!(run, watch);
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.status.code(), Code::Cancelled);
+    assert!(!outcome.cacheable);
+
+    // A pidfd becomes readable when its process has exited.
+    let exited = tokio::task::spawn_blocking(move || {
+        let mut fds = [rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let limit = rustix::event::Timespec {
+            tv_sec: HANG_GUARD.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        rustix::event::poll(&mut fds, Some(&limit)).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(exited, 1, "the grandchild exits");
+    // Gone, or a zombie waiting for init to reap it: not running.
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        let state = stat.rsplit(')').next().unwrap().trim_start().chars().next();
+        assert_eq!(state, Some('Z'), "{stat}");
+    }
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_before_start_runs_nothing() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let action = blobs.action(&Directory::default(), &["/bin/echo", "hi"], &[]);
+    harness.upload(&blobs.0).await;
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let outcome = harness
+        .run_cancellable(&action, &Platform::default(), cancel)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status.code(), Code::Cancelled);
+    assert_eq!(outcome.result.stdout_digest.as_ref().unwrap().size_bytes, 0);
+    harness.stop().await;
+}
+
+/// Unmounts a tmpfs when dropped.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_is_executor_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&small)
+        .status();
+    if !matches!(mounted, Ok(status) if status.success()) {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)");
+        return;
+    }
+    let _mount = Mount(small.clone());
+    let harness = Harness::start_with(dir, small.clone()).await;
+    let mut blobs = Blobs::default();
+    let too_big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let root = Directory {
+        files: vec![blobs.file("big", &too_big, false)],
+        ..Default::default()
+    };
+    let action = blobs.action(&root, &["/bin/true"], &[]);
+    harness.upload(&blobs.0).await;
+    let error = harness
+        .run(&action, &Platform::default())
+        .await
+        .expect_err("the disk is full");
+    assert!(
+        matches!(error, RunError::ExecutorUnavailable(_)),
+        "{error:?}"
+    );
+    assert!(error.is_retryable_elsewhere());
+    assert_eq!(tonic::Status::from(error).code(), Code::ResourceExhausted);
+    harness.stop().await;
+}
