@@ -130,3 +130,23 @@ impl From<RunError> for tonic::Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_means_retry_elsewhere() {
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let error = RunError::io("writing /cache/x", full);
+        assert!(error.is_retryable_elsewhere());
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("/cache/x"));
+        let other = RunError::io(
+            "x",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert!(!other.is_retryable_elsewhere());
+    }
+}

@@ -61,6 +61,7 @@ enum Declared {
 /// thread: this hashes every output file).
 pub async fn collect(
     command: &Command,
+    workspace: PathBuf,
     working_directory: PathBuf,
 ) -> Result<CollectedOutputs, RunError> {
     let declared: Vec<(String, Declared)> = if !command.output_paths.is_empty() {
@@ -85,12 +86,35 @@ pub async fn collect(
     tokio::task::spawn_blocking(move || {
         let mut collected = CollectedOutputs::default();
         for (path, kind) in declared {
+            if !within(&workspace, &working_directory.join(&path)) {
+                // A symlink in the output's parents leads out of the
+                // workspace: not the action's output to report.
+                tracing::warn!(path, "output path leaves the workspace through a symlink");
+                continue;
+            }
             collect_one(&working_directory, &path, kind, &mut collected)?;
         }
         Ok(collected)
     })
     .await
     .map_err(|e| RunError::Internal(format!("collecting outputs: {e}")))?
+}
+
+/// Whether `path`'s parent, with symlinks resolved, is inside `workspace`.
+/// (The last component itself may be a symlink: that is an OutputSymlink.)
+pub fn within(workspace: &Path, path: &Path) -> bool {
+    let Ok(root) = workspace.canonicalize() else {
+        return false;
+    };
+    // The deepest ancestor that exists decides where the path really goes.
+    let mut ancestor = path.parent();
+    while let Some(candidate) = ancestor {
+        if let Ok(real) = candidate.canonicalize() {
+            return real.starts_with(&root);
+        }
+        ancestor = candidate.parent();
+    }
+    false
 }
 
 fn collect_one(

@@ -155,6 +155,15 @@ impl ActionRunner {
         action_dir: &Path,
         metadata: &mut ExecutedActionMetadata,
     ) -> Result<RunOutcome, RunError> {
+        if let Some(requested) = platform.isolation {
+            if requested.name() != self.isolation.name() {
+                return Err(RunError::InvalidArgument(format!(
+                    "workload-isolation-type={} is not available on this executor (it runs {})",
+                    requested.name(),
+                    self.isolation.name()
+                )));
+            }
+        }
         metadata.input_fetch_start_timestamp = Some(now());
         let (action, command) = self.fetch_action(instance_name, action_digest).await?;
         let working_directory = check_command(&command)?;
@@ -179,6 +188,12 @@ impl ActionRunner {
                 .await
                 .map_err(|e| RunError::io(format!("creating {}", dir.display()), e))?;
         }
+        if platform.nonroot_workspace {
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(&workspace, std::fs::Permissions::from_mode(0o777))
+                .await
+                .map_err(|e| RunError::io(format!("opening up {}", workspace.display()), e))?;
+        }
         inputs::materialize(
             self.cache.clone(),
             Arc::new(directories),
@@ -187,7 +202,7 @@ impl ActionRunner {
         )
         .await?;
         let working_path = workspace.join(&working_directory);
-        create_output_parents(&command, &working_path).await?;
+        create_output_parents(&command, &workspace, &working_path).await?;
         metadata.input_fetch_completed_timestamp = Some(now());
 
         let spec = CommandSpec {
@@ -239,9 +254,13 @@ impl ActionRunner {
                         ));
                     }
                     None => {
-                        blobs = outputs::collect(&command, working_path.clone())
-                            .await?
-                            .fill(&mut result);
+                        blobs = outputs::collect(
+                            &command,
+                            spec.workspace.clone(),
+                            working_path.clone(),
+                        )
+                        .await?
+                        .fill(&mut result);
                     }
                 }
             }
@@ -359,14 +378,26 @@ fn check_command(command: &Command) -> Result<String, RunError> {
 
 /// REAPI: the server creates the parent directory of every declared output
 /// (and, for legacy output_directories, the directory itself is not made).
-async fn create_output_parents(command: &Command, working_path: &Path) -> Result<(), RunError> {
+/// An input symlink on the way must not lead the creation outside the
+/// workspace.
+async fn create_output_parents(
+    command: &Command,
+    workspace: &Path,
+    working_path: &Path,
+) -> Result<(), RunError> {
     let all = command
         .output_paths
         .iter()
         .chain(&command.output_files)
         .chain(&command.output_directories);
     for path in all {
-        if let Some(parent) = working_path.join(path).parent() {
+        let full = working_path.join(path);
+        if !outputs::within(workspace, &full) {
+            return Err(RunError::InvalidArgument(format!(
+                "output {path:?} leads out of the workspace through an input symlink"
+            )));
+        }
+        if let Some(parent) = full.parent() {
             tokio::fs::create_dir_all(parent)
                 .await
                 .map_err(|e| RunError::io(format!("creating the parent of output {path:?}"), e))?;

@@ -897,3 +897,107 @@ async fn disk_full_is_executor_unavailable() {
     assert_eq!(tonic::Status::from(error).code(), Code::ResourceExhausted);
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(deprecated)]
+async fn legacy_outputs_and_working_directory() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let sub = Directory {
+        files: vec![blobs.file("run.sh", b"#!/bin/sh\necho f > gen/file.txt\nmkdir gen/dir\necho d > gen/dir/x\nln -s file.txt gen/file-link\nln -s dir gen/dir-link\n", true)],
+        ..Default::default()
+    };
+    let root = Directory {
+        directories: vec![blobs.directory("sub", &sub)],
+        ..Default::default()
+    };
+    let command = Command {
+        arguments: vec!["./run.sh".into()],
+        working_directory: "sub".into(),
+        output_files: vec!["gen/file.txt".into(), "gen/file-link".into()],
+        output_directories: vec!["gen/dir".into(), "gen/dir-link".into()],
+        ..Default::default()
+    };
+    let action = blobs.action_with(&root, command, None);
+    harness.upload(&blobs.0).await;
+    let outcome = harness.run(&action, &Platform::default()).await.unwrap();
+    let result = outcome.result;
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.output_files.len(), 1);
+    assert_eq!(result.output_files[0].path, "gen/file.txt");
+    assert_eq!(result.output_files[0].digest, Some(digest(b"f\n")));
+    assert_eq!(result.output_directories.len(), 1);
+    assert_eq!(result.output_directories[0].path, "gen/dir");
+    assert_eq!(result.output_file_symlinks.len(), 1);
+    assert_eq!(result.output_file_symlinks[0].path, "gen/file-link");
+    assert_eq!(result.output_file_symlinks[0].target, "file.txt");
+    assert_eq!(result.output_directory_symlinks.len(), 1);
+    assert_eq!(result.output_directory_symlinks[0].target, "dir");
+    assert_eq!(result.output_symlinks.len(), 2);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_symlinks_are_not_followed() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let action = blobs.action(
+        &Directory::default(),
+        &shell("ln -s /etc/hostname out/link"),
+        &["out/link"],
+    );
+    harness.upload(&blobs.0).await;
+    let outcome = harness.run(&action, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.result.exit_code, 0);
+    assert!(outcome.result.output_files.is_empty());
+    assert_eq!(outcome.result.output_symlinks.len(), 1);
+    assert_eq!(outcome.result.output_symlinks[0].target, "/etc/hostname");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_symlink_cannot_lead_outputs_out_of_the_workspace() {
+    let harness = Harness::start().await;
+    let outside = harness.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let mut blobs = Blobs::default();
+    let root = Directory {
+        symlinks: vec![SymlinkNode {
+            name: "out".into(),
+            target: outside.display().to_string(),
+            node_properties: None,
+        }],
+        ..Default::default()
+    };
+    let action = blobs.action(&root, &["/bin/true"], &["out/new/file"]);
+    harness.upload(&blobs.0).await;
+    let error = harness
+        .run(&action, &Platform::default())
+        .await
+        .expect_err("an output through an escaping symlink is rejected");
+    assert!(
+        matches!(&error, RunError::InvalidArgument(m) if m.contains("\"out/new/file\"")),
+        "{error:?}"
+    );
+    assert_eq!(entries_of(&outside), 0, "nothing was created outside");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_isolation_type_is_rejected() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let action = blobs.action(&Directory::default(), &["/bin/true"], &[]);
+    harness.upload(&blobs.0).await;
+    let mut platform = Platform::default();
+    platform.isolation = Some(kiln_platform::IsolationType::Docker);
+    let error = harness
+        .run(&action, &platform)
+        .await
+        .expect_err("no docker");
+    assert!(
+        matches!(&error, RunError::InvalidArgument(m) if m.contains("workload-isolation-type=docker")),
+        "{error:?}"
+    );
+    harness.stop().await;
+}
