@@ -40,8 +40,7 @@ pub async fn fetch_blobs(
     let (small, large): (Vec<Digest>, Vec<Digest>) = unique
         .into_iter()
         .partition(|digest| cas.fits_batch(digest.size_bytes));
-    let (empty, small): (Vec<Digest>, Vec<Digest>) =
-        small.into_iter().partition(|d| d.size_bytes == 0);
+    let (empty, small): (Vec<Digest>, Vec<Digest>) = small.into_iter().partition(is_empty_blob);
     results.extend(empty.into_iter().map(|d| (d, Some(bytes::Bytes::new()))));
     let batches: Vec<_> = futures::stream::iter(cas.batches(small))
         .map(|batch| cas.batch_read(instance_name, batch))
@@ -128,7 +127,7 @@ pub async fn fetch_tree(
 /// cache, downloading only what is absent. Returns the digests the CAS lacks.
 pub async fn fill_cache(
     cas: &CasClient,
-    cache: &FileCache,
+    cache: &Arc<FileCache>,
     instance_name: &str,
     directories: &DirectoryMap,
 ) -> Result<Vec<Digest>, RunError> {
@@ -140,24 +139,41 @@ pub async fn fill_cache(
             }
         }
     }
+    // Which entries exist, and which can be derived from the other
+    // variant: a stat per file, so on a blocking thread.
+    let lookup = cache.clone();
+    let presence = tokio::task::spawn_blocking(move || {
+        needed
+            .into_iter()
+            .map(|(digest, executable)| {
+                let present = lookup.contains(&digest, executable);
+                let derivable = !present && lookup.contains(&digest, !executable);
+                (digest, executable, present, derivable)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("checking the file cache: {e}")))?;
     let mut to_fetch: HashMap<Digest, Vec<bool>> = HashMap::new();
-    for (digest, executable) in needed {
-        if !cache.derive_variant(&digest, executable).await? {
-            to_fetch.entry(digest).or_default().push(executable);
+    for (digest, executable, present, derivable) in presence {
+        if present || (derivable && cache.derive_variant(&digest, executable).await?) {
+            continue;
         }
+        to_fetch.entry(digest).or_default().push(executable);
     }
     let (small, large): (Vec<Digest>, Vec<Digest>) = to_fetch
         .keys()
         .cloned()
         .partition(|digest| cas.fits_batch(digest.size_bytes));
     let to_fetch = &to_fetch;
+    let cache: &FileCache = cache;
 
     // Small files: batches in parallel, each written to the cache as it lands.
     let small_missing: Vec<Vec<Digest>> = futures::stream::iter(cas.batches(small))
         .map(|batch| async move {
             let mut missing = Vec::new();
             let (empty, batch): (Vec<Digest>, Vec<Digest>) =
-                batch.into_iter().partition(|d| d.size_bytes == 0);
+                batch.into_iter().partition(is_empty_blob);
             let mut blobs: Vec<(Digest, Option<bytes::Bytes>)> = empty
                 .into_iter()
                 .map(|d| (d, Some(bytes::Bytes::new())))
@@ -207,6 +223,11 @@ pub async fn fill_cache(
     let mut missing: Vec<Digest> = small_missing.into_iter().flatten().collect();
     missing.extend(large_missing.into_iter().flatten());
     Ok(missing)
+}
+
+/// The empty blob is never fetched: every CAS has it implicitly.
+fn is_empty_blob(digest: &Digest) -> bool {
+    digest.size_bytes == 0 && *digest == crate::cas::digest_of(&[])
 }
 
 async fn insert_variants(

@@ -247,14 +247,17 @@ fn entries_of(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
-const TOOL: &[u8] = b"#!/bin/sh\nset -e\ncat link > out/copy.txt\nmkdir -p out/dir/sub\ncp src/deep/b.txt out/dir/sub/b.txt\necho top > out/dir/top.txt\nln -s top.txt out/dir/top-link\ncp src/big.bin out/big.bin\ntest -d empty\ntest ! -x src/a.txt\necho stdout-text\necho stderr-text >&2\n";
+const TOOL: &[u8] = b"#!/bin/sh\nset -e\ncat link > out/copy.txt\nmkdir -p out/dir/sub\ncp src/deep/b.txt out/dir/sub/b.txt\necho top > out/dir/top.txt\nln -s top.txt out/dir/top-link\ncp src/big.bin out/big.bin\ntest -d empty\ntest -f src/deep/empty.txt\ntest ! -x src/a.txt\necho stdout-text\necho stderr-text >&2\n";
 
 /// The happy path's action: nested inputs, an executable, a symlink, an
 /// empty directory, and a file large enough for ByteStream.
 fn happy_action(blobs: &mut Blobs) -> (Digest, Vec<u8>) {
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let deep = Directory {
-        files: vec![blobs.file("b.txt", b"bee\n", false)],
+        files: vec![
+            blobs.file("b.txt", b"bee\n", false),
+            blobs.file("empty.txt", b"", false),
+        ],
         ..Default::default()
     };
     let src = Directory {
@@ -417,8 +420,8 @@ async fn second_run_takes_inputs_from_the_cache() {
     let first = harness.run(&action, &Platform::default()).await.unwrap();
     assert_eq!(first.result.exit_code, 0);
     let after_first = harness.runner.cache().stats();
-    // tool.sh, a.txt, big.bin, b.txt.
-    assert_eq!(after_first.blobs_filled, 4);
+    // tool.sh, a.txt, big.bin, b.txt, empty.txt.
+    assert_eq!(after_first.blobs_filled, 5);
 
     let second = harness.run(&action, &Platform::default()).await.unwrap();
     assert_eq!(second.result.exit_code, 0);
