@@ -48,10 +48,14 @@ impl Harness {
     async fn start() -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().to_path_buf();
-        Harness::start_with(dir, work).await
+        Harness::start_with(dir, work, |_| {}).await
     }
 
-    async fn start_with(dir: tempfile::TempDir, runner_root: PathBuf) -> Harness {
+    async fn start_with(
+        dir: tempfile::TempDir,
+        runner_root: PathBuf,
+        adjust: impl FnOnce(&mut RunnerConfig),
+    ) -> Harness {
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().join("server"),
@@ -70,6 +74,7 @@ impl Harness {
         runner_config.worker_name = "test-worker".into();
         runner_config.max_timeout = Duration::from_secs(600);
         runner_config.default_grace = Duration::from_secs(60);
+        adjust(&mut runner_config);
         let runner = ActionRunner::new(channel.clone(), runner_config, Arc::new(NoIsolation))
             .await
             .expect("runner starts");
@@ -879,7 +884,7 @@ async fn disk_full_is_executor_unavailable() {
         return;
     }
     let _mount = Mount(small.clone());
-    let harness = Harness::start_with(dir, small.clone()).await;
+    let harness = Harness::start_with(dir, small.clone(), |_| {}).await;
     let mut blobs = Blobs::default();
     let too_big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
     let root = Directory {
@@ -1002,5 +1007,87 @@ async fn an_unavailable_isolation_type_is_rejected() {
         matches!(&error, RunError::InvalidArgument(m) if m.contains("workload-isolation-type=docker")),
         "{error:?}"
     );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_are_copied_when_the_cache_is_on_another_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("other-device");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&small)
+        .status();
+    if !matches!(mounted, Ok(status) if status.success()) {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)");
+        return;
+    }
+    let _mount = Mount(small.clone());
+    let work_root = small.join("work");
+    let root = dir.path().to_path_buf();
+    let harness = Harness::start_with(dir, root, |config| {
+        config.work_root = work_root.clone();
+        config.keep_workspaces = true;
+    })
+    .await;
+    // The cache stays in the temp dir: hardlinks across devices fail.
+    let cache_device = std::fs::metadata(&harness.runner.config().cache_dir).unwrap();
+    let work_device = std::fs::metadata(&work_root).unwrap();
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_ne!(cache_device.dev(), work_device.dev());
+    }
+    let mut blobs = Blobs::default();
+    let (action, _) = happy_action(&mut blobs);
+    harness.upload(&blobs.0).await;
+    let outcome = harness.run(&action, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.result.exit_code, 0);
+    // keep_workspaces: the action's directory is still there.
+    assert_eq!(entries_of(&work_root), 1);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeout_never_exceeds_max_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let harness = Harness::start_with(dir, root, |config| {
+        config.max_timeout = Duration::from_millis(500);
+        config.default_grace = Duration::from_millis(100);
+    })
+    .await;
+    let mut blobs = Blobs::default();
+    let command = Command {
+        arguments: vec!["/bin/sleep".into(), "1000".into()],
+        ..Default::default()
+    };
+    let action = blobs.action_with(
+        &Directory::default(),
+        command,
+        Some(Duration::from_secs(1000)),
+    );
+    harness.upload(&blobs.0).await;
+    let outcome = harness.run(&action, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.status.code(), Code::DeadlineExceeded);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_command_path_the_executor_path_is_searched() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let command = Command {
+        arguments: vec!["echo".into(), "found".into()],
+        ..Default::default()
+    };
+    let action = blobs.action_with(&Directory::default(), command, None);
+    harness.upload(&blobs.0).await;
+    let outcome = harness.run(&action, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.result.exit_code, 0);
+    let stdout = harness
+        .download(outcome.result.stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(stdout, b"found\n");
     harness.stop().await;
 }
