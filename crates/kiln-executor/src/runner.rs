@@ -73,6 +73,15 @@ pub struct RunOutcome {
     pub cacheable: bool,
 }
 
+/// An action ready to run: its messages and its laid-out directories.
+struct Staged {
+    action: Action,
+    command: Command,
+    workspace: PathBuf,
+    io_dir: PathBuf,
+    working_path: PathBuf,
+}
+
 /// Runs actions: one CAS client, one file cache, one isolation backend.
 pub struct ActionRunner {
     cas: CasClient,
@@ -165,6 +174,103 @@ impl ActionRunner {
             }
         }
         metadata.input_fetch_start_timestamp = Some(now());
+        // Input staging is not counted against the timeout, but it can be
+        // cancelled.
+        let staged = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(cancelled_before_start(action_digest, metadata)),
+            staged = self.stage(instance_name, action_digest, platform, action_dir) => staged?,
+        };
+        let Staged {
+            action,
+            command,
+            workspace,
+            io_dir,
+            working_path,
+        } = staged;
+        metadata.input_fetch_completed_timestamp = Some(now());
+
+        let spec = CommandSpec {
+            arguments: command.arguments.clone(),
+            environment_variables: command
+                .environment_variables
+                .iter()
+                .map(|v| (v.name.clone(), v.value.clone()))
+                .collect(),
+            workspace: workspace.clone(),
+            working_directory: working_path.clone(),
+            stdout_path: io_dir.join("stdout"),
+            stderr_path: io_dir.join("stderr"),
+        };
+        let limits = self.limits(&action, platform);
+        metadata.execution_start_timestamp = Some(now());
+        let process = self.isolation.run(&spec, &limits, cancel).await?;
+        metadata.execution_completed_timestamp = Some(now());
+
+        metadata.output_upload_start_timestamp = Some(now());
+        let mut result = ActionResult::default();
+        let mut blobs = Vec::new();
+        let mut status = tonic::Status::ok("");
+        result.exit_code = process.exit_code;
+        match process.stopped {
+            Some(StopReason::Timeout) => {
+                status = tonic::Status::deadline_exceeded(format!(
+                    "action {} timed out after {:?}",
+                    format_digest(action_digest),
+                    limits.timeout
+                ));
+            }
+            Some(StopReason::Cancelled) => {
+                status = tonic::Status::cancelled(format!(
+                    "action {} was cancelled",
+                    format_digest(action_digest)
+                ));
+            }
+            None => {
+                blobs = outputs::collect(&command, workspace.clone(), working_path.clone())
+                    .await?
+                    .fill(&mut result);
+            }
+        }
+        for (path, field) in [
+            (&spec.stdout_path, &mut result.stdout_digest),
+            (&spec.stderr_path, &mut result.stderr_digest),
+        ] {
+            let digest = match tokio::fs::metadata(path).await {
+                Ok(_) => {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || outputs::hash_file(&path))
+                        .await
+                        .map_err(|e| RunError::Internal(format!("hashing output: {e}")))??
+                }
+                Err(_) => crate::cas::digest_of(&[]),
+            };
+            blobs.push((digest.clone(), UploadSource::File(path.clone())));
+            *field = Some(digest);
+        }
+        self.cas.upload(instance_name, blobs).await?;
+        metadata.output_upload_completed_timestamp = Some(now());
+        metadata.worker_completed_timestamp = Some(now());
+        result.execution_metadata = Some(metadata.clone());
+
+        let cacheable =
+            status.code() == tonic::Code::Ok && result.exit_code == 0 && !action.do_not_cache;
+        Ok(RunOutcome {
+            result,
+            status,
+            cacheable,
+        })
+    }
+
+    /// Fetches and checks the Action, Command and input tree, and lays the
+    /// workspace out under `action_dir`.
+    async fn stage(
+        &self,
+        instance_name: &str,
+        action_digest: &Digest,
+        platform: &Platform,
+        action_dir: &Path,
+    ) -> Result<Staged, RunError> {
         let (action, command) = self.fetch_action(instance_name, action_digest).await?;
         let working_directory = check_command(&command)?;
         let input_root = action.input_root_digest.clone().ok_or_else(|| {
@@ -203,95 +309,13 @@ impl ActionRunner {
         .await?;
         let working_path = workspace.join(&working_directory);
         create_output_parents(&command, &workspace, &working_path).await?;
-        metadata.input_fetch_completed_timestamp = Some(now());
 
-        let spec = CommandSpec {
-            arguments: command.arguments.clone(),
-            environment_variables: command
-                .environment_variables
-                .iter()
-                .map(|v| (v.name.clone(), v.value.clone()))
-                .collect(),
-            workspace: workspace.clone(),
-            working_directory: working_path.clone(),
-            stdout_path: io_dir.join("stdout"),
-            stderr_path: io_dir.join("stderr"),
-        };
-        let limits = self.limits(&action, platform);
-        metadata.execution_start_timestamp = Some(now());
-        let process = if cancel.is_cancelled() {
-            None
-        } else {
-            Some(self.isolation.run(&spec, &limits, cancel).await?)
-        };
-        metadata.execution_completed_timestamp = Some(now());
-
-        metadata.output_upload_start_timestamp = Some(now());
-        let mut result = ActionResult::default();
-        let mut blobs = Vec::new();
-        let mut status = tonic::Status::ok("");
-        match process {
-            None => {
-                status = tonic::Status::cancelled(format!(
-                    "action {} was cancelled before it started",
-                    format_digest(action_digest)
-                ));
-            }
-            Some(process) => {
-                result.exit_code = process.exit_code;
-                match process.stopped {
-                    Some(StopReason::Timeout) => {
-                        status = tonic::Status::deadline_exceeded(format!(
-                            "action {} timed out after {:?}",
-                            format_digest(action_digest),
-                            limits.timeout
-                        ));
-                    }
-                    Some(StopReason::Cancelled) => {
-                        status = tonic::Status::cancelled(format!(
-                            "action {} was cancelled",
-                            format_digest(action_digest)
-                        ));
-                    }
-                    None => {
-                        blobs = outputs::collect(
-                            &command,
-                            spec.workspace.clone(),
-                            working_path.clone(),
-                        )
-                        .await?
-                        .fill(&mut result);
-                    }
-                }
-            }
-        }
-        for (path, field) in [
-            (&spec.stdout_path, &mut result.stdout_digest),
-            (&spec.stderr_path, &mut result.stderr_digest),
-        ] {
-            let digest = match tokio::fs::metadata(path).await {
-                Ok(_) => {
-                    let path = path.clone();
-                    tokio::task::spawn_blocking(move || outputs::hash_file(&path))
-                        .await
-                        .map_err(|e| RunError::Internal(format!("hashing output: {e}")))??
-                }
-                Err(_) => crate::cas::digest_of(&[]),
-            };
-            blobs.push((digest.clone(), UploadSource::File(path.clone())));
-            *field = Some(digest);
-        }
-        self.cas.upload(instance_name, blobs).await?;
-        metadata.output_upload_completed_timestamp = Some(now());
-        metadata.worker_completed_timestamp = Some(now());
-        result.execution_metadata = Some(metadata.clone());
-
-        let cacheable =
-            status.code() == tonic::Code::Ok && result.exit_code == 0 && !action.do_not_cache;
-        Ok(RunOutcome {
-            result,
-            status,
-            cacheable,
+        Ok(Staged {
+            action,
+            command,
+            workspace,
+            io_dir,
+            working_path,
         })
     }
 
@@ -352,6 +376,25 @@ impl ActionRunner {
                 .termination_grace_period
                 .unwrap_or(self.config.default_grace),
         }
+    }
+}
+
+/// The outcome of an action cancelled while its inputs were staged.
+fn cancelled_before_start(
+    action_digest: &Digest,
+    metadata: &mut ExecutedActionMetadata,
+) -> RunOutcome {
+    metadata.worker_completed_timestamp = Some(now());
+    RunOutcome {
+        result: ActionResult {
+            execution_metadata: Some(metadata.clone()),
+            ..Default::default()
+        },
+        status: tonic::Status::cancelled(format!(
+            "action {} was cancelled before it started",
+            format_digest(action_digest)
+        )),
+        cacheable: false,
     }
 }
 
