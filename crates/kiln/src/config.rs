@@ -16,6 +16,9 @@ pub struct Config {
     /// Directory for all of Kiln's data. Default: `$XDG_DATA_HOME/kiln`,
     /// else `$HOME/.local/share/kiln`, else `/var/lib/kiln`.
     pub data_dir: PathBuf,
+    /// On SIGTERM/SIGINT, how long calls in flight may take to finish
+    /// before the server closes the remaining connections.
+    pub shutdown_grace_ms: u64,
     pub log: LogConfig,
     pub storage: StorageConfig,
 }
@@ -84,6 +87,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:1985".parse().expect("valid address"),
             data_dir: default_data_dir(),
+            shutdown_grace_ms: 10_000,
             log: LogConfig::default(),
             storage: StorageConfig::default(),
         }

@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Directory for Kiln's data.
     #[arg(long, env = "KILN_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// How long calls in flight may take to finish at shutdown.
+    #[arg(long)]
+    shutdown_grace_ms: Option<u64>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
     /// tracing filter, e.g. `info` or `kiln_cas=debug`.
@@ -96,6 +99,7 @@ impl ServeArgs {
         set! {
             self.listen => config.listen,
             self.data_dir => config.data_dir,
+            self.shutdown_grace_ms => config.shutdown_grace_ms,
             self.log_format => config.log.format,
             self.log_level => config.log.level,
             self.storage_backend => storage.backend,
@@ -126,18 +130,21 @@ fn init_logging(format: LogFormat, level: &str) {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     init_logging(config.log.format, &config.log.level);
-    let mut server = kiln::serve::start(&config).await?;
+    // Handlers go in before anyone can learn the address: a supervisor that
+    // sends SIGTERM right after readiness gets a clean stop.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let server = kiln::serve::start(&config).await?;
     tracing::info!(addr = %server.addr, data_dir = %config.data_dir.display(), "kiln serving");
     // The one line on stdout: scripts and tests read the bound address here.
     println!("listening grpc://{}", server.addr);
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
         _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
     }
-    server.request_stop();
-    server.wait().await?;
+    server.stop().await?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -27,27 +27,36 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    disk: Option<DiskStore>,
+    shutdown_grace: Duration,
 }
 
 impl RunningServer {
-    /// Stops accepting, lets in-flight calls finish, and syncs the store.
+    /// Stops accepting, gives calls in flight up to the shutdown grace to
+    /// finish (clients that merely keep a connection open, as Bazel does,
+    /// do not hold the stop up), then syncs the store.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        (&mut self.task).await.context("server task panicked")?
-    }
-
-    /// Waits until the server ends by itself (it does not, short of an error).
-    pub async fn wait(mut self) -> anyhow::Result<()> {
-        (&mut self.task).await.context("server task panicked")?
-    }
-
-    /// Asks the server to stop; [`RunningServer::wait`] then returns.
-    pub fn request_stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        match tokio::time::timeout(self.shutdown_grace, &mut self.task).await {
+            Ok(joined) => joined.context("server task panicked")??,
+            Err(_) => {
+                tracing::warn!(
+                    grace_ms = self.shutdown_grace.as_millis() as u64,
+                    "connections still open after the shutdown grace; closing them"
+                );
+                self.task.abort();
+            }
         }
+        if let Some(disk) = self.disk.take() {
+            // Not fatal: what did not reach the checkpoint is re-verified
+            // from the journal at the next start.
+            if let Err(e) = tokio::task::spawn_blocking(move || disk.flush()).await? {
+                tracing::error!(error = %e, "could not sync the store at shutdown");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -150,19 +159,13 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 let _ = stopped.await;
             })
             .await
-            .context("gRPC server failed")?;
-        if let Some(disk) = disk {
-            // Not fatal: what did not reach the checkpoint is re-verified
-            // from the journal at the next start.
-            if let Err(e) = tokio::task::spawn_blocking(move || disk.flush()).await? {
-                tracing::error!(error = %e, "could not sync the store at shutdown");
-            }
-        }
-        Ok(())
+            .context("gRPC server failed")
     });
     Ok(RunningServer {
         addr,
         stop: Some(stop),
         task,
+        disk,
+        shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
     })
 }

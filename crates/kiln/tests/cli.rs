@@ -150,3 +150,78 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     signal(&first, "TERM");
     assert!(stderr_of(first).0.success());
 }
+
+/// A server killed with SIGKILL (no shutdown, no final sync) restarts with
+/// every blob it acknowledged: the journal and data were written before
+/// the acknowledgement, and start-up re-verifies what the last checkpoint
+/// did not cover.
+#[tokio::test]
+async fn a_killed_server_restarts_with_everything_it_acknowledged() {
+    use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+    use kiln_proto::reapi::{
+        batch_update_blobs_request, BatchUpdateBlobsRequest, Digest, FindMissingBlobsRequest,
+    };
+    use sha2::Digest as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    // A long commit interval: nothing is checkpointed before the kill.
+    let (mut child, addr) = serve(dir.path(), &["--sync-interval-ms", "3600000"]);
+    let blobs: Vec<Vec<u8>> = (0..200u32)
+        .map(|i| {
+            format!("blob number {i}")
+                .repeat(i as usize + 1)
+                .into_bytes()
+        })
+        .collect();
+    let digests: Vec<Digest> = blobs
+        .iter()
+        .map(|b| Digest {
+            hash: hex::encode(sha2::Sha256::digest(b)),
+            size_bytes: b.len() as i64,
+        })
+        .collect();
+    let mut client = ContentAddressableStorageClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let response = client
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: blobs
+                .iter()
+                .zip(&digests)
+                .map(|(data, digest)| batch_update_blobs_request::Request {
+                    digest: Some(digest.clone()),
+                    data: data.clone(),
+                    compressor: 0,
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response
+        .responses
+        .iter()
+        .all(|r| r.status.as_ref().unwrap().code == 0));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    // This client keeps its connection open, as Bazel does: the stop below
+    // must not wait for it longer than the shutdown grace.
+    let (restarted, addr) = serve(dir.path(), &["--shutdown-grace-ms", "300"]);
+    let mut client = ContentAddressableStorageClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let missing = client
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: digests,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert!(missing.is_empty(), "{} blobs lost", missing.len());
+    signal(&restarted, "TERM");
+    assert!(stderr_of(restarted).0.success());
+}
