@@ -197,3 +197,36 @@ fn outcome(status: std::process::ExitStatus, stopped: Option<StopReason>) -> Pro
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_resolve_like_a_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("bin").join("tool");
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plain = dir.path().join("bin").join("plain");
+        std::fs::write(&plain, "not executable").unwrap();
+
+        // With a '/': relative to the working directory, PATH not consulted.
+        assert_eq!(
+            resolve_program("bin/tool", dir.path(), Some("/nowhere")),
+            Some(tool.clone())
+        );
+        assert_eq!(resolve_program("./missing", dir.path(), None), None);
+        // A bare name: the given PATH, relative entries from the working directory.
+        assert_eq!(
+            resolve_program("tool", dir.path(), Some("/nowhere:bin")),
+            Some(tool)
+        );
+        assert_eq!(resolve_program("plain", dir.path(), Some("bin")), None);
+        assert_eq!(resolve_program("sh", dir.path(), Some("/nowhere")), None);
+        // No PATH in the Command: the executor's own.
+        assert!(resolve_program("sh", dir.path(), None).is_some());
+        assert_eq!(resolve_program("", dir.path(), None), None);
+    }
+}

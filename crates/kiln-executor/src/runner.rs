@@ -152,6 +152,19 @@ impl ActionRunner {
         if !self.config.keep_workspaces {
             remove_tree(action_dir).await;
         }
+        match &result {
+            Ok(outcome) => tracing::info!(
+                action = %format_digest(action_digest),
+                exit_code = outcome.result.exit_code,
+                status = ?outcome.status.code(),
+                "action ran"
+            ),
+            Err(error) => tracing::info!(
+                action = %format_digest(action_digest),
+                %error,
+                "action could not run"
+            ),
+        }
         result
     }
 
