@@ -21,6 +21,7 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     pub log: LogConfig,
     pub storage: StorageConfig,
+    pub execution: ExecutionConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -82,6 +83,48 @@ pub struct StorageConfig {
     pub max_batch_total_size: String,
 }
 
+/// Remote execution: the Execution and Operations services and the
+/// executor embedded in the server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecutionConfig {
+    /// Serve Execute/WaitExecution and Operations, and advertise execution
+    /// in the capabilities. Off: Kiln is a cache only.
+    pub enabled: bool,
+    /// Run actions in the server process (with `none` isolation).
+    pub embedded_executor: bool,
+    /// The embedded executor's pool; actions without a `Pool` property go
+    /// to this pool too.
+    pub pool: String,
+    /// Actions the embedded executor runs at once; 0 = the number of CPUs.
+    pub concurrency: usize,
+    /// Longest an action may run (its `Action.timeout` is clamped to it),
+    /// and the timeout of actions that set none.
+    pub max_action_timeout_s: u64,
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        ExecutionConfig {
+            enabled: true,
+            embedded_executor: true,
+            pool: "default".into(),
+            concurrency: 0,
+            max_action_timeout_s: 3600,
+        }
+    }
+}
+
+impl ExecutionConfig {
+    /// `concurrency`, with 0 resolved to the number of CPUs.
+    pub fn effective_concurrency(&self) -> usize {
+        if self.concurrency > 0 {
+            return self.concurrency;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -90,6 +133,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             log: LogConfig::default(),
             storage: StorageConfig::default(),
+            execution: ExecutionConfig::default(),
         }
     }
 }

@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server (CAS, Action Cache, ByteStream, Capabilities).
+    /// Run the server (CAS, Action Cache, ByteStream, Capabilities, Execution).
     Serve(ServeArgs),
     /// Inspect the configuration.
     Config {
@@ -87,12 +87,28 @@ struct ServeArgs {
     sync_interval_ms: Option<u64>,
     #[arg(long)]
     max_batch_total_size: Option<String>,
+    /// Serve remote execution (Execute, Operations).
+    #[arg(long)]
+    execution_enabled: Option<bool>,
+    /// Run actions in the server process.
+    #[arg(long)]
+    embedded_executor: Option<bool>,
+    /// The embedded executor's pool (also the default pool).
+    #[arg(long)]
+    pool: Option<String>,
+    /// Actions the embedded executor runs at once (0 = number of CPUs).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Longest an action may run, in seconds.
+    #[arg(long)]
+    max_action_timeout_s: Option<u64>,
 }
 
 impl ServeArgs {
     fn into_config(self) -> anyhow::Result<Config> {
         let mut config = Config::load(self.config.as_deref())?;
         let storage = &mut config.storage;
+        let execution = &mut config.execution;
         macro_rules! set {
             ($($flag:expr => $field:expr),* $(,)?) => { $( if let Some(value) = $flag { $field = value; } )* };
         }
@@ -110,6 +126,11 @@ impl ServeArgs {
             self.durability => storage.durability,
             self.sync_interval_ms => storage.sync_interval_ms,
             self.max_batch_total_size => storage.max_batch_total_size,
+            self.execution_enabled => execution.enabled,
+            self.embedded_executor => execution.embedded_executor,
+            self.pool => execution.pool,
+            self.concurrency => execution.concurrency,
+            self.max_action_timeout_s => execution.max_action_timeout_s,
         }
         Ok(config)
     }

@@ -9,10 +9,17 @@ use anyhow::Context;
 use kiln_cas::{
     ActionCacheService, ByteStreamService, CapabilitiesService, CasService, Storage, StorageLimits,
 };
+use kiln_executor::{ActionRunner, NoIsolation, RunnerConfig};
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use kiln_proto::reapi::execution_server::ExecutionServer;
+use kiln_scheduler::{
+    execution_capabilities, EmbeddedExecutor, ExecutionService, OperationsService, Scheduler,
+    SchedulerConfig,
+};
 use kiln_store::{BlobStore, DiskStore, DiskStoreConfig, Durability, MemoryStore, TieredStore};
 use tokio::sync::oneshot;
 use tonic::transport::server::TcpIncoming;
@@ -29,6 +36,8 @@ pub struct RunningServer {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     disk: Option<DiskStore>,
     shutdown_grace: Duration,
+    scheduler: Option<Arc<Scheduler>>,
+    executor: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -36,6 +45,19 @@ impl RunningServer {
     /// finish (clients that merely keep a connection open, as Bazel does,
     /// do not hold the stop up), then syncs the store.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        // Running actions are stopped first, so their Execute streams end
+        // and do not hold the server's stop up.
+        if let Some(scheduler) = self.scheduler.take() {
+            scheduler.shutdown();
+        }
+        if let Some(executor) = self.executor.take() {
+            if tokio::time::timeout(self.shutdown_grace, executor)
+                .await
+                .is_err()
+            {
+                tracing::warn!("actions still running after the shutdown grace");
+            }
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -128,13 +150,24 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     // Small RPCs must not wait for Nagle or delayed ACKs.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
+    let scheduler = config.execution.enabled.then(|| {
+        Scheduler::new(
+            storage.clone(),
+            SchedulerConfig {
+                default_pool: config.execution.pool.clone(),
+                ..SchedulerConfig::default()
+            },
+        )
+    });
+
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(16 * 1024 * 1024))
         .initial_connection_window_size(Some(64 * 1024 * 1024))
         .max_frame_size(Some(1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(CapabilitiesServer::new(CapabilitiesService::new(
-            limits, None,
+            limits,
+            scheduler.as_ref().map(|_| execution_capabilities()),
         )))
         .add_service(
             ContentAddressableStorageServer::new(CasService::new(storage.clone()))
@@ -150,6 +183,16 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             ActionCacheServer::new(ActionCacheService::new(storage))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_optional_service(scheduler.clone().map(|scheduler| {
+            ExecutionServer::new(ExecutionService::new(scheduler))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        }))
+        .add_optional_service(
+            scheduler
+                .clone()
+                .map(|scheduler| OperationsServer::new(OperationsService::new(scheduler))),
         );
 
     let (stop, stopped) = oneshot::channel::<()>();
@@ -161,11 +204,54 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             .await
             .context("gRPC server failed")
     });
+    let executor = match &scheduler {
+        Some(scheduler) if config.execution.embedded_executor => {
+            Some(start_embedded_executor(config, scheduler.clone(), addr))
+        }
+        _ => None,
+    };
     Ok(RunningServer {
         addr,
         stop: Some(stop),
         task,
         disk,
         shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+        scheduler,
+        executor,
+    })
+}
+
+/// Registers the embedded executor in its pool now (so actions are
+/// accepted at once) and starts it once its runner has connected to this
+/// server's own CAS over loopback, like any executor would.
+fn start_embedded_executor(
+    config: &Config,
+    scheduler: Arc<Scheduler>,
+    addr: SocketAddr,
+) -> tokio::task::JoinHandle<()> {
+    let execution = &config.execution;
+    let executor = EmbeddedExecutor::register(scheduler, execution.pool.clone());
+    let root = config.data_dir.join("execution");
+    let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
+    runner_config.worker_name = format!("kiln-embedded/{}", execution.pool);
+    runner_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
+    let concurrency = execution.effective_concurrency();
+    let target = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    tokio::spawn(async move {
+        let channel = match tonic::transport::Channel::from_shared(format!("http://{target}")) {
+            Ok(endpoint) => endpoint.connect_lazy(),
+            Err(e) => {
+                tracing::error!(error = %e, "embedded executor: bad server address");
+                return;
+            }
+        };
+        match ActionRunner::new(channel, runner_config, Arc::new(NoIsolation)).await {
+            Ok(runner) => executor.run(Arc::new(runner), concurrency).await,
+            Err(e) => tracing::error!(error = %e, "embedded executor could not start"),
+        }
     })
 }

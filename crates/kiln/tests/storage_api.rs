@@ -222,10 +222,16 @@ async fn capabilities_describe_the_storage_server() {
     assert!(cache
         .supported_compressors
         .contains(&(reapi::compressor::Value::Zstd as i32)));
-    assert!(
-        caps.execution_capabilities.is_none(),
-        "execution is not offered yet"
+    let execution = caps
+        .execution_capabilities
+        .expect("execution is on by default");
+    assert!(execution.exec_enabled);
+    let sha256 = reapi::digest_function::Value::Sha256 as i32;
+    assert_eq!(
+        execution.digest_function, sha256,
+        "Bazel 4 reads this field"
     );
+    assert_eq!(execution.digest_functions, vec![sha256]);
     assert_eq!(caps.high_api_version.unwrap().minor, 3);
 }
 

@@ -1,0 +1,52 @@
+//! The scheduler's one error type, [`SchedulerError`]: what stops an
+//! Execute request before its operation exists, or an Operations call.
+//! Errors found while running an action are not errors here: they go into
+//! the `ExecuteResponse.status`.
+
+use kiln_cas::CasError;
+use kiln_platform::PlatformError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// A malformed request (digest, digest function, Action or Command).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A known platform property with a malformed value.
+    #[error("action {action}: {source}")]
+    Platform {
+        action: String,
+        #[source]
+        source: PlatformError,
+    },
+    /// No executor serves the pool the action asks for.
+    #[error("action {action}: no executor serves pool {pool:?} (Pool={pool}); registered pools: {registered}")]
+    NoExecutor {
+        action: String,
+        pool: String,
+        registered: String,
+    },
+    /// No operation of that name (never existed, deleted or forgotten).
+    #[error("operation {0:?} is not known")]
+    UnknownOperation(String),
+    /// The CAS or Action Cache failed.
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    /// The scheduler is shutting down.
+    #[error("the scheduler is shutting down")]
+    ShuttingDown,
+}
+
+impl From<SchedulerError> for tonic::Status {
+    fn from(error: SchedulerError) -> tonic::Status {
+        let message = error.to_string();
+        match error {
+            SchedulerError::InvalidArgument(_) | SchedulerError::Platform { .. } => {
+                tonic::Status::invalid_argument(message)
+            }
+            SchedulerError::NoExecutor { .. } => tonic::Status::failed_precondition(message),
+            SchedulerError::UnknownOperation(_) => tonic::Status::not_found(message),
+            SchedulerError::Cas(cas) => tonic::Status::new(cas.code(), message),
+            SchedulerError::ShuttingDown => tonic::Status::unavailable(message),
+        }
+    }
+}

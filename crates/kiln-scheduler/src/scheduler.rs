@@ -1,0 +1,636 @@
+//! [`Scheduler`]: every operation's life, from an Execute request to its
+//! `ExecuteResponse`. An operation's state is a `watch` channel of
+//! `google.longrunning.Operation`, so Execute, WaitExecution and
+//! GetOperation all read the same value and a completion wakes them all.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use kiln_cas::wire::{digest_function, parse_digest, to_wire};
+use kiln_cas::{ActionCacheStore, Storage};
+use kiln_executor::{RunError, RunOutcome};
+use kiln_platform::{Platform, PropertySources};
+use kiln_proto::longrunning::{operation, Operation};
+use kiln_proto::protobuf::{Any, Timestamp};
+use kiln_proto::reapi::{self, execution_stage};
+use kiln_proto::rpc;
+use kiln_store::{Digest, DigestFunction};
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::SchedulerError;
+
+const METADATA_TYPE: &str =
+    "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
+const RESPONSE_TYPE: &str = "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";
+
+/// The scheduler's settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Where actions without a `Pool` property go.
+    pub default_pool: String,
+    /// How many finished operations stay queryable (WaitExecution,
+    /// GetOperation) before the oldest are forgotten.
+    pub completed_operations_kept: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            default_pool: "default".into(),
+            completed_operations_kept: 10_000,
+        }
+    }
+}
+
+/// One queued or running execution, shared by every request merged into it.
+pub struct QueuedAction {
+    pub name: String,
+    pub instance_name: String,
+    pub action_digest: reapi::Digest,
+    pub platform: Platform,
+    /// Stops the action (queued or running); a child of the scheduler's
+    /// shutdown token.
+    pub cancel: CancellationToken,
+    queued_at: Timestamp,
+    /// Whether the request allows writing the result to the Action Cache.
+    cacheable: bool,
+    merge_key: Option<MergeKey>,
+    digest_function: i32,
+    state: watch::Sender<Operation>,
+}
+
+impl QueuedAction {
+    fn stage(&self) -> execution_stage::Value {
+        let state = self.state.borrow();
+        if state.done {
+            return execution_stage::Value::Completed;
+        }
+        state
+            .metadata
+            .as_ref()
+            .and_then(|any| reapi::ExecuteOperationMetadata::decode(any.value.as_slice()).ok())
+            .and_then(|m| execution_stage::Value::try_from(m.stage).ok())
+            .unwrap_or(execution_stage::Value::Unknown)
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct MergeKey {
+    instance_name: String,
+    action_digest: Digest,
+}
+
+/// The queue of one pool: FIFO, one semaphore permit per queued entry so
+/// idle executors sleep on the semaphore rather than polling.
+pub(crate) struct PoolQueue {
+    entries: Mutex<VecDeque<Arc<QueuedAction>>>,
+    available: Semaphore,
+    executors: Mutex<usize>,
+}
+
+impl PoolQueue {
+    fn push(&self, action: Arc<QueuedAction>) {
+        self.entries.lock().push_back(action);
+        self.available.add_permits(1);
+    }
+
+    /// The next queued action, waiting for one; `None` once `stop` fires.
+    pub(crate) async fn next(&self, stop: &CancellationToken) -> Option<Arc<QueuedAction>> {
+        loop {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => return None,
+                permit = self.available.acquire() => permit.ok()?,
+            };
+            permit.forget();
+            let Some(action) = self.entries.lock().pop_front() else {
+                continue;
+            };
+            // Cancelled while queued: already completed by CancelOperation.
+            if action.cancel.is_cancelled() {
+                continue;
+            }
+            return Some(action);
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    operations: HashMap<String, Arc<QueuedAction>>,
+    in_flight: HashMap<MergeKey, Arc<QueuedAction>>,
+    completed: VecDeque<String>,
+    pools: HashMap<String, Arc<PoolQueue>>,
+}
+
+/// Owns the operations, the per-pool queues and the Action Cache writes.
+pub struct Scheduler {
+    storage: Storage,
+    action_cache: ActionCacheStore,
+    config: SchedulerConfig,
+    state: Mutex<State>,
+    shutdown: CancellationToken,
+}
+
+/// What Execute hands back: the operation's state channel.
+pub type OperationWatch = watch::Receiver<Operation>;
+
+impl Scheduler {
+    pub fn new(storage: Storage, config: SchedulerConfig) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            action_cache: ActionCacheStore::new(storage.clone()),
+            storage,
+            config,
+            state: Mutex::new(State::default()),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Cancels every queued and running action and stops the executors.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Counts one more executor in `pool`; returns the pool's queue.
+    pub(crate) fn register_executor(&self, pool: &str) -> Arc<PoolQueue> {
+        let mut state = self.state.lock();
+        let queue = state
+            .pools
+            .entry(pool.to_string())
+            .or_insert_with(|| {
+                Arc::new(PoolQueue {
+                    entries: Mutex::new(VecDeque::new()),
+                    available: Semaphore::new(0),
+                    executors: Mutex::new(0),
+                })
+            })
+            .clone();
+        *queue.executors.lock() += 1;
+        queue
+    }
+
+    pub(crate) fn unregister_executor(&self, pool: &str) {
+        let state = self.state.lock();
+        if let Some(queue) = state.pools.get(pool) {
+            let mut executors = queue.executors.lock();
+            *executors = executors.saturating_sub(1);
+        }
+    }
+
+    /// Starts an execution (or joins an identical one in flight, or answers
+    /// from the Action Cache). `headers` are the request's platform headers
+    /// (`x-buildbuddy-platform.*`, `x-kiln-platform.*`): they override the
+    /// Action's and Command's properties and are never stored or logged.
+    pub async fn execute(
+        &self,
+        request: reapi::ExecuteRequest,
+        headers: &[(String, String)],
+    ) -> Result<(Operation, OperationWatch), SchedulerError> {
+        if self.shutdown.is_cancelled() {
+            return Err(SchedulerError::ShuttingDown);
+        }
+        let function = digest_function(request.digest_function)?;
+        if function != DigestFunction::Sha256 {
+            return Err(SchedulerError::InvalidArgument(format!(
+                "execution supports SHA256 digests only, not {}",
+                function.name()
+            )));
+        }
+        let digest = parse_digest(function, request.action_digest.as_ref(), "action_digest")?;
+        let wire_digest = to_wire(&digest);
+        let instance_name = request.instance_name.clone();
+        let done_now = |response: reapi::ExecuteResponse| {
+            self.insert_done(
+                &instance_name,
+                &wire_digest,
+                request.digest_function,
+                response,
+            )
+        };
+
+        let Some(action) = self.fetch::<reapi::Action>(&digest, "action").await? else {
+            return Ok(done_now(missing_response(vec![wire_digest.clone()])));
+        };
+        let command_digest =
+            parse_digest(function, action.command_digest.as_ref(), "command_digest")?;
+        let Some(command) = self
+            .fetch::<reapi::Command>(&command_digest, "command")
+            .await?
+        else {
+            return Ok(done_now(missing_response(vec![to_wire(&command_digest)])));
+        };
+        let platform = parse_platform(&action, &command, headers).map_err(|source| {
+            SchedulerError::Platform {
+                action: digest.to_string(),
+                source,
+            }
+        })?;
+        let pool = platform
+            .pool
+            .clone()
+            .unwrap_or_else(|| self.config.default_pool.clone());
+        let queue = self
+            .queue_of(&pool)
+            .ok_or_else(|| SchedulerError::NoExecutor {
+                action: digest.to_string(),
+                pool: pool.clone(),
+                registered: self.registered_pools(),
+            })?;
+
+        if !request.skip_cache_lookup {
+            if let Some(result) = self.action_cache.get(&instance_name, &digest).await? {
+                return Ok(done_now(reapi::ExecuteResponse {
+                    result: Some(result),
+                    cached_result: true,
+                    status: Some(rpc::Status::default()),
+                    ..Default::default()
+                }));
+            }
+        }
+
+        let cacheable = !action.do_not_cache;
+        let merge_key = cacheable.then(|| MergeKey {
+            instance_name: instance_name.clone(),
+            action_digest: digest,
+        });
+        let mut state = self.state.lock();
+        if let Some(key) = &merge_key {
+            if let Some(running) = state.in_flight.get(key) {
+                tracing::debug!(action = %digest, operation = %running.name, "merged into an execution in flight");
+                let watch = running.state.subscribe();
+                let current = watch.borrow().clone();
+                return Ok((current, watch));
+            }
+        }
+        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let first = Operation {
+            name: name.clone(),
+            metadata: Some(metadata_any(
+                execution_stage::Value::Queued,
+                &wire_digest,
+                request.digest_function,
+                None,
+            )),
+            done: false,
+            result: None,
+        };
+        let (sender, receiver) = watch::channel(first.clone());
+        let queued = Arc::new(QueuedAction {
+            name: name.clone(),
+            instance_name,
+            action_digest: wire_digest,
+            platform,
+            cancel: self.shutdown.child_token(),
+            queued_at: now(),
+            cacheable,
+            merge_key: merge_key.clone(),
+            digest_function: request.digest_function,
+            state: sender,
+        });
+        if let Some(key) = merge_key {
+            state.in_flight.insert(key, queued.clone());
+        }
+        state.operations.insert(name.clone(), queued.clone());
+        drop(state);
+        tracing::debug!(action = %digest, operation = %name, %pool, "queued");
+        queue.push(queued);
+        Ok((first, receiver))
+    }
+
+    /// The state of operation `name`, to wait on.
+    pub fn watch(&self, name: &str) -> Result<OperationWatch, SchedulerError> {
+        self.state
+            .lock()
+            .operations
+            .get(name)
+            .map(|op| op.state.subscribe())
+            .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))
+    }
+
+    /// The current state of at most `limit` known operations (in no
+    /// particular order).
+    pub fn list(&self, limit: usize) -> Vec<Operation> {
+        self.state
+            .lock()
+            .operations
+            .values()
+            .take(limit)
+            .map(|op| op.state.borrow().clone())
+            .collect()
+    }
+
+    /// Stops operation `name`: a queued action completes at once as
+    /// CANCELLED; a running one has its process stopped (SIGTERM, grace,
+    /// SIGKILL) and completes when it has exited.
+    pub fn cancel(&self, name: &str) -> Result<(), SchedulerError> {
+        let op = self
+            .state
+            .lock()
+            .operations
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))?;
+        op.cancel.cancel();
+        if op.stage() == execution_stage::Value::Queued {
+            self.complete(
+                &op,
+                reapi::ExecuteResponse {
+                    status: Some(rpc::Status {
+                        code: tonic::Code::Cancelled as i32,
+                        message: format!("operation {name} was cancelled while queued"),
+                        details: vec![],
+                    }),
+                    ..Default::default()
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Forgets operation `name` (it is not cancelled).
+    pub fn delete(&self, name: &str) -> Result<(), SchedulerError> {
+        let mut state = self.state.lock();
+        state
+            .operations
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))
+    }
+
+    /// An executor took `action`: it is EXECUTING now.
+    pub(crate) fn started(&self, action: &QueuedAction) {
+        action.state.send_if_modified(|op| {
+            if op.done {
+                return false;
+            }
+            op.metadata = Some(metadata_any(
+                execution_stage::Value::Executing,
+                &action.action_digest,
+                action.digest_function,
+                None,
+            ));
+            true
+        });
+    }
+
+    /// Completes `action` with what its executor reported; writes a
+    /// successful cacheable result to the Action Cache first, so a client
+    /// that sees COMPLETED also finds it there.
+    pub(crate) async fn finished(
+        &self,
+        action: &QueuedAction,
+        outcome: Result<RunOutcome, RunError>,
+    ) {
+        let response = match outcome {
+            Ok(RunOutcome {
+                mut result,
+                status,
+                cacheable,
+            }) => {
+                if let Some(metadata) = result.execution_metadata.as_mut() {
+                    metadata.queued_timestamp = Some(action.queued_at);
+                }
+                if cacheable && action.cacheable && status.code() == tonic::Code::Ok {
+                    self.write_action_cache(action, &result).await;
+                }
+                reapi::ExecuteResponse {
+                    result: Some(result),
+                    cached_result: false,
+                    status: Some(to_rpc_status(status)),
+                    ..Default::default()
+                }
+            }
+            Err(error) => reapi::ExecuteResponse {
+                status: Some(to_rpc_status(tonic::Status::from(error))),
+                ..Default::default()
+            },
+        };
+        self.complete(action, response);
+    }
+
+    async fn write_action_cache(&self, action: &QueuedAction, result: &reapi::ActionResult) {
+        let Some(key) = &action.merge_key else {
+            return;
+        };
+        if let Err(error) = self
+            .action_cache
+            .put(&action.instance_name, &key.action_digest, result)
+            .await
+        {
+            tracing::warn!(action = %key.action_digest, %error, "could not write the action result to the Action Cache");
+        }
+    }
+
+    /// Marks `action` done with `response` (once; later calls do nothing)
+    /// and lets a new identical request start a fresh execution.
+    fn complete(&self, action: &QueuedAction, response: reapi::ExecuteResponse) {
+        let changed = action.state.send_if_modified(|op| {
+            if op.done {
+                return false;
+            }
+            op.done = true;
+            op.metadata = Some(metadata_any(
+                execution_stage::Value::Completed,
+                &action.action_digest,
+                action.digest_function,
+                None,
+            ));
+            op.result = Some(operation::Result::Response(Any {
+                type_url: RESPONSE_TYPE.into(),
+                value: response.encode_to_vec(),
+            }));
+            true
+        });
+        if !changed {
+            return;
+        }
+        let mut state = self.state.lock();
+        if let Some(key) = &action.merge_key {
+            if state
+                .in_flight
+                .get(key)
+                .is_some_and(|running| running.name == action.name)
+            {
+                state.in_flight.remove(key);
+            }
+        }
+        self.remember_completed(&mut state, action.name.clone());
+    }
+
+    fn remember_completed(&self, state: &mut State, name: String) {
+        state.completed.push_back(name);
+        while state.completed.len() > self.config.completed_operations_kept {
+            if let Some(old) = state.completed.pop_front() {
+                state.operations.remove(&old);
+            }
+        }
+    }
+
+    /// An operation that is done at once (cache hit, missing blobs).
+    fn insert_done(
+        &self,
+        instance_name: &str,
+        action_digest: &reapi::Digest,
+        digest_function: i32,
+        response: reapi::ExecuteResponse,
+    ) -> (Operation, OperationWatch) {
+        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let (sender, receiver) = watch::channel(Operation {
+            name: name.clone(),
+            metadata: Some(metadata_any(
+                execution_stage::Value::Completed,
+                action_digest,
+                digest_function,
+                None,
+            )),
+            done: true,
+            result: Some(operation::Result::Response(Any {
+                type_url: RESPONSE_TYPE.into(),
+                value: response.encode_to_vec(),
+            })),
+        });
+        let done = Arc::new(QueuedAction {
+            name: name.clone(),
+            instance_name: instance_name.to_string(),
+            action_digest: action_digest.clone(),
+            platform: Platform::default(),
+            cancel: CancellationToken::new(),
+            queued_at: now(),
+            cacheable: false,
+            merge_key: None,
+            digest_function,
+            state: sender,
+        });
+        let mut state = self.state.lock();
+        state.operations.insert(name.clone(), done);
+        self.remember_completed(&mut state, name);
+        let first = receiver.borrow().clone();
+        (first, receiver)
+    }
+
+    fn queue_of(&self, pool: &str) -> Option<Arc<PoolQueue>> {
+        self.state
+            .lock()
+            .pools
+            .get(pool)
+            .filter(|queue| *queue.executors.lock() > 0)
+            .cloned()
+    }
+
+    fn registered_pools(&self) -> String {
+        let state = self.state.lock();
+        let mut pools: Vec<&str> = state
+            .pools
+            .iter()
+            .filter(|(_, queue)| *queue.executors.lock() > 0)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        pools.sort_unstable();
+        if pools.is_empty() {
+            "none".into()
+        } else {
+            pools.join(", ")
+        }
+    }
+
+    /// A small proto from the CAS; `None` if absent.
+    async fn fetch<M: Message + Default>(
+        &self,
+        digest: &Digest,
+        what: &str,
+    ) -> Result<Option<M>, SchedulerError> {
+        let Some(blob) = self.storage.open(digest).await? else {
+            return Ok(None);
+        };
+        let data: Bytes = blob.into_bytes().await.map_err(|e| {
+            SchedulerError::Cas(kiln_cas::CasError::Internal(format!(
+                "reading {what} {digest}: {e}"
+            )))
+        })?;
+        M::decode(data).map(Some).map_err(|e| {
+            SchedulerError::InvalidArgument(format!("{what} {digest} does not decode: {e}"))
+        })
+    }
+}
+
+fn parse_platform(
+    action: &reapi::Action,
+    command: &reapi::Command,
+    headers: &[(String, String)],
+) -> Result<Platform, kiln_platform::PlatformError> {
+    let pairs = |platform: &Option<reapi::Platform>| -> Vec<(String, String)> {
+        platform
+            .iter()
+            .flat_map(|p| &p.properties)
+            .map(|p| (p.name.clone(), p.value.clone()))
+            .collect()
+    };
+    #[allow(deprecated)]
+    let command_properties = pairs(&command.platform);
+    Platform::parse(&PropertySources {
+        command: &command_properties,
+        action: &pairs(&action.platform),
+        headers,
+    })
+}
+
+/// FAILED_PRECONDITION with one PreconditionFailure violation per digest,
+/// the answer that makes Bazel upload the blobs and retry.
+fn missing_response(digests: Vec<reapi::Digest>) -> reapi::ExecuteResponse {
+    reapi::ExecuteResponse {
+        status: Some(to_rpc_status(RunError::MissingInputs(digests).into())),
+        ..Default::default()
+    }
+}
+
+/// A `tonic::Status` as the `google.rpc.Status` of an ExecuteResponse,
+/// keeping its details (a PreconditionFailure).
+fn to_rpc_status(status: tonic::Status) -> rpc::Status {
+    if !status.details().is_empty() {
+        if let Ok(decoded) = rpc::Status::decode(status.details()) {
+            return decoded;
+        }
+    }
+    rpc::Status {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: vec![],
+    }
+}
+
+fn metadata_any(
+    stage: execution_stage::Value,
+    action_digest: &reapi::Digest,
+    digest_function: i32,
+    partial: Option<reapi::ExecutedActionMetadata>,
+) -> Any {
+    Any {
+        type_url: METADATA_TYPE.into(),
+        value: reapi::ExecuteOperationMetadata {
+            stage: stage as i32,
+            action_digest: Some(action_digest.clone()),
+            partial_execution_metadata: partial,
+            digest_function,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    }
+}
+
+fn now() -> Timestamp {
+    let since_epoch = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
+}

@@ -1,0 +1,584 @@
+//! End-to-end tests of remote execution: a whole `kiln serve` in-process on
+//! 127.0.0.1 (scheduler and embedded executor as `kiln::serve` composes
+//! them), driven by real tonic clients, running real processes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln::config::{Backend, Config};
+use kiln::serve::RunningServer;
+use kiln_executor::error::PreconditionFailure;
+use kiln_proto::longrunning::operations_client::OperationsClient;
+use kiln_proto::longrunning::{operation, CancelOperationRequest, GetOperationRequest, Operation};
+use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::execution_client::ExecutionClient;
+use kiln_proto::reapi::{
+    self, batch_update_blobs_request, execution_stage, Action, Command, Digest, Directory,
+    ExecuteRequest, ExecuteResponse, FileNode,
+};
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+/// Upper bound for anything that could hang; never a pass/fail threshold.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+fn digest(data: &[u8]) -> Digest {
+    Digest {
+        hash: hex::encode(Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+struct Harness {
+    server: Option<RunningServer>,
+    channel: Channel,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("server"),
+            ..Default::default()
+        };
+        config.storage.backend = Backend::Memory;
+        config.storage.max_size = "1GiB".into();
+        config.execution.pool = "default".into();
+        config.execution.concurrency = 4;
+        config.shutdown_grace_ms = 30_000;
+        let server = kiln::serve::start(&config).await.expect("server starts");
+        let channel = Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Harness {
+            server: Some(server),
+            channel,
+            dir,
+        }
+    }
+
+    async fn stop(mut self) {
+        self.server.take().unwrap().stop().await.unwrap();
+    }
+
+    fn scratch(&self) -> PathBuf {
+        let path = self.dir.path().join("scratch");
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    }
+
+    async fn upload(&self, blobs: &[Vec<u8>]) {
+        let response = ContentAddressableStorageClient::new(self.channel.clone())
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                requests: blobs
+                    .iter()
+                    .map(|data| batch_update_blobs_request::Request {
+                        digest: Some(digest(data)),
+                        data: data.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for r in response.responses {
+            assert_eq!(r.status.unwrap_or_default().code, 0);
+        }
+    }
+
+    /// Uploads an action running `arguments` with `inputs` (name, content)
+    /// at the root; returns its digest.
+    async fn action(&self, spec: ActionSpec) -> Digest {
+        let mut blobs = Vec::new();
+        let mut files: Vec<FileNode> = spec
+            .inputs
+            .iter()
+            .map(|(name, content)| FileNode {
+                name: name.to_string(),
+                digest: Some(digest(content)),
+                is_executable: false,
+                ..Default::default()
+            })
+            .collect();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        for (_, content) in &spec.inputs {
+            if !spec.withhold_inputs {
+                blobs.push(content.clone());
+            }
+        }
+        let root = Directory {
+            files,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let command = Command {
+            arguments: spec.arguments.iter().map(|a| a.to_string()).collect(),
+            output_paths: spec.outputs.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let action = Action {
+            command_digest: Some(digest(&command)),
+            input_root_digest: Some(digest(&root)),
+            do_not_cache: spec.do_not_cache,
+            platform: Some(reapi::Platform {
+                properties: spec
+                    .properties
+                    .iter()
+                    .map(|(name, value)| reapi::platform::Property {
+                        name: name.to_string(),
+                        value: value.to_string(),
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let action_digest = digest(&action);
+        blobs.extend([root, command, action]);
+        self.upload(&blobs).await;
+        action_digest
+    }
+
+    fn execution(&self) -> ExecutionClient<Channel> {
+        ExecutionClient::new(self.channel.clone())
+    }
+
+    fn operations(&self) -> OperationsClient<Channel> {
+        OperationsClient::new(self.channel.clone())
+    }
+
+    async fn start_execute(
+        &self,
+        action_digest: &Digest,
+        skip_cache_lookup: bool,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Streaming<Operation>, tonic::Status> {
+        let mut request = tonic::Request::new(ExecuteRequest {
+            action_digest: Some(action_digest.clone()),
+            skip_cache_lookup,
+            ..Default::default()
+        });
+        for (name, value) in headers {
+            request.metadata_mut().insert(*name, value.parse().unwrap());
+        }
+        self.execution()
+            .execute(request)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn execute(&self, action_digest: &Digest, skip_cache_lookup: bool) -> ExecuteResponse {
+        let stream = self
+            .start_execute(action_digest, skip_cache_lookup, &[])
+            .await
+            .expect("Execute is accepted");
+        finish(stream).await.1
+    }
+
+    async fn cached(&self, action_digest: &Digest) -> Result<reapi::ActionResult, tonic::Status> {
+        ActionCacheClient::new(self.channel.clone())
+            .get_action_result(reapi::GetActionResultRequest {
+                action_digest: Some(action_digest.clone()),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct ActionSpec {
+    arguments: Vec<&'static str>,
+    outputs: Vec<&'static str>,
+    inputs: Vec<(&'static str, Vec<u8>)>,
+    withhold_inputs: bool,
+    do_not_cache: bool,
+    properties: Vec<(&'static str, &'static str)>,
+}
+
+fn sh(script: &str) -> Vec<&'static str> {
+    vec![
+        "/bin/sh",
+        "-c",
+        Box::leak(script.to_string().into_boxed_str()),
+    ]
+}
+
+fn stage(operation: &Operation) -> execution_stage::Value {
+    let metadata = reapi::ExecuteOperationMetadata::decode(
+        operation.metadata.as_ref().unwrap().value.as_slice(),
+    )
+    .unwrap();
+    execution_stage::Value::try_from(metadata.stage).unwrap()
+}
+
+fn response(operation: &Operation) -> ExecuteResponse {
+    match operation
+        .result
+        .as_ref()
+        .expect("a done operation has a result")
+    {
+        operation::Result::Response(any) => ExecuteResponse::decode(any.value.as_slice()).unwrap(),
+        operation::Result::Error(status) => panic!("operation error {status:?}"),
+    }
+}
+
+/// Reads an operation stream to its end: every stage seen and the response.
+async fn finish(
+    mut stream: Streaming<Operation>,
+) -> (Vec<execution_stage::Value>, ExecuteResponse) {
+    let mut stages = Vec::new();
+    let mut last = None;
+    while let Some(operation) = tokio::time::timeout(HANG_GUARD, stream.next())
+        .await
+        .expect("operation stream hangs")
+    {
+        let operation = operation.expect("stream item");
+        stages.push(stage(&operation));
+        last = Some(operation);
+    }
+    let last = last.expect("at least one operation");
+    assert!(last.done, "the stream ends with the done operation");
+    (stages, response(&last))
+}
+
+/// Reads the stream until the operation is EXECUTING; returns its name.
+async fn until_executing(stream: &mut Streaming<Operation>) -> String {
+    loop {
+        let operation = tokio::time::timeout(HANG_GUARD, stream.next())
+            .await
+            .expect("operation stream hangs")
+            .expect("stream ends before EXECUTING")
+            .unwrap();
+        assert!(!operation.done, "finished before it was seen running");
+        if stage(&operation) == execution_stage::Value::Executing {
+            return operation.name;
+        }
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Blocks (off the async threads) until the action opens the FIFO for
+/// writing, then returns what it wrote.
+async fn read_fifo(path: PathBuf) -> String {
+    tokio::time::timeout(
+        HANG_GUARD,
+        tokio::task::spawn_blocking(move || std::fs::read_to_string(path).unwrap()),
+    )
+    .await
+    .expect("the action never wrote the FIFO")
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_action_runs_and_its_result_lands_in_the_action_cache() {
+    let harness = Harness::start().await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: sh("cat in.txt > out.txt; echo to-stdout"),
+            inputs: vec![("in.txt", b"hello\n".to_vec())],
+            outputs: vec!["out.txt"],
+            ..Default::default()
+        })
+        .await;
+    let stream = harness.start_execute(&action, false, &[]).await.unwrap();
+    let (stages, response) = finish(stream).await;
+    assert_eq!(stages.last(), Some(&execution_stage::Value::Completed));
+    let mut sorted = stages.clone();
+    sorted.sort();
+    assert_eq!(stages, sorted, "stages only move forward: {stages:?}");
+    assert_eq!(stages[0], execution_stage::Value::Queued);
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    assert!(!response.cached_result);
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.output_files.len(), 1);
+    assert_eq!(result.output_files[0].path, "out.txt");
+    assert_eq!(result.output_files[0].digest, Some(digest(b"hello\n")));
+    assert_eq!(result.stdout_digest, Some(digest(b"to-stdout\n")));
+    let metadata = result.execution_metadata.clone().unwrap();
+    assert_eq!(metadata.worker, "kiln-embedded/default");
+    let queued = metadata.queued_timestamp.expect("queued_timestamp is set");
+    let started = metadata.worker_start_timestamp.unwrap();
+    assert!((queued.seconds, queued.nanos) <= (started.seconds, started.nanos));
+
+    let cached = harness.cached(&action).await.expect("the result is cached");
+    assert_eq!(cached.output_files, result.output_files);
+    assert_eq!(cached.execution_metadata, result.execution_metadata);
+
+    let again = harness.execute(&action, false).await;
+    assert!(again.cached_result, "a second Execute is a cache hit");
+    assert_eq!(again.result.unwrap().output_files, result.output_files);
+
+    let rerun = harness.execute(&action, true).await;
+    assert!(!rerun.cached_result, "skip_cache_lookup runs it again");
+    let rerun_metadata = rerun.result.unwrap().execution_metadata.unwrap();
+    assert_ne!(
+        rerun_metadata.worker_start_timestamp,
+        metadata.worker_start_timestamp
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn do_not_cache_and_failures_are_not_cached() {
+    let harness = Harness::start().await;
+    let uncached = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/echo", "uncached"],
+            do_not_cache: true,
+            ..Default::default()
+        })
+        .await;
+    let first = harness.execute(&uncached, false).await;
+    assert_eq!(first.result.unwrap().exit_code, 0);
+    assert_eq!(
+        harness.cached(&uncached).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert!(!harness.execute(&uncached, false).await.cached_result);
+
+    let failing = harness
+        .action(ActionSpec {
+            arguments: sh("exit 3"),
+            ..Default::default()
+        })
+        .await;
+    let failed = harness.execute(&failing, false).await;
+    assert_eq!(failed.result.unwrap().exit_code, 3);
+    assert_eq!(
+        harness.cached(&failing).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn missing_inputs_are_failed_precondition_naming_each_digest() {
+    let harness = Harness::start().await;
+    let first = b"never uploaded 1".to_vec();
+    let second = b"never uploaded 2".to_vec();
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            inputs: vec![("a", first.clone()), ("b", second.clone())],
+            withhold_inputs: true,
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    let status = response.status.unwrap();
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    let mut subjects = Vec::new();
+    for detail in &status.details {
+        assert_eq!(
+            detail.type_url,
+            "type.googleapis.com/google.rpc.PreconditionFailure"
+        );
+        let failure = PreconditionFailure::decode(detail.value.as_slice()).unwrap();
+        for violation in failure.violations {
+            assert_eq!(violation.r#type, "MISSING");
+            subjects.push(violation.subject);
+        }
+    }
+    subjects.sort();
+    let mut expected: Vec<String> = [digest(&first), digest(&second)]
+        .iter()
+        .map(|d| format!("blobs/{}/{}", d.hash, d.size_bytes))
+        .collect();
+    expected.sort();
+    assert_eq!(subjects, expected);
+
+    // An Action that is not in the CAS at all is named the same way.
+    let absent = digest(b"no such action");
+    let response = harness.execute(&absent, false).await;
+    let status = response.status.unwrap();
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    let failure = PreconditionFailure::decode(status.details[0].value.as_slice()).unwrap();
+    assert_eq!(
+        failure.violations[0].subject,
+        format!("blobs/{}/{}", absent.hash, absent.size_bytes)
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_property_is_invalid_argument_naming_it() {
+    let harness = Harness::start().await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("EstimatedMemory", "lots")],
+            ..Default::default()
+        })
+        .await;
+    let error = harness
+        .start_execute(&action, false, &[])
+        .await
+        .expect_err("rejected before queueing");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("EstimatedMemory"), "{error}");
+    assert!(error.message().contains("lots"), "{error}");
+
+    // The same through a header.
+    let plain = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            ..Default::default()
+        })
+        .await;
+    let error = harness
+        .start_execute(
+            &plain,
+            false,
+            &[("x-buildbuddy-platform.osfamily", "plan9")],
+        )
+        .await
+        .expect_err("rejected before queueing");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("OSFamily"), "{error}");
+    assert!(error.message().contains("plan9"), "{error}");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_pool_header_overrides_the_action_pool() {
+    let harness = Harness::start().await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/echo", "pooled"],
+            properties: vec![("Pool", "gpu")],
+            ..Default::default()
+        })
+        .await;
+    let error = harness
+        .start_execute(&action, false, &[])
+        .await
+        .expect_err("no executor serves pool gpu");
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert!(error.message().contains("gpu"), "{error}");
+
+    for header in ["x-buildbuddy-platform.pool", "x-kiln-platform.pool"] {
+        let stream = harness
+            .start_execute(&action, true, &[(header, "default")])
+            .await
+            .expect("the header sends it to the default pool");
+        let (_, response) = finish(stream).await;
+        assert_eq!(response.status.unwrap_or_default().code, 0);
+        assert_eq!(response.result.unwrap().exit_code, 0);
+    }
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn wait_execution_follows_a_running_action_and_cancel_kills_it() {
+    let harness = Harness::start().await;
+    let fifo = harness.scratch().join("pid");
+    mkfifo(&fifo);
+    let action = harness
+        .action(ActionSpec {
+            arguments: sh(&format!("echo $$ > {}; exec sleep 600", fifo.display())),
+            ..Default::default()
+        })
+        .await;
+    let mut stream = harness.start_execute(&action, false, &[]).await.unwrap();
+    let name = until_executing(&mut stream).await;
+    let pid: u32 = read_fifo(fifo).await.trim().parse().unwrap();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+
+    let mut waiting = harness
+        .execution()
+        .wait_execution(reapi::WaitExecutionRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let current = waiting.next().await.unwrap().unwrap();
+    assert_eq!(current.name, name);
+    assert_eq!(stage(&current), execution_stage::Value::Executing);
+    let listed = harness
+        .operations()
+        .get_operation(GetOperationRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!listed.done);
+
+    harness
+        .operations()
+        .cancel_operation(CancelOperationRequest { name: name.clone() })
+        .await
+        .unwrap();
+    let (_, waited) = finish(waiting).await;
+    assert_eq!(waited.status.unwrap().code, Code::Cancelled as i32);
+    let (_, executed) = finish(stream).await;
+    assert_eq!(executed.status.unwrap().code, Code::Cancelled as i32);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the cancelled process {pid} is gone"
+    );
+    assert_eq!(
+        harness.cached(&action).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn identical_concurrent_executes_run_once() {
+    let harness = Harness::start().await;
+    let scratch = harness.scratch();
+    let gate = scratch.join("gate");
+    mkfifo(&gate);
+    let count = scratch.join("count");
+    let action = harness
+        .action(ActionSpec {
+            arguments: sh(&format!(
+                "echo run >> {}; cat {} > /dev/null",
+                count.display(),
+                gate.display()
+            )),
+            ..Default::default()
+        })
+        .await;
+    let mut first = harness.start_execute(&action, false, &[]).await.unwrap();
+    let first_name = until_executing(&mut first).await;
+    let mut second = harness.start_execute(&action, false, &[]).await.unwrap();
+    let joined = second.next().await.unwrap().unwrap();
+    assert_eq!(
+        joined.name, first_name,
+        "the second Execute joins the first"
+    );
+
+    // Let the action finish: open the gate (blocks until the action reads).
+    tokio::time::timeout(
+        HANG_GUARD,
+        tokio::task::spawn_blocking(move || std::fs::write(gate, b"go\n").unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (_, a) = finish(first).await;
+    let (_, b) = finish(second).await;
+    assert_eq!(a, b);
+    assert_eq!(a.result.unwrap().exit_code, 0);
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), "run\n");
+    harness.stop().await;
+}
