@@ -6,16 +6,9 @@
 //! is served from Kiln byte-for-byte, also when Bazel downloads nothing
 //! (`--remote_download_minimal`) and has to fetch test inputs on demand.
 
-use std::collections::BTreeMap;
-use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
 
-/// How long the server may take to print its listening line.
-const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+use common::{assert_test_passed, parse_listening_line, Bazel, KilnServer, ProcessSummary};
 
 /// Outputs compared between the first build and the cache-served rebuild,
 /// relative to the workspace root (through Bazel's convenience symlinks).
@@ -29,20 +22,7 @@ const COMPARED_OUTPUTS: &[&str] = &[
 
 #[test]
 fn bazel_uses_kiln_as_remote_cache() {
-    if !bazel_on_path() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "bazel is not on PATH but CI is set: CI must run scripts/install-deps.sh \
-                 (Debian package bazel-bootstrap)"
-            );
-        }
-        // Straight to the process's stderr: the test harness captures
-        // `eprintln!`, and a skip must be visible in a passing run.
-        let _ = std::io::stderr().write_all(
-            b"\n**************************************************************\n\
-              skipped: bazel not installed (run scripts/install-deps.sh)\n\
-              **************************************************************\n",
-        );
+    if !common::bazel_available() {
         return;
     }
 
@@ -53,8 +33,12 @@ fn bazel_uses_kiln_as_remote_cache() {
     let server = KilnServer::start(
         &scratch.path().join("kiln-data"),
         &scratch.path().join("kiln.log"),
+        &[],
     );
-    let bazel = Bazel::new(scratch.path(), server.port);
+    let bazel = Bazel::new(
+        scratch.path(),
+        vec![format!("--remote_cache=grpc://127.0.0.1:{}", server.port)],
+    );
 
     // 1. Cold build and test: everything runs locally and is uploaded.
     let first_build = bazel.run_ok(&["build", "//..."]);
@@ -65,7 +49,7 @@ fn bazel_uses_kiln_as_remote_cache() {
         "the first build ran against an empty cache: {summary:?}"
     );
     bazel.run_ok(&["test", "//..."]);
-    let first_outputs = bazel.read_outputs();
+    let first_outputs = bazel.read_outputs(COMPARED_OUTPUTS);
 
     // 2. After a clean, every action must be a remote cache hit and the
     // outputs must be exactly what the first build produced.
@@ -73,7 +57,7 @@ fn bazel_uses_kiln_as_remote_cache() {
     let cached = bazel.run_ok(&["test", "//..."]);
     ProcessSummary::parse(&cached).assert_all_remote_cache_hits("cached `bazel test //...`");
     assert_test_passed(&cached);
-    let cached_outputs = bazel.read_outputs();
+    let cached_outputs = bazel.read_outputs(COMPARED_OUTPUTS);
     for (path, first_bytes) in &first_outputs {
         let cached_bytes = &cached_outputs[path];
         assert!(
@@ -116,323 +100,6 @@ fn bazel_uses_kiln_as_remote_cache() {
     );
 
     bazel.run_ok(&["shutdown"]);
-}
-
-fn bazel_on_path() -> bool {
-    Command::new("bazel")
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-fn assert_test_passed(output: &str) {
-    let passed = output
-        .lines()
-        .any(|line| line.starts_with("//hello:hello_test") && line.contains("PASSED"));
-    assert!(passed, "//hello:hello_test did not pass:\n{output}");
-}
-
-/// The `kiln serve` child process; killed when dropped.
-struct KilnServer {
-    child: Child,
-    port: u16,
-    log_path: PathBuf,
-}
-
-impl KilnServer {
-    fn start(data_dir: &Path, log_path: &Path) -> Self {
-        let log = fs::File::create(log_path).expect("create server log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kiln serve");
-
-        // Read the listening line on a thread so a server that hangs before
-        // printing it fails the test instead of hanging it.
-        let stdout = child.stdout.take().expect("server stdout is piped");
-        let (line_sender, line_receiver) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let result = reader.read_line(&mut line).map(|_| line);
-            let _ = line_sender.send(result);
-            // Keep draining so a chatty server never blocks on a full pipe.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-
-        let mut server = KilnServer {
-            child,
-            port: 0,
-            log_path: log_path.to_path_buf(),
-        };
-        let line = match line_receiver.recv_timeout(SERVER_START_TIMEOUT) {
-            Ok(Ok(line)) => line,
-            Ok(Err(error)) => panic!("reading kiln's stdout: {error}"),
-            Err(_) => {
-                panic!("kiln did not print its listening line within {SERVER_START_TIMEOUT:?}")
-            }
-        };
-        if line.is_empty() {
-            let status = server.child.wait().expect("wait for kiln");
-            panic!("kiln exited ({status}) before printing its listening line");
-        }
-        server.port = parse_listening_line(&line).unwrap_or_else(|| {
-            panic!("kiln's first stdout line is not `listening grpc://127.0.0.1:PORT`: {line:?}")
-        });
-        server
-    }
-}
-
-impl Drop for KilnServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let mut log = String::new();
-            let _ = fs::File::open(&self.log_path).and_then(|mut f| f.read_to_string(&mut log));
-            eprintln!(
-                "---- kiln server log ({}) ----\n{log}",
-                self.log_path.display()
-            );
-        }
-    }
-}
-
-fn parse_listening_line(line: &str) -> Option<u16> {
-    line.trim_end()
-        .strip_prefix("listening grpc://127.0.0.1:")?
-        .parse()
-        .ok()
-}
-
-/// A Bazel client with its own output root, working on a private copy of the
-/// test workspace; its server is shut down and its files made deletable when
-/// dropped.
-struct Bazel {
-    workspace: PathBuf,
-    output_user_root: PathBuf,
-    remote_cache: String,
-}
-
-impl Bazel {
-    fn new(scratch: &Path, port: u16) -> Self {
-        // Read at run time: a test binary reused from a shared target dir
-        // may have been compiled in another clone.
-        let manifest_dir =
-            std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR");
-        let source = Path::new(&manifest_dir).join("../../tests/bazel/workspace");
-        let workspace = scratch.join("workspace");
-        copy_tree(&source, &workspace);
-        Bazel {
-            workspace,
-            output_user_root: scratch.join("bazel-root"),
-            remote_cache: format!("grpc://127.0.0.1:{port}"),
-        }
-    }
-
-    /// Runs one Bazel command, returns its stdout and stderr combined, and
-    /// panics with that output if it failed.
-    fn run_ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        // Captured by the test harness; shown when the test fails.
-        eprintln!("---- bazel {} ----\n{text}", args.join(" "));
-        assert!(
-            output.status.success(),
-            "`bazel {}` failed with {}:\n{text}",
-            args.join(" "),
-            output.status
-        );
-        text
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let (command, rest) = args.split_first().expect("a bazel command");
-        let mut invocation = Command::new("bazel");
-        invocation
-            .current_dir(&self.workspace)
-            .arg(format!(
-                "--output_user_root={}",
-                self.output_user_root.display()
-            ))
-            // Not the user's ~/.bazelrc. The system rc stays: Debian's
-            // points Bazel at its install base.
-            .arg("--nohome_rc")
-            .arg("--host_jvm_args=-Xmx1g")
-            // If the test dies without `bazel shutdown`, the server still goes.
-            .arg("--max_idle_secs=300")
-            .arg(command);
-        if matches!(*command, "build" | "test") {
-            invocation.args([
-                &format!("--remote_cache={}", self.remote_cache),
-                "--color=no",
-                "--curses=no",
-                "--jobs=2",
-                "--remote_timeout=60",
-            ]);
-        }
-        invocation
-            .args(rest)
-            .stdin(Stdio::null())
-            // Bazel must talk to 127.0.0.1 directly.
-            .env_remove("http_proxy")
-            .env_remove("https_proxy")
-            .env_remove("HTTP_PROXY")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("grpc_proxy")
-            .env_remove("GRPC_PROXY_EXP")
-            .output()
-            .unwrap_or_else(|error| panic!("running bazel {}: {error}", args.join(" ")))
-    }
-
-    fn read_outputs(&self) -> BTreeMap<&'static str, Vec<u8>> {
-        COMPARED_OUTPUTS
-            .iter()
-            .map(|relative| {
-                let path = self.workspace.join(relative);
-                let bytes = fs::read(&path)
-                    .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
-                (*relative, bytes)
-            })
-            .collect()
-    }
-}
-
-impl Drop for Bazel {
-    fn drop(&mut self) {
-        if self.output_user_root.exists() {
-            let _ = self.run(&["shutdown"]);
-            // Bazel leaves read-only files and directories behind, which
-            // would keep the scratch directory from being removed.
-            make_writable(&self.output_user_root);
-        }
-    }
-}
-
-/// Spawn counts from Bazel's closing line, e.g.
-/// `INFO: 7 processes: 4 remote cache hit, 3 internal.`
-#[derive(Debug)]
-struct ProcessSummary {
-    total: u64,
-    by_kind: BTreeMap<String, u64>,
-}
-
-impl ProcessSummary {
-    fn parse(output: &str) -> Self {
-        output
-            .lines()
-            .rev()
-            .find_map(Self::parse_line)
-            .unwrap_or_else(|| {
-                panic!("no `INFO: N processes: ...` line in Bazel output:\n{output}")
-            })
-    }
-
-    fn parse_line(line: &str) -> Option<Self> {
-        let rest = line.trim().strip_prefix("INFO: ")?;
-        let (total, rest) = rest.split_once(' ')?;
-        let total = total.parse().ok()?;
-        let rest = rest
-            .strip_prefix("processes")
-            .or_else(|| rest.strip_prefix("process"))?;
-        let rest = rest.strip_suffix('.').unwrap_or(rest);
-        let mut by_kind = BTreeMap::new();
-        if let Some(kinds) = rest.strip_prefix(": ") {
-            for part in kinds.split(", ") {
-                let (count, kind) = part.split_once(' ')?;
-                *by_kind.entry(kind.to_string()).or_default() += count.parse::<u64>().ok()?;
-            }
-        } else if !rest.is_empty() {
-            return None;
-        }
-        Some(ProcessSummary { total, by_kind })
-    }
-
-    fn count(&self, kind: &str) -> u64 {
-        self.by_kind.get(kind).copied().unwrap_or(0)
-    }
-
-    fn assert_all_remote_cache_hits(&self, what: &str) {
-        let unexpected: Vec<_> = self
-            .by_kind
-            .iter()
-            .filter(|(kind, _)| !matches!(kind.as_str(), "remote cache hit" | "internal"))
-            .collect();
-        assert!(
-            unexpected.is_empty(),
-            "{what}: every action should be a remote cache hit, but Bazel ran {unexpected:?} \
-             ({self:?})"
-        );
-        assert!(
-            self.count("remote cache hit") > 0,
-            "{what}: no remote cache hits ({self:?})"
-        );
-        assert_eq!(
-            self.total,
-            self.by_kind.values().sum::<u64>(),
-            "{what}: process counts do not add up ({self:?})"
-        );
-    }
-}
-
-fn copy_tree(source: &Path, destination: &Path) {
-    fs::create_dir_all(destination)
-        .unwrap_or_else(|error| panic!("creating {}: {error}", destination.display()));
-    for entry in
-        fs::read_dir(source).unwrap_or_else(|error| panic!("listing {}: {error}", source.display()))
-    {
-        let entry = entry.expect("directory entry");
-        let name = entry.file_name();
-        // Convenience symlinks from someone's local Bazel run in the source.
-        if name.to_string_lossy().starts_with("bazel-") {
-            continue;
-        }
-        let from = entry.path();
-        let to = destination.join(&name);
-        let file_type = entry.file_type().expect("file type");
-        if file_type.is_dir() {
-            copy_tree(&from, &to);
-        } else if file_type.is_file() {
-            // fs::copy keeps the permission bits, so scripts stay executable.
-            fs::copy(&from, &to).unwrap_or_else(|error| {
-                panic!("copying {} to {}: {error}", from.display(), to.display())
-            });
-        }
-    }
-}
-
-fn make_writable(root: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(metadata) = fs::symlink_metadata(root) else {
-        return;
-    };
-    if metadata.file_type().is_symlink() {
-        return;
-    }
-    let mut permissions = metadata.permissions();
-    permissions.set_mode(permissions.mode() | 0o700);
-    let _ = fs::set_permissions(root, permissions);
-    if metadata.is_dir() {
-        if let Ok(entries) = fs::read_dir(root) {
-            for entry in entries.flatten() {
-                make_writable(&entry.path());
-            }
-        }
-    }
 }
 
 #[test]
