@@ -1,7 +1,10 @@
 //! Compiles Kiln's own protos with a pure-Rust protobuf compiler (protox), so
 //! building Kiln needs no `protoc` on the machine.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/google/bytestream/bytestream.proto"];
+    let protos = [
+        "proto/google/bytestream/bytestream.proto",
+        "proto/kiln/executor/v1/executor.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

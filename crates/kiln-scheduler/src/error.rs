@@ -18,11 +18,12 @@ pub enum SchedulerError {
         #[source]
         source: PlatformError,
     },
-    /// No executor serves the pool the action asks for.
-    #[error("action {action}: no executor serves pool {pool:?} (Pool={pool}); registered pools: {registered}")]
+    /// No registered executor matches what the action asks for.
+    #[error("action {action}: no executor matches {unmatched} (pool {pool:?}); registered executors offer: {registered}")]
     NoExecutor {
         action: String,
         pool: String,
+        unmatched: String,
         registered: String,
     },
     /// No operation of that name (never existed, deleted or forgotten).
@@ -31,6 +32,9 @@ pub enum SchedulerError {
     /// The CAS or Action Cache failed.
     #[error(transparent)]
     Cas(#[from] CasError),
+    /// The executor's session with its scheduler failed.
+    #[error("executor session: {0}")]
+    Session(String),
     /// The scheduler is shutting down.
     #[error("the scheduler is shutting down")]
     ShuttingDown,
@@ -46,7 +50,9 @@ impl From<SchedulerError> for tonic::Status {
             SchedulerError::NoExecutor { .. } => tonic::Status::failed_precondition(message),
             SchedulerError::UnknownOperation(_) => tonic::Status::not_found(message),
             SchedulerError::Cas(cas) => tonic::Status::new(cas.code(), message),
-            SchedulerError::ShuttingDown => tonic::Status::unavailable(message),
+            SchedulerError::ShuttingDown | SchedulerError::Session(_) => {
+                tonic::Status::unavailable(message)
+            }
         }
     }
 }

@@ -8,24 +8,31 @@ use std::sync::Arc;
 use kiln_executor::{ActionRunner, RunError, RunOutcome};
 use tokio::task::JoinSet;
 
-use crate::scheduler::{PoolQueue, QueuedAction, Scheduler};
+use kiln_platform::{Arch, OsFamily};
+
+use crate::scheduler::{PoolQueue, QueueKey, Scheduler};
 
 /// An executor living inside the server process, registered in one pool.
 pub struct EmbeddedExecutor {
     scheduler: Arc<Scheduler>,
-    pool: String,
+    key: QueueKey,
     queue: Arc<PoolQueue>,
 }
 
 impl EmbeddedExecutor {
     /// Registers the executor in `pool` at once, so actions for the pool are
     /// accepted (and queued) while the runner is still being set up.
+    /// It runs on this machine: `linux`, and the host's architecture.
     pub fn register(scheduler: Arc<Scheduler>, pool: impl Into<String>) -> EmbeddedExecutor {
-        let pool = pool.into();
-        let queue = scheduler.register_executor(&pool);
+        let key = QueueKey {
+            pool: pool.into(),
+            os_family: OsFamily::Linux,
+            arch: host_arch(),
+        };
+        let queue = scheduler.register_executor(&key);
         EmbeddedExecutor {
             scheduler,
-            pool,
+            key,
             queue,
         }
     }
@@ -42,7 +49,13 @@ impl EmbeddedExecutor {
                 let stop = scheduler.shutdown_token().clone();
                 while let Some(action) = queue.next(&stop).await {
                     scheduler.started(&action);
-                    let outcome = run_on_own_thread(runner.clone(), action.clone()).await;
+                    let request = RunRequest {
+                        instance_name: action.instance_name.clone(),
+                        action_digest: action.action_digest.clone(),
+                        platform: action.platform.clone(),
+                        cancel: action.cancel.clone(),
+                    };
+                    let outcome = run_on_own_thread(runner.clone(), request).await;
                     scheduler.finished(&action, outcome).await;
                 }
             });
@@ -53,8 +66,16 @@ impl EmbeddedExecutor {
 
 impl Drop for EmbeddedExecutor {
     fn drop(&mut self) {
-        self.scheduler.unregister_executor(&self.pool);
+        self.scheduler.unregister_executor(&self.key);
     }
+}
+
+/// What the runner needs to run one action.
+pub(crate) struct RunRequest {
+    pub instance_name: String,
+    pub action_digest: kiln_proto::reapi::Digest,
+    pub platform: kiln_platform::Platform,
+    pub cancel: kiln_executor::CancellationToken,
 }
 
 /// Runs one action on a blocking thread that drives the runner's future.
@@ -62,9 +83,9 @@ impl Drop for EmbeddedExecutor {
 /// combinators, which rustc cannot prove `Send` for every lifetime, so it
 /// cannot be given to `tokio::spawn`. Concurrency is bounded by the worker
 /// count, so this holds at most `concurrency` blocking threads.
-async fn run_on_own_thread(
+pub(crate) async fn run_on_own_thread(
     runner: Arc<ActionRunner>,
-    action: Arc<QueuedAction>,
+    action: RunRequest,
 ) -> Result<RunOutcome, RunError> {
     let handle = tokio::runtime::Handle::current();
     let digest = action.action_digest.clone();
@@ -83,4 +104,13 @@ async fn run_on_own_thread(
             digest.hash, digest.size_bytes
         )))
     })
+}
+
+/// The architecture this process runs on, in PLATFORM.md's terms.
+pub fn host_arch() -> Arch {
+    if cfg!(target_arch = "aarch64") {
+        Arch::Arm64
+    } else {
+        Arch::Amd64
+    }
 }

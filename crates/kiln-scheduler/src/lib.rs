@@ -9,16 +9,24 @@
 //!   them with the executor's result (writing cacheable results to the AC);
 //! - [`executor`]: executors that take work from a pool's queue; today the
 //!   embedded one, which runs actions with `kiln_executor::ActionRunner`;
+//! - [`remote`]: the scheduler's side of Kiln's executor protocol (executor
+//!   processes register over one stream per executor, indexed by
+//!   [`scheduler::QueueKey`]: pool, OS, arch);
+//! - [`worker`]: the executor process's side of that protocol;
 //! - [`service`]: the gRPC edge (Execution and Operations);
 //! - [`error`]: [`SchedulerError`], converted to `tonic::Status` at the edge.
 #![forbid(unsafe_code)]
 
 pub mod error;
 pub mod executor;
+pub mod remote;
 pub mod scheduler;
 pub mod service;
+pub mod worker;
 
 pub use error::SchedulerError;
-pub use executor::EmbeddedExecutor;
+pub use executor::{host_arch, EmbeddedExecutor};
+pub use remote::ExecutorSessions;
 pub use scheduler::{Scheduler, SchedulerConfig};
 pub use service::{execution_capabilities, ExecutionService, OperationsService};
+pub use worker::{Worker, WorkerConfig};

@@ -4,14 +4,15 @@
 //! GetOperation all read the same value and a completion wakes them all.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use kiln_cas::wire::{digest_function, parse_digest, to_wire};
 use kiln_cas::{ActionCacheStore, Storage};
 use kiln_executor::{RunError, RunOutcome};
-use kiln_platform::{Platform, PropertySources};
+use kiln_platform::{Arch, OsFamily, Platform, PropertySources};
 use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::protobuf::{Any, Timestamp};
 use kiln_proto::reapi::{self, execution_stage};
@@ -19,7 +20,7 @@ use kiln_proto::rpc;
 use kiln_store::{Digest, DigestFunction};
 use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::SchedulerError;
@@ -36,6 +37,11 @@ pub struct SchedulerConfig {
     /// How many finished operations stay queryable (WaitExecution,
     /// GetOperation) before the oldest are forgotten.
     pub completed_operations_kept: usize,
+    /// How long an action no registered executor matches waits for one to
+    /// register (executors starting up) before it fails.
+    pub unmatched_grace: Duration,
+    /// How many times an action is started before an executor loss fails it.
+    pub max_attempts: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -43,6 +49,8 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             default_pool: "default".into(),
             completed_operations_kept: 10_000,
+            unmatched_grace: Duration::from_secs(2),
+            max_attempts: 3,
         }
     }
 }
@@ -53,9 +61,15 @@ pub struct QueuedAction {
     pub instance_name: String,
     pub action_digest: reapi::Digest,
     pub platform: Platform,
+    /// The raw property sources the platform was parsed from, for remote
+    /// executors (header values may be secrets: never log them).
+    pub sources: PlatformSources,
     /// Stops the action (queued or running); a child of the scheduler's
     /// shutdown token.
     pub cancel: CancellationToken,
+    /// How many times an executor has taken it.
+    attempts: AtomicU32,
+    queue: Option<Arc<PoolQueue>>,
     queued_at: Timestamp,
     /// Whether the request allows writing the result to the Action Cache.
     cacheable: bool,
@@ -76,6 +90,35 @@ impl QueuedAction {
             .and_then(|any| reapi::ExecuteOperationMetadata::decode(any.value.as_slice()).ok())
             .and_then(|m| execution_stage::Value::try_from(m.stage).ok())
             .unwrap_or(execution_stage::Value::Unknown)
+    }
+}
+
+/// Platform properties as received, by source.
+#[derive(Clone, Default)]
+pub struct PlatformSources {
+    pub command: Vec<(String, String)>,
+    pub action: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// What an executor offers and an action needs to match: executors are
+/// indexed by it, so matching costs one map lookup whatever their number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct QueueKey {
+    pub pool: String,
+    pub os_family: OsFamily,
+    pub arch: Arch,
+}
+
+impl std::fmt::Display for QueueKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Pool={} OSFamily={} Arch={}",
+            self.pool,
+            format!("{:?}", self.os_family).to_lowercase(),
+            format!("{:?}", self.arch).to_lowercase()
+        )
     }
 }
 
@@ -124,7 +167,7 @@ struct State {
     operations: HashMap<String, Arc<QueuedAction>>,
     in_flight: HashMap<MergeKey, Arc<QueuedAction>>,
     completed: VecDeque<String>,
-    pools: HashMap<String, Arc<PoolQueue>>,
+    queues: HashMap<QueueKey, Arc<PoolQueue>>,
 }
 
 /// Owns the operations, the per-pool queues and the Action Cache writes.
@@ -134,6 +177,8 @@ pub struct Scheduler {
     config: SchedulerConfig,
     state: Mutex<State>,
     shutdown: CancellationToken,
+    /// Wakes requests waiting for a matching executor to register.
+    registered: Notify,
 }
 
 /// What Execute hands back: the operation's state channel.
@@ -147,6 +192,7 @@ impl Scheduler {
             config,
             state: Mutex::new(State::default()),
             shutdown: CancellationToken::new(),
+            registered: Notify::new(),
         })
     }
 
@@ -159,12 +205,12 @@ impl Scheduler {
         &self.shutdown
     }
 
-    /// Counts one more executor in `pool`; returns the pool's queue.
-    pub(crate) fn register_executor(&self, pool: &str) -> Arc<PoolQueue> {
+    /// Counts one more executor offering `key`; returns its queue.
+    pub(crate) fn register_executor(&self, key: &QueueKey) -> Arc<PoolQueue> {
         let mut state = self.state.lock();
         let queue = state
-            .pools
-            .entry(pool.to_string())
+            .queues
+            .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(PoolQueue {
                     entries: Mutex::new(VecDeque::new()),
@@ -174,12 +220,14 @@ impl Scheduler {
             })
             .clone();
         *queue.executors.lock() += 1;
+        drop(state);
+        self.registered.notify_waiters();
         queue
     }
 
-    pub(crate) fn unregister_executor(&self, pool: &str) {
+    pub(crate) fn unregister_executor(&self, key: &QueueKey) {
         let state = self.state.lock();
-        if let Some(queue) = state.pools.get(pool) {
+        if let Some(queue) = state.queues.get(key) {
             let mut executors = queue.executors.lock();
             *executors = executors.saturating_sub(1);
         }
@@ -227,23 +275,26 @@ impl Scheduler {
         else {
             return Ok(done_now(missing_response(vec![to_wire(&command_digest)])));
         };
-        let platform = parse_platform(&action, &command, headers).map_err(|source| {
-            SchedulerError::Platform {
-                action: digest.to_string(),
-                source,
-            }
+        let sources = platform_sources(&action, &command, headers);
+        let platform = Platform::parse(&PropertySources {
+            command: &sources.command,
+            action: &sources.action,
+            headers: &sources.headers,
+        })
+        .map_err(|source| SchedulerError::Platform {
+            action: digest.to_string(),
+            source,
         })?;
-        let pool = platform
-            .pool
-            .clone()
-            .unwrap_or_else(|| self.config.default_pool.clone());
-        let queue = self
-            .queue_of(&pool)
-            .ok_or_else(|| SchedulerError::NoExecutor {
-                action: digest.to_string(),
-                pool: pool.clone(),
-                registered: self.registered_pools(),
-            })?;
+        let key = QueueKey {
+            pool: platform
+                .pool
+                .clone()
+                .unwrap_or_else(|| self.config.default_pool.clone()),
+            os_family: platform.os_family,
+            arch: platform.arch,
+        };
+        let queue = self.matching_queue(&key, &digest).await?;
+        let pool = key.pool.clone();
 
         if !request.skip_cache_lookup {
             if let Some(result) = self.action_cache.get(&instance_name, &digest).await? {
@@ -288,7 +339,10 @@ impl Scheduler {
             instance_name,
             action_digest: wire_digest,
             platform,
+            sources,
             cancel: self.shutdown.child_token(),
+            attempts: AtomicU32::new(0),
+            queue: Some(queue.clone()),
             queued_at: now(),
             cacheable,
             merge_key: merge_key.clone(),
@@ -367,6 +421,7 @@ impl Scheduler {
 
     /// An executor took `action`: it is EXECUTING now.
     pub(crate) fn started(&self, action: &QueuedAction) {
+        action.attempts.fetch_add(1, Ordering::SeqCst);
         action.state.send_if_modified(|op| {
             if op.done {
                 return false;
@@ -389,31 +444,51 @@ impl Scheduler {
         action: &QueuedAction,
         outcome: Result<RunOutcome, RunError>,
     ) {
-        let response = match outcome {
+        match outcome {
             Ok(RunOutcome {
-                mut result,
+                result,
                 status,
                 cacheable,
             }) => {
-                if let Some(metadata) = result.execution_metadata.as_mut() {
-                    metadata.queued_timestamp = Some(action.queued_at);
-                }
-                if cacheable && action.cacheable && status.code() == tonic::Code::Ok {
-                    self.write_action_cache(action, &result).await;
-                }
-                reapi::ExecuteResponse {
-                    result: Some(result),
-                    cached_result: false,
-                    status: Some(to_rpc_status(status)),
-                    ..Default::default()
-                }
+                self.finished_with(action, Some(result), to_rpc_status(status), cacheable)
+                    .await
             }
-            Err(error) => reapi::ExecuteResponse {
-                status: Some(to_rpc_status(tonic::Status::from(error))),
+            Err(error) => {
+                let status = to_rpc_status(tonic::Status::from(error));
+                self.finished_with(action, None, status, false).await
+            }
+        }
+    }
+
+    /// Completes `action` with an executor's result and status.
+    pub(crate) async fn finished_with(
+        &self,
+        action: &QueuedAction,
+        mut result: Option<reapi::ActionResult>,
+        status: rpc::Status,
+        cacheable: bool,
+    ) {
+        if let Some(result) = result.as_mut() {
+            if let Some(metadata) = result.execution_metadata.as_mut() {
+                metadata.queued_timestamp = Some(action.queued_at);
+            }
+            if cacheable
+                && action.cacheable
+                && status.code == tonic::Code::Ok as i32
+                && result.exit_code == 0
+            {
+                self.write_action_cache(action, result).await;
+            }
+        }
+        self.complete(
+            action,
+            reapi::ExecuteResponse {
+                result,
+                cached_result: false,
+                status: Some(status),
                 ..Default::default()
             },
-        };
-        self.complete(action, response);
+        );
     }
 
     async fn write_action_cache(&self, action: &QueuedAction, result: &reapi::ActionResult) {
@@ -502,7 +577,10 @@ impl Scheduler {
             instance_name: instance_name.to_string(),
             action_digest: action_digest.clone(),
             platform: Platform::default(),
+            sources: PlatformSources::default(),
             cancel: CancellationToken::new(),
+            attempts: AtomicU32::new(0),
+            queue: None,
             queued_at: now(),
             cacheable: false,
             merge_key: None,
@@ -516,29 +594,110 @@ impl Scheduler {
         (first, receiver)
     }
 
-    fn queue_of(&self, pool: &str) -> Option<Arc<PoolQueue>> {
+    /// The queue of executors offering `key`, waiting up to the grace for
+    /// one to register; else FAILED_PRECONDITION naming what is unmatched.
+    async fn matching_queue(
+        &self,
+        key: &QueueKey,
+        digest: &Digest,
+    ) -> Result<Arc<PoolQueue>, SchedulerError> {
+        let deadline = tokio::time::Instant::now() + self.config.unmatched_grace;
+        loop {
+            let registered = self.registered.notified();
+            tokio::pin!(registered);
+            registered.as_mut().enable();
+            if let Some(queue) = self.queue_of(key) {
+                return Ok(queue);
+            }
+            if tokio::time::timeout_at(deadline, registered).await.is_err() {
+                return Err(SchedulerError::NoExecutor {
+                    action: digest.to_string(),
+                    pool: key.pool.clone(),
+                    unmatched: key.to_string(),
+                    registered: self.registered_keys(),
+                });
+            }
+        }
+    }
+
+    fn queue_of(&self, key: &QueueKey) -> Option<Arc<PoolQueue>> {
         self.state
             .lock()
-            .pools
-            .get(pool)
+            .queues
+            .get(key)
             .filter(|queue| *queue.executors.lock() > 0)
             .cloned()
     }
 
-    fn registered_pools(&self) -> String {
+    fn registered_keys(&self) -> String {
         let state = self.state.lock();
-        let mut pools: Vec<&str> = state
-            .pools
+        let mut keys: Vec<String> = state
+            .queues
             .iter()
             .filter(|(_, queue)| *queue.executors.lock() > 0)
-            .map(|(name, _)| name.as_str())
+            .map(|(key, _)| format!("[{key}]"))
             .collect();
-        pools.sort_unstable();
-        if pools.is_empty() {
+        keys.sort_unstable();
+        if keys.is_empty() {
             "none".into()
         } else {
-            pools.join(", ")
+            keys.join(", ")
         }
+    }
+
+    /// Puts `action` back on its queue after its executor was lost, or
+    /// fails it once it has been started `max_attempts` times.
+    pub(crate) fn requeue(&self, action: &Arc<QueuedAction>, why: &str) {
+        if action.cancel.is_cancelled() {
+            self.complete(
+                action,
+                reapi::ExecuteResponse {
+                    status: Some(rpc::Status {
+                        code: tonic::Code::Cancelled as i32,
+                        message: format!("operation {} was cancelled", action.name),
+                        details: vec![],
+                    }),
+                    ..Default::default()
+                },
+            );
+            return;
+        }
+        let attempts = action.attempts.load(Ordering::SeqCst);
+        let Some(queue) = action
+            .queue
+            .as_ref()
+            .filter(|_| attempts < self.config.max_attempts)
+        else {
+            self.complete(
+                action,
+                reapi::ExecuteResponse {
+                    status: Some(rpc::Status {
+                        code: tonic::Code::Unavailable as i32,
+                        message: format!(
+                            "action {}/{} was started {attempts} times and its executor was lost each time (last: {why})",
+                            action.action_digest.hash, action.action_digest.size_bytes
+                        ),
+                        details: vec![],
+                    }),
+                    ..Default::default()
+                },
+            );
+            return;
+        };
+        tracing::info!(operation = %action.name, attempts, reason = why, "requeued");
+        action.state.send_if_modified(|op| {
+            if op.done {
+                return false;
+            }
+            op.metadata = Some(metadata_any(
+                execution_stage::Value::Queued,
+                &action.action_digest,
+                action.digest_function,
+                None,
+            ));
+            true
+        });
+        queue.push(action.clone());
     }
 
     /// A small proto from the CAS; `None` if absent.
@@ -561,11 +720,11 @@ impl Scheduler {
     }
 }
 
-fn parse_platform(
+fn platform_sources(
     action: &reapi::Action,
     command: &reapi::Command,
     headers: &[(String, String)],
-) -> Result<Platform, kiln_platform::PlatformError> {
+) -> PlatformSources {
     let pairs = |platform: &Option<reapi::Platform>| -> Vec<(String, String)> {
         platform
             .iter()
@@ -575,11 +734,11 @@ fn parse_platform(
     };
     #[allow(deprecated)]
     let command_properties = pairs(&command.platform);
-    Platform::parse(&PropertySources {
-        command: &command_properties,
-        action: &pairs(&action.platform),
-        headers,
-    })
+    PlatformSources {
+        command: command_properties,
+        action: pairs(&action.platform),
+        headers: headers.to_vec(),
+    }
 }
 
 /// FAILED_PRECONDITION with one PreconditionFailure violation per digest,
@@ -593,7 +752,7 @@ fn missing_response(digests: Vec<reapi::Digest>) -> reapi::ExecuteResponse {
 
 /// A `tonic::Status` as the `google.rpc.Status` of an ExecuteResponse,
 /// keeping its details (a PreconditionFailure).
-fn to_rpc_status(status: tonic::Status) -> rpc::Status {
+pub(crate) fn to_rpc_status(status: tonic::Status) -> rpc::Status {
     if !status.details().is_empty() {
         if let Ok(decoded) = rpc::Status::decode(status.details()) {
             return decoded;

@@ -3,12 +3,14 @@
 //! them), driven by real tonic clients, running real processes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use kiln::config::{Backend, Config};
 use kiln::serve::RunningServer;
 use kiln_executor::error::PreconditionFailure;
+use kiln_executor::{ActionRunner, CancellationToken, NoIsolation, RunnerConfig};
 use kiln_proto::longrunning::operations_client::OperationsClient;
 use kiln_proto::longrunning::{operation, CancelOperationRequest, GetOperationRequest, Operation};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
@@ -18,6 +20,7 @@ use kiln_proto::reapi::{
     self, batch_update_blobs_request, execution_stage, Action, Command, Digest, Directory,
     ExecuteRequest, ExecuteResponse, FileNode,
 };
+use kiln_scheduler::{Worker, WorkerConfig};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
@@ -51,6 +54,9 @@ impl Harness {
         config.storage.max_size = "1GiB".into();
         config.execution.pool = "default".into();
         config.execution.concurrency = 4;
+        // Executors in these tests register before their actions are sent;
+        // an unmatched action need not wait long.
+        config.execution.unmatched_grace_ms = 200;
         config.shutdown_grace_ms = 30_000;
         let server = kiln::serve::start(&config).await.expect("server starts");
         let channel = Channel::from_shared(format!("http://{}", server.addr))
@@ -67,6 +73,44 @@ impl Harness {
 
     async fn stop(mut self) {
         self.server.take().unwrap().stop().await.unwrap();
+    }
+
+    /// Starts an executor (the `kiln executor` protocol, in-process) in
+    /// `pool`; returns once it is registered. Cancelling the token drops
+    /// its session at once, as a killed process would.
+    async fn start_executor(
+        &self,
+        name: &str,
+        pool: &str,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let root = self.dir.path().join(name);
+        let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
+        runner_config.worker_name = name.to_string();
+        runner_config.default_grace = Duration::from_secs(5);
+        let runner = ActionRunner::new(self.channel.clone(), runner_config, Arc::new(NoIsolation))
+            .await
+            .unwrap();
+        let worker = Worker::connect(
+            self.channel.clone(),
+            WorkerConfig {
+                name: name.to_string(),
+                pool: pool.to_string(),
+                os_family: "linux".into(),
+                arch: "amd64".into(),
+                capacity: 2,
+                heartbeat_interval: Duration::from_secs(1),
+            },
+        )
+        .await
+        .expect("the executor registers");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let _ = worker.run(Arc::new(runner), stop).await;
+            }
+        });
+        (stop, task)
     }
 
     fn scratch(&self) -> PathBuf {
@@ -580,5 +624,110 @@ async fn identical_concurrent_executes_run_once() {
     assert_eq!(a, b);
     assert_eq!(a.result.unwrap().exit_code, 0);
     assert_eq!(std::fs::read_to_string(&count).unwrap(), "run\n");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn executors_take_only_actions_of_their_pool() {
+    let harness = Harness::start().await;
+    let (stop_alpha, alpha) = harness.start_executor("exec-alpha", "alpha").await;
+    let (stop_beta, beta) = harness.start_executor("exec-beta", "beta").await;
+    for round in 0..3 {
+        for (pool, worker) in [
+            ("alpha", "exec-alpha"),
+            ("beta", "exec-beta"),
+            ("default", "kiln-embedded/default"),
+        ] {
+            let pool_property: &'static str = Box::leak(pool.to_string().into_boxed_str());
+            let action = harness
+                .action(ActionSpec {
+                    arguments: sh(&format!("echo {pool} {round}")),
+                    properties: vec![("Pool", pool_property)],
+                    ..Default::default()
+                })
+                .await;
+            let response = harness.execute(&action, false).await;
+            assert_eq!(response.status.unwrap_or_default().code, 0);
+            let result = response.result.unwrap();
+            assert_eq!(
+                result.stdout_digest,
+                Some(digest(format!("{pool} {round}\n").as_bytes()))
+            );
+            assert_eq!(
+                result.execution_metadata.unwrap().worker,
+                worker,
+                "pool {pool}"
+            );
+        }
+    }
+
+    // Nothing offers this pool, or this OS: fail fast, naming it.
+    for (key, value) in [("Pool", "nowhere"), ("OSFamily", "darwin")] {
+        let action = harness
+            .action(ActionSpec {
+                arguments: vec!["/bin/true"],
+                properties: vec![(key, value)],
+                ..Default::default()
+            })
+            .await;
+        let error = harness
+            .start_execute(&action, false, &[])
+            .await
+            .expect_err("no executor matches");
+        assert_eq!(error.code(), Code::FailedPrecondition);
+        assert!(
+            error.message().contains(&format!("{key}={value}")),
+            "{error}"
+        );
+    }
+    stop_alpha.cancel();
+    stop_beta.cancel();
+    alpha.await.unwrap();
+    beta.await.unwrap();
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn an_action_whose_executor_dies_completes_on_another() {
+    let harness = Harness::start().await;
+    let scratch = harness.scratch();
+    let fifo = scratch.join("started");
+    mkfifo(&fifo);
+    let marker = scratch.join("marker");
+    let action = harness
+        .action(ActionSpec {
+            arguments: sh(&format!(
+                "if [ -e {marker} ]; then echo second run; else touch {marker}; echo $$ > {fifo}; exec sleep 600; fi",
+                marker = marker.display(),
+                fifo = fifo.display()
+            )),
+            properties: vec![("Pool", "gamma")],
+            ..Default::default()
+        })
+        .await;
+    let (stop_first, first) = harness.start_executor("exec-first", "gamma").await;
+    let mut stream = harness.start_execute(&action, false, &[]).await.unwrap();
+    until_executing(&mut stream).await;
+    // The first executor has started it.
+    let first_pid: u32 = read_fifo(fifo).await.trim().parse().unwrap();
+
+    let (stop_second, second) = harness.start_executor("exec-second", "gamma").await;
+    // "Kill" the first executor: its session drops mid-action.
+    stop_first.cancel();
+    first.await.unwrap();
+
+    let (_, response) = finish(stream).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.stdout_digest, Some(digest(b"second run\n")));
+    assert_eq!(result.execution_metadata.unwrap().worker, "exec-second");
+    assert!(
+        harness.cached(&action).await.is_ok(),
+        "the result is cached"
+    );
+    assert!(first_pid > 0);
+    stop_second.cancel();
+    second.await.unwrap();
     harness.stop().await;
 }

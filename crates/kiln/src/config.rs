@@ -101,6 +101,16 @@ pub struct ExecutionConfig {
     /// Longest an action may run (its `Action.timeout` is clamped to it),
     /// and the timeout of actions that set none.
     pub max_action_timeout_s: u64,
+    /// How long an action no registered executor matches (Pool, OSFamily,
+    /// Arch) waits for one to register before it fails with
+    /// FAILED_PRECONDITION naming what is unmatched.
+    pub unmatched_grace_ms: u64,
+    /// An executor process silent this long (no heartbeat) is lost: its
+    /// running actions are requeued.
+    pub executor_heartbeat_timeout_ms: u64,
+    /// How many times an action is started before losing its executor
+    /// fails it.
+    pub max_attempts: u32,
 }
 
 impl Default for ExecutionConfig {
@@ -111,6 +121,9 @@ impl Default for ExecutionConfig {
             pool: "default".into(),
             concurrency: 0,
             max_action_timeout_s: 3600,
+            unmatched_grace_ms: 2000,
+            executor_heartbeat_timeout_ms: 30_000,
+            max_attempts: 3,
         }
     }
 }

@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the server (CAS, Action Cache, ByteStream, Capabilities, Execution).
     Serve(ServeArgs),
+    /// Run an executor process that takes actions from a Kiln scheduler.
+    Executor(ExecutorArgs),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -47,6 +49,84 @@ enum ConfigCommand {
 enum BenchCommand {
     /// ByteStream and batch CAS throughput, next to the machine's SHA-256 rate.
     Cas(bench::cas::CasBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ExecutorArgs {
+    /// The Kiln server to take work from (and whose CAS to use).
+    #[arg(long)]
+    scheduler: String,
+    /// Pool to register in.
+    #[arg(long, default_value = "default")]
+    pool: String,
+    /// Name reported in ExecutedActionMetadata.worker (default: kiln-executor-PID).
+    #[arg(long)]
+    name: Option<String>,
+    /// Actions run at once (0 = number of CPUs).
+    #[arg(long, default_value_t = 0)]
+    capacity: u32,
+    /// Directory for workspaces and the local file cache.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// OSFamily this executor offers.
+    #[arg(long, default_value = "linux")]
+    os_family: String,
+    /// Arch this executor offers (default: this machine's).
+    #[arg(long)]
+    arch: Option<String>,
+    /// Longest an action may run, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    max_action_timeout_s: u64,
+    #[arg(long, default_value_t = 5000)]
+    heartbeat_interval_ms: u64,
+    #[arg(long, value_enum, default_value = "human")]
+    log_format: LogFormat,
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format, &args.log_level);
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("kiln-executor-{}", std::process::id()));
+    let capacity = if args.capacity == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    } else {
+        args.capacity
+    };
+    let options = kiln::executor::ExecutorOptions {
+        scheduler: args.scheduler,
+        pool: args.pool,
+        work_dir: args
+            .work_dir
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-executor-{name}"))),
+        name,
+        capacity,
+        os_family: args.os_family,
+        arch: args.arch.unwrap_or_else(|| {
+            match kiln_scheduler::host_arch() {
+                kiln_platform::Arch::Arm64 => "arm64",
+                kiln_platform::Arch::Amd64 => "amd64",
+            }
+            .to_string()
+        }),
+        max_action_timeout: std::time::Duration::from_secs(args.max_action_timeout_s.max(1)),
+        heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms.max(1)),
+    };
+    let stop = kiln_executor::CancellationToken::new();
+    let run = kiln::executor::run(options, stop.clone());
+    tokio::pin!(run);
+    tokio::select! {
+        result = &mut run => return result,
+        _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+    }
+    stop.cancel();
+    run.await
 }
 
 /// Every setting of the config file is also a flag; flags win.
@@ -102,6 +182,15 @@ struct ServeArgs {
     /// Longest an action may run, in seconds.
     #[arg(long)]
     max_action_timeout_s: Option<u64>,
+    /// Wait for a matching executor this long before failing an action.
+    #[arg(long)]
+    unmatched_grace_ms: Option<u64>,
+    /// Silence after which an executor process counts as lost.
+    #[arg(long)]
+    executor_heartbeat_timeout_ms: Option<u64>,
+    /// Starts of an action before executor losses fail it.
+    #[arg(long)]
+    max_attempts: Option<u32>,
 }
 
 impl ServeArgs {
@@ -131,6 +220,9 @@ impl ServeArgs {
             self.pool => execution.pool,
             self.concurrency => execution.concurrency,
             self.max_action_timeout_s => execution.max_action_timeout_s,
+            self.unmatched_grace_ms => execution.unmatched_grace_ms,
+            self.executor_heartbeat_timeout_ms => execution.executor_heartbeat_timeout_ms,
+            self.max_attempts => execution.max_attempts,
         }
         Ok(config)
     }
@@ -178,6 +270,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Executor(args) => executor(args).await,
             Command::Config {
                 command: ConfigCommand::PrintDefault,
             } => {

@@ -11,14 +11,15 @@ use kiln_cas::{
 };
 use kiln_executor::{ActionRunner, NoIsolation, RunnerConfig};
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::executor::executor_service_server::ExecutorServiceServer;
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use kiln_proto::reapi::execution_server::ExecutionServer;
 use kiln_scheduler::{
-    execution_capabilities, EmbeddedExecutor, ExecutionService, OperationsService, Scheduler,
-    SchedulerConfig,
+    execution_capabilities, EmbeddedExecutor, ExecutionService, ExecutorSessions,
+    OperationsService, Scheduler, SchedulerConfig,
 };
 use kiln_store::{BlobStore, DiskStore, DiskStoreConfig, Durability, MemoryStore, TieredStore};
 use tokio::sync::oneshot;
@@ -155,6 +156,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             storage.clone(),
             SchedulerConfig {
                 default_pool: config.execution.pool.clone(),
+                unmatched_grace: Duration::from_millis(config.execution.unmatched_grace_ms),
+                max_attempts: config.execution.max_attempts.max(1),
                 ..SchedulerConfig::default()
             },
         )
@@ -193,7 +196,15 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             scheduler
                 .clone()
                 .map(|scheduler| OperationsServer::new(OperationsService::new(scheduler))),
-        );
+        )
+        .add_optional_service(scheduler.clone().map(|scheduler| {
+            ExecutorServiceServer::new(ExecutorSessions::new(
+                scheduler,
+                Duration::from_millis(config.execution.executor_heartbeat_timeout_ms.max(1)),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        }));
 
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {

@@ -1,0 +1,257 @@
+//! The scheduler's side of Kiln's executor protocol
+//! (`kiln.executor.v1.ExecutorService.Session`): one long-lived stream per
+//! executor process. The executor registers (pool, OS, arch, capacity); the
+//! session then hands it queued actions of its [`QueueKey`] while it has
+//! free slots, forwards cancellations, and completes operations with the
+//! results it reports. A stream that ends, fails or goes silent past the
+//! heartbeat timeout requeues the executor's running actions.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use kiln_platform::{Platform, PropertySources};
+use kiln_proto::executor::executor_message::Kind as ExecutorKind;
+use kiln_proto::executor::executor_service_server::ExecutorService;
+use kiln_proto::executor::scheduler_message::Kind as SchedulerKind;
+use kiln_proto::executor::{
+    Assignment, Cancel, ExecutorMessage, Property, Register, Registered, SchedulerMessage,
+};
+use kiln_proto::{reapi, rpc};
+use prost::Message;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::scheduler::{PoolQueue, QueueKey, QueuedAction, Scheduler};
+
+/// Serves executor sessions for one [`Scheduler`].
+pub struct ExecutorSessions {
+    scheduler: Arc<Scheduler>,
+    heartbeat_timeout: Duration,
+}
+
+impl ExecutorSessions {
+    /// `heartbeat_timeout`: silence after which an executor counts as lost.
+    pub fn new(scheduler: Arc<Scheduler>, heartbeat_timeout: Duration) -> Self {
+        ExecutorSessions {
+            scheduler,
+            heartbeat_timeout,
+        }
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + Send>>;
+
+/// The queue key an executor's registration offers; INVALID_ARGUMENT for
+/// an OS or architecture PLATFORM.md does not know.
+fn offered_key(register: &Register) -> Result<QueueKey, Status> {
+    if register.pool.is_empty() {
+        return Err(Status::invalid_argument(
+            "executor registration without a pool",
+        ));
+    }
+    let properties = [
+        ("OSFamily".to_string(), register.os_family.clone()),
+        ("Arch".to_string(), register.arch.clone()),
+    ];
+    let platform = Platform::parse(&PropertySources {
+        action: &properties,
+        ..Default::default()
+    })
+    .map_err(|e| Status::invalid_argument(format!("executor {}: {e}", register.name)))?;
+    Ok(QueueKey {
+        pool: register.pool.clone(),
+        os_family: platform.os_family,
+        arch: platform.arch,
+    })
+}
+
+#[tonic::async_trait]
+impl ExecutorService for ExecutorSessions {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<ExecutorMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(self.heartbeat_timeout, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no registration from the executor"))??;
+        let Some(ExecutorMessage {
+            kind: Some(ExecutorKind::Register(register)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be Register",
+            ));
+        };
+        let key = offered_key(&register)?;
+        let executor_id = uuid::Uuid::new_v4().to_string();
+        let (outbound, receiver) = mpsc::channel(64);
+        let _ = outbound
+            .send(Ok(SchedulerMessage {
+                kind: Some(SchedulerKind::Registered(Registered {
+                    executor_id: executor_id.clone(),
+                })),
+            }))
+            .await;
+        let queue = self.scheduler.register_executor(&key);
+        tracing::info!(executor = %register.name, %key, capacity = register.capacity, "executor registered");
+        let session = Session {
+            scheduler: self.scheduler.clone(),
+            name: register.name.clone(),
+            key,
+            queue,
+            slots: Arc::new(Semaphore::new(register.capacity.max(1) as usize)),
+            running: HashMap::new(),
+            outbound,
+            heartbeat_timeout: self.heartbeat_timeout,
+        };
+        tokio::spawn(session.run(inbound));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+}
+
+/// An action assigned to the session's executor.
+struct Running {
+    action: Arc<QueuedAction>,
+    _slot: OwnedSemaphorePermit,
+    forward_cancel: tokio::task::JoinHandle<()>,
+}
+
+/// One connected executor.
+struct Session {
+    scheduler: Arc<Scheduler>,
+    name: String,
+    key: QueueKey,
+    queue: Arc<PoolQueue>,
+    slots: Arc<Semaphore>,
+    running: HashMap<String, Running>,
+    outbound: mpsc::Sender<Result<SchedulerMessage, Status>>,
+    heartbeat_timeout: Duration,
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<ExecutorMessage>) {
+        let stop = self.scheduler.shutdown_token().clone();
+        let why = loop {
+            let slots = self.slots.clone();
+            let queue = self.queue.clone();
+            let next = async {
+                let slot = slots.acquire_owned().await.ok()?;
+                let action = queue.next(&stop).await?;
+                Some((slot, action))
+            };
+            tokio::select! {
+                assigned = next => {
+                    let Some((slot, action)) = assigned else { break "the scheduler stopped" };
+                    if !self.assign(slot, action).await {
+                        break "the stream to the executor closed";
+                    }
+                }
+                message = tokio::time::timeout(self.heartbeat_timeout, inbound.message()) => {
+                    match message {
+                        Err(_) => break "no heartbeat within the timeout",
+                        Ok(Err(_)) | Ok(Ok(None)) => break "the executor's stream ended",
+                        Ok(Ok(Some(message))) => self.received(message).await,
+                    }
+                }
+            }
+        };
+        self.scheduler.unregister_executor(&self.key);
+        tracing::info!(executor = %self.name, reason = why, running = self.running.len(), "executor lost");
+        for (_, running) in self.running.drain() {
+            running.forward_cancel.abort();
+            self.scheduler
+                .requeue(&running.action, &format!("executor {}: {why}", self.name));
+        }
+    }
+
+    /// Sends `action` to the executor; false if the stream is gone (the
+    /// action is then requeued).
+    async fn assign(&mut self, slot: OwnedSemaphorePermit, action: Arc<QueuedAction>) -> bool {
+        let assignment_id = uuid::Uuid::new_v4().to_string();
+        self.scheduler.started(&action);
+        let properties = |pairs: &[(String, String)]| -> Vec<Property> {
+            pairs
+                .iter()
+                .map(|(name, value)| Property {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect()
+        };
+        let message = SchedulerMessage {
+            kind: Some(SchedulerKind::Assignment(Assignment {
+                assignment_id: assignment_id.clone(),
+                instance_name: action.instance_name.clone(),
+                action_hash: action.action_digest.hash.clone(),
+                action_size: action.action_digest.size_bytes,
+                command_properties: properties(&action.sources.command),
+                action_properties: properties(&action.sources.action),
+                header_properties: properties(&action.sources.headers),
+            })),
+        };
+        if self.outbound.send(Ok(message)).await.is_err() {
+            self.scheduler
+                .requeue(&action, &format!("executor {}: stream closed", self.name));
+            return false;
+        }
+        let forward_cancel = {
+            let cancel = action.cancel.clone();
+            let outbound = self.outbound.clone();
+            let assignment_id = assignment_id.clone();
+            tokio::spawn(async move {
+                cancel.cancelled().await;
+                let _ = outbound
+                    .send(Ok(SchedulerMessage {
+                        kind: Some(SchedulerKind::Cancel(Cancel { assignment_id })),
+                    }))
+                    .await;
+            })
+        };
+        self.running.insert(
+            assignment_id,
+            Running {
+                action,
+                _slot: slot,
+                forward_cancel,
+            },
+        );
+        true
+    }
+
+    async fn received(&mut self, message: ExecutorMessage) {
+        let Some(ExecutorKind::Finished(finished)) = message.kind else {
+            return; // Heartbeats only prove liveness.
+        };
+        let Some(running) = self.running.remove(&finished.assignment_id) else {
+            tracing::warn!(executor = %self.name, assignment = %finished.assignment_id, "result for an unknown assignment");
+            return;
+        };
+        running.forward_cancel.abort();
+        if finished.retry_elsewhere {
+            self.scheduler.requeue(
+                &running.action,
+                &format!("executor {} could not run it", self.name),
+            );
+            return;
+        }
+        let result = (!finished.action_result.is_empty())
+            .then(|| reapi::ActionResult::decode(finished.action_result.clone()).ok())
+            .flatten();
+        let status = rpc::Status::decode(finished.status.clone()).unwrap_or_else(|e| rpc::Status {
+            code: tonic::Code::Internal as i32,
+            message: format!("executor {} sent an undecodable status: {e}", self.name),
+            details: vec![],
+        });
+        self.scheduler
+            .finished_with(&running.action, result, status, finished.cacheable)
+            .await;
+    }
+}

@@ -1,0 +1,202 @@
+//! The executor's side of Kiln's executor protocol: `kiln executor`
+//! registers with a scheduler over one stream, heartbeats, runs the actions
+//! it is assigned with an `ActionRunner` and reports their results.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_executor::{ActionRunner, CancellationToken, RunError, RunOutcome};
+use kiln_platform::{Platform, PropertySources};
+use kiln_proto::executor::executor_message::Kind as ExecutorKind;
+use kiln_proto::executor::executor_service_client::ExecutorServiceClient;
+use kiln_proto::executor::scheduler_message::Kind as SchedulerKind;
+use kiln_proto::executor::{ActionFinished, Assignment, ExecutorMessage, Heartbeat, Register};
+use kiln_proto::reapi;
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+use crate::error::SchedulerError;
+use crate::executor::{run_on_own_thread, RunRequest};
+use crate::scheduler::to_rpc_status;
+
+/// What an executor process offers.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Reported as `ExecutedActionMetadata.worker` (the runner's name).
+    pub name: String,
+    pub pool: String,
+    pub os_family: String,
+    pub arch: String,
+    /// Actions run at once.
+    pub capacity: u32,
+    pub heartbeat_interval: Duration,
+}
+
+/// A registered session with a scheduler.
+pub struct Worker {
+    config: WorkerConfig,
+    outbound: mpsc::Sender<ExecutorMessage>,
+    inbound: Streaming<kiln_proto::executor::SchedulerMessage>,
+}
+
+impl Worker {
+    /// Opens the session and registers; returns once the scheduler has
+    /// accepted the registration.
+    pub async fn connect(channel: Channel, config: WorkerConfig) -> Result<Worker, SchedulerError> {
+        let (outbound, receiver) = mpsc::channel(64);
+        let register = ExecutorMessage {
+            kind: Some(ExecutorKind::Register(Register {
+                name: config.name.clone(),
+                pool: config.pool.clone(),
+                os_family: config.os_family.clone(),
+                arch: config.arch.clone(),
+                isolation_types: vec!["none".into()],
+                properties: Default::default(),
+                capacity: config.capacity,
+            })),
+        };
+        outbound
+            .send(register)
+            .await
+            .map_err(|_| SchedulerError::ShuttingDown)?;
+        let mut inbound = ExecutorServiceClient::new(channel)
+            .session(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .map_err(|status| SchedulerError::Session(format!("opening the session: {status}")))?
+            .into_inner();
+        match inbound.message().await {
+            Ok(Some(kiln_proto::executor::SchedulerMessage {
+                kind: Some(SchedulerKind::Registered(_)),
+            })) => Ok(Worker {
+                config,
+                outbound,
+                inbound,
+            }),
+            Ok(_) => Err(SchedulerError::Session(
+                "the scheduler did not confirm the registration".into(),
+            )),
+            Err(status) => Err(SchedulerError::Session(format!("registering: {status}"))),
+        }
+    }
+
+    /// Runs assignments until the scheduler ends the session or `stop`
+    /// fires. On `stop` the session is dropped at once (the scheduler
+    /// requeues what ran here) and running actions are cancelled.
+    pub async fn run(
+        mut self,
+        runner: Arc<ActionRunner>,
+        stop: CancellationToken,
+    ) -> Result<(), SchedulerError> {
+        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let (done_sender, mut done) = mpsc::channel::<(String, ActionFinished)>(64);
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        let result = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                _ = heartbeat.tick() => {
+                    let beat = ExecutorMessage { kind: Some(ExecutorKind::Heartbeat(Heartbeat {})) };
+                    if self.outbound.send(beat).await.is_err() {
+                        break Err(SchedulerError::Session("the session closed".into()));
+                    }
+                }
+                Some((id, finished)) = done.recv() => {
+                    running.remove(&id);
+                    let message = ExecutorMessage { kind: Some(ExecutorKind::Finished(finished)) };
+                    if self.outbound.send(message).await.is_err() {
+                        break Err(SchedulerError::Session("the session closed".into()));
+                    }
+                }
+                message = self.inbound.message() => match message {
+                    Ok(Some(message)) => match message.kind {
+                        Some(SchedulerKind::Assignment(assignment)) => {
+                            let cancel = CancellationToken::new();
+                            running.insert(assignment.assignment_id.clone(), cancel.clone());
+                            let runner = runner.clone();
+                            let done = done_sender.clone();
+                            tokio::spawn(async move {
+                                let id = assignment.assignment_id.clone();
+                                let finished = run_assignment(runner, assignment, cancel).await;
+                                let _ = done.send((id, finished)).await;
+                            });
+                        }
+                        Some(SchedulerKind::Cancel(cancel)) => {
+                            if let Some(token) = running.get(&cancel.assignment_id) {
+                                token.cancel();
+                            }
+                        }
+                        _ => {}
+                    },
+                    Ok(None) => break Ok(()),
+                    Err(status) => break Err(SchedulerError::Session(format!("session: {status}"))),
+                },
+            }
+        };
+        for token in running.values() {
+            token.cancel();
+        }
+        result
+    }
+}
+
+/// Runs one assignment; every failure becomes the reported status.
+async fn run_assignment(
+    runner: Arc<ActionRunner>,
+    assignment: Assignment,
+    cancel: CancellationToken,
+) -> ActionFinished {
+    let pairs = |properties: &[kiln_proto::executor::Property]| -> Vec<(String, String)> {
+        properties
+            .iter()
+            .map(|p| (p.name.clone(), p.value.clone()))
+            .collect()
+    };
+    let (command, action, headers) = (
+        pairs(&assignment.command_properties),
+        pairs(&assignment.action_properties),
+        pairs(&assignment.header_properties),
+    );
+    let platform = match Platform::parse(&PropertySources {
+        command: &command,
+        action: &action,
+        headers: &headers,
+    }) {
+        Ok(platform) => platform,
+        Err(e) => {
+            return ActionFinished {
+                assignment_id: assignment.assignment_id,
+                status: to_rpc_status(tonic::Status::invalid_argument(e.to_string()))
+                    .encode_to_vec()
+                    .into(),
+                ..Default::default()
+            }
+        }
+    };
+    let action = RunRequest {
+        instance_name: assignment.instance_name,
+        action_digest: reapi::Digest {
+            hash: assignment.action_hash,
+            size_bytes: assignment.action_size,
+        },
+        platform,
+        cancel,
+    };
+    let outcome: Result<RunOutcome, RunError> = run_on_own_thread(runner, action).await;
+    match outcome {
+        Ok(outcome) => ActionFinished {
+            assignment_id: assignment.assignment_id,
+            action_result: outcome.result.encode_to_vec().into(),
+            status: to_rpc_status(outcome.status).encode_to_vec().into(),
+            cacheable: outcome.cacheable,
+            retry_elsewhere: false,
+        },
+        Err(error) => ActionFinished {
+            assignment_id: assignment.assignment_id,
+            retry_elsewhere: error.is_retryable_elsewhere(),
+            status: to_rpc_status(error.into()).encode_to_vec().into(),
+            ..Default::default()
+        },
+    }
+}

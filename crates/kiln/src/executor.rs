@@ -1,0 +1,69 @@
+//! `kiln executor`: an executor as its own process. It reaches the CAS and
+//! the scheduler on the same server (`--scheduler grpc://HOST:PORT`),
+//! registers in one pool and runs what it is assigned.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_executor::{ActionRunner, CancellationToken, NoIsolation, RunnerConfig};
+use kiln_scheduler::{Worker, WorkerConfig};
+use tonic::transport::Channel;
+
+/// How an executor process runs.
+#[derive(Debug, Clone)]
+pub struct ExecutorOptions {
+    /// `grpc://HOST:PORT` of the Kiln server (scheduler and CAS).
+    pub scheduler: String,
+    pub pool: String,
+    /// Reported as `ExecutedActionMetadata.worker`.
+    pub name: String,
+    pub capacity: u32,
+    /// Workspaces and the local file cache go here.
+    pub work_dir: PathBuf,
+    pub os_family: String,
+    pub arch: String,
+    pub max_action_timeout: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+/// Connects, registers and runs assignments until `stop` fires or the
+/// scheduler ends the session.
+pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::Result<()> {
+    let url = options
+        .scheduler
+        .strip_prefix("grpc://")
+        .map(|rest| format!("http://{rest}"))
+        .unwrap_or_else(|| options.scheduler.clone());
+    let channel = Channel::from_shared(url.clone())
+        .with_context(|| format!("scheduler address {}", options.scheduler))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", options.scheduler))?;
+    let mut runner_config = RunnerConfig::new(
+        options.work_dir.join("work"),
+        options.work_dir.join("cache"),
+    );
+    runner_config.worker_name = options.name.clone();
+    runner_config.max_timeout = options.max_action_timeout;
+    let runner = ActionRunner::new(channel.clone(), runner_config, Arc::new(NoIsolation))
+        .await
+        .context("starting the action runner")?;
+    let worker = Worker::connect(
+        channel,
+        WorkerConfig {
+            name: options.name.clone(),
+            pool: options.pool.clone(),
+            os_family: options.os_family.clone(),
+            arch: options.arch.clone(),
+            capacity: options.capacity.max(1),
+            heartbeat_interval: options.heartbeat_interval,
+        },
+    )
+    .await
+    .context("registering with the scheduler")?;
+    tracing::info!(name = %options.name, pool = %options.pool, scheduler = %options.scheduler, "executor registered");
+    worker.run(Arc::new(runner), stop).await?;
+    Ok(())
+}
