@@ -3,7 +3,7 @@
 //! `google.longrunning.Operation`, so Execute, WaitExecution and
 //! GetOperation all read the same value and a completion wakes them all.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -69,6 +69,10 @@ pub struct QueuedAction {
     pub cancel: CancellationToken,
     /// How many times an executor has taken it.
     attempts: AtomicU32,
+    /// `execution_policy.priority`: lower runs sooner.
+    priority: i32,
+    /// `RequestMetadata.tool_invocation_id`: the unit of fair sharing.
+    invocation_id: String,
     queue: Option<Arc<PoolQueue>>,
     queued_at: Timestamp,
     /// Whether the request allows writing the result to the Action Cache.
@@ -128,17 +132,62 @@ struct MergeKey {
     action_digest: Digest,
 }
 
-/// The queue of one pool: FIFO, one semaphore permit per queued entry so
+/// The order in which a queue hands actions out: lowest
+/// `execution_policy.priority` first; within a priority, invocations
+/// (`tool_invocation_id`) take turns, so one large build cannot starve a
+/// small one; within an invocation, FIFO. Push and pop cost O(log levels).
+#[derive(Default)]
+struct FairQueue {
+    levels: BTreeMap<i32, Level>,
+}
+
+/// One priority level: a ring of invocations with queued actions.
+#[derive(Default)]
+struct Level {
+    turns: VecDeque<String>,
+    by_invocation: HashMap<String, VecDeque<Arc<QueuedAction>>>,
+}
+
+impl FairQueue {
+    fn push(&mut self, action: Arc<QueuedAction>) {
+        let level = self.levels.entry(action.priority).or_default();
+        let invocation = action.invocation_id.clone();
+        let queue = level.by_invocation.entry(invocation.clone()).or_default();
+        if queue.is_empty() {
+            level.turns.push_back(invocation);
+        }
+        queue.push_back(action);
+    }
+
+    fn pop(&mut self) -> Option<Arc<QueuedAction>> {
+        let mut first = self.levels.first_entry()?;
+        let level = first.get_mut();
+        let invocation = level.turns.pop_front()?;
+        let queue = level.by_invocation.get_mut(&invocation)?;
+        let action = queue.pop_front();
+        if queue.is_empty() {
+            level.by_invocation.remove(&invocation);
+        } else {
+            level.turns.push_back(invocation);
+        }
+        if level.turns.is_empty() {
+            first.remove();
+        }
+        action
+    }
+}
+
+/// The queue of one [`QueueKey`], one semaphore permit per queued entry so
 /// idle executors sleep on the semaphore rather than polling.
 pub(crate) struct PoolQueue {
-    entries: Mutex<VecDeque<Arc<QueuedAction>>>,
+    entries: Mutex<FairQueue>,
     available: Semaphore,
     executors: Mutex<usize>,
 }
 
 impl PoolQueue {
     fn push(&self, action: Arc<QueuedAction>) {
-        self.entries.lock().push_back(action);
+        self.entries.lock().push(action);
         self.available.add_permits(1);
     }
 
@@ -150,7 +199,7 @@ impl PoolQueue {
                 permit = self.available.acquire() => permit.ok()?,
             };
             permit.forget();
-            let Some(action) = self.entries.lock().pop_front() else {
+            let Some(action) = self.entries.lock().pop() else {
                 continue;
             };
             // Cancelled while queued: already completed by CancelOperation.
@@ -213,7 +262,7 @@ impl Scheduler {
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(PoolQueue {
-                    entries: Mutex::new(VecDeque::new()),
+                    entries: Mutex::new(FairQueue::default()),
                     available: Semaphore::new(0),
                     executors: Mutex::new(0),
                 })
@@ -237,10 +286,13 @@ impl Scheduler {
     /// from the Action Cache). `headers` are the request's platform headers
     /// (`x-buildbuddy-platform.*`, `x-kiln-platform.*`): they override the
     /// Action's and Command's properties and are never stored or logged.
+    /// `invocation_id` (the client's `tool_invocation_id`) shares the queue
+    /// fairly between builds.
     pub async fn execute(
         &self,
         request: reapi::ExecuteRequest,
         headers: &[(String, String)],
+        invocation_id: &str,
     ) -> Result<(Operation, OperationWatch), SchedulerError> {
         if self.shutdown.is_cancelled() {
             return Err(SchedulerError::ShuttingDown);
@@ -342,6 +394,8 @@ impl Scheduler {
             sources,
             cancel: self.shutdown.child_token(),
             attempts: AtomicU32::new(0),
+            priority: request.execution_policy.map_or(0, |policy| policy.priority),
+            invocation_id: invocation_id.to_string(),
             queue: Some(queue.clone()),
             queued_at: now(),
             cacheable,
@@ -580,6 +634,8 @@ impl Scheduler {
             sources: PlatformSources::default(),
             cancel: CancellationToken::new(),
             attempts: AtomicU32::new(0),
+            priority: 0,
+            invocation_id: String::new(),
             queue: None,
             queued_at: now(),
             cacheable: false,

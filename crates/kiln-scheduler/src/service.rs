@@ -10,6 +10,7 @@ use futures::Stream;
 use kiln_proto::longrunning::{self, operations_server::Operations, Operation};
 use kiln_proto::protobuf::Empty;
 use kiln_proto::reapi::{self, execution_server::Execution};
+use prost::Message;
 use tonic::metadata::KeyAndValueRef;
 use tonic::{Request, Response, Status};
 
@@ -88,6 +89,20 @@ fn platform_headers<T>(request: &Request<T>) -> Vec<(String, String)> {
     kiln_platform::header_properties(ascii)
 }
 
+/// REAPI's RequestMetadata header, sent by Bazel with every call.
+const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
+
+/// The client's `tool_invocation_id` (one Bazel command), or "" if absent.
+fn tool_invocation_id<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get_bin(REQUEST_METADATA_HEADER)
+        .and_then(|value| value.to_bytes().ok())
+        .and_then(|bytes| reapi::RequestMetadata::decode(bytes).ok())
+        .map(|metadata| metadata.tool_invocation_id)
+        .unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl Execution for ExecutionService {
     type ExecuteStream = OperationStream;
@@ -98,9 +113,10 @@ impl Execution for ExecutionService {
         request: Request<reapi::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let headers = platform_headers(&request);
+        let invocation_id = tool_invocation_id(&request);
         let (first, watch) = self
             .scheduler
-            .execute(request.into_inner(), &headers)
+            .execute(request.into_inner(), &headers, &invocation_id)
             .await?;
         Ok(Response::new(operation_stream(Some(first), watch)))
     }

@@ -44,6 +44,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Harness::start_with(|_| {}).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(&mut Config)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -58,6 +62,7 @@ impl Harness {
         // an unmatched action need not wait long.
         config.execution.unmatched_grace_ms = 200;
         config.shutdown_grace_ms = 30_000;
+        adjust(&mut config);
         let server = kiln::serve::start(&config).await.expect("server starts");
         let channel = Channel::from_shared(format!("http://{}", server.addr))
             .unwrap()
@@ -208,11 +213,36 @@ impl Harness {
         skip_cache_lookup: bool,
         headers: &[(&'static str, &str)],
     ) -> Result<Streaming<Operation>, tonic::Status> {
+        self.start_execute_as(action_digest, skip_cache_lookup, headers, "", 0)
+            .await
+    }
+
+    /// Execute as invocation `invocation_id` (RequestMetadata header) with
+    /// `execution_policy.priority`.
+    async fn start_execute_as(
+        &self,
+        action_digest: &Digest,
+        skip_cache_lookup: bool,
+        headers: &[(&'static str, &str)],
+        invocation_id: &str,
+        priority: i32,
+    ) -> Result<Streaming<Operation>, tonic::Status> {
         let mut request = tonic::Request::new(ExecuteRequest {
             action_digest: Some(action_digest.clone()),
             skip_cache_lookup,
+            execution_policy: Some(reapi::ExecutionPolicy { priority }),
             ..Default::default()
         });
+        if !invocation_id.is_empty() {
+            let metadata = reapi::RequestMetadata {
+                tool_invocation_id: invocation_id.to_string(),
+                ..Default::default()
+            };
+            request.metadata_mut().insert_bin(
+                "build.bazel.remote.execution.v2.requestmetadata-bin",
+                tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()),
+            );
+        }
         for (name, value) in headers {
             request.metadata_mut().insert(*name, value.parse().unwrap());
         }
@@ -729,5 +759,66 @@ async fn an_action_whose_executor_dies_completes_on_another() {
     assert!(first_pid > 0);
     stop_second.cancel();
     second.await.unwrap();
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn priority_first_then_invocations_take_turns() {
+    // One slot, so the queue's order is the execution order.
+    let harness = Harness::start_with(|config| config.execution.concurrency = 1).await;
+    let scratch = harness.scratch();
+    let gate = scratch.join("gate");
+    mkfifo(&gate);
+    let order = scratch.join("order");
+    let blocker = harness
+        .action(ActionSpec {
+            arguments: sh(&format!("cat {} > /dev/null", gate.display())),
+            ..Default::default()
+        })
+        .await;
+    let mut blocked = harness.start_execute(&blocker, false, &[]).await.unwrap();
+    until_executing(&mut blocked).await;
+
+    // Queued behind the blocker: a big build (3 actions), a small one (1),
+    // and one urgent action.
+    let mut streams = Vec::new();
+    for (label, invocation, priority) in [
+        ("big-1", "big-build", 0),
+        ("big-2", "big-build", 0),
+        ("big-3", "big-build", 0),
+        ("small-1", "small-build", 0),
+        ("urgent", "other-build", -5),
+    ] {
+        let action = harness
+            .action(ActionSpec {
+                arguments: sh(&format!("echo {label} >> {}", order.display())),
+                ..Default::default()
+            })
+            .await;
+        let mut stream = harness
+            .start_execute_as(&action, false, &[], invocation, priority)
+            .await
+            .unwrap();
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(stage(&first), execution_stage::Value::Queued, "{label}");
+        streams.push(stream);
+    }
+    tokio::time::timeout(
+        HANG_GUARD,
+        tokio::task::spawn_blocking(move || std::fs::write(gate, b"go\n").unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    finish(blocked).await;
+    for stream in streams {
+        let (_, response) = finish(stream).await;
+        assert_eq!(response.result.unwrap().exit_code, 0);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&order).unwrap(),
+        "urgent\nbig-1\nsmall-1\nbig-2\nbig-3\n",
+        "lower priority value first; then the two builds alternate"
+    );
     harness.stop().await;
 }
