@@ -24,7 +24,7 @@ use prost::Message;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::scheduler::{PoolQueue, QueueKey, QueuedAction, Scheduler};
+use crate::scheduler::{PoolQueue, Properties, QueueKey, QueuedAction, Scheduler};
 
 /// Serves executor sessions for one [`Scheduler`].
 pub struct ExecutorSessions {
@@ -98,12 +98,14 @@ impl ExecutorService for ExecutorSessions {
                 })),
             }))
             .await;
-        let queue = self.scheduler.register_executor(&key);
-        tracing::info!(executor = %register.name, %key, capacity = register.capacity, "executor registered");
+        let offers: Properties = register.properties.clone().into_iter().collect();
+        let queue = self.scheduler.register_executor(&key, &offers);
+        tracing::info!(executor = %register.name, %key, properties = ?register.properties, capacity = register.capacity, "executor registered");
         let session = Session {
             scheduler: self.scheduler.clone(),
             name: register.name.clone(),
             key,
+            offers,
             queue,
             slots: Arc::new(Semaphore::new(register.capacity.max(1) as usize)),
             running: HashMap::new(),
@@ -129,6 +131,7 @@ struct Session {
     scheduler: Arc<Scheduler>,
     name: String,
     key: QueueKey,
+    offers: Properties,
     queue: Arc<PoolQueue>,
     slots: Arc<Semaphore>,
     running: HashMap<String, Running>,
@@ -142,9 +145,10 @@ impl Session {
         let why = loop {
             let slots = self.slots.clone();
             let queue = self.queue.clone();
+            let offers = &self.offers;
             let next = async {
                 let slot = slots.acquire_owned().await.ok()?;
-                let action = queue.next(&stop).await?;
+                let action = queue.next(offers, &stop).await?;
                 Some((slot, action))
             };
             tokio::select! {
@@ -163,7 +167,7 @@ impl Session {
                 }
             }
         };
-        self.scheduler.unregister_executor(&self.key);
+        self.scheduler.unregister_executor(&self.key, &self.offers);
         tracing::info!(executor = %self.name, reason = why, running = self.running.len(), "executor lost");
         for (_, running) in self.running.drain() {
             running.forward_cancel.abort();

@@ -20,7 +20,7 @@ use kiln_proto::rpc;
 use kiln_store::{Digest, DigestFunction};
 use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::SchedulerError;
@@ -73,6 +73,8 @@ pub struct QueuedAction {
     priority: i32,
     /// `RequestMetadata.tool_invocation_id`: the unit of fair sharing.
     invocation_id: String,
+    /// The executor-declared properties an executor must offer to take it.
+    requires: Properties,
     queue: Option<Arc<PoolQueue>>,
     queued_at: Timestamp,
     /// Whether the request allows writing the result to the Action Cache.
@@ -149,6 +151,11 @@ struct Level {
 }
 
 impl FairQueue {
+    /// The priority of the action `pop` would return; `None` when empty.
+    fn head_priority(&self) -> Option<i32> {
+        self.levels.keys().next().copied()
+    }
+
     fn push(&mut self, action: Arc<QueuedAction>) {
         let level = self.levels.entry(action.priority).or_default();
         let invocation = action.invocation_id.clone();
@@ -177,37 +184,154 @@ impl FairQueue {
     }
 }
 
-/// The queue of one [`QueueKey`], one semaphore permit per queued entry so
-/// idle executors sleep on the semaphore rather than polling.
+/// Executor-declared properties (`KEY=VALUE`): what an executor offers,
+/// or what an action requires of one.
+pub type Properties = BTreeMap<String, String>;
+
+/// Whether an executor offering `offers` may run an action requiring
+/// `requires`.
+fn satisfies(offers: &Properties, requires: &Properties) -> bool {
+    requires
+        .iter()
+        .all(|(key, value)| offers.get(key) == Some(value))
+}
+
+/// The queue of one [`QueueKey`]. Within it, actions are grouped by the
+/// declared properties they require and executors by those they offer, so
+/// taking work costs the number of distinct property sets, never the number
+/// of executors or of queued actions.
 pub(crate) struct PoolQueue {
-    entries: Mutex<FairQueue>,
-    available: Semaphore,
-    executors: Mutex<usize>,
+    inner: Mutex<PoolInner>,
+    /// Wakes idle executors when work is pushed.
+    pushed: Notify,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    by_requirement: HashMap<Properties, FairQueue>,
+    /// Registered executors, counted by the properties they offer.
+    offers: HashMap<Properties, usize>,
 }
 
 impl PoolQueue {
-    fn push(&self, action: Arc<QueuedAction>) {
-        self.entries.lock().push(action);
-        self.available.add_permits(1);
+    fn new() -> PoolQueue {
+        PoolQueue {
+            inner: Mutex::new(PoolInner::default()),
+            pushed: Notify::new(),
+        }
     }
 
-    /// The next queued action, waiting for one; `None` once `stop` fires.
-    pub(crate) async fn next(&self, stop: &CancellationToken) -> Option<Arc<QueuedAction>> {
+    fn push(&self, action: Arc<QueuedAction>) {
+        self.inner
+            .lock()
+            .by_requirement
+            .entry(action.requires.clone())
+            .or_default()
+            .push(action);
+        self.pushed.notify_waiters();
+    }
+
+    /// The next queued action an executor offering `offers` may run,
+    /// waiting for one; `None` once `stop` fires.
+    pub(crate) async fn next(
+        &self,
+        offers: &Properties,
+        stop: &CancellationToken,
+    ) -> Option<Arc<QueuedAction>> {
         loop {
-            let permit = tokio::select! {
-                _ = stop.cancelled() => return None,
-                permit = self.available.acquire() => permit.ok()?,
-            };
-            permit.forget();
-            let Some(action) = self.entries.lock().pop() else {
-                continue;
-            };
-            // Cancelled while queued: already completed by CancelOperation.
-            if action.cancel.is_cancelled() {
-                continue;
+            let pushed = self.pushed.notified();
+            tokio::pin!(pushed);
+            pushed.as_mut().enable();
+            if let Some(action) = self.try_pop(offers) {
+                // Cancelled while queued: already completed by CancelOperation.
+                if action.cancel.is_cancelled() {
+                    continue;
+                }
+                return Some(action);
             }
-            return Some(action);
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = pushed => {}
+            }
         }
+    }
+
+    /// Pops from the best group `offers` satisfies: the one whose head has
+    /// the lowest priority value.
+    fn try_pop(&self, offers: &Properties) -> Option<Arc<QueuedAction>> {
+        let mut inner = self.inner.lock();
+        let best = inner
+            .by_requirement
+            .iter()
+            .filter(|(requires, _)| satisfies(offers, requires))
+            .filter_map(|(requires, queue)| Some((queue.head_priority()?, requires)))
+            .min_by_key(|(priority, _)| *priority)
+            .map(|(_, requires)| requires.clone())?;
+        let queue = inner.by_requirement.get_mut(&best)?;
+        let action = queue.pop();
+        if queue.head_priority().is_none() {
+            inner.by_requirement.remove(&best);
+        }
+        action
+    }
+
+    fn register(&self, offers: &Properties) {
+        *self.inner.lock().offers.entry(offers.clone()).or_default() += 1;
+    }
+
+    fn unregister(&self, offers: &Properties) {
+        let mut inner = self.inner.lock();
+        if let Some(count) = inner.offers.get_mut(offers) {
+            *count -= 1;
+            if *count == 0 {
+                inner.offers.remove(offers);
+            }
+        }
+    }
+
+    fn has_executors(&self) -> bool {
+        !self.inner.lock().offers.is_empty()
+    }
+
+    /// What an action with these other properties requires here: its values
+    /// of the keys some registered executor declares. `None` if no
+    /// registered executor offers all of them.
+    fn requirement(&self, properties: &BTreeMap<String, String>) -> Option<Properties> {
+        let inner = self.inner.lock();
+        let requires: Properties = properties
+            .iter()
+            .filter(|(key, _)| inner.offers.keys().any(|offers| offers.contains_key(*key)))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        inner
+            .offers
+            .keys()
+            .any(|offers| satisfies(offers, &requires))
+            .then_some(requires)
+    }
+
+    /// The declared keys the action carries, for an error message.
+    fn declared_of(&self, properties: &BTreeMap<String, String>) -> Properties {
+        let inner = self.inner.lock();
+        properties
+            .iter()
+            .filter(|(key, _)| inner.offers.keys().any(|offers| offers.contains_key(*key)))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect()
+    }
+
+    fn describe_offers(&self) -> Vec<String> {
+        self.inner
+            .lock()
+            .offers
+            .keys()
+            .map(|offers| {
+                offers
+                    .iter()
+                    .map(|(key, value)| format!(" {key}={value}"))
+                    .collect()
+            })
+            .collect()
     }
 }
 
@@ -254,31 +378,25 @@ impl Scheduler {
         &self.shutdown
     }
 
-    /// Counts one more executor offering `key`; returns its queue.
-    pub(crate) fn register_executor(&self, key: &QueueKey) -> Arc<PoolQueue> {
+    /// Counts one more executor offering `key` and `offers`; returns its
+    /// queue.
+    pub(crate) fn register_executor(&self, key: &QueueKey, offers: &Properties) -> Arc<PoolQueue> {
         let mut state = self.state.lock();
         let queue = state
             .queues
             .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(PoolQueue {
-                    entries: Mutex::new(FairQueue::default()),
-                    available: Semaphore::new(0),
-                    executors: Mutex::new(0),
-                })
-            })
+            .or_insert_with(|| Arc::new(PoolQueue::new()))
             .clone();
-        *queue.executors.lock() += 1;
+        queue.register(offers);
         drop(state);
         self.registered.notify_waiters();
         queue
     }
 
-    pub(crate) fn unregister_executor(&self, key: &QueueKey) {
+    pub(crate) fn unregister_executor(&self, key: &QueueKey, offers: &Properties) {
         let state = self.state.lock();
         if let Some(queue) = state.queues.get(key) {
-            let mut executors = queue.executors.lock();
-            *executors = executors.saturating_sub(1);
+            queue.unregister(offers);
         }
     }
 
@@ -345,7 +463,7 @@ impl Scheduler {
             os_family: platform.os_family,
             arch: platform.arch,
         };
-        let queue = self.matching_queue(&key, &digest).await?;
+        let (queue, requires) = self.matching_queue(&key, &platform.other, &digest).await?;
         let pool = key.pool.clone();
 
         if !request.skip_cache_lookup {
@@ -396,6 +514,7 @@ impl Scheduler {
             attempts: AtomicU32::new(0),
             priority: request.execution_policy.map_or(0, |policy| policy.priority),
             invocation_id: invocation_id.to_string(),
+            requires,
             queue: Some(queue.clone()),
             queued_at: now(),
             cacheable,
@@ -636,6 +755,7 @@ impl Scheduler {
             attempts: AtomicU32::new(0),
             priority: 0,
             invocation_id: String::new(),
+            requires: Properties::new(),
             queue: None,
             queued_at: now(),
             cacheable: false,
@@ -650,39 +770,42 @@ impl Scheduler {
         (first, receiver)
     }
 
-    /// The queue of executors offering `key`, waiting up to the grace for
-    /// one to register; else FAILED_PRECONDITION naming what is unmatched.
+    /// The queue of executors offering `key` and the declared properties
+    /// the action requires there, waiting up to the grace for a matching
+    /// executor to register; else FAILED_PRECONDITION naming what is
+    /// unmatched.
     async fn matching_queue(
         &self,
         key: &QueueKey,
+        properties: &BTreeMap<String, String>,
         digest: &Digest,
-    ) -> Result<Arc<PoolQueue>, SchedulerError> {
+    ) -> Result<(Arc<PoolQueue>, Properties), SchedulerError> {
         let deadline = tokio::time::Instant::now() + self.config.unmatched_grace;
         loop {
             let registered = self.registered.notified();
             tokio::pin!(registered);
             registered.as_mut().enable();
-            if let Some(queue) = self.queue_of(key) {
-                return Ok(queue);
+            let queue = self.state.lock().queues.get(key).cloned();
+            if let Some(queue) = &queue {
+                if let Some(requires) = queue.requirement(properties) {
+                    return Ok((queue.clone(), requires));
+                }
             }
             if tokio::time::timeout_at(deadline, registered).await.is_err() {
+                let declared: String = queue
+                    .map(|queue| queue.declared_of(properties))
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|(key, value)| format!(" {key}={value}"))
+                    .collect();
                 return Err(SchedulerError::NoExecutor {
                     action: digest.to_string(),
                     pool: key.pool.clone(),
-                    unmatched: key.to_string(),
+                    unmatched: format!("{key}{declared}"),
                     registered: self.registered_keys(),
                 });
             }
         }
-    }
-
-    fn queue_of(&self, key: &QueueKey) -> Option<Arc<PoolQueue>> {
-        self.state
-            .lock()
-            .queues
-            .get(key)
-            .filter(|queue| *queue.executors.lock() > 0)
-            .cloned()
     }
 
     fn registered_keys(&self) -> String {
@@ -690,8 +813,13 @@ impl Scheduler {
         let mut keys: Vec<String> = state
             .queues
             .iter()
-            .filter(|(_, queue)| *queue.executors.lock() > 0)
-            .map(|(key, _)| format!("[{key}]"))
+            .filter(|(_, queue)| queue.has_executors())
+            .flat_map(|(key, queue)| {
+                queue
+                    .describe_offers()
+                    .into_iter()
+                    .map(move |offers| format!("[{key}{offers}]"))
+            })
             .collect();
         keys.sort_unstable();
         if keys.is_empty() {

@@ -30,6 +30,9 @@ pub struct WorkerConfig {
     pub pool: String,
     pub os_family: String,
     pub arch: String,
+    /// Properties this executor declares (`KEY=VALUE`): actions carrying
+    /// KEY come here only with the same VALUE.
+    pub properties: std::collections::BTreeMap<String, String>,
     /// Actions run at once.
     pub capacity: u32,
     pub heartbeat_interval: Duration,
@@ -54,7 +57,7 @@ impl Worker {
                 os_family: config.os_family.clone(),
                 arch: config.arch.clone(),
                 isolation_types: vec!["none".into()],
-                properties: Default::default(),
+                properties: config.properties.clone().into_iter().collect(),
                 capacity: config.capacity,
             })),
         };

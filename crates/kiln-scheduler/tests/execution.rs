@@ -88,6 +88,15 @@ impl Harness {
         name: &str,
         pool: &str,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        self.start_executor_with(name, pool, &[]).await
+    }
+
+    async fn start_executor_with(
+        &self,
+        name: &str,
+        pool: &str,
+        properties: &[(&str, &str)],
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let root = self.dir.path().join(name);
         let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
         runner_config.worker_name = name.to_string();
@@ -102,6 +111,10 @@ impl Harness {
                 pool: pool.to_string(),
                 os_family: "linux".into(),
                 arch: "amd64".into(),
+                properties: properties
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 capacity: 2,
                 heartbeat_interval: Duration::from_secs(1),
             },
@@ -820,5 +833,60 @@ async fn priority_first_then_invocations_take_turns() {
         "urgent\nbig-1\nsmall-1\nbig-2\nbig-3\n",
         "lower priority value first; then the two builds alternate"
     );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn declared_properties_restrict_only_actions_that_carry_them() {
+    let harness = Harness::start().await;
+    let (stop_gpu, gpu) = harness
+        .start_executor_with("exec-gpu", "accel", &[("gpu", "a100")])
+        .await;
+    let (stop_plain, plain) = harness.start_executor("exec-plain", "accel").await;
+    for round in 0..6 {
+        let wants_gpu: &'static str = Box::leak(format!("echo gpu {round}").into_boxed_str());
+        let action = harness
+            .action(ActionSpec {
+                arguments: vec!["/bin/sh", "-c", wants_gpu],
+                properties: vec![("Pool", "accel"), ("gpu", "a100"), ("ISA", "x86-64-v3")],
+                ..Default::default()
+            })
+            .await;
+        let response = harness.execute(&action, false).await;
+        let worker = response.result.unwrap().execution_metadata.unwrap().worker;
+        assert_eq!(worker, "exec-gpu", "gpu=a100 is declared only by exec-gpu");
+
+        // Without the declared key, the action is not restricted: it runs
+        // (an undeclared key such as ISA never restricts).
+        let anywhere: &'static str = Box::leak(format!("echo anywhere {round}").into_boxed_str());
+        let action = harness
+            .action(ActionSpec {
+                arguments: vec!["/bin/sh", "-c", anywhere],
+                properties: vec![("Pool", "accel"), ("ISA", "x86-64-v3")],
+                ..Default::default()
+            })
+            .await;
+        let response = harness.execute(&action, false).await;
+        assert_eq!(response.result.unwrap().exit_code, 0);
+    }
+
+    // A value no executor declares fails fast, naming it.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("Pool", "accel"), ("gpu", "h100")],
+            ..Default::default()
+        })
+        .await;
+    let error = harness
+        .start_execute(&action, false, &[])
+        .await
+        .expect_err("no executor declares gpu=h100");
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert!(error.message().contains("gpu=h100"), "{error}");
+    stop_gpu.cancel();
+    stop_plain.cancel();
+    gpu.await.unwrap();
+    plain.await.unwrap();
     harness.stop().await;
 }

@@ -24,6 +24,8 @@ pub struct ExecutorOptions {
     pub work_dir: PathBuf,
     pub os_family: String,
     pub arch: String,
+    /// Declared `KEY=VALUE` properties.
+    pub properties: std::collections::BTreeMap<String, String>,
     pub max_action_timeout: Duration,
     pub heartbeat_interval: Duration,
 }
@@ -57,6 +59,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
             pool: options.pool.clone(),
             os_family: options.os_family.clone(),
             arch: options.arch.clone(),
+            properties: options.properties.clone(),
             capacity: options.capacity.max(1),
             heartbeat_interval: options.heartbeat_interval,
         },

@@ -74,6 +74,10 @@ struct ExecutorArgs {
     /// Arch this executor offers (default: this machine's).
     #[arg(long)]
     arch: Option<String>,
+    /// A property this executor declares, KEY=VALUE (repeatable): actions
+    /// carrying KEY come here only with the same VALUE.
+    #[arg(long = "property", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
     /// Longest an action may run, in seconds.
     #[arg(long, default_value_t = 3600)]
     max_action_timeout_s: u64,
@@ -83,6 +87,13 @@ struct ExecutorArgs {
     log_format: LogFormat,
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
 }
 
 async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
@@ -107,6 +118,7 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
         name,
         capacity,
         os_family: args.os_family,
+        properties: args.properties.into_iter().collect(),
         arch: args.arch.unwrap_or_else(|| {
             match kiln_scheduler::host_arch() {
                 kiln_platform::Arch::Arm64 => "arm64",
