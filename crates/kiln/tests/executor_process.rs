@@ -1,0 +1,225 @@
+//! `kiln executor` as real processes against a real `kiln serve`: an
+//! executor SIGKILLed in the middle of an action loses its stream, and the
+//! server requeues the action onto the other executor, which completes it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln_proto::longrunning::{operation, Operation};
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::execution_client::ExecutionClient;
+use kiln_proto::reapi::{self, batch_update_blobs_request, execution_stage, Digest};
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
+
+/// Upper bound for anything that could hang; never a pass/fail threshold.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+fn digest(data: &[u8]) -> Digest {
+    Digest {
+        hash: hex::encode(Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+/// A child process killed when dropped, with its stderr lines on a channel.
+struct Process {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Process {
+    fn spawn(args: &[&str]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln starts");
+        let (sender, stderr) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        Process { child, stderr }
+    }
+
+    /// Waits for a stderr line containing `text` (the event, bounded).
+    fn wait_for_log(&self, text: &str) {
+        loop {
+            let line = self
+                .stderr
+                .recv_timeout(HANG_GUARD)
+                .unwrap_or_else(|_| panic!("no log line containing {text:?}"));
+            if line.contains(text) {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn executor(address: &str, name: &str, work_dir: &Path) -> Process {
+    let process = Process::spawn(&[
+        "executor",
+        "--scheduler",
+        &format!("grpc://{address}"),
+        "--pool",
+        "procs",
+        "--name",
+        name,
+        "--capacity",
+        "1",
+        "--work-dir",
+        work_dir.to_str().unwrap(),
+    ]);
+    process.wait_for_log("executor registered");
+    process
+}
+
+fn stage(operation: &Operation) -> execution_stage::Value {
+    let metadata = reapi::ExecuteOperationMetadata::decode(
+        operation.metadata.as_ref().unwrap().value.as_slice(),
+    )
+    .unwrap();
+    execution_stage::Value::try_from(metadata.stage).unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_executor_process_loses_its_action_to_another() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut server = Process::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        scratch.path().join("server").to_str().unwrap(),
+        "--storage-backend",
+        "memory",
+        "--embedded-executor",
+        "false",
+    ]);
+    let mut line = String::new();
+    BufReader::new(server.child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("listening grpc://")
+        .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"))
+        .to_string();
+    let mut first = executor(&address, "proc-first", &scratch.path().join("first"));
+
+    // The action: on its first run it reports its pid through a FIFO and
+    // sleeps; run again (the marker exists) it finishes at once.
+    let fifo = scratch.path().join("started");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let marker = scratch.path().join("marker");
+    let script = format!(
+        "if [ -e {m} ]; then echo second run; else touch {m}; echo $$ > {f}; exec sleep 600; fi",
+        m = marker.display(),
+        f = fifo.display()
+    );
+    let command = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let root = reapi::Directory::default().encode_to_vec();
+    let action = reapi::Action {
+        command_digest: Some(digest(&command)),
+        input_root_digest: Some(digest(&root)),
+        platform: Some(reapi::Platform {
+            properties: vec![reapi::platform::Property {
+                name: "Pool".into(),
+                value: "procs".into(),
+            }],
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action_digest = digest(&action);
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ContentAddressableStorageClient::new(channel.clone())
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: [command, root, action]
+                .into_iter()
+                .map(|data| batch_update_blobs_request::Request {
+                    digest: Some(digest(&data)),
+                    data,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let mut stream = ExecutionClient::new(channel)
+        .execute(reapi::ExecuteRequest {
+            action_digest: Some(action_digest),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pid: i32 = tokio::time::timeout(
+        HANG_GUARD,
+        tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo).unwrap()),
+    )
+    .await
+    .expect("the first executor never started the action")
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+
+    let _second = executor(&address, "proc-second", &scratch.path().join("second"));
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    // The orphaned `sleep` of the killed executor is ours to stop.
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+
+    let mut last = None;
+    while let Some(operation) = tokio::time::timeout(HANG_GUARD, stream.next())
+        .await
+        .expect("the operation never completed")
+    {
+        last = Some(operation.unwrap());
+    }
+    let last = last.unwrap();
+    assert!(last.done);
+    assert_eq!(stage(&last), execution_stage::Value::Completed);
+    let Some(operation::Result::Response(any)) = last.result else {
+        panic!("no response: {last:?}");
+    };
+    let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.stdout_digest, Some(digest(b"second run\n")));
+    assert_eq!(result.execution_metadata.unwrap().worker, "proc-second");
+    server.wait_for_log("requeued");
+}
