@@ -56,8 +56,14 @@ impl EmbeddedExecutor {
                         platform: action.platform.clone(),
                         cancel: action.cancel.clone(),
                     };
-                    let outcome = run_on_own_thread(runner.clone(), request).await;
-                    scheduler.finished(&action, outcome).await;
+                    match run_on_own_thread(runner.clone(), request).await {
+                        // This executor cannot run it now (a full disk):
+                        // another may; attempts stay bounded.
+                        Err(error) if error.is_retryable_elsewhere() => {
+                            scheduler.requeue(&action, &error.to_string())
+                        }
+                        outcome => scheduler.finished(&action, outcome).await,
+                    }
                 }
             });
         }

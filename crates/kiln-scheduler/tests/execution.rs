@@ -890,3 +890,50 @@ async fn declared_properties_restrict_only_actions_that_carry_them() {
     plain.await.unwrap();
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_registry_password_header_is_never_echoed_or_stored() {
+    let harness = Harness::start().await;
+    let secret = "hunter2-do-not-leak";
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/echo", "ok"],
+            ..Default::default()
+        })
+        .await;
+    let headers = [
+        ("x-buildbuddy-platform.container-registry-username", "me"),
+        ("x-buildbuddy-platform.container-registry-password", secret),
+    ];
+    let stream = harness
+        .start_execute(&action, false, &headers)
+        .await
+        .unwrap();
+    let (_, response) = finish(stream).await;
+    assert_eq!(response.status.clone().unwrap_or_default().code, 0);
+    let leaked = |bytes: &[u8]| bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
+    assert!(!leaked(&response.encode_to_vec()), "in the ExecuteResponse");
+    let cached = harness.cached(&action).await.unwrap();
+    assert!(!leaked(&cached.encode_to_vec()), "in the Action Cache");
+    let listed = harness
+        .operations()
+        .list_operations(kiln_proto::longrunning::ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!leaked(&listed.encode_to_vec()), "in ListOperations");
+
+    // Next to a malformed property, the error names that one, not the secret.
+    let headers = [
+        ("x-buildbuddy-platform.container-registry-password", secret),
+        ("x-buildbuddy-platform.estimatedcpu", "many"),
+    ];
+    let error = harness
+        .start_execute(&action, true, &headers)
+        .await
+        .expect_err("EstimatedCPU=many is malformed");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("EstimatedCPU"), "{error}");
+    assert!(!error.message().contains(secret), "{error}");
+    harness.stop().await;
+}
