@@ -167,13 +167,15 @@ impl Session {
                 }
             }
         };
-        self.scheduler.unregister_executor(&self.key, &self.offers);
         tracing::info!(executor = %self.name, reason = why, running = self.running.len(), "executor lost");
+        // Requeued before unregistering, so the check for actions nobody
+        // can run any more sees them.
         for (_, running) in self.running.drain() {
             running.forward_cancel.abort();
             self.scheduler
                 .requeue(&running.action, &format!("executor {}: {why}", self.name));
         }
+        self.scheduler.unregister_executor(&self.key, &self.offers);
     }
 
     /// Sends `action` to the executor; false if the stream is gone (the

@@ -289,6 +289,32 @@ impl PoolQueue {
         }
     }
 
+    /// Removes and returns the queued actions no registered executor can
+    /// run.
+    fn drain_unservable(&self) -> Vec<Arc<QueuedAction>> {
+        let mut inner = self.inner.lock();
+        let unservable: Vec<Properties> = inner
+            .by_requirement
+            .keys()
+            .filter(|requires| {
+                !inner
+                    .offers
+                    .keys()
+                    .any(|offers| satisfies(offers, requires))
+            })
+            .cloned()
+            .collect();
+        let mut drained = Vec::new();
+        for requires in unservable {
+            if let Some(mut queue) = inner.by_requirement.remove(&requires) {
+                while let Some(action) = queue.pop() {
+                    drained.push(action);
+                }
+            }
+        }
+        drained
+    }
+
     fn has_executors(&self) -> bool {
         !self.inner.lock().offers.is_empty()
     }
@@ -352,6 +378,8 @@ pub struct Scheduler {
     shutdown: CancellationToken,
     /// Wakes requests waiting for a matching executor to register.
     registered: Notify,
+    /// Itself, for the tasks it spawns.
+    me: std::sync::Weak<Scheduler>,
 }
 
 /// What Execute hands back: the operation's state channel.
@@ -359,13 +387,14 @@ pub type OperationWatch = watch::Receiver<Operation>;
 
 impl Scheduler {
     pub fn new(storage: Storage, config: SchedulerConfig) -> Arc<Scheduler> {
-        Arc::new(Scheduler {
+        Arc::new_cyclic(|me| Scheduler {
             action_cache: ActionCacheStore::new(storage.clone()),
             storage,
             config,
             state: Mutex::new(State::default()),
             shutdown: CancellationToken::new(),
             registered: Notify::new(),
+            me: me.clone(),
         })
     }
 
@@ -393,11 +422,53 @@ impl Scheduler {
         queue
     }
 
+    /// Counts one executor less. After the grace (for a replacement to
+    /// register), queued actions no remaining executor can run fail with
+    /// FAILED_PRECONDITION instead of waiting forever.
     pub(crate) fn unregister_executor(&self, key: &QueueKey, offers: &Properties) {
-        let state = self.state.lock();
-        if let Some(queue) = state.queues.get(key) {
-            queue.unregister(offers);
-        }
+        let Some(queue) = self.state.lock().queues.get(key).cloned() else {
+            return;
+        };
+        queue.unregister(offers);
+        let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let key = key.clone();
+        runtime.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(me.config.unmatched_grace) => {}
+                _ = me.shutdown.cancelled() => return,
+            }
+            let stranded = queue.drain_unservable();
+            if stranded.is_empty() {
+                return;
+            }
+            let registered = me.registered_keys();
+            for action in stranded {
+                let required: String = action
+                    .requires
+                    .iter()
+                    .map(|(k, v)| format!(" {k}={v}"))
+                    .collect();
+                let error = SchedulerError::NoExecutor {
+                    action: format!(
+                        "{}/{}",
+                        action.action_digest.hash, action.action_digest.size_bytes
+                    ),
+                    pool: key.pool.clone(),
+                    unmatched: format!("{key}{required}"),
+                    registered: registered.clone(),
+                };
+                me.complete(
+                    &action,
+                    reapi::ExecuteResponse {
+                        status: Some(to_rpc_status(error.into())),
+                        ..Default::default()
+                    },
+                );
+            }
+        });
     }
 
     /// Starts an execution (or joins an identical one in flight, or answers

@@ -937,3 +937,31 @@ async fn a_registry_password_header_is_never_echoed_or_stored() {
     assert!(!error.message().contains(secret), "{error}");
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn actions_left_without_any_executor_fail_instead_of_waiting_forever() {
+    let harness = Harness::start().await;
+    let (stop, executor) = harness.start_executor("exec-lonely", "lonely").await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/sleep", "600"],
+            properties: vec![("Pool", "lonely")],
+            ..Default::default()
+        })
+        .await;
+    let mut stream = harness.start_execute(&action, false, &[]).await.unwrap();
+    until_executing(&mut stream).await;
+    // The pool's only executor goes away: its action is requeued, then,
+    // with nobody left to run it, fails naming the pool.
+    stop.cancel();
+    executor.await.unwrap();
+    let (stages, response) = finish(stream).await;
+    assert!(
+        stages.contains(&execution_stage::Value::Queued),
+        "{stages:?}"
+    );
+    let status = response.status.unwrap();
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    assert!(status.message.contains("Pool=lonely"), "{}", status.message);
+    harness.stop().await;
+}
