@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
@@ -306,35 +306,7 @@ impl CasClient {
             };
         let total = digest.size_bytes;
         let (error_tx, mut error_rx) = tokio::sync::mpsc::channel::<std::io::Error>(1);
-        let mut offset = 0i64;
-        let mut first = true;
-        let requests = chunks
-            .take_while(move |chunk| {
-                let ok = match chunk {
-                    Ok(_) => true,
-                    Err(e) => {
-                        let _ = error_tx.try_send(std::io::Error::new(e.kind(), e.to_string()));
-                        false
-                    }
-                };
-                futures::future::ready(ok)
-            })
-            .map(move |chunk| {
-                let data = chunk.unwrap_or_default();
-                let request = WriteRequest {
-                    resource_name: if first {
-                        resource_name.clone()
-                    } else {
-                        String::new()
-                    },
-                    write_offset: offset,
-                    finish_write: offset + data.len() as i64 == total,
-                    data: data.clone(),
-                };
-                first = false;
-                offset += data.len() as i64;
-                request
-            });
+        let requests = write_requests(chunks, resource_name, total, error_tx);
         let result = self.bytestream().write(requests).await;
         if let Ok(error) = error_rx.try_recv() {
             return Err(RunError::io(
@@ -359,6 +331,48 @@ impl CasClient {
         }
         Ok(())
     }
+}
+
+/// The WriteRequests of one upload, as a concrete `'static` stream built
+/// outside `write_one`. Why: handing tonic's client-streaming `write` a
+/// boxed `dyn Stream` (or closures carrying `write_one`'s lifetimes) makes
+/// its future not provably `Send` for every lifetime, so the runner's
+/// future could not be given to `tokio::spawn`.
+fn write_requests(
+    chunks: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
+    resource_name: String,
+    total: i64,
+    error_tx: tokio::sync::mpsc::Sender<std::io::Error>,
+) -> impl Stream<Item = WriteRequest> + Send + 'static {
+    let mut offset = 0i64;
+    let mut first = true;
+    chunks
+        .take_while(move |chunk| {
+            let ok = match chunk {
+                Ok(_) => true,
+                Err(e) => {
+                    let _ = error_tx.try_send(std::io::Error::new(e.kind(), e.to_string()));
+                    false
+                }
+            };
+            futures::future::ready(ok)
+        })
+        .map(move |chunk| {
+            let data = chunk.unwrap_or_default();
+            let request = WriteRequest {
+                resource_name: if first {
+                    resource_name.clone()
+                } else {
+                    String::new()
+                },
+                write_offset: offset,
+                finish_write: offset + data.len() as i64 == total,
+                data: data.clone(),
+            };
+            first = false;
+            offset += data.len() as i64;
+            request
+        })
 }
 
 /// A file read in chunks, so a large upload never sits whole in memory.

@@ -483,3 +483,35 @@ fn now() -> Timestamp {
         nanos: since_epoch.subsec_nanos() as i32,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compile-time check: the future of [`ActionRunner::run`] can be given
+    /// to `tokio::spawn` (it is `Send + 'static` once its arguments are
+    /// owned by the task), so executors need no thread per running action.
+    /// Never called; that it compiles is the test.
+    fn spawn_run(
+        runner: Arc<ActionRunner>,
+        instance_name: String,
+        action_digest: Digest,
+        platform: Platform,
+    ) -> tokio::task::JoinHandle<Result<RunOutcome, RunError>> {
+        tokio::spawn(async move {
+            runner
+                .run(
+                    &instance_name,
+                    &action_digest,
+                    &platform,
+                    CancellationToken::new(),
+                )
+                .await
+        })
+    }
+
+    #[test]
+    fn run_future_is_spawnable() {
+        let _: fn(_, _, _, _) -> _ = spawn_run;
+    }
+}

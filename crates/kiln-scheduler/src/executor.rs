@@ -56,7 +56,7 @@ impl EmbeddedExecutor {
                         platform: action.platform.clone(),
                         cancel: action.cancel.clone(),
                     };
-                    match run_on_own_thread(runner.clone(), request).await {
+                    match run_action(runner.clone(), request).await {
                         // This executor cannot run it now (a full disk):
                         // another may; attempts stay bounded.
                         Err(error) if error.is_retryable_elsewhere() => {
@@ -86,24 +86,25 @@ pub(crate) struct RunRequest {
     pub cancel: kiln_executor::CancellationToken,
 }
 
-/// Runs one action on a blocking thread that drives the runner's future.
-/// Why: `ActionRunner::run`'s future borrows `&str` inside stream
-/// combinators, which rustc cannot prove `Send` for every lifetime, so it
-/// cannot be given to `tokio::spawn`. Concurrency is bounded by the worker
-/// count, so this holds at most `concurrency` blocking threads.
-pub(crate) async fn run_on_own_thread(
+/// Runs one action as its own tokio task (the runner's future is `Send +
+/// 'static` once it owns its arguments), so a panic in the runner becomes
+/// an error for this action instead of taking the worker down. No thread
+/// per running action: concurrency is bounded by the callers (worker count,
+/// executor capacity).
+pub(crate) async fn run_action(
     runner: Arc<ActionRunner>,
     action: RunRequest,
 ) -> Result<RunOutcome, RunError> {
-    let handle = tokio::runtime::Handle::current();
     let digest = action.action_digest.clone();
-    tokio::task::spawn_blocking(move || {
-        handle.block_on(runner.run(
-            &action.instance_name,
-            &action.action_digest,
-            &action.platform,
-            action.cancel.clone(),
-        ))
+    tokio::spawn(async move {
+        runner
+            .run(
+                &action.instance_name,
+                &action.action_digest,
+                &action.platform,
+                action.cancel.clone(),
+            )
+            .await
     })
     .await
     .unwrap_or_else(|e| {

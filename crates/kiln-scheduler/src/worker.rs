@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use tonic::Streaming;
 
 use crate::error::SchedulerError;
-use crate::executor::{run_on_own_thread, RunRequest};
+use crate::executor::{run_action, RunRequest};
 use crate::scheduler::to_rpc_status;
 
 /// What an executor process offers.
@@ -186,7 +186,7 @@ async fn run_assignment(
         platform,
         cancel,
     };
-    let outcome: Result<RunOutcome, RunError> = run_on_own_thread(runner, action).await;
+    let outcome: Result<RunOutcome, RunError> = run_action(runner, action).await;
     match outcome {
         Ok(outcome) => ActionFinished {
             assignment_id: assignment.assignment_id,
