@@ -49,6 +49,8 @@ enum ConfigCommand {
 enum BenchCommand {
     /// ByteStream and batch CAS throughput, next to the machine's SHA-256 rate.
     Cas(bench::cas::CasBenchArgs),
+    /// Execute latency and throughput with trivial actions (never cache hits).
+    Exec(bench::exec::ExecBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -292,6 +294,9 @@ fn main() -> anyhow::Result<()> {
             Command::Bench {
                 command: BenchCommand::Cas(args),
             } => bench::cas::run(args).await,
+            Command::Bench {
+                command: BenchCommand::Exec(args),
+            } => bench::exec::run(args).await,
         }
     })
 }

@@ -162,7 +162,7 @@ async fn connect(args: &CasBenchArgs) -> anyhow::Result<Channel> {
 
 /// `grpc://127.0.0.1:1985` → `http://127.0.0.1:1985`, refusing anything that
 /// is not loopback.
-fn loopback_http_uri(server: &str) -> anyhow::Result<String> {
+pub(super) fn loopback_http_uri(server: &str) -> anyhow::Result<String> {
     let rest = server
         .strip_prefix("grpc://")
         .or_else(|| server.strip_prefix("http://"))
@@ -186,7 +186,7 @@ fn loopback_http_uri(server: &str) -> anyhow::Result<String> {
 
 /// A seed no earlier run has used: the OS-keyed `RandomState`, the clock and
 /// the pid, mixed.
-fn fresh_seed() -> u64 {
+pub(super) fn fresh_seed() -> u64 {
     use std::hash::{BuildHasher as _, Hasher as _};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     let now = std::time::SystemTime::now()

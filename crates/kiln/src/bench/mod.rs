@@ -4,9 +4,11 @@
 //!
 //! `cas` measures the storage path: ByteStream for large blobs, the batch
 //! RPCs for many small ones, and the per-call cost of ByteStream on small
-//! blobs (`calls`), which is how Bazel 4 moves every blob.
+//! blobs (`calls`), which is how Bazel 4 moves every blob. `exec` measures
+//! the fixed cost of remote execution with trivial actions.
 
 mod calls;
 pub mod cas;
 mod data;
+pub mod exec;
 mod report;

@@ -1,0 +1,393 @@
+//! `kiln bench exec`: the fixed cost of remote execution. Trivial actions
+//! (`/bin/true` with an argument unique to the run, so none is a cache hit)
+//! are uploaded first, then executed through the REAPI Execution service:
+//! one in flight for latency, many in flight for throughput. Every result is
+//! checked (COMPLETED, status OK, exit code 0, not served from the cache).
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use futures::StreamExt as _;
+use kiln_proto::longrunning::operation;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::execution_client::ExecutionClient;
+use kiln_proto::reapi::{
+    self, batch_update_blobs_request, execution_stage, BatchUpdateBlobsRequest, Digest,
+};
+use prost::Message as _;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::{Channel, Endpoint};
+
+use super::cas::{fresh_seed, loopback_http_uri};
+use super::report::{process_cpu_seconds, Measurement, MemorySample, Report};
+
+/// Actions uploaded per BatchUpdateBlobs request (each is two small blobs).
+const UPLOAD_BATCH: usize = 1000;
+
+/// Measure a running server's execution latency and throughput with trivial
+/// actions.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExecBenchArgs {
+    /// Server to measure: `grpc://` (or `http://`) and a loopback address.
+    #[arg(long, default_value = "grpc://127.0.0.1:1985")]
+    pub server: String,
+
+    /// REAPI instance name.
+    #[arg(long, default_value = "")]
+    pub instance_name: String,
+
+    /// Actions executed one at a time (latency); 0 skips the phase.
+    #[arg(long, default_value_t = 500)]
+    pub latency_count: usize,
+
+    /// Actions executed with `--concurrency` in flight (throughput); 0 skips
+    /// the phase.
+    #[arg(long, default_value_t = 3000)]
+    pub throughput_count: usize,
+
+    /// Execute calls in flight in the throughput phase.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+
+    /// Program every action runs; its one argument makes each action unique.
+    #[arg(long, default_value = "/bin/true")]
+    pub program: String,
+
+    /// Platform properties put on every Action, as `KEY=VALUE`.
+    #[arg(long = "property", value_parser = parse_property)]
+    pub properties: Vec<(String, String)>,
+
+    /// Server process to sample CPU time and memory from.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Seed for the actions' arguments; by default a fresh one per run so no
+    /// action is in the Action Cache.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
+}
+
+fn digest_of(data: &[u8]) -> Digest {
+    Digest {
+        hash: hex::encode(Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+/// Runs both phases, prints the report, and fails if any action failed or was
+/// answered from the cache.
+pub async fn run(args: ExecBenchArgs) -> anyhow::Result<()> {
+    ensure!(args.concurrency > 0, "--concurrency must be positive");
+    let seed = args.seed.unwrap_or_else(fresh_seed);
+    let uri = loopback_http_uri(&args.server)?;
+    let channel = Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("invalid server address {uri}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.server))?;
+    let bench = ExecBench {
+        args,
+        seed,
+        cas: ContentAddressableStorageClient::new(channel.clone()),
+        execution: ExecutionClient::new(channel),
+    };
+    let report = bench.run_all().await?;
+    if bench.args.json {
+        print!("{}", report.json());
+    } else {
+        print!("{}", report.table());
+    }
+    if !report.problems.is_empty() {
+        bail!(
+            "{} problem(s) with the server's answers; see PROBLEMS above",
+            report.problems.len()
+        );
+    }
+    Ok(())
+}
+
+struct ExecBench {
+    args: ExecBenchArgs,
+    seed: u64,
+    cas: ContentAddressableStorageClient<Channel>,
+    execution: ExecutionClient<Channel>,
+}
+
+impl ExecBench {
+    /// Action `index` of this run: its Command and Action, encoded.
+    fn action(&self, index: usize, input_root: &Digest) -> (Vec<u8>, Vec<u8>) {
+        let command = reapi::Command {
+            arguments: vec![
+                self.args.program.clone(),
+                format!("kiln-bench-{:016x}-{index}", self.seed),
+            ],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let platform = (!self.args.properties.is_empty()).then(|| reapi::Platform {
+            properties: self
+                .args
+                .properties
+                .iter()
+                .map(|(name, value)| reapi::platform::Property {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+        });
+        let action = reapi::Action {
+            command_digest: Some(digest_of(&command)),
+            input_root_digest: Some(input_root.clone()),
+            platform,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        (command, action)
+    }
+
+    /// Uploads the Commands and Actions of `indices` (and the empty input
+    /// root) before anything is timed; returns the Action digests.
+    async fn upload(&self, indices: Range<usize>) -> anyhow::Result<Vec<Digest>> {
+        let root = reapi::Directory::default().encode_to_vec();
+        let root_digest = digest_of(&root);
+        let mut action_digests = Vec::with_capacity(indices.len());
+        let mut pending = vec![root];
+        let mut cas = self.cas.clone();
+        for index in indices {
+            let (command, action) = self.action(index, &root_digest);
+            action_digests.push(digest_of(&action));
+            pending.push(command);
+            pending.push(action);
+            if pending.len() >= UPLOAD_BATCH * 2 {
+                upload_batch(
+                    &mut cas,
+                    &self.args.instance_name,
+                    std::mem::take(&mut pending),
+                )
+                .await?;
+            }
+        }
+        upload_batch(&mut cas, &self.args.instance_name, pending).await?;
+        Ok(action_digests)
+    }
+
+    async fn run_all(&self) -> anyhow::Result<Report> {
+        let mut report = Report {
+            server_pid: self.args.server_pid,
+            ..Default::default()
+        };
+        report.context = vec![
+            ("server".into(), self.args.server.clone()),
+            ("seed".into(), format!("{:016x}", self.seed)),
+            (
+                "action".into(),
+                format!("{} <unique argument>", self.args.program),
+            ),
+        ];
+        if let Some(pid) = self.args.server_pid {
+            report.memory.push(MemorySample::read(pid, "start")?);
+        }
+        let latency_end = self.args.latency_count;
+        let phases = [
+            (0..latency_end, 1),
+            (
+                latency_end..latency_end + self.args.throughput_count,
+                self.args.concurrency,
+            ),
+        ];
+        for (indices, in_flight) in phases {
+            if indices.is_empty() {
+                continue;
+            }
+            let action_digests = self.upload(indices).await?;
+            let measurement = self
+                .measure(action_digests, in_flight, &mut report.problems)
+                .await;
+            report.measurements.push(measurement);
+            if let Some(pid) = self.args.server_pid {
+                report.memory.push(MemorySample::read(
+                    pid,
+                    &format!("after {in_flight} in flight"),
+                )?);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Executes every action with `in_flight` at a time.
+    async fn measure(
+        &self,
+        action_digests: Vec<Digest>,
+        in_flight: usize,
+        problems: &mut Vec<String>,
+    ) -> Measurement {
+        let count = action_digests.len();
+        let cpu_before = self.args.server_pid.and_then(process_cpu_seconds);
+        let started = Instant::now();
+        let outcomes: Vec<anyhow::Result<Duration>> = futures::stream::iter(action_digests)
+            .map(|action_digest| {
+                execute(
+                    self.execution.clone(),
+                    self.args.instance_name.clone(),
+                    action_digest,
+                )
+            })
+            .buffer_unordered(in_flight.max(1))
+            .collect()
+            .await;
+        let seconds = started.elapsed().as_secs_f64();
+        let server_cpu_seconds = self
+            .args
+            .server_pid
+            .and_then(process_cpu_seconds)
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
+        let mut latencies = Vec::with_capacity(count);
+        for outcome in outcomes {
+            match outcome {
+                Ok(latency) => latencies.push(latency),
+                Err(error) => problems.push(format!("{error:#}")),
+            }
+        }
+        latencies.sort();
+        let percentile = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        Measurement {
+            operation: format!("Execute, {in_flight} in flight"),
+            count: count as u64,
+            bytes: 0,
+            seconds,
+            server_cpu_seconds,
+            note: format!(
+                "latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                percentile(0.50),
+                percentile(0.99),
+                latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
+            ),
+        }
+    }
+}
+
+async fn upload_batch(
+    cas: &mut ContentAddressableStorageClient<Channel>,
+    instance_name: &str,
+    blobs: Vec<Vec<u8>>,
+) -> anyhow::Result<()> {
+    if blobs.is_empty() {
+        return Ok(());
+    }
+    let response = cas
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            instance_name: instance_name.to_owned(),
+            requests: blobs
+                .into_iter()
+                .map(|data| batch_update_blobs_request::Request {
+                    digest: Some(digest_of(&data)),
+                    data,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .context("uploading Commands and Actions")?
+        .into_inner();
+    for entry in response.responses {
+        let code = entry.status.map_or(0, |status| status.code);
+        ensure!(code == 0, "uploading {:?}: status {code}", entry.digest);
+    }
+    Ok(())
+}
+
+/// One Execute call, followed to its last Operation; checks the result and
+/// returns the call's latency.
+async fn execute(
+    mut execution: ExecutionClient<Channel>,
+    instance_name: String,
+    action_digest: Digest,
+) -> anyhow::Result<Duration> {
+    let hash = action_digest.hash.clone();
+    let started = Instant::now();
+    let mut stream = execution
+        .execute(reapi::ExecuteRequest {
+            instance_name,
+            action_digest: Some(action_digest),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("Execute of action {hash}"))?
+        .into_inner();
+    let mut last = None;
+    while let Some(operation) = stream.next().await {
+        let operation = operation.with_context(|| format!("Execute stream of action {hash}"))?;
+        let done = operation.done;
+        last = Some(operation);
+        if done {
+            break;
+        }
+    }
+    let latency = started.elapsed();
+    let operation = last.with_context(|| format!("action {hash}: no Operation"))?;
+    ensure!(operation.done, "action {hash}: stream ended before done");
+    let metadata = operation
+        .metadata
+        .as_ref()
+        .map(|any| reapi::ExecuteOperationMetadata::decode(any.value.as_slice()))
+        .transpose()?
+        .unwrap_or_default();
+    ensure!(
+        metadata.stage == execution_stage::Value::Completed as i32,
+        "action {hash}: last stage {}",
+        metadata.stage
+    );
+    let response = match operation.result {
+        Some(operation::Result::Response(any)) => {
+            reapi::ExecuteResponse::decode(any.value.as_slice())?
+        }
+        Some(operation::Result::Error(status)) => {
+            bail!("action {hash}: error {} {}", status.code, status.message)
+        }
+        None => bail!("action {hash}: done without a result"),
+    };
+    let status = response.status.unwrap_or_default();
+    ensure!(
+        status.code == 0,
+        "action {hash}: status {} {}",
+        status.code,
+        status.message
+    );
+    ensure!(!response.cached_result, "action {hash}: served from cache");
+    let exit_code = response.result.map_or(-1, |result| result.exit_code);
+    ensure!(exit_code == 0, "action {hash}: exit code {exit_code}");
+    Ok(latency)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_parse_as_key_value() {
+        assert_eq!(
+            parse_property("Pool=fast").unwrap(),
+            ("Pool".to_owned(), "fast".to_owned())
+        );
+        assert!(parse_property("Pool").is_err());
+    }
+}
