@@ -19,6 +19,10 @@ pub enum RunError {
     /// escaping the workspace, empty arguments, ...).
     #[error("{0}")]
     InvalidArgument(String),
+    /// The action asks for something this executor does not have (an
+    /// isolation type): `FAILED_PRECONDITION`, naming it.
+    #[error("{0}")]
+    Unsupported(String),
     /// This executor cannot run the action now for a reason of its own
     /// (its disk is full): a scheduler should retry the action on another
     /// executor rather than fail it (`RESOURCE_EXHAUSTED`).
@@ -124,6 +128,7 @@ impl From<RunError> for tonic::Status {
                 )
             }
             RunError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            RunError::Unsupported(_) => tonic::Status::failed_precondition(message),
             RunError::ExecutorUnavailable(_) => tonic::Status::resource_exhausted(message),
             RunError::Cas { status, .. } => tonic::Status::new(status.code(), message),
             RunError::Internal(_) => tonic::Status::internal(message),

@@ -179,7 +179,7 @@ impl ActionRunner {
     ) -> Result<RunOutcome, RunError> {
         if let Some(requested) = platform.isolation {
             if requested.name() != self.isolation.name() {
-                return Err(RunError::InvalidArgument(format!(
+                return Err(RunError::Unsupported(format!(
                     "workload-isolation-type={} is not available on this executor (it runs {})",
                     requested.name(),
                     self.isolation.name()

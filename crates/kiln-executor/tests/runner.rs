@@ -1007,9 +1007,12 @@ async fn an_unavailable_isolation_type_is_rejected() {
         .await
         .expect_err("no docker");
     assert!(
-        matches!(&error, RunError::InvalidArgument(m) if m.contains("workload-isolation-type=docker")),
+        matches!(&error, RunError::Unsupported(m) if m.contains("workload-isolation-type=docker")),
         "{error:?}"
     );
+    let status = tonic::Status::from(error);
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("workload-isolation-type=docker"));
     harness.stop().await;
 }
 

@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 
 use kiln_platform::{Arch, OsFamily};
 
-use crate::scheduler::{PoolQueue, Properties, QueueKey, Scheduler};
+use crate::scheduler::{Offer, PoolQueue, Properties, QueueKey, Scheduler};
 
 /// An executor living inside the server process, registered in one pool.
 pub struct EmbeddedExecutor {
@@ -29,7 +29,7 @@ impl EmbeddedExecutor {
             os_family: OsFamily::Linux,
             arch: host_arch(),
         };
-        let queue = scheduler.register_executor(&key, &Properties::new());
+        let queue = scheduler.register_executor(&key, &Offer::none_isolation(Properties::new()));
         EmbeddedExecutor {
             scheduler,
             key,
@@ -47,7 +47,7 @@ impl EmbeddedExecutor {
             let runner = runner.clone();
             workers.spawn(async move {
                 let stop = scheduler.shutdown_token().clone();
-                let offers = Properties::new();
+                let offers = Offer::none_isolation(Properties::new());
                 while let Some(action) = queue.next(&offers, &stop).await {
                     scheduler.started(&action);
                     let request = RunRequest {
@@ -74,7 +74,7 @@ impl EmbeddedExecutor {
 impl Drop for EmbeddedExecutor {
     fn drop(&mut self) {
         self.scheduler
-            .unregister_executor(&self.key, &Properties::new());
+            .unregister_executor(&self.key, &Offer::none_isolation(Properties::new()));
     }
 }
 

@@ -24,7 +24,7 @@ use prost::Message;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::scheduler::{PoolQueue, Properties, QueueKey, QueuedAction, Scheduler};
+use crate::scheduler::{Offer, PoolQueue, QueueKey, QueuedAction, Scheduler};
 
 /// Serves executor sessions for one [`Scheduler`].
 pub struct ExecutorSessions {
@@ -68,6 +68,31 @@ fn offered_key(register: &Register) -> Result<QueueKey, Status> {
     })
 }
 
+/// What a registration offers within its key: declared properties and
+/// isolation types (PLATFORM.md names; none listed means `none`).
+/// INVALID_ARGUMENT for an isolation type PLATFORM.md does not know.
+fn offer_of(register: &Register) -> Result<Offer, Status> {
+    let mut offer = Offer {
+        properties: register.properties.clone().into_iter().collect(),
+        ..Default::default()
+    };
+    for name in &register.isolation_types {
+        let property = [("workload-isolation-type".to_string(), name.clone())];
+        let platform = Platform::parse(&PropertySources {
+            action: &property,
+            ..Default::default()
+        })
+        .map_err(|e| Status::invalid_argument(format!("executor {}: {e}", register.name)))?;
+        offer.isolation_types.extend(platform.isolation);
+    }
+    if offer.isolation_types.is_empty() {
+        offer
+            .isolation_types
+            .insert(kiln_platform::IsolationType::None);
+    }
+    Ok(offer)
+}
+
 #[tonic::async_trait]
 impl ExecutorService for ExecutorSessions {
     type SessionStream = SessionStream;
@@ -89,6 +114,7 @@ impl ExecutorService for ExecutorSessions {
             ));
         };
         let key = offered_key(&register)?;
+        let offers = offer_of(&register)?;
         let executor_id = uuid::Uuid::new_v4().to_string();
         let (outbound, receiver) = mpsc::channel(64);
         let _ = outbound
@@ -98,9 +124,8 @@ impl ExecutorService for ExecutorSessions {
                 })),
             }))
             .await;
-        let offers: Properties = register.properties.clone().into_iter().collect();
         let queue = self.scheduler.register_executor(&key, &offers);
-        tracing::info!(executor = %register.name, %key, properties = ?register.properties, capacity = register.capacity, "executor registered");
+        tracing::info!(executor = %register.name, %key, properties = ?register.properties, isolation_types = ?register.isolation_types, capacity = register.capacity, "executor registered");
         let session = Session {
             scheduler: self.scheduler.clone(),
             name: register.name.clone(),
@@ -131,7 +156,7 @@ struct Session {
     scheduler: Arc<Scheduler>,
     name: String,
     key: QueueKey,
-    offers: Properties,
+    offers: Offer,
     queue: Arc<PoolQueue>,
     slots: Arc<Semaphore>,
     running: HashMap<String, Running>,

@@ -3,7 +3,7 @@
 //! `google.longrunning.Operation`, so Execute, WaitExecution and
 //! GetOperation all read the same value and a completion wakes them all.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use kiln_cas::wire::{digest_function, parse_digest, to_wire};
 use kiln_cas::{ActionCacheStore, Storage};
 use kiln_executor::{RunError, RunOutcome};
-use kiln_platform::{Arch, OsFamily, Platform, PropertySources};
+use kiln_platform::{Arch, IsolationType, OsFamily, Platform, PropertySources};
 use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::protobuf::{Any, Timestamp};
 use kiln_proto::reapi::{self, execution_stage};
@@ -73,8 +73,8 @@ pub struct QueuedAction {
     priority: i32,
     /// `RequestMetadata.tool_invocation_id`: the unit of fair sharing.
     invocation_id: String,
-    /// The executor-declared properties an executor must offer to take it.
-    requires: Properties,
+    /// What an executor must offer to take it.
+    requires: Requirement,
     queue: Option<Arc<PoolQueue>>,
     queued_at: Timestamp,
     /// Whether the request allows writing the result to the Action Cache.
@@ -188,12 +188,68 @@ impl FairQueue {
 /// or what an action requires of one.
 pub type Properties = BTreeMap<String, String>;
 
-/// Whether an executor offering `offers` may run an action requiring
+/// What an executor offers within its [`QueueKey`]: its declared
+/// properties and the isolation types it can run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Offer {
+    pub properties: Properties,
+    pub isolation_types: BTreeSet<IsolationType>,
+}
+
+impl Offer {
+    /// An executor running only `none` isolation, declaring `properties`.
+    pub fn none_isolation(properties: Properties) -> Offer {
+        Offer {
+            properties,
+            isolation_types: BTreeSet::from([IsolationType::None]),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let mut described: String = self
+            .properties
+            .iter()
+            .map(|(key, value)| format!(" {key}={value}"))
+            .collect();
+        let types: Vec<&str> = self.isolation_types.iter().map(|t| t.name()).collect();
+        described.push_str(&format!(" workload-isolation-type={}", types.join("|")));
+        described
+    }
+}
+
+/// What a queued action requires of an executor within its [`QueueKey`]:
+/// its values of the keys some executor declares, and the isolation type
+/// it asks for (`None`: the executor's default, any executor).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Requirement {
+    properties: Properties,
+    isolation: Option<IsolationType>,
+}
+
+impl Requirement {
+    fn describe(&self) -> String {
+        let mut described: String = self
+            .properties
+            .iter()
+            .map(|(key, value)| format!(" {key}={value}"))
+            .collect();
+        if let Some(isolation) = self.isolation {
+            described.push_str(&format!(" workload-isolation-type={}", isolation.name()));
+        }
+        described
+    }
+}
+
+/// Whether an executor offering `offer` may run an action requiring
 /// `requires`.
-fn satisfies(offers: &Properties, requires: &Properties) -> bool {
+fn satisfies(offer: &Offer, requires: &Requirement) -> bool {
     requires
+        .properties
         .iter()
-        .all(|(key, value)| offers.get(key) == Some(value))
+        .all(|(key, value)| offer.properties.get(key) == Some(value))
+        && requires
+            .isolation
+            .is_none_or(|isolation| offer.isolation_types.contains(&isolation))
 }
 
 /// The queue of one [`QueueKey`]. Within it, actions are grouped by the
@@ -208,9 +264,9 @@ pub(crate) struct PoolQueue {
 
 #[derive(Default)]
 struct PoolInner {
-    by_requirement: HashMap<Properties, FairQueue>,
-    /// Registered executors, counted by the properties they offer.
-    offers: HashMap<Properties, usize>,
+    by_requirement: HashMap<Requirement, FairQueue>,
+    /// Registered executors, counted by what they offer.
+    offers: HashMap<Offer, usize>,
 }
 
 impl PoolQueue {
@@ -235,7 +291,7 @@ impl PoolQueue {
     /// waiting for one; `None` once `stop` fires.
     pub(crate) async fn next(
         &self,
-        offers: &Properties,
+        offers: &Offer,
         stop: &CancellationToken,
     ) -> Option<Arc<QueuedAction>> {
         loop {
@@ -258,7 +314,7 @@ impl PoolQueue {
 
     /// Pops from the best group `offers` satisfies: the one whose head has
     /// the lowest priority value.
-    fn try_pop(&self, offers: &Properties) -> Option<Arc<QueuedAction>> {
+    fn try_pop(&self, offers: &Offer) -> Option<Arc<QueuedAction>> {
         let mut inner = self.inner.lock();
         let best = inner
             .by_requirement
@@ -275,11 +331,11 @@ impl PoolQueue {
         action
     }
 
-    fn register(&self, offers: &Properties) {
+    fn register(&self, offers: &Offer) {
         *self.inner.lock().offers.entry(offers.clone()).or_default() += 1;
     }
 
-    fn unregister(&self, offers: &Properties) {
+    fn unregister(&self, offers: &Offer) {
         let mut inner = self.inner.lock();
         if let Some(count) = inner.offers.get_mut(offers) {
             *count -= 1;
@@ -293,7 +349,7 @@ impl PoolQueue {
     /// run.
     fn drain_unservable(&self) -> Vec<Arc<QueuedAction>> {
         let mut inner = self.inner.lock();
-        let unservable: Vec<Properties> = inner
+        let unservable: Vec<Requirement> = inner
             .by_requirement
             .keys()
             .filter(|requires| {
@@ -319,31 +375,35 @@ impl PoolQueue {
         !self.inner.lock().offers.is_empty()
     }
 
-    /// What an action with these other properties requires here: its values
-    /// of the keys some registered executor declares. `None` if no
-    /// registered executor offers all of them.
-    fn requirement(&self, properties: &BTreeMap<String, String>) -> Option<Properties> {
+    /// What an action with this platform requires here: its values of the
+    /// keys some registered executor declares, and its isolation type.
+    /// `Err` (with that requirement, for the error message) if no registered
+    /// executor offers all of it.
+    fn requirement(&self, platform: &Platform) -> Result<Requirement, Requirement> {
         let inner = self.inner.lock();
-        let requires: Properties = properties
-            .iter()
-            .filter(|(key, _)| inner.offers.keys().any(|offers| offers.contains_key(*key)))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        inner
+        let requires = Requirement {
+            properties: platform
+                .other
+                .iter()
+                .filter(|(key, _)| {
+                    inner
+                        .offers
+                        .keys()
+                        .any(|offers| offers.properties.contains_key(*key))
+                })
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
+            isolation: platform.isolation,
+        };
+        if inner
             .offers
             .keys()
             .any(|offers| satisfies(offers, &requires))
-            .then_some(requires)
-    }
-
-    /// The declared keys the action carries, for an error message.
-    fn declared_of(&self, properties: &BTreeMap<String, String>) -> Properties {
-        let inner = self.inner.lock();
-        properties
-            .iter()
-            .filter(|(key, _)| inner.offers.keys().any(|offers| offers.contains_key(*key)))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect()
+        {
+            Ok(requires)
+        } else {
+            Err(requires)
+        }
     }
 
     fn describe_offers(&self) -> Vec<String> {
@@ -351,12 +411,7 @@ impl PoolQueue {
             .lock()
             .offers
             .keys()
-            .map(|offers| {
-                offers
-                    .iter()
-                    .map(|(key, value)| format!(" {key}={value}"))
-                    .collect()
-            })
+            .map(Offer::describe)
             .collect()
     }
 }
@@ -409,7 +464,7 @@ impl Scheduler {
 
     /// Counts one more executor offering `key` and `offers`; returns its
     /// queue.
-    pub(crate) fn register_executor(&self, key: &QueueKey, offers: &Properties) -> Arc<PoolQueue> {
+    pub(crate) fn register_executor(&self, key: &QueueKey, offers: &Offer) -> Arc<PoolQueue> {
         let mut state = self.state.lock();
         let queue = state
             .queues
@@ -425,7 +480,7 @@ impl Scheduler {
     /// Counts one executor less. After the grace (for a replacement to
     /// register), queued actions no remaining executor can run fail with
     /// FAILED_PRECONDITION instead of waiting forever.
-    pub(crate) fn unregister_executor(&self, key: &QueueKey, offers: &Properties) {
+    pub(crate) fn unregister_executor(&self, key: &QueueKey, offers: &Offer) {
         let Some(queue) = self.state.lock().queues.get(key).cloned() else {
             return;
         };
@@ -446,11 +501,7 @@ impl Scheduler {
             }
             let registered = me.registered_keys();
             for action in stranded {
-                let required: String = action
-                    .requires
-                    .iter()
-                    .map(|(k, v)| format!(" {k}={v}"))
-                    .collect();
+                let required = action.requires.describe();
                 let error = SchedulerError::NoExecutor {
                     action: format!(
                         "{}/{}",
@@ -534,7 +585,7 @@ impl Scheduler {
             os_family: platform.os_family,
             arch: platform.arch,
         };
-        let (queue, requires) = self.matching_queue(&key, &platform.other, &digest).await?;
+        let (queue, requires) = self.matching_queue(&key, &platform, &digest).await?;
         let pool = key.pool.clone();
 
         if !request.skip_cache_lookup {
@@ -826,7 +877,7 @@ impl Scheduler {
             attempts: AtomicU32::new(0),
             priority: 0,
             invocation_id: String::new(),
-            requires: Properties::new(),
+            requires: Requirement::default(),
             queue: None,
             queued_at: now(),
             cacheable: false,
@@ -848,27 +899,28 @@ impl Scheduler {
     async fn matching_queue(
         &self,
         key: &QueueKey,
-        properties: &BTreeMap<String, String>,
+        platform: &Platform,
         digest: &Digest,
-    ) -> Result<(Arc<PoolQueue>, Properties), SchedulerError> {
+    ) -> Result<(Arc<PoolQueue>, Requirement), SchedulerError> {
         let deadline = tokio::time::Instant::now() + self.config.unmatched_grace;
         loop {
             let registered = self.registered.notified();
             tokio::pin!(registered);
             registered.as_mut().enable();
             let queue = self.state.lock().queues.get(key).cloned();
-            if let Some(queue) = &queue {
-                if let Some(requires) = queue.requirement(properties) {
-                    return Ok((queue.clone(), requires));
+            let unmatched = match &queue {
+                Some(queue) => match queue.requirement(platform) {
+                    Ok(requires) => return Ok((queue.clone(), requires)),
+                    Err(unmatched) => unmatched.describe(),
+                },
+                None => Requirement {
+                    properties: Properties::new(),
+                    isolation: platform.isolation,
                 }
-            }
+                .describe(),
+            };
             if tokio::time::timeout_at(deadline, registered).await.is_err() {
-                let declared: String = queue
-                    .map(|queue| queue.declared_of(properties))
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|(key, value)| format!(" {key}={value}"))
-                    .collect();
+                let declared = unmatched;
                 return Err(SchedulerError::NoExecutor {
                     action: digest.to_string(),
                     pool: key.pool.clone(),

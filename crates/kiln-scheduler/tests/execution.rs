@@ -965,3 +965,40 @@ async fn actions_left_without_any_executor_fail_instead_of_waiting_forever() {
     assert!(status.message.contains("Pool=lonely"), "{}", status.message);
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn an_isolation_type_no_executor_offers_fails_fast_naming_it() {
+    let harness = Harness::start().await;
+    // Both the embedded executor and a remote one run only `none`.
+    let (stop, executor) = harness.start_executor("exec-none", "default").await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("workload-isolation-type", "docker")],
+            ..Default::default()
+        })
+        .await;
+    let error = harness
+        .start_execute(&action, false, &[])
+        .await
+        .expect_err("no executor runs docker");
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert!(
+        error.message().contains("workload-isolation-type=docker"),
+        "{error}"
+    );
+    // An isolation type the executors do offer runs.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("workload-isolation-type", "none")],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    assert_eq!(response.result.unwrap().exit_code, 0);
+    stop.cancel();
+    executor.await.unwrap();
+    harness.stop().await;
+}
