@@ -26,6 +26,15 @@ pub enum SchedulerError {
         unmatched: String,
         registered: String,
     },
+    /// Executors match what the action asks for, but none has the capacity
+    /// it would reserve.
+    #[error("action {action}: {need} exceeds the capacity of every executor matching {key}; the largest offers {largest}")]
+    TooLarge {
+        action: String,
+        need: String,
+        key: String,
+        largest: String,
+    },
     /// No operation of that name (never existed, deleted or forgotten).
     #[error("operation {0:?} is not known")]
     UnknownOperation(String),
@@ -47,7 +56,9 @@ impl From<SchedulerError> for tonic::Status {
             SchedulerError::InvalidArgument(_) | SchedulerError::Platform { .. } => {
                 tonic::Status::invalid_argument(message)
             }
-            SchedulerError::NoExecutor { .. } => tonic::Status::failed_precondition(message),
+            SchedulerError::NoExecutor { .. } | SchedulerError::TooLarge { .. } => {
+                tonic::Status::failed_precondition(message)
+            }
             SchedulerError::UnknownOperation(_) => tonic::Status::not_found(message),
             SchedulerError::Cas(cas) => tonic::Status::new(cas.code(), message),
             SchedulerError::ShuttingDown | SchedulerError::Session(_) => {

@@ -10,29 +10,40 @@ use tokio::task::JoinSet;
 
 use kiln_platform::{Arch, OsFamily};
 
-use crate::scheduler::{Offer, PoolQueue, Properties, QueueKey, Scheduler};
+use crate::scheduler::{
+    Capacity, Offer, PoolQueue, Properties, QueueKey, ResourceAmount, Scheduler,
+};
 
 /// An executor living inside the server process, registered in one pool.
 pub struct EmbeddedExecutor {
     scheduler: Arc<Scheduler>,
     key: QueueKey,
+    offer: Offer,
     queue: Arc<PoolQueue>,
 }
 
 impl EmbeddedExecutor {
     /// Registers the executor in `pool` at once, so actions for the pool are
     /// accepted (and queued) while the runner is still being set up.
-    /// It runs on this machine: `linux`, and the host's architecture.
-    pub fn register(scheduler: Arc<Scheduler>, pool: impl Into<String>) -> EmbeddedExecutor {
+    /// It runs on this machine: `linux`, and the host's architecture;
+    /// `capacity` is what its running actions may reserve in total
+    /// (usually [`ResourceAmount::of_host`]).
+    pub fn register(
+        scheduler: Arc<Scheduler>,
+        pool: impl Into<String>,
+        capacity: ResourceAmount,
+    ) -> EmbeddedExecutor {
         let key = QueueKey {
             pool: pool.into(),
             os_family: OsFamily::Linux,
             arch: host_arch(),
         };
-        let queue = scheduler.register_executor(&key, &Offer::none_isolation(Properties::new()));
+        let offer = Offer::none_isolation(Properties::new(), capacity);
+        let queue = scheduler.register_executor(&key, &offer);
         EmbeddedExecutor {
             scheduler,
             key,
+            offer,
             queue,
         }
     }
@@ -41,14 +52,21 @@ impl EmbeddedExecutor {
     /// scheduler shuts down.
     pub async fn run(self, runner: Arc<ActionRunner>, concurrency: usize) {
         let mut workers = JoinSet::new();
+        // Shared by the workers: a worker takes an action only if its
+        // reservation fits in what the others left free.
+        let capacity = Capacity::new(self.offer.capacity);
         for _ in 0..concurrency.max(1) {
             let scheduler = self.scheduler.clone();
             let queue = self.queue.clone();
             let runner = runner.clone();
+            let capacity = capacity.clone();
+            let offers = self.offer.clone();
             workers.spawn(async move {
                 let stop = scheduler.shutdown_token().clone();
-                let offers = Offer::none_isolation(Properties::new());
-                while let Some(action) = queue.next(&offers, &stop).await {
+                // The reservation is held until the action is finished or
+                // requeued.
+                while let Some((action, _reservation)) = queue.next(&offers, &capacity, &stop).await
+                {
                     scheduler.started(&action);
                     let request = RunRequest {
                         instance_name: action.instance_name.clone(),
@@ -73,8 +91,7 @@ impl EmbeddedExecutor {
 
 impl Drop for EmbeddedExecutor {
     fn drop(&mut self) {
-        self.scheduler
-            .unregister_executor(&self.key, &Offer::none_isolation(Properties::new()));
+        self.scheduler.unregister_executor(&self.key, &self.offer);
     }
 }
 

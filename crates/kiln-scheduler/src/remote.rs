@@ -1,6 +1,6 @@
 //! The scheduler's side of Kiln's executor protocol
 //! (`kiln.executor.v1.ExecutorService.Session`): one long-lived stream per
-//! executor process. The executor registers (pool, OS, arch, capacity); the
+//! executor process. The executor registers (pool, OS, arch, isolation types, properties, slots, CPU and memory); the
 //! session then hands it queued actions of its [`QueueKey`] while it has
 //! free slots, forwards cancellations, and completes operations with the
 //! results it reports. A stream that ends, fails or goes silent past the
@@ -24,7 +24,9 @@ use prost::Message;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::scheduler::{Offer, PoolQueue, QueueKey, QueuedAction, Scheduler};
+use crate::scheduler::{
+    Capacity, Offer, PoolQueue, QueueKey, QueuedAction, Reservation, ResourceAmount, Scheduler,
+};
 
 /// Serves executor sessions for one [`Scheduler`].
 pub struct ExecutorSessions {
@@ -72,9 +74,15 @@ fn offered_key(register: &Register) -> Result<QueueKey, Status> {
 /// isolation types (PLATFORM.md names; none listed means `none`).
 /// INVALID_ARGUMENT for an isolation type PLATFORM.md does not know.
 fn offer_of(register: &Register) -> Result<Offer, Status> {
+    // 0: not advertised (an older executor), no limit.
+    let advertised = |amount: u64| if amount == 0 { u64::MAX } else { amount };
     let mut offer = Offer {
         properties: register.properties.clone().into_iter().collect(),
-        ..Default::default()
+        isolation_types: Default::default(),
+        capacity: ResourceAmount {
+            cpu_millis: advertised(register.cpu_millis),
+            memory_bytes: advertised(register.memory_bytes),
+        },
     };
     for name in &register.isolation_types {
         let property = [("workload-isolation-type".to_string(), name.clone())];
@@ -125,11 +133,12 @@ impl ExecutorService for ExecutorSessions {
             }))
             .await;
         let queue = self.scheduler.register_executor(&key, &offers);
-        tracing::info!(executor = %register.name, %key, properties = ?register.properties, isolation_types = ?register.isolation_types, capacity = register.capacity, "executor registered");
+        tracing::info!(executor = %register.name, %key, properties = ?register.properties, isolation_types = ?register.isolation_types, slots = register.capacity, cpu_millis = register.cpu_millis, memory_bytes = register.memory_bytes, "executor registered");
         let session = Session {
             scheduler: self.scheduler.clone(),
             name: register.name.clone(),
             key,
+            capacity: Capacity::new(offers.capacity),
             offers,
             queue,
             slots: Arc::new(Semaphore::new(register.capacity.max(1) as usize)),
@@ -148,6 +157,8 @@ impl ExecutorService for ExecutorSessions {
 struct Running {
     action: Arc<QueuedAction>,
     _slot: OwnedSemaphorePermit,
+    /// Its share of the executor's capacity, until it ends or is requeued.
+    _reservation: Reservation,
     forward_cancel: tokio::task::JoinHandle<()>,
 }
 
@@ -157,6 +168,7 @@ struct Session {
     name: String,
     key: QueueKey,
     offers: Offer,
+    capacity: Arc<Capacity>,
     queue: Arc<PoolQueue>,
     slots: Arc<Semaphore>,
     running: HashMap<String, Running>,
@@ -171,15 +183,16 @@ impl Session {
             let slots = self.slots.clone();
             let queue = self.queue.clone();
             let offers = &self.offers;
+            let capacity = &self.capacity;
             let next = async {
                 let slot = slots.acquire_owned().await.ok()?;
-                let action = queue.next(offers, &stop).await?;
-                Some((slot, action))
+                let (action, reservation) = queue.next(offers, capacity, &stop).await?;
+                Some((slot, action, reservation))
             };
             tokio::select! {
                 assigned = next => {
-                    let Some((slot, action)) = assigned else { break "the scheduler stopped" };
-                    if !self.assign(slot, action).await {
+                    let Some((slot, action, reservation)) = assigned else { break "the scheduler stopped" };
+                    if !self.assign(slot, action, reservation).await {
                         break "the stream to the executor closed";
                     }
                 }
@@ -205,7 +218,12 @@ impl Session {
 
     /// Sends `action` to the executor; false if the stream is gone (the
     /// action is then requeued).
-    async fn assign(&mut self, slot: OwnedSemaphorePermit, action: Arc<QueuedAction>) -> bool {
+    async fn assign(
+        &mut self,
+        slot: OwnedSemaphorePermit,
+        action: Arc<QueuedAction>,
+        reservation: Reservation,
+    ) -> bool {
         let assignment_id = uuid::Uuid::new_v4().to_string();
         self.scheduler.started(&action);
         let properties = |pairs: &[(String, String)]| -> Vec<Property> {
@@ -251,6 +269,7 @@ impl Session {
             Running {
                 action,
                 _slot: slot,
+                _reservation: reservation,
                 forward_cancel,
             },
         );

@@ -42,6 +42,10 @@ pub struct SchedulerConfig {
     pub unmatched_grace: Duration,
     /// How many times an action is started before an executor loss fails it.
     pub max_attempts: u32,
+    /// What an action without `EstimatedCPU`/`EstimatedMemory` (or
+    /// `EstimatedComputeUnits`) reserves on its executor. 0: nothing, only
+    /// the executor's slot count bounds such actions.
+    pub default_action_resources: ResourceAmount,
 }
 
 impl Default for SchedulerConfig {
@@ -51,7 +55,87 @@ impl Default for SchedulerConfig {
             completed_operations_kept: 10_000,
             unmatched_grace: Duration::from_secs(2),
             max_attempts: 3,
+            default_action_resources: ResourceAmount::default(),
         }
+    }
+}
+
+/// CPU and memory: what an executor has in total and an action reserves
+/// while it runs (PLATFORM.md "Resources").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ResourceAmount {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+impl ResourceAmount {
+    /// No limit: what an executor that advertises no capacity offers.
+    pub const UNLIMITED: ResourceAmount = ResourceAmount {
+        cpu_millis: u64::MAX,
+        memory_bytes: u64::MAX,
+    };
+
+    /// This machine: its CPUs (1000 millis each) and its physical memory.
+    pub fn of_host() -> ResourceAmount {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|info| {
+                let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib * 1024)
+            })
+            .unwrap_or(u64::MAX);
+        ResourceAmount {
+            cpu_millis: cpus * 1000,
+            memory_bytes,
+        }
+    }
+
+    fn fits_in(self, available: ResourceAmount) -> bool {
+        self.cpu_millis <= available.cpu_millis && self.memory_bytes <= available.memory_bytes
+    }
+
+    fn max(self, other: ResourceAmount) -> ResourceAmount {
+        ResourceAmount {
+            cpu_millis: self.cpu_millis.max(other.cpu_millis),
+            memory_bytes: self.memory_bytes.max(other.memory_bytes),
+        }
+    }
+}
+
+/// One executor's capacity while it runs: its total and what is free.
+/// Queued actions are placed only where their reservation fits in `free`.
+pub(crate) struct Capacity {
+    free: Mutex<ResourceAmount>,
+    /// Wakes the executor when a reservation ends.
+    released: Notify,
+}
+
+impl Capacity {
+    pub(crate) fn new(total: ResourceAmount) -> Arc<Capacity> {
+        Arc::new(Capacity {
+            free: Mutex::new(total),
+            released: Notify::new(),
+        })
+    }
+}
+
+/// An action's share of its executor's capacity, given back on drop (the
+/// action finished, was requeued, or its executor was lost).
+pub(crate) struct Reservation {
+    capacity: Arc<Capacity>,
+    amount: ResourceAmount,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        {
+            let mut free = self.capacity.free.lock();
+            free.cpu_millis = free.cpu_millis.saturating_add(self.amount.cpu_millis);
+            free.memory_bytes = free.memory_bytes.saturating_add(self.amount.memory_bytes);
+        }
+        self.capacity.released.notify_waiters();
     }
 }
 
@@ -75,6 +159,8 @@ pub struct QueuedAction {
     invocation_id: String,
     /// What an executor must offer to take it.
     requires: Requirement,
+    /// What it reserves on its executor while it runs.
+    need: ResourceAmount,
     queue: Option<Arc<PoolQueue>>,
     queued_at: Timestamp,
     /// Whether the request allows writing the result to the Action Cache.
@@ -156,6 +242,13 @@ impl FairQueue {
         self.levels.keys().next().copied()
     }
 
+    /// The action `pop` would return.
+    fn peek(&self) -> Option<&Arc<QueuedAction>> {
+        let level = self.levels.values().next()?;
+        let invocation = level.turns.front()?;
+        level.by_invocation.get(invocation)?.front()
+    }
+
     fn push(&mut self, action: Arc<QueuedAction>) {
         let level = self.levels.entry(action.priority).or_default();
         let invocation = action.invocation_id.clone();
@@ -194,14 +287,18 @@ pub type Properties = BTreeMap<String, String>;
 pub struct Offer {
     pub properties: Properties,
     pub isolation_types: BTreeSet<IsolationType>,
+    /// The executor's total capacity ([`ResourceAmount::UNLIMITED`] if it
+    /// advertises none).
+    pub capacity: ResourceAmount,
 }
 
 impl Offer {
     /// An executor running only `none` isolation, declaring `properties`.
-    pub fn none_isolation(properties: Properties) -> Offer {
+    pub fn none_isolation(properties: Properties, capacity: ResourceAmount) -> Offer {
         Offer {
             properties,
             isolation_types: BTreeSet::from([IsolationType::None]),
+            capacity,
         }
     }
 
@@ -238,6 +335,15 @@ impl Requirement {
         }
         described
     }
+}
+
+/// Why no registered executor can take an action.
+enum Unmatched {
+    /// None offers what it requires (properties, isolation type).
+    Properties(Requirement),
+    /// Some offer that, but none has the capacity it reserves; the largest
+    /// capacity among them.
+    TooLarge(ResourceAmount),
 }
 
 /// Whether an executor offering `offer` may run an action requiring
@@ -287,48 +393,69 @@ impl PoolQueue {
         self.pushed.notify_waiters();
     }
 
-    /// The next queued action an executor offering `offers` may run,
-    /// waiting for one; `None` once `stop` fires.
+    /// The next queued action an executor offering `offers` may run and
+    /// whose reservation fits in its free `capacity`, reserved; waits for
+    /// one (new work or a reservation ending); `None` once `stop` fires.
     pub(crate) async fn next(
         &self,
         offers: &Offer,
+        capacity: &Arc<Capacity>,
         stop: &CancellationToken,
-    ) -> Option<Arc<QueuedAction>> {
+    ) -> Option<(Arc<QueuedAction>, Reservation)> {
         loop {
             let pushed = self.pushed.notified();
-            tokio::pin!(pushed);
+            let released = capacity.released.notified();
+            tokio::pin!(pushed, released);
             pushed.as_mut().enable();
-            if let Some(action) = self.try_pop(offers) {
+            released.as_mut().enable();
+            if let Some((action, reservation)) = self.try_pop(offers, capacity) {
                 // Cancelled while queued: already completed by CancelOperation.
                 if action.cancel.is_cancelled() {
                     continue;
                 }
-                return Some(action);
+                return Some((action, reservation));
             }
             tokio::select! {
                 _ = stop.cancelled() => return None,
                 _ = pushed => {}
+                _ = released => {}
             }
         }
     }
 
-    /// Pops from the best group `offers` satisfies: the one whose head has
-    /// the lowest priority value.
-    fn try_pop(&self, offers: &Offer) -> Option<Arc<QueuedAction>> {
+    /// Pops from the best group `offers` satisfies whose head fits in the
+    /// free capacity: the one whose head has the lowest priority value.
+    /// Only group heads are looked at (the cost is the number of groups,
+    /// never of queued actions or executors), so a head too big for this
+    /// executor's free capacity waits here for it or another executor while
+    /// smaller work from other groups may pass it.
+    fn try_pop(
+        &self,
+        offers: &Offer,
+        capacity: &Arc<Capacity>,
+    ) -> Option<(Arc<QueuedAction>, Reservation)> {
         let mut inner = self.inner.lock();
+        let mut free = capacity.free.lock();
         let best = inner
             .by_requirement
             .iter()
             .filter(|(requires, _)| satisfies(offers, requires))
-            .filter_map(|(requires, queue)| Some((queue.head_priority()?, requires)))
-            .min_by_key(|(priority, _)| *priority)
+            .filter_map(|(requires, queue)| Some((queue.peek()?, requires)))
+            .filter(|(head, _)| head.need.fits_in(*free))
+            .min_by_key(|(head, _)| head.priority)
             .map(|(_, requires)| requires.clone())?;
         let queue = inner.by_requirement.get_mut(&best)?;
-        let action = queue.pop();
+        let action = queue.pop()?;
         if queue.head_priority().is_none() {
             inner.by_requirement.remove(&best);
         }
-        action
+        free.cpu_millis -= action.need.cpu_millis;
+        free.memory_bytes -= action.need.memory_bytes;
+        let reservation = Reservation {
+            capacity: capacity.clone(),
+            amount: action.need,
+        };
+        Some((action, reservation))
     }
 
     fn register(&self, offers: &Offer) {
@@ -379,7 +506,11 @@ impl PoolQueue {
     /// keys some registered executor declares, and its isolation type.
     /// `Err` (with that requirement, for the error message) if no registered
     /// executor offers all of it.
-    fn requirement(&self, platform: &Platform) -> Result<Requirement, Requirement> {
+    fn requirement(
+        &self,
+        platform: &Platform,
+        need: ResourceAmount,
+    ) -> Result<Requirement, Unmatched> {
         let inner = self.inner.lock();
         let requires = Requirement {
             properties: platform
@@ -395,14 +526,22 @@ impl PoolQueue {
                 .collect(),
             isolation: platform.isolation,
         };
-        if inner
+        let largest = inner
             .offers
             .keys()
-            .any(|offers| satisfies(offers, &requires))
-        {
-            Ok(requires)
-        } else {
-            Err(requires)
+            .filter(|offers| satisfies(offers, &requires))
+            .map(|offers| offers.capacity)
+            .reduce(ResourceAmount::max);
+        match largest {
+            None => Err(Unmatched::Properties(requires)),
+            Some(_)
+                if inner.offers.keys().any(|offers| {
+                    satisfies(offers, &requires) && need.fits_in(offers.capacity)
+                }) =>
+            {
+                Ok(requires)
+            }
+            Some(largest) => Err(Unmatched::TooLarge(largest)),
         }
     }
 
@@ -585,7 +724,15 @@ impl Scheduler {
             os_family: platform.os_family,
             arch: platform.arch,
         };
-        let (queue, requires) = self.matching_queue(&key, &platform, &digest).await?;
+        let defaults = self.config.default_action_resources;
+        let need = ResourceAmount {
+            cpu_millis: platform.resources.cpu_millis.unwrap_or(defaults.cpu_millis),
+            memory_bytes: platform
+                .resources
+                .memory_bytes
+                .unwrap_or(defaults.memory_bytes),
+        };
+        let (queue, requires) = self.matching_queue(&key, &platform, need, &digest).await?;
         let pool = key.pool.clone();
 
         if !request.skip_cache_lookup {
@@ -637,6 +784,7 @@ impl Scheduler {
             priority: request.execution_policy.map_or(0, |policy| policy.priority),
             invocation_id: invocation_id.to_string(),
             requires,
+            need,
             queue: Some(queue.clone()),
             queued_at: now(),
             cacheable,
@@ -878,6 +1026,7 @@ impl Scheduler {
             priority: 0,
             invocation_id: String::new(),
             requires: Requirement::default(),
+            need: ResourceAmount::default(),
             queue: None,
             queued_at: now(),
             cacheable: false,
@@ -900,6 +1049,7 @@ impl Scheduler {
         &self,
         key: &QueueKey,
         platform: &Platform,
+        need: ResourceAmount,
         digest: &Digest,
     ) -> Result<(Arc<PoolQueue>, Requirement), SchedulerError> {
         let deadline = tokio::time::Instant::now() + self.config.unmatched_grace;
@@ -909,9 +1059,26 @@ impl Scheduler {
             registered.as_mut().enable();
             let queue = self.state.lock().queues.get(key).cloned();
             let unmatched = match &queue {
-                Some(queue) => match queue.requirement(platform) {
+                Some(queue) => match queue.requirement(platform, need) {
                     Ok(requires) => return Ok((queue.clone(), requires)),
-                    Err(unmatched) => unmatched.describe(),
+                    Err(Unmatched::Properties(unmatched)) => unmatched.describe(),
+                    Err(Unmatched::TooLarge(largest)) => {
+                        if tokio::time::timeout_at(deadline, registered).await.is_err() {
+                            return Err(SchedulerError::TooLarge {
+                                action: digest.to_string(),
+                                need: format!(
+                                    "EstimatedCPU={}m EstimatedMemory={}B",
+                                    need.cpu_millis, need.memory_bytes
+                                ),
+                                largest: format!(
+                                    "{}m CPU and {}B memory",
+                                    largest.cpu_millis, largest.memory_bytes
+                                ),
+                                key: key.to_string(),
+                            });
+                        }
+                        continue;
+                    }
                 },
                 None => Requirement {
                     properties: Properties::new(),

@@ -20,7 +20,7 @@ use tonic::Streaming;
 
 use crate::error::SchedulerError;
 use crate::executor::{run_action, RunRequest};
-use crate::scheduler::to_rpc_status;
+use crate::scheduler::{to_rpc_status, ResourceAmount};
 
 /// What an executor process offers.
 #[derive(Debug, Clone)]
@@ -35,6 +35,9 @@ pub struct WorkerConfig {
     pub properties: std::collections::BTreeMap<String, String>,
     /// Actions run at once.
     pub capacity: u32,
+    /// CPU and memory its running actions may reserve in total (usually
+    /// [`ResourceAmount::of_host`]).
+    pub resources: ResourceAmount,
     pub heartbeat_interval: Duration,
 }
 
@@ -59,6 +62,8 @@ impl Worker {
                 isolation_types: vec!["none".into()],
                 properties: config.properties.clone().into_iter().collect(),
                 capacity: config.capacity,
+                cpu_millis: config.resources.cpu_millis,
+                memory_bytes: config.resources.memory_bytes,
             })),
         };
         outbound

@@ -20,7 +20,7 @@ use kiln_proto::reapi::{
     self, batch_update_blobs_request, execution_stage, Action, Command, Digest, Directory,
     ExecuteRequest, ExecuteResponse, FileNode,
 };
-use kiln_scheduler::{Worker, WorkerConfig};
+use kiln_scheduler::{ResourceAmount, Worker, WorkerConfig};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
@@ -97,6 +97,20 @@ impl Harness {
         pool: &str,
         properties: &[(&str, &str)],
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        self.start_executor_sized(name, pool, properties, ResourceAmount::of_host(), 2)
+            .await
+    }
+
+    /// An executor advertising `resources` and running up to `slots`
+    /// actions at once.
+    async fn start_executor_sized(
+        &self,
+        name: &str,
+        pool: &str,
+        properties: &[(&str, &str)],
+        resources: ResourceAmount,
+        slots: u32,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let root = self.dir.path().join(name);
         let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
         runner_config.worker_name = name.to_string();
@@ -115,7 +129,8 @@ impl Harness {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
-                capacity: 2,
+                capacity: slots,
+                resources,
                 heartbeat_interval: Duration::from_secs(1),
             },
         )
@@ -997,6 +1012,141 @@ async fn an_isolation_type_no_executor_offers_fails_fast_naming_it() {
         .await;
     let response = harness.execute(&action, false).await;
     assert_eq!(response.status.unwrap_or_default().code, 0);
+    assert_eq!(response.result.unwrap().exit_code, 0);
+    stop.cancel();
+    executor.await.unwrap();
+    harness.stop().await;
+}
+
+const ONE_CPU: ResourceAmount = ResourceAmount {
+    cpu_millis: 1000,
+    memory_bytes: 4 << 30,
+};
+
+#[tokio::test]
+async fn two_one_cpu_actions_on_a_one_cpu_executor_run_one_after_the_other() {
+    let harness = Harness::start().await;
+    // Three slots, one CPU: only the CPU can keep the second action waiting.
+    // It also declares lane=side, so a zero-CPU action can be queued in a
+    // group of its own.
+    let (stop, executor) = harness
+        .start_executor_sized("exec-1cpu", "one-cpu", &[("lane", "side")], ONE_CPU, 3)
+        .await;
+    let scratch = harness.scratch();
+    let (started, gate, order) = (
+        scratch.join("started"),
+        scratch.join("gate"),
+        scratch.join("order"),
+    );
+    mkfifo(&started);
+    mkfifo(&gate);
+    let first = harness
+        .action(ActionSpec {
+            arguments: sh(&format!(
+                "echo first-start >> {order}; echo up > {started}; cat {gate} > /dev/null; echo first-end >> {order}",
+                order = order.display(),
+                started = started.display(),
+                gate = gate.display()
+            )),
+            properties: vec![("Pool", "one-cpu"), ("EstimatedCPU", "1")],
+            ..Default::default()
+        })
+        .await;
+    let second = harness
+        .action(ActionSpec {
+            arguments: sh(&format!("echo second >> {}", order.display())),
+            properties: vec![("Pool", "one-cpu"), ("EstimatedCPU", "1000m")],
+            ..Default::default()
+        })
+        .await;
+    let side = harness
+        .action(ActionSpec {
+            arguments: sh(&format!("echo side >> {}", order.display())),
+            properties: vec![("Pool", "one-cpu"), ("lane", "side"), ("EstimatedCPU", "0")],
+            ..Default::default()
+        })
+        .await;
+
+    let first_stream = harness.start_execute(&first, false, &[]).await.unwrap();
+    assert_eq!(read_fifo(started.clone()).await, "up\n");
+    // The first action holds the whole CPU.
+    let mut second_stream = harness.start_execute(&second, false, &[]).await.unwrap();
+    let queued = second_stream.next().await.unwrap().unwrap();
+    assert_eq!(stage(&queued), execution_stage::Value::Queued);
+    // A zero-CPU action queued after the second one still fits, and runs
+    // to completion while the second waits: the executor had a free slot
+    // and looked at the queue, yet did not start the second.
+    let (_, side_response) = finish(harness.start_execute(&side, false, &[]).await.unwrap()).await;
+    assert_eq!(side_response.result.unwrap().exit_code, 0);
+    let second_state = harness
+        .operations()
+        .get_operation(GetOperationRequest {
+            name: queued.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stage(&second_state), execution_stage::Value::Queued);
+
+    tokio::task::spawn_blocking(move || std::fs::write(gate, b"go\n").unwrap())
+        .await
+        .unwrap();
+    let (_, first_response) = finish(first_stream).await;
+    assert_eq!(first_response.result.unwrap().exit_code, 0);
+    let (_, second_response) = finish(second_stream).await;
+    assert_eq!(second_response.result.unwrap().exit_code, 0);
+    assert_eq!(
+        std::fs::read_to_string(&order).unwrap(),
+        "first-start\nside\nfirst-end\nsecond\n",
+        "the second 1-CPU action started only after the first ended"
+    );
+    stop.cancel();
+    executor.await.unwrap();
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn an_action_larger_than_every_executor_fails_fast_naming_its_estimate() {
+    let harness = Harness::start().await;
+    let (stop, executor) = harness
+        .start_executor_sized("exec-small", "small", &[], ONE_CPU, 2)
+        .await;
+    for (property, value, named) in [
+        ("EstimatedCPU", "2", "EstimatedCPU=2000m"),
+        ("EstimatedMemory", "1TB", "EstimatedMemory=1000000000000B"),
+    ] {
+        let action = harness
+            .action(ActionSpec {
+                arguments: vec!["/bin/true"],
+                properties: vec![("Pool", "small"), (property, value)],
+                ..Default::default()
+            })
+            .await;
+        let error = harness
+            .start_execute(&action, false, &[])
+            .await
+            .expect_err("no executor is that large");
+        assert_eq!(error.code(), Code::FailedPrecondition);
+        assert!(error.message().contains(named), "{error}");
+        assert!(error.message().contains("1000m CPU"), "{error}");
+        assert!(
+            error.message().contains(&format!("{}B memory", 4u64 << 30)),
+            "{error}"
+        );
+    }
+    // One that fits runs.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![
+                ("Pool", "small"),
+                ("EstimatedCPU", "1"),
+                ("EstimatedMemory", "1GB"),
+            ],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
     assert_eq!(response.result.unwrap().exit_code, 0);
     stop.cancel();
     executor.await.unwrap();

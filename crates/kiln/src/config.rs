@@ -111,6 +111,17 @@ pub struct ExecutionConfig {
     /// How many times an action is started before losing its executor
     /// fails it.
     pub max_attempts: u32,
+    /// Milli-CPUs the embedded executor's running actions may reserve in
+    /// total (their `EstimatedCPU`); 0 = this machine's CPUs × 1000.
+    pub cpu_millis: u64,
+    /// Bytes of memory the embedded executor's running actions may reserve
+    /// in total (their `EstimatedMemory`); 0 = this machine's memory.
+    pub memory_bytes: u64,
+    /// What an action without `EstimatedCPU` reserves, in milli-CPUs; 0 =
+    /// nothing (only the executor's slot count bounds such actions).
+    pub default_action_cpu_millis: u64,
+    /// What an action without `EstimatedMemory` reserves, in bytes.
+    pub default_action_memory_bytes: u64,
 }
 
 impl Default for ExecutionConfig {
@@ -124,11 +135,25 @@ impl Default for ExecutionConfig {
             unmatched_grace_ms: 2000,
             executor_heartbeat_timeout_ms: 30_000,
             max_attempts: 3,
+            cpu_millis: 0,
+            memory_bytes: 0,
+            default_action_cpu_millis: 0,
+            default_action_memory_bytes: 0,
         }
     }
 }
 
 impl ExecutionConfig {
+    /// The embedded executor's capacity, with 0 resolved to this machine's.
+    pub fn effective_resources(&self) -> kiln_scheduler::ResourceAmount {
+        let host = kiln_scheduler::ResourceAmount::of_host();
+        let or_host = |given: u64, host: u64| if given == 0 { host } else { given };
+        kiln_scheduler::ResourceAmount {
+            cpu_millis: or_host(self.cpu_millis, host.cpu_millis),
+            memory_bytes: or_host(self.memory_bytes, host.memory_bytes),
+        }
+    }
+
     /// `concurrency`, with 0 resolved to the number of CPUs.
     pub fn effective_concurrency(&self) -> usize {
         if self.concurrency > 0 {

@@ -20,6 +20,8 @@ pub struct ExecutorOptions {
     /// Reported as `ExecutedActionMetadata.worker`.
     pub name: String,
     pub capacity: u32,
+    /// CPU and memory running actions may reserve in total.
+    pub resources: kiln_scheduler::ResourceAmount,
     /// Workspaces and the local file cache go here.
     pub work_dir: PathBuf,
     pub os_family: String,
@@ -61,6 +63,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
             arch: options.arch.clone(),
             properties: options.properties.clone(),
             capacity: options.capacity.max(1),
+            resources: options.resources,
             heartbeat_interval: options.heartbeat_interval,
         },
     )

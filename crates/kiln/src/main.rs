@@ -67,6 +67,14 @@ struct ExecutorArgs {
     /// Actions run at once (0 = number of CPUs).
     #[arg(long, default_value_t = 0)]
     capacity: u32,
+    /// Milli-CPUs running actions may reserve in total (their EstimatedCPU;
+    /// 0 = this machine's CPUs × 1000).
+    #[arg(long, default_value_t = 0)]
+    cpu_millis: u64,
+    /// Memory in bytes running actions may reserve in total (their
+    /// EstimatedMemory; 0 = this machine's memory).
+    #[arg(long, default_value_t = 0)]
+    memory_bytes: u64,
     /// Directory for workspaces and the local file cache.
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -119,6 +127,14 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-executor-{name}"))),
         name,
         capacity,
+        resources: {
+            let host = kiln_scheduler::ResourceAmount::of_host();
+            let or_host = |given: u64, host: u64| if given == 0 { host } else { given };
+            kiln_scheduler::ResourceAmount {
+                cpu_millis: or_host(args.cpu_millis, host.cpu_millis),
+                memory_bytes: or_host(args.memory_bytes, host.memory_bytes),
+            }
+        },
         os_family: args.os_family,
         properties: args.properties.into_iter().collect(),
         arch: args.arch.unwrap_or_else(|| {

@@ -158,6 +158,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 default_pool: config.execution.pool.clone(),
                 unmatched_grace: Duration::from_millis(config.execution.unmatched_grace_ms),
                 max_attempts: config.execution.max_attempts.max(1),
+                default_action_resources: kiln_scheduler::ResourceAmount {
+                    cpu_millis: config.execution.default_action_cpu_millis,
+                    memory_bytes: config.execution.default_action_memory_bytes,
+                },
                 ..SchedulerConfig::default()
             },
         )
@@ -241,7 +245,11 @@ fn start_embedded_executor(
     addr: SocketAddr,
 ) -> tokio::task::JoinHandle<()> {
     let execution = &config.execution;
-    let executor = EmbeddedExecutor::register(scheduler, execution.pool.clone());
+    let executor = EmbeddedExecutor::register(
+        scheduler,
+        execution.pool.clone(),
+        execution.effective_resources(),
+    );
     let root = config.data_dir.join("execution");
     let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
     runner_config.worker_name = format!("kiln-embedded/{}", execution.pool);
