@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Bazel cold-build comparison (issue #3): wall time of a build of a generated
+# tree of tiny cc_library targets, local (Bazel's own sandboxed spawns) against
+# remote (every spawn executed by `kiln serve` on 127.0.0.1, empty cache), on
+# the same machine. Prints both times and the ratio; figures go to
+# BENCHMARKS.md. A measurement, not a test: nothing here passes or fails on
+# time.
+#
+# Usage: scripts/bench-bazel-cold.sh [TARGETS]   (default 300)
+# Env:   KILN (default target/release/kiln, or $CARGO_TARGET_DIR/release/kiln),
+#        PORT (default 19870), REMOTE_JOBS (default 4).
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+targets="${1:-300}"
+port="${PORT:-19870}"
+remote_jobs="${REMOTE_JOBS:-4}"
+kiln="${KILN:-${CARGO_TARGET_DIR:-$repo_root/target}/release/kiln}"
+[[ -x "$kiln" ]] || { echo "no kiln binary at $kiln (cargo build --release -p kiln)" >&2; exit 1; }
+
+scratch="$(mktemp -d /tmp/kiln-bazel-cold-XXXXXX)"
+server_pid=""
+cleanup() {
+  if [[ -n "$server_pid" ]]; then kill "$server_pid" 2>/dev/null || true; fi
+  (cd "$scratch/ws" 2>/dev/null && bazel --output_user_root="$scratch/root" shutdown) >/dev/null 2>&1 || true
+  chmod -R u+w "$scratch" 2>/dev/null || true
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+# The offline workspace skeleton of the Bazel tests, plus a generated package:
+# lib_I depends on lib_((I-1)/2), a binary tree of depth log2(TARGETS), so
+# there is parallel work at every level.
+workspace="$scratch/ws"
+mkdir -p "$workspace/gen"
+cp -r "$repo_root/tests/bazel/workspace/WORKSPACE" "$repo_root/tests/bazel/workspace/.bazelrc" \
+  "$repo_root/tests/bazel/workspace/third_party" "$workspace/"
+{
+  echo 'load("@rules_cc//cc:defs.bzl", "cc_library")'
+  for ((i = 0; i < targets; i++)); do
+    if ((i == 0)); then deps=""; else deps="deps = [\":lib_$(((i - 1) / 2))\"],"; fi
+    printf 'cc_library(name = "lib_%d", srcs = ["lib_%d.cc"], hdrs = ["lib_%d.h"], %s)\n' \
+      "$i" "$i" "$i" "$deps"
+  done
+} >"$workspace/gen/BUILD"
+for ((i = 0; i < targets; i++)); do
+  printf 'int f_%d();\n' "$i" >"$workspace/gen/lib_$i.h"
+  if ((i == 0)); then
+    printf '#include "gen/lib_0.h"\nint f_0() { return 0; }\n' >"$workspace/gen/lib_0.cc"
+  else
+    parent=$(((i - 1) / 2))
+    printf '#include "gen/lib_%d.h"\n#include "gen/lib_%d.h"\nint f_%d() { return f_%d() + %d; }\n' \
+      "$i" "$parent" "$i" "$parent" "$i" >"$workspace/gen/lib_$i.cc"
+  fi
+done
+
+bazel_cmd() {
+  (cd "$workspace" && bazel --output_user_root="$scratch/root" --nohome_rc \
+    --host_jvm_args=-Xmx1g "$@")
+}
+
+# Times `bazel build FLAGS //gen:all` after loading and analysis are warm
+# (a `--nobuild` run with the same flags), so both sides time the execution
+# phase plus Bazel's own bookkeeping.
+timed_build() {
+  bazel_cmd build --nobuild "$@" //gen:all >/dev/null 2>&1
+  local started ended
+  started=$(date +%s.%N)
+  bazel_cmd build "$@" //gen:all >"$scratch/last.log" 2>&1 || { cat "$scratch/last.log" >&2; exit 1; }
+  ended=$(date +%s.%N)
+  grep -E '^INFO: [0-9]+ processes' "$scratch/last.log" >&2 || true
+  echo "$ended - $started" | bc
+}
+
+echo "targets: $targets cc_library; machine: $(nproc) CPUs, $(uname -r)"
+local_seconds=$(timed_build)
+echo "local  (--jobs=2, processwrapper-sandbox): ${local_seconds} s"
+
+bazel_cmd clean >/dev/null 2>&1
+"$kiln" serve --data-dir "$scratch/kiln-data" --listen "127.0.0.1:$port" >"$scratch/kiln.out" 2>"$scratch/kiln.log" &
+server_pid=$!
+for _ in $(seq 100); do grep -q listening "$scratch/kiln.out" 2>/dev/null && break; sleep 0.1; done
+remote_seconds=$(timed_build --remote_executor="grpc://127.0.0.1:$port" --spawn_strategy=remote \
+  --jobs="$remote_jobs" --remote_timeout=60)
+echo "remote (--remote_executor, cold, --jobs=$remote_jobs): ${remote_seconds} s"
+echo "ratio remote/local: $(echo "scale=2; $remote_seconds / $local_seconds" | bc)"
