@@ -14,6 +14,9 @@ use crate::scheduler::{
     Capacity, Offer, PoolQueue, Properties, QueueKey, ResourceAmount, Scheduler,
 };
 
+/// The embedded executor's identity for the queue (one per pool).
+const EMBEDDED_ID: &str = "embedded";
+
 /// An executor living inside the server process, registered in one pool.
 pub struct EmbeddedExecutor {
     scheduler: Arc<Scheduler>,
@@ -65,7 +68,8 @@ impl EmbeddedExecutor {
                 let stop = scheduler.shutdown_token().clone();
                 // The reservation is held until the action is finished or
                 // requeued.
-                while let Some((action, _reservation)) = queue.next(&offers, &capacity, &stop).await
+                while let Some((action, _reservation)) =
+                    queue.next(&offers, &capacity, EMBEDDED_ID, &stop).await
                 {
                     scheduler.started(&action);
                     let request = RunRequest {
@@ -78,7 +82,7 @@ impl EmbeddedExecutor {
                         // This executor cannot run it now (a full disk):
                         // another may; attempts stay bounded.
                         Err(error) if error.is_retryable_elsewhere() => {
-                            scheduler.requeue(&action, &error.to_string())
+                            scheduler.requeue_elsewhere(&action, EMBEDDED_ID, &error.to_string())
                         }
                         outcome => scheduler.finished(&action, outcome).await,
                     }

@@ -137,6 +137,7 @@ impl ExecutorService for ExecutorSessions {
         let session = Session {
             scheduler: self.scheduler.clone(),
             name: register.name.clone(),
+            executor_id: executor_id.clone(),
             key,
             capacity: Capacity::new(offers.capacity),
             offers,
@@ -166,6 +167,8 @@ struct Running {
 struct Session {
     scheduler: Arc<Scheduler>,
     name: String,
+    /// Unique per session: what the queue knows this executor by.
+    executor_id: String,
     key: QueueKey,
     offers: Offer,
     capacity: Arc<Capacity>,
@@ -184,9 +187,11 @@ impl Session {
             let queue = self.queue.clone();
             let offers = &self.offers;
             let capacity = &self.capacity;
+            let executor_id = &self.executor_id;
             let next = async {
                 let slot = slots.acquire_owned().await.ok()?;
-                let (action, reservation) = queue.next(offers, capacity, &stop).await?;
+                let (action, reservation) =
+                    queue.next(offers, capacity, executor_id, &stop).await?;
                 Some((slot, action, reservation))
             };
             tokio::select! {
@@ -286,8 +291,9 @@ impl Session {
         };
         running.forward_cancel.abort();
         if finished.retry_elsewhere {
-            self.scheduler.requeue(
+            self.scheduler.requeue_elsewhere(
                 &running.action,
+                &self.executor_id,
                 &format!("executor {} could not run it", self.name),
             );
             return;

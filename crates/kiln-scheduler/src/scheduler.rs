@@ -161,6 +161,9 @@ pub struct QueuedAction {
     requires: Requirement,
     /// What it reserves on its executor while it runs.
     need: ResourceAmount,
+    /// Executors that could not run it (a full disk): they do not take it
+    /// again while another executor may.
+    refused_by: Mutex<BTreeSet<String>>,
     queue: Option<Arc<PoolQueue>>,
     queued_at: Timestamp,
     /// Whether the request allows writing the result to the Action Cache.
@@ -400,6 +403,7 @@ impl PoolQueue {
         &self,
         offers: &Offer,
         capacity: &Arc<Capacity>,
+        executor: &str,
         stop: &CancellationToken,
     ) -> Option<(Arc<QueuedAction>, Reservation)> {
         loop {
@@ -408,7 +412,7 @@ impl PoolQueue {
             tokio::pin!(pushed, released);
             pushed.as_mut().enable();
             released.as_mut().enable();
-            if let Some((action, reservation)) = self.try_pop(offers, capacity) {
+            if let Some((action, reservation)) = self.try_pop(offers, capacity, executor) {
                 // Cancelled while queued: already completed by CancelOperation.
                 if action.cancel.is_cancelled() {
                     continue;
@@ -433,6 +437,7 @@ impl PoolQueue {
         &self,
         offers: &Offer,
         capacity: &Arc<Capacity>,
+        executor: &str,
     ) -> Option<(Arc<QueuedAction>, Reservation)> {
         let mut inner = self.inner.lock();
         let mut free = capacity.free.lock();
@@ -442,6 +447,7 @@ impl PoolQueue {
             .filter(|(requires, _)| satisfies(offers, requires))
             .filter_map(|(requires, queue)| Some((queue.peek()?, requires)))
             .filter(|(head, _)| head.need.fits_in(*free))
+            .filter(|(head, _)| !head.refused_by.lock().contains(executor))
             .min_by_key(|(head, _)| head.priority)
             .map(|(_, requires)| requires.clone())?;
         let queue = inner.by_requirement.get_mut(&best)?;
@@ -496,6 +502,20 @@ impl PoolQueue {
             }
         }
         drained
+    }
+
+    /// How many registered executors could run `action` (what it requires,
+    /// and capacity for its reservation).
+    fn executors_for(&self, action: &QueuedAction) -> usize {
+        self.inner
+            .lock()
+            .offers
+            .iter()
+            .filter(|(offer, _)| {
+                satisfies(offer, &action.requires) && action.need.fits_in(offer.capacity)
+            })
+            .map(|(_, count)| count)
+            .sum()
     }
 
     fn has_executors(&self) -> bool {
@@ -785,6 +805,7 @@ impl Scheduler {
             invocation_id: invocation_id.to_string(),
             requires,
             need,
+            refused_by: Mutex::default(),
             queue: Some(queue.clone()),
             queued_at: now(),
             cacheable,
@@ -1027,6 +1048,7 @@ impl Scheduler {
             invocation_id: String::new(),
             requires: Requirement::default(),
             need: ResourceAmount::default(),
+            refused_by: Mutex::default(),
             queue: None,
             queued_at: now(),
             cacheable: false,
@@ -1117,6 +1139,21 @@ impl Scheduler {
         } else {
             keys.join(", ")
         }
+    }
+
+    /// Puts `action` back on its queue because `executor` cannot run it
+    /// (its disk is full): it goes to another executor of its queue, or,
+    /// once every registered one has refused it, to any again (attempts
+    /// stay bounded).
+    pub(crate) fn requeue_elsewhere(&self, action: &Arc<QueuedAction>, executor: &str, why: &str) {
+        if let Some(queue) = &action.queue {
+            let mut refused = action.refused_by.lock();
+            refused.insert(executor.to_string());
+            if refused.len() >= queue.executors_for(action) {
+                refused.clear();
+            }
+        }
+        self.requeue(action, why);
     }
 
     /// Puts `action` back on its queue after its executor was lost, or

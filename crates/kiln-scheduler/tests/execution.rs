@@ -1152,3 +1152,103 @@ async fn an_action_larger_than_every_executor_fails_fast_naming_its_estimate() {
     executor.await.unwrap();
     harness.stop().await;
 }
+
+/// Unmounts a tmpfs when dropped.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn an_executor_out_of_disk_sends_the_action_elsewhere() {
+    let harness = Harness::start().await;
+    // exec-full works on a 256 KiB tmpfs; the action's input is 1 MB.
+    let full_root = harness.dir.path().join("exec-full");
+    std::fs::create_dir_all(&full_root).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&full_root)
+        .status();
+    if !matches!(mounted, Ok(status) if status.success()) {
+        eprintln!(
+            "SKIPPED an_executor_out_of_disk_sends_the_action_elsewhere: cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)"
+        );
+        harness.stop().await;
+        return;
+    }
+    let _mount = Mount(full_root);
+    // exec-good has one slot, kept busy by a blocker only it may run
+    // (lane=good), so the first executor free for the action is exec-full.
+    let (stop_good, good) = harness
+        .start_executor_sized(
+            "exec-good",
+            "disk",
+            &[("lane", "good")],
+            ResourceAmount::of_host(),
+            1,
+        )
+        .await;
+    let gate = harness.scratch().join("gate");
+    mkfifo(&gate);
+    let blocker = harness
+        .action(ActionSpec {
+            arguments: sh(&format!("cat {} > /dev/null", gate.display())),
+            properties: vec![("Pool", "disk"), ("lane", "good")],
+            ..Default::default()
+        })
+        .await;
+    let mut blocked = harness.start_execute(&blocker, false, &[]).await.unwrap();
+    until_executing(&mut blocked).await;
+    let (stop_full, full) = harness.start_executor("exec-full", "disk").await;
+
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/sh", "-c", "wc -c < big"],
+            inputs: vec![("big", big)],
+            properties: vec![("Pool", "disk")],
+            ..Default::default()
+        })
+        .await;
+    let mut stream = harness.start_execute(&action, false, &[]).await.unwrap();
+    // Any change after the first state, or EXECUTING, means an executor
+    // took it: only exec-full has a free slot.
+    let mut seen = 0;
+    loop {
+        let operation = tokio::time::timeout(HANG_GUARD, stream.next())
+            .await
+            .expect("operation stream hangs")
+            .expect("stream ends early")
+            .unwrap();
+        seen += 1;
+        if stage(&operation) == execution_stage::Value::Executing || seen >= 2 {
+            break;
+        }
+    }
+    tokio::task::spawn_blocking(move || std::fs::write(gate, b"go\n").unwrap())
+        .await
+        .unwrap();
+    finish(blocked).await;
+    let (_, response) = finish(stream).await;
+    assert_eq!(
+        response.status.clone().unwrap_or_default().code,
+        0,
+        "{:?}",
+        response.status
+    );
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(
+        result.execution_metadata.unwrap().worker,
+        "exec-good",
+        "the action left the executor whose disk is full"
+    );
+    stop_good.cancel();
+    stop_full.cancel();
+    good.await.unwrap();
+    full.await.unwrap();
+    harness.stop().await;
+}
