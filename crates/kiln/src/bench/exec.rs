@@ -334,15 +334,17 @@ async fn execute(
         .with_context(|| format!("Execute of action {hash}"))?
         .into_inner();
     let mut last = None;
+    let mut latency = None;
+    // Read to the end of the stream (the server closes it after `done`)
+    // rather than dropping it: a dropped stream is a client-side reset.
     while let Some(operation) = stream.next().await {
         let operation = operation.with_context(|| format!("Execute stream of action {hash}"))?;
-        let done = operation.done;
-        last = Some(operation);
-        if done {
-            break;
+        if operation.done && latency.is_none() {
+            latency = Some(started.elapsed());
         }
+        last = Some(operation);
     }
-    let latency = started.elapsed();
+    let latency = latency.unwrap_or_else(|| started.elapsed());
     let operation = last.with_context(|| format!("action {hash}: no Operation"))?;
     ensure!(operation.done, "action {hash}: stream ended before done");
     let metadata = operation
