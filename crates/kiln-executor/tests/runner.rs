@@ -56,19 +56,11 @@ impl Harness {
         runner_root: PathBuf,
         adjust: impl FnOnce(&mut RunnerConfig),
     ) -> Harness {
-        let mut config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("server"),
-            ..Default::default()
-        };
+        let mut config = Config::loopback(dir.path().join("server"));
         config.storage.max_size = "1GiB".into();
         config.storage.max_batch_total_size = MAX_BATCH.into();
         let server = kiln::serve::start(&config).await.expect("server starts");
-        let channel = Channel::from_shared(format!("http://{}", server.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = server.connect().await.unwrap();
         let mut runner_config =
             RunnerConfig::new(runner_root.join("work"), runner_root.join("cache"));
         runner_config.worker_name = "test-worker".into();

@@ -49,11 +49,7 @@ impl Harness {
 
     async fn start_with(adjust: impl FnOnce(&mut Config)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("server"),
-            ..Default::default()
-        };
+        let mut config = Config::loopback(dir.path().join("server"));
         config.storage.backend = Backend::Memory;
         config.storage.max_size = "1GiB".into();
         config.execution.pool = "default".into();
@@ -64,11 +60,7 @@ impl Harness {
         config.shutdown_grace_ms = 30_000;
         adjust(&mut config);
         let server = kiln::serve::start(&config).await.expect("server starts");
-        let channel = Channel::from_shared(format!("http://{}", server.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = server.connect().await.unwrap();
         Harness {
             server: Some(server),
             channel,

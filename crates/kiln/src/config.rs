@@ -211,6 +211,16 @@ fn default_data_dir() -> PathBuf {
 }
 
 impl Config {
+    /// A server on a free loopback port keeping its data in `data_dir`, with
+    /// every other setting at its default: what tests and benchmarks start.
+    pub fn loopback(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            ..Config::default()
+        }
+    }
+
     pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
         let Some(path) = path else {
             return Ok(Config::default());

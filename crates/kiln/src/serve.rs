@@ -42,6 +42,15 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
+    /// A gRPC channel to this server over loopback.
+    pub async fn connect(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let endpoint = tonic::transport::Channel::from_shared(format!("http://{}", self.addr))?;
+        endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", self.addr))
+    }
+
     /// Stops accepting, gives calls in flight up to the shutdown grace to
     /// finish (clients that merely keep a connection open, as Bazel does,
     /// do not hold the stop up), then syncs the store.

@@ -33,19 +33,11 @@ impl Harness {
     }
 
     async fn start_in(data_dir: &Path, adjust: impl FnOnce(&mut Config)) -> Harness {
-        let mut config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: data_dir.to_path_buf(),
-            ..Default::default()
-        };
+        let mut config = Config::loopback(data_dir.to_path_buf());
         config.storage.max_size = "1GiB".into();
         adjust(&mut config);
         let server = kiln::serve::start(&config).await.expect("server starts");
-        let channel = Channel::from_shared(format!("http://{}", server.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = server.connect().await.unwrap();
         Harness {
             server: Some(server),
             channel,
