@@ -886,18 +886,7 @@ impl Scheduler {
     /// An executor took `action`: it is EXECUTING now.
     pub(crate) fn started(&self, action: &QueuedAction) {
         action.attempts.fetch_add(1, Ordering::SeqCst);
-        action.state.send_if_modified(|op| {
-            if op.done {
-                return false;
-            }
-            op.metadata = Some(metadata_any(
-                execution_stage::Value::Executing,
-                &action.action_digest,
-                action.digest_function,
-                None,
-            ));
-            true
-        });
+        set_stage(action, execution_stage::Value::Executing);
     }
 
     /// Completes `action` with what its executor reported; writes a
@@ -1196,18 +1185,7 @@ impl Scheduler {
             return;
         };
         tracing::info!(operation = %action.name, attempts, reason = why, "requeued");
-        action.state.send_if_modified(|op| {
-            if op.done {
-                return false;
-            }
-            op.metadata = Some(metadata_any(
-                execution_stage::Value::Queued,
-                &action.action_digest,
-                action.digest_function,
-                None,
-            ));
-            true
-        });
+        set_stage(action, execution_stage::Value::Queued);
         queue.push(action.clone());
     }
 
@@ -1274,6 +1252,22 @@ pub(crate) fn to_rpc_status(status: tonic::Status) -> rpc::Status {
         message: status.message().to_string(),
         details: vec![],
     }
+}
+
+/// Moves an operation that is not done yet to `stage`.
+fn set_stage(action: &QueuedAction, stage: execution_stage::Value) {
+    action.state.send_if_modified(|op| {
+        if op.done {
+            return false;
+        }
+        op.metadata = Some(metadata_any(
+            stage,
+            &action.action_digest,
+            action.digest_function,
+            None,
+        ));
+        true
+    });
 }
 
 fn metadata_any(

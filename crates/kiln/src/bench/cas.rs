@@ -125,18 +125,7 @@ pub async fn run(args: CasBenchArgs) -> anyhow::Result<()> {
     let channel = connect(&args).await?;
     let bench = CasBench::new(args, channel, seed).await?;
     let report = bench.run_all().await;
-    if bench.args.json {
-        print!("{}", report.json());
-    } else {
-        print!("{}", report.table());
-    }
-    if !report.problems.is_empty() {
-        bail!(
-            "{} problem(s) with the server's answers; see PROBLEMS above",
-            report.problems.len()
-        );
-    }
-    Ok(())
+    report.print(bench.args.json)
 }
 
 /// One HTTP/2 connection, with windows large enough that flow control never

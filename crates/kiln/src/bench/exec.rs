@@ -105,18 +105,7 @@ pub async fn run(args: ExecBenchArgs) -> anyhow::Result<()> {
         execution: ExecutionClient::new(channel),
     };
     let report = bench.run_all().await?;
-    if bench.args.json {
-        print!("{}", report.json());
-    } else {
-        print!("{}", report.table());
-    }
-    if !report.problems.is_empty() {
-        bail!(
-            "{} problem(s) with the server's answers; see PROBLEMS above",
-            report.problems.len()
-        );
-    }
-    Ok(())
+    report.print(bench.args.json)
 }
 
 struct ExecBench {

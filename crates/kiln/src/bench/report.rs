@@ -99,6 +99,22 @@ pub struct Report {
 }
 
 impl Report {
+    /// Prints the report (a table, or JSON) and fails the command if the
+    /// server gave any wrong answer along the way.
+    pub fn print(&self, json: bool) -> anyhow::Result<()> {
+        if json {
+            print!("{}", self.json());
+        } else {
+            print!("{}", self.table());
+        }
+        anyhow::ensure!(
+            self.problems.is_empty(),
+            "{} problem(s) with the server's answers; see PROBLEMS above",
+            self.problems.len()
+        );
+        Ok(())
+    }
+
     pub fn table(&self) -> String {
         let mut out = String::new();
         for (key, value) in &self.context {
