@@ -9,11 +9,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use kiln_platform::Platform;
-use kiln_proto::protobuf::Timestamp;
 use kiln_proto::reapi::{Action, ActionResult, Command, Digest, ExecutedActionMetadata};
+use kiln_proto::timestamp_now;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -132,7 +132,7 @@ impl ActionRunner {
     ) -> Result<RunOutcome, RunError> {
         let mut metadata = ExecutedActionMetadata {
             worker: self.config.worker_name.clone(),
-            worker_start_timestamp: Some(now()),
+            worker_start_timestamp: Some(timestamp_now()),
             ..Default::default()
         };
         let action_dir = self
@@ -186,7 +186,7 @@ impl ActionRunner {
                 )));
             }
         }
-        metadata.input_fetch_start_timestamp = Some(now());
+        metadata.input_fetch_start_timestamp = Some(timestamp_now());
         // Input staging is not counted against the timeout, but it can be
         // cancelled.
         let staged = tokio::select! {
@@ -201,7 +201,7 @@ impl ActionRunner {
             io_dir,
             working_path,
         } = staged;
-        metadata.input_fetch_completed_timestamp = Some(now());
+        metadata.input_fetch_completed_timestamp = Some(timestamp_now());
 
         let spec = CommandSpec {
             arguments: command.arguments.clone(),
@@ -216,11 +216,11 @@ impl ActionRunner {
             stderr_path: io_dir.join("stderr"),
         };
         let limits = self.limits(&action, platform);
-        metadata.execution_start_timestamp = Some(now());
+        metadata.execution_start_timestamp = Some(timestamp_now());
         let process = self.isolation.run(&spec, &limits, cancel).await?;
-        metadata.execution_completed_timestamp = Some(now());
+        metadata.execution_completed_timestamp = Some(timestamp_now());
 
-        metadata.output_upload_start_timestamp = Some(now());
+        metadata.output_upload_start_timestamp = Some(timestamp_now());
         let mut result = ActionResult::default();
         let mut blobs = Vec::new();
         let mut status = tonic::Status::ok("");
@@ -262,8 +262,8 @@ impl ActionRunner {
             *field = Some(digest);
         }
         self.cas.upload(instance_name, blobs).await?;
-        metadata.output_upload_completed_timestamp = Some(now());
-        metadata.worker_completed_timestamp = Some(now());
+        metadata.output_upload_completed_timestamp = Some(timestamp_now());
+        metadata.worker_completed_timestamp = Some(timestamp_now());
         result.execution_metadata = Some(metadata.clone());
 
         let cacheable =
@@ -397,7 +397,7 @@ fn cancelled_before_start(
     action_digest: &Digest,
     metadata: &mut ExecutedActionMetadata,
 ) -> RunOutcome {
-    metadata.worker_completed_timestamp = Some(now());
+    metadata.worker_completed_timestamp = Some(timestamp_now());
     RunOutcome {
         result: ActionResult {
             execution_metadata: Some(metadata.clone()),
@@ -471,16 +471,6 @@ async fn remove_tree(path: PathBuf) {
     .await;
     if let Ok(Err(e)) = removed {
         tracing::warn!(path = %shown, error = %e, "could not delete an action directory");
-    }
-}
-
-fn now() -> Timestamp {
-    let since_epoch = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    Timestamp {
-        seconds: since_epoch.as_secs() as i64,
-        nanos: since_epoch.subsec_nanos() as i32,
     }
 }
 

@@ -17,3 +17,15 @@ pub mod executor {
 pub mod bytestream {
     tonic::include_proto!("google.bytestream");
 }
+
+/// The current wall-clock time as a protobuf `Timestamp` (for the
+/// timestamps of `ExecutedActionMetadata`).
+pub fn timestamp_now() -> protobuf::Timestamp {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    protobuf::Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
+}

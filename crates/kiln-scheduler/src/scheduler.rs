@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_cas::wire::{digest_function, parse_digest, to_wire};
@@ -17,6 +17,7 @@ use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::protobuf::{Any, Timestamp};
 use kiln_proto::reapi::{self, execution_stage};
 use kiln_proto::rpc;
+use kiln_proto::timestamp_now;
 use kiln_store::{Digest, DigestFunction};
 use parking_lot::Mutex;
 use prost::Message;
@@ -807,7 +808,7 @@ impl Scheduler {
             need,
             refused_by: Mutex::default(),
             queue: Some(queue.clone()),
-            queued_at: now(),
+            queued_at: timestamp_now(),
             cacheable,
             merge_key: merge_key.clone(),
             digest_function: request.digest_function,
@@ -1039,7 +1040,7 @@ impl Scheduler {
             need: ResourceAmount::default(),
             refused_by: Mutex::default(),
             queue: None,
-            queued_at: now(),
+            queued_at: timestamp_now(),
             cacheable: false,
             merge_key: None,
             digest_function,
@@ -1286,15 +1287,5 @@ fn metadata_any(
             ..Default::default()
         }
         .encode_to_vec(),
-    }
-}
-
-fn now() -> Timestamp {
-    let since_epoch = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    Timestamp {
-        seconds: since_epoch.as_secs() as i64,
-        nanos: since_epoch.subsec_nanos() as i32,
     }
 }
