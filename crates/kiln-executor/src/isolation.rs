@@ -1,13 +1,18 @@
 //! The isolation seam: how an action's command is run. One trait, one
-//! implementation per isolation type (`workload-isolation-type`); only
-//! `none` exists today. Backends build the command their way and hand it to
-//! the shared [`crate::process::supervise`], so lookup, process groups and
-//! the stop sequence are written once.
+//! implementation per isolation type (`workload-isolation-type`); `none`
+//! lives here, `sandbox` in `kiln-sandbox`, `docker` and `podman` in
+//! `kiln-container`. Process backends build the command their way and hand
+//! it to the shared [`crate::process::supervise`], so lookup, process groups
+//! and the stop sequence are written once. [`Isolations`] is the set an
+//! executor offers, and picks the backend for each action.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
+
+use kiln_platform::{IsolationType, Platform};
 
 use crate::error::RunError;
 use crate::process::{self, Limits, ProcessOutcome};
@@ -26,6 +31,9 @@ pub struct CommandSpec {
     /// Files (outside the workspace) that receive stdout and stderr.
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
+    /// The action's parsed platform (header overrides included): container
+    /// image and credentials, user, network, init, workspace mode.
+    pub platform: Arc<Platform>,
 }
 
 impl CommandSpec {
@@ -43,6 +51,18 @@ impl CommandSpec {
 pub trait Isolation: Send + Sync {
     /// The `workload-isolation-type` value this backend implements.
     fn name(&self) -> &'static str;
+
+    /// Gets ready for an action with `platform` before its clock starts:
+    /// e.g. resolves and pulls its container image (with its credentials).
+    /// Runs while the inputs are fetched; must return promptly once
+    /// `cancel` fires. Errors name the image or property at fault.
+    async fn prepare(
+        &self,
+        _platform: &Platform,
+        _cancel: &CancellationToken,
+    ) -> Result<(), RunError> {
+        Ok(())
+    }
 
     /// Runs `spec` to completion, or stops it on timeout or `cancel`. A
     /// command that cannot be found is an outcome (exit code 127 and a
@@ -83,6 +103,7 @@ impl Isolation for NoIsolation {
                 exit_code: process::EXIT_COMMAND_NOT_FOUND,
                 signal: None,
                 stopped: None,
+                memory_exceeded: false,
             });
         };
         let (stdout, stderr) = process::output_stdio(&spec.stdout_path, &spec.stderr_path)?;
@@ -96,5 +117,84 @@ impl Isolation for NoIsolation {
             .stdout(stdout)
             .stderr(stderr);
         process::supervise(command, &program_name, &spec.stderr_path, limits, cancel).await
+    }
+}
+
+/// The isolation backends an executor offers, and the one used when an
+/// action names none (`workload-isolation-type` unset).
+#[derive(Clone)]
+pub struct Isolations {
+    backends: Vec<Arc<dyn Isolation>>,
+    default: &'static str,
+}
+
+impl Isolations {
+    /// A set holding `default` only, used for actions that name no type.
+    pub fn new(default: Arc<dyn Isolation>) -> Isolations {
+        Isolations {
+            default: default.name(),
+            backends: vec![default],
+        }
+    }
+
+    /// Adds `backend` (replacing one of the same name).
+    pub fn with(mut self, backend: Arc<dyn Isolation>) -> Isolations {
+        self.backends.retain(|b| b.name() != backend.name());
+        self.backends.push(backend);
+        self
+    }
+
+    /// Makes `name` the default; false (and no change) if it is not offered.
+    pub fn set_default(&mut self, name: &str) -> bool {
+        match self.backends.iter().find(|b| b.name() == name) {
+            Some(backend) => {
+                self.default = backend.name();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The offered types, the default first (what the executor advertises).
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names = vec![self.default];
+        names.extend(
+            self.backends
+                .iter()
+                .map(|b| b.name())
+                .filter(|n| *n != self.default),
+        );
+        names
+    }
+
+    /// The name of the default backend.
+    pub fn default_name(&self) -> &'static str {
+        self.default
+    }
+
+    /// The backend for an action asking for `requested` (the default when
+    /// it asks for none); FAILED_PRECONDITION naming the type otherwise.
+    pub fn select(
+        &self,
+        requested: Option<IsolationType>,
+    ) -> Result<&Arc<dyn Isolation>, RunError> {
+        let name = requested.map(|r| r.name()).unwrap_or(self.default);
+        self.backends
+            .iter()
+            .find(|b| b.name() == name)
+            .ok_or_else(|| {
+                RunError::Unsupported(format!(
+                    "workload-isolation-type={name} is not available on this executor (it offers {})",
+                    self.names().join(", ")
+                ))
+            })
+    }
+}
+
+impl std::fmt::Debug for Isolations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Isolations")
+            .field("offered", &self.names())
+            .finish()
     }
 }

@@ -6,7 +6,8 @@
 //! - [`cache`]: the local content-addressed file cache inputs are linked from;
 //! - [`inputs`]: fetching, checking and materializing the input tree;
 //! - [`validate`]: directory-entry and path checks before anything runs;
-//! - [`isolation`]: the [`Isolation`] seam and its `none` backend;
+//! - [`isolation`]: the [`Isolation`] seam, its `none` backend, and
+//!   [`Isolations`], the set an executor offers;
 //! - [`process`]: the child-process supervision every backend shares
 //!   (process group, timeout, SIGTERM → grace → SIGKILL);
 //! - [`outputs`]: turning the declared outputs into ActionResult entries;
@@ -28,7 +29,7 @@ pub mod runner;
 pub mod validate;
 
 pub use error::RunError;
-pub use isolation::{CommandSpec, Isolation, NoIsolation};
+pub use isolation::{CommandSpec, Isolation, Isolations, NoIsolation};
 pub use process::{Limits, ProcessOutcome, StopReason};
 pub use runner::{ActionRunner, RunOutcome, RunnerConfig};
 pub use tokio_util::sync::CancellationToken;

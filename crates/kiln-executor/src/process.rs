@@ -26,6 +26,14 @@ pub struct Limits {
     pub timeout: Duration,
     /// Time between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// Memory the action may use (`EstimatedMemory`, else the executor's
+    /// limit); enforced by backends with cgroups or a container runtime.
+    pub memory_bytes: Option<u64>,
+    /// CPU time per second of wall time, in thousandths of a core
+    /// (`EstimatedCPU`); a quota, enforced like `memory_bytes`.
+    pub cpu_millis: Option<u64>,
+    /// Most processes (and threads) the action may have at once.
+    pub pids_max: Option<u64>,
 }
 
 /// Why a process was stopped by the executor rather than ending by itself.
@@ -44,6 +52,8 @@ pub struct ProcessOutcome {
     pub signal: Option<i32>,
     /// Set when the executor stopped it (timeout or cancellation).
     pub stopped: Option<StopReason>,
+    /// The kernel killed it for exceeding `Limits::memory_bytes`.
+    pub memory_exceeded: bool,
 }
 
 impl ProcessOutcome {
@@ -52,6 +62,7 @@ impl ProcessOutcome {
             exit_code,
             signal: None,
             stopped: None,
+            memory_exceeded: false,
         }
     }
 }
@@ -184,16 +195,19 @@ fn outcome(status: std::process::ExitStatus, stopped: Option<StopReason>) -> Pro
             exit_code: code,
             signal: None,
             stopped,
+            memory_exceeded: false,
         },
         (None, Some(signal)) => ProcessOutcome {
             exit_code: 128 + signal,
             signal: Some(signal),
             stopped,
+            memory_exceeded: false,
         },
         (None, None) => ProcessOutcome {
             exit_code: -1,
             signal: None,
             stopped,
+            memory_exceeded: false,
         },
     }
 }

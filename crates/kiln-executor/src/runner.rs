@@ -22,7 +22,7 @@ use crate::cache::FileCache;
 use crate::cas::{CasClient, UploadSource};
 use crate::error::{format_digest, RunError};
 use crate::inputs;
-use crate::isolation::{CommandSpec, Isolation};
+use crate::isolation::{CommandSpec, Isolations};
 use crate::outputs;
 use crate::process::{Limits, StopReason};
 use crate::validate::{check_output_path, check_relative_path};
@@ -44,6 +44,11 @@ pub struct RunnerConfig {
     pub default_grace: Duration,
     /// Keep each action's directory after the run (for debugging).
     pub keep_workspaces: bool,
+    /// Memory limit of actions without `EstimatedMemory` (None: unlimited).
+    pub default_memory_bytes: Option<u64>,
+    /// Most processes an action may have at once, under backends that can
+    /// enforce it (a fork bomb stops here).
+    pub pids_max: Option<u64>,
 }
 
 impl RunnerConfig {
@@ -56,6 +61,8 @@ impl RunnerConfig {
             max_timeout: Duration::from_secs(3600),
             default_grace: Duration::from_secs(10),
             keep_workspaces: false,
+            default_memory_bytes: None,
+            pids_max: Some(16_384),
         }
     }
 }
@@ -82,12 +89,13 @@ struct Staged {
     working_path: PathBuf,
 }
 
-/// Runs actions: one CAS client, one file cache, one isolation backend.
+/// Runs actions: one CAS client, one file cache, the isolation backends
+/// the executor offers.
 pub struct ActionRunner {
     cas: CasClient,
     cache: Arc<FileCache>,
     config: RunnerConfig,
-    isolation: Arc<dyn Isolation>,
+    isolations: Isolations,
 }
 
 impl ActionRunner {
@@ -96,7 +104,7 @@ impl ActionRunner {
     pub async fn new(
         channel: Channel,
         config: RunnerConfig,
-        isolation: Arc<dyn Isolation>,
+        isolations: Isolations,
     ) -> Result<ActionRunner, RunError> {
         let cas = CasClient::new(channel, "").await?;
         let cache = Arc::new(FileCache::open(&config.cache_dir)?);
@@ -106,8 +114,13 @@ impl ActionRunner {
             cas,
             cache,
             config,
-            isolation,
+            isolations,
         })
+    }
+
+    /// The isolation types this runner offers, its default first.
+    pub fn isolation_types(&self) -> Vec<&'static str> {
+        self.isolations.names()
     }
 
     /// The local file cache (its counters show what was downloaded).
@@ -177,22 +190,24 @@ impl ActionRunner {
         action_dir: &Path,
         metadata: &mut ExecutedActionMetadata,
     ) -> Result<RunOutcome, RunError> {
-        if let Some(requested) = platform.isolation {
-            if requested.name() != self.isolation.name() {
-                return Err(RunError::Unsupported(format!(
-                    "workload-isolation-type={} is not available on this executor (it runs {})",
-                    requested.name(),
-                    self.isolation.name()
-                )));
-            }
-        }
+        let isolation = self.isolations.select(platform.isolation)?;
         metadata.input_fetch_start_timestamp = Some(timestamp_now());
-        // Input staging is not counted against the timeout, but it can be
+        // Input staging and the backend's preparation (an image pull) run
+        // together; neither counts against the timeout, both can be
         // cancelled.
         let staged = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(cancelled_before_start(action_digest, metadata)),
-            staged = self.stage(instance_name, action_digest, platform, action_dir) => staged?,
+            (staged, prepared) = async {
+                tokio::join!(
+                    self.stage(instance_name, action_digest, platform, action_dir),
+                    isolation.prepare(platform, cancel),
+                )
+            } => {
+                let staged = staged?;
+                prepared?;
+                staged
+            }
         };
         let Staged {
             action,
@@ -214,11 +229,15 @@ impl ActionRunner {
             working_directory: working_path.clone(),
             stdout_path: io_dir.join("stdout"),
             stderr_path: io_dir.join("stderr"),
+            platform: Arc::new(platform.clone()),
         };
         let limits = self.limits(&action, platform);
         metadata.execution_start_timestamp = Some(timestamp_now());
-        let process = self.isolation.run(&spec, &limits, cancel).await?;
+        let process = isolation.run(&spec, &limits, cancel).await?;
         metadata.execution_completed_timestamp = Some(timestamp_now());
+        if process.memory_exceeded {
+            report_memory_exceeded(&spec, &limits, platform).await?;
+        }
 
         metadata.output_upload_start_timestamp = Some(timestamp_now());
         let mut result = ActionResult::default();
@@ -266,8 +285,10 @@ impl ActionRunner {
         metadata.worker_completed_timestamp = Some(timestamp_now());
         result.execution_metadata = Some(metadata.clone());
 
-        let cacheable =
-            status.code() == tonic::Code::Ok && result.exit_code == 0 && !action.do_not_cache;
+        let cacheable = status.code() == tonic::Code::Ok
+            && result.exit_code == 0
+            && !process.memory_exceeded
+            && !action.do_not_cache;
         Ok(RunOutcome {
             result,
             status,
@@ -388,8 +409,44 @@ impl ActionRunner {
             grace: platform
                 .termination_grace_period
                 .unwrap_or(self.config.default_grace),
+            memory_bytes: platform
+                .resources
+                .memory_bytes
+                .or(self.config.default_memory_bytes),
+            cpu_millis: platform.resources.cpu_millis,
+            pids_max: self.config.pids_max,
         }
     }
+}
+
+/// Says in the action's stderr why it died: a bare exit code 137 would
+/// leave the user guessing.
+async fn report_memory_exceeded(
+    spec: &CommandSpec,
+    limits: &Limits,
+    platform: &Platform,
+) -> Result<(), RunError> {
+    use tokio::io::AsyncWriteExt;
+    let limit = limits.memory_bytes.unwrap_or_default();
+    let source = if platform.resources.memory_bytes.is_some() {
+        "its EstimatedMemory"
+    } else {
+        "the executor's default memory limit"
+    };
+    let line = format!(
+        "kiln: the action was killed for exceeding its memory limit of {limit} bytes ({source}); raise EstimatedMemory if it needs more\n"
+    );
+    let mut file = tokio::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&spec.stderr_path)
+        .await
+        .map_err(|e| RunError::io(format!("opening {}", spec.stderr_path.display()), e))?;
+    file.write_all(line.as_bytes())
+        .await
+        .map_err(|e| RunError::io(format!("writing {}", spec.stderr_path.display()), e))?;
+    tracing::info!(limit, "action exceeded its memory limit");
+    Ok(())
 }
 
 /// The outcome of an action cancelled while its inputs were staged.

@@ -11,7 +11,9 @@ use futures::StreamExt;
 use kiln::config::Config;
 use kiln::serve::RunningServer;
 use kiln_executor::error::PreconditionFailure;
-use kiln_executor::{ActionRunner, CancellationToken, NoIsolation, RunError, RunnerConfig};
+use kiln_executor::{
+    ActionRunner, CancellationToken, Isolations, NoIsolation, RunError, RunnerConfig,
+};
 use kiln_platform::Platform;
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::ReadRequest;
@@ -67,9 +69,13 @@ impl Harness {
         runner_config.max_timeout = Duration::from_secs(600);
         runner_config.default_grace = Duration::from_secs(60);
         adjust(&mut runner_config);
-        let runner = ActionRunner::new(channel.clone(), runner_config, Arc::new(NoIsolation))
-            .await
-            .expect("runner starts");
+        let runner = ActionRunner::new(
+            channel.clone(),
+            runner_config,
+            Isolations::new(Arc::new(NoIsolation)),
+        )
+        .await
+        .expect("runner starts");
         Harness {
             server: Some(server),
             channel,

@@ -123,6 +123,20 @@ impl IsolationType {
             IsolationType::Firecracker => "firecracker",
         }
     }
+
+    /// Every type, in PLATFORM.md's order.
+    pub const ALL: [IsolationType; 5] = [
+        IsolationType::None,
+        IsolationType::Sandbox,
+        IsolationType::Podman,
+        IsolationType::Docker,
+        IsolationType::Firecracker,
+    ];
+
+    /// The type named `name` (a `workload-isolation-type` value).
+    pub fn from_name(name: &str) -> Option<IsolationType> {
+        IsolationType::ALL.into_iter().find(|t| t.name() == name)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -30,18 +30,26 @@ impl EmbeddedExecutor {
     /// accepted (and queued) while the runner is still being set up.
     /// It runs on this machine: `linux`, and the host's architecture;
     /// `capacity` is what its running actions may reserve in total
-    /// (usually [`ResourceAmount::of_host`]).
+    /// (usually [`ResourceAmount::of_host`]); `isolation_types` are what
+    /// its runner offers (see `ActionRunner::isolation_types`).
     pub fn register(
         scheduler: Arc<Scheduler>,
         pool: impl Into<String>,
         capacity: ResourceAmount,
+        isolation_types: &[&str],
     ) -> EmbeddedExecutor {
         let key = QueueKey {
             pool: pool.into(),
             os_family: OsFamily::Linux,
             arch: host_arch(),
         };
-        let offer = Offer::none_isolation(Properties::new(), capacity);
+        let offer = Offer::new(
+            Properties::new(),
+            isolation_types
+                .iter()
+                .filter_map(|name| kiln_platform::IsolationType::from_name(name)),
+            capacity,
+        );
         let queue = scheduler.register_executor(&key, &offer);
         EmbeddedExecutor {
             scheduler,

@@ -299,9 +299,18 @@ pub struct Offer {
 impl Offer {
     /// An executor running only `none` isolation, declaring `properties`.
     pub fn none_isolation(properties: Properties, capacity: ResourceAmount) -> Offer {
+        Offer::new(properties, [IsolationType::None], capacity)
+    }
+
+    /// An executor running `isolation_types`, declaring `properties`.
+    pub fn new(
+        properties: Properties,
+        isolation_types: impl IntoIterator<Item = IsolationType>,
+        capacity: ResourceAmount,
+    ) -> Offer {
         Offer {
             properties,
-            isolation_types: BTreeSet::from([IsolationType::None]),
+            isolation_types: isolation_types.into_iter().collect(),
             capacity,
         }
     }

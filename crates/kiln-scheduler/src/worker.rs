@@ -33,6 +33,8 @@ pub struct WorkerConfig {
     /// Properties this executor declares (`KEY=VALUE`): actions carrying
     /// KEY come here only with the same VALUE.
     pub properties: std::collections::BTreeMap<String, String>,
+    /// The `workload-isolation-type`s its runner offers, default first.
+    pub isolation_types: Vec<String>,
     /// Actions run at once.
     pub capacity: u32,
     /// CPU and memory its running actions may reserve in total (usually
@@ -59,7 +61,7 @@ impl Worker {
                 pool: config.pool.clone(),
                 os_family: config.os_family.clone(),
                 arch: config.arch.clone(),
-                isolation_types: vec!["none".into()],
+                isolation_types: config.isolation_types.clone(),
                 properties: config.properties.clone().into_iter().collect(),
                 capacity: config.capacity,
                 cpu_millis: config.resources.cpu_millis,

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use kiln::config::{Backend, Config};
 use kiln::serve::RunningServer;
 use kiln_executor::error::PreconditionFailure;
-use kiln_executor::{ActionRunner, CancellationToken, NoIsolation, RunnerConfig};
+use kiln_executor::{ActionRunner, CancellationToken, Isolations, NoIsolation, RunnerConfig};
 use kiln_proto::longrunning::operations_client::OperationsClient;
 use kiln_proto::longrunning::{operation, CancelOperationRequest, GetOperationRequest, Operation};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
@@ -107,9 +107,13 @@ impl Harness {
         let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
         runner_config.worker_name = name.to_string();
         runner_config.default_grace = Duration::from_secs(5);
-        let runner = ActionRunner::new(self.channel.clone(), runner_config, Arc::new(NoIsolation))
-            .await
-            .unwrap();
+        let runner = ActionRunner::new(
+            self.channel.clone(),
+            runner_config,
+            Isolations::new(Arc::new(NoIsolation)),
+        )
+        .await
+        .unwrap();
         let worker = Worker::connect(
             self.channel.clone(),
             WorkerConfig {
@@ -121,6 +125,7 @@ impl Harness {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                isolation_types: vec!["none".into()],
                 capacity: slots,
                 resources,
                 heartbeat_interval: Duration::from_secs(1),

@@ -122,6 +122,8 @@ pub struct ExecutionConfig {
     pub default_action_cpu_millis: u64,
     /// What an action without `EstimatedMemory` reserves, in bytes.
     pub default_action_memory_bytes: u64,
+    /// The embedded executor's isolation backends.
+    pub isolation: crate::isolation::IsolationSettings,
 }
 
 impl Default for ExecutionConfig {
@@ -139,6 +141,7 @@ impl Default for ExecutionConfig {
             memory_bytes: 0,
             default_action_cpu_millis: 0,
             default_action_memory_bytes: 0,
+            isolation: Default::default(),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_executor::{ActionRunner, CancellationToken, NoIsolation, RunnerConfig};
+use kiln_executor::{ActionRunner, CancellationToken, RunnerConfig};
 use kiln_scheduler::{Worker, WorkerConfig};
 use tonic::transport::Channel;
 
@@ -30,6 +30,8 @@ pub struct ExecutorOptions {
     pub properties: std::collections::BTreeMap<String, String>,
     pub max_action_timeout: Duration,
     pub heartbeat_interval: Duration,
+    /// Which isolation backends to offer, and their settings.
+    pub isolation: crate::isolation::IsolationSettings,
 }
 
 /// Connects, registers and runs assignments until `stop` fires or the
@@ -45,13 +47,15 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         .connect()
         .await
         .with_context(|| format!("connecting to {}", options.scheduler))?;
+    let isolations = crate::isolation::offered(&options.isolation).await;
+    let isolation_types = isolations.names().iter().map(|n| n.to_string()).collect();
     let mut runner_config = RunnerConfig::new(
         options.work_dir.join("work"),
         options.work_dir.join("cache"),
     );
     runner_config.worker_name = options.name.clone();
     runner_config.max_timeout = options.max_action_timeout;
-    let runner = ActionRunner::new(channel.clone(), runner_config, Arc::new(NoIsolation))
+    let runner = ActionRunner::new(channel.clone(), runner_config, isolations)
         .await
         .context("starting the action runner")?;
     let worker = Worker::connect(
@@ -62,6 +66,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
             os_family: options.os_family.clone(),
             arch: options.arch.clone(),
             properties: options.properties.clone(),
+            isolation_types,
             capacity: options.capacity.max(1),
             resources: options.resources,
             heartbeat_interval: options.heartbeat_interval,

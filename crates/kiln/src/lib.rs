@@ -4,4 +4,5 @@
 
 pub mod config;
 pub mod executor;
+pub mod isolation;
 pub mod serve;

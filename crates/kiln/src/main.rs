@@ -93,6 +93,8 @@ struct ExecutorArgs {
     max_action_timeout_s: u64,
     #[arg(long, default_value_t = 5000)]
     heartbeat_interval_ms: u64,
+    #[command(flatten)]
+    isolation: kiln::isolation::IsolationArgs,
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
     #[arg(long, default_value = "info")]
@@ -145,6 +147,11 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             .to_string()
         }),
         max_action_timeout: std::time::Duration::from_secs(args.max_action_timeout_s.max(1)),
+        isolation: {
+            let mut settings = kiln::isolation::IsolationSettings::default();
+            args.isolation.apply(&mut settings);
+            settings
+        },
         heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms.max(1)),
     };
     let stop = kiln_executor::CancellationToken::new();
@@ -221,6 +228,8 @@ struct ServeArgs {
     /// Starts of an action before executor losses fail it.
     #[arg(long)]
     max_attempts: Option<u32>,
+    #[command(flatten)]
+    isolation: kiln::isolation::IsolationArgs,
 }
 
 impl ServeArgs {
@@ -254,6 +263,7 @@ impl ServeArgs {
             self.executor_heartbeat_timeout_ms => execution.executor_heartbeat_timeout_ms,
             self.max_attempts => execution.max_attempts,
         }
+        self.isolation.apply(&mut execution.isolation);
         Ok(config)
     }
 }

@@ -9,7 +9,7 @@ use anyhow::Context;
 use kiln_cas::{
     ActionCacheService, ByteStreamService, CapabilitiesService, CasService, Storage, StorageLimits,
 };
-use kiln_executor::{ActionRunner, NoIsolation, RunnerConfig};
+use kiln_executor::{ActionRunner, Isolations, RunnerConfig};
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::executor::executor_service_server::ExecutorServiceServer;
 use kiln_proto::longrunning::operations_server::OperationsServer;
@@ -230,7 +230,13 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     });
     let executor = match &scheduler {
         Some(scheduler) if config.execution.embedded_executor => {
-            Some(start_embedded_executor(config, scheduler.clone(), addr))
+            let isolations = crate::isolation::offered(&config.execution.isolation).await;
+            Some(start_embedded_executor(
+                config,
+                scheduler.clone(),
+                addr,
+                isolations,
+            ))
         }
         _ => None,
     };
@@ -252,12 +258,14 @@ fn start_embedded_executor(
     config: &Config,
     scheduler: Arc<Scheduler>,
     addr: SocketAddr,
+    isolations: Isolations,
 ) -> tokio::task::JoinHandle<()> {
     let execution = &config.execution;
     let executor = EmbeddedExecutor::register(
         scheduler,
         execution.pool.clone(),
         execution.effective_resources(),
+        &isolations.names(),
     );
     let root = config.data_dir.join("execution");
     let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
@@ -277,7 +285,7 @@ fn start_embedded_executor(
                 return;
             }
         };
-        match ActionRunner::new(channel, runner_config, Arc::new(NoIsolation)).await {
+        match ActionRunner::new(channel, runner_config, isolations).await {
             Ok(runner) => executor.run(Arc::new(runner), concurrency).await,
             Err(e) => tracing::error!(error = %e, "embedded executor could not start"),
         }
