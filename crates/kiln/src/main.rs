@@ -51,6 +51,8 @@ enum BenchCommand {
     Cas(bench::cas::CasBenchArgs),
     /// Execute latency and throughput with trivial actions (never cache hits).
     Exec(bench::exec::ExecBenchArgs),
+    /// Per-action overhead of each isolation type, next to the raw tools.
+    Isolation(bench::isolation::IsolationBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -323,6 +325,9 @@ fn main() -> anyhow::Result<()> {
             Command::Bench {
                 command: BenchCommand::Exec(args),
             } => bench::exec::run(args).await,
+            Command::Bench {
+                command: BenchCommand::Isolation(args),
+            } => bench::isolation::run(args).await,
         }
     })
 }

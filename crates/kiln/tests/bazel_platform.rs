@@ -14,11 +14,11 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Bazel, KilnServer};
+use common::{combined, files_containing, Bazel, KilnServer};
 
 /// Upper bound for anything that could hang; never a pass/fail threshold.
 const HANG_GUARD: Duration = Duration::from_secs(120);
@@ -102,40 +102,6 @@ impl Drop for Executor {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn combined(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// Files under `root` whose bytes contain `needle`.
-fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(directory) = pending.pop() {
-        let Ok(entries) = fs::read_dir(&directory) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                pending.push(path);
-            } else if kind.is_file() {
-                let bytes = fs::read(&path).unwrap_or_default();
-                if bytes.windows(needle.len()).any(|window| window == needle) {
-                    found.push(path);
-                }
-            }
-        }
-    }
-    found
 }
 
 #[test]

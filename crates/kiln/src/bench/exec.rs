@@ -89,26 +89,13 @@ fn digest_of(data: &[u8]) -> Digest {
 /// answered from the cache.
 pub async fn run(args: ExecBenchArgs) -> anyhow::Result<()> {
     ensure!(args.concurrency > 0, "--concurrency must be positive");
-    let seed = args.seed.unwrap_or_else(fresh_seed);
-    let uri = loopback_http_uri(&args.server)?;
-    let channel = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("invalid server address {uri}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", args.server))?;
-    let bench = ExecBench {
-        args,
-        seed,
-        cas: ContentAddressableStorageClient::new(channel.clone()),
-        execution: ExecutionClient::new(channel),
-    };
+    let bench = ExecBench::connect(args).await?;
     let report = bench.run_all().await?;
     report.print(bench.args.json)
 }
 
-struct ExecBench {
+/// A client executing trivial actions against one server.
+pub(super) struct ExecBench {
     args: ExecBenchArgs,
     seed: u64,
     cas: ContentAddressableStorageClient<Channel>,
@@ -116,6 +103,42 @@ struct ExecBench {
 }
 
 impl ExecBench {
+    /// Connects to `args.server`.
+    pub(super) async fn connect(args: ExecBenchArgs) -> anyhow::Result<ExecBench> {
+        let seed = args.seed.unwrap_or_else(fresh_seed);
+        let uri = loopback_http_uri(&args.server)?;
+        let channel = Endpoint::from_shared(uri.clone())
+            .with_context(|| format!("invalid server address {uri}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", args.server))?;
+        Ok(ExecBench {
+            args,
+            seed,
+            cas: ContentAddressableStorageClient::new(channel.clone()),
+            execution: ExecutionClient::new(channel),
+        })
+    }
+
+    /// Executes actions `indices` one after another (uploaded first, not
+    /// timed) and returns each one's latency; the first failure ends it.
+    pub(super) async fn latencies(&self, indices: Range<usize>) -> anyhow::Result<Vec<Duration>> {
+        let mut latencies = Vec::with_capacity(indices.len());
+        for action_digest in self.upload(indices).await? {
+            latencies.push(
+                execute(
+                    self.execution.clone(),
+                    self.args.instance_name.clone(),
+                    action_digest,
+                )
+                .await?,
+            );
+        }
+        Ok(latencies)
+    }
+
     /// Action `index` of this run: its Command and Action, encoded.
     fn action(&self, index: usize, input_root: &Digest) -> (Vec<u8>, Vec<u8>) {
         let command = reapi::Command {

@@ -27,13 +27,7 @@ pub fn bazel_available() -> bool {
              (Debian package bazel-bootstrap)"
         );
     }
-    // Straight to the process's stderr: the test harness captures
-    // `eprintln!`, and a skip must be visible in a passing run.
-    let _ = std::io::stderr().write_all(
-        b"\n**************************************************************\n\
-          skipped: bazel not installed (run scripts/install-deps.sh)\n\
-          **************************************************************\n",
-    );
+    say_skipped("bazel not installed (run scripts/install-deps.sh)");
     false
 }
 
@@ -354,4 +348,97 @@ pub fn make_writable(root: &Path) {
             }
         }
     }
+}
+
+/// Prints a skip notice straight to the process's stderr (the harness
+/// captures `eprintln!`, and a skip must show in a passing run).
+pub fn say_skipped(reason: &str) {
+    let banner = "*".repeat(62);
+    let _ = std::io::stderr()
+        .write_all(format!("\n{banner}\nskipped: {reason}\n{banner}\n").as_bytes());
+}
+
+/// Whether the container runtime `name` (`docker` or `podman`) answers
+/// here. Under CI, where `.ci/run` starts it, a missing runtime is a
+/// failure, not a skip.
+pub fn runtime_available(name: &str) -> bool {
+    let probe = match name {
+        "docker" => Command::new("docker").arg("version").output(),
+        _ => Command::new(name).arg("info").output(),
+    };
+    let reason = match probe {
+        Ok(output) if output.status.success() => return true,
+        Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        Err(error) => error.to_string(),
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("{name} does not work but CI is set (scripts/services.sh start): {reason}");
+    }
+    say_skipped(&format!(
+        "{name} is not available (run scripts/install-deps.sh and scripts/services.sh start): {reason}"
+    ));
+    false
+}
+
+/// Builds and pushes the test images (`tests/images/build.sh`, a no-op
+/// when they are current) once per test process.
+pub fn test_images() -> Result<(), String> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let manifest_dir =
+                std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR");
+            let script = Path::new(&manifest_dir).join("../../tests/images/build.sh");
+            let output = Command::new("bash")
+                .arg(&script)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("running {}: {e}", script.display()))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} failed: {}{}",
+                    script.display(),
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                ))
+            }
+        })
+        .clone()
+}
+
+/// Files under `root` whose bytes contain `needle`.
+pub fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(directory) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&directory) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                pending.push(path);
+            } else if kind.is_file() {
+                let bytes = fs::read(&path).unwrap_or_default();
+                if bytes.windows(needle.len()).any(|window| window == needle) {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Stdout and stderr of a finished command, as one text.
+pub fn combined(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
