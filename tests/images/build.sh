@@ -166,8 +166,9 @@ fi
 say "building (inputs $HASH)"
 # The images these tags name now; removed at the end if nothing else uses
 # them, so rebuilds do not pile up untagged images.
+# Children first: a base with children cannot be removed.
 old_images=()
-for ref in "${PUBLIC_IMAGES[@]}"; do
+for ref in "$ENTRYPOINT" "$NONROOT" "$BASE"; do
   old_images+=("docker:$(docker image inspect -f '{{.Id}}' "$ref" 2>/dev/null || true)")
   old_images+=("podman:$(podman image inspect --format '{{.Id}}' "$ref" 2>/dev/null || true)")
 done
@@ -263,11 +264,17 @@ podman logout "$AUTH" >/dev/null 2>&1 || true
 
 sync_local_stores
 registries_current || die "registries do not hold the images just pushed"
+# Docker's build cache can hand back the very image a tag named before;
+# keep those.
+current_images=" "
+for ref in "${PUBLIC_IMAGES[@]}"; do
+  current_images+="docker:$(docker image inspect -f '{{.Id}}' "$ref" 2>/dev/null || true) "
+  current_images+="podman:$(podman image inspect --format '{{.Id}}' "$ref" 2>/dev/null || true) "
+done
 for old in "${old_images[@]}"; do
   tool="${old%%:*}" id="${old#*:}"
+  [[ -n "$id" && "$current_images" != *" $old "* ]] || continue
   # Fails, harmlessly, while a tag or a container still uses the image.
-  if [[ -n "$id" ]]; then
-    "$tool" rmi "$id" >/dev/null 2>&1 || true
-  fi
+  "$tool" rmi "$id" >/dev/null 2>&1 || true
 done
 print_digests
