@@ -33,6 +33,21 @@
 #
 # Test images: tests/images/build.sh builds and pushes them (it expects
 # `start` to have run).
+#
+# Notes for callers:
+# - podman: a `--ulimit` on the command line replaces the configured
+#   default_ulimits list as a whole, and podman then asks for 1048576 for
+#   the type left out, which fails here; pass both nofile and nproc (at
+#   most the values in 50-kiln-test.conf) or neither. The process calling
+#   podman needs hard limits at least as high as those values.
+# - Bridge networking works in both: docker's default bridge (docker0,
+#   172.17.0.0/16) and podman's netavark "podman" network (10.88.0.0/16);
+#   `--network none` and `--network host` work too. Without iptables
+#   rules from dockerd (--iptables=false) containers reach no outside
+#   network, which the tests do not need (loopback-only host).
+# - Never start a second dockerd with --bridge=none on this host: dockerd
+#   deletes an existing docker0 when its bridge is disabled, breaking the
+#   running dockerd's default network.
 set -euo pipefail
 
 LOG_DIR=/var/log/kiln-test

@@ -36,7 +36,13 @@
 # if missing or stale) and exits, well under a second. Concurrent runs
 # serialize on a flock(1) lock (/var/lib/kiln-test/images.lock).
 #
-# At the end it prints each image reference with its manifest digest.
+# At the end it prints each image reference with its manifest digest
+# (stdout; progress goes to stderr).
+#
+# A test that pulls the private image must remove its local copy again
+# (docker rmi / podman rmi), and log out if it logged in: with a local
+# copy, `docker run` and `podman run` (pull policy "missing") would not ask
+# the registry, and credential checks would pass vacuously.
 set -euo pipefail
 
 OPEN=127.0.0.1:5000
