@@ -16,6 +16,24 @@ set -euo pipefail
 # - ca-certificates: cargo fetching crates over HTTPS.
 # - bazel-bootstrap: Debian's Bazel 4.2.3, the real client driven by
 #   crates/kiln/tests/bazel_remote_cache.rs (pulls in a JDK).
+# Container isolation tests (scripts/services.sh starts the services,
+# tests/images/build.sh builds the images; root only, so none of podman's
+# rootless helpers — uidmap, slirp4netns, fuse-overlayfs — are needed):
+# - docker.io: dockerd 20.10 and its client; pulls in containerd, runc,
+#   tini (docker-init, for `docker run --init`) and iptables.
+# - podman: podman 4.3 (pulls in conmon and containers-common).
+# - runc: the OCI runtime both use; listed so podman's `crun | runc`
+#   dependency is met by runc (crun rejects hybrid cgroup v1/v2 hosts).
+# - netavark: podman's bridge network backend (a Recommends of
+#   containers-common, so not installed by default; services.sh selects it).
+# - iptables: the NAT/forwarding rules netavark sets up for bridge networks.
+# - catatonit: the init process behind `podman run --init` (a Recommends).
+# - docker-registry: Debian's distribution 2.8 registry; two local
+#   instances (open, and with htpasswd auth) serve the test images.
+# - skopeo: copies images between registries and reads their digests.
+# - busybox-static: /bin/busybox and its applets, the test images' userland.
+# - apache2-utils: htpasswd, for the bcrypt password file of the auth
+#   registry.
 BUILD_PACKAGES=(
   g++
   gcc
@@ -25,6 +43,16 @@ BUILD_PACKAGES=(
 )
 TEST_PACKAGES=(
   bazel-bootstrap
+  docker.io
+  podman
+  runc
+  netavark
+  iptables
+  catatonit
+  docker-registry
+  skopeo
+  busybox-static
+  apache2-utils
 )
 
 case "${1:-test}" in

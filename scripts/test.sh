@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Kiln's full test run: what CI runs (via .ci/run) and what developers run
-# before sending a change. Installs the Debian packages the tests need, then
-# runs every test in the workspace, including the real-Bazel end-to-end test.
+# before sending a change. Installs the Debian packages the tests need,
+# starts the services the container tests drive (dockerd, two local image
+# registries, podman's configuration), then runs every test in the
+# workspace, including the real-Bazel end-to-end test.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +21,9 @@ fi
 
 section "Installing test dependencies (scripts/install-deps.sh)"
 "$repo_root/scripts/install-deps.sh"
+
+section "Starting test services (scripts/services.sh start)"
+"$repo_root/scripts/services.sh" start
 
 # A target dir outside the clone survives fresh clones (CI clones anew each
 # run), so only changed crates are rebuilt.
