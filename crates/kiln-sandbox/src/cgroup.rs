@@ -400,7 +400,7 @@ impl CgroupRoot {
                 let stale = Cgroup {
                     version: self.version,
                     directories: vec![(*controller, entry.path())],
-                    procs: Vec::new(),
+                    join: Vec::new(),
                 };
                 drop(stale);
             }
@@ -436,7 +436,7 @@ impl CgroupRoot {
         let mut cgroup = Cgroup {
             version: self.version,
             directories: Vec::with_capacity(self.parents.len()),
-            procs: Vec::with_capacity(self.parents.len()),
+            join: Vec::with_capacity(self.parents.len()),
         };
         for (controller, parent) in &self.parents {
             let directory = parent.join(name);
@@ -454,14 +454,25 @@ impl CgroupRoot {
             }
         }
         for (_, directory) in &cgroup.directories {
-            let path = directory.join("cgroup.procs");
+            let path = directory.join(join_file(self.version));
             let file = OpenOptions::new()
                 .write(true)
                 .open(&path)
                 .map_err(|e| context(e, "opening", &path))?;
-            cgroup.procs.push(file);
+            cgroup.join.push(file);
         }
         Ok(cgroup)
+    }
+}
+
+/// The file a forked child writes `0` to, to join a cgroup itself. On v1,
+/// `tasks` moves just the calling thread (the child has one), which spares
+/// the global lock a `cgroup.procs` write takes and its RCU grace period:
+/// milliseconds per action. v2 has only `cgroup.procs` for this.
+fn join_file(version: Version) -> &'static str {
+    match version {
+        Version::V1 => "tasks",
+        Version::V2 => "cgroup.procs",
     }
 }
 
@@ -482,9 +493,9 @@ fn write_file(path: &Path, value: &str) -> io::Result<()> {
 pub struct Cgroup {
     version: Version,
     directories: Vec<(Controller, PathBuf)>,
-    /// `cgroup.procs` of each directory, opened up front so a child can
+    /// The [`join_file`] of each directory, opened up front so a child can
     /// join between fork and exec without opening files.
-    procs: Vec<File>,
+    join: Vec<File>,
 }
 
 impl Cgroup {
@@ -500,17 +511,16 @@ impl Cgroup {
         self.directories.iter().map(|(_, d)| d.as_path())
     }
 
-    /// Descriptors of the `cgroup.procs` files: a forked child writes its
-    /// pid to each to join before it execs.
-    pub fn procs_fds(&self) -> Vec<RawFd> {
-        self.procs.iter().map(AsRawFd::as_raw_fd).collect()
+    /// Descriptors a freshly forked, single-threaded child writes `0` to
+    /// (one `write` each) to join this cgroup before it execs.
+    pub fn join_fds(&self) -> Vec<RawFd> {
+        self.join.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
     /// Moves process `pid` (all its threads) into this cgroup.
     pub fn add_pid(&self, pid: u32) -> io::Result<()> {
-        for (file, (_, directory)) in self.procs.iter().zip(&self.directories) {
-            let mut file = file;
-            file.write_all(pid.to_string().as_bytes())
+        for (_, directory) in &self.directories {
+            write_file(&directory.join("cgroup.procs"), &pid.to_string())
                 .map_err(|e| context(e, &format!("adding {pid} to"), directory))?;
         }
         Ok(())
@@ -593,7 +603,7 @@ impl Cgroup {
             return Ok(());
         }
         self.kill_all();
-        self.procs.clear();
+        self.join.clear();
         let mut result = Ok(());
         for (_, directory) in self.directories.drain(..) {
             // A killed process leaves its cgroup only once reaped: retry

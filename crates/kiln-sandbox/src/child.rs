@@ -53,8 +53,9 @@ pub(crate) enum Op {
 /// Everything the child needs, prepared before the fork.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
-    /// Open `cgroup.procs` files of the action's cgroup.
-    pub cgroup_procs: Vec<RawFd>,
+    /// Open files that put the writer in the action's cgroup
+    /// ([`crate::cgroup::Cgroup::join_fds`]).
+    pub cgroup_join: Vec<RawFd>,
     pub new_network: bool,
     /// Host directory the new root (a tmpfs) is mounted on.
     pub new_root: CString,
@@ -169,11 +170,10 @@ pub(crate) unsafe fn enter(plan: &Plan) -> io::Result<()> {
     // stack; this process is single-threaded after the fork.
     unsafe {
         // Join the cgroup first, so everything forked below is accounted.
-        let mut buffer = [0; 20];
-        let pid = decimal(libc::getpid() as u64, &mut buffer);
-        for &fd in &plan.cgroup_procs {
+        // "0" is the writer itself.
+        for &fd in &plan.cgroup_join {
             check(
-                libc::write(fd, pid.as_ptr().cast(), pid.len()) as c_int,
+                libc::write(fd, c"0".as_ptr().cast(), 1) as c_int,
                 "joining the cgroup",
                 c"",
             )?;

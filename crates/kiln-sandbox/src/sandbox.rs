@@ -209,7 +209,7 @@ impl Sandbox {
     ) -> Plan {
         let (new_root, before_pivot, after_pivot) = self.view.with_workspace(workspace);
         Plan {
-            cgroup_procs: cgroup.map(Cgroup::procs_fds).unwrap_or_default(),
+            cgroup_join: cgroup.map(Cgroup::join_fds).unwrap_or_default(),
             new_network,
             new_root,
             before_pivot,
