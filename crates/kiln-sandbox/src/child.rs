@@ -268,7 +268,10 @@ unsafe fn init(plan: &Plan, status_write: RawFd) -> io::Result<()> {
         // If the intermediate is killed (SIGKILL of the group), so is init,
         // and with it the namespace.
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        // The cgroup namespace makes the action's cgroup its "/", hiding
+        // the host's cgroup paths.
+        let mut flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
         if plan.new_network {
             flags |= libc::CLONE_NEWNET;
         }
@@ -375,6 +378,14 @@ unsafe fn action(plan: &Plan) -> io::Result<()> {
             "chdir",
             &plan.working_directory,
         )?;
+        // Whatever the executor left open without CLOEXEC must not reach
+        // the action (Rust opens everything CLOEXEC; this is the backstop).
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
     }
     Ok(())
 }

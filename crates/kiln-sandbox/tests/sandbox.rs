@@ -12,7 +12,7 @@ use kiln_executor::{
     CancellationToken, CommandSpec, Isolation, Limits, NoIsolation, ProcessOutcome, StopReason,
 };
 use kiln_platform::{DockerNetwork, DockerUser, Platform};
-use kiln_sandbox::cgroup::CgroupRoot;
+use kiln_sandbox::cgroup::{CgroupRoot, Version};
 use kiln_sandbox::{Sandbox, SandboxConfig};
 
 fn sandbox() -> Option<&'static Sandbox> {
@@ -311,7 +311,8 @@ async fn a_fork_bomb_is_contained_by_pids_max() {
 async fn a_timeout_kills_the_whole_sandbox() {
     let Some(sandbox) = sandbox() else { return };
     let mut action = Action::new();
-    action.limits.timeout = Duration::from_millis(500);
+    // Ample time for the grandchild to start before the stop begins.
+    action.limits.timeout = Duration::from_secs(2);
     action.limits.grace = Duration::from_millis(500);
     let token = format!("kiln-grandchild-{}", std::process::id());
     // The grandchild ignores the polite SIGTERM and would write a marker
@@ -329,6 +330,37 @@ async fn a_timeout_kills_the_whole_sandbox() {
     assert!(action.workspace.join("started").exists());
     assert_eq!(host_processes_with(&token), Vec::<String>::new());
     assert!(!action.workspace.join("late").exists());
+}
+
+#[tokio::test]
+async fn an_action_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let Some(sandbox) = sandbox() else { return };
+    let mut action = Action::new();
+    // Ample time for bash to set its trap before the stop begins.
+    action.limits.timeout = Duration::from_secs(2);
+    action.limits.grace = Duration::from_millis(300);
+    let (outcome, _, stderr) = action
+        .run(
+            sandbox,
+            "trap '' TERM; touch started; sleep 3600; touch late",
+        )
+        .await;
+    assert_eq!(outcome.stopped, Some(StopReason::Timeout), "{stderr}");
+    assert_eq!(outcome.signal, Some(SIGKILL), "{outcome:?}");
+    assert!(action.workspace.join("started").exists());
+    assert!(!action.workspace.join("late").exists());
+}
+
+const SIGKILL: i32 = 9;
+
+#[tokio::test]
+async fn only_stdio_is_open_in_the_action() {
+    let Some(sandbox) = sandbox() else { return };
+    let action = Action::new();
+    // ls's own directory descriptor shows too; nothing else may.
+    let (outcome, stdout, stderr) = action.run(sandbox, "ls /proc/self/fd | wc -l").await;
+    assert_eq!(outcome.exit_code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "4", "0, 1, 2 and ls's own");
 }
 
 #[tokio::test]
@@ -396,6 +428,26 @@ fn a_cgroup_holds_its_processes_and_is_removed_when_dropped() {
     cgroup.add_pid(child.id()).unwrap();
     assert_eq!(cgroup.pids().unwrap(), [child.id()]);
     assert!(!cgroup.memory_exceeded());
+    // The limits are where the kernel enforces them.
+    let read = |file: &str| {
+        directories
+            .iter()
+            .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+            .unwrap_or_else(|| panic!("no {file}"))
+            .trim()
+            .to_string()
+    };
+    match root.version() {
+        Version::V1 => {
+            assert_eq!(read("memory.limit_in_bytes"), (32 << 20).to_string());
+            assert_eq!(read("cpu.cfs_quota_us"), "50000");
+        }
+        Version::V2 => {
+            assert_eq!(read("memory.max"), (32 << 20).to_string());
+            assert_eq!(read("cpu.max"), "50000 100000");
+        }
+    }
+    assert_eq!(read("pids.max"), "8");
     assert!(cgroup.peak_memory_bytes().is_some());
     drop(cgroup);
     assert!(child.wait().unwrap().code().is_none(), "killed by a signal");
