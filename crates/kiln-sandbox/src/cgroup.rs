@@ -388,13 +388,15 @@ impl CgroupRoot {
             };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let Some((pid, _)) = name.split_once('-') else {
+                // Only names this crate's Sandbox gives: `<pid>-<n>`.
+                let Some(pid) = name
+                    .split_once('-')
+                    .filter(|(pid, n)| n.parse::<u64>().is_ok() && pid.parse::<u32>().is_ok())
+                    .map(|(pid, _)| pid)
+                else {
                     continue;
                 };
-                let alive = pid
-                    .parse::<u32>()
-                    .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                if alive || !entry.path().is_dir() {
+                if Path::new(&format!("/proc/{pid}")).exists() || !entry.path().is_dir() {
                     continue;
                 }
                 let stale = Cgroup {

@@ -14,13 +14,16 @@ use async_trait::async_trait;
 use kiln_executor::process::{self, Limits, ProcessOutcome};
 use kiln_executor::{CancellationToken, CommandSpec, Isolation, RunError};
 use kiln_platform::{DockerNetwork, DockerUser, Platform};
+use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupRoot};
 use crate::child::{self, Plan, FAILURE_PREFIX};
 use crate::view::View;
 
-/// How the sandbox is set up on this executor.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the sandbox is set up on this executor (a section of the
+/// executor's configuration file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SandboxConfig {
     /// Cgroup that action cgroups are created under: relative to the
     /// executor's own cgroup, or absolute in the hierarchy if it starts
@@ -352,6 +355,19 @@ impl Isolation for Sandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_section_has_defaults_for_every_field() {
+        let empty: SandboxConfig = toml::from_str("").unwrap();
+        assert_eq!(empty, SandboxConfig::default());
+        let set: SandboxConfig =
+            toml::from_str("cgroup_parent = \"/kiln.slice\"\nread_only_paths = [\"/opt/tools\"]\n")
+                .unwrap();
+        assert_eq!(set.cgroup_parent, "/kiln.slice");
+        assert_eq!(set.read_only_paths, [PathBuf::from("/opt/tools")]);
+        assert!(set.require_limits);
+        assert!(toml::from_str::<SandboxConfig>("cgroup = \"x\"").is_err());
+    }
 
     #[test]
     fn passwd_lines_give_uid_and_gid() {

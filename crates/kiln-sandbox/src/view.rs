@@ -281,7 +281,7 @@ impl View {
     }
 
     /// A tmpfs /dev holding bind mounts of harmless devices, the usual
-    /// symlinks, and a private /dev/shm; then made read-only.
+    /// symlinks, private /dev/pts and /dev/shm; then made read-only.
     fn dev(&mut self) {
         let dev = Path::new("/dev");
         self.private_tmpfs(dev, "mode=755,size=64k");
@@ -314,6 +314,12 @@ impl View {
                 link: c_path(&self.inside(&dev.join(link))),
             });
         }
+        // Pseudo-terminals from a private devpts instance.
+        self.before_pivot.push(Op::Symlink {
+            target: c_string("pts/ptmx"),
+            link: c_path(&self.inside(&dev.join("ptmx"))),
+        });
+        self.mkdir(&dev.join("pts"));
         self.mkdir(&dev.join("shm"));
         self.before_pivot.push(mount(
             None,
@@ -321,6 +327,13 @@ impl View {
             None,
             libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
             None,
+        ));
+        self.before_pivot.push(mount(
+            Some("devpts"),
+            c_path(&self.inside(&dev.join("pts"))),
+            Some("devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
         ));
         self.before_pivot.push(mount(
             Some("tmpfs"),

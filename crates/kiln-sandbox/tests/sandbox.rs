@@ -374,6 +374,37 @@ async fn docker_user_sets_the_uid_and_gid() {
 }
 
 #[tokio::test]
+async fn docker_user_names_resolve_through_the_host_passwd() {
+    let Some(sandbox) = sandbox() else { return };
+    let mut action = Action::new();
+    action.platform.docker_user = Some(DockerUser::Name("nobody".into()));
+    let (outcome, stdout, stderr) = action.run(sandbox, "id -un").await;
+    assert_eq!(outcome.exit_code, 0, "{stderr}");
+    assert_eq!(stdout, "nobody\n");
+    action.platform.docker_user = Some(DockerUser::Name("no-such-user-kiln".into()));
+    let error = sandbox
+        .run(
+            &action.spec(&["true"]),
+            &action.limits,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("no-such-user-kiln"), "{error}");
+}
+
+#[tokio::test]
+async fn pseudo_terminals_work() {
+    let Some(sandbox) = sandbox() else { return };
+    let action = Action::new();
+    let (outcome, stdout, stderr) = action
+        .run(sandbox, "script -qec 'tty' /dev/null | tr -d '\\r'")
+        .await;
+    assert_eq!(outcome.exit_code, 0, "{stderr}");
+    assert_eq!(stdout, "/dev/pts/0\n");
+}
+
+#[tokio::test]
 async fn root_in_the_sandbox_cannot_remount_the_system() {
     let Some(sandbox) = sandbox() else { return };
     let action = Action::new();
