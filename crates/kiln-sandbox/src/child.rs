@@ -1,0 +1,490 @@
+//! What runs between the executor's fork and the action's exec, as a
+//! `pre_exec` hook: joining the cgroup, the namespaces, the new root and the
+//! drop of privileges. Everything here is async-signal-safe: direct
+//! syscalls over a [`Plan`] prepared (and allocated) before the fork.
+//!
+//! Three processes take part. The *intermediate* (std's forked child, the
+//! process-group leader the executor supervises) joins the cgroup,
+//! unshares the pid namespace and forks *init*, PID 1 of the new namespace.
+//! Init builds the mount, IPC, UTS and network namespaces and the root,
+//! forks the *action* (which returns to std to exec the command), reaps
+//! zombies, and hands the action's wait status back through a pipe. When
+//! init exits the kernel kills whatever is left in the namespace. The
+//! intermediate then ends the same way the action did (same exit code, or
+//! the same signal), so the executor sees the action's own status.
+
+use std::ffi::{c_int, CStr, CString};
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr;
+
+/// What a setup failure makes `spawn` return; the details go to the
+/// action's stderr as a `kiln sandbox:` line.
+pub(crate) const SETUP_FAILED: i32 = libc::ENOTRECOVERABLE;
+/// Prefix of the line describing a setup failure.
+pub(crate) const FAILURE_PREFIX: &str = "kiln sandbox: ";
+
+/// One filesystem step of building the sandbox's root.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Mkdir {
+        path: CString,
+        mode: u32,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    /// An empty file to bind a file over.
+    Touch {
+        path: CString,
+    },
+    Mount {
+        source: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: u64,
+        data: Option<CString>,
+        /// Failure is ignored (e.g. masking a /proc file this kernel lacks).
+        optional: bool,
+    },
+}
+
+/// Everything the child needs, prepared before the fork.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// Open files that put the writer in the action's cgroup
+    /// ([`crate::cgroup::Cgroup::join_fds`]).
+    pub cgroup_join: Vec<RawFd>,
+    pub new_network: bool,
+    /// Host directory the new root (a tmpfs) is mounted on.
+    pub new_root: CString,
+    /// Steps with host paths (targets under `new_root`), before pivot_root.
+    pub before_pivot: Vec<Op>,
+    /// Steps inside the new root (/proc, /sys, read-only /).
+    pub after_pivot: Vec<Op>,
+    pub hostname: CString,
+    pub working_directory: CString,
+    /// `(uid, gid)` to become; `None` stays root.
+    pub user: Option<(u32, u32)>,
+    /// Capabilities removed from the bounding set before exec.
+    pub drop_capabilities: Vec<u32>,
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn write_all(fd: RawFd, bytes: &[u8]) {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        // SAFETY: `rest` is a valid buffer of `rest.len()` bytes.
+        let written = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+        if written <= 0 {
+            return;
+        }
+        rest = &rest[written as usize..];
+    }
+}
+
+/// `value` in decimal, in `buffer`, without allocating.
+fn decimal(value: u64, buffer: &mut [u8; 20]) -> &[u8] {
+    let mut start = buffer.len();
+    let mut rest = value;
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            return &buffer[start..];
+        }
+    }
+}
+
+/// Reports a failed step on stderr (`kiln sandbox: STEP PATH: errno N`)
+/// and returns the error `spawn` will see.
+fn failure(step: &str, path: &CStr) -> io::Error {
+    let code = errno();
+    write_all(2, FAILURE_PREFIX.as_bytes());
+    write_all(2, step.as_bytes());
+    if !path.is_empty() {
+        write_all(2, b" ");
+        write_all(2, path.to_bytes());
+    }
+    write_all(2, b": errno ");
+    let mut buffer = [0; 20];
+    write_all(2, decimal(code as u64, &mut buffer));
+    write_all(2, b"\n");
+    io::Error::from_raw_os_error(SETUP_FAILED)
+}
+
+fn check(result: c_int, step: &str, path: &CStr) -> io::Result<()> {
+    if result < 0 {
+        Err(failure(step, path))
+    } else {
+        Ok(())
+    }
+}
+
+fn pointer(value: &Option<CString>) -> *const libc::c_char {
+    value.as_ref().map_or(ptr::null(), |v| v.as_ptr())
+}
+
+/// Closes every descriptor but `keep`.
+fn close_all_except(keep: RawFd) {
+    // SAFETY: close_range only closes descriptors; nothing in this process
+    // uses the closed ones afterwards.
+    unsafe {
+        if keep > 0 {
+            libc::syscall(libc::SYS_close_range, 0u32, (keep - 1) as u32, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
+    }
+}
+
+/// Back to default dispositions: the executor's handlers (tokio's
+/// SIGCHLD) must not run in a process that never execs.
+fn reset_signals() {
+    for signal in 1..=64 {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: a zeroed sigaction is SIG_DFL with no flags; invalid
+        // signal numbers fail with EINVAL, which is ignored.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(signal, &action, ptr::null_mut());
+        }
+    }
+}
+
+/// The pre_exec hook. Returns only in the action process (which std then
+/// execs); the intermediate and init never return.
+///
+/// # Safety
+/// Must be called in a freshly forked child (std's `pre_exec`), with `plan`
+/// fully built before the fork.
+pub(crate) unsafe fn enter(plan: &Plan) -> io::Result<()> {
+    // SAFETY (whole body): direct syscalls on buffers owned by `plan` or the
+    // stack; this process is single-threaded after the fork.
+    unsafe {
+        // Join the cgroup first, so everything forked below is accounted.
+        // "0" is the writer itself.
+        for &fd in &plan.cgroup_join {
+            check(
+                libc::write(fd, c"0".as_ptr().cast(), 1) as c_int,
+                "joining the cgroup",
+                c"",
+            )?;
+        }
+        check(
+            libc::unshare(libc::CLONE_NEWPID),
+            "unshare(CLONE_NEWPID)",
+            c"",
+        )?;
+        let mut status_pipe = [0; 2];
+        check(
+            libc::pipe2(status_pipe.as_mut_ptr(), libc::O_CLOEXEC),
+            "pipe2",
+            c"",
+        )?;
+        match libc::fork() {
+            -1 => Err(failure("fork (init)", c"")),
+            0 => {
+                libc::close(status_pipe[0]);
+                init(plan, status_pipe[1])
+            }
+            init_pid => {
+                libc::close(status_pipe[1]);
+                intermediate(init_pid, status_pipe[0])
+            }
+        }
+    }
+}
+
+/// Waits for init and ends as the action did.
+unsafe fn intermediate(init_pid: libc::pid_t, status_read: RawFd) -> ! {
+    // The executor's spawn waits for EOF on its CLOEXEC error pipe: holding
+    // it (or anything else) open here would stall it.
+    close_all_except(status_read);
+    reset_signals();
+    // SAFETY (whole body): plain syscalls on stack buffers.
+    unsafe {
+        // The polite stop is for the action, which gets it as a member of
+        // the process group; this process must outlive it.
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        let mut status: c_int = 0;
+        loop {
+            let reaped = libc::waitpid(init_pid, &mut status, 0);
+            if reaped == init_pid {
+                break;
+            }
+            if reaped < 0 && errno() != libc::EINTR {
+                libc::_exit(SETUP_FAILED);
+            }
+        }
+        let mut action_status = [0u8; 4];
+        if libc::read(status_read, action_status.as_mut_ptr().cast(), 4) == 4 {
+            status = c_int::from_ne_bytes(action_status);
+        }
+        end_like(status)
+    }
+}
+
+/// Exits with `status`'s code, or dies of its signal (no core dump: this
+/// process is a copy of the executor).
+unsafe fn end_like(status: c_int) -> ! {
+    // SAFETY (whole body): plain syscalls on stack values.
+    unsafe {
+        if libc::WIFEXITED(status) {
+            libc::_exit(libc::WEXITSTATUS(status));
+        }
+        if libc::WIFSIGNALED(status) {
+            let signal = libc::WTERMSIG(status);
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+            libc::signal(signal, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, signal);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, ptr::null_mut());
+            libc::kill(libc::getpid(), signal);
+            libc::_exit(128 + signal);
+        }
+        libc::_exit(SETUP_FAILED)
+    }
+}
+
+/// PID 1: builds the sandbox, forks the action, reaps until it ends.
+unsafe fn init(plan: &Plan, status_write: RawFd) -> io::Result<()> {
+    reset_signals();
+    // SAFETY (whole body): direct syscalls on C strings owned by `plan`.
+    unsafe {
+        // If the intermediate is killed (SIGKILL of the group), so is init,
+        // and with it the namespace.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        // The cgroup namespace makes the action's cgroup its "/", hiding
+        // the host's cgroup paths.
+        let mut flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
+        if plan.new_network {
+            flags |= libc::CLONE_NEWNET;
+        }
+        check(libc::unshare(flags), "unshare", c"")?;
+        // Nothing mounted below propagates back to the host.
+        check(
+            libc::mount(
+                ptr::null(),
+                c"/".as_ptr(),
+                ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                ptr::null(),
+            ),
+            "making / private",
+            c"",
+        )?;
+        run_ops(&plan.before_pivot)?;
+        check(libc::chdir(plan.new_root.as_ptr()), "chdir", &plan.new_root)?;
+        // pivot_root(".", "."), then detach the old root stacked on top: the
+        // idiom from pivot_root(2) that needs no directory for the old root.
+        check(
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as c_int,
+            "pivot_root",
+            &plan.new_root,
+        )?;
+        check(
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+            "detaching the old root",
+            c"",
+        )?;
+        check(libc::chdir(c"/".as_ptr()), "chdir", c"/")?;
+        run_ops(&plan.after_pivot)?;
+        check(
+            libc::sethostname(plan.hostname.as_ptr(), plan.hostname.to_bytes().len()),
+            "sethostname",
+            &plan.hostname,
+        )?;
+        if plan.new_network {
+            loopback_up()?;
+        }
+        match libc::fork() {
+            -1 => Err(failure("fork (action)", c"")),
+            0 => {
+                libc::close(status_write);
+                action(plan)
+            }
+            action_pid => reap(action_pid, status_write),
+        }
+    }
+}
+
+/// Init's life after the fork: reap every child, report the action's.
+unsafe fn reap(action_pid: libc::pid_t, status_write: RawFd) -> ! {
+    close_all_except(status_write);
+    // SAFETY (whole body): plain syscalls on stack buffers.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr(), 0, 0, 0);
+        loop {
+            let mut status: c_int = 0;
+            let reaped = libc::waitpid(-1, &mut status, 0);
+            if reaped == action_pid {
+                let bytes = status.to_ne_bytes();
+                write_all(status_write, &bytes);
+                libc::_exit(0);
+            }
+            if reaped < 0 && errno() != libc::EINTR {
+                libc::_exit(SETUP_FAILED);
+            }
+        }
+    }
+}
+
+/// The action process, before std execs it: fewer privileges, its user,
+/// its working directory.
+unsafe fn action(plan: &Plan) -> io::Result<()> {
+    // SAFETY (whole body): direct syscalls on values owned by `plan`.
+    unsafe {
+        for &capability in &plan.drop_capabilities {
+            check(
+                libc::prctl(libc::PR_CAPBSET_DROP, capability as libc::c_ulong, 0, 0, 0),
+                "dropping a capability",
+                c"",
+            )?;
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        check(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            "setting no_new_privs",
+            c"",
+        )?;
+        if let Some((uid, gid)) = plan.user {
+            check(libc::setgroups(1, &gid), "setgroups", c"")?;
+            check(libc::setgid(gid), "setgid", c"")?;
+            check(libc::setuid(uid), "setuid", c"")?;
+        }
+        check(
+            libc::chdir(plan.working_directory.as_ptr()),
+            "chdir",
+            &plan.working_directory,
+        )?;
+        // Whatever the executor left open without CLOEXEC must not reach
+        // the action (Rust opens everything CLOEXEC; this is the backstop).
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+    }
+    Ok(())
+}
+
+fn run_ops(ops: &[Op]) -> io::Result<()> {
+    for op in ops {
+        // SAFETY: every pointer is a NUL-terminated string owned by `op`
+        // (or null where the syscall allows it).
+        unsafe {
+            match op {
+                Op::Mkdir { path, mode } => {
+                    if libc::mkdir(path.as_ptr(), *mode) < 0 && errno() != libc::EEXIST {
+                        return Err(failure("mkdir", path));
+                    }
+                }
+                Op::Symlink { target, link } => {
+                    if libc::symlink(target.as_ptr(), link.as_ptr()) < 0 && errno() != libc::EEXIST
+                    {
+                        return Err(failure("symlink", link));
+                    }
+                }
+                Op::Touch { path } => {
+                    let fd = libc::open(
+                        path.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    if fd < 0 {
+                        return Err(failure("creating", path));
+                    }
+                    libc::close(fd);
+                }
+                Op::Mount {
+                    source,
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                    optional,
+                } => {
+                    let result = libc::mount(
+                        pointer(source),
+                        target.as_ptr(),
+                        pointer(fstype),
+                        *flags as libc::c_ulong,
+                        pointer(data).cast(),
+                    );
+                    if result < 0 && !optional {
+                        return Err(failure("mount", target));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `struct ifreq` with the flags member, as SIOCGIFFLAGS uses it.
+#[repr(C)]
+struct InterfaceFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _padding: [u8; 22],
+}
+
+/// A new network namespace has `lo`, down: bring it up so the action can
+/// talk to itself.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a socket and two ioctls on a properly sized, owned ifreq.
+    unsafe {
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        check(socket, "socket", c"")?;
+        let mut request = InterfaceFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _padding: [0; 22],
+        };
+        request.name[..2].copy_from_slice(b"lo");
+        let result = if libc::ioctl(socket, libc::SIOCGIFFLAGS as _, &mut request) < 0 {
+            -1
+        } else {
+            request.flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(socket, libc::SIOCSIFFLAGS as _, &request)
+        };
+        let outcome = check(result, "bringing up", c"lo");
+        libc::close(socket);
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_need_no_allocation() {
+        let mut buffer = [0; 20];
+        assert_eq!(decimal(0, &mut buffer), b"0");
+        assert_eq!(decimal(4_194_304, &mut buffer), b"4194304");
+        assert_eq!(decimal(u64::MAX, &mut buffer), b"18446744073709551615");
+    }
+}

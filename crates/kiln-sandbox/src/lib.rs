@@ -1,0 +1,22 @@
+//! Kiln's `sandbox` isolation (`workload-isolation-type=sandbox`): each
+//! action runs in its own mount, pid, IPC, UTS and (with `dockerNetwork=off`)
+//! network namespace, on a fresh root where the system is read-only and
+//! only its workspace and a private /tmp are writable, inside a cgroup that
+//! enforces its memory, CPU and pids limits.
+//!
+//! - [`sandbox`]: [`Sandbox`] (probe, and the [`kiln_executor::Isolation`]
+//!   implementation) and its [`SandboxConfig`];
+//! - [`cgroup`]: per-action cgroups on v1 or v2 hierarchies, usable by
+//!   other backends too;
+//! - `view`: the filesystem an action sees, as mount steps;
+//! - `child`: the code that runs between fork and exec (the only `unsafe`).
+//!
+//! Linux only; the executor must run as root.
+
+pub mod cgroup;
+mod child;
+pub mod sandbox;
+mod view;
+
+pub use sandbox::{resolve_user, Sandbox, SandboxConfig};
+pub use view::{HIDDEN_PATHS, SYSTEM_PATHS};

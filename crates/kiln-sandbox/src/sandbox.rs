@@ -1,0 +1,387 @@
+//! The `sandbox` backend of [`Isolation`]: probing the host once at
+//! start-up, then for each action a cgroup with its limits, a mount plan
+//! with its workspace, and the command handed to the shared
+//! [`process::supervise`] with the namespace setup as its `pre_exec` hook.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kiln_executor::process::{self, Limits, ProcessOutcome};
+use kiln_executor::{CancellationToken, CommandSpec, Isolation, RunError};
+use kiln_platform::{DockerNetwork, DockerUser, Platform};
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{Cgroup, CgroupRoot};
+use crate::child::{self, Plan, FAILURE_PREFIX};
+use crate::view::View;
+
+/// How the sandbox is set up on this executor (a section of the
+/// executor's configuration file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Cgroup that action cgroups are created under: relative to the
+    /// executor's own cgroup, or absolute in the hierarchy if it starts
+    /// with `/`. Default `kiln`.
+    pub cgroup_parent: String,
+    /// Extra host paths actions see read-only at the same path (a
+    /// toolchain in /opt, say). Default none.
+    pub read_only_paths: Vec<PathBuf>,
+    /// Extra host paths masked inside the exposed ones (besides
+    /// [`crate::HIDDEN_PATHS`]). Default none.
+    pub hidden_paths: Vec<PathBuf>,
+    /// Refuse to start without cgroup limits (memory, CPU and pids). When
+    /// false, a host without them runs sandboxes unlimited, with a warning.
+    /// Default true.
+    pub require_limits: bool,
+    /// Empty host directory each sandbox mounts its root on (privately, so
+    /// sandboxes do not see each other's). Created by the probe. Default
+    /// `/run/kiln-sandbox`.
+    pub root_mount_point: PathBuf,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> SandboxConfig {
+        SandboxConfig {
+            cgroup_parent: "kiln".into(),
+            read_only_paths: Vec::new(),
+            hidden_paths: Vec::new(),
+            require_limits: true,
+            root_mount_point: PathBuf::from("/run/kiln-sandbox"),
+        }
+    }
+}
+
+/// Capabilities a root action keeps (Docker's default set without
+/// CAP_MKNOD): enough to chown and bind low ports, not to mount, trace,
+/// load modules or reach devices.
+const KEPT_CAPABILITIES: &[u32] = &[
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    5,  // CAP_KILL
+    6,  // CAP_SETGID
+    7,  // CAP_SETUID
+    8,  // CAP_SETPCAP
+    10, // CAP_NET_BIND_SERVICE
+    13, // CAP_NET_RAW
+    18, // CAP_SYS_CHROOT
+    29, // CAP_AUDIT_WRITE
+    31, // CAP_SETFCAP
+];
+
+/// `workload-isolation-type=sandbox`.
+#[derive(Debug)]
+pub struct Sandbox {
+    config: SandboxConfig,
+    cgroups: Option<CgroupRoot>,
+    view: View,
+    drop_capabilities: Vec<u32>,
+    next_action: AtomicU64,
+}
+
+impl Sandbox {
+    /// Checks that this host can run sandboxes (root, namespaces, cgroups)
+    /// by running `/bin/true` in one, and returns the backend; or a reason
+    /// a person can act on.
+    pub fn probe(config: SandboxConfig) -> Result<Sandbox, String> {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 {
+            return Err(format!(
+                "the sandbox needs root (CAP_SYS_ADMIN for namespaces and mounts) but the executor runs as uid {euid}; \
+                 rootless sandboxing through user namespaces is not implemented"
+            ));
+        }
+        std::fs::create_dir_all(&config.root_mount_point)
+            .map_err(|e| format!("creating {}: {e}", config.root_mount_point.display()))?;
+        let cgroups = match CgroupRoot::detect(&config.cgroup_parent) {
+            Ok(root) if root.missing().is_empty() => Some(root),
+            Ok(root) if !config.require_limits => {
+                tracing::warn!(missing = ?root.missing(), "some cgroup controllers are missing: those limits are not enforced");
+                Some(root)
+            }
+            Ok(root) => {
+                return Err(format!(
+                    "cgroup controllers {:?} are not mounted, so those limits cannot be enforced",
+                    root.missing()
+                ))
+            }
+            Err(reason) if !config.require_limits => {
+                tracing::warn!(%reason, "no cgroups: sandboxed actions run without resource limits");
+                None
+            }
+            Err(reason) => return Err(format!("no usable cgroups: {reason}")),
+        };
+        if let Some(root) = &cgroups {
+            root.remove_stale();
+        }
+        let cap_last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(40);
+        let sandbox = Sandbox {
+            view: View::new(
+                &config.root_mount_point,
+                &config.read_only_paths,
+                &config.hidden_paths,
+            ),
+            config,
+            cgroups,
+            drop_capabilities: (0..=cap_last)
+                .filter(|c| !KEPT_CAPABILITIES.contains(c))
+                .collect(),
+            next_action: AtomicU64::new(0),
+        };
+        sandbox.trial_run()?;
+        Ok(sandbox)
+    }
+
+    /// Where action cgroups go; `None` when running without limits.
+    pub fn cgroups(&self) -> Option<&CgroupRoot> {
+        self.cgroups.as_ref()
+    }
+
+    /// The configuration the sandbox was probed with.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// Runs `/bin/true` in a sandbox, with every namespace and a cgroup
+    /// with every limit, as a real action would be.
+    fn trial_run(&self) -> Result<(), String> {
+        let limits = Limits {
+            timeout: std::time::Duration::from_secs(10),
+            grace: std::time::Duration::from_secs(1),
+            memory_bytes: Some(64 << 20),
+            cpu_millis: Some(1000),
+            pids_max: Some(16),
+        };
+        let cgroup = self.cgroup(&limits).map_err(|e| e.to_string())?;
+        let plan = Arc::new(self.plan(None, Path::new("/"), None, true, cgroup.as_ref()));
+        let mut command = std::process::Command::new("/bin/true");
+        command
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .process_group(0);
+        // SAFETY: `child::enter` only makes async-signal-safe syscalls on
+        // the plan, which is built before the fork.
+        unsafe {
+            command.pre_exec(move || child::enter(&plan));
+        }
+        let output = command
+            .output()
+            .map_err(|e| format!("starting /bin/true in a sandbox: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "/bin/true failed in a sandbox ({}): {}",
+                output.status,
+                explain(&String::from_utf8_lossy(&output.stderr))
+            ));
+        }
+        Ok(())
+    }
+
+    fn cgroup(&self, limits: &Limits) -> Result<Option<Cgroup>, RunError> {
+        let Some(root) = &self.cgroups else {
+            return Ok(None);
+        };
+        let name = format!(
+            "{}-{}",
+            std::process::id(),
+            self.next_action.fetch_add(1, Ordering::Relaxed)
+        );
+        root.create(&name, limits)
+            .map(Some)
+            .map_err(|e| RunError::Internal(format!("sandbox cgroup: {e}")))
+    }
+
+    fn plan(
+        &self,
+        workspace: Option<&Path>,
+        working_directory: &Path,
+        user: Option<(u32, u32)>,
+        new_network: bool,
+        cgroup: Option<&Cgroup>,
+    ) -> Plan {
+        let (new_root, before_pivot, after_pivot) = self.view.with_workspace(workspace);
+        Plan {
+            cgroup_join: cgroup.map(Cgroup::join_fds).unwrap_or_default(),
+            new_network,
+            new_root,
+            before_pivot,
+            after_pivot,
+            hostname: c"localhost".to_owned(),
+            working_directory: CString::new(working_directory.as_os_str().as_bytes())
+                .unwrap_or_else(|_| c"/".to_owned()),
+            user,
+            drop_capabilities: self.drop_capabilities.clone(),
+        }
+    }
+}
+
+/// A setup failure line from the child, with the errno spelled out.
+fn explain(stderr: &str) -> String {
+    let Some(line) = stderr.lines().find(|l| l.starts_with(FAILURE_PREFIX)) else {
+        return stderr.trim().to_string();
+    };
+    match line
+        .rsplit_once("errno ")
+        .and_then(|(_, n)| n.trim().parse::<i32>().ok())
+    {
+        Some(code) => format!("{line} ({})", std::io::Error::from_raw_os_error(code)),
+        None => line.to_string(),
+    }
+}
+
+/// `dockerUser` as `(uid, gid)`: a name through the host's /etc/passwd; a
+/// bare uid gets its passwd group, or the gid equal to it when unknown.
+/// `None` (stay root) without `dockerUser` or with `dockerRunAsRoot`.
+pub fn resolve_user(platform: &Platform) -> Result<Option<(u32, u32)>, RunError> {
+    if platform.docker_run_as_root {
+        return Ok(None);
+    }
+    let passwd = || std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    match &platform.docker_user {
+        None => Ok(None),
+        Some(DockerUser::UidGid(uid, gid)) => Ok(Some((*uid, *gid))),
+        Some(DockerUser::Uid(uid)) => Ok(Some((
+            *uid,
+            passwd_entries(&passwd())
+                .find(|(_, u, _)| u == uid)
+                .map_or(*uid, |(_, _, gid)| gid),
+        ))),
+        Some(DockerUser::Name(name)) => passwd_entries(&passwd())
+            .find(|(n, _, _)| n == name)
+            .map(|(_, uid, gid)| Some((uid, gid)))
+            .ok_or_else(|| {
+                RunError::InvalidArgument(format!(
+                    "dockerUser={name}: no such user in the executor's /etc/passwd (use a uid or uid:gid)"
+                ))
+            }),
+    }
+}
+
+fn passwd_entries(text: &str) -> impl Iterator<Item = (&str, u32, u32)> {
+    text.lines().filter_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _password = fields.next()?;
+        let uid = fields.next()?.parse().ok()?;
+        let gid = fields.next()?.parse().ok()?;
+        Some((name, uid, gid))
+    })
+}
+
+#[async_trait]
+impl Isolation for Sandbox {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    async fn run(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<ProcessOutcome, RunError> {
+        let program_name = spec.arguments.first().cloned().unwrap_or_default();
+        let Some(program) =
+            process::resolve_program(&program_name, &spec.working_directory, spec.path_variable())
+        else {
+            process::write_stderr(
+                &spec.stderr_path,
+                &format!("kiln: {program_name}: command not found\n"),
+            )?;
+            return Ok(ProcessOutcome {
+                exit_code: process::EXIT_COMMAND_NOT_FOUND,
+                signal: None,
+                stopped: None,
+                memory_exceeded: false,
+            });
+        };
+        let user = resolve_user(&spec.platform)?;
+        let cgroup = self.cgroup(limits)?;
+        let plan = Arc::new(self.plan(
+            Some(&spec.workspace),
+            &spec.working_directory,
+            user,
+            spec.platform.docker_network == DockerNetwork::Off,
+            cgroup.as_ref(),
+        ));
+        let (stdout, stderr) = process::output_stdio(&spec.stdout_path, &spec.stderr_path)?;
+        let mut command = tokio::process::Command::new(&program);
+        command
+            .arg0(&program_name)
+            .args(&spec.arguments[1..])
+            .env_clear()
+            .envs(spec.environment_variables.iter().cloned())
+            .stdout(stdout)
+            .stderr(stderr);
+        // SAFETY: `child::enter` only makes async-signal-safe syscalls on
+        // the plan, which is built before the fork.
+        unsafe {
+            command.pre_exec(move || child::enter(&plan));
+        }
+        let result =
+            process::supervise(command, &program_name, &spec.stderr_path, limits, cancel).await;
+        let mut outcome = match result {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                let stderr = std::fs::read_to_string(&spec.stderr_path).unwrap_or_default();
+                return Err(RunError::Internal(format!(
+                    "sandbox: {error}: {}",
+                    explain(&stderr)
+                )));
+            }
+        };
+        if let Some(cgroup) = cgroup {
+            outcome.memory_exceeded = outcome.exit_code != 0 && cgroup.memory_exceeded();
+            let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+            if let Ok(Err(error)) = removed {
+                tracing::warn!(%error, "removing an action cgroup");
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_section_has_defaults_for_every_field() {
+        let empty: SandboxConfig = toml::from_str("").unwrap();
+        assert_eq!(empty, SandboxConfig::default());
+        let set: SandboxConfig =
+            toml::from_str("cgroup_parent = \"/kiln.slice\"\nread_only_paths = [\"/opt/tools\"]\n")
+                .unwrap();
+        assert_eq!(set.cgroup_parent, "/kiln.slice");
+        assert_eq!(set.read_only_paths, [PathBuf::from("/opt/tools")]);
+        assert!(set.require_limits);
+        assert!(toml::from_str::<SandboxConfig>("cgroup = \"x\"").is_err());
+    }
+
+    #[test]
+    fn passwd_lines_give_uid_and_gid() {
+        let text =
+            "root:x:0:0:root:/root:/bin/bash\nbuild:x:1000:100::/home/build:/bin/sh\nbroken\n";
+        let entries: Vec<_> = passwd_entries(text).collect();
+        assert_eq!(entries, [("root", 0, 0), ("build", 1000, 100)]);
+    }
+
+    #[test]
+    fn setup_failures_are_spelled_out() {
+        let text = "something\nkiln sandbox: mount /run/x/usr: errno 2\n";
+        let explained = explain(text);
+        assert!(explained.starts_with("kiln sandbox: mount /run/x/usr: errno 2 ("));
+        assert!(explained.contains("No such file"));
+    }
+}

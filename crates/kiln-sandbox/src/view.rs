@@ -1,0 +1,411 @@
+//! The filesystem an action sees, as a list of mount steps computed on the
+//! host before the fork: a tmpfs root, read-only system directories (with
+//! secrets masked), a minimal /dev, private /tmp and /dev/shm, fresh /proc
+//! and /sys, and the action's workspace at its own path, read-write.
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::child::Op;
+
+/// Host directories every action sees, read-only (or the same symlink, on
+/// merged-/usr systems).
+pub const SYSTEM_PATHS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+];
+
+/// Host files and directories masked inside the exposed ones: password
+/// hashes, sudo rules, TLS and SSH private keys.
+pub const HIDDEN_PATHS: &[&str] = &[
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/security/opasswd",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+    "/etc/ssl/private",
+    "/etc/kiln",
+];
+
+/// Device nodes bound from the host's /dev.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// /proc files that are global to the host: read-only, or masked.
+const PROC_READ_ONLY: &[&str] = &[
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/irq",
+    "/proc/bus",
+    "/proc/fs",
+];
+const PROC_MASKED: &[&str] = &[
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+];
+
+const BIND: u64 = libc::MS_BIND;
+const REMOUNT_READ_ONLY: u64 =
+    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("paths have no NUL")
+}
+
+fn c_string(text: &str) -> CString {
+    CString::new(text).expect("no NUL")
+}
+
+fn mount(
+    source: Option<&str>,
+    target: CString,
+    fstype: Option<&str>,
+    flags: u64,
+    data: Option<&str>,
+) -> Op {
+    Op::Mount {
+        source: source.map(c_string),
+        target,
+        fstype: fstype.map(c_string),
+        flags,
+        data: data.map(c_string),
+        optional: false,
+    }
+}
+
+fn optional(op: Op) -> Op {
+    match op {
+        Op::Mount {
+            source,
+            target,
+            fstype,
+            flags,
+            data,
+            ..
+        } => Op::Mount {
+            source,
+            target,
+            fstype,
+            flags,
+            data,
+            optional: true,
+        },
+        other => other,
+    }
+}
+
+/// The mount steps shared by every action, plus what each action adds.
+#[derive(Debug, Clone)]
+pub(crate) struct View {
+    new_root: PathBuf,
+    before_pivot: Vec<Op>,
+    after_pivot: Vec<Op>,
+    /// Directories `before_pivot` creates (so per-action steps skip them).
+    created: BTreeSet<PathBuf>,
+}
+
+impl View {
+    /// The shared steps: `new_root` is the (empty) host directory the root
+    /// tmpfs goes on; `read_only` extra host paths to expose; `hidden`
+    /// extra host paths to mask.
+    pub fn new(new_root: &Path, read_only: &[PathBuf], hidden: &[PathBuf]) -> View {
+        let mut view = View {
+            new_root: new_root.to_path_buf(),
+            before_pivot: Vec::new(),
+            after_pivot: Vec::new(),
+            created: BTreeSet::new(),
+        };
+        view.before_pivot.push(mount(
+            Some("tmpfs"),
+            c_path(new_root),
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("mode=755,size=1m"),
+        ));
+        let exposed: Vec<PathBuf> = SYSTEM_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .chain(read_only.iter().cloned())
+            .collect();
+        for path in &exposed {
+            view.expose_read_only(path);
+        }
+        view.dev();
+        view.private_tmpfs(Path::new("/tmp"), "mode=1777");
+        view.mkdir(Path::new("/proc"));
+        view.mkdir(Path::new("/sys"));
+
+        let mut hidden: Vec<PathBuf> = HIDDEN_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .chain(hidden.iter().cloned())
+            .collect();
+        if let Ok(entries) = std::fs::read_dir("/etc/ssh") {
+            hidden.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().ends_with("_key")),
+            );
+        }
+        for path in hidden {
+            if exposed.iter().any(|e| path.starts_with(e)) {
+                view.hide(&path);
+            }
+        }
+
+        view.after_pivot.push(mount(
+            Some("proc"),
+            c_string("/proc"),
+            Some("proc"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            None,
+        ));
+        for path in PROC_READ_ONLY {
+            view.after_pivot.push(optional(mount(
+                Some(path),
+                c_string(path),
+                None,
+                BIND,
+                None,
+            )));
+            view.after_pivot.push(optional(mount(
+                None,
+                c_string(path),
+                None,
+                REMOUNT_READ_ONLY,
+                None,
+            )));
+        }
+        for path in PROC_MASKED {
+            view.after_pivot.push(optional(mount(
+                Some("/dev/null"),
+                c_string(path),
+                None,
+                BIND,
+                None,
+            )));
+        }
+        view.after_pivot.push(optional(mount(
+            Some("sysfs"),
+            c_string("/sys"),
+            Some("sysfs"),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            None,
+        )));
+        view.after_pivot
+            .push(mount(None, c_string("/"), None, REMOUNT_READ_ONLY, None));
+        view
+    }
+
+    /// `path` (absolute, on the host) under the new root.
+    fn inside(&self, path: &Path) -> PathBuf {
+        self.new_root.join(path.strip_prefix("/").unwrap_or(path))
+    }
+
+    /// Creates `path` and its missing ancestors in the new root.
+    fn mkdir(&mut self, path: &Path) {
+        let mut ancestors: Vec<&Path> = path
+            .ancestors()
+            .filter(|a| *a != Path::new("/") && !a.as_os_str().is_empty())
+            .collect();
+        ancestors.reverse();
+        for ancestor in ancestors {
+            if self.created.insert(ancestor.to_path_buf()) {
+                self.before_pivot.push(Op::Mkdir {
+                    path: c_path(&self.inside(ancestor)),
+                    mode: 0o755,
+                });
+            }
+        }
+    }
+
+    fn expose_read_only(&mut self, path: &Path) {
+        let Ok(metadata) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if let Some(parent) = path.parent() {
+            self.mkdir(parent);
+        }
+        let target = c_path(&self.inside(path));
+        if metadata.file_type().is_symlink() {
+            if let Ok(link) = std::fs::read_link(path) {
+                self.before_pivot.push(Op::Symlink {
+                    target: c_path(&link),
+                    link: target,
+                });
+            }
+            return;
+        }
+        if metadata.is_dir() {
+            self.mkdir(path);
+        } else {
+            self.before_pivot.push(Op::Touch {
+                path: target.clone(),
+            });
+        }
+        self.bind(path, target, true);
+    }
+
+    fn bind(&mut self, source: &Path, target: CString, read_only: bool) {
+        self.before_pivot.push(Op::Mount {
+            source: Some(c_path(source)),
+            target: target.clone(),
+            fstype: None,
+            flags: BIND,
+            data: None,
+            optional: false,
+        });
+        let flags = if read_only {
+            REMOUNT_READ_ONLY
+        } else {
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV
+        };
+        self.before_pivot
+            .push(mount(None, target, None, flags, None));
+    }
+
+    fn private_tmpfs(&mut self, path: &Path, mode: &str) {
+        self.mkdir(path);
+        self.before_pivot.push(mount(
+            Some("tmpfs"),
+            c_path(&self.inside(path)),
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(mode),
+        ));
+    }
+
+    /// A tmpfs /dev holding bind mounts of harmless devices, the usual
+    /// symlinks, private /dev/pts and /dev/shm; then made read-only.
+    fn dev(&mut self) {
+        let dev = Path::new("/dev");
+        self.private_tmpfs(dev, "mode=755,size=64k");
+        for device in DEVICES {
+            let host = dev.join(device);
+            if !host.exists() {
+                continue;
+            }
+            let target = c_path(&self.inside(&host));
+            self.before_pivot.push(Op::Touch {
+                path: target.clone(),
+            });
+            self.before_pivot.push(Op::Mount {
+                source: Some(c_path(&host)),
+                target,
+                fstype: None,
+                flags: BIND,
+                data: None,
+                optional: false,
+            });
+        }
+        for (link, target) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ] {
+            self.before_pivot.push(Op::Symlink {
+                target: c_string(target),
+                link: c_path(&self.inside(&dev.join(link))),
+            });
+        }
+        // Pseudo-terminals from a private devpts instance.
+        self.before_pivot.push(Op::Symlink {
+            target: c_string("pts/ptmx"),
+            link: c_path(&self.inside(&dev.join("ptmx"))),
+        });
+        self.mkdir(&dev.join("pts"));
+        self.mkdir(&dev.join("shm"));
+        self.before_pivot.push(mount(
+            None,
+            c_path(&self.inside(dev)),
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
+            None,
+        ));
+        self.before_pivot.push(mount(
+            Some("devpts"),
+            c_path(&self.inside(&dev.join("pts"))),
+            Some("devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        ));
+        self.before_pivot.push(mount(
+            Some("tmpfs"),
+            c_path(&self.inside(&dev.join("shm"))),
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("mode=1777"),
+        ));
+    }
+
+    /// Masks a host path inside an exposed directory: files with an empty
+    /// read-only device, directories with an empty read-only tmpfs.
+    fn hide(&mut self, path: &Path) {
+        let Ok(metadata) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if metadata.file_type().is_symlink() {
+            return;
+        }
+        let target = c_path(&self.inside(path));
+        if metadata.is_dir() {
+            self.before_pivot.push(mount(
+                Some("tmpfs"),
+                target,
+                Some("tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some("mode=755,size=4k"),
+            ));
+        } else {
+            self.bind(Path::new("/dev/null"), target, true);
+        }
+    }
+
+    /// The complete steps for one action: the shared view plus its
+    /// workspace, read-write at its own path.
+    pub fn with_workspace(&self, workspace: Option<&Path>) -> (CString, Vec<Op>, Vec<Op>) {
+        let mut view = self.clone();
+        if let Some(workspace) = workspace {
+            view.mkdir(workspace);
+            let target = c_path(&view.inside(workspace));
+            view.bind(workspace, target, false);
+        }
+        (c_path(&view.new_root), view.before_pivot, view.after_pivot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(ops: &[Op]) -> Vec<String> {
+        ops.iter()
+            .filter_map(|op| match op {
+                Op::Mount { target, .. } => Some(target.to_string_lossy().into_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_workspace_is_mounted_after_the_private_tmp_it_may_live_in() {
+        let view = View::new(Path::new("/run/root"), &[], &[]);
+        let (root, before, after) = view.with_workspace(Some(Path::new("/tmp/ws/a")));
+        assert_eq!(root.to_str().unwrap(), "/run/root");
+        let mounts = targets(&before);
+        let tmp = mounts.iter().position(|t| t == "/run/root/tmp").unwrap();
+        let workspace = mounts
+            .iter()
+            .rposition(|t| t == "/run/root/tmp/ws/a")
+            .unwrap();
+        assert!(tmp < workspace);
+        assert_eq!(mounts[0], "/run/root");
+        assert_eq!(targets(&after).last().unwrap(), "/");
+    }
+}
