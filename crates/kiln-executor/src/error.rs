@@ -20,9 +20,14 @@ pub enum RunError {
     #[error("{0}")]
     InvalidArgument(String),
     /// The action asks for something this executor does not have (an
-    /// isolation type): `FAILED_PRECONDITION`, naming it.
+    /// isolation type) or that does not exist (an unknown container image,
+    /// credentials a registry refuses): `FAILED_PRECONDITION`, naming it.
     #[error("{0}")]
     Unsupported(String),
+    /// A service the action depends on (a container registry) cannot be
+    /// reached now: `UNAVAILABLE`, which clients retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// This executor cannot run the action now for a reason of its own
     /// (its disk is full): a scheduler should retry the action on another
     /// executor rather than fail it (`RESOURCE_EXHAUSTED`).
@@ -129,6 +134,7 @@ impl From<RunError> for tonic::Status {
             }
             RunError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             RunError::Unsupported(_) => tonic::Status::failed_precondition(message),
+            RunError::Unavailable(_) => tonic::Status::unavailable(message),
             RunError::ExecutorUnavailable(_) => tonic::Status::resource_exhausted(message),
             RunError::Cas { status, .. } => tonic::Status::new(status.code(), message),
             RunError::Internal(_) => tonic::Status::internal(message),
@@ -153,5 +159,14 @@ mod tests {
             std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         );
         assert!(!other.is_retryable_elsewhere());
+    }
+
+    #[test]
+    fn an_unreachable_dependency_is_unavailable() {
+        let error = RunError::Unavailable("registry 127.0.0.1:1 is unreachable".into());
+        assert!(!error.is_retryable_elsewhere());
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("127.0.0.1:1"));
     }
 }

@@ -1,0 +1,574 @@
+//! `workload-isolation-type=docker`: each action in a fresh container of
+//! its image, created, attached, started, waited for and removed through
+//! the Docker Engine API (bollard, on the daemon's unix socket, API 1.41).
+//! Output is streamed from the attach connection into the action's files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::auth::DockerCredentials;
+use bollard::container::LogOutput;
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
+};
+use bollard::{ClientVersion, Docker as Client};
+use futures::StreamExt;
+use kiln_executor::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError};
+use kiln_platform::{Platform, RegistryCredentials};
+use tokio::io::AsyncWriteExt;
+
+use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
+use crate::params::{Network, RunParameters, LABEL_KEY, LABEL_VALUE};
+use crate::supervise::{supervise, Container, RemovalGuard};
+
+/// The Engine API version Kiln speaks (Docker 20.10).
+const API_VERSION: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
+
+/// How the `docker` backend reaches its daemon and resolves images.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// The daemon's unix socket.
+    pub socket: PathBuf,
+    /// Images: default image, insecure registries, resolution TTL.
+    pub images: ImageConfig,
+    /// At probe, remove containers a previous executor left behind (those
+    /// labelled `kiln.action=1`). Turn off when several executors share a
+    /// daemon.
+    pub remove_leftovers: bool,
+}
+
+impl Default for DockerConfig {
+    fn default() -> DockerConfig {
+        DockerConfig {
+            socket: "/var/run/docker.sock".into(),
+            images: ImageConfig::default(),
+            remove_leftovers: true,
+        }
+    }
+}
+
+/// The `docker` isolation backend.
+pub struct Docker {
+    client: Client,
+    images: Images,
+    /// Whether the daemon has its default `bridge` network.
+    bridge: bool,
+}
+
+impl Docker {
+    /// Connects to the daemon and checks it can run containers (ping, API
+    /// version, a runtime in `docker info`); a human reason when it cannot.
+    pub async fn probe(config: DockerConfig) -> Result<Docker, String> {
+        let socket = config.socket.display().to_string();
+        if !config.socket.exists() {
+            return Err(format!("docker: no daemon socket at {socket}"));
+        }
+        // Requests that legitimately last (a stop waiting out its grace,
+        // a pull) have their own bounds; this one only guards the client.
+        let client = Client::connect_with_socket(&socket, 7 * 24 * 3600, &API_VERSION)
+            .map_err(|e| format!("docker: cannot use {socket}: {e}"))?;
+        let answer = |what: &str, e: bollard::errors::Error| {
+            format!("docker: the daemon at {socket} does not answer {what}: {e}")
+        };
+        let bounded = Duration::from_secs(10);
+        tokio::time::timeout(bounded, client.ping())
+            .await
+            .map_err(|_| format!("docker: the daemon at {socket} does not answer a ping"))?
+            .map_err(|e| answer("a ping", e))?;
+        let version = tokio::time::timeout(bounded, client.version())
+            .await
+            .map_err(|_| format!("docker: the daemon at {socket} does not answer /version"))?
+            .map_err(|e| answer("/version", e))?;
+        let api = version.api_version.unwrap_or_default();
+        if !api_at_least(&api, &API_VERSION) {
+            return Err(format!(
+                "docker: the daemon at {socket} speaks Engine API {api}, Kiln needs {API_VERSION}"
+            ));
+        }
+        let info = tokio::time::timeout(bounded, client.info())
+            .await
+            .map_err(|_| format!("docker: the daemon at {socket} does not answer /info"))?
+            .map_err(|e| answer("/info", e))?;
+        let runtime = info.default_runtime.clone().unwrap_or_default();
+        let has_runtime = info
+            .runtimes
+            .as_ref()
+            .is_some_and(|runtimes| runtimes.contains_key(&runtime));
+        if !has_runtime {
+            return Err(format!(
+                "docker: the daemon at {socket} has no usable default runtime ({runtime:?})"
+            ));
+        }
+        let bridge = client.inspect_network("bridge", None).await.is_ok();
+        if !bridge {
+            tracing::warn!(
+                socket,
+                "docker has no bridge network: dockerNetwork=bridge actions run without network"
+            );
+        }
+        let images = Images::new("docker", config.images).map_err(|e| format!("docker: {e}"))?;
+        let docker = Docker {
+            client,
+            images,
+            bridge,
+        };
+        if config.remove_leftovers {
+            docker.remove_leftovers().await?;
+        }
+        tracing::info!(
+            socket,
+            api = %api,
+            server = version.version.as_deref().unwrap_or("?"),
+            runtime,
+            "docker isolation available"
+        );
+        Ok(docker)
+    }
+
+    /// The image metadata this backend keeps.
+    pub fn images(&self) -> &Images {
+        &self.images
+    }
+
+    async fn remove_leftovers(&self) -> Result<(), String> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_KEY}={LABEL_VALUE}")],
+        )]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let leftovers = self
+            .client
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| format!("docker: cannot list containers: {e}"))?;
+        for container in leftovers {
+            let Some(id) = container.id else { continue };
+            tracing::info!(id, names = ?container.names, "removing a leftover container");
+            if let Err(error) = self
+                .client
+                .remove_container(&id, Some(force_remove()))
+                .await
+            {
+                tracing::warn!(id, %error, "could not remove a leftover container");
+            }
+        }
+        Ok(())
+    }
+
+    fn create_body(params: &RunParameters) -> ContainerCreateBody {
+        let workspace = params.workspace.display().to_string();
+        let to_i64 = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        ContainerCreateBody {
+            image: Some(params.image.clone()),
+            // Cmd only: the image's ENTRYPOINT stays and receives the arguments.
+            cmd: Some(params.command.clone()),
+            env: Some(params.environment.clone()),
+            working_dir: Some(params.working_directory.display().to_string()),
+            user: params.user.clone(),
+            labels: Some(HashMap::from([(LABEL_KEY.into(), LABEL_VALUE.into())])),
+            attach_stdin: Some(false),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            open_stdin: Some(false),
+            host_config: Some(HostConfig {
+                mounts: Some(vec![Mount {
+                    typ: Some(MountType::BIND),
+                    source: Some(workspace.clone()),
+                    target: Some(workspace),
+                    read_only: Some(false),
+                    ..Default::default()
+                }]),
+                network_mode: Some(
+                    match params.network {
+                        Network::None => "none",
+                        Network::Bridge => "bridge",
+                    }
+                    .into(),
+                ),
+                init: Some(params.init),
+                memory: params.memory_bytes.map(to_i64),
+                // Equal to the memory limit: no swap on top of it.
+                memory_swap: params.memory_bytes.map(to_i64),
+                nano_cpus: params.nano_cpus.map(to_i64),
+                pids_limit: params.pids_max.map(to_i64),
+                // Output is read from the attach stream; a log file would
+                // copy it to disk a second time.
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("none".into()),
+                    config: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+fn force_remove() -> bollard::query_parameters::RemoveContainerOptions {
+    RemoveContainerOptionsBuilder::default()
+        .force(true)
+        .v(true)
+        .build()
+}
+
+/// Whether the daemon's `api` (`1.41`) is at least `wanted`.
+fn api_at_least(api: &str, wanted: &ClientVersion) -> bool {
+    let mut parts = api.split('.').map(|p| p.parse::<usize>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= (wanted.major_version, wanted.minor_version)
+}
+
+/// A daemon error, with the password (should it echo it) redacted.
+fn daemon_error(
+    error: &bollard::errors::Error,
+    credentials: Option<&RegistryCredentials>,
+) -> String {
+    let message = match error {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        bollard::errors::Error::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    };
+    redact(&message, credentials)
+}
+
+#[async_trait]
+impl ImageStore for Docker {
+    async fn has_image(&self, pinned: &str) -> Result<bool, RunError> {
+        match self.client.inspect_image(pinned).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(error) => Err(RunError::Internal(format!(
+                "docker: inspecting image {pinned}: {}",
+                daemon_error(&error, None)
+            ))),
+        }
+    }
+
+    async fn pull_image(
+        &self,
+        image: &ResolvedImage,
+        credentials: Option<&RegistryCredentials>,
+        _insecure: bool,
+    ) -> Result<(), RunError> {
+        // dockerd decides by itself which registries speak plain HTTP
+        // (loopback ones and its --insecure-registry list).
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(&format!(
+                "{}/{}",
+                image.image.registry, image.image.repository
+            ))
+            .tag(&image.digest)
+            .build();
+        let docker_credentials = credentials.map(|c| DockerCredentials {
+            username: Some(c.username.clone()),
+            password: Some(c.password.expose().to_string()),
+            serveraddress: Some(image.image.registry.clone()),
+            ..Default::default()
+        });
+        let mut progress = self
+            .client
+            .create_image(Some(options), None, docker_credentials);
+        while let Some(item) = progress.next().await {
+            if let Err(error) = item {
+                return Err(pull_error(
+                    "docker",
+                    image,
+                    &daemon_error(&error, credentials),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One action's container on the daemon.
+struct DockerContainer {
+    client: Client,
+    id: String,
+}
+
+#[async_trait]
+impl Container for DockerContainer {
+    async fn wait(&mut self) -> Result<i64, RunError> {
+        let options = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut waited = self.client.wait_container(&self.id, Some(options));
+        match waited.next().await {
+            Some(Ok(response)) => Ok(response.status_code),
+            // bollard turns a non-zero exit into an error.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(error)) => Err(RunError::Internal(format!(
+                "docker: waiting for container {}: {}",
+                self.id,
+                daemon_error(&error, None)
+            ))),
+            None => Err(RunError::Internal(format!(
+                "docker: waiting for container {}: no answer",
+                self.id
+            ))),
+        }
+    }
+
+    async fn stop(&mut self, grace_seconds: u64) -> Result<(), RunError> {
+        let options = StopContainerOptionsBuilder::default()
+            .t(i32::try_from(grace_seconds).unwrap_or(i32::MAX))
+            .build();
+        match self.client.stop_container(&self.id, Some(options)).await {
+            // 304: already stopped.
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(error) => Err(RunError::Internal(format!(
+                "docker: stopping container {}: {}",
+                self.id,
+                daemon_error(&error, None)
+            ))),
+        }
+    }
+
+    async fn oom_killed(&mut self) -> Result<bool, RunError> {
+        let inspected = self
+            .client
+            .inspect_container(&self.id, None)
+            .await
+            .map_err(|e| {
+                RunError::Internal(format!(
+                    "docker: inspecting container {}: {}",
+                    self.id,
+                    daemon_error(&e, None)
+                ))
+            })?;
+        Ok(inspected
+            .state
+            .and_then(|state| state.oom_killed)
+            .unwrap_or(false))
+    }
+
+    async fn remove(&mut self) -> Result<(), RunError> {
+        match self
+            .client
+            .remove_container(&self.id, Some(force_remove()))
+            .await
+        {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            // 409: removal already in progress.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(error) => Err(RunError::Internal(format!(
+                "docker: removing container {}: {}",
+                self.id,
+                daemon_error(&error, None)
+            ))),
+        }
+    }
+}
+
+/// Copies the attach stream's stdout and stderr frames into the files.
+async fn copy_output(
+    mut output: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+    >,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+) -> Result<(), RunError> {
+    let open = |path: &Path| {
+        let path = path.to_path_buf();
+        async move {
+            tokio::fs::File::create(&path)
+                .await
+                .map(tokio::io::BufWriter::new)
+                .map_err(|e| RunError::Internal(format!("creating {}: {e}", path.display())))
+        }
+    };
+    let mut stdout = open(&stdout_path).await?;
+    let mut stderr = open(&stderr_path).await?;
+    let write_error = |path: &Path, e: std::io::Error| {
+        RunError::Internal(format!("writing {}: {e}", path.display()))
+    };
+    while let Some(frame) = output.next().await {
+        match frame {
+            Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => stdout
+                .write_all(&message)
+                .await
+                .map_err(|e| write_error(&stdout_path, e))?,
+            Ok(LogOutput::StdErr { message }) => stderr
+                .write_all(&message)
+                .await
+                .map_err(|e| write_error(&stderr_path, e))?,
+            Ok(LogOutput::StdIn { .. }) => {}
+            Err(error) => {
+                tracing::debug!(%error, "attach stream ended with an error");
+                break;
+            }
+        }
+    }
+    stdout
+        .flush()
+        .await
+        .map_err(|e| write_error(&stdout_path, e))?;
+    stderr
+        .flush()
+        .await
+        .map_err(|e| write_error(&stderr_path, e))?;
+    Ok(())
+}
+
+#[async_trait]
+impl Isolation for Docker {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn prepare(
+        &self,
+        platform: &Platform,
+        cancel: &CancellationToken,
+    ) -> Result<(), RunError> {
+        self.images
+            .ensure(platform, self, true, cancel)
+            .await
+            .map(|_| ())
+    }
+
+    async fn run(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<ProcessOutcome, RunError> {
+        let image = self
+            .images
+            .ensure(&spec.platform, self, false, cancel)
+            .await?;
+        let params = RunParameters::new(spec, limits, &image, self.bridge)?;
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&params.name)
+            .build();
+        let created = self
+            .client
+            .create_container(Some(options), Docker::create_body(&params))
+            .await
+            .map_err(|e| {
+                RunError::Internal(format!(
+                    "docker: creating a container of {}: {}",
+                    image.image,
+                    daemon_error(&e, None)
+                ))
+            })?;
+        let client = self.client.clone();
+        let id = created.id.clone();
+        let guard = RemovalGuard::new(move || {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = client.remove_container(&id, Some(force_remove())).await;
+                });
+            }
+        });
+        let mut container = DockerContainer {
+            client: self.client.clone(),
+            id: created.id,
+        };
+
+        // Attached before the start, so no output is missed.
+        let attach = AttachContainerOptionsBuilder::default()
+            .stream(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        let attached = self
+            .client
+            .attach_container(&container.id, Some(attach))
+            .await
+            .map_err(|e| {
+                RunError::Internal(format!(
+                    "docker: attaching to container {}: {}",
+                    container.id,
+                    daemon_error(&e, None)
+                ))
+            })?;
+        let copy = tokio::spawn(copy_output(
+            attached.output,
+            spec.stdout_path.clone(),
+            spec.stderr_path.clone(),
+        ));
+        if let Err(error) = self.client.start_container(&container.id, None).await {
+            let message = daemon_error(&error, None);
+            container.remove().await?;
+            guard.disarm();
+            let _ = copy.await;
+            // The daemon could not start the command (not found, not
+            // executable): the action's failure, reported like a shell would.
+            let (exit_code, what) = if message.contains("no such file or directory")
+                || message.contains("executable file not found")
+            {
+                (
+                    kiln_executor::process::EXIT_COMMAND_NOT_FOUND,
+                    "command not found",
+                )
+            } else if message.contains("permission denied") {
+                (
+                    kiln_executor::process::EXIT_CANNOT_EXECUTE,
+                    "permission denied",
+                )
+            } else {
+                return Err(RunError::Internal(format!(
+                    "docker: starting container {}: {message}",
+                    params.name
+                )));
+            };
+            kiln_executor::process::write_stderr(
+                &spec.stderr_path,
+                &format!("kiln: {}: {what} ({message})\n", params.command[0]),
+            )?;
+            return Ok(ProcessOutcome {
+                exit_code,
+                signal: None,
+                stopped: None,
+                memory_exceeded: false,
+            });
+        }
+        let outcome = supervise(
+            &mut container,
+            limits,
+            RunParameters::grace_seconds(limits),
+            cancel,
+        )
+        .await;
+        if outcome.is_ok() {
+            // supervise removed it; on an error the guard does.
+            guard.disarm();
+        }
+        match copy.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(error) => {
+                return Err(RunError::Internal(format!(
+                    "docker: copying the output of container {}: {error}",
+                    params.name
+                )))
+            }
+        }
+        outcome
+    }
+}

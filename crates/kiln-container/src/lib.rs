@@ -1,0 +1,24 @@
+//! Kiln's container isolation backends, `docker` and `podman`: each action
+//! runs as the command of a fresh container of its `container-image`, with
+//! the workspace bind-mounted at the same path. What the two share is
+//! written once:
+//!
+//! - [`image`]: resolving an image to its digest with the action's
+//!   credentials, and the metadata of the local image cache (one pull per
+//!   digest, pulls in `prepare` before the action's clock starts);
+//! - [`params`]: platform properties and limits → container parameters;
+//! - [`supervise`]: the wait / stop-with-grace / OOM / remove sequence.
+//!
+//! [`docker`] drives the Docker Engine API with bollard; [`podman`] drives
+//! the podman CLI. Both implement [`kiln_executor::Isolation`].
+#![forbid(unsafe_code)]
+
+pub mod docker;
+pub mod image;
+pub mod params;
+pub mod podman;
+pub mod supervise;
+
+pub use docker::{Docker, DockerConfig};
+pub use image::{ImageConfig, Images, ResolvedImage};
+pub use podman::{Podman, PodmanConfig};

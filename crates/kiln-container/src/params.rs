@@ -1,0 +1,189 @@
+//! From an action to the parameters of one container, written once for
+//! both runtimes: the command (the image's `CMD` replaced, its `ENTRYPOINT`
+//! kept), environment, workspace bind mount, user, init, network and
+//! resource limits. Each runtime only spells these its own way.
+
+use std::path::PathBuf;
+
+use kiln_executor::{CommandSpec, Limits, RunError};
+use kiln_platform::{DockerNetwork, DockerUser};
+
+use crate::image::ResolvedImage;
+
+/// The label every container Kiln starts carries, so leftovers can be found.
+pub const LABEL_KEY: &str = "kiln.action";
+pub const LABEL_VALUE: &str = "1";
+
+/// The network a container gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// Loopback only (`dockerNetwork=off`).
+    None,
+    /// The runtime's default bridge (`dockerNetwork=bridge`).
+    Bridge,
+}
+
+/// Everything a runtime needs to create one action's container.
+#[derive(Debug, Clone)]
+pub struct RunParameters {
+    /// `kiln-<uuid>`: unique, and recognizable in `docker ps`.
+    pub name: String,
+    /// `registry/repository@digest`.
+    pub image: String,
+    /// The container's command: the action's arguments.
+    pub command: Vec<String>,
+    /// `NAME=VALUE`, exactly the Command's.
+    pub environment: Vec<String>,
+    /// The workspace, mounted read-write at the same absolute path.
+    pub workspace: PathBuf,
+    pub working_directory: PathBuf,
+    /// `dockerUser` as given, `0:0` with `dockerRunAsRoot`, else the image's.
+    pub user: Option<String>,
+    pub init: bool,
+    pub network: Network,
+    pub memory_bytes: Option<u64>,
+    /// CPU quota in billionths of a core (`nano_cpus`).
+    pub nano_cpus: Option<u64>,
+    pub pids_max: Option<u64>,
+}
+
+impl RunParameters {
+    /// The parameters of `spec` run in `image` under `limits`; `bridge`
+    /// says whether the runtime has a bridge network (without one, a
+    /// `dockerNetwork=bridge` action runs without network).
+    pub fn new(
+        spec: &CommandSpec,
+        limits: &Limits,
+        image: &ResolvedImage,
+        bridge: bool,
+    ) -> Result<RunParameters, RunError> {
+        let platform = &spec.platform;
+        let user = if platform.docker_run_as_root {
+            Some("0:0".to_string())
+        } else {
+            platform.docker_user.as_ref().map(|user| match user {
+                DockerUser::Name(name) => name.clone(),
+                DockerUser::Uid(uid) => uid.to_string(),
+                DockerUser::UidGid(uid, gid) => format!("{uid}:{gid}"),
+            })
+        };
+        let network = match platform.docker_network {
+            DockerNetwork::Off => Network::None,
+            DockerNetwork::Bridge if bridge => Network::Bridge,
+            DockerNetwork::Bridge => {
+                tracing::debug!(
+                    "no bridge network: running a dockerNetwork=bridge action without network"
+                );
+                Network::None
+            }
+        };
+        for path in [&spec.workspace, &spec.working_directory] {
+            if path.to_str().is_none_or(|p| p.contains([',', ':'])) {
+                return Err(RunError::Internal(format!(
+                    "the workspace path {} cannot be mounted into a container (it must be UTF-8 without ',' or ':')",
+                    path.display()
+                )));
+            }
+        }
+        Ok(RunParameters {
+            name: format!("kiln-{}", uuid::Uuid::new_v4().simple()),
+            image: image.pinned(),
+            command: spec.arguments.clone(),
+            environment: spec
+                .environment_variables
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect(),
+            workspace: spec.workspace.clone(),
+            working_directory: spec.working_directory.clone(),
+            user,
+            init: platform.docker_init,
+            network,
+            memory_bytes: limits.memory_bytes,
+            nano_cpus: limits.cpu_millis.map(|millis| millis * 1_000_000),
+            pids_max: limits.pids_max,
+        })
+    }
+
+    /// The stop grace in whole seconds, rounded up (what both runtimes take).
+    pub fn grace_seconds(limits: &Limits) -> u64 {
+        limits.grace.as_millis().div_ceil(1000) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use kiln_platform::{ContainerImage, ImageReference, Platform};
+
+    fn spec(platform: Platform) -> CommandSpec {
+        CommandSpec {
+            arguments: vec!["id".into(), "-u".into()],
+            environment_variables: vec![("A".into(), "b=c".into())],
+            workspace: "/work/x/workspace".into(),
+            working_directory: "/work/x/workspace/sub".into(),
+            stdout_path: "/work/x/io/stdout".into(),
+            stderr_path: "/work/x/io/stderr".into(),
+            platform: Arc::new(platform),
+        }
+    }
+
+    fn image() -> ResolvedImage {
+        ResolvedImage {
+            image: ContainerImage {
+                registry: "127.0.0.1:5000".into(),
+                repository: "kiln-test/base".into(),
+                reference: ImageReference::Tag("latest".into()),
+            },
+            digest: format!("sha256:{}", "a".repeat(64)),
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        timeout: Duration::from_secs(5),
+        grace: Duration::from_millis(1500),
+        memory_bytes: Some(64 << 20),
+        cpu_millis: Some(500),
+        pids_max: Some(100),
+    };
+
+    #[test]
+    fn platform_properties_become_container_parameters() {
+        let mut platform = Platform::default();
+        platform.docker_user = Some(DockerUser::UidGid(1000, 100));
+        platform.docker_init = true;
+        platform.docker_network = DockerNetwork::Off;
+        let params = RunParameters::new(&spec(platform), &LIMITS, &image(), true).unwrap();
+        assert!(params.name.starts_with("kiln-"));
+        assert_eq!(
+            params.image,
+            format!("127.0.0.1:5000/kiln-test/base@sha256:{}", "a".repeat(64))
+        );
+        assert_eq!(params.command, ["id", "-u"]);
+        assert_eq!(params.environment, ["A=b=c"]);
+        assert_eq!(params.user.as_deref(), Some("1000:100"));
+        assert!(params.init);
+        assert_eq!(params.network, Network::None);
+        assert_eq!(params.nano_cpus, Some(500_000_000));
+        assert_eq!(RunParameters::grace_seconds(&LIMITS), 2);
+    }
+
+    #[test]
+    fn run_as_root_wins_and_bridge_falls_back_to_none() {
+        let mut platform = Platform::default();
+        platform.docker_user = Some(DockerUser::Name("builder".into()));
+        platform.docker_run_as_root = true;
+        let with_bridge =
+            RunParameters::new(&spec(platform.clone()), &LIMITS, &image(), true).unwrap();
+        assert_eq!(with_bridge.user.as_deref(), Some("0:0"));
+        assert_eq!(with_bridge.network, Network::Bridge);
+        let without = RunParameters::new(&spec(platform), &LIMITS, &image(), false).unwrap();
+        assert_eq!(without.network, Network::None);
+        let default =
+            RunParameters::new(&spec(Platform::default()), &LIMITS, &image(), true).unwrap();
+        assert_eq!(default.user, None);
+    }
+}

@@ -1,0 +1,547 @@
+//! `workload-isolation-type=podman`: each action in a fresh container of
+//! its image, run by the `podman` CLI in the foreground with the action's
+//! output files as its stdout and stderr (no terminal, nothing buffered
+//! here). Credentials reach `podman pull` in a private temporary authfile,
+//! never on a command line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use kiln_executor::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError};
+use kiln_platform::{Platform, RegistryCredentials};
+use std::io::Write as _;
+
+use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
+use crate::params::{Network, RunParameters, LABEL_KEY, LABEL_VALUE};
+use crate::supervise::{supervise, Container, RemovalGuard};
+
+/// How the `podman` backend finds its CLI and resolves images.
+#[derive(Debug, Clone)]
+pub struct PodmanConfig {
+    /// The `podman` binary (looked up in `PATH` when it has no `/`).
+    pub binary: PathBuf,
+    /// Images: default image, insecure registries, resolution TTL.
+    pub images: ImageConfig,
+    /// At probe, remove containers a previous executor left behind (those
+    /// labelled `kiln.action=1`). Turn off when several executors share
+    /// podman's store.
+    pub remove_leftovers: bool,
+}
+
+impl Default for PodmanConfig {
+    fn default() -> PodmanConfig {
+        PodmanConfig {
+            binary: "podman".into(),
+            images: ImageConfig::default(),
+            remove_leftovers: true,
+        }
+    }
+}
+
+/// The `podman` isolation backend.
+pub struct Podman {
+    binary: PathBuf,
+    images: Images,
+    /// Whether podman's default network is there (`--network=bridge`).
+    bridge: bool,
+    /// How an OOM kill is told apart from any other SIGKILL.
+    oom_check: OomCheck,
+}
+
+/// How the backend learns that the kernel killed an action for memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OomCheck {
+    /// `podman inspect` (conmon watches the container's cgroup): the
+    /// container must outlive its exit, so no `--rm`.
+    Inspect,
+    /// cgroup v1 with podman managing cgroups itself, where conmon misses
+    /// OOM kills: the container runs under a parent cgroup of Kiln's
+    /// (`/sys/fs/cgroup/memory/kiln/<name>`), which survives the
+    /// container; a SIGKILL while that parent's peak usage reached the
+    /// limit was the OOM killer.
+    CgroupV1Peak,
+}
+
+/// Where `OomCheck::CgroupV1Peak` puts each action's parent cgroup.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const CGROUP_PARENT: &str = "kiln";
+
+impl Podman {
+    /// Checks the CLI answers (`podman version`, then `podman info` for its
+    /// OCI runtime); a human reason when it cannot run containers.
+    pub async fn probe(config: PodmanConfig) -> Result<Podman, String> {
+        let binary = config.binary.clone();
+        let shown = binary.display().to_string();
+        let images = Images::new("podman", config.images).map_err(|e| format!("podman: {e}"))?;
+        let podman = Podman {
+            binary,
+            images,
+            bridge: false,
+            oom_check: OomCheck::Inspect,
+        };
+        let version = podman
+            .output(&["version", "--format", "{{.Client.Version}}"])
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => format!("podman: no binary {shown}"),
+                _ => format!("podman: cannot run {shown}: {e}"),
+            })?;
+        if !version.status.success() {
+            return Err(format!(
+                "podman: `{shown} version` failed: {}",
+                String::from_utf8_lossy(&version.stderr).trim()
+            ));
+        }
+        let info = podman
+            .output(&[
+                "info",
+                "--format",
+                "{{.Host.OCIRuntime.Name}} {{.Host.CgroupsVersion}} {{.Host.CgroupManager}}",
+            ])
+            .await
+            .map_err(|e| format!("podman: cannot run {shown} info: {e}"))?;
+        if !info.status.success() {
+            return Err(format!(
+                "podman: `{shown} info` failed: {}",
+                String::from_utf8_lossy(&info.stderr).trim()
+            ));
+        }
+        let bridge = podman
+            .output(&["network", "exists", "podman"])
+            .await
+            .is_ok_and(|o| o.status.success());
+        if !bridge {
+            tracing::warn!(
+                binary = shown,
+                "podman has no default network: dockerNetwork=bridge actions run without network"
+            );
+        }
+        let info_text = String::from_utf8_lossy(&info.stdout).to_string();
+        let mut fields = info_text.split_whitespace();
+        let runtime = fields.next().unwrap_or_default().to_string();
+        let oom_check = match (fields.next(), fields.next()) {
+            (Some("v1"), Some("cgroupfs")) if Path::new(CGROUP_ROOT).join("memory").is_dir() => {
+                OomCheck::CgroupV1Peak
+            }
+            _ => OomCheck::Inspect,
+        };
+        let podman = Podman {
+            bridge,
+            oom_check,
+            ..podman
+        };
+        if config.remove_leftovers {
+            podman.remove_leftovers().await?;
+        }
+        tracing::info!(
+            binary = shown,
+            version = %String::from_utf8_lossy(&version.stdout).trim(),
+            runtime,
+            ?oom_check,
+            "podman isolation available"
+        );
+        Ok(podman)
+    }
+
+    /// The image metadata this backend keeps.
+    pub fn images(&self) -> &Images {
+        &self.images
+    }
+
+    fn command(&self) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(&self.binary);
+        command.stdin(Stdio::null()).kill_on_drop(true);
+        command
+    }
+
+    async fn output(&self, args: &[&str]) -> std::io::Result<Output> {
+        self.command().args(args).output().await
+    }
+
+    /// Runs podman with `args`; its output, or an error naming `what`.
+    async fn checked(&self, args: &[&str], what: &str) -> Result<Output, RunError> {
+        let output = self
+            .output(args)
+            .await
+            .map_err(|e| RunError::Internal(format!("podman: {what}: {e}")))?;
+        if !output.status.success() {
+            return Err(RunError::Internal(format!(
+                "podman: {what}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(output)
+    }
+
+    async fn remove_leftovers(&self) -> Result<(), String> {
+        let filter = format!("label={LABEL_KEY}={LABEL_VALUE}");
+        let listed = self
+            .checked(
+                &["ps", "-a", "-q", "--filter", &filter],
+                "listing containers",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&listed.stdout).to_string();
+        let ids: Vec<&str> = text.split_whitespace().collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(?ids, "removing leftover containers");
+        let mut args = vec!["rm", "-f", "-t", "0", "--ignore"];
+        args.extend(ids);
+        if let Err(error) = self.checked(&args, "removing leftover containers").await {
+            tracing::warn!(%error, "could not remove leftover containers");
+        }
+        Ok(())
+    }
+
+    fn run_arguments(
+        params: &RunParameters,
+        auto_remove: bool,
+        cgroup_parent: Option<&str>,
+    ) -> Vec<String> {
+        let workspace = params.workspace.display();
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            format!("--name={}", params.name),
+            format!("--label={LABEL_KEY}={LABEL_VALUE}"),
+            // Prepare pulled it, with the action's credentials.
+            "--pull=never".into(),
+            format!("--volume={workspace}:{workspace}:rw"),
+            format!("--workdir={}", params.working_directory.display()),
+            // Output goes straight to the files; no second copy in a log.
+            "--log-driver=none".into(),
+            format!(
+                "--network={}",
+                match params.network {
+                    Network::None => "none",
+                    Network::Bridge => "bridge",
+                }
+            ),
+        ];
+        if auto_remove {
+            args.push("--rm".into());
+        }
+        if let Some(parent) = cgroup_parent {
+            args.push(format!("--cgroup-parent={parent}"));
+        }
+        args.extend(params.environment.iter().map(|e| format!("--env={e}")));
+        if let Some(user) = &params.user {
+            args.push(format!("--user={user}"));
+        }
+        if params.init {
+            args.push("--init".into());
+        }
+        if let Some(memory) = params.memory_bytes {
+            args.push(format!("--memory={memory}b"));
+            // Equal to the memory limit: no swap on top of it.
+            args.push(format!("--memory-swap={memory}b"));
+        }
+        if let Some(nano) = params.nano_cpus {
+            let millis = nano / 1_000_000;
+            args.push(format!("--cpus={}.{:03}", millis / 1000, millis % 1000));
+        }
+        if let Some(pids) = params.pids_max {
+            args.push(format!("--pids-limit={pids}"));
+        }
+        args.push(params.image.clone());
+        args.extend(params.command.iter().cloned());
+        args
+    }
+}
+
+#[async_trait]
+impl ImageStore for Podman {
+    async fn has_image(&self, pinned: &str) -> Result<bool, RunError> {
+        let output = self
+            .output(&["image", "exists", pinned])
+            .await
+            .map_err(|e| RunError::Internal(format!("podman: looking up image {pinned}: {e}")))?;
+        match output.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(RunError::Internal(format!(
+                "podman: looking up image {pinned}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))),
+        }
+    }
+
+    async fn pull_image(
+        &self,
+        image: &ResolvedImage,
+        credentials: Option<&RegistryCredentials>,
+        insecure: bool,
+    ) -> Result<(), RunError> {
+        // Always an authfile of our own: with no credentials an empty one,
+        // so credentials podman may have stored never stand in.
+        let authfile = write_authfile(&image.image.registry, credentials)?;
+        let authfile_path = authfile.path().display().to_string();
+        let pinned = image.pinned();
+        let mut args = vec!["pull", "-q", "--authfile", &authfile_path];
+        if insecure {
+            args.push("--tls-verify=false");
+        }
+        args.push(&pinned);
+        let output = self.output(&args).await.map_err(|e| {
+            RunError::Internal(format!("podman: pulling image {}: {e}", image.image))
+        })?;
+        drop(authfile);
+        if output.status.success() {
+            return Ok(());
+        }
+        let message = redact(String::from_utf8_lossy(&output.stderr).trim(), credentials);
+        Err(pull_error("podman", image, &message))
+    }
+}
+
+/// A containers-auth.json holding `credentials` for `registry`, in a file
+/// only root can read, deleted when dropped.
+fn write_authfile(
+    registry: &str,
+    credentials: Option<&RegistryCredentials>,
+) -> Result<tempfile::NamedTempFile, RunError> {
+    let auths = match credentials {
+        Some(c) => {
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                c.username,
+                c.password.expose()
+            ));
+            serde_json::json!({ registry: { "auth": auth } })
+        }
+        None => serde_json::json!({}),
+    };
+    let content = serde_json::json!({ "auths": auths }).to_string();
+    // NamedTempFile creates it with mode 0600.
+    let mut file = tempfile::Builder::new()
+        .prefix("kiln-podman-auth-")
+        .suffix(".json")
+        .tempfile()
+        .map_err(|e| RunError::Internal(format!("podman: creating an authfile: {e}")))?;
+    file.write_all(content.as_bytes())
+        .and_then(|()| file.flush())
+        .map_err(|e| RunError::Internal(format!("podman: writing an authfile: {e}")))?;
+    Ok(file)
+}
+
+/// One action's `podman run`, in the foreground.
+struct PodmanContainer {
+    binary: PathBuf,
+    name: String,
+    child: tokio::process::Child,
+    /// Started with `--rm`: podman removes it once it exits by itself.
+    auto_remove: bool,
+    exited: bool,
+    stopped: bool,
+    /// The memory limit and Kiln's parent cgroup (`kiln/<name>`), under
+    /// [`OomCheck::CgroupV1Peak`].
+    cgroup_peak: Option<(u64, String)>,
+}
+
+/// Removes the parent cgroup `relative` (and the `conmon` group podman puts
+/// in it) from every v1 hierarchy; a group still in use stays.
+fn remove_cgroup(relative: &str) {
+    let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) else {
+        return;
+    };
+    for hierarchy in hierarchies.flatten() {
+        let dir = hierarchy.path().join(relative);
+        let _ = std::fs::remove_dir(dir.join("conmon"));
+        if let Err(error) = std::fs::remove_dir(&dir) {
+            if error.kind() != std::io::ErrorKind::NotFound {
+                tracing::debug!(dir = %dir.display(), %error, "could not remove a cgroup");
+            }
+        }
+    }
+}
+
+impl PodmanContainer {
+    async fn podman(&self, args: &[&str]) -> Result<Output, RunError> {
+        tokio::process::Command::new(&self.binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| RunError::Internal(format!("podman {}: {e}", args[0])))
+    }
+}
+
+#[async_trait]
+impl Container for PodmanContainer {
+    async fn wait(&mut self) -> Result<i64, RunError> {
+        let status = self.child.wait().await.map_err(|e| {
+            RunError::Internal(format!("podman: waiting for container {}: {e}", self.name))
+        })?;
+        self.exited = true;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(match (status.code(), status.signal()) {
+            (Some(code), _) => i64::from(code),
+            (None, Some(signal)) => 128 + i64::from(signal),
+            (None, None) => -1,
+        })
+    }
+
+    async fn stop(&mut self, grace_seconds: u64) -> Result<(), RunError> {
+        self.stopped = true;
+        let grace = grace_seconds.to_string();
+        let output = self
+            .podman(&["stop", "--ignore", "-t", &grace, &self.name])
+            .await?;
+        if !output.status.success() {
+            return Err(RunError::Internal(format!(
+                "podman: stopping container {}: {}",
+                self.name,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn oom_killed(&mut self) -> Result<bool, RunError> {
+        if let Some((limit, relative)) = &self.cgroup_peak {
+            let peak_file = Path::new(CGROUP_ROOT)
+                .join("memory")
+                .join(relative)
+                .join("memory.max_usage_in_bytes");
+            let peak = std::fs::read_to_string(&peak_file)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            return Ok(peak >= *limit);
+        }
+        let output = self
+            .podman(&["inspect", "--format", "{{.State.OOMKilled}}", &self.name])
+            .await?;
+        if !output.status.success() {
+            return Err(RunError::Internal(format!(
+                "podman: inspecting container {}: {}",
+                self.name,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim() == "true")
+    }
+
+    async fn remove(&mut self) -> Result<(), RunError> {
+        if !(self.auto_remove && self.exited && !self.stopped) {
+            let output = self
+                .podman(&["rm", "-f", "-t", "0", "--ignore", &self.name])
+                .await?;
+            if !output.status.success() {
+                return Err(RunError::Internal(format!(
+                    "podman: removing container {}: {}",
+                    self.name,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )));
+            }
+        }
+        if let Some((_, relative)) = &self.cgroup_peak {
+            remove_cgroup(relative);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Isolation for Podman {
+    fn name(&self) -> &'static str {
+        "podman"
+    }
+
+    async fn prepare(
+        &self,
+        platform: &Platform,
+        cancel: &CancellationToken,
+    ) -> Result<(), RunError> {
+        self.images
+            .ensure(platform, self, true, cancel)
+            .await
+            .map(|_| ())
+    }
+
+    async fn run(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<ProcessOutcome, RunError> {
+        let image = self
+            .images
+            .ensure(&spec.platform, self, false, cancel)
+            .await?;
+        let params = RunParameters::new(spec, limits, &image, self.bridge)?;
+        // `--rm` saves a `podman rm` (a third of a trivial action's time);
+        // only telling an OOM kill by `podman inspect` needs the container
+        // to outlive its exit.
+        let cgroup_peak = match (params.memory_bytes, self.oom_check) {
+            (Some(limit), OomCheck::CgroupV1Peak) => {
+                Some((limit, format!("{CGROUP_PARENT}/{}", params.name)))
+            }
+            _ => None,
+        };
+        let auto_remove = params.memory_bytes.is_none() || cgroup_peak.is_some();
+        let (stdout, stderr) =
+            kiln_executor::process::output_stdio(&spec.stdout_path, &spec.stderr_path)?;
+        let child = self
+            .command()
+            .args(Podman::run_arguments(
+                &params,
+                auto_remove,
+                cgroup_peak
+                    .as_ref()
+                    .map(|(_, relative)| format!("/{relative}"))
+                    .as_deref(),
+            ))
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| {
+                RunError::Internal(format!("podman: starting {}: {e}", self.binary.display()))
+            })?;
+        let binary = self.binary.clone();
+        let name = params.name.clone();
+        let cgroup = cgroup_peak.as_ref().map(|(_, relative)| relative.clone());
+        let guard = RemovalGuard::new(move || {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = tokio::process::Command::new(binary)
+                        .args(["rm", "-f", "-t", "0", "--ignore", &name])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .await;
+                    if let Some(relative) = cgroup {
+                        remove_cgroup(&relative);
+                    }
+                });
+            }
+        });
+        let mut container = PodmanContainer {
+            binary: self.binary.clone(),
+            name: params.name.clone(),
+            child,
+            auto_remove,
+            exited: false,
+            stopped: false,
+            cgroup_peak,
+        };
+        let outcome = supervise(
+            &mut container,
+            limits,
+            RunParameters::grace_seconds(limits),
+            cancel,
+        )
+        .await;
+        if outcome.is_ok() {
+            // supervise removed it; on an error the guard does.
+            guard.disarm();
+        }
+        outcome
+    }
+}

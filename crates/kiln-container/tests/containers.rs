@@ -1,0 +1,924 @@
+//! End-to-end tests of the `docker` and `podman` backends against the real
+//! dockerd, podman and the two local registries, with the images
+//! `tests/images/build.sh` builds (run once per test process). Each case
+//! runs for both runtimes. Without the services a test prints
+//! `skipped: <reason>` and passes: `scripts/services.sh start` brings them up.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kiln_container::image::{ImageStore, Images};
+use kiln_container::{Docker, DockerConfig, ImageConfig, Podman, PodmanConfig, ResolvedImage};
+use kiln_executor::{
+    CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError, StopReason,
+};
+use kiln_platform::{Platform, PropertySources, RegistryCredentials};
+
+const BASE: &str = "127.0.0.1:5000/kiln-test/base:latest";
+const NONROOT: &str = "127.0.0.1:5000/kiln-test/nonroot:latest";
+const ENTRYPOINT: &str = "127.0.0.1:5000/kiln-test/entrypoint:latest";
+const PRIVATE: &str = "127.0.0.1:5001/kiln-test/private:latest";
+const USER: &str = "kiln";
+const PASSWORD: &str = "Kiln-Test-Secret-7f3a9c";
+
+/// One runtime for the whole process: the backends (and bollard's
+/// connection pool) live as long as it.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+struct Services {
+    /// `image:tag` → `image@sha256:…`, from build.sh's output.
+    pinned: HashMap<String, String>,
+    docker: Result<Arc<Docker>, String>,
+    podman: Result<Arc<Podman>, String>,
+}
+
+/// Builds the images once and probes both backends once (the probe removes
+/// leftover kiln containers, so only one may run per process).
+fn services() -> Result<&'static Services, String> {
+    static SERVICES: OnceLock<Result<Services, String>> = OnceLock::new();
+    SERVICES
+        .get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/images/build.sh");
+            let script = std::env::var_os("KILN_TEST_IMAGES_SCRIPT")
+                .map(PathBuf::from)
+                .unwrap_or(script);
+            let built = std::process::Command::new("bash")
+                .arg(&script)
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            if !built.status.success() {
+                return Err(format!(
+                    "{} failed (are dockerd, podman and the registries up? scripts/services.sh start): {}",
+                    script.display(),
+                    String::from_utf8_lossy(&built.stderr).trim()
+                ));
+            }
+            let pinned = String::from_utf8_lossy(&built.stdout)
+                .lines()
+                .filter_map(|line| {
+                    let (name, digest) = line.split_once('@')?;
+                    Some((name.to_string(), format!("{}@{digest}", name.rsplit_once(':')?.0)))
+                })
+                .collect();
+            let (docker, podman) = runtime().block_on(async {
+                tokio::join!(
+                    Docker::probe(DockerConfig::default()),
+                    Podman::probe(PodmanConfig::default())
+                )
+            });
+            Ok(Services {
+                pinned,
+                docker: docker.map(Arc::new),
+                podman: podman.map(Arc::new),
+            })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The backends to run a case with; prints why one is skipped.
+fn backends(test: &str) -> Vec<Arc<dyn Isolation>> {
+    let services = match services() {
+        Ok(services) => services,
+        Err(reason) => {
+            eprintln!("skipped: {test}: {reason}");
+            return Vec::new();
+        }
+    };
+    let mut found: Vec<Arc<dyn Isolation>> = Vec::new();
+    match &services.docker {
+        Ok(docker) => found.push(docker.clone()),
+        Err(reason) => eprintln!("skipped: {test} with docker: {reason}"),
+    }
+    match &services.podman {
+        Ok(podman) => found.push(podman.clone()),
+        Err(reason) => eprintln!("skipped: {test} with podman: {reason}"),
+    }
+    found
+}
+
+fn platform(properties: &[(&str, &str)]) -> Platform {
+    let properties: Vec<(String, String)> = properties
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Platform::parse(&PropertySources {
+        action: &properties,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn limits() -> Limits {
+    Limits {
+        timeout: Duration::from_secs(600),
+        grace: Duration::from_secs(1),
+        memory_bytes: None,
+        cpu_millis: Some(1000),
+        pids_max: Some(1000),
+    }
+}
+
+/// One action's directories, as the runner lays them out.
+struct Action {
+    /// Holds the directories until the action is dropped.
+    _dir: tempfile::TempDir,
+    spec: CommandSpec,
+}
+
+impl Action {
+    fn new(platform: Platform, arguments: &[&str]) -> Action {
+        let dir = tempfile::tempdir().unwrap();
+        let workspace = dir.path().join("workspace");
+        let io = dir.path().join("io");
+        std::fs::create_dir(&workspace).unwrap();
+        std::fs::create_dir(&io).unwrap();
+        // The runner's modes: 0777 with nonroot-workspace, else 0755.
+        let mode = if platform.nonroot_workspace {
+            0o777
+        } else {
+            0o755
+        };
+        std::fs::set_permissions(&workspace, std::fs::Permissions::from_mode(mode)).unwrap();
+        Action {
+            spec: CommandSpec {
+                arguments: arguments.iter().map(|a| a.to_string()).collect(),
+                environment_variables: vec![
+                    ("PATH".into(), "/usr/bin:/bin".into()),
+                    ("KILN_TEST".into(), "from the command".into()),
+                ],
+                working_directory: workspace.clone(),
+                workspace,
+                stdout_path: io.join("stdout"),
+                stderr_path: io.join("stderr"),
+                platform: Arc::new(platform),
+            },
+            _dir: dir,
+        }
+    }
+
+    fn workspace(&self) -> &Path {
+        &self.spec.workspace
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.spec.stdout_path).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.spec.stderr_path).unwrap_or_default()
+    }
+
+    /// Prepares (the pull) and runs it as the runner does.
+    async fn run(
+        &self,
+        backend: &dyn Isolation,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<ProcessOutcome, RunError> {
+        backend.prepare(&self.spec.platform, cancel).await?;
+        backend.run(&self.spec, limits, cancel).await
+    }
+}
+
+/// Runs `arguments` in `image` with `properties` on `backend`.
+async fn run(
+    backend: &dyn Isolation,
+    image: &str,
+    properties: &[(&str, &str)],
+    arguments: &[&str],
+) -> (ProcessOutcome, Action) {
+    let mut all = vec![("container-image", image)];
+    all.extend_from_slice(properties);
+    let action = Action::new(platform(&all), arguments);
+    let outcome = action
+        .run(backend, &limits(), &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", backend.name()));
+    (outcome, action)
+}
+
+fn cli(runtime: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(runtime)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Containers of either runtime whose id starts with `id`.
+fn containers_with_id(runtime: &str, id: &str) -> String {
+    let output = cli(
+        runtime,
+        &["ps", "-a", "-q", "--filter", "label=kiln.action=1"],
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with(id) || id.starts_with(line.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn the_action_runs_in_the_image_with_its_arguments_and_environment() {
+    for backend in backends("runs_in_the_image") {
+        runtime().block_on(async {
+            let script =
+                "test -e /bin/busybox && test ! -e /etc/os-release && echo \"out $KILN_TEST\" \
+                          && echo err >&2 && env > env.txt; exit 3";
+            let (outcome, action) = run(&*backend, BASE, &[], &["sh", "-c", script]).await;
+            let name = backend.name();
+            assert_eq!(outcome.exit_code, 3, "{name}: {}", action.stderr());
+            assert_eq!(action.stdout(), "out from the command\n", "{name}");
+            assert_eq!(
+                action.stderr(),
+                "err\n",
+                "{name}: the image's CMD must not run"
+            );
+            assert_eq!(outcome.stopped, None);
+            assert!(!outcome.memory_exceeded);
+            let env = std::fs::read_to_string(action.workspace().join("env.txt")).unwrap();
+            assert!(env.contains("KILN_TEST=from the command"), "{name}: {env}");
+            assert!(
+                !env.contains("CARGO"),
+                "{name}: the executor's environment leaked: {env}"
+            );
+        });
+    }
+}
+
+#[test]
+fn an_image_named_by_digest_runs() {
+    for backend in backends("image_by_digest") {
+        runtime().block_on(async {
+            let pinned = services().unwrap().pinned[BASE].clone();
+            let (outcome, action) = run(&*backend, &pinned, &[], &["echo", "pinned"]).await;
+            assert_eq!(
+                outcome.exit_code,
+                0,
+                "{}: {}",
+                backend.name(),
+                action.stderr()
+            );
+            assert_eq!(action.stdout(), "pinned\n");
+        });
+    }
+}
+
+#[test]
+fn the_entrypoint_is_kept_and_receives_the_arguments() {
+    for backend in backends("entrypoint") {
+        runtime().block_on(async {
+            let (outcome, action) =
+                run(&*backend, ENTRYPOINT, &[], &["echo", "hello", "world"]).await;
+            let name = backend.name();
+            assert_eq!(outcome.exit_code, 0, "{name}: {}", action.stderr());
+            assert_eq!(action.stdout(), "hello world\n", "{name}");
+            assert!(
+                action
+                    .stderr()
+                    .contains("entrypoint wrapper saw: echo hello world"),
+                "{name}: {}",
+                action.stderr()
+            );
+            assert!(!action.stderr().contains("image CMD ran"), "{name}");
+        });
+    }
+}
+
+#[test]
+fn a_command_that_does_not_exist_exits_127() {
+    for backend in backends("command_not_found") {
+        runtime().block_on(async {
+            let (outcome, action) = run(&*backend, BASE, &[], &["no-such-command"]).await;
+            assert_eq!(
+                outcome.exit_code,
+                127,
+                "{}: {}",
+                backend.name(),
+                action.stderr()
+            );
+            assert!(
+                action.stderr().contains("no-such-command"),
+                "{}",
+                action.stderr()
+            );
+        });
+    }
+}
+
+/// An image, its properties, and what `id -u`:`id -g` prints in it.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn docker_user_and_run_as_root_choose_the_user() {
+    for backend in backends("docker_user") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let cases: [Case; 6] = [
+                (BASE, &[], "0:0"),
+                // The image's /etc/passwd gives uid 1000 (builder) group 1000.
+                (BASE, &[("dockerUser", "1000")], "1000:1000"),
+                (BASE, &[("dockerUser", "1000:1000")], "1000:1000"),
+                (BASE, &[("dockerUser", "builder")], "1000:1000"),
+                (NONROOT, &[], "1000:1000"),
+                (NONROOT, &[("dockerRunAsRoot", "true")], "0:0"),
+            ];
+            for (image, properties, expected) in cases {
+                let (outcome, action) = run(
+                    &*backend,
+                    image,
+                    properties,
+                    &["sh", "-c", "echo $(id -u):$(id -g)"],
+                )
+                .await;
+                assert_eq!(
+                    outcome.exit_code,
+                    0,
+                    "{name} {properties:?}: {}",
+                    action.stderr()
+                );
+                assert_eq!(
+                    action.stdout().trim(),
+                    expected,
+                    "{name} {image} {properties:?}"
+                );
+            }
+        });
+    }
+}
+
+#[test]
+fn a_nonroot_user_writes_the_workspace_only_with_nonroot_workspace() {
+    for backend in backends("nonroot_workspace") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let write = ["sh", "-c", "echo written > made-by-user"];
+            let (outcome, action) = run(&*backend, NONROOT, &[], &write).await;
+            assert_ne!(
+                outcome.exit_code, 0,
+                "{name}: a 0755 root workspace must not be writable"
+            );
+            assert!(!action.workspace().join("made-by-user").exists());
+
+            let (outcome, action) =
+                run(&*backend, NONROOT, &[("nonroot-workspace", "true")], &write).await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {}", action.stderr());
+            let written = std::fs::read_to_string(action.workspace().join("made-by-user")).unwrap();
+            assert_eq!(written, "written\n");
+        });
+    }
+}
+
+#[test]
+fn outputs_appear_in_the_workspace_on_the_host_and_the_working_directory_is_set() {
+    for backend in backends("outputs") {
+        runtime().block_on(async {
+            let mut action = Action::new(
+                platform(&[("container-image", BASE)]),
+                &[
+                    "sh",
+                    "-c",
+                    "pwd > where; mkdir -p ../out/dir && echo data > ../out/dir/file",
+                ],
+            );
+            std::fs::write(action.workspace().join("input.txt"), "input").unwrap();
+            let sub = action.workspace().join("sub");
+            std::fs::create_dir(&sub).unwrap();
+            action.spec.working_directory = sub.clone();
+            let outcome = action
+                .run(&*backend, &limits(), &CancellationToken::new())
+                .await
+                .unwrap();
+            assert_eq!(
+                outcome.exit_code,
+                0,
+                "{}: {}",
+                backend.name(),
+                action.stderr()
+            );
+            let workspace = action.workspace();
+            assert_eq!(
+                std::fs::read_to_string(sub.join("where")).unwrap().trim(),
+                sub.display().to_string()
+            );
+            assert_eq!(
+                std::fs::read_to_string(workspace.join("out/dir/file")).unwrap(),
+                "data\n"
+            );
+        });
+    }
+}
+
+#[test]
+fn docker_network_off_leaves_only_loopback() {
+    for backend in backends("network") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let list = ["sh", "-c", "ls /sys/class/net | sort | tr '\\n' ' '"];
+            let (outcome, action) = run(&*backend, BASE, &[("dockerNetwork", "off")], &list).await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {}", action.stderr());
+            assert_eq!(action.stdout().trim(), "lo", "{name}");
+
+            let (outcome, action) =
+                run(&*backend, BASE, &[("dockerNetwork", "bridge")], &list).await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {}", action.stderr());
+            assert!(
+                action.stdout().trim().len() > "lo".len(),
+                "{name}: {}",
+                action.stdout()
+            );
+        });
+    }
+}
+
+#[test]
+fn docker_init_makes_an_init_pid_1() {
+    for backend in backends("init") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let comm = ["cat", "/proc/1/comm"];
+            let (outcome, action) = run(&*backend, BASE, &[], &comm).await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {}", action.stderr());
+            assert_eq!(
+                action.stdout().trim(),
+                "cat",
+                "{name}: without init the command is PID 1"
+            );
+
+            let (outcome, action) = run(&*backend, BASE, &[("dockerInit", "true")], &comm).await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {}", action.stderr());
+            let pid1 = action.stdout();
+            assert!(
+                !pid1.trim().is_empty() && pid1.trim() != "cat",
+                "{name}: PID 1 is {pid1:?}"
+            );
+        });
+    }
+}
+
+/// Runs `sleep` until `stop` fires (the action has written its container's
+/// id by then); the container must be stopped and gone.
+async fn stop_case(backend: &dyn Isolation, limits: Limits, cancel_when_started: bool) {
+    let name = backend.name();
+    let action = Action::new(
+        platform(&[("container-image", BASE)]),
+        &[
+            "sh",
+            "-c",
+            "hostname > id.tmp && mv id.tmp id && exec sleep 600",
+        ],
+    );
+    let cancel = CancellationToken::new();
+    let id_file = action.workspace().join("id");
+    let watcher = {
+        let cancel = cancel.clone();
+        let id_file = id_file.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            while !id_file.exists() && started.elapsed() < Duration::from_secs(120) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if cancel_when_started {
+                cancel.cancel();
+            }
+        })
+    };
+    let outcome = action.run(backend, &limits, &cancel).await.unwrap();
+    watcher.abort();
+    let expected = if cancel_when_started {
+        StopReason::Cancelled
+    } else {
+        StopReason::Timeout
+    };
+    assert_eq!(
+        outcome.stopped,
+        Some(expected),
+        "{name}: {}",
+        action.stderr()
+    );
+    let id = std::fs::read_to_string(&id_file).expect("the action started before it was stopped");
+    let left = containers_with_id(name, id.trim());
+    assert!(left.is_empty(), "{name}: container {left} was left behind");
+}
+
+#[test]
+fn a_timeout_stops_and_removes_the_container() {
+    for backend in backends("timeout") {
+        runtime().block_on(async {
+            let limits = Limits {
+                timeout: Duration::from_secs(5),
+                ..limits()
+            };
+            stop_case(&*backend, limits, false).await;
+        });
+    }
+}
+
+#[test]
+fn cancellation_stops_and_removes_the_container() {
+    for backend in backends("cancel") {
+        runtime().block_on(stop_case(&*backend, limits(), true));
+    }
+}
+
+#[test]
+fn exceeding_the_memory_limit_is_reported() {
+    for backend in backends("memory") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let action = Action::new(
+                platform(&[("container-image", BASE)]),
+                &[
+                    "bash",
+                    "-c",
+                    "x=$(head -c 400000000 /dev/zero | tr '\\0' x); echo survived",
+                ],
+            );
+            let limits = Limits {
+                memory_bytes: Some(48 << 20),
+                ..limits()
+            };
+            let outcome = action
+                .run(&*backend, &limits, &CancellationToken::new())
+                .await
+                .unwrap();
+            assert!(
+                outcome.memory_exceeded,
+                "{name}: {outcome:?} {}",
+                action.stderr()
+            );
+            assert_ne!(outcome.exit_code, 0);
+            assert!(!action.stdout().contains("survived"));
+
+            // Under the limit, a failing command is not an OOM kill.
+            let action = Action::new(
+                platform(&[("container-image", BASE)]),
+                &["sh", "-c", "exit 137"],
+            );
+            let outcome = action
+                .run(&*backend, &limits, &CancellationToken::new())
+                .await
+                .unwrap();
+            assert_eq!(outcome.exit_code, 137);
+            assert!(!outcome.memory_exceeded, "{name}");
+        });
+    }
+}
+
+fn expect_error(result: Result<(), RunError>, what: &str) -> RunError {
+    match result {
+        Ok(()) => panic!("{what}: prepared, expected an error"),
+        Err(error) => {
+            let message = error.to_string();
+            assert!(
+                !message.contains(PASSWORD),
+                "{what}: the password leaked: {message}"
+            );
+            assert!(
+                !format!("{error:?}").contains(PASSWORD),
+                "{what}: leaked in Debug"
+            );
+            error
+        }
+    }
+}
+
+#[test]
+fn a_private_image_needs_the_right_credentials_every_time() {
+    for backend in backends("private") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let cancel = CancellationToken::new();
+            let right = [
+                ("container-registry-username", USER),
+                ("container-registry-password", PASSWORD),
+            ];
+            let (outcome, action) = run(&*backend, PRIVATE, &right, &["echo", "private"]).await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {}", action.stderr());
+            assert_eq!(action.stdout(), "private\n");
+
+            // Now local and resolved: wrong or no credentials must still fail.
+            let wrong = platform(&[
+                ("container-image", PRIVATE),
+                ("container-registry-username", USER),
+                ("container-registry-password", "Wrong-Password-1"),
+            ]);
+            let error = expect_error(backend.prepare(&wrong, &cancel).await, "wrong password");
+            let message = error.to_string();
+            assert!(
+                matches!(error, RunError::Unsupported(_)),
+                "{name}: {error:?}"
+            );
+            assert!(
+                message.contains(PRIVATE) && message.contains("127.0.0.1:5001"),
+                "{message}"
+            );
+            assert!(!message.contains("Wrong-Password-1"), "{message}");
+            assert_eq!(
+                tonic::Status::from(error).code(),
+                tonic::Code::FailedPrecondition
+            );
+
+            let anonymous = platform(&[("container-image", PRIVATE)]);
+            let error = expect_error(backend.prepare(&anonymous, &cancel).await, "no credentials");
+            assert!(
+                matches!(error, RunError::Unsupported(_)),
+                "{name}: {error:?}"
+            );
+            assert!(error.to_string().contains(PRIVATE));
+        });
+    }
+    // build.sh: no local copy of the private image may stay behind.
+    if let Ok(services) = services() {
+        if let Some(pinned) = services.pinned.get(PRIVATE) {
+            let _ = cli("docker", &["rmi", pinned]);
+        }
+    }
+}
+
+#[test]
+fn unknown_images_and_unreachable_registries_are_named() {
+    for backend in backends("unknown_image") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let cancel = CancellationToken::new();
+            let unknown = "127.0.0.1:5000/kiln-test/no-such-image:latest";
+            let error = expect_error(
+                backend
+                    .prepare(&platform(&[("container-image", unknown)]), &cancel)
+                    .await,
+                "unknown image",
+            );
+            assert!(
+                matches!(error, RunError::Unsupported(_)),
+                "{name}: {error:?}"
+            );
+            assert!(error.to_string().contains(unknown), "{error}");
+
+            let unreachable = "127.0.0.1:1/kiln-test/base:latest";
+            let error = expect_error(
+                backend
+                    .prepare(
+                        &platform(&[
+                            ("container-image", unreachable),
+                            ("container-registry-username", USER),
+                            ("container-registry-password", PASSWORD),
+                        ]),
+                        &cancel,
+                    )
+                    .await,
+                "unreachable registry",
+            );
+            assert!(
+                matches!(error, RunError::Unavailable(_)),
+                "{name}: {error:?}"
+            );
+            assert!(error.to_string().contains("127.0.0.1:1"), "{error}");
+            assert_eq!(tonic::Status::from(error).code(), tonic::Code::Unavailable);
+        });
+    }
+}
+
+#[test]
+fn no_image_is_a_failed_precondition_unless_a_default_is_configured() {
+    if backends("default_image").is_empty() {
+        return;
+    }
+    runtime().block_on(async {
+        let cancel = CancellationToken::new();
+        for backend in backends("default_image") {
+            let error = backend.prepare(&Platform::default(), &cancel).await.unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "workload-isolation-type={} needs container-image (this executor has no default image)",
+                    backend.name()
+                )
+            );
+        }
+        let images = ImageConfig {
+            default_image: Some(format!("docker://{BASE}")),
+            ..Default::default()
+        };
+        let mut with_default: Vec<Box<dyn Isolation>> = Vec::new();
+        let services = services().unwrap();
+        if services.docker.is_ok() {
+            let config = DockerConfig {
+                images: images.clone(),
+                remove_leftovers: false,
+                ..Default::default()
+            };
+            with_default.push(Box::new(Docker::probe(config).await.unwrap()));
+        }
+        if services.podman.is_ok() {
+            let config = PodmanConfig {
+                images,
+                remove_leftovers: false,
+                ..Default::default()
+            };
+            with_default.push(Box::new(Podman::probe(config).await.unwrap()));
+        }
+        for backend in with_default {
+            let action = Action::new(Platform::default(), &["echo", "default"]);
+            let outcome = action.run(&*backend, &limits(), &cancel).await.unwrap();
+            assert_eq!(outcome.exit_code, 0, "{}: {}", backend.name(), action.stderr());
+            assert_eq!(action.stdout(), "default\n");
+        }
+    });
+}
+
+#[test]
+fn docker_pulls_in_prepare() {
+    let Ok(services) = services() else {
+        eprintln!(
+            "skipped: docker_pulls_in_prepare: {}",
+            services().err().unwrap()
+        );
+        return;
+    };
+    let Ok(docker) = &services.docker else {
+        eprintln!("skipped: docker_pulls_in_prepare: docker unavailable");
+        return;
+    };
+    // The private image's digest is only in the auth registry under its
+    // name; the local store must not have it under that name yet.
+    let pinned = services.pinned[PRIVATE].clone();
+    let _ = cli("docker", &["rmi", &pinned]);
+    assert!(!cli("docker", &["image", "inspect", &pinned])
+        .status
+        .success());
+    let private = platform(&[
+        ("container-image", PRIVATE),
+        ("container-registry-username", USER),
+        ("container-registry-password", PASSWORD),
+    ]);
+    runtime()
+        .block_on(docker.prepare(&private, &CancellationToken::new()))
+        .unwrap();
+    assert!(
+        cli("docker", &["image", "inspect", &pinned])
+            .status
+            .success(),
+        "after prepare, {pinned} is local"
+    );
+    let _ = cli("docker", &["rmi", &pinned]);
+}
+
+#[test]
+fn podman_holds_the_image_after_prepare() {
+    let Ok(services) = services() else {
+        eprintln!(
+            "skipped: podman_holds_the_image_after_prepare: {}",
+            services().err().unwrap()
+        );
+        return;
+    };
+    let Ok(podman) = &services.podman else {
+        eprintln!("skipped: podman_holds_the_image_after_prepare: podman unavailable");
+        return;
+    };
+    runtime()
+        .block_on(podman.prepare(
+            &platform(&[("container-image", NONROOT)]),
+            &CancellationToken::new(),
+        ))
+        .unwrap();
+    let pinned = &services.pinned[NONROOT];
+    assert!(cli("podman", &["image", "exists", pinned]).status.success());
+}
+
+/// Counts pulls; holds no image until one happened.
+struct CountingStore {
+    pulls: AtomicUsize,
+}
+
+#[async_trait]
+impl ImageStore for CountingStore {
+    async fn has_image(&self, _pinned: &str) -> Result<bool, RunError> {
+        Ok(self.pulls.load(Ordering::SeqCst) > 0)
+    }
+
+    async fn pull_image(
+        &self,
+        _image: &ResolvedImage,
+        _credentials: Option<&RegistryCredentials>,
+        _insecure: bool,
+    ) -> Result<(), RunError> {
+        tokio::task::yield_now().await;
+        self.pulls.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[test]
+fn concurrent_prepares_of_one_image_pull_once() {
+    if let Err(reason) = services() {
+        eprintln!("skipped: concurrent_prepares_pull_once: {reason}");
+        return;
+    }
+    runtime().block_on(async {
+        let images = Images::new("docker", ImageConfig::default()).unwrap();
+        let store = CountingStore {
+            pulls: AtomicUsize::new(0),
+        };
+        let cancel = CancellationToken::new();
+        let base = platform(&[("container-image", BASE)]);
+        let by_digest = platform(&[("container-image", &services().unwrap().pinned[BASE])]);
+        let prepares = (0..8).map(|i| {
+            let platform = if i % 2 == 0 { &base } else { &by_digest };
+            images.ensure(platform, &store, true, &cancel)
+        });
+        let resolved = futures::future::join_all(prepares).await;
+        let digests: std::collections::HashSet<String> =
+            resolved.into_iter().map(|r| r.unwrap().digest).collect();
+        assert_eq!(digests.len(), 1, "a tag and its digest resolve alike");
+        assert_eq!(store.pulls.load(Ordering::SeqCst), 1);
+    });
+}
+
+/// Not a test: per-action time of a trivial action (`true`) with a warm
+/// image through each backend, against the runtime's own `run --rm`.
+/// `cargo test -p kiln-container --release --test containers -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_overhead() {
+    const N: usize = 20;
+    let Ok(services) = services() else {
+        eprintln!("skipped: measure_overhead: {}", services().err().unwrap());
+        return;
+    };
+    let pinned = services.pinned[BASE].clone();
+    let median = |mut samples: Vec<f64>| {
+        samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        samples[samples.len() / 2]
+    };
+    let mean = |samples: &[f64]| samples.iter().sum::<f64>() / samples.len() as f64;
+    for backend in backends("measure_overhead") {
+        let name = backend.name();
+        for memory in [None, Some(1u64 << 30)] {
+            let limits = Limits {
+                memory_bytes: memory,
+                cpu_millis: None,
+                ..limits()
+            };
+            let action = Action::new(
+                platform(&[("container-image", BASE), ("dockerNetwork", "off")]),
+                &["true"],
+            );
+            let cancel = CancellationToken::new();
+            let (mut prepare, mut run) = (Vec::new(), Vec::new());
+            runtime().block_on(async {
+                action.run(&*backend, &limits, &cancel).await.unwrap();
+                for _ in 0..N {
+                    let started = Instant::now();
+                    backend
+                        .prepare(&action.spec.platform, &cancel)
+                        .await
+                        .unwrap();
+                    let prepared = Instant::now();
+                    let outcome = backend.run(&action.spec, &limits, &cancel).await.unwrap();
+                    assert_eq!(outcome.exit_code, 0);
+                    prepare.push((prepared - started).as_secs_f64() * 1000.0);
+                    run.push(prepared.elapsed().as_secs_f64() * 1000.0);
+                }
+            });
+            let mut raw = Vec::new();
+            let mut raw_args = vec!["run", "--rm", "--network", "none"];
+            let memory_arg;
+            if let Some(bytes) = memory {
+                memory_arg = format!("--memory={bytes}b");
+                raw_args.push(&memory_arg);
+            }
+            raw_args.extend([pinned.as_str(), "true"]);
+            for _ in 0..N {
+                let started = Instant::now();
+                assert!(cli(name, &raw_args).status.success());
+                raw.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            let (run_mean, raw_mean) = (mean(&run), mean(&raw));
+            println!(
+                "{name} (memory limit {memory:?}), N={N}: backend run mean {run_mean:.1} ms \
+                 (median {:.1}), prepare (warm) mean {:.2} ms; raw `{name} {}` mean {raw_mean:.1} ms \
+                 (median {:.1}); run/raw = {:.3}",
+                median(run.clone()),
+                mean(&prepare),
+                raw_args.join(" "),
+                median(raw.clone()),
+                run_mean / raw_mean
+            );
+        }
+    }
+}
