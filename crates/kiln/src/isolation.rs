@@ -2,9 +2,12 @@
 //! probed at start-up and left out, with a log line saying why, when it
 //! does not work here. The executor advertises exactly what is left.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use kiln_executor::{Isolations, NoIsolation};
+use kiln_container::{Docker, DockerConfig, ImageConfig, Podman, PodmanConfig};
+use kiln_executor::{Isolation, Isolations, NoIsolation};
+use kiln_sandbox::{Sandbox, SandboxConfig};
 use serde::{Deserialize, Serialize};
 
 /// The isolation settings of an executor (embedded or standalone).
@@ -17,6 +20,18 @@ pub struct IsolationSettings {
     pub offer: Vec<String>,
     /// The type of actions that do not set `workload-isolation-type`.
     pub default: String,
+    /// Image of `docker`/`podman` actions that set no `container-image`
+    /// (e.g. `docker://registry.example.com/build:1`); empty: such actions
+    /// fail, naming the property.
+    pub default_image: String,
+    /// Registries (`host[:port]`) reached over plain HTTP besides the
+    /// loopback ones, which always are.
+    pub insecure_registries: Vec<String>,
+    /// The Docker daemon's socket.
+    pub docker_socket: PathBuf,
+    /// The `podman` binary.
+    pub podman_binary: PathBuf,
+    pub sandbox: SandboxConfig,
 }
 
 impl Default for IsolationSettings {
@@ -26,6 +41,11 @@ impl Default for IsolationSettings {
                 .map(String::from)
                 .to_vec(),
             default: "none".into(),
+            default_image: String::new(),
+            insecure_registries: Vec::new(),
+            docker_socket: DockerConfig::default().socket,
+            podman_binary: PodmanConfig::default().binary,
+            sandbox: SandboxConfig::default(),
         }
     }
 }
@@ -33,13 +53,39 @@ impl Default for IsolationSettings {
 /// Probes the configured backends and returns those that work.
 pub async fn offered(settings: &IsolationSettings) -> Isolations {
     let mut isolations = Isolations::new(Arc::new(NoIsolation));
+    let images = ImageConfig {
+        default_image: Some(settings.default_image.clone()).filter(|image| !image.is_empty()),
+        insecure_registries: settings.insecure_registries.clone(),
+        ..ImageConfig::default()
+    };
     for name in &settings.offer {
-        match name.as_str() {
-            "none" => {}
-            other => tracing::warn!(
-                isolation = other,
-                "isolation type not offered: not built into this kiln"
-            ),
+        let probed: Result<Arc<dyn Isolation>, String> = match name.as_str() {
+            "none" => continue,
+            "sandbox" => Sandbox::probe(settings.sandbox.clone()).map(|s| Arc::new(s) as _),
+            "docker" => Docker::probe(DockerConfig {
+                socket: settings.docker_socket.clone(),
+                images: images.clone(),
+                ..DockerConfig::default()
+            })
+            .await
+            .map(|d| Arc::new(d) as _),
+            "podman" => Podman::probe(PodmanConfig {
+                binary: settings.podman_binary.clone(),
+                images: images.clone(),
+                ..PodmanConfig::default()
+            })
+            .await
+            .map(|p| Arc::new(p) as _),
+            _ => Err("unknown isolation type (known: none, sandbox, docker, podman)".into()),
+        };
+        match probed {
+            Ok(backend) => {
+                tracing::info!(isolation = %name, "isolation type offered");
+                isolations = isolations.with(backend);
+            }
+            Err(reason) => {
+                tracing::warn!(isolation = %name, %reason, "isolation type not offered")
+            }
         }
     }
     if !isolations.set_default(&settings.default) {
@@ -63,6 +109,18 @@ pub struct IsolationArgs {
     /// Isolation type of actions that set no workload-isolation-type.
     #[arg(long = "default-isolation")]
     pub default: Option<String>,
+    /// Image of docker/podman actions that set no container-image.
+    #[arg(long)]
+    pub default_image: Option<String>,
+    /// A registry (host[:port]) reached over plain HTTP (repeatable).
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Option<Vec<String>>,
+    /// The Docker daemon's socket.
+    #[arg(long)]
+    pub docker_socket: Option<PathBuf>,
+    /// The podman binary.
+    #[arg(long)]
+    pub podman_binary: Option<PathBuf>,
 }
 
 impl IsolationArgs {
@@ -73,6 +131,18 @@ impl IsolationArgs {
         }
         if let Some(default) = self.default {
             settings.default = default;
+        }
+        if let Some(image) = self.default_image {
+            settings.default_image = image;
+        }
+        if let Some(registries) = self.insecure_registries {
+            settings.insecure_registries = registries;
+        }
+        if let Some(socket) = self.docker_socket {
+            settings.docker_socket = socket;
+        }
+        if let Some(binary) = self.podman_binary {
+            settings.podman_binary = binary;
         }
     }
 }
