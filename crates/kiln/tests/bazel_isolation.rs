@@ -60,6 +60,9 @@ sh_test(name = "docker_test", size = "small", srcs = ["probe_test.sh"], exec_pro
 
 sh_test(name = "podman_test", size = "small", srcs = ["probe_test.sh"], exec_properties = PODMAN)
 
+# Built only against a server without docker.
+genrule(name = "docker_elsewhere", outs = ["docker_elsewhere.txt"], cmd = "echo ran > $@", exec_properties = DOCKER)
+
 genrule(
     name = "private_docker",
     outs = ["private_docker.txt"],
@@ -258,7 +261,7 @@ fn bazel_runs_targets_under_each_isolation_type() {
     let output = bazel.run(&[
         "build",
         &format!("--remote_executor=grpc://127.0.0.1:{}", plain.port),
-        "//isolation:in_docker",
+        "//isolation:docker_elsewhere",
     ]);
     let text = combined(&output);
     eprintln!("---- docker on an executor without it ----\n{text}");
