@@ -57,6 +57,9 @@ impl Harness {
         // Executors in these tests register before their actions are sent;
         // an unmatched action need not wait long.
         config.execution.unmatched_grace_ms = 200;
+        // Scheduling is under test here, not isolation: the embedded
+        // executor offers `none` only (and skips probing the others).
+        config.execution.isolation.offer = vec!["none".into()];
         config.shutdown_grace_ms = 30_000;
         adjust(&mut config);
         let server = kiln::serve::start(&config).await.expect("server starts");

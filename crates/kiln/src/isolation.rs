@@ -58,26 +58,43 @@ pub async fn offered(settings: &IsolationSettings) -> Isolations {
         insecure_registries: settings.insecure_registries.clone(),
         ..ImageConfig::default()
     };
-    for name in &settings.offer {
-        let probed: Result<Arc<dyn Isolation>, String> = match name.as_str() {
-            "none" => continue,
-            "sandbox" => Sandbox::probe(settings.sandbox.clone()).map(|s| Arc::new(s) as _),
-            "docker" => Docker::probe(DockerConfig {
-                socket: settings.docker_socket.clone(),
-                images: images.clone(),
-                ..DockerConfig::default()
-            })
-            .await
-            .map(|d| Arc::new(d) as _),
-            "podman" => Podman::probe(PodmanConfig {
-                binary: settings.podman_binary.clone(),
-                images: images.clone(),
-                ..PodmanConfig::default()
-            })
-            .await
-            .map(|p| Arc::new(p) as _),
-            _ => Err("unknown isolation type (known: none, sandbox, docker, podman)".into()),
-        };
+    // Probes run at once: podman's CLI alone takes a few hundred ms.
+    let probes = settings.offer.iter().map(|name| {
+        let images = images.clone();
+        async move {
+            let probed: Result<Arc<dyn Isolation>, String> = match name.as_str() {
+                "none" => return None,
+                "sandbox" => {
+                    let config = settings.sandbox.clone();
+                    tokio::task::spawn_blocking(move || Sandbox::probe(config))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("the probe panicked: {e}")))
+                        .map(|s| Arc::new(s) as _)
+                }
+                "docker" => Docker::probe(DockerConfig {
+                    socket: settings.docker_socket.clone(),
+                    images,
+                    ..DockerConfig::default()
+                })
+                .await
+                .map(|d| Arc::new(d) as _),
+                "podman" => Podman::probe(PodmanConfig {
+                    binary: settings.podman_binary.clone(),
+                    images,
+                    ..PodmanConfig::default()
+                })
+                .await
+                .map(|p| Arc::new(p) as _),
+                _ => Err("unknown isolation type (known: none, sandbox, docker, podman)".into()),
+            };
+            Some((name, probed))
+        }
+    });
+    for (name, probed) in futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+    {
         match probed {
             Ok(backend) => {
                 tracing::info!(isolation = %name, "isolation type offered");
