@@ -855,7 +855,7 @@ fn concurrent_prepares_of_one_image_pull_once() {
 #[test]
 #[ignore]
 fn measure_overhead() {
-    const N: usize = 20;
+    const N: usize = 30;
     let Ok(services) = services() else {
         eprintln!("skipped: measure_overhead: {}", services().err().unwrap());
         return;
@@ -879,7 +879,15 @@ fn measure_overhead() {
                 &["true"],
             );
             let cancel = CancellationToken::new();
-            let (mut prepare, mut run) = (Vec::new(), Vec::new());
+            let mut raw_args = vec!["run", "--rm", "--network", "none"];
+            let memory_arg;
+            if let Some(bytes) = memory {
+                memory_arg = format!("--memory={bytes}b");
+                raw_args.push(&memory_arg);
+            }
+            raw_args.extend([pinned.as_str(), "true"]);
+            // Interleaved, so drift in the machine's load hits both alike.
+            let (mut prepare, mut run, mut raw) = (Vec::new(), Vec::new(), Vec::new());
             runtime().block_on(async {
                 action.run(&*backend, &limits, &cancel).await.unwrap();
                 for _ in 0..N {
@@ -893,31 +901,27 @@ fn measure_overhead() {
                     assert_eq!(outcome.exit_code, 0);
                     prepare.push((prepared - started).as_secs_f64() * 1000.0);
                     run.push(prepared.elapsed().as_secs_f64() * 1000.0);
+
+                    let started = Instant::now();
+                    let status = tokio::process::Command::new(name)
+                        .args(&raw_args)
+                        .status()
+                        .await
+                        .unwrap();
+                    assert!(status.success());
+                    raw.push(started.elapsed().as_secs_f64() * 1000.0);
                 }
             });
-            let mut raw = Vec::new();
-            let mut raw_args = vec!["run", "--rm", "--network", "none"];
-            let memory_arg;
-            if let Some(bytes) = memory {
-                memory_arg = format!("--memory={bytes}b");
-                raw_args.push(&memory_arg);
-            }
-            raw_args.extend([pinned.as_str(), "true"]);
-            for _ in 0..N {
-                let started = Instant::now();
-                assert!(cli(name, &raw_args).status.success());
-                raw.push(started.elapsed().as_secs_f64() * 1000.0);
-            }
             let (run_mean, raw_mean) = (mean(&run), mean(&raw));
+            let (run_median, raw_median) = (median(run.clone()), median(raw.clone()));
             println!(
                 "{name} (memory limit {memory:?}), N={N}: backend run mean {run_mean:.1} ms \
-                 (median {:.1}), prepare (warm) mean {:.2} ms; raw `{name} {}` mean {raw_mean:.1} ms \
-                 (median {:.1}); run/raw = {:.3}",
-                median(run.clone()),
+                 (median {run_median:.1}), prepare (warm) mean {:.2} ms; raw `{name} {}` mean \
+                 {raw_mean:.1} ms (median {raw_median:.1}); run/raw: means {:.3}, medians {:.3}",
                 mean(&prepare),
                 raw_args.join(" "),
-                median(raw.clone()),
-                run_mean / raw_mean
+                run_mean / raw_mean,
+                run_median / raw_median
             );
         }
     }
