@@ -14,7 +14,7 @@ use kiln_platform::{Platform, RegistryCredentials};
 use std::io::Write as _;
 
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
-use crate::params::{Network, RunParameters, LABEL_KEY, LABEL_VALUE};
+use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 
 /// How the `podman` backend finds its CLI and resolves images.
@@ -24,10 +24,12 @@ pub struct PodmanConfig {
     pub binary: PathBuf,
     /// Images: default image, insecure registries, resolution TTL.
     pub images: ImageConfig,
-    /// At probe, remove containers a previous executor left behind (those
-    /// labelled `kiln.action=1`). Turn off when several executors share
-    /// podman's store.
-    pub remove_leftovers: bool,
+    /// Who this executor is on the daemon: its containers carry the label
+    /// `kiln.owner=<owner>`, and at probe the containers of the same owner
+    /// that a previous process left behind are removed. Executors sharing
+    /// a daemon need distinct owners (e.g. their worker names). None: a
+    /// random owner per process, and no sweep.
+    pub owner: Option<String>,
 }
 
 impl Default for PodmanConfig {
@@ -35,7 +37,7 @@ impl Default for PodmanConfig {
         PodmanConfig {
             binary: "podman".into(),
             images: ImageConfig::default(),
-            remove_leftovers: true,
+            owner: None,
         }
     }
 }
@@ -48,6 +50,8 @@ pub struct Podman {
     bridge: bool,
     /// How an OOM kill is told apart from any other SIGKILL.
     oom_check: OomCheck,
+    /// The `kiln.owner` label of this backend's containers.
+    owner: String,
 }
 
 /// How the backend learns that the kernel killed an action for memory.
@@ -80,6 +84,7 @@ impl Podman {
             images,
             bridge: false,
             oom_check: OomCheck::Inspect,
+            owner: String::new(),
         };
         let version = podman
             .output(&["version", "--format", "{{.Client.Version}}"])
@@ -127,12 +132,14 @@ impl Podman {
             }
             _ => OomCheck::Inspect,
         };
+        let (owner, sweep) = owner_and_sweep(config.owner.as_deref());
         let podman = Podman {
             bridge,
             oom_check,
+            owner,
             ..podman
         };
-        if config.remove_leftovers {
+        if sweep {
             podman.remove_leftovers().await?;
         }
         tracing::info!(
@@ -176,7 +183,7 @@ impl Podman {
     }
 
     async fn remove_leftovers(&self) -> Result<(), String> {
-        let filter = format!("label={LABEL_KEY}={LABEL_VALUE}");
+        let filter = format!("label={OWNER_LABEL}={}", self.owner);
         let listed = self
             .checked(
                 &["ps", "-a", "-q", "--filter", &filter],
@@ -207,7 +214,8 @@ impl Podman {
         let mut args: Vec<String> = vec![
             "run".into(),
             format!("--name={}", params.name),
-            format!("--label={LABEL_KEY}={LABEL_VALUE}"),
+            format!("--label={}={}", params.labels[0].0, params.labels[0].1),
+            format!("--label={}={}", params.labels[1].0, params.labels[1].1),
             // Prepare pulled it, with the action's credentials.
             "--pull=never".into(),
             format!("--volume={workspace}:{workspace}:rw"),
@@ -474,7 +482,7 @@ impl Isolation for Podman {
             .images
             .ensure(&spec.platform, self, false, cancel)
             .await?;
-        let params = RunParameters::new(spec, limits, &image, self.bridge)?;
+        let params = RunParameters::new(spec, limits, &image, self.bridge, &self.owner)?;
         // `--rm` saves a `podman rm` (a third of a trivial action's time);
         // only telling an OOM kill by `podman inspect` needs the container
         // to outlive its exit.

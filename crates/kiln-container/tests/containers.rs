@@ -45,8 +45,7 @@ struct Services {
     podman: Result<Arc<Podman>, String>,
 }
 
-/// Builds the images once and probes both backends once (the probe removes
-/// leftover kiln containers, so only one may run per process).
+/// Builds the images once and probes both backends once.
 fn services() -> Result<&'static Services, String> {
     static SERVICES: OnceLock<Result<Services, String>> = OnceLock::new();
     SERVICES
@@ -73,10 +72,19 @@ fn services() -> Result<&'static Services, String> {
                     Some((name.to_string(), format!("{}@{digest}", name.rsplit_once(':')?.0)))
                 })
                 .collect();
+            // An owner of their own: the probes remove what earlier runs of
+            // these tests left, never the containers of anything else.
+            let owner = Some("kiln-container-tests".to_string());
             let (docker, podman) = runtime().block_on(async {
                 tokio::join!(
-                    Docker::probe(DockerConfig::default()),
-                    Podman::probe(PodmanConfig::default())
+                    Docker::probe(DockerConfig {
+                        owner: owner.clone(),
+                        ..Default::default()
+                    }),
+                    Podman::probe(PodmanConfig {
+                        owner,
+                        ..Default::default()
+                    })
                 )
             });
             Ok(Services {
@@ -506,7 +514,7 @@ async fn stop_case(backend: &dyn Isolation, limits: Limits, cancel_when_started:
     assert_eq!(
         outcome.stopped,
         Some(expected),
-        "{name}: {}",
+        "{name}: {outcome:?} {}",
         action.stderr()
     );
     let id = std::fs::read_to_string(&id_file).expect("the action started before it was stopped");
@@ -718,7 +726,7 @@ fn no_image_is_a_failed_precondition_unless_a_default_is_configured() {
         if services.docker.is_ok() {
             let config = DockerConfig {
                 images: images.clone(),
-                remove_leftovers: false,
+                owner: None,
                 ..Default::default()
             };
             with_default.push(Box::new(Docker::probe(config).await.unwrap()));
@@ -726,7 +734,7 @@ fn no_image_is_a_failed_precondition_unless_a_default_is_configured() {
         if services.podman.is_ok() {
             let config = PodmanConfig {
                 images,
-                remove_leftovers: false,
+                owner: None,
                 ..Default::default()
             };
             with_default.push(Box::new(Podman::probe(config).await.unwrap()));
