@@ -934,3 +934,69 @@ fn measure_overhead() {
         }
     }
 }
+
+#[test]
+fn a_probe_removes_only_its_own_owners_leftovers() {
+    let Ok(services) = services() else {
+        eprintln!("skipped: leftovers: {}", services().err().unwrap());
+        return;
+    };
+    let owner = format!("leftover-test-{}", std::process::id());
+    for runtime_name in ["docker", "podman"] {
+        let available = match runtime_name {
+            "docker" => services.docker.is_ok(),
+            _ => services.podman.is_ok(),
+        };
+        if !available {
+            eprintln!("skipped: leftovers with {runtime_name}: unavailable");
+            continue;
+        }
+        let create = |owner: &str| {
+            let created = cli(
+                runtime_name,
+                &[
+                    "create",
+                    "--label=kiln.action=1",
+                    &format!("--label=kiln.owner={owner}"),
+                    BASE,
+                    "true",
+                ],
+            );
+            assert!(created.status.success(), "{runtime_name} create");
+            String::from_utf8_lossy(&created.stdout).trim().to_string()
+        };
+        let mine = create(&owner);
+        let other = create(&format!("{owner}-other"));
+        let exists = |id: &str| {
+            cli(runtime_name, &["container", "inspect", id])
+                .status
+                .success()
+        };
+        let probed = runtime().block_on(async {
+            match runtime_name {
+                "docker" => Docker::probe(DockerConfig {
+                    owner: Some(owner.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+                _ => Podman::probe(PodmanConfig {
+                    owner: Some(owner.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            }
+        });
+        probed.unwrap();
+        assert!(
+            !exists(&mine),
+            "{runtime_name}: the owner's leftover was removed"
+        );
+        assert!(
+            exists(&other),
+            "{runtime_name}: another owner's container stays"
+        );
+        let _ = cli(runtime_name, &["rm", "-f", &other]);
+    }
+}
