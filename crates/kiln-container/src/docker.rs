@@ -471,17 +471,30 @@ impl Isolation for Docker {
         let options = CreateContainerOptionsBuilder::default()
             .name(&params.name)
             .build();
-        let created = self
+        let body = Docker::create_body(&params);
+        let mut created = self
             .client
-            .create_container(Some(options), Docker::create_body(&params))
-            .await
-            .map_err(|e| {
-                RunError::Internal(format!(
-                    "docker: creating a container of {}: {}",
-                    image.image,
-                    daemon_error(&e, None)
-                ))
-            })?;
+            .create_container(Some(options.clone()), body.clone())
+            .await;
+        if let Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) = &created
+        {
+            // The image went away since it was last seen (an image prune):
+            // pull it again, and try once more.
+            tracing::info!(image = %image.image, "image gone from the daemon; pulling it again");
+            self.images
+                .ensure(&spec.platform, self, true, cancel)
+                .await?;
+            created = self.client.create_container(Some(options), body).await;
+        }
+        let created = created.map_err(|e| {
+            RunError::Internal(format!(
+                "docker: creating a container of {}: {}",
+                image.image,
+                daemon_error(&e, None)
+            ))
+        })?;
         let client = self.client.clone();
         let id = created.id.clone();
         let guard = RemovalGuard::new(move || {

@@ -604,8 +604,12 @@ fn expect_error(result: Result<(), RunError>, what: &str) -> RunError {
     }
 }
 
+/// Held by the tests that pull or remove the private image's local copy.
+static PRIVATE_IMAGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_private_image_needs_the_right_credentials_every_time() {
+    let _private = PRIVATE_IMAGE.lock().unwrap_or_else(|e| e.into_inner());
     for backend in backends("private") {
         runtime().block_on(async {
             let name = backend.name();
@@ -748,8 +752,10 @@ fn no_image_is_a_failed_precondition_unless_a_default_is_configured() {
     });
 }
 
+/// Uses the private image under its digest name, which only this test
+/// and the private-image test pull (one at a time).
 #[test]
-fn docker_pulls_in_prepare() {
+fn docker_pulls_in_prepare_and_again_when_the_image_is_gone() {
     let Ok(services) = services() else {
         eprintln!(
             "skipped: docker_pulls_in_prepare: {}",
@@ -761,6 +767,7 @@ fn docker_pulls_in_prepare() {
         eprintln!("skipped: docker_pulls_in_prepare: docker unavailable");
         return;
     };
+    let _private = PRIVATE_IMAGE.lock().unwrap_or_else(|e| e.into_inner());
     // The private image's digest is only in the auth registry under its
     // name; the local store must not have it under that name yet.
     let pinned = services.pinned[PRIVATE].clone();
@@ -782,6 +789,15 @@ fn docker_pulls_in_prepare() {
             .success(),
         "after prepare, {pinned} is local"
     );
+
+    // Gone again before the run (an image prune): the run pulls it back.
+    assert!(cli("docker", &["rmi", &pinned]).status.success());
+    let action = Action::new(private, &["echo", "pulled again"]);
+    let outcome = runtime()
+        .block_on(docker.run(&action.spec, &limits(), &CancellationToken::new()))
+        .unwrap();
+    assert_eq!(outcome.exit_code, 0, "{}", action.stderr());
+    assert_eq!(action.stdout(), "pulled again\n");
     let _ = cli("docker", &["rmi", &pinned]);
 }
 
