@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -141,6 +142,9 @@ impl Podman {
         };
         if sweep {
             podman.remove_leftovers().await?;
+        }
+        if podman.oom_check == OomCheck::CgroupV1Peak {
+            remove_stale_cgroups();
         }
         tracing::info!(
             binary = shown,
@@ -351,18 +355,67 @@ struct PodmanContainer {
 }
 
 /// Removes the parent cgroup `relative` (and the `conmon` group podman puts
-/// in it) from every v1 hierarchy; a group still in use stays.
-fn remove_cgroup(relative: &str) {
+/// in it) from every v1 hierarchy; true when none is left. A group still
+/// in use (conmon outliving `podman run` by a moment) stays.
+fn try_remove_cgroup(relative: &str) -> bool {
     let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) else {
-        return;
+        return true;
     };
+    let mut removed = true;
     for hierarchy in hierarchies.flatten() {
         let dir = hierarchy.path().join(relative);
         let _ = std::fs::remove_dir(dir.join("conmon"));
         if let Err(error) = std::fs::remove_dir(&dir) {
             if error.kind() != std::io::ErrorKind::NotFound {
-                tracing::debug!(dir = %dir.display(), %error, "could not remove a cgroup");
+                removed = false;
             }
+        }
+    }
+    removed
+}
+
+/// Removes the parent cgroup `relative`, retrying in the background for a
+/// few seconds while conmon still sits in it.
+fn remove_cgroup(relative: &str) {
+    if try_remove_cgroup(relative) {
+        return;
+    }
+    let relative = relative.to_string();
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut delay = Duration::from_millis(50);
+        for _ in 0..8 {
+            tokio::time::sleep(delay).await;
+            if try_remove_cgroup(&relative) {
+                return;
+            }
+            delay *= 2;
+        }
+        tracing::warn!(cgroup = relative, "could not remove an action's cgroup");
+    });
+}
+
+/// Removes the per-action parent cgroups under `kiln/` that are empty and
+/// older than a minute (never one a starting container is about to use):
+/// what an executor that died left behind.
+fn remove_stale_cgroups() {
+    let Ok(entries) = std::fs::read_dir(Path::new(CGROUP_ROOT).join("memory").join(CGROUP_PARENT))
+    else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_dir())
+            .and_then(|m| m.modified().ok())
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        let name = entry.file_name().to_string_lossy().to_string();
+        if stale && name.starts_with("kiln-") {
+            try_remove_cgroup(&format!("{CGROUP_PARENT}/{name}"));
         }
     }
 }
