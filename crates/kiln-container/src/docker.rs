@@ -23,7 +23,7 @@ use kiln_platform::{Platform, RegistryCredentials};
 use tokio::io::AsyncWriteExt;
 
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
-use crate::params::{Network, RunParameters, LABEL_KEY, LABEL_VALUE};
+use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 
 /// The Engine API version Kiln speaks (Docker 20.10).
@@ -39,10 +39,12 @@ pub struct DockerConfig {
     pub socket: PathBuf,
     /// Images: default image, insecure registries, resolution TTL.
     pub images: ImageConfig,
-    /// At probe, remove containers a previous executor left behind (those
-    /// labelled `kiln.action=1`). Turn off when several executors share a
-    /// daemon.
-    pub remove_leftovers: bool,
+    /// Who this executor is on the daemon: its containers carry the label
+    /// `kiln.owner=<owner>`, and at probe the containers of the same owner
+    /// that a previous process left behind are removed. Executors sharing
+    /// a daemon need distinct owners (e.g. their worker names). None: a
+    /// random owner per process, and no sweep.
+    pub owner: Option<String>,
 }
 
 impl Default for DockerConfig {
@@ -50,7 +52,7 @@ impl Default for DockerConfig {
         DockerConfig {
             socket: "/var/run/docker.sock".into(),
             images: ImageConfig::default(),
-            remove_leftovers: true,
+            owner: None,
         }
     }
 }
@@ -61,6 +63,8 @@ pub struct Docker {
     images: Images,
     /// Whether the daemon has its default `bridge` network.
     bridge: bool,
+    /// The `kiln.owner` label of this backend's containers.
+    owner: String,
 }
 
 impl Docker {
@@ -115,12 +119,14 @@ impl Docker {
             );
         }
         let images = Images::new("docker", config.images).map_err(|e| format!("docker: {e}"))?;
+        let (owner, sweep) = owner_and_sweep(config.owner.as_deref());
         let docker = Docker {
             client,
             images,
             bridge,
+            owner,
         };
-        if config.remove_leftovers {
+        if sweep {
             docker.remove_leftovers().await?;
         }
         tracing::info!(
@@ -141,7 +147,7 @@ impl Docker {
     async fn remove_leftovers(&self) -> Result<(), String> {
         let filters = HashMap::from([(
             "label".to_string(),
-            vec![format!("{LABEL_KEY}={LABEL_VALUE}")],
+            vec![format!("{OWNER_LABEL}={}", self.owner)],
         )]);
         let options = ListContainersOptionsBuilder::default()
             .all(true)
@@ -176,7 +182,7 @@ impl Docker {
             env: Some(params.environment.clone()),
             working_dir: Some(params.working_directory.display().to_string()),
             user: params.user.clone(),
-            labels: Some(HashMap::from([(LABEL_KEY.into(), LABEL_VALUE.into())])),
+            labels: Some(params.labels.iter().cloned().collect()),
             attach_stdin: Some(false),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
@@ -461,21 +467,34 @@ impl Isolation for Docker {
             .images
             .ensure(&spec.platform, self, false, cancel)
             .await?;
-        let params = RunParameters::new(spec, limits, &image, self.bridge)?;
+        let params = RunParameters::new(spec, limits, &image, self.bridge, &self.owner)?;
         let options = CreateContainerOptionsBuilder::default()
             .name(&params.name)
             .build();
-        let created = self
+        let body = Docker::create_body(&params);
+        let mut created = self
             .client
-            .create_container(Some(options), Docker::create_body(&params))
-            .await
-            .map_err(|e| {
-                RunError::Internal(format!(
-                    "docker: creating a container of {}: {}",
-                    image.image,
-                    daemon_error(&e, None)
-                ))
-            })?;
+            .create_container(Some(options.clone()), body.clone())
+            .await;
+        if let Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) = &created
+        {
+            // The image went away since it was last seen (an image prune):
+            // pull it again, and try once more.
+            tracing::info!(image = %image.image, "image gone from the daemon; pulling it again");
+            self.images
+                .ensure(&spec.platform, self, true, cancel)
+                .await?;
+            created = self.client.create_container(Some(options), body).await;
+        }
+        let created = created.map_err(|e| {
+            RunError::Internal(format!(
+                "docker: creating a container of {}: {}",
+                image.image,
+                daemon_error(&e, None)
+            ))
+        })?;
         let client = self.client.clone();
         let id = created.id.clone();
         let guard = RemovalGuard::new(move || {
@@ -555,20 +574,22 @@ impl Isolation for Docker {
             cancel,
         )
         .await;
-        if outcome.is_ok() {
-            // supervise removed it; on an error the guard does.
-            guard.disarm();
-        }
-        match copy.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(error),
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
             Err(error) => {
-                return Err(RunError::Internal(format!(
-                    "docker: copying the output of container {}: {error}",
-                    params.name
-                )))
+                // The guard removes the container, which ends the copy.
+                copy.abort();
+                return Err(error);
             }
+        };
+        guard.disarm();
+        match copy.await {
+            Ok(Ok(())) => Ok(outcome),
+            Ok(Err(error)) => Err(error),
+            Err(error) => Err(RunError::Internal(format!(
+                "docker: copying the output of container {}: {error}",
+                params.name
+            ))),
         }
-        outcome
     }
 }

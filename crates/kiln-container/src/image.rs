@@ -252,18 +252,7 @@ impl Images {
         credentials: Option<&RegistryCredentials>,
     ) -> Result<String, RunError> {
         install_crypto_provider();
-        let reference = match &image.reference {
-            ImageReference::Tag(tag) => Reference::with_tag(
-                image.registry.clone(),
-                image.repository.clone(),
-                tag.clone(),
-            ),
-            ImageReference::Digest(digest) => Reference::with_digest(
-                image.registry.clone(),
-                image.repository.clone(),
-                digest.clone(),
-            ),
-        };
+        let reference = oci_reference(image);
         let protocol = if self.is_insecure(&image.registry) {
             ClientProtocol::HttpsExcept(vec![image.registry.clone()])
         } else {
@@ -291,6 +280,24 @@ impl Images {
             ))),
             Ok(Ok(digest)) => Ok(digest),
             Ok(Err(error)) => Err(classify(&error, image, credentials)),
+        }
+    }
+}
+
+/// The distribution-API reference of `image`. Docker Hub's official
+/// images live under `library/`, which users leave out.
+fn oci_reference(image: &ContainerImage) -> Reference {
+    let repository = if image.registry == "docker.io" && !image.repository.contains('/') {
+        format!("library/{}", image.repository)
+    } else {
+        image.repository.clone()
+    };
+    match &image.reference {
+        ImageReference::Tag(tag) => {
+            Reference::with_tag(image.registry.clone(), repository, tag.clone())
+        }
+        ImageReference::Digest(digest) => {
+            Reference::with_digest(image.registry.clone(), repository, digest.clone())
         }
     }
 }
@@ -487,6 +494,21 @@ mod tests {
         ] {
             assert!(!is_loopback(registry), "{registry}");
         }
+    }
+
+    #[test]
+    fn docker_hub_official_images_live_under_library() {
+        let busybox = parse_image("busybox:1.36").unwrap();
+        assert_eq!(oci_reference(&busybox).repository(), "library/busybox");
+        let owned = parse_image("docker.io/someone/tool@sha256:abc");
+        assert!(owned.is_err(), "a short digest does not parse");
+        let owned = parse_image("someone/tool:v1").unwrap();
+        assert_eq!(oci_reference(&owned).repository(), "someone/tool");
+        let local = parse_image("127.0.0.1:5000/kiln-test/base").unwrap();
+        let reference = oci_reference(&local);
+        assert_eq!(reference.registry(), "127.0.0.1:5000");
+        assert_eq!(reference.repository(), "kiln-test/base");
+        assert_eq!(reference.tag(), Some("latest"));
     }
 
     #[test]

@@ -13,6 +13,28 @@ use crate::image::ResolvedImage;
 /// The label every container Kiln starts carries, so leftovers can be found.
 pub const LABEL_KEY: &str = "kiln.action";
 pub const LABEL_VALUE: &str = "1";
+/// The label naming the executor that started a container (its owner).
+pub const OWNER_LABEL: &str = "kiln.owner";
+
+/// Whose containers a backend starts, and whether it sweeps: with a
+/// configured owner, the probe removes what a previous process of the same
+/// owner left behind; without one, a random per-process owner that nothing
+/// sweeps (so executors or tests sharing a daemon never remove each
+/// other's running containers).
+pub fn owner_and_sweep(configured: Option<&str>) -> (String, bool) {
+    match configured.filter(|owner| !owner.is_empty()) {
+        Some(owner) => (owner.to_string(), true),
+        None => (format!("process-{}", uuid::Uuid::new_v4().simple()), false),
+    }
+}
+
+/// The labels of a container started for `owner`.
+pub fn labels(owner: &str) -> [(String, String); 2] {
+    [
+        (LABEL_KEY.into(), LABEL_VALUE.into()),
+        (OWNER_LABEL.into(), owner.into()),
+    ]
+}
 
 /// The network a container gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +50,8 @@ pub enum Network {
 pub struct RunParameters {
     /// `kiln-<uuid>`: unique, and recognizable in `docker ps`.
     pub name: String,
+    /// `kiln.action=1` and `kiln.owner=<owner>`.
+    pub labels: [(String, String); 2],
     /// `registry/repository@digest`.
     pub image: String,
     /// The container's command: the action's arguments.
@@ -56,6 +80,7 @@ impl RunParameters {
         limits: &Limits,
         image: &ResolvedImage,
         bridge: bool,
+        owner: &str,
     ) -> Result<RunParameters, RunError> {
         let platform = &spec.platform;
         let user = if platform.docker_run_as_root {
@@ -87,6 +112,7 @@ impl RunParameters {
         }
         Ok(RunParameters {
             name: format!("kiln-{}", uuid::Uuid::new_v4().simple()),
+            labels: labels(owner),
             image: image.pinned(),
             command: spec.arguments.clone(),
             environment: spec
@@ -156,7 +182,7 @@ mod tests {
         platform.docker_user = Some(DockerUser::UidGid(1000, 100));
         platform.docker_init = true;
         platform.docker_network = DockerNetwork::Off;
-        let params = RunParameters::new(&spec(platform), &LIMITS, &image(), true).unwrap();
+        let params = RunParameters::new(&spec(platform), &LIMITS, &image(), true, "test").unwrap();
         assert!(params.name.starts_with("kiln-"));
         assert_eq!(
             params.image,
@@ -169,6 +195,15 @@ mod tests {
         assert_eq!(params.network, Network::None);
         assert_eq!(params.nano_cpus, Some(500_000_000));
         assert_eq!(RunParameters::grace_seconds(&LIMITS), 2);
+        assert_eq!(params.labels[1], ("kiln.owner".into(), "test".into()));
+    }
+
+    #[test]
+    fn only_a_configured_owner_sweeps() {
+        assert_eq!(owner_and_sweep(Some("worker-1")), ("worker-1".into(), true));
+        let (first, sweep) = owner_and_sweep(None);
+        assert!(!sweep);
+        assert_ne!(first, owner_and_sweep(Some("")).0, "random per process");
     }
 
     #[test]
@@ -177,13 +212,15 @@ mod tests {
         platform.docker_user = Some(DockerUser::Name("builder".into()));
         platform.docker_run_as_root = true;
         let with_bridge =
-            RunParameters::new(&spec(platform.clone()), &LIMITS, &image(), true).unwrap();
+            RunParameters::new(&spec(platform.clone()), &LIMITS, &image(), true, "test").unwrap();
         assert_eq!(with_bridge.user.as_deref(), Some("0:0"));
         assert_eq!(with_bridge.network, Network::Bridge);
-        let without = RunParameters::new(&spec(platform), &LIMITS, &image(), false).unwrap();
+        let without =
+            RunParameters::new(&spec(platform), &LIMITS, &image(), false, "test").unwrap();
         assert_eq!(without.network, Network::None);
         let default =
-            RunParameters::new(&spec(Platform::default()), &LIMITS, &image(), true).unwrap();
+            RunParameters::new(&spec(Platform::default()), &LIMITS, &image(), true, "test")
+                .unwrap();
         assert_eq!(default.user, None);
     }
 }

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -14,7 +15,7 @@ use kiln_platform::{Platform, RegistryCredentials};
 use std::io::Write as _;
 
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
-use crate::params::{Network, RunParameters, LABEL_KEY, LABEL_VALUE};
+use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 
 /// How the `podman` backend finds its CLI and resolves images.
@@ -24,10 +25,12 @@ pub struct PodmanConfig {
     pub binary: PathBuf,
     /// Images: default image, insecure registries, resolution TTL.
     pub images: ImageConfig,
-    /// At probe, remove containers a previous executor left behind (those
-    /// labelled `kiln.action=1`). Turn off when several executors share
-    /// podman's store.
-    pub remove_leftovers: bool,
+    /// Who this executor is on the daemon: its containers carry the label
+    /// `kiln.owner=<owner>`, and at probe the containers of the same owner
+    /// that a previous process left behind are removed. Executors sharing
+    /// a daemon need distinct owners (e.g. their worker names). None: a
+    /// random owner per process, and no sweep.
+    pub owner: Option<String>,
 }
 
 impl Default for PodmanConfig {
@@ -35,7 +38,7 @@ impl Default for PodmanConfig {
         PodmanConfig {
             binary: "podman".into(),
             images: ImageConfig::default(),
-            remove_leftovers: true,
+            owner: None,
         }
     }
 }
@@ -48,6 +51,8 @@ pub struct Podman {
     bridge: bool,
     /// How an OOM kill is told apart from any other SIGKILL.
     oom_check: OomCheck,
+    /// The `kiln.owner` label of this backend's containers.
+    owner: String,
 }
 
 /// How the backend learns that the kernel killed an action for memory.
@@ -80,6 +85,7 @@ impl Podman {
             images,
             bridge: false,
             oom_check: OomCheck::Inspect,
+            owner: String::new(),
         };
         let version = podman
             .output(&["version", "--format", "{{.Client.Version}}"])
@@ -127,13 +133,18 @@ impl Podman {
             }
             _ => OomCheck::Inspect,
         };
+        let (owner, sweep) = owner_and_sweep(config.owner.as_deref());
         let podman = Podman {
             bridge,
             oom_check,
+            owner,
             ..podman
         };
-        if config.remove_leftovers {
+        if sweep {
             podman.remove_leftovers().await?;
+        }
+        if podman.oom_check == OomCheck::CgroupV1Peak {
+            remove_stale_cgroups();
         }
         tracing::info!(
             binary = shown,
@@ -176,7 +187,7 @@ impl Podman {
     }
 
     async fn remove_leftovers(&self) -> Result<(), String> {
-        let filter = format!("label={LABEL_KEY}={LABEL_VALUE}");
+        let filter = format!("label={OWNER_LABEL}={}", self.owner);
         let listed = self
             .checked(
                 &["ps", "-a", "-q", "--filter", &filter],
@@ -207,7 +218,8 @@ impl Podman {
         let mut args: Vec<String> = vec![
             "run".into(),
             format!("--name={}", params.name),
-            format!("--label={LABEL_KEY}={LABEL_VALUE}"),
+            format!("--label={}={}", params.labels[0].0, params.labels[0].1),
+            format!("--label={}={}", params.labels[1].0, params.labels[1].1),
             // Prepare pulled it, with the action's credentials.
             "--pull=never".into(),
             format!("--volume={workspace}:{workspace}:rw"),
@@ -343,18 +355,67 @@ struct PodmanContainer {
 }
 
 /// Removes the parent cgroup `relative` (and the `conmon` group podman puts
-/// in it) from every v1 hierarchy; a group still in use stays.
-fn remove_cgroup(relative: &str) {
+/// in it) from every v1 hierarchy; true when none is left. A group still
+/// in use (conmon outliving `podman run` by a moment) stays.
+fn try_remove_cgroup(relative: &str) -> bool {
     let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) else {
-        return;
+        return true;
     };
+    let mut removed = true;
     for hierarchy in hierarchies.flatten() {
         let dir = hierarchy.path().join(relative);
         let _ = std::fs::remove_dir(dir.join("conmon"));
         if let Err(error) = std::fs::remove_dir(&dir) {
             if error.kind() != std::io::ErrorKind::NotFound {
-                tracing::debug!(dir = %dir.display(), %error, "could not remove a cgroup");
+                removed = false;
             }
+        }
+    }
+    removed
+}
+
+/// Removes the parent cgroup `relative`, retrying in the background for a
+/// few seconds while conmon still sits in it.
+fn remove_cgroup(relative: &str) {
+    if try_remove_cgroup(relative) {
+        return;
+    }
+    let relative = relative.to_string();
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut delay = Duration::from_millis(50);
+        for _ in 0..8 {
+            tokio::time::sleep(delay).await;
+            if try_remove_cgroup(&relative) {
+                return;
+            }
+            delay *= 2;
+        }
+        tracing::warn!(cgroup = relative, "could not remove an action's cgroup");
+    });
+}
+
+/// Removes the per-action parent cgroups under `kiln/` that are empty and
+/// older than a minute (never one a starting container is about to use):
+/// what an executor that died left behind.
+fn remove_stale_cgroups() {
+    let Ok(entries) = std::fs::read_dir(Path::new(CGROUP_ROOT).join("memory").join(CGROUP_PARENT))
+    else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_dir())
+            .and_then(|m| m.modified().ok())
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        let name = entry.file_name().to_string_lossy().to_string();
+        if stale && name.starts_with("kiln-") {
+            try_remove_cgroup(&format!("{CGROUP_PARENT}/{name}"));
         }
     }
 }
@@ -474,7 +535,7 @@ impl Isolation for Podman {
             .images
             .ensure(&spec.platform, self, false, cancel)
             .await?;
-        let params = RunParameters::new(spec, limits, &image, self.bridge)?;
+        let params = RunParameters::new(spec, limits, &image, self.bridge, &self.owner)?;
         // `--rm` saves a `podman rm` (a third of a trivial action's time);
         // only telling an OOM kill by `podman inspect` needs the container
         // to outlive its exit.

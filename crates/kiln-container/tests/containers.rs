@@ -45,8 +45,7 @@ struct Services {
     podman: Result<Arc<Podman>, String>,
 }
 
-/// Builds the images once and probes both backends once (the probe removes
-/// leftover kiln containers, so only one may run per process).
+/// Builds the images once and probes both backends once.
 fn services() -> Result<&'static Services, String> {
     static SERVICES: OnceLock<Result<Services, String>> = OnceLock::new();
     SERVICES
@@ -73,10 +72,19 @@ fn services() -> Result<&'static Services, String> {
                     Some((name.to_string(), format!("{}@{digest}", name.rsplit_once(':')?.0)))
                 })
                 .collect();
+            // An owner of their own: the probes remove what earlier runs of
+            // these tests left, never the containers of anything else.
+            let owner = Some("kiln-container-tests".to_string());
             let (docker, podman) = runtime().block_on(async {
                 tokio::join!(
-                    Docker::probe(DockerConfig::default()),
-                    Podman::probe(PodmanConfig::default())
+                    Docker::probe(DockerConfig {
+                        owner: owner.clone(),
+                        ..Default::default()
+                    }),
+                    Podman::probe(PodmanConfig {
+                        owner,
+                        ..Default::default()
+                    })
                 )
             });
             Ok(Services {
@@ -506,7 +514,7 @@ async fn stop_case(backend: &dyn Isolation, limits: Limits, cancel_when_started:
     assert_eq!(
         outcome.stopped,
         Some(expected),
-        "{name}: {}",
+        "{name}: {outcome:?} {}",
         action.stderr()
     );
     let id = std::fs::read_to_string(&id_file).expect("the action started before it was stopped");
@@ -596,8 +604,12 @@ fn expect_error(result: Result<(), RunError>, what: &str) -> RunError {
     }
 }
 
+/// Held by the tests that pull or remove the private image's local copy.
+static PRIVATE_IMAGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_private_image_needs_the_right_credentials_every_time() {
+    let _private = PRIVATE_IMAGE.lock().unwrap_or_else(|e| e.into_inner());
     for backend in backends("private") {
         runtime().block_on(async {
             let name = backend.name();
@@ -718,7 +730,7 @@ fn no_image_is_a_failed_precondition_unless_a_default_is_configured() {
         if services.docker.is_ok() {
             let config = DockerConfig {
                 images: images.clone(),
-                remove_leftovers: false,
+                owner: None,
                 ..Default::default()
             };
             with_default.push(Box::new(Docker::probe(config).await.unwrap()));
@@ -726,7 +738,7 @@ fn no_image_is_a_failed_precondition_unless_a_default_is_configured() {
         if services.podman.is_ok() {
             let config = PodmanConfig {
                 images,
-                remove_leftovers: false,
+                owner: None,
                 ..Default::default()
             };
             with_default.push(Box::new(Podman::probe(config).await.unwrap()));
@@ -740,8 +752,10 @@ fn no_image_is_a_failed_precondition_unless_a_default_is_configured() {
     });
 }
 
+/// Uses the private image under its digest name, which only this test
+/// and the private-image test pull (one at a time).
 #[test]
-fn docker_pulls_in_prepare() {
+fn docker_pulls_in_prepare_and_again_when_the_image_is_gone() {
     let Ok(services) = services() else {
         eprintln!(
             "skipped: docker_pulls_in_prepare: {}",
@@ -753,6 +767,7 @@ fn docker_pulls_in_prepare() {
         eprintln!("skipped: docker_pulls_in_prepare: docker unavailable");
         return;
     };
+    let _private = PRIVATE_IMAGE.lock().unwrap_or_else(|e| e.into_inner());
     // The private image's digest is only in the auth registry under its
     // name; the local store must not have it under that name yet.
     let pinned = services.pinned[PRIVATE].clone();
@@ -774,6 +789,15 @@ fn docker_pulls_in_prepare() {
             .success(),
         "after prepare, {pinned} is local"
     );
+
+    // Gone again before the run (an image prune): the run pulls it back.
+    assert!(cli("docker", &["rmi", &pinned]).status.success());
+    let action = Action::new(private, &["echo", "pulled again"]);
+    let outcome = runtime()
+        .block_on(docker.run(&action.spec, &limits(), &CancellationToken::new()))
+        .unwrap();
+    assert_eq!(outcome.exit_code, 0, "{}", action.stderr());
+    assert_eq!(action.stdout(), "pulled again\n");
     let _ = cli("docker", &["rmi", &pinned]);
 }
 
@@ -855,7 +879,7 @@ fn concurrent_prepares_of_one_image_pull_once() {
 #[test]
 #[ignore]
 fn measure_overhead() {
-    const N: usize = 20;
+    const N: usize = 30;
     let Ok(services) = services() else {
         eprintln!("skipped: measure_overhead: {}", services().err().unwrap());
         return;
@@ -879,7 +903,15 @@ fn measure_overhead() {
                 &["true"],
             );
             let cancel = CancellationToken::new();
-            let (mut prepare, mut run) = (Vec::new(), Vec::new());
+            let mut raw_args = vec!["run", "--rm", "--network", "none"];
+            let memory_arg;
+            if let Some(bytes) = memory {
+                memory_arg = format!("--memory={bytes}b");
+                raw_args.push(&memory_arg);
+            }
+            raw_args.extend([pinned.as_str(), "true"]);
+            // Interleaved, so drift in the machine's load hits both alike.
+            let (mut prepare, mut run, mut raw) = (Vec::new(), Vec::new(), Vec::new());
             runtime().block_on(async {
                 action.run(&*backend, &limits, &cancel).await.unwrap();
                 for _ in 0..N {
@@ -893,32 +925,94 @@ fn measure_overhead() {
                     assert_eq!(outcome.exit_code, 0);
                     prepare.push((prepared - started).as_secs_f64() * 1000.0);
                     run.push(prepared.elapsed().as_secs_f64() * 1000.0);
+
+                    let started = Instant::now();
+                    let status = tokio::process::Command::new(name)
+                        .args(&raw_args)
+                        .status()
+                        .await
+                        .unwrap();
+                    assert!(status.success());
+                    raw.push(started.elapsed().as_secs_f64() * 1000.0);
                 }
             });
-            let mut raw = Vec::new();
-            let mut raw_args = vec!["run", "--rm", "--network", "none"];
-            let memory_arg;
-            if let Some(bytes) = memory {
-                memory_arg = format!("--memory={bytes}b");
-                raw_args.push(&memory_arg);
-            }
-            raw_args.extend([pinned.as_str(), "true"]);
-            for _ in 0..N {
-                let started = Instant::now();
-                assert!(cli(name, &raw_args).status.success());
-                raw.push(started.elapsed().as_secs_f64() * 1000.0);
-            }
             let (run_mean, raw_mean) = (mean(&run), mean(&raw));
+            let (run_median, raw_median) = (median(run.clone()), median(raw.clone()));
             println!(
                 "{name} (memory limit {memory:?}), N={N}: backend run mean {run_mean:.1} ms \
-                 (median {:.1}), prepare (warm) mean {:.2} ms; raw `{name} {}` mean {raw_mean:.1} ms \
-                 (median {:.1}); run/raw = {:.3}",
-                median(run.clone()),
+                 (median {run_median:.1}), prepare (warm) mean {:.2} ms; raw `{name} {}` mean \
+                 {raw_mean:.1} ms (median {raw_median:.1}); run/raw: means {:.3}, medians {:.3}",
                 mean(&prepare),
                 raw_args.join(" "),
-                median(raw.clone()),
-                run_mean / raw_mean
+                run_mean / raw_mean,
+                run_median / raw_median
             );
         }
+    }
+}
+
+#[test]
+fn a_probe_removes_only_its_own_owners_leftovers() {
+    let Ok(services) = services() else {
+        eprintln!("skipped: leftovers: {}", services().err().unwrap());
+        return;
+    };
+    let owner = format!("leftover-test-{}", std::process::id());
+    for runtime_name in ["docker", "podman"] {
+        let available = match runtime_name {
+            "docker" => services.docker.is_ok(),
+            _ => services.podman.is_ok(),
+        };
+        if !available {
+            eprintln!("skipped: leftovers with {runtime_name}: unavailable");
+            continue;
+        }
+        let create = |owner: &str| {
+            let created = cli(
+                runtime_name,
+                &[
+                    "create",
+                    "--label=kiln.action=1",
+                    &format!("--label=kiln.owner={owner}"),
+                    BASE,
+                    "true",
+                ],
+            );
+            assert!(created.status.success(), "{runtime_name} create");
+            String::from_utf8_lossy(&created.stdout).trim().to_string()
+        };
+        let mine = create(&owner);
+        let other = create(&format!("{owner}-other"));
+        let exists = |id: &str| {
+            cli(runtime_name, &["container", "inspect", id])
+                .status
+                .success()
+        };
+        let probed = runtime().block_on(async {
+            match runtime_name {
+                "docker" => Docker::probe(DockerConfig {
+                    owner: Some(owner.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+                _ => Podman::probe(PodmanConfig {
+                    owner: Some(owner.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            }
+        });
+        probed.unwrap();
+        assert!(
+            !exists(&mine),
+            "{runtime_name}: the owner's leftover was removed"
+        );
+        assert!(
+            exists(&other),
+            "{runtime_name}: another owner's container stays"
+        );
+        let _ = cli(runtime_name, &["rm", "-f", &other]);
     }
 }
