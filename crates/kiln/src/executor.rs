@@ -47,7 +47,8 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         .connect()
         .await
         .with_context(|| format!("connecting to {}", options.scheduler))?;
-    let isolations = crate::isolation::offered(&options.isolation).await;
+    let owner = format!("kiln-executor:{}", options.work_dir.display());
+    let isolations = crate::isolation::offered(&options.isolation, &owner).await;
     let isolation_types = isolations.names().iter().map(|n| n.to_string()).collect();
     let mut runner_config = RunnerConfig::new(
         options.work_dir.join("work"),

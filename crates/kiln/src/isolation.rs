@@ -50,8 +50,12 @@ impl Default for IsolationSettings {
     }
 }
 
-/// Probes the configured backends and returns those that work.
-pub async fn offered(settings: &IsolationSettings) -> Isolations {
+/// Probes the configured backends and returns those that work. `owner`
+/// names this executor instance, stably across restarts and uniquely among
+/// those sharing a container daemon (e.g. its data directory): containers
+/// are labelled with it, and at start-up the leftovers of a previous run of
+/// the same owner are removed.
+pub async fn offered(settings: &IsolationSettings, owner: &str) -> Isolations {
     let mut isolations = Isolations::new(Arc::new(NoIsolation));
     let images = ImageConfig {
         default_image: Some(settings.default_image.clone()).filter(|image| !image.is_empty()),
@@ -74,14 +78,14 @@ pub async fn offered(settings: &IsolationSettings) -> Isolations {
                 "docker" => Docker::probe(DockerConfig {
                     socket: settings.docker_socket.clone(),
                     images,
-                    ..DockerConfig::default()
+                    owner: Some(owner.to_string()),
                 })
                 .await
                 .map(|d| Arc::new(d) as _),
                 "podman" => Podman::probe(PodmanConfig {
                     binary: settings.podman_binary.clone(),
                     images,
-                    ..PodmanConfig::default()
+                    owner: Some(owner.to_string()),
                 })
                 .await
                 .map(|p| Arc::new(p) as _),

@@ -230,7 +230,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     });
     let executor = match &scheduler {
         Some(scheduler) if config.execution.embedded_executor => {
-            let isolations = crate::isolation::offered(&config.execution.isolation).await;
+            let owner = format!("kiln-serve:{}", config.data_dir.display());
+            let isolations = crate::isolation::offered(&config.execution.isolation, &owner).await;
             Some(start_embedded_executor(
                 config,
                 scheduler.clone(),
