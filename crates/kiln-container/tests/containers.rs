@@ -2,7 +2,8 @@
 //! dockerd, podman and the two local registries, with the images
 //! `tests/images/build.sh` builds (run once per test process). Each case
 //! runs for both runtimes. Without the services a test prints
-//! `skipped: <reason>` and passes: `scripts/services.sh start` brings them up.
+//! `skipped: <reason>` and passes (`scripts/services.sh start` brings them
+//! up), except under CI, where a missing service fails the test.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -25,6 +26,20 @@ const ENTRYPOINT: &str = "127.0.0.1:5000/kiln-test/entrypoint:latest";
 const PRIVATE: &str = "127.0.0.1:5001/kiln-test/private:latest";
 const USER: &str = "kiln";
 const PASSWORD: &str = "Kiln-Test-Secret-7f3a9c";
+
+/// Says why a case is skipped, straight to stderr (the harness captures
+/// `eprintln!`, and a skip must show in a passing run). Under CI, which
+/// starts every service (`scripts/services.sh start`), a skip is a failure.
+macro_rules! skipped {
+    ($($arg:tt)*) => {{
+        let line = format!($($arg)*);
+        if std::env::var_os("CI").is_some() {
+            panic!("{line} (CI must provide dockerd, podman and the registries)");
+        }
+        use std::io::Write as _;
+        let _ = std::io::stderr().write_all(format!("\n{line}\n").as_bytes());
+    }};
+}
 
 /// One runtime for the whole process: the backends (and bollard's
 /// connection pool) live as long as it.
@@ -102,18 +117,18 @@ fn backends(test: &str) -> Vec<Arc<dyn Isolation>> {
     let services = match services() {
         Ok(services) => services,
         Err(reason) => {
-            eprintln!("skipped: {test}: {reason}");
+            skipped!("skipped: {test}: {reason}");
             return Vec::new();
         }
     };
     let mut found: Vec<Arc<dyn Isolation>> = Vec::new();
     match &services.docker {
         Ok(docker) => found.push(docker.clone()),
-        Err(reason) => eprintln!("skipped: {test} with docker: {reason}"),
+        Err(reason) => skipped!("skipped: {test} with docker: {reason}"),
     }
     match &services.podman {
         Ok(podman) => found.push(podman.clone()),
-        Err(reason) => eprintln!("skipped: {test} with podman: {reason}"),
+        Err(reason) => skipped!("skipped: {test} with podman: {reason}"),
     }
     found
 }
@@ -757,14 +772,14 @@ fn no_image_is_a_failed_precondition_unless_a_default_is_configured() {
 #[test]
 fn docker_pulls_in_prepare_and_again_when_the_image_is_gone() {
     let Ok(services) = services() else {
-        eprintln!(
+        skipped!(
             "skipped: docker_pulls_in_prepare: {}",
             services().err().unwrap()
         );
         return;
     };
     let Ok(docker) = &services.docker else {
-        eprintln!("skipped: docker_pulls_in_prepare: docker unavailable");
+        skipped!("skipped: docker_pulls_in_prepare: docker unavailable");
         return;
     };
     let _private = PRIVATE_IMAGE.lock().unwrap_or_else(|e| e.into_inner());
@@ -804,14 +819,14 @@ fn docker_pulls_in_prepare_and_again_when_the_image_is_gone() {
 #[test]
 fn podman_holds_the_image_after_prepare() {
     let Ok(services) = services() else {
-        eprintln!(
+        skipped!(
             "skipped: podman_holds_the_image_after_prepare: {}",
             services().err().unwrap()
         );
         return;
     };
     let Ok(podman) = &services.podman else {
-        eprintln!("skipped: podman_holds_the_image_after_prepare: podman unavailable");
+        skipped!("skipped: podman_holds_the_image_after_prepare: podman unavailable");
         return;
     };
     runtime()
@@ -850,7 +865,7 @@ impl ImageStore for CountingStore {
 #[test]
 fn concurrent_prepares_of_one_image_pull_once() {
     if let Err(reason) = services() {
-        eprintln!("skipped: concurrent_prepares_pull_once: {reason}");
+        skipped!("skipped: concurrent_prepares_pull_once: {reason}");
         return;
     }
     runtime().block_on(async {
@@ -881,7 +896,7 @@ fn concurrent_prepares_of_one_image_pull_once() {
 fn measure_overhead() {
     const N: usize = 30;
     let Ok(services) = services() else {
-        eprintln!("skipped: measure_overhead: {}", services().err().unwrap());
+        skipped!("skipped: measure_overhead: {}", services().err().unwrap());
         return;
     };
     let pinned = services.pinned[BASE].clone();
@@ -954,7 +969,7 @@ fn measure_overhead() {
 #[test]
 fn a_probe_removes_only_its_own_owners_leftovers() {
     let Ok(services) = services() else {
-        eprintln!("skipped: leftovers: {}", services().err().unwrap());
+        skipped!("skipped: leftovers: {}", services().err().unwrap());
         return;
     };
     let owner = format!("leftover-test-{}", std::process::id());
@@ -964,7 +979,7 @@ fn a_probe_removes_only_its_own_owners_leftovers() {
             _ => services.podman.is_ok(),
         };
         if !available {
-            eprintln!("skipped: leftovers with {runtime_name}: unavailable");
+            skipped!("skipped: leftovers with {runtime_name}: unavailable");
             continue;
         }
         let create = |owner: &str| {
