@@ -3,7 +3,11 @@
 //! namespace, with and without cgroup limits) and prints the mean
 //! milliseconds per action. Needs root.
 //!
-//! `cargo run --release -p kiln-sandbox --example overhead [N]`
+//! `cargo run --release -p kiln-sandbox --example overhead [N] [BALLAST_MIB]`
+//!
+//! BALLAST_MIB makes this process resident in that much more memory first,
+//! as a busy executor would be: forks copy page tables, so the sandbox's
+//! start cost grows with the executor's resident size.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +55,11 @@ async fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(200);
+    let ballast_mib: usize = std::env::args()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let ballast = vec![1u8; ballast_mib << 20];
     let sandbox = Sandbox::probe(SandboxConfig::default()).unwrap_or_else(|reason| {
         eprintln!("no sandbox: {reason}");
         std::process::exit(1);
@@ -68,7 +77,7 @@ async fn main() {
         pids_max: Some(1024),
         ..unlimited
     };
-    println!("{count} x /bin/true");
+    println!("{count} x /bin/true, {ballast_mib} MiB ballast");
     measure("none", &NoIsolation, DockerNetwork::Off, &unlimited, count).await;
     measure(
         "sandbox, dockerNetwork=bridge, limits",
@@ -94,4 +103,5 @@ async fn main() {
         count,
     )
     .await;
+    drop(std::hint::black_box(ballast));
 }
