@@ -20,6 +20,7 @@ async fn measure(
     label: &str,
     isolation: &dyn Isolation,
     network: DockerNetwork,
+    docker_init: bool,
     limits: &Limits,
     count: u32,
 ) {
@@ -28,6 +29,7 @@ async fn measure(
     std::fs::create_dir(&workspace).unwrap();
     let mut platform = Platform::default();
     platform.docker_network = network;
+    platform.docker_init = docker_init;
     let spec = CommandSpec {
         arguments: vec!["/bin/true".into()],
         environment_variables: Vec::new(),
@@ -78,30 +80,42 @@ async fn main() {
         ..unlimited
     };
     println!("{count} x /bin/true, {ballast_mib} MiB ballast");
-    measure("none", &NoIsolation, DockerNetwork::Off, &unlimited, count).await;
     measure(
-        "sandbox, dockerNetwork=bridge, limits",
-        &sandbox,
-        DockerNetwork::Bridge,
-        &limited,
-        count,
-    )
-    .await;
-    measure(
-        "sandbox, dockerNetwork=off, limits",
-        &sandbox,
+        "none",
+        &NoIsolation,
         DockerNetwork::Off,
-        &limited,
-        count,
-    )
-    .await;
-    measure(
-        "sandbox, dockerNetwork=off, no limits set",
-        &sandbox,
-        DockerNetwork::Off,
+        false,
         &unlimited,
         count,
     )
     .await;
+    for (label, network, docker_init, limits) in [
+        (
+            "sandbox, network=bridge, limits",
+            DockerNetwork::Bridge,
+            false,
+            &limited,
+        ),
+        (
+            "sandbox, network=off, limits",
+            DockerNetwork::Off,
+            false,
+            &limited,
+        ),
+        (
+            "sandbox, network=off, no limits",
+            DockerNetwork::Off,
+            false,
+            &unlimited,
+        ),
+        (
+            "sandbox, network=off, limits, dockerInit",
+            DockerNetwork::Off,
+            true,
+            &limited,
+        ),
+    ] {
+        measure(label, &sandbox, network, docker_init, limits, count).await;
+    }
     drop(std::hint::black_box(ballast));
 }

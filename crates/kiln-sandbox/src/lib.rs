@@ -9,12 +9,14 @@
 //! - [`cgroup`]: per-action cgroups on v1 or v2 hierarchies, usable by
 //!   other backends too;
 //! - `view`: the filesystem an action sees, as mount steps;
-//! - `child`: the code that runs between fork and exec (the only `unsafe`).
+//! - `child`: the code that runs between fork (or clone) and exec;
+//! - `cloned`: waiting for a cloned action through its pidfd.
 //!
 //! Linux only; the executor must run as root.
 
 pub mod cgroup;
 mod child;
+mod cloned;
 pub mod sandbox;
 mod view;
 
