@@ -20,5 +20,5 @@ mod cloned;
 pub mod sandbox;
 mod view;
 
-pub use sandbox::{resolve_user, Sandbox, SandboxConfig};
+pub use sandbox::{resolve_user, Sandbox, SandboxConfig, MIN_MEMORY_BYTES};
 pub use view::{HIDDEN_PATHS, SYSTEM_PATHS};

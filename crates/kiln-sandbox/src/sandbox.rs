@@ -78,6 +78,13 @@ const KEPT_CAPABILITIES: &[u32] = &[
     31, // CAP_SETFCAP
 ];
 
+/// The smallest memory limit the sandbox applies: a cloned action shares
+/// the executor's memory until it execs, and the kernel's OOM killer kills
+/// every process sharing the memory of its victim; a limit this size
+/// cannot be reached before the exec (nothing else is charged to the
+/// fresh cgroup by then).
+pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
+
 /// `workload-isolation-type=sandbox`.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -424,6 +431,10 @@ impl Isolation for Sandbox {
             });
         };
         let user = resolve_user(&spec.platform)?;
+        let limits = &Limits {
+            memory_bytes: limits.memory_bytes.map(|b| b.max(MIN_MEMORY_BYTES)),
+            ..*limits
+        };
         let cgroup = self.cgroup(limits)?;
         let plan = Arc::new(self.plan(
             Some(&spec.workspace),

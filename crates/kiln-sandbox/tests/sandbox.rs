@@ -300,6 +300,18 @@ async fn a_memory_hog_is_killed_and_says_so() {
 }
 
 #[tokio::test]
+async fn a_tiny_memory_limit_is_raised_to_the_floor() {
+    let Some(sandbox) = sandbox() else { return };
+    for docker_init in [false, true] {
+        let mut action = Action::with_init(docker_init);
+        action.limits.memory_bytes = Some(64 << 10);
+        let (outcome, stdout, stderr) = action.run(sandbox, "echo alive").await;
+        assert_eq!(outcome.exit_code, 0, "{stderr}");
+        assert_eq!(stdout, "alive\n");
+    }
+}
+
+#[tokio::test]
 async fn a_fork_bomb_is_contained_by_pids_max() {
     let Some(sandbox) = sandbox() else { return };
     for docker_init in [false, true] {
