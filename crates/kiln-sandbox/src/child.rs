@@ -1,17 +1,19 @@
-//! What runs between the executor's fork and the action's exec, as a
-//! `pre_exec` hook: joining the cgroup, the namespaces, the new root and the
-//! drop of privileges. Everything here is async-signal-safe: direct
-//! syscalls over a [`Plan`] prepared (and allocated) before the fork.
+//! What runs between the executor's fork (or clone) and the action's
+//! exec: joining the cgroup, the namespaces, the new root and the drop of
+//! privileges. Everything here is async-signal-safe: direct syscalls over
+//! a [`Plan`] (and [`Exec`]) prepared, and allocated, before.
 //!
-//! Three processes take part. The *intermediate* (std's forked child, the
-//! process-group leader the executor supervises) joins the cgroup,
-//! unshares the pid namespace and forks *init*, PID 1 of the new namespace.
-//! Init builds the mount, IPC, UTS and network namespaces and the root,
-//! forks the *action* (which returns to std to exec the command), reaps
-//! zombies, and hands the action's wait status back through a pipe. When
-//! init exits the kernel kills whatever is left in the namespace. The
-//! intermediate then ends the same way the action did (same exit code, or
-//! the same signal), so the executor sees the action's own status.
+//! Two ways in. The default, [`spawn_cloned`], clones the action straight
+//! into new namespaces with `CLONE_VM | CLONE_VFORK` (no copy of the
+//! executor's memory); the action is PID 1. With `dockerInit`, [`enter`]
+//! is std's `pre_exec` hook and three processes take part: the
+//! *intermediate* (std's forked child, the process-group leader the
+//! executor supervises) joins the cgroup, unshares the pid namespace and
+//! forks *init*, PID 1 of the new namespace; init builds the other
+//! namespaces and the root, forks the *action* (which returns to std to
+//! exec), reaps orphans, and hands the action's wait status back through a
+//! pipe; the intermediate then ends the way the action did. Either way,
+//! when PID 1 exits the kernel kills everything left in the namespace.
 
 use std::ffi::{c_int, CStr, CString};
 use std::io;

@@ -1,7 +1,8 @@
 //! The `sandbox` backend of [`Isolation`]: probing the host once at
 //! start-up, then for each action a cgroup with its limits, a mount plan
-//! with its workspace, and the command handed to the shared
-//! [`process::supervise`] with the namespace setup as its `pre_exec` hook.
+//! with its workspace, and the process started into its namespaces and
+//! handed to the shared supervision ([`process::supervise_process`], or
+//! [`process::supervise`] with a `pre_exec` hook under `dockerInit`).
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;

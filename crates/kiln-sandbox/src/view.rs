@@ -1,6 +1,6 @@
 //! The filesystem an action sees, as a list of mount steps computed on the
 //! host before the fork: a tmpfs root, read-only system directories (with
-//! secrets masked), a minimal /dev, private /tmp and /dev/shm, fresh /proc
+//! secrets masked), a minimal /dev, private /tmp, /dev/shm and /dev/pts, fresh /proc
 //! and /sys, and the action's workspace at its own path, read-write.
 
 use std::collections::BTreeSet;
