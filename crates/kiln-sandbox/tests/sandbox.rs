@@ -406,6 +406,61 @@ async fn only_stdio_is_open_in_the_action() {
     }
 }
 
+/// Waits until `path` exists (the action says it got there).
+async fn until_exists(path: &Path) {
+    while !path.exists() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn cancelling_stops_the_sandbox() {
+    let Some(sandbox) = sandbox() else { return };
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        let token = format!("kiln-cancelled-{}-{docker_init}", std::process::id());
+        let spec = action.spec(&[
+            "bash",
+            "-c",
+            &format!("(exec -a {token} sleep 3600) & touch started; wait"),
+        ]);
+        let cancel = CancellationToken::new();
+        let run = sandbox.run(&spec, &action.limits, &cancel);
+        let started = action.workspace.join("started");
+        let cancel_when_started = async {
+            until_exists(&started).await;
+            cancel.cancel();
+        };
+        let (outcome, ()) = tokio::join!(run, cancel_when_started);
+        let outcome = outcome.unwrap();
+        assert_eq!(outcome.stopped, Some(StopReason::Cancelled));
+        assert_eq!(host_processes_with(&token), Vec::<String>::new());
+    }
+}
+
+#[tokio::test]
+async fn dropping_a_run_leaves_nothing_behind() {
+    let Some(sandbox) = sandbox() else { return };
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        let token = format!("kiln-dropped-{}-{docker_init}", std::process::id());
+        let spec = action.spec(&[
+            "bash",
+            "-c",
+            &format!("(exec -a {token} sleep 3600) & touch started; wait"),
+        ]);
+        let cancel = CancellationToken::new();
+        let started = action.workspace.join("started");
+        tokio::select! {
+            _ = sandbox.run(&spec, &action.limits, &cancel) => panic!("the action ended by itself"),
+            _ = until_exists(&started) => {}
+        }
+        // The run future is dropped: its cgroup guard kills what is left and
+        // waits until the cgroup is empty.
+        assert_eq!(host_processes_with(&token), Vec::<String>::new());
+    }
+}
+
 #[tokio::test]
 async fn docker_user_sets_the_uid_and_gid() {
     let Some(sandbox) = sandbox() else { return };
