@@ -27,6 +27,13 @@ fn sandbox() -> Option<&'static Sandbox> {
     }
 }
 
+#[test]
+fn the_sandbox_can_be_shared_as_an_isolation() {
+    fn shareable<T: Send + Sync + 'static>() {}
+    shareable::<Sandbox>();
+    let _: Option<Arc<dyn Isolation>> = None::<Arc<Sandbox>>.map(|s| s as Arc<dyn Isolation>);
+}
+
 /// A workspace and an output directory beside it, under /tmp.
 struct Action {
     _root: tempfile::TempDir,
