@@ -341,6 +341,9 @@ unsafe fn reap(action_pid: libc::pid_t, status_write: RawFd) -> ! {
     // SAFETY (whole body): plain syscalls on stack buffers.
     unsafe {
         libc::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr(), 0, 0, 0);
+        // Init's memory is a copy of the executor's: keep the action (which
+        // lacks CAP_SYS_PTRACE) out of it and its /proc files.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         loop {
             let mut status: c_int = 0;
             let reaped = libc::waitpid(-1, &mut status, 0);

@@ -413,6 +413,30 @@ async fn only_stdio_is_open_in_the_action() {
     }
 }
 
+#[tokio::test]
+async fn the_init_does_not_reveal_the_executor() {
+    let Some(sandbox) = sandbox() else { return };
+    // Init is a fork of the executor: its environment and memory are the
+    // executor's, and must stay unreadable. (Its command line, readable by
+    // anyone as everywhere, is the executor's too.)
+    std::env::set_var("KILN_SANDBOX_TEST_SECRET", "hunter2");
+    let action = Action::with_init(true);
+    let (outcome, stdout, stderr) = action
+        .run(
+            sandbox,
+            "cat /proc/1/environ 2>/dev/null | tr '\\0' '\\n'; \
+             head -c 16 /proc/1/mem > /dev/null 2>&1 && echo mem-readable; true",
+        )
+        .await;
+    assert_eq!(outcome.exit_code, 0, "{stderr}");
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    assert!(
+        !stdout.contains("sandbox-"),
+        "the test binary's name showed: {stdout}"
+    );
+    assert!(!stdout.contains("mem-readable"));
+}
+
 /// Waits until `path` exists (the action says it got there).
 async fn until_exists(path: &Path) {
     while !path.exists() {
