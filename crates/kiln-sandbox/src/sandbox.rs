@@ -174,47 +174,46 @@ impl Sandbox {
             pids_max: Some(16),
         };
         let cgroup = self.cgroup(&limits).map_err(|e| e.to_string())?;
-        let plan = Arc::new(self.plan(None, Path::new("/"), None, true, cgroup.as_ref()));
-        let plan_for_clone = Plan::clone(&plan);
+        let plan = self.plan(None, Path::new("/"), None, true, cgroup.as_ref());
+        self.trial_run_cloned(&plan)?;
+
+        // And with an init (dockerInit).
+        let (mut read_end, write_end) = stderr_pipe()?;
         let mut command = std::process::Command::new("/bin/true");
         command
             .env_clear()
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(write_end)
             .process_group(0);
         // SAFETY: `child::enter` only makes async-signal-safe syscalls on
         // the plan, which is built before the fork.
         unsafe {
             command.pre_exec(move || child::enter(&plan));
         }
-        let output = command
-            .output()
-            .map_err(|e| format!("starting /bin/true in a sandbox: {e}"))?;
-        if !output.status.success() {
+        let spawned = command.spawn();
+        drop(command);
+        let mut stderr = String::new();
+        let _ = std::io::Read::read_to_string(&mut read_end, &mut stderr);
+        let status = spawned.and_then(|mut child| child.wait()).map_err(|e| {
+            format!(
+                "starting /bin/true in a sandbox with an init: {e}: {}",
+                explain(&stderr)
+            )
+        })?;
+        if !status.success() {
             return Err(format!(
-                "/bin/true failed in a sandbox with an init ({}): {}",
-                output.status,
-                explain(&String::from_utf8_lossy(&output.stderr))
+                "/bin/true failed in a sandbox with an init ({status}): {}",
+                explain(&stderr)
             ));
         }
-        self.trial_run_cloned(&plan_for_clone)
+        Ok(())
     }
 
     /// The same through the default, cloned start.
     fn trial_run_cloned(&self, plan: &Plan) -> Result<(), String> {
         use std::io::Read;
-        use std::os::fd::FromRawFd;
-        let mut pipe = [0; 2];
-        // SAFETY: pipe2 fills the array with two new descriptors, owned
-        // by the Files below.
-        let (mut read_end, write_end) = unsafe {
-            if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
-                return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
-            }
-            (
-                std::fs::File::from_raw_fd(pipe[0]),
-                std::fs::File::from_raw_fd(pipe[1]),
-            )
-        };
+        let (mut read_end, write_end) = stderr_pipe()?;
         let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
         let exec =
             Exec::new(Path::new("/bin/true"), &["true".into()], &[]).map_err(|e| e.to_string())?;
@@ -228,7 +227,14 @@ impl Sandbox {
         let mut stderr = String::new();
         let _ = read_end.read_to_string(&mut stderr);
         let pid = spawned
-            .map_err(|e| format!("starting /bin/true in a sandbox: {e}: {}", explain(&stderr)))?;
+            .map_err(|e| {
+                let detail = if stderr.trim().is_empty() && e.raw_os_error() == Some(libc::EPERM) {
+                    "creating namespaces needs CAP_SYS_ADMIN (is the executor in an unprivileged container?)".to_string()
+                } else {
+                    explain(&stderr)
+                };
+                format!("starting /bin/true in a sandbox: {e}: {detail}")
+            })?;
         let mut status = 0;
         // SAFETY: reaps our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -349,6 +355,23 @@ async fn run_cloned(
     let child = ClonedChild::new(pid)
         .map_err(|e| RunError::Internal(format!("waiting for {program_name:?}: {e}")))?;
     process::supervise_process(child, program_name, limits, cancel).await
+}
+
+/// A pipe (read end, write end) to capture a trial run's stderr.
+fn stderr_pipe() -> Result<(std::fs::File, std::fs::File), String> {
+    use std::os::fd::FromRawFd;
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 fills the array with two new descriptors, each owned
+    // by one File below.
+    unsafe {
+        if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+            return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+        }
+        Ok((
+            std::fs::File::from_raw_fd(pipe[0]),
+            std::fs::File::from_raw_fd(pipe[1]),
+        ))
+    }
 }
 
 /// A setup failure line from the child, with the errno spelled out.
