@@ -139,6 +139,28 @@ impl Drop for GroupGuard {
     }
 }
 
+/// A started process [`supervise_process`] can wait for: tokio's `Child`,
+/// or one a backend started its own way (cloned into namespaces). It must
+/// lead its own process group, which is what gets signalled.
+#[async_trait::async_trait]
+pub trait Process: Send {
+    /// Its pid, which is also its process group; `None` once reaped.
+    fn id(&self) -> Option<u32>;
+    /// Waits until it ends and reaps it. Cancel-safe: may be called again.
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus>;
+}
+
+#[async_trait::async_trait]
+impl Process for tokio::process::Child {
+    fn id(&self) -> Option<u32> {
+        tokio::process::Child::id(self)
+    }
+
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        tokio::process::Child::wait(self).await
+    }
+}
+
 /// Spawns `command` in a process group of its own with stdin closed, and
 /// waits for it under `limits`. On timeout or cancellation the group gets
 /// SIGTERM, then SIGKILL after the grace period. When the leader is gone,
@@ -152,7 +174,7 @@ pub async fn supervise(
     cancel: &CancellationToken,
 ) -> Result<ProcessOutcome, RunError> {
     command.process_group(0).stdin(Stdio::null());
-    let mut child = match command.spawn() {
+    let child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
             let (code, what) = match error.kind() {
@@ -164,6 +186,17 @@ pub async fn supervise(
             return Ok(ProcessOutcome::exited(code));
         }
     };
+    supervise_process(child, program, limits, cancel).await
+}
+
+/// Waits for an already started `child` (leading its own process group)
+/// under `limits`, with the same stop sequence as [`supervise`].
+pub async fn supervise_process(
+    mut child: impl Process,
+    program: &str,
+    limits: &Limits,
+    cancel: &CancellationToken,
+) -> Result<ProcessOutcome, RunError> {
     let guard = GroupGuard(child.id().and_then(|id| Pid::from_raw(id as i32)));
     let wait_error = |e| RunError::io(format!("waiting for {program:?}"), e);
 

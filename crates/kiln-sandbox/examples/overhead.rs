@@ -3,7 +3,11 @@
 //! namespace, with and without cgroup limits) and prints the mean
 //! milliseconds per action. Needs root.
 //!
-//! `cargo run --release -p kiln-sandbox --example overhead [N]`
+//! `cargo run --release -p kiln-sandbox --example overhead [N] [BALLAST_MIB]`
+//!
+//! BALLAST_MIB makes this process resident in that much more memory first,
+//! as a busy executor would be: forks copy page tables, so the sandbox's
+//! start cost grows with the executor's resident size.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +20,7 @@ async fn measure(
     label: &str,
     isolation: &dyn Isolation,
     network: DockerNetwork,
+    docker_init: bool,
     limits: &Limits,
     count: u32,
 ) {
@@ -24,6 +29,7 @@ async fn measure(
     std::fs::create_dir(&workspace).unwrap();
     let mut platform = Platform::default();
     platform.docker_network = network;
+    platform.docker_init = docker_init;
     let spec = CommandSpec {
         arguments: vec!["/bin/true".into()],
         environment_variables: Vec::new(),
@@ -51,6 +57,11 @@ async fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(200);
+    let ballast_mib: usize = std::env::args()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let ballast = vec![1u8; ballast_mib << 20];
     let sandbox = Sandbox::probe(SandboxConfig::default()).unwrap_or_else(|reason| {
         eprintln!("no sandbox: {reason}");
         std::process::exit(1);
@@ -68,30 +79,43 @@ async fn main() {
         pids_max: Some(1024),
         ..unlimited
     };
-    println!("{count} x /bin/true");
-    measure("none", &NoIsolation, DockerNetwork::Off, &unlimited, count).await;
+    println!("{count} x /bin/true, {ballast_mib} MiB ballast");
     measure(
-        "sandbox, dockerNetwork=bridge, limits",
-        &sandbox,
-        DockerNetwork::Bridge,
-        &limited,
-        count,
-    )
-    .await;
-    measure(
-        "sandbox, dockerNetwork=off, limits",
-        &sandbox,
+        "none",
+        &NoIsolation,
         DockerNetwork::Off,
-        &limited,
-        count,
-    )
-    .await;
-    measure(
-        "sandbox, dockerNetwork=off, no limits set",
-        &sandbox,
-        DockerNetwork::Off,
+        false,
         &unlimited,
         count,
     )
     .await;
+    for (label, network, docker_init, limits) in [
+        (
+            "sandbox, network=bridge, limits",
+            DockerNetwork::Bridge,
+            false,
+            &limited,
+        ),
+        (
+            "sandbox, network=off, limits",
+            DockerNetwork::Off,
+            false,
+            &limited,
+        ),
+        (
+            "sandbox, network=off, no limits",
+            DockerNetwork::Off,
+            false,
+            &unlimited,
+        ),
+        (
+            "sandbox, network=off, limits, dockerInit",
+            DockerNetwork::Off,
+            true,
+            &limited,
+        ),
+    ] {
+        measure(label, &sandbox, network, docker_init, limits, count).await;
+    }
+    drop(std::hint::black_box(ballast));
 }

@@ -225,7 +225,9 @@ fn unescape_mountinfo(field: &str) -> String {
 
 /// `/proc/self/cgroup`: (controllers, path) per hierarchy; v2 has no
 /// controllers listed.
-fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
+type Membership = Vec<(Vec<String>, String)>;
+
+fn parse_proc_cgroup(text: &str) -> Membership {
     text.lines()
         .filter_map(|line| {
             let mut parts = line.splitn(3, ':');
@@ -326,7 +328,9 @@ impl CgroupRoot {
             .find(|(controllers, _)| controllers.is_empty())
             .map(|(_, path)| path.as_str())
             .ok_or("/proc/self/cgroup has no cgroup2 entry")?;
-        let own_directory = parent_directory(&mount.mount_point, &mount.root, own, ".");
+        let own_directory: PathBuf = parent_directory(&mount.mount_point, &mount.root, own, ".")
+            .components()
+            .collect();
         let available =
             fs::read_to_string(own_directory.join("cgroup.controllers")).map_err(|e| {
                 format!(
@@ -712,6 +716,49 @@ mod tests {
         let v1_control = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
         assert_eq!(keyed_value(v1_control, "oom_kill"), Some(3));
         assert_eq!(keyed_value("under_oom 0\n", "oom_kill"), None);
+    }
+
+    /// A directory laid out like a cgroup2 mount, with the executor in
+    /// `/system.slice/kiln.service`.
+    fn fake_v2(controllers: &str) -> (tempfile::TempDir, Vec<CgroupMount>, Membership) {
+        let root = tempfile::tempdir().unwrap();
+        let own = root.path().join("system.slice/kiln.service");
+        fs::create_dir_all(own.join("kiln")).unwrap();
+        fs::write(own.join("cgroup.controllers"), controllers).unwrap();
+        fs::write(own.join("cgroup.subtree_control"), "").unwrap();
+        fs::write(own.join("kiln/cgroup.subtree_control"), "").unwrap();
+        let mounts = vec![CgroupMount {
+            root: "/".into(),
+            mount_point: root.path().to_path_buf(),
+            v2: true,
+            controllers: vec!["rw".into()],
+        }];
+        let membership = vec![(vec![], "/system.slice/kiln.service".to_string())];
+        (root, mounts, membership)
+    }
+
+    #[test]
+    fn v2_parents_get_the_controllers_enabled() {
+        let (root, mounts, membership) = fake_v2("cpuset cpu io memory pids\n");
+        let found = CgroupRoot::detect_v2(&mounts, &membership, "kiln").unwrap();
+        let own = root.path().join("system.slice/kiln.service");
+        assert_eq!(found.version(), Version::V2);
+        assert_eq!(found.parents(), [(Controller::Unified, own.join("kiln"))]);
+        assert!(found.missing().is_empty());
+        for file in ["cgroup.subtree_control", "kiln/cgroup.subtree_control"] {
+            assert_eq!(
+                fs::read_to_string(own.join(file)).unwrap().trim(),
+                "+memory +cpu +pids"
+            );
+        }
+    }
+
+    #[test]
+    fn v2_without_a_delegated_memory_controller_says_what_to_do() {
+        let (_root, mounts, membership) = fake_v2("cpu pids\n");
+        let reason = CgroupRoot::detect_v2(&mounts, &membership, "kiln").unwrap_err();
+        assert!(reason.contains("memory controller"), "{reason}");
+        assert!(reason.contains("Delegate=yes"), "{reason}");
     }
 
     #[test]

@@ -1,17 +1,19 @@
-//! What runs between the executor's fork and the action's exec, as a
-//! `pre_exec` hook: joining the cgroup, the namespaces, the new root and the
-//! drop of privileges. Everything here is async-signal-safe: direct
-//! syscalls over a [`Plan`] prepared (and allocated) before the fork.
+//! What runs between the executor's fork (or clone) and the action's
+//! exec: joining the cgroup, the namespaces, the new root and the drop of
+//! privileges. Everything here is async-signal-safe: direct syscalls over
+//! a [`Plan`] (and [`Exec`]) prepared, and allocated, before.
 //!
-//! Three processes take part. The *intermediate* (std's forked child, the
-//! process-group leader the executor supervises) joins the cgroup,
-//! unshares the pid namespace and forks *init*, PID 1 of the new namespace.
-//! Init builds the mount, IPC, UTS and network namespaces and the root,
-//! forks the *action* (which returns to std to exec the command), reaps
-//! zombies, and hands the action's wait status back through a pipe. When
-//! init exits the kernel kills whatever is left in the namespace. The
-//! intermediate then ends the same way the action did (same exit code, or
-//! the same signal), so the executor sees the action's own status.
+//! Two ways in. The default, [`spawn_cloned`], clones the action straight
+//! into new namespaces with `CLONE_VM | CLONE_VFORK` (no copy of the
+//! executor's memory); the action is PID 1. With `dockerInit`, [`enter`]
+//! is std's `pre_exec` hook and three processes take part: the
+//! *intermediate* (std's forked child, the process-group leader the
+//! executor supervises) joins the cgroup, unshares the pid namespace and
+//! forks *init*, PID 1 of the new namespace; init builds the other
+//! namespaces and the root, forks the *action* (which returns to std to
+//! exec), reaps orphans, and hands the action's wait status back through a
+//! pipe; the intermediate then ends the way the action did. Either way,
+//! when PID 1 exits the kernel kills everything left in the namespace.
 
 use std::ffi::{c_int, CStr, CString};
 use std::io;
@@ -276,6 +278,23 @@ unsafe fn init(plan: &Plan, status_write: RawFd) -> io::Result<()> {
             flags |= libc::CLONE_NEWNET;
         }
         check(libc::unshare(flags), "unshare", c"")?;
+        setup_root(plan)?;
+        match libc::fork() {
+            -1 => Err(failure("fork (action)", c"")),
+            0 => {
+                libc::close(status_write);
+                action(plan)
+            }
+            action_pid => reap(action_pid, status_write),
+        }
+    }
+}
+
+/// In fresh mount (and network) namespaces, as PID 1 of a fresh pid
+/// namespace: the new root, /proc, hostname and loopback.
+unsafe fn setup_root(plan: &Plan) -> io::Result<()> {
+    // SAFETY (whole body): direct syscalls on C strings owned by `plan`.
+    unsafe {
         // Nothing mounted below propagates back to the host.
         check(
             libc::mount(
@@ -312,15 +331,8 @@ unsafe fn init(plan: &Plan, status_write: RawFd) -> io::Result<()> {
         if plan.new_network {
             loopback_up()?;
         }
-        match libc::fork() {
-            -1 => Err(failure("fork (action)", c"")),
-            0 => {
-                libc::close(status_write);
-                action(plan)
-            }
-            action_pid => reap(action_pid, status_write),
-        }
     }
+    Ok(())
 }
 
 /// Init's life after the fork: reap every child, report the action's.
@@ -329,6 +341,9 @@ unsafe fn reap(action_pid: libc::pid_t, status_write: RawFd) -> ! {
     // SAFETY (whole body): plain syscalls on stack buffers.
     unsafe {
         libc::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr(), 0, 0, 0);
+        // Init's memory is a copy of the executor's: keep the action (which
+        // lacks CAP_SYS_PTRACE) out of it and its /proc files.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         loop {
             let mut status: c_int = 0;
             let reaped = libc::waitpid(-1, &mut status, 0);
@@ -473,6 +488,250 @@ fn loopback_up() -> io::Result<()> {
         let outcome = check(result, "bringing up", c"lo");
         libc::close(socket);
         outcome
+    }
+}
+
+/// The program, arguments and environment as execve wants them, built
+/// before the clone.
+pub(crate) struct Exec {
+    program: CString,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    /// Owns what `argv` and `envp` point into (heap buffers never move).
+    _strings: Vec<CString>,
+}
+
+// SAFETY: the raw pointers point into `_strings`, owned by the same value
+// and never mutated; sharing or sending them is as safe as the CStrings.
+unsafe impl Send for Exec {}
+// SAFETY: as above; nothing mutates through the pointers.
+unsafe impl Sync for Exec {}
+
+impl Exec {
+    /// `program` run with `arguments` (the first is argv[0]) and exactly
+    /// `environment`. Fails on a NUL byte.
+    pub fn new(
+        program: &std::path::Path,
+        arguments: &[String],
+        environment: &[(String, String)],
+    ) -> io::Result<Exec> {
+        use std::os::unix::ffi::OsStrExt;
+        let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the command");
+        let program = CString::new(program.as_os_str().as_bytes()).map_err(nul)?;
+        let arguments: Vec<CString> = arguments
+            .iter()
+            .map(|a| CString::new(a.as_bytes()).map_err(nul))
+            .collect::<io::Result<_>>()?;
+        let environment: Vec<CString> = environment
+            .iter()
+            .map(|(name, value)| CString::new(format!("{name}={value}")).map_err(nul))
+            .collect::<io::Result<_>>()?;
+        let pointers = |strings: &[CString]| {
+            strings
+                .iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(ptr::null()))
+                .collect::<Vec<_>>()
+        };
+        let argv = pointers(&arguments);
+        let envp = pointers(&environment);
+        let mut strings = arguments;
+        strings.extend(environment);
+        Ok(Exec {
+            program,
+            argv,
+            envp,
+            _strings: strings,
+        })
+    }
+
+    fn argv0(&self) -> &CStr {
+        // SAFETY: argv[0] is null or points to a CString in `_strings`.
+        unsafe {
+            self.argv
+                .first()
+                .filter(|p| !p.is_null())
+                .map_or(c"", |p| CStr::from_ptr(*p))
+        }
+    }
+}
+
+/// Descriptors the cloned child makes its stdin, stdout and stderr.
+pub(crate) struct Stdio {
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+}
+
+struct CloneArguments<'a> {
+    plan: &'a Plan,
+    exec: &'a Exec,
+    stdio: &'a Stdio,
+    /// Write end of a CLOEXEC pipe: one byte means setup failed.
+    report: RawFd,
+}
+
+const STACK_BYTES: usize = 256 << 10;
+
+/// Starts the action as PID 1 of new namespaces with
+/// `clone(CLONE_VM | CLONE_VFORK)`, as posix_spawn does: the child borrows
+/// the executor's address space until it execs, so nothing is copied and
+/// the start cost does not grow with the executor's memory. The calling
+/// thread is suspended until then (a millisecond or two). Returns the pid,
+/// leading its own process group; a setup failure (described on the
+/// action's stderr) is an error with code [`SETUP_FAILED`], the child
+/// already reaped. A program that cannot be executed is not an error: it
+/// exits 127 (126 when not executable), saying so on stderr.
+pub(crate) fn spawn_cloned(plan: &Plan, exec: &Exec, stdio: &Stdio) -> io::Result<libc::pid_t> {
+    let mut report = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let [report_read, report_write] = report;
+    let arguments = CloneArguments {
+        plan,
+        exec,
+        stdio,
+        report: report_write,
+    };
+    let mut flags = libc::CLONE_VM
+        | libc::CLONE_VFORK
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::SIGCHLD;
+    if plan.new_network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: the stack is a fresh private mapping with a guard page below
+    // it, unmapped only after the child has exec'd or exited (CLONE_VFORK);
+    // `arguments` outlives the child's use of it for the same reason. All
+    // signals are blocked across the clone so no handler of the executor
+    // runs in the child before it resets them.
+    let pid = unsafe {
+        let stack = libc::mmap(
+            ptr::null_mut(),
+            STACK_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        );
+        if stack == libc::MAP_FAILED {
+            let error = io::Error::last_os_error();
+            libc::close(report_read);
+            libc::close(report_write);
+            return Err(error);
+        }
+        libc::mprotect(stack, 4096, libc::PROT_NONE);
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
+        let pid = libc::clone(
+            clone_main,
+            stack.cast::<u8>().add(STACK_BYTES).cast(),
+            flags,
+            (&arguments as *const CloneArguments).cast_mut().cast(),
+        );
+        let error = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, ptr::null_mut());
+        libc::munmap(stack, STACK_BYTES);
+        libc::close(report_write);
+        if pid < 0 {
+            libc::close(report_read);
+            return Err(error);
+        }
+        pid
+    };
+    let mut byte = 0u8;
+    // SAFETY: reads one byte into a stack variable; the write end is closed
+    // in this process and the child has exec'd (closing it) or exited.
+    let failed = unsafe {
+        let failed = libc::read(report_read, (&mut byte as *mut u8).cast(), 1) == 1;
+        libc::close(report_read);
+        failed
+    };
+    if failed {
+        let mut status = 0;
+        // SAFETY: reaps our own child, which has exited.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(SETUP_FAILED));
+    }
+    Ok(pid)
+}
+
+/// The cloned child: sets up, then execs. Runs on its own stack in the
+/// executor's address space, so it must not allocate or take locks.
+extern "C" fn clone_main(arguments: *mut libc::c_void) -> c_int {
+    // SAFETY: the parent passes a CloneArguments that outlives this child.
+    let arguments = unsafe { &*(arguments as *const CloneArguments) };
+    reset_signals();
+    // SAFETY: an emptied signal set; restores delivery the parent blocked.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, ptr::null_mut());
+    }
+    // SAFETY: runs in the freshly cloned child, over a prepared plan.
+    if unsafe { prepare_cloned(arguments) }.is_err() {
+        write_all(arguments.report, b"!");
+        return SETUP_FAILED;
+    }
+    let exec = arguments.exec;
+    // SAFETY: NUL-terminated program and NULL-terminated argv/envp arrays.
+    unsafe {
+        libc::execve(
+            exec.program.as_ptr(),
+            exec.argv.as_ptr(),
+            exec.envp.as_ptr(),
+        )
+    };
+    let code = errno();
+    let (what, exit): (&[u8], c_int) = match code {
+        libc::ENOENT | libc::ENOTDIR => (b"command not found", 127),
+        libc::EACCES | libc::EPERM => (b"permission denied", 126),
+        _ => (b"cannot execute", 126),
+    };
+    write_all(2, b"kiln: ");
+    write_all(2, exec.argv0().to_bytes());
+    write_all(2, b": ");
+    write_all(2, what);
+    write_all(2, b" in the sandbox (errno ");
+    let mut buffer = [0; 20];
+    write_all(2, decimal(code as u64, &mut buffer));
+    write_all(2, b")\n");
+    exit
+}
+
+/// Stdio, process group, cgroup and namespaces for the cloned child.
+unsafe fn prepare_cloned(arguments: &CloneArguments) -> io::Result<()> {
+    let plan = arguments.plan;
+    let stdio = arguments.stdio;
+    // SAFETY (whole body): direct syscalls on descriptors and strings the
+    // parent keeps alive until this child execs.
+    unsafe {
+        for (from, to) in [(stdio.stdin, 0), (stdio.stdout, 1), (stdio.stderr, 2)] {
+            check(libc::dup2(from, to), "dup2", c"")?;
+        }
+        check(libc::setpgid(0, 0), "setpgid", c"")?;
+        for &fd in &plan.cgroup_join {
+            check(
+                libc::write(fd, c"0".as_ptr().cast(), 1) as c_int,
+                "joining the cgroup",
+                c"",
+            )?;
+        }
+        // After joining, so the action's cgroup is its "/".
+        check(
+            libc::unshare(libc::CLONE_NEWCGROUP),
+            "unshare(CLONE_NEWCGROUP)",
+            c"",
+        )?;
+        setup_root(plan)?;
+        action(plan)
     }
 }
 

@@ -1,11 +1,13 @@
 //! The `sandbox` backend of [`Isolation`]: probing the host once at
 //! start-up, then for each action a cgroup with its limits, a mount plan
-//! with its workspace, and the command handed to the shared
-//! [`process::supervise`] with the namespace setup as its `pre_exec` hook.
+//! with its workspace, and the process started into its namespaces and
+//! handed to the shared supervision ([`process::supervise_process`], or
+//! [`process::supervise`] with a `pre_exec` hook under `dockerInit`).
 
 use std::ffi::CString;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt as _;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use kiln_platform::{DockerNetwork, DockerUser, Platform};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupRoot};
-use crate::child::{self, Plan, FAILURE_PREFIX};
+use crate::child::{self, Exec, Plan, FAILURE_PREFIX};
+use crate::cloned::ClonedChild;
 use crate::view::View;
 
 /// How the sandbox is set up on this executor (a section of the
@@ -75,6 +78,13 @@ const KEPT_CAPABILITIES: &[u32] = &[
     29, // CAP_AUDIT_WRITE
     31, // CAP_SETFCAP
 ];
+
+/// The smallest memory limit the sandbox applies: a cloned action shares
+/// the executor's memory until it execs, and the kernel's OOM killer kills
+/// every process sharing the memory of its victim; a limit this size
+/// cannot be reached before the exec (nothing else is charged to the
+/// fresh cgroup by then).
+pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
 
 /// `workload-isolation-type=sandbox`.
 #[derive(Debug)]
@@ -164,25 +174,75 @@ impl Sandbox {
             pids_max: Some(16),
         };
         let cgroup = self.cgroup(&limits).map_err(|e| e.to_string())?;
-        let plan = Arc::new(self.plan(None, Path::new("/"), None, true, cgroup.as_ref()));
+        let plan = self.plan(None, Path::new("/"), None, true, cgroup.as_ref());
+        self.trial_run_cloned(&plan)?;
+
+        // And with an init (dockerInit).
+        let (mut read_end, write_end) = stderr_pipe()?;
         let mut command = std::process::Command::new("/bin/true");
         command
             .env_clear()
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(write_end)
             .process_group(0);
         // SAFETY: `child::enter` only makes async-signal-safe syscalls on
         // the plan, which is built before the fork.
         unsafe {
             command.pre_exec(move || child::enter(&plan));
         }
-        let output = command
-            .output()
-            .map_err(|e| format!("starting /bin/true in a sandbox: {e}"))?;
-        if !output.status.success() {
+        let spawned = command.spawn();
+        drop(command);
+        let mut stderr = String::new();
+        let _ = std::io::Read::read_to_string(&mut read_end, &mut stderr);
+        let status = spawned.and_then(|mut child| child.wait()).map_err(|e| {
+            format!(
+                "starting /bin/true in a sandbox with an init: {e}: {}",
+                explain(&stderr)
+            )
+        })?;
+        if !status.success() {
             return Err(format!(
-                "/bin/true failed in a sandbox ({}): {}",
-                output.status,
-                explain(&String::from_utf8_lossy(&output.stderr))
+                "/bin/true failed in a sandbox with an init ({status}): {}",
+                explain(&stderr)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The same through the default, cloned start.
+    fn trial_run_cloned(&self, plan: &Plan) -> Result<(), String> {
+        use std::io::Read;
+        let (mut read_end, write_end) = stderr_pipe()?;
+        let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        let exec =
+            Exec::new(Path::new("/bin/true"), &["true".into()], &[]).map_err(|e| e.to_string())?;
+        let stdio = child::Stdio {
+            stdin: null.as_raw_fd(),
+            stdout: null.as_raw_fd(),
+            stderr: write_end.as_raw_fd(),
+        };
+        let spawned = child::spawn_cloned(plan, &exec, &stdio);
+        drop(write_end);
+        let mut stderr = String::new();
+        let _ = read_end.read_to_string(&mut stderr);
+        let pid = spawned
+            .map_err(|e| {
+                let detail = if stderr.trim().is_empty() && e.raw_os_error() == Some(libc::EPERM) {
+                    "creating namespaces needs CAP_SYS_ADMIN (is the executor in an unprivileged container?)".to_string()
+                } else {
+                    explain(&stderr)
+                };
+                format!("starting /bin/true in a sandbox: {e}: {detail}")
+            })?;
+        let mut status = 0;
+        // SAFETY: reaps our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let status = std::process::ExitStatus::from_raw(status);
+        if !status.success() {
+            return Err(format!(
+                "/bin/true failed in a sandbox ({status}): {}",
+                explain(&stderr)
             ));
         }
         Ok(())
@@ -223,6 +283,94 @@ impl Sandbox {
             user,
             drop_capabilities: self.drop_capabilities.clone(),
         }
+    }
+}
+
+impl Sandbox {
+    /// `dockerInit`: an init process (PID 1) reaps orphans and lets the
+    /// polite SIGTERM reach the action. Forks the executor (std's
+    /// `pre_exec`), so its start cost grows with the executor's memory.
+    async fn run_with_init(
+        &self,
+        spec: &CommandSpec,
+        program: &Path,
+        program_name: &str,
+        plan: Arc<Plan>,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<ProcessOutcome, RunError> {
+        let (stdout, stderr) = process::output_stdio(&spec.stdout_path, &spec.stderr_path)?;
+        let mut command = tokio::process::Command::new(program);
+        command
+            .arg0(program_name)
+            .args(&spec.arguments[1..])
+            .env_clear()
+            .envs(spec.environment_variables.iter().cloned())
+            .stdout(stdout)
+            .stderr(stderr);
+        // SAFETY: `child::enter` only makes async-signal-safe syscalls on
+        // the plan, which is built before the fork.
+        unsafe {
+            command.pre_exec(move || child::enter(&plan));
+        }
+        process::supervise(command, program_name, &spec.stderr_path, limits, cancel).await
+    }
+}
+
+/// The default: the action itself is PID 1 of its namespaces (as in a
+/// container without `dockerInit`), cloned without copying the executor.
+async fn run_cloned(
+    spec: &CommandSpec,
+    program: &Path,
+    program_name: &str,
+    plan: Arc<Plan>,
+    limits: &Limits,
+    cancel: &CancellationToken,
+) -> Result<ProcessOutcome, RunError> {
+    let open = |path: &Path, create: bool| {
+        let file = if create {
+            std::fs::File::create(path)
+        } else {
+            std::fs::File::open(path)
+        };
+        file.map_err(|e| RunError::Internal(format!("opening {}: {e}", path.display())))
+    };
+    let stdin = open(Path::new("/dev/null"), false)?;
+    let stdout = open(&spec.stdout_path, true)?;
+    let stderr = open(&spec.stderr_path, true)?;
+    let exec = Exec::new(program, &spec.arguments, &spec.environment_variables)
+        .map_err(|e| RunError::InvalidArgument(format!("{program_name}: {e}")))?;
+    let spawned = tokio::task::spawn_blocking(move || {
+        let stdio = child::Stdio {
+            stdin: stdin.as_raw_fd(),
+            stdout: stdout.as_raw_fd(),
+            stderr: stderr.as_raw_fd(),
+        };
+        child::spawn_cloned(&plan, &exec, &stdio)
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("starting {program_name:?}: {e}")))?;
+    let pid = spawned
+        .map_err(|e| RunError::Internal(format!("starting {program_name:?} in a sandbox: {e}")))?;
+    let child = ClonedChild::new(pid)
+        .map_err(|e| RunError::Internal(format!("waiting for {program_name:?}: {e}")))?;
+    process::supervise_process(child, program_name, limits, cancel).await
+}
+
+/// A pipe (read end, write end) to capture a trial run's stderr.
+fn stderr_pipe() -> Result<(std::fs::File, std::fs::File), String> {
+    use std::os::fd::FromRawFd;
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 fills the array with two new descriptors, each owned
+    // by one File below.
+    unsafe {
+        if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+            return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+        }
+        Ok((
+            std::fs::File::from_raw_fd(pipe[0]),
+            std::fs::File::from_raw_fd(pipe[1]),
+        ))
     }
 }
 
@@ -307,6 +455,10 @@ impl Isolation for Sandbox {
             });
         };
         let user = resolve_user(&spec.platform)?;
+        let limits = &Limits {
+            memory_bytes: limits.memory_bytes.map(|b| b.max(MIN_MEMORY_BYTES)),
+            ..*limits
+        };
         let cgroup = self.cgroup(limits)?;
         let plan = Arc::new(self.plan(
             Some(&spec.workspace),
@@ -315,22 +467,12 @@ impl Isolation for Sandbox {
             spec.platform.docker_network == DockerNetwork::Off,
             cgroup.as_ref(),
         ));
-        let (stdout, stderr) = process::output_stdio(&spec.stdout_path, &spec.stderr_path)?;
-        let mut command = tokio::process::Command::new(&program);
-        command
-            .arg0(&program_name)
-            .args(&spec.arguments[1..])
-            .env_clear()
-            .envs(spec.environment_variables.iter().cloned())
-            .stdout(stdout)
-            .stderr(stderr);
-        // SAFETY: `child::enter` only makes async-signal-safe syscalls on
-        // the plan, which is built before the fork.
-        unsafe {
-            command.pre_exec(move || child::enter(&plan));
-        }
-        let result =
-            process::supervise(command, &program_name, &spec.stderr_path, limits, cancel).await;
+        let result = if spec.platform.docker_init {
+            self.run_with_init(spec, &program, &program_name, plan, limits, cancel)
+                .await
+        } else {
+            run_cloned(spec, &program, &program_name, plan, limits, cancel).await
+        };
         let mut outcome = match result {
             Ok(outcome) => outcome,
             Err(error) => {

@@ -1,6 +1,6 @@
 //! The filesystem an action sees, as a list of mount steps computed on the
 //! host before the fork: a tmpfs root, read-only system directories (with
-//! secrets masked), a minimal /dev, private /tmp and /dev/shm, fresh /proc
+//! secrets masked), a minimal /dev, private /tmp, /dev/shm and /dev/pts, fresh /proc
 //! and /sys, and the action's workspace at its own path, read-write.
 
 use std::collections::BTreeSet;
@@ -29,6 +29,9 @@ pub const HIDDEN_PATHS: &[&str] = &[
     "/etc/ssl/private",
     "/etc/kiln",
 ];
+
+/// Files in /etc that are often symlinks to elsewhere (/run).
+const FOLLOWED_LINKS: &[&str] = &["/etc/resolv.conf", "/etc/hosts", "/etc/localtime"];
 
 /// Device nodes bound from the host's /dev.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
@@ -133,6 +136,17 @@ impl View {
             .collect();
         for path in &exposed {
             view.expose_read_only(path);
+        }
+        // systemd-resolved and friends make these symlinks into /run: expose
+        // what they point to, or name resolution breaks inside.
+        for link in FOLLOWED_LINKS {
+            let link = Path::new(link);
+            let is_link = std::fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink());
+            if let Some(target) = is_link.then(|| std::fs::canonicalize(link).ok()).flatten() {
+                if !exposed.iter().any(|e| target.starts_with(e)) {
+                    view.expose_read_only(&target);
+                }
+            }
         }
         view.dev();
         view.private_tmpfs(Path::new("/tmp"), "mode=1777");

@@ -27,6 +27,13 @@ fn sandbox() -> Option<&'static Sandbox> {
     }
 }
 
+#[test]
+fn the_sandbox_can_be_shared_as_an_isolation() {
+    fn shareable<T: Send + Sync + 'static>() {}
+    shareable::<Sandbox>();
+    let _: Option<Arc<dyn Isolation>> = None::<Arc<Sandbox>>.map(|s| s as Arc<dyn Isolation>);
+}
+
 /// A workspace and an output directory beside it, under /tmp.
 struct Action {
     _root: tempfile::TempDir,
@@ -37,6 +44,14 @@ struct Action {
 }
 
 impl Action {
+    /// An action started the default way (`dockerInit` unset: the action
+    /// is PID 1) or with an init.
+    fn with_init(docker_init: bool) -> Action {
+        let mut action = Action::new();
+        action.platform.docker_init = docker_init;
+        action
+    }
+
     fn new() -> Action {
         let root = tempfile::Builder::new()
             .prefix("kiln-sandbox-test-")
@@ -121,35 +136,38 @@ fn host_processes_with(token: &str) -> Vec<String> {
 #[tokio::test]
 async fn outputs_in_the_workspace_reach_the_host_and_the_environment_is_exact() {
     let Some(sandbox) = sandbox() else { return };
-    let action = Action::new();
-    std::fs::write(action.workspace.join("input.txt"), "from the host\n").unwrap();
-    let (outcome, stdout, stderr) = action
-        .run(sandbox, "cat input.txt > output.txt && pwd && env | sort")
-        .await;
-    assert_eq!(outcome.exit_code, 0, "{stderr}");
-    assert_eq!(
-        std::fs::read_to_string(action.workspace.join("output.txt")).unwrap(),
-        "from the host\n"
-    );
-    let workspace = action.workspace.display().to_string();
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[0], workspace, "the workspace is at its own path");
-    // bash adds PWD, SHLVL and _ itself; nothing else is added.
-    let mut variables: Vec<&str> = lines[1..]
-        .iter()
-        .copied()
-        .filter(|l| !l.starts_with("PWD=") && !l.starts_with("SHLVL=") && !l.starts_with("_="))
-        .collect();
-    variables.sort();
-    assert_eq!(variables, ["KILN_TEST=yes", "PATH=/usr/bin:/bin"]);
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        std::fs::write(action.workspace.join("input.txt"), "from the host\n").unwrap();
+        let (outcome, stdout, stderr) = action
+            .run(sandbox, "cat input.txt > output.txt && pwd && env | sort")
+            .await;
+        assert_eq!(outcome.exit_code, 0, "{stderr}");
+        assert_eq!(
+            std::fs::read_to_string(action.workspace.join("output.txt")).unwrap(),
+            "from the host\n"
+        );
+        let workspace = action.workspace.display().to_string();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines[0], workspace, "the workspace is at its own path");
+        // bash adds PWD, SHLVL and _ itself; nothing else is added.
+        let mut variables: Vec<&str> = lines[1..]
+            .iter()
+            .copied()
+            .filter(|l| !l.starts_with("PWD=") && !l.starts_with("SHLVL=") && !l.starts_with("_="))
+            .collect();
+        variables.sort();
+        assert_eq!(variables, ["KILN_TEST=yes", "PATH=/usr/bin:/bin"]);
+    }
 }
 
 #[tokio::test]
 async fn the_system_is_read_only_and_tmp_is_private() {
     let Some(sandbox) = sandbox() else { return };
-    let action = Action::new();
-    let marker = format!("kiln-sandbox-tmp-{}", std::process::id());
-    let (outcome, _, stderr) = action
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        let marker = format!("kiln-sandbox-tmp-{}", std::process::id());
+        let (outcome, _, stderr) = action
         .run(
             sandbox,
             &format!(
@@ -159,12 +177,13 @@ async fn the_system_is_read_only_and_tmp_is_private() {
             ),
         )
         .await;
-    assert_eq!(outcome.exit_code, 0, "{stderr}");
-    assert!(!Path::new("/usr").join(&marker).exists());
-    assert!(
-        !Path::new("/tmp").join(&marker).exists(),
-        "/tmp is the host's"
-    );
+        assert_eq!(outcome.exit_code, 0, "{stderr}");
+        assert!(!Path::new("/usr").join(&marker).exists());
+        assert!(
+            !Path::new("/tmp").join(&marker).exists(),
+            "/tmp is the host's"
+        );
+    }
 }
 
 #[tokio::test]
@@ -201,23 +220,30 @@ async fn host_secrets_and_other_directories_are_invisible() {
 #[tokio::test]
 async fn the_sandbox_sees_only_its_own_processes() {
     let Some(sandbox) = sandbox() else { return };
-    let action = Action::new();
-    let (outcome, stdout, stderr) = action
-        .run(
-            sandbox,
-            "cat /proc/1/comm; echo self $$; ps -e -o pid=,comm= | wc -l",
-        )
-        .await;
-    assert_eq!(outcome.exit_code, 0, "{stderr}");
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[0], "kiln-init", "PID 1 is the sandbox's init");
-    assert_eq!(
-        lines[1], "self 2",
-        "the action is the first process after init"
-    );
-    // init, bash, ps and wc: not the host's hundreds.
-    let count: usize = lines[2].trim().parse().unwrap();
-    assert!(count <= 4, "ps saw {count} processes");
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        let (outcome, stdout, stderr) = action
+            .run(
+                sandbox,
+                "cat /proc/1/comm; echo self $$; ps -e -o pid=,comm= | wc -l",
+            )
+            .await;
+        assert_eq!(outcome.exit_code, 0, "{stderr}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        if docker_init {
+            assert_eq!(lines[0], "kiln-init", "PID 1 is the sandbox's init");
+            assert_eq!(
+                lines[1], "self 2",
+                "the action is the first process after init"
+            );
+        } else {
+            assert_eq!(lines[0], "bash", "the action is PID 1");
+            assert_eq!(lines[1], "self 1");
+        }
+        // (init,) bash, ps and wc: not the host's hundreds.
+        let count: usize = lines[2].trim().parse().unwrap();
+        assert!(count <= 4, "ps saw {count} processes");
+    }
 }
 
 #[tokio::test]
@@ -225,21 +251,23 @@ async fn no_network_with_docker_network_off() {
     let Some(sandbox) = sandbox() else { return };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let action = Action::new();
-    let (outcome, stdout, stderr) = action
-        .run(
-            sandbox,
-            &format!(
-                "ls /sys/class/net; \
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        let (outcome, stdout, stderr) = action
+            .run(
+                sandbox,
+                &format!(
+                    "ls /sys/class/net; \
                  if exec 3<>/dev/tcp/127.0.0.1/{port}; then echo reached; fi 2>/dev/null"
-            ),
-        )
-        .await;
-    assert_eq!(outcome.exit_code, 0, "{stderr}");
-    assert_eq!(
-        stdout, "lo\n",
-        "only loopback, and the host's listener is out of reach"
-    );
+                ),
+            )
+            .await;
+        assert_eq!(outcome.exit_code, 0, "{stderr}");
+        assert_eq!(
+            stdout, "lo\n",
+            "only loopback, and the host's listener is out of reach"
+        );
+    }
 }
 
 #[tokio::test]
@@ -263,92 +291,112 @@ async fn the_host_network_with_docker_network_bridge() {
 #[tokio::test]
 async fn a_memory_hog_is_killed_and_says_so() {
     let Some(sandbox) = sandbox() else { return };
-    let mut action = Action::new();
-    action.limits.memory_bytes = Some(64 << 20);
-    let (outcome, _, stderr) = action
-        .run(
-            sandbox,
-            r#"x=$(head -c 300M /dev/zero | tr "\0" a); echo survived"#,
-        )
-        .await;
-    assert!(outcome.memory_exceeded, "{outcome:?} {stderr}");
-    assert_ne!(outcome.exit_code, 0);
-    assert_eq!(outcome.stopped, None);
+    for docker_init in [false, true] {
+        let mut action = Action::with_init(docker_init);
+        action.limits.memory_bytes = Some(64 << 20);
+        let (outcome, _, stderr) = action
+            .run(
+                sandbox,
+                r#"x=$(head -c 300M /dev/zero | tr "\0" a); echo survived"#,
+            )
+            .await;
+        assert!(outcome.memory_exceeded, "{outcome:?} {stderr}");
+        assert_ne!(outcome.exit_code, 0);
+        assert_eq!(outcome.stopped, None);
+    }
+}
+
+#[tokio::test]
+async fn a_tiny_memory_limit_is_raised_to_the_floor() {
+    let Some(sandbox) = sandbox() else { return };
+    for docker_init in [false, true] {
+        let mut action = Action::with_init(docker_init);
+        action.limits.memory_bytes = Some(64 << 10);
+        let (outcome, stdout, stderr) = action.run(sandbox, "echo alive").await;
+        assert_eq!(outcome.exit_code, 0, "{stderr}");
+        assert_eq!(stdout, "alive\n");
+    }
 }
 
 #[tokio::test]
 async fn a_fork_bomb_is_contained_by_pids_max() {
     let Some(sandbox) = sandbox() else { return };
-    let mut action = Action::new();
-    action.limits.pids_max = Some(64);
-    action.limits.timeout = Duration::from_secs(20);
-    let token = format!("kiln-fork-bomb-{}", std::process::id());
-    // The bomb grows while its parent waits; the comment names it on the host.
-    let (outcome, _, stderr) = action
-        .run(sandbox, &format!(":(){{ :|:& }};:; sleep 5 # {token}"))
-        .await;
-    // It ends (by itself or by the timeout), and nothing of it is left.
-    assert!(!outcome.memory_exceeded, "{outcome:?}");
-    assert!(
-        stderr.contains("fork") || outcome.stopped.is_some(),
-        "pids.max was never hit: {stderr}"
-    );
-    assert_eq!(host_processes_with(&token), Vec::<String>::new());
-    // The host still starts processes, sandboxed or not.
-    let after = Action::new();
-    assert_eq!(
-        after
-            .run_with(&NoIsolation, &["/bin/true"])
-            .await
-            .0
-            .exit_code,
-        0
-    );
-    assert_eq!(after.run(sandbox, "true").await.0.exit_code, 0);
+    for docker_init in [false, true] {
+        let mut action = Action::with_init(docker_init);
+        action.limits.pids_max = Some(64);
+        action.limits.timeout = Duration::from_secs(20);
+        let token = format!("kiln-fork-bomb-{}", std::process::id());
+        // The bomb grows while its parent waits; the comment names it on the host.
+        let (outcome, _, stderr) = action
+            .run(sandbox, &format!(":(){{ :|:& }};:; sleep 5 # {token}"))
+            .await;
+        // It ends (by itself or by the timeout), and nothing of it is left.
+        assert!(!outcome.memory_exceeded, "{outcome:?}");
+        assert!(
+            stderr.contains("fork") || outcome.stopped.is_some(),
+            "pids.max was never hit: {stderr}"
+        );
+        assert_eq!(host_processes_with(&token), Vec::<String>::new());
+        // The host still starts processes, sandboxed or not.
+        let after = Action::new();
+        assert_eq!(
+            after
+                .run_with(&NoIsolation, &["/bin/true"])
+                .await
+                .0
+                .exit_code,
+            0
+        );
+        assert_eq!(after.run(sandbox, "true").await.0.exit_code, 0);
+    }
 }
 
 #[tokio::test]
 async fn a_timeout_kills_the_whole_sandbox() {
     let Some(sandbox) = sandbox() else { return };
-    let mut action = Action::new();
-    // Ample time for the grandchild to start before the stop begins.
-    action.limits.timeout = Duration::from_secs(2);
-    action.limits.grace = Duration::from_millis(500);
-    let token = format!("kiln-grandchild-{}", std::process::id());
-    // The grandchild ignores the polite SIGTERM and would write a marker
-    // much later; only the sandbox's end can stop it.
-    let (outcome, _, stderr) = action
-        .run(
-            sandbox,
-            &format!(
+    for docker_init in [false, true] {
+        let mut action = Action::with_init(docker_init);
+        // Ample time for the grandchild to start before the stop begins.
+        action.limits.timeout = Duration::from_secs(2);
+        action.limits.grace = Duration::from_millis(500);
+        let token = format!("kiln-grandchild-{}", std::process::id());
+        // The grandchild ignores the polite SIGTERM and would write a marker
+        // much later; only the sandbox's end can stop it.
+        let (outcome, _, stderr) = action
+            .run(
+                sandbox,
+                &format!(
                 "(trap '' TERM; touch started; exec -a {token} bash -c 'sleep 3600; touch late') & \
                  while [ ! -e started ]; do sleep 0.01; done; sleep 3600"
             ),
-        )
-        .await;
-    assert_eq!(outcome.stopped, Some(StopReason::Timeout), "{stderr}");
-    assert!(action.workspace.join("started").exists());
-    assert_eq!(host_processes_with(&token), Vec::<String>::new());
-    assert!(!action.workspace.join("late").exists());
+            )
+            .await;
+        assert_eq!(outcome.stopped, Some(StopReason::Timeout), "{stderr}");
+        assert!(action.workspace.join("started").exists());
+        assert_eq!(host_processes_with(&token), Vec::<String>::new());
+        assert!(!action.workspace.join("late").exists());
+    }
 }
 
 #[tokio::test]
 async fn an_action_ignoring_sigterm_is_killed_after_the_grace_period() {
     let Some(sandbox) = sandbox() else { return };
-    let mut action = Action::new();
-    // Ample time for bash to set its trap before the stop begins.
-    action.limits.timeout = Duration::from_secs(2);
-    action.limits.grace = Duration::from_millis(300);
-    let (outcome, _, stderr) = action
-        .run(
-            sandbox,
-            "trap '' TERM; touch started; sleep 3600; touch late",
-        )
-        .await;
-    assert_eq!(outcome.stopped, Some(StopReason::Timeout), "{stderr}");
-    assert_eq!(outcome.signal, Some(SIGKILL), "{outcome:?}");
-    assert!(action.workspace.join("started").exists());
-    assert!(!action.workspace.join("late").exists());
+    for docker_init in [false, true] {
+        let mut action = Action::with_init(docker_init);
+        // Ample time for bash to set its trap before the stop begins.
+        action.limits.timeout = Duration::from_secs(2);
+        action.limits.grace = Duration::from_millis(300);
+        let (outcome, _, stderr) = action
+            .run(
+                sandbox,
+                "trap '' TERM; touch started; sleep 3600; touch late",
+            )
+            .await;
+        assert_eq!(outcome.stopped, Some(StopReason::Timeout), "{stderr}");
+        assert_eq!(outcome.signal, Some(SIGKILL), "{outcome:?}");
+        assert!(action.workspace.join("started").exists());
+        assert!(!action.workspace.join("late").exists());
+    }
 }
 
 const SIGKILL: i32 = 9;
@@ -356,21 +404,104 @@ const SIGKILL: i32 = 9;
 #[tokio::test]
 async fn only_stdio_is_open_in_the_action() {
     let Some(sandbox) = sandbox() else { return };
-    let action = Action::new();
-    // ls's own directory descriptor shows too; nothing else may.
-    let (outcome, stdout, stderr) = action.run(sandbox, "ls /proc/self/fd | wc -l").await;
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        // ls's own directory descriptor shows too; nothing else may.
+        let (outcome, stdout, stderr) = action.run(sandbox, "ls /proc/self/fd | wc -l").await;
+        assert_eq!(outcome.exit_code, 0, "{stderr}");
+        assert_eq!(stdout.trim(), "4", "0, 1, 2 and ls's own");
+    }
+}
+
+#[tokio::test]
+async fn the_init_does_not_reveal_the_executor() {
+    let Some(sandbox) = sandbox() else { return };
+    // Init is a fork of the executor: its environment and memory are the
+    // executor's, and must stay unreadable. (Its command line, readable by
+    // anyone as everywhere, is the executor's too.)
+    std::env::set_var("KILN_SANDBOX_TEST_SECRET", "hunter2");
+    let action = Action::with_init(true);
+    let (outcome, stdout, stderr) = action
+        .run(
+            sandbox,
+            "cat /proc/1/environ 2>/dev/null | tr '\\0' '\\n'; \
+             head -c 16 /proc/1/mem > /dev/null 2>&1 && echo mem-readable; true",
+        )
+        .await;
     assert_eq!(outcome.exit_code, 0, "{stderr}");
-    assert_eq!(stdout.trim(), "4", "0, 1, 2 and ls's own");
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    assert!(
+        !stdout.contains("sandbox-"),
+        "the test binary's name showed: {stdout}"
+    );
+    assert!(!stdout.contains("mem-readable"));
+}
+
+/// Waits until `path` exists (the action says it got there).
+async fn until_exists(path: &Path) {
+    while !path.exists() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn cancelling_stops_the_sandbox() {
+    let Some(sandbox) = sandbox() else { return };
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        let token = format!("kiln-cancelled-{}-{docker_init}", std::process::id());
+        let spec = action.spec(&[
+            "bash",
+            "-c",
+            &format!("(exec -a {token} sleep 3600) & touch started; wait"),
+        ]);
+        let cancel = CancellationToken::new();
+        let run = sandbox.run(&spec, &action.limits, &cancel);
+        let started = action.workspace.join("started");
+        let cancel_when_started = async {
+            until_exists(&started).await;
+            cancel.cancel();
+        };
+        let (outcome, ()) = tokio::join!(run, cancel_when_started);
+        let outcome = outcome.unwrap();
+        assert_eq!(outcome.stopped, Some(StopReason::Cancelled));
+        assert_eq!(host_processes_with(&token), Vec::<String>::new());
+    }
+}
+
+#[tokio::test]
+async fn dropping_a_run_leaves_nothing_behind() {
+    let Some(sandbox) = sandbox() else { return };
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        let token = format!("kiln-dropped-{}-{docker_init}", std::process::id());
+        let spec = action.spec(&[
+            "bash",
+            "-c",
+            &format!("(exec -a {token} sleep 3600) & touch started; wait"),
+        ]);
+        let cancel = CancellationToken::new();
+        let started = action.workspace.join("started");
+        tokio::select! {
+            _ = sandbox.run(&spec, &action.limits, &cancel) => panic!("the action ended by itself"),
+            _ = until_exists(&started) => {}
+        }
+        // The run future is dropped: its cgroup guard kills what is left and
+        // waits until the cgroup is empty.
+        assert_eq!(host_processes_with(&token), Vec::<String>::new());
+    }
 }
 
 #[tokio::test]
 async fn docker_user_sets_the_uid_and_gid() {
     let Some(sandbox) = sandbox() else { return };
-    let mut action = Action::new();
-    action.platform.docker_user = Some(DockerUser::UidGid(1000, 1000));
-    let (outcome, stdout, stderr) = action.run(sandbox, "id -u; id -g; id -G").await;
-    assert_eq!(outcome.exit_code, 0, "{stderr}");
-    assert_eq!(stdout, "1000\n1000\n1000\n");
+    for docker_init in [false, true] {
+        let mut action = Action::with_init(docker_init);
+        action.platform.docker_user = Some(DockerUser::UidGid(1000, 1000));
+        let (outcome, stdout, stderr) = action.run(sandbox, "id -u; id -g; id -G").await;
+        assert_eq!(outcome.exit_code, 0, "{stderr}");
+        assert_eq!(stdout, "1000\n1000\n1000\n");
+    }
 }
 
 #[tokio::test]
@@ -422,17 +553,20 @@ async fn root_in_the_sandbox_cannot_remount_the_system() {
 #[tokio::test]
 async fn a_missing_command_exits_127_naming_it() {
     let Some(sandbox) = sandbox() else { return };
-    let action = Action::new();
-    let (outcome, _, stderr) = action.run_with(sandbox, &["no-such-tool-kiln", "x"]).await;
-    assert_eq!(outcome.exit_code, 127);
-    assert!(stderr.contains("no-such-tool-kiln"), "{stderr}");
-    // Found on the host but not inside the sandbox: the same answer.
-    let hidden = action.io.join("tool");
-    std::fs::write(&hidden, "#!/bin/sh\n").unwrap();
-    std::fs::set_permissions(&hidden, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let (outcome, _, stderr) = action.run_with(sandbox, &[hidden.to_str().unwrap()]).await;
-    assert_eq!(outcome.exit_code, 127, "{stderr}");
-    assert!(stderr.contains("tool"), "{stderr}");
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        let (outcome, _, stderr) = action.run_with(sandbox, &["no-such-tool-kiln", "x"]).await;
+        assert_eq!(outcome.exit_code, 127);
+        assert!(stderr.contains("no-such-tool-kiln"), "{stderr}");
+        // Found on the host but not inside the sandbox: the same answer.
+        let hidden = action.io.join("tool");
+        std::fs::write(&hidden, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&hidden, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let (outcome, _, stderr) = action.run_with(sandbox, &[hidden.to_str().unwrap()]).await;
+        assert_eq!(outcome.exit_code, 127, "{stderr}");
+        assert!(stderr.contains("tool"), "{stderr}");
+    }
 }
 
 #[test]
