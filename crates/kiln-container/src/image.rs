@@ -200,6 +200,12 @@ impl Images {
         })
     }
 
+    /// Drops the note that the runtime holds `pinned` (it turned out not to:
+    /// removed behind our back), so the next `ensure` looks and pulls.
+    pub fn forget_local(&self, pinned: &str) {
+        self.local.lock().remove(pinned);
+    }
+
     /// Whether `registry` is spoken to over plain HTTP.
     pub fn is_insecure(&self, registry: &str) -> bool {
         is_loopback(registry)

@@ -519,8 +519,13 @@ impl Isolation for Podman {
         platform: &Platform,
         cancel: &CancellationToken,
     ) -> Result<(), RunError> {
+        // The registry is asked (with this action's credentials) unless the
+        // same credentials resolved it within the TTL; whether podman holds
+        // the image is taken from memory within the TTL too: a `podman image
+        // exists` per action would cost ~30 ms, and `run` recovers if the
+        // image was removed meanwhile.
         self.images
-            .ensure(platform, self, true, cancel)
+            .ensure(platform, self, false, cancel)
             .await
             .map(|_| ())
     }
@@ -535,7 +540,35 @@ impl Isolation for Podman {
             .images
             .ensure(&spec.platform, self, false, cancel)
             .await?;
-        let params = RunParameters::new(spec, limits, &image, self.bridge, &self.owner)?;
+        let outcome = self.run_once(spec, limits, cancel, &image).await?;
+        // 125: podman itself failed, e.g. because the image we believed it
+        // held was removed behind our back. Then pull and run once more.
+        if outcome.exit_code == 125 && outcome.stopped.is_none() {
+            let pinned = image.pinned();
+            if !self.has_image(&pinned).await? {
+                tracing::warn!(%pinned, "podman lost the image; pulling it again");
+                self.images.forget_local(&pinned);
+                let image = self
+                    .images
+                    .ensure(&spec.platform, self, true, cancel)
+                    .await?;
+                return self.run_once(spec, limits, cancel, &image).await;
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+impl Podman {
+    /// One `podman run` of the action in `image`.
+    async fn run_once(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        image: &crate::ResolvedImage,
+    ) -> Result<ProcessOutcome, RunError> {
+        let params = RunParameters::new(spec, limits, image, self.bridge, &self.owner)?;
         // `--rm` saves a `podman rm` (a third of a trivial action's time);
         // only telling an OOM kill by `podman inspect` needs the container
         // to outlive its exit.

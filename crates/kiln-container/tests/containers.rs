@@ -839,6 +839,55 @@ fn podman_holds_the_image_after_prepare() {
     assert!(cli("podman", &["image", "exists", pinned]).status.success());
 }
 
+#[test]
+fn podman_pulls_again_when_its_image_was_removed_behind_its_back() {
+    let Ok(services) = services() else {
+        skipped!("skipped: podman_pulls_again: {}", services().err().unwrap());
+        return;
+    };
+    let Ok(podman) = &services.podman else {
+        skipped!("skipped: podman_pulls_again: podman unavailable");
+        return;
+    };
+    // An image of this test's own (a label makes its digest unique), so
+    // removing it cannot disturb the tests running beside it.
+    let image = format!("127.0.0.1:5000/kiln-test/recovery:{}", std::process::id());
+    let succeeded = |output: std::process::Output, what: &str| {
+        assert!(
+            output.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    let source = succeeded(cli("podman", &["create", BASE, "true"]), "podman create");
+    let label = format!(
+        "LABEL kiln.test.recovery={:?}",
+        std::time::SystemTime::now()
+    );
+    succeeded(
+        cli("podman", &["commit", "--change", &label, &source, &image]),
+        "podman commit",
+    );
+    let _ = cli("podman", &["rm", "-f", &source]);
+    succeeded(cli("podman", &["push", &image]), "podman push");
+    runtime().block_on(async {
+        let (outcome, action) = run(podman.as_ref(), &image, &[], &["echo", "first"]).await;
+        assert_eq!((outcome.exit_code, action.stdout().trim()), (0, "first"));
+        // Removed behind the backend's back, which still believes podman
+        // holds it: the run notices and pulls it again.
+        succeeded(cli("podman", &["rmi", "-f", &image]), "podman rmi");
+        let (outcome, action) = run(podman.as_ref(), &image, &[], &["echo", "second"]).await;
+        assert_eq!(
+            (outcome.exit_code, action.stdout().trim()),
+            (0, "second"),
+            "stderr: {}",
+            action.stderr()
+        );
+    });
+    let _ = cli("podman", &["rmi", "-f", &image]);
+}
+
 /// Counts pulls; holds no image until one happened.
 struct CountingStore {
     pulls: AtomicUsize,

@@ -159,8 +159,11 @@ pub async fn run(args: IsolationBenchArgs) -> anyhow::Result<()> {
             let mut samples = time_command(&command, args.actions)?;
             let seconds = started.elapsed().as_secs_f64();
             let raw_ms = median_ms(&mut samples);
+            report
+                .context
+                .push((format!("raw {kind}"), command.join(" ")));
             report.measurements.push(Measurement {
-                operation: format!("raw: {}", command.join(" ")),
+                operation: format!("raw {kind}"),
                 count: args.actions as u64,
                 bytes: 0,
                 seconds,
