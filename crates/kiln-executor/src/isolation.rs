@@ -37,6 +37,29 @@ pub struct CommandSpec {
 }
 
 impl CommandSpec {
+    /// `arguments[0]` and where it resolves to, looked up as a shell would
+    /// ([`process::resolve_program`]); when it cannot be found, the
+    /// outcome to report instead: exit code 127, and a stderr line naming
+    /// the command written to `stderr_path`.
+    pub fn program(&self) -> Result<Result<(String, PathBuf), ProcessOutcome>, RunError> {
+        let name = self.arguments.first().cloned().unwrap_or_default();
+        match process::resolve_program(&name, &self.working_directory, self.path_variable()) {
+            Some(path) => Ok(Ok((name, path))),
+            None => {
+                process::write_stderr(
+                    &self.stderr_path,
+                    &format!("kiln: {name}: command not found\n"),
+                )?;
+                Ok(Err(ProcessOutcome {
+                    exit_code: process::EXIT_COMMAND_NOT_FOUND,
+                    signal: None,
+                    stopped: None,
+                    memory_exceeded: false,
+                }))
+            }
+        }
+    }
+
     /// `PATH` from the Command's environment, if it sets one.
     pub fn path_variable(&self) -> Option<&str> {
         self.environment_variables
@@ -91,20 +114,9 @@ impl Isolation for NoIsolation {
         limits: &Limits,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError> {
-        let program_name = spec.arguments.first().cloned().unwrap_or_default();
-        let Some(program) =
-            process::resolve_program(&program_name, &spec.working_directory, spec.path_variable())
-        else {
-            process::write_stderr(
-                &spec.stderr_path,
-                &format!("kiln: {program_name}: command not found\n"),
-            )?;
-            return Ok(ProcessOutcome {
-                exit_code: process::EXIT_COMMAND_NOT_FOUND,
-                signal: None,
-                stopped: None,
-                memory_exceeded: false,
-            });
+        let (program_name, program) = match spec.program()? {
+            Ok(found) => found,
+            Err(not_found) => return Ok(not_found),
         };
         let (stdout, stderr) = process::output_stdio(&spec.stdout_path, &spec.stderr_path)?;
         let mut command = tokio::process::Command::new(&program);

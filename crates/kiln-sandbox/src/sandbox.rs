@@ -439,20 +439,9 @@ impl Isolation for Sandbox {
         limits: &Limits,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError> {
-        let program_name = spec.arguments.first().cloned().unwrap_or_default();
-        let Some(program) =
-            process::resolve_program(&program_name, &spec.working_directory, spec.path_variable())
-        else {
-            process::write_stderr(
-                &spec.stderr_path,
-                &format!("kiln: {program_name}: command not found\n"),
-            )?;
-            return Ok(ProcessOutcome {
-                exit_code: process::EXIT_COMMAND_NOT_FOUND,
-                signal: None,
-                stopped: None,
-                memory_exceeded: false,
-            });
+        let (program_name, program) = match spec.program()? {
+            Ok(found) => found,
+            Err(not_found) => return Ok(not_found),
         };
         let user = resolve_user(&spec.platform)?;
         let limits = &Limits {

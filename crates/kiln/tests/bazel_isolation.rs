@@ -15,9 +15,8 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 
-use common::{combined, files_containing, Bazel, KilnServer};
+use common::{combined, Bazel, KilnServer};
 
 /// The auth registry's password (`scripts/services.sh`).
 const PASSWORD: &str = "Kiln-Test-Secret-7f3a9c";
@@ -148,7 +147,7 @@ fn bazel_runs_targets_under_each_isolation_type() {
     fs::create_dir_all(&package).unwrap();
     fs::write(package.join("BUILD"), BUILD).unwrap();
     fs::write(package.join("probe_test.sh"), PROBE_TEST).unwrap();
-    make_executable(&package.join("probe_test.sh"));
+    common::make_executable(&package.join("probe_test.sh"));
     let server_text = || fs::read_to_string(&server_log).unwrap_or_default();
     assert!(
         server_text().contains("sandbox"),
@@ -278,26 +277,6 @@ fn bazel_runs_targets_under_each_isolation_type() {
     drop(server);
     drop(plain);
     for secret in [PASSWORD, WRONG_PASSWORD] {
-        let secret = secret.as_bytes();
-        for log in [&server_log, &plain_log] {
-            let contents = fs::read(log).unwrap();
-            assert!(
-                !contents
-                    .windows(secret.len())
-                    .any(|window| window == secret),
-                "{} contains a password",
-                log.display()
-            );
-        }
-        let leaked = files_containing(&data_dir, secret);
-        assert!(
-            leaked.is_empty(),
-            "stored blobs hold a password: {leaked:?}"
-        );
+        common::assert_nowhere(secret, &[&server_log, &plain_log], &[&data_dir]);
     }
-}
-
-fn make_executable(path: &Path) {
-    use std::os::unix::fs::PermissionsExt as _;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
 }

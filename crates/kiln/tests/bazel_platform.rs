@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{combined, files_containing, Bazel, KilnServer};
+use common::{combined, Bazel, KilnServer};
 
 /// Upper bound for anything that could hang; never a pass/fail threshold.
 const HANG_GUARD: Duration = Duration::from_secs(120);
@@ -140,7 +140,7 @@ fn bazel_platform_properties_pools_timeouts_secrets_and_errors() {
         "#!/bin/sh\necho \"test ran in $(pwd -P)\"\n",
     )
     .unwrap();
-    make_executable(&package.join("print_pwd.sh"));
+    common::make_executable(&package.join("print_pwd.sh"));
 
     // (a) + (c): each action lands in its pool; the password header passes
     // through without being recorded anywhere.
@@ -236,25 +236,5 @@ fn bazel_platform_properties_pools_timeouts_secrets_and_errors() {
     bazel.run_ok(&["shutdown"]);
     drop(_alpha);
     drop(_beta);
-    let secret = SECRET.as_bytes();
-    for log in [&server_log, &alpha_log, &beta_log] {
-        let contents = fs::read(log).unwrap();
-        assert!(
-            !contents
-                .windows(secret.len())
-                .any(|window| window == secret),
-            "{} contains the password",
-            log.display()
-        );
-    }
-    let leaked = files_containing(&data_dir, secret);
-    assert!(
-        leaked.is_empty(),
-        "the data dir stores the password: {leaked:?}"
-    );
-}
-
-fn make_executable(path: &Path) {
-    use std::os::unix::fs::PermissionsExt as _;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    common::assert_nowhere(SECRET, &[&server_log, &alpha_log, &beta_log], &[&data_dir]);
 }

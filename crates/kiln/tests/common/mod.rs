@@ -434,6 +434,26 @@ pub fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
     found
 }
 
+/// Asserts that `secret` appears in none of `files` and in no file under
+/// any of `trees` (logs, data directories: every stored blob).
+pub fn assert_nowhere(secret: &str, files: &[&Path], trees: &[&Path]) {
+    let secret = secret.as_bytes();
+    for file in files {
+        let contents = fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(
+            !contents
+                .windows(secret.len())
+                .any(|window| window == secret),
+            "{} contains a secret",
+            file.display()
+        );
+    }
+    for tree in trees {
+        let leaked = files_containing(tree, secret);
+        assert!(leaked.is_empty(), "files hold a secret: {leaked:?}");
+    }
+}
+
 /// Stdout and stderr of a finished command, as one text.
 pub fn combined(output: &Output) -> String {
     format!(
@@ -441,4 +461,10 @@ pub fn combined(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
+}
+
+/// Sets `path`'s mode to 0755.
+pub fn make_executable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
 }
