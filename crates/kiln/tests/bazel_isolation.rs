@@ -59,6 +59,17 @@ sh_test(name = "docker_test", size = "small", srcs = ["probe_test.sh"], exec_pro
 
 sh_test(name = "podman_test", size = "small", srcs = ["probe_test.sh"], exec_properties = PODMAN)
 
+# Holds ~200 MB in a shell variable under a 64 MB limit.
+genrule(
+    name = "memory_hog",
+    outs = ["memory_hog.txt"],
+    cmd = "x=$$(head -c 200000000 /dev/zero | tr '\\0' a); echo $${#x} > $@",
+    exec_properties = {
+        "workload-isolation-type": "sandbox",
+        "EstimatedMemory": "64MB",
+    },
+)
+
 # Built only against a server without docker.
 genrule(name = "docker_elsewhere", outs = ["docker_elsewhere.txt"], cmd = "echo ran > $@", exec_properties = DOCKER)
 
@@ -221,6 +232,17 @@ fn bazel_runs_targets_under_each_isolation_type() {
         }
     }
 
+    // A memory hog in the sandbox is killed at its limit, and Bazel shows
+    // why.
+    let output = bazel.run(&["build", "//isolation:memory_hog"]);
+    let text = combined(&output);
+    eprintln!("---- memory hog ----\n{text}");
+    assert!(!output.status.success(), "the memory hog built:\n{text}");
+    assert!(
+        text.contains("exceeding its memory limit"),
+        "the failure does not say the memory limit was exceeded:\n{text}"
+    );
+
     // A private image: the wrong password fails, naming the image; the
     // right one pulls and runs.
     for (available, runtime) in [(docker, "docker"), (podman, "podman")] {
@@ -239,6 +261,10 @@ fn bazel_runs_targets_under_each_isolation_type() {
         assert!(
             text.contains(PRIVATE_IMAGE),
             "the failure of {target} does not name {PRIVATE_IMAGE}:\n{text}"
+        );
+        assert!(
+            !text.contains(WRONG_PASSWORD),
+            "the error shows the password"
         );
         let right = credentials(PASSWORD);
         let text = bazel.run_ok(&["build", &right[0], &right[1], &target]);
