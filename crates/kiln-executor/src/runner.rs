@@ -96,7 +96,15 @@ pub struct ActionRunner {
     cache: Arc<FileCache>,
     config: RunnerConfig,
     isolations: Isolations,
+    /// Emptied action directories kept for the next actions: creating and
+    /// deleting a workspace's directories and output files per action costs
+    /// ext4 inode allocation (with its scan for recently deleted inodes)
+    /// on the hot path.
+    spare_dirs: Arc<std::sync::Mutex<Vec<PathBuf>>>,
 }
+
+/// Most emptied action directories kept for reuse.
+const SPARE_DIRS: usize = 64;
 
 impl ActionRunner {
     /// Connects to the CAS on `channel` (reading its capabilities) and
@@ -115,6 +123,7 @@ impl ActionRunner {
             cache,
             config,
             isolations,
+            spare_dirs: Default::default(),
         })
     }
 
@@ -148,10 +157,12 @@ impl ActionRunner {
             worker_start_timestamp: Some(timestamp_now()),
             ..Default::default()
         };
-        let action_dir = self
-            .config
-            .work_root
-            .join(uuid::Uuid::new_v4().simple().to_string());
+        let spare = self.spare_dirs.lock().expect("spare dirs lock").pop();
+        let action_dir = spare.unwrap_or_else(|| {
+            self.config
+                .work_root
+                .join(uuid::Uuid::new_v4().simple().to_string())
+        });
         let result = self
             .run_in(
                 instance_name,
@@ -163,7 +174,7 @@ impl ActionRunner {
             )
             .await;
         if !self.config.keep_workspaces {
-            remove_tree(action_dir).await;
+            recycle_action_dir(action_dir, self.spare_dirs.clone()).await;
         }
         match &result {
             Ok(outcome) => tracing::info!(
@@ -264,19 +275,20 @@ impl ActionRunner {
                     .fill(&mut result);
             }
         }
-        for (path, field) in [
-            (&spec.stdout_path, &mut result.stdout_digest),
-            (&spec.stderr_path, &mut result.stderr_digest),
-        ] {
-            let digest = match tokio::fs::metadata(path).await {
-                Ok(_) => {
-                    let path = path.clone();
-                    tokio::task::spawn_blocking(move || outputs::hash_file(&path))
-                        .await
-                        .map_err(|e| RunError::Internal(format!("hashing output: {e}")))??
-                }
-                Err(_) => crate::cas::digest_of(&[]),
+        let paths = [spec.stdout_path.clone(), spec.stderr_path.clone()];
+        let [stdout, stderr] = blocking(move || {
+            let digest = |path: &Path| match std::fs::metadata(path) {
+                // Empty (or never written): no need to open and hash it.
+                Ok(meta) if meta.len() > 0 => outputs::hash_file(path),
+                _ => Ok(crate::cas::digest_of(&[])),
             };
+            Ok([digest(&paths[0])?, digest(&paths[1])?])
+        })
+        .await?;
+        for (path, digest, field) in [
+            (&spec.stdout_path, stdout, &mut result.stdout_digest),
+            (&spec.stderr_path, stderr, &mut result.stderr_digest),
+        ] {
             blobs.push((digest.clone(), UploadSource::File(path.clone())));
             *field = Some(digest);
         }
@@ -323,17 +335,24 @@ impl ActionRunner {
 
         let workspace = action_dir.join("workspace");
         let io_dir = action_dir.join("io");
-        for dir in [&workspace, &io_dir] {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|e| RunError::io(format!("creating {}", dir.display()), e))?;
-        }
-        if platform.nonroot_workspace {
+        // One trip to the blocking pool: the directories exist already when
+        // the action directory is a recycled one.
+        let mode = if platform.nonroot_workspace {
+            0o777
+        } else {
+            0o755
+        };
+        let dirs = (workspace.clone(), io_dir.clone());
+        blocking(move || {
             use std::os::unix::fs::PermissionsExt;
-            tokio::fs::set_permissions(&workspace, std::fs::Permissions::from_mode(0o777))
-                .await
-                .map_err(|e| RunError::io(format!("opening up {}", workspace.display()), e))?;
-        }
+            for dir in [&dirs.0, &dirs.1] {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| RunError::io(format!("creating {}", dir.display()), e))?;
+            }
+            std::fs::set_permissions(&dirs.0, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| RunError::io(format!("setting the mode of {}", dirs.0.display()), e))
+        })
+        .await?;
         inputs::materialize(
             self.cache.clone(),
             Arc::new(directories),
@@ -519,16 +538,64 @@ async fn create_output_parents(
     Ok(())
 }
 
-async fn remove_tree(path: PathBuf) {
-    let shown = path.display().to_string();
-    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+/// Runs `work` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RunError> + Send + 'static,
+) -> Result<T, RunError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| RunError::Internal(format!("a blocking task failed: {e}")))?
+}
+
+/// Empties a finished action's directory and keeps it for a later action
+/// (up to [`SPARE_DIRS`]); a directory that cannot be emptied, or one more
+/// than that, is deleted instead. What a later action finds is exactly
+/// what a fresh one has: an empty `workspace` and no output left in `io`.
+async fn recycle_action_dir(action_dir: PathBuf, spare: Arc<std::sync::Mutex<Vec<PathBuf>>>) {
+    let shown = action_dir.display().to_string();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let keep = spare.lock().expect("spare dirs lock").len() < SPARE_DIRS
+            && empty_action_dir(&action_dir).is_ok();
+        if keep {
+            spare.lock().expect("spare dirs lock").push(action_dir);
+            return Ok(());
+        }
+        match std::fs::remove_dir_all(&action_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     })
     .await;
-    if let Ok(Err(e)) = removed {
+    if let Ok(Err(e)) = outcome {
         tracing::warn!(path = %shown, error = %e, "could not delete an action directory");
     }
+}
+
+/// Deletes everything in `action_dir` but its `workspace` and `io`
+/// directories, and empties those. The output files are unlinked, not
+/// truncated: a process that escaped its group would otherwise write into
+/// a later action's output.
+fn empty_action_dir(action_dir: &Path) -> std::io::Result<()> {
+    let remove = |path: &Path| -> std::io::Result<()> {
+        if path.symlink_metadata()?.is_dir() {
+            std::fs::remove_dir_all(path)
+        } else {
+            std::fs::remove_file(path)
+        }
+    };
+    for entry in std::fs::read_dir(action_dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str());
+        if name != Some("workspace") && name != Some("io") {
+            remove(&path)?;
+        }
+    }
+    for dir in ["workspace", "io"] {
+        for entry in std::fs::read_dir(action_dir.join(dir))? {
+            remove(&entry?.path())?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

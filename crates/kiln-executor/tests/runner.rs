@@ -408,8 +408,15 @@ async fn happy_path_runs_and_uploads_outputs() {
     ];
     assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
 
-    // The workspace is gone.
-    assert_eq!(entries_of(&harness.work_root()), 0);
+    // Nothing of the action is left: its directory is either gone or kept
+    // for reuse with an empty workspace and no output files.
+    for kept in std::fs::read_dir(harness.work_root()).unwrap() {
+        let kept = kept.unwrap().path();
+        for part in ["workspace", "io"] {
+            assert_eq!(entries_of(&kept.join(part)), 0, "{}/{part}", kept.display());
+        }
+        assert_eq!(entries_of(&kept), 2, "{}", kept.display());
+    }
     harness.stop().await;
 }
 
@@ -1093,5 +1100,40 @@ async fn without_a_command_path_the_executor_path_is_searched() {
         .download(outcome.result.stdout_digest.as_ref().unwrap())
         .await;
     assert_eq!(stdout, b"found\n");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_action_directory_starts_empty() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    // Leaves files behind in its workspace (none declared as outputs),
+    // opens the workspace to everyone, and writes to stderr.
+    let messy = blobs.action(
+        &Directory::default(),
+        &shell("mkdir -p left/deep && echo x > left/deep/over && echo y > stray && chmod 777 . && echo noise >&2"),
+        &[],
+    );
+    let look = blobs.action(&Directory::default(), &shell("ls -A; stat -c %a ."), &[]);
+    harness.upload(&blobs.0).await;
+    let outcome = harness.run(&messy, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.result.exit_code, 0);
+    // One action at a time: the second takes the first one's directory.
+    let outcome = harness.run(&look, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.result.exit_code, 0);
+    let stdout = harness
+        .download(outcome.result.stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(String::from_utf8_lossy(&stdout), "755\n");
+    let stderr = outcome.result.stderr_digest.as_ref().unwrap();
+    assert_eq!(
+        stderr.size_bytes, 0,
+        "the first action's stderr carried over"
+    );
+    assert_eq!(
+        entries_of(&harness.work_root()),
+        1,
+        "the directory was not reused"
+    );
     harness.stop().await;
 }
