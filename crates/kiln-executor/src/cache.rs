@@ -5,9 +5,17 @@
 //!
 //! Files are stored read-only, one entry per (digest, executable bit),
 //! because a hardlink shares its mode with the cache entry.
+//!
+//! With a size limit, the least recently used entries are deleted once the
+//! cache grows past it (down to 90% of it), except entries *pinned* by an
+//! action being staged: between finding an entry present and linking it
+//! into the workspace, nothing may take it away. A deleted entry that a
+//! running action has linked stays readable there (the link holds it).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -24,32 +32,179 @@ pub struct CacheStats {
     pub blobs_filled: u64,
     /// Bytes written into the cache from the CAS.
     pub bytes_filled: u64,
+    /// Entries deleted to stay under the size limit.
+    pub entries_evicted: u64,
+    /// Bytes the cache holds now.
+    pub bytes_held: u64,
 }
 
 pub struct FileCache {
     root: PathBuf,
+    /// Most bytes kept; None: unlimited.
+    max_bytes: Option<u64>,
     blobs_filled: AtomicU64,
     bytes_filled: AtomicU64,
+    entries_evicted: AtomicU64,
+    index: Mutex<Index>,
+}
+
+/// What the cache holds, for the size limit.
+#[derive(Default)]
+struct Index {
+    entries: HashMap<PathBuf, Entry>,
+    bytes: u64,
+    /// Advances on every use: entries with the smallest `used` go first.
+    clock: u64,
+    /// Entries an action is staging from, with how many actions.
+    pins: HashMap<PathBuf, usize>,
+}
+
+struct Entry {
+    size: u64,
+    used: u64,
+}
+
+/// Keeps entries from eviction until dropped.
+pub struct Pinned {
+    cache: Arc<FileCache>,
+    paths: Vec<PathBuf>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let mut index = self.cache.index.lock().expect("cache index lock");
+        for path in &self.paths {
+            if let Some(count) = index.pins.get_mut(path) {
+                *count -= 1;
+                if *count == 0 {
+                    index.pins.remove(path);
+                }
+            }
+        }
+    }
 }
 
 impl FileCache {
-    /// Opens (creating) the cache under `root`.
+    /// Opens (creating) the cache under `root`, unlimited in size.
     pub fn open(root: &Path) -> Result<FileCache, RunError> {
+        FileCache::open_limited(root, None)
+    }
+
+    /// Opens (creating) the cache under `root`, keeping at most `max_bytes`
+    /// (None: unlimited). Entries left by an earlier run are counted, the
+    /// oldest first to go.
+    pub fn open_limited(root: &Path, max_bytes: Option<u64>) -> Result<FileCache, RunError> {
         for dir in [root.join("blobs"), root.join("tmp")] {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| RunError::io(format!("creating {}", dir.display()), e))?;
         }
-        Ok(FileCache {
+        // A temp file is a download a crash interrupted: never an entry.
+        if let Ok(stale) = std::fs::read_dir(root.join("tmp")) {
+            for entry in stale.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let cache = FileCache {
             root: root.to_path_buf(),
+            max_bytes,
             blobs_filled: AtomicU64::new(0),
             bytes_filled: AtomicU64::new(0),
-        })
+            entries_evicted: AtomicU64::new(0),
+            index: Mutex::new(Index::default()),
+        };
+        let mut found = Vec::new();
+        for shard in std::fs::read_dir(root.join("blobs"))
+            .map_err(|e| RunError::io(format!("reading {}", root.display()), e))?
+            .flatten()
+        {
+            for entry in std::fs::read_dir(shard.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Ok(meta) = entry.metadata() {
+                    let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                    found.push((modified, entry.path(), meta.len()));
+                }
+            }
+        }
+        found.sort();
+        {
+            let mut index = cache.index.lock().expect("cache index lock");
+            for (_, path, size) in found {
+                index.add(path, size);
+            }
+        }
+        cache.evict();
+        Ok(cache)
     }
 
     pub fn stats(&self) -> CacheStats {
         CacheStats {
             blobs_filled: self.blobs_filled.load(Ordering::Relaxed),
             bytes_filled: self.bytes_filled.load(Ordering::Relaxed),
+            entries_evicted: self.entries_evicted.load(Ordering::Relaxed),
+            bytes_held: self.index.lock().expect("cache index lock").bytes,
+        }
+    }
+
+    /// Keeps the entries of `files` (digest, executable) from eviction
+    /// until the returned guard is dropped; pin before looking entries up.
+    pub fn pin(self: &Arc<Self>, files: impl IntoIterator<Item = (Digest, bool)>) -> Pinned {
+        let paths: Vec<PathBuf> = files
+            .into_iter()
+            .map(|(digest, executable)| self.path(&digest, executable))
+            .collect();
+        let mut index = self.index.lock().expect("cache index lock");
+        for path in &paths {
+            *index.pins.entry(path.clone()).or_default() += 1;
+        }
+        Pinned {
+            cache: self.clone(),
+            paths,
+        }
+    }
+
+    /// Deletes the least recently used unpinned entries while the cache is
+    /// over its limit, down to 90% of it.
+    fn evict(&self) {
+        let Some(max) = self.max_bytes else {
+            return;
+        };
+        let victims = {
+            let mut index = self.index.lock().expect("cache index lock");
+            if index.bytes <= max {
+                return;
+            }
+            let low_water = max / 10 * 9;
+            let mut candidates: Vec<(u64, PathBuf, u64)> = index
+                .entries
+                .iter()
+                .filter(|(path, _)| !index.pins.contains_key(*path))
+                .map(|(path, entry)| (entry.used, path.clone(), entry.size))
+                .collect();
+            candidates.sort_unstable();
+            let mut victims = Vec::new();
+            for (_, path, size) in candidates {
+                if index.bytes <= low_water {
+                    break;
+                }
+                index.entries.remove(&path);
+                index.bytes -= size;
+                victims.push(path);
+            }
+            victims
+        };
+        for path in victims {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    self.entries_evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not evict a file cache entry")
+                }
+            }
         }
     }
 
@@ -63,9 +218,20 @@ impl FileCache {
             .join(format!("{}-{}{}", digest.hash, digest.size_bytes, suffix))
     }
 
-    /// Whether the entry exists. An entry only exists complete and verified.
+    /// Whether the entry exists (and marks it used). An entry only exists
+    /// complete and verified.
     pub fn contains(&self, digest: &Digest, executable: bool) -> bool {
-        self.path(digest, executable).exists()
+        let path = self.path(digest, executable);
+        let exists = path.exists();
+        if exists {
+            let mut index = self.index.lock().expect("cache index lock");
+            index.clock += 1;
+            let now = index.clock;
+            if let Some(entry) = index.entries.get_mut(&path) {
+                entry.used = now;
+            }
+        }
+        exists
     }
 
     /// Makes the (digest, executable) entry from the other variant if that
@@ -194,6 +360,86 @@ impl FileCache {
                 e,
             ));
         }
+        self.index
+            .lock()
+            .expect("cache index lock")
+            .add(target, digest.size_bytes.max(0) as u64);
+        self.evict();
         Ok(())
+    }
+}
+
+impl Index {
+    /// Records `path` as just used (replacing an earlier record of it).
+    fn add(&mut self, path: PathBuf, size: u64) {
+        self.clock += 1;
+        let used = self.clock;
+        if let Some(old) = self.entries.insert(path, Entry { size, used }) {
+            self.bytes -= old.size;
+        }
+        self.bytes += size;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(byte: u8, size: usize) -> (Digest, Bytes) {
+        let data = vec![byte; size];
+        let digest = Digest {
+            hash: hex::encode(Sha256::digest(&data)),
+            size_bytes: size as i64,
+        };
+        (digest, Bytes::from(data))
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_unpinned_entries_go_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(FileCache::open_limited(dir.path(), Some(3000)).unwrap());
+        let (a, a_data) = blob(b'a', 900);
+        let (b, b_data) = blob(b'b', 900);
+        let (c, c_data) = blob(b'c', 900);
+        let (d, d_data) = blob(b'd', 900);
+        cache.insert_bytes(&a, false, a_data).await.unwrap();
+        cache.insert_bytes(&b, false, b_data).await.unwrap();
+        cache.insert_bytes(&c, false, c_data).await.unwrap();
+        assert_eq!(cache.stats().bytes_held, 2700);
+        // `a` is used again and `b` is pinned: `c` is the one to go.
+        assert!(cache.contains(&a, false));
+        let pinned = cache.pin([(b.clone(), false)]);
+        cache.insert_bytes(&d, false, d_data).await.unwrap();
+        assert!(cache.contains(&a, false));
+        assert!(cache.contains(&b, false));
+        assert!(!cache.contains(&c, false), "c should have been evicted");
+        assert!(cache.contains(&d, false));
+        assert_eq!(cache.stats().entries_evicted, 1);
+        // 3,600 bytes went over the limit; evicting `c` reached 90% of it.
+        assert_eq!(cache.stats().bytes_held, 2700);
+        drop(pinned);
+
+        // Reopened with a smaller limit, what an earlier run left is
+        // counted and trimmed (down to 90% of the limit).
+        drop(cache);
+        let cache = FileCache::open_limited(dir.path(), Some(2000)).unwrap();
+        assert!(cache.stats().bytes_held <= 1800, "{:?}", cache.stats());
+        let left = [&a, &b, &d]
+            .iter()
+            .filter(|digest| cache.path(digest, false).exists())
+            .count();
+        assert_eq!(left, 2);
+    }
+
+    #[tokio::test]
+    async fn an_unlimited_cache_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FileCache::open(dir.path()).unwrap();
+        for byte in 0..20u8 {
+            let (digest, data) = blob(byte, 1000);
+            cache.insert_bytes(&digest, false, data).await.unwrap();
+        }
+        assert_eq!(cache.stats().bytes_held, 20_000);
+        assert_eq!(cache.stats().entries_evicted, 0);
     }
 }

@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use kiln_proto::reapi::{Digest, Directory};
 use prost::Message;
 
-use crate::cache::FileCache;
+use crate::cache::{FileCache, Pinned};
 use crate::cas::CasClient;
 use crate::error::{format_digest, RunError};
 use crate::validate::check_directory;
@@ -124,13 +124,15 @@ pub async fn fetch_tree(
 }
 
 /// Makes sure every (file digest, executable) of the tree is in the file
-/// cache, downloading only what is absent. Returns the digests the CAS lacks.
+/// cache, downloading only what is absent. Returns the digests the CAS
+/// lacks, and the pin that keeps the tree's entries in the cache until the
+/// workspace is materialized.
 pub async fn fill_cache(
     cas: &CasClient,
     cache: &Arc<FileCache>,
     instance_name: &str,
     directories: &DirectoryMap,
-) -> Result<Vec<Digest>, RunError> {
+) -> Result<(Vec<Digest>, Pinned), RunError> {
     let mut needed: HashSet<(Digest, bool)> = HashSet::new();
     for directory in directories.values() {
         for file in &directory.files {
@@ -139,6 +141,7 @@ pub async fn fill_cache(
             }
         }
     }
+    let pinned = cache.pin(needed.iter().cloned());
     // Which entries exist, and which can be derived from the other
     // variant: a stat per file, so on a blocking thread.
     let lookup = cache.clone();
@@ -222,7 +225,7 @@ pub async fn fill_cache(
 
     let mut missing: Vec<Digest> = small_missing.into_iter().flatten().collect();
     missing.extend(large_missing.into_iter().flatten());
-    Ok(missing)
+    Ok((missing, pinned))
 }
 
 /// The empty blob is never fetched: every CAS has it implicitly.

@@ -49,6 +49,9 @@ pub struct RunnerConfig {
     /// Most processes an action may have at once, under backends that can
     /// enforce it (a fork bomb stops here).
     pub pids_max: Option<u64>,
+    /// Most bytes the file cache keeps (least recently used entries go
+    /// first); None: unlimited.
+    pub cache_max_bytes: Option<u64>,
 }
 
 impl RunnerConfig {
@@ -63,6 +66,7 @@ impl RunnerConfig {
             keep_workspaces: false,
             default_memory_bytes: None,
             pids_max: Some(16_384),
+            cache_max_bytes: Some(10 << 30),
         }
     }
 }
@@ -115,7 +119,10 @@ impl ActionRunner {
         isolations: Isolations,
     ) -> Result<ActionRunner, RunError> {
         let cas = CasClient::new(channel, "").await?;
-        let cache = Arc::new(FileCache::open(&config.cache_dir)?);
+        let cache = Arc::new(FileCache::open_limited(
+            &config.cache_dir,
+            config.cache_max_bytes,
+        )?);
         std::fs::create_dir_all(&config.work_root)
             .map_err(|e| RunError::io(format!("creating {}", config.work_root.display()), e))?;
         Ok(ActionRunner {
@@ -327,8 +334,9 @@ impl ActionRunner {
         })?;
         let (directories, mut missing) =
             inputs::fetch_tree(&self.cas, instance_name, &input_root).await?;
-        missing
-            .extend(inputs::fill_cache(&self.cas, &self.cache, instance_name, &directories).await?);
+        let (also_missing, pinned) =
+            inputs::fill_cache(&self.cas, &self.cache, instance_name, &directories).await?;
+        missing.extend(also_missing);
         if !missing.is_empty() {
             return Err(RunError::MissingInputs(missing));
         }
@@ -360,6 +368,7 @@ impl ActionRunner {
             workspace.clone(),
         )
         .await?;
+        drop(pinned);
         let working_path = workspace.join(&working_directory);
         create_output_parents(&command, &workspace, &working_path).await?;
 

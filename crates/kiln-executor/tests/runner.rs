@@ -1137,3 +1137,46 @@ async fn a_reused_action_directory_starts_empty() {
     );
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_limited_cache_evicts_and_fetches_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().to_path_buf();
+    // Room for one of the two 6 KB inputs, not both.
+    let harness = Harness::start_with(dir, work, |config| {
+        config.cache_max_bytes = Some(10_000);
+    })
+    .await;
+    let mut blobs = Blobs::default();
+    let mut action_reading = |byte: u8| {
+        let root = Directory {
+            files: vec![blobs.file("input.bin", &[byte; 6000], false)],
+            ..Default::default()
+        };
+        blobs.action(&root, &shell("wc -c < input.bin"), &[])
+    };
+    let first = action_reading(b'1');
+    let second = action_reading(b'2');
+    harness.upload(&blobs.0).await;
+    let run = |action: Digest| {
+        let harness = &harness;
+        async move {
+            let outcome = harness.run(&action, &Platform::default()).await.unwrap();
+            assert_eq!(outcome.result.exit_code, 0);
+            let stdout = harness
+                .download(outcome.result.stdout_digest.as_ref().unwrap())
+                .await;
+            assert_eq!(String::from_utf8_lossy(&stdout).trim(), "6000");
+        }
+    };
+    run(first.clone()).await;
+    run(second).await;
+    let stats = harness.runner.cache().stats();
+    assert_eq!(stats.blobs_filled, 2);
+    assert_eq!(stats.entries_evicted, 1, "{stats:?}");
+    assert!(stats.bytes_held <= 10_000, "{stats:?}");
+    // The first input was evicted: it is fetched again, and the action runs.
+    run(first).await;
+    assert_eq!(harness.runner.cache().stats().blobs_filled, 3);
+    harness.stop().await;
+}

@@ -122,6 +122,10 @@ pub struct ExecutionConfig {
     pub default_action_cpu_millis: u64,
     /// What an action without `EstimatedMemory` reserves, in bytes.
     pub default_action_memory_bytes: u64,
+    /// Most bytes the embedded executor's input file cache keeps (under
+    /// `data_dir/execution/cache`); least recently used files go first.
+    /// `0` = unlimited.
+    pub executor_cache_size: String,
     /// The embedded executor's isolation backends.
     pub isolation: crate::isolation::IsolationSettings,
 }
@@ -141,6 +145,7 @@ impl Default for ExecutionConfig {
             memory_bytes: 0,
             default_action_cpu_millis: 0,
             default_action_memory_bytes: 0,
+            executor_cache_size: "10GiB".into(),
             isolation: Default::default(),
         }
     }

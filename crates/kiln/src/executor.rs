@@ -30,6 +30,8 @@ pub struct ExecutorOptions {
     pub properties: std::collections::BTreeMap<String, String>,
     pub max_action_timeout: Duration,
     pub heartbeat_interval: Duration,
+    /// Most bytes the file cache keeps (0 = unlimited).
+    pub cache_max_bytes: u64,
     /// Which isolation backends to offer, and their settings.
     pub isolation: crate::isolation::IsolationSettings,
 }
@@ -56,6 +58,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     );
     runner_config.worker_name = options.name.clone();
     runner_config.max_timeout = options.max_action_timeout;
+    runner_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
     let runner = ActionRunner::new(channel.clone(), runner_config, isolations)
         .await
         .context("starting the action runner")?;

@@ -95,6 +95,10 @@ struct ExecutorArgs {
     max_action_timeout_s: u64,
     #[arg(long, default_value_t = 5000)]
     heartbeat_interval_ms: u64,
+    /// Most bytes the input file cache keeps; least recently used files go
+    /// first (0 = unlimited).
+    #[arg(long, default_value = "10GiB")]
+    cache_size: String,
     #[command(flatten)]
     isolation: kiln::isolation::IsolationArgs,
     #[arg(long, value_enum, default_value = "human")]
@@ -149,6 +153,8 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             .to_string()
         }),
         max_action_timeout: std::time::Duration::from_secs(args.max_action_timeout_s.max(1)),
+        cache_max_bytes: kiln::config::parse_size(&args.cache_size)
+            .map_err(|e| anyhow::anyhow!("--cache-size: {e}"))?,
         isolation: {
             let mut settings = kiln::isolation::IsolationSettings::default();
             args.isolation.apply(&mut settings);
@@ -230,6 +236,9 @@ struct ServeArgs {
     /// Starts of an action before executor losses fail it.
     #[arg(long)]
     max_attempts: Option<u32>,
+    /// Most bytes the embedded executor's file cache keeps (0 = unlimited).
+    #[arg(long)]
+    executor_cache_size: Option<String>,
     #[command(flatten)]
     isolation: kiln::isolation::IsolationArgs,
 }
@@ -264,6 +273,7 @@ impl ServeArgs {
             self.unmatched_grace_ms => execution.unmatched_grace_ms,
             self.executor_heartbeat_timeout_ms => execution.executor_heartbeat_timeout_ms,
             self.max_attempts => execution.max_attempts,
+            self.executor_cache_size => execution.executor_cache_size,
         }
         self.isolation.apply(&mut execution.isolation);
         Ok(config)

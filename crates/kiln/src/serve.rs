@@ -144,6 +144,8 @@ pub async fn open_store(
 /// Starts serving; returns once the listener is bound.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let (store, disk) = open_store(config).await?;
+    let executor_cache_bytes = parse_size(&config.execution.executor_cache_size)
+        .map_err(|e| anyhow::anyhow!("execution.executor_cache_size: {e}"))?;
     let limits = StorageLimits {
         max_batch_total_size_bytes: size(
             "max_batch_total_size",
@@ -237,6 +239,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 scheduler.clone(),
                 addr,
                 isolations,
+                executor_cache_bytes,
             ))
         }
         _ => None,
@@ -260,6 +263,7 @@ fn start_embedded_executor(
     scheduler: Arc<Scheduler>,
     addr: SocketAddr,
     isolations: Isolations,
+    executor_cache_bytes: u64,
 ) -> tokio::task::JoinHandle<()> {
     let execution = &config.execution;
     let executor = EmbeddedExecutor::register(
@@ -272,6 +276,7 @@ fn start_embedded_executor(
     let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
     runner_config.worker_name = format!("kiln-embedded/{}", execution.pool);
     runner_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
+    runner_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
     let concurrency = execution.effective_concurrency();
     let target = if addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
