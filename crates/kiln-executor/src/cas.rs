@@ -1,6 +1,12 @@
-//! The executor's view of the CAS: a thin client over a tonic channel that
-//! batches small blobs (within the server's `max_batch_total_size_bytes`)
-//! and streams large ones through ByteStream, so callers think in digests.
+//! The executor's view of the CAS: a thin client that batches small blobs
+//! (within the server's `max_batch_total_size_bytes`) and streams large ones
+//! through ByteStream, so callers think in digests.
+//!
+//! The client runs over a [`GrpcTransport`]: either a tonic `Channel` to a
+//! remote server ([`GrpcTransport::from_channel`]) or, for the executor
+//! embedded in `kiln serve`, the server's own gRPC service objects called
+//! in-process ([`GrpcTransport::from_service`]): the same request encoding,
+//! message-size limits and streaming bodies, without HTTP/2 or a socket.
 
 use std::path::Path;
 
@@ -13,8 +19,11 @@ use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableSto
 use kiln_proto::reapi::{self, Digest};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
+use tonic::body::Body;
+use tonic::codegen::http;
 use tonic::transport::Channel;
 use tonic::Code;
+use tower::util::BoxCloneSyncService;
 
 use crate::error::{format_digest, RunError};
 
@@ -42,18 +51,86 @@ pub enum UploadSource {
     File(std::path::PathBuf),
 }
 
-/// CAS and ByteStream clients on one channel, for one instance name.
+/// What the generated gRPC clients of [`CasClient`] are sent through: a
+/// boxed `http::Request<Body> -> http::Response<Body>` service, cloned per
+/// call like a `Channel`.
+#[derive(Clone)]
+pub struct GrpcTransport(Transport);
+
+impl GrpcTransport {
+    /// Over the network: a tonic channel to a (remote) server.
+    pub fn from_channel(channel: Channel) -> GrpcTransport {
+        GrpcTransport::from_service(channel)
+    }
+
+    /// In-process: any gRPC service stack, e.g. a `tonic::service::Routes`
+    /// holding the server's own `ContentAddressableStorageServer`,
+    /// `ByteStreamServer` and `CapabilitiesServer`. Requests and responses
+    /// keep their streaming bodies, so large ByteStream reads and writes
+    /// are not buffered whole.
+    pub fn from_service<S>(service: S) -> GrpcTransport
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Error: Into<tonic::codegen::StdError>,
+        S::Future: Send + 'static,
+    {
+        GrpcTransport(BoxCloneSyncService::new(tower::ServiceExt::map_err(
+            service,
+            |error: S::Error| TransportError(error.into()),
+        )))
+    }
+}
+
+impl From<Channel> for GrpcTransport {
+    fn from(channel: Channel) -> GrpcTransport {
+        GrpcTransport::from_channel(channel)
+    }
+}
+
+/// The transport's error: the service's own error, boxed. A named type
+/// rather than a bare `Box<dyn Error>`: with the latter as the client's
+/// error type, rustc cannot prove the runner's future `Send` for every
+/// lifetime (the `tokio::spawn` in kiln-scheduler's `run_action` fails).
+/// Display and `source` pass through, so tonic maps it to a `Status` (by
+/// the `Status`, connect or hyper error in its source chain, else Unknown
+/// with the same message) exactly as it does a `Channel`'s error.
+#[derive(Debug)]
+pub struct TransportError(tonic::codegen::StdError);
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+type Transport = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, TransportError>;
+
+/// CAS and ByteStream clients on one transport, for one instance name.
 #[derive(Clone)]
 pub struct CasClient {
-    channel: Channel,
+    transport: Transport,
     max_batch_bytes: u64,
 }
 
 impl CasClient {
     /// Connects the clients and learns the server's batch limit from
-    /// `GetCapabilities`.
-    pub async fn new(channel: Channel, instance_name: &str) -> Result<CasClient, RunError> {
-        let capabilities = CapabilitiesClient::new(channel.clone())
+    /// `GetCapabilities`. `transport` is a `Channel` or a [`GrpcTransport`].
+    pub async fn new(
+        transport: impl Into<GrpcTransport>,
+        instance_name: &str,
+    ) -> Result<CasClient, RunError> {
+        let transport = transport.into().0;
+        let capabilities = CapabilitiesClient::new(transport.clone())
             .get_capabilities(reapi::GetCapabilitiesRequest {
                 instance_name: instance_name.to_string(),
             })
@@ -70,7 +147,7 @@ impl CasClient {
             DEFAULT_MAX_BATCH_BYTES
         };
         Ok(CasClient {
-            channel,
+            transport,
             max_batch_bytes,
         })
     }
@@ -85,14 +162,14 @@ impl CasClient {
         (size as u64) + BATCH_OVERHEAD_BYTES <= self.max_batch_bytes
     }
 
-    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
-        ContentAddressableStorageClient::new(self.channel.clone())
+    fn cas(&self) -> ContentAddressableStorageClient<Transport> {
+        ContentAddressableStorageClient::new(self.transport.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    fn bytestream(&self) -> ByteStreamClient<Channel> {
-        ByteStreamClient::new(self.channel.clone())
+    fn bytestream(&self) -> ByteStreamClient<Transport> {
+        ByteStreamClient::new(self.transport.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }

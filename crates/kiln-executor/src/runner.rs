@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::cache::FileCache;
-use crate::cas::{CasClient, UploadSource};
+use crate::cas::{CasClient, GrpcTransport, UploadSource};
 use crate::error::{format_digest, RunError};
 use crate::inputs;
 use crate::isolation::{CommandSpec, Isolations};
@@ -118,7 +118,18 @@ impl ActionRunner {
         config: RunnerConfig,
         isolations: Isolations,
     ) -> Result<ActionRunner, RunError> {
-        let cas = CasClient::new(channel, "").await?;
+        ActionRunner::with_transport(GrpcTransport::from_channel(channel), config, isolations).await
+    }
+
+    /// Like [`ActionRunner::new`], over any [`GrpcTransport`]: the executor
+    /// embedded in `kiln serve` passes the server's own CAS, ByteStream and
+    /// Capabilities services, called in-process.
+    pub async fn with_transport(
+        transport: GrpcTransport,
+        config: RunnerConfig,
+        isolations: Isolations,
+    ) -> Result<ActionRunner, RunError> {
+        let cas = CasClient::new(transport, "").await?;
         let cache = Arc::new(FileCache::open_limited(
             &config.cache_dir,
             config.cache_max_bytes,
