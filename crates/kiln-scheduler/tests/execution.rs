@@ -1252,3 +1252,102 @@ async fn an_executor_out_of_disk_sends_the_action_elsewhere() {
     full.await.unwrap();
     harness.stop().await;
 }
+
+/// The embedded executor reaches the server's CAS in-process (no loopback
+/// connection). With a batch limit of 256 KiB, its 3 MiB input is read
+/// and its 6 MiB output written through ByteStream on that in-process
+/// path: both must stream through the same services a client talks to.
+#[tokio::test]
+async fn the_embedded_executor_streams_large_inputs_and_outputs_in_process() {
+    use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+    use kiln_proto::bytestream::{ReadRequest, WriteRequest};
+
+    let harness = Harness::start_with(|config| {
+        config.storage.max_batch_total_size = "256KiB".into();
+    })
+    .await;
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let big_digest = digest(&big);
+    let mut bytestream = ByteStreamClient::new(harness.channel.clone());
+    let resource_name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid_like(),
+        big_digest.hash,
+        big_digest.size_bytes
+    );
+    let requests: Vec<WriteRequest> = big
+        .chunks(512 * 1024)
+        .enumerate()
+        .map(|(i, chunk)| WriteRequest {
+            resource_name: if i == 0 {
+                resource_name.clone()
+            } else {
+                String::new()
+            },
+            write_offset: (i * 512 * 1024) as i64,
+            finish_write: (i + 1) * 512 * 1024 >= big.len(),
+            data: chunk.to_vec().into(),
+        })
+        .collect();
+    let committed = bytestream
+        .write(futures::stream::iter(requests))
+        .await
+        .expect("the large input uploads")
+        .into_inner()
+        .committed_size;
+    assert_eq!(committed, big.len() as i64);
+
+    let action = harness
+        .action(ActionSpec {
+            arguments: sh("cat in.bin in.bin > out.bin"),
+            inputs: vec![("in.bin", big.clone())],
+            withhold_inputs: true,
+            outputs: vec!["out.bin"],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, true).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(
+        result.execution_metadata.unwrap().worker,
+        "kiln-embedded/default"
+    );
+    let doubled = [big.as_slice(), big.as_slice()].concat();
+    let out_digest = digest(&doubled);
+    assert_eq!(result.output_files.len(), 1);
+    assert_eq!(result.output_files[0].digest, Some(out_digest.clone()));
+
+    let mut read = bytestream
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", out_digest.hash, out_digest.size_bytes),
+            ..Default::default()
+        })
+        .await
+        .expect("the output was stored")
+        .into_inner();
+    let mut stored = Vec::new();
+    while let Some(chunk) = read.next().await {
+        stored.extend_from_slice(&chunk.unwrap().data);
+    }
+    assert!(
+        stored == doubled,
+        "the stored output is the action's output"
+    );
+    harness.stop().await;
+}
+
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        nanos as u32,
+        nanos & 0xffff_ffff_ffff
+    )
+}

@@ -9,6 +9,7 @@ use anyhow::Context;
 use kiln_cas::{
     ActionCacheService, ByteStreamService, CapabilitiesService, CasService, Storage, StorageLimits,
 };
+use kiln_executor::cas::GrpcTransport;
 use kiln_executor::{ActionRunner, Isolations, RunnerConfig};
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::executor::executor_service_server::ExecutorServiceServer;
@@ -178,25 +179,32 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         )
     });
 
+    // The storage services the network serves, built once: the embedded
+    // executor calls these same objects in-process (same decoding and
+    // message-size limits), not over a loopback connection.
+    let capabilities = CapabilitiesServer::new(CapabilitiesService::new(
+        limits,
+        scheduler.as_ref().map(|_| execution_capabilities()),
+    ));
+    let cas = ContentAddressableStorageServer::new(CasService::new(storage.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let byte_stream = ByteStreamServer::new(ByteStreamService::new(storage.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let in_process = tonic::service::Routes::new(capabilities.clone())
+        .add_service(cas.clone())
+        .add_service(byte_stream.clone())
+        .prepare();
+
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(16 * 1024 * 1024))
         .initial_connection_window_size(Some(64 * 1024 * 1024))
         .max_frame_size(Some(1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(CapabilitiesServer::new(CapabilitiesService::new(
-            limits,
-            scheduler.as_ref().map(|_| execution_capabilities()),
-        )))
-        .add_service(
-            ContentAddressableStorageServer::new(CasService::new(storage.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            ByteStreamServer::new(ByteStreamService::new(storage.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_service(capabilities)
+        .add_service(cas)
+        .add_service(byte_stream)
         .add_service(
             ActionCacheServer::new(ActionCacheService::new(storage))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -237,7 +245,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             Some(start_embedded_executor(
                 config,
                 scheduler.clone(),
-                addr,
+                GrpcTransport::from_service(in_process),
                 isolations,
                 executor_cache_bytes,
             ))
@@ -256,12 +264,14 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
 }
 
 /// Registers the embedded executor in its pool now (so actions are
-/// accepted at once) and starts it once its runner has connected to this
-/// server's own CAS over loopback, like any executor would.
+/// accepted at once) and starts it once its runner has read this server's
+/// capabilities. Its runner reaches the CAS through `transport`: this
+/// server's own CAS, ByteStream and Capabilities services, called
+/// in-process (no loopback connection, no HTTP/2 framing).
 fn start_embedded_executor(
     config: &Config,
     scheduler: Arc<Scheduler>,
-    addr: SocketAddr,
+    transport: GrpcTransport,
     isolations: Isolations,
     executor_cache_bytes: u64,
 ) -> tokio::task::JoinHandle<()> {
@@ -278,20 +288,8 @@ fn start_embedded_executor(
     runner_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
     runner_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
     let concurrency = execution.effective_concurrency();
-    let target = if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
     tokio::spawn(async move {
-        let channel = match tonic::transport::Channel::from_shared(format!("http://{target}")) {
-            Ok(endpoint) => endpoint.connect_lazy(),
-            Err(e) => {
-                tracing::error!(error = %e, "embedded executor: bad server address");
-                return;
-            }
-        };
-        match ActionRunner::new(channel, runner_config, isolations).await {
+        match ActionRunner::with_transport(transport, runner_config, isolations).await {
             Ok(runner) => executor.run(Arc::new(runner), concurrency).await,
             Err(e) => tracing::error!(error = %e, "embedded executor could not start"),
         }
