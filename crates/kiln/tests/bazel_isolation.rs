@@ -145,15 +145,7 @@ fn bazel_runs_targets_under_each_isolation_type() {
         &server_log,
         &["--isolation", "none,sandbox,docker,podman"],
     );
-    let bazel = Bazel::new(
-        scratch.path(),
-        vec![
-            format!("--remote_executor=grpc://127.0.0.1:{}", server.port),
-            "--spawn_strategy=remote".into(),
-            "--genrule_strategy=remote".into(),
-            "--strategy=TestRunner=remote".into(),
-        ],
-    );
+    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
     let package = bazel.workspace.join("isolation");
     fs::create_dir_all(&package).unwrap();
     fs::write(package.join("BUILD"), BUILD).unwrap();

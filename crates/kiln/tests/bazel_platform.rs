@@ -123,15 +123,7 @@ fn bazel_platform_properties_pools_timeouts_secrets_and_errors() {
     let _alpha = Executor::start(server.port, "alpha", &alpha_dir, &alpha_log);
     let _beta = Executor::start(server.port, "beta", &beta_dir, &beta_log);
 
-    let bazel = Bazel::new(
-        scratch.path(),
-        vec![
-            format!("--remote_executor=grpc://127.0.0.1:{}", server.port),
-            "--spawn_strategy=remote".into(),
-            "--genrule_strategy=remote".into(),
-            "--strategy=TestRunner=remote".into(),
-        ],
-    );
+    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
     let package = bazel.workspace.join("platform");
     fs::create_dir_all(&package).unwrap();
     fs::write(package.join("BUILD"), BUILD).unwrap();

@@ -39,17 +39,7 @@ fn bazel_builds_and_tests_through_kiln_remote_execution() {
         &scratch.path().join("kiln.log"),
         &["--pool", "default", "--concurrency", "2"],
     );
-    let endpoint = format!("grpc://127.0.0.1:{}", server.port);
-    let bazel = Bazel::new(
-        scratch.path(),
-        vec![
-            format!("--remote_executor={endpoint}"),
-            // Nothing may run on the client machine.
-            "--spawn_strategy=remote".into(),
-            "--genrule_strategy=remote".into(),
-            "--strategy=TestRunner=remote".into(),
-        ],
-    );
+    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
 
     // 1. Cold: every spawn runs remotely on Kiln, the test passes.
     let first = bazel.run_ok(&["test", "//..."]);

@@ -463,6 +463,17 @@ pub fn combined(output: &Output) -> String {
     )
 }
 
+/// Bazel flags that send every spawn to the Kiln server on `port`:
+/// nothing may run on the client machine.
+pub fn remote_only_flags(port: u16) -> Vec<String> {
+    vec![
+        format!("--remote_executor=grpc://127.0.0.1:{port}"),
+        "--spawn_strategy=remote".into(),
+        "--genrule_strategy=remote".into(),
+        "--strategy=TestRunner=remote".into(),
+    ]
+}
+
 /// Sets `path`'s mode to 0755.
 pub fn make_executable(path: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
