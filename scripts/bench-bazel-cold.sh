@@ -8,13 +8,16 @@
 #
 # Usage: scripts/bench-bazel-cold.sh [TARGETS]   (default 300)
 # Env:   KILN (default target/release/kiln, or $CARGO_TARGET_DIR/release/kiln),
-#        PORT (default 19870), REMOTE_JOBS (default 4).
+#        PORT (default 19870), REMOTE_JOBS (default 4),
+#        REMOTE_FLAGS (extra Bazel flags for the remote build, e.g.
+#        --remote_download_minimal).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 targets="${1:-300}"
 port="${PORT:-19870}"
 remote_jobs="${REMOTE_JOBS:-4}"
+read -r -a remote_flags <<<"${REMOTE_FLAGS:-}"
 kiln="${KILN:-${CARGO_TARGET_DIR:-$repo_root/target}/release/kiln}"
 [[ -x "$kiln" ]] || { echo "no kiln binary at $kiln (cargo build --release -p kiln)" >&2; exit 1; }
 
@@ -81,6 +84,6 @@ bazel_cmd clean >/dev/null 2>&1
 server_pid=$!
 for _ in $(seq 100); do grep -q listening "$scratch/kiln.out" 2>/dev/null && break; sleep 0.1; done
 remote_seconds=$(timed_build --remote_executor="grpc://127.0.0.1:$port" --spawn_strategy=remote \
-  --jobs="$remote_jobs" --remote_timeout=60)
-echo "remote (--remote_executor, cold, --jobs=$remote_jobs): ${remote_seconds} s"
+  --jobs="$remote_jobs" --remote_timeout=60 "${remote_flags[@]}")
+echo "remote (--remote_executor, cold, --jobs=$remote_jobs ${remote_flags[*]}): ${remote_seconds} s"
 echo "ratio remote/local: $(echo "scale=2; $remote_seconds / $local_seconds" | bc)"
