@@ -560,12 +560,7 @@ impl Isolation for Docker {
                 &spec.stderr_path,
                 &format!("kiln: {}: {what} ({message})\n", params.command[0]),
             )?;
-            return Ok(ProcessOutcome {
-                exit_code,
-                signal: None,
-                stopped: None,
-                memory_exceeded: false,
-            });
+            return Ok(ProcessOutcome::exited(exit_code));
         }
         let outcome = supervise(
             &mut container,

@@ -255,11 +255,10 @@ pub async fn materialize(
     root: Digest,
     workspace: std::path::PathBuf,
 ) -> Result<(), RunError> {
-    tokio::task::spawn_blocking(move || {
+    crate::process::blocking("materializing the input root", move || {
         materialize_directory(&cache, &directories, &root, &workspace)
     })
     .await
-    .map_err(|e| RunError::Internal(format!("materializing the input root: {e}")))?
 }
 
 fn materialize_directory(

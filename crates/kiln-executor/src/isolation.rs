@@ -50,12 +50,7 @@ impl CommandSpec {
                     &self.stderr_path,
                     &format!("kiln: {name}: command not found\n"),
                 )?;
-                Ok(Err(ProcessOutcome {
-                    exit_code: process::EXIT_COMMAND_NOT_FOUND,
-                    signal: None,
-                    stopped: None,
-                    memory_exceeded: false,
-                }))
+                Ok(Err(ProcessOutcome::exited(process::EXIT_COMMAND_NOT_FOUND)))
             }
         }
     }

@@ -83,7 +83,7 @@ pub async fn collect(
             )
             .collect()
     };
-    tokio::task::spawn_blocking(move || {
+    crate::process::blocking("collecting outputs", move || {
         let mut collected = CollectedOutputs::default();
         for (path, kind) in declared {
             if !within(&workspace, &working_directory.join(&path)) {
@@ -97,7 +97,6 @@ pub async fn collect(
         Ok(collected)
     })
     .await
-    .map_err(|e| RunError::Internal(format!("collecting outputs: {e}")))?
 }
 
 /// Whether `path`'s parent, with symlinks resolved, is inside `workspace`.

@@ -57,7 +57,8 @@ pub struct ProcessOutcome {
 }
 
 impl ProcessOutcome {
-    fn exited(exit_code: i32) -> ProcessOutcome {
+    /// A process that ended by itself with `exit_code`.
+    pub fn exited(exit_code: i32) -> ProcessOutcome {
         ProcessOutcome {
             exit_code,
             signal: None,
@@ -108,6 +109,16 @@ pub fn resolve_program(
 pub fn write_stderr(stderr_path: &Path, message: &str) -> Result<(), RunError> {
     std::fs::write(stderr_path, message)
         .map_err(|e| RunError::io(format!("writing {}", stderr_path.display()), e))
+}
+
+/// Runs `work` on the blocking pool; `what` names it if the task dies.
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, RunError> + Send + 'static,
+) -> Result<T, RunError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| RunError::Internal(format!("{what}: {e}")))?
 }
 
 /// Opens the files stdout and stderr go to (never memory: output is unbounded).

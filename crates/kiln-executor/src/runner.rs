@@ -24,7 +24,7 @@ use crate::error::{format_digest, RunError};
 use crate::inputs;
 use crate::isolation::{CommandSpec, Isolations};
 use crate::outputs;
-use crate::process::{Limits, StopReason};
+use crate::process::{blocking, Limits, StopReason};
 use crate::validate::{check_output_path, check_relative_path};
 
 /// The executor's settings for running actions.
@@ -294,7 +294,7 @@ impl ActionRunner {
             }
         }
         let paths = [spec.stdout_path.clone(), spec.stderr_path.clone()];
-        let [stdout, stderr] = blocking(move || {
+        let [stdout, stderr] = blocking("hashing stdout and stderr", move || {
             let digest = |path: &Path| match std::fs::metadata(path) {
                 // Empty (or never written): no need to open and hash it.
                 Ok(meta) if meta.len() > 0 => outputs::hash_file(path),
@@ -362,7 +362,7 @@ impl ActionRunner {
             0o755
         };
         let dirs = (workspace.clone(), io_dir.clone());
-        blocking(move || {
+        blocking("preparing the workspace", move || {
             use std::os::unix::fs::PermissionsExt;
             for dir in [&dirs.0, &dirs.1] {
                 std::fs::create_dir_all(dir)
@@ -556,15 +556,6 @@ async fn create_output_parents(
         }
     }
     Ok(())
-}
-
-/// Runs `work` on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, RunError> + Send + 'static,
-) -> Result<T, RunError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| RunError::Internal(format!("a blocking task failed: {e}")))?
 }
 
 /// Empties a finished action's directory and keeps it for a later action
