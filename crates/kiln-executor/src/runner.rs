@@ -16,7 +16,6 @@ use kiln_proto::reapi::{Action, ActionResult, Command, Digest, ExecutedActionMet
 use kiln_proto::timestamp_now;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::cache::FileCache;
 use crate::cas::{CasClient, GrpcTransport, UploadSource};
@@ -111,21 +110,12 @@ pub struct ActionRunner {
 const SPARE_DIRS: usize = 64;
 
 impl ActionRunner {
-    /// Connects to the CAS on `channel` (reading its capabilities) and
-    /// opens the file cache.
+    /// Connects to the CAS over `transport` (reading its capabilities) and
+    /// opens the file cache. `transport` is a `Channel` to a server, or a
+    /// [`GrpcTransport`] over the server's own services, called in-process
+    /// (the executor embedded in `kiln serve`).
     pub async fn new(
-        channel: Channel,
-        config: RunnerConfig,
-        isolations: Isolations,
-    ) -> Result<ActionRunner, RunError> {
-        ActionRunner::with_transport(GrpcTransport::from_channel(channel), config, isolations).await
-    }
-
-    /// Like [`ActionRunner::new`], over any [`GrpcTransport`]: the executor
-    /// embedded in `kiln serve` passes the server's own CAS, ByteStream and
-    /// Capabilities services, called in-process.
-    pub async fn with_transport(
-        transport: GrpcTransport,
+        transport: impl Into<GrpcTransport>,
         config: RunnerConfig,
         isolations: Isolations,
     ) -> Result<ActionRunner, RunError> {

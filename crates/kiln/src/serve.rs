@@ -289,7 +289,7 @@ fn start_embedded_executor(
     runner_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
     let concurrency = execution.effective_concurrency();
     tokio::spawn(async move {
-        match ActionRunner::with_transport(transport, runner_config, isolations).await {
+        match ActionRunner::new(transport, runner_config, isolations).await {
             Ok(runner) => executor.run(Arc::new(runner), concurrency).await,
             Err(e) => tracing::error!(error = %e, "embedded executor could not start"),
         }
