@@ -62,16 +62,38 @@ bazel_cmd() {
     --host_jvm_args=-Xmx1g "$@")
 }
 
+# CPU seconds (user + system) a process has used so far; 0 if it is gone.
+process_cpu() {
+  local ticks
+  ticks=$(awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0)
+  echo "scale=2; $ticks / $(getconf CLK_TCK)" | bc
+}
+
+# CPU seconds (user + system, every core) the whole machine has used so far.
+machine_cpu() {
+  awk -v hz="$(getconf CLK_TCK)" '/^cpu /{printf "%.2f", ($2 + $3 + $4 + $7 + $8) / hz}' /proc/stat
+}
+
 # Times `bazel build FLAGS //gen:all` after loading and analysis are warm
 # (a `--nobuild` run with the same flags), so both sides time the execution
-# phase plus Bazel's own bookkeeping.
+# phase plus Bazel's own bookkeeping. Also reports, on stderr, where the CPU
+# went during the build: the Bazel server, Kiln (when running) and the rest
+# of the machine (compilers, and whatever else shares it).
 timed_build() {
   bazel_cmd build --nobuild "$@" //gen:all >/dev/null 2>&1
-  local started ended
+  local bazel_pid started ended machine0 machine1 bazel0 bazel1 kiln0=0 kiln1=0
+  bazel_pid=$(bazel_cmd info server_pid 2>/dev/null)
+  machine0=$(machine_cpu)
+  bazel0=$(process_cpu "$bazel_pid")
+  [[ -n "$server_pid" ]] && kiln0=$(process_cpu "$server_pid")
   started=$(date +%s.%N)
   bazel_cmd build "$@" //gen:all >"$scratch/last.log" 2>&1 || { cat "$scratch/last.log" >&2; exit 1; }
   ended=$(date +%s.%N)
+  machine1=$(machine_cpu)
+  bazel1=$(process_cpu "$bazel_pid")
+  [[ -n "$server_pid" ]] && kiln1=$(process_cpu "$server_pid")
   grep -E '^INFO: [0-9]+ processes' "$scratch/last.log" >&2 || true
+  echo "  cpu seconds: machine $(echo "$machine1 - $machine0" | bc), bazel server $(echo "$bazel1 - $bazel0" | bc), kiln $(echo "$kiln1 - $kiln0" | bc)" >&2
   echo "$ended - $started" | bc
 }
 
