@@ -7,7 +7,8 @@
 # time.
 #
 # Usage: scripts/bench-bazel-cold.sh [TARGETS]   (default 300)
-# Env:   KILN (default target/release/kiln, or $CARGO_TARGET_DIR/release/kiln),
+# Env:   KILN (default target/release/kiln, or $CARGO_TARGET_DIR/release/kiln;
+#        several paths, space-separated, build remotely once with each),
 #        PORT (default 19870), REMOTE_JOBS (default 4),
 #        REMOTE_FLAGS (extra Bazel flags for the remote build, e.g.
 #        --remote_download_minimal).
@@ -18,8 +19,10 @@ targets="${1:-300}"
 port="${PORT:-19870}"
 remote_jobs="${REMOTE_JOBS:-4}"
 read -r -a remote_flags <<<"${REMOTE_FLAGS:-}"
-kiln="${KILN:-${CARGO_TARGET_DIR:-$repo_root/target}/release/kiln}"
-[[ -x "$kiln" ]] || { echo "no kiln binary at $kiln (cargo build --release -p kiln)" >&2; exit 1; }
+read -r -a kilns <<<"${KILN:-${CARGO_TARGET_DIR:-$repo_root/target}/release/kiln}"
+for binary in "${kilns[@]}"; do
+  [[ -x "$binary" ]] || { echo "no kiln binary at $binary (cargo build --release -p kiln)" >&2; exit 1; }
+done
 
 scratch="$(mktemp -d /tmp/kiln-bazel-cold-XXXXXX)"
 server_pid=""
@@ -101,11 +104,19 @@ echo "targets: $targets cc_library; machine: $(nproc) CPUs, $(uname -r)"
 local_seconds=$(timed_build)
 echo "local  (--jobs=2, processwrapper-sandbox): ${local_seconds} s"
 
-bazel_cmd clean >/dev/null 2>&1
-"$kiln" serve --data-dir "$scratch/kiln-data" --listen "127.0.0.1:$port" >"$scratch/kiln.out" 2>"$scratch/kiln.log" &
-server_pid=$!
-for _ in $(seq 100); do grep -q listening "$scratch/kiln.out" 2>/dev/null && break; sleep 0.1; done
-remote_seconds=$(timed_build --remote_executor="grpc://127.0.0.1:$port" --spawn_strategy=remote \
-  --jobs="$remote_jobs" --remote_timeout=60 "${remote_flags[@]}")
-echo "remote (--remote_executor, cold, --jobs=$remote_jobs ${remote_flags[*]}): ${remote_seconds} s"
-echo "ratio remote/local: $(echo "scale=2; $remote_seconds / $local_seconds" | bc)"
+# One remote build per Kiln binary (KILN may list several, space-separated,
+# for an A/B in one session), each against a fresh server and data dir.
+for binary in "${kilns[@]}"; do
+  bazel_cmd clean >/dev/null 2>&1
+  rm -rf "$scratch/kiln-data"
+  "$binary" serve --data-dir "$scratch/kiln-data" --listen "127.0.0.1:$port" >"$scratch/kiln.out" 2>"$scratch/kiln.log" &
+  server_pid=$!
+  for _ in $(seq 100); do grep -q listening "$scratch/kiln.out" 2>/dev/null && break; sleep 0.1; done
+  remote_seconds=$(timed_build --remote_executor="grpc://127.0.0.1:$port" --spawn_strategy=remote \
+    --jobs="$remote_jobs" --remote_timeout=60 "${remote_flags[@]}")
+  echo "remote (--remote_executor, cold, --jobs=$remote_jobs ${remote_flags[*]}; $binary): ${remote_seconds} s"
+  echo "ratio remote/local: $(echo "scale=2; $remote_seconds / $local_seconds" | bc)"
+  kill "$server_pid"
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+done
