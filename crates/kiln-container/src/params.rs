@@ -153,6 +153,7 @@ mod tests {
             working_directory: "/work/x/workspace/sub".into(),
             stdout_path: "/work/x/io/stdout".into(),
             stderr_path: "/work/x/io/stderr".into(),
+            output: None,
             platform: Arc::new(platform),
         }
     }

@@ -579,8 +579,7 @@ impl Podman {
             _ => None,
         };
         let auto_remove = params.memory_bytes.is_none() || cgroup_peak.is_some();
-        let (stdout, stderr) =
-            kiln_executor::process::output_stdio(&spec.stdout_path, &spec.stderr_path)?;
+        let (stdout, stderr) = spec.output_fds()?;
         let child = self
             .command()
             .args(Podman::run_arguments(

@@ -187,6 +187,7 @@ impl Action {
                 workspace,
                 stdout_path: io.join("stdout"),
                 stderr_path: io.join("stderr"),
+                output: None,
                 platform: Arc::new(platform),
             },
             _dir: dir,

@@ -15,6 +15,7 @@ use prost::Message;
 use crate::cache::{FileCache, Pinned};
 use crate::cas::CasClient;
 use crate::error::{format_digest, RunError};
+use crate::scratch::Scratch;
 use crate::validate::check_directory;
 
 /// Parallel CAS calls while fetching inputs.
@@ -251,18 +252,20 @@ async fn insert_variants(
 /// where a hardlink is refused, e.g. across devices), symlinks as given.
 pub async fn materialize(
     cache: Arc<FileCache>,
+    scratch: Arc<Scratch>,
     directories: Arc<DirectoryMap>,
     root: Digest,
     workspace: std::path::PathBuf,
 ) -> Result<(), RunError> {
     crate::process::blocking("materializing the input root", move || {
-        materialize_directory(&cache, &directories, &root, &workspace)
+        materialize_directory(&cache, &scratch, &directories, &root, &workspace)
     })
     .await
 }
 
 fn materialize_directory(
     cache: &FileCache,
+    scratch: &Scratch,
     directories: &DirectoryMap,
     digest: &Digest,
     path: &Path,
@@ -303,10 +306,12 @@ fn materialize_directory(
     }
     for child in &directory.directories {
         let child_path = path.join(&child.name);
-        std::fs::create_dir(&child_path)
+        scratch
+            .make_dir(&child_path)
             .map_err(|e| RunError::io(format!("creating {}", child_path.display()), e))?;
         materialize_directory(
             cache,
+            scratch,
             directories,
             child.digest.as_ref().unwrap_or(&Digest::default()),
             &child_path,

@@ -6,7 +6,8 @@
 //! and the stop sequence are written once. [`Isolations`] is the set an
 //! executor offers, and picks the backend for each action.
 
-use std::path::PathBuf;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,6 +17,7 @@ use kiln_platform::{IsolationType, Platform};
 
 use crate::error::RunError;
 use crate::process::{self, Limits, ProcessOutcome};
+use crate::stdio::OutputPipes;
 
 /// What to run, where: everything an isolation backend needs.
 #[derive(Debug, Clone)]
@@ -31,6 +33,9 @@ pub struct CommandSpec {
     /// Files (outside the workspace) that receive stdout and stderr.
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
+    /// The pipes of the runner's [`crate::stdio`] capture into those files;
+    /// without one, the command writes the files directly.
+    pub output: Option<OutputPipes>,
     /// The action's parsed platform (header overrides included): container
     /// image and credentials, user, network, init, workspace mode.
     pub platform: Arc<Platform>,
@@ -53,6 +58,22 @@ impl CommandSpec {
                 Ok(Err(ProcessOutcome::exited(process::EXIT_COMMAND_NOT_FOUND)))
             }
         }
+    }
+
+    /// Descriptors for the command's stdout and stderr: the capture's
+    /// pipes, or else the files at `stdout_path` and `stderr_path`, created.
+    pub fn output_fds(&self) -> Result<(OwnedFd, OwnedFd), RunError> {
+        if let Some(pipes) = &self.output {
+            return pipes
+                .fds()
+                .map_err(|e| RunError::io("duplicating the output pipes", e));
+        }
+        let create = |path: &Path| {
+            std::fs::File::create(path)
+                .map(OwnedFd::from)
+                .map_err(|e| RunError::io(format!("creating {}", path.display()), e))
+        };
+        Ok((create(&self.stdout_path)?, create(&self.stderr_path)?))
     }
 
     /// `PATH` from the Command's environment, if it sets one.
@@ -113,7 +134,7 @@ impl Isolation for NoIsolation {
             Ok(found) => found,
             Err(not_found) => return Ok(not_found),
         };
-        let (stdout, stderr) = process::output_stdio(&spec.stdout_path, &spec.stderr_path)?;
+        let (stdout, stderr) = spec.output_fds()?;
         let mut command = tokio::process::Command::new(&program);
         command
             .arg0(&program_name)

@@ -11,6 +11,9 @@
 //! - [`process`]: the child-process supervision every backend shares
 //!   (process group, timeout, SIGTERM → grace → SIGKILL);
 //! - [`outputs`]: turning the declared outputs into ActionResult entries;
+//! - [`stdio`]: the pipes an action's stdout and stderr go through, drained
+//!   into files that exist only when the action printed something;
+//! - [`scratch`]: action directories, and the directories reused inside them;
 //! - [`runner`]: [`ActionRunner`], which composes the above.
 //!
 //! Errors are one type, [`RunError`], converted to a `tonic::Status` at the
@@ -26,6 +29,8 @@ pub mod isolation;
 pub mod outputs;
 pub mod process;
 pub mod runner;
+pub mod scratch;
+pub mod stdio;
 pub mod validate;
 
 pub use error::RunError;

@@ -121,16 +121,6 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| RunError::Internal(format!("{what}: {e}")))?
 }
 
-/// Opens the files stdout and stderr go to (never memory: output is unbounded).
-pub fn output_stdio(stdout_path: &Path, stderr_path: &Path) -> Result<(Stdio, Stdio), RunError> {
-    let open = |path: &Path| {
-        std::fs::File::create(path)
-            .map(Stdio::from)
-            .map_err(|e| RunError::io(format!("creating {}", path.display()), e))
-    };
-    Ok((open(stdout_path)?, open(stderr_path)?))
-}
-
 /// Kills the process group when dropped, so no child outlives the future
 /// that owns it (a dropped run, a panic).
 struct GroupGuard(Option<Pid>);

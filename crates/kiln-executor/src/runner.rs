@@ -24,6 +24,8 @@ use crate::inputs;
 use crate::isolation::{CommandSpec, Isolations};
 use crate::outputs;
 use crate::process::{blocking, Limits, StopReason};
+use crate::scratch::Scratch;
+use crate::stdio;
 use crate::validate::{check_output_path, check_relative_path};
 
 /// The executor's settings for running actions.
@@ -99,15 +101,9 @@ pub struct ActionRunner {
     cache: Arc<FileCache>,
     config: RunnerConfig,
     isolations: Isolations,
-    /// Emptied action directories kept for the next actions: creating and
-    /// deleting a workspace's directories and output files per action costs
-    /// ext4 inode allocation (with its scan for recently deleted inodes)
-    /// on the hot path.
-    spare_dirs: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    /// Action directories, and the directories reused inside them.
+    scratch: Arc<Scratch>,
 }
-
-/// Most emptied action directories kept for reuse.
-const SPARE_DIRS: usize = 64;
 
 impl ActionRunner {
     /// Connects to the CAS over `transport` (reading its capabilities) and
@@ -124,14 +120,14 @@ impl ActionRunner {
             &config.cache_dir,
             config.cache_max_bytes,
         )?);
-        std::fs::create_dir_all(&config.work_root)
-            .map_err(|e| RunError::io(format!("creating {}", config.work_root.display()), e))?;
+        let scratch = Scratch::open(&config.work_root)
+            .map_err(|e| RunError::io(format!("preparing {}", config.work_root.display()), e))?;
         Ok(ActionRunner {
             cas,
             cache,
             config,
             isolations,
-            spare_dirs: Default::default(),
+            scratch: Arc::new(scratch),
         })
     }
 
@@ -165,12 +161,7 @@ impl ActionRunner {
             worker_start_timestamp: Some(timestamp_now()),
             ..Default::default()
         };
-        let spare = self.spare_dirs.lock().expect("spare dirs lock").pop();
-        let action_dir = spare.unwrap_or_else(|| {
-            self.config
-                .work_root
-                .join(uuid::Uuid::new_v4().simple().to_string())
-        });
+        let action_dir = self.scratch.action_dir();
         let result = self
             .run_in(
                 instance_name,
@@ -182,7 +173,7 @@ impl ActionRunner {
             )
             .await;
         if !self.config.keep_workspaces {
-            recycle_action_dir(action_dir, self.spare_dirs.clone()).await;
+            recycle_action_dir(action_dir, self.scratch.clone()).await;
         }
         match &result {
             Ok(outcome) => tracing::info!(
@@ -237,6 +228,8 @@ impl ActionRunner {
         } = staged;
         metadata.input_fetch_completed_timestamp = Some(timestamp_now());
 
+        let (stdout_path, stderr_path) = (io_dir.join("stdout"), io_dir.join("stderr"));
+        let (output, capture) = stdio::capture(&stdout_path, &stderr_path)?;
         let spec = CommandSpec {
             arguments: command.arguments.clone(),
             environment_variables: command
@@ -246,13 +239,19 @@ impl ActionRunner {
                 .collect(),
             workspace: workspace.clone(),
             working_directory: working_path.clone(),
-            stdout_path: io_dir.join("stdout"),
-            stderr_path: io_dir.join("stderr"),
+            stdout_path,
+            stderr_path,
+            output: Some(output),
             platform: Arc::new(platform.clone()),
         };
         let limits = self.limits(&action, platform);
         metadata.execution_start_timestamp = Some(timestamp_now());
-        let process = isolation.run(&spec, &limits, cancel).await?;
+        let process = isolation.run(&spec, &limits, cancel).await;
+        // The command is gone (its group with it): what it printed is in
+        // the pipes or already in the files.
+        let captured = capture.finish().await;
+        let process = process?;
+        captured?;
         metadata.execution_completed_timestamp = Some(timestamp_now());
         if process.memory_exceeded {
             report_memory_exceeded(&spec, &limits, platform).await?;
@@ -364,6 +363,7 @@ impl ActionRunner {
         .await?;
         inputs::materialize(
             self.cache.clone(),
+            self.scratch.clone(),
             Arc::new(directories),
             input_root,
             workspace.clone(),
@@ -371,7 +371,7 @@ impl ActionRunner {
         .await?;
         drop(pinned);
         let working_path = workspace.join(&working_directory);
-        create_output_parents(&command, &workspace, &working_path).await?;
+        create_output_parents(&self.scratch, &command, &workspace, &working_path).await?;
 
         Ok(Staged {
             action,
@@ -523,6 +523,7 @@ fn check_command(command: &Command) -> Result<String, RunError> {
 /// An input symlink on the way must not lead the creation outside the
 /// workspace.
 async fn create_output_parents(
+    scratch: &Arc<Scratch>,
     command: &Command,
     workspace: &Path,
     working_path: &Path,
@@ -532,6 +533,7 @@ async fn create_output_parents(
         .iter()
         .chain(&command.output_files)
         .chain(&command.output_directories);
+    let mut parents = Vec::new();
     for path in all {
         let full = working_path.join(path);
         if !outputs::within(workspace, &full) {
@@ -540,63 +542,32 @@ async fn create_output_parents(
             )));
         }
         if let Some(parent) = full.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| RunError::io(format!("creating the parent of output {path:?}"), e))?;
+            parents.push((path.clone(), parent.to_path_buf()));
         }
     }
-    Ok(())
+    if parents.is_empty() {
+        return Ok(());
+    }
+    let scratch = scratch.clone();
+    blocking("creating the outputs' parent directories", move || {
+        for (path, parent) in parents {
+            scratch
+                .make_dir_all(&parent)
+                .map_err(|e| RunError::io(format!("creating the parent of output {path:?}"), e))?;
+        }
+        Ok(())
+    })
+    .await
 }
 
-/// Empties a finished action's directory and keeps it for a later action
-/// (up to [`SPARE_DIRS`]); a directory that cannot be emptied, or one more
-/// than that, is deleted instead. What a later action finds is exactly
-/// what a fresh one has: an empty `workspace` and no output left in `io`.
-async fn recycle_action_dir(action_dir: PathBuf, spare: Arc<std::sync::Mutex<Vec<PathBuf>>>) {
+/// Empties a finished action's directory for a later action (see
+/// [`Scratch::recycle`]).
+async fn recycle_action_dir(action_dir: PathBuf, scratch: Arc<Scratch>) {
     let shown = action_dir.display().to_string();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let keep = spare.lock().expect("spare dirs lock").len() < SPARE_DIRS
-            && empty_action_dir(&action_dir).is_ok();
-        if keep {
-            spare.lock().expect("spare dirs lock").push(action_dir);
-            return Ok(());
-        }
-        match std::fs::remove_dir_all(&action_dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    })
-    .await;
+    let outcome = tokio::task::spawn_blocking(move || scratch.recycle(action_dir)).await;
     if let Ok(Err(e)) = outcome {
         tracing::warn!(path = %shown, error = %e, "could not delete an action directory");
     }
-}
-
-/// Deletes everything in `action_dir` but its `workspace` and `io`
-/// directories, and empties those. The output files are unlinked, not
-/// truncated: a process that escaped its group would otherwise write into
-/// a later action's output.
-fn empty_action_dir(action_dir: &Path) -> std::io::Result<()> {
-    let remove = |path: &Path| -> std::io::Result<()> {
-        if path.symlink_metadata()?.is_dir() {
-            std::fs::remove_dir_all(path)
-        } else {
-            std::fs::remove_file(path)
-        }
-    };
-    for entry in std::fs::read_dir(action_dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str());
-        if name != Some("workspace") && name != Some("io") {
-            remove(&path)?;
-        }
-    }
-    for dir in ["workspace", "io"] {
-        for entry in std::fs::read_dir(action_dir.join(dir))? {
-            remove(&entry?.path())?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ async fn measure(
         working_directory: workspace,
         stdout_path: root.path().join("stdout"),
         stderr_path: root.path().join("stderr"),
+        output: None,
         platform: Arc::new(platform),
     };
     let cancel = CancellationToken::new();

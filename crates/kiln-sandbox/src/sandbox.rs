@@ -299,7 +299,7 @@ impl Sandbox {
         limits: &Limits,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError> {
-        let (stdout, stderr) = process::output_stdio(&spec.stdout_path, &spec.stderr_path)?;
+        let (stdout, stderr) = spec.output_fds()?;
         let mut command = tokio::process::Command::new(program);
         command
             .arg0(program_name)
@@ -336,8 +336,7 @@ async fn run_cloned(
         file.map_err(|e| RunError::Internal(format!("opening {}: {e}", path.display())))
     };
     let stdin = open(Path::new("/dev/null"), false)?;
-    let stdout = open(&spec.stdout_path, true)?;
-    let stderr = open(&spec.stderr_path, true)?;
+    let (stdout, stderr) = spec.output_fds()?;
     let exec = Exec::new(program, &spec.arguments, &spec.environment_variables)
         .map_err(|e| RunError::InvalidArgument(format!("{program_name}: {e}")))?;
     let spawned = tokio::task::spawn_blocking(move || {

@@ -94,6 +94,7 @@ impl Action {
             working_directory: self.workspace.clone(),
             stdout_path: self.io.join("stdout"),
             stderr_path: self.io.join("stderr"),
+            output: None,
             platform: Arc::new(self.platform.clone()),
         }
     }
