@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kiln_cas::{
-    ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasService, Storage,
-    StorageLimits,
+    ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasService,
+    Storage, StorageLimits,
 };
 use kiln_executor::cas::GrpcTransport;
 use kiln_executor::{ActionRunner, Isolations, RunnerConfig};
@@ -190,7 +190,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Write and Read framed without tonic's copies of the blob data.
-    let byte_stream = ByteStreamHttp::new(ByteStreamService::new(storage.clone()), MAX_MESSAGE_BYTES);
+    let byte_stream =
+        ByteStreamHttp::new(ByteStreamService::new(storage.clone()), MAX_MESSAGE_BYTES);
     let in_process = tonic::service::Routes::new(capabilities.clone())
         .add_service(cas.clone())
         .add_service(byte_stream.clone())
