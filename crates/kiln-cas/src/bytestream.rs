@@ -37,9 +37,6 @@ const PIPELINE_DEPTH: usize = 8;
 /// Interrupted uploads kept for resumption, and for how long.
 const MAX_PARKED_UPLOADS: usize = 1024;
 const PARKED_UPLOAD_TTL: Duration = Duration::from_secs(15 * 60);
-/// Received data is hashed and copied into the store's buffer this much at
-/// a time, so the copy reads what the hasher just brought into the cache.
-const ACCEPT_PIECE_BYTES: usize = 64 * 1024;
 
 /// One WriteRequest as the upload logic sees it. Its data may be in
 /// several pieces: the zero-copy receive path
@@ -169,13 +166,13 @@ impl Upload {
                 self.digest, self.digest.size
             )));
         }
-        let hasher = self.hasher.as_mut().expect("hasher lives until finish");
-        for piece in data.chunks(ACCEPT_PIECE_BYTES) {
-            hasher.update(piece);
-            self.writer
-                .write(piece)
-                .map_err(|e| CasError::store(format_args!("writing blob {}", self.digest), e))?;
-        }
+        self.hasher
+            .as_mut()
+            .expect("hasher lives until finish")
+            .update(data);
+        self.writer
+            .write(data)
+            .map_err(|e| CasError::store(format_args!("writing blob {}", self.digest), e))?;
         self.committed += data.len() as u64;
         Ok(())
     }
