@@ -43,7 +43,7 @@ const PARKED_UPLOAD_TTL: Duration = Duration::from_secs(15 * 60);
 /// ([`crate::bytestream_http`]) hands over slices of the HTTP/2 frames the
 /// message arrived in.
 #[derive(Debug, Default)]
-pub struct WriteChunk {
+pub(crate) struct WriteChunk {
     pub resource_name: String,
     pub write_offset: i64,
     pub finish_write: bool,
@@ -69,7 +69,7 @@ impl From<WriteRequest> for WriteChunk {
 
 /// Where an upload's WriteRequests come from: tonic's decoder, or the
 /// zero-copy framing of [`crate::bytestream_http`].
-pub trait WriteRequests: Send {
+pub(crate) trait WriteRequests: Send {
     /// The next request; `None` when the client closed its side.
     fn message(&mut self) -> impl Future<Output = Result<Option<WriteChunk>, Status>> + Send;
 }
