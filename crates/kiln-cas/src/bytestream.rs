@@ -8,6 +8,7 @@
 //! QueryWriteStatus and resume from the committed offset.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +37,48 @@ const PIPELINE_DEPTH: usize = 8;
 /// Interrupted uploads kept for resumption, and for how long.
 const MAX_PARKED_UPLOADS: usize = 1024;
 const PARKED_UPLOAD_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// One WriteRequest as the upload logic sees it. Its data may be in
+/// several pieces: the zero-copy receive path
+/// ([`crate::bytestream_http`]) hands over slices of the HTTP/2 frames the
+/// message arrived in.
+#[derive(Debug, Default)]
+pub(crate) struct WriteChunk {
+    pub resource_name: String,
+    pub write_offset: i64,
+    pub finish_write: bool,
+    pub data: Vec<Bytes>,
+}
+
+impl WriteChunk {
+    fn data_len(&self) -> usize {
+        self.data.iter().map(Bytes::len).sum()
+    }
+}
+
+impl From<WriteRequest> for WriteChunk {
+    fn from(request: WriteRequest) -> Self {
+        WriteChunk {
+            resource_name: request.resource_name,
+            write_offset: request.write_offset,
+            finish_write: request.finish_write,
+            data: vec![request.data],
+        }
+    }
+}
+
+/// Where an upload's WriteRequests come from: tonic's decoder, or the
+/// zero-copy framing of [`crate::bytestream_http`].
+pub(crate) trait WriteRequests: Send {
+    /// The next request; `None` when the client closed its side.
+    fn message(&mut self) -> impl Future<Output = Result<Option<WriteChunk>, Status>> + Send;
+}
+
+impl WriteRequests for Streaming<WriteRequest> {
+    async fn message(&mut self) -> Result<Option<WriteChunk>, Status> {
+        Ok(Streaming::message(self).await?.map(WriteChunk::from))
+    }
+}
 
 pub struct ByteStreamService {
     storage: Storage,
@@ -239,7 +282,12 @@ impl ByteStreamService {
         Upload::new(digest, resource.compressor, writer)
     }
 
-    async fn write(&self, mut stream: Streaming<WriteRequest>) -> Result<WriteResponse, Status> {
+    /// Receives one upload: checks, hashes and stores what `stream` brings,
+    /// and makes the blob visible only once its digest is verified.
+    pub(crate) async fn write(
+        &self,
+        mut stream: impl WriteRequests,
+    ) -> Result<WriteResponse, Status> {
         let first = stream
             .message()
             .await?
@@ -296,9 +344,9 @@ impl ByteStreamService {
 /// The WriteRequests of one upload, checked as they arrive: each offset
 /// must be the first request's offset plus the payload bytes seen since
 /// (compressed bytes, for compressed uploads).
-struct Requests<'a> {
-    stream: &'a mut Streaming<WriteRequest>,
-    first: Option<WriteRequest>,
+struct Requests<'a, S> {
+    stream: &'a mut S,
+    first: Option<WriteChunk>,
     expected: i64,
     digest: Digest,
 }
@@ -306,7 +354,7 @@ struct Requests<'a> {
 /// What the next request of an upload brought.
 enum Next {
     Data {
-        data: Bytes,
+        data: Vec<Bytes>,
         finish: bool,
     },
     /// The stream ended or failed before `finish_write`.
@@ -315,8 +363,8 @@ enum Next {
     Invalid(CasError),
 }
 
-impl<'a> Requests<'a> {
-    fn new(stream: &'a mut Streaming<WriteRequest>, first: WriteRequest, digest: Digest) -> Self {
+impl<'a, S: WriteRequests> Requests<'a, S> {
+    fn new(stream: &'a mut S, first: WriteChunk, digest: Digest) -> Self {
         Requests {
             stream,
             expected: first.write_offset,
@@ -345,7 +393,7 @@ impl<'a> Requests<'a> {
                 self.digest, request.write_offset, self.expected
             )));
         }
-        self.expected += request.data.len() as i64;
+        self.expected += request.data_len() as i64;
         Next::Data {
             data: request.data,
             finish: request.finish_write,
@@ -355,14 +403,14 @@ impl<'a> Requests<'a> {
 
 async fn receive_inline(
     mut upload: Upload,
-    first: WriteRequest,
-    stream: &mut Streaming<WriteRequest>,
+    first: WriteChunk,
+    stream: &mut impl WriteRequests,
 ) -> (Upload, Received, Result<()>) {
     let mut requests = Requests::new(stream, first, upload.digest);
     loop {
         match requests.next().await {
             Next::Data { data, finish } => {
-                if let Err(e) = upload.accept(&data) {
+                if let Err(e) = data.iter().try_for_each(|piece| upload.accept(piece)) {
                     return (upload, Received::Finished, Err(e));
                 }
                 if finish {
@@ -377,15 +425,15 @@ async fn receive_inline(
 
 async fn receive_pipelined(
     upload: Upload,
-    first: WriteRequest,
-    stream: &mut Streaming<WriteRequest>,
+    first: WriteChunk,
+    stream: &mut impl WriteRequests,
 ) -> (Upload, Received, Result<()>) {
     let mut requests = Requests::new(stream, first, upload.digest);
-    let (sender, mut receiver) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+    let (sender, mut receiver) = mpsc::channel::<Vec<Bytes>>(PIPELINE_DEPTH);
     let worker = tokio::task::spawn_blocking(move || {
         let mut upload = upload;
         while let Some(chunk) = receiver.blocking_recv() {
-            if let Err(e) = upload.accept(&chunk) {
+            if let Err(e) = chunk.iter().try_for_each(|piece| upload.accept(piece)) {
                 return (upload, Err(e));
             }
         }
@@ -394,7 +442,7 @@ async fn receive_pipelined(
     let received = loop {
         match requests.next().await {
             Next::Data { data, finish } => {
-                if !data.is_empty() && sender.send(data).await.is_err() {
+                if data.iter().any(|piece| !piece.is_empty()) && sender.send(data).await.is_err() {
                     break Received::Finished; // the worker failed; its error is reported below
                 }
                 if finish {
@@ -421,10 +469,12 @@ async fn join(worker: tokio::task::JoinHandle<(Upload, Result<()>)>) -> (Upload,
     }
 }
 
-type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+pub(crate) type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
 impl ByteStreamService {
-    async fn read(&self, request: ReadRequest) -> Result<ReadStream> {
+    /// Opens a (ranged, possibly compressed) download: the responses to
+    /// stream, or why there are none.
+    pub(crate) async fn read(&self, request: ReadRequest) -> Result<ReadStream> {
         let resource = BlobResource::parse_read(&request.resource_name)?;
         let digest = resource.digest;
         if request.read_offset < 0 || request.read_offset as u64 > digest.size {

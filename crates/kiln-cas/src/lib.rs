@@ -9,6 +9,7 @@
 
 pub mod action_cache;
 pub mod bytestream;
+pub mod bytestream_http;
 pub mod capabilities;
 pub mod cas;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod wire;
 
 pub use action_cache::{ActionCacheService, ActionCacheStore};
 pub use bytestream::ByteStreamService;
+pub use bytestream_http::ByteStreamHttp;
 pub use capabilities::CapabilitiesService;
 pub use cas::CasService;
 pub use error::CasError;

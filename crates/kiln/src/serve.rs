@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kiln_cas::{
-    ActionCacheService, ByteStreamService, CapabilitiesService, CasService, Storage, StorageLimits,
+    ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasService,
+    Storage, StorageLimits,
 };
 use kiln_executor::cas::GrpcTransport;
 use kiln_executor::{ActionRunner, Isolations, RunnerConfig};
-use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::executor::executor_service_server::ExecutorServiceServer;
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
@@ -189,9 +189,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let cas = ContentAddressableStorageServer::new(CasService::new(storage.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let byte_stream = ByteStreamServer::new(ByteStreamService::new(storage.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Write and Read framed without tonic's copies of the blob data.
+    let byte_stream =
+        ByteStreamHttp::new(ByteStreamService::new(storage.clone()), MAX_MESSAGE_BYTES);
     let in_process = tonic::service::Routes::new(capabilities.clone())
         .add_service(cas.clone())
         .add_service(byte_stream.clone())

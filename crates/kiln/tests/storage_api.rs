@@ -622,6 +622,61 @@ async fn interrupted_uploads_resume_from_the_committed_offset() {
     }
 }
 
+#[tokio::test]
+async fn a_client_gone_mid_upload_leaves_nothing_visible() {
+    let harness = Harness::start().await;
+    let data = pseudo_random(4 << 20, 41);
+    let name = upload_name(&data);
+    // The upload has a connection of its own, dropped with the call after
+    // the first chunk has been handed to it.
+    let channel = harness.server.as_ref().unwrap().connect().await.unwrap();
+    let (handed_over, first_sent) = tokio::sync::oneshot::channel();
+    let first = WriteRequest {
+        resource_name: name.clone(),
+        write_offset: 0,
+        finish_write: false,
+        data: data.slice(..1 << 20),
+    };
+    let requests = futures::stream::iter([first]).chain(futures::stream::once(async move {
+        let _ = handed_over.send(());
+        futures::future::pending::<WriteRequest>().await
+    }));
+    let upload = tokio::spawn(async move { ByteStreamClient::new(channel).write(requests).await });
+    first_sent.await.unwrap();
+    upload.abort();
+    assert!(upload.await.unwrap_err().is_cancelled());
+    assert_eq!(harness.missing(vec![digest(&data)]).await.len(), 1);
+    // Sent again from the start, the blob is stored whole.
+    assert_eq!(
+        harness.write(&name, chunks(&data, 1 << 20)).await.unwrap(),
+        data.len() as i64
+    );
+    assert!(harness.missing(vec![digest(&data)]).await.is_empty());
+    assert_eq!(
+        harness.read(&blob_name(&data), 0, 0).await.unwrap(),
+        data.to_vec()
+    );
+}
+
+#[tokio::test]
+async fn a_bytestream_message_over_the_limit_is_refused() {
+    let harness = Harness::start().await;
+    // 20 MiB in one WriteRequest: over the server's 16 MiB message limit.
+    let big = pseudo_random(20 << 20, 7);
+    let error = harness
+        .write(&upload_name(&big), vec![big.clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(error.message().contains("limit"), "{}", error.message());
+    assert_eq!(harness.missing(vec![digest(&big)]).await.len(), 1);
+    let small = Bytes::from_static(b"still serving");
+    harness
+        .write(&upload_name(&small), vec![small.clone()])
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uploads_of_one_blob_all_succeed() {
     let harness = Harness::start().await;

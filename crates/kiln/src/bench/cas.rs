@@ -4,6 +4,7 @@
 //! the batch RPCs, all over one tuned HTTP/2 connection to a loopback server.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,20 +12,31 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use futures::{StreamExt as _, TryStreamExt as _};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use kiln_cas::bytestream_http::{
+    framed_message, read_response_data, write_request_head, MessageReader,
+};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
-use kiln_proto::bytestream::{ReadRequest, WriteRequest};
+use kiln_proto::bytestream::{ReadRequest, WriteResponse};
 use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::{
     batch_update_blobs_request, digest_function, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
     Digest, FindMissingBlobsRequest, GetCapabilitiesRequest,
 };
+use prost::Message as _;
 use sha2::{Digest as _, Sha256};
+use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
+use tower::{Service as _, ServiceExt as _};
 
 use super::calls;
 use super::data::{mix, LargeBlob, SmallBlobSet};
 use super::report::{human_bytes, process_cpu_seconds, Measurement, MemorySample, Report};
+
+const WRITE_PATH: &str = "/google.bytestream.ByteStream/Write";
+const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
 
 /// Used when the server advertises no batch limit (REAPI: 0 means "no limit";
 /// gRPC's usual 4 MiB message cap applies anyway).
@@ -210,6 +222,9 @@ struct CasBench {
     seed: u64,
     byte_stream: ByteStreamClient<Channel>,
     cas: ContentAddressableStorageClient<Channel>,
+    /// For the large-blob calls, framed without tonic's copies.
+    channel: Channel,
+    message_limit: usize,
     max_batch_bytes: u64,
 }
 
@@ -238,7 +253,7 @@ impl CasBench {
         let byte_stream = ByteStreamClient::new(channel.clone())
             .max_decoding_message_size(message_limit)
             .max_encoding_message_size(message_limit);
-        let cas = ContentAddressableStorageClient::new(channel)
+        let cas = ContentAddressableStorageClient::new(channel.clone())
             .max_decoding_message_size(message_limit)
             .max_encoding_message_size(message_limit);
         Ok(Self {
@@ -246,6 +261,8 @@ impl CasBench {
             seed,
             byte_stream,
             cas,
+            channel,
+            message_limit,
             max_batch_bytes,
         })
     }
@@ -418,34 +435,34 @@ impl CasBench {
         );
         let sent = Arc::new(AtomicU64::new(0));
         let sent_by_stream = Arc::clone(&sent);
-        // Chunks are zero-copy slices of the blob's pattern; the stream is
-        // pulled by tonic, so only the chunks in flight are resident.
+        // Chunks are zero-copy slices of the blob's pattern, each sent after
+        // its request's few header bytes as a body frame of its own, so
+        // neither tonic's encoder nor anything else copies them; the stream
+        // is pulled by the connection, so only the chunks in flight are
+        // resident.
         let (chunk_size, size, chunk_count) = (blob.chunk_size, blob.size, blob.chunk_count());
-        let requests = futures::stream::iter(0..blob.chunk_count())
-            .map(move |index| (index, blob.chunk(index)))
-            .map(move |(index, data)| {
-                let offset = index * chunk_size;
-                let length = data.len() as u64;
-                sent_by_stream.fetch_add(length, Ordering::Relaxed);
-                WriteRequest {
-                    resource_name: if index == 0 {
-                        resource_name.clone()
-                    } else {
-                        String::new()
-                    },
-                    write_offset: offset as i64,
-                    finish_write: offset + length == size,
-                    data,
-                }
-            });
+        let frames = futures::stream::iter(0..blob.chunk_count()).flat_map(move |index| {
+            let data = blob.chunk(index);
+            let offset = index * chunk_size;
+            let length = data.len() as u64;
+            sent_by_stream.fetch_add(length, Ordering::Relaxed);
+            let name = if index == 0 { &resource_name[..] } else { "" };
+            let head = write_request_head(name, offset as i64, offset + length == size, data.len());
+            futures::stream::iter([head, data].map(|bytes| Ok::<_, Infallible>(Frame::data(bytes))))
+        });
         let started = Instant::now();
-        let response = self
-            .byte_stream
-            .clone()
-            .write(requests)
+        let call = || format!("ByteStream Write of {}", digest_name(digest));
+        let mut messages = self
+            .call_raw(WRITE_PATH, Body::new(StreamBody::new(frames)))
             .await
-            .with_context(|| format!("ByteStream Write of {}", digest_name(digest)))?
-            .into_inner();
+            .with_context(call)?;
+        let response = match messages.next().await.with_context(call)? {
+            Some(message) => WriteResponse::decode(message).with_context(call)?,
+            None => bail!("{}: {}", call(), messages.trailers_status()),
+        };
+        while messages.next().await.with_context(call)?.is_some() {}
+        let status = messages.trailers_status();
+        ensure!(status.code() == tonic::Code::Ok, "{}: {status}", call());
         let seconds = started.elapsed().as_secs_f64();
         ensure!(
             response.committed_size == digest.size_bytes,
@@ -472,6 +489,29 @@ impl CasBench {
             note,
             server_cpu_seconds: None,
         })
+    }
+
+    /// Starts a gRPC call whose request body is `body` (framed by the
+    /// caller) and returns its response messages; a trailers-only response
+    /// is the call's failure.
+    async fn call_raw(&self, path: &str, body: Body) -> anyhow::Result<MessageReader> {
+        let request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(path)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(body)?;
+        let mut channel = self.channel.clone();
+        let response = channel.ready().await?.call(request).await?;
+        ensure!(
+            response.status() == http::StatusCode::OK,
+            "HTTP status {}",
+            response.status()
+        );
+        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+            bail!("{status}");
+        }
+        Ok(MessageReader::new(response.into_body(), self.message_limit))
     }
 
     /// Reads the blob back; a wrong length or hash is a problem to report, not
@@ -501,33 +541,37 @@ impl CasBench {
         };
 
         let started = Instant::now();
+        let call = || format!("ByteStream Read of {}", digest_name(digest));
+        // Responses are read as slices of the frames they arrive in, not
+        // copied into tonic's decode buffer first.
+        let request = framed_message(&ReadRequest {
+            resource_name,
+            read_offset: 0,
+            read_limit: 0,
+        });
+        let body = StreamBody::new(futures::stream::iter([Ok::<_, Infallible>(Frame::data(
+            request,
+        ))]));
         let mut stream = self
-            .byte_stream
-            .clone()
-            .read(ReadRequest {
-                resource_name,
-                read_offset: 0,
-                read_limit: 0,
-            })
+            .call_raw(READ_PATH, Body::new(body))
             .await
-            .with_context(|| format!("ByteStream Read of {}", digest_name(digest)))?
-            .into_inner();
+            .with_context(call)?;
         let mut received = 0u64;
         let mut messages = 0u64;
-        while let Some(response) = stream
-            .message()
-            .await
-            .with_context(|| format!("ByteStream Read of {}", digest_name(digest)))?
-        {
-            received += response.data.len() as u64;
+        while let Some(message) = stream.next().await.with_context(call)? {
             messages += 1;
-            if let Some(sender) = &hash_sender {
-                sender
-                    .send(response.data)
-                    .await
-                    .context("read-back hasher stopped")?;
+            for data in read_response_data(message).with_context(call)? {
+                received += data.len() as u64;
+                if let Some(sender) = &hash_sender {
+                    sender
+                        .send(data)
+                        .await
+                        .context("read-back hasher stopped")?;
+                }
             }
         }
+        let status = stream.trailers_status();
+        ensure!(status.code() == tonic::Code::Ok, "{}: {status}", call());
         drop(hash_sender);
         let hash = match hasher {
             Some(hasher) => Some(hasher.await.context("read-back hasher panicked")?),
