@@ -4,7 +4,10 @@
 //! hardlinked into each action's workspace.
 //!
 //! Files are stored read-only, one entry per (digest, executable bit),
-//! because a hardlink shares its mode with the cache entry.
+//! because a hardlink shares its mode with the cache entry. A finished
+//! action's output files are *adopted*: hardlinked in as entries, so a
+//! later action that takes one as input finds it cached, and emptying the
+//! workspace frees no inode (see [`crate::scratch`]).
 //!
 //! With a size limit, the least recently used entries are deleted once the
 //! cache grows past it (down to 90% of it), except entries *pinned* by an
@@ -340,6 +343,30 @@ impl FileCache {
         self.root.join("tmp").join(uuid::Uuid::new_v4().to_string())
     }
 
+    /// Makes the output file at `source`, which a finished action left
+    /// and the runner hashed to `digest` once the action's processes were
+    /// gone, the entry for (digest, executable) by a hardlink; the file
+    /// becomes read-only. Nothing happens when the entry exists or the
+    /// file cannot be linked (another file system, another owner).
+    /// Blocking.
+    pub fn adopt(&self, source: &Path, digest: &Digest, executable: bool) {
+        use std::os::unix::fs::PermissionsExt;
+        let target = self.path(digest, executable);
+        if target.exists() {
+            return;
+        }
+        let mode = if executable { 0o555 } else { 0o444 };
+        let linked = std::fs::set_permissions(source, std::fs::Permissions::from_mode(mode))
+            .and_then(|()| link_creating_parent(source, &target));
+        if linked.is_ok() {
+            self.index
+                .lock()
+                .expect("cache index lock")
+                .add(target, digest.size_bytes.max(0) as u64);
+            self.evict();
+        }
+    }
+
     /// Sets the entry's final mode and renames it into place.
     async fn commit(&self, temp: &Path, digest: &Digest, executable: bool) -> Result<(), RunError> {
         use std::os::unix::fs::PermissionsExt;
@@ -347,10 +374,16 @@ impl FileCache {
         let target = self.path(digest, executable);
         let result = async {
             tokio::fs::set_permissions(temp, std::fs::Permissions::from_mode(mode)).await?;
-            if let Some(parent) = target.parent() {
-                tokio::fs::create_dir_all(parent).await?;
+            match tokio::fs::rename(temp, &target).await {
+                // The shard directory is made on its first entry.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if let Some(parent) = target.parent() {
+                        tokio::fs::create_dir_all(parent).await?;
+                    }
+                    tokio::fs::rename(temp, &target).await
+                }
+                other => other,
             }
-            tokio::fs::rename(temp, &target).await
         }
         .await;
         if let Err(e) = result {
@@ -366,6 +399,19 @@ impl FileCache {
             .add(target, digest.size_bytes.max(0) as u64);
         self.evict();
         Ok(())
+    }
+}
+
+/// Hardlinks `source` as `target`, making `target`'s directory if missing.
+fn link_creating_parent(source: &Path, target: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(source, target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::hard_link(source, target)
+        }
+        other => other,
     }
 }
 
@@ -429,6 +475,30 @@ mod tests {
             .filter(|digest| cache.path(digest, false).exists())
             .count();
         assert_eq!(left, 2);
+    }
+
+    #[test]
+    fn an_adopted_output_is_a_read_only_entry_sharing_its_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FileCache::open(&dir.path().join("cache")).unwrap();
+        let (digest, data) = blob(7, 100);
+        let output = dir.path().join("output.bin");
+        std::fs::write(&output, &data).unwrap();
+        cache.adopt(&output, &digest, false);
+        let entry = cache.path(&digest, false);
+        assert!(cache.contains(&digest, false));
+        assert!(!cache.contains(&digest, true), "only the variant adopted");
+        let (entry_meta, output_meta) = (entry.metadata().unwrap(), output.metadata().unwrap());
+        assert_eq!(entry_meta.ino(), output_meta.ino());
+        assert_eq!(entry_meta.mode() & 0o777, 0o444);
+        assert_eq!(cache.stats().bytes_held, 100);
+        // Adopting the same content again leaves the entry alone.
+        let again = dir.path().join("again.bin");
+        std::fs::write(&again, &data).unwrap();
+        cache.adopt(&again, &digest, false);
+        assert_eq!(entry.metadata().unwrap().ino(), output_meta.ino());
+        assert_eq!(cache.stats().bytes_held, 100);
     }
 
     #[tokio::test]

@@ -283,14 +283,29 @@ impl ActionRunner {
             }
         }
         let paths = [spec.stdout_path.clone(), spec.stderr_path.clone()];
-        let [stdout, stderr] = blocking("hashing stdout and stderr", move || {
-            let digest = |path: &Path| match std::fs::metadata(path) {
-                // Empty (or never written): no need to open and hash it.
-                Ok(meta) if meta.len() > 0 => outputs::hash_file(path),
-                _ => Ok(crate::cas::digest_of(&[])),
-            };
-            Ok([digest(&paths[0])?, digest(&paths[1])?])
-        })
+        let adopted: Vec<_> = result
+            .output_files
+            .iter()
+            .filter_map(|file| {
+                let digest = file.digest.clone()?;
+                Some((working_path.join(&file.path), digest, file.is_executable))
+            })
+            .collect();
+        let cache = self.cache.clone();
+        let [stdout, stderr] = blocking(
+            "adopting the outputs, hashing stdout and stderr",
+            move || {
+                for (path, digest, executable) in &adopted {
+                    cache.adopt(path, digest, *executable);
+                }
+                let digest = |path: &Path| match std::fs::metadata(path) {
+                    // Empty (or never written): no need to open and hash it.
+                    Ok(meta) if meta.len() > 0 => outputs::hash_file(path),
+                    _ => Ok(crate::cas::digest_of(&[])),
+                };
+                Ok([digest(&paths[0])?, digest(&paths[1])?])
+            },
+        )
         .await?;
         for (path, digest, field) in [
             (&spec.stdout_path, stdout, &mut result.stdout_digest),

@@ -246,6 +246,18 @@ fn shell(script: &str) -> Vec<&str> {
     vec!["/bin/sh", "-c", script]
 }
 
+/// Action directories under a work root (beside its pool of spare
+/// directories, `spare`).
+fn action_dirs_in(work_root: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(work_root)
+        .map(|d| {
+            d.map(|entry| entry.unwrap().path())
+                .filter(|path| !path.ends_with("spare"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn entries_of(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
@@ -410,8 +422,7 @@ async fn happy_path_runs_and_uploads_outputs() {
 
     // Nothing of the action is left: its directory is either gone or kept
     // for reuse with an empty workspace and no output files.
-    for kept in std::fs::read_dir(harness.work_root()).unwrap() {
-        let kept = kept.unwrap().path();
+    for kept in action_dirs_in(&harness.work_root()) {
         for part in ["workspace", "io"] {
             assert_eq!(entries_of(&kept.join(part)), 0, "{}/{part}", kept.display());
         }
@@ -504,7 +515,7 @@ async fn bad_directory_entries_are_rejected() {
     };
     expect_bad_directory(&harness, bad, "a").await;
     // Nothing ran: the work root holds no workspace.
-    assert_eq!(entries_of(&harness.work_root()), 0);
+    assert_eq!(action_dirs_in(&harness.work_root()).len(), 0);
     harness.stop().await;
 }
 
@@ -865,7 +876,7 @@ async fn cancelled_before_start_runs_nothing() {
     assert!(!outcome.cacheable);
     assert!(outcome.result.stdout_digest.is_none(), "nothing ran");
     // Nothing was staged either.
-    assert_eq!(entries_of(&harness.work_root()), 0);
+    assert_eq!(action_dirs_in(&harness.work_root()).len(), 0);
     harness.stop().await;
 }
 
@@ -1055,7 +1066,7 @@ async fn inputs_are_copied_when_the_cache_is_on_another_device() {
     let outcome = harness.run(&action, &Platform::default()).await.unwrap();
     assert_eq!(outcome.result.exit_code, 0);
     // keep_workspaces: the action's directory is still there.
-    assert_eq!(entries_of(&work_root), 1);
+    assert_eq!(action_dirs_in(&work_root).len(), 1);
     harness.stop().await;
 }
 
@@ -1131,9 +1142,44 @@ async fn a_reused_action_directory_starts_empty() {
         "the first action's stderr carried over"
     );
     assert_eq!(
-        entries_of(&harness.work_root()),
+        action_dirs_in(&harness.work_root()).len(),
         1,
         "the directory was not reused"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_is_the_next_actions_input_without_a_fetch() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let generate = blobs.action(
+        &Directory::default(),
+        &shell("mkdir -p out && echo generated > out/gen.txt"),
+        &["out/gen.txt"],
+    );
+    // The next action reads what the first one made (as a build does: the
+    // client names the output's digest in the next input root).
+    let root = Directory {
+        files: vec![blobs.file("gen.txt", b"generated\n", false)],
+        ..Default::default()
+    };
+    let consume = blobs.action(&root, &shell("cat gen.txt"), &[]);
+    harness.upload(&blobs.0).await;
+
+    let outcome = harness.run(&generate, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.result.exit_code, 0);
+    let fetched = harness.runner.cache().stats().blobs_filled;
+    let outcome = harness.run(&consume, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.result.exit_code, 0);
+    let stdout = harness
+        .download(outcome.result.stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(stdout, b"generated\n");
+    assert_eq!(
+        harness.runner.cache().stats().blobs_filled,
+        fetched,
+        "the output was fetched again as an input"
     );
     harness.stop().await;
 }
