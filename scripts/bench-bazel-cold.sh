@@ -11,13 +11,16 @@
 #        several paths, space-separated, build remotely once with each),
 #        PORT (default 19870), REMOTE_JOBS (default 4),
 #        REMOTE_FLAGS (extra Bazel flags for the remote build, e.g.
-#        --remote_download_minimal).
+#        --remote_download_minimal), SETTLE (seconds to wait before each
+#        timed build, default 61; see settle()), ROUNDS (default 2: local
+#        then each remote, that many times).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 targets="${1:-300}"
 port="${PORT:-19870}"
 remote_jobs="${REMOTE_JOBS:-4}"
+rounds="${ROUNDS:-2}"
 read -r -a remote_flags <<<"${REMOTE_FLAGS:-}"
 read -r -a kilns <<<"${KILN:-${CARGO_TARGET_DIR:-$repo_root/target}/release/kiln}"
 for binary in "${kilns[@]}"; do
@@ -65,6 +68,18 @@ bazel_cmd() {
     --host_jvm_args=-Xmx1g "$@")
 }
 
+# Lets the file system forget recent deletions before a timed build, so
+# every build starts alike. On ext4 without a journal (this machine kind's
+# disk) each inode allocation skips, one lookup each, every inode deleted
+# in the last 60 s (360 s while its inode table block is dirty); right
+# after `bazel clean` deleted the previous build's tree, every file the
+# next build creates pays for that scan, which a build on a fresh tree
+# does not. SETTLE=0 skips the wait.
+settle() {
+  sync
+  sleep "${SETTLE:-61}"
+}
+
 # CPU seconds (user + system) a process has used so far; 0 if it is gone.
 process_cpu() {
   local ticks
@@ -84,6 +99,7 @@ machine_cpu() {
 # of the machine (compilers, and whatever else shares it).
 timed_build() {
   bazel_cmd build --nobuild "$@" //gen:all >/dev/null 2>&1
+  settle
   local bazel_pid started ended machine0 machine1 bazel0 bazel1 kiln0=0 kiln1=0
   bazel_pid=$(bazel_cmd info server_pid 2>/dev/null)
   machine0=$(machine_cpu)
@@ -101,22 +117,27 @@ timed_build() {
 }
 
 echo "targets: $targets cc_library; machine: $(nproc) CPUs, $(uname -r)"
-local_seconds=$(timed_build)
-echo "local  (--jobs=2, processwrapper-sandbox): ${local_seconds} s"
-
-# One remote build per Kiln binary (KILN may list several, space-separated,
-# for an A/B in one session), each against a fresh server and data dir.
-for binary in "${kilns[@]}"; do
+# Rounds alternate local and remote builds on one Bazel server, so neither
+# side alone gets the JVM's warm-up or a quiet spell of the machine.
+for round in $(seq "$rounds"); do
   bazel_cmd clean >/dev/null 2>&1
-  rm -rf "$scratch/kiln-data"
-  "$binary" serve --data-dir "$scratch/kiln-data" --listen "127.0.0.1:$port" >"$scratch/kiln.out" 2>"$scratch/kiln.log" &
-  server_pid=$!
-  for _ in $(seq 100); do grep -q listening "$scratch/kiln.out" 2>/dev/null && break; sleep 0.1; done
-  remote_seconds=$(timed_build --remote_executor="grpc://127.0.0.1:$port" --spawn_strategy=remote \
-    --jobs="$remote_jobs" --remote_timeout=60 "${remote_flags[@]}")
-  echo "remote (--remote_executor, cold, --jobs=$remote_jobs ${remote_flags[*]}; $binary): ${remote_seconds} s"
-  echo "ratio remote/local: $(echo "scale=2; $remote_seconds / $local_seconds" | bc)"
-  kill "$server_pid"
-  wait "$server_pid" 2>/dev/null || true
-  server_pid=""
+  local_seconds=$(timed_build)
+  echo "round $round: local  (--jobs=2, processwrapper-sandbox): ${local_seconds} s"
+
+  # One remote build per Kiln binary (KILN may list several, space-separated,
+  # for an A/B in one session), each against a fresh server and data dir.
+  for binary in "${kilns[@]}"; do
+    bazel_cmd clean >/dev/null 2>&1
+    rm -rf "$scratch/kiln-data"
+    "$binary" serve --data-dir "$scratch/kiln-data" --listen "127.0.0.1:$port" >"$scratch/kiln.out" 2>"$scratch/kiln.log" &
+    server_pid=$!
+    for _ in $(seq 100); do grep -q listening "$scratch/kiln.out" 2>/dev/null && break; sleep 0.1; done
+    remote_seconds=$(timed_build --remote_executor="grpc://127.0.0.1:$port" --spawn_strategy=remote \
+      --jobs="$remote_jobs" --remote_timeout=60 "${remote_flags[@]}")
+    echo "round $round: remote (--remote_executor, cold, --jobs=$remote_jobs ${remote_flags[*]}; $binary): ${remote_seconds} s"
+    echo "ratio remote/local: $(echo "scale=2; $remote_seconds / $local_seconds" | bc)"
+    kill "$server_pid"
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  done
 done

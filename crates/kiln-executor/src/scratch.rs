@@ -196,6 +196,17 @@ mod tests {
         std::fs::write(root.join("io/stdout"), "out").unwrap();
     }
 
+    /// A scratch space whose one action directory held [`layout`] and was
+    /// recycled.
+    fn recycled_once() -> (tempfile::TempDir, Scratch, PathBuf) {
+        let temp = tempfile::tempdir().unwrap();
+        let scratch = Scratch::open(temp.path()).unwrap();
+        let action_dir = scratch.action_dir();
+        layout(&action_dir);
+        scratch.recycle(action_dir.clone()).unwrap();
+        (temp, scratch, action_dir)
+    }
+
     #[test]
     fn a_recycled_action_dir_is_empty_and_its_subdirectories_are_reused() {
         let temp = tempfile::tempdir().unwrap();
@@ -227,11 +238,7 @@ mod tests {
 
     #[test]
     fn make_dir_fails_like_mkdir_on_an_existing_path_and_keeps_the_spare() {
-        let temp = tempfile::tempdir().unwrap();
-        let scratch = Scratch::open(temp.path()).unwrap();
-        let action_dir = scratch.action_dir();
-        layout(&action_dir);
-        scratch.recycle(action_dir.clone()).unwrap();
+        let (_temp, scratch, action_dir) = recycled_once();
         let spares = scratch.spare_dirs();
 
         let workspace = action_dir.join("workspace");
@@ -250,11 +257,7 @@ mod tests {
 
     #[test]
     fn make_dir_all_builds_a_path_from_spares_and_tolerates_existing_parts() {
-        let temp = tempfile::tempdir().unwrap();
-        let scratch = Scratch::open(temp.path()).unwrap();
-        let action_dir = scratch.action_dir();
-        layout(&action_dir);
-        scratch.recycle(action_dir.clone()).unwrap();
+        let (_temp, scratch, action_dir) = recycled_once();
 
         let deep = action_dir.join("workspace/x/y/z");
         scratch.make_dir_all(&deep).unwrap();
