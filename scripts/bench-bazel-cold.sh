@@ -13,7 +13,8 @@
 #        REMOTE_FLAGS (extra Bazel flags for the remote build, e.g.
 #        --remote_download_minimal), SETTLE (seconds to wait before each
 #        timed build, default 61; see settle()), ROUNDS (default 2: local
-#        then each remote, that many times).
+#        then each remote, that many times), BAZEL_HEAP (the Bazel
+#        server's -Xmx; default: Bazel's own).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +22,10 @@ targets="${1:-300}"
 port="${PORT:-19870}"
 remote_jobs="${REMOTE_JOBS:-4}"
 rounds="${ROUNDS:-2}"
+# Bazel's server heap: its own default (a quarter of the memory) unless
+# BAZEL_HEAP is set, e.g. BAZEL_HEAP=1g.
+jvm_flags=()
+[[ -n "${BAZEL_HEAP:-}" ]] && jvm_flags=(--host_jvm_args="-Xmx$BAZEL_HEAP")
 read -r -a remote_flags <<<"${REMOTE_FLAGS:-}"
 read -r -a kilns <<<"${KILN:-${CARGO_TARGET_DIR:-$repo_root/target}/release/kiln}"
 for binary in "${kilns[@]}"; do
@@ -65,7 +70,7 @@ done
 
 bazel_cmd() {
   (cd "$workspace" && bazel --output_user_root="$scratch/root" --nohome_rc \
-    --host_jvm_args=-Xmx1g "$@")
+    "${jvm_flags[@]}" "$@")
 }
 
 # Lets the file system forget recent deletions before a timed build, so

@@ -327,15 +327,8 @@ async fn run_cloned(
     limits: &Limits,
     cancel: &CancellationToken,
 ) -> Result<ProcessOutcome, RunError> {
-    let open = |path: &Path, create: bool| {
-        let file = if create {
-            std::fs::File::create(path)
-        } else {
-            std::fs::File::open(path)
-        };
-        file.map_err(|e| RunError::Internal(format!("opening {}: {e}", path.display())))
-    };
-    let stdin = open(Path::new("/dev/null"), false)?;
+    let stdin = std::fs::File::open("/dev/null")
+        .map_err(|e| RunError::Internal(format!("opening /dev/null: {e}")))?;
     let (stdout, stderr) = spec.output_fds()?;
     let exec = Exec::new(program, &spec.arguments, &spec.environment_variables)
         .map_err(|e| RunError::InvalidArgument(format!("{program_name}: {e}")))?;
