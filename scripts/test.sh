@@ -32,6 +32,9 @@ mkdir -p "$CARGO_TARGET_DIR"
 
 # Two cores: two rustc jobs, and keep test binaries from fighting Bazel.
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+# Every CI run builds a fresh clone at a new path, so incremental caches
+# are never reused, only piled up in the shared target dir (19 GB seen).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 section "Toolchain"
