@@ -350,66 +350,72 @@ impl FileCache {
     /// file cannot be linked (another file system, another owner).
     /// Blocking.
     pub fn adopt(&self, source: &Path, digest: &Digest, executable: bool) {
-        use std::os::unix::fs::PermissionsExt;
         let target = self.path(digest, executable);
         if target.exists() {
             return;
         }
-        let mode = if executable { 0o555 } else { 0o444 };
-        let linked = std::fs::set_permissions(source, std::fs::Permissions::from_mode(mode))
-            .and_then(|()| link_creating_parent(source, &target));
-        if linked.is_ok() {
-            self.index
-                .lock()
-                .expect("cache index lock")
-                .add(target, digest.size_bytes.max(0) as u64);
-            self.evict();
+        if install(source, &target, executable, |from, to| {
+            std::fs::hard_link(from, to)
+        })
+        .is_ok()
+        {
+            self.record(target, digest);
         }
     }
 
     /// Sets the entry's final mode and renames it into place.
     async fn commit(&self, temp: &Path, digest: &Digest, executable: bool) -> Result<(), RunError> {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = if executable { 0o555 } else { 0o444 };
         let target = self.path(digest, executable);
-        let result = async {
-            tokio::fs::set_permissions(temp, std::fs::Permissions::from_mode(mode)).await?;
-            match tokio::fs::rename(temp, &target).await {
-                // The shard directory is made on its first entry.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    if let Some(parent) = target.parent() {
-                        tokio::fs::create_dir_all(parent).await?;
-                    }
-                    tokio::fs::rename(temp, &target).await
-                }
-                other => other,
+        let (temp, placed) = (temp.to_path_buf(), target.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let result = install(&temp, &placed, executable, |from, to| {
+                std::fs::rename(from, to)
+            });
+            if result.is_err() {
+                let _ = std::fs::remove_file(&temp);
             }
-        }
-        .await;
-        if let Err(e) = result {
-            let _ = tokio::fs::remove_file(temp).await;
-            return Err(RunError::io(
+            result
+        })
+        .await
+        .map_err(|e| RunError::Internal(format!("adding to the file cache: {e}")))?;
+        result.map_err(|e| {
+            RunError::io(
                 format!("adding {} to the file cache", format_digest(digest)),
                 e,
-            ));
-        }
+            )
+        })?;
+        self.record(target, digest);
+        Ok(())
+    }
+
+    /// Counts a new entry, evicting past the limit.
+    fn record(&self, target: PathBuf, digest: &Digest) {
         self.index
             .lock()
             .expect("cache index lock")
             .add(target, digest.size_bytes.max(0) as u64);
         self.evict();
-        Ok(())
     }
 }
 
-/// Hardlinks `source` as `target`, making `target`'s directory if missing.
-fn link_creating_parent(source: &Path, target: &Path) -> std::io::Result<()> {
-    match std::fs::hard_link(source, target) {
+/// Gives `file` an entry's read-only mode, then `place`s it as `target` (a
+/// rename or a hardlink), making the shard directory on its first entry.
+/// Blocking.
+fn install(
+    file: &Path,
+    target: &Path,
+    executable: bool,
+    place: fn(&Path, &Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if executable { 0o555 } else { 0o444 };
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode))?;
+    match place(file, target) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            std::fs::hard_link(source, target)
+            place(file, target)
         }
         other => other,
     }
