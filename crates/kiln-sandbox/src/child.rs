@@ -133,6 +133,17 @@ fn pointer(value: &Option<CString>) -> *const libc::c_char {
 }
 
 /// Closes every descriptor but `keep`.
+/// Moves the calling process into the action's cgroups (writing "0", the
+/// writer itself, to each `cgroup.procs`). Async-signal-safe.
+fn join_cgroups(plan: &Plan) -> io::Result<()> {
+    for &fd in &plan.cgroup_join {
+        // SAFETY: a write of a static one-byte buffer to an open descriptor.
+        let written = unsafe { libc::write(fd, c"0".as_ptr().cast(), 1) };
+        check(written as c_int, "joining the cgroup", c"")?;
+    }
+    Ok(())
+}
+
 fn close_all_except(keep: RawFd) {
     // SAFETY: close_range only closes descriptors; nothing in this process
     // uses the closed ones afterwards.
@@ -172,14 +183,7 @@ pub(crate) unsafe fn enter(plan: &Plan) -> io::Result<()> {
     // stack; this process is single-threaded after the fork.
     unsafe {
         // Join the cgroup first, so everything forked below is accounted.
-        // "0" is the writer itself.
-        for &fd in &plan.cgroup_join {
-            check(
-                libc::write(fd, c"0".as_ptr().cast(), 1) as c_int,
-                "joining the cgroup",
-                c"",
-            )?;
-        }
+        join_cgroups(plan)?;
         check(
             libc::unshare(libc::CLONE_NEWPID),
             "unshare(CLONE_NEWPID)",
@@ -717,13 +721,7 @@ unsafe fn prepare_cloned(arguments: &CloneArguments) -> io::Result<()> {
             check(libc::dup2(from, to), "dup2", c"")?;
         }
         check(libc::setpgid(0, 0), "setpgid", c"")?;
-        for &fd in &plan.cgroup_join {
-            check(
-                libc::write(fd, c"0".as_ptr().cast(), 1) as c_int,
-                "joining the cgroup",
-                c"",
-            )?;
-        }
+        join_cgroups(plan)?;
         // After joining, so the action's cgroup is its "/".
         check(
             libc::unshare(libc::CLONE_NEWCGROUP),
