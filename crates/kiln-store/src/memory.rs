@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 
 use crate::digest::KeyMap;
 use crate::store::BufferingWriter;
-use crate::{Blob, BlobStore, BlobWriter, Key, Result, StoreError};
+use crate::{Blob, BlobStore, BlobWriter, Key, Result, Retention, StoreError};
 
 const SHARDS: usize = 16;
 
@@ -36,6 +36,18 @@ impl Generations {
         let data = self.old.remove(key)?;
         self.insert(*key, data.clone(), shard_capacity);
         Some(data)
+    }
+
+    /// The memory store's coarse reading of a [`Retention`]: a lowered one
+    /// moves the blob to the old generation, dropped at the next turnover;
+    /// any other counts as a use.
+    fn retain(&mut self, key: &Key, retention: Retention, shard_capacity: u64) {
+        if retention.epochs() >= 0 {
+            self.get(key, shard_capacity);
+        } else if let Some(data) = self.young.remove(key) {
+            self.young_bytes -= data.len() as u64;
+            self.old.insert(*key, data);
+        }
     }
 
     fn insert(&mut self, key: Key, data: Bytes, shard_capacity: u64) {
@@ -112,5 +124,14 @@ impl BlobStore for MemoryStore {
             store.insert(key, data);
             Ok(())
         })))
+    }
+
+    async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()> {
+        for key in keys {
+            self.shard(key)
+                .lock()
+                .retain(key, retention, self.shard_capacity);
+        }
+        Ok(())
     }
 }

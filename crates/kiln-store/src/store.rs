@@ -110,6 +110,47 @@ pub trait BlobWriter: Send {
     fn commit(self: Box<Self>) -> Result<()>;
 }
 
+/// How long a blob is kept under eviction pressure, relative to others:
+/// Kiln's reading of REAPI's `ResultsCachePolicy.priority`.
+///
+/// Stores evict approximately least recently used. A retention shifts a
+/// blob's recency by `epochs()` steps of the store's eviction clock (the
+/// disk store's clock advances every 1/32 of its size written): a positive
+/// shift keeps it as if it had been used that much later, a negative one
+/// lets it go as if used that much earlier. Every later use is shifted the
+/// same way, and the shift survives restarts. It is bounded, so even the
+/// most retained blob is evicted eventually if it stays unused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Retention(i8);
+
+impl Retention {
+    /// The server default (REAPI priority 0).
+    pub const DEFAULT: Retention = Retention(0);
+    /// The largest shift either way, in epochs: two store sizes of writes
+    /// for the disk store (whose whole content spans about 32 epochs).
+    pub const MAX_EPOCHS: i8 = 64;
+
+    /// A shift of `epochs`, clamped to ±[`Retention::MAX_EPOCHS`].
+    pub fn from_epochs(epochs: i32) -> Retention {
+        let max = i32::from(Self::MAX_EPOCHS);
+        Retention(epochs.clamp(-max, max) as i8)
+    }
+
+    /// REAPI's `ResultsCachePolicy.priority`: lower means kept longer, 0 is
+    /// the server's default. Priority `p` shifts by `-p` epochs, clamped.
+    pub fn from_reapi_priority(priority: i32) -> Retention {
+        Retention::from_epochs(priority.saturating_neg())
+    }
+
+    pub fn epochs(self) -> i8 {
+        self.0
+    }
+
+    pub fn is_default(self) -> bool {
+        self.0 == 0
+    }
+}
+
 /// Storage of immutable blobs (CAS) and replaceable entries (Action Cache)
 /// by [`Key`]. Callers verify content before writing; stores never see a
 /// blob whose digest does not match.
@@ -136,6 +177,10 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Starts a streaming write of a blob of `size` bytes.
     async fn writer(&self, key: Key, size: u64) -> Result<Box<dyn BlobWriter>>;
+
+    /// Gives the stored blobs among `keys` this [`Retention`] (replacing
+    /// any earlier one) and counts it as a use. Absent keys are skipped.
+    async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()>;
 }
 
 /// A writer that gathers the blob in memory and hands it to `finish`:

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Blob, BlobStore, BlobWriter, Key, MemoryStore, Result};
+use crate::{Blob, BlobStore, BlobWriter, Key, MemoryStore, Result, Retention};
 
 pub struct TieredStore {
     fast: MemoryStore,
@@ -72,5 +72,10 @@ impl BlobStore for TieredStore {
     async fn writer(&self, key: Key, size: u64) -> Result<Box<dyn BlobWriter>> {
         // Streamed blobs are written through; a later read promotes small ones.
         self.slow.writer(key, size).await
+    }
+
+    async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()> {
+        self.fast.set_retention(keys, retention).await?;
+        self.slow.set_retention(keys, retention).await
     }
 }

@@ -4,7 +4,7 @@
 //! last checkpoint is trusted only after its data is re-verified.
 
 use crate::digest::Namespace;
-use crate::Key;
+use crate::{Key, Retention};
 
 /// Bytes per journal record.
 pub const RECORD_LEN: usize = 72;
@@ -25,6 +25,8 @@ pub struct Record {
     pub len: u64,
     /// crc32c of the payload (packed blobs only; files are re-hashed).
     pub payload_crc: u32,
+    /// Journals written before retention existed hold 0 here: the default.
+    pub retention: Retention,
 }
 
 impl Record {
@@ -36,6 +38,7 @@ impl Record {
             Location::File => (2u8, 0, 0),
         };
         buf[1] = kind;
+        buf[2] = self.retention.epochs() as u8;
         buf[4..8].copy_from_slice(&self.payload_crc.to_le_bytes());
         buf[8..40].copy_from_slice(&self.key.hash);
         buf[40..44].copy_from_slice(&segment.to_le_bytes());
@@ -70,6 +73,7 @@ impl Record {
             location,
             len: u64::from_le_bytes(buf[52..60].try_into().ok()?),
             payload_crc: u32::from_le_bytes(buf[4..8].try_into().ok()?),
+            retention: Retention::from_epochs(i32::from(buf[2] as i8)),
         })
     }
 }
@@ -105,6 +109,7 @@ mod tests {
             },
             len: 5,
             payload_crc: crc32c::crc32c(b"hello"),
+            retention: Retention::from_epochs(-3),
         };
         let mut buf = Vec::new();
         record.encode(&mut buf);

@@ -21,6 +21,8 @@
 //! Eviction keeps the store under `max_size_bytes`, approximately least
 //! recently used: whole old segments and cold files are dropped, and blobs
 //! in a dropped segment that were used recently are first copied forward.
+//! A blob's [`Retention`] shifts its recency (see there); it is journaled,
+//! so it survives restarts.
 
 mod direct;
 pub mod journal;
@@ -43,7 +45,7 @@ use self::direct::DirectFileSink;
 use self::journal::{Location, Record, RECORD_LEN};
 use crate::digest::KeyMap;
 use crate::store::BufferingWriter;
-use crate::{Blob, BlobStore, BlobWriter, Key, Result, StoreError};
+use crate::{Blob, BlobStore, BlobWriter, Key, Result, Retention, StoreError};
 
 /// When a write is acknowledged relative to reaching the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -123,6 +125,8 @@ struct Inner {
     epoch: AtomicU32,
     bytes_this_epoch: AtomicU64,
     evicting: AtomicBool,
+    /// Bytes eviction has copied forward since start-up.
+    copied_forward_bytes: AtomicU64,
     /// What the next group commit must sync.
     unsynced: Mutex<Unsynced>,
     _lock: File,
@@ -169,10 +173,30 @@ struct Active {
 struct Entry {
     location: Location,
     len: u64,
+    /// Epoch of the last use.
     atime: u32,
     /// The journal record's payload checksum, kept so the journal can be
     /// rewritten from the index.
     payload_crc: u32,
+    retention: Retention,
+}
+
+impl Entry {
+    /// The last use shifted by the retention: what eviction orders by.
+    fn recency(&self) -> u32 {
+        self.atime
+            .saturating_add_signed(i32::from(self.retention.epochs()))
+    }
+
+    fn record(&self, key: Key) -> Record {
+        Record {
+            key,
+            location: self.location,
+            len: self.len,
+            payload_crc: self.payload_crc,
+            retention: self.retention,
+        }
+    }
 }
 
 /// The journal file and where appends go.
@@ -183,6 +207,18 @@ struct JournalFile {
     /// Bytes ever appended since start-up: only grows, also across
     /// compactions, so writers can wait for "durable up to here".
     logical: u64,
+}
+
+impl JournalFile {
+    /// Appends encoded records; returns the new logical end.
+    fn append(&mut self, records: &[u8]) -> Result<u64> {
+        (&*self.file)
+            .write_all(records)
+            .map_err(io_err("appending to the journal"))?;
+        self.len += records.len() as u64;
+        self.logical += records.len() as u64;
+        Ok(self.logical)
+    }
 }
 
 const INDEX_SHARDS: usize = 64;
@@ -349,7 +385,8 @@ impl DiskStore {
         )
         .map_err(io_err("writing the checkpoint"))?;
 
-        // Ages: journal order stands in for access order across a restart.
+        // Ages: journal order stands in for access order across a restart
+        // (retention is applied on top, not baked into the order).
         const RESTART_EPOCHS: u64 = 32;
         let count = ordered.len().max(1) as u64;
         let index = Index::new();
@@ -373,6 +410,7 @@ impl DiskStore {
                     len: record.len,
                     atime,
                     payload_crc: record.payload_crc,
+                    retention: record.retention,
                 },
             );
         }
@@ -420,6 +458,7 @@ impl DiskStore {
             epoch: AtomicU32::new(RESTART_EPOCHS as u32),
             bytes_this_epoch: AtomicU64::new(0),
             evicting: AtomicBool::new(false),
+            copied_forward_bytes: AtomicU64::new(0),
             unsynced: Mutex::default(),
             _lock: lock,
             config,
@@ -477,6 +516,11 @@ impl DiskStore {
     }
 
     /// Number of blobs and Action Cache entries held.
+    /// Bytes eviction has copied forward (rewritten) since start-up.
+    pub fn copied_forward_bytes(&self) -> u64 {
+        self.inner.copied_forward_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn blob_count(&self) -> usize {
         self.inner.index.len()
     }
@@ -681,8 +725,19 @@ impl Inner {
     }
 
     /// Appends blobs to the active segment with one write and one journal
-    /// append, then makes them visible. Returns the journal's end.
+    /// append, then makes them visible as used now. Returns the journal's end.
     fn put_packed(&self, items: &[(Key, Bytes)]) -> Result<u64> {
+        let now = self.epoch();
+        self.put_packed_as(items, |_| (now, Retention::DEFAULT))
+    }
+
+    /// [`Inner::put_packed`] with each item's last use and retention given
+    /// by `stamp(index)`: eviction copies blobs forward keeping both.
+    fn put_packed_as(
+        &self,
+        items: &[(Key, Bytes)],
+        stamp: impl Fn(usize) -> (u32, Retention),
+    ) -> Result<u64> {
         let total: u64 = items.iter().map(|(_, data)| data.len() as u64).sum();
         let (segment, base) = {
             let mut active = self.active.lock();
@@ -731,33 +786,50 @@ impl Inner {
         let mut records = Vec::with_capacity(items.len() * RECORD_LEN);
         let mut offset = base;
         let mut entries = Vec::with_capacity(items.len());
-        for (key, data) in items {
-            let location = Location::Packed {
-                segment: segment.id,
-                offset,
-            };
-            let payload_crc = crc32c::crc32c(data);
-            Record {
-                key: *key,
-                location,
-                len: data.len() as u64,
-                payload_crc,
-            }
-            .encode(&mut records);
-            entries.push((
-                *key,
-                Entry {
-                    location,
-                    len: data.len() as u64,
-                    atime: self.epoch(),
-                    payload_crc,
+        for (i, (key, data)) in items.iter().enumerate() {
+            let (atime, retention) = stamp(i);
+            let entry = Entry {
+                location: Location::Packed {
+                    segment: segment.id,
+                    offset,
                 },
-            ));
+                len: data.len() as u64,
+                atime,
+                payload_crc: crc32c::crc32c(data),
+                retention,
+            };
+            entry.record(*key).encode(&mut records);
+            entries.push((*key, entry));
             offset += data.len() as u64;
         }
         let (journal_end, _) = self.append_journal(&records, &entries)?;
         self.maybe_evict();
         Ok(journal_end)
+    }
+
+    /// Marks the stored blobs among `keys` used now with `retention`, and
+    /// journals each changed retention (with the next group commit).
+    fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()> {
+        let now = self.epoch();
+        // Under the journal lock, like every index change that is journaled,
+        // so a compaction cannot miss it.
+        let mut journal = self.journal.lock();
+        let mut records = Vec::new();
+        for key in keys {
+            let mut shard = self.index.shard(key).lock();
+            let Some(entry) = shard.get_mut(key) else {
+                continue;
+            };
+            entry.atime = now;
+            if entry.retention != retention {
+                entry.retention = retention;
+                entry.record(*key).encode(&mut records);
+            }
+        }
+        if !records.is_empty() {
+            journal.append(&records)?;
+        }
+        Ok(())
     }
 
     /// For blocking writers: with [`Durability::Sync`], commit before returning.
@@ -777,11 +849,7 @@ impl Inner {
         entries: &[(Key, Entry)],
     ) -> Result<(u64, Vec<Option<Entry>>)> {
         let mut journal = self.journal.lock();
-        (&*journal.file)
-            .write_all(records)
-            .map_err(io_err("appending to the journal"))?;
-        journal.len += records.len() as u64;
-        journal.logical += records.len() as u64;
+        journal.append(records)?;
         let replaced = entries
             .iter()
             .map(|(key, entry)| self.index.insert(*key, *entry))
@@ -837,13 +905,7 @@ impl Inner {
         live.sort_by_key(|(_, entry)| entry.atime);
         let mut records = Vec::with_capacity(live.len() * RECORD_LEN);
         for (key, entry) in &live {
-            Record {
-                key: *key,
-                location: entry.location,
-                len: entry.len,
-                payload_crc: entry.payload_crc,
-            }
-            .encode(&mut records);
+            entry.record(*key).encode(&mut records);
         }
         let path = self.root.join("journal");
         let before = journal.len;
@@ -941,7 +1003,7 @@ impl Inner {
         let oldest = sealed
             .iter()
             .map(|s| s.sealed_epoch.load(Ordering::Relaxed))
-            .chain(files.iter().map(|(_, e)| e.atime))
+            .chain(files.iter().map(|(_, e)| e.recency()))
             .min()
             .unwrap_or(now);
         let keep_from = oldest + (now.saturating_sub(oldest)).div_ceil(2);
@@ -956,13 +1018,16 @@ impl Inner {
             .chain(
                 files
                     .into_iter()
-                    .map(|(k, e)| (e.atime, Victim::File(k, e.len))),
+                    .map(|(k, e)| (e.recency(), Victim::File(k, e.len))),
             )
             .collect();
         candidates.sort_by_key(|(age, _)| *age);
 
         let mut remaining = total;
         let (mut dropped, mut copied) = (0u64, 0u64);
+        // At most what this round must free: eviction never writes more
+        // than was written since the last round.
+        let (copy_limit, mut copied_bytes) = (total - budget, 0u64);
         for (_, victim) in candidates {
             if remaining <= budget {
                 break;
@@ -978,12 +1043,23 @@ impl Inner {
                 }
                 Victim::Segment(segment) => {
                     let entries = per_segment.remove(&segment.id).unwrap_or_default();
-                    let keep: Vec<_> = entries
+                    let mut keep: Vec<_> = entries
                         .iter()
-                        .filter(|(_, e)| e.atime >= keep_from)
+                        .filter(|(_, e)| e.recency() >= keep_from)
                         .collect();
+                    // Copying forward is bounded per round, most recent
+                    // first, so a store whose content is all recent or
+                    // retained still frees space.
+                    keep.sort_by_key(|(_, e)| std::cmp::Reverse(e.recency()));
+                    let mut room = copy_limit.saturating_sub(copied_bytes);
+                    keep.retain(|(_, e)| {
+                        let fits = e.len <= room;
+                        room = room.saturating_sub(e.len);
+                        fits
+                    });
                     for chunk in keep.chunks(256) {
                         let mut items = Vec::with_capacity(chunk.len());
+                        let mut stamps = Vec::with_capacity(chunk.len());
                         for (key, entry) in chunk {
                             if let Location::Packed { offset, .. } = entry.location {
                                 let mut data = vec![0u8; entry.len as usize];
@@ -992,11 +1068,16 @@ impl Inner {
                                     .read_exact_at(&mut data, offset)
                                     .map_err(io_err(format!("copying {key:?} forward")))?;
                                 items.push((*key, Bytes::from(data)));
+                                stamps.push((entry.atime, entry.retention));
                             }
                         }
+                        let bytes = items.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
                         copied += items.len() as u64;
-                        remaining += items.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
-                        self.put_packed(&items)?;
+                        copied_bytes += bytes;
+                        self.copied_forward_bytes
+                            .fetch_add(bytes, Ordering::Relaxed);
+                        remaining += bytes;
+                        self.put_packed_as(&items, |i| stamps[i])?;
                     }
                     for (key, entry) in &entries {
                         if self.index.remove_if_at(key, entry.location) {
@@ -1122,20 +1203,15 @@ impl BlobWriter for FileWriter {
             unsynced.files.push(file);
             unsynced.dirs.insert(parent.to_path_buf());
         }
-        let mut record = Vec::with_capacity(RECORD_LEN);
-        Record {
-            key: self.key,
-            location: Location::File,
-            len: self.size,
-            payload_crc: 0,
-        }
-        .encode(&mut record);
         let entry = Entry {
             location: Location::File,
             len: self.size,
             atime: self.store.epoch(),
             payload_crc: 0,
+            retention: Retention::DEFAULT,
         };
+        let mut record = Vec::with_capacity(RECORD_LEN);
+        entry.record(self.key).encode(&mut record);
         let (_, replaced) = self.store.append_journal(&record, &[(self.key, entry)])?;
         let replaced = replaced.into_iter().next().flatten();
         // A concurrent upload of the same blob renamed over the same path:
@@ -1253,6 +1329,10 @@ impl BlobStore for DiskStore {
             tmp_path,
             sink: Some(sink),
         }))
+    }
+
+    async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()> {
+        self.inner.set_retention(keys, retention)
     }
 }
 

@@ -306,3 +306,137 @@ async fn the_journal_is_compacted_and_stays_trustworthy() {
         assert_eq!(read(&store, &after.0).await.as_ref(), Some(&after.1));
     }
 }
+
+/// Whether the store holds `key`, without counting as a use (which
+/// `contains` and `get` do, and which would reorder eviction).
+fn holds(store: &DiskStore, key: &Key) -> bool {
+    store.inner.index.shard(key).lock().contains_key(key)
+}
+
+/// Writes fresh blobs of `len` bytes until `until(store, written so far)`
+/// says stop; bounded by three store sizes of writes. Returns their keys.
+async fn fill_until(
+    store: &DiskStore,
+    seed: &mut u64,
+    len: usize,
+    until: impl Fn(&DiskStore, usize) -> bool,
+) -> Vec<Key> {
+    let mut written = Vec::new();
+    let limit = 3 * store.inner.config.max_size_bytes / len as u64;
+    while !until(store, written.len()) {
+        assert!((written.len() as u64) < limit, "eviction never got there");
+        let (key, data) = blob(*seed, len);
+        *seed += 1;
+        if len as u64 > store.inner.config.max_packed_blob_bytes {
+            write_streaming(store, key, &data).await;
+        } else {
+            store.put(key, data).await.unwrap();
+        }
+        written.push(key);
+    }
+    written
+}
+
+#[tokio::test]
+async fn retention_reorders_eviction_of_files_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 64 << 20;
+    let (store, _) = DiskStore::open(config(dir.path(), budget)).unwrap();
+    let mut seed = 1;
+    let mb = 1 << 20;
+    // Twenty default blobs, then three more that differ only in retention.
+    let early = fill_until(&store, &mut seed, mb, |_, n| n == 20).await;
+    let [kept, plain, lowered] = [9_001, 9_002, 9_003].map(|s| blob(s, mb));
+    for (key, data) in [&kept, &plain, &lowered] {
+        write_streaming(&store, *key, data).await;
+    }
+    store
+        .set_retention(&[kept.0], Retention::from_reapi_priority(-64))
+        .await
+        .unwrap();
+    store
+        .set_retention(&[lowered.0], Retention::from_reapi_priority(64))
+        .await
+        .unwrap();
+
+    // The lowered blob goes first, before older blobs of default retention.
+    fill_until(&store, &mut seed, mb, |s, _| !holds(s, &lowered.0)).await;
+    assert!(
+        holds(&store, &plain.0),
+        "the default blob outlives the lowered one"
+    );
+    assert!(
+        holds(&store, early.last().unwrap()),
+        "older default blobs outlive the lowered one"
+    );
+    // The retained blob outlives the default one written with it.
+    fill_until(&store, &mut seed, mb, |s, _| !holds(s, &plain.0)).await;
+    assert!(
+        holds(&store, &kept.0),
+        "the retained blob outlives the default one"
+    );
+
+    // The retention is journaled: after a restart the retained blob still
+    // outlives blobs that were used after it.
+    let before_restart = fill_until(&store, &mut seed, mb, |_, n| n == 4).await;
+    drop(store);
+    let (store, _) = DiskStore::open(config(dir.path(), budget)).unwrap();
+    let newest = *before_restart.last().unwrap();
+    assert!(holds(&store, &newest) && holds(&store, &kept.0));
+    fill_until(&store, &mut seed, mb, |s, _| !holds(s, &newest)).await;
+    assert!(holds(&store, &kept.0), "the retention survived the restart");
+    assert_eq!(read(&store, &kept.0).await.as_ref(), Some(&kept.1));
+}
+
+#[tokio::test]
+async fn retained_small_blobs_are_copied_forward_when_their_segment_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 64 << 20;
+    let (store, _) = DiskStore::open(config(dir.path(), budget)).unwrap();
+    let [kept, plain] = [9_001, 9_002].map(|s| blob(s, 4096));
+    store.put(kept.0, kept.1.clone()).await.unwrap();
+    store.put(plain.0, plain.1.clone()).await.unwrap();
+    store
+        .set_retention(&[kept.0], Retention::from_reapi_priority(-64))
+        .await
+        .unwrap();
+    let first_home = store.inner.index.shard(&kept.0).lock()[&kept.0].location;
+
+    let mut seed = 1;
+    fill_until(&store, &mut seed, 64 << 10, |s, _| !holds(s, &plain.0)).await;
+    assert!(
+        holds(&store, &kept.0),
+        "the retained blob outlives its segment"
+    );
+    let entry = store.inner.index.shard(&kept.0).lock()[&kept.0];
+    assert!(entry.location != first_home, "it was copied forward");
+    assert_eq!(entry.retention, Retention::from_reapi_priority(-64));
+    assert_eq!(read(&store, &kept.0).await.as_ref(), Some(&kept.1));
+}
+
+#[tokio::test]
+async fn a_store_of_only_retained_blobs_keeps_its_budget_without_rewriting_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 64 << 20;
+    let (store, _) = DiskStore::open(config(dir.path(), budget)).unwrap();
+    let retained = Retention::from_reapi_priority(-64);
+    let count = 3 * budget / 65536;
+    for seed in 0..count {
+        let (key, data) = blob(seed, 65536);
+        store.put(key, data).await.unwrap();
+        store.set_retention(&[key], retained).await.unwrap();
+        assert!(
+            store.size_bytes() <= budget + (8 << 20),
+            "{} over budget",
+            store.size_bytes()
+        );
+    }
+    // Eviction copies retained blobs forward, but never rewrites more than
+    // was written.
+    let written = count * 65536;
+    assert!(
+        store.copied_forward_bytes() <= written,
+        "eviction copied {} bytes forward for {written} written",
+        store.copied_forward_bytes()
+    );
+}
