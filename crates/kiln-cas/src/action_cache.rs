@@ -2,10 +2,14 @@
 //! digest. A hit is only served when every blob it references is still in
 //! the CAS (completeness check): a client that trusts a hit must be able to
 //! download all of its outputs.
+//!
+//! A client's `ResultsCachePolicy.priority` becomes the [`Retention`] of
+//! the entry and of every blob it references, so a result and its outputs
+//! are kept (or let go) together.
 
 use bytes::Bytes;
 use kiln_proto::reapi::{self, action_cache_server::ActionCache};
-use kiln_store::{Digest, DigestFunction, Key};
+use kiln_store::{Digest, DigestFunction, Key, Retention};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -63,18 +67,52 @@ impl ActionCacheStore {
         Ok(Some(result))
     }
 
+    /// Stores `result` for `action`, with `retention` for it and its blobs.
     pub async fn put(
         &self,
         instance_name: &str,
         action: &Digest,
         result: &reapi::ActionResult,
+        retention: Retention,
     ) -> Result<()> {
         let key = Key::action_cache(instance_name, action);
         self.storage
             .store
             .put(key, Bytes::from(result.encode_to_vec()))
             .await
-            .map_err(|e| CasError::store(format_args!("storing the action result of {action}"), e))
+            .map_err(|e| {
+                CasError::store(format_args!("storing the action result of {action}"), e)
+            })?;
+        if !retention.is_default() {
+            self.retain(instance_name, action, result, retention)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Gives the entry for `action` and every blob `result` references
+    /// (output trees' files included) `retention`.
+    pub async fn retain(
+        &self,
+        instance_name: &str,
+        action: &Digest,
+        result: &reapi::ActionResult,
+        retention: Retention,
+    ) -> Result<()> {
+        let (mut blobs, trees) = direct_references(action.function, result)?;
+        blobs.extend(self.tree_files(action.function, &trees).await?);
+        let mut keys = vec![Key::action_cache(instance_name, action)];
+        keys.extend(blobs.iter().map(Digest::key));
+        self.storage
+            .store
+            .set_retention(&keys, retention)
+            .await
+            .map_err(|e| {
+                CasError::store(
+                    format_args!("setting the retention of the result of {action}"),
+                    e,
+                )
+            })
     }
 
     /// Every blob `result` references that the CAS lacks, including the
@@ -84,36 +122,21 @@ impl ActionCacheStore {
         function: DigestFunction,
         result: &reapi::ActionResult,
     ) -> Result<Vec<Digest>> {
-        let mut referenced = Vec::new();
-        let mut add = |digest: Option<&reapi::Digest>, what: &str| -> Result<()> {
-            if let Some(d) = digest {
-                referenced.push(parse_digest(function, Some(d), what)?);
-            }
-            Ok(())
-        };
-        for file in &result.output_files {
-            add(file.digest.as_ref(), "output file digest")?;
-        }
-        add(result.stdout_digest.as_ref(), "stdout_digest")?;
-        add(result.stderr_digest.as_ref(), "stderr_digest")?;
-        let mut trees = Vec::new();
-        for directory in &result.output_directories {
-            let tree = parse_digest(
-                function,
-                directory.tree_digest.as_ref(),
-                "output directory tree_digest",
-            )?;
-            trees.push(tree);
-            referenced.push(tree);
-        }
+        let (referenced, trees) = direct_references(function, result)?;
         let missing = self.storage.find_missing(&referenced).await?;
         if !missing.is_empty() {
             return Ok(missing);
         }
         // The trees are present: their files must be too.
+        let files = self.tree_files(function, &trees).await?;
+        self.storage.find_missing(&files).await
+    }
+
+    /// The files inside the output directory trees `trees`.
+    async fn tree_files(&self, function: DigestFunction, trees: &[Digest]) -> Result<Vec<Digest>> {
         let mut files = Vec::new();
         for tree in trees {
-            let data = self.storage.read_small(&tree).await?;
+            let data = self.storage.read_small(tree).await?;
             let tree = reapi::Tree::decode(data).map_err(|e| {
                 CasError::Internal(format!("output tree {tree} does not decode: {e}"))
             })?;
@@ -127,7 +150,7 @@ impl ActionCacheStore {
                 }
             }
         }
-        self.storage.find_missing(&files).await
+        Ok(files)
     }
 
     /// Fills `*_raw` and output file `contents` as the client asked, within
@@ -173,6 +196,36 @@ impl ActionCacheStore {
         }
         Ok(())
     }
+}
+
+/// The blobs `result` references directly (output files, stdout, stderr,
+/// output trees), and separately the output trees.
+fn direct_references(
+    function: DigestFunction,
+    result: &reapi::ActionResult,
+) -> Result<(Vec<Digest>, Vec<Digest>)> {
+    let mut referenced = Vec::new();
+    let mut add = |digest: Option<&reapi::Digest>, what: &str| -> Result<()> {
+        if let Some(d) = digest {
+            referenced.push(parse_digest(function, Some(d), what)?);
+        }
+        Ok(())
+    };
+    for file in &result.output_files {
+        add(file.digest.as_ref(), "output file digest")?;
+    }
+    add(result.stdout_digest.as_ref(), "stdout_digest")?;
+    add(result.stderr_digest.as_ref(), "stderr_digest")?;
+    let mut trees = Vec::new();
+    for directory in &result.output_directories {
+        trees.push(parse_digest(
+            function,
+            directory.tree_digest.as_ref(),
+            "output directory tree_digest",
+        )?);
+    }
+    referenced.extend_from_slice(&trees);
+    Ok((referenced, trees))
 }
 
 #[tonic::async_trait]
@@ -228,8 +281,13 @@ impl ActionCache for ActionCacheService {
                 &format!("output directory {:?} tree_digest", directory.path),
             )?;
         }
+        let retention = Retention::from_reapi_priority(
+            request
+                .results_cache_policy
+                .map_or(0, |policy| policy.priority),
+        );
         ActionCacheStore::new(self.storage.clone())
-            .put(&request.instance_name, &action, &result)
+            .put(&request.instance_name, &action, &result, retention)
             .await?;
         Ok(Response::new(result))
     }

@@ -2,7 +2,7 @@
 
 use kiln_proto::reapi::{self, capabilities_server::Capabilities};
 use kiln_proto::semver::SemVer;
-use kiln_store::DigestFunction;
+use kiln_store::{DigestFunction, Retention};
 use tonic::{Request, Response, Status};
 
 use crate::storage::StorageLimits;
@@ -45,7 +45,13 @@ impl Capabilities for CapabilitiesService {
                 action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities {
                     update_enabled: true,
                 }),
-                cache_priority_capabilities: None,
+                // `results_cache_policy.priority`: values beyond are clamped.
+                cache_priority_capabilities: Some(reapi::PriorityCapabilities {
+                    priorities: vec![reapi::priority_capabilities::PriorityRange {
+                        min_priority: -i32::from(Retention::MAX_EPOCHS),
+                        max_priority: i32::from(Retention::MAX_EPOCHS),
+                    }],
+                }),
                 max_batch_total_size_bytes: self.limits.max_batch_total_size_bytes as i64,
                 symlink_absolute_path_strategy:
                     reapi::symlink_absolute_path_strategy::Value::Allowed as i32,

@@ -4,7 +4,7 @@
 //! GetOperation all read the same value and a completion wakes them all.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI8, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use kiln_proto::protobuf::{Any, Timestamp};
 use kiln_proto::reapi::{self, execution_stage};
 use kiln_proto::rpc;
 use kiln_proto::timestamp_now;
-use kiln_store::{Digest, DigestFunction};
+use kiln_store::{Digest, DigestFunction, Retention};
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::{watch, Notify};
@@ -169,6 +169,9 @@ pub struct QueuedAction {
     queued_at: Timestamp,
     /// Whether the request allows writing the result to the Action Cache.
     cacheable: bool,
+    /// `results_cache_policy` as [`Retention`] epochs: the longest any
+    /// merged request asked for.
+    retention: AtomicI8,
     merge_key: Option<MergeKey>,
     digest_function: i32,
     state: watch::Sender<Operation>,
@@ -765,8 +768,22 @@ impl Scheduler {
         let (queue, requires) = self.matching_queue(&key, &platform, need, &digest).await?;
         let pool = key.pool.clone();
 
+        let retention = Retention::from_reapi_priority(
+            request
+                .results_cache_policy
+                .map_or(0, |policy| policy.priority),
+        );
         if !request.skip_cache_lookup {
             if let Some(result) = self.action_cache.get(&instance_name, &digest).await? {
+                if !retention.is_default() {
+                    if let Err(error) = self
+                        .action_cache
+                        .retain(&instance_name, &digest, &result, retention)
+                        .await
+                    {
+                        tracing::warn!(action = %digest, %error, "could not apply results_cache_policy to a cached result");
+                    }
+                }
                 return Ok(done_now(reapi::ExecuteResponse {
                     result: Some(result),
                     cached_result: true,
@@ -785,6 +802,9 @@ impl Scheduler {
         if let Some(key) = &merge_key {
             if let Some(running) = state.in_flight.get(key) {
                 tracing::debug!(action = %digest, operation = %running.name, "merged into an execution in flight");
+                running
+                    .retention
+                    .fetch_max(retention.epochs(), Ordering::Relaxed);
                 let watch = running.state.subscribe();
                 let current = watch.borrow().clone();
                 return Ok((current, watch));
@@ -819,6 +839,7 @@ impl Scheduler {
             queue: Some(queue.clone()),
             queued_at: timestamp_now(),
             cacheable,
+            retention: AtomicI8::new(retention.epochs()),
             merge_key: merge_key.clone(),
             digest_function: request.digest_function,
             state: sender,
@@ -960,7 +981,12 @@ impl Scheduler {
         };
         if let Err(error) = self
             .action_cache
-            .put(&action.instance_name, &key.action_digest, result)
+            .put(
+                &action.instance_name,
+                &key.action_digest,
+                result,
+                Retention::from_epochs(action.retention.load(Ordering::Relaxed).into()),
+            )
             .await
         {
             tracing::warn!(action = %key.action_digest, %error, "could not write the action result to the Action Cache");
@@ -1051,6 +1077,7 @@ impl Scheduler {
             queue: None,
             queued_at: timestamp_now(),
             cacheable: false,
+            retention: AtomicI8::new(0),
             merge_key: None,
             digest_function,
             state: sender,

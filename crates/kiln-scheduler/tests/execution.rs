@@ -1351,3 +1351,70 @@ fn uuid_like() -> String {
         nanos & 0xffff_ffff_ffff
     )
 }
+
+#[tokio::test]
+async fn results_cache_policy_keeps_a_result_through_eviction() {
+    let budget: u64 = 16 << 20;
+    let harness = Harness::start_with(|config| {
+        config.storage.backend = Backend::Disk;
+        config.storage.max_size = budget.to_string();
+    })
+    .await;
+    // Two actions with distinct 512 KiB outputs; one asks that its result
+    // be kept longer (REAPI: a lower priority value).
+    let output_len = 512 << 10;
+    let mut actions = Vec::new();
+    for (script, priority) in [
+        ("yes kept | head -c 524288 > out", -64),
+        ("yes plain | head -c 524288 > out", 0),
+    ] {
+        let action = harness
+            .action(ActionSpec {
+                arguments: sh(script),
+                outputs: vec!["out"],
+                ..Default::default()
+            })
+            .await;
+        let stream = harness
+            .execution()
+            .execute(ExecuteRequest {
+                action_digest: Some(action.clone()),
+                results_cache_policy: Some(reapi::ResultsCachePolicy { priority }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let result = finish(stream).await.1.result.unwrap();
+        assert_eq!(
+            result.output_files[0].digest.as_ref().unwrap().size_bytes,
+            output_len
+        );
+        actions.push(action);
+    }
+    // One and a half store sizes of other blobs push both out, unless the
+    // retention holds.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..(3 * budget / 2 / output_len as u64) {
+        let blob: Vec<u8> = (0..output_len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        harness.upload(&[blob]).await;
+    }
+    let kept = harness.execute(&actions[0], false).await;
+    assert!(
+        kept.cached_result,
+        "the retained result is still a cache hit"
+    );
+    let plain = harness.execute(&actions[1], false).await;
+    assert!(
+        !plain.cached_result,
+        "the default result was evicted and runs again"
+    );
+    harness.stop().await;
+}

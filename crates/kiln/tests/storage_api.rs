@@ -214,6 +214,11 @@ async fn capabilities_describe_the_storage_server() {
     assert!(cache
         .supported_compressors
         .contains(&(reapi::compressor::Value::Zstd as i32)));
+    let range = &cache.cache_priority_capabilities.unwrap().priorities[0];
+    assert!(
+        range.min_priority < 0 && range.max_priority > 0,
+        "results_cache_policy priorities both ways: {range:?}"
+    );
     let execution = caps
         .execution_capabilities
         .expect("execution is on by default");
@@ -1113,4 +1118,75 @@ async fn a_request_over_the_message_limit_is_refused_before_it_is_buffered() {
     assert!(error.message().contains("too large"), "{}", error.message());
     assert_eq!(harness.missing(vec![digest(&big)]).await.len(), 1);
     harness.upload_batch(&[b"still serving"]).await;
+}
+
+#[tokio::test]
+async fn results_cache_policy_priority_keeps_a_result_and_its_outputs_longer() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 16 << 20;
+    let harness = Harness::start_in(dir.path(), |config| {
+        config.storage.max_size = budget.to_string();
+    })
+    .await;
+    let blob_len = 512 << 10;
+    let upload = async |seed: u64| {
+        let data = pseudo_random(blob_len, seed);
+        harness
+            .write(&upload_name(&data), chunks(&data, 128 << 10))
+            .await
+            .unwrap();
+        data
+    };
+    // Two results written together, each with one output; one asks for
+    // the longest retention REAPI's priority can express here.
+    let mut results = Vec::new();
+    // (`pseudo_random` seeds: odd, as it sets the low bit.)
+    for (seed, priority) in [(1, -64), (3, 0)] {
+        let output = upload(seed).await;
+        let action = digest(format!("action {seed}").as_bytes());
+        harness
+            .action_cache()
+            .update_action_result(reapi::UpdateActionResultRequest {
+                action_digest: Some(action.clone()),
+                action_result: Some(reapi::ActionResult {
+                    output_files: vec![output_file("out", &output)],
+                    ..Default::default()
+                }),
+                results_cache_policy: Some(reapi::ResultsCachePolicy { priority }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        results.push(action);
+    }
+    // Then one and a half store sizes of other blobs, none of them read
+    // back (a read would count as a use).
+    for seed in 0..(3 * budget / 2 / blob_len) as u64 {
+        upload(1_001 + 2 * seed).await;
+    }
+    let lookup = async |action: &reapi::Digest| {
+        harness
+            .action_cache()
+            .get_action_result(reapi::GetActionResultRequest {
+                action_digest: Some(action.clone()),
+                ..Default::default()
+            })
+            .await
+    };
+    assert_eq!(
+        lookup(&results[1]).await.unwrap_err().code(),
+        Code::NotFound,
+        "the default-priority result was evicted"
+    );
+    let kept = lookup(&results[0])
+        .await
+        .expect("the retained result is a hit")
+        .into_inner();
+    let output = kept.output_files[0].digest.clone().unwrap();
+    let name = format!("blobs/{}/{}", output.hash, output.size_bytes);
+    assert_eq!(
+        harness.read(&name, 0, 0).await.unwrap(),
+        pseudo_random(blob_len, 1)
+    );
+    harness.stop().await;
 }
