@@ -82,6 +82,7 @@ fn offer_of(register: &Register) -> Result<Offer, Status> {
         capacity: ResourceAmount {
             cpu_millis: advertised(register.cpu_millis),
             memory_bytes: advertised(register.memory_bytes),
+            disk_bytes: advertised(register.disk_bytes),
         },
     };
     for name in &register.isolation_types {
@@ -133,7 +134,7 @@ impl ExecutorService for ExecutorSessions {
             }))
             .await;
         let queue = self.scheduler.register_executor(&key, &offers);
-        tracing::info!(executor = %register.name, %key, properties = ?register.properties, isolation_types = ?register.isolation_types, slots = register.capacity, cpu_millis = register.cpu_millis, memory_bytes = register.memory_bytes, "executor registered");
+        tracing::info!(executor = %register.name, %key, properties = ?register.properties, isolation_types = ?register.isolation_types, slots = register.capacity, cpu_millis = register.cpu_millis, memory_bytes = register.memory_bytes, disk_bytes = register.disk_bytes, "executor registered");
         let session = Session {
             scheduler: self.scheduler.clone(),
             name: register.name.clone(),

@@ -4,6 +4,7 @@
 //! GetOperation all read the same value and a completion wakes them all.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicI8, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,12 +62,13 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// CPU and memory: what an executor has in total and an action reserves
-/// while it runs (PLATFORM.md "Resources").
+/// CPU, memory and workspace disk: what an executor has in total and an
+/// action reserves while it runs (PLATFORM.md "Resources").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ResourceAmount {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    pub disk_bytes: u64,
 }
 
 impl ResourceAmount {
@@ -74,10 +76,26 @@ impl ResourceAmount {
     pub const UNLIMITED: ResourceAmount = ResourceAmount {
         cpu_millis: u64::MAX,
         memory_bytes: u64::MAX,
+        disk_bytes: u64::MAX,
     };
 
-    /// This machine: its CPUs (1000 millis each) and its physical memory.
-    pub fn of_host() -> ResourceAmount {
+    /// What an executor with workspaces under `work_dir` offers: each
+    /// amount `given`, or where it is 0, this machine's (see
+    /// [`ResourceAmount::of_host`]).
+    pub fn given_or_host(given: ResourceAmount, work_dir: &Path) -> ResourceAmount {
+        let host = ResourceAmount::of_host(work_dir);
+        let or = |given: u64, host: u64| if given == 0 { host } else { given };
+        ResourceAmount {
+            cpu_millis: or(given.cpu_millis, host.cpu_millis),
+            memory_bytes: or(given.memory_bytes, host.memory_bytes),
+            disk_bytes: or(given.disk_bytes, host.disk_bytes),
+        }
+    }
+
+    /// This machine: its CPUs (1000 millis each), its physical memory, and
+    /// the free space of the file system that holds `work_dir` (or its
+    /// nearest existing ancestor).
+    pub fn of_host(work_dir: &Path) -> ResourceAmount {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
         let memory_bytes = std::fs::read_to_string("/proc/meminfo")
             .ok()
@@ -87,21 +105,63 @@ impl ResourceAmount {
                 Some(kib * 1024)
             })
             .unwrap_or(u64::MAX);
+        let disk_bytes = work_dir
+            .ancestors()
+            .find_map(|dir| rustix::fs::statvfs(dir).ok())
+            .map_or(u64::MAX, |fs| fs.f_bavail.saturating_mul(fs.f_frsize));
         ResourceAmount {
             cpu_millis: cpus * 1000,
             memory_bytes,
+            disk_bytes,
         }
     }
 
     fn fits_in(self, available: ResourceAmount) -> bool {
-        self.cpu_millis <= available.cpu_millis && self.memory_bytes <= available.memory_bytes
+        self.cpu_millis <= available.cpu_millis
+            && self.memory_bytes <= available.memory_bytes
+            && self.disk_bytes <= available.disk_bytes
     }
 
     fn max(self, other: ResourceAmount) -> ResourceAmount {
         ResourceAmount {
             cpu_millis: self.cpu_millis.max(other.cpu_millis),
             memory_bytes: self.memory_bytes.max(other.memory_bytes),
+            disk_bytes: self.disk_bytes.max(other.disk_bytes),
         }
+    }
+
+    /// Takes `amount` out of `self` (it fits).
+    fn take(&mut self, amount: ResourceAmount) {
+        self.cpu_millis -= amount.cpu_millis;
+        self.memory_bytes -= amount.memory_bytes;
+        self.disk_bytes -= amount.disk_bytes;
+    }
+
+    /// Gives `amount` back to `self`.
+    fn give(&mut self, amount: ResourceAmount) {
+        self.cpu_millis = self.cpu_millis.saturating_add(amount.cpu_millis);
+        self.memory_bytes = self.memory_bytes.saturating_add(amount.memory_bytes);
+        self.disk_bytes = self.disk_bytes.saturating_add(amount.disk_bytes);
+    }
+}
+
+impl std::fmt::Display for ResourceAmount {
+    /// In PLATFORM.md's terms, for error messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let amount = |value: u64, unit: &str| {
+            if value == u64::MAX {
+                "unlimited".to_string()
+            } else {
+                format!("{value}{unit}")
+            }
+        };
+        write!(
+            f,
+            "EstimatedCPU={} EstimatedMemory={} EstimatedFreeDiskBytes={}",
+            amount(self.cpu_millis, "m"),
+            amount(self.memory_bytes, "B"),
+            amount(self.disk_bytes, "B")
+        )
     }
 }
 
@@ -131,11 +191,7 @@ pub(crate) struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        {
-            let mut free = self.capacity.free.lock();
-            free.cpu_millis = free.cpu_millis.saturating_add(self.amount.cpu_millis);
-            free.memory_bytes = free.memory_bytes.saturating_add(self.amount.memory_bytes);
-        }
+        self.capacity.free.lock().give(self.amount);
         self.capacity.released.notify_waiters();
     }
 }
@@ -468,8 +524,7 @@ impl PoolQueue {
         if queue.head_priority().is_none() {
             inner.by_requirement.remove(&best);
         }
-        free.cpu_millis -= action.need.cpu_millis;
-        free.memory_bytes -= action.need.memory_bytes;
+        free.take(action.need);
         let reservation = Reservation {
             capacity: capacity.clone(),
             amount: action.need,
@@ -764,6 +819,10 @@ impl Scheduler {
                 .resources
                 .memory_bytes
                 .unwrap_or(defaults.memory_bytes),
+            disk_bytes: platform
+                .resources
+                .free_disk_bytes
+                .unwrap_or(defaults.disk_bytes),
         };
         let (queue, requires) = self.matching_queue(&key, &platform, need, &digest).await?;
         let pool = key.pool.clone();
@@ -1114,14 +1173,8 @@ impl Scheduler {
                         if tokio::time::timeout_at(deadline, registered).await.is_err() {
                             return Err(SchedulerError::TooLarge {
                                 action: digest.to_string(),
-                                need: format!(
-                                    "EstimatedCPU={}m EstimatedMemory={}B",
-                                    need.cpu_millis, need.memory_bytes
-                                ),
-                                largest: format!(
-                                    "{}m CPU and {}B memory",
-                                    largest.cpu_millis, largest.memory_bytes
-                                ),
+                                need: need.to_string(),
+                                largest: largest.to_string(),
                                 key: key.to_string(),
                             });
                         }

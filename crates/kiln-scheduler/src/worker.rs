@@ -66,6 +66,7 @@ impl Worker {
                 capacity: config.capacity,
                 cpu_millis: config.resources.cpu_millis,
                 memory_bytes: config.resources.memory_bytes,
+                disk_bytes: config.resources.disk_bytes,
             })),
         };
         outbound

@@ -92,7 +92,8 @@ impl Harness {
         pool: &str,
         properties: &[(&str, &str)],
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        self.start_executor_sized(name, pool, properties, ResourceAmount::of_host(), 2)
+        let host = ResourceAmount::of_host(self.dir.path());
+        self.start_executor_sized(name, pool, properties, host, 2)
             .await
     }
 
@@ -1021,14 +1022,34 @@ async fn an_isolation_type_no_executor_offers_fails_fast_naming_it() {
 const ONE_CPU: ResourceAmount = ResourceAmount {
     cpu_millis: 1000,
     memory_bytes: 4 << 30,
+    disk_bytes: 1 << 30,
 };
 
 #[tokio::test]
 async fn two_one_cpu_actions_on_a_one_cpu_executor_run_one_after_the_other() {
+    two_actions_too_large_together_run_one_after_the_other("EstimatedCPU", ["1", "1000m", "0"])
+        .await;
+}
+
+#[tokio::test]
+async fn two_actions_needing_most_of_the_disk_run_one_after_the_other() {
+    two_actions_too_large_together_run_one_after_the_other(
+        "EstimatedFreeDiskBytes",
+        ["600MB", "600000000", "0"],
+    )
+    .await;
+}
+
+/// Two actions each reserving more than half of one executor's `property`
+/// (`values`: first, second, and a third action reserving nothing).
+async fn two_actions_too_large_together_run_one_after_the_other(
+    property: &'static str,
+    values: [&'static str; 3],
+) {
     let harness = Harness::start().await;
-    // Three slots, one CPU: only the CPU can keep the second action waiting.
-    // It also declares lane=side, so a zero-CPU action can be queued in a
-    // group of its own.
+    // Three slots, one CPU and 1 GiB of disk: only the reservation can keep
+    // the second action waiting. It also declares lane=side, so an action
+    // reserving nothing can be queued in a group of its own.
     let (stop, executor) = harness
         .start_executor_sized("exec-1cpu", "one-cpu", &[("lane", "side")], ONE_CPU, 3)
         .await;
@@ -1048,32 +1069,32 @@ async fn two_one_cpu_actions_on_a_one_cpu_executor_run_one_after_the_other() {
                 started = started.display(),
                 gate = gate.display()
             )),
-            properties: vec![("Pool", "one-cpu"), ("EstimatedCPU", "1")],
+            properties: vec![("Pool", "one-cpu"), (property, values[0])],
             ..Default::default()
         })
         .await;
     let second = harness
         .action(ActionSpec {
             arguments: sh(&format!("echo second >> {}", order.display())),
-            properties: vec![("Pool", "one-cpu"), ("EstimatedCPU", "1000m")],
+            properties: vec![("Pool", "one-cpu"), (property, values[1])],
             ..Default::default()
         })
         .await;
     let side = harness
         .action(ActionSpec {
             arguments: sh(&format!("echo side >> {}", order.display())),
-            properties: vec![("Pool", "one-cpu"), ("lane", "side"), ("EstimatedCPU", "0")],
+            properties: vec![("Pool", "one-cpu"), ("lane", "side"), (property, values[2])],
             ..Default::default()
         })
         .await;
 
     let first_stream = harness.start_execute(&first, false, &[]).await.unwrap();
     assert_eq!(read_fifo(started.clone()).await, "up\n");
-    // The first action holds the whole CPU.
+    // The first action holds more than half of the resource.
     let mut second_stream = harness.start_execute(&second, false, &[]).await.unwrap();
     let queued = second_stream.next().await.unwrap().unwrap();
     assert_eq!(stage(&queued), execution_stage::Value::Queued);
-    // A zero-CPU action queued after the second one still fits, and runs
+    // An action reserving nothing, queued after the second one, fits and runs
     // to completion while the second waits: the executor had a free slot
     // and looked at the queue, yet did not start the second.
     let (_, side_response) = finish(harness.start_execute(&side, false, &[]).await.unwrap()).await;
@@ -1098,7 +1119,8 @@ async fn two_one_cpu_actions_on_a_one_cpu_executor_run_one_after_the_other() {
     assert_eq!(
         std::fs::read_to_string(&order).unwrap(),
         "first-start\nside\nfirst-end\nsecond\n",
-        "the second 1-CPU action started only after the first ended"
+        "the second {property}={} action started only after the first ended",
+        values[1]
     );
     stop.cancel();
     executor.await.unwrap();
@@ -1114,6 +1136,11 @@ async fn an_action_larger_than_every_executor_fails_fast_naming_its_estimate() {
     for (property, value, named) in [
         ("EstimatedCPU", "2", "EstimatedCPU=2000m"),
         ("EstimatedMemory", "1TB", "EstimatedMemory=1000000000000B"),
+        (
+            "EstimatedFreeDiskBytes",
+            "2GiB",
+            "EstimatedFreeDiskBytes=2147483648B",
+        ),
     ] {
         let action = harness
             .action(ActionSpec {
@@ -1128,11 +1155,12 @@ async fn an_action_larger_than_every_executor_fails_fast_naming_its_estimate() {
             .expect_err("no executor is that large");
         assert_eq!(error.code(), Code::FailedPrecondition);
         assert!(error.message().contains(named), "{error}");
-        assert!(error.message().contains("1000m CPU"), "{error}");
-        assert!(
-            error.message().contains(&format!("{}B memory", 4u64 << 30)),
-            "{error}"
+        let largest = format!(
+            "the largest offers EstimatedCPU=1000m EstimatedMemory={}B EstimatedFreeDiskBytes={}B",
+            4u64 << 30,
+            1u64 << 30
         );
+        assert!(error.message().contains(&largest), "{error}");
     }
     // One that fits runs.
     let action = harness
@@ -1142,6 +1170,7 @@ async fn an_action_larger_than_every_executor_fails_fast_naming_its_estimate() {
                 ("Pool", "small"),
                 ("EstimatedCPU", "1"),
                 ("EstimatedMemory", "1GB"),
+                ("EstimatedFreeDiskBytes", "1GB"),
             ],
             ..Default::default()
         })
@@ -1187,7 +1216,7 @@ async fn an_executor_out_of_disk_sends_the_action_elsewhere() {
             "exec-good",
             "disk",
             &[("lane", "good")],
-            ResourceAmount::of_host(),
+            ResourceAmount::of_host(harness.dir.path()),
             1,
         )
         .await;

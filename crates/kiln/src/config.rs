@@ -117,11 +117,17 @@ pub struct ExecutionConfig {
     /// Bytes of memory the embedded executor's running actions may reserve
     /// in total (their `EstimatedMemory`); 0 = this machine's memory.
     pub memory_bytes: u64,
+    /// Bytes of disk the embedded executor's running actions may reserve in
+    /// total (their `EstimatedFreeDiskBytes`); 0 = the free space of the
+    /// file system holding `data_dir` at start.
+    pub disk_bytes: u64,
     /// What an action without `EstimatedCPU` reserves, in milli-CPUs; 0 =
     /// nothing (only the executor's slot count bounds such actions).
     pub default_action_cpu_millis: u64,
     /// What an action without `EstimatedMemory` reserves, in bytes.
     pub default_action_memory_bytes: u64,
+    /// What an action without `EstimatedFreeDiskBytes` reserves, in bytes.
+    pub default_action_disk_bytes: u64,
     /// Most bytes the embedded executor's input file cache keeps (under
     /// `data_dir/execution/cache`); least recently used files go first.
     /// `0` = unlimited.
@@ -143,8 +149,10 @@ impl Default for ExecutionConfig {
             max_attempts: 3,
             cpu_millis: 0,
             memory_bytes: 0,
+            disk_bytes: 0,
             default_action_cpu_millis: 0,
             default_action_memory_bytes: 0,
+            default_action_disk_bytes: 0,
             executor_cache_size: "10GiB".into(),
             isolation: Default::default(),
         }
@@ -152,13 +160,28 @@ impl Default for ExecutionConfig {
 }
 
 impl ExecutionConfig {
-    /// The embedded executor's capacity, with 0 resolved to this machine's.
-    pub fn effective_resources(&self) -> kiln_scheduler::ResourceAmount {
-        let host = kiln_scheduler::ResourceAmount::of_host();
-        let or_host = |given: u64, host: u64| if given == 0 { host } else { given };
+    /// The embedded executor's capacity, with 0 resolved to this machine's
+    /// (disk: the free space under `work_dir`).
+    pub fn effective_resources(
+        &self,
+        work_dir: &std::path::Path,
+    ) -> kiln_scheduler::ResourceAmount {
+        kiln_scheduler::ResourceAmount::given_or_host(
+            kiln_scheduler::ResourceAmount {
+                cpu_millis: self.cpu_millis,
+                memory_bytes: self.memory_bytes,
+                disk_bytes: self.disk_bytes,
+            },
+            work_dir,
+        )
+    }
+
+    /// What an action without estimates reserves.
+    pub fn default_action_resources(&self) -> kiln_scheduler::ResourceAmount {
         kiln_scheduler::ResourceAmount {
-            cpu_millis: or_host(self.cpu_millis, host.cpu_millis),
-            memory_bytes: or_host(self.memory_bytes, host.memory_bytes),
+            cpu_millis: self.default_action_cpu_millis,
+            memory_bytes: self.default_action_memory_bytes,
+            disk_bytes: self.default_action_disk_bytes,
         }
     }
 

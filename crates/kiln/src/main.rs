@@ -77,6 +77,11 @@ struct ExecutorArgs {
     /// EstimatedMemory; 0 = this machine's memory).
     #[arg(long, default_value_t = 0)]
     memory_bytes: u64,
+    /// Disk in bytes running actions may reserve in total (their
+    /// EstimatedFreeDiskBytes; 0 = the free space under the work directory
+    /// at start).
+    #[arg(long, default_value_t = 0)]
+    disk_bytes: u64,
     /// Directory for workspaces and the local file cache.
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -127,22 +132,24 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
     } else {
         args.capacity
     };
+    let work_dir = args
+        .work_dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-executor-{name}")));
+    let resources = kiln_scheduler::ResourceAmount::given_or_host(
+        kiln_scheduler::ResourceAmount {
+            cpu_millis: args.cpu_millis,
+            memory_bytes: args.memory_bytes,
+            disk_bytes: args.disk_bytes,
+        },
+        &work_dir,
+    );
     let options = kiln::executor::ExecutorOptions {
         scheduler: args.scheduler,
         pool: args.pool,
-        work_dir: args
-            .work_dir
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-executor-{name}"))),
+        work_dir,
         name,
         capacity,
-        resources: {
-            let host = kiln_scheduler::ResourceAmount::of_host();
-            let or_host = |given: u64, host: u64| if given == 0 { host } else { given };
-            kiln_scheduler::ResourceAmount {
-                cpu_millis: or_host(args.cpu_millis, host.cpu_millis),
-                memory_bytes: or_host(args.memory_bytes, host.memory_bytes),
-            }
-        },
+        resources,
         os_family: args.os_family,
         properties: args.properties.into_iter().collect(),
         arch: args.arch.unwrap_or_else(|| {

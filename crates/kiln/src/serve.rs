@@ -170,10 +170,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 default_pool: config.execution.pool.clone(),
                 unmatched_grace: Duration::from_millis(config.execution.unmatched_grace_ms),
                 max_attempts: config.execution.max_attempts.max(1),
-                default_action_resources: kiln_scheduler::ResourceAmount {
-                    cpu_millis: config.execution.default_action_cpu_millis,
-                    memory_bytes: config.execution.default_action_memory_bytes,
-                },
+                default_action_resources: config.execution.default_action_resources(),
                 ..SchedulerConfig::default()
             },
         )
@@ -276,13 +273,13 @@ fn start_embedded_executor(
     executor_cache_bytes: u64,
 ) -> tokio::task::JoinHandle<()> {
     let execution = &config.execution;
+    let root = config.data_dir.join("execution");
     let executor = EmbeddedExecutor::register(
         scheduler,
         execution.pool.clone(),
-        execution.effective_resources(),
+        execution.effective_resources(&root),
         &isolations.names(),
     );
-    let root = config.data_dir.join("execution");
     let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
     runner_config.worker_name = format!("kiln-embedded/{}", execution.pool);
     runner_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
