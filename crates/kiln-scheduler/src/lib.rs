@@ -27,6 +27,6 @@ pub mod worker;
 pub use error::SchedulerError;
 pub use executor::{host_arch, EmbeddedExecutor};
 pub use remote::ExecutorSessions;
-pub use scheduler::{ResourceAmount, Scheduler, SchedulerConfig};
+pub use scheduler::{ResourceAmount, Scheduler, SchedulerConfig, MAX_BYPASSES};
 pub use service::{execution_capabilities, ExecutionService, OperationsService};
 pub use worker::{Worker, WorkerConfig};

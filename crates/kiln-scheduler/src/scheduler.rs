@@ -3,6 +3,7 @@
 //! `google.longrunning.Operation`, so Execute, WaitExecution and
 //! GetOperation all read the same value and a completion wakes them all.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicI8, AtomicU32, Ordering};
@@ -165,6 +166,11 @@ impl std::fmt::Display for ResourceAmount {
     }
 }
 
+/// How often smaller work of the same or a lower priority may pass a queued
+/// action that does not fit an executor's free capacity (but would fit its
+/// total) before that executor holds its capacity for it.
+pub const MAX_BYPASSES: u32 = 16;
+
 /// One executor's capacity while it runs: its total and what is free.
 /// Queued actions are placed only where their reservation fits in `free`.
 pub(crate) struct Capacity {
@@ -210,6 +216,9 @@ pub struct QueuedAction {
     pub cancel: CancellationToken,
     /// How many times an executor has taken it.
     attempts: AtomicU32,
+    /// How many times smaller work passed it while it did not fit its
+    /// executor's free capacity (see [`MAX_BYPASSES`]).
+    bypassed: AtomicU32,
     /// `execution_policy.priority`: lower runs sooner.
     priority: i32,
     /// `RequestMetadata.tool_invocation_id`: the unit of fair sharing.
@@ -501,7 +510,10 @@ impl PoolQueue {
     /// Only group heads are looked at (the cost is the number of groups,
     /// never of queued actions or executors), so a head too big for this
     /// executor's free capacity waits here for it or another executor while
-    /// smaller work from other groups may pass it.
+    /// smaller work from other groups may pass it — [`MAX_BYPASSES`] times;
+    /// then this executor takes nothing of that head's priority or lower
+    /// until the head fits, so a large action is never starved by a stream
+    /// of small ones.
     fn try_pop(
         &self,
         offers: &Offer,
@@ -510,15 +522,39 @@ impl PoolQueue {
     ) -> Option<(Arc<QueuedAction>, Reservation)> {
         let mut inner = self.inner.lock();
         let mut free = capacity.free.lock();
-        let best = inner
+        let heads: Vec<(&Arc<QueuedAction>, &Requirement)> = inner
             .by_requirement
             .iter()
             .filter(|(requires, _)| satisfies(offers, requires))
             .filter_map(|(requires, queue)| Some((queue.peek()?, requires)))
-            .filter(|(head, _)| head.need.fits_in(*free))
             .filter(|(head, _)| !head.refused_by.lock().contains(executor))
-            .min_by_key(|(head, _)| head.priority)
-            .map(|(_, requires)| requires.clone())?;
+            .collect();
+        // Heads that fit this executor's total, not what is free now.
+        let waiting = || {
+            heads
+                .iter()
+                .map(|(head, _)| head)
+                .filter(|head| !head.need.fits_in(*free) && head.need.fits_in(offers.capacity))
+        };
+        let held_for = waiting()
+            .filter(|head| head.bypassed.load(Ordering::Relaxed) >= MAX_BYPASSES)
+            .map(|head| head.priority)
+            .min();
+        let (chosen, requires) = heads
+            .iter()
+            .filter(|(head, _)| head.need.fits_in(*free))
+            .filter(|(head, _)| held_for.is_none_or(|held| head.priority < held))
+            // Among equal priorities, a head that was passed over goes first.
+            .min_by_key(|(head, _)| {
+                (
+                    head.priority,
+                    Reverse(head.bypassed.load(Ordering::Relaxed)),
+                )
+            })?;
+        for head in waiting().filter(|head| head.priority <= chosen.priority) {
+            head.bypassed.fetch_add(1, Ordering::Relaxed);
+        }
+        let best = (*requires).clone();
         let queue = inner.by_requirement.get_mut(&best)?;
         let action = queue.pop()?;
         if queue.head_priority().is_none() {
@@ -890,6 +926,7 @@ impl Scheduler {
             sources,
             cancel: self.shutdown.child_token(),
             attempts: AtomicU32::new(0),
+            bypassed: AtomicU32::new(0),
             priority: request.execution_policy.map_or(0, |policy| policy.priority),
             invocation_id: invocation_id.to_string(),
             requires,
@@ -1128,6 +1165,7 @@ impl Scheduler {
             sources: PlatformSources::default(),
             cancel: CancellationToken::new(),
             attempts: AtomicU32::new(0),
+            bypassed: AtomicU32::new(0),
             priority: 0,
             invocation_id: String::new(),
             requires: Requirement::default(),

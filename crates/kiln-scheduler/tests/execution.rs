@@ -1447,3 +1447,85 @@ async fn results_cache_policy_keeps_a_result_through_eviction() {
     );
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_large_action_is_not_starved_by_a_stream_of_small_ones() {
+    let harness = Harness::start().await;
+    let (stop, executor) = harness
+        .start_executor_sized("exec-1cpu", "one-cpu", &[("lane", "side")], ONE_CPU, 3)
+        .await;
+    let scratch = harness.scratch();
+    let (started, gate, order) = (
+        scratch.join("started"),
+        scratch.join("gate"),
+        scratch.join("order"),
+    );
+    mkfifo(&started);
+    mkfifo(&gate);
+    let action = async |script: String, lane: bool, cpu: &'static str| {
+        let mut properties = vec![("Pool", "one-cpu"), ("EstimatedCPU", cpu)];
+        if lane {
+            properties.push(("lane", "side"));
+        }
+        harness
+            .action(ActionSpec {
+                arguments: sh(&script),
+                properties,
+                ..Default::default()
+            })
+            .await
+    };
+    let order_path = order.display().to_string();
+    // A holds 600m until the gate opens; B needs the whole CPU.
+    let a = action(
+        format!(
+            "echo a-start >> {order_path}; echo up > {}; cat {} > /dev/null; echo a-end >> {order_path}",
+            started.display(),
+            gate.display()
+        ),
+        false,
+        "600m",
+    )
+    .await;
+    let b = action(format!("echo b >> {order_path}"), false, "1").await;
+    let a_stream = harness.start_execute(&a, false, &[]).await.unwrap();
+    assert_eq!(read_fifo(started.clone()).await, "up\n");
+    let mut b_stream = harness.start_execute(&b, false, &[]).await.unwrap();
+    let queued = b_stream.next().await.unwrap().unwrap();
+    assert_eq!(stage(&queued), execution_stage::Value::Queued);
+
+    // Small actions fit next to A and pass B, each one to completion, as
+    // many times as the scheduler allows.
+    for i in 0..kiln_scheduler::MAX_BYPASSES {
+        let small = action(format!("echo small-{i} >> {order_path}"), true, "400m").await;
+        let (_, response) = finish(harness.start_execute(&small, false, &[]).await.unwrap()).await;
+        assert_eq!(response.result.unwrap().exit_code, 0);
+    }
+    // The next one would fit too, but now the executor holds its CPU for B.
+    let last = action(format!("echo small-last >> {order_path}"), true, "400m").await;
+    let last_stream = harness.start_execute(&last, false, &[]).await.unwrap();
+    tokio::task::spawn_blocking(move || std::fs::write(gate, b"go\n").unwrap())
+        .await
+        .unwrap();
+    for stream in [a_stream, b_stream, last_stream] {
+        assert_eq!(finish(stream).await.1.result.unwrap().exit_code, 0);
+    }
+    let lines: Vec<String> = std::fs::read_to_string(&order)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let at = |line: &str| lines.iter().position(|l| l == line).unwrap();
+    assert_eq!(
+        at("small-0"),
+        1,
+        "small actions passed B at first: {lines:?}"
+    );
+    assert!(
+        at("a-end") < at("b") && at("b") < at("small-last"),
+        "B ran as soon as A freed the CPU, before the next small action: {lines:?}"
+    );
+    stop.cancel();
+    executor.await.unwrap();
+    harness.stop().await;
+}
