@@ -13,6 +13,7 @@
 //!   processes register over one stream per executor, indexed by
 //!   [`scheduler::QueueKey`]: pool, OS, arch);
 //! - [`worker`]: the executor process's side of that protocol;
+//! - [`token`]: the shared secret executors present when they register;
 //! - [`service`]: the gRPC edge (Execution and Operations);
 //! - [`error`]: [`SchedulerError`], converted to `tonic::Status` at the edge.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod executor;
 pub mod remote;
 pub mod scheduler;
 pub mod service;
+pub mod token;
 pub mod worker;
 
 pub use error::SchedulerError;
@@ -29,4 +31,5 @@ pub use executor::{host_arch, EmbeddedExecutor};
 pub use remote::ExecutorSessions;
 pub use scheduler::{ResourceAmount, Scheduler, SchedulerConfig, MAX_BYPASSES};
 pub use service::{execution_capabilities, ExecutionService, OperationsService};
+pub use token::ExecutorToken;
 pub use worker::{Worker, WorkerConfig};

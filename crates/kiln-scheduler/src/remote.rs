@@ -27,19 +27,27 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::scheduler::{
     Capacity, Offer, PoolQueue, QueueKey, QueuedAction, Reservation, ResourceAmount, Scheduler,
 };
+use crate::token::{self, ExecutorToken};
 
 /// Serves executor sessions for one [`Scheduler`].
 pub struct ExecutorSessions {
     scheduler: Arc<Scheduler>,
     heartbeat_timeout: Duration,
+    token: Option<ExecutorToken>,
 }
 
 impl ExecutorSessions {
     /// `heartbeat_timeout`: silence after which an executor counts as lost.
-    pub fn new(scheduler: Arc<Scheduler>, heartbeat_timeout: Duration) -> Self {
+    /// With a `token`, only executors presenting it may register.
+    pub fn new(
+        scheduler: Arc<Scheduler>,
+        heartbeat_timeout: Duration,
+        token: Option<ExecutorToken>,
+    ) -> Self {
         ExecutorSessions {
             scheduler,
             heartbeat_timeout,
+            token,
         }
     }
 }
@@ -110,6 +118,22 @@ impl ExecutorService for ExecutorSessions {
         &self,
         request: Request<Streaming<ExecutorMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
+        if let Some(token) = &self.token {
+            let presented = request
+                .metadata()
+                .get(token::HEADER)
+                .and_then(|value| value.to_str().ok());
+            if !token.accepts(presented) {
+                let peer = request
+                    .remote_addr()
+                    .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
+                tracing::warn!(%peer, "executor registration refused: no valid executor token");
+                return Err(Status::unauthenticated(
+                    "this Kiln server accepts executors only with its executor token \
+                     (kiln executor --executor-token-file PATH)",
+                ));
+            }
+        }
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.heartbeat_timeout, inbound.message())
             .await

@@ -21,6 +21,7 @@ use tonic::Streaming;
 use crate::error::SchedulerError;
 use crate::executor::{run_action, RunRequest};
 use crate::scheduler::{to_rpc_status, ResourceAmount};
+use crate::token::ExecutorToken;
 
 /// What an executor process offers.
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct WorkerConfig {
     /// [`ResourceAmount::of_host`]).
     pub resources: ResourceAmount,
     pub heartbeat_interval: Duration,
+    /// Presented at registration, if the scheduler requires one.
+    pub token: Option<ExecutorToken>,
 }
 
 /// A registered session with a scheduler.
@@ -73,8 +76,15 @@ impl Worker {
             .send(register)
             .await
             .map_err(|_| SchedulerError::ShuttingDown)?;
+        let mut request =
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(receiver));
+        if let Some(token) = &config.token {
+            request
+                .metadata_mut()
+                .insert(crate::token::HEADER, token.header_value());
+        }
         let mut inbound = ExecutorServiceClient::new(channel)
-            .session(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .session(request)
             .await
             .map_err(|status| SchedulerError::Session(format!("opening the session: {status}")))?
             .into_inner();

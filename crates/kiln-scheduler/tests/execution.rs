@@ -133,6 +133,7 @@ impl Harness {
                 capacity: slots,
                 resources,
                 heartbeat_interval: Duration::from_secs(1),
+                token: None,
             },
         )
         .await

@@ -132,6 +132,10 @@ pub struct ExecutionConfig {
     /// `data_dir/execution/cache`); least recently used files go first.
     /// `0` = unlimited.
     pub executor_cache_size: String,
+    /// A file holding the token executor processes must present to
+    /// register (`kiln executor --executor-token-file`); empty = none, and
+    /// then any process that reaches `listen` may register.
+    pub executor_token_file: String,
     /// The embedded executor's isolation backends.
     pub isolation: crate::isolation::IsolationSettings,
 }
@@ -154,6 +158,7 @@ impl Default for ExecutionConfig {
             default_action_memory_bytes: 0,
             default_action_disk_bytes: 0,
             executor_cache_size: "10GiB".into(),
+            executor_token_file: String::new(),
             isolation: Default::default(),
         }
     }

@@ -34,6 +34,8 @@ pub struct ExecutorOptions {
     pub cache_max_bytes: u64,
     /// Which isolation backends to offer, and their settings.
     pub isolation: crate::isolation::IsolationSettings,
+    /// Presented at registration when the scheduler requires it.
+    pub token: Option<kiln_scheduler::ExecutorToken>,
 }
 
 /// Connects, registers and runs assignments until `stop` fires or the
@@ -74,6 +76,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
             capacity: options.capacity.max(1),
             resources: options.resources,
             heartbeat_interval: options.heartbeat_interval,
+            token: options.token.clone(),
         },
     )
     .await

@@ -104,6 +104,10 @@ struct ExecutorArgs {
     /// first (0 = unlimited).
     #[arg(long, default_value = "10GiB")]
     cache_size: String,
+    /// File with the token the scheduler requires of executors (its
+    /// `--executor-token-file`).
+    #[arg(long, env = "KILN_EXECUTOR_TOKEN_FILE")]
+    executor_token_file: Option<PathBuf>,
     #[command(flatten)]
     isolation: kiln::isolation::IsolationArgs,
     #[arg(long, value_enum, default_value = "human")]
@@ -168,6 +172,12 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             settings
         },
         heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms.max(1)),
+        token: args
+            .executor_token_file
+            .as_deref()
+            .map(kiln_scheduler::ExecutorToken::read)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     let stop = kiln_executor::CancellationToken::new();
     let run = kiln::executor::run(options, stop.clone());
@@ -246,6 +256,9 @@ struct ServeArgs {
     /// Most bytes the embedded executor's file cache keeps (0 = unlimited).
     #[arg(long)]
     executor_cache_size: Option<String>,
+    /// File with the token executor processes must present to register.
+    #[arg(long, env = "KILN_EXECUTOR_TOKEN_FILE")]
+    executor_token_file: Option<String>,
     #[command(flatten)]
     isolation: kiln::isolation::IsolationArgs,
 }
@@ -281,6 +294,7 @@ impl ServeArgs {
             self.executor_heartbeat_timeout_ms => execution.executor_heartbeat_timeout_ms,
             self.max_attempts => execution.max_attempts,
             self.executor_cache_size => execution.executor_cache_size,
+            self.executor_token_file => execution.executor_token_file,
         }
         self.isolation.apply(&mut execution.isolation);
         Ok(config)

@@ -2,6 +2,7 @@
 //! one gRPC server, written once here from the typed config.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use kiln_proto::reapi::execution_server::ExecutionServer;
 use kiln_scheduler::{
-    execution_capabilities, EmbeddedExecutor, ExecutionService, ExecutorSessions,
+    execution_capabilities, EmbeddedExecutor, ExecutionService, ExecutorSessions, ExecutorToken,
     OperationsService, Scheduler, SchedulerConfig,
 };
 use kiln_store::{BlobStore, DiskStore, DiskStoreConfig, Durability, MemoryStore, TieredStore};
@@ -155,6 +156,16 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         ..StorageLimits::default()
     };
     let storage = Storage::new(store, limits.clone());
+    let executor_token = match config.execution.executor_token_file.as_str() {
+        "" => None,
+        path => Some(ExecutorToken::read(Path::new(path)).map_err(anyhow::Error::msg)?),
+    };
+    if config.execution.enabled && executor_token.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "any process that reaches this address can register as an executor and receive actions: set execution.executor_token_file"
+        );
+    }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -221,6 +232,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             ExecutorServiceServer::new(ExecutorSessions::new(
                 scheduler,
                 Duration::from_millis(config.execution.executor_heartbeat_timeout_ms.max(1)),
+                executor_token.clone(),
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)

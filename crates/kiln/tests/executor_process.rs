@@ -1,6 +1,7 @@
 //! `kiln executor` as real processes against a real `kiln serve`: an
 //! executor SIGKILLed in the middle of an action loses its stream, and the
-//! server requeues the action onto the other executor, which completes it.
+//! server requeues the action onto the other executor, which completes it;
+//! a server with an executor token accepts only executors presenting it.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -16,6 +17,7 @@ use kiln_proto::reapi::{self, batch_update_blobs_request, execution_stage, Diges
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
+use tonic::Streaming;
 
 /// Upper bound for anything that could hang; never a pass/fail threshold.
 const HANG_GUARD: Duration = Duration::from_secs(120);
@@ -73,11 +75,13 @@ impl Drop for Process {
     }
 }
 
-fn executor(address: &str, name: &str, work_dir: &Path) -> Process {
-    let process = Process::spawn(&[
+/// `kiln executor` in pool `procs` with one slot, plus `extra` flags.
+fn spawn_executor(address: &str, name: &str, work_dir: &Path, extra: &[&str]) -> Process {
+    let scheduler = format!("grpc://{address}");
+    let mut args = vec![
         "executor",
         "--scheduler",
-        &format!("grpc://{address}"),
+        &scheduler,
         "--pool",
         "procs",
         "--name",
@@ -86,33 +90,35 @@ fn executor(address: &str, name: &str, work_dir: &Path) -> Process {
         "1",
         "--work-dir",
         work_dir.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    Process::spawn(&args)
+}
+
+/// An executor that has registered.
+fn executor(address: &str, name: &str, work_dir: &Path) -> Process {
+    let process = spawn_executor(address, name, work_dir, &[]);
     process.wait_for_log("executor registered");
     process
 }
 
-fn stage(operation: &Operation) -> execution_stage::Value {
-    let metadata = reapi::ExecuteOperationMetadata::decode(
-        operation.metadata.as_ref().unwrap().value.as_slice(),
-    )
-    .unwrap();
-    execution_stage::Value::try_from(metadata.stage).unwrap()
-}
-
-#[tokio::test]
-async fn a_killed_executor_process_loses_its_action_to_another() {
-    let scratch = tempfile::tempdir().unwrap();
-    let mut server = Process::spawn(&[
+/// `kiln serve` without an embedded executor, plus `extra` flags; returns
+/// it and its address.
+fn serve(scratch: &Path, extra: &[&str]) -> (Process, String) {
+    let data_dir = scratch.join("server");
+    let mut args = vec![
         "serve",
         "--listen",
         "127.0.0.1:0",
         "--data-dir",
-        scratch.path().join("server").to_str().unwrap(),
+        data_dir.to_str().unwrap(),
         "--storage-backend",
         "memory",
         "--embedded-executor",
         "false",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut server = Process::spawn(&args);
     let mut line = String::new();
     BufReader::new(server.child.stdout.as_mut().unwrap())
         .read_line(&mut line)
@@ -122,22 +128,11 @@ async fn a_killed_executor_process_loses_its_action_to_another() {
         .strip_prefix("listening grpc://")
         .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"))
         .to_string();
-    let mut first = executor(&address, "proc-first", &scratch.path().join("first"));
+    (server, address)
+}
 
-    // The action: on its first run it reports its pid through a FIFO and
-    // sleeps; run again (the marker exists) it finishes at once.
-    let fifo = scratch.path().join("started");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
-    let marker = scratch.path().join("marker");
-    let script = format!(
-        "if [ -e {m} ]; then echo second run; else touch {m}; echo $$ > {f}; exec sleep 600; fi",
-        m = marker.display(),
-        f = fifo.display()
-    );
+/// Uploads an action running `script` in pool `procs` and executes it.
+async fn execute(address: &str, script: String) -> Streaming<Operation> {
     let command = reapi::Command {
         arguments: vec!["/bin/sh".into(), "-c".into(), script],
         ..Default::default()
@@ -176,15 +171,63 @@ async fn a_killed_executor_process_loses_its_action_to_another() {
         })
         .await
         .unwrap();
-
-    let mut stream = ExecutionClient::new(channel)
+    ExecutionClient::new(channel)
         .execute(reapi::ExecuteRequest {
             action_digest: Some(action_digest),
             ..Default::default()
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// The operation's response once it completes.
+async fn completed(mut stream: Streaming<Operation>) -> reapi::ExecuteResponse {
+    let mut last = None;
+    while let Some(operation) = tokio::time::timeout(HANG_GUARD, stream.next())
+        .await
+        .expect("the operation never completed")
+    {
+        last = Some(operation.unwrap());
+    }
+    let last = last.unwrap();
+    assert!(last.done);
+    assert_eq!(stage(&last), execution_stage::Value::Completed);
+    let Some(operation::Result::Response(any)) = last.result else {
+        panic!("no response: {last:?}");
+    };
+    reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+}
+
+fn stage(operation: &Operation) -> execution_stage::Value {
+    let metadata = reapi::ExecuteOperationMetadata::decode(
+        operation.metadata.as_ref().unwrap().value.as_slice(),
+    )
+    .unwrap();
+    execution_stage::Value::try_from(metadata.stage).unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_executor_process_loses_its_action_to_another() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (server, address) = serve(scratch.path(), &[]);
+    let mut first = executor(&address, "proc-first", &scratch.path().join("first"));
+
+    // The action: on its first run it reports its pid through a FIFO and
+    // sleeps; run again (the marker exists) it finishes at once.
+    let fifo = scratch.path().join("started");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let marker = scratch.path().join("marker");
+    let script = format!(
+        "if [ -e {m} ]; then echo second run; else touch {m}; echo $$ > {f}; exec sleep 600; fi",
+        m = marker.display(),
+        f = fifo.display()
+    );
+    let stream = execute(&address, script).await;
     let pid: i32 = tokio::time::timeout(
         HANG_GUARD,
         tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo).unwrap()),
@@ -202,24 +245,79 @@ async fn a_killed_executor_process_loses_its_action_to_another() {
     // The orphaned `sleep` of the killed executor is ours to stop.
     let _ = Command::new("kill").arg(pid.to_string()).status();
 
-    let mut last = None;
-    while let Some(operation) = tokio::time::timeout(HANG_GUARD, stream.next())
-        .await
-        .expect("the operation never completed")
-    {
-        last = Some(operation.unwrap());
-    }
-    let last = last.unwrap();
-    assert!(last.done);
-    assert_eq!(stage(&last), execution_stage::Value::Completed);
-    let Some(operation::Result::Response(any)) = last.result else {
-        panic!("no response: {last:?}");
-    };
-    let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    let response = completed(stream).await;
     assert_eq!(response.status.unwrap_or_default().code, 0);
     let result = response.result.unwrap();
     assert_eq!(result.exit_code, 0);
     assert_eq!(result.stdout_digest, Some(digest(b"second run\n")));
     assert_eq!(result.execution_metadata.unwrap().worker, "proc-second");
     server.wait_for_log("requeued");
+}
+
+#[tokio::test]
+async fn with_an_executor_token_only_executors_presenting_it_register() {
+    let scratch = tempfile::tempdir().unwrap();
+    let secret = format!("kiln-token-{}", std::process::id());
+    let token_file = scratch.path().join("token");
+    std::fs::write(&token_file, format!("{secret}\n")).unwrap();
+    let wrong_file = scratch.path().join("wrong-token");
+    std::fs::write(&wrong_file, "not-the-token").unwrap();
+    let (mut server, address) = serve(
+        scratch.path(),
+        &["--executor-token-file", token_file.to_str().unwrap()],
+    );
+
+    // Without the token, or with another, the executor is refused and exits
+    // with an error that says why.
+    for (name, extra) in [
+        ("proc-none", vec![]),
+        (
+            "proc-wrong",
+            vec!["--executor-token-file", wrong_file.to_str().unwrap()],
+        ),
+    ] {
+        let mut refused = spawn_executor(&address, name, &scratch.path().join(name), &extra);
+        refused.wait_for_log("executor token");
+        let status = wait_bounded(&mut refused.child);
+        assert!(!status.success(), "{name} must not run: {status}");
+    }
+
+    // With it, the executor registers and runs actions.
+    let mut accepted = spawn_executor(
+        &address,
+        "proc-token",
+        &scratch.path().join("proc-token"),
+        &["--executor-token-file", token_file.to_str().unwrap()],
+    );
+    accepted.wait_for_log("executor registered");
+    let response = completed(execute(&address, "echo ran".into()).await).await;
+    let result = response.result.unwrap();
+    assert_eq!(result.stdout_digest, Some(digest(b"ran\n")));
+    assert_eq!(result.execution_metadata.unwrap().worker, "proc-token");
+
+    // The secret is in no log line of the server or the executors.
+    let _ = server.child.kill();
+    let _ = accepted.child.kill();
+    for process in [&mut server, &mut accepted] {
+        let _ = process.child.wait();
+        // Until the reader thread has forwarded the last line.
+        while let Ok(line) = process.stderr.recv_timeout(HANG_GUARD) {
+            assert!(!line.contains(&secret), "the token leaked: {line}");
+        }
+    }
+}
+
+/// The exit status of a process expected to stop on its own.
+fn wait_bounded(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

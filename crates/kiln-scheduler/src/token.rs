@@ -1,0 +1,108 @@
+//! The executor token: a shared secret an executor process presents when it
+//! registers (`authorization: Bearer …` on its session stream). Without
+//! one, anything that can reach the server could register as an executor
+//! and be handed actions, header secrets included. The token is read from a
+//! file (never a command-line argument, which `ps` shows) and never appears
+//! in logs, errors or `Debug` output.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tonic::metadata::{Ascii, MetadataValue};
+
+/// The metadata key the token travels in.
+pub(crate) const HEADER: &str = "authorization";
+
+#[derive(Clone)]
+pub struct ExecutorToken(Arc<str>);
+
+impl ExecutorToken {
+    /// The token in `path`, surrounding whitespace trimmed. The error names
+    /// the file, never its content.
+    pub fn read(path: &Path) -> Result<ExecutorToken, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the executor token file {}: {e}", path.display()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(format!(
+                "the executor token file {} is empty",
+                path.display()
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "the executor token in {} must be printable ASCII without spaces",
+                path.display()
+            ));
+        }
+        Ok(ExecutorToken(token.into()))
+    }
+
+    /// The `authorization` value an executor sends, marked sensitive so
+    /// HTTP/2 never indexes it.
+    pub(crate) fn header_value(&self) -> MetadataValue<Ascii> {
+        let mut value: MetadataValue<Ascii> = format!("Bearer {}", self.0)
+            .parse()
+            .expect("the token is printable ASCII");
+        value.set_sensitive(true);
+        value
+    }
+
+    /// Whether a received `authorization` value carries this token; the
+    /// comparison takes the same time wherever the first difference is.
+    pub(crate) fn accepts(&self, header: Option<&str>) -> bool {
+        let Some(presented) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        let (presented, expected) = (presented.as_bytes(), self.0.as_bytes());
+        presented.len() == expected.len()
+            && presented
+                .iter()
+                .zip(expected)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for ExecutorToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExecutorToken(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(text: &str) -> Result<ExecutorToken, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, text).unwrap();
+        ExecutorToken::read(&path)
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_is_accepted() {
+        let t = token("s3cret-token\n").unwrap();
+        assert!(t.accepts(Some("Bearer s3cret-token")));
+        for wrong in [
+            "Bearer s3cret-tokem",
+            "Bearer s3cret",
+            "s3cret-token",
+            "Bearer ",
+        ] {
+            assert!(!t.accepts(Some(wrong)), "{wrong}");
+        }
+        assert!(!t.accepts(None));
+        assert_eq!(t.header_value().to_str().unwrap(), "Bearer s3cret-token");
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_or_errors() {
+        let t = token("s3cret-token").unwrap();
+        assert!(!format!("{t:?}").contains("s3cret"));
+        let error = token("two words").unwrap_err();
+        assert!(!error.contains("two") && error.contains("printable ASCII"));
+        assert!(token(" \n").unwrap_err().contains("is empty"));
+    }
+}
