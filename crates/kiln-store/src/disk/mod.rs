@@ -169,10 +169,15 @@ struct Active {
     next_offset: u64,
 }
 
+/// One index entry. Laid out flat (no `Location` enum, whose tag would
+/// cost a padded word) so it stays 32 bytes: the index holds one per blob.
 #[derive(Clone, Copy)]
 struct Entry {
-    location: Location,
+    /// Byte offset in the segment (0 for a blob file).
+    offset: u64,
     len: u64,
+    /// Segment id, or [`FILE_SEGMENT`] for a blob file of its own.
+    segment: u32,
     /// Epoch of the last use.
     atime: u32,
     /// The journal record's payload checksum, kept so the journal can be
@@ -181,7 +186,43 @@ struct Entry {
     retention: Retention,
 }
 
+/// `Entry::segment` of a blob stored as a file of its own.
+const FILE_SEGMENT: u32 = u32::MAX;
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 32);
+
 impl Entry {
+    fn new(
+        location: Location,
+        len: u64,
+        atime: u32,
+        payload_crc: u32,
+        retention: Retention,
+    ) -> Entry {
+        let (segment, offset) = match location {
+            Location::Packed { segment, offset } => (segment, offset),
+            Location::File => (FILE_SEGMENT, 0),
+        };
+        Entry {
+            offset,
+            len,
+            segment,
+            atime,
+            payload_crc,
+            retention,
+        }
+    }
+
+    fn location(&self) -> Location {
+        match self.segment {
+            FILE_SEGMENT => Location::File,
+            segment => Location::Packed {
+                segment,
+                offset: self.offset,
+            },
+        }
+    }
+
     /// The last use shifted by the retention: what eviction orders by.
     fn recency(&self) -> u32 {
         self.atime
@@ -191,7 +232,7 @@ impl Entry {
     fn record(&self, key: Key) -> Record {
         Record {
             key,
-            location: self.location,
+            location: self.location(),
             len: self.len,
             payload_crc: self.payload_crc,
             retention: self.retention,
@@ -261,7 +302,7 @@ impl Index {
     fn remove_if_at(&self, key: &Key, location: Location) -> bool {
         let mut shard = self.shard(key).lock();
         match shard.get(key) {
-            Some(entry) if entry.location == location => {
+            Some(entry) if entry.location() == location => {
                 shard.remove(key);
                 true
             }
@@ -405,13 +446,13 @@ impl DiskStore {
             report.bytes += record.len;
             index.insert(
                 record.key,
-                Entry {
-                    location: record.location,
-                    len: record.len,
+                Entry::new(
+                    record.location,
+                    record.len,
                     atime,
-                    payload_crc: record.payload_crc,
-                    retention: record.retention,
-                },
+                    record.payload_crc,
+                    record.retention,
+                ),
             );
         }
         let mut segment_map = BTreeMap::new();
@@ -695,7 +736,7 @@ impl Inner {
         let Some(entry) = self.lookup(key) else {
             return Ok(None);
         };
-        match entry.location {
+        match entry.location() {
             Location::Packed { segment, offset } => {
                 let Some(segment) = self.segments.read().get(&segment).cloned() else {
                     return Ok(None); // evicted between the lookup and now
@@ -788,16 +829,16 @@ impl Inner {
         let mut entries = Vec::with_capacity(items.len());
         for (i, (key, data)) in items.iter().enumerate() {
             let (atime, retention) = stamp(i);
-            let entry = Entry {
-                location: Location::Packed {
+            let entry = Entry::new(
+                Location::Packed {
                     segment: segment.id,
                     offset,
                 },
-                len: data.len() as u64,
+                data.len() as u64,
                 atime,
-                payload_crc: crc32c::crc32c(data),
+                crc32c::crc32c(data),
                 retention,
-            };
+            );
             entry.record(*key).encode(&mut records);
             entries.push((*key, entry));
             offset += data.len() as u64;
@@ -991,7 +1032,7 @@ impl Inner {
         let mut per_segment: HashMap<u32, Vec<(Key, Entry)>> = HashMap::new();
         let mut files = Vec::new();
         for (key, entry) in self.index.snapshot() {
-            match entry.location {
+            match entry.location() {
                 Location::Packed { segment, .. } => {
                     per_segment.entry(segment).or_default().push((key, entry))
                 }
@@ -1061,7 +1102,7 @@ impl Inner {
                         let mut items = Vec::with_capacity(chunk.len());
                         let mut stamps = Vec::with_capacity(chunk.len());
                         for (key, entry) in chunk {
-                            if let Location::Packed { offset, .. } = entry.location {
+                            if let Location::Packed { offset, .. } = entry.location() {
                                 let mut data = vec![0u8; entry.len as usize];
                                 segment
                                     .file
@@ -1080,7 +1121,7 @@ impl Inner {
                         self.put_packed_as(&items, |i| stamps[i])?;
                     }
                     for (key, entry) in &entries {
-                        if self.index.remove_if_at(key, entry.location) {
+                        if self.index.remove_if_at(key, entry.location()) {
                             dropped += 1;
                         }
                     }
@@ -1203,26 +1244,20 @@ impl BlobWriter for FileWriter {
             unsynced.files.push(file);
             unsynced.dirs.insert(parent.to_path_buf());
         }
-        let entry = Entry {
-            location: Location::File,
-            len: self.size,
-            atime: self.store.epoch(),
-            payload_crc: 0,
-            retention: Retention::DEFAULT,
-        };
+        let entry = Entry::new(
+            Location::File,
+            self.size,
+            self.store.epoch(),
+            0,
+            Retention::DEFAULT,
+        );
         let mut record = Vec::with_capacity(RECORD_LEN);
         entry.record(self.key).encode(&mut record);
         let (_, replaced) = self.store.append_journal(&record, &[(self.key, entry)])?;
         let replaced = replaced.into_iter().next().flatten();
         // A concurrent upload of the same blob renamed over the same path:
         // the bytes on disk did not grow.
-        if !matches!(
-            replaced,
-            Some(Entry {
-                location: Location::File,
-                ..
-            })
-        ) {
+        if !replaced.is_some_and(|entry| entry.location() == Location::File) {
             self.store
                 .total_bytes
                 .fetch_add(self.size, Ordering::Relaxed);

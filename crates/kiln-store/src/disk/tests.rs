@@ -400,7 +400,7 @@ async fn retained_small_blobs_are_copied_forward_when_their_segment_goes() {
         .set_retention(&[kept.0], Retention::from_reapi_priority(-64))
         .await
         .unwrap();
-    let first_home = store.inner.index.shard(&kept.0).lock()[&kept.0].location;
+    let first_home = store.inner.index.shard(&kept.0).lock()[&kept.0].location();
 
     let mut seed = 1;
     fill_until(&store, &mut seed, 64 << 10, |s, _| !holds(s, &plain.0)).await;
@@ -409,7 +409,7 @@ async fn retained_small_blobs_are_copied_forward_when_their_segment_goes() {
         "the retained blob outlives its segment"
     );
     let entry = store.inner.index.shard(&kept.0).lock()[&kept.0];
-    assert!(entry.location != first_home, "it was copied forward");
+    assert!(entry.location() != first_home, "it was copied forward");
     assert_eq!(entry.retention, Retention::from_reapi_priority(-64));
     assert_eq!(read(&store, &kept.0).await.as_ref(), Some(&kept.1));
 }
