@@ -148,6 +148,21 @@ impl Harness {
         (stop, task)
     }
 
+    /// Paths for an action that holds its executor until released: FIFOs
+    /// `started` (it writes there once running) and `gate` (it waits to
+    /// read), and a plain file `order` that actions append their names to.
+    fn gate_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let scratch = self.scratch();
+        let (started, gate, order) = (
+            scratch.join("started"),
+            scratch.join("gate"),
+            scratch.join("order"),
+        );
+        mkfifo(&started);
+        mkfifo(&gate);
+        (started, gate, order)
+    }
+
     fn scratch(&self) -> PathBuf {
         let path = self.dir.path().join("scratch");
         std::fs::create_dir_all(&path).unwrap();
@@ -1054,14 +1069,7 @@ async fn two_actions_too_large_together_run_one_after_the_other(
     let (stop, executor) = harness
         .start_executor_sized("exec-1cpu", "one-cpu", &[("lane", "side")], ONE_CPU, 3)
         .await;
-    let scratch = harness.scratch();
-    let (started, gate, order) = (
-        scratch.join("started"),
-        scratch.join("gate"),
-        scratch.join("order"),
-    );
-    mkfifo(&started);
-    mkfifo(&gate);
+    let (started, gate, order) = harness.gate_files();
     let first = harness
         .action(ActionSpec {
             arguments: sh(&format!(
@@ -1455,14 +1463,7 @@ async fn a_large_action_is_not_starved_by_a_stream_of_small_ones() {
     let (stop, executor) = harness
         .start_executor_sized("exec-1cpu", "one-cpu", &[("lane", "side")], ONE_CPU, 3)
         .await;
-    let scratch = harness.scratch();
-    let (started, gate, order) = (
-        scratch.join("started"),
-        scratch.join("gate"),
-        scratch.join("order"),
-    );
-    mkfifo(&started);
-    mkfifo(&gate);
+    let (started, gate, order) = harness.gate_files();
     let action = async |script: String, lane: bool, cpu: &'static str| {
         let mut properties = vec![("Pool", "one-cpu"), ("EstimatedCPU", cpu)];
         if lane {
