@@ -72,6 +72,10 @@ pub struct DiskStoreConfig {
     /// The journal is rewritten once it exceeds this size and twice what its
     /// live records need.
     pub journal_compaction_min_bytes: u64,
+    /// How long opening waits for the directory's lock while another store
+    /// holds it: a store being closed (a restart, in this process or the
+    /// previous one) lets go of it only after its final commit.
+    pub lock_wait: Duration,
 }
 
 impl DiskStoreConfig {
@@ -83,6 +87,7 @@ impl DiskStoreConfig {
             sync_interval: Duration::from_secs(1),
             durability: Durability::GroupCommit,
             journal_compaction_min_bytes: 64 << 20,
+            lock_wait: Duration::from_secs(5),
         }
     }
 
@@ -364,17 +369,32 @@ impl DiskStore {
         }
         let lock = File::create(root.join("LOCK"))
             .map_err(io_err(format!("creating {}/LOCK", root.display())))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |e| {
-                StoreError::io(
-                    format!(
-                        "locking {}: is another kiln using this data directory?",
-                        root.display()
-                    ),
-                    e.into(),
-                )
-            },
-        )?;
+        let waiting_since = Instant::now();
+        let mut logged = false;
+        loop {
+            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK)
+                    if waiting_since.elapsed() < config.lock_wait =>
+                {
+                    if !logged {
+                        tracing::info!(path = %root.display(), "waiting for the store's lock");
+                        logged = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(StoreError::io(
+                        format!(
+                            "locking {} (waited {:?}): is another kiln using this data directory?",
+                            root.display(),
+                            config.lock_wait
+                        ),
+                        e.into(),
+                    ))
+                }
+            }
+        }
         // Writes that never committed.
         for entry in fs::read_dir(root.join("tmp"))
             .map_err(io_err("listing tmp/"))?

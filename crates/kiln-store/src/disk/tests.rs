@@ -270,8 +270,26 @@ async fn sync_durability_commits_before_acknowledging() {
 async fn a_second_server_cannot_open_the_same_directory() {
     let dir = tempfile::tempdir().unwrap();
     let (_store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
-    let error = DiskStore::open(config(dir.path(), 1 << 30)).err().unwrap();
+    let mut second = config(dir.path(), 1 << 30);
+    second.lock_wait = Duration::from_millis(100);
+    let error = DiskStore::open(second).err().unwrap();
     assert!(error.to_string().contains("another kiln"), "{error}");
+}
+
+#[tokio::test]
+async fn opening_waits_for_a_store_that_is_closing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    let (key, data) = blob(1, 1000);
+    first.put(key, data.clone()).await.unwrap();
+    // The first store goes away while the second is already waiting.
+    let closing = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(first);
+    });
+    let (second, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    closing.join().unwrap();
+    assert_eq!(read(&second, &key).await, Some(data));
 }
 
 #[tokio::test]
