@@ -34,6 +34,13 @@ set -euo pipefail
 # - busybox-static: /bin/busybox and its applets, the test images' userland.
 # - apache2-utils: htpasswd, for the bcrypt password file of the auth
 #   registry.
+# - curl: fetches Bazel 2.1.0 (below).
+#
+# Not a Debian package: Bazel 2.1.0, the older client that sends platform
+# properties on the Command only (crates/kiln/tests/bazel_2_1.rs). The npm
+# registry's @bazel/bazel-linux_x64 package ships its release binary; it is
+# fetched with curl (no Node.js needed), checked against the registry's
+# SHA-512 and unpacked to /usr/local/lib/kiln-test/bazel-2.1.0.
 BUILD_PACKAGES=(
   g++
   gcc
@@ -53,7 +60,28 @@ TEST_PACKAGES=(
   skopeo
   busybox-static
   apache2-utils
+  curl
 )
+
+BAZEL2=/usr/local/lib/kiln-test/bazel-2.1.0
+BAZEL2_URL=https://registry.npmjs.org/@bazel/bazel-linux_x64/-/bazel-linux_x64-2.1.0.tgz
+BAZEL2_SHA512=6a0e99c183096e57f562e3e135100cc8261fd7ae2663c8e1748c0f495148d423220519d20c90644a0eeb5487333e1fbc1a9ed30ea027a3d30c4e77d45f3c6880
+
+install_bazel2() {
+  if [[ -x "$BAZEL2" ]]; then
+    echo "install-deps: Bazel 2.1.0 present at $BAZEL2"
+    return
+  fi
+  echo "install-deps: fetching Bazel 2.1.0 from $BAZEL2_URL"
+  local tmp
+  tmp="$(mktemp -d)"
+  curl -fsSL --retry 3 -o "$tmp/bazel.tgz" "$BAZEL2_URL"
+  echo "$BAZEL2_SHA512  $tmp/bazel.tgz" | sha512sum -c --quiet -
+  tar -xzf "$tmp/bazel.tgz" -C "$tmp" package/bazel-2.1.0-linux-x86_64
+  "${SUDO[@]}" install -D -m 0755 "$tmp/package/bazel-2.1.0-linux-x86_64" "$BAZEL2"
+  rm -rf "$tmp"
+  echo "install-deps: installed Bazel 2.1.0 at $BAZEL2"
+}
 
 case "${1:-test}" in
   build) PACKAGES=("${BUILD_PACKAGES[@]}") ;;
@@ -74,17 +102,18 @@ for package in "${PACKAGES[@]}"; do
   fi
 done
 
-if [[ ${#missing[@]} -eq 0 ]]; then
-  echo "install-deps: all packages present: ${PACKAGES[*]}"
-  exit 0
-fi
-
-echo "install-deps: installing: ${missing[*]}"
-
 SUDO=()
 if [[ $EUID -ne 0 ]]; then
   SUDO=(sudo)
 fi
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  echo "install-deps: all packages present: ${PACKAGES[*]}"
+  [[ "${1:-test}" == test ]] && install_bazel2
+  exit 0
+fi
+
+echo "install-deps: installing: ${missing[*]}"
 
 # Fresh containers ship without package lists; a populated cache is reused.
 if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
@@ -102,4 +131,8 @@ if ! install; then
   echo "install-deps: install failed; refreshing package lists and retrying"
   "${SUDO[@]}" apt-get update
   install
+fi
+
+if [[ "${1:-test}" == test ]]; then
+  install_bazel2
 fi

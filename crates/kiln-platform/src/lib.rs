@@ -354,7 +354,7 @@ fn parse_platform_size(key: &str, value: &str) -> Result<u64, PlatformError> {
         invalid(
             key,
             value,
-            "expected a size such as 1M, 2GB or 4.5GB (B, K/KB, M/MB, G/GB, T/TB, or KiB…TiB)",
+            "expected a size such as 1M, 2GB or 4.5GB (B, K/KB, M/MB, G/GB, T/TB, or KiB to TiB)",
         )
     })
 }

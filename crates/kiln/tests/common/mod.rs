@@ -134,22 +134,38 @@ pub fn parse_listening_line(line: &str) -> Option<u16> {
 /// dropped.
 pub struct Bazel {
     pub workspace: PathBuf,
+    /// The client binary: Debian's `bazel` on PATH, or another release.
+    binary: PathBuf,
     output_user_root: PathBuf,
     /// Flags added to every `build` and `test`: how Bazel reaches Kiln.
     remote_flags: Vec<String>,
 }
 
 impl Bazel {
+    /// Debian's Bazel 4.2.3 on a copy of `tests/bazel/workspace`.
     pub fn new(scratch: &Path, remote_flags: Vec<String>) -> Self {
+        Bazel::with_binary(Path::new("bazel"), "workspace", scratch, remote_flags)
+    }
+
+    /// `binary` on a copy of `tests/bazel/<workspace>`.
+    pub fn with_binary(
+        binary: &Path,
+        workspace: &str,
+        scratch: &Path,
+        remote_flags: Vec<String>,
+    ) -> Self {
         // Read at run time: a test binary reused from a shared target dir
         // may have been compiled in another clone.
         let manifest_dir =
             std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR");
-        let source = Path::new(&manifest_dir).join("../../tests/bazel/workspace");
-        let workspace = scratch.join("workspace");
-        copy_tree(&source, &workspace);
+        let source = Path::new(&manifest_dir)
+            .join("../../tests/bazel")
+            .join(workspace);
+        let copy = scratch.join("workspace");
+        copy_tree(&source, &copy);
         Bazel {
-            workspace,
+            workspace: copy,
+            binary: binary.to_path_buf(),
             output_user_root: scratch.join("bazel-root"),
             remote_flags,
         }
@@ -177,7 +193,7 @@ impl Bazel {
 
     pub fn run(&self, args: &[&str]) -> Output {
         let (command, rest) = args.split_first().expect("a bazel command");
-        let mut invocation = Command::new("bazel");
+        let mut invocation = Command::new(&self.binary);
         invocation
             .current_dir(&self.workspace)
             .arg(format!(
