@@ -1,6 +1,8 @@
 //! The scheduler's side of Kiln's executor protocol
 //! (`kiln.executor.v1.ExecutorService.Session`): one long-lived stream per
-//! executor process. The executor registers (pool, OS, arch, isolation types, properties, slots, CPU and memory); the
+//! executor process. The executor registers (pool, OS, arch, isolation
+//! types, properties, slots, CPU, memory and disk), presenting the
+//! executor token when the server has one ([`crate::token`]); the
 //! session then hands it queued actions of its [`QueueKey`] while it has
 //! free slots, forwards cancellations, and completes operations with the
 //! results it reports. A stream that ends, fails or goes silent past the
