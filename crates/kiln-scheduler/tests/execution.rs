@@ -1430,8 +1430,41 @@ async fn results_cache_policy_keeps_a_result_through_eviction() {
         );
         actions.push(action);
     }
-    // One and a half store sizes of other blobs push both out, unless the
-    // retention holds.
+    // A third asks for it only in a request merged into an execution that
+    // is already running with the default priority.
+    let (started, gate, _) = harness.gate_files();
+    let merged = harness
+        .action(ActionSpec {
+            arguments: sh(&format!(
+                "echo up > {}; cat {} > /dev/null; yes merged | head -c 524288 > out",
+                started.display(),
+                gate.display()
+            )),
+            outputs: vec!["out"],
+            ..Default::default()
+        })
+        .await;
+    let execute = |priority: i32| {
+        let mut client = harness.execution();
+        let request = ExecuteRequest {
+            action_digest: Some(merged.clone()),
+            results_cache_policy: Some(reapi::ResultsCachePolicy { priority }),
+            ..Default::default()
+        };
+        async move { client.execute(request).await.unwrap().into_inner() }
+    };
+    let first = execute(0).await;
+    assert_eq!(read_fifo(started).await, "up\n");
+    let second = execute(-64).await;
+    tokio::task::spawn_blocking(move || std::fs::write(gate, b"go\n").unwrap())
+        .await
+        .unwrap();
+    let (first, second) = (finish(first).await.1, finish(second).await.1);
+    assert_eq!(first.result, second.result, "one execution for both");
+    actions.push(merged);
+
+    // One and a half store sizes of other blobs push them all out, unless
+    // the retention holds.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     for _ in 0..(3 * budget / 2 / output_len as u64) {
         let blob: Vec<u8> = (0..output_len)
@@ -1453,6 +1486,12 @@ async fn results_cache_policy_keeps_a_result_through_eviction() {
     assert!(
         !plain.cached_result,
         "the default result was evicted and runs again"
+    );
+    // (Looked up, not executed: run again, it would wait on its gate.)
+    let merged = harness.cached(&actions[2]).await;
+    assert!(
+        merged.is_ok(),
+        "the merged request's retention applies to the shared result: {merged:?}"
     );
     harness.stop().await;
 }
