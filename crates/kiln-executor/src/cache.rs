@@ -367,23 +367,17 @@ impl FileCache {
     async fn commit(&self, temp: &Path, digest: &Digest, executable: bool) -> Result<(), RunError> {
         let target = self.path(digest, executable);
         let (temp, placed) = (temp.to_path_buf(), target.clone());
-        let result = tokio::task::spawn_blocking(move || {
-            let result = install(&temp, &placed, executable, |from, to| {
+        let what = format!("adding {} to the file cache", format_digest(digest));
+        crate::process::blocking(&what.clone(), move || {
+            install(&temp, &placed, executable, |from, to| {
                 std::fs::rename(from, to)
-            });
-            if result.is_err() {
+            })
+            .map_err(|e| {
                 let _ = std::fs::remove_file(&temp);
-            }
-            result
+                RunError::io(what, e)
+            })
         })
-        .await
-        .map_err(|e| RunError::Internal(format!("adding to the file cache: {e}")))?;
-        result.map_err(|e| {
-            RunError::io(
-                format!("adding {} to the file cache", format_digest(digest)),
-                e,
-            )
-        })?;
+        .await?;
         self.record(target, digest);
         Ok(())
     }

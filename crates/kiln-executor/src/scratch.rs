@@ -3,7 +3,7 @@
 //!
 //! On ext4, creating an inode is the expensive part of laying out a
 //! workspace: without a journal the allocator skips every inode deleted in
-//! the last 30 s (5 min while its table block is dirty), looking each one up,
+//! the last 60 s (6 min while its table block is dirty), looking each one up,
 //! so on a busy executor every `mkdir` scans past the previous actions'
 //! deleted directories. Nothing here is deleted on the hot path that can be
 //! kept instead:

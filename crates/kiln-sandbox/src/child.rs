@@ -132,7 +132,6 @@ fn pointer(value: &Option<CString>) -> *const libc::c_char {
     value.as_ref().map_or(ptr::null(), |v| v.as_ptr())
 }
 
-/// Closes every descriptor but `keep`.
 /// Moves the calling process into the action's cgroups (writing "0", the
 /// writer itself, to each `cgroup.procs`). Async-signal-safe.
 fn join_cgroups(plan: &Plan) -> io::Result<()> {
@@ -144,6 +143,7 @@ fn join_cgroups(plan: &Plan) -> io::Result<()> {
     Ok(())
 }
 
+/// Closes every descriptor but `keep`.
 fn close_all_except(keep: RawFd) {
     // SAFETY: close_range only closes descriptors; nothing in this process
     // uses the closed ones afterwards.
