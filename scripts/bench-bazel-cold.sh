@@ -14,7 +14,8 @@
 #        --remote_download_minimal), SETTLE (seconds to wait before each
 #        timed build, default 61; see settle()), ROUNDS (default 2: local
 #        then each remote, that many times), BAZEL_HEAP (the Bazel
-#        server's -Xmx; default: Bazel's own).
+#        server's -Xmx; default: Bazel's own), WARMUP (default 1: one
+#        untimed build in each mode first; 0 times the first builds too).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -121,9 +122,47 @@ timed_build() {
   echo "$ended - $started" | bc
 }
 
+# Runs `bazel build` against a fresh `kiln serve` (binary $1, empty data dir),
+# timed (timed_build; the seconds go to remote_seconds) unless $2 is
+# "untimed". Runs in this shell, so cleanup() sees the server's pid.
+remote_build() {
+  local binary="$1" mode="${2:-timed}"
+  local flags=(--remote_executor="grpc://127.0.0.1:$port" --spawn_strategy=remote
+    --jobs="$remote_jobs" --remote_timeout=60 "${remote_flags[@]}")
+  rm -rf "$scratch/kiln-data"
+  "$binary" serve --data-dir "$scratch/kiln-data" --listen "127.0.0.1:$port" >"$scratch/kiln.out" 2>"$scratch/kiln.log" &
+  server_pid=$!
+  for _ in $(seq 100); do grep -q listening "$scratch/kiln.out" 2>/dev/null && break; sleep 0.1; done
+  if [[ "$mode" == untimed ]]; then
+    bazel_cmd build "${flags[@]}" //gen:all >"$scratch/last.log" 2>&1 || { cat "$scratch/last.log" >&2; exit 1; }
+  else
+    remote_seconds=$(timed_build "${flags[@]}")
+  fi
+  kill "$server_pid"
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+}
+
+median() {
+  sort -n | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+
 echo "targets: $targets cc_library; machine: $(nproc) CPUs, $(uname -r)"
+# A Bazel server's first build in a mode pays for the JVM compiling that
+# mode's code (for remote execution: gRPC, protobuf, Merkle trees), several
+# seconds of CPU on two cores. A developer's Bazel server is long-lived, so
+# by default one untimed build in each mode comes first and the rounds time
+# the steady state; WARMUP=0 times the server's first builds as well.
+if [[ "${WARMUP:-1}" != 0 ]]; then
+  bazel_cmd clean >/dev/null 2>&1
+  bazel_cmd build //gen:all >"$scratch/last.log" 2>&1 || { cat "$scratch/last.log" >&2; exit 1; }
+  bazel_cmd clean >/dev/null 2>&1
+  remote_build "${kilns[0]}" untimed
+  echo "warm-up: one untimed local and one untimed remote build done"
+fi
 # Rounds alternate local and remote builds on one Bazel server, so neither
-# side alone gets the JVM's warm-up or a quiet spell of the machine.
+# side alone gets a quiet spell of the machine.
+declare -A ratios=()
 for round in $(seq "$rounds"); do
   bazel_cmd clean >/dev/null 2>&1
   local_seconds=$(timed_build)
@@ -131,18 +170,15 @@ for round in $(seq "$rounds"); do
 
   # One remote build per Kiln binary (KILN may list several, space-separated,
   # for an A/B in one session), each against a fresh server and data dir.
-  for binary in "${kilns[@]}"; do
+  for i in "${!kilns[@]}"; do
     bazel_cmd clean >/dev/null 2>&1
-    rm -rf "$scratch/kiln-data"
-    "$binary" serve --data-dir "$scratch/kiln-data" --listen "127.0.0.1:$port" >"$scratch/kiln.out" 2>"$scratch/kiln.log" &
-    server_pid=$!
-    for _ in $(seq 100); do grep -q listening "$scratch/kiln.out" 2>/dev/null && break; sleep 0.1; done
-    remote_seconds=$(timed_build --remote_executor="grpc://127.0.0.1:$port" --spawn_strategy=remote \
-      --jobs="$remote_jobs" --remote_timeout=60 "${remote_flags[@]}")
-    echo "round $round: remote (--remote_executor, cold, --jobs=$remote_jobs ${remote_flags[*]}; $binary): ${remote_seconds} s"
-    echo "ratio remote/local: $(echo "scale=2; $remote_seconds / $local_seconds" | bc)"
-    kill "$server_pid"
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
+    remote_build "${kilns[$i]}"
+    ratio=$(echo "scale=2; $remote_seconds / $local_seconds" | bc)
+    ratios[$i]+="$ratio "
+    echo "round $round: remote (--remote_executor, cold, --jobs=$remote_jobs ${remote_flags[*]}; ${kilns[$i]}): ${remote_seconds} s"
+    echo "ratio remote/local: $ratio"
   done
+done
+for i in "${!kilns[@]}"; do
+  echo "${kilns[$i]}: ratios ${ratios[$i]}; median $(tr ' ' '\n' <<<"${ratios[$i]}" | grep . | median)"
 done
