@@ -173,7 +173,7 @@ for round in $(seq "$rounds"); do
   for i in "${!kilns[@]}"; do
     bazel_cmd clean >/dev/null 2>&1
     remote_build "${kilns[$i]}"
-    ratio=$(echo "scale=2; $remote_seconds / $local_seconds" | bc)
+    ratio=$(printf '%.2f' "$(echo "scale=4; $remote_seconds / $local_seconds" | bc)")
     ratios[$i]+="$ratio "
     echo "round $round: remote (--remote_executor, cold, --jobs=$remote_jobs ${remote_flags[*]}; ${kilns[$i]}): ${remote_seconds} s"
     echo "ratio remote/local: $ratio"
