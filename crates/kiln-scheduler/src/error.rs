@@ -44,6 +44,10 @@ pub enum SchedulerError {
     /// The executor's session with its scheduler failed.
     #[error("executor session: {0}")]
     Session(String),
+    /// The scheduler refused the executor's registration (a missing or
+    /// wrong token, an invalid registration): retrying will not help.
+    #[error("executor registration refused: {0}")]
+    Refused(String),
     /// The scheduler is shutting down.
     #[error("the scheduler is shutting down")]
     ShuttingDown,
@@ -64,6 +68,7 @@ impl From<SchedulerError> for tonic::Status {
             SchedulerError::ShuttingDown | SchedulerError::Session(_) => {
                 tonic::Status::unavailable(message)
             }
+            SchedulerError::Refused(_) => tonic::Status::failed_precondition(message),
         }
     }
 }

@@ -86,7 +86,7 @@ impl Worker {
         let mut inbound = ExecutorServiceClient::new(channel)
             .session(request)
             .await
-            .map_err(|status| SchedulerError::Session(format!("opening the session: {status}")))?
+            .map_err(|status| registration_failed("opening the session", status))?
             .into_inner();
         match inbound.message().await {
             Ok(Some(kiln_proto::executor::SchedulerMessage {
@@ -99,7 +99,7 @@ impl Worker {
             Ok(_) => Err(SchedulerError::Session(
                 "the scheduler did not confirm the registration".into(),
             )),
-            Err(status) => Err(SchedulerError::Session(format!("registering: {status}"))),
+            Err(status) => Err(registration_failed("registering", status)),
         }
     }
 
@@ -159,6 +159,19 @@ impl Worker {
             token.cancel();
         }
         result
+    }
+}
+
+/// A failed registration: refused for good when the scheduler rejected
+/// what the executor sent, a session failure (worth retrying) otherwise.
+fn registration_failed(step: &str, status: tonic::Status) -> SchedulerError {
+    match status.code() {
+        tonic::Code::Unauthenticated
+        | tonic::Code::PermissionDenied
+        | tonic::Code::InvalidArgument => {
+            SchedulerError::Refused(format!("{step}: {}", status.message()))
+        }
+        _ => SchedulerError::Session(format!("{step}: {status}")),
     }
 }
 

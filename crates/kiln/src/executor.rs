@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_executor::{ActionRunner, CancellationToken, RunnerConfig};
-use kiln_scheduler::{Worker, WorkerConfig};
+use kiln_executor::{ActionRunner, CancellationToken, RunError, RunnerConfig};
+use kiln_scheduler::{SchedulerError, Worker, WorkerConfig};
 use tonic::transport::Channel;
 
 /// How an executor process runs.
@@ -38,19 +38,28 @@ pub struct ExecutorOptions {
     pub token: Option<kiln_scheduler::ExecutorToken>,
 }
 
-/// Connects, registers and runs assignments until `stop` fires or the
-/// scheduler ends the session.
+/// First and longest wait between attempts to reach the scheduler.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Connects, registers and runs assignments until `stop` fires. A
+/// scheduler that cannot be reached, or whose session ends (a restart, a
+/// dropped connection), is retried with a growing wait, so a fleet of
+/// executors outlives a restart of its server; running actions are
+/// cancelled when their session is lost (the server has requeued them).
+/// A registration the scheduler refuses (e.g. without its executor token)
+/// ends the executor with that error.
 pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::Result<()> {
     let url = options
         .scheduler
         .strip_prefix("grpc://")
         .map(|rest| format!("http://{rest}"))
         .unwrap_or_else(|| options.scheduler.clone());
+    // A lazy channel connects on first use and again after a failure.
     let channel = Channel::from_shared(url.clone())
         .with_context(|| format!("scheduler address {}", options.scheduler))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", options.scheduler))?;
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
     let owner = format!("kiln-executor:{}", options.work_dir.display());
     let isolations = crate::isolation::offered(&options.isolation, &owner).await;
     let isolation_types = isolations.names().iter().map(|n| n.to_string()).collect();
@@ -61,27 +70,156 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     runner_config.worker_name = options.name.clone();
     runner_config.max_timeout = options.max_action_timeout;
     runner_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
-    let runner = ActionRunner::new(channel.clone(), runner_config, isolations)
-        .await
-        .context("starting the action runner")?;
-    let worker = Worker::connect(
-        channel,
-        WorkerConfig {
-            name: options.name.clone(),
-            pool: options.pool.clone(),
-            os_family: options.os_family.clone(),
-            arch: options.arch.clone(),
-            properties: options.properties.clone(),
-            isolation_types,
-            capacity: options.capacity.max(1),
-            resources: options.resources,
-            heartbeat_interval: options.heartbeat_interval,
-            token: options.token.clone(),
-        },
-    )
-    .await
-    .context("registering with the scheduler")?;
-    tracing::info!(name = %options.name, pool = %options.pool, scheduler = %options.scheduler, "executor registered");
-    worker.run(Arc::new(runner), stop).await?;
-    Ok(())
+    let worker_config = WorkerConfig {
+        name: options.name.clone(),
+        pool: options.pool.clone(),
+        os_family: options.os_family.clone(),
+        arch: options.arch.clone(),
+        properties: options.properties.clone(),
+        isolation_types,
+        capacity: options.capacity.max(1),
+        resources: options.resources,
+        heartbeat_interval: options.heartbeat_interval,
+        token: options.token.clone(),
+    };
+
+    let mut runner: Option<Arc<ActionRunner>> = None;
+    let mut retry = Retry::new(&options.name);
+    loop {
+        let attempt = async {
+            let runner = match &runner {
+                Some(runner) => runner.clone(),
+                // The runner asks the server for its capabilities once;
+                // only that call is worth retrying (opening the local
+                // cache and work directory fails the same way again).
+                None => match ActionRunner::new(
+                    channel.clone(),
+                    runner_config.clone(),
+                    isolations.clone(),
+                )
+                .await
+                {
+                    Ok(runner) => Arc::new(runner),
+                    Err(e @ RunError::Cas { .. }) => {
+                        return Err(Attempt::Retry(
+                            anyhow::Error::new(e).context("starting the action runner"),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(Attempt::Fatal(
+                            anyhow::Error::new(e).context("starting the action runner"),
+                        ))
+                    }
+                },
+            };
+            match Worker::connect(channel.clone(), worker_config.clone()).await {
+                Ok(worker) => Ok((runner, worker)),
+                Err(e @ SchedulerError::Refused(_)) => Err(Attempt::Fatal(
+                    anyhow::Error::new(e)
+                        .context(format!("registering with {}", options.scheduler)),
+                )),
+                Err(e) => Err(Attempt::Retry(e.into())),
+            }
+        };
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            outcome = attempt => outcome,
+        };
+        match outcome {
+            Ok((ready, worker)) => {
+                runner = Some(ready.clone());
+                retry.reset();
+                tracing::info!(name = %options.name, pool = %options.pool, scheduler = %options.scheduler, "executor registered");
+                let ended = worker.run(ready, stop.clone()).await;
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+                match ended {
+                    Ok(()) => {
+                        tracing::warn!(scheduler = %options.scheduler, "the scheduler ended the session; registering again")
+                    }
+                    Err(e) => {
+                        tracing::warn!(scheduler = %options.scheduler, error = %e, "lost the scheduler session; registering again")
+                    }
+                }
+            }
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Retry(e)) => {
+                let wait = retry.next_wait();
+                tracing::warn!(
+                    scheduler = %options.scheduler,
+                    error = format!("{e:#}"),
+                    retry_in_ms = wait.as_millis() as u64,
+                    "cannot register with the scheduler; retrying"
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Why an attempt to start serving failed.
+enum Attempt {
+    /// The scheduler or CAS could not be reached, or the session failed.
+    Retry(anyhow::Error),
+    /// Retrying cannot help: a refused registration, a local failure.
+    Fatal(anyhow::Error),
+}
+
+/// Waits between attempts: doubling from [`RETRY_FIRST`] up to
+/// [`RETRY_MAX`], each shortened by up to a quarter, differently per
+/// executor, so a fleet does not reconnect in lockstep after a restart.
+struct Retry {
+    next: Duration,
+    spread: u64,
+}
+
+impl Retry {
+    fn new(name: &str) -> Retry {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (name, std::process::id()).hash(&mut hasher);
+        Retry {
+            next: RETRY_FIRST,
+            spread: hasher.finish(),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = RETRY_FIRST;
+    }
+
+    fn next_wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(RETRY_MAX);
+        self.spread = self.spread.rotate_left(7) ^ 0x9e37_79b9_7f4a_7c15;
+        let quarter = wait.as_millis() as u64 / 4;
+        wait - Duration::from_millis(self.spread % (quarter + 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_waits_grow_to_the_cap_and_start_over_after_a_reset() {
+        let mut retry = Retry::new("e1");
+        let waits: Vec<Duration> = (0..8).map(|_| retry.next_wait()).collect();
+        for (wait, full) in waits
+            .iter()
+            .zip([250u64, 500, 1000, 2000, 4000, 8000, 10_000, 10_000])
+        {
+            let full = Duration::from_millis(full);
+            assert!(
+                *wait <= full && *wait >= full * 3 / 4,
+                "{wait:?} against {full:?}"
+            );
+        }
+        retry.reset();
+        assert!(retry.next_wait() <= RETRY_FIRST);
+    }
 }

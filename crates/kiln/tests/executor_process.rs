@@ -1,7 +1,8 @@
 //! `kiln executor` as real processes against a real `kiln serve`: an
 //! executor SIGKILLed in the middle of an action loses its stream, and the
 //! server requeues the action onto the other executor, which completes it;
-//! a server with an executor token accepts only executors presenting it.
+//! an executor outlives a restart of its server; a server with an executor
+//! token accepts only executors presenting it.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -105,11 +106,15 @@ fn executor(address: &str, name: &str, work_dir: &Path) -> Process {
 /// `kiln serve` without an embedded executor, plus `extra` flags; returns
 /// it and its address.
 fn serve(scratch: &Path, extra: &[&str]) -> (Process, String) {
-    let data_dir = scratch.join("server");
+    serve_on("127.0.0.1:0", &scratch.join("server"), extra)
+}
+
+/// `kiln serve` listening on `listen`, with its data in `data_dir`.
+fn serve_on(listen: &str, data_dir: &Path, extra: &[&str]) -> (Process, String) {
     let mut args = vec![
         "serve",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--data-dir",
         data_dir.to_str().unwrap(),
         "--storage-backend",
@@ -252,6 +257,33 @@ async fn a_killed_executor_process_loses_its_action_to_another() {
     assert_eq!(result.stdout_digest, Some(digest(b"second run\n")));
     assert_eq!(result.execution_metadata.unwrap().worker, "proc-second");
     server.wait_for_log("requeued");
+}
+
+#[tokio::test]
+async fn an_executor_process_registers_again_after_its_server_restarts() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (mut server, address) = serve(scratch.path(), &[]);
+    let mut executor = executor(&address, "proc-lasting", &scratch.path().join("executor"));
+
+    // The server goes away; the executor keeps trying rather than exiting.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    executor.wait_for_log("cannot register with the scheduler; retrying");
+    executor.wait_for_log("cannot register with the scheduler; retrying");
+    assert!(
+        executor.child.try_wait().unwrap().is_none(),
+        "the executor exited when its server went away"
+    );
+
+    // A new server on the same address gets the executor back, which runs
+    // its actions.
+    let (_server, again) = serve_on(&address, &scratch.path().join("server-2"), &[]);
+    assert_eq!(again, address);
+    executor.wait_for_log("executor registered");
+    let response = completed(execute(&address, "echo back".into()).await).await;
+    let result = response.result.unwrap();
+    assert_eq!(result.stdout_digest, Some(digest(b"back\n")));
+    assert_eq!(result.execution_metadata.unwrap().worker, "proc-lasting");
 }
 
 #[tokio::test]
