@@ -98,6 +98,13 @@ machine_cpu() {
   awk -v hz="$(getconf CLK_TCK)" '/^cpu /{printf "%.2f", ($2 + $3 + $4 + $7 + $8) / hz}' /proc/stat
 }
 
+# Seconds (every core) the machine has spent idle, waiting for I/O, and
+# stolen by the hypervisor so far: where a build's wall time went when its
+# CPU time does not explain it.
+machine_waits() {
+  awk -v hz="$(getconf CLK_TCK)" '/^cpu /{printf "%.2f %.2f %.2f", $5 / hz, $6 / hz, $9 / hz}' /proc/stat
+}
+
 # Times `bazel build FLAGS //gen:all` after loading and analysis are warm
 # (a `--nobuild` run with the same flags), so both sides time the execution
 # phase plus Bazel's own bookkeeping. Also reports, on stderr, where the CPU
@@ -106,19 +113,21 @@ machine_cpu() {
 timed_build() {
   bazel_cmd build --nobuild "$@" //gen:all >/dev/null 2>&1
   settle
-  local bazel_pid started ended machine0 machine1 bazel0 bazel1 kiln0=0 kiln1=0
+  local bazel_pid started ended machine0 machine1 bazel0 bazel1 kiln0=0 kiln1=0 waits0 waits1
   bazel_pid=$(bazel_cmd info server_pid 2>/dev/null)
   machine0=$(machine_cpu)
+  read -r -a waits0 <<<"$(machine_waits)"
   bazel0=$(process_cpu "$bazel_pid")
   [[ -n "$server_pid" ]] && kiln0=$(process_cpu "$server_pid")
   started=$(date +%s.%N)
   bazel_cmd build "$@" //gen:all >"$scratch/last.log" 2>&1 || { cat "$scratch/last.log" >&2; exit 1; }
   ended=$(date +%s.%N)
   machine1=$(machine_cpu)
+  read -r -a waits1 <<<"$(machine_waits)"
   bazel1=$(process_cpu "$bazel_pid")
   [[ -n "$server_pid" ]] && kiln1=$(process_cpu "$server_pid")
   grep -E '^INFO: [0-9]+ processes' "$scratch/last.log" >&2 || true
-  echo "  cpu seconds: machine $(echo "$machine1 - $machine0" | bc), bazel server $(echo "$bazel1 - $bazel0" | bc), kiln $(echo "$kiln1 - $kiln0" | bc)" >&2
+  echo "  cpu seconds: machine $(echo "$machine1 - $machine0" | bc), bazel server $(echo "$bazel1 - $bazel0" | bc), kiln $(echo "$kiln1 - $kiln0" | bc); idle $(echo "${waits1[0]} - ${waits0[0]}" | bc), iowait $(echo "${waits1[1]} - ${waits0[1]}" | bc), steal $(echo "${waits1[2]} - ${waits0[2]}" | bc)" >&2
   echo "$ended - $started" | bc
 }
 
