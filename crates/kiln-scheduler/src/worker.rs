@@ -104,14 +104,18 @@ impl Worker {
     }
 
     /// Runs assignments until the scheduler ends the session or `stop`
-    /// fires. On `stop` the session is dropped at once (the scheduler
-    /// requeues what ran here) and running actions are cancelled.
+    /// fires. Then the session is dropped at once (the scheduler requeues
+    /// what ran here), running actions are cancelled, and this returns
+    /// once they have stopped (each within its termination grace period):
+    /// an executor never registers again, or exits, with actions of a lost
+    /// session still running.
     pub async fn run(
         mut self,
         runner: Arc<ActionRunner>,
         stop: CancellationToken,
     ) -> Result<(), SchedulerError> {
         let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let mut tasks = tokio::task::JoinSet::new();
         let (done_sender, mut done) = mpsc::channel::<(String, ActionFinished)>(64);
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         let result = loop {
@@ -130,6 +134,7 @@ impl Worker {
                         break Err(SchedulerError::Session("the session closed".into()));
                     }
                 }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 message = self.inbound.message() => match message {
                     Ok(Some(message)) => match message.kind {
                         Some(SchedulerKind::Assignment(assignment)) => {
@@ -137,7 +142,7 @@ impl Worker {
                             running.insert(assignment.assignment_id.clone(), cancel.clone());
                             let runner = runner.clone();
                             let done = done_sender.clone();
-                            tokio::spawn(async move {
+                            tasks.spawn(async move {
                                 let id = assignment.assignment_id.clone();
                                 let finished = run_assignment(runner, assignment, cancel).await;
                                 let _ = done.send((id, finished)).await;
@@ -155,9 +160,19 @@ impl Worker {
                 },
             }
         };
+        drop(self);
         for token in running.values() {
             token.cancel();
         }
+        // Finished actions have nobody to report to any more.
+        drop(done);
+        if !tasks.is_empty() {
+            tracing::info!(
+                actions = tasks.len(),
+                "waiting for the running actions of the ended session to stop"
+            );
+        }
+        while tasks.join_next().await.is_some() {}
         result
     }
 }

@@ -1,8 +1,9 @@
 //! `kiln executor` as real processes against a real `kiln serve`: an
 //! executor SIGKILLed in the middle of an action loses its stream, and the
 //! server requeues the action onto the other executor, which completes it;
-//! an executor outlives a restart of its server; a server with an executor
-//! token accepts only executors presenting it.
+//! an executor outlives a restart of its server, stopping the actions of
+//! the lost session first; a server with an executor token accepts only
+//! executors presenting it.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -284,6 +285,47 @@ async fn an_executor_process_registers_again_after_its_server_restarts() {
     let result = response.result.unwrap();
     assert_eq!(result.stdout_digest, Some(digest(b"back\n")));
     assert_eq!(result.execution_metadata.unwrap().worker, "proc-lasting");
+}
+
+#[tokio::test]
+async fn an_executor_stops_the_actions_of_a_lost_session_before_registering_again() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (mut server, address) = serve(scratch.path(), &[]);
+    let executor = executor(&address, "proc-tidy", &scratch.path().join("executor"));
+
+    // The action reports its pid, then answers SIGTERM by taking two more
+    // seconds (within the default grace period) before it exits.
+    let fifo = scratch.path().join("started");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let script = format!(
+        "echo $$ > {f}; trap 'sleep 2; exit 0' TERM; sleep 600 & wait",
+        f = fifo.display()
+    );
+    let _stream = execute(&address, script).await;
+    let pid: u32 = tokio::time::timeout(
+        HANG_GUARD,
+        tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo).unwrap()),
+    )
+    .await
+    .expect("the executor never started the action")
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+
+    // The server goes away: by the time the executor tries to register
+    // again, the action of the lost session has stopped.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    executor.wait_for_log("cannot register with the scheduler; retrying");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the action of the lost session (pid {pid}) still runs while the executor registers again"
+    );
 }
 
 #[tokio::test]
