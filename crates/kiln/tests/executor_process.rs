@@ -205,6 +205,31 @@ async fn completed(mut stream: Streaming<Operation>) -> reapi::ExecuteResponse {
     reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
 }
 
+/// A FIFO an action writes its pid into (`echo $$ > FIFO`).
+fn pid_fifo(scratch: &Path) -> std::path::PathBuf {
+    let fifo = scratch.join("started");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    fifo
+}
+
+/// The pid an action wrote into `fifo`, once it has started.
+async fn started_pid(fifo: std::path::PathBuf) -> u32 {
+    tokio::time::timeout(
+        HANG_GUARD,
+        tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo).unwrap()),
+    )
+    .await
+    .expect("the executor never started the action")
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
+}
+
 fn stage(operation: &Operation) -> execution_stage::Value {
     let metadata = reapi::ExecuteOperationMetadata::decode(
         operation.metadata.as_ref().unwrap().value.as_slice(),
@@ -221,12 +246,7 @@ async fn a_killed_executor_process_loses_its_action_to_another() {
 
     // The action: on its first run it reports its pid through a FIFO and
     // sleeps; run again (the marker exists) it finishes at once.
-    let fifo = scratch.path().join("started");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    let fifo = pid_fifo(scratch.path());
     let marker = scratch.path().join("marker");
     let script = format!(
         "if [ -e {m} ]; then echo second run; else touch {m}; echo $$ > {f}; exec sleep 600; fi",
@@ -234,16 +254,7 @@ async fn a_killed_executor_process_loses_its_action_to_another() {
         f = fifo.display()
     );
     let stream = execute(&address, script).await;
-    let pid: i32 = tokio::time::timeout(
-        HANG_GUARD,
-        tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo).unwrap()),
-    )
-    .await
-    .expect("the first executor never started the action")
-    .unwrap()
-    .trim()
-    .parse()
-    .unwrap();
+    let pid = started_pid(fifo).await;
 
     let _second = executor(&address, "proc-second", &scratch.path().join("second"));
     first.child.kill().unwrap();
@@ -295,27 +306,13 @@ async fn an_executor_stops_the_actions_of_a_lost_session_before_registering_agai
 
     // The action reports its pid, then answers SIGTERM by taking two more
     // seconds (within the default grace period) before it exits.
-    let fifo = scratch.path().join("started");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    let fifo = pid_fifo(scratch.path());
     let script = format!(
         "echo $$ > {f}; trap 'sleep 2; exit 0' TERM; sleep 600 & wait",
         f = fifo.display()
     );
     let _stream = execute(&address, script).await;
-    let pid: u32 = tokio::time::timeout(
-        HANG_GUARD,
-        tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo).unwrap()),
-    )
-    .await
-    .expect("the executor never started the action")
-    .unwrap()
-    .trim()
-    .parse()
-    .unwrap();
+    let pid = started_pid(fifo).await;
 
     // The server goes away: by the time the executor tries to register
     // again, the action of the lost session has stopped.
