@@ -367,17 +367,24 @@ impl FileCache {
     async fn commit(&self, temp: &Path, digest: &Digest, executable: bool) -> Result<(), RunError> {
         let target = self.path(digest, executable);
         let (temp, placed) = (temp.to_path_buf(), target.clone());
-        let what = format!("adding {} to the file cache", format_digest(digest));
-        crate::process::blocking(&what.clone(), move || {
-            install(&temp, &placed, executable, |from, to| {
+        let installed = crate::process::blocking("adding to the file cache", move || {
+            let installed = install(&temp, &placed, executable, |from, to| {
                 std::fs::rename(from, to)
-            })
-            .map_err(|e| {
+            });
+            if installed.is_err() {
                 let _ = std::fs::remove_file(&temp);
-                RunError::io(what, e)
-            })
+            }
+            Ok(installed)
         })
         .await?;
+        // The message is written only when it is needed: this runs for
+        // every fetched input.
+        installed.map_err(|e| {
+            RunError::io(
+                format!("adding {} to the file cache", format_digest(digest)),
+                e,
+            )
+        })?;
         self.record(target, digest);
         Ok(())
     }

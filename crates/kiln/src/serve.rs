@@ -232,7 +232,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             ExecutorServiceServer::new(ExecutorSessions::new(
                 scheduler,
                 Duration::from_millis(config.execution.executor_heartbeat_timeout_ms.max(1)),
-                executor_token.clone(),
+                executor_token,
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
