@@ -34,13 +34,19 @@ set -euo pipefail
 # - busybox-static: /bin/busybox and its applets, the test images' userland.
 # - apache2-utils: htpasswd, for the bcrypt password file of the auth
 #   registry.
-# - curl: fetches Bazel 2.1.0 (below).
+# - npm: fetches Bazel 2.1.0 (below) by package name. Skipped when an
+#   `npm` command is already there (e.g. a Node.js distribution's own
+#   package, which conflicts with Debian's `npm`).
 #
 # Not a Debian package: Bazel 2.1.0, the older client that sends platform
 # properties on the Command only (crates/kiln/tests/bazel_2_1.rs). The npm
 # registry's @bazel/bazel-linux_x64 package ships its release binary; it is
-# fetched with curl (no Node.js needed), checked against the registry's
-# SHA-512 and unpacked to /usr/local/lib/kiln-test/bazel-2.1.0.
+# fetched with `npm pack` by name, checked against the SHA-512 below and
+# unpacked to /usr/local/lib/kiln-test/bazel-2.1.0.
+#
+# Last, `verify_tools` checks that every tool the tests look for is where
+# they look, and fails naming each one that is not: a package that
+# installed but left a tool elsewhere fails here, not deep in a test.
 BUILD_PACKAGES=(
   g++
   gcc
@@ -60,11 +66,10 @@ TEST_PACKAGES=(
   skopeo
   busybox-static
   apache2-utils
-  curl
 )
 
 BAZEL2=/usr/local/lib/kiln-test/bazel-2.1.0
-BAZEL2_URL=https://registry.npmjs.org/@bazel/bazel-linux_x64/-/bazel-linux_x64-2.1.0.tgz
+BAZEL2_PACKAGE=@bazel/bazel-linux_x64@2.1.0
 BAZEL2_SHA512=6a0e99c183096e57f562e3e135100cc8261fd7ae2663c8e1748c0f495148d423220519d20c90644a0eeb5487333e1fbc1a9ed30ea027a3d30c4e77d45f3c6880
 
 install_bazel2() {
@@ -72,18 +77,65 @@ install_bazel2() {
     echo "install-deps: Bazel 2.1.0 present at $BAZEL2"
     return
   fi
-  echo "install-deps: fetching Bazel 2.1.0 from $BAZEL2_URL"
-  local tmp
+  echo "install-deps: fetching Bazel 2.1.0 (npm pack $BAZEL2_PACKAGE)"
+  local tmp tarball
   tmp="$(mktemp -d)"
-  curl -fsSL --retry 3 -o "$tmp/bazel.tgz" "$BAZEL2_URL"
-  echo "$BAZEL2_SHA512  $tmp/bazel.tgz" | sha512sum -c --quiet -
-  tar -xzf "$tmp/bazel.tgz" -C "$tmp" package/bazel-2.1.0-linux-x86_64
+  (cd "$tmp" && npm pack --silent "$BAZEL2_PACKAGE" >/dev/null)
+  tarball="$(compgen -G "$tmp/*.tgz" | head -n 1)"
+  if [[ -z "$tarball" ]]; then
+    echo "install-deps: error: npm pack $BAZEL2_PACKAGE wrote no tarball" >&2
+    exit 1
+  fi
+  echo "$BAZEL2_SHA512  $tarball" | sha512sum -c --quiet -
+  tar -xzf "$tarball" -C "$tmp" package/bazel-2.1.0-linux-x86_64
   "${SUDO[@]}" install -D -m 0755 "$tmp/package/bazel-2.1.0-linux-x86_64" "$BAZEL2"
   rm -rf "$tmp"
   echo "install-deps: installed Bazel 2.1.0 at $BAZEL2"
 }
 
-case "${1:-test}" in
+# Every tool the test suite or scripts/services.sh and tests/images/build.sh
+# run, as "what|where": a command name looked up on PATH, or an absolute
+# path that must be executable.
+TEST_TOOLS=(
+  "Bazel 4.2.3 (bazel-bootstrap)|bazel"
+  "Bazel 2.1.0 (npm $BAZEL2_PACKAGE)|$BAZEL2"
+  "dockerd (docker.io)|dockerd"
+  "docker CLI (docker.io)|docker"
+  "docker-init (tini, for docker run --init)|docker-init"
+  "podman|podman"
+  "runc|runc"
+  "netavark (podman's network backend)|/usr/lib/podman/netavark"
+  "catatonit (podman run --init)|/usr/bin/catatonit"
+  "iptables|iptables"
+  "docker-registry|docker-registry"
+  "skopeo|skopeo"
+  "busybox (busybox-static, the test images' userland)|/bin/busybox"
+  "htpasswd (apache2-utils)|htpasswd"
+  "unshare (util-linux)|unshare"
+)
+
+# Fails naming every test tool that is not where the tests look for it.
+verify_tools() {
+  local entry what where absent=()
+  for entry in "${TEST_TOOLS[@]}"; do
+    what="${entry%%|*}"
+    where="${entry#*|}"
+    if [[ "$where" == /* ]]; then
+      [[ -x "$where" ]] || absent+=("$what: no executable $where")
+    else
+      command -v "$where" >/dev/null || absent+=("$what: \`$where\` not on PATH ($PATH)")
+    fi
+  done
+  if [[ ${#absent[@]} -gt 0 ]]; then
+    echo "install-deps: error: after installing, tools the tests need are missing:" >&2
+    printf '  - %s\n' "${absent[@]}" >&2
+    exit 1
+  fi
+  echo "install-deps: all ${#TEST_TOOLS[@]} test tools are in place"
+}
+
+mode="${1:-test}"
+case "$mode" in
   build) PACKAGES=("${BUILD_PACKAGES[@]}") ;;
   test) PACKAGES=("${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}") ;;
   *)
@@ -101,38 +153,45 @@ for package in "${PACKAGES[@]}"; do
     missing+=("$package")
   fi
 done
+# Debian's npm only where no npm is there: a Node.js distribution's own
+# nodejs package ships npm and conflicts with Debian's.
+if [[ "$mode" == test ]] && [[ ! -x "$BAZEL2" ]] && ! command -v npm >/dev/null; then
+  missing+=(npm)
+fi
 
 SUDO=()
 if [[ $EUID -ne 0 ]]; then
   SUDO=(sudo)
 fi
 
-if [[ ${#missing[@]} -eq 0 ]]; then
-  echo "install-deps: all packages present: ${PACKAGES[*]}"
-  [[ "${1:-test}" == test ]] && install_bazel2
-  exit 0
-fi
-
-echo "install-deps: installing: ${missing[*]}"
-
-# Fresh containers ship without package lists; a populated cache is reused.
-if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-  "${SUDO[@]}" apt-get update
-fi
-
-install() {
+# Named apt_install, not install: a shell function named `install` would
+# shadow /usr/bin/install for the rest of the script (it once made
+# install_bazel2 run apt-get again and copy nothing).
+apt_install() {
   "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y --no-install-recommends "${missing[@]}"
 }
 
-# Stale lists point at package versions the mirror no longer has; refresh
-# once and retry instead of failing the run.
-if ! install; then
-  echo "install-deps: install failed; refreshing package lists and retrying"
-  "${SUDO[@]}" apt-get update
-  install
+if [[ ${#missing[@]} -eq 0 ]]; then
+  echo "install-deps: all packages present: ${PACKAGES[*]}"
+else
+  echo "install-deps: installing: ${missing[*]}"
+
+  # Fresh containers ship without package lists; a populated cache is reused.
+  if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+    "${SUDO[@]}" apt-get update
+  fi
+
+  # Stale lists point at package versions the mirror no longer has; refresh
+  # once and retry instead of failing the run.
+  if ! apt_install; then
+    echo "install-deps: install failed; refreshing package lists and retrying"
+    "${SUDO[@]}" apt-get update
+    apt_install
+  fi
 fi
 
-if [[ "${1:-test}" == test ]]; then
+if [[ "$mode" == test ]]; then
   install_bazel2
+  verify_tools
 fi

@@ -30,6 +30,11 @@ section "Starting test services (scripts/services.sh start)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/kiln-target}"
 mkdir -p "$CARGO_TARGET_DIR"
 
+# This script installs and starts every component the tests drive, so a
+# test that finds one missing must fail, not skip: the tests treat CI=true
+# that way. (A bare `cargo test` may still skip, saying why.)
+export CI="${CI:-true}"
+
 # Two cores: two rustc jobs, and keep test binaries from fighting Bazel.
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 # Every CI run builds a fresh clone at a new path, so incremental caches
