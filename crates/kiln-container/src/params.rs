@@ -155,6 +155,7 @@ mod tests {
             stderr_path: "/work/x/io/stderr".into(),
             output: None,
             platform: Arc::new(platform),
+            action_user: None,
         }
     }
 

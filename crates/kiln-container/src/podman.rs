@@ -514,6 +514,14 @@ impl Isolation for Podman {
         "podman"
     }
 
+    /// The container's processes end with its PID 1 (its own pid
+    /// namespace), and the container is removed before `run` returns.
+    /// `run_as` keeps the default: the image's user, or root, is
+    /// privileged as far as the executor knows.
+    fn stops_every_process(&self) -> bool {
+        true
+    }
+
     async fn prepare(
         &self,
         platform: &Platform,

@@ -189,6 +189,7 @@ impl Action {
                 stderr_path: io.join("stderr"),
                 output: None,
                 platform: Arc::new(platform),
+                action_user: None,
             },
             _dir: dir,
         }

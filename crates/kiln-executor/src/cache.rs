@@ -101,6 +101,12 @@ impl FileCache {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| RunError::io(format!("creating {}", dir.display()), e))?;
         }
+        // The executor's alone: no action finds an entry by its path.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| RunError::io(format!("making {} private", root.display()), e))?;
+        }
         // A temp file is a download a crash interrupted: never an entry.
         if let Ok(stale) = std::fs::read_dir(root.join("tmp")) {
             for entry in stale.flatten() {
@@ -354,12 +360,42 @@ impl FileCache {
         if target.exists() {
             return;
         }
+        // An entry belongs to the executor: an action user that owned it
+        // could make it writable again.
+        if claim(source).is_err() {
+            return;
+        }
         if install(source, &target, executable, |from, to| {
             std::fs::hard_link(from, to)
         })
         .is_ok()
         {
             self.record(target, digest);
+        }
+    }
+
+    /// Makes a copy of the output file at `source` the entry for (digest,
+    /// executable), hashing what it copies: for the outputs of an action
+    /// whose processes may outlive it and could still write to `source`
+    /// (see [`FileCache::adopt`] for the in-place way). A copy whose bytes
+    /// no longer match `digest` is dropped, as is anything that is not a
+    /// regular file. Blocking.
+    pub fn adopt_copy(&self, source: &Path, digest: &Digest, executable: bool) {
+        let target = self.path(digest, executable);
+        if target.exists() {
+            return;
+        }
+        let temp = self.temp_path();
+        let copied = copy_verified(source, &temp, digest).and_then(|()| {
+            install(&temp, &target, executable, |from, to| {
+                std::fs::rename(from, to)
+            })
+        });
+        match copied {
+            Ok(()) => self.record(target, digest),
+            Err(_) => {
+                let _ = std::fs::remove_file(&temp);
+            }
         }
     }
 
@@ -397,6 +433,52 @@ impl FileCache {
             .add(target, digest.size_bytes.max(0) as u64);
         self.evict();
     }
+}
+
+/// Copies the regular file `source` (not followed if a symlink) to
+/// `target`, failing unless what was copied hashes to `digest`.
+fn copy_verified(source: &Path, target: &Path, digest: &Digest) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut input = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(source)?;
+    if !input.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut output = std::fs::File::create(target)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buffer = vec![0; 64 << 10];
+    loop {
+        let read = input.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        output.write_all(&buffer[..read])?;
+        size += read as u64;
+    }
+    if hex::encode(hasher.finalize()) != digest.hash || size != digest.size_bytes as u64 {
+        return Err(std::io::Error::other("changed since it was hashed"));
+    }
+    Ok(())
+}
+
+/// Makes the executor the owner of `file` (without following a symlink),
+/// when it is not already. Blocking.
+fn claim(file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.symlink_metadata()?;
+    let (uid, gid) = (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    );
+    if meta.uid() != uid || meta.gid() != gid {
+        std::os::unix::fs::lchown(file, Some(uid), Some(gid))?;
+    }
+    Ok(())
 }
 
 /// Gives `file` an entry's read-only mode, then `place`s it as `target` (a

@@ -17,6 +17,7 @@ use crate::cas::CasClient;
 use crate::error::{format_digest, RunError};
 use crate::scratch::Scratch;
 use crate::validate::check_directory;
+use crate::workspace::DirAccess;
 
 /// Parallel CAS calls while fetching inputs.
 const FETCH_PARALLELISM: usize = 8;
@@ -247,77 +248,104 @@ async fn insert_variants(
     Ok(())
 }
 
+/// How [`materialize`] places each file and directory.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    /// Copy files out of the cache instead of hardlinking them (for a
+    /// privileged action where no overlay can protect the cache's inodes;
+    /// see [`crate::workspace`]).
+    pub copy: bool,
+    /// Owner and mode of each directory made.
+    pub directories: DirAccess,
+}
+
 /// Lays the tree out under `workspace` (which must exist and be empty):
 /// directories (empty ones too), files hardlinked from the cache (copied
-/// where a hardlink is refused, e.g. across devices), symlinks as given.
+/// where a hardlink is refused, e.g. across devices, or where `placement`
+/// says so), symlinks as given.
 pub async fn materialize(
     cache: Arc<FileCache>,
     scratch: Arc<Scratch>,
     directories: Arc<DirectoryMap>,
     root: Digest,
     workspace: std::path::PathBuf,
+    placement: Placement,
 ) -> Result<(), RunError> {
     crate::process::blocking("materializing the input root", move || {
-        materialize_directory(&cache, &scratch, &directories, &root, &workspace)
+        let tree = Tree {
+            cache: &cache,
+            scratch: &scratch,
+            directories: &directories,
+            placement,
+        };
+        tree.materialize_directory(&root, &workspace)
     })
     .await
 }
 
-fn materialize_directory(
-    cache: &FileCache,
-    scratch: &Scratch,
-    directories: &DirectoryMap,
-    digest: &Digest,
-    path: &Path,
-) -> Result<(), RunError> {
-    let directory = directories.get(digest).ok_or_else(|| {
-        RunError::Internal(format!(
-            "directory {} was not fetched",
-            format_digest(digest)
-        ))
-    })?;
-    for file in &directory.files {
-        let file_digest = file.digest.clone().unwrap_or_default();
-        let source = cache.path(&file_digest, file.is_executable);
-        let target = path.join(&file.name);
-        if let Err(link_error) = std::fs::hard_link(&source, &target) {
-            if is_disk_full(&link_error) {
-                return Err(RunError::io(
-                    format!("linking {}", target.display()),
-                    link_error,
-                ));
-            }
-            std::fs::copy(&source, &target).map_err(|e| {
-                RunError::io(
-                    format!(
-                        "copying {} to {} (hardlink failed: {link_error})",
-                        source.display(),
-                        target.display()
-                    ),
-                    e,
-                )
-            })?;
+struct Tree<'a> {
+    cache: &'a FileCache,
+    scratch: &'a Scratch,
+    directories: &'a DirectoryMap,
+    placement: Placement,
+}
+
+impl Tree<'_> {
+    fn materialize_directory(&self, digest: &Digest, path: &Path) -> Result<(), RunError> {
+        let directory = self.directories.get(digest).ok_or_else(|| {
+            RunError::Internal(format!(
+                "directory {} was not fetched",
+                format_digest(digest)
+            ))
+        })?;
+        for file in &directory.files {
+            let file_digest = file.digest.clone().unwrap_or_default();
+            let source = self.cache.path(&file_digest, file.is_executable);
+            self.place_file(&source, &path.join(&file.name))?;
         }
+        for symlink in &directory.symlinks {
+            let target = path.join(&symlink.name);
+            std::os::unix::fs::symlink(&symlink.target, &target)
+                .map_err(|e| RunError::io(format!("creating symlink {}", target.display()), e))?;
+        }
+        for child in &directory.directories {
+            let child_path = path.join(&child.name);
+            self.scratch
+                .make_dir(&child_path)
+                .and_then(|()| self.placement.directories.apply(&child_path))
+                .map_err(|e| RunError::io(format!("creating {}", child_path.display()), e))?;
+            self.materialize_directory(
+                child.digest.as_ref().unwrap_or(&Digest::default()),
+                &child_path,
+            )?;
+        }
+        Ok(())
     }
-    for symlink in &directory.symlinks {
-        let target = path.join(&symlink.name);
-        std::os::unix::fs::symlink(&symlink.target, &target)
-            .map_err(|e| RunError::io(format!("creating symlink {}", target.display()), e))?;
+
+    fn place_file(&self, source: &Path, target: &Path) -> Result<(), RunError> {
+        let linked = if self.placement.copy {
+            None
+        } else {
+            match std::fs::hard_link(source, target) {
+                Ok(()) => return Ok(()),
+                Err(link_error) if is_disk_full(&link_error) => {
+                    return Err(RunError::io(
+                        format!("linking {}", target.display()),
+                        link_error,
+                    ));
+                }
+                Err(link_error) => Some(link_error),
+            }
+        };
+        std::fs::copy(source, target).map_err(|e| {
+            let why = linked.map_or(String::new(), |l| format!(" (hardlink failed: {l})"));
+            RunError::io(
+                format!("copying {} to {}{why}", source.display(), target.display()),
+                e,
+            )
+        })?;
+        Ok(())
     }
-    for child in &directory.directories {
-        let child_path = path.join(&child.name);
-        scratch
-            .make_dir(&child_path)
-            .map_err(|e| RunError::io(format!("creating {}", child_path.display()), e))?;
-        materialize_directory(
-            cache,
-            scratch,
-            directories,
-            child.digest.as_ref().unwrap_or(&Digest::default()),
-            &child_path,
-        )?;
-    }
-    Ok(())
 }
 
 fn is_disk_full(error: &std::io::Error) -> bool {

@@ -39,6 +39,10 @@ pub struct CommandSpec {
     /// The action's parsed platform (header overrides included): container
     /// image and credentials, user, network, init, workspace mode.
     pub platform: Arc<Platform>,
+    /// The executor's action user (`uid`, `gid`): whom `none` and
+    /// `sandbox` actions run as unless the platform says otherwise. None:
+    /// the executor's own user (an executor that is not root cannot switch).
+    pub action_user: Option<(u32, u32)>,
 }
 
 impl CommandSpec {
@@ -85,11 +89,44 @@ impl CommandSpec {
     }
 }
 
+/// Whom an action runs as, as far as the executor knows before it starts:
+/// what decides how its inputs are laid out (see [`crate::workspace`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAs {
+    /// This `uid`, `gid`: not root, without capabilities, and not the owner
+    /// of the executor's file cache. Read-only modes keep it from changing
+    /// the cache's files, so inputs can be the cache's own inodes.
+    User(u32, u32),
+    /// Root, a user only the image knows, or the executor's own user: it
+    /// may own or override the permissions of the cache's files, so it
+    /// must never see them.
+    Privileged,
+}
+
 /// Runs a command under one kind of isolation.
 #[async_trait]
 pub trait Isolation: Send + Sync {
     /// The `workload-isolation-type` value this backend implements.
     fn name(&self) -> &'static str;
+
+    /// Whom an action with `platform` runs as, given the executor's
+    /// `action_user` ([`CommandSpec::action_user`]). The default is the
+    /// safe answer.
+    fn run_as(
+        &self,
+        _platform: &Platform,
+        _action_user: Option<(u32, u32)>,
+    ) -> Result<RunAs, RunError> {
+        Ok(RunAs::Privileged)
+    }
+
+    /// Whether no process of an action can outlive [`Isolation::run`] (a
+    /// pid namespace or a container that is removed). Only then may the
+    /// action's output files become cache entries in place: a process
+    /// left behind could still write to them through an open descriptor.
+    fn stops_every_process(&self) -> bool {
+        false
+    }
 
     /// Gets ready for an action with `platform` before its clock starts:
     /// e.g. resolves and pulls its container image (with its credentials).
@@ -124,6 +161,17 @@ impl Isolation for NoIsolation {
         "none"
     }
 
+    fn run_as(
+        &self,
+        _platform: &Platform,
+        action_user: Option<(u32, u32)>,
+    ) -> Result<RunAs, RunError> {
+        Ok(match action_user {
+            Some((uid, gid)) if uid != 0 => RunAs::User(uid, gid),
+            _ => RunAs::Privileged,
+        })
+    }
+
     async fn run(
         &self,
         spec: &CommandSpec,
@@ -144,6 +192,11 @@ impl Isolation for NoIsolation {
             .current_dir(&spec.working_directory)
             .stdout(stdout)
             .stderr(stderr);
+        if let Some((uid, gid)) = spec.action_user {
+            // std drops the supplementary groups too (setgroups before
+            // setuid), then changes to the working directory as the user.
+            command.uid(uid).gid(gid);
+        }
         process::supervise(command, &program_name, &spec.stderr_path, limits, cancel).await
     }
 }

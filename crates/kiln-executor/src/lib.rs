@@ -14,6 +14,9 @@
 //! - [`stdio`]: the pipes an action's stdout and stderr go through, drained
 //!   into files that exist only when the action printed something;
 //! - [`scratch`]: action directories, and the directories reused inside them;
+//! - [`workspace`]: how inputs are laid out so no action can change the
+//!   cache (linked, overlaid or copied), and the overlay mounts;
+//! - [`users`]: user names and uids from the host's /etc/passwd;
 //! - [`runner`]: [`ActionRunner`], which composes the above.
 //!
 //! Errors are one type, [`RunError`], converted to a `tonic::Status` at the
@@ -31,10 +34,12 @@ pub mod process;
 pub mod runner;
 pub mod scratch;
 pub mod stdio;
+pub mod users;
 pub mod validate;
+pub mod workspace;
 
 pub use error::RunError;
-pub use isolation::{CommandSpec, Isolation, Isolations, NoIsolation};
+pub use isolation::{CommandSpec, Isolation, Isolations, NoIsolation, RunAs};
 pub use process::{Limits, ProcessOutcome, StopReason};
 pub use runner::{ActionRunner, RunOutcome, RunnerConfig};
 pub use tokio_util::sync::CancellationToken;

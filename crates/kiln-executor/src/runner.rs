@@ -21,12 +21,13 @@ use crate::cache::FileCache;
 use crate::cas::{CasClient, GrpcTransport, UploadSource};
 use crate::error::{format_digest, RunError};
 use crate::inputs;
-use crate::isolation::{CommandSpec, Isolations};
+use crate::isolation::{CommandSpec, Isolation, Isolations};
 use crate::outputs;
 use crate::process::{blocking, Limits, StopReason};
 use crate::scratch::Scratch;
 use crate::stdio;
 use crate::validate::{check_output_path, check_relative_path};
+use crate::workspace::{DirAccess, InputProtection, Layout, OverlayMount};
 
 /// The executor's settings for running actions.
 #[derive(Debug, Clone)]
@@ -53,6 +54,11 @@ pub struct RunnerConfig {
     /// Most bytes the file cache keeps (least recently used entries go
     /// first); None: unlimited.
     pub cache_max_bytes: Option<u64>,
+    /// The `uid`, `gid` that `none` actions, and `sandbox` actions that ask
+    /// for no user, run as: never the cache's owner (see
+    /// [`crate::workspace`]). Needs a root executor, and a work root every
+    /// user can traverse. None: the executor's own user.
+    pub action_user: Option<(u32, u32)>,
 }
 
 impl RunnerConfig {
@@ -68,6 +74,7 @@ impl RunnerConfig {
             default_memory_bytes: None,
             pids_max: Some(16_384),
             cache_max_bytes: Some(10 << 30),
+            action_user: None,
         }
     }
 }
@@ -89,9 +96,24 @@ pub struct RunOutcome {
 struct Staged {
     action: Action,
     command: Command,
+    /// The input root as the action sees it (an overlay's mount point
+    /// under [`Layout::Overlay`]).
     workspace: PathBuf,
     io_dir: PathBuf,
     working_path: PathBuf,
+    /// Where the files the action wrote are on disk: the overlay's upper
+    /// layer, else the workspace itself.
+    written: PathBuf,
+    /// The overlay, detached when the action is done with it.
+    overlay: Option<OverlayMount>,
+}
+
+/// How one action's workspace is set up: decided before staging from whom
+/// the action runs as.
+#[derive(Debug, Clone, Copy)]
+struct WorkspacePlan {
+    layout: Layout,
+    directories: DirAccess,
 }
 
 /// Runs actions: one CAS client, one file cache, the isolation backends
@@ -103,6 +125,8 @@ pub struct ActionRunner {
     isolations: Isolations,
     /// Action directories, and the directories reused inside them.
     scratch: Arc<Scratch>,
+    /// What keeps privileged actions away from the cache's inodes.
+    protection: InputProtection,
 }
 
 impl ActionRunner {
@@ -120,14 +144,23 @@ impl ActionRunner {
             &config.cache_dir,
             config.cache_max_bytes,
         )?);
+        let stale = crate::workspace::unmount_stale(&config.work_root);
+        if stale > 0 {
+            tracing::info!(stale, "detached workspace overlays an earlier run left");
+        }
         let scratch = Scratch::open(&config.work_root)
             .map_err(|e| RunError::io(format!("preparing {}", config.work_root.display()), e))?;
+        if let Some(user) = config.action_user {
+            crate::workspace::check_reachable(&config.work_root, user)?;
+        }
+        let protection = InputProtection::probe(&config.work_root);
         Ok(ActionRunner {
             cas,
             cache,
             config,
             isolations,
             scratch: Arc::new(scratch),
+            protection,
         })
     }
 
@@ -201,6 +234,11 @@ impl ActionRunner {
         metadata: &mut ExecutedActionMetadata,
     ) -> Result<RunOutcome, RunError> {
         let isolation = self.isolations.select(platform.isolation)?;
+        let run_as = isolation.run_as(platform, self.config.action_user)?;
+        let plan = WorkspacePlan {
+            layout: self.protection.layout(run_as),
+            directories: DirAccess::for_action(run_as, platform.nonroot_workspace),
+        };
         metadata.input_fetch_start_timestamp = Some(timestamp_now());
         // Input staging and the backend's preparation (an image pull) run
         // together; neither counts against the timeout, both can be
@@ -210,7 +248,7 @@ impl ActionRunner {
             _ = cancel.cancelled() => return Ok(cancelled_before_start(action_digest, metadata)),
             (staged, prepared) = async {
                 tokio::join!(
-                    self.stage(instance_name, action_digest, platform, action_dir),
+                    self.stage(instance_name, action_digest, plan, action_dir),
                     isolation.prepare(platform, cancel),
                 )
             } => {
@@ -225,6 +263,8 @@ impl ActionRunner {
             workspace,
             io_dir,
             working_path,
+            written,
+            overlay,
         } = staged;
         metadata.input_fetch_completed_timestamp = Some(timestamp_now());
 
@@ -243,6 +283,7 @@ impl ActionRunner {
             stderr_path,
             output: Some(output),
             platform: Arc::new(platform.clone()),
+            action_user: self.config.action_user,
         };
         let limits = self.limits(&action, platform);
         metadata.execution_start_timestamp = Some(timestamp_now());
@@ -283,12 +324,19 @@ impl ActionRunner {
             }
         }
         let paths = [spec.stdout_path.clone(), spec.stderr_path.clone()];
+        // Output files become cache entries: in place when no process of
+        // the action is left to write to them, else as verified copies.
+        let in_place = self.adopts_in_place(&**isolation);
+        let working_directory = working_path
+            .strip_prefix(&workspace)
+            .unwrap_or(Path::new(""));
         let adopted: Vec<_> = result
             .output_files
             .iter()
             .filter_map(|file| {
                 let digest = file.digest.clone()?;
-                Some((working_path.join(&file.path), digest, file.is_executable))
+                let path = written.join(working_directory).join(&file.path);
+                Some((path, digest, file.is_executable))
             })
             .collect();
         let cache = self.cache.clone();
@@ -296,7 +344,11 @@ impl ActionRunner {
             "adopting the outputs, hashing stdout and stderr",
             move || {
                 for (path, digest, executable) in &adopted {
-                    cache.adopt(path, digest, *executable);
+                    if in_place {
+                        cache.adopt(path, digest, *executable);
+                    } else {
+                        cache.adopt_copy(path, digest, *executable);
+                    }
                 }
                 let digest = |path: &Path| match std::fs::metadata(path) {
                     // Empty (or never written): no need to open and hash it.
@@ -315,6 +367,14 @@ impl ActionRunner {
             *field = Some(digest);
         }
         self.cas.upload(instance_name, blobs).await?;
+        if let Some(overlay) = overlay {
+            blocking("unmounting the workspace overlay", move || {
+                overlay
+                    .unmount()
+                    .map_err(|e| RunError::io("unmounting the workspace overlay", e))
+            })
+            .await?;
+        }
         metadata.output_upload_completed_timestamp = Some(timestamp_now());
         metadata.worker_completed_timestamp = Some(timestamp_now());
         result.execution_metadata = Some(metadata.clone());
@@ -336,7 +396,7 @@ impl ActionRunner {
         &self,
         instance_name: &str,
         action_digest: &Digest,
-        platform: &Platform,
+        plan: WorkspacePlan,
         action_dir: &Path,
     ) -> Result<Staged, RunError> {
         let (action, command) = self.fetch_action(instance_name, action_digest).await?;
@@ -358,22 +418,28 @@ impl ActionRunner {
 
         let workspace = action_dir.join("workspace");
         let io_dir = action_dir.join("io");
+        // Under an overlay the tree is laid out as its lower layer, and the
+        // action writes to the upper one.
+        let overlaid = plan.layout == Layout::Overlay;
+        let (tree, written) = if overlaid {
+            (action_dir.join("inputs"), action_dir.join("upper"))
+        } else {
+            (workspace.clone(), workspace.clone())
+        };
         // One trip to the blocking pool: the directories exist already when
         // the action directory is a recycled one.
-        let mode = if platform.nonroot_workspace {
-            0o777
-        } else {
-            0o755
-        };
-        let dirs = (workspace.clone(), io_dir.clone());
+        let dirs = [&workspace, &io_dir, &tree, &written].map(|d| d.to_path_buf());
+        let access = plan.directories;
         blocking("preparing the workspace", move || {
-            use std::os::unix::fs::PermissionsExt;
-            for dir in [&dirs.0, &dirs.1] {
+            for dir in &dirs {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| RunError::io(format!("creating {}", dir.display()), e))?;
             }
-            std::fs::set_permissions(&dirs.0, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| RunError::io(format!("setting the mode of {}", dirs.0.display()), e))
+            // The directory the action sees as its input root: the upper
+            // layer's, under an overlay.
+            access
+                .apply(&dirs[3])
+                .map_err(|e| RunError::io(format!("preparing {}", dirs[3].display()), e))
         })
         .await?;
         inputs::materialize(
@@ -381,12 +447,32 @@ impl ActionRunner {
             self.scratch.clone(),
             Arc::new(directories),
             input_root,
-            workspace.clone(),
+            tree.clone(),
+            inputs::Placement {
+                copy: plan.layout == Layout::Copied,
+                directories: plan.directories,
+            },
         )
         .await?;
         drop(pinned);
+        let working_in_tree = tree.join(&working_directory);
+        create_output_parents(
+            &self.scratch,
+            &command,
+            &tree,
+            &working_in_tree,
+            plan.directories,
+        )
+        .await?;
+        let overlay = if overlaid {
+            Some(
+                self.mount_overlay(action_dir, &tree, &written, &workspace)
+                    .await?,
+            )
+        } else {
+            None
+        };
         let working_path = workspace.join(&working_directory);
-        create_output_parents(&self.scratch, &command, &workspace, &working_path).await?;
 
         Ok(Staged {
             action,
@@ -394,7 +480,46 @@ impl ActionRunner {
             workspace,
             io_dir,
             working_path,
+            written,
+            overlay,
         })
+    }
+
+    /// Whether output files may become cache entries in place (hardlinked,
+    /// see [`FileCache::adopt`]): only when no process of the action is
+    /// left that could write to them through an open descriptor, or when
+    /// the executor is not root and nothing protects the cache anyway.
+    /// Otherwise they are copied ([`FileCache::adopt_copy`]).
+    fn adopts_in_place(&self, isolation: &dyn Isolation) -> bool {
+        isolation.stops_every_process() || self.protection == InputProtection::Unprivileged
+    }
+
+    /// Mounts the overlay of `lower` at `workspace`, its upper layer
+    /// `upper` (both under `action_dir`).
+    async fn mount_overlay(
+        &self,
+        action_dir: &Path,
+        lower: &Path,
+        upper: &Path,
+        workspace: &Path,
+    ) -> Result<OverlayMount, RunError> {
+        let protection = self.protection.clone();
+        let paths =
+            [lower, upper, &action_dir.join("overlay-work"), workspace].map(Path::to_path_buf);
+        blocking("mounting the workspace overlay", move || {
+            let [lower, upper, work, workspace] = &paths;
+            std::fs::create_dir_all(work)
+                .map_err(|e| RunError::io(format!("creating {}", work.display()), e))?;
+            protection
+                .mount(lower, upper, work, workspace)
+                .map_err(|e| {
+                    RunError::io(
+                        format!("mounting the overlay at {}", workspace.display()),
+                        e,
+                    )
+                })
+        })
+        .await
     }
 
     /// Fetches and decodes the Action, then the Command (one batch each).
@@ -542,6 +667,7 @@ async fn create_output_parents(
     command: &Command,
     workspace: &Path,
     working_path: &Path,
+    access: DirAccess,
 ) -> Result<(), RunError> {
     let all = command
         .output_paths
@@ -567,7 +693,7 @@ async fn create_output_parents(
     blocking("creating the outputs' parent directories", move || {
         for (path, parent) in parents {
             scratch
-                .make_dir_all(&parent)
+                .make_dir_all(&parent, &access)
                 .map_err(|e| RunError::io(format!("creating the parent of output {path:?}"), e))?;
         }
         Ok(())

@@ -22,12 +22,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::workspace::DirAccess;
+
 /// Most emptied action directories kept for reuse.
 const SPARE_ACTION_DIRS: usize = 64;
 /// Most emptied workspace directories kept for reuse.
 const SPARE_DIRS: usize = 4096;
 /// The mode of a directory the executor makes (`mkdir` under umask 022).
 const DIR_MODE: u32 = 0o755;
+/// What an emptied action directory keeps (see [`crate::workspace`] for the
+/// overlay's layers).
+const KEPT_IN_ACTION_DIR: [&str; 4] = ["workspace", "io", "inputs", "upper"];
 
 pub struct Scratch {
     root: PathBuf,
@@ -36,6 +41,7 @@ pub struct Scratch {
     spare_dirs: Mutex<Vec<PathBuf>>,
     next_spare: AtomicU64,
     owner: u32,
+    group: u32,
 }
 
 impl Scratch {
@@ -43,6 +49,9 @@ impl Scratch {
     /// left by an earlier run are deleted.
     pub fn open(root: &Path) -> std::io::Result<Scratch> {
         std::fs::create_dir_all(root)?;
+        // Traversable, not listable: an action finds its own workspace by
+        // path, never the names of the others'.
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
         let spare_root = root.join("spare");
         match std::fs::remove_dir_all(&spare_root) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -56,6 +65,7 @@ impl Scratch {
             spare_dirs: Mutex::default(),
             next_spare: AtomicU64::new(0),
             owner: rustix::process::geteuid().as_raw(),
+            group: rustix::process::getegid().as_raw(),
         })
     }
 
@@ -82,17 +92,18 @@ impl Scratch {
     }
 
     /// Like `std::fs::create_dir_all`, with the missing directories taken
-    /// from the pool.
-    pub fn make_dir_all(&self, path: &Path) -> std::io::Result<()> {
+    /// from the pool and given `access`.
+    pub fn make_dir_all(&self, path: &Path, access: &DirAccess) -> std::io::Result<()> {
         if path.is_dir() {
             return Ok(());
         }
         if let Some(parent) = path.parent() {
-            self.make_dir_all(parent)?;
+            self.make_dir_all(parent, access)?;
         }
         match self.make_dir(path) {
             Err(_) if path.is_dir() => Ok(()),
-            other => other,
+            Err(e) => Err(e),
+            Ok(()) => access.apply(path),
         }
     }
 
@@ -116,15 +127,24 @@ impl Scratch {
         }
     }
 
-    /// Deletes everything in `action_dir` but its `workspace` and `io`
-    /// directories, and empties those. Files are unlinked, not truncated: a
+    /// Deletes everything in `action_dir` but the directories every action
+    /// has (its workspace, its io, and an overlay's lower and upper
+    /// layers), and empties those. Files are unlinked, not truncated: a
     /// process that escaped its group would otherwise write into a later
     /// action's output.
     fn empty_action_dir(&self, action_dir: &Path) -> std::io::Result<()> {
         for entry in std::fs::read_dir(action_dir)? {
             let entry = entry?;
             let name = entry.file_name();
-            if name == "workspace" || name == "io" {
+            if KEPT_IN_ACTION_DIR.iter().any(|kept| name == *kept) && entry.file_type()?.is_dir() {
+                let path = entry.path();
+                if !self.reset(&path, &entry.metadata()?)? {
+                    return Err(std::io::Error::other(format!(
+                        "{} cannot be given back to the executor",
+                        path.display()
+                    )));
+                }
+                self.empty(&path)?;
                 continue;
             }
             if entry.file_type()?.is_dir() {
@@ -132,9 +152,6 @@ impl Scratch {
             } else {
                 std::fs::remove_file(entry.path())?;
             }
-        }
-        for dir in ["workspace", "io"] {
-            self.empty(&action_dir.join(dir))?;
         }
         Ok(())
     }
@@ -146,12 +163,7 @@ impl Scratch {
             let path = entry.path();
             // The entry's own type: a symlink to a directory is a file here.
             if entry.file_type()?.is_dir() {
-                let metadata = entry.metadata()?;
-                let ours = metadata.uid() == self.owner;
-                // An action may have made a directory read-only.
-                if ours && metadata.mode() & 0o7777 != DIR_MODE {
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(DIR_MODE))?;
-                }
+                let ours = self.reset(&path, &entry.metadata()?)?;
                 self.empty(&path)?;
                 self.park(path, ours)?;
             } else {
@@ -159,6 +171,19 @@ impl Scratch {
             }
         }
         Ok(())
+    }
+
+    /// Makes the directory `path` the executor's again, mode 0755: one
+    /// given to the action user or made by the action goes back to the
+    /// executor (a root executor can), and an action may have changed its
+    /// mode. False when it cannot be made the executor's.
+    fn reset(&self, path: &Path, metadata: &std::fs::Metadata) -> std::io::Result<bool> {
+        let ours = (metadata.uid() == self.owner && metadata.gid() == self.group)
+            || std::os::unix::fs::lchown(path, Some(self.owner), Some(self.group)).is_ok();
+        if ours && metadata.mode() & 0o7777 != DIR_MODE {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(DIR_MODE))?;
+        }
+        Ok(ours)
     }
 
     /// Moves the empty directory `dir` (mode 0755 if `ours`) to the pool,
@@ -260,9 +285,9 @@ mod tests {
         let (_temp, scratch, action_dir) = recycled_once();
 
         let deep = action_dir.join("workspace/x/y/z");
-        scratch.make_dir_all(&deep).unwrap();
+        scratch.make_dir_all(&deep, &DirAccess::default()).unwrap();
         assert!(deep.is_dir());
-        scratch.make_dir_all(&deep).unwrap();
+        scratch.make_dir_all(&deep, &DirAccess::default()).unwrap();
         assert_eq!(scratch.spare_dirs(), 0, "both spares were used");
     }
 

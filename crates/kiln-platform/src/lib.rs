@@ -161,6 +161,15 @@ pub enum DockerUser {
     UidGid(u32, u32),
 }
 
+impl DockerUser {
+    /// Parses a user the way `dockerUser` is parsed (also for settings
+    /// that name a user, such as the executor's action user); errors name
+    /// `key`.
+    pub fn parse(key: &str, value: &str) -> Result<DockerUser, PlatformError> {
+        parse_docker_user(key, value)
+    }
+}
+
 /// What an image reference names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImageReference {

@@ -39,6 +39,7 @@ async fn measure(
         stderr_path: root.path().join("stderr"),
         output: None,
         platform: Arc::new(platform),
+        action_user: None,
     };
     let cancel = CancellationToken::new();
     // One untimed run first: page cache, lazily created state.

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_executor::process::{self, Limits, ProcessOutcome};
-use kiln_executor::{CancellationToken, CommandSpec, Isolation, RunError};
-use kiln_platform::{DockerNetwork, DockerUser, Platform};
+use kiln_executor::{CancellationToken, CommandSpec, Isolation, RunAs, RunError};
+use kiln_platform::{DockerNetwork, Platform};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupRoot};
@@ -380,49 +380,47 @@ fn explain(stderr: &str) -> String {
     }
 }
 
-/// `dockerUser` as `(uid, gid)`: a name through the host's /etc/passwd; a
-/// bare uid gets its passwd group, or the gid equal to it when unknown.
-/// `None` (stay root) without `dockerUser` or with `dockerRunAsRoot`.
-pub fn resolve_user(platform: &Platform) -> Result<Option<(u32, u32)>, RunError> {
+/// Whom a sandboxed action runs as, `(uid, gid)`: root with
+/// `dockerRunAsRoot`; else `dockerUser` (see [`kiln_executor::users`]);
+/// else the executor's `action_user`. `None`: root.
+pub fn resolve_user(
+    platform: &Platform,
+    action_user: Option<(u32, u32)>,
+) -> Result<Option<(u32, u32)>, RunError> {
     if platform.docker_run_as_root {
         return Ok(None);
     }
-    let passwd = || std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     match &platform.docker_user {
-        None => Ok(None),
-        Some(DockerUser::UidGid(uid, gid)) => Ok(Some((*uid, *gid))),
-        Some(DockerUser::Uid(uid)) => Ok(Some((
-            *uid,
-            passwd_entries(&passwd())
-                .find(|(_, u, _)| u == uid)
-                .map_or(*uid, |(_, _, gid)| gid),
-        ))),
-        Some(DockerUser::Name(name)) => passwd_entries(&passwd())
-            .find(|(n, _, _)| n == name)
-            .map(|(_, uid, gid)| Some((uid, gid)))
-            .ok_or_else(|| {
-                RunError::InvalidArgument(format!(
-                    "dockerUser={name}: no such user in the executor's /etc/passwd (use a uid or uid:gid)"
-                ))
+        None => Ok(action_user),
+        Some(user) => kiln_executor::users::resolve(user)
+            .map(Some)
+            .map_err(|reason| {
+                RunError::InvalidArgument(format!("dockerUser: {reason} on this executor"))
             }),
     }
-}
-
-fn passwd_entries(text: &str) -> impl Iterator<Item = (&str, u32, u32)> {
-    text.lines().filter_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let _password = fields.next()?;
-        let uid = fields.next()?.parse().ok()?;
-        let gid = fields.next()?.parse().ok()?;
-        Some((name, uid, gid))
-    })
 }
 
 #[async_trait]
 impl Isolation for Sandbox {
     fn name(&self) -> &'static str {
         "sandbox"
+    }
+
+    fn run_as(
+        &self,
+        platform: &Platform,
+        action_user: Option<(u32, u32)>,
+    ) -> Result<RunAs, RunError> {
+        Ok(match resolve_user(platform, action_user)? {
+            Some((uid, gid)) if uid != 0 => RunAs::User(uid, gid),
+            _ => RunAs::Privileged,
+        })
+    }
+
+    /// The action is PID 1 of its own pid namespace (or its init is): when
+    /// it ends, the kernel kills everything left in the namespace.
+    fn stops_every_process(&self) -> bool {
+        true
     }
 
     async fn run(
@@ -435,7 +433,7 @@ impl Isolation for Sandbox {
             Ok(found) => found,
             Err(not_found) => return Ok(not_found),
         };
-        let user = resolve_user(&spec.platform)?;
+        let user = resolve_user(&spec.platform, spec.action_user)?;
         let limits = &Limits {
             memory_bytes: limits.memory_bytes.map(|b| b.max(MIN_MEMORY_BYTES)),
             ..*limits
@@ -490,14 +488,6 @@ mod tests {
         assert_eq!(set.read_only_paths, [PathBuf::from("/opt/tools")]);
         assert!(set.require_limits);
         assert!(toml::from_str::<SandboxConfig>("cgroup = \"x\"").is_err());
-    }
-
-    #[test]
-    fn passwd_lines_give_uid_and_gid() {
-        let text =
-            "root:x:0:0:root:/root:/bin/bash\nbuild:x:1000:100::/home/build:/bin/sh\nbroken\n";
-        let entries: Vec<_> = passwd_entries(text).collect();
-        assert_eq!(entries, [("root", 0, 0), ("build", 1000, 100)]);
     }
 
     #[test]

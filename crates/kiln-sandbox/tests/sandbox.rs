@@ -96,6 +96,7 @@ impl Action {
             stderr_path: self.io.join("stderr"),
             output: None,
             platform: Arc::new(self.platform.clone()),
+            action_user: None,
         }
     }
 

@@ -14,7 +14,8 @@ pub struct Config {
     /// bound address is printed on stdout as `listening grpc://ADDR`.
     pub listen: SocketAddr,
     /// Directory for all of Kiln's data. Default: `$XDG_DATA_HOME/kiln`,
-    /// else `$HOME/.local/share/kiln`, else `/var/lib/kiln`.
+    /// else `/var/lib/kiln` for root, else `$HOME/.local/share/kiln`, else
+    /// `/var/lib/kiln`.
     pub data_dir: PathBuf,
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish
     /// before the server closes the remaining connections.
@@ -239,6 +240,11 @@ impl Default for StorageConfig {
 fn default_data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("kiln");
+    }
+    // Root's home is private (0700 on Debian), and a root server's actions
+    // run as an unprivileged action user that must reach its workspaces.
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/kiln");
     }
     if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(home).join(".local/share/kiln");

@@ -61,6 +61,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
     let owner = format!("kiln-executor:{}", options.work_dir.display());
+    let action_user = options.isolation.resolve_action_user()?;
     let isolations = crate::isolation::offered(&options.isolation, &owner).await;
     let isolation_types = isolations.names().iter().map(|n| n.to_string()).collect();
     let mut runner_config = RunnerConfig::new(
@@ -70,6 +71,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     runner_config.worker_name = options.name.clone();
     runner_config.max_timeout = options.max_action_timeout;
     runner_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
+    runner_config.action_user = action_user;
     let worker_config = WorkerConfig {
         name: options.name.clone(),
         pool: options.pool.clone(),

@@ -31,6 +31,13 @@ pub struct IsolationSettings {
     pub docker_socket: PathBuf,
     /// The `podman` binary.
     pub podman_binary: PathBuf,
+    /// Whom `none` actions, and `sandbox` actions that set no `dockerUser`,
+    /// run as: a name, a uid or `uid:gid`. Never the owner of the input
+    /// cache, so no action can change a file another action will see.
+    /// Empty: `nobody` when the executor is root; an executor that is not
+    /// root runs actions as itself (and warns that it cannot protect its
+    /// cache). `root` runs them as root (inputs are then overlaid).
+    pub action_user: String,
     pub sandbox: SandboxConfig,
 }
 
@@ -45,8 +52,46 @@ impl Default for IsolationSettings {
             insecure_registries: Vec::new(),
             docker_socket: DockerConfig::default().socket,
             podman_binary: PodmanConfig::default().binary,
+            action_user: String::new(),
             sandbox: SandboxConfig::default(),
         }
+    }
+}
+
+/// The user `none` and `sandbox` actions run as by default on a root
+/// executor.
+const DEFAULT_ACTION_USER: &str = "nobody";
+/// `nobody`'s ids where /etc/passwd has no `nobody` (Debian's).
+const NOBODY: (u32, u32) = (65534, 65534);
+
+impl IsolationSettings {
+    /// The action user as `(uid, gid)` (see [`IsolationSettings::action_user`]);
+    /// None: actions run as the executor's own user.
+    pub fn resolve_action_user(&self) -> anyhow::Result<Option<(u32, u32)>> {
+        let root = rustix::process::geteuid().is_root();
+        if self.action_user.is_empty() {
+            if !root {
+                return Ok(None);
+            }
+            let nobody = kiln_platform::DockerUser::Name(DEFAULT_ACTION_USER.into());
+            return Ok(Some(
+                kiln_executor::users::resolve(&nobody).unwrap_or(NOBODY),
+            ));
+        }
+        let user = kiln_platform::DockerUser::parse("--action-user", &self.action_user)?;
+        let (uid, gid) = kiln_executor::users::resolve(&user)
+            .map_err(|reason| anyhow::anyhow!("--action-user {}: {reason}", self.action_user))?;
+        let own = rustix::process::geteuid().as_raw();
+        if uid == own {
+            return Ok(None);
+        }
+        if !root {
+            anyhow::bail!(
+                "--action-user {} needs a root executor (this one runs as uid {own} and cannot switch users)",
+                self.action_user
+            );
+        }
+        Ok(Some((uid, gid)))
     }
 }
 
@@ -142,6 +187,10 @@ pub struct IsolationArgs {
     /// The podman binary.
     #[arg(long)]
     pub podman_binary: Option<PathBuf>,
+    /// Whom none and sandbox actions run as: a name, uid or uid:gid
+    /// (default: nobody on a root executor).
+    #[arg(long)]
+    pub action_user: Option<String>,
 }
 
 impl IsolationArgs {
@@ -164,6 +213,9 @@ impl IsolationArgs {
         }
         if let Some(binary) = self.podman_binary {
             settings.podman_binary = binary;
+        }
+        if let Some(user) = self.action_user {
+            settings.action_user = user;
         }
     }
 }

@@ -250,6 +250,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let executor = match &scheduler {
         Some(scheduler) if config.execution.embedded_executor => {
             let owner = format!("kiln-serve:{}", config.data_dir.display());
+            let action_user = config.execution.isolation.resolve_action_user()?;
             let isolations = crate::isolation::offered(&config.execution.isolation, &owner).await;
             Some(start_embedded_executor(
                 config,
@@ -257,7 +258,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 GrpcTransport::from_service(in_process),
                 isolations,
                 executor_cache_bytes,
-            ))
+                action_user,
+            )?)
         }
         _ => None,
     };
@@ -283,7 +285,8 @@ fn start_embedded_executor(
     transport: GrpcTransport,
     isolations: Isolations,
     executor_cache_bytes: u64,
-) -> tokio::task::JoinHandle<()> {
+    action_user: Option<(u32, u32)>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let execution = &config.execution;
     let root = config.data_dir.join("execution");
     let executor = EmbeddedExecutor::register(
@@ -296,11 +299,20 @@ fn start_embedded_executor(
     runner_config.worker_name = format!("kiln-embedded/{}", execution.pool);
     runner_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
     runner_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
+    runner_config.action_user = action_user;
+    if let Some(user) = action_user {
+        // Checked here, not only by the runner, so a server whose actions
+        // could not start fails to start itself, saying why.
+        std::fs::create_dir_all(&runner_config.work_root)
+            .with_context(|| format!("creating {}", runner_config.work_root.display()))?;
+        kiln_executor::workspace::check_reachable(&runner_config.work_root, user)?;
+        tracing::info!(uid = user.0, gid = user.1, "actions run as the action user");
+    }
     let concurrency = execution.effective_concurrency();
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         match ActionRunner::new(transport, runner_config, isolations).await {
             Ok(runner) => executor.run(Arc::new(runner), concurrency).await,
             Err(e) => tracing::error!(error = %e, "embedded executor could not start"),
         }
-    })
+    }))
 }

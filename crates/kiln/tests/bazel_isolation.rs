@@ -16,6 +16,8 @@ mod common;
 
 use std::fs;
 
+use sha2::Digest as _;
+
 use common::{combined, Bazel, KilnServer};
 
 /// The auth registry's password (`scripts/services.sh`).
@@ -38,9 +40,10 @@ PODMAN = {
     "dockerNetwork": "off",
 }
 
-# What an action can see of the machine it runs on.
+# What an action can see of the machine it runs on, and whom it runs as.
 PROBE = " ".join([
     "{ echo root-entries=$$(ls -A /root 2>/dev/null | wc -l);",
+    "echo uid=$$(id -u);",
     "echo processes=$$(ls /proc | grep -c '^[0-9]');",
     "if test -e /etc/debian_version; then echo os=debian; else echo os=other; fi; } > $@",
 ])
@@ -69,6 +72,41 @@ genrule(
         "EstimatedMemory": "64MB",
     },
 )
+
+# Each tries to change its input for the actions after it: in place
+# (chmod and write, truncate), by replacing it, and through the executor's
+# cache entry of it (KILN_TEST_CACHE, the server's cache directory, comes
+# with --action_env). It records whom it ran as and what its own copy
+# holds afterwards.
+# (Genrules run under `set -e`: each attempt may fail.)
+ATTACK = " ".join([
+    "f=$(location victim.txt);",
+    "chmod 666 $$f 2>/dev/null || true; { echo poisoned >$$f; } 2>/dev/null || true;",
+    "truncate -s 3 $$f 2>/dev/null || true;",
+    "for c in $$KILN_TEST_CACHE/blobs/*/*; do",
+    "chmod 666 $$c 2>/dev/null || true; { echo poisoned >$$c; } 2>/dev/null || true; done;",
+    "{ echo uid=$$(id -u); echo saw=$$(cat $$f); } > $@;",
+    "{ mv $$f $$f.moved && echo poisoned >$$f; } 2>/dev/null || true",
+])
+
+genrule(name = "poison_none", srcs = ["victim.txt"], outs = ["poison_none.txt"], cmd = ATTACK)
+
+genrule(name = "poison_sandbox", srcs = ["victim.txt"], outs = ["poison_sandbox.txt"], cmd = ATTACK, exec_properties = SANDBOX)
+
+genrule(
+    name = "poison_sandbox_root",
+    srcs = ["victim.txt"],
+    outs = ["poison_sandbox_root.txt"],
+    cmd = ATTACK,
+    exec_properties = dict(SANDBOX, dockerRunAsRoot = "true"),
+)
+
+genrule(name = "poison_docker", srcs = ["victim.txt"], outs = ["poison_docker.txt"], cmd = ATTACK, exec_properties = DOCKER)
+
+genrule(name = "poison_podman", srcs = ["victim.txt"], outs = ["poison_podman.txt"], cmd = ATTACK, exec_properties = PODMAN)
+
+# Built after the attacks: the same input, staged again.
+genrule(name = "after_poison", srcs = ["victim.txt"], outs = ["after_poison.txt"], cmd = "cat $(location victim.txt) > $@")
 
 # Built only against a server without docker.
 genrule(name = "docker_elsewhere", outs = ["docker_elsewhere.txt"], cmd = "echo ran > $@", exec_properties = DOCKER)
@@ -103,6 +141,9 @@ case "$TEST_TARGET" in
   *) test ! -e /etc/debian_version ;;
 esac
 "#;
+
+/// The input every `poison_*` action attacks.
+const VICTIM: &str = "original-bytes\n";
 
 /// `key=value` lines of a probe output.
 fn probe_value(text: &str, key: &str) -> String {
@@ -150,6 +191,7 @@ fn bazel_runs_targets_under_each_isolation_type() {
     fs::create_dir_all(&package).unwrap();
     fs::write(package.join("BUILD"), BUILD).unwrap();
     fs::write(package.join("probe_test.sh"), PROBE_TEST).unwrap();
+    fs::write(package.join("victim.txt"), VICTIM).unwrap();
     common::make_executable(&package.join("probe_test.sh"));
     let server_text = || fs::read_to_string(&server_log).unwrap_or_default();
     assert!(
@@ -194,13 +236,14 @@ fn bazel_runs_targets_under_each_isolation_type() {
     let none = read("in_none");
     let sandbox = read("in_sandbox");
     eprintln!("none: {none}\nsandbox: {sandbox}");
-    // The host's /root is not empty (cargo lives there in CI); the
-    // sandbox's is, and it sees only its own few processes.
-    assert_ne!(
-        probe_value(&none, "root-entries"),
-        "0",
-        "the control run sees no /root:\n{none}"
-    );
+    // A root server runs `none` and `sandbox` actions as an unprivileged
+    // action user (nobody) by default.
+    if rustix::process::geteuid().is_root() {
+        for (name, seen) in [("none", &none), ("sandbox", &sandbox)] {
+            assert_ne!(probe_value(seen, "uid"), "0", "{name} ran as root:\n{seen}");
+        }
+    }
+    // The sandbox's /root is empty, and it sees only its own few processes.
     assert_eq!(
         probe_value(&sandbox, "root-entries"),
         "0",
@@ -222,6 +265,57 @@ fn bazel_runs_targets_under_each_isolation_type() {
                 "{name} ran on the host:\n{seen}"
             );
         }
+    }
+
+    // No action can change what a later action gets as the same input:
+    // not as the action user, and not as root in a sandbox or container,
+    // whose writes land on a copy of its own.
+    let cache = data_dir.join("execution/cache");
+    let mut attacks = vec!["none", "sandbox", "sandbox_root"];
+    attacks.extend(docker.then_some("docker"));
+    attacks.extend(podman.then_some("podman"));
+    let mut args = vec![
+        "build".to_string(),
+        format!("--action_env=KILN_TEST_CACHE={}", cache.display()),
+    ];
+    args.extend(attacks.iter().map(|a| format!("//isolation:poison_{a}")));
+    bazel.run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    for attack in &attacks {
+        let seen = read(&format!("poison_{attack}"));
+        eprintln!("poison_{attack}: {seen}");
+        let root = probe_value(&seen, "uid") == "0";
+        assert_eq!(
+            root,
+            ["sandbox_root", "docker", "podman"].contains(attack),
+            "poison_{attack} ran as the wrong user:\n{seen}"
+        );
+        // Root changed its own copy; the action user could not.
+        assert_eq!(
+            probe_value(&seen, "saw") != VICTIM.trim(),
+            root,
+            "poison_{attack}:\n{seen}"
+        );
+    }
+    bazel.run_ok(&["build", "//isolation:after_poison"]);
+    assert_eq!(
+        read("after_poison"),
+        VICTIM,
+        "a later action got a changed input"
+    );
+    let victim_hash = hex::encode(sha2::Sha256::digest(VICTIM.as_bytes()));
+    let entries = common::files_named_like(&cache.join("blobs"), &victim_hash);
+    assert!(
+        !entries.is_empty(),
+        "no cache entry of the input under {}",
+        cache.display()
+    );
+    for entry in entries {
+        assert_eq!(
+            fs::read_to_string(&entry).unwrap(),
+            VICTIM,
+            "{}",
+            entry.display()
+        );
     }
 
     // A memory hog in the sandbox is killed at its limit, and Bazel shows

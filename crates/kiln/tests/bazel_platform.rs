@@ -68,6 +68,7 @@ struct Executor {
 
 impl Executor {
     fn start(port: u16, pool: &str, work_dir: &Path, log_path: &Path) -> Executor {
+        common::open_to_actions(work_dir);
         let log = fs::File::create(log_path).expect("create executor log");
         let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["executor", "--scheduler"])

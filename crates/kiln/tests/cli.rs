@@ -2,6 +2,8 @@
 //! listening line, JSON logs, clean shutdown on SIGTERM and SIGINT, and
 //! clear errors for a bad config.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 
@@ -11,6 +13,7 @@ fn kiln() -> Command {
 
 /// Starts `kiln serve` and returns it with the address it printed.
 fn serve(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
+    common::open_to_actions(data_dir);
     let mut child = kiln()
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)

@@ -5,6 +5,8 @@
 //! the lost session first; a server with an executor token accepts only
 //! executors presenting it.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -79,6 +81,7 @@ impl Drop for Process {
 
 /// `kiln executor` in pool `procs` with one slot, plus `extra` flags.
 fn spawn_executor(address: &str, name: &str, work_dir: &Path, extra: &[&str]) -> Process {
+    common::open_to_actions(work_dir);
     let scheduler = format!("grpc://{address}");
     let mut args = vec![
         "executor",

@@ -48,6 +48,25 @@ pub fn assert_test_passed(output: &str) {
     assert!(passed, "//hello:hello_test did not pass:\n{output}");
 }
 
+/// Lets a root server's actions reach their workspaces under `dir`: they
+/// run as `nobody`, who must traverse every directory down to the data or
+/// work directory, and temporary directories are private (0700). Adds
+/// search (not read) permission for others to `dir` and its ancestors
+/// inside the temporary directory, creating `dir`.
+pub fn open_to_actions(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir).expect("create the directory");
+    let temp = std::env::temp_dir().canonicalize().unwrap();
+    let dir = dir.canonicalize().unwrap();
+    for ancestor in dir
+        .ancestors()
+        .take_while(|a| a.starts_with(&temp) && *a != temp)
+    {
+        let mode = fs::metadata(ancestor).unwrap().permissions().mode();
+        fs::set_permissions(ancestor, fs::Permissions::from_mode(mode | 0o011)).unwrap();
+    }
+}
+
 /// The `kiln serve` child process; killed when dropped.
 pub struct KilnServer {
     child: Child,
@@ -57,6 +76,7 @@ pub struct KilnServer {
 
 impl KilnServer {
     pub fn start(data_dir: &Path, log_path: &Path, extra_args: &[&str]) -> Self {
+        open_to_actions(data_dir);
         let log = fs::File::create(log_path).expect("create server log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .arg("serve")
@@ -426,6 +446,28 @@ pub fn test_images() -> Result<(), String> {
 
 /// Files under `root` whose bytes contain `needle`.
 pub fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(root)
+        .into_iter()
+        .filter(|path| {
+            let bytes = fs::read(path).unwrap_or_default();
+            bytes.windows(needle.len()).any(|window| window == needle)
+        })
+        .collect()
+}
+
+/// The regular files under `root` whose names start with `prefix`.
+pub fn files_named_like(root: &Path, prefix: &str) -> Vec<PathBuf> {
+    files_under(root)
+        .into_iter()
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(prefix))
+        })
+        .collect()
+}
+
+/// Every regular file under `root`, at any depth.
+fn files_under(root: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut pending = vec![root.to_path_buf()];
     while let Some(directory) = pending.pop() {
@@ -440,10 +482,7 @@ pub fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
             if kind.is_dir() {
                 pending.push(path);
             } else if kind.is_file() {
-                let bytes = fs::read(&path).unwrap_or_default();
-                if bytes.windows(needle.len()).any(|window| window == needle) {
-                    found.push(path);
-                }
+                found.push(path);
             }
         }
     }

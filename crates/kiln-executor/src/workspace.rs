@@ -1,0 +1,382 @@
+//! How an action's input tree is laid out so that no action can change a
+//! file another action will see, whatever its uid or capabilities.
+//!
+//! The file cache's entries are owned by the executor, read-only, and live
+//! in a directory only the executor can enter. What decides the layout is
+//! what the action's user could do to those inodes ([`RunAs`]):
+//!
+//! - [`Layout::Linked`]: an unprivileged action user (not root, no
+//!   capabilities, not the cache's owner) gets the cache's own inodes,
+//!   hardlinked. It may unlink or replace its links, never write to or
+//!   `chmod` the files.
+//! - [`Layout::Overlay`]: a privileged one (root in a sandbox or container,
+//!   or a user only the image knows) gets an overlay mount as its
+//!   workspace. The hardlinked tree is the read-only lower layer, mounted
+//!   nowhere the action can see, and every write, `chmod` or truncation
+//!   copies the file up into the action's own upper layer first. An input
+//!   the action changes is changed for that action alone.
+//! - [`Layout::Copied`]: the same guarantee where no overlay can be mounted
+//!   (a work root that cannot hold an overlay's upper layer): copies.
+//!
+//! An executor that is not root runs actions as itself, the cache's owner;
+//! nothing can protect the cache from them, so it links and says so at
+//! start-up. The overlay mounts are the executor's only root-only code
+//! outside the isolation backends.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use crate::error::RunError;
+use crate::isolation::RunAs;
+
+/// How one action's inputs are laid out; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Linked,
+    Overlay,
+    Copied,
+}
+
+/// What this executor can do to keep privileged actions away from the
+/// cache's inodes; probed once at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputProtection {
+    /// Overlay mounts work under the work root, with these mount options
+    /// (besides the layer directories).
+    Overlay { options: String },
+    /// Root, but no overlay here: privileged actions get copies.
+    Copy,
+    /// Not root: actions run as the cache's owner, and nothing protects it.
+    Unprivileged,
+}
+
+/// Overlay options tried in order: `volatile` skips the syncs of an upper
+/// layer that is thrown away after the action (Linux 5.10+); `index=off`
+/// keeps hardlinked lower files from needing the inode index.
+const OVERLAY_OPTIONS: &[&str] = &["volatile,index=off", "index=off", ""];
+
+impl InputProtection {
+    /// Probes what works under `work_root` (which must exist) by mounting a
+    /// small overlay there, logging the outcome.
+    pub fn probe(work_root: &Path) -> InputProtection {
+        if !rustix::process::geteuid().is_root() {
+            tracing::warn!(
+                uid = rustix::process::geteuid().as_raw(),
+                "the executor is not root: actions run as its own user, which owns the input \
+                 cache and can change the files in it; run it as root to have actions run as \
+                 an action user that cannot"
+            );
+            return InputProtection::Unprivileged;
+        }
+        match probe_overlay(work_root) {
+            Ok(options) => {
+                tracing::debug!(%options, "overlay workspaces available");
+                InputProtection::Overlay { options }
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    work_root = %work_root.display(),
+                    %reason,
+                    "no overlay mounts under the work root: actions that run as root or as an \
+                     image's user get copies of their inputs (slower)"
+                );
+                InputProtection::Copy
+            }
+        }
+    }
+
+    /// The layout for an action whose user is `run_as`.
+    pub fn layout(&self, run_as: RunAs) -> Layout {
+        match (run_as, self) {
+            (RunAs::User(..), _) | (RunAs::Privileged, InputProtection::Unprivileged) => {
+                Layout::Linked
+            }
+            (RunAs::Privileged, InputProtection::Overlay { .. }) => Layout::Overlay,
+            (RunAs::Privileged, InputProtection::Copy) => Layout::Copied,
+        }
+    }
+
+    /// Mounts an overlay of `lower` at `target`, writes going to `upper`
+    /// (`work` is the overlay's own scratch, on the same file system).
+    pub fn mount(
+        &self,
+        lower: &Path,
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> std::io::Result<OverlayMount> {
+        let InputProtection::Overlay { options } = self else {
+            return Err(std::io::Error::other("overlay mounts are not available"));
+        };
+        mount_overlay(lower, upper, work, target, options)
+    }
+}
+
+/// An overlay mounted as an action's workspace; unmounted (detached) when
+/// dropped or by [`OverlayMount::unmount`].
+#[derive(Debug)]
+pub struct OverlayMount {
+    target: PathBuf,
+    mounted: bool,
+}
+
+impl OverlayMount {
+    /// Detaches the mount: processes still inside keep what they hold, and
+    /// nothing new enters through it. Blocking (one syscall).
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        self.mounted = false;
+        detach(&self.target)
+    }
+}
+
+impl Drop for OverlayMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            if let Err(error) = detach(&self.target) {
+                tracing::warn!(target = %self.target.display(), %error, "unmounting a workspace overlay");
+            }
+        }
+    }
+}
+
+fn detach(target: &Path) -> std::io::Result<()> {
+    rustix::mount::unmount(target, UnmountFlags::DETACH).map_err(std::io::Error::from)
+}
+
+fn mount_overlay(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    options: &str,
+) -> std::io::Result<OverlayMount> {
+    let mut data = String::new();
+    for (key, dir) in [("lowerdir", lower), ("upperdir", upper), ("workdir", work)] {
+        let text = dir.to_str().filter(|t| !t.contains([',', ':', '\\']));
+        let Some(text) = text else {
+            return Err(std::io::Error::other(format!(
+                "{} cannot be an overlay layer: its path has a ',', ':' or '\\'",
+                dir.display()
+            )));
+        };
+        data.push_str(&format!("{key}={text},"));
+    }
+    data.push_str(options);
+    let data = CString::new(data.trim_end_matches(','))
+        .map_err(|_| std::io::Error::other("a layer path has a NUL byte"))?;
+    rustix::mount::mount(
+        "kiln-workspace",
+        target,
+        "overlay",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        data.as_c_str(),
+    )?;
+    Ok(OverlayMount {
+        target: target.to_path_buf(),
+        mounted: true,
+    })
+}
+
+/// Mounts and unmounts one overlay under `work_root` with each option set
+/// in turn; the first that works, or why none did.
+fn probe_overlay(work_root: &Path) -> Result<String, String> {
+    let dir = work_root.join(format!("overlay-probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let [lower, upper, work, merged] = ["lower", "upper", "work", "merged"].map(|d| dir.join(d));
+    let made = [&lower, &upper, &work, &merged]
+        .iter()
+        .try_for_each(std::fs::create_dir_all);
+    let result = match made {
+        Err(e) => Err(format!("creating {}: {e}", dir.display())),
+        Ok(()) => {
+            let mut last = String::new();
+            let mut found = None;
+            for options in OVERLAY_OPTIONS {
+                match mount_overlay(&lower, &upper, &work, &merged, options) {
+                    Ok(mount) => {
+                        let unmounted = mount.unmount();
+                        if unmounted.is_ok() {
+                            found = Some(options.to_string());
+                            break;
+                        }
+                        last = format!("unmounting the probe: {unmounted:?}");
+                    }
+                    Err(e) => last = format!("mount -t overlay -o {options}: {e}"),
+                }
+            }
+            found.ok_or(last)
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Detaches every mount below `root` (overlays a crashed executor left),
+/// deepest first. Returns how many.
+pub fn unmount_stale(root: &Path) -> usize {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return 0;
+    };
+    let Ok(root) = root.canonicalize() else {
+        return 0;
+    };
+    let mut below: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|point| point.starts_with(&root) && *point != root)
+        .collect();
+    below.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    below
+        .iter()
+        .filter(|point| match detach(point) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(mount = %point.display(), %error, "could not detach a stale mount");
+                false
+            }
+        })
+        .count()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let octal = std::str::from_utf8(&bytes[i + 1..i + 4])
+                .ok()
+                .and_then(|digits| u8::from_str_radix(digits, 8).ok());
+            if let Some(byte) = octal {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Checks that `user` (`uid`, `gid`, no supplementary groups) may traverse
+/// every directory down to `work_root`: a `none` action starts in its
+/// workspace there, by path. The error names the first directory in the
+/// way and what to do.
+pub fn check_reachable(work_root: &Path, (uid, gid): (u32, u32)) -> Result<(), RunError> {
+    use std::os::unix::fs::MetadataExt;
+    let absolute = work_root.canonicalize().map_err(|e| {
+        RunError::io(
+            format!("resolving the work directory {}", work_root.display()),
+            e,
+        )
+    })?;
+    for dir in absolute.ancestors() {
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| RunError::io(format!("reading {}", dir.display()), e))?;
+        let mode = meta.mode();
+        let search = if meta.uid() == uid {
+            mode & 0o100
+        } else if meta.gid() == gid {
+            mode & 0o010
+        } else {
+            mode & 0o001
+        };
+        if search == 0 {
+            return Err(RunError::Internal(format!(
+                "the action user {uid}:{gid} cannot reach the work directory {}: {} (mode {:o},                  owner {}:{}) does not let it through; give the executor a work directory every                  user can traverse (as under /var/lib), or choose another --action-user",
+                work_root.display(),
+                dir.display(),
+                mode & 0o7777,
+                meta.uid(),
+                meta.gid()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Who owns the directories of an action's workspace, and their mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirAccess {
+    /// Chown each directory to this `uid`, `gid` (the action user's), so it
+    /// can create its outputs; None: they stay the executor's.
+    pub owner: Option<(u32, u32)>,
+    /// 0777 with `nonroot-workspace` (a user only the image knows must
+    /// write), else 0755.
+    pub mode: u32,
+}
+
+impl Default for DirAccess {
+    /// The executor's own directories: its owner, 0755.
+    fn default() -> DirAccess {
+        DirAccess {
+            owner: None,
+            mode: 0o755,
+        }
+    }
+}
+
+impl DirAccess {
+    /// The access an action running as `run_as` needs.
+    pub fn for_action(run_as: RunAs, nonroot_workspace: bool) -> DirAccess {
+        DirAccess {
+            owner: match run_as {
+                RunAs::User(uid, gid) => Some((uid, gid)),
+                RunAs::Privileged => None,
+            },
+            mode: if nonroot_workspace { 0o777 } else { 0o755 },
+        }
+    }
+
+    /// Gives the directory `path` (just made by the executor) this access.
+    /// Blocking.
+    pub fn apply(&self, path: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+        }
+        if self.mode != 0o755 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.mode))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_follow_what_the_user_could_do_to_the_cache() {
+        let overlay = InputProtection::Overlay {
+            options: String::new(),
+        };
+        let unprivileged = RunAs::User(65534, 65534);
+        assert_eq!(overlay.layout(unprivileged), Layout::Linked);
+        assert_eq!(overlay.layout(RunAs::Privileged), Layout::Overlay);
+        assert_eq!(
+            InputProtection::Copy.layout(RunAs::Privileged),
+            Layout::Copied
+        );
+        assert_eq!(
+            InputProtection::Unprivileged.layout(RunAs::Privileged),
+            Layout::Linked
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(
+            unescape_mountinfo("/work/a\\040b\\134c"),
+            PathBuf::from("/work/a b\\c")
+        );
+        assert_eq!(unescape_mountinfo("/plain"), PathBuf::from("/plain"));
+        assert_eq!(unescape_mountinfo("/end\\04"), PathBuf::from("/end\\04"));
+    }
+}
