@@ -53,6 +53,60 @@ pub struct Podman {
     oom_check: OomCheck,
     /// The `kiln.owner` label of this backend's containers.
     owner: String,
+    /// `--ulimit` values every container gets (see [`ContainerUlimits`]).
+    ulimits: ContainerUlimits,
+}
+
+/// The nofile and nproc limits of each container, both always passed.
+///
+/// Rootful podman 4.3 asks its OCI runtime for nofile and nproc of 1048576
+/// unless told otherwise, and root without `CAP_SYS_RESOURCE` (as on
+/// virtualised hosts like the ones Kiln's CI uses) cannot raise a limit past
+/// its own hard limit, so every container then fails to start ("error
+/// setting rlimit type 7"). So each container asks for no more than this
+/// process has. Both are passed because a `--ulimit` on the command line
+/// replaces podman's configured list as a whole, and the one left out
+/// would go back to 1048576.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ContainerUlimits {
+    nofile: u64,
+    nproc: u64,
+}
+
+/// What a container asks for when the host allows more: podman's own
+/// defaults for nofile, and for nproc the most conmon and runc were
+/// measured to be given here (32768).
+const NOFILE_CEILING: u64 = 1_048_576;
+const NPROC_CEILING: u64 = 32_768;
+
+impl ContainerUlimits {
+    /// The limits that fit this process: its hard limits, capped by the
+    /// kernel's `nr_open` and `pid_max` and the ceilings above.
+    fn of_this_process() -> ContainerUlimits {
+        use rustix::process::{getrlimit, Resource};
+        let hard = |resource| getrlimit(resource).maximum.unwrap_or(u64::MAX);
+        let sysctl = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .unwrap_or(u64::MAX)
+        };
+        ContainerUlimits {
+            nofile: hard(Resource::Nofile)
+                .min(sysctl("/proc/sys/fs/nr_open"))
+                .min(NOFILE_CEILING),
+            nproc: hard(Resource::Nproc)
+                .min(sysctl("/proc/sys/kernel/pid_max"))
+                .min(NPROC_CEILING),
+        }
+    }
+
+    fn arguments(&self) -> [String; 2] {
+        [
+            format!("--ulimit=nofile={0}:{0}", self.nofile),
+            format!("--ulimit=nproc={0}:{0}", self.nproc),
+        ]
+    }
 }
 
 /// How the backend learns that the kernel killed an action for memory.
@@ -86,6 +140,7 @@ impl Podman {
             bridge: false,
             oom_check: OomCheck::Inspect,
             owner: String::new(),
+            ulimits: ContainerUlimits::of_this_process(),
         };
         let version = podman
             .output(&["version", "--format", "{{.Client.Version}}"])
@@ -151,6 +206,8 @@ impl Podman {
             version = %String::from_utf8_lossy(&version.stdout).trim(),
             runtime,
             ?oom_check,
+            nofile = podman.ulimits.nofile,
+            nproc = podman.ulimits.nproc,
             "podman isolation available"
         );
         Ok(podman)
@@ -211,6 +268,7 @@ impl Podman {
 
     fn run_arguments(
         params: &RunParameters,
+        ulimits: ContainerUlimits,
         auto_remove: bool,
         cgroup_parent: Option<&str>,
     ) -> Vec<String> {
@@ -259,6 +317,7 @@ impl Podman {
         if let Some(pids) = params.pids_max {
             args.push(format!("--pids-limit={pids}"));
         }
+        args.extend(ulimits.arguments());
         args.push(params.image.clone());
         args.extend(params.command.iter().cloned());
         args
@@ -592,6 +651,7 @@ impl Podman {
             .command()
             .args(Podman::run_arguments(
                 &params,
+                self.ulimits,
                 auto_remove,
                 cgroup_peak
                     .as_ref()

@@ -1082,3 +1082,64 @@ fn a_probe_removes_only_its_own_owners_leftovers() {
         let _ = cli(runtime_name, &["rm", "-f", &other]);
     }
 }
+
+/// Podman as `scripts/serve.sh` users have it: no `default_ulimits` in its
+/// configuration (scripts/services.sh writes some for the tests' own
+/// `podman run`s). Root without `CAP_SYS_RESOURCE` cannot grant podman's
+/// built-in 1048576, so the backend must ask for limits that fit the host.
+#[test]
+fn podman_starts_containers_without_configured_ulimits() {
+    let services = match services() {
+        Ok(services) => services,
+        Err(reason) => return skipped!("skipped: podman without ulimits: {reason}"),
+    };
+    if let Err(reason) = &services.podman {
+        return skipped!("skipped: podman without ulimits: {reason}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The services' configuration minus its ulimits; CONTAINERS_CONF makes
+    // podman read this file alone.
+    let conf = dir.path().join("containers.conf");
+    std::fs::write(
+        &conf,
+        "[containers]\ninit_path = \"/usr/bin/catatonit\"\n\
+         [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+         [network]\nnetwork_backend = \"netavark\"\n",
+    )
+    .unwrap();
+    let wrapper = dir.path().join("podman");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nCONTAINERS_CONF={} exec podman \"$@\"\n",
+            conf.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    runtime().block_on(async {
+        let podman = Podman::probe(PodmanConfig {
+            binary: wrapper.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("probe");
+        let (outcome, action) =
+            run(&podman, BASE, &[], &["sh", "-c", "ulimit -Hn; ulimit -Hu"]).await;
+        assert_eq!(outcome.exit_code, 0, "{}", action.stderr());
+        let limits: Vec<u64> = action
+            .stdout()
+            .lines()
+            .map(|line| line.trim().parse().unwrap())
+            .collect();
+        let host_nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .maximum
+            .unwrap_or(u64::MAX);
+        assert_eq!(limits.len(), 2, "{}", action.stdout());
+        assert!(
+            limits[0] <= host_nofile && limits[0] > 0,
+            "nofile {} must fit the host's hard limit {host_nofile}",
+            limits[0]
+        );
+    });
+}
