@@ -34,6 +34,9 @@ for binary in "${kilns[@]}"; do
 done
 
 scratch="$(mktemp -d /tmp/kiln-bazel-cold-XXXXXX)"
+# A root server's actions run as an action user (nobody), who must be able
+# to traverse the path to the server's work directory.
+chmod 0711 "$scratch"
 server_pid=""
 cleanup() {
   if [[ -n "$server_pid" ]]; then kill "$server_pid" 2>/dev/null || true; fi

@@ -1232,3 +1232,114 @@ async fn a_size_limited_cache_evicts_and_fetches_again() {
     assert_eq!(harness.runner.cache().stats().blobs_filled, 3);
     harness.stop().await;
 }
+
+/// Whether this process may switch users and mount: the input-protection
+/// cases need root. Under CI, which runs as root, anything else fails.
+fn running_as_root(test: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: CI runs as root, this process does not"
+    );
+    eprintln!("skipped: {test}: needs root (switching users, overlay mounts)");
+    false
+}
+
+/// Tries to change `data.txt` in place and through its cache entry, then
+/// says whom it ran as and what its own copy holds.
+const ATTACK: &str = "chmod 666 data.txt; echo poisoned > data.txt; \
+    truncate -s 2 data.txt; chmod 666 \"$CACHE_ENTRY\"; echo poisoned > \"$CACHE_ENTRY\"; \
+    echo \"$(id -u) $(cat data.txt)\"; true";
+
+/// Runs [`ATTACK`] on an input (also on its cache entry, by path, when
+/// `through_the_cache`), then an action reading the same input. Returns
+/// what the attacker printed; asserts the reader and the cache entry still
+/// hold the original bytes.
+async fn attack_then_read(harness: &Harness, through_the_cache: bool) -> String {
+    let mut blobs = Blobs::default();
+    let root = Directory {
+        files: vec![blobs.file("data.txt", b"original\n", false)],
+        ..Default::default()
+    };
+    let entry = harness
+        .runner
+        .config()
+        .cache_dir
+        .join("blobs")
+        .join(&digest(b"original\n").hash[..2])
+        .join(format!("{}-9", digest(b"original\n").hash));
+    let attack = blobs.action_with(
+        &root,
+        Command {
+            arguments: shell(ATTACK).iter().map(|a| a.to_string()).collect(),
+            environment_variables: vec![
+                EnvironmentVariable {
+                    name: "PATH".into(),
+                    value: "/bin:/usr/bin".into(),
+                },
+                EnvironmentVariable {
+                    name: "CACHE_ENTRY".into(),
+                    value: if through_the_cache {
+                        entry.display().to_string()
+                    } else {
+                        "/nonexistent".into()
+                    },
+                },
+            ],
+            ..Default::default()
+        },
+        None,
+    );
+    let read = blobs.action(&root, &shell("cat data.txt"), &[]);
+    harness.upload(&blobs.0).await;
+    let outcome = harness.run(&attack, &Platform::default()).await.unwrap();
+    let said = harness
+        .download(outcome.result.stdout_digest.as_ref().unwrap())
+        .await;
+    let outcome = harness.run(&read, &Platform::default()).await.unwrap();
+    let stdout = harness
+        .download(outcome.result.stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(stdout, b"original\n", "the next action got a changed input");
+    assert!(entry.exists(), "no cache entry at {}", entry.display());
+    assert_eq!(std::fs::read(&entry).unwrap(), b"original\n");
+    String::from_utf8_lossy(&said).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_action_changes_only_its_own_copy_of_an_input() {
+    if !running_as_root("a_root_action_changes_only_its_own_copy_of_an_input") {
+        return;
+    }
+    // No action user: `none` runs as root, and its inputs are overlaid.
+    // (Root on the host can reach the cache by path: under `none` only an
+    // operator who sets no action user runs actions as root.)
+    let harness = Harness::start().await;
+    let said = attack_then_read(&harness, false).await;
+    assert_eq!(said, "0 po", "root's writes did not reach its own copy");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_action_user_can_change_no_input() {
+    if !running_as_root("the_action_user_can_change_no_input") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The action user must traverse down to its workspace.
+    std::fs::set_permissions(
+        dir.path(),
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
+    )
+    .unwrap();
+    let work = dir.path().to_path_buf();
+    let harness = Harness::start_with(dir, work, |config| {
+        config.action_user = Some((65534, 65534));
+    })
+    .await;
+    let said = attack_then_read(&harness, true).await;
+    assert_eq!(said, "65534 original", "the action user changed its input");
+    harness.stop().await;
+}

@@ -163,9 +163,14 @@ impl Harness {
         (started, gate, order)
     }
 
+    /// A directory outside every workspace where actions leave marks for
+    /// the test: writable by all, as the embedded executor runs actions as
+    /// its action user (`nobody`) when the tests run as root.
     fn scratch(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
         let path = self.dir.path().join("scratch");
         std::fs::create_dir_all(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
         path
     }
 
@@ -388,7 +393,9 @@ async fn until_executing(stream: &mut Streaming<Operation>) -> String {
 }
 
 fn mkfifo(path: &Path) {
+    // Read or written by actions running as the action user.
     let status = std::process::Command::new("mkfifo")
+        .args(["-m", "0666"])
         .arg(path)
         .status()
         .unwrap();

@@ -108,6 +108,14 @@ genrule(name = "poison_podman", srcs = ["victim.txt"], outs = ["poison_podman.tx
 # Built after the attacks: the same input, staged again.
 genrule(name = "after_poison", srcs = ["victim.txt"], outs = ["after_poison.txt"], cmd = "cat $(location victim.txt) > $@")
 
+# A user only the image knows: with nonroot-workspace every directory of
+# the workspace is writable to it, the output's parents included.
+NONROOT = {"dockerUser": "1234", "nonroot-workspace": "true"}
+
+genrule(name = "nonroot_docker", outs = ["nonroot_docker.txt"], cmd = "id -u > $@", exec_properties = dict(DOCKER.items() + NONROOT.items()))
+
+genrule(name = "nonroot_podman", outs = ["nonroot_podman.txt"], cmd = "id -u > $@", exec_properties = dict(PODMAN.items() + NONROOT.items()))
+
 # Built only against a server without docker.
 genrule(name = "docker_elsewhere", outs = ["docker_elsewhere.txt"], cmd = "echo ran > $@", exec_properties = DOCKER)
 
@@ -297,6 +305,12 @@ fn bazel_runs_targets_under_each_isolation_type() {
         );
     }
     bazel.run_ok(&["build", "//isolation:after_poison"]);
+    for (available, runtime) in [(docker, "docker"), (podman, "podman")] {
+        if available {
+            bazel.run_ok(&["build", &format!("//isolation:nonroot_{runtime}")]);
+            assert_eq!(read(&format!("nonroot_{runtime}")).trim(), "1234");
+        }
+    }
     assert_eq!(
         read("after_poison"),
         VICTIM,

@@ -208,10 +208,21 @@ async fn completed(mut stream: Streaming<Operation>) -> reapi::ExecuteResponse {
     reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
 }
 
+/// A directory under `scratch` where actions leave marks for the test:
+/// writable by the action user a root executor runs actions as.
+fn marks(scratch: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let marks = scratch.join("marks");
+    common::open_to_actions(&marks);
+    std::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o777)).unwrap();
+    marks
+}
+
 /// A FIFO an action writes its pid into (`echo $$ > FIFO`).
 fn pid_fifo(scratch: &Path) -> std::path::PathBuf {
-    let fifo = scratch.join("started");
+    let fifo = marks(scratch).join("started");
     assert!(Command::new("mkfifo")
+        .args(["-m", "0666"])
         .arg(&fifo)
         .status()
         .unwrap()
@@ -250,7 +261,7 @@ async fn a_killed_executor_process_loses_its_action_to_another() {
     // The action: on its first run it reports its pid through a FIFO and
     // sleeps; run again (the marker exists) it finishes at once.
     let fifo = pid_fifo(scratch.path());
-    let marker = scratch.path().join("marker");
+    let marker = marks(scratch.path()).join("marker");
     let script = format!(
         "if [ -e {m} ]; then echo second run; else touch {m}; echo $$ > {f}; exec sleep 600; fi",
         m = marker.display(),
