@@ -55,6 +55,10 @@ pub struct Podman {
     owner: String,
     /// `--ulimit` values every container gets (see [`ContainerUlimits`]).
     ulimits: ContainerUlimits,
+    /// The working directory of every podman command: conmon writes a file
+    /// named `oom` into it when a container is killed for memory, which
+    /// must not land wherever the executor was started.
+    cwd: tempfile::TempDir,
 }
 
 /// The nofile and nproc limits of each container, both always passed.
@@ -141,6 +145,10 @@ impl Podman {
             oom_check: OomCheck::Inspect,
             owner: String::new(),
             ulimits: ContainerUlimits::of_this_process(),
+            cwd: tempfile::Builder::new()
+                .prefix("kiln-podman-")
+                .tempdir()
+                .map_err(|e| format!("podman: creating its working directory: {e}"))?,
         };
         let version = podman
             .output(&["version", "--format", "{{.Client.Version}}"])
@@ -220,7 +228,10 @@ impl Podman {
 
     fn command(&self) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(&self.binary);
-        command.stdin(Stdio::null()).kill_on_drop(true);
+        command
+            .stdin(Stdio::null())
+            .current_dir(self.cwd.path())
+            .kill_on_drop(true);
         command
     }
 

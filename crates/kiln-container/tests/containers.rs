@@ -587,6 +587,10 @@ fn exceeding_the_memory_limit_is_reported() {
             );
             assert_ne!(outcome.exit_code, 0);
             assert!(!action.stdout().contains("survived"));
+            // conmon reports podman's OOM kills in a file named `oom` in
+            // its working directory: never the executor's.
+            let stray = std::env::current_dir().unwrap().join("oom");
+            assert!(!stray.exists(), "{name} left {}", stray.display());
 
             // Under the limit, a failing command is not an OOM kill.
             let action = Action::new(
