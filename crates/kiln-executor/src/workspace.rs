@@ -289,7 +289,9 @@ pub fn check_reachable(work_root: &Path, (uid, gid): (u32, u32)) -> Result<(), R
         };
         if search == 0 {
             return Err(RunError::Internal(format!(
-                "the action user {uid}:{gid} cannot reach the work directory {}: {} (mode {:o},                  owner {}:{}) does not let it through; give the executor a work directory every                  user can traverse (as under /var/lib), or choose another --action-user",
+                "the action user {uid}:{gid} cannot reach the work directory {}: {} (mode {:o}, \
+                 owner {}:{}) does not let it through; give the executor a work directory every \
+                 user can traverse (as under /var/lib), or choose another --action-user",
                 work_root.display(),
                 dir.display(),
                 mode & 0o7777,
@@ -368,6 +370,25 @@ mod tests {
             InputProtection::Unprivileged.layout(RunAs::Privileged),
             Layout::Linked
         );
+    }
+
+    #[test]
+    fn a_work_root_the_action_user_cannot_traverse_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("private");
+        let work = private.join("execution/work");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let nobody = (65534, 65534);
+        let error = check_reachable(&work, nobody).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("{} (mode 700", private.display())),
+            "{error}"
+        );
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o711)).unwrap();
+        check_reachable(&work, nobody).unwrap();
     }
 
     #[test]

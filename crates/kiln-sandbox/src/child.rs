@@ -55,6 +55,10 @@ pub(crate) enum Op {
 /// Everything the child needs, prepared before the fork.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
+    /// New namespaces and root; false for a plain process (`none` as the
+    /// action user, [`crate::plain`]), which only joins `cgroup_join`,
+    /// drops `drop_capabilities` and takes `user`.
+    pub namespaces: bool,
     /// Open files that put the writer in the action's cgroup
     /// ([`crate::cgroup::Cgroup::join_fds`]).
     pub cgroup_join: Vec<RawFd>,
@@ -599,14 +603,11 @@ pub(crate) fn spawn_cloned(plan: &Plan, exec: &Exec, stdio: &Stdio) -> io::Resul
         stdio,
         report: report_write,
     };
-    let mut flags = libc::CLONE_VM
-        | libc::CLONE_VFORK
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::SIGCHLD;
-    if plan.new_network {
+    let mut flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    if plan.namespaces {
+        flags |= libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    }
+    if plan.namespaces && plan.new_network {
         flags |= libc::CLONE_NEWNET;
     }
     // SAFETY: the stack is a fresh private mapping with a guard page below
@@ -722,13 +723,15 @@ unsafe fn prepare_cloned(arguments: &CloneArguments) -> io::Result<()> {
         }
         check(libc::setpgid(0, 0), "setpgid", c"")?;
         join_cgroups(plan)?;
-        // After joining, so the action's cgroup is its "/".
-        check(
-            libc::unshare(libc::CLONE_NEWCGROUP),
-            "unshare(CLONE_NEWCGROUP)",
-            c"",
-        )?;
-        setup_root(plan)?;
+        if plan.namespaces {
+            // After joining, so the action's cgroup is its "/".
+            check(
+                libc::unshare(libc::CLONE_NEWCGROUP),
+                "unshare(CLONE_NEWCGROUP)",
+                c"",
+            )?;
+            setup_root(plan)?;
+        }
         action(plan)
     }
 }

@@ -8,6 +8,8 @@
 //!   implementation) and its [`SandboxConfig`];
 //! - [`cgroup`]: per-action cgroups on v1 or v2 hierarchies, usable by
 //!   other backends too;
+//! - [`plain`]: [`PlainProcess`], `none` as the action user, started the
+//!   same cheap way (no namespaces);
 //! - `view`: the filesystem an action sees, as mount steps;
 //! - `child`: the code that runs between fork (or clone) and exec;
 //! - `cloned`: waiting for a cloned action through its pidfd.
@@ -33,8 +35,10 @@
 pub mod cgroup;
 mod child;
 mod cloned;
+pub mod plain;
 pub mod sandbox;
 mod view;
 
+pub use plain::PlainProcess;
 pub use sandbox::{resolve_user, Sandbox, SandboxConfig, MIN_MEMORY_BYTES};
 pub use view::{HIDDEN_PATHS, SYSTEM_PATHS};

@@ -272,6 +272,7 @@ impl Sandbox {
     ) -> Plan {
         let (new_root, before_pivot, after_pivot) = self.view.with_workspace(workspace);
         Plan {
+            namespaces: true,
             cgroup_join: cgroup.map(Cgroup::join_fds).unwrap_or_default(),
             new_network,
             new_root,
@@ -319,7 +320,8 @@ impl Sandbox {
 
 /// The default: the action itself is PID 1 of its namespaces (as in a
 /// container without `dockerInit`), cloned without copying the executor.
-async fn run_cloned(
+/// Also how [`crate::plain`] starts a plain process as the action user.
+pub(crate) async fn run_cloned(
     spec: &CommandSpec,
     program: &Path,
     program_name: &str,
@@ -342,8 +344,7 @@ async fn run_cloned(
     })
     .await
     .map_err(|e| RunError::Internal(format!("starting {program_name:?}: {e}")))?;
-    let pid = spawned
-        .map_err(|e| RunError::Internal(format!("starting {program_name:?} in a sandbox: {e}")))?;
+    let pid = spawned.map_err(|e| RunError::Internal(format!("starting {program_name:?}: {e}")))?;
     let child = ClonedChild::new(pid)
         .map_err(|e| RunError::Internal(format!("waiting for {program_name:?}: {e}")))?;
     process::supervise_process(child, program_name, limits, cancel).await

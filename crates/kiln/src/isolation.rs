@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_container::{Docker, DockerConfig, ImageConfig, Podman, PodmanConfig};
-use kiln_executor::{Isolation, Isolations, NoIsolation};
-use kiln_sandbox::{Sandbox, SandboxConfig};
+use kiln_executor::{Isolation, Isolations};
+use kiln_sandbox::{PlainProcess, Sandbox, SandboxConfig};
 use serde::{Deserialize, Serialize};
 
 /// The isolation settings of an executor (embedded or standalone).
@@ -101,7 +101,9 @@ impl IsolationSettings {
 /// are labelled with it, and at start-up the leftovers of a previous run of
 /// the same owner are removed.
 pub async fn offered(settings: &IsolationSettings, owner: &str) -> Isolations {
-    let mut isolations = Isolations::new(Arc::new(NoIsolation));
+    // `none`: a plain process, switched to the action user (if any) with a
+    // clone that copies nothing of the executor.
+    let mut isolations = Isolations::new(Arc::new(PlainProcess));
     let images = ImageConfig {
         default_image: Some(settings.default_image.clone()).filter(|image| !image.is_empty()),
         insecure_registries: settings.insecure_registries.clone(),
