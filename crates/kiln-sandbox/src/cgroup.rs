@@ -383,6 +383,23 @@ impl CgroupRoot {
         })
     }
 
+    /// The same root with one hierarchy only (v1: the pids controller if
+    /// mounted, else the first), for cgroups that only track and kill an
+    /// action's processes: each v1 controller costs a `mkdir` and an
+    /// `rmdir` per action, the memory one the most.
+    pub fn tracking_only(&self) -> CgroupRoot {
+        let keep = self
+            .parents
+            .iter()
+            .find(|(controller, _)| *controller == Controller::Pids)
+            .or(self.parents.first())
+            .cloned();
+        CgroupRoot {
+            version: self.version,
+            parents: keep.into_iter().collect(),
+        }
+    }
+
     /// Removes cgroups left by executors that are gone (named
     /// `<pid>-<n>` after the executor's pid), killing what is inside.
     pub fn remove_stale(&self) {
@@ -469,6 +486,19 @@ impl CgroupRoot {
         }
         Ok(cgroup)
     }
+}
+
+/// A fresh name for an action cgroup, `<executor pid>-<n>`: the shape
+/// [`CgroupRoot::remove_stale`] recognises. One counter per process,
+/// shared by every backend that makes action cgroups.
+pub fn action_cgroup_name() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The file a forked child writes `0` to, to join a cgroup itself. On v1,

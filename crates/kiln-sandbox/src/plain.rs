@@ -1,11 +1,12 @@
-//! `workload-isolation-type=none` on a root executor with an action user:
-//! a plain child process (no namespaces, no new root, the host as it is)
-//! that runs as the action user, started the way the sandbox starts its
-//! actions, with `clone(CLONE_VM | CLONE_VFORK)`. std's `Command` forks a
+//! `workload-isolation-type=none` on a root executor: a plain child
+//! process (no namespaces, no new root, the host as it is) that runs as
+//! the action user, inside a cgroup of its own that is emptied (SIGKILL)
+//! when the action ends, so nothing it started, `setsid` daemons
+//! included, outlives it. It is started the way the sandbox starts its
+//! actions, with `clone(CLONE_VM | CLONE_VFORK)`: std's `Command` forks a
 //! copy of the executor whenever it must change the user, which measured
-//! +0.6 ms and twice the server CPU per trivial action (BENCHMARKS.md);
-//! the clone copies nothing. Without an action user it is
-//! [`NoIsolation`].
+//! +0.6 ms and 2.5x the server CPU per trivial action (BENCHMARKS.md).
+//! Without root (no action user, no cgroups) it is [`NoIsolation`].
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -16,11 +17,40 @@ use kiln_executor::process::{Limits, ProcessOutcome};
 use kiln_executor::{CancellationToken, CommandSpec, Isolation, NoIsolation, RunAs, RunError};
 use kiln_platform::Platform;
 
+use crate::cgroup::{action_cgroup_name, CgroupRoot};
 use crate::child::Plan;
 
-/// `none`, as the action user when there is one; see the module docs.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PlainProcess;
+/// `none`; see the module documentation.
+#[derive(Debug, Default)]
+pub struct PlainProcess {
+    /// Where each action's cgroup goes; None where cgroups cannot be made
+    /// (not root): then processes an action leaves behind can outlive it.
+    cgroups: Option<CgroupRoot>,
+}
+
+impl PlainProcess {
+    /// `none` with a cgroup per action under `cgroup_parent` (as the
+    /// sandbox's, see [`crate::SandboxConfig::cgroup_parent`]) when this
+    /// executor can make them; says why not otherwise.
+    pub fn new(cgroup_parent: &str) -> PlainProcess {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return PlainProcess::default();
+        }
+        match CgroupRoot::detect(cgroup_parent) {
+            Ok(cgroups) => PlainProcess {
+                cgroups: Some(cgroups.tracking_only()),
+            },
+            Err(reason) => {
+                tracing::warn!(
+                    %reason,
+                    "no cgroups for none actions: what an action leaves running can outlive it"
+                );
+                PlainProcess::default()
+            }
+        }
+    }
+}
 
 #[async_trait]
 impl Isolation for PlainProcess {
@@ -36,22 +66,45 @@ impl Isolation for PlainProcess {
         NoIsolation.run_as(platform, action_user)
     }
 
+    /// With a cgroup per action, nothing an action started survives it.
+    fn stops_every_process(&self) -> bool {
+        self.cgroups.is_some()
+    }
+
     async fn run(
         &self,
         spec: &CommandSpec,
         limits: &Limits,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError> {
-        let Some(user) = spec.action_user.filter(|(uid, _)| *uid != 0) else {
+        let user = spec.action_user.filter(|(uid, _)| *uid != 0);
+        if user.is_none() && self.cgroups.is_none() {
             return NoIsolation.run(spec, limits, cancel).await;
-        };
+        }
         let (program_name, program) = match spec.program()? {
             Ok(found) => found,
             Err(not_found) => return Ok(not_found),
         };
+        // Only the pids limit (in the one hierarchy kept for tracking),
+        // which bounds what killing the cgroup must catch: `none` enforces
+        // no memory or CPU estimate.
+        let cgroup = match &self.cgroups {
+            None => None,
+            Some(root) => Some(
+                root.create(
+                    &action_cgroup_name(),
+                    &Limits {
+                        memory_bytes: None,
+                        cpu_millis: None,
+                        ..*limits
+                    },
+                )
+                .map_err(|e| RunError::Internal(format!("none: action cgroup: {e}")))?,
+            ),
+        };
         let plan = Plan {
             namespaces: false,
-            cgroup_join: Vec::new(),
+            cgroup_join: cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
             new_network: false,
             new_root: CString::default(),
             before_pivot: Vec::new(),
@@ -64,11 +117,11 @@ impl Isolation for PlainProcess {
                         spec.working_directory.display()
                     ))
                 })?,
-            user: Some(user),
+            user,
             // setuid from root to the action user clears every capability.
             drop_capabilities: Vec::new(),
         };
-        crate::sandbox::run_cloned(
+        let outcome = crate::sandbox::run_cloned(
             spec,
             &program,
             &program_name,
@@ -76,6 +129,14 @@ impl Isolation for PlainProcess {
             limits,
             cancel,
         )
-        .await
+        .await;
+        if let Some(cgroup) = cgroup {
+            // Whatever the action left running dies here.
+            let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+            if let Ok(Err(error)) = removed {
+                tracing::warn!(%error, "removing a none action's cgroup");
+            }
+        }
+        outcome
     }
 }

@@ -9,7 +9,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -93,7 +92,6 @@ pub struct Sandbox {
     cgroups: Option<CgroupRoot>,
     view: View,
     drop_capabilities: Vec<u32>,
-    next_action: AtomicU64,
 }
 
 impl Sandbox {
@@ -147,7 +145,6 @@ impl Sandbox {
             drop_capabilities: (0..=cap_last)
                 .filter(|c| !KEPT_CAPABILITIES.contains(c))
                 .collect(),
-            next_action: AtomicU64::new(0),
         };
         sandbox.trial_run()?;
         Ok(sandbox)
@@ -252,12 +249,7 @@ impl Sandbox {
         let Some(root) = &self.cgroups else {
             return Ok(None);
         };
-        let name = format!(
-            "{}-{}",
-            std::process::id(),
-            self.next_action.fetch_add(1, Ordering::Relaxed)
-        );
-        root.create(&name, limits)
+        root.create(&crate::cgroup::action_cgroup_name(), limits)
             .map(Some)
             .map_err(|e| RunError::Internal(format!("sandbox cgroup: {e}")))
     }

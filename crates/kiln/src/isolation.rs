@@ -101,9 +101,10 @@ impl IsolationSettings {
 /// are labelled with it, and at start-up the leftovers of a previous run of
 /// the same owner are removed.
 pub async fn offered(settings: &IsolationSettings, owner: &str) -> Isolations {
-    // `none`: a plain process, switched to the action user (if any) with a
-    // clone that copies nothing of the executor.
-    let mut isolations = Isolations::new(Arc::new(PlainProcess));
+    // `none`: a plain process as the action user, in a cgroup emptied when
+    // it ends, started with a clone that copies nothing of the executor.
+    let mut isolations =
+        Isolations::new(Arc::new(PlainProcess::new(&settings.sandbox.cgroup_parent)));
     let images = ImageConfig {
         default_image: Some(settings.default_image.clone()).filter(|image| !image.is_empty()),
         insecure_registries: settings.insecure_registries.clone(),

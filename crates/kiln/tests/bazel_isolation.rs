@@ -105,6 +105,10 @@ genrule(name = "poison_docker", srcs = ["victim.txt"], outs = ["poison_docker.tx
 
 genrule(name = "poison_podman", srcs = ["victim.txt"], outs = ["poison_podman.txt"], cmd = ATTACK, exec_properties = PODMAN)
 
+# Leaves a daemon behind under none (setsid: out of its process group)
+# and prints its pid.
+genrule(name = "leave_behind", outs = ["leave_behind.txt"], cmd = "sh -c 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $$!' > $@")
+
 # Built after the attacks: the same input, staged again.
 genrule(name = "after_poison", srcs = ["victim.txt"], outs = ["after_poison.txt"], cmd = "cat $(location victim.txt) > $@")
 
@@ -305,6 +309,15 @@ fn bazel_runs_targets_under_each_isolation_type() {
         );
     }
     bazel.run_ok(&["build", "//isolation:after_poison"]);
+
+    // Under none, nothing an action started outlives it.
+    bazel.run_ok(&["build", "//isolation:leave_behind"]);
+    let daemon = read("leave_behind").trim().to_string();
+    let cmdline = fs::read(format!("/proc/{daemon}/cmdline")).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).starts_with("sleep"),
+        "the daemon of a none action (pid {daemon}) outlived it"
+    );
     for (available, runtime) in [(docker, "docker"), (podman, "podman")] {
         if available {
             bazel.run_ok(&["build", &format!("//isolation:nonroot_{runtime}")]);
