@@ -80,7 +80,12 @@ install_bazel2() {
   echo "install-deps: fetching Bazel 2.1.0 (npm pack $BAZEL2_PACKAGE)"
   local tmp tarball
   tmp="$(mktemp -d)"
-  (cd "$tmp" && npm pack --silent "$BAZEL2_PACKAGE" >/dev/null)
+  # npm trusts its own CA list unless told otherwise; Debian's system
+  # store also holds any CA the machine's administrator installed (a
+  # TLS-inspecting proxy's, say).
+  local cafile=()
+  [[ -f /etc/ssl/certs/ca-certificates.crt ]] && cafile=(--cafile=/etc/ssl/certs/ca-certificates.crt)
+  (cd "$tmp" && npm pack --silent "${cafile[@]}" "$BAZEL2_PACKAGE" >/dev/null)
   tarball="$(compgen -G "$tmp/*.tgz" | head -n 1)"
   if [[ -z "$tarball" ]]; then
     echo "install-deps: error: npm pack $BAZEL2_PACKAGE wrote no tarball" >&2
