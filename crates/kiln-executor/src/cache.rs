@@ -435,32 +435,21 @@ impl FileCache {
     }
 }
 
-/// Copies the regular file `source` (not followed if a symlink) to
-/// `target`, failing unless what was copied hashes to `digest`.
+/// Copies the regular file `source` (not followed if a symlink, and not
+/// waited on if the action swapped in a FIFO) to `target`, failing unless
+/// what was copied hashes to `digest`.
 fn copy_verified(source: &Path, target: &Path, digest: &Digest) -> std::io::Result<()> {
-    use std::io::{Read, Write};
+    use rustix::fs::OFlags;
     use std::os::unix::fs::OpenOptionsExt;
     let mut input = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32)
         .open(source)?;
     if !input.metadata()?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
     let mut output = std::fs::File::create(target)?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut buffer = vec![0; 64 << 10];
-    loop {
-        let read = input.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-        output.write_all(&buffer[..read])?;
-        size += read as u64;
-    }
-    if hex::encode(hasher.finalize()) != digest.hash || size != digest.size_bytes as u64 {
+    if crate::outputs::hash_copy(&mut input, &mut output)? != *digest {
         return Err(std::io::Error::other("changed since it was hashed"));
     }
     Ok(())

@@ -8,7 +8,7 @@
 #![allow(deprecated)]
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -248,17 +248,23 @@ fn is_executable(metadata: &std::fs::Metadata) -> bool {
 pub fn hash_file(path: &Path) -> Result<Digest, RunError> {
     let mut file = std::fs::File::open(path)
         .map_err(|e| RunError::io(format!("opening {}", path.display()), e))?;
+    hash_copy(&mut file, &mut std::io::sink())
+        .map_err(|e| RunError::io(format!("reading {}", path.display()), e))
+}
+
+/// The SHA-256 digest of what `reader` yields, read in chunks, each also
+/// written to `sink` (a copy hashed in the same pass).
+pub fn hash_copy(reader: &mut impl Read, sink: &mut impl Write) -> std::io::Result<Digest> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 256 * 1024];
     let mut size = 0i64;
     loop {
-        let n = file
-            .read(&mut buffer)
-            .map_err(|e| RunError::io(format!("reading {}", path.display()), e))?;
+        let n = reader.read(&mut buffer)?;
         if n == 0 {
             break;
         }
         hasher.update(&buffer[..n]);
+        sink.write_all(&buffer[..n])?;
         size += n as i64;
     }
     Ok(Digest {

@@ -428,18 +428,21 @@ impl ActionRunner {
         };
         // One trip to the blocking pool: the directories exist already when
         // the action directory is a recycled one.
-        let dirs = [&workspace, &io_dir, &tree, &written].map(|d| d.to_path_buf());
-        let access = plan.directories;
+        let mut dirs = vec![workspace.clone(), io_dir.clone()];
+        if overlaid {
+            dirs.extend([tree.clone(), written.clone()]);
+        }
+        // The directory the action sees as its input root (the upper
+        // layer's, under an overlay) gets the action's access.
+        let (access, root) = (plan.directories, written.clone());
         blocking("preparing the workspace", move || {
             for dir in &dirs {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| RunError::io(format!("creating {}", dir.display()), e))?;
             }
-            // The directory the action sees as its input root: the upper
-            // layer's, under an overlay.
             access
-                .apply(&dirs[3])
-                .map_err(|e| RunError::io(format!("preparing {}", dirs[3].display()), e))
+                .apply(&root)
+                .map_err(|e| RunError::io(format!("preparing {}", root.display()), e))
         })
         .await?;
         inputs::materialize(

@@ -628,6 +628,15 @@ impl Cgroup {
         tracing::warn!(cgroup = ?self.directories, "processes survived SIGKILL in a cgroup");
     }
 
+    /// [`Cgroup::remove`] on a blocking thread (it polls while processes
+    /// die), logging a failure.
+    pub async fn remove_off_thread(self) {
+        let removed = tokio::task::spawn_blocking(move || self.remove()).await;
+        if let Ok(Err(error)) = removed {
+            tracing::warn!(%error, "removing an action cgroup");
+        }
+    }
+
     /// Kills what is left and removes the cgroup now, reporting failure
     /// (dropping does the same silently).
     pub fn remove(mut self) -> io::Result<()> {

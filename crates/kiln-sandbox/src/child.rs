@@ -77,6 +77,33 @@ pub(crate) struct Plan {
     pub drop_capabilities: Vec<u32>,
 }
 
+impl Plan {
+    /// A plain process: no namespaces or new root; it joins `cgroup_join`,
+    /// changes to `working_directory` and becomes `user` (`None`: stays
+    /// root). Setting a non-root uid clears every capability, so none are
+    /// dropped by hand.
+    pub fn plain(
+        working_directory: &std::path::Path,
+        user: Option<(u32, u32)>,
+        cgroup_join: Vec<RawFd>,
+    ) -> Plan {
+        use std::os::unix::ffi::OsStrExt;
+        Plan {
+            namespaces: false,
+            cgroup_join,
+            new_network: false,
+            new_root: CString::default(),
+            before_pivot: Vec::new(),
+            after_pivot: Vec::new(),
+            hostname: CString::default(),
+            working_directory: CString::new(working_directory.as_os_str().as_bytes())
+                .unwrap_or_else(|_| c"/".to_owned()),
+            user,
+            drop_capabilities: Vec::new(),
+        }
+    }
+}
+
 fn errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }

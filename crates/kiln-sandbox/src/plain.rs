@@ -8,8 +8,6 @@
 //! +0.6 ms and 2.5x the server CPU per trivial action (BENCHMARKS.md).
 //! Without root (no action user, no cgroups) it is [`NoIsolation`].
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -102,25 +100,11 @@ impl Isolation for PlainProcess {
                 .map_err(|e| RunError::Internal(format!("none: action cgroup: {e}")))?,
             ),
         };
-        let plan = Plan {
-            namespaces: false,
-            cgroup_join: cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
-            new_network: false,
-            new_root: CString::default(),
-            before_pivot: Vec::new(),
-            after_pivot: Vec::new(),
-            hostname: CString::default(),
-            working_directory: CString::new(spec.working_directory.as_os_str().as_bytes())
-                .map_err(|_| {
-                    RunError::InvalidArgument(format!(
-                        "working directory {} has a NUL byte",
-                        spec.working_directory.display()
-                    ))
-                })?,
+        let plan = Plan::plain(
+            &spec.working_directory,
             user,
-            // setuid from root to the action user clears every capability.
-            drop_capabilities: Vec::new(),
-        };
+            cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
+        );
         let outcome = crate::sandbox::run_cloned(
             spec,
             &program,
@@ -132,10 +116,7 @@ impl Isolation for PlainProcess {
         .await;
         if let Some(cgroup) = cgroup {
             // Whatever the action left running dies here.
-            let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
-            if let Ok(Err(error)) = removed {
-                tracing::warn!(%error, "removing a none action's cgroup");
-            }
+            cgroup.remove_off_thread().await;
         }
         outcome
     }

@@ -457,10 +457,7 @@ impl Isolation for Sandbox {
         };
         if let Some(cgroup) = cgroup {
             outcome.memory_exceeded = outcome.exit_code != 0 && cgroup.memory_exceeded();
-            let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
-            if let Ok(Err(error)) = removed {
-                tracing::warn!(%error, "removing an action cgroup");
-            }
+            cgroup.remove_off_thread().await;
         }
         Ok(outcome)
     }
