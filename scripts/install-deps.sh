@@ -34,6 +34,8 @@ set -euo pipefail
 # - busybox-static: /bin/busybox and its applets, the test images' userland.
 # - apache2-utils: htpasswd, for the bcrypt password file of the auth
 #   registry.
+# - procps: `kill`, which tests use to signal servers and actions
+#   (missing from a minimal Debian, e.g. a debootstrap --variant=minbase).
 # - npm: fetches Bazel 2.1.0 (below) by package name. Skipped when an
 #   `npm` command is already there (e.g. a Node.js distribution's own
 #   package, which conflicts with Debian's `npm`).
@@ -66,6 +68,7 @@ TEST_PACKAGES=(
   skopeo
   busybox-static
   apache2-utils
+  procps
 )
 
 BAZEL2=/usr/local/lib/kiln-test/bazel-2.1.0
@@ -117,6 +120,7 @@ TEST_TOOLS=(
   "busybox (busybox-static, the test images' userland)|/bin/busybox"
   "htpasswd (apache2-utils)|htpasswd"
   "unshare (util-linux)|unshare"
+  "kill (procps)|kill"
 )
 
 # Fails naming every test tool that is not where the tests look for it.
