@@ -18,8 +18,8 @@ use bollard::query_parameters::{
 };
 use bollard::{ClientVersion, Docker as Client};
 use futures::StreamExt;
-use kiln_executor::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError};
 use kiln_platform::{Platform, RegistryCredentials};
+use kiln_worker::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError};
 use tokio::io::AsyncWriteExt;
 
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
@@ -550,12 +550,12 @@ impl Isolation for Docker {
                 || message.contains("executable file not found")
             {
                 (
-                    kiln_executor::process::EXIT_COMMAND_NOT_FOUND,
+                    kiln_worker::process::EXIT_COMMAND_NOT_FOUND,
                     "command not found",
                 )
             } else if message.contains("permission denied") {
                 (
-                    kiln_executor::process::EXIT_CANNOT_EXECUTE,
+                    kiln_worker::process::EXIT_CANNOT_EXECUTE,
                     "permission denied",
                 )
             } else {
@@ -564,7 +564,7 @@ impl Isolation for Docker {
                     params.name
                 )));
             };
-            kiln_executor::process::write_stderr(
+            kiln_worker::process::write_stderr(
                 &spec.stderr_path,
                 &format!("kiln: {}: {what} ({message})\n", params.command[0]),
             )?;

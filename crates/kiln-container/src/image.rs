@@ -18,10 +18,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kiln_executor::{CancellationToken, RunError};
 use kiln_platform::{
     ContainerImage, ImageReference, Platform, PropertySources, RegistryCredentials,
 };
+use kiln_worker::{CancellationToken, RunError};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;

@@ -10,7 +10,7 @@
 //! - [`supervise`]: the wait / stop-with-grace / OOM / remove sequence.
 //!
 //! [`docker`] drives the Docker Engine API with bollard; [`podman`] drives
-//! the podman CLI. Both implement [`kiln_executor::Isolation`].
+//! the podman CLI. Both implement [`kiln_worker::Isolation`].
 #![forbid(unsafe_code)]
 
 pub mod docker;

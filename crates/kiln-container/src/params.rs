@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use kiln_executor::{CommandSpec, Limits, RunError};
 use kiln_platform::{DockerNetwork, DockerUser};
+use kiln_worker::{CommandSpec, Limits, RunError};
 
 use crate::image::ResolvedImage;
 

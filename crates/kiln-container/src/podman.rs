@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
-use kiln_executor::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError};
 use kiln_platform::{Platform, RegistryCredentials};
+use kiln_worker::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError};
 use std::io::Write as _;
 
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};

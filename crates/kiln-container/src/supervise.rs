@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kiln_executor::{CancellationToken, Limits, ProcessOutcome, RunError, StopReason};
+use kiln_worker::{CancellationToken, Limits, ProcessOutcome, RunError, StopReason};
 
 /// A started container, as each runtime drives it.
 #[async_trait]

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use kiln_container::image::{ImageStore, Images};
 use kiln_container::{Docker, DockerConfig, ImageConfig, Podman, PodmanConfig, ResolvedImage};
-use kiln_executor::{
+use kiln_platform::{Platform, PropertySources, RegistryCredentials};
+use kiln_worker::{
     CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError, StopReason,
 };
-use kiln_platform::{Platform, PropertySources, RegistryCredentials};
 
 const BASE: &str = "127.0.0.1:5000/kiln-test/base:latest";
 const NONROOT: &str = "127.0.0.1:5000/kiln-test/nonroot:latest";

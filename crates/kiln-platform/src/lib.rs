@@ -104,6 +104,17 @@ pub enum Arch {
     Arm64,
 }
 
+impl Arch {
+    /// The architecture this process runs on.
+    pub fn host() -> Arch {
+        if cfg!(target_arch = "aarch64") {
+            Arch::Arm64
+        } else {
+            Arch::Amd64
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IsolationType {
     None,

@@ -13,6 +13,8 @@ pub mod executor {
     tonic::include_proto!("kiln.executor.v1");
 }
 
+pub mod status;
+
 /// `google.bytestream`, with `bytes::Bytes` payloads.
 pub mod bytestream {
     tonic::include_proto!("google.bytestream");

@@ -12,9 +12,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_executor::{CancellationToken, CommandSpec, Isolation, Limits, NoIsolation};
 use kiln_platform::{DockerNetwork, Platform};
 use kiln_sandbox::{Sandbox, SandboxConfig};
+use kiln_worker::{CancellationToken, CommandSpec, Isolation, Limits, NoIsolation};
 
 async fn measure(
     label: &str,

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_executor::Limits;
+use kiln_worker::Limits;
 
 /// The CFS period used for CPU quotas: 100 ms, the kernel's default.
 pub const CPU_PERIOD_MICROS: u64 = 100_000;
@@ -363,7 +363,7 @@ impl CgroupRoot {
                         own_directory.display()
                     ));
                 }
-                let leaf = own_directory.join("kiln-executor");
+                let leaf = own_directory.join("kiln-worker");
                 fs::create_dir_all(&leaf)
                     .map_err(|e| format!("creating {}: {e}", leaf.display()))?;
                 write_file(&leaf.join("cgroup.procs"), &std::process::id().to_string())

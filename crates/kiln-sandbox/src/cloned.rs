@@ -1,6 +1,6 @@
 //! The executor's handle on an action started by
 //! [`crate::child::spawn_cloned`]: tokio cannot adopt a pid, so this waits
-//! on a pidfd instead and implements [`kiln_executor::process::Process`]
+//! on a pidfd instead and implements [`kiln_worker::process::Process`]
 //! for the shared supervision.
 
 use std::io;
@@ -8,7 +8,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
-use kiln_executor::process::Process;
+use kiln_worker::process::Process;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 

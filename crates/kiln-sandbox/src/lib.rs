@@ -4,7 +4,7 @@
 //! is read-only and only its workspace and a private /tmp are writable,
 //! inside a cgroup that enforces its memory, CPU and pids limits.
 //!
-//! - [`sandbox`]: [`Sandbox`] (probe, and the [`kiln_executor::Isolation`]
+//! - [`sandbox`]: [`Sandbox`] (probe, and the [`kiln_worker::Isolation`]
 //!   implementation) and its [`SandboxConfig`];
 //! - [`cgroup`]: per-action cgroups on v1 or v2 hierarchies, usable by
 //!   other backends too;

@@ -11,9 +11,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kiln_executor::process::{Limits, ProcessOutcome};
-use kiln_executor::{CancellationToken, CommandSpec, Isolation, NoIsolation, RunAs, RunError};
 use kiln_platform::Platform;
+use kiln_worker::process::{Limits, ProcessOutcome};
+use kiln_worker::{CancellationToken, CommandSpec, Isolation, NoIsolation, RunAs, RunError};
 
 use crate::cgroup::{action_cgroup_name, CgroupRoot};
 use crate::child::Plan;

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kiln_executor::process::{self, Limits, ProcessOutcome};
-use kiln_executor::{CancellationToken, CommandSpec, Isolation, RunAs, RunError};
 use kiln_platform::{DockerNetwork, Platform};
+use kiln_worker::process::{self, Limits, ProcessOutcome};
+use kiln_worker::{CancellationToken, CommandSpec, Isolation, RunAs, RunError};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupRoot};
@@ -374,7 +374,7 @@ fn explain(stderr: &str) -> String {
 }
 
 /// Whom a sandboxed action runs as, `(uid, gid)`: root with
-/// `dockerRunAsRoot`; else `dockerUser` (see [`kiln_executor::users`]);
+/// `dockerRunAsRoot`; else `dockerUser` (see [`kiln_worker::users`]);
 /// else the executor's `action_user`. `None`: root.
 pub fn resolve_user(
     platform: &Platform,
@@ -385,7 +385,7 @@ pub fn resolve_user(
     }
     match &platform.docker_user {
         None => Ok(action_user),
-        Some(user) => kiln_executor::users::resolve(user)
+        Some(user) => kiln_worker::users::resolve(user)
             .map(Some)
             .map_err(|reason| {
                 RunError::InvalidArgument(format!("dockerUser: {reason} on this executor"))

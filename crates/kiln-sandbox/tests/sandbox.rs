@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use kiln_executor::{
-    CancellationToken, CommandSpec, Isolation, Limits, NoIsolation, ProcessOutcome, StopReason,
-};
 use kiln_platform::{DockerNetwork, DockerUser, Platform};
 use kiln_sandbox::cgroup::{CgroupRoot, Version};
 use kiln_sandbox::{Sandbox, SandboxConfig};
+use kiln_worker::{
+    CancellationToken, CommandSpec, Isolation, Limits, NoIsolation, ProcessOutcome, StopReason,
+};
 
 fn sandbox() -> Option<&'static Sandbox> {
     static SANDBOX: OnceLock<Result<Sandbox, String>> = OnceLock::new();

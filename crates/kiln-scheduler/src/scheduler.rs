@@ -13,12 +13,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_cas::wire::{digest_function, parse_digest, to_wire};
 use kiln_cas::{ActionCacheStore, Storage};
-use kiln_executor::{RunError, RunOutcome};
 use kiln_platform::{Arch, IsolationType, OsFamily, Platform, PropertySources};
 use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::protobuf::{Any, Timestamp};
 use kiln_proto::reapi::{self, execution_stage};
 use kiln_proto::rpc;
+use kiln_proto::status::{self, to_rpc as to_rpc_status};
 use kiln_proto::timestamp_now;
 use kiln_store::{Digest, DigestFunction, Retention};
 use parking_lot::Mutex;
@@ -1022,28 +1022,6 @@ impl Scheduler {
     pub(crate) async fn finished(
         &self,
         action: &QueuedAction,
-        outcome: Result<RunOutcome, RunError>,
-    ) {
-        match outcome {
-            Ok(RunOutcome {
-                result,
-                status,
-                cacheable,
-            }) => {
-                self.finished_with(action, Some(result), to_rpc_status(status), cacheable)
-                    .await
-            }
-            Err(error) => {
-                let status = to_rpc_status(tonic::Status::from(error));
-                self.finished_with(action, None, status, false).await
-            }
-        }
-    }
-
-    /// Completes `action` with an executor's result and status.
-    pub(crate) async fn finished_with(
-        &self,
-        action: &QueuedAction,
         mut result: Option<reapi::ActionResult>,
         status: rpc::Status,
         cacheable: bool,
@@ -1362,23 +1340,18 @@ fn platform_sources(
 /// the answer that makes Bazel upload the blobs and retry.
 fn missing_response(digests: Vec<reapi::Digest>) -> reapi::ExecuteResponse {
     reapi::ExecuteResponse {
-        status: Some(to_rpc_status(RunError::MissingInputs(digests).into())),
+        status: Some(to_rpc_status(status::missing_blobs(
+            format!(
+                "missing inputs: {}",
+                digests
+                    .iter()
+                    .map(|d| format!("{}/{}", d.hash, d.size_bytes))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            &digests,
+        ))),
         ..Default::default()
-    }
-}
-
-/// A `tonic::Status` as the `google.rpc.Status` of an ExecuteResponse,
-/// keeping its details (a PreconditionFailure).
-pub(crate) fn to_rpc_status(status: tonic::Status) -> rpc::Status {
-    if !status.details().is_empty() {
-        if let Ok(decoded) = rpc::Status::decode(status.details()) {
-            return decoded;
-        }
-    }
-    rpc::Status {
-        code: status.code() as i32,
-        message: status.message().to_string(),
-        details: vec![],
     }
 }
 

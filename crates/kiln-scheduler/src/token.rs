@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tonic::metadata::{Ascii, MetadataValue};
 
 /// The metadata key the token travels in.
-pub(crate) const HEADER: &str = "authorization";
+pub const HEADER: &str = "authorization";
 
 #[derive(Clone)]
 pub struct ExecutorToken(Arc<str>);
@@ -40,7 +40,7 @@ impl ExecutorToken {
 
     /// The `authorization` value an executor sends, marked sensitive so
     /// HTTP/2 never indexes it.
-    pub(crate) fn header_value(&self) -> MetadataValue<Ascii> {
+    pub fn header_value(&self) -> MetadataValue<Ascii> {
         let mut value: MetadataValue<Ascii> = format!("Bearer {}", self.0)
             .parse()
             .expect("the token is printable ASCII");

@@ -9,8 +9,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use kiln::config::{Backend, Config};
 use kiln::serve::RunningServer;
-use kiln_executor::error::PreconditionFailure;
-use kiln_executor::{ActionRunner, CancellationToken, Isolations, NoIsolation, RunnerConfig};
 use kiln_proto::longrunning::operations_client::OperationsClient;
 use kiln_proto::longrunning::{operation, CancelOperationRequest, GetOperationRequest, Operation};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
@@ -20,7 +18,10 @@ use kiln_proto::reapi::{
     self, batch_update_blobs_request, execution_stage, Action, Command, Digest, Directory,
     ExecuteRequest, ExecuteResponse, FileNode,
 };
-use kiln_scheduler::{ResourceAmount, Worker, WorkerConfig};
+use kiln_proto::status::PreconditionFailure;
+use kiln_scheduler::ResourceAmount;
+use kiln_worker::{CancellationToken, Isolations, NoIsolation, Worker, WorkerConfig};
+use kiln_worker::{RemoteSession, SessionConfig};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
@@ -108,19 +109,19 @@ impl Harness {
         slots: u32,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let root = self.dir.path().join(name);
-        let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
+        let mut runner_config = WorkerConfig::new(root.join("work"), root.join("cache"));
         runner_config.worker_name = name.to_string();
         runner_config.default_grace = Duration::from_secs(5);
-        let runner = ActionRunner::new(
+        let runner = Worker::new(
             self.channel.clone(),
             runner_config,
             Isolations::new(Arc::new(NoIsolation)),
         )
         .await
         .unwrap();
-        let worker = Worker::connect(
+        let worker = RemoteSession::connect(
             self.channel.clone(),
-            WorkerConfig {
+            SessionConfig {
                 name: name.to_string(),
                 pool: pool.to_string(),
                 os_family: "linux".into(),

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_executor::{ActionRunner, CancellationToken, RunError, RunnerConfig};
-use kiln_scheduler::{SchedulerError, Worker, WorkerConfig};
+use kiln_scheduler::SchedulerError;
+use kiln_worker::{CancellationToken, RunError, Worker, WorkerConfig};
+use kiln_worker::{RemoteSession, SessionConfig};
 use tonic::transport::Channel;
 
 /// How an executor process runs.
@@ -60,19 +61,19 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         .with_context(|| format!("scheduler address {}", options.scheduler))?
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
-    let owner = format!("kiln-executor:{}", options.work_dir.display());
+    let owner = format!("kiln-worker:{}", options.work_dir.display());
     let action_user = options.isolation.resolve_action_user()?;
     let isolations = crate::isolation::offered(&options.isolation, &owner).await;
     let isolation_types = isolations.names().iter().map(|n| n.to_string()).collect();
-    let mut runner_config = RunnerConfig::new(
+    let mut worker_config = WorkerConfig::new(
         options.work_dir.join("work"),
         options.work_dir.join("cache"),
     );
-    runner_config.worker_name = options.name.clone();
-    runner_config.max_timeout = options.max_action_timeout;
-    runner_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
-    runner_config.action_user = action_user;
-    let worker_config = WorkerConfig {
+    worker_config.worker_name = options.name.clone();
+    worker_config.max_timeout = options.max_action_timeout;
+    worker_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
+    worker_config.action_user = action_user;
+    let session_config = SessionConfig {
         name: options.name.clone(),
         pool: options.pool.clone(),
         os_family: options.os_family.clone(),
@@ -85,37 +86,35 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         token: options.token.clone(),
     };
 
-    let mut runner: Option<Arc<ActionRunner>> = None;
+    let mut worker: Option<Arc<Worker>> = None;
     let mut retry = Retry::new(&options.name);
     loop {
         let attempt = async {
-            let runner = match &runner {
-                Some(runner) => runner.clone(),
-                // The runner asks the server for its capabilities once;
+            let worker = match &worker {
+                Some(worker) => worker.clone(),
+                // The worker asks the server for its capabilities once;
                 // only that call is worth retrying (opening the local
                 // cache and work directory fails the same way again).
-                None => match ActionRunner::new(
-                    channel.clone(),
-                    runner_config.clone(),
-                    isolations.clone(),
-                )
-                .await
-                {
-                    Ok(runner) => Arc::new(runner),
-                    Err(e @ RunError::Cas { .. }) => {
-                        return Err(Attempt::Retry(
-                            anyhow::Error::new(e).context("starting the action runner"),
-                        ))
+                None => {
+                    match Worker::new(channel.clone(), worker_config.clone(), isolations.clone())
+                        .await
+                    {
+                        Ok(worker) => Arc::new(worker),
+                        Err(e @ RunError::Cas { .. }) => {
+                            return Err(Attempt::Retry(
+                                anyhow::Error::new(e).context("starting the worker"),
+                            ))
+                        }
+                        Err(e) => {
+                            return Err(Attempt::Fatal(
+                                anyhow::Error::new(e).context("starting the worker"),
+                            ))
+                        }
                     }
-                    Err(e) => {
-                        return Err(Attempt::Fatal(
-                            anyhow::Error::new(e).context("starting the action runner"),
-                        ))
-                    }
-                },
+                }
             };
-            match Worker::connect(channel.clone(), worker_config.clone()).await {
-                Ok(worker) => Ok((runner, worker)),
+            match RemoteSession::connect(channel.clone(), session_config.clone()).await {
+                Ok(session) => Ok((worker, session)),
                 Err(e @ SchedulerError::Refused(_)) => Err(Attempt::Fatal(
                     anyhow::Error::new(e)
                         .context(format!("registering with {}", options.scheduler)),
@@ -128,11 +127,11 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
             outcome = attempt => outcome,
         };
         match outcome {
-            Ok((ready, worker)) => {
-                runner = Some(ready.clone());
+            Ok((ready, session)) => {
+                worker = Some(ready.clone());
                 retry.reset();
                 tracing::info!(name = %options.name, pool = %options.pool, scheduler = %options.scheduler, "executor registered");
-                let ended = worker.run(ready, stop.clone()).await;
+                let ended = session.run(ready, stop.clone()).await;
                 if stop.is_cancelled() {
                     return Ok(());
                 }

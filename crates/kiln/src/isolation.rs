@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_container::{Docker, DockerConfig, ImageConfig, Podman, PodmanConfig};
-use kiln_executor::{Isolation, Isolations};
 use kiln_sandbox::{PlainProcess, Sandbox, SandboxConfig};
+use kiln_worker::{Isolation, Isolations};
 use serde::{Deserialize, Serialize};
 
 /// The isolation settings of an executor (embedded or standalone).
@@ -74,12 +74,10 @@ impl IsolationSettings {
                 return Ok(None);
             }
             let nobody = kiln_platform::DockerUser::Name(DEFAULT_ACTION_USER.into());
-            return Ok(Some(
-                kiln_executor::users::resolve(&nobody).unwrap_or(NOBODY),
-            ));
+            return Ok(Some(kiln_worker::users::resolve(&nobody).unwrap_or(NOBODY)));
         }
         let user = kiln_platform::DockerUser::parse("--action-user", &self.action_user)?;
-        let (uid, gid) = kiln_executor::users::resolve(&user)
+        let (uid, gid) = kiln_worker::users::resolve(&user)
             .map_err(|reason| anyhow::anyhow!("--action-user {}: {reason}", self.action_user))?;
         let own = rustix::process::geteuid().as_raw();
         if uid == own {

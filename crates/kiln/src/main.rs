@@ -63,7 +63,7 @@ struct ExecutorArgs {
     /// Pool to register in.
     #[arg(long, default_value = "default")]
     pool: String,
-    /// Name reported in ExecutedActionMetadata.worker (default: kiln-executor-PID).
+    /// Name reported in ExecutedActionMetadata.worker (default: kiln-worker-PID).
     #[arg(long)]
     name: Option<String>,
     /// Actions run at once (0 = number of CPUs).
@@ -130,7 +130,7 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let name = args
         .name
-        .unwrap_or_else(|| format!("kiln-executor-{}", std::process::id()));
+        .unwrap_or_else(|| format!("kiln-worker-{}", std::process::id()));
     let capacity = if args.capacity == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
     } else {
@@ -138,7 +138,7 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
     };
     let work_dir = args
         .work_dir
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-executor-{name}")));
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-worker-{name}")));
     let resources = kiln_scheduler::ResourceAmount::given_or_host(
         kiln_scheduler::ResourceAmount {
             cpu_millis: args.cpu_millis,
@@ -157,7 +157,7 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
         os_family: args.os_family,
         properties: args.properties.into_iter().collect(),
         arch: args.arch.unwrap_or_else(|| {
-            match kiln_scheduler::host_arch() {
+            match kiln_platform::Arch::host() {
                 kiln_platform::Arch::Arm64 => "arm64",
                 kiln_platform::Arch::Amd64 => "amd64",
             }
@@ -179,7 +179,7 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             .transpose()
             .map_err(anyhow::Error::msg)?,
     };
-    let stop = kiln_executor::CancellationToken::new();
+    let stop = kiln_worker::CancellationToken::new();
     let run = kiln::executor::run(options, stop.clone());
     tokio::pin!(run);
     tokio::select! {

@@ -11,8 +11,6 @@ use kiln_cas::{
     ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasService,
     Storage, StorageLimits,
 };
-use kiln_executor::cas::GrpcTransport;
-use kiln_executor::{ActionRunner, Isolations, RunnerConfig};
 use kiln_proto::executor::executor_service_server::ExecutorServiceServer;
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
@@ -20,10 +18,12 @@ use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use kiln_proto::reapi::execution_server::ExecutionServer;
 use kiln_scheduler::{
-    execution_capabilities, EmbeddedExecutor, ExecutionService, ExecutorSessions, ExecutorToken,
+    execution_capabilities, ExecutionService, ExecutorSessions, ExecutorToken, LocalExecutor,
     OperationsService, Scheduler, SchedulerConfig,
 };
 use kiln_store::{BlobStore, DiskStore, DiskStoreConfig, Durability, MemoryStore, TieredStore};
+use kiln_worker::cas::GrpcTransport;
+use kiln_worker::{Isolations, LocalSession, Worker, WorkerConfig};
 use tokio::sync::oneshot;
 use tonic::transport::server::TcpIncoming;
 
@@ -275,8 +275,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
 }
 
 /// Registers the embedded executor in its pool now (so actions are
-/// accepted at once) and starts it once its runner has read this server's
-/// capabilities. Its runner reaches the CAS through `transport`: this
+/// accepted at once) and starts it once its worker has read this server's
+/// capabilities. Its worker reaches the CAS through `transport`: this
 /// server's own CAS, ByteStream and Capabilities services, called
 /// in-process (no loopback connection, no HTTP/2 framing).
 fn start_embedded_executor(
@@ -289,30 +289,31 @@ fn start_embedded_executor(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let execution = &config.execution;
     let root = config.data_dir.join("execution");
-    let executor = EmbeddedExecutor::register(
+    let executor = LocalExecutor::register(
         scheduler,
         execution.pool.clone(),
         execution.effective_resources(&root),
         &isolations.names(),
     );
-    let mut runner_config = RunnerConfig::new(root.join("work"), root.join("cache"));
-    runner_config.worker_name = format!("kiln-embedded/{}", execution.pool);
-    runner_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
-    runner_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
-    runner_config.action_user = action_user;
+    let session = LocalSession::new(executor);
+    let mut worker_config = WorkerConfig::new(root.join("work"), root.join("cache"));
+    worker_config.worker_name = format!("kiln-embedded/{}", execution.pool);
+    worker_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
+    worker_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
+    worker_config.action_user = action_user;
     if let Some(user) = action_user {
-        // Checked here, not only by the runner, so a server whose actions
+        // Checked here, not only by the worker, so a server whose actions
         // could not start fails to start itself, saying why.
-        std::fs::create_dir_all(&runner_config.work_root)
-            .with_context(|| format!("creating {}", runner_config.work_root.display()))?;
-        kiln_executor::workspace::check_reachable(&runner_config.work_root, user)?;
+        std::fs::create_dir_all(&worker_config.work_root)
+            .with_context(|| format!("creating {}", worker_config.work_root.display()))?;
+        kiln_worker::workspace::check_reachable(&worker_config.work_root, user)?;
         tracing::info!(uid = user.0, gid = user.1, "actions run as the action user");
     }
     let concurrency = execution.effective_concurrency();
     Ok(tokio::spawn(async move {
-        match ActionRunner::new(transport, runner_config, isolations).await {
-            Ok(runner) => executor.run(Arc::new(runner), concurrency).await,
-            Err(e) => tracing::error!(error = %e, "embedded executor could not start"),
+        match Worker::new(transport, worker_config, isolations).await {
+            Ok(worker) => session.run(Arc::new(worker), concurrency).await,
+            Err(e) => tracing::error!(error = %e, "the embedded worker could not start"),
         }
     }))
 }

@@ -33,7 +33,7 @@ pub struct CommandSpec {
     /// Files (outside the workspace) that receive stdout and stderr.
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
-    /// The pipes of the runner's [`crate::stdio`] capture into those files;
+    /// The pipes of the worker's [`crate::stdio`] capture into those files;
     /// without one, the command writes the files directly.
     pub output: Option<OutputPipes>,
     /// The action's parsed platform (header overrides included): container

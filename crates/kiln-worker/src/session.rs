@@ -1,12 +1,13 @@
-//! The executor's side of Kiln's executor protocol: `kiln executor`
-//! registers with a scheduler over one stream, heartbeats, runs the actions
-//! it is assigned with an `ActionRunner` and reports their results.
+//! The executor process's side of Kiln's executor protocol: `kiln
+//! executor` registers with a remote scheduler over one stream
+//! ([`RemoteSession`]), heartbeats, runs the actions it is assigned with a
+//! [`Worker`] and reports their results.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_executor::{ActionRunner, CancellationToken, RunError, RunOutcome};
+use crate::{CancellationToken, RunError, RunOutcome, Worker};
 use kiln_platform::{Platform, PropertySources};
 use kiln_proto::executor::executor_message::Kind as ExecutorKind;
 use kiln_proto::executor::executor_service_client::ExecutorServiceClient;
@@ -18,15 +19,15 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::Streaming;
 
-use crate::error::SchedulerError;
-use crate::executor::{run_action, RunRequest};
-use crate::scheduler::{to_rpc_status, ResourceAmount};
-use crate::token::ExecutorToken;
+use kiln_proto::status::to_rpc as to_rpc_status;
+use kiln_scheduler::{ExecutorToken, ResourceAmount, SchedulerError};
+
+use crate::local::{run_action, RunRequest};
 
 /// What an executor process offers.
 #[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    /// Reported as `ExecutedActionMetadata.worker` (the runner's name).
+pub struct SessionConfig {
+    /// Reported as `ExecutedActionMetadata.worker` (the worker's name).
     pub name: String,
     pub pool: String,
     pub os_family: String,
@@ -34,7 +35,7 @@ pub struct WorkerConfig {
     /// Properties this executor declares (`KEY=VALUE`): actions carrying
     /// KEY come here only with the same VALUE.
     pub properties: std::collections::BTreeMap<String, String>,
-    /// The `workload-isolation-type`s its runner offers, default first.
+    /// The `workload-isolation-type`s it offers, default first.
     pub isolation_types: Vec<String>,
     /// Actions run at once.
     pub capacity: u32,
@@ -47,16 +48,19 @@ pub struct WorkerConfig {
 }
 
 /// A registered session with a scheduler.
-pub struct Worker {
-    config: WorkerConfig,
+pub struct RemoteSession {
+    config: SessionConfig,
     outbound: mpsc::Sender<ExecutorMessage>,
     inbound: Streaming<kiln_proto::executor::SchedulerMessage>,
 }
 
-impl Worker {
+impl RemoteSession {
     /// Opens the session and registers; returns once the scheduler has
     /// accepted the registration.
-    pub async fn connect(channel: Channel, config: WorkerConfig) -> Result<Worker, SchedulerError> {
+    pub async fn connect(
+        channel: Channel,
+        config: SessionConfig,
+    ) -> Result<RemoteSession, SchedulerError> {
         let (outbound, receiver) = mpsc::channel(64);
         let register = ExecutorMessage {
             kind: Some(ExecutorKind::Register(Register {
@@ -81,7 +85,7 @@ impl Worker {
         if let Some(token) = &config.token {
             request
                 .metadata_mut()
-                .insert(crate::token::HEADER, token.header_value());
+                .insert(kiln_scheduler::token::HEADER, token.header_value());
         }
         let mut inbound = ExecutorServiceClient::new(channel)
             .session(request)
@@ -91,7 +95,7 @@ impl Worker {
         match inbound.message().await {
             Ok(Some(kiln_proto::executor::SchedulerMessage {
                 kind: Some(SchedulerKind::Registered(_)),
-            })) => Ok(Worker {
+            })) => Ok(RemoteSession {
                 config,
                 outbound,
                 inbound,
@@ -111,7 +115,7 @@ impl Worker {
     /// session still running.
     pub async fn run(
         mut self,
-        runner: Arc<ActionRunner>,
+        worker: Arc<Worker>,
         stop: CancellationToken,
     ) -> Result<(), SchedulerError> {
         let mut running: HashMap<String, CancellationToken> = HashMap::new();
@@ -140,11 +144,11 @@ impl Worker {
                         Some(SchedulerKind::Assignment(assignment)) => {
                             let cancel = CancellationToken::new();
                             running.insert(assignment.assignment_id.clone(), cancel.clone());
-                            let runner = runner.clone();
+                            let worker = worker.clone();
                             let done = done_sender.clone();
                             tasks.spawn(async move {
                                 let id = assignment.assignment_id.clone();
-                                let finished = run_assignment(runner, assignment, cancel).await;
+                                let finished = run_assignment(worker, assignment, cancel).await;
                                 let _ = done.send((id, finished)).await;
                             });
                         }
@@ -192,7 +196,7 @@ fn registration_failed(step: &str, status: tonic::Status) -> SchedulerError {
 
 /// Runs one assignment; every failure becomes the reported status.
 async fn run_assignment(
-    runner: Arc<ActionRunner>,
+    worker: Arc<Worker>,
     assignment: Assignment,
     cancel: CancellationToken,
 ) -> ActionFinished {
@@ -232,7 +236,7 @@ async fn run_assignment(
         platform,
         cancel,
     };
-    let outcome: Result<RunOutcome, RunError> = run_action(runner, action).await;
+    let outcome: Result<RunOutcome, RunError> = run_action(worker, action).await;
     match outcome {
         Ok(outcome) => ActionFinished {
             assignment_id: assignment.assignment_id,

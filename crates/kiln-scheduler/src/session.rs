@@ -334,7 +334,7 @@ impl Session {
             details: vec![],
         });
         self.scheduler
-            .finished_with(&running.action, result, status, finished.cacheable)
+            .finished(&running.action, result, status, finished.cacheable)
             .await;
     }
 }

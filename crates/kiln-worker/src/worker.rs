@@ -1,4 +1,4 @@
-//! [`ActionRunner`]: runs one action given its digest, start to finish:
+//! [`Worker`]: runs one action given its digest, start to finish:
 //! fetch and check the Action, Command and input tree, materialize the
 //! workspace, run the command under the configured [`Isolation`], upload the
 //! outputs, and record every phase in `ExecutedActionMetadata`.
@@ -31,7 +31,7 @@ use crate::workspace::{DirAccess, InputProtection, Layout, OverlayMount};
 
 /// The executor's settings for running actions.
 #[derive(Debug, Clone)]
-pub struct RunnerConfig {
+pub struct WorkerConfig {
     /// Where per-action directories (workspace and captured output) go.
     pub work_root: PathBuf,
     /// The local file cache. Best on the same file system as `work_root`,
@@ -61,13 +61,13 @@ pub struct RunnerConfig {
     pub action_user: Option<(u32, u32)>,
 }
 
-impl RunnerConfig {
+impl WorkerConfig {
     /// Defaults for everything but the paths.
-    pub fn new(work_root: impl Into<PathBuf>, cache_dir: impl Into<PathBuf>) -> RunnerConfig {
-        RunnerConfig {
+    pub fn new(work_root: impl Into<PathBuf>, cache_dir: impl Into<PathBuf>) -> WorkerConfig {
+        WorkerConfig {
             work_root: work_root.into(),
             cache_dir: cache_dir.into(),
-            worker_name: "kiln-executor".into(),
+            worker_name: "kiln-worker".into(),
             max_timeout: Duration::from_secs(3600),
             default_grace: Duration::from_secs(10),
             keep_workspaces: false,
@@ -118,10 +118,10 @@ struct WorkspacePlan {
 
 /// Runs actions: one CAS client, one file cache, the isolation backends
 /// the executor offers.
-pub struct ActionRunner {
+pub struct Worker {
     cas: CasClient,
     cache: Arc<FileCache>,
-    config: RunnerConfig,
+    config: WorkerConfig,
     isolations: Isolations,
     /// Action directories, and the directories reused inside them.
     scratch: Arc<Scratch>,
@@ -129,16 +129,16 @@ pub struct ActionRunner {
     protection: InputProtection,
 }
 
-impl ActionRunner {
+impl Worker {
     /// Connects to the CAS over `transport` (reading its capabilities) and
     /// opens the file cache. `transport` is a `Channel` to a server, or a
     /// [`GrpcTransport`] over the server's own services, called in-process
     /// (the executor embedded in `kiln serve`).
     pub async fn new(
         transport: impl Into<GrpcTransport>,
-        config: RunnerConfig,
+        config: WorkerConfig,
         isolations: Isolations,
-    ) -> Result<ActionRunner, RunError> {
+    ) -> Result<Worker, RunError> {
         let cas = CasClient::new(transport, "").await?;
         let cache = Arc::new(FileCache::open_limited(
             &config.cache_dir,
@@ -154,7 +154,7 @@ impl ActionRunner {
             crate::workspace::check_reachable(&config.work_root, user)?;
         }
         let protection = InputProtection::probe(&config.work_root);
-        Ok(ActionRunner {
+        Ok(Worker {
             cas,
             cache,
             config,
@@ -164,7 +164,7 @@ impl ActionRunner {
         })
     }
 
-    /// The isolation types this runner offers, its default first.
+    /// The isolation types this worker offers, its default first.
     pub fn isolation_types(&self) -> Vec<&'static str> {
         self.isolations.names()
     }
@@ -174,7 +174,7 @@ impl ActionRunner {
         &self.cache
     }
 
-    pub fn config(&self) -> &RunnerConfig {
+    pub fn config(&self) -> &WorkerConfig {
         &self.config
     }
 
@@ -718,18 +718,18 @@ async fn recycle_action_dir(action_dir: PathBuf, scratch: Arc<Scratch>) {
 mod tests {
     use super::*;
 
-    /// Compile-time check: the future of [`ActionRunner::run`] can be given
+    /// Compile-time check: the future of [`Worker::run`] can be given
     /// to `tokio::spawn` (it is `Send + 'static` once its arguments are
     /// owned by the task), so executors need no thread per running action.
     /// Never called; that it compiles is the test.
     fn spawn_run(
-        runner: Arc<ActionRunner>,
+        worker: Arc<Worker>,
         instance_name: String,
         action_digest: Digest,
         platform: Platform,
     ) -> tokio::task::JoinHandle<Result<RunOutcome, RunError>> {
         tokio::spawn(async move {
-            runner
+            worker
                 .run(
                     &instance_name,
                     &action_digest,

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_cas::{ByteStreamService, CapabilitiesService, CasService, Storage, StorageLimits};
-use kiln_executor::cas::{digest_of, CasClient, GrpcTransport, UploadSource};
-use kiln_executor::RunError;
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use kiln_store::MemoryStore;
+use kiln_worker::cas::{digest_of, CasClient, GrpcTransport, UploadSource};
+use kiln_worker::RunError;
 
 /// A transport over the three storage services, no socket anywhere.
 /// `max_decoding` is the CAS service's own request-size limit.

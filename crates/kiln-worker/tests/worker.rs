@@ -1,6 +1,6 @@
 //! End-to-end tests of the action runner: a real Kiln server in-process on
 //! 127.0.0.1, real protos and files uploaded with tonic clients, real
-//! processes (/bin/sh, /bin/echo, /bin/sleep) run by `ActionRunner`.
+//! processes (/bin/sh, /bin/echo, /bin/sleep) run by `Worker`.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -10,10 +10,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use kiln::config::Config;
 use kiln::serve::RunningServer;
-use kiln_executor::error::PreconditionFailure;
-use kiln_executor::{
-    ActionRunner, CancellationToken, Isolations, NoIsolation, RunError, RunnerConfig,
-};
 use kiln_platform::Platform;
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::ReadRequest;
@@ -22,6 +18,8 @@ use kiln_proto::reapi::{
     self, batch_update_blobs_request, command::EnvironmentVariable, Action, Command, Digest,
     Directory, DirectoryNode, FileNode, SymlinkNode, Tree,
 };
+use kiln_proto::status::PreconditionFailure;
+use kiln_worker::{CancellationToken, Isolations, NoIsolation, RunError, Worker, WorkerConfig};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
@@ -43,7 +41,7 @@ struct Harness {
     server: Option<RunningServer>,
     channel: Channel,
     dir: tempfile::TempDir,
-    runner: ActionRunner,
+    runner: Worker,
 }
 
 impl Harness {
@@ -56,7 +54,7 @@ impl Harness {
     async fn start_with(
         dir: tempfile::TempDir,
         runner_root: PathBuf,
-        adjust: impl FnOnce(&mut RunnerConfig),
+        adjust: impl FnOnce(&mut WorkerConfig),
     ) -> Harness {
         let mut config = Config::loopback(dir.path().join("server"));
         config.storage.max_size = "1GiB".into();
@@ -64,12 +62,12 @@ impl Harness {
         let server = kiln::serve::start(&config).await.expect("server starts");
         let channel = server.connect().await.unwrap();
         let mut runner_config =
-            RunnerConfig::new(runner_root.join("work"), runner_root.join("cache"));
+            WorkerConfig::new(runner_root.join("work"), runner_root.join("cache"));
         runner_config.worker_name = "test-worker".into();
         runner_config.max_timeout = Duration::from_secs(600);
         runner_config.default_grace = Duration::from_secs(60);
         adjust(&mut runner_config);
-        let runner = ActionRunner::new(
+        let runner = Worker::new(
             channel.clone(),
             runner_config,
             Isolations::new(Arc::new(NoIsolation)),
@@ -157,7 +155,7 @@ impl Harness {
         &self,
         action: &Digest,
         platform: &Platform,
-    ) -> Result<kiln_executor::RunOutcome, RunError> {
+    ) -> Result<kiln_worker::RunOutcome, RunError> {
         self.run_cancellable(action, platform, CancellationToken::new())
             .await
     }
@@ -167,7 +165,7 @@ impl Harness {
         action: &Digest,
         platform: &Platform,
         cancel: CancellationToken,
-    ) -> Result<kiln_executor::RunOutcome, RunError> {
+    ) -> Result<kiln_worker::RunOutcome, RunError> {
         tokio::time::timeout(HANG_GUARD, self.runner.run("", action, platform, cancel))
             .await
             .expect("the run ends")

@@ -350,7 +350,7 @@ impl FileCache {
     }
 
     /// Makes the output file at `source`, which a finished action left
-    /// and the runner hashed to `digest` once the action's processes were
+    /// and the worker hashed to `digest` once the action's processes were
     /// gone, the entry for (digest, executable) by a hardlink; the file
     /// becomes read-only. Nothing happens when the entry exists or the
     /// file cannot be linked (another file system, another owner).

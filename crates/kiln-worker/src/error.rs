@@ -2,9 +2,8 @@
 //! `tonic::Status` at the edge (the scheduler answering `Execute`). Every
 //! message names the digest, path or limit involved.
 
-use bytes::Bytes;
 use kiln_proto::reapi::Digest;
-use prost::Message;
+use kiln_proto::status;
 
 /// Why an action could not be run to completion. A command that runs and
 /// fails is *not* an error: it is an `ActionResult` with its exit code.
@@ -82,56 +81,11 @@ fn format_digests(digests: &[Digest]) -> String {
         .join(", ")
 }
 
-/// `google.rpc.PreconditionFailure`, which `bazel-remote-apis` does not ship.
-#[derive(Clone, PartialEq, Message)]
-pub struct PreconditionFailure {
-    #[prost(message, repeated, tag = "1")]
-    pub violations: Vec<Violation>,
-}
-
-/// `google.rpc.PreconditionFailure.Violation`.
-#[derive(Clone, PartialEq, Message)]
-pub struct Violation {
-    #[prost(string, tag = "1")]
-    pub r#type: String,
-    #[prost(string, tag = "2")]
-    pub subject: String,
-    #[prost(string, tag = "3")]
-    pub description: String,
-}
-
-/// The violation type REAPI defines for a blob missing from the CAS.
-pub const VIOLATION_TYPE_MISSING: &str = "MISSING";
-
 impl From<RunError> for tonic::Status {
     fn from(error: RunError) -> tonic::Status {
         let message = error.to_string();
         match error {
-            RunError::MissingInputs(digests) => {
-                let failure = PreconditionFailure {
-                    violations: digests
-                        .iter()
-                        .map(|digest| Violation {
-                            r#type: VIOLATION_TYPE_MISSING.into(),
-                            subject: format!("blobs/{}", format_digest(digest)),
-                            description: String::new(),
-                        })
-                        .collect(),
-                };
-                let details = kiln_proto::rpc::Status {
-                    code: tonic::Code::FailedPrecondition as i32,
-                    message: message.clone(),
-                    details: vec![kiln_proto::protobuf::Any {
-                        type_url: "type.googleapis.com/google.rpc.PreconditionFailure".into(),
-                        value: failure.encode_to_vec(),
-                    }],
-                };
-                tonic::Status::with_details(
-                    tonic::Code::FailedPrecondition,
-                    message,
-                    Bytes::from(details.encode_to_vec()),
-                )
-            }
+            RunError::MissingInputs(digests) => status::missing_blobs(message, &digests),
             RunError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             RunError::Unsupported(_) => tonic::Status::failed_precondition(message),
             RunError::Unavailable(_) => tonic::Status::unavailable(message),

@@ -36,7 +36,7 @@ const DEFAULT_MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024 - 64 * 1024;
 /// Chunk size of ByteStream writes.
 const WRITE_CHUNK_BYTES: usize = 1024 * 1024;
 
-/// The SHA-256 digest of `data` (the only digest function the runner uses).
+/// The SHA-256 digest of `data` (the only digest function the worker uses).
 pub fn digest_of(data: &[u8]) -> Digest {
     Digest {
         hash: hex::encode(Sha256::digest(data)),
@@ -93,7 +93,7 @@ impl From<Channel> for GrpcTransport {
 
 /// The transport's error: the service's own error, boxed. A named type
 /// rather than a bare `Box<dyn Error>`: with the latter as the client's
-/// error type, rustc cannot prove the runner's future `Send` for every
+/// error type, rustc cannot prove the worker's future `Send` for every
 /// lifetime (the `tokio::spawn` in kiln-scheduler's `run_action` fails).
 /// Display and `source` pass through, so tonic maps it to a `Status` (by
 /// the `Status`, connect or hyper error in its source chain, else Unknown
@@ -413,7 +413,7 @@ impl CasClient {
 /// The WriteRequests of one upload, as a concrete `'static` stream built
 /// outside `write_one`. Why: handing tonic's client-streaming `write` a
 /// boxed `dyn Stream` (or closures carrying `write_one`'s lifetimes) makes
-/// its future not provably `Send` for every lifetime, so the runner's
+/// its future not provably `Send` for every lifetime, so the worker's
 /// future could not be given to `tokio::spawn`.
 fn write_requests(
     chunks: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,

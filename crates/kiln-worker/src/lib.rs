@@ -1,7 +1,12 @@
-//! Kiln's action runner: the part of REAPI execution that runs *one*
-//! action given its digest. The scheduler that decides which action runs
-//! where lives elsewhere; this crate owns what happens on the executor:
+//! Kiln's worker: what runs on an executor. It holds the executor's
+//! session with a scheduler and runs *one* action at a time per task,
+//! given its digest. The scheduler that decides which action runs where is
+//! `kiln-scheduler`; this crate uses its public API only.
 //!
+//! - [`session`]: [`RemoteSession`], the `kiln executor` process's session
+//!   with a remote scheduler (register, heartbeat, run, report);
+//! - [`local`]: [`LocalSession`], the embedded worker of `kiln serve`,
+//!   leasing actions from the scheduler in the same process;
 //! - [`cas`]: the CAS client (batched small blobs, streamed large ones);
 //! - [`cache`]: the local content-addressed file cache inputs are linked from;
 //! - [`inputs`]: fetching, checking and materializing the input tree;
@@ -17,7 +22,7 @@
 //! - [`workspace`]: how inputs are laid out so no action can change the
 //!   cache (linked, overlaid or copied), and the overlay mounts;
 //! - [`users`]: user names and uids from the host's /etc/passwd;
-//! - [`runner`]: [`ActionRunner`], which composes the above.
+//! - [`worker`]: [`Worker`], which runs one action by composing the above.
 //!
 //! Errors are one type, [`RunError`], converted to a `tonic::Status` at the
 //! edge. [`RunError::ExecutorUnavailable`] (a full disk) means "retry on
@@ -29,17 +34,21 @@ pub mod cas;
 pub mod error;
 pub mod inputs;
 pub mod isolation;
+pub mod local;
 pub mod outputs;
 pub mod process;
-pub mod runner;
 pub mod scratch;
+pub mod session;
 pub mod stdio;
 pub mod users;
 pub mod validate;
+pub mod worker;
 pub mod workspace;
 
 pub use error::RunError;
 pub use isolation::{CommandSpec, Isolation, Isolations, NoIsolation, RunAs};
+pub use local::LocalSession;
 pub use process::{Limits, ProcessOutcome, StopReason};
-pub use runner::{ActionRunner, RunOutcome, RunnerConfig};
+pub use session::{RemoteSession, SessionConfig};
 pub use tokio_util::sync::CancellationToken;
+pub use worker::{RunOutcome, Worker, WorkerConfig};

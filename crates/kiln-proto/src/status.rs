@@ -1,0 +1,78 @@
+//! Statuses on the wire: REAPI's "missing blobs" answer
+//! (`FAILED_PRECONDITION` with a `google.rpc.PreconditionFailure`), and a
+//! `tonic::Status` as the `google.rpc.Status` an `ExecuteResponse` carries.
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::reapi::Digest;
+use crate::{protobuf, rpc};
+
+/// `google.rpc.PreconditionFailure`, which `bazel-remote-apis` does not ship.
+#[derive(Clone, PartialEq, Message)]
+pub struct PreconditionFailure {
+    #[prost(message, repeated, tag = "1")]
+    pub violations: Vec<Violation>,
+}
+
+/// `google.rpc.PreconditionFailure.Violation`.
+#[derive(Clone, PartialEq, Message)]
+pub struct Violation {
+    #[prost(string, tag = "1")]
+    pub r#type: String,
+    #[prost(string, tag = "2")]
+    pub subject: String,
+    #[prost(string, tag = "3")]
+    pub description: String,
+}
+
+/// The violation type REAPI defines for a blob missing from the CAS.
+pub const VIOLATION_TYPE_MISSING: &str = "MISSING";
+
+/// `type_url` of a packed [`PreconditionFailure`].
+pub const PRECONDITION_FAILURE_TYPE: &str = "type.googleapis.com/google.rpc.PreconditionFailure";
+
+/// `FAILED_PRECONDITION` with `message` and one `MISSING` violation per
+/// digest (subject `blobs/HASH/SIZE`): the answer that makes Bazel upload
+/// the blobs and retry.
+pub fn missing_blobs(message: impl Into<String>, digests: &[Digest]) -> tonic::Status {
+    let message = message.into();
+    let failure = PreconditionFailure {
+        violations: digests
+            .iter()
+            .map(|digest| Violation {
+                r#type: VIOLATION_TYPE_MISSING.into(),
+                subject: format!("blobs/{}/{}", digest.hash, digest.size_bytes),
+                description: String::new(),
+            })
+            .collect(),
+    };
+    let details = rpc::Status {
+        code: tonic::Code::FailedPrecondition as i32,
+        message: message.clone(),
+        details: vec![protobuf::Any {
+            type_url: PRECONDITION_FAILURE_TYPE.into(),
+            value: failure.encode_to_vec(),
+        }],
+    };
+    tonic::Status::with_details(
+        tonic::Code::FailedPrecondition,
+        message,
+        Bytes::from(details.encode_to_vec()),
+    )
+}
+
+/// A `tonic::Status` as the `google.rpc.Status` of an ExecuteResponse,
+/// keeping its details (a PreconditionFailure).
+pub fn to_rpc(status: tonic::Status) -> rpc::Status {
+    if !status.details().is_empty() {
+        if let Ok(decoded) = rpc::Status::decode(status.details()) {
+            return decoded;
+        }
+    }
+    rpc::Status {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: vec![],
+    }
+}
