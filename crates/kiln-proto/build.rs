@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/google/bytestream/bytestream.proto",
         "proto/kiln/executor/v1/executor.proto",
+        "proto/kiln/runner/v1/runner.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -156,6 +156,7 @@ mod tests {
             output: None,
             platform: Arc::new(platform),
             action_user: None,
+            runner_tmp: None,
         }
     }
 

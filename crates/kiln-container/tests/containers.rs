@@ -190,6 +190,7 @@ impl Action {
                 output: None,
                 platform: Arc::new(platform),
                 action_user: None,
+                runner_tmp: None,
             },
             _dir: dir,
         }

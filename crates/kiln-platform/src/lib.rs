@@ -617,6 +617,22 @@ impl Platform {
                 }
             }
         }
+        // Options of a warm runner mean nothing without one: refused rather
+        // than ignored.
+        if platform.preserve_workspace && !platform.recycle_runner {
+            return Err(invalid(
+                "preserve-workspace",
+                "true",
+                "a workspace is preserved only in a warm runner: set recycle-runner=true too",
+            ));
+        }
+        if !platform.clean_workspace_inputs.is_empty() && !platform.preserve_workspace {
+            return Err(invalid(
+                "clean-workspace-inputs",
+                &platform.clean_workspace_inputs.join(","),
+                "cleans a preserved workspace: set preserve-workspace=true and recycle-runner=true too",
+            ));
+        }
         // Explicit estimates win over the compute-unit shorthand.
         let units_cpu = compute_units.map(|u| (u * COMPUTE_UNIT_MILLIS as f64).round() as u64);
         let units_memory = compute_units.map(|u| (u * COMPUTE_UNIT_BYTES as f64).round() as u64);

@@ -106,7 +106,6 @@ fn malformed_values_name_key_value_and_what_is_accepted() {
         ("dockerNetwork", "host", "off or bridge"),
         ("container-image", "docker://Bad Image", "docker://"),
         ("container-image", "docker://alpine@sha256:abc", "sha256"),
-        ("clean-workspace-inputs", "a/[", "globs"),
         ("persistentWorkerProtocol", "xml", "proto or json"),
         ("Pool", " ", "non-empty"),
     ] {
@@ -116,6 +115,44 @@ fn malformed_values_name_key_value_and_what_is_accepted() {
         assert!(message.contains(value), "{message}");
         assert!(message.contains(accepted), "{key}: {message}");
     }
+    let error = parse_action(&[
+        ("recycle-runner", "true"),
+        ("preserve-workspace", "true"),
+        ("clean-workspace-inputs", "a/["),
+    ])
+    .unwrap_err();
+    {
+        let (key, value, accepted) = ("clean-workspace-inputs", "a/[", "globs");
+        let message = error.to_string();
+        assert!(message.contains(key), "{message}");
+        assert!(message.contains(value), "{message}");
+        assert!(message.contains(accepted), "{key}: {message}");
+    }
+}
+
+#[test]
+fn warm_runner_options_without_a_warm_runner_are_refused_not_ignored() {
+    let error = parse_action(&[("preserve-workspace", "true")]).unwrap_err();
+    assert!(error.to_string().contains("recycle-runner=true"), "{error}");
+    let error = parse_action(&[
+        ("recycle-runner", "true"),
+        ("clean-workspace-inputs", "*.o"),
+    ])
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("clean-workspace-inputs"),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("preserve-workspace=true"),
+        "{error}"
+    );
+    parse_action(&[
+        ("recycle-runner", "true"),
+        ("preserve-workspace", "true"),
+        ("clean-workspace-inputs", "*.o"),
+    ])
+    .unwrap();
 }
 
 #[test]

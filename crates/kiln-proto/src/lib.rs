@@ -13,6 +13,15 @@ pub mod executor {
     tonic::include_proto!("kiln.executor.v1");
 }
 
+/// What Kiln reports about the runner of an action
+/// (`ExecutedActionMetadata.auxiliary_metadata`).
+pub mod runner {
+    tonic::include_proto!("kiln.runner.v1");
+
+    /// The `Any.type_url` of a packed [`RunnerUsage`].
+    pub const RUNNER_USAGE_TYPE: &str = "type.googleapis.com/kiln.runner.v1.RunnerUsage";
+}
+
 pub mod status;
 
 /// `google.bytestream`, with `bytes::Bytes` payloads.

@@ -40,6 +40,7 @@ async fn measure(
         output: None,
         platform: Arc::new(platform),
         action_user: None,
+        runner_tmp: None,
     };
     let cancel = CancellationToken::new();
     // One untimed run first: page cache, lazily created state.

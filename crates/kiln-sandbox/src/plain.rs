@@ -69,6 +69,11 @@ impl Isolation for PlainProcess {
         self.cgroups.is_some()
     }
 
+    /// Only where nothing an action started can reach into the next one.
+    fn keeps_warm_runners(&self) -> bool {
+        self.stops_every_process()
+    }
+
     async fn run(
         &self,
         spec: &CommandSpec,

@@ -171,7 +171,7 @@ impl Sandbox {
             pids_max: Some(16),
         };
         let cgroup = self.cgroup(&limits).map_err(|e| e.to_string())?;
-        let plan = self.plan(None, Path::new("/"), None, true, cgroup.as_ref());
+        let plan = self.plan(None, None, Path::new("/"), None, true, cgroup.as_ref());
         self.trial_run_cloned(&plan)?;
 
         // And with an init (dockerInit).
@@ -257,12 +257,13 @@ impl Sandbox {
     fn plan(
         &self,
         workspace: Option<&Path>,
+        runner_tmp: Option<&Path>,
         working_directory: &Path,
         user: Option<(u32, u32)>,
         new_network: bool,
         cgroup: Option<&Cgroup>,
     ) -> Plan {
-        let (new_root, before_pivot, after_pivot) = self.view.with_workspace(workspace);
+        let (new_root, before_pivot, after_pivot) = self.view.with_workspace(workspace, runner_tmp);
         Plan {
             namespaces: true,
             cgroup_join: cgroup.map(Cgroup::join_fds).unwrap_or_default(),
@@ -416,6 +417,10 @@ impl Isolation for Sandbox {
         true
     }
 
+    fn keeps_warm_runners(&self) -> bool {
+        true
+    }
+
     async fn run(
         &self,
         spec: &CommandSpec,
@@ -434,6 +439,7 @@ impl Isolation for Sandbox {
         let cgroup = self.cgroup(limits)?;
         let plan = Arc::new(self.plan(
             Some(&spec.workspace),
+            spec.runner_tmp.as_deref(),
             &spec.working_directory,
             user,
             spec.platform.docker_network == DockerNetwork::Off,

@@ -382,9 +382,19 @@ impl View {
     }
 
     /// The complete steps for one action: the shared view plus its
-    /// workspace, read-write at its own path.
-    pub fn with_workspace(&self, workspace: Option<&Path>) -> (CString, Vec<Op>, Vec<Op>) {
+    /// workspace, read-write at its own path, and a warm runner's /tmp.
+    pub fn with_workspace(
+        &self,
+        workspace: Option<&Path>,
+        runner_tmp: Option<&Path>,
+    ) -> (CString, Vec<Op>, Vec<Op>) {
         let mut view = self.clone();
+        // A warm runner's /tmp covers the private tmpfs, before the
+        // workspace that may live below /tmp is mounted.
+        if let Some(tmp) = runner_tmp {
+            let target = c_path(&view.inside(Path::new("/tmp")));
+            view.bind(tmp, target, false);
+        }
         if let Some(workspace) = workspace {
             view.mkdir(workspace);
             let target = c_path(&view.inside(workspace));
@@ -410,7 +420,7 @@ mod tests {
     #[test]
     fn the_workspace_is_mounted_after_the_private_tmp_it_may_live_in() {
         let view = View::new(Path::new("/run/root"), &[], &[]);
-        let (root, before, after) = view.with_workspace(Some(Path::new("/tmp/ws/a")));
+        let (root, before, after) = view.with_workspace(Some(Path::new("/tmp/ws/a")), None);
         assert_eq!(root.to_str().unwrap(), "/run/root");
         let mounts = targets(&before);
         let tmp = mounts.iter().position(|t| t == "/run/root/tmp").unwrap();

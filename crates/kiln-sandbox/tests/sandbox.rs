@@ -97,6 +97,7 @@ impl Action {
             output: None,
             platform: Arc::new(self.platform.clone()),
             action_user: None,
+            runner_tmp: None,
         }
     }
 

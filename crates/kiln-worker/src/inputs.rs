@@ -257,9 +257,14 @@ pub struct Placement {
     pub copy: bool,
     /// Owner and mode of each directory made.
     pub directories: DirAccess,
+    /// The workspace is a warm runner's, kept with `preserve-workspace`:
+    /// directories that exist are used, and whatever is at an input's path
+    /// is replaced by the input.
+    pub over_existing: bool,
 }
 
-/// Lays the tree out under `workspace` (which must exist and be empty):
+/// Lays the tree out under `workspace` (which must exist and be empty,
+/// unless `placement.over_existing`):
 /// directories (empty ones too), files hardlinked from the cache (copied
 /// where a hardlink is refused, e.g. across devices, or where `placement`
 /// says so), symlinks as given.
@@ -298,22 +303,34 @@ impl Tree<'_> {
                 format_digest(digest)
             ))
         })?;
+        let over = self.placement.over_existing;
         for file in &directory.files {
             let file_digest = file.digest.clone().unwrap_or_default();
             let source = self.cache.path(&file_digest, file.is_executable);
-            self.place_file(&source, &path.join(&file.name))?;
+            let target = path.join(&file.name);
+            if over {
+                clear_path(&target, false)?;
+            }
+            self.place_file(&source, &target)?;
         }
         for symlink in &directory.symlinks {
             let target = path.join(&symlink.name);
+            if over {
+                clear_path(&target, false)?;
+            }
             std::os::unix::fs::symlink(&symlink.target, &target)
                 .map_err(|e| RunError::io(format!("creating symlink {}", target.display()), e))?;
         }
         for child in &directory.directories {
             let child_path = path.join(&child.name);
-            self.scratch
-                .make_dir(&child_path)
-                .and_then(|()| self.placement.directories.apply(&child_path))
-                .map_err(|e| RunError::io(format!("creating {}", child_path.display()), e))?;
+            let exists = over && clear_path(&child_path, true)?;
+            if !exists {
+                self.scratch.make_dir(&child_path)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| self.placement.directories.apply(&child_path))
+            .map_err(|e| RunError::io(format!("creating {}", child_path.display()), e))?;
             self.materialize_directory(
                 child.digest.as_ref().unwrap_or(&Digest::default()),
                 &child_path,
@@ -346,6 +363,83 @@ impl Tree<'_> {
         })?;
         Ok(())
     }
+}
+
+/// Deletes whatever is at `path` (not following a symlink there), except a
+/// real directory when `keep_directory`: then true says it is there.
+/// `path`'s ancestors must be real directories (the walk checked them).
+fn clear_path(path: &Path, keep_directory: bool) -> Result<bool, RunError> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => Err(e),
+        Ok(meta) if meta.is_dir() && keep_directory => return Ok(true),
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+    };
+    removed.map_err(|e| RunError::io(format!("replacing {}", path.display()), e))?;
+    Ok(false)
+}
+
+/// Clears, in an overlay's upper layer `upper` kept by a warm runner, what
+/// would hide the tree `root` in the lower one: entries at its files' and
+/// symlinks' paths, non-directories at its directories' paths, and the
+/// opaque mark of a directory the previous action replaced. Blocking.
+pub fn clear_shadows(
+    directories: &DirectoryMap,
+    root: &Digest,
+    upper: &Path,
+) -> Result<(), RunError> {
+    let Some(directory) = directories.get(root) else {
+        return Ok(());
+    };
+    for name in directory
+        .files
+        .iter()
+        .map(|f| &f.name)
+        .chain(directory.symlinks.iter().map(|s| &s.name))
+    {
+        clear_path(&upper.join(name), false)?;
+    }
+    for child in &directory.directories {
+        let path = upper.join(&child.name);
+        if clear_path(&path, true)? {
+            // Absent unless the previous action replaced the directory.
+            let _ = rustix::fs::lremovexattr(&path, "trusted.overlay.opaque");
+            clear_shadows(
+                directories,
+                child.digest.as_ref().unwrap_or(&Digest::default()),
+                &path,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The paths of the tree's files and symlinks, relative to its root.
+pub fn file_paths(directories: &DirectoryMap, root: &Digest) -> Vec<std::path::PathBuf> {
+    fn walk(
+        directories: &DirectoryMap,
+        digest: &Digest,
+        prefix: &Path,
+        out: &mut Vec<std::path::PathBuf>,
+    ) {
+        let Some(directory) = directories.get(digest) else {
+            return;
+        };
+        out.extend(directory.files.iter().map(|f| prefix.join(&f.name)));
+        out.extend(directory.symlinks.iter().map(|s| prefix.join(&s.name)));
+        for child in &directory.directories {
+            walk(
+                directories,
+                child.digest.as_ref().unwrap_or(&Digest::default()),
+                &prefix.join(&child.name),
+                out,
+            );
+        }
+    }
+    let mut out = Vec::new();
+    walk(directories, root, Path::new(""), &mut out);
+    out
 }
 
 fn is_disk_full(error: &std::io::Error) -> bool {

@@ -43,6 +43,9 @@ pub struct CommandSpec {
     /// `sandbox` actions run as unless the platform says otherwise. None:
     /// the executor's own user (an executor that is not root cannot switch).
     pub action_user: Option<(u32, u32)>,
+    /// A warm runner's own /tmp on the host (`sandbox` mounts it over its
+    /// private tmpfs, so it outlives the action); None: a fresh /tmp.
+    pub runner_tmp: Option<PathBuf>,
 }
 
 impl CommandSpec {
@@ -125,6 +128,14 @@ pub trait Isolation: Send + Sync {
     /// action's output files become cache entries in place: a process
     /// left behind could still write to them through an open descriptor.
     fn stops_every_process(&self) -> bool {
+        false
+    }
+
+    /// Whether this backend keeps warm runners (`recycle-runner=true`): a
+    /// kept action directory, and [`CommandSpec::runner_tmp`] where the
+    /// backend has a private /tmp. A backend that does not runs every
+    /// action in a fresh runner, and says so in the result's metadata.
+    fn keeps_warm_runners(&self) -> bool {
         false
     }
 

@@ -18,6 +18,7 @@
 //! - [`outputs`]: turning the declared outputs into ActionResult entries;
 //! - [`stdio`]: the pipes an action's stdout and stderr go through, drained
 //!   into files that exist only when the action printed something;
+//! - [`runners`]: warm runners (`recycle-runner`), kept by runner key;
 //! - [`scratch`]: action directories, and the directories reused inside them;
 //! - [`workspace`]: how inputs are laid out so no action can change the
 //!   cache (linked, overlaid or copied), and the overlay mounts;
@@ -37,6 +38,7 @@ pub mod isolation;
 pub mod local;
 pub mod outputs;
 pub mod process;
+pub mod runners;
 pub mod scratch;
 pub mod session;
 pub mod stdio;

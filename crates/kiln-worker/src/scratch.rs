@@ -113,7 +113,7 @@ impl Scratch {
     /// Blocking.
     pub fn recycle(&self, action_dir: PathBuf) -> std::io::Result<()> {
         let keep = self.action_dirs.lock().expect("scratch lock").len() < SPARE_ACTION_DIRS
-            && self.empty_action_dir(&action_dir).is_ok();
+            && self.empty_action_dir(&action_dir, &[]).is_ok();
         if keep {
             self.action_dirs
                 .lock()
@@ -129,13 +129,17 @@ impl Scratch {
 
     /// Deletes everything in `action_dir` but the directories every action
     /// has (its workspace, its io, and an overlay's lower and upper
-    /// layers), and empties those. Files are unlinked, not truncated: a
-    /// process that escaped its group would otherwise write into a later
-    /// action's output.
-    fn empty_action_dir(&self, action_dir: &Path) -> std::io::Result<()> {
+    /// layers), and empties those. Entries named in `untouched` (what a
+    /// warm runner keeps) are left as they are. Files are unlinked, not
+    /// truncated: a process that escaped its group would otherwise write
+    /// into a later action's output. Blocking.
+    pub fn empty_action_dir(&self, action_dir: &Path, untouched: &[&str]) -> std::io::Result<()> {
         for entry in std::fs::read_dir(action_dir)? {
             let entry = entry?;
             let name = entry.file_name();
+            if untouched.iter().any(|kept| name == *kept) {
+                continue;
+            }
             if KEPT_IN_ACTION_DIR.iter().any(|kept| name == *kept) && entry.file_type()?.is_dir() {
                 let path = entry.path();
                 if !self.reset(&path, &entry.metadata()?)? {

@@ -24,6 +24,7 @@ use crate::inputs;
 use crate::isolation::{CommandSpec, Isolation, Isolations};
 use crate::outputs;
 use crate::process::{blocking, Limits, StopReason};
+use crate::runners::{self, Leftovers, RunnerKey, RunnerLimits, RunnerPool, WarmRunner};
 use crate::scratch::Scratch;
 use crate::stdio;
 use crate::validate::{check_output_path, check_relative_path};
@@ -59,6 +60,9 @@ pub struct WorkerConfig {
     /// [`crate::workspace`]). Needs a root executor, and a work root every
     /// user can traverse. None: the executor's own user.
     pub action_user: Option<(u32, u32)>,
+    /// How many warm runners (`recycle-runner=true`) are kept, and for how
+    /// long.
+    pub runners: RunnerLimits,
 }
 
 impl WorkerConfig {
@@ -75,6 +79,7 @@ impl WorkerConfig {
             pids_max: Some(16_384),
             cache_max_bytes: Some(10 << 30),
             action_user: None,
+            runners: RunnerLimits::default(),
         }
     }
 }
@@ -106,6 +111,10 @@ struct Staged {
     written: PathBuf,
     /// The overlay, detached when the action is done with it.
     overlay: Option<OverlayMount>,
+    /// The input tree (a warm runner with `preserve-workspace` deletes its
+    /// files before the next action).
+    directories: Arc<inputs::DirectoryMap>,
+    input_root: Digest,
 }
 
 /// How one action's workspace is set up: decided before staging from whom
@@ -114,6 +123,27 @@ struct Staged {
 struct WorkspacePlan {
     layout: Layout,
     directories: DirAccess,
+    /// The workspace is a warm runner's, kept with `preserve-workspace`.
+    over_existing: bool,
+}
+
+/// The runner an action runs in, as [`Worker::run`] chose it.
+struct RunnerUse {
+    /// `recycle-runner=true`: its key.
+    key: Option<RunnerKey>,
+    warm: bool,
+    /// Actions it has run, this one included.
+    uses: u32,
+}
+
+/// What [`Worker::run_in`] learnt that decides whether its runner is kept.
+#[derive(Default)]
+struct RunnerNotes {
+    /// Exit 0, not stopped, not OOM-killed, no [`DO_NOT_RECYCLE`], and a
+    /// backend that keeps warm runners.
+    clean: bool,
+    /// With `preserve-workspace`: what to delete before the next action.
+    leftovers: Option<Leftovers>,
 }
 
 /// Runs actions: one CAS client, one file cache, the isolation backends
@@ -127,6 +157,8 @@ pub struct Worker {
     scratch: Arc<Scratch>,
     /// What keeps privileged actions away from the cache's inodes.
     protection: InputProtection,
+    /// Warm runners waiting for an action with their key.
+    runners: Arc<RunnerPool>,
 }
 
 impl Worker {
@@ -154,12 +186,16 @@ impl Worker {
             crate::workspace::check_reachable(&config.work_root, user)?;
         }
         let protection = InputProtection::probe(&config.work_root);
+        let runners = Arc::new(RunnerPool::new(config.runners));
+        let scratch = Arc::new(scratch);
+        sweep_idle_runners(Arc::downgrade(&runners), scratch.clone());
         Ok(Worker {
+            runners,
             cas,
             cache,
             config,
             isolations,
-            scratch: Arc::new(scratch),
+            scratch,
             protection,
         })
     }
@@ -194,7 +230,23 @@ impl Worker {
             worker_start_timestamp: Some(timestamp_now()),
             ..Default::default()
         };
-        let action_dir = self.scratch.action_dir();
+        let key = platform
+            .recycle_runner
+            .then(|| RunnerKey::of(platform, instance_name));
+        let (warm, expired) = match &key {
+            Some(key) => self.runners.take(key),
+            None => (None, Vec::new()),
+        };
+        for dir in expired {
+            recycle_action_dir(dir, self.scratch.clone()).await;
+        }
+        let runner = RunnerUse {
+            warm: warm.is_some(),
+            uses: warm.as_ref().map_or(0, |w| w.uses) + 1,
+            key,
+        };
+        let action_dir = warm.map_or_else(|| self.scratch.action_dir(), |w| w.dir);
+        let mut notes = RunnerNotes::default();
         let result = self
             .run_in(
                 instance_name,
@@ -203,16 +255,30 @@ impl Worker {
                 &cancel,
                 &action_dir,
                 &mut metadata,
+                &runner,
+                &mut notes,
             )
             .await;
-        if !self.config.keep_workspaces {
-            recycle_action_dir(action_dir, self.scratch.clone()).await;
-        }
+        let kept = match (&runner.key, result.is_ok() && notes.clean) {
+            (Some(key), true) if !self.config.keep_workspaces => {
+                self.keep_runner(key, action_dir, runner.uses, notes.leftovers)
+                    .await
+            }
+            _ => {
+                if !self.config.keep_workspaces {
+                    recycle_action_dir(action_dir, self.scratch.clone()).await;
+                }
+                false
+            }
+        };
         match &result {
             Ok(outcome) => tracing::info!(
                 action = %format_digest(action_digest),
                 exit_code = outcome.result.exit_code,
                 status = ?outcome.status.code(),
+                runner = runner.key.as_ref().map_or("", RunnerKey::short),
+                warm = runner.warm,
+                kept,
                 "action ran"
             ),
             Err(error) => tracing::info!(
@@ -224,6 +290,46 @@ impl Worker {
         result
     }
 
+    /// Cleans a runner whose action finished cleanly and offers it to the
+    /// next action with `key`; false when it could not be made ready (then
+    /// its directory is recycled).
+    async fn keep_runner(
+        &self,
+        key: &RunnerKey,
+        action_dir: PathBuf,
+        uses: u32,
+        leftovers: Option<Leftovers>,
+    ) -> bool {
+        let scratch = self.scratch.clone();
+        let dir = action_dir.clone();
+        let reset = tokio::task::spawn_blocking(move || {
+            runners::reset_for_reuse(&scratch, &dir, leftovers.as_ref())
+        })
+        .await;
+        match reset {
+            Ok(Ok(())) => {
+                let evicted = self
+                    .runners
+                    .put(WarmRunner::new(key.clone(), action_dir, uses));
+                for dir in evicted {
+                    recycle_action_dir(dir, self.scratch.clone()).await;
+                }
+                true
+            }
+            outcome => {
+                let error = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(())) => unreachable!(),
+                };
+                tracing::warn!(path = %action_dir.display(), %error, "a warm runner could not be cleaned; discarded");
+                recycle_action_dir(action_dir, self.scratch.clone()).await;
+                false
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn run_in(
         &self,
         instance_name: &str,
@@ -232,12 +338,50 @@ impl Worker {
         cancel: &CancellationToken,
         action_dir: &Path,
         metadata: &mut ExecutedActionMetadata,
+        runner: &RunnerUse,
+        notes: &mut RunnerNotes,
     ) -> Result<RunOutcome, RunError> {
         let isolation = self.isolations.select(platform.isolation)?;
         let run_as = isolation.run_as(platform, self.config.action_user)?;
+        let recycling = runner.key.is_some() && isolation.keeps_warm_runners();
+        if runner.key.is_some() && !recycling {
+            tracing::info!(
+                isolation = isolation.name(),
+                "recycle-runner: this isolation type runs every action in a fresh runner here"
+            );
+        }
+        metadata.auxiliary_metadata.push(prost_types_any(
+            kiln_proto::runner::RUNNER_USAGE_TYPE,
+            &kiln_proto::runner::RunnerUsage {
+                warm: runner.warm,
+                runner_key_hash: runner.key.as_ref().map_or("", RunnerKey::short).into(),
+                uses: runner.uses,
+                isolation_type: isolation.name().into(),
+            },
+        ));
+        let preserving = recycling && platform.preserve_workspace;
         let plan = WorkspacePlan {
             layout: self.protection.layout(run_as),
             directories: DirAccess::for_action(run_as, platform.nonroot_workspace),
+            over_existing: preserving && runner.warm,
+        };
+        let runner_tmp = if recycling && isolation.name() == "sandbox" {
+            let tmp = action_dir.join(runners::RUNNER_TMP);
+            blocking("preparing the runner's /tmp", {
+                let tmp = tmp.clone();
+                move || {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::create_dir_all(&tmp)
+                        .and_then(|()| {
+                            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))
+                        })
+                        .map_err(|e| RunError::io(format!("creating {}", tmp.display()), e))
+                }
+            })
+            .await?;
+            Some(tmp)
+        } else {
+            None
         };
         metadata.input_fetch_start_timestamp = Some(timestamp_now());
         // Input staging and the backend's preparation (an image pull) run
@@ -265,6 +409,8 @@ impl Worker {
             working_path,
             written,
             overlay,
+            directories,
+            input_root,
         } = staged;
         metadata.input_fetch_completed_timestamp = Some(timestamp_now());
 
@@ -284,6 +430,7 @@ impl Worker {
             output: Some(output),
             platform: Arc::new(platform.clone()),
             action_user: self.config.action_user,
+            runner_tmp,
         };
         let limits = self.limits(&action, platform);
         metadata.execution_start_timestamp = Some(timestamp_now());
@@ -326,7 +473,9 @@ impl Worker {
         let paths = [spec.stdout_path.clone(), spec.stderr_path.clone()];
         // Output files become cache entries: in place when no process of
         // the action is left to write to them, else as verified copies.
-        let in_place = self.adopts_in_place(&**isolation);
+        // A kept runner never hands its inodes to the cache: a link the
+        // action made to an output would outlive it there.
+        let in_place = self.adopts_in_place(&**isolation) && !recycling;
         let working_directory = working_path
             .strip_prefix(&workspace)
             .unwrap_or(Path::new(""));
@@ -383,6 +532,27 @@ impl Worker {
             && result.exit_code == 0
             && !process.memory_exceeded
             && !action.do_not_cache;
+        if recycling {
+            let clean = status.code() == tonic::Code::Ok
+                && result.exit_code == 0
+                && !process.memory_exceeded
+                && std::fs::symlink_metadata(written.join(runners::DO_NOT_RECYCLE)).is_err();
+            notes.clean = clean;
+            if clean && preserving {
+                let written_name = if written == workspace {
+                    "workspace"
+                } else {
+                    "upper"
+                };
+                let mut paths = inputs::file_paths(&directories, &input_root);
+                paths.extend(declared_outputs(&command, working_directory));
+                notes.leftovers = Some(Leftovers {
+                    written: written_name,
+                    paths,
+                    clean: runners::clean_globs(platform),
+                });
+            }
+        }
         Ok(RunOutcome {
             result,
             status,
@@ -445,19 +615,31 @@ impl Worker {
                 .map_err(|e| RunError::io(format!("preparing {}", root.display()), e))
         })
         .await?;
+        let directories = Arc::new(directories);
         inputs::materialize(
             self.cache.clone(),
             self.scratch.clone(),
-            Arc::new(directories),
-            input_root,
+            directories.clone(),
+            input_root.clone(),
             tree.clone(),
             inputs::Placement {
                 copy: plan.layout == Layout::Copied,
                 directories: plan.directories,
+                // An overlay's lower layer is always fresh.
+                over_existing: plan.over_existing && !overlaid,
             },
         )
         .await?;
         drop(pinned);
+        if plan.over_existing && overlaid {
+            let (directories, root, upper) =
+                (directories.clone(), input_root.clone(), written.clone());
+            blocking(
+                "uncovering the inputs in a warm runner's overlay",
+                move || inputs::clear_shadows(&directories, &root, &upper),
+            )
+            .await?;
+        }
         let working_in_tree = tree.join(&working_directory);
         create_output_parents(
             &self.scratch,
@@ -485,6 +667,8 @@ impl Worker {
             working_path,
             written,
             overlay,
+            directories,
+            input_root,
         })
     }
 
@@ -706,6 +890,46 @@ async fn create_output_parents(
 
 /// Empties a finished action's directory for a later action (see
 /// [`Scratch::recycle`]).
+/// The declared outputs of `command` (`output_paths`, or the legacy
+/// `output_files` and `output_directories`), relative to the input root;
+/// `working_directory` is relative to it too.
+fn declared_outputs(command: &Command, working_directory: &Path) -> Vec<PathBuf> {
+    command
+        .output_paths
+        .iter()
+        .chain(&command.output_files)
+        .chain(&command.output_directories)
+        .map(|path| crate::validate::normalize(&working_directory.join(path).to_string_lossy()))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// `message` packed as a `google.protobuf.Any` of `type_url`.
+fn prost_types_any(type_url: &str, message: &impl Message) -> kiln_proto::protobuf::Any {
+    kiln_proto::protobuf::Any {
+        type_url: type_url.into(),
+        value: message.encode_to_vec(),
+    }
+}
+
+/// Discards warm runners idle past their timeout, once a minute, for as
+/// long as the pool exists.
+fn sweep_idle_runners(pool: std::sync::Weak<RunnerPool>, scratch: Arc<Scratch>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            for dir in pool.expire_idle() {
+                recycle_action_dir(dir, scratch.clone()).await;
+            }
+        }
+    });
+}
+
 async fn recycle_action_dir(action_dir: PathBuf, scratch: Arc<Scratch>) {
     let shown = action_dir.display().to_string();
     let outcome = tokio::task::spawn_blocking(move || scratch.recycle(action_dir)).await;

@@ -73,6 +73,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     worker_config.max_timeout = options.max_action_timeout;
     worker_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
+    worker_config.runners = options.isolation.runner_limits();
     let session_config = SessionConfig {
         name: options.name.clone(),
         pool: options.pool.clone(),

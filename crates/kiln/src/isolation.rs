@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use kiln_container::{Docker, DockerConfig, ImageConfig, Podman, PodmanConfig};
 use kiln_sandbox::{PlainProcess, Sandbox, SandboxConfig};
+use kiln_worker::runners::RunnerLimits;
 use kiln_worker::{Isolation, Isolations};
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,13 @@ pub struct IsolationSettings {
     /// root runs actions as itself (and warns that it cannot protect its
     /// cache). `root` runs them as root (inputs are then overlaid).
     pub action_user: String,
+    /// Most warm runners (`recycle-runner=true`) kept at once; the least
+    /// recently used goes first. 0: no runner is kept warm.
+    pub max_warm_runners: usize,
+    /// A warm runner unused this long is discarded.
+    pub runner_idle_timeout_s: u64,
+    /// A runner is discarded after this many actions.
+    pub runner_max_uses: u32,
     pub sandbox: SandboxConfig,
 }
 
@@ -53,6 +61,9 @@ impl Default for IsolationSettings {
             docker_socket: DockerConfig::default().socket,
             podman_binary: PodmanConfig::default().binary,
             action_user: String::new(),
+            max_warm_runners: RunnerLimits::default().max_warm,
+            runner_idle_timeout_s: RunnerLimits::default().idle_timeout.as_secs(),
+            runner_max_uses: RunnerLimits::default().max_uses,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -65,6 +76,15 @@ const DEFAULT_ACTION_USER: &str = "nobody";
 const NOBODY: (u32, u32) = (65534, 65534);
 
 impl IsolationSettings {
+    /// The warm-runner limits these settings give.
+    pub fn runner_limits(&self) -> RunnerLimits {
+        RunnerLimits {
+            max_warm: self.max_warm_runners,
+            idle_timeout: std::time::Duration::from_secs(self.runner_idle_timeout_s.max(1)),
+            max_uses: self.runner_max_uses.max(1),
+        }
+    }
+
     /// The action user as `(uid, gid)` (see [`IsolationSettings::action_user`]);
     /// None: actions run as the executor's own user.
     pub fn resolve_action_user(&self) -> anyhow::Result<Option<(u32, u32)>> {
@@ -192,6 +212,15 @@ pub struct IsolationArgs {
     /// (default: nobody on a root executor).
     #[arg(long)]
     pub action_user: Option<String>,
+    /// Most warm runners kept at once (0: none).
+    #[arg(long)]
+    pub max_warm_runners: Option<usize>,
+    /// Seconds a warm runner may wait unused before it is discarded.
+    #[arg(long)]
+    pub runner_idle_timeout_s: Option<u64>,
+    /// Actions a runner runs before it is discarded.
+    #[arg(long)]
+    pub runner_max_uses: Option<u32>,
 }
 
 impl IsolationArgs {
@@ -217,6 +246,15 @@ impl IsolationArgs {
         }
         if let Some(user) = self.action_user {
             settings.action_user = user;
+        }
+        if let Some(max) = self.max_warm_runners {
+            settings.max_warm_runners = max;
+        }
+        if let Some(idle) = self.runner_idle_timeout_s {
+            settings.runner_idle_timeout_s = idle;
+        }
+        if let Some(uses) = self.runner_max_uses {
+            settings.runner_max_uses = uses;
         }
     }
 }

@@ -142,6 +142,15 @@ fn serve_on(listen: &str, data_dir: &Path, extra: &[&str]) -> (Process, String) 
 
 /// Uploads an action running `script` in pool `procs` and executes it.
 async fn execute(address: &str, script: String) -> Streaming<Operation> {
+    execute_with(address, script, &[]).await
+}
+
+/// [`execute`], with platform `properties` besides the pool.
+async fn execute_with(
+    address: &str,
+    script: String,
+    properties: &[(&str, &str)],
+) -> Streaming<Operation> {
     let command = reapi::Command {
         arguments: vec!["/bin/sh".into(), "-c".into(), script],
         ..Default::default()
@@ -152,10 +161,14 @@ async fn execute(address: &str, script: String) -> Streaming<Operation> {
         command_digest: Some(digest(&command)),
         input_root_digest: Some(digest(&root)),
         platform: Some(reapi::Platform {
-            properties: vec![reapi::platform::Property {
-                name: "Pool".into(),
-                value: "procs".into(),
-            }],
+            properties: [("Pool", "procs")]
+                .iter()
+                .chain(properties)
+                .map(|(name, value)| reapi::platform::Property {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                })
+                .collect(),
         }),
         ..Default::default()
     }
@@ -250,6 +263,53 @@ fn stage(operation: &Operation) -> execution_stage::Value {
     )
     .unwrap();
     execution_stage::Value::try_from(metadata.stage).unwrap()
+}
+
+/// The runner usage Kiln reports in a result's auxiliary metadata.
+fn runner_usage(response: &reapi::ExecuteResponse) -> kiln_proto::runner::RunnerUsage {
+    let metadata = response
+        .result
+        .as_ref()
+        .and_then(|r| r.execution_metadata.as_ref())
+        .expect("execution metadata");
+    let any = metadata
+        .auxiliary_metadata
+        .iter()
+        .find(|any| any.type_url == kiln_proto::runner::RUNNER_USAGE_TYPE)
+        .expect("no RunnerUsage in auxiliary_metadata");
+    kiln_proto::runner::RunnerUsage::decode(any.value.as_slice()).unwrap()
+}
+
+#[tokio::test]
+async fn results_say_whether_their_runner_was_warm() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let _executor = executor(&address, "proc-warm", &scratch.path().join("work"));
+    let warm = [
+        ("recycle-runner", "true"),
+        ("runner-recycling-key", "metadata"),
+    ];
+    let mut usages = Vec::new();
+    for script in ["echo one", "echo two"] {
+        let response = completed(execute_with(&address, script.into(), &warm).await).await;
+        assert_eq!(response.result.as_ref().unwrap().exit_code, 0);
+        usages.push(runner_usage(&response));
+    }
+    let cold = runner_usage(&completed(execute(&address, "echo three".into()).await).await);
+    eprintln!("{usages:?} {cold:?}");
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    assert!(!usages[0].warm && usages[0].uses == 1);
+    assert_eq!(usages[0].runner_key_hash.len(), 16);
+    assert_eq!(usages[0].runner_key_hash, usages[1].runner_key_hash);
+    assert_eq!(usages[1].isolation_type, "none");
+    // A root executor runs `none` actions in a cgroup of their own, so it
+    // can keep their runners warm; one that is not root cannot.
+    assert_eq!(usages[1].warm, is_root);
+    assert_eq!(usages[1].uses, if is_root { 2 } else { 1 });
+    assert!(!cold.warm && cold.runner_key_hash.is_empty() && cold.uses == 1);
 }
 
 #[tokio::test]

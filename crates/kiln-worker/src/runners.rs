@@ -1,0 +1,408 @@
+//! Warm runners (`recycle-runner=true`): an action's directory, kept after
+//! an action that finished cleanly and handed to the next action with the
+//! same runner key ([`kiln_platform::Platform::runner_key`]).
+//!
+//! What a warm runner keeps, by isolation type:
+//! - `none`: its workspace, with `preserve-workspace=true`;
+//! - `sandbox`: that, and a private writable `/tmp` (the runner's `tmp`
+//!   directory, bind-mounted over the sandbox's /tmp).
+//!
+//! No process of an action outlives it under either: `sandbox` has its own
+//! PID namespace, and `none` actions run in a cgroup that is emptied.
+//!
+//! Between two actions, before the runner is offered again
+//! ([`reset_for_reuse`]): its captured stdout/stderr and an overlay's lower
+//! layer are emptied; without `preserve-workspace` the workspace is
+//! emptied too. With it, the previous action's declared outputs, every file
+//! of its input tree, and the files matching `clean-workspace-inputs` are
+//! deleted, and the next action's inputs are laid over what is left
+//! ([`crate::inputs::Placement::over_existing`]). Every path is opened
+//! beneath the runner's directory without following symlinks, so an action
+//! that replaced a directory with a link cannot make the executor delete
+//! anything outside it.
+//!
+//! A runner whose action failed, timed out, was OOM-killed or cancelled, or
+//! left [`DO_NOT_RECYCLE`] in its workspace is not kept. The pool holds at
+//! most [`RunnerLimits::max_warm`] runners (least recently used go first),
+//! each for at most [`RunnerLimits::idle_timeout`] and
+//! [`RunnerLimits::max_uses`] actions. A warm runner takes no capacity
+//! while it waits: it is a directory.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kiln_platform::Platform;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+use crate::scratch::Scratch;
+
+/// An action that leaves this file at its workspace's root asks for its
+/// runner not to be reused.
+pub const DO_NOT_RECYCLE: &str = ".KILN_DO_NOT_RECYCLE";
+
+/// The runner's own scratch directory (the sandbox's /tmp), in its action
+/// directory.
+pub const RUNNER_TMP: &str = "tmp";
+
+/// How many warm runners an executor keeps, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerLimits {
+    /// Most warm runners kept at once; the least recently used goes first.
+    pub max_warm: usize,
+    /// A warm runner unused this long is discarded.
+    pub idle_timeout: Duration,
+    /// A runner is discarded after this many actions.
+    pub max_uses: u32,
+}
+
+impl Default for RunnerLimits {
+    fn default() -> RunnerLimits {
+        RunnerLimits {
+            max_warm: 32,
+            idle_timeout: Duration::from_secs(600),
+            max_uses: 1000,
+        }
+    }
+}
+
+/// The key that decides which actions may share a runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerKey {
+    key: String,
+}
+
+impl RunnerKey {
+    /// The key of `platform` in `instance_name` (the organisation, until
+    /// Kiln has organisations).
+    pub fn of(platform: &Platform, instance_name: &str) -> RunnerKey {
+        RunnerKey {
+            key: platform.runner_key(instance_name),
+        }
+    }
+
+    /// Its first 16 hex digits: what logs and result metadata show.
+    pub fn short(&self) -> &str {
+        &self.key[..16.min(self.key.len())]
+    }
+}
+
+/// A runner waiting for its next action.
+#[derive(Debug)]
+pub struct WarmRunner {
+    pub key: RunnerKey,
+    /// Its action directory.
+    pub dir: PathBuf,
+    /// Actions it has run.
+    pub uses: u32,
+    idle_since: Instant,
+}
+
+impl WarmRunner {
+    pub fn new(key: RunnerKey, dir: PathBuf, uses: u32) -> WarmRunner {
+        WarmRunner {
+            key,
+            dir,
+            uses,
+            idle_since: Instant::now(),
+        }
+    }
+}
+
+/// The warm runners of one executor.
+pub struct RunnerPool {
+    limits: RunnerLimits,
+    /// Oldest first.
+    warm: Mutex<Vec<WarmRunner>>,
+}
+
+impl RunnerPool {
+    pub fn new(limits: RunnerLimits) -> RunnerPool {
+        RunnerPool {
+            limits,
+            warm: Mutex::default(),
+        }
+    }
+
+    /// The most recently used warm runner with `key`, if any; and the
+    /// directories of runners that expired meanwhile (to be recycled).
+    pub fn take(&self, key: &RunnerKey) -> (Option<WarmRunner>, Vec<PathBuf>) {
+        let mut warm = self.warm.lock().expect("runner pool lock");
+        let expired = self.expire(&mut warm);
+        let found = warm
+            .iter()
+            .rposition(|runner| runner.key == *key)
+            .map(|at| warm.remove(at));
+        (found, expired)
+    }
+
+    /// Offers `runner` to later actions. Returns the directories of the
+    /// runners it pushed out (over the count, idle too long, or itself when
+    /// it has run its last action), to be recycled.
+    pub fn put(&self, runner: WarmRunner) -> Vec<PathBuf> {
+        if runner.uses >= self.limits.max_uses || self.limits.max_warm == 0 {
+            return vec![runner.dir];
+        }
+        let mut warm = self.warm.lock().expect("runner pool lock");
+        warm.push(runner);
+        let mut evicted = self.expire(&mut warm);
+        let over = warm.len().saturating_sub(self.limits.max_warm);
+        evicted.extend(warm.drain(..over).map(|runner| runner.dir));
+        evicted
+    }
+
+    /// Removes every runner idle longer than the idle timeout.
+    pub fn expire_idle(&self) -> Vec<PathBuf> {
+        let mut warm = self.warm.lock().expect("runner pool lock");
+        self.expire(&mut warm)
+    }
+
+    /// Warm runners now.
+    pub fn len(&self) -> usize {
+        self.warm.lock().expect("runner pool lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn expire(&self, warm: &mut Vec<WarmRunner>) -> Vec<PathBuf> {
+        let timeout = self.limits.idle_timeout;
+        let mut expired = Vec::new();
+        warm.retain_mut(|runner| {
+            let keep = runner.idle_since.elapsed() < timeout;
+            if !keep {
+                expired.push(std::mem::take(&mut runner.dir));
+            }
+            keep
+        });
+        expired
+    }
+}
+
+/// What a runner kept with `preserve-workspace` must lose before its next
+/// action.
+#[derive(Debug, Default)]
+pub struct Leftovers {
+    /// The action directory's entry holding what the action wrote: its
+    /// workspace, or an overlay's upper layer.
+    pub written: &'static str,
+    /// The previous action's declared outputs and input files, relative to
+    /// `written`.
+    pub paths: Vec<PathBuf>,
+    /// `clean-workspace-inputs`: files matching them are deleted.
+    pub clean: Option<globset::GlobSet>,
+}
+
+/// Makes a kept runner's directory ready for its next action (see the
+/// module comment); `leftovers` with `preserve-workspace`, else None.
+/// Blocking.
+pub fn reset_for_reuse(
+    scratch: &Scratch,
+    action_dir: &Path,
+    leftovers: Option<&Leftovers>,
+) -> std::io::Result<()> {
+    let Some(leftovers) = leftovers else {
+        return scratch.empty_action_dir(action_dir, &[RUNNER_TMP]);
+    };
+    scratch.empty_action_dir(action_dir, &[RUNNER_TMP, leftovers.written])?;
+    let written = action_dir.join(leftovers.written);
+    let root = rustix::fs::open(
+        &written,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )?;
+    for path in &leftovers.paths {
+        remove_beneath(&root, path)?;
+    }
+    if let Some(clean) = &leftovers.clean {
+        remove_matching(&written, Path::new(""), clean)?;
+    }
+    Ok(())
+}
+
+/// Deletes `relative` (a file, symlink or whole directory) beneath `root`,
+/// resolving its parent without following any symlink; a path that is not
+/// there, or whose parent is not a real directory beneath `root`, is left.
+fn remove_beneath(root: &impl AsFd, relative: &Path) -> std::io::Result<()> {
+    let (Some(parent), Some(name)) = (relative.parent(), relative.file_name()) else {
+        return Ok(());
+    };
+    let parent_path = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let parent = match rustix::fs::openat2(
+        root,
+        parent_path,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(fd) => fd,
+        // Gone, not a directory, or reached only through a symlink.
+        Err(_) => return Ok(()),
+    };
+    match rustix::fs::unlinkat(&parent, name, rustix::fs::AtFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(rustix::io::Errno::ISDIR) => {
+            // The directory, by its descriptor's path: std's recursive
+            // removal never follows a symlink inside it.
+            use std::os::fd::AsRawFd;
+            let through_fd = Path::new("/proc/self/fd")
+                .join(parent.as_raw_fd().to_string())
+                .join(name);
+            match std::fs::remove_dir_all(through_fd) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes the files and symlinks under `dir` whose path relative to the
+/// workspace (`relative`, then their name) matches `clean`. Descends only
+/// into real directories.
+fn remove_matching(dir: &Path, relative: &Path, clean: &globset::GlobSet) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir.join(relative))? {
+        let entry = entry?;
+        let path = relative.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            remove_matching(dir, &path, clean)?;
+        } else if clean.is_match(&path) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The `clean-workspace-inputs` globs as one matcher (they were checked
+/// when the platform was parsed); None without any.
+pub fn clean_globs(platform: &Platform) -> Option<globset::GlobSet> {
+    if platform.clean_workspace_inputs.is_empty() {
+        return None;
+    }
+    let mut set = globset::GlobSetBuilder::new();
+    for pattern in &platform.clean_workspace_inputs {
+        if let Ok(glob) = globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+        {
+            set.add(glob);
+        }
+    }
+    set.build().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> RunnerKey {
+        RunnerKey {
+            key: format!("{name:0>64}"),
+        }
+    }
+
+    #[test]
+    fn the_pool_hands_out_runners_by_key_and_evicts_the_least_recently_used() {
+        let pool = RunnerPool::new(RunnerLimits {
+            max_warm: 2,
+            ..Default::default()
+        });
+        assert!(pool
+            .put(WarmRunner::new(key("a"), "/a".into(), 1))
+            .is_empty());
+        assert!(pool
+            .put(WarmRunner::new(key("b"), "/b".into(), 1))
+            .is_empty());
+        assert_eq!(
+            pool.put(WarmRunner::new(key("c"), "/c".into(), 1)),
+            vec![PathBuf::from("/a")]
+        );
+        assert!(pool.take(&key("a")).0.is_none());
+        let (b, _) = pool.take(&key("b"));
+        assert_eq!(b.unwrap().dir, PathBuf::from("/b"));
+        assert!(pool.take(&key("b")).0.is_none(), "a runner is leased once");
+        assert_eq!(pool.len(), 1);
+    }
+
+    #[test]
+    fn a_runner_is_dropped_after_its_last_use_or_idle_timeout() {
+        let pool = RunnerPool::new(RunnerLimits {
+            max_uses: 3,
+            ..Default::default()
+        });
+        assert_eq!(
+            pool.put(WarmRunner::new(key("a"), "/a".into(), 3)),
+            vec![PathBuf::from("/a")]
+        );
+        let idle = RunnerPool::new(RunnerLimits {
+            idle_timeout: Duration::ZERO,
+            ..Default::default()
+        });
+        assert_eq!(
+            idle.put(WarmRunner::new(key("a"), "/a".into(), 1)),
+            vec![PathBuf::from("/a")]
+        );
+        assert!(idle.is_empty());
+    }
+
+    #[test]
+    fn leftovers_go_and_nothing_outside_the_runner_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = Scratch::open(&dir.path().join("work")).unwrap();
+        let action_dir = dir.path().join("work/a");
+        let ws = action_dir.join("workspace");
+        let outside = dir.path().join("outside");
+        for d in [
+            &ws.join("out"),
+            &ws.join("cache/x"),
+            &outside,
+            &action_dir.join("io"),
+            &action_dir.join(RUNNER_TMP),
+        ] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for f in [
+            ws.join("out/result"),
+            ws.join("input.txt"),
+            ws.join("leftover"),
+            ws.join("cache/x/stale.o"),
+            outside.join("victim"),
+            action_dir.join("io/stdout"),
+            action_dir.join(RUNNER_TMP).join("kept"),
+        ] {
+            std::fs::write(f, "x").unwrap();
+        }
+        // The action made a directory the previous outputs pass through
+        // into a link to a directory outside.
+        std::os::unix::fs::symlink(&outside, ws.join("escape")).unwrap();
+        let clean = {
+            let mut platform = Platform::default();
+            platform.clean_workspace_inputs = vec!["cache/**".into()];
+            clean_globs(&platform)
+        };
+        let leftovers = Leftovers {
+            written: "workspace",
+            paths: vec!["out".into(), "input.txt".into(), "escape/victim".into()],
+            clean,
+        };
+        reset_for_reuse(&scratch, &action_dir, Some(&leftovers)).unwrap();
+        assert!(!ws.join("out").exists());
+        assert!(!ws.join("input.txt").exists());
+        assert!(!ws.join("cache/x/stale.o").exists());
+        assert!(ws.join("leftover").exists());
+        assert!(outside.join("victim").exists(), "followed a symlink out");
+        assert!(!action_dir.join("io/stdout").exists());
+        assert!(action_dir.join(RUNNER_TMP).join("kept").exists());
+
+        reset_for_reuse(&scratch, &action_dir, None).unwrap();
+        assert!(!ws.join("leftover").exists());
+        assert!(action_dir.join(RUNNER_TMP).join("kept").exists());
+    }
+}

@@ -1,0 +1,223 @@
+//! Warm runners (`recycle-runner=true`) driven by a real Bazel against
+//! `kiln serve` offering `none` and `sandbox`:
+//! - a second sandbox action with the same runner key sees what the first
+//!   left in its /tmp; one with another `runner-recycling-key` does not;
+//! - `preserve-workspace`: the previous action's leftover file stays, its
+//!   declared output is gone, a changed input has its new content, an input
+//!   that disappeared is gone, and `clean-workspace-inputs` removed what it
+//!   matched (as the action user, and as root, whose workspace is an
+//!   overlay that keeps its upper layer);
+//! - under `none`, no process the first action left (`setsid` included) is
+//!   alive during the second, which ran warm;
+//! - a runner whose action failed, timed out, was OOM-killed or left
+//!   `.KILN_DO_NOT_RECYCLE` is not reused;
+//! - a warm-runner option without `recycle-runner` is refused, naming it.
+
+mod common;
+
+use std::fs;
+
+use common::{combined, Bazel, KilnServer};
+
+/// BUILD files cannot define functions.
+const DEFS: &str = r#"
+def warm(key, isolation = "sandbox", extra = {}):
+    properties = {
+        "workload-isolation-type": isolation,
+        "dockerNetwork": "off",
+        "recycle-runner": "true",
+        "runner-recycling-key": key,
+    }
+    properties.update(extra)
+    return properties
+"#;
+
+const BUILD: &str = r#"
+load(":defs.bzl", "warm")
+
+# Leaves a token in the runner's /tmp; the readers say whether they see it.
+LEAVE = "echo left-by-first > /tmp/kiln-runner-token; echo wrote > $@"
+READ = "cat /tmp/kiln-runner-token > $@ 2>/dev/null || echo saw-nothing > $@"
+
+genrule(name = "tmp_first", outs = ["tmp_first.txt"], cmd = LEAVE, exec_properties = warm("tmp"))
+genrule(name = "tmp_second", srcs = [":tmp_first"], outs = ["tmp_second.txt"], cmd = READ, exec_properties = warm("tmp"))
+genrule(name = "tmp_other_key", srcs = [":tmp_first"], outs = ["tmp_other_key.txt"], cmd = READ, exec_properties = warm("other"))
+
+# Each leaves the token, then fails in its own way; its reader comes with
+# the same properties (so the same runner key) in a later build.
+genrule(name = "fail_first", outs = ["fail_first.txt"], cmd = "echo left > /tmp/kiln-runner-token; exit 3", exec_properties = warm("fail"))
+genrule(name = "fail_second", outs = ["fail_second.txt"], cmd = READ, exec_properties = warm("fail"))
+genrule(name = "timeout_first", outs = ["timeout_first.txt"], cmd = "echo left > /tmp/kiln-runner-token; sleep 30", exec_properties = warm("timeout", extra = {"default-timeout": "2s"}))
+genrule(name = "timeout_second", outs = ["timeout_second.txt"], cmd = READ, exec_properties = warm("timeout", extra = {"default-timeout": "2s"}))
+genrule(
+    name = "oom_first",
+    outs = ["oom_first.txt"],
+    cmd = "echo left > /tmp/kiln-runner-token; x=$$(head -c 200000000 /dev/zero | tr '\\0' a); echo $${#x} > $@",
+    exec_properties = warm("oom", extra = {"EstimatedMemory": "64MB"}),
+)
+genrule(name = "oom_second", outs = ["oom_second.txt"], cmd = READ, exec_properties = warm("oom", extra = {"EstimatedMemory": "64MB"}))
+genrule(name = "marked_first", outs = ["marked_first.txt"], cmd = "echo left > /tmp/kiln-runner-token; touch .KILN_DO_NOT_RECYCLE; echo wrote > $@", exec_properties = warm("marked"))
+genrule(name = "marked_second", srcs = [":marked_first"], outs = ["marked_second.txt"], cmd = READ, exec_properties = warm("marked"))
+
+# The same action twice, its inputs changed in between: it reports what it
+# finds of the previous run, then leaves files of its own.
+PRESERVE = " ".join([
+    "{ echo leftover=$$(cat leftover.txt 2>/dev/null || echo none);",
+    "if test -e $@; then echo previous_output=present; else echo previous_output=absent; fi;",
+    "echo input=$$(cat runners/inputs/data.txt);",
+    "if test -e runners/inputs/gone.txt; then echo gone=present; else echo gone=absent; fi;",
+    "if test -e junk/stale.o; then echo junk=present; else echo junk=absent; fi;",
+    "if test -e kept/note.txt; then echo kept=present; else echo kept=absent; fi; } > $@.tmp;",
+    "echo run-$$(cat runners/inputs/data.txt) > leftover.txt;",
+    "mkdir -p junk kept; echo x > junk/stale.o; echo x > kept/note.txt;",
+    "mv $@.tmp $@",
+])
+PRESERVING = {"preserve-workspace": "true", "clean-workspace-inputs": "junk/**"}
+
+genrule(name = "preserve_none", srcs = glob(["inputs/*"]), outs = ["preserve_none.txt"], cmd = PRESERVE, exec_properties = warm("preserve", "none", PRESERVING))
+genrule(name = "preserve_sandbox", srcs = glob(["inputs/*"]), outs = ["preserve_sandbox.txt"], cmd = PRESERVE, exec_properties = warm("preserve", extra = PRESERVING))
+
+# As root in the sandbox, the workspace is an overlay: what it writes, and
+# its change to an input, land in the upper layer the runner keeps.
+genrule(
+    name = "preserve_sandbox_root",
+    srcs = glob(["inputs/*"]),
+    outs = ["preserve_sandbox_root.txt"],
+    cmd = PRESERVE + "; chmod u+w runners/inputs/data.txt; echo changed-by-root > runners/inputs/data.txt",
+    exec_properties = warm("preserve", extra = dict(PRESERVING, dockerRunAsRoot = "true")),
+)
+
+# Under none: a daemon out of the first action's process group, and a
+# second action in the same (warm) runner that looks for it.
+genrule(name = "daemon_first", outs = ["daemon_first.txt"], cmd = "sh -c 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $$!' > $@", exec_properties = warm("daemon", "none"))
+genrule(
+    name = "daemon_second",
+    srcs = [":daemon_first"],
+    outs = ["daemon_second.txt"],
+    cmd = "p=$$(cat $(location :daemon_first)); if grep -q sleep /proc/$$p/cmdline 2>/dev/null; then echo alive > $@; else echo gone > $@; fi",
+    exec_properties = warm("daemon", "none"),
+)
+
+genrule(name = "preserve_alone", outs = ["preserve_alone.txt"], cmd = "echo ran > $@", exec_properties = {"preserve-workspace": "true"})
+"#;
+
+/// `key=value` lines of an output.
+fn value(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {text:?}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn bazel_reuses_warm_runners_and_preserves_workspaces() {
+    if !common::bazel_available() {
+        return;
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("kiln-bazel-runners-")
+        .tempdir()
+        .expect("create scratch directory");
+    let data_dir = scratch.path().join("kiln-data");
+    let server_log = scratch.path().join("kiln.log");
+    let server = KilnServer::start(&data_dir, &server_log, &["--isolation", "none,sandbox"]);
+    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
+    let package = bazel.workspace.join("runners");
+    fs::create_dir_all(package.join("inputs")).unwrap();
+    fs::write(package.join("BUILD"), BUILD).unwrap();
+    fs::write(package.join("defs.bzl"), DEFS).unwrap();
+    let read = |name: &str| {
+        fs::read_to_string(
+            bazel
+                .workspace
+                .join(format!("bazel-bin/runners/{name}.txt")),
+        )
+        .unwrap_or_else(|e| panic!("{name}.txt: {e}"))
+    };
+    let warm_runs = || {
+        fs::read_to_string(&server_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("action ran") && line.contains("warm=true"))
+            .count()
+    };
+
+    // The same key: warm, and its /tmp is the first action's.
+    bazel.run_ok(&["build", "//runners:tmp_second", "//runners:tmp_other_key"]);
+    assert_eq!(read("tmp_second").trim(), "left-by-first");
+    assert_eq!(read("tmp_other_key").trim(), "saw-nothing");
+    assert_eq!(warm_runs(), 1, "expected one warm run (tmp_second)");
+
+    // A runner that did not finish cleanly is not reused.
+    for (first, second) in [
+        ("fail_first", "fail_second"),
+        ("timeout_first", "timeout_second"),
+        ("oom_first", "oom_second"),
+    ] {
+        let output = bazel.run(&["build", &format!("//runners:{first}")]);
+        assert!(
+            !output.status.success(),
+            "{first} built:\n{}",
+            combined(&output)
+        );
+        bazel.run_ok(&["build", &format!("//runners:{second}")]);
+        assert_eq!(
+            read(second).trim(),
+            "saw-nothing",
+            "{second} ran in the runner of {first}"
+        );
+    }
+    bazel.run_ok(&["build", "//runners:marked_second"]);
+    assert_eq!(
+        read("marked_second").trim(),
+        "saw-nothing",
+        "a runner marked .KILN_DO_NOT_RECYCLE was reused"
+    );
+    assert_eq!(warm_runs(), 1, "a runner that failed was reused");
+
+    // preserve-workspace, under none and in the sandbox.
+    for name in ["preserve_none", "preserve_sandbox", "preserve_sandbox_root"] {
+        let inputs = package.join("inputs");
+        fs::write(inputs.join("data.txt"), "v1\n").unwrap();
+        fs::write(inputs.join("gone.txt"), "soon gone\n").unwrap();
+        let target = format!("//runners:{name}");
+        bazel.run_ok(&["build", &target]);
+        let first = read(name);
+        eprintln!("{name}, first run:\n{first}");
+        assert_eq!(value(&first, "leftover"), "none");
+        assert_eq!(value(&first, "input"), "v1");
+        assert_eq!(value(&first, "gone"), "present");
+        let warm_before = warm_runs();
+        fs::write(inputs.join("data.txt"), "v2\n").unwrap();
+        fs::remove_file(inputs.join("gone.txt")).unwrap();
+        bazel.run_ok(&["build", &target]);
+        let second = read(name);
+        eprintln!("{name}, second run:\n{second}");
+        assert_eq!(warm_runs(), warm_before + 1, "{name} did not run warm");
+        assert_eq!(value(&second, "leftover"), "run-v1", "{name}");
+        assert_eq!(value(&second, "previous_output"), "absent", "{name}");
+        assert_eq!(value(&second, "input"), "v2", "{name}");
+        assert_eq!(value(&second, "gone"), "absent", "{name}");
+        assert_eq!(value(&second, "junk"), "absent", "{name}: not cleaned");
+        assert_eq!(value(&second, "kept"), "present", "{name}");
+    }
+
+    // Under none, the warm runner's previous action left nothing running.
+    let before = warm_runs();
+    bazel.run_ok(&["build", "//runners:daemon_second"]);
+    assert_eq!(warm_runs(), before + 1, "daemon_second did not run warm");
+    assert_eq!(read("daemon_second").trim(), "gone");
+
+    // An option of a warm runner without one is refused, not ignored.
+    let output = bazel.run(&["build", "//runners:preserve_alone"]);
+    let text = combined(&output);
+    assert!(!output.status.success(), "preserve_alone built:\n{text}");
+    assert!(
+        text.contains("preserve-workspace") && text.contains("recycle-runner=true"),
+        "the failure does not name the option:\n{text}"
+    );
+
+    bazel.run_ok(&["shutdown"]);
+    drop(server);
+}
