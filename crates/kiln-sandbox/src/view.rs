@@ -109,6 +109,9 @@ pub(crate) struct View {
     after_pivot: Vec<Op>,
     /// Directories `before_pivot` creates (so per-action steps skip them).
     created: BTreeSet<PathBuf>,
+    /// Where in `before_pivot` the private /tmp is mounted (a warm
+    /// runner's /tmp is bound there instead).
+    tmp_mount: usize,
 }
 
 impl View {
@@ -121,6 +124,7 @@ impl View {
             before_pivot: Vec::new(),
             after_pivot: Vec::new(),
             created: BTreeSet::new(),
+            tmp_mount: 0,
         };
         view.before_pivot.push(mount(
             Some("tmpfs"),
@@ -150,6 +154,7 @@ impl View {
         }
         view.dev();
         view.private_tmpfs(Path::new("/tmp"), "mode=1777");
+        view.tmp_mount = view.before_pivot.len() - 1;
         view.mkdir(Path::new("/proc"));
         view.mkdir(Path::new("/sys"));
 
@@ -266,21 +271,8 @@ impl View {
     }
 
     fn bind(&mut self, source: &Path, target: CString, read_only: bool) {
-        self.before_pivot.push(Op::Mount {
-            source: Some(c_path(source)),
-            target: target.clone(),
-            fstype: None,
-            flags: BIND,
-            data: None,
-            optional: false,
-        });
-        let flags = if read_only {
-            REMOUNT_READ_ONLY
-        } else {
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV
-        };
         self.before_pivot
-            .push(mount(None, target, None, flags, None));
+            .extend(bind_steps(source, target, read_only));
     }
 
     fn private_tmpfs(&mut self, path: &Path, mode: &str) {
@@ -389,11 +381,13 @@ impl View {
         runner_tmp: Option<&Path>,
     ) -> (CString, Vec<Op>, Vec<Op>) {
         let mut view = self.clone();
-        // A warm runner's /tmp covers the private tmpfs, before the
+        // A warm runner's /tmp takes the private tmpfs's place, before the
         // workspace that may live below /tmp is mounted.
         if let Some(tmp) = runner_tmp {
             let target = c_path(&view.inside(Path::new("/tmp")));
-            view.bind(tmp, target, false);
+            let steps = bind_steps(tmp, target, false);
+            view.before_pivot
+                .splice(view.tmp_mount..=view.tmp_mount, steps);
         }
         if let Some(workspace) = workspace {
             view.mkdir(workspace);
@@ -402,6 +396,27 @@ impl View {
         }
         (c_path(&view.new_root), view.before_pivot, view.after_pivot)
     }
+}
+
+/// Binds `source` at `target`, then remounts it nosuid and nodev, and
+/// read-only if asked.
+fn bind_steps(source: &Path, target: CString, read_only: bool) -> [Op; 2] {
+    let flags = if read_only {
+        REMOUNT_READ_ONLY
+    } else {
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV
+    };
+    [
+        Op::Mount {
+            source: Some(c_path(source)),
+            target: target.clone(),
+            fstype: None,
+            flags: BIND,
+            data: None,
+            optional: false,
+        },
+        mount(None, target, None, flags, None),
+    ]
 }
 
 #[cfg(test)]
@@ -431,5 +446,31 @@ mod tests {
         assert!(tmp < workspace);
         assert_eq!(mounts[0], "/run/root");
         assert_eq!(targets(&after).last().unwrap(), "/");
+    }
+
+    #[test]
+    fn a_warm_runners_tmp_replaces_the_private_tmpfs() {
+        let view = View::new(Path::new("/run/root"), &[], &[]);
+        let (_, fresh, _) = view.with_workspace(None, None);
+        let (_, warm, _) = view.with_workspace(None, Some(Path::new("/work/a/tmp")));
+        let is_tmp = |op: &&Op| matches!(op, Op::Mount { target, .. } if target.to_str() == Ok("/run/root/tmp"));
+        let fstypes = |ops: &[Op]| -> Vec<Option<String>> {
+            ops.iter()
+                .filter(is_tmp)
+                .map(|op| match op {
+                    Op::Mount { fstype, source, .. } => fstype
+                        .as_ref()
+                        .or(source.as_ref())
+                        .map(|c| c.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(fstypes(&fresh), vec![Some("tmpfs".to_string())]);
+        assert_eq!(
+            fstypes(&warm),
+            vec![Some("/work/a/tmp".to_string()), None],
+            "bound, then remounted nosuid,nodev"
+        );
     }
 }

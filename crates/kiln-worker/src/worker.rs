@@ -367,18 +367,24 @@ impl Worker {
         };
         let runner_tmp = if recycling && isolation.name() == "sandbox" {
             let tmp = action_dir.join(runners::RUNNER_TMP);
-            blocking("preparing the runner's /tmp", {
-                let tmp = tmp.clone();
-                move || {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::create_dir_all(&tmp)
-                        .and_then(|()| {
-                            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))
-                        })
-                        .map_err(|e| RunError::io(format!("creating {}", tmp.display()), e))
-                }
-            })
-            .await?;
+            // A warm runner's /tmp is there already.
+            if !runner.warm {
+                blocking("preparing the runner's /tmp", {
+                    let tmp = tmp.clone();
+                    move || {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::create_dir_all(&tmp)
+                            .and_then(|()| {
+                                std::fs::set_permissions(
+                                    &tmp,
+                                    std::fs::Permissions::from_mode(0o1777),
+                                )
+                            })
+                            .map_err(|e| RunError::io(format!("creating {}", tmp.display()), e))
+                    }
+                })
+                .await?;
+            }
             Some(tmp)
         } else {
             None

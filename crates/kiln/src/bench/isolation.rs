@@ -3,7 +3,9 @@
 //! time through the Execution service; the same run also times the raw
 //! tool each type stands for (`unshare` for `sandbox`, `docker run --rm`
 //! and `podman run --rm` for the containers) on the same image, so the
-//! ratios come from one run on one machine.
+//! ratios come from one run on one machine. With `--warm`, each type is
+//! also measured with `recycle-runner=true` (a warm runner per action
+//! after the first), next to its fresh-runner figure.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,6 +38,10 @@ pub struct IsolationBenchArgs {
     /// Image of the container types, and of the raw `run --rm` baselines.
     #[arg(long, default_value = "docker://127.0.0.1:5000/kiln-test/base:latest")]
     pub image: String,
+
+    /// Also measure each type in a warm runner (`recycle-runner=true`).
+    #[arg(long)]
+    pub warm: bool,
 
     /// Print the report as JSON instead of a table.
     #[arg(long)]
@@ -116,44 +122,24 @@ pub async fn run(args: IsolationBenchArgs) -> anyhow::Result<()> {
         if kind == "docker" || kind == "podman" {
             properties.push(("container-image".into(), args.image.clone()));
         }
-        let bench = ExecBench::connect(ExecBenchArgs {
-            server: args.server.clone(),
-            instance_name: String::new(),
-            latency_count: 0,
-            throughput_count: 0,
-            concurrency: 1,
-            program: "true".into(),
-            properties,
-            server_pid: None,
-            seed: None,
-            json: false,
-        })
-        .await?;
-        bench
-            .latencies(0..2)
-            .await
-            .with_context(|| format!("warming up {kind}"))?;
-        let started = Instant::now();
-        let mut latencies = bench
-            .latencies(2..2 + args.actions)
-            .await
-            .with_context(|| format!("executing with workload-isolation-type={kind}"))?;
-        let seconds = started.elapsed().as_secs_f64();
-        let kiln_ms = median_ms(&mut latencies);
-        let mut note = format!("{kiln_ms:.2} ms per action");
+        let cold_ms = execute_trivial(&args, kind, properties.clone(), "", &mut report).await?;
+        let mut note = format!("{cold_ms:.2} ms per action");
         match none_ms {
-            None if kind == "none" => none_ms = Some(kiln_ms),
-            Some(base) => note.push_str(&format!(", {:+.2} ms over none", kiln_ms - base)),
+            None if kind == "none" => none_ms = Some(cold_ms),
+            Some(base) => note.push_str(&format!(", {:+.2} ms over none", cold_ms - base)),
             None => {}
         }
-        report.measurements.push(Measurement {
-            operation: format!("Execute, {kind}"),
-            count: args.actions as u64,
-            bytes: 0,
-            seconds,
-            server_cpu_seconds: None,
-            note,
-        });
+        report.measurements.last_mut().expect("measured").note = note;
+        if args.warm {
+            properties.push(("recycle-runner".into(), "true".into()));
+            properties.push(("runner-recycling-key".into(), "kiln-bench".into()));
+            let warm_ms =
+                execute_trivial(&args, kind, properties, ", warm runner", &mut report).await?;
+            report.measurements.last_mut().expect("measured").note = format!(
+                "{warm_ms:.2} ms per action, {:.2}x of a fresh runner",
+                warm_ms / cold_ms
+            );
+        }
         if let Some(command) = raw_baseline(kind, &args.image) {
             let started = Instant::now();
             let mut samples = time_command(&command, args.actions)?;
@@ -170,10 +156,56 @@ pub async fn run(args: IsolationBenchArgs) -> anyhow::Result<()> {
                 server_cpu_seconds: None,
                 note: format!(
                     "{raw_ms:.2} ms per run; Kiln's {kind} action is {:.2}x of it",
-                    kiln_ms / raw_ms
+                    cold_ms / raw_ms
                 ),
             });
         }
     }
     report.print(args.json)
+}
+
+/// Executes two untimed and then `args.actions` timed trivial actions of
+/// isolation `kind` with `properties`, one at a time; records them in
+/// `report` (operation `Execute, KIND{label}`) and returns the median in
+/// milliseconds.
+async fn execute_trivial(
+    args: &IsolationBenchArgs,
+    kind: &str,
+    properties: Vec<(String, String)>,
+    label: &str,
+    report: &mut Report,
+) -> anyhow::Result<f64> {
+    let bench = ExecBench::connect(ExecBenchArgs {
+        server: args.server.clone(),
+        instance_name: String::new(),
+        latency_count: 0,
+        throughput_count: 0,
+        concurrency: 1,
+        program: "true".into(),
+        properties,
+        server_pid: None,
+        seed: None,
+        json: false,
+    })
+    .await?;
+    bench
+        .latencies(0..2)
+        .await
+        .with_context(|| format!("warming up {kind}"))?;
+    let started = Instant::now();
+    let mut latencies = bench
+        .latencies(2..2 + args.actions)
+        .await
+        .with_context(|| format!("executing with workload-isolation-type={kind}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let kiln_ms = median_ms(&mut latencies);
+    report.measurements.push(Measurement {
+        operation: format!("Execute, {kind}{label}"),
+        count: args.actions as u64,
+        bytes: 0,
+        seconds,
+        server_cpu_seconds: None,
+        note: String::new(),
+    });
+    Ok(kiln_ms)
 }
