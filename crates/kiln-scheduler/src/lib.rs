@@ -7,9 +7,12 @@
 //!   that some executor serves), answers Action Cache hits at once, merges
 //!   identical in-flight cacheable actions, queues the rest and completes
 //!   them with the executor's result (writing cacheable results to the AC);
+//! - [`queue`]: the per-pool queues, fair share and matching of actions to
+//!   executors;
+//! - [`capacity`]: what executors have and running actions reserve;
 //! - [`session`]: the scheduler's side of Kiln's executor protocol
 //!   ([`ExecutorSessions`]: executor processes register over one stream
-//!   each, indexed by [`scheduler::QueueKey`]: pool, OS, arch);
+//!   each, indexed by [`queue::QueueKey`]: pool, OS, arch);
 //! - [`local`]: the executor inside the server's process
 //!   ([`local::LocalExecutor`]), which leases actions to the embedded worker;
 //! - [`token`]: the shared secret executors present when they register;
@@ -21,16 +24,20 @@
 //! API; nothing here depends on it.
 #![forbid(unsafe_code)]
 
+pub mod capacity;
 pub mod error;
 pub mod local;
+pub mod queue;
 pub mod scheduler;
 pub mod service;
 pub mod session;
 pub mod token;
 
+pub use capacity::ResourceAmount;
 pub use error::SchedulerError;
 pub use local::LocalExecutor;
-pub use scheduler::{ResourceAmount, Scheduler, SchedulerConfig, MAX_BYPASSES};
+pub use queue::MAX_BYPASSES;
+pub use scheduler::{Scheduler, SchedulerConfig};
 pub use service::{execution_capabilities, ExecutionService, OperationsService};
 pub use session::ExecutorSessions;
 pub use token::ExecutorToken;

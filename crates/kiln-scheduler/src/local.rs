@@ -10,10 +10,9 @@ use kiln_platform::{Arch, IsolationType, OsFamily, Platform};
 use kiln_proto::{reapi, rpc};
 use tokio_util::sync::CancellationToken;
 
-use crate::scheduler::{
-    Capacity, Offer, PoolQueue, Properties, QueueKey, QueuedAction, Reservation, ResourceAmount,
-    Scheduler,
-};
+use crate::capacity::{Capacity, Reservation, ResourceAmount};
+use crate::queue::{Offer, PoolQueue, Properties, QueueKey};
+use crate::scheduler::{QueuedAction, Scheduler};
 
 /// The embedded executor's identity for the queue (one per pool).
 const LOCAL_ID: &str = "embedded";

@@ -3,9 +3,7 @@
 //! `google.longrunning.Operation`, so Execute, WaitExecution and
 //! GetOperation all read the same value and a completion wakes them all.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::path::Path;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI8, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_cas::wire::{digest_function, parse_digest, to_wire};
 use kiln_cas::{ActionCacheStore, Storage};
-use kiln_platform::{Arch, IsolationType, OsFamily, Platform, PropertySources};
+use kiln_platform::{Platform, PropertySources};
 use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::protobuf::{Any, Timestamp};
 use kiln_proto::reapi::{self, execution_stage};
@@ -26,7 +24,9 @@ use prost::Message;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::capacity::ResourceAmount;
 use crate::error::SchedulerError;
+use crate::queue::{Offer, PoolQueue, Properties, QueueKey, Requirement, Unmatched};
 
 const METADATA_TYPE: &str =
     "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
@@ -63,145 +63,6 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// CPU, memory and workspace disk: what an executor has in total and an
-/// action reserves while it runs (PLATFORM.md "Resources").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ResourceAmount {
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    pub disk_bytes: u64,
-}
-
-impl ResourceAmount {
-    /// No limit: what an executor that advertises no capacity offers.
-    pub const UNLIMITED: ResourceAmount = ResourceAmount {
-        cpu_millis: u64::MAX,
-        memory_bytes: u64::MAX,
-        disk_bytes: u64::MAX,
-    };
-
-    /// What an executor with workspaces under `work_dir` offers: each
-    /// amount `given`, or where it is 0, this machine's (see
-    /// [`ResourceAmount::of_host`]).
-    pub fn given_or_host(given: ResourceAmount, work_dir: &Path) -> ResourceAmount {
-        let host = ResourceAmount::of_host(work_dir);
-        let or = |given: u64, host: u64| if given == 0 { host } else { given };
-        ResourceAmount {
-            cpu_millis: or(given.cpu_millis, host.cpu_millis),
-            memory_bytes: or(given.memory_bytes, host.memory_bytes),
-            disk_bytes: or(given.disk_bytes, host.disk_bytes),
-        }
-    }
-
-    /// This machine: its CPUs (1000 millis each), its physical memory, and
-    /// the free space of the file system that holds `work_dir` (or its
-    /// nearest existing ancestor).
-    pub fn of_host(work_dir: &Path) -> ResourceAmount {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-        let memory_bytes = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|info| {
-                let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-                Some(kib * 1024)
-            })
-            .unwrap_or(u64::MAX);
-        let disk_bytes = work_dir
-            .ancestors()
-            .find_map(|dir| rustix::fs::statvfs(dir).ok())
-            .map_or(u64::MAX, |fs| fs.f_bavail.saturating_mul(fs.f_frsize));
-        ResourceAmount {
-            cpu_millis: cpus * 1000,
-            memory_bytes,
-            disk_bytes,
-        }
-    }
-
-    fn fits_in(self, available: ResourceAmount) -> bool {
-        self.cpu_millis <= available.cpu_millis
-            && self.memory_bytes <= available.memory_bytes
-            && self.disk_bytes <= available.disk_bytes
-    }
-
-    fn max(self, other: ResourceAmount) -> ResourceAmount {
-        ResourceAmount {
-            cpu_millis: self.cpu_millis.max(other.cpu_millis),
-            memory_bytes: self.memory_bytes.max(other.memory_bytes),
-            disk_bytes: self.disk_bytes.max(other.disk_bytes),
-        }
-    }
-
-    /// Takes `amount` out of `self` (it fits).
-    fn take(&mut self, amount: ResourceAmount) {
-        self.cpu_millis -= amount.cpu_millis;
-        self.memory_bytes -= amount.memory_bytes;
-        self.disk_bytes -= amount.disk_bytes;
-    }
-
-    /// Gives `amount` back to `self`.
-    fn give(&mut self, amount: ResourceAmount) {
-        self.cpu_millis = self.cpu_millis.saturating_add(amount.cpu_millis);
-        self.memory_bytes = self.memory_bytes.saturating_add(amount.memory_bytes);
-        self.disk_bytes = self.disk_bytes.saturating_add(amount.disk_bytes);
-    }
-}
-
-impl std::fmt::Display for ResourceAmount {
-    /// In PLATFORM.md's terms, for error messages.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let amount = |value: u64, unit: &str| {
-            if value == u64::MAX {
-                "unlimited".to_string()
-            } else {
-                format!("{value}{unit}")
-            }
-        };
-        write!(
-            f,
-            "EstimatedCPU={} EstimatedMemory={} EstimatedFreeDiskBytes={}",
-            amount(self.cpu_millis, "m"),
-            amount(self.memory_bytes, "B"),
-            amount(self.disk_bytes, "B")
-        )
-    }
-}
-
-/// How often smaller work of the same or a lower priority may pass a queued
-/// action that does not fit an executor's free capacity (but would fit its
-/// total) before that executor holds its capacity for it.
-pub const MAX_BYPASSES: u32 = 16;
-
-/// One executor's capacity while it runs: its total and what is free.
-/// Queued actions are placed only where their reservation fits in `free`.
-pub(crate) struct Capacity {
-    free: Mutex<ResourceAmount>,
-    /// Wakes the executor when a reservation ends.
-    released: Notify,
-}
-
-impl Capacity {
-    pub(crate) fn new(total: ResourceAmount) -> Arc<Capacity> {
-        Arc::new(Capacity {
-            free: Mutex::new(total),
-            released: Notify::new(),
-        })
-    }
-}
-
-/// An action's share of its executor's capacity, given back on drop (the
-/// action finished, was requeued, or its executor was lost).
-pub(crate) struct Reservation {
-    capacity: Arc<Capacity>,
-    amount: ResourceAmount,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.capacity.free.lock().give(self.amount);
-        self.capacity.released.notify_waiters();
-    }
-}
-
 /// One queued or running execution, shared by every request merged into it.
 pub struct QueuedAction {
     pub name: String,
@@ -215,21 +76,21 @@ pub struct QueuedAction {
     /// shutdown token.
     pub cancel: CancellationToken,
     /// How many times an executor has taken it.
-    attempts: AtomicU32,
+    pub(crate) attempts: AtomicU32,
     /// How many times smaller work passed it while it did not fit its
     /// executor's free capacity (see [`MAX_BYPASSES`]).
-    bypassed: AtomicU32,
+    pub(crate) bypassed: AtomicU32,
     /// `execution_policy.priority`: lower runs sooner.
-    priority: i32,
+    pub(crate) priority: i32,
     /// `RequestMetadata.tool_invocation_id`: the unit of fair sharing.
-    invocation_id: String,
+    pub(crate) invocation_id: String,
     /// What an executor must offer to take it.
-    requires: Requirement,
+    pub(crate) requires: Requirement,
     /// What it reserves on its executor while it runs.
-    need: ResourceAmount,
+    pub(crate) need: ResourceAmount,
     /// Executors that could not run it (a full disk): they do not take it
     /// again while another executor may.
-    refused_by: Mutex<BTreeSet<String>>,
+    pub(crate) refused_by: Mutex<BTreeSet<String>>,
     queue: Option<Arc<PoolQueue>>,
     queued_at: Timestamp,
     /// Whether the request allows writing the result to the Action Cache.
@@ -265,418 +126,10 @@ pub struct PlatformSources {
     pub headers: Vec<(String, String)>,
 }
 
-/// What an executor offers and an action needs to match: executors are
-/// indexed by it, so matching costs one map lookup whatever their number.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct QueueKey {
-    pub pool: String,
-    pub os_family: OsFamily,
-    pub arch: Arch,
-}
-
-impl std::fmt::Display for QueueKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Pool={} OSFamily={} Arch={}",
-            self.pool,
-            format!("{:?}", self.os_family).to_lowercase(),
-            format!("{:?}", self.arch).to_lowercase()
-        )
-    }
-}
-
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct MergeKey {
     instance_name: String,
     action_digest: Digest,
-}
-
-/// The order in which a queue hands actions out: lowest
-/// `execution_policy.priority` first; within a priority, invocations
-/// (`tool_invocation_id`) take turns, so one large build cannot starve a
-/// small one; within an invocation, FIFO. Push and pop cost O(log levels).
-#[derive(Default)]
-struct FairQueue {
-    levels: BTreeMap<i32, Level>,
-}
-
-/// One priority level: a ring of invocations with queued actions.
-#[derive(Default)]
-struct Level {
-    turns: VecDeque<String>,
-    by_invocation: HashMap<String, VecDeque<Arc<QueuedAction>>>,
-}
-
-impl FairQueue {
-    /// The priority of the action `pop` would return; `None` when empty.
-    fn head_priority(&self) -> Option<i32> {
-        self.levels.keys().next().copied()
-    }
-
-    /// The action `pop` would return.
-    fn peek(&self) -> Option<&Arc<QueuedAction>> {
-        let level = self.levels.values().next()?;
-        let invocation = level.turns.front()?;
-        level.by_invocation.get(invocation)?.front()
-    }
-
-    fn push(&mut self, action: Arc<QueuedAction>) {
-        let level = self.levels.entry(action.priority).or_default();
-        let invocation = action.invocation_id.clone();
-        let queue = level.by_invocation.entry(invocation.clone()).or_default();
-        if queue.is_empty() {
-            level.turns.push_back(invocation);
-        }
-        queue.push_back(action);
-    }
-
-    fn pop(&mut self) -> Option<Arc<QueuedAction>> {
-        let mut first = self.levels.first_entry()?;
-        let level = first.get_mut();
-        let invocation = level.turns.pop_front()?;
-        let queue = level.by_invocation.get_mut(&invocation)?;
-        let action = queue.pop_front();
-        if queue.is_empty() {
-            level.by_invocation.remove(&invocation);
-        } else {
-            level.turns.push_back(invocation);
-        }
-        if level.turns.is_empty() {
-            first.remove();
-        }
-        action
-    }
-}
-
-/// Executor-declared properties (`KEY=VALUE`): what an executor offers,
-/// or what an action requires of one.
-pub type Properties = BTreeMap<String, String>;
-
-/// What an executor offers within its [`QueueKey`]: its declared
-/// properties and the isolation types it can run.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Offer {
-    pub properties: Properties,
-    pub isolation_types: BTreeSet<IsolationType>,
-    /// The executor's total capacity ([`ResourceAmount::UNLIMITED`] if it
-    /// advertises none).
-    pub capacity: ResourceAmount,
-}
-
-impl Offer {
-    /// An executor running only `none` isolation, declaring `properties`.
-    pub fn none_isolation(properties: Properties, capacity: ResourceAmount) -> Offer {
-        Offer::new(properties, [IsolationType::None], capacity)
-    }
-
-    /// An executor running `isolation_types`, declaring `properties`.
-    pub fn new(
-        properties: Properties,
-        isolation_types: impl IntoIterator<Item = IsolationType>,
-        capacity: ResourceAmount,
-    ) -> Offer {
-        Offer {
-            properties,
-            isolation_types: isolation_types.into_iter().collect(),
-            capacity,
-        }
-    }
-
-    fn describe(&self) -> String {
-        let mut described: String = self
-            .properties
-            .iter()
-            .map(|(key, value)| format!(" {key}={value}"))
-            .collect();
-        let types: Vec<&str> = self.isolation_types.iter().map(|t| t.name()).collect();
-        described.push_str(&format!(" workload-isolation-type={}", types.join("|")));
-        described
-    }
-}
-
-/// What a queued action requires of an executor within its [`QueueKey`]:
-/// its values of the keys some executor declares, and the isolation type
-/// it asks for (`None`: the executor's default, any executor).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub(crate) struct Requirement {
-    properties: Properties,
-    isolation: Option<IsolationType>,
-}
-
-impl Requirement {
-    fn describe(&self) -> String {
-        let mut described: String = self
-            .properties
-            .iter()
-            .map(|(key, value)| format!(" {key}={value}"))
-            .collect();
-        if let Some(isolation) = self.isolation {
-            described.push_str(&format!(" workload-isolation-type={}", isolation.name()));
-        }
-        described
-    }
-}
-
-/// Why no registered executor can take an action.
-enum Unmatched {
-    /// None offers what it requires (properties, isolation type).
-    Properties(Requirement),
-    /// Some offer that, but none has the capacity it reserves; the largest
-    /// capacity among them.
-    TooLarge(ResourceAmount),
-}
-
-/// Whether an executor offering `offer` may run an action requiring
-/// `requires`.
-fn satisfies(offer: &Offer, requires: &Requirement) -> bool {
-    requires
-        .properties
-        .iter()
-        .all(|(key, value)| offer.properties.get(key) == Some(value))
-        && requires
-            .isolation
-            .is_none_or(|isolation| offer.isolation_types.contains(&isolation))
-}
-
-/// The queue of one [`QueueKey`]. Within it, actions are grouped by the
-/// declared properties they require and executors by those they offer, so
-/// taking work costs the number of distinct property sets, never the number
-/// of executors or of queued actions.
-pub(crate) struct PoolQueue {
-    inner: Mutex<PoolInner>,
-    /// Wakes idle executors when work is pushed.
-    pushed: Notify,
-}
-
-#[derive(Default)]
-struct PoolInner {
-    by_requirement: HashMap<Requirement, FairQueue>,
-    /// Registered executors, counted by what they offer.
-    offers: HashMap<Offer, usize>,
-}
-
-impl PoolQueue {
-    fn new() -> PoolQueue {
-        PoolQueue {
-            inner: Mutex::new(PoolInner::default()),
-            pushed: Notify::new(),
-        }
-    }
-
-    fn push(&self, action: Arc<QueuedAction>) {
-        self.inner
-            .lock()
-            .by_requirement
-            .entry(action.requires.clone())
-            .or_default()
-            .push(action);
-        self.pushed.notify_waiters();
-    }
-
-    /// The next queued action an executor offering `offers` may run and
-    /// whose reservation fits in its free `capacity`, reserved; waits for
-    /// one (new work or a reservation ending); `None` once `stop` fires.
-    pub(crate) async fn next(
-        &self,
-        offers: &Offer,
-        capacity: &Arc<Capacity>,
-        executor: &str,
-        stop: &CancellationToken,
-    ) -> Option<(Arc<QueuedAction>, Reservation)> {
-        loop {
-            let pushed = self.pushed.notified();
-            let released = capacity.released.notified();
-            tokio::pin!(pushed, released);
-            pushed.as_mut().enable();
-            released.as_mut().enable();
-            if let Some((action, reservation)) = self.try_pop(offers, capacity, executor) {
-                // Cancelled while queued: already completed by CancelOperation.
-                if action.cancel.is_cancelled() {
-                    continue;
-                }
-                return Some((action, reservation));
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return None,
-                _ = pushed => {}
-                _ = released => {}
-            }
-        }
-    }
-
-    /// Pops from the best group `offers` satisfies whose head fits in the
-    /// free capacity: the one whose head has the lowest priority value.
-    /// Only group heads are looked at (the cost is the number of groups,
-    /// never of queued actions or executors), so a head too big for this
-    /// executor's free capacity waits here for it or another executor while
-    /// smaller work from other groups may pass it — [`MAX_BYPASSES`] times;
-    /// then this executor takes nothing of that head's priority or lower
-    /// until the head fits, so a large action is never starved by a stream
-    /// of small ones.
-    fn try_pop(
-        &self,
-        offers: &Offer,
-        capacity: &Arc<Capacity>,
-        executor: &str,
-    ) -> Option<(Arc<QueuedAction>, Reservation)> {
-        let mut inner = self.inner.lock();
-        let mut free = capacity.free.lock();
-        let heads: Vec<(&Arc<QueuedAction>, &Requirement)> = inner
-            .by_requirement
-            .iter()
-            .filter(|(requires, _)| satisfies(offers, requires))
-            .filter_map(|(requires, queue)| Some((queue.peek()?, requires)))
-            .filter(|(head, _)| !head.refused_by.lock().contains(executor))
-            .collect();
-        // Heads that fit this executor's total, not what is free now.
-        let waiting = || {
-            heads
-                .iter()
-                .map(|(head, _)| head)
-                .filter(|head| !head.need.fits_in(*free) && head.need.fits_in(offers.capacity))
-        };
-        let held_for = waiting()
-            .filter(|head| head.bypassed.load(Ordering::Relaxed) >= MAX_BYPASSES)
-            .map(|head| head.priority)
-            .min();
-        let (chosen, requires) = heads
-            .iter()
-            .filter(|(head, _)| head.need.fits_in(*free))
-            .filter(|(head, _)| held_for.is_none_or(|held| head.priority < held))
-            // Among equal priorities, a head that was passed over goes first.
-            .min_by_key(|(head, _)| {
-                (
-                    head.priority,
-                    Reverse(head.bypassed.load(Ordering::Relaxed)),
-                )
-            })?;
-        for head in waiting().filter(|head| head.priority <= chosen.priority) {
-            head.bypassed.fetch_add(1, Ordering::Relaxed);
-        }
-        let best = (*requires).clone();
-        let queue = inner.by_requirement.get_mut(&best)?;
-        let action = queue.pop()?;
-        if queue.head_priority().is_none() {
-            inner.by_requirement.remove(&best);
-        }
-        free.take(action.need);
-        let reservation = Reservation {
-            capacity: capacity.clone(),
-            amount: action.need,
-        };
-        Some((action, reservation))
-    }
-
-    fn register(&self, offers: &Offer) {
-        *self.inner.lock().offers.entry(offers.clone()).or_default() += 1;
-    }
-
-    fn unregister(&self, offers: &Offer) {
-        let mut inner = self.inner.lock();
-        if let Some(count) = inner.offers.get_mut(offers) {
-            *count -= 1;
-            if *count == 0 {
-                inner.offers.remove(offers);
-            }
-        }
-    }
-
-    /// Removes and returns the queued actions no registered executor can
-    /// run.
-    fn drain_unservable(&self) -> Vec<Arc<QueuedAction>> {
-        let mut inner = self.inner.lock();
-        let unservable: Vec<Requirement> = inner
-            .by_requirement
-            .keys()
-            .filter(|requires| {
-                !inner
-                    .offers
-                    .keys()
-                    .any(|offers| satisfies(offers, requires))
-            })
-            .cloned()
-            .collect();
-        let mut drained = Vec::new();
-        for requires in unservable {
-            if let Some(mut queue) = inner.by_requirement.remove(&requires) {
-                while let Some(action) = queue.pop() {
-                    drained.push(action);
-                }
-            }
-        }
-        drained
-    }
-
-    /// How many registered executors could run `action` (what it requires,
-    /// and capacity for its reservation).
-    fn executors_for(&self, action: &QueuedAction) -> usize {
-        self.inner
-            .lock()
-            .offers
-            .iter()
-            .filter(|(offer, _)| {
-                satisfies(offer, &action.requires) && action.need.fits_in(offer.capacity)
-            })
-            .map(|(_, count)| count)
-            .sum()
-    }
-
-    fn has_executors(&self) -> bool {
-        !self.inner.lock().offers.is_empty()
-    }
-
-    /// What an action with this platform requires here: its values of the
-    /// keys some registered executor declares, and its isolation type.
-    /// `Err` (with that requirement, for the error message) if no registered
-    /// executor offers all of it.
-    fn requirement(
-        &self,
-        platform: &Platform,
-        need: ResourceAmount,
-    ) -> Result<Requirement, Unmatched> {
-        let inner = self.inner.lock();
-        let requires = Requirement {
-            properties: platform
-                .other
-                .iter()
-                .filter(|(key, _)| {
-                    inner
-                        .offers
-                        .keys()
-                        .any(|offers| offers.properties.contains_key(*key))
-                })
-                .map(|(key, value)| (key.clone(), value.clone()))
-                .collect(),
-            isolation: platform.isolation,
-        };
-        let largest = inner
-            .offers
-            .keys()
-            .filter(|offers| satisfies(offers, &requires))
-            .map(|offers| offers.capacity)
-            .reduce(ResourceAmount::max);
-        match largest {
-            None => Err(Unmatched::Properties(requires)),
-            Some(_)
-                if inner.offers.keys().any(|offers| {
-                    satisfies(offers, &requires) && need.fits_in(offers.capacity)
-                }) =>
-            {
-                Ok(requires)
-            }
-            Some(largest) => Err(Unmatched::TooLarge(largest)),
-        }
-    }
-
-    fn describe_offers(&self) -> Vec<String> {
-        self.inner
-            .lock()
-            .offers
-            .keys()
-            .map(Offer::describe)
-            .collect()
-    }
 }
 
 #[derive(Default)]

@@ -26,9 +26,9 @@ use prost::Message;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::scheduler::{
-    Capacity, Offer, PoolQueue, QueueKey, QueuedAction, Reservation, ResourceAmount, Scheduler,
-};
+use crate::capacity::{Capacity, Reservation, ResourceAmount};
+use crate::queue::{Offer, PoolQueue, QueueKey};
+use crate::scheduler::{QueuedAction, Scheduler};
 use crate::token::{self, ExecutorToken};
 
 /// Serves executor sessions for one [`Scheduler`].
