@@ -5,9 +5,10 @@
 //! ([`Requirement`]), within its free capacity.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kiln_platform::{Arch, IsolationType, OsFamily, Platform};
 use parking_lot::Mutex;
@@ -194,10 +195,19 @@ fn satisfies(offer: &Offer, requires: &Requirement) -> bool {
 /// declared properties they require and executors by those they offer, so
 /// taking work costs the number of distinct property sets, never the number
 /// of executors or of queued actions.
+///
+/// Warm routing: an action with a runner key (`recycle-runner=true`) that
+/// an executor holds warm, and that executor has room for it (it is
+/// waiting for work), is left to it for up to `warm_wait` after it was
+/// queued; any executor may take it after that, so warm routing delays
+/// work by at most that wait and never starves it.
+/// An executor takes the actions whose runner it holds warm before others
+/// of the same priority.
 pub(crate) struct PoolQueue {
     inner: Mutex<PoolInner>,
     /// Wakes idle executors when work is pushed.
     pushed: Notify,
+    warm_wait: Duration,
 }
 
 #[derive(Default)]
@@ -205,17 +215,64 @@ struct PoolInner {
     by_requirement: HashMap<Requirement, FairQueue>,
     /// Registered executors, counted by what they offer.
     offers: HashMap<Offer, usize>,
+    /// Which executors hold a warm runner of each runner key.
+    warm_on: HashMap<String, HashSet<String>>,
+    /// Executors waiting for work now (they have room), by id.
+    waiting: HashMap<String, usize>,
+}
+
+/// Counts an executor as waiting for work while it lives.
+struct Waiting<'a> {
+    queue: &'a PoolQueue,
+    executor: &'a str,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(queue: &'a PoolQueue, executor: &'a str) -> Waiting<'a> {
+        *queue
+            .inner
+            .lock()
+            .waiting
+            .entry(executor.to_string())
+            .or_default() += 1;
+        Waiting { queue, executor }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.queue.inner.lock();
+        if let Some(count) = inner.waiting.get_mut(self.executor) {
+            *count -= 1;
+            if *count == 0 {
+                inner.waiting.remove(self.executor);
+            }
+        }
+    }
+}
+
+/// What [`PoolQueue::try_pop`] found.
+pub(crate) enum Popped {
+    Taken(Arc<QueuedAction>, Reservation),
+    /// Nothing for this executor now; at `Some(instant)` an action left to
+    /// a warm executor becomes its to take.
+    Nothing(Option<Instant>),
 }
 
 impl PoolQueue {
-    pub(crate) fn new() -> PoolQueue {
+    /// A queue that leaves actions to executors holding their runner warm
+    /// for up to `warm_wait`.
+    pub(crate) fn new(warm_wait: Duration) -> PoolQueue {
         PoolQueue {
             inner: Mutex::new(PoolInner::default()),
             pushed: Notify::new(),
+            warm_wait,
         }
     }
 
-    pub(crate) fn push(&self, action: Arc<QueuedAction>) {
+    /// Queues `action` (again, when requeued) at `now`.
+    pub(crate) fn push(&self, action: Arc<QueuedAction>, now: Instant) {
+        *action.enqueued.lock() = now;
         self.inner
             .lock()
             .by_requirement
@@ -235,23 +292,35 @@ impl PoolQueue {
         executor: &str,
         stop: &CancellationToken,
     ) -> Option<(Arc<QueuedAction>, Reservation)> {
+        let _waiting = Waiting::new(self, executor);
         loop {
             let pushed = self.pushed.notified();
             let released = capacity.released.notified();
             tokio::pin!(pushed, released);
             pushed.as_mut().enable();
             released.as_mut().enable();
-            if let Some((action, reservation)) = self.try_pop(offers, capacity, executor) {
-                // Cancelled while queued: already completed by CancelOperation.
-                if action.cancel.is_cancelled() {
-                    continue;
+            let retry_at = match self.try_pop(offers, capacity, executor, Instant::now()) {
+                Popped::Taken(action, reservation) => {
+                    // Cancelled while queued: already completed by
+                    // CancelOperation.
+                    if action.cancel.is_cancelled() {
+                        continue;
+                    }
+                    return Some((action, reservation));
                 }
-                return Some((action, reservation));
-            }
+                Popped::Nothing(retry_at) => retry_at,
+            };
+            let left_to_warm = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => return None,
                 _ = pushed => {}
                 _ = released => {}
+                _ = left_to_warm => {}
             }
         }
     }
@@ -264,21 +333,48 @@ impl PoolQueue {
     /// smaller work from other groups may pass it — [`MAX_BYPASSES`] times;
     /// then this executor takes nothing of that head's priority or lower
     /// until the head fits, so a large action is never starved by a stream
-    /// of small ones.
-    fn try_pop(
+    /// of small ones. A head left to an executor holding its runner warm
+    /// and waiting for work is not this executor's until `warm_wait` after
+    /// it was queued;
+    /// among heads of equal priority, one whose runner this executor holds
+    /// warm goes first. `now` is the time (passed in, so the policy is
+    /// tested without waiting).
+    pub(crate) fn try_pop(
         &self,
         offers: &Offer,
         capacity: &Arc<Capacity>,
         executor: &str,
-    ) -> Option<(Arc<QueuedAction>, Reservation)> {
+        now: Instant,
+    ) -> Popped {
         let mut inner = self.inner.lock();
         let mut free = capacity.free.lock();
+        let warm_on = |head: &QueuedAction| {
+            head.runner_key
+                .as_ref()
+                .and_then(|key| inner.warm_on.get(key))
+        };
+        let warm_here = |head: &QueuedAction| warm_on(head).is_some_and(|on| on.contains(executor));
+        let warm_elsewhere = |head: &QueuedAction| {
+            warm_on(head).is_some_and(|on| {
+                on.iter()
+                    .any(|other| other != executor && inner.waiting.contains_key(other))
+            })
+        };
+        let mut retry_at: Option<Instant> = None;
         let heads: Vec<(&Arc<QueuedAction>, &Requirement)> = inner
             .by_requirement
             .iter()
             .filter(|(requires, _)| satisfies(offers, requires))
             .filter_map(|(requires, queue)| Some((queue.peek()?, requires)))
             .filter(|(head, _)| !head.refused_by.lock().contains(executor))
+            .filter(|(head, _)| {
+                let until = *head.enqueued.lock() + self.warm_wait;
+                if now < until && warm_elsewhere(head) && !warm_here(head) {
+                    retry_at = Some(retry_at.map_or(until, |at| at.min(until)));
+                    return false;
+                }
+                true
+            })
             .collect();
         // Heads that fit this executor's total, not what is free now.
         let waiting = || {
@@ -291,23 +387,32 @@ impl PoolQueue {
             .filter(|head| head.bypassed.load(Ordering::Relaxed) >= MAX_BYPASSES)
             .map(|head| head.priority)
             .min();
-        let (chosen, requires) = heads
+        let Some((chosen, requires)) = heads
             .iter()
             .filter(|(head, _)| head.need.fits_in(*free))
             .filter(|(head, _)| held_for.is_none_or(|held| head.priority < held))
-            // Among equal priorities, a head that was passed over goes first.
+            // Among equal priorities, one with a warm runner here goes
+            // first, then one that was passed over.
             .min_by_key(|(head, _)| {
                 (
                     head.priority,
+                    !warm_here(head),
                     Reverse(head.bypassed.load(Ordering::Relaxed)),
                 )
-            })?;
+            })
+        else {
+            return Popped::Nothing(retry_at);
+        };
         for head in waiting().filter(|head| head.priority <= chosen.priority) {
             head.bypassed.fetch_add(1, Ordering::Relaxed);
         }
         let best = (*requires).clone();
-        let queue = inner.by_requirement.get_mut(&best)?;
-        let action = queue.pop()?;
+        let Some(queue) = inner.by_requirement.get_mut(&best) else {
+            return Popped::Nothing(retry_at);
+        };
+        let Some(action) = queue.pop() else {
+            return Popped::Nothing(retry_at);
+        };
         if queue.head_priority().is_none() {
             inner.by_requirement.remove(&best);
         }
@@ -316,7 +421,23 @@ impl PoolQueue {
             capacity: capacity.clone(),
             amount: action.need,
         };
-        Some((action, reservation))
+        Popped::Taken(action, reservation)
+    }
+
+    /// Records that `executor` now holds warm runners of exactly `keys`.
+    pub(crate) fn set_warm(&self, executor: &str, keys: &[String]) {
+        let mut inner = self.inner.lock();
+        inner.warm_on.retain(|_, on| {
+            on.remove(executor);
+            !on.is_empty()
+        });
+        for key in keys {
+            inner
+                .warm_on
+                .entry(key.clone())
+                .or_default()
+                .insert(executor.to_string());
+        }
     }
 
     pub(crate) fn register(&self, offers: &Offer) {
@@ -427,5 +548,114 @@ impl PoolQueue {
             .keys()
             .map(Offer::describe)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_millis(200);
+
+    fn executor() -> (Offer, Arc<Capacity>) {
+        let offer = Offer::none_isolation(Properties::new(), ResourceAmount::UNLIMITED);
+        (offer, Capacity::new(ResourceAmount::UNLIMITED))
+    }
+
+    /// A group of its own: actions that name their isolation type.
+    fn sandbox_group() -> Requirement {
+        Requirement {
+            isolation: Some(IsolationType::None),
+            ..Default::default()
+        }
+    }
+
+    fn taken(popped: Popped) -> Option<String> {
+        match popped {
+            Popped::Taken(action, _) => Some(action.invocation_id.clone()),
+            Popped::Nothing(_) => None,
+        }
+    }
+
+    #[test]
+    fn an_action_is_left_to_its_warm_executor_for_the_wait_only() {
+        let queue = PoolQueue::new(WAIT);
+        let (offer, capacity) = executor();
+        queue.set_warm("warm", &["k1".to_string()]);
+        let waiting = Waiting::new(&queue, "warm");
+        let t0 = Instant::now();
+        queue.push(
+            QueuedAction::for_test("a", 0, Some("k1"), Requirement::default()),
+            t0,
+        );
+        match queue.try_pop(&offer, &capacity, "cold", t0) {
+            Popped::Nothing(Some(at)) => assert_eq!(at, t0 + WAIT),
+            _ => panic!("a cold executor took an action left to a warm one"),
+        }
+        assert_eq!(
+            taken(queue.try_pop(&offer, &capacity, "warm", t0)).as_deref(),
+            Some("a")
+        );
+        // Not taken by the warm executor in time: anyone may.
+        queue.push(
+            QueuedAction::for_test("b", 0, Some("k1"), Requirement::default()),
+            t0,
+        );
+        assert!(taken(queue.try_pop(&offer, &capacity, "cold", t0 + WAIT / 2)).is_none());
+        assert_eq!(
+            taken(queue.try_pop(&offer, &capacity, "cold", t0 + WAIT)).as_deref(),
+            Some("b")
+        );
+        // A warm executor busy with other work is not waited for.
+        drop(waiting);
+        queue.push(
+            QueuedAction::for_test("c", 0, Some("k1"), Requirement::default()),
+            t0,
+        );
+        assert_eq!(
+            taken(queue.try_pop(&offer, &capacity, "cold", t0)).as_deref(),
+            Some("c")
+        );
+    }
+
+    #[test]
+    fn keys_nobody_holds_warm_go_anywhere_and_warm_ones_go_first() {
+        let queue = PoolQueue::new(WAIT);
+        let (offer, capacity) = executor();
+        let t0 = Instant::now();
+        queue.push(
+            QueuedAction::for_test("plain", 0, None, Requirement::default()),
+            t0,
+        );
+        queue.push(
+            QueuedAction::for_test("cold-key", 0, Some("k2"), Requirement::default()),
+            t0,
+        );
+        queue.push(
+            QueuedAction::for_test("warm-key", 0, Some("k1"), sandbox_group()),
+            t0,
+        );
+        queue.push(
+            QueuedAction::for_test("urgent", -1, None, Requirement::default()),
+            t0,
+        );
+        queue.set_warm("e", &["k1".to_string()]);
+        let order: Vec<String> =
+            std::iter::from_fn(|| taken(queue.try_pop(&offer, &capacity, "e", t0))).collect();
+        // Priority first; then, among the heads of the groups, the warm
+        // one; then the rest.
+        assert_eq!(order[..2], ["urgent", "warm-key"]);
+        assert_eq!(order.len(), 4);
+        // An executor that reports no warm runners any more is not waited for.
+        let _waiting = Waiting::new(&queue, "e");
+        queue.set_warm("e", &[]);
+        queue.push(
+            QueuedAction::for_test("again", 0, Some("k1"), Requirement::default()),
+            t0,
+        );
+        assert_eq!(
+            taken(queue.try_pop(&offer, &capacity, "other", t0)).as_deref(),
+            Some("again")
+        );
     }
 }

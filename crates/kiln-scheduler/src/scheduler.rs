@@ -49,6 +49,9 @@ pub struct SchedulerConfig {
     /// `EstimatedComputeUnits`) reserves on its executor. 0: nothing, only
     /// the executor's slot count bounds such actions.
     pub default_action_resources: ResourceAmount,
+    /// How long an action whose runner key some executor holds warm is
+    /// left to that executor before any other may take it.
+    pub warm_runner_wait: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -59,6 +62,7 @@ impl Default for SchedulerConfig {
             unmatched_grace: Duration::from_secs(2),
             max_attempts: 3,
             default_action_resources: ResourceAmount::default(),
+            warm_runner_wait: Duration::from_millis(200),
         }
     }
 }
@@ -93,6 +97,11 @@ pub struct QueuedAction {
     pub(crate) refused_by: Mutex<BTreeSet<String>>,
     queue: Option<Arc<PoolQueue>>,
     queued_at: Timestamp,
+    /// When it was last queued (requeued included): warm routing leaves it
+    /// to a warm executor for a while after that.
+    pub(crate) enqueued: Mutex<std::time::Instant>,
+    /// The first 16 hex digits of its runner key, with `recycle-runner`.
+    pub(crate) runner_key: Option<String>,
     /// Whether the request allows writing the result to the Action Cache.
     cacheable: bool,
     /// `results_cache_policy` as [`Retention`] epochs: the longest any
@@ -101,6 +110,42 @@ pub struct QueuedAction {
     merge_key: Option<MergeKey>,
     digest_function: i32,
     state: watch::Sender<Operation>,
+}
+
+#[cfg(test)]
+impl QueuedAction {
+    /// A queued action for the queue's unit tests: no operation behind it.
+    pub(crate) fn for_test(
+        invocation: &str,
+        priority: i32,
+        runner_key: Option<&str>,
+        requires: Requirement,
+    ) -> Arc<QueuedAction> {
+        Arc::new(QueuedAction {
+            name: format!("operations/{invocation}"),
+            instance_name: String::new(),
+            action_digest: reapi::Digest::default(),
+            platform: Platform::default(),
+            sources: PlatformSources::default(),
+            cancel: CancellationToken::new(),
+            attempts: AtomicU32::new(0),
+            bypassed: AtomicU32::new(0),
+            priority,
+            invocation_id: invocation.to_string(),
+            requires,
+            need: ResourceAmount::default(),
+            refused_by: Mutex::default(),
+            queue: None,
+            queued_at: timestamp_now(),
+            enqueued: Mutex::new(std::time::Instant::now()),
+            runner_key: runner_key.map(String::from),
+            cacheable: false,
+            retention: AtomicI8::new(0),
+            merge_key: None,
+            digest_function: 0,
+            state: watch::channel(Operation::default()).0,
+        })
+    }
 }
 
 impl QueuedAction {
@@ -185,7 +230,7 @@ impl Scheduler {
         let queue = state
             .queues
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(PoolQueue::new()))
+            .or_insert_with(|| Arc::new(PoolQueue::new(self.config.warm_runner_wait)))
             .clone();
         queue.register(offers);
         drop(state);
@@ -371,6 +416,10 @@ impl Scheduler {
             result: None,
         };
         let (sender, receiver) = watch::channel(first.clone());
+        // The same key the worker computes (`kiln_worker::runners`).
+        let runner_key = platform
+            .recycle_runner
+            .then(|| platform.runner_key(&instance_name)[..16].to_string());
         let queued = Arc::new(QueuedAction {
             name: name.clone(),
             instance_name,
@@ -387,6 +436,8 @@ impl Scheduler {
             refused_by: Mutex::default(),
             queue: Some(queue.clone()),
             queued_at: timestamp_now(),
+            enqueued: Mutex::new(std::time::Instant::now()),
+            runner_key,
             cacheable,
             retention: AtomicI8::new(retention.epochs()),
             merge_key: merge_key.clone(),
@@ -399,7 +450,7 @@ impl Scheduler {
         state.operations.insert(name.clone(), queued.clone());
         drop(state);
         tracing::debug!(action = %digest, operation = %name, %pool, "queued");
-        queue.push(queued);
+        queue.push(queued, std::time::Instant::now());
         Ok((first, receiver))
     }
 
@@ -604,6 +655,8 @@ impl Scheduler {
             refused_by: Mutex::default(),
             queue: None,
             queued_at: timestamp_now(),
+            enqueued: Mutex::new(std::time::Instant::now()),
+            runner_key: None,
             cacheable: false,
             retention: AtomicI8::new(0),
             merge_key: None,
@@ -745,7 +798,7 @@ impl Scheduler {
         };
         tracing::info!(operation = %action.name, attempts, reason = why, "requeued");
         set_stage(action, execution_stage::Value::Queued);
-        queue.push(action.clone());
+        queue.push(action.clone(), std::time::Instant::now());
     }
 
     /// A small proto from the CAS; `None` if absent.

@@ -245,6 +245,7 @@ impl Session {
             self.scheduler
                 .requeue(&running.action, &format!("executor {}: {why}", self.name));
         }
+        self.queue.set_warm(&self.executor_id, &[]);
         self.scheduler.unregister_executor(&self.key, &self.offers);
     }
 
@@ -309,9 +310,17 @@ impl Session {
     }
 
     async fn received(&mut self, message: ExecutorMessage) {
-        let Some(ExecutorKind::Finished(finished)) = message.kind else {
-            return; // Heartbeats only prove liveness.
+        let finished = match message.kind {
+            Some(ExecutorKind::Finished(finished)) => finished,
+            Some(ExecutorKind::Heartbeat(beat)) => {
+                self.queue
+                    .set_warm(&self.executor_id, &beat.warm_runner_keys);
+                return;
+            }
+            _ => return,
         };
+        self.queue
+            .set_warm(&self.executor_id, &finished.warm_runner_keys);
         let Some(running) = self.running.remove(&finished.assignment_id) else {
             tracing::warn!(executor = %self.name, assignment = %finished.assignment_id, "result for an unknown assignment");
             return;

@@ -158,6 +158,15 @@ impl RunnerPool {
         self.expire(&mut warm)
     }
 
+    /// The distinct keys ([`RunnerKey::short`]) of the warm runners now.
+    pub fn keys(&self) -> Vec<String> {
+        let warm = self.warm.lock().expect("runner pool lock");
+        let mut keys: Vec<String> = warm.iter().map(|r| r.key.short().to_string()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
     /// Warm runners now.
     pub fn len(&self) -> usize {
         self.warm.lock().expect("runner pool lock").len()

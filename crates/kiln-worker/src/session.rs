@@ -126,13 +126,15 @@ impl RemoteSession {
             tokio::select! {
                 _ = stop.cancelled() => break Ok(()),
                 _ = heartbeat.tick() => {
-                    let beat = ExecutorMessage { kind: Some(ExecutorKind::Heartbeat(Heartbeat {})) };
+                    let beat = Heartbeat { warm_runner_keys: worker.warm_runner_keys() };
+                    let beat = ExecutorMessage { kind: Some(ExecutorKind::Heartbeat(beat)) };
                     if self.outbound.send(beat).await.is_err() {
                         break Err(SchedulerError::Session("the session closed".into()));
                     }
                 }
-                Some((id, finished)) = done.recv() => {
+                Some((id, mut finished)) = done.recv() => {
                     running.remove(&id);
+                    finished.warm_runner_keys = worker.warm_runner_keys();
                     let message = ExecutorMessage { kind: Some(ExecutorKind::Finished(finished)) };
                     if self.outbound.send(message).await.is_err() {
                         break Err(SchedulerError::Session("the session closed".into()));
@@ -243,7 +245,7 @@ async fn run_assignment(
             action_result: outcome.result.encode_to_vec().into(),
             status: to_rpc_status(outcome.status).encode_to_vec().into(),
             cacheable: outcome.cacheable,
-            retry_elsewhere: false,
+            ..Default::default()
         },
         Err(error) => ActionFinished {
             assignment_id: assignment.assignment_id,

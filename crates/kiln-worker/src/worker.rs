@@ -205,6 +205,12 @@ impl Worker {
         self.isolations.names()
     }
 
+    /// The keys of the warm runners this worker holds now, as the
+    /// scheduler routes by them.
+    pub fn warm_runner_keys(&self) -> Vec<String> {
+        self.runners.keys()
+    }
+
     /// The local file cache (its counters show what was downloaded).
     pub fn cache(&self) -> &FileCache {
         &self.cache

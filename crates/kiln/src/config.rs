@@ -112,6 +112,10 @@ pub struct ExecutionConfig {
     /// How many times an action is started before losing its executor
     /// fails it.
     pub max_attempts: u32,
+    /// How long an action whose runner key an executor holds warm
+    /// (`recycle-runner=true`) is left to that executor before any other
+    /// may take it cold.
+    pub warm_runner_wait_ms: u64,
     /// Milli-CPUs the embedded executor's running actions may reserve in
     /// total (their `EstimatedCPU`); 0 = this machine's CPUs × 1000.
     pub cpu_millis: u64,
@@ -152,6 +156,7 @@ impl Default for ExecutionConfig {
             unmatched_grace_ms: 2000,
             executor_heartbeat_timeout_ms: 30_000,
             max_attempts: 3,
+            warm_runner_wait_ms: 200,
             cpu_millis: 0,
             memory_bytes: 0,
             disk_bytes: 0,

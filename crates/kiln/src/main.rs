@@ -253,6 +253,9 @@ struct ServeArgs {
     /// Starts of an action before executor losses fail it.
     #[arg(long)]
     max_attempts: Option<u32>,
+    /// How long an action is left to an executor holding its runner warm.
+    #[arg(long)]
+    warm_runner_wait_ms: Option<u64>,
     /// Most bytes the embedded executor's file cache keeps (0 = unlimited).
     #[arg(long)]
     executor_cache_size: Option<String>,
@@ -293,6 +296,7 @@ impl ServeArgs {
             self.unmatched_grace_ms => execution.unmatched_grace_ms,
             self.executor_heartbeat_timeout_ms => execution.executor_heartbeat_timeout_ms,
             self.max_attempts => execution.max_attempts,
+            self.warm_runner_wait_ms => execution.warm_runner_wait_ms,
             self.executor_cache_size => execution.executor_cache_size,
             self.executor_token_file => execution.executor_token_file,
         }

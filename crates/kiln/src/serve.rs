@@ -181,6 +181,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 default_pool: config.execution.pool.clone(),
                 unmatched_grace: Duration::from_millis(config.execution.unmatched_grace_ms),
                 max_attempts: config.execution.max_attempts.max(1),
+                warm_runner_wait: Duration::from_millis(config.execution.warm_runner_wait_ms),
                 default_action_resources: config.execution.default_action_resources(),
                 ..SchedulerConfig::default()
             },

@@ -313,6 +313,38 @@ async fn results_say_whether_their_runner_was_warm() {
 }
 
 #[tokio::test]
+async fn actions_go_to_the_executor_holding_their_runner_warm() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let _first = executor(&address, "proc-a", &scratch.path().join("a"));
+    let _second = executor(&address, "proc-b", &scratch.path().join("b"));
+    let warm = [
+        ("recycle-runner", "true"),
+        ("runner-recycling-key", "routing"),
+    ];
+    // One at a time, so both executors are idle when each is queued: only
+    // warm routing decides which takes it.
+    let mut ran = Vec::new();
+    for i in 0..10 {
+        let response = completed(execute_with(&address, format!("echo {i}"), &warm).await).await;
+        let worker = response
+            .result
+            .as_ref()
+            .and_then(|r| r.execution_metadata.as_ref())
+            .map(|m| m.worker.clone())
+            .unwrap();
+        ran.push((worker, runner_usage(&response).warm));
+    }
+    eprintln!("{ran:?}");
+    let warm_runs = ran.iter().filter(|(_, warm)| *warm).count();
+    assert_eq!(
+        warm_runs, 9,
+        "every action after the first should run warm: {ran:?}"
+    );
+    assert!(ran.iter().all(|(worker, _)| *worker == ran[0].0), "{ran:?}");
+}
+
+#[tokio::test]
 async fn a_killed_executor_process_loses_its_action_to_another() {
     let scratch = tempfile::tempdir().unwrap();
     let (server, address) = serve(scratch.path(), &[]);

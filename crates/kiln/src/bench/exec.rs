@@ -133,7 +133,8 @@ impl ExecBench {
                     self.args.instance_name.clone(),
                     action_digest,
                 )
-                .await?,
+                .await?
+                .latency,
             );
         }
         Ok(latencies)
@@ -249,7 +250,7 @@ impl ExecBench {
         let count = action_digests.len();
         let cpu_before = self.args.server_pid.and_then(process_cpu_seconds);
         let started = Instant::now();
-        let outcomes: Vec<anyhow::Result<Duration>> = futures::stream::iter(action_digests)
+        let outcomes: Vec<anyhow::Result<Executed>> = futures::stream::iter(action_digests)
             .map(|action_digest| {
                 execute(
                     self.execution.clone(),
@@ -268,12 +269,21 @@ impl ExecBench {
             .zip(cpu_before)
             .map(|(after, before)| after - before);
         let mut latencies = Vec::with_capacity(count);
+        let mut warm = 0;
         for outcome in outcomes {
             match outcome {
-                Ok(latency) => latencies.push(latency),
+                Ok(executed) => {
+                    latencies.push(executed.latency);
+                    warm += usize::from(executed.warm);
+                }
                 Err(error) => problems.push(format!("{error:#}")),
             }
         }
+        let recycling = self
+            .args
+            .properties
+            .iter()
+            .any(|(name, value)| name == "recycle-runner" && value == "true");
         latencies.sort();
         let percentile = |p: f64| {
             latencies
@@ -287,10 +297,15 @@ impl ExecBench {
             seconds,
             server_cpu_seconds,
             note: format!(
-                "latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                "latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}",
                 percentile(0.50),
                 percentile(0.99),
-                latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
+                latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+                if recycling {
+                    format!(", {warm} of {} in a warm runner", latencies.len())
+                } else {
+                    String::new()
+                }
             ),
         }
     }
@@ -327,13 +342,19 @@ async fn upload_batch(
     Ok(())
 }
 
+/// What one Execute call took, and whether its runner was warm.
+struct Executed {
+    latency: Duration,
+    warm: bool,
+}
+
 /// One Execute call, followed to its last Operation; checks the result and
 /// returns the call's latency.
 async fn execute(
     mut execution: ExecutionClient<Channel>,
     instance_name: String,
     action_digest: Digest,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Executed> {
     let hash = action_digest.hash.clone();
     let started = Instant::now();
     let mut stream = execution
@@ -387,9 +408,20 @@ async fn execute(
         status.message
     );
     ensure!(!response.cached_result, "action {hash}: served from cache");
-    let exit_code = response.result.map_or(-1, |result| result.exit_code);
+    let exit_code = response
+        .result
+        .as_ref()
+        .map_or(-1, |result| result.exit_code);
     ensure!(exit_code == 0, "action {hash}: exit code {exit_code}");
-    Ok(latency)
+    let warm = response
+        .result
+        .and_then(|result| result.execution_metadata)
+        .into_iter()
+        .flat_map(|metadata| metadata.auxiliary_metadata)
+        .filter(|any| any.type_url == kiln_proto::runner::RUNNER_USAGE_TYPE)
+        .filter_map(|any| kiln_proto::runner::RunnerUsage::decode(any.value.as_slice()).ok())
+        .any(|usage| usage.warm);
+    Ok(Executed { latency, warm })
 }
 
 #[cfg(test)]
