@@ -58,11 +58,24 @@ impl CasService {
         request: reapi::BatchUpdateBlobsRequest,
     ) -> Result<reapi::BatchUpdateBlobsResponse> {
         let function = digest_function(request.digest_function)?;
-        let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
         let limit = self.storage.limits.max_batch_total_size_bytes;
+        let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
         if total > limit {
             return Err(CasError::InvalidArgument(format!(
                 "BatchUpdateBlobs carries {total} bytes, over the limit of {limit} (max_batch_total_size_bytes); use ByteStream.Write for large blobs"
+            )));
+        }
+        // What compressed items decode to counts too: declared sizes,
+        // summed without wrapping.
+        let declared = request
+            .requests
+            .iter()
+            .map(|r| r.digest.as_ref().map_or(0, |d| d.size_bytes.max(0) as u64))
+            .try_fold(0u64, u64::checked_add);
+        if declared.is_none_or(|declared| declared > limit) {
+            return Err(CasError::InvalidArgument(format!(
+                "BatchUpdateBlobs declares blobs of {} bytes in all, over the limit of {limit} (max_batch_total_size_bytes); use ByteStream.Write for large blobs",
+                declared.map_or("more than 2^64".to_string(), |d| d.to_string())
             )));
         }
         let mut responses = Vec::with_capacity(request.requests.len());
@@ -125,11 +138,16 @@ impl CasService {
             .iter()
             .map(|d| parse_digest(function, Some(d), "digests entry"))
             .collect::<Result<Vec<_>>>()?;
-        let total: u64 = digests.iter().map(|d| d.size).sum();
+        // Summed without wrapping: sizes come from the client.
+        let total = digests
+            .iter()
+            .map(|d| d.size)
+            .try_fold(0u64, u64::checked_add);
         let limit = self.storage.limits.max_batch_total_size_bytes;
-        if total > limit {
+        if total.is_none_or(|total| total > limit) {
             return Err(CasError::InvalidArgument(format!(
-                "BatchReadBlobs asks for {total} bytes, over the limit of {limit} (max_batch_total_size_bytes); use ByteStream.Read for large blobs"
+                "BatchReadBlobs asks for {} bytes, over the limit of {limit} (max_batch_total_size_bytes); use ByteStream.Read for large blobs",
+                total.map_or("more than 2^64".to_string(), |t| t.to_string())
             )));
         }
         let mut responses = Vec::with_capacity(digests.len());

@@ -102,15 +102,7 @@ impl Storage {
     pub fn verify(digest: &Digest, data: Bytes, compressor: Compressor) -> Result<Bytes> {
         let data = match compressor {
             Compressor::Identity => data,
-            Compressor::Zstd => {
-                let capacity = usize::try_from(digest.size).unwrap_or(usize::MAX);
-                let decoded = zstd::bulk::decompress(&data, capacity).map_err(|e| {
-                    CasError::InvalidArgument(format!(
-                        "blob {digest}: zstd data does not decompress to its size: {e}"
-                    ))
-                })?;
-                Bytes::from(decoded)
-            }
+            Compressor::Zstd => Bytes::from(decompress_bounded(digest, &data)?),
         };
         let actual = digest.function.digest_of(&data);
         if actual != *digest {
@@ -143,5 +135,36 @@ impl Storage {
                 .map_err(|e| CasError::store(format_args!("storing blob {digest}"), e))?;
         }
         Ok(digest)
+    }
+}
+
+/// Most bytes reserved up front for a decompressed batch item: the rest
+/// grows as data really decodes, so a declared size costs nothing.
+const DECODE_RESERVE: u64 = 1 << 20;
+
+/// `data` (one zstd stream) decompressed, streaming, to exactly
+/// `digest.size` bytes: never more is decoded or held, and data that
+/// decodes to more or less than declared is INVALID_ARGUMENT.
+fn decompress_bounded(digest: &Digest, data: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let invalid = |what: String| CasError::InvalidArgument(format!("blob {digest}: {what}"));
+    let decoder = zstd::stream::read::Decoder::new(data)
+        .map_err(|e| CasError::Internal(format!("starting a zstd decoder: {e}")))?;
+    let mut out = Vec::with_capacity(digest.size.min(DECODE_RESERVE) as usize);
+    decoder
+        .take(digest.size.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| invalid(format!("invalid zstd data: {e}")))?;
+    match (out.len() as u64).cmp(&digest.size) {
+        std::cmp::Ordering::Equal => Ok(out),
+        std::cmp::Ordering::Greater => Err(invalid(format!(
+            "zstd data decodes to more than its declared {} bytes",
+            digest.size
+        ))),
+        std::cmp::Ordering::Less => Err(invalid(format!(
+            "zstd data decodes to {} bytes, not its declared {}",
+            out.len(),
+            digest.size
+        ))),
     }
 }

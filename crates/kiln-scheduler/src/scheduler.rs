@@ -358,14 +358,13 @@ impl Scheduler {
                 .free_disk_bytes
                 .unwrap_or(defaults.disk_bytes),
         };
-        let (queue, requires) = self.matching_queue(&key, &platform, need, &digest).await?;
-        let pool = key.pool.clone();
 
         let retention = Retention::from_reapi_priority(
             request
                 .results_cache_policy
                 .map_or(0, |policy| policy.priority),
         );
+        // A cached result needs no executor: looked up before matching.
         if !request.skip_cache_lookup {
             if let Some(result) = self.action_cache.get(&instance_name, &digest).await? {
                 if !retention.is_default() {
@@ -385,6 +384,9 @@ impl Scheduler {
                 }));
             }
         }
+
+        let (queue, requires) = self.matching_queue(&key, &platform, need, &digest).await?;
+        let pool = key.pool.clone();
 
         let cacheable = !action.do_not_cache;
         let merge_key = cacheable.then(|| MergeKey {

@@ -345,6 +345,80 @@ async fn actions_go_to_the_executor_holding_their_runner_warm() {
 }
 
 #[tokio::test]
+async fn a_cached_result_is_served_with_no_executor_registered() {
+    use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &["--unmatched-grace-ms", "60000"]);
+    // An action and a cached result for it; no executor will ever come
+    // (an uncached action would wait the minute for one).
+    let command = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), "echo cached".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let root = reapi::Directory::default().encode_to_vec();
+    let action = reapi::Action {
+        command_digest: Some(digest(&command)),
+        input_root_digest: Some(digest(&root)),
+        platform: Some(reapi::Platform {
+            properties: vec![reapi::platform::Property {
+                name: "Pool".into(),
+                value: "procs".into(),
+            }],
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ContentAddressableStorageClient::new(channel.clone())
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: [command, root, action.clone()]
+                .into_iter()
+                .map(|data| batch_update_blobs_request::Request {
+                    digest: Some(digest(&data)),
+                    data,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let stdout = digest(b"");
+    ActionCacheClient::new(channel.clone())
+        .update_action_result(reapi::UpdateActionResultRequest {
+            action_digest: Some(digest(&action)),
+            action_result: Some(reapi::ActionResult {
+                exit_code: 0,
+                stdout_digest: Some(stdout),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), async {
+        let stream = ExecutionClient::new(channel)
+            .execute(reapi::ExecuteRequest {
+                action_digest: Some(digest(&action)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        completed(stream).await
+    })
+    .await
+    .expect("a cached result waited for an executor");
+    assert!(response.cached_result);
+    assert_eq!(response.result.unwrap().exit_code, 0);
+}
+
+#[tokio::test]
 async fn a_killed_executor_process_loses_its_action_to_another() {
     let scratch = tempfile::tempdir().unwrap();
     let (server, address) = serve(scratch.path(), &[]);

@@ -331,6 +331,105 @@ async fn batch_update_verifies_each_blob_and_stores_nothing_wrong() {
 }
 
 #[tokio::test]
+async fn zstd_bombs_are_refused_and_the_server_keeps_serving() {
+    let harness = Harness::start().await;
+    // 64 MiB of zeros: a few KiB compressed.
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
+    assert!(bomb.len() < 64 << 10);
+    let item = |size: i64| batch_update_blobs_request::Request {
+        digest: Some(reapi::Digest {
+            hash: digest(b"not really").hash,
+            size_bytes: size,
+        }),
+        data: bomb.clone(),
+        compressor: reapi::compressor::Value::Zstd as i32,
+    };
+    // Declared small: decoding stops past the declared size.
+    let response = harness
+        .cas()
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: vec![item(1024)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = response.responses[0].status.clone().unwrap();
+    assert_eq!(status.code, Code::InvalidArgument as i32);
+    assert!(
+        status.message.contains("more than its declared 1024 bytes"),
+        "{}",
+        status.message
+    );
+    // Declared huge (a terabyte; and sizes whose sum wraps u64): refused
+    // by the batch limit before anything is decoded or allocated.
+    for sizes in [vec![1i64 << 40], vec![i64::MAX, i64::MAX, 4]] {
+        let error = harness
+            .cas()
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                requests: sizes.iter().map(|&size| item(size)).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{sizes:?}");
+        assert!(
+            error.message().contains("max_batch_total_size_bytes"),
+            "{}",
+            error.message()
+        );
+    }
+    let error = harness
+        .cas()
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            digests: vec![
+                reapi::Digest {
+                    hash: digest(b"a").hash,
+                    size_bytes: i64::MAX,
+                },
+                reapi::Digest {
+                    hash: digest(b"b").hash,
+                    size_bytes: i64::MAX,
+                },
+                reapi::Digest {
+                    hash: digest(b"c").hash,
+                    size_bytes: 4,
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    // Through ByteStream too: the stream decodes no further than declared.
+    let name = format!(
+        "uploads/{}/compressed-blobs/zstd/{}/1024",
+        uuid(),
+        digest(b"not really").hash
+    );
+    let error = harness
+        .write(&name, vec![Bytes::from(bomb.clone())])
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{}", error.message());
+    // Still serving.
+    let good = b"after the bombs".to_vec();
+    harness
+        .cas()
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(digest(&good)),
+                data: good.clone(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(harness.missing(vec![digest(&good)]).await.is_empty());
+}
+
+#[tokio::test]
 async fn batches_over_the_advertised_limit_are_rejected() {
     let harness = Harness::start().await;
     let big = vec![7u8; 3 << 20];
