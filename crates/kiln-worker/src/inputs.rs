@@ -83,18 +83,63 @@ pub async fn fetch_blobs(
     Ok(results)
 }
 
+/// How large an input tree may be, counted as it is laid out: a directory
+/// the tree lists twice counts twice, so a tree whose directories fan out
+/// to the same child cannot expand without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputLimits {
+    /// Files, symlinks and directories in all.
+    pub max_entries: u64,
+    /// Directory levels below the input root.
+    pub max_depth: u32,
+    /// Bytes of all files.
+    pub max_bytes: u64,
+}
+
+impl Default for InputLimits {
+    fn default() -> InputLimits {
+        InputLimits {
+            max_entries: 2_000_000,
+            max_depth: 256,
+            max_bytes: 64 << 30,
+        }
+    }
+}
+
 /// Fetches the whole tree under `root`, one batched round per level, and
-/// checks each Directory. Returns the directories found and the digests
-/// the CAS lacks.
+/// checks each Directory and the tree's depth and unique size against
+/// `limits` as it goes. Returns the directories found and the digests the
+/// CAS lacks.
 pub async fn fetch_tree(
     cas: &CasClient,
     instance_name: &str,
     root: &Digest,
+    limits: &InputLimits,
 ) -> Result<(DirectoryMap, Vec<Digest>), RunError> {
     let mut directories = DirectoryMap::new();
     let mut missing = Vec::new();
     let mut frontier = vec![root.clone()];
+    let mut depth = 0u32;
     while !frontier.is_empty() {
+        if depth > limits.max_depth {
+            return Err(over_limit(
+                root,
+                format!(
+                    "is more than {} directories deep (max_input_depth)",
+                    limits.max_depth
+                ),
+            ));
+        }
+        if directories.len() as u64 > limits.max_entries {
+            return Err(over_limit(
+                root,
+                format!(
+                    "has more than {} entries (max_input_entries)",
+                    limits.max_entries
+                ),
+            ));
+        }
+        depth += 1;
         let wanted: Vec<Digest> = frontier
             .drain(..)
             .filter(|digest| !directories.contains_key(digest))
@@ -123,6 +168,71 @@ pub async fn fetch_tree(
         }
     }
     Ok((directories, missing))
+}
+
+fn over_limit(root: &Digest, what: String) -> RunError {
+    RunError::InvalidArgument(format!("the input tree {} {what}", format_digest(root)))
+}
+
+/// Checks the tree under `root` as it would be laid out against `limits`
+/// (entries and bytes with every repetition counted), without expanding
+/// it: each distinct directory is sized once.
+pub fn check_expanded(
+    directories: &DirectoryMap,
+    root: &Digest,
+    limits: &InputLimits,
+) -> Result<(), RunError> {
+    /// (entries, bytes) of one directory's subtree, saturating.
+    fn size(
+        directories: &DirectoryMap,
+        digest: &Digest,
+        memo: &mut HashMap<Digest, (u64, u64)>,
+    ) -> (u64, u64) {
+        if let Some(known) = memo.get(digest) {
+            return *known;
+        }
+        let Some(directory) = directories.get(digest) else {
+            return (0, 0);
+        };
+        let mut entries =
+            (directory.files.len() + directory.symlinks.len() + directory.directories.len()) as u64;
+        let mut bytes = directory
+            .files
+            .iter()
+            .map(|f| f.digest.as_ref().map_or(0, |d| d.size_bytes.max(0) as u64))
+            .fold(0u64, u64::saturating_add);
+        for child in &directory.directories {
+            let (child_entries, child_bytes) = size(
+                directories,
+                child.digest.as_ref().unwrap_or(&Digest::default()),
+                memo,
+            );
+            entries = entries.saturating_add(child_entries);
+            bytes = bytes.saturating_add(child_bytes);
+        }
+        memo.insert(digest.clone(), (entries, bytes));
+        (entries, bytes)
+    }
+    let (entries, bytes) = size(directories, root, &mut HashMap::new());
+    if entries > limits.max_entries {
+        return Err(over_limit(
+            root,
+            format!(
+                "lays out {entries} entries, over the limit of {} (max_input_entries)",
+                limits.max_entries
+            ),
+        ));
+    }
+    if bytes > limits.max_bytes {
+        return Err(over_limit(
+            root,
+            format!(
+                "holds {bytes} bytes of files, over the limit of {} (max_input_bytes)",
+                limits.max_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Makes sure every (file digest, executable) of the tree is in the file
@@ -447,4 +557,53 @@ fn is_disk_full(error: &std::io::Error) -> bool {
         error.kind(),
         std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::reapi::{DirectoryNode, FileNode};
+
+    fn digest(n: u8) -> Digest {
+        Digest {
+            hash: format!("{n:064x}"),
+            size_bytes: 1,
+        }
+    }
+
+    #[test]
+    fn repeated_directories_count_each_time_they_are_laid_out() {
+        // root lists `leaf` three times; `leaf` holds a 1 GiB file.
+        let leaf = Directory {
+            files: vec![FileNode {
+                name: "big".into(),
+                digest: Some(Digest {
+                    hash: "ab".repeat(32),
+                    size_bytes: 1 << 30,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let root = Directory {
+            directories: ["a", "b", "c"]
+                .map(|name| DirectoryNode {
+                    name: name.into(),
+                    digest: Some(digest(1)),
+                })
+                .to_vec(),
+            ..Default::default()
+        };
+        let tree = DirectoryMap::from([(digest(1), leaf), (digest(0), root)]);
+        let limits = |entries, bytes| InputLimits {
+            max_entries: entries,
+            max_depth: 10,
+            max_bytes: bytes,
+        };
+        check_expanded(&tree, &digest(0), &limits(6, 3 << 30)).unwrap();
+        let error = check_expanded(&tree, &digest(0), &limits(5, 3 << 30)).unwrap_err();
+        assert!(error.to_string().contains("6 entries"), "{error}");
+        let error = check_expanded(&tree, &digest(0), &limits(6, (3 << 30) - 1)).unwrap_err();
+        assert!(error.to_string().contains("max_input_bytes"), "{error}");
+    }
 }

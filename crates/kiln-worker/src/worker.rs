@@ -63,6 +63,8 @@ pub struct WorkerConfig {
     /// How many warm runners (`recycle-runner=true`) are kept, and for how
     /// long.
     pub runners: RunnerLimits,
+    /// How large an action's input tree may be.
+    pub input_limits: inputs::InputLimits,
 }
 
 impl WorkerConfig {
@@ -80,6 +82,7 @@ impl WorkerConfig {
             cache_max_bytes: Some(10 << 30),
             action_user: None,
             runners: RunnerLimits::default(),
+            input_limits: inputs::InputLimits::default(),
         }
     }
 }
@@ -589,8 +592,12 @@ impl Worker {
                 format_digest(action_digest)
             ))
         })?;
+        let limits = &self.config.input_limits;
         let (directories, mut missing) =
-            inputs::fetch_tree(&self.cas, instance_name, &input_root).await?;
+            inputs::fetch_tree(&self.cas, instance_name, &input_root, limits).await?;
+        if missing.is_empty() {
+            inputs::check_expanded(&directories, &input_root, limits)?;
+        }
         let (also_missing, pinned) =
             inputs::fill_cache(&self.cas, &self.cache, instance_name, &directories).await?;
         missing.extend(also_missing);

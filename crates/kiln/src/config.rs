@@ -143,6 +143,8 @@ pub struct ExecutionConfig {
     pub executor_token_file: String,
     /// The embedded executor's isolation backends.
     pub isolation: crate::isolation::IsolationSettings,
+    /// The embedded executor's limits on input trees.
+    pub inputs: InputLimitSettings,
 }
 
 impl Default for ExecutionConfig {
@@ -166,6 +168,7 @@ impl Default for ExecutionConfig {
             executor_cache_size: "10GiB".into(),
             executor_token_file: String::new(),
             isolation: Default::default(),
+            inputs: Default::default(),
         }
     }
 }
@@ -298,5 +301,72 @@ mod tests {
             toml::from_str::<Config>("bogus = 1").is_err(),
             "unknown keys are rejected"
         );
+    }
+}
+
+/// How large an action's input tree may be, counted as it is laid out (a
+/// directory listed twice counts twice). Shared by the embedded executor
+/// (`[execution.inputs]`) and `kiln executor`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InputLimitSettings {
+    /// Most files, symlinks and directories in one input tree.
+    pub max_input_entries: u64,
+    /// Most directory levels below the input root.
+    pub max_input_depth: u32,
+    /// Most bytes of files in one input tree (`64GiB`, `500MB`, ...).
+    pub max_input_bytes: String,
+}
+
+impl Default for InputLimitSettings {
+    fn default() -> Self {
+        let limits = kiln_worker::inputs::InputLimits::default();
+        InputLimitSettings {
+            max_input_entries: limits.max_entries,
+            max_input_depth: limits.max_depth,
+            max_input_bytes: format!("{}GiB", limits.max_bytes >> 30),
+        }
+    }
+}
+
+impl InputLimitSettings {
+    /// The limits, or an error naming the setting that does not parse.
+    pub fn limits(&self) -> anyhow::Result<kiln_worker::inputs::InputLimits> {
+        Ok(kiln_worker::inputs::InputLimits {
+            max_entries: self.max_input_entries,
+            max_depth: self.max_input_depth,
+            max_bytes: parse_size(&self.max_input_bytes)
+                .map_err(|e| anyhow::anyhow!("max_input_bytes: {e}"))?,
+        })
+    }
+}
+
+/// Flags overriding [`InputLimitSettings`], shared by `kiln serve` and
+/// `kiln executor`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct InputLimitArgs {
+    /// Most files, symlinks and directories in one input tree.
+    #[arg(long)]
+    pub max_input_entries: Option<u64>,
+    /// Most directory levels below an input root.
+    #[arg(long)]
+    pub max_input_depth: Option<u32>,
+    /// Most bytes of files in one input tree.
+    #[arg(long)]
+    pub max_input_bytes: Option<String>,
+}
+
+impl InputLimitArgs {
+    /// Writes the given flags over `settings`.
+    pub fn apply(self, settings: &mut InputLimitSettings) {
+        if let Some(entries) = self.max_input_entries {
+            settings.max_input_entries = entries;
+        }
+        if let Some(depth) = self.max_input_depth {
+            settings.max_input_depth = depth;
+        }
+        if let Some(bytes) = self.max_input_bytes {
+            settings.max_input_bytes = bytes;
+        }
     }
 }

@@ -37,6 +37,8 @@ pub struct ExecutorOptions {
     pub isolation: crate::isolation::IsolationSettings,
     /// Presented at registration when the scheduler requires it.
     pub token: Option<kiln_scheduler::ExecutorToken>,
+    /// How large an action's input tree may be.
+    pub input_limits: kiln_worker::inputs::InputLimits,
 }
 
 /// First and longest wait between attempts to reach the scheduler.
@@ -74,6 +76,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     worker_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
     worker_config.runners = options.isolation.runner_limits();
+    worker_config.input_limits = options.input_limits;
     let session_config = SessionConfig {
         name: options.name.clone(),
         pool: options.pool.clone(),

@@ -110,6 +110,8 @@ struct ExecutorArgs {
     executor_token_file: Option<PathBuf>,
     #[command(flatten)]
     isolation: kiln::isolation::IsolationArgs,
+    #[command(flatten)]
+    inputs: kiln::config::InputLimitArgs,
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
     #[arg(long, default_value = "info")]
@@ -170,6 +172,11 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             let mut settings = kiln::isolation::IsolationSettings::default();
             args.isolation.apply(&mut settings);
             settings
+        },
+        input_limits: {
+            let mut settings = kiln::config::InputLimitSettings::default();
+            args.inputs.apply(&mut settings);
+            settings.limits()?
         },
         heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms.max(1)),
         token: args
@@ -264,6 +271,8 @@ struct ServeArgs {
     executor_token_file: Option<String>,
     #[command(flatten)]
     isolation: kiln::isolation::IsolationArgs,
+    #[command(flatten)]
+    inputs: kiln::config::InputLimitArgs,
 }
 
 impl ServeArgs {
@@ -301,6 +310,7 @@ impl ServeArgs {
             self.executor_token_file => execution.executor_token_file,
         }
         self.isolation.apply(&mut execution.isolation);
+        self.inputs.apply(&mut execution.inputs);
         Ok(config)
     }
 }

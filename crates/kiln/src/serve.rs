@@ -303,6 +303,7 @@ fn start_embedded_executor(
     worker_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
     worker_config.runners = execution.isolation.runner_limits();
+    worker_config.input_limits = execution.inputs.limits()?;
     if let Some(user) = action_user {
         // Checked here, not only by the worker, so a server whose actions
         // could not start fails to start itself, saying why.

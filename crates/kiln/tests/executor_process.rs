@@ -418,6 +418,138 @@ async fn a_cached_result_is_served_with_no_executor_registered() {
     assert_eq!(response.result.unwrap().exit_code, 0);
 }
 
+/// Uploads `blobs` and an action running `true` on the input root `root`,
+/// executes it and returns its response.
+async fn execute_on_tree(
+    address: &str,
+    root: reapi::Digest,
+    blobs: Vec<Vec<u8>>,
+) -> reapi::ExecuteResponse {
+    let command = reapi::Command {
+        arguments: vec!["/bin/true".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action = reapi::Action {
+        command_digest: Some(digest(&command)),
+        input_root_digest: Some(root),
+        platform: Some(reapi::Platform {
+            properties: vec![reapi::platform::Property {
+                name: "Pool".into(),
+                value: "procs".into(),
+            }],
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action_digest = digest(&action);
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut all = blobs;
+    all.extend([command, action]);
+    for chunk in all.chunks(100) {
+        ContentAddressableStorageClient::new(channel.clone())
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                requests: chunk
+                    .iter()
+                    .map(|data| batch_update_blobs_request::Request {
+                        digest: Some(digest(data)),
+                        data: data.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let stream = ExecutionClient::new(channel)
+        .execute(reapi::ExecuteRequest {
+            action_digest: Some(action_digest),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    completed(stream).await
+}
+
+#[tokio::test]
+async fn input_trees_that_expand_without_bound_are_refused_naming_the_limit() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let _executor = executor(&address, "proc-limits", &scratch.path().join("work"));
+    // Each level lists the one below twice: 40 levels are 2^40 files once
+    // laid out, from 42 small blobs.
+    let file = b"x".to_vec();
+    let mut level = reapi::Directory {
+        files: vec![reapi::FileNode {
+            name: "f".into(),
+            digest: Some(digest(&file)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut blobs = vec![file, level.clone()];
+    for _ in 0..40 {
+        let below = digest(&level);
+        level = reapi::Directory {
+            directories: ["a", "b"]
+                .map(|name| reapi::DirectoryNode {
+                    name: name.into(),
+                    digest: Some(below.clone()),
+                })
+                .to_vec(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        blobs.push(level.clone());
+    }
+    let response = execute_on_tree(&address, digest(&level), blobs).await;
+    let status = response.status.unwrap_or_default();
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}"
+    );
+    assert!(
+        status.message.contains("max_input_entries"),
+        "{}",
+        status.message
+    );
+
+    // A chain deeper than the depth limit.
+    let mut level = reapi::Directory::default().encode_to_vec();
+    let mut blobs = vec![level.clone()];
+    for _ in 0..300 {
+        level = reapi::Directory {
+            directories: vec![reapi::DirectoryNode {
+                name: "d".into(),
+                digest: Some(digest(&level)),
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        blobs.push(level.clone());
+    }
+    let response = execute_on_tree(&address, digest(&level), blobs).await;
+    let status = response.status.unwrap_or_default();
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}"
+    );
+    assert!(
+        status.message.contains("max_input_depth"),
+        "{}",
+        status.message
+    );
+}
+
 #[tokio::test]
 async fn a_killed_executor_process_loses_its_action_to_another() {
     let scratch = tempfile::tempdir().unwrap();
