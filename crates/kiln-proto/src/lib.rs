@@ -24,6 +24,11 @@ pub mod runner {
 
 pub mod status;
 
+/// The largest Action, Command or Directory blob Kiln reads into memory to
+/// decode: a digest that names a bigger one is refused by its size before
+/// anything is read.
+pub const MAX_MESSAGE_BLOB_BYTES: u64 = 64 << 20;
+
 /// `google.bytestream`, with `bytes::Bytes` payloads.
 pub mod bytestream {
     tonic::include_proto!("google.bytestream");

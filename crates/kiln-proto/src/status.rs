@@ -26,6 +26,44 @@ pub struct Violation {
     pub description: String,
 }
 
+/// `google.rpc.RetryInfo`: when a client may try again.
+#[derive(Clone, PartialEq, Message)]
+pub struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    pub retry_delay: Option<protobuf::Duration>,
+}
+
+/// `type_url` of a packed [`RetryInfo`].
+pub const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
+
+/// `RESOURCE_EXHAUSTED` with `message` and a `RetryInfo` asking the client
+/// to wait `delay` before trying again.
+pub fn exhausted_retry_after(
+    message: impl Into<String>,
+    delay: std::time::Duration,
+) -> tonic::Status {
+    let message = message.into();
+    let retry = RetryInfo {
+        retry_delay: Some(protobuf::Duration {
+            seconds: delay.as_secs() as i64,
+            nanos: delay.subsec_nanos() as i32,
+        }),
+    };
+    let details = rpc::Status {
+        code: tonic::Code::ResourceExhausted as i32,
+        message: message.clone(),
+        details: vec![protobuf::Any {
+            type_url: RETRY_INFO_TYPE.into(),
+            value: retry.encode_to_vec(),
+        }],
+    };
+    tonic::Status::with_details(
+        tonic::Code::ResourceExhausted,
+        message,
+        Bytes::from(details.encode_to_vec()),
+    )
+}
+
 /// The violation type REAPI defines for a blob missing from the CAS.
 pub const VIOLATION_TYPE_MISSING: &str = "MISSING";
 

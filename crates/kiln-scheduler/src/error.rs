@@ -51,7 +51,14 @@ pub enum SchedulerError {
     /// The scheduler is shutting down.
     #[error("the scheduler is shutting down")]
     ShuttingDown,
+    /// As many executions as the scheduler keeps are queued or running:
+    /// `RESOURCE_EXHAUSTED`, with a delay to retry after.
+    #[error("{in_flight} executions are queued or running, the most this scheduler keeps (max_queued_executions); retry later")]
+    Full { in_flight: usize },
 }
+
+/// How long a client is asked to wait when the scheduler is full.
+pub const RETRY_WHEN_FULL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl From<SchedulerError> for tonic::Status {
     fn from(error: SchedulerError) -> tonic::Status {
@@ -69,6 +76,9 @@ impl From<SchedulerError> for tonic::Status {
                 tonic::Status::unavailable(message)
             }
             SchedulerError::Refused(_) => tonic::Status::failed_precondition(message),
+            SchedulerError::Full { .. } => {
+                kiln_proto::status::exhausted_retry_after(message, RETRY_WHEN_FULL)
+            }
         }
     }
 }

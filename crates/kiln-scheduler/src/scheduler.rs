@@ -52,6 +52,12 @@ pub struct SchedulerConfig {
     /// How long an action whose runner key some executor holds warm is
     /// left to that executor before any other may take it.
     pub warm_runner_wait: Duration,
+    /// An execution no client waits for (no Execute or WaitExecution stream
+    /// open, no GetOperation) this long is cancelled. None: never.
+    pub orphan_grace: Option<Duration>,
+    /// Most executions queued or running at once; a new one beyond is
+    /// refused with RESOURCE_EXHAUSTED and a retry delay.
+    pub max_queued_executions: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -63,6 +69,8 @@ impl Default for SchedulerConfig {
             max_attempts: 3,
             default_action_resources: ResourceAmount::default(),
             warm_runner_wait: Duration::from_millis(200),
+            orphan_grace: Some(Duration::from_secs(5)),
+            max_queued_executions: 100_000,
         }
     }
 }
@@ -102,6 +110,8 @@ pub struct QueuedAction {
     pub(crate) enqueued: Mutex<std::time::Instant>,
     /// The first 16 hex digits of its runner key, with `recycle-runner`.
     pub(crate) runner_key: Option<String>,
+    /// When a client last asked for it (WaitExecution, GetOperation).
+    last_seen: Mutex<std::time::Instant>,
     /// Whether the request allows writing the result to the Action Cache.
     cacheable: bool,
     /// `results_cache_policy` as [`Retention`] epochs: the longest any
@@ -139,6 +149,7 @@ impl QueuedAction {
             queued_at: timestamp_now(),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key: runner_key.map(String::from),
+            last_seen: Mutex::new(std::time::Instant::now()),
             cacheable: false,
             retention: AtomicI8::new(0),
             merge_key: None,
@@ -405,6 +416,10 @@ impl Scheduler {
                 return Ok((current, watch));
             }
         }
+        let in_flight = state.operations.len().saturating_sub(state.completed.len());
+        if in_flight >= self.config.max_queued_executions {
+            return Err(SchedulerError::Full { in_flight });
+        }
         let name = format!("operations/{}", uuid::Uuid::new_v4());
         let first = Operation {
             name: name.clone(),
@@ -440,6 +455,7 @@ impl Scheduler {
             queued_at: timestamp_now(),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key,
+            last_seen: Mutex::new(std::time::Instant::now()),
             cacheable,
             retention: AtomicI8::new(retention.epochs()),
             merge_key: merge_key.clone(),
@@ -452,8 +468,43 @@ impl Scheduler {
         state.operations.insert(name.clone(), queued.clone());
         drop(state);
         tracing::debug!(action = %digest, operation = %name, %pool, "queued");
+        self.cancel_when_orphaned(queued.clone());
         queue.push(queued, std::time::Instant::now());
         Ok((first, receiver))
+    }
+
+    /// Cancels `action` once no client has waited for it for the orphan
+    /// grace: every Execute and WaitExecution stream on it closed (the
+    /// receivers of its state are gone) and no GetOperation asked. Merged
+    /// requests each hold a receiver, so one client leaving detaches only
+    /// itself.
+    fn cancel_when_orphaned(&self, action: Arc<QueuedAction>) {
+        let (Some(grace), Ok(runtime)) = (
+            self.config.orphan_grace,
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let me = self.me.clone();
+        runtime.spawn(async move {
+            loop {
+                action.state.closed().await;
+                if action.state.borrow().done {
+                    return;
+                }
+                tokio::time::sleep(grace).await;
+                let seen = action.last_seen.lock().elapsed();
+                if action.state.borrow().done {
+                    return;
+                }
+                if action.state.receiver_count() == 0 && seen >= grace {
+                    let Some(me) = me.upgrade() else { return };
+                    tracing::info!(operation = %action.name, ?grace, "no client waits for the execution any more: cancelling it");
+                    let _ = me.cancel(&action.name);
+                    return;
+                }
+            }
+        });
     }
 
     /// The state of operation `name`, to wait on.
@@ -462,7 +513,10 @@ impl Scheduler {
             .lock()
             .operations
             .get(name)
-            .map(|op| op.state.subscribe())
+            .map(|op| {
+                *op.last_seen.lock() = std::time::Instant::now();
+                op.state.subscribe()
+            })
             .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))
     }
 
@@ -659,6 +713,7 @@ impl Scheduler {
             queued_at: timestamp_now(),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key: None,
+            last_seen: Mutex::new(std::time::Instant::now()),
             cacheable: false,
             retention: AtomicI8::new(0),
             merge_key: None,
@@ -809,6 +864,13 @@ impl Scheduler {
         digest: &Digest,
         what: &str,
     ) -> Result<Option<M>, SchedulerError> {
+        if digest.size > kiln_proto::MAX_MESSAGE_BLOB_BYTES {
+            return Err(SchedulerError::InvalidArgument(format!(
+                "{what} {digest} is {} bytes, over the limit of {} bytes (MAX_MESSAGE_BLOB_BYTES)",
+                digest.size,
+                kiln_proto::MAX_MESSAGE_BLOB_BYTES
+            )));
+        }
         let Some(blob) = self.storage.open(digest).await? else {
             return Ok(None);
         };

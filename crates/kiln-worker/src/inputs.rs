@@ -25,13 +25,26 @@ const FETCH_PARALLELISM: usize = 8;
 /// Every Directory of an input tree, by digest.
 pub type DirectoryMap = HashMap<Digest, Directory>;
 
-/// Fetches a blob by digest, batched or streamed by size. `None` when the
-/// CAS lacks it.
+/// Fetches message blobs (Action, Command, Directory) by digest, batched
+/// or streamed by size. `None` when the CAS lacks one. A digest over
+/// [`kiln_proto::MAX_MESSAGE_BLOB_BYTES`] is refused before anything is
+/// read.
 pub async fn fetch_blobs(
     cas: &CasClient,
     instance_name: &str,
     digests: Vec<Digest>,
 ) -> Result<Vec<(Digest, Option<bytes::Bytes>)>, RunError> {
+    if let Some(huge) = digests
+        .iter()
+        .find(|d| d.size_bytes.max(0) as u64 > kiln_proto::MAX_MESSAGE_BLOB_BYTES)
+    {
+        return Err(RunError::InvalidArgument(format!(
+            "message blob {} is {} bytes, over the limit of {} for an Action, Command or Directory",
+            format_digest(huge),
+            huge.size_bytes,
+            kiln_proto::MAX_MESSAGE_BLOB_BYTES
+        )));
+    }
     let mut unique: Vec<Digest> = digests
         .into_iter()
         .collect::<HashSet<_>>()

@@ -106,6 +106,14 @@ pub struct ExecutionConfig {
     /// Arch) waits for one to register before it fails with
     /// FAILED_PRECONDITION naming what is unmatched.
     pub unmatched_grace_ms: u64,
+    /// An execution no client waits for (every Execute/WaitExecution
+    /// stream closed, no GetOperation) this long is cancelled: Bazel's
+    /// Ctrl-C, or Pants dropping the slower of cache and execution, stop
+    /// the work. 0: never.
+    pub orphan_grace_ms: u64,
+    /// Most executions queued or running at once; beyond it Execute answers
+    /// RESOURCE_EXHAUSTED with a retry delay.
+    pub max_queued_executions: usize,
     /// An executor process silent this long (no heartbeat) is lost: its
     /// running actions are requeued.
     pub executor_heartbeat_timeout_ms: u64,
@@ -156,6 +164,8 @@ impl Default for ExecutionConfig {
             concurrency: 0,
             max_action_timeout_s: 3600,
             unmatched_grace_ms: 2000,
+            orphan_grace_ms: 5000,
+            max_queued_executions: 100_000,
             executor_heartbeat_timeout_ms: 30_000,
             max_attempts: 3,
             warm_runner_wait_ms: 200,

@@ -254,6 +254,12 @@ struct ServeArgs {
     /// Wait for a matching executor this long before failing an action.
     #[arg(long)]
     unmatched_grace_ms: Option<u64>,
+    /// Cancel an execution no client has waited for this long (0: never).
+    #[arg(long)]
+    orphan_grace_ms: Option<u64>,
+    /// Most executions queued or running at once.
+    #[arg(long)]
+    max_queued_executions: Option<usize>,
     /// Silence after which an executor process counts as lost.
     #[arg(long)]
     executor_heartbeat_timeout_ms: Option<u64>,
@@ -303,6 +309,8 @@ impl ServeArgs {
             self.concurrency => execution.concurrency,
             self.max_action_timeout_s => execution.max_action_timeout_s,
             self.unmatched_grace_ms => execution.unmatched_grace_ms,
+            self.orphan_grace_ms => execution.orphan_grace_ms,
+            self.max_queued_executions => execution.max_queued_executions,
             self.executor_heartbeat_timeout_ms => execution.executor_heartbeat_timeout_ms,
             self.max_attempts => execution.max_attempts,
             self.warm_runner_wait_ms => execution.warm_runner_wait_ms,

@@ -180,6 +180,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             SchedulerConfig {
                 default_pool: config.execution.pool.clone(),
                 unmatched_grace: Duration::from_millis(config.execution.unmatched_grace_ms),
+                max_queued_executions: config.execution.max_queued_executions.max(1),
+                orphan_grace: (config.execution.orphan_grace_ms > 0)
+                    .then(|| Duration::from_millis(config.execution.orphan_grace_ms)),
                 max_attempts: config.execution.max_attempts.max(1),
                 warm_runner_wait: Duration::from_millis(config.execution.warm_runner_wait_ms),
                 default_action_resources: config.execution.default_action_resources(),

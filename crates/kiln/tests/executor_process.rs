@@ -548,6 +548,171 @@ async fn input_trees_that_expand_without_bound_are_refused_naming_the_limit() {
         "{}",
         status.message
     );
+
+    // A Directory (or Action) blob too large to read whole is refused by
+    // its declared size before anything is read.
+    let huge = reapi::Digest {
+        hash: digest(b"huge").hash,
+        size_bytes: 1 << 30,
+    };
+    let response = execute_on_tree(&address, huge.clone(), vec![]).await;
+    let status = response.status.unwrap_or_default();
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}"
+    );
+    assert!(
+        status.message.contains("over the limit"),
+        "{}",
+        status.message
+    );
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let error = ExecutionClient::new(channel)
+        .execute(reapi::ExecuteRequest {
+            action_digest: Some(huge),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    assert!(
+        error.message().contains("MAX_MESSAGE_BLOB_BYTES"),
+        "{}",
+        error.message()
+    );
+}
+
+/// Whether process `pid` is still alive (and not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[tokio::test]
+async fn an_execution_no_client_waits_for_is_cancelled() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &["--orphan-grace-ms", "500"]);
+    let _executor = executor(&address, "proc-orphans", &scratch.path().join("work"));
+
+    // The only client goes away: the action is stopped within the grace.
+    let fifo = pid_fifo(scratch.path());
+    let stream = execute(
+        &address,
+        format!("echo $$ > {}; exec sleep 60", fifo.display()),
+    )
+    .await;
+    let pid = started_pid(fifo.clone()).await;
+    assert!(alive(pid));
+    drop(stream);
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the action of a client that left (pid {pid}) still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Two clients merged into one execution: one leaving does not stop it.
+    std::fs::remove_file(&fifo).unwrap();
+    let fifo = pid_fifo(scratch.path());
+    let script = format!("echo $$ > {}; sleep 3; echo finished", fifo.display());
+    let leaving = execute(&address, script.clone()).await;
+    let pid = started_pid(fifo).await;
+    let staying = execute(&address, script).await;
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        alive(pid),
+        "one merged client leaving stopped the execution"
+    );
+    let response = completed(staying).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.stdout_digest, Some(digest(b"finished\n")));
+}
+
+#[tokio::test]
+async fn a_full_scheduler_answers_resource_exhausted_with_a_retry_delay() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(
+        scratch.path(),
+        &["--max-queued-executions", "2", "--orphan-grace-ms", "200"],
+    );
+    let _executor = executor(&address, "proc-full", &scratch.path().join("work"));
+    let first = execute(&address, "sleep 60 # one".into()).await;
+    let second = execute(&address, "sleep 60 # two".into()).await;
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let command = reapi::Command {
+        arguments: vec!["/bin/true".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let root = reapi::Directory::default().encode_to_vec();
+    let action = reapi::Action {
+        command_digest: Some(digest(&command)),
+        input_root_digest: Some(digest(&root)),
+        platform: Some(reapi::Platform {
+            properties: vec![reapi::platform::Property {
+                name: "Pool".into(),
+                value: "procs".into(),
+            }],
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    ContentAddressableStorageClient::new(channel.clone())
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: [command, root, action.clone()]
+                .into_iter()
+                .map(|data| batch_update_blobs_request::Request {
+                    digest: Some(digest(&data)),
+                    data,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let error = ExecutionClient::new(channel)
+        .execute(reapi::ExecuteRequest {
+            action_digest: Some(digest(&action)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error.message().contains("max_queued_executions"),
+        "{}",
+        error.message()
+    );
+    let details = kiln_proto::rpc::Status::decode(error.details()).unwrap();
+    let retry = details
+        .details
+        .iter()
+        .find(|any| any.type_url == kiln_proto::status::RETRY_INFO_TYPE)
+        .expect("no RetryInfo");
+    let retry = kiln_proto::status::RetryInfo::decode(retry.value.as_slice()).unwrap();
+    assert!(retry.retry_delay.unwrap().seconds > 0);
+    drop((first, second));
 }
 
 #[tokio::test]
