@@ -477,8 +477,9 @@ impl ByteStreamService {
     pub(crate) async fn read(&self, request: ReadRequest) -> Result<ReadStream> {
         let resource = BlobResource::parse_read(&request.resource_name)?;
         let digest = resource.digest;
+        // bytestream.proto: an offset outside the resource is OUT_OF_RANGE.
         if request.read_offset < 0 || request.read_offset as u64 > digest.size {
-            return Err(CasError::InvalidArgument(format!(
+            return Err(CasError::OutOfRange(format!(
                 "blob {digest}: read_offset {} is outside the blob's {} bytes",
                 request.read_offset, digest.size
             )));

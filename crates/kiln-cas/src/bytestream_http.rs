@@ -954,7 +954,7 @@ mod tests {
         let (got, messages, status) = read(&mut service, &data, data.len() as i64, 0).await;
         assert_eq!((got.len(), messages, status.code()), (0, 1, Code::Ok));
         let (_, _, status) = read(&mut service, &data, data.len() as i64 + 1, 0).await;
-        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.code(), Code::OutOfRange);
         assert!(
             status.message().contains("read_offset"),
             "{}",

@@ -558,7 +558,7 @@ async fn bytestream_rejects_bad_names_wrong_content_and_bad_offsets() {
         .read(&blob_name(b"0123456789"), 11, 0)
         .await
         .unwrap_err();
-    assert_eq!(error.code(), Code::InvalidArgument);
+    assert_eq!(error.code(), Code::OutOfRange);
     assert!(
         error.message().contains("read_offset 11"),
         "{}",
@@ -628,6 +628,34 @@ async fn bytestream_rejects_bad_names_wrong_content_and_bad_offsets() {
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
     assert!(error.message().contains("lz4"));
+}
+
+#[tokio::test]
+async fn read_offsets_outside_the_blob_are_out_of_range_and_negative_limits_invalid() {
+    let harness = Harness::start().await;
+    let data = b"0123456789";
+    harness.upload_batch(&[data]).await;
+    let name = blob_name(data);
+    let hash = digest(data).hash;
+    for offset in [-1, 11, i64::MAX] {
+        let error = harness.read(&name, offset, 0).await.unwrap_err();
+        assert_eq!(error.code(), Code::OutOfRange, "offset {offset}: {error:?}");
+        assert!(
+            error.message().contains(&format!("read_offset {offset}"))
+                && error.message().contains(&hash),
+            "{}",
+            error.message()
+        );
+    }
+    // The end of the blob is a valid offset that reads nothing.
+    assert!(harness.read(&name, 10, 0).await.unwrap().is_empty());
+    let error = harness.read(&name, 0, -1).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(
+        error.message().contains("read_limit -1") && error.message().contains(&hash),
+        "{}",
+        error.message()
+    );
 }
 
 #[tokio::test]
