@@ -755,6 +755,36 @@ async fn interrupted_uploads_resume_from_the_committed_offset() {
 }
 
 #[tokio::test]
+async fn query_write_status_of_an_upload_never_started_is_not_found() {
+    let harness = Harness::start().await;
+    let data = pseudo_random(1000, 13);
+    let name = upload_name(&data);
+    let error = harness
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    assert!(error.message().contains(&name), "{}", error.message());
+    // Once the blob is stored, the same name reports it complete.
+    harness.write(&name, vec![data.clone()]).await.unwrap();
+    let status = harness
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (status.committed_size, status.complete),
+        (data.len() as i64, true)
+    );
+}
+
+#[tokio::test]
 async fn a_client_gone_mid_upload_leaves_nothing_visible() {
     let harness = Harness::start().await;
     let data = pseudo_random(4 << 20, 41);
