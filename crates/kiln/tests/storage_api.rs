@@ -1069,6 +1069,55 @@ async fn get_tree_pages_through_a_directory_tree() {
 }
 
 #[tokio::test]
+async fn get_tree_of_a_missing_root_is_not_found_and_of_a_partial_tree_returns_what_is_there() {
+    let harness = Harness::start().await;
+    let absent_child = reapi::Directory {
+        files: vec![reapi::FileNode {
+            name: "never uploaded".into(),
+            digest: Some(digest(b"whatever")),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let root = reapi::Directory {
+        directories: vec![reapi::DirectoryNode {
+            name: "child".into(),
+            digest: Some(digest(&absent_child)),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let get_tree = async |root: &[u8]| {
+        let mut stream = harness
+            .cas()
+            .get_tree(reapi::GetTreeRequest {
+                root_digest: Some(digest(root)),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut directories = Vec::new();
+        while let Some(page) = stream.next().await {
+            directories.extend(page?.directories);
+        }
+        Ok::<_, tonic::Status>(directories)
+    };
+    let error = get_tree(&root).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    assert!(
+        error.message().contains(&digest(&root).hash),
+        "{}",
+        error.message()
+    );
+    // With the root stored, the missing child is left out.
+    harness.upload_batch(&[&root]).await;
+    let directories = get_tree(&root).await.unwrap();
+    assert_eq!(directories.len(), 1);
+    assert_eq!(directories[0].encode_to_vec(), root);
+}
+
+#[tokio::test]
 async fn blobs_and_results_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = pseudo_random(2 << 20, 4);
