@@ -609,7 +609,7 @@ mod tests {
     fn write_name(data: &[u8]) -> String {
         let digest = digest_of(data);
         format!(
-            "main/uploads/4f7b9c2e/blobs/{}/{}",
+            "main/uploads/4f7b9c2e-1d3a-4b5c-8e6f-7a8b9c0d1e2f/blobs/{}/{}",
             digest.hash_hex(),
             digest.size
         )

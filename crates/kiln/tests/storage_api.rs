@@ -621,7 +621,11 @@ async fn bytestream_rejects_bad_names_wrong_content_and_bad_offsets() {
 
     let error = harness
         .write(
-            &format!("uploads/x/compressed-blobs/lz4/{}", &blob_name(&data)[6..]),
+            &format!(
+                "uploads/{}/compressed-blobs/lz4/{}",
+                uuid(),
+                &blob_name(&data)[6..]
+            ),
             vec![data.clone()],
         )
         .await
@@ -656,6 +660,49 @@ async fn read_offsets_outside_the_blob_are_out_of_range_and_negative_limits_inva
         "{}",
         error.message()
     );
+}
+
+#[tokio::test]
+async fn an_upload_id_that_is_not_a_uuid_is_invalid_and_named() {
+    let harness = Harness::start().await;
+    let data = Bytes::from_static(b"uploaded under a bad id");
+    for upload_id in ["not-a-uuid", "1234"] {
+        let name = format!("uploads/{upload_id}/{}", blob_name(&data));
+        let error = harness.write(&name, vec![data.clone()]).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+        assert!(
+            error
+                .message()
+                .contains(&format!("upload id {upload_id:?} is not a UUID")),
+            "{}",
+            error.message()
+        );
+        let error = harness
+            .bytestream()
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+        assert!(error.message().contains(upload_id), "{}", error.message());
+    }
+    assert_eq!(harness.missing(vec![digest(&data)]).await.len(), 1);
+    // Hyphenated, as Bazel sends it.
+    let name = format!("uploads/{}/{}", uuid_hyphenated(), blob_name(&data));
+    harness.write(&name, vec![data.clone()]).await.unwrap();
+}
+
+fn uuid_hyphenated() -> String {
+    let simple = uuid();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &simple[..8],
+        &simple[8..12],
+        &simple[12..16],
+        &simple[16..20],
+        &simple[20..]
+    )
 }
 
 #[tokio::test]
