@@ -27,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{CasError, Result};
-use crate::resource::{BlobResource, Compressor};
+use crate::resource::{abbreviated, BlobResource, Compressor};
 use crate::storage::Storage;
 
 /// Uploads up to this size are handled on the receiving task; larger ones
@@ -388,10 +388,12 @@ impl ByteStreamService {
 
 /// The WriteRequests of one upload, checked as they arrive: each offset
 /// must be the first request's offset plus the payload bytes seen since
-/// (compressed bytes, for compressed uploads).
+/// (compressed bytes, for compressed uploads), and a later request may
+/// leave `resource_name` empty or repeat it, never change it.
 struct Requests<'a, S> {
     stream: &'a mut S,
     first: Option<WriteChunk>,
+    resource_name: String,
     expected: i64,
     digest: Digest,
 }
@@ -412,6 +414,7 @@ impl<'a, S: WriteRequests> Requests<'a, S> {
     fn new(stream: &'a mut S, first: WriteChunk, digest: Digest) -> Self {
         Requests {
             stream,
+            resource_name: first.resource_name.clone(),
             expected: first.write_offset,
             first: Some(first),
             digest,
@@ -432,6 +435,14 @@ impl<'a, S: WriteRequests> Requests<'a, S> {
                 Err(status) => return Next::Interrupted(status),
             },
         };
+        if !request.resource_name.is_empty() && request.resource_name != self.resource_name {
+            return Next::Invalid(CasError::InvalidArgument(format!(
+                "blob {}: a WriteRequest names {:?} in a stream that began with {:?}; one Write stream uploads one resource",
+                self.digest,
+                abbreviated(&request.resource_name),
+                abbreviated(&self.resource_name)
+            )));
+        }
         if request.write_offset != self.expected {
             return Next::Invalid(CasError::InvalidArgument(format!(
                 "blob {}: write_offset {} where {} was expected",

@@ -40,6 +40,11 @@ pub struct ResourceError {
     pub reason: String,
 }
 
+/// `name` as error messages quote it: a client can send megabytes.
+pub(crate) fn abbreviated(name: &str) -> String {
+    name.chars().take(300).collect()
+}
+
 const KEYWORDS: [&str; 7] = [
     "blobs",
     "uploads",
@@ -61,7 +66,7 @@ impl BlobResource {
 
     fn parse(name: &str, upload: bool) -> Result<Self, ResourceError> {
         let fail = |reason: &str| ResourceError {
-            name: name.chars().take(300).collect(),
+            name: abbreviated(name),
             reason: reason.to_string(),
         };
         let segments: Vec<&str> = name.split('/').collect();

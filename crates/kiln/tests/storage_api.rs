@@ -706,6 +706,56 @@ fn uuid_hyphenated() -> String {
 }
 
 #[tokio::test]
+async fn a_write_stream_whose_resource_name_changes_is_invalid() {
+    let harness = Harness::start().await;
+    for size in [1000usize, 3 << 20] {
+        let data = pseudo_random(size, 17);
+        let other = pseudo_random(size, 19);
+        let name = upload_name(&data);
+        let half = size / 2;
+        let request = |resource_name: String, at: usize, end: usize| WriteRequest {
+            resource_name,
+            write_offset: at as i64,
+            finish_write: end == size,
+            data: data.slice(at..end),
+        };
+        // Repeating the name is allowed; naming another resource is not.
+        for later_name in [
+            upload_name(&other),
+            format!("uploads/{}/{}", uuid(), blob_name(&data)),
+        ] {
+            let error = harness
+                .bytestream()
+                .write(futures::stream::iter(vec![
+                    request(name.clone(), 0, half / 2),
+                    request(name.clone(), half / 2, half),
+                    request(later_name.clone(), half, size),
+                ]))
+                .await
+                .unwrap_err();
+            assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+            assert!(
+                error.message().contains(&later_name) && error.message().contains(&name),
+                "{}",
+                error.message()
+            );
+            assert_eq!(harness.missing(vec![digest(&data)]).await.len(), 1);
+        }
+        let committed = harness
+            .bytestream()
+            .write(futures::stream::iter(vec![
+                request(name.clone(), 0, half),
+                request(name.clone(), half, size),
+            ]))
+            .await
+            .unwrap()
+            .into_inner()
+            .committed_size;
+        assert_eq!(committed, size as i64);
+    }
+}
+
+#[tokio::test]
 async fn bytestream_speaks_zstd_both_ways() {
     let harness = Harness::start().await;
     for size in [5000usize, 3 << 20] {
