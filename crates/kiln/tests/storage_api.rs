@@ -1105,6 +1105,113 @@ async fn the_action_cache_serves_only_complete_results() {
 }
 
 #[tokio::test]
+#[allow(deprecated)] // output_file_symlinks and output_directory_symlinks
+async fn update_action_result_refuses_output_paths_that_are_not_normalized_and_relative() {
+    let harness = Harness::start().await;
+    let action = digest(b"an action with odd outputs");
+    let update = async |result: reapi::ActionResult| {
+        harness
+            .action_cache()
+            .update_action_result(reapi::UpdateActionResultRequest {
+                action_digest: Some(action.clone()),
+                action_result: Some(result),
+                ..Default::default()
+            })
+            .await
+    };
+    let symlink = |path: &str| reapi::OutputSymlink {
+        path: path.into(),
+        target: "target".into(),
+        ..Default::default()
+    };
+    let directory = |path: &str| reapi::OutputDirectory {
+        path: path.into(),
+        tree_digest: Some(digest(b"a tree")),
+        ..Default::default()
+    };
+    let bad_paths = [
+        "/etc/passwd",
+        "../outside",
+        "out/../../outside",
+        "out/..",
+        "out//a",
+        "./out",
+        "out/./a",
+        "out/",
+    ];
+    for path in bad_paths {
+        for (what, result) in [
+            (
+                "output file",
+                reapi::ActionResult {
+                    output_files: vec![output_file(path, b"x")],
+                    ..Default::default()
+                },
+            ),
+            (
+                "output directory",
+                reapi::ActionResult {
+                    output_directories: vec![directory(path)],
+                    ..Default::default()
+                },
+            ),
+            (
+                "output symlink",
+                reapi::ActionResult {
+                    output_symlinks: vec![symlink(path)],
+                    ..Default::default()
+                },
+            ),
+            (
+                "output file symlink",
+                reapi::ActionResult {
+                    output_file_symlinks: vec![symlink(path)],
+                    ..Default::default()
+                },
+            ),
+            (
+                "output directory symlink",
+                reapi::ActionResult {
+                    output_directory_symlinks: vec![symlink(path)],
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let error = update(result).await.unwrap_err();
+            assert_eq!(error.code(), Code::InvalidArgument, "{what} {path:?}");
+            assert!(
+                error.message().contains(&format!("{what} path {path:?}"))
+                    && error.message().contains(&action.hash),
+                "{}",
+                error.message()
+            );
+        }
+    }
+    let error = update(reapi::ActionResult {
+        output_files: vec![output_file("", b"x")],
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(error.message().contains("empty"), "{}", error.message());
+    // Normalized relative paths are fine, and an output directory may be
+    // the working directory itself; symlink targets are not output paths.
+    update(reapi::ActionResult {
+        output_files: vec![output_file("out/a.txt", b"x"), output_file("b..c", b"y")],
+        output_directories: vec![directory(""), directory("gen/dir")],
+        output_symlinks: vec![reapi::OutputSymlink {
+            path: "out/link".into(),
+            target: "../elsewhere/target".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn get_tree_pages_through_a_directory_tree() {
     let harness = Harness::start().await;
     // root -> 5 children, each with a distinct file.
