@@ -39,7 +39,7 @@ use crate::bytestream::{ByteStreamService, ReadStream, WriteChunk, WriteRequests
 const WRITE_PATH: &str = "/google.bytestream.ByteStream/Write";
 const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
 /// gRPC's message prefix: a compressed flag and a big-endian length.
-const PREFIX_BYTES: usize = 5;
+pub(crate) const PREFIX_BYTES: usize = 5;
 /// `WriteRequest.data` and `ReadResponse.data`.
 const DATA_FIELD: u32 = 10;
 /// Read payloads up to this size are copied in with their header and sent

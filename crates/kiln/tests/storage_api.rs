@@ -1521,13 +1521,53 @@ async fn a_request_over_the_message_limit_is_refused_before_it_is_buffered() {
         })
         .await
         .unwrap_err();
+    // gRPC's status-code guide: a message over the limit is
+    // RESOURCE_EXHAUSTED (tonic's own check would say OUT_OF_RANGE).
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
     assert!(
-        matches!(error.code(), Code::OutOfRange | Code::ResourceExhausted),
-        "{error:?}"
+        error.message().contains("BatchUpdateBlobs")
+            && error
+                .message()
+                .contains(&format!("limit of {} bytes", 16 << 20)),
+        "{}",
+        error.message()
     );
-    assert!(error.message().contains("too large"), "{}", error.message());
     assert_eq!(harness.missing(vec![digest(&big)]).await.len(), 1);
     harness.upload_batch(&[b"still serving"]).await;
+    // The same for every service, and for ByteStream calls tonic decodes.
+    let error = harness
+        .action_cache()
+        .update_action_result(reapi::UpdateActionResultRequest {
+            action_digest: Some(digest(b"a big result")),
+            action_result: Some(reapi::ActionResult {
+                stdout_raw: big.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error.message().contains("UpdateActionResult"),
+        "{}",
+        error.message()
+    );
+    let error = harness
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: "x".repeat(20 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    let error = CapabilitiesClient::new(harness.channel.clone())
+        .get_capabilities(reapi::GetCapabilitiesRequest {
+            instance_name: "x".repeat(20 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
 }
 
 #[tokio::test]
