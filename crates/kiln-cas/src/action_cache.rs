@@ -14,6 +14,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::error::{CasError, Result};
+use crate::resource::abbreviated;
 use crate::storage::Storage;
 use crate::wire::{digest_function, parse_digest};
 
@@ -228,6 +229,55 @@ fn direct_references(
     Ok((referenced, trees))
 }
 
+/// REAPI's output paths are relative to the working directory, with `/`
+/// as separator: a client that trusts a hit writes its outputs there, so
+/// an absolute or escaping path in a shared cache would write elsewhere.
+/// The deprecated symlink lists are checked too: clients before v2.1 fill
+/// them, and later ones may fill them as well.
+#[allow(deprecated)]
+fn check_output_paths(action: &Digest, result: &reapi::ActionResult) -> Result<()> {
+    let files = result
+        .output_files
+        .iter()
+        .map(|file| ("output file", &file.path));
+    let directories = result
+        .output_directories
+        .iter()
+        .map(|directory| ("output directory", &directory.path));
+    let symlinks = [
+        ("output symlink", &result.output_symlinks),
+        ("output file symlink", &result.output_file_symlinks),
+        (
+            "output directory symlink",
+            &result.output_directory_symlinks,
+        ),
+    ]
+    .into_iter()
+    .flat_map(|(what, symlinks)| symlinks.iter().map(move |symlink| (what, &symlink.path)));
+    for (what, path) in files.chain(directories).chain(symlinks) {
+        // Only an output directory may be the working directory itself.
+        let problem = match path.as_str() {
+            "" if what == "output directory" => continue,
+            "" => "it is empty",
+            path if path.starts_with('/') => "it is absolute",
+            path if path.split('/').any(|segment| segment == "..") => "it contains a `..` segment",
+            path if path
+                .split('/')
+                .any(|segment| segment.is_empty() || segment == ".") =>
+            {
+                "it contains an empty or `.` segment (or ends with `/`)"
+            }
+            path if path.contains('\0') => "it contains a NUL character",
+            _ => continue,
+        };
+        return Err(CasError::InvalidArgument(format!(
+            "action {action}: {what} path {:?} is not a normalized relative path: {problem}",
+            abbreviated(path)
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
     async fn get_action_result(
@@ -266,6 +316,7 @@ impl ActionCache for ActionCacheService {
         let result = request.action_result.ok_or_else(|| {
             CasError::InvalidArgument(format!("action {action}: action_result is missing"))
         })?;
+        check_output_paths(&action, &result)?;
         // Malformed digests inside the result are rejected now, not at read time.
         for file in &result.output_files {
             parse_digest(

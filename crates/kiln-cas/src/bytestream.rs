@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{CasError, Result};
-use crate::resource::{BlobResource, Compressor};
+use crate::resource::{abbreviated, BlobResource, Compressor};
 use crate::storage::Storage;
 
 /// Uploads up to this size are handled on the receiving task; larger ones
@@ -83,6 +84,9 @@ impl WriteRequests for Streaming<WriteRequest> {
 pub struct ByteStreamService {
     storage: Storage,
     parked: Arc<Mutex<HashMap<String, Upload>>>,
+    /// Uploads whose stream is being received now, by resource name, with
+    /// the bytes each has committed, for QueryWriteStatus.
+    receiving: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
 impl ByteStreamService {
@@ -90,6 +94,7 @@ impl ByteStreamService {
         ByteStreamService {
             storage,
             parked: Arc::default(),
+            receiving: Mutex::default(),
         }
     }
 }
@@ -102,6 +107,8 @@ struct Upload {
     writer: Box<dyn BlobWriter>,
     /// Uncompressed bytes written so far.
     committed: u64,
+    /// `committed`, readable while the upload runs on another thread.
+    progress: Arc<AtomicU64>,
     decoder: Option<zstd::stream::raw::Decoder<'static>>,
     last_active: Instant,
 }
@@ -114,6 +121,7 @@ impl Upload {
             hasher: Some(digest.function.hasher()),
             writer,
             committed: 0,
+            progress: Arc::default(),
             decoder: None,
             last_active: Instant::now(),
         };
@@ -174,6 +182,7 @@ impl Upload {
             .write(data)
             .map_err(|e| CasError::store(format_args!("writing blob {}", self.digest), e))?;
         self.committed += data.len() as u64;
+        self.progress.store(self.committed, Ordering::Relaxed);
         Ok(())
     }
 
@@ -224,6 +233,27 @@ impl Upload {
     }
 }
 
+/// An upload's entry in [`ByteStreamService::receiving`], removed when its
+/// stream is done with (by then it is parked, stored or dropped).
+struct Receiving<'a> {
+    receiving: &'a Mutex<HashMap<String, Arc<AtomicU64>>>,
+    name: String,
+    progress: Arc<AtomicU64>,
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        let mut receiving = self.receiving.lock();
+        // A later stream under the same name may have taken the entry over.
+        if receiving
+            .get(&self.name)
+            .is_some_and(|progress| Arc::ptr_eq(progress, &self.progress))
+        {
+            receiving.remove(&self.name);
+        }
+    }
+}
+
 /// What the receiving loop did with a stream of WriteRequests.
 enum Received {
     Finished,
@@ -246,6 +276,20 @@ impl ByteStreamService {
             }
         }
         parked.insert(resource_name, upload);
+    }
+
+    /// Makes `upload` visible to QueryWriteStatus under `name` while the
+    /// returned guard lives.
+    fn receiving(&self, name: &str, upload: &Upload) -> Receiving<'_> {
+        let progress = upload.progress.clone();
+        self.receiving
+            .lock()
+            .insert(name.to_string(), progress.clone());
+        Receiving {
+            receiving: &self.receiving,
+            name: name.to_string(),
+            progress,
+        }
     }
 
     /// The upload to continue: a parked one at `write_offset`, or a new one.
@@ -314,6 +358,7 @@ impl ByteStreamService {
         let upload = self
             .resume_or_start(&resource, &name, first.write_offset)
             .await?;
+        let _receiving = self.receiving(&name, &upload);
         let (upload, received, outcome) = if digest.size <= INLINE_UPLOAD_BYTES {
             receive_inline(upload, first, &mut stream).await
         } else {
@@ -343,10 +388,12 @@ impl ByteStreamService {
 
 /// The WriteRequests of one upload, checked as they arrive: each offset
 /// must be the first request's offset plus the payload bytes seen since
-/// (compressed bytes, for compressed uploads).
+/// (compressed bytes, for compressed uploads), and a later request may
+/// leave `resource_name` empty or repeat it, never change it.
 struct Requests<'a, S> {
     stream: &'a mut S,
     first: Option<WriteChunk>,
+    resource_name: String,
     expected: i64,
     digest: Digest,
 }
@@ -367,6 +414,7 @@ impl<'a, S: WriteRequests> Requests<'a, S> {
     fn new(stream: &'a mut S, first: WriteChunk, digest: Digest) -> Self {
         Requests {
             stream,
+            resource_name: first.resource_name.clone(),
             expected: first.write_offset,
             first: Some(first),
             digest,
@@ -387,6 +435,14 @@ impl<'a, S: WriteRequests> Requests<'a, S> {
                 Err(status) => return Next::Interrupted(status),
             },
         };
+        if !request.resource_name.is_empty() && request.resource_name != self.resource_name {
+            return Next::Invalid(CasError::InvalidArgument(format!(
+                "blob {}: a WriteRequest names {:?} in a stream that began with {:?}; one Write stream uploads one resource",
+                self.digest,
+                abbreviated(&request.resource_name),
+                abbreviated(&self.resource_name)
+            )));
+        }
         if request.write_offset != self.expected {
             return Next::Invalid(CasError::InvalidArgument(format!(
                 "blob {}: write_offset {} where {} was expected",
@@ -477,8 +533,9 @@ impl ByteStreamService {
     pub(crate) async fn read(&self, request: ReadRequest) -> Result<ReadStream> {
         let resource = BlobResource::parse_read(&request.resource_name)?;
         let digest = resource.digest;
+        // bytestream.proto: an offset outside the resource is OUT_OF_RANGE.
         if request.read_offset < 0 || request.read_offset as u64 > digest.size {
-            return Err(CasError::InvalidArgument(format!(
+            return Err(CasError::OutOfRange(format!(
                 "blob {digest}: read_offset {} is outside the blob's {} bytes",
                 request.read_offset, digest.size
             )));
@@ -628,20 +685,32 @@ impl ByteStream for ByteStreamService {
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let name = request.into_inner().resource_name;
         let resource = BlobResource::parse_write(&name).map_err(CasError::from)?;
-        if let Some(upload) = self.parked.lock().get(&name) {
+        let in_progress = match self.parked.lock().get(&name) {
+            Some(upload) => Some(upload.committed),
+            None => self
+                .receiving
+                .lock()
+                .get(&name)
+                .map(|progress| progress.load(Ordering::Relaxed)),
+        };
+        if let Some(committed) = in_progress {
             return Ok(Response::new(QueryWriteStatusResponse {
-                committed_size: upload.committed as i64,
+                committed_size: committed as i64,
                 complete: false,
             }));
         }
-        let complete = self.storage.contains(&resource.digest).await?;
+        let digest = resource.digest;
+        if !self.storage.contains(&digest).await? {
+            // bytestream.proto: a resource whose first Write has not reached
+            // the service is NOT_FOUND.
+            return Err(CasError::NotFound(format!(
+                "{name}: no upload of blob {digest} is in progress under this name, and the blob is not in the CAS"
+            ))
+            .into());
+        }
         Ok(Response::new(QueryWriteStatusResponse {
-            committed_size: if complete {
-                resource.digest.size as i64
-            } else {
-                0
-            },
-            complete,
+            committed_size: digest.size as i64,
+            complete: true,
         }))
     }
 }

@@ -39,7 +39,7 @@ use crate::bytestream::{ByteStreamService, ReadStream, WriteChunk, WriteRequests
 const WRITE_PATH: &str = "/google.bytestream.ByteStream/Write";
 const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
 /// gRPC's message prefix: a compressed flag and a big-endian length.
-const PREFIX_BYTES: usize = 5;
+pub(crate) const PREFIX_BYTES: usize = 5;
 /// `WriteRequest.data` and `ReadResponse.data`.
 const DATA_FIELD: u32 = 10;
 /// Read payloads up to this size are copied in with their header and sent
@@ -569,9 +569,13 @@ mod tests {
     use std::sync::Arc;
 
     use bytes::{BufMut, Bytes, BytesMut};
+    use futures::StreamExt;
     use http_body::Frame;
     use http_body_util::{BodyExt, StreamBody};
-    use kiln_proto::bytestream::{ReadRequest, ReadResponse, WriteRequest, WriteResponse};
+    use kiln_proto::bytestream::{
+        QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+        WriteResponse,
+    };
     use kiln_store::{Digest, DigestFunction, MemoryStore};
     use prost::Message;
     use tonic::body::Body;
@@ -605,7 +609,7 @@ mod tests {
     fn write_name(data: &[u8]) -> String {
         let digest = digest_of(data);
         format!(
-            "main/uploads/4f7b9c2e/blobs/{}/{}",
+            "main/uploads/4f7b9c2e-1d3a-4b5c-8e6f-7a8b9c0d1e2f/blobs/{}/{}",
             digest.hash_hex(),
             digest.size
         )
@@ -712,6 +716,58 @@ mod tests {
             got.extend_from_slice(&ReadResponse::decode(message.clone()).unwrap().data);
         }
         (got, messages.len(), status)
+    }
+
+    async fn query_write_status(
+        service: &mut ByteStreamHttp,
+        name: &str,
+    ) -> Result<QueryWriteStatusResponse, Status> {
+        let query = QueryWriteStatusRequest {
+            resource_name: name.to_string(),
+        };
+        let path = "/google.bytestream.ByteStream/QueryWriteStatus";
+        let (messages, status) = call(
+            service,
+            request(path, vec![Ok(framed(&query.encode_to_vec()))]),
+        )
+        .await;
+        match status.code() {
+            Code::Ok => Ok(QueryWriteStatusResponse::decode(messages[0].clone()).unwrap()),
+            _ => Err(status),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upload_being_received_reports_its_committed_bytes() {
+        let (mut service, _) = server();
+        let data = pattern(10_000);
+        let name = write_name(&data);
+        let first = framed(&write_requests(&data, 4000)[0]);
+        let (asked_for_more, first_taken_in) = tokio::sync::oneshot::channel();
+        let frames = futures::stream::iter([Ok(Frame::data(Bytes::from(first)))]).chain(
+            futures::stream::once(async move {
+                // The server asks for more only once it has taken the first
+                // message in.
+                let _ = asked_for_more.send(());
+                futures::future::pending::<Result<Frame<Bytes>, Status>>().await
+            }),
+        );
+        let upload = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://127.0.0.1{WRITE_PATH}"))
+            .header("content-type", "application/grpc")
+            .body(Body::new(StreamBody::new(frames)))
+            .unwrap();
+        let mut writer = service.clone();
+        let upload = tokio::spawn(async move { writer.call(upload).await });
+        first_taken_in.await.unwrap();
+        let status = query_write_status(&mut service, &name).await.unwrap();
+        assert_eq!((status.committed_size, status.complete), (4000, false));
+        // Gone with its stream (not interrupted by the client, so not parked).
+        upload.abort();
+        assert!(upload.await.unwrap_err().is_cancelled());
+        let status = query_write_status(&mut service, &name).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
     }
 
     #[tokio::test]
@@ -954,7 +1010,7 @@ mod tests {
         let (got, messages, status) = read(&mut service, &data, data.len() as i64, 0).await;
         assert_eq!((got.len(), messages, status.code()), (0, 1, Code::Ok));
         let (_, _, status) = read(&mut service, &data, data.len() as i64 + 1, 0).await;
-        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.code(), Code::OutOfRange);
         assert!(
             status.message().contains("read_offset"),
             "{}",

@@ -167,7 +167,8 @@ impl CasService {
     }
 
     /// All directories under `root`, breadth first, each once. Directories
-    /// missing from the CAS are left out, as REAPI allows.
+    /// missing from the CAS are left out, as REAPI allows; a missing root
+    /// is NOT_FOUND.
     async fn tree(&self, function: DigestFunction, root: Digest) -> Result<Vec<reapi::Directory>> {
         let mut seen = HashSet::from([root]);
         let mut queue = std::collections::VecDeque::from([root]);
@@ -175,6 +176,11 @@ impl CasService {
         while let Some(digest) = queue.pop_front() {
             let data = match self.storage.read_small(&digest).await {
                 Ok(data) => data,
+                Err(CasError::NotFound(_)) if digest == root => {
+                    return Err(CasError::NotFound(format!(
+                        "GetTree: root directory {root} is not in the CAS"
+                    )))
+                }
                 Err(CasError::NotFound(_)) => continue,
                 Err(e) => return Err(e),
             };

@@ -11,6 +11,8 @@ pub enum CasError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
     ResourceExhausted(String),
     #[error("{0}")]
     Unimplemented(String),
@@ -35,6 +37,7 @@ impl CasError {
         match self {
             CasError::InvalidArgument(_) => Code::InvalidArgument,
             CasError::NotFound(_) => Code::NotFound,
+            CasError::OutOfRange(_) => Code::OutOfRange,
             CasError::ResourceExhausted(_) => Code::ResourceExhausted,
             CasError::Unimplemented(_) => Code::Unimplemented,
             CasError::Internal(_) => Code::Internal,

@@ -40,6 +40,11 @@ pub struct ResourceError {
     pub reason: String,
 }
 
+/// `name` as error messages quote it: a client can send megabytes.
+pub(crate) fn abbreviated(name: &str) -> String {
+    name.chars().take(300).collect()
+}
+
 const KEYWORDS: [&str; 7] = [
     "blobs",
     "uploads",
@@ -61,7 +66,7 @@ impl BlobResource {
 
     fn parse(name: &str, upload: bool) -> Result<Self, ResourceError> {
         let fail = |reason: &str| ResourceError {
-            name: name.chars().take(300).collect(),
+            name: abbreviated(name),
             reason: reason.to_string(),
         };
         let segments: Vec<&str> = name.split('/').collect();
@@ -77,6 +82,10 @@ impl BlobResource {
                 return Err(fail(
                     "a write must name `{instance}/uploads/{uuid}/blobs/{hash}/{size}`",
                 ));
+            }
+            // REAPI: `uuid` is a UUID the client generated for this upload.
+            if uuid::Uuid::try_parse(rest[1]).is_err() {
+                return Err(fail(&format!("upload id {:?} is not a UUID", rest[1])));
             }
             upload_id = Some(rest[1].to_string());
             rest = &rest[2..];
@@ -138,6 +147,7 @@ mod tests {
     use super::*;
 
     const HASH: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    const UUID: &str = "3e1c6c2a-5b4f-4d2e-9a7b-0c8d1e2f3a4b";
 
     #[test]
     fn reads_with_and_without_instance() {
@@ -152,13 +162,14 @@ mod tests {
 
     #[test]
     fn writes_with_uuid_metadata_compression_and_function() {
-        let r = BlobResource::parse_write(&format!("main/uploads/u-1/blobs/{HASH}/5/some/meta"))
+        let r = BlobResource::parse_write(&format!("main/uploads/{UUID}/blobs/{HASH}/5/some/meta"))
             .unwrap();
         assert_eq!(r.instance_name, "main");
-        assert_eq!(r.upload_id.as_deref(), Some("u-1"));
-        let r =
-            BlobResource::parse_write(&format!("uploads/u/compressed-blobs/zstd/blake3/{HASH}/5"))
-                .unwrap();
+        assert_eq!(r.upload_id.as_deref(), Some(UUID));
+        let r = BlobResource::parse_write(&format!(
+            "uploads/{UUID}/compressed-blobs/zstd/blake3/{HASH}/5"
+        ))
+        .unwrap();
         assert_eq!(r.compressor, Compressor::Zstd);
         assert_eq!(r.digest.function, DigestFunction::Blake3);
     }
@@ -177,5 +188,18 @@ mod tests {
             assert!(error.contains(reason), "{name}: {error}");
         }
         assert!(BlobResource::parse_write(&format!("blobs/{HASH}/1")).is_err());
+        for upload_id in [
+            "u-1",
+            "3e1c6c2a-5b4f-4d2e-9a7b",
+            "",
+            "3e1c6c2a5b4f4d2e9a7b0c8d1e2f3a4g",
+        ] {
+            let name = format!("i/uploads/{upload_id}/blobs/{HASH}/1");
+            let error = BlobResource::parse_write(&name).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("upload id {upload_id:?} is not a UUID")),
+                "{name}: {error}"
+            );
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use kiln_cas::{
     ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasService,
-    Storage, StorageLimits,
+    MessageLimit, MessageLimitLayer, Storage, StorageLimits,
 };
 use kiln_proto::executor::executor_service_server::ExecutorServiceServer;
 use kiln_proto::longrunning::operations_server::OperationsServer;
@@ -29,7 +29,9 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::{parse_size, Backend, Config, DurabilityMode};
 
-/// Largest gRPC message accepted or sent: a full batch plus framing.
+/// Largest gRPC message accepted or sent: a full batch plus framing. A
+/// larger request is refused by [`MessageLimit`] (RESOURCE_EXHAUSTED);
+/// every service's own tonic limit is the same, as a backstop.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// A running server; dropping it without [`RunningServer::stop`] aborts it.
@@ -197,23 +199,29 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let capabilities = CapabilitiesServer::new(CapabilitiesService::new(
         limits,
         scheduler.as_ref().map(|_| execution_capabilities()),
-    ));
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let cas = ContentAddressableStorageServer::new(CasService::new(storage.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Write and Read framed without tonic's copies of the blob data.
     let byte_stream =
         ByteStreamHttp::new(ByteStreamService::new(storage.clone()), MAX_MESSAGE_BYTES);
-    let in_process = tonic::service::Routes::new(capabilities.clone())
-        .add_service(cas.clone())
-        .add_service(byte_stream.clone())
-        .prepare();
+    let in_process = MessageLimit::new(
+        tonic::service::Routes::new(capabilities.clone())
+            .add_service(cas.clone())
+            .add_service(byte_stream.clone())
+            .prepare(),
+        MAX_MESSAGE_BYTES,
+    );
 
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(16 * 1024 * 1024))
         .initial_connection_window_size(Some(64 * 1024 * 1024))
         .max_frame_size(Some(1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(MessageLimitLayer::new(MAX_MESSAGE_BYTES))
         .add_service(capabilities)
         .add_service(cas)
         .add_service(byte_stream)
@@ -227,11 +235,11 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
         }))
-        .add_optional_service(
-            scheduler
-                .clone()
-                .map(|scheduler| OperationsServer::new(OperationsService::new(scheduler))),
-        )
+        .add_optional_service(scheduler.clone().map(|scheduler| {
+            OperationsServer::new(OperationsService::new(scheduler))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        }))
         .add_optional_service(scheduler.clone().map(|scheduler| {
             ExecutorServiceServer::new(ExecutorSessions::new(
                 scheduler,

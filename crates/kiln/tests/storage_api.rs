@@ -558,7 +558,7 @@ async fn bytestream_rejects_bad_names_wrong_content_and_bad_offsets() {
         .read(&blob_name(b"0123456789"), 11, 0)
         .await
         .unwrap_err();
-    assert_eq!(error.code(), Code::InvalidArgument);
+    assert_eq!(error.code(), Code::OutOfRange);
     assert!(
         error.message().contains("read_offset 11"),
         "{}",
@@ -621,13 +621,138 @@ async fn bytestream_rejects_bad_names_wrong_content_and_bad_offsets() {
 
     let error = harness
         .write(
-            &format!("uploads/x/compressed-blobs/lz4/{}", &blob_name(&data)[6..]),
+            &format!(
+                "uploads/{}/compressed-blobs/lz4/{}",
+                uuid(),
+                &blob_name(&data)[6..]
+            ),
             vec![data.clone()],
         )
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
     assert!(error.message().contains("lz4"));
+}
+
+#[tokio::test]
+async fn read_offsets_outside_the_blob_are_out_of_range_and_negative_limits_invalid() {
+    let harness = Harness::start().await;
+    let data = b"0123456789";
+    harness.upload_batch(&[data]).await;
+    let name = blob_name(data);
+    let hash = digest(data).hash;
+    for offset in [-1, 11, i64::MAX] {
+        let error = harness.read(&name, offset, 0).await.unwrap_err();
+        assert_eq!(error.code(), Code::OutOfRange, "offset {offset}: {error:?}");
+        assert!(
+            error.message().contains(&format!("read_offset {offset}"))
+                && error.message().contains(&hash),
+            "{}",
+            error.message()
+        );
+    }
+    // The end of the blob is a valid offset that reads nothing.
+    assert!(harness.read(&name, 10, 0).await.unwrap().is_empty());
+    let error = harness.read(&name, 0, -1).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(
+        error.message().contains("read_limit -1") && error.message().contains(&hash),
+        "{}",
+        error.message()
+    );
+}
+
+#[tokio::test]
+async fn an_upload_id_that_is_not_a_uuid_is_invalid_and_named() {
+    let harness = Harness::start().await;
+    let data = Bytes::from_static(b"uploaded under a bad id");
+    for upload_id in ["not-a-uuid", "1234"] {
+        let name = format!("uploads/{upload_id}/{}", blob_name(&data));
+        let error = harness.write(&name, vec![data.clone()]).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+        assert!(
+            error
+                .message()
+                .contains(&format!("upload id {upload_id:?} is not a UUID")),
+            "{}",
+            error.message()
+        );
+        let error = harness
+            .bytestream()
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+        assert!(error.message().contains(upload_id), "{}", error.message());
+    }
+    assert_eq!(harness.missing(vec![digest(&data)]).await.len(), 1);
+    // Hyphenated, as Bazel sends it.
+    let name = format!("uploads/{}/{}", uuid_hyphenated(), blob_name(&data));
+    harness.write(&name, vec![data.clone()]).await.unwrap();
+}
+
+fn uuid_hyphenated() -> String {
+    let simple = uuid();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &simple[..8],
+        &simple[8..12],
+        &simple[12..16],
+        &simple[16..20],
+        &simple[20..]
+    )
+}
+
+#[tokio::test]
+async fn a_write_stream_whose_resource_name_changes_is_invalid() {
+    let harness = Harness::start().await;
+    for size in [1000usize, 3 << 20] {
+        let data = pseudo_random(size, 17);
+        let other = pseudo_random(size, 19);
+        let name = upload_name(&data);
+        let half = size / 2;
+        let request = |resource_name: String, at: usize, end: usize| WriteRequest {
+            resource_name,
+            write_offset: at as i64,
+            finish_write: end == size,
+            data: data.slice(at..end),
+        };
+        // Repeating the name is allowed; naming another resource is not.
+        for later_name in [
+            upload_name(&other),
+            format!("uploads/{}/{}", uuid(), blob_name(&data)),
+        ] {
+            let error = harness
+                .bytestream()
+                .write(futures::stream::iter(vec![
+                    request(name.clone(), 0, half / 2),
+                    request(name.clone(), half / 2, half),
+                    request(later_name.clone(), half, size),
+                ]))
+                .await
+                .unwrap_err();
+            assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+            assert!(
+                error.message().contains(&later_name) && error.message().contains(&name),
+                "{}",
+                error.message()
+            );
+            assert_eq!(harness.missing(vec![digest(&data)]).await.len(), 1);
+        }
+        let committed = harness
+            .bytestream()
+            .write(futures::stream::iter(vec![
+                request(name.clone(), 0, half),
+                request(name.clone(), half, size),
+            ]))
+            .await
+            .unwrap()
+            .into_inner()
+            .committed_size;
+        assert_eq!(committed, size as i64);
+    }
 }
 
 #[tokio::test]
@@ -724,6 +849,36 @@ async fn interrupted_uploads_resume_from_the_committed_offset() {
             .into_inner();
         assert!(status.complete);
     }
+}
+
+#[tokio::test]
+async fn query_write_status_of_an_upload_never_started_is_not_found() {
+    let harness = Harness::start().await;
+    let data = pseudo_random(1000, 13);
+    let name = upload_name(&data);
+    let error = harness
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    assert!(error.message().contains(&name), "{}", error.message());
+    // Once the blob is stored, the same name reports it complete.
+    harness.write(&name, vec![data.clone()]).await.unwrap();
+    let status = harness
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (status.committed_size, status.complete),
+        (data.len() as i64, true)
+    );
 }
 
 #[tokio::test]
@@ -950,6 +1105,113 @@ async fn the_action_cache_serves_only_complete_results() {
 }
 
 #[tokio::test]
+#[allow(deprecated)] // output_file_symlinks and output_directory_symlinks
+async fn update_action_result_refuses_output_paths_that_are_not_normalized_and_relative() {
+    let harness = Harness::start().await;
+    let action = digest(b"an action with odd outputs");
+    let update = async |result: reapi::ActionResult| {
+        harness
+            .action_cache()
+            .update_action_result(reapi::UpdateActionResultRequest {
+                action_digest: Some(action.clone()),
+                action_result: Some(result),
+                ..Default::default()
+            })
+            .await
+    };
+    let symlink = |path: &str| reapi::OutputSymlink {
+        path: path.into(),
+        target: "target".into(),
+        ..Default::default()
+    };
+    let directory = |path: &str| reapi::OutputDirectory {
+        path: path.into(),
+        tree_digest: Some(digest(b"a tree")),
+        ..Default::default()
+    };
+    let bad_paths = [
+        "/etc/passwd",
+        "../outside",
+        "out/../../outside",
+        "out/..",
+        "out//a",
+        "./out",
+        "out/./a",
+        "out/",
+    ];
+    for path in bad_paths {
+        for (what, result) in [
+            (
+                "output file",
+                reapi::ActionResult {
+                    output_files: vec![output_file(path, b"x")],
+                    ..Default::default()
+                },
+            ),
+            (
+                "output directory",
+                reapi::ActionResult {
+                    output_directories: vec![directory(path)],
+                    ..Default::default()
+                },
+            ),
+            (
+                "output symlink",
+                reapi::ActionResult {
+                    output_symlinks: vec![symlink(path)],
+                    ..Default::default()
+                },
+            ),
+            (
+                "output file symlink",
+                reapi::ActionResult {
+                    output_file_symlinks: vec![symlink(path)],
+                    ..Default::default()
+                },
+            ),
+            (
+                "output directory symlink",
+                reapi::ActionResult {
+                    output_directory_symlinks: vec![symlink(path)],
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let error = update(result).await.unwrap_err();
+            assert_eq!(error.code(), Code::InvalidArgument, "{what} {path:?}");
+            assert!(
+                error.message().contains(&format!("{what} path {path:?}"))
+                    && error.message().contains(&action.hash),
+                "{}",
+                error.message()
+            );
+        }
+    }
+    let error = update(reapi::ActionResult {
+        output_files: vec![output_file("", b"x")],
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(error.message().contains("empty"), "{}", error.message());
+    // Normalized relative paths are fine, and an output directory may be
+    // the working directory itself; symlink targets are not output paths.
+    update(reapi::ActionResult {
+        output_files: vec![output_file("out/a.txt", b"x"), output_file("b..c", b"y")],
+        output_directories: vec![directory(""), directory("gen/dir")],
+        output_symlinks: vec![reapi::OutputSymlink {
+            path: "out/link".into(),
+            target: "../elsewhere/target".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn get_tree_pages_through_a_directory_tree() {
     let harness = Harness::start().await;
     // root -> 5 children, each with a distinct file.
@@ -1008,6 +1270,55 @@ async fn get_tree_pages_through_a_directory_tree() {
     assert_eq!(seen.len(), 6);
     assert_eq!(pages, 3);
     assert_eq!(seen[0].encode_to_vec(), root);
+}
+
+#[tokio::test]
+async fn get_tree_of_a_missing_root_is_not_found_and_of_a_partial_tree_returns_what_is_there() {
+    let harness = Harness::start().await;
+    let absent_child = reapi::Directory {
+        files: vec![reapi::FileNode {
+            name: "never uploaded".into(),
+            digest: Some(digest(b"whatever")),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let root = reapi::Directory {
+        directories: vec![reapi::DirectoryNode {
+            name: "child".into(),
+            digest: Some(digest(&absent_child)),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let get_tree = async |root: &[u8]| {
+        let mut stream = harness
+            .cas()
+            .get_tree(reapi::GetTreeRequest {
+                root_digest: Some(digest(root)),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut directories = Vec::new();
+        while let Some(page) = stream.next().await {
+            directories.extend(page?.directories);
+        }
+        Ok::<_, tonic::Status>(directories)
+    };
+    let error = get_tree(&root).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    assert!(
+        error.message().contains(&digest(&root).hash),
+        "{}",
+        error.message()
+    );
+    // With the root stored, the missing child is left out.
+    harness.upload_batch(&[&root]).await;
+    let directories = get_tree(&root).await.unwrap();
+    assert_eq!(directories.len(), 1);
+    assert_eq!(directories[0].encode_to_vec(), root);
 }
 
 #[tokio::test]
@@ -1210,13 +1521,53 @@ async fn a_request_over_the_message_limit_is_refused_before_it_is_buffered() {
         })
         .await
         .unwrap_err();
+    // gRPC's status-code guide: a message over the limit is
+    // RESOURCE_EXHAUSTED (tonic's own check would say OUT_OF_RANGE).
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
     assert!(
-        matches!(error.code(), Code::OutOfRange | Code::ResourceExhausted),
-        "{error:?}"
+        error.message().contains("BatchUpdateBlobs")
+            && error
+                .message()
+                .contains(&format!("limit of {} bytes", 16 << 20)),
+        "{}",
+        error.message()
     );
-    assert!(error.message().contains("too large"), "{}", error.message());
     assert_eq!(harness.missing(vec![digest(&big)]).await.len(), 1);
     harness.upload_batch(&[b"still serving"]).await;
+    // The same for every service, and for ByteStream calls tonic decodes.
+    let error = harness
+        .action_cache()
+        .update_action_result(reapi::UpdateActionResultRequest {
+            action_digest: Some(digest(b"a big result")),
+            action_result: Some(reapi::ActionResult {
+                stdout_raw: big.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error.message().contains("UpdateActionResult"),
+        "{}",
+        error.message()
+    );
+    let error = harness
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: "x".repeat(20 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    let error = CapabilitiesClient::new(harness.channel.clone())
+        .get_capabilities(reapi::GetCapabilitiesRequest {
+            instance_name: "x".repeat(20 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
 }
 
 #[tokio::test]
