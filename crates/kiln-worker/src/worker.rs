@@ -49,6 +49,9 @@ pub struct WorkerConfig {
     pub keep_workspaces: bool,
     /// Memory limit of actions without `EstimatedMemory` (None: unlimited).
     pub default_memory_bytes: Option<u64>,
+    /// CPU quota of actions without `EstimatedCPU`, in milli-CPUs (None:
+    /// unlimited).
+    pub default_cpu_millis: Option<u64>,
     /// Most processes an action may have at once, under backends that can
     /// enforce it (a fork bomb stops here).
     pub pids_max: Option<u64>,
@@ -78,6 +81,7 @@ impl WorkerConfig {
             default_grace: Duration::from_secs(10),
             keep_workspaces: false,
             default_memory_bytes: None,
+            default_cpu_millis: None,
             pids_max: Some(16_384),
             cache_max_bytes: Some(10 << 30),
             action_user: None,
@@ -788,7 +792,10 @@ impl Worker {
                 .resources
                 .memory_bytes
                 .or(self.config.default_memory_bytes),
-            cpu_millis: platform.resources.cpu_millis,
+            cpu_millis: platform
+                .resources
+                .cpu_millis
+                .or(self.config.default_cpu_millis),
             pids_max: self.config.pids_max,
         }
     }

@@ -76,6 +76,11 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     worker_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
     worker_config.runners = options.isolation.runner_limits();
+    worker_config.default_memory_bytes = options
+        .isolation
+        .default_memory_limit(options.resources.memory_bytes)?;
+    worker_config.default_cpu_millis =
+        Some(options.isolation.default_action_cpu_limit_millis).filter(|&m| m > 0);
     worker_config.input_limits = options.input_limits;
     let session_config = SessionConfig {
         name: options.name.clone(),

@@ -46,6 +46,14 @@ pub struct IsolationSettings {
     pub runner_idle_timeout_s: u64,
     /// A runner is discarded after this many actions.
     pub runner_max_uses: u32,
+    /// The memory limit of an action without `EstimatedMemory`, under the
+    /// types that enforce one (`sandbox`, `docker`, `podman`): a size, `0`
+    /// for none, or empty for 90 % of the executor's memory (so one action
+    /// cannot take the executor down with it).
+    pub default_action_memory_limit: String,
+    /// The CPU quota of an action without `EstimatedCPU`, in milli-CPUs,
+    /// under the same types; 0: none.
+    pub default_action_cpu_limit_millis: u64,
     pub sandbox: SandboxConfig,
 }
 
@@ -64,6 +72,8 @@ impl Default for IsolationSettings {
             max_warm_runners: RunnerLimits::default().max_warm,
             runner_idle_timeout_s: RunnerLimits::default().idle_timeout.as_secs(),
             runner_max_uses: RunnerLimits::default().max_uses,
+            default_action_memory_limit: String::new(),
+            default_action_cpu_limit_millis: 0,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -76,6 +86,19 @@ const DEFAULT_ACTION_USER: &str = "nobody";
 const NOBODY: (u32, u32) = (65534, 65534);
 
 impl IsolationSettings {
+    /// The memory limit of actions without `EstimatedMemory` on an
+    /// executor with `executor_memory` bytes (see
+    /// [`IsolationSettings::default_action_memory_limit`]); None: none.
+    pub fn default_memory_limit(&self, executor_memory: u64) -> anyhow::Result<Option<u64>> {
+        let given = self.default_action_memory_limit.trim();
+        if given.is_empty() {
+            return Ok(Some(executor_memory / 10 * 9).filter(|&b| b > 0 && b < u64::MAX / 10 * 9));
+        }
+        let bytes = crate::config::parse_size(given)
+            .map_err(|e| anyhow::anyhow!("default_action_memory_limit {given:?}: {e}"))?;
+        Ok(Some(bytes).filter(|&b| b > 0))
+    }
+
     /// The warm-runner limits these settings give.
     pub fn runner_limits(&self) -> RunnerLimits {
         RunnerLimits {
@@ -221,6 +244,13 @@ pub struct IsolationArgs {
     /// Actions a runner runs before it is discarded.
     #[arg(long)]
     pub runner_max_uses: Option<u32>,
+    /// Memory limit of actions without EstimatedMemory (a size; 0: none;
+    /// default 90 % of the executor's memory).
+    #[arg(long)]
+    pub default_action_memory_limit: Option<String>,
+    /// CPU quota of actions without EstimatedCPU, in milli-CPUs (0: none).
+    #[arg(long)]
+    pub default_action_cpu_limit_millis: Option<u64>,
 }
 
 impl IsolationArgs {
@@ -255,6 +285,12 @@ impl IsolationArgs {
         }
         if let Some(uses) = self.runner_max_uses {
             settings.runner_max_uses = uses;
+        }
+        if let Some(limit) = self.default_action_memory_limit {
+            settings.default_action_memory_limit = limit;
+        }
+        if let Some(millis) = self.default_action_cpu_limit_millis {
+            settings.default_action_cpu_limit_millis = millis;
         }
     }
 }

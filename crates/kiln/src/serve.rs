@@ -314,6 +314,11 @@ fn start_embedded_executor(
     worker_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
     worker_config.runners = execution.isolation.runner_limits();
+    worker_config.default_memory_bytes = execution
+        .isolation
+        .default_memory_limit(execution.effective_resources(&root).memory_bytes)?;
+    worker_config.default_cpu_millis =
+        Some(execution.isolation.default_action_cpu_limit_millis).filter(|&m| m > 0);
     worker_config.input_limits = execution.inputs.limits()?;
     if let Some(user) = action_user {
         // Checked here, not only by the worker, so a server whose actions

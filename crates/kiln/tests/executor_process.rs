@@ -716,6 +716,40 @@ async fn a_full_scheduler_answers_resource_exhausted_with_a_retry_delay() {
 }
 
 #[tokio::test]
+async fn an_action_without_an_estimate_gets_the_default_memory_limit() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let process = spawn_executor(
+        &address,
+        "proc-defaults",
+        &scratch.path().join("work"),
+        &[
+            "--isolation",
+            "none,sandbox",
+            "--default-action-memory-limit",
+            "64MB",
+        ],
+    );
+    process.wait_for_log("executor registered");
+    // Holds ~200 MB in a shell variable.
+    let hog = "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo ${#x}";
+    let sandbox = [("workload-isolation-type", "sandbox")];
+    let response = completed(execute_with(&address, hog.into(), &sandbox).await).await;
+    let result = response.result.unwrap();
+    assert_ne!(
+        result.exit_code, 0,
+        "a 200 MB action ran under a 64 MB default"
+    );
+    // With an estimate, the estimate is its limit.
+    let estimated = [
+        ("workload-isolation-type", "sandbox"),
+        ("EstimatedMemory", "1GB"),
+    ];
+    let response = completed(execute_with(&address, hog.into(), &estimated).await).await;
+    assert_eq!(response.result.unwrap().exit_code, 0);
+}
+
+#[tokio::test]
 async fn a_killed_executor_process_loses_its_action_to_another() {
     let scratch = tempfile::tempdir().unwrap();
     let (server, address) = serve(scratch.path(), &[]);
