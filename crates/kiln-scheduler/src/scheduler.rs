@@ -58,6 +58,13 @@ pub struct SchedulerConfig {
     /// Most executions queued or running at once; a new one beyond is
     /// refused with RESOURCE_EXHAUSTED and a retry delay.
     pub max_queued_executions: usize,
+    /// The longest an action may run (an executor clamps longer timeouts
+    /// to its own, at most this), and the timeout of one that sets none.
+    pub max_action_timeout: Duration,
+    /// An executor that has not finished an action within its timeout
+    /// plus grace plus this (for staging and upload) loses it: the action
+    /// is requeued.
+    pub assignment_margin: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -71,6 +78,8 @@ impl Default for SchedulerConfig {
             warm_runner_wait: Duration::from_millis(200),
             orphan_grace: Some(Duration::from_secs(5)),
             max_queued_executions: 100_000,
+            max_action_timeout: Duration::from_secs(3600),
+            assignment_margin: Duration::from_secs(600),
         }
     }
 }
@@ -112,6 +121,9 @@ pub struct QueuedAction {
     pub(crate) runner_key: Option<String>,
     /// When a client last asked for it (WaitExecution, GetOperation).
     last_seen: Mutex<std::time::Instant>,
+    /// How long it may run once started: its timeout plus its termination
+    /// grace period.
+    pub(crate) run_time: Duration,
     /// Whether the request allows writing the result to the Action Cache.
     cacheable: bool,
     /// `results_cache_policy` as [`Retention`] epochs: the longest any
@@ -150,6 +162,7 @@ impl QueuedAction {
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key: runner_key.map(String::from),
             last_seen: Mutex::new(std::time::Instant::now()),
+            run_time: Duration::ZERO,
             cacheable: false,
             retention: AtomicI8::new(0),
             merge_key: None,
@@ -228,6 +241,11 @@ impl Scheduler {
     /// Cancels every queued and running action and stops the executors.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// How long an executor may hold `action` before losing it.
+    pub(crate) fn assignment_deadline(&self, action: &QueuedAction) -> Duration {
+        action.run_time + self.config.assignment_margin
     }
 
     pub(crate) fn shutdown_token(&self) -> &CancellationToken {
@@ -399,6 +417,23 @@ impl Scheduler {
         let (queue, requires) = self.matching_queue(&key, &platform, need, &digest).await?;
         let pool = key.pool.clone();
 
+        let timeout = action
+            .timeout
+            .as_ref()
+            .map(|t| {
+                Duration::new(
+                    t.seconds.max(0) as u64,
+                    t.nanos.clamp(0, 999_999_999) as u32,
+                )
+            })
+            .filter(|t| !t.is_zero())
+            .or(platform.default_timeout.filter(|t| !t.is_zero()))
+            .unwrap_or(self.config.max_action_timeout)
+            .min(self.config.max_action_timeout);
+        let run_time = timeout
+            + platform
+                .termination_grace_period
+                .unwrap_or(Duration::from_secs(10));
         let cacheable = !action.do_not_cache;
         let merge_key = cacheable.then(|| MergeKey {
             instance_name: instance_name.clone(),
@@ -456,6 +491,7 @@ impl Scheduler {
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key,
             last_seen: Mutex::new(std::time::Instant::now()),
+            run_time,
             cacheable,
             retention: AtomicI8::new(retention.epochs()),
             merge_key: merge_key.clone(),
@@ -714,6 +750,7 @@ impl Scheduler {
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key: None,
             last_seen: Mutex::new(std::time::Instant::now()),
+            run_time: Duration::ZERO,
             cacheable: false,
             retention: AtomicI8::new(0),
             merge_key: None,

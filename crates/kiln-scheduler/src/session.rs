@@ -188,6 +188,9 @@ struct Running {
     /// Its share of the executor's capacity, until it ends or is requeued.
     _reservation: Reservation,
     forward_cancel: tokio::task::JoinHandle<()>,
+    /// Past this the executor loses the action (it heartbeats, yet never
+    /// finishes it).
+    deadline: tokio::time::Instant,
 }
 
 /// One connected executor.
@@ -221,7 +224,15 @@ impl Session {
                     queue.next(offers, capacity, executor_id, &stop).await?;
                 Some((slot, action, reservation))
             };
+            let earliest = self.running.values().map(|r| r.deadline).min();
+            let overdue = async {
+                match earliest {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                _ = overdue => self.take_back_overdue().await,
                 assigned = next => {
                     let Some((slot, action, reservation)) = assigned else { break "the scheduler stopped" };
                     if !self.assign(slot, action, reservation).await {
@@ -297,6 +308,7 @@ impl Session {
                     .await;
             })
         };
+        let deadline = tokio::time::Instant::now() + self.scheduler.assignment_deadline(&action);
         self.running.insert(
             assignment_id,
             Running {
@@ -304,9 +316,46 @@ impl Session {
                 _slot: slot,
                 _reservation: reservation,
                 forward_cancel,
+                deadline,
             },
         );
         true
+    }
+
+    /// Requeues the actions the executor holds past their deadline, and
+    /// tells it to stop them.
+    async fn take_back_overdue(&mut self) {
+        let now = tokio::time::Instant::now();
+        let overdue: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, running)| running.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for assignment_id in overdue {
+            let Some(running) = self.running.remove(&assignment_id) else {
+                continue;
+            };
+            running.forward_cancel.abort();
+            let allowed = self.scheduler.assignment_deadline(&running.action);
+            tracing::warn!(executor = %self.name, operation = %running.action.name, ?allowed, "the executor did not finish an action in its timeout, grace and margin: requeued");
+            let _ = self
+                .outbound
+                .send(Ok(SchedulerMessage {
+                    kind: Some(SchedulerKind::Cancel(Cancel { assignment_id })),
+                }))
+                .await;
+            // Elsewhere: this executor does not get it again while another
+            // may take it.
+            self.scheduler.requeue_elsewhere(
+                &running.action,
+                &self.executor_id,
+                &format!(
+                    "executor {} did not finish it within {allowed:?} (timeout, grace and margin)",
+                    self.name
+                ),
+            );
+        }
     }
 
     async fn received(&mut self, message: ExecutorMessage) {

@@ -114,6 +114,10 @@ pub struct ExecutionConfig {
     /// Most executions queued or running at once; beyond it Execute answers
     /// RESOURCE_EXHAUSTED with a retry delay.
     pub max_queued_executions: usize,
+    /// An executor that has not finished an action within its timeout plus
+    /// grace plus this many milliseconds (for staging and upload) loses
+    /// it, and the action is requeued.
+    pub assignment_margin_ms: u64,
     /// An executor process silent this long (no heartbeat) is lost: its
     /// running actions are requeued.
     pub executor_heartbeat_timeout_ms: u64,
@@ -166,6 +170,7 @@ impl Default for ExecutionConfig {
             unmatched_grace_ms: 2000,
             orphan_grace_ms: 5000,
             max_queued_executions: 100_000,
+            assignment_margin_ms: 600_000,
             executor_heartbeat_timeout_ms: 30_000,
             max_attempts: 3,
             warm_runner_wait_ms: 200,

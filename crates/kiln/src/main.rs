@@ -260,6 +260,10 @@ struct ServeArgs {
     /// Most executions queued or running at once.
     #[arg(long)]
     max_queued_executions: Option<usize>,
+    /// Time beyond an action's timeout and grace after which an executor
+    /// that has not finished it loses it.
+    #[arg(long)]
+    assignment_margin_ms: Option<u64>,
     /// Silence after which an executor process counts as lost.
     #[arg(long)]
     executor_heartbeat_timeout_ms: Option<u64>,
@@ -311,6 +315,7 @@ impl ServeArgs {
             self.unmatched_grace_ms => execution.unmatched_grace_ms,
             self.orphan_grace_ms => execution.orphan_grace_ms,
             self.max_queued_executions => execution.max_queued_executions,
+            self.assignment_margin_ms => execution.assignment_margin_ms,
             self.executor_heartbeat_timeout_ms => execution.executor_heartbeat_timeout_ms,
             self.max_attempts => execution.max_attempts,
             self.warm_runner_wait_ms => execution.warm_runner_wait_ms,

@@ -183,6 +183,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 default_pool: config.execution.pool.clone(),
                 unmatched_grace: Duration::from_millis(config.execution.unmatched_grace_ms),
                 max_queued_executions: config.execution.max_queued_executions.max(1),
+                max_action_timeout: Duration::from_secs(
+                    config.execution.max_action_timeout_s.max(1),
+                ),
+                assignment_margin: Duration::from_millis(config.execution.assignment_margin_ms),
                 orphan_grace: (config.execution.orphan_grace_ms > 0)
                     .then(|| Duration::from_millis(config.execution.orphan_grace_ms)),
                 max_attempts: config.execution.max_attempts.max(1),

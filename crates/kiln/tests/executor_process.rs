@@ -750,6 +750,92 @@ async fn an_action_without_an_estimate_gets_the_default_memory_limit() {
 }
 
 #[tokio::test]
+async fn an_executor_that_never_finishes_loses_its_action_after_timeout_grace_and_margin() {
+    use kiln_proto::executor::executor_message::Kind as ExecutorKind;
+    use kiln_proto::executor::executor_service_client::ExecutorServiceClient;
+    use kiln_proto::executor::scheduler_message::Kind as SchedulerKind;
+    use kiln_proto::executor::{ExecutorMessage, Heartbeat, Register};
+
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &["--assignment-margin-ms", "500"]);
+    // A hostile executor: it takes work and heartbeats, and never finishes.
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (outbound, receiver) = tokio::sync::mpsc::channel(16);
+    outbound
+        .send(ExecutorMessage {
+            kind: Some(ExecutorKind::Register(Register {
+                name: "stuck".into(),
+                pool: "procs".into(),
+                os_family: "linux".into(),
+                arch: if cfg!(target_arch = "aarch64") {
+                    "arm64"
+                } else {
+                    "amd64"
+                }
+                .into(),
+                capacity: 1,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    let mut inbound = ExecutorServiceClient::new(channel)
+        .session(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    let beats = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let beat = ExecutorMessage {
+                kind: Some(ExecutorKind::Heartbeat(Heartbeat::default())),
+            };
+            if outbound.send(beat).await.is_err() {
+                return;
+            }
+        }
+    });
+    assert!(matches!(
+        inbound.message().await.unwrap().unwrap().kind,
+        Some(SchedulerKind::Registered(_))
+    ));
+    let timing = [
+        ("default-timeout", "1s"),
+        ("termination-grace-period", "1s"),
+    ];
+    let stream = execute_with(&address, "echo done".into(), &timing).await;
+    let Some(SchedulerKind::Assignment(assignment)) =
+        inbound.message().await.unwrap().unwrap().kind
+    else {
+        panic!("the stuck executor got no assignment");
+    };
+    // Only now a working executor: it gets the action once the stuck one
+    // has held it past 1 s + 1 s + 0.5 s.
+    let _working = executor(&address, "proc-working", &scratch.path().join("work"));
+    let response = completed(stream).await;
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.execution_metadata.unwrap().worker, "proc-working");
+    // And the stuck executor was told to stop it.
+    let cancel = tokio::time::timeout(HANG_GUARD, inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match cancel.kind {
+        Some(SchedulerKind::Cancel(cancel)) => {
+            assert_eq!(cancel.assignment_id, assignment.assignment_id)
+        }
+        other => panic!("expected a Cancel, got {other:?}"),
+    }
+    beats.abort();
+}
+
+#[tokio::test]
 async fn a_killed_executor_process_loses_its_action_to_another() {
     let scratch = tempfile::tempdir().unwrap();
     let (server, address) = serve(scratch.path(), &[]);
