@@ -68,6 +68,9 @@ pub struct WorkerConfig {
     pub runners: RunnerLimits,
     /// How large an action's input tree may be.
     pub input_limits: inputs::InputLimits,
+    /// The longest fetching an action's inputs and preparing its isolation
+    /// (an image pull) may take, before its clock starts.
+    pub staging_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -87,6 +90,7 @@ impl WorkerConfig {
             action_user: None,
             runners: RunnerLimits::default(),
             input_limits: inputs::InputLimits::default(),
+            staging_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -406,9 +410,16 @@ impl Worker {
         // Input staging and the backend's preparation (an image pull) run
         // together; neither counts against the timeout, both can be
         // cancelled.
+        let staging_timeout = self.config.staging_timeout;
         let staged = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(cancelled_before_start(action_digest, metadata)),
+            _ = tokio::time::sleep(staging_timeout) => {
+                return Err(RunError::Unavailable(format!(
+                    "staging action {} (its inputs and isolation) took longer than {staging_timeout:?} (staging_timeout)",
+                    format_digest(action_digest)
+                )));
+            }
             (staged, prepared) = async {
                 tokio::join!(
                     self.stage(instance_name, action_digest, plan, action_dir),

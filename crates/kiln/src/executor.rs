@@ -81,6 +81,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         .default_memory_limit(options.resources.memory_bytes)?;
     worker_config.default_cpu_millis =
         Some(options.isolation.default_action_cpu_limit_millis).filter(|&m| m > 0);
+    worker_config.staging_timeout = Duration::from_secs(options.isolation.staging_timeout_s.max(1));
     worker_config.input_limits = options.input_limits;
     let session_config = SessionConfig {
         name: options.name.clone(),

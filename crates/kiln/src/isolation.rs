@@ -54,6 +54,11 @@ pub struct IsolationSettings {
     /// The CPU quota of an action without `EstimatedCPU`, in milli-CPUs,
     /// under the same types; 0: none.
     pub default_action_cpu_limit_millis: u64,
+    /// The longest fetching an action's inputs and preparing its isolation
+    /// (pulling its image) may take before it runs; past it the action
+    /// fails with UNAVAILABLE, which clients retry. Its own timeout starts
+    /// only when it runs.
+    pub staging_timeout_s: u64,
     pub sandbox: SandboxConfig,
 }
 
@@ -74,6 +79,7 @@ impl Default for IsolationSettings {
             runner_max_uses: RunnerLimits::default().max_uses,
             default_action_memory_limit: String::new(),
             default_action_cpu_limit_millis: 0,
+            staging_timeout_s: 300,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -251,6 +257,9 @@ pub struct IsolationArgs {
     /// CPU quota of actions without EstimatedCPU, in milli-CPUs (0: none).
     #[arg(long)]
     pub default_action_cpu_limit_millis: Option<u64>,
+    /// Longest an action's staging (inputs, image pull) may take, seconds.
+    #[arg(long)]
+    pub staging_timeout_s: Option<u64>,
 }
 
 impl IsolationArgs {
@@ -291,6 +300,9 @@ impl IsolationArgs {
         }
         if let Some(millis) = self.default_action_cpu_limit_millis {
             settings.default_action_cpu_limit_millis = millis;
+        }
+        if let Some(seconds) = self.staging_timeout_s {
+            settings.staging_timeout_s = seconds;
         }
     }
 }

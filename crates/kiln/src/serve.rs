@@ -323,6 +323,8 @@ fn start_embedded_executor(
         .default_memory_limit(execution.effective_resources(&root).memory_bytes)?;
     worker_config.default_cpu_millis =
         Some(execution.isolation.default_action_cpu_limit_millis).filter(|&m| m > 0);
+    worker_config.staging_timeout =
+        Duration::from_secs(execution.isolation.staging_timeout_s.max(1));
     worker_config.input_limits = execution.inputs.limits()?;
     if let Some(user) = action_user {
         // Checked here, not only by the worker, so a server whose actions

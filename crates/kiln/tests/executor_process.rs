@@ -836,6 +836,47 @@ async fn an_executor_that_never_finishes_loses_its_action_after_timeout_grace_an
 }
 
 #[tokio::test]
+async fn staging_that_hangs_ends_at_the_staging_deadline() {
+    if !common::runtime_available("docker") {
+        return;
+    }
+    // A "registry" that accepts connections and never answers.
+    let registry = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = registry.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut connections = Vec::new();
+        for stream in registry.incoming().take(8) {
+            connections.push(stream);
+        }
+    });
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let process = spawn_executor(
+        &address,
+        "proc-staging",
+        &scratch.path().join("work"),
+        &["--isolation", "none,docker", "--staging-timeout-s", "2"],
+    );
+    process.wait_for_log("executor registered");
+    let image = format!("docker://127.0.0.1:{port}/hangs:latest");
+    let properties = [
+        ("workload-isolation-type", "docker"),
+        ("container-image", image.as_str()),
+    ];
+    let started = std::time::Instant::now();
+    let response = completed(execute_with(&address, "true".into(), &properties).await).await;
+    let status = response.status.unwrap_or_default();
+    assert_eq!(status.code, tonic::Code::Unavailable as i32, "{status:?}");
+    assert!(
+        status.message.contains("staging_timeout"),
+        "{}",
+        status.message
+    );
+    assert!(started.elapsed() < HANG_GUARD);
+    drop(held);
+}
+
+#[tokio::test]
 async fn a_killed_executor_process_loses_its_action_to_another() {
     let scratch = tempfile::tempdir().unwrap();
     let (server, address) = serve(scratch.path(), &[]);

@@ -367,6 +367,13 @@ impl DiskStore {
             fs::create_dir_all(root.join(dir))
                 .map_err(io_err(format!("creating {}", root.join(dir).display())))?;
         }
+        // The store is the server's alone: no other local user reads a blob
+        // (or learns one exists) through the file system.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(format!("making {} private", root.display())))?;
+        }
         let lock = File::create(root.join("LOCK"))
             .map_err(io_err(format!("creating {}/LOCK", root.display())))?;
         let waiting_since = Instant::now();

@@ -55,6 +55,18 @@ async fn write_streaming(store: &DiskStore, key: Key, data: &Bytes) {
     writer.commit().unwrap();
 }
 
+#[test]
+fn the_store_directory_is_private_to_the_server() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cas");
+    fs::create_dir(&root).unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+    let (_store, _) = DiskStore::open(config(&root, 1 << 20)).unwrap();
+    let mode = fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{mode:o}");
+}
+
 #[tokio::test]
 async fn blobs_survive_a_clean_restart() {
     let dir = tempfile::tempdir().unwrap();
