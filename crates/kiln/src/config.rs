@@ -20,6 +20,10 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish
     /// before the server closes the remaining connections.
     pub shutdown_grace_ms: u64,
+    /// Most client connections open at once; one more is closed at once.
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams (calls) one connection may open.
+    pub max_streams_per_connection: u32,
     pub log: LogConfig,
     pub storage: StorageConfig,
     pub execution: ExecutionConfig,
@@ -229,6 +233,8 @@ impl Default for Config {
             listen: "127.0.0.1:1985".parse().expect("valid address"),
             data_dir: default_data_dir(),
             shutdown_grace_ms: 10_000,
+            max_connections: 4096,
+            max_streams_per_connection: 1024,
             log: LogConfig::default(),
             storage: StorageConfig::default(),
             execution: ExecutionConfig::default(),

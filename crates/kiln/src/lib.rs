@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod connections;
 pub mod executor;
 pub mod isolation;
 pub mod serve;

@@ -213,6 +213,12 @@ struct ServeArgs {
     /// How long calls in flight may take to finish at shutdown.
     #[arg(long)]
     shutdown_grace_ms: Option<u64>,
+    /// Most client connections open at once.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most concurrent calls (HTTP/2 streams) per connection.
+    #[arg(long)]
+    max_streams_per_connection: Option<u32>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
     /// tracing filter, e.g. `info` or `kiln_cas=debug`.
@@ -297,6 +303,8 @@ impl ServeArgs {
             self.listen => config.listen,
             self.data_dir => config.data_dir,
             self.shutdown_grace_ms => config.shutdown_grace_ms,
+            self.max_connections => config.max_connections,
+            self.max_streams_per_connection => config.max_streams_per_connection,
             self.log_format => config.log.format,
             self.log_level => config.log.level,
             self.storage_backend => storage.backend,

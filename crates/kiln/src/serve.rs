@@ -174,7 +174,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Small RPCs must not wait for Nagle or delayed ACKs.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = crate::connections::limit(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        config.max_connections,
+    );
 
     let scheduler = config.execution.enabled.then(|| {
         Scheduler::new(
@@ -225,6 +228,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .initial_connection_window_size(Some(64 * 1024 * 1024))
         .max_frame_size(Some(1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(config.max_streams_per_connection.max(1)))
         .layer(MessageLimitLayer::new(MAX_MESSAGE_BYTES))
         .add_service(capabilities)
         .add_service(cas)

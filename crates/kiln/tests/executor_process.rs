@@ -877,6 +877,52 @@ async fn staging_that_hangs_ends_at_the_staging_deadline() {
 }
 
 #[tokio::test]
+async fn connections_beyond_the_cap_are_closed_and_the_rest_keep_working() {
+    use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &["--max-connections", "2"]);
+    let call = |channel: Channel| async move {
+        CapabilitiesClient::new(channel)
+            .get_capabilities(reapi::GetCapabilitiesRequest::default())
+            .await
+    };
+    let open = || async {
+        Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+    };
+    let first = open().await.unwrap();
+    let second = open().await.unwrap();
+    call(first.clone()).await.unwrap();
+    call(second.clone()).await.unwrap();
+    let third = match open().await {
+        Err(_) => None,
+        Ok(channel) => Some(call(channel).await),
+    };
+    assert!(
+        third.as_ref().is_none_or(|outcome| outcome.is_err()),
+        "a third connection was served: {third:?}"
+    );
+    // The two within the cap still work; one closing makes room.
+    call(second.clone()).await.unwrap();
+    drop(first);
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    loop {
+        if let Ok(channel) = open().await {
+            if call(channel).await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after a connection closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_killed_executor_process_loses_its_action_to_another() {
     let scratch = tempfile::tempdir().unwrap();
     let (server, address) = serve(scratch.path(), &[]);
