@@ -24,9 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (CAS, Action Cache, ByteStream, Capabilities, Execution).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run an executor process that takes actions from a Kiln scheduler.
-    Executor(ExecutorArgs),
+    Executor(Box<ExecutorArgs>),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -377,8 +377,8 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
-            Command::Executor(args) => executor(args).await,
+            Command::Serve(args) => serve(*args).await,
+            Command::Executor(args) => executor(*args).await,
             Command::Config {
                 command: ConfigCommand::PrintDefault,
             } => {
