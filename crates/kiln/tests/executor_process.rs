@@ -151,15 +151,37 @@ async fn execute_with(
     script: String,
     properties: &[(&str, &str)],
 ) -> Streaming<Operation> {
+    let (channel, action) = upload_action(
+        address,
+        vec!["/bin/sh".into(), "-c".into(), script],
+        None,
+        vec![],
+        properties,
+    )
+    .await;
+    execute_digest(channel, action).await.unwrap()
+}
+
+/// Uploads an action running `arguments` in pool `procs` with platform
+/// `properties` besides the pool, on the input root `root` (default: the
+/// empty directory) whose blobs are `blobs`. Returns a channel to the
+/// server and the action's digest.
+async fn upload_action(
+    address: &str,
+    arguments: Vec<String>,
+    root: Option<Digest>,
+    blobs: Vec<Vec<u8>>,
+    properties: &[(&str, &str)],
+) -> (Channel, Digest) {
     let command = reapi::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), script],
+        arguments,
         ..Default::default()
     }
     .encode_to_vec();
-    let root = reapi::Directory::default().encode_to_vec();
+    let empty = reapi::Directory::default().encode_to_vec();
     let action = reapi::Action {
         command_digest: Some(digest(&command)),
-        input_root_digest: Some(digest(&root)),
+        input_root_digest: Some(root.unwrap_or_else(|| digest(&empty))),
         platform: Some(reapi::Platform {
             properties: [("Pool", "procs")]
                 .iter()
@@ -179,28 +201,39 @@ async fn execute_with(
         .connect()
         .await
         .unwrap();
-    ContentAddressableStorageClient::new(channel.clone())
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            requests: [command, root, action]
-                .into_iter()
-                .map(|data| batch_update_blobs_request::Request {
-                    digest: Some(digest(&data)),
-                    data,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut all = blobs;
+    all.extend([command, empty, action]);
+    for chunk in all.chunks(100) {
+        ContentAddressableStorageClient::new(channel.clone())
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                requests: chunk
+                    .iter()
+                    .map(|data| batch_update_blobs_request::Request {
+                        digest: Some(digest(data)),
+                        data: data.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    (channel, action_digest)
+}
+
+/// Executes the uploaded action `action_digest`.
+async fn execute_digest(
+    channel: Channel,
+    action_digest: Digest,
+) -> Result<Streaming<Operation>, tonic::Status> {
     ExecutionClient::new(channel)
         .execute(reapi::ExecuteRequest {
             action_digest: Some(action_digest),
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
+        .map(tonic::Response::into_inner)
 }
 
 /// The operation's response once it completes.
@@ -351,47 +384,18 @@ async fn a_cached_result_is_served_with_no_executor_registered() {
     let (_server, address) = serve(scratch.path(), &["--unmatched-grace-ms", "60000"]);
     // An action and a cached result for it; no executor will ever come
     // (an uncached action would wait the minute for one).
-    let command = reapi::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), "echo cached".into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let root = reapi::Directory::default().encode_to_vec();
-    let action = reapi::Action {
-        command_digest: Some(digest(&command)),
-        input_root_digest: Some(digest(&root)),
-        platform: Some(reapi::Platform {
-            properties: vec![reapi::platform::Property {
-                name: "Pool".into(),
-                value: "procs".into(),
-            }],
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    ContentAddressableStorageClient::new(channel.clone())
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            requests: [command, root, action.clone()]
-                .into_iter()
-                .map(|data| batch_update_blobs_request::Request {
-                    digest: Some(digest(&data)),
-                    data,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (channel, action) = upload_action(
+        &address,
+        vec!["/bin/sh".into(), "-c".into(), "echo cached".into()],
+        None,
+        vec![],
+        &[],
+    )
+    .await;
     let stdout = digest(b"");
     ActionCacheClient::new(channel.clone())
         .update_action_result(reapi::UpdateActionResultRequest {
-            action_digest: Some(digest(&action)),
+            action_digest: Some(action.clone()),
             action_result: Some(reapi::ActionResult {
                 exit_code: 0,
                 stdout_digest: Some(stdout),
@@ -402,15 +406,7 @@ async fn a_cached_result_is_served_with_no_executor_registered() {
         .await
         .unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), async {
-        let stream = ExecutionClient::new(channel)
-            .execute(reapi::ExecuteRequest {
-                action_digest: Some(digest(&action)),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        completed(stream).await
+        completed(execute_digest(channel, action).await.unwrap()).await
     })
     .await
     .expect("a cached result waited for an executor");
@@ -425,56 +421,9 @@ async fn execute_on_tree(
     root: reapi::Digest,
     blobs: Vec<Vec<u8>>,
 ) -> reapi::ExecuteResponse {
-    let command = reapi::Command {
-        arguments: vec!["/bin/true".into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action = reapi::Action {
-        command_digest: Some(digest(&command)),
-        input_root_digest: Some(root),
-        platform: Some(reapi::Platform {
-            properties: vec![reapi::platform::Property {
-                name: "Pool".into(),
-                value: "procs".into(),
-            }],
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action_digest = digest(&action);
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut all = blobs;
-    all.extend([command, action]);
-    for chunk in all.chunks(100) {
-        ContentAddressableStorageClient::new(channel.clone())
-            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                requests: chunk
-                    .iter()
-                    .map(|data| batch_update_blobs_request::Request {
-                        digest: Some(digest(data)),
-                        data: data.clone(),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let stream = ExecutionClient::new(channel)
-        .execute(reapi::ExecuteRequest {
-            action_digest: Some(action_digest),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    completed(stream).await
+    let (channel, action) =
+        upload_action(address, vec!["/bin/true".into()], Some(root), blobs, &[]).await;
+    completed(execute_digest(channel, action).await.unwrap()).await
 }
 
 #[tokio::test]
@@ -572,13 +521,7 @@ async fn input_trees_that_expand_without_bound_are_refused_naming_the_limit() {
         .connect()
         .await
         .unwrap();
-    let error = ExecutionClient::new(channel)
-        .execute(reapi::ExecuteRequest {
-            action_digest: Some(huge),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let error = execute_digest(channel, huge).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
     assert!(
         error.message().contains("MAX_MESSAGE_BLOB_BYTES"),
@@ -654,50 +597,9 @@ async fn a_full_scheduler_answers_resource_exhausted_with_a_retry_delay() {
     let _executor = executor(&address, "proc-full", &scratch.path().join("work"));
     let first = execute(&address, "sleep 60 # one".into()).await;
     let second = execute(&address, "sleep 60 # two".into()).await;
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let command = reapi::Command {
-        arguments: vec!["/bin/true".into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let root = reapi::Directory::default().encode_to_vec();
-    let action = reapi::Action {
-        command_digest: Some(digest(&command)),
-        input_root_digest: Some(digest(&root)),
-        platform: Some(reapi::Platform {
-            properties: vec![reapi::platform::Property {
-                name: "Pool".into(),
-                value: "procs".into(),
-            }],
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    ContentAddressableStorageClient::new(channel.clone())
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            requests: [command, root, action.clone()]
-                .into_iter()
-                .map(|data| batch_update_blobs_request::Request {
-                    digest: Some(digest(&data)),
-                    data,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let error = ExecutionClient::new(channel)
-        .execute(reapi::ExecuteRequest {
-            action_digest: Some(digest(&action)),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let (channel, action) =
+        upload_action(&address, vec!["/bin/true".into()], None, vec![], &[]).await;
+    let error = execute_digest(channel, action).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::ResourceExhausted, "{error:?}");
     assert!(
         error.message().contains("max_queued_executions"),
