@@ -262,6 +262,11 @@ enum Received {
 }
 
 impl ByteStreamService {
+    /// How long a Write may go without data from its client.
+    pub(crate) fn idle_timeout(&self) -> Option<std::time::Duration> {
+        self.storage.limits.idle_timeout
+    }
+
     fn park(&self, resource_name: String, mut upload: Upload) {
         upload.last_active = Instant::now();
         let mut parked = self.parked.lock();

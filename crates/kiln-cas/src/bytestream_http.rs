@@ -93,8 +93,9 @@ impl Service<http::Request<Body>> for ByteStreamHttp {
             .is_none_or(|encoding| encoding == "identity");
         let service = self.service.clone();
         let max_message_bytes = self.max_message_bytes;
+        let idle = service.idle_timeout();
         let messages = |request: http::Request<Body>| {
-            MessageReader::new(request.into_body(), max_message_bytes)
+            MessageReader::new(request.into_body(), max_message_bytes).with_idle_timeout(idle)
         };
         match request.uri().path() {
             WRITE_PATH if identity => {
@@ -181,6 +182,8 @@ pub struct MessageReader {
     max_message_bytes: usize,
     ended: bool,
     trailers: Option<HeaderMap>,
+    /// Longest wait for the next frame; None: unbounded.
+    idle_timeout: Option<std::time::Duration>,
 }
 
 impl MessageReader {
@@ -193,7 +196,15 @@ impl MessageReader {
             max_message_bytes,
             ended: false,
             trailers: None,
+            idle_timeout: None,
         }
+    }
+
+    /// Ends the stream with DEADLINE_EXCEEDED when the peer sends nothing
+    /// for `idle` (None: waits for ever).
+    pub fn with_idle_timeout(mut self, idle: Option<std::time::Duration>) -> Self {
+        self.idle_timeout = idle;
+        self
     }
 
     /// The status in the trailers, once [`MessageReader::next`] has
@@ -219,7 +230,18 @@ impl MessageReader {
                     Ok(None)
                 };
             }
-            match self.body.frame().await {
+            let frame = match self.idle_timeout {
+                None => self.body.frame().await,
+                Some(idle) => match tokio::time::timeout(idle, self.body.frame()).await {
+                    Ok(frame) => frame,
+                    Err(_) => {
+                        return Err(Status::deadline_exceeded(format!(
+                            "the client sent nothing for {idle:?} (bytestream_idle_timeout_ms)"
+                        )))
+                    }
+                },
+            };
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => self.buffered.push(data),
                     Err(frame) => self.trailers = frame.into_trailers().ok(),

@@ -19,6 +19,9 @@ pub struct StorageLimits {
     pub max_inline_bytes: u64,
     /// Size of the chunks ByteStream.Read sends.
     pub read_chunk_bytes: usize,
+    /// A ByteStream Write whose client sends nothing for this long is
+    /// ended (DEADLINE_EXCEEDED) and its resources freed; None: never.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 impl Default for StorageLimits {
@@ -27,6 +30,7 @@ impl Default for StorageLimits {
             max_batch_total_size_bytes: 4 * 1024 * 1024 - 64 * 1024,
             max_inline_bytes: 1024 * 1024,
             read_chunk_bytes: 1024 * 1024,
+            idle_timeout: Some(std::time::Duration::from_secs(60)),
         }
     }
 }

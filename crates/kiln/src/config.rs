@@ -86,6 +86,10 @@ pub struct StorageConfig {
     /// Largest BatchUpdateBlobs/BatchReadBlobs payload, as advertised in
     /// the capabilities.
     pub max_batch_total_size: String,
+    /// A ByteStream Write whose client sends nothing this long is ended
+    /// (DEADLINE_EXCEEDED; the upload stays resumable for a while) and its
+    /// thread freed; 0: never.
+    pub bytestream_idle_timeout_ms: u64,
 }
 
 /// Remote execution: the Execution and Operations services and the
@@ -262,6 +266,7 @@ impl Default for StorageConfig {
             durability: DurabilityMode::GroupCommit,
             sync_interval_ms: 1000,
             max_batch_total_size: "4032KiB".into(),
+            bytestream_idle_timeout_ms: 60_000,
         }
     }
 }

@@ -242,6 +242,9 @@ struct ServeArgs {
     sync_interval_ms: Option<u64>,
     #[arg(long)]
     max_batch_total_size: Option<String>,
+    /// A ByteStream Write idle this long is ended (0: never).
+    #[arg(long)]
+    bytestream_idle_timeout_ms: Option<u64>,
     /// Serve remote execution (Execute, Operations).
     #[arg(long)]
     execution_enabled: Option<bool>,
@@ -315,6 +318,7 @@ impl ServeArgs {
             self.durability => storage.durability,
             self.sync_interval_ms => storage.sync_interval_ms,
             self.max_batch_total_size => storage.max_batch_total_size,
+            self.bytestream_idle_timeout_ms => storage.bytestream_idle_timeout_ms,
             self.execution_enabled => execution.enabled,
             self.embedded_executor => execution.embedded_executor,
             self.pool => execution.pool,

@@ -155,6 +155,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             "max_batch_total_size",
             &config.storage.max_batch_total_size,
         )?,
+        idle_timeout: (config.storage.bytestream_idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(config.storage.bytestream_idle_timeout_ms)),
         ..StorageLimits::default()
     };
     let storage = Storage::new(store, limits.clone());

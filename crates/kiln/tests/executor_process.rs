@@ -825,6 +825,46 @@ async fn connections_beyond_the_cap_are_closed_and_the_rest_keep_working() {
 }
 
 #[tokio::test]
+async fn an_idle_bytestream_write_is_ended() {
+    use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+    use kiln_proto::bytestream::WriteRequest;
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &["--bytestream-idle-timeout-ms", "500"]);
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Declares 4 MiB, sends 64 KiB, then nothing.
+    let blob = vec![7u8; 4 << 20];
+    let d = digest(&blob);
+    let first = WriteRequest {
+        resource_name: format!(
+            "uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            d.hash,
+            d.size_bytes
+        ),
+        write_offset: 0,
+        finish_write: false,
+        data: blob[..64 << 10].to_vec().into(),
+    };
+    let requests = futures::stream::iter([first]).chain(futures::stream::pending());
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(HANG_GUARD, ByteStreamClient::new(channel).write(requests))
+        .await
+        .expect("an idle write was never ended");
+    let error = outcome.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::DeadlineExceeded, "{error:?}");
+    assert!(
+        error.message().contains("bytestream_idle_timeout"),
+        "{}",
+        error.message()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(500));
+}
+
+#[tokio::test]
 async fn a_killed_executor_process_loses_its_action_to_another() {
     let scratch = tempfile::tempdir().unwrap();
     let (server, address) = serve(scratch.path(), &[]);
