@@ -10,12 +10,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use kiln_proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
@@ -587,6 +587,13 @@ impl ByteStreamService {
             return Ok(Box::pin(futures::stream::iter(responses)));
         }
         let (sender, receiver) = mpsc::channel(4);
+        let sender = ChunkSender {
+            sender,
+            idle: self.storage.limits.idle_timeout,
+            runtime: tokio::runtime::Handle::current(),
+            stalled: Arc::default(),
+        };
+        let stalled = sender.stalled.clone();
         let compressor = resource.compressor;
         tokio::task::spawn_blocking(move || {
             let result = match compressor {
@@ -594,15 +601,58 @@ impl ByteStreamService {
                 Compressor::Zstd => stream_zstd(&blob, offset, len, chunk, &sender),
             };
             if let Err(e) = result {
-                let _ = sender
-                    .blocking_send(Err(Status::internal(format!("reading blob {digest}: {e}"))));
+                sender.send(Err(Status::internal(format!("reading blob {digest}: {e}"))));
             }
         });
-        Ok(Box::pin(ReceiverStream::new(receiver)))
+        // A read given up on because its client stopped reading ends with
+        // an error after what was queued, never as a complete blob.
+        let idle = self.storage.limits.idle_timeout.unwrap_or_default();
+        let ended = futures::stream::once(async move {
+            stalled.load(Ordering::Relaxed).then(|| {
+                Err(Status::deadline_exceeded(format!(
+                    "blob {digest}: the client read nothing for {idle:?} (bytestream_idle_timeout_ms)"
+                )))
+            })
+        })
+        .filter_map(std::future::ready);
+        Ok(Box::pin(ReceiverStream::new(receiver).chain(ended)))
     }
 }
 
-type ChunkSender = mpsc::Sender<Result<ReadResponse, Status>>;
+/// Where a download's reading thread puts its messages. A client that
+/// stops reading does not hold the thread for longer than the idle
+/// timeout: the read is given up (`stalled`) and the thread freed.
+struct ChunkSender {
+    sender: mpsc::Sender<Result<ReadResponse, Status>>,
+    idle: Option<std::time::Duration>,
+    runtime: tokio::runtime::Handle,
+    stalled: Arc<AtomicBool>,
+}
+
+impl ChunkSender {
+    /// Queues `message`; false when the client went away or stopped
+    /// reading for the idle timeout. Blocking.
+    fn send(&self, message: Result<ReadResponse, Status>) -> bool {
+        let Some(idle) = self.idle else {
+            return self.sender.blocking_send(message).is_ok();
+        };
+        let message = match self.sender.try_send(message) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(message)) => message,
+        };
+        match self
+            .runtime
+            .block_on(tokio::time::timeout(idle, self.sender.send(message)))
+        {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                self.stalled.store(true, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+}
 
 /// Disk reads are this many message chunks at a time: fewer, larger reads
 /// keep the disk streaming, and the messages are zero-copy slices.
@@ -624,11 +674,8 @@ fn stream_plain(
         while sent < data.len() {
             let piece = data.slice(sent..(sent + chunk as usize).min(data.len()));
             sent += piece.len();
-            if sender
-                .blocking_send(Ok(ReadResponse { data: piece }))
-                .is_err()
-            {
-                return Ok(()); // the client went away
+            if !sender.send(Ok(ReadResponse { data: piece })) {
+                return Ok(()); // the client went away or stopped reading
             }
         }
     }
@@ -645,11 +692,9 @@ fn stream_zstd(
     let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 1)?;
     let mut at = offset;
     let send = |data: Vec<u8>| {
-        sender
-            .blocking_send(Ok(ReadResponse {
-                data: Bytes::from(data),
-            }))
-            .is_ok()
+        sender.send(Ok(ReadResponse {
+            data: Bytes::from(data),
+        }))
     };
     while at < offset + len {
         let this = chunk.min(offset + len - at);

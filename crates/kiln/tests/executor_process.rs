@@ -121,11 +121,13 @@ fn serve_on(listen: &str, data_dir: &Path, extra: &[&str]) -> (Process, String) 
         listen,
         "--data-dir",
         data_dir.to_str().unwrap(),
-        "--storage-backend",
-        "memory",
         "--embedded-executor",
         "false",
     ];
+    // In memory unless the test picks the store.
+    if !extra.contains(&"--storage-backend") {
+        args.extend(["--storage-backend", "memory"]);
+    }
     args.extend_from_slice(extra);
     let mut server = Process::spawn(&args);
     let mut line = String::new();
@@ -862,6 +864,80 @@ async fn an_idle_bytestream_write_is_ended() {
         error.message()
     );
     assert!(started.elapsed() >= Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn a_bytestream_read_whose_client_stops_reading_ends_in_an_error() {
+    use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+    use kiln_proto::bytestream::{ReadRequest, WriteRequest};
+    let scratch = tempfile::tempdir().unwrap();
+    // On disk: a large blob is read by a thread of its own.
+    let (_server, address) = serve(
+        scratch.path(),
+        &[
+            "--storage-backend",
+            "disk",
+            "--bytestream-idle-timeout-ms",
+            "500",
+        ],
+    );
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let blob: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+    let d = digest(&blob);
+    let name = format!("blobs/{}/{}", d.hash, d.size_bytes);
+    let upload = format!("uploads/{}/{name}", uuid::Uuid::new_v4());
+    let chunks: Vec<WriteRequest> = blob
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, data)| WriteRequest {
+            resource_name: if i == 0 {
+                upload.clone()
+            } else {
+                String::new()
+            },
+            write_offset: (i << 20) as i64,
+            finish_write: (i + 1) << 20 >= blob.len(),
+            data: data.to_vec().into(),
+        })
+        .collect();
+    ByteStreamClient::new(channel.clone())
+        .write(futures::stream::iter(chunks))
+        .await
+        .unwrap();
+    let mut stream = ByteStreamClient::new(channel)
+        .read(ReadRequest {
+            resource_name: name,
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = stream.message().await.unwrap().unwrap().data.len();
+    // Stop reading past the idle timeout: the server gives the read up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ended = loop {
+        match tokio::time::timeout(HANG_GUARD, stream.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(message)) => received += message.data.len(),
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    let status = ended.unwrap_or_else(|| {
+        panic!(
+            "the read ended as complete after {received} of {} bytes",
+            blob.len()
+        )
+    });
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(received < blob.len());
 }
 
 #[tokio::test]
