@@ -171,7 +171,15 @@ impl Sandbox {
             pids_max: Some(16),
         };
         let cgroup = self.cgroup(&limits).map_err(|e| e.to_string())?;
-        let plan = self.plan(None, None, Path::new("/"), None, true, cgroup.as_ref());
+        let plan = self.plan(
+            None,
+            None,
+            None,
+            Path::new("/"),
+            None,
+            true,
+            cgroup.as_ref(),
+        );
         self.trial_run_cloned(&plan)?;
 
         // And with an init (dockerInit).
@@ -254,16 +262,19 @@ impl Sandbox {
             .map_err(|e| RunError::Internal(format!("sandbox cgroup: {e}")))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn plan(
         &self,
         workspace: Option<&Path>,
         runner_tmp: Option<&Path>,
+        tmpfs_bytes: Option<u64>,
         working_directory: &Path,
         user: Option<(u32, u32)>,
         new_network: bool,
         cgroup: Option<&Cgroup>,
     ) -> Plan {
-        let (new_root, before_pivot, after_pivot) = self.view.with_workspace(workspace, runner_tmp);
+        let (new_root, before_pivot, after_pivot) =
+            self.view.with_workspace(workspace, runner_tmp, tmpfs_bytes);
         Plan {
             namespaces: true,
             cgroup_join: cgroup.map(Cgroup::join_fds).unwrap_or_default(),
@@ -440,6 +451,7 @@ impl Isolation for Sandbox {
         let plan = Arc::new(self.plan(
             Some(&spec.workspace),
             spec.runner_tmp.as_deref(),
+            limits.memory_bytes,
             &spec.working_directory,
             user,
             spec.platform.docker_network == DockerNetwork::Off,

@@ -112,6 +112,8 @@ pub(crate) struct View {
     /// Where in `before_pivot` the private /tmp is mounted (a warm
     /// runner's /tmp is bound there instead).
     tmp_mount: usize,
+    /// Where in `before_pivot` the private /dev/shm is mounted.
+    shm_mount: usize,
 }
 
 impl View {
@@ -125,6 +127,7 @@ impl View {
             after_pivot: Vec::new(),
             created: BTreeSet::new(),
             tmp_mount: 0,
+            shm_mount: 0,
         };
         view.before_pivot.push(mount(
             Some("tmpfs"),
@@ -348,6 +351,7 @@ impl View {
             libc::MS_NOSUID | libc::MS_NODEV,
             Some("mode=1777"),
         ));
+        self.shm_mount = self.before_pivot.len() - 1;
     }
 
     /// Masks a host path inside an exposed directory: files with an empty
@@ -379,8 +383,18 @@ impl View {
         &self,
         workspace: Option<&Path>,
         runner_tmp: Option<&Path>,
+        tmpfs_bytes: Option<u64>,
     ) -> (CString, Vec<Op>, Vec<Op>) {
         let mut view = self.clone();
+        // The private /tmp and /dev/shm hold at most the action's memory:
+        // what is written there is memory.
+        if let Some(bytes) = tmpfs_bytes {
+            for at in [view.tmp_mount, view.shm_mount] {
+                if let Op::Mount { data, .. } = &mut view.before_pivot[at] {
+                    *data = Some(c_string(&format!("mode=1777,size={bytes}")));
+                }
+            }
+        }
         // A warm runner's /tmp takes the private tmpfs's place, before the
         // workspace that may live below /tmp is mounted.
         if let Some(tmp) = runner_tmp {
@@ -435,7 +449,7 @@ mod tests {
     #[test]
     fn the_workspace_is_mounted_after_the_private_tmp_it_may_live_in() {
         let view = View::new(Path::new("/run/root"), &[], &[]);
-        let (root, before, after) = view.with_workspace(Some(Path::new("/tmp/ws/a")), None);
+        let (root, before, after) = view.with_workspace(Some(Path::new("/tmp/ws/a")), None, None);
         assert_eq!(root.to_str().unwrap(), "/run/root");
         let mounts = targets(&before);
         let tmp = mounts.iter().position(|t| t == "/run/root/tmp").unwrap();
@@ -449,10 +463,30 @@ mod tests {
     }
 
     #[test]
+    fn the_private_tmp_and_shm_hold_at_most_the_actions_memory() {
+        let view = View::new(Path::new("/run/root"), &[], &[]);
+        let (_, ops, _) = view.with_workspace(None, None, Some(64 << 20));
+        let sized: Vec<String> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Mount {
+                    target,
+                    data: Some(data),
+                    ..
+                } if data.to_string_lossy().contains("size=67108864") => {
+                    Some(target.to_string_lossy().into_owned())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sized, ["/run/root/dev/shm", "/run/root/tmp"]);
+    }
+
+    #[test]
     fn a_warm_runners_tmp_replaces_the_private_tmpfs() {
         let view = View::new(Path::new("/run/root"), &[], &[]);
-        let (_, fresh, _) = view.with_workspace(None, None);
-        let (_, warm, _) = view.with_workspace(None, Some(Path::new("/work/a/tmp")));
+        let (_, fresh, _) = view.with_workspace(None, None, None);
+        let (_, warm, _) = view.with_workspace(None, Some(Path::new("/work/a/tmp")), None);
         let is_tmp = |op: &&Op| matches!(op, Op::Mount { target, .. } if target.to_str() == Ok("/run/root/tmp"));
         let fstypes = |ops: &[Op]| -> Vec<Option<String>> {
             ops.iter()
