@@ -698,10 +698,33 @@ impl Platform {
         hex::encode(hasher.finalize())
     }
 
+    /// [`Platform::runner_key`] as a value that also gives its short form.
+    pub fn runner_key_of(&self, organisation: &str) -> RunnerKey {
+        RunnerKey {
+            key: self.runner_key(organisation),
+        }
+    }
+
     /// The effective properties with secrets replaced by their hashes: safe
     /// to log or show.
     pub fn redacted_properties(&self) -> &BTreeMap<String, String> {
         &self.effective
+    }
+}
+
+/// The key that decides which actions may share a warm runner
+/// ([`Platform::runner_key`]): the worker's pool compares whole keys, and
+/// executors report, and the scheduler routes by, [`RunnerKey::short`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RunnerKey {
+    key: String,
+}
+
+impl RunnerKey {
+    /// Its first 16 hex digits: what logs, result metadata and warm
+    /// routing use.
+    pub fn short(&self) -> &str {
+        &self.key[..16.min(self.key.len())]
     }
 }
 

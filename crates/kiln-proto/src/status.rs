@@ -70,11 +70,20 @@ pub const VIOLATION_TYPE_MISSING: &str = "MISSING";
 /// `type_url` of a packed [`PreconditionFailure`].
 pub const PRECONDITION_FAILURE_TYPE: &str = "type.googleapis.com/google.rpc.PreconditionFailure";
 
-/// `FAILED_PRECONDITION` with `message` and one `MISSING` violation per
-/// digest (subject `blobs/HASH/SIZE`): the answer that makes Bazel upload
-/// the blobs and retry.
-pub fn missing_blobs(message: impl Into<String>, digests: &[Digest]) -> tonic::Status {
-    let message = message.into();
+/// `missing inputs: HASH/SIZE, ...`: how a missing-blobs status reads.
+pub fn missing_blobs_message(digests: &[Digest]) -> String {
+    let listed: Vec<String> = digests
+        .iter()
+        .map(|d| format!("{}/{}", d.hash, d.size_bytes))
+        .collect();
+    format!("missing inputs: {}", listed.join(", "))
+}
+
+/// `FAILED_PRECONDITION` naming `digests`, with one `MISSING` violation
+/// per digest (subject `blobs/HASH/SIZE`): the answer that makes Bazel
+/// upload the blobs and retry.
+pub fn missing_blobs(digests: &[Digest]) -> tonic::Status {
+    let message = missing_blobs_message(digests);
     let failure = PreconditionFailure {
         violations: digests
             .iter()

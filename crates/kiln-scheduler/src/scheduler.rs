@@ -468,10 +468,10 @@ impl Scheduler {
             result: None,
         };
         let (sender, receiver) = watch::channel(first.clone());
-        // The same key the worker computes (`kiln_worker::runners`).
+        // The same key the worker computes (`Platform::runner_key_of`).
         let runner_key = platform
             .recycle_runner
-            .then(|| platform.runner_key(&instance_name)[..16].to_string());
+            .then(|| platform.runner_key_of(&instance_name).short().to_string());
         let queued = Arc::new(QueuedAction {
             name: name.clone(),
             instance_name,
@@ -947,17 +947,7 @@ fn platform_sources(
 /// the answer that makes Bazel upload the blobs and retry.
 fn missing_response(digests: Vec<reapi::Digest>) -> reapi::ExecuteResponse {
     reapi::ExecuteResponse {
-        status: Some(to_rpc_status(status::missing_blobs(
-            format!(
-                "missing inputs: {}",
-                digests
-                    .iter()
-                    .map(|d| format!("{}/{}", d.hash, d.size_bytes))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            &digests,
-        ))),
+        status: Some(to_rpc_status(status::missing_blobs(&digests))),
         ..Default::default()
     }
 }

@@ -12,7 +12,7 @@ pub enum RunError {
     /// Blobs the action needs (Action, Command, Directory or input file) are
     /// not in the CAS. The client should upload them and retry
     /// (`FAILED_PRECONDITION` with one `PreconditionFailure` violation each).
-    #[error("missing inputs: {}", format_digests(.0))]
+    #[error("{}", status::missing_blobs_message(.0))]
     MissingInputs(Vec<Digest>),
     /// The action itself is malformed (bad directory entry, output path
     /// escaping the workspace, empty arguments, ...).
@@ -73,19 +73,11 @@ pub(crate) fn format_digest(digest: &Digest) -> String {
     format!("{}/{}", digest.hash, digest.size_bytes)
 }
 
-fn format_digests(digests: &[Digest]) -> String {
-    digests
-        .iter()
-        .map(format_digest)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 impl From<RunError> for tonic::Status {
     fn from(error: RunError) -> tonic::Status {
         let message = error.to_string();
         match error {
-            RunError::MissingInputs(digests) => status::missing_blobs(message, &digests),
+            RunError::MissingInputs(digests) => status::missing_blobs(&digests),
             RunError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             RunError::Unsupported(_) => tonic::Status::failed_precondition(message),
             RunError::Unavailable(_) => tonic::Status::unavailable(message),

@@ -43,8 +43,9 @@ pub struct CommandSpec {
     /// `sandbox` actions run as unless the platform says otherwise. None:
     /// the executor's own user (an executor that is not root cannot switch).
     pub action_user: Option<(u32, u32)>,
-    /// A warm runner's own /tmp on the host (`sandbox` mounts it over its
-    /// private tmpfs, so it outlives the action); None: a fresh /tmp.
+    /// A warm runner's own /tmp directory on the host: `sandbox` mounts it
+    /// in place of its private tmpfs, so it outlives the action; backends
+    /// without a private /tmp ignore it. None: a fresh /tmp.
     pub runner_tmp: Option<PathBuf>,
 }
 

@@ -34,6 +34,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_platform::Platform;
+pub use kiln_platform::RunnerKey;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use crate::scratch::Scratch;
@@ -64,27 +65,6 @@ impl Default for RunnerLimits {
             idle_timeout: Duration::from_secs(600),
             max_uses: 1000,
         }
-    }
-}
-
-/// The key that decides which actions may share a runner.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunnerKey {
-    key: String,
-}
-
-impl RunnerKey {
-    /// The key of `platform` in `instance_name` (the organisation, until
-    /// Kiln has organisations).
-    pub fn of(platform: &Platform, instance_name: &str) -> RunnerKey {
-        RunnerKey {
-            key: platform.runner_key(instance_name),
-        }
-    }
-
-    /// Its first 16 hex digits: what logs and result metadata show.
-    pub fn short(&self) -> &str {
-        &self.key[..16.min(self.key.len())]
     }
 }
 
@@ -312,9 +292,13 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> RunnerKey {
-        RunnerKey {
-            key: format!("{name:0>64}"),
-        }
+        let action = [("runner-recycling-key".to_string(), name.to_string())];
+        Platform::parse(&kiln_platform::PropertySources {
+            action: &action,
+            ..Default::default()
+        })
+        .unwrap()
+        .runner_key_of("test")
     }
 
     #[test]

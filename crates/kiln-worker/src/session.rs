@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{CancellationToken, RunError, RunOutcome, Worker};
+use crate::{CancellationToken, Worker};
 use kiln_platform::{Platform, PropertySources};
 use kiln_proto::executor::executor_message::Kind as ExecutorKind;
 use kiln_proto::executor::executor_service_client::ExecutorServiceClient;
@@ -22,7 +22,7 @@ use tonic::Streaming;
 use kiln_proto::status::to_rpc as to_rpc_status;
 use kiln_scheduler::{ExecutorToken, ResourceAmount, SchedulerError};
 
-use crate::local::{run_action, RunRequest};
+use crate::local::{finished, run_action, RunRequest};
 
 /// What an executor process offers.
 #[derive(Debug, Clone)]
@@ -238,20 +238,18 @@ async fn run_assignment(
         platform,
         cancel,
     };
-    let outcome: Result<RunOutcome, RunError> = run_action(worker, action).await;
-    match outcome {
-        Ok(outcome) => ActionFinished {
-            assignment_id: assignment.assignment_id,
-            action_result: outcome.result.encode_to_vec().into(),
-            status: to_rpc_status(outcome.status).encode_to_vec().into(),
-            cacheable: outcome.cacheable,
-            ..Default::default()
-        },
-        Err(error) => ActionFinished {
-            assignment_id: assignment.assignment_id,
-            retry_elsewhere: error.is_retryable_elsewhere(),
-            status: to_rpc_status(error.into()).encode_to_vec().into(),
-            ..Default::default()
-        },
+    let outcome = run_action(worker, action).await;
+    let retry_elsewhere = matches!(&outcome, Err(error) if error.is_retryable_elsewhere());
+    let finished = finished(outcome);
+    ActionFinished {
+        assignment_id: assignment.assignment_id,
+        action_result: finished
+            .result
+            .map(|result| result.encode_to_vec().into())
+            .unwrap_or_default(),
+        status: finished.status.encode_to_vec().into(),
+        cacheable: finished.cacheable,
+        retry_elsewhere,
+        ..Default::default()
     }
 }

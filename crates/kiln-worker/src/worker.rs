@@ -249,7 +249,7 @@ impl Worker {
         };
         let key = platform
             .recycle_runner
-            .then(|| RunnerKey::of(platform, instance_name));
+            .then(|| platform.runner_key_of(instance_name));
         let (warm, expired) = match &key {
             Some(key) => self.runners.take(key),
             None => (None, Vec::new()),
@@ -323,7 +323,7 @@ impl Worker {
             runners::reset_for_reuse(&scratch, &dir, leftovers.as_ref())
         })
         .await;
-        match reset {
+        let error = match reset {
             Ok(Ok(())) => {
                 let evicted = self
                     .runners
@@ -331,19 +331,14 @@ impl Worker {
                 for dir in evicted {
                     recycle_action_dir(dir, self.scratch.clone()).await;
                 }
-                true
+                return true;
             }
-            outcome => {
-                let error = match outcome {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                    Ok(Ok(())) => unreachable!(),
-                };
-                tracing::warn!(path = %action_dir.display(), %error, "a warm runner could not be cleaned; discarded");
-                recycle_action_dir(action_dir, self.scratch.clone()).await;
-                false
-            }
-        }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(path = %action_dir.display(), %error, "a warm runner could not be cleaned; discarded");
+        recycle_action_dir(action_dir, self.scratch.clone()).await;
+        false
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -367,7 +362,7 @@ impl Worker {
                 "recycle-runner: this isolation type runs every action in a fresh runner here"
             );
         }
-        metadata.auxiliary_metadata.push(prost_types_any(
+        metadata.auxiliary_metadata.push(packed(
             kiln_proto::runner::RUNNER_USAGE_TYPE,
             &kiln_proto::runner::RunnerUsage {
                 warm: runner.warm,
@@ -382,7 +377,9 @@ impl Worker {
             directories: DirAccess::for_action(run_as, platform.nonroot_workspace),
             over_existing: preserving && runner.warm,
         };
-        let runner_tmp = if recycling && isolation.name() == "sandbox" {
+        // Every kept runner has its own /tmp directory; backends with a
+        // private /tmp (`sandbox`) mount it there, the others ignore it.
+        let runner_tmp = if recycling {
             let tmp = action_dir.join(runners::RUNNER_TMP);
             // A warm runner's /tmp is there already.
             if !runner.warm {
@@ -558,17 +555,13 @@ impl Worker {
         metadata.worker_completed_timestamp = Some(timestamp_now());
         result.execution_metadata = Some(metadata.clone());
 
-        let cacheable = status.code() == tonic::Code::Ok
-            && result.exit_code == 0
-            && !process.memory_exceeded
-            && !action.do_not_cache;
+        let succeeded =
+            status.code() == tonic::Code::Ok && result.exit_code == 0 && !process.memory_exceeded;
+        let cacheable = succeeded && !action.do_not_cache;
         if recycling {
-            let clean = status.code() == tonic::Code::Ok
-                && result.exit_code == 0
-                && !process.memory_exceeded
+            notes.clean = succeeded
                 && std::fs::symlink_metadata(written.join(runners::DO_NOT_RECYCLE)).is_err();
-            notes.clean = clean;
-            if clean && preserving {
+            if notes.clean && preserving {
                 let written_name = if written == workspace {
                     "workspace"
                 } else {
@@ -942,7 +935,7 @@ fn declared_outputs(command: &Command, working_directory: &Path) -> Vec<PathBuf>
 }
 
 /// `message` packed as a `google.protobuf.Any` of `type_url`.
-fn prost_types_any(type_url: &str, message: &impl Message) -> kiln_proto::protobuf::Any {
+fn packed(type_url: &str, message: &impl Message) -> kiln_proto::protobuf::Any {
     kiln_proto::protobuf::Any {
         type_url: type_url.into(),
         value: message.encode_to_vec(),

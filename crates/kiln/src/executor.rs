@@ -75,13 +75,9 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     worker_config.max_timeout = options.max_action_timeout;
     worker_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
-    worker_config.runners = options.isolation.runner_limits();
-    worker_config.default_memory_bytes = options
+    options
         .isolation
-        .default_memory_limit(options.resources.memory_bytes)?;
-    worker_config.default_cpu_millis =
-        Some(options.isolation.default_action_cpu_limit_millis).filter(|&m| m > 0);
-    worker_config.staging_timeout = Duration::from_secs(options.isolation.staging_timeout_s.max(1));
+        .apply_to(&mut worker_config, options.resources.memory_bytes)?;
     worker_config.input_limits = options.input_limits;
     let session_config = SessionConfig {
         name: options.name.clone(),

@@ -4,11 +4,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kiln_container::{Docker, DockerConfig, ImageConfig, Podman, PodmanConfig};
 use kiln_sandbox::{PlainProcess, Sandbox, SandboxConfig};
 use kiln_worker::runners::RunnerLimits;
-use kiln_worker::{Isolation, Isolations};
+use kiln_worker::{Isolation, Isolations, WorkerConfig};
 use serde::{Deserialize, Serialize};
 
 /// The isolation settings of an executor (embedded or standalone).
@@ -92,26 +93,36 @@ const DEFAULT_ACTION_USER: &str = "nobody";
 const NOBODY: (u32, u32) = (65534, 65534);
 
 impl IsolationSettings {
-    /// The memory limit of actions without `EstimatedMemory` on an
-    /// executor with `executor_memory` bytes (see
-    /// [`IsolationSettings::default_action_memory_limit`]); None: none.
-    pub fn default_memory_limit(&self, executor_memory: u64) -> anyhow::Result<Option<u64>> {
-        let given = self.default_action_memory_limit.trim();
-        if given.is_empty() {
-            return Ok(Some(executor_memory / 10 * 9).filter(|&b| b > 0 && b < u64::MAX / 10 * 9));
-        }
-        let bytes = crate::config::parse_size(given)
-            .map_err(|e| anyhow::anyhow!("default_action_memory_limit {given:?}: {e}"))?;
-        Ok(Some(bytes).filter(|&b| b > 0))
+    /// Writes what these settings say about running actions (warm
+    /// runners, default limits, the staging deadline) into `worker`, on an
+    /// executor with `executor_memory` bytes.
+    pub fn apply_to(&self, worker: &mut WorkerConfig, executor_memory: u64) -> anyhow::Result<()> {
+        worker.runners = RunnerLimits {
+            max_warm: self.max_warm_runners,
+            idle_timeout: Duration::from_secs(self.runner_idle_timeout_s.max(1)),
+            max_uses: self.runner_max_uses.max(1),
+        };
+        worker.default_memory_bytes = self.default_memory_limit(executor_memory)?;
+        worker.default_cpu_millis = Some(self.default_action_cpu_limit_millis).filter(|&m| m > 0);
+        worker.staging_timeout = Duration::from_secs(self.staging_timeout_s.max(1));
+        Ok(())
     }
 
-    /// The warm-runner limits these settings give.
-    pub fn runner_limits(&self) -> RunnerLimits {
-        RunnerLimits {
-            max_warm: self.max_warm_runners,
-            idle_timeout: std::time::Duration::from_secs(self.runner_idle_timeout_s.max(1)),
-            max_uses: self.runner_max_uses.max(1),
-        }
+    /// The memory limit of actions without `EstimatedMemory` on an
+    /// executor with `executor_memory` bytes (`u64::MAX`: unknown; see
+    /// [`IsolationSettings::default_action_memory_limit`]); None: none.
+    fn default_memory_limit(&self, executor_memory: u64) -> anyhow::Result<Option<u64>> {
+        let given = self.default_action_memory_limit.trim();
+        let bytes = if given.is_empty() {
+            if executor_memory == u64::MAX {
+                return Ok(None);
+            }
+            executor_memory / 10 * 9
+        } else {
+            crate::config::parse_size(given)
+                .map_err(|e| anyhow::anyhow!("default_action_memory_limit {given:?}: {e}"))?
+        };
+        Ok(Some(bytes).filter(|&b| b > 0))
     }
 
     /// The action user as `(uid, gid)` (see [`IsolationSettings::action_user`]);

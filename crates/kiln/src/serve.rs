@@ -323,14 +323,10 @@ fn start_embedded_executor(
     worker_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
     worker_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
-    worker_config.runners = execution.isolation.runner_limits();
-    worker_config.default_memory_bytes = execution
-        .isolation
-        .default_memory_limit(execution.effective_resources(&root).memory_bytes)?;
-    worker_config.default_cpu_millis =
-        Some(execution.isolation.default_action_cpu_limit_millis).filter(|&m| m > 0);
-    worker_config.staging_timeout =
-        Duration::from_secs(execution.isolation.staging_timeout_s.max(1));
+    execution.isolation.apply_to(
+        &mut worker_config,
+        execution.effective_resources(&root).memory_bytes,
+    )?;
     worker_config.input_limits = execution.inputs.limits()?;
     if let Some(user) = action_user {
         // Checked here, not only by the worker, so a server whose actions
