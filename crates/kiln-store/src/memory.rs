@@ -103,6 +103,20 @@ impl MemoryStore {
 
 #[async_trait]
 impl BlobStore for MemoryStore {
+    fn usage(&self) -> crate::StoreUsage {
+        let mut usage = crate::StoreUsage {
+            max_bytes: self.shard_capacity * self.shards.len() as u64,
+            ..Default::default()
+        };
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            usage.entries += (shard.young.len() + shard.old.len()) as u64;
+            usage.bytes += shard.young_bytes;
+            usage.bytes += shard.old.values().map(|d| d.len() as u64).sum::<u64>();
+        }
+        usage
+    }
+
     async fn contains(&self, keys: &[Key]) -> Result<Vec<bool>> {
         Ok(keys.iter().map(|key| self.get_now(key).is_some()).collect())
     }

@@ -181,6 +181,27 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Gives the stored blobs among `keys` this [`Retention`] (replacing
     /// any earlier one) and counts it as a use. Absent keys are skipped.
     async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()>;
+
+    /// What the store holds and has evicted, for monitoring. Cheap: read
+    /// from counters, never by walking the store.
+    fn usage(&self) -> StoreUsage {
+        StoreUsage::default()
+    }
+}
+
+/// A store's size and evictions since start-up ([`BlobStore::usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Bytes held (on disk: including what is reserved for segments).
+    pub bytes: u64,
+    /// Blobs and Action Cache entries held.
+    pub entries: u64,
+    /// The configured size limit.
+    pub max_bytes: u64,
+    /// Entries evicted since start-up.
+    pub evicted_entries: u64,
+    /// Bytes freed by eviction since start-up.
+    pub evicted_bytes: u64,
 }
 
 /// A writer that gathers the blob in memory and hands it to `finish`:

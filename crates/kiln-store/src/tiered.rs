@@ -28,6 +28,11 @@ impl TieredStore {
 
 #[async_trait]
 impl BlobStore for TieredStore {
+    fn usage(&self) -> crate::StoreUsage {
+        // The slow store holds everything; the fast tier is a cache of it.
+        self.slow.usage()
+    }
+
     async fn contains(&self, keys: &[Key]) -> Result<Vec<bool>> {
         // The slow store knows everything and keeps its own LRU state fresh.
         self.slow.contains(keys).await

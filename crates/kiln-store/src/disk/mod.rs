@@ -132,6 +132,9 @@ struct Inner {
     evicting: AtomicBool,
     /// Bytes eviction has copied forward since start-up.
     copied_forward_bytes: AtomicU64,
+    /// Entries and bytes eviction has dropped since start-up.
+    evicted_entries: AtomicU64,
+    evicted_bytes: AtomicU64,
     /// What the next group commit must sync.
     unsynced: Mutex<Unsynced>,
     _lock: File,
@@ -527,6 +530,8 @@ impl DiskStore {
             bytes_this_epoch: AtomicU64::new(0),
             evicting: AtomicBool::new(false),
             copied_forward_bytes: AtomicU64::new(0),
+            evicted_entries: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
             unsynced: Mutex::default(),
             _lock: lock,
             config,
@@ -1160,6 +1165,9 @@ impl Inner {
                 }
             }
         }
+        self.evicted_entries.fetch_add(dropped, Ordering::Relaxed);
+        self.evicted_bytes
+            .fetch_add(total.saturating_sub(remaining), Ordering::Relaxed);
         tracing::info!(
             dropped,
             copied_forward = copied,
@@ -1309,6 +1317,17 @@ const INLINE_PUT_BYTES: u64 = 64 * 1024;
 
 #[async_trait]
 impl BlobStore for DiskStore {
+    fn usage(&self) -> crate::StoreUsage {
+        let inner = &self.inner;
+        crate::StoreUsage {
+            bytes: inner.total_bytes.load(Ordering::Relaxed),
+            entries: inner.index.len() as u64,
+            max_bytes: inner.config.max_size_bytes,
+            evicted_entries: inner.evicted_entries.load(Ordering::Relaxed),
+            evicted_bytes: inner.evicted_bytes.load(Ordering::Relaxed),
+        }
+    }
+
     async fn contains(&self, keys: &[Key]) -> Result<Vec<bool>> {
         let epoch = self.inner.epoch();
         Ok(keys
