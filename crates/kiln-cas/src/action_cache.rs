@@ -13,6 +13,7 @@ use kiln_store::{Digest, DigestFunction, Key, Retention};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::counters::CasCounters;
 use crate::error::{CasError, Result};
 use crate::resource::abbreviated;
 use crate::storage::Storage;
@@ -40,8 +41,26 @@ impl ActionCacheStore {
         ActionCacheStore { storage }
     }
 
-    /// The stored result for `action`, if complete.
+    /// The stored result for `action`, if complete (counted as an Action
+    /// Cache hit or miss).
     pub async fn get(
+        &self,
+        instance_name: &str,
+        action: &Digest,
+    ) -> Result<Option<reapi::ActionResult>> {
+        let found = self.lookup(instance_name, action).await?;
+        let counters = &self.storage.counters;
+        CasCounters::add(
+            match found {
+                Some(_) => &counters.action_cache_hits,
+                None => &counters.action_cache_misses,
+            },
+            1,
+        );
+        Ok(found)
+    }
+
+    async fn lookup(
         &self,
         instance_name: &str,
         action: &Digest,

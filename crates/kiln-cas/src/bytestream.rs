@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::counters::CasCounters;
 use crate::error::{CasError, Result};
 use crate::resource::{abbreviated, BlobResource, Compressor};
 use crate::storage::Storage;
@@ -385,6 +386,7 @@ impl ByteStreamService {
                         .map_err(|e| CasError::Internal(format!("finishing blob {digest}: {e}")))?
                 };
                 finished?;
+                self.storage.counters.written(digest.size);
                 Ok(complete_response)
             }
         }
@@ -584,6 +586,11 @@ impl ByteStreamService {
                     break;
                 }
             }
+            let sent: u64 = responses
+                .iter()
+                .map(|r| r.as_ref().map_or(0, |r| r.data.len() as u64))
+                .sum();
+            CasCounters::add(&self.storage.counters.bytes_read, sent);
             return Ok(Box::pin(futures::stream::iter(responses)));
         }
         let (sender, receiver) = mpsc::channel(4);
@@ -615,7 +622,13 @@ impl ByteStreamService {
             })
         })
         .filter_map(std::future::ready);
-        Ok(Box::pin(ReceiverStream::new(receiver).chain(ended)))
+        let counters = self.storage.counters.clone();
+        let counted = ReceiverStream::new(receiver).inspect(move |message| {
+            if let Ok(response) = message {
+                CasCounters::add(&counters.bytes_read, response.data.len() as u64);
+            }
+        });
+        Ok(Box::pin(counted.chain(ended)))
     }
 }
 

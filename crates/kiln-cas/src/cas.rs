@@ -14,6 +14,7 @@ use kiln_store::{Digest, DigestFunction};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::counters::CasCounters;
 use crate::error::{CasError, Result};
 use crate::resource::Compressor;
 use crate::storage::Storage;
@@ -48,6 +49,12 @@ impl CasService {
             .map(|d| parse_digest(function, Some(d), "blob_digests entry"))
             .collect::<Result<Vec<_>>>()?;
         let missing = self.storage.find_missing(&digests).await?;
+        let counters = &self.storage.counters;
+        CasCounters::add(&counters.find_missing_missing, missing.len() as u64);
+        CasCounters::add(
+            &counters.find_missing_present,
+            (digests.len() - missing.len()) as u64,
+        );
         Ok(reapi::FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(to_wire).collect(),
         })
@@ -120,9 +127,13 @@ impl CasService {
             .unzip();
         let results = self.storage.store.put_many(items).await;
         for ((slot, digest), result) in slots.into_iter().zip(results) {
-            if let Err(e) = result {
-                responses[slot].status =
-                    Some(CasError::store(format_args!("storing blob {digest}"), e).to_rpc_status());
+            match result {
+                Ok(()) => self.storage.counters.written(digest.size),
+                Err(e) => {
+                    responses[slot].status = Some(
+                        CasError::store(format_args!("storing blob {digest}"), e).to_rpc_status(),
+                    )
+                }
             }
         }
         Ok(reapi::BatchUpdateBlobsResponse { responses })
@@ -153,7 +164,10 @@ impl CasService {
         let mut responses = Vec::with_capacity(digests.len());
         for (digest, wire) in digests.iter().zip(request.digests) {
             let (data, status) = match self.storage.read_small(digest).await {
-                Ok(data) => (data.to_vec(), ok_status()),
+                Ok(data) => {
+                    CasCounters::add(&self.storage.counters.bytes_read, data.len() as u64);
+                    (data.to_vec(), ok_status())
+                }
                 Err(e) => (Vec::new(), Some(e.to_rpc_status())),
             };
             responses.push(batch_read_blobs_response::Response {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use kiln_store::{Blob, BlobStore, Digest, DigestFunction, Key};
 
+use crate::counters::CasCounters;
 use crate::error::{CasError, Result};
 use crate::resource::Compressor;
 
@@ -39,11 +40,21 @@ impl Default for StorageLimits {
 pub struct Storage {
     pub(crate) store: Arc<dyn BlobStore>,
     pub(crate) limits: StorageLimits,
+    pub(crate) counters: Arc<CasCounters>,
 }
 
 impl Storage {
     pub fn new(store: Arc<dyn BlobStore>, limits: StorageLimits) -> Self {
-        Storage { store, limits }
+        Storage {
+            store,
+            limits,
+            counters: Arc::default(),
+        }
+    }
+
+    /// What the storage services did since start-up.
+    pub fn counters(&self) -> &Arc<CasCounters> {
+        &self.counters
     }
 
     pub fn store(&self) -> &Arc<dyn BlobStore> {
@@ -126,7 +137,9 @@ impl Storage {
         self.store
             .put(digest.key(), data)
             .await
-            .map_err(|e| CasError::store(format_args!("storing blob {digest}"), e))
+            .map_err(|e| CasError::store(format_args!("storing blob {digest}"), e))?;
+        self.counters.written(digest.size);
+        Ok(())
     }
 
     /// Hashes `data` with `function` and stores it; returns its digest.
@@ -137,6 +150,7 @@ impl Storage {
                 .put(digest.key(), data)
                 .await
                 .map_err(|e| CasError::store(format_args!("storing blob {digest}"), e))?;
+            self.counters.written(digest.size);
         }
         Ok(digest)
     }
