@@ -10,6 +10,8 @@
 //! - [`queue`]: the per-pool queues, fair share and matching of actions to
 //!   executors;
 //! - [`capacity`]: what executors have and running actions reserve;
+//! - [`report`]: snapshots of executors, queues and operations, and the
+//!   [`report::ExecutionObserver`] hook, for the operator's view;
 //! - [`session`]: the scheduler's side of Kiln's executor protocol
 //!   ([`ExecutorSessions`]: executor processes register over one stream
 //!   each, indexed by [`queue::QueueKey`]: pool, OS, arch);
@@ -28,6 +30,7 @@ pub mod capacity;
 pub mod error;
 pub mod local;
 pub mod queue;
+pub mod report;
 pub mod scheduler;
 pub mod service;
 pub mod session;
@@ -37,6 +40,7 @@ pub use capacity::ResourceAmount;
 pub use error::SchedulerError;
 pub use local::LocalExecutor;
 pub use queue::MAX_BYPASSES;
+pub use report::{ExecutionObserver, OperationSummary, OutcomeClass, Stage};
 pub use scheduler::{Scheduler, SchedulerConfig};
 pub use service::{execution_capabilities, ExecutionService, OperationsService};
 pub use session::ExecutorSessions;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capacity::{Capacity, Reservation, ResourceAmount};
 use crate::queue::{Offer, PoolQueue, Properties, QueueKey};
+use crate::report::{ExecutorEntry, RunningOn};
 use crate::scheduler::{QueuedAction, Scheduler};
 
 /// The embedded executor's identity for the queue (one per pool).
@@ -21,10 +22,10 @@ const LOCAL_ID: &str = "embedded";
 /// with `capacity` that its leased actions share.
 pub struct LocalExecutor {
     scheduler: Arc<Scheduler>,
-    key: QueueKey,
     offer: Offer,
     queue: Arc<PoolQueue>,
     capacity: Arc<Capacity>,
+    entry: Arc<ExecutorEntry>,
 }
 
 impl LocalExecutor {
@@ -51,13 +52,30 @@ impl LocalExecutor {
                 .filter_map(|name| IsolationType::from_name(name)),
             capacity,
         );
-        let queue = scheduler.register_executor(&key, &offer);
+        let total = capacity;
+        let capacity = Capacity::new(total);
+        let entry = Arc::new(ExecutorEntry {
+            id: format!("{LOCAL_ID}/{}", key.pool),
+            name: format!("kiln-embedded/{}", key.pool),
+            key,
+            offer: offer.clone(),
+            embedded: true,
+            // Its worker's concurrency bounds it; the scheduler sees only
+            // the capacity.
+            slots: 0,
+            capacity: capacity.clone(),
+            registered_at: std::time::SystemTime::now(),
+            last_seen: parking_lot::Mutex::new(std::time::SystemTime::now()),
+            running: Default::default(),
+            warm_runners: Default::default(),
+        });
+        let queue = scheduler.register_executor(entry.clone());
         LocalExecutor {
             scheduler,
-            key,
             offer,
             queue,
-            capacity: Capacity::new(capacity),
+            capacity,
+            entry,
         }
     }
 
@@ -70,18 +88,19 @@ impl LocalExecutor {
             .queue
             .next(&self.offer, &self.capacity, LOCAL_ID, stop)
             .await?;
-        self.scheduler.started(&action);
+        self.scheduler.started(&action, &self.entry.name);
         Some(Lease {
             scheduler: self.scheduler.clone(),
             action,
             _reservation: reservation,
+            _counted: RunningOn::new(&self.entry),
         })
     }
 }
 
 impl Drop for LocalExecutor {
     fn drop(&mut self) {
-        self.scheduler.unregister_executor(&self.key, &self.offer);
+        self.scheduler.unregister_executor(&self.entry.id);
     }
 }
 
@@ -91,6 +110,7 @@ pub struct Lease {
     scheduler: Arc<Scheduler>,
     action: Arc<QueuedAction>,
     _reservation: Reservation,
+    _counted: RunningOn,
 }
 
 /// What an executor reports for an action it ran: the `ExecuteResponse`'s

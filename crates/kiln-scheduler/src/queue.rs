@@ -181,7 +181,7 @@ pub(crate) enum Unmatched {
 
 /// Whether an executor offering `offer` may run an action requiring
 /// `requires`.
-fn satisfies(offer: &Offer, requires: &Requirement) -> bool {
+pub(crate) fn satisfies(offer: &Offer, requires: &Requirement) -> bool {
     requires
         .properties
         .iter()

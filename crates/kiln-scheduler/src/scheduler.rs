@@ -19,14 +19,15 @@ use kiln_proto::rpc;
 use kiln_proto::status::{self, to_rpc as to_rpc_status};
 use kiln_proto::timestamp_now;
 use kiln_store::{Digest, DigestFunction, Retention};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use prost::Message;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::capacity::ResourceAmount;
 use crate::error::SchedulerError;
-use crate::queue::{Offer, PoolQueue, Properties, QueueKey, Requirement, Unmatched};
+use crate::queue::{PoolQueue, Properties, QueueKey, Requirement, Unmatched};
+use crate::report::{outcome_of, ExecutionObserver, ExecutorEntry, Progress};
 
 const METADATA_TYPE: &str =
     "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
@@ -113,7 +114,12 @@ pub struct QueuedAction {
     /// again while another executor may.
     pub(crate) refused_by: Mutex<BTreeSet<String>>,
     queue: Option<Arc<PoolQueue>>,
+    /// The pool, OS and architecture it was queued for (none: answered
+    /// without queueing).
+    pub(crate) key: Option<QueueKey>,
     queued_at: Timestamp,
+    /// Which executor runs it and its outcome, for the operator's view.
+    pub(crate) progress: Mutex<Progress>,
     /// When it was last queued (requeued included): warm routing leaves it
     /// to a warm executor for a while after that.
     pub(crate) enqueued: Mutex<std::time::Instant>,
@@ -158,7 +164,9 @@ impl QueuedAction {
             need: ResourceAmount::default(),
             refused_by: Mutex::default(),
             queue: None,
+            key: None,
             queued_at: timestamp_now(),
+            progress: Mutex::default(),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key: runner_key.map(String::from),
             last_seen: Mutex::new(std::time::Instant::now()),
@@ -173,6 +181,25 @@ impl QueuedAction {
 }
 
 impl QueuedAction {
+    /// When it was first queued, as wall-clock time.
+    pub(crate) fn queued_wall(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH
+            + Duration::new(
+                self.queued_at.seconds.max(0) as u64,
+                self.queued_at.nanos.clamp(0, 999_999_999) as u32,
+            )
+    }
+
+    /// Its response, once completed.
+    pub(crate) fn response(&self) -> Option<reapi::ExecuteResponse> {
+        match &self.state.borrow().result {
+            Some(operation::Result::Response(any)) => {
+                reapi::ExecuteResponse::decode(any.value.as_slice()).ok()
+            }
+            _ => None,
+        }
+    }
+
     fn stage(&self) -> execution_stage::Value {
         let state = self.state.borrow();
         if state.done {
@@ -202,11 +229,13 @@ struct MergeKey {
 }
 
 #[derive(Default)]
-struct State {
-    operations: HashMap<String, Arc<QueuedAction>>,
+pub(crate) struct State {
+    pub(crate) operations: HashMap<String, Arc<QueuedAction>>,
     in_flight: HashMap<MergeKey, Arc<QueuedAction>>,
     completed: VecDeque<String>,
     queues: HashMap<QueueKey, Arc<PoolQueue>>,
+    /// Registered executors by id, for the operator's view.
+    pub(crate) executors: HashMap<String, Arc<ExecutorEntry>>,
 }
 
 /// Owns the operations, the per-pool queues and the Action Cache writes.
@@ -214,7 +243,9 @@ pub struct Scheduler {
     storage: Storage,
     action_cache: ActionCacheStore,
     config: SchedulerConfig,
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
+    /// Told of every completed execution (metrics).
+    pub(crate) observer: RwLock<Option<Arc<dyn ExecutionObserver>>>,
     shutdown: CancellationToken,
     /// Wakes requests waiting for a matching executor to register.
     registered: Notify,
@@ -232,6 +263,7 @@ impl Scheduler {
             storage,
             config,
             state: Mutex::new(State::default()),
+            observer: RwLock::new(None),
             shutdown: CancellationToken::new(),
             registered: Notify::new(),
             me: me.clone(),
@@ -252,34 +284,40 @@ impl Scheduler {
         &self.shutdown
     }
 
-    /// Counts one more executor offering `key` and `offers`; returns its
-    /// queue.
-    pub(crate) fn register_executor(&self, key: &QueueKey, offers: &Offer) -> Arc<PoolQueue> {
+    /// Counts one more executor (`entry`); returns its queue.
+    pub(crate) fn register_executor(&self, entry: Arc<ExecutorEntry>) -> Arc<PoolQueue> {
         let mut state = self.state.lock();
         let queue = state
             .queues
-            .entry(key.clone())
+            .entry(entry.key.clone())
             .or_insert_with(|| Arc::new(PoolQueue::new(self.config.warm_runner_wait)))
             .clone();
-        queue.register(offers);
+        queue.register(&entry.offer);
+        state.executors.insert(entry.id.clone(), entry);
         drop(state);
         self.registered.notify_waiters();
         queue
     }
 
-    /// Counts one executor less. After the grace (for a replacement to
+    /// Counts executor `id` less. After the grace (for a replacement to
     /// register), queued actions no remaining executor can run fail with
     /// FAILED_PRECONDITION instead of waiting forever.
-    pub(crate) fn unregister_executor(&self, key: &QueueKey, offers: &Offer) {
-        let Some(queue) = self.state.lock().queues.get(key).cloned() else {
-            return;
+    pub(crate) fn unregister_executor(&self, id: &str) {
+        let (queue, key) = {
+            let mut state = self.state.lock();
+            let Some(entry) = state.executors.remove(id) else {
+                return;
+            };
+            let Some(queue) = state.queues.get(&entry.key).cloned() else {
+                return;
+            };
+            queue.unregister(&entry.offer);
+            (queue, entry.key.clone())
         };
-        queue.unregister(offers);
         let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
         else {
             return;
         };
-        let key = key.clone();
         runtime.spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(me.config.unmatched_grace) => {}
@@ -337,17 +375,27 @@ impl Scheduler {
         let digest = parse_digest(function, request.action_digest.as_ref(), "action_digest")?;
         let wire_digest = to_wire(&digest);
         let instance_name = request.instance_name.clone();
-        let done_now = |response: reapi::ExecuteResponse| {
-            self.insert_done(
-                &instance_name,
-                &wire_digest,
-                request.digest_function,
-                response,
-            )
-        };
+        let done_now =
+            |response: reapi::ExecuteResponse, key: Option<QueueKey>, sources: PlatformSources| {
+                self.insert_done(
+                    Done {
+                        instance_name: &instance_name,
+                        action_digest: &wire_digest,
+                        digest_function: request.digest_function,
+                        invocation_id,
+                        key,
+                        sources,
+                    },
+                    response,
+                )
+            };
 
         let Some(action) = self.fetch::<reapi::Action>(&digest, "action").await? else {
-            return Ok(done_now(missing_response(vec![wire_digest.clone()])));
+            return Ok(done_now(
+                missing_response(vec![wire_digest.clone()]),
+                None,
+                PlatformSources::default(),
+            ));
         };
         let command_digest =
             parse_digest(function, action.command_digest.as_ref(), "command_digest")?;
@@ -355,7 +403,11 @@ impl Scheduler {
             .fetch::<reapi::Command>(&command_digest, "command")
             .await?
         else {
-            return Ok(done_now(missing_response(vec![to_wire(&command_digest)])));
+            return Ok(done_now(
+                missing_response(vec![to_wire(&command_digest)]),
+                None,
+                PlatformSources::default(),
+            ));
         };
         let sources = platform_sources(&action, &command, headers);
         let platform = Platform::parse(&PropertySources {
@@ -405,12 +457,16 @@ impl Scheduler {
                         tracing::warn!(action = %digest, %error, "could not apply results_cache_policy to a cached result");
                     }
                 }
-                return Ok(done_now(reapi::ExecuteResponse {
-                    result: Some(result),
-                    cached_result: true,
-                    status: Some(rpc::Status::default()),
-                    ..Default::default()
-                }));
+                return Ok(done_now(
+                    reapi::ExecuteResponse {
+                        result: Some(result),
+                        cached_result: true,
+                        status: Some(rpc::Status::default()),
+                        ..Default::default()
+                    },
+                    Some(key),
+                    sources,
+                ));
             }
         }
 
@@ -487,7 +543,9 @@ impl Scheduler {
             need,
             refused_by: Mutex::default(),
             queue: Some(queue.clone()),
+            key: Some(key),
             queued_at: timestamp_now(),
+            progress: Mutex::default(),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key,
             last_seen: Mutex::new(std::time::Instant::now()),
@@ -606,9 +664,10 @@ impl Scheduler {
             .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))
     }
 
-    /// An executor took `action`: it is EXECUTING now.
-    pub(crate) fn started(&self, action: &QueuedAction) {
+    /// `executor` took `action`: it is EXECUTING now.
+    pub(crate) fn started(&self, action: &QueuedAction, executor: &str) {
         action.attempts.fetch_add(1, Ordering::SeqCst);
+        action.progress.lock().started = Some((std::time::SystemTime::now(), executor.to_string()));
         set_stage(action, execution_stage::Value::Executing);
     }
 
@@ -666,6 +725,7 @@ impl Scheduler {
     /// Marks `action` done with `response` (once; later calls do nothing)
     /// and lets a new identical request start a fresh execution.
     fn complete(&self, action: &QueuedAction, response: reapi::ExecuteResponse) {
+        let outcome = Arc::new(outcome_of(&response));
         let changed = action.state.send_if_modified(|op| {
             if op.done {
                 return false;
@@ -685,6 +745,13 @@ impl Scheduler {
         });
         if !changed {
             return;
+        }
+        action.progress.lock().outcome = Some(outcome);
+        if let Some(observer) = self.observer.read().as_ref() {
+            observer.completed(
+                &action.summary(std::time::Instant::now()),
+                response.result.as_ref(),
+            );
         }
         let mut state = self.state.lock();
         if let Some(key) = &action.merge_key {
@@ -711,11 +778,17 @@ impl Scheduler {
     /// An operation that is done at once (cache hit, missing blobs).
     fn insert_done(
         &self,
-        instance_name: &str,
-        action_digest: &reapi::Digest,
-        digest_function: i32,
+        done: Done<'_>,
         response: reapi::ExecuteResponse,
     ) -> (Operation, OperationWatch) {
+        let Done {
+            instance_name,
+            action_digest,
+            digest_function,
+            invocation_id,
+            key,
+            sources,
+        } = done;
         let name = format!("operations/{}", uuid::Uuid::new_v4());
         let (sender, receiver) = watch::channel(Operation {
             name: name.clone(),
@@ -736,17 +809,22 @@ impl Scheduler {
             instance_name: instance_name.to_string(),
             action_digest: action_digest.clone(),
             platform: Platform::default(),
-            sources: PlatformSources::default(),
+            sources,
             cancel: CancellationToken::new(),
             attempts: AtomicU32::new(0),
             bypassed: AtomicU32::new(0),
             priority: 0,
-            invocation_id: String::new(),
+            invocation_id: invocation_id.to_string(),
             requires: Requirement::default(),
             need: ResourceAmount::default(),
             refused_by: Mutex::default(),
             queue: None,
+            key,
             queued_at: timestamp_now(),
+            progress: Mutex::new(Progress {
+                started: None,
+                outcome: Some(Arc::new(outcome_of(&response))),
+            }),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key: None,
             last_seen: Mutex::new(std::time::Instant::now()),
@@ -757,6 +835,12 @@ impl Scheduler {
             digest_function,
             state: sender,
         });
+        if let Some(observer) = self.observer.read().as_ref() {
+            observer.completed(
+                &done.summary(std::time::Instant::now()),
+                response.result.as_ref(),
+            );
+        }
         let mut state = self.state.lock();
         state.operations.insert(name.clone(), done);
         self.remember_completed(&mut state, name);
@@ -815,7 +899,7 @@ impl Scheduler {
         }
     }
 
-    fn registered_keys(&self) -> String {
+    pub(crate) fn registered_keys(&self) -> String {
         let state = self.state.lock();
         let mut keys: Vec<String> = state
             .queues
@@ -891,6 +975,7 @@ impl Scheduler {
             return;
         };
         tracing::info!(operation = %action.name, attempts, reason = why, "requeued");
+        action.progress.lock().started = None;
         set_stage(action, execution_stage::Value::Queued);
         queue.push(action.clone(), std::time::Instant::now());
     }
@@ -920,6 +1005,16 @@ impl Scheduler {
             SchedulerError::InvalidArgument(format!("{what} {digest} does not decode: {e}"))
         })
     }
+}
+
+/// What an operation answered at once is made of.
+struct Done<'a> {
+    instance_name: &'a str,
+    action_digest: &'a reapi::Digest,
+    digest_function: i32,
+    invocation_id: &'a str,
+    key: Option<QueueKey>,
+    sources: PlatformSources,
 }
 
 fn platform_sources(

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::capacity::{Capacity, Reservation, ResourceAmount};
 use crate::queue::{Offer, PoolQueue, QueueKey};
+use crate::report::{ExecutorEntry, RunningOn};
 use crate::scheduler::{QueuedAction, Scheduler};
 use crate::token::{self, ExecutorToken};
 
@@ -159,17 +161,32 @@ impl ExecutorService for ExecutorSessions {
                 })),
             }))
             .await;
-        let queue = self.scheduler.register_executor(&key, &offers);
+        let capacity = Capacity::new(offers.capacity);
+        let slots = register.capacity.max(1) as usize;
+        let entry = Arc::new(ExecutorEntry {
+            id: executor_id.clone(),
+            name: register.name.clone(),
+            key: key.clone(),
+            offer: offers.clone(),
+            embedded: false,
+            slots,
+            capacity: capacity.clone(),
+            registered_at: std::time::SystemTime::now(),
+            last_seen: parking_lot::Mutex::new(std::time::SystemTime::now()),
+            running: Default::default(),
+            warm_runners: Default::default(),
+        });
+        let queue = self.scheduler.register_executor(entry.clone());
         tracing::info!(executor = %register.name, %key, properties = ?register.properties, isolation_types = ?register.isolation_types, slots = register.capacity, cpu_millis = register.cpu_millis, memory_bytes = register.memory_bytes, disk_bytes = register.disk_bytes, "executor registered");
         let session = Session {
             scheduler: self.scheduler.clone(),
             name: register.name.clone(),
             executor_id: executor_id.clone(),
-            key,
-            capacity: Capacity::new(offers.capacity),
+            capacity,
             offers,
             queue,
-            slots: Arc::new(Semaphore::new(register.capacity.max(1) as usize)),
+            slots: Arc::new(Semaphore::new(slots)),
+            entry,
             running: HashMap::new(),
             outbound,
             heartbeat_timeout: self.heartbeat_timeout,
@@ -191,6 +208,7 @@ struct Running {
     /// Past this the executor loses the action (it heartbeats, yet never
     /// finishes it).
     deadline: tokio::time::Instant,
+    _counted: RunningOn,
 }
 
 /// One connected executor.
@@ -199,7 +217,6 @@ struct Session {
     name: String,
     /// Unique per session: what the queue knows this executor by.
     executor_id: String,
-    key: QueueKey,
     offers: Offer,
     capacity: Arc<Capacity>,
     queue: Arc<PoolQueue>,
@@ -207,6 +224,8 @@ struct Session {
     running: HashMap<String, Running>,
     outbound: mpsc::Sender<Result<SchedulerMessage, Status>>,
     heartbeat_timeout: Duration,
+    /// What the scheduler shows of this executor.
+    entry: Arc<ExecutorEntry>,
 }
 
 impl Session {
@@ -257,7 +276,12 @@ impl Session {
                 .requeue(&running.action, &format!("executor {}: {why}", self.name));
         }
         self.queue.set_warm(&self.executor_id, &[]);
-        self.scheduler.unregister_executor(&self.key, &self.offers);
+        self.scheduler.unregister_executor(&self.executor_id);
+    }
+
+    fn set_warm(&self, keys: &[String]) {
+        self.queue.set_warm(&self.executor_id, keys);
+        self.entry.warm_runners.store(keys.len(), Ordering::Relaxed);
     }
 
     /// Sends `action` to the executor; false if the stream is gone (the
@@ -269,7 +293,7 @@ impl Session {
         reservation: Reservation,
     ) -> bool {
         let assignment_id = uuid::Uuid::new_v4().to_string();
-        self.scheduler.started(&action);
+        self.scheduler.started(&action, &self.name);
         let properties = |pairs: &[(String, String)]| -> Vec<Property> {
             pairs
                 .iter()
@@ -317,6 +341,7 @@ impl Session {
                 _reservation: reservation,
                 forward_cancel,
                 deadline,
+                _counted: RunningOn::new(&self.entry),
             },
         );
         true
@@ -359,17 +384,16 @@ impl Session {
     }
 
     async fn received(&mut self, message: ExecutorMessage) {
+        self.entry.seen();
         let finished = match message.kind {
             Some(ExecutorKind::Finished(finished)) => finished,
             Some(ExecutorKind::Heartbeat(beat)) => {
-                self.queue
-                    .set_warm(&self.executor_id, &beat.warm_runner_keys);
+                self.set_warm(&beat.warm_runner_keys);
                 return;
             }
             _ => return,
         };
-        self.queue
-            .set_warm(&self.executor_id, &finished.warm_runner_keys);
+        self.set_warm(&finished.warm_runner_keys);
         let Some(running) = self.running.remove(&finished.assignment_id) else {
             tracing::warn!(executor = %self.name, assignment = %finished.assignment_id, "result for an unknown assignment");
             return;

@@ -1,0 +1,480 @@
+//! What the scheduler tells its operators: snapshots of the registered
+//! executors, the queues and the operations it keeps (for the web UI and
+//! the metrics' gauges), and [`ExecutionObserver`], told of every finished
+//! execution (for the metrics' counters and histograms). Nothing here
+//! changes scheduling; every snapshot is taken under the scheduler's lock
+//! in one pass and owns its data.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln_platform::IsolationType;
+use kiln_proto::reapi;
+use parking_lot::Mutex;
+use prost::Message;
+
+use crate::capacity::{Capacity, ResourceAmount};
+use crate::queue::{satisfies, Offer, QueueKey};
+use crate::scheduler::{QueuedAction, Scheduler};
+
+/// Told of each execution as it completes: run, failed, cancelled or
+/// answered from the cache. Called on the completing task: keep it cheap.
+pub trait ExecutionObserver: Send + Sync + 'static {
+    fn completed(&self, operation: &OperationSummary, result: Option<&reapi::ActionResult>);
+}
+
+/// Where an operation is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Queued,
+    Executing,
+    Completed,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Queued => "queued",
+            Stage::Executing => "executing",
+            Stage::Completed => "completed",
+        }
+    }
+}
+
+/// How a completed operation ended, in a few bounded classes (a metric
+/// label and a UI filter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutcomeClass {
+    /// Answered from the Action Cache.
+    Cached,
+    /// Ran and exited 0.
+    Success,
+    /// Ran and exited non-zero.
+    Failed,
+    /// Its timeout was reached.
+    Timeout,
+    Cancelled,
+    /// Did not run to an exit code: missing inputs, no executor, an
+    /// executor error.
+    Error,
+}
+
+impl OutcomeClass {
+    pub const ALL: [OutcomeClass; 6] = [
+        OutcomeClass::Cached,
+        OutcomeClass::Success,
+        OutcomeClass::Failed,
+        OutcomeClass::Timeout,
+        OutcomeClass::Cancelled,
+        OutcomeClass::Error,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutcomeClass::Cached => "cached",
+            OutcomeClass::Success => "success",
+            OutcomeClass::Failed => "failed",
+            OutcomeClass::Timeout => "timeout",
+            OutcomeClass::Cancelled => "cancelled",
+            OutcomeClass::Error => "error",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<OutcomeClass> {
+        OutcomeClass::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+/// The end of an operation, as its response said.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub class: OutcomeClass,
+    pub finished_at: SystemTime,
+    /// The response's `google.rpc.Code`.
+    pub code: i32,
+    /// The status message (empty on success).
+    pub message: String,
+    pub exit_code: Option<i32>,
+    /// The worker that ran it, as its result's metadata names it.
+    pub worker: String,
+    /// Its isolation type and whether its runner was warm, from the
+    /// result's `kiln.runner.v1.RunnerUsage`.
+    pub isolation: Option<String>,
+    pub warm: Option<bool>,
+}
+
+/// What [`Scheduler`] records of an operation as it moves.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Progress {
+    /// When an executor took it (the latest attempt), and which.
+    pub(crate) started: Option<(SystemTime, String)>,
+    pub(crate) outcome: Option<Arc<Outcome>>,
+}
+
+/// One operation, for lists and metrics.
+#[derive(Clone, Debug)]
+pub struct OperationSummary {
+    pub name: String,
+    pub instance_name: String,
+    pub action_digest: reapi::Digest,
+    /// Empty for an operation answered without queueing.
+    pub pool: String,
+    /// `RequestMetadata.tool_invocation_id`: the build it belongs to.
+    pub invocation_id: String,
+    pub stage: Stage,
+    pub queued_at: SystemTime,
+    /// How long it has waited in the queue (queued ones only).
+    pub waiting: Option<Duration>,
+    pub started: Option<(SystemTime, String)>,
+    /// The isolation type it asked for.
+    pub requested_isolation: Option<IsolationType>,
+    pub attempts: u32,
+    pub outcome: Option<Arc<Outcome>>,
+}
+
+/// One operation in full, for its page.
+pub struct OperationDetail {
+    pub summary: OperationSummary,
+    /// Platform properties by source. Header values are never returned:
+    /// they may carry credentials (`x-buildbuddy-platform.*`).
+    pub command_properties: Vec<(String, String)>,
+    pub action_properties: Vec<(String, String)>,
+    pub header_property_names: Vec<String>,
+    /// The completed response.
+    pub response: Option<reapi::ExecuteResponse>,
+    /// Why a queued operation has not been taken yet.
+    pub why_queued: Option<String>,
+}
+
+/// One registered executor.
+#[derive(Clone, Debug)]
+pub struct ExecutorSnapshot {
+    pub name: String,
+    pub pool: String,
+    pub os_family: String,
+    pub arch: String,
+    pub properties: BTreeMap<String, String>,
+    pub isolation_types: Vec<String>,
+    /// The server's own executor (`kiln serve`'s embedded worker).
+    pub embedded: bool,
+    pub slots: usize,
+    pub running: usize,
+    pub capacity: ResourceAmount,
+    pub free: ResourceAmount,
+    pub registered_at: SystemTime,
+    pub last_seen: SystemTime,
+    /// Runner keys it holds warm.
+    pub warm_runners: usize,
+}
+
+/// One queue: a pool on one OS and architecture.
+#[derive(Clone, Debug)]
+pub struct QueueSnapshot {
+    pub pool: String,
+    pub key: String,
+    pub queued: usize,
+    pub executing: usize,
+    pub oldest_queued: Option<Duration>,
+    pub executors: usize,
+}
+
+/// The scheduler's record of a registered executor; dropping it (the
+/// session ended) removes it from snapshots.
+pub(crate) struct ExecutorEntry {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) key: QueueKey,
+    pub(crate) offer: Offer,
+    pub(crate) embedded: bool,
+    pub(crate) slots: usize,
+    pub(crate) capacity: Arc<Capacity>,
+    pub(crate) registered_at: SystemTime,
+    pub(crate) last_seen: Mutex<SystemTime>,
+    pub(crate) running: AtomicUsize,
+    pub(crate) warm_runners: AtomicUsize,
+}
+
+/// Counts one action as running on an executor while it lives.
+pub(crate) struct RunningOn(Arc<ExecutorEntry>);
+
+impl RunningOn {
+    pub(crate) fn new(entry: &Arc<ExecutorEntry>) -> RunningOn {
+        entry.running.fetch_add(1, Ordering::Relaxed);
+        RunningOn(entry.clone())
+    }
+}
+
+impl Drop for RunningOn {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ExecutorEntry {
+    pub(crate) fn seen(&self) {
+        *self.last_seen.lock() = SystemTime::now();
+    }
+
+    fn snapshot(&self) -> ExecutorSnapshot {
+        ExecutorSnapshot {
+            name: self.name.clone(),
+            pool: self.key.pool.clone(),
+            os_family: format!("{:?}", self.key.os_family).to_lowercase(),
+            arch: format!("{:?}", self.key.arch).to_lowercase(),
+            properties: self.offer.properties.clone(),
+            isolation_types: self
+                .offer
+                .isolation_types
+                .iter()
+                .map(|t| t.name().to_string())
+                .collect(),
+            embedded: self.embedded,
+            slots: self.slots,
+            running: self.running.load(Ordering::Relaxed),
+            capacity: self.offer.capacity,
+            free: *self.capacity.free.lock(),
+            registered_at: self.registered_at,
+            // The embedded executor lives in this process: it is seen now.
+            last_seen: if self.embedded {
+                SystemTime::now()
+            } else {
+                *self.last_seen.lock()
+            },
+            warm_runners: self.warm_runners.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl QueuedAction {
+    pub(crate) fn summary(&self, now: Instant) -> OperationSummary {
+        let progress = self.progress.lock().clone();
+        let stage = match (&progress.outcome, &progress.started) {
+            (Some(_), _) => Stage::Completed,
+            (None, Some(_)) => Stage::Executing,
+            (None, None) => Stage::Queued,
+        };
+        OperationSummary {
+            name: self.name.clone(),
+            instance_name: self.instance_name.clone(),
+            action_digest: self.action_digest.clone(),
+            pool: self
+                .key
+                .as_ref()
+                .map_or_else(String::new, |k| k.pool.clone()),
+            invocation_id: self.invocation_id.clone(),
+            stage,
+            queued_at: self.queued_wall(),
+            waiting: (stage == Stage::Queued)
+                .then(|| now.saturating_duration_since(*self.enqueued.lock())),
+            started: progress.started,
+            requested_isolation: self.platform.isolation,
+            attempts: self.attempts.load(Ordering::Relaxed),
+            outcome: progress.outcome,
+        }
+    }
+}
+
+/// The outcome `response` describes.
+pub(crate) fn outcome_of(response: &reapi::ExecuteResponse) -> Outcome {
+    let code = response.status.as_ref().map_or(0, |s| s.code);
+    let message = response
+        .status
+        .as_ref()
+        .map_or_else(String::new, |s| s.message.clone());
+    let result = response.result.as_ref();
+    let exit_code = result.map(|r| r.exit_code);
+    let class = if response.cached_result {
+        OutcomeClass::Cached
+    } else if code == tonic::Code::DeadlineExceeded as i32 {
+        OutcomeClass::Timeout
+    } else if code == tonic::Code::Cancelled as i32 {
+        OutcomeClass::Cancelled
+    } else if code != 0 || result.is_none() {
+        OutcomeClass::Error
+    } else if exit_code == Some(0) {
+        OutcomeClass::Success
+    } else {
+        OutcomeClass::Failed
+    };
+    let metadata = result.and_then(|r| r.execution_metadata.as_ref());
+    let usage = metadata.and_then(|m| {
+        m.auxiliary_metadata
+            .iter()
+            .find(|any| any.type_url == kiln_proto::runner::RUNNER_USAGE_TYPE)
+            .and_then(|any| kiln_proto::runner::RunnerUsage::decode(any.value.as_slice()).ok())
+    });
+    Outcome {
+        class,
+        finished_at: SystemTime::now(),
+        code,
+        message,
+        exit_code,
+        worker: metadata.map_or_else(String::new, |m| m.worker.clone()),
+        isolation: usage
+            .as_ref()
+            .map(|u| u.isolation_type.clone())
+            .filter(|t| !t.is_empty()),
+        warm: usage.map(|u| u.warm),
+    }
+}
+
+impl Scheduler {
+    /// Every registered executor, by pool then name.
+    pub fn executors(&self) -> Vec<ExecutorSnapshot> {
+        let mut executors: Vec<ExecutorSnapshot> = self
+            .state
+            .lock()
+            .executors
+            .values()
+            .map(|entry| entry.snapshot())
+            .collect();
+        executors.sort_by(|a, b| (&a.pool, &a.name).cmp(&(&b.pool, &b.name)));
+        executors
+    }
+
+    /// Every queue with executors or work, by key.
+    pub fn queues(&self) -> Vec<QueueSnapshot> {
+        let now = Instant::now();
+        let state = self.state.lock();
+        let mut queues: BTreeMap<String, QueueSnapshot> = BTreeMap::new();
+        for executor in state.executors.values() {
+            queue_entry(&mut queues, &executor.key).executors += 1;
+        }
+        for action in state.operations.values() {
+            let Some(key) = &action.key else { continue };
+            let progress = action.progress.lock();
+            if progress.outcome.is_some() {
+                continue;
+            }
+            let queue = queue_entry(&mut queues, key);
+            if progress.started.is_some() {
+                queue.executing += 1;
+            } else {
+                queue.queued += 1;
+                let waited = now.saturating_duration_since(*action.enqueued.lock());
+                queue.oldest_queued = queue.oldest_queued.max(Some(waited));
+            }
+        }
+        queues.into_values().collect()
+    }
+
+    /// Every operation kept (in flight, and the most recent completed
+    /// ones), newest first.
+    pub fn operations(&self) -> Vec<OperationSummary> {
+        let now = Instant::now();
+        let actions: Vec<Arc<QueuedAction>> =
+            self.state.lock().operations.values().cloned().collect();
+        let mut summaries: Vec<OperationSummary> =
+            actions.iter().map(|action| action.summary(now)).collect();
+        summaries.sort_by(|a, b| b.queued_at.cmp(&a.queued_at));
+        summaries
+    }
+
+    /// Operation `name` in full; `None` if it is not kept.
+    pub fn operation(&self, name: &str) -> Option<OperationDetail> {
+        let action = self.state.lock().operations.get(name).cloned()?;
+        let summary = action.summary(Instant::now());
+        let response = action.response();
+        let why_queued = (summary.stage == Stage::Queued).then(|| self.why_queued(&action));
+        Some(OperationDetail {
+            summary,
+            command_properties: action.sources.command.clone(),
+            action_properties: action.sources.action.clone(),
+            header_property_names: action
+                .sources
+                .headers
+                .iter()
+                .map(|(name, _)| name.clone())
+                .collect(),
+            response,
+            why_queued,
+        })
+    }
+
+    /// Why no executor has taken `action` yet, in an operator's words.
+    fn why_queued(&self, action: &QueuedAction) -> String {
+        let Some(key) = &action.key else {
+            return "it is not queued".into();
+        };
+        let same_key: Vec<Arc<ExecutorEntry>> = self
+            .state
+            .lock()
+            .executors
+            .values()
+            .filter(|e| &e.key == key)
+            .cloned()
+            .collect();
+        let matching: Vec<&Arc<ExecutorEntry>> = same_key
+            .iter()
+            .filter(|e| satisfies(&e.offer, &action.requires))
+            .collect();
+        let wants = format!("{key}{}", action.requires.describe());
+        if matching.is_empty() {
+            return format!(
+                "no executor matches: it needs [{wants}], and {} registered executor(s) serve {key}; registered: {}",
+                same_key.len(),
+                self.registered_keys()
+            );
+        }
+        let fits_when_idle = matching
+            .iter()
+            .any(|e| action.need.fits_in(e.offer.capacity));
+        if !fits_when_idle {
+            return format!(
+                "no matching executor is large enough: it reserves {} and the {} matching executor(s) have at most {}",
+                action.need,
+                matching.len(),
+                matching
+                    .iter()
+                    .map(|e| e.offer.capacity)
+                    .fold(ResourceAmount::default(), ResourceAmount::max)
+            );
+        }
+        let fits_now = matching
+            .iter()
+            .any(|e| action.need.fits_in(*e.capacity.free.lock()));
+        let running: usize = matching
+            .iter()
+            .map(|e| e.running.load(Ordering::Relaxed))
+            .sum();
+        let slots: usize = matching.iter().map(|e| e.slots).sum();
+        if !fits_now {
+            format!(
+                "no capacity: {} matching executor(s) run {running} action(s) and none has {} free",
+                matching.len(),
+                action.need
+            )
+        } else if action.runner_key.is_some() && running < slots {
+            "left for a moment to an executor that holds its runner warm (warm_runner_wait_ms)"
+                .into()
+        } else {
+            format!(
+                "waiting for a free slot: {} matching executor(s) run {running} action(s) in {slots} slot(s); earlier or fairer-shared work goes first",
+                matching.len()
+            )
+        }
+    }
+
+    /// Tells `observer` of every execution that completes from now on.
+    pub fn set_observer(&self, observer: Arc<dyn ExecutionObserver>) {
+        *self.observer.write() = Some(observer);
+    }
+}
+
+fn queue_entry<'a>(
+    queues: &'a mut BTreeMap<String, QueueSnapshot>,
+    key: &QueueKey,
+) -> &'a mut QueueSnapshot {
+    queues
+        .entry(key.to_string())
+        .or_insert_with(|| QueueSnapshot {
+            pool: key.pool.clone(),
+            key: key.to_string(),
+            queued: 0,
+            executing: 0,
+            oldest_queued: None,
+            executors: 0,
+        })
+}
