@@ -2,9 +2,9 @@
 # Bazel cold-build comparison (issue #3): wall time of a build of a generated
 # tree of tiny cc_library targets, local (Bazel's own sandboxed spawns) against
 # remote (every spawn executed by `kiln serve` on 127.0.0.1, empty cache), on
-# the same machine. Prints both times and the ratio; figures go to
-# BENCHMARKS.md. A measurement, not a test: nothing here passes or fails on
-# time.
+# the same machine. Prints both times and the ratio; figures go to a study in
+# benchmarks/ and the headline table of BENCHMARKS.md. A measurement, not a
+# test: nothing here passes or fails on time.
 #
 # Usage: scripts/bench-bazel-cold.sh [TARGETS]   (default 300)
 # Env:   KILN (default target/release/kiln, or $CARGO_TARGET_DIR/release/kiln;

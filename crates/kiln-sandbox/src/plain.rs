@@ -5,7 +5,8 @@
 //! included, outlives it. It is started the way the sandbox starts its
 //! actions, with `clone(CLONE_VM | CLONE_VFORK)`: std's `Command` forks a
 //! copy of the executor whenever it must change the user, which measured
-//! +0.6 ms and 2.5x the server CPU per trivial action (BENCHMARKS.md).
+//! +0.6 ms and 2.5x the server CPU per trivial action
+//! (benchmarks/action-user-overlay.md).
 //! Without root (no action user, no cgroups) it is [`NoIsolation`].
 
 use std::sync::Arc;

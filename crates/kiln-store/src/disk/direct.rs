@@ -2,10 +2,11 @@
 //! buffers, on a writer thread of their own.
 //!
 //! Why: a buffered write of a new file makes the kernel allocate and copy
-//! into fresh page-cache pages; on the VMs measured (BENCHMARKS.md) that cost
-//! 0.2–1.6 CPU-seconds per GiB, more than hashing the data. Direct I/O costs
-//! about 0.13 s/GiB of CPU and the device time overlaps with hashing, because
-//! the caller fills one buffer while the writer thread writes the previous.
+//! into fresh page-cache pages; on the VMs measured (BENCHMARKS.md,
+//! "Machine") that cost 0.2–1.6 CPU-seconds per GiB, more than hashing the
+//! data. Direct I/O costs about 0.13 s/GiB of CPU and the device time
+//! overlaps with hashing, because the caller fills one buffer while the
+//! writer thread writes the previous.
 //! Where the file system refuses `O_DIRECT` (tmpfs, some FUSE), the same path
 //! runs with buffered writes.
 

@@ -781,7 +781,8 @@ impl Inner {
             }
             // Reads stay buffered: the page cache is the hot tier for large
             // blobs that many clients fetch (a direct read measured a steady
-            // but device-bound 0.8-0.9 GB/s here; see BENCHMARKS.md).
+            // but device-bound 0.8-0.9 GB/s here; see
+            // benchmarks/zero-copy-bytestream.md).
             Location::File => match File::open(file_path(&self.root, key)) {
                 Ok(file) => Ok(Some(Blob::File {
                     file: Arc::new(file),
