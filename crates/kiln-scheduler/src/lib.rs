@@ -40,7 +40,7 @@ pub use capacity::ResourceAmount;
 pub use error::SchedulerError;
 pub use local::LocalExecutor;
 pub use queue::MAX_BYPASSES;
-pub use report::{ExecutionObserver, OperationSummary, OutcomeClass, Stage};
+pub use report::{Client, ExecutionObserver, OperationSummary, OutcomeClass, Stage};
 pub use scheduler::{Scheduler, SchedulerConfig};
 pub use service::{execution_capabilities, ExecutionService, OperationsService};
 pub use session::ExecutorSessions;

@@ -25,6 +25,39 @@ pub trait ExecutionObserver: Send + Sync + 'static {
     fn completed(&self, operation: &OperationSummary, result: Option<&reapi::ActionResult>);
 }
 
+/// Who asked for an execution, from the request's RequestMetadata: the
+/// build (`tool_invocation_id`), the target and the action's mnemonic.
+/// The client chooses these strings, so each is cut to 256 bytes.
+#[derive(Clone, Debug, Default)]
+pub struct Client {
+    pub invocation_id: String,
+    pub target_id: String,
+    pub mnemonic: String,
+}
+
+impl Client {
+    pub fn new(invocation_id: String, target_id: String, mnemonic: String) -> Client {
+        Client {
+            invocation_id: cut(invocation_id),
+            target_id: cut(target_id),
+            mnemonic: cut(mnemonic),
+        }
+    }
+}
+
+/// `text` cut to at most 256 bytes, at a character boundary.
+fn cut(mut text: String) -> String {
+    const MAX: usize = 256;
+    if text.len() > MAX {
+        let mut end = MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// Where an operation is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -123,6 +156,10 @@ pub struct OperationSummary {
     pub pool: String,
     /// `RequestMetadata.tool_invocation_id`: the build it belongs to.
     pub invocation_id: String,
+    /// `RequestMetadata.target_id` and `action_mnemonic` (e.g.
+    /// `//app:lib`, `CppCompile`); empty when the client sent none.
+    pub target_id: String,
+    pub mnemonic: String,
     pub stage: Stage,
     pub queued_at: SystemTime,
     /// How long it has waited in the queue (queued ones only).
@@ -264,6 +301,8 @@ impl QueuedAction {
                 .as_ref()
                 .map_or_else(String::new, |k| k.pool.clone()),
             invocation_id: self.invocation_id.clone(),
+            target_id: self.client.target_id.clone(),
+            mnemonic: self.client.mnemonic.clone(),
             stage,
             queued_at: self.queued_wall(),
             waiting: (stage == Stage::Queued)

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capacity::ResourceAmount;
 use crate::error::SchedulerError;
 use crate::queue::{PoolQueue, Properties, QueueKey, Requirement, Unmatched};
-use crate::report::{outcome_of, ExecutionObserver, ExecutorEntry, Progress};
+use crate::report::{outcome_of, Client, ExecutionObserver, ExecutorEntry, Progress};
 
 const METADATA_TYPE: &str =
     "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
@@ -106,6 +106,8 @@ pub struct QueuedAction {
     pub(crate) priority: i32,
     /// `RequestMetadata.tool_invocation_id`: the unit of fair sharing.
     pub(crate) invocation_id: String,
+    /// Who asked for it (the first request, when merged).
+    pub(crate) client: Client,
     /// What an executor must offer to take it.
     pub(crate) requires: Requirement,
     /// What it reserves on its executor while it runs.
@@ -160,6 +162,7 @@ impl QueuedAction {
             bypassed: AtomicU32::new(0),
             priority,
             invocation_id: invocation.to_string(),
+            client: Client::default(),
             requires,
             need: ResourceAmount::default(),
             refused_by: Mutex::default(),
@@ -354,14 +357,15 @@ impl Scheduler {
     /// from the Action Cache). `headers` are the request's platform headers
     /// (`x-buildbuddy-platform.*`, `x-kiln-platform.*`): they override the
     /// Action's and Command's properties and are never stored or logged.
-    /// `invocation_id` (the client's `tool_invocation_id`) shares the queue
+    /// `client`'s `tool_invocation_id` (its build) shares the queue
     /// fairly between builds.
     pub async fn execute(
         &self,
         request: reapi::ExecuteRequest,
         headers: &[(String, String)],
-        invocation_id: &str,
+        client: &Client,
     ) -> Result<(Operation, OperationWatch), SchedulerError> {
+        let invocation_id = client.invocation_id.as_str();
         if self.shutdown.is_cancelled() {
             return Err(SchedulerError::ShuttingDown);
         }
@@ -382,7 +386,7 @@ impl Scheduler {
                         instance_name: &instance_name,
                         action_digest: &wire_digest,
                         digest_function: request.digest_function,
-                        invocation_id,
+                        client,
                         key,
                         sources,
                     },
@@ -539,6 +543,7 @@ impl Scheduler {
             bypassed: AtomicU32::new(0),
             priority: request.execution_policy.map_or(0, |policy| policy.priority),
             invocation_id: invocation_id.to_string(),
+            client: client.clone(),
             requires,
             need,
             refused_by: Mutex::default(),
@@ -785,7 +790,7 @@ impl Scheduler {
             instance_name,
             action_digest,
             digest_function,
-            invocation_id,
+            client,
             key,
             sources,
         } = done;
@@ -814,7 +819,8 @@ impl Scheduler {
             attempts: AtomicU32::new(0),
             bypassed: AtomicU32::new(0),
             priority: 0,
-            invocation_id: invocation_id.to_string(),
+            invocation_id: client.invocation_id.clone(),
+            client: client.clone(),
             requires: Requirement::default(),
             need: ResourceAmount::default(),
             refused_by: Mutex::default(),
@@ -1012,7 +1018,7 @@ struct Done<'a> {
     instance_name: &'a str,
     action_digest: &'a reapi::Digest,
     digest_function: i32,
-    invocation_id: &'a str,
+    client: &'a Client,
     key: Option<QueueKey>,
     sources: PlatformSources,
 }

@@ -14,6 +14,7 @@ use prost::Message;
 use tonic::metadata::KeyAndValueRef;
 use tonic::{Request, Response, Status};
 
+use crate::report::Client;
 use crate::scheduler::{OperationWatch, Scheduler};
 
 /// What Capabilities says about execution when it is on: SHA-256 (the
@@ -92,15 +93,19 @@ fn platform_headers<T>(request: &Request<T>) -> Vec<(String, String)> {
 /// REAPI's RequestMetadata header, sent by Bazel with every call.
 const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
 
-/// The client's `tool_invocation_id` (one Bazel command), or "" if absent.
-fn tool_invocation_id<T>(request: &Request<T>) -> String {
-    request
+/// Who sent the request, from its RequestMetadata (all empty if absent).
+fn client_of<T>(request: &Request<T>) -> Client {
+    let metadata = request
         .metadata()
         .get_bin(REQUEST_METADATA_HEADER)
         .and_then(|value| value.to_bytes().ok())
         .and_then(|bytes| reapi::RequestMetadata::decode(bytes).ok())
-        .map(|metadata| metadata.tool_invocation_id)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    Client::new(
+        metadata.tool_invocation_id,
+        metadata.target_id,
+        metadata.action_mnemonic,
+    )
 }
 
 #[tonic::async_trait]
@@ -113,10 +118,10 @@ impl Execution for ExecutionService {
         request: Request<reapi::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let headers = platform_headers(&request);
-        let invocation_id = tool_invocation_id(&request);
+        let client = client_of(&request);
         let (first, watch) = self
             .scheduler
-            .execute(request.into_inner(), &headers, &invocation_id)
+            .execute(request.into_inner(), &headers, &client)
             .await?;
         Ok(Response::new(operation_stream(Some(first), watch)))
     }
