@@ -57,6 +57,11 @@ pub const KNOWN_KEYS: [&str; 27] = [
 /// Keys whose values are secrets: never logged, echoed or stored.
 const SECRET_KEYS: [&str; 1] = ["container-registry-password"];
 
+/// Whether property `key`'s value is a secret, to be shown redacted.
+pub fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.contains(&key)
+}
+
 /// A malformed value of a known key, rejected before the action is queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("platform property {key}={shown:?} is invalid: {accepted}")]

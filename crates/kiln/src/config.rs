@@ -24,6 +24,12 @@ pub struct Config {
     pub max_connections: usize,
     /// Most concurrent HTTP/2 streams (calls) one connection may open.
     pub max_streams_per_connection: u32,
+    /// Address of the monitoring endpoint (plain HTTP): Prometheus
+    /// `/metrics`, `/healthz`, `/readyz` and the web UI at `/`. Port 0
+    /// picks a free port; the bound address is printed on stdout after the
+    /// gRPC one, as `listening http://ADDR`. `off` disables it. It has no
+    /// authentication: keep it on loopback, or behind a proxy that has.
+    pub monitoring_listen: String,
     pub log: LogConfig,
     pub storage: StorageConfig,
     pub execution: ExecutionConfig,
@@ -231,6 +237,16 @@ impl ExecutionConfig {
     }
 }
 
+/// A `monitoring_listen` value: an address, or `None` for `off`.
+pub fn monitoring_address(value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match value.trim() {
+        "off" | "" => Ok(None),
+        address => address.parse().map(Some).map_err(|e| {
+            anyhow::anyhow!("monitoring_listen {address:?} is not an address such as 127.0.0.1:9090, nor `off`: {e}")
+        }),
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -239,6 +255,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             max_connections: 4096,
             max_streams_per_connection: 1024,
+            monitoring_listen: "127.0.0.1:9090".into(),
             log: LogConfig::default(),
             storage: StorageConfig::default(),
             execution: ExecutionConfig::default(),
@@ -292,6 +309,7 @@ impl Config {
     pub fn loopback(data_dir: impl Into<PathBuf>) -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            monitoring_listen: "127.0.0.1:0".into(),
             data_dir: data_dir.into(),
             ..Config::default()
         }

@@ -219,6 +219,10 @@ struct ServeArgs {
     /// Most concurrent calls (HTTP/2 streams) per connection.
     #[arg(long)]
     max_streams_per_connection: Option<u32>,
+    /// Monitoring endpoint (metrics, health, web UI), e.g. 127.0.0.1:9090;
+    /// `off` disables it.
+    #[arg(long)]
+    monitoring_listen: Option<String>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
     /// tracing filter, e.g. `info` or `kiln_cas=debug`.
@@ -308,6 +312,7 @@ impl ServeArgs {
             self.shutdown_grace_ms => config.shutdown_grace_ms,
             self.max_connections => config.max_connections,
             self.max_streams_per_connection => config.max_streams_per_connection,
+            self.monitoring_listen => config.monitoring_listen,
             self.log_format => config.log.format,
             self.log_level => config.log.level,
             self.storage_backend => storage.backend,
@@ -362,8 +367,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let server = kiln::serve::start(&config).await?;
     tracing::info!(addr = %server.addr, data_dir = %config.data_dir.display(), "kiln serving");
-    // The one line on stdout: scripts and tests read the bound address here.
+    // The lines on stdout: scripts and tests read the bound addresses here,
+    // the gRPC one first.
     println!("listening grpc://{}", server.addr);
+    if let Some(monitoring) = server.monitoring_addr {
+        println!("listening http://{monitoring} (web UI, /metrics, /healthz, /readyz)");
+    }
 
     tokio::select! {
         _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),

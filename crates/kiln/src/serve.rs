@@ -11,6 +11,7 @@ use kiln_cas::{
     ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasService,
     MessageLimit, MessageLimitLayer, Storage, StorageLimits,
 };
+use kiln_monitor::{Monitor, RpcMetricsLayer, UiSources};
 use kiln_proto::executor::executor_service_server::ExecutorServiceServer;
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
@@ -37,6 +38,11 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// A running server; dropping it without [`RunningServer::stop`] aborts it.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// Where the monitoring endpoint (metrics, health, web UI) listens.
+    pub monitoring_addr: Option<SocketAddr>,
+    monitor: Arc<Monitor>,
+    _monitoring: Option<Endpoint>,
+    health: tonic_health::server::HealthReporter,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     disk: Option<DiskStore>,
@@ -59,6 +65,10 @@ impl RunningServer {
     /// finish (clients that merely keep a connection open, as Bazel does,
     /// do not hold the stop up), then syncs the store.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.monitor.readiness.set_not_ready("shutting down");
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         // Running actions are stopped first, so their Execute streams end
         // and do not hold the server's stop up.
         if let Some(scheduler) = self.scheduler.take() {
@@ -94,6 +104,37 @@ impl RunningServer {
         }
         Ok(())
     }
+}
+
+/// The monitoring endpoint's task, stopped when the server is.
+struct Endpoint(tokio::task::JoinHandle<()>);
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts the monitoring endpoint `config` asks for, before anything
+/// else, so `/readyz` can say what start-up is waiting for.
+async fn start_monitoring(
+    config: &Config,
+    monitor: &Arc<Monitor>,
+) -> anyhow::Result<Option<(SocketAddr, Endpoint)>> {
+    let Some(address) = crate::config::monitoring_address(&config.monitoring_listen)? else {
+        return Ok(None);
+    };
+    let listener = kiln_monitor::http::bind(address)
+        .await
+        .context("set monitoring_listen (--monitoring-listen) to a free address, or `off`")?;
+    let bound = listener.local_addr()?;
+    if !bound.ip().is_loopback() {
+        tracing::warn!(%bound, "the monitoring endpoint (web UI, metrics) has no authentication and listens beyond loopback: anyone who reaches it sees every operation's command line");
+    }
+    Ok(Some((
+        bound,
+        Endpoint(kiln_monitor::http::serve(listener, monitor.clone())),
+    )))
 }
 
 fn size(field: &str, text: &str) -> anyhow::Result<u64> {
@@ -147,6 +188,8 @@ pub async fn open_store(
 
 /// Starts serving; returns once the listener is bound.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
+    let monitor = Monitor::for_server(config.data_dir.clone());
+    let monitoring = start_monitoring(config, &monitor).await?;
     let (store, disk) = open_store(config).await?;
     let executor_cache_bytes = parse_size(&config.execution.executor_cache_size)
         .map_err(|e| anyhow::anyhow!("execution.executor_cache_size: {e}"))?;
@@ -160,6 +203,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         ..StorageLimits::default()
     };
     let storage = Storage::new(store, limits.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
     let executor_token = match config.execution.executor_token_file.as_str() {
         "" => None,
         path => Some(ExecutorToken::read(Path::new(path)).map_err(anyhow::Error::msg)?),
@@ -202,6 +246,14 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         )
     });
 
+    if let Some(scheduler) = &scheduler {
+        scheduler.set_observer(monitor.metrics.clone());
+    }
+    monitor.attach(UiSources {
+        storage: storage.clone(),
+        scheduler: scheduler.clone(),
+    });
+
     // The storage services the network serves, built once: the embedded
     // executor calls these same objects in-process (same decoding and
     // message-size limits), not over a loopback connection.
@@ -231,7 +283,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .max_frame_size(Some(1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(config.max_streams_per_connection.max(1)))
+        .layer(RpcMetricsLayer::new(monitor.metrics.clone()))
         .layer(MessageLimitLayer::new(MAX_MESSAGE_BYTES))
+        .add_service(health_service)
         .add_service(capabilities)
         .add_service(cas)
         .add_service(byte_stream)
@@ -285,8 +339,20 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         }
         _ => None,
     };
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    monitor.readiness.set_ready();
+    let (monitoring_addr, monitoring) = match monitoring {
+        Some((addr, endpoint)) => (Some(addr), Some(endpoint)),
+        None => (None, None),
+    };
     Ok(RunningServer {
         addr,
+        monitoring_addr,
+        monitor,
+        _monitoring: monitoring,
+        health,
         stop: Some(stop),
         task,
         disk,

@@ -15,7 +15,14 @@ fn kiln() -> Command {
 fn serve(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
     common::open_to_actions(data_dir);
     let mut child = kiln()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--monitoring-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .args(extra)
         .stdout(Stdio::piped())
@@ -111,7 +118,14 @@ fn bad_configs_fail_with_a_message_naming_the_problem() {
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[storage]\nmax_size = \"lots\"\n").unwrap();
     let output = kiln()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .args([
+            "serve",
+            "--monitoring-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&path)
         .arg("--data-dir")
         .arg(dir.path())
@@ -143,7 +157,14 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (first, _) = serve(dir.path(), &[]);
     let output = kiln()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--monitoring-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();

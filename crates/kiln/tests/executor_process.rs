@@ -117,6 +117,8 @@ fn serve(scratch: &Path, extra: &[&str]) -> (Process, String) {
 fn serve_on(listen: &str, data_dir: &Path, extra: &[&str]) -> (Process, String) {
     let mut args = vec![
         "serve",
+        "--monitoring-listen",
+        "127.0.0.1:0",
         "--listen",
         listen,
         "--data-dir",

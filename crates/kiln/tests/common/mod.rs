@@ -71,6 +71,8 @@ pub fn open_to_actions(dir: &Path) {
 pub struct KilnServer {
     child: Child,
     pub port: u16,
+    /// The monitoring endpoint's port (metrics, health, web UI).
+    pub monitoring_port: u16,
     log_path: PathBuf,
 }
 
@@ -81,6 +83,8 @@ impl KilnServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .arg("serve")
             .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--monitoring-listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir)
@@ -97,9 +101,12 @@ impl KilnServer {
         let (line_sender, line_receiver) = mpsc::channel();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let result = reader.read_line(&mut line).map(|_| line);
-            let _ = line_sender.send(result);
+            // The gRPC address, then the monitoring endpoint's.
+            for _ in 0..2 {
+                let mut line = String::new();
+                let result = reader.read_line(&mut line).map(|_| line);
+                let _ = line_sender.send(result);
+            }
             // Keep draining so a chatty server never blocks on a full pipe.
             let _ = std::io::copy(&mut reader, &mut std::io::sink());
         });
@@ -107,6 +114,7 @@ impl KilnServer {
         let mut server = KilnServer {
             child,
             port: 0,
+            monitoring_port: 0,
             log_path: log_path.to_path_buf(),
         };
         let line = match line_receiver.recv_timeout(SERVER_START_TIMEOUT) {
@@ -123,6 +131,17 @@ impl KilnServer {
         server.port = parse_listening_line(&line).unwrap_or_else(|| {
             panic!("kiln's first stdout line is not `listening grpc://127.0.0.1:PORT`: {line:?}")
         });
+        let line = match line_receiver.recv_timeout(SERVER_START_TIMEOUT) {
+            Ok(Ok(line)) => line,
+            other => panic!("kiln did not print its monitoring line: {other:?}"),
+        };
+        server.monitoring_port = line
+            .strip_prefix("listening http://127.0.0.1:")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| {
+                panic!("kiln's second stdout line is not `listening http://127.0.0.1:PORT …`: {line:?}")
+            });
         server
     }
 }
