@@ -1,7 +1,8 @@
-//! The platform-property contract of `shared/PLATFORM.md`, parsed once into
-//! typed values. Everything past this crate sees [`Platform`], never the raw
-//! strings: the scheduler matches on it, executors and isolation backends
-//! read it, and [`Platform::runner_key`] decides warm-runner reuse.
+//! The platform-property contract (`docs/platform-properties.md`), parsed
+//! once into typed values. Everything past this crate sees [`Platform`],
+//! never the raw strings: the scheduler matches on it, executors and
+//! isolation backends read it, and [`Platform::runner_key`] decides
+//! warm-runner reuse.
 //!
 //! Sources, lowest precedence first: `Command.platform` (older clients),
 //! `Action.platform`, then request headers `x-buildbuddy-platform.KEY` and
@@ -23,7 +24,8 @@ pub use units::{parse_duration, parse_size};
 /// Header prefixes that override platform properties.
 pub const HEADER_PREFIXES: [&str; 2] = ["x-buildbuddy-platform.", "x-kiln-platform."];
 
-/// Every key PLATFORM.md defines, spelled as users write them.
+/// Every key `docs/platform-properties.md` defines, spelled as users write
+/// them.
 pub const KNOWN_KEYS: [&str; 27] = [
     "Pool",
     "OSFamily",
@@ -140,7 +142,7 @@ impl IsolationType {
         }
     }
 
-    /// Every type, in PLATFORM.md's order.
+    /// Every type, in the order of `docs/platform-properties.md`.
     pub const ALL: [IsolationType; 5] = [
         IsolationType::None,
         IsolationType::Sandbox,
@@ -261,8 +263,8 @@ pub struct Platform {
     pub docker_network: DockerNetwork,
     pub init_dockerd: bool,
     pub enable_dockerd_tcp: bool,
-    /// Keys PLATFORM.md does not define: carried along, and constraining
-    /// placement only where an executor declares them.
+    /// Keys `docs/platform-properties.md` does not define: carried along,
+    /// and constraining placement only where an executor declares them.
     pub other: BTreeMap<String, String>,
     /// Every effective property (secrets hashed), for the runner key.
     effective: BTreeMap<String, String>,

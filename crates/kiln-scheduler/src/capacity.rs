@@ -9,7 +9,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 /// CPU, memory and workspace disk: what an executor has in total and an
-/// action reserves while it runs (PLATFORM.md "Resources").
+/// action reserves while it runs (`docs/platform-properties.md`,
+/// "Resources").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ResourceAmount {
     pub cpu_millis: u64,
@@ -92,7 +93,8 @@ impl ResourceAmount {
 }
 
 impl std::fmt::Display for ResourceAmount {
-    /// In PLATFORM.md's terms, for error messages.
+    /// In the property names of `docs/platform-properties.md`, for error
+    /// messages.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let amount = |value: u64, unit: &str| {
             if value == u64::MAX {

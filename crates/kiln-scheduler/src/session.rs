@@ -59,7 +59,7 @@ impl ExecutorSessions {
 type SessionStream = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + Send>>;
 
 /// The queue key an executor's registration offers; INVALID_ARGUMENT for
-/// an OS or architecture PLATFORM.md does not know.
+/// an OS or architecture `docs/platform-properties.md` does not know.
 fn offered_key(register: &Register) -> Result<QueueKey, Status> {
     if register.pool.is_empty() {
         return Err(Status::invalid_argument(
@@ -83,8 +83,9 @@ fn offered_key(register: &Register) -> Result<QueueKey, Status> {
 }
 
 /// What a registration offers within its key: declared properties and
-/// isolation types (PLATFORM.md names; none listed means `none`).
-/// INVALID_ARGUMENT for an isolation type PLATFORM.md does not know.
+/// isolation types (as `docs/platform-properties.md` names them; none
+/// listed means `none`). INVALID_ARGUMENT for an isolation type it does
+/// not know.
 fn offer_of(register: &Register) -> Result<Offer, Status> {
     // 0: not advertised (an older executor), no limit.
     let advertised = |amount: u64| if amount == 0 { u64::MAX } else { amount };
