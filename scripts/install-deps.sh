@@ -36,6 +36,7 @@ set -euo pipefail
 #   registry.
 # - procps: `kill`, which tests use to signal servers and actions
 #   (missing from a minimal Debian, e.g. a debootstrap --variant=minbase).
+# - chromium: the real browser the web UI's tests drive headless.
 # - npm: fetches Bazel 2.1.0 (below) by package name. Skipped when an
 #   `npm` command is already there (e.g. a Node.js distribution's own
 #   package, which conflicts with Debian's `npm`).
@@ -69,6 +70,7 @@ TEST_PACKAGES=(
   busybox-static
   apache2-utils
   procps
+  chromium
 )
 
 BAZEL2=/usr/local/lib/kiln-test/bazel-2.1.0
@@ -121,6 +123,7 @@ TEST_TOOLS=(
   "htpasswd (apache2-utils)|htpasswd"
   "unshare (util-linux)|unshare"
   "kill (procps)|kill"
+  "chromium (the web UI's tests)|chromium"
 )
 
 # Fails naming every test tool that is not where the tests look for it.

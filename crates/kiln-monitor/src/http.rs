@@ -100,6 +100,10 @@ impl Monitor {
     pub fn attach(&self, sources: UiSources) {
         *self.ui.lock() = Some(sources);
     }
+
+    fn sources(&self) -> Option<UiSources> {
+        self.ui.lock().clone()
+    }
 }
 
 type Shared = Arc<Monitor>;
@@ -157,14 +161,13 @@ async fn readyz(State(monitor): State<Shared>) -> Response {
     }
 }
 
-fn sources(monitor: &Monitor) -> Result<UiSources, Response> {
-    monitor.ui.lock().clone().ok_or_else(|| {
-        (
-            StatusCode::NOT_FOUND,
-            "this process serves /metrics, /healthz and /readyz only\n",
-        )
-            .into_response()
-    })
+/// The answer of an executor process's endpoint to a UI path.
+fn metrics_only() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "this process serves /metrics, /healthz and /readyz only\n",
+    )
+        .into_response()
 }
 
 /// A page: the whole document, or only its `<main>` for the live-update
@@ -205,9 +208,8 @@ fn no_scheduler() -> ui::Page {
 }
 
 async fn overview(State(monitor): State<Shared>, headers: HeaderMap) -> Response {
-    let sources = match sources(&monitor) {
-        Ok(s) => s,
-        Err(r) => return r,
+    let Some(sources) = monitor.sources() else {
+        return metrics_only();
     };
     page(
         &headers,
@@ -221,9 +223,8 @@ async fn operations(
     headers: HeaderMap,
     Query(filters): Query<ui::Filters>,
 ) -> Response {
-    let sources = match sources(&monitor) {
-        Ok(s) => s,
-        Err(r) => return r,
+    let Some(sources) = monitor.sources() else {
+        return metrics_only();
     };
     match &sources.scheduler {
         Some(scheduler) => page(
@@ -245,9 +246,8 @@ async fn build(
     headers: HeaderMap,
     Query(query): Query<BuildQuery>,
 ) -> Response {
-    let sources = match sources(&monitor) {
-        Ok(s) => s,
-        Err(r) => return r,
+    let Some(sources) = monitor.sources() else {
+        return metrics_only();
     };
     match &sources.scheduler {
         Some(scheduler) => page(&headers, StatusCode::OK, ui::build(scheduler, &query.id)),
@@ -260,9 +260,8 @@ async fn operation(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let sources = match sources(&monitor) {
-        Ok(s) => s,
-        Err(r) => return r,
+    let Some(sources) = monitor.sources() else {
+        return metrics_only();
     };
     let Some(detail) = sources
         .scheduler
@@ -291,9 +290,8 @@ async fn log(
     Path((id, name)): Path<(String, String)>,
     Query(query): Query<LogQuery>,
 ) -> Response {
-    let sources = match sources(&monitor) {
-        Ok(s) => s,
-        Err(r) => return r,
+    let Some(sources) = monitor.sources() else {
+        return metrics_only();
     };
     let detail = sources
         .scheduler
@@ -337,9 +335,8 @@ async fn blob(
     Path((hash, size)): Path<(String, i64)>,
     Query(query): Query<BlobQuery>,
 ) -> Response {
-    let sources = match sources(&monitor) {
-        Ok(s) => s,
-        Err(r) => return r,
+    let Some(sources) = monitor.sources() else {
+        return metrics_only();
     };
     let wire = reapi::Digest {
         hash,

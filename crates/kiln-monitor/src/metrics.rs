@@ -227,6 +227,34 @@ pub(crate) fn between(
     (seconds >= 0.0 && (start.seconds > 0 || start.nanos > 0)).then_some(seconds)
 }
 
+/// Gauges read from closures at each scrape (an executor process's
+/// view); a closure answering `None` leaves its gauge out.
+#[allow(clippy::type_complexity)]
+pub struct GaugeFns(
+    pub  Vec<(
+        &'static str,
+        &'static str,
+        Box<dyn Fn() -> Option<i64> + Send + Sync>,
+    )>,
+);
+
+impl std::fmt::Debug for GaugeFns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GaugeFns")
+    }
+}
+
+impl Collector for GaugeFns {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, read) in &self.0 {
+            if let Some(value) = read() {
+                single(&mut encoder, name, help, ConstGauge::new(value))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// State read from the server's components at each scrape (nothing
 /// until they are attached).
 pub struct StateCollector {

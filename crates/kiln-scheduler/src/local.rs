@@ -33,12 +33,14 @@ impl LocalExecutor {
     /// accepted (and queued) while its worker is still being set up. It
     /// runs on this machine (`linux`, the host's architecture); `capacity`
     /// is what its running actions may reserve in total (usually
-    /// [`ResourceAmount::of_host`]); it offers `isolation_types`.
+    /// [`ResourceAmount::of_host`]); it offers `isolation_types`; its
+    /// worker runs at most `slots` actions at once.
     pub fn register(
         scheduler: Arc<Scheduler>,
         pool: impl Into<String>,
         capacity: ResourceAmount,
         isolation_types: &[&str],
+        slots: usize,
     ) -> LocalExecutor {
         let key = QueueKey {
             pool: pool.into(),
@@ -60,9 +62,7 @@ impl LocalExecutor {
             key,
             offer: offer.clone(),
             embedded: true,
-            // Its worker's concurrency bounds it; the scheduler sees only
-            // the capacity.
-            slots: 0,
+            slots,
             capacity: capacity.clone(),
             registered_at: std::time::SystemTime::now(),
             last_seen: parking_lot::Mutex::new(std::time::SystemTime::now()),

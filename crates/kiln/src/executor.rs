@@ -39,9 +39,74 @@ pub struct ExecutorOptions {
     pub token: Option<kiln_scheduler::ExecutorToken>,
     /// How large an action's input tree may be.
     pub input_limits: kiln_worker::inputs::InputLimits,
+    /// Where to serve this executor's metrics and health, if anywhere.
+    pub monitoring_listen: Option<std::net::SocketAddr>,
 }
 
 /// First and longest wait between attempts to reach the scheduler.
+/// This executor's monitoring endpoint: its worker's gauges, and ready
+/// while it holds a session with the scheduler.
+struct ExecutorMonitor {
+    readiness: Arc<kiln_monitor::Readiness>,
+    worker: Arc<parking_lot::Mutex<Option<Arc<Worker>>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ExecutorMonitor {
+    async fn start(address: Option<std::net::SocketAddr>) -> anyhow::Result<ExecutorMonitor> {
+        let readiness = kiln_monitor::Readiness::new("not registered with the scheduler yet");
+        let worker: Arc<parking_lot::Mutex<Option<Arc<Worker>>>> = Arc::default();
+        let Some(address) = address else {
+            return Ok(ExecutorMonitor {
+                readiness,
+                worker,
+                task: None,
+            });
+        };
+        let gauge = |read: fn(&Worker) -> i64| {
+            let worker = worker.clone();
+            Box::new(move || worker.lock().as_ref().map(|w| read(w)))
+                as Box<dyn Fn() -> Option<i64> + Send + Sync>
+        };
+        let metrics =
+            kiln_monitor::Metrics::new().with_collector(kiln_monitor::metrics::GaugeFns(vec![
+                (
+                    "kiln_executor_warm_runners",
+                    "Warm runners this executor holds",
+                    gauge(|w| w.warm_runner_keys().len() as i64),
+                ),
+                (
+                    "kiln_executor_file_cache_bytes",
+                    "Bytes this executor's input file cache holds",
+                    gauge(|w| w.cache().stats().bytes_held as i64),
+                ),
+                (
+                    "kiln_executor_file_cache_filled_bytes",
+                    "Bytes fetched from the CAS into the input file cache since start-up",
+                    gauge(|w| w.cache().stats().bytes_filled as i64),
+                ),
+            ]));
+        let listener = kiln_monitor::http::bind(address).await?;
+        let bound = listener.local_addr()?;
+        let monitor = kiln_monitor::Monitor::for_metrics(metrics, readiness.clone());
+        let task = kiln_monitor::http::serve(listener, monitor);
+        println!("listening http://{bound} (/metrics, /healthz, /readyz)");
+        Ok(ExecutorMonitor {
+            readiness,
+            worker,
+            task: Some(task),
+        })
+    }
+}
+
+impl Drop for ExecutorMonitor {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
@@ -92,6 +157,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         token: options.token.clone(),
     };
 
+    let monitor = ExecutorMonitor::start(options.monitoring_listen).await?;
     let mut worker: Option<Arc<Worker>> = None;
     let mut retry = Retry::new(&options.name);
     loop {
@@ -135,9 +201,14 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         match outcome {
             Ok((ready, session)) => {
                 worker = Some(ready.clone());
+                *monitor.worker.lock() = Some(ready.clone());
+                monitor.readiness.set_ready();
                 retry.reset();
                 tracing::info!(name = %options.name, pool = %options.pool, scheduler = %options.scheduler, "executor registered");
                 let ended = session.run(ready, stop.clone()).await;
+                monitor
+                    .readiness
+                    .set_not_ready("lost the scheduler session; registering again");
                 if stop.is_cancelled() {
                     return Ok(());
                 }

@@ -108,6 +108,11 @@ struct ExecutorArgs {
     /// `--executor-token-file`).
     #[arg(long, env = "KILN_EXECUTOR_TOKEN_FILE")]
     executor_token_file: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz (ready while registered) on
+    /// this address, e.g. 127.0.0.1:9091; the bound address is printed on
+    /// stdout as `listening http://ADDR`.
+    #[arg(long)]
+    monitoring_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     isolation: kiln::isolation::IsolationArgs,
     #[command(flatten)]
@@ -179,6 +184,7 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             settings.limits()?
         },
         heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms.max(1)),
+        monitoring_listen: args.monitoring_listen,
         token: args
             .executor_token_file
             .as_deref()

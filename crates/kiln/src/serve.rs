@@ -382,6 +382,7 @@ fn start_embedded_executor(
         execution.pool.clone(),
         execution.effective_resources(&root),
         &isolations.names(),
+        execution.effective_concurrency(),
     );
     let session = LocalSession::new(executor);
     let mut worker_config = WorkerConfig::new(root.join("work"), root.join("cache"));

@@ -261,7 +261,7 @@ fn build_table(operations: &[OperationSummary]) -> Markup {
         }
     }
     let mut builds: Vec<(&str, Build)> = builds.into_iter().collect();
-    builds.sort_by(|a, b| b.1.latest.cmp(&a.1.latest));
+    builds.sort_by_key(|(_, build)| std::cmp::Reverse(build.latest));
     builds.truncate(10);
     if builds.is_empty() {
         return html! { div.scroll { p.empty { "No build has sent an action yet." } } };
@@ -383,7 +383,7 @@ fn operation_table<'a>(
     html! {
         div.scroll { table {
             thead { tr {
-                th { "Operation" } th { "State" } th { "Action" } th { "Pool" }
+                th { "Operation" } th { "State" } th { "Target" } th { "Action" } th { "Pool" }
                 @if with_build { th { "Build" } }
                 th { "Executor" } th { "Queued" } th { "Took" } th { "Exit" }
             } }
@@ -392,6 +392,7 @@ fn operation_table<'a>(
                     tr {
                         td.mono { a href=(operation_link(&op.name)) { (op.name.trim_start_matches("operations/").get(..8).unwrap_or("")) } }
                         td { (outcome_badge(op)) }
+                        td { span.mono { (op.target_id) } @if !op.mnemonic.is_empty() { " " span.badge { (op.mnemonic) } } }
                         td.mono { (short_digest(&op.action_digest)) }
                         td { (op.pool) }
                         @if with_build {
@@ -587,11 +588,17 @@ pub fn action(detail: &OperationDetail, blobs: &ActionBlobs) -> Page {
     let metadata = result.and_then(|r| r.execution_metadata.as_ref());
     let outcome = op.outcome.as_deref();
     let main = html! {
-        h1 { "Action " span.mono { (short_digest(&op.action_digest)) } " " (outcome_badge(op)) }
+        h1 {
+            @if op.target_id.is_empty() { "Action " span.mono { (short_digest(&op.action_digest)) } }
+            @else { span.mono { (op.target_id) } }
+            " " (outcome_badge(op))
+        }
         @if let Some(why) = &detail.why_queued {
             p.why { strong { "Why is this still queued? " } (why) }
         }
         dl.facts {
+            @if !op.target_id.is_empty() { dt { "Target" } dd.mono { (op.target_id) } }
+            @if !op.mnemonic.is_empty() { dt { "Mnemonic" } dd { (op.mnemonic) } }
             dt { "Operation" } dd.mono { (op.name) }
             dt { "Action digest" } dd.mono { (op.action_digest.hash) "/" (op.action_digest.size_bytes) }
             @if !op.instance_name.is_empty() { dt { "Instance" } dd.mono { (op.instance_name) } }
@@ -665,7 +672,11 @@ pub fn action(detail: &OperationDetail, blobs: &ActionBlobs) -> Page {
         }
     };
     Page {
-        title: format!("Action {}", short_digest(&op.action_digest)),
+        title: if op.target_id.is_empty() {
+            format!("Action {}", short_digest(&op.action_digest))
+        } else {
+            format!("{} {}", op.mnemonic, op.target_id)
+        },
         main,
         live: op.outcome.is_none(),
     }

@@ -231,6 +231,21 @@ impl Bazel {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args)
+            .output()
+            .unwrap_or_else(|error| panic!("running bazel {}: {error}", args.join(" ")))
+    }
+
+    /// Starts one Bazel command in the background, its output discarded.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("starting bazel {}: {error}", args.join(" ")))
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
         let (command, rest) = args.split_first().expect("a bazel command");
         let mut invocation = Command::new(&self.binary);
         invocation
@@ -263,9 +278,8 @@ impl Bazel {
             .env_remove("HTTP_PROXY")
             .env_remove("HTTPS_PROXY")
             .env_remove("grpc_proxy")
-            .env_remove("GRPC_PROXY_EXP")
-            .output()
-            .unwrap_or_else(|error| panic!("running bazel {}: {error}", args.join(" ")))
+            .env_remove("GRPC_PROXY_EXP");
+        invocation
     }
 
     /// The bytes of `paths` (relative to the workspace).
@@ -403,6 +417,62 @@ pub fn make_writable(root: &Path) {
             }
         }
     }
+}
+
+/// A plain HTTP/1.1 GET of `path` on 127.0.0.1:`port`: the status code and
+/// the body. Enough for the monitoring endpoint, with no client library.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Whether Debian's Chromium is installed. Under CI a missing browser is a
+/// failure, not a skip.
+pub fn chromium_available() -> bool {
+    if Path::new("/usr/bin/chromium").exists() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("/usr/bin/chromium is missing but CI is set: CI must run scripts/install-deps.sh (Debian package chromium)");
+    }
+    say_skipped("chromium not installed (run scripts/install-deps.sh)");
+    false
 }
 
 /// Prints a skip notice straight to the process's stderr (the harness
