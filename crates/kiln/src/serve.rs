@@ -246,7 +246,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         )
     });
 
-    if let Some(scheduler) = &scheduler {
+    // With the endpoint off nothing reads event metrics: they are not
+    // observed at all (the CAS counters stay, one relaxed add each).
+    let observed = monitoring.is_some();
+    if let (Some(scheduler), true) = (&scheduler, observed) {
         scheduler.set_observer(monitor.metrics.clone());
     }
     monitor.attach(UiSources {
@@ -283,7 +286,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .max_frame_size(Some(1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(config.max_streams_per_connection.max(1)))
-        .layer(RpcMetricsLayer::new(monitor.metrics.clone()))
+        .layer(tower::util::option_layer(
+            observed.then(|| RpcMetricsLayer::new(monitor.metrics.clone())),
+        ))
         .layer(MessageLimitLayer::new(MAX_MESSAGE_BYTES))
         .add_service(health_service)
         .add_service(capabilities)
