@@ -123,6 +123,7 @@ pub fn serve(listener: tokio::net::TcpListener, monitor: Shared) -> tokio::task:
         .route("/static/style.css", get(style))
         .route("/static/live.js", get(script))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .layer(axum::middleware::from_fn(server_timing))
         .with_state(monitor);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -136,6 +137,18 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the monitoring endpoint {addr}: {e}"))
+}
+
+/// Adds `Server-Timing: app;dur=MS` to every answer: the time the server
+/// spent producing it (for a streamed download, until its headers).
+async fn server_timing(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let mut response = next.run(request).await;
+    let spent = started.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(value) = HeaderValue::from_str(&format!("app;dur={spent:.2}")) {
+        response.headers_mut().insert("server-timing", value);
+    }
+    response
 }
 
 async fn metrics(State(monitor): State<Shared>) -> Response {
