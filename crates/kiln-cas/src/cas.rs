@@ -25,11 +25,57 @@ const DEFAULT_TREE_PAGE: usize = 1000;
 
 pub struct CasService {
     storage: Storage,
+    trees: TreeCache,
 }
 
 impl CasService {
     pub fn new(storage: Storage) -> Self {
-        CasService { storage }
+        CasService {
+            storage,
+            trees: TreeCache::default(),
+        }
+    }
+}
+
+/// Most bytes of directories [`TreeCache`] keeps.
+const TREE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Complete trees recently walked by GetTree, by root digest, so a client
+/// that pages through a tree with `page_token` (one call per page) costs
+/// one walk, not one per page. Only trees with every directory present
+/// are kept: a content-addressed tree that is complete never changes.
+/// Bounded by [`TREE_CACHE_BYTES`], least recently built first out.
+#[derive(Default)]
+struct TreeCache {
+    trees: parking_lot::Mutex<
+        std::collections::VecDeque<(Digest, std::sync::Arc<Vec<reapi::Directory>>, usize)>,
+    >,
+}
+
+impl TreeCache {
+    fn get(&self, root: &Digest) -> Option<std::sync::Arc<Vec<reapi::Directory>>> {
+        self.trees
+            .lock()
+            .iter()
+            .find(|(digest, _, _)| digest == root)
+            .map(|(_, tree, _)| tree.clone())
+    }
+
+    fn put(&self, root: Digest, tree: std::sync::Arc<Vec<reapi::Directory>>) {
+        let bytes: usize = tree.iter().map(Message::encoded_len).sum();
+        if bytes > TREE_CACHE_BYTES / 4 {
+            return;
+        }
+        let mut trees = self.trees.lock();
+        trees.retain(|(digest, _, _)| *digest != root);
+        trees.push_back((root, tree, bytes));
+        let mut total: usize = trees.iter().map(|(_, _, b)| b).sum();
+        while total > TREE_CACHE_BYTES {
+            let Some((_, _, b)) = trees.pop_front() else {
+                break;
+            };
+            total -= b;
+        }
     }
 }
 
@@ -180,10 +226,33 @@ impl CasService {
         Ok(reapi::BatchReadBlobsResponse { responses })
     }
 
-    /// All directories under `root`, breadth first, each once. Directories
-    /// missing from the CAS are left out, as REAPI allows; a missing root
-    /// is NOT_FOUND.
-    async fn tree(&self, function: DigestFunction, root: Digest) -> Result<Vec<reapi::Directory>> {
+    /// All directories under `root`, breadth first, each once, from the
+    /// cache when it holds the tree.
+    async fn cached_tree(
+        &self,
+        function: DigestFunction,
+        root: Digest,
+    ) -> Result<std::sync::Arc<Vec<reapi::Directory>>> {
+        if let Some(tree) = self.trees.get(&root) {
+            return Ok(tree);
+        }
+        let (directories, complete) = self.tree(function, root).await?;
+        let tree = std::sync::Arc::new(directories);
+        if complete {
+            self.trees.put(root, tree.clone());
+        }
+        Ok(tree)
+    }
+
+    /// All directories under `root`, breadth first, each once, and whether
+    /// all were there. Directories missing from the CAS are left out, as
+    /// REAPI allows; a missing root is NOT_FOUND.
+    async fn tree(
+        &self,
+        function: DigestFunction,
+        root: Digest,
+    ) -> Result<(Vec<reapi::Directory>, bool)> {
+        let mut complete = true;
         let mut seen = HashSet::from([root]);
         let mut queue = std::collections::VecDeque::from([root]);
         let mut directories = Vec::new();
@@ -195,7 +264,10 @@ impl CasService {
                         "GetTree: root directory {root} is not in the CAS"
                     )))
                 }
-                Err(CasError::NotFound(_)) => continue,
+                Err(CasError::NotFound(_)) => {
+                    complete = false;
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let directory = reapi::Directory::decode(data).map_err(|e| {
@@ -210,7 +282,7 @@ impl CasService {
             }
             directories.push(directory);
         }
-        Ok(directories)
+        Ok((directories, complete))
     }
 }
 
@@ -268,7 +340,7 @@ impl ContentAddressableStorage for CasService {
             size if size > 0 => size as usize,
             _ => DEFAULT_TREE_PAGE,
         };
-        let directories = self.tree(function, root).await?;
+        let directories = self.cached_tree(function, root).await?;
         if start > directories.len() {
             return Err(CasError::InvalidArgument(format!(
                 "page_token {start} is past the end of tree {root}"
@@ -330,5 +402,106 @@ impl ContentAddressableStorage for CasService {
         _request: Request<tonic::Streaming<reapi::RegisterChunkMappingRequest>>,
     ) -> Result<Response<reapi::RegisterChunkMappingResponse>, Status> {
         Err(CasError::Unimplemented("RegisterChunkMapping is not supported".into()).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use futures::StreamExt;
+    use kiln_store::{Blob, BlobStore, BlobWriter, Key, MemoryStore, Retention};
+
+    use super::*;
+    use crate::storage::StorageLimits;
+
+    /// A memory store that counts reads.
+    struct Counting {
+        inner: MemoryStore,
+        gets: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl BlobStore for Counting {
+        async fn contains(&self, keys: &[Key]) -> kiln_store::Result<Vec<bool>> {
+            self.inner.contains(keys).await
+        }
+        async fn get(&self, key: &Key) -> kiln_store::Result<Option<Blob>> {
+            self.gets.fetch_add(1, Ordering::Relaxed);
+            self.inner.get(key).await
+        }
+        async fn put(&self, key: Key, data: Bytes) -> kiln_store::Result<()> {
+            self.inner.put(key, data).await
+        }
+        async fn writer(&self, key: Key, size: u64) -> kiln_store::Result<Box<dyn BlobWriter>> {
+            self.inner.writer(key, size).await
+        }
+        async fn set_retention(&self, keys: &[Key], r: Retention) -> kiln_store::Result<()> {
+            self.inner.set_retention(keys, r).await
+        }
+    }
+
+    #[tokio::test]
+    async fn paging_through_a_tree_walks_it_once() {
+        let store = Arc::new(Counting {
+            inner: MemoryStore::new(64 << 20),
+            gets: AtomicUsize::new(0),
+        });
+        let storage = Storage::new(store.clone(), StorageLimits::default());
+        // A chain of 50 directories, each holding the next.
+        let mut child: Option<reapi::Directory> = None;
+        let mut root = Digest::parse(DigestFunction::Sha256, &"0".repeat(64), 0).unwrap();
+        for level in 0..50 {
+            let mut directory = reapi::Directory::default();
+            if let Some(child) = child.take() {
+                let data = child.encode_to_vec();
+                let digest = storage
+                    .put_content(DigestFunction::Sha256, Bytes::from(data))
+                    .await
+                    .unwrap();
+                directory.directories.push(reapi::DirectoryNode {
+                    name: format!("d{level}"),
+                    digest: Some(to_wire(&digest)),
+                });
+            }
+            child = Some(directory);
+        }
+        if let Some(top) = child {
+            root = storage
+                .put_content(DigestFunction::Sha256, Bytes::from(top.encode_to_vec()))
+                .await
+                .unwrap();
+        }
+        let service = CasService::new(storage);
+        let mut token = String::new();
+        let mut seen = 0;
+        loop {
+            let request = reapi::GetTreeRequest {
+                root_digest: Some(to_wire(&root)),
+                page_size: 1,
+                page_token: token.clone(),
+                ..Default::default()
+            };
+            let mut stream = service
+                .get_tree(Request::new(request))
+                .await
+                .unwrap()
+                .into_inner();
+            // One page per call, as a client paging with tokens reads it.
+            let page = stream.next().await.unwrap().unwrap();
+            seen += page.directories.len();
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(seen, 50);
+        let gets = store.gets.load(Ordering::Relaxed);
+        assert!(
+            gets <= 50,
+            "50 one-page calls read {gets} blobs: the tree was walked again per page"
+        );
     }
 }
