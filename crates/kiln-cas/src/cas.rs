@@ -45,15 +45,17 @@ const TREE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// one walk, not one per page. Only trees with every directory present
 /// are kept: a content-addressed tree that is complete never changes.
 /// Bounded by [`TREE_CACHE_BYTES`], least recently built first out.
+/// A complete tree: its directories, breadth first.
+type Tree = std::sync::Arc<Vec<reapi::Directory>>;
+
 #[derive(Default)]
 struct TreeCache {
-    trees: parking_lot::Mutex<
-        std::collections::VecDeque<(Digest, std::sync::Arc<Vec<reapi::Directory>>, usize)>,
-    >,
+    /// Root, tree, encoded bytes; oldest first.
+    trees: parking_lot::Mutex<std::collections::VecDeque<(Digest, Tree, usize)>>,
 }
 
 impl TreeCache {
-    fn get(&self, root: &Digest) -> Option<std::sync::Arc<Vec<reapi::Directory>>> {
+    fn get(&self, root: &Digest) -> Option<Tree> {
         self.trees
             .lock()
             .iter()
@@ -61,7 +63,7 @@ impl TreeCache {
             .map(|(_, tree, _)| tree.clone())
     }
 
-    fn put(&self, root: Digest, tree: std::sync::Arc<Vec<reapi::Directory>>) {
+    fn put(&self, root: Digest, tree: Tree) {
         let bytes: usize = tree.iter().map(Message::encoded_len).sum();
         if bytes > TREE_CACHE_BYTES / 4 {
             return;
@@ -228,11 +230,7 @@ impl CasService {
 
     /// All directories under `root`, breadth first, each once, from the
     /// cache when it holds the tree.
-    async fn cached_tree(
-        &self,
-        function: DigestFunction,
-        root: Digest,
-    ) -> Result<std::sync::Arc<Vec<reapi::Directory>>> {
+    async fn cached_tree(&self, function: DigestFunction, root: Digest) -> Result<Tree> {
         if let Some(tree) = self.trees.get(&root) {
             return Ok(tree);
         }
