@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_cas::CasCounters;
+use kiln_proto::protobuf::Timestamp;
 use kiln_proto::reapi;
 use kiln_scheduler::report::ExecutionObserver;
 use kiln_scheduler::{OperationSummary, Scheduler};
@@ -184,30 +185,8 @@ impl ExecutionObserver for Metrics {
         let Some(metadata) = result.and_then(|r| r.execution_metadata.as_ref()) else {
             return;
         };
-        let phases = [
-            (
-                "queued",
-                &metadata.queued_timestamp,
-                &metadata.worker_start_timestamp,
-            ),
-            (
-                "input_staging",
-                &metadata.input_fetch_start_timestamp,
-                &metadata.input_fetch_completed_timestamp,
-            ),
-            (
-                "execution",
-                &metadata.execution_start_timestamp,
-                &metadata.execution_completed_timestamp,
-            ),
-            (
-                "output_upload",
-                &metadata.output_upload_start_timestamp,
-                &metadata.output_upload_completed_timestamp,
-            ),
-        ];
-        for (phase, start, end) in phases {
-            if let Some(seconds) = between(start.as_ref(), end.as_ref()) {
+        for (phase, seconds) in phases(metadata) {
+            if let Some(seconds) = seconds {
                 self.phase_seconds
                     .get_or_create(&PhaseLabels { phase })
                     .observe(seconds);
@@ -216,8 +195,43 @@ impl ExecutionObserver for Metrics {
     }
 }
 
+/// An executed action's phases and how long each took, when its metadata
+/// has both ends.
+pub(crate) fn phases(metadata: &reapi::ExecutedActionMetadata) -> [(&'static str, Option<f64>); 4] {
+    let m = metadata;
+    let span =
+        |start: &Option<Timestamp>, end: &Option<Timestamp>| between(start.as_ref(), end.as_ref());
+    [
+        (
+            "queued",
+            span(&m.queued_timestamp, &m.worker_start_timestamp),
+        ),
+        (
+            "input_staging",
+            span(
+                &m.input_fetch_start_timestamp,
+                &m.input_fetch_completed_timestamp,
+            ),
+        ),
+        (
+            "execution",
+            span(
+                &m.execution_start_timestamp,
+                &m.execution_completed_timestamp,
+            ),
+        ),
+        (
+            "output_upload",
+            span(
+                &m.output_upload_start_timestamp,
+                &m.output_upload_completed_timestamp,
+            ),
+        ),
+    ]
+}
+
 /// Seconds from `start` to `end`, when both are set and in order.
-pub(crate) fn between(
+fn between(
     start: Option<&kiln_proto::protobuf::Timestamp>,
     end: Option<&kiln_proto::protobuf::Timestamp>,
 ) -> Option<f64> {

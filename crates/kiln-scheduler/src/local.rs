@@ -56,19 +56,15 @@ impl LocalExecutor {
         );
         let total = capacity;
         let capacity = Capacity::new(total);
-        let entry = Arc::new(ExecutorEntry {
-            id: format!("{LOCAL_ID}/{}", key.pool),
-            name: format!("kiln-embedded/{}", key.pool),
+        let entry = ExecutorEntry::new(
+            format!("{LOCAL_ID}/{}", key.pool),
+            format!("kiln-embedded/{}", key.pool),
             key,
-            offer: offer.clone(),
-            embedded: true,
+            offer.clone(),
+            true,
             slots,
-            capacity: capacity.clone(),
-            registered_at: std::time::SystemTime::now(),
-            last_seen: parking_lot::Mutex::new(std::time::SystemTime::now()),
-            running: Default::default(),
-            warm_runners: Default::default(),
-        });
+            capacity.clone(),
+        );
         let queue = scheduler.register_executor(entry.clone());
         LocalExecutor {
             scheduler,

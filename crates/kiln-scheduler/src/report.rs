@@ -250,6 +250,32 @@ impl Drop for RunningOn {
 }
 
 impl ExecutorEntry {
+    /// A newly registered executor, seen now, running nothing.
+    pub(crate) fn new(
+        id: String,
+        name: String,
+        key: QueueKey,
+        offer: Offer,
+        embedded: bool,
+        slots: usize,
+        capacity: Arc<Capacity>,
+    ) -> Arc<ExecutorEntry> {
+        let now = SystemTime::now();
+        Arc::new(ExecutorEntry {
+            id,
+            name,
+            key,
+            offer,
+            embedded,
+            slots,
+            capacity,
+            registered_at: now,
+            last_seen: Mutex::new(now),
+            running: AtomicUsize::new(0),
+            warm_runners: AtomicUsize::new(0),
+        })
+    }
+
     pub(crate) fn seen(&self) {
         *self.last_seen.lock() = SystemTime::now();
     }

@@ -164,19 +164,15 @@ impl ExecutorService for ExecutorSessions {
             .await;
         let capacity = Capacity::new(offers.capacity);
         let slots = register.capacity.max(1) as usize;
-        let entry = Arc::new(ExecutorEntry {
-            id: executor_id.clone(),
-            name: register.name.clone(),
-            key: key.clone(),
-            offer: offers.clone(),
-            embedded: false,
+        let entry = ExecutorEntry::new(
+            executor_id.clone(),
+            register.name.clone(),
+            key.clone(),
+            offers.clone(),
+            false,
             slots,
-            capacity: capacity.clone(),
-            registered_at: std::time::SystemTime::now(),
-            last_seen: parking_lot::Mutex::new(std::time::SystemTime::now()),
-            running: Default::default(),
-            warm_runners: Default::default(),
-        });
+            capacity.clone(),
+        );
         let queue = self.scheduler.register_executor(entry.clone());
         tracing::info!(executor = %register.name, %key, properties = ?register.properties, isolation_types = ?register.isolation_types, slots = register.capacity, cpu_millis = register.cpu_millis, memory_bytes = register.memory_bytes, disk_bytes = register.disk_bytes, "executor registered");
         let session = Session {

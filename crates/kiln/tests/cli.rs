@@ -11,18 +11,24 @@ fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
 }
 
+/// `kiln serve` on free loopback ports (gRPC and monitoring).
+fn serve_on_free_ports() -> Command {
+    let mut command = kiln();
+    command.args([
+        "serve",
+        "--monitoring-listen",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    command
+}
+
 /// Starts `kiln serve` and returns it with the address it printed.
 fn serve(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
     common::open_to_actions(data_dir);
-    let mut child = kiln()
-        .args([
-            "serve",
-            "--monitoring-listen",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+    let mut child = serve_on_free_ports()
+        .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
         .stdout(Stdio::piped())
@@ -117,15 +123,8 @@ fn bad_configs_fail_with_a_message_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[storage]\nmax_size = \"lots\"\n").unwrap();
-    let output = kiln()
-        .args([
-            "serve",
-            "--monitoring-listen",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
+    let output = serve_on_free_ports()
+        .arg("--config")
         .arg(&path)
         .arg("--data-dir")
         .arg(dir.path())
@@ -156,15 +155,8 @@ fn bad_configs_fail_with_a_message_naming_the_problem() {
 fn a_second_server_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (first, _) = serve(dir.path(), &[]);
-    let output = kiln()
-        .args([
-            "serve",
-            "--monitoring-listen",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+    let output = serve_on_free_ports()
+        .arg("--data-dir")
         .arg(dir.path())
         .output()
         .unwrap();

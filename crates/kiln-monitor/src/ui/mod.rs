@@ -164,6 +164,11 @@ pub fn overview(scheduler: Option<&Scheduler>, storage: &Storage) -> Page {
     }
 }
 
+/// A table's place when it has no rows.
+fn empty(message: &str) -> Markup {
+    html! { div.scroll { p.empty { (message) } } }
+}
+
 fn ratio(part: u64, whole: u64) -> String {
     if whole == 0 {
         "–".into()
@@ -174,7 +179,7 @@ fn ratio(part: u64, whole: u64) -> String {
 
 fn executor_table(executors: &[ExecutorSnapshot]) -> Markup {
     if executors.is_empty() {
-        return html! { div.scroll { p.empty { "No executor is registered." } } };
+        return empty("No executor is registered.");
     }
     let amount = |used: u64, total: u64, show: fn(u64) -> String| {
         if total == u64::MAX {
@@ -216,7 +221,7 @@ fn executor_table(executors: &[ExecutorSnapshot]) -> Markup {
 
 fn queue_table(queues: &[QueueSnapshot]) -> Markup {
     if queues.is_empty() {
-        return html! { div.scroll { p.empty { "No queue yet." } } };
+        return empty("No queue yet.");
     }
     html! {
         div.scroll { table {
@@ -264,7 +269,7 @@ fn build_table(operations: &[OperationSummary]) -> Markup {
     builds.sort_by_key(|(_, build)| std::cmp::Reverse(build.latest));
     builds.truncate(10);
     if builds.is_empty() {
-        return html! { div.scroll { p.empty { "No build has sent an action yet." } } };
+        return empty("No build has sent an action yet.");
     }
     html! {
         div.scroll { table {
@@ -378,7 +383,7 @@ fn operation_table<'a>(
 ) -> Markup {
     let rows: Vec<&OperationSummary> = operations.copied().collect();
     if rows.is_empty() {
-        return html! { div.scroll { p.empty { "No operation matches." } } };
+        return empty("No operation matches.");
     }
     html! {
         div.scroll { table {
@@ -731,33 +736,9 @@ fn outputs_section(result: &reapi::ActionResult) -> Markup {
 
 /// The phases of `metadata` as a bar and a table.
 fn timeline(metadata: &reapi::ExecutedActionMetadata) -> Markup {
-    let phases = [
-        (
-            "queued",
-            &metadata.queued_timestamp,
-            &metadata.worker_start_timestamp,
-        ),
-        (
-            "input_staging",
-            &metadata.input_fetch_start_timestamp,
-            &metadata.input_fetch_completed_timestamp,
-        ),
-        (
-            "execution",
-            &metadata.execution_start_timestamp,
-            &metadata.execution_completed_timestamp,
-        ),
-        (
-            "output_upload",
-            &metadata.output_upload_start_timestamp,
-            &metadata.output_upload_completed_timestamp,
-        ),
-    ];
-    let lengths: Vec<(&str, f64)> = phases
-        .iter()
-        .filter_map(|(name, start, end)| {
-            crate::metrics::between(start.as_ref(), end.as_ref()).map(|s| (*name, s))
-        })
+    let lengths: Vec<(&str, f64)> = crate::metrics::phases(metadata)
+        .into_iter()
+        .filter_map(|(name, seconds)| Some((name, seconds?)))
         .collect();
     let total: f64 = lengths.iter().map(|(_, s)| s).sum();
     html! {
