@@ -360,16 +360,20 @@ fn response(operation: &Operation) -> ExecuteResponse {
 }
 
 /// Reads an operation stream to its end: every stage seen and the response.
+/// Every operation it carries has the same name.
 async fn finish(
     mut stream: Streaming<Operation>,
 ) -> (Vec<execution_stage::Value>, ExecuteResponse) {
     let mut stages = Vec::new();
-    let mut last = None;
+    let mut last: Option<Operation> = None;
     while let Some(operation) = tokio::time::timeout(HANG_GUARD, stream.next())
         .await
         .expect("operation stream hangs")
     {
         let operation = operation.expect("stream item");
+        if let Some(last) = &last {
+            assert_eq!(operation.name, last.name, "one stream, one operation name");
+        }
         stages.push(stage(&operation));
         last = Some(operation);
     }
@@ -690,8 +694,13 @@ async fn identical_concurrent_executes_run_once() {
     let mut second = harness.start_execute(&action, false, &[]).await.unwrap();
     let joined = second.next().await.unwrap().unwrap();
     assert_eq!(
+        stage(&joined),
+        execution_stage::Value::Executing,
+        "the second Execute joins the first's execution"
+    );
+    assert_ne!(
         joined.name, first_name,
-        "the second Execute joins the first"
+        "each request has an operation of its own"
     );
 
     // Let the action finish: open the gate (blocks until the action reads).
