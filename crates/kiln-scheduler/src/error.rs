@@ -51,9 +51,10 @@ pub enum SchedulerError {
     /// The scheduler is shutting down.
     #[error("the scheduler is shutting down")]
     ShuttingDown,
-    /// As many executions as the scheduler keeps are queued or running:
-    /// `RESOURCE_EXHAUSTED`, with a delay to retry after.
-    #[error("{in_flight} executions are queued or running, the most this scheduler keeps (max_queued_executions); retry later")]
+    /// As many operations as the scheduler keeps are queued or running
+    /// (requests merged into another's execution count: each keeps an
+    /// operation): `RESOURCE_EXHAUSTED`, with a delay to retry after.
+    #[error("{in_flight} operations are queued or running, the most this scheduler keeps (max_queued_executions); retry later")]
     Full { in_flight: usize },
 }
 

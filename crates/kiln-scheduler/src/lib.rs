@@ -5,7 +5,8 @@
 //! - [`scheduler`]: [`Scheduler`], which owns every operation: it checks an
 //!   Execute request (Action and Command present, platform parsed, a pool
 //!   that some executor serves), answers Action Cache hits at once, merges
-//!   identical in-flight cacheable actions, queues the rest and completes
+//!   identical in-flight cacheable actions into one execution (each
+//!   request keeping an operation of its own), queues the rest and completes
 //!   them with the executor's result (writing cacheable results to the AC);
 //! - [`queue`]: the per-pool queues, fair share and matching of actions to
 //!   executors;

@@ -17,7 +17,7 @@ use prost::Message;
 
 use crate::capacity::{Capacity, ResourceAmount};
 use crate::queue::{satisfies, Offer, QueueKey};
-use crate::scheduler::{QueuedAction, Scheduler};
+use crate::scheduler::{ClientOperation, QueuedAction, Scheduler};
 
 /// Told of each execution as it completes: run, failed, cancelled or
 /// answered from the cache. Called on the completing task: keep it cheap.
@@ -146,10 +146,18 @@ pub(crate) struct Progress {
     pub(crate) outcome: Option<Arc<Outcome>>,
 }
 
-/// One operation, for lists and metrics.
+/// One operation, for lists and metrics: one client's request (in lists)
+/// or one execution, named after the request that started it (told to
+/// [`ExecutionObserver`]).
 #[derive(Clone, Debug)]
 pub struct OperationSummary {
     pub name: String,
+    /// For a request merged into an execution another request started:
+    /// that request's operation name. The execution's executor, attempts
+    /// and outcome are shared; this request's own are its name, client,
+    /// `queued_at` (when it arrived) and, if its client cancelled it while
+    /// the execution went on, its outcome.
+    pub merged_into: Option<String>,
     pub instance_name: String,
     pub action_digest: reapi::Digest,
     /// Empty for an operation answered without queueing.
@@ -320,6 +328,7 @@ impl QueuedAction {
         };
         OperationSummary {
             name: self.name.clone(),
+            merged_into: None,
             instance_name: self.instance_name.clone(),
             action_digest: self.action_digest.clone(),
             pool: self
@@ -338,6 +347,26 @@ impl QueuedAction {
             attempts: self.attempts.load(Ordering::Relaxed),
             outcome: progress.outcome,
         }
+    }
+}
+
+impl ClientOperation {
+    /// This request's view of its execution.
+    pub(crate) fn summary(&self, now: Instant) -> OperationSummary {
+        let mut summary = self.execution.summary(now);
+        if summary.name != self.name {
+            summary.merged_into = Some(std::mem::replace(&mut summary.name, self.name.clone()));
+        }
+        summary.invocation_id = self.client.invocation_id.clone();
+        summary.target_id = self.client.target_id.clone();
+        summary.mnemonic = self.client.mnemonic.clone();
+        summary.queued_at = self.requested_at;
+        if let Some(outcome) = self.detached.lock().clone() {
+            summary.stage = Stage::Completed;
+            summary.waiting = None;
+            summary.outcome = Some(outcome);
+        }
+        summary
     }
 }
 
@@ -407,7 +436,13 @@ impl Scheduler {
         for executor in state.executors.values() {
             queue_entry(&mut queues, &executor.key).executors += 1;
         }
-        for action in state.operations.values() {
+        // Each execution once, however many requests follow it.
+        let mut seen = std::collections::HashSet::new();
+        for operation in state.operations.values() {
+            let action = &operation.execution;
+            if !seen.insert(Arc::as_ptr(action)) {
+                continue;
+            }
             let Some(key) = &action.key else { continue };
             let progress = action.progress.lock();
             if progress.outcome.is_some() {
@@ -426,23 +461,28 @@ impl Scheduler {
     }
 
     /// Every operation kept (in flight, and the most recent completed
-    /// ones), newest first.
+    /// ones), newest first: one per Execute request, so a request merged
+    /// into another's execution is listed under its own name and client
+    /// (with [`OperationSummary::merged_into`] naming the other).
     pub fn operations(&self) -> Vec<OperationSummary> {
         let now = Instant::now();
-        let actions: Vec<Arc<QueuedAction>> =
+        let operations: Vec<Arc<ClientOperation>> =
             self.state.lock().operations.values().cloned().collect();
-        let mut summaries: Vec<OperationSummary> =
-            actions.iter().map(|action| action.summary(now)).collect();
+        let mut summaries: Vec<OperationSummary> = operations
+            .iter()
+            .map(|operation| operation.summary(now))
+            .collect();
         summaries.sort_by_key(|s| std::cmp::Reverse(s.queued_at));
         summaries
     }
 
     /// Operation `name` in full; `None` if it is not kept.
     pub fn operation(&self, name: &str) -> Option<OperationDetail> {
-        let action = self.state.lock().operations.get(name).cloned()?;
-        let summary = action.summary(Instant::now());
-        let response = action.response();
-        let why_queued = (summary.stage == Stage::Queued).then(|| self.why_queued(&action));
+        let operation = self.state.lock().operations.get(name).cloned()?;
+        let summary = operation.summary(Instant::now());
+        let response = operation.response();
+        let action = &operation.execution;
+        let why_queued = (summary.stage == Stage::Queued).then(|| self.why_queued(action));
         Some(OperationDetail {
             summary,
             command_properties: action.sources.command.clone(),

@@ -1,7 +1,11 @@
 //! [`Scheduler`]: every operation's life, from an Execute request to its
-//! `ExecuteResponse`. An operation's state is a `watch` channel of
+//! `ExecuteResponse`. Each Execute request gets an operation of its own
+//! ([`ClientOperation`]: its name and a `watch` channel of
 //! `google.longrunning.Operation`, so Execute, WaitExecution and
-//! GetOperation all read the same value and a completion wakes them all.
+//! GetOperation all read the same value and a change wakes them all).
+//! Identical cacheable requests in flight share one execution
+//! ([`QueuedAction`]), which sends every change to each operation following
+//! it; cancelling one of them detaches only its client.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI8, AtomicU32, Ordering};
@@ -27,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capacity::ResourceAmount;
 use crate::error::SchedulerError;
 use crate::queue::{PoolQueue, Properties, QueueKey, Requirement, Unmatched};
-use crate::report::{outcome_of, Client, ExecutionObserver, ExecutorEntry, Progress};
+use crate::report::{outcome_of, Client, ExecutionObserver, ExecutorEntry, Outcome, Progress};
 
 const METADATA_TYPE: &str =
     "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
@@ -56,8 +60,10 @@ pub struct SchedulerConfig {
     /// An execution no client waits for (no Execute or WaitExecution stream
     /// open, no GetOperation) this long is cancelled. None: never.
     pub orphan_grace: Option<Duration>,
-    /// Most executions queued or running at once; a new one beyond is
-    /// refused with RESOURCE_EXHAUSTED and a retry delay.
+    /// Most operations queued or running at once (a request merged into
+    /// an identical execution in flight counts too: it keeps an operation
+    /// of its own); a request beyond is refused with RESOURCE_EXHAUSTED and
+    /// a retry delay.
     pub max_queued_executions: usize,
     /// The longest an action may run (an executor clamps longer timeouts
     /// to its own, at most this), and the timeout of one that sets none.
@@ -87,6 +93,8 @@ impl Default for SchedulerConfig {
 
 /// One queued or running execution, shared by every request merged into it.
 pub struct QueuedAction {
+    /// The operation name of the request that started it: how logs and
+    /// metrics name the execution. Clients never see it but as their own.
     pub name: String,
     pub instance_name: String,
     pub action_digest: reapi::Digest,
@@ -106,7 +114,7 @@ pub struct QueuedAction {
     pub(crate) priority: i32,
     /// `RequestMetadata.tool_invocation_id`: the unit of fair sharing.
     pub(crate) invocation_id: String,
-    /// Who asked for it (the first request, when merged).
+    /// Who asked for it (the request that started it, when merged).
     pub(crate) client: Client,
     /// What an executor must offer to take it.
     pub(crate) requires: Requirement,
@@ -127,8 +135,6 @@ pub struct QueuedAction {
     pub(crate) enqueued: Mutex<std::time::Instant>,
     /// The first 16 hex digits of its runner key, with `recycle-runner`.
     pub(crate) runner_key: Option<String>,
-    /// When a client last asked for it (WaitExecution, GetOperation).
-    last_seen: Mutex<std::time::Instant>,
     /// How long it may run once started: its timeout plus its termination
     /// grace period.
     pub(crate) run_time: Duration,
@@ -139,7 +145,70 @@ pub struct QueuedAction {
     retention: AtomicI8,
     merge_key: Option<MergeKey>,
     digest_function: i32,
+    followers: Mutex<Followers>,
+}
+
+/// What an execution's clients see, and which clients still follow it.
+#[derive(Default)]
+struct Followers {
+    /// Its operation as every client sees it, but for the name (each
+    /// client's is its own).
+    current: Operation,
+    /// The operations that follow it: the request that started it and each
+    /// one merged into it, but for those their clients cancelled. Emptied
+    /// when it completes, which also ends the reference cycle through
+    /// [`ClientOperation::execution`].
+    attached: Vec<Arc<ClientOperation>>,
+}
+
+/// One Execute request's operation: the name its client knows and the
+/// state that client sees, following an execution it may share with
+/// identical requests merged into it.
+pub(crate) struct ClientOperation {
+    pub(crate) name: String,
+    pub(crate) execution: Arc<QueuedAction>,
+    /// Who sent this request.
+    pub(crate) client: Client,
+    /// When this request arrived: when its execution was queued, unless it
+    /// was merged into one queued earlier.
+    pub(crate) requested_at: std::time::SystemTime,
+    /// When a client last asked for it (WaitExecution, GetOperation).
+    last_seen: Mutex<std::time::Instant>,
+    /// How it ended, when its client cancelled it while other requests
+    /// kept the execution running.
+    pub(crate) detached: Mutex<Option<Arc<Outcome>>>,
     state: watch::Sender<Operation>,
+}
+
+impl ClientOperation {
+    /// Its state, to wait on.
+    fn subscribe(&self) -> OperationWatch {
+        *self.last_seen.lock() = std::time::Instant::now();
+        self.state.subscribe()
+    }
+
+    /// Its response, once completed.
+    pub(crate) fn response(&self) -> Option<reapi::ExecuteResponse> {
+        response_of(&self.state.borrow())
+    }
+
+    /// Shows its client the execution's `current` state under its own name.
+    fn show(&self, current: &Operation) {
+        self.state.send_replace(Operation {
+            name: self.name.clone(),
+            ..current.clone()
+        });
+    }
+}
+
+/// What cancelling one client's operation did.
+enum Detached {
+    /// It was done already (or detached before): nothing to cancel.
+    AlreadyDone,
+    /// It ended as CANCELLED; its execution goes on for other clients.
+    Alone,
+    /// No other client follows its execution: cancel the execution.
+    Last,
 }
 
 #[cfg(test)]
@@ -172,13 +241,12 @@ impl QueuedAction {
             progress: Mutex::default(),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key: runner_key.map(String::from),
-            last_seen: Mutex::new(std::time::Instant::now()),
             run_time: Duration::ZERO,
             cacheable: false,
             retention: AtomicI8::new(0),
             merge_key: None,
             digest_function: 0,
-            state: watch::channel(Operation::default()).0,
+            followers: Mutex::default(),
         })
     }
 }
@@ -193,18 +261,135 @@ impl QueuedAction {
             )
     }
 
-    /// Its response, once completed.
-    pub(crate) fn response(&self) -> Option<reapi::ExecuteResponse> {
-        match &self.state.borrow().result {
-            Some(operation::Result::Response(any)) => {
-                reapi::ExecuteResponse::decode(any.value.as_slice()).ok()
+    /// A new operation named `name` for `client`'s request, following
+    /// this execution from its current state on (attached unless the
+    /// execution is done).
+    fn follow(
+        self: &Arc<Self>,
+        name: String,
+        client: &Client,
+        requested_at: std::time::SystemTime,
+    ) -> Arc<ClientOperation> {
+        let mut followers = self.followers.lock();
+        let operation = Arc::new(ClientOperation {
+            name: name.clone(),
+            execution: self.clone(),
+            client: client.clone(),
+            requested_at,
+            last_seen: Mutex::new(std::time::Instant::now()),
+            detached: Mutex::new(None),
+            state: watch::channel(Operation {
+                name,
+                ..followers.current.clone()
+            })
+            .0,
+        });
+        if !followers.current.done {
+            followers.attached.push(operation.clone());
+        }
+        operation
+    }
+
+    /// Applies `change` to what its clients see, unless it is done already,
+    /// and shows the result to each attached operation. `None` if nothing
+    /// changed; else the operations that end with this change (every
+    /// attached one once it is done, none before).
+    fn publish(
+        &self,
+        change: impl FnOnce(&mut Operation) -> bool,
+    ) -> Option<Vec<Arc<ClientOperation>>> {
+        let mut followers = self.followers.lock();
+        if followers.current.done || !change(&mut followers.current) {
+            return None;
+        }
+        let followers = &mut *followers;
+        for operation in &followers.attached {
+            operation.show(&followers.current);
+        }
+        Some(if followers.current.done {
+            std::mem::take(&mut followers.attached)
+        } else {
+            Vec::new()
+        })
+    }
+
+    /// Ends `operation` alone as CANCELLED with `response` if other clients
+    /// still follow this execution; else leaves it for the execution's own
+    /// cancellation.
+    fn detach(&self, operation: &ClientOperation, response: &reapi::ExecuteResponse) -> Detached {
+        let mut followers = self.followers.lock();
+        let Some(index) = followers
+            .attached
+            .iter()
+            .position(|attached| std::ptr::eq(Arc::as_ptr(attached), operation))
+        else {
+            return Detached::AlreadyDone;
+        };
+        if followers.attached.len() == 1 {
+            return Detached::Last;
+        }
+        followers.attached.swap_remove(index);
+        *operation.detached.lock() = Some(Arc::new(outcome_of(response)));
+        operation.show(&Operation {
+            done: true,
+            metadata: Some(metadata_any(
+                execution_stage::Value::Completed,
+                &self.action_digest,
+                self.digest_function,
+                None,
+            )),
+            result: Some(operation::Result::Response(Any {
+                type_url: RESPONSE_TYPE.into(),
+                value: response.encode_to_vec(),
+            })),
+            ..Operation::default()
+        });
+        Detached::Alone
+    }
+
+    /// Waits until no Execute or WaitExecution stream follows any of its
+    /// attached operations (each holds a receiver of its operation's state).
+    async fn unwatched(&self) {
+        loop {
+            let attached = self.followers.lock().attached.clone();
+            for operation in &attached {
+                operation.state.closed().await;
             }
-            _ => None,
+            // A request merged meanwhile may have brought a new stream.
+            if self.watchers() == 0 {
+                return;
+            }
         }
     }
 
+    /// How many streams follow its attached operations.
+    fn watchers(&self) -> usize {
+        self.followers
+            .lock()
+            .attached
+            .iter()
+            .map(|operation| operation.state.receiver_count())
+            .sum()
+    }
+
+    /// Whether no client has waited for it for `grace`: no stream on any
+    /// attached operation, and none asked for within `grace`.
+    fn orphaned(&self, grace: Duration) -> bool {
+        let followers = self.followers.lock();
+        !followers.current.done
+            && followers.attached.iter().all(|operation| {
+                operation.state.receiver_count() == 0
+                    && operation.last_seen.lock().elapsed() >= grace
+            })
+    }
+
+    fn is_done(&self) -> bool {
+        self.followers.lock().current.done
+    }
+
     fn stage(&self) -> execution_stage::Value {
-        let state = self.state.borrow();
+        let followers = self.followers.lock();
+        let state = &followers.current;
         if state.done {
             return execution_stage::Value::Completed;
         }
@@ -233,8 +418,12 @@ struct MergeKey {
 
 #[derive(Default)]
 pub(crate) struct State {
-    pub(crate) operations: HashMap<String, Arc<QueuedAction>>,
+    /// Every operation kept, by the name its client knows.
+    pub(crate) operations: HashMap<String, Arc<ClientOperation>>,
+    /// Cacheable executions in flight, for identical requests to join.
     in_flight: HashMap<MergeKey, Arc<QueuedAction>>,
+    /// Operations done, oldest first: forgotten past
+    /// `completed_operations_kept`.
     completed: VecDeque<String>,
     queues: HashMap<QueueKey, Arc<PoolQueue>>,
     /// Registered executors by id, for the operator's view.
@@ -500,34 +689,27 @@ impl Scheduler {
             action_digest: digest,
         });
         let mut state = self.state.lock();
-        if let Some(key) = &merge_key {
-            if let Some(running) = state.in_flight.get(key) {
-                tracing::debug!(action = %digest, operation = %running.name, "merged into an execution in flight");
-                running
-                    .retention
-                    .fetch_max(retention.epochs(), Ordering::Relaxed);
-                let watch = running.state.subscribe();
-                let current = watch.borrow().clone();
-                return Ok((current, watch));
-            }
-        }
+        // Every operation not done counts, merged ones included: each is
+        // kept until its execution completes.
         let in_flight = state.operations.len().saturating_sub(state.completed.len());
         if in_flight >= self.config.max_queued_executions {
             return Err(SchedulerError::Full { in_flight });
         }
         let name = format!("operations/{}", uuid::Uuid::new_v4());
-        let first = Operation {
-            name: name.clone(),
-            metadata: Some(metadata_any(
-                execution_stage::Value::Queued,
-                &wire_digest,
-                request.digest_function,
-                None,
-            )),
-            done: false,
-            result: None,
-        };
-        let (sender, receiver) = watch::channel(first.clone());
+        if let Some(key) = &merge_key {
+            if let Some(running) = state.in_flight.get(key).cloned() {
+                tracing::debug!(action = %digest, operation = %name, execution = %running.name, "merged into an execution in flight");
+                running
+                    .retention
+                    .fetch_max(retention.epochs(), Ordering::Relaxed);
+                // Not done: completion leaves `in_flight` under this lock.
+                let operation = running.follow(name.clone(), client, std::time::SystemTime::now());
+                state.operations.insert(name, operation.clone());
+                let watch = operation.subscribe();
+                let current = watch.borrow().clone();
+                return Ok((current, watch));
+            }
+        }
         // The same key the worker computes (`Platform::runner_key_of`).
         let runner_key = platform
             .recycle_runner
@@ -535,7 +717,7 @@ impl Scheduler {
         let queued = Arc::new(QueuedAction {
             name: name.clone(),
             instance_name,
-            action_digest: wire_digest,
+            action_digest: wire_digest.clone(),
             platform,
             sources,
             cancel: self.shutdown.child_token(),
@@ -553,30 +735,45 @@ impl Scheduler {
             progress: Mutex::default(),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key,
-            last_seen: Mutex::new(std::time::Instant::now()),
             run_time,
             cacheable,
             retention: AtomicI8::new(retention.epochs()),
             merge_key: merge_key.clone(),
             digest_function: request.digest_function,
-            state: sender,
+            followers: Mutex::new(Followers {
+                current: Operation {
+                    name: name.clone(),
+                    metadata: Some(metadata_any(
+                        execution_stage::Value::Queued,
+                        &wire_digest,
+                        request.digest_function,
+                        None,
+                    )),
+                    done: false,
+                    result: None,
+                },
+                attached: Vec::new(),
+            }),
         });
+        let operation = queued.follow(name.clone(), client, queued.queued_wall());
+        let watch = operation.subscribe();
+        let first = watch.borrow().clone();
         if let Some(key) = merge_key {
             state.in_flight.insert(key, queued.clone());
         }
-        state.operations.insert(name.clone(), queued.clone());
+        state.operations.insert(name.clone(), operation);
         drop(state);
         tracing::debug!(action = %digest, operation = %name, %pool, "queued");
         self.cancel_when_orphaned(queued.clone());
         queue.push(queued, std::time::Instant::now());
-        Ok((first, receiver))
+        Ok((first, watch))
     }
 
     /// Cancels `action` once no client has waited for it for the orphan
-    /// grace: every Execute and WaitExecution stream on it closed (the
-    /// receivers of its state are gone) and no GetOperation asked. Merged
-    /// requests each hold a receiver, so one client leaving detaches only
-    /// itself.
+    /// grace: every Execute and WaitExecution stream on each operation
+    /// following it closed (the receivers of their states are gone) and no
+    /// GetOperation asked. Merged requests each have their own operation,
+    /// so one client leaving detaches only itself.
     fn cancel_when_orphaned(&self, action: Arc<QueuedAction>) {
         let (Some(grace), Ok(runtime)) = (
             self.config.orphan_grace,
@@ -587,19 +784,18 @@ impl Scheduler {
         let me = self.me.clone();
         runtime.spawn(async move {
             loop {
-                action.state.closed().await;
-                if action.state.borrow().done {
+                action.unwatched().await;
+                if action.is_done() {
                     return;
                 }
                 tokio::time::sleep(grace).await;
-                let seen = action.last_seen.lock().elapsed();
-                if action.state.borrow().done {
-                    return;
-                }
-                if action.state.receiver_count() == 0 && seen >= grace {
+                if action.orphaned(grace) {
                     let Some(me) = me.upgrade() else { return };
                     tracing::info!(operation = %action.name, ?grace, "no client waits for the execution any more: cancelling it");
-                    let _ = me.cancel(&action.name);
+                    me.cancel_execution(&action);
+                    return;
+                }
+                if action.is_done() {
                     return;
                 }
             }
@@ -612,10 +808,7 @@ impl Scheduler {
             .lock()
             .operations
             .get(name)
-            .map(|op| {
-                *op.last_seen.lock() = std::time::Instant::now();
-                op.state.subscribe()
-            })
+            .map(|operation| operation.subscribe())
             .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))
     }
 
@@ -627,36 +820,57 @@ impl Scheduler {
             .operations
             .values()
             .take(limit)
-            .map(|op| op.state.borrow().clone())
+            .map(|operation| operation.state.borrow().clone())
             .collect()
     }
 
-    /// Stops operation `name`: a queued action completes at once as
+    /// Cancels operation `name` for its client. While other clients'
+    /// requests merged into the same execution still follow it, only this
+    /// operation ends (done, CANCELLED) and the execution goes on for them.
+    /// Otherwise the execution stops: a queued action completes at once as
     /// CANCELLED; a running one has its process stopped (SIGTERM, grace,
     /// SIGKILL) and completes when it has exited.
     pub fn cancel(&self, name: &str) -> Result<(), SchedulerError> {
-        let op = self
+        let operation = self
             .state
             .lock()
             .operations
             .get(name)
             .cloned()
             .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))?;
-        op.cancel.cancel();
-        if op.stage() == execution_stage::Value::Queued {
-            self.complete(
-                &op,
-                reapi::ExecuteResponse {
-                    status: Some(rpc::Status {
-                        code: tonic::Code::Cancelled as i32,
-                        message: format!("operation {name} was cancelled while queued"),
-                        details: vec![],
-                    }),
-                    ..Default::default()
-                },
-            );
+        let execution = &operation.execution;
+        // REAPI, not google.longrunning, says how it ends: a cancelled
+        // execution's status goes in its ExecuteResponse, never in
+        // Operation.error.
+        let response = cancelled(format!(
+            "operation {name} was cancelled; the execution it shared with other requests goes on for them"
+        ));
+        match execution.detach(&operation, &response) {
+            Detached::AlreadyDone => {}
+            Detached::Alone => {
+                tracing::info!(operation = %name, execution = %execution.name, "cancelled one of several requests sharing an execution");
+                let mut state = self.state.lock();
+                self.remember_completed(&mut state, operation.name.clone());
+            }
+            Detached::Last => self.cancel_execution(execution),
         }
         Ok(())
+    }
+
+    /// Stops `action` for every client: a queued action completes at once
+    /// as CANCELLED; a running one has its process stopped and completes
+    /// when it has exited.
+    fn cancel_execution(&self, action: &QueuedAction) {
+        action.cancel.cancel();
+        if action.stage() == execution_stage::Value::Queued {
+            self.complete(
+                action,
+                cancelled(format!(
+                    "action {}/{} was cancelled while queued",
+                    action.action_digest.hash, action.action_digest.size_bytes
+                )),
+            );
+        }
     }
 
     /// Forgets operation `name` (it is not cancelled).
@@ -727,48 +941,51 @@ impl Scheduler {
         }
     }
 
-    /// Marks `action` done with `response` (once; later calls do nothing)
-    /// and lets a new identical request start a fresh execution.
+    /// Marks `action` done with `response` for every operation still
+    /// following it (once; later calls do nothing) and lets a new identical
+    /// request start a fresh execution. Both under the scheduler's lock, so
+    /// a request merges only into an execution that is not done.
     fn complete(&self, action: &QueuedAction, response: reapi::ExecuteResponse) {
         let outcome = Arc::new(outcome_of(&response));
-        let changed = action.state.send_if_modified(|op| {
-            if op.done {
-                return false;
-            }
-            op.done = true;
-            op.metadata = Some(metadata_any(
-                execution_stage::Value::Completed,
-                &action.action_digest,
-                action.digest_function,
-                None,
-            ));
-            op.result = Some(operation::Result::Response(Any {
-                type_url: RESPONSE_TYPE.into(),
-                value: response.encode_to_vec(),
-            }));
-            true
+        let metadata = metadata_any(
+            execution_stage::Value::Completed,
+            &action.action_digest,
+            action.digest_function,
+            None,
+        );
+        let result = operation::Result::Response(Any {
+            type_url: RESPONSE_TYPE.into(),
+            value: response.encode_to_vec(),
         });
-        if !changed {
+        let mut state = self.state.lock();
+        let Some(ended) = action.publish(|op| {
+            action.progress.lock().outcome = Some(outcome);
+            op.done = true;
+            op.metadata = Some(metadata);
+            op.result = Some(result);
+            true
+        }) else {
             return;
+        };
+        if let Some(key) = &action.merge_key {
+            if state
+                .in_flight
+                .get(key)
+                .is_some_and(|running| std::ptr::eq(Arc::as_ptr(running), action))
+            {
+                state.in_flight.remove(key);
+            }
         }
-        action.progress.lock().outcome = Some(outcome);
+        for operation in ended {
+            self.remember_completed(&mut state, operation.name.clone());
+        }
+        drop(state);
         if let Some(observer) = self.observer.read().as_ref() {
             observer.completed(
                 &action.summary(std::time::Instant::now()),
                 response.result.as_ref(),
             );
         }
-        let mut state = self.state.lock();
-        if let Some(key) = &action.merge_key {
-            if state
-                .in_flight
-                .get(key)
-                .is_some_and(|running| running.name == action.name)
-            {
-                state.in_flight.remove(key);
-            }
-        }
-        self.remember_completed(&mut state, action.name.clone());
     }
 
     fn remember_completed(&self, state: &mut State, name: String) {
@@ -795,20 +1012,6 @@ impl Scheduler {
             sources,
         } = done;
         let name = format!("operations/{}", uuid::Uuid::new_v4());
-        let (sender, receiver) = watch::channel(Operation {
-            name: name.clone(),
-            metadata: Some(metadata_any(
-                execution_stage::Value::Completed,
-                action_digest,
-                digest_function,
-                None,
-            )),
-            done: true,
-            result: Some(operation::Result::Response(Any {
-                type_url: RESPONSE_TYPE.into(),
-                value: response.encode_to_vec(),
-            })),
-        });
         let done = Arc::new(QueuedAction {
             name: name.clone(),
             instance_name: instance_name.to_string(),
@@ -833,13 +1036,28 @@ impl Scheduler {
             }),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key: None,
-            last_seen: Mutex::new(std::time::Instant::now()),
             run_time: Duration::ZERO,
             cacheable: false,
             retention: AtomicI8::new(0),
             merge_key: None,
             digest_function,
-            state: sender,
+            followers: Mutex::new(Followers {
+                current: Operation {
+                    name: name.clone(),
+                    metadata: Some(metadata_any(
+                        execution_stage::Value::Completed,
+                        action_digest,
+                        digest_function,
+                        None,
+                    )),
+                    done: true,
+                    result: Some(operation::Result::Response(Any {
+                        type_url: RESPONSE_TYPE.into(),
+                        value: response.encode_to_vec(),
+                    })),
+                },
+                attached: Vec::new(),
+            }),
         });
         if let Some(observer) = self.observer.read().as_ref() {
             observer.completed(
@@ -847,11 +1065,13 @@ impl Scheduler {
                 response.result.as_ref(),
             );
         }
+        let operation = done.follow(name.clone(), client, done.queued_wall());
+        let watch = operation.subscribe();
+        let first = watch.borrow().clone();
         let mut state = self.state.lock();
-        state.operations.insert(name.clone(), done);
+        state.operations.insert(name.clone(), operation);
         self.remember_completed(&mut state, name);
-        let first = receiver.borrow().clone();
-        (first, receiver)
+        (first, watch)
     }
 
     /// The queue of executors offering `key` and the declared properties
@@ -947,14 +1167,10 @@ impl Scheduler {
         if action.cancel.is_cancelled() {
             self.complete(
                 action,
-                reapi::ExecuteResponse {
-                    status: Some(rpc::Status {
-                        code: tonic::Code::Cancelled as i32,
-                        message: format!("operation {} was cancelled", action.name),
-                        details: vec![],
-                    }),
-                    ..Default::default()
-                },
+                cancelled(format!(
+                    "action {}/{} was cancelled",
+                    action.action_digest.hash, action.action_digest.size_bytes
+                )),
             );
             return;
         }
@@ -1044,6 +1260,28 @@ fn platform_sources(
     }
 }
 
+/// A response saying CANCELLED with `message`.
+fn cancelled(message: String) -> reapi::ExecuteResponse {
+    reapi::ExecuteResponse {
+        status: Some(rpc::Status {
+            code: tonic::Code::Cancelled as i32,
+            message,
+            details: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+/// The response of `operation`, once it is done.
+fn response_of(operation: &Operation) -> Option<reapi::ExecuteResponse> {
+    match &operation.result {
+        Some(operation::Result::Response(any)) => {
+            reapi::ExecuteResponse::decode(any.value.as_slice()).ok()
+        }
+        _ => None,
+    }
+}
+
 /// FAILED_PRECONDITION with one PreconditionFailure violation per digest,
 /// the answer that makes Bazel upload the blobs and retry.
 fn missing_response(digests: Vec<reapi::Digest>) -> reapi::ExecuteResponse {
@@ -1053,12 +1291,9 @@ fn missing_response(digests: Vec<reapi::Digest>) -> reapi::ExecuteResponse {
     }
 }
 
-/// Moves an operation that is not done yet to `stage`.
+/// Moves an execution that is not done yet to `stage`.
 fn set_stage(action: &QueuedAction, stage: execution_stage::Value) {
-    action.state.send_if_modified(|op| {
-        if op.done {
-            return false;
-        }
+    action.publish(|op| {
         op.metadata = Some(metadata_any(
             stage,
             &action.action_digest,
@@ -1085,5 +1320,130 @@ fn metadata_any(
             ..Default::default()
         }
         .encode_to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_proto::reapi::platform::Property;
+    use kiln_store::{BlobStore, MemoryStore};
+
+    use super::*;
+    use crate::local::{Finished, LocalExecutor};
+
+    /// A scheduler keeping `kept` finished operations, over an in-memory
+    /// CAS holding an action, with an embedded executor to take it; and an
+    /// Execute request for that action.
+    async fn scheduler_with_action(
+        kept: usize,
+    ) -> (Arc<Scheduler>, LocalExecutor, reapi::ExecuteRequest) {
+        let store = Arc::new(MemoryStore::new(1 << 20));
+        let sha256 = DigestFunction::Sha256;
+        let command = reapi::Command {
+            arguments: vec!["true".into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let command_digest = sha256.digest_of(&command);
+        let arch = if cfg!(target_arch = "aarch64") {
+            "arm64"
+        } else {
+            "amd64"
+        };
+        let action = reapi::Action {
+            command_digest: Some(to_wire(&command_digest)),
+            input_root_digest: Some(to_wire(&sha256.empty())),
+            platform: Some(reapi::Platform {
+                properties: vec![Property {
+                    name: "Arch".into(),
+                    value: arch.into(),
+                }],
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let action_digest = sha256.digest_of(&action);
+        store
+            .put(command_digest.key(), command.into())
+            .await
+            .unwrap();
+        store.put(action_digest.key(), action.into()).await.unwrap();
+        let scheduler = Scheduler::new(
+            Storage::new(store, Default::default()),
+            SchedulerConfig {
+                completed_operations_kept: kept,
+                orphan_grace: None,
+                ..Default::default()
+            },
+        );
+        let executor = LocalExecutor::register(
+            scheduler.clone(),
+            "default",
+            ResourceAmount::default(),
+            &["none"],
+            1,
+        );
+        let request = reapi::ExecuteRequest {
+            action_digest: Some(to_wire(&action_digest)),
+            ..Default::default()
+        };
+        (scheduler, executor, request)
+    }
+
+    #[tokio::test]
+    async fn merged_and_cancelled_operations_count_against_the_completed_bound() {
+        let (scheduler, executor, request) = scheduler_with_action(3).await;
+        let client = Client::default();
+        let mut names = Vec::new();
+        let mut watches = Vec::new();
+        for _ in 0..3 {
+            let (first, watch) = scheduler
+                .execute(request.clone(), &[], &client)
+                .await
+                .unwrap();
+            names.push(first.name);
+            watches.push(watch);
+        }
+        assert!(names[0] != names[1] && names[1] != names[2] && names[0] != names[2]);
+        let execution = Arc::downgrade(&scheduler.state.lock().operations[&names[0]].execution);
+        let lease = executor.next().await.unwrap();
+
+        scheduler.cancel(&names[0]).unwrap();
+        assert!(
+            watches[0].borrow().done,
+            "the cancelled one is done at once"
+        );
+        assert!(!watches[1].borrow().done && !lease.cancel().is_cancelled());
+        lease
+            .finish(Finished {
+                result: Some(reapi::ActionResult::default()),
+                status: rpc::Status::default(),
+                cacheable: true,
+            })
+            .await;
+        for (watch, name) in watches.iter().zip(&names) {
+            assert!(watch.borrow().done);
+            assert_eq!(&watch.borrow().name, name);
+        }
+        assert_eq!(scheduler.state.lock().operations.len(), 3);
+
+        // Three more (Action Cache hits now) push all three out, the
+        // detached one included, and the execution with them.
+        for _ in 0..3 {
+            scheduler
+                .execute(request.clone(), &[], &client)
+                .await
+                .unwrap();
+        }
+        let state = scheduler.state.lock();
+        assert_eq!(state.operations.len(), 3);
+        assert!(names
+            .iter()
+            .all(|name| !state.operations.contains_key(name)));
+        assert!(state.in_flight.is_empty());
+        assert!(
+            execution.upgrade().is_none(),
+            "the shared execution is freed with its last operation"
+        );
     }
 }

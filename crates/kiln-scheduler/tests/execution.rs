@@ -360,16 +360,20 @@ fn response(operation: &Operation) -> ExecuteResponse {
 }
 
 /// Reads an operation stream to its end: every stage seen and the response.
+/// Every operation it carries has the same name.
 async fn finish(
     mut stream: Streaming<Operation>,
 ) -> (Vec<execution_stage::Value>, ExecuteResponse) {
     let mut stages = Vec::new();
-    let mut last = None;
+    let mut last: Option<Operation> = None;
     while let Some(operation) = tokio::time::timeout(HANG_GUARD, stream.next())
         .await
         .expect("operation stream hangs")
     {
         let operation = operation.expect("stream item");
+        if let Some(last) = &last {
+            assert_eq!(operation.name, last.name, "one stream, one operation name");
+        }
         stages.push(stage(&operation));
         last = Some(operation);
     }
@@ -690,8 +694,13 @@ async fn identical_concurrent_executes_run_once() {
     let mut second = harness.start_execute(&action, false, &[]).await.unwrap();
     let joined = second.next().await.unwrap().unwrap();
     assert_eq!(
+        stage(&joined),
+        execution_stage::Value::Executing,
+        "the second Execute joins the first's execution"
+    );
+    assert_ne!(
         joined.name, first_name,
-        "the second Execute joins the first"
+        "each request has an operation of its own"
     );
 
     // Let the action finish: open the gate (blocks until the action reads).
@@ -707,6 +716,228 @@ async fn identical_concurrent_executes_run_once() {
     assert_eq!(a, b);
     assert_eq!(a.result.unwrap().exit_code, 0);
     assert_eq!(std::fs::read_to_string(&count).unwrap(), "run\n");
+    harness.stop().await;
+}
+
+impl Harness {
+    async fn get_operation(&self, name: &str) -> Operation {
+        self.operations()
+            .get_operation(GetOperationRequest {
+                name: name.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn cancel_operation(&self, name: &str) {
+        self.operations()
+            .cancel_operation(CancelOperationRequest {
+                name: name.to_string(),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// The web UI's page at `path`: its HTTP status and body.
+    async fn ui_page(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.server.as_ref().unwrap().monitoring_addr.unwrap();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: ui\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        tokio::time::timeout(HANG_GUARD, stream.read_to_end(&mut response))
+            .await
+            .expect("the UI never answered")
+            .unwrap();
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, text)
+    }
+}
+
+/// Whether process `pid` is still alive (and not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[tokio::test]
+async fn cancelling_one_of_two_merged_requests_detaches_only_that_client() {
+    let harness = Harness::start().await;
+    let (started, gate, _) = harness.gate_files();
+    let action = harness
+        .action(ActionSpec {
+            arguments: sh(&format!(
+                "echo up > {}; cat {} > /dev/null; echo finished",
+                started.display(),
+                gate.display()
+            )),
+            ..Default::default()
+        })
+        .await;
+    let mut leaving = harness.start_execute(&action, false, &[]).await.unwrap();
+    let leaving_name = until_executing(&mut leaving).await;
+    read_fifo(started).await;
+    let mut staying = harness.start_execute(&action, false, &[]).await.unwrap();
+    let joined = staying.next().await.unwrap().unwrap();
+    let staying_name = joined.name.clone();
+    assert_ne!(staying_name, leaving_name);
+    assert_eq!(stage(&joined), execution_stage::Value::Executing);
+
+    harness.cancel_operation(&leaving_name).await;
+    // The cancelling client's stream ends with its operation done, CANCELLED.
+    let (_, cancelled) = finish(leaving).await;
+    assert_eq!(cancelled.status.unwrap().code, Code::Cancelled as i32);
+    // The operation is not deleted: asked for by name, it says the same.
+    let asked = harness.get_operation(&leaving_name).await;
+    assert_eq!(asked.name, leaving_name);
+    assert!(asked.done);
+    assert_eq!(
+        response(&asked).status.unwrap().code,
+        Code::Cancelled as i32
+    );
+    let waited = harness
+        .execution()
+        .wait_execution(reapi::WaitExecutionRequest {
+            name: leaving_name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, waited) = finish(waited).await;
+    assert_eq!(waited.status.unwrap().code, Code::Cancelled as i32);
+    // The other client's operation still runs.
+    let other = harness.get_operation(&staying_name).await;
+    assert_eq!(other.name, staying_name);
+    assert!(!other.done);
+    assert_eq!(stage(&other), execution_stage::Value::Executing);
+
+    // The process is still there: writing the gate blocks until it reads.
+    tokio::time::timeout(
+        HANG_GUARD,
+        tokio::task::spawn_blocking(move || std::fs::write(gate, b"go\n").unwrap()),
+    )
+    .await
+    .expect("the shared action no longer reads its gate")
+    .unwrap();
+    let (_, result) = finish(staying).await;
+    assert_eq!(result.status.clone().unwrap_or_default().code, 0);
+    let result = result.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(
+        result.stdout_digest,
+        Some(digest(b"finished\n")),
+        "the action ran to its end"
+    );
+    assert_eq!(harness.cached(&action).await.unwrap(), result);
+
+    // Each request has its page in the UI, by its own name.
+    let id = |name: &str| name.trim_start_matches("operations/").to_string();
+    let (status, page) = harness
+        .ui_page(&format!("/operation/{}", id(&staying_name)))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains(&staying_name) && page.contains("merged into"));
+    let (status, page) = harness
+        .ui_page(&format!("/operation/{}", id(&leaving_name)))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("goes on for them"), "{page}");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn when_every_merged_request_is_cancelled_the_action_is_stopped() {
+    let harness = Harness::start().await;
+    let scratch = harness.scratch();
+    let fifo = scratch.join("pid");
+    mkfifo(&fifo);
+    let end = scratch.join("reached-the-end");
+    let action = harness
+        .action(ActionSpec {
+            arguments: sh(&format!(
+                "echo $$ > {}; sleep 600; touch {}",
+                fifo.display(),
+                end.display()
+            )),
+            ..Default::default()
+        })
+        .await;
+    let mut first = harness.start_execute(&action, false, &[]).await.unwrap();
+    let first_name = until_executing(&mut first).await;
+    let pid: u32 = read_fifo(fifo).await.trim().parse().unwrap();
+    let mut second = harness.start_execute(&action, false, &[]).await.unwrap();
+    let second_name = second.next().await.unwrap().unwrap().name;
+    assert_ne!(first_name, second_name);
+
+    harness.cancel_operation(&first_name).await;
+    let (_, cancelled) = finish(first).await;
+    assert_eq!(cancelled.status.unwrap().code, Code::Cancelled as i32);
+    assert!(
+        alive(pid),
+        "one of two requests cancelled stopped the action"
+    );
+    assert!(!harness.get_operation(&second_name).await.done);
+
+    harness.cancel_operation(&second_name).await;
+    // The last request's operation completes once the process has stopped.
+    let (_, cancelled) = finish(second).await;
+    assert_eq!(cancelled.status.unwrap().code, Code::Cancelled as i32);
+    assert!(
+        !alive(pid),
+        "the action {pid} of cancelled requests still runs"
+    );
+    assert!(!end.exists());
+    assert_eq!(
+        harness.cached(&action).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_merged_request_cancelled_and_the_other_gone_stops_the_action() {
+    let harness = Harness::start_with(|config| config.execution.orphan_grace_ms = 200).await;
+    let fifo = harness.scratch().join("pid");
+    mkfifo(&fifo);
+    let action = harness
+        .action(ActionSpec {
+            arguments: sh(&format!("echo $$ > {}; exec sleep 600", fifo.display())),
+            ..Default::default()
+        })
+        .await;
+    let mut cancelling = harness.start_execute(&action, false, &[]).await.unwrap();
+    let cancelling_name = until_executing(&mut cancelling).await;
+    let pid: u32 = read_fifo(fifo).await.trim().parse().unwrap();
+    let mut leaving = harness.start_execute(&action, false, &[]).await.unwrap();
+    leaving.next().await.unwrap().unwrap();
+
+    harness.cancel_operation(&cancelling_name).await;
+    let (_, cancelled) = finish(cancelling).await;
+    assert_eq!(cancelled.status.unwrap().code, Code::Cancelled as i32);
+    assert!(alive(pid), "the other request still follows the action");
+    // The other client goes away: no one waits any more.
+    drop(leaving);
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the action no client waits for (pid {pid}) still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     harness.stop().await;
 }
 

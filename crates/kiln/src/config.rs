@@ -125,8 +125,9 @@ pub struct ExecutionConfig {
     /// Ctrl-C, or Pants dropping the slower of cache and execution, stop
     /// the work. 0: never.
     pub orphan_grace_ms: u64,
-    /// Most executions queued or running at once; beyond it Execute answers
-    /// RESOURCE_EXHAUSTED with a retry delay.
+    /// Most operations queued or running at once (a request merged into an
+    /// identical execution in flight keeps an operation too, so it counts);
+    /// beyond it Execute answers RESOURCE_EXHAUSTED with a retry delay.
     pub max_queued_executions: usize,
     /// An executor that has not finished an action within its timeout plus
     /// grace plus this many milliseconds (for staging and upload) loses

@@ -276,7 +276,7 @@ struct ServeArgs {
     /// Cancel an execution no client has waited for this long (0: never).
     #[arg(long)]
     orphan_grace_ms: Option<u64>,
-    /// Most executions queued or running at once.
+    /// Most operations queued or running at once (merged requests count).
     #[arg(long)]
     max_queued_executions: Option<usize>,
     /// Time beyond an action's timeout and grace after which an executor

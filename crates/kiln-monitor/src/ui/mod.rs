@@ -110,8 +110,11 @@ pub fn overview(scheduler: Option<&Scheduler>, storage: &Storage) -> Page {
         None => Default::default(),
     };
     let minute_ago = SystemTime::now() - Duration::from_secs(60);
+    // Executions, not requests: one merged into another's execution ran
+    // nothing of its own.
     let last_minute: Vec<&OperationSummary> = operations
         .iter()
+        .filter(|o| o.merged_into.is_none())
         .filter(|o| {
             o.outcome
                 .as_ref()
@@ -605,6 +608,12 @@ pub fn action(detail: &OperationDetail, blobs: &ActionBlobs) -> Page {
             @if !op.target_id.is_empty() { dt { "Target" } dd.mono { (op.target_id) } }
             @if !op.mnemonic.is_empty() { dt { "Mnemonic" } dd { (op.mnemonic) } }
             dt { "Operation" } dd.mono { (op.name) }
+            @if let Some(first) = &op.merged_into {
+                dt { "Execution" } dd {
+                    "shared: merged into the identical action in flight of operation "
+                    a.mono href=(operation_link(first)) { (first) }
+                }
+            }
             dt { "Action digest" } dd.mono { (op.action_digest.hash) "/" (op.action_digest.size_bytes) }
             @if !op.instance_name.is_empty() { dt { "Instance" } dd.mono { (op.instance_name) } }
             dt { "Build" } dd.mono {
