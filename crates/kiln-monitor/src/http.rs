@@ -101,6 +101,12 @@ impl Monitor {
         *self.ui.lock() = Some(sources);
     }
 
+    /// Lets go of what [`Monitor::attach`] gave (the server is stopping):
+    /// the UI answers as an executor's would and state metrics go empty.
+    pub fn detach(&self) {
+        *self.ui.lock() = None;
+    }
+
     fn sources(&self) -> Option<UiSources> {
         self.ui.lock().clone()
     }

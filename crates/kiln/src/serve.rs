@@ -41,7 +41,7 @@ pub struct RunningServer {
     /// Where the monitoring endpoint (metrics, health, web UI) listens.
     pub monitoring_addr: Option<SocketAddr>,
     monitor: Arc<Monitor>,
-    _monitoring: Option<Endpoint>,
+    monitoring: Option<Endpoint>,
     health: tonic_health::server::HealthReporter,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -95,6 +95,14 @@ impl RunningServer {
                 self.task.abort();
             }
         }
+        // The endpoint and the UI hold the storage (and the scheduler,
+        // which holds the metrics that read them): let go of both before
+        // the store is synced, so nothing keeps it open after the stop.
+        self.monitor.detach();
+        if let Some(mut endpoint) = self.monitoring.take() {
+            endpoint.0.abort();
+            let _ = (&mut endpoint.0).await;
+        }
         if let Some(disk) = self.disk.take() {
             // Not fatal: what did not reach the checkpoint is re-verified
             // from the journal at the next start.
@@ -103,6 +111,13 @@ impl RunningServer {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        // Breaks the scheduler → metrics → UI sources → scheduler cycle.
+        self.monitor.detach();
     }
 }
 
@@ -356,7 +371,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         addr,
         monitoring_addr,
         monitor,
-        _monitoring: monitoring,
+        monitoring,
         health,
         stop: Some(stop),
         task,
