@@ -424,7 +424,7 @@ impl TrialRuntime for Podman {
         cancel: &CancellationToken,
         reference: &str,
     ) -> Result<ProcessOutcome, RunError> {
-        self.run_once(spec, limits, cancel, reference).await
+        self.run_once(spec, limits, cancel, reference, true).await
     }
 }
 
@@ -470,6 +470,8 @@ struct PodmanContainer {
     /// The memory limit and Kiln's parent cgroup (`kiln/<name>`), under
     /// [`OomCheck::CgroupV1Peak`].
     cgroup_peak: Option<(u64, String)>,
+    /// The task still removing that cgroup after `remove`, if any.
+    cgroup_removal: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Removes the parent cgroup `relative` (and the `conmon` group podman puts
@@ -493,16 +495,15 @@ fn try_remove_cgroup(relative: &str) -> bool {
 }
 
 /// Removes the parent cgroup `relative`, retrying in the background for a
-/// few seconds while conmon still sits in it.
-fn remove_cgroup(relative: &str) {
+/// few seconds while conmon still sits in it; the retrying task, if one
+/// was needed.
+fn remove_cgroup(relative: &str) -> Option<tokio::task::JoinHandle<()>> {
     if try_remove_cgroup(relative) {
-        return;
+        return None;
     }
     let relative = relative.to_string();
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    runtime.spawn(async move {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    Some(runtime.spawn(async move {
         let mut delay = Duration::from_millis(50);
         for _ in 0..8 {
             tokio::time::sleep(delay).await;
@@ -512,7 +513,7 @@ fn remove_cgroup(relative: &str) {
             delay *= 2;
         }
         tracing::warn!(cgroup = relative, "could not remove an action's cgroup");
-    });
+    }))
 }
 
 /// Removes the per-action parent cgroups under `kiln/` that are empty and
@@ -620,7 +621,7 @@ impl Container for PodmanContainer {
             }
         }
         if let Some((_, relative)) = &self.cgroup_peak {
-            remove_cgroup(relative);
+            self.cgroup_removal = remove_cgroup(relative);
         }
         Ok(())
     }
@@ -666,7 +667,9 @@ impl Isolation for Podman {
             .images
             .ensure(&spec.platform, self, false, cancel)
             .await?;
-        let outcome = self.run_once(spec, limits, cancel, &image.pinned()).await?;
+        let outcome = self
+            .run_once(spec, limits, cancel, &image.pinned(), false)
+            .await?;
         // 125: podman itself failed, e.g. because the image we believed it
         // held was removed behind our back. Then pull and run once more.
         if outcome.exit_code == 125 && outcome.stopped.is_none() {
@@ -678,7 +681,9 @@ impl Isolation for Podman {
                     .images
                     .ensure(&spec.platform, self, true, cancel)
                     .await?;
-                return self.run_once(spec, limits, cancel, &image.pinned()).await;
+                return self
+                    .run_once(spec, limits, cancel, &image.pinned(), false)
+                    .await;
             }
         }
         Ok(outcome)
@@ -687,12 +692,16 @@ impl Isolation for Podman {
 
 impl Podman {
     /// One `podman run` of the action in `image`, a reference podman holds.
+    /// `settle`: return only once the container's cgroup is gone too (the
+    /// probe's trial, so a process stopped right after start-up leaves
+    /// nothing); an action leaves that to a background task instead.
     async fn run_once(
         &self,
         spec: &CommandSpec,
         limits: &Limits,
         cancel: &CancellationToken,
         image: &str,
+        settle: bool,
     ) -> Result<ProcessOutcome, RunError> {
         let params = RunParameters::new(spec, limits, image, self.bridge, &self.owner)?;
         // `--rm` saves a `podman rm` (a third of a trivial action's time);
@@ -737,7 +746,7 @@ impl Podman {
                         .status()
                         .await;
                     if let Some(relative) = cgroup {
-                        remove_cgroup(&relative);
+                        let _ = remove_cgroup(&relative);
                     }
                 });
             }
@@ -750,6 +759,7 @@ impl Podman {
             exited: false,
             stopped: false,
             cgroup_peak,
+            cgroup_removal: None,
         };
         let outcome = supervise(
             &mut container,
@@ -761,6 +771,9 @@ impl Podman {
         if outcome.is_ok() {
             // supervise removed it; on an error the guard does.
             guard.disarm();
+        }
+        if let (true, Some(removal)) = (settle, container.cgroup_removal.take()) {
+            let _ = removal.await;
         }
         outcome
     }
