@@ -25,6 +25,7 @@ use tokio::io::AsyncWriteExt;
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
+use crate::trial::TrialRuntime;
 
 /// The Engine API version Kiln speaks (Docker 20.10).
 const API_VERSION: ClientVersion = ClientVersion {
@@ -69,7 +70,8 @@ pub struct Docker {
 
 impl Docker {
     /// Connects to the daemon and checks it can run containers (ping, API
-    /// version, a runtime in `docker info`); a human reason when it cannot.
+    /// version, a runtime in `docker info`), then runs a trial container
+    /// ([`crate::trial`]); a human reason when it cannot.
     pub async fn probe(config: DockerConfig) -> Result<Docker, String> {
         let socket = config.socket.display().to_string();
         if !config.socket.exists() {
@@ -129,6 +131,7 @@ impl Docker {
         if sweep {
             docker.remove_leftovers().await?;
         }
+        crate::trial::run_trial(&docker).await?;
         tracing::info!(
             socket,
             api = %api,
@@ -299,6 +302,40 @@ impl ImageStore for Docker {
             }
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl TrialRuntime for Docker {
+    fn runtime_name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn import_rootfs(&self, reference: &str, rootfs: Vec<u8>) -> Result<(), String> {
+        let (repository, tag) = reference.rsplit_once(':').unwrap_or((reference, "latest"));
+        let options = CreateImageOptionsBuilder::default()
+            .from_src("-")
+            .repo(repository)
+            .tag(tag)
+            .build();
+        let mut progress =
+            self.client
+                .create_image(Some(options), Some(bollard::body_full(rootfs.into())), None);
+        while let Some(item) = progress.next().await {
+            item.map_err(|error| daemon_error(&error, None))?;
+        }
+        Ok(())
+    }
+
+    async fn run_local(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        reference: &str,
+    ) -> Result<ProcessOutcome, RunError> {
+        self.run_container(spec, limits, cancel, reference, None)
+            .await
     }
 }
 
@@ -475,7 +512,25 @@ impl Isolation for Docker {
             .images
             .ensure(&spec.platform, self, false, cancel)
             .await?;
-        let params = RunParameters::new(spec, limits, &image, self.bridge, &self.owner)?;
+        self.run_container(spec, limits, cancel, &image.pinned(), Some(&image))
+            .await
+    }
+}
+
+impl Docker {
+    /// Runs `spec` in a new container of `image`, a reference the daemon
+    /// holds; `pulled`: the registry image it is, pulled again should the
+    /// daemon have lost it (None: a local image, the probe's).
+    async fn run_container(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        image: &str,
+        pulled: Option<&ResolvedImage>,
+    ) -> Result<ProcessOutcome, RunError> {
+        let params = RunParameters::new(spec, limits, image, self.bridge, &self.owner)?;
+        let shown = pulled.map_or_else(|| image.to_string(), |p| p.image.to_string());
         let options = CreateContainerOptionsBuilder::default()
             .name(&params.name)
             .build();
@@ -484,13 +539,16 @@ impl Isolation for Docker {
             .client
             .create_container(Some(options.clone()), body.clone())
             .await;
-        if let Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) = &created
+        if let (
+            Some(pulled),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }),
+        ) = (pulled, &created)
         {
             // The image went away since it was last seen (an image prune):
             // pull it again, and try once more.
-            tracing::info!(image = %image.image, "image gone from the daemon; pulling it again");
+            tracing::info!(image = %pulled.image, "image gone from the daemon; pulling it again");
             self.images
                 .ensure(&spec.platform, self, true, cancel)
                 .await?;
@@ -498,8 +556,7 @@ impl Isolation for Docker {
         }
         let created = created.map_err(|e| {
             RunError::Internal(format!(
-                "docker: creating a container of {}: {}",
-                image.image,
+                "docker: creating a container of {shown}: {}",
                 daemon_error(&e, None)
             ))
         })?;

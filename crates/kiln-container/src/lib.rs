@@ -7,7 +7,9 @@
 //!   credentials, and the metadata of the local image cache (one pull per
 //!   digest, pulls in `prepare` before the action's clock starts);
 //! - [`params`]: platform properties and limits → container parameters;
-//! - [`supervise`]: the wait / stop-with-grace / OOM / remove sequence.
+//! - [`supervise`]: the wait / stop-with-grace / OOM / remove sequence;
+//! - [`trial`]: the container each backend starts when probed, in a
+//!   one-file image made offline.
 //!
 //! [`docker`] drives the Docker Engine API with bollard; [`podman`] drives
 //! the podman CLI. Both implement [`kiln_worker::Isolation`].
@@ -18,6 +20,7 @@ pub mod image;
 pub mod params;
 pub mod podman;
 pub mod supervise;
+pub mod trial;
 
 pub use docker::{Docker, DockerConfig};
 pub use image::{ImageConfig, Images, ResolvedImage};

@@ -8,8 +8,6 @@ use std::path::PathBuf;
 use kiln_platform::{DockerNetwork, DockerUser};
 use kiln_worker::{CommandSpec, Limits, RunError};
 
-use crate::image::ResolvedImage;
-
 /// The label every container Kiln starts carries, so leftovers can be found.
 pub const LABEL_KEY: &str = "kiln.action";
 pub const LABEL_VALUE: &str = "1";
@@ -52,7 +50,8 @@ pub struct RunParameters {
     pub name: String,
     /// `kiln.action=1` and `kiln.owner=<owner>`.
     pub labels: [(String, String); 2],
-    /// `registry/repository@digest`.
+    /// What the runtime runs: `registry/repository@digest`, or a local
+    /// image (the probe's trial image).
     pub image: String,
     /// The container's command: the action's arguments.
     pub command: Vec<String>,
@@ -72,13 +71,14 @@ pub struct RunParameters {
 }
 
 impl RunParameters {
-    /// The parameters of `spec` run in `image` under `limits`; `bridge`
+    /// The parameters of `spec` run in `image` (a reference the runtime
+    /// holds) under `limits`; `bridge`
     /// says whether the runtime has a bridge network (without one, a
     /// `dockerNetwork=bridge` action runs without network).
     pub fn new(
         spec: &CommandSpec,
         limits: &Limits,
-        image: &ResolvedImage,
+        image: &str,
         bridge: bool,
         owner: &str,
     ) -> Result<RunParameters, RunError> {
@@ -113,7 +113,7 @@ impl RunParameters {
         Ok(RunParameters {
             name: format!("kiln-{}", uuid::Uuid::new_v4().simple()),
             labels: labels(owner),
-            image: image.pinned(),
+            image: image.to_string(),
             command: spec.arguments.clone(),
             environment: spec
                 .environment_variables
@@ -143,6 +143,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use crate::image::ResolvedImage;
     use kiln_platform::{ContainerImage, ImageReference, Platform};
 
     fn spec(platform: Platform) -> CommandSpec {
@@ -185,7 +186,8 @@ mod tests {
         platform.docker_user = Some(DockerUser::UidGid(1000, 100));
         platform.docker_init = true;
         platform.docker_network = DockerNetwork::Off;
-        let params = RunParameters::new(&spec(platform), &LIMITS, &image(), true, "test").unwrap();
+        let params =
+            RunParameters::new(&spec(platform), &LIMITS, &image().pinned(), true, "test").unwrap();
         assert!(params.name.starts_with("kiln-"));
         assert_eq!(
             params.image,
@@ -214,16 +216,27 @@ mod tests {
         let mut platform = Platform::default();
         platform.docker_user = Some(DockerUser::Name("builder".into()));
         platform.docker_run_as_root = true;
-        let with_bridge =
-            RunParameters::new(&spec(platform.clone()), &LIMITS, &image(), true, "test").unwrap();
+        let with_bridge = RunParameters::new(
+            &spec(platform.clone()),
+            &LIMITS,
+            &image().pinned(),
+            true,
+            "test",
+        )
+        .unwrap();
         assert_eq!(with_bridge.user.as_deref(), Some("0:0"));
         assert_eq!(with_bridge.network, Network::Bridge);
         let without =
-            RunParameters::new(&spec(platform), &LIMITS, &image(), false, "test").unwrap();
+            RunParameters::new(&spec(platform), &LIMITS, &image().pinned(), false, "test").unwrap();
         assert_eq!(without.network, Network::None);
-        let default =
-            RunParameters::new(&spec(Platform::default()), &LIMITS, &image(), true, "test")
-                .unwrap();
+        let default = RunParameters::new(
+            &spec(Platform::default()),
+            &LIMITS,
+            &image().pinned(),
+            true,
+            "test",
+        )
+        .unwrap();
         assert_eq!(default.user, None);
     }
 }

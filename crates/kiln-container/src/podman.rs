@@ -17,6 +17,7 @@ use std::io::Write as _;
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
+use crate::trial::TrialRuntime;
 
 /// How the `podman` backend finds its CLI and resolves images.
 #[derive(Debug, Clone)]
@@ -133,54 +134,62 @@ const CGROUP_PARENT: &str = "kiln";
 
 impl Podman {
     /// Checks the CLI answers (`podman version`, then `podman info` for its
-    /// OCI runtime); a human reason when it cannot run containers.
+    /// OCI runtime), then runs a trial container ([`crate::trial`]); a
+    /// human reason when it cannot run containers.
     pub async fn probe(config: PodmanConfig) -> Result<Podman, String> {
         let binary = config.binary.clone();
         let shown = binary.display().to_string();
         let images = Images::new("podman", config.images).map_err(|e| format!("podman: {e}"))?;
+        let (owner, sweep) = owner_and_sweep(config.owner.as_deref());
         let podman = Podman {
             binary,
             images,
             bridge: false,
             oom_check: OomCheck::Inspect,
-            owner: String::new(),
+            owner,
             ulimits: ContainerUlimits::of_this_process(),
             cwd: tempfile::Builder::new()
                 .prefix("kiln-podman-")
                 .tempdir()
                 .map_err(|e| format!("podman: creating its working directory: {e}"))?,
         };
-        let version = podman
-            .output(&["version", "--format", "{{.Client.Version}}"])
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => format!("podman: no binary {shown}"),
-                _ => format!("podman: cannot run {shown}: {e}"),
-            })?;
+        // What does not depend on another answer is done at once: `info`
+        // alone takes ~0.4 s. The sweep must end before the trial starts
+        // (the trial's container carries the owner's label).
+        let (version, info, network, swept, trial_image) = tokio::join!(
+            podman.output(&["version", "--format", "{{.Client.Version}}"]),
+            podman.output(&[
+                "info",
+                "--format",
+                "{{.Host.OCIRuntime.Name}} {{.Host.CgroupsVersion}} {{.Host.CgroupManager}}",
+            ]),
+            podman.output(&["network", "exists", "podman"]),
+            async {
+                match sweep {
+                    true => podman.remove_leftovers().await,
+                    false => Ok(()),
+                }
+            },
+            crate::trial::trial_image(&podman),
+        );
+        let version = version.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!("podman: no binary {shown}"),
+            _ => format!("podman: cannot run {shown}: {e}"),
+        })?;
         if !version.status.success() {
             return Err(format!(
                 "podman: `{shown} version` failed: {}",
                 String::from_utf8_lossy(&version.stderr).trim()
             ));
         }
-        let info = podman
-            .output(&[
-                "info",
-                "--format",
-                "{{.Host.OCIRuntime.Name}} {{.Host.CgroupsVersion}} {{.Host.CgroupManager}}",
-            ])
-            .await
-            .map_err(|e| format!("podman: cannot run {shown} info: {e}"))?;
+        let info = info.map_err(|e| format!("podman: cannot run {shown} info: {e}"))?;
         if !info.status.success() {
             return Err(format!(
                 "podman: `{shown} info` failed: {}",
                 String::from_utf8_lossy(&info.stderr).trim()
             ));
         }
-        let bridge = podman
-            .output(&["network", "exists", "podman"])
-            .await
-            .is_ok_and(|o| o.status.success());
+        let bridge = network.is_ok_and(|o| o.status.success());
         if !bridge {
             tracing::warn!(
                 binary = shown,
@@ -196,19 +205,17 @@ impl Podman {
             }
             _ => OomCheck::Inspect,
         };
-        let (owner, sweep) = owner_and_sweep(config.owner.as_deref());
+        swept?;
+        let trial_image = trial_image?;
         let podman = Podman {
             bridge,
             oom_check,
-            owner,
             ..podman
         };
-        if sweep {
-            podman.remove_leftovers().await?;
-        }
         if podman.oom_check == OomCheck::CgroupV1Peak {
             remove_stale_cgroups();
         }
+        crate::trial::run_trial_in(&podman, trial_image.as_deref()).await?;
         tracing::info!(
             binary = shown,
             version = %String::from_utf8_lossy(&version.stdout).trim(),
@@ -380,6 +387,47 @@ impl ImageStore for Podman {
     }
 }
 
+#[async_trait]
+impl TrialRuntime for Podman {
+    fn runtime_name(&self) -> &'static str {
+        "podman"
+    }
+
+    async fn import_rootfs(&self, reference: &str, rootfs: Vec<u8>) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut child = self
+            .command()
+            .args(["import", "--quiet", "-", reference])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", self.binary.display()))?;
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let write = async move {
+            let written = stdin.write_all(&rootfs).await;
+            drop(stdin);
+            written
+        };
+        let (written, output) = tokio::join!(write, child.wait_with_output());
+        let output = output.map_err(|e| format!("waiting for podman import: {e}"))?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).trim().to_string());
+        }
+        written.map_err(|e| format!("writing the image to podman import: {e}"))
+    }
+
+    async fn run_local(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        reference: &str,
+    ) -> Result<ProcessOutcome, RunError> {
+        self.run_once(spec, limits, cancel, reference, true).await
+    }
+}
+
 /// A containers-auth.json holding `credentials` for `registry`, in a file
 /// only root can read, deleted when dropped.
 fn write_authfile(
@@ -422,6 +470,8 @@ struct PodmanContainer {
     /// The memory limit and Kiln's parent cgroup (`kiln/<name>`), under
     /// [`OomCheck::CgroupV1Peak`].
     cgroup_peak: Option<(u64, String)>,
+    /// The task still removing that cgroup after `remove`, if any.
+    cgroup_removal: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Removes the parent cgroup `relative` (and the `conmon` group podman puts
@@ -445,16 +495,15 @@ fn try_remove_cgroup(relative: &str) -> bool {
 }
 
 /// Removes the parent cgroup `relative`, retrying in the background for a
-/// few seconds while conmon still sits in it.
-fn remove_cgroup(relative: &str) {
+/// few seconds while conmon still sits in it; the retrying task, if one
+/// was needed.
+fn remove_cgroup(relative: &str) -> Option<tokio::task::JoinHandle<()>> {
     if try_remove_cgroup(relative) {
-        return;
+        return None;
     }
     let relative = relative.to_string();
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    runtime.spawn(async move {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    Some(runtime.spawn(async move {
         let mut delay = Duration::from_millis(50);
         for _ in 0..8 {
             tokio::time::sleep(delay).await;
@@ -464,7 +513,7 @@ fn remove_cgroup(relative: &str) {
             delay *= 2;
         }
         tracing::warn!(cgroup = relative, "could not remove an action's cgroup");
-    });
+    }))
 }
 
 /// Removes the per-action parent cgroups under `kiln/` that are empty and
@@ -572,7 +621,7 @@ impl Container for PodmanContainer {
             }
         }
         if let Some((_, relative)) = &self.cgroup_peak {
-            remove_cgroup(relative);
+            self.cgroup_removal = remove_cgroup(relative);
         }
         Ok(())
     }
@@ -618,7 +667,9 @@ impl Isolation for Podman {
             .images
             .ensure(&spec.platform, self, false, cancel)
             .await?;
-        let outcome = self.run_once(spec, limits, cancel, &image).await?;
+        let outcome = self
+            .run_once(spec, limits, cancel, &image.pinned(), false)
+            .await?;
         // 125: podman itself failed, e.g. because the image we believed it
         // held was removed behind our back. Then pull and run once more.
         if outcome.exit_code == 125 && outcome.stopped.is_none() {
@@ -630,7 +681,9 @@ impl Isolation for Podman {
                     .images
                     .ensure(&spec.platform, self, true, cancel)
                     .await?;
-                return self.run_once(spec, limits, cancel, &image).await;
+                return self
+                    .run_once(spec, limits, cancel, &image.pinned(), false)
+                    .await;
             }
         }
         Ok(outcome)
@@ -638,13 +691,17 @@ impl Isolation for Podman {
 }
 
 impl Podman {
-    /// One `podman run` of the action in `image`.
+    /// One `podman run` of the action in `image`, a reference podman holds.
+    /// `settle`: return only once the container's cgroup is gone too (the
+    /// probe's trial, so a process stopped right after start-up leaves
+    /// nothing); an action leaves that to a background task instead.
     async fn run_once(
         &self,
         spec: &CommandSpec,
         limits: &Limits,
         cancel: &CancellationToken,
-        image: &crate::ResolvedImage,
+        image: &str,
+        settle: bool,
     ) -> Result<ProcessOutcome, RunError> {
         let params = RunParameters::new(spec, limits, image, self.bridge, &self.owner)?;
         // `--rm` saves a `podman rm` (a third of a trivial action's time);
@@ -689,7 +746,7 @@ impl Podman {
                         .status()
                         .await;
                     if let Some(relative) = cgroup {
-                        remove_cgroup(&relative);
+                        let _ = remove_cgroup(&relative);
                     }
                 });
             }
@@ -702,6 +759,7 @@ impl Podman {
             exited: false,
             stopped: false,
             cgroup_peak,
+            cgroup_removal: None,
         };
         let outcome = supervise(
             &mut container,
@@ -713,6 +771,9 @@ impl Podman {
         if outcome.is_ok() {
             // supervise removed it; on an error the guard does.
             guard.disarm();
+        }
+        if let (true, Some(removal)) = (settle, container.cgroup_removal.take()) {
+            let _ = removal.await;
         }
         outcome
     }

@@ -1148,3 +1148,230 @@ fn podman_starts_containers_without_configured_ulimits() {
         );
     });
 }
+
+/// The probe's trial: a container of the one-file trial image really
+/// starts (the runtime's own event log says so), and afterwards only the
+/// image is left, no container.
+#[test]
+fn a_probe_starts_a_trial_container_and_leaves_only_its_image() {
+    let Ok(services) = services() else {
+        skipped!("skipped: trial container: {}", services().err().unwrap());
+        return;
+    };
+    let trial_image = kiln_container::trial::TrialImage::for_arch(std::env::consts::ARCH)
+        .expect("a trial program for this architecture");
+    for runtime_name in ["docker", "podman"] {
+        let available = match runtime_name {
+            "docker" => services.docker.is_ok(),
+            _ => services.podman.is_ok(),
+        };
+        if !available {
+            skipped!("skipped: trial container with {runtime_name}: unavailable");
+            continue;
+        }
+        let owner = format!("trial-test-{}-{runtime_name}", uuid_like());
+        let probed = runtime().block_on(async {
+            match runtime_name {
+                "docker" => Docker::probe(DockerConfig {
+                    owner: Some(owner.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+                _ => Podman::probe(PodmanConfig {
+                    owner: Some(owner.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            }
+        });
+        probed.unwrap_or_else(|reason| panic!("{runtime_name}: {reason}"));
+
+        let label = format!("label=kiln.owner={owner}");
+        // `--until` in whole seconds: the next one, so this one's events
+        // are in (docker answers when that second has begun).
+        let until = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 1)
+        .to_string();
+        let events = match runtime_name {
+            "docker" => cli(
+                "docker",
+                &[
+                    "events",
+                    "--since",
+                    "10m",
+                    "--until",
+                    &until,
+                    "--filter",
+                    &label,
+                    "--filter",
+                    "event=start",
+                    "--format",
+                    "{{.From}}",
+                ],
+            ),
+            _ => cli(
+                "podman",
+                &[
+                    "events",
+                    "--stream=false",
+                    "--since",
+                    "10m",
+                    "--filter",
+                    &label,
+                    "--filter",
+                    "event=start",
+                    "--format",
+                    "{{.Image}}",
+                ],
+            ),
+        };
+        let started = String::from_utf8_lossy(&events.stdout).to_string();
+        assert_eq!(
+            started.trim(),
+            trial_image.reference,
+            "{runtime_name}: one trial container of the trial image started: {started:?} {}",
+            String::from_utf8_lossy(&events.stderr)
+        );
+        let left = cli(runtime_name, &["ps", "-a", "-q", "--filter", &label]);
+        assert_eq!(
+            String::from_utf8_lossy(&left.stdout).trim(),
+            "",
+            "{runtime_name}: no trial container is left"
+        );
+        assert!(
+            cli(runtime_name, &["image", "inspect", &trial_image.reference])
+                .status
+                .success(),
+            "{runtime_name}: the trial image is kept for the next start-up"
+        );
+    }
+}
+
+/// A fresh name part, so concurrent runs of the tests never see each
+/// other's events.
+fn uuid_like() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// A `podman` that answers every question like podman 4.3 but whose
+/// containers fail to start the way runc fails on a host that cannot grant
+/// the rlimits asked for. Needs no podman: it runs everywhere.
+fn failing_podman(dir: &Path, run: &str) -> PathBuf {
+    let script = dir.join("podman");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+case "$1" in
+  version) echo 4.3.1 ;;
+  info) echo "runc v2 systemd" ;;
+  network|image|ps|rm|stop|inspect) ;;
+  import) cat >/dev/null ;;
+  run) {run} ;;
+  *) echo "fake podman: unexpected $*" >&2; exit 2 ;;
+esac
+"#
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn a_podman_whose_containers_cannot_start_is_refused_with_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let podman = failing_podman(
+        dir.path(),
+        "echo 'Error: runc: runc create failed: unable to start container process: \
+         error during container init: error setting rlimit type 7: operation not permitted: \
+         OCI permission denied' >&2; exit 126",
+    );
+    let probed = runtime().block_on(Podman::probe(PodmanConfig {
+        binary: podman,
+        ..Default::default()
+    }));
+    let reason = match probed {
+        Ok(_) => panic!("a podman that cannot start containers was accepted"),
+        Err(reason) => reason,
+    };
+    assert!(
+        reason.starts_with("podman: the trial action `/true`"),
+        "{reason}"
+    );
+    assert!(reason.contains("exit code 126"), "{reason}");
+    assert!(
+        reason.contains("error setting rlimit type 7: operation not permitted"),
+        "the runtime's own words: {reason}"
+    );
+}
+
+/// The real failure the trial exists for: podman with no configured
+/// ulimits and without Kiln's `--ulimit` flags asks runc for nofile and
+/// nproc of 1048576, which root without `CAP_SYS_RESOURCE` cannot grant, so
+/// every container fails to start while `podman version` and `podman
+/// info` answer fine. The probe must refuse it, in runc's words.
+#[test]
+fn a_podman_whose_runtime_refuses_the_rlimits_is_refused_in_runcs_words() {
+    let services = match services() {
+        Ok(services) => services,
+        Err(reason) => return skipped!("skipped: podman refusing rlimits: {reason}"),
+    };
+    if let Err(reason) = &services.podman {
+        return skipped!("skipped: podman refusing rlimits: {reason}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("containers.conf");
+    std::fs::write(
+        &conf,
+        "[containers]\ninit_path = \"/usr/bin/catatonit\"\n\
+         [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+         [network]\nnetwork_backend = \"netavark\"\n",
+    )
+    .unwrap();
+    let wrapper = dir.path().join("podman");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/bash\nexport CONTAINERS_CONF={}\n\
+             if [ \"$1\" = run ]; then\n  args=()\n  \
+             for a in \"$@\"; do case \"$a\" in --ulimit=*) ;; *) args+=(\"$a\");; esac; done\n  \
+             exec podman \"${{args[@]}}\"\nfi\nexec podman \"$@\"\n",
+            conf.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let probed = runtime().block_on(Podman::probe(PodmanConfig {
+        binary: wrapper,
+        ..Default::default()
+    }));
+    match probed {
+        // Not a missing service: this host lets root raise its limits.
+        Ok(_) => skipped_anywhere(
+            "skipped: podman refusing rlimits: this host grants nofile=1048576, nothing fails",
+        ),
+        Err(reason) => {
+            assert!(reason.starts_with("podman: the trial action"), "{reason}");
+            assert!(reason.contains("error setting rlimit"), "{reason}");
+        }
+    }
+}
+
+/// A skip that is one under CI too: the host, not a service, decides.
+fn skipped_anywhere(line: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(format!("\n{line}\n").as_bytes());
+}

@@ -65,10 +65,12 @@ async fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     let ballast = vec![1u8; ballast_mib << 20];
-    let sandbox = Sandbox::probe(SandboxConfig::default()).unwrap_or_else(|reason| {
-        eprintln!("no sandbox: {reason}");
-        std::process::exit(1);
-    });
+    let sandbox = Sandbox::probe(SandboxConfig::default())
+        .await
+        .unwrap_or_else(|reason| {
+            eprintln!("no sandbox: {reason}");
+            std::process::exit(1);
+        });
     let unlimited = Limits {
         timeout: Duration::from_secs(60),
         grace: Duration::from_secs(1),

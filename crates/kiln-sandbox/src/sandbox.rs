@@ -7,13 +7,13 @@
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_platform::{DockerNetwork, Platform};
 use kiln_worker::process::{self, Limits, ProcessOutcome};
+use kiln_worker::trial::TrialAction;
 use kiln_worker::{CancellationToken, CommandSpec, Isolation, RunAs, RunError};
 use serde::{Deserialize, Serialize};
 
@@ -96,9 +96,32 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Checks that this host can run sandboxes (root, namespaces, cgroups)
-    /// by running `/bin/true` in one, and returns the backend; or a reason
-    /// a person can act on.
-    pub fn probe(config: SandboxConfig) -> Result<Sandbox, String> {
+    /// by running `true` as a trial action through [`Isolation::run`],
+    /// started both ways a real action can be (cloned, and with
+    /// `dockerInit`), and returns the backend; or a reason a person can act
+    /// on.
+    pub async fn probe(config: SandboxConfig) -> Result<Sandbox, String> {
+        let sandbox = tokio::task::spawn_blocking(move || Sandbox::check_host(config))
+            .await
+            .map_err(|e| format!("the sandbox probe panicked: {e}"))??;
+        for docker_init in [false, true] {
+            let mut platform = Platform::default();
+            platform.docker_init = docker_init;
+            let trial = TrialAction::new(&["true"], &[("PATH", "/usr/bin:/bin")], platform)?;
+            trial
+                .run_on(&sandbox)
+                .await
+                .map_err(|reason| match docker_init {
+                    true => format!("with dockerInit: {reason}"),
+                    false => reason,
+                })?;
+        }
+        Ok(sandbox)
+    }
+
+    /// The checks of the host that need no action, and the backend they
+    /// allow.
+    fn check_host(config: SandboxConfig) -> Result<Sandbox, String> {
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
         if euid != 0 {
@@ -146,7 +169,6 @@ impl Sandbox {
                 .filter(|c| !KEPT_CAPABILITIES.contains(c))
                 .collect(),
         };
-        sandbox.trial_run()?;
         Ok(sandbox)
     }
 
@@ -158,99 +180,6 @@ impl Sandbox {
     /// The configuration the sandbox was probed with.
     pub fn config(&self) -> &SandboxConfig {
         &self.config
-    }
-
-    /// Runs `/bin/true` in a sandbox, with every namespace and a cgroup
-    /// with every limit, as a real action would be.
-    fn trial_run(&self) -> Result<(), String> {
-        let limits = Limits {
-            timeout: std::time::Duration::from_secs(10),
-            grace: std::time::Duration::from_secs(1),
-            memory_bytes: Some(64 << 20),
-            cpu_millis: Some(1000),
-            pids_max: Some(16),
-        };
-        let cgroup = self.cgroup(&limits).map_err(|e| e.to_string())?;
-        let plan = self.plan(
-            None,
-            None,
-            None,
-            Path::new("/"),
-            None,
-            true,
-            cgroup.as_ref(),
-        );
-        self.trial_run_cloned(&plan)?;
-
-        // And with an init (dockerInit).
-        let (mut read_end, write_end) = stderr_pipe()?;
-        let mut command = std::process::Command::new("/bin/true");
-        command
-            .env_clear()
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(write_end)
-            .process_group(0);
-        // SAFETY: `child::enter` only makes async-signal-safe syscalls on
-        // the plan, which is built before the fork.
-        unsafe {
-            command.pre_exec(move || child::enter(&plan));
-        }
-        let spawned = command.spawn();
-        drop(command);
-        let mut stderr = String::new();
-        let _ = std::io::Read::read_to_string(&mut read_end, &mut stderr);
-        let status = spawned.and_then(|mut child| child.wait()).map_err(|e| {
-            format!(
-                "starting /bin/true in a sandbox with an init: {e}: {}",
-                explain(&stderr)
-            )
-        })?;
-        if !status.success() {
-            return Err(format!(
-                "/bin/true failed in a sandbox with an init ({status}): {}",
-                explain(&stderr)
-            ));
-        }
-        Ok(())
-    }
-
-    /// The same through the default, cloned start.
-    fn trial_run_cloned(&self, plan: &Plan) -> Result<(), String> {
-        use std::io::Read;
-        let (mut read_end, write_end) = stderr_pipe()?;
-        let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-        let exec =
-            Exec::new(Path::new("/bin/true"), &["true".into()], &[]).map_err(|e| e.to_string())?;
-        let stdio = child::Stdio {
-            stdin: null.as_raw_fd(),
-            stdout: null.as_raw_fd(),
-            stderr: write_end.as_raw_fd(),
-        };
-        let spawned = child::spawn_cloned(plan, &exec, &stdio);
-        drop(write_end);
-        let mut stderr = String::new();
-        let _ = read_end.read_to_string(&mut stderr);
-        let pid = spawned
-            .map_err(|e| {
-                let detail = if stderr.trim().is_empty() && e.raw_os_error() == Some(libc::EPERM) {
-                    "creating namespaces needs CAP_SYS_ADMIN (is the executor in an unprivileged container?)".to_string()
-                } else {
-                    explain(&stderr)
-                };
-                format!("starting /bin/true in a sandbox: {e}: {detail}")
-            })?;
-        let mut status = 0;
-        // SAFETY: reaps our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        let status = std::process::ExitStatus::from_raw(status);
-        if !status.success() {
-            return Err(format!(
-                "/bin/true failed in a sandbox ({status}): {}",
-                explain(&stderr)
-            ));
-        }
-        Ok(())
     }
 
     fn cgroup(&self, limits: &Limits) -> Result<Option<Cgroup>, RunError> {
@@ -338,6 +267,7 @@ pub(crate) async fn run_cloned(
     let (stdout, stderr) = spec.output_fds()?;
     let exec = Exec::new(program, &spec.arguments, &spec.environment_variables)
         .map_err(|e| RunError::InvalidArgument(format!("{program_name}: {e}")))?;
+    let namespaces = plan.namespaces;
     let spawned = tokio::task::spawn_blocking(move || {
         let stdio = child::Stdio {
             stdin: stdin.as_raw_fd(),
@@ -348,27 +278,18 @@ pub(crate) async fn run_cloned(
     })
     .await
     .map_err(|e| RunError::Internal(format!("starting {program_name:?}: {e}")))?;
-    let pid = spawned.map_err(|e| RunError::Internal(format!("starting {program_name:?}: {e}")))?;
+    let pid = spawned.map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EPERM) if namespaces => {
+                " (creating namespaces needs CAP_SYS_ADMIN: is the executor in an unprivileged container?)"
+            }
+            _ => "",
+        };
+        RunError::Internal(format!("starting {program_name:?}: {e}{hint}"))
+    })?;
     let child = ClonedChild::new(pid)
         .map_err(|e| RunError::Internal(format!("waiting for {program_name:?}: {e}")))?;
     process::supervise_process(child, program_name, limits, cancel).await
-}
-
-/// A pipe (read end, write end) to capture a trial run's stderr.
-fn stderr_pipe() -> Result<(std::fs::File, std::fs::File), String> {
-    use std::os::fd::FromRawFd;
-    let mut pipe = [0; 2];
-    // SAFETY: pipe2 fills the array with two new descriptors, each owned
-    // by one File below.
-    unsafe {
-        if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
-            return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
-        }
-        Ok((
-            std::fs::File::from_raw_fd(pipe[0]),
-            std::fs::File::from_raw_fd(pipe[1]),
-        ))
-    }
 }
 
 /// A setup failure line from the child, with the errno spelled out.

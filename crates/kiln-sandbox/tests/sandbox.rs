@@ -17,7 +17,19 @@ use kiln_worker::{
 
 fn sandbox() -> Option<&'static Sandbox> {
     static SANDBOX: OnceLock<Result<Sandbox, String>> = OnceLock::new();
-    match SANDBOX.get_or_init(|| Sandbox::probe(SandboxConfig::default())) {
+    // On a thread of its own: callers are inside a tokio runtime already.
+    let probe = || {
+        std::thread::spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(Sandbox::probe(SandboxConfig::default()))
+        })
+        .join()
+        .unwrap()
+    };
+    match SANDBOX.get_or_init(probe) {
         Ok(sandbox) => Some(sandbox),
         Err(reason) => {
             // CI runs as root on a host with cgroups: there a failed probe

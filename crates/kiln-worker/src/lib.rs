@@ -13,6 +13,7 @@
 //! - [`validate`]: directory-entry and path checks before anything runs;
 //! - [`isolation`]: the [`Isolation`] seam, its `none` backend, and
 //!   [`Isolations`], the set an executor offers;
+//! - [`trial`]: the trivial action each backend runs when it is probed;
 //! - [`process`]: the child-process supervision every backend shares
 //!   (process group, timeout, SIGTERM → grace → SIGKILL);
 //! - [`outputs`]: turning the declared outputs into ActionResult entries;
@@ -42,6 +43,7 @@ pub mod runners;
 pub mod scratch;
 pub mod session;
 pub mod stdio;
+pub mod trial;
 pub mod users;
 pub mod validate;
 pub mod worker;

@@ -1,6 +1,7 @@
 //! Which isolation backends this host offers: each configured type is
-//! probed at start-up and left out, with a log line saying why, when it
-//! does not work here. The executor advertises exactly what is left.
+//! probed at start-up, by running a trial action through the backend as a
+//! real action would run, and left out, with a log line saying why, when
+//! it does not work here. The executor advertises exactly what is left.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,9 +18,14 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct IsolationSettings {
     /// Types to offer, among `none`, `sandbox`, `docker`, `podman`; each
-    /// is probed at start-up and dropped (with a warning) if it does not
+    /// is probed at start-up by running a trial action (`true`; in a
+    /// container of a one-file image imported once, for `docker` and
+    /// `podman`) and dropped, with a warning saying why, if it does not
     /// work on this host. `none` is always offered.
     pub offer: Vec<String>,
+    /// The longest one probe may take (its trial action included) before
+    /// its type is dropped as not working. Probes run concurrently.
+    pub probe_timeout_s: u64,
     /// The type of actions that do not set `workload-isolation-type`.
     pub default: String,
     /// Image of `docker`/`podman` actions that set no `container-image`
@@ -69,6 +75,7 @@ impl Default for IsolationSettings {
             offer: ["none", "sandbox", "docker", "podman"]
                 .map(String::from)
                 .to_vec(),
+            probe_timeout_s: 30,
             default: "none".into(),
             default_image: String::new(),
             insecure_registries: Vec::new(),
@@ -168,50 +175,39 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> Isolations {
         insecure_registries: settings.insecure_registries.clone(),
         ..ImageConfig::default()
     };
-    // Probes run at once: podman's CLI alone takes a few hundred ms.
-    let probes = settings.offer.iter().map(|name| {
-        let images = images.clone();
-        async move {
-            let probed: Result<Arc<dyn Isolation>, String> = match name.as_str() {
-                "none" => return None,
-                "sandbox" => {
-                    let config = settings.sandbox.clone();
-                    tokio::task::spawn_blocking(move || Sandbox::probe(config))
-                        .await
-                        .unwrap_or_else(|e| Err(format!("the probe panicked: {e}")))
-                        .map(|s| Arc::new(s) as _)
-                }
-                "docker" => Docker::probe(DockerConfig {
-                    socket: settings.docker_socket.clone(),
-                    images,
-                    owner: Some(owner.to_string()),
-                })
-                .await
-                .map(|d| Arc::new(d) as _),
-                "podman" => Podman::probe(PodmanConfig {
-                    binary: settings.podman_binary.clone(),
-                    images,
-                    owner: Some(owner.to_string()),
-                })
-                .await
-                .map(|p| Arc::new(p) as _),
-                _ => Err("unknown isolation type (known: none, sandbox, docker, podman)".into()),
-            };
-            Some((name, probed))
-        }
-    });
-    for (name, probed) in futures::future::join_all(probes)
-        .await
-        .into_iter()
-        .flatten()
-    {
+    // Probes run at once: podman's CLI alone takes a few hundred ms, and
+    // each probe starts a trial action.
+    let probe_timeout = Duration::from_secs(settings.probe_timeout_s.max(1));
+    let probes = settings
+        .offer
+        .iter()
+        .filter(|name| *name != "none")
+        .map(|name| {
+            let images = images.clone();
+            async move {
+                let started = std::time::Instant::now();
+                // Dropping a probe that takes too long stops its trial
+                // action: the backends remove a container whose run is
+                // dropped.
+                let timed_out = || {
+                    format!("the probe did not finish within {probe_timeout:?} (probe_timeout_s)")
+                };
+                let probed = probe(name, settings, images, owner);
+                let probed = tokio::time::timeout(probe_timeout, probed)
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()));
+                (name, probed, started.elapsed())
+            }
+        });
+    for (name, probed, elapsed) in futures::future::join_all(probes).await {
+        let elapsed_ms = elapsed.as_millis() as u64;
         match probed {
             Ok(backend) => {
-                tracing::info!(isolation = %name, "isolation type offered");
+                tracing::info!(isolation = %name, elapsed_ms, "isolation type offered");
                 isolations = isolations.with(backend);
             }
             Err(reason) => {
-                tracing::warn!(isolation = %name, %reason, "isolation type not offered")
+                tracing::warn!(isolation = %name, %reason, elapsed_ms, "isolation type not offered")
             }
         }
     }
@@ -225,6 +221,36 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> Isolations {
     isolations
 }
 
+/// Probes the isolation type `name`: the backend, once its trial action
+/// ran, or why it does not work here.
+async fn probe(
+    name: &str,
+    settings: &IsolationSettings,
+    images: ImageConfig,
+    owner: &str,
+) -> Result<Arc<dyn Isolation>, String> {
+    match name {
+        "sandbox" => Sandbox::probe(settings.sandbox.clone())
+            .await
+            .map(|s| Arc::new(s) as _),
+        "docker" => Docker::probe(DockerConfig {
+            socket: settings.docker_socket.clone(),
+            images,
+            owner: Some(owner.to_string()),
+        })
+        .await
+        .map(|d| Arc::new(d) as _),
+        "podman" => Podman::probe(PodmanConfig {
+            binary: settings.podman_binary.clone(),
+            images,
+            owner: Some(owner.to_string()),
+        })
+        .await
+        .map(|p| Arc::new(p) as _),
+        _ => Err("unknown isolation type (known: none, sandbox, docker, podman)".into()),
+    }
+}
+
 /// Flags overriding [`IsolationSettings`], shared by `kiln serve` and
 /// `kiln executor`.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -233,6 +259,10 @@ pub struct IsolationArgs {
     /// podman); each is probed at start-up.
     #[arg(long = "isolation", value_delimiter = ',')]
     pub offer: Option<Vec<String>>,
+    /// Longest one isolation probe (its trial action included) may take,
+    /// seconds.
+    #[arg(long)]
+    pub probe_timeout_s: Option<u64>,
     /// Isolation type of actions that set no workload-isolation-type.
     #[arg(long = "default-isolation")]
     pub default: Option<String>,
@@ -278,6 +308,9 @@ impl IsolationArgs {
     pub fn apply(self, settings: &mut IsolationSettings) {
         if let Some(offer) = self.offer {
             settings.offer = offer;
+        }
+        if let Some(seconds) = self.probe_timeout_s {
+            settings.probe_timeout_s = seconds;
         }
         if let Some(default) = self.default {
             settings.default = default;
