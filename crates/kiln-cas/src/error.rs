@@ -18,6 +18,10 @@ pub enum CasError {
     Unimplemented(String),
     #[error("{0}")]
     Internal(String),
+    /// The store cannot serve until the server restarts (it stopped
+    /// after a failed sync): clients should retry elsewhere or later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl CasError {
@@ -30,6 +34,7 @@ impl CasError {
             }
             StoreError::SizeMismatch(_) => CasError::InvalidArgument(message),
             StoreError::Io { .. } => CasError::Internal(message),
+            StoreError::Stopped(_) => CasError::Unavailable(message),
         }
     }
 
@@ -41,6 +46,7 @@ impl CasError {
             CasError::ResourceExhausted(_) => Code::ResourceExhausted,
             CasError::Unimplemented(_) => Code::Unimplemented,
             CasError::Internal(_) => Code::Internal,
+            CasError::Unavailable(_) => Code::Unavailable,
         }
     }
 
@@ -59,7 +65,7 @@ impl From<CasError> for Status {
     /// I/O errors) are logged for operators; client mistakes only at debug.
     fn from(error: CasError) -> Status {
         match error {
-            CasError::Internal(_) | CasError::ResourceExhausted(_) => {
+            CasError::Internal(_) | CasError::ResourceExhausted(_) | CasError::Unavailable(_) => {
                 tracing::warn!(code = ?error.code(), %error, "storage request failed")
             }
             _ => tracing::debug!(code = ?error.code(), %error, "storage request refused"),

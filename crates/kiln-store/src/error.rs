@@ -25,6 +25,11 @@ pub enum StoreError {
     /// A streaming writer was given a different number of bytes than announced.
     #[error("{0}")]
     SizeMismatch(String),
+    /// The store stopped after a failure it cannot recover from while
+    /// running (a failed sync): it takes no writes and serves nothing until
+    /// it is opened again. The message names the store and the failure.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 impl StoreError {
@@ -59,6 +64,7 @@ impl StoreError {
             },
             StoreError::TooLarge(m) => StoreError::TooLarge(m.clone()),
             StoreError::SizeMismatch(m) => StoreError::SizeMismatch(m.clone()),
+            StoreError::Stopped(m) => StoreError::Stopped(m.clone()),
         }
     }
 }

@@ -48,6 +48,7 @@ impl DirectFileSink {
             OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .custom_flags(flags)
                 .open(path)
         };

@@ -18,6 +18,13 @@
 //! hash for files). So a blob is either whole and verified, or absent — and
 //! a torn write can never surface.
 //!
+//! Faults: a write that fails (a full disk) leaves no partial journal
+//! record behind, so the store keeps going once there is room again. A
+//! failed *sync* stops the store instead ([`StoreError::Stopped`]): Linux
+//! may have dropped the pages it could not write, so retrying could
+//! "succeed" without the data, and nothing the sync covered may ever be
+//! checkpointed. Opening again re-verifies everything past the checkpoint.
+//!
 //! Eviction keeps the store under `max_size_bytes`, approximately least
 //! recently used: whole old segments and cold files are dropped, and blobs
 //! in a dropped segment that were used recently are first copied forward.
@@ -33,7 +40,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -137,11 +144,26 @@ struct Inner {
     evicted_bytes: AtomicU64,
     /// What the next group commit must sync.
     unsynced: Mutex<Unsynced>,
+    /// Set once a sync failed: why the store stopped (see [`Inner::stop`]).
+    stopped: OnceLock<String>,
+    /// What the checkpoint on disk may cover of the current journal: its
+    /// length as of the last successful journal sync (or start-up), never
+    /// past its trust limit. Compaction lowers the checkpoint to this
+    /// before it switches journals.
+    checkpointed: AtomicU64,
+    /// Whether the last checkpoint write failed (logged once, not per commit).
+    checkpoint_failing: AtomicBool,
+    /// A journal compaction that failed is retried only once the journal
+    /// has grown past this, so a full disk is not hit every second.
+    compaction_retry_bytes: AtomicU64,
     _lock: File,
 }
 
 /// Files written since the last group commit. Syncing exactly these (not the
-/// whole file system) keeps commits cheap on a busy machine.
+/// whole file system) keeps commits cheap on a busy machine. Directories
+/// are here both when a file was renamed into one and when a file or
+/// directory was created in one: a new entry is durable only once its
+/// directory is synced.
 #[derive(Default)]
 struct Unsynced {
     segments: HashSet<u32>,
@@ -256,18 +278,12 @@ struct JournalFile {
     /// Bytes ever appended since start-up: only grows, also across
     /// compactions, so writers can wait for "durable up to here".
     logical: u64,
-}
-
-impl JournalFile {
-    /// Appends encoded records; returns the new logical end.
-    fn append(&mut self, records: &[u8]) -> Result<u64> {
-        (&*self.file)
-            .write_all(records)
-            .map_err(io_err("appending to the journal"))?;
-        self.len += records.len() as u64;
-        self.logical += records.len() as u64;
-        Ok(self.logical)
-    }
+    /// Checkpoints never reach past this: the first record that failed
+    /// verification at start-up, when the journal could not be rewritten
+    /// without it (a full disk). Such a record must stay untrusted, or a
+    /// later start would serve its bad data unverified. `u64::MAX` once
+    /// the journal holds only live records.
+    trust_limit: u64,
 }
 
 const INDEX_SHARDS: usize = 64;
@@ -346,19 +362,134 @@ fn file_path(root: &Path, key: &Key) -> PathBuf {
         .join(key.file_name())
 }
 
+/// [`io_err`] naming the store's directory, and for a full disk how much
+/// room its file system has left: what an operator needs from the message.
+fn store_io_error(root: &Path, context: impl Into<String>, error: io::Error) -> StoreError {
+    let context = format!("{} in {}", context.into(), root.display());
+    match StoreError::io(context, error) {
+        StoreError::NoSpace { context, source } => {
+            let context = match rustix::fs::statvfs(root) {
+                Ok(fs) => format!(
+                    "{context} (its file system has {} of {} bytes free)",
+                    fs.f_bavail.saturating_mul(fs.f_frsize),
+                    fs.f_blocks.saturating_mul(fs.f_frsize)
+                ),
+                Err(_) => context,
+            };
+            StoreError::NoSpace { context, source }
+        }
+        other => other,
+    }
+}
+
 fn fsync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
+/// Options that create files only the server can read: the store's
+/// directory is private already, this is the second lock.
+fn private_file() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = OpenOptions::new();
+    options.mode(0o600);
+    options
+}
+
+/// Creates a directory only the server can enter; whether it is new (and
+/// so its parent must be synced before anything in it is trusted).
+fn create_private_dir(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes `data` to `path` so that a reader sees the old file or the new
-/// one, never a mix, also after a crash.
+/// one, never a mix, also after a crash. A failure before the rename
+/// removes the temporary file again (on a full disk it holds the space).
 fn write_atomically(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp)?;
-    file.write_all(data)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
+    let written = private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(data)?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     fsync_dir(path.parent().expect("store paths have a parent"))
+}
+
+fn write_checkpoint(root: &Path, durable_len: u64) -> Result<()> {
+    write_atomically(
+        &root.join("checkpoint"),
+        &journal::encode_checkpoint(durable_len),
+    )
+    .map_err(|e| store_io_error(root, "writing the checkpoint", e))
+}
+
+/// How replacing the journal failed.
+enum ReplaceError {
+    /// Nothing changed: the old journal is in place, and the checkpoint
+    /// still fits it.
+    Untouched(StoreError),
+    /// The new journal was renamed in but its directory did not sync: after
+    /// a crash either journal may be the one found. Both fit the checkpoint,
+    /// but appends to the new one could vanish with it.
+    Uncertain(StoreError),
+}
+
+/// Replaces the journal with `records`, whose data is durable already.
+/// `durable` is how much of the current journal the checkpoint may cover.
+/// A crash at any step leaves a journal that the checkpoint fits: before the
+/// rename, the checkpoint is lowered to what both journals hold durably;
+/// after it, raised to the new length (if that write fails, the lower value
+/// stays: safe, only more to re-verify). Returns the new journal, open for
+/// appends.
+fn replace_journal(root: &Path, records: &[u8], durable: u64) -> Result<File, ReplaceError> {
+    let path = root.join("journal");
+    let tmp = root.join("journal.tmp");
+    let prepared = private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(records)?;
+            file.sync_all()?;
+            // Appends must go to the end also after a failed one was cut off.
+            OpenOptions::new().append(true).open(&tmp)
+        })
+        .map_err(|e| store_io_error(root, "writing a new journal", e))
+        .and_then(|file| {
+            write_checkpoint(root, durable.min(records.len() as u64))?;
+            fs::rename(&tmp, &path)
+                .map_err(|e| store_io_error(root, "moving the new journal into place", e))?;
+            Ok(file)
+        });
+    let file = prepared.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        ReplaceError::Untouched(e)
+    })?;
+    fsync_dir(root).map_err(|e| {
+        ReplaceError::Uncertain(store_io_error(
+            root,
+            "syncing the new journal's directory",
+            e,
+        ))
+    })?;
+    if let Err(e) = write_checkpoint(root, records.len() as u64) {
+        tracing::warn!(error = %e, "the new journal's checkpoint was not written; the next start re-verifies it");
+    }
+    Ok(file)
 }
 
 impl DiskStore {
@@ -366,18 +497,27 @@ impl DiskStore {
     pub fn open(config: DiskStoreConfig) -> Result<(DiskStore, RecoveryReport)> {
         let started = Instant::now();
         let root = config.path.clone();
-        for dir in ["segments", "files", "tmp"] {
-            fs::create_dir_all(root.join(dir))
-                .map_err(io_err(format!("creating {}", root.join(dir).display())))?;
-        }
         // The store is the server's alone: no other local user reads a blob
-        // (or learns one exists) through the file system.
+        // (or learns one exists) through the file system. Its parents keep
+        // their usual modes (actions must traverse the data directory).
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
+        }
+        create_private_dir(&root).map_err(io_err(format!("creating {}", root.display())))?;
         {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
                 .map_err(io_err(format!("making {} private", root.display())))?;
         }
-        let lock = File::create(root.join("LOCK"))
+        for dir in ["segments", "files", "tmp"] {
+            create_private_dir(&root.join(dir))
+                .map_err(io_err(format!("creating {}", root.join(dir).display())))?;
+        }
+        let lock = private_file()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(root.join("LOCK"))
             .map_err(io_err(format!("creating {}/LOCK", root.display())))?;
         let waiting_since = Instant::now();
         let mut logged = false;
@@ -405,13 +545,15 @@ impl DiskStore {
                 }
             }
         }
-        // Writes that never committed.
+        // Writes that never committed, and a journal rewrite that never
+        // finished: on a full disk they hold the room the start needs.
         for entry in fs::read_dir(root.join("tmp"))
             .map_err(io_err("listing tmp/"))?
             .flatten()
         {
             let _ = fs::remove_file(entry.path());
         }
+        let _ = fs::remove_file(root.join("journal.tmp"));
 
         let mut report = RecoveryReport::default();
         let (segments, files) = list_existing(&root)?;
@@ -419,7 +561,8 @@ impl DiskStore {
             .ok()
             .and_then(|buf| journal::decode_checkpoint(&buf))
             .unwrap_or(0);
-        let replayed = replay_journal(&root, &segments, &files, durable_len, &mut report)?;
+        let replay = replay_journal(&root, &segments, &files, durable_len, &mut report)?;
+        let replayed = &replay.live;
 
         // Orphans: data no surviving record points at.
         let live_segments: HashSet<u32> = replayed
@@ -439,22 +582,42 @@ impl DiskStore {
             let _ = fs::remove_file(file_path(&root, key));
         }
 
-        // Rewrite the journal with live records only; make everything durable.
+        // Everything replayed (also what was verified past the checkpoint)
+        // becomes durable; then the journal is rewritten with live records
+        // only, and the checkpoint covers all of it.
+        let root_dir = File::open(&root).map_err(io_err(format!("opening {}", root.display())))?;
+        rustix::fs::syncfs(&root_dir).map_err(|e| StoreError::io("syncing the store", e.into()))?;
         let mut compact = Vec::with_capacity(replayed.len() * RECORD_LEN);
         let mut ordered: Vec<_> = replayed.values().collect();
         ordered.sort_by_key(|(_, position)| *position);
         for (record, _) in &ordered {
             record.encode(&mut compact);
         }
-        write_atomically(&root.join("journal"), &compact)
-            .map_err(io_err("rewriting the journal"))?;
-        let root_dir = File::open(&root).map_err(io_err(format!("opening {}", root.display())))?;
-        rustix::fs::syncfs(&root_dir).map_err(|e| StoreError::io("syncing the store", e.into()))?;
-        write_atomically(
-            &root.join("checkpoint"),
-            &journal::encode_checkpoint(compact.len() as u64),
-        )
-        .map_err(io_err("writing the checkpoint"))?;
+        let (journal, journal_len, trust_limit, checkpointed) =
+            match replace_journal(&root, &compact, durable_len) {
+                Ok(file) => (file, compact.len() as u64, u64::MAX, u64::MAX),
+                Err(ReplaceError::Uncertain(e)) => return Err(e),
+                // A full disk has no room for a new journal. The old one
+                // serves as it is (see `JournalFile::trust_limit`); the
+                // commit thread compacts it once there is room.
+                Err(ReplaceError::Untouched(e)) => {
+                    tracing::warn!(
+                        error = %e,
+                        "could not rewrite the journal at start-up; keeping it as it is"
+                    );
+                    let file = private_file()
+                        .append(true)
+                        .create(true)
+                        .open(root.join("journal"))
+                        .map_err(io_err("opening the journal"))?;
+                    let len = file
+                        .metadata()
+                        .map_err(io_err("reading the journal"))?
+                        .len();
+                    let trust_limit = replay.trust_limit;
+                    (file, len, trust_limit, durable_len.min(trust_limit))
+                }
+            };
 
         // Ages: journal order stands in for access order across a restart
         // (retention is applied on top, not baked into the order).
@@ -499,14 +662,18 @@ impl DiskStore {
                 }),
             );
         }
-        let next_id = segments.keys().next_back().map_or(1, |id| id + 1);
+        // Past every id a record names, not only every file there is: a
+        // journal kept as it is may name deleted segments, and their ids
+        // must never come back with other data.
+        let next_id = segments
+            .keys()
+            .next_back()
+            .copied()
+            .max(replay.max_segment)
+            .map_or(1, |id| id + 1);
         let active = Self::create_segment(&root, next_id)?;
         segment_map.insert(next_id, active.clone());
 
-        let journal = OpenOptions::new()
-            .append(true)
-            .open(root.join("journal"))
-            .map_err(io_err("opening the journal"))?;
         let segment_size = config.segment_size();
         let inner = Arc::new(Inner {
             segment_size,
@@ -519,8 +686,9 @@ impl DiskStore {
             }),
             journal: Mutex::new(JournalFile {
                 file: Arc::new(journal),
-                len: compact.len() as u64,
+                len: journal_len,
                 logical: 0,
+                trust_limit,
             }),
             committed: watch::channel(0).0,
             commit_lock: Mutex::new(()),
@@ -532,7 +700,16 @@ impl DiskStore {
             copied_forward_bytes: AtomicU64::new(0),
             evicted_entries: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
-            unsynced: Mutex::default(),
+            // The active segment's directory entry is new (and so is the
+            // journal's, if it had to be created where it was kept).
+            unsynced: Mutex::new(Unsynced {
+                dirs: HashSet::from([config.path.join("segments"), config.path.clone()]),
+                ..Unsynced::default()
+            }),
+            stopped: OnceLock::new(),
+            checkpointed: AtomicU64::new(journal_len.min(checkpointed)),
+            checkpoint_failing: AtomicBool::new(false),
+            compaction_retry_bytes: AtomicU64::new(0),
             _lock: lock,
             config,
         });
@@ -551,14 +728,17 @@ impl DiskStore {
         Ok((store, report))
     }
 
+    /// Creates segment `id`. Its directory entry becomes durable with the
+    /// next group commit, before any record naming it is checkpointed: the
+    /// caller registers `segments/` as unsynced.
     fn create_segment(root: &Path, id: u32) -> Result<Arc<Segment>> {
         let path = segment_path(root, id);
-        let file = OpenOptions::new()
+        let file = private_file()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(io_err(format!("creating segment {}", path.display())))?;
+            .map_err(|e| store_io_error(root, format!("creating segment {id}"), e))?;
         Ok(Arc::new(Segment {
             id,
             file: Arc::new(file),
@@ -606,8 +786,9 @@ impl DiskStore {
         }
         self.inner.commit_wakeup.wake();
         let mut committed = self.inner.committed.subscribe();
-        committed
-            .wait_for(|len| *len >= journal_end)
+        let inner = &self.inner;
+        let committed_len = *committed
+            .wait_for(|len| *len >= journal_end || inner.stopped.get().is_some())
             .await
             .map_err(|_| {
                 StoreError::io(
@@ -615,7 +796,12 @@ impl DiskStore {
                     io::Error::other("store closed"),
                 )
             })?;
-        Ok(())
+        if committed_len >= journal_end {
+            Ok(())
+        } else {
+            // The sync that was to cover this write failed.
+            self.inner.check_running()
+        }
     }
 }
 
@@ -663,47 +849,89 @@ fn list_existing(root: &Path) -> Result<(ExistingSegments, ExistingFiles)> {
     Ok((segments, files))
 }
 
-/// Replays the journal: the last valid record of each key, with its
-/// position. Records past `durable_len` are re-verified against their data.
+/// What replaying the journal found.
+struct Replay {
+    /// The last valid record of each key, with its position.
+    live: HashMap<Key, (Record, u64)>,
+    /// Where the first record that failed verification starts (see
+    /// [`JournalFile::trust_limit`]); `u64::MAX` if none did.
+    trust_limit: u64,
+    /// The highest segment id any record names, valid or not.
+    max_segment: Option<u32>,
+}
+
+/// Replays the journal. Records past `durable_len` are re-verified against
+/// their data. A stretch that is not a record (a torn append) is skipped
+/// byte by byte until records decode again, and every record after it is
+/// re-verified too, checkpoint or not: a journal damaged in the middle (by
+/// an append cut short on a full disk, before Kiln cut such appends off)
+/// loses only the damaged record, not everything after it.
 fn replay_journal(
     root: &Path,
     segments: &ExistingSegments,
     files: &ExistingFiles,
     durable_len: u64,
     report: &mut RecoveryReport,
-) -> Result<HashMap<Key, (Record, u64)>> {
-    let mut live = HashMap::new();
+) -> Result<Replay> {
+    let mut replay = Replay {
+        live: HashMap::new(),
+        trust_limit: u64::MAX,
+        max_segment: None,
+    };
     let mut journal = match File::open(root.join("journal")) {
         Ok(file) => io::BufReader::with_capacity(1 << 20, file),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(live),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(replay),
         Err(e) => return Err(StoreError::io("opening the journal", e)),
     };
     let mut buf = [0u8; RECORD_LEN];
-    let mut position = 0u64;
+    // Bytes of `buf` read so far, and the journal offset of `buf[0]`.
+    let (mut filled, mut position) = (0usize, 0u64);
+    // Whether a torn stretch was seen, and whether `buf` starts inside one.
+    let (mut torn, mut in_tear) = (false, false);
     loop {
-        match journal.read_exact(&mut buf) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(StoreError::io("reading the journal", e)),
+        while filled < RECORD_LEN {
+            match journal.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(StoreError::io("reading the journal", e)),
+            }
+        }
+        if filled < RECORD_LEN {
+            // A torn last append: nothing after it was acknowledged.
+            if filled > 0 && !in_tear {
+                report.dropped_invalid += 1;
+            }
+            break;
         }
         let Some(record) = Record::decode(&buf) else {
-            // A torn append: nothing after it was acknowledged as durable.
-            report.dropped_invalid += 1;
-            break;
+            if !in_tear {
+                report.dropped_invalid += 1;
+                torn = true;
+                in_tear = true;
+            }
+            buf.copy_within(1.., 0);
+            filled -= 1;
+            position += 1;
+            continue;
         };
-        let trusted = position + RECORD_LEN as u64 <= durable_len;
+        in_tear = false;
+        let trusted = !torn && position + RECORD_LEN as u64 <= durable_len;
         let valid = match record.location {
-            Location::Packed { segment, offset } => match segments.get(&segment) {
-                Some((file, len)) if offset + record.len <= *len => {
-                    trusted || {
-                        report.verified_after_checkpoint += 1;
-                        let mut data = vec![0u8; record.len as usize];
-                        file.read_exact_at(&mut data, offset).is_ok()
-                            && crc32c::crc32c(&data) == record.payload_crc
+            Location::Packed { segment, offset } => {
+                replay.max_segment = replay.max_segment.max(Some(segment));
+                match segments.get(&segment) {
+                    Some((file, len)) if offset + record.len <= *len => {
+                        trusted || {
+                            report.verified_after_checkpoint += 1;
+                            let mut data = vec![0u8; record.len as usize];
+                            file.read_exact_at(&mut data, offset).is_ok()
+                                && crc32c::crc32c(&data) == record.payload_crc
+                        }
                     }
+                    _ => false,
                 }
-                _ => false,
-            },
+            }
             Location::File => match files.get(&record.key) {
                 Some(&len) if len == record.len => {
                     trusted || {
@@ -715,13 +943,17 @@ fn replay_journal(
             },
         };
         if valid {
-            live.insert(record.key, (record, position));
+            replay.live.insert(record.key, (record, position));
         } else {
             report.dropped_invalid += 1;
+            if !trusted {
+                replay.trust_limit = replay.trust_limit.min(position);
+            }
         }
+        filled = 0;
         position += RECORD_LEN as u64;
     }
-    Ok(live)
+    Ok(replay)
 }
 
 fn file_matches_key(path: &Path, key: &Key) -> bool {
@@ -748,6 +980,46 @@ fn file_matches_key(path: &Path, key: &Key) -> bool {
 }
 
 impl Inner {
+    /// Stops the store after `cause`, a failure it cannot recover from
+    /// while running: a failed sync (Linux may have dropped the pages it
+    /// could not write, so a retry could "succeed" without the data), or a
+    /// journal that is no longer what the store believes. From then on
+    /// every call fails with [`StoreError::Stopped`] and no checkpoint is
+    /// written, so nothing the failed sync covered is ever acknowledged as
+    /// durable or trusted unverified; writers waiting for a commit are
+    /// woken. Returns `cause`, for the caller that hit it.
+    fn stop(&self, cause: StoreError) -> StoreError {
+        let mut first = false;
+        self.stopped.get_or_init(|| {
+            first = true;
+            format!(
+                "the disk store stopped: {cause}. It takes no writes and serves nothing until \
+                 kiln restarts; the restart re-verifies every write since the last checkpoint"
+            )
+        });
+        if first {
+            tracing::error!(
+                path = %self.root.display(),
+                error = %cause,
+                "the disk store stopped: restart kiln to recover (writes since the last checkpoint are re-verified)"
+            );
+        }
+        self.committed.send_modify(|_| {});
+        cause
+    }
+
+    fn check_running(&self) -> Result<()> {
+        match self.stopped.get() {
+            Some(reason) => Err(StoreError::Stopped(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn io_err(&self, context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError + '_ {
+        let context = context.into();
+        move |error| store_io_error(&self.root, context, error)
+    }
+
     fn epoch(&self) -> u32 {
         self.epoch.load(Ordering::Relaxed)
     }
@@ -765,6 +1037,7 @@ impl Inner {
     }
 
     fn get_blocking(&self, key: &Key) -> Result<Option<Blob>> {
+        self.check_running()?;
         let Some(entry) = self.lookup(key) else {
             return Ok(None);
         };
@@ -812,12 +1085,14 @@ impl Inner {
         items: &[(Key, Bytes)],
         stamp: impl Fn(usize) -> (u32, Retention),
     ) -> Result<u64> {
+        self.check_running()?;
         let total: u64 = items.iter().map(|(_, data)| data.len() as u64).sum();
         let (segment, base) = {
             let mut active = self.active.lock();
             if active.next_offset > 0 && active.next_offset + total > self.segment_size {
                 let id = active.segment.id + 1;
                 let fresh = DiskStore::create_segment(&self.root, id)?;
+                self.unsynced.lock().dirs.insert(self.root.join("segments"));
                 active
                     .segment
                     .sealed_epoch
@@ -836,11 +1111,13 @@ impl Inner {
         self.total_bytes.fetch_add(total, Ordering::Relaxed);
         self.account_written(total);
 
+        // A failed write leaves no record, so whatever part of it landed is
+        // never read; its reserved range stays a hole in the segment.
         let write = |data: &[u8]| {
             segment
                 .file
                 .write_all_at(data, base)
-                .map_err(io_err(format!(
+                .map_err(self.io_err(format!(
                     "appending {} bytes to segment {}",
                     data.len(),
                     segment.id
@@ -884,6 +1161,7 @@ impl Inner {
     /// Marks the stored blobs among `keys` used now with `retention`, and
     /// journals each changed retention (with the next group commit).
     fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()> {
+        self.check_running()?;
         let now = self.epoch();
         // Under the journal lock, like every index change that is journaled,
         // so a compaction cannot miss it.
@@ -901,7 +1179,7 @@ impl Inner {
             }
         }
         if !records.is_empty() {
-            journal.append(&records)?;
+            self.append_records(&mut journal, &records)?;
         }
         Ok(())
     }
@@ -923,7 +1201,7 @@ impl Inner {
         entries: &[(Key, Entry)],
     ) -> Result<(u64, Vec<Option<Entry>>)> {
         let mut journal = self.journal.lock();
-        journal.append(records)?;
+        self.append_records(&mut journal, records)?;
         let replaced = entries
             .iter()
             .map(|(key, entry)| self.index.insert(*key, *entry))
@@ -931,8 +1209,69 @@ impl Inner {
         Ok((journal.logical, replaced))
     }
 
-    /// Syncs the data written since the last commit: segments, blob files
-    /// and the directories they were renamed into.
+    /// Appends encoded records to the journal (locked by the caller);
+    /// returns the new logical end. A failed append (a full disk) may have
+    /// written part of them: that part is cut off again, or every later
+    /// record would be misaligned and skipped at the next start. If even
+    /// that fails, the journal is no longer what the store believes, and
+    /// the store stops.
+    fn append_records(&self, journal: &mut JournalFile, records: &[u8]) -> Result<u64> {
+        self.check_running()?;
+        if let Err(error) = (&*journal.file).write_all(records) {
+            let error = store_io_error(
+                &self.root,
+                format!("appending {} bytes to the journal", records.len()),
+                error,
+            );
+            if let Err(cut) = journal.file.set_len(journal.len) {
+                return Err(self.stop(StoreError::io(
+                    format!("cutting a partial record off the journal after {error}"),
+                    cut,
+                )));
+            }
+            return Err(error);
+        }
+        journal.len += records.len() as u64;
+        journal.logical += records.len() as u64;
+        Ok(journal.logical)
+    }
+
+    /// Moves a verified blob file from `tmp/` into `files/` and journals
+    /// it, under the journal lock: no concurrent upload of the same blob
+    /// renames over it between the two, so if the record cannot be written
+    /// (a full disk) the file can go again, unless it is an earlier upload's.
+    /// Returns the entry replaced.
+    fn install_file(
+        &self,
+        key: Key,
+        tmp_path: &Path,
+        entry: Entry,
+        record: &[u8],
+    ) -> Result<Option<Entry>> {
+        let path = file_path(&self.root, &key);
+        let mut journal = self.journal.lock();
+        let moved = self.check_running().and_then(|()| {
+            fs::rename(tmp_path, &path)
+                .map_err(self.io_err(format!("moving blob {key:?} into place")))
+        });
+        if let Err(e) = moved {
+            let _ = fs::remove_file(tmp_path);
+            return Err(e);
+        }
+        if let Err(e) = self.append_records(&mut journal, record) {
+            let stored = self.index.shard(&key).lock().get(&key).map(Entry::location);
+            if stored != Some(Location::File) {
+                let _ = fs::remove_file(&path);
+            }
+            return Err(e);
+        }
+        Ok(self.index.insert(key, entry))
+    }
+
+    /// Syncs the data written since the last commit: segments, blob files,
+    /// and the directories entries were created or renamed in. A failure
+    /// stops the store: the caller must not acknowledge or checkpoint
+    /// anything this sync was to cover.
     fn sync_unsynced(&self) -> Result<()> {
         let unsynced = std::mem::take(&mut *self.unsynced.lock());
         let segments: Vec<Arc<Segment>> = {
@@ -943,19 +1282,23 @@ impl Inner {
                 .filter_map(|id| all.get(id).cloned())
                 .collect()
         };
-        for segment in segments {
-            segment
-                .file
-                .sync_data()
-                .map_err(io_err(format!("syncing segment {}", segment.id)))?;
-        }
-        for file in &unsynced.files {
-            file.sync_all().map_err(io_err("syncing a blob file"))?;
-        }
-        for dir in &unsynced.dirs {
-            fsync_dir(dir).map_err(io_err(format!("syncing {}", dir.display())))?;
-        }
-        Ok(())
+        let synced = (|| {
+            for segment in segments {
+                segment
+                    .file
+                    .sync_data()
+                    .map_err(self.io_err(format!("syncing segment {}", segment.id)))?;
+            }
+            for file in &unsynced.files {
+                file.sync_all()
+                    .map_err(self.io_err("syncing a blob file"))?;
+            }
+            for dir in &unsynced.dirs {
+                fsync_dir(dir).map_err(io_err(format!("syncing {}", dir.display())))?;
+            }
+            Ok(())
+        })();
+        synced.map_err(|e| self.stop(e))
     }
 
     /// Whether the journal holds so many replaced or evicted records that
@@ -964,14 +1307,17 @@ impl Inner {
         let len = self.journal.lock().len;
         let live = self.index.len() as u64 * RECORD_LEN as u64;
         len > self.config.journal_compaction_min_bytes.max(2 * live)
+            && len >= self.compaction_retry_bytes.load(Ordering::Relaxed)
     }
 
     /// Rewrites the journal with one record per live entry. Writers wait
     /// meanwhile; everything the new journal names is synced first, so it
-    /// is trusted whole.
+    /// is trusted whole. If there is no room for the new journal, the old
+    /// one stays and the next attempt waits until it has grown by a quarter.
     fn compact_journal(&self) -> Result<()> {
         let started = Instant::now();
         let _serialized = self.commit_lock.lock();
+        self.check_running()?;
         let mut journal = self.journal.lock();
         self.sync_unsynced()?;
         let mut live = self.index.snapshot();
@@ -981,20 +1327,23 @@ impl Inner {
         for (key, entry) in &live {
             entry.record(*key).encode(&mut records);
         }
-        let path = self.root.join("journal");
         let before = journal.len;
-        write_atomically(&path, &records).map_err(io_err("rewriting the journal"))?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io_err("reopening the journal"))?;
+        // What the old journal holds durably: as of the last commit, so
+        // the checkpoint on disk is never above it.
+        let durable = self.checkpointed.load(Ordering::Relaxed);
+        let file = match replace_journal(&self.root, &records, durable) {
+            Ok(file) => file,
+            Err(ReplaceError::Untouched(e)) => {
+                self.compaction_retry_bytes
+                    .store(before + before / 4, Ordering::Relaxed);
+                return Err(e);
+            }
+            Err(ReplaceError::Uncertain(e)) => return Err(self.stop(e)),
+        };
         journal.file = Arc::new(file);
         journal.len = records.len() as u64;
-        write_atomically(
-            &self.root.join("checkpoint"),
-            &journal::encode_checkpoint(journal.len),
-        )
-        .map_err(io_err("writing the checkpoint"))?;
+        journal.trust_limit = u64::MAX;
+        self.checkpointed.store(journal.len, Ordering::Relaxed);
         self.committed.send_replace(journal.logical);
         tracing::info!(
             records = live.len(),
@@ -1007,25 +1356,48 @@ impl Inner {
     }
 
     /// Group commit: everything appended so far reaches the disk, then the
-    /// checkpoint says so.
+    /// checkpoint says so. A failed sync stops the store (see
+    /// [`Inner::stop`]); a failed checkpoint write does not, as the journal
+    /// is durable already and an older checkpoint only means more to
+    /// re-verify at the next start.
     fn commit(&self) -> Result<()> {
         let _serialized = self.commit_lock.lock();
+        self.check_running()?;
         // Data of every record up to here was registered as unsynced before
         // its record was appended, so the sync below covers it.
-        let (logical, file_len, file) = {
+        let (logical, file_len, trust_limit, file) = {
             let journal = self.journal.lock();
-            (journal.logical, journal.len, journal.file.clone())
+            (
+                journal.logical,
+                journal.len,
+                journal.trust_limit,
+                journal.file.clone(),
+            )
         };
         if logical <= *self.committed.borrow() {
             return Ok(());
         }
         self.sync_unsynced()?;
-        file.sync_data().map_err(io_err("syncing the journal"))?;
-        write_atomically(
-            &self.root.join("checkpoint"),
-            &journal::encode_checkpoint(file_len),
-        )
-        .map_err(io_err("writing the checkpoint"))?;
+        file.sync_data()
+            .map_err(|e| self.stop(store_io_error(&self.root, "syncing the journal", e)))?;
+        let checkpoint = file_len.min(trust_limit);
+        self.checkpointed.store(checkpoint, Ordering::Relaxed);
+        match write_checkpoint(&self.root, checkpoint) {
+            Ok(()) => {
+                if self.checkpoint_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the checkpoint is written again");
+                }
+            }
+            Err(e) => {
+                if !self.checkpoint_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %e,
+                        "could not write the checkpoint; the journal is durable, and the next \
+                         start re-verifies what the last checkpoint does not cover"
+                    );
+                }
+            }
+        }
         self.committed.send_replace(logical);
         Ok(())
     }
@@ -1108,6 +1480,10 @@ impl Inner {
             }
             match victim {
                 Victim::File(key, len) => {
+                    // Under the journal lock, like `install_file`: a new
+                    // upload of the same blob is either not yet renamed in
+                    // (and stays) or already indexed (and this skips it).
+                    let _journal = self.journal.lock();
                     if self.index.remove_if_at(&key, Location::File) {
                         let _ = fs::remove_file(file_path(&self.root, &key));
                         self.total_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -1192,7 +1568,9 @@ fn committer(inner: Weak<Inner>, wakeup: Arc<Wakeup>, interval: Duration) {
             *woken = false;
         }
         let Some(store) = inner.upgrade() else { return };
-        if let Err(e) = store.commit() {
+        if store.stopped.get().is_some() {
+            // Stopped: nothing to commit ever again (the error was logged).
+        } else if let Err(e) = store.commit() {
             tracing::error!(error = %e, "group commit failed");
         } else if store.journal_needs_compaction() {
             if let Err(e) = store.compact_journal() {
@@ -1204,7 +1582,9 @@ fn committer(inner: Weak<Inner>, wakeup: Arc<Wakeup>, interval: Duration) {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Err(e) = self.commit() {
+        if self.stopped.get().is_some() {
+            // Nothing may be committed after a failed sync.
+        } else if let Err(e) = self.commit() {
             tracing::error!(error = %e, "final commit failed");
         }
         self.commit_wakeup.wake();
@@ -1221,6 +1601,19 @@ struct FileWriter {
     sink: Option<DirectFileSink>,
 }
 
+impl FileWriter {
+    /// What a failed write was doing, for the error (the store's directory
+    /// is added by [`store_io_error`]).
+    fn writing(&self) -> String {
+        let name = self.tmp_path.file_name().unwrap_or_default();
+        format!(
+            "writing blob {:?} to tmp/{}",
+            self.key,
+            name.to_string_lossy()
+        )
+    }
+}
+
 impl BlobWriter for FileWriter {
     fn write(&mut self, data: &[u8]) -> Result<()> {
         if self.written + data.len() as u64 > self.size {
@@ -1230,11 +1623,8 @@ impl BlobWriter for FileWriter {
             )));
         }
         let sink = self.sink.as_mut().expect("open until commit");
-        sink.write(data).map_err(io_err(format!(
-            "writing blob {:?} to {}",
-            self.key,
-            self.tmp_path.display()
-        )))?;
+        sink.write(data)
+            .map_err(|e| store_io_error(&self.store.root, self.writing(), e))?;
         self.written += data.len() as u64;
         Ok(())
     }
@@ -1251,11 +1641,7 @@ impl BlobWriter for FileWriter {
             .take()
             .expect("open until commit")
             .finish(self.size)
-            .map_err(io_err(format!(
-                "writing blob {:?} to {}",
-                self.key,
-                self.tmp_path.display()
-            )));
+            .map_err(|e| store_io_error(&self.store.root, self.writing(), e));
         let file = match file {
             Ok(file) => file,
             Err(e) => {
@@ -1267,18 +1653,26 @@ impl BlobWriter for FileWriter {
         let parent = path
             .parent()
             .expect("blob files live in a fan-out directory");
-        fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
-        if let Err(e) = fs::rename(&self.tmp_path, &path) {
-            let _ = fs::remove_file(&self.tmp_path);
-            return Err(StoreError::io(
-                format!("moving blob {:?} into place", self.key),
-                e,
-            ));
-        }
+        let new_dir = match create_private_dir(parent) {
+            Ok(new_dir) => new_dir,
+            Err(e) => {
+                let _ = fs::remove_file(&self.tmp_path);
+                return Err(store_io_error(
+                    &self.store.root,
+                    format!("creating {}", parent.display()),
+                    e,
+                ));
+            }
+        };
         {
+            // Before the record exists, so the commit that makes the record
+            // durable syncs all of this first.
             let mut unsynced = self.store.unsynced.lock();
             unsynced.files.push(file);
             unsynced.dirs.insert(parent.to_path_buf());
+            if new_dir {
+                unsynced.dirs.insert(self.store.root.join("files"));
+            }
         }
         let entry = Entry::new(
             Location::File,
@@ -1289,8 +1683,9 @@ impl BlobWriter for FileWriter {
         );
         let mut record = Vec::with_capacity(RECORD_LEN);
         entry.record(self.key).encode(&mut record);
-        let (_, replaced) = self.store.append_journal(&record, &[(self.key, entry)])?;
-        let replaced = replaced.into_iter().next().flatten();
+        let replaced = self
+            .store
+            .install_file(self.key, &self.tmp_path, entry, &record)?;
         // A concurrent upload of the same blob renamed over the same path:
         // the bytes on disk did not grow.
         if !replaced.is_some_and(|entry| entry.location() == Location::File) {
@@ -1330,6 +1725,7 @@ impl BlobStore for DiskStore {
     }
 
     async fn contains(&self, keys: &[Key]) -> Result<Vec<bool>> {
+        self.inner.check_running()?;
         let epoch = self.inner.epoch();
         Ok(keys
             .iter()
@@ -1387,6 +1783,7 @@ impl BlobStore for DiskStore {
     }
 
     async fn writer(&self, key: Key, size: u64) -> Result<Box<dyn BlobWriter>> {
+        self.inner.check_running()?;
         if size <= self.inner.config.max_packed_blob_bytes
             || key.namespace.content_addressed().is_none()
         {
@@ -1401,8 +1798,13 @@ impl BlobStore for DiskStore {
             .root
             .join("tmp")
             .join(uuid::Uuid::new_v4().to_string());
-        let sink = DirectFileSink::create(&tmp_path)
-            .map_err(io_err(format!("creating {}", tmp_path.display())))?;
+        let sink = DirectFileSink::create(&tmp_path).map_err(|e| {
+            store_io_error(
+                &self.inner.root,
+                format!("creating {}", tmp_path.display()),
+                e,
+            )
+        })?;
         Ok(Box::new(FileWriter {
             store: self.inner.clone(),
             key,
@@ -1418,5 +1820,7 @@ impl BlobStore for DiskStore {
     }
 }
 
+#[cfg(test)]
+mod fault_tests;
 #[cfg(test)]
 mod tests;

@@ -146,6 +146,31 @@ impl KilnServer {
     }
 }
 
+impl KilnServer {
+    /// `kill -9`: the server gets no chance to sync or clean up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits (bounded) for the server to exit; its status.
+    pub fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a child pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM kiln");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for kiln") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "kiln did not exit within {within:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for KilnServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -481,6 +506,61 @@ pub fn say_skipped(reason: &str) {
     let banner = "*".repeat(62);
     let _ = std::io::stderr()
         .write_all(format!("\n{banner}\nskipped: {reason}\n{banner}\n").as_bytes());
+}
+
+/// Whether this test runs as root, which `what` needs (mounting a file
+/// system, say). If not, the test is skipped loudly, or fails under CI,
+/// which runs as root.
+pub fn root_available(what: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} needs root, and CI is set (CI runs the tests as root)");
+    }
+    say_skipped(&format!("{what} needs root"));
+    false
+}
+
+/// A tmpfs of a fixed size mounted on a fresh temporary directory: a small
+/// disk a test can fill. Unmounted when dropped (also when the test fails;
+/// lazily, should a process still hold a file in it).
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `24m`). Needs root.
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("a mount point");
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size}"))
+            .arg("kiln-test")
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            output.status.success(),
+            "mounting a tmpfs on {}: {}",
+            dir.path().display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("--lazy")
+            .arg(self.dir.path())
+            .status();
+    }
 }
 
 /// Whether the container runtime `name` (`docker` or `podman`) answers
