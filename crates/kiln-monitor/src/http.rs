@@ -170,7 +170,14 @@ async fn metrics(State(monitor): State<Shared>) -> Response {
 }
 
 async fn readyz(State(monitor): State<Shared>) -> Response {
-    match monitor.readiness.check() {
+    let stopped = monitor
+        .sources()
+        .and_then(|sources| sources.storage.store().stopped());
+    let ready = match stopped {
+        Some(why) => Err(why),
+        None => monitor.readiness.check(),
+    };
+    match ready {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

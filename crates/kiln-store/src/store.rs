@@ -187,6 +187,12 @@ pub trait BlobStore: Send + Sync + 'static {
     fn usage(&self) -> StoreUsage {
         StoreUsage::default()
     }
+
+    /// Why the store has stopped taking writes and serving (a failed
+    /// sync), if it has; `None` while it works.
+    fn stopped(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A store's size and evictions since start-up ([`BlobStore::usage`]).

@@ -33,6 +33,10 @@ impl BlobStore for TieredStore {
         self.slow.usage()
     }
 
+    fn stopped(&self) -> Option<String> {
+        self.slow.stopped()
+    }
+
     async fn contains(&self, keys: &[Key]) -> Result<Vec<bool>> {
         // The slow store knows everything and keeps its own LRU state fresh.
         self.slow.contains(keys).await

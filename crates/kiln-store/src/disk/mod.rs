@@ -1713,6 +1713,10 @@ const INLINE_PUT_BYTES: u64 = 64 * 1024;
 
 #[async_trait]
 impl BlobStore for DiskStore {
+    fn stopped(&self) -> Option<String> {
+        self.inner.stopped.get().cloned()
+    }
+
     fn usage(&self) -> crate::StoreUsage {
         let inner = &self.inner;
         crate::StoreUsage {
