@@ -93,6 +93,8 @@ fn serve(data_dir: &Path) -> (Process, String) {
         "serve",
         "--listen",
         "127.0.0.1:0",
+        "--monitoring-listen",
+        "127.0.0.1:0",
         "--data-dir",
         data_dir.to_str().unwrap(),
         "--embedded-executor",
