@@ -7,10 +7,11 @@
 
 mod common;
 
+use common::Process;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -30,52 +31,6 @@ fn digest(data: &[u8]) -> Digest {
     Digest {
         hash: hex::encode(Sha256::digest(data)),
         size_bytes: data.len() as i64,
-    }
-}
-
-/// A child process killed when dropped, with its stderr lines on a channel.
-struct Process {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Process {
-    fn spawn(args: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kiln starts");
-        let (sender, stderr) = mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        Process { child, stderr }
-    }
-
-    /// Waits for a stderr line containing `text` (the event, bounded).
-    fn wait_for_log(&self, text: &str) {
-        loop {
-            let line = self
-                .stderr
-                .recv_timeout(HANG_GUARD)
-                .unwrap_or_else(|_| panic!("no log line containing {text:?}"));
-            if line.contains(text) {
-                return;
-            }
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

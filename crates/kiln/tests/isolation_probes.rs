@@ -10,66 +10,17 @@
 
 mod common;
 
+use common::Process;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Upper bound for anything that could hang; never a pass/fail threshold.
 const HANG_GUARD: Duration = Duration::from_secs(120);
-
-/// A `kiln` process whose stderr lines arrive on a channel.
-struct Process {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Process {
-    fn spawn(args: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kiln starts");
-        let (sender, stderr) = mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        Process { child, stderr }
-    }
-
-    /// The stderr lines up to the first containing `text` (bounded wait).
-    fn log_until(&self, text: &str) -> Vec<String> {
-        self.log_until_all(&[text])
-    }
-
-    /// The stderr lines up to the one by which each of `texts` was seen
-    /// (bounded wait).
-    fn log_until_all(&self, texts: &[&str]) -> Vec<String> {
-        let mut seen: Vec<String> = Vec::new();
-        while !texts
-            .iter()
-            .all(|text| seen.iter().any(|line| line.contains(text)))
-        {
-            let line = self.stderr.recv_timeout(HANG_GUARD).unwrap_or_else(|_| {
-                panic!(
-                    "no log lines containing {texts:?}; saw:\n{}",
-                    seen.join("\n")
-                )
-            });
-            seen.push(line);
-        }
-        seen
-    }
-}
 
 /// The executor's log up to its probe result for each of `names` (each
 /// logged as `isolation type offered` or `... not offered`, with
@@ -78,13 +29,6 @@ fn probe_results(executor: &Process, names: &[&str]) -> Vec<String> {
     let fields: Vec<String> = names.iter().map(|n| format!("isolation={n} ")).collect();
     let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
     executor.log_until_all(&fields)
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `kiln serve` without an embedded executor; it and its address.
@@ -135,7 +79,7 @@ fn executor(address: &str, work_dir: &Path, isolation: &str, extra: &[&str]) -> 
 
 /// The `isolation_types` the server's "executor registered" line lists.
 fn registered_types(server: &Process) -> String {
-    let lines = server.log_until("executor registered");
+    let lines = server.log_until_all(&["executor registered"]);
     let line = lines.last().unwrap();
     let start = line
         .find("isolation_types=")

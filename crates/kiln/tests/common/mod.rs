@@ -67,6 +67,67 @@ pub fn open_to_actions(dir: &Path) {
     }
 }
 
+/// A `kiln` child process whose stderr lines arrive on a channel; killed
+/// when dropped.
+pub struct Process {
+    pub child: Child,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Process {
+    pub fn spawn(args: &[&str]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln starts");
+        let (sender, stderr) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        Process { child, stderr }
+    }
+
+    /// Waits for a stderr line containing `text` (the event, bounded).
+    pub fn wait_for_log(&self, text: &str) {
+        self.log_until_all(&[text]);
+    }
+
+    /// The stderr lines up to the one by which each of `texts` was seen
+    /// (bounded wait).
+    pub fn log_until_all(&self, texts: &[&str]) -> Vec<String> {
+        let mut seen: Vec<String> = Vec::new();
+        while !texts
+            .iter()
+            .all(|text| seen.iter().any(|line| line.contains(text)))
+        {
+            let line = self
+                .stderr
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no log lines containing {texts:?}; saw:\n{}",
+                        seen.join("\n")
+                    )
+                });
+            seen.push(line);
+        }
+        seen
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The `kiln serve` child process; killed when dropped.
 pub struct KilnServer {
     child: Child,
