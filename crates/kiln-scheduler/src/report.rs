@@ -319,13 +319,23 @@ impl ExecutorEntry {
 }
 
 impl QueuedAction {
-    pub(crate) fn summary(&self, now: Instant) -> OperationSummary {
-        let progress = self.progress.lock().clone();
-        let stage = match (&progress.outcome, &progress.started) {
+    /// Where it is: from what the scheduler recorded, never by decoding
+    /// the operation's metadata.
+    pub(crate) fn stage(&self) -> Stage {
+        Self::stage_of(&self.progress.lock())
+    }
+
+    fn stage_of(progress: &Progress) -> Stage {
+        match (&progress.outcome, &progress.started) {
             (Some(_), _) => Stage::Completed,
             (None, Some(_)) => Stage::Executing,
             (None, None) => Stage::Queued,
-        };
+        }
+    }
+
+    pub(crate) fn summary(&self, now: Instant) -> OperationSummary {
+        let progress = self.progress.lock().clone();
+        let stage = Self::stage_of(&progress);
         OperationSummary {
             name: self.name.clone(),
             merged_into: None,

@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 use crate::capacity::ResourceAmount;
 use crate::error::SchedulerError;
 use crate::queue::{PoolQueue, Properties, QueueKey, Requirement, Unmatched};
-use crate::report::{outcome_of, Client, ExecutionObserver, ExecutorEntry, Outcome, Progress};
+use crate::report::{
+    outcome_of, Client, ExecutionObserver, ExecutorEntry, Outcome, Progress, Stage,
+};
 
 const METADATA_TYPE: &str =
     "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
@@ -385,20 +387,6 @@ impl QueuedAction {
 
     fn is_done(&self) -> bool {
         self.followers.lock().current.done
-    }
-
-    fn stage(&self) -> execution_stage::Value {
-        let followers = self.followers.lock();
-        let state = &followers.current;
-        if state.done {
-            return execution_stage::Value::Completed;
-        }
-        state
-            .metadata
-            .as_ref()
-            .and_then(|any| reapi::ExecuteOperationMetadata::decode(any.value.as_slice()).ok())
-            .and_then(|m| execution_stage::Value::try_from(m.stage).ok())
-            .unwrap_or(execution_stage::Value::Unknown)
     }
 }
 
@@ -862,7 +850,7 @@ impl Scheduler {
     /// when it has exited.
     fn cancel_execution(&self, action: &QueuedAction) {
         action.cancel.cancel();
-        if action.stage() == execution_stage::Value::Queued {
+        if action.stage() == Stage::Queued {
             self.complete(
                 action,
                 cancelled(format!(
