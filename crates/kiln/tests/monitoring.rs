@@ -43,16 +43,18 @@ genrule(
     cmd = "echo 'compiling broken.c'; echo 'broken.c:3: error: expected a semicolon before kiln-ui-stderr-marker' >&2; exit 3",
 )
 
+# Both sleep: Bazel sends them in either order, and whichever gets the
+# executor's one slot first, the other waits in the queue for seconds.
 genrule(
     name = "slow",
     outs = ["slow.txt"],
-    cmd = "sleep 12; echo slow > $@",
+    cmd = "sleep 8; echo slow > $@",
 )
 
 genrule(
     name = "waiting",
     outs = ["waiting.txt"],
-    cmd = "echo waited > $@",
+    cmd = "sleep 8; echo waited > $@",
 )
 "#;
 
@@ -378,7 +380,7 @@ fn the_web_ui_shows_a_real_build_in_chromium() {
     assert_eq!(status, 200);
     assert_eq!(body.len() as u64, OUTPUT_BYTES);
 
-    // A slow action holds the executor's one slot; the next one waits, and
+    // One slow action holds the executor's one slot; the other waits, and
     // its page says why.
     let mut background = bazel.spawn(&["build", "--jobs=2", "//ui:slow", "//ui:waiting"]);
     let started = Instant::now();
