@@ -157,13 +157,17 @@ async fn readyz(State(monitor): State<Shared>) -> Response {
     }
 }
 
-fn sources(monitor: &Monitor) -> Result<UiSources, Response> {
+/// The UI's sources, or the answer of a process that serves no UI (boxed:
+/// a `Response` is large, and this is the rare path).
+fn sources(monitor: &Monitor) -> Result<UiSources, Box<Response>> {
     monitor.ui.lock().clone().ok_or_else(|| {
-        (
-            StatusCode::NOT_FOUND,
-            "this process serves /metrics, /healthz and /readyz only\n",
+        Box::new(
+            (
+                StatusCode::NOT_FOUND,
+                "this process serves /metrics, /healthz and /readyz only\n",
+            )
+                .into_response(),
         )
-            .into_response()
     })
 }
 
@@ -207,7 +211,7 @@ fn no_scheduler() -> ui::Page {
 async fn overview(State(monitor): State<Shared>, headers: HeaderMap) -> Response {
     let sources = match sources(&monitor) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     page(
         &headers,
@@ -223,7 +227,7 @@ async fn operations(
 ) -> Response {
     let sources = match sources(&monitor) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match &sources.scheduler {
         Some(scheduler) => page(
@@ -247,7 +251,7 @@ async fn build(
 ) -> Response {
     let sources = match sources(&monitor) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match &sources.scheduler {
         Some(scheduler) => page(&headers, StatusCode::OK, ui::build(scheduler, &query.id)),
@@ -262,7 +266,7 @@ async fn operation(
 ) -> Response {
     let sources = match sources(&monitor) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(detail) = sources
         .scheduler
@@ -293,7 +297,7 @@ async fn log(
 ) -> Response {
     let sources = match sources(&monitor) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let detail = sources
         .scheduler
@@ -339,7 +343,7 @@ async fn blob(
 ) -> Response {
     let sources = match sources(&monitor) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let wire = reapi::Digest {
         hash,

@@ -407,7 +407,7 @@ impl Scheduler {
             self.state.lock().operations.values().cloned().collect();
         let mut summaries: Vec<OperationSummary> =
             actions.iter().map(|action| action.summary(now)).collect();
-        summaries.sort_by(|a, b| b.queued_at.cmp(&a.queued_at));
+        summaries.sort_by_key(|summary| std::cmp::Reverse(summary.queued_at));
         summaries
     }
 

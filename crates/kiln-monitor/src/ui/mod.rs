@@ -261,7 +261,7 @@ fn build_table(operations: &[OperationSummary]) -> Markup {
         }
     }
     let mut builds: Vec<(&str, Build)> = builds.into_iter().collect();
-    builds.sort_by(|a, b| b.1.latest.cmp(&a.1.latest));
+    builds.sort_by_key(|(_, build)| std::cmp::Reverse(build.latest));
     builds.truncate(10);
     if builds.is_empty() {
         return html! { div.scroll { p.empty { "No build has sent an action yet." } } };
