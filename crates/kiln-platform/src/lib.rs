@@ -56,6 +56,11 @@ pub const KNOWN_KEYS: [&str; 27] = [
     "enable-dockerd-tcp",
 ];
 
+/// Why `persistentWorkerKey` and `persistentWorkerProtocol` are refused.
+const PERSISTENT_WORKERS: &str = "persistent workers are not supported by this Kiln yet; remove \
+     the property (or Bazel's --experimental_remote_mark_tool_inputs, which adds \
+     persistentWorkerKey)";
+
 /// Keys whose values are secrets: never logged, echoed or stored.
 const SECRET_KEYS: [&str; 1] = ["container-registry-password"];
 
@@ -64,15 +69,37 @@ pub fn is_secret_key(key: &str) -> bool {
     SECRET_KEYS.contains(&key)
 }
 
-/// A malformed value of a known key, rejected before the action is queued.
+/// A property refused before the action is queued: a malformed value, a
+/// combination that means nothing, or a value this Kiln cannot honour.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("platform property {key}={shown:?} is invalid: {accepted}")]
+#[error("platform property {key}={shown:?} is {}: {accepted}", .kind.adjective())]
 pub struct PlatformError {
     pub key: String,
     /// The value as given, or `<redacted>` for secrets.
     pub shown: String,
-    /// What the key accepts.
+    /// What the key accepts, or why the value is refused and what to do.
     pub accepted: String,
+    pub kind: PlatformErrorKind,
+}
+
+/// Why a property was refused, which decides the gRPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformErrorKind {
+    /// A malformed value, or a combination that contradicts itself:
+    /// `INVALID_ARGUMENT`.
+    Invalid,
+    /// A well-formed value this Kiln does not implement (yet), so it
+    /// cannot do what the property asks: `FAILED_PRECONDITION`.
+    Unsupported,
+}
+
+impl PlatformErrorKind {
+    fn adjective(self) -> &'static str {
+        match self {
+            PlatformErrorKind::Invalid => "invalid",
+            PlatformErrorKind::Unsupported => "not supported",
+        }
+    }
 }
 
 /// A string that never prints. Compare and hash it; do not log it.
@@ -158,13 +185,6 @@ impl IsolationType {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum WorkerProtocol {
-    #[default]
-    Proto,
-    Json,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DockerNetwork {
     Off,
     #[default]
@@ -242,7 +262,6 @@ pub struct Platform {
     pub pool: Option<String>,
     pub os_family: OsFamily,
     pub arch: Arch,
-    pub use_self_hosted_executors: Option<bool>,
     /// `None`: the executor's configured default.
     pub isolation: Option<IsolationType>,
     pub recycle_runner: bool,
@@ -253,16 +272,12 @@ pub struct Platform {
     pub resources: Resources,
     pub default_timeout: Option<Duration>,
     pub termination_grace_period: Option<Duration>,
-    pub persistent_worker_key: Option<String>,
-    pub persistent_worker_protocol: WorkerProtocol,
     pub container_image: Option<ContainerImage>,
     pub registry_credentials: Option<RegistryCredentials>,
     pub docker_user: Option<DockerUser>,
     pub docker_init: bool,
     pub docker_run_as_root: bool,
     pub docker_network: DockerNetwork,
-    pub init_dockerd: bool,
-    pub enable_dockerd_tcp: bool,
     /// Keys `docs/platform-properties.md` does not define: carried along,
     /// and constraining placement only where an executor declares them.
     pub other: BTreeMap<String, String>,
@@ -307,7 +322,7 @@ pub fn header_properties<'a>(
         .collect()
 }
 
-fn invalid(key: &str, value: &str, accepted: &str) -> PlatformError {
+fn refused(kind: PlatformErrorKind, key: &str, value: &str, accepted: &str) -> PlatformError {
     let shown = if SECRET_KEYS.contains(&key) {
         "<redacted>".to_string()
     } else {
@@ -317,7 +332,16 @@ fn invalid(key: &str, value: &str, accepted: &str) -> PlatformError {
         key: key.to_string(),
         shown,
         accepted: accepted.to_string(),
+        kind,
     }
+}
+
+fn invalid(key: &str, value: &str, accepted: &str) -> PlatformError {
+    refused(PlatformErrorKind::Invalid, key, value, accepted)
+}
+
+fn unsupported(key: &str, value: &str, why: &str) -> PlatformError {
+    refused(PlatformErrorKind::Unsupported, key, value, why)
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool, PlatformError> {
@@ -528,7 +552,15 @@ impl Platform {
                     }
                 }
                 "use-self-hosted-executors" => {
-                    platform.use_self_hosted_executors = Some(parse_bool(key, v)?)
+                    if parse_bool(key, v)? {
+                        return Err(unsupported(
+                            key,
+                            v,
+                            "Kiln has no organisations, so no executors of the caller's own: \
+                             every executor is one the server's operator started; remove the \
+                             property or set it to false",
+                        ));
+                    }
                 }
                 "workload-isolation-type" => {
                     platform.isolation = Some(match v.to_ascii_lowercase().as_str() {
@@ -590,14 +622,17 @@ impl Platform {
                 "termination-grace-period" => {
                     platform.termination_grace_period = Some(parse_platform_duration(key, v)?)
                 }
-                "persistentWorkerKey" => platform.persistent_worker_key = Some(v.to_string()),
-                "persistentWorkerProtocol" => {
-                    platform.persistent_worker_protocol = match v.to_ascii_lowercase().as_str() {
-                        "proto" | "" => WorkerProtocol::Proto,
-                        "json" => WorkerProtocol::Json,
-                        _ => return Err(invalid(key, v, "expected proto or json")),
-                    }
+                // Bazel adds persistentWorkerKey to worker-capable spawns
+                // with --experimental_remote_mark_tool_inputs.
+                "persistentWorkerKey" if !v.is_empty() => {
+                    return Err(unsupported(key, v, PERSISTENT_WORKERS));
                 }
+                "persistentWorkerKey" => {}
+                "persistentWorkerProtocol" => match v.to_ascii_lowercase().as_str() {
+                    "" => {}
+                    "proto" | "json" => return Err(unsupported(key, v, PERSISTENT_WORKERS)),
+                    _ => return Err(invalid(key, v, "expected proto or json")),
+                },
                 "container-image" => {
                     platform.container_image = if v.is_empty() || v == "none" {
                         None
@@ -617,8 +652,16 @@ impl Platform {
                         _ => return Err(invalid(key, v, "expected off or bridge")),
                     }
                 }
-                "init-dockerd" => platform.init_dockerd = parse_bool(key, v)?,
-                "enable-dockerd-tcp" => platform.enable_dockerd_tcp = parse_bool(key, v)?,
+                "init-dockerd" | "enable-dockerd-tcp" => {
+                    if parse_bool(key, v)? {
+                        return Err(unsupported(
+                            key,
+                            v,
+                            "Kiln has no microVM isolation (firecracker) yet, so no Docker \
+                             daemon runs inside one; remove the property or set it to false",
+                        ));
+                    }
+                }
                 _ => {
                     platform.other.insert(key.clone(), value.clone());
                 }

@@ -23,7 +23,6 @@ fn defaults_follow_the_contract() {
     assert_eq!(platform.arch, Arch::Amd64);
     assert_eq!(platform.isolation, None);
     assert_eq!(platform.docker_network, DockerNetwork::Bridge);
-    assert_eq!(platform.persistent_worker_protocol, WorkerProtocol::Proto);
     assert!(!platform.recycle_runner);
 }
 
@@ -33,7 +32,7 @@ fn every_known_key_parses_into_its_typed_value() {
         ("Pool", "gpu"),
         ("OSFamily", "Linux"),
         ("Arch", "aarch64"),
-        ("use-self-hosted-executors", "TRUE"),
+        ("use-self-hosted-executors", "FALSE"),
         ("workload-isolation-type", "docker"),
         ("recycle-runner", "true"),
         ("preserve-workspace", "True"),
@@ -45,8 +44,8 @@ fn every_known_key_parses_into_its_typed_value() {
         ("EstimatedFreeDiskBytes", "10GiB"),
         ("default-timeout", "1h30m"),
         ("termination-grace-period", "500ms"),
-        ("persistentWorkerKey", "javac-1"),
-        ("persistentWorkerProtocol", "json"),
+        ("persistentWorkerKey", ""),
+        ("persistentWorkerProtocol", ""),
         ("container-image", "docker://127.0.0.1:5000/team/tools:v1"),
         ("container-registry-username", "ci"),
         ("container-registry-password", "hunter2"),
@@ -54,14 +53,13 @@ fn every_known_key_parses_into_its_typed_value() {
         ("dockerInit", "true"),
         ("dockerRunAsRoot", "false"),
         ("dockerNetwork", "off"),
-        ("init-dockerd", "true"),
-        ("enable-dockerd-tcp", "false"),
+        ("init-dockerd", "false"),
+        ("enable-dockerd-tcp", "False"),
         ("ISA", "avx2"),
     ])
     .unwrap();
     assert_eq!(platform.pool.as_deref(), Some("gpu"));
     assert_eq!(platform.arch, Arch::Arm64);
-    assert_eq!(platform.use_self_hosted_executors, Some(true));
     assert_eq!(platform.isolation, Some(IsolationType::Docker));
     assert!(platform.recycle_runner && platform.preserve_workspace && platform.nonroot_workspace);
     assert_eq!(
@@ -76,7 +74,6 @@ fn every_known_key_parses_into_its_typed_value() {
         platform.termination_grace_period,
         Some(Duration::from_millis(500))
     );
-    assert_eq!(platform.persistent_worker_protocol, WorkerProtocol::Json);
     let image = platform.container_image.as_ref().unwrap();
     assert_eq!(image.registry, "127.0.0.1:5000");
     assert_eq!(image.repository, "team/tools");
@@ -87,7 +84,7 @@ fn every_known_key_parses_into_its_typed_value() {
         ("ci", "hunter2")
     );
     assert_eq!(platform.docker_user, Some(DockerUser::UidGid(1000, 1000)));
-    assert!(platform.docker_init && !platform.docker_run_as_root && platform.init_dockerd);
+    assert!(platform.docker_init && !platform.docker_run_as_root);
     assert_eq!(platform.docker_network, DockerNetwork::Off);
     assert_eq!(platform.other.get("ISA").map(String::as_str), Some("avx2"));
 }
@@ -277,4 +274,43 @@ fn runner_keys_separate_what_must_not_share_a_runner() {
     })
     .unwrap();
     assert_ne!(with_header.runner_key("a"), key(&base, "a"));
+}
+
+fn refusal(pairs: &[(&str, &str)]) -> PlatformError {
+    parse_action(pairs).expect_err(&format!("{pairs:?} is refused"))
+}
+
+#[test]
+fn features_kiln_does_not_have_are_refused_not_ignored() {
+    for (key, value, why) in [
+        ("use-self-hosted-executors", "true", "no organisations"),
+        ("persistentWorkerKey", "javac-1", "persistent workers"),
+        (
+            "persistentWorkerKey",
+            "x",
+            "--experimental_remote_mark_tool_inputs",
+        ),
+        ("persistentWorkerProtocol", "json", "persistent workers"),
+        ("persistentWorkerProtocol", "proto", "persistent workers"),
+        ("init-dockerd", "true", "microVM"),
+        ("enable-dockerd-tcp", "TRUE", "microVM"),
+    ] {
+        let error = refusal(&[(key, value)]);
+        assert_eq!(error.kind, PlatformErrorKind::Unsupported, "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("{key}={value:?} is not supported")),
+            "{message}"
+        );
+        assert!(message.contains(why), "{message}");
+    }
+    // What asks for nothing is accepted.
+    parse_action(&[
+        ("use-self-hosted-executors", "false"),
+        ("persistentWorkerKey", ""),
+        ("persistentWorkerProtocol", ""),
+        ("init-dockerd", "false"),
+        ("enable-dockerd-tcp", "false"),
+    ])
+    .unwrap();
 }

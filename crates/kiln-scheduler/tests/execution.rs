@@ -1578,3 +1578,80 @@ async fn a_large_action_is_not_starved_by_a_stream_of_small_ones() {
     executor.await.unwrap();
     harness.stop().await;
 }
+
+/// Executes `action` (a cache miss), expecting the call itself to fail.
+async fn refused(
+    harness: &Harness,
+    action: &Digest,
+    headers: &[(&'static str, &str)],
+) -> tonic::Status {
+    harness
+        .start_execute(action, true, headers)
+        .await
+        .expect_err("refused before queueing")
+}
+
+#[tokio::test]
+async fn features_kiln_does_not_have_are_refused_before_queueing() {
+    let harness = Harness::start().await;
+    for (key, value, why) in [
+        (
+            "persistentWorkerKey",
+            "javac-1",
+            "persistent workers are not supported",
+        ),
+        (
+            "persistentWorkerProtocol",
+            "json",
+            "persistent workers are not supported",
+        ),
+        ("use-self-hosted-executors", "true", "no organisations"),
+        ("init-dockerd", "true", "no microVM"),
+        ("enable-dockerd-tcp", "true", "no microVM"),
+    ] {
+        let action = harness
+            .action(ActionSpec {
+                arguments: vec!["/bin/true"],
+                properties: vec![(key, value)],
+                ..Default::default()
+            })
+            .await;
+        let error = refused(&harness, &action, &[]).await;
+        assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+        assert!(
+            error.message().contains(&format!("{key}={value:?}")),
+            "{error}"
+        );
+        assert!(error.message().contains(why), "{error}");
+    }
+    // Through a header too (as Bazel's --remote_exec_header sends it).
+    let plain = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(
+        &harness,
+        &plain,
+        &[("x-buildbuddy-platform.persistentworkerkey", "javac-1")],
+    )
+    .await;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("persistentWorkerKey"), "{error}");
+    // Values that ask for nothing run.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![
+                ("use-self-hosted-executors", "false"),
+                ("init-dockerd", "false"),
+                ("enable-dockerd-tcp", "false"),
+            ],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, true).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    harness.stop().await;
+}
