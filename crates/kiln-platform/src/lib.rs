@@ -182,6 +182,22 @@ impl IsolationType {
     pub fn from_name(name: &str) -> Option<IsolationType> {
         IsolationType::ALL.into_iter().find(|t| t.name() == name)
     }
+
+    /// Whether actions of this type run in `container-image` (the others
+    /// run on the host's system).
+    pub fn runs_images(self) -> bool {
+        matches!(
+            self,
+            IsolationType::Docker | IsolationType::Podman | IsolationType::Firecracker
+        )
+    }
+
+    /// Whether this type keeps warm runners on some executor (`none` only
+    /// where the executor can stop every process of an action); `docker`,
+    /// `podman` and `firecracker` never do in this Kiln.
+    pub fn may_keep_warm_runners(self) -> bool {
+        matches!(self, IsolationType::None | IsolationType::Sandbox)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -682,6 +698,39 @@ impl Platform {
                 &platform.clean_workspace_inputs.join(","),
                 "cleans a preserved workspace: set preserve-workspace=true and recycle-runner=true too",
             ));
+        }
+        // Isolation types known never to keep a workspace between actions
+        // (those that depend on the executor are checked where it runs).
+        if let Some(isolation) = platform.isolation.filter(|_| platform.preserve_workspace) {
+            if !isolation.may_keep_warm_runners() {
+                return Err(unsupported(
+                    "preserve-workspace",
+                    "true",
+                    &format!(
+                        "workload-isolation-type={} runs every action in a fresh runner in this \
+                         Kiln, so there is no workspace to preserve; use \
+                         workload-isolation-type=sandbox, or remove preserve-workspace",
+                        isolation.name()
+                    ),
+                ));
+            }
+        }
+        // An image asked for where the action runs on the host's system
+        // would be ignored: refused instead.
+        if let (Some(isolation), Some(image)) = (platform.isolation, merged.get("container-image"))
+        {
+            if platform.container_image.is_some() && !isolation.runs_images() {
+                return Err(invalid(
+                    "container-image",
+                    image,
+                    &format!(
+                        "workload-isolation-type={} runs the action on the host's system, not in \
+                         an image; set workload-isolation-type=docker or podman, or remove \
+                         container-image (none or an empty value mean no image)",
+                        isolation.name()
+                    ),
+                ));
+            }
         }
         // Explicit estimates win over the compute-unit shorthand.
         let units_cpu = compute_units.map(|u| (u * COMPUTE_UNIT_MILLIS as f64).round() as u64);

@@ -35,8 +35,6 @@ fn every_known_key_parses_into_its_typed_value() {
         ("use-self-hosted-executors", "FALSE"),
         ("workload-isolation-type", "docker"),
         ("recycle-runner", "true"),
-        ("preserve-workspace", "True"),
-        ("clean-workspace-inputs", "**/*.o, out/{a,b}/?.txt"),
         ("nonroot-workspace", "true"),
         ("runner-recycling-key", "mysql@v1.2.3"),
         ("EstimatedCPU", "4000m"),
@@ -61,11 +59,7 @@ fn every_known_key_parses_into_its_typed_value() {
     assert_eq!(platform.pool.as_deref(), Some("gpu"));
     assert_eq!(platform.arch, Arch::Arm64);
     assert_eq!(platform.isolation, Some(IsolationType::Docker));
-    assert!(platform.recycle_runner && platform.preserve_workspace && platform.nonroot_workspace);
-    assert_eq!(
-        platform.clean_workspace_inputs,
-        vec!["**/*.o", "out/{a,b}/?.txt"]
-    );
+    assert!(platform.recycle_runner && platform.nonroot_workspace);
     assert_eq!(platform.resources.cpu_millis, Some(4000));
     assert_eq!(platform.resources.memory_bytes, Some(4_500_000_000));
     assert_eq!(platform.resources.free_disk_bytes, Some(10 << 30));
@@ -87,6 +81,20 @@ fn every_known_key_parses_into_its_typed_value() {
     assert!(platform.docker_init && !platform.docker_run_as_root);
     assert_eq!(platform.docker_network, DockerNetwork::Off);
     assert_eq!(platform.other.get("ISA").map(String::as_str), Some("avx2"));
+
+    // A preserved workspace needs a type that keeps runners.
+    let platform = parse_action(&[
+        ("workload-isolation-type", "sandbox"),
+        ("recycle-runner", "true"),
+        ("preserve-workspace", "True"),
+        ("clean-workspace-inputs", "**/*.o, out/{a,b}/?.txt"),
+    ])
+    .unwrap();
+    assert!(platform.preserve_workspace);
+    assert_eq!(
+        platform.clean_workspace_inputs,
+        vec!["**/*.o", "out/{a,b}/?.txt"]
+    );
 }
 
 #[test]
@@ -313,4 +321,74 @@ fn features_kiln_does_not_have_are_refused_not_ignored() {
         ("enable-dockerd-tcp", "false"),
     ])
     .unwrap();
+}
+
+#[test]
+fn an_image_is_refused_where_the_action_would_run_on_the_host() {
+    for isolation in ["none", "sandbox"] {
+        let error = refusal(&[
+            ("workload-isolation-type", isolation),
+            ("container-image", "docker://127.0.0.1:5000/team/tools:v1"),
+        ]);
+        assert_eq!(error.kind, PlatformErrorKind::Invalid, "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("container-image=\"docker://127.0.0.1:5000/team/tools:v1\""),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("workload-isolation-type={isolation} runs")),
+            "{message}"
+        );
+    }
+    for isolation in ["docker", "podman"] {
+        parse_action(&[
+            ("workload-isolation-type", isolation),
+            ("container-image", "alpine:3"),
+        ])
+        .unwrap();
+    }
+    // No image: nothing to refuse, credentials or not (they are often
+    // sent as headers for a whole build and have nothing to pull here).
+    for image in ["none", ""] {
+        parse_action(&[
+            ("workload-isolation-type", "sandbox"),
+            ("container-image", image),
+            ("container-registry-username", "ci"),
+            ("container-registry-password", "hunter2"),
+        ])
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
+    for isolation in ["docker", "podman", "firecracker"] {
+        let error = refusal(&[
+            ("workload-isolation-type", isolation),
+            ("recycle-runner", "true"),
+            ("preserve-workspace", "true"),
+        ]);
+        assert_eq!(error.kind, PlatformErrorKind::Unsupported, "{error}");
+        let message = error.to_string();
+        assert!(message.contains("preserve-workspace=\"true\""), "{message}");
+        assert!(
+            message.contains(&format!("workload-isolation-type={isolation}")),
+            "{message}"
+        );
+        // recycle-runner alone is a hint: a cold runner is still correct.
+        parse_action(&[
+            ("workload-isolation-type", isolation),
+            ("recycle-runner", "true"),
+        ])
+        .unwrap();
+    }
+    for isolation in ["none", "sandbox"] {
+        parse_action(&[
+            ("workload-isolation-type", isolation),
+            ("recycle-runner", "true"),
+            ("preserve-workspace", "true"),
+        ])
+        .unwrap();
+    }
 }

@@ -1655,3 +1655,140 @@ async fn features_kiln_does_not_have_are_refused_before_queueing() {
     assert_eq!(response.status.unwrap_or_default().code, 0);
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn an_image_is_refused_where_the_action_would_run_on_the_host() {
+    let harness = Harness::start().await;
+    let image = "docker://127.0.0.1:5000/kiln-test/base:latest";
+    // Named together with a type that runs on the host: refused on the call.
+    for isolation in ["none", "sandbox"] {
+        let action = harness
+            .action(ActionSpec {
+                arguments: vec!["/bin/true"],
+                properties: vec![
+                    ("workload-isolation-type", isolation),
+                    ("container-image", image),
+                ],
+                ..Default::default()
+            })
+            .await;
+        let error = refused(&harness, &action, &[]).await;
+        assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+        assert!(error.message().contains("container-image="), "{error}");
+        assert!(
+            error.message().contains(&format!(
+                "workload-isolation-type={isolation} runs the action on the host"
+            )),
+            "{error}"
+        );
+    }
+    // Without a type, the executor's default decides: here `none`, which
+    // says so in the response instead of running on the host.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("container-image", image)],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    let status = response.status.unwrap_or_default();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(
+        status
+            .message
+            .contains("container-image=127.0.0.1:5000/kiln-test/base:latest"),
+        "{}",
+        status.message
+    );
+    assert!(
+        status
+            .message
+            .contains("this executor's default isolation type, none,"),
+        "{}",
+        status.message
+    );
+    assert_eq!(
+        harness.cached(&action).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // `none` as the image means no image.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("container-image", "none")],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
+    let harness = Harness::start().await;
+    // A type that never keeps runners: refused on the call.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![
+                ("workload-isolation-type", "docker"),
+                ("recycle-runner", "true"),
+                ("preserve-workspace", "true"),
+            ],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(&harness, &action, &[]).await;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    assert!(
+        error.message().contains("preserve-workspace=\"true\""),
+        "{error}"
+    );
+    assert!(
+        error.message().contains("workload-isolation-type=docker"),
+        "{error}"
+    );
+
+    // `none` keeps runners only where the executor can stop every process
+    // of an action; this executor's plain `none` cannot.
+    let (stop, executor) = harness.start_executor("exec-cold", "cold").await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![
+                ("Pool", "cold"),
+                ("recycle-runner", "true"),
+                ("preserve-workspace", "true"),
+            ],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    let status = response.status.unwrap_or_default();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(
+        status.message.starts_with("preserve-workspace=true:"),
+        "{}",
+        status.message
+    );
+    assert!(
+        status.message.contains("none, keeps no warm runners"),
+        "{}",
+        status.message
+    );
+    // recycle-runner alone is a hint: the action runs in a fresh runner.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("Pool", "cold"), ("recycle-runner", "true")],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    stop.cancel();
+    executor.await.unwrap();
+    harness.stop().await;
+}

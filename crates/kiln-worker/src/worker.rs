@@ -353,7 +353,7 @@ impl Worker {
         runner: &RunnerUse,
         notes: &mut RunnerNotes,
     ) -> Result<RunOutcome, RunError> {
-        let isolation = self.isolations.select(platform.isolation)?;
+        let isolation = self.isolations.select_for(platform)?;
         let run_as = isolation.run_as(platform, self.config.action_user)?;
         let recycling = runner.key.is_some() && isolation.keeps_warm_runners();
         if runner.key.is_some() && !recycling {
