@@ -293,7 +293,9 @@ pub struct Platform {
     pub docker_user: Option<DockerUser>,
     pub docker_init: bool,
     pub docker_run_as_root: bool,
-    pub docker_network: DockerNetwork,
+    /// `None`: not set (or empty), which means `bridge` where the runtime
+    /// has a bridge network.
+    pub docker_network: Option<DockerNetwork>,
     /// Keys `docs/platform-properties.md` does not define: carried along,
     /// and constraining placement only where an executor declares them.
     pub other: BTreeMap<String, String>,
@@ -663,8 +665,9 @@ impl Platform {
                 "dockerRunAsRoot" => platform.docker_run_as_root = parse_bool(key, v)?,
                 "dockerNetwork" => {
                     platform.docker_network = match v.to_ascii_lowercase().as_str() {
-                        "off" => DockerNetwork::Off,
-                        "bridge" | "" => DockerNetwork::Bridge,
+                        "off" => Some(DockerNetwork::Off),
+                        "bridge" => Some(DockerNetwork::Bridge),
+                        "" => None,
                         _ => return Err(invalid(key, v, "expected off or bridge")),
                     }
                 }

@@ -22,7 +22,7 @@ fn defaults_follow_the_contract() {
     assert_eq!(platform.os_family, OsFamily::Linux);
     assert_eq!(platform.arch, Arch::Amd64);
     assert_eq!(platform.isolation, None);
-    assert_eq!(platform.docker_network, DockerNetwork::Bridge);
+    assert_eq!(platform.docker_network, None);
     assert!(!platform.recycle_runner);
 }
 
@@ -79,7 +79,7 @@ fn every_known_key_parses_into_its_typed_value() {
     );
     assert_eq!(platform.docker_user, Some(DockerUser::UidGid(1000, 1000)));
     assert!(platform.docker_init && !platform.docker_run_as_root);
-    assert_eq!(platform.docker_network, DockerNetwork::Off);
+    assert_eq!(platform.docker_network, Some(DockerNetwork::Off));
     assert_eq!(platform.other.get("ISA").map(String::as_str), Some("avx2"));
 
     // A preserved workspace needs a type that keeps runners.
@@ -391,4 +391,16 @@ fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
         ])
         .unwrap();
     }
+}
+
+#[test]
+fn docker_network_distinguishes_unset_from_bridge() {
+    let network = |value: &str| {
+        parse_action(&[("dockerNetwork", value)])
+            .unwrap()
+            .docker_network
+    };
+    assert_eq!(network(""), None);
+    assert_eq!(network("Bridge"), Some(DockerNetwork::Bridge));
+    assert_eq!(network("off"), Some(DockerNetwork::Off));
 }
