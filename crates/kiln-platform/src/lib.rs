@@ -13,7 +13,7 @@
 
 pub mod units;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -299,6 +299,10 @@ pub struct Platform {
     /// Keys `docs/platform-properties.md` does not define: carried along,
     /// and constraining placement only where an executor declares them.
     pub other: BTreeMap<String, String>,
+    /// The keys of `other` spelled by a header alone (so lower-case: HTTP/2
+    /// lower-cases header names), which executors' declared keys match
+    /// ignoring ASCII case.
+    spelled_by_headers: BTreeSet<String>,
     /// Every effective property (secrets hashed), for the runner key.
     effective: BTreeMap<String, String>,
 }
@@ -531,16 +535,43 @@ impl Platform {
     pub fn parse(sources: &PropertySources<'_>) -> Result<Platform, PlatformError> {
         let mut merged: BTreeMap<String, String> = BTreeMap::new();
         // Later sources win key by key.
-        for (key, value) in sources
-            .command
-            .iter()
-            .chain(sources.action)
-            .chain(sources.headers)
-        {
+        for (key, value) in sources.command.iter().chain(sources.action) {
             merged.insert(key.clone(), value.clone());
         }
+        let mut spelled_by_headers = BTreeSet::new();
+        for (key, value) in sources.headers {
+            // A known key arrives in its own spelling (`header_properties`).
+            // Any other key lost its case on the way (HTTP/2 lower-cases
+            // header names), so it overrides every key of the Action or
+            // Command that equals it ignoring ASCII case, in their spelling;
+            // with none, it stays as it came.
+            let respelled: Vec<String> = if KNOWN_KEYS.contains(&key.as_str()) {
+                Vec::new()
+            } else {
+                merged
+                    .keys()
+                    .filter(|other| {
+                        other.eq_ignore_ascii_case(key) && !KNOWN_KEYS.contains(&other.as_str())
+                    })
+                    .cloned()
+                    .collect()
+            };
+            if respelled.is_empty() {
+                if !KNOWN_KEYS.contains(&key.as_str()) {
+                    spelled_by_headers.insert(key.clone());
+                }
+                merged.insert(key.clone(), value.clone());
+            } else {
+                for other in respelled {
+                    merged.insert(other, value.clone());
+                }
+            }
+        }
 
-        let mut platform = Platform::default();
+        let mut platform = Platform {
+            spelled_by_headers,
+            ..Platform::default()
+        };
         let mut compute_units = None;
         let (mut cpu, mut memory) = (None, None);
         let (mut username, mut password) = (None, None);
@@ -805,6 +836,13 @@ impl Platform {
         RunnerKey {
             key: self.runner_key(organisation),
         }
+    }
+
+    /// Whether `key` (of [`Platform::other`]) was spelled by a header alone,
+    /// so lower-cased on the way: executors' declared keys match it
+    /// ignoring ASCII case.
+    pub fn spelled_by_header(&self, key: &str) -> bool {
+        self.spelled_by_headers.contains(key)
     }
 
     /// The effective properties with secrets replaced by their hashes: safe

@@ -394,6 +394,56 @@ fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
 }
 
 #[test]
+fn a_header_overrides_an_unknown_key_whatever_its_case() {
+    let action = props(&[("ISA", "avx2"), ("Pool", "gpu"), ("POOL", "odd")]);
+    let parse = |headers: &[(&'static str, &'static str)]| {
+        let headers = header_properties(headers.iter().copied());
+        Platform::parse(&PropertySources {
+            action: &action,
+            headers: &headers,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    // HTTP/2 delivers `x-buildbuddy-platform.isa`: it replaces `ISA`,
+    // which keeps the Action's spelling.
+    let platform = parse(&[("x-buildbuddy-platform.ISA", "sse")]);
+    assert_eq!(platform.other.get("ISA").map(String::as_str), Some("sse"));
+    assert!(!platform.other.contains_key("isa"));
+    assert!(!platform.spelled_by_header("ISA"));
+    // As if the Action had said it.
+    let said = parse_action(&[("ISA", "sse"), ("Pool", "gpu"), ("POOL", "odd")]).unwrap();
+    assert_eq!(platform.runner_key("o"), said.runner_key("o"));
+    assert_eq!(platform.other, said.other);
+
+    // A known key keeps to its own spelling: `POOL` is another key.
+    let platform = parse(&[("x-kiln-platform.pool", "cpu")]);
+    assert_eq!(platform.pool.as_deref(), Some("cpu"));
+    assert_eq!(platform.other.get("POOL").map(String::as_str), Some("odd"));
+
+    // A key only a header names stays lower-case, marked as such.
+    let platform = parse(&[("x-buildbuddy-platform.Cache-Silo-Key", "a")]);
+    assert_eq!(
+        platform.other.get("cache-silo-key").map(String::as_str),
+        Some("a")
+    );
+    assert!(platform.spelled_by_header("cache-silo-key"));
+
+    // Two Action keys that differ only in case both take the header's value.
+    let action = props(&[("Isa", "a"), ("ISA", "b")]);
+    let headers = header_properties([("x-buildbuddy-platform.isa", "c")]);
+    let platform = Platform::parse(&PropertySources {
+        action: &action,
+        headers: &headers,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(platform.other.get("Isa").map(String::as_str), Some("c"));
+    assert_eq!(platform.other.get("ISA").map(String::as_str), Some("c"));
+    assert_eq!(platform.other.len(), 2);
+}
+
+#[test]
 fn docker_network_distinguishes_unset_from_bridge() {
     let network = |value: &str| {
         parse_action(&[("dockerNetwork", value)])

@@ -1792,3 +1792,51 @@ async fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
     executor.await.unwrap();
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_header_overrides_an_unknown_key_whatever_its_case() {
+    let harness = Harness::start().await;
+    let (stop, executor) = harness
+        .start_executor_with("exec-avx2", "isa", &[("ISA", "avx2")])
+        .await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/echo", "isa"],
+            properties: vec![("Pool", "isa"), ("ISA", "sse")],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(&harness, &action, &[]).await;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("ISA=sse"), "{error}");
+    // `x-buildbuddy-platform.ISA` arrives as `…isa` and still replaces `ISA`.
+    let stream = harness
+        .start_execute(&action, true, &[("x-buildbuddy-platform.isa", "avx2")])
+        .await
+        .expect("the header's ISA=avx2 matches the executor");
+    let (_, response) = finish(stream).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    let worker = response.result.unwrap().execution_metadata.unwrap().worker;
+    assert_eq!(worker, "exec-avx2");
+
+    // A key only the header names matches the executor's declared spelling.
+    let plain = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/echo", "isa-from-header"],
+            properties: vec![("Pool", "isa")],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(&harness, &plain, &[("x-kiln-platform.isa", "sse")]).await;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("ISA=sse"), "{error}");
+    let stream = harness
+        .start_execute(&plain, true, &[("x-kiln-platform.isa", "avx2")])
+        .await
+        .expect("isa=avx2 from a header matches the declared ISA=avx2");
+    let (_, response) = finish(stream).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    stop.cancel();
+    executor.await.unwrap();
+    harness.stop().await;
+}
