@@ -318,13 +318,19 @@ pub struct PropertySources<'a> {
     pub headers: &'a [(String, String)],
 }
 
+/// The key of `docs/platform-properties.md` that `key` spells, ignoring
+/// ASCII case.
+pub fn known_key_ignoring_case(key: &str) -> Option<&'static str> {
+    KNOWN_KEYS
+        .iter()
+        .find(|known| known.eq_ignore_ascii_case(key))
+        .copied()
+}
+
 /// The canonical spelling of a key: header names arrive lower-cased, so a
 /// known key matches case-insensitively there; other sources are exact.
 fn canonical_header_key(lowercase: &str) -> String {
-    KNOWN_KEYS
-        .iter()
-        .find(|known| known.eq_ignore_ascii_case(lowercase))
-        .map_or_else(|| lowercase.to_string(), |known| known.to_string())
+    known_key_ignoring_case(lowercase).map_or_else(|| lowercase.to_string(), str::to_string)
 }
 
 /// The platform keys carried by request headers, in the order given.

@@ -1840,3 +1840,45 @@ async fn a_header_overrides_an_unknown_key_whatever_its_case() {
     executor.await.unwrap();
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn an_executor_cannot_declare_a_property_kiln_interprets() {
+    let harness = Harness::start().await;
+    for (key, hint) in [
+        ("OSFamily", "--os-family"),
+        ("pool", "--pool"),
+        ("dockerNetwork", "keys Kiln does not interpret"),
+    ] {
+        let error = match RemoteSession::connect(
+            harness.channel.clone(),
+            SessionConfig {
+                name: "exec-declares".into(),
+                pool: "default".into(),
+                os_family: "linux".into(),
+                arch: "amd64".into(),
+                properties: [(key.to_string(), "x".to_string())].into_iter().collect(),
+                isolation_types: vec!["none".into()],
+                capacity: 1,
+                resources: ResourceAmount::UNLIMITED,
+                heartbeat_interval: Duration::from_secs(1),
+                token: None,
+            },
+        )
+        .await
+        {
+            Ok(_) => panic!("{key} was accepted as a declared property"),
+            Err(error) => error,
+        };
+        assert!(
+            matches!(error, kiln_scheduler::SchedulerError::Refused(_)),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("declared property {key}:")),
+            "{message}"
+        );
+        assert!(message.contains(hint), "{message}");
+    }
+    harness.stop().await;
+}

@@ -92,7 +92,8 @@ struct ExecutorArgs {
     #[arg(long)]
     arch: Option<String>,
     /// A property this executor declares, KEY=VALUE (repeatable): actions
-    /// carrying KEY come here only with the same VALUE.
+    /// carrying KEY come here only with the same VALUE. KEY must not be a
+    /// platform property Kiln interprets (those are refused).
     #[arg(long = "property", value_parser = parse_property)]
     properties: Vec<(String, String)>,
     /// Longest an action may run, in seconds.
@@ -120,7 +121,11 @@ struct ExecutorArgs {
 
 fn parse_property(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        Some((key, value)) if !key.is_empty() => {
+            // The scheduler refuses these too; said here before connecting.
+            kiln_scheduler::session::check_declared(key)?;
+            Ok((key.to_string(), value.to_string()))
+        }
         _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }
