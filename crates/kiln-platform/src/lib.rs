@@ -844,6 +844,32 @@ impl Platform {
         }
     }
 
+    /// Refuses a `termination-grace-period` longer than `max`, the
+    /// server's limit (`setting` names it for the error), so an action
+    /// cannot hold its executor arbitrarily long after its timeout or
+    /// cancellation.
+    pub fn check_termination_grace_period(
+        &self,
+        max: Duration,
+        setting: &str,
+    ) -> Result<(), PlatformError> {
+        match self.termination_grace_period {
+            Some(grace) if grace > max => {
+                let key = "termination-grace-period";
+                let value = self.effective.get(key).map_or("", String::as_str);
+                Err(invalid(
+                    key,
+                    value,
+                    &format!(
+                        "at most {max:?} is allowed here ({setting}): the grace holds an \
+                         executor after the action's timeout or cancellation"
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Whether `key` (of [`Platform::other`]) was spelled by a header alone,
     /// so lower-cased on the way: executors' declared keys match it
     /// ignoring ASCII case.

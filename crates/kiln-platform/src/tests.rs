@@ -454,3 +454,26 @@ fn docker_network_distinguishes_unset_from_bridge() {
     assert_eq!(network("Bridge"), Some(DockerNetwork::Bridge));
     assert_eq!(network("off"), Some(DockerNetwork::Off));
 }
+
+#[test]
+fn a_grace_period_above_the_limit_is_refused_naming_it() {
+    let platform = parse_action(&[("termination-grace-period", "10m")]).unwrap();
+    let error = platform
+        .check_termination_grace_period(Duration::from_secs(300), "max_termination_grace_s")
+        .unwrap_err();
+    assert_eq!(error.kind, PlatformErrorKind::Invalid);
+    let message = error.to_string();
+    assert!(
+        message.contains("termination-grace-period=\"10m\""),
+        "{message}"
+    );
+    assert!(message.contains("300s"), "{message}");
+    assert!(message.contains("max_termination_grace_s"), "{message}");
+    platform
+        .check_termination_grace_period(Duration::from_secs(600), "max")
+        .unwrap();
+    parse_action(&[])
+        .unwrap()
+        .check_termination_grace_period(Duration::ZERO, "max")
+        .unwrap();
+}

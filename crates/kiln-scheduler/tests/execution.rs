@@ -1882,3 +1882,39 @@ async fn an_executor_cannot_declare_a_property_kiln_interprets() {
     }
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_grace_period_above_the_limit_is_refused_naming_it() {
+    let harness = Harness::start_with(|config| {
+        config.execution.max_termination_grace_s = 60;
+    })
+    .await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("termination-grace-period", "1h")],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(&harness, &action, &[]).await;
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(
+        error.message().contains("termination-grace-period=\"1h\""),
+        "{error}"
+    );
+    assert!(error.message().contains("at most 60s"), "{error}");
+    assert!(
+        error.message().contains("max_termination_grace_s"),
+        "{error}"
+    );
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("termination-grace-period", "1m")],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    harness.stop().await;
+}
