@@ -117,7 +117,7 @@ impl Docker {
         if !bridge {
             tracing::warn!(
                 socket,
-                "docker has no bridge network: dockerNetwork=bridge actions run without network"
+                "docker has no bridge network: actions that leave dockerNetwork unset run without network, and dockerNetwork=bridge actions fail"
             );
         }
         let images = Images::new("docker", config.images).map_err(|e| format!("docker: {e}"))?;

@@ -72,9 +72,11 @@ pub struct RunParameters {
 
 impl RunParameters {
     /// The parameters of `spec` run in `image` (a reference the runtime
-    /// holds) under `limits`; `bridge`
-    /// says whether the runtime has a bridge network (without one, a
-    /// `dockerNetwork=bridge` action runs without network).
+    /// holds) under `limits`; `bridge` says whether the runtime has a
+    /// bridge network. Without one, an
+    /// action that leaves `dockerNetwork` unset runs without network (the
+    /// executor warned at start-up), and one that asks for
+    /// `dockerNetwork=bridge` is refused rather than given none.
     pub fn new(
         spec: &CommandSpec,
         limits: &Limits,
@@ -93,13 +95,16 @@ impl RunParameters {
             })
         };
         let network = match platform.docker_network {
-            DockerNetwork::Off => Network::None,
-            DockerNetwork::Bridge if bridge => Network::Bridge,
-            DockerNetwork::Bridge => {
-                tracing::debug!(
-                    "no bridge network: running a dockerNetwork=bridge action without network"
-                );
-                Network::None
+            Some(DockerNetwork::Off) => Network::None,
+            Some(DockerNetwork::Bridge) | None if bridge => Network::Bridge,
+            None => Network::None,
+            Some(DockerNetwork::Bridge) => {
+                return Err(RunError::Unsupported(
+                    "dockerNetwork=bridge: this executor's container runtime has no default \
+                     bridge network, so the action cannot have one here; set dockerNetwork=off, \
+                     or ask the operator to create the runtime's bridge network"
+                        .into(),
+                ))
             }
         };
         for path in [&spec.workspace, &spec.working_directory] {
@@ -185,7 +190,7 @@ mod tests {
         let mut platform = Platform::default();
         platform.docker_user = Some(DockerUser::UidGid(1000, 100));
         platform.docker_init = true;
-        platform.docker_network = DockerNetwork::Off;
+        platform.docker_network = Some(DockerNetwork::Off);
         let params =
             RunParameters::new(&spec(platform), &LIMITS, &image().pinned(), true, "test").unwrap();
         assert!(params.name.starts_with("kiln-"));
@@ -212,7 +217,7 @@ mod tests {
     }
 
     #[test]
-    fn run_as_root_wins_and_bridge_falls_back_to_none() {
+    fn run_as_root_wins_and_an_unset_network_is_none_without_a_bridge() {
         let mut platform = Platform::default();
         platform.docker_user = Some(DockerUser::Name("builder".into()));
         platform.docker_run_as_root = true;
@@ -238,5 +243,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(default.user, None);
+    }
+
+    #[test]
+    fn an_explicit_bridge_is_refused_where_the_runtime_has_none() {
+        let mut platform = Platform::default();
+        platform.docker_network = Some(DockerNetwork::Bridge);
+        let with_bridge = RunParameters::new(
+            &spec(platform.clone()),
+            &LIMITS,
+            &image().pinned(),
+            true,
+            "test",
+        )
+        .unwrap();
+        assert_eq!(with_bridge.network, Network::Bridge);
+        let error = RunParameters::new(&spec(platform), &LIMITS, &image().pinned(), false, "test")
+            .expect_err("no bridge to give");
+        assert!(matches!(error, RunError::Unsupported(_)), "{error:?}");
+        assert!(
+            error.to_string().starts_with("dockerNetwork=bridge:"),
+            "{error}"
+        );
+        assert_eq!(
+            tonic::Status::from(error).code(),
+            tonic::Code::FailedPrecondition
+        );
     }
 }

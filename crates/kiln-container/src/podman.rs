@@ -193,7 +193,7 @@ impl Podman {
         if !bridge {
             tracing::warn!(
                 binary = shown,
-                "podman has no default network: dockerNetwork=bridge actions run without network"
+                "podman has no default network: actions that leave dockerNetwork unset run without network, and dockerNetwork=bridge actions fail"
             );
         }
         let info_text = String::from_utf8_lossy(&info.stdout).to_string();

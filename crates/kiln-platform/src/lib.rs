@@ -13,7 +13,7 @@
 
 pub mod units;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -56,6 +56,11 @@ pub const KNOWN_KEYS: [&str; 27] = [
     "enable-dockerd-tcp",
 ];
 
+/// Why `persistentWorkerKey` and `persistentWorkerProtocol` are refused.
+const PERSISTENT_WORKERS: &str = "persistent workers are not supported by this Kiln yet; remove \
+     the property (or Bazel's --experimental_remote_mark_tool_inputs, which adds \
+     persistentWorkerKey)";
+
 /// Keys whose values are secrets: never logged, echoed or stored.
 const SECRET_KEYS: [&str; 1] = ["container-registry-password"];
 
@@ -64,15 +69,37 @@ pub fn is_secret_key(key: &str) -> bool {
     SECRET_KEYS.contains(&key)
 }
 
-/// A malformed value of a known key, rejected before the action is queued.
+/// A property refused before the action is queued: a malformed value, a
+/// combination that means nothing, or a value this Kiln cannot honour.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("platform property {key}={shown:?} is invalid: {accepted}")]
+#[error("platform property {key}={shown:?} is {}: {accepted}", .kind.adjective())]
 pub struct PlatformError {
     pub key: String,
     /// The value as given, or `<redacted>` for secrets.
     pub shown: String,
-    /// What the key accepts.
+    /// What the key accepts, or why the value is refused and what to do.
     pub accepted: String,
+    pub kind: PlatformErrorKind,
+}
+
+/// Why a property was refused, which decides the gRPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformErrorKind {
+    /// A malformed value, or a combination that contradicts itself:
+    /// `INVALID_ARGUMENT`.
+    Invalid,
+    /// A well-formed value this Kiln does not implement (yet), so it
+    /// cannot do what the property asks: `FAILED_PRECONDITION`.
+    Unsupported,
+}
+
+impl PlatformErrorKind {
+    fn adjective(self) -> &'static str {
+        match self {
+            PlatformErrorKind::Invalid => "invalid",
+            PlatformErrorKind::Unsupported => "not supported",
+        }
+    }
 }
 
 /// A string that never prints. Compare and hash it; do not log it.
@@ -155,13 +182,22 @@ impl IsolationType {
     pub fn from_name(name: &str) -> Option<IsolationType> {
         IsolationType::ALL.into_iter().find(|t| t.name() == name)
     }
-}
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum WorkerProtocol {
-    #[default]
-    Proto,
-    Json,
+    /// Whether actions of this type run in `container-image` (the others
+    /// run on the host's system).
+    pub fn runs_images(self) -> bool {
+        matches!(
+            self,
+            IsolationType::Docker | IsolationType::Podman | IsolationType::Firecracker
+        )
+    }
+
+    /// Whether this type keeps warm runners on some executor (`none` only
+    /// where the executor can stop every process of an action); `docker`,
+    /// `podman` and `firecracker` never do in this Kiln.
+    pub fn may_keep_warm_runners(self) -> bool {
+        matches!(self, IsolationType::None | IsolationType::Sandbox)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -242,7 +278,6 @@ pub struct Platform {
     pub pool: Option<String>,
     pub os_family: OsFamily,
     pub arch: Arch,
-    pub use_self_hosted_executors: Option<bool>,
     /// `None`: the executor's configured default.
     pub isolation: Option<IsolationType>,
     pub recycle_runner: bool,
@@ -253,19 +288,21 @@ pub struct Platform {
     pub resources: Resources,
     pub default_timeout: Option<Duration>,
     pub termination_grace_period: Option<Duration>,
-    pub persistent_worker_key: Option<String>,
-    pub persistent_worker_protocol: WorkerProtocol,
     pub container_image: Option<ContainerImage>,
     pub registry_credentials: Option<RegistryCredentials>,
     pub docker_user: Option<DockerUser>,
     pub docker_init: bool,
     pub docker_run_as_root: bool,
-    pub docker_network: DockerNetwork,
-    pub init_dockerd: bool,
-    pub enable_dockerd_tcp: bool,
+    /// `None`: not set (or empty), which means `bridge` where the runtime
+    /// has a bridge network.
+    pub docker_network: Option<DockerNetwork>,
     /// Keys `docs/platform-properties.md` does not define: carried along,
     /// and constraining placement only where an executor declares them.
     pub other: BTreeMap<String, String>,
+    /// The keys of `other` spelled by a header alone (so lower-case: HTTP/2
+    /// lower-cases header names), which executors' declared keys match
+    /// ignoring ASCII case.
+    spelled_by_headers: BTreeSet<String>,
     /// Every effective property (secrets hashed), for the runner key.
     effective: BTreeMap<String, String>,
 }
@@ -281,13 +318,19 @@ pub struct PropertySources<'a> {
     pub headers: &'a [(String, String)],
 }
 
+/// The key of `docs/platform-properties.md` that `key` spells, ignoring
+/// ASCII case.
+pub fn known_key_ignoring_case(key: &str) -> Option<&'static str> {
+    KNOWN_KEYS
+        .iter()
+        .find(|known| known.eq_ignore_ascii_case(key))
+        .copied()
+}
+
 /// The canonical spelling of a key: header names arrive lower-cased, so a
 /// known key matches case-insensitively there; other sources are exact.
 fn canonical_header_key(lowercase: &str) -> String {
-    KNOWN_KEYS
-        .iter()
-        .find(|known| known.eq_ignore_ascii_case(lowercase))
-        .map_or_else(|| lowercase.to_string(), |known| known.to_string())
+    known_key_ignoring_case(lowercase).map_or_else(|| lowercase.to_string(), str::to_string)
 }
 
 /// The platform keys carried by request headers, in the order given.
@@ -307,7 +350,7 @@ pub fn header_properties<'a>(
         .collect()
 }
 
-fn invalid(key: &str, value: &str, accepted: &str) -> PlatformError {
+fn refused(kind: PlatformErrorKind, key: &str, value: &str, accepted: &str) -> PlatformError {
     let shown = if SECRET_KEYS.contains(&key) {
         "<redacted>".to_string()
     } else {
@@ -317,7 +360,16 @@ fn invalid(key: &str, value: &str, accepted: &str) -> PlatformError {
         key: key.to_string(),
         shown,
         accepted: accepted.to_string(),
+        kind,
     }
+}
+
+fn invalid(key: &str, value: &str, accepted: &str) -> PlatformError {
+    refused(PlatformErrorKind::Invalid, key, value, accepted)
+}
+
+fn unsupported(key: &str, value: &str, why: &str) -> PlatformError {
+    refused(PlatformErrorKind::Unsupported, key, value, why)
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool, PlatformError> {
@@ -489,16 +541,43 @@ impl Platform {
     pub fn parse(sources: &PropertySources<'_>) -> Result<Platform, PlatformError> {
         let mut merged: BTreeMap<String, String> = BTreeMap::new();
         // Later sources win key by key.
-        for (key, value) in sources
-            .command
-            .iter()
-            .chain(sources.action)
-            .chain(sources.headers)
-        {
+        for (key, value) in sources.command.iter().chain(sources.action) {
             merged.insert(key.clone(), value.clone());
         }
+        let mut spelled_by_headers = BTreeSet::new();
+        for (key, value) in sources.headers {
+            // A known key arrives in its own spelling (`header_properties`).
+            // Any other key lost its case on the way (HTTP/2 lower-cases
+            // header names), so it overrides every key of the Action or
+            // Command that equals it ignoring ASCII case, in their spelling;
+            // with none, it stays as it came.
+            let respelled: Vec<String> = if KNOWN_KEYS.contains(&key.as_str()) {
+                Vec::new()
+            } else {
+                merged
+                    .keys()
+                    .filter(|other| {
+                        other.eq_ignore_ascii_case(key) && !KNOWN_KEYS.contains(&other.as_str())
+                    })
+                    .cloned()
+                    .collect()
+            };
+            if respelled.is_empty() {
+                if !KNOWN_KEYS.contains(&key.as_str()) {
+                    spelled_by_headers.insert(key.clone());
+                }
+                merged.insert(key.clone(), value.clone());
+            } else {
+                for other in respelled {
+                    merged.insert(other, value.clone());
+                }
+            }
+        }
 
-        let mut platform = Platform::default();
+        let mut platform = Platform {
+            spelled_by_headers,
+            ..Platform::default()
+        };
         let mut compute_units = None;
         let (mut cpu, mut memory) = (None, None);
         let (mut username, mut password) = (None, None);
@@ -528,7 +607,15 @@ impl Platform {
                     }
                 }
                 "use-self-hosted-executors" => {
-                    platform.use_self_hosted_executors = Some(parse_bool(key, v)?)
+                    if parse_bool(key, v)? {
+                        return Err(unsupported(
+                            key,
+                            v,
+                            "Kiln has no organisations, so no executors of the caller's own: \
+                             every executor is one the server's operator started; remove the \
+                             property or set it to false",
+                        ));
+                    }
                 }
                 "workload-isolation-type" => {
                     platform.isolation = Some(match v.to_ascii_lowercase().as_str() {
@@ -590,14 +677,17 @@ impl Platform {
                 "termination-grace-period" => {
                     platform.termination_grace_period = Some(parse_platform_duration(key, v)?)
                 }
-                "persistentWorkerKey" => platform.persistent_worker_key = Some(v.to_string()),
-                "persistentWorkerProtocol" => {
-                    platform.persistent_worker_protocol = match v.to_ascii_lowercase().as_str() {
-                        "proto" | "" => WorkerProtocol::Proto,
-                        "json" => WorkerProtocol::Json,
-                        _ => return Err(invalid(key, v, "expected proto or json")),
-                    }
+                // Bazel adds persistentWorkerKey to worker-capable spawns
+                // with --experimental_remote_mark_tool_inputs.
+                "persistentWorkerKey" if !v.is_empty() => {
+                    return Err(unsupported(key, v, PERSISTENT_WORKERS));
                 }
+                "persistentWorkerKey" => {}
+                "persistentWorkerProtocol" => match v.to_ascii_lowercase().as_str() {
+                    "" => {}
+                    "proto" | "json" => return Err(unsupported(key, v, PERSISTENT_WORKERS)),
+                    _ => return Err(invalid(key, v, "expected proto or json")),
+                },
                 "container-image" => {
                     platform.container_image = if v.is_empty() || v == "none" {
                         None
@@ -612,13 +702,22 @@ impl Platform {
                 "dockerRunAsRoot" => platform.docker_run_as_root = parse_bool(key, v)?,
                 "dockerNetwork" => {
                     platform.docker_network = match v.to_ascii_lowercase().as_str() {
-                        "off" => DockerNetwork::Off,
-                        "bridge" | "" => DockerNetwork::Bridge,
+                        "off" => Some(DockerNetwork::Off),
+                        "bridge" => Some(DockerNetwork::Bridge),
+                        "" => None,
                         _ => return Err(invalid(key, v, "expected off or bridge")),
                     }
                 }
-                "init-dockerd" => platform.init_dockerd = parse_bool(key, v)?,
-                "enable-dockerd-tcp" => platform.enable_dockerd_tcp = parse_bool(key, v)?,
+                "init-dockerd" | "enable-dockerd-tcp" => {
+                    if parse_bool(key, v)? {
+                        return Err(unsupported(
+                            key,
+                            v,
+                            "Kiln has no microVM isolation (firecracker) yet, so no Docker \
+                             daemon runs inside one; remove the property or set it to false",
+                        ));
+                    }
+                }
                 _ => {
                     platform.other.insert(key.clone(), value.clone());
                 }
@@ -639,6 +738,39 @@ impl Platform {
                 &platform.clean_workspace_inputs.join(","),
                 "cleans a preserved workspace: set preserve-workspace=true and recycle-runner=true too",
             ));
+        }
+        // Isolation types known never to keep a workspace between actions
+        // (those that depend on the executor are checked where it runs).
+        if let Some(isolation) = platform.isolation.filter(|_| platform.preserve_workspace) {
+            if !isolation.may_keep_warm_runners() {
+                return Err(unsupported(
+                    "preserve-workspace",
+                    "true",
+                    &format!(
+                        "workload-isolation-type={} runs every action in a fresh runner in this \
+                         Kiln, so there is no workspace to preserve; use \
+                         workload-isolation-type=sandbox, or remove preserve-workspace",
+                        isolation.name()
+                    ),
+                ));
+            }
+        }
+        // An image asked for where the action runs on the host's system
+        // would be ignored: refused instead.
+        if let (Some(isolation), Some(image)) = (platform.isolation, merged.get("container-image"))
+        {
+            if platform.container_image.is_some() && !isolation.runs_images() {
+                return Err(invalid(
+                    "container-image",
+                    image,
+                    &format!(
+                        "workload-isolation-type={} runs the action on the host's system, not in \
+                         an image; set workload-isolation-type=docker or podman, or remove \
+                         container-image (none or an empty value mean no image)",
+                        isolation.name()
+                    ),
+                ));
+            }
         }
         // Explicit estimates win over the compute-unit shorthand.
         let units_cpu = compute_units.map(|u| (u * COMPUTE_UNIT_MILLIS as f64).round() as u64);
@@ -710,6 +842,39 @@ impl Platform {
         RunnerKey {
             key: self.runner_key(organisation),
         }
+    }
+
+    /// Refuses a `termination-grace-period` longer than `max`, the
+    /// server's limit (`setting` names it for the error), so an action
+    /// cannot hold its executor arbitrarily long after its timeout or
+    /// cancellation.
+    pub fn check_termination_grace_period(
+        &self,
+        max: Duration,
+        setting: &str,
+    ) -> Result<(), PlatformError> {
+        match self.termination_grace_period {
+            Some(grace) if grace > max => {
+                let key = "termination-grace-period";
+                let value = self.effective.get(key).map_or("", String::as_str);
+                Err(invalid(
+                    key,
+                    value,
+                    &format!(
+                        "at most {max:?} is allowed here ({setting}): the grace holds an \
+                         executor after the action's timeout or cancellation"
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `key` (of [`Platform::other`]) was spelled by a header alone,
+    /// so lower-cased on the way: executors' declared keys match it
+    /// ignoring ASCII case.
+    pub fn spelled_by_header(&self, key: &str) -> bool {
+        self.spelled_by_headers.contains(key)
     }
 
     /// The effective properties with secrets replaced by their hashes: safe

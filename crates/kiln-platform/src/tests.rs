@@ -22,8 +22,7 @@ fn defaults_follow_the_contract() {
     assert_eq!(platform.os_family, OsFamily::Linux);
     assert_eq!(platform.arch, Arch::Amd64);
     assert_eq!(platform.isolation, None);
-    assert_eq!(platform.docker_network, DockerNetwork::Bridge);
-    assert_eq!(platform.persistent_worker_protocol, WorkerProtocol::Proto);
+    assert_eq!(platform.docker_network, None);
     assert!(!platform.recycle_runner);
 }
 
@@ -33,11 +32,9 @@ fn every_known_key_parses_into_its_typed_value() {
         ("Pool", "gpu"),
         ("OSFamily", "Linux"),
         ("Arch", "aarch64"),
-        ("use-self-hosted-executors", "TRUE"),
+        ("use-self-hosted-executors", "FALSE"),
         ("workload-isolation-type", "docker"),
         ("recycle-runner", "true"),
-        ("preserve-workspace", "True"),
-        ("clean-workspace-inputs", "**/*.o, out/{a,b}/?.txt"),
         ("nonroot-workspace", "true"),
         ("runner-recycling-key", "mysql@v1.2.3"),
         ("EstimatedCPU", "4000m"),
@@ -45,8 +42,8 @@ fn every_known_key_parses_into_its_typed_value() {
         ("EstimatedFreeDiskBytes", "10GiB"),
         ("default-timeout", "1h30m"),
         ("termination-grace-period", "500ms"),
-        ("persistentWorkerKey", "javac-1"),
-        ("persistentWorkerProtocol", "json"),
+        ("persistentWorkerKey", ""),
+        ("persistentWorkerProtocol", ""),
         ("container-image", "docker://127.0.0.1:5000/team/tools:v1"),
         ("container-registry-username", "ci"),
         ("container-registry-password", "hunter2"),
@@ -54,20 +51,15 @@ fn every_known_key_parses_into_its_typed_value() {
         ("dockerInit", "true"),
         ("dockerRunAsRoot", "false"),
         ("dockerNetwork", "off"),
-        ("init-dockerd", "true"),
-        ("enable-dockerd-tcp", "false"),
+        ("init-dockerd", "false"),
+        ("enable-dockerd-tcp", "False"),
         ("ISA", "avx2"),
     ])
     .unwrap();
     assert_eq!(platform.pool.as_deref(), Some("gpu"));
     assert_eq!(platform.arch, Arch::Arm64);
-    assert_eq!(platform.use_self_hosted_executors, Some(true));
     assert_eq!(platform.isolation, Some(IsolationType::Docker));
-    assert!(platform.recycle_runner && platform.preserve_workspace && platform.nonroot_workspace);
-    assert_eq!(
-        platform.clean_workspace_inputs,
-        vec!["**/*.o", "out/{a,b}/?.txt"]
-    );
+    assert!(platform.recycle_runner && platform.nonroot_workspace);
     assert_eq!(platform.resources.cpu_millis, Some(4000));
     assert_eq!(platform.resources.memory_bytes, Some(4_500_000_000));
     assert_eq!(platform.resources.free_disk_bytes, Some(10 << 30));
@@ -76,7 +68,6 @@ fn every_known_key_parses_into_its_typed_value() {
         platform.termination_grace_period,
         Some(Duration::from_millis(500))
     );
-    assert_eq!(platform.persistent_worker_protocol, WorkerProtocol::Json);
     let image = platform.container_image.as_ref().unwrap();
     assert_eq!(image.registry, "127.0.0.1:5000");
     assert_eq!(image.repository, "team/tools");
@@ -87,9 +78,23 @@ fn every_known_key_parses_into_its_typed_value() {
         ("ci", "hunter2")
     );
     assert_eq!(platform.docker_user, Some(DockerUser::UidGid(1000, 1000)));
-    assert!(platform.docker_init && !platform.docker_run_as_root && platform.init_dockerd);
-    assert_eq!(platform.docker_network, DockerNetwork::Off);
+    assert!(platform.docker_init && !platform.docker_run_as_root);
+    assert_eq!(platform.docker_network, Some(DockerNetwork::Off));
     assert_eq!(platform.other.get("ISA").map(String::as_str), Some("avx2"));
+
+    // A preserved workspace needs a type that keeps runners.
+    let platform = parse_action(&[
+        ("workload-isolation-type", "sandbox"),
+        ("recycle-runner", "true"),
+        ("preserve-workspace", "True"),
+        ("clean-workspace-inputs", "**/*.o, out/{a,b}/?.txt"),
+    ])
+    .unwrap();
+    assert!(platform.preserve_workspace);
+    assert_eq!(
+        platform.clean_workspace_inputs,
+        vec!["**/*.o", "out/{a,b}/?.txt"]
+    );
 }
 
 #[test]
@@ -277,4 +282,198 @@ fn runner_keys_separate_what_must_not_share_a_runner() {
     })
     .unwrap();
     assert_ne!(with_header.runner_key("a"), key(&base, "a"));
+}
+
+fn refusal(pairs: &[(&str, &str)]) -> PlatformError {
+    parse_action(pairs).expect_err(&format!("{pairs:?} is refused"))
+}
+
+#[test]
+fn features_kiln_does_not_have_are_refused_not_ignored() {
+    for (key, value, why) in [
+        ("use-self-hosted-executors", "true", "no organisations"),
+        ("persistentWorkerKey", "javac-1", "persistent workers"),
+        (
+            "persistentWorkerKey",
+            "x",
+            "--experimental_remote_mark_tool_inputs",
+        ),
+        ("persistentWorkerProtocol", "json", "persistent workers"),
+        ("persistentWorkerProtocol", "proto", "persistent workers"),
+        ("init-dockerd", "true", "microVM"),
+        ("enable-dockerd-tcp", "TRUE", "microVM"),
+    ] {
+        let error = refusal(&[(key, value)]);
+        assert_eq!(error.kind, PlatformErrorKind::Unsupported, "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("{key}={value:?} is not supported")),
+            "{message}"
+        );
+        assert!(message.contains(why), "{message}");
+    }
+    // What asks for nothing is accepted.
+    parse_action(&[
+        ("use-self-hosted-executors", "false"),
+        ("persistentWorkerKey", ""),
+        ("persistentWorkerProtocol", ""),
+        ("init-dockerd", "false"),
+        ("enable-dockerd-tcp", "false"),
+    ])
+    .unwrap();
+}
+
+#[test]
+fn an_image_is_refused_where_the_action_would_run_on_the_host() {
+    for isolation in ["none", "sandbox"] {
+        let error = refusal(&[
+            ("workload-isolation-type", isolation),
+            ("container-image", "docker://127.0.0.1:5000/team/tools:v1"),
+        ]);
+        assert_eq!(error.kind, PlatformErrorKind::Invalid, "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("container-image=\"docker://127.0.0.1:5000/team/tools:v1\""),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("workload-isolation-type={isolation} runs")),
+            "{message}"
+        );
+    }
+    for isolation in ["docker", "podman"] {
+        parse_action(&[
+            ("workload-isolation-type", isolation),
+            ("container-image", "alpine:3"),
+        ])
+        .unwrap();
+    }
+    // No image: nothing to refuse, credentials or not (they are often
+    // sent as headers for a whole build and have nothing to pull here).
+    for image in ["none", ""] {
+        parse_action(&[
+            ("workload-isolation-type", "sandbox"),
+            ("container-image", image),
+            ("container-registry-username", "ci"),
+            ("container-registry-password", "hunter2"),
+        ])
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
+    for isolation in ["docker", "podman", "firecracker"] {
+        let error = refusal(&[
+            ("workload-isolation-type", isolation),
+            ("recycle-runner", "true"),
+            ("preserve-workspace", "true"),
+        ]);
+        assert_eq!(error.kind, PlatformErrorKind::Unsupported, "{error}");
+        let message = error.to_string();
+        assert!(message.contains("preserve-workspace=\"true\""), "{message}");
+        assert!(
+            message.contains(&format!("workload-isolation-type={isolation}")),
+            "{message}"
+        );
+        // recycle-runner alone is a hint: a cold runner is still correct.
+        parse_action(&[
+            ("workload-isolation-type", isolation),
+            ("recycle-runner", "true"),
+        ])
+        .unwrap();
+    }
+    for isolation in ["none", "sandbox"] {
+        parse_action(&[
+            ("workload-isolation-type", isolation),
+            ("recycle-runner", "true"),
+            ("preserve-workspace", "true"),
+        ])
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_header_overrides_an_unknown_key_whatever_its_case() {
+    let action = props(&[("ISA", "avx2"), ("Pool", "gpu"), ("POOL", "odd")]);
+    let parse = |headers: &[(&'static str, &'static str)]| {
+        let headers = header_properties(headers.iter().copied());
+        Platform::parse(&PropertySources {
+            action: &action,
+            headers: &headers,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    // HTTP/2 delivers `x-buildbuddy-platform.isa`: it replaces `ISA`,
+    // which keeps the Action's spelling.
+    let platform = parse(&[("x-buildbuddy-platform.ISA", "sse")]);
+    assert_eq!(platform.other.get("ISA").map(String::as_str), Some("sse"));
+    assert!(!platform.other.contains_key("isa"));
+    assert!(!platform.spelled_by_header("ISA"));
+    // As if the Action had said it.
+    let said = parse_action(&[("ISA", "sse"), ("Pool", "gpu"), ("POOL", "odd")]).unwrap();
+    assert_eq!(platform.runner_key("o"), said.runner_key("o"));
+    assert_eq!(platform.other, said.other);
+
+    // A known key keeps to its own spelling: `POOL` is another key.
+    let platform = parse(&[("x-kiln-platform.pool", "cpu")]);
+    assert_eq!(platform.pool.as_deref(), Some("cpu"));
+    assert_eq!(platform.other.get("POOL").map(String::as_str), Some("odd"));
+
+    // A key only a header names stays lower-case, marked as such.
+    let platform = parse(&[("x-buildbuddy-platform.Cache-Silo-Key", "a")]);
+    assert_eq!(
+        platform.other.get("cache-silo-key").map(String::as_str),
+        Some("a")
+    );
+    assert!(platform.spelled_by_header("cache-silo-key"));
+
+    // Two Action keys that differ only in case both take the header's value.
+    let action = props(&[("Isa", "a"), ("ISA", "b")]);
+    let headers = header_properties([("x-buildbuddy-platform.isa", "c")]);
+    let platform = Platform::parse(&PropertySources {
+        action: &action,
+        headers: &headers,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(platform.other.get("Isa").map(String::as_str), Some("c"));
+    assert_eq!(platform.other.get("ISA").map(String::as_str), Some("c"));
+    assert_eq!(platform.other.len(), 2);
+}
+
+#[test]
+fn docker_network_distinguishes_unset_from_bridge() {
+    let network = |value: &str| {
+        parse_action(&[("dockerNetwork", value)])
+            .unwrap()
+            .docker_network
+    };
+    assert_eq!(network(""), None);
+    assert_eq!(network("Bridge"), Some(DockerNetwork::Bridge));
+    assert_eq!(network("off"), Some(DockerNetwork::Off));
+}
+
+#[test]
+fn a_grace_period_above_the_limit_is_refused_naming_it() {
+    let platform = parse_action(&[("termination-grace-period", "10m")]).unwrap();
+    let error = platform
+        .check_termination_grace_period(Duration::from_secs(300), "max_termination_grace_s")
+        .unwrap_err();
+    assert_eq!(error.kind, PlatformErrorKind::Invalid);
+    let message = error.to_string();
+    assert!(
+        message.contains("termination-grace-period=\"10m\""),
+        "{message}"
+    );
+    assert!(message.contains("300s"), "{message}");
+    assert!(message.contains("max_termination_grace_s"), "{message}");
+    platform
+        .check_termination_grace_period(Duration::from_secs(600), "max")
+        .unwrap();
+    parse_action(&[])
+        .unwrap()
+        .check_termination_grace_period(Duration::ZERO, "max")
+        .unwrap();
 }

@@ -28,7 +28,7 @@ async fn measure(
     let workspace = root.path().join("workspace");
     std::fs::create_dir(&workspace).unwrap();
     let mut platform = Platform::default();
-    platform.docker_network = network;
+    platform.docker_network = Some(network);
     platform.docker_init = docker_init;
     let spec = CommandSpec {
         arguments: vec!["/bin/true".into()],

@@ -22,15 +22,23 @@
 //! and a read-only `/sys`. Nothing else of the host: not `/root`, `/home`,
 //! `/var`, other workspaces, or the executor's cache and data.
 //!
-//! Who it runs as: `dockerUser` (name through the host's /etc/passwd, uid,
-//! or uid:gid; only that group, no supplementary ones), else root with
-//! Docker's default capabilities minus CAP_MKNOD, with `no_new_privs`.
+//! Who it runs as: root with `dockerRunAsRoot` (keeping Docker's default
+//! capabilities minus CAP_MKNOD); else `dockerUser` (name through the
+//! host's /etc/passwd, uid, or uid:gid; only that group, no supplementary
+//! ones); else the executor's action user (`--action-user`, `nobody` by
+//! default; root only when that is `root`). Always
+//! with `no_new_privs`; a user other than root keeps no capabilities.
+//!
+//! Warm runners (`recycle-runner`): the sandbox itself is made anew for
+//! every action, but a kept runner's workspace and its own /tmp directory
+//! (bound over the sandbox's /tmp instead of a tmpfs) carry over to the
+//! next action with the same runner key.
 //!
 //! Not done: rootless operation (user namespaces), seccomp filters, a
 //! bridged network (`dockerNetwork=bridge` shares the host's network
-//! namespace, including its loopback services), device cgroups, disk
-//! quotas (`EstimatedFreeDiskBytes`), and runner recycling (each action
-//! gets a fresh sandbox). Linux only; the executor must run as root.
+//! namespace, including its loopback services), device cgroups, and disk
+//! quotas (`EstimatedFreeDiskBytes`). Linux only; the executor must run as
+//! root.
 
 pub mod cgroup;
 mod child;

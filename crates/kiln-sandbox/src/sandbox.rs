@@ -375,7 +375,7 @@ impl Isolation for Sandbox {
             limits.memory_bytes,
             &spec.working_directory,
             user,
-            spec.platform.docker_network == DockerNetwork::Off,
+            spec.platform.docker_network == Some(DockerNetwork::Off),
             cgroup.as_ref(),
         ));
         let result = if spec.platform.docker_init {

@@ -79,7 +79,7 @@ impl Action {
         std::fs::create_dir(&workspace).unwrap();
         std::fs::create_dir(&io).unwrap();
         let mut platform = Platform::default();
-        platform.docker_network = DockerNetwork::Off;
+        platform.docker_network = Some(DockerNetwork::Off);
         Action {
             workspace,
             io,
@@ -296,7 +296,7 @@ async fn the_host_network_with_docker_network_bridge() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut action = Action::new();
-    action.platform.docker_network = DockerNetwork::Bridge;
+    action.platform.docker_network = Some(DockerNetwork::Bridge);
     let (outcome, stdout, stderr) = action
         .run(
             sandbox,

@@ -4,14 +4,16 @@
 //! the `ExecuteResponse.status`.
 
 use kiln_cas::CasError;
-use kiln_platform::PlatformError;
+use kiln_platform::{PlatformError, PlatformErrorKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     /// A malformed request (digest, digest function, Action or Command).
     #[error("{0}")]
     InvalidArgument(String),
-    /// A known platform property with a malformed value.
+    /// A known platform property refused: a malformed value or
+    /// combination (`INVALID_ARGUMENT`), or one this Kiln cannot honour
+    /// (`FAILED_PRECONDITION`).
     #[error("action {action}: {source}")]
     Platform {
         action: String,
@@ -65,6 +67,11 @@ impl From<SchedulerError> for tonic::Status {
     fn from(error: SchedulerError) -> tonic::Status {
         let message = error.to_string();
         match error {
+            SchedulerError::Platform { source, .. }
+                if source.kind == PlatformErrorKind::Unsupported =>
+            {
+                tonic::Status::failed_precondition(message)
+            }
             SchedulerError::InvalidArgument(_) | SchedulerError::Platform { .. } => {
                 tonic::Status::invalid_argument(message)
             }

@@ -500,6 +500,9 @@ impl PoolQueue {
 
     /// What an action with this platform requires here: its values of the
     /// keys some registered executor declares, and its isolation type.
+    /// A key that only a header spelled (lower-cased by HTTP/2) requires
+    /// the declared key it equals ignoring ASCII case, unless some
+    /// executor declares it exactly as it came.
     /// `Err` (with that requirement, for the error message) if no registered
     /// executor offers all of it.
     pub(crate) fn requirement(
@@ -508,18 +511,23 @@ impl PoolQueue {
         need: ResourceAmount,
     ) -> Result<Requirement, Unmatched> {
         let inner = self.inner.lock();
+        let declared: BTreeSet<&String> = inner
+            .offers
+            .keys()
+            .flat_map(|offers| offers.properties.keys())
+            .collect();
+        let mut properties = Properties::new();
+        for (key, value) in &platform.other {
+            if declared.contains(key) {
+                properties.insert(key.clone(), value.clone());
+            } else if platform.spelled_by_header(key) {
+                for spelled in declared.iter().filter(|d| d.eq_ignore_ascii_case(key)) {
+                    properties.insert((*spelled).clone(), value.clone());
+                }
+            }
+        }
         let requires = Requirement {
-            properties: platform
-                .other
-                .iter()
-                .filter(|(key, _)| {
-                    inner
-                        .offers
-                        .keys()
-                        .any(|offers| offers.properties.contains_key(*key))
-                })
-                .map(|(key, value)| (key.clone(), value.clone()))
-                .collect(),
+            properties,
             isolation: platform.isolation,
         };
         let largest = inner

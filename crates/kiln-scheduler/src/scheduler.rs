@@ -74,6 +74,10 @@ pub struct SchedulerConfig {
     /// plus grace plus this (for staging and upload) loses it: the action
     /// is requeued.
     pub assignment_margin: Duration,
+    /// The longest `termination-grace-period` an action may ask for;
+    /// longer is refused with INVALID_ARGUMENT, so no action holds its
+    /// executor arbitrarily long after its timeout or cancellation.
+    pub max_termination_grace: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -89,6 +93,7 @@ impl Default for SchedulerConfig {
             max_queued_executions: 100_000,
             max_action_timeout: Duration::from_secs(3600),
             assignment_margin: Duration::from_secs(600),
+            max_termination_grace: Duration::from_secs(300),
         }
     }
 }
@@ -595,6 +600,13 @@ impl Scheduler {
             command: &sources.command,
             action: &sources.action,
             headers: &sources.headers,
+        })
+        .and_then(|platform| {
+            platform.check_termination_grace_period(
+                self.config.max_termination_grace,
+                "the server's execution.max_termination_grace_s",
+            )?;
+            Ok(platform)
         })
         .map_err(|source| SchedulerError::Platform {
             action: digest.to_string(),

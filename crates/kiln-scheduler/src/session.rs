@@ -85,8 +85,13 @@ fn offered_key(register: &Register) -> Result<QueueKey, Status> {
 /// What a registration offers within its key: declared properties and
 /// isolation types (as `docs/platform-properties.md` names them; none
 /// listed means `none`). INVALID_ARGUMENT for an isolation type it does
-/// not know.
+/// not know, and for a declared property that is one of the contract's
+/// keys ([`check_declared`]).
 fn offer_of(register: &Register) -> Result<Offer, Status> {
+    for key in register.properties.keys() {
+        check_declared(key)
+            .map_err(|e| Status::invalid_argument(format!("executor {}: {e}", register.name)))?;
+    }
     // 0: not advertised (an older executor), no limit.
     let advertised = |amount: u64| if amount == 0 { u64::MAX } else { amount };
     let mut offer = Offer {
@@ -113,6 +118,30 @@ fn offer_of(register: &Register) -> Result<Offer, Status> {
             .insert(kiln_platform::IsolationType::None);
     }
     Ok(offer)
+}
+
+/// Refuses a declared property `key` that names (ignoring ASCII case) a
+/// key of `docs/platform-properties.md`: Kiln matches those its own way
+/// (`Pool`, `OSFamily`, `Arch` and `workload-isolation-type` through the
+/// registration's own fields) or not at all, so the declaration would
+/// have no effect on placement.
+pub fn check_declared(key: &str) -> Result<(), String> {
+    match kiln_platform::known_key_ignoring_case(key) {
+        None => Ok(()),
+        Some(known) => {
+            let instead = match known {
+                "Pool" => "register with --pool instead",
+                "OSFamily" => "register with --os-family instead",
+                "Arch" => "register with --arch instead",
+                "workload-isolation-type" => "offer isolation types with --isolation instead",
+                _ => "executors declare only keys Kiln does not interpret",
+            };
+            Err(format!(
+                "declared property {key}: {known} is a platform property Kiln interprets \
+                 itself, so declaring it would not restrict which actions come here; {instead}"
+            ))
+        }
+    }
 }
 
 #[tonic::async_trait]

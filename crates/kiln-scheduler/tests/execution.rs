@@ -1809,3 +1809,343 @@ async fn a_large_action_is_not_starved_by_a_stream_of_small_ones() {
     executor.await.unwrap();
     harness.stop().await;
 }
+
+/// Executes `action` (a cache miss), expecting the call itself to fail.
+async fn refused(
+    harness: &Harness,
+    action: &Digest,
+    headers: &[(&'static str, &str)],
+) -> tonic::Status {
+    harness
+        .start_execute(action, true, headers)
+        .await
+        .expect_err("refused before queueing")
+}
+
+#[tokio::test]
+async fn features_kiln_does_not_have_are_refused_before_queueing() {
+    let harness = Harness::start().await;
+    for (key, value, why) in [
+        (
+            "persistentWorkerKey",
+            "javac-1",
+            "persistent workers are not supported",
+        ),
+        (
+            "persistentWorkerProtocol",
+            "json",
+            "persistent workers are not supported",
+        ),
+        ("use-self-hosted-executors", "true", "no organisations"),
+        ("init-dockerd", "true", "no microVM"),
+        ("enable-dockerd-tcp", "true", "no microVM"),
+    ] {
+        let action = harness
+            .action(ActionSpec {
+                arguments: vec!["/bin/true"],
+                properties: vec![(key, value)],
+                ..Default::default()
+            })
+            .await;
+        let error = refused(&harness, &action, &[]).await;
+        assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+        assert!(
+            error.message().contains(&format!("{key}={value:?}")),
+            "{error}"
+        );
+        assert!(error.message().contains(why), "{error}");
+    }
+    // Through a header too (as Bazel's --remote_exec_header sends it).
+    let plain = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(
+        &harness,
+        &plain,
+        &[("x-buildbuddy-platform.persistentworkerkey", "javac-1")],
+    )
+    .await;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("persistentWorkerKey"), "{error}");
+    // Values that ask for nothing run.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![
+                ("use-self-hosted-executors", "false"),
+                ("init-dockerd", "false"),
+                ("enable-dockerd-tcp", "false"),
+            ],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, true).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn an_image_is_refused_where_the_action_would_run_on_the_host() {
+    let harness = Harness::start().await;
+    let image = "docker://127.0.0.1:5000/kiln-test/base:latest";
+    // Named together with a type that runs on the host: refused on the call.
+    for isolation in ["none", "sandbox"] {
+        let action = harness
+            .action(ActionSpec {
+                arguments: vec!["/bin/true"],
+                properties: vec![
+                    ("workload-isolation-type", isolation),
+                    ("container-image", image),
+                ],
+                ..Default::default()
+            })
+            .await;
+        let error = refused(&harness, &action, &[]).await;
+        assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+        assert!(error.message().contains("container-image="), "{error}");
+        assert!(
+            error.message().contains(&format!(
+                "workload-isolation-type={isolation} runs the action on the host"
+            )),
+            "{error}"
+        );
+    }
+    // Without a type, the executor's default decides: here `none`, which
+    // says so in the response instead of running on the host.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("container-image", image)],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    let status = response.status.unwrap_or_default();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(
+        status
+            .message
+            .contains("container-image=127.0.0.1:5000/kiln-test/base:latest"),
+        "{}",
+        status.message
+    );
+    assert!(
+        status
+            .message
+            .contains("this executor's default isolation type, none,"),
+        "{}",
+        status.message
+    );
+    assert_eq!(
+        harness.cached(&action).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // `none` as the image means no image.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("container-image", "none")],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
+    let harness = Harness::start().await;
+    // A type that never keeps runners: refused on the call.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![
+                ("workload-isolation-type", "docker"),
+                ("recycle-runner", "true"),
+                ("preserve-workspace", "true"),
+            ],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(&harness, &action, &[]).await;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    assert!(
+        error.message().contains("preserve-workspace=\"true\""),
+        "{error}"
+    );
+    assert!(
+        error.message().contains("workload-isolation-type=docker"),
+        "{error}"
+    );
+
+    // `none` keeps runners only where the executor can stop every process
+    // of an action; this executor's plain `none` cannot.
+    let (stop, executor) = harness.start_executor("exec-cold", "cold").await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![
+                ("Pool", "cold"),
+                ("recycle-runner", "true"),
+                ("preserve-workspace", "true"),
+            ],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    let status = response.status.unwrap_or_default();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(
+        status.message.starts_with("preserve-workspace=true:"),
+        "{}",
+        status.message
+    );
+    assert!(
+        status.message.contains("none, keeps no warm runners"),
+        "{}",
+        status.message
+    );
+    // recycle-runner alone is a hint: the action runs in a fresh runner.
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("Pool", "cold"), ("recycle-runner", "true")],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    stop.cancel();
+    executor.await.unwrap();
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_header_overrides_an_unknown_key_whatever_its_case() {
+    let harness = Harness::start().await;
+    let (stop, executor) = harness
+        .start_executor_with("exec-avx2", "isa", &[("ISA", "avx2")])
+        .await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/echo", "isa"],
+            properties: vec![("Pool", "isa"), ("ISA", "sse")],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(&harness, &action, &[]).await;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("ISA=sse"), "{error}");
+    // `x-buildbuddy-platform.ISA` arrives as `…isa` and still replaces `ISA`.
+    let stream = harness
+        .start_execute(&action, true, &[("x-buildbuddy-platform.isa", "avx2")])
+        .await
+        .expect("the header's ISA=avx2 matches the executor");
+    let (_, response) = finish(stream).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    let worker = response.result.unwrap().execution_metadata.unwrap().worker;
+    assert_eq!(worker, "exec-avx2");
+
+    // A key only the header names matches the executor's declared spelling.
+    let plain = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/echo", "isa-from-header"],
+            properties: vec![("Pool", "isa")],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(&harness, &plain, &[("x-kiln-platform.isa", "sse")]).await;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("ISA=sse"), "{error}");
+    let stream = harness
+        .start_execute(&plain, true, &[("x-kiln-platform.isa", "avx2")])
+        .await
+        .expect("isa=avx2 from a header matches the declared ISA=avx2");
+    let (_, response) = finish(stream).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    stop.cancel();
+    executor.await.unwrap();
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn an_executor_cannot_declare_a_property_kiln_interprets() {
+    let harness = Harness::start().await;
+    for (key, hint) in [
+        ("OSFamily", "--os-family"),
+        ("pool", "--pool"),
+        ("dockerNetwork", "keys Kiln does not interpret"),
+    ] {
+        let error = match RemoteSession::connect(
+            harness.channel.clone(),
+            SessionConfig {
+                name: "exec-declares".into(),
+                pool: "default".into(),
+                os_family: "linux".into(),
+                arch: "amd64".into(),
+                properties: [(key.to_string(), "x".to_string())].into_iter().collect(),
+                isolation_types: vec!["none".into()],
+                capacity: 1,
+                resources: ResourceAmount::UNLIMITED,
+                heartbeat_interval: Duration::from_secs(1),
+                token: None,
+            },
+        )
+        .await
+        {
+            Ok(_) => panic!("{key} was accepted as a declared property"),
+            Err(error) => error,
+        };
+        assert!(
+            matches!(error, kiln_scheduler::SchedulerError::Refused(_)),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("declared property {key}:")),
+            "{message}"
+        );
+        assert!(message.contains(hint), "{message}");
+    }
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_grace_period_above_the_limit_is_refused_naming_it() {
+    let harness = Harness::start_with(|config| {
+        config.execution.max_termination_grace_s = 60;
+    })
+    .await;
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("termination-grace-period", "1h")],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(&harness, &action, &[]).await;
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(
+        error.message().contains("termination-grace-period=\"1h\""),
+        "{error}"
+    );
+    assert!(error.message().contains("at most 60s"), "{error}");
+    assert!(
+        error.message().contains("max_termination_grace_s"),
+        "{error}"
+    );
+    let action = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("termination-grace-period", "1m")],
+            ..Default::default()
+        })
+        .await;
+    let response = harness.execute(&action, false).await;
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    harness.stop().await;
+}

@@ -265,6 +265,42 @@ impl Isolations {
         self.default
     }
 
+    /// The backend for an action with `platform`: [`Isolations::select`],
+    /// and then FAILED_PRECONDITION, naming the property and the type, for
+    /// what that backend would otherwise ignore. `Platform::parse` refuses
+    /// these already when the action names its type; this catches the
+    /// executor's default type, and `none` where this executor keeps no
+    /// runners.
+    pub fn select_for(&self, platform: &Platform) -> Result<&Arc<dyn Isolation>, RunError> {
+        let backend = self.select(platform.isolation)?;
+        let name = backend.name();
+        let chosen = match platform.isolation {
+            Some(_) => format!("workload-isolation-type={name}"),
+            None => format!("this executor's default isolation type, {name},"),
+        };
+        let runs_images = IsolationType::from_name(name).is_some_and(IsolationType::runs_images);
+        if let Some(image) = platform.container_image.as_ref().filter(|_| !runs_images) {
+            return Err(RunError::Unsupported(format!(
+                "container-image={image}: {chosen} runs the action on the host's system, not in \
+                 an image; set workload-isolation-type=docker or podman (or remove \
+                 container-image)"
+            )));
+        }
+        if platform.preserve_workspace && !backend.keeps_warm_runners() {
+            let why = if name == "none" {
+                " (none keeps them only on a root executor with a cgroup per action)"
+            } else {
+                ""
+            };
+            return Err(RunError::Unsupported(format!(
+                "preserve-workspace=true: {chosen} keeps no warm runners on this executor{why}, \
+                 so there is no workspace to preserve; use workload-isolation-type=sandbox, or \
+                 remove preserve-workspace"
+            )));
+        }
+        Ok(backend)
+    }
+
     /// The backend for an action asking for `requested` (the default when
     /// it asks for none); FAILED_PRECONDITION naming the type otherwise.
     pub fn select(

@@ -45,6 +45,9 @@ pub struct WorkerConfig {
     pub max_timeout: Duration,
     /// SIGTERM→SIGKILL grace when `termination-grace-period` is unset.
     pub default_grace: Duration,
+    /// Upper bound of any action's grace: the scheduler refuses longer
+    /// ones against its own limit; an executor caps them at its own.
+    pub max_grace: Duration,
     /// Keep each action's directory after the run (for debugging).
     pub keep_workspaces: bool,
     /// Memory limit of actions without `EstimatedMemory` (None: unlimited).
@@ -82,6 +85,7 @@ impl WorkerConfig {
             worker_name: "kiln-worker".into(),
             max_timeout: Duration::from_secs(3600),
             default_grace: Duration::from_secs(10),
+            max_grace: Duration::from_secs(300),
             keep_workspaces: false,
             default_memory_bytes: None,
             default_cpu_millis: None,
@@ -353,7 +357,7 @@ impl Worker {
         runner: &RunnerUse,
         notes: &mut RunnerNotes,
     ) -> Result<RunOutcome, RunError> {
-        let isolation = self.isolations.select(platform.isolation)?;
+        let isolation = self.isolations.select_for(platform)?;
         let run_as = isolation.run_as(platform, self.config.action_user)?;
         let recycling = runner.key.is_some() && isolation.keeps_warm_runners();
         if runner.key.is_some() && !recycling {
@@ -791,7 +795,8 @@ impl Worker {
             timeout,
             grace: platform
                 .termination_grace_period
-                .unwrap_or(self.config.default_grace),
+                .unwrap_or(self.config.default_grace)
+                .min(self.config.max_grace),
             memory_bytes: platform
                 .resources
                 .memory_bytes

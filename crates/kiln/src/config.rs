@@ -116,6 +116,12 @@ pub struct ExecutionConfig {
     /// Longest an action may run (its `Action.timeout` is clamped to it),
     /// and the timeout of actions that set none.
     pub max_action_timeout_s: u64,
+    /// Longest `termination-grace-period` (SIGTERM to SIGKILL) an action
+    /// may ask for, in seconds: a longer one is refused with
+    /// INVALID_ARGUMENT naming this limit, so no action holds an executor
+    /// arbitrarily long after its timeout or cancellation. The embedded
+    /// executor caps the grace at it too.
+    pub max_termination_grace_s: u64,
     /// How long an action no registered executor matches (Pool, OSFamily,
     /// Arch) waits for one to register before it fails with
     /// FAILED_PRECONDITION naming what is unmatched.
@@ -182,6 +188,7 @@ impl Default for ExecutionConfig {
             pool: "default".into(),
             concurrency: 0,
             max_action_timeout_s: 3600,
+            max_termination_grace_s: 300,
             unmatched_grace_ms: 2000,
             orphan_grace_ms: 5000,
             max_queued_executions: 100_000,

@@ -30,6 +30,8 @@ pub struct ExecutorOptions {
     /// Declared `KEY=VALUE` properties.
     pub properties: std::collections::BTreeMap<String, String>,
     pub max_action_timeout: Duration,
+    /// The grace (SIGTERM to SIGKILL) of an action is capped at this.
+    pub max_termination_grace: Duration,
     pub heartbeat_interval: Duration,
     /// Most bytes the file cache keeps (0 = unlimited).
     pub cache_max_bytes: u64,
@@ -138,6 +140,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     );
     worker_config.worker_name = options.name.clone();
     worker_config.max_timeout = options.max_action_timeout;
+    worker_config.max_grace = options.max_termination_grace;
     worker_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
     options

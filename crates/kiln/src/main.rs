@@ -92,12 +92,17 @@ struct ExecutorArgs {
     #[arg(long)]
     arch: Option<String>,
     /// A property this executor declares, KEY=VALUE (repeatable): actions
-    /// carrying KEY come here only with the same VALUE.
+    /// carrying KEY come here only with the same VALUE. KEY must not be a
+    /// platform property Kiln interprets (those are refused).
     #[arg(long = "property", value_parser = parse_property)]
     properties: Vec<(String, String)>,
     /// Longest an action may run, in seconds.
     #[arg(long, default_value_t = 3600)]
     max_action_timeout_s: u64,
+    /// Longest SIGTERM-to-SIGKILL grace an action gets, in seconds (its
+    /// termination-grace-period is capped at this).
+    #[arg(long, default_value_t = 300)]
+    max_termination_grace_s: u64,
     #[arg(long, default_value_t = 5000)]
     heartbeat_interval_ms: u64,
     /// Most bytes the input file cache keeps; least recently used files go
@@ -125,7 +130,11 @@ struct ExecutorArgs {
 
 fn parse_property(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        Some((key, value)) if !key.is_empty() => {
+            // The scheduler refuses these too; said here before connecting.
+            kiln_scheduler::session::check_declared(key)?;
+            Ok((key.to_string(), value.to_string()))
+        }
         _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }
@@ -171,6 +180,7 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
             .to_string()
         }),
         max_action_timeout: std::time::Duration::from_secs(args.max_action_timeout_s.max(1)),
+        max_termination_grace: std::time::Duration::from_secs(args.max_termination_grace_s),
         cache_max_bytes: kiln::config::parse_size(&args.cache_size)
             .map_err(|e| anyhow::anyhow!("--cache-size: {e}"))?,
         isolation: {
@@ -270,6 +280,10 @@ struct ServeArgs {
     /// Longest an action may run, in seconds.
     #[arg(long)]
     max_action_timeout_s: Option<u64>,
+    /// Longest termination-grace-period an action may ask for, in seconds;
+    /// longer is refused.
+    #[arg(long)]
+    max_termination_grace_s: Option<u64>,
     /// Wait for a matching executor this long before failing an action.
     #[arg(long)]
     unmatched_grace_ms: Option<u64>,
@@ -335,6 +349,7 @@ impl ServeArgs {
             self.pool => execution.pool,
             self.concurrency => execution.concurrency,
             self.max_action_timeout_s => execution.max_action_timeout_s,
+            self.max_termination_grace_s => execution.max_termination_grace_s,
             self.unmatched_grace_ms => execution.unmatched_grace_ms,
             self.orphan_grace_ms => execution.orphan_grace_ms,
             self.max_queued_executions => execution.max_queued_executions,

@@ -251,6 +251,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                     config.execution.max_action_timeout_s.max(1),
                 ),
                 assignment_margin: Duration::from_millis(config.execution.assignment_margin_ms),
+                max_termination_grace: Duration::from_secs(
+                    config.execution.max_termination_grace_s,
+                ),
                 orphan_grace: (config.execution.orphan_grace_ms > 0)
                     .then(|| Duration::from_millis(config.execution.orphan_grace_ms)),
                 max_attempts: config.execution.max_attempts.max(1),
@@ -408,6 +411,7 @@ fn start_embedded_executor(
     let mut worker_config = WorkerConfig::new(root.join("work"), root.join("cache"));
     worker_config.worker_name = format!("kiln-embedded/{}", execution.pool);
     worker_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
+    worker_config.max_grace = Duration::from_secs(execution.max_termination_grace_s);
     worker_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
     execution.isolation.apply_to(

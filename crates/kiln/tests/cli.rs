@@ -152,6 +152,26 @@ fn bad_configs_fail_with_a_message_naming_the_problem() {
 }
 
 #[test]
+fn an_executor_declaring_a_property_kiln_interprets_is_refused_at_once() {
+    let output = kiln()
+        .args([
+            "executor",
+            "--scheduler",
+            "grpc://127.0.0.1:1",
+            "--property",
+            "OSFamily=darwin",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("declared property OSFamily") && stderr.contains("--os-family"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_second_server_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (first, _) = serve(dir.path(), &[]);
