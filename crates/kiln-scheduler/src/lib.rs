@@ -18,7 +18,6 @@
 //!   each, indexed by [`queue::QueueKey`]: pool, OS, arch);
 //! - [`local`]: the executor inside the server's process
 //!   ([`local::LocalExecutor`]), which leases actions to the embedded worker;
-//! - [`token`]: the shared secret executors present when they register;
 //! - [`service`]: the gRPC edge (Execution and Operations);
 //! - [`error`]: [`SchedulerError`], converted to `tonic::Status` at the edge.
 //!
@@ -35,7 +34,6 @@ pub mod report;
 pub mod scheduler;
 pub mod service;
 pub mod session;
-pub mod token;
 
 pub use capacity::ResourceAmount;
 pub use error::SchedulerError;
@@ -45,4 +43,3 @@ pub use report::{Client, ExecutionObserver, OperationSummary, OutcomeClass, Stag
 pub use scheduler::{Scheduler, SchedulerConfig};
 pub use service::{execution_capabilities, ExecutionService, OperationsService};
 pub use session::ExecutorSessions;
-pub use token::ExecutorToken;

@@ -1,9 +1,10 @@
 //! The scheduler's side of Kiln's executor protocol
 //! (`kiln.executor.v1.ExecutorService.Session`): one long-lived stream per
 //! executor process. The executor registers (pool, OS, arch, isolation
-//! types, properties, slots, CPU, memory and disk), presenting the
-//! executor token when the server has one ([`crate::token`]); the
-//! session then hands it queued actions of its [`QueueKey`] while it has
+//! types, properties, slots, CPU, memory and disk); who may register is
+//! decided before the stream reaches here (kiln-auth's layer requires the
+//! `register-executor` capability: the executor token or such an API
+//! key). The session then hands it queued actions of its [`QueueKey`] while it has
 //! free slots, forwards cancellations, and completes operations with the
 //! results it reports. A stream that ends, fails or goes silent past the
 //! heartbeat timeout requeues the executor's running actions.
@@ -31,27 +32,19 @@ use crate::capacity::{Capacity, Reservation, ResourceAmount};
 use crate::queue::{Offer, PoolQueue, QueueKey};
 use crate::report::{ExecutorEntry, RunningOn};
 use crate::scheduler::{QueuedAction, Scheduler};
-use crate::token::{self, ExecutorToken};
 
 /// Serves executor sessions for one [`Scheduler`].
 pub struct ExecutorSessions {
     scheduler: Arc<Scheduler>,
     heartbeat_timeout: Duration,
-    token: Option<ExecutorToken>,
 }
 
 impl ExecutorSessions {
     /// `heartbeat_timeout`: silence after which an executor counts as lost.
-    /// With a `token`, only executors presenting it may register.
-    pub fn new(
-        scheduler: Arc<Scheduler>,
-        heartbeat_timeout: Duration,
-        token: Option<ExecutorToken>,
-    ) -> Self {
+    pub fn new(scheduler: Arc<Scheduler>, heartbeat_timeout: Duration) -> Self {
         ExecutorSessions {
             scheduler,
             heartbeat_timeout,
-            token,
         }
     }
 }
@@ -152,22 +145,6 @@ impl ExecutorService for ExecutorSessions {
         &self,
         request: Request<Streaming<ExecutorMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        if let Some(token) = &self.token {
-            let presented = request
-                .metadata()
-                .get(token::HEADER)
-                .and_then(|value| value.to_str().ok());
-            if !token.accepts(presented) {
-                let peer = request
-                    .remote_addr()
-                    .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
-                tracing::warn!(%peer, "executor registration refused: no valid executor token");
-                return Err(Status::unauthenticated(
-                    "this Kiln server accepts executors only with its executor token \
-                     (kiln executor --executor-token-file PATH)",
-                ));
-            }
-        }
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.heartbeat_timeout, inbound.message())
             .await

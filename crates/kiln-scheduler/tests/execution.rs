@@ -134,7 +134,7 @@ impl Harness {
                 capacity: slots,
                 resources,
                 heartbeat_interval: Duration::from_secs(1),
-                token: None,
+                credential: None,
             },
         )
         .await
@@ -2092,7 +2092,7 @@ async fn an_executor_cannot_declare_a_property_kiln_interprets() {
                 capacity: 1,
                 resources: ResourceAmount::UNLIMITED,
                 heartbeat_interval: Duration::from_secs(1),
-                token: None,
+                credential: None,
             },
         )
         .await

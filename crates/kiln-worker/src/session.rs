@@ -19,8 +19,9 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::Streaming;
 
+use kiln_auth::Credential;
 use kiln_proto::status::to_rpc as to_rpc_status;
-use kiln_scheduler::{ExecutorToken, ResourceAmount, SchedulerError};
+use kiln_scheduler::{ResourceAmount, SchedulerError};
 
 use crate::local::{finished, run_action, RunRequest};
 
@@ -43,8 +44,8 @@ pub struct SessionConfig {
     /// [`ResourceAmount::of_host`]).
     pub resources: ResourceAmount,
     pub heartbeat_interval: Duration,
-    /// Presented at registration, if the scheduler requires one.
-    pub token: Option<ExecutorToken>,
+    /// Presented at registration: the executor token or an API key.
+    pub credential: Option<Credential>,
 }
 
 /// A registered session with a scheduler.
@@ -82,10 +83,9 @@ impl RemoteSession {
             .map_err(|_| SchedulerError::ShuttingDown)?;
         let mut request =
             tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(receiver));
-        if let Some(token) = &config.token {
-            request
-                .metadata_mut()
-                .insert(kiln_scheduler::token::HEADER, token.header_value());
+        if let Some(credential) = &config.credential {
+            let (name, value) = credential.metadata();
+            request.metadata_mut().insert(name, value);
         }
         let mut inbound = ExecutorServiceClient::new(channel)
             .session(request)

@@ -1,13 +1,14 @@
-//! The executor token: a shared secret an executor process presents when it
-//! registers (`authorization: Bearer …` on its session stream). Without
-//! one, anything that can reach the server could register as an executor
-//! and be handed actions, header secrets included. The token is read from a
+//! The executor token: the shared fleet's credential, a secret an executor
+//! process presents on its calls (`authorization: Bearer …`). Without one,
+//! anything that can reach the server could register as an executor and be
+//! handed actions, header secrets included. The token is read from a
 //! file (never a command-line argument, which `ps` shows) and never appears
 //! in logs, errors or `Debug` output.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use subtle::ConstantTimeEq;
 use tonic::metadata::{Ascii, MetadataValue};
 
 /// The metadata key the token travels in.
@@ -48,19 +49,10 @@ impl ExecutorToken {
         value
     }
 
-    /// Whether a received `authorization` value carries this token; the
+    /// Whether `presented` (a bearer credential) is this token; the
     /// comparison takes the same time wherever the first difference is.
-    pub(crate) fn accepts(&self, header: Option<&str>) -> bool {
-        let Some(presented) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-            return false;
-        };
-        let (presented, expected) = (presented.as_bytes(), self.0.as_bytes());
-        presented.len() == expected.len()
-            && presented
-                .iter()
-                .zip(expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+    pub(crate) fn accepts(&self, presented: &str) -> bool {
+        bool::from(presented.as_bytes().ct_eq(self.0.as_bytes()))
     }
 }
 
@@ -84,16 +76,10 @@ mod tests {
     #[test]
     fn only_the_exact_bearer_token_is_accepted() {
         let t = token("s3cret-token\n").unwrap();
-        assert!(t.accepts(Some("Bearer s3cret-token")));
-        for wrong in [
-            "Bearer s3cret-tokem",
-            "Bearer s3cret",
-            "s3cret-token",
-            "Bearer ",
-        ] {
-            assert!(!t.accepts(Some(wrong)), "{wrong}");
+        assert!(t.accepts("s3cret-token"));
+        for wrong in ["s3cret-tokem", "s3cret", "s3cret-token ", ""] {
+            assert!(!t.accepts(wrong), "{wrong}");
         }
-        assert!(!t.accepts(None));
         assert_eq!(t.header_value().to_str().unwrap(), "Bearer s3cret-token");
     }
 
