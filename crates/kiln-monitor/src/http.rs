@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use kiln_auth::{Authenticator, Capability, Refusal};
 use kiln_cas::wire::parse_digest;
 use kiln_cas::Storage;
 use kiln_proto::reapi;
@@ -21,18 +22,36 @@ use crate::metrics::Metrics;
 use crate::ui;
 
 /// Whether the process can do its work: `/readyz` answers 200 only when
-/// ready, else 503 with the reason.
-#[derive(Debug)]
+/// ready, else 503 with the reason. A warning (e.g. serving the network
+/// without authentication) is added to every `/healthz` and `/readyz`
+/// answer while its source reports one.
 pub struct Readiness {
     not_ready: Mutex<Option<String>>,
+    warning: Mutex<Option<WarningSource>>,
 }
+
+/// Asked at each health check: the warning to show now, if any.
+pub type WarningSource = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Readiness {
     /// Not ready yet, for `reason`.
     pub fn new(reason: impl Into<String>) -> Arc<Readiness> {
         Arc::new(Readiness {
             not_ready: Mutex::new(Some(reason.into())),
+            warning: Mutex::new(None),
         })
+    }
+
+    pub fn set_warning_source(&self, source: WarningSource) {
+        *self.warning.lock() = Some(source);
+    }
+
+    /// `warning: …` lines to append to a health answer.
+    fn warning_lines(&self) -> String {
+        match self.warning.lock().as_ref().and_then(|source| source()) {
+            Some(warning) => format!("warning: {warning}\n"),
+            None => String::new(),
+        }
     }
 
     pub fn set_ready(&self) {
@@ -68,6 +87,10 @@ pub struct Monitor {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     ui: SharedSources,
+    /// The gRPC port's authentication, shared: once it requires keys,
+    /// everything but `/healthz` and `/readyz` needs one with
+    /// `cache-read` (the pages show commands, logs and outputs).
+    auth: Mutex<Option<Arc<Authenticator>>>,
 }
 
 impl Monitor {
@@ -84,6 +107,7 @@ impl Monitor {
             metrics,
             readiness: Readiness::new("opening the store"),
             ui,
+            auth: Mutex::new(None),
         })
     }
 
@@ -93,6 +117,7 @@ impl Monitor {
             metrics,
             readiness,
             ui: SharedSources::default(),
+            auth: Mutex::new(None),
         })
     }
 
@@ -107,6 +132,11 @@ impl Monitor {
         *self.ui.lock() = None;
     }
 
+    /// Checks callers as `authenticator` does, from now on.
+    pub fn require_auth(&self, authenticator: Arc<Authenticator>) {
+        *self.auth.lock() = Some(authenticator);
+    }
+
     fn sources(&self) -> Option<UiSources> {
         self.ui.lock().clone()
     }
@@ -118,7 +148,7 @@ type Shared = Arc<Monitor>;
 pub fn serve(listener: tokio::net::TcpListener, monitor: Shared) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/", get(overview))
         .route("/operations", get(operations))
@@ -129,6 +159,10 @@ pub fn serve(listener: tokio::net::TcpListener, monitor: Shared) -> tokio::task:
         .route("/static/style.css", get(style))
         .route("/static/live.js", get(script))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .layer(axum::middleware::from_fn_with_state(
+            monitor.clone(),
+            authenticate,
+        ))
         .layer(axum::middleware::from_fn(server_timing))
         .with_state(monitor);
     tokio::spawn(async move {
@@ -147,6 +181,44 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 
 /// Adds `Server-Timing: app;dur=MS` to every answer: the time the server
 /// spent producing it (for a streamed download, until its headers).
+/// Lets a request through if the server's authentication does: health
+/// checks always; the rest with a credential that may `cache-read`, sent
+/// as on the gRPC port (`x-buildbuddy-api-key`, `authorization: Bearer`)
+/// or as a browser's Basic password (the user name is not read).
+async fn authenticate(
+    State(monitor): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    let auth = monitor.auth.lock().clone();
+    let Some(auth) = auth.filter(|_| !matches!(path, "/healthz" | "/readyz")) else {
+        return next.run(request).await;
+    };
+    match auth.authenticate(request.headers()) {
+        Ok(caller) if caller.may(Capability::CacheRead) => next.run(request).await,
+        Ok(_) => (
+            StatusCode::FORBIDDEN,
+            "this page needs a key with the capability cache-read\n",
+        )
+            .into_response(),
+        Err(refusal) => {
+            let message = match refusal {
+                Refusal::Unauthenticated(message) | Refusal::PermissionDenied(message) => message,
+            };
+            (
+                StatusCode::UNAUTHORIZED,
+                [(
+                    header::WWW_AUTHENTICATE,
+                    "Basic realm=\"kiln: an API key as the password\", charset=\"UTF-8\"",
+                )],
+                format!("{message}\n"),
+            )
+                .into_response()
+        }
+    }
+}
+
 async fn server_timing(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let started = std::time::Instant::now();
     let mut response = next.run(request).await;
@@ -169,6 +241,10 @@ async fn metrics(State(monitor): State<Shared>) -> Response {
         .into_response()
 }
 
+async fn healthz(State(monitor): State<Shared>) -> String {
+    format!("ok\n{}", monitor.readiness.warning_lines())
+}
+
 async fn readyz(State(monitor): State<Shared>) -> Response {
     let stopped = monitor
         .sources()
@@ -177,11 +253,12 @@ async fn readyz(State(monitor): State<Shared>) -> Response {
         Some(why) => Err(why),
         None => monitor.readiness.check(),
     };
+    let warnings = monitor.readiness.warning_lines();
     match ready {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()).into_response(),
+        Ok(()) => (StatusCode::OK, format!("ready\n{warnings}")).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
+            format!("not ready: {reason}\n{warnings}"),
         )
             .into_response(),
     }

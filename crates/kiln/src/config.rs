@@ -27,9 +27,17 @@ pub struct Config {
     /// Address of the monitoring endpoint (plain HTTP): Prometheus
     /// `/metrics`, `/healthz`, `/readyz` and the web UI at `/`. Port 0
     /// picks a free port; the bound address is printed on stdout after the
-    /// gRPC one, as `listening http://ADDR`. `off` disables it. It has no
-    /// authentication: keep it on loopback, or behind a proxy that has.
+    /// gRPC one, as `listening http://ADDR`. `off` disables it. It shares
+    /// the gRPC port's API keys: once one exists, everything but /healthz
+    /// and /readyz needs a key with cache-read; until then keep it on
+    /// loopback.
     pub monitoring_listen: String,
+    /// Serve a non-loopback `listen` address while no API key exists
+    /// (`kiln keys create`): anyone who reaches it may read and write the
+    /// cache and run actions. Off, such a server refuses to start; on, it
+    /// warns at start-up and in /healthz and /readyz. A loopback address
+    /// is open until the first key is made either way.
+    pub allow_unauthenticated: bool,
     pub log: LogConfig,
     pub storage: StorageConfig,
     pub execution: ExecutionConfig,
@@ -264,6 +272,7 @@ impl Default for Config {
             max_connections: 4096,
             max_streams_per_connection: 1024,
             monitoring_listen: "127.0.0.1:9090".into(),
+            allow_unauthenticated: false,
             log: LogConfig::default(),
             storage: StorageConfig::default(),
             execution: ExecutionConfig::default(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kiln_scheduler::SchedulerError;
+use kiln_worker::cas::GrpcTransport;
 use kiln_worker::{CancellationToken, RunError, Worker, WorkerConfig};
 use kiln_worker::{RemoteSession, SessionConfig};
 use tonic::transport::Channel;
@@ -37,8 +38,9 @@ pub struct ExecutorOptions {
     pub cache_max_bytes: u64,
     /// Which isolation backends to offer, and their settings.
     pub isolation: crate::isolation::IsolationSettings,
-    /// Presented at registration when the scheduler requires it.
-    pub token: Option<kiln_scheduler::ExecutorToken>,
+    /// Presented on every call to the server (registration and CAS): the
+    /// executor token or an API key with `register-executor`.
+    pub credential: Option<kiln_auth::Credential>,
     /// How large an action's input tree may be.
     pub input_limits: kiln_worker::inputs::InputLimits,
     /// Where to serve this executor's metrics and health, if anywhere.
@@ -130,6 +132,20 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         .with_context(|| format!("scheduler address {}", options.scheduler))?
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
+    // The worker's CAS calls carry the credential too: a server with keys
+    // answers nothing without one.
+    let cas_transport = {
+        let credential = options.credential.clone();
+        GrpcTransport::from_service(tower::util::MapRequest::new(
+            channel.clone(),
+            move |mut request: http::Request<tonic::body::Body>| {
+                if let Some(credential) = &credential {
+                    credential.add_to(request.headers_mut());
+                }
+                request
+            },
+        ))
+    };
     let owner = format!("kiln-worker:{}", options.work_dir.display());
     let action_user = options.isolation.resolve_action_user()?;
     let isolations = crate::isolation::offered(&options.isolation, &owner).await;
@@ -157,7 +173,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         capacity: options.capacity.max(1),
         resources: options.resources,
         heartbeat_interval: options.heartbeat_interval,
-        token: options.token.clone(),
+        credential: options.credential.clone(),
     };
 
     let monitor = ExecutorMonitor::start(options.monitoring_listen).await?;
@@ -171,10 +187,28 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
                 // only that call is worth retrying (opening the local
                 // cache and work directory fails the same way again).
                 None => {
-                    match Worker::new(channel.clone(), worker_config.clone(), isolations.clone())
-                        .await
+                    match Worker::new(
+                        cas_transport.clone(),
+                        worker_config.clone(),
+                        isolations.clone(),
+                    )
+                    .await
                     {
                         Ok(worker) => Arc::new(worker),
+                        // The server refused the credential: trying again
+                        // cannot help.
+                        Err(RunError::Cas { context, status })
+                            if matches!(
+                                status.code(),
+                                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                            ) =>
+                        {
+                            return Err(Attempt::Fatal(anyhow::anyhow!(
+                                "starting the worker: {context}: the server refused this \
+                                 executor's credential: {}",
+                                status.message()
+                            )))
+                        }
                         Err(e @ RunError::Cas { .. }) => {
                             return Err(Attempt::Retry(
                                 anyhow::Error::new(e).context("starting the worker"),

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod keys;
 
 use std::path::PathBuf;
 
@@ -27,6 +28,11 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Run an executor process that takes actions from a Kiln scheduler.
     Executor(Box<ExecutorArgs>),
+    /// Make, list and revoke API keys (while the server runs).
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -113,6 +119,11 @@ struct ExecutorArgs {
     /// `--executor-token-file`).
     #[arg(long, env = "KILN_EXECUTOR_TOKEN_FILE")]
     executor_token_file: Option<PathBuf>,
+    /// File with an API key that has the register-executor capability
+    /// (`kiln keys create --capability register-executor`), presented on
+    /// every call instead of the executor token.
+    #[arg(long, env = "KILN_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
     /// Serve /metrics, /healthz and /readyz (ready while registered) on
     /// this address, e.g. 127.0.0.1:9091; the bound address is printed on
     /// stdout as `listening http://ADDR`.
@@ -195,12 +206,19 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
         },
         heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms.max(1)),
         monitoring_listen: args.monitoring_listen,
-        token: args
-            .executor_token_file
-            .as_deref()
-            .map(kiln_scheduler::ExecutorToken::read)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
+        credential: match (&args.executor_token_file, &args.api_key_file) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "give --executor-token-file (the shared fleet) or --api-key-file (an \
+                 organisation's key), not both"
+            ),
+            (Some(path), None) => Some(kiln_auth::Credential::ExecutorToken(
+                kiln_auth::ExecutorToken::read(path).map_err(anyhow::Error::msg)?,
+            )),
+            (None, Some(path)) => Some(kiln_auth::Credential::ApiKey(std::sync::Arc::new(
+                kiln_auth::ApiKey::read(path).map_err(anyhow::Error::msg)?,
+            ))),
+            (None, None) => None,
+        },
     };
     let stop = kiln_worker::CancellationToken::new();
     let run = kiln::executor::run(options, stop.clone());
@@ -312,6 +330,11 @@ struct ServeArgs {
     /// File with the token executor processes must present to register.
     #[arg(long, env = "KILN_EXECUTOR_TOKEN_FILE")]
     executor_token_file: Option<String>,
+    /// Serve a non-loopback address without API keys (anyone who reaches
+    /// it may read and write the cache and run actions); warned about at
+    /// start-up and by /healthz and /readyz.
+    #[arg(long)]
+    allow_unauthenticated: bool,
     #[command(flatten)]
     isolation: kiln::isolation::IsolationArgs,
     #[command(flatten)]
@@ -359,6 +382,7 @@ impl ServeArgs {
             self.warm_runner_wait_ms => execution.warm_runner_wait_ms,
             self.executor_cache_size => execution.executor_cache_size,
             self.executor_token_file => execution.executor_token_file,
+            self.allow_unauthenticated.then_some(true) => config.allow_unauthenticated,
         }
         self.isolation.apply(&mut execution.isolation);
         self.inputs.apply(&mut execution.inputs);
@@ -413,6 +437,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Executor(args) => executor(*args).await,
+            Command::Keys { command } => keys::run(command),
             Command::Config {
                 command: ConfigCommand::PrintDefault,
             } => {

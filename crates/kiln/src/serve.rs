@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use kiln_auth::{AuthConfig, AuthLayer, Authenticator, ExecutorToken, KeyFile};
 use kiln_cas::{
     ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasService,
     MessageLimit, MessageLimitLayer, Storage, StorageLimits,
@@ -19,8 +20,8 @@ use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use kiln_proto::reapi::execution_server::ExecutionServer;
 use kiln_scheduler::{
-    execution_capabilities, ExecutionService, ExecutorSessions, ExecutorToken, LocalExecutor,
-    OperationsService, Scheduler, SchedulerConfig,
+    execution_capabilities, ExecutionService, ExecutorSessions, LocalExecutor, OperationsService,
+    Scheduler, SchedulerConfig,
 };
 use kiln_store::{BlobStore, DiskStore, DiskStoreConfig, Durability, MemoryStore, TieredStore};
 use kiln_worker::cas::GrpcTransport;
@@ -135,6 +136,7 @@ impl Drop for Endpoint {
 async fn start_monitoring(
     config: &Config,
     monitor: &Arc<Monitor>,
+    open: bool,
 ) -> anyhow::Result<Option<(SocketAddr, Endpoint)>> {
     let Some(address) = crate::config::monitoring_address(&config.monitoring_listen)? else {
         return Ok(None);
@@ -143,8 +145,8 @@ async fn start_monitoring(
         .await
         .context("set monitoring_listen (--monitoring-listen) to a free address, or `off`")?;
     let bound = listener.local_addr()?;
-    if !bound.ip().is_loopback() {
-        tracing::warn!(%bound, "the monitoring endpoint (web UI, metrics) has no authentication and listens beyond loopback: anyone who reaches it sees every operation's command line");
+    if open && !bound.ip().is_loopback() {
+        tracing::warn!(%bound, "the monitoring endpoint (web UI, metrics) listens beyond loopback and no API key exists yet: anyone who reaches it sees every operation's command line");
     }
     Ok(Some((
         bound,
@@ -201,10 +203,57 @@ pub async fn open_store(
     }
 }
 
+/// Who may call: API keys from the data directory's key file, and the
+/// executor token. A non-loopback address with no key made yet is refused
+/// unless the config allows it (checked before anything is bound).
+fn authenticator(
+    config: &Config,
+    executor_token: Option<ExecutorToken>,
+) -> anyhow::Result<Arc<Authenticator>> {
+    let key_file = KeyFile::in_dir(&config.data_dir);
+    let loopback = config.listen.ip().is_loopback();
+    let authenticator = Authenticator::new(AuthConfig {
+        key_file: key_file.clone(),
+        executor_token,
+        open_without_keys: loopback || config.allow_unauthenticated,
+    })
+    .context("reading the API keys")?;
+    if authenticator.keys_configured() || loopback || config.allow_unauthenticated {
+        return Ok(authenticator);
+    }
+    anyhow::bail!(
+        "refusing to serve {} without authentication: no API key exists in {}. Make one \
+         (kiln keys create --data-dir {} --org NAME), listen on a loopback address, or pass \
+         --allow-unauthenticated",
+        config.listen,
+        key_file.path().display(),
+        config.data_dir.display()
+    )
+}
+
+/// The warning a non-loopback server open to anyone gives, while it is.
+fn unauthenticated_warning(config: &Config, authenticator: &Authenticator) -> Option<String> {
+    (!config.listen.ip().is_loopback() && !authenticator.requires_credentials()).then(|| {
+        format!(
+            "serving {} without authentication (--allow-unauthenticated): anyone who reaches \
+             it may read and write the cache and run actions; make an API key with kiln keys \
+             create to require one",
+            config.listen
+        )
+    })
+}
+
 /// Starts serving; returns once the listener is bound.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
+    // Refusals come before anything is bound.
+    let executor_token = match config.execution.executor_token_file.as_str() {
+        "" => None,
+        path => Some(ExecutorToken::read(Path::new(path)).map_err(anyhow::Error::msg)?),
+    };
+    let authenticator = authenticator(config, executor_token.clone())?;
     let monitor = Monitor::for_server(config.data_dir.clone());
-    let monitoring = start_monitoring(config, &monitor).await?;
+    monitor.require_auth(authenticator.clone());
+    let monitoring = start_monitoring(config, &monitor, !authenticator.keys_configured()).await?;
     let (store, disk) = open_store(config).await?;
     let executor_cache_bytes = parse_size(&config.execution.executor_cache_size)
         .map_err(|e| anyhow::anyhow!("execution.executor_cache_size: {e}"))?;
@@ -219,11 +268,20 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     };
     let storage = Storage::new(store, limits.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    let executor_token = match config.execution.executor_token_file.as_str() {
-        "" => None,
-        path => Some(ExecutorToken::read(Path::new(path)).map_err(anyhow::Error::msg)?),
-    };
-    if config.execution.enabled && executor_token.is_none() && !config.listen.ip().is_loopback() {
+    if let Some(warning) = unauthenticated_warning(config, &authenticator) {
+        tracing::warn!("{warning}");
+        let authenticator = authenticator.clone();
+        let config = config.clone();
+        monitor.readiness.set_warning_source(Box::new(move || {
+            unauthenticated_warning(&config, &authenticator)
+        }));
+    }
+    authenticator.watch();
+    if config.execution.enabled
+        && executor_token.is_none()
+        && !config.listen.ip().is_loopback()
+        && !authenticator.requires_credentials()
+    {
         tracing::warn!(
             listen = %config.listen,
             "any process that reaches this address can register as an executor and receive actions: set execution.executor_token_file"
@@ -307,6 +365,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .layer(tower::util::option_layer(
             observed.then(|| RpcMetricsLayer::new(monitor.metrics.clone())),
         ))
+        .layer(AuthLayer::new(authenticator))
         .layer(MessageLimitLayer::new(MAX_MESSAGE_BYTES))
         .add_service(health_service)
         .add_service(capabilities)
@@ -331,7 +390,6 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             ExecutorServiceServer::new(ExecutorSessions::new(
                 scheduler,
                 Duration::from_millis(config.execution.executor_heartbeat_timeout_ms.max(1)),
-                executor_token,
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)

@@ -72,25 +72,46 @@ pub fn open_to_actions(dir: &Path) {
 pub struct Process {
     pub child: Child,
     pub stderr: mpsc::Receiver<String>,
+    stdout: Option<mpsc::Receiver<String>>,
 }
 
 impl Process {
     pub fn spawn(args: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        Process::spawn_program(env!("CARGO_BIN_EXE_kiln"), args)
+    }
+
+    /// Any program (e.g. `unshare` running kiln), watched the same way.
+    pub fn spawn_program(program: &str, args: &[&str]) -> Process {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("kiln starts");
-        let (sender, stderr) = mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
+            .unwrap_or_else(|error| panic!("starting {program}: {error}"));
+        let stderr = lines_of(child.stderr.take().unwrap());
+        Process {
+            child,
+            stderr,
+            stdout: None,
+        }
+    }
+
+    /// The next stdout line that starts with `prefix` (bounded wait).
+    pub fn stdout_line_with(&mut self, prefix: &str) -> String {
+        if self.stdout.is_none() {
+            let pipe = self.child.stdout.take().expect("stdout is piped");
+            self.stdout = Some(lines_of(pipe));
+        }
+        let lines = self.stdout.as_ref().unwrap();
+        loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("no stdout line starting with {prefix:?}"));
+            if line.starts_with(prefix) {
+                return line;
             }
-        });
-        Process { child, stderr }
+        }
     }
 
     /// Waits for a stderr line containing `text` (the event, bounded).
@@ -119,6 +140,17 @@ impl Process {
         }
         seen
     }
+}
+
+/// The lines read from `pipe`, on a thread, as they come.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    lines
 }
 
 impl Drop for Process {
@@ -196,13 +228,7 @@ impl KilnServer {
             Ok(Ok(line)) => line,
             other => panic!("kiln did not print its monitoring line: {other:?}"),
         };
-        server.monitoring_port = line
-            .strip_prefix("listening http://127.0.0.1:")
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|port| port.parse().ok())
-            .unwrap_or_else(|| {
-                panic!("kiln's second stdout line is not `listening http://127.0.0.1:PORT …`: {line:?}")
-            });
+        server.monitoring_port = parse_monitoring_line(&line);
         server
     }
 }
@@ -245,6 +271,14 @@ impl Drop for KilnServer {
             );
         }
     }
+}
+
+/// The port of kiln's `listening http://127.0.0.1:PORT (…)` line.
+pub fn parse_monitoring_line(line: &str) -> u16 {
+    line.strip_prefix("listening http://127.0.0.1:")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("not kiln's `listening http://127.0.0.1:PORT …` line: {line:?}"))
 }
 
 pub fn parse_listening_line(line: &str) -> Option<u16> {
@@ -508,10 +542,17 @@ pub fn make_writable(root: &Path) {
 /// A plain HTTP/1.1 GET of `path` on 127.0.0.1:`port`: the status code and
 /// the body. Enough for the monitoring endpoint, with no client library.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_with(port, path, &[])
+}
+
+/// [`http_get`] with extra request headers (`Name: value` lines).
+pub fn http_get_with(port: u16, path: &str, headers: &[&str]) -> std::io::Result<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     stream.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
     )?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
