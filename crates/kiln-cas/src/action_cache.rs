@@ -1,5 +1,5 @@
-//! The Action Cache service. Entries are keyed by instance name and action
-//! digest. A hit is only served when every blob it references is still in
+//! The Action Cache service. Entries are keyed by instance name, platform
+//! header overrides ([`AcScope`]) and action digest. A hit is only served when every blob it references is still in
 //! the CAS (completeness check): a client that trusts a hit must be able to
 //! download all of its outputs.
 //!
@@ -18,6 +18,42 @@ use crate::error::{CasError, Result};
 use crate::resource::abbreviated;
 use crate::storage::Storage;
 use crate::wire::{digest_function, parse_digest};
+
+/// Which part of the Action Cache a request reads and writes: its
+/// instance name, and the identity of the platform properties it
+/// overrode by header (`x-buildbuddy-platform.*`), which change how the
+/// action runs without changing its digest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AcScope {
+    pub instance_name: String,
+    pub overrides: Option<[u8; 32]>,
+}
+
+impl AcScope {
+    /// The scope of a request with `instance_name` and platform `headers`
+    /// (as `kiln_platform::header_properties` gives them).
+    pub fn new(instance_name: String, headers: &[(String, String)]) -> AcScope {
+        AcScope {
+            instance_name,
+            overrides: kiln_platform::overrides_digest(headers),
+        }
+    }
+
+    fn key(&self, action: &Digest) -> Key {
+        Key::action_cache(&self.instance_name, self.overrides.as_ref(), action)
+    }
+}
+
+/// The request's platform headers, as `(key, value)` pairs.
+pub fn platform_headers(metadata: &tonic::metadata::MetadataMap) -> Vec<(String, String)> {
+    let ascii = metadata.iter().filter_map(|entry| match entry {
+        tonic::metadata::KeyAndValueRef::Ascii(name, value) => {
+            Some((name.as_str(), value.to_str().ok()?))
+        }
+        tonic::metadata::KeyAndValueRef::Binary(..) => None,
+    });
+    kiln_platform::header_properties(ascii)
+}
 
 pub struct ActionCacheService {
     storage: Storage,
@@ -45,10 +81,10 @@ impl ActionCacheStore {
     /// Cache hit or miss).
     pub async fn get(
         &self,
-        instance_name: &str,
+        scope: &AcScope,
         action: &Digest,
     ) -> Result<Option<reapi::ActionResult>> {
-        let found = self.lookup(instance_name, action).await?;
+        let found = self.lookup(scope, action).await?;
         let counters = &self.storage.counters;
         CasCounters::add(
             match found {
@@ -62,10 +98,10 @@ impl ActionCacheStore {
 
     async fn lookup(
         &self,
-        instance_name: &str,
+        scope: &AcScope,
         action: &Digest,
     ) -> Result<Option<reapi::ActionResult>> {
-        let key = Key::action_cache(instance_name, action);
+        let key = scope.key(action);
         let Some(blob) = self.storage.store.get(&key).await.map_err(|e| {
             CasError::store(format_args!("reading the action result of {action}"), e)
         })?
@@ -90,12 +126,12 @@ impl ActionCacheStore {
     /// Stores `result` for `action`, with `retention` for it and its blobs.
     pub async fn put(
         &self,
-        instance_name: &str,
+        scope: &AcScope,
         action: &Digest,
         result: &reapi::ActionResult,
         retention: Retention,
     ) -> Result<()> {
-        let key = Key::action_cache(instance_name, action);
+        let key = scope.key(action);
         self.storage
             .store
             .put(key, Bytes::from(result.encode_to_vec()))
@@ -104,8 +140,7 @@ impl ActionCacheStore {
                 CasError::store(format_args!("storing the action result of {action}"), e)
             })?;
         if !retention.is_default() {
-            self.retain(instance_name, action, result, retention)
-                .await?;
+            self.retain(scope, action, result, retention).await?;
         }
         Ok(())
     }
@@ -114,14 +149,14 @@ impl ActionCacheStore {
     /// (output trees' files included) `retention`.
     pub async fn retain(
         &self,
-        instance_name: &str,
+        scope: &AcScope,
         action: &Digest,
         result: &reapi::ActionResult,
         retention: Retention,
     ) -> Result<()> {
         let (mut blobs, trees) = direct_references(action.function, result)?;
         blobs.extend(self.tree_files(action.function, &trees).await?);
-        let mut keys = vec![Key::action_cache(instance_name, action)];
+        let mut keys = vec![scope.key(action)];
         keys.extend(blobs.iter().map(Digest::key));
         self.storage
             .store
@@ -303,14 +338,20 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<reapi::GetActionResultRequest>,
     ) -> Result<Response<reapi::ActionResult>, Status> {
+        let headers = platform_headers(request.metadata());
         let request = request.into_inner();
         let function = digest_function(request.digest_function)?;
         let action = parse_digest(function, request.action_digest.as_ref(), "action_digest")?;
         let cache = ActionCacheStore::new(self.storage.clone());
-        let Some(mut result) = cache.get(&request.instance_name, &action).await? else {
+        let scope = AcScope::new(request.instance_name.clone(), &headers);
+        let Some(mut result) = cache.get(&scope, &action).await? else {
             return Err(Status::not_found(format!(
-                "no action result for action {action} in instance {:?}",
-                request.instance_name
+                "no action result for action {action} in instance {:?}{}",
+                request.instance_name,
+                match scope.overrides {
+                    Some(_) => " with these platform header overrides",
+                    None => "",
+                }
             )));
         };
         cache
@@ -329,6 +370,7 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<reapi::UpdateActionResultRequest>,
     ) -> Result<Response<reapi::ActionResult>, Status> {
+        let headers = platform_headers(request.metadata());
         let request = request.into_inner();
         let function = digest_function(request.digest_function)?;
         let action = parse_digest(function, request.action_digest.as_ref(), "action_digest")?;
@@ -357,7 +399,12 @@ impl ActionCache for ActionCacheService {
                 .map_or(0, |policy| policy.priority),
         );
         ActionCacheStore::new(self.storage.clone())
-            .put(&request.instance_name, &action, &result, retention)
+            .put(
+                &AcScope::new(request.instance_name, &headers),
+                &action,
+                &result,
+                retention,
+            )
             .await?;
         Ok(Response::new(result))
     }

@@ -19,7 +19,7 @@ pub mod resource;
 pub mod storage;
 pub mod wire;
 
-pub use action_cache::{ActionCacheService, ActionCacheStore};
+pub use action_cache::{platform_headers, AcScope, ActionCacheService, ActionCacheStore};
 pub use bytestream::ByteStreamService;
 pub use bytestream_http::ByteStreamHttp;
 pub use capabilities::CapabilitiesService;

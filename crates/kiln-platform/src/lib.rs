@@ -64,6 +64,37 @@ const PERSISTENT_WORKERS: &str = "persistent workers are not supported by this K
 /// Keys whose values are secrets: never logged, echoed or stored.
 const SECRET_KEYS: [&str; 1] = ["container-registry-password"];
 
+/// The identity that platform header overrides (`header_properties`)
+/// add to an action: a SHA-256 over the overriding pairs, sorted, or
+/// `None` without any. The registry credentials are left out: they decide
+/// who may pull an image, not what runs, and a secret never becomes part
+/// of a key. The Action Cache and the merging of identical executions
+/// are partitioned by it, so a result run in one image never answers a
+/// request that asked for another.
+pub fn overrides_digest(headers: &[(String, String)]) -> Option<[u8; 32]> {
+    let mut pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .filter(|(key, _)| !CREDENTIAL_KEYS.contains(&key.as_str()))
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    pairs.sort_unstable();
+    let mut hash = Sha256::new();
+    hash.update(b"kiln-header-overrides-v1\0");
+    for (key, value) in pairs {
+        for part in [key, value] {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part.as_bytes());
+        }
+    }
+    Some(hash.finalize().into())
+}
+
+/// Keys that carry registry credentials.
+const CREDENTIAL_KEYS: [&str; 2] = ["container-registry-username", "container-registry-password"];
+
 /// Whether property `key`'s value is a secret, to be shown redacted.
 pub fn is_secret_key(key: &str) -> bool {
     SECRET_KEYS.contains(&key)

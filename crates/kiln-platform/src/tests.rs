@@ -477,3 +477,58 @@ fn a_grace_period_above_the_limit_is_refused_naming_it() {
         .check_termination_grace_period(Duration::ZERO, "max")
         .unwrap();
 }
+
+#[test]
+fn header_overrides_have_an_identity_that_leaves_out_credentials() {
+    let of = |pairs: &[(&str, &str)]| {
+        overrides_digest(&header_properties(
+            pairs.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(),
+        ))
+    };
+    assert_eq!(of(&[]), None);
+    let debian = of(&[(
+        "x-buildbuddy-platform.container-image",
+        "docker://debian:12",
+    )]);
+    let alpine = of(&[("x-buildbuddy-platform.container-image", "docker://alpine:3")]);
+    assert!(debian.is_some());
+    assert_ne!(debian, alpine);
+    // Credentials alone are no override; beside one they change nothing.
+    assert_eq!(
+        of(&[
+            ("x-buildbuddy-platform.container-registry-username", "me"),
+            (
+                "x-buildbuddy-platform.container-registry-password",
+                "hunter2"
+            ),
+        ]),
+        None
+    );
+    assert_eq!(
+        of(&[
+            (
+                "x-buildbuddy-platform.container-registry-password",
+                "hunter2"
+            ),
+            (
+                "x-buildbuddy-platform.container-image",
+                "docker://debian:12"
+            ),
+        ]),
+        debian
+    );
+    // Order and header case do not matter; which prefix was used does not either.
+    assert_eq!(
+        of(&[
+            ("x-buildbuddy-platform.dockerNetwork", "off"),
+            ("X-Kiln-Platform.container-image", "docker://debian:12"),
+        ]),
+        of(&[
+            (
+                "x-buildbuddy-platform.container-image",
+                "docker://debian:12"
+            ),
+            ("x-buildbuddy-platform.dockernetwork", "off"),
+        ])
+    );
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_cas::wire::{digest_function, parse_digest, to_wire};
-use kiln_cas::{ActionCacheStore, Storage};
+use kiln_cas::{AcScope, ActionCacheStore, Storage};
 use kiln_platform::{Platform, PropertySources};
 use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::protobuf::{Any, Timestamp};
@@ -405,7 +405,9 @@ pub struct PlatformSources {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct MergeKey {
-    instance_name: String,
+    /// The instance name and the header overrides: two requests for one
+    /// digest that run it differently never share an execution.
+    scope: AcScope,
     action_digest: Digest,
 }
 
@@ -638,13 +640,14 @@ impl Scheduler {
                 .results_cache_policy
                 .map_or(0, |policy| policy.priority),
         );
+        let scope = AcScope::new(instance_name.clone(), &sources.headers);
         // A cached result needs no executor: looked up before matching.
         if !request.skip_cache_lookup {
-            if let Some(result) = self.action_cache.get(&instance_name, &digest).await? {
+            if let Some(result) = self.action_cache.get(&scope, &digest).await? {
                 if !retention.is_default() {
                     if let Err(error) = self
                         .action_cache
-                        .retain(&instance_name, &digest, &result, retention)
+                        .retain(&scope, &digest, &result, retention)
                         .await
                     {
                         tracing::warn!(action = %digest, %error, "could not apply results_cache_policy to a cached result");
@@ -684,8 +687,8 @@ impl Scheduler {
                 .termination_grace_period
                 .unwrap_or(Duration::from_secs(10));
         let cacheable = !action.do_not_cache;
-        let merge_key = cacheable.then(|| MergeKey {
-            instance_name: instance_name.clone(),
+        let merge_key = cacheable.then_some(MergeKey {
+            scope,
             action_digest: digest,
         });
         let mut state = self.state.lock();
@@ -930,7 +933,7 @@ impl Scheduler {
         if let Err(error) = self
             .action_cache
             .put(
-                &action.instance_name,
+                &key.scope,
                 &key.action_digest,
                 result,
                 Retention::from_epochs(action.retention.load(Ordering::Relaxed).into()),

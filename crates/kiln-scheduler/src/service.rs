@@ -11,7 +11,6 @@ use kiln_proto::longrunning::{self, operations_server::Operations, Operation};
 use kiln_proto::protobuf::Empty;
 use kiln_proto::reapi::{self, execution_server::Execution};
 use prost::Message;
-use tonic::metadata::KeyAndValueRef;
 use tonic::{Request, Response, Status};
 
 use crate::report::Client;
@@ -81,15 +80,6 @@ impl ExecutionService {
     }
 }
 
-/// The request's platform headers, as `(name, value)` pairs.
-fn platform_headers<T>(request: &Request<T>) -> Vec<(String, String)> {
-    let ascii = request.metadata().iter().filter_map(|entry| match entry {
-        KeyAndValueRef::Ascii(name, value) => Some((name.as_str(), value.to_str().ok()?)),
-        KeyAndValueRef::Binary(..) => None,
-    });
-    kiln_platform::header_properties(ascii)
-}
-
 /// REAPI's RequestMetadata header, sent by Bazel with every call.
 const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
 
@@ -117,7 +107,7 @@ impl Execution for ExecutionService {
         &self,
         request: Request<reapi::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let headers = platform_headers(&request);
+        let headers = kiln_cas::platform_headers(request.metadata());
         let client = client_of(&request);
         let (first, watch) = self
             .scheduler

@@ -239,9 +239,13 @@ pub struct Key {
 }
 
 impl Key {
-    /// The Action Cache slot for `action` within `instance_name`. Instance
-    /// names partition the Action Cache; the CAS is shared by all of them.
-    pub fn action_cache(instance_name: &str, action: &Digest) -> Key {
+    /// The Action Cache slot for `action` within `instance_name` and, when
+    /// the request overrode platform properties by header, the digest of
+    /// those `overrides`. Both partition the Action Cache; the CAS is
+    /// shared by all of them. Without overrides the slot is what it always
+    /// was; with them, 33 more bytes are hashed, so no instance name can
+    /// reach another's slot.
+    pub fn action_cache(instance_name: &str, overrides: Option<&[u8; 32]>, action: &Digest) -> Key {
         let mut h = sha2::Sha256::new();
         h.update(b"kiln-ac-v1\0");
         h.update((instance_name.len() as u64).to_le_bytes());
@@ -249,6 +253,10 @@ impl Key {
         h.update([Namespace::Cas(action.function).to_byte()]);
         h.update(action.hash);
         h.update(action.size.to_le_bytes());
+        if let Some(overrides) = overrides {
+            h.update([1]);
+            h.update(overrides);
+        }
         Key {
             namespace: Namespace::ActionCache,
             hash: h.finalize().into(),
@@ -354,8 +362,23 @@ mod tests {
     #[test]
     fn action_cache_keys_differ_by_instance() {
         let d = DigestFunction::Sha256.digest_of(b"action");
-        assert_ne!(Key::action_cache("a", &d), Key::action_cache("b", &d));
-        assert_eq!(Key::action_cache("a", &d), Key::action_cache("a", &d));
+        assert_ne!(
+            Key::action_cache("a", None, &d),
+            Key::action_cache("b", None, &d)
+        );
+        assert_eq!(
+            Key::action_cache("a", None, &d),
+            Key::action_cache("a", None, &d)
+        );
+        let overrides = [7u8; 32];
+        assert_ne!(
+            Key::action_cache("a", Some(&overrides), &d),
+            Key::action_cache("a", None, &d)
+        );
+        assert_ne!(
+            Key::action_cache("a", Some(&overrides), &d),
+            Key::action_cache("a", Some(&[8u8; 32]), &d)
+        );
     }
 
     #[test]

@@ -1051,3 +1051,89 @@ fn wait_bounded(child: &mut Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Executes `action_digest` with `headers` as request metadata.
+async fn execute_with_headers(
+    channel: Channel,
+    action_digest: Digest,
+    headers: &[(&'static str, &str)],
+) -> reapi::ExecuteResponse {
+    let mut request = tonic::Request::new(reapi::ExecuteRequest {
+        action_digest: Some(action_digest),
+        ..Default::default()
+    });
+    for (name, value) in headers {
+        request.metadata_mut().insert(*name, value.parse().unwrap());
+    }
+    let stream = ExecutionClient::new(channel)
+        .execute(request)
+        .await
+        .unwrap()
+        .into_inner();
+    completed(stream).await
+}
+
+#[tokio::test]
+async fn header_overrides_partition_the_action_cache() {
+    use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+    if !common::runtime_available("docker") {
+        return;
+    }
+    common::test_images().unwrap_or_else(|error| panic!("building the test images: {error}"));
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let executor = spawn_executor(
+        &address,
+        "proc-images",
+        &scratch.path().join("work"),
+        &["--isolation", "none,docker"],
+    );
+    executor.wait_for_log("executor registered");
+
+    // One action digest; the image comes from a header only (base runs as
+    // root, nonroot as uid 1000).
+    let (channel, action) = upload_action(
+        &address,
+        vec!["/bin/sh".into(), "-c".into(), "id -u".into()],
+        None,
+        vec![],
+        &[("workload-isolation-type", "docker")],
+    )
+    .await;
+    const HEADER: &str = "x-buildbuddy-platform.container-image";
+    let base = "docker://127.0.0.1:5000/kiln-test/base:latest";
+    let nonroot = "docker://127.0.0.1:5000/kiln-test/nonroot:latest";
+    let run = |image: &'static str| {
+        let channel = channel.clone();
+        let action = action.clone();
+        async move {
+            let response = execute_with_headers(channel, action, &[(HEADER, image)]).await;
+            let result = response.result.clone().unwrap_or_default();
+            (response.cached_result, result.stdout_digest)
+        }
+    };
+
+    // Each image runs once, and each answers its own repeats from the cache.
+    assert_eq!(run(base).await, (false, Some(digest(b"0\n"))));
+    assert_eq!(run(nonroot).await, (false, Some(digest(b"1000\n"))));
+    assert_eq!(run(base).await, (true, Some(digest(b"0\n"))));
+    assert_eq!(run(nonroot).await, (true, Some(digest(b"1000\n"))));
+
+    // GetActionResult finds each result under its own header, and neither
+    // without one.
+    let lookup = |headers: Vec<(&'static str, &'static str)>| {
+        let mut request = tonic::Request::new(reapi::GetActionResultRequest {
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        });
+        for (name, value) in headers {
+            request.metadata_mut().insert(name, value.parse().unwrap());
+        }
+        let mut client = ActionCacheClient::new(channel.clone());
+        async move { client.get_action_result(request).await }
+    };
+    let found = lookup(vec![(HEADER, nonroot)]).await.unwrap().into_inner();
+    assert_eq!(found.stdout_digest, Some(digest(b"1000\n")));
+    let missing = lookup(vec![]).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+}
