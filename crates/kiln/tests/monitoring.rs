@@ -440,3 +440,102 @@ fn the_browser_harness_reports_console_errors() {
     assert!(console.contains("exception"), "{console}");
     assert!(visit.dom.contains("<p>x</p>"), "{}", visit.dom);
 }
+
+/// The first queued operation's page, once there is one (bounded wait).
+fn first_queued_page(port: u16) -> (String, String) {
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < HANG_GUARD, "no action was ever queued");
+        let (_, list) = http_get(port, "/operations?state=queued").unwrap();
+        if let Some(link) = operation_links(&list).into_iter().next() {
+            let (_, page) = http_get(port, &link).unwrap();
+            return (link, page);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_queued_action_says_why_until_no_executor_can_take_it() {
+    if !common::bazel_available() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let data_dir = scratch.path().join("kiln-data");
+    let log = scratch.path().join("kiln.log");
+    // No embedded executor: one executor process with one slot serves the
+    // pool; actions it no longer serves wait 10 s before failing.
+    let server = KilnServer::start(
+        &data_dir,
+        &log,
+        &[
+            "--embedded-executor",
+            "false",
+            "--unmatched-grace-ms",
+            "10000",
+        ],
+    );
+    let work = scratch.path().join("executor");
+    common::open_to_actions(&work);
+    let scheduler = format!("grpc://127.0.0.1:{}", server.port);
+    let executor = common::Process::spawn(&[
+        "executor",
+        "--scheduler",
+        &scheduler,
+        "--pool",
+        "lanes",
+        "--property",
+        "lane=a",
+        "--capacity",
+        "1",
+        "--work-dir",
+        work.to_str().unwrap(),
+    ]);
+    executor.wait_for_log("executor registered");
+
+    let mut flags = common::remote_only_flags(server.port);
+    flags.push("--remote_default_exec_properties=Pool=lanes".into());
+    flags.push("--remote_default_exec_properties=lane=a".into());
+    let bazel = Bazel::new(scratch.path(), flags);
+    let package = bazel.workspace.join("ui");
+    fs::create_dir_all(&package).unwrap();
+    fs::write(package.join("BUILD"), BUILD).unwrap();
+    std::thread::scope(|scope| {
+        let build = scope.spawn(|| bazel.run(&["build", "--jobs=2", "//ui:slow", "//ui:waiting"]));
+        the_queue_explains_itself(server.monitoring_port, executor);
+        // After the grace, Bazel is told which property nothing serves.
+        let output = build.join().unwrap();
+        let text = combined(&output);
+        assert!(!output.status.success(), "{text}");
+        assert!(
+            text.contains("no executor matches") && text.contains("lane=a"),
+            "{text}"
+        );
+    });
+    bazel.run_ok(&["shutdown"]);
+}
+
+/// While `executor` holds its one slot the other action's page says so;
+/// once it is gone, the page says no executor matches.
+fn the_queue_explains_itself(port: u16, executor: common::Process) {
+    // One action holds the slot; the other's page says so.
+    let (link, page) = first_queued_page(port);
+    assert!(page.contains("Why is this still queued?"), "{page}");
+    assert!(page.contains("free slot"), "{page}");
+
+    // The executor goes away: both wait for one that matches, and say so.
+    drop(executor);
+    let started = Instant::now();
+    let page = loop {
+        assert!(started.elapsed() < HANG_GUARD, "the page never said why");
+        let (_, page) = http_get(port, &link).unwrap();
+        if page.contains("no executor matches") {
+            break page;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        page.contains("lane"),
+        "the page does not name what is unmatched: {page}"
+    );
+}
