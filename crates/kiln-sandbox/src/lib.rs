@@ -43,6 +43,8 @@
 pub mod cgroup;
 mod child;
 mod cloned;
+mod netlink;
+pub mod network;
 pub mod plain;
 pub mod sandbox;
 mod view;
