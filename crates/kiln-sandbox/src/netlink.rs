@@ -183,20 +183,18 @@ impl Socket {
         ))
     }
 
-    /// Creates a veth pair: `name` (with `alias`) in this socket's
-    /// namespace, `peer_name` in the namespace `peer_namespace` refers to.
-    /// Fails with `EEXIST` if `name` is taken, so a name is a claim.
+    /// Creates a veth pair: `name` in this socket's namespace, `peer_name`
+    /// in the namespace `peer_namespace` refers to. Fails with `EEXIST` if
+    /// `name` is taken, so a name is a claim.
     pub fn add_veth(
         &mut self,
         name: &str,
-        alias: &str,
         peer_name: &str,
         peer_namespace: RawFd,
     ) -> io::Result<()> {
         let mut message = Message::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL);
         message.link_header(0, 0, 0);
         message.string(IFLA_IFNAME, name);
-        message.string(IFLA_IFALIAS, alias);
         let info = message.nest(IFLA_LINKINFO);
         message.string(IFLA_INFO_KIND, "veth");
         let data = message.nest(IFLA_INFO_DATA);
@@ -217,10 +215,28 @@ impl Socket {
         self.request(message)
     }
 
+    /// Deletes link `name`.
+    pub fn delete_link_named(&mut self, name: &str) -> io::Result<()> {
+        let mut message = Message::new(RTM_DELLINK, 0);
+        message.link_header(0, 0, 0);
+        message.string(IFLA_IFNAME, name);
+        self.request(message)
+    }
+
     pub fn set_up(&mut self, index: u32) -> io::Result<()> {
         let up = libc::IFF_UP as u32;
         let mut message = Message::new(RTM_NEWLINK, 0);
         message.link_header(index as i32, up, up);
+        self.request(message)
+    }
+
+    /// Sets the alias of link `name` (the kernel ignores one given when
+    /// the link is created).
+    pub fn set_alias(&mut self, name: &str, alias: &str) -> io::Result<()> {
+        let mut message = Message::new(RTM_NEWLINK, 0);
+        message.link_header(0, 0, 0);
+        message.string(IFLA_IFNAME, name);
+        message.string(IFLA_IFALIAS, alias);
         self.request(message)
     }
 

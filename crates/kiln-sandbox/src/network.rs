@@ -27,6 +27,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Semaphore};
 
 use crate::netlink::Socket;
 
@@ -38,6 +41,9 @@ pub const NFT_TABLE: &str = "kiln_sandbox";
 const ALIAS_PREFIX: &str = "kiln-sandbox owner=";
 /// The interface inside the action's namespace.
 const ACTION_INTERFACE: &str = "eth0";
+/// Most interfaces being deleted in the background at once; past this an
+/// action's own deletion is waited for before its result is returned.
+const MAX_BACKGROUND_DELETIONS: usize = 32;
 
 /// The host's side of bridged sandbox networks, set up once at start-up.
 #[derive(Debug)]
@@ -50,6 +56,12 @@ pub struct Outbound {
     /// The alias this process gives its interfaces (pid and start time,
     /// so a recycled pid is not mistaken for the owner).
     alias: String,
+    /// Deleting an interface takes the kernel 20-40 ms (RCU grace periods,
+    /// waiting for the last references): done after the action's result
+    /// is returned, a bounded number at a time.
+    deletions: Arc<Semaphore>,
+    /// Interfaces being deleted now.
+    pending: Arc<watch::Sender<usize>>,
 }
 
 /// An action's network namespace, wired to the host; unwired when dropped.
@@ -75,6 +87,8 @@ impl Outbound {
             slots: 1 << ((30 - prefix) as u32),
             next: AtomicU32::new(std::process::id()),
             alias,
+            deletions: Arc::new(Semaphore::new(MAX_BACKGROUND_DELETIONS)),
+            pending: Arc::new(watch::Sender::new(0)),
         };
         enable_forwarding()?;
         reclaim_leftovers();
@@ -102,6 +116,28 @@ impl Outbound {
         })
     }
 
+    /// Unwires `network` once its action has ended: in the background,
+    /// unless [`MAX_BACKGROUND_DELETIONS`] are under way already.
+    pub async fn release(&self, network: ActionNetwork) {
+        let Ok(permit) = Arc::clone(&self.deletions).try_acquire_owned() else {
+            let _ = tokio::task::spawn_blocking(move || drop(network)).await;
+            return;
+        };
+        self.pending.send_modify(|pending| *pending += 1);
+        let pending = Arc::clone(&self.pending);
+        tokio::task::spawn_blocking(move || {
+            drop(network);
+            drop(permit);
+            pending.send_modify(|pending| *pending -= 1);
+        });
+    }
+
+    /// Returns once no interface of an ended action is still being deleted.
+    pub async fn released(&self) {
+        let mut pending = self.pending.subscribe();
+        let _ = pending.wait_for(|pending| *pending == 0).await;
+    }
+
     fn wire(&self, start: u32) -> io::Result<ActionNetwork> {
         let mut host = Socket::open()?;
         // SAFETY: unshare affects only this thread, which ends after this.
@@ -127,7 +163,7 @@ impl Outbound {
         for offset in 0..self.slots {
             let slot = start.wrapping_add(offset) % self.slots;
             let name = format!("{INTERFACE_PREFIX}{slot}");
-            match host.add_veth(&name, &self.alias, ACTION_INTERFACE, namespace.as_raw_fd()) {
+            match host.add_veth(&name, ACTION_INTERFACE, namespace.as_raw_fd()) {
                 Ok(()) => {
                     claimed = Some((slot, name));
                     break;
@@ -142,12 +178,24 @@ impl Outbound {
                 self.slots
             )));
         };
-        // sysfs shows the namespace it was mounted in (the host's), not
-        // this thread's.
-        let host_index = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
-            .ok()
-            .and_then(|index| index.trim().parse().ok())
-            .ok_or_else(|| io::Error::other(format!("no ifindex for {name}")))?;
+        // At once, so an executor killed from here on leaves an interface
+        // the next start-up knows to reclaim.
+        let host_index = host.set_alias(&name, &self.alias).and_then(|()| {
+            // sysfs shows the namespace it was mounted in (the host's), not
+            // this thread's.
+            std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))?
+                .trim()
+                .parse::<u32>()
+                .map_err(|e| io::Error::other(format!("the ifindex of {name}: {e}")))
+        });
+        let host_index = match host_index {
+            Ok(index) => index,
+            Err(e) => {
+                let _ = host.delete_link_named(&name);
+                return Err(e);
+            }
+        };
+        // From here on, dropping it deletes the pair.
         let network = ActionNetwork {
             namespace,
             host_index,

@@ -225,6 +225,14 @@ impl Sandbox {
             .map_err(|e| RunError::Internal(format!("sandbox network: {e}")))
     }
 
+    /// Returns once the networks of ended actions are all deleted (they
+    /// are deleted in the background, after the action's result).
+    pub async fn networks_released(&self) {
+        if let Ok(outbound) = &self.network {
+            outbound.released().await;
+        }
+    }
+
     /// Where action cgroups go; `None` when running without limits.
     pub fn cgroups(&self) -> Option<&CgroupRoot> {
         self.cgroups.as_ref()
@@ -442,11 +450,9 @@ impl Isolation for Sandbox {
         } else {
             run_cloned(spec, &program, &program_name, plan, limits, cancel).await
         };
-        // The action (PID 1 of its namespace) is gone: unwire its network
-        // off this thread (deleting an interface waits for the kernel's
-        // RCU grace periods).
-        if let Some(network) = network {
-            let _ = tokio::task::spawn_blocking(move || drop(network)).await;
+        // The action (PID 1 of its namespace) is gone: unwire its network.
+        if let (Some(network), Ok(outbound)) = (network, &self.network) {
+            outbound.release(network).await;
         }
         let mut outcome = match result {
             Ok(outcome) => outcome,

@@ -201,9 +201,9 @@ impl Action {
         }
     }
 
-    async fn run(&self, sandbox: &Sandbox, script: &str) -> (ProcessOutcome, String, String) {
+    fn spec(&self, script: &str) -> CommandSpec {
         let workspace = self.root.path().join("workspace");
-        let spec = CommandSpec {
+        CommandSpec {
             arguments: vec!["bash".into(), "-c".into(), script.into()],
             environment_variables: vec![("PATH".into(), "/usr/bin:/bin".into())],
             workspace: workspace.clone(),
@@ -214,7 +214,11 @@ impl Action {
             platform: Arc::new(self.platform.clone()),
             action_user: None,
             runner_tmp: None,
-        };
+        }
+    }
+
+    async fn run(&self, sandbox: &Sandbox, script: &str) -> (ProcessOutcome, String, String) {
+        let spec = self.spec(script);
         let outcome = sandbox
             .run(&spec, &self.limits, &CancellationToken::new())
             .await
@@ -362,14 +366,53 @@ async fn nothing_per_action_is_left_after_a_run_or_a_killed_action() {
         .run(sandbox, "ls /sys/class/net | grep -c eth0")
         .await;
     assert_eq!((outcome.exit_code, stdout.as_str()), (0, "1\n"));
+    sandbox.networks_released().await;
     assert_eq!(interfaces_owned_by(pid), Vec::<String>::new());
 
     for docker_init in [false, true] {
-        let mut action = Action::new(DockerNetwork::Bridge, docker_init);
-        action.limits.timeout = Duration::from_secs(1);
-        let (outcome, _, _) = action.run(sandbox, "sleep 600 & sleep 600").await;
-        assert_eq!(outcome.stopped, Some(StopReason::Timeout));
+        // The action says it started through a FIFO in its workspace, then
+        // waits (with a child of its own) until it is killed.
+        let action = Action::new(DockerNetwork::Bridge, docker_init);
+        let fifo = action.root.path().join("workspace/started");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let spec = action.spec("echo started > started; sleep 600 & sleep 600");
+        let cancel = CancellationToken::new();
+        let unblock = fifo.clone();
+        let running = async {
+            let outcome = sandbox.run(&spec, &action.limits, &cancel).await;
+            // Ended without saying it started: end the wait below too.
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&unblock)
+                .and_then(|mut fifo| fifo.write_all(b"ended\n"));
+            outcome
+        };
+        let watch = async {
+            let line = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(line, "started\n");
+            let during = interfaces_owned_by(pid);
+            cancel.cancel();
+            during
+        };
+        let (outcome, during) = tokio::join!(running, watch);
+        assert_eq!(
+            during.len(),
+            1,
+            "the running action's interface: {during:?}"
+        );
+        assert_eq!(outcome.unwrap().stopped, Some(StopReason::Cancelled));
+        sandbox.networks_released().await;
         assert_eq!(interfaces_owned_by(pid), Vec::<String>::new());
+        assert!(!std::path::Path::new("/sys/class/net")
+            .join(&during[0])
+            .exists());
     }
     assert_eq!(nft_rules(), rules_before, "no rule is added per action");
 }
@@ -429,19 +472,7 @@ async fn without_nft_bridge_is_refused_naming_it_and_nothing_falls_back_to_the_h
     let host_listener = TcpListener::bind("0.0.0.0:0").unwrap();
     let port = host_listener.local_addr().unwrap().port();
     let bridged = Action::new(DockerNetwork::Bridge, false);
-    let workspace = bridged.root.path().join("workspace");
-    let spec = CommandSpec {
-        arguments: vec!["true".into()],
-        environment_variables: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        workspace: workspace.clone(),
-        working_directory: workspace,
-        stdout_path: bridged.root.path().join("stdout"),
-        stderr_path: bridged.root.path().join("stderr"),
-        output: None,
-        platform: Arc::new(bridged.platform.clone()),
-        action_user: None,
-        runner_tmp: None,
-    };
+    let spec = bridged.spec("true");
     let error = sandbox
         .run(&spec, &bridged.limits, &CancellationToken::new())
         .await
