@@ -17,7 +17,9 @@
 //! slot (the kernel refuses a name in use), so executors sharing a host
 //! cannot collide. Its alias names the executor process that owns it; at
 //! start-up, interfaces left by a process that is gone (killed -9, say)
-//! are deleted. An action's interface is deleted when it ends, and with it
+//! are deleted (an executor's own death deletes nothing while an orphaned
+//! action keeps the namespace alive). An action's interface is deleted when
+//! it ends, in the background (it takes the kernel 20-40 ms), and with it
 //! the peer inside the action's namespace; the action has no
 //! CAP_NET_ADMIN, so it can create nothing more.
 
