@@ -14,6 +14,8 @@ set -euo pipefail
 # - g++, gcc, libc6-dev, binutils: the C/C++ toolchain for -sys build
 #   scripts (zstd), and the one Bazel's cc rules autodetect.
 # - ca-certificates: cargo fetching crates over HTTPS.
+# - nftables: `nft`, which installs the filtering and NAT rules of the
+#   sandbox's bridged networks (dockerNetwork=bridge under `sandbox`).
 # - bazel-bootstrap: Debian's Bazel 4.2.3, the real client driven by
 #   crates/kiln/tests/bazel_remote_cache.rs (pulls in a JDK).
 # Container isolation tests (scripts/services.sh starts the services,
@@ -34,6 +36,8 @@ set -euo pipefail
 # - busybox-static: /bin/busybox and its applets, the test images' userland.
 # - apache2-utils: htpasswd, for the bcrypt password file of the auth
 #   registry.
+# - iproute2: `ip`, with which the sandbox's network tests build a network
+#   namespace standing for a machine outside the host.
 # - procps: `kill`, which tests use to signal servers and actions
 #   (missing from a minimal Debian, e.g. a debootstrap --variant=minbase).
 # - chromium: the real browser the web UI's tests drive headless.
@@ -56,6 +60,7 @@ BUILD_PACKAGES=(
   libc6-dev
   binutils
   ca-certificates
+  nftables
 )
 TEST_PACKAGES=(
   bazel-bootstrap
@@ -69,6 +74,7 @@ TEST_PACKAGES=(
   skopeo
   busybox-static
   apache2-utils
+  iproute2
   procps
   chromium
 )
@@ -117,6 +123,8 @@ TEST_TOOLS=(
   "netavark (podman's network backend)|/usr/lib/podman/netavark"
   "catatonit (podman run --init)|/usr/bin/catatonit"
   "iptables|iptables"
+  "nft (nftables)|nft"
+  "ip (iproute2)|ip"
   "docker-registry|docker-registry"
   "skopeo|skopeo"
   "busybox (busybox-static, the test images' userland)|/bin/busybox"

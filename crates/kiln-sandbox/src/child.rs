@@ -52,6 +52,18 @@ pub(crate) enum Op {
     },
 }
 
+/// The network namespace of a sandboxed action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Network {
+    /// The host's (a plain process only).
+    Host,
+    /// A new one holding only `lo`, brought up by the child.
+    Empty,
+    /// One prepared before the start (see [`crate::network`]), joined
+    /// with `setns` through this descriptor.
+    Join(RawFd),
+}
+
 /// Everything the child needs, prepared before the fork.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
@@ -62,7 +74,7 @@ pub(crate) struct Plan {
     /// Open files that put the writer in the action's cgroup
     /// ([`crate::cgroup::Cgroup::join_fds`]).
     pub cgroup_join: Vec<RawFd>,
-    pub new_network: bool,
+    pub network: Network,
     /// Host directory the new root (a tmpfs) is mounted on.
     pub new_root: CString,
     /// Steps with host paths (targets under `new_root`), before pivot_root.
@@ -91,7 +103,7 @@ impl Plan {
         Plan {
             namespaces: false,
             cgroup_join,
-            new_network: false,
+            network: Network::Host,
             new_root: CString::default(),
             before_pivot: Vec::new(),
             after_pivot: Vec::new(),
@@ -170,6 +182,21 @@ fn join_cgroups(plan: &Plan) -> io::Result<()> {
         // SAFETY: a write of a static one-byte buffer to an open descriptor.
         let written = unsafe { libc::write(fd, c"0".as_ptr().cast(), 1) };
         check(written as c_int, "joining the cgroup", c"")?;
+    }
+    Ok(())
+}
+
+/// Enters the prepared network namespace, if there is one: before the
+/// root is built, so the fresh /sys shows that namespace's interfaces.
+fn join_network(plan: &Plan) -> io::Result<()> {
+    if let Network::Join(namespace) = plan.network {
+        // SAFETY: setns on a descriptor the parent keeps open until the
+        // action has started.
+        check(
+            unsafe { libc::setns(namespace, libc::CLONE_NEWNET) },
+            "joining the network namespace",
+            c"",
+        )?;
     }
     Ok(())
 }
@@ -309,10 +336,11 @@ unsafe fn init(plan: &Plan, status_write: RawFd) -> io::Result<()> {
         // the host's cgroup paths.
         let mut flags =
             libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
-        if plan.new_network {
+        if plan.network == Network::Empty {
             flags |= libc::CLONE_NEWNET;
         }
         check(libc::unshare(flags), "unshare", c"")?;
+        join_network(plan)?;
         setup_root(plan)?;
         match libc::fork() {
             -1 => Err(failure("fork (action)", c"")),
@@ -363,7 +391,7 @@ unsafe fn setup_root(plan: &Plan) -> io::Result<()> {
             "sethostname",
             &plan.hostname,
         )?;
-        if plan.new_network {
+        if plan.network == Network::Empty {
             loopback_up()?;
         }
     }
@@ -634,7 +662,7 @@ pub(crate) fn spawn_cloned(plan: &Plan, exec: &Exec, stdio: &Stdio) -> io::Resul
     if plan.namespaces {
         flags |= libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     }
-    if plan.namespaces && plan.new_network {
+    if plan.namespaces && plan.network == Network::Empty {
         flags |= libc::CLONE_NEWNET;
     }
     // SAFETY: the stack is a fresh private mapping with a guard page below
@@ -757,6 +785,7 @@ unsafe fn prepare_cloned(arguments: &CloneArguments) -> io::Result<()> {
                 "unshare(CLONE_NEWCGROUP)",
                 c"",
             )?;
+            join_network(plan)?;
             setup_root(plan)?;
         }
         action(plan)

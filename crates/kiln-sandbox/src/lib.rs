@@ -1,8 +1,8 @@
 //! Kiln's `sandbox` isolation (`workload-isolation-type=sandbox`): each
-//! action runs in its own mount, pid, IPC, UTS, cgroup and (with
-//! `dockerNetwork=off`) network namespace, on a fresh root where the system
-//! is read-only and only its workspace and a private /tmp are writable,
-//! inside a cgroup that enforces its memory, CPU and pids limits.
+//! action runs in its own mount, pid, IPC, UTS, cgroup and network
+//! namespace, on a fresh root where the system is read-only and only its
+//! workspace and a private /tmp are writable, inside a cgroup that enforces
+//! its memory, CPU and pids limits.
 //!
 //! - [`sandbox`]: [`Sandbox`] (probe, and the [`kiln_worker::Isolation`]
 //!   implementation) and its [`SandboxConfig`];
@@ -10,6 +10,9 @@
 //!   other backends too;
 //! - [`plain`]: [`PlainProcess`], `none` as the action user, started the
 //!   same cheap way (no namespaces);
+//! - [`network`]: `dockerNetwork=bridge`, a private network with outbound
+//!   access only (a veth pair per action, one nftables table per host),
+//!   and `netlink`, the few rtnetlink requests that wire it;
 //! - `view`: the filesystem an action sees, as mount steps;
 //! - `child`: the code that runs between fork (or clone) and exec;
 //! - `cloned`: waiting for a cloned action through its pidfd.
@@ -29,20 +32,30 @@
 //! default; root only when that is `root`). Always
 //! with `no_new_privs`; a user other than root keeps no capabilities.
 //!
+//! Its network: with `dockerNetwork=off`, only its own `lo`. With `bridge`
+//! (or unset, where the host allows it), also `eth0`, routed through the
+//! host and masqueraded: it reaches other machines (and names through the
+//! host's /etc/resolv.conf, unless that names only a loopback resolver), but
+//! not the host itself (loopback or any of its addresses), nor other
+//! actions, nor anything over IPv6. Never the host's namespace: where
+//! bridged networks cannot be set up (no `nft`, say), `bridge` is refused
+//! with FAILED_PRECONDITION and unset means `off`.
+//!
 //! Warm runners (`recycle-runner`): the sandbox itself is made anew for
 //! every action, but a kept runner's workspace and its own /tmp directory
 //! (bound over the sandbox's /tmp instead of a tmpfs) carry over to the
 //! next action with the same runner key.
 //!
-//! Not done: rootless operation (user namespaces), seccomp filters, a
-//! bridged network (`dockerNetwork=bridge` shares the host's network
-//! namespace, including its loopback services), device cgroups, and disk
-//! quotas (`EstimatedFreeDiskBytes`). Linux only; the executor must run as
+//! Not done: rootless operation (user namespaces), seccomp filters, IPv6
+//! for bridged actions, device cgroups, and disk quotas
+//! (`EstimatedFreeDiskBytes`). Linux only; the executor must run as
 //! root.
 
 pub mod cgroup;
 mod child;
 mod cloned;
+mod netlink;
+pub mod network;
 pub mod plain;
 pub mod sandbox;
 mod view;

@@ -18,8 +18,9 @@ use kiln_worker::{CancellationToken, CommandSpec, Isolation, RunAs, RunError};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupRoot};
-use crate::child::{self, Exec, Plan, FAILURE_PREFIX};
+use crate::child::{self, Exec, Network, Plan, FAILURE_PREFIX};
 use crate::cloned::ClonedChild;
+use crate::network::{ActionNetwork, Outbound};
 use crate::view::View;
 
 /// How the sandbox is set up on this executor (a section of the
@@ -45,6 +46,16 @@ pub struct SandboxConfig {
     /// sandboxes do not see each other's). Created by the probe. Default
     /// `/run/kiln-sandbox`.
     pub root_mount_point: PathBuf,
+    /// IPv4 range (at most a /30) the private networks of
+    /// `dockerNetwork=bridge` actions are carved from, a /30 each: it must
+    /// not overlap a network the host reaches, and every executor on one
+    /// host must use the same (they share one nftables table). Default
+    /// `10.213.0.0/16`.
+    pub network_cidr: String,
+    /// The nftables command (a name looked up on PATH, or a path) that
+    /// installs the filtering and NAT rules of bridged networks. Default
+    /// `nft`.
+    pub nft_binary: PathBuf,
 }
 
 impl Default for SandboxConfig {
@@ -55,6 +66,8 @@ impl Default for SandboxConfig {
             hidden_paths: Vec::new(),
             require_limits: true,
             root_mount_point: PathBuf::from("/run/kiln-sandbox"),
+            network_cidr: "10.213.0.0/16".into(),
+            nft_binary: PathBuf::from("nft"),
         }
     }
 }
@@ -92,6 +105,9 @@ pub struct Sandbox {
     cgroups: Option<CgroupRoot>,
     view: View,
     drop_capabilities: Vec<u32>,
+    /// What `dockerNetwork=bridge` actions are wired to, or why this host
+    /// cannot give them a network of their own.
+    network: Result<Arc<Outbound>, String>,
 }
 
 impl Sandbox {
@@ -157,7 +173,14 @@ impl Sandbox {
             .ok()
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(40);
+        let network = Outbound::set_up(&config.network_cidr, &config.nft_binary)
+            .map(Arc::new)
+            .map_err(|reason| {
+                tracing::warn!(%reason, "sandboxed actions cannot have a bridged network here: dockerNetwork=bridge fails, and actions that do not set dockerNetwork run without network");
+                reason
+            });
         let sandbox = Sandbox {
+            network,
             view: View::new(
                 &config.root_mount_point,
                 &config.read_only_paths,
@@ -170,6 +193,44 @@ impl Sandbox {
                 .collect(),
         };
         Ok(sandbox)
+    }
+
+    /// Whether `dockerNetwork=bridge` actions get a network here: `Err`
+    /// says why not (`nft` missing, say).
+    pub fn bridge_network(&self) -> Result<(), &str> {
+        self.network.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    /// The network of an action with `docker_network`: none but `lo` for
+    /// `off`; a namespace of its own with outbound access for `bridge`, or
+    /// when unset where the host allows one (else none). Never the host's.
+    async fn network(
+        &self,
+        docker_network: Option<DockerNetwork>,
+    ) -> Result<Option<ActionNetwork>, RunError> {
+        let outbound = match (docker_network, &self.network) {
+            (Some(DockerNetwork::Off), _) | (None, Err(_)) => return Ok(None),
+            (_, Ok(outbound)) => Arc::clone(outbound),
+            (Some(DockerNetwork::Bridge), Err(reason)) => {
+                return Err(RunError::Unsupported(format!(
+                    "dockerNetwork=bridge: this executor cannot give sandboxed actions a network of their own ({reason}); \
+                     set dockerNetwork=off, or run the action elsewhere"
+                )))
+            }
+        };
+        tokio::task::spawn_blocking(move || outbound.connect())
+            .await
+            .map_err(|e| RunError::Internal(format!("sandbox network: {e}")))?
+            .map(Some)
+            .map_err(|e| RunError::Internal(format!("sandbox network: {e}")))
+    }
+
+    /// Returns once the networks of ended actions are all deleted (they
+    /// are deleted in the background, after the action's result).
+    pub async fn networks_released(&self) {
+        if let Ok(outbound) = &self.network {
+            outbound.released().await;
+        }
     }
 
     /// Where action cgroups go; `None` when running without limits.
@@ -199,7 +260,7 @@ impl Sandbox {
         tmpfs_bytes: Option<u64>,
         working_directory: &Path,
         user: Option<(u32, u32)>,
-        new_network: bool,
+        network: Network,
         cgroup: Option<&Cgroup>,
     ) -> Plan {
         let (new_root, before_pivot, after_pivot) =
@@ -207,7 +268,7 @@ impl Sandbox {
         Plan {
             namespaces: true,
             cgroup_join: cgroup.map(Cgroup::join_fds).unwrap_or_default(),
-            new_network,
+            network,
             new_root,
             before_pivot,
             after_pivot,
@@ -368,22 +429,31 @@ impl Isolation for Sandbox {
             memory_bytes: limits.memory_bytes.map(|b| b.max(MIN_MEMORY_BYTES)),
             ..*limits
         };
+        let network = self.network(spec.platform.docker_network).await?;
         let cgroup = self.cgroup(limits)?;
-        let plan = Arc::new(self.plan(
-            Some(&spec.workspace),
-            spec.runner_tmp.as_deref(),
-            limits.memory_bytes,
-            &spec.working_directory,
-            user,
-            spec.platform.docker_network == Some(DockerNetwork::Off),
-            cgroup.as_ref(),
-        ));
+        let plan = Arc::new(
+            self.plan(
+                Some(&spec.workspace),
+                spec.runner_tmp.as_deref(),
+                limits.memory_bytes,
+                &spec.working_directory,
+                user,
+                network
+                    .as_ref()
+                    .map_or(Network::Empty, |n| Network::Join(n.namespace())),
+                cgroup.as_ref(),
+            ),
+        );
         let result = if spec.platform.docker_init {
             self.run_with_init(spec, &program, &program_name, plan, limits, cancel)
                 .await
         } else {
             run_cloned(spec, &program, &program_name, plan, limits, cancel).await
         };
+        // The action (PID 1 of its namespace) is gone: unwire its network.
+        if let (Some(network), Ok(outbound)) = (network, &self.network) {
+            outbound.release(network).await;
+        }
         let mut outcome = match result {
             Ok(outcome) => outcome,
             Err(error) => {

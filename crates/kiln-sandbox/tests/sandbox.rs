@@ -291,24 +291,6 @@ async fn no_network_with_docker_network_off() {
 }
 
 #[tokio::test]
-async fn the_host_network_with_docker_network_bridge() {
-    let Some(sandbox) = sandbox() else { return };
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut action = Action::new();
-    action.platform.docker_network = Some(DockerNetwork::Bridge);
-    let (outcome, stdout, stderr) = action
-        .run(
-            sandbox,
-            &format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo reached"),
-        )
-        .await;
-    assert_eq!(outcome.exit_code, 0, "{stderr}");
-    assert_eq!(stdout, "reached\n");
-    listener.accept().unwrap();
-}
-
-#[tokio::test]
 async fn a_memory_hog_is_killed_and_says_so() {
     let Some(sandbox) = sandbox() else { return };
     for docker_init in [false, true] {

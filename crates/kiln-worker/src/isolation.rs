@@ -237,6 +237,19 @@ impl Isolations {
         self
     }
 
+    /// Removes backend `name`, unless it is the only one (false then). If
+    /// it was the default, the first one left becomes the default.
+    pub fn without(&mut self, name: &str) -> bool {
+        if self.backends.len() < 2 || !self.backends.iter().any(|b| b.name() == name) {
+            return false;
+        }
+        self.backends.retain(|b| b.name() != name);
+        if self.default == name {
+            self.default = self.backends[0].name();
+        }
+        true
+    }
+
     /// Makes `name` the default; false (and no change) if it is not offered.
     pub fn set_default(&mut self, name: &str) -> bool {
         match self.backends.iter().find(|b| b.name() == name) {

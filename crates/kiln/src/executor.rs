@@ -148,7 +148,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     };
     let owner = format!("kiln-worker:{}", options.work_dir.display());
     let action_user = options.isolation.resolve_action_user()?;
-    let isolations = crate::isolation::offered(&options.isolation, &owner).await;
+    let isolations = crate::isolation::offered(&options.isolation, &owner).await?;
     let isolation_types = isolations.names().iter().map(|n| n.to_string()).collect();
     let mut worker_config = WorkerConfig::new(
         options.work_dir.join("work"),

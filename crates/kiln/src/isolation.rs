@@ -21,7 +21,8 @@ pub struct IsolationSettings {
     /// is probed at start-up by running a trial action (`true`; in a
     /// container of a one-file image imported once, for `docker` and
     /// `podman`) and dropped, with a warning saying why, if it does not
-    /// work on this host. `none` is always offered.
+    /// work on this host. Leaving `none` out keeps actions off the host's
+    /// own processes and network (start-up fails if nothing else works).
     pub offer: Vec<String>,
     /// The longest one probe may take (its trial action included) before
     /// its type is dropped as not working. Probes run concurrently.
@@ -160,12 +161,13 @@ impl IsolationSettings {
     }
 }
 
-/// Probes the configured backends and returns those that work. `owner`
+/// Probes the configured backends and returns those that work; an error
+/// when `none` is not configured and no other type works. `owner`
 /// names this executor instance, stably across restarts and uniquely among
 /// those sharing a container daemon (e.g. its data directory): containers
 /// are labelled with it, and at start-up the leftovers of a previous run of
 /// the same owner are removed.
-pub async fn offered(settings: &IsolationSettings, owner: &str) -> Isolations {
+pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Result<Isolations> {
     // `none`: a plain process as the action user, in a cgroup emptied when
     // it ends, started with a clone that copies nothing of the executor.
     let mut isolations =
@@ -211,14 +213,25 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> Isolations {
             }
         }
     }
+    // `none` runs actions as plain host processes, in the host's network
+    // namespace: offered only when configured.
+    if !settings.offer.iter().any(|name| name == "none") && !isolations.without("none") {
+        anyhow::bail!(
+            "none of the configured isolation types ({}) works on this host, and none (plain \
+             host processes) is not among them: the executor would have nothing to run actions \
+             with",
+            settings.offer.join(", ")
+        );
+    }
     if !isolations.set_default(&settings.default) {
         tracing::warn!(
             default = %settings.default,
             offered = ?isolations.names(),
-            "the configured default isolation type is not offered; using none"
+            using = isolations.default_name(),
+            "the configured default isolation type is not offered"
         );
     }
-    isolations
+    Ok(isolations)
 }
 
 /// Probes the isolation type `name`: the backend, once its trial action

@@ -408,7 +408,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         Some(scheduler) if config.execution.embedded_executor => {
             let owner = format!("kiln-serve:{}", config.data_dir.display());
             let action_user = config.execution.isolation.resolve_action_user()?;
-            let isolations = crate::isolation::offered(&config.execution.isolation, &owner).await;
+            let isolations = crate::isolation::offered(&config.execution.isolation, &owner).await?;
             Some(start_embedded_executor(
                 config,
                 scheduler.clone(),

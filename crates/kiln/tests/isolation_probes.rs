@@ -330,3 +330,53 @@ fn working_runtimes_are_offered_once_their_trial_container_ran() {
         assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "", "{name}");
     }
 }
+
+#[test]
+fn an_executor_configured_without_none_does_not_offer_it() {
+    if !common::root_available("the sandbox") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (server, address) = serve(&scratch.path().join("server"));
+    let _executor = executor(
+        &address,
+        &scratch.path().join("executor"),
+        "sandbox",
+        &["--default-isolation", "none"],
+    );
+
+    assert_eq!(registered_types(&server), r#"isolation_types=["sandbox"]"#);
+}
+
+#[test]
+fn an_executor_left_with_nothing_to_offer_without_none_refuses_to_start() {
+    let scratch = tempfile::tempdir().unwrap();
+    let socket = scratch.path().join("docker.sock");
+    fake_dockerd(&socket);
+    let (_server, address) = serve(&scratch.path().join("server"));
+    let mut executor = executor(
+        &address,
+        &scratch.path().join("executor"),
+        "docker",
+        &["--docker-socket", socket.to_str().unwrap()],
+    );
+
+    let deadline = Instant::now() + HANG_GUARD;
+    let status = loop {
+        if let Some(status) = executor.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the executor still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut log = Vec::new();
+    while let Ok(line) = executor.stderr.recv_timeout(Duration::from_secs(10)) {
+        log.push(line);
+    }
+    let log = log.join("\n");
+    assert!(
+        log.contains("none of the configured isolation types (docker) works on this host"),
+        "{log}"
+    );
+}

@@ -1,0 +1,448 @@
+//! `dockerNetwork=bridge` under the sandbox: each action gets a network
+//! namespace of its own, joined to the host by a veth pair, with outbound
+//! access only. The host routes and masquerades the action's traffic to
+//! other machines; an nftables table drops everything it sends to the host
+//! itself (its loopback, its own addresses, where Kiln and other services
+//! listen on 0.0.0.0) and to other actions.
+//!
+//! Why veth and nftables rather than a user-space stack (slirp4netns,
+//! pasta): those make the action's connections from the host's own network
+//! namespace, so they reach every service listening on the host's
+//! addresses, and they cost a helper process per action. A veth pair is a
+//! few netlink requests (see [`crate::netlink`]), and the filtering is done
+//! by one table installed once, at start-up.
+//!
+//! Each action's host-side interface is `kiln-<slot>`, where the slot also
+//! picks its /30 in the configured range: creating the interface claims the
+//! slot (the kernel refuses a name in use), so executors sharing a host
+//! cannot collide. Its alias names the executor process that owns it; at
+//! start-up, interfaces left by a process that is gone (killed -9, say)
+//! are deleted (an executor's own death deletes nothing while an orphaned
+//! action keeps the namespace alive). An action's interface is deleted when
+//! it ends, in the background (it takes the kernel 20-40 ms), and with it
+//! the peer inside the action's namespace; the action has no
+//! CAP_NET_ADMIN, so it can create nothing more.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Semaphore};
+
+use crate::netlink::Socket;
+
+/// Host-side interfaces of bridged actions are named this, then the slot.
+pub const INTERFACE_PREFIX: &str = "kiln-";
+/// The nftables table (family `inet`) holding the filtering and NAT rules.
+pub const NFT_TABLE: &str = "kiln_sandbox";
+/// Start of the alias of an interface Kiln made, followed by its owner.
+const ALIAS_PREFIX: &str = "kiln-sandbox owner=";
+/// The interface inside the action's namespace.
+const ACTION_INTERFACE: &str = "eth0";
+/// Most interfaces being deleted in the background at once; past this an
+/// action's own deletion is waited for before its result is returned.
+const MAX_BACKGROUND_DELETIONS: usize = 32;
+
+/// The host's side of bridged sandbox networks, set up once at start-up.
+#[derive(Debug)]
+pub struct Outbound {
+    /// First address of the range actions' /30s are carved from.
+    base: u32,
+    slots: u32,
+    /// Where the next search for a free slot starts.
+    next: AtomicU32,
+    /// The alias this process gives its interfaces (pid and start time,
+    /// so a recycled pid is not mistaken for the owner).
+    alias: String,
+    /// Deleting an interface takes the kernel 20-40 ms (RCU grace periods,
+    /// waiting for the last references): done after the action's result
+    /// is returned, a bounded number at a time.
+    deletions: Arc<Semaphore>,
+    /// Interfaces being deleted now.
+    pending: Arc<watch::Sender<usize>>,
+}
+
+/// An action's network namespace, wired to the host; unwired when dropped.
+#[derive(Debug)]
+pub struct ActionNetwork {
+    namespace: OwnedFd,
+    host_index: u32,
+}
+
+impl Outbound {
+    /// Checks what bridged networks need (nft, forwarding), deletes
+    /// interfaces left by executors that are gone, installs the nftables
+    /// table for `cidr` with the `nft` command, and wires and unwires one
+    /// namespace as a trial. Blocking. The error names what is missing.
+    pub fn set_up(cidr: &str, nft: &Path) -> Result<Outbound, String> {
+        let (base, prefix) = parse_cidr(cidr)?;
+        let alias = format!(
+            "{ALIAS_PREFIX}{}",
+            process_identity(std::process::id()).ok_or("reading /proc/self/stat")?
+        );
+        let outbound = Outbound {
+            base,
+            slots: 1 << ((30 - prefix) as u32),
+            next: AtomicU32::new(std::process::id()),
+            alias,
+            deletions: Arc::new(Semaphore::new(MAX_BACKGROUND_DELETIONS)),
+            pending: Arc::new(watch::Sender::new(0)),
+        };
+        enable_forwarding()?;
+        reclaim_leftovers();
+        install_rules(cidr, nft)?;
+        warn_about_loopback_resolver();
+        let trial = outbound
+            .connect()
+            .map_err(|e| format!("wiring a trial network namespace: {e}"))?;
+        drop(trial);
+        Ok(outbound)
+    }
+
+    /// A fresh network namespace with `lo` up and `eth0` routed through
+    /// the host. Blocking (a few netlink requests).
+    pub fn connect(&self) -> io::Result<ActionNetwork> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // Unsharing changes only the calling thread's namespace: a thread
+        // of its own, which ends with the wiring, leaves the executor's
+        // threads where they are.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| self.wire(start))
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the wiring thread panicked")))
+        })
+    }
+
+    /// Unwires `network` once its action has ended: in the background,
+    /// unless [`MAX_BACKGROUND_DELETIONS`] are under way already.
+    pub async fn release(&self, network: ActionNetwork) {
+        let Ok(permit) = Arc::clone(&self.deletions).try_acquire_owned() else {
+            let _ = tokio::task::spawn_blocking(move || drop(network)).await;
+            return;
+        };
+        self.pending.send_modify(|pending| *pending += 1);
+        let pending = Arc::clone(&self.pending);
+        tokio::task::spawn_blocking(move || {
+            drop(network);
+            drop(permit);
+            pending.send_modify(|pending| *pending -= 1);
+        });
+    }
+
+    /// Returns once no interface of an ended action is still being deleted.
+    pub async fn released(&self) {
+        let mut pending = self.pending.subscribe();
+        let _ = pending.wait_for(|pending| *pending == 0).await;
+    }
+
+    fn wire(&self, start: u32) -> io::Result<ActionNetwork> {
+        let mut host = Socket::open()?;
+        // SAFETY: unshare affects only this thread, which ends after this.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a constant NUL-terminated path; the result is checked.
+        let namespace = unsafe {
+            libc::open(
+                c"/proc/thread-self/ns/net".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if namespace < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let namespace = unsafe { OwnedFd::from_raw_fd(namespace) };
+        let mut inside = Socket::open()?;
+        // `lo` is always interface 1 of a new namespace.
+        inside.set_up(1)?;
+        let mut claimed = None;
+        for offset in 0..self.slots {
+            let slot = start.wrapping_add(offset) % self.slots;
+            let name = format!("{INTERFACE_PREFIX}{slot}");
+            match host.add_veth(&name, ACTION_INTERFACE, namespace.as_raw_fd()) {
+                Ok(()) => {
+                    claimed = Some((slot, name));
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err(e) => return Err(io::Error::new(e.kind(), format!("creating {name}: {e}"))),
+            }
+        }
+        let Some((slot, name)) = claimed else {
+            return Err(io::Error::other(format!(
+                "all {} sandbox network slots are in use",
+                self.slots
+            )));
+        };
+        // At once, so an executor killed from here on leaves an interface
+        // the next start-up knows to reclaim.
+        let host_index = host.set_alias(&name, &self.alias).and_then(|()| {
+            // sysfs shows the namespace it was mounted in (the host's), not
+            // this thread's.
+            std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))?
+                .trim()
+                .parse::<u32>()
+                .map_err(|e| io::Error::other(format!("the ifindex of {name}: {e}")))
+        });
+        let host_index = match host_index {
+            Ok(index) => index,
+            Err(e) => {
+                let _ = host.delete_link_named(&name);
+                return Err(e);
+            }
+        };
+        // From here on, dropping it deletes the pair.
+        let network = ActionNetwork {
+            namespace,
+            host_index,
+        };
+        let gateway = Ipv4Addr::from(self.base + slot * 4 + 1);
+        let address = Ipv4Addr::from(self.base + slot * 4 + 2);
+        host.add_address(host_index, gateway, 30)?;
+        host.set_up(host_index)?;
+        // SAFETY: a constant NUL-terminated name, looked up in this
+        // thread's (the new) namespace.
+        let inner_index = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        if inner_index == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        inside.add_address(inner_index, address, 30)?;
+        inside.set_up(inner_index)?;
+        inside.add_default_route(gateway)?;
+        Ok(network)
+    }
+}
+
+impl ActionNetwork {
+    /// The namespace the action joins (`setns`).
+    pub fn namespace(&self) -> RawFd {
+        self.namespace.as_raw_fd()
+    }
+}
+
+impl Drop for ActionNetwork {
+    /// Deletes the host's end of the pair, and with it the action's.
+    fn drop(&mut self) {
+        let deleted = Socket::open().and_then(|mut host| host.delete_link(self.host_index));
+        if let Err(e) = deleted {
+            tracing::warn!(index = self.host_index, error = %e, "deleting an action's network interface");
+        }
+    }
+}
+
+/// `a.b.c.d/n` with room for at least one /30.
+fn parse_cidr(cidr: &str) -> Result<(u32, u8), String> {
+    let bad =
+        || format!("network_cidr {cidr:?}: expected an IPv4 range like 10.213.0.0/16, at most /30");
+    let (address, prefix) = cidr.split_once('/').ok_or_else(bad)?;
+    let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if !(8..=30).contains(&prefix) {
+        return Err(bad());
+    }
+    let mask = u32::MAX << (32 - prefix);
+    Ok((u32::from(address) & mask, prefix))
+}
+
+/// `pid:start time` of a live process, or None.
+fn process_identity(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, start time field 22.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let start_time = rest.split_whitespace().nth(19)?;
+    Some(format!("{pid}:{start_time}"))
+}
+
+fn enable_forwarding() -> Result<(), String> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    let current = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+    if current.trim() != "1" {
+        std::fs::write(path, "1").map_err(|e| format!("enabling IPv4 forwarding ({path}): {e}"))?;
+        tracing::info!("enabled IPv4 forwarding for bridged sandbox networks");
+    }
+    Ok(())
+}
+
+/// Host-side interfaces Kiln made, with their index and owner
+/// (`pid:start time`).
+fn kiln_interfaces() -> Vec<(String, u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(INTERFACE_PREFIX) {
+            continue;
+        }
+        let read =
+            |file: &str| std::fs::read_to_string(entry.path().join(file)).unwrap_or_default();
+        let alias = read("ifalias");
+        let Some(owner) = alias.trim().strip_prefix(ALIAS_PREFIX) else {
+            continue;
+        };
+        if let Ok(index) = read("ifindex").trim().parse() {
+            found.push((name, index, owner.to_string()));
+        }
+    }
+    found
+}
+
+/// The host-side interfaces of bridged actions that process `pid` runs
+/// now (what a test checks is gone once its actions ended).
+pub fn interfaces_owned_by(pid: u32) -> Vec<String> {
+    let prefix = format!("{pid}:");
+    kiln_interfaces()
+        .into_iter()
+        .filter(|(_, _, owner)| owner.starts_with(&prefix))
+        .map(|(name, _, _)| name)
+        .collect()
+}
+
+/// Interfaces whose owner process is gone; deleting each takes the
+/// action's end with it.
+fn leftover_interfaces() -> Vec<(String, u32)> {
+    kiln_interfaces()
+        .into_iter()
+        .filter(|(_, _, owner)| {
+            let alive = owner
+                .split_once(':')
+                .and_then(|(pid, _)| pid.parse().ok())
+                .and_then(process_identity)
+                .is_some_and(|identity| identity == *owner);
+            !alive
+        })
+        .map(|(name, index, _)| (name, index))
+        .collect()
+}
+
+fn reclaim_leftovers() {
+    let leftovers = leftover_interfaces();
+    if leftovers.is_empty() {
+        return;
+    }
+    let Ok(mut host) = Socket::open() else { return };
+    for (name, index) in leftovers {
+        match host.delete_link(index) {
+            Ok(()) => {
+                tracing::info!(interface = %name, "deleted a sandbox network interface left by an executor that is gone")
+            }
+            Err(e) => {
+                tracing::warn!(interface = %name, error = %e, "deleting a leftover sandbox network interface")
+            }
+        }
+    }
+}
+
+/// The rules, replacing any earlier version of the table in one
+/// transaction. Executors on one host share the table, so they must agree
+/// on the range.
+fn ruleset(cidr: &str) -> String {
+    let interfaces = format!("\"{INTERFACE_PREFIX}*\"");
+    format!(
+        "table inet {NFT_TABLE}\n\
+         delete table inet {NFT_TABLE}\n\
+         table inet {NFT_TABLE} {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority raw; policy accept;\n\
+         \t\tiifname {interfaces} fib daddr type local drop comment \"the host itself, before any DNAT\"\n\
+         \t\tiifname {interfaces} meta nfproto ipv6 drop comment \"actions get IPv4 only\"\n\
+         \t\tiifname {interfaces} ip saddr != {cidr} drop comment \"spoofed sources\"\n\
+         \t}}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname {interfaces} drop\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname {interfaces} oifname {interfaces} drop comment \"other actions\"\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {cidr} oifname != {interfaces} masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+fn install_rules(cidr: &str, binary: &Path) -> Result<(), String> {
+    let mut nft = Command::new(binary)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "the nftables command `{}` (Debian package nftables) cannot be run: {e}",
+                binary.display()
+            )
+        })?;
+    {
+        use std::io::Write as _;
+        let mut stdin = nft.stdin.take().expect("piped");
+        stdin
+            .write_all(ruleset(cidr).as_bytes())
+            .map_err(|e| format!("writing the nftables rules to nft: {e}"))?;
+    }
+    let output = nft
+        .wait_with_output()
+        .map_err(|e| format!("running nft: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "nft refused the rules of table inet {NFT_TABLE}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Actions see the host's /etc/resolv.conf: a resolver on the host's
+/// loopback (systemd-resolved's 127.0.0.53, say) is out of their reach.
+fn warn_about_loopback_resolver() {
+    let path = Path::new("/etc/resolv.conf");
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let loopback: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .map(str::trim)
+        .filter(|server| server.starts_with("127.") || *server == "::1")
+        .collect();
+    if !loopback.is_empty() {
+        tracing::warn!(
+            nameservers = ?loopback,
+            "/etc/resolv.conf names resolvers on the host's loopback, which bridged sandbox actions cannot reach: they resolve names only through its other nameservers"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_is_parsed_to_its_network_address() {
+        assert_eq!(parse_cidr("10.213.0.0/16"), Ok((0x0ad5_0000, 16)));
+        assert_eq!(parse_cidr("10.213.7.9/24"), Ok((0x0ad5_0700, 24)));
+        for bad in ["10.213.0.0", "10.213.0.0/31", "x/16", "10.213.0.0/4"] {
+            let error = parse_cidr(bad).unwrap_err();
+            assert!(error.contains("network_cidr"), "{error}");
+        }
+    }
+
+    #[test]
+    fn this_process_is_alive_under_its_own_identity() {
+        let identity = process_identity(std::process::id()).unwrap();
+        assert!(identity.starts_with(&format!("{}:", std::process::id())));
+        assert!(identity.split(':').nth(1).unwrap().parse::<u64>().is_ok());
+    }
+}

@@ -1,0 +1,502 @@
+//! The sandbox's networks, end to end: with `dockerNetwork=bridge` an
+//! action reaches machines outside the host (here a network namespace the
+//! test joins to the host with a veth pair, standing in for the LAN) but
+//! not the host itself, on its loopback or its own addresses; with `off` it
+//! reaches nothing; and nothing per action is left behind. Needs root, `ip`
+//! (iproute2) and `nft` (nftables); without them each test says
+//! `skipped: <reason>` and passes (under CI, it fails).
+//!
+//! The tests run one at a time: they count this process's interfaces.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use kiln_platform::{DockerNetwork, Platform};
+use kiln_sandbox::network::{interfaces_owned_by, INTERFACE_PREFIX, NFT_TABLE};
+use kiln_sandbox::{Sandbox, SandboxConfig};
+use kiln_worker::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, StopReason};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn skip_or_fail(reason: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("the sandbox's network does not work under CI: {reason}");
+    }
+    eprintln!("\nskipped: {reason}");
+}
+
+fn probe(config: SandboxConfig) -> Result<Sandbox, String> {
+    // On a thread of its own: callers are inside a tokio runtime already.
+    std::thread::spawn(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(Sandbox::probe(config))
+    })
+    .join()
+    .unwrap()
+}
+
+/// The sandbox, with bridged networks working; None (after saying why)
+/// where this host cannot.
+fn sandbox() -> Option<&'static Sandbox> {
+    static SANDBOX: OnceLock<Result<Sandbox, String>> = OnceLock::new();
+    let probed = SANDBOX.get_or_init(|| {
+        let sandbox = probe(SandboxConfig::default())?;
+        sandbox
+            .bridge_network()
+            .map_err(|reason| format!("no bridged network: {reason}"))?;
+        Ok(sandbox)
+    });
+    match probed {
+        Ok(sandbox) => Some(sandbox),
+        Err(reason) => {
+            skip_or_fail(reason);
+            None
+        }
+    }
+}
+
+fn ip(arguments: &[&str]) {
+    let output = Command::new("ip")
+        .args(arguments)
+        .output()
+        .expect("running ip (iproute2)");
+    assert!(
+        output.status.success(),
+        "ip {arguments:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A network namespace standing for a machine outside the host, joined to
+/// the host by a veth pair in a private /30: the host's end is `.1`, the
+/// outside's `.2`. Deleted on drop.
+struct Outside {
+    name: String,
+    host_interface: String,
+    host_address: Ipv4Addr,
+    address: Ipv4Addr,
+}
+
+impl Outside {
+    fn new() -> Outside {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let outside = Outside {
+            name: format!("kiln-test-outside-{pid}-{n}"),
+            host_interface: format!("kto{}h{n}", pid % 100_000),
+            host_address: Ipv4Addr::new(192, 168, 231, (n * 4 % 256 + 1) as u8),
+            address: Ipv4Addr::new(192, 168, 231, (n * 4 % 256 + 2) as u8),
+        };
+        let inner = format!("kto{}o{n}", pid % 100_000);
+        ip(&["netns", "add", &outside.name]);
+        ip(&[
+            "link",
+            "add",
+            &outside.host_interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inner,
+            "netns",
+            &outside.name,
+        ]);
+        let host_cidr = format!("{}/30", outside.host_address);
+        let cidr = format!("{}/30", outside.address);
+        ip(&["addr", "add", &host_cidr, "dev", &outside.host_interface]);
+        ip(&["link", "set", &outside.host_interface, "up"]);
+        ip(&["-n", &outside.name, "addr", "add", &cidr, "dev", &inner]);
+        ip(&["-n", &outside.name, "link", "set", &inner, "up"]);
+        ip(&["-n", &outside.name, "link", "set", "lo", "up"]);
+        outside
+    }
+
+    /// A listener on the outside address, made inside its namespace (a
+    /// socket stays in the namespace it was created in).
+    fn listen(&self) -> TcpListener {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        let address = self.address;
+        std::thread::spawn(move || {
+            let namespace = std::fs::File::open(path).unwrap();
+            // SAFETY: setns on an open namespace file, in a thread that
+            // ends right after.
+            let joined = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(joined, 0, "{}", std::io::Error::last_os_error());
+            TcpListener::bind((address, 0)).unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_interface])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// The host's own IPv4 addresses other than loopback and the sandbox's
+/// interfaces (eth0's, docker0's, ...).
+fn host_addresses() -> Vec<Ipv4Addr> {
+    let output = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| {
+            !line
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|name| name.starts_with(INTERFACE_PREFIX))
+        })
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "inet")?;
+            words.get(at + 1)?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+struct Action {
+    root: tempfile::TempDir,
+    platform: Platform,
+    limits: Limits,
+}
+
+impl Action {
+    fn new(network: DockerNetwork, docker_init: bool) -> Action {
+        let root = tempfile::Builder::new()
+            .prefix("kiln-sandbox-net-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::create_dir(root.path().join("workspace")).unwrap();
+        let mut platform = Platform::default();
+        platform.docker_network = Some(network);
+        platform.docker_init = docker_init;
+        Action {
+            root,
+            platform,
+            limits: Limits {
+                timeout: Duration::from_secs(60),
+                grace: Duration::from_secs(1),
+                memory_bytes: Some(256 << 20),
+                cpu_millis: None,
+                pids_max: Some(256),
+            },
+        }
+    }
+
+    fn spec(&self, script: &str) -> CommandSpec {
+        let workspace = self.root.path().join("workspace");
+        CommandSpec {
+            arguments: vec!["bash".into(), "-c".into(), script.into()],
+            environment_variables: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            workspace: workspace.clone(),
+            working_directory: workspace,
+            stdout_path: self.root.path().join("stdout"),
+            stderr_path: self.root.path().join("stderr"),
+            output: None,
+            platform: Arc::new(self.platform.clone()),
+            action_user: None,
+            runner_tmp: None,
+        }
+    }
+
+    async fn run(&self, sandbox: &Sandbox, script: &str) -> (ProcessOutcome, String, String) {
+        let spec = self.spec(script);
+        let outcome = sandbox
+            .run(&spec, &self.limits, &CancellationToken::new())
+            .await
+            .unwrap();
+        let read = |name| std::fs::read_to_string(self.root.path().join(name)).unwrap_or_default();
+        (outcome, read("stdout"), read("stderr"))
+    }
+}
+
+/// A script that tries a TCP connection to each `ip:port` at once, giving
+/// each up to 5 s (dropped packets are never answered), and prints
+/// `reached ADDRESS` or `blocked ADDRESS` for each, sorted.
+fn connect_script(targets: &[String]) -> String {
+    let attempts: Vec<String> = targets
+        .iter()
+        .map(|target| {
+            let (address, port) = target.split_once(':').unwrap();
+            format!(
+                "(if timeout 5 bash -c 'exec 3<>/dev/tcp/{address}/{port}' 2>/dev/null; \
+                 then echo reached {target}; else echo blocked {target}; fi) > out.{address}.{port} &"
+            )
+        })
+        .collect();
+    format!("{}\nwait\ncat out.* | sort", attempts.join("\n"))
+}
+
+/// Whether `listener` has a connection waiting (anything that reached it).
+fn was_reached(listener: &TcpListener) -> bool {
+    listener.set_nonblocking(true).unwrap();
+    listener.accept().is_ok()
+}
+
+#[tokio::test]
+async fn a_bridged_action_reaches_outside_but_not_the_host() {
+    let Some(sandbox) = sandbox() else { return };
+    let _serial = SERIAL.lock().await;
+    let outside = Outside::new();
+    for docker_init in [false, true] {
+        let outside_listener = outside.listen();
+        let outside_port = outside_listener.local_addr().unwrap().port();
+        // On every host address, loopback included.
+        let host_listener = TcpListener::bind("0.0.0.0:0").unwrap();
+        let host_port = host_listener.local_addr().unwrap().port();
+        let mut host_targets = vec![
+            format!("127.0.0.1:{host_port}"),
+            format!("{}:{host_port}", outside.host_address),
+        ];
+        host_targets.extend(
+            host_addresses()
+                .into_iter()
+                .map(|address| format!("{address}:{host_port}")),
+        );
+        host_targets.sort();
+        host_targets.dedup();
+        let outside_target = format!("{}:{outside_port}", outside.address);
+        let mut targets = host_targets.clone();
+        targets.push(outside_target.clone());
+
+        let action = Action::new(DockerNetwork::Bridge, docker_init);
+        let (outcome, stdout, stderr) = action.run(sandbox, &connect_script(&targets)).await;
+
+        assert_eq!(outcome.exit_code, 0, "{stderr}");
+        let mut expected: Vec<String> = host_targets
+            .iter()
+            .map(|target| format!("blocked {target}"))
+            .chain([format!("reached {outside_target}")])
+            .collect();
+        expected.sort();
+        assert_eq!(
+            stdout.lines().collect::<Vec<_>>(),
+            expected,
+            "dockerInit={docker_init}"
+        );
+        assert!(
+            was_reached(&outside_listener),
+            "the outside listener saw the connection"
+        );
+        assert!(
+            !was_reached(&host_listener),
+            "nothing reached the host's listener"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_bridged_action_has_its_own_interface_a_default_route_and_the_hosts_resolvers() {
+    let Some(sandbox) = sandbox() else { return };
+    let _serial = SERIAL.lock().await;
+    let action = Action::new(DockerNetwork::Bridge, false);
+    let (outcome, stdout, stderr) = action
+        .run(
+            sandbox,
+            "ls /sys/class/net; awk '$2 == \"00000000\" {print \"default via\", $1}' /proc/net/route; \
+             grep -c nameserver /etc/resolv.conf",
+        )
+        .await;
+    assert_eq!(outcome.exit_code, 0, "{stderr}");
+    let host_resolvers = std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains("nameserver"))
+        .count();
+    assert_eq!(
+        stdout,
+        format!("eth0\nlo\ndefault via eth0\n{host_resolvers}\n")
+    );
+}
+
+#[tokio::test]
+async fn an_action_without_network_reaches_neither_outside_nor_the_host() {
+    let Some(sandbox) = sandbox() else { return };
+    let _serial = SERIAL.lock().await;
+    let outside = Outside::new();
+    let outside_listener = outside.listen();
+    let host_listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_port = host_listener.local_addr().unwrap().port();
+    let targets = [
+        format!("127.0.0.1:{host_port}"),
+        format!("{}:{host_port}", outside.host_address),
+        format!(
+            "{}:{}",
+            outside.address,
+            outside_listener.local_addr().unwrap().port()
+        ),
+    ];
+    let action = Action::new(DockerNetwork::Off, false);
+    let (outcome, stdout, stderr) = action.run(sandbox, &connect_script(&targets)).await;
+    assert_eq!(outcome.exit_code, 0, "{stderr}");
+    assert!(
+        stdout.lines().all(|line| line.starts_with("blocked ")) && stdout.lines().count() == 3,
+        "{stdout}"
+    );
+    assert!(!was_reached(&outside_listener));
+    assert!(!was_reached(&host_listener));
+}
+
+#[tokio::test]
+async fn nothing_per_action_is_left_after_a_run_or_a_killed_action() {
+    let Some(sandbox) = sandbox() else { return };
+    let _serial = SERIAL.lock().await;
+    let pid = std::process::id();
+    let rules_before = nft_rules();
+    let action = Action::new(DockerNetwork::Bridge, false);
+    let (outcome, stdout, _) = action
+        .run(sandbox, "ls /sys/class/net | grep -c eth0")
+        .await;
+    assert_eq!((outcome.exit_code, stdout.as_str()), (0, "1\n"));
+    sandbox.networks_released().await;
+    assert_eq!(interfaces_owned_by(pid), Vec::<String>::new());
+
+    for docker_init in [false, true] {
+        // The action says it started through a FIFO in its workspace, then
+        // waits (with a child of its own) until it is killed.
+        let action = Action::new(DockerNetwork::Bridge, docker_init);
+        let fifo = action.root.path().join("workspace/started");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let spec = action.spec("echo started > started; sleep 600 & sleep 600");
+        let cancel = CancellationToken::new();
+        let unblock = fifo.clone();
+        let running = async {
+            let outcome = sandbox.run(&spec, &action.limits, &cancel).await;
+            // Ended without saying it started: end the wait below too.
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&unblock)
+                .and_then(|mut fifo| fifo.write_all(b"ended\n"));
+            outcome
+        };
+        let watch = async {
+            let line = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(line, "started\n");
+            let during = interfaces_owned_by(pid);
+            cancel.cancel();
+            during
+        };
+        let (outcome, during) = tokio::join!(running, watch);
+        assert_eq!(
+            during.len(),
+            1,
+            "the running action's interface: {during:?}"
+        );
+        assert_eq!(outcome.unwrap().stopped, Some(StopReason::Cancelled));
+        sandbox.networks_released().await;
+        assert_eq!(interfaces_owned_by(pid), Vec::<String>::new());
+        assert!(!std::path::Path::new("/sys/class/net")
+            .join(&during[0])
+            .exists());
+    }
+    assert_eq!(nft_rules(), rules_before, "no rule is added per action");
+}
+
+/// The sandbox table's rules, as nft lists them.
+fn nft_rules() -> String {
+    let output = Command::new("nft")
+        .args(["list", "table", "inet", NFT_TABLE])
+        .output()
+        .expect("running nft");
+    assert!(output.status.success());
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn interfaces_left_by_a_dead_executor_are_deleted_at_start_up() {
+    if sandbox().is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    // What an executor killed with SIGKILL leaves: an interface whose alias
+    // names an owner that is gone (pid 1 never has start time 0).
+    let name = format!("{INTERFACE_PREFIX}{}", 60_000 + std::process::id() % 5_000);
+    let peer = format!("ktl{}", std::process::id() % 100_000);
+    ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
+    ip(&["link", "set", &name, "alias", "kiln-sandbox owner=1:0"]);
+    let exists = |name: &str| PathBuf::from("/sys/class/net").join(name).exists();
+    assert!(exists(&name));
+
+    let probed = probe(SandboxConfig::default());
+
+    let (left, peer_left) = (exists(&name), exists(&peer));
+    if left || peer_left {
+        let _ = Command::new("ip").args(["link", "del", &name]).output();
+    }
+    probed.unwrap();
+    assert!(!left && !peer_left, "the leftover pair was deleted");
+}
+
+#[tokio::test]
+async fn without_nft_bridge_is_refused_naming_it_and_nothing_falls_back_to_the_host() {
+    if sandbox().is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let config = SandboxConfig {
+        nft_binary: PathBuf::from("/nonexistent/nft"),
+        ..SandboxConfig::default()
+    };
+    let sandbox = probe(config).expect("the sandbox itself still works");
+    let reason = sandbox.bridge_network().unwrap_err();
+    assert!(
+        reason.contains("/nonexistent/nft") && reason.contains("nftables"),
+        "{reason}"
+    );
+
+    let host_listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = host_listener.local_addr().unwrap().port();
+    let bridged = Action::new(DockerNetwork::Bridge, false);
+    let spec = bridged.spec("true");
+    let error = sandbox
+        .run(&spec, &bridged.limits, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, kiln_worker::RunError::Unsupported(message)
+            if message.starts_with("dockerNetwork=bridge:") && message.contains("nftables")),
+        "{error:?}"
+    );
+
+    // An action that does not choose runs without network, not on the
+    // host's.
+    let mut unset = Action::new(DockerNetwork::Off, false);
+    unset.platform.docker_network = None;
+    let (outcome, stdout, stderr) = unset
+        .run(
+            &sandbox,
+            &format!(
+                "ls /sys/class/net; {}",
+                connect_script(&[format!("127.0.0.1:{port}")])
+            ),
+        )
+        .await;
+    assert_eq!(outcome.exit_code, 0, "{stderr}");
+    assert_eq!(stdout, format!("lo\nblocked 127.0.0.1:{port}\n"));
+    assert!(!was_reached(&host_listener));
+}
