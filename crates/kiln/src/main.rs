@@ -48,9 +48,9 @@ enum ConfigCommand {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// ByteStream and batch CAS throughput, next to the machine's SHA-256 rate.
-    Cas(bench::cas::CasBenchArgs),
+    Cas(Box<bench::cas::CasBenchArgs>),
     /// Execute latency and throughput with trivial actions (never cache hits).
-    Exec(bench::exec::ExecBenchArgs),
+    Exec(Box<bench::exec::ExecBenchArgs>),
     /// Per-action overhead of each isolation type, next to the raw tools.
     Isolation(bench::isolation::IsolationBenchArgs),
 }
@@ -438,10 +438,10 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Bench {
                 command: BenchCommand::Cas(args),
-            } => bench::cas::run(args).await,
+            } => bench::cas::run(*args).await,
             Command::Bench {
                 command: BenchCommand::Exec(args),
-            } => bench::exec::run(args).await,
+            } => bench::exec::run(*args).await,
             Command::Bench {
                 command: BenchCommand::Isolation(args),
             } => bench::isolation::run(args).await,
