@@ -54,7 +54,8 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// A gRPC channel to this server over loopback.
+    /// A plaintext gRPC channel to this server over loopback (for tests of
+    /// servers without TLS).
     pub async fn connect(&self) -> anyhow::Result<tonic::transport::Channel> {
         let endpoint = tonic::transport::Channel::from_shared(format!("http://{}", self.addr))?;
         endpoint
