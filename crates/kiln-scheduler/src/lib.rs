@@ -42,4 +42,4 @@ pub use queue::MAX_BYPASSES;
 pub use report::{Client, ExecutionObserver, OperationSummary, OutcomeClass, Stage};
 pub use scheduler::{Scheduler, SchedulerConfig};
 pub use service::{execution_capabilities, ExecutionService, OperationsService};
-pub use session::ExecutorSessions;
+pub use session::{ExecutorSessions, SessionTransport};

@@ -8,6 +8,11 @@
 //! free slots, forwards cancellations, and completes operations with the
 //! results it reports. A stream that ends, fails or goes silent past the
 //! heartbeat timeout requeues the executor's running actions.
+//!
+//! Secrets travel with assignments (registry credentials): a session over
+//! plaintext from a non-loopback peer never receives one, and the action
+//! fails instead ([`SessionTransport`]). With client certificates
+//! required, a session without one is refused at registration.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -37,6 +42,31 @@ use crate::scheduler::{QueuedAction, Scheduler};
 pub struct ExecutorSessions {
     scheduler: Arc<Scheduler>,
     heartbeat_timeout: Duration,
+    transport: SessionTransport,
+}
+
+/// What the server's gRPC port guarantees about the connections sessions
+/// arrive on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionTransport {
+    /// The port speaks TLS: what a session carries cannot be read on the
+    /// way. Without it, secrets go only to executors on loopback.
+    pub encrypted: bool,
+    /// Executors must present a client certificate. The TLS layer has
+    /// verified any certificate presented against the configured CA, but
+    /// lets clients without one through (Bazel needs none); the session
+    /// refuses those.
+    pub client_certificate_required: bool,
+}
+
+/// Whether the session `request` arrived on may carry secrets: TLS, or a
+/// loopback peer (the bytes never leave the machine). An unknown peer
+/// counts as remote.
+fn secrets_allowed<T>(transport: &SessionTransport, request: &Request<T>) -> bool {
+    transport.encrypted
+        || request
+            .remote_addr()
+            .is_some_and(|peer| peer.ip().to_canonical().is_loopback())
 }
 
 impl ExecutorSessions {
@@ -45,7 +75,15 @@ impl ExecutorSessions {
         ExecutorSessions {
             scheduler,
             heartbeat_timeout,
+            transport: SessionTransport::default(),
         }
+    }
+
+    /// What the connections sessions arrive on guarantee (default:
+    /// plaintext, no client certificates).
+    pub fn with_transport(mut self, transport: SessionTransport) -> Self {
+        self.transport = transport;
+        self
     }
 }
 
@@ -145,6 +183,19 @@ impl ExecutorService for ExecutorSessions {
         &self,
         request: Request<Streaming<ExecutorMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
+        if self.transport.client_certificate_required
+            && request.peer_certs().is_none_or(|chain| chain.is_empty())
+        {
+            tracing::warn!(%peer, "executor registration refused: no client certificate");
+            return Err(Status::unauthenticated(
+                "this Kiln server accepts executors only with a client certificate \
+                 signed by its tls.client_ca (kiln executor --tls-cert PEM --tls-key PEM)",
+            ));
+        }
+        let secrets_allowed = secrets_allowed(&self.transport, &request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.heartbeat_timeout, inbound.message())
             .await
@@ -193,6 +244,7 @@ impl ExecutorService for ExecutorSessions {
             running: HashMap::new(),
             outbound,
             heartbeat_timeout: self.heartbeat_timeout,
+            secrets_allowed,
         };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(Box::pin(
@@ -229,6 +281,9 @@ struct Session {
     heartbeat_timeout: Duration,
     /// What the scheduler shows of this executor.
     entry: Arc<ExecutorEntry>,
+    /// Whether assignments may carry secrets over this session's
+    /// connection ([`secrets_allowed`]).
+    secrets_allowed: bool,
 }
 
 impl Session {
@@ -295,6 +350,24 @@ impl Session {
         action: Arc<QueuedAction>,
         reservation: Reservation,
     ) -> bool {
+        if !self.secrets_allowed && action.platform.registry_credentials.is_some() {
+            // The slot and the reservation are freed with this call.
+            tracing::warn!(executor = %self.name, operation = %action.name, "not sending a registry credential over plaintext to a non-loopback executor: action failed");
+            let message = format!(
+                "executor {} is connected over plaintext gRPC from beyond loopback, and this \
+                 action carries a registry credential (container-registry-password), which \
+                 Kiln sends to executors only over TLS or loopback: serve with --tls-cert and \
+                 --tls-key, and connect executors with grpcs://",
+                self.name
+            );
+            let status = rpc::Status {
+                code: tonic::Code::FailedPrecondition as i32,
+                message,
+                details: vec![],
+            };
+            self.scheduler.finished(&action, None, status, false).await;
+            return true;
+        }
         let assignment_id = uuid::Uuid::new_v4().to_string();
         self.scheduler.started(&action, &self.name);
         let properties = |pairs: &[(String, String)]| -> Vec<Property> {

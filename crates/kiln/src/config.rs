@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the gRPC server listens on. Port 0 picks a free port; the
-    /// bound address is printed on stdout as `listening grpc://ADDR`.
+    /// bound address is printed on stdout as `listening grpc://ADDR`
+    /// (`grpcs://ADDR` with TLS).
     pub listen: SocketAddr,
     /// Directory for all of Kiln's data. Default: `$XDG_DATA_HOME/kiln`,
     /// else `/var/lib/kiln` for root, else `$HOME/.local/share/kiln`, else
@@ -39,8 +40,29 @@ pub struct Config {
     /// is open until the first key is made either way.
     pub allow_unauthenticated: bool,
     pub log: LogConfig,
+    pub tls: TlsConfig,
     pub storage: StorageConfig,
     pub execution: ExecutionConfig,
+}
+
+/// TLS on the gRPC port (`listen`): with `cert` and `key` set, every
+/// client (Bazel, executors) must connect with TLS (`grpcs://`); unset,
+/// the port is plaintext, and then registry credentials are sent only to
+/// executors on loopback.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the server's certificate chain (leaf first); empty =
+    /// plaintext.
+    pub cert: String,
+    /// PEM file with the private key of `cert`.
+    pub key: String,
+    /// PEM file with the CA that signs executors' client certificates.
+    /// When set, an executor registers only if it presented a certificate
+    /// chained to this CA (`kiln executor --tls-cert --tls-key`); other
+    /// clients (Bazel) still connect without one. Empty = executors need
+    /// no certificate.
+    pub client_ca: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -274,6 +296,7 @@ impl Default for Config {
             monitoring_listen: "127.0.0.1:9090".into(),
             allow_unauthenticated: false,
             log: LogConfig::default(),
+            tls: TlsConfig::default(),
             storage: StorageConfig::default(),
             execution: ExecutionConfig::default(),
         }

@@ -16,8 +16,12 @@ use tonic::transport::Channel;
 /// How an executor process runs.
 #[derive(Debug, Clone)]
 pub struct ExecutorOptions {
-    /// `grpc://HOST:PORT` of the Kiln server (scheduler and CAS).
+    /// `grpc://HOST:PORT` (or `grpcs://` for TLS) of the Kiln server
+    /// (scheduler and CAS).
     pub scheduler: String,
+    /// The CA to verify a `grpcs://` server with, and this executor's
+    /// client certificate.
+    pub tls: crate::tls::ClientTlsArgs,
     pub pool: String,
     /// Reported as `ExecutedActionMetadata.worker`.
     pub name: String,
@@ -122,14 +126,9 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// A registration the scheduler refuses (e.g. without its executor token)
 /// ends the executor with that error.
 pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::Result<()> {
-    let url = options
-        .scheduler
-        .strip_prefix("grpc://")
-        .map(|rest| format!("http://{rest}"))
-        .unwrap_or_else(|| options.scheduler.clone());
     // A lazy channel connects on first use and again after a failure.
-    let channel = Channel::from_shared(url.clone())
-        .with_context(|| format!("scheduler address {}", options.scheduler))?
+    let channel: Channel = crate::tls::endpoint(&options.scheduler, &options.tls)
+        .context("--scheduler")?
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
     // The worker's CAS calls carry the credential too: a server with keys

@@ -7,3 +7,4 @@ mod connections;
 pub mod executor;
 pub mod isolation;
 pub mod serve;
+pub mod tls;

@@ -54,18 +54,21 @@ enum ConfigCommand {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// ByteStream and batch CAS throughput, next to the machine's SHA-256 rate.
-    Cas(bench::cas::CasBenchArgs),
+    Cas(Box<bench::cas::CasBenchArgs>),
     /// Execute latency and throughput with trivial actions (never cache hits).
-    Exec(bench::exec::ExecBenchArgs),
+    Exec(Box<bench::exec::ExecBenchArgs>),
     /// Per-action overhead of each isolation type, next to the raw tools.
     Isolation(bench::isolation::IsolationBenchArgs),
 }
 
 #[derive(clap::Args)]
 struct ExecutorArgs {
-    /// The Kiln server to take work from (and whose CAS to use).
+    /// The Kiln server to take work from (and whose CAS to use):
+    /// `grpc://HOST:PORT`, or `grpcs://HOST:PORT` for TLS.
     #[arg(long)]
     scheduler: String,
+    #[command(flatten)]
+    tls: kiln::tls::ClientTlsArgs,
     /// Pool to register in.
     #[arg(long, default_value = "default")]
     pool: String,
@@ -176,6 +179,7 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
     );
     let options = kiln::executor::ExecutorOptions {
         scheduler: args.scheduler,
+        tls: args.tls,
         pool: args.pool,
         work_dir,
         name,
@@ -257,6 +261,15 @@ struct ServeArgs {
     /// `off` disables it.
     #[arg(long)]
     monitoring_listen: Option<String>,
+    /// PEM certificate chain to serve TLS with (`grpcs://`); needs --tls-key.
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<String>,
+    /// PEM CA whose client certificates executors must present to register.
+    #[arg(long)]
+    tls_client_ca: Option<String>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
     /// tracing filter, e.g. `info` or `kiln_cas=debug`.
@@ -358,6 +371,9 @@ impl ServeArgs {
             self.monitoring_listen => config.monitoring_listen,
             self.log_format => config.log.format,
             self.log_level => config.log.level,
+            self.tls_cert => config.tls.cert,
+            self.tls_key => config.tls.key,
+            self.tls_client_ca => config.tls.client_ca,
             self.storage_backend => storage.backend,
             self.max_size => storage.max_size,
             self.memory_cache_size => storage.memory_cache_size,
@@ -414,7 +430,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(addr = %server.addr, data_dir = %config.data_dir.display(), "kiln serving");
     // The lines on stdout: scripts and tests read the bound addresses here,
     // the gRPC one first.
-    println!("listening grpc://{}", server.addr);
+    let scheme = if server.tls { "grpcs" } else { "grpc" };
+    println!("listening {scheme}://{}", server.addr);
     if let Some(monitoring) = server.monitoring_addr {
         println!("listening http://{monitoring} (web UI, /metrics, /healthz, /readyz)");
     }
@@ -446,10 +463,10 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Bench {
                 command: BenchCommand::Cas(args),
-            } => bench::cas::run(args).await,
+            } => bench::cas::run(*args).await,
             Command::Bench {
                 command: BenchCommand::Exec(args),
-            } => bench::exec::run(args).await,
+            } => bench::exec::run(*args).await,
             Command::Bench {
                 command: BenchCommand::Isolation(args),
             } => bench::isolation::run(args).await,

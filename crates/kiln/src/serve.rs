@@ -39,6 +39,8 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// A running server; dropping it without [`RunningServer::stop`] aborts it.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// Whether the gRPC port speaks TLS (`grpcs://`).
+    pub tls: bool,
     /// Where the monitoring endpoint (metrics, health, web UI) listens.
     pub monitoring_addr: Option<SocketAddr>,
     monitor: Arc<Monitor>,
@@ -53,7 +55,8 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// A gRPC channel to this server over loopback.
+    /// A plaintext gRPC channel to this server over loopback (for tests of
+    /// servers without TLS).
     pub async fn connect(&self) -> anyhow::Result<tonic::transport::Channel> {
         let endpoint = tonic::transport::Channel::from_shared(format!("http://{}", self.addr))?;
         endpoint
@@ -245,6 +248,8 @@ fn unauthenticated_warning(config: &Config, authenticator: &Authenticator) -> Op
 
 /// Starts serving; returns once the listener is bound.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
+    // Before anything else: a bad certificate stops the start at once.
+    let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)?;
     // Refusals come before anything is bound.
     let executor_token = match config.execution.executor_token_file.as_str() {
         "" => None,
@@ -287,6 +292,11 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             "any process that reaches this address can register as an executor and receive actions: set execution.executor_token_file"
         );
     }
+
+    let transport = kiln_scheduler::SessionTransport {
+        encrypted: tls.is_some(),
+        client_certificate_required: !config.tls.client_ca.is_empty(),
+    };
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -356,7 +366,13 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         MAX_MESSAGE_BYTES,
     );
 
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.clone())
+            .context("TLS settings (tls.cert, tls.key)")?;
+    }
+    let router = builder
         .initial_stream_window_size(Some(16 * 1024 * 1024))
         .initial_connection_window_size(Some(64 * 1024 * 1024))
         .max_frame_size(Some(1024 * 1024))
@@ -387,10 +403,13 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
         }))
         .add_optional_service(scheduler.clone().map(|scheduler| {
-            ExecutorServiceServer::new(ExecutorSessions::new(
-                scheduler,
-                Duration::from_millis(config.execution.executor_heartbeat_timeout_ms.max(1)),
-            ))
+            ExecutorServiceServer::new(
+                ExecutorSessions::new(
+                    scheduler,
+                    Duration::from_millis(config.execution.executor_heartbeat_timeout_ms.max(1)),
+                )
+                .with_transport(transport),
+            )
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
         }));
@@ -430,6 +449,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     };
     Ok(RunningServer {
         addr,
+        tls: tls.is_some(),
         monitoring_addr,
         monitor,
         monitoring,

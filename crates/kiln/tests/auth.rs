@@ -383,7 +383,9 @@ fn serve_in_netns(data_dir: &Path, extra: &str) -> Process {
          127.0.0.1:0 --storage-backend memory --embedded-executor false --data-dir {} {extra}",
         data_dir.display()
     );
-    Process::spawn_program("unshare", &["--net", "sh", "-c", &script])
+    let mut command = Command::new("unshare");
+    command.args(["--net", "sh", "-c", &script]);
+    Process::spawn_command(command)
 }
 
 #[test]

@@ -14,34 +14,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::{Bazel, KilnServer, ProcessSummary};
-
-const DEFAULT_BAZEL2: &str = "/usr/local/lib/kiln-test/bazel-2.1.0";
-
-/// The Bazel 2.1.0 binary, or `None` (skipped loudly; a failure under CI,
-/// where install-deps.sh must have installed it).
-fn bazel2() -> Option<PathBuf> {
-    let path =
-        PathBuf::from(std::env::var_os("KILN_BAZEL2").unwrap_or_else(|| DEFAULT_BAZEL2.into()));
-    if path.is_file() {
-        return Some(path);
-    }
-    let reason = format!(
-        "Bazel 2.1.0 not found at {} (run scripts/install-deps.sh)",
-        path.display()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{reason}, but CI is set");
-    }
-    common::say_skipped(&reason);
-    None
-}
 
 #[test]
 fn bazel_2_1_sends_platforms_on_the_command_and_kiln_honours_them() {
-    let Some(binary) = bazel2() else {
+    let Some(binary) = common::bazel2() else {
         return;
     };
     let scratch = tempfile::tempdir().unwrap();

@@ -50,10 +50,15 @@ const BATCH_HEADER_ALLOWANCE: u64 = 1024;
 /// rate. Sizes accept `B`, `KiB`, `MiB`, `GiB` (and `K`, `M`, `G`) suffixes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CasBenchArgs {
-    /// Server to measure: `grpc://` (or `http://`) and a loopback address.
-    /// Loopback only, so the numbers are the server's and not the network's.
+    /// Server to measure: `grpc://` (or `grpcs://` for TLS) and a loopback
+    /// address. Loopback only, so the numbers are the server's and not the
+    /// network's.
     #[arg(long, default_value = "grpc://127.0.0.1:1985")]
     pub server: String,
+
+    /// How to verify a `grpcs://` server (and present a client certificate).
+    #[command(flatten)]
+    pub tls: kiln::tls::ClientTlsArgs,
 
     /// REAPI instance name.
     #[arg(long, default_value = "")]
@@ -143,13 +148,11 @@ pub async fn run(args: CasBenchArgs) -> anyhow::Result<()> {
 /// One HTTP/2 connection, with windows large enough that flow control never
 /// throttles a loopback transfer.
 async fn connect(args: &CasBenchArgs) -> anyhow::Result<Channel> {
-    let uri = loopback_http_uri(&args.server)?;
     let window = u32::try_from(args.window_size)
         .ok()
         .filter(|window| *window < (1 << 31))
         .context("--window-size must be below 2 GiB")?;
-    let endpoint = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("invalid server address {uri}"))?
+    let endpoint = loopback_endpoint(&args.server, &args.tls)?
         .tcp_nodelay(true)
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
@@ -161,13 +164,18 @@ async fn connect(args: &CasBenchArgs) -> anyhow::Result<Channel> {
         .with_context(|| format!("connecting to {}", args.server))
 }
 
-/// `grpc://127.0.0.1:1985` → `http://127.0.0.1:1985`, refusing anything that
-/// is not loopback.
-pub(super) fn loopback_http_uri(server: &str) -> anyhow::Result<String> {
-    let rest = server
-        .strip_prefix("grpc://")
-        .or_else(|| server.strip_prefix("http://"))
-        .with_context(|| format!("--server {server}: expected grpc://HOST:PORT"))?;
+/// The endpoint of `grpc://127.0.0.1:1985` (or `grpcs://`, with `tls`),
+/// refusing anything that is not loopback.
+pub(super) fn loopback_endpoint(
+    server: &str,
+    tls: &kiln::tls::ClientTlsArgs,
+) -> anyhow::Result<Endpoint> {
+    let rest = ["grpc://", "http://", "grpcs://", "https://"]
+        .iter()
+        .find_map(|scheme| server.strip_prefix(scheme))
+        .with_context(|| {
+            format!("--server {server}: expected grpc://HOST:PORT or grpcs://HOST:PORT")
+        })?;
     let authority = rest.trim_end_matches('/');
     let host = match authority.strip_prefix('[') {
         Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
@@ -182,7 +190,7 @@ pub(super) fn loopback_http_uri(server: &str) -> anyhow::Result<String> {
         "--server {server}: the benchmark only targets loopback addresses, \
          so it measures the server and not the network"
     );
-    Ok(format!("http://{authority}"))
+    kiln::tls::endpoint(server, tls).with_context(|| format!("--server {server}"))
 }
 
 /// A seed no earlier run has used: the OS-keyed `RandomState`, the clock and
@@ -997,14 +1005,25 @@ mod tests {
 
     #[test]
     fn only_loopback_servers() {
+        let plain = kiln::tls::ClientTlsArgs::default();
         assert_eq!(
-            loopback_http_uri("grpc://127.0.0.1:1985").unwrap(),
-            "http://127.0.0.1:1985"
+            loopback_endpoint("grpc://127.0.0.1:1985", &plain)
+                .unwrap()
+                .uri()
+                .to_string(),
+            "http://127.0.0.1:1985/"
         );
-        assert!(loopback_http_uri("grpc://[::1]:1985").is_ok());
-        assert!(loopback_http_uri("grpc://localhost:1985").is_ok());
-        assert!(loopback_http_uri("grpc://10.0.0.1:1985").is_err());
-        assert!(loopback_http_uri("grpcs://127.0.0.1:1985").is_err());
+        assert!(loopback_endpoint("grpc://[::1]:1985", &plain).is_ok());
+        assert!(loopback_endpoint("grpc://localhost:1985", &plain).is_ok());
+        assert!(loopback_endpoint("grpc://10.0.0.1:1985", &plain).is_err());
+        assert!(loopback_endpoint("grpcs://10.0.0.1:1985", &plain).is_err());
+        assert_eq!(
+            loopback_endpoint("grpcs://127.0.0.1:1985", &plain)
+                .unwrap()
+                .uri()
+                .scheme_str(),
+            Some("https")
+        );
     }
 
     #[test]

@@ -17,9 +17,9 @@ use kiln_proto::reapi::{
 };
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use super::cas::{fresh_seed, loopback_http_uri};
+use super::cas::{fresh_seed, loopback_endpoint};
 use super::report::{process_cpu_seconds, Measurement, MemorySample, Report};
 
 /// Actions uploaded per BatchUpdateBlobs request (each is two small blobs).
@@ -29,9 +29,14 @@ const UPLOAD_BATCH: usize = 1000;
 /// actions.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExecBenchArgs {
-    /// Server to measure: `grpc://` (or `http://`) and a loopback address.
+    /// Server to measure: `grpc://` (or `grpcs://` for TLS) and a loopback
+    /// address.
     #[arg(long, default_value = "grpc://127.0.0.1:1985")]
     pub server: String,
+
+    /// How to verify a `grpcs://` server.
+    #[command(flatten)]
+    pub tls: kiln::tls::ClientTlsArgs,
 
     /// REAPI instance name.
     #[arg(long, default_value = "")]
@@ -106,9 +111,7 @@ impl ExecBench {
     /// Connects to `args.server`.
     pub(super) async fn connect(args: ExecBenchArgs) -> anyhow::Result<ExecBench> {
         let seed = args.seed.unwrap_or_else(fresh_seed);
-        let uri = loopback_http_uri(&args.server)?;
-        let channel = Endpoint::from_shared(uri.clone())
-            .with_context(|| format!("invalid server address {uri}"))?
+        let channel = loopback_endpoint(&args.server, &args.tls)?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .connect()

@@ -177,6 +177,7 @@ async fn execute_trivial(
 ) -> anyhow::Result<f64> {
     let bench = ExecBench::connect(ExecBenchArgs {
         server: args.server.clone(),
+        tls: Default::default(),
         instance_name: String::new(),
         latency_count: 0,
         throughput_count: 0,

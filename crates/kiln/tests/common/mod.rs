@@ -31,6 +31,28 @@ pub fn bazel_available() -> bool {
     false
 }
 
+const DEFAULT_BAZEL2: &str = "/usr/local/lib/kiln-test/bazel-2.1.0";
+
+/// The upstream Bazel 2.1.0 binary (`scripts/install-deps.sh` puts it in
+/// /usr/local/lib/kiln-test, or `KILN_BAZEL2`), or `None` (skipped loudly; a failure under CI,
+/// where install-deps.sh must have installed it).
+pub fn bazel2() -> Option<PathBuf> {
+    let path =
+        PathBuf::from(std::env::var_os("KILN_BAZEL2").unwrap_or_else(|| DEFAULT_BAZEL2.into()));
+    if path.is_file() {
+        return Some(path);
+    }
+    let reason = format!(
+        "Bazel 2.1.0 not found at {} (run scripts/install-deps.sh)",
+        path.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{reason}, but CI is set");
+    }
+    say_skipped(&reason);
+    None
+}
+
 fn bazel_on_path() -> bool {
     Command::new("bazel")
         .arg("--version")
@@ -77,18 +99,20 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(args: &[&str]) -> Process {
-        Process::spawn_program(env!("CARGO_BIN_EXE_kiln"), args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args(args);
+        Process::spawn_command(command)
     }
 
-    /// Any program (e.g. `unshare` running kiln), watched the same way.
-    pub fn spawn_program(program: &str, args: &[&str]) -> Process {
-        let mut child = Command::new(program)
-            .args(args)
+    /// `command` (which runs kiln, perhaps through a wrapper such as `ip
+    /// netns exec`), its stdout piped and its stderr on the channel.
+    pub fn spawn_command(mut command: Command) -> Process {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|error| panic!("starting {program}: {error}"));
+            .unwrap_or_else(|error| panic!("starting {:?}: {error}", command.get_program()));
         let stderr = lines_of(child.stderr.take().unwrap());
         Process {
             child,
@@ -164,6 +188,8 @@ impl Drop for Process {
 pub struct KilnServer {
     child: Child,
     pub port: u16,
+    /// Whether it listens with TLS (`listening grpcs://`).
+    pub tls: bool,
     /// The monitoring endpoint's port (metrics, health, web UI).
     pub monitoring_port: u16,
     log_path: PathBuf,
@@ -207,6 +233,7 @@ impl KilnServer {
         let mut server = KilnServer {
             child,
             port: 0,
+            tls: false,
             monitoring_port: 0,
             log_path: log_path.to_path_buf(),
         };
@@ -217,6 +244,7 @@ impl KilnServer {
                 panic!("kiln did not print its listening line within {SERVER_START_TIMEOUT:?}")
             }
         };
+        server.tls = line_is_tls(&line);
         if line.is_empty() {
             let status = server.child.wait().expect("wait for kiln");
             panic!("kiln exited ({status}) before printing its listening line");
@@ -281,11 +309,17 @@ pub fn parse_monitoring_line(line: &str) -> u16 {
         .unwrap_or_else(|| panic!("not kiln's `listening http://127.0.0.1:PORT …` line: {line:?}"))
 }
 
+/// The port of `listening grpc://127.0.0.1:PORT` (or `grpcs://`, with TLS).
 pub fn parse_listening_line(line: &str) -> Option<u16> {
-    line.trim_end()
-        .strip_prefix("listening grpc://127.0.0.1:")?
+    let line = line.trim_end();
+    line.strip_prefix("listening grpc://127.0.0.1:")
+        .or_else(|| line.strip_prefix("listening grpcs://127.0.0.1:"))?
         .parse()
         .ok()
+}
+
+fn line_is_tls(line: &str) -> bool {
+    line.starts_with("listening grpcs://")
 }
 
 /// A Bazel client with its own output root, working on a private copy of the

@@ -1,0 +1,53 @@
+#!/bin/sh
+# The cost of TLS on the gRPC port: `kiln bench cas` (1 GiB ByteStream
+# write and read) against a plaintext and a TLS `kiln serve`, alternating
+# in one run so both see the same machine state. Certificates are made
+# here with openssl (ECDSA P-256, as rcgen makes in the tests).
+#
+# Usage: KILN=target/release/kiln ROUNDS=3 scripts/bench-tls.sh [SIZE]
+set -eu
+KILN=${KILN:-target/release/kiln}
+ROUNDS=${ROUNDS:-3}
+SIZE=${1:-1GiB}
+WORK=$(mktemp -d /var/tmp/kiln-bench-tls.XXXXXX)
+trap 'kill $PLAIN_PID $TLS_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+cd "$WORK"
+openssl ecparam -genkey -name prime256v1 -noout -out ca-key.pem
+openssl req -x509 -new -key ca-key.pem -subj "/CN=kiln bench CA" -days 2 \
+    -addext "basicConstraints=critical,CA:TRUE" -out ca.pem 2>/dev/null
+openssl ecparam -genkey -name prime256v1 -noout -out server-key.pem
+openssl req -new -key server-key.pem -subj "/CN=kiln bench" -out server.csr
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial \
+    -days 2 -extfile ext -out server.pem 2>/dev/null
+
+# serve NAME FLAGS...: starts a server, sets ADDR to its listening address.
+serve() {
+    name=$1; shift
+    "$KILN" serve --listen 127.0.0.1:0 --monitoring-listen off \
+        --embedded-executor false --data-dir "$WORK/$name" "$@" \
+        > "$WORK/$name.out" 2> "$WORK/$name.log" &
+    pid=$!
+    for _ in $(seq 100); do
+        [ -s "$WORK/$name.out" ] && break
+        sleep 0.1
+    done
+    ADDR=$(sed -n 's/^listening //p' "$WORK/$name.out")
+}
+serve plain; PLAIN_PID=$pid; PLAIN=$ADDR
+serve tls --tls-cert server.pem --tls-key server-key.pem; TLS_PID=$pid; TLS=$ADDR
+echo "plaintext $PLAIN (pid $PLAIN_PID), TLS $TLS (pid $TLS_PID)"
+
+for round in $(seq "$ROUNDS"); do
+    for mode in plain tls; do
+        if [ $mode = plain ]; then
+            set -- --server "$PLAIN" --server-pid "$PLAIN_PID"
+        else
+            set -- --server "$TLS" --server-pid "$TLS_PID" --tls-ca ca.pem
+        fi
+        echo "== round $round, $mode"
+        "$KILN" bench cas --large-size "$SIZE" --small-count 0 \
+            --bytestream-count 0 "$@" | grep -E "ByteStream (Write|Read) \(large"
+    done
+done
