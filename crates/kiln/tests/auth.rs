@@ -205,6 +205,41 @@ async fn keys_made_while_the_server_runs_close_it_and_revoked_ones_stop_working(
         assert!(body.contains("kiln_grpc_requests_total"));
     }
 
+    // `kiln bench` measures a server with keys when given one.
+    let bench = |key_file: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args([
+            "bench",
+            "exec",
+            "--server",
+            &format!("grpc://127.0.0.1:{}", server.port),
+            "--latency-count",
+            "2",
+            "--throughput-count",
+            "0",
+        ]);
+        if let Some(file) = key_file {
+            command.arg("--api-key-file").arg(file);
+        }
+        command.output().unwrap()
+    };
+    let (_, runner) = create_key(&data_dir, "acme", "cache-read,cas-write,execute");
+    let runner_file = scratch.path().join("runner.key");
+    std::fs::write(&runner_file, &runner).unwrap();
+    eventually("the bench key is known", || async {
+        get_capabilities(&channel, Some(&runner)).await.is_ok()
+    })
+    .await;
+    let keyed = bench(Some(&runner_file));
+    assert!(keyed.status.success(), "{}", combined(&keyed));
+    let keyless = bench(None);
+    assert!(!keyless.status.success());
+    assert!(
+        combined(&keyless).contains("API key"),
+        "{}",
+        combined(&keyless)
+    );
+
     // `kiln keys list` shows both by id, never the keys.
     let listed = keys(&data_dir, &["list"]);
     assert!(

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
-use tonic::transport::Channel;
 
 use super::data::SmallBlobSet;
 use super::report::{human_bytes, Measurement};
@@ -24,7 +23,7 @@ pub enum Direction {
 
 /// One ByteStream call for blob `index` of `set`; returns its latency.
 async fn call(
-    mut client: ByteStreamClient<Channel>,
+    mut client: ByteStreamClient<super::Keyed>,
     set: SmallBlobSet,
     index: usize,
     direction: Direction,
@@ -84,7 +83,7 @@ async fn call(
 /// Runs `indices` with `in_flight` calls at a time and reports rate and
 /// latency percentiles.
 pub async fn measure(
-    client: &ByteStreamClient<Channel>,
+    client: &ByteStreamClient<super::Keyed>,
     set: SmallBlobSet,
     indices: std::ops::Range<usize>,
     in_flight: usize,

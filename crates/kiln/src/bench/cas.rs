@@ -60,6 +60,11 @@ pub struct CasBenchArgs {
     #[command(flatten)]
     pub tls: kiln::tls::ClientTlsArgs,
 
+    /// File with an API key to send on every call (a server with keys
+    /// needs one with cache-read and cas-write).
+    #[arg(long)]
+    pub api_key_file: Option<std::path::PathBuf>,
+
     /// REAPI instance name.
     #[arg(long, default_value = "")]
     pub instance_name: String,
@@ -228,8 +233,9 @@ fn plan_batches(count: usize, entry_bytes: u64, budget: u64) -> anyhow::Result<V
 struct CasBench {
     args: CasBenchArgs,
     seed: u64,
-    byte_stream: ByteStreamClient<Channel>,
-    cas: ContentAddressableStorageClient<Channel>,
+    byte_stream: ByteStreamClient<super::Keyed>,
+    cas: ContentAddressableStorageClient<super::Keyed>,
+    key: super::WithApiKey,
     /// For the large-blob calls, framed without tonic's copies.
     channel: Channel,
     message_limit: usize,
@@ -238,7 +244,8 @@ struct CasBench {
 
 impl CasBench {
     async fn new(args: CasBenchArgs, channel: Channel, seed: u64) -> anyhow::Result<Self> {
-        let capabilities = CapabilitiesClient::new(channel.clone())
+        let key = super::WithApiKey::read(args.api_key_file.as_deref())?;
+        let capabilities = CapabilitiesClient::with_interceptor(channel.clone(), key.clone())
             .get_capabilities(GetCapabilitiesRequest {
                 instance_name: args.instance_name.clone(),
             })
@@ -258,10 +265,10 @@ impl CasBench {
             .unwrap_or(usize::MAX)
             .saturating_mul(2)
             .saturating_add(16 << 20);
-        let byte_stream = ByteStreamClient::new(channel.clone())
+        let byte_stream = ByteStreamClient::with_interceptor(channel.clone(), key.clone())
             .max_decoding_message_size(message_limit)
             .max_encoding_message_size(message_limit);
-        let cas = ContentAddressableStorageClient::new(channel.clone())
+        let cas = ContentAddressableStorageClient::with_interceptor(channel.clone(), key.clone())
             .max_decoding_message_size(message_limit)
             .max_encoding_message_size(message_limit);
         Ok(Self {
@@ -269,6 +276,7 @@ impl CasBench {
             seed,
             byte_stream,
             cas,
+            key,
             channel,
             message_limit,
             max_batch_bytes,
@@ -503,12 +511,13 @@ impl CasBench {
     /// caller) and returns its response messages; a trailers-only response
     /// is the call's failure.
     async fn call_raw(&self, path: &str, body: Body) -> anyhow::Result<MessageReader> {
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(http::Method::POST)
             .uri(path)
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
             .body(body)?;
+        self.key.add_to(request.headers_mut());
         let mut channel = self.channel.clone();
         let response = channel.ready().await?.call(request).await?;
         ensure!(

@@ -17,7 +17,6 @@ use kiln_proto::reapi::{
 };
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
-use tonic::transport::Channel;
 
 use super::cas::{fresh_seed, loopback_endpoint};
 use super::report::{process_cpu_seconds, Measurement, MemorySample, Report};
@@ -37,6 +36,11 @@ pub struct ExecBenchArgs {
     /// How to verify a `grpcs://` server.
     #[command(flatten)]
     pub tls: kiln::tls::ClientTlsArgs,
+
+    /// File with an API key to send on every call (a server with keys
+    /// needs one with cache-read, cas-write and execute).
+    #[arg(long)]
+    pub api_key_file: Option<std::path::PathBuf>,
 
     /// REAPI instance name.
     #[arg(long, default_value = "")]
@@ -103,8 +107,8 @@ pub async fn run(args: ExecBenchArgs) -> anyhow::Result<()> {
 pub(super) struct ExecBench {
     args: ExecBenchArgs,
     seed: u64,
-    cas: ContentAddressableStorageClient<Channel>,
-    execution: ExecutionClient<Channel>,
+    cas: ContentAddressableStorageClient<super::Keyed>,
+    execution: ExecutionClient<super::Keyed>,
 }
 
 impl ExecBench {
@@ -117,11 +121,12 @@ impl ExecBench {
             .connect()
             .await
             .with_context(|| format!("connecting to {}", args.server))?;
+        let key = super::WithApiKey::read(args.api_key_file.as_deref())?;
         Ok(ExecBench {
             args,
             seed,
-            cas: ContentAddressableStorageClient::new(channel.clone()),
-            execution: ExecutionClient::new(channel),
+            cas: ContentAddressableStorageClient::with_interceptor(channel.clone(), key.clone()),
+            execution: ExecutionClient::with_interceptor(channel, key),
         })
     }
 
@@ -315,7 +320,7 @@ impl ExecBench {
 }
 
 async fn upload_batch(
-    cas: &mut ContentAddressableStorageClient<Channel>,
+    cas: &mut ContentAddressableStorageClient<super::Keyed>,
     instance_name: &str,
     blobs: Vec<Vec<u8>>,
 ) -> anyhow::Result<()> {
@@ -354,7 +359,7 @@ struct Executed {
 /// One Execute call, followed to its last Operation; checks the result and
 /// returns the call's latency.
 async fn execute(
-    mut execution: ExecutionClient<Channel>,
+    mut execution: ExecutionClient<super::Keyed>,
     instance_name: String,
     action_digest: Digest,
 ) -> anyhow::Result<Executed> {

@@ -178,6 +178,7 @@ async fn execute_trivial(
     let bench = ExecBench::connect(ExecBenchArgs {
         server: args.server.clone(),
         tls: Default::default(),
+        api_key_file: None,
         instance_name: String::new(),
         latency_count: 0,
         throughput_count: 0,
