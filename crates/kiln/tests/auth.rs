@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::{self, batch_update_blobs_request};
-use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 
 /// Upper bound for anything that could hang; never a pass/fail threshold.
@@ -94,10 +93,7 @@ async fn get_capabilities(channel: &Channel, key: Option<&str>) -> Result<(), to
 }
 
 async fn upload(channel: &Channel, key: Option<&str>, data: &[u8]) -> Result<(), tonic::Status> {
-    let digest = reapi::Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    };
+    let digest = common::remote::digest(data);
     ContentAddressableStorageClient::new(channel.clone())
         .batch_update_blobs(with_key(
             reapi::BatchUpdateBlobsRequest {

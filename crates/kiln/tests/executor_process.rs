@@ -7,32 +7,23 @@
 
 mod common;
 
+use common::remote::{self, completed, digest, wait_bounded};
 use common::Process;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kiln_proto::longrunning::{operation, Operation};
-use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use kiln_proto::reapi::execution_client::ExecutionClient;
-use kiln_proto::reapi::{self, batch_update_blobs_request, execution_stage, Digest};
+use kiln_proto::longrunning::Operation;
+use kiln_proto::reapi::{self, Digest};
 use prost::Message;
-use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 use tonic::Streaming;
 
 /// Upper bound for anything that could hang; never a pass/fail threshold.
 const HANG_GUARD: Duration = Duration::from_secs(120);
-
-fn digest(data: &[u8]) -> Digest {
-    Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
-}
 
 /// `kiln executor` in pool `procs` with one slot, plus `extra` flags.
 fn spawn_executor(address: &str, name: &str, work_dir: &Path, extra: &[&str]) -> Process {
@@ -132,53 +123,15 @@ async fn upload_action(
     blobs: Vec<Vec<u8>>,
     properties: &[(&str, &str)],
 ) -> (Channel, Digest) {
-    let command = reapi::Command {
-        arguments,
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let empty = reapi::Directory::default().encode_to_vec();
-    let action = reapi::Action {
-        command_digest: Some(digest(&command)),
-        input_root_digest: Some(root.unwrap_or_else(|| digest(&empty))),
-        platform: Some(reapi::Platform {
-            properties: [("Pool", "procs")]
-                .iter()
-                .chain(properties)
-                .map(|(name, value)| reapi::platform::Property {
-                    name: name.to_string(),
-                    value: value.to_string(),
-                })
-                .collect(),
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action_digest = digest(&action);
     let channel = Channel::from_shared(format!("http://{address}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut all = blobs;
-    all.extend([command, empty, action]);
-    for chunk in all.chunks(100) {
-        ContentAddressableStorageClient::new(channel.clone())
-            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                requests: chunk
-                    .iter()
-                    .map(|data| batch_update_blobs_request::Request {
-                        digest: Some(digest(data)),
-                        data: data.clone(),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    (channel, action_digest)
+    let mut all = vec![("Pool", "procs")];
+    all.extend_from_slice(properties);
+    let action = remote::upload_action(&channel, arguments, root, blobs, &all).await;
+    (channel, action)
 }
 
 /// Executes the uploaded action `action_digest`.
@@ -186,31 +139,7 @@ async fn execute_digest(
     channel: Channel,
     action_digest: Digest,
 ) -> Result<Streaming<Operation>, tonic::Status> {
-    ExecutionClient::new(channel)
-        .execute(reapi::ExecuteRequest {
-            action_digest: Some(action_digest),
-            ..Default::default()
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-/// The operation's response once it completes.
-async fn completed(mut stream: Streaming<Operation>) -> reapi::ExecuteResponse {
-    let mut last = None;
-    while let Some(operation) = tokio::time::timeout(HANG_GUARD, stream.next())
-        .await
-        .expect("the operation never completed")
-    {
-        last = Some(operation.unwrap());
-    }
-    let last = last.unwrap();
-    assert!(last.done);
-    assert_eq!(stage(&last), execution_stage::Value::Completed);
-    let Some(operation::Result::Response(any)) = last.result else {
-        panic!("no response: {last:?}");
-    };
-    reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+    remote::execute(channel, action_digest, false, &[]).await
 }
 
 /// A directory under `scratch` where actions leave marks for the test:
@@ -247,14 +176,6 @@ async fn started_pid(fifo: std::path::PathBuf) -> u32 {
     .trim()
     .parse()
     .unwrap()
-}
-
-fn stage(operation: &Operation) -> execution_stage::Value {
-    let metadata = reapi::ExecuteOperationMetadata::decode(
-        operation.metadata.as_ref().unwrap().value.as_slice(),
-    )
-    .unwrap();
-    execution_stage::Value::try_from(metadata.stage).unwrap()
 }
 
 /// The runner usage Kiln reports in a result's auxiliary metadata.
@@ -1037,42 +958,6 @@ async fn with_an_executor_token_only_executors_presenting_it_register() {
     }
 }
 
-/// The exit status of a process expected to stop on its own.
-fn wait_bounded(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + HANG_GUARD;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the process did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Executes `action_digest` with `headers` as request metadata.
-async fn execute_with_headers(
-    channel: Channel,
-    action_digest: Digest,
-    headers: &[(&'static str, &str)],
-) -> reapi::ExecuteResponse {
-    let mut request = tonic::Request::new(reapi::ExecuteRequest {
-        action_digest: Some(action_digest),
-        ..Default::default()
-    });
-    for (name, value) in headers {
-        request.metadata_mut().insert(*name, value.parse().unwrap());
-    }
-    let stream = ExecutionClient::new(channel)
-        .execute(request)
-        .await
-        .unwrap()
-        .into_inner();
-    completed(stream).await
-}
-
 #[tokio::test]
 async fn header_overrides_partition_the_action_cache() {
     use kiln_proto::reapi::action_cache_client::ActionCacheClient;
@@ -1107,7 +992,10 @@ async fn header_overrides_partition_the_action_cache() {
         let channel = channel.clone();
         let action = action.clone();
         async move {
-            let response = execute_with_headers(channel, action, &[(HEADER, image)]).await;
+            let stream = remote::execute(channel, action, false, &[(HEADER, image)])
+                .await
+                .unwrap();
+            let response = completed(stream).await;
             let result = response.result.clone().unwrap_or_default();
             (response.cached_result, result.stdout_digest)
         }

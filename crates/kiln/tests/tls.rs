@@ -12,17 +12,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
+use common::remote::{self, completed, digest, wait_bounded};
 use common::{Bazel, KilnServer, Process, ProcessSummary};
-use futures::StreamExt;
-use kiln_proto::longrunning::{operation, Operation};
-use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use kiln_proto::reapi::execution_client::ExecutionClient;
-use kiln_proto::reapi::{self, batch_update_blobs_request, Digest};
-use prost::Message;
-use sha2::{Digest as _, Sha256};
+use kiln_proto::longrunning::Operation;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Streaming;
 
@@ -98,13 +93,6 @@ impl Pki {
             "--tls-key".into(),
             self.path("client-key.pem"),
         ]
-    }
-}
-
-fn digest(data: &[u8]) -> Digest {
-    Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
     }
 }
 
@@ -206,88 +194,13 @@ async fn execute(
     properties: &[(&str, &str)],
     headers: &[(&'static str, &str)],
 ) -> Streaming<Operation> {
-    let command = reapi::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let empty = reapi::Directory::default().encode_to_vec();
-    let action = reapi::Action {
-        command_digest: Some(digest(&command)),
-        input_root_digest: Some(digest(&empty)),
-        platform: Some(reapi::Platform {
-            properties: [("Pool", "procs")]
-                .iter()
-                .chain(properties)
-                .map(|(name, value)| reapi::platform::Property {
-                    name: name.to_string(),
-                    value: value.to_string(),
-                })
-                .collect(),
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action_digest = digest(&action);
-    ContentAddressableStorageClient::new(channel.clone())
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            requests: [command, empty, action]
-                .into_iter()
-                .map(|data| batch_update_blobs_request::Request {
-                    digest: Some(digest(&data)),
-                    data,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut request = tonic::Request::new(reapi::ExecuteRequest {
-        action_digest: Some(action_digest),
-        skip_cache_lookup: true,
-        ..Default::default()
-    });
-    for (name, value) in headers {
-        request.metadata_mut().insert(*name, value.parse().unwrap());
-    }
-    ExecutionClient::new(channel)
-        .execute(request)
+    let mut all = vec![("Pool", "procs")];
+    all.extend_from_slice(properties);
+    let arguments = vec!["/bin/sh".into(), "-c".into(), script.into()];
+    let action = remote::upload_action(&channel, arguments, None, vec![], &all).await;
+    remote::execute(channel, action, true, headers)
         .await
         .unwrap()
-        .into_inner()
-}
-
-/// The operation's response once it completes.
-async fn completed(mut stream: Streaming<Operation>) -> reapi::ExecuteResponse {
-    let mut last = None;
-    while let Some(operation) = tokio::time::timeout(HANG_GUARD, stream.next())
-        .await
-        .expect("the operation never completed")
-    {
-        last = Some(operation.unwrap());
-    }
-    let last = last.unwrap();
-    assert!(last.done);
-    let Some(operation::Result::Response(any)) = last.result else {
-        panic!("no response: {last:?}");
-    };
-    reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
-}
-
-/// The exit status of a process expected to stop on its own.
-fn wait_bounded(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + HANG_GUARD;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the process did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Debian's Bazel 4.2.3 (`bazel-bootstrap`) cannot open a TLS channel at
