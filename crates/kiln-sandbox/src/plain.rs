@@ -164,9 +164,9 @@ impl PlainProcess {
             Some(property) if !self.allow_user_switch => Err(RunError::Unsupported(format!(
                 "{property}: workload-isolation-type=none runs actions as the executor's action \
                  user, and this executor does not let them choose another (its operator can allow \
-                 it: --none-allow-user-switch, or none_allow_user_switch = true in the isolation \
-                 settings); use workload-isolation-type=sandbox, docker or podman, or remove the \
-                 property"
+                 it: --none-allow-user-switch on kiln serve or kiln executor, or \
+                 execution.isolation.none_allow_user_switch in kiln serve's config); use \
+                 workload-isolation-type=sandbox, docker or podman, or remove the property"
             ))),
             Some(_) => Ok(crate::resolve_user(platform, action_user)?.filter(|(uid, _)| *uid != 0)),
         }
