@@ -255,6 +255,17 @@ impl DockerUser {
     }
 }
 
+/// As the property is written: `name`, `uid` or `uid:gid`.
+impl fmt::Display for DockerUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DockerUser::Name(name) => f.write_str(name),
+            DockerUser::Uid(uid) => write!(f, "{uid}"),
+            DockerUser::UidGid(uid, gid) => write!(f, "{uid}:{gid}"),
+        }
+    }
+}
+
 /// What an image reference names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImageReference {

@@ -88,7 +88,7 @@ async fn main() {
     measure(
         "none",
         &NoIsolation,
-        DockerNetwork::Off,
+        DockerNetwork::Bridge,
         false,
         &unlimited,
         count,

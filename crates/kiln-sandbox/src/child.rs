@@ -57,7 +57,8 @@ pub(crate) enum Op {
 pub(crate) enum Network {
     /// The host's (a plain process only).
     Host,
-    /// A new one holding only `lo`, brought up by the child.
+    /// A new one holding only `lo`, brought up by the child (a sandbox's,
+    /// or a plain process's with `dockerNetwork=off`).
     Empty,
     /// One prepared before the start (see [`crate::network`]), joined
     /// with `setns` through this descriptor.
@@ -67,9 +68,11 @@ pub(crate) enum Network {
 /// Everything the child needs, prepared before the fork.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
-    /// New namespaces and root; false for a plain process (`none` as the
-    /// action user, [`crate::plain`]), which only joins `cgroup_join`,
-    /// drops `drop_capabilities` and takes `user`.
+    /// New namespaces and root; false for a plain process (`none`,
+    /// [`crate::plain`]), which only joins `cgroup_join`, drops
+    /// `drop_capabilities` and takes `user`, in the host's namespaces but
+    /// for a network namespace of its own with [`Network::Empty`] (and,
+    /// under `dockerInit`, the pid and mount namespaces of its init).
     pub namespaces: bool,
     /// Open files that put the writer in the action's cgroup
     /// ([`crate::cgroup::Cgroup::join_fds`]).
@@ -332,16 +335,20 @@ unsafe fn init(plan: &Plan, status_write: RawFd) -> io::Result<()> {
         // If the intermediate is killed (SIGKILL of the group), so is init,
         // and with it the namespace.
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        // The cgroup namespace makes the action's cgroup its "/", hiding
-        // the host's cgroup paths.
-        let mut flags =
-            libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
-        if plan.network == Network::Empty {
-            flags |= libc::CLONE_NEWNET;
+        if plan.namespaces {
+            // The cgroup namespace makes the action's cgroup its "/",
+            // hiding the host's cgroup paths.
+            let mut flags =
+                libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
+            if plan.network == Network::Empty {
+                flags |= libc::CLONE_NEWNET;
+            }
+            check(libc::unshare(flags), "unshare", c"")?;
+            join_network(plan)?;
+            setup_root(plan)?;
+        } else {
+            setup_plain_init(plan)?;
         }
-        check(libc::unshare(flags), "unshare", c"")?;
-        join_network(plan)?;
-        setup_root(plan)?;
         match libc::fork() {
             -1 => Err(failure("fork (action)", c"")),
             0 => {
@@ -358,18 +365,7 @@ unsafe fn init(plan: &Plan, status_write: RawFd) -> io::Result<()> {
 unsafe fn setup_root(plan: &Plan) -> io::Result<()> {
     // SAFETY (whole body): direct syscalls on C strings owned by `plan`.
     unsafe {
-        // Nothing mounted below propagates back to the host.
-        check(
-            libc::mount(
-                ptr::null(),
-                c"/".as_ptr(),
-                ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                ptr::null(),
-            ),
-            "making / private",
-            c"",
-        )?;
+        make_mounts_private()?;
         run_ops(&plan.before_pivot)?;
         check(libc::chdir(plan.new_root.as_ptr()), "chdir", &plan.new_root)?;
         // pivot_root(".", "."), then detach the old root stacked on top: the
@@ -394,6 +390,57 @@ unsafe fn setup_root(plan: &Plan) -> io::Result<()> {
         if plan.network == Network::Empty {
             loopback_up()?;
         }
+    }
+    Ok(())
+}
+
+/// Makes every mount of this (fresh) mount namespace private: nothing
+/// mounted from here on propagates back to the host.
+fn make_mounts_private() -> io::Result<()> {
+    // SAFETY: a mount(2) call with static strings and null pointers.
+    check(
+        unsafe {
+            libc::mount(
+                ptr::null(),
+                c"/".as_ptr(),
+                ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                ptr::null(),
+            )
+        },
+        "making / private",
+        c"",
+    )
+}
+
+/// Init of a plain process (`none` with `dockerInit`), PID 1 of a fresh
+/// pid namespace: the host's root and mounts stay, but in a mount
+/// namespace of its own, where a new /proc shows the new pid namespace
+/// (so the action sees init as PID 1, and its own processes only); with
+/// `dockerNetwork=off`, also a network namespace holding only `lo`, up.
+unsafe fn setup_plain_init(plan: &Plan) -> io::Result<()> {
+    let mut flags = libc::CLONE_NEWNS;
+    if plan.network == Network::Empty {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: unshare and mount with static strings and null pointers.
+    unsafe {
+        check(libc::unshare(flags), "unshare", c"")?;
+        make_mounts_private()?;
+        check(
+            libc::mount(
+                c"proc".as_ptr(),
+                c"/proc".as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                ptr::null(),
+            ),
+            "mount",
+            c"/proc",
+        )?;
+    }
+    if plan.network == Network::Empty {
+        loopback_up()?;
     }
     Ok(())
 }
@@ -662,7 +709,9 @@ pub(crate) fn spawn_cloned(plan: &Plan, exec: &Exec, stdio: &Stdio) -> io::Resul
     if plan.namespaces {
         flags |= libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     }
-    if plan.namespaces && plan.network == Network::Empty {
+    // A plain process too gets a network namespace of its own for
+    // `dockerNetwork=off`.
+    if plan.network == Network::Empty {
         flags |= libc::CLONE_NEWNET;
     }
     // SAFETY: the stack is a fresh private mapping with a guard page below
@@ -787,6 +836,8 @@ unsafe fn prepare_cloned(arguments: &CloneArguments) -> io::Result<()> {
             )?;
             join_network(plan)?;
             setup_root(plan)?;
+        } else if plan.network == Network::Empty {
+            loopback_up()?;
         }
         action(plan)
     }

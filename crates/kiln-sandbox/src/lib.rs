@@ -9,7 +9,8 @@
 //! - [`cgroup`]: per-action cgroups on v1 or v2 hierarchies, usable by
 //!   other backends too;
 //! - [`plain`]: [`PlainProcess`], `none` as the action user, started the
-//!   same cheap way (no namespaces);
+//!   same cheap way (in the host's namespaces, but for `dockerNetwork=off`
+//!   and `dockerInit`, which it honours with the same child code);
 //! - [`network`]: `dockerNetwork=bridge`, a private network with outbound
 //!   access only (a veth pair per action, one nftables table per host),
 //!   and `netlink`, the few rtnetlink requests that wire it;

@@ -1,5 +1,5 @@
 //! `workload-isolation-type=none` on a root executor: a plain child
-//! process (no namespaces, no new root, the host as it is) that runs as
+//! process (no new root, the host's file system as it is) that runs as
 //! the action user, inside a cgroup of its own that is emptied (SIGKILL)
 //! when the action ends, so nothing it started, `setsid` daemons
 //! included, outlives it. It is started the way the sandbox starts its
@@ -7,46 +7,168 @@
 //! copy of the executor whenever it must change the user, which measured
 //! +0.6 ms and 2.5x the server CPU per trivial action
 //! (benchmarks/action-user-overlay.md).
-//! Without root (no action user, no cgroups) it is [`NoIsolation`].
+//!
+//! What an action asks beyond that is honoured the sandbox's way, or
+//! refused (FAILED_PRECONDITION naming the property): `dockerNetwork=off`
+//! gives it a network namespace holding only `lo`; `dockerInit` runs
+//! Kiln's init as PID 1 of a pid namespace of its own (with a /proc that
+//! shows it); `dockerRunAsRoot` and `dockerUser` are honoured only where
+//! the operator allows `none` actions to choose their user. Without root
+//! (no action user, no cgroups, no namespaces) it is [`NoIsolation`],
+//! which refuses all four.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kiln_platform::Platform;
+use kiln_platform::{DockerNetwork, Platform};
 use kiln_worker::process::{Limits, ProcessOutcome};
-use kiln_worker::{CancellationToken, CommandSpec, Isolation, NoIsolation, RunAs, RunError};
+use kiln_worker::trial::TrialAction;
+use kiln_worker::{
+    beyond_plain_process, CancellationToken, CommandSpec, Isolation, NoIsolation, RunAs, RunError,
+};
 
 use crate::cgroup::{action_cgroup_name, CgroupRoot};
-use crate::child::Plan;
+use crate::child::{Network, Plan};
 
 /// `none`; see the module documentation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PlainProcess {
+    /// The executor's effective uid: only root can give an action
+    /// namespaces or another user.
+    euid: u32,
     /// Where each action's cgroup goes; None where cgroups cannot be made
     /// (not root): then processes an action leaves behind can outlive it.
     cgroups: Option<CgroupRoot>,
+    /// Whether actions may choose their user (`dockerRunAsRoot`,
+    /// `dockerUser`); see [`PlainProcess::allowing_user_switch`].
+    allow_user_switch: bool,
+    /// What an action that chose root loses, as under `sandbox`.
+    drop_capabilities: Vec<u32>,
+    /// Why `dockerNetwork=off` and `dockerInit` cannot work here (their
+    /// trial failed, see [`PlainProcess::probe_namespaces`]); Ok when they
+    /// can, or were not tried.
+    namespaces: Result<(), String>,
 }
 
 impl PlainProcess {
     /// `none` with a cgroup per action under `cgroup_parent` (as the
     /// sandbox's, see [`crate::SandboxConfig::cgroup_parent`]) when this
-    /// executor can make them; says why not otherwise.
+    /// executor can make them; says why not otherwise. Actions may not
+    /// choose their user.
     pub fn new(cgroup_parent: &str) -> PlainProcess {
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return PlainProcess::default();
+        let euid = unsafe { libc::geteuid() };
+        let mut plain = PlainProcess {
+            euid,
+            cgroups: None,
+            allow_user_switch: false,
+            drop_capabilities: crate::sandbox::dropped_capabilities(),
+            namespaces: Ok(()),
+        };
+        if euid != 0 {
+            return plain;
         }
         match CgroupRoot::detect(cgroup_parent) {
-            Ok(cgroups) => PlainProcess {
-                cgroups: Some(cgroups.tracking_only()),
-            },
-            Err(reason) => {
-                tracing::warn!(
-                    %reason,
-                    "no cgroups for none actions: what an action leaves running can outlive it"
-                );
-                PlainProcess::default()
+            Ok(cgroups) => plain.cgroups = Some(cgroups.tracking_only()),
+            Err(reason) => tracing::warn!(
+                %reason,
+                "no cgroups for none actions: what an action leaves running can outlive it"
+            ),
+        }
+        plain
+    }
+
+    /// Lets actions choose whom they run as with `dockerRunAsRoot` or
+    /// `dockerUser` (resolved as under `sandbox`, see
+    /// [`crate::resolve_user`]), where `allowed`. A root action then keeps
+    /// the sandbox's root capabilities, and is root on the host: its inputs
+    /// are overlaid, but nothing keeps it from the rest of the machine.
+    /// Refused (FAILED_PRECONDITION) where not allowed, the default.
+    pub fn allowing_user_switch(mut self, allowed: bool) -> PlainProcess {
+        self.allow_user_switch = allowed;
+        self
+    }
+
+    /// Runs, on a root executor, a trial action (`true`) with
+    /// `dockerNetwork=off` and `dockerInit` through [`Isolation::run`], as
+    /// the other backends' probes do. Where it fails (a root without
+    /// CAP_SYS_ADMIN, say), such actions are refused, FAILED_PRECONDITION
+    /// with the trial's reason, instead of failing as they start; plain
+    /// `none` actions run as before. Once, at start-up.
+    pub async fn probe_namespaces(mut self) -> PlainProcess {
+        if self.euid != 0 {
+            return self;
+        }
+        let mut platform = Platform::default();
+        platform.docker_network = Some(DockerNetwork::Off);
+        platform.docker_init = true;
+        let verdict = match TrialAction::new(&["true"], &[("PATH", "/usr/bin:/bin")], platform) {
+            Ok(trial) => trial.run_on(&self).await,
+            Err(reason) => Err(reason),
+        };
+        if let Err(reason) = verdict {
+            tracing::warn!(
+                %reason,
+                "none actions cannot have namespaces here: dockerNetwork=off and dockerInit are refused under none"
+            );
+            self.namespaces = Err(reason);
+        }
+        self
+    }
+
+    /// Whom an action with `platform` runs as (`None`: root), or
+    /// FAILED_PRECONDITION naming the property this executor cannot honour.
+    fn user(
+        &self,
+        platform: &Platform,
+        action_user: Option<(u32, u32)>,
+    ) -> Result<Option<(u32, u32)>, RunError> {
+        if self.euid != 0 {
+            if let Some(asked) = beyond_plain_process(platform).first() {
+                return Err(RunError::Unsupported(format!(
+                    "{asked}: workload-isolation-type=none honours it only on a root executor (a \
+                     network namespace, an init or another user needs root), and this one runs as \
+                     uid {}; use workload-isolation-type=docker or podman, a root executor, or \
+                     remove the property",
+                    self.euid
+                )));
             }
+            return Ok(action_user);
+        }
+        if let Err(reason) = &self.namespaces {
+            let asked = [
+                (
+                    platform.docker_network == Some(DockerNetwork::Off),
+                    "dockerNetwork=off",
+                ),
+                (platform.docker_init, "dockerInit=true"),
+            ];
+            if let Some((_, property)) = asked.into_iter().find(|(asked, _)| *asked) {
+                return Err(RunError::Unsupported(format!(
+                    "{property}: workload-isolation-type=none cannot give actions namespaces of \
+                     their own on this executor ({reason}); use workload-isolation-type=sandbox, \
+                     docker or podman, or remove the property"
+                )));
+            }
+        }
+        let chosen = if platform.docker_run_as_root {
+            Some("dockerRunAsRoot=true".to_string())
+        } else {
+            platform
+                .docker_user
+                .as_ref()
+                .map(|u| format!("dockerUser={u}"))
+        };
+        match chosen {
+            None => Ok(action_user.filter(|(uid, _)| *uid != 0)),
+            Some(property) if !self.allow_user_switch => Err(RunError::Unsupported(format!(
+                "{property}: workload-isolation-type=none runs actions as the executor's action \
+                 user, and this executor does not let them choose another (its operator can allow \
+                 it: --none-allow-user-switch on kiln serve or kiln executor, or \
+                 execution.isolation.none_allow_user_switch in kiln serve's config); use \
+                 workload-isolation-type=sandbox, docker or podman, or remove the property"
+            ))),
+            Some(_) => Ok(crate::resolve_user(platform, action_user)?.filter(|(uid, _)| *uid != 0)),
         }
     }
 }
@@ -62,7 +184,10 @@ impl Isolation for PlainProcess {
         platform: &Platform,
         action_user: Option<(u32, u32)>,
     ) -> Result<RunAs, RunError> {
-        NoIsolation.run_as(platform, action_user)
+        Ok(match self.user(platform, action_user)? {
+            Some((uid, gid)) => RunAs::User(uid, gid),
+            None => RunAs::Privileged,
+        })
     }
 
     /// With a cgroup per action, nothing an action started survives it.
@@ -81,8 +206,17 @@ impl Isolation for PlainProcess {
         limits: &Limits,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError> {
-        let user = spec.action_user.filter(|(uid, _)| *uid != 0);
-        if user.is_none() && self.cgroups.is_none() {
+        let platform = &spec.platform;
+        let user = self.user(platform, spec.action_user)?;
+        let chose_root =
+            user.is_none() && (platform.docker_run_as_root || platform.docker_user.is_some());
+        let network = match platform.docker_network {
+            Some(DockerNetwork::Off) => Network::Empty,
+            _ => Network::Host,
+        };
+        let plain =
+            user.is_none() && !chose_root && network == Network::Host && !platform.docker_init;
+        if self.euid != 0 || (plain && self.cgroups.is_none()) {
             return NoIsolation.run(spec, limits, cancel).await;
         }
         let (program_name, program) = match spec.program()? {
@@ -106,24 +240,34 @@ impl Isolation for PlainProcess {
                 .map_err(|e| RunError::Internal(format!("none: action cgroup: {e}")))?,
             ),
         };
-        let plan = Plan::plain(
+        let mut plan = Plan::plain(
             &spec.working_directory,
             user,
             cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
         );
-        let outcome = crate::sandbox::run_cloned(
-            spec,
-            &program,
-            &program_name,
-            Arc::new(plan),
-            limits,
-            cancel,
-        )
-        .await;
+        plan.network = network;
+        if chose_root {
+            plan.drop_capabilities = self.drop_capabilities.clone();
+        }
+        let plan = Arc::new(plan);
+        let outcome = if platform.docker_init {
+            crate::sandbox::run_with_init(spec, &program, &program_name, plan, limits, cancel).await
+        } else {
+            crate::sandbox::run_cloned(spec, &program, &program_name, plan, limits, cancel).await
+        };
         if let Some(cgroup) = cgroup {
             // Whatever the action left running dies here.
             cgroup.remove_off_thread().await;
         }
-        outcome
+        outcome.map_err(|error| match error {
+            RunError::Internal(message) => {
+                let stderr = std::fs::read_to_string(&spec.stderr_path).unwrap_or_default();
+                RunError::Internal(format!(
+                    "none: {message}: {}",
+                    crate::sandbox::explain(&stderr)
+                ))
+            }
+            other => other,
+        })
     }
 }

@@ -91,6 +91,18 @@ const KEPT_CAPABILITIES: &[u32] = &[
     31, // CAP_SETFCAP
 ];
 
+/// The capabilities a root action loses: all this kernel knows but
+/// [`KEPT_CAPABILITIES`].
+pub(crate) fn dropped_capabilities() -> Vec<u32> {
+    let cap_last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(40);
+    (0..=cap_last)
+        .filter(|c| !KEPT_CAPABILITIES.contains(c))
+        .collect()
+}
+
 /// The smallest memory limit the sandbox applies: a cloned action shares
 /// the executor's memory until it execs, and the kernel's OOM killer kills
 /// every process sharing the memory of its victim; a limit this size
@@ -169,10 +181,6 @@ impl Sandbox {
         if let Some(root) = &cgroups {
             root.remove_stale();
         }
-        let cap_last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-            .ok()
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(40);
         let network = Outbound::set_up(&config.network_cidr, &config.nft_binary)
             .map(Arc::new)
             .map_err(|reason| {
@@ -188,9 +196,7 @@ impl Sandbox {
             ),
             config,
             cgroups,
-            drop_capabilities: (0..=cap_last)
-                .filter(|c| !KEPT_CAPABILITIES.contains(c))
-                .collect(),
+            drop_capabilities: dropped_capabilities(),
         };
         Ok(sandbox)
     }
@@ -281,35 +287,33 @@ impl Sandbox {
     }
 }
 
-impl Sandbox {
-    /// `dockerInit`: an init process (PID 1) reaps orphans and lets the
-    /// polite SIGTERM reach the action. Forks the executor (std's
-    /// `pre_exec`), so its start cost grows with the executor's memory.
-    async fn run_with_init(
-        &self,
-        spec: &CommandSpec,
-        program: &Path,
-        program_name: &str,
-        plan: Arc<Plan>,
-        limits: &Limits,
-        cancel: &CancellationToken,
-    ) -> Result<ProcessOutcome, RunError> {
-        let (stdout, stderr) = spec.output_fds()?;
-        let mut command = tokio::process::Command::new(program);
-        command
-            .arg0(program_name)
-            .args(&spec.arguments[1..])
-            .env_clear()
-            .envs(spec.environment_variables.iter().cloned())
-            .stdout(stdout)
-            .stderr(stderr);
-        // SAFETY: `child::enter` only makes async-signal-safe syscalls on
-        // the plan, which is built before the fork.
-        unsafe {
-            command.pre_exec(move || child::enter(&plan));
-        }
-        process::supervise(command, program_name, &spec.stderr_path, limits, cancel).await
+/// `dockerInit`: an init process (PID 1) reaps orphans and lets the
+/// polite SIGTERM reach the action. Forks the executor (std's
+/// `pre_exec`), so its start cost grows with the executor's memory. Also
+/// how [`crate::plain`] runs a plain process under `dockerInit`.
+pub(crate) async fn run_with_init(
+    spec: &CommandSpec,
+    program: &Path,
+    program_name: &str,
+    plan: Arc<Plan>,
+    limits: &Limits,
+    cancel: &CancellationToken,
+) -> Result<ProcessOutcome, RunError> {
+    let (stdout, stderr) = spec.output_fds()?;
+    let mut command = tokio::process::Command::new(program);
+    command
+        .arg0(program_name)
+        .args(&spec.arguments[1..])
+        .env_clear()
+        .envs(spec.environment_variables.iter().cloned())
+        .stdout(stdout)
+        .stderr(stderr);
+    // SAFETY: `child::enter` only makes async-signal-safe syscalls on
+    // the plan, which is built before the fork.
+    unsafe {
+        command.pre_exec(move || child::enter(&plan));
     }
+    process::supervise(command, program_name, &spec.stderr_path, limits, cancel).await
 }
 
 /// The default: the action itself is PID 1 of its namespaces (as in a
@@ -354,7 +358,7 @@ pub(crate) async fn run_cloned(
 }
 
 /// A setup failure line from the child, with the errno spelled out.
-fn explain(stderr: &str) -> String {
+pub(crate) fn explain(stderr: &str) -> String {
     let Some(line) = stderr.lines().find(|l| l.starts_with(FAILURE_PREFIX)) else {
         return stderr.trim().to_string();
     };
@@ -445,8 +449,7 @@ impl Isolation for Sandbox {
             ),
         );
         let result = if spec.platform.docker_init {
-            self.run_with_init(spec, &program, &program_name, plan, limits, cancel)
-                .await
+            run_with_init(spec, &program, &program_name, plan, limits, cancel).await
         } else {
             run_cloned(spec, &program, &program_name, plan, limits, cancel).await
         };

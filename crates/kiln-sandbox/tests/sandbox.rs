@@ -339,8 +339,10 @@ async fn a_fork_bomb_is_contained_by_pids_max() {
             "pids.max was never hit: {stderr}"
         );
         assert_eq!(host_processes_with(&token), Vec::<String>::new());
-        // The host still starts processes, sandboxed or not.
-        let after = Action::new();
+        // The host still starts processes, sandboxed or not (a plain
+        // process in the host's network: `none` refuses dockerNetwork=off).
+        let mut after = Action::new();
+        after.platform.docker_network = None;
         assert_eq!(
             after
                 .run_with(&NoIsolation, &["/bin/true"])
@@ -349,6 +351,7 @@ async fn a_fork_bomb_is_contained_by_pids_max() {
                 .exit_code,
             0
         );
+        after.platform.docker_network = Some(DockerNetwork::Off);
         assert_eq!(after.run(sandbox, "true").await.0.exit_code, 0);
     }
 }

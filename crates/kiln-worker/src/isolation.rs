@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use kiln_platform::{IsolationType, Platform};
+use kiln_platform::{DockerNetwork, IsolationType, Platform};
 
 use crate::error::RunError;
 use crate::process::{self, Limits, ProcessOutcome};
@@ -163,9 +163,49 @@ pub trait Isolation: Send + Sync {
     ) -> Result<ProcessOutcome, RunError>;
 }
 
-/// `workload-isolation-type=none`: a plain child process of the executor.
+/// What an action asks of `none` beyond a plain child process of the
+/// executor in the host's namespaces, as `key=value`:
+/// `dockerNetwork=off`, `dockerInit=true`, `dockerRunAsRoot=true`,
+/// `dockerUser=…`, in that order. A backend that cannot honour one refuses
+/// the action naming it rather than run it without.
+pub fn beyond_plain_process(platform: &Platform) -> Vec<String> {
+    let mut asked = Vec::new();
+    if platform.docker_network == Some(DockerNetwork::Off) {
+        asked.push("dockerNetwork=off".to_string());
+    }
+    if platform.docker_init {
+        asked.push("dockerInit=true".to_string());
+    }
+    if platform.docker_run_as_root {
+        asked.push("dockerRunAsRoot=true".to_string());
+    }
+    if let Some(user) = &platform.docker_user {
+        asked.push(format!("dockerUser={user}"));
+    }
+    asked
+}
+
+/// `workload-isolation-type=none`: a plain child process of the executor,
+/// as the executor's action user or its own user. It has no namespaces or
+/// user of its own to give, so it refuses what
+/// [`beyond_plain_process`] lists (FAILED_PRECONDITION); on a root executor
+/// `kiln_sandbox::PlainProcess` honours them instead.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoIsolation;
+
+impl NoIsolation {
+    /// FAILED_PRECONDITION naming the first of [`beyond_plain_process`].
+    fn refuse_extras(platform: &Platform) -> Result<(), RunError> {
+        match beyond_plain_process(platform).first() {
+            None => Ok(()),
+            Some(asked) => Err(RunError::Unsupported(format!(
+                "{asked}: workload-isolation-type=none runs this action as a plain child process \
+                 of the executor, which cannot honour it here; use workload-isolation-type=sandbox, \
+                 docker or podman, or remove the property"
+            ))),
+        }
+    }
+}
 
 #[async_trait]
 impl Isolation for NoIsolation {
@@ -175,9 +215,10 @@ impl Isolation for NoIsolation {
 
     fn run_as(
         &self,
-        _platform: &Platform,
+        platform: &Platform,
         action_user: Option<(u32, u32)>,
     ) -> Result<RunAs, RunError> {
+        NoIsolation::refuse_extras(platform)?;
         Ok(match action_user {
             Some((uid, gid)) if uid != 0 => RunAs::User(uid, gid),
             _ => RunAs::Privileged,
@@ -190,6 +231,7 @@ impl Isolation for NoIsolation {
         limits: &Limits,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError> {
+        NoIsolation::refuse_extras(&spec.platform)?;
         let (program_name, program) = match spec.program()? {
             Ok(found) => found,
             Err(not_found) => return Ok(not_found),

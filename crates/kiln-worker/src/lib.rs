@@ -50,7 +50,7 @@ pub mod worker;
 pub mod workspace;
 
 pub use error::RunError;
-pub use isolation::{CommandSpec, Isolation, Isolations, NoIsolation, RunAs};
+pub use isolation::{beyond_plain_process, CommandSpec, Isolation, Isolations, NoIsolation, RunAs};
 pub use local::LocalSession;
 pub use process::{Limits, ProcessOutcome, StopReason};
 pub use session::{RemoteSession, SessionConfig};

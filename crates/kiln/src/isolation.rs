@@ -47,6 +47,13 @@ pub struct IsolationSettings {
     /// root runs actions as itself (and warns that it cannot protect its
     /// cache). `root` runs them as root (inputs are then overlaid).
     pub action_user: String,
+    /// Whether `none` actions may choose whom they run as with
+    /// `dockerRunAsRoot` or `dockerUser` (as `sandbox` actions do). A
+    /// `none` action that runs as root is root on the host: its inputs are
+    /// overlaid, but nothing else keeps it from the machine, the input cache
+    /// included. Off: such actions are refused with FAILED_PRECONDITION
+    /// naming the property and this setting.
+    pub none_allow_user_switch: bool,
     /// Most warm runners (`recycle-runner=true`) kept at once; the least
     /// recently used goes first. 0: no runner is kept warm.
     pub max_warm_runners: usize,
@@ -83,6 +90,7 @@ impl Default for IsolationSettings {
             docker_socket: DockerConfig::default().socket,
             podman_binary: PodmanConfig::default().binary,
             action_user: String::new(),
+            none_allow_user_switch: false,
             max_warm_runners: RunnerLimits::default().max_warm,
             runner_idle_timeout_s: RunnerLimits::default().idle_timeout.as_secs(),
             runner_max_uses: RunnerLimits::default().max_uses,
@@ -170,8 +178,12 @@ impl IsolationSettings {
 pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Result<Isolations> {
     // `none`: a plain process as the action user, in a cgroup emptied when
     // it ends, started with a clone that copies nothing of the executor.
-    let mut isolations =
-        Isolations::new(Arc::new(PlainProcess::new(&settings.sandbox.cgroup_parent)));
+    let mut isolations = Isolations::new(Arc::new(
+        PlainProcess::new(&settings.sandbox.cgroup_parent)
+            .allowing_user_switch(settings.none_allow_user_switch)
+            .probe_namespaces()
+            .await,
+    ));
     let images = ImageConfig {
         default_image: Some(settings.default_image.clone()).filter(|image| !image.is_empty()),
         insecure_registries: settings.insecure_registries.clone(),
@@ -295,6 +307,10 @@ pub struct IsolationArgs {
     /// (default: nobody on a root executor).
     #[arg(long)]
     pub action_user: Option<String>,
+    /// Let none actions choose their user with dockerRunAsRoot or
+    /// dockerUser (a root none action is root on the host); off by default.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub none_allow_user_switch: Option<bool>,
     /// Most warm runners kept at once (0: none).
     #[arg(long)]
     pub max_warm_runners: Option<usize>,
@@ -342,6 +358,9 @@ impl IsolationArgs {
         }
         if let Some(user) = self.action_user {
             settings.action_user = user;
+        }
+        if let Some(allowed) = self.none_allow_user_switch {
+            settings.none_allow_user_switch = allowed;
         }
         if let Some(max) = self.max_warm_runners {
             settings.max_warm_runners = max;
