@@ -261,3 +261,40 @@ async fn a_killed_server_restarts_with_everything_it_acknowledged() {
     signal(&restarted, "TERM");
     assert!(stderr_of(restarted).0.success());
 }
+
+#[test]
+fn bench_cas_reports_the_upload_cpu_per_gib() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = serve(&dir.path().join("data"), &["--storage-backend", "memory"]);
+    let output = kiln()
+        .args(["bench", "cas", "--server", &format!("grpc://{addr}")])
+        .args(["--server-pid", &server.id().to_string()])
+        // Enough to take several of /proc's 10 ms CPU ticks.
+        .args(["--large-size", "64MiB", "--small-count", "100"])
+        .args(["--bytestream-count", "20"])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // `upload cpu   N core-s of server CPU per GiB verified (SHA-256 alone here: M)`
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with("upload cpu"))
+        .unwrap_or_else(|| panic!("no upload cpu line:\n{stdout}"));
+    let figure: f64 = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure in {line:?}"));
+    assert!(figure > 0.0, "{line}");
+    assert!(
+        line.contains("core-s of server CPU per GiB verified"),
+        "{line}"
+    );
+}

@@ -407,7 +407,9 @@ impl CasBench {
             tokio::task::spawn_blocking(move || hash_large_blob(to_hash))
                 .await
                 .context("hashing task panicked")?;
-        let hash_rate = hash.megabytes_per_second();
+        // Hashing runs on one thread: its seconds are core-seconds.
+        let gib = blob.size as f64 / (1u64 << 30) as f64;
+        let hash_core_seconds_per_gib = hash.seconds / gib;
         report.measurements.push(generate);
         report.measurements.push(hash);
 
@@ -416,12 +418,26 @@ impl CasBench {
         let cpu = self.server_cpu();
         let mut write = self.write_large_blob(blob, &digest).await?;
         write.server_cpu_seconds = cpu.since();
-        write.note = format!(
-            "{:.2}x sha256{}{}",
-            write.megabytes_per_second() / hash_rate,
-            if write.note.is_empty() { "" } else { "; " },
-            write.note
-        );
+        // The upload's cost as the server's CPU per GiB verified: unlike a
+        // throughput ratio it does not depend on the client sharing the
+        // cores.
+        let upload = match write.server_cpu_seconds {
+            Some(cpu) => format!(
+                "{:.2} core-s of server CPU per GiB verified (SHA-256 alone here: {:.2})",
+                cpu / gib,
+                hash_core_seconds_per_gib
+            ),
+            None => "not measured: give --server-pid".to_string(),
+        };
+        report.context.push(("upload cpu".into(), upload));
+        if let Some(cpu) = write.server_cpu_seconds {
+            write.note = format!(
+                "{:.2} core-s/GiB{}{}",
+                cpu / gib,
+                if write.note.is_empty() { "" } else { "; " },
+                write.note
+            );
+        }
         report.measurements.push(write);
         self.sample_memory(report, "after ByteStream write");
 
