@@ -215,12 +215,12 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
                 "give --executor-token-file (the shared fleet) or --api-key-file (an \
                  organisation's key), not both"
             ),
-            (Some(path), None) => Some(kiln_auth::Credential::ExecutorToken(
-                kiln_auth::ExecutorToken::read(path).map_err(anyhow::Error::msg)?,
+            (Some(path), None) => Some(kiln_auth::Credential::executor_token(
+                &kiln_auth::ExecutorToken::read(path).map_err(anyhow::Error::msg)?,
             )),
-            (None, Some(path)) => Some(kiln_auth::Credential::ApiKey(std::sync::Arc::new(
-                kiln_auth::ApiKey::read(path).map_err(anyhow::Error::msg)?,
-            ))),
+            (None, Some(path)) => Some(kiln_auth::Credential::api_key(
+                &kiln_auth::ApiKey::read(path).map_err(anyhow::Error::msg)?,
+            )),
             (None, None) => None,
         },
     };

@@ -235,13 +235,13 @@ fn authenticator(
 }
 
 /// The warning a non-loopback server open to anyone gives, while it is.
-fn unauthenticated_warning(config: &Config, authenticator: &Authenticator) -> Option<String> {
-    (!config.listen.ip().is_loopback() && !authenticator.requires_credentials()).then(|| {
+fn unauthenticated_warning(listen: SocketAddr, authenticator: &Authenticator) -> Option<String> {
+    (!listen.ip().is_loopback() && !authenticator.requires_credentials()).then(|| {
         format!(
             "serving {} without authentication (--allow-unauthenticated): anyone who reaches \
              it may read and write the cache and run actions; make an API key with kiln keys \
              create to require one",
-            config.listen
+            listen
         )
     })
 }
@@ -273,12 +273,12 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     };
     let storage = Storage::new(store, limits.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    if let Some(warning) = unauthenticated_warning(config, &authenticator) {
+    if let Some(warning) = unauthenticated_warning(config.listen, &authenticator) {
         tracing::warn!("{warning}");
         let authenticator = authenticator.clone();
-        let config = config.clone();
+        let listen = config.listen;
         monitor.readiness.set_warning_source(Box::new(move || {
-            unauthenticated_warning(&config, &authenticator)
+            unauthenticated_warning(listen, &authenticator)
         }));
     }
     authenticator.watch();

@@ -15,31 +15,28 @@ pub mod exec;
 pub mod isolation;
 mod report;
 
-use tonic::metadata::{Ascii, MetadataValue};
+use kiln_auth::Credential;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// The API key a bench sends on every call (`--api-key-file`), so it can
 /// measure a server that requires keys; none by default.
 #[derive(Clone, Default)]
-pub struct WithApiKey(Option<MetadataValue<Ascii>>);
+pub struct WithApiKey(Option<Credential>);
 
 impl WithApiKey {
     pub fn read(path: Option<&std::path::Path>) -> anyhow::Result<WithApiKey> {
-        let Some(path) = path else {
-            return Ok(WithApiKey(None));
-        };
-        let key = kiln_auth::ApiKey::read(path).map_err(anyhow::Error::msg)?;
-        let (_, value) = kiln_auth::Credential::ApiKey(std::sync::Arc::new(key)).metadata();
-        Ok(WithApiKey(Some(value)))
+        let key = path
+            .map(kiln_auth::ApiKey::read)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        Ok(WithApiKey(key.as_ref().map(Credential::api_key)))
     }
 
     /// Adds the key to a request built by hand.
     fn add_to(&self, headers: &mut http::HeaderMap) {
-        if let Some(value) = &self.0 {
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            metadata.insert(kiln_auth::API_KEY_HEADER, value.clone());
-            headers.extend(metadata.into_headers());
+        if let Some(credential) = &self.0 {
+            credential.add_to(headers);
         }
     }
 }
@@ -49,10 +46,9 @@ impl tonic::service::Interceptor for WithApiKey {
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert(kiln_auth::API_KEY_HEADER, value.clone());
+        if let Some(credential) = &self.0 {
+            let (name, value) = credential.metadata();
+            request.metadata_mut().insert(name, value);
         }
         Ok(request)
     }
