@@ -530,7 +530,6 @@ impl Docker {
         pulled: Option<&ResolvedImage>,
     ) -> Result<ProcessOutcome, RunError> {
         let params = RunParameters::new(spec, limits, image, self.bridge, &self.owner)?;
-        let shown = pulled.map_or_else(|| image.to_string(), |p| p.image.to_string());
         let options = CreateContainerOptionsBuilder::default()
             .name(&params.name)
             .build();
@@ -555,6 +554,7 @@ impl Docker {
             created = self.client.create_container(Some(options), body).await;
         }
         let created = created.map_err(|e| {
+            let shown = pulled.map_or_else(|| image.to_string(), |p| p.image.to_string());
             RunError::Internal(format!(
                 "docker: creating a container of {shown}: {}",
                 daemon_error(&e, None)

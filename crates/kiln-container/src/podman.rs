@@ -667,24 +667,21 @@ impl Isolation for Podman {
             .images
             .ensure(&spec.platform, self, false, cancel)
             .await?;
-        let outcome = self
-            .run_once(spec, limits, cancel, &image.pinned(), false)
-            .await?;
+        let pinned = image.pinned();
+        let outcome = self.run_once(spec, limits, cancel, &pinned, false).await?;
         // 125: podman itself failed, e.g. because the image we believed it
         // held was removed behind our back. Then pull and run once more.
-        if outcome.exit_code == 125 && outcome.stopped.is_none() {
-            let pinned = image.pinned();
-            if !self.has_image(&pinned).await? {
-                tracing::warn!(%pinned, "podman lost the image; pulling it again");
-                self.images.forget_local(&pinned);
-                let image = self
-                    .images
-                    .ensure(&spec.platform, self, true, cancel)
-                    .await?;
-                return self
-                    .run_once(spec, limits, cancel, &image.pinned(), false)
-                    .await;
-            }
+        if outcome.exit_code == 125 && outcome.stopped.is_none() && !self.has_image(&pinned).await?
+        {
+            tracing::warn!(%pinned, "podman lost the image; pulling it again");
+            self.images.forget_local(&pinned);
+            let image = self
+                .images
+                .ensure(&spec.platform, self, true, cancel)
+                .await?;
+            return self
+                .run_once(spec, limits, cancel, &image.pinned(), false)
+                .await;
         }
         Ok(outcome)
     }

@@ -382,11 +382,13 @@ pub fn header_properties<'a>(
     headers
         .into_iter()
         .filter_map(|(name, value)| {
-            let lower = name.to_ascii_lowercase();
+            // Most headers carry no prefix: only those are lower-cased.
             HEADER_PREFIXES.iter().find_map(|prefix| {
-                lower
-                    .strip_prefix(prefix)
-                    .map(|key| (canonical_header_key(key), value.to_string()))
+                let head = name.get(..prefix.len())?;
+                head.eq_ignore_ascii_case(prefix).then(|| {
+                    let key = name[prefix.len()..].to_ascii_lowercase();
+                    (canonical_header_key(&key), value.to_string())
+                })
             })
         })
         .collect()
@@ -593,7 +595,8 @@ impl Platform {
             // header names), so it overrides every key of the Action or
             // Command that equals it ignoring ASCII case, in their spelling;
             // with none, it stays as it came.
-            let respelled: Vec<String> = if KNOWN_KEYS.contains(&key.as_str()) {
+            let known = KNOWN_KEYS.contains(&key.as_str());
+            let respelled: Vec<String> = if known {
                 Vec::new()
             } else {
                 merged
@@ -605,7 +608,7 @@ impl Platform {
                     .collect()
             };
             if respelled.is_empty() {
-                if !KNOWN_KEYS.contains(&key.as_str()) {
+                if !known {
                     spelled_by_headers.insert(key.clone());
                 }
                 merged.insert(key.clone(), value.clone());

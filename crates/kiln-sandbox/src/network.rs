@@ -31,7 +31,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::netlink::Socket;
 
@@ -62,8 +62,6 @@ pub struct Outbound {
     /// waiting for the last references): done after the action's result
     /// is returned, a bounded number at a time.
     deletions: Arc<Semaphore>,
-    /// Interfaces being deleted now.
-    pending: Arc<watch::Sender<usize>>,
 }
 
 /// An action's network namespace, wired to the host; unwired when dropped.
@@ -90,7 +88,6 @@ impl Outbound {
             next: AtomicU32::new(std::process::id()),
             alias,
             deletions: Arc::new(Semaphore::new(MAX_BACKGROUND_DELETIONS)),
-            pending: Arc::new(watch::Sender::new(0)),
         };
         enable_forwarding()?;
         reclaim_leftovers();
@@ -125,19 +122,19 @@ impl Outbound {
             let _ = tokio::task::spawn_blocking(move || drop(network)).await;
             return;
         };
-        self.pending.send_modify(|pending| *pending += 1);
-        let pending = Arc::clone(&self.pending);
         tokio::task::spawn_blocking(move || {
             drop(network);
             drop(permit);
-            pending.send_modify(|pending| *pending -= 1);
         });
     }
 
     /// Returns once no interface of an ended action is still being deleted.
     pub async fn released(&self) {
-        let mut pending = self.pending.subscribe();
-        let _ = pending.wait_for(|pending| *pending == 0).await;
+        // Each deletion under way holds one permit.
+        let _ = self
+            .deletions
+            .acquire_many(MAX_BACKGROUND_DELETIONS as u32)
+            .await;
     }
 
     fn wire(&self, start: u32) -> io::Result<ActionNetwork> {
