@@ -72,6 +72,10 @@ pub struct Authenticator {
     config: AuthConfig,
     keys: RwLock<Arc<KeyRing>>,
     stamp: Mutex<Option<FileStamp>>,
+    /// Who a caller without a credential is on an open server, and who
+    /// the executor token's bearer is: made once, cloned per request.
+    open: Caller,
+    fleet: Caller,
 }
 
 /// What tells that the key file changed: `kiln keys` renames a new file
@@ -89,10 +93,33 @@ impl Authenticator {
     pub fn new(config: AuthConfig) -> Result<Arc<Authenticator>, KeyError> {
         let stamp = stamp(&config.key_file);
         let ring = config.key_file.load()?;
+        let no_org: Arc<str> = "".into();
+        let all = Capabilities::all();
+        let open = Caller {
+            org: no_org.clone(),
+            key_id: None,
+            capabilities: match config.executor_token {
+                Some(_) => all.without(Capability::RegisterExecutor),
+                None => all,
+            },
+        };
+        let fleet = Caller {
+            org: no_org,
+            key_id: None,
+            capabilities: [
+                Capability::RegisterExecutor,
+                Capability::CacheRead,
+                Capability::CasWrite,
+            ]
+            .into_iter()
+            .collect(),
+        };
         Ok(Arc::new(Authenticator {
             config,
             keys: RwLock::new(Arc::new(ring)),
             stamp: Mutex::new(stamp),
+            open,
+            fleet,
         }))
     }
 
@@ -131,7 +158,7 @@ impl Authenticator {
         let keys = self.keys.read().clone();
         let Some(presented) = presented else {
             if self.config.open_without_keys && !keys.is_configured() {
-                return Ok(self.open_caller());
+                return Ok(self.open.clone());
             }
             return Err(Refusal::Unauthenticated(
                 "this Kiln server requires an API key: send it as the x-buildbuddy-api-key \
@@ -142,17 +169,7 @@ impl Authenticator {
         };
         if let Some(token) = &self.config.executor_token {
             if token.accepts(presented) {
-                return Ok(Caller {
-                    org: "".into(),
-                    key_id: None,
-                    capabilities: [
-                        Capability::RegisterExecutor,
-                        Capability::CacheRead,
-                        Capability::CasWrite,
-                    ]
-                    .into_iter()
-                    .collect(),
-                });
+                return Ok(self.fleet.clone());
             }
         }
         if let Some(info) = keys.check(presented) {
@@ -168,25 +185,13 @@ impl Authenticator {
         {
             // An open server with nothing to check a credential against
             // (a .bazelrc may carry a key for another service).
-            return Ok(self.open_caller());
+            return Ok(self.open.clone());
         }
         Err(Refusal::Unauthenticated(
             "the credential sent is not a valid API key or executor token of this Kiln \
              server (unknown or revoked)"
                 .into(),
         ))
-    }
-
-    fn open_caller(&self) -> Caller {
-        let all = Capabilities::all();
-        Caller {
-            org: "".into(),
-            key_id: None,
-            capabilities: match self.config.executor_token {
-                Some(_) => all.without(Capability::RegisterExecutor),
-                None => all,
-            },
-        }
     }
 
     /// Reads the key file again if it changed since last read. A file

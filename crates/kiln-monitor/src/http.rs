@@ -90,7 +90,7 @@ pub struct Monitor {
     /// The gRPC port's authentication, shared: once it requires keys,
     /// everything but `/healthz` and `/readyz` needs one with
     /// `cache-read` (the pages show commands, logs and outputs).
-    auth: Mutex<Option<Arc<Authenticator>>>,
+    auth: std::sync::OnceLock<Arc<Authenticator>>,
 }
 
 impl Monitor {
@@ -107,7 +107,7 @@ impl Monitor {
             metrics,
             readiness: Readiness::new("opening the store"),
             ui,
-            auth: Mutex::new(None),
+            auth: std::sync::OnceLock::new(),
         })
     }
 
@@ -117,7 +117,7 @@ impl Monitor {
             metrics,
             readiness,
             ui: SharedSources::default(),
-            auth: Mutex::new(None),
+            auth: std::sync::OnceLock::new(),
         })
     }
 
@@ -134,7 +134,7 @@ impl Monitor {
 
     /// Checks callers as `authenticator` does, from now on.
     pub fn require_auth(&self, authenticator: Arc<Authenticator>) {
-        *self.auth.lock() = Some(authenticator);
+        let _ = self.auth.set(authenticator);
     }
 
     fn sources(&self) -> Option<UiSources> {
@@ -191,7 +191,7 @@ async fn authenticate(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    let auth = monitor.auth.lock().clone();
+    let auth = monitor.auth.get();
     let Some(auth) = auth.filter(|_| !matches!(path, "/healthz" | "/readyz")) else {
         return next.run(request).await;
     };

@@ -183,12 +183,12 @@ impl ExecutorService for ExecutorSessions {
         &self,
         request: Request<Streaming<ExecutorMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
         if self.transport.client_certificate_required
             && request.peer_certs().is_none_or(|chain| chain.is_empty())
         {
+            let peer = request
+                .remote_addr()
+                .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
             tracing::warn!(%peer, "executor registration refused: no client certificate");
             return Err(Status::unauthenticated(
                 "this Kiln server accepts executors only with a client certificate \

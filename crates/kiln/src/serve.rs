@@ -273,7 +273,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     };
     let storage = Storage::new(store, limits.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    if let Some(warning) = unauthenticated_warning(config.listen, &authenticator) {
+    let open_to_the_network = unauthenticated_warning(config.listen, &authenticator);
+    if let Some(warning) = &open_to_the_network {
         tracing::warn!("{warning}");
         let authenticator = authenticator.clone();
         let listen = config.listen;
@@ -282,11 +283,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         }));
     }
     authenticator.watch();
-    if config.execution.enabled
-        && executor_token.is_none()
-        && !config.listen.ip().is_loopback()
-        && !authenticator.requires_credentials()
-    {
+    if config.execution.enabled && executor_token.is_none() && open_to_the_network.is_some() {
         tracing::warn!(
             listen = %config.listen,
             "any process that reaches this address can register as an executor and receive actions: set execution.executor_token_file"

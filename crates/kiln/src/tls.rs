@@ -178,11 +178,6 @@ pub fn endpoint(server: &str, tls: &ClientTlsArgs) -> anyhow::Result<Endpoint> {
         .with_context(|| format!("TLS settings for {server}"))
 }
 
-/// Whether `server` is a `grpcs://` (or `https://`) address.
-pub fn is_secure(server: &str) -> bool {
-    server.starts_with("grpcs://") || server.starts_with("https://")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
