@@ -10,7 +10,6 @@ mod common;
 use common::remote::{self, completed, digest, wait_bounded};
 use common::Process;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -61,31 +60,10 @@ fn serve(scratch: &Path, extra: &[&str]) -> (Process, String) {
 
 /// `kiln serve` listening on `listen`, with its data in `data_dir`.
 fn serve_on(listen: &str, data_dir: &Path, extra: &[&str]) -> (Process, String) {
-    let mut args = vec![
-        "serve",
-        "--monitoring-listen",
-        "127.0.0.1:0",
-        "--listen",
-        listen,
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--embedded-executor",
-        "false",
-    ];
-    // In memory unless the test picks the store.
-    if !extra.contains(&"--storage-backend") {
-        args.extend(["--storage-backend", "memory"]);
-    }
-    args.extend_from_slice(extra);
-    let mut server = Process::spawn(&args);
-    let mut line = String::new();
-    BufReader::new(server.child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("listening grpc://")
-        .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"))
+    let (server, url) = common::serve_without_executor(listen, data_dir, extra);
+    let address = url
+        .strip_prefix("grpc://")
+        .unwrap_or_else(|| panic!("not a plaintext address: {url}"))
         .to_string();
     (server, address)
 }

@@ -12,7 +12,7 @@ mod common;
 
 use common::Process;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -33,27 +33,10 @@ fn probe_results(executor: &Process, names: &[&str]) -> Vec<String> {
 
 /// `kiln serve` without an embedded executor; it and its address.
 fn serve(data_dir: &Path) -> (Process, String) {
-    let mut server = Process::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--monitoring-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--embedded-executor",
-        "false",
-        "--storage-backend",
-        "memory",
-    ]);
-    let mut line = String::new();
-    BufReader::new(server.child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("listening grpc://")
-        .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"))
+    let (server, url) = common::serve_without_executor("127.0.0.1:0", data_dir, &[]);
+    let address = url
+        .strip_prefix("grpc://")
+        .unwrap_or_else(|| panic!("not a plaintext address: {url}"))
         .to_string();
     (server, address)
 }

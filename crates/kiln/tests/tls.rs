@@ -99,32 +99,8 @@ impl Pki {
 /// `kiln serve` without an embedded executor, in memory, on `listen`;
 /// returns it and the scheme-and-address of its listening line.
 fn serve(listen: &str, data_dir: &Path, extra: &[String]) -> (Process, String) {
-    use std::io::BufRead;
-    let mut args = vec![
-        "serve",
-        "--monitoring-listen",
-        "127.0.0.1:0",
-        "--listen",
-        listen,
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--embedded-executor",
-        "false",
-        "--storage-backend",
-        "memory",
-    ];
-    args.extend(extra.iter().map(String::as_str));
-    let mut server = Process::spawn(&args);
-    let mut line = String::new();
-    std::io::BufReader::new(server.child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"))
-        .to_string();
-    (server, address)
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    common::serve_without_executor(listen, data_dir, &extra)
 }
 
 /// `kiln executor` in pool `procs` (one slot), run through `wrapper` (a

@@ -303,6 +303,32 @@ impl Drop for KilnServer {
     }
 }
 
+/// `kiln serve` without an embedded executor on `listen`, with its data
+/// in `data_dir` (in memory unless `extra` picks a `--storage-backend`),
+/// plus `extra`; it and the URL its listening line gives
+/// (`grpc://ADDR`, or `grpcs://ADDR` with TLS).
+pub fn serve_without_executor(listen: &str, data_dir: &Path, extra: &[&str]) -> (Process, String) {
+    let mut args = vec![
+        "serve",
+        "--monitoring-listen",
+        "127.0.0.1:0",
+        "--listen",
+        listen,
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--embedded-executor",
+        "false",
+    ];
+    if !extra.contains(&"--storage-backend") {
+        args.extend(["--storage-backend", "memory"]);
+    }
+    args.extend_from_slice(extra);
+    let mut server = Process::spawn(&args);
+    let line = server.stdout_line_with("listening ");
+    let url = line["listening ".len()..].trim().to_string();
+    (server, url)
+}
+
 /// The port of kiln's `listening http://127.0.0.1:PORT (…)` line.
 pub fn parse_monitoring_line(line: &str) -> u16 {
     line.strip_prefix("listening http://127.0.0.1:")
