@@ -96,7 +96,14 @@ install_bazel2() {
   # TLS-inspecting proxy's, say).
   local cafile=()
   [[ -f /etc/ssl/certs/ca-certificates.crt ]] && cafile=(--cafile=/etc/ssl/certs/ca-certificates.crt)
-  (cd "$tmp" && npm pack --silent "${cafile[@]}" "$BAZEL2_PACKAGE" >/dev/null)
+  # npm's own output is kept and shown only when it fails (`set -e` would
+  # otherwise end the script here without a word about why).
+  local npm_log
+  if ! npm_log="$(cd "$tmp" && npm pack --loglevel=error "${cafile[@]}" "$BAZEL2_PACKAGE" 2>&1)"; then
+    echo "install-deps: error: npm pack $BAZEL2_PACKAGE failed (certificates: ${cafile[*]:-the ones npm ships}):" >&2
+    echo "$npm_log" >&2
+    exit 1
+  fi
   tarball="$(compgen -G "$tmp/*.tgz" | head -n 1)"
   if [[ -z "$tarball" ]]; then
     echo "install-deps: error: npm pack $BAZEL2_PACKAGE wrote no tarball" >&2
