@@ -223,7 +223,19 @@ mod tests {
         let path = dir.path().join("true");
         std::fs::write(&path, &program).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let status = std::process::Command::new(&path).status().unwrap();
+        // Other tests of this binary fork while the file above is open for
+        // writing, and their children hold it until they exec: ETXTBSY for
+        // a moment. Retried as the executor retries it.
+        let mut retries = kiln_worker::process::BUSY_TEXT_RETRIES;
+        let status = loop {
+            match std::process::Command::new(&path).status() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && retries > 0 => {
+                    retries -= 1;
+                    std::thread::sleep(kiln_worker::process::BUSY_TEXT_PAUSE);
+                }
+                status => break status.unwrap(),
+            }
+        };
         assert!(status.success(), "{status}");
     }
 

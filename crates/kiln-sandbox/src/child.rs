@@ -20,6 +20,8 @@ use std::io;
 use std::os::fd::RawFd;
 use std::ptr;
 
+use kiln_worker::process::{BUSY_TEXT_PAUSE, BUSY_TEXT_RETRIES};
+
 /// What a setup failure makes `spawn` return; the details go to the
 /// action's stderr as a `kiln sandbox:` line.
 pub(crate) const SETUP_FAILED: i32 = libc::ENOTRECOVERABLE;
@@ -213,6 +215,19 @@ fn close_all_except(keep: RawFd) {
             libc::syscall(libc::SYS_close_range, 0u32, (keep - 1) as u32, 0u32);
         }
         libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
+    }
+}
+
+/// Closes every descriptor above stdio but `keep`.
+fn close_descriptors_above_stdio_except(keep: RawFd) {
+    // SAFETY: close_range only closes descriptors of this child's own
+    // table (no CLONE_FILES); nothing here uses the closed ones.
+    unsafe {
+        if keep > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, 0u32);
+        }
+        let above = (keep + 1).max(3);
+        libc::syscall(libc::SYS_close_range, above as u32, u32::MAX, 0u32);
     }
 }
 
@@ -790,15 +805,34 @@ extern "C" fn clone_main(arguments: *mut libc::c_void) -> c_int {
         return SETUP_FAILED;
     }
     let exec = arguments.exec;
-    // SAFETY: NUL-terminated program and NULL-terminated argv/envp arrays.
-    unsafe {
-        libc::execve(
-            exec.program.as_ptr(),
-            exec.argv.as_ptr(),
-            exec.envp.as_ptr(),
-        )
+    // ETXTBSY is retried, briefly, as `kiln_worker::process::supervise`
+    // does: a fork elsewhere in the executor may hold the just-written
+    // program open for writing until that fork execs. This child's own
+    // copies of the executor's descriptors (all CLOEXEC by now) are closed
+    // first, so that it is never the one holding the program.
+    close_descriptors_above_stdio_except(arguments.report);
+    let mut retries = BUSY_TEXT_RETRIES;
+    let code = loop {
+        // SAFETY: NUL-terminated program and NULL-terminated argv/envp arrays.
+        unsafe {
+            libc::execve(
+                exec.program.as_ptr(),
+                exec.argv.as_ptr(),
+                exec.envp.as_ptr(),
+            )
+        };
+        let code = errno();
+        if code != libc::ETXTBSY || retries == 0 {
+            break code;
+        }
+        retries -= 1;
+        let pause = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: BUSY_TEXT_PAUSE.as_nanos() as libc::c_long,
+        };
+        // SAFETY: nanosleep is async-signal-safe and reads only `pause`.
+        unsafe { libc::nanosleep(&pause, ptr::null_mut()) };
     };
-    let code = errno();
     let (what, exit): (&[u8], c_int) = match code {
         libc::ENOENT | libc::ENOTDIR => (b"command not found", 127),
         libc::EACCES | libc::EPERM => (b"permission denied", 126),

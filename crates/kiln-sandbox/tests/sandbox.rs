@@ -182,6 +182,33 @@ async fn outputs_in_the_workspace_reach_the_host_and_the_environment_is_exact() 
 }
 
 #[tokio::test]
+async fn a_program_busy_for_a_moment_still_starts() {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let Some(sandbox) = sandbox() else { return };
+    for docker_init in [false, true] {
+        let action = Action::with_init(docker_init);
+        let program = action.workspace.join("tool");
+        let mut writer = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(&program)
+            .unwrap();
+        writer.write_all(b"#!/bin/sh\nexit 7\n").unwrap();
+        // Held open for writing, as a fork elsewhere in the executor holds
+        // a just-written input until that fork execs: ETXTBSY meanwhile.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(kiln_worker::process::BUSY_TEXT_PAUSE * 5);
+            drop(writer);
+        });
+        let (outcome, _, stderr) = action.run_with(sandbox, &["./tool"]).await;
+        release.join().unwrap();
+        assert_eq!(outcome.exit_code, 7, "init {docker_init}: {stderr}");
+    }
+}
+
+#[tokio::test]
 async fn the_system_is_read_only_and_tmp_is_private() {
     let Some(sandbox) = sandbox() else { return };
     for docker_init in [false, true] {

@@ -175,7 +175,7 @@ pub async fn supervise(
     cancel: &CancellationToken,
 ) -> Result<ProcessOutcome, RunError> {
     command.process_group(0).stdin(Stdio::null());
-    let child = match command.spawn() {
+    let child = match spawn_past_busy_text(&mut command).await {
         Ok(child) => child,
         Err(error) => {
             let (code, what) = match error.kind() {
@@ -188,6 +188,33 @@ pub async fn supervise(
         }
     };
     supervise_process(child, program, limits, cancel).await
+}
+
+/// How often, and how far apart, a start refused with ETXTBSY is retried.
+pub const BUSY_TEXT_RETRIES: u32 = 50;
+/// The pause between those retries: at most 100 ms in all.
+pub const BUSY_TEXT_PAUSE: Duration = Duration::from_millis(2);
+
+/// Starts `command`, retrying while the kernel answers ETXTBSY ("text file
+/// busy"). An executable is busy while any process holds it open for
+/// writing, and a fork made in this process at the moment another thread
+/// writes an input file (the input cache, a workspace) carries that
+/// writable descriptor until the forked child execs: for those
+/// microseconds, an action started from that file is refused. Bazel and
+/// Go's os/exec meet the same race; a short bounded retry outlasts it.
+async fn spawn_past_busy_text(
+    command: &mut tokio::process::Command,
+) -> std::io::Result<tokio::process::Child> {
+    let mut retries = BUSY_TEXT_RETRIES;
+    loop {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && retries > 0 => {
+                retries -= 1;
+                tokio::time::sleep(BUSY_TEXT_PAUSE).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Waits for an already started `child` (leading its own process group)
@@ -249,6 +276,47 @@ fn outcome(status: std::process::ExitStatus, stopped: Option<StopReason>) -> Pro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_program_busy_for_a_moment_still_starts() {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("tool");
+        let mut writer = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(&program)
+            .unwrap();
+        writer.write_all(b"#!/bin/sh\nexit 7\n").unwrap();
+        // Open for writing, the file cannot be executed: this is the state
+        // a fork elsewhere leaves it in until that fork execs.
+        let busy = std::process::Command::new(&program).status().unwrap_err();
+        assert_eq!(busy.kind(), std::io::ErrorKind::ExecutableFileBusy);
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(BUSY_TEXT_PAUSE * 5);
+            drop(writer);
+        });
+        let limits = Limits {
+            timeout: Duration::from_secs(30),
+            grace: Duration::from_secs(1),
+            memory_bytes: None,
+            cpu_millis: None,
+            pids_max: None,
+        };
+        let outcome = supervise(
+            tokio::process::Command::new(&program),
+            "tool",
+            &dir.path().join("stderr"),
+            &limits,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        release.join().unwrap();
+        assert_eq!(outcome, ProcessOutcome::exited(7));
+    }
 
     #[test]
     fn programs_resolve_like_a_shell() {
