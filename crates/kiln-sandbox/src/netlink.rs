@@ -13,13 +13,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const NLMSG_HEADER_BYTES: usize = 16;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
+const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
 
@@ -104,6 +107,34 @@ impl Message {
     }
 }
 
+/// `struct ifinfomsg`'s size.
+const IFINFOMSG_BYTES: usize = 16;
+
+/// A link as [`Socket::links`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Link {
+    pub name: String,
+    pub index: u32,
+    /// Empty when it has none.
+    pub alias: String,
+}
+
+/// The attributes (type without flags, data) in `bytes`, up to the first
+/// malformed one.
+fn attributes(mut bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let header = bytes.first_chunk::<4>()?;
+        let length = u16::from_ne_bytes([header[0], header[1]]) as usize;
+        let kind = u16::from_ne_bytes([header[2], header[3]]) & !NLA_F_NESTED;
+        if length < 4 || length > bytes.len() {
+            return None;
+        }
+        let data = &bytes[4..length];
+        bytes = &bytes[length.next_multiple_of(4).min(bytes.len())..];
+        Some((kind, data))
+    })
+}
+
 /// A `NETLINK_ROUTE` socket bound to the network namespace of the thread
 /// that opened it.
 pub(crate) struct Socket {
@@ -131,6 +162,13 @@ impl Socket {
 
     /// Sends `message` and waits for the kernel's acknowledgement.
     fn request(&mut self, message: Message) -> io::Result<()> {
+        self.exchange(message, |_, _| {})
+    }
+
+    /// Sends `message`, hands each reply to it (its type and the bytes
+    /// after the netlink header) to `reply`, and returns at the kernel's
+    /// acknowledgement, error, or the end of a dump.
+    fn exchange(&mut self, message: Message, mut reply: impl FnMut(u16, &[u8])) -> io::Result<()> {
         self.sequence = self.sequence.wrapping_add(1);
         let bytes = message.finish(self.sequence);
         // SAFETY: sends a buffer of its own length.
@@ -139,16 +177,19 @@ impl Socket {
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut reply = [0u8; 4096];
+        // A link's description with its statistics fits; a longer datagram
+        // is cut, which loses only attributes after the fixed headers.
+        let mut buffer = vec![0u8; 16 << 10];
         // Replies to earlier requests were all read; bounded by the
-        // kernel's answers to this one (an error or an ack).
-        for _ in 0..16 {
+        // kernel's answers to this one (replies, then an error, an ack or
+        // a dump's end). A dump of links takes one datagram per few links.
+        for _ in 0..4096 {
             // SAFETY: receives into a buffer of its own length.
             let received = unsafe {
                 libc::recv(
                     self.fd.as_raw_fd(),
-                    reply.as_mut_ptr().cast(),
-                    reply.len(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
                     0,
                 )
             };
@@ -159,28 +200,94 @@ impl Socket {
                 }
                 return Err(error);
             }
-            let reply = &reply[..received as usize];
-            if reply.len() < NLMSG_HEADER_BYTES + 4 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a short netlink reply",
-                ));
+            let mut datagram = &buffer[..received as usize];
+            while datagram.len() >= NLMSG_HEADER_BYTES {
+                let length =
+                    u32::from_ne_bytes([datagram[0], datagram[1], datagram[2], datagram[3]])
+                        as usize;
+                let kind = u16::from_ne_bytes([datagram[4], datagram[5]]);
+                let sequence =
+                    u32::from_ne_bytes([datagram[8], datagram[9], datagram[10], datagram[11]]);
+                let end = length.clamp(NLMSG_HEADER_BYTES, datagram.len());
+                let body = &datagram[NLMSG_HEADER_BYTES..end];
+                datagram = &datagram[end.next_multiple_of(4).min(datagram.len())..];
+                if sequence != self.sequence {
+                    continue;
+                }
+                if kind != NLMSG_ERROR && kind != NLMSG_DONE {
+                    reply(kind, body);
+                    continue;
+                }
+                let Some(code) = body.first_chunk::<4>() else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a short netlink reply",
+                    ));
+                };
+                return match i32::from_ne_bytes(*code) {
+                    0 => Ok(()),
+                    negative => Err(io::Error::from_raw_os_error(-negative)),
+                };
             }
-            let kind = u16::from_ne_bytes([reply[4], reply[5]]);
-            let sequence = u32::from_ne_bytes([reply[8], reply[9], reply[10], reply[11]]);
-            if kind != NLMSG_ERROR || sequence != self.sequence {
-                continue;
-            }
-            let code = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
-            return match code {
-                0 => Ok(()),
-                negative => Err(io::Error::from_raw_os_error(-negative)),
-            };
         }
         Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "no netlink acknowledgement",
         ))
+    }
+
+    /// Every link of this socket's namespace: name, index and alias.
+    pub fn links(&mut self) -> io::Result<Vec<Link>> {
+        let mut message = Message::new(RTM_GETLINK, NLM_F_DUMP);
+        message.link_header(0, 0, 0);
+        let mut links = Vec::new();
+        self.exchange(message, |kind, body| {
+            if kind != RTM_NEWLINK || body.len() < IFINFOMSG_BYTES {
+                return;
+            }
+            let index = i32::from_ne_bytes([body[4], body[5], body[6], body[7]]);
+            let mut link = Link {
+                name: String::new(),
+                index: index as u32,
+                alias: String::new(),
+            };
+            for (kind, data) in attributes(&body[IFINFOMSG_BYTES..]) {
+                let text = || {
+                    let text = data.split(|&b| b == 0).next().unwrap_or_default();
+                    String::from_utf8_lossy(text).into_owned()
+                };
+                match kind {
+                    IFLA_IFNAME => link.name = text(),
+                    IFLA_IFALIAS => link.alias = text(),
+                    _ => {}
+                }
+            }
+            links.push(link);
+        })?;
+        Ok(links)
+    }
+
+    /// The index of link `name` in this socket's namespace (which, unlike
+    /// `/sys/class/net`, need not be the namespace sysfs was mounted in).
+    pub fn link_index(&mut self, name: &str) -> io::Result<u32> {
+        let mut message = Message::new(RTM_GETLINK, 0);
+        message.link_header(0, 0, 0);
+        message.string(IFLA_IFNAME, name);
+        let mut index = None;
+        self.exchange(message, |kind, body| {
+            // struct ifinfomsg: family, pad, type (2), index (4), ...
+            if let (RTM_NEWLINK, Some(header)) = (kind, body.first_chunk::<8>()) {
+                index = Some(i32::from_ne_bytes([
+                    header[4], header[5], header[6], header[7],
+                ]));
+            }
+        })?;
+        match index {
+            Some(index) if index > 0 => Ok(index as u32),
+            _ => Err(io::Error::other(format!(
+                "no index for link {name} in the reply"
+            ))),
+        }
     }
 
     /// Creates a veth pair: `name` in this socket's namespace, `peer_name`

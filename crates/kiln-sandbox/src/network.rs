@@ -179,14 +179,10 @@ impl Outbound {
         };
         // At once, so an executor killed from here on leaves an interface
         // the next start-up knows to reclaim.
-        let host_index = host.set_alias(&name, &self.alias).and_then(|()| {
-            // sysfs shows the namespace it was mounted in (the host's), not
-            // this thread's.
-            std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))?
-                .trim()
-                .parse::<u32>()
-                .map_err(|e| io::Error::other(format!("the ifindex of {name}: {e}")))
-        });
+        let host_index = host
+            .set_alias(&name, &self.alias)
+            .and_then(|()| host.link_index(&name))
+            .map_err(|e| io::Error::new(e.kind(), format!("the index of {name}: {e}")));
         let host_index = match host_index {
             Ok(index) => index,
             Err(e) => {
@@ -268,28 +264,24 @@ fn enable_forwarding() -> Result<(), String> {
 }
 
 /// Host-side interfaces Kiln made, with their index and owner
-/// (`pid:start time`).
+/// (`pid:start time`). Asked over netlink: `/sys/class/net` lists the
+/// namespace sysfs was mounted in, which need not be the executor's.
 fn kiln_interfaces() -> Vec<(String, u32, String)> {
-    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
-        return Vec::new();
+    let links = match Socket::open().and_then(|mut host| host.links()) {
+        Ok(links) => links,
+        Err(e) => {
+            tracing::warn!("listing network interfaces: {e}");
+            return Vec::new();
+        }
     };
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(INTERFACE_PREFIX) {
-            continue;
-        }
-        let read =
-            |file: &str| std::fs::read_to_string(entry.path().join(file)).unwrap_or_default();
-        let alias = read("ifalias");
-        let Some(owner) = alias.trim().strip_prefix(ALIAS_PREFIX) else {
-            continue;
-        };
-        if let Ok(index) = read("ifindex").trim().parse() {
-            found.push((name, index, owner.to_string()));
-        }
-    }
-    found
+    links
+        .into_iter()
+        .filter(|link| link.name.starts_with(INTERFACE_PREFIX))
+        .filter_map(|link| {
+            let owner = link.alias.strip_prefix(ALIAS_PREFIX)?.to_string();
+            Some((link.name, link.index, owner))
+        })
+        .collect()
 }
 
 /// The host-side interfaces of bridged actions that process `pid` runs

@@ -75,6 +75,17 @@ fn ip(arguments: &[&str]) {
     );
 }
 
+/// Whether link `name` exists in this process's network namespace (asked
+/// of `ip`: `/sys/class/net` shows the namespace sysfs was mounted in).
+fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .output()
+        .expect("running ip (iproute2)")
+        .status
+        .success()
+}
+
 /// A network namespace standing for a machine outside the host, joined to
 /// the host by a veth pair in a private /30: the host's end is `.1`, the
 /// outside's `.2`. Deleted on drop.
@@ -410,9 +421,7 @@ async fn nothing_per_action_is_left_after_a_run_or_a_killed_action() {
         assert_eq!(outcome.unwrap().stopped, Some(StopReason::Cancelled));
         sandbox.networks_released().await;
         assert_eq!(interfaces_owned_by(pid), Vec::<String>::new());
-        assert!(!std::path::Path::new("/sys/class/net")
-            .join(&during[0])
-            .exists());
+        assert!(!link_exists(&during[0]));
     }
     assert_eq!(nft_rules(), rules_before, "no rule is added per action");
 }
@@ -439,7 +448,7 @@ async fn interfaces_left_by_a_dead_executor_are_deleted_at_start_up() {
     let peer = format!("ktl{}", std::process::id() % 100_000);
     ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
     ip(&["link", "set", &name, "alias", "kiln-sandbox owner=1:0"]);
-    let exists = |name: &str| PathBuf::from("/sys/class/net").join(name).exists();
+    let exists = link_exists;
     assert!(exists(&name));
 
     let probed = probe(SandboxConfig::default());
