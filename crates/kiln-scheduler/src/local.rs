@@ -47,13 +47,17 @@ impl LocalExecutor {
             os_family: OsFamily::Linux,
             arch: Arch::host(),
         };
-        let offer = Offer::new(
-            Properties::new(),
-            isolation_types
-                .iter()
-                .filter_map(|name| IsolationType::from_name(name)),
-            capacity,
-        );
+        // In process: an assignment never crosses a connection.
+        let offer = Offer {
+            receives_secrets: true,
+            ..Offer::new(
+                Properties::new(),
+                isolation_types
+                    .iter()
+                    .filter_map(|name| IsolationType::from_name(name)),
+                capacity,
+            )
+        };
         let total = capacity;
         let capacity = Capacity::new(total);
         let entry = ExecutorEntry::new(

@@ -114,6 +114,9 @@ pub struct Offer {
     /// The executor's total capacity ([`ResourceAmount::UNLIMITED`] if it
     /// advertises none).
     pub capacity: ResourceAmount,
+    /// Whether assignments may carry secrets (registry credentials) to it:
+    /// the embedded executor, or a session over TLS or from loopback.
+    pub receives_secrets: bool,
 }
 
 impl Offer {
@@ -132,6 +135,7 @@ impl Offer {
             properties,
             isolation_types: isolation_types.into_iter().collect(),
             capacity,
+            receives_secrets: false,
         }
     }
 
@@ -143,6 +147,9 @@ impl Offer {
             .collect();
         let types: Vec<&str> = self.isolation_types.iter().map(|t| t.name()).collect();
         described.push_str(&format!(" workload-isolation-type={}", types.join("|")));
+        if !self.receives_secrets {
+            described.push_str(" (plaintext beyond loopback: no registry credentials)");
+        }
         described
     }
 }
@@ -154,6 +161,9 @@ impl Offer {
 pub(crate) struct Requirement {
     pub(crate) properties: Properties,
     pub(crate) isolation: Option<IsolationType>,
+    /// The action carries a registry credential, which goes only to an
+    /// executor that [`Offer::receives_secrets`].
+    pub(crate) secrets: bool,
 }
 
 impl Requirement {
@@ -165,6 +175,12 @@ impl Requirement {
             .collect();
         if let Some(isolation) = self.isolation {
             described.push_str(&format!(" workload-isolation-type={}", isolation.name()));
+        }
+        if self.secrets {
+            described.push_str(
+                " with a registry credential (container-registry-password), which Kiln sends \
+                 only to executors connected over TLS or from loopback",
+            );
         }
         described
     }
@@ -189,6 +205,7 @@ pub(crate) fn satisfies(offer: &Offer, requires: &Requirement) -> bool {
         && requires
             .isolation
             .is_none_or(|isolation| offer.isolation_types.contains(&isolation))
+        && (!requires.secrets || offer.receives_secrets)
 }
 
 /// The queue of one [`QueueKey`]. Within it, actions are grouped by the
@@ -529,6 +546,7 @@ impl PoolQueue {
         let requires = Requirement {
             properties,
             isolation: platform.isolation,
+            secrets: platform.registry_credentials.is_some(),
         };
         let largest = inner
             .offers

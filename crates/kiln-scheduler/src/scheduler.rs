@@ -1113,6 +1113,7 @@ impl Scheduler {
                 None => Requirement {
                     properties: Properties::new(),
                     isolation: platform.isolation,
+                    secrets: platform.registry_credentials.is_some(),
                 }
                 .describe(),
             };

@@ -133,6 +133,8 @@ fn offer_of(register: &Register) -> Result<Offer, Status> {
             memory_bytes: advertised(register.memory_bytes),
             disk_bytes: advertised(register.disk_bytes),
         },
+        // Set from the connection by the caller.
+        receives_secrets: false,
     };
     for name in &register.isolation_types {
         let property = [("workload-isolation-type".to_string(), name.clone())];
@@ -209,7 +211,8 @@ impl ExecutorService for ExecutorSessions {
             ));
         };
         let key = offered_key(&register)?;
-        let offers = offer_of(&register)?;
+        let mut offers = offer_of(&register)?;
+        offers.receives_secrets = secrets_allowed;
         let executor_id = uuid::Uuid::new_v4().to_string();
         let (outbound, receiver) = mpsc::channel(64);
         let _ = outbound
@@ -244,7 +247,6 @@ impl ExecutorService for ExecutorSessions {
             running: HashMap::new(),
             outbound,
             heartbeat_timeout: self.heartbeat_timeout,
-            secrets_allowed,
         };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(Box::pin(
@@ -281,9 +283,6 @@ struct Session {
     heartbeat_timeout: Duration,
     /// What the scheduler shows of this executor.
     entry: Arc<ExecutorEntry>,
-    /// Whether assignments may carry secrets over this session's
-    /// connection ([`secrets_allowed`]).
-    secrets_allowed: bool,
 }
 
 impl Session {
@@ -350,7 +349,10 @@ impl Session {
         action: Arc<QueuedAction>,
         reservation: Reservation,
     ) -> bool {
-        if !self.secrets_allowed && action.platform.registry_credentials.is_some() {
+        // The queue gives this session no action with a secret unless its
+        // offer receives secrets (`queue::satisfies`); this guard keeps a
+        // secret from ever crossing a plaintext remote connection anyway.
+        if !self.offers.receives_secrets && action.platform.registry_credentials.is_some() {
             // The slot and the reservation are freed with this call.
             tracing::warn!(executor = %self.name, operation = %action.name, "not sending a registry credential over plaintext to a non-loopback executor: action failed");
             let message = format!(

@@ -7,7 +7,8 @@
 //! certificate of another CA; with `--tls-client-ca` only executors with
 //! a client certificate register (other clients need none); and a
 //! plaintext server never sends a registry credential to an executor
-//! beyond loopback (one in a network namespace the test makes).
+//! beyond loopback (one in a network namespace the test makes), but waits
+//! for one that may receive it.
 
 mod common;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 use common::remote::{self, completed, digest, wait_bounded};
 use common::{Bazel, KilnServer, Process, ProcessSummary};
 use kiln_proto::longrunning::Operation;
+use kiln_proto::reapi::execution_stage;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Streaming;
 
@@ -377,15 +379,18 @@ struct Namespace {
 
 impl Namespace {
     fn create() -> Namespace {
-        let pid = std::process::id();
-        let subnet = pid % 250 + 1;
+        // Unique per test of this process, which run in parallel.
+        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = std::process::id() % 10_000 * 10 + n % 10;
+        let subnet = (std::process::id() + n) % 250 + 1;
         let namespace = Namespace {
-            name: format!("kiln-tls-{pid}"),
-            host_link: format!("ktls{}h", pid % 100_000),
+            name: format!("kiln-tls-{id}"),
+            host_link: format!("ktls{id}h"),
             host: format!("10.213.{subnet}.1"),
             inside: format!("10.213.{subnet}.2"),
         };
-        let inner_link = format!("ktls{}n", pid % 100_000);
+        let inner_link = format!("ktls{id}n");
         let ip = |args: &[&str]| {
             let output = Command::new("ip").args(args).output().expect("run ip");
             assert!(
@@ -476,41 +481,46 @@ async fn a_plaintext_server_sends_no_registry_credential_beyond_loopback() {
     executor.wait_for_log("executor registered");
 
     let secret = format!("kiln-secret-{}", std::process::id());
-    let response = completed(
-        execute(
-            channel(&address, None).await,
-            "true",
-            &[
-                ("workload-isolation-type", "docker"),
-                (
-                    "container-image",
-                    "docker://127.0.0.1:5000/kiln-test/base:latest",
-                ),
-            ],
-            &[
-                ("x-buildbuddy-platform.container-registry-username", "me"),
-                (
-                    "x-buildbuddy-platform.container-registry-password",
-                    secret.as_str(),
-                ),
-            ],
-        )
-        .await,
+    // No executor of the pool may receive the credential, so the action is
+    // refused when it is submitted, naming why.
+    let channel_to_server = channel(&address, None).await;
+    let arguments = vec!["/bin/sh".into(), "-c".into(), "true".into()];
+    let action = remote::upload_action(
+        &channel_to_server,
+        arguments,
+        None,
+        vec![],
+        &[
+            ("Pool", "procs"),
+            ("workload-isolation-type", "docker"),
+            (
+                "container-image",
+                "docker://127.0.0.1:5000/kiln-test/base:latest",
+            ),
+        ],
     )
     .await;
-    let status = response.status.clone().unwrap_or_default();
-    assert_eq!(
-        status.code,
-        tonic::Code::FailedPrecondition as i32,
-        "{status:?}"
-    );
+    let status = remote::execute(
+        channel_to_server,
+        action,
+        true,
+        &[
+            ("x-buildbuddy-platform.container-registry-username", "me"),
+            (
+                "x-buildbuddy-platform.container-registry-password",
+                secret.as_str(),
+            ),
+        ],
+    )
+    .await
+    .expect_err("an executor accepted a credential over plaintext beyond loopback");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert!(
-        status.message.contains("plaintext") && status.message.contains("registry credential"),
+        status.message().contains("plaintext") && status.message().contains("registry credential"),
         "{}",
-        status.message
+        status.message()
     );
-    assert!(!status.message.contains(&secret), "{}", status.message);
-    assert!(response.result.is_none(), "the action ran: {response:?}");
+    assert!(!status.message().contains(&secret), "{}", status.message());
 
     // Without a credential the same executor runs actions.
     let response =
@@ -519,6 +529,116 @@ async fn a_plaintext_server_sends_no_registry_credential_beyond_loopback() {
     assert_eq!(result.stdout_digest, Some(digest(b"fine\n")));
 
     // The secret is in no log line of the server or the executor.
+    let _ = server.child.kill();
+    let _ = executor.child.kill();
+    for process in [&mut server, &mut executor] {
+        let _ = process.child.wait();
+        while let Ok(line) = process.stderr.recv_timeout(HANG_GUARD) {
+            assert!(!line.contains(&secret), "the secret leaked: {line}");
+        }
+    }
+}
+
+/// With a plaintext executor beyond loopback and the embedded executor in
+/// one pool, an action with a registry credential waits for the embedded
+/// one (which may receive it) instead of failing on the remote one.
+#[tokio::test]
+async fn a_registry_credential_waits_for_an_executor_that_may_receive_it() {
+    if !common::root_available("a network namespace and a veth pair")
+        || !common::runtime_available("docker")
+    {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let namespace = Namespace::create();
+    let embedded_work = scratch.path().join("server");
+    common::open_to_actions(&embedded_work);
+    let listen = format!("{}:0", namespace.host);
+    let mut server = Process::spawn(&[
+        "serve",
+        "--monitoring-listen",
+        "127.0.0.1:0",
+        "--listen",
+        &listen,
+        "--data-dir",
+        embedded_work.to_str().unwrap(),
+        "--storage-backend",
+        "memory",
+        "--allow-unauthenticated",
+        "--pool",
+        "procs",
+        "--concurrency",
+        "1",
+        "--isolation",
+        "none,docker",
+    ]);
+    let line = server.stdout_line_with("listening ");
+    let address = line["listening ".len()..].trim().to_string();
+    let wrapper = ["ip", "netns", "exec", namespace.name.as_str()];
+    let isolation = ["--isolation".to_string(), "none,docker".to_string()];
+    let mut executor = spawn_executor(
+        &wrapper,
+        &address,
+        "exec-remote",
+        &scratch.path().join("remote"),
+        &isolation,
+    );
+    executor.wait_for_log("executor registered");
+
+    let secret = format!("kiln-secret-{}", std::process::id());
+    let credential = [
+        ("x-buildbuddy-platform.container-registry-username", "me"),
+        (
+            "x-buildbuddy-platform.container-registry-password",
+            secret.as_str(),
+        ),
+    ];
+    let image = [
+        ("workload-isolation-type", "docker"),
+        (
+            "container-image",
+            "docker://127.0.0.1:5000/kiln-test/base:latest",
+        ),
+    ];
+    // The first fills the embedded executor's one slot; the second then
+    // finds only the remote executor idle, and must wait rather than go
+    // there.
+    let mut first = execute(
+        channel(&address, None).await,
+        "sleep 3",
+        &image,
+        &credential,
+    )
+    .await;
+    tokio::time::timeout(HANG_GUARD, async {
+        while let Some(operation) = first.message().await.unwrap() {
+            if remote::stage(&operation) == execution_stage::Value::Executing {
+                return;
+            }
+        }
+        panic!("the first action ended before it was seen executing");
+    })
+    .await
+    .expect("the first action never started");
+    let second = completed(
+        execute(
+            channel(&address, None).await,
+            "echo second",
+            &image,
+            &credential,
+        )
+        .await,
+    )
+    .await;
+    let status = second.status.clone().unwrap_or_default();
+    assert_eq!(status.code, 0, "{status:?}");
+    let result = second.result.expect("a result");
+    assert_eq!(result.stdout_digest, Some(digest(b"second\n")));
+    let worker = result.execution_metadata.unwrap().worker;
+    assert_ne!(worker, "exec-remote", "the credential went beyond loopback");
+    let first = completed(first).await;
+    assert_eq!(first.status.unwrap_or_default().code, 0);
+
     let _ = server.child.kill();
     let _ = executor.child.kill();
     for process in [&mut server, &mut executor] {
