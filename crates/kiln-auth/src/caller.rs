@@ -33,6 +33,16 @@ impl Caller {
     pub fn may(&self, capability: Capability) -> bool {
         self.capabilities.has(capability)
     }
+
+    /// The organisation `request` was made for: its caller's, or empty
+    /// (open access) when no [`crate::AuthLayer`] put a caller there.
+    pub fn org_of<T>(request: &tonic::Request<T>) -> Arc<str> {
+        static OPEN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+        match request.extensions().get::<Caller>() {
+            Some(caller) => caller.org.clone(),
+            None => OPEN.clone(),
+        }
+    }
 }
 
 /// Why a request is refused before it reaches a service.

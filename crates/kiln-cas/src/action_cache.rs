@@ -1,5 +1,6 @@
-//! The Action Cache service. Entries are keyed by instance name, platform
-//! header overrides ([`AcScope`]) and action digest. A hit is only served when every blob it references is still in
+//! The Action Cache service. Entries are keyed by the caller's
+//! organisation, instance name, platform header overrides ([`AcScope`])
+//! and action digest. A hit is only served when every blob it references is still in
 //! the CAS (completeness check): a client that trusts a hit must be able to
 //! download all of its outputs.
 //!
@@ -7,7 +8,10 @@
 //! the entry and of every blob it references, so a result and its outputs
 //! are kept (or let go) together.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use kiln_auth::Caller;
 use kiln_proto::reapi::{self, action_cache_server::ActionCache};
 use kiln_store::{Digest, DigestFunction, Key, Retention};
 use prost::Message;
@@ -20,27 +24,36 @@ use crate::storage::Storage;
 use crate::wire::{digest_function, parse_digest};
 
 /// Which part of the Action Cache a request reads and writes: its
-/// instance name, and the identity of the platform properties it
+/// caller's organisation, its instance name, and the identity of the platform properties it
 /// overrode by header (`x-buildbuddy-platform.*`), which change how the
 /// action runs without changing its digest.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AcScope {
+    /// The caller's organisation; empty for open access.
+    pub org: Arc<str>,
     pub instance_name: String,
     pub overrides: Option<[u8; 32]>,
 }
 
 impl AcScope {
-    /// The scope of a request with `instance_name` and platform `headers`
-    /// (as `kiln_platform::header_properties` gives them).
-    pub fn new(instance_name: String, headers: &[(String, String)]) -> AcScope {
+    /// The scope of a request made for `org` with `instance_name` and
+    /// platform `headers` (as `kiln_platform::header_properties` gives
+    /// them).
+    pub fn new(org: Arc<str>, instance_name: String, headers: &[(String, String)]) -> AcScope {
         AcScope {
+            org,
             instance_name,
             overrides: kiln_platform::overrides_digest(headers),
         }
     }
 
     fn key(&self, action: &Digest) -> Key {
-        Key::action_cache(&self.instance_name, self.overrides.as_ref(), action)
+        Key::action_cache(
+            &self.org,
+            &self.instance_name,
+            self.overrides.as_ref(),
+            action,
+        )
     }
 }
 
@@ -339,11 +352,12 @@ impl ActionCache for ActionCacheService {
         request: Request<reapi::GetActionResultRequest>,
     ) -> Result<Response<reapi::ActionResult>, Status> {
         let headers = platform_headers(request.metadata());
+        let org = Caller::org_of(&request);
         let request = request.into_inner();
         let function = digest_function(request.digest_function)?;
         let action = parse_digest(function, request.action_digest.as_ref(), "action_digest")?;
         let cache = ActionCacheStore::new(self.storage.clone());
-        let scope = AcScope::new(request.instance_name.clone(), &headers);
+        let scope = AcScope::new(org, request.instance_name.clone(), &headers);
         let Some(mut result) = cache.get(&scope, &action).await? else {
             return Err(Status::not_found(format!(
                 "no action result for action {action} in instance {:?}{}",
@@ -371,6 +385,7 @@ impl ActionCache for ActionCacheService {
         request: Request<reapi::UpdateActionResultRequest>,
     ) -> Result<Response<reapi::ActionResult>, Status> {
         let headers = platform_headers(request.metadata());
+        let org = Caller::org_of(&request);
         let request = request.into_inner();
         let function = digest_function(request.digest_function)?;
         let action = parse_digest(function, request.action_digest.as_ref(), "action_digest")?;
@@ -400,12 +415,69 @@ impl ActionCache for ActionCacheService {
         );
         ActionCacheStore::new(self.storage.clone())
             .put(
-                &AcScope::new(request.instance_name, &headers),
+                &AcScope::new(org, request.instance_name, &headers),
                 &action,
                 &result,
                 retention,
             )
             .await?;
         Ok(Response::new(result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_auth::{Caller, Capabilities};
+    use kiln_store::MemoryStore;
+
+    fn request<T>(message: T, org: &str) -> Request<T> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(Caller {
+            org: Arc::from(org),
+            key_id: None,
+            capabilities: Capabilities::all(),
+        });
+        request
+    }
+
+    #[tokio::test]
+    async fn each_organisation_reads_only_its_own_action_results() {
+        let storage = Storage::new(Arc::new(MemoryStore::new(1 << 20)), Default::default());
+        let service = ActionCacheService::new(storage);
+        let action = reapi::Digest {
+            hash: "a".repeat(64),
+            size_bytes: 10,
+        };
+        let result = reapi::ActionResult {
+            exit_code: 0,
+            stdout_raw: b"acme's".to_vec(),
+            ..Default::default()
+        };
+        service
+            .update_action_result(request(
+                reapi::UpdateActionResultRequest {
+                    action_digest: Some(action.clone()),
+                    action_result: Some(result),
+                    ..Default::default()
+                },
+                "acme",
+            ))
+            .await
+            .unwrap();
+        let get = |org| {
+            service.get_action_result(request(
+                reapi::GetActionResultRequest {
+                    action_digest: Some(action.clone()),
+                    ..Default::default()
+                },
+                org,
+            ))
+        };
+        assert!(get("acme").await.is_ok());
+        for org in ["other", ""] {
+            let status = get(org).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::NotFound, "{org:?}");
+        }
     }
 }

@@ -25,19 +25,28 @@ pub trait ExecutionObserver: Send + Sync + 'static {
     fn completed(&self, operation: &OperationSummary, result: Option<&reapi::ActionResult>);
 }
 
-/// Who asked for an execution, from the request's RequestMetadata: the
-/// build (`tool_invocation_id`), the target and the action's mnemonic.
-/// The client chooses these strings, so each is cut to 256 bytes.
+/// Who asked for an execution: the organisation of its credential (empty
+/// for open access), and from the request's RequestMetadata the build
+/// (`tool_invocation_id`), the target and the action's mnemonic. The
+/// client chooses these strings, so each is cut to 256 bytes.
 #[derive(Clone, Debug, Default)]
 pub struct Client {
+    /// Operations, merges and Action Cache entries are kept apart by it.
+    pub org: Arc<str>,
     pub invocation_id: String,
     pub target_id: String,
     pub mnemonic: String,
 }
 
 impl Client {
-    pub fn new(invocation_id: String, target_id: String, mnemonic: String) -> Client {
+    pub fn new(
+        org: Arc<str>,
+        invocation_id: String,
+        target_id: String,
+        mnemonic: String,
+    ) -> Client {
         Client {
+            org,
             invocation_id: cut(invocation_id),
             target_id: cut(target_id),
             mnemonic: cut(mnemonic),

@@ -640,7 +640,7 @@ impl Scheduler {
                 .results_cache_policy
                 .map_or(0, |policy| policy.priority),
         );
-        let scope = AcScope::new(instance_name.clone(), &sources.headers);
+        let scope = AcScope::new(client.org.clone(), instance_name.clone(), &sources.headers);
         // A cached result needs no executor: looked up before matching.
         if !request.skip_cache_lookup {
             if let Some(result) = self.action_cache.get(&scope, &digest).await? {
@@ -805,23 +805,36 @@ impl Scheduler {
         });
     }
 
-    /// The state of operation `name`, to wait on.
-    pub fn watch(&self, name: &str) -> Result<OperationWatch, SchedulerError> {
+    /// Operation `name` if it was requested for organisation `org`; an
+    /// operation of another organisation is unknown, exactly as one that
+    /// does not exist.
+    fn operation_of_org(
+        &self,
+        name: &str,
+        org: &str,
+    ) -> Result<Arc<ClientOperation>, SchedulerError> {
         self.state
             .lock()
             .operations
             .get(name)
-            .map(|operation| operation.subscribe())
+            .filter(|operation| *operation.client.org == *org)
+            .cloned()
             .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))
     }
 
-    /// The current state of at most `limit` known operations (in no
-    /// particular order).
-    pub fn list(&self, limit: usize) -> Vec<Operation> {
+    /// The state of operation `name` of organisation `org`, to wait on.
+    pub fn watch(&self, name: &str, org: &str) -> Result<OperationWatch, SchedulerError> {
+        Ok(self.operation_of_org(name, org)?.subscribe())
+    }
+
+    /// The current state of at most `limit` known operations of
+    /// organisation `org` (in no particular order).
+    pub fn list(&self, limit: usize, org: &str) -> Vec<Operation> {
         self.state
             .lock()
             .operations
             .values()
+            .filter(|operation| *operation.client.org == *org)
             .take(limit)
             .map(|operation| operation.state.borrow().clone())
             .collect()
@@ -833,14 +846,8 @@ impl Scheduler {
     /// Otherwise the execution stops: a queued action completes at once as
     /// CANCELLED; a running one has its process stopped (SIGTERM, grace,
     /// SIGKILL) and completes when it has exited.
-    pub fn cancel(&self, name: &str) -> Result<(), SchedulerError> {
-        let operation = self
-            .state
-            .lock()
-            .operations
-            .get(name)
-            .cloned()
-            .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))?;
+    pub fn cancel(&self, name: &str, org: &str) -> Result<(), SchedulerError> {
+        let operation = self.operation_of_org(name, org)?;
         let execution = &operation.execution;
         // REAPI, not google.longrunning, says how it ends: a cancelled
         // execution's status goes in its ExecuteResponse, never in
@@ -876,14 +883,17 @@ impl Scheduler {
         }
     }
 
-    /// Forgets operation `name` (it is not cancelled).
-    pub fn delete(&self, name: &str) -> Result<(), SchedulerError> {
+    /// Forgets operation `name` of organisation `org` (it is not
+    /// cancelled).
+    pub fn delete(&self, name: &str, org: &str) -> Result<(), SchedulerError> {
         let mut state = self.state.lock();
-        state
-            .operations
-            .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))
+        match state.operations.get(name) {
+            Some(operation) if *operation.client.org == *org => {
+                state.operations.remove(name);
+                Ok(())
+            }
+            _ => Err(SchedulerError::UnknownOperation(name.to_string())),
+        }
     }
 
     /// `executor` took `action`: it is EXECUTING now.
@@ -1412,7 +1422,7 @@ mod tests {
         let execution = Arc::downgrade(&scheduler.state.lock().operations[&names[0]].execution);
         let lease = executor.next().await.unwrap();
 
-        scheduler.cancel(&names[0]).unwrap();
+        scheduler.cancel(&names[0], "").unwrap();
         assert!(
             watches[0].borrow().done,
             "the cancelled one is done at once"
@@ -1448,6 +1458,89 @@ mod tests {
         assert!(
             execution.upgrade().is_none(),
             "the shared execution is freed with its last operation"
+        );
+    }
+
+    #[tokio::test]
+    async fn organisations_share_no_execution_operation_or_cached_result() {
+        let (scheduler, executor, request) = scheduler_with_action(10).await;
+        let client = |org: &str| Client {
+            org: Arc::from(org),
+            ..Client::default()
+        };
+        let (acme, _acme_watch) = scheduler
+            .execute(request.clone(), &[], &client("acme"))
+            .await
+            .unwrap();
+        let (other, _other_watch) = scheduler
+            .execute(request.clone(), &[], &client("other"))
+            .await
+            .unwrap();
+        {
+            let state = scheduler.state.lock();
+            assert!(
+                !Arc::ptr_eq(
+                    &state.operations[&acme.name].execution,
+                    &state.operations[&other.name].execution
+                ),
+                "two organisations' identical requests were merged"
+            );
+        }
+        // Another organisation's operation is unknown, as a missing one is.
+        for (name, org) in [
+            (&acme.name, "other"),
+            (&other.name, "acme"),
+            (&acme.name, ""),
+        ] {
+            let unknown = |result: Result<(), SchedulerError>| {
+                assert!(
+                    matches!(result, Err(SchedulerError::UnknownOperation(_))),
+                    "{name} seen by {org:?}"
+                );
+            };
+            unknown(scheduler.watch(name, org).map(drop));
+            unknown(scheduler.cancel(name, org));
+            unknown(scheduler.delete(name, org));
+        }
+        let listed = |org| -> Vec<String> {
+            scheduler
+                .list(100, org)
+                .into_iter()
+                .map(|operation| operation.name)
+                .collect()
+        };
+        assert_eq!(listed("acme"), std::slice::from_ref(&acme.name));
+        assert_eq!(listed("other"), std::slice::from_ref(&other.name));
+        assert!(listed("").is_empty());
+        assert!(!scheduler.watch(&acme.name, "acme").unwrap().borrow().done);
+
+        // acme's result is cached for acme only.
+        let lease = executor.next().await.unwrap();
+        let acme_ran = scheduler.state.lock().operations[&acme.name]
+            .execution
+            .stage()
+            != Stage::Queued;
+        lease
+            .finish(Finished {
+                result: Some(reapi::ActionResult::default()),
+                status: rpc::Status::default(),
+                cacheable: true,
+            })
+            .await;
+        let first = if acme_ran { "acme" } else { "other" };
+        let second = if first == "acme" { "other" } else { "acme" };
+        let (cached, _) = scheduler
+            .execute(request.clone(), &[], &client(first))
+            .await
+            .unwrap();
+        assert!(cached.done, "{first}'s own result is served from the cache");
+        let (fresh, _) = scheduler
+            .execute(request.clone(), &[], &client(second))
+            .await
+            .unwrap();
+        assert!(
+            !fresh.done,
+            "{second} was answered from {first}'s Action Cache entry"
         );
     }
 }

@@ -13,6 +13,8 @@ use kiln_proto::reapi::{self, execution_server::Execution};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use kiln_auth::Caller;
+
 use crate::report::Client;
 use crate::scheduler::{OperationWatch, Scheduler};
 
@@ -83,7 +85,8 @@ impl ExecutionService {
 /// REAPI's RequestMetadata header, sent by Bazel with every call.
 const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
 
-/// Who sent the request, from its RequestMetadata (all empty if absent).
+/// Who sent the request: its caller's organisation, and its
+/// RequestMetadata (all empty if absent).
 fn client_of<T>(request: &Request<T>) -> Client {
     let metadata = request
         .metadata()
@@ -92,6 +95,7 @@ fn client_of<T>(request: &Request<T>) -> Client {
         .and_then(|bytes| reapi::RequestMetadata::decode(bytes).ok())
         .unwrap_or_default();
     Client::new(
+        Caller::org_of(request),
         metadata.tool_invocation_id,
         metadata.target_id,
         metadata.action_mnemonic,
@@ -120,7 +124,8 @@ impl Execution for ExecutionService {
         &self,
         request: Request<reapi::WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
-        let watch = self.scheduler.watch(&request.into_inner().name)?;
+        let org = Caller::org_of(&request);
+        let watch = self.scheduler.watch(&request.into_inner().name, &org)?;
         Ok(Response::new(operation_stream(None, watch)))
     }
 }
@@ -141,6 +146,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::ListOperationsRequest>,
     ) -> Result<Response<longrunning::ListOperationsResponse>, Status> {
+        let org = Caller::org_of(&request);
         let page_size = request.into_inner().page_size;
         let limit = if page_size <= 0 {
             1000
@@ -148,7 +154,7 @@ impl Operations for OperationsService {
             page_size as usize
         };
         Ok(Response::new(longrunning::ListOperationsResponse {
-            operations: self.scheduler.list(limit),
+            operations: self.scheduler.list(limit, &org),
             next_page_token: String::new(),
             unreachable: vec![],
         }))
@@ -158,7 +164,8 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        let watch = self.scheduler.watch(&request.into_inner().name)?;
+        let org = Caller::org_of(&request);
+        let watch = self.scheduler.watch(&request.into_inner().name, &org)?;
         let operation = watch.borrow().clone();
         Ok(Response::new(operation))
     }
@@ -167,7 +174,8 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::DeleteOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
-        self.scheduler.delete(&request.into_inner().name)?;
+        let org = Caller::org_of(&request);
+        self.scheduler.delete(&request.into_inner().name, &org)?;
         Ok(Response::new(Empty {}))
     }
 
@@ -175,7 +183,8 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
-        self.scheduler.cancel(&request.into_inner().name)?;
+        let org = Caller::org_of(&request);
+        self.scheduler.cancel(&request.into_inner().name, &org)?;
         Ok(Response::new(Empty {}))
     }
 
@@ -183,8 +192,9 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        let org = Caller::org_of(&request);
         let request = request.into_inner();
-        let mut watch = self.scheduler.watch(&request.name)?;
+        let mut watch = self.scheduler.watch(&request.name, &org)?;
         let wait = async {
             while !watch.borrow_and_update().done {
                 if watch.changed().await.is_err() {

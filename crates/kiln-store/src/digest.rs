@@ -239,13 +239,19 @@ pub struct Key {
 }
 
 impl Key {
-    /// The Action Cache slot for `action` within `instance_name` and, when
-    /// the request overrode platform properties by header, the digest of
-    /// those `overrides`. Both partition the Action Cache; the CAS is
-    /// shared by all of them. Without overrides the slot is what it always
-    /// was; with them, 33 more bytes are hashed, so no instance name can
+    /// The Action Cache slot for `action` within organisation `org` (empty
+    /// for open access), `instance_name` and, when the request overrode
+    /// platform properties by header, the digest of those `overrides`. All
+    /// three partition the Action Cache. Without an organisation or
+    /// overrides the slot is what it always was; each adds a tagged,
+    /// length-prefixed field to what is hashed, so no instance name can
     /// reach another's slot.
-    pub fn action_cache(instance_name: &str, overrides: Option<&[u8; 32]>, action: &Digest) -> Key {
+    pub fn action_cache(
+        org: &str,
+        instance_name: &str,
+        overrides: Option<&[u8; 32]>,
+        action: &Digest,
+    ) -> Key {
         let mut h = sha2::Sha256::new();
         h.update(b"kiln-ac-v1\0");
         h.update((instance_name.len() as u64).to_le_bytes());
@@ -256,6 +262,11 @@ impl Key {
         if let Some(overrides) = overrides {
             h.update([1]);
             h.update(overrides);
+        }
+        if !org.is_empty() {
+            h.update([2]);
+            h.update((org.len() as u64).to_le_bytes());
+            h.update(org.as_bytes());
         }
         Key {
             namespace: Namespace::ActionCache,
@@ -363,22 +374,33 @@ mod tests {
     fn action_cache_keys_differ_by_instance() {
         let d = DigestFunction::Sha256.digest_of(b"action");
         assert_ne!(
-            Key::action_cache("a", None, &d),
-            Key::action_cache("b", None, &d)
+            Key::action_cache("", "a", None, &d),
+            Key::action_cache("", "b", None, &d)
         );
         assert_eq!(
-            Key::action_cache("a", None, &d),
-            Key::action_cache("a", None, &d)
+            Key::action_cache("", "a", None, &d),
+            Key::action_cache("", "a", None, &d)
         );
         let overrides = [7u8; 32];
         assert_ne!(
-            Key::action_cache("a", Some(&overrides), &d),
-            Key::action_cache("a", None, &d)
+            Key::action_cache("", "a", Some(&overrides), &d),
+            Key::action_cache("", "a", None, &d)
         );
         assert_ne!(
-            Key::action_cache("a", Some(&overrides), &d),
-            Key::action_cache("a", Some(&[8u8; 32]), &d)
+            Key::action_cache("", "a", Some(&overrides), &d),
+            Key::action_cache("", "a", Some(&[8u8; 32]), &d)
         );
+    }
+
+    #[test]
+    fn action_cache_keys_differ_by_organisation() {
+        let d = DigestFunction::Sha256.digest_of(b"action");
+        let of = |org| Key::action_cache(org, "a", None, &d);
+        assert_ne!(of("acme"), of(""));
+        assert_ne!(of("acme"), of("other"));
+        assert_eq!(of("acme"), of("acme"));
+        // The organisation cannot be forged through the instance name.
+        assert_ne!(of("acme"), Key::action_cache("", "a\u{2}acme", None, &d));
     }
 
     #[test]

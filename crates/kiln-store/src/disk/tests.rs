@@ -356,7 +356,7 @@ async fn eviction_keeps_the_store_under_budget_and_spares_recent_blobs() {
 async fn action_cache_entries_are_replaced_and_the_last_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
     let action = DigestFunction::Sha256.digest_of(b"action");
-    let key = Key::action_cache("", None, &action);
+    let key = Key::action_cache("", "", None, &action);
     {
         let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
         store.put(key, Bytes::from_static(b"first")).await.unwrap();
@@ -451,7 +451,7 @@ async fn the_journal_is_compacted_and_stays_trustworthy() {
     let dir = tempfile::tempdir().unwrap();
     let snapshot = tempfile::tempdir().unwrap();
     let action = DigestFunction::Sha256.digest_of(b"action");
-    let key = Key::action_cache("", None, &action);
+    let key = Key::action_cache("", "", None, &action);
     let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
     let kept = blob(1, 3000);
     store.put(kept.0, kept.1.clone()).await.unwrap();
