@@ -37,8 +37,17 @@ impl Caller {
     /// The organisation `request` was made for: its caller's, or empty
     /// (open access) when no [`crate::AuthLayer`] put a caller there.
     pub fn org_of<T>(request: &tonic::Request<T>) -> Arc<str> {
+        Caller::org_or_open(request.extensions().get::<Caller>())
+    }
+
+    /// [`Caller::org_of`] for a plain HTTP request.
+    pub fn org_in(extensions: &http::Extensions) -> Arc<str> {
+        Caller::org_or_open(extensions.get::<Caller>())
+    }
+
+    fn org_or_open(caller: Option<&Caller>) -> Arc<str> {
         static OPEN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
-        match request.extensions().get::<Caller>() {
+        match caller {
             Some(caller) => caller.org.clone(),
             None => OPEN.clone(),
         }

@@ -175,11 +175,6 @@ impl KeyFile {
     /// Makes a key for `org` with `capabilities` (and those they imply,
     /// [`Capabilities::with_implied`]); the key is returned once and kept
     /// only as its hash.
-    ///
-    /// Organisations are not yet kept apart (the CAS, the Action Cache and
-    /// the operations are shared), so while any active key belongs to one
-    /// organisation, a key for another is refused rather than given a
-    /// separation it would not get.
     pub fn create(
         &self,
         org: &str,
@@ -194,18 +189,6 @@ impl KeyFile {
         }
         let _lock = self.lock()?;
         let mut stored = self.read()?;
-        if let Some(other) = stored
-            .keys
-            .iter()
-            .find(|k| k.revoked_unix_s.is_none() && k.org != org)
-        {
-            return Err(KeyError::Invalid(format!(
-                "this server has active keys of organisation {:?}, and Kiln does not yet keep \
-                 organisations' caches and operations apart; a key of {org:?} is refused \
-                 (revoke the others first to switch)",
-                other.org
-            )));
-        }
         let (id, key) = loop {
             let id = hex::encode(random::<6>());
             if stored.keys.iter().all(|k| k.id != id) {
@@ -386,21 +369,23 @@ mod tests {
     }
 
     #[test]
-    fn one_organisation_until_they_are_kept_apart() {
+    fn keys_of_several_organisations_live_side_by_side() {
         let dir = tempfile::tempdir().unwrap();
         let file = KeyFile::in_dir(dir.path());
-        let (first, _) = file.create("acme", Capabilities::all()).unwrap();
-        file.create("acme", Capabilities::DEVELOPER).unwrap();
-        let refused = file.create("globex", Capabilities::DEVELOPER).unwrap_err();
-        assert!(refused.to_string().contains("\"acme\""), "{refused}");
-        for key in file.list().unwrap() {
-            file.revoke(&key.id).unwrap();
-        }
-        file.create("globex", Capabilities::DEVELOPER).unwrap();
-        assert!(file.list().unwrap()[0]
-            .capabilities
-            .has(Capability::AcWrite));
-        assert_eq!(file.list().unwrap()[0].id, first.id);
+        let (acme, _) = file.create("acme", Capabilities::all()).unwrap();
+        let (globex, _) = file.create("globex", Capabilities::DEVELOPER).unwrap();
+        let listed = file.list().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(
+            (listed[0].id.as_str(), listed[0].org.as_str()),
+            (acme.id.as_str(), "acme")
+        );
+        assert_eq!(
+            (listed[1].id.as_str(), listed[1].org.as_str()),
+            (globex.id.as_str(), "globex")
+        );
+        assert!(listed[0].capabilities.has(Capability::AcWrite));
+        assert!(!listed[1].capabilities.has(Capability::AcWrite));
     }
 
     #[test]

@@ -128,7 +128,9 @@ impl ActionCacheStore {
             tracing::warn!(%action, "undecodable action result treated as a miss");
             return Ok(None);
         };
-        let missing = self.missing_blobs(action.function, &result).await?;
+        let missing = self
+            .missing_blobs(&scope.org, action.function, &result)
+            .await?;
         if !missing.is_empty() {
             tracing::debug!(%action, missing = missing.len(), first = %missing[0], "incomplete action result treated as a miss");
             return Ok(None);
@@ -183,21 +185,38 @@ impl ActionCacheStore {
             })
     }
 
-    /// Every blob `result` references that the CAS lacks, including the
-    /// files inside output directory trees.
+    /// Every blob `result` references that organisation `org` cannot see,
+    /// including the files inside output directory trees.
     async fn missing_blobs(
         &self,
+        org: &str,
         function: DigestFunction,
         result: &reapi::ActionResult,
     ) -> Result<Vec<Digest>> {
         let (referenced, trees) = direct_references(function, result)?;
-        let missing = self.storage.find_missing(&referenced).await?;
+        let missing = self.storage.find_missing_for(org, &referenced).await?;
         if !missing.is_empty() {
             return Ok(missing);
         }
         // The trees are present: their files must be too.
         let files = self.tree_files(function, &trees).await?;
-        self.storage.find_missing(&files).await
+        self.storage.find_missing_for(org, &files).await
+    }
+
+    /// Lets organisation `org` see every blob `result` references (output
+    /// trees' files included): the outputs of an action run for it.
+    pub async fn admit_outputs(
+        &self,
+        org: &str,
+        function: DigestFunction,
+        result: &reapi::ActionResult,
+    ) -> Result<()> {
+        if org.is_empty() {
+            return Ok(());
+        }
+        let (mut blobs, trees) = direct_references(function, result)?;
+        blobs.extend(self.tree_files(function, &trees).await?);
+        self.storage.admit(org, &blobs).await
     }
 
     /// The files inside the output directory trees `trees`.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use kiln_auth::Caller;
 use kiln_proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
@@ -334,9 +335,13 @@ impl ByteStreamService {
 
     /// Receives one upload: checks, hashes and stores what `stream` brings,
     /// and makes the blob visible only once its digest is verified.
+    /// The blob becomes visible to organisation `org` (see
+    /// [`Storage::admit`]) once its bytes are verified; a blob it can see
+    /// already ends the upload at once.
     pub(crate) async fn write(
         &self,
         mut stream: impl WriteRequests,
+        org: &str,
     ) -> Result<WriteResponse, Status> {
         let first = stream
             .message()
@@ -351,7 +356,7 @@ impl ByteStreamService {
                 Compressor::Zstd => -1,
             },
         };
-        if self.storage.contains(&digest).await? {
+        if self.storage.visible_to(org, &digest).await? {
             return Ok(complete_response);
         }
         if first.write_offset < 0 {
@@ -387,6 +392,7 @@ impl ByteStreamService {
                 };
                 finished?;
                 self.storage.counters.written(digest.size);
+                self.storage.admit(org, &[digest]).await?;
                 Ok(complete_response)
             }
         }
@@ -537,7 +543,9 @@ pub(crate) type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Stat
 impl ByteStreamService {
     /// Opens a (ranged, possibly compressed) download: the responses to
     /// stream, or why there are none.
-    pub(crate) async fn read(&self, request: ReadRequest) -> Result<ReadStream> {
+    /// A blob organisation `org` may not see is NOT_FOUND, as an absent
+    /// one is.
+    pub(crate) async fn read(&self, request: ReadRequest, org: &str) -> Result<ReadStream> {
         let resource = BlobResource::parse_read(&request.resource_name)?;
         let digest = resource.digest;
         // bytestream.proto: an offset outside the resource is OUT_OF_RANGE.
@@ -558,11 +566,12 @@ impl ByteStreamService {
                 "blob {digest}: read_limit must be 0 for compressed reads"
             )));
         }
-        let blob = self
-            .storage
-            .open(&digest)
-            .await?
-            .ok_or_else(|| CasError::NotFound(format!("blob {digest} is not in the CAS")))?;
+        let hidden = !org.is_empty() && !self.storage.visible_to(org, &digest).await?;
+        let blob = match hidden {
+            true => None,
+            false => self.storage.open(&digest).await?,
+        }
+        .ok_or_else(|| CasError::NotFound(format!("blob {digest} is not in the CAS")))?;
         let offset = request.read_offset as u64;
         let len = match request.read_limit {
             0 => digest.size - offset,
@@ -728,8 +737,9 @@ impl ByteStream for ByteStreamService {
     type ReadStream = ReadStream;
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let org = Caller::org_of(&request);
         Ok(Response::new(
-            ByteStreamService::read(self, request.into_inner()).await?,
+            ByteStreamService::read(self, request.into_inner(), &org).await?,
         ))
     }
 
@@ -737,8 +747,9 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let org = Caller::org_of(&request);
         Ok(Response::new(
-            ByteStreamService::write(self, request.into_inner()).await?,
+            ByteStreamService::write(self, request.into_inner(), &org).await?,
         ))
     }
 
@@ -746,6 +757,7 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let org = Caller::org_of(&request);
         let name = request.into_inner().resource_name;
         let resource = BlobResource::parse_write(&name).map_err(CasError::from)?;
         let in_progress = match self.parked.lock().get(&name) {
@@ -763,7 +775,7 @@ impl ByteStream for ByteStreamService {
             }));
         }
         let digest = resource.digest;
-        if !self.storage.contains(&digest).await? {
+        if !self.storage.visible_to(&org, &digest).await? {
             // bytestream.proto: a resource whose first Write has not reached
             // the service is NOT_FOUND.
             return Err(CasError::NotFound(format!(

@@ -24,6 +24,7 @@ use http::header::CONTENT_TYPE;
 use http::HeaderMap;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use kiln_auth::Caller;
 use kiln_proto::bytestream::byte_stream_server::{ByteStreamServer, SERVICE_NAME};
 use kiln_proto::bytestream::ReadRequest;
 use prost::encoding::{self, DecodeContext, WireType};
@@ -99,26 +100,36 @@ impl Service<http::Request<Body>> for ByteStreamHttp {
         };
         match request.uri().path() {
             WRITE_PATH if identity => {
+                let org = Caller::org_in(request.extensions());
                 let messages = messages(request);
-                Box::pin(async move { Ok(write(&service, messages).await) })
+                Box::pin(async move { Ok(write(&service, messages, &org).await) })
             }
             READ_PATH if identity => {
+                let org = Caller::org_in(request.extensions());
                 let messages = messages(request);
-                Box::pin(async move { Ok(read(&service, messages).await) })
+                Box::pin(async move { Ok(read(&service, messages, &org).await) })
             }
             _ => self.tonic.call(request),
         }
     }
 }
 
-async fn write(service: &ByteStreamService, messages: MessageReader) -> http::Response<Body> {
-    match service.write(FramedWriteRequests(messages)).await {
+async fn write(
+    service: &ByteStreamService,
+    messages: MessageReader,
+    org: &str,
+) -> http::Response<Body> {
+    match service.write(FramedWriteRequests(messages), org).await {
         Ok(response) => unary_response(&response),
         Err(status) => status.into_http(),
     }
 }
 
-async fn read(service: &ByteStreamService, mut messages: MessageReader) -> http::Response<Body> {
+async fn read(
+    service: &ByteStreamService,
+    mut messages: MessageReader,
+    org: &str,
+) -> http::Response<Body> {
     let request = match messages.next().await {
         Ok(Some(message)) => match ReadRequest::decode(message) {
             Ok(request) => request,
@@ -127,7 +138,7 @@ async fn read(service: &ByteStreamService, mut messages: MessageReader) -> http:
         Ok(None) => return Status::internal("Missing request message.").into_http(),
         Err(status) => return status.into_http(),
     };
-    match service.read(request).await {
+    match service.read(request, org).await {
         Ok(responses) => grpc_response(Body::new(ReadBody {
             responses,
             pending: None,

@@ -6,6 +6,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures::Stream;
+use kiln_auth::Caller;
 use kiln_proto::reapi::{
     self, batch_read_blobs_response, batch_update_blobs_response,
     content_addressable_storage_server::ContentAddressableStorage,
@@ -89,6 +90,7 @@ impl CasService {
     async fn find_missing(
         &self,
         request: reapi::FindMissingBlobsRequest,
+        org: &str,
     ) -> Result<reapi::FindMissingBlobsResponse> {
         let function = digest_function(request.digest_function)?;
         let digests = request
@@ -96,7 +98,7 @@ impl CasService {
             .iter()
             .map(|d| parse_digest(function, Some(d), "blob_digests entry"))
             .collect::<Result<Vec<_>>>()?;
-        let missing = self.storage.find_missing(&digests).await?;
+        let missing = self.storage.find_missing_for(org, &digests).await?;
         let counters = &self.storage.counters;
         CasCounters::add(&counters.find_missing_missing, missing.len() as u64);
         CasCounters::add(
@@ -111,6 +113,7 @@ impl CasService {
     async fn batch_update(
         &self,
         request: reapi::BatchUpdateBlobsRequest,
+        org: &str,
     ) -> Result<reapi::BatchUpdateBlobsResponse> {
         let function = digest_function(request.digest_function)?;
         let limit = self.storage.limits.max_batch_total_size_bytes;
@@ -160,11 +163,12 @@ impl CasService {
                 }
             }
         }
-        // Blobs the CAS already holds are not written again.
-        let digests: Vec<Digest> = verified.iter().map(|(_, d, _)| *d).collect();
+        // Blobs the CAS already holds are not written again; the caller
+        // sent their bytes all the same, so its organisation may see them.
+        let mut admitted: Vec<Digest> = verified.iter().map(|(_, d, _)| *d).collect();
         let missing: HashSet<Digest> = self
             .storage
-            .find_missing(&digests)
+            .find_missing(&admitted)
             .await?
             .into_iter()
             .collect();
@@ -178,18 +182,21 @@ impl CasService {
             match result {
                 Ok(()) => self.storage.counters.written(digest.size),
                 Err(e) => {
+                    admitted.retain(|d| *d != digest);
                     responses[slot].status = Some(
                         CasError::store(format_args!("storing blob {digest}"), e).to_rpc_status(),
                     )
                 }
             }
         }
+        self.storage.admit(org, &admitted).await?;
         Ok(reapi::BatchUpdateBlobsResponse { responses })
     }
 
     async fn batch_read(
         &self,
         request: reapi::BatchReadBlobsRequest,
+        org: &str,
     ) -> Result<reapi::BatchReadBlobsResponse> {
         let function = digest_function(request.digest_function)?;
         let digests = request
@@ -209,9 +216,25 @@ impl CasService {
                 total.map_or("more than 2^64".to_string(), |t| t.to_string())
             )));
         }
+        // Another organisation's blob is missing, as an absent one is.
+        let hidden: HashSet<Digest> = match org {
+            "" => HashSet::new(),
+            org => self
+                .storage
+                .find_missing_for(org, &digests)
+                .await?
+                .into_iter()
+                .collect(),
+        };
         let mut responses = Vec::with_capacity(digests.len());
         for (digest, wire) in digests.iter().zip(request.digests) {
-            let (data, status) = match self.storage.read_small(digest).await {
+            let read = match hidden.contains(digest) {
+                true => Err(CasError::NotFound(format!(
+                    "blob {digest} is not in the CAS"
+                ))),
+                false => self.storage.read_small(digest).await,
+            };
+            let (data, status) = match read {
                 Ok(data) => {
                     CasCounters::add(&self.storage.counters.bytes_read, data.len() as u64);
                     (data.to_vec(), ok_status())
@@ -230,11 +253,17 @@ impl CasService {
 
     /// All directories under `root`, breadth first, each once, from the
     /// cache when it holds the tree.
-    async fn cached_tree(&self, function: DigestFunction, root: Digest) -> Result<Tree> {
+    /// For an organisation (not open access), the walk sees only the
+    /// directories it may, and is not cached.
+    async fn cached_tree(&self, function: DigestFunction, root: Digest, org: &str) -> Result<Tree> {
+        if !org.is_empty() {
+            let (directories, _) = self.tree(function, root, org).await?;
+            return Ok(std::sync::Arc::new(directories));
+        }
         if let Some(tree) = self.trees.get(&root) {
             return Ok(tree);
         }
-        let (directories, complete) = self.tree(function, root).await?;
+        let (directories, complete) = self.tree(function, root, org).await?;
         let tree = std::sync::Arc::new(directories);
         if complete {
             self.trees.put(root, tree.clone());
@@ -249,13 +278,21 @@ impl CasService {
         &self,
         function: DigestFunction,
         root: Digest,
+        org: &str,
     ) -> Result<(Vec<reapi::Directory>, bool)> {
         let mut complete = true;
         let mut seen = HashSet::from([root]);
         let mut queue = std::collections::VecDeque::from([root]);
         let mut directories = Vec::new();
         while let Some(digest) = queue.pop_front() {
-            let data = match self.storage.read_small(&digest).await {
+            let read = if org.is_empty() || self.storage.visible_to(org, &digest).await? {
+                self.storage.read_small(&digest).await
+            } else {
+                Err(CasError::NotFound(format!(
+                    "blob {digest} is not in the CAS"
+                )))
+            };
+            let data = match read {
                 Ok(data) => data,
                 Err(CasError::NotFound(_)) if digest == root => {
                     return Err(CasError::NotFound(format!(
@@ -294,8 +331,9 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::FindMissingBlobsRequest>,
     ) -> Result<Response<reapi::FindMissingBlobsResponse>, Status> {
+        let org = Caller::org_of(&request);
         Ok(Response::new(
-            self.find_missing(request.into_inner()).await?,
+            self.find_missing(request.into_inner(), &org).await?,
         ))
     }
 
@@ -303,8 +341,9 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::BatchUpdateBlobsRequest>,
     ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
+        let org = Caller::org_of(&request);
         Ok(Response::new(
-            self.batch_update(request.into_inner()).await?,
+            self.batch_update(request.into_inner(), &org).await?,
         ))
     }
 
@@ -312,7 +351,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::BatchReadBlobsRequest>,
     ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
-        Ok(Response::new(self.batch_read(request.into_inner()).await?))
+        let org = Caller::org_of(&request);
+        Ok(Response::new(
+            self.batch_read(request.into_inner(), &org).await?,
+        ))
     }
 
     type GetTreeStream = TreeStream;
@@ -321,6 +363,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::GetTreeRequest>,
     ) -> Result<Response<TreeStream>, Status> {
+        let org = Caller::org_of(&request);
         let request = request.into_inner();
         let function = digest_function(request.digest_function)?;
         let root = parse_digest(function, request.root_digest.as_ref(), "root_digest")?;
@@ -338,7 +381,7 @@ impl ContentAddressableStorage for CasService {
             size if size > 0 => size as usize,
             _ => DEFAULT_TREE_PAGE,
         };
-        let directories = self.cached_tree(function, root).await?;
+        let directories = self.cached_tree(function, root, &org).await?;
         if start > directories.len() {
             return Err(CasError::InvalidArgument(format!(
                 "page_token {start} is past the end of tree {root}"

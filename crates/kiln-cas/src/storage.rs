@@ -36,6 +36,9 @@ impl Default for StorageLimits {
     }
 }
 
+/// What an organisation's marker holds: its presence is what counts.
+const MARKER: &[u8] = b"\x01";
+
 #[derive(Clone)]
 pub struct Storage {
     pub(crate) store: Arc<dyn BlobStore>,
@@ -79,6 +82,119 @@ impl Storage {
             .filter(|(digest, present)| !present && !digest.is_empty_blob())
             .map(|(digest, _)| *digest)
             .collect())
+    }
+
+    /// The digests among `digests` that organisation `org` cannot see, in
+    /// request order: those the CAS lacks and, for an organisation (not
+    /// open access, `""`), those it holds without the organisation's
+    /// marker ([`Storage::admit`]). Physical copies are shared; what each
+    /// organisation is told is its own.
+    pub async fn find_missing_for(&self, org: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
+        if org.is_empty() {
+            return self.find_missing(digests).await;
+        }
+        let mut keys: Vec<Key> = digests.iter().map(Digest::key).collect();
+        keys.extend(digests.iter().map(|digest| Key::membership(org, digest)));
+        let present = self
+            .store
+            .contains(&keys)
+            .await
+            .map_err(|e| CasError::store("looking up blobs", e))?;
+        let (blobs, markers) = present.split_at(digests.len());
+        Ok(digests
+            .iter()
+            .zip(blobs.iter().zip(markers))
+            .filter(|(digest, (blob, marker))| !(digest.is_empty_blob() || **blob && **marker))
+            .map(|(digest, _)| *digest)
+            .collect())
+    }
+
+    /// Lets organisation `org` see `digests` from now on (nothing to do for
+    /// open access). Called once the organisation has shown it has the
+    /// bytes (an upload verified against the digest) or when they were
+    /// produced for it (an action's outputs).
+    pub async fn admit(&self, org: &str, digests: &[Digest]) -> Result<()> {
+        if org.is_empty() || digests.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<Key> = digests
+            .iter()
+            .filter(|digest| !digest.is_empty_blob())
+            .map(|digest| Key::membership(org, digest))
+            .collect();
+        let present = self
+            .store
+            .contains(&keys)
+            .await
+            .map_err(|e| CasError::store("looking up organisation markers", e))?;
+        let new: Vec<(Key, Bytes)> = keys
+            .into_iter()
+            .zip(present)
+            .filter(|(_, present)| !present)
+            .map(|(key, _)| (key, Bytes::from_static(MARKER)))
+            .collect();
+        for result in self.store.put_many(new).await {
+            result.map_err(|e| CasError::store("writing organisation markers", e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether organisation `org` may see `digest` (see
+    /// [`Storage::find_missing_for`]).
+    pub async fn visible_to(&self, org: &str, digest: &Digest) -> Result<bool> {
+        Ok(self
+            .find_missing_for(org, std::slice::from_ref(digest))
+            .await?
+            .is_empty())
+    }
+
+    /// Every blob of the input tree under directory `root`: its
+    /// directories and files, each once (a directory listed twice is
+    /// walked once), `root` included. Directories the CAS lacks are
+    /// listed but not walked. At most `max` digests, else
+    /// INVALID_ARGUMENT naming the limit.
+    pub async fn blobs_under(
+        &self,
+        function: DigestFunction,
+        root: Digest,
+        max: usize,
+    ) -> Result<Vec<Digest>> {
+        let mut seen = std::collections::HashSet::from([root]);
+        let mut walk = vec![root];
+        let mut blobs = vec![root];
+        let parse = |digest: Option<&kiln_proto::reapi::Digest>, what: &str| {
+            crate::wire::parse_digest(function, digest, what)
+        };
+        while let Some(directory) = walk.pop() {
+            let data = match self.read_small(&directory).await {
+                Ok(data) => data,
+                Err(CasError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let listing =
+                <kiln_proto::reapi::Directory as prost::Message>::decode(data).map_err(|e| {
+                    CasError::InvalidArgument(format!("blob {directory} is not a Directory: {e}"))
+                })?;
+            for child in &listing.directories {
+                let child = parse(child.digest.as_ref(), "a DirectoryNode digest")?;
+                if seen.insert(child) {
+                    walk.push(child);
+                    blobs.push(child);
+                }
+            }
+            for file in &listing.files {
+                let file = parse(file.digest.as_ref(), "a FileNode digest")?;
+                if seen.insert(file) {
+                    blobs.push(file);
+                }
+            }
+            if blobs.len() > max {
+                return Err(CasError::InvalidArgument(format!(
+                    "the input tree under {root} has more than {max} distinct blobs"
+                )));
+            }
+        }
+        Ok(blobs)
     }
 
     pub async fn contains(&self, digest: &Digest) -> Result<bool> {

@@ -9,11 +9,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
-use kiln_auth::{Authenticator, Capability, Refusal};
+use kiln_auth::{Authenticator, Caller, Capability, Refusal};
 use kiln_cas::wire::parse_digest;
 use kiln_cas::Storage;
 use kiln_proto::reapi;
+use kiln_scheduler::report::OperationDetail;
 use kiln_scheduler::Scheduler;
 use kiln_store::DigestFunction;
 use parking_lot::Mutex;
@@ -196,7 +198,11 @@ async fn authenticate(
         return next.run(request).await;
     };
     match auth.authenticate(request.headers()) {
-        Ok(caller) if caller.may(Capability::CacheRead) => next.run(request).await,
+        Ok(caller) if caller.may(Capability::CacheRead) => {
+            let mut request = request;
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
         Ok(_) => (
             StatusCode::FORBIDDEN,
             "this page needs a key with the capability cache-read\n",
@@ -310,19 +316,34 @@ fn no_scheduler() -> ui::Page {
     ui::not_found("Remote execution is disabled on this server, so it keeps no operations.")
 }
 
-async fn overview(State(monitor): State<Shared>, headers: HeaderMap) -> Response {
+/// The organisation of the page's caller: its key's, or empty where no
+/// key is needed (open access).
+fn org_of(caller: Option<Extension<Caller>>) -> Arc<str> {
+    caller.map_or_else(|| Arc::from(""), |Extension(caller)| caller.org)
+}
+
+async fn overview(
+    State(monitor): State<Shared>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+) -> Response {
     let Some(sources) = monitor.sources() else {
         return metrics_only();
     };
     page(
         &headers,
         StatusCode::OK,
-        ui::overview(sources.scheduler.as_deref(), &sources.storage),
+        ui::overview(
+            sources.scheduler.as_deref(),
+            &sources.storage,
+            &org_of(caller),
+        ),
     )
 }
 
 async fn operations(
     State(monitor): State<Shared>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Query(filters): Query<ui::Filters>,
 ) -> Response {
@@ -333,7 +354,7 @@ async fn operations(
         Some(scheduler) => page(
             &headers,
             StatusCode::OK,
-            ui::operations(scheduler, &filters),
+            ui::operations(scheduler, &filters, &org_of(caller)),
         ),
         None => page(&headers, StatusCode::NOT_FOUND, no_scheduler()),
     }
@@ -346,6 +367,7 @@ struct BuildQuery {
 
 async fn build(
     State(monitor): State<Shared>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Query(query): Query<BuildQuery>,
 ) -> Response {
@@ -353,24 +375,34 @@ async fn build(
         return metrics_only();
     };
     match &sources.scheduler {
-        Some(scheduler) => page(&headers, StatusCode::OK, ui::build(scheduler, &query.id)),
+        Some(scheduler) => page(
+            &headers,
+            StatusCode::OK,
+            ui::build(scheduler, &query.id, &org_of(caller)),
+        ),
         None => page(&headers, StatusCode::NOT_FOUND, no_scheduler()),
     }
 }
 
+/// Operation `id` if it belongs to organisation `org`.
+fn operation_of(sources: &UiSources, id: &str, org: &str) -> Option<OperationDetail> {
+    sources
+        .scheduler
+        .as_ref()
+        .and_then(|s| s.operation(&format!("operations/{id}")))
+        .filter(|detail| *detail.summary.org == *org)
+}
+
 async fn operation(
     State(monitor): State<Shared>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
     let Some(sources) = monitor.sources() else {
         return metrics_only();
     };
-    let Some(detail) = sources
-        .scheduler
-        .as_ref()
-        .and_then(|s| s.operation(&format!("operations/{id}")))
-    else {
+    let Some(detail) = operation_of(&sources, &id, &org_of(caller)) else {
         return page(
             &headers,
             StatusCode::NOT_FOUND,
@@ -389,6 +421,7 @@ struct LogQuery {
 
 async fn log(
     State(monitor): State<Shared>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Path((id, name)): Path<(String, String)>,
     Query(query): Query<LogQuery>,
@@ -396,10 +429,7 @@ async fn log(
     let Some(sources) = monitor.sources() else {
         return metrics_only();
     };
-    let detail = sources
-        .scheduler
-        .as_ref()
-        .and_then(|s| s.operation(&format!("operations/{id}")));
+    let detail = operation_of(&sources, &id, &org_of(caller));
     let result = detail
         .as_ref()
         .and_then(|d| d.response.as_ref())
@@ -435,6 +465,7 @@ struct BlobQuery {
 /// A blob from the CAS as a download, streamed in 1 MiB reads.
 async fn blob(
     State(monitor): State<Shared>,
+    caller: Option<Extension<Caller>>,
     Path((hash, size)): Path<(String, i64)>,
     Query(query): Query<BlobQuery>,
 ) -> Response {
@@ -449,7 +480,16 @@ async fn blob(
         Ok(d) => d,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
-    let blob = match sources.storage.open(&digest).await {
+    // Another organisation's blob is missing, as an absent one is.
+    let visible = match sources.storage.visible_to(&org_of(caller), &digest).await {
+        Ok(visible) => visible,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    };
+    let opened = match visible {
+        true => sources.storage.open(&digest).await,
+        false => Ok(None),
+    };
+    let blob = match opened {
         Ok(Some(blob)) => blob,
         Ok(None) => {
             return (

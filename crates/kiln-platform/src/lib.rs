@@ -318,6 +318,9 @@ const COMPUTE_UNIT_BYTES: u64 = 2_500_000_000;
 pub struct Platform {
     /// `None`: the default pool.
     pub pool: Option<String>,
+    /// `use-self-hosted-executors`: only executors the caller's
+    /// organisation registered with its own key may run the action.
+    pub self_hosted: bool,
     pub os_family: OsFamily,
     pub arch: Arch,
     /// `None`: the executor's configured default.
@@ -651,17 +654,7 @@ impl Platform {
                         }
                     }
                 }
-                "use-self-hosted-executors" => {
-                    if parse_bool(key, v)? {
-                        return Err(unsupported(
-                            key,
-                            v,
-                            "Kiln has no organisations, so no executors of the caller's own: \
-                             every executor is one the server's operator started; remove the \
-                             property or set it to false",
-                        ));
-                    }
-                }
+                "use-self-hosted-executors" => platform.self_hosted = parse_bool(key, v)?,
                 "workload-isolation-type" => {
                     platform.isolation = Some(match v.to_ascii_lowercase().as_str() {
                         "none" => IsolationType::None,

@@ -291,7 +291,6 @@ fn refusal(pairs: &[(&str, &str)]) -> PlatformError {
 #[test]
 fn features_kiln_does_not_have_are_refused_not_ignored() {
     for (key, value, why) in [
-        ("use-self-hosted-executors", "true", "no organisations"),
         ("persistentWorkerKey", "javac-1", "persistent workers"),
         (
             "persistentWorkerKey",
@@ -321,6 +320,23 @@ fn features_kiln_does_not_have_are_refused_not_ignored() {
         ("enable-dockerd-tcp", "false"),
     ])
     .unwrap();
+}
+
+#[test]
+fn use_self_hosted_executors_is_read() {
+    assert!(
+        parse_action(&[("use-self-hosted-executors", "true")])
+            .unwrap()
+            .self_hosted
+    );
+    assert!(
+        !parse_action(&[("use-self-hosted-executors", "False")])
+            .unwrap()
+            .self_hosted
+    );
+    assert!(!parse_action(&[]).unwrap().self_hosted);
+    let error = refusal(&[("use-self-hosted-executors", "sometimes")]);
+    assert_eq!(error.kind, PlatformErrorKind::Invalid, "{error}");
 }
 
 #[test]

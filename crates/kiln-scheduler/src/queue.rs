@@ -117,6 +117,11 @@ pub struct Offer {
     /// Whether assignments may carry secrets (registry credentials) to it:
     /// the embedded executor, or a session over TLS or from loopback.
     pub receives_secrets: bool,
+    /// The organisation whose own executor it is (registered with one of
+    /// its keys); empty for the shared fleet (the executor token, open
+    /// access, the embedded executor). It takes only that organisation's
+    /// `use-self-hosted-executors` actions.
+    pub org: Arc<str>,
 }
 
 impl Offer {
@@ -136,6 +141,7 @@ impl Offer {
             isolation_types: isolation_types.into_iter().collect(),
             capacity,
             receives_secrets: false,
+            org: Arc::from(""),
         }
     }
 
@@ -149,6 +155,9 @@ impl Offer {
         described.push_str(&format!(" workload-isolation-type={}", types.join("|")));
         if !self.receives_secrets {
             described.push_str(" (plaintext beyond loopback: no registry credentials)");
+        }
+        if !self.org.is_empty() {
+            described.push_str(" (the organisation's own)");
         }
         described
     }
@@ -164,6 +173,9 @@ pub(crate) struct Requirement {
     /// The action carries a registry credential, which goes only to an
     /// executor that [`Offer::receives_secrets`].
     pub(crate) secrets: bool,
+    /// The organisation whose own executors must run it
+    /// (`use-self-hosted-executors`); empty: the shared fleet.
+    pub(crate) org: Arc<str>,
 }
 
 impl Requirement {
@@ -175,6 +187,10 @@ impl Requirement {
             .collect();
         if let Some(isolation) = self.isolation {
             described.push_str(&format!(" workload-isolation-type={}", isolation.name()));
+        }
+        if !self.org.is_empty() {
+            described
+                .push_str(" use-self-hosted-executors=true (the organisation's own executors)");
         }
         if self.secrets {
             described.push_str(
@@ -206,6 +222,7 @@ pub(crate) fn satisfies(offer: &Offer, requires: &Requirement) -> bool {
             .isolation
             .is_none_or(|isolation| offer.isolation_types.contains(&isolation))
         && (!requires.secrets || offer.receives_secrets)
+        && offer.org == requires.org
 }
 
 /// The queue of one [`QueueKey`]. Within it, actions are grouped by the
@@ -525,6 +542,7 @@ impl PoolQueue {
     pub(crate) fn requirement(
         &self,
         platform: &Platform,
+        org: &Arc<str>,
         need: ResourceAmount,
     ) -> Result<Requirement, Unmatched> {
         let inner = self.inner.lock();
@@ -547,6 +565,7 @@ impl PoolQueue {
             properties,
             isolation: platform.isolation,
             secrets: platform.registry_credentials.is_some(),
+            org: org.clone(),
         };
         let largest = inner
             .offers
@@ -567,11 +586,14 @@ impl PoolQueue {
         }
     }
 
-    pub(crate) fn describe_offers(&self) -> Vec<String> {
+    /// What the executors of the shared fleet and of organisation `org`
+    /// offer (another organisation's executors are not its business).
+    pub(crate) fn describe_offers(&self, org: &str) -> Vec<String> {
         self.inner
             .lock()
             .offers
             .keys()
+            .filter(|offer| offer.org.is_empty() || *offer.org == *org)
             .map(Offer::describe)
             .collect()
     }

@@ -161,6 +161,9 @@ pub(crate) struct Progress {
 #[derive(Clone, Debug)]
 pub struct OperationSummary {
     pub name: String,
+    /// The organisation it was requested for (empty for open access): the
+    /// UI shows a caller only its own organisation's operations.
+    pub org: Arc<str>,
     /// For a request merged into an execution another request started:
     /// that request's operation name. The execution's executor, attempts
     /// and outcome are shared; this request's own are its name, client,
@@ -206,6 +209,9 @@ pub struct OperationDetail {
 #[derive(Clone, Debug)]
 pub struct ExecutorSnapshot {
     pub name: String,
+    /// The organisation whose own executor it is; empty for the shared
+    /// fleet. The UI shows a caller the fleet and its own.
+    pub org: Arc<str>,
     pub pool: String,
     pub os_family: String,
     pub arch: String,
@@ -300,6 +306,7 @@ impl ExecutorEntry {
     fn snapshot(&self) -> ExecutorSnapshot {
         ExecutorSnapshot {
             name: self.name.clone(),
+            org: self.offer.org.clone(),
             pool: self.key.pool.clone(),
             os_family: format!("{:?}", self.key.os_family).to_lowercase(),
             arch: format!("{:?}", self.key.arch).to_lowercase(),
@@ -347,6 +354,7 @@ impl QueuedAction {
         let stage = Self::stage_of(&progress);
         OperationSummary {
             name: self.name.clone(),
+            org: self.client.org.clone(),
             merged_into: None,
             instance_name: self.instance_name.clone(),
             action_digest: self.action_digest.clone(),
@@ -539,7 +547,7 @@ impl Scheduler {
             return format!(
                 "no executor matches: it needs [{wants}], and {} registered executor(s) serve {key}; registered: {}",
                 same_key.len(),
-                self.registered_keys()
+                self.registered_keys(&action.requires.org)
             );
         }
         let fits_when_idle = matching

@@ -403,6 +403,10 @@ pub struct PlatformSources {
     pub headers: Vec<(String, String)>,
 }
 
+/// Most distinct blobs of one input tree the scheduler checks for an
+/// organisation's Execute (the executor's own tree limits apply later).
+const MAX_CHECKED_INPUT_BLOBS: usize = 2_000_000;
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct MergeKey {
     /// The instance name and the header overrides: two requests for one
@@ -514,9 +518,9 @@ impl Scheduler {
             if stranded.is_empty() {
                 return;
             }
-            let registered = me.registered_keys();
             for action in stranded {
                 let required = action.requires.describe();
+                let registered = me.registered_keys(&action.requires.org);
                 let error = SchedulerError::NoExecutor {
                     action: format!(
                         "{}/{}",
@@ -578,7 +582,8 @@ impl Scheduler {
                 )
             };
 
-        let Some(action) = self.fetch::<reapi::Action>(&digest, "action").await? else {
+        let org = client.org.as_ref();
+        let Some(action) = self.fetch::<reapi::Action>(&digest, "action", org).await? else {
             return Ok(done_now(
                 missing_response(vec![wire_digest.clone()]),
                 None,
@@ -588,7 +593,7 @@ impl Scheduler {
         let command_digest =
             parse_digest(function, action.command_digest.as_ref(), "command_digest")?;
         let Some(command) = self
-            .fetch::<reapi::Command>(&command_digest, "command")
+            .fetch::<reapi::Command>(&command_digest, "command", org)
             .await?
         else {
             return Ok(done_now(
@@ -597,6 +602,27 @@ impl Scheduler {
                 PlatformSources::default(),
             ));
         };
+        // An organisation runs only inputs it may see: any other is
+        // missing, so a client uploads it (showing it has the bytes).
+        if !org.is_empty() {
+            let root = parse_digest(
+                function,
+                action.input_root_digest.as_ref(),
+                "input_root_digest",
+            )?;
+            let blobs = self
+                .storage
+                .blobs_under(function, root, MAX_CHECKED_INPUT_BLOBS)
+                .await?;
+            let missing = self.storage.find_missing_for(org, &blobs).await?;
+            if !missing.is_empty() {
+                return Ok(done_now(
+                    missing_response(missing.iter().map(to_wire).collect()),
+                    None,
+                    PlatformSources::default(),
+                ));
+            }
+        }
         let sources = platform_sources(&action, &command, headers);
         let platform = Platform::parse(&PropertySources {
             command: &sources.command,
@@ -666,7 +692,28 @@ impl Scheduler {
             }
         }
 
-        let (queue, requires) = self.matching_queue(&key, &platform, need, &digest).await?;
+        // `use-self-hosted-executors`: the organisation's own executors.
+        let executors_of = match platform.self_hosted {
+            false => Arc::from(""),
+            true if client.org.is_empty() => {
+                return Err(SchedulerError::Platform {
+                    action: digest.to_string(),
+                    source: kiln_platform::PlatformError {
+                        key: "use-self-hosted-executors".into(),
+                        shown: "true".into(),
+                        accepted: "this request has no organisation (it was sent without an \
+                                   API key), so there are no executors of its own; send an API \
+                                   key, or set the property to false"
+                            .into(),
+                        kind: kiln_platform::PlatformErrorKind::Unsupported,
+                    },
+                });
+            }
+            true => client.org.clone(),
+        };
+        let (queue, requires) = self
+            .matching_queue(&key, &platform, &executors_of, need, &digest)
+            .await?;
         let pool = key.pool.clone();
 
         let timeout = action
@@ -917,6 +964,15 @@ impl Scheduler {
             if let Some(metadata) = result.execution_metadata.as_mut() {
                 metadata.queued_timestamp = Some(action.queued_at);
             }
+            // The outputs were made for the requester's organisation: it
+            // may read them, before it learns the action completed.
+            if let Err(error) = self
+                .action_cache
+                .admit_outputs(&action.client.org, DigestFunction::Sha256, result)
+                .await
+            {
+                tracing::warn!(operation = %action.name, %error, "could not let the organisation see the action's outputs");
+            }
             if cacheable
                 && action.cacheable
                 && status.code == tonic::Code::Ok as i32
@@ -1091,10 +1147,13 @@ impl Scheduler {
     /// the action requires there, waiting up to the grace for a matching
     /// executor to register; else FAILED_PRECONDITION naming what is
     /// unmatched.
+    /// `executors_of`: the organisation whose own executors must run it
+    /// (empty: the shared fleet).
     async fn matching_queue(
         &self,
         key: &QueueKey,
         platform: &Platform,
+        executors_of: &Arc<str>,
         need: ResourceAmount,
         digest: &Digest,
     ) -> Result<(Arc<PoolQueue>, Requirement), SchedulerError> {
@@ -1105,7 +1164,7 @@ impl Scheduler {
             registered.as_mut().enable();
             let queue = self.state.lock().queues.get(key).cloned();
             let unmatched = match &queue {
-                Some(queue) => match queue.requirement(platform, need) {
+                Some(queue) => match queue.requirement(platform, executors_of, need) {
                     Ok(requires) => return Ok((queue.clone(), requires)),
                     Err(Unmatched::Properties(unmatched)) => unmatched.describe(),
                     Err(Unmatched::TooLarge(largest)) => {
@@ -1124,6 +1183,7 @@ impl Scheduler {
                     properties: Properties::new(),
                     isolation: platform.isolation,
                     secrets: platform.registry_credentials.is_some(),
+                    org: executors_of.clone(),
                 }
                 .describe(),
             };
@@ -1133,13 +1193,15 @@ impl Scheduler {
                     action: digest.to_string(),
                     pool: key.pool.clone(),
                     unmatched: format!("{key}{declared}"),
-                    registered: self.registered_keys(),
+                    registered: self.registered_keys(executors_of),
                 });
             }
         }
     }
 
-    pub(crate) fn registered_keys(&self) -> String {
+    /// What the registered executors of the shared fleet and of
+    /// organisation `org` offer, for an error message.
+    pub(crate) fn registered_keys(&self, org: &str) -> String {
         let state = self.state.lock();
         let mut keys: Vec<String> = state
             .queues
@@ -1147,7 +1209,7 @@ impl Scheduler {
             .filter(|(_, queue)| queue.has_executors())
             .flat_map(|(key, queue)| {
                 queue
-                    .describe_offers()
+                    .describe_offers(org)
                     .into_iter()
                     .map(move |offers| format!("[{key}{offers}]"))
             })
@@ -1217,10 +1279,12 @@ impl Scheduler {
     }
 
     /// A small proto from the CAS; `None` if absent.
+    /// Message `digest` from the CAS, if organisation `org` may see it.
     async fn fetch<M: Message + Default>(
         &self,
         digest: &Digest,
         what: &str,
+        org: &str,
     ) -> Result<Option<M>, SchedulerError> {
         if digest.size > kiln_proto::MAX_MESSAGE_BLOB_BYTES {
             return Err(SchedulerError::InvalidArgument(format!(
@@ -1228,6 +1292,9 @@ impl Scheduler {
                 digest.size,
                 kiln_proto::MAX_MESSAGE_BLOB_BYTES
             )));
+        }
+        if !org.is_empty() && !self.storage.visible_to(org, digest).await? {
+            return Ok(None);
         }
         let Some(blob) = self.storage.open(digest).await? else {
             return Ok(None);
@@ -1468,6 +1535,37 @@ mod tests {
             org: Arc::from(org),
             ..Client::default()
         };
+        // Blobs no one of the organisation uploaded are missing to it.
+        let (refused, _) = scheduler
+            .execute(request.clone(), &[], &client("acme"))
+            .await
+            .unwrap();
+        assert!(refused.done, "acme ran an action it never uploaded");
+        let response = match refused.result {
+            Some(operation::Result::Response(any)) => {
+                reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            response.status.unwrap().code,
+            tonic::Code::FailedPrecondition as i32
+        );
+        let sha256 = DigestFunction::Sha256;
+        let action_digest = parse_digest(sha256, request.action_digest.as_ref(), "").unwrap();
+        let action: reapi::Action = scheduler
+            .fetch(&action_digest, "action", "")
+            .await
+            .unwrap()
+            .unwrap();
+        let command_digest = parse_digest(sha256, action.command_digest.as_ref(), "").unwrap();
+        for org in ["acme", "other"] {
+            scheduler
+                .storage
+                .admit(org, &[action_digest, command_digest])
+                .await
+                .unwrap();
+        }
         let (acme, _acme_watch) = scheduler
             .execute(request.clone(), &[], &client("acme"))
             .await
@@ -1503,13 +1601,17 @@ mod tests {
             unknown(scheduler.delete(name, org));
         }
         let listed = |org| -> Vec<String> {
-            scheduler
+            let mut names: Vec<String> = scheduler
                 .list(100, org)
                 .into_iter()
                 .map(|operation| operation.name)
-                .collect()
+                .collect();
+            names.sort();
+            names
         };
-        assert_eq!(listed("acme"), std::slice::from_ref(&acme.name));
+        let mut acme_names = vec![refused.name.clone(), acme.name.clone()];
+        acme_names.sort();
+        assert_eq!(listed("acme"), acme_names);
         assert_eq!(listed("other"), std::slice::from_ref(&other.name));
         assert!(listed("").is_empty());
         assert!(!scheduler.watch(&acme.name, "acme").unwrap().borrow().done);

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use kiln_auth::Caller;
 use kiln_platform::{Platform, PropertySources};
 use kiln_proto::executor::executor_message::Kind as ExecutorKind;
 use kiln_proto::executor::executor_service_server::ExecutorService;
@@ -133,8 +134,9 @@ fn offer_of(register: &Register) -> Result<Offer, Status> {
             memory_bytes: advertised(register.memory_bytes),
             disk_bytes: advertised(register.disk_bytes),
         },
-        // Set from the connection by the caller.
+        // Set from the connection and its credential by the caller.
         receives_secrets: false,
+        org: Arc::from(""),
     };
     for name in &register.isolation_types {
         let property = [("workload-isolation-type".to_string(), name.clone())];
@@ -198,6 +200,9 @@ impl ExecutorService for ExecutorSessions {
             ));
         }
         let secrets_allowed = secrets_allowed(&self.transport, &request);
+        // Registered with an organisation's key: that organisation's own
+        // executor, for its `use-self-hosted-executors` actions only.
+        let org = Caller::org_of(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.heartbeat_timeout, inbound.message())
             .await
@@ -213,6 +218,7 @@ impl ExecutorService for ExecutorSessions {
         let key = offered_key(&register)?;
         let mut offers = offer_of(&register)?;
         offers.receives_secrets = secrets_allowed;
+        offers.org = org;
         let executor_id = uuid::Uuid::new_v4().to_string();
         let (outbound, receiver) = mpsc::channel(64);
         let _ = outbound

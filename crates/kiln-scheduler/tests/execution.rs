@@ -1836,7 +1836,7 @@ async fn features_kiln_does_not_have_are_refused_before_queueing() {
             "json",
             "persistent workers are not supported",
         ),
-        ("use-self-hosted-executors", "true", "no organisations"),
+        ("use-self-hosted-executors", "true", "no organisation"),
         ("init-dockerd", "true", "no microVM"),
         ("enable-dockerd-tcp", "true", "no microVM"),
     ] {

@@ -202,6 +202,9 @@ pub enum Namespace {
     Cas(DigestFunction),
     /// Action Cache entries; the key's hash is [`Key::action_cache`]'s.
     ActionCache,
+    /// Markers that an organisation may see a CAS blob; the key's hash is
+    /// [`Key::membership`]'s.
+    Membership,
 }
 
 impl Namespace {
@@ -210,6 +213,7 @@ impl Namespace {
             Namespace::Cas(DigestFunction::Sha256) => 1,
             Namespace::Cas(DigestFunction::Blake3) => 2,
             Namespace::ActionCache => 3,
+            Namespace::Membership => 4,
         }
     }
 
@@ -218,6 +222,7 @@ impl Namespace {
             1 => Some(Namespace::Cas(DigestFunction::Sha256)),
             2 => Some(Namespace::Cas(DigestFunction::Blake3)),
             3 => Some(Namespace::ActionCache),
+            4 => Some(Namespace::Membership),
             _ => None,
         }
     }
@@ -226,7 +231,7 @@ impl Namespace {
     pub fn content_addressed(self) -> Option<DigestFunction> {
         match self {
             Namespace::Cas(function) => Some(function),
-            Namespace::ActionCache => None,
+            Namespace::ActionCache | Namespace::Membership => None,
         }
     }
 }
@@ -270,6 +275,23 @@ impl Key {
         }
         Key {
             namespace: Namespace::ActionCache,
+            hash: h.finalize().into(),
+        }
+    }
+
+    /// The marker that organisation `org` may see CAS blob `blob`: the blob
+    /// is stored once, however many organisations hold it, and each sees it
+    /// only through its own marker.
+    pub fn membership(org: &str, blob: &Digest) -> Key {
+        let mut h = sha2::Sha256::new();
+        h.update(b"kiln-member-v1\0");
+        h.update((org.len() as u64).to_le_bytes());
+        h.update(org.as_bytes());
+        h.update([Namespace::Cas(blob.function).to_byte()]);
+        h.update(blob.hash);
+        h.update(blob.size.to_le_bytes());
+        Key {
+            namespace: Namespace::Membership,
             hash: h.finalize().into(),
         }
     }

@@ -1,9 +1,12 @@
 //! API keys against a real `kiln serve`: keys made, listed and revoked
 //! with `kiln keys` while the server runs; real Bazel 4.2.3 with
-//! `--remote_header=x-buildbuddy-api-key=…` on a remote executor that
-//! registers with its own key; a CAS-only key whose Action Cache writes
-//! are refused while the build succeeds; capabilities and revocation
-//! through a gRPC client; and a network address that needs keys.
+//! `--remote_header=x-buildbuddy-api-key=…` on the organisation's own
+//! executor (registered with its key); a CAS-only key whose Action Cache
+//! writes are refused while the build succeeds; two organisations that
+//! share neither results nor blobs, and whose own executors run only
+//! their own `use-self-hosted-executors` actions; capabilities and
+//! revocation through a gRPC client; and a network address that needs
+//! keys.
 
 mod common;
 
@@ -13,9 +16,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::bytestream::ReadRequest;
 use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{self, batch_update_blobs_request};
+use prost::Message;
 use tonic::transport::Channel;
 
 /// Upper bound for anything that could hang; never a pass/fail threshold.
@@ -316,9 +323,12 @@ fn bazel_builds_with_api_keys_on_an_executor_registered_with_its_own() {
     let keyed = executor("keyed", &["--api-key-file", key_file.to_str().unwrap()]);
     keyed.wait_for_log("executor registered");
 
+    // An executor registered with the organisation's key is its own: its
+    // actions ask for it.
     let header = format!("--remote_header=x-buildbuddy-api-key={developer}");
     let mut flags = common::remote_only_flags(server.port);
     flags.push(header);
+    flags.push("--remote_default_exec_properties=use-self-hosted-executors=true".into());
     let bazel = Bazel::new(scratch.path(), flags);
     let package = bazel.workspace.join("auth");
     std::fs::create_dir_all(&package).unwrap();
@@ -403,6 +413,250 @@ fn a_cas_only_key_cannot_write_the_action_cache_yet_the_build_succeeds() {
     // A key that may write the Action Cache: the rebuild hits it.
     let (_, second) = build_with(&ci, "ci");
     ProcessSummary::parse(&second).assert_all_remote_cache_hits("the rebuild with ac-write");
+}
+
+/// Which of `digests` FindMissingBlobs reports missing to `key`'s caller.
+async fn missing_for(
+    channel: &Channel,
+    key: &str,
+    digests: &[reapi::Digest],
+) -> Vec<reapi::Digest> {
+    ContentAddressableStorageClient::new(channel.clone())
+        .find_missing_blobs(with_key(
+            reapi::FindMissingBlobsRequest {
+                blob_digests: digests.to_vec(),
+                ..Default::default()
+            },
+            Some(key),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+}
+
+#[test]
+fn two_organisations_share_neither_results_nor_blobs() {
+    if !common::bazel_available() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let data_dir = scratch.path().join("data");
+    let (_, acme) = create_key(&data_dir, "acme", "cache-read,cas-write,execute");
+    let (_, globex) = create_key(&data_dir, "globex", "cache-read,cas-write,execute");
+    let server = KilnServer::start(&data_dir, &scratch.path().join("kiln.log"), &[]);
+
+    let build_as = |key: &str, dir: &str| -> (String, String) {
+        let mut flags = common::remote_only_flags(server.port);
+        flags.push(format!("--remote_header=x-buildbuddy-api-key={key}"));
+        let bazel = Bazel::new(&scratch.path().join(dir), flags);
+        std::fs::create_dir_all(bazel.workspace.join("auth")).unwrap();
+        std::fs::write(bazel.workspace.join("auth/BUILD"), BUILD).unwrap();
+        let first = bazel.run_ok(&["build", "//auth:shout"]);
+        bazel.run_ok(&["clean"]);
+        let again = bazel.run_ok(&["build", "//auth:shout"]);
+        bazel.run_ok(&["shutdown"]);
+        (first, again)
+    };
+    let (first, again) = build_as(&acme, "acme");
+    assert_eq!(ProcessSummary::parse(&first).count("remote"), 2, "{first}");
+    ProcessSummary::parse(&again).assert_all_remote_cache_hits("acme's rebuild");
+    // The same targets for another organisation: nothing of acme's is a
+    // hit; both actions run again, and then hit globex's own results.
+    let (first, again) = build_as(&globex, "globex");
+    let summary = ProcessSummary::parse(&first);
+    assert_eq!(
+        summary.count("remote cache hit"),
+        0,
+        "acme's results served to globex:\n{first}"
+    );
+    assert_eq!(summary.count("remote"), 2, "{first}");
+    ProcessSummary::parse(&again).assert_all_remote_cache_hits("globex's rebuild");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = channel(server.port).await;
+        // A blob only acme uploaded does not exist for globex.
+        let secret = format!("acme's alone {}", std::process::id()).into_bytes();
+        let blob = common::remote::digest(&secret);
+        upload(&channel, Some(&acme), &secret).await.unwrap();
+        assert!(missing_for(&channel, &acme, std::slice::from_ref(&blob))
+            .await
+            .is_empty());
+        let missing = missing_for(&channel, &globex, std::slice::from_ref(&blob)).await;
+        assert_eq!(missing, std::slice::from_ref(&blob));
+        let read = ContentAddressableStorageClient::new(channel.clone())
+            .batch_read_blobs(with_key(
+                reapi::BatchReadBlobsRequest {
+                    digests: vec![blob.clone()],
+                    ..Default::default()
+                },
+                Some(&globex),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let status = read.responses[0].status.clone().unwrap();
+        assert_eq!(status.code, tonic::Code::NotFound as i32, "{status:?}");
+        assert!(read.responses[0].data.is_empty());
+        let stream = ByteStreamClient::new(channel.clone())
+            .read(with_key(
+                ReadRequest {
+                    resource_name: format!("blobs/{}/{}", blob.hash, blob.size_bytes),
+                    ..Default::default()
+                },
+                Some(&globex),
+            ))
+            .await;
+        let status = match stream {
+            Err(status) => status,
+            Ok(response) => response.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        // The web UI does not serve it to globex either.
+        let path = format!("/blob/{}/{}", blob.hash, blob.size_bytes);
+        let as_key = |key: &str| format!("x-buildbuddy-api-key: {key}");
+        let (code, _) =
+            common::http_get_with(server.monitoring_port, &path, &[&as_key(&globex)]).unwrap();
+        assert_eq!(code, 404);
+        let (code, body) =
+            common::http_get_with(server.monitoring_port, &path, &[&as_key(&acme)]).unwrap();
+        assert_eq!(code, 200);
+        assert!(
+            body.ends_with(std::str::from_utf8(&secret).unwrap()),
+            "{body}"
+        );
+        // Once globex sends the bytes, it has the blob too.
+        upload(&channel, Some(&globex), &secret).await.unwrap();
+        assert!(missing_for(&channel, &globex, std::slice::from_ref(&blob))
+            .await
+            .is_empty());
+    });
+}
+
+/// Uploads an action running `script` with `properties`, as `key`'s
+/// caller; its digest.
+async fn upload_action_as(
+    channel: &Channel,
+    key: &str,
+    script: &str,
+    properties: &[(&str, &str)],
+) -> reapi::Digest {
+    let command = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let empty = reapi::Directory::default().encode_to_vec();
+    let action = reapi::Action {
+        command_digest: Some(common::remote::digest(&command)),
+        input_root_digest: Some(common::remote::digest(&empty)),
+        platform: Some(reapi::Platform {
+            properties: properties
+                .iter()
+                .map(|(name, value)| reapi::platform::Property {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                })
+                .collect(),
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    for blob in [&command, &empty, &action] {
+        upload(channel, Some(key), blob).await.unwrap();
+    }
+    common::remote::digest(&action)
+}
+
+/// Executes `action` as `key`'s caller: its response, or the refusal.
+async fn execute_as(
+    channel: &Channel,
+    key: &str,
+    action: reapi::Digest,
+) -> Result<reapi::ExecuteResponse, tonic::Status> {
+    let stream = ExecutionClient::new(channel.clone())
+        .execute(with_key(
+            reapi::ExecuteRequest {
+                action_digest: Some(action),
+                skip_cache_lookup: true,
+                ..Default::default()
+            },
+            Some(key),
+        ))
+        .await?
+        .into_inner();
+    Ok(common::remote::completed(stream).await)
+}
+
+#[tokio::test]
+async fn an_organisations_own_executor_runs_only_its_self_hosted_actions() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data_dir = scratch.path().join("data");
+    let (_, acme) = create_key(&data_dir, "acme", "cache-read,cas-write,execute");
+    let (_, acme_fleet) = create_key(&data_dir, "acme", "register-executor");
+    let (_, globex) = create_key(&data_dir, "globex", "cache-read,cas-write,execute");
+    // The embedded executor is the shared fleet.
+    let server = KilnServer::start(&data_dir, &scratch.path().join("kiln.log"), &[]);
+    let work = scratch.path().join("acme-executor");
+    common::open_to_actions(&work);
+    let key_file = scratch.path().join("acme.key");
+    std::fs::write(&key_file, format!("{acme_fleet}\n")).unwrap();
+    let scheduler = format!("grpc://127.0.0.1:{}", server.port);
+    let executor = Process::spawn(&[
+        "executor",
+        "--scheduler",
+        &scheduler,
+        "--name",
+        "acme-own",
+        "--work-dir",
+        work.to_str().unwrap(),
+        "--api-key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    executor.wait_for_log("executor registered");
+    let channel = channel(server.port).await;
+
+    let worker = |response: &reapi::ExecuteResponse| -> String {
+        let status = response.status.clone().unwrap_or_default();
+        assert_eq!(status.code, 0, "{status:?}");
+        let result = response.result.clone().expect("a result");
+        result.execution_metadata.unwrap().worker
+    };
+    let self_hosted = [("use-self-hosted-executors", "true")];
+    for round in 0..3 {
+        let script = format!("echo own {round}");
+        let action = upload_action_as(&channel, &acme, &script, &self_hosted).await;
+        let response = execute_as(&channel, &acme, action).await.unwrap();
+        assert_eq!(worker(&response), "acme-own", "round {round}");
+        let script = format!("echo shared {round}");
+        let action = upload_action_as(&channel, &acme, &script, &[]).await;
+        let response = execute_as(&channel, &acme, action).await.unwrap();
+        assert_ne!(
+            worker(&response),
+            "acme-own",
+            "the shared fleet's action ran on acme's own executor"
+        );
+        let action = upload_action_as(&channel, &globex, &script, &[]).await;
+        let response = execute_as(&channel, &globex, action).await.unwrap();
+        assert_ne!(
+            worker(&response),
+            "acme-own",
+            "globex's action reached acme's executor"
+        );
+    }
+    // globex has no executor of its own: refused at once, and told
+    // nothing about acme's.
+    let action = upload_action_as(&channel, &globex, "true", &self_hosted).await;
+    let status = execute_as(&channel, &globex, action).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("use-self-hosted-executors"),
+        "{}",
+        status.message()
+    );
+    assert!(!status.message().contains("acme"), "{}", status.message());
+    drop(executor);
 }
 
 /// `kiln serve` on 0.0.0.0 in a network namespace of its own (only its

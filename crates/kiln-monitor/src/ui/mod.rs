@@ -100,15 +100,18 @@ fn elapsed(summary: &OperationSummary) -> Duration {
     end.duration_since(summary.queued_at).unwrap_or_default()
 }
 
-/// The overview: executors, queues, execution rate and cache hits.
-pub fn overview(scheduler: Option<&Scheduler>, storage: &Storage) -> Page {
+/// The overview: executors, queues, execution rate and cache hits. Of
+/// operations, only organisation `org`'s count and are listed.
+pub fn overview(scheduler: Option<&Scheduler>, storage: &Storage, org: &str) -> Page {
     let counters = storage.counters();
     let hits = CasCounters::get(&counters.action_cache_hits);
     let misses = CasCounters::get(&counters.action_cache_misses);
-    let (executors, queues, operations) = match scheduler {
-        Some(s) => (s.executors(), s.queues(), s.operations()),
+    let (mut executors, queues, operations) = match scheduler {
+        Some(s) => (s.executors(), s.queues(), operations_of(s, org)),
         None => Default::default(),
     };
+    // The shared fleet's, and the caller's organisation's own.
+    executors.retain(|executor| executor.org.is_empty() || *executor.org == *org);
     let minute_ago = SystemTime::now() - Duration::from_secs(60);
     // Executions, not requests: one merged into another's execution ran
     // nothing of its own.
@@ -333,9 +336,18 @@ impl Filters {
     }
 }
 
-/// Running, queued and recent finished operations, filtered.
-pub fn operations(scheduler: &Scheduler, filters: &Filters) -> Page {
-    let all = scheduler.operations();
+/// The operations kept for organisation `org` (empty: open access), newest
+/// first.
+pub fn operations_of(scheduler: &Scheduler, org: &str) -> Vec<OperationSummary> {
+    let mut all = scheduler.operations();
+    all.retain(|operation| *operation.org == *org);
+    all
+}
+
+/// Running, queued and recent finished operations of organisation `org`,
+/// filtered.
+pub fn operations(scheduler: &Scheduler, filters: &Filters, org: &str) -> Page {
+    let all = operations_of(scheduler, org);
     let pools: BTreeSet<&str> = all
         .iter()
         .map(|o| o.pool.as_str())
@@ -426,9 +438,10 @@ fn executor_of(op: &OperationSummary) -> String {
         .unwrap_or_default()
 }
 
-/// One build's actions, failures first, then the slowest.
-pub fn build(scheduler: &Scheduler, id: &str) -> Page {
-    let all = scheduler.operations();
+/// One build's actions (of organisation `org`), failures first, then the
+/// slowest.
+pub fn build(scheduler: &Scheduler, id: &str, org: &str) -> Page {
+    let all = operations_of(scheduler, org);
     let mut ops: Vec<&OperationSummary> = all.iter().filter(|o| o.invocation_id == id).collect();
     let rank = |op: &OperationSummary| match op.outcome.as_ref().map(|o| o.class) {
         Some(OutcomeClass::Failed | OutcomeClass::Error | OutcomeClass::Timeout) => 0,
