@@ -67,7 +67,7 @@ impl std::fmt::Display for Size {
         let bytes = self.0;
         if bytes > 0 {
             for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-                if bytes % (1 << shift) == 0 {
+                if bytes.is_multiple_of(1 << shift) {
                     return write!(f, "{}{unit}", bytes >> shift);
                 }
             }
@@ -137,7 +137,7 @@ impl std::str::FromStr for Period {
 impl std::fmt::Display for Period {
     /// Hours, minutes, seconds and milliseconds: `1h30m`, `2s`, `200ms`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.subsec_nanos() % 1_000_000 != 0 {
+        if !self.0.subsec_nanos().is_multiple_of(1_000_000) {
             return write!(f, "{}ns", self.0.as_nanos());
         }
         let mut rest = self.0.as_millis();
@@ -202,7 +202,7 @@ impl<T: clap::FromArgMatches> Flags<T> {
     }
 }
 
-impl<T: clap::Args> clap::Args for Flags<T> {
+impl<T: clap::Args + Default + Serialize> clap::Args for Flags<T> {
     fn augment_args(command: clap::Command) -> clap::Command {
         let before: Vec<clap::Id> = command
             .get_arguments()
@@ -210,19 +210,76 @@ impl<T: clap::Args> clap::Args for Flags<T> {
             .collect();
         // The update form: every flag optional, since the file or the
         // default provides what is not given.
-        let command = T::augment_args_for_update(command);
-        for arg in command.get_arguments() {
+        let mut command = T::augment_args_for_update(command);
+        // The help says the default (a clap default would count as given,
+        // and win over the file).
+        let mut defaults = Vec::new();
+        let table = toml::Table::try_from(T::default()).expect("settings serialize");
+        leaves(&table, &mut defaults);
+        let added: Vec<clap::Id> = command
+            .get_arguments()
+            .map(|arg| arg.get_id().clone())
+            .filter(|id| !before.contains(id))
+            .collect();
+        for id in added {
+            let arg = command
+                .get_arguments()
+                .find(|a| *a.get_id() == id)
+                .expect("listed");
             assert!(
-                before.contains(arg.get_id()) || arg.get_long().is_some(),
-                "setting `{}` has no --flag: give its field #[arg(long)]",
-                arg.get_id()
+                arg.get_long().is_some(),
+                "setting `{id}` has no --flag: give its field #[arg(long)]"
             );
+            let Some((_, default)) = defaults.iter().find(|(key, _)| id == key.as_str()) else {
+                continue;
+            };
+            let with_default = |help: Option<&clap::builder::StyledStr>| {
+                help.map(|help| format!("{help} [default: {default}]"))
+            };
+            let help = with_default(arg.get_help());
+            let long_help = with_default(arg.get_long_help());
+            command = command.mut_arg(id, |arg| {
+                let arg = match help {
+                    Some(help) => arg.help(help),
+                    None => arg,
+                };
+                match long_help {
+                    Some(help) => arg.long_help(help),
+                    None => arg,
+                }
+            });
         }
         command
     }
 
     fn augment_args_for_update(command: clap::Command) -> clap::Command {
         Self::augment_args(command)
+    }
+}
+
+/// Each setting of `table` (its sections' too) and its value as a flag
+/// would take it.
+fn leaves(table: &toml::Table, out: &mut Vec<(String, String)>) {
+    for (key, value) in table {
+        let text = match value {
+            toml::Value::Table(inner) => {
+                leaves(inner, out);
+                continue;
+            }
+            toml::Value::String(text) if text.is_empty() => "\"\"".to_string(),
+            toml::Value::String(text) => text.clone(),
+            toml::Value::Array(items) if items.is_empty() => "none".to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|item| {
+                    item.as_str()
+                        .map_or_else(|| item.to_string(), str::to_string)
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        };
+        out.push((key.clone(), text));
     }
 }
 

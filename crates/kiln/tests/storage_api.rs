@@ -1575,7 +1575,7 @@ async fn results_cache_policy_priority_keeps_a_result_and_its_outputs_longer() {
     let dir = tempfile::tempdir().unwrap();
     let budget = 16 << 20;
     let harness = Harness::start_in(dir.path(), |config| {
-        config.storage.max_size = Size(budget);
+        config.storage.max_size = Size(budget as u64);
     })
     .await;
     let blob_len = 512 << 10;
