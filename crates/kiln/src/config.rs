@@ -12,7 +12,7 @@
 //!   line alike: [`Size`] (`10GiB`), [`Period`] (`60s`, `1h30m`), enums,
 //!   addresses, paths;
 //! - its **default** is the section's `Default` (serde fills missing keys
-//!   from it);
+//!   from it, and [`Flags`] quotes it in the flag's help);
 //! - its **`#[arg(long)]`** makes it a flag of `kiln serve` (and, for the
 //!   sections it shares, `kiln executor`); `long = "..."` renames the flag,
 //!   boolean settings take an optional value (`--flag`, `--flag false`).
