@@ -639,6 +639,44 @@ pub struct ExecutorConfig {
     /// stdout as `listening http://ADDR`. `off`: not served.
     #[arg(long)]
     pub monitoring_listen: String,
+    #[command(flatten)]
+    pub tls: ExecutorTlsConfig,
+}
+
+/// How `kiln executor` reaches a `grpcs://` scheduler (`[executor.tls]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecutorTlsConfig {
+    /// PEM file of the CA(s) that signed a `grpcs://` server's
+    /// certificate; empty: the system's roots.
+    #[arg(long = "tls-ca")]
+    pub ca: PathBuf,
+    /// PEM client certificate, for a server that requires one of executors
+    /// (its `tls.client_ca`); needs `key`.
+    #[arg(long = "tls-cert")]
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    #[arg(long = "tls-key")]
+    pub key: PathBuf,
+}
+
+impl ExecutorTlsConfig {
+    /// These settings as the TLS client's.
+    pub fn client(&self) -> anyhow::Result<crate::tls::ClientTlsArgs> {
+        let given = |path: &PathBuf| Some(path.clone()).filter(|p| !p.as_os_str().is_empty());
+        let tls = crate::tls::ClientTlsArgs {
+            tls_ca: given(&self.ca),
+            tls_cert: given(&self.cert),
+            tls_key: given(&self.key),
+        };
+        if tls.tls_cert.is_some() != tls.tls_key.is_some() {
+            anyhow::bail!(
+                "a client certificate needs its key: give both --tls-cert and --tls-key \
+                 (executor.tls.cert and executor.tls.key), or neither"
+            );
+        }
+        Ok(tls)
+    }
 }
 
 impl Default for ExecutorConfig {
@@ -662,6 +700,7 @@ impl Default for ExecutorConfig {
             executor_token_file: String::new(),
             api_key_file: String::new(),
             monitoring_listen: "off".into(),
+            tls: ExecutorTlsConfig::default(),
         }
     }
 }
@@ -1027,6 +1066,7 @@ fn section_doc(path: &str) -> &'static str {
              listed twice counts twice): for the embedded executor and a `kiln executor` \
              reading this file."
         }
+        "executor.tls" => "How `kiln executor` reaches a `grpcs://` scheduler.",
         "executor" => {
             "`kiln executor --config FILE`: an executor as its own process. It also reads \
              [log], [execution.isolation] and [execution.inputs]; its flags override these."
@@ -1342,6 +1382,21 @@ mod tests {
         // A bool flag without a value is `true`, as before.
         let config = with_flags("", &["--allow-unauthenticated"]);
         assert!(config.allow_unauthenticated);
+    }
+
+    #[test]
+    fn an_executor_client_certificate_needs_its_key() {
+        let tls = ExecutorTlsConfig {
+            cert: "client.pem".into(),
+            ..ExecutorTlsConfig::default()
+        };
+        let error = tls.client().unwrap_err().to_string();
+        assert!(error.contains("--tls-key"), "{error}");
+        let tls = ExecutorTlsConfig {
+            ca: "ca.pem".into(),
+            ..ExecutorTlsConfig::default()
+        };
+        assert_eq!(tls.client().unwrap().tls_ca, Some(PathBuf::from("ca.pem")));
     }
 
     #[test]

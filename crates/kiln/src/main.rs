@@ -61,16 +61,14 @@ enum BenchCommand {
     Isolation(bench::isolation::IsolationBenchArgs),
 }
 
-/// `kiln executor`'s flags: `--config` and `--tls-*`, and one flag per
-/// setting it reads from the file (see `kiln::config`).
+/// `kiln executor`'s flags: `--config`, and one flag per setting it reads
+/// from the file (see `kiln::config`).
 #[derive(clap::Args)]
 struct ExecutorArgs {
     /// TOML config file (see `kiln config print-default`): `[executor]`,
     /// `[log]`, `[execution.isolation]` and `[execution.inputs]`.
     #[arg(long, env = "KILN_CONFIG")]
     config: Option<PathBuf>,
-    #[command(flatten)]
-    tls: kiln::tls::ClientTlsArgs,
     #[command(flatten, next_help_heading = "Executor")]
     executor: Flags<kiln::config::ExecutorConfig>,
     #[command(flatten, next_help_heading = "Logging")]
@@ -84,13 +82,13 @@ struct ExecutorArgs {
 impl ExecutorArgs {
     /// The file's settings (or the defaults) with the flags over them,
     /// and notes about old-style keys.
-    fn into_config(self) -> anyhow::Result<(Config, kiln::tls::ClientTlsArgs, Vec<String>)> {
+    fn into_config(self) -> anyhow::Result<(Config, Vec<String>)> {
         let (mut config, notes) = Config::read(self.config.as_deref())?;
         self.executor.apply(&mut config.executor)?;
         self.log.apply(&mut config.log)?;
         self.isolation.apply(&mut config.execution.isolation)?;
         self.inputs.apply(&mut config.execution.inputs)?;
-        Ok((config, self.tls, notes))
+        Ok((config, notes))
     }
 }
 
@@ -100,12 +98,13 @@ fn file_setting(path: &str) -> Option<PathBuf> {
 }
 
 async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
-    let (config, tls, notes) = args.into_config()?;
+    let (config, notes) = args.into_config()?;
     init_logging(config.log.format, &config.log.level);
     for note in notes {
         tracing::warn!("{note}");
     }
     let settings = config.executor;
+    let tls = settings.tls.client()?;
     if settings.scheduler.is_empty() {
         anyhow::bail!("no scheduler: pass --scheduler grpc://HOST:PORT or set executor.scheduler");
     }
