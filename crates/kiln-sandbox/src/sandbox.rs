@@ -25,36 +25,47 @@ use crate::view::View;
 
 /// How the sandbox is set up on this executor (a section of the
 /// executor's configuration file).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Each field is also a flag of `kiln serve` and `kiln executor` (clap
+/// reads the doc comments as their help, and `kiln config print-default`
+/// prints them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct SandboxConfig {
     /// Cgroup that action cgroups are created under: relative to the
     /// executor's own cgroup, or absolute in the hierarchy if it starts
     /// with `/`. Default `kiln`.
+    #[arg(long)]
     pub cgroup_parent: String,
     /// Extra host paths actions see read-only at the same path (a
     /// toolchain in /opt, say). Default none.
+    #[arg(long = "sandbox-read-only-path")]
     pub read_only_paths: Vec<PathBuf>,
     /// Extra host paths masked inside the exposed ones (besides
     /// [`crate::HIDDEN_PATHS`]). Default none.
+    #[arg(long = "sandbox-hidden-path")]
     pub hidden_paths: Vec<PathBuf>,
     /// Refuse to start without cgroup limits (memory, CPU and pids). When
     /// false, a host without them runs sandboxes unlimited, with a warning.
     /// Default true.
+    #[arg(long = "sandbox-require-limits", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub require_limits: bool,
     /// Empty host directory each sandbox mounts its root on (privately, so
     /// sandboxes do not see each other's). Created by the probe. Default
     /// `/run/kiln-sandbox`.
+    #[arg(long = "sandbox-root-mount-point")]
     pub root_mount_point: PathBuf,
     /// IPv4 range (at most a /30) the private networks of
     /// `dockerNetwork=bridge` actions are carved from, a /30 each: it must
     /// not overlap a network the host reaches, and every executor on one
     /// host must use the same (they share one nftables table). Default
     /// `10.213.0.0/16`.
+    #[arg(long = "sandbox-network-cidr")]
     pub network_cidr: String,
     /// The nftables command (a name looked up on PATH, or a path) that
     /// installs the filtering and NAT rules of bridged networks. Default
     /// `nft`.
+    #[arg(long)]
     pub nft_binary: PathBuf,
 }
 

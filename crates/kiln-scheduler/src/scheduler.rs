@@ -632,7 +632,7 @@ impl Scheduler {
         .and_then(|platform| {
             platform.check_termination_grace_period(
                 self.config.max_termination_grace,
-                "the server's execution.max_termination_grace_s",
+                "the server's execution.max_termination_grace",
             )?;
             Ok(platform)
         })

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kiln::config::{Backend, Config};
+use kiln::config::{Backend, Config, Period, Size};
 use kiln::serve::RunningServer;
 use kiln_proto::longrunning::operations_client::OperationsClient;
 use kiln_proto::longrunning::{operation, CancelOperationRequest, GetOperationRequest, Operation};
@@ -52,16 +52,16 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::loopback(dir.path().join("server"));
         config.storage.backend = Backend::Memory;
-        config.storage.max_size = "1GiB".into();
+        config.storage.max_size = Size::gib(1);
         config.execution.pool = "default".into();
         config.execution.concurrency = 4;
         // Executors in these tests register before their actions are sent;
         // an unmatched action need not wait long.
-        config.execution.unmatched_grace_ms = 200;
+        config.execution.unmatched_grace = Period::millis(200);
         // Scheduling is under test here, not isolation: the embedded
         // executor offers `none` only (and skips probing the others).
         config.execution.isolation.offer = vec!["none".into()];
-        config.shutdown_grace_ms = 30_000;
+        config.shutdown_grace = Period::secs(30);
         adjust(&mut config);
         let server = kiln::serve::start(&config).await.expect("server starts");
         let channel = server.connect().await.unwrap();
@@ -909,7 +909,8 @@ async fn when_every_merged_request_is_cancelled_the_action_is_stopped() {
 
 #[tokio::test]
 async fn a_merged_request_cancelled_and_the_other_gone_stops_the_action() {
-    let harness = Harness::start_with(|config| config.execution.orphan_grace_ms = 200).await;
+    let harness =
+        Harness::start_with(|config| config.execution.orphan_grace = Period::millis(200)).await;
     let fifo = harness.scratch().join("pid");
     mkfifo(&fifo);
     let action = harness
@@ -1540,7 +1541,7 @@ async fn the_embedded_executor_streams_large_inputs_and_outputs_in_process() {
     use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 
     let harness = Harness::start_with(|config| {
-        config.storage.max_batch_total_size = "256KiB".into();
+        config.storage.max_batch_total_size = Size::kib(256);
     })
     .await;
     let big: Vec<u8> = (0..3 * 1024 * 1024u32)
@@ -1634,7 +1635,7 @@ async fn results_cache_policy_keeps_a_result_through_eviction() {
     let budget: u64 = 16 << 20;
     let harness = Harness::start_with(|config| {
         config.storage.backend = Backend::Disk;
-        config.storage.max_size = budget.to_string();
+        config.storage.max_size = Size(budget);
     })
     .await;
     // Two actions with distinct 512 KiB outputs; one asks that its result
@@ -2117,7 +2118,7 @@ async fn an_executor_cannot_declare_a_property_kiln_interprets() {
 #[tokio::test]
 async fn a_grace_period_above_the_limit_is_refused_naming_it() {
     let harness = Harness::start_with(|config| {
-        config.execution.max_termination_grace_s = 60;
+        config.execution.max_termination_grace = Period::secs(60);
     })
     .await;
     let action = harness
@@ -2135,7 +2136,7 @@ async fn a_grace_period_above_the_limit_is_refused_naming_it() {
     );
     assert!(error.message().contains("at most 60s"), "{error}");
     assert!(
-        error.message().contains("max_termination_grace_s"),
+        error.message().contains("execution.max_termination_grace"),
         "{error}"
     );
     let action = harness

@@ -57,8 +57,8 @@ impl Harness {
         adjust: impl FnOnce(&mut WorkerConfig),
     ) -> Harness {
         let mut config = Config::loopback(dir.path().join("server"));
-        config.storage.max_size = "1GiB".into();
-        config.storage.max_batch_total_size = MAX_BATCH.into();
+        config.storage.max_size = kiln::config::Size::gib(1);
+        config.storage.max_batch_total_size = MAX_BATCH.parse().unwrap();
         let server = kiln::serve::start(&config).await.expect("server starts");
         let channel = server.connect().await.unwrap();
         let mut runner_config =

@@ -13,8 +13,10 @@ use kiln_worker::runners::RunnerLimits;
 use kiln_worker::{Isolation, Isolations, WorkerConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Period;
+
 /// The isolation settings of an executor (embedded or standalone).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct IsolationSettings {
     /// Types to offer, among `none`, `sandbox`, `docker`, `podman`; each
@@ -23,22 +25,29 @@ pub struct IsolationSettings {
     /// `podman`) and dropped, with a warning saying why, if it does not
     /// work on this host. Leaving `none` out keeps actions off the host's
     /// own processes and network (start-up fails if nothing else works).
+    #[arg(long = "isolation", value_delimiter = ',')]
     pub offer: Vec<String>,
     /// The longest one probe may take (its trial action included) before
     /// its type is dropped as not working. Probes run concurrently.
-    pub probe_timeout_s: u64,
+    #[arg(long)]
+    pub probe_timeout: Period,
     /// The type of actions that do not set `workload-isolation-type`.
+    #[arg(long = "default-isolation")]
     pub default: String,
     /// Image of `docker`/`podman` actions that set no `container-image`
     /// (e.g. `docker://registry.example.com/build:1`); empty: such actions
     /// fail, naming the property.
+    #[arg(long)]
     pub default_image: String,
     /// Registries (`host[:port]`) reached over plain HTTP besides the
     /// loopback ones, which always are.
+    #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
     /// The Docker daemon's socket.
+    #[arg(long)]
     pub docker_socket: PathBuf,
     /// The `podman` binary.
+    #[arg(long)]
     pub podman_binary: PathBuf,
     /// Whom `none` actions, and `sandbox` actions that set no `dockerUser`,
     /// run as: a name, a uid or `uid:gid`. Never the owner of the input
@@ -46,6 +55,7 @@ pub struct IsolationSettings {
     /// Empty: `nobody` when the executor is root; an executor that is not
     /// root runs actions as itself (and warns that it cannot protect its
     /// cache). `root` runs them as root (inputs are then overlaid).
+    #[arg(long)]
     pub action_user: String,
     /// Whether `none` actions may choose whom they run as with
     /// `dockerRunAsRoot` or `dockerUser` (as `sandbox` actions do). A
@@ -53,27 +63,36 @@ pub struct IsolationSettings {
     /// overlaid, but nothing else keeps it from the machine, the input cache
     /// included. Off: such actions are refused with FAILED_PRECONDITION
     /// naming the property and this setting.
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub none_allow_user_switch: bool,
     /// Most warm runners (`recycle-runner=true`) kept at once; the least
     /// recently used goes first. 0: no runner is kept warm.
+    #[arg(long)]
     pub max_warm_runners: usize,
     /// A warm runner unused this long is discarded.
-    pub runner_idle_timeout_s: u64,
+    #[arg(long)]
+    pub runner_idle_timeout: Period,
     /// A runner is discarded after this many actions.
+    #[arg(long)]
     pub runner_max_uses: u32,
     /// The memory limit of an action without `EstimatedMemory`, under the
     /// types that enforce one (`sandbox`, `docker`, `podman`): a size, `0`
     /// for none, or empty for 90 % of the executor's memory (so one action
     /// cannot take the executor down with it).
+    #[arg(long)]
     pub default_action_memory_limit: String,
     /// The CPU quota of an action without `EstimatedCPU`, in milli-CPUs,
     /// under the same types; 0: none.
+    #[arg(long)]
     pub default_action_cpu_limit_millis: u64,
     /// The longest fetching an action's inputs and preparing its isolation
     /// (pulling its image) may take before it runs; past it the action
     /// fails with UNAVAILABLE, which clients retry. Its own timeout starts
     /// only when it runs.
-    pub staging_timeout_s: u64,
+    #[arg(long)]
+    pub staging_timeout: Period,
+    /// The `sandbox` isolation type.
+    #[command(flatten)]
     pub sandbox: SandboxConfig,
 }
 
@@ -83,7 +102,7 @@ impl Default for IsolationSettings {
             offer: ["none", "sandbox", "docker", "podman"]
                 .map(String::from)
                 .to_vec(),
-            probe_timeout_s: 30,
+            probe_timeout: Period::secs(30),
             default: "none".into(),
             default_image: String::new(),
             insecure_registries: Vec::new(),
@@ -92,11 +111,11 @@ impl Default for IsolationSettings {
             action_user: String::new(),
             none_allow_user_switch: false,
             max_warm_runners: RunnerLimits::default().max_warm,
-            runner_idle_timeout_s: RunnerLimits::default().idle_timeout.as_secs(),
+            runner_idle_timeout: Period(RunnerLimits::default().idle_timeout),
             runner_max_uses: RunnerLimits::default().max_uses,
             default_action_memory_limit: String::new(),
             default_action_cpu_limit_millis: 0,
-            staging_timeout_s: 300,
+            staging_timeout: Period::secs(300),
             sandbox: SandboxConfig::default(),
         }
     }
@@ -115,12 +134,12 @@ impl IsolationSettings {
     pub fn apply_to(&self, worker: &mut WorkerConfig, executor_memory: u64) -> anyhow::Result<()> {
         worker.runners = RunnerLimits {
             max_warm: self.max_warm_runners,
-            idle_timeout: Duration::from_secs(self.runner_idle_timeout_s.max(1)),
+            idle_timeout: self.runner_idle_timeout.get().max(Duration::from_millis(1)),
             max_uses: self.runner_max_uses.max(1),
         };
         worker.default_memory_bytes = self.default_memory_limit(executor_memory)?;
         worker.default_cpu_millis = Some(self.default_action_cpu_limit_millis).filter(|&m| m > 0);
-        worker.staging_timeout = Duration::from_secs(self.staging_timeout_s.max(1));
+        worker.staging_timeout = self.staging_timeout.get().max(Duration::from_millis(1));
         Ok(())
     }
 
@@ -191,7 +210,7 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Resul
     };
     // Probes run at once: podman's CLI alone takes a few hundred ms, and
     // each probe starts a trial action.
-    let probe_timeout = Duration::from_secs(settings.probe_timeout_s.max(1));
+    let probe_timeout = settings.probe_timeout.get().max(Duration::from_millis(1));
     let probes = settings
         .offer
         .iter()
@@ -203,9 +222,8 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Resul
                 // Dropping a probe that takes too long stops its trial
                 // action: the backends remove a container whose run is
                 // dropped.
-                let timed_out = || {
-                    format!("the probe did not finish within {probe_timeout:?} (probe_timeout_s)")
-                };
+                let timed_out =
+                    || format!("the probe did not finish within {probe_timeout:?} (probe_timeout)");
                 let probed = probe(name, settings, images, owner);
                 let probed = tokio::time::timeout(probe_timeout, probed)
                     .await
@@ -273,112 +291,5 @@ async fn probe(
         .await
         .map(|p| Arc::new(p) as _),
         _ => Err("unknown isolation type (known: none, sandbox, docker, podman)".into()),
-    }
-}
-
-/// Flags overriding [`IsolationSettings`], shared by `kiln serve` and
-/// `kiln executor`.
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct IsolationArgs {
-    /// Isolation types to offer, comma-separated (none, sandbox, docker,
-    /// podman); each is probed at start-up.
-    #[arg(long = "isolation", value_delimiter = ',')]
-    pub offer: Option<Vec<String>>,
-    /// Longest one isolation probe (its trial action included) may take,
-    /// seconds.
-    #[arg(long)]
-    pub probe_timeout_s: Option<u64>,
-    /// Isolation type of actions that set no workload-isolation-type.
-    #[arg(long = "default-isolation")]
-    pub default: Option<String>,
-    /// Image of docker/podman actions that set no container-image.
-    #[arg(long)]
-    pub default_image: Option<String>,
-    /// A registry (host[:port]) reached over plain HTTP (repeatable).
-    #[arg(long = "insecure-registry")]
-    pub insecure_registries: Option<Vec<String>>,
-    /// The Docker daemon's socket.
-    #[arg(long)]
-    pub docker_socket: Option<PathBuf>,
-    /// The podman binary.
-    #[arg(long)]
-    pub podman_binary: Option<PathBuf>,
-    /// Whom none and sandbox actions run as: a name, uid or uid:gid
-    /// (default: nobody on a root executor).
-    #[arg(long)]
-    pub action_user: Option<String>,
-    /// Let none actions choose their user with dockerRunAsRoot or
-    /// dockerUser (a root none action is root on the host); off by default.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub none_allow_user_switch: Option<bool>,
-    /// Most warm runners kept at once (0: none).
-    #[arg(long)]
-    pub max_warm_runners: Option<usize>,
-    /// Seconds a warm runner may wait unused before it is discarded.
-    #[arg(long)]
-    pub runner_idle_timeout_s: Option<u64>,
-    /// Actions a runner runs before it is discarded.
-    #[arg(long)]
-    pub runner_max_uses: Option<u32>,
-    /// Memory limit of actions without EstimatedMemory (a size; 0: none;
-    /// default 90 % of the executor's memory).
-    #[arg(long)]
-    pub default_action_memory_limit: Option<String>,
-    /// CPU quota of actions without EstimatedCPU, in milli-CPUs (0: none).
-    #[arg(long)]
-    pub default_action_cpu_limit_millis: Option<u64>,
-    /// Longest an action's staging (inputs, image pull) may take, seconds.
-    #[arg(long)]
-    pub staging_timeout_s: Option<u64>,
-}
-
-impl IsolationArgs {
-    /// Writes the given flags over `settings`.
-    pub fn apply(self, settings: &mut IsolationSettings) {
-        if let Some(offer) = self.offer {
-            settings.offer = offer;
-        }
-        if let Some(seconds) = self.probe_timeout_s {
-            settings.probe_timeout_s = seconds;
-        }
-        if let Some(default) = self.default {
-            settings.default = default;
-        }
-        if let Some(image) = self.default_image {
-            settings.default_image = image;
-        }
-        if let Some(registries) = self.insecure_registries {
-            settings.insecure_registries = registries;
-        }
-        if let Some(socket) = self.docker_socket {
-            settings.docker_socket = socket;
-        }
-        if let Some(binary) = self.podman_binary {
-            settings.podman_binary = binary;
-        }
-        if let Some(user) = self.action_user {
-            settings.action_user = user;
-        }
-        if let Some(allowed) = self.none_allow_user_switch {
-            settings.none_allow_user_switch = allowed;
-        }
-        if let Some(max) = self.max_warm_runners {
-            settings.max_warm_runners = max;
-        }
-        if let Some(idle) = self.runner_idle_timeout_s {
-            settings.runner_idle_timeout_s = idle;
-        }
-        if let Some(uses) = self.runner_max_uses {
-            settings.runner_max_uses = uses;
-        }
-        if let Some(limit) = self.default_action_memory_limit {
-            settings.default_action_memory_limit = limit;
-        }
-        if let Some(millis) = self.default_action_cpu_limit_millis {
-            settings.default_action_cpu_limit_millis = millis;
-        }
-        if let Some(seconds) = self.staging_timeout_s {
-            settings.staging_timeout_s = seconds;
-        }
     }
 }

@@ -29,7 +29,7 @@ use kiln_worker::{Isolations, LocalSession, Worker, WorkerConfig};
 use tokio::sync::oneshot;
 use tonic::transport::server::TcpIncoming;
 
-use crate::config::{parse_size, Backend, Config, DurabilityMode};
+use crate::config::{Backend, Config, DurabilityMode};
 
 /// Largest gRPC message accepted or sent: a full batch plus framing. A
 /// larger request is refused by [`MessageLimit`] (RESOURCE_EXHAUSTED);
@@ -157,24 +157,20 @@ async fn start_monitoring(
     )))
 }
 
-fn size(field: &str, text: &str) -> anyhow::Result<u64> {
-    parse_size(text).map_err(|e| anyhow::anyhow!("storage.{field}: {e}"))
-}
-
 /// Builds the store the config describes. Returns the disk store too, so
 /// the caller can sync it at shutdown.
 pub async fn open_store(
     config: &Config,
 ) -> anyhow::Result<(Arc<dyn BlobStore>, Option<DiskStore>)> {
     let storage = &config.storage;
-    let max_size = size("max_size", &storage.max_size)?;
+    let max_size = storage.max_size.bytes();
     match storage.backend {
         Backend::Memory => Ok((Arc::new(MemoryStore::new(max_size)), None)),
         Backend::Disk => {
             let path = config.data_dir.join("cas");
             let mut disk_config = DiskStoreConfig::new(&path, max_size);
-            disk_config.max_packed_blob_bytes = size("max_packed_blob", &storage.max_packed_blob)?;
-            disk_config.sync_interval = Duration::from_millis(storage.sync_interval_ms.max(1));
+            disk_config.max_packed_blob_bytes = storage.max_packed_blob.bytes();
+            disk_config.sync_interval = storage.sync_interval.get().max(Duration::from_millis(1));
             disk_config.durability = match storage.durability {
                 DurabilityMode::GroupCommit => Durability::GroupCommit,
                 DurabilityMode::Sync => Durability::Sync,
@@ -191,14 +187,14 @@ pub async fn open_store(
                 elapsed_ms = report.elapsed.as_millis() as u64,
                 "disk store opened"
             );
-            let cache_size = size("memory_cache_size", &storage.memory_cache_size)?;
+            let cache_size = storage.memory_cache_size.bytes();
             let store: Arc<dyn BlobStore> = if cache_size == 0 {
                 Arc::new(disk.clone())
             } else {
                 Arc::new(TieredStore::new(
                     MemoryStore::new(cache_size),
                     Arc::new(disk.clone()),
-                    size("memory_cache_max_blob", &storage.memory_cache_max_blob)?,
+                    storage.memory_cache_max_blob.bytes(),
                 ))
             };
             Ok((store, Some(disk)))
@@ -260,15 +256,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     monitor.require_auth(authenticator.clone());
     let monitoring = start_monitoring(config, &monitor, !authenticator.keys_configured()).await?;
     let (store, disk) = open_store(config).await?;
-    let executor_cache_bytes = parse_size(&config.execution.executor_cache_size)
-        .map_err(|e| anyhow::anyhow!("execution.executor_cache_size: {e}"))?;
+    let executor_cache_bytes = config.execution.executor_cache_size.bytes();
     let limits = StorageLimits {
-        max_batch_total_size_bytes: size(
-            "max_batch_total_size",
-            &config.storage.max_batch_total_size,
-        )?,
-        idle_timeout: (config.storage.bytestream_idle_timeout_ms > 0)
-            .then(|| Duration::from_millis(config.storage.bytestream_idle_timeout_ms)),
+        max_batch_total_size_bytes: config.storage.max_batch_total_size.bytes(),
+        idle_timeout: config.storage.bytestream_idle_timeout.nonzero(),
         ..StorageLimits::default()
     };
     let storage = Storage::new(store, limits.clone());
@@ -310,19 +301,18 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             storage.clone(),
             SchedulerConfig {
                 default_pool: config.execution.pool.clone(),
-                unmatched_grace: Duration::from_millis(config.execution.unmatched_grace_ms),
+                unmatched_grace: config.execution.unmatched_grace.get(),
                 max_queued_executions: config.execution.max_queued_executions.max(1),
-                max_action_timeout: Duration::from_secs(
-                    config.execution.max_action_timeout_s.max(1),
-                ),
-                assignment_margin: Duration::from_millis(config.execution.assignment_margin_ms),
-                max_termination_grace: Duration::from_secs(
-                    config.execution.max_termination_grace_s,
-                ),
-                orphan_grace: (config.execution.orphan_grace_ms > 0)
-                    .then(|| Duration::from_millis(config.execution.orphan_grace_ms)),
+                max_action_timeout: config
+                    .execution
+                    .max_action_timeout
+                    .get()
+                    .max(Duration::from_secs(1)),
+                assignment_margin: config.execution.assignment_margin.get(),
+                max_termination_grace: config.execution.max_termination_grace.get(),
+                orphan_grace: config.execution.orphan_grace.nonzero(),
                 max_attempts: config.execution.max_attempts.max(1),
-                warm_runner_wait: Duration::from_millis(config.execution.warm_runner_wait_ms),
+                warm_runner_wait: config.execution.warm_runner_wait.get(),
                 default_action_resources: config.execution.default_action_resources(),
                 ..SchedulerConfig::default()
             },
@@ -403,7 +393,11 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             ExecutorServiceServer::new(
                 ExecutorSessions::new(
                     scheduler,
-                    Duration::from_millis(config.execution.executor_heartbeat_timeout_ms.max(1)),
+                    config
+                        .execution
+                        .executor_heartbeat_timeout
+                        .get()
+                        .max(Duration::from_millis(1)),
                 )
                 .with_transport(transport),
             )
@@ -454,7 +448,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         stop: Some(stop),
         task,
         disk,
-        shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+        shutdown_grace: config.shutdown_grace.get(),
         scheduler,
         executor,
     })
@@ -485,15 +479,18 @@ fn start_embedded_executor(
     let session = LocalSession::new(executor);
     let mut worker_config = WorkerConfig::new(root.join("work"), root.join("cache"));
     worker_config.worker_name = format!("kiln-embedded/{}", execution.pool);
-    worker_config.max_timeout = Duration::from_secs(execution.max_action_timeout_s.max(1));
-    worker_config.max_grace = Duration::from_secs(execution.max_termination_grace_s);
+    worker_config.max_timeout = execution
+        .max_action_timeout
+        .get()
+        .max(Duration::from_secs(1));
+    worker_config.max_grace = execution.max_termination_grace.get();
     worker_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
     worker_config.action_user = action_user;
     execution.isolation.apply_to(
         &mut worker_config,
         execution.effective_resources(&root).memory_bytes,
     )?;
-    worker_config.input_limits = execution.inputs.limits()?;
+    worker_config.input_limits = execution.inputs.limits();
     if let Some(user) = action_user {
         // Checked here, not only by the worker, so a server whose actions
         // could not start fails to start itself, saying why.

@@ -74,8 +74,35 @@ fn print_default_is_a_complete_loadable_config() {
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:1985\""), "{text}");
     assert!(
-        text.contains("[storage]") && text.contains("max_size"),
+        text.contains("[storage]") && text.contains("max_size = \"10GiB\""),
         "{text}"
+    );
+    // It is the defaults, every setting of them, each under its
+    // documentation (the same as the flag's help).
+    let parsed: kiln::config::Config = toml::from_str(&text).unwrap();
+    assert_eq!(parsed, kiln::config::Config::default());
+    let lines: Vec<&str> = text.lines().collect();
+    let mut settings = 0;
+    for (i, line) in lines.iter().enumerate() {
+        if line.contains(" = ") && !line.starts_with('#') {
+            settings += 1;
+            assert!(lines[i - 1].starts_with("# "), "{line} has no comment");
+        }
+    }
+    assert!(settings > 80, "{settings} settings:\n{text}");
+    for section in [
+        "[executor]",
+        "[execution.isolation.sandbox]",
+        "[execution.inputs]",
+    ] {
+        assert!(text.contains(section), "{section} missing:\n{text}");
+    }
+    let help = kiln().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("Blobs up to this size are cached in the memory tier")
+            && text.contains("# Blobs up to this size are cached in the memory tier"),
+        "{help}"
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kiln.toml");
@@ -149,6 +176,155 @@ fn bad_configs_fail_with_a_message_naming_the_problem() {
         stderr.contains("lisen") && stderr.contains("bad.toml"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_flag_wins_over_the_file_and_the_file_over_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.toml");
+    // The file's data_dir cannot be made; the flag's wins. Its log format
+    // (no flag given) is used.
+    std::fs::write(
+        &path,
+        "data_dir = \"/proc/kiln-nowhere\"\n[log]\nformat = \"json\"\n\
+         [storage]\nsync_interval = \"250ms\"\n",
+    )
+    .unwrap();
+    let (child, _) = serve(dir.path(), &["--config", path.to_str().unwrap()]);
+    signal(&child, "TERM");
+    let (status, stderr) = stderr_of(child);
+    assert!(status.success(), "{stderr}");
+    assert!(dir.path().join("cas/checkpoint").exists(), "{stderr}");
+    for line in stderr.lines() {
+        assert!(line.starts_with('{'), "not a JSON log line: {line}");
+    }
+}
+
+#[test]
+fn old_keys_and_flags_with_a_unit_suffix_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.toml");
+    std::fs::write(
+        &path,
+        "shutdown_grace_ms = 5000\n[storage]\nsync_interval_ms = 500\n",
+    )
+    .unwrap();
+    let (child, _) = serve(
+        dir.path(),
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--bytestream-idle-timeout-ms",
+            "30000",
+            "--unmatched-grace-ms=200",
+        ],
+    );
+    signal(&child, "TERM");
+    let (status, stderr) = stderr_of(child);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("storage.sync_interval_ms is now storage.sync_interval"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_size_or_duration_is_refused_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    for (file, setting, hint) in [
+        (
+            "[storage]\nsync_interval = \"soon\"\n",
+            "sync_interval",
+            "soon",
+        ),
+        (
+            "[execution]\nunmatched_grace = 200\n",
+            "unmatched_grace",
+            "\"200ms\"",
+        ),
+        (
+            "[executor]\ncache_size = \"5 furlongs\"\n",
+            "cache_size",
+            "unknown unit",
+        ),
+    ] {
+        std::fs::write(&path, file).unwrap();
+        let output = serve_on_free_ports()
+            .arg("--config")
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(setting) && stderr.contains(hint) && stderr.contains("bad.toml"),
+            "{stderr}"
+        );
+    }
+    let output = serve_on_free_ports()
+        .args(["--bytestream-idle-timeout", "10"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--bytestream-idle-timeout") && stderr.contains("needs a unit"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_executor_takes_its_settings_from_the_config_file() {
+    // The sandbox probe reaches its mount point only on a root executor.
+    if !common::root_available("probing the sandbox") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A sandbox root mount point that cannot be made (under a file).
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let mount_point = blocker.join("sandbox-root");
+    let path = dir.path().join("kiln.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[executor]\nscheduler = \"grpc://127.0.0.1:1\"\nwork_dir = {work:?}\n\
+             monitoring_listen = \"127.0.0.1:0\"\n\
+             [execution.isolation]\noffer = [\"sandbox\"]\n\
+             [execution.isolation.sandbox]\nroot_mount_point = {mount:?}\n",
+            work = dir.path().join("work").display().to_string(),
+            mount = mount_point.display().to_string(),
+        ),
+    )
+    .unwrap();
+    // The sandbox probe uses the file's mount point: it fails, and with
+    // nothing else offered the executor refuses to start, saying why.
+    let output = kiln()
+        .args(["executor", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("creating {}", mount_point.display()))
+            && stderr.contains("none of the configured isolation types (sandbox)"),
+        "{stderr}"
+    );
+    // A flag wins over the file: with `none` offered it starts, and its
+    // monitoring endpoint (from the file) says so.
+    let mut executor = common::Process::spawn(&[
+        "executor",
+        "--config",
+        path.to_str().unwrap(),
+        "--isolation",
+        "none",
+    ]);
+    let line = executor.stdout_line_with("listening http://");
+    assert!(line.contains("127.0.0.1:"), "{line}");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use kiln::config::{Backend, Config};
+use kiln::config::{Backend, Config, Size};
 use kiln::serve::RunningServer;
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
@@ -34,7 +34,7 @@ impl Harness {
 
     async fn start_in(data_dir: &Path, adjust: impl FnOnce(&mut Config)) -> Harness {
         let mut config = Config::loopback(data_dir.to_path_buf());
-        config.storage.max_size = "1GiB".into();
+        config.storage.max_size = Size::gib(1);
         adjust(&mut config);
         let server = kiln::serve::start(&config).await.expect("server starts");
         let channel = server.connect().await.unwrap();
@@ -1380,7 +1380,7 @@ async fn a_full_disk_gives_resource_exhausted_and_no_partial_blob() {
     let _unmount = Unmount(dir.path());
 
     let harness = Harness::start_in(dir.path(), |config| {
-        config.storage.memory_cache_size = "0".into();
+        config.storage.memory_cache_size = Size(0);
     })
     .await;
     let big = pseudo_random(5 << 20, 99);
@@ -1575,7 +1575,7 @@ async fn results_cache_policy_priority_keeps_a_result_and_its_outputs_longer() {
     let dir = tempfile::tempdir().unwrap();
     let budget = 16 << 20;
     let harness = Harness::start_in(dir.path(), |config| {
-        config.storage.max_size = budget.to_string();
+        config.storage.max_size = Size(budget as u64);
     })
     .await;
     let blob_len = 512 << 10;
