@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::remote::{self, with_key};
 use common::{combined, Bazel, KilnServer, Process, ProcessSummary};
 
 use std::path::Path;
@@ -20,9 +21,7 @@ use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::ReadRequest;
 use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{self, batch_update_blobs_request};
-use prost::Message;
 use tonic::transport::Channel;
 
 /// Upper bound for anything that could hang; never a pass/fail threshold.
@@ -81,17 +80,6 @@ async fn channel(port: u16) -> Channel {
         .expect("connect to kiln")
 }
 
-/// `message` with `key` (if any) in the header Bazel uses.
-fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(key) = key {
-        request
-            .metadata_mut()
-            .insert("x-buildbuddy-api-key", key.parse().unwrap());
-    }
-    request
-}
-
 async fn get_capabilities(channel: &Channel, key: Option<&str>) -> Result<(), tonic::Status> {
     CapabilitiesClient::new(channel.clone())
         .get_capabilities(with_key(reapi::GetCapabilitiesRequest::default(), key))
@@ -100,7 +88,7 @@ async fn get_capabilities(channel: &Channel, key: Option<&str>) -> Result<(), to
 }
 
 async fn upload(channel: &Channel, key: Option<&str>, data: &[u8]) -> Result<(), tonic::Status> {
-    let digest = common::remote::digest(data);
+    let digest = remote::digest(data);
     ContentAddressableStorageClient::new(channel.clone())
         .batch_update_blobs(with_key(
             reapi::BatchUpdateBlobsRequest {
@@ -478,7 +466,7 @@ fn two_organisations_share_neither_results_nor_blobs() {
         let channel = channel(server.port).await;
         // A blob only acme uploaded does not exist for globex.
         let secret = format!("acme's alone {}", std::process::id()).into_bytes();
-        let blob = common::remote::digest(&secret);
+        let blob = remote::digest(&secret);
         upload(&channel, Some(&acme), &secret).await.unwrap();
         assert!(missing_for(&channel, &acme, std::slice::from_ref(&blob))
             .await
@@ -542,31 +530,8 @@ async fn upload_action_as(
     script: &str,
     properties: &[(&str, &str)],
 ) -> reapi::Digest {
-    let command = reapi::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let empty = reapi::Directory::default().encode_to_vec();
-    let action = reapi::Action {
-        command_digest: Some(common::remote::digest(&command)),
-        input_root_digest: Some(common::remote::digest(&empty)),
-        platform: Some(reapi::Platform {
-            properties: properties
-                .iter()
-                .map(|(name, value)| reapi::platform::Property {
-                    name: name.to_string(),
-                    value: value.to_string(),
-                })
-                .collect(),
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    for blob in [&command, &empty, &action] {
-        upload(channel, Some(key), blob).await.unwrap();
-    }
-    common::remote::digest(&action)
+    let arguments = vec!["/bin/sh".into(), "-c".into(), script.into()];
+    remote::upload_action_as(channel, Some(key), arguments, None, vec![], properties).await
 }
 
 /// Executes `action` as `key`'s caller: its response, or the refusal.
@@ -575,18 +540,9 @@ async fn execute_as(
     key: &str,
     action: reapi::Digest,
 ) -> Result<reapi::ExecuteResponse, tonic::Status> {
-    let stream = ExecutionClient::new(channel.clone())
-        .execute(with_key(
-            reapi::ExecuteRequest {
-                action_digest: Some(action),
-                skip_cache_lookup: true,
-                ..Default::default()
-            },
-            Some(key),
-        ))
-        .await?
-        .into_inner();
-    Ok(common::remote::completed(stream).await)
+    let headers = [("x-buildbuddy-api-key", key)];
+    let stream = remote::execute(channel.clone(), action, true, &headers).await?;
+    Ok(remote::completed(stream).await)
 }
 
 #[tokio::test]

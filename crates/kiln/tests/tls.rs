@@ -438,6 +438,30 @@ impl Namespace {
     }
 }
 
+impl Namespace {
+    /// `kiln executor` "exec-remote" (pools `procs`, `none` and `docker`)
+    /// in the namespace, registered with the plaintext server at
+    /// `address`: beyond loopback.
+    fn executor(&self, address: &str, work_dir: &Path) -> Process {
+        let wrapper = ["ip", "netns", "exec", self.name.as_str()];
+        let isolation = ["--isolation".to_string(), "none,docker".to_string()];
+        let executor = spawn_executor(&wrapper, address, "exec-remote", work_dir, &isolation);
+        executor.wait_for_log("executor registered");
+        executor
+    }
+}
+
+/// Stops `processes` and checks that `secret` is in no line they logged.
+fn assert_in_no_log<const N: usize>(secret: &str, processes: [&mut Process; N]) {
+    for process in processes {
+        let _ = process.child.kill();
+        let _ = process.child.wait();
+        while let Ok(line) = process.stderr.recv_timeout(HANG_GUARD) {
+            assert!(!line.contains(secret), "the secret leaked: {line}");
+        }
+    }
+}
+
 impl Drop for Namespace {
     fn drop(&mut self) {
         // Deleting the namespace deletes its end of the pair, and so both.
@@ -469,16 +493,7 @@ async fn a_plaintext_server_sends_no_registry_credential_beyond_loopback() {
     assert!(address.starts_with("grpc://"), "{address}");
     // The executor reaches the server from the namespace's address: not
     // loopback, and plaintext.
-    let wrapper = ["ip", "netns", "exec", namespace.name.as_str()];
-    let isolation = ["--isolation".to_string(), "none,docker".to_string()];
-    let mut executor = spawn_executor(
-        &wrapper,
-        &address,
-        "exec-remote",
-        &scratch.path().join("remote"),
-        &isolation,
-    );
-    executor.wait_for_log("executor registered");
+    let mut executor = namespace.executor(&address, &scratch.path().join("remote"));
 
     let secret = format!("kiln-secret-{}", std::process::id());
     // No executor of the pool may receive the credential, so the action is
@@ -529,14 +544,7 @@ async fn a_plaintext_server_sends_no_registry_credential_beyond_loopback() {
     assert_eq!(result.stdout_digest, Some(digest(b"fine\n")));
 
     // The secret is in no log line of the server or the executor.
-    let _ = server.child.kill();
-    let _ = executor.child.kill();
-    for process in [&mut server, &mut executor] {
-        let _ = process.child.wait();
-        while let Ok(line) = process.stderr.recv_timeout(HANG_GUARD) {
-            assert!(!line.contains(&secret), "the secret leaked: {line}");
-        }
-    }
+    assert_in_no_log(&secret, [&mut server, &mut executor]);
 }
 
 /// With a plaintext executor beyond loopback and the embedded executor in
@@ -574,16 +582,7 @@ async fn a_registry_credential_waits_for_an_executor_that_may_receive_it() {
     ]);
     let line = server.stdout_line_with("listening ");
     let address = line["listening ".len()..].trim().to_string();
-    let wrapper = ["ip", "netns", "exec", namespace.name.as_str()];
-    let isolation = ["--isolation".to_string(), "none,docker".to_string()];
-    let mut executor = spawn_executor(
-        &wrapper,
-        &address,
-        "exec-remote",
-        &scratch.path().join("remote"),
-        &isolation,
-    );
-    executor.wait_for_log("executor registered");
+    let mut executor = namespace.executor(&address, &scratch.path().join("remote"));
 
     let secret = format!("kiln-secret-{}", std::process::id());
     let credential = [
@@ -639,14 +638,7 @@ async fn a_registry_credential_waits_for_an_executor_that_may_receive_it() {
     let first = completed(first).await;
     assert_eq!(first.status.unwrap_or_default().code, 0);
 
-    let _ = server.child.kill();
-    let _ = executor.child.kill();
-    for process in [&mut server, &mut executor] {
-        let _ = process.child.wait();
-        while let Ok(line) = process.stderr.recv_timeout(HANG_GUARD) {
-            assert!(!line.contains(&secret), "the secret leaked: {line}");
-        }
-    }
+    assert_in_no_log(&secret, [&mut server, &mut executor]);
 }
 
 #[test]

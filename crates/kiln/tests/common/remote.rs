@@ -26,23 +26,50 @@ pub fn digest(data: &[u8]) -> Digest {
     }
 }
 
+/// `message` with API key `key` (if any) in the header Bazel sends it in.
+pub fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(key) = key {
+        request
+            .metadata_mut()
+            .insert("x-buildbuddy-api-key", key.parse().unwrap());
+    }
+    request
+}
+
 /// Uploads `blobs` with BatchUpdateBlobs, a hundred at a time.
 pub async fn upload(channel: &Channel, blobs: &[Vec<u8>]) {
+    upload_as(channel, None, blobs).await
+}
+
+/// [`upload`], as the caller of API key `key`.
+pub async fn upload_as(channel: &Channel, key: Option<&str>, blobs: &[Vec<u8>]) {
     for chunk in blobs.chunks(100) {
-        ContentAddressableStorageClient::new(channel.clone())
-            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                requests: chunk
-                    .iter()
-                    .map(|data| batch_update_blobs_request::Request {
-                        digest: Some(digest(data)),
-                        data: data.clone(),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            })
+        let request = reapi::BatchUpdateBlobsRequest {
+            requests: chunk
+                .iter()
+                .map(|data| batch_update_blobs_request::Request {
+                    digest: Some(digest(data)),
+                    data: data.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let responses = ContentAddressableStorageClient::new(channel.clone())
+            .batch_update_blobs(with_key(request, key))
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner()
+            .responses;
+        for response in responses {
+            let status = response.status.unwrap_or_default();
+            assert_eq!(
+                status.code, 0,
+                "uploading {:?}: {status:?}",
+                response.digest
+            );
+        }
     }
 }
 
@@ -51,6 +78,18 @@ pub async fn upload(channel: &Channel, blobs: &[Vec<u8>]) {
 /// `blobs`; returns the action's digest.
 pub async fn upload_action(
     channel: &Channel,
+    arguments: Vec<String>,
+    root: Option<Digest>,
+    blobs: Vec<Vec<u8>>,
+    properties: &[(&str, &str)],
+) -> Digest {
+    upload_action_as(channel, None, arguments, root, blobs, properties).await
+}
+
+/// [`upload_action`], as the caller of API key `key`.
+pub async fn upload_action_as(
+    channel: &Channel,
+    key: Option<&str>,
     arguments: Vec<String>,
     root: Option<Digest>,
     blobs: Vec<Vec<u8>>,
@@ -80,7 +119,7 @@ pub async fn upload_action(
     let action_digest = digest(&action);
     let mut all = blobs;
     all.extend([command, empty, action]);
-    upload(channel, &all).await;
+    upload_as(channel, key, &all).await;
     action_digest
 }
 
