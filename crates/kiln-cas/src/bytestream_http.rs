@@ -770,6 +770,64 @@ mod tests {
         }
     }
 
+    /// `request` as the caller of organisation `org`.
+    fn as_org(mut request: http::Request<Body>, org: &str) -> http::Request<Body> {
+        request.extensions_mut().insert(kiln_auth::Caller {
+            org: Arc::from(org),
+            key_id: None,
+            capabilities: kiln_auth::Capabilities::all(),
+        });
+        request
+    }
+
+    #[tokio::test]
+    async fn an_organisation_reads_only_what_it_wrote_even_when_stored_already() {
+        let (mut service, storage) = server();
+        // Large enough for the pipelined path.
+        let data = pattern(3 << 20);
+        let digest = digest_of(&data);
+        let upload = |org: &str| {
+            let frames: Vec<u8> = write_requests(&data, 1 << 20)
+                .iter()
+                .flat_map(|request| framed(request))
+                .collect();
+            as_org(request(WRITE_PATH, frames_of(&frames, 64 << 10)), org)
+        };
+        let read_as = |org: &str| {
+            let read = ReadRequest {
+                resource_name: format!("main/blobs/{}/{}", digest.hash_hex(), digest.size),
+                ..Default::default()
+            };
+            as_org(
+                request(READ_PATH, vec![Ok(framed(&read.encode_to_vec()))]),
+                org,
+            )
+        };
+        let (_, status) = call(&mut service, upload("acme")).await;
+        assert_eq!(status.code(), Code::Ok, "{status:?}");
+        for (org, visible) in [("acme", true), ("globex", false), ("", true)] {
+            assert_eq!(
+                storage.visible_to(org, &digest).await.unwrap(),
+                visible,
+                "{org:?}"
+            );
+        }
+        let (messages, status) = call(&mut service, read_as("globex")).await;
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert!(messages.is_empty());
+        // Stored already, yet globex must send the bytes to see it.
+        let (_, status) = call(&mut service, upload("globex")).await;
+        assert_eq!(status.code(), Code::Ok, "{status:?}");
+        assert!(storage.visible_to("globex", &digest).await.unwrap());
+        let (messages, status) = call(&mut service, read_as("globex")).await;
+        assert_eq!(status.code(), Code::Ok, "{status:?}");
+        let mut got = Vec::new();
+        for message in &messages {
+            got.extend_from_slice(&ReadResponse::decode(message.clone()).unwrap().data);
+        }
+        assert!(got == data, "globex read other bytes");
+    }
+
     #[tokio::test]
     async fn an_upload_being_received_reports_its_committed_bytes() {
         let (mut service, _) = server();
