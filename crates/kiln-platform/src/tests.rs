@@ -559,7 +559,10 @@ fn a_persistent_worker_key_is_parsed_with_its_protocol() {
 fn persistent_worker_properties_that_cannot_work_are_refused() {
     let error = refusal(&[("persistentWorkerProtocol", "json")]);
     assert_eq!(error.kind, PlatformErrorKind::Invalid, "{error}");
-    assert!(error.to_string().contains("set persistentWorkerKey too"), "{error}");
+    assert!(
+        error.to_string().contains("set persistentWorkerKey too"),
+        "{error}"
+    );
     for isolation in ["sandbox", "docker", "podman"] {
         let error = refusal(&[
             ("persistentWorkerKey", "k"),
