@@ -323,7 +323,8 @@ pub struct WorkerStart {
 /// Starts a worker as `user` (None: the executor's own), in its own
 /// process group; `spec` gives the environment, working directory and
 /// PATH lookup, `start` the arguments. A program that cannot be found is
-/// an error naming it. `guard` is kept until the worker is dropped.
+/// an error naming it. A backend that holds more (a cgroup) adds it with
+/// [`WorkerProcess::guarded_by`].
 pub async fn spawn(
     spec: &CommandSpec,
     start: &WorkerStart,
@@ -335,7 +336,8 @@ pub async fn spawn(
         crate::process::resolve_program(&name, &spec.working_directory, spec.path_variable())
             .ok_or_else(|| {
                 RunError::InvalidArgument(format!(
-                    "persistent worker: its program {name:?} was not found"
+                    "persistent worker: its program {name:?} was not found (looked up as a \
+                     shell would, from the action's working directory and PATH)"
                 ))
             })?;
     let stderr_path = start.runner_dir.join(WORKER_STDERR);

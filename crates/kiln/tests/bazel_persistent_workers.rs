@@ -85,8 +85,12 @@ fn bazel_actions_of_one_key_are_served_by_one_worker_process() {
 
     bazel.run_ok(&["build", "//workers:second"]);
     let read = |name: &str| {
-        fs::read_to_string(bazel.workspace.join(format!("bazel-bin/workers/{name}.txt")))
-            .unwrap_or_else(|e| panic!("{name}.txt: {e}"))
+        fs::read_to_string(
+            bazel
+                .workspace
+                .join(format!("bazel-bin/workers/{name}.txt")),
+        )
+        .unwrap_or_else(|e| panic!("{name}.txt: {e}"))
     };
     let (first, second) = (read("first"), read("second"));
     eprintln!("first: {first}second: {second}");
