@@ -56,11 +56,6 @@ pub const KNOWN_KEYS: [&str; 27] = [
     "enable-dockerd-tcp",
 ];
 
-/// Why `persistentWorkerKey` and `persistentWorkerProtocol` are refused.
-const PERSISTENT_WORKERS: &str = "persistent workers are not supported by this Kiln yet; remove \
-     the property (or Bazel's --experimental_remote_mark_tool_inputs, which adds \
-     persistentWorkerKey)";
-
 /// Keys whose values are secrets: never logged, echoed or stored.
 const SECRET_KEYS: [&str; 1] = ["container-registry-password"];
 
@@ -238,6 +233,23 @@ pub enum DockerNetwork {
     Bridge,
 }
 
+/// `persistentWorkerProtocol`: how requests reach a persistent worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WorkerProtocol {
+    /// Varint-length-delimited `WorkRequest`/`WorkResponse` protobufs.
+    #[default]
+    Proto,
+    /// One JSON object per line, protobuf JSON names.
+    Json,
+}
+
+/// `persistentWorkerKey` and its protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistentWorker {
+    pub key: String,
+    pub protocol: WorkerProtocol,
+}
+
 /// `dockerUser`: a name, a uid, or `uid:gid`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DockerUser {
@@ -341,6 +353,10 @@ pub struct Platform {
     /// `None`: not set (or empty), which means `bridge` where the runtime
     /// has a bridge network.
     pub docker_network: Option<DockerNetwork>,
+    /// `persistentWorkerKey` (non-empty) and `persistentWorkerProtocol`:
+    /// with `recycle-runner`, the action is a request to a long-running
+    /// worker of that key; without, an ordinary action.
+    pub persistent_worker: Option<PersistentWorker>,
     /// Keys `docs/platform-properties.md` does not define: carried along,
     /// and constraining placement only where an executor declares them.
     pub other: BTreeMap<String, String>,
@@ -629,6 +645,7 @@ impl Platform {
         let mut compute_units = None;
         let (mut cpu, mut memory) = (None, None);
         let (mut username, mut password) = (None, None);
+        let (mut worker_key, mut worker_protocol) = (None, None);
         for (key, value) in &merged {
             let v = value.as_str();
             match key.as_str() {
@@ -717,15 +734,17 @@ impl Platform {
                 }
                 // Bazel adds persistentWorkerKey to worker-capable spawns
                 // with --experimental_remote_mark_tool_inputs.
-                "persistentWorkerKey" if !v.is_empty() => {
-                    return Err(unsupported(key, v, PERSISTENT_WORKERS));
+                "persistentWorkerKey" => {
+                    worker_key = Some(v.to_string()).filter(|k| !k.is_empty());
                 }
-                "persistentWorkerKey" => {}
-                "persistentWorkerProtocol" => match v.to_ascii_lowercase().as_str() {
-                    "" => {}
-                    "proto" | "json" => return Err(unsupported(key, v, PERSISTENT_WORKERS)),
-                    _ => return Err(invalid(key, v, "expected proto or json")),
-                },
+                "persistentWorkerProtocol" => {
+                    worker_protocol = match v.to_ascii_lowercase().as_str() {
+                        "" => None,
+                        "proto" => Some(WorkerProtocol::Proto),
+                        "json" => Some(WorkerProtocol::Json),
+                        _ => return Err(invalid(key, v, "expected proto or json")),
+                    }
+                }
                 "container-image" => {
                     platform.container_image = if v.is_empty() || v == "none" {
                         None
@@ -761,6 +780,24 @@ impl Platform {
                 }
             }
         }
+        match (worker_key, worker_protocol) {
+            (Some(key), protocol) => {
+                platform.persistent_worker = Some(PersistentWorker {
+                    key,
+                    protocol: protocol.unwrap_or_default(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "persistentWorkerProtocol",
+                    merged
+                        .get("persistentWorkerProtocol")
+                        .map_or("", String::as_str),
+                    "says how to talk to a persistent worker: set persistentWorkerKey too",
+                ))
+            }
+            (None, None) => {}
+        }
         // Options of a warm runner mean nothing without one: refused rather
         // than ignored.
         if platform.preserve_workspace && !platform.recycle_runner {
@@ -788,6 +825,21 @@ impl Platform {
                         "workload-isolation-type={} runs every action in a fresh runner in this \
                          Kiln, so there is no workspace to preserve; use \
                          workload-isolation-type=sandbox, or remove preserve-workspace",
+                        isolation.name()
+                    ),
+                ));
+            }
+        }
+        // Persistent workers live in `none`'s warm runners only, for now.
+        if let (Some(worker), Some(isolation)) = (&platform.persistent_worker, platform.isolation) {
+            if platform.recycle_runner && isolation != IsolationType::None {
+                return Err(unsupported(
+                    "persistentWorkerKey",
+                    &worker.key,
+                    &format!(
+                        "workload-isolation-type={} keeps no persistent workers in this Kiln \
+                         (only none does); use workload-isolation-type=none, or remove \
+                         recycle-runner to run the action as an ordinary one",
                         isolation.name()
                     ),
                 ));

@@ -291,14 +291,6 @@ fn refusal(pairs: &[(&str, &str)]) -> PlatformError {
 #[test]
 fn features_kiln_does_not_have_are_refused_not_ignored() {
     for (key, value, why) in [
-        ("persistentWorkerKey", "javac-1", "persistent workers"),
-        (
-            "persistentWorkerKey",
-            "x",
-            "--experimental_remote_mark_tool_inputs",
-        ),
-        ("persistentWorkerProtocol", "json", "persistent workers"),
-        ("persistentWorkerProtocol", "proto", "persistent workers"),
         ("init-dockerd", "true", "microVM"),
         ("enable-dockerd-tcp", "TRUE", "microVM"),
     ] {
@@ -547,4 +539,65 @@ fn header_overrides_have_an_identity_that_leaves_out_credentials() {
             ("x-buildbuddy-platform.dockernetwork", "off"),
         ])
     );
+}
+
+#[test]
+fn a_persistent_worker_key_is_parsed_with_its_protocol() {
+    let platform = parse_action(&[("persistentWorkerKey", "javac-1")]).unwrap();
+    assert_eq!(
+        platform.persistent_worker,
+        Some(PersistentWorker {
+            key: "javac-1".into(),
+            protocol: WorkerProtocol::Proto
+        })
+    );
+    let platform = parse_action(&[
+        ("persistentWorkerKey", "k"),
+        ("persistentWorkerProtocol", "JSON"),
+        ("recycle-runner", "true"),
+        ("workload-isolation-type", "none"),
+    ])
+    .unwrap();
+    assert_eq!(
+        platform.persistent_worker.map(|w| w.protocol),
+        Some(WorkerProtocol::Json)
+    );
+    // Different keys never share a runner.
+    let a = parse_action(&[("persistentWorkerKey", "a"), ("recycle-runner", "true")]).unwrap();
+    let b = parse_action(&[("persistentWorkerKey", "b"), ("recycle-runner", "true")]).unwrap();
+    assert_ne!(a.runner_key("o"), b.runner_key("o"));
+    // An empty key is no key.
+    let none = parse_action(&[("persistentWorkerKey", "")]).unwrap();
+    assert_eq!(none.persistent_worker, None);
+}
+
+#[test]
+fn persistent_worker_properties_that_cannot_work_are_refused() {
+    let error = refusal(&[("persistentWorkerProtocol", "json")]);
+    assert_eq!(error.kind, PlatformErrorKind::Invalid, "{error}");
+    assert!(
+        error.to_string().contains("set persistentWorkerKey too"),
+        "{error}"
+    );
+    for isolation in ["sandbox", "docker", "podman"] {
+        let error = refusal(&[
+            ("persistentWorkerKey", "k"),
+            ("recycle-runner", "true"),
+            ("workload-isolation-type", isolation),
+        ]);
+        assert_eq!(error.kind, PlatformErrorKind::Unsupported, "{error}");
+        let message = error.to_string();
+        assert!(message.contains("persistentWorkerKey"), "{message}");
+        assert!(
+            message.contains(&format!("workload-isolation-type={isolation}")),
+            "{message}"
+        );
+    }
+    // Without recycle-runner the key asks for nothing a one-shot action
+    // cannot give.
+    parse_action(&[
+        ("persistentWorkerKey", "k"),
+        ("workload-isolation-type", "sandbox"),
+    ])
+    .unwrap();
 }

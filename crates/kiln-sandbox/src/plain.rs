@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_platform::{DockerNetwork, Platform};
+use kiln_worker::persistent::{WorkerProcess, WorkerStart};
 use kiln_worker::process::{Limits, ProcessOutcome};
 use kiln_worker::trial::TrialAction;
 use kiln_worker::{
@@ -268,6 +269,55 @@ impl Isolation for PlainProcess {
                 ))
             }
             other => other,
+        })
+    }
+
+    /// The worker runs as the action would, in a cgroup of its own that
+    /// lives as long as it does. Only a plain `none` action: a worker in a
+    /// network namespace or under an init is not kept.
+    async fn start_worker(
+        &self,
+        spec: &CommandSpec,
+        start: &WorkerStart,
+        limits: &Limits,
+    ) -> Result<WorkerProcess, RunError> {
+        let platform = &spec.platform;
+        let user = self.user(platform, spec.action_user)?;
+        if self.euid != 0 {
+            return NoIsolation.start_worker(spec, start, limits).await;
+        }
+        if let Some(asked) = beyond_plain_process(platform).first() {
+            return Err(RunError::Unsupported(format!(
+                "{asked}: persistent workers (persistentWorkerKey with recycle-runner) run as \
+                 plain processes under workload-isolation-type=none in this Kiln; remove the \
+                 property, or recycle-runner to run the action as an ordinary one"
+            )));
+        }
+        let cgroup = match &self.cgroups {
+            None => None,
+            Some(root) => Some(
+                root.create(
+                    &action_cgroup_name(),
+                    &Limits {
+                        memory_bytes: None,
+                        cpu_millis: None,
+                        ..*limits
+                    },
+                )
+                .map_err(|e| RunError::Internal(format!("none: worker cgroup: {e}")))?,
+            ),
+        };
+        let worker = kiln_worker::persistent::spawn(spec, start, user).await?;
+        Ok(match cgroup {
+            None => worker,
+            Some(cgroup) => {
+                // The worker's process group is killed with it too, so
+                // what it started before joining is caught either way.
+                cgroup
+                    .add_pid(worker.pid())
+                    .map_err(|e| RunError::Internal(format!("none: worker cgroup: {e}")))?;
+                worker.guarded_by(Box::new(cgroup))
+            }
         })
     }
 }

@@ -1827,16 +1827,6 @@ async fn refused(
 async fn features_kiln_does_not_have_are_refused_before_queueing() {
     let harness = Harness::start().await;
     for (key, value, why) in [
-        (
-            "persistentWorkerKey",
-            "javac-1",
-            "persistent workers are not supported",
-        ),
-        (
-            "persistentWorkerProtocol",
-            "json",
-            "persistent workers are not supported",
-        ),
         ("use-self-hosted-executors", "true", "no organisation"),
         ("init-dockerd", "true", "no microVM"),
         ("enable-dockerd-tcp", "true", "no microVM"),
@@ -1866,11 +1856,11 @@ async fn features_kiln_does_not_have_are_refused_before_queueing() {
     let error = refused(
         &harness,
         &plain,
-        &[("x-buildbuddy-platform.persistentworkerkey", "javac-1")],
+        &[("x-buildbuddy-platform.init-dockerd", "true")],
     )
     .await;
     assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
-    assert!(error.message().contains("persistentWorkerKey"), "{error}");
+    assert!(error.message().contains("init-dockerd"), "{error}");
     // Values that ask for nothing run.
     let action = harness
         .action(ActionSpec {

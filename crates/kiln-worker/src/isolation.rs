@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use kiln_platform::{DockerNetwork, IsolationType, Platform};
 
 use crate::error::RunError;
+use crate::persistent::{WorkerProcess, WorkerStart};
 use crate::process::{self, Limits, ProcessOutcome};
 use crate::stdio::OutputPipes;
 
@@ -161,6 +162,26 @@ pub trait Isolation: Send + Sync {
         limits: &Limits,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError>;
+
+    /// Starts a persistent worker (`persistentWorkerKey`) with `start`'s
+    /// arguments, in `spec`'s working directory and environment, as the
+    /// action would run; it lives until the returned process is dropped,
+    /// and nothing it starts outlives it. Only backends that keep warm
+    /// runners are asked. The default refuses, naming the property and
+    /// the type.
+    async fn start_worker(
+        &self,
+        _spec: &CommandSpec,
+        _start: &WorkerStart,
+        _limits: &Limits,
+    ) -> Result<WorkerProcess, RunError> {
+        Err(RunError::Unsupported(format!(
+            "persistentWorkerKey: workload-isolation-type={} keeps no persistent workers in this \
+             Kiln (only none does); use workload-isolation-type=none, or remove recycle-runner \
+             to run the action as an ordinary one",
+            self.name()
+        )))
+    }
 }
 
 /// What an action asks of `none` beyond a plain child process of the
@@ -252,6 +273,16 @@ impl Isolation for NoIsolation {
             command.uid(uid).gid(gid);
         }
         process::supervise(command, &program_name, &spec.stderr_path, limits, cancel).await
+    }
+
+    async fn start_worker(
+        &self,
+        spec: &CommandSpec,
+        start: &WorkerStart,
+        _limits: &Limits,
+    ) -> Result<WorkerProcess, RunError> {
+        NoIsolation::refuse_extras(&spec.platform)?;
+        crate::persistent::spawn(spec, start, spec.action_user).await
     }
 }
 

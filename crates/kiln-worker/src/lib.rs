@@ -19,6 +19,8 @@
 //! - [`outputs`]: turning the declared outputs into ActionResult entries;
 //! - [`stdio`]: the pipes an action's stdout and stderr go through, drained
 //!   into files that exist only when the action printed something;
+//! - [`persistent`]: persistent workers kept in warm runners, and their
+//!   `WorkRequest`/`WorkResponse` protocol (`proto` and `json`);
 //! - [`runners`]: warm runners (`recycle-runner`), kept by runner key;
 //! - [`scratch`]: action directories, and the directories reused inside them;
 //! - [`workspace`]: how inputs are laid out so no action can change the
@@ -38,6 +40,7 @@ pub mod inputs;
 pub mod isolation;
 pub mod local;
 pub mod outputs;
+pub mod persistent;
 pub mod process;
 pub mod runners;
 pub mod scratch;

@@ -8,7 +8,12 @@
 //!   directory, bind-mounted over the sandbox's /tmp).
 //!
 //! No process of an action outlives it under either: `sandbox` has its own
-//! PID namespace, and `none` actions run in a cgroup that is emptied.
+//! PID namespace, and `none` actions run in a cgroup that is emptied. The
+//! one exception is asked for: a `none` runner with `persistentWorkerKey`
+//! keeps its persistent worker ([`crate::persistent`]) alive, in a cgroup
+//! of its own, for as long as the runner is kept; a runner that is
+//! discarded kills it. Its workspace directory itself is kept (only its
+//! contents are emptied), so the worker's working directory stays valid.
 //!
 //! Between two actions, before the runner is offered again
 //! ([`reset_for_reuse`]): its captured stdout/stderr and an overlay's lower
@@ -37,6 +42,7 @@ use kiln_platform::Platform;
 pub use kiln_platform::RunnerKey;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
+use crate::persistent::{WorkerProcess, WORKER_STDERR};
 use crate::scratch::Scratch;
 
 /// An action that leaves this file at its workspace's root asks for its
@@ -76,6 +82,9 @@ pub struct WarmRunner {
     pub dir: PathBuf,
     /// Actions it has run.
     pub uses: u32,
+    /// Its persistent worker (`persistentWorkerKey`), alive between
+    /// actions; killed when the runner is dropped.
+    pub worker: Option<WorkerProcess>,
     idle_since: Instant,
 }
 
@@ -85,6 +94,7 @@ impl WarmRunner {
             key,
             dir,
             uses,
+            worker: None,
             idle_since: Instant::now(),
         }
     }
@@ -193,9 +203,9 @@ pub fn reset_for_reuse(
     leftovers: Option<&Leftovers>,
 ) -> std::io::Result<()> {
     let Some(leftovers) = leftovers else {
-        return scratch.empty_action_dir(action_dir, &[RUNNER_TMP]);
+        return scratch.empty_action_dir(action_dir, &[RUNNER_TMP, WORKER_STDERR]);
     };
-    scratch.empty_action_dir(action_dir, &[RUNNER_TMP, leftovers.written])?;
+    scratch.empty_action_dir(action_dir, &[RUNNER_TMP, WORKER_STDERR, leftovers.written])?;
     let written = action_dir.join(leftovers.written);
     let root = rustix::fs::open(
         &written,

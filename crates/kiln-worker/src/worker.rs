@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_platform::Platform;
+use kiln_platform::{PersistentWorker, Platform};
 use kiln_proto::reapi::{Action, ActionResult, Command, Digest, ExecutedActionMetadata};
 use kiln_proto::timestamp_now;
 use prost::Message;
@@ -23,7 +23,8 @@ use crate::error::{format_digest, RunError};
 use crate::inputs;
 use crate::isolation::{CommandSpec, Isolation, Isolations};
 use crate::outputs;
-use crate::process::{blocking, Limits, StopReason};
+use crate::persistent::{self, WorkerIdentity, WorkerProcess, WorkerStart};
+use crate::process::{blocking, Limits, ProcessOutcome, StopReason};
 use crate::runners::{self, Leftovers, RunnerKey, RunnerLimits, RunnerPool, WarmRunner};
 use crate::scratch::Scratch;
 use crate::stdio;
@@ -159,6 +160,18 @@ struct RunnerNotes {
     clean: bool,
     /// With `preserve-workspace`: what to delete before the next action.
     leftovers: Option<Leftovers>,
+    /// The runner's persistent worker: the warm runner's on the way in;
+    /// on the way out, one that answered and may serve the next action.
+    worker: Option<WorkerProcess>,
+}
+
+/// What a persistent worker made of one request.
+struct Served {
+    outcome: ProcessOutcome,
+    /// `WorkResponse.output`, or why the worker failed: the action's stderr.
+    stderr: String,
+    /// The status of an action whose worker failed it.
+    failure: Option<tonic::Status>,
 }
 
 /// Runs actions: one CAS client, one file cache, the isolation backends
@@ -266,8 +279,14 @@ impl Worker {
             uses: warm.as_ref().map_or(0, |w| w.uses) + 1,
             key,
         };
-        let action_dir = warm.map_or_else(|| self.scratch.action_dir(), |w| w.dir);
-        let mut notes = RunnerNotes::default();
+        let (action_dir, worker) = match warm {
+            Some(warm) => (warm.dir, warm.worker),
+            None => (self.scratch.action_dir(), None),
+        };
+        let mut notes = RunnerNotes {
+            worker,
+            ..RunnerNotes::default()
+        };
         let result = self
             .run_in(
                 instance_name,
@@ -282,10 +301,10 @@ impl Worker {
             .await;
         let kept = match (&runner.key, result.is_ok() && notes.clean) {
             (Some(key), true) if !self.config.keep_workspaces => {
-                self.keep_runner(key, action_dir, runner.uses, notes.leftovers)
-                    .await
+                self.keep_runner(key, action_dir, runner.uses, notes).await
             }
             _ => {
+                discard_worker(notes.worker.take()).await;
                 if !self.config.keep_workspaces {
                     recycle_action_dir(action_dir, self.scratch.clone()).await;
                 }
@@ -319,8 +338,9 @@ impl Worker {
         key: &RunnerKey,
         action_dir: PathBuf,
         uses: u32,
-        leftovers: Option<Leftovers>,
+        mut notes: RunnerNotes,
     ) -> bool {
+        let leftovers = notes.leftovers.take();
         let scratch = self.scratch.clone();
         let dir = action_dir.clone();
         let reset = tokio::task::spawn_blocking(move || {
@@ -329,9 +349,9 @@ impl Worker {
         .await;
         let error = match reset {
             Ok(Ok(())) => {
-                let evicted = self
-                    .runners
-                    .put(WarmRunner::new(key.clone(), action_dir, uses));
+                let mut runner = WarmRunner::new(key.clone(), action_dir, uses);
+                runner.worker = notes.worker.take();
+                let evicted = self.runners.put(runner);
                 for dir in evicted {
                     recycle_action_dir(dir, self.scratch.clone()).await;
                 }
@@ -341,6 +361,7 @@ impl Worker {
             Err(e) => e.to_string(),
         };
         tracing::warn!(path = %action_dir.display(), %error, "a warm runner could not be cleaned; discarded");
+        discard_worker(notes.worker.take()).await;
         recycle_action_dir(action_dir, self.scratch.clone()).await;
         false
     }
@@ -381,6 +402,19 @@ impl Worker {
             directories: DirAccess::for_action(run_as, platform.nonroot_workspace),
             over_existing: preserving && runner.warm,
         };
+        // A persistent worker, where this runner is kept; without one the
+        // action runs as an ordinary one, as its command line says.
+        let serving = platform.persistent_worker.as_ref().filter(|_| recycling);
+        if let Some(worker) = serving.filter(|_| plan.layout == Layout::Overlay) {
+            return Err(RunError::Unsupported(format!(
+                "persistentWorkerKey={:?}: this action would run as root or as the executor's own \
+                 user, whose workspace is an overlay mounted afresh for each action, which a \
+                 worker kept between actions cannot stay in; persistent workers run as the \
+                 executor's action user (remove dockerRunAsRoot/dockerUser, or recycle-runner to \
+                 run the action as an ordinary one)",
+                worker.key
+            )));
+        }
         // Every kept runner has its own /tmp directory; backends with a
         // private /tmp (`sandbox`) mount it there, the others ignore it.
         let runner_tmp = if recycling {
@@ -465,12 +499,47 @@ impl Worker {
         };
         let limits = self.limits(&action, platform);
         metadata.execution_start_timestamp = Some(timestamp_now());
-        let process = isolation.run(&spec, &limits, cancel).await;
+        let (process, served) = match serving {
+            None => (isolation.run(&spec, &limits, cancel).await, None),
+            Some(worker) => {
+                let working_directory = working_path
+                    .strip_prefix(&workspace)
+                    .unwrap_or(Path::new(""))
+                    .to_path_buf();
+                let request = PendingRequest {
+                    command: &command,
+                    workspace: &workspace,
+                    working_directory,
+                    directories: &directories,
+                    input_root: &input_root,
+                    action_dir,
+                };
+                let served = self
+                    .serve(&**isolation, worker, &spec, &limits, cancel, request, notes)
+                    .await;
+                match served {
+                    Ok(served) => (Ok(served.outcome), Some(served)),
+                    Err(error) => (Err(error), None),
+                }
+            }
+        };
         // The command is gone (its group with it): what it printed is in
         // the pipes or already in the files.
         let captured = capture.finish().await;
         let process = process?;
         captured?;
+        let mut worker_failure = None;
+        if let Some(served) = served {
+            if !served.stderr.is_empty() {
+                let (path, text) = (spec.stderr_path.clone(), served.stderr);
+                blocking("writing the worker's output", move || {
+                    std::fs::write(&path, text)
+                        .map_err(|e| RunError::io(format!("writing {}", path.display()), e))
+                })
+                .await?;
+            }
+            worker_failure = served.failure;
+        }
         metadata.execution_completed_timestamp = Some(timestamp_now());
         if process.memory_exceeded {
             report_memory_exceeded(&spec, &limits, platform).await?;
@@ -481,24 +550,28 @@ impl Worker {
         let mut blobs = Vec::new();
         let mut status = tonic::Status::ok("");
         result.exit_code = process.exit_code;
-        match process.stopped {
-            Some(StopReason::Timeout) => {
-                status = tonic::Status::deadline_exceeded(format!(
-                    "action {} timed out after {:?}",
-                    format_digest(action_digest),
-                    limits.timeout
-                ));
-            }
-            Some(StopReason::Cancelled) => {
-                status = tonic::Status::cancelled(format!(
-                    "action {} was cancelled",
-                    format_digest(action_digest)
-                ));
-            }
-            None => {
-                blobs = outputs::collect(&command, workspace.clone(), working_path.clone())
-                    .await?
-                    .fill(&mut result);
+        if let Some(failure) = worker_failure {
+            status = failure;
+        } else {
+            match process.stopped {
+                Some(StopReason::Timeout) => {
+                    status = tonic::Status::deadline_exceeded(format!(
+                        "action {} timed out after {:?}",
+                        format_digest(action_digest),
+                        limits.timeout
+                    ));
+                }
+                Some(StopReason::Cancelled) => {
+                    status = tonic::Status::cancelled(format!(
+                        "action {} was cancelled",
+                        format_digest(action_digest)
+                    ));
+                }
+                None => {
+                    blobs = outputs::collect(&command, workspace.clone(), working_path.clone())
+                        .await?
+                        .fill(&mut result);
+                }
             }
         }
         let paths = [spec.stdout_path.clone(), spec.stderr_path.clone()];
@@ -563,7 +636,10 @@ impl Worker {
             status.code() == tonic::Code::Ok && result.exit_code == 0 && !process.memory_exceeded;
         let cacheable = succeeded && !action.do_not_cache;
         if recycling {
-            notes.clean = succeeded
+            // A worker that answered, whatever its exit code, stays warm.
+            let answered =
+                serving.is_some() && notes.worker.is_some() && status.code() == tonic::Code::Ok;
+            notes.clean = (succeeded || answered)
                 && std::fs::symlink_metadata(written.join(runners::DO_NOT_RECYCLE)).is_err();
             if notes.clean && preserving {
                 let written_name = if written == workspace {
@@ -584,6 +660,119 @@ impl Worker {
             result,
             status,
             cacheable,
+        })
+    }
+
+    /// Sends the staged action to the runner's persistent worker (started
+    /// first, when the runner has none or one started with other
+    /// arguments) and waits for its answer within the action's timeout. A
+    /// worker that answers is left in `notes` for the next action; one
+    /// that fails is killed, and the outcome says why, naming the key.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve(
+        &self,
+        isolation: &dyn Isolation,
+        worker: &PersistentWorker,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        request: PendingRequest<'_>,
+        notes: &mut RunnerNotes,
+    ) -> Result<Served, RunError> {
+        let split = persistent::split_arguments(&request.command.arguments, worker)?;
+        let identity = WorkerIdentity {
+            startup: split.startup,
+            environment_variables: spec.environment_variables.clone(),
+            working_directory: request.working_directory.clone(),
+        };
+        if notes
+            .worker
+            .as_ref()
+            .is_some_and(|w| w.identity != identity)
+        {
+            tracing::info!(key = %worker.key, "persistent worker started with other arguments; replaced");
+            discard_worker(notes.worker.take()).await;
+        }
+        let (workspace, working_directory, flag_files) = (
+            request.workspace.to_path_buf(),
+            request.working_directory,
+            split.flag_files,
+        );
+        let arguments = blocking("reading the flag files", move || {
+            persistent::expand_flag_files(&workspace, &working_directory, &flag_files)
+        })
+        .await?;
+        let work_request = persistent::WorkRequest {
+            arguments,
+            inputs: persistent::request_inputs(request.directories, request.input_root),
+            ..Default::default()
+        };
+        let mut process = match notes.worker.take() {
+            Some(process) => process,
+            None => {
+                let start = WorkerStart {
+                    identity,
+                    protocol: worker.protocol,
+                    runner_dir: request.action_dir.to_path_buf(),
+                };
+                isolation.start_worker(spec, &start, limits).await?
+            }
+        };
+        let answer = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                discard_worker(Some(process)).await;
+                return Ok(Served {
+                    outcome: ProcessOutcome {
+                        stopped: Some(StopReason::Cancelled),
+                        ..ProcessOutcome::exited(-1)
+                    },
+                    stderr: String::new(),
+                    failure: None,
+                });
+            }
+            _ = tokio::time::sleep(limits.timeout) => None,
+            answer = process.request(&work_request) => Some(answer),
+        };
+        let (why, timed_out) = match answer {
+            Some(Ok(response)) => {
+                notes.worker = Some(process);
+                return Ok(Served {
+                    outcome: ProcessOutcome::exited(response.exit_code),
+                    stderr: response.output,
+                    failure: None,
+                });
+            }
+            Some(Err(failure)) => (failure.to_string(), false),
+            None => (
+                format!(
+                    "did not answer within the action's timeout of {:?}",
+                    limits.timeout
+                ),
+                true,
+            ),
+        };
+        let pid = process.pid();
+        // Killed first, so its stderr is complete.
+        discard_worker(Some(process)).await;
+        let tail = persistent::stderr_tail(&request.action_dir.join(persistent::WORKER_STDERR));
+        let message = format!(
+            "persistent worker {:?} (pid {pid}) {why}; it was stopped, and the next action gets a \
+             fresh one. Its last stderr lines:\n{tail}",
+            worker.key
+        );
+        tracing::info!(key = %worker.key, pid, %why, "persistent worker failed an action");
+        Ok(Served {
+            outcome: ProcessOutcome {
+                stopped: timed_out.then_some(StopReason::Timeout),
+                ..ProcessOutcome::exited(1)
+            },
+            stderr: format!("kiln: {message}\n"),
+            failure: Some(if timed_out {
+                tonic::Status::deadline_exceeded(message)
+            } else {
+                tonic::Status::internal(message)
+            }),
         })
     }
 
@@ -944,6 +1133,25 @@ fn packed(type_url: &str, message: &impl Message) -> kiln_proto::protobuf::Any {
     kiln_proto::protobuf::Any {
         type_url: type_url.into(),
         value: message.encode_to_vec(),
+    }
+}
+
+/// What [`Worker::serve`] needs of a staged action.
+struct PendingRequest<'a> {
+    command: &'a Command,
+    workspace: &'a Path,
+    /// Relative to `workspace`.
+    working_directory: PathBuf,
+    directories: &'a inputs::DirectoryMap,
+    input_root: &'a Digest,
+    action_dir: &'a Path,
+}
+
+/// Kills a persistent worker and everything it started, off the async
+/// threads (a cgroup is emptied with short waits).
+async fn discard_worker(worker: Option<WorkerProcess>) {
+    if let Some(worker) = worker {
+        let _ = tokio::task::spawn_blocking(move || drop(worker)).await;
     }
 }
 

@@ -63,6 +63,12 @@ pub struct ExecBenchArgs {
     #[arg(long, default_value = "/bin/true")]
     pub program: String,
 
+    /// Pass each action's unique argument in a flag file (`@args.params`,
+    /// the action's one input) instead of on its command line: the shape
+    /// of a persistent worker's action (`persistentWorkerKey`).
+    #[arg(long)]
+    pub flag_file: bool,
+
     /// Platform properties put on every Action, as `KEY=VALUE`.
     #[arg(long = "property", value_parser = parse_property)]
     pub properties: Vec<(String, String)>,
@@ -102,6 +108,9 @@ pub async fn run(args: ExecBenchArgs) -> anyhow::Result<()> {
     let report = bench.run_all().await?;
     report.print(bench.args.json)
 }
+
+/// The flag file of `--flag-file` actions, in their input root.
+const FLAG_FILE: &str = "args.params";
 
 /// A client executing trivial actions against one server.
 pub(super) struct ExecBench {
@@ -150,11 +159,13 @@ impl ExecBench {
 
     /// Action `index` of this run: its Command and Action, encoded.
     fn action(&self, index: usize, input_root: &Digest) -> (Vec<u8>, Vec<u8>) {
+        let unique = if self.args.flag_file {
+            format!("@{FLAG_FILE}")
+        } else {
+            self.unique_argument(index)
+        };
         let command = reapi::Command {
-            arguments: vec![
-                self.args.program.clone(),
-                format!("kiln-bench-{:016x}-{index}", self.seed),
-            ],
+            arguments: vec![self.args.program.clone(), unique],
             ..Default::default()
         }
         .encode_to_vec();
@@ -179,15 +190,36 @@ impl ExecBench {
         (command, action)
     }
 
+    /// The argument that makes action `index` of this run unique.
+    fn unique_argument(&self, index: usize) -> String {
+        format!("kiln-bench-{:016x}-{index}", self.seed)
+    }
+
     /// Uploads the Commands and Actions of `indices` (and the empty input
     /// root) before anything is timed; returns the Action digests.
     async fn upload(&self, indices: Range<usize>) -> anyhow::Result<Vec<Digest>> {
         let root = reapi::Directory::default().encode_to_vec();
-        let root_digest = digest_of(&root);
+        let mut root_digest = digest_of(&root);
         let mut action_digests = Vec::with_capacity(indices.len());
         let mut pending = vec![root];
         let mut cas = self.cas.clone();
         for index in indices {
+            if self.args.flag_file {
+                // Each action's own input root: its flag file.
+                let params = format!("{}\n", self.unique_argument(index)).into_bytes();
+                let root = reapi::Directory {
+                    files: vec![reapi::FileNode {
+                        name: FLAG_FILE.into(),
+                        digest: Some(digest_of(&params)),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }
+                .encode_to_vec();
+                root_digest = digest_of(&root);
+                pending.push(params);
+                pending.push(root);
+            }
             let (command, action) = self.action(index, &root_digest);
             action_digests.push(digest_of(&action));
             pending.push(command);
@@ -215,7 +247,14 @@ impl ExecBench {
             ("seed".into(), format!("{:016x}", self.seed)),
             (
                 "action".into(),
-                format!("{} <unique argument>", self.args.program),
+                if self.args.flag_file {
+                    format!(
+                        "{} @{FLAG_FILE} (holding a unique argument)",
+                        self.args.program
+                    )
+                } else {
+                    format!("{} <unique argument>", self.args.program)
+                },
             ),
         ];
         if let Some(pid) = self.args.server_pid {

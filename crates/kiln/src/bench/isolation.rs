@@ -187,6 +187,7 @@ async fn execute_trivial(
         throughput_count: 0,
         concurrency: 1,
         program: "true".into(),
+        flag_file: false,
         properties,
         server_pid: None,
         seed: None,
