@@ -903,15 +903,17 @@ impl Platform {
 
     /// Decides warm-runner reuse: the isolation type, the image, every
     /// property (header overrides and the recycling key included; secrets
-    /// only as hashes) and the organisation. Equal keys may share a runner.
-    pub fn runner_key(&self, organisation: &str) -> String {
+    /// only as hashes), the organisation and the instance name. Equal keys
+    /// may share a runner.
+    pub fn runner_key(&self, organisation: &str, instance_name: &str) -> String {
         let mut hasher = Sha256::new();
         let mut field = |bytes: &[u8]| {
             hasher.update((bytes.len() as u64).to_le_bytes());
             hasher.update(bytes);
         };
-        field(b"kiln-runner-key-v1");
+        field(b"kiln-runner-key-v2");
         field(organisation.as_bytes());
+        field(instance_name.as_bytes());
         field(self.isolation.map_or("", IsolationType::name).as_bytes());
         field(
             self.container_image
@@ -928,9 +930,9 @@ impl Platform {
     }
 
     /// [`Platform::runner_key`] as a value that also gives its short form.
-    pub fn runner_key_of(&self, organisation: &str) -> RunnerKey {
+    pub fn runner_key_of(&self, organisation: &str, instance_name: &str) -> RunnerKey {
         RunnerKey {
-            key: self.runner_key(organisation),
+            key: self.runner_key(organisation, instance_name),
         }
     }
 

@@ -243,12 +243,12 @@ fn secrets_never_print_and_only_their_hash_reaches_the_runner_key() {
         ("container-registry-password", "other"),
     ])
     .unwrap();
-    assert_ne!(platform.runner_key("org"), other.runner_key("org"));
+    assert_ne!(platform.runner_key("org", ""), other.runner_key("org", ""));
 }
 
 #[test]
 fn runner_keys_separate_what_must_not_share_a_runner() {
-    let key = |pairs: &[(&str, &str)], org: &str| parse_action(pairs).unwrap().runner_key(org);
+    let key = |pairs: &[(&str, &str)], org: &str| parse_action(pairs).unwrap().runner_key(org, "");
     let base = [
         ("workload-isolation-type", "docker"),
         ("container-image", "alpine:3"),
@@ -258,6 +258,17 @@ fn runner_keys_separate_what_must_not_share_a_runner() {
         key(&base, "a"),
         key(&base, "b"),
         "organisations never share"
+    );
+    let platform = parse_action(&base).unwrap();
+    assert_ne!(
+        platform.runner_key("a", "main"),
+        platform.runner_key("a", "other"),
+        "instances never share"
+    );
+    assert_ne!(
+        platform.runner_key("ab", ""),
+        platform.runner_key("a", "b"),
+        "the fields cannot run into each other"
     );
     assert_ne!(
         key(&base, "a"),
@@ -281,7 +292,7 @@ fn runner_keys_separate_what_must_not_share_a_runner() {
         ..Default::default()
     })
     .unwrap();
-    assert_ne!(with_header.runner_key("a"), key(&base, "a"));
+    assert_ne!(with_header.runner_key("a", ""), key(&base, "a"));
 }
 
 fn refusal(pairs: &[(&str, &str)]) -> PlatformError {
@@ -421,7 +432,7 @@ fn a_header_overrides_an_unknown_key_whatever_its_case() {
     assert!(!platform.spelled_by_header("ISA"));
     // As if the Action had said it.
     let said = parse_action(&[("ISA", "sse"), ("Pool", "gpu"), ("POOL", "odd")]).unwrap();
-    assert_eq!(platform.runner_key("o"), said.runner_key("o"));
+    assert_eq!(platform.runner_key("o", ""), said.runner_key("o", ""));
     assert_eq!(platform.other, said.other);
 
     // A known key keeps to its own spelling: `POOL` is another key.
@@ -565,7 +576,7 @@ fn a_persistent_worker_key_is_parsed_with_its_protocol() {
     // Different keys never share a runner.
     let a = parse_action(&[("persistentWorkerKey", "a"), ("recycle-runner", "true")]).unwrap();
     let b = parse_action(&[("persistentWorkerKey", "b"), ("recycle-runner", "true")]).unwrap();
-    assert_ne!(a.runner_key("o"), b.runner_key("o"));
+    assert_ne!(a.runner_key("o", ""), b.runner_key("o", ""));
     // An empty key is no key.
     let none = parse_action(&[("persistentWorkerKey", "")]).unwrap();
     assert_eq!(none.persistent_worker, None);

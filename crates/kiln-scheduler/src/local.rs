@@ -126,6 +126,11 @@ impl Lease {
         &self.action.instance_name
     }
 
+    /// The organisation the action runs for (empty: open access).
+    pub fn org(&self) -> &str {
+        &self.action.client.org
+    }
+
     pub fn action_digest(&self) -> &reapi::Digest {
         &self.action.action_digest
     }

@@ -761,9 +761,12 @@ impl Scheduler {
             }
         }
         // The same key the worker computes (`Platform::runner_key_of`).
-        let runner_key = platform
-            .recycle_runner
-            .then(|| platform.runner_key_of(&instance_name).short().to_string());
+        let runner_key = platform.recycle_runner.then(|| {
+            platform
+                .runner_key_of(&client.org, &instance_name)
+                .short()
+                .to_string()
+        });
         let queued = Arc::new(QueuedAction {
             name: name.clone(),
             instance_name,

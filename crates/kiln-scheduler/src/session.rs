@@ -396,6 +396,7 @@ impl Session {
                 command_properties: properties(&action.sources.command),
                 action_properties: properties(&action.sources.action),
                 header_properties: properties(&action.sources.headers),
+                org: action.client.org.to_string(),
             })),
         };
         if self.outbound.send(Ok(message)).await.is_err() {

@@ -43,6 +43,7 @@ impl LocalSession {
 
 async fn run_lease(worker: &Arc<Worker>, lease: Lease) {
     let request = RunRequest {
+        org: lease.org().to_string(),
         instance_name: lease.instance_name().to_string(),
         action_digest: lease.action_digest().clone(),
         platform: lease.platform().clone(),
@@ -76,6 +77,8 @@ pub(crate) fn finished(outcome: Result<RunOutcome, RunError>) -> Finished {
 
 /// What the worker needs to run one action.
 pub(crate) struct RunRequest {
+    /// The organisation it runs for (empty: open access).
+    pub org: String,
     pub instance_name: String,
     pub action_digest: kiln_proto::reapi::Digest,
     pub platform: kiln_platform::Platform,
@@ -95,6 +98,7 @@ pub(crate) async fn run_action(
     tokio::spawn(async move {
         worker
             .run(
+                &action.org,
                 &action.instance_name,
                 &action.action_digest,
                 &action.platform,

@@ -308,7 +308,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap()
-        .runner_key_of("test")
+        .runner_key_of("test", "")
     }
 
     #[test]

@@ -230,6 +230,7 @@ async fn run_assignment(
         }
     };
     let action = RunRequest {
+        org: assignment.org,
         instance_name: assignment.instance_name,
         action_digest: reapi::Digest {
             hash: assignment.action_hash,

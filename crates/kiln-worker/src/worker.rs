@@ -254,6 +254,7 @@ impl Worker {
     /// CANCELLED outcome; before the command starts it returns at once.
     pub async fn run(
         &self,
+        org: &str,
         instance_name: &str,
         action_digest: &Digest,
         platform: &Platform,
@@ -266,7 +267,7 @@ impl Worker {
         };
         let key = platform
             .recycle_runner
-            .then(|| platform.runner_key_of(instance_name));
+            .then(|| platform.runner_key_of(org, instance_name));
         let (warm, expired) = match &key {
             Some(key) => self.runners.take(key),
             None => (None, Vec::new()),
@@ -1198,6 +1199,7 @@ mod tests {
         tokio::spawn(async move {
             worker
                 .run(
+                    "",
                     &instance_name,
                     &action_digest,
                     &platform,

@@ -166,9 +166,12 @@ impl Harness {
         platform: &Platform,
         cancel: CancellationToken,
     ) -> Result<kiln_worker::RunOutcome, RunError> {
-        tokio::time::timeout(HANG_GUARD, self.runner.run("", action, platform, cancel))
-            .await
-            .expect("the run ends")
+        tokio::time::timeout(
+            HANG_GUARD,
+            self.runner.run("", "", action, platform, cancel),
+        )
+        .await
+        .expect("the run ends")
     }
 
     fn work_root(&self) -> PathBuf {
