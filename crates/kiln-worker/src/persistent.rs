@@ -306,8 +306,15 @@ impl Drop for WorkerProcess {
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
         let _ = self.child.start_kill();
-        // The guard (a cgroup) goes after the group is killed.
-        drop(self.guard.take());
+        // The guard (a cgroup) goes after the group is killed. Emptying a
+        // cgroup waits for its processes to die: off the async threads
+        // (a runner pool drops workers under its lock).
+        if let Some(guard) = self.guard.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(guard))),
+                Err(_) => drop(guard),
+            }
+        }
     }
 }
 
