@@ -46,6 +46,10 @@ const MAX_RESPONSE_BYTES: u64 = 64 << 20;
 
 /// Flag files within flag files are expanded this deep at most.
 const MAX_FLAG_FILE_DEPTH: usize = 8;
+/// Most bytes of flag files read for one request, nested ones counted each
+/// time they are expanded: a flag file naming itself a thousand times
+/// cannot expand without bound.
+const MAX_FLAG_FILE_BYTES: u64 = 64 << 20;
 
 /// Lines of the worker's stderr quoted when it fails.
 const STDERR_TAIL_LINES: usize = 10;
@@ -166,8 +170,16 @@ pub fn expand_flag_files(
     )
     .map_err(|e| RunError::io(format!("opening {}", workspace.display()), e.into()))?;
     let mut arguments = Vec::new();
+    let mut budget = MAX_FLAG_FILE_BYTES;
     for path in flag_files {
-        expand_into(&root, working_directory, path, 0, &mut arguments)?;
+        expand_into(
+            &root,
+            working_directory,
+            path,
+            0,
+            &mut budget,
+            &mut arguments,
+        )?;
     }
     Ok(arguments)
 }
@@ -177,6 +189,7 @@ fn expand_into(
     working_directory: &Path,
     path: &str,
     depth: usize,
+    budget: &mut u64,
     arguments: &mut Vec<String>,
 ) -> Result<(), RunError> {
     if depth >= MAX_FLAG_FILE_DEPTH {
@@ -204,13 +217,30 @@ fn expand_into(
             std::io::Error::from(e)
         ))
     })?;
+    let too_much = || {
+        RunError::InvalidArgument(format!(
+            "flag file {path:?}: the request's flag files come to more than \
+             {MAX_FLAG_FILE_BYTES} bytes, nested ones counted each time they are expanded"
+        ))
+    };
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).map_err(|e| {
-        RunError::InvalidArgument(format!("flag file {path:?} is not UTF-8 text: {e}"))
-    })?;
+    // One byte more than the budget tells a file that does not fit.
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::from(fd), *budget + 1),
+        &mut text,
+    )
+    .map_err(|e| RunError::InvalidArgument(format!("flag file {path:?} is not UTF-8 text: {e}")))?;
+    *budget = budget.checked_sub(text.len() as u64).ok_or_else(too_much)?;
     for line in text.lines() {
         match flag_file_of(line) {
-            Some(nested) => expand_into(root, working_directory, nested, depth + 1, arguments)?,
+            Some(nested) => expand_into(
+                root,
+                working_directory,
+                nested,
+                depth + 1,
+                budget,
+                arguments,
+            )?,
             None => arguments.push(line.to_string()),
         }
     }
@@ -628,6 +658,24 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("(tool)"), "{message}");
+    }
+
+    #[test]
+    fn flag_files_fanning_out_are_refused_naming_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        // Seven levels, each naming the next a thousand times, within the
+        // depth limit: 1000^7 lines of the last.
+        for level in 0..7 {
+            let line = format!("@level{}\n", level + 1);
+            std::fs::write(dir.path().join(format!("level{level}")), line.repeat(1000)).unwrap();
+        }
+        std::fs::write(dir.path().join("level7"), "--flag\n".repeat(1000)).unwrap();
+        let error = expand_flag_files(dir.path(), Path::new(""), &["level0".into()]).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains(&MAX_FLAG_FILE_BYTES.to_string()),
+            "{message}"
+        );
     }
 
     #[test]
