@@ -602,27 +602,6 @@ impl Scheduler {
                 PlatformSources::default(),
             ));
         };
-        // An organisation runs only inputs it may see: any other is
-        // missing, so a client uploads it (showing it has the bytes).
-        if !org.is_empty() {
-            let root = parse_digest(
-                function,
-                action.input_root_digest.as_ref(),
-                "input_root_digest",
-            )?;
-            let blobs = self
-                .storage
-                .blobs_under(function, root, MAX_CHECKED_INPUT_BLOBS)
-                .await?;
-            let missing = self.storage.find_missing_for(org, &blobs).await?;
-            if !missing.is_empty() {
-                return Ok(done_now(
-                    missing_response(missing.iter().map(to_wire).collect()),
-                    None,
-                    PlatformSources::default(),
-                ));
-            }
-        }
         let sources = platform_sources(&action, &command, headers);
         let platform = Platform::parse(&PropertySources {
             command: &sources.command,
@@ -692,6 +671,28 @@ impl Scheduler {
             }
         }
 
+        // An organisation runs only inputs it may see: any other is
+        // missing, so a client uploads it (showing it has the bytes). A
+        // cached result runs nothing, so only a miss pays for the walk.
+        if !org.is_empty() {
+            let root = parse_digest(
+                function,
+                action.input_root_digest.as_ref(),
+                "input_root_digest",
+            )?;
+            let blobs = self
+                .storage
+                .blobs_under(function, root, MAX_CHECKED_INPUT_BLOBS)
+                .await?;
+            let missing = self.storage.find_missing_for(org, &blobs).await?;
+            if !missing.is_empty() {
+                return Ok(done_now(
+                    missing_response(missing.iter().map(to_wire).collect()),
+                    Some(key),
+                    sources,
+                ));
+            }
+        }
         // `use-self-hosted-executors`: the organisation's own executors.
         let executors_of = match platform.self_hosted {
             false => Arc::from(""),
