@@ -545,4 +545,73 @@ mod tests {
             "50 one-page calls read {gets} blobs: the tree was walked again per page"
         );
     }
+
+    #[tokio::test]
+    async fn get_tree_shows_an_organisation_only_its_directories() {
+        let storage = Storage::new(
+            Arc::new(MemoryStore::new(1 << 20)),
+            StorageLimits::default(),
+        );
+        let put = |directory: reapi::Directory| {
+            let storage = storage.clone();
+            async move {
+                let data = Bytes::from(directory.encode_to_vec());
+                storage
+                    .put_content(DigestFunction::Sha256, data)
+                    .await
+                    .unwrap()
+            }
+        };
+        let node = |name: &str, digest: &Digest| reapi::DirectoryNode {
+            name: name.into(),
+            digest: Some(to_wire(digest)),
+        };
+        let theirs = put(reapi::Directory {
+            files: vec![reapi::FileNode {
+                name: "secret".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await;
+        let mine = put(reapi::Directory::default()).await;
+        let root = put(reapi::Directory {
+            directories: vec![node("mine", &mine), node("theirs", &theirs)],
+            ..Default::default()
+        })
+        .await;
+        storage.admit("acme", &[root, mine]).await.unwrap();
+        storage.admit("globex", &[theirs]).await.unwrap();
+        let service = CasService::new(storage);
+        let tree_as = |org: &str| {
+            let mut request = Request::new(reapi::GetTreeRequest {
+                root_digest: Some(to_wire(&root)),
+                ..Default::default()
+            });
+            request.extensions_mut().insert(kiln_auth::Caller {
+                org: Arc::from(org),
+                key_id: None,
+                capabilities: kiln_auth::Capabilities::all(),
+            });
+            service.get_tree(request)
+        };
+        // acme sees its root and its own child; globex's is left out as
+        // a missing directory is.
+        let mut stream = tree_as("acme").await.unwrap().into_inner();
+        let page = stream.next().await.unwrap().unwrap();
+        assert_eq!(page.directories.len(), 2, "{page:?}");
+        assert!(page
+            .directories
+            .iter()
+            .all(|directory| directory.files.is_empty()));
+        // globex holds a child but not the root: NOT_FOUND.
+        let status = match tree_as("globex").await {
+            Err(status) => status,
+            Ok(response) => response.into_inner().next().await.unwrap().unwrap_err(),
+        };
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        // Open access sees the whole tree.
+        let mut stream = tree_as("").await.unwrap().into_inner();
+        assert_eq!(stream.next().await.unwrap().unwrap().directories.len(), 3);
+    }
 }
