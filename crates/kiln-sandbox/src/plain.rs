@@ -52,6 +52,28 @@ pub struct PlainProcess {
 }
 
 impl PlainProcess {
+    /// A cgroup of its own for an action or a worker (`what`), when the
+    /// executor has cgroups: only the pids limit (in the one hierarchy
+    /// kept for tracking), which bounds what killing the cgroup must
+    /// catch; `none` enforces no memory or CPU estimate.
+    fn pids_cgroup(
+        &self,
+        limits: &Limits,
+        what: &str,
+    ) -> Result<Option<crate::cgroup::Cgroup>, RunError> {
+        let Some(root) = &self.cgroups else {
+            return Ok(None);
+        };
+        let limits = Limits {
+            memory_bytes: None,
+            cpu_millis: None,
+            ..*limits
+        };
+        root.create(&action_cgroup_name(), &limits)
+            .map(Some)
+            .map_err(|e| RunError::Internal(format!("none: {what} cgroup: {e}")))
+    }
+
     /// `none` with a cgroup per action under `cgroup_parent` (as the
     /// sandbox's, see [`crate::SandboxConfig::cgroup_parent`]) when this
     /// executor can make them; says why not otherwise. Actions may not
@@ -224,23 +246,7 @@ impl Isolation for PlainProcess {
             Ok(found) => found,
             Err(not_found) => return Ok(not_found),
         };
-        // Only the pids limit (in the one hierarchy kept for tracking),
-        // which bounds what killing the cgroup must catch: `none` enforces
-        // no memory or CPU estimate.
-        let cgroup = match &self.cgroups {
-            None => None,
-            Some(root) => Some(
-                root.create(
-                    &action_cgroup_name(),
-                    &Limits {
-                        memory_bytes: None,
-                        cpu_millis: None,
-                        ..*limits
-                    },
-                )
-                .map_err(|e| RunError::Internal(format!("none: action cgroup: {e}")))?,
-            ),
-        };
+        let cgroup = self.pids_cgroup(limits, "action")?;
         let mut plan = Plan::plain(
             &spec.working_directory,
             user,
@@ -293,20 +299,7 @@ impl Isolation for PlainProcess {
                  property, or recycle-runner to run the action as an ordinary one"
             )));
         }
-        let cgroup = match &self.cgroups {
-            None => None,
-            Some(root) => Some(
-                root.create(
-                    &action_cgroup_name(),
-                    &Limits {
-                        memory_bytes: None,
-                        cpu_millis: None,
-                        ..*limits
-                    },
-                )
-                .map_err(|e| RunError::Internal(format!("none: worker cgroup: {e}")))?,
-            ),
-        };
+        let cgroup = self.pids_cgroup(limits, "worker")?;
         let worker = kiln_worker::persistent::spawn(spec, start, user).await?;
         Ok(match cgroup {
             None => worker,

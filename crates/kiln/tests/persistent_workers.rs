@@ -78,15 +78,7 @@ async fn run(
             nanos: 0,
         }),
         do_not_cache: true,
-        platform: Some(reapi::Platform {
-            properties: properties
-                .iter()
-                .map(|(name, value)| reapi::platform::Property {
-                    name: name.to_string(),
-                    value: value.to_string(),
-                })
-                .collect(),
-        }),
+        platform: Some(remote::platform(properties)),
         ..Default::default()
     }
     .encode_to_vec();

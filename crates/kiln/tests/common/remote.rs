@@ -37,6 +37,19 @@ pub fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
     request
 }
 
+/// A Platform of `properties`, in order.
+pub fn platform(properties: &[(&str, &str)]) -> reapi::Platform {
+    reapi::Platform {
+        properties: properties
+            .iter()
+            .map(|(name, value)| reapi::platform::Property {
+                name: name.to_string(),
+                value: value.to_string(),
+            })
+            .collect(),
+    }
+}
+
 /// Uploads `blobs` with BatchUpdateBlobs, a hundred at a time.
 pub async fn upload(channel: &Channel, blobs: &[Vec<u8>]) {
     upload_as(channel, None, blobs).await
@@ -104,15 +117,7 @@ pub async fn upload_action_as(
     let action = reapi::Action {
         command_digest: Some(digest(&command)),
         input_root_digest: Some(root.unwrap_or_else(|| digest(&empty))),
-        platform: Some(reapi::Platform {
-            properties: properties
-                .iter()
-                .map(|(name, value)| reapi::platform::Property {
-                    name: name.to_string(),
-                    value: value.to_string(),
-                })
-                .collect(),
-        }),
+        platform: Some(platform(properties)),
         ..Default::default()
     }
     .encode_to_vec();
