@@ -115,6 +115,8 @@ impl CasService {
         request: reapi::BatchUpdateBlobsRequest,
         org: &str,
     ) -> Result<reapi::BatchUpdateBlobsResponse> {
+        // Before anything is stored: see `crate::tenancy`.
+        self.storage.enter(org).await?;
         let function = digest_function(request.digest_function)?;
         let limit = self.storage.limits.max_batch_total_size_bytes;
         let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
@@ -479,6 +481,13 @@ mod tests {
         async fn writer(&self, key: Key, size: u64) -> kiln_store::Result<Box<dyn BlobWriter>> {
             self.inner.writer(key, size).await
         }
+        async fn keys_in_part(
+            &self,
+            part: u8,
+            select: for<'k> fn(&'k Key) -> bool,
+        ) -> kiln_store::Result<Vec<(Key, u64)>> {
+            self.inner.keys_in_part(part, select).await
+        }
         async fn set_retention(&self, keys: &[Key], r: Retention) -> kiln_store::Result<()> {
             self.inner.set_retention(keys, r).await
         }
@@ -552,6 +561,10 @@ mod tests {
             Arc::new(MemoryStore::new(1 << 20)),
             StorageLimits::default(),
         );
+        // Both organisations arrive before anything is stored, so the
+        // store keeps markers from the start (see `crate::tenancy`).
+        storage.enter("acme").await.unwrap();
+        storage.enter("globex").await.unwrap();
         let put = |directory: reapi::Directory| {
             let storage = storage.clone();
             async move {

@@ -17,6 +17,7 @@ pub mod error;
 pub mod message_limit;
 pub mod resource;
 pub mod storage;
+pub mod tenancy;
 pub mod wire;
 
 pub use action_cache::{platform_headers, AcScope, ActionCacheService, ActionCacheStore};
@@ -28,3 +29,4 @@ pub use counters::CasCounters;
 pub use error::CasError;
 pub use message_limit::{MessageLimit, MessageLimitLayer};
 pub use storage::{Storage, StorageLimits};
+pub use tenancy::Tenancy;

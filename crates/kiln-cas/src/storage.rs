@@ -10,6 +10,7 @@ use kiln_store::{Blob, BlobStore, Digest, DigestFunction, Key};
 use crate::counters::CasCounters;
 use crate::error::{CasError, Result};
 use crate::resource::Compressor;
+use crate::tenancy::{Tenancy, MARKER};
 
 /// Service limits, advertised in the capabilities where REAPI has a field.
 #[derive(Clone, Debug)]
@@ -36,23 +37,42 @@ impl Default for StorageLimits {
     }
 }
 
-/// What an organisation's marker holds: its presence is what counts.
-const MARKER: &[u8] = b"\x01";
-
 #[derive(Clone)]
 pub struct Storage {
     pub(crate) store: Arc<dyn BlobStore>,
     pub(crate) limits: StorageLimits,
     pub(crate) counters: Arc<CasCounters>,
+    tenancy: Arc<Tenancy>,
 }
 
 impl Storage {
+    /// Storage over `store`, whose organisations' phase lives in memory
+    /// (see [`Storage::with_tenancy`] for a store that outlives the
+    /// process).
     pub fn new(store: Arc<dyn BlobStore>, limits: StorageLimits) -> Self {
         Storage {
             store,
             limits,
             counters: Arc::default(),
+            tenancy: Arc::new(Tenancy::in_memory()),
         }
+    }
+
+    /// The same storage, with the organisations' phase read from and kept
+    /// in `tenancy` (see [`crate::tenancy`]).
+    pub fn with_tenancy(self, tenancy: Tenancy) -> Self {
+        Storage {
+            tenancy: Arc::new(tenancy),
+            ..self
+        }
+    }
+
+    /// Settles how organisation `org` sees the store. Every request of an
+    /// organisation that writes to the store calls this first (the lookups
+    /// and [`Storage::admit`] do it themselves): see [`crate::tenancy`]
+    /// for why that order matters.
+    pub async fn enter(&self, org: &str) -> Result<()> {
+        self.tenancy.enter(org, &self.store).await.map(drop)
     }
 
     /// What the storage services did since start-up.
@@ -85,12 +105,13 @@ impl Storage {
     }
 
     /// The digests among `digests` that organisation `org` cannot see, in
-    /// request order: those the CAS lacks and, for an organisation (not
-    /// open access, `""`), those it holds without the organisation's
-    /// marker ([`Storage::admit`]). Physical copies are shared; what each
-    /// organisation is told is its own.
+    /// request order: those the CAS lacks and, once organisations need
+    /// markers ([`crate::tenancy`]; never for open access, `""`), those it
+    /// holds without the organisation's marker ([`Storage::admit`]).
+    /// Physical copies are shared; what each organisation is told is its
+    /// own.
     pub async fn find_missing_for(&self, org: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
-        if org.is_empty() {
+        if !self.tenancy.enter(org, &self.store).await?.check {
             return self.find_missing(digests).await;
         }
         let mut keys: Vec<Key> = digests.iter().map(Digest::key).collect();
@@ -110,11 +131,11 @@ impl Storage {
     }
 
     /// Lets organisation `org` see `digests` from now on (nothing to do for
-    /// open access). Called once the organisation has shown it has the
+    /// open access, nor while no organisation needs markers). Called once the organisation has shown it has the
     /// bytes (an upload verified against the digest) or when they were
     /// produced for it (an action's outputs).
     pub async fn admit(&self, org: &str, digests: &[Digest]) -> Result<()> {
-        if org.is_empty() || digests.is_empty() {
+        if digests.is_empty() || !self.tenancy.enter(org, &self.store).await?.write {
             return Ok(());
         }
         let keys: Vec<Key> = digests

@@ -1539,7 +1539,11 @@ mod tests {
             org: Arc::from(org),
             ..Client::default()
         };
-        // Blobs no one of the organisation uploaded are missing to it.
+        // The blobs were stored with open access. They belong to the
+        // first organisation to use the store (see `kiln_cas::tenancy`):
+        // here "other", so for acme they are blobs no one of it uploaded,
+        // and missing.
+        scheduler.storage.enter("other").await.unwrap();
         let (refused, _) = scheduler
             .execute(request.clone(), &[], &client("acme"))
             .await

@@ -140,6 +140,21 @@ impl BlobStore for MemoryStore {
         })))
     }
 
+    async fn keys_in_part(
+        &self,
+        part: u8,
+        select: for<'k> fn(&'k Key) -> bool,
+    ) -> Result<Vec<(Key, u64)>> {
+        let shard = self.shards[part as usize % SHARDS].lock();
+        Ok(shard
+            .young
+            .iter()
+            .chain(shard.old.iter())
+            .filter(|(key, _)| key.hash[0] == part && select(key))
+            .map(|(key, data)| (*key, data.len() as u64))
+            .collect())
+    }
+
     async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()> {
         for key in keys {
             self.shard(key)

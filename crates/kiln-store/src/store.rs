@@ -178,6 +178,16 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Starts a streaming write of a blob of `size` bytes.
     async fn writer(&self, key: Key, size: u64) -> Result<Box<dyn BlobWriter>>;
 
+    /// The stored keys whose first hash byte is `part` and that `select`
+    /// keeps, each with its stored length. Walking parts 0 to 255 lists
+    /// the whole store a part at a time: for one-off migrations, never
+    /// for a request. Does not count as a use.
+    async fn keys_in_part(
+        &self,
+        part: u8,
+        select: for<'k> fn(&'k Key) -> bool,
+    ) -> Result<Vec<(Key, u64)>>;
+
     /// Gives the stored blobs among `keys` this [`Retention`] (replacing
     /// any earlier one) and counts it as a use. Absent keys are skipped.
     async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()>;

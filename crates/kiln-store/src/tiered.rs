@@ -83,6 +83,15 @@ impl BlobStore for TieredStore {
         self.slow.writer(key, size).await
     }
 
+    async fn keys_in_part(
+        &self,
+        part: u8,
+        select: for<'k> fn(&'k Key) -> bool,
+    ) -> Result<Vec<(Key, u64)>> {
+        // The fast tier only caches what the slow one holds.
+        self.slow.keys_in_part(part, select).await
+    }
+
     async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()> {
         self.fast.set_retention(keys, retention).await?;
         self.slow.set_retention(keys, retention).await

@@ -10,7 +10,7 @@ use anyhow::Context;
 use kiln_auth::{AuthConfig, AuthLayer, Authenticator, ExecutorToken, KeyFile};
 use kiln_cas::{
     ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasService,
-    MessageLimit, MessageLimitLayer, Storage, StorageLimits,
+    MessageLimit, MessageLimitLayer, Storage, StorageLimits, Tenancy,
 };
 use kiln_monitor::{Monitor, RpcMetricsLayer, UiSources};
 use kiln_proto::executor::executor_service_server::ExecutorServiceServer;
@@ -262,7 +262,15 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         idle_timeout: config.storage.bytestream_idle_timeout.nonzero(),
         ..StorageLimits::default()
     };
-    let storage = Storage::new(store, limits.clone());
+    let mut storage = Storage::new(store.clone(), limits.clone());
+    if disk.is_some() {
+        // Beside the store it describes: the two go together.
+        let file = config.data_dir.join("cas").join("organisations");
+        let tenancy = Tenancy::open(file, &*store)
+            .await
+            .context("reading which organisations share the store")?;
+        storage = storage.with_tenancy(tenancy);
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     let open_to_the_network = unauthenticated_warning(config.listen, &authenticator);
     if let Some(warning) = &open_to_the_network {

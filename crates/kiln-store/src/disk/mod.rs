@@ -345,6 +345,16 @@ impl Index {
     fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
+
+    /// See [`BlobStore::keys_in_part`].
+    fn keys_in_part(&self, part: u8, select: for<'k> fn(&'k Key) -> bool) -> Vec<(Key, u64)> {
+        self.shards[part as usize % INDEX_SHARDS]
+            .lock()
+            .iter()
+            .filter(|(key, _)| key.hash[0] == part && select(key))
+            .map(|(key, entry)| (*key, entry.len))
+            .collect()
+    }
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
@@ -1817,6 +1827,15 @@ impl BlobStore for DiskStore {
             tmp_path,
             sink: Some(sink),
         }))
+    }
+
+    async fn keys_in_part(
+        &self,
+        part: u8,
+        select: for<'k> fn(&'k Key) -> bool,
+    ) -> Result<Vec<(Key, u64)>> {
+        self.inner.check_running()?;
+        Ok(self.inner.index.keys_in_part(part, select))
     }
 
     async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()> {
