@@ -53,13 +53,16 @@ for round in $(seq "$ROUNDS"); do
         else
             set -- --server "$TLS" --server-pid "$TLS_PID" --tls-ca ca.pem
         fi
-        report=$("$KILN" bench cas --large-size "$SIZE" --small-count 0 \
-            --bytestream-count 0 "$@" 2>/dev/null)
+        if ! report=$("$KILN" bench cas --large-size "$SIZE" --small-count 0 \
+            --bytestream-count 0 "$@" 2> "$WORK/bench.err"); then
+            cat "$WORK/bench.err" >&2
+            exit 1
+        fi
         # operation (3 words), count, bytes (2 words), seconds, items/s,
         # MB/s, srv cpu s.
         write=$(echo "$report" | awk '/^ByteStream Write \(large/ {print $8, $11}')
         read=$(echo "$report" | awk '/^ByteStream Read \(large/ {print $8, $11}')
-        [ -n "$write" ] && [ -n "$read" ] || { echo "$report" >&2; exit 1; }
+        [ -n "$write" ] && [ -n "$read" ] || { echo "$report" >&2; cat "$WORK/bench.err" >&2; exit 1; }
         load=$(cut -d' ' -f1 /proc/loadavg)
         echo "$round $mode $write $read $load" >> "$RESULTS"
         printf '%-5s %-5s %8s %8s %8s %8s %6s\n' $round $mode $write $read $load
