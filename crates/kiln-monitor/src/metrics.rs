@@ -425,7 +425,7 @@ fn encode_scheduler(
     encoder: &mut DescriptorEncoder,
     scheduler: &Scheduler,
 ) -> Result<(), std::fmt::Error> {
-    let queues = scheduler.queues();
+    let queues = scheduler.queues(None);
     // One series per pool: a pool's queues on several OS/arch are summed.
     let mut queued: std::collections::BTreeMap<String, (i64, i64, Duration)> = Default::default();
     for queue in &queues {

@@ -455,19 +455,26 @@ impl Scheduler {
         executors
     }
 
-    /// Every queue with executors or work, by key.
-    pub fn queues(&self) -> Vec<QueueSnapshot> {
+    /// Every queue with executors or work, by key: all of them (`None`,
+    /// for the operator's metrics), or what organisation `Some(org)` may
+    /// see (its own executions, and the shared fleet's executors and its
+    /// own).
+    pub fn queues(&self, org: Option<&str>) -> Vec<QueueSnapshot> {
         let now = Instant::now();
         let state = self.state.lock();
         let mut queues: BTreeMap<String, QueueSnapshot> = BTreeMap::new();
+        let shown = |owner: &str| org.is_none_or(|org| owner == org);
         for executor in state.executors.values() {
-            queue_entry(&mut queues, &executor.key).executors += 1;
+            let owner = &executor.offer.org;
+            if owner.is_empty() || shown(owner) {
+                queue_entry(&mut queues, &executor.key).executors += 1;
+            }
         }
         // Each execution once, however many requests follow it.
         let mut seen = std::collections::HashSet::new();
         for operation in state.operations.values() {
             let action = &operation.execution;
-            if !seen.insert(Arc::as_ptr(action)) {
+            if !shown(&operation.client.org) || !seen.insert(Arc::as_ptr(action)) {
                 continue;
             }
             let Some(key) = &action.key else { continue };

@@ -1623,6 +1623,19 @@ mod tests {
         assert_eq!(listed("other"), std::slice::from_ref(&other.name));
         assert!(listed("").is_empty());
         assert!(!scheduler.watch(&acme.name, "acme").unwrap().borrow().done);
+        // The queues an organisation is shown count its own work only;
+        // the operator's (metrics) count all. The shared executor is in
+        // every view.
+        let work = |org: Option<&str>| {
+            let queues = scheduler.queues(org);
+            let executors: usize = queues.iter().map(|q| q.executors).sum();
+            let work: usize = queues.iter().map(|q| q.queued + q.executing).sum();
+            (executors, work)
+        };
+        assert_eq!(work(None), (1, 2));
+        assert_eq!(work(Some("acme")), (1, 1));
+        assert_eq!(work(Some("other")), (1, 1));
+        assert_eq!(work(Some("")), (1, 0));
 
         // acme's result is cached for acme only.
         let lease = executor.next().await.unwrap();

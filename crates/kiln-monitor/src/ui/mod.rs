@@ -107,7 +107,7 @@ pub fn overview(scheduler: Option<&Scheduler>, storage: &Storage, org: &str) -> 
     let hits = CasCounters::get(&counters.action_cache_hits);
     let misses = CasCounters::get(&counters.action_cache_misses);
     let (mut executors, queues, operations) = match scheduler {
-        Some(s) => (s.executors(), s.queues(), operations_of(s, org)),
+        Some(s) => (s.executors(), s.queues(Some(org)), operations_of(s, org)),
         None => Default::default(),
     };
     // The shared fleet's, and the caller's organisation's own.
