@@ -612,3 +612,18 @@ async fn a_store_of_only_retained_blobs_keeps_its_budget_without_rewriting_itsel
         store.copied_forward_bytes()
     );
 }
+
+#[test]
+fn many_parts_are_written_back_to_back_at_the_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = File::create(dir.path().join("f")).unwrap();
+    // More parts than one pwritev takes, with empty and odd-sized ones.
+    let parts: Vec<Vec<u8>> = (0..2500usize)
+        .map(|i| vec![(i % 251) as u8; (i * 37) % 1000])
+        .collect();
+    let slices: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+    write_all_vectored_at(&file, &slices, 100).unwrap();
+    let written = fs::read(dir.path().join("f")).unwrap();
+    assert_eq!(&written[..100], &[0u8; 100][..]);
+    assert_eq!(written[100..], parts.concat());
+}
