@@ -59,7 +59,7 @@ const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 /// What the container backends need to isolate bridged actions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkConfig {
-    /// The sandbox's range (`sandbox_network_cidr`), which podman's
+    /// The sandbox's range (`--sandbox-network-cidr`), which podman's
     /// actions share: a /30 each.
     pub cidr: String,
     /// The nftables command.
