@@ -2,6 +2,8 @@
 //! its image, created, attached, started, waited for and removed through
 //! the Docker Engine API (bollard, on the daemon's unix socket, API 1.41).
 //! Output is streamed from the attach connection into the action's files.
+//! `dockerNetwork=bridge` actions run on Kiln's own isolated bridge
+//! network ([`crate::network`]), never the daemon's default one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use kiln_worker::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutc
 use tokio::io::AsyncWriteExt;
 
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
+use crate::network::{NetworkConfig, DOCKER_NETWORK};
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 use crate::trial::TrialRuntime;
@@ -46,6 +49,8 @@ pub struct DockerConfig {
     /// a daemon need distinct owners (e.g. their worker names). None: a
     /// random owner per process, and no sweep.
     pub owner: Option<String>,
+    /// How `dockerNetwork=bridge` actions are isolated.
+    pub network: NetworkConfig,
 }
 
 impl Default for DockerConfig {
@@ -54,6 +59,7 @@ impl Default for DockerConfig {
             socket: "/var/run/docker.sock".into(),
             images: ImageConfig::default(),
             owner: None,
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -62,8 +68,9 @@ impl Default for DockerConfig {
 pub struct Docker {
     client: Client,
     images: Images,
-    /// Whether the daemon has its default `bridge` network.
-    bridge: bool,
+    /// Whether `dockerNetwork=bridge` actions get Kiln's isolated network
+    /// (its subnet), or why not.
+    bridge: Result<String, String>,
     /// The `kiln.owner` label of this backend's containers.
     owner: String,
 }
@@ -113,11 +120,12 @@ impl Docker {
                 "docker: the daemon at {socket} has no usable default runtime ({runtime:?})"
             ));
         }
-        let bridge = client.inspect_network("bridge", None).await.is_ok();
-        if !bridge {
+        let bridge = crate::network::set_up_docker(&client, &config.network.nft_binary).await;
+        if let Err(reason) = &bridge {
             tracing::warn!(
                 socket,
-                "docker has no bridge network: actions that leave dockerNetwork unset run without network, and dockerNetwork=bridge actions fail"
+                %reason,
+                "docker actions cannot have an isolated network here: dockerNetwork=bridge actions fail, and actions that leave dockerNetwork unset run without network"
             );
         }
         let images = Images::new("docker", config.images).map_err(|e| format!("docker: {e}"))?;
@@ -137,9 +145,16 @@ impl Docker {
             api = %api,
             server = version.version.as_deref().unwrap_or("?"),
             runtime,
+            network = docker.bridge.as_deref().unwrap_or("none"),
             "docker isolation available"
         );
         Ok(docker)
+    }
+
+    /// Whether `dockerNetwork=bridge` actions get an isolated network
+    /// here: `Err` says why not (`nft` missing, say).
+    pub fn bridge_network(&self) -> Result<(), &str> {
+        self.bridge.as_ref().map(|_| ()).map_err(String::as_str)
     }
 
     /// The image metadata this backend keeps.
@@ -202,7 +217,7 @@ impl Docker {
                 network_mode: Some(
                     match params.network {
                         Network::None => "none",
-                        Network::Bridge => "bridge",
+                        Network::Bridge => DOCKER_NETWORK,
                     }
                     .into(),
                 ),
@@ -529,7 +544,7 @@ impl Docker {
         image: &str,
         pulled: Option<&ResolvedImage>,
     ) -> Result<ProcessOutcome, RunError> {
-        let params = RunParameters::new(spec, limits, image, self.bridge, &self.owner)?;
+        let params = RunParameters::new(spec, limits, image, self.bridge_network(), &self.owner)?;
         let options = CreateContainerOptionsBuilder::default()
             .name(&params.name)
             .build();

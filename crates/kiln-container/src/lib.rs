@@ -7,6 +7,9 @@
 //!   credentials, and the metadata of the local image cache (one pull per
 //!   digest, pulls in `prepare` before the action's clock starts);
 //! - [`params`]: platform properties and limits → container parameters;
+//! - [`network`]: `dockerNetwork=bridge` as the sandbox gives it (a
+//!   private namespace with outbound access only), not the runtime's
+//!   default bridge;
 //! - [`supervise`]: the wait / stop-with-grace / OOM / remove sequence;
 //! - [`trial`]: the container each backend starts when probed, in a
 //!   one-file image made offline.
@@ -17,6 +20,7 @@
 
 pub mod docker;
 pub mod image;
+pub mod network;
 pub mod params;
 pub mod podman;
 pub mod supervise;
@@ -24,4 +28,5 @@ pub mod trial;
 
 pub use docker::{Docker, DockerConfig};
 pub use image::{ImageConfig, Images, ResolvedImage};
+pub use network::NetworkConfig;
 pub use podman::{Podman, PodmanConfig};

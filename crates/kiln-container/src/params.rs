@@ -39,7 +39,8 @@ pub fn labels(owner: &str) -> [(String, String); 2] {
 pub enum Network {
     /// Loopback only (`dockerNetwork=off`).
     None,
-    /// The runtime's default bridge (`dockerNetwork=bridge`).
+    /// A private network with outbound access only (`dockerNetwork=bridge`;
+    /// see [`crate::network`]).
     Bridge,
 }
 
@@ -72,16 +73,17 @@ pub struct RunParameters {
 
 impl RunParameters {
     /// The parameters of `spec` run in `image` (a reference the runtime
-    /// holds) under `limits`; `bridge` says whether the runtime has a
-    /// bridge network. Without one, an
-    /// action that leaves `dockerNetwork` unset runs without network (the
-    /// executor warned at start-up), and one that asks for
-    /// `dockerNetwork=bridge` is refused rather than given none.
+    /// holds) under `limits`; `bridge` says whether the backend can give
+    /// actions an isolated network ([`crate::network`]), or why not.
+    /// Without one, an action that leaves `dockerNetwork` unset runs
+    /// without network (the executor warned at start-up), and one that asks
+    /// for `dockerNetwork=bridge` is refused rather than given none or the
+    /// runtime's default bridge.
     pub fn new(
         spec: &CommandSpec,
         limits: &Limits,
         image: &str,
-        bridge: bool,
+        bridge: Result<(), &str>,
         owner: &str,
     ) -> Result<RunParameters, RunError> {
         let platform = &spec.platform;
@@ -94,17 +96,14 @@ impl RunParameters {
                 DockerUser::UidGid(uid, gid) => format!("{uid}:{gid}"),
             })
         };
-        let network = match platform.docker_network {
-            Some(DockerNetwork::Off) => Network::None,
-            Some(DockerNetwork::Bridge) | None if bridge => Network::Bridge,
-            None => Network::None,
-            Some(DockerNetwork::Bridge) => {
-                return Err(RunError::Unsupported(
-                    "dockerNetwork=bridge: this executor's container runtime has no default \
-                     bridge network, so the action cannot have one here; set dockerNetwork=off, \
-                     or ask the operator to create the runtime's bridge network"
-                        .into(),
-                ))
+        let network = match (platform.docker_network, bridge) {
+            (Some(DockerNetwork::Off), _) | (None, Err(_)) => Network::None,
+            (_, Ok(())) => Network::Bridge,
+            (Some(DockerNetwork::Bridge), Err(reason)) => {
+                return Err(RunError::Unsupported(format!(
+                    "dockerNetwork=bridge: this executor cannot give container actions a network \
+                     of their own ({reason}); set dockerNetwork=off, or run the action elsewhere"
+                )))
             }
         };
         for path in [&spec.workspace, &spec.working_directory] {
@@ -192,7 +191,8 @@ mod tests {
         platform.docker_init = true;
         platform.docker_network = Some(DockerNetwork::Off);
         let params =
-            RunParameters::new(&spec(platform), &LIMITS, &image().pinned(), true, "test").unwrap();
+            RunParameters::new(&spec(platform), &LIMITS, &image().pinned(), Ok(()), "test")
+                .unwrap();
         assert!(params.name.starts_with("kiln-"));
         assert_eq!(
             params.image,
@@ -225,20 +225,26 @@ mod tests {
             &spec(platform.clone()),
             &LIMITS,
             &image().pinned(),
-            true,
+            Ok(()),
             "test",
         )
         .unwrap();
         assert_eq!(with_bridge.user.as_deref(), Some("0:0"));
         assert_eq!(with_bridge.network, Network::Bridge);
-        let without =
-            RunParameters::new(&spec(platform), &LIMITS, &image().pinned(), false, "test").unwrap();
+        let without = RunParameters::new(
+            &spec(platform),
+            &LIMITS,
+            &image().pinned(),
+            Err("no nft"),
+            "test",
+        )
+        .unwrap();
         assert_eq!(without.network, Network::None);
         let default = RunParameters::new(
             &spec(Platform::default()),
             &LIMITS,
             &image().pinned(),
-            true,
+            Ok(()),
             "test",
         )
         .unwrap();
@@ -253,16 +259,23 @@ mod tests {
             &spec(platform.clone()),
             &LIMITS,
             &image().pinned(),
-            true,
+            Ok(()),
             "test",
         )
         .unwrap();
         assert_eq!(with_bridge.network, Network::Bridge);
-        let error = RunParameters::new(&spec(platform), &LIMITS, &image().pinned(), false, "test")
-            .expect_err("no bridge to give");
+        let error = RunParameters::new(
+            &spec(platform),
+            &LIMITS,
+            &image().pinned(),
+            Err("no nft"),
+            "test",
+        )
+        .expect_err("no bridge to give");
         assert!(matches!(error, RunError::Unsupported(_)), "{error:?}");
         assert!(
-            error.to_string().starts_with("dockerNetwork=bridge:"),
+            error.to_string().starts_with("dockerNetwork=bridge:")
+                && error.to_string().contains("(no nft)"),
             "{error}"
         );
         assert_eq!(

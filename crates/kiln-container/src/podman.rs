@@ -2,19 +2,24 @@
 //! its image, run by the `podman` CLI in the foreground with the action's
 //! output files as its stdout and stderr (no terminal, nothing buffered
 //! here). Credentials reach `podman pull` in a private temporary authfile,
-//! never on a command line.
+//! never on a command line. `dockerNetwork=bridge` actions join a network
+//! namespace wired as a sandbox action's (`--network ns:PATH`, see
+//! [`crate::network`]), never podman's default network.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use kiln_platform::{Platform, RegistryCredentials};
+use kiln_sandbox::network::{ActionNetwork, Outbound};
 use kiln_worker::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError};
 use std::io::Write as _;
 
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
+use crate::network::NetworkConfig;
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 use crate::trial::TrialRuntime;
@@ -32,6 +37,8 @@ pub struct PodmanConfig {
     /// a daemon need distinct owners (e.g. their worker names). None: a
     /// random owner per process, and no sweep.
     pub owner: Option<String>,
+    /// How `dockerNetwork=bridge` actions are isolated.
+    pub network: NetworkConfig,
 }
 
 impl Default for PodmanConfig {
@@ -40,6 +47,7 @@ impl Default for PodmanConfig {
             binary: "podman".into(),
             images: ImageConfig::default(),
             owner: None,
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -48,8 +56,9 @@ impl Default for PodmanConfig {
 pub struct Podman {
     binary: PathBuf,
     images: Images,
-    /// Whether podman's default network is there (`--network=bridge`).
-    bridge: bool,
+    /// What `dockerNetwork=bridge` actions' namespaces are wired to, or
+    /// why this host cannot give them one.
+    network: Result<Arc<Outbound>, String>,
     /// How an OOM kill is told apart from any other SIGKILL.
     oom_check: OomCheck,
     /// The `kiln.owner` label of this backend's containers.
@@ -144,7 +153,7 @@ impl Podman {
         let podman = Podman {
             binary,
             images,
-            bridge: false,
+            network: Err("not probed yet".into()),
             oom_check: OomCheck::Inspect,
             owner,
             ulimits: ContainerUlimits::of_this_process(),
@@ -156,6 +165,7 @@ impl Podman {
         // What does not depend on another answer is done at once: `info`
         // alone takes ~0.4 s. The sweep must end before the trial starts
         // (the trial's container carries the owner's label).
+        let outbound = config.network.clone();
         let (version, info, network, swept, trial_image) = tokio::join!(
             podman.output(&["version", "--format", "{{.Client.Version}}"]),
             podman.output(&[
@@ -163,7 +173,9 @@ impl Podman {
                 "--format",
                 "{{.Host.OCIRuntime.Name}} {{.Host.CgroupsVersion}} {{.Host.CgroupManager}}",
             ]),
-            podman.output(&["network", "exists", "podman"]),
+            tokio::task::spawn_blocking(move || {
+                Outbound::set_up(&outbound.cidr, &outbound.nft_binary).map(Arc::new)
+            }),
             async {
                 match sweep {
                     true => podman.remove_leftovers().await,
@@ -189,11 +201,12 @@ impl Podman {
                 String::from_utf8_lossy(&info.stderr).trim()
             ));
         }
-        let bridge = network.is_ok_and(|o| o.status.success());
-        if !bridge {
+        let network = network.unwrap_or_else(|e| Err(format!("setting up networks panicked: {e}")));
+        if let Err(reason) = &network {
             tracing::warn!(
                 binary = shown,
-                "podman has no default network: actions that leave dockerNetwork unset run without network, and dockerNetwork=bridge actions fail"
+                %reason,
+                "podman actions cannot have an isolated network here: dockerNetwork=bridge actions fail, and actions that leave dockerNetwork unset run without network"
             );
         }
         let info_text = String::from_utf8_lossy(&info.stdout).to_string();
@@ -208,7 +221,7 @@ impl Podman {
         swept?;
         let trial_image = trial_image?;
         let podman = Podman {
-            bridge,
+            network,
             oom_check,
             ..podman
         };
@@ -226,6 +239,32 @@ impl Podman {
             "podman isolation available"
         );
         Ok(podman)
+    }
+
+    /// Whether `dockerNetwork=bridge` actions get an isolated network
+    /// here: `Err` says why not (`nft` missing, say).
+    pub fn bridge_network(&self) -> Result<(), &str> {
+        self.network.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    /// Returns once the networks of ended actions are all deleted (they
+    /// are deleted in the background, after the action's result).
+    pub async fn networks_released(&self) {
+        if let Ok(outbound) = &self.network {
+            outbound.released().await;
+        }
+    }
+
+    /// A namespace for one bridged action.
+    async fn action_network(&self) -> Result<ActionNetwork, RunError> {
+        let outbound = match &self.network {
+            Ok(outbound) => Arc::clone(outbound),
+            Err(reason) => return Err(RunError::Internal(format!("podman: {reason}"))),
+        };
+        tokio::task::spawn_blocking(move || outbound.connect())
+            .await
+            .map_err(|e| RunError::Internal(format!("podman: action network: {e}")))?
+            .map_err(|e| RunError::Internal(format!("podman: action network: {e}")))
     }
 
     /// The image metadata this backend keeps.
@@ -284,11 +323,13 @@ impl Podman {
         Ok(())
     }
 
+    /// `namespace`: the pinned namespace of a bridged action.
     fn run_arguments(
         params: &RunParameters,
         ulimits: ContainerUlimits,
         auto_remove: bool,
         cgroup_parent: Option<&str>,
+        namespace: Option<&Path>,
     ) -> Vec<String> {
         let workspace = params.workspace.display();
         let mut args: Vec<String> = vec![
@@ -302,13 +343,10 @@ impl Podman {
             format!("--workdir={}", params.working_directory.display()),
             // Output goes straight to the files; no second copy in a log.
             "--log-driver=none".into(),
-            format!(
-                "--network={}",
-                match params.network {
-                    Network::None => "none",
-                    Network::Bridge => "bridge",
-                }
-            ),
+            match (params.network, namespace) {
+                (Network::Bridge, Some(path)) => format!("--network=ns:{}", path.display()),
+                _ => "--network=none".into(),
+            },
         ];
         if auto_remove {
             args.push("--rm".into());
@@ -700,7 +738,11 @@ impl Podman {
         image: &str,
         settle: bool,
     ) -> Result<ProcessOutcome, RunError> {
-        let params = RunParameters::new(spec, limits, image, self.bridge, &self.owner)?;
+        let params = RunParameters::new(spec, limits, image, self.bridge_network(), &self.owner)?;
+        let network = match params.network {
+            Network::Bridge => Some(self.action_network().await?),
+            Network::None => None,
+        };
         // `--rm` saves a `podman rm` (a third of a trivial action's time);
         // only telling an OOM kill by `podman inspect` needs the container
         // to outlive its exit.
@@ -722,6 +764,7 @@ impl Podman {
                     .as_ref()
                     .map(|(_, relative)| format!("/{relative}"))
                     .as_deref(),
+                network.as_ref().map(ActionNetwork::path).as_deref(),
             ))
             .stdout(stdout)
             .stderr(stderr)
@@ -771,6 +814,12 @@ impl Podman {
         }
         if let (true, Some(removal)) = (settle, container.cgroup_removal.take()) {
             let _ = removal.await;
+        }
+        if let (Some(network), Ok(outbound)) = (network, &self.network) {
+            // The container is gone (supervise removed it, or it was started
+            // with --rm and has exited); on an error the guard removes it
+            // soon, and the namespace then has no process left in it anyway.
+            outbound.release(network).await;
         }
         outcome
     }

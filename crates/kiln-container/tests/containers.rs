@@ -14,11 +14,17 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kiln_container::image::{ImageStore, Images};
-use kiln_container::{Docker, DockerConfig, ImageConfig, Podman, PodmanConfig, ResolvedImage};
+use kiln_container::{
+    Docker, DockerConfig, ImageConfig, NetworkConfig, Podman, PodmanConfig, ResolvedImage,
+};
 use kiln_platform::{Platform, PropertySources, RegistryCredentials};
 use kiln_worker::{
     CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError, StopReason,
 };
+
+#[path = "../../kiln-sandbox/tests/support/outside.rs"]
+mod outside;
+use outside::{connect_script, host_addresses, was_reached, Outside};
 
 const BASE: &str = "127.0.0.1:5000/kiln-test/base:latest";
 const NONROOT: &str = "127.0.0.1:5000/kiln-test/nonroot:latest";
@@ -468,6 +474,237 @@ fn docker_network_off_leaves_only_loopback() {
             );
         });
     }
+}
+
+/// Bash lines that find the action's default gateway in /proc/net/route
+/// (little-endian hex) and export it as `gw`, for [`connect_script`]
+/// targets written `$gw:PORT`.
+const FIND_GATEWAY: &str = r#"h=$(awk '$2 == "00000000" {print $3; exit}' /proc/net/route)
+if [ -n "$h" ]; then export gw=$((16#${h:6:2})).$((16#${h:4:2})).$((16#${h:2:2})).$((16#${h:0:2})); fi
+echo "$gw" > gateway
+"#;
+
+#[test]
+fn a_bridged_action_reaches_outside_but_not_the_host_nor_its_gateway() {
+    for backend in backends("bridged network") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let outside = Outside::new();
+            for network in ["bridge", "off"] {
+                let outside_listener = outside.listen();
+                let outside_port = outside_listener.local_addr().unwrap().port();
+                // On every host address: loopback, eth0, docker0, the
+                // actions' bridge and the outside link's host end.
+                let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+                let host_port = host_listener.local_addr().unwrap().port();
+                let mut host_targets = vec![
+                    format!("127.0.0.1:{host_port}"),
+                    format!("{}:{host_port}", outside.host_address),
+                ];
+                host_targets.extend(
+                    host_addresses()
+                        .into_iter()
+                        .map(|address| format!("{address}:{host_port}")),
+                );
+                host_targets.sort();
+                host_targets.dedup();
+                let outside_target = format!("{}:{outside_port}", outside.address);
+                let mut targets = host_targets.clone();
+                targets.push(outside_target.clone());
+                if network == "bridge" {
+                    targets.push(format!("$gw:{host_port}"));
+                }
+                let script = format!("{FIND_GATEWAY}{}", connect_script(&targets));
+
+                let (outcome, action) = run(
+                    &*backend,
+                    BASE,
+                    &[("dockerNetwork", network)],
+                    &["bash", "-c", &script],
+                )
+                .await;
+
+                assert_eq!(outcome.exit_code, 0, "{name}: {}", action.stderr());
+                let gateway = std::fs::read_to_string(action.workspace().join("gateway")).unwrap();
+                let gateway = gateway.trim();
+                let mut expected: Vec<String> = host_targets
+                    .iter()
+                    .map(|target| format!("blocked {target}"))
+                    .collect();
+                if network == "bridge" {
+                    assert!(
+                        gateway.parse::<std::net::Ipv4Addr>().is_ok(),
+                        "{name}: a default route, via {gateway:?}"
+                    );
+                    expected.push(format!("blocked {gateway}:{host_port}"));
+                    expected.push(format!("reached {outside_target}"));
+                } else {
+                    assert_eq!(gateway, "", "{name}: no route without network");
+                    expected.push(format!("blocked {outside_target}"));
+                }
+                // The gateway is one of the host's addresses too.
+                expected.sort();
+                expected.dedup();
+                assert_eq!(
+                    action.stdout().lines().collect::<Vec<_>>(),
+                    expected,
+                    "{name} dockerNetwork={network}"
+                );
+                assert_eq!(
+                    was_reached(&outside_listener),
+                    network == "bridge",
+                    "{name} dockerNetwork={network}: the outside listener"
+                );
+                assert!(
+                    !was_reached(&host_listener),
+                    "{name} dockerNetwork={network}: nothing reached the host's listener"
+                );
+            }
+        });
+    }
+}
+
+/// Listens on port 8080 of every address of the action, checks that its
+/// own address answers, says `started ADDRESS` into the FIFO `started`,
+/// then waits to be cancelled.
+const LISTENER: &str = r#"address=$(/sbin/ip -4 addr show eth0 | awk '/inet / {split($2, a, "/"); print a[1]}')
+(while :; do nc -l -p 8080 -e echo hello; done) &
+for i in $(seq 100); do
+  if timeout 2 bash -c "exec 3<>/dev/tcp/$address/8080; cat <&3" 2>/dev/null | grep -q hello; then
+    echo "answers on $address"; break
+  fi
+  sleep 0.05
+done
+echo "started $address" > started
+sleep 600
+"#;
+
+#[test]
+fn concurrent_bridged_actions_cannot_reach_each_other() {
+    for backend in backends("isolated actions") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let listening = Action::new(
+                platform(&[("container-image", BASE), ("dockerNetwork", "bridge")]),
+                &["bash", "-c", LISTENER],
+            );
+            let fifo = listening.workspace().join("started");
+            let made = std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap();
+            assert!(made.success());
+            let cancel = CancellationToken::new();
+            let unblock = fifo.clone();
+            let listen = async {
+                let outcome = listening.run(&*backend, &limits(), &cancel).await;
+                // Ended without saying it started: end the wait below too.
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&unblock)
+                    .and_then(|mut fifo| fifo.write_all(b"ended\n"));
+                outcome
+            };
+            let connect = async {
+                let line = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let address = line
+                    .trim()
+                    .strip_prefix("started ")
+                    .unwrap_or_else(|| panic!("{name}: the listener said {line:?}"))
+                    .to_string();
+                let target = format!("{address}:8080");
+                let (outcome, other) = run(
+                    &*backend,
+                    BASE,
+                    &[("dockerNetwork", "bridge")],
+                    &["bash", "-c", &connect_script(std::slice::from_ref(&target))],
+                )
+                .await;
+                cancel.cancel();
+                assert_eq!(outcome.exit_code, 0, "{name}: {}", other.stderr());
+                (address, target, other.stdout())
+            };
+            let (listened, (address, target, stdout)) = tokio::join!(listen, connect);
+            assert_eq!(
+                listened.unwrap().stopped,
+                Some(StopReason::Cancelled),
+                "{name}"
+            );
+            assert_eq!(
+                listening.stdout(),
+                format!("answers on {address}\n"),
+                "{name}: the listener answered on its own address"
+            );
+            assert_eq!(stdout, format!("blocked {target}\n"), "{name}");
+        });
+    }
+}
+
+#[test]
+fn without_nft_bridge_is_refused_naming_it_and_unset_means_no_network() {
+    let Ok(services) = services() else {
+        skipped!("skipped: no nft: {}", services().err().unwrap());
+        return;
+    };
+    let network = NetworkConfig {
+        nft_binary: "/nonexistent/nft".into(),
+        ..NetworkConfig::default()
+    };
+    runtime().block_on(async {
+        let mut probed: Vec<(Box<dyn Isolation>, String)> = Vec::new();
+        if services.docker.is_ok() {
+            let docker = Docker::probe(DockerConfig {
+                network: network.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("docker itself still works");
+            let reason = docker.bridge_network().unwrap_err().to_string();
+            probed.push((Box::new(docker), reason));
+        }
+        if services.podman.is_ok() {
+            let podman = Podman::probe(PodmanConfig {
+                network,
+                ..Default::default()
+            })
+            .await
+            .expect("podman itself still works");
+            let reason = podman.bridge_network().unwrap_err().to_string();
+            probed.push((Box::new(podman), reason));
+        }
+        for (backend, reason) in probed {
+            let name = backend.name();
+            assert!(
+                reason.contains("/nonexistent/nft") && reason.contains("nftables"),
+                "{name}: {reason}"
+            );
+            let bridged = Action::new(
+                platform(&[("container-image", BASE), ("dockerNetwork", "bridge")]),
+                &["true"],
+            );
+            let error = bridged
+                .run(&*backend, &limits(), &CancellationToken::new())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&error, RunError::Unsupported(message)
+                    if message.starts_with("dockerNetwork=bridge:") && message.contains("/nonexistent/nft")),
+                "{name}: {error:?}"
+            );
+            // An action that does not choose runs without network, not on
+            // the runtime's default bridge.
+            let list = ["sh", "-c", "ls /sys/class/net | sort | tr '\\n' ' '"];
+            let (outcome, action) = run(&*backend, BASE, &[], &list).await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {}", action.stderr());
+            assert_eq!(action.stdout().trim(), "lo", "{name}");
+        }
+    });
 }
 
 #[test]

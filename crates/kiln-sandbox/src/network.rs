@@ -22,11 +22,15 @@
 //! it ends, in the background (it takes the kernel 20-40 ms), and with it
 //! the peer inside the action's namespace; the action has no
 //! CAP_NET_ADMIN, so it can create nothing more.
+//!
+//! The same namespaces serve podman's actions (`kiln-container`), which
+//! join one by the path of its descriptor in this process
+//! ([`ActionNetwork::path`]).
 
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -91,7 +95,7 @@ impl Outbound {
         };
         enable_forwarding()?;
         reclaim_leftovers();
-        install_rules(cidr, nft)?;
+        install_ruleset(nft, NFT_TABLE, &ruleset(cidr))?;
         warn_about_loopback_resolver();
         let trial = outbound
             .connect()
@@ -217,6 +221,16 @@ impl ActionNetwork {
     pub fn namespace(&self) -> RawFd {
         self.namespace.as_raw_fd()
     }
+
+    /// The namespace's path for another program (podman's `--network
+    /// ns:PATH`): its descriptor in this process, valid while this lives.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.namespace.as_raw_fd()
+        ))
+    }
 }
 
 impl Drop for ActionNetwork {
@@ -253,12 +267,13 @@ fn process_identity(pid: u32) -> Option<String> {
     Some(format!("{pid}:{start_time}"))
 }
 
-fn enable_forwarding() -> Result<(), String> {
+/// Turns IPv4 forwarding on (bridged actions are routed by the host).
+pub fn enable_forwarding() -> Result<(), String> {
     let path = "/proc/sys/net/ipv4/ip_forward";
     let current = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
     if current.trim() != "1" {
         std::fs::write(path, "1").map_err(|e| format!("enabling IPv4 forwarding ({path}): {e}"))?;
-        tracing::info!("enabled IPv4 forwarding for bridged sandbox networks");
+        tracing::info!("enabled IPv4 forwarding for bridged action networks");
     }
     Ok(())
 }
@@ -361,7 +376,9 @@ fn ruleset(cidr: &str) -> String {
     )
 }
 
-fn install_rules(cidr: &str, binary: &Path) -> Result<(), String> {
+/// Installs `ruleset` (which replaces table `inet <table>` as a whole) with
+/// the nftables command `binary`, in one transaction.
+pub fn install_ruleset(binary: &Path, table: &str, ruleset: &str) -> Result<(), String> {
     let mut nft = Command::new(binary)
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -378,7 +395,7 @@ fn install_rules(cidr: &str, binary: &Path) -> Result<(), String> {
         use std::io::Write as _;
         let mut stdin = nft.stdin.take().expect("piped");
         stdin
-            .write_all(ruleset(cidr).as_bytes())
+            .write_all(ruleset.as_bytes())
             .map_err(|e| format!("writing the nftables rules to nft: {e}"))?;
     }
     let output = nft
@@ -386,7 +403,7 @@ fn install_rules(cidr: &str, binary: &Path) -> Result<(), String> {
         .map_err(|e| format!("running nft: {e}"))?;
     if !output.status.success() {
         return Err(format!(
-            "nft refused the rules of table inet {NFT_TABLE}: {}",
+            "nft refused the rules of table inet {table}: {}",
             String::from_utf8_lossy(&output.stderr).trim()
         ));
     }

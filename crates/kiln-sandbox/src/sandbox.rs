@@ -56,15 +56,15 @@ pub struct SandboxConfig {
     #[arg(long = "sandbox-root-mount-point")]
     pub root_mount_point: PathBuf,
     /// IPv4 range (at most a /30) the private networks of
-    /// `dockerNetwork=bridge` actions are carved from, a /30 each: it must
-    /// not overlap a network the host reaches, and every executor on one
-    /// host must use the same (they share one nftables table). Default
-    /// `10.213.0.0/16`.
+    /// `dockerNetwork=bridge` actions under `sandbox` and `podman` are
+    /// carved from, a /30 each: it must not overlap a network the host
+    /// reaches, and every executor on one host must use the same (they
+    /// share one nftables table). Default `10.213.0.0/16`.
     #[arg(long = "sandbox-network-cidr")]
     pub network_cidr: String,
     /// The nftables command (a name looked up on PATH, or a path) that
-    /// installs the filtering and NAT rules of bridged networks. Default
-    /// `nft`.
+    /// installs the filtering and NAT rules of bridged networks (those of
+    /// `docker` and `podman` actions too). Default `nft`.
     #[arg(long)]
     pub nft_binary: PathBuf,
 }

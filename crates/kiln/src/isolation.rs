@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_container::{Docker, DockerConfig, ImageConfig, Podman, PodmanConfig};
+use kiln_container::{Docker, DockerConfig, ImageConfig, NetworkConfig, Podman, PodmanConfig};
 use kiln_sandbox::{PlainProcess, Sandbox, SandboxConfig};
 use kiln_worker::runners::RunnerLimits;
 use kiln_worker::{Isolation, Isolations, WorkerConfig};
@@ -280,6 +280,7 @@ async fn probe(
             socket: settings.docker_socket.clone(),
             images,
             owner: Some(owner.to_string()),
+            network: container_network(settings),
         })
         .await
         .map(|d| Arc::new(d) as _),
@@ -287,9 +288,19 @@ async fn probe(
             binary: settings.podman_binary.clone(),
             images,
             owner: Some(owner.to_string()),
+            network: container_network(settings),
         })
         .await
         .map(|p| Arc::new(p) as _),
         _ => Err("unknown isolation type (known: none, sandbox, docker, podman)".into()),
+    }
+}
+
+/// Container actions' networks share the sandbox's settings: podman's are
+/// carved from the same range, and both use the same `nft`.
+fn container_network(settings: &IsolationSettings) -> NetworkConfig {
+    NetworkConfig {
+        cidr: settings.sandbox.network_cidr.clone(),
+        nft_binary: settings.sandbox.nft_binary.clone(),
     }
 }
