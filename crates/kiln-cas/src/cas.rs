@@ -450,55 +450,18 @@ impl ContentAddressableStorage for CasService {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
-    use async_trait::async_trait;
     use futures::StreamExt;
-    use kiln_store::{Blob, BlobStore, BlobWriter, Key, MemoryStore, Retention};
+    use kiln_store::MemoryStore;
 
     use super::*;
     use crate::storage::StorageLimits;
 
-    /// A memory store that counts reads.
-    struct Counting {
-        inner: MemoryStore,
-        gets: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl BlobStore for Counting {
-        async fn contains(&self, keys: &[Key]) -> kiln_store::Result<Vec<bool>> {
-            self.inner.contains(keys).await
-        }
-        async fn get(&self, key: &Key) -> kiln_store::Result<Option<Blob>> {
-            self.gets.fetch_add(1, Ordering::Relaxed);
-            self.inner.get(key).await
-        }
-        async fn put(&self, key: Key, data: Bytes) -> kiln_store::Result<()> {
-            self.inner.put(key, data).await
-        }
-        async fn writer(&self, key: Key, size: u64) -> kiln_store::Result<Box<dyn BlobWriter>> {
-            self.inner.writer(key, size).await
-        }
-        async fn keys_in_part(
-            &self,
-            part: u8,
-            select: for<'k> fn(&'k Key) -> bool,
-        ) -> kiln_store::Result<Vec<(Key, u64)>> {
-            self.inner.keys_in_part(part, select).await
-        }
-        async fn set_retention(&self, keys: &[Key], r: Retention) -> kiln_store::Result<()> {
-            self.inner.set_retention(keys, r).await
-        }
-    }
-
     #[tokio::test]
     async fn paging_through_a_tree_walks_it_once() {
-        let store = Arc::new(Counting {
-            inner: MemoryStore::new(64 << 20),
-            gets: AtomicUsize::new(0),
-        });
+        let store = Arc::new(crate::test_store::TestStore::new());
         let storage = Storage::new(store.clone(), StorageLimits::default());
         // A chain of 50 directories, each holding the next.
         let mut child: Option<reapi::Directory> = None;

@@ -18,6 +18,8 @@ pub mod message_limit;
 pub mod resource;
 pub mod storage;
 pub mod tenancy;
+#[cfg(test)]
+mod test_store;
 pub mod wire;
 
 pub use action_cache::{platform_headers, AcScope, ActionCacheService, ActionCacheStore};

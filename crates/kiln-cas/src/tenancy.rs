@@ -356,11 +356,10 @@ fn write_state_blocking(file: &Path, phase: &Phase) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
-    use async_trait::async_trait;
     use kiln_store::disk::{DiskStore, DiskStoreConfig};
-    use kiln_store::{Blob, BlobWriter, DigestFunction, MemoryStore, Retention};
+    use kiln_store::{DigestFunction, MemoryStore};
 
     use super::*;
     use crate::resource::Compressor;
@@ -475,48 +474,10 @@ mod tests {
         assert!(!sees(&storage, "initech", &acmes).await);
     }
 
-    /// A memory store whose writes of markers fail while `failing` is set.
-    struct FailingMarkers {
-        inner: MemoryStore,
-        failing: AtomicBool,
-    }
-
-    #[async_trait]
-    impl BlobStore for FailingMarkers {
-        async fn contains(&self, keys: &[Key]) -> kiln_store::Result<Vec<bool>> {
-            self.inner.contains(keys).await
-        }
-        async fn get(&self, key: &Key) -> kiln_store::Result<Option<Blob>> {
-            self.inner.get(key).await
-        }
-        async fn put(&self, key: Key, data: Bytes) -> kiln_store::Result<()> {
-            if key.namespace == Namespace::Membership && self.failing.load(Ordering::Relaxed) {
-                let full = std::io::Error::from_raw_os_error(28);
-                return Err(kiln_store::StoreError::io("writing a marker", full));
-            }
-            self.inner.put(key, data).await
-        }
-        async fn writer(&self, key: Key, size: u64) -> kiln_store::Result<Box<dyn BlobWriter>> {
-            self.inner.writer(key, size).await
-        }
-        async fn keys_in_part(
-            &self,
-            part: u8,
-            select: for<'k> fn(&'k Key) -> bool,
-        ) -> kiln_store::Result<Vec<(Key, u64)>> {
-            self.inner.keys_in_part(part, select).await
-        }
-        async fn set_retention(&self, keys: &[Key], r: Retention) -> kiln_store::Result<()> {
-            self.inner.set_retention(keys, r).await
-        }
-    }
-
     #[tokio::test]
     async fn marking_that_fails_refuses_the_second_organisation_until_it_succeeds() {
-        let store = Arc::new(FailingMarkers {
-            inner: MemoryStore::new(64 << 20),
-            failing: AtomicBool::new(true),
-        });
+        let store = Arc::new(crate::test_store::TestStore::new());
+        store.failing_markers.store(true, Ordering::Relaxed);
         let storage = Storage::new(store.clone(), StorageLimits::default());
         let acmes = upload(&storage, "acme", "acme's").await;
 
@@ -530,7 +491,7 @@ mod tests {
         // acme carries on as before.
         assert!(sees(&storage, "acme", &acmes).await);
 
-        store.failing.store(false, Ordering::Relaxed);
+        store.failing_markers.store(false, Ordering::Relaxed);
         assert!(!sees(&storage, "globex", &acmes).await);
         assert!(sees(&storage, "acme", &acmes).await);
     }
