@@ -183,35 +183,22 @@ fn bridge_netfilter() -> Result<(), String> {
 }
 
 /// The rules isolating [`DOCKER_BRIDGE`], whose containers have addresses
-/// in `subnet`, replacing any earlier version of the table.
+/// in `subnet`, replacing any earlier version of the table: the
+/// sandbox's, plus no way to the sandbox's and podman's actions and no
+/// connection started into the bridge.
 fn docker_ruleset(subnet: &str) -> String {
     let bridge = format!("\"{DOCKER_BRIDGE}\"");
     let sandboxes = format!("\"{}*\"", kiln_sandbox::network::INTERFACE_PREFIX);
-    format!(
-        "table inet {NFT_TABLE}\n\
-         delete table inet {NFT_TABLE}\n\
-         table inet {NFT_TABLE} {{\n\
-         \tchain prerouting {{\n\
-         \t\ttype filter hook prerouting priority raw; policy accept;\n\
-         \t\tiifname {bridge} fib daddr type local drop comment \"the host itself, before any DNAT\"\n\
-         \t\tiifname {bridge} meta nfproto ipv6 drop comment \"actions get IPv4 only\"\n\
-         \t\tiifname {bridge} ip saddr != {subnet} drop comment \"spoofed sources\"\n\
-         \t}}\n\
-         \tchain input {{\n\
-         \t\ttype filter hook input priority filter; policy accept;\n\
-         \t\tiifname {bridge} drop\n\
-         \t}}\n\
-         \tchain forward {{\n\
-         \t\ttype filter hook forward priority filter; policy accept;\n\
-         \t\tiifname {bridge} oifname {bridge} drop comment \"other docker actions\"\n\
-         \t\tiifname {bridge} oifname {sandboxes} drop comment \"sandbox and podman actions\"\n\
-         \t\toifname {bridge} ct state != {{ established, related }} drop comment \"nothing starts a connection into an action\"\n\
-         \t}}\n\
-         \tchain postrouting {{\n\
-         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {subnet} oifname != {bridge} masquerade\n\
-         \t}}\n\
-         }}\n"
+    kiln_sandbox::network::outbound_only_ruleset(
+        NFT_TABLE,
+        &bridge,
+        subnet,
+        &[
+            &format!("iifname {bridge} oifname {sandboxes} drop comment \"sandbox and podman actions\""),
+            &format!(
+                "oifname {bridge} ct state != {{ established, related }} drop comment \"nothing starts a connection into an action\""
+            ),
+        ],
     )
 }
 

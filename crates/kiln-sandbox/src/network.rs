@@ -349,11 +349,28 @@ fn reclaim_leftovers() {
 /// transaction. Executors on one host share the table, so they must agree
 /// on the range.
 fn ruleset(cidr: &str) -> String {
-    let interfaces = format!("\"{INTERFACE_PREFIX}*\"");
+    outbound_only_ruleset(NFT_TABLE, &format!("\"{INTERFACE_PREFIX}*\""), cidr, &[])
+}
+
+/// An nftables table `inet <table>` (replacing any earlier version of it)
+/// that gives the actions behind `interfaces` (an nft interface match: a
+/// quoted name, or a `"prefix*"` wildcard), whose addresses lie in `cidr`,
+/// outbound access only: nothing to the host itself (checked before any
+/// DNAT), no IPv6, no spoofed sources, nothing to each other, the rest
+/// masqueraded out. `forward` adds rules to the forward chain. The
+/// sandbox's table and the container backends' are made by this one
+/// function, so they cannot drift apart.
+pub fn outbound_only_ruleset(
+    table: &str,
+    interfaces: &str,
+    cidr: &str,
+    forward: &[&str],
+) -> String {
+    let forward: String = forward.iter().map(|rule| format!("\t\t{rule}\n")).collect();
     format!(
-        "table inet {NFT_TABLE}\n\
-         delete table inet {NFT_TABLE}\n\
-         table inet {NFT_TABLE} {{\n\
+        "table inet {table}\n\
+         delete table inet {table}\n\
+         table inet {table} {{\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
          \t\tiifname {interfaces} fib daddr type local drop comment \"the host itself, before any DNAT\"\n\
@@ -367,6 +384,7 @@ fn ruleset(cidr: &str) -> String {
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tiifname {interfaces} oifname {interfaces} drop comment \"other actions\"\n\
+         {forward}\
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
