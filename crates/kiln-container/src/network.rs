@@ -184,8 +184,7 @@ fn bridge_netfilter() -> Result<(), String> {
 
 /// The rules isolating [`DOCKER_BRIDGE`], whose containers have addresses
 /// in `subnet`, replacing any earlier version of the table: the
-/// sandbox's, plus no way to the sandbox's and podman's actions and no
-/// connection started into the bridge.
+/// sandbox's, plus no way to the sandbox's and podman's actions.
 fn docker_ruleset(subnet: &str) -> String {
     let bridge = format!("\"{DOCKER_BRIDGE}\"");
     let sandboxes = format!("\"{}*\"", kiln_sandbox::network::INTERFACE_PREFIX);
@@ -193,12 +192,9 @@ fn docker_ruleset(subnet: &str) -> String {
         NFT_TABLE,
         &bridge,
         subnet,
-        &[
-            &format!("iifname {bridge} oifname {sandboxes} drop comment \"sandbox and podman actions\""),
-            &format!(
-                "oifname {bridge} ct state != {{ established, related }} drop comment \"nothing starts a connection into an action\""
-            ),
-        ],
+        &[&format!(
+            "iifname {bridge} oifname {sandboxes} drop comment \"sandbox and podman actions\""
+        )],
     )
 }
 

@@ -580,7 +580,7 @@ sleep 600
 "#;
 
 #[test]
-fn concurrent_bridged_actions_cannot_reach_each_other() {
+fn concurrent_bridged_actions_cannot_reach_each_other_nor_be_reached_from_outside() {
     for backend in backends("isolated actions") {
         runtime().block_on(async {
             let name = backend.name();
@@ -626,8 +626,30 @@ fn concurrent_bridged_actions_cannot_reach_each_other() {
                     &["bash", "-c", &connect_script(std::slice::from_ref(&target))],
                 )
                 .await;
+                // Nor can a machine outside the host start one, though the
+                // host routes for the actions' addresses.
+                let outside = Outside::new();
+                let via = outside.host_address.to_string();
+                outside::ip(&["-n", &outside.name, "route", "add", &address, "via", &via]);
+                let script = connect_script(std::slice::from_ref(&target));
+                let from_outside = tokio::task::spawn_blocking(move || {
+                    let scratch = tempfile::tempdir().unwrap();
+                    let output = std::process::Command::new("ip")
+                        .args(["netns", "exec", &outside.name, "bash", "-c", &script])
+                        .current_dir(scratch.path())
+                        .output()
+                        .unwrap();
+                    String::from_utf8_lossy(&output.stdout).into_owned()
+                })
+                .await
+                .unwrap();
                 cancel.cancel();
                 assert_eq!(outcome.exit_code, 0, "{name}: {}", other.stderr());
+                assert_eq!(
+                    from_outside,
+                    format!("blocked {target}\n"),
+                    "{name}: a connection from outside the host"
+                );
                 (address, target, other.stdout())
             };
             let (listened, (address, target, stdout)) = tokio::join!(listen, connect);

@@ -356,8 +356,9 @@ fn ruleset(cidr: &str) -> String {
 /// that gives the actions behind `interfaces` (an nft interface match: a
 /// quoted name, or a `"prefix*"` wildcard), whose addresses lie in `cidr`,
 /// outbound access only: nothing to the host itself (checked before any
-/// DNAT), no IPv6, no spoofed sources, nothing to each other, the rest
-/// masqueraded out. `forward` adds rules to the forward chain. The
+/// DNAT), no IPv6, no spoofed sources, nothing to each other, no
+/// connection started into an action from anywhere (the host routes for
+/// the actions' range once forwarding is on), the rest masqueraded out. `forward` adds rules to the forward chain. The
 /// sandbox's table and the container backends' are made by this one
 /// function, so they cannot drift apart.
 pub fn outbound_only_ruleset(
@@ -384,6 +385,7 @@ pub fn outbound_only_ruleset(
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tiifname {interfaces} oifname {interfaces} drop comment \"other actions\"\n\
+         \t\toifname {interfaces} ct state != {{ established, related }} drop comment \"nothing starts a connection into an action\"\n\
          {forward}\
          \t}}\n\
          \tchain postrouting {{\n\
