@@ -7,7 +7,7 @@
 //! the same file measures the runtime-default bridge it replaced. Needs
 //! root, dockerd, podman and the test images (`tests/images/build.sh`).
 //!
-//! `cargo run -p kiln-container --example network [ROUNDS] [PER_ROUND]`
+//! `cargo run -p kiln-container --example container_network [ROUNDS] [PER_ROUND]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
