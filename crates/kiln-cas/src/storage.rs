@@ -131,9 +131,10 @@ impl Storage {
     }
 
     /// Lets organisation `org` see `digests` from now on (nothing to do for
-    /// open access, nor while no organisation needs markers). Called once the organisation has shown it has the
-    /// bytes (an upload verified against the digest) or when they were
-    /// produced for it (an action's outputs).
+    /// open access, nor while no organisation needs markers). Called once
+    /// the organisation has shown it has the bytes (an upload verified
+    /// against the digest) or when they were produced for it (an action's
+    /// outputs).
     pub async fn admit(&self, org: &str, digests: &[Digest]) -> Result<()> {
         if digests.is_empty() || !self.tenancy.enter(org, &self.store).await?.write {
             return Ok(());

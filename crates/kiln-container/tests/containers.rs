@@ -24,7 +24,7 @@ use kiln_worker::{
 
 #[path = "../../kiln-sandbox/tests/support/outside.rs"]
 mod outside;
-use outside::{connect_script, host_addresses, was_reached, Outside};
+use outside::{connect_script, was_reached, Outside};
 
 const BASE: &str = "127.0.0.1:5000/kiln-test/base:latest";
 const NONROOT: &str = "127.0.0.1:5000/kiln-test/nonroot:latest";
@@ -497,17 +497,7 @@ fn a_bridged_action_reaches_outside_but_not_the_host_nor_its_gateway() {
                 // actions' bridge and the outside link's host end.
                 let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
                 let host_port = host_listener.local_addr().unwrap().port();
-                let mut host_targets = vec![
-                    format!("127.0.0.1:{host_port}"),
-                    format!("{}:{host_port}", outside.host_address),
-                ];
-                host_targets.extend(
-                    host_addresses()
-                        .into_iter()
-                        .map(|address| format!("{address}:{host_port}")),
-                );
-                host_targets.sort();
-                host_targets.dedup();
+                let host_targets = outside.host_targets(host_port);
                 let outside_target = format!("{}:{outside_port}", outside.address);
                 let mut targets = host_targets.clone();
                 targets.push(outside_target.clone());

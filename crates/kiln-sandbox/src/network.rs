@@ -358,9 +358,10 @@ fn ruleset(cidr: &str) -> String {
 /// outbound access only: nothing to the host itself (checked before any
 /// DNAT), no IPv6, no spoofed sources, nothing to each other, no
 /// connection started into an action from anywhere (the host routes for
-/// the actions' range once forwarding is on), the rest masqueraded out. `forward` adds rules to the forward chain. The
-/// sandbox's table and the container backends' are made by this one
-/// function, so they cannot drift apart.
+/// the actions' range once forwarding is on), the rest masqueraded out.
+/// `forward` adds rules to the forward chain. The sandbox's table and the
+/// container backends' are made by this one function, so they cannot
+/// drift apart.
 pub fn outbound_only_ruleset(
     table: &str,
     interfaces: &str,

@@ -21,7 +21,7 @@ use kiln_sandbox::network::{interfaces_owned_by, INTERFACE_PREFIX, NFT_TABLE};
 mod outside;
 use kiln_sandbox::{Sandbox, SandboxConfig};
 use kiln_worker::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, StopReason};
-use outside::{connect_script, host_addresses, ip, was_reached, Outside};
+use outside::{connect_script, ip, was_reached, Outside};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -143,17 +143,7 @@ async fn a_bridged_action_reaches_outside_but_not_the_host() {
         // On every host address, loopback included.
         let host_listener = TcpListener::bind("0.0.0.0:0").unwrap();
         let host_port = host_listener.local_addr().unwrap().port();
-        let mut host_targets = vec![
-            format!("127.0.0.1:{host_port}"),
-            format!("{}:{host_port}", outside.host_address),
-        ];
-        host_targets.extend(
-            host_addresses()
-                .into_iter()
-                .map(|address| format!("{address}:{host_port}")),
-        );
-        host_targets.sort();
-        host_targets.dedup();
+        let host_targets = outside.host_targets(host_port);
         let outside_target = format!("{}:{outside_port}", outside.address);
         let mut targets = host_targets.clone();
         targets.push(outside_target.clone());

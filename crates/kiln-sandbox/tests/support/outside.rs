@@ -72,6 +72,24 @@ impl Outside {
         outside
     }
 
+    /// `ADDRESS:port` for every address of the host an action might try:
+    /// loopback, each global address (eth0's, docker0's, ...) and this
+    /// link's host end; sorted, each once.
+    pub fn host_targets(&self, port: u16) -> Vec<String> {
+        let mut targets = vec![
+            format!("127.0.0.1:{port}"),
+            format!("{}:{port}", self.host_address),
+        ];
+        targets.extend(
+            host_addresses()
+                .into_iter()
+                .map(|address| format!("{address}:{port}")),
+        );
+        targets.sort();
+        targets.dedup();
+        targets
+    }
+
     /// A listener on the outside address, made inside its namespace (a
     /// socket stays in the namespace it was created in).
     pub fn listen(&self) -> TcpListener {
