@@ -21,7 +21,9 @@ use bollard::query_parameters::{
 use bollard::{ClientVersion, Docker as Client};
 use futures::StreamExt;
 use kiln_platform::{Platform, RegistryCredentials};
-use kiln_worker::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError};
+use kiln_worker::{
+    CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, Resident, RunError,
+};
 use tokio::io::AsyncWriteExt;
 
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
@@ -29,6 +31,7 @@ use crate::network::{NetworkConfig, DOCKER_NETWORK};
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 use crate::trial::TrialRuntime;
+use crate::warm::{self, AgentFile, RunnerContainer};
 
 /// The Engine API version Kiln speaks (Docker 20.10).
 const API_VERSION: ClientVersion = ClientVersion {
@@ -73,6 +76,8 @@ pub struct Docker {
     bridge: Result<String, String>,
     /// The `kiln.owner` label of this backend's containers.
     owner: String,
+    /// The agent mounted into warm runner containers ([`crate::warm`]).
+    agent: AgentFile,
 }
 
 impl Docker {
@@ -130,11 +135,14 @@ impl Docker {
         }
         let images = Images::new("docker", config.images).map_err(|e| format!("docker: {e}"))?;
         let (owner, sweep) = owner_and_sweep(config.owner.as_deref());
+        let agent =
+            AgentFile::write().map_err(|e| format!("docker: writing the runners' agent: {e}"))?;
         let docker = Docker {
             client,
             images,
             bridge,
             owner,
+            agent,
         };
         if sweep {
             docker.remove_leftovers().await?;
@@ -506,6 +514,29 @@ impl Isolation for Docker {
         true
     }
 
+    /// A warm runner is a container with Kiln's agent ([`crate::warm`]).
+    fn keeps_warm_runners(&self) -> bool {
+        true
+    }
+
+    fn runner_holds_workspace(&self) -> bool {
+        true
+    }
+
+    async fn run_in_runner(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        resident: &mut Option<Box<dyn Resident>>,
+    ) -> Result<ProcessOutcome, RunError> {
+        let runner = match resident {
+            Some(runner) => runner,
+            None => resident.insert(Box::new(self.start_runner(spec, limits, cancel).await?)),
+        };
+        runner.run(spec, limits, cancel).await
+    }
+
     async fn prepare(
         &self,
         platform: &Platform,
@@ -533,6 +564,109 @@ impl Isolation for Docker {
 }
 
 impl Docker {
+    /// Starts a warm runner's container for `spec`: its image and
+    /// parameters, with the agent as its command ([`crate::warm`]).
+    async fn start_runner(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<RunnerContainer, RunError> {
+        let image = self
+            .images
+            .ensure(&spec.platform, self, false, cancel)
+            .await?;
+        let pinned = image.pinned();
+        let params = RunParameters::new(spec, limits, &pinned, self.bridge_network(), &self.owner)?;
+        let inspected = self.client.inspect_image(&pinned).await.map_err(|e| {
+            RunError::Internal(format!(
+                "docker: inspecting image {}: {}",
+                image.image,
+                daemon_error(&e, None)
+            ))
+        })?;
+        let entrypoint = inspected
+            .config
+            .and_then(|config| config.entrypoint)
+            .unwrap_or_default();
+        let dir = warm::agent_dir(spec)?;
+        let mut body = Docker::create_body(&params);
+        body.entrypoint = Some(warm::agent_command());
+        body.cmd = None;
+        // The image's environment is the agent's; each action's own is
+        // laid over it by the agent.
+        body.env = None;
+        body.attach_stdout = Some(false);
+        body.attach_stderr = Some(false);
+        if let Some(mounts) = body.host_config.as_mut().and_then(|h| h.mounts.as_mut()) {
+            mounts.extend([
+                Mount {
+                    typ: Some(MountType::BIND),
+                    source: Some(self.agent.path().display().to_string()),
+                    target: Some(warm::AGENT_PATH.into()),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                Mount {
+                    typ: Some(MountType::BIND),
+                    source: Some(dir.display().to_string()),
+                    target: Some(warm::AGENT_DIR.into()),
+                    read_only: Some(false),
+                    ..Default::default()
+                },
+            ]);
+        }
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&params.name)
+            .build();
+        let created = self
+            .client
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| {
+                RunError::Internal(format!(
+                    "docker: creating a runner container of {}: {}",
+                    image.image,
+                    daemon_error(&e, None)
+                ))
+            })?;
+        let client = self.client.clone();
+        let id = created.id.clone();
+        let guard = RemovalGuard::new(move || {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = client.remove_container(&id, Some(force_remove())).await;
+                });
+            }
+        });
+        self.client
+            .start_container(&created.id, None)
+            .await
+            .map_err(|e| {
+                RunError::Internal(format!(
+                    "docker: starting runner container {}: {}",
+                    params.name,
+                    daemon_error(&e, None)
+                ))
+            })?;
+        let pid = self
+            .client
+            .inspect_container(&created.id, None)
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .and_then(|state| state.pid)
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| {
+                RunError::Internal(format!(
+                    "docker: runner container {} has no process",
+                    params.name
+                ))
+            })?;
+        RunnerContainer::connect(params.name, pid, &dir, entrypoint, guard).await
+    }
+
     /// Runs `spec` in a new container of `image`, a reference the daemon
     /// holds; `pulled`: the registry image it is, pulled again should the
     /// daemon have lost it (None: a local image, the probe's).

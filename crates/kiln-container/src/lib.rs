@@ -12,7 +12,9 @@
 //!   default bridge;
 //! - [`supervise`]: the wait / stop-with-grace / OOM / remove sequence;
 //! - [`trial`]: the container each backend starts when probed, in a
-//!   one-file image made offline.
+//!   one-file image made offline;
+//! - [`warm`]: warm runners (`recycle-runner=true`): a container kept per
+//!   runner, whose actions Kiln's agent starts inside it.
 //!
 //! [`docker`] drives the Docker Engine API with bollard; [`podman`] drives
 //! the podman CLI. Both implement [`kiln_worker::Isolation`].
@@ -25,6 +27,7 @@ pub mod params;
 pub mod podman;
 pub mod supervise;
 pub mod trial;
+pub mod warm;
 
 pub use docker::{Docker, DockerConfig};
 pub use image::{ImageConfig, Images, ResolvedImage};

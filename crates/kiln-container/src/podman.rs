@@ -15,7 +15,9 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use kiln_platform::{Platform, RegistryCredentials};
 use kiln_sandbox::network::{ActionNetwork, Outbound};
-use kiln_worker::{CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError};
+use kiln_worker::{
+    CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, Resident, RunError,
+};
 use std::io::Write as _;
 
 use crate::image::{pull_error, redact, ImageConfig, ImageStore, Images, ResolvedImage};
@@ -23,6 +25,7 @@ use crate::network::NetworkConfig;
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 use crate::trial::TrialRuntime;
+use crate::warm::{self, AgentFile, RunnerContainer};
 
 /// How the `podman` backend finds its CLI and resolves images.
 #[derive(Debug, Clone)]
@@ -69,6 +72,8 @@ pub struct Podman {
     /// named `oom` into it when a container is killed for memory, which
     /// must not land wherever the executor was started.
     cwd: tempfile::TempDir,
+    /// The agent mounted into warm runner containers ([`crate::warm`]).
+    agent: AgentFile,
 }
 
 /// The nofile and nproc limits of each container, both always passed.
@@ -161,6 +166,8 @@ impl Podman {
                 .prefix("kiln-podman-")
                 .tempdir()
                 .map_err(|e| format!("podman: creating its working directory: {e}"))?,
+            agent: AgentFile::write()
+                .map_err(|e| format!("podman: writing the runners' agent: {e}"))?,
         };
         // What does not depend on another answer is done at once: `info`
         // alone takes ~0.4 s. The sweep must end before the trial starts
@@ -679,6 +686,29 @@ impl Isolation for Podman {
         true
     }
 
+    /// A warm runner is a container with Kiln's agent ([`crate::warm`]).
+    fn keeps_warm_runners(&self) -> bool {
+        true
+    }
+
+    fn runner_holds_workspace(&self) -> bool {
+        true
+    }
+
+    async fn run_in_runner(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        resident: &mut Option<Box<dyn Resident>>,
+    ) -> Result<ProcessOutcome, RunError> {
+        let runner = match resident {
+            Some(runner) => runner,
+            None => resident.insert(Box::new(self.start_runner(spec, limits, cancel).await?)),
+        };
+        runner.run(spec, limits, cancel).await
+    }
+
     async fn prepare(
         &self,
         platform: &Platform,
@@ -726,6 +756,111 @@ impl Isolation for Podman {
 }
 
 impl Podman {
+    /// Starts a warm runner's container for `spec` (`podman run -d`): its
+    /// image and parameters, with the agent as its command
+    /// ([`crate::warm`]). A bridged runner keeps its network namespace for
+    /// as long as the container lives.
+    async fn start_runner(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<RunnerContainer, RunError> {
+        let image = self
+            .images
+            .ensure(&spec.platform, self, false, cancel)
+            .await?;
+        let pinned = image.pinned();
+        let mut params =
+            RunParameters::new(spec, limits, &pinned, self.bridge_network(), &self.owner)?;
+        // The image's environment is the agent's; each action's own is laid
+        // over it by the agent.
+        params.environment.clear();
+        params.command = warm::agent_command().split_off(1);
+        let inspected = self
+            .checked(
+                &[
+                    "image",
+                    "inspect",
+                    "--format",
+                    "{{json .Config.Entrypoint}}",
+                    &pinned,
+                ],
+                &format!("inspecting image {}", image.image),
+            )
+            .await?;
+        let entrypoint: Vec<String> =
+            serde_json::from_slice::<Option<Vec<String>>>(&inspected.stdout)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+        let dir = warm::agent_dir(spec)?;
+        let network = match params.network {
+            Network::Bridge => Some(self.action_network().await?),
+            Network::None => None,
+        };
+        let mut args = Podman::run_arguments(
+            &params,
+            self.ulimits,
+            false,
+            None,
+            network.as_ref().map(ActionNetwork::path).as_deref(),
+        );
+        args.splice(
+            1..1,
+            [
+                "--detach".to_string(),
+                format!("--entrypoint={}", warm::AGENT_PATH),
+                format!(
+                    "--volume={}:{}:ro",
+                    self.agent.path().display(),
+                    warm::AGENT_PATH
+                ),
+                format!("--volume={}:{}:rw", dir.display(), warm::AGENT_DIR),
+            ],
+        );
+        let binary = self.binary.clone();
+        let name = params.name.clone();
+        let outbound = self.network.as_ref().ok().cloned();
+        let guard = RemovalGuard::new(move || {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = tokio::process::Command::new(binary)
+                        .args(["rm", "-f", "-t", "0", "--ignore", &name])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .await;
+                    if let (Some(network), Some(outbound)) = (network, outbound) {
+                        outbound.release(network).await;
+                    }
+                });
+            }
+        });
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.checked(&args, &format!("starting runner container {}", params.name))
+            .await?;
+        let inspected = self
+            .checked(
+                &["inspect", "--format", "{{.State.Pid}}", &params.name],
+                &format!("inspecting runner container {}", params.name),
+            )
+            .await?;
+        let pid = String::from_utf8_lossy(&inspected.stdout)
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| {
+                RunError::Internal(format!(
+                    "podman: runner container {} has no process",
+                    params.name
+                ))
+            })?;
+        RunnerContainer::connect(params.name, pid, &dir, entrypoint, guard).await
+    }
+
     /// One `podman run` of the action in `image`, a reference podman holds.
     /// `settle`: return only once the container's cgroup is gone too (the
     /// probe's trial, so a process stopped right after start-up leaves

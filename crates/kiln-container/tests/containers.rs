@@ -19,7 +19,8 @@ use kiln_container::{
 };
 use kiln_platform::{Platform, PropertySources, RegistryCredentials};
 use kiln_worker::{
-    CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, RunError, StopReason,
+    CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, Resident, RunError,
+    StopReason,
 };
 
 #[path = "../../kiln-sandbox/tests/support/outside.rs"]
@@ -1623,4 +1624,188 @@ fn a_podman_whose_runtime_refuses_the_rlimits_is_refused_in_runcs_words() {
 fn skipped_anywhere(line: &str) {
     use std::io::Write as _;
     let _ = std::io::stderr().write_all(format!("\n{line}\n").as_bytes());
+}
+
+// Warm runners (`recycle-runner=true`): one container per runner, whose
+// actions Kiln's agent starts inside it.
+
+/// A runner's actions: the same action directory each time, as the
+/// executor's runner pool hands it out, and what the backend keeps in it.
+struct Runner {
+    action: Action,
+    resident: Option<Box<dyn Resident>>,
+}
+
+impl Runner {
+    fn new(image: &str) -> Runner {
+        Runner {
+            action: Action::new(
+                platform(&[("container-image", image), ("recycle-runner", "true")]),
+                &["true"],
+            ),
+            resident: None,
+        }
+    }
+
+    /// Runs `script` (under `sh -c`, with `KILN_TEST=value`) as the
+    /// runner's next action; its outcome, stdout and stderr.
+    async fn run(
+        &mut self,
+        backend: &dyn Isolation,
+        arguments: &[&str],
+        value: &str,
+        limits: &Limits,
+    ) -> (ProcessOutcome, String, String) {
+        let spec = &mut self.action.spec;
+        spec.arguments = arguments.iter().map(|a| a.to_string()).collect();
+        spec.environment_variables[1].1 = value.into();
+        let cancel = CancellationToken::new();
+        backend.prepare(&spec.platform, &cancel).await.unwrap();
+        let outcome = backend
+            .run_in_runner(spec, limits, &cancel, &mut self.resident)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", backend.name()));
+        (outcome, self.action.stdout(), self.action.stderr())
+    }
+
+    /// The runner's container name (from its description).
+    fn container(&self) -> String {
+        let described = format!("{:?}", self.resident.as_ref().expect("a started runner"));
+        described
+            .split('"')
+            .nth(1)
+            .expect("the container's name")
+            .to_string()
+    }
+}
+
+fn container_exists(runtime: &str, name: &str) -> bool {
+    let output = cli(
+        runtime,
+        &["ps", "-a", "-q", "--filter", &format!("name=^{name}$")],
+    );
+    !String::from_utf8_lossy(&output.stdout).trim().is_empty()
+}
+
+#[test]
+fn a_warm_runner_keeps_its_container_and_processes_between_actions() {
+    for backend in backends("warm_runner") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let mut runner = Runner::new(BASE);
+            let first = "echo kept > /tmp/left-by-the-first; \
+                         sleep 600 > /dev/null 2>&1 & echo $! > /tmp/sleeper; \
+                         echo \"one $KILN_TEST\"; echo to-stderr >&2";
+            let (outcome, stdout, stderr) = runner
+                .run(&*backend, &["sh", "-c", first], "first", &limits())
+                .await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {stderr}");
+            assert_eq!(stdout, "one first\n", "{name}");
+            assert_eq!(stderr, "to-stderr\n", "{name}");
+            let container = runner.container();
+            assert!(container_exists(name, &container), "{name}: {container}");
+
+            // The second action: the same container (its /tmp and the
+            // process the first left running), its own environment and
+            // working directory.
+            let second = "cat /tmp/left-by-the-first; kill -0 \"$(cat /tmp/sleeper)\" && \
+                          echo sleeper alive; echo \"two $KILN_TEST\"; pwd; exit 7";
+            let (outcome, stdout, stderr) = runner
+                .run(&*backend, &["sh", "-c", second], "second", &limits())
+                .await;
+            assert_eq!(outcome.exit_code, 7, "{name}: {stderr}");
+            let workspace = runner.action.workspace().display().to_string();
+            assert_eq!(
+                stdout,
+                format!("kept\nsleeper alive\ntwo second\n{workspace}\n"),
+                "{name}: {stderr}"
+            );
+            assert_eq!(runner.container(), container, "{name}: a new container");
+
+            // Not found, and not executable: as a shell says, the runner
+            // still serving.
+            let (outcome, _, stderr) = runner
+                .run(&*backend, &["no-such-command"], "", &limits())
+                .await;
+            assert_eq!(outcome.exit_code, 127, "{name}: {stderr}");
+            assert!(stderr.contains("no-such-command"), "{name}: {stderr}");
+            let (outcome, _, stderr) = runner.run(&*backend, &["/etc/passwd"], "", &limits()).await;
+            assert_eq!(outcome.exit_code, 126, "{name}: {stderr}");
+
+            // A timeout stops the action's processes, not the runner's.
+            let short = Limits {
+                timeout: Duration::from_millis(500),
+                ..limits()
+            };
+            let (outcome, _, _) = runner.run(&*backend, &["sleep", "600"], "", &short).await;
+            assert_eq!(outcome.stopped, Some(StopReason::Timeout), "{name}");
+            assert_eq!(outcome.signal, Some(15), "{name}: {outcome:?}");
+
+            // Dropping the runner removes its container.
+            runner.resident = None;
+            let started = Instant::now();
+            while container_exists(name, &container) && started.elapsed() < Duration::from_secs(60)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(
+                !container_exists(name, &container),
+                "{name}: {container} was left behind"
+            );
+        });
+    }
+}
+
+#[test]
+fn a_warm_runner_keeps_the_images_entrypoint_and_environment() {
+    for backend in backends("warm_entrypoint") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let mut runner = Runner::new(ENTRYPOINT);
+            for round in ["a", "b"] {
+                let (outcome, stdout, stderr) = runner
+                    .run(&*backend, &["echo", "hello", round], "", &limits())
+                    .await;
+                assert_eq!(outcome.exit_code, 0, "{name}: {stderr}");
+                assert_eq!(stdout, format!("hello {round}\n"), "{name}");
+                assert!(
+                    stderr.contains(&format!("entrypoint wrapper saw: echo hello {round}")),
+                    "{name}: {stderr}"
+                );
+                assert!(!stderr.contains("image CMD ran"), "{name}");
+            }
+        });
+    }
+}
+
+#[test]
+fn a_warm_runner_reports_an_oom_kill() {
+    for backend in backends("warm_memory") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let mut runner = Runner::new(BASE);
+            let limits = Limits {
+                memory_bytes: Some(48 << 20),
+                ..limits()
+            };
+            let (outcome, _, stderr) = runner
+                .run(&*backend, &["sh", "-c", "exit 0"], "", &limits)
+                .await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {stderr}");
+            let (outcome, stdout, stderr) = runner
+                .run(
+                    &*backend,
+                    &[
+                        "bash",
+                        "-c",
+                        "x=$(head -c 400000000 /dev/zero | tr '\\0' x); echo survived",
+                    ],
+                    "",
+                    &limits,
+                )
+                .await;
+            assert!(outcome.memory_exceeded, "{name}: {outcome:?} {stderr}");
+            assert!(!stdout.contains("survived"), "{name}");
+        });
+    }
 }

@@ -219,10 +219,16 @@ impl IsolationType {
     }
 
     /// Whether this type keeps warm runners on some executor (`none` only
-    /// where the executor can stop every process of an action); `docker`,
-    /// `podman` and `firecracker` never do in this Kiln.
+    /// where the executor can stop every process of an action);
+    /// `firecracker` never does in this Kiln.
     pub fn may_keep_warm_runners(self) -> bool {
-        matches!(self, IsolationType::None | IsolationType::Sandbox)
+        matches!(
+            self,
+            IsolationType::None
+                | IsolationType::Sandbox
+                | IsolationType::Docker
+                | IsolationType::Podman
+        )
     }
 }
 
@@ -824,7 +830,8 @@ impl Platform {
                     &format!(
                         "workload-isolation-type={} runs every action in a fresh runner in this \
                          Kiln, so there is no workspace to preserve; use \
-                         workload-isolation-type=sandbox, or remove preserve-workspace",
+                         workload-isolation-type=sandbox, docker or podman, or remove \
+                         preserve-workspace",
                         isolation.name()
                     ),
                 ));

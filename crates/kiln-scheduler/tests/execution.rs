@@ -1955,7 +1955,7 @@ async fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
         .action(ActionSpec {
             arguments: vec!["/bin/true"],
             properties: vec![
-                ("workload-isolation-type", "docker"),
+                ("workload-isolation-type", "firecracker"),
                 ("recycle-runner", "true"),
                 ("preserve-workspace", "true"),
             ],
@@ -1969,7 +1969,7 @@ async fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
         "{error}"
     );
     assert!(
-        error.message().contains("workload-isolation-type=docker"),
+        error.message().contains("workload-isolation-type=firecracker"),
         "{error}"
     );
 

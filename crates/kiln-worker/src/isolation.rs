@@ -108,6 +108,20 @@ pub enum RunAs {
     Privileged,
 }
 
+/// What a backend keeps alive in a warm runner between its actions: a
+/// container with Kiln's agent as its PID 1, say. Dropping it ends it (and
+/// every process in it); it lives as long as its runner is kept.
+#[async_trait]
+pub trait Resident: Send + Sync + std::fmt::Debug {
+    /// Runs `spec` inside it, as [`Isolation::run`] would in a fresh runner.
+    async fn run(
+        &mut self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<ProcessOutcome, RunError>;
+}
+
 /// Runs a command under one kind of isolation.
 #[async_trait]
 pub trait Isolation: Send + Sync {
@@ -139,6 +153,28 @@ pub trait Isolation: Send + Sync {
     /// action in a fresh runner, and says so in the result's metadata.
     fn keeps_warm_runners(&self) -> bool {
         false
+    }
+
+    /// Whether this backend's warm runners hold processes (a container)
+    /// that keep the workspace's mount from one action to the next. An
+    /// overlay mounted afresh for each action would not reach them, so
+    /// their inputs are copied instead ([`crate::workspace::Layout::Copied`]).
+    fn runner_holds_workspace(&self) -> bool {
+        false
+    }
+
+    /// Runs `spec` in a kept runner. `resident` is what this backend left
+    /// in the runner (None on its first action), and what it leaves for
+    /// the next. A backend that keeps nothing running between actions runs
+    /// it as [`Isolation::run`] does.
+    async fn run_in_runner(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        _resident: &mut Option<Box<dyn Resident>>,
+    ) -> Result<ProcessOutcome, RunError> {
+        self.run(spec, limits, cancel).await
     }
 
     /// Gets ready for an action with `platform` before its clock starts:

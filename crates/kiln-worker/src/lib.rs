@@ -53,7 +53,9 @@ pub mod worker;
 pub mod workspace;
 
 pub use error::RunError;
-pub use isolation::{beyond_plain_process, CommandSpec, Isolation, Isolations, NoIsolation, RunAs};
+pub use isolation::{
+    beyond_plain_process, CommandSpec, Isolation, Isolations, NoIsolation, Resident, RunAs,
+};
 pub use local::LocalSession;
 pub use process::{Limits, ProcessOutcome, StopReason};
 pub use session::{RemoteSession, SessionConfig};

@@ -42,6 +42,7 @@ use kiln_platform::Platform;
 pub use kiln_platform::RunnerKey;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
+use crate::isolation::Resident;
 use crate::persistent::{WorkerProcess, WORKER_STDERR};
 use crate::scratch::Scratch;
 
@@ -85,6 +86,9 @@ pub struct WarmRunner {
     /// Its persistent worker (`persistentWorkerKey`), alive between
     /// actions; killed when the runner is dropped.
     pub worker: Option<WorkerProcess>,
+    /// What its backend keeps running in it between actions (a container
+    /// and its agent); ended when the runner is dropped.
+    pub resident: Option<Box<dyn Resident>>,
     idle_since: Instant,
 }
 
@@ -95,6 +99,7 @@ impl WarmRunner {
             dir,
             uses,
             worker: None,
+            resident: None,
             idle_since: Instant::now(),
         }
     }

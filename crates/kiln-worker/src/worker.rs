@@ -21,7 +21,7 @@ use crate::cache::FileCache;
 use crate::cas::{CasClient, GrpcTransport, UploadSource};
 use crate::error::{format_digest, RunError};
 use crate::inputs;
-use crate::isolation::{CommandSpec, Isolation, Isolations};
+use crate::isolation::{CommandSpec, Isolation, Isolations, Resident};
 use crate::outputs;
 use crate::persistent::{self, WorkerIdentity, WorkerProcess, WorkerStart};
 use crate::process::{blocking, Limits, ProcessOutcome, StopReason};
@@ -163,6 +163,9 @@ struct RunnerNotes {
     /// The runner's persistent worker: the warm runner's on the way in;
     /// on the way out, one that answered and may serve the next action.
     worker: Option<WorkerProcess>,
+    /// What the backend keeps running in the runner (a container), the
+    /// same way in and out.
+    resident: Option<Box<dyn Resident>>,
 }
 
 /// What a persistent worker made of one request.
@@ -280,12 +283,13 @@ impl Worker {
             uses: warm.as_ref().map_or(0, |w| w.uses) + 1,
             key,
         };
-        let (action_dir, worker) = match warm {
-            Some(warm) => (warm.dir, warm.worker),
-            None => (self.scratch.action_dir(), None),
+        let (action_dir, worker, resident) = match warm {
+            Some(warm) => (warm.dir, warm.worker, warm.resident),
+            None => (self.scratch.action_dir(), None, None),
         };
         let mut notes = RunnerNotes {
             worker,
+            resident,
             ..RunnerNotes::default()
         };
         let result = self
@@ -352,6 +356,7 @@ impl Worker {
             Ok(Ok(())) => {
                 let mut runner = WarmRunner::new(key.clone(), action_dir, uses);
                 runner.worker = notes.worker.take();
+                runner.resident = notes.resident.take();
                 let evicted = self.runners.put(runner);
                 for dir in evicted {
                     recycle_action_dir(dir, self.scratch.clone()).await;
@@ -398,8 +403,14 @@ impl Worker {
             },
         ));
         let preserving = recycling && platform.preserve_workspace;
+        let layout = match self.protection.layout(run_as) {
+            // The runner's processes hold the workspace's mount across
+            // actions; a fresh overlay per action would not reach them.
+            Layout::Overlay if recycling && isolation.runner_holds_workspace() => Layout::Copied,
+            layout => layout,
+        };
         let plan = WorkspacePlan {
-            layout: self.protection.layout(run_as),
+            layout,
             directories: DirAccess::for_action(run_as, platform.nonroot_workspace),
             over_existing: preserving && runner.warm,
         };
@@ -501,6 +512,12 @@ impl Worker {
         let limits = self.limits(&action, platform);
         metadata.execution_start_timestamp = Some(timestamp_now());
         let (process, served) = match serving {
+            None if recycling => (
+                isolation
+                    .run_in_runner(&spec, &limits, cancel, &mut notes.resident)
+                    .await,
+                None,
+            ),
             None => (isolation.run(&spec, &limits, cancel).await, None),
             Some(worker) => {
                 let working_directory = working_path

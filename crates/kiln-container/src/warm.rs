@@ -1,0 +1,422 @@
+//! Warm container runners (`recycle-runner=true` under `docker` and
+//! `podman`): one container per runner, started once with Kiln's agent
+//! (`agent/main.rs`, embedded here as a static executable) as its
+//! command, and kept for the next action with the same runner key. Each
+//! action is then started by the agent inside the container, over a Unix
+//! socket, without the container engine: a warm action costs a fork and
+//! an exec, not a `docker exec` (~50 ms here) or a new container.
+//!
+//! What a runner container keeps between actions: everything outside the
+//! workspace (its writable layer: `/tmp`, installed packages) and every
+//! process an action left running (a database a test started, say); they
+//! keep running between actions. The workspace itself is the runner's
+//! directory on the host, bind-mounted at the same path and emptied or
+//! preserved between actions by the executor (`kiln_worker::runners`).
+//!
+//! The socket is made by the agent in a directory of the runner's own,
+//! bind-mounted into the container; the executor connects once, right
+//! after the start, and the agent removes the socket and takes no other
+//! connection. Every action of the runner goes over that one connection,
+//! so nothing an action later does to that directory (a symlink in place
+//! of the socket, say) is ever followed by the executor. The action's
+//! stdout and stderr are the executor's capture pipes, passed with the
+//! request (SCM_RIGHTS).
+//!
+//! Timeout and cancellation: SIGTERM to the action's process group, SIGKILL
+//! after the grace; a runner whose action was stopped, failed or was
+//! OOM-killed is not kept, and dropping a [`RunnerContainer`] removes its
+//! container.
+
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kiln_worker::{
+    CancellationToken, CommandSpec, Limits, ProcessOutcome, Resident, RunError, StopReason,
+};
+use tokio::io::{AsyncReadExt, Interest};
+use tokio::net::UnixStream;
+
+use crate::supervise::RemovalGuard;
+
+/// The agent, built by `build.rs`.
+const AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln-agent"));
+
+/// Where the agent is mounted in a runner container (read-only).
+pub const AGENT_PATH: &str = "/.kiln/agent";
+/// Where the runner's socket directory is mounted in its container.
+pub const AGENT_DIR: &str = "/.kiln/run";
+/// The socket's name in that directory.
+const SOCKET: &str = "agent.sock";
+/// The runner's socket directory, in its action directory on the host.
+const HOST_AGENT_DIR: &str = "agent";
+
+/// How long a new runner container's agent may take to listen.
+const AGENT_START: Duration = Duration::from_secs(30);
+/// How long after SIGKILL the agent may take to answer.
+const KILL_ANSWER: Duration = Duration::from_secs(30);
+/// A frame larger than this from the agent is a broken agent.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// The agent's executable on the host, written once per backend; removed
+/// when dropped.
+#[derive(Debug)]
+pub struct AgentFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl AgentFile {
+    pub fn write() -> std::io::Result<AgentFile> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new().prefix("kiln-agent-").tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let path = dir.path().join("agent");
+        std::fs::write(&path, AGENT)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555))?;
+        Ok(AgentFile { _dir: dir, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The host side of a new runner container's mounts: its socket
+/// directory (made empty, writable by any user the image runs as).
+pub fn agent_dir(spec: &CommandSpec) -> Result<PathBuf, RunError> {
+    use std::os::unix::fs::PermissionsExt;
+    let action_dir = spec.workspace.parent().ok_or_else(|| {
+        RunError::Internal(format!(
+            "the workspace {} has no parent directory for the runner's socket",
+            spec.workspace.display()
+        ))
+    })?;
+    let dir = action_dir.join(HOST_AGENT_DIR);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)))
+        .map_err(|e| RunError::Internal(format!("creating {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+/// The agent's command line in the container: its socket.
+pub fn agent_command() -> Vec<String> {
+    vec![AGENT_PATH.into(), format!("{AGENT_DIR}/{SOCKET}")]
+}
+
+/// A runner's container, connected to its agent.
+pub struct RunnerContainer {
+    /// The container's name, for messages.
+    name: String,
+    stream: UnixStream,
+    /// Bytes read from the agent that are not yet a whole frame.
+    received: Vec<u8>,
+    /// The image's ENTRYPOINT, put before each action's arguments (as a
+    /// fresh container would).
+    entrypoint: Vec<String>,
+    /// The container's memory cgroup file counting OOM kills, if found.
+    oom_events: Option<PathBuf>,
+    /// Removes the container (and releases what it held) when dropped.
+    _removal: RemovalGuard,
+}
+
+impl std::fmt::Debug for RunnerContainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerContainer")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the agent answered about an action.
+enum Answer {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl RunnerContainer {
+    /// Connects to the agent of container `name` (host pid `pid`), whose
+    /// socket directory on the host is `dir`. `removal` removes the
+    /// container when the runner is dropped, or at once if connecting
+    /// fails.
+    pub async fn connect(
+        name: String,
+        pid: u32,
+        dir: &Path,
+        entrypoint: Vec<String>,
+        removal: RemovalGuard,
+    ) -> Result<RunnerContainer, RunError> {
+        let socket = dir.join(SOCKET);
+        let deadline = tokio::time::Instant::now() + AGENT_START;
+        let mut pause = Duration::from_millis(1);
+        let stream =
+            loop {
+                match UnixStream::connect(&socket).await {
+                    Ok(stream) => break stream,
+                    Err(error) => {
+                        let alive = Path::new(&format!("/proc/{pid}")).exists();
+                        if !alive || tokio::time::Instant::now() >= deadline {
+                            // `removal` is dropped on the way out: the
+                            // container goes.
+                            return Err(RunError::Internal(format!(
+                            "runner container {name}: its agent did not listen at {} ({error}){}",
+                            socket.display(),
+                            if alive { "" } else { "; the container has ended" }
+                        )));
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(20));
+                    }
+                }
+            };
+        Ok(RunnerContainer {
+            name,
+            stream,
+            received: Vec::new(),
+            entrypoint,
+            oom_events: oom_events_file(pid),
+            _removal: removal,
+        })
+    }
+
+    /// Sends `fields` as one frame, with `fds` alongside its first byte.
+    async fn send(&self, fields: &[&[u8]], fds: &[OwnedFd]) -> std::io::Result<()> {
+        let frame = encode(fields);
+        let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut sent = self
+            .stream
+            .async_io(Interest::WRITABLE, || {
+                let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+                if !borrowed.is_empty()
+                    && !control.push(rustix::net::SendAncillaryMessage::ScmRights(&borrowed))
+                {
+                    return Err(std::io::Error::other("too many descriptors"));
+                }
+                rustix::net::sendmsg(
+                    &self.stream,
+                    &[IoSlice::new(&frame)],
+                    &mut control,
+                    rustix::net::SendFlags::NOSIGNAL,
+                )
+                .map_err(std::io::Error::from)
+            })
+            .await?;
+        while sent < frame.len() {
+            let written = self
+                .stream
+                .async_io(Interest::WRITABLE, || {
+                    rustix::net::send(
+                        &self.stream,
+                        &frame[sent..],
+                        rustix::net::SendFlags::NOSIGNAL,
+                    )
+                    .map_err(std::io::Error::from)
+                })
+                .await?;
+            sent += written;
+        }
+        Ok(())
+    }
+
+    /// The agent's next answer. Cancel-safe: what was read stays buffered.
+    async fn answer(&mut self) -> Result<Answer, RunError> {
+        loop {
+            if let Some(fields) = self.take_frame()? {
+                let text = |at: usize| {
+                    fields
+                        .get(at)
+                        .map(|f| String::from_utf8_lossy(f).to_string())
+                        .unwrap_or_default()
+                };
+                let number = |at: usize| text(at).parse::<i32>().ok();
+                return match (text(0).as_str(), number(1)) {
+                    ("exited", Some(code)) => Ok(Answer::Exited(code)),
+                    ("signaled", Some(signal)) => Ok(Answer::Signaled(signal)),
+                    ("failed", _) => Err(RunError::Internal(format!(
+                        "runner container {}: its agent could not start the action: {}",
+                        self.name,
+                        text(1)
+                    ))),
+                    _ => Err(self.broken("an answer it does not understand")),
+                };
+            }
+            let read = self
+                .stream
+                .read_buf(&mut self.received)
+                .await
+                .map_err(|e| self.broken(&format!("reading its answer: {e}")))?;
+            if read == 0 {
+                return Err(self.broken("the container ended during the action"));
+            }
+        }
+    }
+
+    fn take_frame(&mut self) -> Result<Option<Vec<Vec<u8>>>, RunError> {
+        let Some(header) = self.received.get(..4) else {
+            return Ok(None);
+        };
+        let length = u32::from_le_bytes(header.try_into().expect("four bytes")) as usize;
+        if length > MAX_ANSWER {
+            return Err(self.broken("an oversized answer"));
+        }
+        if self.received.len() < 4 + length {
+            return Ok(None);
+        }
+        let body: Vec<u8> = self.received.drain(..4 + length).skip(4).collect();
+        decode(&body)
+            .map(Some)
+            .ok_or_else(|| self.broken("a malformed answer"))
+    }
+
+    fn broken(&self, what: &str) -> RunError {
+        RunError::Internal(format!("runner container {}: agent: {what}", self.name))
+    }
+
+    /// OOM kills in the container's memory cgroup so far.
+    fn oom_kills(&self) -> u64 {
+        let Some(path) = &self.oom_events else {
+            return 0;
+        };
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("oom_kill "))
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    async fn signal(&self, signal: i32) -> Result<(), RunError> {
+        self.send(&[b"signal", signal.to_string().as_bytes()], &[])
+            .await
+            .map_err(|e| self.broken(&format!("sending signal {signal}: {e}")))
+    }
+}
+
+#[async_trait]
+impl Resident for RunnerContainer {
+    async fn run(
+        &mut self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<ProcessOutcome, RunError> {
+        let (stdout, stderr) = spec.output_fds()?;
+        let arguments: Vec<&[u8]> = self
+            .entrypoint
+            .iter()
+            .chain(&spec.arguments)
+            .map(|a| a.as_bytes())
+            .collect();
+        let count = arguments.len().to_string();
+        let environment: Vec<Vec<u8>> = spec
+            .environment_variables
+            .iter()
+            .map(|(name, value)| format!("{name}={value}").into_bytes())
+            .collect();
+        let mut fields: Vec<&[u8]> = vec![
+            b"run",
+            spec.working_directory.as_os_str().as_bytes(),
+            count.as_bytes(),
+        ];
+        fields.extend(arguments);
+        fields.extend(environment.iter().map(Vec::as_slice));
+        let oom_before = self.oom_kills();
+        self.send(&fields, &[stdout, stderr])
+            .await
+            .map_err(|e| self.broken(&format!("sending the action: {e}")))?;
+        let waited = tokio::select! {
+            answer = self.answer() => Ok(answer),
+            _ = tokio::time::sleep(limits.timeout) => Err(StopReason::Timeout),
+            _ = cancel.cancelled() => Err(StopReason::Cancelled),
+        };
+        let (answer, stopped) = match waited {
+            Ok(answer) => (answer, None),
+            Err(reason) => {
+                self.signal(15).await?;
+                let answer = match tokio::time::timeout(limits.grace, self.answer()).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        self.signal(9).await?;
+                        tokio::time::timeout(KILL_ANSWER, self.answer())
+                            .await
+                            .map_err(|_| self.broken("no answer after SIGKILL"))?
+                    }
+                };
+                (answer, Some(reason))
+            }
+        };
+        let memory_exceeded = limits.memory_bytes.is_some() && self.oom_kills() > oom_before;
+        let answer = match answer {
+            Ok(answer) => answer,
+            // The agent itself was killed for memory: the action's doing.
+            Err(_) if memory_exceeded => Answer::Signaled(9),
+            Err(error) => return Err(error),
+        };
+        let (exit_code, signal) = match answer {
+            Answer::Exited(code) => (code, None),
+            Answer::Signaled(signal) => (128 + signal, Some(signal)),
+        };
+        Ok(ProcessOutcome {
+            exit_code,
+            signal,
+            stopped,
+            memory_exceeded: memory_exceeded && stopped.is_none() && exit_code != 0,
+        })
+    }
+}
+
+fn encode(fields: &[&[u8]]) -> Vec<u8> {
+    let size: usize = fields.iter().map(|f| 4 + f.len()).sum();
+    let mut frame = Vec::with_capacity(4 + size);
+    frame.extend_from_slice(&(size as u32).to_le_bytes());
+    for field in fields {
+        frame.extend_from_slice(&(field.len() as u32).to_le_bytes());
+        frame.extend_from_slice(field);
+    }
+    frame
+}
+
+fn decode(body: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        let size = u32::from_le_bytes(body.get(at..at + 4)?.try_into().ok()?) as usize;
+        fields.push(body.get(at + 4..at + 4 + size)?.to_vec());
+        at += 4 + size;
+    }
+    Some(fields)
+}
+
+/// The file counting OOM kills in the memory cgroup of process `pid`:
+/// `memory.events` under cgroup v2, `memory.oom_control` under v1.
+fn oom_events_file(pid: u32) -> Option<PathBuf> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let relative = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            let file = Path::new("/sys/fs/cgroup/memory")
+                .join(relative)
+                .join("memory.oom_control");
+            return file.exists().then_some(file);
+        }
+        if controllers.is_empty() {
+            let file = Path::new("/sys/fs/cgroup")
+                .join(relative)
+                .join("memory.events");
+            if file.exists() {
+                return Some(file);
+            }
+        }
+    }
+    None
+}
