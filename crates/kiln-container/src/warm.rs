@@ -29,7 +29,7 @@
 
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -151,29 +151,41 @@ impl RunnerContainer {
         entrypoint: Vec<String>,
         removal: RemovalGuard,
     ) -> Result<RunnerContainer, RunError> {
-        let socket = dir.join(SOCKET);
+        let shown = dir.join(SOCKET);
+        // Through the directory's descriptor: the action directory's path
+        // may be longer than a socket address can hold (108 bytes).
+        let dir_fd = std::fs::File::open(dir)
+            .map_err(|e| RunError::Internal(format!("opening {}: {e}", dir.display())))?;
+        let socket = format!("/proc/self/fd/{}/{SOCKET}", dir_fd.as_raw_fd());
         let deadline = tokio::time::Instant::now() + AGENT_START;
         let mut pause = Duration::from_millis(1);
-        let stream =
-            loop {
-                match UnixStream::connect(&socket).await {
-                    Ok(stream) => break stream,
-                    Err(error) => {
-                        let alive = Path::new(&format!("/proc/{pid}")).exists();
-                        if !alive || tokio::time::Instant::now() >= deadline {
-                            // `removal` is dropped on the way out: the
-                            // container goes.
-                            return Err(RunError::Internal(format!(
-                            "runner container {name}: its agent did not listen at {} ({error}){}",
-                            socket.display(),
-                            if alive { "" } else { "; the container has ended" }
-                        )));
-                        }
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_millis(20));
-                    }
-                }
+        let stream = loop {
+            let error = match UnixStream::connect(&socket).await {
+                Ok(stream) => break stream,
+                Err(error) => error,
             };
+            // Not there yet, or not listening yet: the agent is starting.
+            let starting = matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            );
+            let alive = Path::new(&format!("/proc/{pid}")).exists();
+            if !starting || !alive || tokio::time::Instant::now() >= deadline {
+                // `removal` is dropped on the way out: the container goes.
+                return Err(RunError::Internal(format!(
+                    "runner container {name}: its agent did not listen at {} ({error}){}",
+                    shown.display(),
+                    if alive {
+                        ""
+                    } else {
+                        "; the container has ended"
+                    }
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        };
+        drop(dir_fd);
         Ok(RunnerContainer {
             name,
             stream,

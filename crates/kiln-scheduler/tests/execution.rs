@@ -1969,7 +1969,9 @@ async fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
         "{error}"
     );
     assert!(
-        error.message().contains("workload-isolation-type=firecracker"),
+        error
+            .message()
+            .contains("workload-isolation-type=firecracker"),
         "{error}"
     );
 

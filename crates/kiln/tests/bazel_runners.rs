@@ -11,7 +11,13 @@
 //!   alive during the second, which ran warm;
 //! - a runner whose action failed, timed out, was OOM-killed or left
 //!   `.KILN_DO_NOT_RECYCLE` is not reused;
-//! - a warm-runner option without `recycle-runner` is refused, naming it.
+//! - a warm-runner option without `recycle-runner` is refused, naming it;
+//! - under `docker` and `podman`, a warm runner is one container: a second
+//!   action with the same key sees the first's /tmp and the process it
+//!   left running, one with another key does not, a failed action's runner
+//!   is not reused, `preserve-workspace` holds as under the others, and an
+//!   input that an action (root in its container) overwrote is whole
+//!   again for the runner's next action.
 
 mod common;
 
@@ -217,6 +223,155 @@ fn bazel_reuses_warm_runners_and_preserves_workspaces() {
         text.contains("preserve-workspace") && text.contains("recycle-runner=true"),
         "the failure does not name the option:\n{text}"
     );
+
+    bazel.run_ok(&["shutdown"]);
+    drop(server);
+}
+
+/// The container runners' targets, for `runtime` (`docker` or `podman`).
+fn container_targets(runtime: &str) -> String {
+    format!(
+        r#"
+genrule(
+    name = "{runtime}_first",
+    outs = ["{runtime}_first.txt"],
+    cmd = "echo left-by-first > /tmp/kiln-runner-token; sleep 300 </dev/null >/dev/null 2>&1 & echo $$! > /tmp/kiln-sleeper; echo wrote > $@",
+    exec_properties = warm("c", "{runtime}", IMAGE),
+)
+genrule(name = "{runtime}_second", srcs = [":{runtime}_first"], outs = ["{runtime}_second.txt"], cmd = CONTAINER_READ, exec_properties = warm("c", "{runtime}", IMAGE))
+genrule(name = "{runtime}_other_key", srcs = [":{runtime}_first"], outs = ["{runtime}_other_key.txt"], cmd = CONTAINER_READ, exec_properties = warm("c-other", "{runtime}", IMAGE))
+genrule(name = "{runtime}_fail_first", outs = ["{runtime}_fail_first.txt"], cmd = "echo left > /tmp/kiln-runner-token; exit 3", exec_properties = warm("c-fail", "{runtime}", IMAGE))
+genrule(name = "{runtime}_fail_second", outs = ["{runtime}_fail_second.txt"], cmd = CONTAINER_READ, exec_properties = warm("c-fail", "{runtime}", IMAGE))
+genrule(name = "preserve_{runtime}", srcs = glob(["inputs/*"]), outs = ["preserve_{runtime}.txt"], cmd = PRESERVE, exec_properties = warm("c-preserve", "{runtime}", dict(IMAGE.items() + PRESERVING.items())))
+genrule(name = "{runtime}_poison", srcs = ["victim.txt"], outs = ["{runtime}_poison.txt"], cmd = POISON, exec_properties = warm("c-poison", "{runtime}", IMAGE))
+genrule(name = "{runtime}_poison_after", srcs = ["victim.txt", ":{runtime}_poison"], outs = ["{runtime}_poison_after.txt"], cmd = "cat runners/victim.txt > $@", exec_properties = warm("c-poison", "{runtime}", IMAGE))
+"#
+    )
+}
+
+const CONTAINER_BUILD: &str = r#"
+IMAGE = {"container-image": "docker://127.0.0.1:5000/kiln-test/base:latest"}
+CONTAINER_READ = "{ cat /tmp/kiln-runner-token 2>/dev/null || echo saw-nothing; if kill -0 $$(cat /tmp/kiln-sleeper 2>/dev/null) 2>/dev/null; then echo sleeper=alive; else echo sleeper=gone; fi; } > $@"
+POISON = "chmod 0666 runners/victim.txt; echo poisoned > runners/victim.txt; cat runners/victim.txt > $@"
+"#;
+
+#[test]
+fn bazel_keeps_warm_docker_and_podman_runners() {
+    if !common::bazel_available() {
+        return;
+    }
+    let runtimes: Vec<&str> = ["docker", "podman"]
+        .into_iter()
+        .filter(|runtime| common::runtime_available(runtime))
+        .collect();
+    if runtimes.is_empty() {
+        common::say_skipped("warm container runners: neither docker nor podman is available");
+        return;
+    }
+    if let Err(error) = common::test_images() {
+        panic!("building the test images: {error}");
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("kiln-bazel-container-runners-")
+        .tempdir()
+        .expect("create scratch directory");
+    let data_dir = scratch.path().join("kiln-data");
+    let server_log = scratch.path().join("kiln.log");
+    let isolation = format!("none,{}", runtimes.join(","));
+    let server = KilnServer::start(&data_dir, &server_log, &["--isolation", &isolation]);
+    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
+    let package = bazel.workspace.join("runners");
+    fs::create_dir_all(package.join("inputs")).unwrap();
+    let mut build = BUILD.to_string() + CONTAINER_BUILD;
+    for runtime in &runtimes {
+        build += &container_targets(runtime);
+    }
+    fs::write(package.join("BUILD"), build).unwrap();
+    fs::write(package.join("defs.bzl"), DEFS).unwrap();
+    fs::write(package.join("victim.txt"), "original-bytes\n").unwrap();
+    let read = |name: &str| {
+        fs::read_to_string(
+            bazel
+                .workspace
+                .join(format!("bazel-bin/runners/{name}.txt")),
+        )
+        .unwrap_or_else(|e| panic!("{name}.txt: {e}"))
+    };
+    let warm_runs = || {
+        fs::read_to_string(&server_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("action ran") && line.contains("warm=true"))
+            .count()
+    };
+
+    for runtime in &runtimes {
+        // The same key: the same container, its /tmp and its processes.
+        let before = warm_runs();
+        bazel.run_ok(&[
+            "build",
+            &format!("//runners:{runtime}_second"),
+            &format!("//runners:{runtime}_other_key"),
+        ]);
+        let second = read(&format!("{runtime}_second"));
+        assert!(second.starts_with("left-by-first\n"), "{runtime}: {second}");
+        assert_eq!(value(&second, "sleeper"), "alive", "{runtime}: {second}");
+        let other = read(&format!("{runtime}_other_key"));
+        assert!(other.starts_with("saw-nothing\n"), "{runtime}: {other}");
+        assert_eq!(warm_runs(), before + 1, "{runtime}: one warm run expected");
+
+        // A failed action's runner is not reused.
+        let output = bazel.run(&["build", &format!("//runners:{runtime}_fail_first")]);
+        assert!(!output.status.success(), "{}", combined(&output));
+        bazel.run_ok(&["build", &format!("//runners:{runtime}_fail_second")]);
+        let after_failure = read(&format!("{runtime}_fail_second"));
+        assert!(
+            after_failure.starts_with("saw-nothing\n"),
+            "{runtime}: a failed action's runner was reused: {after_failure}"
+        );
+
+        // preserve-workspace, as under the other types.
+        let name = format!("preserve_{runtime}");
+        let inputs = package.join("inputs");
+        fs::write(inputs.join("data.txt"), "v1\n").unwrap();
+        fs::write(inputs.join("gone.txt"), "soon gone\n").unwrap();
+        bazel.run_ok(&["build", &format!("//runners:{name}")]);
+        let first = read(&name);
+        assert_eq!(value(&first, "leftover"), "none", "{runtime}: {first}");
+        assert_eq!(value(&first, "input"), "v1", "{runtime}");
+        let warm_before = warm_runs();
+        fs::write(inputs.join("data.txt"), "v2\n").unwrap();
+        fs::remove_file(inputs.join("gone.txt")).unwrap();
+        bazel.run_ok(&["build", &format!("//runners:{name}")]);
+        let second = read(&name);
+        assert_eq!(warm_runs(), warm_before + 1, "{name} did not run warm");
+        assert_eq!(value(&second, "leftover"), "run-v1", "{name}: {second}");
+        assert_eq!(value(&second, "previous_output"), "absent", "{name}");
+        assert_eq!(value(&second, "input"), "v2", "{name}");
+        assert_eq!(value(&second, "gone"), "absent", "{name}");
+        assert_eq!(value(&second, "junk"), "absent", "{name}: not cleaned");
+        assert_eq!(value(&second, "kept"), "present", "{name}");
+
+        // Root in the container overwrites an input: the runner's next
+        // action (warm) sees the original bytes, as does the host.
+        let warm_before = warm_runs();
+        bazel.run_ok(&["build", &format!("//runners:{runtime}_poison_after")]);
+        assert_eq!(read(&format!("{runtime}_poison")).trim(), "poisoned");
+        assert_eq!(
+            read(&format!("{runtime}_poison_after")),
+            "original-bytes\n",
+            "{runtime}: an input overwritten in a warm runner reached its next action"
+        );
+        assert_eq!(
+            warm_runs(),
+            warm_before + 1,
+            "{runtime}: poison_after ran cold"
+        );
+        assert_eq!(
+            fs::read_to_string(package.join("victim.txt")).unwrap(),
+            "original-bytes\n"
+        );
+    }
 
     bazel.run_ok(&["shutdown"]);
     drop(server);
