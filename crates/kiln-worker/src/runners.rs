@@ -5,9 +5,12 @@
 //! What a warm runner keeps, by isolation type:
 //! - `none`: its workspace, with `preserve-workspace=true`;
 //! - `sandbox`: that, and a private writable `/tmp` (the runner's `tmp`
-//!   directory, bind-mounted over the sandbox's /tmp).
+//!   directory, bind-mounted over the sandbox's /tmp);
+//! - `docker`, `podman`: that, and a container with Kiln's agent in it
+//!   ([`WarmRunner::resident`], see `kiln_container::warm`), whose
+//!   writable layer and processes outlive each action.
 //!
-//! No process of an action outlives it under either: `sandbox` has its own
+//! No process of an action outlives it under `none` or `sandbox`: `sandbox` has its own
 //! PID namespace, and `none` actions run in a cgroup that is emptied. The
 //! one exception is asked for: a `none` runner with `persistentWorkerKey`
 //! keeps its persistent worker ([`crate::persistent`]) alive, in a cgroup
@@ -31,7 +34,8 @@
 //! most [`RunnerLimits::max_warm`] runners (least recently used go first),
 //! each for at most [`RunnerLimits::idle_timeout`] and
 //! [`RunnerLimits::max_uses`] actions. A warm runner takes no capacity
-//! while it waits: it is a directory.
+//! while it waits: it is a directory, and maybe a container whose
+//! processes are an action's leftovers.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
