@@ -24,6 +24,11 @@
 //!   `exited CODE`, `signaled SIGNAL`, or `failed MESSAGE` when it could
 //!   not be started (after writing the reason to its stderr).
 //! - `signal SIGNAL`: sends SIGNAL to the running action's process group.
+//! - `start CWD ARGC ARG… ENV…` with three descriptors (stdin, stdout,
+//!   stderr): starts a long-running process (a persistent worker) the same
+//!   way, but does not wait for it: the answer is `started PID`, or
+//!   `exited CODE` / `failed MESSAGE` as for `run`.
+//! - `kill PID`: SIGKILL to the process group of a process `start`ed.
 
 use std::ffi::{c_int, c_void, CString, OsString};
 use std::io::{Read, Write};
@@ -298,8 +303,37 @@ impl Agent {
                     return self.answer(&[b"failed", b"an action is running already"]);
                 }
                 match Request::parse(&frame[1..]) {
-                    Some(request) => self.start(request, stdout, stderr),
+                    Some(request) => {
+                        if let Some(pid) = self.spawn(request, None, stdout, stderr) {
+                            self.action = Some(pid);
+                        }
+                    }
                     None => self.answer(&[b"failed", b"malformed run request"]),
+                }
+            }
+            Some(b"start") => {
+                if self.fds.len() < 3 {
+                    return self.answer(&[b"failed", b"no stdio descriptors with the request"]);
+                }
+                let stdio: Vec<OwnedFd> = self.fds.drain(..3).collect();
+                let [stdin, stdout, stderr]: [OwnedFd; 3] = stdio.try_into().expect("three");
+                match Request::parse(&frame[1..]) {
+                    Some(request) => {
+                        if let Some(pid) = self.spawn(request, Some(stdin), stdout, stderr) {
+                            self.answer(&[b"started", pid.to_string().as_bytes()]);
+                        }
+                    }
+                    None => self.answer(&[b"failed", b"malformed start request"]),
+                }
+            }
+            Some(b"kill") => {
+                let pid = frame
+                    .get(1)
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse::<c_int>().ok())
+                    .filter(|pid| *pid > 1);
+                if let Some(pid) = pid {
+                    unsafe { kill(-pid, 9) };
                 }
             }
             Some(b"signal") => {
@@ -315,7 +349,16 @@ impl Agent {
         }
     }
 
-    fn start(&mut self, request: Request, stdout: OwnedFd, stderr: OwnedFd) {
+    /// Starts `request` with the given stdio (stdin: the agent's own,
+    /// /dev/null, when None); its pid, or None once it has answered why
+    /// not.
+    fn spawn(
+        &mut self,
+        request: Request,
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Option<c_int> {
         let environment = request.environment();
         let program_name = request.arguments[0].clone();
         let program = match find_program(&program_name, &request.cwd, &environment) {
@@ -323,7 +366,8 @@ impl Agent {
             Err((code, why)) => {
                 let line = format!("kiln: {}: {why}\n", String::from_utf8_lossy(&program_name));
                 let _ = std::fs::File::from(stderr).write_all(line.as_bytes());
-                return self.answer(&[b"exited", code.to_string().as_bytes()]);
+                self.answer(&[b"exited", code.to_string().as_bytes()]);
+                return None;
             }
         };
         let to_c = |bytes: &[u8]| CString::new(bytes).ok();
@@ -332,7 +376,8 @@ impl Agent {
         let (Some(arguments), Some(environment), Some(cwd)) =
             (arguments, environment, to_c(&request.cwd))
         else {
-            return self.answer(&[b"failed", b"a NUL byte in the arguments or environment"]);
+            self.answer(&[b"failed", b"a NUL byte in the arguments or environment"]);
+            return None;
         };
         let argv: Vec<*const i8> = arguments
             .iter()
@@ -346,19 +391,22 @@ impl Agent {
             .collect();
         let mut report = [0 as c_int; 2];
         if unsafe { pipe2(report.as_mut_ptr(), O_CLOEXEC) } != 0 {
-            return self.answer(&[b"failed", b"pipe2 failed"]);
+            self.answer(&[b"failed", b"pipe2 failed"]);
+            return None;
         }
         let (report_read, report_write) =
             unsafe { (OwnedFd::from_raw_fd(report[0]), OwnedFd::from_raw_fd(report[1])) };
         let pid = unsafe { fork() };
         if pid == 0 {
             // The child: only async-signal-safe calls from here on.
-            unsafe { child(&cwd, &program, &argv, &envp, &stdout, &stderr, &report_write) }
+            let stdio = [stdin.as_ref(), Some(&stdout), Some(&stderr)];
+            unsafe { child(&cwd, &program, &argv, &envp, stdio, &report_write) }
         }
         drop(report_write);
-        drop(stdout);
+        drop((stdin, stdout));
         if pid < 0 {
-            return self.answer(&[b"failed", b"fork failed"]);
+            self.answer(&[b"failed", b"fork failed"]);
+            return None;
         }
         let mut code = [0u8; 4];
         let mut report = std::fs::File::from(report_read);
@@ -378,10 +426,10 @@ impl Agent {
             let error = std::io::Error::from_raw_os_error(i32::from_ne_bytes(code));
             let line = format!("kiln: {}: {error}\n", String::from_utf8_lossy(&program_name));
             let _ = std::fs::File::from(stderr).write_all(line.as_bytes());
-            return self.answer(&[b"exited", b"126"]);
+            self.answer(&[b"exited", b"126"]);
+            return None;
         }
-        drop(stderr);
-        self.action = Some(pid);
+        Some(pid)
     }
 
     fn answer(&mut self, fields: &[&[u8]]) {
@@ -399,24 +447,26 @@ impl Agent {
 }
 
 /// The forked child: an empty signal mask, a process group of its own,
-/// the output descriptors, the working directory, then the program. On
-/// failure, the errno goes to `report` and the child exits 127.
+/// the stdio descriptors given (0, 1, 2; None keeps the agent's), the
+/// working directory, then the program. On failure, the errno goes to
+/// `report` and the child exits 127.
 unsafe fn child(
     cwd: &CString,
     program: &CString,
     argv: &[*const i8],
     envp: &[*const i8],
-    stdout: &OwnedFd,
-    stderr: &OwnedFd,
+    stdio: [Option<&OwnedFd>; 3],
     report: &OwnedFd,
 ) -> ! {
     let mut empty = SigSet([0; 16]);
     sigemptyset(&mut empty);
-    let ok = sigprocmask(SIG_SETMASK, &empty, std::ptr::null_mut()) == 0
-        && setpgid(0, 0) == 0
-        && dup2(stdout.as_raw_fd(), 1) >= 0
-        && dup2(stderr.as_raw_fd(), 2) >= 0
-        && chdir(cwd.as_ptr()) == 0;
+    let mut ok = sigprocmask(SIG_SETMASK, &empty, std::ptr::null_mut()) == 0 && setpgid(0, 0) == 0;
+    for (target, fd) in stdio.iter().enumerate() {
+        if let Some(fd) = fd {
+            ok = ok && dup2(fd.as_raw_fd(), target as c_int) >= 0;
+        }
+    }
+    ok = ok && chdir(cwd.as_ptr()) == 0;
     if ok {
         execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
     }

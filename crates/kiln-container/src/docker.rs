@@ -21,6 +21,7 @@ use bollard::query_parameters::{
 use bollard::{ClientVersion, Docker as Client};
 use futures::StreamExt;
 use kiln_platform::{Platform, RegistryCredentials};
+use kiln_worker::persistent::{WorkerProcess, WorkerStart};
 use kiln_worker::{
     CancellationToken, CommandSpec, Isolation, Limits, ProcessOutcome, Resident, RunError,
 };
@@ -530,11 +531,25 @@ impl Isolation for Docker {
         cancel: &CancellationToken,
         resident: &mut Option<Box<dyn Resident>>,
     ) -> Result<ProcessOutcome, RunError> {
-        let runner = match resident {
-            Some(runner) => runner,
-            None => resident.insert(Box::new(self.start_runner(spec, limits, cancel).await?)),
-        };
-        runner.run(spec, limits, cancel).await
+        warm::started(resident, self.start_runner(spec, limits, cancel))
+            .await?
+            .run(spec, limits, cancel)
+            .await
+    }
+
+    async fn start_worker_in_runner(
+        &self,
+        spec: &CommandSpec,
+        start: &WorkerStart,
+        limits: &Limits,
+        resident: &mut Option<Box<dyn Resident>>,
+    ) -> Result<WorkerProcess, RunError> {
+        // The image was pulled in `prepare`.
+        let cancel = CancellationToken::new();
+        warm::started(resident, self.start_runner(spec, limits, &cancel))
+            .await?
+            .start_worker(spec, start)
+            .await
     }
 
     async fn prepare(

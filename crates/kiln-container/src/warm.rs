@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use kiln_worker::persistent::{WorkerProcess, WorkerStart};
 use kiln_worker::{
     CancellationToken, CommandSpec, Limits, ProcessOutcome, Resident, RunError, StopReason,
 };
@@ -133,10 +134,42 @@ impl std::fmt::Debug for RunnerContainer {
     }
 }
 
-/// What the agent answered about an action.
+/// What the agent answered about an action or a worker.
 enum Answer {
     Exited(i32),
     Signaled(i32),
+    /// A worker was started with this pid (in the container).
+    Started(u32),
+}
+
+/// The runner in `resident`, started by `start` when there is none yet.
+pub async fn started(
+    resident: &mut Option<Box<dyn Resident>>,
+    start: impl std::future::Future<Output = Result<RunnerContainer, RunError>>,
+) -> Result<&mut Box<dyn Resident>, RunError> {
+    Ok(match resident {
+        Some(runner) => runner,
+        None => resident.insert(Box::new(start.await?)),
+    })
+}
+
+/// Kills a worker the agent started (its process group) when dropped,
+/// over a duplicate of the runner's connection: a short frame on a
+/// connection no one else writes to meanwhile (a runner serves one action
+/// at a time).
+struct WorkerKill {
+    connection: std::os::unix::net::UnixStream,
+    pid: u32,
+}
+
+impl Drop for WorkerKill {
+    fn drop(&mut self) {
+        use std::io::Write as _;
+        let frame = encode(&[b"kill", self.pid.to_string().as_bytes()]);
+        if let Err(error) = (&self.connection).write_all(&frame) {
+            tracing::debug!(pid = self.pid, %error, "could not ask the agent to kill a worker");
+        }
+    }
 }
 
 impl RunnerContainer {
@@ -250,6 +283,7 @@ impl RunnerContainer {
                 return match (text(0).as_str(), number(1)) {
                     ("exited", Some(code)) => Ok(Answer::Exited(code)),
                     ("signaled", Some(signal)) => Ok(Answer::Signaled(signal)),
+                    ("started", Some(pid)) if pid > 0 => Ok(Answer::Started(pid as u32)),
                     ("failed", _) => Err(RunError::Internal(format!(
                         "runner container {}: its agent could not start the action: {}",
                         self.name,
@@ -321,25 +355,13 @@ impl Resident for RunnerContainer {
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError> {
         let (stdout, stderr) = spec.output_fds()?;
-        let arguments: Vec<&[u8]> = self
-            .entrypoint
-            .iter()
-            .chain(&spec.arguments)
-            .map(|a| a.as_bytes())
-            .collect();
-        let count = arguments.len().to_string();
-        let environment: Vec<Vec<u8>> = spec
-            .environment_variables
-            .iter()
-            .map(|(name, value)| format!("{name}={value}").into_bytes())
-            .collect();
-        let mut fields: Vec<&[u8]> = vec![
-            b"run",
-            spec.working_directory.as_os_str().as_bytes(),
-            count.as_bytes(),
-        ];
-        fields.extend(arguments);
-        fields.extend(environment.iter().map(Vec::as_slice));
+        let command = self.command_fields(
+            &spec.working_directory,
+            &spec.arguments,
+            &spec.environment_variables,
+        );
+        let mut fields: Vec<&[u8]> = vec![b"run"];
+        fields.extend(command.iter().map(Vec::as_slice));
         let oom_before = self.oom_kills();
         self.send(&fields, &[stdout, stderr])
             .await
@@ -375,6 +397,7 @@ impl Resident for RunnerContainer {
         let (exit_code, signal) = match answer {
             Answer::Exited(code) => (code, None),
             Answer::Signaled(signal) => (128 + signal, Some(signal)),
+            Answer::Started(_) => return Err(self.broken("a worker's answer to an action")),
         };
         Ok(ProcessOutcome {
             exit_code,
@@ -382,6 +405,91 @@ impl Resident for RunnerContainer {
             stopped,
             memory_exceeded: memory_exceeded && stopped.is_none() && exit_code != 0,
         })
+    }
+
+    /// The worker runs as the container's actions do (its user, its
+    /// image's ENTRYPOINT before the arguments), with pipes of the
+    /// executor's as its stdin and stdout and the runner's worker-stderr
+    /// file as its stderr; the agent does not wait for it.
+    async fn start_worker(
+        &mut self,
+        spec: &CommandSpec,
+        start: &WorkerStart,
+    ) -> Result<WorkerProcess, RunError> {
+        let pipe = || {
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| RunError::Internal(format!("creating a worker's pipe: {e}")))
+        };
+        let ((stdin_read, stdin_write), (stdout_read, stdout_write)) = (pipe()?, pipe()?);
+        let stderr = OwnedFd::from(start.open_stderr()?);
+        let command = self.command_fields(
+            &spec.working_directory,
+            &start.identity.startup,
+            &spec.environment_variables,
+        );
+        let mut fields: Vec<&[u8]> = vec![b"start"];
+        fields.extend(command.iter().map(Vec::as_slice));
+        self.send(&fields, &[stdin_read, stdout_write, stderr])
+            .await
+            .map_err(|e| self.broken(&format!("sending the worker: {e}")))?;
+        let name = start.identity.startup.first().cloned().unwrap_or_default();
+        let pid = match self.answer().await? {
+            Answer::Started(pid) => pid,
+            Answer::Exited(_) | Answer::Signaled(_) => {
+                return Err(RunError::InvalidArgument(format!(
+                    "persistent worker {name:?} could not be started in runner container {}: {}",
+                    self.name,
+                    kiln_worker::persistent::stderr_tail(&start.stderr_path())
+                )))
+            }
+        };
+        let watch =
+            |e: std::io::Error| RunError::Internal(format!("watching a worker's pipe: {e}"));
+        let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write).map_err(watch)?;
+        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout_read).map_err(watch)?;
+        let connection =
+            self.stream.as_fd().try_clone_to_owned().map_err(|e| {
+                RunError::Internal(format!("duplicating the agent's connection: {e}"))
+            })?;
+        let kill = WorkerKill {
+            connection: std::os::unix::net::UnixStream::from(connection),
+            pid,
+        };
+        Ok(
+            WorkerProcess::with_pipes(start, pid, Box::new(stdin), Box::new(stdout))
+                .guarded_by(Box::new(kill)),
+        )
+    }
+}
+
+impl RunnerContainer {
+    /// A `run` or `start` frame's fields after its name: the working
+    /// directory, the image's ENTRYPOINT and `arguments`, and
+    /// `environment`.
+    fn command_fields(
+        &self,
+        working_directory: &Path,
+        arguments: &[String],
+        environment: &[(String, String)],
+    ) -> Vec<Vec<u8>> {
+        let mut fields = vec![
+            working_directory.as_os_str().as_bytes().to_vec(),
+            (self.entrypoint.len() + arguments.len())
+                .to_string()
+                .into_bytes(),
+        ];
+        fields.extend(
+            self.entrypoint
+                .iter()
+                .chain(arguments)
+                .map(|a| a.as_bytes().to_vec()),
+        );
+        fields.extend(
+            environment
+                .iter()
+                .map(|(name, value)| format!("{name}={value}").into_bytes()),
+        );
+        fields
     }
 }
 

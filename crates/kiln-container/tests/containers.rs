@@ -1809,3 +1809,88 @@ fn a_warm_runner_reports_an_oom_kill() {
         });
     }
 }
+
+/// A persistent worker in the JSON protocol, in the image's busybox
+/// shell: it answers each request line with its pid and a counter.
+const SHELL_WORKER: &str = r#"n=0; echo "worker $$ up" >&2; while IFS= read -r line; do n=$((n+1)); printf '{"exitCode":%d,"output":"pid=%s n=%d"}\n' "$((n-1))" "$$" "$n"; done"#;
+
+#[test]
+fn a_persistent_worker_lives_in_the_runner_container_between_actions() {
+    use kiln_platform::WorkerProtocol;
+    use kiln_worker::persistent::{WorkRequest, WorkerIdentity, WorkerStart};
+    for backend in backends("warm_worker") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let mut runner = Runner::new(BASE);
+            let spec = runner.action.spec.clone();
+            let start = WorkerStart {
+                identity: WorkerIdentity {
+                    startup: vec![
+                        "sh".into(),
+                        "-c".into(),
+                        SHELL_WORKER.into(),
+                        "--persistent_worker".into(),
+                    ],
+                    environment_variables: spec.environment_variables.clone(),
+                    working_directory: spec.working_directory.clone(),
+                },
+                protocol: WorkerProtocol::Json,
+                runner_dir: spec.workspace.parent().unwrap().to_path_buf(),
+            };
+            backend
+                .prepare(&spec.platform, &CancellationToken::new())
+                .await
+                .unwrap();
+            let mut worker = backend
+                .start_worker_in_runner(&spec, &start, &limits(), &mut runner.resident)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let request = WorkRequest {
+                arguments: vec!["a".into()],
+                ..Default::default()
+            };
+            let first = worker.request(&request).await.unwrap();
+            let second = worker.request(&request).await.unwrap();
+            assert_eq!(first.exit_code, 0, "{name}");
+            assert_eq!(second.exit_code, 1, "{name}");
+            let pid = first
+                .output
+                .strip_prefix("pid=")
+                .and_then(|rest| rest.split(' ').next())
+                .unwrap_or_else(|| panic!("{name}: {}", first.output))
+                .to_string();
+            assert_eq!(first.output, format!("pid={pid} n=1"), "{name}");
+            assert_eq!(
+                second.output,
+                format!("pid={pid} n=2"),
+                "{name}: another process"
+            );
+            assert!(
+                worker.stderr_tail().contains(&format!("worker {pid} up")),
+                "{name}"
+            );
+
+            // It runs inside the runner's container, beside its actions.
+            let check = format!("kill -0 {pid} && echo alive || echo gone");
+            let (_, stdout, _) = runner
+                .run(&*backend, &["sh", "-c", &check], "", &limits())
+                .await;
+            assert_eq!(stdout, "alive\n", "{name}");
+
+            // Dropped, it is gone; the runner is not.
+            drop(worker);
+            let mut seen = String::new();
+            for _ in 0..100 {
+                let (_, stdout, _) = runner
+                    .run(&*backend, &["sh", "-c", &check], "", &limits())
+                    .await;
+                seen = stdout;
+                if seen == "gone\n" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(seen, "gone\n", "{name}: the dropped worker still runs");
+        });
+    }
+}

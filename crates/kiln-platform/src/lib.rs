@@ -837,15 +837,20 @@ impl Platform {
                 ));
             }
         }
-        // Persistent workers live in `none`'s warm runners only, for now.
+        // Persistent workers live in the warm runners of `none`, `docker`
+        // and `podman`: a sandbox's namespaces end with each action.
         if let (Some(worker), Some(isolation)) = (&platform.persistent_worker, platform.isolation) {
-            if platform.recycle_runner && isolation != IsolationType::None {
+            let kept = matches!(
+                isolation,
+                IsolationType::None | IsolationType::Docker | IsolationType::Podman
+            );
+            if platform.recycle_runner && !kept {
                 return Err(unsupported(
                     "persistentWorkerKey",
                     &worker.key,
                     &format!(
                         "workload-isolation-type={} keeps no persistent workers in this Kiln \
-                         (only none does); use workload-isolation-type=none, or remove \
+                         (none, docker and podman do); use one of those, or remove \
                          recycle-runner to run the action as an ordinary one",
                         isolation.name()
                     ),

@@ -590,7 +590,7 @@ fn persistent_worker_properties_that_cannot_work_are_refused() {
         error.to_string().contains("set persistentWorkerKey too"),
         "{error}"
     );
-    for isolation in ["sandbox", "docker", "podman"] {
+    for isolation in ["sandbox", "firecracker"] {
         let error = refusal(&[
             ("persistentWorkerKey", "k"),
             ("recycle-runner", "true"),
@@ -603,6 +603,14 @@ fn persistent_worker_properties_that_cannot_work_are_refused() {
             message.contains(&format!("workload-isolation-type={isolation}")),
             "{message}"
         );
+    }
+    for isolation in ["none", "docker", "podman"] {
+        parse_action(&[
+            ("persistentWorkerKey", "k"),
+            ("recycle-runner", "true"),
+            ("workload-isolation-type", isolation),
+        ])
+        .unwrap();
     }
     // Without recycle-runner the key asks for nothing a one-shot action
     // cannot give.

@@ -120,6 +120,15 @@ pub trait Resident: Send + Sync + std::fmt::Debug {
         limits: &Limits,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError>;
+
+    /// Starts a persistent worker inside it, as
+    /// [`Isolation::start_worker`] describes; it ends when dropped, or
+    /// with this resident.
+    async fn start_worker(
+        &mut self,
+        spec: &CommandSpec,
+        start: &WorkerStart,
+    ) -> Result<WorkerProcess, RunError>;
 }
 
 /// Runs a command under one kind of isolation.
@@ -213,10 +222,24 @@ pub trait Isolation: Send + Sync {
     ) -> Result<WorkerProcess, RunError> {
         Err(RunError::Unsupported(format!(
             "persistentWorkerKey: workload-isolation-type={} keeps no persistent workers in this \
-             Kiln (only none does); use workload-isolation-type=none, or remove recycle-runner \
-             to run the action as an ordinary one",
+             Kiln (none, docker and podman do); use one of those, or remove recycle-runner to \
+             run the action as an ordinary one",
             self.name()
         )))
+    }
+
+    /// Starts a persistent worker in a kept runner, whose `resident` is
+    /// what this backend keeps in it (started here when None): as
+    /// [`Isolation::start_worker`], which is what backends that keep
+    /// nothing running between actions do.
+    async fn start_worker_in_runner(
+        &self,
+        spec: &CommandSpec,
+        start: &WorkerStart,
+        limits: &Limits,
+        _resident: &mut Option<Box<dyn Resident>>,
+    ) -> Result<WorkerProcess, RunError> {
+        self.start_worker(spec, start, limits).await
     }
 }
 

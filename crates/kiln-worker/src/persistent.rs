@@ -27,8 +27,8 @@ use kiln_platform::{PersistentWorker, WorkerProtocol};
 use kiln_proto::reapi::{Digest, Directory};
 use prost::Message;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::Child;
 
 use crate::error::RunError;
 use crate::inputs::DirectoryMap;
@@ -305,19 +305,26 @@ impl fmt::Display for WorkerFailure {
     }
 }
 
+/// The worker's end of its stdin, and of its stdout.
+type Requests = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+type Responses = Box<dyn AsyncRead + Send + Sync + Unpin>;
+
 /// A running persistent worker: its pipes, and what kills it and all it
-/// started when dropped (its process group, and the `guard` a backend
-/// keeps, such as its cgroup).
+/// started when dropped (its process group, when it is the executor's
+/// child, and the `guard` a backend keeps, such as its cgroup or the
+/// container that holds it).
 pub struct WorkerProcess {
     pub identity: WorkerIdentity,
     protocol: WorkerProtocol,
+    /// Its pid, in the namespace it runs in (a container's, maybe).
     pid: u32,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    stdin: Requests,
+    stdout: BufReader<Responses>,
     stderr_path: PathBuf,
     /// Requests answered.
     pub served: u64,
-    child: Child,
+    /// The executor's child, when it is one.
+    child: Option<Child>,
     guard: Option<Box<dyn Send + Sync>>,
 }
 
@@ -332,10 +339,12 @@ impl fmt::Debug for WorkerProcess {
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        if let Some(child) = &mut self.child {
+            if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            let _ = child.start_kill();
         }
-        let _ = self.child.start_kill();
         // The guard (a cgroup) goes after the group is killed. Emptying a
         // cgroup waits for its processes to die: off the async threads
         // (a runner pool drops workers under its lock).
@@ -355,6 +364,23 @@ pub struct WorkerStart {
     pub protocol: WorkerProtocol,
     /// Its runner's directory: [`WORKER_STDERR`] goes there.
     pub runner_dir: PathBuf,
+}
+
+impl WorkerStart {
+    /// Where the worker's stderr goes.
+    pub fn stderr_path(&self) -> PathBuf {
+        self.runner_dir.join(WORKER_STDERR)
+    }
+
+    /// The worker's stderr file, opened for appending (created if need be).
+    pub fn open_stderr(&self) -> Result<std::fs::File, RunError> {
+        let path = self.stderr_path();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| RunError::io(format!("creating {}", path.display()), e))
+    }
 }
 
 /// Starts a worker as `user` (None: the executor's own), in its own
@@ -377,12 +403,7 @@ pub async fn spawn(
                      shell would, from the action's working directory and PATH)"
                 ))
             })?;
-    let stderr_path = start.runner_dir.join(WORKER_STDERR);
-    let stderr = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&stderr_path)
-        .map_err(|e| RunError::io(format!("creating {}", stderr_path.display()), e))?;
+    let stderr = start.open_stderr()?;
     let mut command = tokio::process::Command::new(&program);
     command
         .arg0(&name)
@@ -408,20 +429,35 @@ pub async fn spawn(
             "persistent worker {name:?} started without its pipes"
         )));
     };
-    Ok(WorkerProcess {
-        identity: start.identity.clone(),
-        protocol: start.protocol,
-        pid,
-        stdin,
-        stdout: BufReader::new(stdout),
-        stderr_path,
-        served: 0,
-        child,
-        guard: None,
-    })
+    let mut worker = WorkerProcess::with_pipes(start, pid, Box::new(stdin), Box::new(stdout));
+    worker.child = Some(child);
+    Ok(worker)
 }
 
 impl WorkerProcess {
+    /// A worker started by `start` that reads requests from `stdin` and
+    /// answers on `stdout`, and is no child of the executor: a backend
+    /// that started it elsewhere (in a container) stops it through its
+    /// [`WorkerProcess::guarded_by`] guard.
+    pub fn with_pipes(
+        start: &WorkerStart,
+        pid: u32,
+        stdin: Requests,
+        stdout: Responses,
+    ) -> WorkerProcess {
+        WorkerProcess {
+            identity: start.identity.clone(),
+            protocol: start.protocol,
+            pid,
+            stdin,
+            stdout: BufReader::new(stdout),
+            stderr_path: start.stderr_path(),
+            served: 0,
+            child: None,
+            guard: None,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }

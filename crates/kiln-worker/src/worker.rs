@@ -733,7 +733,9 @@ impl Worker {
                     protocol: worker.protocol,
                     runner_dir: request.action_dir.to_path_buf(),
                 };
-                isolation.start_worker(spec, &start, limits).await?
+                isolation
+                    .start_worker_in_runner(spec, &start, limits, &mut notes.resident)
+                    .await?
             }
         };
         let answer = tokio::select! {
