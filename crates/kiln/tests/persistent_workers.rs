@@ -6,7 +6,9 @@
 //! that crashes, hangs or answers garbage fails its action with a status
 //! naming the key and quoting its stderr, and the next action gets a fresh
 //! worker; an action with no flag file is refused; without
-//! `recycle-runner` the action runs once, its command line as given.
+//! `recycle-runner` the action runs once, its command line as given; under
+//! `docker` and `podman`, a worker (a shell one, in the test image's
+//! busybox) lives in the runner's container and serves successive actions.
 
 mod common;
 
@@ -51,9 +53,22 @@ async fn run(
     properties: &[(&str, &str)],
     timeout_s: i64,
 ) -> Ran {
+    let mut program = vec![WORKER];
+    program.extend(startup);
+    run_program(channel, &program, request, properties, timeout_s).await
+}
+
+/// [`run`] with `program` (and its arguments) in place of the test
+/// worker.
+async fn run_program(
+    channel: &Channel,
+    program: &[&str],
+    request: &[&str],
+    properties: &[(&str, &str)],
+    timeout_s: i64,
+) -> Ran {
     let params = format!("{}\n", request.join("\n")).into_bytes();
-    let mut arguments = vec![WORKER.to_string()];
-    arguments.extend(startup.iter().map(|s| s.to_string()));
+    let mut arguments: Vec<String> = program.iter().map(|s| s.to_string()).collect();
     arguments.push("@args.params".into());
     let root = reapi::Directory {
         files: vec![reapi::FileNode {
@@ -311,4 +326,64 @@ async fn without_recycle_runner_the_action_runs_once_as_written() {
         assert!(ran.stderr.starts_with("one-shot test worker"), "{ran:?}");
         assert_eq!(pid_and_request(&ran.stderr).1, 1, "{ran:?}");
     }
+}
+
+/// A JSON-protocol worker in the test image's busybox shell: each request
+/// writes `out.txt` and answers with its pid and a counter, exit code
+/// `counter - 1`.
+const SHELL_WORKER: &str = r#"n=0; while IFS= read -r line; do n=$((n+1)); echo "n=$n" > out.txt; printf '{"exitCode":%d,"output":"shell worker pid=%s request=%d"}\n' "$((n-1))" "$$" "$n"; done"#;
+
+#[tokio::test]
+async fn a_worker_in_a_docker_or_podman_runner_serves_successive_actions() {
+    let runtimes: Vec<&str> = ["docker", "podman"]
+        .into_iter()
+        .filter(|runtime| common::runtime_available(runtime))
+        .collect();
+    if runtimes.is_empty() {
+        common::say_skipped("container workers: neither docker nor podman is available");
+        return;
+    }
+    common::test_images().expect("building the test images");
+    let scratch = tempfile::tempdir().unwrap();
+    let isolation = format!("none,{}", runtimes.join(","));
+    let server = KilnServer::start(
+        &scratch.path().join("data"),
+        &scratch.path().join("kiln.log"),
+        &["--isolation", &isolation],
+    );
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", server.port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for runtime in runtimes {
+        let properties = [
+            ("workload-isolation-type", runtime),
+            (
+                "container-image",
+                "docker://127.0.0.1:5000/kiln-test/base:latest",
+            ),
+            ("dockerNetwork", "off"),
+            ("recycle-runner", "true"),
+            ("persistentWorkerKey", "shell"),
+            ("persistentWorkerProtocol", "json"),
+        ];
+        let program = ["sh", "-c", SHELL_WORKER, "shell-worker"];
+        let first = run_program(&channel, &program, &["a"], &properties, 0).await;
+        let second = run_program(&channel, &program, &["b"], &properties, 0).await;
+        assert_eq!(first.status, tonic::Code::Ok, "{runtime}: {first:?}");
+        assert_eq!(first.exit_code, 0, "{runtime}: {first:?}");
+        let (pid, request) = pid_and_request(&first.stderr);
+        assert_eq!(request, 1, "{runtime}: {first:?}");
+        assert_eq!(first.out.as_deref(), Some("n=1\n"), "{runtime}");
+        // The worker's exit code fails the action; the worker stays.
+        assert_eq!(second.exit_code, 1, "{runtime}: {second:?}");
+        assert_eq!(
+            pid_and_request(&second.stderr),
+            (pid, 2),
+            "{runtime}: the second action went to another process: {second:?}"
+        );
+        assert_eq!(second.out.as_deref(), Some("n=2\n"), "{runtime}");
+    }
+    drop(server);
 }
