@@ -94,6 +94,7 @@ extern "C" {
 
 const SIG_BLOCK: c_int = 0;
 const SIG_SETMASK: c_int = 2;
+const SIGTERM: c_int = 15;
 const SIGCHLD: c_int = 17;
 const O_CLOEXEC: c_int = 0o2000000;
 const WNOHANG: c_int = 1;
@@ -113,12 +114,15 @@ fn main() {
         Some(path) => path,
         None => die("usage: agent SOCKET"),
     };
-    // SIGCHLD is read from a descriptor, never delivered; children get an
-    // empty mask back before they exec.
-    let sigchld = unsafe {
+    // SIGCHLD and SIGTERM are read from a descriptor, never delivered;
+    // children get an empty mask back before they exec. SIGTERM (`docker
+    // stop`) ends the agent, and the container with it: as PID 1 it would
+    // otherwise be ignored.
+    let signals = unsafe {
         let mut set = SigSet([0; 16]);
         sigemptyset(&mut set);
         sigaddset(&mut set, SIGCHLD);
+        sigaddset(&mut set, SIGTERM);
         if sigprocmask(SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             die("blocking SIGCHLD");
         }
@@ -136,7 +140,7 @@ fn main() {
     let _ = std::fs::remove_file(&socket);
     Agent {
         stream,
-        sigchld,
+        signals,
         received: Vec::new(),
         fds: Vec::new(),
         action: None,
@@ -151,7 +155,7 @@ fn die(message: &str) -> ! {
 
 struct Agent {
     stream: UnixStream,
-    sigchld: std::fs::File,
+    signals: std::fs::File,
     /// Bytes read but not yet parsed into frames.
     received: Vec<u8>,
     /// Descriptors received but not yet claimed by a `run` frame.
@@ -170,7 +174,7 @@ impl Agent {
                     revents: 0,
                 },
                 PollFd {
-                    fd: self.sigchld.as_raw_fd(),
+                    fd: self.signals.as_raw_fd(),
                     events: POLLIN,
                     revents: 0,
                 },
@@ -182,7 +186,7 @@ impl Agent {
                 die("poll");
             }
             if fds[1].revents != 0 {
-                self.reap();
+                self.on_signal();
             }
             if fds[0].revents != 0 && !self.receive() {
                 // The executor is gone: so is the runner.
@@ -191,11 +195,17 @@ impl Agent {
         }
     }
 
-    /// Reaps every child that ended; answers for the action's.
-    fn reap(&mut self) {
-        // One signalfd_siginfo; how many children ended is found below.
+    /// Reaps every child that ended, answering for the action's; exits on
+    /// SIGTERM.
+    fn on_signal(&mut self) {
+        // One signalfd_siginfo (its first field, the signal's number); how
+        // many children ended is found below.
         let mut info = [0u8; 128];
-        let _ = self.sigchld.read(&mut info);
+        if self.signals.read(&mut info).is_ok()
+            && u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) == SIGTERM as u32
+        {
+            std::process::exit(0);
+        }
         loop {
             let mut status: c_int = 0;
             let pid = unsafe { waitpid(-1, &mut status, WNOHANG) };

@@ -32,7 +32,7 @@ use crate::network::{NetworkConfig, DOCKER_NETWORK};
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 use crate::trial::TrialRuntime;
-use crate::warm::{self, AgentFile, RunnerContainer};
+use crate::warm::{self, AgentFile, Removal, RunnerContainer};
 
 /// The Engine API version Kiln speaks (Docker 20.10).
 const API_VERSION: ClientVersion = ClientVersion {
@@ -647,12 +647,8 @@ impl Docker {
             })?;
         let client = self.client.clone();
         let id = created.id.clone();
-        let guard = RemovalGuard::new(move || {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = client.remove_container(&id, Some(force_remove())).await;
-                });
-            }
+        let removal = Removal::new(move || async move {
+            let _ = client.remove_container(&id, Some(force_remove())).await;
         });
         self.client
             .start_container(&created.id, None)
@@ -679,7 +675,7 @@ impl Docker {
                     params.name
                 ))
             })?;
-        RunnerContainer::connect(params.name, pid, &dir, entrypoint, guard).await
+        RunnerContainer::connect(params.name, pid, &dir, entrypoint, removal).await
     }
 
     /// Runs `spec` in a new container of `image`, a reference the daemon

@@ -26,7 +26,7 @@ use crate::network::NetworkConfig;
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 use crate::trial::TrialRuntime;
-use crate::warm::{self, AgentFile, RunnerContainer};
+use crate::warm::{self, AgentFile, Removal, RunnerContainer};
 
 /// How the `podman` backend finds its CLI and resolves images.
 #[derive(Debug, Clone)]
@@ -837,20 +837,16 @@ impl Podman {
         let binary = self.binary.clone();
         let name = params.name.clone();
         let outbound = self.network.as_ref().ok().cloned();
-        let guard = RemovalGuard::new(move || {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = tokio::process::Command::new(binary)
-                        .args(["rm", "-f", "-t", "0", "--ignore", &name])
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .await;
-                    if let (Some(network), Some(outbound)) = (network, outbound) {
-                        outbound.release(network).await;
-                    }
-                });
+        let removal = Removal::new(move || async move {
+            let _ = tokio::process::Command::new(binary)
+                .args(["rm", "-f", "-t", "0", "--ignore", &name])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .await;
+            if let (Some(network), Some(outbound)) = (network, outbound) {
+                outbound.release(network).await;
             }
         });
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -873,7 +869,7 @@ impl Podman {
                     params.name
                 ))
             })?;
-        RunnerContainer::connect(params.name, pid, &dir, entrypoint, guard).await
+        RunnerContainer::connect(params.name, pid, &dir, entrypoint, removal).await
     }
 
     /// One `podman run` of the action in `image`, a reference podman holds.

@@ -72,12 +72,12 @@ pub async fn supervise(
 /// Removes a container when dropped while still armed: the action's future
 /// was dropped, panicked, or failed between creating and removing it.
 pub struct RemovalGuard {
-    remove: Option<Box<dyn FnOnce() + Send + Sync>>,
+    remove: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl RemovalGuard {
     /// Arms a guard that runs `remove` (which must not block: spawn) on drop.
-    pub fn new(remove: impl FnOnce() + Send + Sync + 'static) -> RemovalGuard {
+    pub fn new(remove: impl FnOnce() + Send + 'static) -> RemovalGuard {
         RemovalGuard {
             remove: Some(Box::new(remove)),
         }

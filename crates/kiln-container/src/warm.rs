@@ -42,8 +42,6 @@ use kiln_worker::{
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::UnixStream;
 
-use crate::supervise::RemovalGuard;
-
 /// The agent, built by `build.rs`.
 const AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln-agent"));
 
@@ -122,8 +120,44 @@ pub struct RunnerContainer {
     entrypoint: Vec<String>,
     /// The container's memory cgroup file counting OOM kills, if found.
     oom_events: Option<PathBuf>,
-    /// Removes the container (and releases what it held) when dropped.
-    _removal: RemovalGuard,
+    /// Removes the container (and releases what it held).
+    removal: Removal,
+}
+
+/// How a runner's container is removed: now ([`Removal::now`]), or in
+/// the background when dropped.
+pub struct Removal(Option<RemoveFn>);
+
+type RemoveFn = Box<
+    dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
+>;
+
+impl Removal {
+    pub fn new<F, R>(remove: F) -> Removal
+    where
+        F: FnOnce() -> R + Send + Sync + 'static,
+        R: std::future::Future<Output = ()> + Send + 'static,
+    {
+        Removal(Some(Box::new(move || Box::pin(remove()))))
+    }
+
+    /// Removes it, returning once it is gone.
+    pub async fn now(mut self) {
+        if let Some(remove) = self.0.take() {
+            remove().await;
+        }
+    }
+}
+
+impl Drop for Removal {
+    fn drop(&mut self) {
+        if let Some(remove) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(remove())),
+                Err(_) => tracing::warn!("a runner container outlived the runtime; the next start of this executor removes it"),
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for RunnerContainer {
@@ -175,14 +209,14 @@ impl Drop for WorkerKill {
 impl RunnerContainer {
     /// Connects to the agent of container `name` (host pid `pid`), whose
     /// socket directory on the host is `dir`. `removal` removes the
-    /// container when the runner is dropped, or at once if connecting
+    /// container when the runner is discarded, or at once if connecting
     /// fails.
     pub async fn connect(
         name: String,
         pid: u32,
         dir: &Path,
         entrypoint: Vec<String>,
-        removal: RemovalGuard,
+        removal: Removal,
     ) -> Result<RunnerContainer, RunError> {
         let shown = dir.join(SOCKET);
         // Through the directory's descriptor: the action directory's path
@@ -225,7 +259,7 @@ impl RunnerContainer {
             received: Vec::new(),
             entrypoint,
             oom_events: oom_events_file(pid),
-            _removal: removal,
+            removal,
         })
     }
 
@@ -405,6 +439,11 @@ impl Resident for RunnerContainer {
             stopped,
             memory_exceeded: memory_exceeded && stopped.is_none() && exit_code != 0,
         })
+    }
+
+    async fn discard(self: Box<Self>) {
+        let RunnerContainer { removal, .. } = *self;
+        removal.now().await;
     }
 
     /// The worker runs as the container's actions do (its user, its

@@ -382,26 +382,24 @@ fn an_image_is_refused_where_the_action_would_run_on_the_host() {
 
 #[test]
 fn a_preserved_workspace_is_refused_where_no_runner_is_kept() {
-    for isolation in ["firecracker"] {
-        let error = refusal(&[
-            ("workload-isolation-type", isolation),
-            ("recycle-runner", "true"),
-            ("preserve-workspace", "true"),
-        ]);
-        assert_eq!(error.kind, PlatformErrorKind::Unsupported, "{error}");
-        let message = error.to_string();
-        assert!(message.contains("preserve-workspace=\"true\""), "{message}");
-        assert!(
-            message.contains(&format!("workload-isolation-type={isolation}")),
-            "{message}"
-        );
-        // recycle-runner alone is a hint: a cold runner is still correct.
-        parse_action(&[
-            ("workload-isolation-type", isolation),
-            ("recycle-runner", "true"),
-        ])
-        .unwrap();
-    }
+    let error = refusal(&[
+        ("workload-isolation-type", "firecracker"),
+        ("recycle-runner", "true"),
+        ("preserve-workspace", "true"),
+    ]);
+    assert_eq!(error.kind, PlatformErrorKind::Unsupported, "{error}");
+    let message = error.to_string();
+    assert!(message.contains("preserve-workspace=\"true\""), "{message}");
+    assert!(
+        message.contains("workload-isolation-type=firecracker"),
+        "{message}"
+    );
+    // recycle-runner alone is a hint: a cold runner is still correct.
+    parse_action(&[
+        ("workload-isolation-type", "firecracker"),
+        ("recycle-runner", "true"),
+    ])
+    .unwrap();
     for isolation in ["none", "sandbox", "docker", "podman"] {
         parse_action(&[
             ("workload-isolation-type", isolation),

@@ -129,6 +129,10 @@ pub trait Resident: Send + Sync + std::fmt::Debug {
         spec: &CommandSpec,
         start: &WorkerStart,
     ) -> Result<WorkerProcess, RunError>;
+
+    /// Ends it, returning once it is gone (a drop ends it in the
+    /// background): what an executor that stops waits for.
+    async fn discard(self: Box<Self>) {}
 }
 
 /// Runs a command under one kind of isolation.

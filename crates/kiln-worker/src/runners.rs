@@ -136,6 +136,11 @@ impl RunnerPool {
         (found, expired)
     }
 
+    /// Every warm runner, taken out of the pool (the executor is stopping).
+    pub fn drain(&self) -> Vec<WarmRunner> {
+        std::mem::take(&mut *self.warm.lock().expect("runner pool lock"))
+    }
+
     /// Offers `runner` to later actions. Returns the directories of the
     /// runners it pushed out (over the count, idle too long, or itself when
     /// it has run its last action), to be recycled.

@@ -335,6 +335,24 @@ impl Worker {
         result
     }
 
+    /// Ends every warm runner (its persistent worker, its container) and
+    /// recycles its directory: what a stopping executor does last, so no
+    /// runner container outlives it.
+    pub async fn discard_runners(&self) {
+        let runners = self.runners.drain();
+        if runners.is_empty() {
+            return;
+        }
+        tracing::info!(runners = runners.len(), "discarding the warm runners");
+        for runner in runners {
+            discard_worker(runner.worker).await;
+            if let Some(resident) = runner.resident {
+                resident.discard().await;
+            }
+            recycle_action_dir(runner.dir, self.scratch.clone()).await;
+        }
+    }
+
     /// Cleans a runner whose action finished cleanly and offers it to the
     /// next action with `key`; false when it could not be made ready (then
     /// its directory is recycled).

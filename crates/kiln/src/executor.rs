@@ -231,7 +231,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
             }
         };
         let outcome = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => break,
             outcome = attempt => outcome,
         };
         match outcome {
@@ -246,7 +246,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
                     .readiness
                     .set_not_ready("lost the scheduler session; registering again");
                 if stop.is_cancelled() {
-                    return Ok(());
+                    break;
                 }
                 match ended {
                     Ok(()) => {
@@ -267,12 +267,16 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
                     "cannot register with the scheduler; retrying"
                 );
                 tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
+                    _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
         }
     }
+    if let Some(worker) = worker {
+        worker.discard_runners().await;
+    }
+    Ok(())
 }
 
 /// Why an attempt to start serving failed.

@@ -510,7 +510,11 @@ fn start_embedded_executor(
     let concurrency = execution.effective_concurrency();
     Ok(tokio::spawn(async move {
         match Worker::new(transport, worker_config, isolations).await {
-            Ok(worker) => session.run(Arc::new(worker), concurrency).await,
+            Ok(worker) => {
+                let worker = Arc::new(worker);
+                session.run(worker.clone(), concurrency).await;
+                worker.discard_runners().await;
+            }
             Err(e) => tracing::error!(error = %e, "the embedded worker could not start"),
         }
     }))

@@ -17,7 +17,8 @@
 //!   left running, one with another key does not, a failed action's runner
 //!   is not reused, `preserve-workspace` holds as under the others, and an
 //!   input that an action (root in its container) overwrote is whole
-//!   again for the runner's next action.
+//!   again for the runner's next action; a server that stops removes its
+//!   runners' containers.
 
 mod common;
 
@@ -371,8 +372,21 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
             fs::read_to_string(package.join("victim.txt")).unwrap(),
             "original-bytes\n"
         );
+        assert!(
+            !common::containers_of_server(runtime, &data_dir).is_empty(),
+            "{runtime}: no warm runner container while the server runs"
+        );
     }
 
+    // A server that stops removes its runners' containers.
     bazel.run_ok(&["shutdown"]);
-    drop(server);
+    let status = server.terminate(std::time::Duration::from_secs(60));
+    assert!(status.success(), "kiln serve stopped with {status}");
+    for runtime in &runtimes {
+        let left = common::containers_of_server(runtime, &data_dir);
+        assert!(
+            left.is_empty(),
+            "{runtime}: the stopped server left {left:?}"
+        );
+    }
 }

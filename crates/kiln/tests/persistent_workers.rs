@@ -356,7 +356,7 @@ async fn a_worker_in_a_docker_or_podman_runner_serves_successive_actions() {
         .connect()
         .await
         .unwrap();
-    for runtime in runtimes {
+    for runtime in runtimes.iter().copied() {
         let properties = [
             ("workload-isolation-type", runtime),
             (
@@ -385,5 +385,16 @@ async fn a_worker_in_a_docker_or_podman_runner_serves_successive_actions() {
         );
         assert_eq!(second.out.as_deref(), Some("n=2\n"), "{runtime}");
     }
-    drop(server);
+    // Stopping the server ends the runners' containers, and the workers
+    // in them.
+    let data_dir = scratch.path().join("data");
+    let status = server.terminate(std::time::Duration::from_secs(60));
+    assert!(status.success(), "kiln serve stopped with {status}");
+    for runtime in runtimes {
+        let left = common::containers_of_server(runtime, &data_dir);
+        assert!(
+            left.is_empty(),
+            "{runtime}: the stopped server left {left:?}"
+        );
+    }
 }

@@ -288,6 +288,20 @@ impl KilnServer {
     }
 }
 
+/// The containers of `runtime` that the `kiln serve` with `data_dir`
+/// started (its owner label) and that still exist.
+pub fn containers_of_server(runtime: &str, data_dir: &Path) -> Vec<String> {
+    let filter = format!("label=kiln.owner=kiln-serve:{}", data_dir.display());
+    let output = Command::new(runtime)
+        .args(["ps", "-a", "--format", "{{.Names}}", "--filter", &filter])
+        .output()
+        .unwrap_or_else(|e| panic!("{runtime} ps: {e}"));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 impl Drop for KilnServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
