@@ -16,8 +16,9 @@ use parking_lot::Mutex;
 use prost::Message;
 
 use crate::capacity::{Capacity, ResourceAmount};
+use crate::operation::{ClientOperation, QueuedAction};
 use crate::queue::{satisfies, Offer, QueueKey};
-use crate::scheduler::{ClientOperation, QueuedAction, Scheduler};
+use crate::scheduler::Scheduler;
 
 /// Told of each execution as it completes: run, failed, cancelled or
 /// answered from the cache. Called on the completing task: keep it cheap.
