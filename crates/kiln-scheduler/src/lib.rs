@@ -14,6 +14,9 @@
 //! - [`queue`]: the per-pool queues, fair share and matching of actions to
 //!   executors, executors registering and leaving, requeueing;
 //! - [`capacity`]: what executors have and running actions reserve;
+//! - [`clock`]: the time and operation ids the scheduler reads, injected
+//!   ([`Environment`]), so its policies are unit-tested with a clock the
+//!   test moves;
 //! - [`report`]: snapshots of executors, queues and operations, and the
 //!   [`report::ExecutionObserver`] hook, for the operator's view;
 //! - [`session`]: the scheduler's side of Kiln's executor protocol
@@ -30,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capacity;
+pub mod clock;
 pub mod error;
 pub mod local;
 pub mod operation;
@@ -40,6 +44,7 @@ pub mod service;
 pub mod session;
 
 pub use capacity::ResourceAmount;
+pub use clock::{Clock, Environment, IdGenerator, RandomIds, SystemClock};
 pub use error::SchedulerError;
 pub use local::LocalExecutor;
 pub use queue::MAX_BYPASSES;

@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI8, AtomicU32};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use kiln_cas::AcScope;
 use kiln_platform::Platform;
@@ -20,7 +20,6 @@ use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::protobuf::{Any, Timestamp};
 use kiln_proto::reapi::{self, execution_stage};
 use kiln_proto::rpc;
-use kiln_proto::timestamp_now;
 use kiln_store::Digest;
 use parking_lot::Mutex;
 use prost::Message;
@@ -28,6 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::capacity::ResourceAmount;
+use crate::clock::timestamp_of;
 use crate::error::SchedulerError;
 use crate::queue::{PoolQueue, QueueKey, Requirement};
 use crate::report::{outcome_of, Client, ExecutorEntry, Outcome, Progress, Stage};
@@ -128,8 +128,8 @@ pub(crate) struct ClientOperation {
 
 impl ClientOperation {
     /// Its state, to wait on.
-    pub(crate) fn subscribe(&self) -> OperationWatch {
-        *self.last_seen.lock() = std::time::Instant::now();
+    pub(crate) fn subscribe(&self, now: Instant) -> OperationWatch {
+        *self.last_seen.lock() = now;
         self.state.subscribe()
     }
 
@@ -183,7 +183,7 @@ impl QueuedAction {
             refused_by: Mutex::default(),
             queue: None,
             key: None,
-            queued_at: timestamp_now(),
+            queued_at: timestamp_of(SystemTime::now()),
             progress: Mutex::default(),
             enqueued: Mutex::new(std::time::Instant::now()),
             runner_key: runner_key.map(String::from),
@@ -214,7 +214,8 @@ impl QueuedAction {
         self: &Arc<Self>,
         name: String,
         client: &Client,
-        requested_at: std::time::SystemTime,
+        requested_at: SystemTime,
+        now: Instant,
     ) -> Arc<ClientOperation> {
         let mut followers = self.followers.lock();
         let operation = Arc::new(ClientOperation {
@@ -222,7 +223,7 @@ impl QueuedAction {
             execution: self.clone(),
             client: client.clone(),
             requested_at,
-            last_seen: Mutex::new(std::time::Instant::now()),
+            last_seen: Mutex::new(now),
             detached: Mutex::new(None),
             state: watch::channel(Operation {
                 name,
@@ -262,7 +263,12 @@ impl QueuedAction {
     /// Ends `operation` alone as CANCELLED with `response` if other clients
     /// still follow this execution; else leaves it for the execution's own
     /// cancellation.
-    fn detach(&self, operation: &ClientOperation, response: &reapi::ExecuteResponse) -> Detached {
+    fn detach(
+        &self,
+        operation: &ClientOperation,
+        response: &reapi::ExecuteResponse,
+        now: SystemTime,
+    ) -> Detached {
         let mut followers = self.followers.lock();
         let Some(index) = followers
             .attached
@@ -275,7 +281,7 @@ impl QueuedAction {
             return Detached::Last;
         }
         followers.attached.swap_remove(index);
-        *operation.detached.lock() = Some(Arc::new(outcome_of(response)));
+        *operation.detached.lock() = Some(Arc::new(outcome_of(response, now)));
         operation.show(&Operation {
             done: true,
             metadata: Some(metadata_any(
@@ -319,13 +325,13 @@ impl QueuedAction {
     }
 
     /// Whether no client has waited for it for `grace`: no stream on any
-    /// attached operation, and none asked for within `grace`.
-    fn orphaned(&self, grace: Duration) -> bool {
+    /// attached operation, and none asked for within `grace` before `now`.
+    pub(crate) fn orphaned(&self, grace: Duration, now: Instant) -> bool {
         let followers = self.followers.lock();
         !followers.current.done
             && followers.attached.iter().all(|operation| {
                 operation.state.receiver_count() == 0
-                    && operation.last_seen.lock().elapsed() >= grace
+                    && now.saturating_duration_since(*operation.last_seen.lock()) >= grace
             })
     }
 
@@ -380,7 +386,7 @@ impl Scheduler {
         ) else {
             return;
         };
-        let me = self.me.clone();
+        let (me, clock) = (self.me.clone(), self.clock.clone());
         runtime.spawn(async move {
             loop {
                 action.unwatched().await;
@@ -388,7 +394,7 @@ impl Scheduler {
                     return;
                 }
                 tokio::time::sleep(grace).await;
-                if action.orphaned(grace) {
+                if action.orphaned(grace, clock.now()) {
                     let Some(me) = me.upgrade() else { return };
                     tracing::info!(operation = %action.name, ?grace, "no client waits for the execution any more: cancelling it");
                     me.cancel_execution(&action);
@@ -420,7 +426,9 @@ impl Scheduler {
 
     /// The state of operation `name` of organisation `org`, to wait on.
     pub fn watch(&self, name: &str, org: &str) -> Result<OperationWatch, SchedulerError> {
-        Ok(self.operation_of_org(name, org)?.subscribe())
+        Ok(self
+            .operation_of_org(name, org)?
+            .subscribe(self.clock.now()))
     }
 
     /// The current state of at most `limit` known operations of
@@ -451,7 +459,7 @@ impl Scheduler {
         let response = cancelled(format!(
             "operation {name} was cancelled; the execution it shared with other requests goes on for them"
         ));
-        match execution.detach(&operation, &response) {
+        match execution.detach(&operation, &response, self.clock.wall()) {
             Detached::AlreadyDone => {}
             Detached::Alone => {
                 tracing::info!(operation = %name, execution = %execution.name, "cancelled one of several requests sharing an execution");
@@ -497,7 +505,7 @@ impl Scheduler {
     /// request start a fresh execution. Both under the scheduler's lock, so
     /// a request merges only into an execution that is not done.
     pub(crate) fn complete(&self, action: &QueuedAction, response: reapi::ExecuteResponse) {
-        let outcome = Arc::new(outcome_of(&response));
+        let outcome = Arc::new(outcome_of(&response, self.clock.wall()));
         let metadata = metadata_any(
             execution_stage::Value::Completed,
             &action.action_digest,
@@ -532,10 +540,7 @@ impl Scheduler {
         }
         drop(state);
         if let Some(observer) = self.observer.read().as_ref() {
-            observer.completed(
-                &action.summary(std::time::Instant::now()),
-                response.result.as_ref(),
-            );
+            observer.completed(&action.summary(self.clock.now()), response.result.as_ref());
         }
     }
 
@@ -562,7 +567,8 @@ impl Scheduler {
             key,
             sources,
         } = done;
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let name = format!("operations/{}", self.ids.new_id());
+        let (now, wall) = (self.clock.now(), self.clock.wall());
         let done = Arc::new(QueuedAction {
             name: name.clone(),
             instance_name: instance_name.to_string(),
@@ -580,12 +586,12 @@ impl Scheduler {
             refused_by: Mutex::default(),
             queue: None,
             key,
-            queued_at: timestamp_now(),
+            queued_at: timestamp_of(wall),
             progress: Mutex::new(Progress {
                 started: None,
-                outcome: Some(Arc::new(outcome_of(&response))),
+                outcome: Some(Arc::new(outcome_of(&response, wall))),
             }),
-            enqueued: Mutex::new(std::time::Instant::now()),
+            enqueued: Mutex::new(now),
             runner_key: None,
             run_time: Duration::ZERO,
             cacheable: false,
@@ -611,13 +617,10 @@ impl Scheduler {
             }),
         });
         if let Some(observer) = self.observer.read().as_ref() {
-            observer.completed(
-                &done.summary(std::time::Instant::now()),
-                response.result.as_ref(),
-            );
+            observer.completed(&done.summary(now), response.result.as_ref());
         }
-        let operation = done.follow(name.clone(), client, done.queued_wall());
-        let watch = operation.subscribe();
+        let operation = done.follow(name.clone(), client, done.queued_wall(), now);
+        let watch = operation.subscribe(now);
         let first = watch.borrow().clone();
         let mut state = self.state.lock();
         state.operations.insert(name.clone(), operation);

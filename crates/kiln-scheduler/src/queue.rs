@@ -21,6 +21,7 @@ use kiln_proto::status::to_rpc as to_rpc_status;
 use kiln_store::Digest;
 
 use crate::capacity::{Capacity, Reservation, ResourceAmount};
+use crate::clock::Clock;
 use crate::error::SchedulerError;
 use crate::operation::{cancelled, set_stage, QueuedAction};
 use crate::report::ExecutorEntry;
@@ -250,6 +251,8 @@ pub(crate) struct PoolQueue {
     /// Wakes idle executors when work is pushed.
     pushed: Notify,
     warm_wait: Duration,
+    /// What `warm_wait` is measured by.
+    clock: Arc<dyn Clock>,
 }
 
 #[derive(Default)]
@@ -304,8 +307,9 @@ pub(crate) enum Popped {
 impl PoolQueue {
     /// A queue that leaves actions to executors holding their runner warm
     /// for up to `warm_wait`.
-    pub(crate) fn new(warm_wait: Duration) -> PoolQueue {
+    pub(crate) fn new(warm_wait: Duration, clock: Arc<dyn Clock>) -> PoolQueue {
         PoolQueue {
+            clock,
             inner: Mutex::new(PoolInner::default()),
             pushed: Notify::new(),
             warm_wait,
@@ -341,7 +345,7 @@ impl PoolQueue {
             tokio::pin!(pushed, released);
             pushed.as_mut().enable();
             released.as_mut().enable();
-            let retry_at = match self.try_pop(offers, capacity, executor, Instant::now()) {
+            let retry_at = match self.try_pop(offers, capacity, executor, self.clock.now()) {
                 Popped::Taken(action, reservation) => {
                     // Cancelled while queued: already completed by
                     // CancelOperation.
@@ -354,7 +358,9 @@ impl PoolQueue {
             };
             let left_to_warm = async {
                 match retry_at {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    Some(at) => {
+                        tokio::time::sleep(at.saturating_duration_since(self.clock.now())).await
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -614,7 +620,12 @@ impl Scheduler {
         let queue = state
             .queues
             .entry(entry.key.clone())
-            .or_insert_with(|| Arc::new(PoolQueue::new(self.config.warm_runner_wait)))
+            .or_insert_with(|| {
+                Arc::new(PoolQueue::new(
+                    self.config.warm_runner_wait,
+                    self.clock.clone(),
+                ))
+            })
             .clone();
         queue.register(&entry.offer);
         state.executors.insert(entry.id.clone(), entry);
@@ -806,13 +817,14 @@ impl Scheduler {
         tracing::info!(operation = %action.name, attempts, reason = why, "requeued");
         action.progress.lock().started = None;
         set_stage(action, execution_stage::Value::Queued);
-        queue.push(action.clone(), std::time::Instant::now());
+        queue.push(action.clone(), self.clock.now());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
 
     const WAIT: Duration = Duration::from_millis(200);
 
@@ -838,7 +850,7 @@ mod tests {
 
     #[test]
     fn an_action_is_left_to_its_warm_executor_for_the_wait_only() {
-        let queue = PoolQueue::new(WAIT);
+        let queue = PoolQueue::new(WAIT, Arc::new(SystemClock));
         let (offer, capacity) = executor();
         queue.set_warm("warm", &["k1".to_string()]);
         let waiting = Waiting::new(&queue, "warm");
@@ -879,7 +891,7 @@ mod tests {
 
     #[test]
     fn keys_nobody_holds_warm_go_anywhere_and_warm_ones_go_first() {
-        let queue = PoolQueue::new(WAIT);
+        let queue = PoolQueue::new(WAIT, Arc::new(SystemClock));
         let (offer, capacity) = executor();
         let t0 = Instant::now();
         queue.push(

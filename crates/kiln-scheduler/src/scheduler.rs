@@ -18,7 +18,6 @@ use kiln_proto::longrunning::Operation;
 use kiln_proto::reapi::{self, execution_stage};
 use kiln_proto::rpc;
 use kiln_proto::status::{self, to_rpc as to_rpc_status};
-use kiln_proto::timestamp_now;
 use kiln_store::{Digest, DigestFunction, Retention};
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
@@ -26,6 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::capacity::ResourceAmount;
+use crate::clock::{timestamp_of, Clock, Environment, IdGenerator};
 use crate::error::SchedulerError;
 use crate::operation::{
     metadata_any, set_stage, Done, Followers, MergeKey, OperationWatch, PlatformSources,
@@ -108,13 +108,29 @@ pub struct Scheduler {
     pub(crate) shutdown: CancellationToken,
     /// Wakes requests waiting for a matching executor to register.
     pub(crate) registered: Notify,
+    /// Where it reads the time.
+    pub(crate) clock: Arc<dyn Clock>,
+    /// Where operation names come from.
+    pub(crate) ids: Arc<dyn IdGenerator>,
     /// Itself, for the tasks it spawns.
     pub(crate) me: std::sync::Weak<Scheduler>,
 }
 
 impl Scheduler {
     pub fn new(storage: Storage, config: SchedulerConfig) -> Arc<Scheduler> {
+        Scheduler::with_environment(storage, config, Environment::default())
+    }
+
+    /// A scheduler that reads the time from `environment.clock` and names
+    /// operations with `environment.ids` (tests move the clock themselves).
+    pub fn with_environment(
+        storage: Storage,
+        config: SchedulerConfig,
+        environment: Environment,
+    ) -> Arc<Scheduler> {
         Arc::new_cyclic(|me| Scheduler {
+            clock: environment.clock,
+            ids: environment.ids,
             action_cache: ActionCacheStore::new(storage.clone()),
             storage,
             config,
@@ -335,7 +351,8 @@ impl Scheduler {
         if in_flight >= self.config.max_queued_executions {
             return Err(SchedulerError::Full { in_flight });
         }
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let name = format!("operations/{}", self.ids.new_id());
+        let (now, wall) = (self.clock.now(), self.clock.wall());
         if let Some(key) = &merge_key {
             if let Some(running) = state.in_flight.get(key).cloned() {
                 tracing::debug!(action = %digest, operation = %name, execution = %running.name, "merged into an execution in flight");
@@ -343,9 +360,9 @@ impl Scheduler {
                     .retention
                     .fetch_max(retention.epochs(), Ordering::Relaxed);
                 // Not done: completion leaves `in_flight` under this lock.
-                let operation = running.follow(name.clone(), client, std::time::SystemTime::now());
+                let operation = running.follow(name.clone(), client, wall, now);
                 state.operations.insert(name, operation.clone());
-                let watch = operation.subscribe();
+                let watch = operation.subscribe(now);
                 let current = watch.borrow().clone();
                 return Ok((current, watch));
             }
@@ -374,9 +391,9 @@ impl Scheduler {
             refused_by: Mutex::default(),
             queue: Some(queue.clone()),
             key: Some(key),
-            queued_at: timestamp_now(),
+            queued_at: timestamp_of(wall),
             progress: Mutex::default(),
-            enqueued: Mutex::new(std::time::Instant::now()),
+            enqueued: Mutex::new(now),
             runner_key,
             run_time,
             cacheable,
@@ -398,8 +415,8 @@ impl Scheduler {
                 attached: Vec::new(),
             }),
         });
-        let operation = queued.follow(name.clone(), client, queued.queued_wall());
-        let watch = operation.subscribe();
+        let operation = queued.follow(name.clone(), client, queued.queued_wall(), now);
+        let watch = operation.subscribe(now);
         let first = watch.borrow().clone();
         if let Some(key) = merge_key {
             state.in_flight.insert(key, queued.clone());
@@ -408,14 +425,14 @@ impl Scheduler {
         drop(state);
         tracing::debug!(action = %digest, operation = %name, %pool, "queued");
         self.cancel_when_orphaned(queued.clone());
-        queue.push(queued, std::time::Instant::now());
+        queue.push(queued, now);
         Ok((first, watch))
     }
 
     /// `executor` took `action`: it is EXECUTING now.
     pub(crate) fn started(&self, action: &QueuedAction, executor: &str) {
         action.attempts.fetch_add(1, Ordering::SeqCst);
-        action.progress.lock().started = Some((std::time::SystemTime::now(), executor.to_string()));
+        action.progress.lock().started = Some((self.clock.wall(), executor.to_string()));
         set_stage(action, execution_stage::Value::Executing);
     }
 
@@ -548,6 +565,7 @@ mod tests {
     use kiln_store::{BlobStore, MemoryStore};
 
     use super::*;
+    use crate::clock::{ManualClock, SequentialIds};
     use crate::local::{Finished, LocalExecutor};
     use crate::report::Stage;
 
@@ -556,6 +574,14 @@ mod tests {
     /// Execute request for that action.
     async fn scheduler_with_action(
         kept: usize,
+    ) -> (Arc<Scheduler>, LocalExecutor, reapi::ExecuteRequest) {
+        scheduler_with_action_in(kept, Environment::default()).await
+    }
+
+    /// The same, reading the time and naming operations from `environment`.
+    async fn scheduler_with_action_in(
+        kept: usize,
+        environment: Environment,
     ) -> (Arc<Scheduler>, LocalExecutor, reapi::ExecuteRequest) {
         let store = Arc::new(MemoryStore::new(1 << 20));
         let sha256 = DigestFunction::Sha256;
@@ -588,13 +614,14 @@ mod tests {
             .await
             .unwrap();
         store.put(action_digest.key(), action.into()).await.unwrap();
-        let scheduler = Scheduler::new(
+        let scheduler = Scheduler::with_environment(
             Storage::new(store, Default::default()),
             SchedulerConfig {
                 completed_operations_kept: kept,
                 orphan_grace: None,
                 ..Default::default()
             },
+            environment,
         );
         let executor = LocalExecutor::register(
             scheduler.clone(),
@@ -800,5 +827,113 @@ mod tests {
             !fresh.done,
             "{second} was answered from {first}'s Action Cache entry"
         );
+    }
+
+    /// A clock the test moves, and operation names `operations/1`, `2`, …
+    fn manual_environment() -> (Arc<ManualClock>, Environment) {
+        let clock = ManualClock::new();
+        let environment = Environment {
+            clock: clock.clone(),
+            ids: Arc::new(SequentialIds::default()),
+        };
+        (clock, environment)
+    }
+
+    #[tokio::test]
+    async fn a_queued_action_shows_how_long_it_has_waited_since_it_was_last_queued() {
+        let (clock, environment) = manual_environment();
+        let (scheduler, executor, request) = scheduler_with_action_in(10, environment).await;
+        let (first, _watch) = scheduler
+            .execute(request, &[], &Client::default())
+            .await
+            .unwrap();
+        assert_eq!(first.name, "operations/1");
+        // (queued, oldest queued, the operation's own wait), as the
+        // operator's queue view and operation list show them.
+        let shown = || {
+            let queues = scheduler.queues(None);
+            assert_eq!(queues.len(), 1, "one queue: the embedded executor's");
+            let operations = scheduler.operations();
+            (
+                queues[0].queued,
+                queues[0].oldest_queued,
+                operations[0].waiting,
+            )
+        };
+        assert_eq!(shown(), (1, Some(Duration::ZERO), Some(Duration::ZERO)));
+        clock.advance(Duration::from_secs(90));
+        let ninety = Some(Duration::from_secs(90));
+        assert_eq!(shown(), (1, ninety, ninety));
+
+        let lease = executor.next().await.unwrap();
+        assert_eq!(shown(), (0, None, None), "running, not waiting");
+        clock.advance(Duration::from_secs(30));
+        // Its executor's disk is full: queued again, and its wait starts
+        // again from now, not from when the request came.
+        lease.retry_elsewhere("no space left on device");
+        clock.advance(Duration::from_secs(5));
+        let five = Some(Duration::from_secs(5));
+        assert_eq!(shown(), (1, five, five));
+    }
+
+    #[tokio::test]
+    async fn operations_are_listed_newest_first_each_under_its_own_name() {
+        let (clock, environment) = manual_environment();
+        let (scheduler, _executor, request) = scheduler_with_action_in(10, environment).await;
+        let mut watches = Vec::new();
+        for _ in 0..3 {
+            let (_, watch) = scheduler
+                .execute(request.clone(), &[], &Client::default())
+                .await
+                .unwrap();
+            watches.push(watch);
+            clock.advance(Duration::from_secs(1));
+        }
+        let listed = scheduler.operations();
+        let names: Vec<(&str, Option<&str>)> = listed
+            .iter()
+            .map(|s| (s.name.as_str(), s.merged_into.as_deref()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("operations/3", Some("operations/1")),
+                ("operations/2", Some("operations/1")),
+                ("operations/1", None),
+            ]
+        );
+        let arrived = |i: usize| listed[i].queued_at;
+        assert_eq!(
+            arrived(0).duration_since(arrived(2)).unwrap(),
+            Duration::from_secs(2),
+            "each request's own arrival, not its execution's"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_execution_is_orphaned_only_when_no_client_asked_for_it_for_the_grace() {
+        let (clock, environment) = manual_environment();
+        let (scheduler, _executor, request) = scheduler_with_action_in(10, environment).await;
+        let grace = Duration::from_secs(5);
+        let (first, watch) = scheduler
+            .execute(request, &[], &Client::default())
+            .await
+            .unwrap();
+        let execution = scheduler.state.lock().operations[&first.name]
+            .execution
+            .clone();
+        let orphaned = || execution.orphaned(grace, clock.now());
+
+        clock.advance(grace * 2);
+        assert!(!orphaned(), "its Execute stream is still open");
+        drop(watch);
+        assert!(orphaned(), "no stream, and no one asked for the grace");
+        // A GetOperation (or WaitExecution that ends) counts as asking.
+        drop(scheduler.watch(&first.name, "").unwrap());
+        assert!(!orphaned());
+        clock.advance(grace - Duration::from_millis(1));
+        assert!(!orphaned(), "asked for within the grace");
+        clock.advance(Duration::from_millis(1));
+        assert!(orphaned());
     }
 }
