@@ -609,7 +609,7 @@ mod tests {
         QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
         WriteResponse,
     };
-    use kiln_store::{Digest, DigestFunction, MemoryStore};
+    use kiln_store::{DigestFunction, MemoryStore};
     use prost::Message;
     use tonic::body::Body;
     use tonic::{Code, Status};
