@@ -609,7 +609,7 @@ mod tests {
         QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
         WriteResponse,
     };
-    use kiln_store::{Digest, DigestFunction, MemoryStore};
+    use kiln_store::{DigestFunction, MemoryStore};
     use prost::Message;
     use tonic::body::Body;
     use tonic::{Code, Status};
@@ -633,14 +633,8 @@ mod tests {
         (0..len).map(|i| (i * 31 % 251) as u8).collect()
     }
 
-    fn digest_of(data: &[u8]) -> Digest {
-        let mut hasher = DigestFunction::Sha256.hasher();
-        hasher.update(data);
-        hasher.finish(data.len() as u64)
-    }
-
     fn write_name(data: &[u8]) -> String {
-        let digest = digest_of(data);
+        let digest = DigestFunction::Sha256.digest_of(data);
         format!(
             "main/uploads/4f7b9c2e-1d3a-4b5c-8e6f-7a8b9c0d1e2f/blobs/{}/{}",
             digest.hash_hex(),
@@ -724,7 +718,10 @@ mod tests {
     }
 
     async fn is_stored(storage: &Storage, data: &[u8]) -> bool {
-        storage.contains(&digest_of(data)).await.unwrap()
+        storage
+            .contains(&DigestFunction::Sha256.digest_of(data))
+            .await
+            .unwrap()
     }
 
     async fn read(
@@ -733,7 +730,7 @@ mod tests {
         offset: i64,
         limit: i64,
     ) -> (Vec<u8>, usize, Status) {
-        let digest = digest_of(data);
+        let digest = DigestFunction::Sha256.digest_of(data);
         let read = ReadRequest {
             resource_name: format!("main/blobs/{}/{}", digest.hash_hex(), digest.size),
             read_offset: offset,
@@ -785,7 +782,7 @@ mod tests {
         let (mut service, storage) = server();
         // Large enough for the pipelined path.
         let data = pattern(3 << 20);
-        let digest = digest_of(&data);
+        let digest = DigestFunction::Sha256.digest_of(&data);
         let upload = |org: &str| {
             let frames: Vec<u8> = write_requests(&data, 1 << 20)
                 .iter()
@@ -1042,7 +1039,9 @@ mod tests {
         .await;
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(
-            status.message().contains(&digest_of(&data).hash_hex()),
+            status
+                .message()
+                .contains(&DigestFunction::Sha256.digest_of(&data).hash_hex()),
             "{}",
             status.message()
         );

@@ -1,4 +1,7 @@
-//! Conversions between REAPI wire digests and Kiln's typed ones.
+//! Conversions between REAPI wire digests and Kiln's typed ones: the one
+//! place a `kiln_store::Digest` becomes a `reapi::Digest` (and back), so
+//! every crate that hashes bytes for the wire hashes them with
+//! `kiln_store::DigestFunction` and converts them here.
 
 use kiln_proto::reapi;
 use kiln_store::{Digest, DigestFunction};
@@ -47,4 +50,10 @@ pub fn to_wire(digest: &Digest) -> reapi::Digest {
         hash: digest.hash_hex(),
         size_bytes: digest.size as i64,
     }
+}
+
+/// The SHA-256 wire digest of `data`: what executors, `kiln bench` and tests
+/// name the blobs they write by (SHA-256 is the REAPI default).
+pub fn digest_of(data: &[u8]) -> reapi::Digest {
+    to_wire(&DigestFunction::Sha256.digest_of(data))
 }

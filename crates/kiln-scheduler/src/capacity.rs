@@ -26,6 +26,19 @@ impl ResourceAmount {
         disk_bytes: u64::MAX,
     };
 
+    /// What an action whose platform estimates `estimates` reserves on its
+    /// executor while it runs: each estimate, else the server's default.
+    pub(crate) fn reserved_by(
+        estimates: &kiln_platform::Resources,
+        defaults: ResourceAmount,
+    ) -> ResourceAmount {
+        ResourceAmount {
+            cpu_millis: estimates.cpu_millis.unwrap_or(defaults.cpu_millis),
+            memory_bytes: estimates.memory_bytes.unwrap_or(defaults.memory_bytes),
+            disk_bytes: estimates.free_disk_bytes.unwrap_or(defaults.disk_bytes),
+        }
+    }
+
     /// What an executor with workspaces under `work_dir` offers: each
     /// amount `given`, or where it is 0, this machine's (see
     /// [`ResourceAmount::of_host`]).

@@ -2,15 +2,21 @@
 //! and the google.longrunning Operations service, over one in-process
 //! queue per pool. It never runs an action itself: executors take them.
 //!
-//! - [`scheduler`]: [`Scheduler`], which owns every operation: it checks an
-//!   Execute request (Action and Command present, platform parsed, a pool
-//!   that some executor serves), answers Action Cache hits at once, merges
-//!   identical in-flight cacheable actions into one execution (each
-//!   request keeping an operation of its own), queues the rest and completes
-//!   them with the executor's result (writing cacheable results to the AC);
+//! - [`scheduler`]: [`Scheduler`], the façade of the Execute flow: it checks
+//!   an Execute request (Action and Command present, platform parsed, a
+//!   pool that some executor serves), answers Action Cache hits at once,
+//!   queues the rest or merges them into an identical execution in flight,
+//!   and completes them with the executor's result (writing cacheable
+//!   results to the AC);
+//! - [`operation`]: the operation table: each request's operation, the
+//!   execution it follows (shared by merged requests), watching, listing,
+//!   cancelling and deleting operations, and forgetting old ones;
 //! - [`queue`]: the per-pool queues, fair share and matching of actions to
-//!   executors;
+//!   executors, executors registering and leaving, requeueing;
 //! - [`capacity`]: what executors have and running actions reserve;
+//! - [`clock`]: the time and operation ids the scheduler reads, injected
+//!   ([`Environment`]), so its policies are unit-tested with a clock the
+//!   test moves;
 //! - [`report`]: snapshots of executors, queues and operations, and the
 //!   [`report::ExecutionObserver`] hook, for the operator's view;
 //! - [`session`]: the scheduler's side of Kiln's executor protocol
@@ -27,8 +33,10 @@
 #![forbid(unsafe_code)]
 
 pub mod capacity;
+pub mod clock;
 pub mod error;
 pub mod local;
+pub mod operation;
 pub mod queue;
 pub mod report;
 pub mod scheduler;
@@ -36,6 +44,7 @@ pub mod service;
 pub mod session;
 
 pub use capacity::ResourceAmount;
+pub use clock::{Clock, Environment, IdGenerator, RandomIds, SystemClock};
 pub use error::SchedulerError;
 pub use local::LocalExecutor;
 pub use queue::MAX_BYPASSES;

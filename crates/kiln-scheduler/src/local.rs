@@ -11,9 +11,10 @@ use kiln_proto::{reapi, rpc};
 use tokio_util::sync::CancellationToken;
 
 use crate::capacity::{Capacity, Reservation, ResourceAmount};
+use crate::operation::QueuedAction;
 use crate::queue::{Offer, PoolQueue, Properties, QueueKey};
 use crate::report::{ExecutorEntry, RunningOn};
-use crate::scheduler::{QueuedAction, Scheduler};
+use crate::scheduler::Scheduler;
 
 /// The embedded executor's identity for the queue (one per pool).
 const LOCAL_ID: &str = "embedded";

@@ -15,8 +15,17 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use kiln_proto::reapi::{self, execution_stage};
+use kiln_proto::rpc;
+use kiln_proto::status::to_rpc as to_rpc_status;
+use kiln_store::Digest;
+
 use crate::capacity::{Capacity, Reservation, ResourceAmount};
-use crate::scheduler::QueuedAction;
+use crate::clock::Clock;
+use crate::error::SchedulerError;
+use crate::operation::{cancelled, set_stage, QueuedAction};
+use crate::report::ExecutorEntry;
+use crate::scheduler::Scheduler;
 
 /// How often smaller work of the same or a lower priority may pass a queued
 /// action that does not fit an executor's free capacity (but would fit its
@@ -242,6 +251,8 @@ pub(crate) struct PoolQueue {
     /// Wakes idle executors when work is pushed.
     pushed: Notify,
     warm_wait: Duration,
+    /// What `warm_wait` is measured by.
+    clock: Arc<dyn Clock>,
 }
 
 #[derive(Default)]
@@ -296,8 +307,9 @@ pub(crate) enum Popped {
 impl PoolQueue {
     /// A queue that leaves actions to executors holding their runner warm
     /// for up to `warm_wait`.
-    pub(crate) fn new(warm_wait: Duration) -> PoolQueue {
+    pub(crate) fn new(warm_wait: Duration, clock: Arc<dyn Clock>) -> PoolQueue {
         PoolQueue {
+            clock,
             inner: Mutex::new(PoolInner::default()),
             pushed: Notify::new(),
             warm_wait,
@@ -333,7 +345,7 @@ impl PoolQueue {
             tokio::pin!(pushed, released);
             pushed.as_mut().enable();
             released.as_mut().enable();
-            let retry_at = match self.try_pop(offers, capacity, executor, Instant::now()) {
+            let retry_at = match self.try_pop(offers, capacity, executor, self.clock.now()) {
                 Popped::Taken(action, reservation) => {
                     // Cancelled while queued: already completed by
                     // CancelOperation.
@@ -346,7 +358,9 @@ impl PoolQueue {
             };
             let left_to_warm = async {
                 match retry_at {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    Some(at) => {
+                        tokio::time::sleep(at.saturating_duration_since(self.clock.now())).await
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -599,9 +613,218 @@ impl PoolQueue {
     }
 }
 
+impl Scheduler {
+    /// Counts one more executor (`entry`); returns its queue.
+    pub(crate) fn register_executor(&self, entry: Arc<ExecutorEntry>) -> Arc<PoolQueue> {
+        let mut state = self.state.lock();
+        let queue = state
+            .queues
+            .entry(entry.key.clone())
+            .or_insert_with(|| {
+                Arc::new(PoolQueue::new(
+                    self.config.warm_runner_wait,
+                    self.clock.clone(),
+                ))
+            })
+            .clone();
+        queue.register(&entry.offer);
+        state.executors.insert(entry.id.clone(), entry);
+        drop(state);
+        self.registered.notify_waiters();
+        queue
+    }
+
+    /// Counts executor `id` less. After the grace (for a replacement to
+    /// register), queued actions no remaining executor can run fail with
+    /// FAILED_PRECONDITION instead of waiting forever.
+    pub(crate) fn unregister_executor(&self, id: &str) {
+        let (queue, key) = {
+            let mut state = self.state.lock();
+            let Some(entry) = state.executors.remove(id) else {
+                return;
+            };
+            let Some(queue) = state.queues.get(&entry.key).cloned() else {
+                return;
+            };
+            queue.unregister(&entry.offer);
+            (queue, entry.key.clone())
+        };
+        let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(me.config.unmatched_grace) => {}
+                _ = me.shutdown.cancelled() => return,
+            }
+            let stranded = queue.drain_unservable();
+            if stranded.is_empty() {
+                return;
+            }
+            for action in stranded {
+                let required = action.requires.describe();
+                let registered = me.registered_keys(&action.requires.org);
+                let error = SchedulerError::NoExecutor {
+                    action: format!(
+                        "{}/{}",
+                        action.action_digest.hash, action.action_digest.size_bytes
+                    ),
+                    pool: key.pool.clone(),
+                    unmatched: format!("{key}{required}"),
+                    registered: registered.clone(),
+                };
+                me.complete(
+                    &action,
+                    reapi::ExecuteResponse {
+                        status: Some(to_rpc_status(error.into())),
+                        ..Default::default()
+                    },
+                );
+            }
+        });
+    }
+
+    /// The queue of executors offering `key` and the declared properties
+    /// the action requires there, waiting up to the grace for a matching
+    /// executor to register; else FAILED_PRECONDITION naming what is
+    /// unmatched.
+    /// `executors_of`: the organisation whose own executors must run it
+    /// (empty: the shared fleet).
+    pub(crate) async fn matching_queue(
+        &self,
+        key: &QueueKey,
+        platform: &Platform,
+        executors_of: &Arc<str>,
+        need: ResourceAmount,
+        digest: &Digest,
+    ) -> Result<(Arc<PoolQueue>, Requirement), SchedulerError> {
+        let deadline = tokio::time::Instant::now() + self.config.unmatched_grace;
+        loop {
+            let registered = self.registered.notified();
+            tokio::pin!(registered);
+            registered.as_mut().enable();
+            let queue = self.state.lock().queues.get(key).cloned();
+            let unmatched = match &queue {
+                Some(queue) => match queue.requirement(platform, executors_of, need) {
+                    Ok(requires) => return Ok((queue.clone(), requires)),
+                    Err(Unmatched::Properties(unmatched)) => unmatched.describe(),
+                    Err(Unmatched::TooLarge(largest)) => {
+                        if tokio::time::timeout_at(deadline, registered).await.is_err() {
+                            return Err(SchedulerError::TooLarge {
+                                action: digest.to_string(),
+                                need: need.to_string(),
+                                largest: largest.to_string(),
+                                key: key.to_string(),
+                            });
+                        }
+                        continue;
+                    }
+                },
+                None => Requirement {
+                    properties: Properties::new(),
+                    isolation: platform.isolation,
+                    secrets: platform.registry_credentials.is_some(),
+                    org: executors_of.clone(),
+                }
+                .describe(),
+            };
+            if tokio::time::timeout_at(deadline, registered).await.is_err() {
+                let declared = unmatched;
+                return Err(SchedulerError::NoExecutor {
+                    action: digest.to_string(),
+                    pool: key.pool.clone(),
+                    unmatched: format!("{key}{declared}"),
+                    registered: self.registered_keys(executors_of),
+                });
+            }
+        }
+    }
+
+    /// What the registered executors of the shared fleet and of
+    /// organisation `org` offer, for an error message.
+    pub(crate) fn registered_keys(&self, org: &str) -> String {
+        let state = self.state.lock();
+        let mut keys: Vec<String> = state
+            .queues
+            .iter()
+            .filter(|(_, queue)| queue.has_executors())
+            .flat_map(|(key, queue)| {
+                queue
+                    .describe_offers(org)
+                    .into_iter()
+                    .map(move |offers| format!("[{key}{offers}]"))
+            })
+            .collect();
+        keys.sort_unstable();
+        if keys.is_empty() {
+            "none".into()
+        } else {
+            keys.join(", ")
+        }
+    }
+
+    /// Puts `action` back on its queue because `executor` cannot run it
+    /// (its disk is full): it goes to another executor of its queue, or,
+    /// once every registered one has refused it, to any again (attempts
+    /// stay bounded).
+    pub(crate) fn requeue_elsewhere(&self, action: &Arc<QueuedAction>, executor: &str, why: &str) {
+        if let Some(queue) = &action.queue {
+            let mut refused = action.refused_by.lock();
+            refused.insert(executor.to_string());
+            if refused.len() >= queue.executors_for(action) {
+                refused.clear();
+            }
+        }
+        self.requeue(action, why);
+    }
+
+    /// Puts `action` back on its queue after its executor was lost, or
+    /// fails it once it has been started `max_attempts` times.
+    pub(crate) fn requeue(&self, action: &Arc<QueuedAction>, why: &str) {
+        if action.cancel.is_cancelled() {
+            self.complete(
+                action,
+                cancelled(format!(
+                    "action {}/{} was cancelled",
+                    action.action_digest.hash, action.action_digest.size_bytes
+                )),
+            );
+            return;
+        }
+        let attempts = action.attempts.load(Ordering::SeqCst);
+        let Some(queue) = action
+            .queue
+            .as_ref()
+            .filter(|_| attempts < self.config.max_attempts)
+        else {
+            self.complete(
+                action,
+                reapi::ExecuteResponse {
+                    status: Some(rpc::Status {
+                        code: tonic::Code::Unavailable as i32,
+                        message: format!(
+                            "action {}/{} was started {attempts} times and its executor was lost each time (last: {why})",
+                            action.action_digest.hash, action.action_digest.size_bytes
+                        ),
+                        details: vec![],
+                    }),
+                    ..Default::default()
+                },
+            );
+            return;
+        };
+        tracing::info!(operation = %action.name, attempts, reason = why, "requeued");
+        action.progress.lock().started = None;
+        set_stage(action, execution_stage::Value::Queued);
+        queue.push(action.clone(), self.clock.now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
 
     const WAIT: Duration = Duration::from_millis(200);
 
@@ -627,7 +850,7 @@ mod tests {
 
     #[test]
     fn an_action_is_left_to_its_warm_executor_for_the_wait_only() {
-        let queue = PoolQueue::new(WAIT);
+        let queue = PoolQueue::new(WAIT, Arc::new(SystemClock));
         let (offer, capacity) = executor();
         queue.set_warm("warm", &["k1".to_string()]);
         let waiting = Waiting::new(&queue, "warm");
@@ -668,7 +891,7 @@ mod tests {
 
     #[test]
     fn keys_nobody_holds_warm_go_anywhere_and_warm_ones_go_first() {
-        let queue = PoolQueue::new(WAIT);
+        let queue = PoolQueue::new(WAIT, Arc::new(SystemClock));
         let (offer, capacity) = executor();
         let t0 = Instant::now();
         queue.push(

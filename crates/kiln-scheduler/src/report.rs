@@ -16,8 +16,9 @@ use parking_lot::Mutex;
 use prost::Message;
 
 use crate::capacity::{Capacity, ResourceAmount};
+use crate::operation::{ClientOperation, QueuedAction};
 use crate::queue::{satisfies, Offer, QueueKey};
-use crate::scheduler::{ClientOperation, QueuedAction, Scheduler};
+use crate::scheduler::Scheduler;
 
 /// Told of each execution as it completes: run, failed, cancelled or
 /// answered from the cache. Called on the completing task: keep it cheap.
@@ -398,7 +399,7 @@ impl ClientOperation {
 }
 
 /// The outcome `response` describes.
-pub(crate) fn outcome_of(response: &reapi::ExecuteResponse) -> Outcome {
+pub(crate) fn outcome_of(response: &reapi::ExecuteResponse, finished_at: SystemTime) -> Outcome {
     let code = response.status.as_ref().map_or(0, |s| s.code);
     let message = response
         .status
@@ -428,7 +429,7 @@ pub(crate) fn outcome_of(response: &reapi::ExecuteResponse) -> Outcome {
     });
     Outcome {
         class,
-        finished_at: SystemTime::now(),
+        finished_at,
         code,
         message,
         exit_code,
@@ -460,7 +461,7 @@ impl Scheduler {
     /// see (its own executions, and the shared fleet's executors and its
     /// own).
     pub fn queues(&self, org: Option<&str>) -> Vec<QueueSnapshot> {
-        let now = Instant::now();
+        let now = self.clock.now();
         let state = self.state.lock();
         let mut queues: BTreeMap<String, QueueSnapshot> = BTreeMap::new();
         let shown = |owner: &str| org.is_none_or(|org| owner == org);
@@ -499,7 +500,7 @@ impl Scheduler {
     /// into another's execution is listed under its own name and client
     /// (with [`OperationSummary::merged_into`] naming the other).
     pub fn operations(&self) -> Vec<OperationSummary> {
-        let now = Instant::now();
+        let now = self.clock.now();
         let operations: Vec<Arc<ClientOperation>> =
             self.state.lock().operations.values().cloned().collect();
         let mut summaries: Vec<OperationSummary> = operations
@@ -513,7 +514,7 @@ impl Scheduler {
     /// Operation `name` in full; `None` if it is not kept.
     pub fn operation(&self, name: &str) -> Option<OperationDetail> {
         let operation = self.state.lock().operations.get(name).cloned()?;
-        let summary = operation.summary(Instant::now());
+        let summary = operation.summary(self.clock.now());
         let response = operation.response();
         let action = &operation.execution;
         let why_queued = (summary.stage == Stage::Queued).then(|| self.why_queued(action));

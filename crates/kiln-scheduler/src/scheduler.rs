@@ -1,13 +1,11 @@
-//! [`Scheduler`]: every operation's life, from an Execute request to its
-//! `ExecuteResponse`. Each Execute request gets an operation of its own
-//! ([`ClientOperation`]: its name and a `watch` channel of
-//! `google.longrunning.Operation`, so Execute, WaitExecution and
-//! GetOperation all read the same value and a change wakes them all).
-//! Identical cacheable requests in flight share one execution
-//! ([`QueuedAction`]), which sends every change to each operation following
-//! it; cancelling one of them detaches only its client.
+//! [`Scheduler`]: the façade that takes an Execute request to its
+//! `ExecuteResponse`: it checks the request (Action and Command in the CAS,
+//! platform parsed, an executor that matches), answers Action Cache hits at
+//! once, queues the rest (or merges them into an identical execution in
+//! flight) and completes them with what the executor reported, writing
+//! cacheable results to the Action Cache first. The operations it hands out
+//! live in [`crate::operation`]; the queues and matching in [`crate::queue`].
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI8, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,28 +14,25 @@ use bytes::Bytes;
 use kiln_cas::wire::{digest_function, parse_digest, to_wire};
 use kiln_cas::{AcScope, ActionCacheStore, Storage};
 use kiln_platform::{Platform, PropertySources};
-use kiln_proto::longrunning::{operation, Operation};
-use kiln_proto::protobuf::{Any, Timestamp};
+use kiln_proto::longrunning::Operation;
 use kiln_proto::reapi::{self, execution_stage};
 use kiln_proto::rpc;
 use kiln_proto::status::{self, to_rpc as to_rpc_status};
-use kiln_proto::timestamp_now;
 use kiln_store::{Digest, DigestFunction, Retention};
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::capacity::ResourceAmount;
+use crate::clock::{timestamp_of, Clock, Environment, IdGenerator};
 use crate::error::SchedulerError;
-use crate::queue::{PoolQueue, Properties, QueueKey, Requirement, Unmatched};
-use crate::report::{
-    outcome_of, Client, ExecutionObserver, ExecutorEntry, Outcome, Progress, Stage,
+use crate::operation::{
+    metadata_any, set_stage, Done, Followers, MergeKey, OperationWatch, PlatformSources,
+    QueuedAction, State,
 };
-
-const METADATA_TYPE: &str =
-    "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
-const RESPONSE_TYPE: &str = "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";
+use crate::queue::QueueKey;
+use crate::report::{Client, ExecutionObserver};
 
 /// The scheduler's settings.
 #[derive(Debug, Clone)]
@@ -98,358 +93,44 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// One queued or running execution, shared by every request merged into it.
-pub struct QueuedAction {
-    /// The operation name of the request that started it: how logs and
-    /// metrics name the execution. Clients never see it but as their own.
-    pub name: String,
-    pub instance_name: String,
-    pub action_digest: reapi::Digest,
-    pub platform: Platform,
-    /// The raw property sources the platform was parsed from, for remote
-    /// executors (header values may be secrets: never log them).
-    pub sources: PlatformSources,
-    /// Stops the action (queued or running); a child of the scheduler's
-    /// shutdown token.
-    pub cancel: CancellationToken,
-    /// How many times an executor has taken it.
-    pub(crate) attempts: AtomicU32,
-    /// How many times smaller work passed it while it did not fit its
-    /// executor's free capacity (see [`MAX_BYPASSES`]).
-    pub(crate) bypassed: AtomicU32,
-    /// `execution_policy.priority`: lower runs sooner.
-    pub(crate) priority: i32,
-    /// `RequestMetadata.tool_invocation_id`: the unit of fair sharing.
-    pub(crate) invocation_id: String,
-    /// Who asked for it (the request that started it, when merged).
-    pub(crate) client: Client,
-    /// What an executor must offer to take it.
-    pub(crate) requires: Requirement,
-    /// What it reserves on its executor while it runs.
-    pub(crate) need: ResourceAmount,
-    /// Executors that could not run it (a full disk): they do not take it
-    /// again while another executor may.
-    pub(crate) refused_by: Mutex<BTreeSet<String>>,
-    queue: Option<Arc<PoolQueue>>,
-    /// The pool, OS and architecture it was queued for (none: answered
-    /// without queueing).
-    pub(crate) key: Option<QueueKey>,
-    queued_at: Timestamp,
-    /// Which executor runs it and its outcome, for the operator's view.
-    pub(crate) progress: Mutex<Progress>,
-    /// When it was last queued (requeued included): warm routing leaves it
-    /// to a warm executor for a while after that.
-    pub(crate) enqueued: Mutex<std::time::Instant>,
-    /// The first 16 hex digits of its runner key, with `recycle-runner`.
-    pub(crate) runner_key: Option<String>,
-    /// How long it may run once started: its timeout plus its termination
-    /// grace period.
-    pub(crate) run_time: Duration,
-    /// Whether the request allows writing the result to the Action Cache.
-    cacheable: bool,
-    /// `results_cache_policy` as [`Retention`] epochs: the longest any
-    /// merged request asked for.
-    retention: AtomicI8,
-    merge_key: Option<MergeKey>,
-    digest_function: i32,
-    followers: Mutex<Followers>,
-}
-
-/// What an execution's clients see, and which clients still follow it.
-#[derive(Default)]
-struct Followers {
-    /// Its operation as every client sees it, but for the name (each
-    /// client's is its own).
-    current: Operation,
-    /// The operations that follow it: the request that started it and each
-    /// one merged into it, but for those their clients cancelled. Emptied
-    /// when it completes, which also ends the reference cycle through
-    /// [`ClientOperation::execution`].
-    attached: Vec<Arc<ClientOperation>>,
-}
-
-/// One Execute request's operation: the name its client knows and the
-/// state that client sees, following an execution it may share with
-/// identical requests merged into it.
-pub(crate) struct ClientOperation {
-    pub(crate) name: String,
-    pub(crate) execution: Arc<QueuedAction>,
-    /// Who sent this request.
-    pub(crate) client: Client,
-    /// When this request arrived: when its execution was queued, unless it
-    /// was merged into one queued earlier.
-    pub(crate) requested_at: std::time::SystemTime,
-    /// When a client last asked for it (WaitExecution, GetOperation).
-    last_seen: Mutex<std::time::Instant>,
-    /// How it ended, when its client cancelled it while other requests
-    /// kept the execution running.
-    pub(crate) detached: Mutex<Option<Arc<Outcome>>>,
-    state: watch::Sender<Operation>,
-}
-
-impl ClientOperation {
-    /// Its state, to wait on.
-    fn subscribe(&self) -> OperationWatch {
-        *self.last_seen.lock() = std::time::Instant::now();
-        self.state.subscribe()
-    }
-
-    /// Its response, once completed.
-    pub(crate) fn response(&self) -> Option<reapi::ExecuteResponse> {
-        response_of(&self.state.borrow())
-    }
-
-    /// Shows its client the execution's `current` state under its own name.
-    fn show(&self, current: &Operation) {
-        self.state.send_replace(Operation {
-            name: self.name.clone(),
-            ..current.clone()
-        });
-    }
-}
-
-/// What cancelling one client's operation did.
-enum Detached {
-    /// It was done already (or detached before): nothing to cancel.
-    AlreadyDone,
-    /// It ended as CANCELLED; its execution goes on for other clients.
-    Alone,
-    /// No other client follows its execution: cancel the execution.
-    Last,
-}
-
-#[cfg(test)]
-impl QueuedAction {
-    /// A queued action for the queue's unit tests: no operation behind it.
-    pub(crate) fn for_test(
-        invocation: &str,
-        priority: i32,
-        runner_key: Option<&str>,
-        requires: Requirement,
-    ) -> Arc<QueuedAction> {
-        Arc::new(QueuedAction {
-            name: format!("operations/{invocation}"),
-            instance_name: String::new(),
-            action_digest: reapi::Digest::default(),
-            platform: Platform::default(),
-            sources: PlatformSources::default(),
-            cancel: CancellationToken::new(),
-            attempts: AtomicU32::new(0),
-            bypassed: AtomicU32::new(0),
-            priority,
-            invocation_id: invocation.to_string(),
-            client: Client::default(),
-            requires,
-            need: ResourceAmount::default(),
-            refused_by: Mutex::default(),
-            queue: None,
-            key: None,
-            queued_at: timestamp_now(),
-            progress: Mutex::default(),
-            enqueued: Mutex::new(std::time::Instant::now()),
-            runner_key: runner_key.map(String::from),
-            run_time: Duration::ZERO,
-            cacheable: false,
-            retention: AtomicI8::new(0),
-            merge_key: None,
-            digest_function: 0,
-            followers: Mutex::default(),
-        })
-    }
-}
-
-impl QueuedAction {
-    /// When it was first queued, as wall-clock time.
-    pub(crate) fn queued_wall(&self) -> std::time::SystemTime {
-        std::time::UNIX_EPOCH
-            + Duration::new(
-                self.queued_at.seconds.max(0) as u64,
-                self.queued_at.nanos.clamp(0, 999_999_999) as u32,
-            )
-    }
-
-    /// A new operation named `name` for `client`'s request, following
-    /// this execution from its current state on (attached unless the
-    /// execution is done).
-    fn follow(
-        self: &Arc<Self>,
-        name: String,
-        client: &Client,
-        requested_at: std::time::SystemTime,
-    ) -> Arc<ClientOperation> {
-        let mut followers = self.followers.lock();
-        let operation = Arc::new(ClientOperation {
-            name: name.clone(),
-            execution: self.clone(),
-            client: client.clone(),
-            requested_at,
-            last_seen: Mutex::new(std::time::Instant::now()),
-            detached: Mutex::new(None),
-            state: watch::channel(Operation {
-                name,
-                ..followers.current.clone()
-            })
-            .0,
-        });
-        if !followers.current.done {
-            followers.attached.push(operation.clone());
-        }
-        operation
-    }
-
-    /// Applies `change` to what its clients see, unless it is done already,
-    /// and shows the result to each attached operation. `None` if nothing
-    /// changed; else the operations that end with this change (every
-    /// attached one once it is done, none before).
-    fn publish(
-        &self,
-        change: impl FnOnce(&mut Operation) -> bool,
-    ) -> Option<Vec<Arc<ClientOperation>>> {
-        let mut followers = self.followers.lock();
-        if followers.current.done || !change(&mut followers.current) {
-            return None;
-        }
-        let followers = &mut *followers;
-        for operation in &followers.attached {
-            operation.show(&followers.current);
-        }
-        Some(if followers.current.done {
-            std::mem::take(&mut followers.attached)
-        } else {
-            Vec::new()
-        })
-    }
-
-    /// Ends `operation` alone as CANCELLED with `response` if other clients
-    /// still follow this execution; else leaves it for the execution's own
-    /// cancellation.
-    fn detach(&self, operation: &ClientOperation, response: &reapi::ExecuteResponse) -> Detached {
-        let mut followers = self.followers.lock();
-        let Some(index) = followers
-            .attached
-            .iter()
-            .position(|attached| std::ptr::eq(Arc::as_ptr(attached), operation))
-        else {
-            return Detached::AlreadyDone;
-        };
-        if followers.attached.len() == 1 {
-            return Detached::Last;
-        }
-        followers.attached.swap_remove(index);
-        *operation.detached.lock() = Some(Arc::new(outcome_of(response)));
-        operation.show(&Operation {
-            done: true,
-            metadata: Some(metadata_any(
-                execution_stage::Value::Completed,
-                &self.action_digest,
-                self.digest_function,
-                None,
-            )),
-            result: Some(operation::Result::Response(Any {
-                type_url: RESPONSE_TYPE.into(),
-                value: response.encode_to_vec(),
-            })),
-            ..Operation::default()
-        });
-        Detached::Alone
-    }
-
-    /// Waits until no Execute or WaitExecution stream follows any of its
-    /// attached operations (each holds a receiver of its operation's state).
-    async fn unwatched(&self) {
-        loop {
-            let attached = self.followers.lock().attached.clone();
-            for operation in &attached {
-                operation.state.closed().await;
-            }
-            // A request merged meanwhile may have brought a new stream.
-            if self.watchers() == 0 {
-                return;
-            }
-        }
-    }
-
-    /// How many streams follow its attached operations.
-    fn watchers(&self) -> usize {
-        self.followers
-            .lock()
-            .attached
-            .iter()
-            .map(|operation| operation.state.receiver_count())
-            .sum()
-    }
-
-    /// Whether no client has waited for it for `grace`: no stream on any
-    /// attached operation, and none asked for within `grace`.
-    fn orphaned(&self, grace: Duration) -> bool {
-        let followers = self.followers.lock();
-        !followers.current.done
-            && followers.attached.iter().all(|operation| {
-                operation.state.receiver_count() == 0
-                    && operation.last_seen.lock().elapsed() >= grace
-            })
-    }
-
-    fn is_done(&self) -> bool {
-        self.followers.lock().current.done
-    }
-}
-
-/// Platform properties as received, by source.
-#[derive(Clone, Default)]
-pub struct PlatformSources {
-    pub command: Vec<(String, String)>,
-    pub action: Vec<(String, String)>,
-    pub headers: Vec<(String, String)>,
-}
-
 /// Most distinct blobs of one input tree the scheduler checks for an
 /// organisation's Execute (the executor's own tree limits apply later).
 const MAX_CHECKED_INPUT_BLOBS: usize = 2_000_000;
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct MergeKey {
-    /// The instance name and the header overrides: two requests for one
-    /// digest that run it differently never share an execution.
-    scope: AcScope,
-    action_digest: Digest,
-}
-
-#[derive(Default)]
-pub(crate) struct State {
-    /// Every operation kept, by the name its client knows.
-    pub(crate) operations: HashMap<String, Arc<ClientOperation>>,
-    /// Cacheable executions in flight, for identical requests to join.
-    in_flight: HashMap<MergeKey, Arc<QueuedAction>>,
-    /// Operations done, oldest first: forgotten past
-    /// `completed_operations_kept`.
-    completed: VecDeque<String>,
-    queues: HashMap<QueueKey, Arc<PoolQueue>>,
-    /// Registered executors by id, for the operator's view.
-    pub(crate) executors: HashMap<String, Arc<ExecutorEntry>>,
-}
-
 /// Owns the operations, the per-pool queues and the Action Cache writes.
 pub struct Scheduler {
-    storage: Storage,
-    action_cache: ActionCacheStore,
-    config: SchedulerConfig,
+    pub(crate) storage: Storage,
+    pub(crate) action_cache: ActionCacheStore,
+    pub(crate) config: SchedulerConfig,
     pub(crate) state: Mutex<State>,
     /// Told of every completed execution (metrics).
     pub(crate) observer: RwLock<Option<Arc<dyn ExecutionObserver>>>,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Wakes requests waiting for a matching executor to register.
-    registered: Notify,
+    pub(crate) registered: Notify,
+    /// Where it reads the time.
+    pub(crate) clock: Arc<dyn Clock>,
+    /// Where operation names come from.
+    pub(crate) ids: Arc<dyn IdGenerator>,
     /// Itself, for the tasks it spawns.
-    me: std::sync::Weak<Scheduler>,
+    pub(crate) me: std::sync::Weak<Scheduler>,
 }
-
-/// What Execute hands back: the operation's state channel.
-pub type OperationWatch = watch::Receiver<Operation>;
 
 impl Scheduler {
     pub fn new(storage: Storage, config: SchedulerConfig) -> Arc<Scheduler> {
+        Scheduler::with_environment(storage, config, Environment::default())
+    }
+
+    /// A scheduler that reads the time from `environment.clock` and names
+    /// operations with `environment.ids` (tests move the clock themselves).
+    pub fn with_environment(
+        storage: Storage,
+        config: SchedulerConfig,
+        environment: Environment,
+    ) -> Arc<Scheduler> {
         Arc::new_cyclic(|me| Scheduler {
+            clock: environment.clock,
+            ids: environment.ids,
             action_cache: ActionCacheStore::new(storage.clone()),
             storage,
             config,
@@ -473,72 +154,6 @@ impl Scheduler {
 
     pub(crate) fn shutdown_token(&self) -> &CancellationToken {
         &self.shutdown
-    }
-
-    /// Counts one more executor (`entry`); returns its queue.
-    pub(crate) fn register_executor(&self, entry: Arc<ExecutorEntry>) -> Arc<PoolQueue> {
-        let mut state = self.state.lock();
-        let queue = state
-            .queues
-            .entry(entry.key.clone())
-            .or_insert_with(|| Arc::new(PoolQueue::new(self.config.warm_runner_wait)))
-            .clone();
-        queue.register(&entry.offer);
-        state.executors.insert(entry.id.clone(), entry);
-        drop(state);
-        self.registered.notify_waiters();
-        queue
-    }
-
-    /// Counts executor `id` less. After the grace (for a replacement to
-    /// register), queued actions no remaining executor can run fail with
-    /// FAILED_PRECONDITION instead of waiting forever.
-    pub(crate) fn unregister_executor(&self, id: &str) {
-        let (queue, key) = {
-            let mut state = self.state.lock();
-            let Some(entry) = state.executors.remove(id) else {
-                return;
-            };
-            let Some(queue) = state.queues.get(&entry.key).cloned() else {
-                return;
-            };
-            queue.unregister(&entry.offer);
-            (queue, entry.key.clone())
-        };
-        let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        runtime.spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(me.config.unmatched_grace) => {}
-                _ = me.shutdown.cancelled() => return,
-            }
-            let stranded = queue.drain_unservable();
-            if stranded.is_empty() {
-                return;
-            }
-            for action in stranded {
-                let required = action.requires.describe();
-                let registered = me.registered_keys(&action.requires.org);
-                let error = SchedulerError::NoExecutor {
-                    action: format!(
-                        "{}/{}",
-                        action.action_digest.hash, action.action_digest.size_bytes
-                    ),
-                    pool: key.pool.clone(),
-                    unmatched: format!("{key}{required}"),
-                    registered: registered.clone(),
-                };
-                me.complete(
-                    &action,
-                    reapi::ExecuteResponse {
-                        status: Some(to_rpc_status(error.into())),
-                        ..Default::default()
-                    },
-                );
-            }
-        });
     }
 
     /// Starts an execution (or joins an identical one in flight, or answers
@@ -627,18 +242,8 @@ impl Scheduler {
             os_family: platform.os_family,
             arch: platform.arch,
         };
-        let defaults = self.config.default_action_resources;
-        let need = ResourceAmount {
-            cpu_millis: platform.resources.cpu_millis.unwrap_or(defaults.cpu_millis),
-            memory_bytes: platform
-                .resources
-                .memory_bytes
-                .unwrap_or(defaults.memory_bytes),
-            disk_bytes: platform
-                .resources
-                .free_disk_bytes
-                .unwrap_or(defaults.disk_bytes),
-        };
+        let need =
+            ResourceAmount::reserved_by(&platform.resources, self.config.default_action_resources);
 
         let retention = Retention::from_reapi_priority(
             request
@@ -746,7 +351,8 @@ impl Scheduler {
         if in_flight >= self.config.max_queued_executions {
             return Err(SchedulerError::Full { in_flight });
         }
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let name = format!("operations/{}", self.ids.new_id());
+        let (now, wall) = (self.clock.now(), self.clock.wall());
         if let Some(key) = &merge_key {
             if let Some(running) = state.in_flight.get(key).cloned() {
                 tracing::debug!(action = %digest, operation = %name, execution = %running.name, "merged into an execution in flight");
@@ -754,9 +360,9 @@ impl Scheduler {
                     .retention
                     .fetch_max(retention.epochs(), Ordering::Relaxed);
                 // Not done: completion leaves `in_flight` under this lock.
-                let operation = running.follow(name.clone(), client, std::time::SystemTime::now());
+                let operation = running.follow(name.clone(), client, wall, now);
                 state.operations.insert(name, operation.clone());
-                let watch = operation.subscribe();
+                let watch = operation.subscribe(now);
                 let current = watch.borrow().clone();
                 return Ok((current, watch));
             }
@@ -785,9 +391,9 @@ impl Scheduler {
             refused_by: Mutex::default(),
             queue: Some(queue.clone()),
             key: Some(key),
-            queued_at: timestamp_now(),
+            queued_at: timestamp_of(wall),
             progress: Mutex::default(),
-            enqueued: Mutex::new(std::time::Instant::now()),
+            enqueued: Mutex::new(now),
             runner_key,
             run_time,
             cacheable,
@@ -809,8 +415,8 @@ impl Scheduler {
                 attached: Vec::new(),
             }),
         });
-        let operation = queued.follow(name.clone(), client, queued.queued_wall());
-        let watch = operation.subscribe();
+        let operation = queued.follow(name.clone(), client, queued.queued_wall(), now);
+        let watch = operation.subscribe(now);
         let first = watch.borrow().clone();
         if let Some(key) = merge_key {
             state.in_flight.insert(key, queued.clone());
@@ -819,138 +425,14 @@ impl Scheduler {
         drop(state);
         tracing::debug!(action = %digest, operation = %name, %pool, "queued");
         self.cancel_when_orphaned(queued.clone());
-        queue.push(queued, std::time::Instant::now());
+        queue.push(queued, now);
         Ok((first, watch))
-    }
-
-    /// Cancels `action` once no client has waited for it for the orphan
-    /// grace: every Execute and WaitExecution stream on each operation
-    /// following it closed (the receivers of their states are gone) and no
-    /// GetOperation asked. Merged requests each have their own operation,
-    /// so one client leaving detaches only itself.
-    fn cancel_when_orphaned(&self, action: Arc<QueuedAction>) {
-        let (Some(grace), Ok(runtime)) = (
-            self.config.orphan_grace,
-            tokio::runtime::Handle::try_current(),
-        ) else {
-            return;
-        };
-        let me = self.me.clone();
-        runtime.spawn(async move {
-            loop {
-                action.unwatched().await;
-                if action.is_done() {
-                    return;
-                }
-                tokio::time::sleep(grace).await;
-                if action.orphaned(grace) {
-                    let Some(me) = me.upgrade() else { return };
-                    tracing::info!(operation = %action.name, ?grace, "no client waits for the execution any more: cancelling it");
-                    me.cancel_execution(&action);
-                    return;
-                }
-                if action.is_done() {
-                    return;
-                }
-            }
-        });
-    }
-
-    /// Operation `name` if it was requested for organisation `org`; an
-    /// operation of another organisation is unknown, exactly as one that
-    /// does not exist.
-    fn operation_of_org(
-        &self,
-        name: &str,
-        org: &str,
-    ) -> Result<Arc<ClientOperation>, SchedulerError> {
-        self.state
-            .lock()
-            .operations
-            .get(name)
-            .filter(|operation| *operation.client.org == *org)
-            .cloned()
-            .ok_or_else(|| SchedulerError::UnknownOperation(name.to_string()))
-    }
-
-    /// The state of operation `name` of organisation `org`, to wait on.
-    pub fn watch(&self, name: &str, org: &str) -> Result<OperationWatch, SchedulerError> {
-        Ok(self.operation_of_org(name, org)?.subscribe())
-    }
-
-    /// The current state of at most `limit` known operations of
-    /// organisation `org` (in no particular order).
-    pub fn list(&self, limit: usize, org: &str) -> Vec<Operation> {
-        self.state
-            .lock()
-            .operations
-            .values()
-            .filter(|operation| *operation.client.org == *org)
-            .take(limit)
-            .map(|operation| operation.state.borrow().clone())
-            .collect()
-    }
-
-    /// Cancels operation `name` for its client. While other clients'
-    /// requests merged into the same execution still follow it, only this
-    /// operation ends (done, CANCELLED) and the execution goes on for them.
-    /// Otherwise the execution stops: a queued action completes at once as
-    /// CANCELLED; a running one has its process stopped (SIGTERM, grace,
-    /// SIGKILL) and completes when it has exited.
-    pub fn cancel(&self, name: &str, org: &str) -> Result<(), SchedulerError> {
-        let operation = self.operation_of_org(name, org)?;
-        let execution = &operation.execution;
-        // REAPI, not google.longrunning, says how it ends: a cancelled
-        // execution's status goes in its ExecuteResponse, never in
-        // Operation.error.
-        let response = cancelled(format!(
-            "operation {name} was cancelled; the execution it shared with other requests goes on for them"
-        ));
-        match execution.detach(&operation, &response) {
-            Detached::AlreadyDone => {}
-            Detached::Alone => {
-                tracing::info!(operation = %name, execution = %execution.name, "cancelled one of several requests sharing an execution");
-                let mut state = self.state.lock();
-                self.remember_completed(&mut state, operation.name.clone());
-            }
-            Detached::Last => self.cancel_execution(execution),
-        }
-        Ok(())
-    }
-
-    /// Stops `action` for every client: a queued action completes at once
-    /// as CANCELLED; a running one has its process stopped and completes
-    /// when it has exited.
-    fn cancel_execution(&self, action: &QueuedAction) {
-        action.cancel.cancel();
-        if action.stage() == Stage::Queued {
-            self.complete(
-                action,
-                cancelled(format!(
-                    "action {}/{} was cancelled while queued",
-                    action.action_digest.hash, action.action_digest.size_bytes
-                )),
-            );
-        }
-    }
-
-    /// Forgets operation `name` of organisation `org` (it is not
-    /// cancelled).
-    pub fn delete(&self, name: &str, org: &str) -> Result<(), SchedulerError> {
-        let mut state = self.state.lock();
-        match state.operations.get(name) {
-            Some(operation) if *operation.client.org == *org => {
-                state.operations.remove(name);
-                Ok(())
-            }
-            _ => Err(SchedulerError::UnknownOperation(name.to_string())),
-        }
     }
 
     /// `executor` took `action`: it is EXECUTING now.
     pub(crate) fn started(&self, action: &QueuedAction, executor: &str) {
         action.attempts.fetch_add(1, Ordering::SeqCst);
-        action.progress.lock().started = Some((std::time::SystemTime::now(), executor.to_string()));
+        action.progress.lock().started = Some((self.clock.wall(), executor.to_string()));
         set_stage(action, execution_stage::Value::Executing);
     }
 
@@ -1014,274 +496,6 @@ impl Scheduler {
         }
     }
 
-    /// Marks `action` done with `response` for every operation still
-    /// following it (once; later calls do nothing) and lets a new identical
-    /// request start a fresh execution. Both under the scheduler's lock, so
-    /// a request merges only into an execution that is not done.
-    fn complete(&self, action: &QueuedAction, response: reapi::ExecuteResponse) {
-        let outcome = Arc::new(outcome_of(&response));
-        let metadata = metadata_any(
-            execution_stage::Value::Completed,
-            &action.action_digest,
-            action.digest_function,
-            None,
-        );
-        let result = operation::Result::Response(Any {
-            type_url: RESPONSE_TYPE.into(),
-            value: response.encode_to_vec(),
-        });
-        let mut state = self.state.lock();
-        let Some(ended) = action.publish(|op| {
-            action.progress.lock().outcome = Some(outcome);
-            op.done = true;
-            op.metadata = Some(metadata);
-            op.result = Some(result);
-            true
-        }) else {
-            return;
-        };
-        if let Some(key) = &action.merge_key {
-            if state
-                .in_flight
-                .get(key)
-                .is_some_and(|running| std::ptr::eq(Arc::as_ptr(running), action))
-            {
-                state.in_flight.remove(key);
-            }
-        }
-        for operation in ended {
-            self.remember_completed(&mut state, operation.name.clone());
-        }
-        drop(state);
-        if let Some(observer) = self.observer.read().as_ref() {
-            observer.completed(
-                &action.summary(std::time::Instant::now()),
-                response.result.as_ref(),
-            );
-        }
-    }
-
-    fn remember_completed(&self, state: &mut State, name: String) {
-        state.completed.push_back(name);
-        while state.completed.len() > self.config.completed_operations_kept {
-            if let Some(old) = state.completed.pop_front() {
-                state.operations.remove(&old);
-            }
-        }
-    }
-
-    /// An operation that is done at once (cache hit, missing blobs).
-    fn insert_done(
-        &self,
-        done: Done<'_>,
-        response: reapi::ExecuteResponse,
-    ) -> (Operation, OperationWatch) {
-        let Done {
-            instance_name,
-            action_digest,
-            digest_function,
-            client,
-            key,
-            sources,
-        } = done;
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
-        let done = Arc::new(QueuedAction {
-            name: name.clone(),
-            instance_name: instance_name.to_string(),
-            action_digest: action_digest.clone(),
-            platform: Platform::default(),
-            sources,
-            cancel: CancellationToken::new(),
-            attempts: AtomicU32::new(0),
-            bypassed: AtomicU32::new(0),
-            priority: 0,
-            invocation_id: client.invocation_id.clone(),
-            client: client.clone(),
-            requires: Requirement::default(),
-            need: ResourceAmount::default(),
-            refused_by: Mutex::default(),
-            queue: None,
-            key,
-            queued_at: timestamp_now(),
-            progress: Mutex::new(Progress {
-                started: None,
-                outcome: Some(Arc::new(outcome_of(&response))),
-            }),
-            enqueued: Mutex::new(std::time::Instant::now()),
-            runner_key: None,
-            run_time: Duration::ZERO,
-            cacheable: false,
-            retention: AtomicI8::new(0),
-            merge_key: None,
-            digest_function,
-            followers: Mutex::new(Followers {
-                current: Operation {
-                    name: name.clone(),
-                    metadata: Some(metadata_any(
-                        execution_stage::Value::Completed,
-                        action_digest,
-                        digest_function,
-                        None,
-                    )),
-                    done: true,
-                    result: Some(operation::Result::Response(Any {
-                        type_url: RESPONSE_TYPE.into(),
-                        value: response.encode_to_vec(),
-                    })),
-                },
-                attached: Vec::new(),
-            }),
-        });
-        if let Some(observer) = self.observer.read().as_ref() {
-            observer.completed(
-                &done.summary(std::time::Instant::now()),
-                response.result.as_ref(),
-            );
-        }
-        let operation = done.follow(name.clone(), client, done.queued_wall());
-        let watch = operation.subscribe();
-        let first = watch.borrow().clone();
-        let mut state = self.state.lock();
-        state.operations.insert(name.clone(), operation);
-        self.remember_completed(&mut state, name);
-        (first, watch)
-    }
-
-    /// The queue of executors offering `key` and the declared properties
-    /// the action requires there, waiting up to the grace for a matching
-    /// executor to register; else FAILED_PRECONDITION naming what is
-    /// unmatched.
-    /// `executors_of`: the organisation whose own executors must run it
-    /// (empty: the shared fleet).
-    async fn matching_queue(
-        &self,
-        key: &QueueKey,
-        platform: &Platform,
-        executors_of: &Arc<str>,
-        need: ResourceAmount,
-        digest: &Digest,
-    ) -> Result<(Arc<PoolQueue>, Requirement), SchedulerError> {
-        let deadline = tokio::time::Instant::now() + self.config.unmatched_grace;
-        loop {
-            let registered = self.registered.notified();
-            tokio::pin!(registered);
-            registered.as_mut().enable();
-            let queue = self.state.lock().queues.get(key).cloned();
-            let unmatched = match &queue {
-                Some(queue) => match queue.requirement(platform, executors_of, need) {
-                    Ok(requires) => return Ok((queue.clone(), requires)),
-                    Err(Unmatched::Properties(unmatched)) => unmatched.describe(),
-                    Err(Unmatched::TooLarge(largest)) => {
-                        if tokio::time::timeout_at(deadline, registered).await.is_err() {
-                            return Err(SchedulerError::TooLarge {
-                                action: digest.to_string(),
-                                need: need.to_string(),
-                                largest: largest.to_string(),
-                                key: key.to_string(),
-                            });
-                        }
-                        continue;
-                    }
-                },
-                None => Requirement {
-                    properties: Properties::new(),
-                    isolation: platform.isolation,
-                    secrets: platform.registry_credentials.is_some(),
-                    org: executors_of.clone(),
-                }
-                .describe(),
-            };
-            if tokio::time::timeout_at(deadline, registered).await.is_err() {
-                let declared = unmatched;
-                return Err(SchedulerError::NoExecutor {
-                    action: digest.to_string(),
-                    pool: key.pool.clone(),
-                    unmatched: format!("{key}{declared}"),
-                    registered: self.registered_keys(executors_of),
-                });
-            }
-        }
-    }
-
-    /// What the registered executors of the shared fleet and of
-    /// organisation `org` offer, for an error message.
-    pub(crate) fn registered_keys(&self, org: &str) -> String {
-        let state = self.state.lock();
-        let mut keys: Vec<String> = state
-            .queues
-            .iter()
-            .filter(|(_, queue)| queue.has_executors())
-            .flat_map(|(key, queue)| {
-                queue
-                    .describe_offers(org)
-                    .into_iter()
-                    .map(move |offers| format!("[{key}{offers}]"))
-            })
-            .collect();
-        keys.sort_unstable();
-        if keys.is_empty() {
-            "none".into()
-        } else {
-            keys.join(", ")
-        }
-    }
-
-    /// Puts `action` back on its queue because `executor` cannot run it
-    /// (its disk is full): it goes to another executor of its queue, or,
-    /// once every registered one has refused it, to any again (attempts
-    /// stay bounded).
-    pub(crate) fn requeue_elsewhere(&self, action: &Arc<QueuedAction>, executor: &str, why: &str) {
-        if let Some(queue) = &action.queue {
-            let mut refused = action.refused_by.lock();
-            refused.insert(executor.to_string());
-            if refused.len() >= queue.executors_for(action) {
-                refused.clear();
-            }
-        }
-        self.requeue(action, why);
-    }
-
-    /// Puts `action` back on its queue after its executor was lost, or
-    /// fails it once it has been started `max_attempts` times.
-    pub(crate) fn requeue(&self, action: &Arc<QueuedAction>, why: &str) {
-        if action.cancel.is_cancelled() {
-            self.complete(
-                action,
-                cancelled(format!(
-                    "action {}/{} was cancelled",
-                    action.action_digest.hash, action.action_digest.size_bytes
-                )),
-            );
-            return;
-        }
-        let attempts = action.attempts.load(Ordering::SeqCst);
-        let Some(queue) = action
-            .queue
-            .as_ref()
-            .filter(|_| attempts < self.config.max_attempts)
-        else {
-            self.complete(
-                action,
-                reapi::ExecuteResponse {
-                    status: Some(rpc::Status {
-                        code: tonic::Code::Unavailable as i32,
-                        message: format!(
-                            "action {}/{} was started {attempts} times and its executor was lost each time (last: {why})",
-                            action.action_digest.hash, action.action_digest.size_bytes
-                        ),
-                        details: vec![],
-                    }),
-                    ..Default::default()
-                },
-            );
-            return;
-        };
-        tracing::info!(operation = %action.name, attempts, reason = why, "requeued");
-        action.progress.lock().started = None;
-        set_stage(action, execution_stage::Value::Queued);
-        queue.push(action.clone(), std::time::Instant::now());
-    }
-
     /// A small proto from the CAS; `None` if absent.
     /// Message `digest` from the CAS, if organisation `org` may see it.
     async fn fetch<M: Message + Default>(
@@ -1314,16 +528,6 @@ impl Scheduler {
     }
 }
 
-/// What an operation answered at once is made of.
-struct Done<'a> {
-    instance_name: &'a str,
-    action_digest: &'a reapi::Digest,
-    digest_function: i32,
-    client: &'a Client,
-    key: Option<QueueKey>,
-    sources: PlatformSources,
-}
-
 fn platform_sources(
     action: &reapi::Action,
     command: &reapi::Command,
@@ -1345,28 +549,6 @@ fn platform_sources(
     }
 }
 
-/// A response saying CANCELLED with `message`.
-fn cancelled(message: String) -> reapi::ExecuteResponse {
-    reapi::ExecuteResponse {
-        status: Some(rpc::Status {
-            code: tonic::Code::Cancelled as i32,
-            message,
-            details: vec![],
-        }),
-        ..Default::default()
-    }
-}
-
-/// The response of `operation`, once it is done.
-fn response_of(operation: &Operation) -> Option<reapi::ExecuteResponse> {
-    match &operation.result {
-        Some(operation::Result::Response(any)) => {
-            reapi::ExecuteResponse::decode(any.value.as_slice()).ok()
-        }
-        _ => None,
-    }
-}
-
 /// FAILED_PRECONDITION with one PreconditionFailure violation per digest,
 /// the answer that makes Bazel upload the blobs and retry.
 fn missing_response(digests: Vec<reapi::Digest>) -> reapi::ExecuteResponse {
@@ -1376,51 +558,30 @@ fn missing_response(digests: Vec<reapi::Digest>) -> reapi::ExecuteResponse {
     }
 }
 
-/// Moves an execution that is not done yet to `stage`.
-fn set_stage(action: &QueuedAction, stage: execution_stage::Value) {
-    action.publish(|op| {
-        op.metadata = Some(metadata_any(
-            stage,
-            &action.action_digest,
-            action.digest_function,
-            None,
-        ));
-        true
-    });
-}
-
-fn metadata_any(
-    stage: execution_stage::Value,
-    action_digest: &reapi::Digest,
-    digest_function: i32,
-    partial: Option<reapi::ExecutedActionMetadata>,
-) -> Any {
-    Any {
-        type_url: METADATA_TYPE.into(),
-        value: reapi::ExecuteOperationMetadata {
-            stage: stage as i32,
-            action_digest: Some(action_digest.clone()),
-            partial_execution_metadata: partial,
-            digest_function,
-            ..Default::default()
-        }
-        .encode_to_vec(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use kiln_proto::longrunning::operation;
     use kiln_proto::reapi::platform::Property;
     use kiln_store::{BlobStore, MemoryStore};
 
     use super::*;
+    use crate::clock::{ManualClock, SequentialIds};
     use crate::local::{Finished, LocalExecutor};
+    use crate::report::Stage;
 
     /// A scheduler keeping `kept` finished operations, over an in-memory
     /// CAS holding an action, with an embedded executor to take it; and an
     /// Execute request for that action.
     async fn scheduler_with_action(
         kept: usize,
+    ) -> (Arc<Scheduler>, LocalExecutor, reapi::ExecuteRequest) {
+        scheduler_with_action_in(kept, Environment::default()).await
+    }
+
+    /// The same, reading the time and naming operations from `environment`.
+    async fn scheduler_with_action_in(
+        kept: usize,
+        environment: Environment,
     ) -> (Arc<Scheduler>, LocalExecutor, reapi::ExecuteRequest) {
         let store = Arc::new(MemoryStore::new(1 << 20));
         let sha256 = DigestFunction::Sha256;
@@ -1453,13 +614,14 @@ mod tests {
             .await
             .unwrap();
         store.put(action_digest.key(), action.into()).await.unwrap();
-        let scheduler = Scheduler::new(
+        let scheduler = Scheduler::with_environment(
             Storage::new(store, Default::default()),
             SchedulerConfig {
                 completed_operations_kept: kept,
                 orphan_grace: None,
                 ..Default::default()
             },
+            environment,
         );
         let executor = LocalExecutor::register(
             scheduler.clone(),
@@ -1665,5 +827,113 @@ mod tests {
             !fresh.done,
             "{second} was answered from {first}'s Action Cache entry"
         );
+    }
+
+    /// A clock the test moves, and operation names `operations/1`, `2`, …
+    fn manual_environment() -> (Arc<ManualClock>, Environment) {
+        let clock = ManualClock::new();
+        let environment = Environment {
+            clock: clock.clone(),
+            ids: Arc::new(SequentialIds::default()),
+        };
+        (clock, environment)
+    }
+
+    #[tokio::test]
+    async fn a_queued_action_shows_how_long_it_has_waited_since_it_was_last_queued() {
+        let (clock, environment) = manual_environment();
+        let (scheduler, executor, request) = scheduler_with_action_in(10, environment).await;
+        let (first, _watch) = scheduler
+            .execute(request, &[], &Client::default())
+            .await
+            .unwrap();
+        assert_eq!(first.name, "operations/1");
+        // (queued, oldest queued, the operation's own wait), as the
+        // operator's queue view and operation list show them.
+        let shown = || {
+            let queues = scheduler.queues(None);
+            assert_eq!(queues.len(), 1, "one queue: the embedded executor's");
+            let operations = scheduler.operations();
+            (
+                queues[0].queued,
+                queues[0].oldest_queued,
+                operations[0].waiting,
+            )
+        };
+        assert_eq!(shown(), (1, Some(Duration::ZERO), Some(Duration::ZERO)));
+        clock.advance(Duration::from_secs(90));
+        let ninety = Some(Duration::from_secs(90));
+        assert_eq!(shown(), (1, ninety, ninety));
+
+        let lease = executor.next().await.unwrap();
+        assert_eq!(shown(), (0, None, None), "running, not waiting");
+        clock.advance(Duration::from_secs(30));
+        // Its executor's disk is full: queued again, and its wait starts
+        // again from now, not from when the request came.
+        lease.retry_elsewhere("no space left on device");
+        clock.advance(Duration::from_secs(5));
+        let five = Some(Duration::from_secs(5));
+        assert_eq!(shown(), (1, five, five));
+    }
+
+    #[tokio::test]
+    async fn operations_are_listed_newest_first_each_under_its_own_name() {
+        let (clock, environment) = manual_environment();
+        let (scheduler, _executor, request) = scheduler_with_action_in(10, environment).await;
+        let mut watches = Vec::new();
+        for _ in 0..3 {
+            let (_, watch) = scheduler
+                .execute(request.clone(), &[], &Client::default())
+                .await
+                .unwrap();
+            watches.push(watch);
+            clock.advance(Duration::from_secs(1));
+        }
+        let listed = scheduler.operations();
+        let names: Vec<(&str, Option<&str>)> = listed
+            .iter()
+            .map(|s| (s.name.as_str(), s.merged_into.as_deref()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("operations/3", Some("operations/1")),
+                ("operations/2", Some("operations/1")),
+                ("operations/1", None),
+            ]
+        );
+        let arrived = |i: usize| listed[i].queued_at;
+        assert_eq!(
+            arrived(0).duration_since(arrived(2)).unwrap(),
+            Duration::from_secs(2),
+            "each request's own arrival, not its execution's"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_execution_is_orphaned_only_when_no_client_asked_for_it_for_the_grace() {
+        let (clock, environment) = manual_environment();
+        let (scheduler, _executor, request) = scheduler_with_action_in(10, environment).await;
+        let grace = Duration::from_secs(5);
+        let (first, watch) = scheduler
+            .execute(request, &[], &Client::default())
+            .await
+            .unwrap();
+        let execution = scheduler.state.lock().operations[&first.name]
+            .execution
+            .clone();
+        let orphaned = || execution.orphaned(grace, clock.now());
+
+        clock.advance(grace * 2);
+        assert!(!orphaned(), "its Execute stream is still open");
+        drop(watch);
+        assert!(orphaned(), "no stream, and no one asked for the grace");
+        // A GetOperation (or WaitExecution that ends) counts as asking.
+        drop(scheduler.watch(&first.name, "").unwrap());
+        assert!(!orphaned());
+        clock.advance(grace - Duration::from_millis(1));
+        assert!(!orphaned(), "asked for within the grace");
+        clock.advance(Duration::from_millis(1));
+        assert!(orphaned());
     }
 }

@@ -15,8 +15,9 @@ use tonic::{Request, Response, Status};
 
 use kiln_auth::Caller;
 
+use crate::operation::OperationWatch;
 use crate::report::Client;
-use crate::scheduler::{OperationWatch, Scheduler};
+use crate::scheduler::Scheduler;
 
 /// What Capabilities says about execution when it is on: SHA-256 (the
 /// digest function the executors hash outputs with).

@@ -35,9 +35,10 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::capacity::{Capacity, Reservation, ResourceAmount};
+use crate::operation::QueuedAction;
 use crate::queue::{Offer, PoolQueue, QueueKey};
 use crate::report::{ExecutorEntry, RunningOn};
-use crate::scheduler::{QueuedAction, Scheduler};
+use crate::scheduler::Scheduler;
 
 /// Serves executor sessions for one [`Scheduler`].
 pub struct ExecutorSessions {

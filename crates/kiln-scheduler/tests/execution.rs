@@ -23,7 +23,6 @@ use kiln_scheduler::ResourceAmount;
 use kiln_worker::{CancellationToken, Isolations, NoIsolation, Worker, WorkerConfig};
 use kiln_worker::{RemoteSession, SessionConfig};
 use prost::Message;
-use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
@@ -31,10 +30,7 @@ use tonic::{Code, Streaming};
 const HANG_GUARD: Duration = Duration::from_secs(120);
 
 fn digest(data: &[u8]) -> Digest {
-    Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
+    kiln_cas::wire::digest_of(data)
 }
 
 struct Harness {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use kiln_proto::reapi::Digest;
-use sha2::{Digest as _, Sha256};
+use kiln_store::DigestFunction;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::{format_digest, RunError};
@@ -305,12 +305,12 @@ impl FileCache {
             let mut file = tokio::fs::File::create(&temp)
                 .await
                 .map_err(|e| RunError::io(format!("creating {}", temp.display()), e))?;
-            let mut hasher = Sha256::new();
-            let mut size = 0i64;
+            let mut hasher = DigestFunction::Sha256.hasher();
+            let mut size = 0u64;
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk?;
                 hasher.update(&chunk);
-                size += chunk.len() as i64;
+                size += chunk.len() as u64;
                 file.write_all(&chunk).await.map_err(|e| {
                     RunError::io(
                         format!("writing {} into the file cache", format_digest(digest)),
@@ -321,11 +321,12 @@ impl FileCache {
             file.flush()
                 .await
                 .map_err(|e| RunError::io(format!("writing {}", temp.display()), e))?;
-            let hash = hex::encode(hasher.finalize());
-            if hash != digest.hash || size != digest.size_bytes {
+            let received = kiln_cas::wire::to_wire(&hasher.finish(size));
+            if received != *digest {
                 return Err(RunError::Internal(format!(
-                    "ByteStream.Read of {} returned {hash}/{size}",
-                    format_digest(digest)
+                    "ByteStream.Read of {} returned {}",
+                    format_digest(digest),
+                    format_digest(&received)
                 )));
             }
             Ok(())
@@ -511,10 +512,7 @@ mod tests {
 
     fn blob(byte: u8, size: usize) -> (Digest, Bytes) {
         let data = vec![byte; size];
-        let digest = Digest {
-            hash: hex::encode(Sha256::digest(&data)),
-            size_bytes: size as i64,
-        };
+        let digest = crate::cas::digest_of(&data);
         (digest, Bytes::from(data))
     }
 

@@ -17,7 +17,6 @@ use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::{self, Digest};
-use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::body::Body;
 use tonic::codegen::http;
@@ -36,13 +35,9 @@ const DEFAULT_MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024 - 64 * 1024;
 /// Chunk size of ByteStream writes.
 const WRITE_CHUNK_BYTES: usize = 1024 * 1024;
 
-/// The SHA-256 digest of `data` (the only digest function the worker uses).
-pub fn digest_of(data: &[u8]) -> Digest {
-    Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
-}
+/// The SHA-256 digest of `data` (the only digest function the worker uses),
+/// hashed and converted where the server does it.
+pub use kiln_cas::wire::digest_of;
 
 /// A blob to upload: bytes in memory or a file on disk.
 #[derive(Debug, Clone)]

@@ -17,8 +17,8 @@ use kiln_proto::reapi::{
     self, Command, Digest, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile,
     OutputSymlink, SymlinkNode, Tree,
 };
+use kiln_store::DigestFunction;
 use prost::Message;
-use sha2::{Digest as _, Sha256};
 
 use crate::cas::{digest_of, UploadSource};
 use crate::error::RunError;
@@ -255,9 +255,9 @@ pub fn hash_file(path: &Path) -> Result<Digest, RunError> {
 /// The SHA-256 digest of what `reader` yields, read in chunks, each also
 /// written to `sink` (a copy hashed in the same pass).
 pub fn hash_copy(reader: &mut impl Read, sink: &mut impl Write) -> std::io::Result<Digest> {
-    let mut hasher = Sha256::new();
+    let mut hasher = DigestFunction::Sha256.hasher();
     let mut buffer = vec![0u8; 256 * 1024];
-    let mut size = 0i64;
+    let mut size = 0u64;
     loop {
         let n = reader.read(&mut buffer)?;
         if n == 0 {
@@ -265,10 +265,7 @@ pub fn hash_copy(reader: &mut impl Read, sink: &mut impl Write) -> std::io::Resu
         }
         hasher.update(&buffer[..n]);
         sink.write_all(&buffer[..n])?;
-        size += n as i64;
+        size += n as u64;
     }
-    Ok(Digest {
-        hash: hex::encode(hasher.finalize()),
-        size_bytes: size,
-    })
+    Ok(kiln_cas::wire::to_wire(&hasher.finish(size)))
 }

@@ -21,7 +21,6 @@ use kiln_proto::reapi::{
 use kiln_proto::status::PreconditionFailure;
 use kiln_worker::{CancellationToken, Isolations, NoIsolation, RunError, Worker, WorkerConfig};
 use prost::Message;
-use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -31,10 +30,7 @@ const HANG_GUARD: Duration = Duration::from_secs(120);
 const MAX_BATCH: &str = "64KiB";
 
 fn digest(data: &[u8]) -> Digest {
-    Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
+    kiln_worker::cas::digest_of(data)
 }
 
 struct Harness {

@@ -16,8 +16,6 @@ mod common;
 
 use std::fs;
 
-use sha2::Digest as _;
-
 use common::{combined, Bazel, KilnServer};
 
 /// The auth registry's password (`scripts/services.sh`).
@@ -329,7 +327,7 @@ fn bazel_runs_targets_under_each_isolation_type() {
         VICTIM,
         "a later action got a changed input"
     );
-    let victim_hash = hex::encode(sha2::Sha256::digest(VICTIM.as_bytes()));
+    let victim_hash = kiln_cas::wire::digest_of(VICTIM.as_bytes()).hash;
     let entries = common::files_named_like(&cache.join("blobs"), &victim_hash);
     assert!(
         !entries.is_empty(),

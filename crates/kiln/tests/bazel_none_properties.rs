@@ -17,7 +17,6 @@ use std::fs;
 use std::net::TcpListener;
 
 use common::{combined, Bazel, KilnServer};
-use sha2::Digest as _;
 
 /// The input the root action overwrites.
 const VICTIM: &str = "original-bytes\n";
@@ -112,7 +111,7 @@ fn none_honours_or_refuses_network_init_and_user_properties() {
     bazel.run_ok(&["build", "//none:after"]);
     assert_eq!(read("after"), VICTIM, "a later action got a changed input");
     // The executor's cache entry of the input still holds it.
-    let hash = hex::encode(sha2::Sha256::digest(VICTIM.as_bytes()));
+    let hash = kiln_cas::wire::digest_of(VICTIM.as_bytes()).hash;
     let entry = allowing_dir
         .join("execution/cache/blobs")
         .join(&hash[..2])

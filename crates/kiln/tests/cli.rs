@@ -373,7 +373,6 @@ async fn a_killed_server_restarts_with_everything_it_acknowledged() {
     use kiln_proto::reapi::{
         batch_update_blobs_request, BatchUpdateBlobsRequest, Digest, FindMissingBlobsRequest,
     };
-    use sha2::Digest as _;
 
     let dir = tempfile::tempdir().unwrap();
     // A long commit interval: nothing is checkpointed before the kill.
@@ -385,13 +384,7 @@ async fn a_killed_server_restarts_with_everything_it_acknowledged() {
                 .into_bytes()
         })
         .collect();
-    let digests: Vec<Digest> = blobs
-        .iter()
-        .map(|b| Digest {
-            hash: hex::encode(sha2::Sha256::digest(b)),
-            size_bytes: b.len() as i64,
-        })
-        .collect();
+    let digests: Vec<Digest> = blobs.iter().map(|b| kiln_cas::wire::digest_of(b)).collect();
     let mut client = ContentAddressableStorageClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

@@ -19,7 +19,6 @@ use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::{self, batch_update_blobs_request};
-use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -27,10 +26,7 @@ use tonic::{Code, Status};
 const BATCH_READ_MAX: usize = 64 << 10;
 
 fn digest(data: &[u8]) -> reapi::Digest {
-    reapi::Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
+    kiln_cas::wire::digest_of(data)
 }
 
 /// `len` bytes no other seed produces.

@@ -14,7 +14,6 @@ use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::{self, batch_update_blobs_request};
 use prost::Message;
-use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -143,10 +142,7 @@ impl Harness {
 }
 
 fn digest(data: &[u8]) -> reapi::Digest {
-    reapi::Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
+    kiln_cas::wire::digest_of(data)
 }
 
 fn pseudo_random(len: usize, seed: u64) -> Bytes {

@@ -25,8 +25,8 @@ use kiln_proto::reapi::{
     batch_update_blobs_request, digest_function, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
     Digest, FindMissingBlobsRequest, GetCapabilitiesRequest,
 };
+use kiln_store::DigestFunction;
 use prost::Message as _;
-use sha2::{Digest as _, Sha256};
 use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tower::{Service as _, ServiceExt as _};
@@ -562,11 +562,13 @@ impl CasBench {
         let (hash_sender, hasher) = if self.args.verify_read_hash {
             let (sender, mut receiver) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
             let hasher = tokio::task::spawn_blocking(move || {
-                let mut hasher = Sha256::new();
+                let mut hasher = DigestFunction::Sha256.hasher();
+                let mut size = 0;
                 while let Some(data) = receiver.blocking_recv() {
                     hasher.update(&data);
+                    size += data.len() as u64;
                 }
-                hex::encode(hasher.finalize())
+                hasher.finish(size).hash_hex()
             });
             (Some(sender), Some(hasher))
         } else {
@@ -949,7 +951,7 @@ fn verify_batch_read(
 /// Generates the blob once, timing generation and SHA-256 separately so the
 /// hash rate is the hash alone.
 fn hash_large_blob(blob: LargeBlob) -> (Digest, Measurement, Measurement) {
-    let mut hasher = Sha256::new();
+    let mut hasher = DigestFunction::Sha256.hasher();
     let mut generating = Duration::ZERO;
     let mut hashing = Duration::ZERO;
     for index in 0..blob.chunk_count() {
@@ -960,10 +962,7 @@ fn hash_large_blob(blob: LargeBlob) -> (Digest, Measurement, Measurement) {
         hashing += generated.elapsed();
         generating += generated - started;
     }
-    let digest = Digest {
-        hash: hex::encode(hasher.finalize()),
-        size_bytes: blob.size as i64,
-    };
+    let digest = kiln_cas::wire::to_wire(&hasher.finish(blob.size));
     let measure = |operation: &str, elapsed: Duration, note: &str| Measurement {
         operation: operation.into(),
         count: blob.chunk_count(),

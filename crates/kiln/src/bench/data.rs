@@ -5,7 +5,6 @@
 
 use bytes::Bytes;
 use kiln_proto::reapi::Digest;
-use sha2::{Digest as _, Sha256};
 
 /// SplitMix64 finaliser: turns related inputs (seed, index) into unrelated
 /// generator seeds.
@@ -50,11 +49,6 @@ impl Xorshift {
             tail.copy_from_slice(&last[..tail.len()]);
         }
     }
-}
-
-/// Lower-case hex SHA-256 of `data`, as REAPI digests spell it.
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
 }
 
 /// Bytes of pseudo-random pattern a large blob repeats.
@@ -131,10 +125,7 @@ impl SmallBlobSet {
     }
 
     pub fn digest(&self, index: usize) -> Digest {
-        Digest {
-            hash: sha256_hex(&self.contents(index)),
-            size_bytes: self.size as i64,
-        }
+        kiln_cas::wire::digest_of(&self.contents(index))
     }
 }
 

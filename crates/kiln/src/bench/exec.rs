@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use futures::StreamExt as _;
+use kiln_cas::wire::digest_of;
 use kiln_proto::longrunning::operation;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::execution_client::ExecutionClient;
@@ -16,7 +17,6 @@ use kiln_proto::reapi::{
     self, batch_update_blobs_request, execution_stage, BatchUpdateBlobsRequest, Digest,
 };
 use prost::Message as _;
-use sha2::{Digest as _, Sha256};
 
 use super::cas::{fresh_seed, loopback_endpoint};
 use super::report::{process_cpu_seconds, Measurement, MemorySample, Report};
@@ -91,13 +91,6 @@ fn parse_property(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(key, value)| (key.to_owned(), value.to_owned()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
-}
-
-fn digest_of(data: &[u8]) -> Digest {
-    Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
 }
 
 /// Runs both phases, prints the report, and fails if any action failed or was

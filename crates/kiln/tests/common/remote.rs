@@ -11,7 +11,6 @@ use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableSto
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{self, batch_update_blobs_request, execution_stage, Digest};
 use prost::Message;
-use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 use tonic::Streaming;
 
@@ -20,10 +19,7 @@ const HANG_GUARD: Duration = Duration::from_secs(120);
 
 /// The SHA-256 digest of `data`.
 pub fn digest(data: &[u8]) -> Digest {
-    Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
+    kiln_cas::wire::digest_of(data)
 }
 
 /// `message` with API key `key` (if any) in the header Bazel sends it in.
