@@ -1,6 +1,11 @@
 //! A memory tier in front of a slower store. Writes go through to the slow
 //! store (which stays the source of truth); small blobs are also kept in
 //! memory, and small blobs read from the slow store are promoted.
+//!
+//! The memory tier keeps its own copy of what is written: a caller's data
+//! may be a slice of a larger buffer (a received HTTP/2 frame, a whole
+//! request), which a cached slice would keep alive unseen by the tier's
+//! byte budget.
 
 use std::sync::Arc;
 
@@ -63,7 +68,7 @@ impl BlobStore for TieredStore {
     async fn put(&self, key: Key, data: Bytes) -> Result<()> {
         self.slow.put(key, data.clone()).await?;
         if data.len() as u64 <= self.max_cached_blob {
-            self.fast.insert(key, data);
+            self.fast.insert(key, Bytes::copy_from_slice(&data));
         }
         Ok(())
     }
@@ -72,7 +77,7 @@ impl BlobStore for TieredStore {
         let results = self.slow.put_many(items.clone()).await;
         for ((key, data), result) in items.into_iter().zip(&results) {
             if result.is_ok() && data.len() as u64 <= self.max_cached_blob {
-                self.fast.insert(key, data);
+                self.fast.insert(key, Bytes::copy_from_slice(&data));
             }
         }
         results
