@@ -9,7 +9,8 @@
 //! `ReadResponse` as a small header followed by the file data itself, and
 //! the status trailers. What the calls mean stays in [`crate::bytestream`].
 //! QueryWriteStatus and calls declaring a `grpc-encoding` go to tonic's
-//! generated service unchanged. The same framing is offered to clients
+//! generated service unchanged. [`crate::cas_http`] reuses the framing for
+//! the CAS batch calls. The same framing is offered to clients
 //! ([`write_request_head`], [`MessageReader`], [`read_response_data`]).
 
 use std::collections::VecDeque;
@@ -45,7 +46,7 @@ pub(crate) const PREFIX_BYTES: usize = 5;
 const DATA_FIELD: u32 = 10;
 /// Read payloads up to this size are copied in with their header and sent
 /// as one DATA frame; larger ones are sent as they are, without a copy.
-const COALESCE_BYTES: usize = 16 * 1024;
+pub(crate) const COALESCE_BYTES: usize = 16 * 1024;
 
 /// The ByteStream service as the gRPC router sees it: Write and Read framed
 /// here, everything else by tonic's generated server around the same
@@ -149,7 +150,7 @@ async fn read(
 }
 
 /// A `200` carrying gRPC messages; the status follows in the trailers.
-fn grpc_response(body: Body) -> http::Response<Body> {
+pub(crate) fn grpc_response(body: Body) -> http::Response<Body> {
     let mut response = http::Response::new(body);
     response
         .headers_mut()
@@ -158,7 +159,7 @@ fn grpc_response(body: Body) -> http::Response<Body> {
 }
 
 /// One message, then `grpc-status: 0`.
-fn unary_response(message: &impl Message) -> http::Response<Body> {
+pub(crate) fn unary_response(message: &impl Message) -> http::Response<Body> {
     let frames: [Result<Frame<Bytes>, Infallible>; 2] = [
         Ok(Frame::data(framed_message(message))),
         Ok(Frame::trailers(trailers(&Status::new(Code::Ok, "")))),
@@ -168,7 +169,7 @@ fn unary_response(message: &impl Message) -> http::Response<Body> {
 
 /// `grpc-status`, `grpc-message` (percent-encoded) and any details, as
 /// tonic writes them.
-fn trailers(status: &Status) -> HeaderMap {
+pub(crate) fn trailers(status: &Status) -> HeaderMap {
     let mut trailers = HeaderMap::new();
     if let Err(unencodable) = status.add_header(&mut trailers) {
         trailers.clear();
@@ -179,7 +180,7 @@ fn trailers(status: &Status) -> HeaderMap {
     trailers
 }
 
-fn decode_error(message: &str, error: prost::DecodeError) -> Status {
+pub(crate) fn decode_error(message: &str, error: prost::DecodeError) -> Status {
     // Malformed protobuf is INTERNAL, as tonic reports it.
     Status::internal(format!("decoding a {message}: {error}"))
 }
@@ -285,7 +286,7 @@ impl MessageReader {
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
         if len > self.max_message_bytes {
             return Err(Status::resource_exhausted(format!(
-                "a ByteStream message of {len} bytes is over the server's limit of {} bytes",
+                "a message of {len} bytes is over the server's limit of {} bytes",
                 self.max_message_bytes
             )));
         }

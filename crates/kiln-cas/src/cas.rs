@@ -7,8 +7,9 @@ use std::pin::Pin;
 use bytes::Bytes;
 use futures::Stream;
 use kiln_auth::Caller;
+use kiln_proto::cas_batch;
 use kiln_proto::reapi::{
-    self, batch_read_blobs_response, batch_update_blobs_response,
+    self, batch_update_blobs_response,
     content_addressable_storage_server::ContentAddressableStorage,
 };
 use kiln_store::{Digest, DigestFunction};
@@ -110,9 +111,11 @@ impl CasService {
         })
     }
 
-    async fn batch_update(
+    /// BatchUpdateBlobs, its blobs' data held as received (see
+    /// [`crate::cas_http`]).
+    pub(crate) async fn batch_update(
         &self,
-        request: reapi::BatchUpdateBlobsRequest,
+        request: cas_batch::BatchUpdateBlobsRequest,
         org: &str,
     ) -> Result<reapi::BatchUpdateBlobsResponse> {
         // Before anything is stored: see `crate::tenancy`.
@@ -149,7 +152,7 @@ impl CasService {
                             item.compressor
                         ))
                     })?;
-                    let data = Storage::verify(&digest, Bytes::from(item.data), compressor)?;
+                    let data = Storage::verify(&digest, item.data, compressor)?;
                     Ok((digest, data))
                 });
             responses.push(batch_update_blobs_response::Response {
@@ -195,11 +198,12 @@ impl CasService {
         Ok(reapi::BatchUpdateBlobsResponse { responses })
     }
 
-    async fn batch_read(
+    /// BatchReadBlobs, each blob's data as the store handed it out.
+    pub(crate) async fn batch_read(
         &self,
         request: reapi::BatchReadBlobsRequest,
         org: &str,
-    ) -> Result<reapi::BatchReadBlobsResponse> {
+    ) -> Result<cas_batch::BatchReadBlobsResponse> {
         let function = digest_function(request.digest_function)?;
         let digests = request
             .digests
@@ -239,18 +243,18 @@ impl CasService {
             let (data, status) = match read {
                 Ok(data) => {
                     CasCounters::add(&self.storage.counters.bytes_read, data.len() as u64);
-                    (data.to_vec(), ok_status())
+                    (data, ok_status())
                 }
-                Err(e) => (Vec::new(), Some(e.to_rpc_status())),
+                Err(e) => (Bytes::new(), Some(e.to_rpc_status())),
             };
-            responses.push(batch_read_blobs_response::Response {
+            responses.push(cas_batch::batch_read_blobs_response::Response {
                 digest: Some(wire),
                 data,
                 compressor: 0,
                 status,
             });
         }
-        Ok(reapi::BatchReadBlobsResponse { responses })
+        Ok(cas_batch::BatchReadBlobsResponse { responses })
     }
 
     /// All directories under `root`, breadth first, each once, from the
@@ -343,20 +347,46 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::BatchUpdateBlobsRequest>,
     ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
+        // Reached for compressed messages and callers without
+        // `crate::cas_http`; the data moves over without a copy.
         let org = Caller::org_of(&request);
-        Ok(Response::new(
-            self.batch_update(request.into_inner(), &org).await?,
-        ))
+        let request = request.into_inner();
+        let request = cas_batch::BatchUpdateBlobsRequest {
+            instance_name: request.instance_name,
+            requests: request
+                .requests
+                .into_iter()
+                .map(|item| cas_batch::batch_update_blobs_request::Request {
+                    digest: item.digest,
+                    data: Bytes::from(item.data),
+                    compressor: item.compressor,
+                })
+                .collect(),
+            digest_function: request.digest_function,
+        };
+        Ok(Response::new(self.batch_update(request, &org).await?))
     }
 
     async fn batch_read_blobs(
         &self,
         request: Request<reapi::BatchReadBlobsRequest>,
     ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
+        // Reached for compressed messages and callers without
+        // `crate::cas_http`, which encode REAPI's own type.
         let org = Caller::org_of(&request);
-        Ok(Response::new(
-            self.batch_read(request.into_inner(), &org).await?,
-        ))
+        let response = self.batch_read(request.into_inner(), &org).await?;
+        Ok(Response::new(reapi::BatchReadBlobsResponse {
+            responses: response
+                .responses
+                .into_iter()
+                .map(|item| reapi::batch_read_blobs_response::Response {
+                    digest: item.digest,
+                    data: Vec::from(item.data),
+                    compressor: item.compressor,
+                    status: item.status,
+                })
+                .collect(),
+        }))
     }
 
     type GetTreeStream = TreeStream;

@@ -1,6 +1,11 @@
 //! A memory tier in front of a slower store. Writes go through to the slow
 //! store (which stays the source of truth); small blobs are also kept in
 //! memory, and small blobs read from the slow store are promoted.
+//!
+//! The memory tier keeps its own copy of what is written: a caller's data
+//! may be a slice of a larger buffer (a received HTTP/2 frame, a whole
+//! request), which a cached slice would keep alive unseen by the tier's
+//! byte budget.
 
 use std::sync::Arc;
 
@@ -63,7 +68,7 @@ impl BlobStore for TieredStore {
     async fn put(&self, key: Key, data: Bytes) -> Result<()> {
         self.slow.put(key, data.clone()).await?;
         if data.len() as u64 <= self.max_cached_blob {
-            self.fast.insert(key, data);
+            self.fast.insert(key, Bytes::copy_from_slice(&data));
         }
         Ok(())
     }
@@ -72,7 +77,7 @@ impl BlobStore for TieredStore {
         let results = self.slow.put_many(items.clone()).await;
         for ((key, data), result) in items.into_iter().zip(&results) {
             if result.is_ok() && data.len() as u64 <= self.max_cached_blob {
-                self.fast.insert(key, data);
+                self.fast.insert(key, Bytes::copy_from_slice(&data));
             }
         }
         results
@@ -95,5 +100,40 @@ impl BlobStore for TieredStore {
     async fn set_retention(&self, keys: &[Key], retention: Retention) -> Result<()> {
         self.fast.set_retention(keys, retention).await?;
         self.slow.set_retention(keys, retention).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::TieredStore;
+    use crate::{Blob, BlobStore, DigestFunction, MemoryStore};
+
+    #[tokio::test]
+    async fn the_memory_tier_holds_its_own_copy_not_a_slice_of_the_callers_buffer() {
+        let slow = Arc::new(MemoryStore::new(64 << 20));
+        let store = TieredStore::new(MemoryStore::new(64 << 20), slow, 64 << 10);
+        // Two blobs sliced out of one received buffer, as a batch's are.
+        let received = Bytes::from((0..8192u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        let (first, second) = (received.slice(..4096), received.slice(4096..));
+        let keys = [&first, &second].map(|data| DigestFunction::Sha256.digest_of(data).key());
+        let results = store
+            .put_many(vec![(keys[0], first.clone()), (keys[1], second.clone())])
+            .await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let received_range = received.as_ptr_range();
+        for (key, data) in keys.iter().zip([&first, &second]) {
+            let Some(Blob::Memory(cached)) = store.get(key).await.unwrap() else {
+                panic!("blob {key:?} is not in the memory tier");
+            };
+            assert_eq!(&cached, data);
+            assert!(
+                !received_range.contains(&cached.as_ptr()),
+                "the memory tier keeps a slice of the caller's buffer"
+            );
+        }
     }
 }

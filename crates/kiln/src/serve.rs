@@ -9,15 +9,14 @@ use std::time::Duration;
 use anyhow::Context;
 use kiln_auth::{AuthConfig, AuthLayer, Authenticator, ExecutorToken, KeyFile};
 use kiln_cas::{
-    ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasService,
-    MessageLimit, MessageLimitLayer, Storage, StorageLimits, Tenancy,
+    ActionCacheService, ByteStreamHttp, ByteStreamService, CapabilitiesService, CasHttp,
+    CasService, MessageLimit, MessageLimitLayer, Storage, StorageLimits, Tenancy,
 };
 use kiln_monitor::{Monitor, RpcMetricsLayer, UiSources};
 use kiln_proto::executor::executor_service_server::ExecutorServiceServer;
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
-use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use kiln_proto::reapi::execution_server::ExecutionServer;
 use kiln_scheduler::{
     execution_capabilities, ExecutionService, ExecutorSessions, LocalExecutor, OperationsService,
@@ -347,9 +346,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let cas = ContentAddressableStorageServer::new(CasService::new(storage.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // The batch calls framed without tonic's copies of the blob data.
+    let cas = CasHttp::new(CasService::new(storage.clone()), MAX_MESSAGE_BYTES);
     // Write and Read framed without tonic's copies of the blob data.
     let byte_stream =
         ByteStreamHttp::new(ByteStreamService::new(storage.clone()), MAX_MESSAGE_BYTES);
