@@ -32,7 +32,7 @@ use crate::network::{NetworkConfig, DOCKER_NETWORK};
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 use crate::trial::TrialRuntime;
-use crate::warm::{self, AgentFile, Removal, RunnerContainer};
+use crate::warm::{self, AgentFile, Removal, RunnerContainer, StartsRunners};
 
 /// The Engine API version Kiln speaks (Docker 20.10).
 const API_VERSION: ClientVersion = ClientVersion {
@@ -531,10 +531,7 @@ impl Isolation for Docker {
         cancel: &CancellationToken,
         resident: &mut Option<Box<dyn Resident>>,
     ) -> Result<ProcessOutcome, RunError> {
-        warm::started(resident, self.start_runner(spec, limits, cancel))
-            .await?
-            .run(spec, limits, cancel)
-            .await
+        warm::run_in_runner(self, spec, limits, cancel, resident).await
     }
 
     async fn start_worker_in_runner(
@@ -544,12 +541,7 @@ impl Isolation for Docker {
         limits: &Limits,
         resident: &mut Option<Box<dyn Resident>>,
     ) -> Result<WorkerProcess, RunError> {
-        // The image was pulled in `prepare`.
-        let cancel = CancellationToken::new();
-        warm::started(resident, self.start_runner(spec, limits, &cancel))
-            .await?
-            .start_worker(spec, start)
-            .await
+        warm::start_worker_in_runner(self, spec, start, limits, resident).await
     }
 
     async fn prepare(
@@ -578,7 +570,8 @@ impl Isolation for Docker {
     }
 }
 
-impl Docker {
+#[async_trait]
+impl StartsRunners for Docker {
     /// Starts a warm runner's container for `spec`: its image and
     /// parameters, with the agent as its command ([`crate::warm`]).
     async fn start_runner(
@@ -677,7 +670,9 @@ impl Docker {
             })?;
         RunnerContainer::connect(params.name, pid, &dir, entrypoint, removal).await
     }
+}
 
+impl Docker {
     /// Runs `spec` in a new container of `image`, a reference the daemon
     /// holds; `pulled`: the registry image it is, pulled again should the
     /// daemon have lost it (None: a local image, the probe's).

@@ -26,7 +26,7 @@ use crate::network::NetworkConfig;
 use crate::params::{owner_and_sweep, Network, RunParameters, OWNER_LABEL};
 use crate::supervise::{supervise, Container, RemovalGuard};
 use crate::trial::TrialRuntime;
-use crate::warm::{self, AgentFile, Removal, RunnerContainer};
+use crate::warm::{self, AgentFile, Removal, RunnerContainer, StartsRunners};
 
 /// How the `podman` backend finds its CLI and resolves images.
 #[derive(Debug, Clone)]
@@ -703,10 +703,7 @@ impl Isolation for Podman {
         cancel: &CancellationToken,
         resident: &mut Option<Box<dyn Resident>>,
     ) -> Result<ProcessOutcome, RunError> {
-        warm::started(resident, self.start_runner(spec, limits, cancel))
-            .await?
-            .run(spec, limits, cancel)
-            .await
+        warm::run_in_runner(self, spec, limits, cancel, resident).await
     }
 
     async fn start_worker_in_runner(
@@ -716,12 +713,7 @@ impl Isolation for Podman {
         limits: &Limits,
         resident: &mut Option<Box<dyn Resident>>,
     ) -> Result<WorkerProcess, RunError> {
-        // The image was pulled in `prepare`.
-        let cancel = CancellationToken::new();
-        warm::started(resident, self.start_runner(spec, limits, &cancel))
-            .await?
-            .start_worker(spec, start)
-            .await
+        warm::start_worker_in_runner(self, spec, start, limits, resident).await
     }
 
     async fn prepare(
@@ -770,7 +762,8 @@ impl Isolation for Podman {
     }
 }
 
-impl Podman {
+#[async_trait]
+impl StartsRunners for Podman {
     /// Starts a warm runner's container for `spec` (`podman run -d`): its
     /// image and parameters, with the agent as its command
     /// ([`crate::warm`]). A bridged runner keeps its network namespace for
@@ -871,7 +864,9 @@ impl Podman {
             })?;
         RunnerContainer::connect(params.name, pid, &dir, entrypoint, removal).await
     }
+}
 
+impl Podman {
     /// One `podman run` of the action in `image`, a reference podman holds.
     /// `settle`: return only once the container's cgroup is gone too (the
     /// probe's trial, so a process stopped right after start-up leaves

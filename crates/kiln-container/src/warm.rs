@@ -176,15 +176,63 @@ enum Answer {
     Started(u32),
 }
 
-/// The runner in `resident`, started by `start` when there is none yet.
-pub async fn started(
-    resident: &mut Option<Box<dyn Resident>>,
-    start: impl std::future::Future<Output = Result<RunnerContainer, RunError>>,
-) -> Result<&mut Box<dyn Resident>, RunError> {
+/// A backend whose warm runners are containers: how it starts one for
+/// `spec` (its image and parameters, the agent as its command). The rest
+/// of the runner's life is [`RunnerContainer`]'s, the same for both.
+#[async_trait]
+pub trait StartsRunners: Send + Sync {
+    async fn start_runner(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> Result<RunnerContainer, RunError>;
+}
+
+/// The runner in `resident`, started by `backend` when there is none yet.
+async fn started<'r>(
+    backend: &dyn StartsRunners,
+    resident: &'r mut Option<Box<dyn Resident>>,
+    spec: &CommandSpec,
+    limits: &Limits,
+    cancel: &CancellationToken,
+) -> Result<&'r mut Box<dyn Resident>, RunError> {
     Ok(match resident {
         Some(runner) => runner,
-        None => resident.insert(Box::new(start.await?)),
+        None => resident.insert(Box::new(backend.start_runner(spec, limits, cancel).await?)),
     })
+}
+
+/// `Isolation::run_in_runner` of a container backend: the action in the
+/// runner's container, started first when the runner has none.
+pub async fn run_in_runner(
+    backend: &dyn StartsRunners,
+    spec: &CommandSpec,
+    limits: &Limits,
+    cancel: &CancellationToken,
+    resident: &mut Option<Box<dyn Resident>>,
+) -> Result<ProcessOutcome, RunError> {
+    started(backend, resident, spec, limits, cancel)
+        .await?
+        .run(spec, limits, cancel)
+        .await
+}
+
+/// `Isolation::start_worker_in_runner` of a container backend: the
+/// worker in the runner's container, started first when the runner has
+/// none (its image was pulled in `prepare`).
+pub async fn start_worker_in_runner(
+    backend: &dyn StartsRunners,
+    spec: &CommandSpec,
+    start: &WorkerStart,
+    limits: &Limits,
+    resident: &mut Option<Box<dyn Resident>>,
+) -> Result<WorkerProcess, RunError> {
+    let cancel = CancellationToken::new();
+    started(backend, resident, spec, limits, &cancel)
+        .await?
+        .start_worker(spec, start)
+        .await
 }
 
 /// Kills a worker the agent started (its process group) when dropped,
