@@ -8,8 +8,9 @@
 //!
 //! What a runner container keeps between actions: everything outside the
 //! workspace (its writable layer: `/tmp`, installed packages) and every
-//! process an action left running (a database a test started, say); they
-//! keep running between actions. The workspace itself is the runner's
+//! process an action left running (a database a test started, say),
+//! frozen through the container's freezer cgroup while the runner waits
+//! and thawed for its next action. The workspace itself is the runner's
 //! directory on the host, bind-mounted at the same path and emptied or
 //! preserved between actions by the executor (`kiln_worker::runners`).
 //!
@@ -120,6 +121,8 @@ pub struct RunnerContainer {
     entrypoint: Vec<String>,
     /// The container's memory cgroup file counting OOM kills, if found.
     oom_events: Option<PathBuf>,
+    /// The container's freezer, if found: it is frozen between actions.
+    freezer: Option<Freezer>,
     /// Removes the container (and releases what it held).
     removal: Removal,
 }
@@ -165,6 +168,63 @@ impl std::fmt::Debug for RunnerContainer {
         f.debug_struct("RunnerContainer")
             .field("name", &self.name)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RunnerContainer {
+    /// A frozen container is thawed first: its processes must be able to
+    /// die when the engine removes it.
+    fn drop(&mut self) {
+        self.resume();
+    }
+}
+
+/// A container's freezer cgroup: `freezer.state` under cgroup v1,
+/// `cgroup.freeze` under v2. Written directly, not through the engine
+/// (`docker pause` is a daemon round trip), and the engine does not know:
+/// [`RunnerContainer`] thaws before it is removed.
+#[derive(Debug)]
+struct Freezer {
+    file: PathBuf,
+    v2: bool,
+}
+
+impl Freezer {
+    /// The freezer of process `pid`'s cgroup, if this host has one.
+    fn of(pid: u32) -> Option<Freezer> {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        for line in cgroups.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let relative = path.trim_start_matches('/');
+            if controllers.split(',').any(|c| c == "freezer") {
+                let file = Path::new("/sys/fs/cgroup/freezer")
+                    .join(relative)
+                    .join("freezer.state");
+                return file.exists().then_some(Freezer { file, v2: false });
+            }
+            if controllers.is_empty() {
+                let file = Path::new("/sys/fs/cgroup")
+                    .join(relative)
+                    .join("cgroup.freeze");
+                if file.exists() {
+                    return Some(Freezer { file, v2: true });
+                }
+            }
+        }
+        None
+    }
+
+    fn set(&self, frozen: bool) {
+        let value = match (self.v2, frozen) {
+            (true, true) => "1",
+            (true, false) => "0",
+            (false, true) => "FROZEN",
+            (false, false) => "THAWED",
+        };
+        if let Err(error) = std::fs::write(&self.file, value) {
+            tracing::debug!(file = %self.file.display(), %error, "could not set a runner container's freezer");
+        }
     }
 }
 
@@ -307,6 +367,7 @@ impl RunnerContainer {
             received: Vec::new(),
             entrypoint,
             oom_events: oom_events_file(pid),
+            freezer: Freezer::of(pid),
             removal,
         })
     }
@@ -489,9 +550,22 @@ impl Resident for RunnerContainer {
         })
     }
 
-    async fn discard(self: Box<Self>) {
-        let RunnerContainer { removal, .. } = *self;
+    async fn discard(mut self: Box<Self>) {
+        self.resume();
+        let removal = std::mem::replace(&mut self.removal, Removal(None));
         removal.now().await;
+    }
+
+    fn pause(&self) {
+        if let Some(freezer) = &self.freezer {
+            freezer.set(true);
+        }
+    }
+
+    fn resume(&self) {
+        if let Some(freezer) = &self.freezer {
+            freezer.set(false);
+        }
     }
 
     /// The worker runs as the container's actions do (its user, its

@@ -1894,3 +1894,73 @@ fn a_persistent_worker_lives_in_the_runner_container_between_actions() {
         });
     }
 }
+
+#[test]
+fn a_waiting_runner_container_is_frozen_and_thawed_for_its_next_action() {
+    for backend in backends("warm_frozen") {
+        runtime().block_on(async {
+            let name = backend.name();
+            let mut runner = Runner::new(BASE);
+            // A process the action leaves behind, appending to a file of
+            // the workspace (read here, on the host) every 10 ms.
+            let ticker =
+                "(while :; do echo t >> ticks; sleep 0.01; done) </dev/null >/dev/null 2>&1 &";
+            let (outcome, _, stderr) = runner
+                .run(&*backend, &["sh", "-c", ticker], "", &limits())
+                .await;
+            assert_eq!(outcome.exit_code, 0, "{name}: {stderr}");
+            let ticks = runner.action.workspace().join("ticks");
+            let count = || {
+                std::fs::read_to_string(&ticks)
+                    .map(|t| t.lines().count())
+                    .unwrap_or(0)
+            };
+            // Waits (bounded) until the count moves past `above`.
+            let grows_past = |above: usize| async move {
+                for _ in 0..200 {
+                    if count() > above {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                false
+            };
+            assert!(grows_past(0).await, "{name}: the ticker never ticked");
+
+            runner.resident.as_ref().unwrap().pause();
+            // Whatever was in flight when the freezer was set lands first.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let frozen_at = count();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(count(), frozen_at, "{name}: the paused runner kept running");
+
+            runner.resident.as_ref().unwrap().resume();
+            assert!(
+                grows_past(frozen_at).await,
+                "{name}: the resumed runner stayed frozen"
+            );
+            let (outcome, stdout, _) = runner
+                .run(&*backend, &["echo", "still serving"], "", &limits())
+                .await;
+            assert_eq!(
+                (outcome.exit_code, stdout.as_str()),
+                (0, "still serving\n"),
+                "{name}"
+            );
+
+            // Frozen, and then dropped: the container still goes.
+            runner.resident.as_ref().unwrap().pause();
+            let container = runner.container();
+            runner.resident = None;
+            let started = Instant::now();
+            while container_exists(name, &container) && started.elapsed() < Duration::from_secs(60)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(
+                !container_exists(name, &container),
+                "{name}: a frozen runner's container stayed"
+            );
+        });
+    }
+}

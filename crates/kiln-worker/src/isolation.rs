@@ -133,6 +133,14 @@ pub trait Resident: Send + Sync + std::fmt::Debug {
     /// Ends it, returning once it is gone (a drop ends it in the
     /// background): what an executor that stops waits for.
     async fn discard(self: Box<Self>) {}
+
+    /// Freezes what runs in it while its runner waits for an action, so
+    /// the processes an action left take no CPU meanwhile; undone by
+    /// [`Resident::resume`] before the next action. Best effort: a
+    /// resident that cannot be frozen keeps running.
+    fn pause(&self) {}
+
+    fn resume(&self) {}
 }
 
 /// Runs a command under one kind of isolation.

@@ -284,7 +284,12 @@ impl Worker {
             key,
         };
         let (action_dir, worker, resident) = match warm {
-            Some(warm) => (warm.dir, warm.worker, warm.resident),
+            Some(warm) => {
+                if let Some(resident) = &warm.resident {
+                    resident.resume();
+                }
+                (warm.dir, warm.worker, warm.resident)
+            }
             None => (self.scratch.action_dir(), None, None),
         };
         let mut notes = RunnerNotes {
@@ -375,6 +380,9 @@ impl Worker {
                 let mut runner = WarmRunner::new(key.clone(), action_dir, uses);
                 runner.worker = notes.worker.take();
                 runner.resident = notes.resident.take();
+                if let Some(resident) = &runner.resident {
+                    resident.pause();
+                }
                 let evicted = self.runners.put(runner);
                 for dir in evicted {
                     recycle_action_dir(dir, self.scratch.clone()).await;
