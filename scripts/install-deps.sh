@@ -12,7 +12,8 @@ set -euo pipefail
 #   test:  that, plus what the test suite drives.
 #
 # - g++, gcc, libc6-dev, binutils: the C/C++ toolchain for -sys build
-#   scripts (zstd), and the one Bazel's cc rules autodetect.
+#   scripts (zstd), and the one Bazel's cc rules autodetect; libc6-dev's
+#   static libc.a also links Kiln's agent (crates/kiln-container/build.rs).
 # - ca-certificates: cargo fetching crates over HTTPS.
 # - nftables: `nft`, which installs the filtering and NAT rules of the
 #   sandbox's bridged networks (dockerNetwork=bridge under `sandbox`).

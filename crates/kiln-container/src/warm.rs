@@ -568,6 +568,23 @@ impl Resident for RunnerContainer {
         }
     }
 
+    /// The container's memory cgroup usage (page cache included, as the
+    /// kernel charges it to the container).
+    fn memory_bytes(&self) -> u64 {
+        let Some(events) = &self.oom_events else {
+            return 0;
+        };
+        let usage = match events.file_name().and_then(|n| n.to_str()) {
+            Some("memory.events") => "memory.current",
+            _ => "memory.usage_in_bytes",
+        };
+        events
+            .parent()
+            .and_then(|dir| std::fs::read_to_string(dir.join(usage)).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The worker runs as the container's actions do (its user, its
     /// image's ENTRYPOINT before the arguments), with pipes of the
     /// executor's as its stdin and stdout and the runner's worker-stderr

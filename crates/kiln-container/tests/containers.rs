@@ -1926,6 +1926,12 @@ fn a_waiting_runner_container_is_frozen_and_thawed_for_its_next_action() {
                 false
             };
             assert!(grows_past(0).await, "{name}: the ticker never ticked");
+            // What it holds against the executor's warm-runner budget.
+            let held = runner.resident.as_ref().unwrap().memory_bytes();
+            assert!(
+                held > 0,
+                "{name}: a running container reads as holding no memory"
+            );
 
             runner.resident.as_ref().unwrap().pause();
             // Whatever was in flight when the freezer was set lands first.

@@ -141,6 +141,12 @@ pub trait Resident: Send + Sync + std::fmt::Debug {
     fn pause(&self) {}
 
     fn resume(&self) {}
+
+    /// Memory its processes use now, in bytes (what a warm runner holds
+    /// against the executor's budget for them).
+    fn memory_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Runs a command under one kind of isolation.

@@ -31,7 +31,9 @@
 //!
 //! A runner whose action failed, timed out, was OOM-killed or cancelled, or
 //! left [`DO_NOT_RECYCLE`] in its workspace is not kept. The pool holds at
-//! most [`RunnerLimits::max_warm`] runners (least recently used go first),
+//! most [`RunnerLimits::max_warm`] runners and
+//! [`RunnerLimits::memory_budget`] bytes of their memory (least recently
+//! used go first),
 //! each for at most [`RunnerLimits::idle_timeout`] and
 //! [`RunnerLimits::max_uses`] actions. A warm runner takes no capacity
 //! while it waits: it is a directory, and maybe a container whose
@@ -67,6 +69,10 @@ pub struct RunnerLimits {
     pub idle_timeout: Duration,
     /// A runner is discarded after this many actions.
     pub max_uses: u32,
+    /// Most memory the waiting runners may hold together
+    /// ([`WarmRunner::memory_bytes`]); the least recently used go first.
+    /// None: no budget.
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for RunnerLimits {
@@ -75,6 +81,7 @@ impl Default for RunnerLimits {
             max_warm: 32,
             idle_timeout: Duration::from_secs(600),
             max_uses: 1000,
+            memory_budget: None,
         }
     }
 }
@@ -94,9 +101,18 @@ pub struct WarmRunner {
     /// and its agent); ended when the runner is dropped.
     pub resident: Option<Box<dyn Resident>>,
     idle_since: Instant,
+    /// Its memory when it was put back (a waiting container is frozen,
+    /// so it holds no more later).
+    held_bytes: u64,
 }
 
 impl WarmRunner {
+    /// The memory it holds while it waits: its resident's (a container's
+    /// processes). A directory runner holds none.
+    pub fn memory_bytes(&self) -> u64 {
+        self.resident.as_ref().map_or(0, |r| r.memory_bytes())
+    }
+
     pub fn new(key: RunnerKey, dir: PathBuf, uses: u32) -> WarmRunner {
         WarmRunner {
             key,
@@ -105,6 +121,7 @@ impl WarmRunner {
             worker: None,
             resident: None,
             idle_since: Instant::now(),
+            held_bytes: 0,
         }
     }
 }
@@ -144,15 +161,32 @@ impl RunnerPool {
     /// Offers `runner` to later actions. Returns the directories of the
     /// runners it pushed out (over the count, idle too long, or itself when
     /// it has run its last action), to be recycled.
-    pub fn put(&self, runner: WarmRunner) -> Vec<PathBuf> {
+    pub fn put(&self, mut runner: WarmRunner) -> Vec<PathBuf> {
         if runner.uses >= self.limits.max_uses || self.limits.max_warm == 0 {
             return vec![runner.dir];
+        }
+        if let Some(budget) = self.limits.memory_budget {
+            // Read once, outside the lock. One that alone holds more than
+            // the budget is not kept, and pushes no other out.
+            runner.held_bytes = runner.memory_bytes();
+            if runner.held_bytes > budget {
+                return vec![runner.dir];
+            }
         }
         let mut warm = self.warm.lock().expect("runner pool lock");
         warm.push(runner);
         let mut evicted = self.expire(&mut warm);
         let over = warm.len().saturating_sub(self.limits.max_warm);
         evicted.extend(warm.drain(..over).map(|runner| runner.dir));
+        if let Some(budget) = self.limits.memory_budget {
+            let mut total: u64 = warm.iter().map(|runner| runner.held_bytes).sum();
+            let mut over = 0;
+            while total > budget && over < warm.len() {
+                total -= warm[over].held_bytes;
+                over += 1;
+            }
+            evicted.extend(warm.drain(..over).map(|runner| runner.dir));
+        }
         evicted
     }
 
@@ -346,6 +380,61 @@ mod tests {
         assert_eq!(b.unwrap().dir, PathBuf::from("/b"));
         assert!(pool.take(&key("b")).0.is_none(), "a runner is leased once");
         assert_eq!(pool.len(), 1);
+    }
+
+    /// A resident that holds `0` bytes and does nothing else.
+    #[derive(Debug)]
+    struct Holding(u64);
+
+    #[async_trait::async_trait]
+    impl Resident for Holding {
+        async fn run(
+            &mut self,
+            _: &crate::CommandSpec,
+            _: &crate::Limits,
+            _: &crate::CancellationToken,
+        ) -> Result<crate::ProcessOutcome, crate::RunError> {
+            unreachable!("never run")
+        }
+
+        async fn start_worker(
+            &mut self,
+            _: &crate::CommandSpec,
+            _: &crate::persistent::WorkerStart,
+        ) -> Result<WorkerProcess, crate::RunError> {
+            unreachable!("never run")
+        }
+
+        fn memory_bytes(&self) -> u64 {
+            self.0
+        }
+    }
+
+    fn holding(name: &str, bytes: u64) -> WarmRunner {
+        let mut runner = WarmRunner::new(key(name), format!("/{name}").into(), 1);
+        runner.resident = Some(Box::new(Holding(bytes)));
+        runner
+    }
+
+    #[test]
+    fn runners_over_the_memory_budget_go_least_recently_used_first() {
+        let pool = RunnerPool::new(RunnerLimits {
+            memory_budget: Some(100),
+            ..Default::default()
+        });
+        assert!(pool.put(holding("a", 40)).is_empty());
+        assert!(pool.put(holding("b", 40)).is_empty());
+        // Directory runners hold nothing against the budget.
+        assert!(pool
+            .put(WarmRunner::new(key("dir"), "/dir".into(), 1))
+            .is_empty());
+        // 120 bytes: the oldest goes, and only it.
+        assert_eq!(pool.put(holding("c", 40)), vec![PathBuf::from("/a")]);
+        assert_eq!(pool.len(), 3);
+        // One alone over the budget is not kept, and pushes no other out.
+        assert_eq!(pool.put(holding("huge", 500)), vec![PathBuf::from("/huge")]);
+        assert_eq!(pool.len(), 3);
+        assert!(pool.take(&key("b")).0.is_some());
     }
 
     #[test]

@@ -75,6 +75,12 @@ pub struct IsolationSettings {
     /// A runner is discarded after this many actions.
     #[arg(long)]
     pub runner_max_uses: u32,
+    /// Most memory the warm runners waiting for an action may hold
+    /// together (what their containers' processes use); past it the least
+    /// recently used go first. A size, `0` for no budget, or empty for a
+    /// quarter of the executor's memory.
+    #[arg(long)]
+    pub warm_runner_memory: String,
     /// The memory limit of an action without `EstimatedMemory`, under the
     /// types that enforce one (`sandbox`, `docker`, `podman`): a size, `0`
     /// for none, or empty for 90 % of the executor's memory (so one action
@@ -113,6 +119,7 @@ impl Default for IsolationSettings {
             max_warm_runners: RunnerLimits::default().max_warm,
             runner_idle_timeout: Period(RunnerLimits::default().idle_timeout),
             runner_max_uses: RunnerLimits::default().max_uses,
+            warm_runner_memory: String::new(),
             default_action_memory_limit: String::new(),
             default_action_cpu_limit_millis: 0,
             staging_timeout: Period::secs(300),
@@ -136,6 +143,7 @@ impl IsolationSettings {
             max_warm: self.max_warm_runners,
             idle_timeout: self.runner_idle_timeout.get().max(Duration::from_millis(1)),
             max_uses: self.runner_max_uses.max(1),
+            memory_budget: self.warm_runner_memory_budget(executor_memory)?,
         };
         worker.default_memory_bytes = self.default_memory_limit(executor_memory)?;
         worker.default_cpu_millis = Some(self.default_action_cpu_limit_millis).filter(|&m| m > 0);
@@ -146,6 +154,21 @@ impl IsolationSettings {
     /// The memory limit of actions without `EstimatedMemory` on an
     /// executor with `executor_memory` bytes (`u64::MAX`: unknown; see
     /// [`IsolationSettings::default_action_memory_limit`]); None: none.
+    /// `warm_runner_memory` in bytes; None: no budget.
+    fn warm_runner_memory_budget(&self, executor_memory: u64) -> anyhow::Result<Option<u64>> {
+        let given = self.warm_runner_memory.trim();
+        let bytes = if given.is_empty() {
+            if executor_memory == u64::MAX {
+                return Ok(None);
+            }
+            executor_memory / 4
+        } else {
+            crate::config::parse_size(given)
+                .map_err(|e| anyhow::anyhow!("warm_runner_memory {given:?}: {e}"))?
+        };
+        Ok(Some(bytes).filter(|&b| b > 0))
+    }
+
     fn default_memory_limit(&self, executor_memory: u64) -> anyhow::Result<Option<u64>> {
         let given = self.default_action_memory_limit.trim();
         let bytes = if given.is_empty() {
@@ -302,5 +325,27 @@ fn container_network(settings: &IsolationSettings) -> NetworkConfig {
     NetworkConfig {
         cidr: settings.sandbox.network_cidr.clone(),
         nft_binary: settings.sandbox.nft_binary.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warm_runner_memory_budget_defaults_to_a_quarter_and_names_a_bad_value() {
+        let budget = |given: &str, memory: u64| {
+            IsolationSettings {
+                warm_runner_memory: given.into(),
+                ..Default::default()
+            }
+            .warm_runner_memory_budget(memory)
+        };
+        assert_eq!(budget("", 8 << 30).unwrap(), Some(2 << 30));
+        assert_eq!(budget("", u64::MAX).unwrap(), None);
+        assert_eq!(budget("512MiB", 8 << 30).unwrap(), Some(512 << 20));
+        assert_eq!(budget("0", 8 << 30).unwrap(), None);
+        let error = budget("lots", 8 << 30).unwrap_err().to_string();
+        assert!(error.contains("warm_runner_memory \"lots\""), "{error}");
     }
 }
