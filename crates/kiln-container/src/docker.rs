@@ -597,7 +597,7 @@ impl StartsRunners for Docker {
             .config
             .and_then(|config| config.entrypoint)
             .unwrap_or_default();
-        let dir = warm::agent_dir(spec)?;
+        let dir = self.agent.runner_dir(&params.name)?;
         let mut body = Docker::create_body(&params);
         body.entrypoint = Some(warm::agent_command());
         body.cmd = None;
@@ -617,7 +617,7 @@ impl StartsRunners for Docker {
                 },
                 Mount {
                     typ: Some(MountType::BIND),
-                    source: Some(dir.display().to_string()),
+                    source: Some(dir.path().display().to_string()),
                     target: Some(warm::AGENT_DIR.into()),
                     read_only: Some(false),
                     ..Default::default()
@@ -668,7 +668,7 @@ impl StartsRunners for Docker {
                     params.name
                 ))
             })?;
-        RunnerContainer::connect(params.name, pid, &dir, entrypoint, removal).await
+        RunnerContainer::connect(params.name, pid, dir, entrypoint, removal).await
     }
 }
 

@@ -802,7 +802,7 @@ impl StartsRunners for Podman {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-        let dir = warm::agent_dir(spec)?;
+        let dir = self.agent.runner_dir(&params.name)?;
         let network = match params.network {
             Network::Bridge => Some(self.action_network().await?),
             Network::None => None,
@@ -824,7 +824,7 @@ impl StartsRunners for Podman {
                     self.agent.path().display(),
                     warm::AGENT_PATH
                 ),
-                format!("--volume={}:{}:rw", dir.display(), warm::AGENT_DIR),
+                format!("--volume={}:{}:rw", dir.path().display(), warm::AGENT_DIR),
             ],
         );
         let binary = self.binary.clone();
@@ -862,7 +862,7 @@ impl StartsRunners for Podman {
                     params.name
                 ))
             })?;
-        RunnerContainer::connect(params.name, pid, &dir, entrypoint, removal).await
+        RunnerContainer::connect(params.name, pid, dir, entrypoint, removal).await
     }
 }
 

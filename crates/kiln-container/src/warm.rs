@@ -52,8 +52,6 @@ pub const AGENT_PATH: &str = "/.kiln/agent";
 pub const AGENT_DIR: &str = "/.kiln/run";
 /// The socket's name in that directory.
 const SOCKET: &str = "agent.sock";
-/// The runner's socket directory, in its action directory on the host.
-const HOST_AGENT_DIR: &str = "agent";
 
 /// How long a new runner container's agent may take to listen.
 const AGENT_START: Duration = Duration::from_secs(30);
@@ -62,46 +60,87 @@ const KILL_ANSWER: Duration = Duration::from_secs(30);
 /// A frame larger than this from the agent is a broken agent.
 const MAX_ANSWER: usize = 64 * 1024;
 
-/// The agent's executable on the host, written once per backend; removed
-/// when dropped.
+/// The agent's executable on the host, and the runners' socket
+/// directories beside it, in a directory only the executor's user (root)
+/// can enter: no process of the host (a `none` action as the action user,
+/// say) can reach a runner's socket directory, though that directory must
+/// be writable by whatever user its container runs as.
+///
+/// The directory is named after the agent's content and the user
+/// (`$TMPDIR/kiln-agent-UID-HASH`), so every executor process of one build
+/// shares one copy and none leaves a copy of its own behind. One that
+/// exists already is used only if it is a real directory of this user
+/// that no one else may enter.
 #[derive(Debug)]
 pub struct AgentFile {
-    _dir: tempfile::TempDir,
+    dir: PathBuf,
     path: PathBuf,
 }
 
 impl AgentFile {
     pub fn write() -> std::io::Result<AgentFile> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::Builder::new().prefix("kiln-agent-").tempdir()?;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-        let path = dir.path().join("agent");
-        std::fs::write(&path, AGENT)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555))?;
-        Ok(AgentFile { _dir: dir, path })
+        AgentFile::write_in(&std::env::temp_dir())
+    }
+
+    fn write_in(base: &Path) -> std::io::Result<AgentFile> {
+        use sha2::Digest as _;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let uid = rustix::process::geteuid().as_raw();
+        let hash = hex::encode(&sha2::Sha256::digest(AGENT)[..8]);
+        let dir = base.join(format!("kiln-agent-{uid}-{hash}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let meta = std::fs::symlink_metadata(&dir)?;
+        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory of uid {uid} closed to other users; remove it",
+                dir.display()
+            )));
+        }
+        let path = dir.join("agent");
+        if std::fs::read(&path).ok().as_deref() != Some(AGENT) {
+            let temporary = dir.join(format!("agent.{}.tmp", std::process::id()));
+            std::fs::write(&temporary, AGENT)?;
+            std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o555))?;
+            std::fs::rename(&temporary, &path)?;
+        }
+        std::fs::create_dir_all(dir.join("runs"))?;
+        Ok(AgentFile { dir, path })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// A new runner container `name`'s socket directory (empty, writable
+    /// by any user its image runs as), mounted at [`AGENT_DIR`].
+    pub fn runner_dir(&self, name: &str) -> Result<RunnerDir, RunError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.dir.join("runs").join(name);
+        std::fs::create_dir(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)))
+            .map_err(|e| RunError::Internal(format!("creating {}: {e}", dir.display())))?;
+        Ok(RunnerDir(dir))
+    }
 }
 
-/// The host side of a new runner container's mounts: its socket
-/// directory (made empty, writable by any user the image runs as).
-pub fn agent_dir(spec: &CommandSpec) -> Result<PathBuf, RunError> {
-    use std::os::unix::fs::PermissionsExt;
-    let action_dir = spec.workspace.parent().ok_or_else(|| {
-        RunError::Internal(format!(
-            "the workspace {} has no parent directory for the runner's socket",
-            spec.workspace.display()
-        ))
-    })?;
-    let dir = action_dir.join(HOST_AGENT_DIR);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir)
-        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)))
-        .map_err(|e| RunError::Internal(format!("creating {}: {e}", dir.display())))?;
-    Ok(dir)
+/// A runner's socket directory on the host; deleted when dropped.
+#[derive(Debug)]
+pub struct RunnerDir(PathBuf);
+
+impl RunnerDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RunnerDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The agent's command line in the container: its socket.
@@ -125,6 +164,7 @@ pub struct RunnerContainer {
     freezer: Option<Freezer>,
     /// Removes the container (and releases what it held).
     removal: Removal,
+    _dir: RunnerDir,
 }
 
 /// How a runner's container is removed: now ([`Removal::now`]), or in
@@ -322,15 +362,15 @@ impl RunnerContainer {
     pub async fn connect(
         name: String,
         pid: u32,
-        dir: &Path,
+        dir: RunnerDir,
         entrypoint: Vec<String>,
         removal: Removal,
     ) -> Result<RunnerContainer, RunError> {
-        let shown = dir.join(SOCKET);
-        // Through the directory's descriptor: the action directory's path
-        // may be longer than a socket address can hold (108 bytes).
-        let dir_fd = std::fs::File::open(dir)
-            .map_err(|e| RunError::Internal(format!("opening {}: {e}", dir.display())))?;
+        let shown = dir.path().join(SOCKET);
+        // Through the directory's descriptor: its path may be longer than
+        // a socket address can hold (108 bytes).
+        let dir_fd = std::fs::File::open(dir.path())
+            .map_err(|e| RunError::Internal(format!("opening {}: {e}", shown.display())))?;
         let socket = format!("/proc/self/fd/{}/{SOCKET}", dir_fd.as_raw_fd());
         let deadline = tokio::time::Instant::now() + AGENT_START;
         let mut pause = Duration::from_millis(1);
@@ -369,6 +409,7 @@ impl RunnerContainer {
             oom_events: oom_events_file(pid),
             freezer: Freezer::of(pid),
             removal,
+            _dir: dir,
         })
     }
 
@@ -717,4 +758,31 @@ fn oom_events_file(pid: u32) -> Option<PathBuf> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_agent_is_shared_and_never_taken_from_a_directory_others_may_enter() {
+        let base = tempfile::tempdir().unwrap();
+        let first = AgentFile::write_in(base.path()).unwrap();
+        assert_eq!(std::fs::read(first.path()).unwrap(), AGENT);
+        let second = AgentFile::write_in(base.path()).unwrap();
+        assert_eq!(second.path(), first.path(), "one copy per build");
+        let runner = second.runner_dir("kiln-test").unwrap();
+        assert!(runner.path().is_dir());
+        let gone = runner.path().to_path_buf();
+        drop(runner);
+        assert!(!gone.exists(), "a runner's directory goes with it");
+
+        // Opened to others (as someone else's planted directory would be):
+        // refused, naming it.
+        let dir = first.path().parent().unwrap().to_path_buf();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let error = AgentFile::write_in(base.path()).unwrap_err().to_string();
+        assert!(error.contains(&dir.display().to_string()), "{error}");
+    }
 }
