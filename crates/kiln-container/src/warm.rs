@@ -232,27 +232,8 @@ struct Freezer {
 impl Freezer {
     /// The freezer of process `pid`'s cgroup, if this host has one.
     fn of(pid: u32) -> Option<Freezer> {
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        for line in cgroups.lines() {
-            let mut parts = line.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            let relative = path.trim_start_matches('/');
-            if controllers.split(',').any(|c| c == "freezer") {
-                let file = Path::new("/sys/fs/cgroup/freezer")
-                    .join(relative)
-                    .join("freezer.state");
-                return file.exists().then_some(Freezer { file, v2: false });
-            }
-            if controllers.is_empty() {
-                let file = Path::new("/sys/fs/cgroup")
-                    .join(relative)
-                    .join("cgroup.freeze");
-                if file.exists() {
-                    return Some(Freezer { file, v2: true });
-                }
-            }
-        }
-        None
+        cgroup_file(pid, "freezer", "freezer.state", "cgroup.freeze")
+            .map(|(file, v2)| Freezer { file, v2 })
     }
 
     fn set(&self, frozen: bool) {
@@ -735,25 +716,36 @@ fn decode(body: &[u8]) -> Option<Vec<Vec<u8>>> {
 }
 
 /// The file counting OOM kills in the memory cgroup of process `pid`:
-/// `memory.events` under cgroup v2, `memory.oom_control` under v1.
+/// `memory.oom_control` under cgroup v1, `memory.events` under v2.
 fn oom_events_file(pid: u32) -> Option<PathBuf> {
+    cgroup_file(pid, "memory", "memory.oom_control", "memory.events").map(|(file, _)| file)
+}
+
+/// A file of process `pid`'s cgroup for `controller`: `v1_file` in the
+/// controller's v1 hierarchy, or else `v2_file` in the unified one, if it
+/// exists; and whether it is the v2 one.
+fn cgroup_file(
+    pid: u32,
+    controller: &str,
+    v1_file: &str,
+    v2_file: &str,
+) -> Option<(PathBuf, bool)> {
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
         let relative = path.trim_start_matches('/');
-        if controllers.split(',').any(|c| c == "memory") {
-            let file = Path::new("/sys/fs/cgroup/memory")
+        if controllers.split(',').any(|c| c == controller) {
+            let file = Path::new("/sys/fs/cgroup")
+                .join(controller)
                 .join(relative)
-                .join("memory.oom_control");
-            return file.exists().then_some(file);
+                .join(v1_file);
+            return file.exists().then_some((file, false));
         }
         if controllers.is_empty() {
-            let file = Path::new("/sys/fs/cgroup")
-                .join(relative)
-                .join("memory.events");
+            let file = Path::new("/sys/fs/cgroup").join(relative).join(v2_file);
             if file.exists() {
-                return Some(file);
+                return Some((file, true));
             }
         }
     }
