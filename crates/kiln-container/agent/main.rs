@@ -133,6 +133,8 @@ fn main() {
         std::fs::File::from_raw_fd(fd)
     };
     let listener = UnixListener::bind(&socket).unwrap_or_else(|e| die(&format!("bind: {e}")));
+    // SIGTERM ends the agent while it waits for the executor too.
+    while !readable(&listener, &signals) {}
     let (stream, _) = listener
         .accept()
         .unwrap_or_else(|e| die(&format!("accept: {e}")));
@@ -146,6 +148,38 @@ fn main() {
         action: None,
     }
     .serve();
+}
+
+/// Waits until `listener` has a connection (true), or a signal arrived
+/// (false); exits on SIGTERM.
+fn readable(listener: &UnixListener, mut signals: &std::fs::File) -> bool {
+    let mut fds = [
+        PollFd {
+            fd: listener.as_raw_fd(),
+            events: POLLIN,
+            revents: 0,
+        },
+        PollFd {
+            fd: signals.as_raw_fd(),
+            events: POLLIN,
+            revents: 0,
+        },
+    ];
+    if unsafe { poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+        return false;
+    }
+    if fds[1].revents != 0 {
+        let mut info = [0u8; 128];
+        if signals.read(&mut info).is_ok() && signal_number(&info) == SIGTERM as u32 {
+            std::process::exit(0);
+        }
+    }
+    fds[0].revents != 0
+}
+
+/// The signal a `signalfd_siginfo` reports (its first field).
+fn signal_number(info: &[u8; 128]) -> u32 {
+    u32::from_ne_bytes([info[0], info[1], info[2], info[3]])
 }
 
 fn die(message: &str) -> ! {
@@ -201,9 +235,7 @@ impl Agent {
         // One signalfd_siginfo (its first field, the signal's number); how
         // many children ended is found below.
         let mut info = [0u8; 128];
-        if self.signals.read(&mut info).is_ok()
-            && u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) == SIGTERM as u32
-        {
+        if self.signals.read(&mut info).is_ok() && signal_number(&info) == SIGTERM as u32 {
             std::process::exit(0);
         }
         loop {
