@@ -14,8 +14,8 @@
 //! - a warm-runner option without `recycle-runner` is refused, naming it;
 //! - under `docker` and `podman`, a warm runner is one container: a second
 //!   action with the same key sees the first's /tmp and the process it
-//!   left running, one with another key does not, a failed action's runner
-//!   is not reused, `preserve-workspace` holds as under the others, and an
+//!   left running, one with another key does not, a failed, timed-out or
+//!   OOM-killed action's runner is not reused, `preserve-workspace` holds as under the others, and an
 //!   input that an action (root in its container) overwrote is whole
 //!   again for the runner's next action; a server that stops removes its
 //!   runners' containers.
@@ -243,6 +243,15 @@ genrule(name = "{runtime}_second", srcs = [":{runtime}_first"], outs = ["{runtim
 genrule(name = "{runtime}_other_key", srcs = [":{runtime}_first"], outs = ["{runtime}_other_key.txt"], cmd = CONTAINER_READ, exec_properties = warm("c-other", "{runtime}", IMAGE))
 genrule(name = "{runtime}_fail_first", outs = ["{runtime}_fail_first.txt"], cmd = "echo left > /tmp/kiln-runner-token; exit 3", exec_properties = warm("c-fail", "{runtime}", IMAGE))
 genrule(name = "{runtime}_fail_second", outs = ["{runtime}_fail_second.txt"], cmd = CONTAINER_READ, exec_properties = warm("c-fail", "{runtime}", IMAGE))
+genrule(name = "{runtime}_timeout_first", outs = ["{runtime}_timeout_first.txt"], cmd = "echo left > /tmp/kiln-runner-token; sleep 30", exec_properties = warm("c-timeout", "{runtime}", dict(IMAGE.items() + {{"default-timeout": "2s"}}.items())))
+genrule(name = "{runtime}_timeout_second", outs = ["{runtime}_timeout_second.txt"], cmd = CONTAINER_READ, exec_properties = warm("c-timeout", "{runtime}", dict(IMAGE.items() + {{"default-timeout": "2s"}}.items())))
+genrule(
+    name = "{runtime}_oom_first",
+    outs = ["{runtime}_oom_first.txt"],
+    cmd = "echo left > /tmp/kiln-runner-token; x=$$(head -c 200000000 /dev/zero | tr '\\0' a); echo $${{#x}} > $@",
+    exec_properties = warm("c-oom", "{runtime}", dict(IMAGE.items() + {{"EstimatedMemory": "64MB"}}.items())),
+)
+genrule(name = "{runtime}_oom_second", outs = ["{runtime}_oom_second.txt"], cmd = CONTAINER_READ, exec_properties = warm("c-oom", "{runtime}", dict(IMAGE.items() + {{"EstimatedMemory": "64MB"}}.items())))
 genrule(name = "preserve_{runtime}", srcs = glob(["inputs/*"]), outs = ["preserve_{runtime}.txt"], cmd = PRESERVE, exec_properties = warm("c-preserve", "{runtime}", dict(IMAGE.items() + PRESERVING.items())))
 genrule(name = "{runtime}_poison", srcs = ["victim.txt"], outs = ["{runtime}_poison.txt"], cmd = POISON, exec_properties = warm("c-poison", "{runtime}", IMAGE))
 genrule(name = "{runtime}_poison_after", srcs = ["victim.txt", ":{runtime}_poison"], outs = ["{runtime}_poison_after.txt"], cmd = "cat runners/victim.txt > $@", exec_properties = warm("c-poison", "{runtime}", IMAGE))
@@ -321,15 +330,23 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
         assert!(other.starts_with("saw-nothing\n"), "{runtime}: {other}");
         assert_eq!(warm_runs(), before + 1, "{runtime}: one warm run expected");
 
-        // A failed action's runner is not reused.
-        let output = bazel.run(&["build", &format!("//runners:{runtime}_fail_first")]);
-        assert!(!output.status.success(), "{}", combined(&output));
-        bazel.run_ok(&["build", &format!("//runners:{runtime}_fail_second")]);
-        let after_failure = read(&format!("{runtime}_fail_second"));
-        assert!(
-            after_failure.starts_with("saw-nothing\n"),
-            "{runtime}: a failed action's runner was reused: {after_failure}"
-        );
+        // A failed, timed-out or OOM-killed action's runner is not reused.
+        for how in ["fail", "timeout", "oom"] {
+            let first = format!("{runtime}_{how}_first");
+            let output = bazel.run(&["build", &format!("//runners:{first}")]);
+            assert!(
+                !output.status.success(),
+                "{first} built:\n{}",
+                combined(&output)
+            );
+            let second = format!("{runtime}_{how}_second");
+            bazel.run_ok(&["build", &format!("//runners:{second}")]);
+            let after = read(&second);
+            assert!(
+                after.starts_with("saw-nothing\n"),
+                "{second} ran in the runner of {first}: {after}"
+            );
+        }
 
         // preserve-workspace, as under the other types.
         let name = format!("preserve_{runtime}");
