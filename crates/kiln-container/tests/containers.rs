@@ -1679,6 +1679,16 @@ impl Runner {
     }
 }
 
+/// Waits (a minute at most) for container `name` to be removed; whether
+/// it was.
+async fn gone_within_a_minute(runtime: &str, name: &str) -> bool {
+    let started = Instant::now();
+    while container_exists(runtime, name) && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    !container_exists(runtime, name)
+}
+
 fn container_exists(runtime: &str, name: &str) -> bool {
     let output = cli(
         runtime,
@@ -1743,13 +1753,8 @@ fn a_warm_runner_keeps_its_container_and_processes_between_actions() {
 
             // Dropping the runner removes its container.
             runner.resident = None;
-            let started = Instant::now();
-            while container_exists(name, &container) && started.elapsed() < Duration::from_secs(60)
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
             assert!(
-                !container_exists(name, &container),
+                gone_within_a_minute(name, &container).await,
                 "{name}: {container} was left behind"
             );
         });
@@ -1958,13 +1963,8 @@ fn a_waiting_runner_container_is_frozen_and_thawed_for_its_next_action() {
             runner.resident.as_ref().unwrap().pause();
             let container = runner.container();
             runner.resident = None;
-            let started = Instant::now();
-            while container_exists(name, &container) && started.elapsed() < Duration::from_secs(60)
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
             assert!(
-                !container_exists(name, &container),
+                gone_within_a_minute(name, &container).await,
                 "{name}: a frozen runner's container stayed"
             );
         });

@@ -23,6 +23,7 @@
 mod common;
 
 use std::fs;
+use std::path::Path;
 
 use common::{combined, Bazel, KilnServer};
 
@@ -117,6 +118,58 @@ fn value(text: &str, key: &str) -> String {
         .to_string()
 }
 
+/// The `bazel-bin/runners/NAME.txt` output of the last build.
+fn output_of(bazel: &Bazel, name: &str) -> String {
+    fs::read_to_string(
+        bazel
+            .workspace
+            .join(format!("bazel-bin/runners/{name}.txt")),
+    )
+    .unwrap_or_else(|e| panic!("{name}.txt: {e}"))
+}
+
+/// Actions the server's log says ran in a warm runner.
+fn warm_runs_in(server_log: &Path) -> usize {
+    fs::read_to_string(server_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("action ran") && line.contains("warm=true"))
+        .count()
+}
+
+/// Builds `//runners:NAME` (a `PRESERVE` target) twice, changing its
+/// inputs in between: the second run, warm, finds what `preserve-workspace`
+/// promises.
+fn preserved_workspace_holds(bazel: &Bazel, package: &Path, server_log: &Path, name: &str) {
+    let inputs = package.join("inputs");
+    fs::write(inputs.join("data.txt"), "v1\n").unwrap();
+    fs::write(inputs.join("gone.txt"), "soon gone\n").unwrap();
+    let target = format!("//runners:{name}");
+    bazel.run_ok(&["build", &target]);
+    let first = output_of(bazel, name);
+    eprintln!("{name}, first run:\n{first}");
+    assert_eq!(value(&first, "leftover"), "none", "{name}");
+    assert_eq!(value(&first, "input"), "v1", "{name}");
+    assert_eq!(value(&first, "gone"), "present", "{name}");
+    let warm_before = warm_runs_in(server_log);
+    fs::write(inputs.join("data.txt"), "v2\n").unwrap();
+    fs::remove_file(inputs.join("gone.txt")).unwrap();
+    bazel.run_ok(&["build", &target]);
+    let second = output_of(bazel, name);
+    eprintln!("{name}, second run:\n{second}");
+    assert_eq!(
+        warm_runs_in(server_log),
+        warm_before + 1,
+        "{name} did not run warm"
+    );
+    assert_eq!(value(&second, "leftover"), "run-v1", "{name}");
+    assert_eq!(value(&second, "previous_output"), "absent", "{name}");
+    assert_eq!(value(&second, "input"), "v2", "{name}");
+    assert_eq!(value(&second, "gone"), "absent", "{name}");
+    assert_eq!(value(&second, "junk"), "absent", "{name}: not cleaned");
+    assert_eq!(value(&second, "kept"), "present", "{name}");
+}
+
 #[test]
 fn bazel_reuses_warm_runners_and_preserves_workspaces() {
     if !common::bazel_available() {
@@ -134,21 +187,8 @@ fn bazel_reuses_warm_runners_and_preserves_workspaces() {
     fs::create_dir_all(package.join("inputs")).unwrap();
     fs::write(package.join("BUILD"), BUILD).unwrap();
     fs::write(package.join("defs.bzl"), DEFS).unwrap();
-    let read = |name: &str| {
-        fs::read_to_string(
-            bazel
-                .workspace
-                .join(format!("bazel-bin/runners/{name}.txt")),
-        )
-        .unwrap_or_else(|e| panic!("{name}.txt: {e}"))
-    };
-    let warm_runs = || {
-        fs::read_to_string(&server_log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|line| line.contains("action ran") && line.contains("warm=true"))
-            .count()
-    };
+    let read = |name: &str| output_of(&bazel, name);
+    let warm_runs = || warm_runs_in(&server_log);
 
     // The same key: warm, and its /tmp is the first action's.
     bazel.run_ok(&["build", "//runners:tmp_second", "//runners:tmp_other_key"]);
@@ -185,29 +225,7 @@ fn bazel_reuses_warm_runners_and_preserves_workspaces() {
 
     // preserve-workspace, under none and in the sandbox.
     for name in ["preserve_none", "preserve_sandbox", "preserve_sandbox_root"] {
-        let inputs = package.join("inputs");
-        fs::write(inputs.join("data.txt"), "v1\n").unwrap();
-        fs::write(inputs.join("gone.txt"), "soon gone\n").unwrap();
-        let target = format!("//runners:{name}");
-        bazel.run_ok(&["build", &target]);
-        let first = read(name);
-        eprintln!("{name}, first run:\n{first}");
-        assert_eq!(value(&first, "leftover"), "none");
-        assert_eq!(value(&first, "input"), "v1");
-        assert_eq!(value(&first, "gone"), "present");
-        let warm_before = warm_runs();
-        fs::write(inputs.join("data.txt"), "v2\n").unwrap();
-        fs::remove_file(inputs.join("gone.txt")).unwrap();
-        bazel.run_ok(&["build", &target]);
-        let second = read(name);
-        eprintln!("{name}, second run:\n{second}");
-        assert_eq!(warm_runs(), warm_before + 1, "{name} did not run warm");
-        assert_eq!(value(&second, "leftover"), "run-v1", "{name}");
-        assert_eq!(value(&second, "previous_output"), "absent", "{name}");
-        assert_eq!(value(&second, "input"), "v2", "{name}");
-        assert_eq!(value(&second, "gone"), "absent", "{name}");
-        assert_eq!(value(&second, "junk"), "absent", "{name}: not cleaned");
-        assert_eq!(value(&second, "kept"), "present", "{name}");
+        preserved_workspace_holds(&bazel, &package, &server_log, name);
     }
 
     // Under none, the warm runner's previous action left nothing running.
@@ -299,21 +317,8 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
     fs::write(package.join("BUILD"), build).unwrap();
     fs::write(package.join("defs.bzl"), DEFS).unwrap();
     fs::write(package.join("victim.txt"), "original-bytes\n").unwrap();
-    let read = |name: &str| {
-        fs::read_to_string(
-            bazel
-                .workspace
-                .join(format!("bazel-bin/runners/{name}.txt")),
-        )
-        .unwrap_or_else(|e| panic!("{name}.txt: {e}"))
-    };
-    let warm_runs = || {
-        fs::read_to_string(&server_log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|line| line.contains("action ran") && line.contains("warm=true"))
-            .count()
-    };
+    let read = |name: &str| output_of(&bazel, name);
+    let warm_runs = || warm_runs_in(&server_log);
 
     for runtime in &runtimes {
         // The same key: the same container, its /tmp and its processes.
@@ -349,26 +354,12 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
         }
 
         // preserve-workspace, as under the other types.
-        let name = format!("preserve_{runtime}");
-        let inputs = package.join("inputs");
-        fs::write(inputs.join("data.txt"), "v1\n").unwrap();
-        fs::write(inputs.join("gone.txt"), "soon gone\n").unwrap();
-        bazel.run_ok(&["build", &format!("//runners:{name}")]);
-        let first = read(&name);
-        assert_eq!(value(&first, "leftover"), "none", "{runtime}: {first}");
-        assert_eq!(value(&first, "input"), "v1", "{runtime}");
-        let warm_before = warm_runs();
-        fs::write(inputs.join("data.txt"), "v2\n").unwrap();
-        fs::remove_file(inputs.join("gone.txt")).unwrap();
-        bazel.run_ok(&["build", &format!("//runners:{name}")]);
-        let second = read(&name);
-        assert_eq!(warm_runs(), warm_before + 1, "{name} did not run warm");
-        assert_eq!(value(&second, "leftover"), "run-v1", "{name}: {second}");
-        assert_eq!(value(&second, "previous_output"), "absent", "{name}");
-        assert_eq!(value(&second, "input"), "v2", "{name}");
-        assert_eq!(value(&second, "gone"), "absent", "{name}");
-        assert_eq!(value(&second, "junk"), "absent", "{name}: not cleaned");
-        assert_eq!(value(&second, "kept"), "present", "{name}");
+        preserved_workspace_holds(
+            &bazel,
+            &package,
+            &server_log,
+            &format!("preserve_{runtime}"),
+        );
 
         // Root in the container overwrites an input: the runner's next
         // action (warm) sees the original bytes, as does the host.
