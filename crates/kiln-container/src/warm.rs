@@ -527,7 +527,9 @@ impl Resident for RunnerContainer {
         );
         let mut fields: Vec<&[u8]> = vec![b"run"];
         fields.extend(command.iter().map(Vec::as_slice));
-        let oom_before = self.oom_kills();
+        // Only an action with a memory limit can be OOM-killed by it.
+        let watch_oom = limits.memory_bytes.is_some();
+        let oom_before = if watch_oom { self.oom_kills() } else { 0 };
         self.send(&fields, &[stdout, stderr])
             .await
             .map_err(|e| self.broken(&format!("sending the action: {e}")))?;
@@ -552,7 +554,7 @@ impl Resident for RunnerContainer {
                 (answer, Some(reason))
             }
         };
-        let memory_exceeded = limits.memory_bytes.is_some() && self.oom_kills() > oom_before;
+        let memory_exceeded = watch_oom && self.oom_kills() > oom_before;
         let answer = match answer {
             Ok(answer) => answer,
             // The agent itself was killed for memory: the action's doing.
