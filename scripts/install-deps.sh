@@ -42,6 +42,12 @@ set -euo pipefail
 # - procps: `kill`, which tests use to signal servers and actions
 #   (missing from a minimal Debian, e.g. a debootstrap --variant=minbase).
 # - chromium: the real browser the web UI's tests drive headless.
+# MicroVM isolation (`firecracker`, crates/kiln-vm):
+# - qemu-system-x86: the VMM (QEMU 7.2; TCG where KVM cannot run guests).
+# - qemu-utils: `qemu-img`, the copy-on-write overlay over each VM's disk.
+# - e2fsprogs: `mke2fs -d` builds ext4 disks from images and workspaces;
+#   `debugfs` reads a guest's workspace disk without mounting it.
+# - kmod: `depmod`, which indexes the guest kernel's modules (below).
 # - npm: fetches Bazel 2.1.0 (below) by package name. Skipped when an
 #   `npm` command is already there (e.g. a Node.js distribution's own
 #   package, which conflicts with Debian's `npm`).
@@ -51,6 +57,14 @@ set -euo pipefail
 # registry's @bazel/bazel-linux_x64 package ships its release binary; it is
 # fetched with `npm pack` by name, checked against the SHA-512 below and
 # unpacked to /usr/local/lib/kiln-test/bazel-2.1.0.
+#
+# Not installed as a package: the guest kernel of microVMs. Debian's
+# linux-image-cloud-amd64 names the current cloud kernel package; it is
+# downloaded (`apt-get download`, so apt checks it against the signed
+# package lists), unpacked with `dpkg-deb -x` (nothing is installed on the
+# host), its modules indexed with `depmod`, and copied to
+# /usr/local/lib/kiln-vm: `vmlinuz`, `modules/` and `kernel.sha256` (Kiln
+# pins the kernel by that digest in each VM's metadata and snapshot key).
 #
 # Last, `verify_tools` checks that every tool the tests look for is where
 # they look, and fails naming each one that is not: a package that
@@ -78,11 +92,50 @@ TEST_PACKAGES=(
   iproute2
   procps
   chromium
+  qemu-system-x86
+  qemu-utils
+  e2fsprogs
+  kmod
 )
 
 BAZEL2=/usr/local/lib/kiln-test/bazel-2.1.0
 BAZEL2_PACKAGE=@bazel/bazel-linux_x64@2.1.0
 BAZEL2_SHA512=6a0e99c183096e57f562e3e135100cc8261fd7ae2663c8e1748c0f495148d423220519d20c90644a0eeb5487333e1fbc1a9ed30ea027a3d30c4e77d45f3c6880
+
+VM_DIR=/usr/local/lib/kiln-vm
+VM_KERNEL_PACKAGE=linux-image-cloud-amd64
+
+install_vm_kernel() {
+  if [[ -f "$VM_DIR/vmlinuz" && -f "$VM_DIR/modules/modules.dep" && -f "$VM_DIR/kernel.sha256" ]]; then
+    echo "install-deps: guest kernel present at $VM_DIR ($(cat "$VM_DIR/kernel.version"))"
+    return
+  fi
+  if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+    "${SUDO[@]}" apt-get update
+  fi
+  local package version tmp
+  package="$(apt-cache depends "$VM_KERNEL_PACKAGE" | awk '/Depends: linux-image-/ { print $2; exit }')"
+  if [[ -z "$package" ]]; then
+    echo "install-deps: error: $VM_KERNEL_PACKAGE names no kernel package (apt-cache depends)" >&2
+    exit 1
+  fi
+  version="${package#linux-image-}"
+  echo "install-deps: fetching the guest kernel $package"
+  tmp="$(mktemp -d)"
+  # As root into a private directory apt's sandbox user cannot enter:
+  # say so, rather than have apt warn about it.
+  (cd "$tmp" && apt-get -o APT::Sandbox::User=root download "$package" >/dev/null)
+  dpkg-deb -x "$tmp"/"$package"_*.deb "$tmp/root"
+  depmod -b "$tmp/root" "$version"
+  "${SUDO[@]}" mkdir -p "$VM_DIR"
+  "${SUDO[@]}" rm -rf "$VM_DIR/modules"
+  "${SUDO[@]}" cp -a "$tmp/root/lib/modules/$version" "$VM_DIR/modules"
+  "${SUDO[@]}" install -m 0644 "$tmp/root/boot/vmlinuz-$version" "$VM_DIR/vmlinuz"
+  echo "$version" | "${SUDO[@]}" tee "$VM_DIR/kernel.version" >/dev/null
+  sha256sum "$VM_DIR/vmlinuz" | awk '{ print $1 }' | "${SUDO[@]}" tee "$VM_DIR/kernel.sha256" >/dev/null
+  rm -rf "$tmp"
+  echo "install-deps: installed the guest kernel $version at $VM_DIR"
+}
 
 install_bazel2() {
   if [[ -x "$BAZEL2" ]]; then
@@ -118,8 +171,8 @@ install_bazel2() {
 }
 
 # Every tool the test suite or scripts/services.sh and tests/images/build.sh
-# run, as "what|where": a command name looked up on PATH, or an absolute
-# path that must be executable.
+# run, as "what|where": a command name looked up on PATH, an absolute path
+# that must be executable, or `file:PATH`, a file that must be there.
 TEST_TOOLS=(
   "Bazel 4.2.3 (bazel-bootstrap)|bazel"
   "Bazel 2.1.0 (npm $BAZEL2_PACKAGE)|$BAZEL2"
@@ -140,6 +193,12 @@ TEST_TOOLS=(
   "unshare (util-linux)|unshare"
   "kill (procps)|kill"
   "chromium (the web UI's tests)|chromium"
+  "qemu-system-x86_64 (qemu-system-x86)|qemu-system-x86_64"
+  "qemu-img (qemu-utils)|qemu-img"
+  "mke2fs (e2fsprogs)|mke2fs"
+  "debugfs (e2fsprogs)|debugfs"
+  "guest kernel (linux-image-cloud-amd64, unpacked)|file:$VM_DIR/vmlinuz"
+  "guest kernel modules index (depmod)|file:$VM_DIR/modules/modules.dep"
 )
 
 # Fails naming every test tool that is not where the tests look for it.
@@ -148,7 +207,9 @@ verify_tools() {
   for entry in "${TEST_TOOLS[@]}"; do
     what="${entry%%|*}"
     where="${entry#*|}"
-    if [[ "$where" == /* ]]; then
+    if [[ "$where" == file:* ]]; then
+      [[ -f "${where#file:}" ]] || absent+=("$what: no file ${where#file:}")
+    elif [[ "$where" == /* ]]; then
       [[ -x "$where" ]] || absent+=("$what: no executable $where")
     else
       command -v "$where" >/dev/null || absent+=("$what: \`$where\` not on PATH ($PATH)")
@@ -221,5 +282,6 @@ fi
 
 if [[ "$mode" == test ]]; then
   install_bazel2
+  install_vm_kernel
   verify_tools
 fi
