@@ -41,6 +41,7 @@ fn spec(root: &std::path::Path, network: &str) -> CommandSpec {
         platform: Arc::new(platform),
         action_user: None,
         runner_tmp: None,
+        output_paths: Vec::new(),
     }
 }
 

@@ -162,6 +162,7 @@ mod tests {
             platform: Arc::new(platform),
             action_user: None,
             runner_tmp: None,
+            output_paths: Vec::new(),
         }
     }
 

@@ -198,6 +198,7 @@ impl Action {
                 platform: Arc::new(platform),
                 action_user: None,
                 runner_tmp: None,
+                output_paths: Vec::new(),
             },
             _dir: dir,
         }

@@ -29,6 +29,7 @@ fn spec(root: &std::path::Path, network: DockerNetwork) -> CommandSpec {
         platform: Arc::new(platform),
         action_user: None,
         runner_tmp: None,
+        output_paths: Vec::new(),
     }
 }
 

@@ -41,6 +41,7 @@ async fn measure(
         platform: Arc::new(platform),
         action_user: None,
         runner_tmp: None,
+        output_paths: Vec::new(),
     };
     let cancel = CancellationToken::new();
     // One untimed run first: page cache, lazily created state.

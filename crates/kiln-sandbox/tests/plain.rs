@@ -73,6 +73,7 @@ impl Action {
             platform: Arc::new(self.platform.clone()),
             action_user: Some(NOBODY),
             runner_tmp: None,
+            output_paths: Vec::new(),
         }
     }
 

@@ -110,6 +110,7 @@ impl Action {
             platform: Arc::new(self.platform.clone()),
             action_user: None,
             runner_tmp: None,
+            output_paths: Vec::new(),
         }
     }
 

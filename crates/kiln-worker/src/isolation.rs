@@ -48,6 +48,11 @@ pub struct CommandSpec {
     /// in place of its private tmpfs, so it outlives the action; backends
     /// without a private /tmp ignore it. None: a fresh /tmp.
     pub runner_tmp: Option<PathBuf>,
+    /// The Command's declared outputs, relative to `workspace`: what a
+    /// backend whose action writes them elsewhere than the host's
+    /// workspace (a VM's own disk) brings back into it before they are
+    /// collected. Backends that run in the workspace ignore it.
+    pub output_paths: Vec<PathBuf>,
 }
 
 impl CommandSpec {
@@ -188,6 +193,15 @@ pub trait Isolation: Send + Sync {
     /// their inputs are copied instead ([`crate::workspace::Layout::Copied`]).
     fn runner_holds_workspace(&self) -> bool {
         false
+    }
+
+    /// Whether the action's processes see the host's workspace at all. A
+    /// backend that copies the inputs into a disk of its own (a VM) says
+    /// no: nothing it runs can reach the file cache, whoever it runs as,
+    /// so the inputs are linked from the cache whatever
+    /// [`Isolation::run_as`] says.
+    fn sees_host_workspace(&self) -> bool {
+        true
     }
 
     /// Runs `spec` in a kept runner. `resident` is what this backend left

@@ -57,14 +57,10 @@ enum Declared {
     Directory,
 }
 
-/// Collects the Command's outputs below `working_directory` (on a blocking
-/// thread: this hashes every output file).
-pub async fn collect(
-    command: &Command,
-    workspace: PathBuf,
-    working_directory: PathBuf,
-) -> Result<CollectedOutputs, RunError> {
-    let declared: Vec<(String, Declared)> = if !command.output_paths.is_empty() {
+/// The Command's declared output paths, relative to its working
+/// directory: `output_paths`, or else the legacy files and directories.
+fn declared(command: &Command) -> Vec<(String, Declared)> {
+    if !command.output_paths.is_empty() {
         command
             .output_paths
             .iter()
@@ -82,7 +78,28 @@ pub async fn collect(
                     .map(|p| (p.clone(), Declared::Directory)),
             )
             .collect()
-    };
+    }
+}
+
+/// The Command's declared output paths, relative to its working
+/// directory, whatever each is declared as: what a backend whose action
+/// writes them somewhere else than the host's workspace (a VM's disk)
+/// brings back before they are collected.
+pub fn declared_paths(command: &Command) -> Vec<String> {
+    declared(command)
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect()
+}
+
+/// Collects the Command's outputs below `working_directory` (on a blocking
+/// thread: this hashes every output file).
+pub async fn collect(
+    command: &Command,
+    workspace: PathBuf,
+    working_directory: PathBuf,
+) -> Result<CollectedOutputs, RunError> {
+    let declared = declared(command);
     crate::process::blocking("collecting outputs", move || {
         let mut collected = CollectedOutputs::default();
         for (path, kind) in declared {

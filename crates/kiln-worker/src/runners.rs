@@ -272,7 +272,7 @@ pub fn reset_for_reuse(
 /// Deletes `relative` (a file, symlink or whole directory) beneath `root`,
 /// resolving its parent without following any symlink; a path that is not
 /// there, or whose parent is not a real directory beneath `root`, is left.
-fn remove_beneath(root: &impl AsFd, relative: &Path) -> std::io::Result<()> {
+pub fn remove_beneath(root: &impl AsFd, relative: &Path) -> std::io::Result<()> {
     let (Some(parent), Some(name)) = (relative.parent(), relative.file_name()) else {
         return Ok(());
     };

@@ -68,6 +68,7 @@ impl TrialAction {
             platform: Arc::new(platform),
             action_user: None,
             runner_tmp: None,
+            output_paths: Vec::new(),
         };
         Ok(TrialAction {
             _dir: dir,

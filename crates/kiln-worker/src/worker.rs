@@ -430,6 +430,8 @@ impl Worker {
         ));
         let preserving = recycling && platform.preserve_workspace;
         let layout = match self.protection.layout(run_as) {
+            // Copied into the backend's own disk: the cache is out of reach.
+            _ if !isolation.sees_host_workspace() => Layout::Linked,
             // The runner's processes hold the workspace's mount across
             // actions; a fresh overlay per action would not reach them.
             Layout::Overlay if recycling && isolation.runner_holds_workspace() => Layout::Copied,
@@ -534,6 +536,11 @@ impl Worker {
             platform: Arc::new(platform.clone()),
             action_user: self.config.action_user,
             runner_tmp,
+            output_paths: crate::outputs::declared_paths(&command)
+                .into_iter()
+                .map(|path| working_path.join(path))
+                .filter_map(|path| path.strip_prefix(&workspace).map(Path::to_path_buf).ok())
+                .collect(),
         };
         let limits = self.limits(&action, platform);
         metadata.execution_start_timestamp = Some(timestamp_now());

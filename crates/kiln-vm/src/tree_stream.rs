@@ -1,0 +1,436 @@
+//! The stream in which a guest sends an action's outputs to the host.
+//!
+//! Inside a VM an action writes its outputs to a disk of the VM's own; the
+//! host asks the guest agent for the declared output paths, and the agent
+//! answers with this stream, which the host writes back into the action's
+//! workspace before the ordinary output collection hashes and uploads it.
+//! The guest is hostile (whatever ran in it may have taken over its
+//! kernel), so the host never parses the guest's file system: it reads
+//! only this stream, and [`decode`] writes nothing but beneath the
+//! destination, never through a symlink, never over something it did not
+//! just create, and no more than its limits.
+//!
+//! Records, all integers little-endian:
+//! - `DIR path mode`, `FILE path mode size bytes…`, `SYMLINK path target`:
+//!   an entry, its parent sent before it;
+//! - `MISSING path`: a declared output the action did not write;
+//! - `END`: the last record.
+//!
+//! `path` and `target` are a `u16` length and bytes; `mode` a `u32`,
+//! `size` a `u64`. Paths are relative, `/`-separated, with no empty, `.`
+//! or `..` component.
+//!
+//! The encoding half ([`encode`]) uses only `std`: the guest agent, built
+//! with `rustc` alone, includes this file.
+
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+pub const END: u8 = 0;
+pub const DIR: u8 = 1;
+pub const FILE: u8 = 2;
+pub const SYMLINK: u8 = 3;
+pub const MISSING: u8 = 4;
+
+/// Longest path or symlink target in a record.
+pub const MAX_PATH: usize = 4096;
+
+/// Writes the records of `relative` (a declared output, relative to
+/// `root`) and, for a directory, of everything beneath it. Symlinks are
+/// sent as symlinks, never followed; other kinds of files (sockets,
+/// devices, fifos) are left out.
+pub fn encode(out: &mut impl Write, root: &Path, relative: &str) -> io::Result<()> {
+    let path = root.join(relative);
+    let metadata = match std::fs::symlink_metadata(&path) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            out.write_all(&[MISSING])?;
+            return write_bytes(out, relative.as_bytes());
+        }
+        Err(e) => return Err(e),
+    };
+    encode_entry(out, &path, relative, &metadata)
+}
+
+/// Ends the stream.
+pub fn finish(out: &mut impl Write) -> io::Result<()> {
+    out.write_all(&[END])?;
+    out.flush()
+}
+
+fn encode_entry(
+    out: &mut impl Write,
+    path: &Path,
+    relative: &str,
+    metadata: &std::fs::Metadata,
+) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = metadata.permissions().mode() & 0o7777;
+    let kind = metadata.file_type();
+    if kind.is_symlink() {
+        out.write_all(&[SYMLINK])?;
+        write_bytes(out, relative.as_bytes())?;
+        write_bytes(out, std::fs::read_link(path)?.as_os_str().as_bytes())
+    } else if kind.is_dir() {
+        out.write_all(&[DIR])?;
+        write_bytes(out, relative.as_bytes())?;
+        out.write_all(&mode.to_le_bytes())?;
+        let mut names: Vec<_> = std::fs::read_dir(path)?
+            .map(|entry| entry.map(|entry| entry.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for name in names {
+            let Some(name) = name.to_str() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{relative}: a name that is not UTF-8"),
+                ));
+            };
+            let child = path.join(name);
+            let metadata = std::fs::symlink_metadata(&child)?;
+            encode_entry(out, &child, &format!("{relative}/{name}"), &metadata)?;
+        }
+        Ok(())
+    } else if kind.is_file() {
+        let mut file = std::fs::File::open(path)?;
+        let size = file.metadata()?.len();
+        out.write_all(&[FILE])?;
+        write_bytes(out, relative.as_bytes())?;
+        out.write_all(&mode.to_le_bytes())?;
+        out.write_all(&size.to_le_bytes())?;
+        // Exactly `size` bytes, or the stream is cut: a file that shrinks
+        // while it is read must not shift the records after it.
+        let copied = io::copy(&mut (&mut file).take(size), out)?;
+        if copied != size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{relative}: shrank from {size} to {copied} bytes while it was sent"),
+            ));
+        }
+        Ok(())
+    } else {
+        Ok(())
+    }
+}
+
+fn write_bytes(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    let length = u16::try_from(bytes.len())
+        .ok()
+        .filter(|&length| usize::from(length) <= MAX_PATH)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a path of {} bytes, over {MAX_PATH}", bytes.len()),
+            )
+        })?;
+    out.write_all(&length.to_le_bytes())?;
+    out.write_all(bytes)
+}
+
+#[cfg(not(kiln_agent))]
+pub use decoding::*;
+
+#[cfg(not(kiln_agent))]
+mod decoding {
+    use super::*;
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::os::fd::{AsFd, OwnedFd};
+
+    /// How much one stream may write.
+    #[derive(Debug, Clone, Copy)]
+    pub struct DecodeLimits {
+        /// Entries (files, directories, symlinks).
+        pub entries: u64,
+        /// Bytes of file content.
+        pub bytes: u64,
+    }
+
+    /// What a stream held.
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    pub struct Decoded {
+        pub entries: u64,
+        pub bytes: u64,
+        /// Declared outputs the action did not write.
+        pub missing: Vec<String>,
+    }
+
+    /// Writes the entries of the stream beneath `dest` (see the module
+    /// comment). Fails on the first malformed record, a path that is not
+    /// a plain relative one, an entry that exists already, a parent that
+    /// is not a directory the stream made or found beneath `dest`, or a
+    /// limit passed; what it wrote so far stays.
+    pub fn decode(input: &mut impl Read, dest: &Path, limits: DecodeLimits) -> io::Result<Decoded> {
+        let root = rustix::fs::open(
+            dest,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut decoded = Decoded::default();
+        loop {
+            let kind = read_u8(input)?;
+            if kind == END {
+                return Ok(decoded);
+            }
+            let path = read_path(input)?;
+            if kind == MISSING {
+                decoded.missing.push(path);
+                continue;
+            }
+            decoded.entries += 1;
+            if decoded.entries > limits.entries {
+                return Err(invalid(format!(
+                    "the outputs hold more than {} entries, the limit",
+                    limits.entries
+                )));
+            }
+            let (parent, name) = parent_of(&root, &path)?;
+            match kind {
+                DIR => {
+                    let mode = read_u32(input)? & 0o7777;
+                    rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(mode | 0o700))
+                        .map_err(|e| at(&path, e.into()))?;
+                }
+                FILE => {
+                    let mode = read_u32(input)? & 0o7777;
+                    let size = read_u64(input)?;
+                    decoded.bytes = decoded.bytes.saturating_add(size);
+                    if decoded.bytes > limits.bytes {
+                        return Err(invalid(format!(
+                            "the outputs hold more than {} bytes, the limit",
+                            limits.bytes
+                        )));
+                    }
+                    let file = rustix::fs::openat(
+                        &parent,
+                        name,
+                        OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(mode | 0o600),
+                    )
+                    .map_err(|e| at(&path, e.into()))?;
+                    let mut file = std::fs::File::from(file);
+                    let copied = io::copy(&mut input.take(size), &mut file)?;
+                    if copied != size {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("{path}: the stream ended {copied} bytes into {size}"),
+                        ));
+                    }
+                    // The mode as sent, past the umask.
+                    rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))?;
+                }
+                SYMLINK => {
+                    let target = read_bytes(input)?;
+                    let target = std::ffi::OsStr::from_bytes(&target);
+                    rustix::fs::symlinkat(target, &parent, name)
+                        .map_err(|e| at(&path, e.into()))?;
+                }
+                other => return Err(invalid(format!("an unknown record kind {other}"))),
+            }
+        }
+    }
+
+    /// The directory that holds `path` beneath `root`, reached without
+    /// following any symlink, and `path`'s last component.
+    fn parent_of<'p>(root: &OwnedFd, path: &'p str) -> io::Result<(OwnedFd, &'p str)> {
+        let (parent, name) = match path.rsplit_once('/') {
+            Some((parent, name)) => (parent, name),
+            None => (".", path),
+        };
+        let parent = rustix::fs::openat2(
+            root.as_fd(),
+            parent,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| at(path, e.into()))?;
+        Ok((parent, name))
+    }
+
+    fn read_path(input: &mut impl Read) -> io::Result<String> {
+        let bytes = read_bytes(input)?;
+        let path = String::from_utf8(bytes).map_err(|_| invalid("a path that is not UTF-8"))?;
+        let plain = !path.is_empty()
+            && path.split('/').all(|part| {
+                !part.is_empty() && part != "." && part != ".." && !part.contains('\0')
+            });
+        if plain {
+            Ok(path)
+        } else {
+            Err(invalid(format!("{path:?} is not a plain relative path")))
+        }
+    }
+
+    fn read_bytes(input: &mut impl Read) -> io::Result<Vec<u8>> {
+        let mut length = [0; 2];
+        input.read_exact(&mut length)?;
+        let length = usize::from(u16::from_le_bytes(length));
+        if length > MAX_PATH {
+            return Err(invalid(format!(
+                "a path of {length} bytes, over {MAX_PATH}"
+            )));
+        }
+        let mut bytes = vec![0; length];
+        input.read_exact(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    fn read_u8(input: &mut impl Read) -> io::Result<u8> {
+        let mut byte = [0; 1];
+        input.read_exact(&mut byte)?;
+        Ok(byte[0])
+    }
+
+    fn read_u32(input: &mut impl Read) -> io::Result<u32> {
+        let mut bytes = [0; 4];
+        input.read_exact(&mut bytes)?;
+        Ok(u32::from_le_bytes(bytes))
+    }
+
+    fn read_u64(input: &mut impl Read) -> io::Result<u64> {
+        let mut bytes = [0; 8];
+        input.read_exact(&mut bytes)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn invalid(message: impl Into<String>) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, message.into())
+    }
+
+    fn at(path: &str, error: io::Error) -> io::Error {
+        io::Error::new(error.kind(), format!("{path}: {error}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const LIMITS: DecodeLimits = DecodeLimits {
+        entries: 1000,
+        bytes: 1 << 20,
+    };
+
+    fn round_trip(source: &Path, outputs: &[&str], dest: &Path) -> io::Result<Decoded> {
+        let mut stream = Vec::new();
+        for output in outputs {
+            encode(&mut stream, source, output)?;
+        }
+        finish(&mut stream)?;
+        decode(&mut stream.as_slice(), dest, LIMITS)
+    }
+
+    #[test]
+    fn a_tree_arrives_as_it_was_with_modes_and_symlinks_and_missing_outputs_named() {
+        let source = tempfile::tempdir().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(source.path().join("out/sub")).unwrap();
+        std::fs::write(source.path().join("out/sub/tool"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            source.path().join("out/sub/tool"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(source.path().join("single"), b"hello").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", source.path().join("out/link")).unwrap();
+
+        let decoded = round_trip(source.path(), &["out", "single", "absent"], dest.path()).unwrap();
+
+        assert_eq!(decoded.missing, vec!["absent".to_string()]);
+        assert_eq!(decoded.entries, 5);
+        assert_eq!(
+            std::fs::read(dest.path().join("out/sub/tool")).unwrap(),
+            b"#!/bin/sh\n"
+        );
+        let mode = std::fs::metadata(dest.path().join("out/sub/tool"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(std::fs::read(dest.path().join("single")).unwrap(), b"hello");
+        assert_eq!(
+            std::fs::read_link(dest.path().join("out/link")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+    }
+
+    fn record(kind: u8, path: &str) -> Vec<u8> {
+        let mut bytes = vec![kind];
+        bytes.extend((path.len() as u16).to_le_bytes());
+        bytes.extend(path.as_bytes());
+        bytes
+    }
+
+    fn file(path: &str, content: &[u8]) -> Vec<u8> {
+        let mut bytes = record(FILE, path);
+        bytes.extend(0o644u32.to_le_bytes());
+        bytes.extend((content.len() as u64).to_le_bytes());
+        bytes.extend(content);
+        bytes
+    }
+
+    #[test]
+    fn a_hostile_stream_writes_nothing_outside_its_destination() {
+        let outside = tempfile::tempdir().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"original").unwrap();
+
+        // Through a symlink the stream made itself.
+        let mut through_symlink = record(SYMLINK, "escape");
+        let target = outside.path().to_str().unwrap();
+        through_symlink.extend((target.len() as u16).to_le_bytes());
+        through_symlink.extend(target.as_bytes());
+        through_symlink.extend(file("escape/victim", b"changed"));
+        through_symlink.push(END);
+        assert!(decode(&mut through_symlink.as_slice(), dest.path(), LIMITS).is_err());
+
+        // Dot-dot, absolute and empty components.
+        for path in ["../victim", "/victim", "a//b", "./x", ""] {
+            let mut stream = file(path, b"changed");
+            stream.push(END);
+            let error = decode(&mut stream.as_slice(), dest.path(), LIMITS).unwrap_err();
+            assert!(error.to_string().contains("plain relative path"), "{error}");
+        }
+
+        // The same name twice: the second never replaces or follows the first.
+        let mut twice = record(SYMLINK, "twice");
+        let victim_path = victim.to_str().unwrap();
+        twice.extend((victim_path.len() as u16).to_le_bytes());
+        twice.extend(victim_path.as_bytes());
+        twice.extend(file("twice", b"changed"));
+        twice.push(END);
+        assert!(decode(&mut twice.as_slice(), dest.path(), LIMITS).is_err());
+
+        assert_eq!(std::fs::read(&victim).unwrap(), b"original");
+    }
+
+    #[test]
+    fn limits_and_truncation_are_errors_naming_them() {
+        let dest = tempfile::tempdir().unwrap();
+        let mut big = file("big", &[7; 100]);
+        big.push(END);
+        let error = decode(
+            &mut big.as_slice(),
+            dest.path(),
+            DecodeLimits {
+                entries: 10,
+                bytes: 99,
+            },
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("99 bytes"), "{error}");
+
+        let dest = tempfile::tempdir().unwrap();
+        let mut cut = file("cut", &[7; 100]);
+        cut.truncate(cut.len() - 10);
+        let error = decode(&mut cut.as_slice(), dest.path(), LIMITS).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof, "{error}");
+    }
+}
