@@ -5,3 +5,4 @@
 //! become ext4 root disks, cached by manifest digest (`image_disk`).
 
 pub mod tree_stream;
+pub mod workspace_disk;

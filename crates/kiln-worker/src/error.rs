@@ -46,7 +46,7 @@ pub enum RunError {
 impl RunError {
     /// Wraps a local I/O error with what was being done; a full disk
     /// becomes [`RunError::ExecutorUnavailable`].
-    pub(crate) fn io(context: impl std::fmt::Display, error: std::io::Error) -> RunError {
+    pub fn io(context: impl std::fmt::Display, error: std::io::Error) -> RunError {
         if error.kind() == std::io::ErrorKind::StorageFull
             || error.kind() == std::io::ErrorKind::QuotaExceeded
         {
