@@ -3,3 +3,5 @@
 //! QEMU here (KVM where `/dev/kvm` really runs guests, TCG otherwise); a
 //! static agent is the guest's PID 1 (`agent/main.rs`); container images
 //! become ext4 root disks, cached by manifest digest (`image_disk`).
+
+pub mod image_disk;
