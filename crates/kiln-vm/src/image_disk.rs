@@ -52,9 +52,10 @@ pub struct ImageDisksConfig {
     /// The cache's directory (created if missing; Kiln's alone).
     pub dir: PathBuf,
     /// Bound on the host bytes the cached disks occupy (allocated blocks:
-    /// disks are sparse). Least recently used disks go first; disks in use
-    /// are never evicted, so the cache can exceed this while they run. An
-    /// image whose files alone exceed it is refused.
+    /// disks are sparse), enforced after each build: least recently used
+    /// disks go first; disks in use are never evicted, so the cache can
+    /// exceed this while they run. An image whose files alone exceed it is
+    /// refused.
     pub budget_bytes: u64,
     /// Free space in each disk's file system beyond the image's content:
     /// what an action may write outside its workspace. Costs no host disk
@@ -491,8 +492,13 @@ impl ImageDisks {
                 }
             }
         })?;
-        if totals.skipped > 0 {
-            tracing::debug!(image = %image, skipped = totals.skipped, "left device nodes and FIFOs out of a VM disk");
+        if totals.skipped > 0 || totals.skipped_xattrs > 0 {
+            tracing::debug!(
+                image = %image,
+                device_nodes = totals.skipped,
+                xattrs = totals.skipped_xattrs,
+                "left device nodes, FIFOs and extended attributes out of a VM disk"
+            );
         }
         let unpacked_at = started.elapsed();
 

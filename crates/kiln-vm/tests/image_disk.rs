@@ -20,6 +20,9 @@ use oci_client::Reference;
 
 const REGISTRY: &str = "127.0.0.1:5000";
 const GIB: u64 = 1 << 30;
+const CAP_NET_RAW_EP: [u8; 20] = [
+    1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
 
 fn registry_must_answer() {
     let answered = std::net::TcpStream::connect_timeout(
@@ -68,6 +71,22 @@ impl Layer {
         let mut header = Layer::header(tar::EntryType::Regular, mode, uid, content.len() as u64);
         self.0.append_data(&mut header, path, content).unwrap();
         self
+    }
+
+    /// A file with extended attributes (pax `SCHILY.xattr.*`).
+    fn file_with_xattrs(mut self, path: &str, content: &[u8], xattrs: &[(&str, &[u8])]) -> Layer {
+        let keys: Vec<String> = xattrs
+            .iter()
+            .map(|(name, _)| format!("SCHILY.xattr.{name}"))
+            .collect();
+        self.0
+            .append_pax_extensions(
+                keys.iter()
+                    .map(String::as_str)
+                    .zip(xattrs.iter().map(|x| x.1)),
+            )
+            .unwrap();
+        self.file(path, 0o755, 0, content)
     }
 
     fn link(mut self, kind: tar::EntryType, path: &str, target: &str) -> Layer {
@@ -262,6 +281,16 @@ async fn a_layered_image_becomes_a_disk_holding_exactly_the_merged_tree() {
         .link(tar::EntryType::Symlink, "etc/link", "../bin/tool")
         .link(tar::EntryType::Link, "bin/tool-again", "bin/tool")
         .file("bin/suid", 0o4755, 0, b"suid\n")
+        .file_with_xattrs(
+            "bin/ping",
+            b"ping\n",
+            &[
+                // cap_net_raw+ep, as vfs_cap_data revision 2.
+                ("security.capability", &CAP_NET_RAW_EP),
+                ("user.kiln", b"yes"),
+                ("trusted.overlay.opaque", b"y"),
+            ],
+        )
         .file("keep.txt", 0o600, 0, b"kept, upper\n")
         .device("dev/null");
     let top = Layer::new().file("./late.txt", 0o644, 0, b"late\n");
@@ -307,7 +336,20 @@ async fn a_layered_image_becomes_a_disk_holding_exactly_the_merged_tree() {
     );
     assert_eq!(list(rootfs, "/")["opaque"].mode, 0o40750);
     let bin = list(rootfs, "/bin");
-    assert_eq!(names(rootfs, "/bin"), set(&["suid", "tool", "tool-again"]));
+    assert_eq!(
+        names(rootfs, "/bin"),
+        set(&["ping", "suid", "tool", "tool-again"])
+    );
+    let attributes = debugfs(rootfs, "ea_list /bin/ping");
+    assert!(
+        attributes.contains("user.kiln (3) = \"yes\""),
+        "{attributes}"
+    );
+    assert!(
+        attributes.contains("security.capability (20)"),
+        "{attributes}"
+    );
+    assert!(!attributes.contains("trusted"), "{attributes}");
     assert_eq!(
         (bin["tool"].mode, bin["tool"].uid, bin["tool"].gid),
         (0o100755, 1000, 1000)
@@ -510,6 +552,24 @@ async fn hostile_layers_write_nothing_outside_the_image() {
     );
     assert_eq!(debugfs(&disk.rootfs, "cat /pwned-up"), "climbing\n");
     assert_eq!(debugfs(&disk.rootfs, "cat /hard"), "climbing\n");
+
+    // A hard link through the symlink to a host file: resolved in the
+    // image, where it does not exist, so refused (not a copy of the host's).
+    std::fs::write(victim.path().join("secret"), b"host secret\n").unwrap();
+    let stealing = Layer::new().link(tar::EntryType::Link, "stolen", "out/secret");
+    let symlink = Layer::new().link(tar::EntryType::Symlink, "out", &victim_path);
+    let resolved = push(
+        "hostile-hardlink",
+        vec![symlink.gzip(), stealing.gzip()],
+        serde_json::json!({}),
+    )
+    .await;
+    let error = disks.disk_for(&resolved, None, true).await.unwrap_err();
+    assert!(
+        matches!(&error, RunError::Unsupported(m) if m.contains("\"stolen\"") && m.contains("does not exist")),
+        "{error:?}"
+    );
+
     // Nothing of the refused builds is left.
     assert_eq!(
         std::fs::read_dir(dir.path().join("building"))

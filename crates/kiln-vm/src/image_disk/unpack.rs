@@ -1,9 +1,12 @@
 //! Applying an image's layers, lowest first, to one host directory so it
 //! holds the tree a container of the image would see: whiteouts
 //! (`.wh.NAME`, `.wh..wh..opq`) delete from lower layers only, modes,
-//! owners, symlinks and hard links are kept. Device nodes and FIFOs are
-//! skipped (the guest's `/dev` is a devtmpfs), and so are extended
-//! attributes (file capabilities are lost).
+//! owners, symlinks and hard links are kept, and so are the extended
+//! attributes `security.capability` (file capabilities) and `user.*` of
+//! files and directories, which `mke2fs -d` copies into the disk. Device
+//! nodes and FIFOs are skipped (the guest's `/dev` is a devtmpfs), and so
+//! are other attributes (SELinux labels, ACLs) and modification times of
+//! anything but regular files.
 //!
 //! The image is hostile. An entry naming `..` is refused; every parent of
 //! an entry is resolved *inside* the unpack root, as the guest will see
@@ -48,6 +51,8 @@ pub(crate) struct Totals {
     pub content_bytes: u64,
     /// Device nodes and FIFOs left out.
     pub skipped: u64,
+    /// Extended attributes left out (not kept, or refused by the host).
+    pub skipped_xattrs: u64,
 }
 
 /// Applies the layer in `file` (tar; gzip or zstd compressed, told by its
@@ -108,7 +113,7 @@ pub(crate) fn apply_layer(
             continue; // the root itself
         };
         let parent =
-            resolve_dir(root, components, &mut written).map_err(|e| with_entry(e, &shown))?;
+            resolve_dir(root, components, Some(&mut written)).map_err(|e| with_entry(e, &shown))?;
         let name_bytes = name.as_bytes();
         if name_bytes == b".wh..wh..opq" {
             clear_lower(&parent, &written)
@@ -150,6 +155,7 @@ fn write_entry(
     totals: &mut Totals,
     max_bytes: u64,
 ) -> Result<(), UnpackError> {
+    let xattrs = xattrs_of(entry, totals)?;
     let header = entry.header();
     let kind = header.entry_type();
     let mode = header.mode().unwrap_or(0o644) & 0o7777;
@@ -166,6 +172,7 @@ fn write_entry(
                 fs::create_dir(host).map_err(io("creating the directory"))?;
             }
             set_owner_and_mode(host, uid, gid, mode)?;
+            set_xattrs(host, &xattrs, totals);
         }
         T::Regular | T::Continuous | T::GNUSparse => {
             remove_any(host).map_err(io("replacing"))?;
@@ -186,6 +193,7 @@ fn write_entry(
             }
             drop(file);
             set_owner_and_mode(host, uid, gid, mode)?;
+            set_xattrs(host, &xattrs, totals);
         }
         T::Symlink => {
             let target = entry
@@ -207,9 +215,17 @@ fn write_entry(
             let Some(name) = components.pop() else {
                 return Err(UnpackError::Refused("a hard link to the root".into()));
             };
-            let source = resolve_dir(root, components, written)?.join(name);
-            if fs::symlink_metadata(&source).is_ok_and(|m| m.is_dir()) {
-                return Err(UnpackError::Refused("a hard link to a directory".into()));
+            let source = resolve_dir(root, components, None)?.join(name);
+            match fs::symlink_metadata(&source) {
+                Ok(metadata) if metadata.is_dir() => {
+                    return Err(UnpackError::Refused("a hard link to a directory".into()))
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(UnpackError::Refused(
+                        "a hard link to a path that does not exist".into(),
+                    ))
+                }
             }
             if source != host {
                 remove_any(host).map_err(io("replacing"))?;
@@ -227,6 +243,49 @@ fn write_entry(
     }
     written.insert(host.to_path_buf());
     Ok(())
+}
+
+/// The extended attributes (pax `SCHILY.xattr.NAME`) an entry carries
+/// that are kept; the others are counted in `totals`.
+fn xattrs_of(
+    entry: &mut tar::Entry<'_, impl Read>,
+    totals: &mut Totals,
+) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
+    let mut kept = Vec::new();
+    let Some(extensions) = entry
+        .pax_extensions()
+        .map_err(|e| UnpackError::Refused(format!("bad pax extensions: {e}")))?
+    else {
+        return Ok(kept);
+    };
+    for extension in extensions {
+        let extension =
+            extension.map_err(|e| UnpackError::Refused(format!("a bad pax extension: {e}")))?;
+        let Ok(key) = extension.key() else {
+            continue;
+        };
+        let Some(name) = key.strip_prefix("SCHILY.xattr.") else {
+            continue;
+        };
+        if name == "security.capability" || name.starts_with("user.") {
+            kept.push((name.to_string(), extension.value_bytes().to_vec()));
+        } else {
+            totals.skipped_xattrs += 1;
+        }
+    }
+    Ok(kept)
+}
+
+/// After chown: chown clears `security.capability`. A host file system
+/// that refuses one only loses that attribute (counted), not the build.
+fn set_xattrs(host: &Path, xattrs: &[(String, Vec<u8>)], totals: &mut Totals) {
+    for (name, value) in xattrs {
+        if rustix::fs::lsetxattr(host, name.as_str(), value, rustix::fs::XattrFlags::empty())
+            .is_err()
+        {
+            totals.skipped_xattrs += 1;
+        }
+    }
 }
 
 fn owner_id(id: io::Result<u64>) -> Result<u32, UnpackError> {
@@ -258,12 +317,13 @@ fn relative_components(path: &Path) -> Result<Vec<OsString>, &'static str> {
 }
 
 /// The host directory that `components` name under `root`, symlinks among
-/// them resolved inside `root` (see the module comment); missing
-/// directories are created (mode 0755, root's) and noted in `written`.
+/// them resolved inside `root` (see the module comment). With `written`,
+/// missing directories are created (mode 0755, root's) and noted there;
+/// without, a missing one is refused.
 fn resolve_dir(
     root: &Path,
     components: Vec<OsString>,
-    written: &mut HashSet<PathBuf>,
+    mut written: Option<&mut HashSet<PathBuf>>,
 ) -> Result<PathBuf, UnpackError> {
     let mut resolved: Vec<OsString> = Vec::new();
     let mut pending: VecDeque<OsString> = components.into();
@@ -307,6 +367,9 @@ fn resolve_dir(
                 )))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let Some(written) = written.as_deref_mut() else {
+                    return Err(UnpackError::Refused("a path that does not exist".into()));
+                };
                 fs::create_dir(&host).map_err(io_error(|| "creating a parent".into()))?;
                 written.insert(host);
                 resolved.push(name);
