@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use kiln_container::image::{parse_image, registry_client};
 use kiln_container::{ImageConfig, Images, ResolvedImage};
-use kiln_platform::{Platform, PropertySources};
+use kiln_platform::{Platform, PropertySources, RegistryCredentials, Secret};
 use kiln_vm::image_disk::{ImageDisks, ImageDisksConfig};
 use kiln_worker::{CancellationToken, RunError};
 use oci_client::client::{Config, ImageLayer};
@@ -313,6 +313,7 @@ async fn a_layered_image_becomes_a_disk_holding_exactly_the_merged_tree() {
     let disk = disks.disk_for(&resolved, None, true).await.unwrap();
     let rootfs = &disk.rootfs;
     assert_eq!(disks.builds(), 1);
+    fsck_clean(rootfs);
 
     // lost+found is mke2fs's; the device node is left out, its parent kept.
     assert_eq!(
@@ -618,6 +619,118 @@ async fn registry_errors_name_the_image_and_registry() {
     );
 }
 
+/// Runs `tests/images/build.sh` (fast when the registries hold the current
+/// images); `name:tag` → manifest digest.
+fn test_images() -> BTreeMap<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/images/build.sh");
+    let built = Command::new("bash").arg(&script).output().unwrap();
+    assert!(
+        built.status.success(),
+        "{} failed (scripts/services.sh start first): {}",
+        script.display(),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    String::from_utf8(built.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let (name, digest) = line.split_once('@')?;
+            Some((name.to_string(), digest.to_string()))
+        })
+        .collect()
+}
+
+fn resolved(images: &BTreeMap<String, String>, name: &str) -> ResolvedImage {
+    ResolvedImage {
+        image: parse_image(name).unwrap(),
+        digest: images
+            .get(name)
+            .unwrap_or_else(|| panic!("build.sh made no {name}"))
+            .clone(),
+    }
+}
+
+fn fsck_clean(disk: &Path) {
+    let checked = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "e2fsck: {checked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_test_images_become_disks_with_their_config() {
+    registry_must_answer();
+    let images = test_images();
+    let dir = tempfile::tempdir().unwrap();
+    let disks = cache(dir.path(), 4 * GIB);
+
+    let base = resolved(&images, "127.0.0.1:5000/kiln-test/base:latest");
+    let disk = disks.disk_for(&base, None, true).await.unwrap();
+    fsck_clean(&disk.rootfs);
+    let root = list(&disk.rootfs, "/");
+    assert_eq!(root["tmp"].mode, 0o41777);
+    assert!(debugfs(&disk.rootfs, "cat /etc/passwd").contains("builder:x:1000:1000:"));
+    let sh = debugfs(&disk.rootfs, "stat /bin/sh");
+    assert!(sh.contains("Type: symlink"), "{sh}");
+    let busybox = debugfs(&disk.rootfs, "stat /bin/busybox");
+    assert!(
+        busybox.contains("Type: regular") && busybox.contains("Mode:  0755"),
+        "{busybox}"
+    );
+    assert_eq!(disk.config.entrypoint, Vec::<String>::new());
+    assert!(
+        disk.config.env.iter().any(|v| v.starts_with("PATH=")),
+        "{:?}",
+        disk.config
+    );
+    assert_eq!(disk.config.user, None);
+
+    let nonroot = resolved(&images, "127.0.0.1:5000/kiln-test/nonroot:latest");
+    let disk = disks.disk_for(&nonroot, None, true).await.unwrap();
+    assert_eq!(disk.config.user.as_deref(), Some("1000:1000"));
+    let entrypoint = resolved(&images, "127.0.0.1:5000/kiln-test/entrypoint:latest");
+    let disk = disks.disk_for(&entrypoint, None, true).await.unwrap();
+    assert_eq!(disk.config.entrypoint, ["/entrypoint.sh"]);
+    assert!(debugfs(&disk.rootfs, "cat /entrypoint.sh").contains("exec \"$@\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_image_is_pulled_with_the_credentials_and_refused_without() {
+    registry_must_answer();
+    let images = test_images();
+    let private = resolved(&images, "127.0.0.1:5001/kiln-test/private:latest");
+    let credentials = |password: &str| RegistryCredentials {
+        username: "kiln".into(),
+        password: Secret::new(password),
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let disks = cache(dir.path(), 4 * GIB);
+    let wrong = credentials("Wrong-Password-1");
+    let error = disks
+        .disk_for(&private, Some(&wrong), true)
+        .await
+        .unwrap_err();
+    let RunError::Unsupported(message) = &error else {
+        panic!("refused credentials are a failed precondition: {error:?}");
+    };
+    assert!(message.contains("kiln-test/private"), "{message}");
+    assert!(message.contains("\"kiln\""), "{message}");
+    assert!(!message.contains("Wrong-Password-1"), "{message}");
+    let error = disks.disk_for(&private, None, true).await.unwrap_err();
+    assert!(
+        matches!(&error, RunError::Unsupported(m) if m.contains("requires credentials")),
+        "{error:?}"
+    );
+
+    let right = credentials("Kiln-Test-Secret-7f3a9c");
+    let disk = disks.disk_for(&private, Some(&right), true).await.unwrap();
+    assert!(debugfs(&disk.rootfs, "cat /etc/passwd").contains("builder"));
+    assert_eq!(disks.builds(), 1);
+}
+
 /// Not a pass/fail test: the time to turn a ~100 MB image (half random,
 /// half text, two gzip layers) into a disk, cold and cached. Run with
 /// `cargo test -p kiln-vm --test image_disk -- --ignored --nocapture`.
@@ -625,6 +738,11 @@ async fn registry_errors_name_the_image_and_registry() {
 #[ignore = "a measurement, printed"]
 async fn measure_a_100_mb_image() {
     registry_must_answer();
+    // The build's own log line splits the time: pull, unpack, mkfs.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("kiln_vm=info")
+        .with_test_writer()
+        .try_init();
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut random = |len: usize| -> Vec<u8> {
         (0..len)
