@@ -667,7 +667,7 @@ fn local_error(context: &str, error: io::Error) -> RunError {
         error.kind(),
         io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
     ) {
-        RunError::ExecutorUnavailable(format!("{context}: {error}"))
+        RunError::ExecutorUnavailable(format!("building the VM disk of {context}: {error}"))
     } else {
         RunError::Internal(format!("building the VM disk of {context}: {error}"))
     }
