@@ -257,23 +257,11 @@ impl Images {
         image: &ContainerImage,
         credentials: Option<&RegistryCredentials>,
     ) -> Result<String, RunError> {
-        install_crypto_provider();
         let reference = oci_reference(image);
-        let protocol = if self.is_insecure(&image.registry) {
-            ClientProtocol::HttpsExcept(vec![image.registry.clone()])
-        } else {
-            ClientProtocol::Https
-        };
         // A client per resolution: oci-client remembers credentials and
         // tokens per registry, which must never serve another request.
-        let client = Client::new(ClientConfig {
-            protocol,
-            ..Default::default()
-        });
-        let auth = match credentials {
-            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.expose().to_string()),
-            None => RegistryAuth::Anonymous,
-        };
+        let client = registry_client(&image.registry, self.is_insecure(&image.registry));
+        let auth = registry_auth(credentials);
         let asked = tokio::time::timeout(
             self.config.registry_timeout,
             client.fetch_manifest_digest(&reference, &auth),
@@ -285,14 +273,38 @@ impl Images {
                 image.registry, self.config.registry_timeout
             ))),
             Ok(Ok(digest)) => Ok(digest),
-            Ok(Err(error)) => Err(classify(&error, image, credentials)),
+            Ok(Err(error)) => Err(registry_error(&error, image, credentials, "resolving")),
         }
+    }
+}
+
+/// A fresh registry client for `registry` (plain HTTP when `insecure`).
+/// Make one per request: oci-client remembers credentials and tokens per
+/// registry, which must never serve another request.
+pub fn registry_client(registry: &str, insecure: bool) -> Client {
+    install_crypto_provider();
+    let protocol = if insecure {
+        ClientProtocol::HttpsExcept(vec![registry.to_string()])
+    } else {
+        ClientProtocol::Https
+    };
+    Client::new(ClientConfig {
+        protocol,
+        ..Default::default()
+    })
+}
+
+/// How oci-client presents `credentials` (anonymous when None).
+pub fn registry_auth(credentials: Option<&RegistryCredentials>) -> RegistryAuth {
+    match credentials {
+        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.expose().to_string()),
+        None => RegistryAuth::Anonymous,
     }
 }
 
 /// The distribution-API reference of `image`. Docker Hub's official
 /// images live under `library/`, which users leave out.
-fn oci_reference(image: &ContainerImage) -> Reference {
+pub fn oci_reference(image: &ContainerImage) -> Reference {
     let repository = if image.registry == "docker.io" && !image.repository.contains('/') {
         format!("library/{}", image.repository)
     } else {
@@ -343,14 +355,15 @@ pub fn is_loopback(registry: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Turns a registry error into FAILED_PRECONDITION (unknown image, refused
-/// credentials) or UNAVAILABLE (unreachable registry), naming the image and
-/// the registry. The library's own message is never shown: it could echo
-/// what was sent.
-fn classify(
+/// Turns a registry error met while `doing` (`"resolving"`, `"pulling"`)
+/// into FAILED_PRECONDITION (unknown image, refused credentials) or
+/// UNAVAILABLE (unreachable registry), naming the image and the registry.
+/// The library's own message is never shown: it could echo what was sent.
+pub fn registry_error(
     error: &OciDistributionError,
     image: &ContainerImage,
     credentials: Option<&RegistryCredentials>,
+    doing: &str,
 ) -> RunError {
     let registry = &image.registry;
     let refused = || match credentials {
@@ -370,7 +383,7 @@ fn classify(
     };
     let unavailable = |why: &str| {
         RunError::Unavailable(format!(
-            "registry {registry} is unavailable ({why}) while resolving image {image}"
+            "registry {registry} is unavailable ({why}) while {doing} image {image}"
         ))
     };
     match error {
@@ -421,7 +434,7 @@ fn classify(
             "registry {registry} returned a manifest for image {image} whose digest does not match"
         )),
         other => RunError::Unsupported(format!(
-            "could not resolve image {image} at registry {registry} ({})",
+            "{doing} image {image} at registry {registry} failed ({})",
             kind_of(other)
         )),
     }

@@ -4,5 +4,6 @@
 //! static agent is the guest's PID 1 (`agent/main.rs`); container images
 //! become ext4 root disks, cached by manifest digest (`image_disk`).
 
+pub mod image_disk;
 pub mod tree_stream;
 pub mod workspace_disk;
