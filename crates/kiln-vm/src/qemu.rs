@@ -376,9 +376,25 @@ impl Vmm for QemuVmm {
             )));
         }
         let mut vm = self.start(spec, Some(&overlay), Some(&memory)).await?;
-        // QEMU runs the guest once the incoming state is loaded; the agent
-        // answers as soon as it does.
-        match tokio::time::timeout(spec.boot_timeout, vm.guest.ping()).await {
+        // The VM was paused when saved, so it stays paused once loaded:
+        // wait for the load, then resume it. The agent answers a ping
+        // as soon as it runs.
+        let resumed = async {
+            let deadline = Instant::now() + spec.boot_timeout;
+            loop {
+                let status = vm.qmp(r#"{"execute":"query-status"}"#).await?;
+                if !status.contains("inmigrate") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(vm.guest.error("loading the snapshot did not finish"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            vm.resume().await?;
+            vm.guest.ping().await
+        };
+        match tokio::time::timeout(spec.boot_timeout, resumed).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(vm.with_qemu_log(e).await),
             Err(_) => {

@@ -103,6 +103,7 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+#[derive(Debug)]
 struct Output {
     stdout: String,
     stderr: String,
@@ -344,4 +345,76 @@ async fn a_dropped_vm_leaves_nothing_and_a_bad_kernel_is_named() {
         .to_string();
     assert!(error.contains("broken-vm"), "{error}");
     assert!(!runtime.join("broken-vm").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restores_files_and_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root_disk(dir.path());
+    let runtime = dir.path().join("run");
+    let vmm = QemuVmm::new(
+        QemuConfig::new(dir.path().join("initramfs")),
+        Path::new(DEFAULT_KERNEL),
+    )
+    .await
+    .expect("QEMU is needed for this test");
+    let mut spec = VmSpec::new("warm-vm", &root, &runtime);
+    spec.memory_mib = 256;
+    spec.boot_timeout = Duration::from_secs(60);
+    let vm = vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"));
+    let cold_boot = vm.boot_duration();
+    let first = run(
+        &*vm,
+        shell("echo kept > /etc/marker; sleep 1000 & echo started"),
+    )
+    .await;
+    assert_eq!(
+        first.outcome.status,
+        GuestStatus::Exited(0),
+        "{}",
+        first.stderr
+    );
+
+    vm.pause().await.unwrap();
+    vm.resume().await.unwrap();
+    assert_eq!(
+        run(&*vm, RunRequest::new(["echo", "resumed"])).await.stdout,
+        "resumed\n"
+    );
+
+    let snapshot = dir.path().join("snapshot");
+    vm.snapshot(&snapshot)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(vm);
+
+    let restored_spec = VmSpec {
+        name: "restored-vm".into(),
+        ..spec.clone()
+    };
+    let restored = vmm
+        .restore(&restored_spec, &snapshot)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "cold boot {cold_boot:?}, restore to the agent's answer {:?}",
+        restored.boot_duration()
+    );
+    let marker = run(&*restored, RunRequest::new(["cat", "/etc/marker"])).await;
+    assert_eq!(marker.stdout, "kept\n", "{}", marker.stderr);
+    // The process the first action left in the background lives on.
+    let processes = run(
+        &*restored,
+        shell("for p in /proc/[0-9]*; do cat $p/comm; done"),
+    )
+    .await;
+    assert!(
+        processes.stdout.lines().any(|name| name == "sleep"),
+        "no sleep process: {}",
+        processes.stdout
+    );
+    let restored_dir = runtime.join("restored-vm");
+    drop(restored);
+    assert!(!restored_dir.exists());
+    assert!(processes_mentioning(&runtime.display().to_string()).is_empty());
 }
