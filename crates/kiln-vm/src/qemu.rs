@@ -149,7 +149,7 @@ impl QemuVmm {
             .arg(&spec.kernel)
             .arg("-initrd")
             .arg(initramfs)
-            .args(["-append", "console=ttyS0 panic=-1 quiet rdinit=/init"])
+            .args(["-append", "console=ttyS0 panic=-1 rdinit=/init"])
             .args([
                 "-chardev",
                 &format!("file,id=console,path={}", path("console.log")),

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use kiln_vm::vmm::{DEFAULT_KERNEL, DEFAULT_MODULES_DIR};
 use kiln_vm::{
-    GuestOutcome, GuestStatus, GuestUser, Network, QemuConfig, QemuVmm, RunRequest, Vm, VmSpec,
-    Vmm, WorkspaceDisk,
+    GuestOutcome, GuestStatus, GuestUser, Machine, Network, QemuConfig, QemuVmm, RunRequest, Vm,
+    VmSpec, Vmm, WorkspaceDisk,
 };
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -124,6 +124,20 @@ async fn run(vm: &dyn Vm, request: RunRequest) -> Output {
     }
 }
 
+/// The QEMU config, with the machine type from `KILN_TEST_VM_MACHINE`
+/// (`q35`, `pc`) to compare boot times.
+fn qemu_config(dir: &Path) -> QemuConfig {
+    let mut config = QemuConfig::new(dir.join("initramfs"));
+    if let Ok(machine) = std::env::var("KILN_TEST_VM_MACHINE") {
+        config.machine = match machine.as_str() {
+            "pc" => Machine::Pc,
+            "q35" => Machine::Q35,
+            other => panic!("unknown machine {other}"),
+        };
+    }
+    config
+}
+
 fn shell(script: &str) -> RunRequest {
     RunRequest::new(["sh", "-c", script])
 }
@@ -139,12 +153,9 @@ async fn an_action_runs_in_a_booted_vm() {
     let root_before = std::fs::read(&root).unwrap();
     let work = workspace_disk(dir.path());
     let runtime = dir.path().join("run");
-    let vmm = QemuVmm::new(
-        QemuConfig::new(dir.path().join("initramfs")),
-        Path::new(DEFAULT_KERNEL),
-    )
-    .await
-    .expect("QEMU is needed for this test");
+    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test");
     let mut spec = VmSpec::new("test-vm", &root, &runtime);
     spec.modules_dir = DEFAULT_MODULES_DIR.into();
     spec.memory_mib = 384;
@@ -306,12 +317,9 @@ async fn a_dropped_vm_leaves_nothing_and_a_bad_kernel_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let root = root_disk(dir.path());
     let runtime = dir.path().join("run");
-    let vmm = QemuVmm::new(
-        QemuConfig::new(dir.path().join("initramfs")),
-        Path::new(DEFAULT_KERNEL),
-    )
-    .await
-    .expect("QEMU is needed for this test");
+    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test");
     let mut spec = VmSpec::new("dropped-vm", &root, &runtime);
     spec.memory_mib = 256;
     spec.network = Network::User { netns: None };
@@ -325,6 +333,35 @@ async fn a_dropped_vm_leaves_nothing_and_a_bad_kernel_is_named() {
     );
     let vm_dir = runtime.join("dropped-vm");
     assert!(vm_dir.is_dir());
+
+    // QEMU dying mid-action: an error naming the VM, not a hang.
+    let qemu_pids: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-system") && cmdline.contains(&*vm_dir.to_string_lossy())
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(qemu_pids.len(), 1, "{qemu_pids:?}");
+    let mut stdout = Vec::new();
+    let sleeping = shell("echo sleeping; sleep 100");
+    let action = vm.guest().run(
+        &sleeping,
+        &mut stdout,
+        tokio::io::sink(),
+        CancellationToken::new(),
+    );
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        run_tool(Command::new("kill").args(["-9", &qemu_pids[0]]));
+    };
+    let (result, ()) = tokio::join!(action, killer);
+    let error = result.expect_err("QEMU was killed").to_string();
+    println!("QEMU killed mid-action: {error}");
+    assert!(error.contains("dropped-vm"), "{error}");
     drop(vm);
     assert!(!vm_dir.exists(), "{} is left", vm_dir.display());
     let left = processes_mentioning(&vm_dir.display().to_string());
@@ -343,6 +380,7 @@ async fn a_dropped_vm_leaves_nothing_and_a_bad_kernel_is_named() {
         .err()
         .expect("a bogus kernel fails")
         .to_string();
+    println!("a bogus kernel: {error}");
     assert!(error.contains("broken-vm"), "{error}");
     assert!(!runtime.join("broken-vm").exists());
 }
@@ -352,12 +390,9 @@ async fn a_snapshot_restores_files_and_processes() {
     let dir = tempfile::tempdir().unwrap();
     let root = root_disk(dir.path());
     let runtime = dir.path().join("run");
-    let vmm = QemuVmm::new(
-        QemuConfig::new(dir.path().join("initramfs")),
-        Path::new(DEFAULT_KERNEL),
-    )
-    .await
-    .expect("QEMU is needed for this test");
+    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test");
     let mut spec = VmSpec::new("warm-vm", &root, &runtime);
     spec.memory_mib = 256;
     spec.boot_timeout = Duration::from_secs(60);
