@@ -23,8 +23,10 @@
 //!   `signaled SIGNAL TIMED_OUT OOM` (flags `0`/`1`), or `failed MESSAGE`.
 //! - `signal SIGNAL`: to the running action's process group.
 //! - `sync` → `synced`; `shutdown` → `halted` (synced, workspace
-//!   unmounted: the host may stop the VM and read the disk); `ping` →
-//!   `pong` (after a restore).
+//!   unmounted: the host may stop the VM and read the disk);
+//!   `ping UNIX_NANOS SEED` → `pong` (after a restore: the clock is set to
+//!   the host's, and SEED is mixed into the kernel's RNG and reseeds it,
+//!   so two VMs restored from one snapshot do not share random numbers).
 
 #[path = "frame.rs"]
 mod frame;
@@ -662,7 +664,19 @@ impl Agent {
                 unsafe { sync() };
                 self.control.send(&[b"halted"]);
             }
-            Some(b"ping") => self.control.send(&[b"pong"]),
+            Some(b"ping") => {
+                if let Some(nanos) = request
+                    .get(1)
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse::<u128>().ok())
+                {
+                    set_clock(nanos);
+                }
+                if let Some(seed) = request.get(2).filter(|s| !s.is_empty()) {
+                    reseed(seed);
+                }
+                self.control.send(&[b"pong"]);
+            }
             _ => self.control.send(&[b"failed", b"unknown request"]),
         }
     }
@@ -841,6 +855,48 @@ impl Agent {
         }
         self.action = Some(action);
         Ok(())
+    }
+}
+
+#[repr(C)]
+struct TimeSpec {
+    seconds: i64,
+    nanoseconds: i64,
+}
+
+fn set_clock(unix_nanos: u128) {
+    const CLOCK_REALTIME: c_int = 0;
+    extern "C" {
+        fn clock_settime(clock: c_int, time: *const TimeSpec) -> c_int;
+    }
+    let time = TimeSpec {
+        seconds: (unix_nanos / 1_000_000_000) as i64,
+        nanoseconds: (unix_nanos % 1_000_000_000) as i64,
+    };
+    if unsafe { clock_settime(CLOCK_REALTIME, &time) } != 0 {
+        log("setting the clock failed");
+    }
+}
+
+/// Credits `seed` to the kernel's entropy pool (RNDADDENTROPY), then
+/// reseeds its CRNG from it (RNDRESEEDCRNG).
+fn reseed(seed: &[u8]) {
+    const RNDADDENTROPY: u64 = 0x4008_5203;
+    const RNDRESEEDCRNG: u64 = 0x5207;
+    let Ok(random) = std::fs::OpenOptions::new().write(true).open("/dev/urandom") else {
+        return log("opening /dev/urandom failed");
+    };
+    // struct rand_pool_info: entropy_count (bits), buf_size (bytes), buf.
+    let mut info = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info.extend_from_slice(seed);
+    unsafe {
+        if ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) != 0
+            || ioctl(random.as_raw_fd(), RNDRESEEDCRNG) != 0
+        {
+            log("reseeding the RNG failed");
+        }
     }
 }
 

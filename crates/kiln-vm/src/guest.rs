@@ -223,10 +223,25 @@ impl Guest {
         }
     }
 
-    /// Sends `ping` and waits for `pong` (after a restore).
+    /// Sends `ping` and waits for `pong`. The agent sets its clock to the
+    /// host's and reseeds its RNG with fresh host randomness: what a
+    /// restored VM needs before it runs anything.
     pub async fn ping(&self) -> Result<(), VmError> {
         let mut readers = self.readers.lock().await;
-        self.send(&[b"ping"]).await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            .to_string();
+        let mut seed = [0u8; 64];
+        let mut random = tokio::fs::File::open("/dev/urandom")
+            .await
+            .map_err(|e| VmError::Setup(format!("opening /dev/urandom: {e}")))?;
+        random
+            .read_exact(&mut seed)
+            .await
+            .map_err(|e| VmError::Setup(format!("reading /dev/urandom: {e}")))?;
+        self.send(&[b"ping", now.as_bytes(), &seed]).await?;
         self.expect(&mut readers, b"pong").await
     }
 

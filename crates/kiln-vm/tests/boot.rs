@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 const APPLETS: &[&str] = &[
     "sh", "uname", "cat", "echo", "sleep", "id", "dd", "head", "grep", "ls", "mkdir", "sync",
+    "date",
 ];
 
 fn tool(name: &str) -> PathBuf {
@@ -434,6 +435,17 @@ async fn a_snapshot_restores_files_and_processes() {
     println!(
         "cold boot {cold_boot:?}, restore to the agent's answer {:?}",
         restored.boot_duration()
+    );
+    // The guest's clock is the host's again (it stood still while saved).
+    let clock = run(&*restored, RunRequest::new(["date", "+%s"])).await;
+    let guest_seconds: i64 = clock.stdout.trim().parse().expect("date +%s");
+    let host_seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_seconds - host_seconds).abs() <= 5,
+        "guest {guest_seconds} host {host_seconds}"
     );
     let marker = run(&*restored, RunRequest::new(["cat", "/etc/marker"])).await;
     assert_eq!(marker.stdout, "kept\n", "{}", marker.stderr);
