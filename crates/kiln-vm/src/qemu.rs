@@ -324,9 +324,19 @@ impl QemuVmm {
             }
         };
         let guest = Guest::new(&spec.name, &dir.join("console.log"), control, data);
-        let qmp = Qmp::connect(qmp)
-            .await
-            .map_err(|e| guest.error(format!("QMP: {e}")))?;
+        let qmp = match Qmp::connect(qmp).await {
+            Ok(qmp) => qmp,
+            Err(e) => {
+                // The directory goes when `cleanup` drops, after its log
+                // is read.
+                let cleanup = parking_lot::Mutex::new(cleanup);
+                let exited = qemu_exit(&cleanup).await;
+                let log = exited
+                    .map(|status| format!("; QEMU exited ({status}): {}", qemu_log_text(&dir)))
+                    .unwrap_or_default();
+                return Err(guest.error(format!("QMP: {e}{log}")));
+            }
+        };
         Ok(QemuVm {
             name: spec.name.clone(),
             accelerator: self.accelerator,
@@ -432,6 +442,18 @@ impl Drop for Cleanup {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// QEMU's exit status if it exits within half a second: sockets close as
+/// QEMU exits, so whoever saw one close gives it a moment.
+async fn qemu_exit(cleanup: &parking_lot::Mutex<Cleanup>) -> Option<std::process::ExitStatus> {
+    for _ in 0..50 {
+        if let Some(status) = cleanup.lock().qemu_exited() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }
 
 /// Connects to a socket QEMU makes, once it exists (bounded; fails early
@@ -596,16 +618,7 @@ impl QemuVm {
     /// `error`, with QEMU's own messages when QEMU has exited (a kernel
     /// it cannot load, say).
     async fn with_qemu_log(&self, error: VmError) -> VmError {
-        // The agent's port closes as QEMU exits: give it a moment.
-        let mut exited = None;
-        for _ in 0..50 {
-            exited = self.cleanup.lock().qemu_exited();
-            if exited.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let Some(status) = exited else {
+        let Some(status) = qemu_exit(&self.cleanup).await else {
             return error;
         };
         let cleanup = self.cleanup.lock();

@@ -213,6 +213,17 @@ async fn an_action_runs_in_a_booted_vm() {
     assert!(killed.outcome.timed_out);
     assert_eq!(killed.outcome.status, GuestStatus::Signaled(9));
 
+    // Bulk output arrives whole (and how fast, for the record).
+    let started = std::time::Instant::now();
+    let bulk = run(
+        &*vm,
+        RunRequest::new(["dd", "if=/dev/zero", "bs=1M", "count=16"]),
+    )
+    .await;
+    println!("16 MiB of stdout in {:?}", started.elapsed());
+    assert_eq!(bulk.stdout.len(), 16 << 20);
+    assert_eq!(bulk.outcome.status, GuestStatus::Exited(0));
+
     // The memory the guest sees is what was asked for, less the kernel's
     // own reservations.
     let meminfo = run(&*vm, RunRequest::new(["cat", "/proc/meminfo"])).await;
@@ -383,6 +394,7 @@ async fn a_dropped_vm_leaves_nothing_and_a_bad_kernel_is_named() {
         .to_string();
     println!("a bogus kernel: {error}");
     assert!(error.contains("broken-vm"), "{error}");
+    assert!(error.contains("QEMU exited"), "{error}");
     assert!(!runtime.join("broken-vm").exists());
 }
 
@@ -461,6 +473,10 @@ async fn a_snapshot_restores_files_and_processes() {
         processes.stdout
     );
     let restored_dir = runtime.join("restored-vm");
+    // The agent logs to the console only what failed (the clock, the
+    // reseed).
+    let console = std::fs::read_to_string(restored_dir.join("console.log")).unwrap();
+    assert!(!console.contains("kiln vm agent"), "{console}");
     drop(restored);
     assert!(!restored_dir.exists());
     assert!(processes_mentioning(&runtime.display().to_string()).is_empty());
