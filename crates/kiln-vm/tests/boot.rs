@@ -343,6 +343,14 @@ async fn a_dropped_vm_leaves_nothing_and_a_bad_kernel_is_named() {
         "no default route via 10.0.2.2: {}",
         network.stdout
     );
+    // In the caller's own network namespace, slirp's 10.0.2.2 is the
+    // host's loopback: what `Network::User { netns }` exists to prevent
+    // (see the next test).
+    let (port, answered) = loopback_listener();
+    let reach = run(&*vm, shell(&format!("echo hi | nc 10.0.2.2 {port}"))).await;
+    assert_eq!(reach.stdout, "pong\n", "{}", reach.stderr);
+    answered.join().unwrap();
+
     let vm_dir = runtime.join("dropped-vm");
     assert!(vm_dir.is_dir());
 
@@ -480,4 +488,67 @@ async fn a_snapshot_restores_files_and_processes() {
     drop(restored);
     assert!(!restored_dir.exists());
     assert!(processes_mentioning(&runtime.display().to_string()).is_empty());
+}
+
+/// A listener on the host's 127.0.0.1 answering one connection with
+/// `pong`; its port.
+fn loopback_listener() -> (u16, std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.write_all(b"pong\n").unwrap();
+    });
+    (port, thread)
+}
+
+/// A network namespace made for a test, deleted after.
+struct NetworkNamespace(String);
+
+impl NetworkNamespace {
+    fn new() -> Self {
+        let name = format!("kiln-vm-test-{}", std::process::id());
+        run_tool(Command::new(tool("ip")).args(["netns", "add", &name]));
+        NetworkNamespace(name)
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for NetworkNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_in_its_own_network_namespace_cannot_reach_the_host_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root_disk(dir.path());
+    let runtime = dir.path().join("run");
+    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test");
+    let namespace = NetworkNamespace::new();
+    let mut spec = VmSpec::new("netns-vm", &root, &runtime);
+    spec.memory_mib = 256;
+    spec.network = Network::User {
+        netns: Some(namespace.path()),
+    };
+    let vm = vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"));
+    let (port, _listener) = loopback_listener();
+    let reach = run(&*vm, shell(&format!("echo hi | nc 10.0.2.2 {port}"))).await;
+    assert_eq!(reach.stdout, "", "the host's loopback answered");
+    assert_ne!(
+        reach.outcome.status,
+        GuestStatus::Exited(0),
+        "{}",
+        reach.stderr
+    );
+    drop(vm);
 }
