@@ -157,6 +157,7 @@ const CGROUP: &str = "/sys/fs/cgroup";
 fn main() {
     // SIGCHLD is read from a descriptor, never delivered; children get an
     // empty mask back before they exec.
+    // SAFETY: the set is a local glibc sigset_t; the new descriptor is owned by the File alone.
     let signals = unsafe {
         let mut set = SigSet([0; 16]);
         sigemptyset(&mut set);
@@ -220,6 +221,7 @@ fn mount_fs(source: &str, target: &str, kind: &str, options: &str) -> Result<(),
         c_string(kind),
         c_string(options),
     );
+    // SAFETY: NUL-terminated strings that outlive the call.
     let result = unsafe {
         mount(
             source.as_ptr(),
@@ -258,6 +260,7 @@ fn load_modules() -> Result<(), String> {
         let options = c_string(&options.join(" "));
         let file = std::fs::File::open(path).map_err(|e| format!("opening {path}: {e}"))?;
         let result =
+            // SAFETY: an open descriptor and a NUL-terminated option string that outlive the call.
             unsafe { syscall(SYS_FINIT_MODULE, file.as_raw_fd(), options.as_ptr(), 0 as c_int) };
         if result != 0 && errno() != EEXIST {
             return Err(format!(
@@ -445,6 +448,7 @@ impl Agent {
                     .min(60_000) as c_int
                     + 1
             });
+            // SAFETY: `fds` is a live array of `fds.len()` pollfds.
             let ready = unsafe { poll(fds.as_mut_ptr(), fds.len() as u64, timeout.unwrap_or(-1)) };
             if ready < 0 {
                 if errno() == EINTR {
@@ -495,10 +499,12 @@ impl Agent {
         let now = Instant::now();
         if !action.timed_out && action.terminate_at.is_some_and(|at| now >= at) {
             action.timed_out = true;
+            // SAFETY: kill takes plain integers.
             unsafe { kill(-action.pid, SIGTERM) };
         }
         if action.timed_out && action.kill_at.is_some_and(|at| now >= at) {
             action.kill_at = None;
+            // SAFETY: kill takes plain integers.
             unsafe { kill(-action.pid, SIGKILL) };
         }
     }
@@ -536,6 +542,7 @@ impl Agent {
         let _ = self.signals.read(&mut info);
         loop {
             let mut status: c_int = 0;
+            // SAFETY: `status` is a live local.
             let pid = unsafe { waitpid(-1, &mut status, WNOHANG) };
             if pid <= 0 {
                 return;
@@ -608,6 +615,7 @@ impl Agent {
             events: POLLIN,
             revents: 0,
         }];
+        // SAFETY: a one-element live pollfd array.
         unsafe { poll(fd.as_mut_ptr(), 1, 0) > 0 }
     }
 
@@ -642,18 +650,22 @@ impl Agent {
                     .and_then(|s| s.parse::<c_int>().ok());
                 if let (Some(action), Some(signal)) = (&self.action, signal) {
                     if action.status.is_none() {
+                        // SAFETY: kill takes plain integers.
                         unsafe { kill(-action.pid, signal) };
                     }
                 }
             }
             Some(b"sync") => {
+                // SAFETY: sync takes nothing.
                 unsafe { sync() };
                 self.control.send(&[b"synced"]);
             }
             Some(b"shutdown") => {
+                // SAFETY: sync takes nothing.
                 unsafe { sync() };
                 if let Some(workspace) = self.workspace.take() {
                     if let Ok(path) = c_path(&workspace) {
+                        // SAFETY: a NUL-terminated path that outlives the call.
                         if unsafe { umount2(path.as_ptr(), 0) } != 0 {
                             // Busy (a process left running in it): detach,
                             // after the sync above.
@@ -661,6 +673,7 @@ impl Agent {
                         }
                     }
                 }
+                // SAFETY: sync takes nothing.
                 unsafe { sync() };
                 self.control.send(&[b"halted"]);
             }
@@ -691,7 +704,9 @@ impl Agent {
                 .ok_or_else(|| "malformed boot request".to_string())
         };
         let (workspace, network, hostname) = (field(0)?, field(1)?, field(2)?);
-        let root = wait_for("the root disk (serial kiln-root)", || find_disk("kiln-root"))?;
+        let root = wait_for("the root disk (serial kiln-root)", || {
+            find_disk("kiln-root")
+        })?;
         std::fs::create_dir_all(NEW_ROOT).map_err(|e| e.to_string())?;
         mount_fs(&root.to_string_lossy(), NEW_ROOT, "ext4", "")
             .map_err(|e| format!("mounting the root disk {}: {e}", root.display()))?;
@@ -728,6 +743,7 @@ impl Agent {
             self.workspace = Some(PathBuf::from(workspace));
         }
         if !hostname.is_empty() {
+            // SAFETY: a pointer and length of a live string.
             unsafe { sethostname(hostname.as_ptr().cast(), hostname.len()) };
         }
         interface_up("lo", None)?;
@@ -797,6 +813,8 @@ impl Agent {
         let (stderr_read, stderr_write) = pipe(O_CLOEXEC)?;
         let (report_read, report_write) = pipe(O_CLOEXEC)?;
         let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        // SAFETY: the agent is single-threaded, so the child may run anything; it
+        // still keeps to async-signal-safe calls (`child`).
         let pid = unsafe { fork() };
         if pid == 0 {
             // The child: only async-signal-safe calls from here on.
@@ -805,12 +823,18 @@ impl Agent {
                 program: &program,
                 argv: &argv,
                 envp: &envp,
-                stdio: [null.as_raw_fd(), stdout_write.as_raw_fd(), stderr_write.as_raw_fd()],
+                stdio: [
+                    null.as_raw_fd(),
+                    stdout_write.as_raw_fd(),
+                    stderr_write.as_raw_fd(),
+                ],
                 cgroup_procs: cgroup_procs.as_ref().map(|f| f.as_raw_fd()),
                 uid,
                 gid,
                 report: report_write.as_raw_fd(),
             };
+            // SAFETY: in the forked child, with every pointer in `setup` valid (copied
+            // address space).
             unsafe { child(&setup) }
         }
         drop((report_write, stdout_write, stderr_write, null, cgroup_procs));
@@ -845,11 +869,15 @@ impl Agent {
             // as a shell reports it. The child exits 127 and is reaped as
             // any other; its status is replaced by 126.
             let error = std::io::Error::from_raw_os_error(i32::from_ne_bytes(code));
-            let line = format!("kiln: {}: {error}\n", String::from_utf8_lossy(&program_name));
+            let line = format!(
+                "kiln: {}: {error}\n",
+                String::from_utf8_lossy(&program_name)
+            );
             self.data.send(&[b"err", line.as_bytes()]);
             action.terminate_at = None;
             action.kill_at = None;
             let mut status = 0;
+            // SAFETY: `status` is a live local.
             unsafe { waitpid(pid, &mut status, 0) };
             action.status = Some(126 << 8);
         }
@@ -873,6 +901,7 @@ fn set_clock(unix_nanos: u128) {
         seconds: (unix_nanos / 1_000_000_000) as i64,
         nanoseconds: (unix_nanos % 1_000_000_000) as i64,
     };
+    // SAFETY: `time` is a live timespec.
     if unsafe { clock_settime(CLOCK_REALTIME, &time) } != 0 {
         log("setting the clock failed");
     }
@@ -891,6 +920,8 @@ fn reseed(seed: &[u8]) {
     info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
     info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
     info.extend_from_slice(seed);
+    // SAFETY: `info` is a rand_pool_info laid out as the kernel expects, alive
+    // across the call; RNDRESEEDCRNG takes no argument.
     unsafe {
         if ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) != 0
             || ioctl(random.as_raw_fd(), RNDRESEEDCRNG) != 0
@@ -905,15 +936,18 @@ fn nonblocking(fd: OwnedFd) -> std::fs::File {
     extern "C" {
         fn fcntl(fd: c_int, command: c_int, ...) -> c_int;
     }
+    // SAFETY: fcntl on a descriptor the caller owns.
     unsafe { fcntl(fd.as_raw_fd(), F_SETFL, O_NONBLOCK) };
     std::fs::File::from(fd)
 }
 
 fn pipe(flags: c_int) -> Result<(OwnedFd, OwnedFd), String> {
     let mut fds = [0 as c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors.
     if unsafe { pipe2(fds.as_mut_ptr(), flags) } != 0 {
         return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
     }
+    // SAFETY: pipe2 just made both descriptors, owned by nothing else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
@@ -934,6 +968,7 @@ fn switch_root() -> Result<(), String> {
         let inside = format!("{NEW_ROOT}{target}");
         let _ = std::fs::create_dir_all(&inside);
         let (from, to) = (c_string(target), c_string(&inside));
+        // SAFETY: NUL-terminated paths that outlive the call.
         let moved = unsafe {
             mount(
                 from.as_ptr(),
@@ -951,6 +986,7 @@ fn switch_root() -> Result<(), String> {
         }
     }
     let (new_root, slash, dot) = (c_string(NEW_ROOT), c_string("/"), c_string("."));
+    // SAFETY: NUL-terminated paths that outlive each call.
     unsafe {
         if chdir(new_root.as_ptr()) != 0
             || mount(
@@ -983,10 +1019,12 @@ fn sockaddr(address: [u8; 4]) -> SockAddrIn {
 
 /// Brings `name` up, with an IPv4 address and netmask when given.
 fn interface_up(name: &str, address: Option<([u8; 4], [u8; 4])>) -> Result<(), String> {
+    // SAFETY: socket takes plain integers.
     let fd = unsafe { socket(AF_INET, SOCK_DGRAM | O_CLOEXEC, 0) };
     if fd < 0 {
         return Err(format!("socket: {}", std::io::Error::last_os_error()));
     }
+    // SAFETY: socket just made `fd`, owned by nothing else.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut request = IfReq {
         name: [0; 16],
@@ -995,6 +1033,7 @@ fn interface_up(name: &str, address: Option<([u8; 4], [u8; 4])>) -> Result<(), S
     };
     request.name[..name.len()].copy_from_slice(name.as_bytes());
     let call = |request: &mut IfReq, code: u64, what: &str| -> Result<(), String> {
+        // SAFETY: `request` is a live ifreq of the kernel's layout.
         if unsafe { ioctl(socket.as_raw_fd(), code, request as *mut IfReq) } != 0 {
             return Err(format!(
                 "{what} of {name}: {}",
@@ -1017,10 +1056,12 @@ fn interface_up(name: &str, address: Option<([u8; 4], [u8; 4])>) -> Result<(), S
 }
 
 fn default_route(gateway: [u8; 4]) -> Result<(), String> {
+    // SAFETY: socket takes plain integers.
     let fd = unsafe { socket(AF_INET, SOCK_DGRAM | O_CLOEXEC, 0) };
     if fd < 0 {
         return Err(format!("socket: {}", std::io::Error::last_os_error()));
     }
+    // SAFETY: socket just made `fd`, owned by nothing else.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut route = RtEntry {
         pad1: 0,
@@ -1036,6 +1077,7 @@ fn default_route(gateway: [u8; 4]) -> Result<(), String> {
         window: 0,
         irtt: 0,
     };
+    // SAFETY: `route` is a live rtentry of the kernel's layout.
     if unsafe { ioctl(socket.as_raw_fd(), SIOCADDRT, &mut route as *mut RtEntry) } != 0 {
         return Err(format!(
             "adding the default route: {}",
@@ -1053,8 +1095,12 @@ fn lookup_user(name: &str) -> Result<(u32, u32), String> {
     for line in passwd.lines() {
         let fields: Vec<&str> = line.split(':').collect();
         if fields.len() >= 4 && fields[0] == name {
-            let uid = fields[2].parse().map_err(|_| format!("bad uid for {name}"))?;
-            let gid = fields[3].parse().map_err(|_| format!("bad gid for {name}"))?;
+            let uid = fields[2]
+                .parse()
+                .map_err(|_| format!("bad uid for {name}"))?;
+            let gid = fields[3]
+                .parse()
+                .map_err(|_| format!("bad gid for {name}"))?;
             return Ok((uid, gid));
         }
     }
@@ -1093,7 +1139,11 @@ unsafe fn child(setup: &ChildSetup) -> ! {
     ok = ok && setuid(setup.uid) == 0;
     ok = ok && chdir(setup.cwd.as_ptr()) == 0;
     if ok {
-        execve(setup.program.as_ptr(), setup.argv.as_ptr(), setup.envp.as_ptr());
+        execve(
+            setup.program.as_ptr(),
+            setup.argv.as_ptr(),
+            setup.envp.as_ptr(),
+        );
     }
     let code = *__errno_location();
     write(setup.report, (&code as *const c_int).cast(), 4);
@@ -1164,6 +1214,7 @@ fn find_program(
         let is_file = std::fs::metadata(std::ffi::OsStr::from_bytes(c.as_bytes()))
             .map(|m| m.is_file())
             .unwrap_or(false);
+        // SAFETY: a NUL-terminated path.
         (is_file && unsafe { access(c.as_ptr(), X_OK) } == 0).then_some(c)
     };
     if name.contains(&b'/') {
