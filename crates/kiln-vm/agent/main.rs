@@ -130,6 +130,7 @@ const O_CLOEXEC: c_int = 0o2000000;
 const O_NONBLOCK: c_int = 0o4000;
 const WNOHANG: c_int = 1;
 const POLLIN: i16 = 1;
+const POLLOUT: i16 = 4;
 const POLLHUP: i16 = 0x10;
 const X_OK: c_int = 1;
 const EINTR: i32 = 4;
@@ -186,7 +187,7 @@ fn main() {
     };
     let mut agent = Agent {
         control: Port::new(control),
-        data: Port::new(data),
+        data: DataPort::new(data),
         signals,
         action: None,
         workspace: None,
@@ -386,6 +387,51 @@ impl Port {
     }
 }
 
+/// The data port, written without blocking: frames wait in `pending`
+/// while the host reads slowly (or is away, between a snapshot and its
+/// restore), so a slow reader never stops the agent from serving control
+/// requests or enforcing a timeout. The action's pipes are not read while
+/// [`MAX_PENDING`] bytes wait: the action is what slows down.
+struct DataPort {
+    file: std::fs::File,
+    pending: Vec<u8>,
+}
+
+const MAX_PENDING: usize = 1 << 20;
+
+impl DataPort {
+    fn new(file: std::fs::File) -> DataPort {
+        set_nonblocking(file.as_raw_fd());
+        DataPort {
+            file,
+            pending: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, fields: &[&[u8]]) {
+        self.pending.extend_from_slice(&frame::encode(fields));
+        self.flush();
+    }
+
+    /// Writes what the port takes now.
+    fn flush(&mut self) {
+        while !self.pending.is_empty() {
+            match self.file.write(&self.pending) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.pending.len() >= MAX_PENDING
+    }
+}
+
 /// The running action.
 struct Action {
     pid: c_int,
@@ -403,7 +449,7 @@ struct Action {
 
 struct Agent {
     control: Port,
-    data: Port,
+    data: DataPort,
     signals: std::fs::File,
     action: Option<Action>,
     /// Where the workspace disk is mounted.
@@ -427,9 +473,18 @@ impl Agent {
                     events: POLLIN,
                     revents: 0,
                 },
+                PollFd {
+                    fd: self.data.file.as_raw_fd(),
+                    events: if self.data.pending.is_empty() {
+                        0
+                    } else {
+                        POLLOUT
+                    },
+                    revents: 0,
+                },
             ];
             let mut pipes = Vec::new();
-            if let Some(action) = &self.action {
+            if let Some(action) = self.action.as_ref().filter(|_| !self.data.full()) {
                 for (index, pipe) in [&action.stdout, &action.stderr].into_iter().enumerate() {
                     if let Some(pipe) = pipe {
                         fds.push(PollFd {
@@ -456,8 +511,14 @@ impl Agent {
                 }
                 halt("poll");
             }
+            if fds[2].revents & POLLOUT != 0 {
+                self.data.flush();
+            } else if fds[2].revents & POLLHUP != 0 && !self.data.pending.is_empty() {
+                // Output waits for a host to connect again.
+                std::thread::sleep(Duration::from_millis(10));
+            }
             for (slot, index) in pipes.iter().enumerate() {
-                if fds[2 + slot].revents != 0 {
+                if fds[3 + slot].revents != 0 {
                     self.forward_output(*index);
                 }
             }
@@ -569,7 +630,7 @@ impl Agent {
                     let pipe = if index == 0 { &a.stdout } else { &a.stderr };
                     pipe.is_some()
                 });
-                if before != Some(true) || !self.pipe_has_data(index) {
+                if before != Some(true) || self.data.full() || !self.pipe_has_data(index) {
                     break;
                 }
                 self.forward_output(index);
@@ -932,13 +993,21 @@ fn reseed(seed: &[u8]) {
 }
 
 fn nonblocking(fd: OwnedFd) -> std::fs::File {
+    set_nonblocking(fd.as_raw_fd());
+    std::fs::File::from(fd)
+}
+
+fn set_nonblocking(fd: c_int) {
+    const F_GETFL: c_int = 3;
     const F_SETFL: c_int = 4;
     extern "C" {
         fn fcntl(fd: c_int, command: c_int, ...) -> c_int;
     }
-    // SAFETY: fcntl on a descriptor the caller owns.
-    unsafe { fcntl(fd.as_raw_fd(), F_SETFL, O_NONBLOCK) };
-    std::fs::File::from(fd)
+    // SAFETY: fcntl on an open descriptor the caller owns.
+    unsafe {
+        let flags = fcntl(fd, F_GETFL);
+        fcntl(fd, F_SETFL, flags.max(0) | O_NONBLOCK);
+    }
 }
 
 fn pipe(flags: c_int) -> Result<(OwnedFd, OwnedFd), String> {

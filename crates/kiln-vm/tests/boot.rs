@@ -224,6 +224,40 @@ async fn an_action_runs_in_a_booted_vm() {
     assert_eq!(bulk.stdout.len(), 16 << 20);
     assert_eq!(bulk.outcome.status, GuestStatus::Exited(0));
 
+    // A flood read slowly on the host still times out on time: the agent
+    // queues output rather than blocking on its port.
+    let (mut slow_reader, mut flood_writer) = tokio::io::duplex(64 << 10);
+    let drained = tokio::spawn(async move {
+        let mut total = 0usize;
+        let mut buffer = vec![0u8; 64 << 10];
+        loop {
+            match slow_reader.read(&mut buffer).await.unwrap() {
+                0 => return total,
+                n => total += n,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let mut flood = shell("while true; do cat /bin/busybox; done");
+    flood.timeout = Some(Duration::from_secs(2));
+    flood.grace = Duration::from_secs(1);
+    let flooded = vm
+        .guest()
+        .run(
+            &flood,
+            &mut flood_writer,
+            tokio::io::sink(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    drop(flood_writer);
+    assert!(flooded.timed_out, "{flooded:?}");
+    println!(
+        "flood read slowly: {} bytes before the timeout",
+        drained.await.unwrap()
+    );
+
     // The memory the guest sees is what was asked for, less the kernel's
     // own reservations.
     let meminfo = run(&*vm, RunRequest::new(["cat", "/proc/meminfo"])).await;
