@@ -354,16 +354,30 @@ impl Guest {
                         Err(e) => return Err(self.error(format!("reading the action's output: {e}"))),
                     };
                     let bytes = frame.get(1).map(Vec::as_slice).unwrap_or_default();
-                    let written = match frame[0].as_slice() {
-                        b"out" => stdout.write_all(bytes).await,
-                        b"err" => stderr.write_all(bytes).await,
+                    let writer: &mut (dyn AsyncWrite + Unpin + Send) = match frame[0].as_slice() {
+                        b"out" => &mut stdout,
+                        b"err" => &mut stderr,
                         b"end" => {
                             output_ended = true;
-                            Ok(())
+                            continue;
                         }
                         _ => return Err(self.error(format!("unexpected data frame {}", describe(&frame)))),
                     };
-                    written.map_err(|e| VmError::Output(e.to_string()))?;
+                    // A slow writer must not hold up a cancel.
+                    let write = writer.write_all(bytes);
+                    tokio::pin!(write);
+                    loop {
+                        tokio::select! {
+                            written = &mut write => {
+                                written.map_err(|e| VmError::Output(e.to_string()))?;
+                                break;
+                            }
+                            () = cancel.cancelled(), if !cancelled && outcome.is_none() => {
+                                cancelled = true;
+                                self.signal(9).await?;
+                            }
+                        }
+                    }
                 }
                 () = cancel.cancelled(), if !cancelled && outcome.is_none() => {
                     cancelled = true;

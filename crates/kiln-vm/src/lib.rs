@@ -3,6 +3,10 @@
 //! QEMU here (KVM where `/dev/kvm` really runs guests, TCG otherwise); a
 //! static agent is the guest's PID 1 (`agent/main.rs`); container images
 //! become ext4 root disks, cached by manifest digest (`image_disk`).
+//!
+//! A Firecracker driver would be a second `Vmm`; it is not written, as no
+//! real Firecracker can be tested here. The agent needs nothing QEMU-only
+//! but its virtio-serial ports (Firecracker has vsock instead).
 
 pub mod guest;
 pub mod initramfs;

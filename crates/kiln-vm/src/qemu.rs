@@ -235,6 +235,15 @@ impl QemuVmm {
                 .map_err(|e| setup("building the initramfs", &e))??
         };
         let dir = spec.runtime_dir.join(&spec.name);
+        // sun_path holds 107 bytes and a NUL.
+        let longest = dir.join("control.sock").as_os_str().len();
+        if longest > 107 {
+            return Err(VmError::Setup(format!(
+                "VM {}: its runtime dir {} is too long for socket paths ({longest} > 107 bytes)",
+                spec.name,
+                dir.display()
+            )));
+        }
         if dir.exists() {
             // A VM of that name that did not clean up (a crash): its QEMU
             // died with it (`-no-reboot`, parent-death is not assumed).
