@@ -1,0 +1,601 @@
+//! Boots a real VM under QEMU (TCG on hosts whose KVM cannot run guests)
+//! from a root disk built here from a static busybox, and checks what an
+//! action in it sees: the guest kernel, its output streams and exit
+//! status, timeouts, OOM kills, cancellation, a user from /etc/passwd, the
+//! requested memory, and the workspace disk read on the host afterwards.
+//! Nothing of the VM may outlive it.
+//!
+//! Needs `qemu-system-x86_64`, `qemu-img`, e2fsprogs (`mke2fs`,
+//! `debugfs`), a static `busybox` (Debian's `busybox-static`) and the
+//! guest kernel at /usr/local/lib/kiln-vm; fails, naming what is missing,
+//! without them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kiln_vm::vmm::{DEFAULT_KERNEL, DEFAULT_MODULES_DIR};
+use kiln_vm::{
+    GuestOutcome, GuestStatus, GuestUser, Machine, Network, QemuConfig, QemuVmm, RunRequest, Vm,
+    VmSpec, Vmm, WorkspaceDisk,
+};
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+const APPLETS: &[&str] = &[
+    "sh", "uname", "cat", "echo", "sleep", "id", "dd", "head", "grep", "ls", "mkdir", "sync",
+    "date",
+];
+
+fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("{name} is needed for this test and is not installed"))
+}
+
+fn run_tool(command: &mut Command) -> String {
+    let output = command.output().expect("running a tool");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Whether an x86-64 ELF executable has no program interpreter (no
+/// dynamic loader): it runs in a root with nothing else.
+fn is_static(elf: &[u8]) -> bool {
+    let u16_at = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().unwrap()) as usize;
+    let header_offset = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (entry_size, entries) = (u16_at(0x36), u16_at(0x38));
+    assert!(elf.starts_with(b"\x7fELF"), "not an ELF executable");
+    const PT_INTERP: u32 = 3;
+    (0..entries).all(|i| {
+        let at = header_offset + i * entry_size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) != PT_INTERP
+    })
+}
+
+/// A root disk: busybox with its applets, /etc/passwd with a user.
+fn root_disk(dir: &Path) -> PathBuf {
+    let busybox = tool("busybox");
+    assert!(
+        is_static(&std::fs::read(&busybox).unwrap()),
+        "{} is not static (install busybox-static)",
+        busybox.display()
+    );
+    let tree = dir.join("root-tree");
+    for sub in ["bin", "etc", "proc", "sys", "dev", "tmp", "work"] {
+        std::fs::create_dir_all(tree.join(sub)).unwrap();
+    }
+    std::fs::copy(&busybox, tree.join("bin/busybox")).unwrap();
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(
+        tree.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1001:builder:/tmp:/bin/sh\n",
+    )
+    .unwrap();
+    let image = dir.join("root.img");
+    run_tool(
+        Command::new(tool("mke2fs"))
+            .args(["-q", "-t", "ext4", "-d"])
+            .arg(&tree)
+            .arg(&image)
+            .arg("64M"),
+    );
+    image
+}
+
+fn workspace_disk(dir: &Path) -> PathBuf {
+    let image = dir.join("work.img");
+    run_tool(
+        Command::new(tool("mke2fs"))
+            .args(["-q", "-t", "ext4", "-E", "root_owner=1000:1001"])
+            .arg(&image)
+            .arg("32M"),
+    );
+    image
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) && !cmdline.contains("cargo") {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+#[derive(Debug)]
+struct Output {
+    stdout: String,
+    stderr: String,
+    outcome: GuestOutcome,
+}
+
+async fn run(vm: &dyn Vm, request: RunRequest) -> Output {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let outcome = vm
+        .guest()
+        .run(&request, &mut stdout, &mut stderr, CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("running {:?}: {e}", request.arguments));
+    Output {
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        outcome,
+    }
+}
+
+/// The QEMU config, with the machine type from `KILN_TEST_VM_MACHINE`
+/// (`q35`, `pc`) to compare boot times.
+fn qemu_config(dir: &Path) -> QemuConfig {
+    let mut config = QemuConfig::new(dir.join("initramfs"));
+    if let Ok(machine) = std::env::var("KILN_TEST_VM_MACHINE") {
+        config.machine = match machine.as_str() {
+            "pc" => Machine::Pc,
+            "q35" => Machine::Q35,
+            other => panic!("unknown machine {other}"),
+        };
+    }
+    config
+}
+
+fn shell(script: &str) -> RunRequest {
+    RunRequest::new(["sh", "-c", script])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_runs_in_a_booted_vm() {
+    assert!(
+        Path::new(DEFAULT_KERNEL).is_file(),
+        "no guest kernel at {DEFAULT_KERNEL} (install-deps unpacks it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = root_disk(dir.path());
+    let root_before = std::fs::read(&root).unwrap();
+    let work = workspace_disk(dir.path());
+    let runtime = dir.path().join("run");
+    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test");
+    let mut spec = VmSpec::new("test-vm", &root, &runtime);
+    spec.modules_dir = DEFAULT_MODULES_DIR.into();
+    spec.memory_mib = 384;
+    spec.vcpus = 1;
+    spec.network = Network::Off;
+    spec.workspace = Some(WorkspaceDisk {
+        image: work.clone(),
+        mount_at: "/work".into(),
+    });
+    let vm = vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "boot to ready: {:?} with {}",
+        vm.boot_duration(),
+        vm.accelerator()
+    );
+
+    // The guest's own kernel.
+    let host_release = run_tool(Command::new("uname").arg("-r"));
+    let uname = run(&*vm, RunRequest::new(["uname", "-r"])).await;
+    assert_eq!(uname.outcome.status, GuestStatus::Exited(0));
+    assert_eq!(uname.stdout.trim(), "6.1.0-48-cloud-amd64");
+    assert_ne!(uname.stdout.trim(), host_release.trim());
+
+    // Both streams, and a non-zero exit.
+    let streams = run(&*vm, shell("echo to-out; echo to-err >&2; exit 3")).await;
+    assert_eq!(streams.stdout, "to-out\n");
+    assert_eq!(streams.stderr, "to-err\n");
+    assert_eq!(streams.outcome.status, GuestStatus::Exited(3));
+    assert!(!streams.outcome.timed_out && !streams.outcome.oom_killed);
+
+    // A missing program is the shell's 127.
+    let missing = run(&*vm, RunRequest::new(["no-such-program"])).await;
+    assert_eq!(missing.outcome.status, GuestStatus::Exited(127));
+    assert!(
+        missing.stderr.contains("command not found"),
+        "{}",
+        missing.stderr
+    );
+
+    // A timeout: SIGTERM to the group, the output so far kept.
+    let mut slow = shell("echo before-timeout; sleep 100; echo after");
+    slow.timeout = Some(Duration::from_secs(2));
+    slow.grace = Duration::from_secs(1);
+    let timed_out = run(&*vm, slow).await;
+    assert!(timed_out.outcome.timed_out, "{:?}", timed_out.outcome);
+    assert_eq!(timed_out.stdout, "before-timeout\n");
+    assert_eq!(timed_out.outcome.status, GuestStatus::Signaled(15));
+
+    // A process ignoring SIGTERM is killed after the grace.
+    let mut stubborn = shell("trap '' TERM; echo trapped; sleep 100 & wait; sleep 100");
+    stubborn.timeout = Some(Duration::from_secs(1));
+    stubborn.grace = Duration::from_secs(1);
+    let killed = run(&*vm, stubborn).await;
+    assert!(killed.outcome.timed_out);
+    assert_eq!(killed.outcome.status, GuestStatus::Signaled(9));
+
+    // Bulk output arrives whole (and how fast, for the record).
+    let started = std::time::Instant::now();
+    let bulk = run(
+        &*vm,
+        RunRequest::new(["dd", "if=/dev/zero", "bs=1M", "count=16"]),
+    )
+    .await;
+    println!("16 MiB of stdout in {:?}", started.elapsed());
+    assert_eq!(bulk.stdout.len(), 16 << 20);
+    assert_eq!(bulk.outcome.status, GuestStatus::Exited(0));
+
+    // A flood read slowly on the host still times out on time: the agent
+    // queues output rather than blocking on its port.
+    let (mut slow_reader, mut flood_writer) = tokio::io::duplex(64 << 10);
+    let drained = tokio::spawn(async move {
+        let mut total = 0usize;
+        let mut buffer = vec![0u8; 64 << 10];
+        loop {
+            match slow_reader.read(&mut buffer).await.unwrap() {
+                0 => return total,
+                n => total += n,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let mut flood = shell("while true; do cat /bin/busybox; done");
+    flood.timeout = Some(Duration::from_secs(2));
+    flood.grace = Duration::from_secs(1);
+    let flooded = vm
+        .guest()
+        .run(
+            &flood,
+            &mut flood_writer,
+            tokio::io::sink(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    drop(flood_writer);
+    assert!(flooded.timed_out, "{flooded:?}");
+    println!(
+        "flood read slowly: {} bytes before the timeout",
+        drained.await.unwrap()
+    );
+
+    // The memory the guest sees is what was asked for, less the kernel's
+    // own reservations.
+    let meminfo = run(&*vm, RunRequest::new(["cat", "/proc/meminfo"])).await;
+    let total_kib: u64 = meminfo
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemTotal in /proc/meminfo");
+    println!("guest MemTotal: {total_kib} kB for {} MiB", spec.memory_mib);
+    assert!(total_kib <= spec.memory_mib * 1024);
+    assert!(
+        total_kib >= spec.memory_mib * 1024 * 8 / 10,
+        "{total_kib} kB"
+    );
+
+    // A memory limit: the action's cgroup is OOM-killed, and says so.
+    let mut hungry = RunRequest::new(["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"]);
+    hungry.memory_limit_bytes = Some(32 << 20);
+    let oom = run(&*vm, hungry).await;
+    assert!(oom.outcome.oom_killed, "{:?} {}", oom.outcome, oom.stderr);
+    assert_eq!(oom.outcome.status, GuestStatus::Signaled(9));
+
+    // A user named in the root disk's /etc/passwd.
+    let mut as_builder = shell("id -u; id -g; echo from-builder > /work/by-builder.txt");
+    as_builder.user = GuestUser::Name("builder".into());
+    let builder = run(&*vm, as_builder).await;
+    assert_eq!(builder.stdout, "1000\n1001\n", "{}", builder.stderr);
+    assert_eq!(builder.outcome.status, GuestStatus::Exited(0));
+
+    // Cancel while output streams: the control port is not behind the
+    // data port.
+    let cancel = CancellationToken::new();
+    let (mut reader, mut writer) = tokio::io::duplex(1 << 20);
+    let watcher = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut buffer = [0u8; 4096];
+            loop {
+                let n = reader.read(&mut buffer).await.unwrap();
+                if n == 0 {
+                    return seen;
+                }
+                seen.extend_from_slice(&buffer[..n]);
+                if seen.windows(7).any(|w| w == b"running") {
+                    cancel.cancel();
+                }
+            }
+        })
+    };
+    let endless = shell("while true; do echo running; sleep 0.05; done");
+    let cancelled = vm
+        .guest()
+        .run(&endless, &mut writer, tokio::io::sink(), cancel)
+        .await
+        .unwrap();
+    drop(writer);
+    assert!(cancelled.cancelled);
+    assert_eq!(cancelled.status, GuestStatus::Signaled(9));
+    assert!(String::from_utf8(watcher.await.unwrap())
+        .unwrap()
+        .starts_with("running\n"));
+
+    // A file written in the workspace, read on the host once the VM is
+    // down; a file written outside it does not reach the cached root.
+    let write = run(
+        &*vm,
+        shell("echo workspace-file > /work/out.txt && echo elsewhere > /etc/changed"),
+    )
+    .await;
+    assert_eq!(
+        write.outcome.status,
+        GuestStatus::Exited(0),
+        "{}",
+        write.stderr
+    );
+    let vm_dir = runtime.join("test-vm");
+    assert!(vm_dir.is_dir());
+    vm.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
+    let debugfs = |path: &str| {
+        run_tool(
+            Command::new(tool("debugfs"))
+                .args(["-R", &format!("cat {path}")])
+                .arg(&work),
+        )
+    };
+    assert_eq!(debugfs("/out.txt"), "workspace-file\n");
+    assert_eq!(debugfs("/by-builder.txt"), "from-builder\n");
+    assert!(
+        std::fs::read(&root).unwrap() == root_before,
+        "the base root disk changed"
+    );
+
+    // Nothing left behind.
+    assert!(!vm_dir.exists(), "{} is left", vm_dir.display());
+    let left = processes_mentioning(&vm_dir.display().to_string());
+    assert!(left.is_empty(), "processes left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_vm_leaves_nothing_and_a_bad_kernel_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root_disk(dir.path());
+    let runtime = dir.path().join("run");
+    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test");
+    let mut spec = VmSpec::new("dropped-vm", &root, &runtime);
+    spec.memory_mib = 256;
+    spec.network = Network::User { netns: None };
+    let vm = vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"));
+    println!("boot to ready with a NIC: {:?}", vm.boot_duration());
+    let network = run(&*vm, RunRequest::new(["cat", "/proc/net/route"])).await;
+    assert!(
+        network.stdout.contains("eth0\t00000000\t0202000A"),
+        "no default route via 10.0.2.2: {}",
+        network.stdout
+    );
+    // In the caller's own network namespace, slirp's 10.0.2.2 is the
+    // host's loopback: what `Network::User { netns }` exists to prevent
+    // (see the next test).
+    let (port, answered) = loopback_listener();
+    let reach = run(&*vm, shell(&format!("echo hi | nc 10.0.2.2 {port}"))).await;
+    assert_eq!(reach.stdout, "pong\n", "{}", reach.stderr);
+    answered.join().unwrap();
+
+    let vm_dir = runtime.join("dropped-vm");
+    assert!(vm_dir.is_dir());
+
+    // QEMU dying mid-action: an error naming the VM, not a hang.
+    let qemu_pids: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-system") && cmdline.contains(&*vm_dir.to_string_lossy())
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(qemu_pids.len(), 1, "{qemu_pids:?}");
+    let mut stdout = Vec::new();
+    let sleeping = shell("echo sleeping; sleep 100");
+    let action = vm.guest().run(
+        &sleeping,
+        &mut stdout,
+        tokio::io::sink(),
+        CancellationToken::new(),
+    );
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        run_tool(Command::new(tool("kill")).args(["-9", &qemu_pids[0]]));
+    };
+    let (result, ()) = tokio::join!(action, killer);
+    let error = result.expect_err("QEMU was killed").to_string();
+    println!("QEMU killed mid-action: {error}");
+    assert!(error.contains("dropped-vm"), "{error}");
+    drop(vm);
+    assert!(!vm_dir.exists(), "{} is left", vm_dir.display());
+    let left = processes_mentioning(&vm_dir.display().to_string());
+    assert!(left.is_empty(), "processes left: {left:?}");
+
+    // A kernel that is not one: the error names the VM and quotes QEMU
+    // or the console.
+    let bogus = dir.path().join("not-a-kernel");
+    std::fs::write(&bogus, b"garbage").unwrap();
+    let mut broken = VmSpec::new("broken-vm", &root, &runtime);
+    broken.kernel = bogus;
+    broken.boot_timeout = Duration::from_secs(30);
+    let error = vmm
+        .boot(&broken)
+        .await
+        .err()
+        .expect("a bogus kernel fails")
+        .to_string();
+    println!("a bogus kernel: {error}");
+    assert!(error.contains("broken-vm"), "{error}");
+    assert!(error.contains("QEMU exited"), "{error}");
+    assert!(!runtime.join("broken-vm").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restores_files_and_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root_disk(dir.path());
+    let runtime = dir.path().join("run");
+    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test");
+    let mut spec = VmSpec::new("warm-vm", &root, &runtime);
+    spec.memory_mib = 256;
+    spec.boot_timeout = Duration::from_secs(60);
+    let vm = vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"));
+    let cold_boot = vm.boot_duration();
+    let first = run(
+        &*vm,
+        shell("echo kept > /etc/marker; sleep 1000 & echo started"),
+    )
+    .await;
+    assert_eq!(
+        first.outcome.status,
+        GuestStatus::Exited(0),
+        "{}",
+        first.stderr
+    );
+
+    vm.pause().await.unwrap();
+    vm.resume().await.unwrap();
+    assert_eq!(
+        run(&*vm, RunRequest::new(["echo", "resumed"])).await.stdout,
+        "resumed\n"
+    );
+
+    let snapshot = dir.path().join("snapshot");
+    vm.snapshot(&snapshot)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(vm);
+
+    let restored_spec = VmSpec {
+        name: "restored-vm".into(),
+        ..spec.clone()
+    };
+    let restored = vmm
+        .restore(&restored_spec, &snapshot)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "cold boot {cold_boot:?}, restore to the agent's answer {:?}",
+        restored.boot_duration()
+    );
+    // The guest's clock is the host's again (it stood still while saved).
+    let clock = run(&*restored, RunRequest::new(["date", "+%s"])).await;
+    let guest_seconds: i64 = clock.stdout.trim().parse().expect("date +%s");
+    let host_seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_seconds - host_seconds).abs() <= 5,
+        "guest {guest_seconds} host {host_seconds}"
+    );
+    let marker = run(&*restored, RunRequest::new(["cat", "/etc/marker"])).await;
+    assert_eq!(marker.stdout, "kept\n", "{}", marker.stderr);
+    // The process the first action left in the background lives on.
+    let processes = run(
+        &*restored,
+        shell("for p in /proc/[0-9]*; do cat $p/comm; done"),
+    )
+    .await;
+    assert!(
+        processes.stdout.lines().any(|name| name == "sleep"),
+        "no sleep process: {}",
+        processes.stdout
+    );
+    let restored_dir = runtime.join("restored-vm");
+    // The agent logs to the console only what failed (the clock, the
+    // reseed).
+    let console = std::fs::read_to_string(restored_dir.join("console.log")).unwrap();
+    assert!(!console.contains("kiln vm agent"), "{console}");
+    drop(restored);
+    assert!(!restored_dir.exists());
+    assert!(processes_mentioning(&runtime.display().to_string()).is_empty());
+}
+
+/// A listener on the host's 127.0.0.1 answering one connection with
+/// `pong`; its port.
+fn loopback_listener() -> (u16, std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.write_all(b"pong\n").unwrap();
+    });
+    (port, thread)
+}
+
+/// A network namespace made for a test, deleted after.
+struct NetworkNamespace(String);
+
+impl NetworkNamespace {
+    fn new() -> Self {
+        let name = format!("kiln-vm-test-{}", std::process::id());
+        run_tool(Command::new(tool("ip")).args(["netns", "add", &name]));
+        NetworkNamespace(name)
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for NetworkNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_in_its_own_network_namespace_cannot_reach_the_host_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root_disk(dir.path());
+    let runtime = dir.path().join("run");
+    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test");
+    let namespace = NetworkNamespace::new();
+    let mut spec = VmSpec::new("netns-vm", &root, &runtime);
+    spec.memory_mib = 256;
+    spec.network = Network::User {
+        netns: Some(namespace.path()),
+    };
+    let vm = vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"));
+    let (port, _listener) = loopback_listener();
+    let reach = run(&*vm, shell(&format!("echo hi | nc 10.0.2.2 {port}"))).await;
+    assert_eq!(reach.stdout, "", "the host's loopback answered");
+    assert_ne!(
+        reach.outcome.status,
+        GuestStatus::Exited(0),
+        "{}",
+        reach.stderr
+    );
+    drop(vm);
+}
