@@ -24,12 +24,17 @@
 //! - `signal SIGNAL`: to the running action's process group.
 //! - `sync` → `synced`; `shutdown` → `halted` (synced, workspace
 //!   unmounted: the host may stop the VM and read the disk);
+//!   `collect ROOT PATH…` → the outputs at each PATH beneath ROOT as a
+//!   tree stream (`src/tree_stream.rs`) in `tree BYTES` frames on the data
+//!   port, then `end`; the answer is `collected` or `failed MESSAGE`;
 //!   `ping UNIX_NANOS SEED` → `pong` (after a restore: the clock is set to
 //!   the host's, and SEED is mixed into the kernel's RNG and reseeds it,
 //!   so two VMs restored from one snapshot do not share random numbers).
 
 #[path = "frame.rs"]
 mod frame;
+#[path = "../src/tree_stream.rs"]
+mod tree_stream;
 
 use std::ffi::{c_char, c_int, c_long, c_void, CString};
 use std::io::{Read, Write};
@@ -156,6 +161,12 @@ const DEVICE_WAIT: Duration = Duration::from_secs(20);
 const CGROUP: &str = "/sys/fs/cgroup";
 
 fn main() {
+    // Anywhere but as PID 1 it only says what it is: the executor's probe
+    // runs it as a trial action in a VM whose root disk holds nothing else.
+    if std::process::id() != 1 {
+        println!("kiln-vm-agent");
+        return;
+    }
     // SIGCHLD is read from a descriptor, never delivered; children get an
     // empty mask back before they exec.
     // SAFETY: the set is a local glibc sigset_t; the new descriptor is owned by the File alone.
@@ -429,6 +440,74 @@ impl DataPort {
 
     fn full(&self) -> bool {
         self.pending.len() >= MAX_PENDING
+    }
+
+    /// Waits until the host took everything pending, at most
+    /// [`DRAIN_TIMEOUT`] without progress: the host reads while it waits
+    /// for an answer, so this is bounded only against a host that left.
+    fn drain(&mut self) -> Result<(), String> {
+        let mut last_progress = Instant::now();
+        loop {
+            let before = self.pending.len();
+            self.flush();
+            if self.pending.is_empty() {
+                return Ok(());
+            }
+            if self.pending.len() < before {
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() > DRAIN_TIMEOUT {
+                return Err(format!(
+                    "the host took nothing of the data port for {DRAIN_TIMEOUT:?}"
+                ));
+            }
+            let mut fd = [PollFd {
+                fd: self.file.as_raw_fd(),
+                events: POLLOUT,
+                revents: 0,
+            }];
+            // SAFETY: a one-element live pollfd array.
+            unsafe { poll(fd.as_mut_ptr(), 1, 100) };
+        }
+    }
+}
+
+/// How long [`DataPort::drain`] waits for the host to read anything.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bytes of tree stream per `tree` frame.
+const TREE_CHUNK: usize = 256 * 1024;
+
+/// The tree stream, cut into `tree` frames on the data port, each sent
+/// once the host has taken the one before.
+struct TreeWriter<'a> {
+    port: &'a mut DataPort,
+    chunk: Vec<u8>,
+}
+
+impl TreeWriter<'_> {
+    fn send_chunk(&mut self) -> std::io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        self.port.send(&[b"tree", &self.chunk]);
+        self.chunk.clear();
+        self.port.drain().map_err(std::io::Error::other)
+    }
+}
+
+impl Write for TreeWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let room = TREE_CHUNK - self.chunk.len();
+        let taken = bytes.len().min(room);
+        self.chunk.extend_from_slice(&bytes[..taken]);
+        if self.chunk.len() == TREE_CHUNK {
+            self.send_chunk()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_chunk()
     }
 }
 
@@ -738,6 +817,15 @@ impl Agent {
                 unsafe { sync() };
                 self.control.send(&[b"halted"]);
             }
+            Some(b"collect") => {
+                let collected = self.collect(&request[1..]);
+                self.data.send(&[b"end"]);
+                let drained = self.data.drain();
+                match collected.and(drained) {
+                    Ok(()) => self.control.send(&[b"collected"]),
+                    Err(e) => self.control.send(&[b"failed", e.as_bytes()]),
+                }
+            }
             Some(b"ping") => {
                 if let Some(nanos) = request
                     .get(1)
@@ -753,6 +841,25 @@ impl Agent {
             }
             _ => self.control.send(&[b"failed", b"unknown request"]),
         }
+    }
+
+    /// Sends the outputs the host asked for (`ROOT PATH…`) on the data
+    /// port as a tree stream.
+    fn collect(&mut self, fields: &[Vec<u8>]) -> Result<(), String> {
+        if self.action.is_some() {
+            return Err("an action is running".into());
+        }
+        let (root, paths) = fields.split_first().ok_or("malformed collect request")?;
+        let root = Path::new(std::ffi::OsStr::from_bytes(root));
+        let mut writer = TreeWriter {
+            port: &mut self.data,
+            chunk: Vec::with_capacity(TREE_CHUNK),
+        };
+        for path in paths {
+            let path = std::str::from_utf8(path).map_err(|_| "a path that is not UTF-8")?;
+            tree_stream::encode(&mut writer, root, path).map_err(|e| format!("{path}: {e}"))?;
+        }
+        tree_stream::finish(&mut writer).map_err(|e| e.to_string())
     }
 
     /// Mounts the root disk and switches into it, then the workspace disk

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::VmError;
 
+mod collect;
 #[path = "../agent/frame.rs"]
 mod frame;
 

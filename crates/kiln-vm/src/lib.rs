@@ -11,6 +11,7 @@
 pub mod guest;
 pub mod image_disk;
 pub mod initramfs;
+pub mod microvm;
 pub mod qemu;
 pub mod tree_stream;
 pub mod vmm;

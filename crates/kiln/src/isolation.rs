@@ -13,13 +13,19 @@ use kiln_worker::runners::RunnerLimits;
 use kiln_worker::{Isolation, Isolations, WorkerConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Period;
+use kiln_vm::image_disk::ImageDisksConfig;
+use kiln_vm::microvm::{Microvm, MicrovmConfig};
+use kiln_vm::tree_stream::DecodeLimits;
+use kiln_vm::{AcceleratorChoice, QemuConfig};
+
+use crate::config::{Period, Size};
 
 /// The isolation settings of an executor (embedded or standalone).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct IsolationSettings {
-    /// Types to offer, among `none`, `sandbox`, `docker`, `podman`; each
+    /// Types to offer, among `none`, `sandbox`, `docker`, `podman` and
+    /// `firecracker` (not by default: its probe boots a VM); each
     /// is probed at start-up by running a trial action (`true`; in a
     /// container of a one-file image imported once, for `docker` and
     /// `podman`) and dropped, with a warning saying why, if it does not
@@ -100,6 +106,138 @@ pub struct IsolationSettings {
     /// The `sandbox` isolation type.
     #[command(flatten)]
     pub sandbox: SandboxConfig,
+    /// The `firecracker` isolation type (microVMs under QEMU).
+    #[command(flatten)]
+    pub vm: VmSettings,
+}
+
+/// The settings of `firecracker` actions: each runs in a VM booted by
+/// QEMU from its container image, converted to a disk once per digest.
+/// Offered only when listed in `--isolation` (each probe boots a VM).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmSettings {
+    /// The QEMU system emulator (a name looked up on PATH, or a path).
+    #[arg(long = "vm-qemu-binary")]
+    pub qemu_binary: PathBuf,
+    /// `qemu-img`, which puts a copy-on-write overlay over each VM's root
+    /// disk.
+    #[arg(long = "vm-qemu-img-binary")]
+    pub qemu_img_binary: PathBuf,
+    /// `mke2fs` (e2fsprogs), which builds image and workspace disks.
+    #[arg(long = "vm-mke2fs-binary")]
+    pub mke2fs_binary: PathBuf,
+    /// The guest kernel (a bzImage; scripts/install-deps.sh unpacks
+    /// Debian's cloud kernel there).
+    #[arg(long = "vm-kernel")]
+    pub kernel: PathBuf,
+    /// The guest kernel's modules (`lib/modules/VERSION`, with its
+    /// `modules.dep`).
+    #[arg(long = "vm-modules")]
+    pub modules: PathBuf,
+    /// `auto` (KVM when a guest really runs under /dev/kvm, else TCG),
+    /// `kvm` or `tcg`.
+    #[arg(long = "vm-accelerator")]
+    pub accelerator: String,
+    /// Where image disks (one per image digest) and the guest's initramfs
+    /// are cached, across restarts.
+    #[arg(long = "vm-cache-dir")]
+    pub cache_dir: PathBuf,
+    /// Most disk the cached image disks may take; past it the least
+    /// recently used disk no VM uses goes.
+    #[arg(long = "vm-disk-cache-size")]
+    pub disk_cache_size: Size,
+    /// Where each VM's own files (sockets, disk overlay, workspace disk)
+    /// live while it runs; a short path (socket paths are limited).
+    #[arg(long = "vm-run-dir")]
+    pub run_dir: PathBuf,
+    /// Guest memory of an action without `EstimatedMemory`; the VM gets
+    /// the kernel's and agent's overhead on top.
+    #[arg(long = "vm-default-memory")]
+    pub default_memory: Size,
+    /// vCPUs of an action without `EstimatedCPU`.
+    #[arg(long = "vm-default-vcpus")]
+    pub default_vcpus: u32,
+    /// Free space on the workspace disk of an action without
+    /// `EstimatedFreeDiskBytes`.
+    #[arg(long = "vm-default-free-disk")]
+    pub default_free_disk: Size,
+    /// Most vCPUs one VM gets, whatever its `EstimatedCPU`.
+    #[arg(long = "vm-max-vcpus")]
+    pub max_vcpus: u32,
+    /// The longest a guest may take from QEMU's start to its agent's
+    /// answer; software emulation (TCG) boots in seconds.
+    #[arg(long = "vm-boot-timeout")]
+    pub boot_timeout: Period,
+    /// Most bytes of outputs one VM may send back.
+    #[arg(long = "vm-max-output-size")]
+    pub max_output_size: Size,
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        VmSettings {
+            qemu_binary: "qemu-system-x86_64".into(),
+            qemu_img_binary: "qemu-img".into(),
+            mke2fs_binary: "mke2fs".into(),
+            kernel: kiln_vm::vmm::DEFAULT_KERNEL.into(),
+            modules: kiln_vm::vmm::DEFAULT_MODULES_DIR.into(),
+            accelerator: "auto".into(),
+            cache_dir: "/var/cache/kiln-vm".into(),
+            disk_cache_size: Size::gib(20),
+            run_dir: "/run/kiln-vm".into(),
+            default_memory: Size::gib(1),
+            default_vcpus: 1,
+            default_free_disk: Size::gib(1),
+            max_vcpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            boot_timeout: Period::secs(120),
+            max_output_size: Size::gib(16),
+        }
+    }
+}
+
+impl VmSettings {
+    /// The backend's configuration, with the image and network settings
+    /// container actions use.
+    fn microvm_config(
+        &self,
+        images: ImageConfig,
+        network: NetworkConfig,
+    ) -> Result<MicrovmConfig, String> {
+        let accelerator = match self.accelerator.as_str() {
+            "auto" => AcceleratorChoice::Auto,
+            "kvm" => AcceleratorChoice::Kvm,
+            "tcg" => AcceleratorChoice::Tcg,
+            other => {
+                return Err(format!(
+                    "vm_accelerator = {other:?}: expected auto, kvm or tcg"
+                ))
+            }
+        };
+        let mut qemu = QemuConfig::new(self.cache_dir.join("initramfs"));
+        qemu.qemu = self.qemu_binary.clone();
+        qemu.qemu_img = self.qemu_img_binary.clone();
+        qemu.accelerator = accelerator;
+        Ok(MicrovmConfig {
+            qemu,
+            kernel: self.kernel.clone(),
+            modules_dir: self.modules.clone(),
+            disks: ImageDisksConfig::new(self.cache_dir.join("images"), self.disk_cache_size.bytes()),
+            mke2fs: self.mke2fs_binary.clone(),
+            run_dir: self.run_dir.clone(),
+            images,
+            network,
+            default_memory_bytes: self.default_memory.bytes(),
+            default_vcpus: self.default_vcpus.max(1),
+            default_free_disk_bytes: self.default_free_disk.bytes(),
+            max_vcpus: self.max_vcpus.max(1),
+            boot_timeout: self.boot_timeout.get(),
+            output_limits: DecodeLimits {
+                entries: 1_000_000,
+                bytes: self.max_output_size.bytes(),
+            },
+        })
+    }
 }
 
 impl Default for IsolationSettings {
@@ -124,6 +262,7 @@ impl Default for IsolationSettings {
             default_action_cpu_limit_millis: 0,
             staging_timeout: Period::secs(300),
             sandbox: SandboxConfig::default(),
+            vm: VmSettings::default(),
         }
     }
 }
@@ -315,7 +454,15 @@ async fn probe(
         })
         .await
         .map(|p| Arc::new(p) as _),
-        _ => Err("unknown isolation type (known: none, sandbox, docker, podman)".into()),
+        "firecracker" => {
+            let config = settings
+                .vm
+                .microvm_config(images, container_network(settings))?;
+            Microvm::probe(config).await.map(|m| Arc::new(m) as _)
+        }
+        _ => Err(
+            "unknown isolation type (known: none, sandbox, docker, podman, firecracker)".into(),
+        ),
     }
 }
 
