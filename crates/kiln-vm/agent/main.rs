@@ -22,7 +22,9 @@
 //!   answer on control is `exited CODE TIMED_OUT OOM` or
 //!   `signaled SIGNAL TIMED_OUT OOM` (flags `0`/`1`), or `failed MESSAGE`.
 //! - `signal SIGNAL`: to the running action's process group.
-//! - `sync` → `synced`; `shutdown` → `halted` (synced, workspace
+//! - `sync` → `synced` (the page cache written, the workspace's journal
+//!   checkpointed: its disk reads whole on the host while mounted);
+//!   `shutdown` → `halted` (every process killed, synced, the workspace
 //!   unmounted: the host may stop the VM and read the disk);
 //!   `collect ROOT PATH…` → the outputs at each PATH beneath ROOT as a
 //!   tree stream (`src/tree_stream.rs`) in `tree BYTES` frames on the data
@@ -798,17 +800,27 @@ impl Agent {
             Some(b"sync") => {
                 // SAFETY: sync takes nothing.
                 unsafe { sync() };
+                if let Some(workspace) = &self.workspace {
+                    checkpoint(workspace);
+                }
                 self.control.send(&[b"synced"]);
             }
             Some(b"shutdown") => {
+                self.stop_everything();
                 // SAFETY: sync takes nothing.
                 unsafe { sync() };
                 if let Some(workspace) = self.workspace.take() {
                     if let Ok(path) = c_path(&workspace) {
                         // SAFETY: a NUL-terminated path that outlives the call.
                         if unsafe { umount2(path.as_ptr(), 0) } != 0 {
-                            // Busy (a process left running in it): detach,
-                            // after the sync above.
+                            // Still busy (a process in uninterruptible
+                            // sleep): its journal checkpointed, detached.
+                            log(&format!(
+                                "unmounting the workspace: {}",
+                                std::io::Error::last_os_error()
+                            ));
+                            checkpoint(&workspace);
+                            // SAFETY: as above.
                             unsafe { umount2(path.as_ptr(), MNT_DETACH) };
                         }
                     }
@@ -860,6 +872,27 @@ impl Agent {
             tree_stream::encode(&mut writer, root, path).map_err(|e| format!("{path}: {e}"))?;
         }
         tree_stream::finish(&mut writer).map_err(|e| e.to_string())
+    }
+
+    /// Kills every process but the agent and reaps them (bounded), so the
+    /// workspace can be unmounted: the VM is going away.
+    fn stop_everything(&mut self) {
+        // SAFETY: kill takes plain integers; -1 is every process but
+        // init.
+        unsafe { kill(-1, SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let mut status: c_int = 0;
+            // SAFETY: `status` is a live local.
+            let pid = unsafe { waitpid(-1, &mut status, WNOHANG) };
+            if pid < 0 {
+                break; // No children left.
+            }
+            if pid == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.action = None;
     }
 
     /// Mounts the root disk and switches into it, then the workspace disk
@@ -1096,6 +1129,25 @@ fn reseed(seed: &[u8]) {
         {
             log("reseeding the RNG failed");
         }
+    }
+}
+
+/// Commits the ext4 journal of the file system at `path` and writes its
+/// blocks home (EXT4_IOC_CHECKPOINT), so the disk reads whole on the host
+/// (`debugfs` does not replay a journal) while it is still mounted.
+fn checkpoint(path: &Path) {
+    const EXT4_IOC_CHECKPOINT: u64 = 0x4004_662b;
+    let Ok(directory) = std::fs::File::open(path) else {
+        return log(&format!("opening {} to checkpoint it", path.display()));
+    };
+    let flags: u32 = 0;
+    // SAFETY: an open descriptor and a live u32 for the flags.
+    if unsafe { ioctl(directory.as_raw_fd(), EXT4_IOC_CHECKPOINT, &flags) } != 0 {
+        log(&format!(
+            "checkpointing {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
     }
 }
 

@@ -103,6 +103,10 @@ fn workspace_disk(dir: &Path) -> PathBuf {
     image
 }
 
+fn vm_console(vm_dir: &Path) -> String {
+    std::fs::read_to_string(vm_dir.join("console.log")).unwrap()
+}
+
 /// Processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -348,6 +352,21 @@ async fn an_action_runs_in_a_booted_vm() {
         "{}",
         write.stderr
     );
+    // A process left running in the workspace does not keep it mounted.
+    let linger = run(&*vm, shell("cd /work && sleep 1000 &")).await;
+    assert_eq!(linger.outcome.status, GuestStatus::Exited(0));
+    // Synced (journal checkpointed), the disk reads whole while mounted.
+    vm.guest().sync().await.unwrap();
+    let debugfs_cat = |path: &str| {
+        run_tool(
+            Command::new(tool("debugfs"))
+                .args(["-R", &format!("cat {path}")])
+                .arg(&work),
+        )
+    };
+    assert_eq!(debugfs_cat("/out.txt"), "workspace-file\n");
+    let console = vm_console(&runtime.join("test-vm"));
+    assert!(!console.contains("kiln vm agent"), "{console}");
     let vm_dir = runtime.join("test-vm");
     assert!(vm_dir.is_dir());
     vm.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
