@@ -228,8 +228,7 @@ impl Microvm {
             .resources
             .free_disk_bytes
             .unwrap_or(self.config.default_free_disk_bytes);
-        workspace_disk::build(&self.config.mke2fs, &spec.workspace, &workspace_image, free)
-            .await?;
+        workspace_disk::build(&self.config.mke2fs, &spec.workspace, &workspace_image, free).await?;
         let memory = limits
             .memory_bytes
             .unwrap_or(self.config.default_memory_bytes);
@@ -445,7 +444,11 @@ impl Isolation for Microvm {
         true
     }
 
-    async fn prepare(&self, platform: &Platform, cancel: &CancellationToken) -> Result<(), RunError> {
+    async fn prepare(
+        &self,
+        platform: &Platform,
+        cancel: &CancellationToken,
+    ) -> Result<(), RunError> {
         self.images
             .ensure(platform, &self.disks, false, cancel)
             .await

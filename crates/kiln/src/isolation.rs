@@ -222,7 +222,10 @@ impl VmSettings {
             qemu,
             kernel: self.kernel.clone(),
             modules_dir: self.modules.clone(),
-            disks: ImageDisksConfig::new(self.cache_dir.join("images"), self.disk_cache_size.bytes()),
+            disks: ImageDisksConfig::new(
+                self.cache_dir.join("images"),
+                self.disk_cache_size.bytes(),
+            ),
             mke2fs: self.mke2fs_binary.clone(),
             run_dir: self.run_dir.clone(),
             images,
@@ -460,9 +463,9 @@ async fn probe(
                 .microvm_config(images, container_network(settings))?;
             Microvm::probe(config).await.map(|m| Arc::new(m) as _)
         }
-        _ => Err(
-            "unknown isolation type (known: none, sandbox, docker, podman, firecracker)".into(),
-        ),
+        _ => {
+            Err("unknown isolation type (known: none, sandbox, docker, podman, firecracker)".into())
+        }
     }
 }
 

@@ -32,7 +32,9 @@ impl Guest {
         loop {
             let frame = match readers.data.next().await {
                 Ok(Some(frame)) if !frame.is_empty() => frame,
-                Ok(_) => return Err(self.error("the agent's data port closed while it sent outputs")),
+                Ok(_) => {
+                    return Err(self.error("the agent's data port closed while it sent outputs"))
+                }
                 Err(e) => return Err(self.error(format!("reading the outputs: {e}"))),
             };
             match frame[0].as_slice() {
