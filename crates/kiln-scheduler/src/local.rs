@@ -34,13 +34,15 @@ impl LocalExecutor {
     /// accepted (and queued) while its worker is still being set up. It
     /// runs on this machine (`linux`, the host's architecture); `capacity`
     /// is what its running actions may reserve in total (usually
-    /// [`ResourceAmount::of_host`]); it offers `isolation_types`; its
+    /// [`ResourceAmount::of_host`]); it offers `isolation_types` and
+    /// declares `properties` (what its backends say of themselves); its
     /// worker runs at most `slots` actions at once.
     pub fn register(
         scheduler: Arc<Scheduler>,
         pool: impl Into<String>,
         capacity: ResourceAmount,
         isolation_types: &[&str],
+        properties: Properties,
         slots: usize,
     ) -> LocalExecutor {
         let key = QueueKey {
@@ -52,7 +54,7 @@ impl LocalExecutor {
         let offer = Offer {
             receives_secrets: true,
             ..Offer::new(
-                Properties::new(),
+                properties,
                 isolation_types
                     .iter()
                     .filter_map(|name| IsolationType::from_name(name)),

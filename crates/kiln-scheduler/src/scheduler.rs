@@ -628,6 +628,7 @@ mod tests {
             "default",
             ResourceAmount::default(),
             &["none"],
+            Default::default(),
             1,
         );
         let request = reapi::ExecuteRequest {

@@ -440,6 +440,10 @@ impl Isolation for Microvm {
         false
     }
 
+    fn properties(&self) -> Vec<(String, String)> {
+        vec![("vmm".into(), self.vmm_name().into())]
+    }
+
     fn stops_every_process(&self) -> bool {
         true
     }

@@ -195,6 +195,13 @@ pub trait Isolation: Send + Sync {
         false
     }
 
+    /// Properties this backend declares of itself (`vmm=qemu-tcg`, say):
+    /// the executor advertises them beside its configured ones, and each
+    /// result this backend runs records them.
+    fn properties(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Whether the action's processes see the host's workspace at all. A
     /// backend that copies the inputs into a disk of its own (a VM) says
     /// no: nothing it runs can reach the file cache, whoever it runs as,
@@ -423,6 +430,13 @@ impl Isolations {
             }
             None => false,
         }
+    }
+
+    /// The properties the offered backends declare of themselves
+    /// ([`Isolation::properties`]), what the executor advertises besides
+    /// its configured ones.
+    pub fn properties(&self) -> std::collections::BTreeMap<String, String> {
+        self.backends.iter().flat_map(|b| b.properties()).collect()
     }
 
     /// The offered types, the default first (what the executor advertises).

@@ -426,6 +426,7 @@ impl Worker {
                 runner_key_hash: runner.key.as_ref().map_or("", RunnerKey::short).into(),
                 uses: runner.uses,
                 isolation_type: isolation.name().into(),
+                isolation_properties: isolation.properties().into_iter().collect(),
             },
         ));
         let preserving = recycling && platform.preserve_workspace;

@@ -167,7 +167,13 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         pool: options.pool.clone(),
         os_family: options.os_family.clone(),
         arch: options.arch.clone(),
-        properties: options.properties.clone(),
+        // What the backends declare of themselves (`vmm`), under what the
+        // operator configured.
+        properties: isolations
+            .properties()
+            .into_iter()
+            .chain(options.properties.clone())
+            .collect(),
         isolation_types,
         capacity: options.capacity.max(1),
         resources: options.resources,

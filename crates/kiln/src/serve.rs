@@ -480,6 +480,7 @@ fn start_embedded_executor(
         execution.pool.clone(),
         execution.effective_resources(&root),
         &isolations.names(),
+        isolations.properties(),
         execution.effective_concurrency(),
     );
     let session = LocalSession::new(executor);

@@ -9,6 +9,8 @@
 //!   default (bridge) gives it one, from which neither the host's loopback
 //!   nor its own addresses can be reached;
 //! - a timed-out action's partial output reaches Bazel;
+//! - the executor advertises its VMM (`vmm=qemu-tcg` here): an action may
+//!   require it, and one requiring another fails fast naming `vmm`;
 //! - an image that cannot become a disk fails naming it;
 //! - nothing of a VM is left once the server has stopped.
 
@@ -31,7 +33,7 @@ const PROBE: &str = "{ echo kernel=$$(uname -r); \
     echo interfaces=$$(ls /sys/class/net | tr '\\n' ' '); } > $(location probe.txt); \
     echo nested > $(location out/nested.txt)";
 
-fn build_file(host_ports: &str) -> String {
+fn build_file(host_ports: &str, vmm: &str) -> String {
     format!(
         r#"
 VM = {{
@@ -68,6 +70,31 @@ genrule(
         "container-image": "docker://127.0.0.1:5000/kiln-test/base:latest",
         "dockerNetwork": "off",
         "default-timeout": "8s",
+    }},
+)
+
+# The executor advertises what runs its VMs: an action may require it.
+genrule(
+    name = "on_this_vmm",
+    outs = ["on_this_vmm.txt"],
+    cmd = "uname -r > $@",
+    exec_properties = {{
+        "workload-isolation-type": "firecracker",
+        "container-image": "docker://127.0.0.1:5000/kiln-test/base:latest",
+        "dockerNetwork": "off",
+        "vmm": "{vmm}",
+    }},
+)
+
+genrule(
+    name = "on_another_vmm",
+    outs = ["on_another_vmm.txt"],
+    cmd = "uname -r > $@",
+    exec_properties = {{
+        "workload-isolation-type": "firecracker",
+        "container-image": "docker://127.0.0.1:5000/kiln-test/base:latest",
+        "dockerNetwork": "off",
+        "vmm": "firecracker-proper",
     }},
 )
 
@@ -163,7 +190,10 @@ fn bazel_runs_actions_in_microvms_booted_from_their_image() {
     let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
     let package = bazel.workspace.join("vm");
     fs::create_dir_all(&package).unwrap();
-    fs::write(package.join("BUILD"), build_file(&targets.join(" "))).unwrap();
+    // `qemu-kvm` or `qemu-tcg`, as the probe logged it.
+    let vmm = value(&log().replace(' ', "\n").replace('"', ""), "vmm");
+    assert!(vmm == "qemu-kvm" || vmm == "qemu-tcg", "vmm={vmm}");
+    fs::write(package.join("BUILD"), build_file(&targets.join(" "), &vmm)).unwrap();
     fs::write(package.join("input.txt"), "input-from-the-workspace\n").unwrap();
 
     bazel.run_ok(&["build", "//vm:probe", "//vm:reach_host"]);
@@ -227,6 +257,17 @@ fn bazel_runs_actions_in_microvms_booted_from_their_image() {
     assert!(
         text.contains("partial-output-before-the-timeout"),
         "the partial output is lost:\n{text}"
+    );
+
+    // Requiring this executor's VMM runs; another VMM fails fast, naming it.
+    bazel.run_ok(&["build", "//vm:on_this_vmm"]);
+    let output = bazel.run(&["build", "//vm:on_another_vmm"]);
+    let text = combined(&output);
+    eprintln!("---- on_another_vmm ----\n{text}");
+    assert!(!output.status.success(), "an action for another VMM ran");
+    assert!(
+        text.contains("vmm"),
+        "the failure does not name vmm:\n{text}"
     );
 
     // An image that cannot become a disk: the error names it.
