@@ -363,3 +363,67 @@ fn an_executor_left_with_nothing_to_offer_without_none_refuses_to_start() {
         "{log}"
     );
 }
+
+#[test]
+fn firecracker_is_offered_once_a_trial_action_ran_in_a_vm_and_a_broken_kernel_is_named() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (server, address) = serve(&scratch.path().join("server"));
+    let vm_flags = |name: &str| {
+        vec![
+            "--vm-run-dir".to_string(),
+            scratch.path().join(name).join("run").display().to_string(),
+            "--vm-cache-dir".to_string(),
+            scratch
+                .path()
+                .join(name)
+                .join("cache")
+                .display()
+                .to_string(),
+        ]
+    };
+
+    // A kernel path that holds nothing: not offered, and the log says why.
+    let broken_kernel = scratch.path().join("no-such-vmlinuz");
+    let mut flags = vm_flags("broken");
+    flags.extend(["--vm-kernel".into(), broken_kernel.display().to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let broken = executor(
+        &address,
+        &scratch.path().join("broken"),
+        "none,firecracker",
+        &flags,
+    );
+    let lines = probe_results(&broken, &["firecracker"]);
+    let line = not_offered_line(&lines, "firecracker");
+    assert!(
+        line.contains(&broken_kernel.display().to_string()),
+        "the reason does not name the kernel: {line}"
+    );
+    assert_eq!(registered_types(&server), r#"isolation_types=["none"]"#);
+    drop(broken);
+
+    // The installed kernel (scripts/install-deps.sh): offered once a trial
+    // action ran in a VM, and no VM is left of the trial.
+    let flags = vm_flags("working");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let working = executor(
+        &address,
+        &scratch.path().join("working"),
+        "none,firecracker",
+        &flags,
+    );
+    let lines = probe_results(&working, &["firecracker"]);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("isolation type offered") && l.contains("isolation=firecracker ")),
+        "firecracker not offered (QEMU and the guest kernel come from \
+         scripts/install-deps.sh):\n{}",
+        lines.join("\n")
+    );
+    let run_dir = scratch.path().join("working").join("run");
+    let left: Vec<_> = std::fs::read_dir(&run_dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the trial left {left:?}");
+}
