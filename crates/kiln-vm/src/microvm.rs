@@ -72,6 +72,9 @@ pub struct MicrovmConfig {
     pub output_limits: DecodeLimits,
 }
 
+/// An action's network namespace, released when its VM is gone.
+type HeldNetwork = (Arc<Outbound>, ActionNetwork);
+
 /// The backend.
 pub struct Microvm {
     config: MicrovmConfig,
@@ -191,10 +194,7 @@ impl Microvm {
     }
 
     /// The network of an action's VM, and what holds its namespace.
-    fn network_for(
-        &self,
-        platform: &Platform,
-    ) -> Result<(Network, Option<(Arc<Outbound>, ActionNetwork)>), RunError> {
+    fn network_for(&self, platform: &Platform) -> Result<(Network, Option<HeldNetwork>), RunError> {
         match (platform.docker_network, &self.network) {
             (Some(DockerNetwork::Off), _) | (None, Err(_)) => Ok((Network::Off, None)),
             (_, Ok(outbound)) => {
