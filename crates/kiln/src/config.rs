@@ -1061,6 +1061,10 @@ fn section_doc(path: &str) -> &'static str {
              reading this file."
         }
         "execution.isolation.sandbox" => "The `sandbox` isolation type.",
+        "execution.isolation.vm" => {
+            "The `firecracker` isolation type: a VM per action, booted by QEMU from the \
+             action's container image (offered only when listed in `offer`)."
+        }
         "execution.inputs" => {
             "How large an action's input tree may be, counted as it is laid out (a directory \
              listed twice counts twice): for the embedded executor and a `kiln executor` \
