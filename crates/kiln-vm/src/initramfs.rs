@@ -291,6 +291,32 @@ mod tests {
     }
 
     #[test]
+    fn dockerd_modules_leave_out_what_boot_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dep = String::from(
+            "kernel/virtio.ko:\nkernel/virtio_pci.ko: kernel/virtio.ko\n\
+             kernel/virtio_mmio.ko: kernel/virtio.ko\nkernel/virtio_blk.ko: kernel/virtio.ko\n\
+             kernel/virtio_console.ko: kernel/virtio.ko\nkernel/virtio_net.ko: kernel/virtio.ko\n\
+             kernel/llc.ko:\nkernel/stp.ko: kernel/llc.ko\n\
+             kernel/bridge.ko: kernel/stp.ko kernel/llc.ko\n",
+        );
+        let rest = DOCKERD_MODULES.iter().filter(|m| **m != "bridge");
+        for module in rest {
+            dep.push_str(&format!("kernel/{module}.ko: kernel/virtio.ko\n"));
+        }
+        std::fs::write(dir.path().join("modules.dep"), dep).unwrap();
+        let boot = module_order(dir.path()).unwrap();
+        let dockerd = modules_after(dir.path(), DOCKERD_MODULES, &boot).unwrap();
+        assert!(
+            !dockerd.iter().any(|m| m == "kernel/virtio.ko"),
+            "{dockerd:?}"
+        );
+        let at = |name: &str| dockerd.iter().position(|m| m.ends_with(name)).unwrap();
+        assert!(at("/llc.ko") < at("/stp.ko") && at("/stp.ko") < at("/bridge.ko"));
+        assert_eq!(dockerd.len(), DOCKERD_MODULES.len() + 2);
+    }
+
+    #[test]
     fn a_missing_module_is_named() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("modules.dep"), "kernel/virtio.ko:\n").unwrap();

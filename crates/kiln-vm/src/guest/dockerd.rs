@@ -9,9 +9,10 @@ use crate::VmError;
 /// How a `dockerd` request ended, when the agent answered it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DockerdStart {
-    /// The daemon answered its ping this long after the request arrived
-    /// (modules loaded, daemon started and ready).
-    Ready(Duration),
+    /// The daemon answered its ping `took` after the request arrived, of
+    /// which loading its kernel modules took `modules` (nothing when an
+    /// earlier request loaded them).
+    Ready { took: Duration, modules: Duration },
     /// It could not be started or did not answer in time: why, with the
     /// last lines of its log in the guest.
     Failed(String),
@@ -37,8 +38,11 @@ impl Guest {
         let answer = self.answer(&mut readers).await?;
         match answer[0].as_slice() {
             b"dockerd-ready" => {
-                let millis = field_text(&answer, 1).parse().unwrap_or(0);
-                Ok(DockerdStart::Ready(Duration::from_millis(millis)))
+                let millis = |i| Duration::from_millis(field_text(&answer, i).parse().unwrap_or(0));
+                Ok(DockerdStart::Ready {
+                    took: millis(1),
+                    modules: millis(2),
+                })
             }
             b"dockerd-failed" => Ok(DockerdStart::Failed(field_text(&answer, 1))),
             _ => Err(self.error(format!(

@@ -49,9 +49,10 @@ pub(super) async fn start_if_asked(
         }
     };
     match started {
-        DockerdStart::Ready(took) => {
+        DockerdStart::Ready { took, modules } => {
             tracing::info!(
                 ?took,
+                ?modules,
                 tcp = platform.enable_dockerd_tcp,
                 "firecracker: dockerd answers in the VM"
             );
