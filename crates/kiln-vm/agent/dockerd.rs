@@ -76,6 +76,10 @@ pub fn handle(fields: &[Vec<u8>]) -> Vec<Vec<u8>> {
 }
 
 fn start(tcp: bool, wait: Duration, path: &str) -> Result<(), String> {
+    // A warm VM's daemon, started for an earlier action, is kept.
+    if ping() {
+        return Ok(());
+    }
     let program = find_on_path("dockerd", path).ok_or_else(|| {
         format!("the image has no dockerd on its PATH ({path}): init-dockerd needs an image with Docker installed")
     })?;
