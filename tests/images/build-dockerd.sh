@@ -15,21 +15,26 @@
 #       /var/lib/docker, /var/log and /etc/docker ready. iptables is the
 #       legacy (xtables) flavour: the agent loads ip_tables and its
 #       friends, and legacy needs no nf_tables rule translation.
+#   127.0.0.1:5000/kiln-test/dockerd-broken:latest
+#       base plus a /usr/local/bin/dockerd that logs
+#       "kiln-test broken dockerd: no daemon here" to stderr and exits 3,
+#       for the failure path.
 #
 # A separate script from build.sh so that its inputs (about 200 MB of
 # binaries) never rebuild the small images, and build.sh stays what the
 # other tests hash. Same scheme: the label org.kiln.test.inputs is a
 # SHA-256 over this script, the base image's own label and the files
-# copied in; when the registry holds an image with it, nothing is built
-# (well under a second). The image is not pulled into the local stores:
+# copied in; when the registry holds images with it, nothing is built
+# (two seconds: hashing the binaries). The image is not pulled into the local stores:
 # only VMs use it, and they read the registry. Serialised on
-# /var/lib/kiln-test/images-dockerd.lock. Prints the reference with its
-# manifest digest on stdout.
+# /var/lib/kiln-test/images-dockerd.lock. Prints the references with their
+# manifest digests on stdout.
 set -euo pipefail
 
 OPEN=127.0.0.1:5000
 BASE="$OPEN/kiln-test/base:latest"
 DOCKERD="$OPEN/kiln-test/dockerd:latest"
+BROKEN="$OPEN/kiln-test/dockerd-broken:latest"
 LABEL=org.kiln.test.inputs
 STATE_DIR=/var/lib/kiln-test
 LOCK="$STATE_DIR/images-dockerd.lock"
@@ -85,17 +90,20 @@ HASH="$({
 } | sha256sum | cut -c1-64)"
 
 current() {
-  local info
-  info="$(skopeo inspect --tls-verify=false --format "{{.Digest}} {{index .Labels \"$LABEL\"}}" \
-    "docker://$DOCKERD" 2>/dev/null || true)"
-  [[ "${info#* }" == "$HASH" ]] || return 1
-  echo "$DOCKERD@${info%% *}"
+  local ref info out=()
+  for ref in "$DOCKERD" "$BROKEN"; do
+    info="$(skopeo inspect --tls-verify=false --format "{{.Digest}} {{index .Labels \"$LABEL\"}}" \
+      "docker://$ref" 2>/dev/null || true)"
+    [[ "${info#* }" == "$HASH" ]] || return 1
+    out+=("$ref@${info%% *}")
+  done
+  printf '%s\n' "${out[@]}"
 }
 if current; then
   exit 0
 fi
 
-say "building $DOCKERD (inputs $HASH)"
+say "building $DOCKERD and $BROKEN (inputs $HASH)"
 work="$(mktemp -d "$STATE_DIR/images-dockerd.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 root="$work/rootfs"
@@ -114,12 +122,26 @@ FROM $BASE
 ADD dockerd.tar /
 LABEL $LABEL=$HASH
 EOF
-out="$(docker build -q --network none -f "$work/Dockerfile" -t "$DOCKERD" "$work" 2>&1)" || {
-  echo "$out" >&2
-  die "docker build of $DOCKERD failed"
-}
-say "docker push $DOCKERD"
-docker push -q "$DOCKERD" >/dev/null || die "docker push of $DOCKERD failed"
-# Only the registry's copy is used; the local one would only take room.
-docker rmi "$DOCKERD" >/dev/null 2>&1 || true
-current || die "the registry does not hold $DOCKERD just pushed"
+cat >"$work/broken-dockerd" <<'EOF'
+#!/bin/sh
+echo "kiln-test broken dockerd: no daemon here" >&2
+exit 3
+EOF
+chmod 755 "$work/broken-dockerd"
+cat >"$work/Dockerfile.broken" <<EOF
+FROM $BASE
+COPY broken-dockerd /usr/local/bin/dockerd
+LABEL $LABEL=$HASH
+EOF
+for pair in "$DOCKERD:Dockerfile" "$BROKEN:Dockerfile.broken"; do
+  ref="${pair%:*}" dockerfile="${pair##*:}"
+  out="$(docker build -q --network none -f "$work/$dockerfile" -t "$ref" "$work" 2>&1)" || {
+    echo "$out" >&2
+    die "docker build of $ref failed"
+  }
+  say "docker push $ref"
+  docker push -q "$ref" >/dev/null || die "docker push of $ref failed"
+  # Only the registry's copy is used; the local one would only take room.
+  docker rmi "$ref" >/dev/null 2>&1 || true
+done
+current || die "the registry does not hold the images just pushed"

@@ -5,8 +5,9 @@
 //! an image tarball from its inputs and runs a container of it.
 //! - the container's output reaches Bazel through the action's output;
 //! - with `enable-dockerd-tcp`, the daemon also answers on TCP port 2375;
-//! - `init-dockerd` with an image that has no `dockerd` fails with
-//!   FAILED_PRECONDITION naming dockerd;
+//! - `init-dockerd` with an image that has no `dockerd`, or one whose
+//!   `dockerd` exits, fails with FAILED_PRECONDITION naming dockerd (and
+//!   quoting its log);
 //! - `init-dockerd` under `sandbox` is refused (INVALID_ARGUMENT) naming
 //!   the property;
 //! - nothing of a VM is left once the server has stopped.
@@ -52,6 +53,18 @@ genrule(
     exec_properties = {
         "workload-isolation-type": "firecracker",
         "container-image": "docker://127.0.0.1:5000/kiln-test/base:latest",
+        "init-dockerd": "true",
+        "dockerNetwork": "off",
+    },
+)
+
+genrule(
+    name = "broken_dockerd",
+    outs = ["broken_dockerd.txt"],
+    cmd = "touch $@",
+    exec_properties = {
+        "workload-isolation-type": "firecracker",
+        "container-image": "docker://127.0.0.1:5000/kiln-test/dockerd-broken:latest",
         "init-dockerd": "true",
         "dockerNetwork": "off",
     },
@@ -202,6 +215,22 @@ fn bazel_actions_run_containers_with_dockerd_in_their_microvm() {
     assert!(text.contains("Failed Precondition"), "{text}");
     assert!(text.contains("init-dockerd=true"), "{text}");
     assert!(text.contains("no dockerd on its PATH"), "{text}");
+
+    // A dockerd that gives up: FAILED_PRECONDITION with its log's last
+    // lines.
+    let output = bazel.run(&["build", "//vm:broken_dockerd"]);
+    let text = combined(&output);
+    eprintln!("---- broken_dockerd ----\n{text}");
+    assert!(!output.status.success(), "broken_dockerd succeeded");
+    assert!(text.contains("Failed Precondition"), "{text}");
+    assert!(
+        text.contains("dockerd (/usr/local/bin/dockerd) ended (exit status: 3)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln-test broken dockerd: no daemon here"),
+        "dockerd's log is not quoted: {text}"
+    );
 
     // Under sandbox: refused before it runs, naming the property.
     let output = bazel.run(&["build", "//vm:in_sandbox"]);
