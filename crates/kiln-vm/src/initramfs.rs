@@ -31,6 +31,9 @@ pub const MODULES: &[&str] = &[
 /// storage driver, a bridge with veth pairs for its default network, and
 /// netfilter for the NAT and filter rules it writes with iptables (legacy
 /// tables and nf_tables both, whichever flavour the image's iptables is).
+/// Every VM carries them (2.7 MB of initramfs): 16 interleaved boots under
+/// TCG took about 50 ms longer with them, within the noise, which did not
+/// justify a second initramfs per VM kind.
 pub const DOCKERD_MODULES: &[&str] = &[
     "overlay",
     "bridge",
