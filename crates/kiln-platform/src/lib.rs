@@ -359,6 +359,12 @@ pub struct Platform {
     /// `None`: not set (or empty), which means `bridge` where the runtime
     /// has a bridge network.
     pub docker_network: Option<DockerNetwork>,
+    /// `init-dockerd`: a Docker daemon starts inside the action's microVM
+    /// before the action (`firecracker` only).
+    pub init_dockerd: bool,
+    /// `enable-dockerd-tcp`: that daemon also listens on TCP port 2375
+    /// inside the VM (with `init-dockerd` only).
+    pub enable_dockerd_tcp: bool,
     /// `persistentWorkerKey` (non-empty) and `persistentWorkerProtocol`:
     /// with `recycle-runner`, the action is a request to a long-running
     /// worker of that key; without, an ordinary action.
@@ -439,6 +445,45 @@ fn invalid(key: &str, value: &str, accepted: &str) -> PlatformError {
 
 fn unsupported(key: &str, value: &str, why: &str) -> PlatformError {
     refused(PlatformErrorKind::Unsupported, key, value, why)
+}
+
+/// A Docker daemon runs only inside a microVM: `init-dockerd` and
+/// `enable-dockerd-tcp` with another isolation type would be ignored, so
+/// they are refused (the executor's default type is checked where it
+/// runs); the TCP listener is the daemon's, so it needs `init-dockerd`.
+fn check_dockerd(
+    platform: &Platform,
+    merged: &BTreeMap<String, String>,
+) -> Result<(), PlatformError> {
+    let value = |key: &str| merged.get(key).map_or("", String::as_str).to_string();
+    for (key, wanted) in [
+        ("init-dockerd", platform.init_dockerd),
+        ("enable-dockerd-tcp", platform.enable_dockerd_tcp),
+    ] {
+        match platform.isolation {
+            Some(isolation) if wanted && isolation != IsolationType::Firecracker => {
+                return Err(invalid(
+                    key,
+                    &value(key),
+                    &format!(
+                        "a Docker daemon runs only inside a microVM, and \
+                         workload-isolation-type={} runs none; set \
+                         workload-isolation-type=firecracker, or remove {key}",
+                        isolation.name()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    if platform.enable_dockerd_tcp && !platform.init_dockerd {
+        return Err(invalid(
+            "enable-dockerd-tcp",
+            &value("enable-dockerd-tcp"),
+            "opens the TCP port of the Docker daemon init-dockerd starts: set init-dockerd=true too",
+        ));
+    }
+    Ok(())
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool, PlatformError> {
@@ -771,16 +816,8 @@ impl Platform {
                         _ => return Err(invalid(key, v, "expected off or bridge")),
                     }
                 }
-                "init-dockerd" | "enable-dockerd-tcp" => {
-                    if parse_bool(key, v)? {
-                        return Err(unsupported(
-                            key,
-                            v,
-                            "Kiln has no microVM isolation (firecracker) yet, so no Docker \
-                             daemon runs inside one; remove the property or set it to false",
-                        ));
-                    }
-                }
+                "init-dockerd" => platform.init_dockerd = parse_bool(key, v)?,
+                "enable-dockerd-tcp" => platform.enable_dockerd_tcp = parse_bool(key, v)?,
                 _ => {
                     platform.other.insert(key.clone(), value.clone());
                 }
@@ -874,6 +911,7 @@ impl Platform {
                 ));
             }
         }
+        check_dockerd(&platform, &merged)?;
         // Explicit estimates win over the compute-unit shorthand.
         let units_cpu = compute_units.map(|u| (u * COMPUTE_UNIT_MILLIS as f64).round() as u64);
         let units_memory = compute_units.map(|u| (u * COMPUTE_UNIT_BYTES as f64).round() as u64);

@@ -300,22 +300,45 @@ fn refusal(pairs: &[(&str, &str)]) -> PlatformError {
 }
 
 #[test]
-fn features_kiln_does_not_have_are_refused_not_ignored() {
-    for (key, value, why) in [
-        ("init-dockerd", "true", "microVM"),
-        ("enable-dockerd-tcp", "TRUE", "microVM"),
-    ] {
-        let error = refusal(&[(key, value)]);
-        assert_eq!(error.kind, PlatformErrorKind::Unsupported, "{error}");
-        let message = error.to_string();
-        assert!(
-            message.contains(&format!("{key}={value:?} is not supported")),
-            "{message}"
-        );
-        assert!(message.contains(why), "{message}");
+fn dockerd_is_accepted_in_a_microvm_and_refused_elsewhere() {
+    let platform = parse_action(&[
+        ("workload-isolation-type", "firecracker"),
+        ("init-dockerd", "true"),
+        ("enable-dockerd-tcp", "TRUE"),
+    ])
+    .unwrap();
+    assert!(platform.init_dockerd && platform.enable_dockerd_tcp);
+    // Without a type the executor's default decides, where it runs.
+    assert!(
+        parse_action(&[("init-dockerd", "true")])
+            .unwrap()
+            .init_dockerd
+    );
+    for isolation in ["none", "sandbox", "podman", "docker"] {
+        for (key, value) in [("init-dockerd", "true"), ("enable-dockerd-tcp", "True")] {
+            let error = refusal(&[("workload-isolation-type", isolation), (key, value)]);
+            assert_eq!(error.kind, PlatformErrorKind::Invalid, "{error}");
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("{key}={value:?} is invalid")),
+                "{message}"
+            );
+            assert!(
+                message.contains(&format!("workload-isolation-type={isolation}")),
+                "{message}"
+            );
+        }
     }
-    // What asks for nothing is accepted.
-    parse_action(&[
+    // The TCP port is the daemon's: alone it means nothing.
+    let error = refusal(&[
+        ("workload-isolation-type", "firecracker"),
+        ("enable-dockerd-tcp", "true"),
+    ]);
+    assert_eq!(error.kind, PlatformErrorKind::Invalid, "{error}");
+    assert!(error.to_string().contains("init-dockerd=true"), "{error}");
+    // What asks for nothing is accepted anywhere.
+    let platform = parse_action(&[
+        ("workload-isolation-type", "sandbox"),
         ("use-self-hosted-executors", "false"),
         ("persistentWorkerKey", ""),
         ("persistentWorkerProtocol", ""),
@@ -323,6 +346,10 @@ fn features_kiln_does_not_have_are_refused_not_ignored() {
         ("enable-dockerd-tcp", "false"),
     ])
     .unwrap();
+    assert!(!platform.init_dockerd && !platform.enable_dockerd_tcp);
+    assert!(refusal(&[("init-dockerd", "yes")])
+        .to_string()
+        .contains("expected true or false"));
 }
 
 #[test]

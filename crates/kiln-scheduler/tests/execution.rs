@@ -1822,41 +1822,22 @@ async fn refused(
 #[tokio::test]
 async fn features_kiln_does_not_have_are_refused_before_queueing() {
     let harness = Harness::start().await;
-    for (key, value, why) in [
-        ("use-self-hosted-executors", "true", "no organisation"),
-        ("init-dockerd", "true", "no microVM"),
-        ("enable-dockerd-tcp", "true", "no microVM"),
-    ] {
-        let action = harness
-            .action(ActionSpec {
-                arguments: vec!["/bin/true"],
-                properties: vec![(key, value)],
-                ..Default::default()
-            })
-            .await;
-        let error = refused(&harness, &action, &[]).await;
-        assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
-        assert!(
-            error.message().contains(&format!("{key}={value:?}")),
-            "{error}"
-        );
-        assert!(error.message().contains(why), "{error}");
-    }
-    // Through a header too (as Bazel's --remote_exec_header sends it).
-    let plain = harness
+    let action = harness
         .action(ActionSpec {
             arguments: vec!["/bin/true"],
+            properties: vec![("use-self-hosted-executors", "true")],
             ..Default::default()
         })
         .await;
-    let error = refused(
-        &harness,
-        &plain,
-        &[("x-buildbuddy-platform.init-dockerd", "true")],
-    )
-    .await;
+    let error = refused(&harness, &action, &[]).await;
     assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
-    assert!(error.message().contains("init-dockerd"), "{error}");
+    assert!(
+        error
+            .message()
+            .contains("use-self-hosted-executors=\"true\""),
+        "{error}"
+    );
+    assert!(error.message().contains("no organisation"), "{error}");
     // Values that ask for nothing run.
     let action = harness
         .action(ActionSpec {
@@ -1871,6 +1852,51 @@ async fn features_kiln_does_not_have_are_refused_before_queueing() {
         .await;
     let response = harness.execute(&action, true).await;
     assert_eq!(response.status.unwrap_or_default().code, 0);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn dockerd_outside_a_microvm_is_refused_before_queueing() {
+    let harness = Harness::start().await;
+    for key in ["init-dockerd", "enable-dockerd-tcp"] {
+        let action = harness
+            .action(ActionSpec {
+                arguments: vec!["/bin/true"],
+                properties: vec![("workload-isolation-type", "sandbox"), (key, "true")],
+                ..Default::default()
+            })
+            .await;
+        let error = refused(&harness, &action, &[]).await;
+        assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+        assert!(
+            error.message().contains(&format!("{key}=\"true\"")),
+            "{error}"
+        );
+        assert!(
+            error.message().contains("workload-isolation-type=sandbox"),
+            "{error}"
+        );
+    }
+    // Through a header too (as Bazel's --remote_exec_header sends it).
+    let in_docker = harness
+        .action(ActionSpec {
+            arguments: vec!["/bin/true"],
+            properties: vec![("workload-isolation-type", "docker")],
+            ..Default::default()
+        })
+        .await;
+    let error = refused(
+        &harness,
+        &in_docker,
+        &[("x-buildbuddy-platform.init-dockerd", "true")],
+    )
+    .await;
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(error.message().contains("init-dockerd"), "{error}");
+    assert!(
+        error.message().contains("workload-isolation-type=docker"),
+        "{error}"
+    );
     harness.stop().await;
 }
 

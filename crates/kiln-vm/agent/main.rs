@@ -31,8 +31,12 @@
 //!   port, then `end`; the answer is `collected` or `failed MESSAGE`;
 //!   `ping UNIX_NANOS SEED` → `pong` (after a restore: the clock is set to
 //!   the host's, and SEED is mixed into the kernel's RNG and reseeds it,
-//!   so two VMs restored from one snapshot do not share random numbers).
+//!   so two VMs restored from one snapshot do not share random numbers);
+//!   `dockerd TCP WAIT_MS PATH` → `dockerd-ready MILLIS` or
+//!   `dockerd-failed MESSAGE` (`dockerd.rs`).
 
+#[path = "dockerd.rs"]
+mod dockerd;
 #[path = "frame.rs"]
 mod frame;
 #[path = "../src/tree_stream.rs"]
@@ -194,6 +198,7 @@ fn main() {
     if let Err(e) = load_modules() {
         halt(&e);
     }
+    dockerd::keep_modules_dir();
     let (control, data) = match open_ports() {
         Ok(ports) => ports,
         Err(e) => halt(&e),
@@ -837,6 +842,11 @@ impl Agent {
                     Ok(()) => self.control.send(&[b"collected"]),
                     Err(e) => self.control.send(&[b"failed", e.as_bytes()]),
                 }
+            }
+            Some(b"dockerd") => {
+                let answer = dockerd::handle(&request[1..]);
+                let fields: Vec<&[u8]> = answer.iter().map(Vec::as_slice).collect();
+                self.control.send(&fields);
             }
             Some(b"ping") => {
                 if let Some(nanos) = request

@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::VmError;
 
 mod collect;
+mod dockerd;
+pub use dockerd::DockerdStart;
 #[path = "../agent/frame.rs"]
 mod frame;
 

@@ -38,6 +38,9 @@ use crate::tree_stream::DecodeLimits;
 use crate::vmm::{Network, Vm, VmSpec, Vmm, WorkspaceDisk};
 use crate::{workspace_disk, VmError};
 
+mod dockerd;
+pub use dockerd::DOCKERD_WAIT;
+
 /// Guest memory the kernel and agent need beyond the action's own
 /// (`EstimatedMemory`): added to each VM's RAM, and stated in the docs.
 pub const MEMORY_OVERHEAD_BYTES: u64 = 96 << 20;
@@ -260,6 +263,11 @@ impl Microvm {
                 })
             }
         };
+        if let Some(stopped) =
+            dockerd::start_if_asked(vm.as_ref(), platform, &image.config, cancel).await?
+        {
+            return Ok(stopped);
+        }
         let request = run_request(spec, limits, &image.config);
         let (stdout, stderr) = spec.output_fds()?;
         let stdout = tokio::fs::File::from_std(std::fs::File::from(stdout));

@@ -477,6 +477,12 @@ impl Isolations {
                  container-image)"
             )));
         }
+        if platform.init_dockerd && name != IsolationType::Firecracker.name() {
+            return Err(RunError::Unsupported(format!(
+                "init-dockerd=true: {chosen} runs no Docker daemon (only firecracker, a \
+                 microVM, does); set workload-isolation-type=firecracker, or remove init-dockerd"
+            )));
+        }
         if platform.preserve_workspace && !backend.keeps_warm_runners() {
             let why = if name == "none" {
                 " (none keeps them only on a root executor with a cgroup per action)"

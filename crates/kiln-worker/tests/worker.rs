@@ -1036,6 +1036,29 @@ async fn an_unavailable_isolation_type_is_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_dockerd_under_the_default_type_is_refused_naming_it() {
+    let harness = Harness::start().await;
+    let mut blobs = Blobs::default();
+    let action = blobs.action(&Directory::default(), &["/bin/true"], &[]);
+    harness.upload(&blobs.0).await;
+    // No type named: this executor's default (none) would ignore it.
+    let mut platform = Platform::default();
+    platform.init_dockerd = true;
+    let error = harness
+        .run(&action, &platform)
+        .await
+        .expect_err("no dockerd under none");
+    let status = tonic::Status::from(error);
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("init-dockerd=true"), "{status:?}");
+    assert!(
+        status.message().contains("default isolation type, none"),
+        "{status:?}"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inputs_are_copied_when_the_cache_is_on_another_device() {
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("other-device");

@@ -162,6 +162,13 @@ pub struct VmSettings {
     /// `EstimatedFreeDiskBytes`.
     #[arg(long = "vm-default-free-disk")]
     pub default_free_disk: Size,
+    /// Free space in each image's root disk beyond its files: what an
+    /// action may write outside its workspace, `/var/lib/docker` of an
+    /// `init-dockerd` action included (its loaded and pulled images). The
+    /// disk files are sparse: it costs host disk only as guests write.
+    /// Disks built before a change keep their size until evicted.
+    #[arg(long = "vm-image-free-disk")]
+    pub image_free_disk: Size,
     /// Most vCPUs one VM gets, whatever its `EstimatedCPU`.
     #[arg(long = "vm-max-vcpus")]
     pub max_vcpus: u32,
@@ -189,6 +196,7 @@ impl Default for VmSettings {
             default_memory: Size::gib(1),
             default_vcpus: 1,
             default_free_disk: Size::gib(1),
+            image_free_disk: Size::mib(256),
             max_vcpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             boot_timeout: Period::secs(120),
             max_output_size: Size::gib(16),
@@ -222,10 +230,10 @@ impl VmSettings {
             qemu,
             kernel: self.kernel.clone(),
             modules_dir: self.modules.clone(),
-            disks: ImageDisksConfig::new(
-                self.cache_dir.join("images"),
-                self.disk_cache_size.bytes(),
-            ),
+            disks: ImageDisksConfig {
+                free_bytes: self.image_free_disk.bytes(),
+                ..ImageDisksConfig::new(self.cache_dir.join("images"), self.disk_cache_size.bytes())
+            },
             mke2fs: self.mke2fs_binary.clone(),
             run_dir: self.run_dir.clone(),
             images,
