@@ -1,6 +1,7 @@
 //! Warm VMs (`recycle-runner=true`): a VM whose action finished cleanly
-//! stays its runner's [`Resident`], paused (QMP `stop`) while it waits, its
-//! guest RAM held against the executor's warm-runner memory budget. The
+//! stays its runner's [`Resident`], paused (QMP `stop`) while it waits, the
+//! memory its QEMU holds counted against the executor's warm-runner memory
+//! budget. The
 //! next action with the runner's key resumes it with everything it had:
 //! its processes, its root overlay (files outside the workspace).
 //!
@@ -310,9 +311,14 @@ impl Resident for WarmVm {
         self.queue(false);
     }
 
-    /// Its guest RAM (the overhead included): what QEMU may come to hold.
+    /// What its VMM process holds now (the guest RAM it touched, which a
+    /// paused VM does not grow), or else all of its guest RAM. Not the
+    /// guest RAM alone: that is the action's memory limit, or the
+    /// executor's default one, most of which a guest never touches.
     fn memory_bytes(&self) -> u64 {
-        self.shape.memory_mib << 20
+        self.vm
+            .memory_in_use()
+            .unwrap_or(self.shape.memory_mib << 20)
     }
 
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
