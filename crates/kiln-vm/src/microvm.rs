@@ -197,10 +197,7 @@ impl Microvm {
     }
 
     /// The network of an action's VM, and what holds its namespace.
-    fn network_for(
-        &self,
-        platform: &Platform,
-    ) -> Result<(Network, Option<HeldNetwork>), RunError> {
+    fn network_for(&self, platform: &Platform) -> Result<(Network, Option<HeldNetwork>), RunError> {
         match (platform.docker_network, &self.network) {
             (Some(DockerNetwork::Off), _) | (None, Err(_)) => Ok((Network::Off, None)),
             (_, Ok(outbound)) => {
