@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed={source}");
     println!("cargo:rerun-if-changed=agent/frame.rs");
     println!("cargo:rerun-if-changed=agent/dockerd.rs");
+    println!("cargo:rerun-if-changed=agent/store.rs");
     println!("cargo:rerun-if-changed=src/tree_stream.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());

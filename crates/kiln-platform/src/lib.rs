@@ -218,9 +218,10 @@ impl IsolationType {
         )
     }
 
-    /// Whether this type keeps warm runners on some executor (`none` only
-    /// where the executor can stop every process of an action);
-    /// `firecracker` never does in this Kiln.
+    /// Whether this type may preserve a warm runner's workspace on some
+    /// executor (`none` only where the executor can stop every process of
+    /// an action). `firecracker` keeps warm VMs, but each action's inputs
+    /// replace the last action's workspace.
     pub fn may_keep_warm_runners(self) -> bool {
         matches!(
             self,
@@ -860,6 +861,15 @@ impl Platform {
         // Isolation types known never to keep a workspace between actions
         // (those that depend on the executor are checked where it runs).
         if let Some(isolation) = platform.isolation.filter(|_| platform.preserve_workspace) {
+            if isolation == IsolationType::Firecracker {
+                return Err(unsupported(
+                    "preserve-workspace",
+                    "true",
+                    "workload-isolation-type=firecracker keeps warm VMs (recycle-runner) but \
+                     not their workspaces: each action's inputs replace the last action's \
+                     files; remove preserve-workspace, or use sandbox, docker or podman",
+                ));
+            }
             if !isolation.may_keep_warm_runners() {
                 return Err(unsupported(
                     "preserve-workspace",

@@ -29,6 +29,10 @@
 //!   `collect ROOT PATH…` → the outputs at each PATH beneath ROOT as a
 //!   tree stream (`src/tree_stream.rs`) in `tree BYTES` frames on the data
 //!   port, then `end`; the answer is `collected` or `failed MESSAGE`;
+//!   `put ROOT` → ROOT emptied (but its `lost+found`), then the tree
+//!   stream the host sends in `tree BYTES` frames on the data port, up to
+//!   `end`, written into it (a warm VM's next inputs, `store.rs`); the
+//!   answer is `stored` or `failed MESSAGE`;
 //!   `ping UNIX_NANOS SEED` → `pong` (after a restore: the clock is set to
 //!   the host's, and SEED is mixed into the kernel's RNG and reseeds it,
 //!   so two VMs restored from one snapshot do not share random numbers);
@@ -39,6 +43,8 @@
 mod dockerd;
 #[path = "frame.rs"]
 mod frame;
+#[path = "store.rs"]
+mod store;
 #[path = "../src/tree_stream.rs"]
 mod tree_stream;
 
@@ -848,6 +854,17 @@ impl Agent {
                 let fields: Vec<&[u8]> = answer.iter().map(Vec::as_slice).collect();
                 self.control.send(&fields);
             }
+            Some(b"put") => {
+                let stored = if self.action.is_some() {
+                    Err("an action is running".to_string())
+                } else {
+                    store::put(&mut self.data, &request[1..])
+                };
+                match stored {
+                    Ok(()) => self.control.send(&[b"stored"]),
+                    Err(e) => self.control.send(&[b"failed", e.as_bytes()]),
+                }
+            }
             Some(b"ping") => {
                 if let Some(nanos) = request
                     .get(1)
@@ -940,7 +957,9 @@ impl Agent {
             ("devpts", "/dev/pts", "mode=620,ptmxmode=666"),
             ("tmpfs", "/dev/shm", "mode=1777"),
             ("tmpfs", "/run", "mode=755"),
-            ("cgroup2", CGROUP, ""),
+            // Moving the action into its cgroup waits for an RCU grace
+            // period (milliseconds under emulation) unless favoured.
+            ("cgroup2", CGROUP, "favordynmods"),
         ] {
             let _ = std::fs::create_dir_all(target);
             mount_fs(kind, target, kind, options).map_err(|e| format!("mounting {target}: {e}"))?;

@@ -21,6 +21,7 @@ mod dockerd;
 pub use dockerd::DockerdStart;
 #[path = "../agent/frame.rs"]
 mod frame;
+mod put;
 
 /// How many of the console's last lines an error quotes.
 const CONSOLE_LINES: usize = 30;
@@ -130,7 +131,8 @@ pub struct Guest {
     vm_name: String,
     console: PathBuf,
     writer: Mutex<OwnedWriteHalf>,
-    _data_writer: OwnedWriteHalf,
+    /// Never shut (QEMU closes the port on that); written by `put` alone.
+    data_writer: Mutex<OwnedWriteHalf>,
     /// Held by whoever waits for answers: one request at a time.
     readers: Mutex<Readers>,
 }
@@ -151,7 +153,7 @@ impl Guest {
             vm_name: vm_name.to_string(),
             console: console.to_path_buf(),
             writer: Mutex::new(control_write),
-            _data_writer: data_write,
+            data_writer: Mutex::new(data_write),
             readers: Mutex::new(Readers {
                 control: FrameReader {
                     stream: control_read,

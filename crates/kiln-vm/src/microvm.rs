@@ -15,9 +15,10 @@
 //!
 //! Outputs come back through the agent ([`crate::tree_stream`]) into the
 //! host's workspace, where the worker collects them as for every type;
-//! the host never parses the guest's disk. Every action boots a fresh VM
-//! (warm VMs are not kept yet); it is killed, with its files, when the
-//! action ends.
+//! the host never parses the guest's disk. Every action boots a fresh VM,
+//! killed with its files when the action ends, unless its runner is kept
+//! (`recycle-runner=true`): then the VM waits, paused, for the next action
+//! with its runner key ([`warm`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use kiln_container::image::{ImageConfig, Images};
 use kiln_container::NetworkConfig;
 use kiln_platform::{DockerNetwork, DockerUser, Platform};
 use kiln_sandbox::network::{ActionNetwork, Outbound};
-use kiln_worker::isolation::{CommandSpec, Isolation, RunAs};
+use kiln_worker::isolation::{CommandSpec, Isolation, Resident, RunAs};
 use kiln_worker::{CancellationToken, Limits, ProcessOutcome, RunError, StopReason};
 
 use crate::guest::{GuestOutcome, GuestStatus, GuestUser, RunRequest};
@@ -40,6 +41,7 @@ use crate::{workspace_disk, VmError};
 
 mod dockerd;
 pub use dockerd::DOCKERD_WAIT;
+mod warm;
 
 /// Guest memory the kernel and agent need beyond the action's own
 /// (`EstimatedMemory`): added to each VM's RAM, and stated in the docs.
@@ -75,7 +77,7 @@ pub struct MicrovmConfig {
     pub output_limits: DecodeLimits,
 }
 
-/// An action's network namespace, released when its VM is gone.
+/// An action's network namespace, and the networks it goes back to.
 type HeldNetwork = (Arc<Outbound>, ActionNetwork);
 
 /// The backend.
@@ -225,13 +227,30 @@ impl Microvm {
         dir: &Path,
         network: Network,
     ) -> Result<ProcessOutcome, RunError> {
-        let platform = &spec.platform;
-        let workspace_image = dir.join("workspace.ext4");
-        let free = platform
-            .resources
-            .free_disk_bytes
-            .unwrap_or(self.config.default_free_disk_bytes);
-        workspace_disk::build(&self.config.mke2fs, &spec.workspace, &workspace_image, free).await?;
+        let vm = match self
+            .boot_for(spec, limits, cancel, image, dir, network)
+            .await?
+        {
+            Some(vm) => vm,
+            None => return Ok(cancelled()),
+        };
+        let outcome = self
+            .run_booted(
+                vm.as_ref(),
+                spec,
+                limits,
+                cancel,
+                image,
+                dir,
+                &spec.output_paths,
+            )
+            .await;
+        vm.kill();
+        outcome.map(process_outcome)
+    }
+
+    /// The guest RAM (MiB) and vCPUs of a VM for an action with `limits`.
+    fn vm_shape(&self, limits: &Limits) -> (u64, u32) {
         let memory = limits
             .memory_bytes
             .unwrap_or(self.config.default_memory_bytes);
@@ -241,6 +260,28 @@ impl Microvm {
                 millis.div_ceil(1000).max(1) as u32
             })
             .clamp(1, self.config.max_vcpus.max(1));
+        ((memory + MEMORY_OVERHEAD_BYTES).div_ceil(1 << 20), vcpus)
+    }
+
+    /// Boots the VM of `spec` in `dir`, its workspace disk built from the
+    /// staged inputs; None when `cancel` fired first.
+    async fn boot_for(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        image: &ImageDisk,
+        dir: &Path,
+        network: Network,
+    ) -> Result<Option<Box<dyn Vm>>, RunError> {
+        let platform = &spec.platform;
+        let workspace_image = dir.join("workspace.ext4");
+        let free = platform
+            .resources
+            .free_disk_bytes
+            .unwrap_or(self.config.default_free_disk_bytes);
+        workspace_disk::build(&self.config.mke2fs, &spec.workspace, &workspace_image, free).await?;
+        let (memory_mib, vcpus) = self.vm_shape(limits);
         let vm_spec = VmSpec {
             kernel: self.config.kernel.clone(),
             modules_dir: self.config.modules_dir.clone(),
@@ -249,24 +290,39 @@ impl Microvm {
                 mount_at: spec.workspace.clone(),
             }),
             vcpus,
-            memory_mib: (memory + MEMORY_OVERHEAD_BYTES).div_ceil(1 << 20),
+            memory_mib,
             network,
             boot_timeout: self.config.boot_timeout,
             ..VmSpec::new(vm_name(dir), &image.rootfs, dir)
         };
-        let vm = tokio::select! {
-            vm = self.vmm.boot(&vm_spec) => vm.map_err(vm_error)?,
-            _ = cancel.cancelled() => {
-                return Ok(ProcessOutcome {
-                    stopped: Some(StopReason::Cancelled),
-                    ..ProcessOutcome::exited(137)
-                })
-            }
-        };
-        if let Some(stopped) =
-            dockerd::start_if_asked(vm.as_ref(), platform, &image.config, cancel).await?
-        {
-            return Ok(stopped);
+        tokio::select! {
+            vm = self.vmm.boot(&vm_spec) => vm.map(Some).map_err(vm_error),
+            _ = cancel.cancelled() => Ok(None),
+        }
+    }
+
+    /// Runs `spec` in `vm`, then brings back `collected` (its outputs,
+    /// relative to the workspace) unless it was cancelled: partial outputs
+    /// of a timed-out action are kept, as for every type.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_booted(
+        &self,
+        vm: &dyn Vm,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        image: &ImageDisk,
+        dir: &Path,
+        collected: &[PathBuf],
+    ) -> Result<GuestOutcome, RunError> {
+        if !dockerd::start_if_asked(vm, &spec.platform, &image.config, cancel).await? {
+            // Cancelled while dockerd started: nothing ran.
+            return Ok(GuestOutcome {
+                status: GuestStatus::Signaled(9),
+                timed_out: false,
+                oom_killed: false,
+                cancelled: true,
+            });
         }
         let request = run_request(spec, limits, &image.config);
         let (stdout, stderr) = spec.output_fds()?;
@@ -277,12 +333,10 @@ impl Microvm {
             .run(&request, stdout, stderr, cancel.clone())
             .await
             .map_err(vm_error)?;
-        // Partial outputs of a timed-out action are kept, as for every type.
         if !outcome.cancelled {
-            self.bring_back_outputs(vm.as_ref(), spec, dir).await?;
+            self.bring_back_outputs(vm, spec, dir, collected).await?;
         }
-        vm.kill();
-        Ok(process_outcome(outcome))
+        Ok(outcome)
     }
 
     /// Writes the action's declared outputs, as the guest holds them, into
@@ -292,15 +346,16 @@ impl Microvm {
         vm: &dyn Vm,
         spec: &CommandSpec,
         dir: &Path,
+        paths: &[PathBuf],
     ) -> Result<(), RunError> {
-        if spec.output_paths.is_empty() {
+        if paths.is_empty() {
             return Ok(());
         }
         let stream_file = dir.join("outputs.stream");
         vm.guest()
             .collect(
                 &spec.workspace,
-                &spec.output_paths,
+                paths,
                 &stream_file,
                 // The stream's own headers on top of the content.
                 self.config.output_limits.bytes.saturating_add(64 << 20),
@@ -308,7 +363,7 @@ impl Microvm {
             .await
             .map_err(vm_error)?;
         let workspace = spec.workspace.clone();
-        let paths = spec.output_paths.clone();
+        let paths = paths.to_vec();
         let limits = self.config.output_limits;
         kiln_worker::process::blocking("bringing the VM's outputs back", move || {
             let root = std::fs::File::open(&workspace)
@@ -324,6 +379,28 @@ impl Microvm {
             Ok(())
         })
         .await
+    }
+}
+
+impl Microvm {
+    /// The root disk of `platform`'s image (resolved with its credentials,
+    /// built once per digest), leased while the value lives.
+    async fn image_for(
+        &self,
+        platform: &Platform,
+        cancel: &CancellationToken,
+    ) -> Result<ImageDisk, RunError> {
+        let resolved = self
+            .images
+            .ensure(platform, &self.disks, false, cancel)
+            .await?;
+        self.disks
+            .disk_for(
+                &resolved,
+                platform.registry_credentials.as_ref(),
+                self.images.is_insecure(&resolved.image.registry),
+            )
+            .await
     }
 }
 
@@ -394,6 +471,14 @@ fn image_user(user: Option<&str>) -> GuestUser {
     }
 }
 
+/// The outcome of an action cancelled before its VM booted.
+fn cancelled() -> ProcessOutcome {
+    ProcessOutcome {
+        stopped: Some(StopReason::Cancelled),
+        ..ProcessOutcome::exited(137)
+    }
+}
+
 fn process_outcome(outcome: GuestOutcome) -> ProcessOutcome {
     let (exit_code, signal) = match outcome.status {
         GuestStatus::Exited(code) => (code, None),
@@ -438,10 +523,25 @@ impl Isolation for Microvm {
 
     fn run_as(
         &self,
-        _platform: &Platform,
+        platform: &Platform,
         _action_user: Option<(u32, u32)>,
     ) -> Result<RunAs, RunError> {
+        warm::refuse_preserved_workspace(platform)?;
         Ok(RunAs::Privileged)
+    }
+
+    fn keeps_warm_runners(&self) -> bool {
+        true
+    }
+
+    async fn run_in_runner(
+        &self,
+        spec: &CommandSpec,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        resident: &mut Option<Box<dyn Resident>>,
+    ) -> Result<ProcessOutcome, RunError> {
+        self.run_warm(spec, limits, cancel, resident).await
     }
 
     fn sees_host_workspace(&self) -> bool {
@@ -474,18 +574,7 @@ impl Isolation for Microvm {
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError> {
         let platform = &spec.platform;
-        let resolved = self
-            .images
-            .ensure(platform, &self.disks, false, cancel)
-            .await?;
-        let image = self
-            .disks
-            .disk_for(
-                &resolved,
-                platform.registry_credentials.as_ref(),
-                self.images.is_insecure(&resolved.image.registry),
-            )
-            .await?;
+        let image = self.image_for(platform, cancel).await?;
         let (network, held) = self.network_for(platform)?;
         let dir = tempfile::Builder::new()
             .prefix("vm-")
@@ -500,7 +589,7 @@ impl Isolation for Microvm {
         tracing::debug!(
             vmm = self.vmm_name(),
             kernel = %self.kernel_digest,
-            image = %resolved.digest,
+            image = %image.digest,
             "firecracker action ran"
         );
         outcome

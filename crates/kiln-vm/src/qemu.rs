@@ -744,6 +744,20 @@ impl Vm for QemuVm {
     fn kill(self: Box<Self>) {
         drop(self);
     }
+
+    fn memory_in_use(&self) -> Option<u64> {
+        let pid = self.cleanup.lock().child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib << 10)
+    }
 }
 
 /// `text` as a JSON string.

@@ -159,4 +159,10 @@ pub trait Vm: Send + Sync {
 
     /// Stops the VM at once (as dropping it does).
     fn kill(self: Box<Self>);
+
+    /// Host memory the VM holds now (its VMM process's resident set: the
+    /// guest RAM it touched, and the VMM's own), if known.
+    fn memory_in_use(&self) -> Option<u64> {
+        None
+    }
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 const APPLETS: &[&str] = &[
     "sh", "uname", "cat", "echo", "sleep", "id", "dd", "head", "grep", "ls", "mkdir", "sync",
-    "date",
+    "date", "find", "stat", "readlink", "true", "sort", "kill",
 ];
 
 fn tool(name: &str) -> PathBuf {
@@ -617,4 +617,120 @@ async fn a_vm_in_its_own_network_namespace_cannot_reach_the_host_loopback() {
         reach.stderr
     );
     drop(vm);
+}
+
+/// A warm VM's next inputs: `put` empties the mounted workspace (but its
+/// `lost+found`) and writes the host's tree into it, modes and symlinks
+/// included, while what the last action left outside the workspace (a
+/// file, a process) stays; a paused VM resumes (and `cont` on a running
+/// one is harmless).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_replaces_the_workspace_of_a_running_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root_disk(dir.path());
+    let work = workspace_disk(dir.path());
+    let runtime = dir.path().join("run");
+    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test");
+    let mut spec = VmSpec::new("put-vm", &root, &runtime);
+    spec.memory_mib = 256;
+    spec.workspace = Some(WorkspaceDisk {
+        image: work,
+        mount_at: "/work".into(),
+    });
+    let vm = vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"));
+    let first = run(
+        &*vm,
+        shell(
+            "mkdir -p /work/old/deep && echo old > /work/old/deep/file && echo old > /work/top \\
+             && echo outside > /tmp/outside && (sleep 300 & echo $! > /tmp/sleep.pid)",
+        ),
+    )
+    .await;
+    assert_eq!(
+        first.outcome.status,
+        GuestStatus::Exited(0),
+        "{}",
+        first.stderr
+    );
+
+    let inputs = dir.path().join("inputs");
+    std::fs::create_dir_all(inputs.join("pkg/sub")).unwrap();
+    std::fs::write(inputs.join("pkg/sub/data.txt"), "new-input\n").unwrap();
+    std::fs::write(inputs.join("tool.sh"), "#!/bin/sh\necho tool-ran\n").unwrap();
+    std::fs::write(inputs.join("empty"), "").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            inputs.join("tool.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            inputs.join("pkg/sub"),
+            std::fs::Permissions::from_mode(0o555),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("pkg/sub/data.txt", inputs.join("link")).unwrap();
+    std::fs::write(inputs.join("big"), vec![7u8; 3 << 20]).unwrap();
+
+    vm.pause().await.unwrap();
+    vm.resume().await.unwrap();
+    vm.resume().await.expect("cont on a running VM");
+    vm.guest().ping().await.unwrap();
+    let started = std::time::Instant::now();
+    vm.guest()
+        .put(Path::new("/work"), &inputs)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("put of 3 MiB and 5 entries: {:?}", started.elapsed());
+
+    let listing = run(&*vm, shell("cd /work && find . | sort")).await;
+    assert_eq!(
+        listing.stdout,
+        ".\n./big\n./empty\n./link\n./lost+found\n./pkg\n./pkg/sub\n./pkg/sub/data.txt\n./tool.sh\n",
+        "{}",
+        listing.stderr
+    );
+    let checks = run(
+        &*vm,
+        shell(
+            "cd /work && cat link && ./tool.sh && stat -c %a pkg/sub && stat -c '%a %s' tool.sh big empty \\
+             && readlink link && cat /tmp/outside && kill -0 $(cat /tmp/sleep.pid) && echo alive",
+        ),
+    )
+    .await;
+    assert_eq!(
+        checks.stdout,
+        "new-input\ntool-ran\n555\n755 24\n644 3145728\n644 0\npkg/sub/data.txt\noutside\nalive\n",
+        "{}",
+        checks.stderr
+    );
+
+    // A trivial action with its inputs, as a warm runner's: how long.
+    let empty = dir.path().join("empty-inputs");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut rounds = Vec::new();
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        vm.resume().await.unwrap();
+        vm.guest().ping().await.unwrap();
+        vm.guest().put(Path::new("/work"), &empty).await.unwrap();
+        let done = run(&*vm, RunRequest::new(["true"])).await;
+        assert_eq!(done.outcome.status, GuestStatus::Exited(0));
+        vm.pause().await.unwrap();
+        rounds.push(started.elapsed());
+    }
+    rounds.sort();
+    println!(
+        "resume, ping, put, run `true`, pause: median {:?}",
+        rounds[rounds.len() / 2]
+    );
+    vm.resume().await.unwrap();
+    let left = run(&*vm, shell("ls -A /work")).await;
+    assert_eq!(left.stdout, "lost+found\n");
+    drop(vm);
+    assert!(processes_mentioning(&runtime.display().to_string()).is_empty());
 }

@@ -152,6 +152,13 @@ pub trait Resident: Send + Sync + std::fmt::Debug {
     fn memory_bytes(&self) -> u64 {
         0
     }
+
+    /// Itself as its concrete type, for the backend that left it (a warm
+    /// VM that cannot be resumed is replaced by a fresh one, which only
+    /// the backend can boot). None: nothing to look at.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
 
 /// Runs a command under one kind of isolation.

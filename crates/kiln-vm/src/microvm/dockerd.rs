@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use kiln_platform::Platform;
-use kiln_worker::{CancellationToken, ProcessOutcome, RunError, StopReason};
+use kiln_worker::{CancellationToken, RunError};
 
 use crate::guest::DockerdStart;
 use crate::image_disk::ImageRuntimeConfig;
@@ -20,17 +20,17 @@ pub const DOCKERD_WAIT: Duration = Duration::from_secs(30);
 /// sets no PATH.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Starts dockerd in `vm` when `platform` asks for it: `Ok(None)` when it
-/// answers (or was not asked for), `Ok(Some(outcome))` when `cancel`
-/// fired meanwhile.
+/// Starts dockerd in `vm` when `platform` asks for it: `Ok(true)` when it
+/// answers (or was not asked for), `Ok(false)` when `cancel` fired
+/// meanwhile.
 pub(super) async fn start_if_asked(
     vm: &dyn Vm,
     platform: &Platform,
     image: &ImageRuntimeConfig,
     cancel: &CancellationToken,
-) -> Result<Option<ProcessOutcome>, RunError> {
+) -> Result<bool, RunError> {
     if !platform.init_dockerd {
-        return Ok(None);
+        return Ok(true);
     }
     let path = image
         .env
@@ -41,12 +41,7 @@ pub(super) async fn start_if_asked(
         started = vm.guest().start_dockerd(platform.enable_dockerd_tcp, DOCKERD_WAIT, path) => {
             started.map_err(|e| RunError::Internal(e.to_string()))?
         }
-        _ = cancel.cancelled() => {
-            return Ok(Some(ProcessOutcome {
-                stopped: Some(StopReason::Cancelled),
-                ..ProcessOutcome::exited(137)
-            }))
-        }
+        _ = cancel.cancelled() => return Ok(false),
     };
     match started {
         DockerdStart::Ready { took, modules } => {
@@ -56,7 +51,7 @@ pub(super) async fn start_if_asked(
                 tcp = platform.enable_dockerd_tcp,
                 "firecracker: dockerd answers in the VM"
             );
-            Ok(None)
+            Ok(true)
         }
         DockerdStart::Failed(why) => {
             Err(RunError::Unsupported(format!("init-dockerd=true: {why}")))

@@ -35,7 +35,8 @@ pub struct IsolationBenchArgs {
     )]
     pub types: Vec<String>,
 
-    /// Image of the container types, and of the raw `run --rm` baselines.
+    /// Image of the container types and `firecracker`, and of the raw
+    /// `run --rm` baselines.
     #[arg(long, default_value = "docker://127.0.0.1:5000/kiln-test/base:latest")]
     pub image: String,
 
@@ -122,7 +123,7 @@ pub async fn run(args: IsolationBenchArgs) -> anyhow::Result<()> {
         if kind != "none" {
             properties.push(("dockerNetwork".to_string(), "off".to_string()));
         }
-        if kind == "docker" || kind == "podman" {
+        if matches!(kind.as_str(), "docker" | "podman" | "firecracker") {
             properties.push(("container-image".into(), args.image.clone()));
         }
         let cold_ms = execute_trivial(&args, kind, properties.clone(), "", &mut report).await?;

@@ -1,0 +1,226 @@
+//! Warm VMs (`recycle-runner=true` with `workload-isolation-type=firecracker`)
+//! driven by a real Bazel against `kiln serve --isolation none,firecracker`
+//! (QEMU under TCG here, the busybox test image of `tests/images/build.sh`):
+//! - a second action with the same `runner-recycling-key` runs in the
+//!   first's VM, resumed: it sees a file the first wrote in /tmp and one in
+//!   its root overlay, and the process it left running; not the stray file
+//!   it left in its workspace, but its own inputs, changed ones included;
+//! - an action with another key gets a fresh VM;
+//! - a failed action's VM, and one whose action left
+//!   `.KILN_DO_NOT_RECYCLE`, are not reused;
+//! - the server's log says which actions ran warm (as their results'
+//!   metadata does); the server, stopping, discards its warm VMs, and no
+//!   QEMU process or VM file is left.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{combined, Bazel, KilnServer};
+
+/// BUILD files cannot define functions.
+const DEFS: &str = r#"
+def warm(key):
+    return {
+        "workload-isolation-type": "firecracker",
+        "container-image": "docker://127.0.0.1:5000/kiln-test/base:latest",
+        "dockerNetwork": "off",
+        "recycle-runner": "true",
+        "runner-recycling-key": key,
+    }
+"#;
+
+/// What a first action leaves: a file in /tmp (a tmpfs of the guest), one
+/// in the root overlay, a process, and a stray file in its workspace.
+const LEAVE: &str = "echo left-by-first > /tmp/kiln-warm-token; \
+    mkdir -p /var/kiln && echo in-the-root-overlay > /var/kiln/token; \
+    sleep 300 </dev/null >/dev/null 2>&1 & echo $$! > /tmp/kiln-warm-sleep.pid; \
+    echo stray > stray.txt";
+
+/// What a later action reports of it, and its own input.
+const READ: &str = "{ echo tmp=$$(cat /tmp/kiln-warm-token 2>/dev/null || echo none); \
+    echo root=$$(cat /var/kiln/token 2>/dev/null || echo none); \
+    if kill -0 $$(cat /tmp/kiln-warm-sleep.pid 2>/dev/null || echo 999999) 2>/dev/null; \
+    then echo sleep=alive; else echo sleep=gone; fi; \
+    echo stray=$$(test -e stray.txt && echo present || echo absent); \
+    echo input=$$(cat $(location input.txt)); } > $@";
+
+fn build_file() -> String {
+    format!(
+        r#"
+load(":defs.bzl", "warm")
+
+LEAVE = "{LEAVE}"
+READ = "{READ}"
+
+genrule(name = "first", outs = ["first.txt"], cmd = LEAVE + "; echo wrote > $@", exec_properties = warm("vm"))
+genrule(name = "second", srcs = [":first", "input.txt"], outs = ["second.txt"], cmd = READ, exec_properties = warm("vm"))
+genrule(name = "other_key", srcs = [":first", "input.txt"], outs = ["other_key.txt"], cmd = READ, exec_properties = warm("other"))
+
+genrule(name = "fail_first", outs = ["fail_first.txt"], cmd = LEAVE + "; exit 3", exec_properties = warm("fail"))
+genrule(name = "fail_second", srcs = ["input.txt"], outs = ["fail_second.txt"], cmd = READ, exec_properties = warm("fail"))
+
+genrule(name = "marked_first", outs = ["marked_first.txt"], cmd = LEAVE + "; touch .KILN_DO_NOT_RECYCLE; echo wrote > $@", exec_properties = warm("marked"))
+genrule(name = "marked_second", srcs = [":marked_first", "input.txt"], outs = ["marked_second.txt"], cmd = READ, exec_properties = warm("marked"))
+"#
+    )
+}
+
+fn value(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {text:?}"))
+        .trim()
+        .to_string()
+}
+
+/// Actions the server's log says ran in a warm runner.
+fn warm_runs_in(server_log: &Path) -> usize {
+    fs::read_to_string(server_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("action ran") && line.contains("warm=true"))
+        .count()
+}
+
+fn qemu_processes_under(dir: &Path) -> Vec<String> {
+    let output = Command::new("pgrep")
+        .args(["-a", "-f", &dir.display().to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains("qemu"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn bazel_reuses_warm_vms_with_their_processes_and_files() {
+    assert!(
+        common::bazel_available(),
+        "Bazel 4.2.3 is needed for this test (scripts/install-deps.sh)"
+    );
+    if let Err(error) = common::test_images() {
+        panic!("building the test images: {error}");
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("kiln-bazel-vm-warm-")
+        .tempdir()
+        .expect("create scratch directory");
+    let data_dir = scratch.path().join("kiln-data");
+    let server_log = scratch.path().join("kiln.log");
+    let run_dir = scratch.path().join("run");
+    let cache_dir = scratch.path().join("vm-cache");
+    let server = KilnServer::start(
+        &data_dir,
+        &server_log,
+        &[
+            "--isolation",
+            "none,firecracker",
+            "--vm-run-dir",
+            run_dir.to_str().unwrap(),
+            "--vm-cache-dir",
+            cache_dir.to_str().unwrap(),
+        ],
+    );
+    let log = || fs::read_to_string(&server_log).unwrap_or_default();
+    assert!(
+        log().contains("isolation type offered isolation=firecracker"),
+        "the server does not offer firecracker (QEMU and the guest kernel come from \
+         scripts/install-deps.sh):\n{}",
+        log()
+    );
+    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
+    let package = bazel.workspace.join("vm");
+    fs::create_dir_all(&package).unwrap();
+    fs::write(package.join("BUILD"), build_file()).unwrap();
+    fs::write(package.join("defs.bzl"), DEFS).unwrap();
+    fs::write(package.join("input.txt"), "v1\n").unwrap();
+    let read = |name: &str| {
+        fs::read_to_string(bazel.workspace.join(format!("bazel-bin/vm/{name}.txt")))
+            .unwrap_or_else(|e| panic!("{name}.txt: {e}"))
+    };
+    let warm_runs = || warm_runs_in(&server_log);
+
+    // The same key: the first's VM, resumed with what it had.
+    bazel.run_ok(&["build", "//vm:second", "//vm:other_key"]);
+    let second = read("second");
+    eprintln!("---- second ----\n{second}");
+    assert_eq!(value(&second, "tmp"), "left-by-first");
+    assert_eq!(value(&second, "root"), "in-the-root-overlay");
+    assert_eq!(
+        value(&second, "sleep"),
+        "alive",
+        "the first's process is gone"
+    );
+    assert_eq!(
+        value(&second, "stray"),
+        "absent",
+        "the last workspace was kept"
+    );
+    assert_eq!(value(&second, "input"), "v1");
+    let other = read("other_key");
+    eprintln!("---- other_key ----\n{other}");
+    assert_eq!(value(&other, "tmp"), "none", "another key shared the VM");
+    assert_eq!(value(&other, "root"), "none");
+    assert_eq!(value(&other, "sleep"), "gone");
+    assert_eq!(warm_runs(), 1, "expected one warm run (second)\n{}", log());
+
+    // Again, with a changed input: the warm VM gets it.
+    fs::write(package.join("input.txt"), "v2\n").unwrap();
+    bazel.run_ok(&["build", "//vm:second"]);
+    let again = read("second");
+    eprintln!("---- second, again ----\n{again}");
+    assert_eq!(warm_runs(), 2, "the second run of second was not warm");
+    assert_eq!(value(&again, "input"), "v2");
+    assert_eq!(value(&again, "sleep"), "alive");
+    assert_eq!(value(&again, "stray"), "absent");
+
+    // A failed action's VM is not reused, nor one marked not to be.
+    let output = bazel.run(&["build", "//vm:fail_first"]);
+    assert!(
+        !output.status.success(),
+        "fail_first built:\n{}",
+        combined(&output)
+    );
+    bazel.run_ok(&["build", "//vm:fail_second"]);
+    let after_failure = read("fail_second");
+    assert_eq!(
+        value(&after_failure, "tmp"),
+        "none",
+        "fail_second ran in the VM of fail_first"
+    );
+    assert_eq!(value(&after_failure, "sleep"), "gone");
+    bazel.run_ok(&["build", "//vm:marked_second"]);
+    let after_mark = read("marked_second");
+    assert_eq!(
+        value(&after_mark, "tmp"),
+        "none",
+        "a VM marked .KILN_DO_NOT_RECYCLE was reused"
+    );
+    assert_eq!(warm_runs(), 2, "a VM that failed was reused");
+    // Kept now: the VMs of keys vm, other, fail (its second action) and
+    // marked (its second action).
+    assert!(
+        !qemu_processes_under(&run_dir).is_empty(),
+        "no warm VM is kept"
+    );
+
+    bazel.run_ok(&["shutdown"]);
+    let status = server.terminate(Duration::from_secs(60));
+    assert!(status.success(), "kiln serve exited with {status}");
+    assert!(
+        log().contains("discarding the warm runners"),
+        "the stopping server did not discard its warm runners:\n{}",
+        log()
+    );
+    assert_eq!(qemu_processes_under(&run_dir), Vec::<String>::new());
+    let left: Vec<_> = fs::read_dir(&run_dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "VM files left behind: {left:?}");
+}
