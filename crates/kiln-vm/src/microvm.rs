@@ -227,10 +227,7 @@ impl Microvm {
         dir: &Path,
         network: Network,
     ) -> Result<ProcessOutcome, RunError> {
-        let vm = match self
-            .boot_for(spec, limits, cancel, image, dir, network)
-            .await?
-        {
+        let vm = match self.boot_for(spec, cancel, image, dir, network).await? {
             Some(vm) => vm,
             None => return Ok(cancelled()),
         };
@@ -249,12 +246,16 @@ impl Microvm {
         outcome.map(process_outcome)
     }
 
-    /// The guest RAM (MiB) and vCPUs of a VM for an action with `limits`.
-    fn vm_shape(&self, limits: &Limits) -> (u64, u32) {
-        let memory = limits
+    /// The guest RAM (MiB) and vCPUs of a VM for an action on `platform`:
+    /// its own estimates, else the VM defaults (never the executor's
+    /// default limits for processes, which are sized to the whole host).
+    fn vm_shape(&self, platform: &Platform) -> (u64, u32) {
+        let memory = platform
+            .resources
             .memory_bytes
             .unwrap_or(self.config.default_memory_bytes);
-        let vcpus = limits
+        let vcpus = platform
+            .resources
             .cpu_millis
             .map_or(self.config.default_vcpus, |millis| {
                 millis.div_ceil(1000).max(1) as u32
@@ -268,7 +269,6 @@ impl Microvm {
     async fn boot_for(
         &self,
         spec: &CommandSpec,
-        limits: &Limits,
         cancel: &CancellationToken,
         image: &ImageDisk,
         dir: &Path,
@@ -281,7 +281,7 @@ impl Microvm {
             .free_disk_bytes
             .unwrap_or(self.config.default_free_disk_bytes);
         workspace_disk::build(&self.config.mke2fs, &spec.workspace, &workspace_image, free).await?;
-        let (memory_mib, vcpus) = self.vm_shape(limits);
+        let (memory_mib, vcpus) = self.vm_shape(platform);
         let vm_spec = VmSpec {
             kernel: self.config.kernel.clone(),
             modules_dir: self.config.modules_dir.clone(),

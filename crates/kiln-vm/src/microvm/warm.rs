@@ -97,7 +97,7 @@ impl Microvm {
     ) -> Result<ProcessOutcome, RunError> {
         refuse_preserved_workspace(&spec.platform)?;
         let image = self.image_for(&spec.platform, cancel).await?;
-        let (memory_mib, vcpus) = self.vm_shape(limits);
+        let (memory_mib, vcpus) = self.vm_shape(&spec.platform);
         let shape = Shape {
             image_digest: image.digest.clone(),
             memory_mib,
@@ -149,7 +149,7 @@ impl Microvm {
             .tempdir_in(&self.config.run_dir)
             .map_err(|e| RunError::io("creating the VM's directory", e))?;
         let booted = self
-            .boot_for(spec, limits, cancel, &image, dir.path(), network)
+            .boot_for(spec, cancel, &image, dir.path(), network)
             .await;
         let vm = match booted {
             Ok(Some(vm)) => vm,
