@@ -18,11 +18,10 @@ mod common;
 
 use std::fs;
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use common::{combined, Bazel, KilnServer};
+use common::vm::{value, VmServer};
+use common::{combined, Bazel};
 
 /// What an action reports of the machine it runs on.
 const PROBE: &str = "{ echo kernel=$$(uname -r); \
@@ -112,14 +111,6 @@ genrule(
     )
 }
 
-fn value(text: &str, key: &str) -> String {
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {text:?}"))
-        .trim()
-        .to_string()
-}
-
 /// The host's own addresses (not loopback), as `hostname -I` lists them.
 fn host_addresses() -> Vec<String> {
     let output = Command::new("hostname")
@@ -129,18 +120,6 @@ fn host_addresses() -> Vec<String> {
     String::from_utf8_lossy(&output.stdout)
         .split_whitespace()
         .filter(|address| !address.contains(':'))
-        .map(str::to_string)
-        .collect()
-}
-
-fn qemu_processes_under(dir: &Path) -> Vec<String> {
-    let output = Command::new("pgrep")
-        .args(["-a", "-f", &dir.display().to_string()])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| line.contains("qemu"))
         .map(str::to_string)
         .collect()
 }
@@ -157,29 +136,8 @@ fn bazel_runs_actions_in_microvms_booted_from_their_image() {
         .prefix("kiln-bazel-vm-")
         .tempdir()
         .expect("create scratch directory");
-    let data_dir = scratch.path().join("kiln-data");
-    let server_log = scratch.path().join("kiln.log");
-    let run_dir = scratch.path().join("run");
-    let cache_dir = scratch.path().join("vm-cache");
-    let server = KilnServer::start(
-        &data_dir,
-        &server_log,
-        &[
-            "--isolation",
-            "none,firecracker",
-            "--vm-run-dir",
-            run_dir.to_str().unwrap(),
-            "--vm-cache-dir",
-            cache_dir.to_str().unwrap(),
-        ],
-    );
-    let log = || fs::read_to_string(&server_log).unwrap_or_default();
-    assert!(
-        log().contains("isolation type offered isolation=firecracker"),
-        "the server does not offer firecracker (QEMU and the guest kernel come from \
-         scripts/install-deps.sh):\n{}",
-        log()
-    );
+    let vms = VmServer::start(scratch.path(), &[]);
+    let log = || vms.log_text();
 
     // Listeners the bridged VM must not reach: on the host's loopback (as
     // slirp's 10.0.2.2) and on each of its addresses.
@@ -187,7 +145,7 @@ fn bazel_runs_actions_in_microvms_booted_from_their_image() {
     let port = listener.local_addr().unwrap().port();
     let mut targets = vec![format!("10.0.2.2:{port}")];
     targets.extend(host_addresses().iter().map(|a| format!("{a}:{port}")));
-    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
+    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(vms.server.port));
     let package = bazel.workspace.join("vm");
     fs::create_dir_all(&package).unwrap();
     // `qemu-kvm` or `qemu-tcg`, as the probe logged it.
@@ -281,11 +239,5 @@ fn bazel_runs_actions_in_microvms_booted_from_their_image() {
     );
 
     bazel.run_ok(&["shutdown"]);
-    let status = server.terminate(Duration::from_secs(30));
-    assert!(status.success(), "kiln serve exited with {status}");
-    assert_eq!(qemu_processes_under(&run_dir), Vec::<String>::new());
-    let left: Vec<_> = fs::read_dir(&run_dir)
-        .map(|entries| entries.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "VM files left behind: {left:?}");
+    vms.stop_and_check_nothing_left();
 }

@@ -17,9 +17,10 @@ mod common;
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{combined, Bazel, KilnServer};
+use common::vm::{value, VmServer};
+use common::{combined, Bazel};
 
 const BUILD: &str = r#"
 DOCKERD = {
@@ -102,14 +103,6 @@ fn dockerd_image() -> Result<(), String> {
     ))
 }
 
-fn value(text: &str, key: &str) -> String {
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {text:?}"))
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn bazel_actions_run_containers_with_dockerd_in_their_microvm() {
     if !common::bazel_available() {
@@ -122,31 +115,10 @@ fn bazel_actions_run_containers_with_dockerd_in_their_microvm() {
         .prefix("kiln-bazel-vm-docker-")
         .tempdir()
         .expect("create scratch directory");
-    let data_dir = scratch.path().join("kiln-data");
-    let server_log = scratch.path().join("kiln.log");
-    let run_dir = scratch.path().join("run");
-    let cache_dir = scratch.path().join("vm-cache");
-    let server = KilnServer::start(
-        &data_dir,
-        &server_log,
-        &[
-            "--isolation",
-            "none,firecracker",
-            "--vm-run-dir",
-            run_dir.to_str().unwrap(),
-            "--vm-cache-dir",
-            cache_dir.to_str().unwrap(),
-        ],
-    );
-    let log = || fs::read_to_string(&server_log).unwrap_or_default();
-    assert!(
-        log().contains("isolation type offered isolation=firecracker"),
-        "the server does not offer firecracker (QEMU and the guest kernel come from \
-         scripts/install-deps.sh):\n{}",
-        log()
-    );
+    let vms = VmServer::start(scratch.path(), &[]);
+    let log = || vms.log_text();
 
-    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
+    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(vms.server.port));
     let package = bazel.workspace.join("vm");
     fs::create_dir_all(&package).unwrap();
     fs::write(package.join("BUILD"), BUILD).unwrap();
@@ -242,19 +214,5 @@ fn bazel_actions_run_containers_with_dockerd_in_their_microvm() {
     assert!(text.contains("workload-isolation-type=sandbox"), "{text}");
 
     bazel.run_ok(&["shutdown"]);
-    let status = server.terminate(Duration::from_secs(30));
-    assert!(status.success(), "kiln serve exited with {status}");
-    let qemu = Command::new("pgrep")
-        .args(["-a", "-f", &run_dir.display().to_string()])
-        .output()
-        .expect("pgrep");
-    let qemu = String::from_utf8_lossy(&qemu.stdout);
-    assert!(
-        !qemu.lines().any(|line| line.contains("qemu")),
-        "VMs left running: {qemu}"
-    );
-    let left: Vec<_> = fs::read_dir(&run_dir)
-        .map(|entries| entries.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "VM files left behind: {left:?}");
+    vms.stop_and_check_nothing_left();
 }

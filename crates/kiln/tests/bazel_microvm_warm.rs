@@ -16,10 +16,9 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
-use common::{combined, Bazel, KilnServer};
+use common::vm::{value, VmServer};
+use common::{combined, Bazel};
 
 /// BUILD files cannot define functions.
 const DEFS: &str = r#"
@@ -69,14 +68,6 @@ genrule(name = "marked_second", srcs = [":marked_first", "input.txt"], outs = ["
     )
 }
 
-fn value(text: &str, key: &str) -> String {
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {text:?}"))
-        .trim()
-        .to_string()
-}
-
 /// Actions the server's log says ran in a warm runner.
 fn warm_runs_in(server_log: &Path) -> usize {
     fs::read_to_string(server_log)
@@ -84,18 +75,6 @@ fn warm_runs_in(server_log: &Path) -> usize {
         .lines()
         .filter(|line| line.contains("action ran") && line.contains("warm=true"))
         .count()
-}
-
-fn qemu_processes_under(dir: &Path) -> Vec<String> {
-    let output = Command::new("pgrep")
-        .args(["-a", "-f", &dir.display().to_string()])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| line.contains("qemu"))
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]
@@ -111,30 +90,10 @@ fn bazel_reuses_warm_vms_with_their_processes_and_files() {
         .prefix("kiln-bazel-vm-warm-")
         .tempdir()
         .expect("create scratch directory");
-    let data_dir = scratch.path().join("kiln-data");
-    let server_log = scratch.path().join("kiln.log");
-    let run_dir = scratch.path().join("run");
-    let cache_dir = scratch.path().join("vm-cache");
-    let server = KilnServer::start(
-        &data_dir,
-        &server_log,
-        &[
-            "--isolation",
-            "none,firecracker",
-            "--vm-run-dir",
-            run_dir.to_str().unwrap(),
-            "--vm-cache-dir",
-            cache_dir.to_str().unwrap(),
-        ],
-    );
-    let log = || fs::read_to_string(&server_log).unwrap_or_default();
-    assert!(
-        log().contains("isolation type offered isolation=firecracker"),
-        "the server does not offer firecracker (QEMU and the guest kernel come from \
-         scripts/install-deps.sh):\n{}",
-        log()
-    );
-    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
+    let vms = VmServer::start(scratch.path(), &[]);
+    let log = || vms.log_text();
+
+    let bazel = Bazel::new(scratch.path(), common::remote_only_flags(vms.server.port));
     let package = bazel.workspace.join("vm");
     fs::create_dir_all(&package).unwrap();
     fs::write(package.join("BUILD"), build_file()).unwrap();
@@ -144,7 +103,7 @@ fn bazel_reuses_warm_vms_with_their_processes_and_files() {
         fs::read_to_string(bazel.workspace.join(format!("bazel-bin/vm/{name}.txt")))
             .unwrap_or_else(|e| panic!("{name}.txt: {e}"))
     };
-    let warm_runs = || warm_runs_in(&server_log);
+    let warm_runs = || warm_runs_in(&vms.log);
 
     // The same key: the first's VM, resumed with what it had.
     bazel.run_ok(&["build", "//vm:second", "//vm:other_key"]);
@@ -206,21 +165,14 @@ fn bazel_reuses_warm_vms_with_their_processes_and_files() {
     // Kept now: the VMs of keys vm, other, fail (its second action) and
     // marked (its second action).
     assert!(
-        !qemu_processes_under(&run_dir).is_empty(),
+        !common::vm::qemu_processes_under(&vms.run_dir).is_empty(),
         "no warm VM is kept"
     );
 
     bazel.run_ok(&["shutdown"]);
-    let status = server.terminate(Duration::from_secs(60));
-    assert!(status.success(), "kiln serve exited with {status}");
+    let log = vms.stop_and_check_nothing_left();
     assert!(
-        log().contains("discarding the warm runners"),
-        "the stopping server did not discard its warm runners:\n{}",
-        log()
+        log.contains("discarding the warm runners"),
+        "the stopping server did not discard its warm runners:\n{log}"
     );
-    assert_eq!(qemu_processes_under(&run_dir), Vec::<String>::new());
-    let left: Vec<_> = fs::read_dir(&run_dir)
-        .map(|entries| entries.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "VM files left behind: {left:?}");
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod remote;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::fs;
