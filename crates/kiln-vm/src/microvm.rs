@@ -198,11 +198,23 @@ impl Microvm {
         Ok(())
     }
 
+    /// Whether an action with `platform` gets a network device: unless it
+    /// says `dockerNetwork=off`, or leaves it unset where bridged networks
+    /// could not be set up (`bridge` asked for there is refused).
+    fn gives_network(&self, platform: &Platform) -> bool {
+        !matches!(
+            (platform.docker_network, &self.network),
+            (Some(DockerNetwork::Off), _) | (None, Err(_))
+        )
+    }
+
     /// The network of an action's VM, and what holds its namespace.
     fn network_for(&self, platform: &Platform) -> Result<(Network, Option<HeldNetwork>), RunError> {
-        match (platform.docker_network, &self.network) {
-            (Some(DockerNetwork::Off), _) | (None, Err(_)) => Ok((Network::Off, None)),
-            (_, Ok(outbound)) => {
+        if !self.gives_network(platform) {
+            return Ok((Network::Off, None));
+        }
+        match &self.network {
+            Ok(outbound) => {
                 let namespace = outbound
                     .connect()
                     .map_err(|e| RunError::io("creating the VM's network namespace", e))?;
@@ -211,7 +223,7 @@ impl Microvm {
                 };
                 Ok((network, Some((outbound.clone(), namespace))))
             }
-            (Some(DockerNetwork::Bridge), Err(reason)) => Err(RunError::Unsupported(format!(
+            Err(reason) => Err(RunError::Unsupported(format!(
                 "dockerNetwork=bridge: this executor cannot give VMs a network of their own \
                  ({reason}); set dockerNetwork=off, or run the action elsewhere"
             ))),

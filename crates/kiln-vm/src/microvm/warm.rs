@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kiln_platform::{DockerNetwork, Platform};
+use kiln_platform::Platform;
 use kiln_worker::isolation::{CommandSpec, Resident};
 use kiln_worker::persistent::{WorkerProcess, WorkerStart};
 use kiln_worker::runners::DO_NOT_RECYCLE;
@@ -175,15 +175,6 @@ impl Microvm {
             Box::new(warm).discard().await;
         }
         outcome
-    }
-
-    /// Whether an action with `platform` gets a network device (as
-    /// [`Microvm::network_for`] decides).
-    fn gives_network(&self, platform: &Platform) -> bool {
-        !matches!(
-            (platform.docker_network, &self.network),
-            (Some(DockerNetwork::Off), _) | (None, Err(_))
-        )
     }
 }
 
