@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
@@ -19,6 +19,9 @@ use bytes::Bytes;
 use http_body::Frame;
 use tonic::body::Body;
 use tower::{Layer, Service};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::metrics::{Metrics, RpcLabels, RpcMethodLabels};
 
@@ -65,23 +68,100 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("grpc.health.v1.Health", &["Check", "Watch"]),
 ];
 
-/// The `(service, method)` labels of a request path.
-fn labels_of(path: &str) -> (&'static str, &'static str) {
+/// The index of a request path's label pair in [`RpcTable::methods`]:
+/// [`KNOWN`] in order, each service's methods then its `unknown`, and
+/// last `unknown`/`unknown`.
+fn index_of(path: &str) -> usize {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let (Some(service), Some(method)) = (parts.next(), parts.next()) else {
-        return ("unknown", "unknown");
-    };
+    let (service, method) = (parts.next(), parts.next());
+    let mut offset = 0;
     for (known, methods) in KNOWN {
-        if *known == service {
-            let method = methods
-                .iter()
-                .find(|m| **m == method)
-                .copied()
-                .unwrap_or("unknown");
-            return (known, method);
+        if Some(*known) == service && method.is_some() {
+            let at = methods.iter().position(|m| Some(*m) == method);
+            return offset + at.unwrap_or(methods.len());
+        }
+        offset += methods.len() + 1;
+    }
+    offset
+}
+
+const UNKNOWN: (&str, &str) = ("unknown", "unknown");
+
+/// The 17 gRPC status codes, 0 to 16.
+const CODES: usize = 17;
+
+/// One `(service, method)` label pair's metrics, taken from the families
+/// the first time a call needs them (so a method never called is not
+/// exported) and kept: a call then costs no hashing and no lock.
+struct MethodMetrics {
+    service: &'static str,
+    method: &'static str,
+    seconds: OnceLock<Histogram>,
+    calls: [OnceLock<Counter>; CODES],
+}
+
+/// Every label pair a call can have, in a fixed order: each known
+/// service's methods and its `unknown`, then `unknown`/`unknown`.
+struct RpcTable {
+    metrics: Arc<Metrics>,
+    methods: Vec<MethodMetrics>,
+}
+
+impl RpcTable {
+    fn new(metrics: Arc<Metrics>) -> RpcTable {
+        let pairs = KNOWN
+            .iter()
+            .flat_map(|(service, methods)| {
+                methods
+                    .iter()
+                    .chain(std::iter::once(&"unknown"))
+                    .map(move |method| (*service, *method))
+            })
+            .chain(std::iter::once(UNKNOWN));
+        RpcTable {
+            metrics,
+            methods: pairs
+                .map(|(service, method)| MethodMetrics {
+                    service,
+                    method,
+                    seconds: OnceLock::new(),
+                    calls: std::array::from_fn(|_| OnceLock::new()),
+                })
+                .collect(),
         }
     }
-    ("unknown", "unknown")
+
+    fn record(&self, index: usize, code: i32, seconds: f64) {
+        let entry = &self.methods[index];
+        let code = usize::try_from(code)
+            .ok()
+            .filter(|c| *c < CODES)
+            .unwrap_or(tonic::Code::Unknown as usize);
+        entry.calls[code]
+            .get_or_init(|| {
+                self.metrics
+                    .rpcs
+                    .get_or_create(&RpcLabels {
+                        service: entry.service,
+                        method: entry.method,
+                        code: code_name(code as i32),
+                    })
+                    .clone()
+            })
+            .inc();
+        entry
+            .seconds
+            .get_or_init(|| {
+                self.metrics
+                    .rpc_seconds
+                    .get_or_create(&RpcMethodLabels {
+                        service: entry.service,
+                        method: entry.method,
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+    }
 }
 
 /// The name of gRPC status `code` (tonic's spelling), bounded.
@@ -117,12 +197,14 @@ fn status_in(headers: &http::HeaderMap) -> Option<i32> {
 
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
-    metrics: Arc<Metrics>,
+    table: Arc<RpcTable>,
 }
 
 impl RpcMetricsLayer {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        RpcMetricsLayer { metrics }
+        RpcMetricsLayer {
+            table: Arc::new(RpcTable::new(metrics)),
+        }
     }
 }
 
@@ -132,7 +214,7 @@ impl<S> Layer<S> for RpcMetricsLayer {
     fn layer(&self, inner: S) -> RpcMetrics<S> {
         RpcMetrics {
             inner,
-            metrics: self.metrics.clone(),
+            table: self.table.clone(),
         }
     }
 }
@@ -140,59 +222,79 @@ impl<S> Layer<S> for RpcMetricsLayer {
 #[derive(Clone)]
 pub struct RpcMetrics<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    table: Arc<RpcTable>,
 }
 
 impl<S, B> Service<http::Request<B>> for RpcMetrics<S>
 where
     S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = MeteredFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (service, method) = labels_of(request.uri().path());
         let call = Call {
-            metrics: self.metrics.clone(),
-            service,
-            method,
+            table: self.table.clone(),
+            index: index_of(request.uri().path()),
             started: Instant::now(),
             code: None,
             recorded: false,
         };
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let mut call = call;
-            let response = match response.await {
-                Ok(response) => response,
-                Err(e) => {
-                    call.code = Some(tonic::Code::Unknown as i32);
+        MeteredFuture {
+            inner: self.inner.call(request),
+            call: Some(call),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's answer, its body metered; no allocation of its
+    /// own (the call is timed from the request's arrival).
+    pub struct MeteredFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<Call>,
+    }
+}
+
+impl<F, E> Future for MeteredFuture<F>
+where
+    F: Future<Output = Result<http::Response<Body>, E>>,
+{
+    type Output = Result<http::Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let answer = ready!(this.inner.poll(cx));
+        let mut call = this.call.take().expect("polled after it completed");
+        Poll::Ready(match answer {
+            Ok(response) => {
+                call.code = status_in(response.headers());
+                if call.code.is_some() {
+                    // Trailers-only: the status is all there is.
                     call.record();
-                    return Err(e);
                 }
-            };
-            call.code = status_in(response.headers());
-            if call.code.is_some() {
-                // Trailers-only: the status is all there is.
-                call.record();
+                Ok(response.map(|body| Body::new(MeteredBody { body, call })))
             }
-            Ok(response.map(|body| Body::new(MeteredBody { body, call })))
+            Err(e) => {
+                call.code = Some(tonic::Code::Unknown as i32);
+                call.record();
+                Err(e)
+            }
         })
     }
 }
 
 /// One call being timed; recorded once, when its status is known or its
-/// response is dropped.
+/// response (or the future of it) is dropped.
 struct Call {
-    metrics: Arc<Metrics>,
-    service: &'static str,
-    method: &'static str,
+    table: Arc<RpcTable>,
+    index: usize,
     started: Instant,
     code: Option<i32>,
     recorded: bool,
@@ -203,22 +305,9 @@ impl Call {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
-        let code = code_name(self.code.unwrap_or(tonic::Code::Cancelled as i32));
-        self.metrics
-            .rpcs
-            .get_or_create(&RpcLabels {
-                service: self.service,
-                method: self.method,
-                code,
-            })
-            .inc();
-        self.metrics
-            .rpc_seconds
-            .get_or_create(&RpcMethodLabels {
-                service: self.service,
-                method: self.method,
-            })
-            .observe(self.started.elapsed().as_secs_f64());
+        let code = self.code.unwrap_or(tonic::Code::Cancelled as i32);
+        self.table
+            .record(self.index, code, self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -279,15 +368,36 @@ mod tests {
 
     #[test]
     fn paths_outside_the_known_list_count_as_unknown() {
+        let table = RpcTable::new(Metrics::new());
+        let labels = |path: &str| {
+            let entry = &table.methods[index_of(path)];
+            (entry.service, entry.method)
+        };
         assert_eq!(
-            labels_of("/google.bytestream.ByteStream/Read"),
+            labels("/google.bytestream.ByteStream/Read"),
             ("google.bytestream.ByteStream", "Read")
         );
         assert_eq!(
-            labels_of("/google.bytestream.ByteStream/Steal"),
+            labels("/google.bytestream.ByteStream/Steal"),
             ("google.bytestream.ByteStream", "unknown")
         );
-        assert_eq!(labels_of("/evil.Service/abc123"), ("unknown", "unknown"));
-        assert_eq!(labels_of("no-slash"), ("unknown", "unknown"));
+        assert_eq!(
+            labels("/grpc.health.v1.Health/Watch"),
+            ("grpc.health.v1.Health", "Watch")
+        );
+        assert_eq!(labels("/evil.Service/abc123"), ("unknown", "unknown"));
+        assert_eq!(labels("/google.bytestream.ByteStream"), ("unknown", "unknown"));
+        assert_eq!(labels("no-slash"), ("unknown", "unknown"));
+    }
+
+    #[test]
+    fn every_label_pair_has_its_own_index() {
+        let table = RpcTable::new(Metrics::new());
+        for (index, entry) in table.methods.iter().enumerate() {
+            if entry.method != "unknown" {
+                let path = format!("/{}/{}", entry.service, entry.method);
+                assert_eq!(index_of(&path), index, "{path}");
+            }
+        }
     }
 }
