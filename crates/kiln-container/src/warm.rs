@@ -164,6 +164,8 @@ pub struct RunnerContainer {
     freezer: Option<Freezer>,
     /// Removes the container (and releases what it held).
     removal: Removal,
+    /// Not yet asked by [`Resident::take_fresh`].
+    fresh: bool,
     _dir: RunnerDir,
 }
 
@@ -390,6 +392,7 @@ impl RunnerContainer {
             oom_events: oom_events_file(pid),
             freezer: Freezer::of(pid),
             removal,
+            fresh: true,
             _dir: dir,
         })
     }
@@ -590,6 +593,10 @@ impl Resident for RunnerContainer {
         if let Some(freezer) = &self.freezer {
             freezer.set(false);
         }
+    }
+
+    fn take_fresh(&mut self) -> bool {
+        std::mem::replace(&mut self.fresh, false)
     }
 
     /// The container's memory cgroup usage (page cache included, as the

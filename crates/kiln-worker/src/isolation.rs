@@ -153,6 +153,15 @@ pub trait Resident: Send + Sync + std::fmt::Debug {
         0
     }
 
+    /// True once: when asked after the action it was started for, so
+    /// false from its second action on. A runner whose resident was
+    /// started for this action (the first, or a replacement for one that
+    /// could not be reused) was not warm for it, whatever its directory
+    /// was. Residents that are never replaced need not answer.
+    fn take_fresh(&mut self) -> bool {
+        false
+    }
+
     /// Itself as its concrete type, for the backend that left it (a warm
     /// VM that cannot be resumed is replaced by a fresh one, which only
     /// the backend can boot). None: nothing to look at.

@@ -166,6 +166,8 @@ struct RunnerNotes {
     /// What the backend keeps running in the runner (a container), the
     /// same way in and out.
     resident: Option<Box<dyn Resident>>,
+    /// The resident was started for this action: the runner was not warm.
+    fresh_resident: bool,
 }
 
 /// What a persistent worker made of one request.
@@ -309,6 +311,7 @@ impl Worker {
                 &mut notes,
             )
             .await;
+        let warm = runner.warm && !notes.fresh_resident;
         let kept = match (&runner.key, result.is_ok() && notes.clean) {
             (Some(key), true) if !self.config.keep_workspaces => {
                 self.keep_runner(key, action_dir, runner.uses, notes).await
@@ -327,7 +330,7 @@ impl Worker {
                 exit_code = outcome.result.exit_code,
                 status = ?outcome.status.code(),
                 runner = runner.key.as_ref().map_or("", RunnerKey::short),
-                warm = runner.warm,
+                warm,
                 kept,
                 "action ran"
             ),
@@ -419,16 +422,17 @@ impl Worker {
                 "recycle-runner: this isolation type runs every action in a fresh runner here"
             );
         }
-        metadata.auxiliary_metadata.push(packed(
-            kiln_proto::runner::RUNNER_USAGE_TYPE,
-            &kiln_proto::runner::RunnerUsage {
-                warm: runner.warm,
-                runner_key_hash: runner.key.as_ref().map_or("", RunnerKey::short).into(),
-                uses: runner.uses,
-                isolation_type: isolation.name().into(),
-                isolation_properties: isolation.properties().into_iter().collect(),
-            },
-        ));
+        let mut usage = kiln_proto::runner::RunnerUsage {
+            warm: runner.warm,
+            runner_key_hash: runner.key.as_ref().map_or("", RunnerKey::short).into(),
+            uses: runner.uses,
+            isolation_type: isolation.name().into(),
+            isolation_properties: isolation.properties().into_iter().collect(),
+        };
+        let usage_at = metadata.auxiliary_metadata.len();
+        metadata
+            .auxiliary_metadata
+            .push(packed(kiln_proto::runner::RUNNER_USAGE_TYPE, &usage));
         let preserving = recycling && platform.preserve_workspace;
         let layout = match self.protection.layout(run_as) {
             // Copied into the backend's own disk: the cache is out of reach.
@@ -575,6 +579,15 @@ impl Worker {
                 }
             }
         };
+        // A container or VM started for this action (the runner's first,
+        // or one replacing a kept one that could not be reused): the
+        // action did not find its runner warm, whatever its directory was.
+        notes.fresh_resident = notes.resident.as_mut().is_some_and(|r| r.take_fresh());
+        if notes.fresh_resident && usage.warm {
+            usage.warm = false;
+            metadata.auxiliary_metadata[usage_at] =
+                packed(kiln_proto::runner::RUNNER_USAGE_TYPE, &usage);
+        }
         // The command is gone (its group with it): what it printed is in
         // the pipes or already in the files.
         let captured = capture.finish().await;
