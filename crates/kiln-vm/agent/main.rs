@@ -216,6 +216,7 @@ fn main() {
         action: None,
         workspace: None,
         actions_started: 0,
+        spare_cgroup: None,
     };
     agent.serve();
 }
@@ -537,6 +538,17 @@ struct Action {
     /// The wait status, once reaped.
     status: Option<c_int>,
     cgroup: Option<PathBuf>,
+    /// The cgroup's `oom_kill` count before the action (it is cumulative,
+    /// and a cgroup may serve several actions).
+    oom_kills_before: u64,
+}
+
+/// An action's cgroup left empty by it, with its `oom_kill` count: the
+/// next action's, which saves the mkdir and rmdir (several milliseconds
+/// under emulation).
+struct SpareCgroup {
+    path: PathBuf,
+    oom_kills: u64,
 }
 
 struct Agent {
@@ -547,6 +559,7 @@ struct Agent {
     /// Where the workspace disk is mounted.
     workspace: Option<PathBuf>,
     actions_started: u64,
+    spare_cgroup: Option<SpareCgroup>,
 }
 
 impl Agent {
@@ -730,11 +743,14 @@ impl Agent {
         }
         let action = self.action.take().expect("checked above");
         self.data.send(&[b"end"]);
-        let oom = action.cgroup.as_deref().map(oom_kills).unwrap_or(0) > 0;
-        if let Some(cgroup) = &action.cgroup {
-            // Fails while a background process the action left lives on:
-            // then the group stays.
-            let _ = std::fs::remove_dir(cgroup);
+        let oom_kills = action.cgroup.as_deref().map(oom_kills).unwrap_or(0);
+        let oom = oom_kills > action.oom_kills_before;
+        if let Some(path) = action.cgroup.clone() {
+            // A background process the action left lives on in it: the
+            // group stays with it, and the next action gets its own.
+            if is_empty_cgroup(&path) {
+                self.spare_cgroup = Some(SpareCgroup { path, oom_kills });
+            }
         }
         let status = action.status.expect("checked above");
         let flag = |b: bool| if b { b"1" as &[u8] } else { b"0" };
@@ -991,12 +1007,22 @@ impl Agent {
             None => (run.uid, run.gid),
         };
         self.actions_started += 1;
-        let cgroup = Path::new(CGROUP).join(format!("action-{}", self.actions_started));
-        let cgroup_procs = match std::fs::create_dir(&cgroup) {
+        let (cgroup, oom_kills_before, made) = match self.spare_cgroup.take() {
+            Some(spare) => (spare.path, spare.oom_kills, Ok(())),
+            None => {
+                let path = Path::new(CGROUP).join(format!("action-{}", self.actions_started));
+                let made = std::fs::create_dir(&path);
+                (path, 0, made)
+            }
+        };
+        let cgroup_procs = match made {
             Ok(()) => {
-                if let Some(limit) = &run.memory_max {
-                    std::fs::write(cgroup.join("memory.max"), limit)
-                        .map_err(|e| format!("setting memory.max to {limit}: {e}"))?;
+                // "max" undoes the last action's limit in a reused group.
+                let limit = run.memory_max.as_deref().unwrap_or("max");
+                if let Err(e) = std::fs::write(cgroup.join("memory.max"), limit) {
+                    if run.memory_max.is_some() {
+                        return Err(format!("setting memory.max to {limit}: {e}"));
+                    }
                 }
                 std::fs::OpenOptions::new()
                     .write(true)
@@ -1017,7 +1043,12 @@ impl Agent {
                 self.data.send(&[b"end"]);
                 self.control
                     .send(&[b"exited", code.to_string().as_bytes(), b"0", b"0"]);
-                let _ = std::fs::remove_dir(&cgroup);
+                if cgroup_procs.is_some() {
+                    self.spare_cgroup = Some(SpareCgroup {
+                        path: cgroup,
+                        oom_kills: oom_kills_before,
+                    });
+                }
                 return Ok(());
             }
         };
@@ -1093,6 +1124,7 @@ impl Agent {
             timed_out: false,
             status: None,
             cgroup: Some(cgroup),
+            oom_kills_before,
         };
         if got == 4 {
             // exec (or the setup before it) failed: the action's failure,
@@ -1206,6 +1238,12 @@ fn pipe(flags: c_int) -> Result<(OwnedFd, OwnedFd), String> {
     }
     // SAFETY: pipe2 just made both descriptors, owned by nothing else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Whether no process is left in `cgroup` (an unreadable one counts as
+/// not empty).
+fn is_empty_cgroup(cgroup: &Path) -> bool {
+    std::fs::read(cgroup.join("cgroup.procs")).is_ok_and(|procs| procs.is_empty())
 }
 
 /// The `oom_kill` count of a cgroup's `memory.events`.

@@ -233,21 +233,25 @@ impl Guest {
     /// restored VM needs before it runs anything.
     pub async fn ping(&self) -> Result<(), VmError> {
         let mut readers = self.readers.lock().await;
+        self.send_ping().await?;
+        self.expect(&mut readers, b"pong").await
+    }
+
+    /// Sends `ping` (the host's clock, 64 bytes of its randomness) without
+    /// waiting for the answer, which comes in order with the next ones.
+    async fn send_ping(&self) -> Result<(), VmError> {
+        use std::io::Read as _;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos()
             .to_string();
         let mut seed = [0u8; 64];
-        let mut random = tokio::fs::File::open("/dev/urandom")
-            .await
-            .map_err(|e| VmError::Setup(format!("opening /dev/urandom: {e}")))?;
-        random
-            .read_exact(&mut seed)
-            .await
+        // 64 bytes of the kernel's pool: never blocks once the host booted.
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut random| random.read_exact(&mut seed))
             .map_err(|e| VmError::Setup(format!("reading /dev/urandom: {e}")))?;
-        self.send(&[b"ping", now.as_bytes(), &seed]).await?;
-        self.expect(&mut readers, b"pong").await
+        self.send(&[b"ping", now.as_bytes(), &seed]).await
     }
 
     async fn expect(&self, readers: &mut Readers, word: &[u8]) -> Result<(), VmError> {

@@ -340,14 +340,22 @@ impl Microvm {
         let (stdout, stderr) = spec.output_fds()?;
         let stdout = tokio::fs::File::from_std(std::fs::File::from(stdout));
         let stderr = tokio::fs::File::from_std(std::fs::File::from(stderr));
+        let started = std::time::Instant::now();
         let outcome = vm
             .guest()
             .run(&request, stdout, stderr, cancel.clone())
             .await
             .map_err(vm_error)?;
+        let ran = started.elapsed();
         if !outcome.cancelled {
             self.bring_back_outputs(vm, spec, dir, collected).await?;
         }
+        tracing::debug!(
+            vm = vm.name(),
+            run_ms = ran.as_secs_f64() * 1000.0,
+            outputs_ms = (started.elapsed() - ran).as_secs_f64() * 1000.0,
+            "action in a VM"
+        );
         Ok(outcome)
     }
 

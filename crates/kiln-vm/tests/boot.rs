@@ -302,6 +302,15 @@ async fn an_action_runs_in_a_booted_vm() {
     let oom = run(&*vm, hungry).await;
     assert!(oom.outcome.oom_killed, "{:?} {}", oom.outcome, oom.stderr);
     assert_eq!(oom.outcome.status, GuestStatus::Signaled(9));
+    // The next action (in the cgroup the last one left empty) has neither
+    // its limit nor its OOM kill.
+    let fed = run(
+        &*vm,
+        RunRequest::new(["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"]),
+    )
+    .await;
+    assert!(!fed.outcome.oom_killed, "{:?} {}", fed.outcome, fed.stderr);
+    assert_eq!(fed.outcome.status, GuestStatus::Exited(0), "{}", fed.stderr);
 
     // A user named in the root disk's /etc/passwd.
     let mut as_builder = shell("id -u; id -g; echo from-builder > /work/by-builder.txt");

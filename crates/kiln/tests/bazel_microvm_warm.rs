@@ -6,6 +6,8 @@
 //!   its root overlay, and the process it left running; not the stray file
 //!   it left in its workspace, but its own inputs, changed ones included;
 //! - an action with another key gets a fresh VM;
+//! - a kept VM that died (its QEMU killed) is replaced by a fresh one, and
+//!   the action in it is not called warm;
 //! - a failed action's VM, and one whose action left
 //!   `.KILN_DO_NOT_RECYCLE`, are not reused;
 //! - the server's log says which actions ran warm (as their results'
@@ -138,6 +140,31 @@ fn bazel_reuses_warm_vms_with_their_processes_and_files() {
     assert_eq!(value(&again, "input"), "v2");
     assert_eq!(value(&again, "sleep"), "alive");
     assert_eq!(value(&again, "stray"), "absent");
+
+    // The kept VMs die between actions (kill -9 of their QEMU): the next
+    // action of the key runs in a fresh VM, and its metadata and the log
+    // say it was not warm.
+    for line in common::vm::qemu_processes_under(&vms.run_dir) {
+        let pid = line.split_whitespace().next().unwrap();
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", pid])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "kill -KILL {pid}");
+    }
+    fs::write(package.join("input.txt"), "v3\n").unwrap();
+    bazel.run_ok(&["build", "//vm:second"]);
+    let replaced = read("second");
+    eprintln!("---- second, its VM killed ----\n{replaced}");
+    assert_eq!(value(&replaced, "input"), "v3");
+    assert_eq!(value(&replaced, "tmp"), "none", "the killed VM's files");
+    assert_eq!(value(&replaced, "sleep"), "gone");
+    assert!(
+        log().contains("a warm VM could not take the next action"),
+        "the dead VM was not noticed:\n{}",
+        log()
+    );
+    assert_eq!(warm_runs(), 2, "an action in a fresh VM was called warm");
 
     // A failed action's VM is not reused, nor one marked not to be.
     let output = bazel.run(&["build", "//vm:fail_first"]);

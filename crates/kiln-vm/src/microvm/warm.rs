@@ -72,6 +72,8 @@ pub(super) struct WarmVm {
     network: Option<HeldNetwork>,
     image: ImageDisk,
     dir: tempfile::TempDir,
+    /// Not yet asked by [`Resident::take_fresh`].
+    fresh: bool,
 }
 
 impl std::fmt::Debug for WarmVm {
@@ -96,6 +98,7 @@ impl Microvm {
         resident: &mut Option<Box<dyn Resident>>,
     ) -> Result<ProcessOutcome, RunError> {
         refuse_preserved_workspace(&spec.platform)?;
+        let started = std::time::Instant::now();
         let image = self.image_for(&spec.platform, cancel).await?;
         let (memory_mib, vcpus) = self.vm_shape(&spec.platform);
         let shape = Shape {
@@ -111,13 +114,22 @@ impl Microvm {
                 .and_then(|any| any.downcast_mut::<WarmVm>())
             {
                 Some(warm) if warm.shape == shape => {
+                    let imaged = started.elapsed();
                     let resumed = tokio::select! {
                         resumed = warm.take_inputs(spec) => resumed,
                         _ = cancel.cancelled() => return Ok(cancelled()),
                     };
                     match resumed {
                         Ok(()) => {
+                            let inputs = started.elapsed();
                             let outcome = warm.run_action(self, spec, limits, cancel).await;
+                            tracing::debug!(
+                                vm = warm.vm.name(),
+                                image_ms = ms(imaged),
+                                inputs_ms = ms(inputs - imaged),
+                                run_and_outputs_ms = ms(started.elapsed() - inputs),
+                                "action in a warm VM"
+                            );
                             if outcome.is_ok() {
                                 *resident = Some(kept);
                             }
@@ -167,6 +179,7 @@ impl Microvm {
             network: held,
             image,
             dir,
+            fresh: true,
         };
         let outcome = warm.run_action(self, spec, limits, cancel).await;
         if outcome.is_ok() {
@@ -183,11 +196,22 @@ impl WarmVm {
     /// runs, sets its clock (it stopped while paused) and puts `spec`'s
     /// inputs in its emptied workspace.
     async fn take_inputs(&self, spec: &CommandSpec) -> Result<(), VmError> {
+        let started = std::time::Instant::now();
         self.settle().await?;
         self.vm.resume().await?;
-        let guest = self.vm.guest();
-        guest.ping().await?;
-        guest.put(&self.shape.workspace, &spec.workspace).await
+        let resumed = started.elapsed();
+        // Its clock and RNG are set before the inputs are written.
+        self.vm
+            .guest()
+            .ping_and_put(&self.shape.workspace, &spec.workspace)
+            .await?;
+        tracing::debug!(
+            vm = self.vm.name(),
+            resume_ms = ms(resumed),
+            ping_and_put_ms = ms(started.elapsed() - resumed),
+            "inputs in a warm VM"
+        );
+        Ok(())
     }
 
     /// Runs `spec` in the VM, whose workspace holds its inputs, and brings
@@ -312,7 +336,16 @@ impl Resident for WarmVm {
             .unwrap_or(self.shape.memory_mib << 20)
     }
 
+    fn take_fresh(&mut self) -> bool {
+        std::mem::replace(&mut self.fresh, false)
+    }
+
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         Some(self)
     }
+}
+
+/// Milliseconds, for the log.
+fn ms(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
