@@ -386,7 +386,10 @@ mod tests {
             ("grpc.health.v1.Health", "Watch")
         );
         assert_eq!(labels("/evil.Service/abc123"), ("unknown", "unknown"));
-        assert_eq!(labels("/google.bytestream.ByteStream"), ("unknown", "unknown"));
+        assert_eq!(
+            labels("/google.bytestream.ByteStream"),
+            ("unknown", "unknown")
+        );
         assert_eq!(labels("no-slash"), ("unknown", "unknown"));
     }
 
