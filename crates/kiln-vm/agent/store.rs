@@ -8,10 +8,10 @@
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use super::tree_stream::{DIR, END, FILE, MISSING, SYMLINK};
+use super::tree_stream::{read_record, Record};
 use super::{frame, poll, DataPort, PollFd, DRAIN_TIMEOUT, POLLIN};
 
 /// The workspace root's entry `mke2fs` made, which every fresh disk has.
@@ -62,16 +62,15 @@ fn empty(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes the records of `input` beneath `root` (their paths were checked
+/// to be plain relative ones by [`read_record`]).
 fn decode(input: &mut impl Read, root: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     loop {
-        let mut kind = [0u8; 1];
-        input.read_exact(&mut kind)?;
-        match kind[0] {
-            END => return Ok(()),
-            DIR => {
-                let path = beneath(root, &read_bytes(input)?)?;
-                let mode = read_u32(input)?;
+        match read_record(input)? {
+            Record::End => return Ok(()),
+            Record::Dir { path, mode } => {
+                let path = root.join(path);
                 match std::fs::create_dir(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -79,63 +78,20 @@ fn decode(input: &mut impl Read, root: &Path) -> io::Result<()> {
                 }
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
             }
-            FILE => {
-                let path = beneath(root, &read_bytes(input)?)?;
-                let mode = read_u32(input)?;
-                let mut size = [0u8; 8];
-                input.read_exact(&mut size)?;
-                let size = u64::from_le_bytes(size);
-                let mut file = std::fs::File::create(&path)?;
+            Record::File { path, mode, size } => {
+                let mut file = std::fs::File::create(root.join(path))?;
                 let copied = io::copy(&mut input.take(size), &mut file)?;
                 if copied != size {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
                 file.set_permissions(std::fs::Permissions::from_mode(mode))?;
             }
-            SYMLINK => {
-                let path = beneath(root, &read_bytes(input)?)?;
-                let target = read_bytes(input)?;
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &path)?;
+            Record::Symlink { path, target } => {
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), root.join(path))?;
             }
-            MISSING => {
-                read_bytes(input)?;
-            }
-            other => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("unknown record {other}"),
-                ))
-            }
+            Record::Missing { .. } => {}
         }
     }
-}
-
-/// `relative` joined to `root`, refused unless it is a plain relative path.
-fn beneath(root: &Path, relative: &[u8]) -> io::Result<PathBuf> {
-    let relative = Path::new(std::ffi::OsStr::from_bytes(relative));
-    if relative.as_os_str().is_empty()
-        || !relative.components().all(|c| matches!(c, Component::Normal(_)))
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a path that is not beneath the workspace: {}", relative.display()),
-        ));
-    }
-    Ok(root.join(relative))
-}
-
-fn read_bytes(input: &mut impl Read) -> io::Result<Vec<u8>> {
-    let mut length = [0u8; 2];
-    input.read_exact(&mut length)?;
-    let mut bytes = vec![0u8; u16::from_le_bytes(length) as usize];
-    input.read_exact(&mut bytes)?;
-    Ok(bytes)
-}
-
-fn read_u32(input: &mut impl Read) -> io::Result<u32> {
-    let mut bytes = [0u8; 4];
-    input.read_exact(&mut bytes)?;
-    Ok(u32::from_le_bytes(bytes))
 }
 
 /// The bytes of the `tree` frames arriving on the (non-blocking) data

@@ -20,8 +20,9 @@
 //! `size` a `u64`. Paths are relative, `/`-separated, with no empty, `.`
 //! or `..` component.
 //!
-//! The encoding half ([`encode`]) uses only `std`: the guest agent, built
-//! with `rustc` alone, includes this file.
+//! The encoding half ([`encode`]) and the record reader ([`read_record`])
+//! use only `std`: the guest agent, built with `rustc` alone, includes
+//! this file, and reads with it the inputs the host sends a warm VM.
 
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -128,6 +129,83 @@ fn write_bytes(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     out.write_all(bytes)
 }
 
+/// One record's header, as [`read_record`] reads it. A `File`'s `size`
+/// bytes of content follow it in the stream, for the caller to read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Record {
+    End,
+    Dir { path: String, mode: u32 },
+    File { path: String, mode: u32, size: u64 },
+    Symlink { path: String, target: Vec<u8> },
+    Missing { path: String },
+}
+
+/// Reads the next record's header: what both the host's [`decode`] and
+/// the agent's `put` read, each writing it its own way. Refuses an
+/// unknown kind, a path or target over [`MAX_PATH`], and a path that is
+/// not plain (see the module comment). Modes keep their permission bits
+/// only.
+pub fn read_record(input: &mut impl Read) -> io::Result<Record> {
+    let kind = read_array::<1>(input)?[0];
+    if kind == END {
+        return Ok(Record::End);
+    }
+    let path = read_path(input)?;
+    Ok(match kind {
+        DIR => Record::Dir {
+            path,
+            mode: u32::from_le_bytes(read_array(input)?) & 0o7777,
+        },
+        FILE => Record::File {
+            path,
+            mode: u32::from_le_bytes(read_array(input)?) & 0o7777,
+            size: u64::from_le_bytes(read_array(input)?),
+        },
+        SYMLINK => Record::Symlink {
+            path,
+            target: read_bytes(input)?,
+        },
+        MISSING => Record::Missing { path },
+        other => return Err(invalid(format!("an unknown record kind {other}"))),
+    })
+}
+
+fn read_path(input: &mut impl Read) -> io::Result<String> {
+    let bytes = read_bytes(input)?;
+    let path = String::from_utf8(bytes).map_err(|_| invalid("a path that is not UTF-8"))?;
+    let plain = !path.is_empty()
+        && path
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != ".." && !part.contains('\0'));
+    if plain {
+        Ok(path)
+    } else {
+        Err(invalid(format!("{path:?} is not a plain relative path")))
+    }
+}
+
+fn read_bytes(input: &mut impl Read) -> io::Result<Vec<u8>> {
+    let length = usize::from(u16::from_le_bytes(read_array(input)?));
+    if length > MAX_PATH {
+        return Err(invalid(format!(
+            "a path of {length} bytes, over {MAX_PATH}"
+        )));
+    }
+    let mut bytes = vec![0; length];
+    input.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn read_array<const N: usize>(input: &mut impl Read) -> io::Result<[u8; N]> {
+    let mut bytes = [0; N];
+    input.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.into())
+}
+
 #[cfg(not(kiln_agent))]
 pub use decoding::*;
 
@@ -168,32 +246,16 @@ mod decoding {
         )?;
         let mut decoded = Decoded::default();
         loop {
-            let kind = read_u8(input)?;
-            if kind == END {
-                return Ok(decoded);
-            }
-            let path = read_path(input)?;
-            if kind == MISSING {
-                decoded.missing.push(path);
-                continue;
-            }
-            decoded.entries += 1;
-            if decoded.entries > limits.entries {
-                return Err(invalid(format!(
-                    "the outputs hold more than {} entries, the limit",
-                    limits.entries
-                )));
-            }
-            let (parent, name) = parent_of(&root, &path)?;
-            match kind {
-                DIR => {
-                    let mode = read_u32(input)? & 0o7777;
+            match read_record(input)? {
+                Record::End => return Ok(decoded),
+                Record::Missing { path } => decoded.missing.push(path),
+                Record::Dir { path, mode } => {
+                    let (parent, name) = admit(&root, &path, limits, &mut decoded)?;
                     rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(mode | 0o700))
                         .map_err(|e| at(&path, e.into()))?;
                 }
-                FILE => {
-                    let mode = read_u32(input)? & 0o7777;
-                    let size = read_u64(input)?;
+                Record::File { path, mode, size } => {
+                    let (parent, name) = admit(&root, &path, limits, &mut decoded)?;
                     decoded.bytes = decoded.bytes.saturating_add(size);
                     if decoded.bytes > limits.bytes {
                         return Err(invalid(format!(
@@ -223,15 +285,31 @@ mod decoding {
                     // The mode as sent, past the umask.
                     rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))?;
                 }
-                SYMLINK => {
-                    let target = read_bytes(input)?;
-                    let target = std::ffi::OsStr::from_bytes(&target);
-                    rustix::fs::symlinkat(target, &parent, name)
+                Record::Symlink { path, target } => {
+                    let (parent, name) = admit(&root, &path, limits, &mut decoded)?;
+                    rustix::fs::symlinkat(std::ffi::OsStr::from_bytes(&target), &parent, name)
                         .map_err(|e| at(&path, e.into()))?;
                 }
-                other => return Err(invalid(format!("an unknown record kind {other}"))),
             }
         }
+    }
+
+    /// Counts entry `path` against the limits; its parent directory and
+    /// its name.
+    fn admit<'p>(
+        root: &OwnedFd,
+        path: &'p str,
+        limits: DecodeLimits,
+        decoded: &mut Decoded,
+    ) -> io::Result<(OwnedFd, &'p str)> {
+        decoded.entries += 1;
+        if decoded.entries > limits.entries {
+            return Err(invalid(format!(
+                "the outputs hold more than {} entries, the limit",
+                limits.entries
+            )));
+        }
+        parent_of(root, path)
     }
 
     /// The directory that holds `path` beneath `root`, reached without
@@ -250,56 +328,6 @@ mod decoding {
         )
         .map_err(|e| at(path, e.into()))?;
         Ok((parent, name))
-    }
-
-    fn read_path(input: &mut impl Read) -> io::Result<String> {
-        let bytes = read_bytes(input)?;
-        let path = String::from_utf8(bytes).map_err(|_| invalid("a path that is not UTF-8"))?;
-        let plain = !path.is_empty()
-            && path.split('/').all(|part| {
-                !part.is_empty() && part != "." && part != ".." && !part.contains('\0')
-            });
-        if plain {
-            Ok(path)
-        } else {
-            Err(invalid(format!("{path:?} is not a plain relative path")))
-        }
-    }
-
-    fn read_bytes(input: &mut impl Read) -> io::Result<Vec<u8>> {
-        let mut length = [0; 2];
-        input.read_exact(&mut length)?;
-        let length = usize::from(u16::from_le_bytes(length));
-        if length > MAX_PATH {
-            return Err(invalid(format!(
-                "a path of {length} bytes, over {MAX_PATH}"
-            )));
-        }
-        let mut bytes = vec![0; length];
-        input.read_exact(&mut bytes)?;
-        Ok(bytes)
-    }
-
-    fn read_u8(input: &mut impl Read) -> io::Result<u8> {
-        let mut byte = [0; 1];
-        input.read_exact(&mut byte)?;
-        Ok(byte[0])
-    }
-
-    fn read_u32(input: &mut impl Read) -> io::Result<u32> {
-        let mut bytes = [0; 4];
-        input.read_exact(&mut bytes)?;
-        Ok(u32::from_le_bytes(bytes))
-    }
-
-    fn read_u64(input: &mut impl Read) -> io::Result<u64> {
-        let mut bytes = [0; 8];
-        input.read_exact(&mut bytes)?;
-        Ok(u64::from_le_bytes(bytes))
-    }
-
-    fn invalid(message: impl Into<String>) -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, message.into())
     }
 
     fn at(path: &str, error: io::Error) -> io::Error {
