@@ -625,11 +625,7 @@ impl Resident for RunnerContainer {
         spec: &CommandSpec,
         start: &WorkerStart,
     ) -> Result<WorkerProcess, RunError> {
-        let pipe = || {
-            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                .map_err(|e| RunError::Internal(format!("creating a worker's pipe: {e}")))
-        };
-        let ((stdin_read, stdin_write), (stdout_read, stdout_write)) = (pipe()?, pipe()?);
+        let (worker_ends, executor_ends) = kiln_worker::persistent::worker_pipes()?;
         let stderr = OwnedFd::from(start.open_stderr()?);
         let command = self.command_fields(
             &spec.working_directory,
@@ -638,7 +634,7 @@ impl Resident for RunnerContainer {
         );
         let mut fields: Vec<&[u8]> = vec![b"start"];
         fields.extend(command.iter().map(Vec::as_slice));
-        self.send(&fields, &[stdin_read, stdout_write, stderr])
+        self.send(&fields, &[worker_ends.stdin, worker_ends.stdout, stderr])
             .await
             .map_err(|e| self.broken(&format!("sending the worker: {e}")))?;
         let name = start.identity.startup.first().cloned().unwrap_or_default();
@@ -652,10 +648,6 @@ impl Resident for RunnerContainer {
                 )))
             }
         };
-        let watch =
-            |e: std::io::Error| RunError::Internal(format!("watching a worker's pipe: {e}"));
-        let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write).map_err(watch)?;
-        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout_read).map_err(watch)?;
         let connection =
             self.stream.as_fd().try_clone_to_owned().map_err(|e| {
                 RunError::Internal(format!("duplicating the agent's connection: {e}"))
@@ -664,10 +656,7 @@ impl Resident for RunnerContainer {
             connection: std::os::unix::net::UnixStream::from(connection),
             pid,
         };
-        Ok(
-            WorkerProcess::with_pipes(start, pid, Box::new(stdin), Box::new(stdout))
-                .guarded_by(Box::new(kill)),
-        )
+        Ok(executor_ends.worker(start, pid)?.guarded_by(Box::new(kill)))
     }
 }
 

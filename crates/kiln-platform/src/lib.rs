@@ -884,12 +884,16 @@ impl Platform {
                 ));
             }
         }
-        // Persistent workers live in the warm runners of `none`, `docker`
-        // and `podman`: a sandbox's namespaces end with each action.
+        // Persistent workers live in the warm runners of `none`, `sandbox`
+        // (in a sandbox of their own), `docker` and `podman`; a VM runner
+        // keeps none.
         if let (Some(worker), Some(isolation)) = (&platform.persistent_worker, platform.isolation) {
             let kept = matches!(
                 isolation,
-                IsolationType::None | IsolationType::Docker | IsolationType::Podman
+                IsolationType::None
+                    | IsolationType::Sandbox
+                    | IsolationType::Docker
+                    | IsolationType::Podman
             );
             if platform.recycle_runner && !kept {
                 return Err(unsupported(
@@ -897,7 +901,7 @@ impl Platform {
                     &worker.key,
                     &format!(
                         "workload-isolation-type={} keeps no persistent workers in this Kiln \
-                         (none, docker and podman do); use one of those, or remove \
+                         (none, sandbox, docker and podman do); use one of those, or remove \
                          recycle-runner to run the action as an ordinary one",
                         isolation.name()
                     ),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_platform::{DockerNetwork, Platform};
+use kiln_worker::persistent::{self, WorkerProcess, WorkerStart};
 use kiln_worker::process::{self, Limits, ProcessOutcome};
 use kiln_worker::trial::TrialAction;
 use kiln_worker::{CancellationToken, CommandSpec, Isolation, RunAs, RunError};
@@ -484,6 +485,89 @@ impl Isolation for Sandbox {
         }
         Ok(outcome)
     }
+
+    /// The worker in a sandbox of its own, set up as the action's would be
+    /// (namespaces, the runner's workspace and /tmp, user, network,
+    /// cgroup with the action's limits; `dockerInit` refused) but not
+    /// waited for: PID 1 of its
+    /// namespace, it lives across the runner's actions, whose inputs
+    /// appear in the same workspace directory, until its `WorkerProcess`
+    /// is dropped, which kills its namespace, then removes its cgroup and
+    /// unwires its network.
+    async fn start_worker(
+        &self,
+        spec: &CommandSpec,
+        start: &WorkerStart,
+        limits: &Limits,
+    ) -> Result<WorkerProcess, RunError> {
+        if spec.platform.docker_init {
+            return Err(RunError::Unsupported(
+                "dockerInit: a persistent worker under workload-isolation-type=sandbox is PID 1 \
+                 of its own namespace, with no init before it; remove dockerInit, or \
+                 persistentWorkerKey to run the action as an ordinary one"
+                    .into(),
+            ));
+        }
+        let (name, program) = persistent::worker_program(spec, start)?;
+        let exec = Exec::new(
+            &program,
+            &start.identity.startup,
+            &spec.environment_variables,
+        )
+        .map_err(|e| RunError::InvalidArgument(format!("persistent worker {name:?}: {e}")))?;
+        let user = resolve_user(&spec.platform, spec.action_user)?;
+        let limits = &Limits {
+            memory_bytes: limits.memory_bytes.map(|b| b.max(MIN_MEMORY_BYTES)),
+            ..*limits
+        };
+        let network = self.network(spec.platform.docker_network).await?;
+        let cgroup = self.cgroup(limits)?;
+        let plan = self.plan(
+            Some(&spec.workspace),
+            spec.runner_tmp.as_deref(),
+            limits.memory_bytes,
+            &spec.working_directory,
+            user,
+            network
+                .as_ref()
+                .map_or(Network::Empty, |n| Network::Join(n.namespace())),
+            cgroup.as_ref(),
+        );
+        let (worker_ends, executor_ends) = persistent::worker_pipes()?;
+        let stderr = start.open_stderr()?;
+        let spawned = tokio::task::spawn_blocking(move || {
+            let stdio = child::Stdio {
+                stdin: worker_ends.stdin.as_raw_fd(),
+                stdout: worker_ends.stdout.as_raw_fd(),
+                stderr: stderr.as_raw_fd(),
+            };
+            child::spawn_cloned(&plan, &exec, &stdio)
+        })
+        .await
+        .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
+        let pid = spawned
+            .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
+        let child = ClonedChild::new(pid)
+            .map_err(|e| RunError::Internal(format!("watching persistent worker {name:?}: {e}")))?;
+        let sandbox = SandboxedWorker {
+            _child: child,
+            _cgroup: cgroup,
+            _network: network,
+        };
+        Ok(executor_ends
+            .worker(start, pid as u32)?
+            .guarded_by(Box::new(sandbox)))
+    }
+}
+
+/// What a sandboxed persistent worker holds, released when it is dropped
+/// in this order (fields drop as declared): its process, PID 1 of its
+/// namespace, killed (and so everything in the namespace) and reaped;
+/// then its cgroup, emptied and removed; then its network, unwired.
+struct SandboxedWorker {
+    _child: ClonedChild,
+    _cgroup: Option<Cgroup>,
+    _network: Option<ActionNetwork>,
 }
 
 #[cfg(test)]

@@ -277,7 +277,7 @@ pub trait Isolation: Send + Sync {
     ) -> Result<WorkerProcess, RunError> {
         Err(RunError::Unsupported(format!(
             "persistentWorkerKey: workload-isolation-type={} keeps no persistent workers in this \
-             Kiln (none, docker and podman do); use one of those, or remove recycle-runner to \
+             Kiln (none, sandbox, docker and podman do); use one of those, or remove recycle-runner to \
              run the action as an ordinary one",
             self.name()
         )))

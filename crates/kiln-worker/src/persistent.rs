@@ -394,15 +394,7 @@ pub async fn spawn(
     user: Option<(u32, u32)>,
 ) -> Result<WorkerProcess, RunError> {
     let arguments = &start.identity.startup;
-    let name = arguments.first().cloned().unwrap_or_default();
-    let program =
-        crate::process::resolve_program(&name, &spec.working_directory, spec.path_variable())
-            .ok_or_else(|| {
-                RunError::InvalidArgument(format!(
-                    "persistent worker: its program {name:?} was not found (looked up as a \
-                     shell would, from the action's working directory and PATH)"
-                ))
-            })?;
+    let (name, program) = worker_program(spec, start)?;
     let stderr = start.open_stderr()?;
     let mut command = tokio::process::Command::new(&program);
     command
@@ -432,6 +424,76 @@ pub async fn spawn(
     let mut worker = WorkerProcess::with_pipes(start, pid, Box::new(stdin), Box::new(stdout));
     worker.child = Some(child);
     Ok(worker)
+}
+
+/// The worker's program name (its first startup argument) and where it
+/// is, looked up as a shell would from the action's working directory
+/// and PATH; a program that cannot be found is an error naming it.
+pub fn worker_program(
+    spec: &CommandSpec,
+    start: &WorkerStart,
+) -> Result<(String, PathBuf), RunError> {
+    let name = start.identity.startup.first().cloned().unwrap_or_default();
+    let program =
+        crate::process::resolve_program(&name, &spec.working_directory, spec.path_variable())
+            .ok_or_else(|| {
+                RunError::InvalidArgument(format!(
+                    "persistent worker: its program {name:?} was not found (looked up as a \
+                     shell would, from the action's working directory and PATH)"
+                ))
+            })?;
+    Ok((name, program))
+}
+
+/// The pipes of a worker that is no child of the executor (started in a
+/// container or a sandbox): the ends the worker gets, and the executor's.
+pub fn worker_pipes() -> Result<(WorkerEnds, ExecutorEnds), RunError> {
+    let pipe = || {
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| RunError::Internal(format!("creating a worker's pipe: {e}")))
+    };
+    let ((stdin_read, stdin_write), (stdout_read, stdout_write)) = (pipe()?, pipe()?);
+    Ok((
+        WorkerEnds {
+            stdin: stdin_read,
+            stdout: stdout_write,
+        },
+        ExecutorEnds {
+            stdin: stdin_write,
+            stdout: stdout_read,
+        },
+    ))
+}
+
+/// A worker's ends of its pipes (close-on-exec: whatever starts it makes
+/// them its stdin and stdout).
+pub struct WorkerEnds {
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+}
+
+/// The executor's ends of a worker's pipes: requests go in, answers come
+/// out.
+pub struct ExecutorEnds {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+}
+
+impl ExecutorEnds {
+    /// The worker started by `start`, process `pid`, on these pipes
+    /// ([`WorkerProcess::with_pipes`]).
+    pub fn worker(self, start: &WorkerStart, pid: u32) -> Result<WorkerProcess, RunError> {
+        let watch =
+            |e: std::io::Error| RunError::Internal(format!("watching a worker's pipe: {e}"));
+        let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(self.stdin).map_err(watch)?;
+        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(self.stdout).map_err(watch)?;
+        Ok(WorkerProcess::with_pipes(
+            start,
+            pid,
+            Box::new(stdin),
+            Box::new(stdout),
+        ))
+    }
 }
 
 impl WorkerProcess {

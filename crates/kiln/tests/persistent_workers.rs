@@ -398,3 +398,71 @@ async fn a_worker_in_a_docker_or_podman_runner_serves_successive_actions() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_worker_in_a_sandbox_runner_serves_successive_actions_from_its_own_namespace() {
+    if !common::root_available("sandboxed persistent workers") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let server = KilnServer::start(
+        &scratch.path().join("data"),
+        &scratch.path().join("kiln.log"),
+        &["--isolation", "none,sandbox"],
+    );
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", server.port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let properties = [
+        ("workload-isolation-type", "sandbox"),
+        ("dockerNetwork", "off"),
+        ("recycle-runner", "true"),
+        ("persistentWorkerKey", "sandbox-shell"),
+        ("persistentWorkerProtocol", "json"),
+    ];
+    // Its argv[0] names it for the check that it is gone at the end.
+    let program = ["sh", "-c", SHELL_WORKER, "kiln-sandboxed-shell-worker"];
+    let first = run_program(&channel, &program, &["a"], &properties, 0).await;
+    assert_eq!(first.status, tonic::Code::Ok, "{first:?}");
+    assert_eq!(first.exit_code, 0, "{first:?}");
+    assert_eq!(first.out.as_deref(), Some("n=1\n"));
+    // PID 1: the worker is in a PID namespace of its own.
+    assert_eq!(pid_and_request(&first.stderr), (1, 1), "{first:?}");
+    let running = || {
+        let output = std::process::Command::new("pgrep")
+            .args(["-f", "kiln-sandboxed-shell-worker"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    assert!(!running().is_empty(), "no worker process between actions");
+    let second = run_program(&channel, &program, &["b"], &properties, 0).await;
+    // The worker's exit code fails the action; the worker stays, and it
+    // wrote the output into the workspace the second action's inputs
+    // came to.
+    assert_eq!(second.exit_code, 1, "{second:?}");
+    assert_eq!(
+        pid_and_request(&second.stderr),
+        (1, 2),
+        "the second action went to another process: {second:?}"
+    );
+    assert_eq!(second.out.as_deref(), Some("n=2\n"));
+
+    // dockerInit would put an init before the worker: refused by name.
+    let mut with_init = properties.to_vec();
+    with_init.push(("dockerInit", "true"));
+    let refused = run_program(&channel, &program, &["c"], &with_init, 0).await;
+    assert_eq!(
+        refused.status,
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message.contains("dockerInit"), "{refused:?}");
+
+    // Stopping the server ends the worker with its namespace.
+    let status = server.terminate(std::time::Duration::from_secs(60));
+    assert!(status.success(), "kiln serve stopped with {status}");
+    assert_eq!(running(), "", "a sandboxed worker outlived the server");
+}

@@ -296,7 +296,7 @@ impl Resident for WarmVm {
     ) -> Result<WorkerProcess, RunError> {
         Err(RunError::Unsupported(
             "persistentWorkerKey: workload-isolation-type=firecracker keeps no persistent \
-             workers in this Kiln (none, docker and podman do)"
+             workers in this Kiln (none, sandbox, docker and podman do)"
                 .into(),
         ))
     }
