@@ -516,6 +516,10 @@ impl Isolation for Docker {
     }
 
     /// A warm runner is a container with Kiln's agent ([`crate::warm`]).
+    async fn settle(&self) {
+        crate::warm::settle_removals().await;
+    }
+
     fn keeps_warm_runners(&self) -> bool {
         true
     }

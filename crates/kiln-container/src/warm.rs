@@ -33,6 +33,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -195,14 +196,57 @@ impl Removal {
 }
 
 impl Drop for Removal {
+    /// Removes it in the background, counted in [`removals_finished`].
     fn drop(&mut self) {
         if let Some(remove) = self.0.take() {
             match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn(remove())),
+                Ok(runtime) => {
+                    BACKGROUND_REMOVALS.fetch_add(1, Ordering::SeqCst);
+                    drop(runtime.spawn(async move {
+                        remove().await;
+                        if BACKGROUND_REMOVALS.fetch_sub(1, Ordering::SeqCst) == 1 {
+                            REMOVALS_DONE.notify_waiters();
+                        }
+                    }))
+                }
                 Err(_) => tracing::warn!("a runner container outlived the runtime; the next start of this executor removes it"),
             }
         }
     }
+}
+
+/// [`removals_finished`] within a minute, warning if some are still going
+/// (the next start of the executor sweeps them).
+pub async fn settle_removals() {
+    if !removals_finished(Duration::from_secs(60)).await {
+        tracing::warn!(
+            "runner containers still being removed after a minute; the next start of this \
+             executor removes what is left"
+        );
+    }
+}
+
+/// Containers being removed in the background (their runners dropped:
+/// a failed action's, an evicted or expired one), in this process.
+static BACKGROUND_REMOVALS: AtomicUsize = AtomicUsize::new(0);
+static REMOVALS_DONE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Returns once no runner container of this process is being removed in
+/// the background, or after `limit`: what a stopping executor waits for,
+/// so the containers of runners dropped just before it stopped do not
+/// outlive it. False if some were still going at the limit.
+pub async fn removals_finished(limit: Duration) -> bool {
+    tokio::time::timeout(limit, async {
+        loop {
+            let done = REMOVALS_DONE.notified();
+            if BACKGROUND_REMOVALS.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    })
+    .await
+    .is_ok()
 }
 
 impl std::fmt::Debug for RunnerContainer {

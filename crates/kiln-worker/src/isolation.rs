@@ -241,6 +241,11 @@ pub trait Isolation: Send + Sync {
         self.run(spec, limits, cancel).await
     }
 
+    /// Returns once what this backend ends in the background (a dropped
+    /// runner's container, say) has ended: what a stopping executor
+    /// waits for after discarding its runners.
+    async fn settle(&self) {}
+
     /// Gets ready for an action with `platform` before its clock starts:
     /// e.g. resolves and pulls its container image (with its credentials).
     /// Runs while the inputs are fetched; must return promptly once
@@ -456,6 +461,13 @@ impl Isolations {
     }
 
     /// The offered types, the default first (what the executor advertises).
+    /// [`Isolation::settle`] of every backend.
+    pub async fn settle(&self) {
+        for backend in &self.backends {
+            backend.settle().await;
+        }
+    }
+
     pub fn names(&self) -> Vec<&'static str> {
         let mut names = vec![self.default];
         names.extend(

@@ -344,14 +344,14 @@ impl Worker {
     }
 
     /// Ends every warm runner (its persistent worker, its container) and
-    /// recycles its directory: what a stopping executor does last, so no
-    /// runner container outlives it.
+    /// recycles its directory, then waits for what the backends end in
+    /// the background (the containers of runners dropped earlier): what a
+    /// stopping executor does last, so no runner container outlives it.
     pub async fn discard_runners(&self) {
         let runners = self.runners.drain();
-        if runners.is_empty() {
-            return;
+        if !runners.is_empty() {
+            tracing::info!(runners = runners.len(), "discarding the warm runners");
         }
-        tracing::info!(runners = runners.len(), "discarding the warm runners");
         for runner in runners {
             discard_worker(runner.worker).await;
             if let Some(resident) = runner.resident {
@@ -359,6 +359,7 @@ impl Worker {
             }
             recycle_action_dir(runner.dir, self.scratch.clone()).await;
         }
+        self.isolations.settle().await;
     }
 
     /// Cleans a runner whose action finished cleanly and offers it to the
