@@ -201,12 +201,10 @@ impl Drop for Removal {
         if let Some(remove) = self.0.take() {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
-                    BACKGROUND_REMOVALS.fetch_add(1, Ordering::SeqCst);
+                    let pending = PendingRemoval::new();
                     drop(runtime.spawn(async move {
                         remove().await;
-                        if BACKGROUND_REMOVALS.fetch_sub(1, Ordering::SeqCst) == 1 {
-                            REMOVALS_DONE.notify_waiters();
-                        }
+                        drop(pending);
                     }))
                 }
                 Err(_) => tracing::warn!("a runner container outlived the runtime; the next start of this executor removes it"),
@@ -230,6 +228,25 @@ pub async fn settle_removals() {
 /// a failed action's, an evicted or expired one), in this process.
 static BACKGROUND_REMOVALS: AtomicUsize = AtomicUsize::new(0);
 static REMOVALS_DONE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// One of [`BACKGROUND_REMOVALS`], until dropped: when its removal ends,
+/// or when its task is dropped unfinished (its runtime shut down).
+struct PendingRemoval;
+
+impl PendingRemoval {
+    fn new() -> PendingRemoval {
+        BACKGROUND_REMOVALS.fetch_add(1, Ordering::SeqCst);
+        PendingRemoval
+    }
+}
+
+impl Drop for PendingRemoval {
+    fn drop(&mut self) {
+        if BACKGROUND_REMOVALS.fetch_sub(1, Ordering::SeqCst) == 1 {
+            REMOVALS_DONE.notify_waiters();
+        }
+    }
+}
 
 /// Returns once no runner container of this process is being removed in
 /// the background, or after `limit`: what a stopping executor waits for,
