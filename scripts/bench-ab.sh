@@ -70,7 +70,7 @@ function median(list,    n, v, i, j, t) {
     for (i = 2; i <= n; i++) { t = v[i] + 0; for (j = i - 1; j >= 1 && v[j] + 0 > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
     return n == 0 ? 0 : (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
 }
-/^=== round/ { round = $3 + 0; mode = $4; sub(/,$/, "", round); next }
+/^=== round/ { round = $3 + 0; mode = $4; next }
 /^operation|^server|^seed|^action|^\(MB|^ / { next }
 {
     n = split($0, f, /  +/)
@@ -82,7 +82,6 @@ function median(list,    n, v, i, j, t) {
     if (round > rounds) rounds = round
 }
 END {
-    split("items/s MB/s srv cpu s|p50 ms", names, "|")
     figures[1] = "items/s"; figures[2] = "MB/s"; figures[3] = "srv cpu s"; figures[4] = "p50 ms"
     for (o = 1; o <= nops; o++) for (g = 1; g <= 4; g++) {
         fig = figures[g]; first = ""; second = ""
