@@ -299,6 +299,46 @@ impl Sandbox {
     }
 }
 
+/// What an action (or a persistent worker) of `spec` is started into:
+/// its limits (memory at least [`MIN_MEMORY_BYTES`]), network, cgroup and
+/// mount plan.
+struct Confined {
+    limits: Limits,
+    network: Option<ActionNetwork>,
+    cgroup: Option<Cgroup>,
+    plan: Plan,
+}
+
+impl Sandbox {
+    /// The user, network, cgroup and plan of `spec` under `limits`.
+    async fn confine(&self, spec: &CommandSpec, limits: &Limits) -> Result<Confined, RunError> {
+        let user = resolve_user(&spec.platform, spec.action_user)?;
+        let limits = Limits {
+            memory_bytes: limits.memory_bytes.map(|b| b.max(MIN_MEMORY_BYTES)),
+            ..*limits
+        };
+        let network = self.network(spec.platform.docker_network).await?;
+        let cgroup = self.cgroup(&limits)?;
+        let plan = self.plan(
+            Some(&spec.workspace),
+            spec.runner_tmp.as_deref(),
+            limits.memory_bytes,
+            &spec.working_directory,
+            user,
+            network
+                .as_ref()
+                .map_or(Network::Empty, |n| Network::Join(n.namespace())),
+            cgroup.as_ref(),
+        );
+        Ok(Confined {
+            limits,
+            network,
+            cgroup,
+            plan,
+        })
+    }
+}
+
 /// `dockerInit`: an init process (PID 1) reaps orphans and lets the
 /// polite SIGTERM reach the action. Forks the executor (std's
 /// `pre_exec`), so its start cost grows with the executor's memory. Also
@@ -440,26 +480,13 @@ impl Isolation for Sandbox {
             Ok(found) => found,
             Err(not_found) => return Ok(not_found),
         };
-        let user = resolve_user(&spec.platform, spec.action_user)?;
-        let limits = &Limits {
-            memory_bytes: limits.memory_bytes.map(|b| b.max(MIN_MEMORY_BYTES)),
-            ..*limits
-        };
-        let network = self.network(spec.platform.docker_network).await?;
-        let cgroup = self.cgroup(limits)?;
-        let plan = Arc::new(
-            self.plan(
-                Some(&spec.workspace),
-                spec.runner_tmp.as_deref(),
-                limits.memory_bytes,
-                &spec.working_directory,
-                user,
-                network
-                    .as_ref()
-                    .map_or(Network::Empty, |n| Network::Join(n.namespace())),
-                cgroup.as_ref(),
-            ),
-        );
+        let Confined {
+            limits,
+            network,
+            cgroup,
+            plan,
+        } = self.confine(spec, limits).await?;
+        let (limits, plan) = (&limits, Arc::new(plan));
         let result = if spec.platform.docker_init {
             run_with_init(spec, &program, &program_name, plan, limits, cancel).await
         } else {
@@ -515,24 +542,12 @@ impl Isolation for Sandbox {
             &spec.environment_variables,
         )
         .map_err(|e| RunError::InvalidArgument(format!("persistent worker {name:?}: {e}")))?;
-        let user = resolve_user(&spec.platform, spec.action_user)?;
-        let limits = &Limits {
-            memory_bytes: limits.memory_bytes.map(|b| b.max(MIN_MEMORY_BYTES)),
-            ..*limits
-        };
-        let network = self.network(spec.platform.docker_network).await?;
-        let cgroup = self.cgroup(limits)?;
-        let plan = self.plan(
-            Some(&spec.workspace),
-            spec.runner_tmp.as_deref(),
-            limits.memory_bytes,
-            &spec.working_directory,
-            user,
-            network
-                .as_ref()
-                .map_or(Network::Empty, |n| Network::Join(n.namespace())),
-            cgroup.as_ref(),
-        );
+        let Confined {
+            network,
+            cgroup,
+            plan,
+            ..
+        } = self.confine(spec, limits).await?;
         let (worker_ends, executor_ends) = persistent::worker_pipes()?;
         let stderr = start.open_stderr()?;
         let spawned = tokio::task::spawn_blocking(move || {
