@@ -352,8 +352,8 @@ impl Microvm {
         }
         tracing::debug!(
             vm = vm.name(),
-            run_ms = ran.as_secs_f64() * 1000.0,
-            outputs_ms = (started.elapsed() - ran).as_secs_f64() * 1000.0,
+            run_ms = ms(ran),
+            outputs_ms = ms(started.elapsed() - ran),
             "action in a VM"
         );
         Ok(outcome)
@@ -614,4 +614,9 @@ impl Isolation for Microvm {
         );
         outcome
     }
+}
+
+/// Milliseconds, for the log.
+fn ms(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }

@@ -98,7 +98,6 @@ impl Microvm {
         resident: &mut Option<Box<dyn Resident>>,
     ) -> Result<ProcessOutcome, RunError> {
         refuse_preserved_workspace(&spec.platform)?;
-        let started = std::time::Instant::now();
         let image = self.image_for(&spec.platform, cancel).await?;
         let (memory_mib, vcpus) = self.vm_shape(&spec.platform);
         let shape = Shape {
@@ -114,22 +113,13 @@ impl Microvm {
                 .and_then(|any| any.downcast_mut::<WarmVm>())
             {
                 Some(warm) if warm.shape == shape => {
-                    let imaged = started.elapsed();
                     let resumed = tokio::select! {
                         resumed = warm.take_inputs(spec) => resumed,
                         _ = cancel.cancelled() => return Ok(cancelled()),
                     };
                     match resumed {
                         Ok(()) => {
-                            let inputs = started.elapsed();
                             let outcome = warm.run_action(self, spec, limits, cancel).await;
-                            tracing::debug!(
-                                vm = warm.vm.name(),
-                                image_ms = ms(imaged),
-                                inputs_ms = ms(inputs - imaged),
-                                run_and_outputs_ms = ms(started.elapsed() - inputs),
-                                "action in a warm VM"
-                            );
                             if outcome.is_ok() {
                                 *resident = Some(kept);
                             }
@@ -207,8 +197,8 @@ impl WarmVm {
             .await?;
         tracing::debug!(
             vm = self.vm.name(),
-            resume_ms = ms(resumed),
-            ping_and_put_ms = ms(started.elapsed() - resumed),
+            resume_ms = super::ms(resumed),
+            ping_and_put_ms = super::ms(started.elapsed() - resumed),
             "inputs in a warm VM"
         );
         Ok(())
@@ -343,9 +333,4 @@ impl Resident for WarmVm {
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         Some(self)
     }
-}
-
-/// Milliseconds, for the log.
-fn ms(duration: std::time::Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
