@@ -144,6 +144,14 @@ async fn run(vm: &dyn Vm, request: RunRequest) -> Output {
 
 /// The QEMU config, with the machine type from `KILN_TEST_VM_MACHINE`
 /// (`q35`, `pc`) to compare boot times.
+/// The VMM every test boots with: [`qemu_config`] and the guest kernel
+/// install-deps puts in place.
+async fn test_vmm(dir: &Path) -> QemuVmm {
+    QemuVmm::new(qemu_config(dir), Path::new(DEFAULT_KERNEL))
+        .await
+        .expect("QEMU is needed for this test")
+}
+
 fn qemu_config(dir: &Path) -> QemuConfig {
     let mut config = QemuConfig::new(dir.join("initramfs"));
     if let Ok(machine) = std::env::var("KILN_TEST_VM_MACHINE") {
@@ -171,9 +179,7 @@ async fn an_action_runs_in_a_booted_vm() {
     let root_before = std::fs::read(&root).unwrap();
     let work = workspace_disk(dir.path());
     let runtime = dir.path().join("run");
-    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
-        .await
-        .expect("QEMU is needed for this test");
+    let vmm = test_vmm(dir.path()).await;
     let mut spec = VmSpec::new("test-vm", &root, &runtime);
     spec.modules_dir = DEFAULT_MODULES_DIR.into();
     spec.memory_mib = 384;
@@ -409,9 +415,7 @@ async fn a_dropped_vm_leaves_nothing_and_a_bad_kernel_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let root = root_disk(dir.path());
     let runtime = dir.path().join("run");
-    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
-        .await
-        .expect("QEMU is needed for this test");
+    let vmm = test_vmm(dir.path()).await;
     let mut spec = VmSpec::new("dropped-vm", &root, &runtime);
     spec.memory_mib = 256;
     spec.network = Network::User { netns: None };
@@ -491,9 +495,7 @@ async fn a_snapshot_restores_files_and_processes() {
     let dir = tempfile::tempdir().unwrap();
     let root = root_disk(dir.path());
     let runtime = dir.path().join("run");
-    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
-        .await
-        .expect("QEMU is needed for this test");
+    let vmm = test_vmm(dir.path()).await;
     let mut spec = VmSpec::new("warm-vm", &root, &runtime);
     spec.memory_mib = 256;
     spec.boot_timeout = Duration::from_secs(60);
@@ -611,9 +613,7 @@ async fn a_vm_in_its_own_network_namespace_cannot_reach_the_host_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let root = root_disk(dir.path());
     let runtime = dir.path().join("run");
-    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
-        .await
-        .expect("QEMU is needed for this test");
+    let vmm = test_vmm(dir.path()).await;
     let namespace = NetworkNamespace::new();
     let mut spec = VmSpec::new("netns-vm", &root, &runtime);
     spec.memory_mib = 256;
@@ -644,9 +644,7 @@ async fn put_replaces_the_workspace_of_a_running_vm() {
     let root = root_disk(dir.path());
     let work = workspace_disk(dir.path());
     let runtime = dir.path().join("run");
-    let vmm = QemuVmm::new(qemu_config(dir.path()), Path::new(DEFAULT_KERNEL))
-        .await
-        .expect("QEMU is needed for this test");
+    let vmm = test_vmm(dir.path()).await;
     let mut spec = VmSpec::new("put-vm", &root, &runtime);
     spec.memory_mib = 256;
     spec.workspace = Some(WorkspaceDisk {
