@@ -13,6 +13,8 @@
 #         nometrics --monitoring-listen off (no RPC layer, no observer)
 #         keys     an API key made first (so every call is checked), sent
 #                  by the bench with --api-key-file
+#         PATH     another kiln binary (an absolute path), with the defaults:
+#                  A/B of two builds, e.g. before and after a change
 #   BENCH: exec or cas; ARGS go to `kiln bench BENCH`.
 # Example: scripts/bench-ab.sh plain keys exec --latency-count 300 --throughput-count 1500
 set -eu
@@ -34,6 +36,7 @@ for round in $(seq "$ROUNDS"); do
         chmod 755 "$dir"
         serve=(--listen 127.0.0.1:0 --data-dir "$dir" --monitoring-listen 127.0.0.1:0)
         bench=()
+        kiln=$KILN
         case $mode in
             plain) ;;
             nometrics) serve=(--listen 127.0.0.1:0 --data-dir "$dir" --monitoring-listen off) ;;
@@ -42,9 +45,11 @@ for round in $(seq "$ROUNDS"); do
                     --capability cache-read,cas-write,execute | tail -n 1 > "$dir/key"
                 bench=(--api-key-file "$dir/key")
                 ;;
+            /*) [ -x "$mode" ] || { echo "no kiln binary at $mode" >&2; exit 2; }
+                kiln=$mode ;;
             *) echo "unknown mode $mode" >&2; exit 2 ;;
         esac
-        "$KILN" serve "${serve[@]}" > "$dir/out" 2> "$dir/log" &
+        "$kiln" serve "${serve[@]}" > "$dir/out" 2> "$dir/log" &
         PID=$!
         for _ in $(seq 300); do
             grep -q "^listening grpc" "$dir/out" 2>/dev/null && break
@@ -52,7 +57,7 @@ for round in $(seq "$ROUNDS"); do
         done
         addr=$(sed -n 's/^listening \(grpc:.*\)/\1/p' "$dir/out")
         echo "=== round $round, $mode ($addr)" | tee -a "$WORK/all"
-        "$KILN" bench "$BENCH" --server "$addr" --server-pid "$PID" "${bench[@]}" "$@" \
+        "$kiln" bench "$BENCH" --server "$addr" --server-pid "$PID" "${bench[@]}" "$@" \
             | grep -v '^$' | tee -a "$WORK/all"
         kill "$PID"
         wait "$PID" 2>/dev/null || true
