@@ -1,19 +1,21 @@
-//! What runs between the executor's fork (or clone) and the action's
-//! exec: joining the cgroup, the namespaces, the new root and the drop of
-//! privileges. Everything here is async-signal-safe: direct syscalls over
-//! a [`Plan`] (and [`Exec`]) prepared, and allocated, before.
+//! What runs between the clone (or fork) that starts an action and the
+//! action's exec: joining the cgroup, the namespaces, the new root and the
+//! drop of privileges. Everything here is async-signal-safe: direct
+//! syscalls over a [`Plan`] (and [`Exec`]) prepared, and allocated, before.
 //!
-//! Two ways in. The default, [`spawn_cloned`], clones the action straight
-//! into new namespaces with `CLONE_VM | CLONE_VFORK` (no copy of the
-//! executor's memory); the action is PID 1. With `dockerInit`, [`enter`]
-//! is std's `pre_exec` hook and three processes take part: the
-//! *intermediate* (std's forked child, the process-group leader the
-//! executor supervises) joins the cgroup, unshares the pid namespace and
-//! forks *init*, PID 1 of the new namespace; init builds the other
-//! namespaces and the root, forks the *action* (which returns to std to
-//! exec), reaps orphans, and hands the action's wait status back through a
-//! pipe; the intermediate then ends the way the action did. Either way,
-//! when PID 1 exits the kernel kills everything left in the namespace.
+//! [`spawn`] is the way in, called by the launcher ([`crate::launcher`])
+//! or, where none is installed, by the executor itself. Two ways to start.
+//! The default, [`Start::Cloned`], clones the action straight into new
+//! namespaces with `CLONE_VM | CLONE_VFORK` (no copy of the caller's
+//! memory); the action is PID 1. With `dockerInit`, [`Start::WithInit`]
+//! forks a copy that runs [`enter`], and three processes take part: the
+//! *intermediate* (that copy, the process-group leader the executor
+//! supervises) joins the cgroup, unshares the pid namespace and forks
+//! *init*, PID 1 of the new namespace; init builds the other namespaces and
+//! the root, forks the *action* (which returns to exec), reaps orphans, and
+//! hands the action's wait status back through a pipe; the intermediate
+//! then ends the way the action did. Either way, when PID 1 exits the
+//! kernel kills everything left in the namespace.
 
 use std::ffi::{c_int, CStr, CString};
 use std::io;
@@ -248,13 +250,13 @@ fn reset_signals() {
     }
 }
 
-/// The pre_exec hook. Returns only in the action process (which std then
-/// execs); the intermediate and init never return.
+/// [`Start::WithInit`]'s setup. Returns only in the action process (which
+/// then execs); the intermediate and init never return.
 ///
 /// # Safety
-/// Must be called in a freshly forked child (std's `pre_exec`), with `plan`
+/// Must be called in a freshly forked, single-threaded child, with `plan`
 /// fully built before the fork.
-pub(crate) unsafe fn enter(plan: &Plan) -> io::Result<()> {
+unsafe fn enter(plan: &Plan) -> io::Result<()> {
     // SAFETY (whole body): direct syscalls on buffers owned by `plan` or the
     // stack; this process is single-threaded after the fork.
     unsafe {
@@ -287,7 +289,7 @@ pub(crate) unsafe fn enter(plan: &Plan) -> io::Result<()> {
 
 /// Waits for init and ends as the action did.
 unsafe fn intermediate(init_pid: libc::pid_t, status_read: RawFd) -> ! {
-    // The executor's spawn waits for EOF on its CLOEXEC error pipe: holding
+    // `spawn` waits for EOF on its CLOEXEC report pipe: holding
     // it (or anything else) open here would stall it.
     close_all_except(status_read);
     reset_signals();
@@ -315,7 +317,7 @@ unsafe fn intermediate(init_pid: libc::pid_t, status_read: RawFd) -> ! {
 }
 
 /// Exits with `status`'s code, or dies of its signal (no core dump: this
-/// process is a copy of the executor).
+/// process is a copy of the launcher, or of the executor without one).
 unsafe fn end_like(status: c_int) -> ! {
     // SAFETY (whole body): plain syscalls on stack values.
     unsafe {
@@ -466,8 +468,9 @@ unsafe fn reap(action_pid: libc::pid_t, status_write: RawFd) -> ! {
     // SAFETY (whole body): plain syscalls on stack buffers.
     unsafe {
         libc::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr(), 0, 0, 0);
-        // Init's memory is a copy of the executor's: keep the action (which
-        // lacks CAP_SYS_PTRACE) out of it and its /proc files.
+        // Init's memory is a copy of its starter's (the launcher's, or the
+        // executor's without one): keep the action (which lacks
+        // CAP_SYS_PTRACE) out of it and its /proc files.
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         loop {
             let mut status: c_int = 0;
@@ -484,7 +487,7 @@ unsafe fn reap(action_pid: libc::pid_t, status_write: RawFd) -> ! {
     }
 }
 
-/// The action process, before std execs it: fewer privileges, its user,
+/// The action process, before it execs: fewer privileges, its user,
 /// its working directory.
 unsafe fn action(plan: &Plan) -> io::Result<()> {
     // SAFETY (whole body): direct syscalls on values owned by `plan`.
@@ -622,11 +625,14 @@ pub(crate) struct Exec {
     program: CString,
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
-    /// Owns what `argv` and `envp` point into (heap buffers never move).
-    _strings: Vec<CString>,
+    /// The arguments, then the environment (`NAME=value`): what `argv` and
+    /// `envp` point into (heap buffers never move).
+    strings: Vec<CString>,
+    /// How many of `strings` are arguments.
+    arguments: usize,
 }
 
-// SAFETY: the raw pointers point into `_strings`, owned by the same value
+// SAFETY: the raw pointers point into `strings`, owned by the same value
 // and never mutated; sharing or sending them is as safe as the CStrings.
 unsafe impl Send for Exec {}
 // SAFETY: as above; nothing mutates through the pointers.
@@ -651,6 +657,16 @@ impl Exec {
             .iter()
             .map(|(name, value)| CString::new(format!("{name}={value}")).map_err(nul))
             .collect::<io::Result<_>>()?;
+        Ok(Exec::from_parts(program, arguments, environment))
+    }
+
+    /// `program` run with `arguments` (the first is argv[0]) and the
+    /// `NAME=value` entries of `environment`.
+    pub fn from_parts(
+        program: CString,
+        arguments: Vec<CString>,
+        environment: Vec<CString>,
+    ) -> Exec {
         let pointers = |strings: &[CString]| {
             strings
                 .iter()
@@ -660,32 +676,82 @@ impl Exec {
         };
         let argv = pointers(&arguments);
         let envp = pointers(&environment);
+        let count = arguments.len();
         let mut strings = arguments;
         strings.extend(environment);
-        Ok(Exec {
+        Exec {
             program,
             argv,
             envp,
-            _strings: strings,
-        })
+            strings,
+            arguments: count,
+        }
+    }
+
+    pub fn program(&self) -> &CStr {
+        &self.program
+    }
+
+    pub fn arguments(&self) -> &[CString] {
+        &self.strings[..self.arguments]
+    }
+
+    pub fn environment(&self) -> &[CString] {
+        &self.strings[self.arguments..]
     }
 
     fn argv0(&self) -> &CStr {
-        // SAFETY: argv[0] is null or points to a CString in `_strings`.
-        unsafe {
-            self.argv
-                .first()
-                .filter(|p| !p.is_null())
-                .map_or(c"", |p| CStr::from_ptr(*p))
-        }
+        self.arguments().first().map_or(c"", |a| a.as_c_str())
     }
 }
 
-/// Descriptors the cloned child makes its stdin, stdout and stderr.
+/// Descriptors the child makes its stdin, stdout and stderr.
 pub(crate) struct Stdio {
     pub stdin: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
+}
+
+/// How an action's process comes to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Cloned straight into new namespaces with `CLONE_VM | CLONE_VFORK`,
+    /// as posix_spawn does: the child borrows the caller's address space
+    /// until it execs, so nothing is copied, and the caller is suspended
+    /// until then (a millisecond or two). The action is PID 1.
+    Cloned,
+    /// `dockerInit`: a copy of the caller (a fork) runs [`enter`], which
+    /// makes the intermediate, init and the action.
+    WithInit,
+}
+
+impl Start {
+    /// `dockerInit`'s way, or the default.
+    pub fn of(platform: &kiln_platform::Platform) -> Start {
+        if platform.docker_init {
+            Start::WithInit
+        } else {
+            Start::Cloned
+        }
+    }
+}
+
+/// Why [`spawn`] failed, and the child it leaves to reap.
+#[derive(Debug)]
+pub(crate) struct SpawnFailure {
+    pub error: io::Error,
+    /// A child that failed its setup (described on the action's stderr)
+    /// and exits with [`SETUP_FAILED`]; only its parent can reap it.
+    pub unreaped: Option<libc::pid_t>,
+}
+
+impl From<io::Error> for SpawnFailure {
+    fn from(error: io::Error) -> SpawnFailure {
+        SpawnFailure {
+            error,
+            unreaped: None,
+        }
+    }
 }
 
 struct CloneArguments<'a> {
@@ -698,20 +764,77 @@ struct CloneArguments<'a> {
 
 const STACK_BYTES: usize = 256 << 10;
 
-/// Starts the action as PID 1 of new namespaces with
-/// `clone(CLONE_VM | CLONE_VFORK)`, as posix_spawn does: the child borrows
-/// the executor's address space until it execs, so nothing is copied and
-/// the start cost does not grow with the executor's memory. The calling
-/// thread is suspended until then (a millisecond or two). Returns the pid,
-/// leading its own process group; a setup failure (described on the
-/// action's stderr) is an error with code [`SETUP_FAILED`], the child
-/// already reaped. A program that cannot be executed is not an error: it
-/// exits 127 (126 when not executable), saying so on stderr.
-pub(crate) fn spawn_cloned(plan: &Plan, exec: &Exec, stdio: &Stdio) -> io::Result<libc::pid_t> {
+/// The stack a child of [`spawn`] runs on until it execs: a private
+/// mapping with a guard page below it. The launcher keeps one for its
+/// life (it starts one child at a time, and `spawn` returns only once the
+/// child is done with the stack, or has its own copy of it); a caller
+/// with several threads makes one per call.
+pub(crate) struct Stack {
+    base: *mut libc::c_void,
+}
+
+// SAFETY: the mapping is owned by the value; `spawn` takes it by `&mut`,
+// so one child at a time runs on it.
+unsafe impl Send for Stack {}
+
+impl Stack {
+    pub fn new() -> io::Result<Stack> {
+        // SAFETY: a fresh anonymous mapping, owned by the Stack.
+        unsafe {
+            let base = libc::mmap(
+                ptr::null_mut(),
+                STACK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            libc::mprotect(base, 4096, libc::PROT_NONE);
+            Ok(Stack { base })
+        }
+    }
+
+    /// Its highest address, where a downward-growing stack starts.
+    fn top(&mut self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping, which is how clone
+        // takes a stack.
+        unsafe { self.base.cast::<u8>().add(STACK_BYTES).cast() }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used by any child.
+        unsafe { libc::munmap(self.base, STACK_BYTES) };
+    }
+}
+
+/// Starts the action `start`'s way and returns its pid, leading its own
+/// process group, once it has exec'd: the call waits for that. With
+/// `sibling`, the action is the child of the caller's parent
+/// (`CLONE_PARENT`), which then waits for it and reaps it: how the
+/// launcher starts actions for the executor ([`crate::launcher`]).
+/// Otherwise it is the caller's child.
+///
+/// A setup failure (described on the action's stderr) is an error with
+/// code [`SETUP_FAILED`] naming the exited child its parent must reap. A
+/// program that cannot be executed is not an error: it exits 127 (126
+/// when not executable), saying so on stderr.
+pub(crate) fn spawn(
+    plan: &Plan,
+    exec: &Exec,
+    stdio: &Stdio,
+    start: Start,
+    sibling: bool,
+    stack: &mut Stack,
+) -> Result<libc::pid_t, SpawnFailure> {
     let mut report = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
     if unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::last_os_error().into());
     }
     let [report_read, report_write] = report;
     let arguments = CloneArguments {
@@ -720,78 +843,81 @@ pub(crate) fn spawn_cloned(plan: &Plan, exec: &Exec, stdio: &Stdio) -> io::Resul
         stdio,
         report: report_write,
     };
-    let mut flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
-    if plan.namespaces {
-        flags |= libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    let mut flags = libc::SIGCHLD;
+    if sibling {
+        flags |= libc::CLONE_PARENT;
     }
-    // A plain process too gets a network namespace of its own for
-    // `dockerNetwork=off`.
-    if plan.network == Network::Empty {
-        flags |= libc::CLONE_NEWNET;
-    }
-    // SAFETY: the stack is a fresh private mapping with a guard page below
-    // it, unmapped only after the child has exec'd or exited (CLONE_VFORK);
-    // `arguments` outlives the child's use of it for the same reason. All
-    // signals are blocked across the clone so no handler of the executor
-    // runs in the child before it resets them.
-    let pid = unsafe {
-        let stack = libc::mmap(
-            ptr::null_mut(),
-            STACK_BYTES,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-            -1,
-            0,
-        );
-        if stack == libc::MAP_FAILED {
-            let error = io::Error::last_os_error();
-            libc::close(report_read);
-            libc::close(report_write);
-            return Err(error);
+    let entry: extern "C" fn(*mut libc::c_void) -> c_int = match start {
+        Start::Cloned => {
+            flags |= libc::CLONE_VM | libc::CLONE_VFORK;
+            if plan.namespaces {
+                flags |= libc::CLONE_NEWPID
+                    | libc::CLONE_NEWNS
+                    | libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWUTS;
+            }
+            // A plain process too gets a network namespace of its own for
+            // `dockerNetwork=off`.
+            if plan.network == Network::Empty {
+                flags |= libc::CLONE_NEWNET;
+            }
+            clone_main
         }
-        libc::mprotect(stack, 4096, libc::PROT_NONE);
+        // A copy of the caller, which `enter` turns into the intermediate.
+        Start::WithInit => init_main,
+    };
+    // SAFETY: under CLONE_VM the child runs on `stack` until it has exec'd
+    // or exited (CLONE_VFORK suspends this thread until then), and
+    // `arguments` outlives its use for the same reason; without CLONE_VM
+    // the child has its own copy of both. All signals are blocked across
+    // the clone so no handler of the caller runs in the child before it
+    // resets them.
+    let pid = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
         let pid = libc::clone(
-            clone_main,
-            stack.cast::<u8>().add(STACK_BYTES).cast(),
+            entry,
+            stack.top(),
             flags,
             (&arguments as *const CloneArguments).cast_mut().cast(),
         );
         let error = io::Error::last_os_error();
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, ptr::null_mut());
-        libc::munmap(stack, STACK_BYTES);
         libc::close(report_write);
         if pid < 0 {
             libc::close(report_read);
-            return Err(error);
+            return Err(error.into());
         }
         pid
     };
     let mut byte = 0u8;
-    // SAFETY: reads one byte into a stack variable; the write end is closed
-    // in this process and the child has exec'd (closing it) or exited.
+    // SAFETY: reads one byte into a stack variable. The write end is closed
+    // in this process; the read ends at the action's exec (which closes the
+    // last copy) or at a failed setup's one byte.
     let failed = unsafe {
-        let failed = libc::read(report_read, (&mut byte as *mut u8).cast(), 1) == 1;
+        let failed = loop {
+            match libc::read(report_read, (&mut byte as *mut u8).cast(), 1) {
+                -1 if errno() == libc::EINTR => continue,
+                read => break read == 1,
+            }
+        };
         libc::close(report_read);
         failed
     };
     if failed {
-        let mut status = 0;
-        // SAFETY: reaps our own child, which has exited.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        return Err(io::Error::from_raw_os_error(SETUP_FAILED));
+        return Err(SpawnFailure {
+            error: io::Error::from_raw_os_error(SETUP_FAILED),
+            unreaped: Some(pid),
+        });
     }
     Ok(pid)
 }
 
-/// The cloned child: sets up, then execs. Runs on its own stack in the
-/// executor's address space, so it must not allocate or take locks.
-extern "C" fn clone_main(arguments: *mut libc::c_void) -> c_int {
-    // SAFETY: the parent passes a CloneArguments that outlives this child.
-    let arguments = unsafe { &*(arguments as *const CloneArguments) };
+/// Restores the signal dispositions and mask a child of [`spawn`] starts
+/// with the caller's.
+fn reset_signals_and_mask() {
     reset_signals();
     // SAFETY: an emptied signal set; restores delivery the parent blocked.
     unsafe {
@@ -799,16 +925,49 @@ extern "C" fn clone_main(arguments: *mut libc::c_void) -> c_int {
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, ptr::null_mut());
     }
+}
+
+/// [`Start::Cloned`]'s child: sets up, then execs. Runs on its own stack
+/// in the caller's address space, so it must not allocate or take locks.
+extern "C" fn clone_main(arguments: *mut libc::c_void) -> c_int {
+    // SAFETY: the parent passes a CloneArguments that outlives this child.
+    let arguments = unsafe { &*(arguments as *const CloneArguments) };
+    reset_signals_and_mask();
     // SAFETY: runs in the freshly cloned child, over a prepared plan.
     if unsafe { prepare_cloned(arguments) }.is_err() {
         write_all(arguments.report, b"!");
         return SETUP_FAILED;
     }
+    exec_action(arguments)
+}
+
+/// [`Start::WithInit`]'s child, a copy of the caller: becomes the
+/// intermediate (see [`enter`]); only the action returns from that, to
+/// exec.
+extern "C" fn init_main(arguments: *mut libc::c_void) -> c_int {
+    // SAFETY: this child's copy of the parent's CloneArguments.
+    let arguments = unsafe { &*(arguments as *const CloneArguments) };
+    reset_signals_and_mask();
+    // SAFETY: a fresh copy of the caller, single-threaded, over a plan
+    // prepared before the clone.
+    let entered = unsafe { stdio_and_group(arguments.stdio).and_then(|()| enter(arguments.plan)) };
+    if entered.is_err() {
+        write_all(arguments.report, b"!");
+        return SETUP_FAILED;
+    }
+    exec_action(arguments)
+}
+
+/// Execs the action (never returns when that works); a program that
+/// cannot be executed is reported on stderr and is the exit code.
+fn exec_action(arguments: &CloneArguments) -> c_int {
     let exec = arguments.exec;
     // ETXTBSY is retried, briefly, as `kiln_worker::process::supervise`
-    // does: a fork elsewhere in the executor may hold the just-written
+    // does. Started by the launcher, this child's descriptors are the
+    // launcher's, which never opens an input; started in the executor (no
+    // launcher installed), a fork elsewhere in it may hold the just-written
     // program open for writing until that fork execs. This child's own
-    // copies of the executor's descriptors (all CLOEXEC by now) are closed
+    // copies of the caller's descriptors (all CLOEXEC by now) are closed
     // first, so that it is never the one holding the program.
     close_descriptors_above_stdio_except(arguments.report);
     let mut retries = BUSY_TEXT_RETRIES;
@@ -849,17 +1008,25 @@ extern "C" fn clone_main(arguments: *mut libc::c_void) -> c_int {
     exit
 }
 
-/// Stdio, process group, cgroup and namespaces for the cloned child.
-unsafe fn prepare_cloned(arguments: &CloneArguments) -> io::Result<()> {
-    let plan = arguments.plan;
-    let stdio = arguments.stdio;
-    // SAFETY (whole body): direct syscalls on descriptors and strings the
-    // parent keeps alive until this child execs.
+/// The child's stdin, stdout and stderr, and a process group it leads.
+unsafe fn stdio_and_group(stdio: &Stdio) -> io::Result<()> {
+    // SAFETY: dup2 and setpgid on descriptors the parent keeps open until
+    // this child execs.
     unsafe {
         for (from, to) in [(stdio.stdin, 0), (stdio.stdout, 1), (stdio.stderr, 2)] {
             check(libc::dup2(from, to), "dup2", c"")?;
         }
-        check(libc::setpgid(0, 0), "setpgid", c"")?;
+        check(libc::setpgid(0, 0), "setpgid", c"")
+    }
+}
+
+/// Stdio, process group, cgroup and namespaces for the cloned child.
+unsafe fn prepare_cloned(arguments: &CloneArguments) -> io::Result<()> {
+    let plan = arguments.plan;
+    // SAFETY (whole body): direct syscalls on descriptors and strings the
+    // parent keeps alive until this child execs.
+    unsafe {
+        stdio_and_group(arguments.stdio)?;
         join_cgroups(plan)?;
         if plan.namespaces {
             // After joining, so the action's cgroup is its "/".

@@ -1,5 +1,5 @@
-//! The executor's handle on an action started by
-//! [`crate::child::spawn_cloned`]: tokio cannot adopt a pid, so this waits
+//! The executor's handle on an action started by [`crate::launcher::start`]
+//! (its child, whichever process cloned it): tokio cannot adopt a pid, so this waits
 //! on a pidfd instead and implements [`kiln_worker::process::Process`]
 //! for the shared supervision.
 

@@ -15,7 +15,9 @@
 //!   access only (a veth pair per action, one nftables table per host),
 //!   and `netlink`, the few rtnetlink requests that wire it;
 //! - `view`: the filesystem an action sees, as mount steps;
-//! - `child`: the code that runs between fork (or clone) and exec;
+//! - [`launcher`]: the process that starts actions for a root executor
+//!   (`kiln launcher`), and the executor's side of it;
+//! - `child`: the code that runs between clone (or fork) and exec;
 //! - `cloned`: waiting for a cloned action through its pidfd.
 //!
 //! What an action sees: `/usr`, `/bin`, `/sbin`, `/lib*`, `/etc` (password
@@ -55,6 +57,7 @@
 pub mod cgroup;
 mod child;
 mod cloned;
+pub mod launcher;
 mod netlink;
 pub mod network;
 pub mod plain;

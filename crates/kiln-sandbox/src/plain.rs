@@ -29,7 +29,7 @@ use kiln_worker::{
 };
 
 use crate::cgroup::{action_cgroup_name, CgroupRoot};
-use crate::child::{Network, Plan};
+use crate::child::{Network, Plan, Start};
 
 /// `none`; see the module documentation.
 #[derive(Debug)]
@@ -257,11 +257,10 @@ impl Isolation for PlainProcess {
             plan.drop_capabilities = self.drop_capabilities.clone();
         }
         let plan = Arc::new(plan);
-        let outcome = if platform.docker_init {
-            crate::sandbox::run_with_init(spec, &program, &program_name, plan, limits, cancel).await
-        } else {
-            crate::sandbox::run_cloned(spec, &program, &program_name, plan, limits, cancel).await
-        };
+        let start = Start::of(platform);
+        let outcome =
+            crate::sandbox::run_started(spec, &program, &program_name, plan, start, limits, cancel)
+                .await;
         if let Some(cgroup) = cgroup {
             // Whatever the action left running dies here.
             cgroup.remove_off_thread().await;
@@ -300,17 +299,35 @@ impl Isolation for PlainProcess {
             )));
         }
         let cgroup = self.pids_cgroup(limits, "worker")?;
-        let worker = kiln_worker::persistent::spawn(spec, start, user).await?;
-        Ok(match cgroup {
-            None => worker,
-            Some(cgroup) => {
-                // The worker's process group is killed with it too, so
-                // what it started before joining is caught either way.
-                cgroup
-                    .add_pid(worker.pid())
-                    .map_err(|e| RunError::Internal(format!("none: worker cgroup: {e}")))?;
-                worker.guarded_by(Box::new(cgroup))
-            }
-        })
+        let plan = Plan::plain(
+            &spec.working_directory,
+            user,
+            cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
+        );
+        let (worker, child) = crate::sandbox::start_worker_process(spec, start, plan).await?;
+        let pid = worker.pid() as libc::pid_t;
+        Ok(worker.guarded_by(Box::new(PlainWorker {
+            pid,
+            child: Some(child),
+            _cgroup: cgroup,
+        })))
+    }
+}
+
+/// What a plain persistent worker holds. Dropped, it kills the worker's
+/// process group (the worker leads it, and is not reaped yet, so the
+/// group is still its own), then the worker is reaped and its cgroup,
+/// catching anything that left the group, emptied and removed.
+struct PlainWorker {
+    pid: libc::pid_t,
+    child: Option<crate::cloned::ClonedChild>,
+    _cgroup: Option<crate::cgroup::Cgroup>,
+}
+
+impl Drop for PlainWorker {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        drop(self.child.take());
     }
 }

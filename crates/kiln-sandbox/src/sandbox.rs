@@ -1,8 +1,8 @@
 //! The `sandbox` backend of [`Isolation`]: probing the host once at
 //! start-up, then for each action a cgroup with its limits, a mount plan
-//! with its workspace, and the process started into its namespaces and
-//! handed to the shared supervision ([`process::supervise_process`], or
-//! [`process::supervise`] with a `pre_exec` hook under `dockerInit`).
+//! with its workspace, and the process started into its namespaces
+//! through the launcher ([`crate::launcher`]) and handed to the shared
+//! supervision ([`process::supervise_process`]).
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
@@ -19,8 +19,9 @@ use kiln_worker::{CancellationToken, CommandSpec, Isolation, RunAs, RunError};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupRoot};
-use crate::child::{self, Exec, Network, Plan, FAILURE_PREFIX};
+use crate::child::{self, Exec, Network, Plan, Start, FAILURE_PREFIX};
 use crate::cloned::ClonedChild;
+use crate::launcher;
 use crate::network::{ActionNetwork, Outbound};
 use crate::view::View;
 
@@ -339,43 +340,17 @@ impl Sandbox {
     }
 }
 
-/// `dockerInit`: an init process (PID 1) reaps orphans and lets the
-/// polite SIGTERM reach the action. Forks the executor (std's
-/// `pre_exec`), so its start cost grows with the executor's memory. Also
-/// how [`crate::plain`] runs a plain process under `dockerInit`.
-pub(crate) async fn run_with_init(
+/// Starts the action (see [`Start`]: by default the action itself is PID
+/// 1 of its namespaces, as in a container without `dockerInit`; with it,
+/// an init process is PID 1, reaps orphans and lets the polite SIGTERM
+/// reach the action) through the launcher, and supervises it. Also how
+/// [`crate::plain`] starts a plain process as the action user.
+pub(crate) async fn run_started(
     spec: &CommandSpec,
     program: &Path,
     program_name: &str,
     plan: Arc<Plan>,
-    limits: &Limits,
-    cancel: &CancellationToken,
-) -> Result<ProcessOutcome, RunError> {
-    let (stdout, stderr) = spec.output_fds()?;
-    let mut command = tokio::process::Command::new(program);
-    command
-        .arg0(program_name)
-        .args(&spec.arguments[1..])
-        .env_clear()
-        .envs(spec.environment_variables.iter().cloned())
-        .stdout(stdout)
-        .stderr(stderr);
-    // SAFETY: `child::enter` only makes async-signal-safe syscalls on
-    // the plan, which is built before the fork.
-    unsafe {
-        command.pre_exec(move || child::enter(&plan));
-    }
-    process::supervise(command, program_name, &spec.stderr_path, limits, cancel).await
-}
-
-/// The default: the action itself is PID 1 of its namespaces (as in a
-/// container without `dockerInit`), cloned without copying the executor.
-/// Also how [`crate::plain`] starts a plain process as the action user.
-pub(crate) async fn run_cloned(
-    spec: &CommandSpec,
-    program: &Path,
-    program_name: &str,
-    plan: Arc<Plan>,
+    start: Start,
     limits: &Limits,
     cancel: &CancellationToken,
 ) -> Result<ProcessOutcome, RunError> {
@@ -384,14 +359,14 @@ pub(crate) async fn run_cloned(
     let (stdout, stderr) = spec.output_fds()?;
     let exec = Exec::new(program, &spec.arguments, &spec.environment_variables)
         .map_err(|e| RunError::InvalidArgument(format!("{program_name}: {e}")))?;
-    let namespaces = plan.namespaces;
+    let namespaces = plan.namespaces || start == Start::WithInit;
     let spawned = tokio::task::spawn_blocking(move || {
         let stdio = child::Stdio {
             stdin: stdin.as_raw_fd(),
             stdout: stdout.as_raw_fd(),
             stderr: stderr.as_raw_fd(),
         };
-        child::spawn_cloned(&plan, &exec, &stdio)
+        launcher::start(&plan, &exec, &stdio, start)
     })
     .await
     .map_err(|e| RunError::Internal(format!("starting {program_name:?}: {e}")))?;
@@ -487,11 +462,8 @@ impl Isolation for Sandbox {
             plan,
         } = self.confine(spec, limits).await?;
         let (limits, plan) = (&limits, Arc::new(plan));
-        let result = if spec.platform.docker_init {
-            run_with_init(spec, &program, &program_name, plan, limits, cancel).await
-        } else {
-            run_cloned(spec, &program, &program_name, plan, limits, cancel).await
-        };
+        let start = Start::of(&spec.platform);
+        let result = run_started(spec, &program, &program_name, plan, start, limits, cancel).await;
         // The action (PID 1 of its namespace) is gone: unwire its network.
         if let (Some(network), Ok(outbound)) = (network, &self.network) {
             outbound.release(network).await;
@@ -535,44 +507,53 @@ impl Isolation for Sandbox {
                     .into(),
             ));
         }
-        let (name, program) = persistent::worker_program(spec, start)?;
-        let exec = Exec::new(
-            &program,
-            &start.identity.startup,
-            &spec.environment_variables,
-        )
-        .map_err(|e| RunError::InvalidArgument(format!("persistent worker {name:?}: {e}")))?;
         let Confined {
             network,
             cgroup,
             plan,
             ..
         } = self.confine(spec, limits).await?;
-        let (worker_ends, executor_ends) = persistent::worker_pipes()?;
-        let stderr = start.open_stderr()?;
-        let spawned = tokio::task::spawn_blocking(move || {
-            let stdio = child::Stdio {
-                stdin: worker_ends.stdin.as_raw_fd(),
-                stdout: worker_ends.stdout.as_raw_fd(),
-                stderr: stderr.as_raw_fd(),
-            };
-            child::spawn_cloned(&plan, &exec, &stdio)
-        })
-        .await
-        .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
-        let pid = spawned
-            .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
-        let child = ClonedChild::new(pid)
-            .map_err(|e| RunError::Internal(format!("watching persistent worker {name:?}: {e}")))?;
-        let sandbox = SandboxedWorker {
+        let (worker, child) = start_worker_process(spec, start, plan).await?;
+        Ok(worker.guarded_by(Box::new(SandboxedWorker {
             _child: child,
             _cgroup: cgroup,
             _network: network,
-        };
-        Ok(executor_ends
-            .worker(start, pid as u32)?
-            .guarded_by(Box::new(sandbox)))
+        })))
     }
+}
+
+/// Starts the persistent worker `start` with `plan` through the launcher,
+/// on pipes of its own; the worker's stderr goes to the runner's file.
+/// Returns it with its process, for the caller's guard.
+pub(crate) async fn start_worker_process(
+    spec: &CommandSpec,
+    start: &WorkerStart,
+    plan: Plan,
+) -> Result<(WorkerProcess, ClonedChild), RunError> {
+    let (name, program) = persistent::worker_program(spec, start)?;
+    let exec = Exec::new(
+        &program,
+        &start.identity.startup,
+        &spec.environment_variables,
+    )
+    .map_err(|e| RunError::InvalidArgument(format!("persistent worker {name:?}: {e}")))?;
+    let (worker_ends, executor_ends) = persistent::worker_pipes()?;
+    let stderr = start.open_stderr()?;
+    let spawned = tokio::task::spawn_blocking(move || {
+        let stdio = child::Stdio {
+            stdin: worker_ends.stdin.as_raw_fd(),
+            stdout: worker_ends.stdout.as_raw_fd(),
+            stderr: stderr.as_raw_fd(),
+        };
+        launcher::start(&plan, &exec, &stdio, Start::Cloned)
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
+    let pid = spawned
+        .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
+    let child = ClonedChild::new(pid)
+        .map_err(|e| RunError::Internal(format!("watching persistent worker {name:?}: {e}")))?;
+    Ok((executor_ends.worker(start, pid as u32)?, child))
 }
 
 /// What a sandboxed persistent worker holds, released when it is dropped

@@ -449,8 +449,9 @@ async fn only_stdio_is_open_in_the_action() {
 #[tokio::test]
 async fn the_init_does_not_reveal_the_executor() {
     let Some(sandbox) = sandbox() else { return };
-    // Init is a fork of the executor: its environment and memory are the
-    // executor's, and must stay unreadable. (Its command line, readable by
+    // Init is a fork of its starter (here the test process, with no
+    // launcher installed): its environment and memory are the starter's,
+    // and must stay unreadable. (Its command line, readable by
     // anyone as everywhere, is the executor's too.)
     std::env::set_var("KILN_SANDBOX_TEST_SECRET", "hunter2");
     let action = Action::with_init(true);

@@ -368,6 +368,13 @@ impl IsolationSettings {
 /// are labelled with it, and at start-up the leftovers of a previous run of
 /// the same owner are removed.
 pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Result<Isolations> {
+    // A root executor starts `none` and `sandbox` actions through its
+    // launchers, processes of their own (see `kiln_sandbox::launcher`).
+    if rustix::process::geteuid().is_root() {
+        let pids = kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tracing::info!(?pids, "actions start through the launchers");
+    }
     // `none`: a plain process as the action user, in a cgroup emptied when
     // it ends, started with a clone that copies nothing of the executor.
     let mut isolations = Isolations::new(Arc::new(

@@ -43,6 +43,10 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// The process a root executor starts its actions through (started by
+    /// the executor itself; not for use by hand).
+    #[command(name = kiln_sandbox::launcher::SUBCOMMAND, hide = true)]
+    Launcher,
 }
 
 #[derive(Subcommand)]
@@ -261,6 +265,10 @@ fn main() -> anyhow::Result<()> {
     // settings they name.
     let args = kiln::config::migrate_flags(&Cli::command(), std::env::args_os().collect());
     let cli = Cli::parse_from(args);
+    if let Command::Launcher = cli.command {
+        // Single-threaded, as it must stay: no runtime.
+        return Ok(kiln_sandbox::launcher::serve()?);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -284,6 +292,7 @@ fn main() -> anyhow::Result<()> {
             Command::Bench {
                 command: BenchCommand::Isolation(args),
             } => bench::isolation::run(args).await,
+            Command::Launcher => unreachable!("served above, without a runtime"),
         }
     })
 }

@@ -1003,3 +1003,180 @@ async fn header_overrides_partition_the_action_cache() {
     let missing = lookup(vec![]).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
 }
+
+/// The pids of `parent`'s children whose command line is `kiln launcher`.
+fn launchers_of(parent: u32) -> Vec<u32> {
+    // Children are listed per thread: whichever thread started them.
+    let tasks = std::fs::read_dir(format!("/proc/{parent}/task"))
+        .map(|tasks| tasks.filter_map(Result::ok).collect::<Vec<_>>())
+        .unwrap_or_default();
+    tasks
+        .iter()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.split(|b| *b == 0).nth(1) == Some(b"launcher".as_slice())
+        })
+        .collect()
+}
+
+/// Whether process `pid` has ended (gone, or a zombie not yet reaped).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+/// The launchers of executor `executor` (one per CPU), waited for
+/// (bounded).
+fn launchers_running(executor: u32) -> Vec<u32> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    for _ in 0..600 {
+        let launchers = launchers_of(executor);
+        if launchers.len() == cpus {
+            return launchers;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "executor {executor} does not have {cpus} launchers: {:?}",
+        launchers_of(executor)
+    );
+}
+
+/// Sends `signal` (as `kill` takes it) to each of `pids`.
+fn signal_all(signal: &str, pids: &[u32]) {
+    for pid in pids {
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+}
+
+#[tokio::test]
+async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
+    if !common::root_available("the launchers of a root executor") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let process = spawn_executor(
+        &address,
+        "launched",
+        &scratch.path().join("work"),
+        &["--isolation", "none,sandbox"],
+    );
+    process.wait_for_log("executor registered");
+    let executor = process.child.id();
+    let launchers = launchers_running(executor);
+
+    // One thread each; stdio and the socket to the executor, nothing else
+    // of the executor's (no input being written, no client connection);
+    // no environment.
+    for launcher in &launchers {
+        let status = std::fs::read_to_string(format!("/proc/{launcher}/status")).unwrap();
+        assert!(
+            status.lines().any(|line| line == "Threads:\t1"),
+            "launcher {launcher} is not single-threaded:\n{status}"
+        );
+        let mut fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{launcher}/fd"))
+            .unwrap()
+            .map(|entry| {
+                let entry = entry.unwrap();
+                let target = std::fs::read_link(entry.path()).unwrap();
+                (
+                    entry.file_name().to_str().unwrap().parse().unwrap(),
+                    target.display().to_string(),
+                )
+            })
+            .collect();
+        fds.sort();
+        assert_eq!(
+            fds.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
+            [0, 1, 2, 3],
+            "launcher {launcher}'s descriptors: {fds:?}"
+        );
+        assert!(fds[3].1.starts_with("socket:"), "{fds:?}");
+        assert_eq!(
+            std::fs::read(format!("/proc/{launcher}/environ")).unwrap(),
+            b""
+        );
+    }
+
+    // Actions start through them: while they are stopped, an action
+    // reaches EXECUTING and goes no further; continued, it finishes.
+    signal_all("-STOP", &launchers);
+    let mut stream = execute_with(
+        &address,
+        "echo started".into(),
+        &[("workload-isolation-type", "sandbox")],
+    )
+    .await;
+    loop {
+        let operation = tokio::time::timeout(HANG_GUARD, stream.next())
+            .await
+            .expect("the operation never reached EXECUTING")
+            .expect("the stream ended before EXECUTING")
+            .unwrap();
+        assert!(!operation.done, "finished with the launchers stopped");
+        if remote::stage(&operation) == reapi::execution_stage::Value::Executing {
+            break;
+        }
+    }
+    let early = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
+    assert!(
+        early.is_err(),
+        "the operation moved on with the launchers stopped: {early:?}"
+    );
+    signal_all("-CONT", &launchers);
+    let response = completed(stream).await;
+    assert_eq!(response.result.unwrap().exit_code, 0);
+
+    // Killed, they are replaced as actions need them; the actions run,
+    // under `sandbox`, `none` and `dockerInit`.
+    signal_all("-KILL", &launchers);
+    for properties in [
+        &[("workload-isolation-type", "sandbox")][..],
+        &[("workload-isolation-type", "none")][..],
+        &[
+            ("workload-isolation-type", "sandbox"),
+            ("dockerInit", "true"),
+        ][..],
+    ] {
+        let response =
+            completed(execute_with(&address, "echo again".into(), properties).await).await;
+        assert_eq!(
+            response.result.unwrap().exit_code,
+            0,
+            "an action with {properties:?} after the launchers were killed"
+        );
+    }
+    process.wait_for_log("the launcher had exited");
+    let replacements = launchers_of(executor);
+    assert!(!replacements.is_empty(), "no launcher was started again");
+    assert!(
+        replacements.iter().all(|pid| !launchers.contains(pid)),
+        "a killed launcher is still listed: {replacements:?} (killed: {launchers:?})"
+    );
+
+    // They end with the executor.
+    drop(process);
+    for _ in 0..600 {
+        if replacements.iter().all(|pid| ended(*pid)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("launchers {replacements:?} outlived their executor");
+}

@@ -19,7 +19,7 @@ use kiln_proto::reapi::{
 use prost::Message as _;
 
 use super::cas::{fresh_seed, loopback_endpoint};
-use super::report::{process_cpu_seconds, Measurement, MemorySample, Report};
+use super::report::{server_cpu_seconds, Measurement, MemorySample, Report};
 
 /// Actions uploaded per BatchUpdateBlobs request (each is two small blobs).
 const UPLOAD_BATCH: usize = 1000;
@@ -73,7 +73,7 @@ pub struct ExecBenchArgs {
     #[arg(long = "property", value_parser = parse_property)]
     pub properties: Vec<(String, String)>,
 
-    /// Server process to sample CPU time and memory from.
+    /// Server process to sample CPU time (with its launcher's) and memory from.
     #[arg(long)]
     pub server_pid: Option<u32>,
 
@@ -288,7 +288,7 @@ impl ExecBench {
         problems: &mut Vec<String>,
     ) -> Measurement {
         let count = action_digests.len();
-        let cpu_before = self.args.server_pid.and_then(process_cpu_seconds);
+        let cpu_before = self.args.server_pid.and_then(server_cpu_seconds);
         let started = Instant::now();
         let outcomes: Vec<anyhow::Result<Executed>> = futures::stream::iter(action_digests)
             .map(|action_digest| {
@@ -302,10 +302,10 @@ impl ExecBench {
             .collect()
             .await;
         let seconds = started.elapsed().as_secs_f64();
-        let server_cpu_seconds = self
+        let cpu_seconds = self
             .args
             .server_pid
-            .and_then(process_cpu_seconds)
+            .and_then(server_cpu_seconds)
             .zip(cpu_before)
             .map(|(after, before)| after - before);
         let mut latencies = Vec::with_capacity(count);
@@ -335,7 +335,7 @@ impl ExecBench {
             count: count as u64,
             bytes: 0,
             seconds,
-            server_cpu_seconds,
+            server_cpu_seconds: cpu_seconds,
             note: format!(
                 "latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}",
                 percentile(0.50),

@@ -53,6 +53,31 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((user + system) as f64 / USER_HZ)
 }
 
+/// CPU time of server `pid` and of its launcher (`kiln launcher`, the
+/// process a root executor starts actions through, see
+/// `kiln_sandbox::launcher`), which does the server's share of starting
+/// each action. The actions' own time is in neither.
+pub fn server_cpu_seconds(pid: u32) -> Option<f64> {
+    let own = process_cpu_seconds(pid)?;
+    // Children are listed per thread: whichever thread started it.
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let launchers: f64 = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|child| child.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/comm"))
+                .is_ok_and(|name| name.trim_end() == "kiln-launcher")
+        })
+        .filter_map(process_cpu_seconds)
+        .sum();
+    Some(own + launchers)
+}
+
 /// A process's resident memory, from `/proc/PID/status`.
 #[derive(Debug)]
 pub struct MemorySample {

@@ -1,0 +1,744 @@
+//! Launchers: the processes that start actions on a root executor.
+//!
+//! `kiln launcher` is a small single-threaded process the executor starts
+//! from its own binary ([`install`]: one per CPU), with an empty
+//! environment and a Unix stream socket as its stdin. The executor sends
+//! one a [`Plan`] and an [`Exec`] per action (and per persistent worker),
+//! the descriptors the action needs alongside (stdio, the cgroup's
+//! `cgroup.procs` files, a network namespace; SCM_RIGHTS); the launcher
+//! clones the action with [`child::spawn`] and answers with its pid once
+//! it has exec'd.
+//!
+//! Why processes of their own:
+//! - **Nothing of the executor reaches a starting action.** A clone copies
+//!   the caller's descriptor table, and in the executor that table holds
+//!   whatever its other threads have open: inputs being written to the
+//!   file cache, CAS blobs, client sockets. A launcher holds its socket
+//!   and stdio only, so an action never starts with a copy of an input
+//!   open for writing (Bazel's ETXTBSY race: an action refused its own
+//!   just-written tool) or of anything else of the executor's.
+//! - **The process that serves gRPC does not fork actions.** A launcher
+//!   keeps none of the executor's memory either (it is a fresh exec: no
+//!   keys, tokens or registry passwords in it), and it is where the
+//!   executor's root is to be confined.
+//!
+//! Actions are cloned with `CLONE_PARENT`: they are the executor's
+//! children, so it waits for them, signals their process groups and reads
+//! their exit status as before, and a launcher never waits for anything.
+//! Each launcher serves one request at a time and waits for the action's
+//! exec (a sandbox's setup takes a millisecond or two), so the executor
+//! sends to an idle one.
+//!
+//! Faults: a launcher exits when its socket closes, so it never outlives
+//! the executor. If one dies (`kill -9`), the executor notices at the next
+//! request sent to it, logs the exit and starts another; a request that
+//! was already sent fails with an error naming the launcher.
+//!
+//! Where no launcher is installed (the crate's own tests, a non-root
+//! executor, which starts `none` actions itself), [`start`] clones in the
+//! calling process.
+
+use std::ffi::CString;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError, TryLockError};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+use crate::child::{self, Exec, Network, Op, Plan, SpawnFailure, Stack, Start, Stdio};
+
+/// The subcommand of the executor's binary that runs [`serve`].
+pub const SUBCOMMAND: &str = "launcher";
+
+/// Most descriptors one request carries: stdio, a `cgroup.procs` per
+/// cgroup v1 controller, a network namespace.
+const MAX_FDS: usize = 16;
+/// Largest request: the kernel's own limit on arguments and environment
+/// is 2 MiB by default; a plan is a few KiB.
+const MAX_REQUEST_BYTES: usize = 64 << 20;
+
+/// Most launchers an executor keeps.
+const MAX_LAUNCHERS: usize = 8;
+
+static LAUNCHERS: OnceLock<Launchers> = OnceLock::new();
+
+/// Starts the launchers from `program` (the executor's own binary, run as
+/// `program launcher`), one per CPU (at most [`MAX_LAUNCHERS`]), and makes
+/// [`start`] use them from now on. Returns their pids. Once per process:
+/// later calls return the running ones'.
+pub fn install(program: &Path) -> io::Result<Vec<u32>> {
+    if let Some(launchers) = LAUNCHERS.get() {
+        return Ok(launchers.pids());
+    }
+    let count = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_LAUNCHERS);
+    let slots = (0..count)
+        .map(|_| Connection::start(program).map(|c| Mutex::new(Some(c))))
+        .collect::<io::Result<Vec<_>>>()?;
+    let launchers = Launchers {
+        program: program.to_path_buf(),
+        slots,
+        next: AtomicUsize::new(0),
+    };
+    // Another thread may have installed some first; these ones' sockets
+    // then close with them, so they exit.
+    let _ = LAUNCHERS.set(launchers);
+    Ok(LAUNCHERS.get().map(Launchers::pids).unwrap_or_default())
+}
+
+/// Starts an action `start`'s way: through a launcher when they are
+/// installed, else in this process. The pid returned is this process's
+/// child either way. A child whose setup failed is reaped here.
+pub(crate) fn start(
+    plan: &Plan,
+    exec: &Exec,
+    stdio: &Stdio,
+    start: Start,
+) -> io::Result<libc::pid_t> {
+    let spawned = match LAUNCHERS.get() {
+        Some(launchers) => launchers.start(plan, exec, stdio, start),
+        None => Stack::new()
+            .map_err(SpawnFailure::from)
+            .and_then(|mut stack| child::spawn(plan, exec, stdio, start, false, &mut stack)),
+    };
+    spawned.map_err(|failure| {
+        if let Some(pid) = failure.unreaped {
+            let mut status = 0;
+            // SAFETY: reaps our own child, which has exited or is exiting
+            // after its failed setup.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+        }
+        failure.error
+    })
+}
+
+/// The executor's side: its launchers, each serving one request at a time
+/// and started again when found dead. Several, so that one action's
+/// setup (a sandbox's mounts, a millisecond or two, during which its
+/// launcher waits for the exec) does not hold up the others' starts.
+struct Launchers {
+    program: PathBuf,
+    /// `None` after the launcher was found dead.
+    slots: Vec<Mutex<Option<Connection>>>,
+    /// Which launcher to wait for when all are busy.
+    next: AtomicUsize,
+}
+
+struct Connection {
+    socket: UnixStream,
+    process: Child,
+}
+
+impl Connection {
+    fn start(program: &Path) -> io::Result<Connection> {
+        let (socket, theirs) = UnixStream::pair()?;
+        let process = Command::new(program)
+            .arg0("kiln")
+            .arg(SUBCOMMAND)
+            .env_clear()
+            .stdin(OwnedFd::from(theirs))
+            // Its own group: a terminal's ^C goes to the executor, which
+            // stops cleanly, not to the launcher.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "starting the launcher ({} {SUBCOMMAND}): {e}",
+                        program.display()
+                    ),
+                )
+            })?;
+        Ok(Connection { socket, process })
+    }
+
+    /// Why the launcher ended, reaping it: it has closed its socket.
+    fn end(mut self) -> String {
+        let _ = self.process.kill();
+        match self.process.wait() {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("status unknown: {e}"),
+        }
+    }
+}
+
+impl Launchers {
+    fn pids(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .filter_map(|slot| {
+                let slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+                slot.as_ref().map(|c| c.process.id())
+            })
+            .collect()
+    }
+
+    fn start(
+        &self,
+        plan: &Plan,
+        exec: &Exec,
+        stdio: &Stdio,
+        start: Start,
+    ) -> Result<libc::pid_t, SpawnFailure> {
+        let (request, fds) = encode(plan, exec, stdio, start);
+        // SAFETY: the caller keeps these descriptors open for the call.
+        let fds: Vec<BorrowedFd> = fds
+            .iter()
+            .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+            .collect();
+        // An idle launcher, else the next in turn.
+        let idle = self.slots.iter().find_map(|slot| match slot.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        });
+        let mut connection = idle.unwrap_or_else(|| {
+            let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+            self.slots[turn]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        });
+        let mut restarted = false;
+        loop {
+            if connection.is_none() {
+                let started = Connection::start(&self.program)?;
+                tracing::warn!(pid = started.process.id(), "started a new launcher");
+                *connection = Some(started);
+            }
+            let Some(current) = connection.as_mut() else {
+                continue;
+            };
+            match send(&current.socket, &request, &fds) {
+                Ok(()) => {}
+                // Dead before the request: nothing was started, so a new
+                // launcher may take it, once.
+                Err(e) if !restarted && is_disconnect(&e) => {
+                    if let Some(dead) = connection.take() {
+                        let pid = dead.process.id();
+                        tracing::error!(pid, status = dead.end(), "the launcher had exited");
+                    }
+                    restarted = true;
+                    continue;
+                }
+                Err(e) => return Err(io::Error::new(e.kind(), format!("the launcher: {e}")).into()),
+            }
+            return match read_reply(&current.socket) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    let ended = connection
+                        .take()
+                        .map(|dead| (dead.process.id(), dead.end()));
+                    let (pid, status) = ended.unwrap_or((0, String::new()));
+                    tracing::error!(pid, status, error = %e, "the launcher exited while starting an action");
+                    Err(io::Error::other(format!(
+                        "the launcher (pid {pid}) exited while starting the action ({status}); the next action starts another"
+                    ))
+                    .into())
+                }
+            };
+        }
+    }
+}
+
+fn is_disconnect(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+    )
+}
+
+/// The launcher's main: serves requests from stdin (the socket) until it
+/// closes. Single-threaded, as it must stay: see the module's doc.
+pub fn serve() -> io::Result<()> {
+    // SAFETY: close_range, fcntl, open and dup2 on this process's own
+    // descriptors.
+    let socket = unsafe {
+        // Whatever the executor's parent let it inherit, this keeps none.
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let fd = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::close(null);
+        }
+        // Stopping is the executor's business: it closes the socket.
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
+            libc::signal(signal, libc::SIG_IGN);
+        }
+        libc::prctl(libc::PR_SET_NAME, c"kiln-launcher".as_ptr(), 0, 0, 0);
+        UnixStream::from(OwnedFd::from_raw_fd(fd))
+    };
+    // One child at a time, so one stack for all of them.
+    let mut stack = Stack::new()?;
+    while let Some((request, fds)) = read_request(&socket)? {
+        let reply = match decode(&request, &fds) {
+            Ok((plan, exec, stdio, start)) => {
+                child::spawn(&plan, &exec, &stdio, start, true, &mut stack)
+            }
+            Err(error) => Err(error.into()),
+        };
+        // The action has its copies; the launcher keeps none.
+        drop(fds);
+        write_reply(&socket, &reply)?;
+    }
+    Ok(())
+}
+
+/// Sends one request: its length, then its bytes, the descriptors
+/// alongside the first.
+fn send(socket: &UnixStream, request: &[u8], fds: &[BorrowedFd]) -> io::Result<()> {
+    let length = (request.len() as u32).to_le_bytes();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("too many descriptors for one request"));
+    }
+    let sent = rustix::net::sendmsg(
+        socket,
+        &[IoSlice::new(&length), IoSlice::new(request)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    let rest = (length.len() + request.len()).saturating_sub(sent);
+    if rest > 0 {
+        let mut all = Vec::with_capacity(length.len() + request.len());
+        all.extend_from_slice(&length);
+        all.extend_from_slice(request);
+        let mut remaining = &all[all.len() - rest..];
+        while !remaining.is_empty() {
+            let written = rustix::net::send(socket, remaining, SendFlags::NOSIGNAL)?;
+            remaining = &remaining[written..];
+        }
+    }
+    Ok(())
+}
+
+/// Reads one request and its descriptors; `None` when the executor closed
+/// the socket.
+fn read_request(socket: &UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut length = [0u8; 4];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = loop {
+        match rustix::net::recvmsg(
+            socket,
+            &mut [IoSliceMut::new(&mut length)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break other?,
+        }
+    };
+    if received.bytes == 0 {
+        return Ok(None);
+    }
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    (&*socket).read_exact(&mut length[received.bytes..])?;
+    let length = u32::from_le_bytes(length) as usize;
+    if length > MAX_REQUEST_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a request of {length} bytes, above the {MAX_REQUEST_BYTES} allowed"),
+        ));
+    }
+    let mut request = vec![0; length];
+    (&*socket).read_exact(&mut request)?;
+    Ok(Some((request, fds)))
+}
+
+/// The answer: the pid, or an errno and the pid of a child that failed its
+/// setup (0 for none), which the executor reaps.
+fn write_reply(socket: &UnixStream, reply: &Result<libc::pid_t, SpawnFailure>) -> io::Result<()> {
+    let (pid, errno, unreaped) = match reply {
+        Ok(pid) => (*pid, 0, 0),
+        Err(failure) => (
+            0,
+            failure.error.raw_os_error().unwrap_or(libc::EIO),
+            failure.unreaped.unwrap_or(0),
+        ),
+    };
+    let mut bytes = [0u8; 12];
+    bytes[..4].copy_from_slice(&pid.to_le_bytes());
+    bytes[4..8].copy_from_slice(&errno.to_le_bytes());
+    bytes[8..].copy_from_slice(&unreaped.to_le_bytes());
+    (&*socket).write_all(&bytes)
+}
+
+fn read_reply(socket: &UnixStream) -> io::Result<Result<libc::pid_t, SpawnFailure>> {
+    let mut bytes = [0u8; 12];
+    (&*socket).read_exact(&mut bytes)?;
+    let field =
+        |at: usize| i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let (pid, errno, unreaped) = (field(0), field(4), field(8));
+    Ok(if errno == 0 {
+        Ok(pid)
+    } else {
+        Err(SpawnFailure {
+            error: io::Error::from_raw_os_error(errno),
+            unreaped: (unreaped > 0).then_some(unreaped),
+        })
+    })
+}
+
+/// A request's bytes, and the descriptors to send with it in the order
+/// [`decode`] takes them: stdin, stdout, stderr, the cgroup's files, the
+/// network namespace.
+fn encode(plan: &Plan, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Vec<RawFd>) {
+    let mut fds = vec![stdio.stdin, stdio.stdout, stdio.stderr];
+    fds.extend(&plan.cgroup_join);
+    let mut out = Writer::default();
+    out.u8(match start {
+        Start::Cloned => 0,
+        Start::WithInit => 1,
+    });
+    out.u8(plan.namespaces.into());
+    out.u32(plan.cgroup_join.len() as u32);
+    match plan.network {
+        Network::Host => out.u8(0),
+        Network::Empty => out.u8(1),
+        Network::Join(namespace) => {
+            out.u8(2);
+            fds.push(namespace);
+        }
+    }
+    out.bytes(plan.new_root.as_bytes());
+    for ops in [&plan.before_pivot, &plan.after_pivot] {
+        out.u32(ops.len() as u32);
+        for op in ops {
+            out.op(op);
+        }
+    }
+    out.bytes(plan.hostname.as_bytes());
+    out.bytes(plan.working_directory.as_bytes());
+    match plan.user {
+        None => out.u8(0),
+        Some((uid, gid)) => {
+            out.u8(1);
+            out.u32(uid);
+            out.u32(gid);
+        }
+    }
+    out.u32(plan.drop_capabilities.len() as u32);
+    for &capability in &plan.drop_capabilities {
+        out.u32(capability);
+    }
+    out.bytes(exec.program().to_bytes());
+    for strings in [exec.arguments(), exec.environment()] {
+        out.u32(strings.len() as u32);
+        for string in strings {
+            out.bytes(string.as_bytes());
+        }
+    }
+    (out.0, fds)
+}
+
+fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<(Plan, Exec, Stdio, Start)> {
+    let mut input = Reader(request);
+    let fd = |index: usize| {
+        fds.get(index).map(AsRawFd::as_raw_fd).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("descriptor {index} missing"),
+            )
+        })
+    };
+    let start = match input.u8()? {
+        0 => Start::Cloned,
+        _ => Start::WithInit,
+    };
+    let stdio = Stdio {
+        stdin: fd(0)?,
+        stdout: fd(1)?,
+        stderr: fd(2)?,
+    };
+    let namespaces = input.u8()? != 0;
+    let cgroups = input.u32()? as usize;
+    let cgroup_join = (3..3 + cgroups).map(fd).collect::<io::Result<Vec<_>>>()?;
+    let network = match input.u8()? {
+        0 => Network::Host,
+        1 => Network::Empty,
+        _ => Network::Join(fd(3 + cgroups)?),
+    };
+    let new_root = input.c_string()?;
+    let mut op_lists = [Vec::new(), Vec::new()];
+    for ops in &mut op_lists {
+        for _ in 0..input.u32()? {
+            ops.push(input.op()?);
+        }
+    }
+    let [before_pivot, after_pivot] = op_lists;
+    let hostname = input.c_string()?;
+    let working_directory = input.c_string()?;
+    let user = match input.u8()? {
+        0 => None,
+        _ => Some((input.u32()?, input.u32()?)),
+    };
+    let drop_capabilities = (0..input.u32()?)
+        .map(|_| input.u32())
+        .collect::<io::Result<_>>()?;
+    let plan = Plan {
+        namespaces,
+        cgroup_join,
+        network,
+        new_root,
+        before_pivot,
+        after_pivot,
+        hostname,
+        working_directory,
+        user,
+        drop_capabilities,
+    };
+    let program = input.c_string()?;
+    let mut string_lists = [Vec::new(), Vec::new()];
+    for strings in &mut string_lists {
+        for _ in 0..input.u32()? {
+            strings.push(input.c_string()?);
+        }
+    }
+    let [arguments, environment] = string_lists;
+    Ok((
+        plan,
+        Exec::from_parts(program, arguments, environment),
+        stdio,
+        start,
+    ))
+}
+
+#[derive(Default)]
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, value: u8) {
+        self.0.push(value);
+    }
+
+    fn u32(&mut self, value: u32) {
+        self.0.extend_from_slice(&value.to_le_bytes());
+    }
+
+    fn bytes(&mut self, value: &[u8]) {
+        self.u32(value.len() as u32);
+        self.0.extend_from_slice(value);
+    }
+
+    fn optional(&mut self, value: &Option<CString>) {
+        match value {
+            None => self.u8(0),
+            Some(value) => {
+                self.u8(1);
+                self.bytes(value.as_bytes());
+            }
+        }
+    }
+
+    fn op(&mut self, op: &Op) {
+        match op {
+            Op::Mkdir { path, mode } => {
+                self.u8(0);
+                self.bytes(path.as_bytes());
+                self.u32(*mode);
+            }
+            Op::Symlink { target, link } => {
+                self.u8(1);
+                self.bytes(target.as_bytes());
+                self.bytes(link.as_bytes());
+            }
+            Op::Touch { path } => {
+                self.u8(2);
+                self.bytes(path.as_bytes());
+            }
+            Op::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+                optional,
+            } => {
+                self.u8(3);
+                self.optional(source);
+                self.bytes(target.as_bytes());
+                self.optional(fstype);
+                self.0.extend_from_slice(&flags.to_le_bytes());
+                self.optional(data);
+                self.u8((*optional).into());
+            }
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, count: usize) -> io::Result<&[u8]> {
+        if self.0.len() < count {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a truncated request",
+            ));
+        }
+        let (taken, rest) = self.0.split_at(count);
+        self.0 = rest;
+        Ok(taken)
+    }
+
+    fn u8(&mut self) -> io::Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> io::Result<u32> {
+        let bytes = self.take(4)?;
+        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+
+    fn u64(&mut self) -> io::Result<u64> {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn c_string(&mut self) -> io::Result<CString> {
+        let length = self.u32()? as usize;
+        CString::new(self.take(length)?)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a NUL byte in a string"))
+    }
+
+    fn optional(&mut self) -> io::Result<Option<CString>> {
+        Ok(match self.u8()? {
+            0 => None,
+            _ => Some(self.c_string()?),
+        })
+    }
+
+    fn op(&mut self) -> io::Result<Op> {
+        Ok(match self.u8()? {
+            0 => Op::Mkdir {
+                path: self.c_string()?,
+                mode: self.u32()?,
+            },
+            1 => Op::Symlink {
+                target: self.c_string()?,
+                link: self.c_string()?,
+            },
+            2 => Op::Touch {
+                path: self.c_string()?,
+            },
+            _ => Op::Mount {
+                source: self.optional()?,
+                target: self.c_string()?,
+                fstype: self.optional()?,
+                flags: self.u64()?,
+                data: self.optional()?,
+                optional: self.u8()? != 0,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_reads_back_as_it_was_written() {
+        let plan = Plan {
+            namespaces: true,
+            cgroup_join: vec![10, 11],
+            network: Network::Join(12),
+            new_root: c"/run/kiln/root".to_owned(),
+            before_pivot: vec![
+                Op::Mkdir {
+                    path: c"/run/kiln/root/usr".to_owned(),
+                    mode: 0o755,
+                },
+                Op::Mount {
+                    source: Some(c"/usr".to_owned()),
+                    target: c"/run/kiln/root/usr".to_owned(),
+                    fstype: None,
+                    flags: libc::MS_BIND | libc::MS_REC,
+                    data: None,
+                    optional: false,
+                },
+            ],
+            after_pivot: vec![
+                Op::Symlink {
+                    target: c"/proc/self/fd".to_owned(),
+                    link: c"/dev/fd".to_owned(),
+                },
+                Op::Touch {
+                    path: c"/dev/null".to_owned(),
+                },
+            ],
+            hostname: c"localhost".to_owned(),
+            working_directory: c"/work/w1".to_owned(),
+            user: Some((65534, 65534)),
+            drop_capabilities: vec![27, 21],
+        };
+        let exec = Exec::new(
+            Path::new("/bin/sh"),
+            &["sh".into(), "-c".into(), "echo hi".into()],
+            &[("PATH".into(), "/bin".into())],
+        )
+        .unwrap();
+        let stdio = Stdio {
+            stdin: 3,
+            stdout: 4,
+            stderr: 5,
+        };
+        let (request, fds) = encode(&plan, &exec, &stdio, Start::WithInit);
+        assert_eq!(fds, [3, 4, 5, 10, 11, 12]);
+        // Stand-ins for the descriptors as received: any open ones do.
+        let received: Vec<OwnedFd> = (0..fds.len())
+            .map(|_| std::fs::File::open("/dev/null").unwrap().into())
+            .collect();
+        let numbers: Vec<RawFd> = received.iter().map(AsRawFd::as_raw_fd).collect();
+        let (decoded, exec_back, stdio_back, start) = decode(&request, &received).unwrap();
+        assert_eq!(start, Start::WithInit);
+        assert_eq!(
+            [stdio_back.stdin, stdio_back.stdout, stdio_back.stderr],
+            numbers[..3]
+        );
+        assert_eq!(decoded.cgroup_join, numbers[3..5]);
+        assert_eq!(decoded.network, Network::Join(numbers[5]));
+        assert_eq!(
+            format!("{:?}", decoded.before_pivot),
+            format!("{:?}", plan.before_pivot)
+        );
+        assert_eq!(
+            format!("{:?}", decoded.after_pivot),
+            format!("{:?}", plan.after_pivot)
+        );
+        assert_eq!(decoded.new_root, plan.new_root);
+        assert_eq!(decoded.hostname, plan.hostname);
+        assert_eq!(decoded.working_directory, plan.working_directory);
+        assert_eq!(decoded.user, plan.user);
+        assert_eq!(decoded.drop_capabilities, plan.drop_capabilities);
+        assert_eq!(exec_back.program(), exec.program());
+        assert_eq!(exec_back.arguments(), exec.arguments());
+        assert_eq!(exec_back.environment(), exec.environment());
+
+        // A request cut short, or missing a descriptor, is refused.
+        assert!(decode(&request[..request.len() - 1], &received).is_err());
+        assert!(decode(&request, &received[..5]).is_err());
+    }
+}
