@@ -5,6 +5,10 @@
 //! an image tarball from its inputs and runs a container of it.
 //! - the container's output reaches Bazel through the action's output;
 //! - with `enable-dockerd-tcp`, the daemon also answers on TCP port 2375;
+//! - with `recycle-runner`, the next action of the same key runs in the
+//!   same VM, warm, where the daemon still runs and still has the image the
+//!   first action loaded (it runs a container of it with no tarball, and
+//!   could not pull it: the VM has no network);
 //! - `init-dockerd` with an image that has no `dockerd`, or one whose
 //!   `dockerd` exits, fails with FAILED_PRECONDITION naming dockerd (and
 //!   quoting its log);
@@ -31,6 +35,7 @@ DOCKERD = {
     "dockerNetwork": "off",
     "EstimatedMemory": "1GB",
     "default-timeout": "600s",
+    "recycle-runner": "true",
 }
 
 genrule(
@@ -44,6 +49,16 @@ genrule(
           "echo action-kernel=$$(uname -r) >> $@ && " +
           "echo over-tcp=$$(docker -H tcp://127.0.0.1:2375 image ls --format '{{.Repository}}' " +
           "| tr '\\n' ' ') >> $@",
+    exec_properties = DOCKERD,
+)
+
+genrule(
+    name = "docker_again",
+    srcs = [":docker_run"],
+    outs = ["docker_again.txt"],
+    cmd = "echo images=$$(docker image ls --format '{{.Repository}}' | tr '\\n' ' ') > $@ && " +
+          "docker run --rm 127.0.0.1:5000/kiln-test/base:latest " +
+          "/bin/sh -c 'echo again-says=hello-again' >> $@",
     exec_properties = DOCKERD,
 )
 
@@ -178,6 +193,34 @@ fn bazel_actions_run_containers_with_dockerd_in_their_microvm() {
     assert_eq!(value(&result, "container-pid"), "1");
     // enable-dockerd-tcp: the same daemon answers on TCP port 2375.
     assert_eq!(value(&result, "over-tcp"), "127.0.0.1:5000/kiln-test/base");
+
+    // recycle-runner: the next action of the key finds the VM, its daemon
+    // and the image the first loaded.
+    let warm_runs = || {
+        log()
+            .lines()
+            .filter(|line| line.contains("action ran") && line.contains("warm=true"))
+            .count()
+    };
+    assert_eq!(warm_runs(), 0, "the first action was called warm");
+    let output = bazel.run(&["build", "//vm:docker_again"]);
+    let text = combined(&output);
+    assert!(
+        output.status.success(),
+        "the second docker action failed:\n{text}\n---- server log ----\n{}",
+        log()
+    );
+    let again = fs::read_to_string(bazel.workspace.join("bazel-bin/vm/docker_again.txt"))
+        .expect("docker_again.txt");
+    eprintln!("---- docker_again ----\n{again}");
+    assert_eq!(value(&again, "images"), "127.0.0.1:5000/kiln-test/base");
+    assert_eq!(value(&again, "again-says"), "hello-again");
+    assert_eq!(
+        warm_runs(),
+        1,
+        "the second action did not run warm:\n{}",
+        log()
+    );
 
     // An image without dockerd: FAILED_PRECONDITION naming it.
     let output = bazel.run(&["build", "//vm:no_dockerd"]);
