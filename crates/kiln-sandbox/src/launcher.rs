@@ -31,8 +31,9 @@
 //!
 //! Faults: a launcher exits when its socket closes, so it never outlives
 //! the executor. If one dies (`kill -9`), the executor notices at the next
-//! request sent to it, logs the exit and starts another; a request that
-//! was already sent fails with an error naming the launcher.
+//! request sent to it, logs the exit and starts another; an action whose
+//! start was under way is given back for another attempt
+//! ([`start_error`]).
 //!
 //! Where no launcher is installed (the crate's own tests, a non-root
 //! executor, which starts `none` actions itself), [`start`] clones in the
@@ -98,7 +99,9 @@ pub fn install(program: &Path) -> io::Result<Vec<u32>> {
 
 /// Starts an action `start`'s way: through a launcher when they are
 /// installed, else in this process. The pid returned is this process's
-/// child either way. A child whose setup failed is reaped here.
+/// child either way. A child whose setup failed is reaped here. A
+/// launcher that died with the request is `ConnectionAborted` (see
+/// [`start_error`]).
 pub(crate) fn start(
     plan: &Plan,
     exec: &Exec,
@@ -120,6 +123,19 @@ pub(crate) fn start(
         }
         failure.error
     })
+}
+
+/// What a failed [`start`] of `what` means for the action: a launcher that
+/// died with the request lets another attempt run it
+/// (`ExecutorUnavailable`, which the scheduler retries); anything else is
+/// this executor's failure.
+pub(crate) fn start_error(what: &str, error: io::Error, hint: &str) -> kiln_worker::RunError {
+    let message = format!("starting {what}: {error}{hint}");
+    if error.kind() == io::ErrorKind::ConnectionAborted {
+        kiln_worker::RunError::ExecutorUnavailable(message)
+    } else {
+        kiln_worker::RunError::Internal(message)
+    }
 }
 
 /// The executor's side: its launchers, each serving one request at a time
@@ -241,9 +257,15 @@ impl Launchers {
                         .map(|dead| (dead.process.id(), dead.end()));
                     let (pid, status) = ended.unwrap_or((0, String::new()));
                     tracing::error!(pid, status, error = %e, "the launcher exited while starting an action");
-                    Err(io::Error::other(format!(
-                        "the launcher (pid {pid}) exited while starting the action ({status}); the next action starts another"
-                    ))
+                    // The action did not start (or, started, is killed
+                    // with its cgroup): another attempt may run it.
+                    Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!(
+                            "the launcher (pid {pid}) exited while starting the action ({status}); \
+                             the next start gets a new one"
+                        ),
+                    )
                     .into())
                 }
             };

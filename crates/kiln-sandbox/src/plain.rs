@@ -268,9 +268,9 @@ impl Isolation for PlainProcess {
         outcome.map_err(|error| match error {
             RunError::Internal(message) => {
                 let stderr = std::fs::read_to_string(&spec.stderr_path).unwrap_or_default();
-                RunError::Internal(format!(
-                    "none: {message}: {}",
-                    crate::sandbox::explain(&stderr)
+                RunError::Internal(crate::sandbox::with_explanation(
+                    &format!("none: {message}"),
+                    &stderr,
                 ))
             }
             other => other,

@@ -377,11 +377,20 @@ pub(crate) async fn run_started(
             }
             _ => "",
         };
-        RunError::Internal(format!("starting {program_name:?}: {e}{hint}"))
+        launcher::start_error(&format!("{program_name:?}"), e, hint)
     })?;
     let child = ClonedChild::new(pid)
         .map_err(|e| RunError::Internal(format!("waiting for {program_name:?}: {e}")))?;
     process::supervise_process(child, program_name, limits, cancel).await
+}
+
+/// `message`, then what the child's `stderr` says of a failed setup, if
+/// anything.
+pub(crate) fn with_explanation(message: &str, stderr: &str) -> String {
+    match explain(stderr) {
+        explained if explained.is_empty() => message.to_string(),
+        explained => format!("{message}: {explained}"),
+    }
 }
 
 /// A setup failure line from the child, with the errno spelled out.
@@ -470,13 +479,14 @@ impl Isolation for Sandbox {
         }
         let mut outcome = match result {
             Ok(outcome) => outcome,
-            Err(error) => {
+            Err(RunError::Internal(message)) => {
                 let stderr = std::fs::read_to_string(&spec.stderr_path).unwrap_or_default();
-                return Err(RunError::Internal(format!(
-                    "sandbox: {error}: {}",
-                    explain(&stderr)
+                return Err(RunError::Internal(with_explanation(
+                    &format!("sandbox: {message}"),
+                    &stderr,
                 )));
             }
+            Err(other) => return Err(other),
         };
         if let Some(cgroup) = cgroup {
             outcome.memory_exceeded = outcome.exit_code != 0 && cgroup.memory_exceeded();
@@ -550,7 +560,7 @@ pub(crate) async fn start_worker_process(
     .await
     .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
     let pid = spawned
-        .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
+        .map_err(|e| launcher::start_error(&format!("persistent worker {name:?}"), e, ""))?;
     let child = ClonedChild::new(pid)
         .map_err(|e| RunError::Internal(format!("watching persistent worker {name:?}: {e}")))?;
     Ok((executor_ends.worker(start, pid as u32)?, child))

@@ -1143,9 +1143,39 @@ async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
     let response = completed(stream).await;
     assert_eq!(response.result.unwrap().exit_code, 0);
 
-    // Killed, they are replaced as actions need them; the actions run,
-    // under `sandbox`, `none` and `dockerInit`.
+    // Killed while a start waits on them: that action is retried (the
+    // executor gives it back) and runs; they are replaced as actions need
+    // them, and the next actions run, under `sandbox`, `none` and
+    // `dockerInit`.
+    signal_all("-STOP", &launchers);
+    let mut stream = execute_with(
+        &address,
+        "echo ran-after-all".into(),
+        &[("workload-isolation-type", "sandbox")],
+    )
+    .await;
+    loop {
+        let operation = tokio::time::timeout(HANG_GUARD, stream.next())
+            .await
+            .expect("the operation never reached EXECUTING")
+            .expect("the stream ended before EXECUTING")
+            .unwrap();
+        if remote::stage(&operation) == reapi::execution_stage::Value::Executing {
+            break;
+        }
+    }
+    // The start is sent once the inputs are staged; give it the moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     signal_all("-KILL", &launchers);
+    let response = completed(stream).await;
+    assert_eq!(
+        response.status.as_ref().map_or(0, |s| s.code),
+        0,
+        "{response:?}"
+    );
+    let result = response.result.expect("a result");
+    assert_eq!(result.exit_code, 0);
+    process.wait_for_log("the launcher exited while starting an action");
     for properties in [
         &[("workload-isolation-type", "sandbox")][..],
         &[("workload-isolation-type", "none")][..],
@@ -1162,13 +1192,28 @@ async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
             "an action with {properties:?} after the launchers were killed"
         );
     }
-    process.wait_for_log("the launcher had exited");
     let replacements = launchers_of(executor);
     assert!(!replacements.is_empty(), "no launcher was started again");
     assert!(
         replacements.iter().all(|pid| !launchers.contains(pid)),
         "a killed launcher is still listed: {replacements:?} (killed: {launchers:?})"
     );
+
+    // Killed between starts: found dead at the next, reaped, replaced.
+    signal_all("-KILL", &replacements);
+    let response = completed(
+        execute_with(
+            &address,
+            "echo once-more".into(),
+            &[("workload-isolation-type", "none")],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(response.result.unwrap().exit_code, 0);
+    process.wait_for_log("the launcher had exited");
+    let replacements = launchers_of(executor);
+    assert!(!replacements.is_empty(), "no launcher was started again");
 
     // They end with the executor.
     drop(process);
