@@ -91,10 +91,20 @@ pub fn install(program: &Path) -> io::Result<Vec<u32>> {
         slots,
         next: AtomicUsize::new(0),
     };
-    // Another thread may have installed some first; these ones' sockets
-    // then close with them, so they exit.
-    let _ = LAUNCHERS.set(launchers);
+    if let Err(extra) = LAUNCHERS.set(launchers) {
+        // Another thread installed some first: these ones go.
+        for slot in extra.slots {
+            if let Some(connection) = slot.into_inner().unwrap_or_else(PoisonError::into_inner) {
+                connection.end();
+            }
+        }
+    }
     Ok(LAUNCHERS.get().map(Launchers::pids).unwrap_or_default())
+}
+
+/// The pids of the installed launchers; empty when none are.
+pub fn pids() -> Vec<u32> {
+    LAUNCHERS.get().map(Launchers::pids).unwrap_or_default()
 }
 
 /// Starts an action `start`'s way: through a launcher when they are

@@ -368,12 +368,14 @@ impl IsolationSettings {
 /// are labelled with it, and at start-up the leftovers of a previous run of
 /// the same owner are removed.
 pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Result<Isolations> {
-    // A root executor starts `none` and `sandbox` actions through its
-    // launchers, processes of their own (see `kiln_sandbox::launcher`).
-    if rustix::process::geteuid().is_root() {
-        let pids = kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        tracing::info!(?pids, "actions start through the launchers");
+    // The `kiln` binary installs launchers when it runs as root (see
+    // `kiln_sandbox::launcher`); a server embedded in another program
+    // starts its actions itself.
+    let launchers = kiln_sandbox::launcher::pids();
+    if !launchers.is_empty() {
+        tracing::info!(pids = ?launchers, "actions start through the launchers");
+    } else if rustix::process::geteuid().is_root() {
+        tracing::info!("no launchers installed: actions start in this process");
     }
     // `none`: a plain process as the action user, in a cgroup emptied when
     // it ends, started with a clone that copies nothing of the executor.

@@ -265,9 +265,15 @@ fn main() -> anyhow::Result<()> {
     // settings they name.
     let args = kiln::config::migrate_flags(&Cli::command(), std::env::args_os().collect());
     let cli = Cli::parse_from(args);
-    if let Command::Launcher = cli.command {
+    match cli.command {
         // Single-threaded, as it must stay: no runtime.
-        return Ok(kiln_sandbox::launcher::serve()?);
+        Command::Launcher => return Ok(kiln_sandbox::launcher::serve()?),
+        // A root executor starts its actions through launchers, this
+        // binary run as `kiln launcher` (see `kiln_sandbox::launcher`).
+        Command::Serve(_) | Command::Executor(_) if rustix::process::geteuid().is_root() => {
+            kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))?;
+        }
+        _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

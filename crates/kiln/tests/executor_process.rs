@@ -1064,6 +1064,40 @@ fn signal_all(signal: &str, pids: &[u32]) {
     }
 }
 
+/// Stops `launchers` and executes `script` under `sandbox`: the action
+/// reaches EXECUTING and goes no further (its start waits on a stopped
+/// launcher, half a second of it watched). The launchers stay stopped.
+async fn execute_with_launchers_stopped(
+    address: &str,
+    launchers: &[u32],
+    script: &str,
+) -> Streaming<Operation> {
+    signal_all("-STOP", launchers);
+    let mut stream = execute_with(
+        address,
+        script.into(),
+        &[("workload-isolation-type", "sandbox")],
+    )
+    .await;
+    loop {
+        let operation = tokio::time::timeout(HANG_GUARD, stream.next())
+            .await
+            .expect("the operation never reached EXECUTING")
+            .expect("the stream ended before EXECUTING")
+            .unwrap();
+        assert!(!operation.done, "finished with the launchers stopped");
+        if remote::stage(&operation) == reapi::execution_stage::Value::Executing {
+            break;
+        }
+    }
+    let early = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
+    assert!(
+        early.is_err(),
+        "the operation moved on with the launchers stopped: {early:?}"
+    );
+    stream
+}
+
 #[tokio::test]
 async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
     if !common::root_available("the launchers of a root executor") {
@@ -1116,29 +1150,7 @@ async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
 
     // Actions start through them: while they are stopped, an action
     // reaches EXECUTING and goes no further; continued, it finishes.
-    signal_all("-STOP", &launchers);
-    let mut stream = execute_with(
-        &address,
-        "echo started".into(),
-        &[("workload-isolation-type", "sandbox")],
-    )
-    .await;
-    loop {
-        let operation = tokio::time::timeout(HANG_GUARD, stream.next())
-            .await
-            .expect("the operation never reached EXECUTING")
-            .expect("the stream ended before EXECUTING")
-            .unwrap();
-        assert!(!operation.done, "finished with the launchers stopped");
-        if remote::stage(&operation) == reapi::execution_stage::Value::Executing {
-            break;
-        }
-    }
-    let early = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
-    assert!(
-        early.is_err(),
-        "the operation moved on with the launchers stopped: {early:?}"
-    );
+    let stream = execute_with_launchers_stopped(&address, &launchers, "echo started").await;
     signal_all("-CONT", &launchers);
     let response = completed(stream).await;
     assert_eq!(response.result.unwrap().exit_code, 0);
@@ -1147,25 +1159,7 @@ async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
     // executor gives it back) and runs; they are replaced as actions need
     // them, and the next actions run, under `sandbox`, `none` and
     // `dockerInit`.
-    signal_all("-STOP", &launchers);
-    let mut stream = execute_with(
-        &address,
-        "echo ran-after-all".into(),
-        &[("workload-isolation-type", "sandbox")],
-    )
-    .await;
-    loop {
-        let operation = tokio::time::timeout(HANG_GUARD, stream.next())
-            .await
-            .expect("the operation never reached EXECUTING")
-            .expect("the stream ended before EXECUTING")
-            .unwrap();
-        if remote::stage(&operation) == reapi::execution_stage::Value::Executing {
-            break;
-        }
-    }
-    // The start is sent once the inputs are staged; give it the moment.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stream = execute_with_launchers_stopped(&address, &launchers, "echo ran-after-all").await;
     signal_all("-KILL", &launchers);
     let response = completed(stream).await;
     assert_eq!(
