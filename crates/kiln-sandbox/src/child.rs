@@ -208,6 +208,19 @@ fn join_network(plan: &Plan) -> io::Result<()> {
     Ok(())
 }
 
+/// `fork(2)` as the bare system call. glibc's `fork` first takes its
+/// internal locks (malloc's, stdio's) for its atfork handlers; in a copy
+/// of a multi-threaded caller made by [`spawn`], another thread of which
+/// may have held one at the clone, that would wait forever. The copies
+/// here are single-threaded and only make system calls.
+fn raw_fork() -> libc::pid_t {
+    // SAFETY: clone with only the exit signal set is fork: the child gets
+    // a copy of this single-threaded process and returns here with 0.
+    unsafe {
+        libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) as libc::pid_t
+    }
+}
+
 /// Closes every descriptor but `keep`.
 fn close_all_except(keep: RawFd) {
     // SAFETY: close_range only closes descriptors; nothing in this process
@@ -273,7 +286,7 @@ unsafe fn enter(plan: &Plan) -> io::Result<()> {
             "pipe2",
             c"",
         )?;
-        match libc::fork() {
+        match raw_fork() {
             -1 => Err(failure("fork (init)", c"")),
             0 => {
                 libc::close(status_pipe[0]);
@@ -366,7 +379,7 @@ unsafe fn init(plan: &Plan, status_write: RawFd) -> io::Result<()> {
         } else {
             setup_plain_init(plan)?;
         }
-        match libc::fork() {
+        match raw_fork() {
             -1 => Err(failure("fork (action)", c"")),
             0 => {
                 libc::close(status_write);

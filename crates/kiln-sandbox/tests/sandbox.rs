@@ -658,3 +658,46 @@ fn a_cgroup_holds_its_processes_and_is_removed_when_dropped() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_starts_while_other_threads_allocate() {
+    let Some(sandbox) = sandbox() else { return };
+    // Started in this process (no launcher), dockerInit's start copies a
+    // process whose other threads may hold the allocator's locks at that
+    // instant: nothing in the copy may wait for one. Two threads allocate
+    // without pause while actions start.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn: Vec<_> = (0..2)
+        .map(|seed| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut kept = Vec::new();
+                let mut size = 16 + seed;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    kept.push(vec![0u8; size]);
+                    if kept.len() > 64 {
+                        kept.clear();
+                    }
+                    size = size * 7 % 4093 + 16;
+                }
+            })
+        })
+        .collect();
+    let action = Action::with_init(true);
+    for round in 0..40 {
+        let started = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            action.run(sandbox, "true"),
+        )
+        .await;
+        let Ok((outcome, _, stderr)) = started else {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            panic!("start {round} under dockerInit never finished");
+        };
+        assert_eq!(outcome.exit_code, 0, "start {round}: {stderr}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for thread in churn {
+        thread.join().unwrap();
+    }
+}
