@@ -525,9 +525,18 @@ unsafe fn action(plan: &Plan) -> io::Result<()> {
             c"",
         )?;
         if let Some((uid, gid)) = plan.user {
-            check(libc::setgroups(1, &gid), "setgroups", c"")?;
-            check(libc::setgid(gid), "setgid", c"")?;
-            check(libc::setuid(uid), "setuid", c"")?;
+            // The bare system calls: glibc's wrappers, in a process it
+            // believes multi-threaded (a copy of one), first take a lock
+            // of its thread list to change every thread's ids, a lock
+            // another thread may have held at the copy.
+            let gids = [gid];
+            check(
+                libc::syscall(libc::SYS_setgroups, 1 as libc::c_long, gids.as_ptr()) as c_int,
+                "setgroups",
+                c"",
+            )?;
+            check(libc::syscall(libc::SYS_setgid, gid) as c_int, "setgid", c"")?;
+            check(libc::syscall(libc::SYS_setuid, uid) as c_int, "setuid", c"")?;
         }
         check(
             libc::chdir(plan.working_directory.as_ptr()),
