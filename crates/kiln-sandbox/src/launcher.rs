@@ -116,13 +116,13 @@ pub(crate) fn start(
     plan: &Plan,
     exec: &Exec,
     stdio: &Stdio,
-    start: Start,
+    how: Start,
 ) -> io::Result<libc::pid_t> {
     let spawned = match LAUNCHERS.get() {
-        Some(launchers) => launchers.start(plan, exec, stdio, start),
+        Some(launchers) => launchers.start(plan, exec, stdio, how),
         None => Stack::new()
             .map_err(SpawnFailure::from)
-            .and_then(|mut stack| child::spawn(plan, exec, stdio, start, false, &mut stack)),
+            .and_then(|mut stack| child::spawn(plan, exec, stdio, how, false, &mut stack)),
     };
     spawned.map_err(|failure| {
         if let Some(pid) = failure.unreaped {
@@ -237,13 +237,13 @@ impl Launchers {
         });
         let mut restarted = false;
         loop {
-            if connection.is_none() {
-                let started = Connection::start(&self.program)?;
-                tracing::warn!(pid = started.process.id(), "started a new launcher");
-                *connection = Some(started);
-            }
-            let Some(current) = connection.as_mut() else {
-                continue;
+            let current = match connection.as_mut() {
+                Some(current) => current,
+                None => {
+                    let started = Connection::start(&self.program)?;
+                    tracing::warn!(pid = started.process.id(), "started a new launcher");
+                    connection.insert(started)
+                }
             };
             match send(&current.socket, &request, &fds) {
                 Ok(()) => {}

@@ -305,29 +305,28 @@ impl Isolation for PlainProcess {
             cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
         );
         let (worker, child) = crate::sandbox::start_worker_process(spec, start, plan).await?;
-        let pid = worker.pid() as libc::pid_t;
         Ok(worker.guarded_by(Box::new(PlainWorker {
-            pid,
-            child: Some(child),
+            child,
             _cgroup: cgroup,
         })))
     }
 }
 
 /// What a plain persistent worker holds. Dropped, it kills the worker's
-/// process group (the worker leads it, and is not reaped yet, so the
-/// group is still its own), then the worker is reaped and its cgroup,
-/// catching anything that left the group, emptied and removed.
+/// process group first (the worker leads it, and is not reaped yet, so
+/// the group is still its own); then, as fields drop in order, the worker
+/// is reaped and its cgroup, catching anything that left the group,
+/// emptied and removed.
 struct PlainWorker {
-    pid: libc::pid_t,
-    child: Option<crate::cloned::ClonedChild>,
+    child: crate::cloned::ClonedChild,
     _cgroup: Option<crate::cgroup::Cgroup>,
 }
 
 impl Drop for PlainWorker {
     fn drop(&mut self) {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
-        drop(self.child.take());
+        if let Some(pid) = kiln_worker::process::Process::id(&self.child) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+        }
     }
 }
