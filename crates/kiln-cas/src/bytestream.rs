@@ -579,13 +579,14 @@ impl ByteStreamService {
         };
         let chunk = self.storage.limits.read_chunk_bytes as u64;
         if resource.compressor == Compressor::Identity
-            && (len <= chunk || matches!(blob, Blob::Memory(_)))
+            && (len <= chunk || matches!(blob, Blob::Memory(_) | Blob::Pieces(_)))
         {
-            // In memory or small: no thread hop.
+            // In memory or small: no thread hop, and each message a slice
+            // of what is in memory (none straddles two pieces).
             let mut responses = Vec::with_capacity(len.div_ceil(chunk).max(1) as usize);
             let mut at = offset;
             loop {
-                let this = chunk.min(offset + len - at);
+                let this = chunk.min(offset + len - at).min(blob.contiguous_len(at).max(1));
                 let data = blob
                     .read_range(at, this)
                     .map_err(|e| CasError::Internal(format!("reading blob {digest}: {e}")))?;

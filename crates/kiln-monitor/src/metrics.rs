@@ -401,6 +401,12 @@ impl Collector for StateCollector {
             "Bytes freed by eviction since start-up",
             ConstCounter::new(usage.evicted_bytes),
         )?;
+        single(
+            &mut encoder,
+            "kiln_store_recent_memory_bytes",
+            "Memory held for recently written large blobs, in use or free",
+            ConstGauge::new(clamp(usage.recent_memory_bytes)),
+        )?;
         let Some(scheduler) = &scheduler else {
             return Ok(());
         };

@@ -6,6 +6,8 @@
 //! Safe code only: a `Vec` is over-allocated and used from its first
 //! aligned address on (its heap block does not move when the `Vec` does).
 
+use std::sync::Arc;
+
 use parking_lot::Mutex;
 
 /// Direct I/O needs addresses, offsets and lengths aligned to the device's
@@ -24,6 +26,59 @@ pub struct AlignedBuf {
     capacity: usize,
     /// Bytes of data, from the aligned start.
     pub len: usize,
+    /// The [`BufferPool`] the buffer returns to; the shared pool when none.
+    home: Option<Arc<BufferPool>>,
+}
+
+/// Buffers of one size, at most `limit_bytes` of them, that go back to the
+/// pool when dropped and are never handed back to the system: memory that
+/// stays faulted in, for a tier that is filled again and again.
+pub struct BufferPool {
+    buffer_bytes: usize,
+    limit_bytes: usize,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    free: Vec<Vec<u8>>,
+    /// Buffers made so far (free or in use).
+    made: usize,
+}
+
+impl BufferPool {
+    pub fn new(buffer_bytes: usize, limit_bytes: usize) -> Arc<Self> {
+        Arc::new(BufferPool {
+            buffer_bytes: buffer_bytes.div_ceil(ALIGN) * ALIGN,
+            limit_bytes,
+            state: Mutex::default(),
+        })
+    }
+
+    /// A free buffer, or a new one while the pool is under its limit.
+    pub fn take(self: &Arc<Self>) -> Option<AlignedBuf> {
+        let raw = {
+            let mut state = self.state.lock();
+            match state.free.pop() {
+                Some(raw) => raw,
+                None if (state.made + 1) * self.buffer_bytes <= self.limit_bytes => {
+                    state.made += 1;
+                    Vec::new() // allocated below, outside the lock
+                }
+                None => return None,
+            }
+        };
+        let raw = match raw.is_empty() {
+            true => vec![0u8; self.buffer_bytes + ALIGN],
+            false => raw,
+        };
+        Some(AlignedBuf::from_raw(raw, self.buffer_bytes, Some(self.clone())))
+    }
+
+    /// Bytes of buffers made (free or in use): what the pool holds of memory.
+    pub fn made_bytes(&self) -> usize {
+        self.state.lock().made * self.buffer_bytes
+    }
 }
 
 impl AlignedBuf {
@@ -37,12 +92,17 @@ impl AlignedBuf {
                 .map(|i| pool.swap_remove(i))
         };
         let raw = reused.unwrap_or_else(|| vec![0u8; capacity + ALIGN]);
+        AlignedBuf::from_raw(raw, capacity, None)
+    }
+
+    fn from_raw(raw: Vec<u8>, capacity: usize, home: Option<Arc<BufferPool>>) -> Self {
         let start = raw.as_ptr().align_offset(ALIGN);
         AlignedBuf {
             raw,
             start,
             capacity,
             len: 0,
+            home,
         }
     }
 
@@ -92,6 +152,10 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if let Some(home) = &self.home {
+            home.state.lock().free.push(std::mem::take(&mut self.raw));
+            return;
+        }
         if self.raw.len() <= POOL_MAX_CAPACITY + ALIGN {
             let mut pool = POOL.lock();
             if pool.len() < POOL_BUFFERS {

@@ -17,5 +17,5 @@ pub use digest::{Digest, DigestFunction, DigestParseError, Hasher, Key, Namespac
 pub use disk::{DiskStore, DiskStoreConfig, Durability, RecoveryReport};
 pub use error::{Result, StoreError};
 pub use memory::MemoryStore;
-pub use store::{Blob, BlobStore, BlobWriter, BufferingWriter, Retention, StoreUsage};
+pub use store::{Blob, BlobStore, BlobWriter, BufferingWriter, Pieces, Retention, StoreUsage};
 pub use tiered::TieredStore;

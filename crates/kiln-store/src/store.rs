@@ -12,11 +12,13 @@ use bytes::{Bytes, BytesMut};
 use crate::aligned::AlignedBuf;
 use crate::{Key, Result, StoreError};
 
-/// A readable blob: either bytes in memory, or a byte range of an open file
-/// (the file stays readable even if the store evicts it meanwhile).
+/// A readable blob: bytes in memory, whole or in [`Pieces`], or a byte
+/// range of an open file (the file stays readable even if the store evicts
+/// it meanwhile).
 #[derive(Clone, Debug)]
 pub enum Blob {
     Memory(Bytes),
+    Pieces(Pieces),
     File {
         file: Arc<File>,
         offset: u64,
@@ -24,11 +26,65 @@ pub enum Blob {
     },
 }
 
+/// A blob in memory as consecutive pieces of one length (the last may be
+/// shorter): a large blob kept in the buffers it was written from.
+#[derive(Clone, Debug)]
+pub struct Pieces {
+    parts: Arc<[Bytes]>,
+    part_len: usize,
+    len: u64,
+}
+
+impl Pieces {
+    /// `parts` must all be `part_len` long but the last, which may be
+    /// shorter and not empty.
+    pub fn new(parts: Vec<Bytes>) -> Self {
+        let part_len = parts.first().map_or(1, Bytes::len).max(1);
+        let len = parts.iter().map(|part| part.len() as u64).sum();
+        debug_assert!(parts.iter().rev().skip(1).all(|p| p.len() == part_len));
+        Pieces {
+            parts: parts.into(),
+            part_len,
+            len,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes from `at` to the end of the piece holding `at`, at most
+    /// `max`: zero-copy.
+    fn slice_from(&self, at: u64, max: u64) -> Bytes {
+        let index = (at / self.part_len as u64) as usize;
+        let within = (at % self.part_len as u64) as usize;
+        let part = &self.parts[index];
+        let end = part.len().min(within.saturating_add(max as usize));
+        part.slice(within..end)
+    }
+}
+
 impl Blob {
     pub fn len(&self) -> u64 {
         match self {
             Blob::Memory(bytes) => bytes.len() as u64,
+            Blob::Pieces(pieces) => pieces.len,
             Blob::File { len, .. } => *len,
+        }
+    }
+
+    /// How many bytes from `offset` on one [`Blob::read_range`] hands out
+    /// without copying: up to the end of a piece for [`Blob::Pieces`], the
+    /// rest of the blob otherwise.
+    pub fn contiguous_len(&self, offset: u64) -> u64 {
+        let rest = self.len().saturating_sub(offset);
+        match self {
+            Blob::Pieces(pieces) if rest > 0 => pieces.slice_from(offset, rest).len() as u64,
+            _ => rest,
         }
     }
 
@@ -43,6 +99,20 @@ impl Blob {
         let offset = offset.min(end);
         match self {
             Blob::Memory(bytes) => Ok(bytes.slice(offset as usize..end as usize)),
+            Blob::Pieces(pieces) => {
+                let first = pieces.slice_from(offset, end - offset);
+                if first.len() as u64 == end - offset {
+                    return Ok(first);
+                }
+                let mut joined = BytesMut::with_capacity((end - offset) as usize);
+                let mut at = offset;
+                while at < end {
+                    let part = pieces.slice_from(at, end - at);
+                    at += part.len() as u64;
+                    joined.extend_from_slice(&part);
+                }
+                Ok(joined.freeze())
+            }
             Blob::File {
                 file, offset: base, ..
             } => {
@@ -81,6 +151,7 @@ impl Blob {
     pub async fn into_bytes(self) -> std::io::Result<Bytes> {
         match self {
             Blob::Memory(bytes) => Ok(bytes),
+            Blob::Pieces(_) => self.read_range(0, self.len()),
             Blob::File { len, .. } if len <= 64 * 1024 => self.read_range(0, len),
             file_blob => {
                 tokio::task::spawn_blocking(move || file_blob.read_range(0, file_blob.len()))
@@ -218,6 +289,9 @@ pub struct StoreUsage {
     pub evicted_entries: u64,
     /// Bytes freed by eviction since start-up.
     pub evicted_bytes: u64,
+    /// Memory held for recently written large blobs (the disk store's
+    /// `recent_blob_bytes`), in use or free for the next.
+    pub recent_memory_bytes: u64,
 }
 
 /// A writer that gathers the blob in memory and hands it to `finish`:

@@ -435,6 +435,13 @@ pub struct StorageConfig {
     /// than getting a file each.
     #[arg(long)]
     pub max_packed_blob: Size,
+    /// Memory for the large blobs (above `max_packed_blob`) written last,
+    /// kept in the buffers they were written from, so a download right
+    /// after an upload (Bazel fetching an action's outputs) comes from
+    /// memory. Taken as large blobs are written and then kept, up to this;
+    /// 0 keeps none.
+    #[arg(long)]
+    pub recent_blob_memory: Size,
     /// `group-commit` (acknowledge writes at once, sync every
     /// `sync_interval`: a machine crash may lose that window's blobs, never
     /// corrupt one) or `sync` (acknowledge a write once it is on disk,
@@ -854,6 +861,7 @@ impl Default for StorageConfig {
             memory_cache_size: Size::mib(64),
             memory_cache_max_blob: Size::kib(64),
             max_packed_blob: Size::kib(256),
+            recent_blob_memory: Size::gib(1),
             durability: DurabilityMode::GroupCommit,
             sync_interval: Period::secs(1),
             max_batch_total_size: Size::kib(4032),

@@ -169,6 +169,7 @@ pub async fn open_store(
             let path = config.data_dir.join("cas");
             let mut disk_config = DiskStoreConfig::new(&path, max_size);
             disk_config.max_packed_blob_bytes = storage.max_packed_blob.bytes();
+            disk_config.recent_blob_bytes = storage.recent_blob_memory.bytes();
             disk_config.sync_interval = storage.sync_interval.get().max(Duration::from_millis(1));
             disk_config.durability = match storage.durability {
                 DurabilityMode::GroupCommit => Durability::GroupCommit,

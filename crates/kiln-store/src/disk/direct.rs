@@ -9,6 +9,10 @@
 //! writer thread writes the previous.
 //! Where the file system refuses `O_DIRECT` (tmpfs, some FUSE), the same path
 //! runs with buffered writes.
+//!
+//! A sink can also keep what it wrote in memory ([`DirectFileSink::keep`]):
+//! each buffer, once written, is kept instead of being filled again, so the
+//! blob can be read back without the disk and without a copy.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -21,11 +25,15 @@ use std::thread::JoinHandle;
 use crate::aligned::AlignedBuf;
 
 /// Bytes per write. Big enough to stream at device speed.
-const BUFFER_BYTES: usize = 1024 * 1024;
+pub(super) const BUFFER_BYTES: usize = 1024 * 1024;
 /// Buffers per file: one being filled, the rest being written.
 const BUFFERS: usize = 3;
 
 type Job = (AlignedBuf, u64);
+
+/// Where a keeping sink takes each next buffer; `None` when there is no
+/// room left, and the sink stops keeping.
+pub type BufferSource = Box<dyn FnMut() -> Option<AlignedBuf> + Send>;
 
 /// A file being written at increasing offsets through aligned buffers.
 pub struct DirectFileSink {
@@ -38,6 +46,9 @@ pub struct DirectFileSink {
     jobs: Option<mpsc::SyncSender<Job>>,
     done: Option<mpsc::Receiver<io::Result<AlignedBuf>>>,
     writer: Option<JoinHandle<()>>,
+    /// While keeping: where buffers come from, and the written ones, in
+    /// order.
+    keep: Option<(BufferSource, Vec<AlignedBuf>)>,
 }
 
 impl DirectFileSink {
@@ -69,7 +80,18 @@ impl DirectFileSink {
             jobs: None,
             done: None,
             writer: None,
+            keep: None,
         })
+    }
+
+    /// Keeps the data written from now on in memory, in buffers taken from
+    /// `source`, until it has no more. Call before the first write.
+    pub fn keep(&mut self, mut source: BufferSource) {
+        debug_assert!(self.offset == 0 && self.filling.len == 0);
+        if let Some(buffer) = source() {
+            self.filling = buffer;
+            self.keep = Some((source, Vec::new()));
+        }
     }
 
     pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
@@ -91,11 +113,7 @@ impl DirectFileSink {
         if self.jobs.is_none() {
             self.start_writer()?;
         }
-        let next = match self.spare.pop() {
-            Some(buffer) => buffer,
-            None if self.in_flight + 1 < BUFFERS => AlignedBuf::new(BUFFER_BYTES),
-            None => self.reap()?,
-        };
+        let next = self.next_buffer()?;
         let full = std::mem::replace(&mut self.filling, next);
         let offset = self.offset;
         self.offset += full.len as u64;
@@ -108,14 +126,36 @@ impl DirectFileSink {
         Ok(())
     }
 
-    /// Waits for one write to finish; returns its buffer for reuse.
+    /// The buffer to fill next: a new one to keep while keeping, else one
+    /// written before.
+    fn next_buffer(&mut self) -> io::Result<AlignedBuf> {
+        if self.keep.is_some() {
+            while self.in_flight + 1 >= BUFFERS {
+                let written = self.reap()?;
+                self.keep.as_mut().expect("keeping").1.push(written);
+            }
+            if let Some(buffer) = (self.keep.as_mut().expect("keeping").0)() {
+                return Ok(buffer);
+            }
+            // No room: what was kept goes back to its pool.
+            self.keep = None;
+        }
+        let mut buffer = match self.spare.pop() {
+            Some(buffer) => buffer,
+            None if self.in_flight + 1 < BUFFERS => AlignedBuf::new(BUFFER_BYTES),
+            None => self.reap()?,
+        };
+        buffer.len = 0;
+        Ok(buffer)
+    }
+
+    /// Waits for one write to finish; returns its buffer.
     fn reap(&mut self) -> io::Result<AlignedBuf> {
         let done = self.done.as_ref().expect("writer started");
-        let mut buffer = done
+        let buffer = done
             .recv()
             .map_err(|_| io::Error::other("the blob writer thread stopped"))??;
         self.in_flight -= 1;
-        buffer.len = 0;
         Ok(buffer)
     }
 
@@ -139,11 +179,15 @@ impl DirectFileSink {
         Ok(())
     }
 
-    /// Writes what is left, trims the block padding, and returns the file.
-    pub fn finish(mut self, size: u64) -> io::Result<Arc<File>> {
+    /// Writes what is left, trims the block padding, and returns the file,
+    /// with the data in memory when the sink kept all of it.
+    pub fn finish(mut self, size: u64) -> io::Result<(Arc<File>, Option<Vec<bytes::Bytes>>)> {
         while self.in_flight > 0 {
             let buffer = self.reap()?;
-            self.spare.push(buffer);
+            match &mut self.keep {
+                Some((_, kept)) => kept.push(buffer),
+                None => self.spare.push(buffer),
+            }
         }
         self.jobs = None; // the writer thread ends
         if let Some(writer) = self.writer.take() {
@@ -153,7 +197,29 @@ impl DirectFileSink {
             self.file.write_all_at(self.filling.padded(), self.offset)?;
         }
         self.file.set_len(size)?;
-        Ok(self.file.clone())
+        let kept = self.keep.take().map(|(_, mut kept)| {
+            let last = std::mem::replace(&mut self.filling, AlignedBuf::new(0));
+            kept.extend((last.len > 0).then_some(last));
+            kept.into_iter()
+                .map(|buffer| {
+                    let len = buffer.len;
+                    buffer.into_bytes(0, len)
+                })
+                .collect()
+        });
+        Ok((self.file.clone(), kept))
+    }
+}
+
+/// A sink dropped unfinished (an abandoned upload) waits for the writes
+/// under way, so its buffers are back in their pools when the drop returns.
+impl Drop for DirectFileSink {
+    fn drop(&mut self) {
+        self.jobs = None;
+        self.done = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
     }
 }
 
@@ -173,6 +239,31 @@ mod tests {
             }
             sink.finish(size as u64).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), data, "size {size}");
+        }
+    }
+
+    #[test]
+    fn a_keeping_sink_hands_back_what_it_wrote_until_its_source_runs_dry() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = BUFFER_BYTES * 5 + 123;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        for (limit, kept) in [(6, true), (5, false), (1, false)] {
+            let pool = crate::aligned::BufferPool::new(BUFFER_BYTES, limit * BUFFER_BYTES);
+            let path = dir.path().join(format!("k{limit}"));
+            let mut sink = DirectFileSink::create(&path).unwrap();
+            sink.keep(Box::new(move || pool.take()));
+            for chunk in data.chunks(70_001) {
+                sink.write(chunk).unwrap();
+            }
+            let (_, pieces) = sink.finish(size as u64).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), data, "{limit} buffers");
+            match pieces {
+                Some(pieces) => {
+                    assert!(kept, "{limit} buffers cannot hold {size} bytes");
+                    assert!(pieces.concat() == data, "{limit} buffers: kept bytes differ");
+                }
+                None => assert!(!kept, "{limit} buffers hold {size} bytes"),
+            }
         }
     }
 }

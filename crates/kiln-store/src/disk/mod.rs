@@ -33,6 +33,7 @@
 
 mod direct;
 pub mod journal;
+mod recent;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -50,6 +51,7 @@ use tokio::sync::watch;
 
 use self::direct::DirectFileSink;
 use self::journal::{Location, Record, RECORD_LEN};
+use self::recent::RecentBlobs;
 use crate::digest::KeyMap;
 use crate::store::BufferingWriter;
 use crate::{Blob, BlobStore, BlobWriter, Key, Result, Retention, StoreError};
@@ -83,6 +85,10 @@ pub struct DiskStoreConfig {
     /// holds it: a store being closed (a restart, in this process or the
     /// previous one) lets go of it only after its final commit.
     pub lock_wait: Duration,
+    /// Memory for the large blobs written last, kept in the buffers they
+    /// were written from and read back from there (see [`recent`]); 0
+    /// keeps none. Taken as large blobs are written, then kept.
+    pub recent_blob_bytes: u64,
 }
 
 impl DiskStoreConfig {
@@ -95,6 +101,7 @@ impl DiskStoreConfig {
             durability: Durability::GroupCommit,
             journal_compaction_min_bytes: 64 << 20,
             lock_wait: Duration::from_secs(5),
+            recent_blob_bytes: 1 << 30,
         }
     }
 
@@ -156,6 +163,8 @@ struct Inner {
     /// A journal compaction that failed is retried only once the journal
     /// has grown past this, so a full disk is not hit every second.
     compaction_retry_bytes: AtomicU64,
+    /// Large blobs just written, in memory (none when configured off).
+    recent: Option<Arc<RecentBlobs>>,
     _lock: File,
 }
 
@@ -757,6 +766,7 @@ impl DiskStore {
             checkpointed: AtomicU64::new(journal_len.min(checkpointed)),
             checkpoint_failing: AtomicBool::new(false),
             compaction_retry_bytes: AtomicU64::new(0),
+            recent: RecentBlobs::new(direct::BUFFER_BYTES, config.recent_blob_bytes),
             _lock: lock,
             config,
         });
@@ -1099,22 +1109,31 @@ impl Inner {
                     len: entry.len,
                 }))
             }
-            // Reads stay buffered: the page cache is the hot tier for large
-            // blobs that many clients fetch (a direct read measured a steady
-            // but device-bound 0.8-0.9 GB/s here; see
-            // benchmarks/zero-copy-bytestream.md).
-            Location::File => match File::open(file_path(&self.root, key)) {
-                Ok(file) => Ok(Some(Blob::File {
-                    file: Arc::new(file),
-                    offset: 0,
-                    len: entry.len,
-                })),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    self.index.remove_if_at(key, Location::File);
-                    Ok(None)
+            // Just written: from memory; else from the file.
+            Location::File => {
+                if let Some(pieces) = self.recent.as_ref().and_then(|r| r.get(key, entry.len)) {
+                    return Ok(Some(Blob::Pieces(pieces)));
                 }
-                Err(e) => Err(StoreError::io(format!("opening blob {key:?}"), e)),
-            },
+                self.open_file(key, entry.len)
+            }
+        }
+    }
+
+    /// A blob file, buffered: the page cache is the hot tier for large
+    /// blobs that many clients fetch (a direct read measured a steady but
+    /// device-bound 0.8-0.9 GB/s here; see benchmarks/zero-copy-bytestream.md).
+    fn open_file(&self, key: &Key, len: u64) -> Result<Option<Blob>> {
+        match File::open(file_path(&self.root, key)) {
+            Ok(file) => Ok(Some(Blob::File {
+                file: Arc::new(file),
+                offset: 0,
+                len,
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.index.remove_if_at(key, Location::File);
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::io(format!("opening blob {key:?}"), e)),
         }
     }
 
@@ -1519,6 +1538,9 @@ impl Inner {
                     let _journal = self.journal.lock();
                     if self.index.remove_if_at(&key, Location::File) {
                         let _ = fs::remove_file(file_path(&self.root, &key));
+                        if let Some(recent) = &self.recent {
+                            recent.remove(&key);
+                        }
                         self.total_bytes.fetch_sub(len, Ordering::Relaxed);
                         remaining = remaining.saturating_sub(len);
                         dropped += 1;
@@ -1675,8 +1697,8 @@ impl BlobWriter for FileWriter {
             .expect("open until commit")
             .finish(self.size)
             .map_err(|e| store_io_error(&self.store.root, self.writing(), e));
-        let file = match file {
-            Ok(file) => file,
+        let (file, kept) = match file {
+            Ok(written) => written,
             Err(e) => {
                 let _ = fs::remove_file(&self.tmp_path);
                 return Err(e);
@@ -1719,6 +1741,9 @@ impl BlobWriter for FileWriter {
         let replaced = self
             .store
             .install_file(self.key, &self.tmp_path, entry, &record)?;
+        if let (Some(recent), Some(kept)) = (&self.store.recent, kept) {
+            recent.insert(self.key, kept);
+        }
         // A concurrent upload of the same blob renamed over the same path:
         // the bytes on disk did not grow.
         if !replaced.is_some_and(|entry| entry.location() == Location::File) {
@@ -1758,6 +1783,7 @@ impl BlobStore for DiskStore {
             max_bytes: inner.config.max_size_bytes,
             evicted_entries: inner.evicted_entries.load(Ordering::Relaxed),
             evicted_bytes: inner.evicted_bytes.load(Ordering::Relaxed),
+            recent_memory_bytes: inner.recent.as_ref().map_or(0, |r| r.memory_bytes() as u64),
         }
     }
 
@@ -1835,13 +1861,16 @@ impl BlobStore for DiskStore {
             .root
             .join("tmp")
             .join(uuid::Uuid::new_v4().to_string());
-        let sink = DirectFileSink::create(&tmp_path).map_err(|e| {
+        let mut sink = DirectFileSink::create(&tmp_path).map_err(|e| {
             store_io_error(
                 &self.inner.root,
                 format!("creating {}", tmp_path.display()),
                 e,
             )
         })?;
+        if let Some(recent) = &self.inner.recent {
+            sink.keep(recent.buffers());
+        }
         Ok(Box::new(FileWriter {
             store: self.inner.clone(),
             key,

@@ -627,3 +627,93 @@ fn many_parts_are_written_back_to_back_at_the_offset() {
     assert_eq!(&written[..100], &[0u8; 100][..]);
     assert_eq!(written[100..], parts.concat());
 }
+
+const MIB: usize = 1 << 20;
+
+/// Whether `store` serves `key` from memory, and what it serves.
+async fn read_kept(store: &DiskStore, key: &Key) -> (bool, Bytes) {
+    let blob = store.get(key).await.unwrap().expect("stored");
+    let in_memory = matches!(blob, Blob::Pieces(_));
+    (in_memory, blob.into_bytes().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_large_blob_just_written_is_read_back_from_memory_and_after_a_restart_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, data) = blob(41, 5 * MIB + 4321);
+    {
+        let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+        write_streaming(&store, key, &data).await;
+        assert_eq!(read_kept(&store, &key).await, (true, data.clone()));
+        // Ranges within a piece, across pieces, and at the very end.
+        let blob = store.get(&key).await.unwrap().unwrap();
+        for (at, len) in [(10, 100), (MIB - 3, 7), (2 * MIB - 1, 3 * MIB), (5 * MIB, 4321)] {
+            let got = blob.read_range(at as u64, len as u64).unwrap();
+            assert_eq!(got, data.slice(at..at + len), "range {at}+{len}");
+        }
+        assert_eq!(blob.contiguous_len(MIB as u64 - 3), 3);
+        assert!(store.usage().recent_memory_bytes >= data.len() as u64);
+        store.flush().unwrap();
+    }
+    let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    assert_eq!(read_kept(&store, &key).await, (false, data));
+    assert_eq!(store.usage().recent_memory_bytes, 0);
+}
+
+#[tokio::test]
+async fn recent_blobs_stay_within_their_memory_and_give_way_to_newer_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 1 << 30);
+    config.recent_blob_bytes = 5 * MIB as u64;
+    let (store, _) = DiskStore::open(config).unwrap();
+    let blobs: Vec<_> = (0..4).map(|i| blob(50 + i, 2 * MIB + 1)).collect();
+    // Three buffers each: the tier holds one of them at a time.
+    for (i, (key, data)) in blobs.iter().enumerate() {
+        write_streaming(&store, *key, data).await;
+        assert_eq!(read_kept(&store, key).await, (true, data.clone()), "blob {i}");
+        if i > 0 {
+            let (older, older_data) = &blobs[i - 1];
+            assert_eq!(read_kept(&store, older).await, (false, older_data.clone()));
+        }
+        assert!(store.usage().recent_memory_bytes <= 5 * MIB as u64);
+    }
+    // A blob too large for the whole tier is written and served from disk.
+    let (huge, huge_data) = blob(60, 6 * MIB);
+    write_streaming(&store, huge, &huge_data).await;
+    assert_eq!(read_kept(&store, &huge).await, (false, huge_data));
+    // And the next one that fits is kept again: the huge one gave its
+    // buffers back.
+    let (next, next_data) = blob(61, MIB + 1);
+    write_streaming(&store, next, &next_data).await;
+    assert_eq!(read_kept(&store, &next).await, (true, next_data));
+}
+
+#[tokio::test]
+async fn a_recent_blob_being_read_keeps_its_bytes_while_newer_writes_need_the_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 1 << 30);
+    config.recent_blob_bytes = 3 * MIB as u64;
+    let (store, _) = DiskStore::open(config).unwrap();
+    let (first, first_data) = blob(70, 2 * MIB + 1);
+    write_streaming(&store, first, &first_data).await;
+    let reading = store.get(&first).await.unwrap().unwrap();
+    assert!(matches!(reading, Blob::Pieces(_)));
+    // The next write finds the memory held by the read: it is not kept,
+    // and the blob being read is intact.
+    let (second, second_data) = blob(71, 2 * MIB + 1);
+    write_streaming(&store, second, &second_data).await;
+    assert_eq!(read_kept(&store, &second).await, (false, second_data));
+    assert_eq!(reading.into_bytes().await.unwrap(), first_data);
+    // Once the read is over, its memory serves the next write.
+    let (third, third_data) = blob(72, 2 * MIB + 1);
+    write_streaming(&store, third, &third_data).await;
+    assert_eq!(read_kept(&store, &third).await, (true, third_data));
+    // An upload given up on gives its memory back too.
+    let (fourth, fourth_data) = blob(73, 2 * MIB + 1);
+    let mut abandoned = store.writer(fourth, fourth_data.len() as u64).await.unwrap();
+    abandoned.write(&fourth_data[..2 * MIB]).unwrap();
+    drop(abandoned);
+    assert!(store.get(&fourth).await.unwrap().is_none());
+    write_streaming(&store, fourth, &fourth_data).await;
+    assert_eq!(read_kept(&store, &fourth).await, (true, fourth_data));
+}

@@ -1,0 +1,116 @@
+//! Large blobs just written, kept in memory in the direct-I/O buffers they
+//! were written from, so that reading one back (Bazel downloads an action's
+//! outputs right after the executor uploads them) needs neither the disk
+//! nor a copy.
+//!
+//! The buffers come from one [`BufferPool`] of at most the configured
+//! bytes, which never gives memory back to the system: on the VMs measured,
+//! faulting fresh pages in costs about as much CPU as hashing the data
+//! (benchmarks/recent-blobs.md), so a tier filled again and again must
+//! reuse the memory it already has. A write that needs a buffer when the
+//! pool is spent makes the least recently used blobs here give theirs back
+//! (a blob still being read keeps its buffers until the read ends); when
+//! writes under way hold the whole pool, the write goes on without keeping.
+//! The file on disk stays the blob's home: this is a cache of it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::direct::BufferSource;
+use crate::aligned::{AlignedBuf, BufferPool};
+use crate::{Key, Pieces};
+
+pub(super) struct RecentBlobs {
+    pool: Arc<BufferPool>,
+    index: Mutex<Index>,
+}
+
+#[derive(Default)]
+struct Index {
+    blobs: HashMap<Key, (u64, Pieces)>,
+    /// Last use → key, oldest first.
+    by_use: BTreeMap<u64, Key>,
+    clock: u64,
+}
+
+impl Index {
+    fn remove(&mut self, key: &Key) -> Option<Pieces> {
+        let (used, pieces) = self.blobs.remove(key)?;
+        self.by_use.remove(&used);
+        Some(pieces)
+    }
+
+    fn insert(&mut self, key: Key, pieces: Pieces) {
+        self.remove(&key);
+        self.clock += 1;
+        self.by_use.insert(self.clock, key);
+        self.blobs.insert(key, (self.clock, pieces));
+    }
+}
+
+impl RecentBlobs {
+    /// A tier of at most `limit_bytes` of buffers of `buffer_bytes`; `None`
+    /// when the limit holds no buffer.
+    pub(super) fn new(buffer_bytes: usize, limit_bytes: u64) -> Option<Arc<Self>> {
+        let limit_bytes = usize::try_from(limit_bytes).unwrap_or(usize::MAX);
+        (limit_bytes >= buffer_bytes).then(|| {
+            Arc::new(RecentBlobs {
+                pool: BufferPool::new(buffer_bytes, limit_bytes),
+                index: Mutex::default(),
+            })
+        })
+    }
+
+    /// Buffers for a blob being written: from the pool, else given back by
+    /// the least recently used blobs here.
+    pub(super) fn buffers(self: &Arc<Self>) -> BufferSource {
+        let recent = self.clone();
+        Box::new(move || recent.buffer())
+    }
+
+    fn buffer(&self) -> Option<AlignedBuf> {
+        loop {
+            if let Some(buffer) = self.pool.take() {
+                return Some(buffer);
+            }
+            // Dropped outside the lock: the buffers go back to the pool.
+            let oldest = {
+                let mut index = self.index.lock();
+                let (_, key) = index.by_use.pop_first()?;
+                index.blobs.remove(&key)
+            };
+            drop(oldest);
+        }
+    }
+
+    /// Keeps a blob just written, replacing what was kept under its key.
+    pub(super) fn insert(&self, key: Key, parts: Vec<Bytes>) {
+        let pieces = Pieces::new(parts);
+        self.index.lock().insert(key, pieces);
+    }
+
+    /// Forgets `key` (its blob was replaced without being kept, or dropped).
+    pub(super) fn remove(&self, key: &Key) {
+        let removed = self.index.lock().remove(key);
+        drop(removed);
+    }
+
+    /// The blob kept under `key`, if it is `len` bytes long; a use.
+    pub(super) fn get(&self, key: &Key, len: u64) -> Option<Pieces> {
+        let mut index = self.index.lock();
+        let pieces = index.blobs.get(key).map(|(_, pieces)| pieces.clone())?;
+        if pieces.len() != len {
+            return None;
+        }
+        index.insert(*key, pieces.clone());
+        Some(pieces)
+    }
+
+    /// Bytes of memory the tier holds (its pool's buffers, in use or free).
+    pub(super) fn memory_bytes(&self) -> usize {
+        self.pool.made_bytes()
+    }
+}
