@@ -586,7 +586,9 @@ impl ByteStreamService {
             let mut responses = Vec::with_capacity(len.div_ceil(chunk).max(1) as usize);
             let mut at = offset;
             loop {
-                let this = chunk.min(offset + len - at).min(blob.contiguous_len(at).max(1));
+                let this = chunk
+                    .min(offset + len - at)
+                    .min(blob.contiguous_len(at).max(1));
                 let data = blob
                     .read_range(at, this)
                     .map_err(|e| CasError::Internal(format!("reading blob {digest}: {e}")))?;

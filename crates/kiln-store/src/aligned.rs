@@ -72,7 +72,11 @@ impl BufferPool {
             true => vec![0u8; self.buffer_bytes + ALIGN],
             false => raw,
         };
-        Some(AlignedBuf::from_raw(raw, self.buffer_bytes, Some(self.clone())))
+        Some(AlignedBuf::from_raw(
+            raw,
+            self.buffer_bytes,
+            Some(self.clone()),
+        ))
     }
 
     /// Bytes of buffers made (free or in use): what the pool holds of memory.

@@ -96,14 +96,16 @@ impl DirectFileSink {
 
     pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
+            // A full buffer goes out only once more data comes: the last one
+            // is written by `finish`, so no buffer is taken that stays empty.
+            if self.filling.len == self.filling.capacity() {
+                self.submit()?;
+            }
             let spare = self.filling.spare();
             let n = spare.len().min(data.len());
             spare[..n].copy_from_slice(&data[..n]);
             self.filling.len += n;
             data = &data[n..];
-            if self.filling.len == self.filling.capacity() {
-                self.submit()?;
-            }
         }
         Ok(())
     }
@@ -245,24 +247,37 @@ mod tests {
     #[test]
     fn a_keeping_sink_hands_back_what_it_wrote_until_its_source_runs_dry() {
         let dir = tempfile::tempdir().unwrap();
-        let size = BUFFER_BYTES * 5 + 123;
-        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-        for (limit, kept) in [(6, true), (5, false), (1, false)] {
-            let pool = crate::aligned::BufferPool::new(BUFFER_BYTES, limit * BUFFER_BYTES);
-            let path = dir.path().join(format!("k{limit}"));
+        let data: Vec<u8> = (0..BUFFER_BYTES * 6).map(|i| (i * 7 % 251) as u8).collect();
+        // (buffers the source has, blob size, whether the sink keeps it)
+        for (buffers, size, kept) in [
+            (6, BUFFER_BYTES * 5 + 123, true),
+            (5, BUFFER_BYTES * 5 + 123, false),
+            (5, BUFFER_BYTES * 5, true),
+            (1, BUFFER_BYTES * 2, false),
+        ] {
+            let data = &data[..size];
+            let pool = crate::aligned::BufferPool::new(BUFFER_BYTES, buffers * BUFFER_BYTES);
+            let path = dir.path().join(format!("k{buffers}-{size}"));
             let mut sink = DirectFileSink::create(&path).unwrap();
             sink.keep(Box::new(move || pool.take()));
             for chunk in data.chunks(70_001) {
                 sink.write(chunk).unwrap();
             }
             let (_, pieces) = sink.finish(size as u64).unwrap();
-            assert_eq!(std::fs::read(&path).unwrap(), data, "{limit} buffers");
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                data,
+                "{buffers} buffers, {size}"
+            );
             match pieces {
                 Some(pieces) => {
-                    assert!(kept, "{limit} buffers cannot hold {size} bytes");
-                    assert!(pieces.concat() == data, "{limit} buffers: kept bytes differ");
+                    assert!(kept, "{buffers} buffers cannot hold {size} bytes");
+                    assert!(
+                        pieces.concat() == data,
+                        "{buffers} buffers: kept bytes differ"
+                    );
                 }
-                None => assert!(!kept, "{limit} buffers hold {size} bytes"),
+                None => assert!(!kept, "{buffers} buffers hold {size} bytes"),
             }
         }
     }

@@ -647,7 +647,12 @@ async fn a_large_blob_just_written_is_read_back_from_memory_and_after_a_restart_
         assert_eq!(read_kept(&store, &key).await, (true, data.clone()));
         // Ranges within a piece, across pieces, and at the very end.
         let blob = store.get(&key).await.unwrap().unwrap();
-        for (at, len) in [(10, 100), (MIB - 3, 7), (2 * MIB - 1, 3 * MIB), (5 * MIB, 4321)] {
+        for (at, len) in [
+            (10, 100),
+            (MIB - 3, 7),
+            (2 * MIB - 1, 3 * MIB),
+            (5 * MIB, 4321),
+        ] {
             let got = blob.read_range(at as u64, len as u64).unwrap();
             assert_eq!(got, data.slice(at..at + len), "range {at}+{len}");
         }
@@ -670,7 +675,11 @@ async fn recent_blobs_stay_within_their_memory_and_give_way_to_newer_ones() {
     // Three buffers each: the tier holds one of them at a time.
     for (i, (key, data)) in blobs.iter().enumerate() {
         write_streaming(&store, *key, data).await;
-        assert_eq!(read_kept(&store, key).await, (true, data.clone()), "blob {i}");
+        assert_eq!(
+            read_kept(&store, key).await,
+            (true, data.clone()),
+            "blob {i}"
+        );
         if i > 0 {
             let (older, older_data) = &blobs[i - 1];
             assert_eq!(read_kept(&store, older).await, (false, older_data.clone()));
@@ -710,7 +719,10 @@ async fn a_recent_blob_being_read_keeps_its_bytes_while_newer_writes_need_the_me
     assert_eq!(read_kept(&store, &third).await, (true, third_data));
     // An upload given up on gives its memory back too.
     let (fourth, fourth_data) = blob(73, 2 * MIB + 1);
-    let mut abandoned = store.writer(fourth, fourth_data.len() as u64).await.unwrap();
+    let mut abandoned = store
+        .writer(fourth, fourth_data.len() as u64)
+        .await
+        .unwrap();
     abandoned.write(&fourth_data[..2 * MIB]).unwrap();
     drop(abandoned);
     assert!(store.get(&fourth).await.unwrap().is_none());
