@@ -510,6 +510,12 @@ async fn bytestream_round_trips_large_blobs_with_ranges() {
         harness.read(&name, 1000, 5000).await.unwrap(),
         data[1000..6000].to_vec()
     );
+    // Across the 1 MiB pieces a just-written blob is kept in.
+    let from = (1 << 20) - 100;
+    assert_eq!(
+        harness.read(&name, from as i64, 3 << 20).await.unwrap(),
+        data[from..from + (3 << 20)].to_vec()
+    );
     assert_eq!(
         harness
             .read(&name, data.len() as i64 - 10, 0)
