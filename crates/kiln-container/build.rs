@@ -10,6 +10,7 @@ use std::process::Command;
 fn main() {
     let source = "agent/main.rs";
     println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-changed=agent/sys.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let target = std::env::var("TARGET").expect("cargo sets TARGET");

@@ -13,6 +13,7 @@ fn main() {
     println!("cargo:rerun-if-changed=agent/dockerd.rs");
     println!("cargo:rerun-if-changed=agent/store.rs");
     println!("cargo:rerun-if-changed=src/tree_stream.rs");
+    println!("cargo:rerun-if-changed=../kiln-container/agent/sys.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let target = std::env::var("TARGET").expect("cargo sets TARGET");

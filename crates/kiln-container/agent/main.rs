@@ -30,11 +30,16 @@
 //!   `exited CODE` / `failed MESSAGE` as for `run`.
 //! - `kill PID`: SIGKILL to the process group of a process `start`ed.
 
-use std::ffi::{c_int, c_void, CString, OsString};
+#[path = "sys.rs"]
+mod sys;
+
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+
+use sys::*;
 
 #[repr(C)]
 struct IoVec {
@@ -60,50 +65,13 @@ struct CmsgHdr {
     kind: c_int,
 }
 
-#[repr(C)]
-struct PollFd {
-    fd: c_int,
-    events: i16,
-    revents: i16,
-}
-
-/// glibc's `sigset_t`: 1024 bits.
-#[repr(C)]
-struct SigSet([u64; 16]);
-
 extern "C" {
     fn recvmsg(fd: c_int, msg: *mut MsgHdr, flags: c_int) -> isize;
-    fn sigemptyset(set: *mut SigSet) -> c_int;
-    fn sigaddset(set: *mut SigSet, signal: c_int) -> c_int;
-    fn sigprocmask(how: c_int, set: *const SigSet, old: *mut SigSet) -> c_int;
-    fn signalfd(fd: c_int, mask: *const SigSet, flags: c_int) -> c_int;
-    fn poll(fds: *mut PollFd, nfds: u64, timeout: c_int) -> c_int;
-    fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
-    fn fork() -> c_int;
-    fn execve(path: *const i8, argv: *const *const i8, envp: *const *const i8) -> c_int;
-    fn setpgid(pid: c_int, pgid: c_int) -> c_int;
-    fn dup2(old: c_int, new: c_int) -> c_int;
-    fn chdir(path: *const i8) -> c_int;
-    fn kill(pid: c_int, signal: c_int) -> c_int;
-    fn pipe2(fds: *mut c_int, flags: c_int) -> c_int;
-    fn write(fd: c_int, buf: *const c_void, count: usize) -> isize;
-    fn access(path: *const i8, mode: c_int) -> c_int;
-    fn __errno_location() -> *mut c_int;
-    fn _exit(code: c_int) -> !;
 }
 
-const SIG_BLOCK: c_int = 0;
-const SIG_SETMASK: c_int = 2;
-const SIGTERM: c_int = 15;
-const SIGCHLD: c_int = 17;
-const O_CLOEXEC: c_int = 0o2000000;
-const WNOHANG: c_int = 1;
-const POLLIN: i16 = 1;
 const SOL_SOCKET: c_int = 1;
 const SCM_RIGHTS: c_int = 1;
 const MSG_CMSG_CLOEXEC: c_int = 0x4000_0000;
-const X_OK: c_int = 1;
-const EINTR: i32 = 4;
 
 /// A frame is never larger than this (an action's command line and
 /// environment, with room to spare).
@@ -118,20 +86,8 @@ fn main() {
     // children get an empty mask back before they exec. SIGTERM (`docker
     // stop`) ends the agent, and the container with it: as PID 1 it would
     // otherwise be ignored.
-    let signals = unsafe {
-        let mut set = SigSet([0; 16]);
-        sigemptyset(&mut set);
-        sigaddset(&mut set, SIGCHLD);
-        sigaddset(&mut set, SIGTERM);
-        if sigprocmask(SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            die("blocking SIGCHLD");
-        }
-        let fd = signalfd(-1, &set, O_CLOEXEC);
-        if fd < 0 {
-            die("signalfd");
-        }
-        std::fs::File::from_raw_fd(fd)
-    };
+    let signals = signal_fd(&[SIGCHLD, SIGTERM])
+        .unwrap_or_else(|call| die(&format!("blocking SIGCHLD and SIGTERM: {call}")));
     let listener = UnixListener::bind(&socket).unwrap_or_else(|e| die(&format!("bind: {e}")));
     // SIGTERM ends the agent while it waits for the executor too.
     while !readable(&listener, &signals) {}
@@ -421,12 +377,12 @@ impl Agent {
             self.answer(&[b"failed", b"a NUL byte in the arguments or environment"]);
             return None;
         };
-        let argv: Vec<*const i8> = arguments
+        let argv: Vec<*const c_char> = arguments
             .iter()
             .map(|a| a.as_ptr())
             .chain(std::iter::once(std::ptr::null()))
             .collect();
-        let envp: Vec<*const i8> = environment
+        let envp: Vec<*const c_char> = environment
             .iter()
             .map(|e| e.as_ptr())
             .chain(std::iter::once(std::ptr::null()))
@@ -495,8 +451,8 @@ impl Agent {
 unsafe fn child(
     cwd: &CString,
     program: &CString,
-    argv: &[*const i8],
-    envp: &[*const i8],
+    argv: &[*const c_char],
+    envp: &[*const c_char],
     stdio: [Option<&OwnedFd>; 3],
     report: &OwnedFd,
 ) -> ! {
@@ -515,10 +471,6 @@ unsafe fn child(
     let code = *__errno_location();
     write(report.as_raw_fd(), (&code as *const c_int).cast(), 4);
     _exit(127)
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 struct Request {
@@ -564,54 +516,3 @@ impl Request {
         environment
     }
 }
-
-/// Where `name` resolves: a name with a `/` as it is (relative to the
-/// working directory), else the first executable match in the action's
-/// `PATH`. On failure, the shell's exit code and why.
-fn find_program(
-    name: &[u8],
-    cwd: &[u8],
-    environment: &[Vec<u8>],
-) -> Result<CString, (i32, &'static str)> {
-    let executable = |path: &[u8]| -> Option<CString> {
-        let full = if path.starts_with(b"/") {
-            path.to_vec()
-        } else {
-            let mut full = cwd.to_vec();
-            full.push(b'/');
-            full.extend_from_slice(path);
-            full
-        };
-        let c = CString::new(full).ok()?;
-        let is_file = std::fs::metadata(std::ffi::OsStr::from_bytes(c.as_bytes()))
-            .map(|m| m.is_file())
-            .unwrap_or(false);
-        (is_file && unsafe { access(c.as_ptr(), X_OK) } == 0).then_some(c)
-    };
-    if name.contains(&b'/') {
-        let full = if name.starts_with(b"/") {
-            name.to_vec()
-        } else {
-            [cwd, b"/", name].concat()
-        };
-        let exists = std::fs::metadata(OsString::from_vec(full.clone())).is_ok();
-        return match executable(&full) {
-            Some(found) => Ok(found),
-            None if exists => Err((126, "permission denied")),
-            None => Err((127, "command not found")),
-        };
-    }
-    let path = environment
-        .iter()
-        .find_map(|e| e.strip_prefix(b"PATH="))
-        .unwrap_or(b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    for dir in path.split(|b| *b == b':') {
-        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
-        let candidate = [dir, b"/", name].concat();
-        if let Some(found) = executable(&candidate) {
-            return Ok(found);
-        }
-    }
-    Err((127, "command not found"))
-}
-

@@ -45,6 +45,8 @@ mod dockerd;
 mod frame;
 #[path = "store.rs"]
 mod store;
+#[path = "../../kiln-container/agent/sys.rs"]
+mod sys;
 #[path = "../src/tree_stream.rs"]
 mod tree_stream;
 
@@ -55,16 +57,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-#[repr(C)]
-struct PollFd {
-    fd: c_int,
-    events: i16,
-    revents: i16,
-}
-
-/// glibc's `sigset_t`: 1024 bits.
-#[repr(C)]
-struct SigSet([u64; 16]);
+use sys::*;
 
 #[repr(C)]
 struct SockAddrIn {
@@ -109,24 +102,8 @@ extern "C" {
     ) -> c_int;
     fn umount2(target: *const c_char, flags: c_int) -> c_int;
     fn chroot(path: *const c_char) -> c_int;
-    fn chdir(path: *const c_char) -> c_int;
     fn syscall(number: c_long, ...) -> c_long;
-    fn sigemptyset(set: *mut SigSet) -> c_int;
-    fn sigaddset(set: *mut SigSet, signal: c_int) -> c_int;
-    fn sigprocmask(how: c_int, set: *const SigSet, old: *mut SigSet) -> c_int;
-    fn signalfd(fd: c_int, mask: *const SigSet, flags: c_int) -> c_int;
-    fn poll(fds: *mut PollFd, nfds: u64, timeout: c_int) -> c_int;
-    fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
-    fn fork() -> c_int;
-    fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char)
-        -> c_int;
-    fn setpgid(pid: c_int, pgid: c_int) -> c_int;
     fn setsid() -> c_int;
-    fn dup2(old: c_int, new: c_int) -> c_int;
-    fn kill(pid: c_int, signal: c_int) -> c_int;
-    fn pipe2(fds: *mut c_int, flags: c_int) -> c_int;
-    fn write(fd: c_int, buf: *const c_void, count: usize) -> isize;
-    fn access(path: *const c_char, mode: c_int) -> c_int;
     fn setgroups(size: usize, list: *const u32) -> c_int;
     fn setgid(gid: u32) -> c_int;
     fn setuid(uid: u32) -> c_int;
@@ -134,23 +111,12 @@ extern "C" {
     fn ioctl(fd: c_int, request: u64, ...) -> c_int;
     fn sync();
     fn sethostname(name: *const c_char, length: usize) -> c_int;
-    fn __errno_location() -> *mut c_int;
-    fn _exit(code: c_int) -> !;
 }
 
-const SIG_BLOCK: c_int = 0;
-const SIG_SETMASK: c_int = 2;
-const SIGTERM: c_int = 15;
 const SIGKILL: c_int = 9;
-const SIGCHLD: c_int = 17;
-const O_CLOEXEC: c_int = 0o2000000;
 const O_NONBLOCK: c_int = 0o4000;
-const WNOHANG: c_int = 1;
-const POLLIN: i16 = 1;
 const POLLOUT: i16 = 4;
 const POLLHUP: i16 = 0x10;
-const X_OK: c_int = 1;
-const EINTR: i32 = 4;
 const EEXIST: i32 = 17;
 const MS_MOVE: u64 = 8192;
 const MNT_DETACH: c_int = 2;
@@ -181,20 +147,8 @@ fn main() {
     }
     // SIGCHLD is read from a descriptor, never delivered; children get an
     // empty mask back before they exec.
-    // SAFETY: the set is a local glibc sigset_t; the new descriptor is owned by the File alone.
-    let signals = unsafe {
-        let mut set = SigSet([0; 16]);
-        sigemptyset(&mut set);
-        sigaddset(&mut set, SIGCHLD);
-        if sigprocmask(SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            halt("blocking SIGCHLD");
-        }
-        let fd = signalfd(-1, &set, O_CLOEXEC);
-        if fd < 0 {
-            halt("signalfd");
-        }
-        std::fs::File::from_raw_fd(fd)
-    };
+    let signals = signal_fd(&[SIGCHLD])
+        .unwrap_or_else(|call| halt(&format!("blocking SIGCHLD: {call}")));
     for (kind, target) in [("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev")] {
         let _ = std::fs::create_dir_all(target);
         if let Err(e) = mount_fs(kind, target, kind, "") {
@@ -1445,10 +1399,6 @@ unsafe fn child(setup: &ChildSetup) -> ! {
     _exit(127)
 }
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
 struct RunRequest {
     cwd: Vec<u8>,
     user: Option<String>,
@@ -1489,52 +1439,4 @@ impl RunRequest {
             environment: fields[8 + count..].to_vec(),
         })
     }
-}
-
-/// Where `name` resolves: a name with a `/` as it is (relative to the
-/// working directory), else the first executable match in the action's
-/// `PATH`. On failure, the shell's exit code and why.
-fn find_program(
-    name: &[u8],
-    cwd: &[u8],
-    environment: &[Vec<u8>],
-) -> Result<CString, (i32, &'static str)> {
-    let executable = |path: &[u8]| -> Option<CString> {
-        let full = if path.starts_with(b"/") {
-            path.to_vec()
-        } else {
-            [cwd, b"/", path].concat()
-        };
-        let c = CString::new(full).ok()?;
-        let is_file = std::fs::metadata(std::ffi::OsStr::from_bytes(c.as_bytes()))
-            .map(|m| m.is_file())
-            .unwrap_or(false);
-        // SAFETY: a NUL-terminated path.
-        (is_file && unsafe { access(c.as_ptr(), X_OK) } == 0).then_some(c)
-    };
-    if name.contains(&b'/') {
-        let full = if name.starts_with(b"/") {
-            name.to_vec()
-        } else {
-            [cwd, b"/", name].concat()
-        };
-        let exists = std::fs::metadata(std::ffi::OsStr::from_bytes(&full)).is_ok();
-        return match executable(&full) {
-            Some(found) => Ok(found),
-            None if exists => Err((126, "permission denied")),
-            None => Err((127, "command not found")),
-        };
-    }
-    let path = environment
-        .iter()
-        .find_map(|e| e.strip_prefix(b"PATH="))
-        .unwrap_or(b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    for dir in path.split(|b| *b == b':') {
-        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
-        let candidate = [dir, b"/", name].concat();
-        if let Some(found) = executable(&candidate) {
-            return Ok(found);
-        }
-    }
-    Err((127, "command not found"))
 }
