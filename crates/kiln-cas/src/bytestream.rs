@@ -578,25 +578,15 @@ impl ByteStreamService {
             limit => (limit as u64).min(digest.size - offset),
         };
         let chunk = self.storage.limits.read_chunk_bytes as u64;
-        if resource.compressor == Compressor::Identity
-            && (len <= chunk || matches!(blob, Blob::Memory(_) | Blob::Pieces(_)))
-        {
-            // In memory or small: no thread hop, and each message a slice
-            // of what is in memory (none straddles two pieces).
-            let mut responses = Vec::with_capacity(len.div_ceil(chunk).max(1) as usize);
-            let mut at = offset;
-            loop {
-                let this = chunk
-                    .min(offset + len - at)
-                    .min(blob.contiguous_len(at).max(1));
+        let in_memory = matches!(blob, Blob::Memory(_) | Blob::Pieces(_));
+        if resource.compressor == Compressor::Identity && len <= chunk {
+            // Small: answered at once, no hop.
+            let mut responses = Vec::with_capacity(2);
+            for range in message_ranges(&blob, offset, len, chunk) {
                 let data = blob
-                    .read_range(at, this)
+                    .read_range(range.0, range.1)
                     .map_err(|e| CasError::Internal(format!("reading blob {digest}: {e}")))?;
                 responses.push(Ok(ReadResponse { data }));
-                at += this;
-                if at >= offset + len {
-                    break;
-                }
             }
             let sent: u64 = responses
                 .iter()
@@ -614,15 +604,31 @@ impl ByteStreamService {
         };
         let stalled = sender.stalled.clone();
         let compressor = resource.compressor;
-        tokio::task::spawn_blocking(move || {
-            let result = match compressor {
-                Compressor::Identity => stream_plain(&blob, offset, len, chunk, &sender),
-                Compressor::Zstd => stream_zstd(&blob, offset, len, chunk, &sender),
-            };
-            if let Err(e) = result {
-                sender.send(Err(Status::internal(format!("reading blob {digest}: {e}"))));
-            }
-        });
+        if compressor == Compressor::Identity && in_memory {
+            // In memory: each message a slice of it, queued by a task under
+            // the same idle bound as a disk read, so a client that stops
+            // reading does not hold the memory (a recent blob's pieces).
+            tokio::spawn(async move {
+                for (at, this) in message_ranges(&blob, offset, len, chunk) {
+                    let Ok(data) = blob.read_range(at, this) else {
+                        return; // in memory: never fails
+                    };
+                    if !sender.send_async(Ok(ReadResponse { data })).await {
+                        return;
+                    }
+                }
+            });
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let result = match compressor {
+                    Compressor::Identity => stream_plain(&blob, offset, len, chunk, &sender),
+                    Compressor::Zstd => stream_zstd(&blob, offset, len, chunk, &sender),
+                };
+                if let Err(e) = result {
+                    sender.send(Err(Status::internal(format!("reading blob {digest}: {e}"))));
+                }
+            });
+        }
         // A read given up on because its client stopped reading ends with
         // an error after what was queued, never as a complete blob.
         let idle = self.storage.limits.idle_timeout.unwrap_or_default();
@@ -658,18 +664,20 @@ impl ChunkSender {
     /// Queues `message`; false when the client went away or stopped
     /// reading for the idle timeout. Blocking.
     fn send(&self, message: Result<ReadResponse, Status>) -> bool {
-        let Some(idle) = self.idle else {
-            return self.sender.blocking_send(message).is_ok();
-        };
         let message = match self.sender.try_send(message) {
             Ok(()) => return true,
             Err(mpsc::error::TrySendError::Closed(_)) => return false,
             Err(mpsc::error::TrySendError::Full(message)) => message,
         };
-        match self
-            .runtime
-            .block_on(tokio::time::timeout(idle, self.sender.send(message)))
-        {
+        self.runtime.block_on(self.send_async(message))
+    }
+
+    /// [`ChunkSender::send`] from a task.
+    async fn send_async(&self, message: Result<ReadResponse, Status>) -> bool {
+        let Some(idle) = self.idle else {
+            return self.sender.send(message).await.is_ok();
+        };
+        match tokio::time::timeout(idle, self.sender.send(message)).await {
             Ok(sent) => sent.is_ok(),
             Err(_) => {
                 self.stalled.store(true, Ordering::Relaxed);
@@ -677,6 +685,26 @@ impl ChunkSender {
             }
         }
     }
+}
+
+/// The (offset, length) of each message of a small or in-memory read:
+/// at most `chunk` long, and none straddling two of a blob's pieces, so
+/// each is a slice of memory. An empty read is one empty message.
+fn message_ranges(
+    blob: &Blob,
+    offset: u64,
+    len: u64,
+    chunk: u64,
+) -> impl Iterator<Item = (u64, u64)> + Send + 'static {
+    let blob = blob.clone();
+    let end = offset + len;
+    let mut at = Some(offset);
+    std::iter::from_fn(move || {
+        let from = at?;
+        let this = chunk.min(end - from).min(blob.contiguous_len(from).max(1));
+        at = (from + this < end).then_some(from + this);
+        Some((from, this))
+    })
 }
 
 /// Disk reads are this many message chunks at a time: fewer, larger reads
