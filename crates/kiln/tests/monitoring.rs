@@ -27,14 +27,16 @@ const HANG_GUARD: Duration = Duration::from_secs(120);
 
 const SECRET: &str = "kiln-ui-SECRET-4d2b8e9a17";
 
-/// 100,000 bytes of output, the same every run.
-const OUTPUT_BYTES: u64 = 100_000;
+/// 5,000,000 bytes of output, the same every run: more than a batch
+/// carries, so the executor streams it and the store keeps it in memory
+/// for the download that follows.
+const OUTPUT_BYTES: u64 = 5_000_000;
 
 const BUILD: &str = r#"
 genrule(
     name = "big",
     outs = ["big.txt"],
-    cmd = "head -c 100000 /dev/zero | tr '\\0' k > $@",
+    cmd = "head -c 5000000 /dev/zero | tr '\\0' k > $@",
 )
 
 genrule(
@@ -142,6 +144,11 @@ fn a_bazel_build_moves_the_metrics_by_what_it_did() {
         "no execution times were observed:\n{text}"
     );
     assert!(value(&after, "kiln_store_size_bytes") >= OUTPUT_BYTES as f64);
+    // The output Bazel downloaded right after its upload is held in memory.
+    assert!(
+        value(&after, "kiln_store_recent_memory_bytes") >= OUTPUT_BYTES as f64,
+        "the output is not among the recent blobs kept in memory:\n{text}"
+    );
     assert_eq!(value(&after, r#"kiln_executors{pool="default"}"#), 1.0);
 
     // A second build of the same target is answered from the cache.
