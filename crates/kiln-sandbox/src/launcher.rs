@@ -345,12 +345,12 @@ fn send(socket: &UnixStream, request: &[u8], fds: &[BorrowedFd]) -> io::Result<(
         &mut control,
         SendFlags::NOSIGNAL,
     )?;
-    let rest = (length.len() + request.len()).saturating_sub(sent);
-    if rest > 0 {
-        let mut all = Vec::with_capacity(length.len() + request.len());
-        all.extend_from_slice(&length);
-        all.extend_from_slice(request);
-        let mut remaining = &all[all.len() - rest..];
+    // What the first call did not take (a request larger than the
+    // socket's buffer), without the descriptors already sent.
+    let mut skip = sent;
+    for part in [&length[..], request] {
+        let mut remaining = &part[skip.min(part.len())..];
+        skip = skip.saturating_sub(part.len());
         while !remaining.is_empty() {
             let written = rustix::net::send(socket, remaining, SendFlags::NOSIGNAL)?;
             remaining = &remaining[written..];
@@ -568,6 +568,10 @@ impl Writer {
         self.0.extend_from_slice(&value.to_le_bytes());
     }
 
+    fn u64(&mut self, value: u64) {
+        self.0.extend_from_slice(&value.to_le_bytes());
+    }
+
     fn bytes(&mut self, value: &[u8]) {
         self.u32(value.len() as u32);
         self.0.extend_from_slice(value);
@@ -611,7 +615,7 @@ impl Writer {
                 self.optional(source);
                 self.bytes(target.as_bytes());
                 self.optional(fstype);
-                self.0.extend_from_slice(&flags.to_le_bytes());
+                self.u64(*flags);
                 self.optional(data);
                 self.u8((*optional).into());
             }

@@ -57,14 +57,18 @@ impl Pieces {
         self.len == 0
     }
 
+    /// How many bytes from `at` (within the blob) to the end of its piece.
+    fn to_piece_end(&self, at: u64) -> u64 {
+        let part_len = self.part_len as u64;
+        (part_len - at % part_len).min(self.len - at)
+    }
+
     /// The bytes from `at` to the end of the piece holding `at`, at most
     /// `max`: zero-copy.
     fn slice_from(&self, at: u64, max: u64) -> Bytes {
-        let index = (at / self.part_len as u64) as usize;
+        let part = &self.parts[(at / self.part_len as u64) as usize];
         let within = (at % self.part_len as u64) as usize;
-        let part = &self.parts[index];
-        let end = part.len().min(within.saturating_add(max as usize));
-        part.slice(within..end)
+        part.slice(within..within + self.to_piece_end(at).min(max) as usize)
     }
 }
 
@@ -83,7 +87,7 @@ impl Blob {
     pub fn contiguous_len(&self, offset: u64) -> u64 {
         let rest = self.len().saturating_sub(offset);
         match self {
-            Blob::Pieces(pieces) if rest > 0 => pieces.slice_from(offset, rest).len() as u64,
+            Blob::Pieces(pieces) if rest > 0 => pieces.to_piece_end(offset),
             _ => rest,
         }
     }

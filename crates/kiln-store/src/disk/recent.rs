@@ -49,6 +49,19 @@ impl Index {
         self.by_use.insert(self.clock, key);
         self.blobs.insert(key, (self.clock, pieces));
     }
+
+    /// The blob under `key`, if it is `len` bytes long, marked used now.
+    fn use_now(&mut self, key: &Key, len: u64) -> Option<Pieces> {
+        let (used, pieces) = self.blobs.get_mut(key)?;
+        if pieces.len() != len {
+            return None;
+        }
+        self.by_use.remove(used);
+        self.clock += 1;
+        *used = self.clock;
+        self.by_use.insert(self.clock, *key);
+        Some(pieces.clone())
+    }
 }
 
 impl RecentBlobs {
@@ -100,13 +113,7 @@ impl RecentBlobs {
 
     /// The blob kept under `key`, if it is `len` bytes long; a use.
     pub(super) fn get(&self, key: &Key, len: u64) -> Option<Pieces> {
-        let mut index = self.index.lock();
-        let pieces = index.blobs.get(key).map(|(_, pieces)| pieces.clone())?;
-        if pieces.len() != len {
-            return None;
-        }
-        index.insert(*key, pieces.clone());
-        Some(pieces)
+        self.index.lock().use_now(key, len)
     }
 
     /// Bytes of memory the tier holds (its pool's buffers, in use or free).

@@ -73,7 +73,7 @@ pub struct ExecBenchArgs {
     #[arg(long = "property", value_parser = parse_property)]
     pub properties: Vec<(String, String)>,
 
-    /// Server process to sample CPU time (with its launcher's) and memory from.
+    /// Server process to sample CPU time (with its launchers') and memory from.
     #[arg(long)]
     pub server_pid: Option<u32>,
 

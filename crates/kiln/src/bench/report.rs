@@ -53,10 +53,10 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((user + system) as f64 / USER_HZ)
 }
 
-/// CPU time of server `pid` and of its launcher (`kiln launcher`, the
-/// process a root executor starts actions through, see
-/// `kiln_sandbox::launcher`), which does the server's share of starting
-/// each action. The actions' own time is in neither.
+/// CPU time of server `pid` and of its launchers (`kiln launcher`, the
+/// processes a root executor starts actions through, see
+/// `kiln_sandbox::launcher`), which do the server's share of starting
+/// each action. The actions' own time is in none of them.
 pub fn server_cpu_seconds(pid: u32) -> Option<f64> {
     let own = process_cpu_seconds(pid)?;
     // Children are listed per thread: whichever thread started it.
