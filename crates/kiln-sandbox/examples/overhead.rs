@@ -42,6 +42,7 @@ async fn measure(
         action_user: None,
         runner_tmp: None,
         output_paths: Vec::new(),
+        input_digests: None,
     };
     let cancel = CancellationToken::new();
     // One untimed run first: page cache, lazily created state.

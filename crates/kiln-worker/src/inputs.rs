@@ -538,31 +538,61 @@ pub fn clear_shadows(
     Ok(())
 }
 
-/// The paths of the tree's files and symlinks, relative to its root.
+/// Every input file's and symlink's path, relative to the input root.
 pub fn file_paths(directories: &DirectoryMap, root: &Digest) -> Vec<std::path::PathBuf> {
-    fn walk(
-        directories: &DirectoryMap,
-        digest: &Digest,
-        prefix: &Path,
-        out: &mut Vec<std::path::PathBuf>,
-    ) {
-        let Some(directory) = directories.get(digest) else {
-            return;
-        };
-        out.extend(directory.files.iter().map(|f| prefix.join(&f.name)));
-        out.extend(directory.symlinks.iter().map(|s| prefix.join(&s.name)));
-        for child in &directory.directories {
-            walk(
-                directories,
-                child.digest.as_ref().unwrap_or(&Digest::default()),
-                &prefix.join(&child.name),
-                out,
-            );
-        }
-    }
     let mut out = Vec::new();
-    walk(directories, root, Path::new(""), &mut out);
+    walk_tree(
+        directories,
+        root,
+        Path::new(""),
+        &mut |prefix, directory| {
+            out.extend(directory.files.iter().map(|f| prefix.join(&f.name)));
+            out.extend(directory.symlinks.iter().map(|s| prefix.join(&s.name)));
+        },
+    );
     out
+}
+
+/// The digest of every input file, by its path relative to the input
+/// root (`/`-separated): what a backend that copies the inputs into a
+/// disk of its own needs to tell what it holds already.
+pub fn file_digests(directories: &DirectoryMap, root: &Digest) -> crate::isolation::InputDigests {
+    let mut out = crate::isolation::InputDigests::new();
+    walk_tree(
+        directories,
+        root,
+        Path::new(""),
+        &mut |prefix, directory| {
+            for file in &directory.files {
+                if let (Some(path), Some(digest)) = (prefix.join(&file.name).to_str(), &file.digest)
+                {
+                    out.insert(path.to_owned(), digest.clone());
+                }
+            }
+        },
+    );
+    out
+}
+
+/// Calls `visit` with each Directory of the tree at `digest` and its path.
+fn walk_tree(
+    directories: &DirectoryMap,
+    digest: &Digest,
+    prefix: &Path,
+    visit: &mut dyn FnMut(&Path, &Directory),
+) {
+    let Some(directory) = directories.get(digest) else {
+        return;
+    };
+    visit(prefix, directory);
+    for child in &directory.directories {
+        walk_tree(
+            directories,
+            child.digest.as_ref().unwrap_or(&Digest::default()),
+            &prefix.join(&child.name),
+            visit,
+        );
+    }
 }
 
 fn is_disk_full(error: &std::io::Error) -> bool {

@@ -53,7 +53,16 @@ pub struct CommandSpec {
     /// workspace (a VM's own disk) brings back into it before they are
     /// collected. Backends that run in the workspace ignore it.
     pub output_paths: Vec<PathBuf>,
+    /// Each input file's digest, for a backend that copies the inputs
+    /// into a disk of its own and keeps it between actions (a warm VM):
+    /// set for kept runners of backends that do not see the host's
+    /// workspace, None otherwise.
+    pub input_digests: Option<Arc<InputDigests>>,
 }
+
+/// The digest of each input file, by its path relative to the workspace
+/// (`/`-separated).
+pub type InputDigests = std::collections::HashMap<String, kiln_proto::reapi::Digest>;
 
 impl CommandSpec {
     /// `arguments[0]` and where it resolves to, looked up as a shell would

@@ -69,6 +69,7 @@ impl TrialAction {
             action_user: None,
             runner_tmp: None,
             output_paths: Vec::new(),
+            input_digests: None,
         };
         Ok(TrialAction {
             _dir: dir,

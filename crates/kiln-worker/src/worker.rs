@@ -547,6 +547,8 @@ impl Worker {
                 .map(|path| working_path.join(path))
                 .filter_map(|path| path.strip_prefix(&workspace).map(Path::to_path_buf).ok())
                 .collect(),
+            input_digests: (recycling && !isolation.sees_host_workspace())
+                .then(|| Arc::new(inputs::file_digests(&directories, &input_root))),
         };
         let limits = self.limits(&action, platform);
         metadata.execution_start_timestamp = Some(timestamp_now());
