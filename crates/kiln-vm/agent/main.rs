@@ -29,10 +29,12 @@
 //!   `collect ROOT PATH…` → the outputs at each PATH beneath ROOT as a
 //!   tree stream (`src/tree_stream.rs`) in `tree BYTES` frames on the data
 //!   port, then `end`; the answer is `collected` or `failed MESSAGE`;
-//!   `put ROOT` → ROOT emptied (but its `lost+found`), then the tree
-//!   stream the host sends in `tree BYTES` frames on the data port, up to
-//!   `end`, written into it (a warm VM's next inputs, `store.rs`); the
-//!   answer is `stored` or `failed MESSAGE`;
+//!   `put ROOT` → ROOT emptied (but its `lost+found`, and the files of
+//!   the last inputs the stream says to keep, if unchanged), then the
+//!   tree stream the host sends in `tree BYTES` frames on the data port,
+//!   up to `end`, written into it (a warm VM's next inputs, `store.rs`);
+//!   the answer is `stored`, `stale PATH` (a file to keep was changed:
+//!   send all again) or `failed MESSAGE`;
 //!   `ping UNIX_NANOS SEED` → `pong` (after a restore: the clock is set to
 //!   the host's, and SEED is mixed into the kernel's RNG and reseeds it,
 //!   so two VMs restored from one snapshot do not share random numbers);
@@ -169,6 +171,8 @@ fn main() {
         signals,
         action: None,
         workspace: None,
+        last_start: None,
+        last_put_end: None,
         actions_started: 0,
         spare_cgroup: None,
     };
@@ -513,6 +517,11 @@ struct Agent {
     /// Where the workspace disk is mounted.
     workspace: Option<PathBuf>,
     actions_started: u64,
+    /// When the last action started, by the coarse real-time clock (the
+    /// one file times are stamped with): what `put` keeps files by.
+    last_start: Option<(i64, i64)>,
+    /// When the last `put` ended, if no action started since.
+    last_put_end: Option<(i64, i64)>,
     spare_cgroup: Option<SpareCgroup>,
 }
 
@@ -828,10 +837,16 @@ impl Agent {
                 let stored = if self.action.is_some() {
                     Err("an action is running".to_string())
                 } else {
-                    store::put(&mut self.data, &request[1..])
+                    let stored = store::put(&mut self.data, &request[1..], self.last_start);
+                    // A failed put may have written files too.
+                    if stored.as_ref().map_or(true, |stored| stored.touched_files) {
+                        self.last_put_end = Some(coarse_now());
+                    }
+                    stored
                 };
-                match stored {
-                    Ok(()) => self.control.send(&[b"stored"]),
+                match stored.map(|stored| stored.stale) {
+                    Ok(None) => self.control.send(&[b"stored"]),
+                    Ok(Some(path)) => self.control.send(&[b"stale", path.as_bytes()]),
                     Err(e) => self.control.send(&[b"failed", e.as_bytes()]),
                 }
             }
@@ -1028,6 +1043,7 @@ impl Agent {
         let (stderr_read, stderr_write) = pipe(O_CLOEXEC)?;
         let (report_read, report_write) = pipe(O_CLOEXEC)?;
         let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        self.last_start = store::action_start(self.last_put_end.take(), coarse_now);
         // SAFETY: the agent is single-threaded, so the child may run anything; it
         // still keeps to async-signal-safe calls (`child`).
         let pid = unsafe { fork() };
@@ -1121,6 +1137,22 @@ fn set_clock(unix_nanos: u128) {
     if unsafe { clock_settime(CLOCK_REALTIME, &time) } != 0 {
         log("setting the clock failed");
     }
+}
+
+/// The real-time clock as the kernel stamps file times with it (coarse):
+/// seconds and nanoseconds.
+fn coarse_now() -> (i64, i64) {
+    const CLOCK_REALTIME_COARSE: c_int = 5;
+    extern "C" {
+        fn clock_gettime(clock: c_int, time: *mut TimeSpec) -> c_int;
+    }
+    let mut time = TimeSpec {
+        seconds: 0,
+        nanoseconds: 0,
+    };
+    // SAFETY: `time` is a live timespec to fill.
+    unsafe { clock_gettime(CLOCK_REALTIME_COARSE, &mut time) };
+    (time.seconds, time.nanoseconds)
 }
 
 /// Credits `seed` to the kernel's entropy pool (RNDADDENTROPY), then

@@ -4,11 +4,28 @@
 //! frames on the data port, up to `end`, is written into it. The host is
 //! trusted here (it is the one that booted this VM), so plain `std::fs`
 //! calls decode it; paths are still checked to stay beneath ROOT.
+//!
+//! Files of the last inputs the host names in `KEEP` records are kept
+//! (where they are, or moved aside and then into place by their `REUSE`
+//! records) instead of being sent again, if the last action left each as
+//! it was put: a regular file with one link, beneath real directories,
+//! whose inode has not changed since that action started. Any change to
+//! a file (a write, a truncation, a chmod or chown, a rename or link onto
+//! its path) sets its ctime to the time of the change, which no process
+//! can set back, so a ctime before the action's start is a file the
+//! action never touched. The start is read from the coarse clock the
+//! kernel stamps ctimes with, and an action starts only once that clock
+//! has passed the end of the put before it ([`action_start`]), so the
+//! put's own changes are always before it. A `REUSE` of a file that was
+//! not kept makes the answer `stale PATH`: the host sends everything
+//! again.
 
+use std::collections::HashSet;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::tree_stream::{read_record, Record};
@@ -17,10 +34,35 @@ use super::{frame, poll, DataPort, PollFd, DRAIN_TIMEOUT, POLLIN};
 /// The workspace root's entry `mke2fs` made, which every fresh disk has.
 const LOST_AND_FOUND: &str = "lost+found";
 
-/// Empties `ROOT` and writes the stream the host sends into it. The
-/// stream is always read to its `end`, whatever fails, so the data port
-/// stays in step with the host.
-pub(super) fn put(port: &mut DataPort, fields: &[Vec<u8>]) -> Result<(), String> {
+/// Where kept files wait, numbered, between the emptying and their
+/// `REUSE`: in `lost+found`, on the same file system and never part of
+/// the inputs.
+const KEPT: &str = "lost+found/kiln-kept";
+
+/// The longest an action's start waits for the coarse clock to pass the
+/// end of the put before it: a few ticks.
+const TICK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// What a `put` did, when it did not fail.
+pub(super) struct Stored {
+    /// A `REUSE` named this path's file, which the last action changed
+    /// (None: every entry is in place).
+    pub stale: Option<String>,
+    /// Whether it wrote, moved or changed the mode of a file: one a later
+    /// put may keep, whose ctime the next action's start must be past.
+    pub touched_files: bool,
+}
+
+/// Empties `ROOT` and writes the stream the host sends into it, keeping
+/// the files `KEEP` names that the last action, started at `last_start`
+/// (seconds and nanoseconds of the real-time clock; None: no action ran,
+/// nothing is kept), left unchanged. The stream is always read to its
+/// `end`, whatever fails, so the data port stays in step with the host.
+pub(super) fn put(
+    port: &mut DataPort,
+    fields: &[Vec<u8>],
+    last_start: Option<(i64, i64)>,
+) -> Result<Stored, String> {
     let mut reader = TreeReader {
         port,
         buffer: Vec::new(),
@@ -32,43 +74,73 @@ pub(super) fn put(port: &mut DataPort, fields: &[Vec<u8>]) -> Result<(), String>
     let stored = match fields.first() {
         Some(root) => {
             let root = Path::new(std::ffi::OsStr::from_bytes(root));
-            empty(root)
-                .map_err(|e| format!("emptying {}: {e}", root.display()))
-                .and_then(|()| {
-                    decode(&mut io::BufReader::with_capacity(256 * 1024, &mut reader), root)
-                        .map_err(|e| format!("writing the inputs into {}: {e}", root.display()))
-                })
+            let mut input = io::BufReader::with_capacity(256 * 1024, &mut reader);
+            store(&mut input, root, last_start)
+                .map_err(|e| format!("writing the inputs into {}: {e}", root.display()))
         }
         None => Err("malformed put request".to_string()),
     };
     let skipped = reader.skip_to_end();
-    stored.and(skipped.map_err(|e| format!("reading the inputs: {e}")))
+    stored.and_then(|stored| {
+        skipped
+            .map(|()| stored)
+            .map_err(|e| format!("reading the inputs: {e}"))
+    })
 }
 
-/// Removes everything in `root` but a top-level `lost+found`.
-fn empty(root: &Path) -> io::Result<()> {
-    for entry in std::fs::read_dir(root)? {
-        let entry = entry?;
-        if entry.file_name() == LOST_AND_FOUND {
-            continue;
-        }
-        let path = entry.path();
-        if std::fs::symlink_metadata(&path)?.is_dir() {
-            std::fs::remove_dir_all(&path)?;
-        } else {
-            std::fs::remove_file(&path)?;
-        }
-    }
-    Ok(())
+/// A file a `KEEP` record named, once checked.
+enum Kept {
+    /// Changed by the last action (or not there): not kept.
+    Stale,
+    /// Kept where it is, at this path.
+    InPlace(String),
+    /// Kept in the aside directory, under its number.
+    Aside,
 }
 
-/// Writes the records of `input` beneath `root` (their paths were checked
-/// to be plain relative ones by [`read_record`]).
-fn decode(input: &mut impl Read, root: &Path) -> io::Result<()> {
+/// Keeps the `KEEP` files that are unchanged, empties `root` of the rest
+/// and writes the rest of the stream into it.
+fn store(
+    input: &mut impl Read,
+    root: &Path,
+    last_start: Option<(i64, i64)>,
+) -> io::Result<Stored> {
     use std::os::unix::fs::PermissionsExt;
+    // The last action may have replaced `lost+found`.
+    let lost_and_found = root.join(LOST_AND_FOUND);
+    if !std::fs::symlink_metadata(&lost_and_found).is_ok_and(|m| m.is_dir()) {
+        let _ = std::fs::remove_file(&lost_and_found);
+        std::fs::create_dir(&lost_and_found)?;
+    }
+    let kept_dir = root.join(KEPT);
+    remove_all(&kept_dir)?;
+    std::fs::create_dir(&kept_dir)?;
+    let mut kept = Vec::new();
+    // The files kept in place and their ancestors, relative to `root`.
+    let mut staying = HashSet::new();
+    let mut real_dirs = HashSet::new();
+    let mut record = read_record(input)?;
+    while let Record::Keep { path, in_place } = &record {
+        let aside = kept_dir.join(kept.len().to_string());
+        kept.push(if !unchanged(root, path, last_start, &mut real_dirs) {
+            Kept::Stale
+        } else if *in_place {
+            staying.extend(Path::new(path).ancestors().map(Path::to_path_buf));
+            Kept::InPlace(path.clone())
+        } else if std::fs::rename(root.join(path), &aside).is_ok() {
+            Kept::Aside
+        } else {
+            Kept::Stale
+        });
+        record = read_record(input)?;
+    }
+    empty(root, Path::new(""), &staying)?;
+    let mut stale = None;
+    let mut touched_files = false;
     loop {
-        match read_record(input)? {
-            Record::End => return Ok(()),
+        touched_files |= matches!(record, Record::File { .. });
+        match record {
+            Record::End => break,
             Record::Dir { path, mode } => {
                 let path = root.join(path);
                 match std::fs::create_dir(&path) {
@@ -86,12 +158,132 @@ fn decode(input: &mut impl Read, root: &Path) -> io::Result<()> {
                 }
                 file.set_permissions(std::fs::Permissions::from_mode(mode))?;
             }
+            Record::Reuse { path, mode, index } => {
+                let target = root.join(&path);
+                match kept.get(index as usize) {
+                    Some(Kept::InPlace(at)) if *at == path => {}
+                    Some(Kept::Aside) => {
+                        std::fs::rename(kept_dir.join(index.to_string()), &target)?;
+                        touched_files = true;
+                    }
+                    _ => {
+                        stale.get_or_insert(path);
+                        record = read_record(input)?;
+                        continue;
+                    }
+                }
+                // A chmod sets the ctime: only when the mode differs.
+                if std::fs::symlink_metadata(&target)?.permissions().mode() & 0o7777 != mode {
+                    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
+                    touched_files = true;
+                }
+            }
             Record::Symlink { path, target } => {
                 std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), root.join(path))?;
             }
-            Record::Missing { .. } => {}
+            Record::Missing { .. } | Record::Keep { .. } => {
+                return Err(io::Error::other("a record out of place among the inputs"))
+            }
+        }
+        record = read_record(input)?;
+    }
+    remove_all(&kept_dir)?;
+    Ok(Stored {
+        stale,
+        touched_files,
+    })
+}
+
+/// Whether `root`'s `path` is as the last put left it, the last action
+/// having started at `last_start` (see the module comment).
+fn unchanged(
+    root: &Path,
+    path: &str,
+    last_start: Option<(i64, i64)>,
+    real_dirs: &mut HashSet<PathBuf>,
+) -> bool {
+    let Some(last_start) = last_start else {
+        return false;
+    };
+    // Each ancestor a directory, not a symlink to one (checked in order,
+    // so none is reached through a symlink).
+    let mut parent = PathBuf::new();
+    for part in Path::new(path).parent().into_iter().flat_map(Path::components) {
+        parent.push(part);
+        if real_dirs.contains(&parent) {
+            continue;
+        }
+        match std::fs::symlink_metadata(root.join(&parent)) {
+            Ok(metadata) if metadata.file_type().is_dir() => {
+                real_dirs.insert(parent.clone());
+            }
+            _ => return false,
         }
     }
+    std::fs::symlink_metadata(root.join(path)).is_ok_and(|metadata| {
+        metadata.file_type().is_file()
+            && metadata.nlink() == 1
+            && (metadata.ctime(), metadata.ctime_nsec()) < last_start
+    })
+}
+
+/// The coarse clock's time at which an action starts after a `put` that
+/// ended at `put_end` (None: no put since the last action): one tick
+/// past `put_end`, waited for, so that every file time the put set is
+/// before it. None if the clock does not pass it within a few ticks:
+/// then the next put keeps nothing.
+pub(super) fn action_start(
+    put_end: Option<(i64, i64)>,
+    coarse_now: fn() -> (i64, i64),
+) -> Option<(i64, i64)> {
+    let Some(put_end) = put_end else {
+        return Some(coarse_now());
+    };
+    let deadline = Instant::now() + TICK_WAIT;
+    loop {
+        let now = coarse_now();
+        if now > put_end {
+            return Some(now);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// Removes `path` and everything beneath it, if it is there.
+fn remove_all(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Removes everything in `root`'s directory `relative` but a top-level
+/// `lost+found` and the files in `staying` (and the directories that lead
+/// to them, emptied of all else).
+fn empty(root: &Path, relative: &Path, staying: &HashSet<PathBuf>) -> io::Result<()> {
+    for entry in std::fs::read_dir(root.join(relative))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if relative.as_os_str().is_empty() && name == LOST_AND_FOUND {
+            continue;
+        }
+        let path = relative.join(&name);
+        // Not followed: a symlink is removed as one.
+        let is_dir = entry.file_type()?.is_dir();
+        if staying.contains(&path) {
+            if is_dir {
+                empty(root, &path, staying)?;
+            }
+        } else if is_dir {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// The bytes of the `tree` frames arriving on the (non-blocking) data

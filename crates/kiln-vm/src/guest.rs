@@ -22,6 +22,7 @@ pub use dockerd::DockerdStart;
 #[path = "../agent/frame.rs"]
 mod frame;
 mod put;
+pub use put::{Put, ReusePlan};
 
 /// How many of the console's last lines an error quotes.
 const CONSOLE_LINES: usize = 30;

@@ -17,7 +17,7 @@ pub mod tree_stream;
 pub mod vmm;
 pub mod workspace_disk;
 
-pub use guest::{Guest, GuestOutcome, GuestStatus, GuestUser, RunRequest};
+pub use guest::{Guest, GuestOutcome, GuestStatus, GuestUser, Put, ReusePlan, RunRequest};
 pub use qemu::{AcceleratorChoice, Machine, QemuConfig, QemuVm, QemuVmm};
 pub use vmm::{Accelerator, Network, Vm, VmSpec, Vmm, WorkspaceDisk};
 

@@ -16,9 +16,17 @@
 //! - `MISSING path`: a declared output the action did not write;
 //! - `END`: the last record.
 //!
-//! `path` and `target` are a `u16` length and bytes; `mode` a `u32`,
-//! `size` a `u64`. Paths are relative, `/`-separated, with no empty, `.`
-//! or `..` component.
+//! The host's stream of a warm VM's next inputs (the agent's `put`) has
+//! two more, which the host's [`decode`] refuses:
+//! - `KEEP path in_place`, all of them before any entry: a file of the
+//!   last inputs, to be kept for this stream if the last action left it as
+//!   it was put (the `n`th `KEEP` is number `n`, from 0), where it is
+//!   (`in_place` 1: its `REUSE` has its path) or moved aside (0);
+//! - `REUSE path mode index`: an entry whose content is kept file `index`.
+//!
+//! `path` and `target` are a `u16` length and bytes; `mode` and `index` a
+//! `u32`, `size` a `u64`, `in_place` a byte. Paths are relative,
+//! `/`-separated, with no empty, `.` or `..` component.
 //!
 //! The encoding half ([`encode`]) and the record reader ([`read_record`])
 //! use only `std`: the guest agent, built with `rustc` alone, includes
@@ -33,6 +41,8 @@ pub const DIR: u8 = 1;
 pub const FILE: u8 = 2;
 pub const SYMLINK: u8 = 3;
 pub const MISSING: u8 = 4;
+pub const KEEP: u8 = 5;
+pub const REUSE: u8 = 6;
 
 /// Longest path or symlink target in a record.
 pub const MAX_PATH: usize = 4096;
@@ -42,6 +52,17 @@ pub const MAX_PATH: usize = 4096;
 /// sent as symlinks, never followed; other kinds of files (sockets,
 /// devices, fifos) are left out.
 pub fn encode(out: &mut impl Write, root: &Path, relative: &str) -> io::Result<()> {
+    encode_reusing(out, root, relative, &mut |_| None)
+}
+
+/// [`encode`], with a `REUSE` record in place of the content of each file
+/// for whose path `reuse` names a kept file.
+pub fn encode_reusing(
+    out: &mut impl Write,
+    root: &Path,
+    relative: &str,
+    reuse: &mut dyn FnMut(&str) -> Option<u32>,
+) -> io::Result<()> {
     let path = root.join(relative);
     let metadata = match std::fs::symlink_metadata(&path) {
         Ok(metadata) => metadata,
@@ -51,7 +72,15 @@ pub fn encode(out: &mut impl Write, root: &Path, relative: &str) -> io::Result<(
         }
         Err(e) => return Err(e),
     };
-    encode_entry(out, &path, relative, &metadata)
+    encode_entry(out, &path, relative, &metadata, reuse)
+}
+
+/// A `KEEP` record: the file at `relative` in the guest's last inputs,
+/// reused at the same path if `in_place`.
+pub fn encode_keep(out: &mut impl Write, relative: &str, in_place: bool) -> io::Result<()> {
+    out.write_all(&[KEEP])?;
+    write_bytes(out, relative.as_bytes())?;
+    out.write_all(&[u8::from(in_place)])
 }
 
 /// Ends the stream.
@@ -65,6 +94,7 @@ fn encode_entry(
     path: &Path,
     relative: &str,
     metadata: &std::fs::Metadata,
+    reuse: &mut dyn FnMut(&str) -> Option<u32>,
 ) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = metadata.permissions().mode() & 0o7777;
@@ -90,9 +120,14 @@ fn encode_entry(
             };
             let child = path.join(name);
             let metadata = std::fs::symlink_metadata(&child)?;
-            encode_entry(out, &child, &format!("{relative}/{name}"), &metadata)?;
+            encode_entry(out, &child, &format!("{relative}/{name}"), &metadata, reuse)?;
         }
         Ok(())
+    } else if let Some(index) = kind.is_file().then(|| reuse(relative)).flatten() {
+        out.write_all(&[REUSE])?;
+        write_bytes(out, relative.as_bytes())?;
+        out.write_all(&mode.to_le_bytes())?;
+        out.write_all(&index.to_le_bytes())
     } else if kind.is_file() {
         let mut file = std::fs::File::open(path)?;
         let size = file.metadata()?.len();
@@ -138,6 +173,8 @@ pub enum Record {
     File { path: String, mode: u32, size: u64 },
     Symlink { path: String, target: Vec<u8> },
     Missing { path: String },
+    Keep { path: String, in_place: bool },
+    Reuse { path: String, mode: u32, index: u32 },
 }
 
 /// Reads the next record's header: what both the host's [`decode`] and
@@ -166,6 +203,15 @@ pub fn read_record(input: &mut impl Read) -> io::Result<Record> {
             target: read_bytes(input)?,
         },
         MISSING => Record::Missing { path },
+        KEEP => Record::Keep {
+            path,
+            in_place: read_array::<1>(input)?[0] != 0,
+        },
+        REUSE => Record::Reuse {
+            path,
+            mode: u32::from_le_bytes(read_array(input)?) & 0o7777,
+            index: u32::from_le_bytes(read_array(input)?),
+        },
         other => return Err(invalid(format!("an unknown record kind {other}"))),
     })
 }
@@ -249,6 +295,11 @@ mod decoding {
             match read_record(input)? {
                 Record::End => return Ok(decoded),
                 Record::Missing { path } => decoded.missing.push(path),
+                Record::Keep { path, .. } | Record::Reuse { path, .. } => {
+                    return Err(invalid(format!(
+                        "{path}: a KEEP or REUSE record, which only the host sends"
+                    )))
+                }
                 Record::Dir { path, mode } => {
                     let (parent, name) = admit(&root, &path, limits, &mut decoded)?;
                     rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(mode | 0o700))
@@ -426,6 +477,12 @@ mod tests {
             let error = decode(&mut stream.as_slice(), dest.path(), LIMITS).unwrap_err();
             assert!(error.to_string().contains("plain relative path"), "{error}");
         }
+
+        // The host's records for a warm VM's inputs, from a guest.
+        let mut keep = record(KEEP, "victim");
+        keep.extend([1, END]);
+        let error = decode(&mut keep.as_slice(), dest.path(), LIMITS).unwrap_err();
+        assert!(error.to_string().contains("only the host sends"), "{error}");
 
         // The same name twice: the second never replaces or follows the first.
         let mut twice = record(SYMLINK, "twice");

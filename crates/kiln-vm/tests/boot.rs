@@ -16,15 +16,33 @@ use std::time::Duration;
 
 use kiln_vm::vmm::{DEFAULT_KERNEL, DEFAULT_MODULES_DIR};
 use kiln_vm::{
-    GuestOutcome, GuestStatus, GuestUser, Machine, Network, QemuConfig, QemuVmm, RunRequest, Vm,
-    VmSpec, Vmm, WorkspaceDisk,
+    GuestOutcome, GuestStatus, GuestUser, Machine, Network, QemuConfig, QemuVmm, ReusePlan,
+    RunRequest, Vm, VmSpec, Vmm, WorkspaceDisk,
 };
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 const APPLETS: &[&str] = &[
-    "sh", "uname", "cat", "echo", "sleep", "id", "dd", "head", "grep", "ls", "mkdir", "sync",
-    "date", "find", "stat", "readlink", "true", "sort", "kill",
+    "sh",
+    "uname",
+    "cat",
+    "echo",
+    "sleep",
+    "id",
+    "dd",
+    "head",
+    "grep",
+    "ls",
+    "mkdir",
+    "sync",
+    "date",
+    "find",
+    "stat",
+    "readlink",
+    "true",
+    "sort",
+    "kill",
+    "sha256sum",
 ];
 
 fn tool(name: &str) -> PathBuf {
@@ -694,7 +712,7 @@ async fn put_replaces_the_workspace_of_a_running_vm() {
     vm.guest().ping().await.unwrap();
     let started = std::time::Instant::now();
     vm.guest()
-        .put(Path::new("/work"), &inputs)
+        .put(Path::new("/work"), &inputs, ReusePlan::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     println!("put of 3 MiB and 5 entries: {:?}", started.elapsed());
@@ -721,6 +739,67 @@ async fn put_replaces_the_workspace_of_a_running_vm() {
         checks.stderr
     );
 
+    // The next inputs share files with these: those the last action left
+    // as they were are kept in the guest, wherever they move, not sent.
+    let big_inode = run(&*vm, shell("stat -c %i /work/big")).await.stdout;
+    let next = dir.path().join("next-inputs");
+    std::fs::create_dir_all(next.join("moved")).unwrap();
+    std::fs::create_dir_all(next.join("pkg/sub")).unwrap();
+    std::fs::copy(inputs.join("big"), next.join("moved/big")).unwrap();
+    std::fs::copy(inputs.join("tool.sh"), next.join("tool.sh")).unwrap();
+    std::fs::write(next.join("pkg/sub/data.txt"), "changed-input\n").unwrap();
+    let plan = ReusePlan::new(&digests(&inputs), &digests(&next));
+    let started = std::time::Instant::now();
+    let put = vm.guest().put(Path::new("/work"), &next, plan).await;
+    let put = put.unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "put of 3 MiB kept in the guest: {:?}, {put:?}",
+        started.elapsed()
+    );
+    assert_eq!(put.stale, None);
+    assert_eq!((put.reused_files, put.reused_bytes), (2, (3 << 20) + 24));
+    assert!(put.stream_bytes < 4096, "{put:?}: the kept files were sent");
+    let kept = run(
+        &*vm,
+        shell(
+            "cd /work && find . | sort && stat -c '%i %a' moved/big && stat -c %a tool.sh \
+             && sha256sum moved/big tool.sh pkg/sub/data.txt && ls -A lost+found",
+        ),
+    )
+    .await;
+    assert_eq!(
+        kept.stdout,
+        format!(
+            ".\n./lost+found\n./moved\n./moved/big\n./pkg\n./pkg/sub\n./pkg/sub/data.txt\n\
+             ./tool.sh\n{} 644\n755\n{}",
+            big_inode.trim(),
+            sha256sums(&next, &["moved/big", "tool.sh", "pkg/sub/data.txt"]),
+        ),
+        "{}",
+        kept.stderr
+    );
+
+    // A kept file the last action changed (in place: same inode) makes
+    // the agent answer stale, and sent whole it holds its own bytes again.
+    let tamper = run(&*vm, shell("echo tampered >> /work/moved/big")).await;
+    assert_eq!(tamper.outcome.status, GuestStatus::Exited(0));
+    let plan = ReusePlan::new(&digests(&next), &digests(&inputs));
+    let put = vm.guest().put(Path::new("/work"), &inputs, plan).await;
+    let put = put.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(put.stale.as_deref(), Some("big"), "{put:?}");
+    let whole = vm
+        .guest()
+        .put(Path::new("/work"), &inputs, ReusePlan::default());
+    whole.await.unwrap_or_else(|e| panic!("{e}"));
+    let resent = run(&*vm, shell("cd /work && sha256sum big tool.sh")).await;
+    assert_eq!(resent.stdout, sha256sums(&inputs, &["big", "tool.sh"]));
+    // What that put wrote, and the one action since only read, is kept:
+    // the action started after the put's last file time.
+    let plan = ReusePlan::new(&digests(&inputs), &digests(&inputs));
+    let put = vm.guest().put(Path::new("/work"), &inputs, plan).await;
+    let put = put.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((&put.stale, put.reused_files), (&None, 3), "{put:?}");
+
     // A trivial action with its inputs, as a warm runner's: how long.
     let empty = dir.path().join("empty-inputs");
     std::fs::create_dir_all(&empty).unwrap();
@@ -729,7 +808,10 @@ async fn put_replaces_the_workspace_of_a_running_vm() {
         let started = std::time::Instant::now();
         vm.resume().await.unwrap();
         vm.guest().ping().await.unwrap();
-        vm.guest().put(Path::new("/work"), &empty).await.unwrap();
+        let put = vm
+            .guest()
+            .put(Path::new("/work"), &empty, ReusePlan::default());
+        put.await.unwrap();
         let done = run(&*vm, RunRequest::new(["true"])).await;
         assert_eq!(done.outcome.status, GuestStatus::Exited(0));
         vm.pause().await.unwrap();
@@ -745,4 +827,43 @@ async fn put_replaces_the_workspace_of_a_running_vm() {
     assert_eq!(left.stdout, "lost+found\n");
     drop(vm);
     assert!(processes_mentioning(&runtime.display().to_string()).is_empty());
+}
+
+/// The digest of each regular file beneath `root`, by relative path.
+fn digests(root: &Path) -> kiln_worker::isolation::InputDigests {
+    use sha2::Digest as _;
+    let mut out = kiln_worker::isolation::InputDigests::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let metadata = std::fs::symlink_metadata(&path).unwrap();
+            if metadata.is_dir() {
+                pending.push(path);
+            } else if metadata.is_file() {
+                let bytes = std::fs::read(&path).unwrap();
+                let relative = path.strip_prefix(root).unwrap().to_str().unwrap();
+                out.insert(
+                    relative.to_owned(),
+                    kiln_proto::reapi::Digest {
+                        hash: hex::encode(sha2::Sha256::digest(&bytes)),
+                        size_bytes: bytes.len() as i64,
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
+/// What busybox's `sha256sum PATH…` prints for `paths` beneath `root`.
+fn sha256sums(root: &Path, paths: &[&str]) -> String {
+    use sha2::Digest as _;
+    paths
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(root.join(path)).unwrap();
+            format!("{}  {path}\n", hex::encode(sha2::Sha256::digest(&bytes)))
+        })
+        .collect()
 }

@@ -5,6 +5,9 @@
 //!   first's VM, resumed: it sees a file the first wrote in /tmp and one in
 //!   its root overlay, and the process it left running; not the stray file
 //!   it left in its workspace, but its own inputs, changed ones included;
+//! - an input the VM holds from the last action is not sent again, but
+//!   one that action changed in place is: the next action reads the
+//!   input's own bytes;
 //! - an action with another key gets a fresh VM;
 //! - a kept VM that died (its QEMU killed) is replaced by a fresh one, and
 //!   the action in it is not called warm;
@@ -59,6 +62,8 @@ READ = "{READ}"
 
 genrule(name = "first", outs = ["first.txt"], cmd = LEAVE + "; echo wrote > $@", exec_properties = warm("vm"))
 genrule(name = "second", srcs = [":first", "input.txt"], outs = ["second.txt"], cmd = READ, exec_properties = warm("vm"))
+genrule(name = "tamper", srcs = [":second", "input.txt"], outs = ["tamper.txt"], cmd = "cat $(location input.txt) > $@; echo tampered >> $(location input.txt)", exec_properties = warm("vm"))
+genrule(name = "third", srcs = [":tamper", "input.txt"], outs = ["third.txt"], cmd = READ, exec_properties = warm("vm"))
 genrule(name = "other_key", srcs = [":first", "input.txt"], outs = ["other_key.txt"], cmd = READ, exec_properties = warm("other"))
 
 genrule(name = "fail_first", outs = ["fail_first.txt"], cmd = LEAVE + "; exit 3", exec_properties = warm("fail"))
@@ -141,6 +146,20 @@ fn bazel_reuses_warm_vms_with_their_processes_and_files() {
     assert_eq!(value(&again, "sleep"), "alive");
     assert_eq!(value(&again, "stray"), "absent");
 
+    // An action changes an input in place; the next one in the VM, with
+    // the same input, reads its own bytes, not what the last one left.
+    bazel.run_ok(&["build", "//vm:third"]);
+    assert_eq!(read("tamper"), "v2\n");
+    let third = read("third");
+    eprintln!("---- third, after tamper ----\n{third}");
+    assert_eq!(warm_runs(), 4, "tamper and third were not warm");
+    assert_eq!(value(&third, "input"), "v2", "a changed input was kept");
+    assert!(
+        log().contains("the last action changed an input this one shares"),
+        "the changed input was not noticed:\n{}",
+        log()
+    );
+
     // The kept VMs die between actions (kill -9 of their QEMU): the next
     // action of the key runs in a fresh VM, and its metadata and the log
     // say it was not warm.
@@ -164,7 +183,7 @@ fn bazel_reuses_warm_vms_with_their_processes_and_files() {
         "the dead VM was not noticed:\n{}",
         log()
     );
-    assert_eq!(warm_runs(), 2, "an action in a fresh VM was called warm");
+    assert_eq!(warm_runs(), 4, "an action in a fresh VM was called warm");
 
     // A failed action's VM is not reused, nor one marked not to be.
     let output = bazel.run(&["build", "//vm:fail_first"]);
@@ -188,7 +207,7 @@ fn bazel_reuses_warm_vms_with_their_processes_and_files() {
         "none",
         "a VM marked .KILN_DO_NOT_RECYCLE was reused"
     );
-    assert_eq!(warm_runs(), 2, "a VM that failed was reused");
+    assert_eq!(warm_runs(), 4, "a VM that failed was reused");
     // Kept now: the VMs of keys vm, other, fail (its second action) and
     // marked (its second action).
     assert!(

@@ -11,8 +11,13 @@
 //! streamed in ([`crate::tree_stream`]), a round trip on a running VM,
 //! where a fresh disk per action would cost an `mke2fs`, a PCI hotplug
 //! and a remount, with the last action's processes still holding the old
-//! mount. Outputs come back with `collect`, and with them the
-//! `.KILN_DO_NOT_RECYCLE` marker, so the worker sees it on the host.
+//! mount. Only what the guest lacks is streamed: the host remembers the
+//! digest of each input file it gave the VM, and names those the next
+//! action shares ([`ReusePlan`]) instead of sending them; the agent keeps
+//! them where the last action left them unchanged, and if it changed one,
+//! the inputs are sent whole. Outputs come back with `collect`, and with
+//! them the `.KILN_DO_NOT_RECYCLE` marker, so the worker sees it on the
+//! host.
 //!
 //! A kept VM that cannot take the next action (it died, it was booted for
 //! another image digest or size) is killed and the action runs in a fresh
@@ -23,13 +28,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_platform::Platform;
-use kiln_worker::isolation::{CommandSpec, Resident};
+use kiln_worker::isolation::{CommandSpec, InputDigests, Resident};
 use kiln_worker::persistent::{WorkerProcess, WorkerStart};
 use kiln_worker::runners::DO_NOT_RECYCLE;
 use kiln_worker::{CancellationToken, Limits, ProcessOutcome, RunError};
 use tokio::task::JoinHandle;
 
 use super::{cancelled, process_outcome, HeldNetwork, Microvm};
+use crate::guest::ReusePlan;
 use crate::image_disk::ImageDisk;
 use crate::vmm::Vm;
 use crate::VmError;
@@ -74,6 +80,9 @@ pub(super) struct WarmVm {
     dir: tempfile::TempDir,
     /// Not yet asked by [`Resident::take_fresh`].
     fresh: bool,
+    /// The digest of each file of the last inputs the guest was given
+    /// (those it holds unless its action changed them).
+    inputs: parking_lot::Mutex<Option<Arc<InputDigests>>>,
 }
 
 impl std::fmt::Debug for WarmVm {
@@ -170,6 +179,7 @@ impl Microvm {
             image,
             dir,
             fresh: true,
+            inputs: parking_lot::Mutex::new(spec.input_digests.clone()),
         };
         let outcome = warm.run_action(self, spec, limits, cancel).await;
         if outcome.is_ok() {
@@ -184,21 +194,40 @@ impl Microvm {
 impl WarmVm {
     /// Waits for the pause or resume under way, then makes sure the VM
     /// runs, sets its clock (it stopped while paused) and puts `spec`'s
-    /// inputs in its emptied workspace.
+    /// inputs in its emptied workspace, sending only the files it lacks.
     async fn take_inputs(&self, spec: &CommandSpec) -> Result<(), VmError> {
         let started = std::time::Instant::now();
         self.settle().await?;
         self.vm.resume().await?;
         let resumed = started.elapsed();
+        let plan = {
+            let held = self.inputs.lock().take();
+            match (held, &spec.input_digests) {
+                (Some(held), Some(next)) => ReusePlan::new(&held, next),
+                _ => ReusePlan::default(),
+            }
+        };
+        let (guest, workspace) = (self.vm.guest(), &self.shape.workspace);
         // Its clock and RNG are set before the inputs are written.
-        self.vm
-            .guest()
-            .ping_and_put(&self.shape.workspace, &spec.workspace)
-            .await?;
+        let mut put = guest.ping_and_put(workspace, &spec.workspace, plan).await?;
+        if let Some(path) = &put.stale {
+            tracing::info!(
+                vm = self.vm.name(),
+                path,
+                "the last action changed an input this one shares: all inputs are sent again"
+            );
+            put = guest
+                .put(workspace, &spec.workspace, ReusePlan::default())
+                .await?;
+        }
+        *self.inputs.lock() = spec.input_digests.clone();
         tracing::debug!(
             vm = self.vm.name(),
             resume_ms = super::ms(resumed),
             ping_and_put_ms = super::ms(started.elapsed() - resumed),
+            sent_bytes = put.stream_bytes,
+            reused_files = put.reused_files,
+            reused_bytes = put.reused_bytes,
             "inputs in a warm VM"
         );
         Ok(())
