@@ -69,6 +69,16 @@ pub struct ExecBenchArgs {
     #[arg(long)]
     pub flag_file: bool,
 
+    /// Input files every action shares (`inputs/0`, `inputs/1`, …, the
+    /// same in every action of a run): what a warm runner can keep from
+    /// one action to the next.
+    #[arg(long, default_value_t = 0)]
+    pub input_files: usize,
+
+    /// Size of each `--input-files` file (at most 3 MiB).
+    #[arg(long, default_value = "1MiB", value_parser = kiln::config::parse_size)]
+    pub input_file_size: u64,
+
     /// Platform properties put on every Action, as `KEY=VALUE`.
     #[arg(long = "property", value_parser = parse_property)]
     pub properties: Vec<(String, String)>,
@@ -101,6 +111,9 @@ pub async fn run(args: ExecBenchArgs) -> anyhow::Result<()> {
     let report = bench.run_all().await?;
     report.print(bench.args.json)
 }
+
+/// Largest `--input-file-size`, and the bytes of one upload batch of them.
+const MAX_INPUT_FILE_SIZE: u64 = 3 << 20;
 
 /// The flag file of `--flag-file` actions, in their input root.
 const FLAG_FILE: &str = "args.params";
@@ -188,10 +201,69 @@ impl ExecBench {
         format!("kiln-bench-{:016x}-{index}", self.seed)
     }
 
-    /// Uploads the Commands and Actions of `indices` (and the empty input
-    /// root) before anything is timed; returns the Action digests.
+    /// Uploads the `--input-files` and their directory; its node in an
+    /// input root, if there are any.
+    async fn upload_shared_inputs(&self) -> anyhow::Result<Option<reapi::DirectoryNode>> {
+        if self.args.input_files == 0 {
+            return Ok(None);
+        }
+        ensure!(
+            self.args.input_file_size <= MAX_INPUT_FILE_SIZE,
+            "--input-file-size {} is over {MAX_INPUT_FILE_SIZE} bytes",
+            self.args.input_file_size
+        );
+        let set = super::data::SmallBlobSet {
+            seed: self.seed,
+            size: self.args.input_file_size,
+            count: self.args.input_files,
+        };
+        let mut cas = self.cas.clone();
+        let mut files = Vec::with_capacity(set.count);
+        let mut pending = Vec::new();
+        let mut pending_bytes = 0;
+        for index in 0..set.count {
+            let contents = set.contents(index);
+            files.push(reapi::FileNode {
+                name: index.to_string(),
+                digest: Some(digest_of(&contents)),
+                ..Default::default()
+            });
+            pending_bytes += contents.len() as u64;
+            pending.push(contents);
+            if pending_bytes >= MAX_INPUT_FILE_SIZE {
+                upload_batch(
+                    &mut cas,
+                    &self.args.instance_name,
+                    std::mem::take(&mut pending),
+                )
+                .await?;
+                pending_bytes = 0;
+            }
+        }
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        let directory = reapi::Directory {
+            files,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let digest = digest_of(&directory);
+        pending.push(directory);
+        upload_batch(&mut cas, &self.args.instance_name, pending).await?;
+        Ok(Some(reapi::DirectoryNode {
+            name: "inputs".into(),
+            digest: Some(digest),
+        }))
+    }
+
+    /// Uploads the Commands and Actions of `indices` (and the input roots)
+    /// before anything is timed; returns the Action digests.
     async fn upload(&self, indices: Range<usize>) -> anyhow::Result<Vec<Digest>> {
-        let root = reapi::Directory::default().encode_to_vec();
+        let shared = self.upload_shared_inputs().await?;
+        let root = reapi::Directory {
+            directories: shared.clone().into_iter().collect(),
+            ..Default::default()
+        }
+        .encode_to_vec();
         let mut root_digest = digest_of(&root);
         let mut action_digests = Vec::with_capacity(indices.len());
         let mut pending = vec![root];
@@ -206,6 +278,7 @@ impl ExecBench {
                         digest: Some(digest_of(&params)),
                         ..Default::default()
                     }],
+                    directories: shared.clone().into_iter().collect(),
                     ..Default::default()
                 }
                 .encode_to_vec();
@@ -250,6 +323,15 @@ impl ExecBench {
                 },
             ),
         ];
+        if self.args.input_files > 0 {
+            report.context.push((
+                "shared inputs".into(),
+                format!(
+                    "{} files of {} bytes",
+                    self.args.input_files, self.args.input_file_size
+                ),
+            ));
+        }
         if let Some(pid) = self.args.server_pid {
             report.memory.push(MemorySample::read(pid, "start")?);
         }

@@ -40,6 +40,15 @@ pub struct IsolationBenchArgs {
     #[arg(long, default_value = "docker://127.0.0.1:5000/kiln-test/base:latest")]
     pub image: String,
 
+    /// Input files every action shares (`inputs/0`, …), as `kiln bench
+    /// exec --input-files`: what a warm runner keeps between actions.
+    #[arg(long, default_value_t = 0)]
+    pub input_files: usize,
+
+    /// Size of each `--input-files` file (at most 3 MiB).
+    #[arg(long, default_value = "1MiB", value_parser = kiln::config::parse_size)]
+    pub input_file_size: u64,
+
     /// Also measure each type in a warm runner (`recycle-runner=true`).
     #[arg(long)]
     pub warm: bool,
@@ -107,6 +116,13 @@ pub async fn run(args: IsolationBenchArgs) -> anyhow::Result<()> {
             ("server".into(), args.server.clone()),
             ("image".into(), args.image.clone()),
             ("actions per type".into(), args.actions.to_string()),
+            (
+                "shared inputs".into(),
+                format!(
+                    "{} files of {} bytes",
+                    args.input_files, args.input_file_size
+                ),
+            ),
             (
                 "figures".into(),
                 "median per action; Execute is the client's whole call".into(),
@@ -189,6 +205,8 @@ async fn execute_trivial(
         concurrency: 1,
         program: "true".into(),
         flag_file: false,
+        input_files: args.input_files,
+        input_file_size: args.input_file_size,
         properties,
         server_pid: None,
         seed: None,
