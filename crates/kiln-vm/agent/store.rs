@@ -92,8 +92,8 @@ pub(super) fn put(
 enum Kept {
     /// Changed by the last action (or not there): not kept.
     Stale,
-    /// Kept where it is, at this path.
-    InPlace(String),
+    /// Kept where it is, at this path, with these permission bits.
+    InPlace(String, u32),
     /// Kept in the aside directory, under its number.
     Aside,
 }
@@ -106,15 +106,8 @@ fn store(
     last_start: Option<(i64, i64)>,
 ) -> io::Result<Stored> {
     use std::os::unix::fs::PermissionsExt;
-    // The last action may have replaced `lost+found`.
-    let lost_and_found = root.join(LOST_AND_FOUND);
-    if !std::fs::symlink_metadata(&lost_and_found).is_ok_and(|m| m.is_dir()) {
-        let _ = std::fs::remove_file(&lost_and_found);
-        std::fs::create_dir(&lost_and_found)?;
-    }
     let kept_dir = root.join(KEPT);
-    remove_all(&kept_dir)?;
-    std::fs::create_dir(&kept_dir)?;
+    let mut kept_dir_made = false;
     let mut kept = Vec::new();
     // The files kept in place and their ancestors, relative to `root`.
     let mut staying = HashSet::new();
@@ -122,12 +115,16 @@ fn store(
     let mut record = read_record(input)?;
     while let Record::Keep { path, in_place } = &record {
         let aside = kept_dir.join(kept.len().to_string());
-        kept.push(if !unchanged(root, path, last_start, &mut real_dirs) {
+        let mode = unchanged(root, path, last_start, &mut real_dirs);
+        kept.push(if mode.is_none() {
             Kept::Stale
-        } else if *in_place {
+        } else if let (true, Some(mode)) = (*in_place, mode) {
             staying.extend(Path::new(path).ancestors().map(Path::to_path_buf));
-            Kept::InPlace(path.clone())
-        } else if std::fs::rename(root.join(path), &aside).is_ok() {
+            Kept::InPlace(path.clone(), mode)
+        } else if (kept_dir_made || make_kept_dir(root).is_ok())
+            && std::fs::rename(root.join(path), &aside).is_ok()
+        {
+            kept_dir_made = true;
             Kept::Aside
         } else {
             Kept::Stale
@@ -160,20 +157,21 @@ fn store(
             }
             Record::Reuse { path, mode, index } => {
                 let target = root.join(&path);
-                match kept.get(index as usize) {
-                    Some(Kept::InPlace(at)) if *at == path => {}
+                let had = match kept.get(index as usize) {
+                    Some(Kept::InPlace(at, had)) if *at == path => *had,
                     Some(Kept::Aside) => {
                         std::fs::rename(kept_dir.join(index.to_string()), &target)?;
                         touched_files = true;
+                        std::fs::symlink_metadata(&target)?.permissions().mode() & 0o7777
                     }
                     _ => {
                         stale.get_or_insert(path);
                         record = read_record(input)?;
                         continue;
                     }
-                }
+                };
                 // A chmod sets the ctime: only when the mode differs.
-                if std::fs::symlink_metadata(&target)?.permissions().mode() & 0o7777 != mode {
+                if had != mode {
                     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
                     touched_files = true;
                 }
@@ -187,24 +185,39 @@ fn store(
         }
         record = read_record(input)?;
     }
-    remove_all(&kept_dir)?;
+    if kept_dir_made {
+        remove_all(&kept_dir)?;
+    }
     Ok(Stored {
         stale,
         touched_files,
     })
 }
 
+/// Makes the (empty) directory kept files wait in, in a `lost+found`
+/// that is a real directory (the last action may have replaced it).
+fn make_kept_dir(root: &Path) -> io::Result<()> {
+    let lost_and_found = root.join(LOST_AND_FOUND);
+    if !std::fs::symlink_metadata(&lost_and_found).is_ok_and(|m| m.is_dir()) {
+        let _ = std::fs::remove_file(&lost_and_found);
+        std::fs::create_dir(&lost_and_found)?;
+    }
+    let kept_dir = root.join(KEPT);
+    remove_all(&kept_dir)?;
+    std::fs::create_dir(&kept_dir)
+}
+
 /// Whether `root`'s `path` is as the last put left it, the last action
-/// having started at `last_start` (see the module comment).
+/// having started at `last_start` (see the module comment): its
+/// permission bits if it is.
 fn unchanged(
     root: &Path,
     path: &str,
     last_start: Option<(i64, i64)>,
     real_dirs: &mut HashSet<PathBuf>,
-) -> bool {
-    let Some(last_start) = last_start else {
-        return false;
-    };
+) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let last_start = last_start?;
     // Each ancestor a directory, not a symlink to one (checked in order,
     // so none is reached through a symlink).
     let mut parent = PathBuf::new();
@@ -217,14 +230,14 @@ fn unchanged(
             Ok(metadata) if metadata.file_type().is_dir() => {
                 real_dirs.insert(parent.clone());
             }
-            _ => return false,
+            _ => return None,
         }
     }
-    std::fs::symlink_metadata(root.join(path)).is_ok_and(|metadata| {
-        metadata.file_type().is_file()
-            && metadata.nlink() == 1
-            && (metadata.ctime(), metadata.ctime_nsec()) < last_start
-    })
+    let metadata = std::fs::symlink_metadata(root.join(path)).ok()?;
+    let as_put = metadata.file_type().is_file()
+        && metadata.nlink() == 1
+        && (metadata.ctime(), metadata.ctime_nsec()) < last_start;
+    as_put.then(|| metadata.permissions().mode() & 0o7777)
 }
 
 /// The coarse clock's time at which an action starts after a `put` that
