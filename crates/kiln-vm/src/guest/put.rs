@@ -230,3 +230,74 @@ impl Write for ChunkWriter {
             .map_err(|_| std::io::Error::other("the port's side stopped taking the inputs"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(name: &str, size: i64) -> kiln_proto::reapi::Digest {
+        kiln_proto::reapi::Digest {
+            hash: format!("{name:0>64}"),
+            size_bytes: size,
+        }
+    }
+
+    fn inputs(files: &[(&str, &str, i64)]) -> InputDigests {
+        files
+            .iter()
+            .map(|(path, name, size)| (path.to_string(), digest(name, *size)))
+            .collect()
+    }
+
+    /// The plan's KEEP list, each with the path that reuses it, sorted.
+    fn reuses(plan: &ReusePlan) -> Vec<(String, bool, String)> {
+        let mut out: Vec<_> = plan
+            .reuse
+            .iter()
+            .map(|(path, &index)| {
+                let (from, in_place) = plan.keep[index as usize].clone();
+                (from, in_place, path.clone())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn held_files_are_reused_at_their_path_first_then_by_digest_each_once() {
+        let held = inputs(&[
+            ("same", "a", 10),
+            ("moved", "b", 20),
+            ("twice", "c", 30),
+            ("changed", "d", 40),
+            ("empty", "e", 0),
+        ]);
+        let next = inputs(&[
+            ("same", "a", 10),
+            ("elsewhere/moved", "b", 20),
+            ("twice", "c", 30),
+            ("copy-of-twice", "c", 30),
+            ("changed", "f", 40),
+            ("empty", "e", 0),
+        ]);
+        let plan = ReusePlan::new(&held, &next);
+        assert_eq!(
+            reuses(&plan),
+            [
+                ("moved".into(), false, "elsewhere/moved".into()),
+                ("same".into(), true, "same".into()),
+                ("twice".into(), true, "twice".into()),
+            ]
+        );
+        // The second file with `c`'s digest, the changed one and the
+        // empty one are sent.
+        assert_eq!(plan.reused_bytes, 60);
+    }
+
+    #[test]
+    fn nothing_held_reuses_nothing() {
+        let next = inputs(&[("a", "a", 10)]);
+        let plan = ReusePlan::new(&InputDigests::new(), &next);
+        assert!(plan.keep.is_empty() && plan.reuse.is_empty());
+    }
+}
