@@ -28,7 +28,8 @@
 //!   unmounted: the host may stop the VM and read the disk);
 //!   `collect ROOT PATH…` → the outputs at each PATH beneath ROOT as a
 //!   tree stream (`src/tree_stream.rs`) in `tree BYTES` frames on the data
-//!   port, then `end`; the answer is `collected` or `failed MESSAGE`;
+//!   port, then `end`; the answer is `collected` or `failed MESSAGE` (the
+//!   agent remembers each file it sent, which the next `put` may keep);
 //!   `put ROOT` → ROOT emptied (but its `lost+found`, and the files of
 //!   the last inputs the stream says to keep, if unchanged), then the
 //!   tree stream the host sends in `tree BYTES` frames on the data port,
@@ -173,6 +174,7 @@ fn main() {
         workspace: None,
         last_start: None,
         last_put_end: None,
+        collected: Default::default(),
         actions_started: 0,
         spare_cgroup: None,
     };
@@ -522,6 +524,9 @@ struct Agent {
     last_start: Option<(i64, i64)>,
     /// When the last `put` ended, if no action started since.
     last_put_end: Option<(i64, i64)>,
+    /// The files the last `collect` sent whole: what `put` may keep of
+    /// the last action's outputs.
+    collected: store::SentFiles,
     spare_cgroup: Option<SpareCgroup>,
 }
 
@@ -837,7 +842,12 @@ impl Agent {
                 let stored = if self.action.is_some() {
                     Err("an action is running".to_string())
                 } else {
-                    let stored = store::put(&mut self.data, &request[1..], self.last_start);
+                    let stored = store::put(
+                        &mut self.data,
+                        &request[1..],
+                        self.last_start,
+                        &self.collected,
+                    );
                     // A failed put may have written files too.
                     if stored.as_ref().map_or(true, |stored| stored.touched_files) {
                         self.last_put_end = Some(coarse_now());
@@ -879,9 +889,12 @@ impl Agent {
             port: &mut self.data,
             chunk: Vec::with_capacity(TREE_CHUNK),
         };
+        self.collected.clear();
+        let mut sent = store::Collected(&mut self.collected);
         for path in paths {
             let path = std::str::from_utf8(path).map_err(|_| "a path that is not UTF-8")?;
-            tree_stream::encode(&mut writer, root, path).map_err(|e| format!("{path}: {e}"))?;
+            tree_stream::encode_with(&mut writer, root, path, &mut sent)
+                .map_err(|e| format!("{path}: {e}"))?;
         }
         tree_stream::finish(&mut writer).map_err(|e| e.to_string())
     }

@@ -16,11 +16,15 @@
 //! action never touched. The start is read from the coarse clock the
 //! kernel stamps ctimes with, and an action starts only once that clock
 //! has passed the end of the put before it ([`action_start`]), so the
-//! put's own changes are always before it. A `REUSE` of a file that was
-//! not kept makes the answer `stale PATH`: the host sends everything
-//! again.
+//! put's own changes are always before it. A file the action wrote is
+//! kept if it is still the inode `collect` sent, with the ctime it had
+//! then (the host holds its digest as one of the action's outputs): only
+//! a process the action left running can change it after that, and such
+//! a process can change the next action's files anyway. A `REUSE` of a
+//! file that was not kept makes the answer `stale PATH`: the host sends
+//! everything again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -28,7 +32,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::tree_stream::{read_record, Record};
+use super::tree_stream::{read_record, EncodeHooks, Record};
 use super::{frame, poll, DataPort, PollFd, DRAIN_TIMEOUT, POLLIN};
 
 /// The workspace root's entry `mke2fs` made, which every fresh disk has.
@@ -42,6 +46,22 @@ const KEPT: &str = "lost+found/kiln-kept";
 /// The longest an action's start waits for the coarse clock to pass the
 /// end of the put before it: a few ticks.
 const TICK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The files a `collect` sent whole, by path beneath its root: their
+/// inode and ctime (seconds, nanoseconds) while they were read.
+pub(super) type SentFiles = HashMap<String, (u64, i64, i64)>;
+
+/// The [`EncodeHooks`] of `collect`: notes each file sent whole.
+pub(super) struct Collected<'a>(pub &'a mut SentFiles);
+
+impl EncodeHooks for Collected<'_> {
+    fn sent(&mut self, relative: &str, metadata: &std::fs::Metadata) {
+        self.0.insert(
+            relative.to_owned(),
+            (metadata.ino(), metadata.ctime(), metadata.ctime_nsec()),
+        );
+    }
+}
 
 /// What a `put` did, when it did not fail.
 pub(super) struct Stored {
@@ -62,6 +82,7 @@ pub(super) fn put(
     port: &mut DataPort,
     fields: &[Vec<u8>],
     last_start: Option<(i64, i64)>,
+    collected: &SentFiles,
 ) -> Result<Stored, String> {
     let mut reader = TreeReader {
         port,
@@ -75,7 +96,7 @@ pub(super) fn put(
         Some(root) => {
             let root = Path::new(std::ffi::OsStr::from_bytes(root));
             let mut input = io::BufReader::with_capacity(256 * 1024, &mut reader);
-            store(&mut input, root, last_start)
+            store(&mut input, root, last_start, collected)
                 .map_err(|e| format!("writing the inputs into {}: {e}", root.display()))
         }
         None => Err("malformed put request".to_string()),
@@ -104,6 +125,7 @@ fn store(
     input: &mut impl Read,
     root: &Path,
     last_start: Option<(i64, i64)>,
+    collected: &SentFiles,
 ) -> io::Result<Stored> {
     use std::os::unix::fs::PermissionsExt;
     let kept_dir = root.join(KEPT);
@@ -115,7 +137,7 @@ fn store(
     let mut record = read_record(input)?;
     while let Record::Keep { path, in_place } = &record {
         let aside = kept_dir.join(kept.len().to_string());
-        let mode = unchanged(root, path, last_start, &mut real_dirs);
+        let mode = unchanged(root, path, last_start, collected, &mut real_dirs);
         kept.push(if mode.is_none() {
             Kept::Stale
         } else if let (true, Some(mode)) = (*in_place, mode) {
@@ -208,16 +230,16 @@ fn make_kept_dir(root: &Path) -> io::Result<()> {
 }
 
 /// Whether `root`'s `path` is as the last put left it, the last action
-/// having started at `last_start` (see the module comment): its
-/// permission bits if it is.
+/// having started at `last_start`, or as the last collect sent it (see
+/// the module comment): its permission bits if it is.
 fn unchanged(
     root: &Path,
     path: &str,
     last_start: Option<(i64, i64)>,
+    collected: &SentFiles,
     real_dirs: &mut HashSet<PathBuf>,
 ) -> Option<u32> {
     use std::os::unix::fs::PermissionsExt;
-    let last_start = last_start?;
     // Each ancestor a directory, not a symlink to one (checked in order,
     // so none is reached through a symlink).
     let mut parent = PathBuf::new();
@@ -234,10 +256,11 @@ fn unchanged(
         }
     }
     let metadata = std::fs::symlink_metadata(root.join(path)).ok()?;
-    let as_put = metadata.file_type().is_file()
-        && metadata.nlink() == 1
-        && (metadata.ctime(), metadata.ctime_nsec()) < last_start;
-    as_put.then(|| metadata.permissions().mode() & 0o7777)
+    let ctime = (metadata.ctime(), metadata.ctime_nsec());
+    let as_put = last_start.is_some_and(|start| ctime < start);
+    let as_sent = collected.get(path) == Some(&(metadata.ino(), ctime.0, ctime.1));
+    (metadata.file_type().is_file() && metadata.nlink() == 1 && (as_put || as_sent))
+        .then(|| metadata.permissions().mode() & 0o7777)
 }
 
 /// The coarse clock's time at which an action starts after a `put` that

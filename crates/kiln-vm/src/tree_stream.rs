@@ -51,17 +51,35 @@ pub const MAX_PATH: usize = 4096;
 /// `root`) and, for a directory, of everything beneath it. Symlinks are
 /// sent as symlinks, never followed; other kinds of files (sockets,
 /// devices, fifos) are left out.
+#[cfg(not(kiln_agent))]
 pub fn encode(out: &mut impl Write, root: &Path, relative: &str) -> io::Result<()> {
-    encode_reusing(out, root, relative, &mut |_| None)
+    encode_with(out, root, relative, &mut NoHooks)
 }
 
-/// [`encode`], with a `REUSE` record in place of the content of each file
-/// for whose path `reuse` names a kept file.
-pub fn encode_reusing(
+/// What [`encode_with`] asks of, and tells, its caller along the way.
+pub trait EncodeHooks {
+    /// The number of a kept file whose `REUSE` record stands in for the
+    /// content of the file at `relative`, if any.
+    fn reuse(&mut self, _relative: &str) -> Option<u32> {
+        None
+    }
+
+    /// The file at `relative` was sent whole, and did not change while it
+    /// was read (its inode's ctime was the same before and after).
+    fn sent(&mut self, _relative: &str, _metadata: &std::fs::Metadata) {}
+}
+
+#[cfg(not(kiln_agent))]
+struct NoHooks;
+#[cfg(not(kiln_agent))]
+impl EncodeHooks for NoHooks {}
+
+/// [`encode`], with the caller's [`EncodeHooks`].
+pub fn encode_with(
     out: &mut impl Write,
     root: &Path,
     relative: &str,
-    reuse: &mut dyn FnMut(&str) -> Option<u32>,
+    hooks: &mut dyn EncodeHooks,
 ) -> io::Result<()> {
     let path = root.join(relative);
     let metadata = match std::fs::symlink_metadata(&path) {
@@ -72,11 +90,12 @@ pub fn encode_reusing(
         }
         Err(e) => return Err(e),
     };
-    encode_entry(out, &path, relative, &metadata, reuse)
+    encode_entry(out, &path, relative, &metadata, hooks)
 }
 
 /// A `KEEP` record: the file at `relative` in the guest's last inputs,
 /// reused at the same path if `in_place`.
+#[cfg(not(kiln_agent))]
 pub fn encode_keep(out: &mut impl Write, relative: &str, in_place: bool) -> io::Result<()> {
     out.write_all(&[KEEP])?;
     write_bytes(out, relative.as_bytes())?;
@@ -94,7 +113,7 @@ fn encode_entry(
     path: &Path,
     relative: &str,
     metadata: &std::fs::Metadata,
-    reuse: &mut dyn FnMut(&str) -> Option<u32>,
+    hooks: &mut dyn EncodeHooks,
 ) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = metadata.permissions().mode() & 0o7777;
@@ -120,17 +139,19 @@ fn encode_entry(
             };
             let child = path.join(name);
             let metadata = std::fs::symlink_metadata(&child)?;
-            encode_entry(out, &child, &format!("{relative}/{name}"), &metadata, reuse)?;
+            encode_entry(out, &child, &format!("{relative}/{name}"), &metadata, hooks)?;
         }
         Ok(())
-    } else if let Some(index) = kind.is_file().then(|| reuse(relative)).flatten() {
+    } else if let Some(index) = kind.is_file().then(|| hooks.reuse(relative)).flatten() {
         out.write_all(&[REUSE])?;
         write_bytes(out, relative.as_bytes())?;
         out.write_all(&mode.to_le_bytes())?;
         out.write_all(&index.to_le_bytes())
     } else if kind.is_file() {
+        use std::os::unix::fs::MetadataExt;
         let mut file = std::fs::File::open(path)?;
-        let size = file.metadata()?.len();
+        let before = file.metadata()?;
+        let size = before.len();
         out.write_all(&[FILE])?;
         write_bytes(out, relative.as_bytes())?;
         out.write_all(&mode.to_le_bytes())?;
@@ -143,6 +164,10 @@ fn encode_entry(
                 io::ErrorKind::UnexpectedEof,
                 format!("{relative}: shrank from {size} to {copied} bytes while it was sent"),
             ));
+        }
+        let after = file.metadata()?;
+        if (after.ctime(), after.ctime_nsec()) == (before.ctime(), before.ctime_nsec()) {
+            hooks.sent(relative, &after);
         }
         Ok(())
     } else {

@@ -800,6 +800,63 @@ async fn put_replaces_the_workspace_of_a_running_vm() {
     let put = put.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((&put.stale, put.reused_files), (&None, 3), "{put:?}");
 
+    // An output the last action wrote, as `collect` sent it, is kept too:
+    // the next inputs take it by digest without it crossing again.
+    let wrote = run(
+        &*vm,
+        shell("mkdir -p /work/out && dd if=/dev/urandom of=/work/out/result.bin bs=1k count=512"),
+    )
+    .await;
+    assert_eq!(
+        wrote.outcome.status,
+        GuestStatus::Exited(0),
+        "{}",
+        wrote.stderr
+    );
+    let stream = dir.path().join("outputs.stream");
+    let collected = dir.path().join("collected");
+    // The output's parent, as the worker makes it before an action.
+    std::fs::create_dir_all(collected.join("out")).unwrap();
+    let output = [PathBuf::from("out/result.bin")];
+    vm.guest()
+        .collect(Path::new("/work"), &output, &stream, 1 << 30)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let limits = kiln_vm::tree_stream::DecodeLimits {
+        entries: 100,
+        bytes: 1 << 30,
+    };
+    let mut stream = std::fs::File::open(&stream).unwrap();
+    kiln_vm::tree_stream::decode(&mut stream, &collected, limits).unwrap();
+    let mut held = digests(&inputs);
+    held.extend(digests(&collected));
+    let chained = dir.path().join("chained-inputs");
+    std::fs::create_dir_all(chained.join("in")).unwrap();
+    std::fs::copy(
+        collected.join("out/result.bin"),
+        chained.join("in/from-output.bin"),
+    )
+    .unwrap();
+    let plan = ReusePlan::new(&held, &digests(&chained));
+    let put = vm.guest().put(Path::new("/work"), &chained, plan).await;
+    let put = put.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((&put.stale, put.reused_files), (&None, 1), "{put:?}");
+    assert!(put.stream_bytes < 4096, "{put:?}: the output was sent back");
+    let took = run(
+        &*vm,
+        shell("cd /work && find . | sort && sha256sum in/from-output.bin"),
+    )
+    .await;
+    assert_eq!(
+        took.stdout,
+        format!(
+            ".\n./in\n./in/from-output.bin\n./lost+found\n{}",
+            sha256sums(&chained, &["in/from-output.bin"])
+        ),
+        "{}",
+        took.stderr
+    );
+
     // A trivial action with its inputs, as a warm runner's: how long.
     let empty = dir.path().join("empty-inputs");
     std::fs::create_dir_all(&empty).unwrap();

@@ -171,6 +171,12 @@ pub trait Resident: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// The action it just ran left these output files, each's digest by
+    /// its path relative to the workspace (`/`-separated), as the worker
+    /// collected them: a resident that copies the workspace into a disk
+    /// of its own (a warm VM) holds them for the next action's inputs.
+    fn note_outputs(&mut self, _files: InputDigests) {}
+
     /// Itself as its concrete type, for the backend that left it (a warm
     /// VM that cannot be resumed is replaced by a fresh one, which only
     /// the backend can boot). None: nothing to look at.

@@ -46,6 +46,24 @@ impl CollectedOutputs {
     }
 }
 
+/// The digest of each output file among `blobs`, by its path relative to
+/// `workspace` (`/`-separated).
+pub fn file_digests(
+    blobs: &[(Digest, UploadSource)],
+    workspace: &Path,
+) -> crate::isolation::InputDigests {
+    blobs
+        .iter()
+        .filter_map(|(digest, source)| match source {
+            UploadSource::File(path) => {
+                let relative = path.strip_prefix(workspace).ok()?.to_str()?;
+                Some((relative.to_owned(), digest.clone()))
+            }
+            UploadSource::Bytes(_) => None,
+        })
+        .collect()
+}
+
 /// What a declared path is expected to be.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Declared {

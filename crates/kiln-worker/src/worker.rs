@@ -639,6 +639,15 @@ impl Worker {
                     blobs = outputs::collect(&command, workspace.clone(), working_path.clone())
                         .await?
                         .fill(&mut result);
+                    // A kept runner holding its own copy of the workspace
+                    // (a warm VM) may give them to the next action.
+                    if let Some(resident) = notes
+                        .resident
+                        .as_mut()
+                        .filter(|_| spec.input_digests.is_some())
+                    {
+                        resident.note_outputs(outputs::file_digests(&blobs, &workspace));
+                    }
                 }
             }
         }

@@ -5,9 +5,9 @@
 //!   first's VM, resumed: it sees a file the first wrote in /tmp and one in
 //!   its root overlay, and the process it left running; not the stray file
 //!   it left in its workspace, but its own inputs, changed ones included;
-//! - an input the VM holds from the last action is not sent again, but
-//!   one that action changed in place is: the next action reads the
-//!   input's own bytes;
+//! - an input the VM holds from the last action (one of its inputs or
+//!   outputs) is not sent again, but one that action changed in place
+//!   is: the next action reads the input's own bytes;
 //! - an action with another key gets a fresh VM;
 //! - a kept VM that died (its QEMU killed) is replaced by a fresh one, and
 //!   the action in it is not called warm;
@@ -63,7 +63,7 @@ READ = "{READ}"
 genrule(name = "first", outs = ["first.txt"], cmd = LEAVE + "; echo wrote > $@", exec_properties = warm("vm"))
 genrule(name = "second", srcs = [":first", "input.txt"], outs = ["second.txt"], cmd = READ, exec_properties = warm("vm"))
 genrule(name = "tamper", srcs = [":second", "input.txt"], outs = ["tamper.txt"], cmd = "cat $(location input.txt) > $@; echo tampered >> $(location input.txt)", exec_properties = warm("vm"))
-genrule(name = "third", srcs = [":tamper", "input.txt"], outs = ["third.txt"], cmd = READ, exec_properties = warm("vm"))
+genrule(name = "third", srcs = [":tamper", "input.txt"], outs = ["third.txt"], cmd = READ + "; echo tamper=$$(cat $(location :tamper)) >> $@", exec_properties = warm("vm"))
 genrule(name = "other_key", srcs = [":first", "input.txt"], outs = ["other_key.txt"], cmd = READ, exec_properties = warm("other"))
 
 genrule(name = "fail_first", outs = ["fail_first.txt"], cmd = LEAVE + "; exit 3", exec_properties = warm("fail"))
@@ -154,6 +154,8 @@ fn bazel_reuses_warm_vms_with_their_processes_and_files() {
     eprintln!("---- third, after tamper ----\n{third}");
     assert_eq!(warm_runs(), 4, "tamper and third were not warm");
     assert_eq!(value(&third, "input"), "v2", "a changed input was kept");
+    // tamper's output, left in the VM, is third's input: its own bytes.
+    assert_eq!(value(&third, "tamper"), "v2");
     assert!(
         log().contains("the last action changed an input this one shares"),
         "the changed input was not noticed:\n{}",

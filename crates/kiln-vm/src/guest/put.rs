@@ -195,12 +195,20 @@ fn encode_tree(
     for (path, in_place) in &plan.keep {
         crate::tree_stream::encode_keep(&mut writer, path, *in_place)?;
     }
-    let mut reuse = |path: &str| plan.reuse.get(path).copied();
     for name in &names {
-        crate::tree_stream::encode_reusing(&mut writer, root, name, &mut reuse)?;
+        crate::tree_stream::encode_with(&mut writer, root, name, &mut Reusing(plan))?;
     }
     crate::tree_stream::finish(&mut writer)?;
     Ok(writer.written)
+}
+
+/// A `REUSE` record for each file the plan reuses.
+struct Reusing<'a>(&'a ReusePlan);
+
+impl crate::tree_stream::EncodeHooks for Reusing<'_> {
+    fn reuse(&mut self, relative: &str) -> Option<u32> {
+        self.0.reuse.get(relative).copied()
+    }
 }
 
 struct ChunkWriter {

@@ -12,10 +12,10 @@
 //! where a fresh disk per action would cost an `mke2fs`, a PCI hotplug
 //! and a remount, with the last action's processes still holding the old
 //! mount. Only what the guest lacks is streamed: the host remembers the
-//! digest of each input file it gave the VM, and names those the next
-//! action shares ([`ReusePlan`]) instead of sending them; the agent keeps
-//! them where the last action left them unchanged, and if it changed one,
-//! the inputs are sent whole. Outputs come back with `collect`, and with
+//! digest of each input file it gave the VM and of each output the last
+//! action left there, and names those the next action shares
+//! ([`ReusePlan`]) instead of sending them; the agent keeps them where
+//! they are unchanged, and if one was changed, the inputs are sent whole. Outputs come back with `collect`, and with
 //! them the `.KILN_DO_NOT_RECYCLE` marker, so the worker sees it on the
 //! host.
 //!
@@ -80,8 +80,9 @@ pub(super) struct WarmVm {
     dir: tempfile::TempDir,
     /// Not yet asked by [`Resident::take_fresh`].
     fresh: bool,
-    /// The digest of each file of the last inputs the guest was given
-    /// (those it holds unless its action changed them).
+    /// The digest of each file of the last inputs the guest was given,
+    /// and of the outputs its action left (those it holds unless they
+    /// were changed since).
     inputs: parking_lot::Mutex<Option<Arc<InputDigests>>>,
 }
 
@@ -353,6 +354,15 @@ impl Resident for WarmVm {
         self.vm
             .memory_in_use()
             .unwrap_or(self.shape.memory_mib << 20)
+    }
+
+    /// The guest holds the outputs too, where the action wrote them: the
+    /// agent keeps each that is still as `collect` sent it.
+    fn note_outputs(&mut self, files: InputDigests) {
+        let mut held = self.inputs.lock();
+        let mut all = held.as_deref().cloned().unwrap_or_default();
+        all.extend(files);
+        *held = Some(Arc::new(all));
     }
 
     fn take_fresh(&mut self) -> bool {
