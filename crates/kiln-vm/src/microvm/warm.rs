@@ -15,9 +15,9 @@
 //! digest of each input file it gave the VM and of each output the last
 //! action left there, and names those the next action shares
 //! ([`ReusePlan`]) instead of sending them; the agent keeps them where
-//! they are unchanged, and if one was changed, the inputs are sent whole. Outputs come back with `collect`, and with
-//! them the `.KILN_DO_NOT_RECYCLE` marker, so the worker sees it on the
-//! host.
+//! they are unchanged, and if one was changed, the inputs are sent
+//! whole. Outputs come back with `collect`, and with them the
+//! `.KILN_DO_NOT_RECYCLE` marker, so the worker sees it on the host.
 //!
 //! A kept VM that cannot take the next action (it died, it was booted for
 //! another image digest or size) is killed and the action runs in a fresh
