@@ -253,29 +253,75 @@ if [[ $EUID -ne 0 ]]; then
   SUDO=(sudo)
 fi
 
+# The installed version of a package, or nothing.
+installed_version() {
+  if [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]; then
+    dpkg-query -W -f='${Version}' "$1"
+  fi
+}
+
+# qemu-img must come from the same QEMU as qemu-system-x86: Debian's
+# qemu-system packages break a qemu-utils of another version, so on a
+# machine that has a newer one (from backports, say) apt would remove it
+# to install qemu-system-x86 and leave no qemu-img at all. Names
+# qemu-utils at qemu-system-x86's version (installed, or else the one apt
+# would install) whenever the two differ.
+pin_qemu_utils() {
+  [[ "$mode" == test ]] || return 0
+  local system utils
+  system="$(installed_version qemu-system-x86)"
+  if [[ -z "$system" ]]; then
+    system="$(apt-cache policy qemu-system-x86 | awk '$1 == "Candidate:" { print $2 }')"
+  fi
+  utils="$(installed_version qemu-utils)"
+  if [[ -z "$system" || "$system" == "(none)" || "$utils" == "$system" ]]; then
+    return 0
+  fi
+  if [[ -n "$utils" ]]; then
+    echo "install-deps: qemu-utils $utils is not qemu-system-x86's version; installing qemu-utils $system"
+  fi
+  local kept=()
+  for package in "${missing[@]}"; do
+    [[ "$package" == qemu-utils || "$package" == qemu-utils=* ]] || kept+=("$package")
+  done
+  missing=("${kept[@]}" "qemu-utils=$system")
+}
+
 # Named apt_install, not install: a shell function named `install` would
 # shadow /usr/bin/install for the rest of the script (it once made
-# install_bazel2 run apt-get again and copy nothing).
+# install_bazel2 run apt-get again and copy nothing). Downgrades are
+# allowed for what is named with a version (qemu-utils, above).
 apt_install() {
   "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y --no-install-recommends "${missing[@]}"
+    apt-get install -y --no-install-recommends --allow-downgrades "${missing[@]}"
 }
+
+# Fresh containers ship without package lists; a populated cache is reused.
+ensure_package_lists() {
+  if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+    "${SUDO[@]}" apt-get update
+  fi
+}
+
+if [[ "$mode" == test && "$(installed_version qemu-utils)" != "$(installed_version qemu-system-x86)" ]]; then
+  ensure_package_lists
+  pin_qemu_utils
+fi
 
 if [[ ${#missing[@]} -eq 0 ]]; then
   echo "install-deps: all packages present: ${PACKAGES[*]}"
 else
   echo "install-deps: installing: ${missing[*]}"
-
-  # Fresh containers ship without package lists; a populated cache is reused.
-  if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-    "${SUDO[@]}" apt-get update
-  fi
+  ensure_package_lists
 
   # Stale lists point at package versions the mirror no longer has; refresh
   # once and retry instead of failing the run.
   if ! apt_install; then
     echo "install-deps: install failed; refreshing package lists and retrying"
     "${SUDO[@]}" apt-get update
+    if [[ " ${missing[*]} " == *" qemu-utils="* ]]; then
+      pin_qemu_utils
+    fi
     apt_install
   fi
 fi
