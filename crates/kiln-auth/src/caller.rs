@@ -15,6 +15,13 @@ use crate::token::ExecutorToken;
 /// The header Bazel's `--remote_header=x-buildbuddy-api-key=…` sends.
 pub const API_KEY_HEADER: &str = "x-buildbuddy-api-key";
 
+/// The header in which a caller that sees every organisation asks as one
+/// of them ([`Caller::narrowed_org_of`]): an executor asking whether the
+/// CAS holds a VM's outputs asks as the action's organisation, so that a
+/// guest naming a digest it never had learns nothing of, and gets into its
+/// result no blob of, another organisation.
+pub const FOR_ORG_HEADER: &str = "x-kiln-for-org";
+
 /// How often a running server looks at the key file for changes.
 pub const KEY_FILE_POLL: Duration = Duration::from_millis(250);
 
@@ -38,6 +45,26 @@ impl Caller {
     /// (open access) when no [`crate::AuthLayer`] put a caller there.
     pub fn org_of<T>(request: &tonic::Request<T>) -> Arc<str> {
         Caller::org_or_open(request.extensions().get::<Caller>())
+    }
+
+    /// [`Caller::org_of`], narrowed to the organisation named in
+    /// [`FOR_ORG_HEADER`] when the caller sees every organisation (open
+    /// access, the shared fleet's executor, an in-process call). A caller
+    /// of one organisation stays in its own, whatever it names: the
+    /// header can only ever narrow what a caller sees.
+    pub fn narrowed_org_of<T>(request: &tonic::Request<T>) -> Arc<str> {
+        let org = Caller::org_of(request);
+        if !org.is_empty() {
+            return org;
+        }
+        match request
+            .metadata()
+            .get(FOR_ORG_HEADER)
+            .and_then(|value| value.to_str().ok())
+        {
+            Some(named) if !named.is_empty() => Arc::from(named),
+            _ => org,
+        }
     }
 
     /// [`Caller::org_of`] for a plain HTTP request.

@@ -16,7 +16,7 @@ pub mod keys;
 pub mod layer;
 pub mod token;
 
-pub use caller::{AuthConfig, Authenticator, Caller, Refusal, API_KEY_HEADER};
+pub use caller::{AuthConfig, Authenticator, Caller, Refusal, API_KEY_HEADER, FOR_ORG_HEADER};
 pub use capability::{Capabilities, Capability};
 pub use credential::Credential;
 pub use keys::{ApiKey, KeyError, KeyFile, KeyInfo};

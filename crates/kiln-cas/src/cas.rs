@@ -337,7 +337,9 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::FindMissingBlobsRequest>,
     ) -> Result<Response<reapi::FindMissingBlobsResponse>, Status> {
-        let org = Caller::org_of(&request);
+        // An executor asks as the action's organisation whether the CAS
+        // holds what a VM's guest says its outputs are.
+        let org = Caller::narrowed_org_of(&request);
         Ok(Response::new(
             self.find_missing(request.into_inner(), &org).await?,
         ))

@@ -432,7 +432,14 @@ fn two_organisations_share_neither_results_nor_blobs() {
     let data_dir = scratch.path().join("data");
     let (_, acme) = create_key(&data_dir, "acme", "cache-read,cas-write,execute");
     let (_, globex) = create_key(&data_dir, "globex", "cache-read,cas-write,execute");
-    let server = KilnServer::start(&data_dir, &scratch.path().join("kiln.log"), &[]);
+    let fleet_token = format!("fleet-token-{}", std::process::id());
+    let token_file = scratch.path().join("executor-token");
+    std::fs::write(&token_file, &fleet_token).unwrap();
+    let server = KilnServer::start(
+        &data_dir,
+        &scratch.path().join("kiln.log"),
+        &["--executor-token-file", token_file.to_str().unwrap()],
+    );
 
     let build_as = |key: &str, dir: &str| -> (String, String) {
         let mut flags = common::remote_only_flags(server.port);
@@ -473,6 +480,58 @@ fn two_organisations_share_neither_results_nor_blobs() {
             .is_empty());
         let missing = missing_for(&channel, &globex, std::slice::from_ref(&blob)).await;
         assert_eq!(missing, std::slice::from_ref(&blob));
+        // The fleet's executor sees every blob, and asks as an action's
+        // organisation whether a VM's output is held: then it sees what
+        // that organisation sees. A key cannot widen its view that way.
+        let fleet = |org: Option<&str>| {
+            let mut request = tonic::Request::new(reapi::FindMissingBlobsRequest {
+                blob_digests: vec![blob.clone()],
+                ..Default::default()
+            });
+            let metadata = request.metadata_mut();
+            metadata.insert(
+                "authorization",
+                format!("Bearer {fleet_token}").parse().unwrap(),
+            );
+            if let Some(org) = org {
+                metadata.insert("x-kiln-for-org", org.parse().unwrap());
+            }
+            request
+        };
+        let cas = ContentAddressableStorageClient::new(channel.clone());
+        for (org, expect_missing) in [(None, false), (Some("acme"), false), (Some("globex"), true)]
+        {
+            let missing = cas
+                .clone()
+                .find_missing_blobs(fleet(org))
+                .await
+                .unwrap()
+                .into_inner()
+                .missing_blob_digests;
+            assert_eq!(
+                !missing.is_empty(),
+                expect_missing,
+                "the fleet asking as {org:?}"
+            );
+        }
+        let mut widen = with_key(
+            reapi::FindMissingBlobsRequest {
+                blob_digests: vec![blob.clone()],
+                ..Default::default()
+            },
+            Some(&globex),
+        );
+        widen
+            .metadata_mut()
+            .insert("x-kiln-for-org", "acme".parse().unwrap());
+        let missing = cas
+            .clone()
+            .find_missing_blobs(widen)
+            .await
+            .unwrap()
+            .into_inner()
+            .missing_blob_digests;
+        assert_eq!(missing, std::slice::from_ref(&blob), "globex naming acme");
         let read = ContentAddressableStorageClient::new(channel.clone())
             .batch_read_blobs(with_key(
                 reapi::BatchReadBlobsRequest {
