@@ -12,6 +12,8 @@ fn main() {
     println!("cargo:rerun-if-changed=agent/frame.rs");
     println!("cargo:rerun-if-changed=agent/dockerd.rs");
     println!("cargo:rerun-if-changed=agent/store.rs");
+    println!("cargo:rerun-if-changed=agent/collect.rs");
+    println!("cargo:rerun-if-changed=agent/sha256.rs");
     println!("cargo:rerun-if-changed=src/tree_stream.rs");
     println!("cargo:rerun-if-changed=../kiln-container/agent/sys.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -43,6 +43,7 @@ fn spec(root: &std::path::Path, network: &str) -> CommandSpec {
         runner_tmp: None,
         output_paths: Vec::new(),
         input_digests: None,
+        stored_outputs: None,
     }
 }
 

@@ -164,6 +164,7 @@ mod tests {
             runner_tmp: None,
             output_paths: Vec::new(),
             input_digests: None,
+            stored_outputs: None,
         }
     }
 

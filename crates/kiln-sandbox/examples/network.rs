@@ -31,6 +31,7 @@ fn spec(root: &std::path::Path, network: DockerNetwork) -> CommandSpec {
         runner_tmp: None,
         output_paths: Vec::new(),
         input_digests: None,
+        stored_outputs: None,
     }
 }
 

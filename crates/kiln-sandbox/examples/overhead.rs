@@ -43,6 +43,7 @@ async fn measure(
         runner_tmp: None,
         output_paths: Vec::new(),
         input_digests: None,
+        stored_outputs: None,
     };
     let cancel = CancellationToken::new();
     // One untimed run first: page cache, lazily created state.

@@ -75,6 +75,7 @@ impl Action {
             runner_tmp: None,
             output_paths: Vec::new(),
             input_digests: None,
+            stored_outputs: None,
         }
     }
 

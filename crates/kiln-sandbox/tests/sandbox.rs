@@ -112,6 +112,7 @@ impl Action {
             runner_tmp: None,
             output_paths: Vec::new(),
             input_digests: None,
+            stored_outputs: None,
         }
     }
 

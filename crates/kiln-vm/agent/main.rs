@@ -26,10 +26,14 @@
 //!   checkpointed: its disk reads whole on the host while mounted);
 //!   `shutdown` → `halted` (every process killed, synced, the workspace
 //!   unmounted: the host may stop the VM and read the disk);
-//!   `collect ROOT PATH…` → the outputs at each PATH beneath ROOT as a
-//!   tree stream (`src/tree_stream.rs`) in `tree BYTES` frames on the data
-//!   port, then `end`; the answer is `collected` or `failed MESSAGE` (the
-//!   agent remembers each file it sent, which the next `put` may keep);
+//!   `collect ROOT ASK_FROM PATH…` → the outputs at each PATH beneath
+//!   ROOT as a tree stream (`src/tree_stream.rs`) in `tree BYTES` frames
+//!   on the data port, then `end`; before each file of ASK_FROM bytes or
+//!   more (0: none) it hashes, an `ask SIZE SHA256` frame there, which the
+//!   host answers on control with `verdict 1` (the CAS holds it: not sent)
+//!   or `verdict 0` (`collect.rs`); the answer is `collected` or `failed
+//!   MESSAGE` (the agent remembers each file it sent, which the next `put`
+//!   may keep);
 //!   `put ROOT` → ROOT emptied (but its `lost+found`, and the files of
 //!   the last inputs the stream says to keep, if unchanged), then the
 //!   tree stream the host sends in `tree BYTES` frames on the data port,
@@ -42,10 +46,14 @@
 //!   `dockerd TCP WAIT_MS PATH` → `dockerd-ready MILLIS` or
 //!   `dockerd-failed MESSAGE` (`dockerd.rs`).
 
+#[path = "collect.rs"]
+mod collect;
 #[path = "dockerd.rs"]
 mod dockerd;
 #[path = "frame.rs"]
 mod frame;
+#[path = "sha256.rs"]
+mod sha256;
 #[path = "store.rs"]
 mod store;
 #[path = "../../kiln-container/agent/sys.rs"]
@@ -434,56 +442,13 @@ impl DataPort {
                     "the host took nothing of the data port for {DRAIN_TIMEOUT:?}"
                 ));
             }
-            let mut fd = [PollFd {
-                fd: self.file.as_raw_fd(),
-                events: POLLOUT,
-                revents: 0,
-            }];
-            // SAFETY: a one-element live pollfd array.
-            unsafe { poll(fd.as_mut_ptr(), 1, 100) };
+            poll_one(self.file.as_raw_fd(), POLLOUT, 100);
         }
     }
 }
 
 /// How long [`DataPort::drain`] waits for the host to read anything.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Bytes of tree stream per `tree` frame.
-const TREE_CHUNK: usize = 256 * 1024;
-
-/// The tree stream, cut into `tree` frames on the data port, each sent
-/// once the host has taken the one before.
-struct TreeWriter<'a> {
-    port: &'a mut DataPort,
-    chunk: Vec<u8>,
-}
-
-impl TreeWriter<'_> {
-    fn send_chunk(&mut self) -> std::io::Result<()> {
-        if self.chunk.is_empty() {
-            return Ok(());
-        }
-        self.port.send(&[b"tree", &self.chunk]);
-        self.chunk.clear();
-        self.port.drain().map_err(std::io::Error::other)
-    }
-}
-
-impl Write for TreeWriter<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let room = TREE_CHUNK - self.chunk.len();
-        let taken = bytes.len().min(room);
-        self.chunk.extend_from_slice(&bytes[..taken]);
-        if self.chunk.len() == TREE_CHUNK {
-            self.send_chunk()?;
-        }
-        Ok(taken)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.send_chunk()
-    }
-}
 
 /// The running action.
 struct Action {
@@ -747,13 +712,7 @@ impl Agent {
         let Some(pipe) = pipe else {
             return false;
         };
-        let mut fd = [PollFd {
-            fd: pipe.as_raw_fd(),
-            events: POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: a one-element live pollfd array.
-        unsafe { poll(fd.as_mut_ptr(), 1, 0) > 0 }
+        poll_one(pipe.as_raw_fd(), POLLIN, 0)
     }
 
     fn handle(&mut self, request: Vec<Vec<u8>>) {
@@ -877,26 +836,17 @@ impl Agent {
         }
     }
 
-    /// Sends the outputs the host asked for (`ROOT PATH…`) on the data
-    /// port as a tree stream.
+    /// Sends the outputs the host asked for (`collect.rs`).
     fn collect(&mut self, fields: &[Vec<u8>]) -> Result<(), String> {
         if self.action.is_some() {
             return Err("an action is running".into());
         }
-        let (root, paths) = fields.split_first().ok_or("malformed collect request")?;
-        let root = Path::new(std::ffi::OsStr::from_bytes(root));
-        let mut writer = TreeWriter {
-            port: &mut self.data,
-            chunk: Vec::with_capacity(TREE_CHUNK),
-        };
-        self.collected.clear();
-        let mut sent = store::Collected(&mut self.collected);
-        for path in paths {
-            let path = std::str::from_utf8(path).map_err(|_| "a path that is not UTF-8")?;
-            tree_stream::encode_with(&mut writer, root, path, &mut sent)
-                .map_err(|e| format!("{path}: {e}"))?;
-        }
-        tree_stream::finish(&mut writer).map_err(|e| e.to_string())
+        collect::collect(
+            &mut self.data,
+            &mut self.control,
+            &mut self.collected,
+            fields,
+        )
     }
 
     /// Kills every process but the agent and reaps them (bounded), so the
@@ -1214,6 +1164,17 @@ fn checkpoint(path: &Path) {
 fn nonblocking(fd: OwnedFd) -> std::fs::File {
     set_nonblocking(fd.as_raw_fd());
     std::fs::File::from(fd)
+}
+
+/// Waits at most `timeout_ms` for `events` on `fd`; whether they came.
+fn poll_one(fd: c_int, events: i16, timeout_ms: c_int) -> bool {
+    let mut fds = [PollFd {
+        fd,
+        events,
+        revents: 0,
+    }];
+    // SAFETY: a one-element live pollfd array.
+    unsafe { poll(fds.as_mut_ptr(), 1, timeout_ms) > 0 }
 }
 
 fn set_nonblocking(fd: c_int) {

@@ -32,8 +32,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::tree_stream::{read_record, EncodeHooks, Record};
-use super::{frame, poll, DataPort, PollFd, DRAIN_TIMEOUT, POLLIN};
+use super::tree_stream::{read_record, Record};
+use super::{frame, poll_one, DataPort, DRAIN_TIMEOUT, POLLIN};
 
 /// The workspace root's entry `mke2fs` made, which every fresh disk has.
 const LOST_AND_FOUND: &str = "lost+found";
@@ -50,18 +50,6 @@ const TICK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 /// The files a `collect` sent whole, by path beneath its root: their
 /// inode and ctime (seconds, nanoseconds) while they were read.
 pub(super) type SentFiles = HashMap<String, (u64, i64, i64)>;
-
-/// The [`EncodeHooks`] of `collect`: notes each file sent whole.
-pub(super) struct Collected<'a>(pub &'a mut SentFiles);
-
-impl EncodeHooks for Collected<'_> {
-    fn sent(&mut self, relative: &str, metadata: &std::fs::Metadata) {
-        self.0.insert(
-            relative.to_owned(),
-            (metadata.ino(), metadata.ctime(), metadata.ctime_nsec()),
-        );
-    }
-}
 
 /// What a `put` did, when it did not fail.
 pub(super) struct Stored {
@@ -201,7 +189,7 @@ fn store(
             Record::Symlink { path, target } => {
                 std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), root.join(path))?;
             }
-            Record::Missing { .. } | Record::Keep { .. } => {
+            Record::Missing { .. } | Record::Keep { .. } | Record::Stored { .. } => {
                 return Err(io::Error::other("a record out of place among the inputs"))
             }
         }
@@ -372,13 +360,7 @@ impl TreeReader<'_> {
                     "the host sent nothing for {DRAIN_TIMEOUT:?}"
                 )));
             }
-            let mut fd = [PollFd {
-                fd: self.port.file.as_raw_fd(),
-                events: POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: a one-element live pollfd array.
-            unsafe { poll(fd.as_mut_ptr(), 1, 100) };
+            poll_one(self.port.file.as_raw_fd(), POLLIN, 100);
         }
     }
 

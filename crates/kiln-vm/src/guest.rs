@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::VmError;
 
 mod collect;
+pub use collect::{Ask, Confirmed, Holder, MAX_ASKS};
 mod dockerd;
 pub use dockerd::DockerdStart;
 #[path = "../agent/frame.rs"]

@@ -28,15 +28,16 @@ use async_trait::async_trait;
 use kiln_container::image::{ImageConfig, Images};
 use kiln_container::NetworkConfig;
 use kiln_platform::{DockerNetwork, DockerUser, Platform};
+use kiln_proto::reapi::Digest;
 use kiln_sandbox::network::{ActionNetwork, Outbound};
-use kiln_worker::isolation::{CommandSpec, Isolation, Resident, RunAs};
+use kiln_worker::isolation::{CommandSpec, Isolation, Resident, RunAs, StoredOutputs};
 use kiln_worker::{CancellationToken, Limits, ProcessOutcome, RunError, StopReason};
 
-use crate::guest::{GuestOutcome, GuestStatus, GuestUser, RunRequest};
+use crate::guest::{Ask, GuestOutcome, GuestStatus, GuestUser, Holder, RunRequest};
 use crate::image_disk::{ImageDisk, ImageDisks, ImageDisksConfig, ImageRuntimeConfig};
 use crate::qemu::{QemuConfig, QemuVmm};
 use crate::tree_stream::DecodeLimits;
-use crate::vmm::{Network, Vm, VmSpec, Vmm, WorkspaceDisk};
+use crate::vmm::{Accelerator, Network, Vm, VmSpec, Vmm, WorkspaceDisk};
 use crate::{workspace_disk, VmError};
 
 mod dockerd;
@@ -75,7 +76,27 @@ pub struct MicrovmConfig {
     pub boot_timeout: Duration,
     /// Bounds on what a guest may send back as outputs.
     pub output_limits: DecodeLimits,
+    /// Which output files the guest hashes, to send only those the CAS
+    /// lacks.
+    pub hash_outputs_from: HashOutputsFrom,
 }
+
+/// Which output files a guest hashes itself before sending: those the CAS
+/// holds then never cross to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashOutputsFrom {
+    /// [`HASH_OUTPUTS_FROM_UNDER_KVM`] under KVM; under TCG none, as
+    /// hashing in an emulated guest costs as much as sending the bytes.
+    Auto,
+    /// None: every file is sent.
+    Off,
+    /// Files of at least this many bytes.
+    Bytes(u64),
+}
+
+/// The smallest file a guest under KVM hashes with [`HashOutputsFrom::Auto`]:
+/// below it the question costs about what sending the bytes does.
+pub const HASH_OUTPUTS_FROM_UNDER_KVM: u64 = 64 << 10;
 
 /// An action's network namespace, and the networks it goes back to.
 type HeldNetwork = (Arc<Outbound>, ActionNetwork);
@@ -138,6 +159,15 @@ impl Microvm {
         };
         backend.trial().await?;
         Ok(backend)
+    }
+
+    /// The smallest output file the guest hashes, if any.
+    fn hash_outputs_from(&self) -> Option<u64> {
+        match (self.config.hash_outputs_from, self.vmm.accelerator()) {
+            (HashOutputsFrom::Off, _) | (HashOutputsFrom::Auto, Accelerator::QemuTcg) => None,
+            (HashOutputsFrom::Auto, Accelerator::QemuKvm) => Some(HASH_OUTPUTS_FROM_UNDER_KVM),
+            (HashOutputsFrom::Bytes(bytes), _) => Some(bytes.max(1)),
+        }
     }
 
     /// `qemu-kvm` or `qemu-tcg`: what runs the VMs, advertised as the
@@ -372,20 +402,30 @@ impl Microvm {
             return Ok(());
         }
         let stream_file = dir.join("outputs.stream");
-        vm.guest()
+        let holder = spec.stored_outputs.as_deref().map(CasHolder);
+        let ask = holder
+            .as_ref()
+            .zip(self.hash_outputs_from())
+            .map(|(holder, from_bytes)| Ask {
+                from_bytes,
+                holder: holder as &dyn Holder,
+            });
+        let confirmed = vm
+            .guest()
             .collect(
                 &spec.workspace,
                 paths,
                 &stream_file,
                 // The stream's own headers on top of the content.
                 self.config.output_limits.bytes.saturating_add(64 << 20),
+                ask,
             )
             .await
             .map_err(vm_error)?;
         let workspace = spec.workspace.clone();
         let paths = paths.to_vec();
         let limits = self.config.output_limits;
-        kiln_worker::process::blocking("bringing the VM's outputs back", move || {
+        let decoded = kiln_worker::process::blocking("bringing the VM's outputs back", move || {
             let root = std::fs::File::open(&workspace)
                 .map_err(|e| RunError::io(format!("opening {}", workspace.display()), e))?;
             for path in &paths {
@@ -395,10 +435,39 @@ impl Microvm {
             let stream = std::fs::File::open(&stream_file)
                 .map_err(|e| RunError::io(format!("opening {}", stream_file.display()), e))?;
             crate::tree_stream::decode(&mut std::io::BufReader::new(stream), &workspace, limits)
-                .map_err(|e| RunError::Internal(format!("the VM's outputs: {e}")))?;
-            Ok(())
+                .map_err(|e| RunError::Internal(format!("the VM's outputs: {e}")))
         })
-        .await
+        .await?;
+        if !decoded.stored.is_empty() {
+            tracing::info!(
+                vm = vm.name(),
+                files = decoded.stored.len(),
+                bytes = decoded.stored.iter().map(|(_, size, _)| size).sum::<u64>(),
+                "outputs the CAS holds stayed in the VM"
+            );
+        }
+        for (path, size, sha256) in decoded.stored {
+            // Only what the host said the CAS holds, asked as this
+            // action's organisation: a guest naming another digest would
+            // put into the result a blob the action never had.
+            let Some(stored) = spec
+                .stored_outputs
+                .as_ref()
+                .filter(|_| confirmed.contains(&(size, sha256)))
+            else {
+                return Err(RunError::Internal(format!(
+                    "the VM sent {path} as held by the CAS, which the host did not say"
+                )));
+            };
+            stored.record(
+                path,
+                Digest {
+                    hash: hex::encode(sha256),
+                    size_bytes: size as i64,
+                },
+            );
+        }
+        Ok(())
     }
 }
 
@@ -619,4 +688,28 @@ impl Isolation for Microvm {
 /// Milliseconds, for the log.
 fn ms(duration: std::time::Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
+}
+
+/// Asks the CAS, as the action's organisation, whether it holds an output
+/// the guest hashed.
+struct CasHolder<'a>(&'a StoredOutputs);
+
+#[async_trait]
+impl Holder for CasHolder<'_> {
+    async fn holds(&self, size: u64, sha256: [u8; 32]) -> bool {
+        let Ok(size_bytes) = i64::try_from(size) else {
+            return false;
+        };
+        let digest = Digest {
+            hash: hex::encode(sha256),
+            size_bytes,
+        };
+        match self.0.missing(vec![digest]).await {
+            Ok(missing) => missing.is_empty(),
+            Err(error) => {
+                tracing::warn!(%error, "asking the CAS for a VM's output; it is sent");
+                false
+            }
+        }
+    }
 }

@@ -14,6 +14,10 @@
 //! - `DIR path mode`, `FILE path mode size bytes…`, `SYMLINK path target`:
 //!   an entry, its parent sent before it;
 //! - `MISSING path`: a declared output the action did not write;
+//! - `STORED path mode size sha256`: a file whose bytes are not sent, as
+//!   the host said the CAS holds them (the agent asked, naming the file's
+//!   SHA-256, 32 bytes here): [`decode`] writes an empty placeholder and
+//!   reports it, for the host to check it named that digest;
 //! - `END`: the last record.
 //!
 //! The host's stream of a warm VM's next inputs (the agent's `put`) has
@@ -25,7 +29,7 @@
 //! - `REUSE path mode index`: an entry whose content is kept file `index`.
 //!
 //! `path` and `target` are a `u16` length and bytes; `mode` and `index` a
-//! `u32`, `size` a `u64`, `in_place` a byte. Paths are relative,
+//! `u32`, `size` a `u64`, `in_place` a byte, `sha256` 32 bytes. Paths are relative,
 //! `/`-separated, with no empty, `.` or `..` component.
 //!
 //! The encoding half ([`encode`]) and the record reader ([`read_record`])
@@ -43,6 +47,7 @@ pub const SYMLINK: u8 = 3;
 pub const MISSING: u8 = 4;
 pub const KEEP: u8 = 5;
 pub const REUSE: u8 = 6;
+pub const STORED: u8 = 7;
 
 /// Longest path or symlink target in a record.
 pub const MAX_PATH: usize = 4096;
@@ -67,6 +72,18 @@ pub trait EncodeHooks {
     /// The file at `relative` was sent whole, and did not change while it
     /// was read (its inode's ctime was the same before and after).
     fn sent(&mut self, _relative: &str, _metadata: &std::fs::Metadata) {}
+
+    /// The SHA-256 of the file at `relative` (open as `file`, `metadata`
+    /// its state when opened) if the receiver already holds its bytes,
+    /// which are then not sent; None to send them.
+    fn held(
+        &mut self,
+        _relative: &str,
+        _file: &mut std::fs::File,
+        _metadata: &std::fs::Metadata,
+    ) -> io::Result<Option<[u8; 32]>> {
+        Ok(None)
+    }
 }
 
 #[cfg(not(kiln_agent))]
@@ -152,6 +169,15 @@ fn encode_entry(
         let mut file = std::fs::File::open(path)?;
         let before = file.metadata()?;
         let size = before.len();
+        if let Some(sha256) = hooks.held(relative, &mut file, &before)? {
+            out.write_all(&[STORED])?;
+            write_bytes(out, relative.as_bytes())?;
+            out.write_all(&mode.to_le_bytes())?;
+            out.write_all(&size.to_le_bytes())?;
+            out.write_all(&sha256)?;
+            hooks.sent(relative, &before);
+            return Ok(());
+        }
         out.write_all(&[FILE])?;
         write_bytes(out, relative.as_bytes())?;
         out.write_all(&mode.to_le_bytes())?;
@@ -194,12 +220,37 @@ fn write_bytes(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Record {
     End,
-    Dir { path: String, mode: u32 },
-    File { path: String, mode: u32, size: u64 },
-    Symlink { path: String, target: Vec<u8> },
-    Missing { path: String },
-    Keep { path: String, in_place: bool },
-    Reuse { path: String, mode: u32, index: u32 },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        size: u64,
+    },
+    Symlink {
+        path: String,
+        target: Vec<u8>,
+    },
+    Missing {
+        path: String,
+    },
+    Keep {
+        path: String,
+        in_place: bool,
+    },
+    Reuse {
+        path: String,
+        mode: u32,
+        index: u32,
+    },
+    Stored {
+        path: String,
+        mode: u32,
+        size: u64,
+        sha256: [u8; 32],
+    },
 }
 
 /// Reads the next record's header: what both the host's [`decode`] and
@@ -236,6 +287,12 @@ pub fn read_record(input: &mut impl Read) -> io::Result<Record> {
             path,
             mode: u32::from_le_bytes(read_array(input)?) & 0o7777,
             index: u32::from_le_bytes(read_array(input)?),
+        },
+        STORED => Record::Stored {
+            path,
+            mode: u32::from_le_bytes(read_array(input)?) & 0o7777,
+            size: u64::from_le_bytes(read_array(input)?),
+            sha256: read_array(input)?,
         },
         other => return Err(invalid(format!("an unknown record kind {other}"))),
     })
@@ -302,6 +359,9 @@ mod decoding {
         pub bytes: u64,
         /// Declared outputs the action did not write.
         pub missing: Vec<String>,
+        /// Files not sent (`STORED`), each an empty placeholder now: path,
+        /// size and SHA-256.
+        pub stored: Vec<(String, u64, [u8; 32])>,
     }
 
     /// Writes the entries of the stream beneath `dest` (see the module
@@ -330,6 +390,17 @@ mod decoding {
                     rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(mode | 0o700))
                         .map_err(|e| at(&path, e.into()))?;
                 }
+                Record::Stored {
+                    path,
+                    mode,
+                    size,
+                    sha256,
+                } => {
+                    let (parent, name) = admit(&root, &path, limits, &mut decoded)?;
+                    let file = create_file(&parent, name, mode).map_err(|e| at(&path, e))?;
+                    rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))?;
+                    decoded.stored.push((path, size, sha256));
+                }
                 Record::File { path, mode, size } => {
                     let (parent, name) = admit(&root, &path, limits, &mut decoded)?;
                     decoded.bytes = decoded.bytes.saturating_add(size);
@@ -339,18 +410,7 @@ mod decoding {
                             limits.bytes
                         )));
                     }
-                    let file = rustix::fs::openat(
-                        &parent,
-                        name,
-                        OFlags::WRONLY
-                            | OFlags::CREATE
-                            | OFlags::EXCL
-                            | OFlags::NOFOLLOW
-                            | OFlags::CLOEXEC,
-                        Mode::from_raw_mode(mode | 0o600),
-                    )
-                    .map_err(|e| at(&path, e.into()))?;
-                    let mut file = std::fs::File::from(file);
+                    let mut file = create_file(&parent, name, mode).map_err(|e| at(&path, e))?;
                     let copied = io::copy(&mut input.take(size), &mut file)?;
                     if copied != size {
                         return Err(io::Error::new(
@@ -368,6 +428,18 @@ mod decoding {
                 }
             }
         }
+    }
+
+    /// A new file `name` in `parent`, never over anything, never through
+    /// a symlink.
+    fn create_file(parent: &OwnedFd, name: &str, mode: u32) -> io::Result<std::fs::File> {
+        let file = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode | 0o600),
+        )?;
+        Ok(std::fs::File::from(file))
     }
 
     /// Counts entry `path` against the limits; its parent directory and
@@ -542,5 +614,56 @@ mod tests {
         cut.truncate(cut.len() - 10);
         let error = decode(&mut cut.as_slice(), dest.path(), LIMITS).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof, "{error}");
+    }
+
+    /// A file the hooks say the receiver holds goes as `STORED`: no bytes,
+    /// an empty placeholder with its mode, reported with the size and
+    /// hash the hooks gave; the others arrive whole, and the file that was
+    /// asked about is read again from its start when it is sent.
+    #[test]
+    fn a_held_file_arrives_as_a_placeholder_and_is_reported() {
+        struct HoldBig(Vec<String>);
+        impl EncodeHooks for HoldBig {
+            fn held(
+                &mut self,
+                relative: &str,
+                file: &mut std::fs::File,
+                metadata: &std::fs::Metadata,
+            ) -> io::Result<Option<[u8; 32]>> {
+                self.0.push(relative.to_string());
+                // Read it all, as a hasher would.
+                io::copy(file, &mut io::sink())?;
+                use std::io::Seek;
+                file.rewind()?;
+                Ok((metadata.len() >= 1000).then_some([9; 32]))
+            }
+        }
+        let source = tempfile::tempdir().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(source.path().join("out")).unwrap();
+        std::fs::write(source.path().join("out/big"), vec![1u8; 5000]).unwrap();
+        std::fs::set_permissions(
+            source.path().join("out/big"),
+            std::fs::Permissions::from_mode(0o751),
+        )
+        .unwrap();
+        std::fs::write(source.path().join("out/small"), b"small").unwrap();
+        let mut hooks = HoldBig(Vec::new());
+        let mut stream = Vec::new();
+        encode_with(&mut stream, source.path(), "out", &mut hooks).unwrap();
+        finish(&mut stream).unwrap();
+        assert!(stream.len() < 1000, "the held file's bytes were sent");
+        assert_eq!(hooks.0, ["out/big", "out/small"]);
+
+        let decoded = decode(&mut stream.as_slice(), dest.path(), LIMITS).unwrap();
+        assert_eq!(decoded.stored, vec![("out/big".to_string(), 5000, [9; 32])]);
+        assert_eq!(decoded.bytes, 5, "only the small file's bytes count");
+        let placeholder = std::fs::metadata(dest.path().join("out/big")).unwrap();
+        assert_eq!(placeholder.len(), 0);
+        assert_eq!(placeholder.permissions().mode() & 0o777, 0o751);
+        assert_eq!(
+            std::fs::read(dest.path().join("out/small")).unwrap(),
+            b"small"
+        );
     }
 }

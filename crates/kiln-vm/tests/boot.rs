@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use kiln_vm::tree_stream::DecodeLimits;
 use kiln_vm::vmm::{DEFAULT_KERNEL, DEFAULT_MODULES_DIR};
 use kiln_vm::{
-    GuestOutcome, GuestStatus, GuestUser, Machine, Network, QemuConfig, QemuVmm, ReusePlan,
-    RunRequest, Vm, VmSpec, Vmm, WorkspaceDisk,
+    Ask, GuestOutcome, GuestStatus, GuestUser, Holder, Machine, Network, QemuConfig, QemuVmm,
+    ReusePlan, RunRequest, Vm, VmSpec, Vmm, WorkspaceDisk,
 };
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -180,6 +181,33 @@ fn qemu_config(dir: &Path) -> QemuConfig {
         };
     }
     config
+}
+
+/// A VM of 256 MiB from [`root_disk`], its workspace disk at /work, its
+/// files in `runtime`.
+async fn boot_with_workspace(dir: &Path, name: &str, runtime: &Path) -> Box<dyn Vm> {
+    let root = root_disk(dir);
+    let work = workspace_disk(dir);
+    let vmm = test_vmm(dir).await;
+    let mut spec = VmSpec::new(name, &root, runtime);
+    spec.memory_mib = 256;
+    spec.workspace = Some(WorkspaceDisk {
+        image: work,
+        mount_at: "/work".into(),
+    });
+    vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `script` in `vm`'s shell, which must exit 0.
+async fn run_ok(vm: &dyn Vm, script: &str) -> Output {
+    let output = run(vm, shell(script)).await;
+    assert_eq!(
+        output.outcome.status,
+        GuestStatus::Exited(0),
+        "{script}: {}",
+        output.stderr
+    );
+    output
 }
 
 fn shell(script: &str) -> RunRequest {
@@ -379,17 +407,11 @@ async fn an_action_runs_in_a_booted_vm() {
 
     // A file written in the workspace, read on the host once the VM is
     // down; a file written outside it does not reach the cached root.
-    let write = run(
+    run_ok(
         &*vm,
-        shell("echo workspace-file > /work/out.txt && echo elsewhere > /etc/changed"),
+        "echo workspace-file > /work/out.txt && echo elsewhere > /etc/changed",
     )
     .await;
-    assert_eq!(
-        write.outcome.status,
-        GuestStatus::Exited(0),
-        "{}",
-        write.stderr
-    );
     // A process left running in the workspace does not keep it mounted.
     let linger = run(&*vm, shell("cd /work && sleep 1000 &")).await;
     assert_eq!(linger.outcome.status, GuestStatus::Exited(0));
@@ -519,17 +541,7 @@ async fn a_snapshot_restores_files_and_processes() {
     spec.boot_timeout = Duration::from_secs(60);
     let vm = vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"));
     let cold_boot = vm.boot_duration();
-    let first = run(
-        &*vm,
-        shell("echo kept > /etc/marker; sleep 1000 & echo started"),
-    )
-    .await;
-    assert_eq!(
-        first.outcome.status,
-        GuestStatus::Exited(0),
-        "{}",
-        first.stderr
-    );
+    run_ok(&*vm, "echo kept > /etc/marker; sleep 1000 & echo started").await;
 
     vm.pause().await.unwrap();
     vm.resume().await.unwrap();
@@ -659,31 +671,14 @@ async fn a_vm_in_its_own_network_namespace_cannot_reach_the_host_loopback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_replaces_the_workspace_of_a_running_vm() {
     let dir = tempfile::tempdir().unwrap();
-    let root = root_disk(dir.path());
-    let work = workspace_disk(dir.path());
     let runtime = dir.path().join("run");
-    let vmm = test_vmm(dir.path()).await;
-    let mut spec = VmSpec::new("put-vm", &root, &runtime);
-    spec.memory_mib = 256;
-    spec.workspace = Some(WorkspaceDisk {
-        image: work,
-        mount_at: "/work".into(),
-    });
-    let vm = vmm.boot(&spec).await.unwrap_or_else(|e| panic!("{e}"));
-    let first = run(
+    let vm = boot_with_workspace(dir.path(), "put-vm", &runtime).await;
+    run_ok(
         &*vm,
-        shell(
-            "mkdir -p /work/old/deep && echo old > /work/old/deep/file && echo old > /work/top \\
+        "mkdir -p /work/old/deep && echo old > /work/old/deep/file && echo old > /work/top \\
              && echo outside > /tmp/outside && (sleep 300 & echo $! > /tmp/sleep.pid)",
-        ),
     )
     .await;
-    assert_eq!(
-        first.outcome.status,
-        GuestStatus::Exited(0),
-        "{}",
-        first.stderr
-    );
 
     let inputs = dir.path().join("inputs");
     std::fs::create_dir_all(inputs.join("pkg/sub")).unwrap();
@@ -802,30 +797,26 @@ async fn put_replaces_the_workspace_of_a_running_vm() {
 
     // An output the last action wrote, as `collect` sent it, is kept too:
     // the next inputs take it by digest without it crossing again.
-    let wrote = run(
+    run_ok(
         &*vm,
-        shell("mkdir -p /work/out && dd if=/dev/urandom of=/work/out/result.bin bs=1k count=512"),
+        "mkdir -p /work/out && dd if=/dev/urandom of=/work/out/result.bin bs=1k count=512",
     )
     .await;
-    assert_eq!(
-        wrote.outcome.status,
-        GuestStatus::Exited(0),
-        "{}",
-        wrote.stderr
-    );
+    let limits = DecodeLimits {
+        entries: 100,
+        bytes: 1 << 30,
+    };
+    held_outputs_are_not_sent(&*vm, dir.path(), limits).await;
+
     let stream = dir.path().join("outputs.stream");
     let collected = dir.path().join("collected");
     // The output's parent, as the worker makes it before an action.
     std::fs::create_dir_all(collected.join("out")).unwrap();
     let output = [PathBuf::from("out/result.bin")];
     vm.guest()
-        .collect(Path::new("/work"), &output, &stream, 1 << 30)
+        .collect(Path::new("/work"), &output, &stream, 1 << 30, None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let limits = kiln_vm::tree_stream::DecodeLimits {
-        entries: 100,
-        bytes: 1 << 30,
-    };
     let mut stream = std::fs::File::open(&stream).unwrap();
     kiln_vm::tree_stream::decode(&mut stream, &collected, limits).unwrap();
     let mut held = digests(&inputs);
@@ -886,6 +877,112 @@ async fn put_replaces_the_workspace_of_a_running_vm() {
     assert!(processes_mentioning(&runtime.display().to_string()).is_empty());
 }
 
+/// A holder that says it holds the blobs of one size, and notes every
+/// question.
+struct HoldsSize {
+    size: u64,
+    asked: std::sync::Mutex<Vec<(u64, [u8; 32])>>,
+}
+
+#[async_trait::async_trait]
+impl Holder for HoldsSize {
+    async fn holds(&self, size: u64, sha256: [u8; 32]) -> bool {
+        self.asked.lock().unwrap().push((size, sha256));
+        size == self.size
+    }
+}
+
+/// With `out/result.bin` (512 KiB) in the guest's workspace: a collect
+/// that asks about files of 64 KiB or more hashes them in the guest (the
+/// SHA-256 the guest's own sha256sum prints), does not send the one the
+/// holder holds (an empty placeholder, reported), sends the others whole,
+/// and never asks about a small file.
+async fn held_outputs_are_not_sent(vm: &dyn Vm, dir: &Path, limits: DecodeLimits) {
+    let wrote = run_ok(
+        vm,
+        "cd /work/out && dd if=/dev/urandom of=other.bin bs=1k count=100 2>/dev/null \
+             && echo note > note && sha256sum result.bin other.bin",
+    )
+    .await;
+    let holder = HoldsSize {
+        size: 512 << 10,
+        asked: Default::default(),
+    };
+    let ask = Ask {
+        from_bytes: 64 << 10,
+        holder: &holder,
+    };
+    let stream = dir.join("asked.stream");
+    let collected = dir.join("collected-asked");
+    std::fs::create_dir_all(&collected).unwrap();
+    let confirmed = vm
+        .guest()
+        .collect(
+            Path::new("/work"),
+            &[PathBuf::from("out")],
+            &stream,
+            1 << 30,
+            Some(ask),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stream_bytes = std::fs::metadata(&stream).unwrap().len();
+    assert!(
+        (100 << 10..200 << 10).contains(&stream_bytes),
+        "{stream_bytes} bytes of stream: only other.bin's content should cross"
+    );
+    let decoded = kiln_vm::tree_stream::decode(
+        &mut std::fs::File::open(&stream).unwrap(),
+        &collected,
+        limits,
+    )
+    .unwrap();
+
+    let guest_sums: Vec<(String, String)> = wrote
+        .stdout
+        .lines()
+        .map(|line| {
+            let (sum, name) = line.split_once("  ").unwrap();
+            (name.to_string(), sum.to_string())
+        })
+        .collect();
+    let asked = holder.asked.lock().unwrap().clone();
+    let asked: Vec<(u64, String)> = asked
+        .iter()
+        .map(|(size, sha)| (*size, hex::encode(sha)))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            (100 << 10, guest_sums[1].1.clone()),
+            (512 << 10, guest_sums[0].1.clone())
+        ],
+        "the asks, in the stream's order (sorted names; note is too small)"
+    );
+    let result_sha: [u8; 32] = hex::decode(&guest_sums[0].1).unwrap().try_into().unwrap();
+    assert_eq!(confirmed, [(512 << 10, result_sha)].into_iter().collect());
+    assert_eq!(
+        decoded.stored,
+        [("out/result.bin".to_string(), 512 << 10, result_sha)]
+    );
+    assert_eq!(
+        std::fs::metadata(collected.join("out/result.bin"))
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        sha256sums(&collected, &["out/other.bin"]),
+        format!("{}  out/other.bin\n", guest_sums[1].1)
+    );
+    assert_eq!(
+        std::fs::read(collected.join("out/note")).unwrap(),
+        b"note\n"
+    );
+    let cleaned = run(vm, shell("rm /work/out/other.bin /work/out/note")).await;
+    assert_eq!(cleaned.outcome.status, GuestStatus::Exited(0));
+}
+
 /// The digest of each regular file beneath `root`, by relative path.
 fn digests(root: &Path) -> kiln_worker::isolation::InputDigests {
     use sha2::Digest as _;
@@ -923,4 +1020,70 @@ fn sha256sums(root: &Path, paths: &[&str]) -> String {
             format!("{}  {path}\n", hex::encode(sha2::Sha256::digest(&bytes)))
         })
         .collect()
+}
+
+/// What hashing outputs in the guest costs and saves, against sending
+/// them whole: 16 MiB of random output collected as it is today, asked
+/// about and not held (a new output: hashed, then sent), and asked about
+/// and held (hashed, not sent). Prints the median of 5 each; see
+/// benchmarks/microvm.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: cargo test --release -p kiln-vm --test boot measure -- --ignored --nocapture"]
+async fn measure_output_hashing() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = boot_with_workspace(dir.path(), "hash-vm", &dir.path().join("run")).await;
+    run_ok(
+        &*vm,
+        "dd if=/dev/urandom of=/work/out.bin bs=1M count=16 2>/dev/null",
+    )
+    .await;
+    let outputs = [PathBuf::from("out.bin")];
+    let (no, yes) = (
+        HoldsSize {
+            size: 0,
+            asked: Default::default(),
+        },
+        HoldsSize {
+            size: 16 << 20,
+            asked: Default::default(),
+        },
+    );
+    let ways: [(&str, Option<Ask>); 3] = [
+        ("sent whole", None),
+        (
+            "hashed, not held, sent",
+            Some(Ask {
+                from_bytes: 1,
+                holder: &no,
+            }),
+        ),
+        (
+            "hashed, held, not sent",
+            Some(Ask {
+                from_bytes: 1,
+                holder: &yes,
+            }),
+        ),
+    ];
+    let stream = dir.path().join("measure.stream");
+    for (name, ask) in ways {
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            vm.guest()
+                .collect(Path::new("/work"), &outputs, &stream, 1 << 30, ask)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            times.push(started.elapsed());
+        }
+        times.sort();
+        println!(
+            "16 MiB output, {name}: median {:?} (min {:?}, max {:?}), {} bytes of stream",
+            times[2],
+            times[0],
+            times[4],
+            std::fs::metadata(&stream).unwrap().len()
+        );
+    }
+    drop(vm);
 }

@@ -39,11 +39,14 @@ const WRITE_CHUNK_BYTES: usize = 1024 * 1024;
 /// hashed and converted where the server does it.
 pub use kiln_cas::wire::digest_of;
 
-/// A blob to upload: bytes in memory or a file on disk.
+/// A blob to upload: bytes in memory or a file on disk, or one the CAS
+/// was found to hold already (an output a VM's guest hashed: its bytes
+/// never crossed to the host, and the file at the path is a placeholder).
 #[derive(Debug, Clone)]
 pub enum UploadSource {
     Bytes(Bytes),
     File(std::path::PathBuf),
+    Stored(std::path::PathBuf),
 }
 
 /// What the generated gRPC clients of [`CasClient`] are sent through: a
@@ -267,16 +270,39 @@ impl CasClient {
         instance_name: &str,
         digests: Vec<Digest>,
     ) -> Result<Vec<Digest>, RunError> {
+        self.find_missing_as("", instance_name, digests).await
+    }
+
+    /// Which of `digests` the CAS lacks as organisation `org` sees it
+    /// (`kiln_auth::FOR_ORG_HEADER`; empty: as this executor sees it).
+    pub async fn find_missing_as(
+        &self,
+        org: &str,
+        instance_name: &str,
+        digests: Vec<Digest>,
+    ) -> Result<Vec<Digest>, RunError> {
+        let org = (!org.is_empty())
+            .then(|| org.parse::<tonic::metadata::MetadataValue<_>>())
+            .transpose()
+            .map_err(|_| {
+                RunError::Internal(format!("organisation {org:?} is not a header value"))
+            })?;
         let mut missing = Vec::new();
         // FindMissingBlobs carries no payload; 10k digests keep it small.
         for chunk in digests.chunks(10_000) {
+            let mut request = tonic::Request::new(reapi::FindMissingBlobsRequest {
+                instance_name: instance_name.to_string(),
+                blob_digests: chunk.to_vec(),
+                ..Default::default()
+            });
+            if let Some(org) = &org {
+                request
+                    .metadata_mut()
+                    .insert(kiln_auth::FOR_ORG_HEADER, org.clone());
+            }
             let response = self
                 .cas()
-                .find_missing_blobs(reapi::FindMissingBlobsRequest {
-                    instance_name: instance_name.to_string(),
-                    blob_digests: chunk.to_vec(),
-                    ..Default::default()
-                })
+                .find_missing_blobs(request)
                 .await
                 .map_err(|status| RunError::cas("FindMissingBlobs", status))?
                 .into_inner();
@@ -301,6 +327,12 @@ impl CasClient {
         let missing = self
             .find_missing(instance_name, unique.keys().cloned().collect())
             .await?;
+        if let Some(gone) = missing
+            .iter()
+            .find(|digest| matches!(unique[*digest], UploadSource::Stored(_)))
+        {
+            return Err(stored_missing(gone));
+        }
         let (small, large): (Vec<Digest>, Vec<Digest>) = missing
             .into_iter()
             .partition(|digest| self.fits_batch(digest.size_bytes));
@@ -312,6 +344,7 @@ impl CasClient {
                     UploadSource::File(path) => tokio::fs::read(path)
                         .await
                         .map_err(|e| RunError::io(format!("reading {}", path.display()), e))?,
+                    UploadSource::Stored(_) => return Err(stored_missing(&digest)),
                 };
                 requests.push(reapi::batch_update_blobs_request::Request {
                     digest: Some(digest),
@@ -375,6 +408,7 @@ impl CasClient {
                     futures::stream::iter(chunks).boxed()
                 }
                 UploadSource::File(path) => file_chunks(path).await?,
+                UploadSource::Stored(_) => return Err(stored_missing(digest)),
             };
         let total = digest.size_bytes;
         let (error_tx, mut error_rx) = tokio::sync::mpsc::channel::<std::io::Error>(1);
@@ -403,6 +437,15 @@ impl CasClient {
         }
         Ok(())
     }
+}
+
+/// A blob the CAS held when a VM's outputs were collected and lacks now:
+/// evicted since, moments ago. Its bytes were only in the VM.
+fn stored_missing(digest: &Digest) -> RunError {
+    RunError::Internal(format!(
+        "output {} was in the CAS when the VM's outputs were collected, and is not now",
+        format_digest(digest)
+    ))
 }
 
 /// The WriteRequests of one upload, as a concrete `'static` stream built

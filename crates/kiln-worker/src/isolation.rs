@@ -58,11 +58,78 @@ pub struct CommandSpec {
     /// set for kept runners of backends that do not see the host's
     /// workspace, None otherwise.
     pub input_digests: Option<Arc<InputDigests>>,
+    /// For a backend whose guest hashes the outputs (a VM): the CAS's
+    /// answer to which of them it already holds, and where the backend
+    /// records those whose bytes it did not bring back. Set for backends
+    /// that do not see the host's workspace.
+    pub stored_outputs: Option<Arc<StoredOutputs>>,
 }
 
 /// The digest of each input file, by its path relative to the workspace
 /// (`/`-separated).
 pub type InputDigests = std::collections::HashMap<String, kiln_proto::reapi::Digest>;
+
+/// Which of some digests the CAS lacks, as the action's organisation and
+/// instance see it.
+pub type FindMissing = Box<
+    dyn Fn(
+            Vec<kiln_proto::reapi::Digest>,
+        )
+            -> futures::future::BoxFuture<'static, Result<Vec<kiln_proto::reapi::Digest>, RunError>>
+        + Send
+        + Sync,
+>;
+
+/// Outputs a guest hashed whose bytes the CAS already holds: they are
+/// not brought back, and the file at each one's path in the host's
+/// workspace is an empty placeholder, which output collection takes the
+/// recorded digest for and the file cache never adopts.
+pub struct StoredOutputs {
+    find_missing: FindMissing,
+    stored: std::sync::Mutex<InputDigests>,
+}
+
+impl std::fmt::Debug for StoredOutputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredOutputs")
+            .field("stored", &*self.stored())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoredOutputs {
+    pub fn new(find_missing: FindMissing) -> StoredOutputs {
+        StoredOutputs {
+            find_missing,
+            stored: Default::default(),
+        }
+    }
+
+    /// Which of `digests` the CAS lacks.
+    pub async fn missing(
+        &self,
+        digests: Vec<kiln_proto::reapi::Digest>,
+    ) -> Result<Vec<kiln_proto::reapi::Digest>, RunError> {
+        (self.find_missing)(digests).await
+    }
+
+    /// The output at `path` (relative to the workspace, `/`-separated)
+    /// was not brought back: the CAS holds its bytes, `digest`.
+    pub fn record(&self, path: String, digest: kiln_proto::reapi::Digest) {
+        self.stored().insert(path, digest);
+    }
+
+    fn stored(&self) -> std::sync::MutexGuard<'_, InputDigests> {
+        self.stored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What was recorded, emptied for the next action.
+    pub fn take(&self) -> InputDigests {
+        std::mem::take(&mut *self.stored())
+    }
+}
 
 impl CommandSpec {
     /// `arguments[0]` and where it resolves to, looked up as a shell would

@@ -55,7 +55,7 @@ pub fn file_digests(
     blobs
         .iter()
         .filter_map(|(digest, source)| match source {
-            UploadSource::File(path) => {
+            UploadSource::File(path) | UploadSource::Stored(path) => {
                 let relative = path.strip_prefix(workspace).ok()?.to_str()?;
                 Some((relative.to_owned(), digest.clone()))
             }
@@ -111,15 +111,24 @@ pub fn declared_paths(command: &Command) -> Vec<String> {
 }
 
 /// Collects the Command's outputs below `working_directory` (on a blocking
-/// thread: this hashes every output file).
+/// thread: this hashes every output file). `stored`: outputs (by path
+/// relative to `workspace`) whose bytes the CAS holds and a VM kept, each
+/// an empty placeholder here ([`crate::isolation::StoredOutputs`]): their
+/// digests are taken as given, and they are listed as
+/// [`UploadSource::Stored`].
 pub async fn collect(
     command: &Command,
     workspace: PathBuf,
     working_directory: PathBuf,
+    stored: crate::isolation::InputDigests,
 ) -> Result<CollectedOutputs, RunError> {
     let declared = declared(command);
     crate::process::blocking("collecting outputs", move || {
         let mut collected = CollectedOutputs::default();
+        let files = FileDigests {
+            workspace: &workspace,
+            stored: &stored,
+        };
         for (path, kind) in declared {
             if !within(&workspace, &working_directory.join(&path)) {
                 // A symlink in the output's parents leads out of the
@@ -127,11 +136,32 @@ pub async fn collect(
                 tracing::warn!(path, "output path leaves the workspace through a symlink");
                 continue;
             }
-            collect_one(&working_directory, &path, kind, &mut collected)?;
+            collect_one(&working_directory, &path, kind, &files, &mut collected)?;
         }
         Ok(collected)
     })
     .await
+}
+
+/// How an output file gets its digest: hashed here, or, for a placeholder
+/// of a stored output, as recorded.
+struct FileDigests<'a> {
+    workspace: &'a Path,
+    stored: &'a crate::isolation::InputDigests,
+}
+
+impl FileDigests<'_> {
+    fn of(&self, full: PathBuf) -> Result<(Digest, UploadSource), RunError> {
+        let recorded = full
+            .strip_prefix(self.workspace)
+            .ok()
+            .and_then(Path::to_str)
+            .and_then(|relative| self.stored.get(relative));
+        match recorded {
+            Some(digest) => Ok((digest.clone(), UploadSource::Stored(full))),
+            None => Ok((hash_file(&full)?, UploadSource::File(full))),
+        }
+    }
 }
 
 /// Whether `path`'s parent, with symlinks resolved, is inside `workspace`.
@@ -155,6 +185,7 @@ fn collect_one(
     working_directory: &Path,
     path: &str,
     kind: Declared,
+    files: &FileDigests,
     collected: &mut CollectedOutputs,
 ) -> Result<(), RunError> {
     let full = working_directory.join(path);
@@ -184,7 +215,7 @@ fn collect_one(
             }
         }
     } else if file_type.is_file() && kind != Declared::Directory {
-        let digest = hash_file(&full)?;
+        let (digest, source) = files.of(full)?;
         collected.output_files.push(OutputFile {
             path: path.to_string(),
             digest: Some(digest.clone()),
@@ -192,10 +223,10 @@ fn collect_one(
             contents: Vec::new(),
             node_properties: None,
         });
-        collected.blobs.push((digest, UploadSource::File(full)));
+        collected.blobs.push((digest, source));
     } else if file_type.is_dir() && kind != Declared::File {
         let mut children = HashMap::new();
-        let root = build_directory(&full, &mut children, &mut collected.blobs)?;
+        let root = build_directory(&full, files, &mut children, &mut collected.blobs)?;
         let root_digest = digest_of(&root.encode_to_vec());
         let mut children: Vec<(Digest, Directory)> = children.into_iter().collect();
         children.sort_by(|a, b| a.0.hash.cmp(&b.0.hash));
@@ -224,6 +255,7 @@ fn collect_one(
 /// into `children` by digest (deduplicated), every file into `blobs`.
 fn build_directory(
     path: &Path,
+    files: &FileDigests,
     children: &mut HashMap<Digest, Directory>,
     blobs: &mut Vec<(Digest, UploadSource)>,
 ) -> Result<Directory, RunError> {
@@ -244,16 +276,16 @@ fn build_directory(
                 node_properties: None,
             });
         } else if file_type.is_file() {
-            let digest = hash_file(&full)?;
+            let (digest, source) = files.of(full)?;
             directory.files.push(FileNode {
                 name,
                 digest: Some(digest.clone()),
                 is_executable: is_executable(&metadata),
                 node_properties: None,
             });
-            blobs.push((digest, UploadSource::File(full)));
+            blobs.push((digest, source));
         } else if file_type.is_dir() {
-            let child = build_directory(&full, children, blobs)?;
+            let child = build_directory(&full, files, children, blobs)?;
             let bytes = child.encode_to_vec();
             let digest = digest_of(&bytes);
             children.insert(digest.clone(), child);

@@ -70,6 +70,7 @@ impl TrialAction {
             runner_tmp: None,
             output_paths: Vec::new(),
             input_digests: None,
+            stored_outputs: None,
         };
         Ok(TrialAction {
             _dir: dir,

@@ -21,7 +21,7 @@ use crate::cache::FileCache;
 use crate::cas::{CasClient, GrpcTransport, UploadSource};
 use crate::error::{format_digest, RunError};
 use crate::inputs;
-use crate::isolation::{CommandSpec, Isolation, Isolations, Resident};
+use crate::isolation::{CommandSpec, Isolation, Isolations, Resident, StoredOutputs};
 use crate::outputs;
 use crate::persistent::{self, WorkerIdentity, WorkerProcess, WorkerStart};
 use crate::process::{blocking, Limits, ProcessOutcome, StopReason};
@@ -301,6 +301,7 @@ impl Worker {
         };
         let result = self
             .run_in(
+                org,
                 instance_name,
                 action_digest,
                 platform,
@@ -405,6 +406,7 @@ impl Worker {
     #[allow(clippy::too_many_arguments)]
     async fn run_in(
         &self,
+        org: &str,
         instance_name: &str,
         action_digest: &Digest,
         platform: &Platform,
@@ -549,6 +551,8 @@ impl Worker {
                 .collect(),
             input_digests: (recycling && !isolation.sees_host_workspace())
                 .then(|| Arc::new(inputs::file_digests(&directories, &input_root))),
+            stored_outputs: (!isolation.sees_host_workspace())
+                .then(|| Arc::new(self.stored_outputs(org, instance_name))),
         };
         let limits = self.limits(&action, platform);
         metadata.execution_start_timestamp = Some(timestamp_now());
@@ -636,9 +640,15 @@ impl Worker {
                     ));
                 }
                 None => {
-                    blobs = outputs::collect(&command, workspace.clone(), working_path.clone())
-                        .await?
-                        .fill(&mut result);
+                    let stored = spec
+                        .stored_outputs
+                        .as_ref()
+                        .map(|stored| stored.take())
+                        .unwrap_or_default();
+                    blobs =
+                        outputs::collect(&command, workspace.clone(), working_path.clone(), stored)
+                            .await?
+                            .fill(&mut result);
                     // A kept runner holding its own copy of the workspace
                     // (a warm VM) may give them to the next action.
                     if let Some(resident) = notes
@@ -660,9 +670,19 @@ impl Worker {
         let working_directory = working_path
             .strip_prefix(&workspace)
             .unwrap_or(Path::new(""));
+        // A placeholder for an output whose bytes stayed in a VM is
+        // never adopted.
+        let placeholders: std::collections::HashSet<&Path> = blobs
+            .iter()
+            .filter_map(|(_, source)| match source {
+                UploadSource::Stored(path) => Some(path.as_path()),
+                _ => None,
+            })
+            .collect();
         let adopted: Vec<_> = result
             .output_files
             .iter()
+            .filter(|file| !placeholders.contains(working_path.join(&file.path).as_path()))
             .filter_map(|file| {
                 let digest = file.digest.clone()?;
                 let path = written.join(working_directory).join(&file.path);
@@ -1049,6 +1069,17 @@ impl Worker {
 
     /// The timeout: `Action.timeout`, else `default-timeout`, else the
     /// configured maximum, and never above the maximum.
+    /// What a VM's collection asks the CAS, as the action's organisation
+    /// and instance, about the outputs its guest hashed.
+    fn stored_outputs(&self, org: &str, instance_name: &str) -> StoredOutputs {
+        let (cas, org, instance_name) =
+            (self.cas.clone(), org.to_string(), instance_name.to_string());
+        StoredOutputs::new(Box::new(move |digests| {
+            let (cas, org, instance_name) = (cas.clone(), org.clone(), instance_name.clone());
+            Box::pin(async move { cas.find_missing_as(&org, &instance_name, digests).await })
+        }))
+    }
+
     fn limits(&self, action: &Action, platform: &Platform) -> Limits {
         let from_action = action
             .timeout

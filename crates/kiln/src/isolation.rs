@@ -179,6 +179,13 @@ pub struct VmSettings {
     /// Most bytes of outputs one VM may send back.
     #[arg(long = "vm-max-output-size")]
     pub max_output_size: Size,
+    /// Which output files a VM's guest hashes itself, so that only those
+    /// the CAS lacks cross to the host: a size (files of that many bytes
+    /// or more), `off` (every file is sent), or `auto`: from 64 KiB where
+    /// the guest runs under KVM, off under TCG, where hashing in the
+    /// emulated guest costs as much as sending (benchmarks/microvm.md).
+    #[arg(long = "vm-hash-outputs-from")]
+    pub hash_outputs_from: String,
 }
 
 impl Default for VmSettings {
@@ -200,6 +207,7 @@ impl Default for VmSettings {
             max_vcpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             boot_timeout: Period::secs(120),
             max_output_size: Size::gib(16),
+            hash_outputs_from: "auto".into(),
         }
     }
 }
@@ -246,6 +254,13 @@ impl VmSettings {
             output_limits: DecodeLimits {
                 entries: 1_000_000,
                 bytes: self.max_output_size.bytes(),
+            },
+            hash_outputs_from: match self.hash_outputs_from.as_str() {
+                "auto" => kiln_vm::microvm::HashOutputsFrom::Auto,
+                "off" => kiln_vm::microvm::HashOutputsFrom::Off,
+                size => kiln_vm::microvm::HashOutputsFrom::Bytes(size.parse::<Size>().map_err(|e| {
+                    format!("vm_hash_outputs_from = {size:?}: expected auto, off or a size ({e})")
+                })?.bytes()),
             },
         })
     }
@@ -514,5 +529,22 @@ mod tests {
         assert_eq!(budget("0", 8 << 30).unwrap(), None);
         let error = budget("lots", 8 << 30).unwrap_err().to_string();
         assert!(error.contains("warm_runner_memory \"lots\""), "{error}");
+    }
+    #[test]
+    fn hashing_outputs_in_the_guest_is_auto_off_or_a_size_and_names_a_bad_value() {
+        use kiln_vm::microvm::HashOutputsFrom;
+        let from = |given: &str| {
+            VmSettings {
+                hash_outputs_from: given.into(),
+                ..Default::default()
+            }
+            .microvm_config(ImageConfig::default(), NetworkConfig::default())
+            .map(|config| config.hash_outputs_from)
+        };
+        assert_eq!(from("auto").unwrap(), HashOutputsFrom::Auto);
+        assert_eq!(from("off").unwrap(), HashOutputsFrom::Off);
+        assert_eq!(from("1MiB").unwrap(), HashOutputsFrom::Bytes(1 << 20));
+        let error = from("lots").unwrap_err();
+        assert!(error.contains("vm_hash_outputs_from = \"lots\""), "{error}");
     }
 }

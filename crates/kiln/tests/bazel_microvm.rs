@@ -12,6 +12,8 @@
 //! - the executor advertises its VMM (`vmm=qemu-tcg` here): an action may
 //!   require it, and one requiring another fails fast naming `vmm`;
 //! - an image that cannot become a disk fails naming it;
+//! - with `--vm-hash-outputs-from`, an output the CAS already holds is
+//!   hashed in the guest and stays there, and Bazel still gets its bytes;
 //! - nothing of a VM is left once the server has stopped.
 
 mod common;
@@ -31,6 +33,9 @@ const PROBE: &str = "{ echo kernel=$$(uname -r); \
     echo debian=$$(test -e /etc/debian_version && echo yes || echo no); \
     echo interfaces=$$(ls /sys/class/net | tr '\\n' ' '); } > $(location probe.txt); \
     echo nested > $(location out/nested.txt)";
+
+/// 256 KiB of `k`, without a newline.
+const BIG: &str = "head -c 262144 /dev/zero | tr '\\\\0' k";
 
 fn build_file(host_ports: &str, vmm: &str) -> String {
     format!(
@@ -97,6 +102,22 @@ genrule(
     }},
 )
 
+# The same 256 KiB twice, from two actions: the second's is in the CAS
+# when its VM collects it.
+genrule(
+    name = "big_first",
+    outs = ["big_first.bin"],
+    cmd = "{BIG} > $@",
+    exec_properties = dict(VM, dockerNetwork = "off"),
+)
+
+genrule(
+    name = "big_again",
+    outs = ["big_again.bin", "small.txt"],
+    cmd = "{BIG} > $(location big_again.bin); echo small > $(location small.txt)",
+    exec_properties = dict(VM, dockerNetwork = "off"),
+)
+
 genrule(
     name = "no_such_image",
     outs = ["no_such_image.txt"],
@@ -136,7 +157,7 @@ fn bazel_runs_actions_in_microvms_booted_from_their_image() {
         .prefix("kiln-bazel-vm-")
         .tempdir()
         .expect("create scratch directory");
-    let vms = VmServer::start(scratch.path(), &[]);
+    let vms = VmServer::start(scratch.path(), &["--vm-hash-outputs-from", "64KiB"]);
     let log = || vms.log_text();
 
     // Listeners the bridged VM must not reach: on the host's loopback (as
@@ -237,6 +258,34 @@ fn bazel_runs_actions_in_microvms_booted_from_their_image() {
         text.contains("kiln-test/no-such-image"),
         "the failure does not name the image:\n{text}"
     );
+
+    // An output the CAS holds stays in the VM; Bazel gets it all the same.
+    let held = "outputs the CAS holds stayed in the VM";
+    bazel.run_ok(&["build", "//vm:big_first"]);
+    assert!(
+        !log().contains(held),
+        "nothing was in the CAS yet:\n{}",
+        log()
+    );
+    bazel.run_ok(&["build", "//vm:big_again"]);
+    let line = log()
+        .lines()
+        .find(|line| line.contains(held))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("the second output crossed again:\n{}", log()));
+    assert!(
+        line.contains("files=1") && line.contains("bytes=262144"),
+        "{line}"
+    );
+    for name in ["big_first.bin", "big_again.bin"] {
+        let bytes = fs::read(bazel.workspace.join("bazel-bin/vm").join(name)).unwrap();
+        assert!(
+            bytes.len() == 262144 && bytes.iter().all(|&b| b == b'k'),
+            "{name}: {} bytes",
+            bytes.len()
+        );
+    }
+    assert_eq!(read("small.txt"), "small\n");
 
     bazel.run_ok(&["shutdown"]);
     vms.stop_and_check_nothing_left();
