@@ -94,9 +94,12 @@ pub enum HashOutputsFrom {
     Bytes(u64),
 }
 
-/// The smallest file a guest under KVM hashes with [`HashOutputsFrom::Auto`]:
-/// below it the question costs about what sending the bytes does.
-pub const HASH_OUTPUTS_FROM_UNDER_KVM: u64 = 64 << 10;
+/// The smallest file a guest under KVM hashes with [`HashOutputsFrom::Auto`].
+/// Each file asked about costs a round trip to the guest and a CAS lookup
+/// (the agent asks one file at a time); from 1 MiB that is a small part
+/// of sending the bytes, and the asks of one action are at most its
+/// output bytes over 1 MiB.
+pub const HASH_OUTPUTS_FROM_UNDER_KVM: u64 = 1 << 20;
 
 /// An action's network namespace, and the networks it goes back to.
 type HeldNetwork = (Arc<Outbound>, ActionNetwork);

@@ -181,7 +181,7 @@ pub struct VmSettings {
     pub max_output_size: Size,
     /// Which output files a VM's guest hashes itself, so that only those
     /// the CAS lacks cross to the host: a size (files of that many bytes
-    /// or more), `off` (every file is sent), or `auto`: from 64 KiB where
+    /// or more), `off` (every file is sent), or `auto`: from 1 MiB where
     /// the guest runs under KVM, off under TCG, where hashing in the
     /// emulated guest costs as much as sending (benchmarks/microvm.md).
     #[arg(long = "vm-hash-outputs-from")]
