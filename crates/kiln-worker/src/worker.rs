@@ -1067,8 +1067,6 @@ impl Worker {
         })
     }
 
-    /// The timeout: `Action.timeout`, else `default-timeout`, else the
-    /// configured maximum, and never above the maximum.
     /// What a VM's collection asks the CAS, as the action's organisation
     /// and instance, about the outputs its guest hashed.
     fn stored_outputs(&self, org: &str, instance_name: &str) -> StoredOutputs {
@@ -1080,6 +1078,8 @@ impl Worker {
         }))
     }
 
+    /// The timeout: `Action.timeout`, else `default-timeout`, else the
+    /// configured maximum, and never above the maximum.
     fn limits(&self, action: &Action, platform: &Platform) -> Limits {
         let from_action = action
             .timeout
