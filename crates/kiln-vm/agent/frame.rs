@@ -12,14 +12,20 @@ pub const MAX_FRAME: usize = 64 << 20;
 
 /// The bytes of a frame made of `fields`.
 pub fn encode(fields: &[&[u8]]) -> Vec<u8> {
-    let body_length: usize = fields.iter().map(|f| 4 + f.len()).sum();
-    let mut frame = Vec::with_capacity(4 + body_length);
-    frame.extend_from_slice(&(body_length as u32).to_le_bytes());
-    for field in fields {
-        frame.extend_from_slice(&(field.len() as u32).to_le_bytes());
-        frame.extend_from_slice(field);
-    }
+    let mut frame = Vec::new();
+    encode_into(&mut frame, fields);
     frame
+}
+
+/// [`encode`], appended to `out`.
+pub fn encode_into(out: &mut Vec<u8>, fields: &[&[u8]]) {
+    let body_length: usize = fields.iter().map(|f| 4 + f.len()).sum();
+    out.reserve(4 + body_length);
+    out.extend_from_slice(&(body_length as u32).to_le_bytes());
+    for field in fields {
+        out.extend_from_slice(&(field.len() as u32).to_le_bytes());
+        out.extend_from_slice(field);
+    }
 }
 
 /// The fields of a frame's body (what follows its length); None when

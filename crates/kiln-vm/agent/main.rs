@@ -387,7 +387,10 @@ impl Port {
 /// [`MAX_PENDING`] bytes wait: the action is what slows down.
 struct DataPort {
     file: std::fs::File,
+    /// Frames not yet written, from `written` on: the port takes at most
+    /// 32 KiB a write, so the front is skipped rather than moved.
     pending: Vec<u8>,
+    written: usize,
 }
 
 const MAX_PENDING: usize = 1 << 20;
@@ -398,30 +401,45 @@ impl DataPort {
         DataPort {
             file,
             pending: Vec::new(),
+            written: 0,
         }
     }
 
     fn send(&mut self, fields: &[&[u8]]) {
-        self.pending.extend_from_slice(&frame::encode(fields));
+        if self.written > 0 {
+            self.pending.drain(..self.written);
+            self.written = 0;
+        }
+        frame::encode_into(&mut self.pending, fields);
         self.flush();
     }
 
     /// Writes what the port takes now.
     fn flush(&mut self) {
-        while !self.pending.is_empty() {
-            match self.file.write(&self.pending) {
+        while self.has_pending() {
+            match self.file.write(&self.pending[self.written..]) {
                 Ok(0) => break,
-                Ok(n) => {
-                    self.pending.drain(..n);
-                }
+                Ok(n) => self.written += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
+        if !self.has_pending() {
+            self.pending.clear();
+            self.written = 0;
+        }
+    }
+
+    fn has_pending(&self) -> bool {
+        self.written < self.pending.len()
+    }
+
+    fn unsent(&self) -> usize {
+        self.pending.len() - self.written
     }
 
     fn full(&self) -> bool {
-        self.pending.len() >= MAX_PENDING
+        self.unsent() >= MAX_PENDING
     }
 
     /// Waits until the host took everything pending, at most
@@ -430,12 +448,12 @@ impl DataPort {
     fn drain(&mut self) -> Result<(), String> {
         let mut last_progress = Instant::now();
         loop {
-            let before = self.pending.len();
+            let before = self.unsent();
             self.flush();
-            if self.pending.is_empty() {
+            if !self.has_pending() {
                 return Ok(());
             }
-            if self.pending.len() < before {
+            if self.unsent() < before {
                 last_progress = Instant::now();
             } else if last_progress.elapsed() > DRAIN_TIMEOUT {
                 return Err(format!(
@@ -513,7 +531,7 @@ impl Agent {
                 },
                 PollFd {
                     fd: self.data.file.as_raw_fd(),
-                    events: if self.data.pending.is_empty() {
+                    events: if !self.data.has_pending() {
                         0
                     } else {
                         POLLOUT
@@ -551,7 +569,7 @@ impl Agent {
             }
             if fds[2].revents & POLLOUT != 0 {
                 self.data.flush();
-            } else if fds[2].revents & POLLHUP != 0 && !self.data.pending.is_empty() {
+            } else if fds[2].revents & POLLHUP != 0 && self.data.has_pending() {
                 // Output waits for a host to connect again.
                 std::thread::sleep(Duration::from_millis(10));
             }

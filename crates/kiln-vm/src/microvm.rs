@@ -86,7 +86,7 @@ pub struct MicrovmConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HashOutputsFrom {
     /// [`HASH_OUTPUTS_FROM_UNDER_KVM`] under KVM; under TCG none, as
-    /// hashing in an emulated guest costs as much as sending the bytes.
+    /// hashing in an emulated guest costs more than sending the bytes.
     Auto,
     /// None: every file is sent.
     Off,

@@ -183,7 +183,7 @@ pub struct VmSettings {
     /// the CAS lacks cross to the host: a size (files of that many bytes
     /// or more), `off` (every file is sent), or `auto`: from 1 MiB where
     /// the guest runs under KVM, off under TCG, where hashing in the
-    /// emulated guest costs as much as sending (benchmarks/microvm.md).
+    /// emulated guest costs more than sending (benchmarks/microvm.md).
     #[arg(long = "vm-hash-outputs-from")]
     pub hash_outputs_from: String,
 }
