@@ -46,7 +46,7 @@ pub(super) fn collect(
     let data = RefCell::new(data);
     let mut writer = TreeWriter {
         port: &data,
-        chunk: Vec::with_capacity(TREE_CHUNK),
+        frame: Vec::with_capacity(TREE_HEADER + TREE_CHUNK),
     };
     sent.clear();
     let mut hooks = Hooks {
@@ -63,31 +63,47 @@ pub(super) fn collect(
     tree_stream::finish(&mut writer).map_err(|e| e.to_string())
 }
 
+/// A `tree` frame's bytes before its content (`frame.rs`): the body's
+/// length, the name's length, `tree`, the content's length.
+const TREE_HEADER: usize = 16;
+
 /// The tree stream, cut into `tree` frames on the data port, each sent
-/// once the host has taken the one before.
+/// once the host has taken the one before. Each frame is built in place
+/// (its lengths filled in when it is full) and handed to the port without
+/// a copy: under emulation every copy of the outputs counts.
 struct TreeWriter<'a, 'p> {
     port: &'a RefCell<&'p mut DataPort>,
-    chunk: Vec<u8>,
+    /// The frame being filled; empty between frames.
+    frame: Vec<u8>,
 }
 
 impl TreeWriter<'_, '_> {
     fn send_chunk(&mut self) -> io::Result<()> {
-        if self.chunk.is_empty() {
+        if self.frame.len() <= TREE_HEADER {
             return Ok(());
         }
+        let content = (self.frame.len() - TREE_HEADER) as u32;
+        self.frame[..4].copy_from_slice(&(12 + content).to_le_bytes());
+        self.frame[12..16].copy_from_slice(&content.to_le_bytes());
         let mut port = self.port.borrow_mut();
-        port.send(&[b"tree", &self.chunk]);
-        self.chunk.clear();
+        port.send_frame(&mut self.frame);
+        self.frame.clear();
         port.drain().map_err(io::Error::other)
     }
 }
 
 impl Write for TreeWriter<'_, '_> {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        let room = TREE_CHUNK - self.chunk.len();
+        if self.frame.is_empty() {
+            self.frame.extend_from_slice(&[0; 4]);
+            self.frame.extend_from_slice(&4u32.to_le_bytes());
+            self.frame.extend_from_slice(b"tree");
+            self.frame.extend_from_slice(&[0; 4]);
+        }
+        let room = TREE_HEADER + TREE_CHUNK - self.frame.len();
         let taken = bytes.len().min(room);
-        self.chunk.extend_from_slice(&bytes[..taken]);
-        if self.chunk.len() == TREE_CHUNK {
+        self.frame.extend_from_slice(&bytes[..taken]);
+        if self.frame.len() == TREE_HEADER + TREE_CHUNK {
             self.send_chunk()?;
         }
         Ok(taken)

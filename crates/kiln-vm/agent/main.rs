@@ -414,6 +414,21 @@ impl DataPort {
         self.flush();
     }
 
+    /// Sends the frame encoded in `frame`, taking its bytes (and leaving
+    /// `frame` an empty buffer) without a copy when nothing else waits.
+    fn send_frame(&mut self, frame: &mut Vec<u8>) {
+        if self.has_pending() {
+            self.pending.drain(..self.written);
+            self.written = 0;
+            self.pending.append(frame);
+        } else {
+            self.pending.clear();
+            self.written = 0;
+            std::mem::swap(&mut self.pending, frame);
+        }
+        self.flush();
+    }
+
     /// Writes what the port takes now.
     fn flush(&mut self) {
         while self.has_pending() {

@@ -74,10 +74,11 @@ pub(super) fn put(
 ) -> Result<Stored, String> {
     let mut reader = TreeReader {
         port,
-        buffer: Vec::new(),
-        read_buffer: vec![0; 64 * 1024],
-        chunk: Vec::new(),
+        buffer: vec![0; READ_BUFFER],
+        start: 0,
+        filled: 0,
         at: 0,
+        chunk_end: 0,
         ended: false,
     };
     let stored = match fields.first() {
@@ -310,45 +311,61 @@ fn empty(root: &Path, relative: &Path, staying: &HashSet<PathBuf>) -> io::Result
     Ok(())
 }
 
+/// What a `put` reads the data port into at first: several of the host's
+/// `tree` frames.
+const READ_BUFFER: usize = 1 << 20;
+
 /// The bytes of the `tree` frames arriving on the (non-blocking) data
-/// port, until `end`.
+/// port, until `end`. Frames are read into one buffer and their content
+/// is read from there: under emulation every copy of the inputs counts.
 struct TreeReader<'a> {
     port: &'a mut DataPort,
-    /// Bytes read from the port, not yet a whole frame.
+    /// Bytes read from the port, up to `filled`; frames not yet parsed
+    /// start at `start`. Allocated once (zeroing memory is slow under
+    /// emulation), grown only for a frame larger than it.
     buffer: Vec<u8>,
-    /// What each read of the port fills (allocated once: zeroing memory
-    /// is slow under emulation).
-    read_buffer: Vec<u8>,
-    /// The current frame's bytes, and how many were read.
-    chunk: Vec<u8>,
+    start: usize,
+    filled: usize,
+    /// The current frame's content in `buffer`, read up to `at`.
     at: usize,
+    chunk_end: usize,
     ended: bool,
 }
 
 impl TreeReader<'_> {
-    /// The next frame into `chunk`; `ended` at `end`. Waits at most
+    /// The next frame's content; `ended` at `end`. Waits at most
     /// [`DRAIN_TIMEOUT`] without progress: the host sends as it asked.
     fn next_frame(&mut self) -> io::Result<()> {
         let mut last_progress = Instant::now();
         loop {
-            match frame::take(&mut self.buffer) {
-                Ok(Some(fields)) => {
-                    match fields.first().map(Vec::as_slice) {
-                        Some(b"tree") => {
-                            self.chunk = fields.into_iter().nth(1).unwrap_or_default();
-                            self.at = 0;
-                        }
-                        Some(b"end") => self.ended = true,
-                        _ => return Err(io::Error::other("an unexpected frame among the inputs")),
-                    }
-                    return Ok(());
+            let available = self.filled - self.start;
+            let mut needed = 4;
+            if available >= 4 {
+                let header = &self.buffer[self.start..self.start + 4];
+                let length = u32::from_le_bytes(header.try_into().expect("four bytes")) as usize;
+                if length > frame::MAX_FRAME {
+                    return Err(io::Error::other("frame too large"));
                 }
-                Ok(None) => {}
-                Err(why) => return Err(io::Error::other(why)),
+                needed = 4 + length;
+                if available >= needed {
+                    let body = self.start + 4..self.start + needed;
+                    self.start = body.end;
+                    return self.take_frame(body);
+                }
             }
-            match self.port.file.read(&mut self.read_buffer) {
+            if self.buffer.len() - self.start < needed {
+                // The frame does not fit from where it starts: move it
+                // to the front, and grow for one larger than the buffer.
+                self.buffer.copy_within(self.start..self.filled, 0);
+                self.filled = available;
+                self.start = 0;
+                if self.buffer.len() < needed {
+                    self.buffer.resize(needed, 0);
+                }
+            }
+            match self.port.file.read(&mut self.buffer[self.filled..]) {
                 Ok(n) if n > 0 => {
-                    self.buffer.extend_from_slice(&self.read_buffer[..n]);
+                    self.filled += n;
                     last_progress = Instant::now();
                     continue;
                 }
@@ -364,6 +381,28 @@ impl TreeReader<'_> {
         }
     }
 
+    /// The frame whose body is `body` in the buffer: `tree CONTENT`
+    /// (its content is read next) or `end`.
+    fn take_frame(&mut self, body: std::ops::Range<usize>) -> io::Result<()> {
+        let field = |at: usize| -> Option<std::ops::Range<usize>> {
+            let length = self.buffer.get(at..at + 4)?;
+            let length = u32::from_le_bytes(length.try_into().ok()?) as usize;
+            let range = at + 4..(at + 4).checked_add(length)?;
+            (range.end <= body.end).then_some(range)
+        };
+        let malformed = || io::Error::other("a malformed frame among the inputs");
+        let name = field(body.start).ok_or_else(malformed)?;
+        match &self.buffer[name.clone()] {
+            b"tree" => {
+                let content = field(name.end).ok_or_else(malformed)?;
+                (self.at, self.chunk_end) = (content.start, content.end);
+            }
+            b"end" => self.ended = true,
+            _ => return Err(io::Error::other("an unexpected frame among the inputs")),
+        }
+        Ok(())
+    }
+
     /// Reads (and drops) what is left up to `end`.
     fn skip_to_end(&mut self) -> io::Result<()> {
         while !self.ended {
@@ -375,14 +414,14 @@ impl TreeReader<'_> {
 
 impl Read for TreeReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.chunk.len() {
+        while self.at == self.chunk_end {
             if self.ended {
                 return Ok(0);
             }
             self.next_frame()?;
         }
-        let taken = out.len().min(self.chunk.len() - self.at);
-        out[..taken].copy_from_slice(&self.chunk[self.at..self.at + taken]);
+        let taken = out.len().min(self.chunk_end - self.at);
+        out[..taken].copy_from_slice(&self.buffer[self.at..self.at + taken]);
         self.at += taken;
         Ok(taken)
     }
