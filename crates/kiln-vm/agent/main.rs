@@ -391,6 +391,8 @@ struct DataPort {
     /// 32 KiB a write, so the front is skipped rather than moved.
     pending: Vec<u8>,
     written: usize,
+    /// What a `put` reads the port into, kept between puts (`store.rs`).
+    inbox: Vec<u8>,
 }
 
 const MAX_PENDING: usize = 1 << 20;
@@ -402,6 +404,7 @@ impl DataPort {
             file,
             pending: Vec::new(),
             written: 0,
+            inbox: Vec::new(),
         }
     }
 

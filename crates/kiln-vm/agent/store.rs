@@ -72,9 +72,13 @@ pub(super) fn put(
     last_start: Option<(i64, i64)>,
     collected: &SentFiles,
 ) -> Result<Stored, String> {
+    let mut buffer = std::mem::take(&mut port.inbox);
+    if buffer.is_empty() {
+        buffer = vec![0; FIRST_READ_BUFFER];
+    }
     let mut reader = TreeReader {
         port,
-        buffer: vec![0; READ_BUFFER],
+        buffer,
         start: 0,
         filled: 0,
         at: 0,
@@ -311,9 +315,13 @@ fn empty(root: &Path, relative: &Path, staying: &HashSet<PathBuf>) -> io::Result
     Ok(())
 }
 
-/// What a `put` reads the data port into at first: several of the host's
-/// `tree` frames.
-const READ_BUFFER: usize = 1 << 20;
+/// What the first `put` reads the data port into: an empty put's frames
+/// (zeroing memory is slow under emulation).
+const FIRST_READ_BUFFER: usize = 64 << 10;
+
+/// What the buffer grows to for a frame larger than it: several of the
+/// host's `tree` frames.
+const GROWN_READ_BUFFER: usize = 1 << 20;
 
 /// The bytes of the `tree` frames arriving on the (non-blocking) data
 /// port, until `end`. Frames are read into one buffer and their content
@@ -321,8 +329,9 @@ const READ_BUFFER: usize = 1 << 20;
 struct TreeReader<'a> {
     port: &'a mut DataPort,
     /// Bytes read from the port, up to `filled`; frames not yet parsed
-    /// start at `start`. Allocated once (zeroing memory is slow under
-    /// emulation), grown only for a frame larger than it.
+    /// start at `start`. The port's own (`DataPort::inbox`), kept from one
+    /// put to the next (zeroing memory is slow under emulation), grown
+    /// only for a frame larger than it.
     buffer: Vec<u8>,
     start: usize,
     filled: usize,
@@ -360,7 +369,7 @@ impl TreeReader<'_> {
                 self.filled = available;
                 self.start = 0;
                 if self.buffer.len() < needed {
-                    self.buffer.resize(needed, 0);
+                    self.buffer.resize(needed.max(GROWN_READ_BUFFER), 0);
                 }
             }
             match self.port.file.read(&mut self.buffer[self.filled..]) {
@@ -409,6 +418,12 @@ impl TreeReader<'_> {
             self.next_frame()?;
         }
         Ok(())
+    }
+}
+
+impl Drop for TreeReader<'_> {
+    fn drop(&mut self) {
+        self.port.inbox = std::mem::take(&mut self.buffer);
     }
 }
 
