@@ -141,7 +141,7 @@ impl EncodeHooks for Hooks<'_, '_> {
         let Some(sha256) = hash_unchanged(file, metadata)? else {
             return Ok(None);
         };
-        let hex: String = sha256.iter().map(|byte| format!("{byte:02x}")).collect();
+        let hex = super::sha256::hex(&sha256);
         {
             let mut port = self.port.borrow_mut();
             port.send(&[b"ask", metadata.len().to_string().as_bytes(), hex.as_bytes()]);

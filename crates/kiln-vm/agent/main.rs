@@ -409,25 +409,25 @@ impl DataPort {
     }
 
     fn send(&mut self, fields: &[&[u8]]) {
-        if self.written > 0 {
-            self.pending.drain(..self.written);
-            self.written = 0;
-        }
+        self.drop_written();
         frame::encode_into(&mut self.pending, fields);
         self.flush();
+    }
+
+    /// Drops the bytes already written from the front of `pending`.
+    fn drop_written(&mut self) {
+        self.pending.drain(..self.written);
+        self.written = 0;
     }
 
     /// Sends the frame encoded in `frame`, taking its bytes (and leaving
     /// `frame` an empty buffer) without a copy when nothing else waits.
     fn send_frame(&mut self, frame: &mut Vec<u8>) {
-        if self.has_pending() {
-            self.pending.drain(..self.written);
-            self.written = 0;
-            self.pending.append(frame);
-        } else {
-            self.pending.clear();
-            self.written = 0;
+        self.drop_written();
+        if self.pending.is_empty() {
             std::mem::swap(&mut self.pending, frame);
+        } else {
+            self.pending.append(frame);
         }
         self.flush();
     }
@@ -443,8 +443,7 @@ impl DataPort {
             }
         }
         if !self.has_pending() {
-            self.pending.clear();
-            self.written = 0;
+            self.drop_written();
         }
     }
 

@@ -89,10 +89,7 @@ impl Sha256 {
     /// The digest, as 64 lowercase hex digits.
     #[cfg(not(kiln_agent))]
     pub fn finish_hex(self) -> String {
-        self.finish()
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect()
+        hex(&self.finish())
     }
 
     /// The digest.
@@ -124,6 +121,11 @@ impl Sha256 {
             compress_portable(&mut self.state, block);
         }
     }
+}
+
+/// `digest` as 64 lowercase hex digits.
+pub fn hex(digest: &[u8; 32]) -> String {
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 fn has_extensions() -> bool {
