@@ -1,15 +1,18 @@
-//! How the server processes' allocator (glibc's malloc) keeps memory it
+//! How the `kiln` processes' allocator (glibc's malloc) keeps memory it
 //! has been given back.
 //!
 //! Left to itself, glibc raises its mmap threshold to the largest block
 //! freed so far and trims a heap whose free top grows past twice that. A
-//! server receiving blobs frees its receive buffers (megabytes per batch)
-//! as fast as it takes new ones, so its heaps were trimmed again and again
-//! and the next buffers were fresh pages, each faulted in and zeroed inside
-//! the socket's copy into it (and, in a VM, backed by the host again). With
-//! both thresholds fixed, freed buffers are taken again: 1.2 GiB of 64 KiB
-//! BatchUpdateBlobs faulted 94–144k times before and 29–33k after, and
-//! cost the server about 12 % less CPU (benchmarks/allocator-thresholds.md).
+//! server receiving blobs, and a client reading them back, free their
+//! receive buffers (megabytes a batch) as fast as they take new ones, so
+//! their heaps were trimmed again and again and the next buffers were
+//! fresh pages, each faulted in and zeroed inside the socket's copy into
+//! it (and, in a VM, backed by the host again). With both thresholds
+//! fixed, freed buffers are taken again: for 1.2 GiB of 64 KiB
+//! BatchUpdateBlobs the server faulted 94–153k times before and 28–33k
+//! after, the benchmark client 334k and 21k, and a 1 GiB blob read right
+//! after its upload went from 2.3 to 3.2 GB/s (medians;
+//! benchmarks/allocator-thresholds.md).
 //!
 //! The price is memory: after a burst a heap keeps up to [`TRIM_THRESHOLD`]
 //! free at its top, for the next burst, instead of handing it back at once.
@@ -21,8 +24,9 @@ const MMAP_THRESHOLD: libc::c_int = 32 << 20;
 /// A heap's free top goes back to the system only past this size.
 const TRIM_THRESHOLD: libc::c_int = 64 << 20;
 
-/// Fixes both thresholds, before the runtime's threads start (`kiln serve`,
-/// `kiln executor`). Where the C library is not glibc it does nothing.
+/// Fixes both thresholds, before the runtime's threads start (every command
+/// but the single-threaded launcher, which allocates next to nothing).
+/// Where the C library is not glibc it does nothing.
 pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
