@@ -19,6 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 
+use super::frame;
 use super::sha256::Sha256;
 use super::store::SentFiles;
 use super::tree_stream::{self, EncodeHooks};
@@ -63,9 +64,8 @@ pub(super) fn collect(
     tree_stream::finish(&mut writer).map_err(|e| e.to_string())
 }
 
-/// A `tree` frame's bytes before its content (`frame.rs`): the body's
-/// length, the name's length, `tree`, the content's length.
-const TREE_HEADER: usize = 16;
+/// A `tree` frame's bytes before its content.
+const TREE_HEADER: usize = frame::open_length(&[b"tree"]);
 
 /// The tree stream, cut into `tree` frames on the data port, each sent
 /// once the host has taken the one before. Each frame is built in place
@@ -82,9 +82,7 @@ impl TreeWriter<'_, '_> {
         if self.frame.len() <= TREE_HEADER {
             return Ok(());
         }
-        let content = (self.frame.len() - TREE_HEADER) as u32;
-        self.frame[..4].copy_from_slice(&(12 + content).to_le_bytes());
-        self.frame[12..16].copy_from_slice(&content.to_le_bytes());
+        frame::close(&mut self.frame, TREE_HEADER);
         let mut port = self.port.borrow_mut();
         port.send_frame(&mut self.frame);
         self.frame.clear();
@@ -95,10 +93,7 @@ impl TreeWriter<'_, '_> {
 impl Write for TreeWriter<'_, '_> {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
         if self.frame.is_empty() {
-            self.frame.extend_from_slice(&[0; 4]);
-            self.frame.extend_from_slice(&4u32.to_le_bytes());
-            self.frame.extend_from_slice(b"tree");
-            self.frame.extend_from_slice(&[0; 4]);
+            frame::open(&mut self.frame, &[b"tree"]);
         }
         let room = TREE_HEADER + TREE_CHUNK - self.frame.len();
         let taken = bytes.len().min(room);

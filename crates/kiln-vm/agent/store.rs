@@ -349,12 +349,9 @@ impl TreeReader<'_> {
         loop {
             let available = self.filled - self.start;
             let mut needed = 4;
-            if available >= 4 {
-                let header = &self.buffer[self.start..self.start + 4];
-                let length = u32::from_le_bytes(header.try_into().expect("four bytes")) as usize;
-                if length > frame::MAX_FRAME {
-                    return Err(io::Error::other("frame too large"));
-                }
+            if let Some(length) = frame::body_length(&self.buffer[self.start..self.filled])
+                .map_err(io::Error::other)?
+            {
                 needed = 4 + length;
                 if available >= needed {
                     let body = self.start + 4..self.start + needed;
@@ -393,17 +390,13 @@ impl TreeReader<'_> {
     /// The frame whose body is `body` in the buffer: `tree CONTENT`
     /// (its content is read next) or `end`.
     fn take_frame(&mut self, body: std::ops::Range<usize>) -> io::Result<()> {
-        let field = |at: usize| -> Option<std::ops::Range<usize>> {
-            let length = self.buffer.get(at..at + 4)?;
-            let length = u32::from_le_bytes(length.try_into().ok()?) as usize;
-            let range = at + 4..(at + 4).checked_add(length)?;
-            (range.end <= body.end).then_some(range)
-        };
         let malformed = || io::Error::other("a malformed frame among the inputs");
-        let name = field(body.start).ok_or_else(malformed)?;
-        match &self.buffer[name.clone()] {
+        let fields = frame::field_ranges(&self.buffer[body.clone()]).ok_or_else(malformed)?;
+        let field = |i: usize| fields.get(i).map(|f| body.start + f.start..body.start + f.end);
+        let name = field(0).ok_or_else(malformed)?;
+        match &self.buffer[name] {
             b"tree" => {
-                let content = field(name.end).ok_or_else(malformed)?;
+                let content = field(1).ok_or_else(malformed)?;
                 (self.at, self.chunk_end) = (content.start, content.end);
             }
             b"end" => self.ended = true,
