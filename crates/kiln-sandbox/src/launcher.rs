@@ -7,7 +7,9 @@
 //! the descriptors the action needs alongside (stdio, the cgroup's
 //! `cgroup.procs` files, a network namespace; SCM_RIGHTS); the launcher
 //! clones the action with [`child::spawn`] and answers with its pid once
-//! it has exec'd.
+//! it has exec'd. It also takes the executor's other root-only steps that
+//! have moved behind it ([`crate::overlay`]: mounting and detaching
+//! workspace overlays), each checked to be that step and nothing more.
 //!
 //! Why processes of their own:
 //! - **Nothing of the executor reaches a starting action.** A clone copies
@@ -56,6 +58,7 @@ use rustix::net::{
 };
 
 use crate::child::{self, Exec, Network, Op, Plan, SpawnFailure, Stack, Start, Stdio};
+use crate::overlay;
 
 /// The subcommand of the executor's binary that runs [`serve`].
 pub const SUBCOMMAND: &str = "launcher";
@@ -133,6 +136,25 @@ pub(crate) fn start(
         }
         failure.error
     })
+}
+
+/// Takes a root-only step of a workspace (see [`crate::overlay`]): in a
+/// launcher when they are installed, else in this process. A launcher that
+/// died with the request is `ConnectionAborted`.
+pub(crate) fn privileged(request: &overlay::Request) -> io::Result<()> {
+    match LAUNCHERS.get() {
+        Some(launchers) => {
+            let what = match request {
+                overlay::Request::Mount { .. } => "mounting a workspace overlay",
+                overlay::Request::Detach(_) => "detaching a workspace overlay",
+            };
+            launchers
+                .call(&encode_privileged(request), &[], what)
+                .map(drop)
+                .map_err(|failure| failure.error)
+        }
+        None => request.perform(),
+    }
 }
 
 /// What a failed [`start`] of `what` means for the action: a launcher that
@@ -223,7 +245,17 @@ impl Launchers {
             .iter()
             .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
             .collect();
-        // An idle launcher, else the next in turn.
+        self.call(&request, &fds, "starting an action")
+    }
+
+    /// Sends `request` (with `fds`) to an idle launcher, else the next in
+    /// turn, and returns its answer. `what` names the request in errors.
+    fn call(
+        &self,
+        request: &[u8],
+        fds: &[BorrowedFd],
+        what: &str,
+    ) -> Result<libc::pid_t, SpawnFailure> {
         let idle = self.slots.iter().find_map(|slot| match slot.try_lock() {
             Ok(guard) => Some(guard),
             Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
@@ -245,9 +277,9 @@ impl Launchers {
                     connection.insert(started)
                 }
             };
-            match send(&current.socket, &request, &fds) {
+            match send(&current.socket, request, fds) {
                 Ok(()) => {}
-                // Dead before the request: nothing was started, so a new
+                // Dead before the request: nothing was done, so a new
                 // launcher may take it, once.
                 Err(e) if !restarted && is_disconnect(&e) => {
                     if let Some(dead) = connection.take() {
@@ -266,14 +298,14 @@ impl Launchers {
                         .take()
                         .map(|dead| (dead.process.id(), dead.end()));
                     let (pid, status) = ended.unwrap_or((0, String::new()));
-                    tracing::error!(pid, status, error = %e, "the launcher exited while starting an action");
-                    // The action did not start (or, started, is killed
-                    // with its cgroup): another attempt may run it.
+                    tracing::error!(pid, status, error = %e, "the launcher exited while {what}");
+                    // Not done, or (an action started) killed with its
+                    // cgroup: another attempt may run the action.
                     Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
                         format!(
-                            "the launcher (pid {pid}) exited while starting the action ({status}); \
-                             the next start gets a new one"
+                            "the launcher (pid {pid}) exited while {what} ({status}); \
+                             the next request gets a new one"
                         ),
                     )
                     .into())
@@ -318,9 +350,10 @@ pub fn serve() -> io::Result<()> {
     let mut stack = Stack::new()?;
     while let Some((request, fds)) = read_request(&socket)? {
         let reply = match decode(&request, &fds) {
-            Ok((plan, exec, stdio, start)) => {
+            Ok(Request::Start(plan, exec, stdio, start)) => {
                 child::spawn(&plan, &exec, &stdio, start, true, &mut stack)
             }
+            Ok(Request::Privileged(step)) => step.perform().map(|()| 0).map_err(Into::into),
             Err(error) => Err(error.into()),
         };
         // The action has its copies; the launcher keeps none.
@@ -405,7 +438,13 @@ fn write_reply(socket: &UnixStream, reply: &Result<libc::pid_t, SpawnFailure>) -
         Ok(pid) => (*pid, 0, 0),
         Err(failure) => (
             0,
-            failure.error.raw_os_error().unwrap_or(libc::EIO),
+            failure
+                .error
+                .raw_os_error()
+                .unwrap_or(match failure.error.kind() {
+                    io::ErrorKind::InvalidInput => libc::EINVAL,
+                    _ => libc::EIO,
+                }),
             failure.unreaped.unwrap_or(0),
         ),
     };
@@ -432,16 +471,28 @@ fn read_reply(socket: &UnixStream) -> io::Result<Result<libc::pid_t, SpawnFailur
     })
 }
 
-/// A request's bytes, and the descriptors to send with it in the order
-/// [`decode`] takes them: stdin, stdout, stderr, the cgroup's files, the
-/// network namespace.
+/// What a launcher is asked, as it decodes it.
+enum Request {
+    Start(Plan, Exec, Stdio, Start),
+    Privileged(overlay::Request),
+}
+
+/// Each request's first byte: what it asks.
+const START_CLONED: u8 = 0;
+const START_WITH_INIT: u8 = 1;
+const MOUNT_OVERLAY: u8 = 2;
+const DETACH: u8 = 3;
+
+/// A start request's bytes, and the descriptors to send with it in the
+/// order [`decode`] takes them: stdin, stdout, stderr, the cgroup's files,
+/// the network namespace.
 fn encode(plan: &Plan, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Vec<RawFd>) {
     let mut fds = vec![stdio.stdin, stdio.stdout, stdio.stderr];
     fds.extend(&plan.cgroup_join);
     let mut out = Writer::default();
     out.u8(match start {
-        Start::Cloned => 0,
-        Start::WithInit => 1,
+        Start::Cloned => START_CLONED,
+        Start::WithInit => START_WITH_INIT,
     });
     out.u8(plan.namespaces.into());
     out.u32(plan.cgroup_join.len() as u32);
@@ -484,8 +535,55 @@ fn encode(plan: &Plan, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Ve
     (out.0, fds)
 }
 
-fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<(Plan, Exec, Stdio, Start)> {
+/// A privileged step's bytes; it carries no descriptors.
+fn encode_privileged(request: &overlay::Request) -> Vec<u8> {
+    let mut out = Writer::default();
+    match request {
+        overlay::Request::Mount { options, layers } => {
+            out.u8(MOUNT_OVERLAY);
+            out.bytes(options.as_bytes());
+            for layer in layers {
+                out.bytes(layer.as_bytes());
+            }
+        }
+        overlay::Request::Detach(target) => {
+            out.u8(DETACH);
+            out.bytes(target.as_bytes());
+        }
+    }
+    out.0
+}
+
+fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
     let mut input = Reader(request);
+    let start = match input.u8()? {
+        START_CLONED => Start::Cloned,
+        START_WITH_INIT => Start::WithInit,
+        MOUNT_OVERLAY => {
+            let options = input.c_string()?;
+            let layers = [
+                input.c_string()?,
+                input.c_string()?,
+                input.c_string()?,
+                input.c_string()?,
+            ];
+            return Ok(Request::Privileged(overlay::Request::Mount {
+                options,
+                layers,
+            }));
+        }
+        DETACH => {
+            return Ok(Request::Privileged(overlay::Request::Detach(
+                input.c_string()?,
+            )))
+        }
+        kind => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a request of unknown kind {kind}"),
+            ))
+        }
+    };
     let fd = |index: usize| {
         fds.get(index).map(AsRawFd::as_raw_fd).ok_or_else(|| {
             io::Error::new(
@@ -493,10 +591,6 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<(Plan, Exec, Stdio, Sta
                 format!("descriptor {index} missing"),
             )
         })
-    };
-    let start = match input.u8()? {
-        0 => Start::Cloned,
-        _ => Start::WithInit,
     };
     let stdio = Stdio {
         stdin: fd(0)?,
@@ -548,7 +642,7 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<(Plan, Exec, Stdio, Sta
         }
     }
     let [arguments, environment] = string_lists;
-    Ok((
+    Ok(Request::Start(
         plan,
         Exec::from_parts(program, arguments, environment),
         stdio,
@@ -748,7 +842,10 @@ mod tests {
             .map(|_| std::fs::File::open("/dev/null").unwrap().into())
             .collect();
         let numbers: Vec<RawFd> = received.iter().map(AsRawFd::as_raw_fd).collect();
-        let (decoded, exec_back, stdio_back, start) = decode(&request, &received).unwrap();
+        let Ok(Request::Start(decoded, exec_back, stdio_back, start)) = decode(&request, &received)
+        else {
+            panic!("not read back as a start");
+        };
         assert_eq!(start, Start::WithInit);
         assert_eq!(
             [stdio_back.stdin, stdio_back.stdout, stdio_back.stderr],
@@ -776,5 +873,30 @@ mod tests {
         // A request cut short, or missing a descriptor, is refused.
         assert!(decode(&request[..request.len() - 1], &received).is_err());
         assert!(decode(&request, &received[..5]).is_err());
+    }
+
+    #[test]
+    fn privileged_steps_read_back_as_they_were_written() {
+        let steps = [
+            overlay::Request::Mount {
+                options: c"index=off".to_owned(),
+                layers: [
+                    c"/w/a/inputs".to_owned(),
+                    c"/w/a/upper".to_owned(),
+                    c"/w/a/overlay-work".to_owned(),
+                    c"/w/a/workspace".to_owned(),
+                ],
+            },
+            overlay::Request::Detach(c"/w/a/workspace".to_owned()),
+        ];
+        for step in steps {
+            let request = encode_privileged(&step);
+            match decode(&request, &[]) {
+                Ok(Request::Privileged(back)) => assert_eq!(back, step),
+                _ => panic!("{step:?} not read back"),
+            }
+            assert!(decode(&request[..request.len() - 1], &[]).is_err());
+        }
+        assert!(decode(&[9], &[]).is_err(), "an unknown kind");
     }
 }

@@ -16,7 +16,10 @@
 //!   and `netlink`, the few rtnetlink requests that wire it;
 //! - `view`: the filesystem an action sees, as mount steps;
 //! - [`launcher`]: the process that starts actions for a root executor
-//!   (`kiln launcher`), and the executor's side of it;
+//!   (`kiln launcher`) and takes its other root-only steps, and the
+//!   executor's side of it;
+//! - [`overlay`]: the workspace overlays of actions that run privileged,
+//!   mounted and detached through the launchers;
 //! - `child`: the code that runs between clone (or fork) and exec;
 //! - `cloned`: waiting for a cloned action through its pidfd.
 //!
@@ -60,6 +63,7 @@ mod cloned;
 pub mod launcher;
 mod netlink;
 pub mod network;
+pub mod overlay;
 pub mod plain;
 pub mod sandbox;
 mod view;

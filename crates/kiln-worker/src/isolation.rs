@@ -19,6 +19,7 @@ use crate::error::RunError;
 use crate::persistent::{WorkerProcess, WorkerStart};
 use crate::process::{self, Limits, ProcessOutcome};
 use crate::stdio::OutputPipes;
+use crate::workspace::OverlayMounts;
 
 /// What to run, where: everything an isolation backend needs.
 #[derive(Debug, Clone)]
@@ -488,11 +489,13 @@ impl Isolation for NoIsolation {
 }
 
 /// The isolation backends an executor offers, and the one used when an
-/// action names none (`workload-isolation-type` unset).
+/// action names none (`workload-isolation-type` unset); with them, what
+/// mounts the overlay workspaces of actions that run privileged.
 #[derive(Clone)]
 pub struct Isolations {
     backends: Vec<Arc<dyn Isolation>>,
     default: &'static str,
+    overlay_mounts: Option<Arc<dyn OverlayMounts>>,
 }
 
 impl Isolations {
@@ -501,7 +504,21 @@ impl Isolations {
         Isolations {
             default: default.name(),
             backends: vec![default],
+            overlay_mounts: None,
         }
+    }
+
+    /// Overlay workspaces are mounted through `mounts` (the executor's
+    /// privileged side). Without it a root executor copies the inputs of
+    /// privileged actions ([`crate::workspace::InputProtection::probe`]).
+    pub fn with_overlay_mounts(mut self, mounts: Arc<dyn OverlayMounts>) -> Isolations {
+        self.overlay_mounts = Some(mounts);
+        self
+    }
+
+    /// What mounts overlay workspaces, if anything.
+    pub fn overlay_mounts(&self) -> Option<Arc<dyn OverlayMounts>> {
+        self.overlay_mounts.clone()
     }
 
     /// Adds `backend` (replacing one of the same name).

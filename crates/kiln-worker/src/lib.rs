@@ -24,7 +24,8 @@
 //! - [`runners`]: warm runners (`recycle-runner`), kept by runner key;
 //! - [`scratch`]: action directories, and the directories reused inside them;
 //! - [`workspace`]: how inputs are laid out so no action can change the
-//!   cache (linked, overlaid or copied), and the overlay mounts;
+//!   cache (linked, overlaid or copied); the overlays themselves are
+//!   mounted by the executor's privileged side (`OverlayMounts`);
 //! - [`users`]: user names and uids from the host's /etc/passwd;
 //! - [`worker`]: [`Worker`], which runs one action by composing the above.
 //!

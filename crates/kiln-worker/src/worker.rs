@@ -29,7 +29,7 @@ use crate::runners::{self, Leftovers, RunnerKey, RunnerLimits, RunnerPool, WarmR
 use crate::scratch::Scratch;
 use crate::stdio;
 use crate::validate::{check_output_path, check_relative_path};
-use crate::workspace::{DirAccess, InputProtection, Layout, OverlayMount};
+use crate::workspace::{DirAccess, InputProtection, Layout, OverlayLayers, OverlayMount};
 
 /// The executor's settings for running actions.
 #[derive(Debug, Clone)]
@@ -209,16 +209,19 @@ impl Worker {
             &config.cache_dir,
             config.cache_max_bytes,
         )?);
-        let stale = crate::workspace::unmount_stale(&config.work_root);
-        if stale > 0 {
-            tracing::info!(stale, "detached workspace overlays an earlier run left");
+        let mounts = isolations.overlay_mounts();
+        if let Some(mounts) = &mounts {
+            let stale = crate::workspace::unmount_stale(&config.work_root, &**mounts);
+            if stale > 0 {
+                tracing::info!(stale, "detached workspace overlays an earlier run left");
+            }
         }
         let scratch = Scratch::open(&config.work_root)
             .map_err(|e| RunError::io(format!("preparing {}", config.work_root.display()), e))?;
         if let Some(user) = config.action_user {
             crate::workspace::check_reachable(&config.work_root, user)?;
         }
-        let protection = InputProtection::probe(&config.work_root);
+        let protection = InputProtection::probe(&config.work_root, mounts);
         let runners = Arc::new(RunnerPool::new(config.runners));
         let scratch = Arc::new(scratch);
         sweep_idle_runners(Arc::downgrade(&runners), scratch.clone());
@@ -997,7 +1000,7 @@ impl Worker {
     /// the executor is not root and nothing protects the cache anyway.
     /// Otherwise they are copied ([`FileCache::adopt_copy`]).
     fn adopts_in_place(&self, isolation: &dyn Isolation) -> bool {
-        isolation.stops_every_process() || self.protection == InputProtection::Unprivileged
+        isolation.stops_every_process() || matches!(self.protection, InputProtection::Unprivileged)
     }
 
     /// Mounts the overlay of `lower` at `workspace`, its upper layer
@@ -1009,21 +1012,31 @@ impl Worker {
         upper: &Path,
         workspace: &Path,
     ) -> Result<OverlayMount, RunError> {
-        let protection = self.protection.clone();
-        let paths =
-            [lower, upper, &action_dir.join("overlay-work"), workspace].map(Path::to_path_buf);
+        let InputProtection::Overlay(overlays) = &self.protection else {
+            return Err(RunError::Internal(
+                "an overlay workspace, but overlays are not available".into(),
+            ));
+        };
+        let overlays = overlays.clone();
+        let layers = OverlayLayers {
+            lower: lower.to_path_buf(),
+            upper: upper.to_path_buf(),
+            work: action_dir.join("overlay-work"),
+            target: workspace.to_path_buf(),
+        };
         blocking("mounting the workspace overlay", move || {
-            let [lower, upper, work, workspace] = &paths;
-            std::fs::create_dir_all(work)
-                .map_err(|e| RunError::io(format!("creating {}", work.display()), e))?;
-            protection
-                .mount(lower, upper, work, workspace)
-                .map_err(|e| {
-                    RunError::io(
-                        format!("mounting the overlay at {}", workspace.display()),
-                        e,
-                    )
-                })
+            std::fs::create_dir_all(&layers.work)
+                .map_err(|e| RunError::io(format!("creating {}", layers.work.display()), e))?;
+            overlays.mount(&layers).map_err(|e| {
+                let context = format!("mounting the overlay at {}", layers.target.display());
+                // The privileged side went away with the request: another
+                // attempt may run the action.
+                if e.kind() == std::io::ErrorKind::ConnectionAborted {
+                    RunError::ExecutorUnavailable(format!("{context}: {e}"))
+                } else {
+                    RunError::io(context, e)
+                }
+            })
         })
         .await
     }

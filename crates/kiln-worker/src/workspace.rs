@@ -20,13 +20,15 @@
 //!
 //! An executor that is not root runs actions as itself, the cache's owner;
 //! nothing can protect the cache from them, so it links and says so at
-//! start-up. The overlay mounts are the executor's only root-only code
-//! outside the isolation backends.
+//! start-up.
+//!
+//! This crate mounts nothing itself: the overlays are mounted and
+//! detached by the executor's privileged side ([`OverlayMounts`], which
+//! `kiln-sandbox` implements through its launchers), named by their
+//! layers' paths.
 
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
-
-use rustix::mount::{MountFlags, UnmountFlags};
+use std::sync::Arc;
 
 use crate::error::RunError;
 use crate::isolation::RunAs;
@@ -39,17 +41,62 @@ pub enum Layout {
     Copied,
 }
 
+/// The directories of one overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayLayers {
+    /// The read-only layer: the laid-out input tree.
+    pub lower: PathBuf,
+    /// Where the action's writes go.
+    pub upper: PathBuf,
+    /// The overlay's own scratch, on `upper`'s file system.
+    pub work: PathBuf,
+    /// Where it is mounted: the action's workspace.
+    pub target: PathBuf,
+}
+
+/// The root-only half of overlay workspaces, done by the executor's
+/// privileged side: on a root executor, its launchers
+/// (`kiln_sandbox::overlay`). Both calls block.
+pub trait OverlayMounts: Send + Sync + std::fmt::Debug {
+    /// Mounts `layers` (nosuid, nodev), with `options` besides the layers'
+    /// directories.
+    fn mount(&self, layers: &OverlayLayers, options: &str) -> std::io::Result<()>;
+
+    /// Detaches the mount at `target`: processes still inside keep what
+    /// they hold, and nothing new enters through it.
+    fn detach(&self, target: &Path) -> std::io::Result<()>;
+}
+
 /// What this executor can do to keep privileged actions away from the
 /// cache's inodes; probed once at start-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum InputProtection {
-    /// Overlay mounts work under the work root, with these mount options
-    /// (besides the layer directories).
-    Overlay { options: String },
+    /// Overlay mounts work under the work root.
+    Overlay(Overlays),
     /// Root, but no overlay here: privileged actions get copies.
     Copy,
     /// Not root: actions run as the cache's owner, and nothing protects it.
     Unprivileged,
+}
+
+/// Overlays as the probe found them working: who mounts them, and with
+/// which options (besides the layers' directories).
+#[derive(Debug, Clone)]
+pub struct Overlays {
+    mounts: Arc<dyn OverlayMounts>,
+    options: String,
+}
+
+impl Overlays {
+    /// Mounts `layers`; detached when the result is dropped or unmounted.
+    pub fn mount(&self, layers: &OverlayLayers) -> std::io::Result<OverlayMount> {
+        self.mounts.mount(layers, &self.options)?;
+        Ok(OverlayMount {
+            target: layers.target.clone(),
+            mounts: self.mounts.clone(),
+            mounted: true,
+        })
+    }
 }
 
 /// Overlay options tried in order: `volatile` skips the syncs of an upper
@@ -59,8 +106,9 @@ const OVERLAY_OPTIONS: &[&str] = &["volatile,index=off", "index=off", ""];
 
 impl InputProtection {
     /// Probes what works under `work_root` (which must exist) by mounting a
-    /// small overlay there, logging the outcome.
-    pub fn probe(work_root: &Path) -> InputProtection {
+    /// small overlay there through `mounts`, logging the outcome. A root
+    /// executor without `mounts` copies.
+    pub fn probe(work_root: &Path, mounts: Option<Arc<dyn OverlayMounts>>) -> InputProtection {
         if !rustix::process::geteuid().is_root() {
             tracing::warn!(
                 uid = rustix::process::geteuid().as_raw(),
@@ -70,10 +118,17 @@ impl InputProtection {
             );
             return InputProtection::Unprivileged;
         }
-        match probe_overlay(work_root) {
+        let Some(mounts) = mounts else {
+            tracing::warn!(
+                "nothing mounts overlays for this executor: actions that run as root or as an \
+                 image's user get copies of their inputs (slower)"
+            );
+            return InputProtection::Copy;
+        };
+        match probe_overlay(work_root, &*mounts) {
             Ok(options) => {
                 tracing::debug!(%options, "overlay workspaces available");
-                InputProtection::Overlay { options }
+                InputProtection::Overlay(Overlays { mounts, options })
             }
             Err(reason) => {
                 tracing::warn!(
@@ -93,24 +148,9 @@ impl InputProtection {
             (RunAs::User(..), _) | (RunAs::Privileged, InputProtection::Unprivileged) => {
                 Layout::Linked
             }
-            (RunAs::Privileged, InputProtection::Overlay { .. }) => Layout::Overlay,
+            (RunAs::Privileged, InputProtection::Overlay(_)) => Layout::Overlay,
             (RunAs::Privileged, InputProtection::Copy) => Layout::Copied,
         }
-    }
-
-    /// Mounts an overlay of `lower` at `target`, writes going to `upper`
-    /// (`work` is the overlay's own scratch, on the same file system).
-    pub fn mount(
-        &self,
-        lower: &Path,
-        upper: &Path,
-        work: &Path,
-        target: &Path,
-    ) -> std::io::Result<OverlayMount> {
-        let InputProtection::Overlay { options } = self else {
-            return Err(std::io::Error::other("overlay mounts are not available"));
-        };
-        mount_overlay(lower, upper, work, target, options)
     }
 }
 
@@ -119,69 +159,31 @@ impl InputProtection {
 #[derive(Debug)]
 pub struct OverlayMount {
     target: PathBuf,
+    mounts: Arc<dyn OverlayMounts>,
     mounted: bool,
 }
 
 impl OverlayMount {
-    /// Detaches the mount: processes still inside keep what they hold, and
-    /// nothing new enters through it. Blocking (one syscall).
+    /// Detaches the mount ([`OverlayMounts::detach`]). Blocking.
     pub fn unmount(mut self) -> std::io::Result<()> {
         self.mounted = false;
-        detach(&self.target)
+        self.mounts.detach(&self.target)
     }
 }
 
 impl Drop for OverlayMount {
     fn drop(&mut self) {
         if self.mounted {
-            if let Err(error) = detach(&self.target) {
+            if let Err(error) = self.mounts.detach(&self.target) {
                 tracing::warn!(target = %self.target.display(), %error, "unmounting a workspace overlay");
             }
         }
     }
 }
 
-fn detach(target: &Path) -> std::io::Result<()> {
-    rustix::mount::unmount(target, UnmountFlags::DETACH).map_err(std::io::Error::from)
-}
-
-fn mount_overlay(
-    lower: &Path,
-    upper: &Path,
-    work: &Path,
-    target: &Path,
-    options: &str,
-) -> std::io::Result<OverlayMount> {
-    let mut data = String::new();
-    for (key, dir) in [("lowerdir", lower), ("upperdir", upper), ("workdir", work)] {
-        let text = dir.to_str().filter(|t| !t.contains([',', ':', '\\']));
-        let Some(text) = text else {
-            return Err(std::io::Error::other(format!(
-                "{} cannot be an overlay layer: its path has a ',', ':' or '\\'",
-                dir.display()
-            )));
-        };
-        data.push_str(&format!("{key}={text},"));
-    }
-    data.push_str(options);
-    let data = CString::new(data.trim_end_matches(','))
-        .map_err(|_| std::io::Error::other("a layer path has a NUL byte"))?;
-    rustix::mount::mount(
-        "kiln-workspace",
-        target,
-        "overlay",
-        MountFlags::NOSUID | MountFlags::NODEV,
-        data.as_c_str(),
-    )?;
-    Ok(OverlayMount {
-        target: target.to_path_buf(),
-        mounted: true,
-    })
-}
-
 /// Mounts and unmounts one overlay under `work_root` with each option set
 /// in turn; the first that works, or why none did.
-fn probe_overlay(work_root: &Path) -> Result<String, String> {
+fn probe_overlay(work_root: &Path, mounts: &dyn OverlayMounts) -> Result<String, String> {
     let dir = work_root.join(format!("overlay-probe-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let [lower, upper, work, merged] = ["lower", "upper", "work", "merged"].map(|d| dir.join(d));
@@ -193,10 +195,16 @@ fn probe_overlay(work_root: &Path) -> Result<String, String> {
         Ok(()) => {
             let mut last = String::new();
             let mut found = None;
+            let layers = OverlayLayers {
+                lower,
+                upper,
+                work,
+                target: merged,
+            };
             for options in OVERLAY_OPTIONS {
-                match mount_overlay(&lower, &upper, &work, &merged, options) {
-                    Ok(mount) => {
-                        let unmounted = mount.unmount();
+                match mounts.mount(&layers, options) {
+                    Ok(()) => {
+                        let unmounted = mounts.detach(&layers.target);
                         if unmounted.is_ok() {
                             found = Some(options.to_string());
                             break;
@@ -214,8 +222,8 @@ fn probe_overlay(work_root: &Path) -> Result<String, String> {
 }
 
 /// Detaches every mount below `root` (overlays a crashed executor left),
-/// deepest first. Returns how many.
-pub fn unmount_stale(root: &Path) -> usize {
+/// deepest first, through `mounts`. Returns how many.
+pub fn unmount_stale(root: &Path, mounts: &dyn OverlayMounts) -> usize {
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return 0;
     };
@@ -231,7 +239,7 @@ pub fn unmount_stale(root: &Path) -> usize {
     below.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
     below
         .iter()
-        .filter(|point| match detach(point) {
+        .filter(|point| match mounts.detach(point) {
             Ok(()) => true,
             Err(error) => {
                 tracing::warn!(mount = %point.display(), %error, "could not detach a stale mount");
@@ -356,9 +364,21 @@ mod tests {
 
     #[test]
     fn layouts_follow_what_the_user_could_do_to_the_cache() {
-        let overlay = InputProtection::Overlay {
+        /// Never asked: choosing a layout mounts nothing.
+        #[derive(Debug)]
+        struct Unused;
+        impl OverlayMounts for Unused {
+            fn mount(&self, _: &OverlayLayers, _: &str) -> std::io::Result<()> {
+                unreachable!("a layout was chosen by mounting")
+            }
+            fn detach(&self, _: &Path) -> std::io::Result<()> {
+                unreachable!("a layout was chosen by unmounting")
+            }
+        }
+        let overlay = InputProtection::Overlay(Overlays {
+            mounts: Arc::new(Unused),
             options: String::new(),
-        };
+        });
         let unprivileged = RunAs::User(65534, 65534);
         assert_eq!(overlay.layout(unprivileged), Layout::Linked);
         assert_eq!(overlay.layout(RunAs::Privileged), Layout::Overlay);

@@ -63,13 +63,15 @@ impl Harness {
         runner_config.max_timeout = Duration::from_secs(600);
         runner_config.default_grace = Duration::from_secs(60);
         adjust(&mut runner_config);
-        let runner = Worker::new(
-            channel.clone(),
-            runner_config,
-            Isolations::new(Arc::new(NoIsolation)),
-        )
-        .await
-        .expect("runner starts");
+        let mut isolations = Isolations::new(Arc::new(NoIsolation));
+        // As `kiln` composes it: a root executor's privileged actions get
+        // overlay workspaces (this process mounts them: no launchers).
+        if let Some(mounts) = kiln_sandbox::overlay::mounts() {
+            isolations = isolations.with_overlay_mounts(mounts);
+        }
+        let runner = Worker::new(channel.clone(), runner_config, isolations)
+            .await
+            .expect("runner starts");
         Harness {
             server: Some(server),
             channel,

@@ -400,6 +400,11 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Resul
             .probe_namespaces()
             .await,
     ));
+    // The overlay workspaces of actions that run privileged are mounted
+    // by the launchers too.
+    if let Some(mounts) = kiln_sandbox::overlay::mounts() {
+        isolations = isolations.with_overlay_mounts(mounts);
+    }
     let images = ImageConfig {
         default_image: Some(settings.default_image.clone()).filter(|image| !image.is_empty()),
         insecure_registries: settings.insecure_registries.clone(),

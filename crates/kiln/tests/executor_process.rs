@@ -1087,13 +1087,26 @@ async fn execute_with_launchers_stopped(
     launchers: &[u32],
     script: &str,
 ) -> Streaming<Operation> {
-    signal_all("-STOP", launchers);
-    let mut stream = execute_with(
+    execute_waiting_on_launchers(
         address,
-        script.into(),
+        launchers,
+        script,
         &[("workload-isolation-type", "sandbox")],
     )
-    .await;
+    .await
+}
+
+/// Stops `launchers` and executes `script` with `properties`; asserts
+/// that the action reaches EXECUTING and goes no further while they are
+/// stopped (half a second of it watched). The launchers stay stopped.
+async fn execute_waiting_on_launchers(
+    address: &str,
+    launchers: &[u32],
+    script: &str,
+    properties: &[(&str, &str)],
+) -> Streaming<Operation> {
+    signal_all("-STOP", launchers);
+    let mut stream = execute_with(address, script.into(), properties).await;
     loop {
         let operation = tokio::time::timeout(HANG_GUARD, stream.next())
             .await
@@ -1111,6 +1124,66 @@ async fn execute_with_launchers_stopped(
         "the operation moved on with the launchers stopped: {early:?}"
     );
     stream
+}
+
+/// The overlay workspace of an action that runs as root is mounted by the
+/// launchers, not by the executor: while they are stopped, a `docker`
+/// action (which starts no process through them) waits in EXECUTING with
+/// nothing mounted under the work root; once they go on, it runs, as root,
+/// with its workspace on that overlay.
+#[tokio::test]
+async fn overlay_workspaces_are_mounted_by_the_launchers() {
+    if !common::root_available("the launchers of a root executor")
+        || !common::runtime_available("docker")
+    {
+        return;
+    }
+    common::test_images().unwrap_or_else(|error| panic!("building the test images: {error}"));
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let process = spawn_executor(
+        &address,
+        "mounts",
+        &scratch.path().join("work"),
+        &["--isolation", "none,docker"],
+    );
+    process.wait_for_log("executor registered");
+    let launchers = launchers_running(process.child.id());
+    let work_root = scratch.path().join("work").canonicalize().unwrap();
+    let mounted_below = |root: &Path| -> Vec<String> {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split(' ').nth(4))
+            .filter(|point| Path::new(point).starts_with(root))
+            .map(str::to_owned)
+            .collect()
+    };
+    let stream = execute_waiting_on_launchers(
+        &address,
+        &launchers,
+        "id -u; grep ' - overlay kiln-workspace ' /proc/self/mountinfo | wc -l",
+        &[
+            ("workload-isolation-type", "docker"),
+            (
+                "container-image",
+                "docker://127.0.0.1:5000/kiln-test/base:latest",
+            ),
+        ],
+    )
+    .await;
+    let early = mounted_below(&work_root);
+    signal_all("-CONT", &launchers);
+    assert_eq!(
+        early,
+        Vec::<String>::new(),
+        "mounted with the launchers stopped"
+    );
+    let response = completed(stream).await;
+    let result = response.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    // Root in the container, on one overlay: its workspace.
+    assert_eq!(result.stdout_digest, Some(digest(b"0\n1\n")));
 }
 
 #[tokio::test]

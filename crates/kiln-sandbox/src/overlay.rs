@@ -1,0 +1,206 @@
+//! Workspace overlays, mounted and detached for the worker
+//! ([`kiln_worker::workspace::OverlayMounts`]): by the launchers on a root
+//! executor, so that the process holding the executor's network, CAS and
+//! file cache makes no mount itself; in the calling process where no
+//! launcher is installed (a server embedded in another program, the
+//! crates' own tests).
+//!
+//! The launcher takes only what a workspace overlay needs: absolute paths
+//! of plain components (no `.` or `..`), a fixed file system type, source
+//! and flags (`overlay`, nosuid, nodev), and options from a fixed list.
+
+use std::ffi::CString;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_worker::workspace::{OverlayLayers, OverlayMounts};
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use crate::launcher;
+
+/// The options a workspace overlay may carry besides its layers, most
+/// wanted first: `volatile` skips the syncs of an upper layer that is
+/// thrown away after the action (Linux 5.10+); `index=off` keeps hardlinked
+/// lower files from needing the inode index. The launcher mounts no other.
+pub const OPTIONS: &[&str] = &["volatile,index=off", "index=off", ""];
+
+/// Mounts and detaches workspace overlays through the launchers when they
+/// are installed, else in this process.
+#[derive(Debug, Default)]
+pub struct Mounts;
+
+/// What mounts overlay workspaces for an executor running as this process
+/// does: [`Mounts`] when it is root, nothing otherwise.
+pub fn mounts() -> Option<Arc<dyn OverlayMounts>> {
+    rustix::process::geteuid()
+        .is_root()
+        .then(|| Arc::new(Mounts) as Arc<dyn OverlayMounts>)
+}
+
+impl OverlayMounts for Mounts {
+    fn mount(&self, layers: &OverlayLayers, options: &str) -> io::Result<()> {
+        let request = Request::mount(layers, options)?;
+        let mounted = launcher::privileged(&request);
+        if mounted
+            .as_ref()
+            .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionAborted)
+        {
+            // The launcher died with the request, perhaps after mounting.
+            let _ = launcher::privileged(&Request::Detach(c_path(&layers.target)?));
+        }
+        mounted
+    }
+
+    fn detach(&self, target: &Path) -> io::Result<()> {
+        launcher::privileged(&Request::Detach(c_path(target)?))
+    }
+}
+
+/// A root-only step on a workspace, as a launcher receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// Mount an overlay: `options` (one of [`OPTIONS`]), then the lower,
+    /// upper and work directories and the target.
+    Mount {
+        options: CString,
+        layers: [CString; 4],
+    },
+    /// Detach the mount at this path.
+    Detach(CString),
+}
+
+impl Request {
+    fn mount(layers: &OverlayLayers, options: &str) -> io::Result<Request> {
+        let OverlayLayers {
+            lower,
+            upper,
+            work,
+            target,
+        } = layers;
+        Ok(Request::Mount {
+            options: CString::new(options).map_err(|_| invalid("options with a NUL byte"))?,
+            layers: [
+                c_path(lower)?,
+                c_path(upper)?,
+                c_path(work)?,
+                c_path(target)?,
+            ],
+        })
+    }
+
+    /// Does it, after checking it is a workspace overlay's step and nothing
+    /// else. Blocking: one mount or umount call.
+    pub(crate) fn perform(&self) -> io::Result<()> {
+        match self {
+            Request::Mount { options, layers } => {
+                for layer in layers {
+                    check_path(layer)?;
+                }
+                let options = options
+                    .to_str()
+                    .ok()
+                    .filter(|options| OPTIONS.contains(options))
+                    .ok_or_else(|| invalid(format!("overlay options {options:?}")))?;
+                let [lower, upper, work, target] = layers;
+                let mut data = Vec::new();
+                for (key, dir) in [("lowerdir", lower), ("upperdir", upper), ("workdir", work)] {
+                    // The option string's own separators and escape.
+                    if dir.as_bytes().iter().any(|b| b",:\\".contains(b)) {
+                        return Err(invalid(format!(
+                            "{} cannot be an overlay layer: its path has a ',', ':' or '\\'",
+                            dir.to_string_lossy()
+                        )));
+                    }
+                    data.extend_from_slice(key.as_bytes());
+                    data.push(b'=');
+                    data.extend_from_slice(dir.as_bytes());
+                    data.push(b',');
+                }
+                data.extend_from_slice(options.as_bytes());
+                if data.last() == Some(&b',') {
+                    data.pop();
+                }
+                let data = CString::new(data).map_err(|_| invalid("a NUL byte"))?;
+                rustix::mount::mount(
+                    "kiln-workspace",
+                    target.as_c_str(),
+                    "overlay",
+                    MountFlags::NOSUID | MountFlags::NODEV,
+                    data.as_c_str(),
+                )
+                .map_err(io::Error::from)
+            }
+            Request::Detach(target) => {
+                check_path(target)?;
+                rustix::mount::unmount(target.as_c_str(), UnmountFlags::DETACH)
+                    .map_err(io::Error::from)
+            }
+        }
+    }
+}
+
+fn invalid(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("not a workspace overlay's: {what}"),
+    )
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| invalid("a path with a NUL byte"))
+}
+
+/// An absolute path with no `.` or `..` component.
+fn check_path(path: &CString) -> io::Result<()> {
+    let bytes = path.as_bytes();
+    let plain = bytes.starts_with(b"/")
+        && bytes
+            .split(|b| *b == b'/')
+            .all(|part| part != b"." && part != b"..");
+    if plain {
+        Ok(())
+    } else {
+        Err(invalid(format!("path {}", path.to_string_lossy())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_workspace_overlays_steps_are_taken() {
+        let layers = |target: &str| OverlayLayers {
+            lower: "/w/a/inputs".into(),
+            upper: "/w/a/upper".into(),
+            work: "/w/a/overlay-work".into(),
+            target: target.into(),
+        };
+        // Refused before any mount call (the tests need not be root).
+        for target in ["relative/workspace", "/w/a/../../etc", "/w/./a", "/w/a/."] {
+            let request = Request::mount(&layers(target), "").unwrap();
+            let error = request.perform().unwrap_err();
+            assert_eq!(
+                error.kind(),
+                io::ErrorKind::InvalidInput,
+                "{target}: {error}"
+            );
+            assert!(error.to_string().contains("path"), "{error}");
+        }
+        let request = Request::mount(&layers("/w/a/workspace"), "lowerdir=/etc").unwrap();
+        let error = request.perform().unwrap_err();
+        assert!(error.to_string().contains("options"), "{error}");
+        let mut comma = layers("/w/a/workspace");
+        comma.lower = "/w/a,b".into();
+        let error = Request::mount(&comma, "").unwrap().perform().unwrap_err();
+        assert!(error.to_string().contains("','"), "{error}");
+        // Names that merely start with a dot are plain.
+        assert!(check_path(&c"/root/.cache/kiln/work/a/workspace".to_owned()).is_ok());
+        let error = Request::Detach(c"/w/../etc".to_owned())
+            .perform()
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+    }
+}
