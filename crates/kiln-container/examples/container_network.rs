@@ -42,6 +42,7 @@ fn spec(root: &std::path::Path, network: &str) -> CommandSpec {
         action_user: None,
         runner_tmp: None,
         output_paths: Vec::new(),
+        owned_directories: Vec::new(),
         input_digests: None,
         stored_outputs: None,
     }

@@ -163,6 +163,7 @@ mod tests {
             action_user: None,
             runner_tmp: None,
             output_paths: Vec::new(),
+            owned_directories: Vec::new(),
             input_digests: None,
             stored_outputs: None,
         }

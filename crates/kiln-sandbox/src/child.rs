@@ -94,6 +94,9 @@ pub(crate) struct Plan {
     pub user: Option<(u32, u32)>,
     /// Capabilities removed from the bounding set before exec.
     pub drop_capabilities: Vec<u32>,
+    /// Workspace directories the executor made, given to `user` before
+    /// the clone ([`kiln_worker::CommandSpec::owned_directories`]).
+    pub owned_directories: Vec<CString>,
 }
 
 impl Plan {
@@ -119,8 +122,54 @@ impl Plan {
                 .unwrap_or_else(|_| c"/".to_owned()),
             user,
             drop_capabilities: Vec::new(),
+            owned_directories: Vec::new(),
         }
     }
+
+    /// Gives `directories` to [`Plan::user`] before the start (nothing
+    /// when the action stays root).
+    pub fn giving(mut self, directories: &[std::path::PathBuf]) -> Plan {
+        use std::os::unix::ffi::OsStrExt;
+        if self.user.is_some() {
+            self.owned_directories = directories
+                .iter()
+                .filter_map(|dir| CString::new(dir.as_os_str().as_bytes()).ok())
+                .collect();
+        }
+        self
+    }
+}
+
+/// An absolute path with no `.` or `..` component: the only paths the
+/// launcher's root-only steps take.
+pub(crate) fn check_plain_path(path: &CStr) -> io::Result<()> {
+    let bytes = path.to_bytes();
+    let plain = bytes.starts_with(b"/")
+        && bytes
+            .split(|b| *b == b'/')
+            .all(|part| part != b"." && part != b"..");
+    if plain {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a plain absolute path: {}", path.to_string_lossy()),
+        ))
+    }
+}
+
+/// Gives workspace `directories` to `uid`, `gid` (lchown: a symlink put
+/// in a directory's place is not followed). In the launcher: before the
+/// clone of the action they are for, or on its own request.
+pub(crate) fn give_directories(directories: &[CString], (uid, gid): (u32, u32)) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    for dir in directories {
+        check_plain_path(dir)?;
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+        // The errno alone crosses the launcher's socket.
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    }
+    Ok(())
 }
 
 fn errno() -> i32 {
@@ -853,6 +902,9 @@ pub(crate) fn spawn(
     sibling: bool,
     stack: &mut Stack,
 ) -> Result<libc::pid_t, SpawnFailure> {
+    if let Some(user) = plan.user {
+        give_directories(&plan.owned_directories, user)?;
+    }
     let mut report = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
     if unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {

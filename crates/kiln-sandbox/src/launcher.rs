@@ -8,7 +8,7 @@
 //! `cgroup.procs` files, a network namespace; SCM_RIGHTS); the launcher
 //! clones the action with [`child::spawn`] and answers with its pid once
 //! it has exec'd. It also takes the executor's other root-only steps that
-//! have moved behind it ([`crate::overlay`]: mounting and detaching
+//! have moved behind it ([`crate::privileged`]: mounting and detaching
 //! workspace overlays), each checked to be that step and nothing more.
 //!
 //! Why processes of their own:
@@ -58,7 +58,7 @@ use rustix::net::{
 };
 
 use crate::child::{self, Exec, Network, Op, Plan, SpawnFailure, Stack, Start, Stdio};
-use crate::overlay;
+use crate::privileged;
 
 /// The subcommand of the executor's binary that runs [`serve`].
 pub const SUBCOMMAND: &str = "launcher";
@@ -138,15 +138,16 @@ pub(crate) fn start(
     })
 }
 
-/// Takes a root-only step of a workspace (see [`crate::overlay`]): in a
+/// Takes a root-only step of a workspace (see [`crate::privileged`]): in a
 /// launcher when they are installed, else in this process. A launcher that
 /// died with the request is `ConnectionAborted`.
-pub(crate) fn privileged(request: &overlay::Request) -> io::Result<()> {
+pub(crate) fn privileged(request: &privileged::Request) -> io::Result<()> {
     match LAUNCHERS.get() {
         Some(launchers) => {
             let what = match request {
-                overlay::Request::Mount { .. } => "mounting a workspace overlay",
-                overlay::Request::Detach(_) => "detaching a workspace overlay",
+                privileged::Request::Mount { .. } => "mounting a workspace overlay",
+                privileged::Request::Detach(_) => "detaching a workspace overlay",
+                privileged::Request::Give { .. } => "giving workspace directories to a user",
             };
             launchers
                 .call(&encode_privileged(request), &[], what)
@@ -473,8 +474,8 @@ fn read_reply(socket: &UnixStream) -> io::Result<Result<libc::pid_t, SpawnFailur
 
 /// What a launcher is asked, as it decodes it.
 enum Request {
-    Start(Plan, Exec, Stdio, Start),
-    Privileged(overlay::Request),
+    Start(Box<Plan>, Exec, Stdio, Start),
+    Privileged(privileged::Request),
 }
 
 /// Each request's first byte: what it asks.
@@ -482,6 +483,7 @@ const START_CLONED: u8 = 0;
 const START_WITH_INIT: u8 = 1;
 const MOUNT_OVERLAY: u8 = 2;
 const DETACH: u8 = 3;
+const GIVE: u8 = 4;
 
 /// A start request's bytes, and the descriptors to send with it in the
 /// order [`decode`] takes them: stdin, stdout, stderr, the cgroup's files,
@@ -525,6 +527,10 @@ fn encode(plan: &Plan, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Ve
     for &capability in &plan.drop_capabilities {
         out.u32(capability);
     }
+    out.u32(plan.owned_directories.len() as u32);
+    for dir in &plan.owned_directories {
+        out.bytes(dir.as_bytes());
+    }
     out.bytes(exec.program().to_bytes());
     for strings in [exec.arguments(), exec.environment()] {
         out.u32(strings.len() as u32);
@@ -536,19 +542,31 @@ fn encode(plan: &Plan, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Ve
 }
 
 /// A privileged step's bytes; it carries no descriptors.
-fn encode_privileged(request: &overlay::Request) -> Vec<u8> {
+fn encode_privileged(request: &privileged::Request) -> Vec<u8> {
     let mut out = Writer::default();
     match request {
-        overlay::Request::Mount { options, layers } => {
+        privileged::Request::Mount { options, layers } => {
             out.u8(MOUNT_OVERLAY);
             out.bytes(options.as_bytes());
             for layer in layers {
                 out.bytes(layer.as_bytes());
             }
         }
-        overlay::Request::Detach(target) => {
+        privileged::Request::Detach(target) => {
             out.u8(DETACH);
             out.bytes(target.as_bytes());
+        }
+        privileged::Request::Give {
+            owner: (uid, gid),
+            directories,
+        } => {
+            out.u8(GIVE);
+            out.u32(*uid);
+            out.u32(*gid);
+            out.u32(directories.len() as u32);
+            for dir in directories {
+                out.bytes(dir.as_bytes());
+            }
         }
     }
     out.0
@@ -567,15 +585,25 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
                 input.c_string()?,
                 input.c_string()?,
             ];
-            return Ok(Request::Privileged(overlay::Request::Mount {
+            return Ok(Request::Privileged(privileged::Request::Mount {
                 options,
                 layers,
             }));
         }
         DETACH => {
-            return Ok(Request::Privileged(overlay::Request::Detach(
+            return Ok(Request::Privileged(privileged::Request::Detach(
                 input.c_string()?,
             )))
+        }
+        GIVE => {
+            let owner = (input.u32()?, input.u32()?);
+            let directories = (0..input.u32()?)
+                .map(|_| input.c_string())
+                .collect::<io::Result<_>>()?;
+            return Ok(Request::Privileged(privileged::Request::Give {
+                owner,
+                directories,
+            }));
         }
         kind => {
             return Err(io::Error::new(
@@ -622,6 +650,9 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
     let drop_capabilities = (0..input.u32()?)
         .map(|_| input.u32())
         .collect::<io::Result<_>>()?;
+    let owned_directories = (0..input.u32()?)
+        .map(|_| input.c_string())
+        .collect::<io::Result<_>>()?;
     let plan = Plan {
         namespaces,
         cgroup_join,
@@ -633,6 +664,7 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
         working_directory,
         user,
         drop_capabilities,
+        owned_directories,
     };
     let program = input.c_string()?;
     let mut string_lists = [Vec::new(), Vec::new()];
@@ -643,7 +675,7 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
     }
     let [arguments, environment] = string_lists;
     Ok(Request::Start(
-        plan,
+        Box::new(plan),
         Exec::from_parts(program, arguments, environment),
         stdio,
         start,
@@ -823,6 +855,7 @@ mod tests {
             working_directory: c"/work/w1".to_owned(),
             user: Some((65534, 65534)),
             drop_capabilities: vec![27, 21],
+            owned_directories: vec![c"/work/w1".to_owned(), c"/work/w1/out".to_owned()],
         };
         let exec = Exec::new(
             Path::new("/bin/sh"),
@@ -866,6 +899,7 @@ mod tests {
         assert_eq!(decoded.working_directory, plan.working_directory);
         assert_eq!(decoded.user, plan.user);
         assert_eq!(decoded.drop_capabilities, plan.drop_capabilities);
+        assert_eq!(decoded.owned_directories, plan.owned_directories);
         assert_eq!(exec_back.program(), exec.program());
         assert_eq!(exec_back.arguments(), exec.arguments());
         assert_eq!(exec_back.environment(), exec.environment());
@@ -878,7 +912,7 @@ mod tests {
     #[test]
     fn privileged_steps_read_back_as_they_were_written() {
         let steps = [
-            overlay::Request::Mount {
+            privileged::Request::Mount {
                 options: c"index=off".to_owned(),
                 layers: [
                     c"/w/a/inputs".to_owned(),
@@ -887,7 +921,14 @@ mod tests {
                     c"/w/a/workspace".to_owned(),
                 ],
             },
-            overlay::Request::Detach(c"/w/a/workspace".to_owned()),
+            privileged::Request::Detach(c"/w/a/workspace".to_owned()),
+            privileged::Request::Give {
+                owner: (65534, 65533),
+                directories: vec![
+                    c"/w/a/workspace".to_owned(),
+                    c"/w/a/workspace/out".to_owned(),
+                ],
+            },
         ];
         for step in steps {
             let request = encode_privileged(&step);

@@ -18,8 +18,9 @@
 //! - [`launcher`]: the process that starts actions for a root executor
 //!   (`kiln launcher`) and takes its other root-only steps, and the
 //!   executor's side of it;
-//! - [`overlay`]: the workspace overlays of actions that run privileged,
-//!   mounted and detached through the launchers;
+//! - [`privileged`]: the workspace steps only root can take (overlays of
+//!   actions that run privileged, directories given to an action's user),
+//!   taken for the worker through the launchers;
 //! - `child`: the code that runs between clone (or fork) and exec;
 //! - `cloned`: waiting for a cloned action through its pidfd.
 //!
@@ -63,8 +64,8 @@ mod cloned;
 pub mod launcher;
 mod netlink;
 pub mod network;
-pub mod overlay;
 pub mod plain;
+pub mod privileged;
 pub mod sandbox;
 mod view;
 

@@ -251,7 +251,8 @@ impl Isolation for PlainProcess {
             &spec.working_directory,
             user,
             cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
-        );
+        )
+        .giving(&spec.owned_directories);
         plan.network = network;
         if chose_root {
             plan.drop_capabilities = self.drop_capabilities.clone();
@@ -303,7 +304,8 @@ impl Isolation for PlainProcess {
             &spec.working_directory,
             user,
             cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
-        );
+        )
+        .giving(&spec.owned_directories);
         let (worker, child) = crate::sandbox::start_worker_process(spec, start, plan).await?;
         Ok(worker.guarded_by(Box::new(PlainWorker {
             child,

@@ -296,6 +296,7 @@ impl Sandbox {
                 .unwrap_or_else(|_| c"/".to_owned()),
             user,
             drop_capabilities: self.drop_capabilities.clone(),
+            owned_directories: Vec::new(),
         }
     }
 }
@@ -320,17 +321,19 @@ impl Sandbox {
         };
         let network = self.network(spec.platform.docker_network).await?;
         let cgroup = self.cgroup(&limits)?;
-        let plan = self.plan(
-            Some(&spec.workspace),
-            spec.runner_tmp.as_deref(),
-            limits.memory_bytes,
-            &spec.working_directory,
-            user,
-            network
-                .as_ref()
-                .map_or(Network::Empty, |n| Network::Join(n.namespace())),
-            cgroup.as_ref(),
-        );
+        let plan = self
+            .plan(
+                Some(&spec.workspace),
+                spec.runner_tmp.as_deref(),
+                limits.memory_bytes,
+                &spec.working_directory,
+                user,
+                network
+                    .as_ref()
+                    .map_or(Network::Empty, |n| Network::Join(n.namespace())),
+                cgroup.as_ref(),
+            )
+            .giving(&spec.owned_directories);
         Ok(Confined {
             limits,
             network,

@@ -119,6 +119,7 @@ impl Action {
             action_user: None,
             runner_tmp: None,
             output_paths: Vec::new(),
+            owned_directories: Vec::new(),
             input_digests: None,
             stored_outputs: None,
         }

@@ -74,6 +74,7 @@ impl Action {
             action_user: Some(NOBODY),
             runner_tmp: None,
             output_paths: Vec::new(),
+            owned_directories: Vec::new(),
             input_digests: None,
             stored_outputs: None,
         }

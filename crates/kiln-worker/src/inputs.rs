@@ -390,7 +390,8 @@ pub struct Placement {
 /// unless `placement.over_existing`):
 /// directories (empty ones too), files hardlinked from the cache (copied
 /// where a hardlink is refused, e.g. across devices, or where `placement`
-/// says so), symlinks as given.
+/// says so), symlinks as given. Returns the directories made that are to
+/// go to the action's user ([`DirAccess::apply`]).
 pub async fn materialize(
     cache: Arc<FileCache>,
     scratch: Arc<Scratch>,
@@ -398,7 +399,7 @@ pub async fn materialize(
     root: Digest,
     workspace: std::path::PathBuf,
     placement: Placement,
-) -> Result<(), RunError> {
+) -> Result<Vec<std::path::PathBuf>, RunError> {
     crate::process::blocking("materializing the input root", move || {
         let tree = Tree {
             cache: &cache,
@@ -406,7 +407,9 @@ pub async fn materialize(
             directories: &directories,
             placement,
         };
-        tree.materialize_directory(&root, &workspace)
+        let mut owned = Vec::new();
+        tree.materialize_directory(&root, &workspace, &mut owned)?;
+        Ok(owned)
     })
     .await
 }
@@ -419,7 +422,12 @@ struct Tree<'a> {
 }
 
 impl Tree<'_> {
-    fn materialize_directory(&self, digest: &Digest, path: &Path) -> Result<(), RunError> {
+    fn materialize_directory(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        owned: &mut Vec<std::path::PathBuf>,
+    ) -> Result<(), RunError> {
         let directory = self.directories.get(digest).ok_or_else(|| {
             RunError::Internal(format!(
                 "directory {} was not fetched",
@@ -452,11 +460,12 @@ impl Tree<'_> {
             } else {
                 Ok(())
             }
-            .and_then(|()| self.placement.directories.apply(&child_path))
+            .and_then(|()| self.placement.directories.apply(&child_path, owned))
             .map_err(|e| RunError::io(format!("creating {}", child_path.display()), e))?;
             self.materialize_directory(
                 child.digest.as_ref().unwrap_or(&Digest::default()),
                 &child_path,
+                owned,
             )?;
         }
         Ok(())

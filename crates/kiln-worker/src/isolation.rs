@@ -19,7 +19,7 @@ use crate::error::RunError;
 use crate::persistent::{WorkerProcess, WorkerStart};
 use crate::process::{self, Limits, ProcessOutcome};
 use crate::stdio::OutputPipes;
-use crate::workspace::OverlayMounts;
+use crate::workspace::PrivilegedSteps;
 
 /// What to run, where: everything an isolation backend needs.
 #[derive(Debug, Clone)]
@@ -45,6 +45,13 @@ pub struct CommandSpec {
     /// `sandbox` actions run as unless the platform says otherwise. None:
     /// the executor's own user (an executor that is not root cannot switch).
     pub action_user: Option<(u32, u32)>,
+    /// Directories of the workspace the executor made for this action,
+    /// which belong to the user it runs as by the time it starts, when
+    /// that is not root ([`RunAs::User`]; empty otherwise). Changing an
+    /// owner is root's: the backends that run actions as such a user
+    /// (`none` and `sandbox` in `kiln-sandbox`) do it where they start
+    /// them, in the launchers.
+    pub owned_directories: Vec<PathBuf>,
     /// A warm runner's own /tmp directory on the host: `sandbox` mounts it
     /// in place of its private tmpfs, so it outlives the action; backends
     /// without a private /tmp ignore it. None: a fresh /tmp.
@@ -409,14 +416,28 @@ pub fn beyond_plain_process(platform: &Platform) -> Vec<String> {
 }
 
 /// `workload-isolation-type=none`: a plain child process of the executor,
-/// as the executor's action user or its own user. It has no namespaces or
-/// user of its own to give, so it refuses what
-/// [`beyond_plain_process`] lists (FAILED_PRECONDITION); on a root executor
-/// `kiln_sandbox::PlainProcess` honours them instead.
+/// as the executor's own user. It has no namespaces or user of its own to
+/// give, so it refuses what [`beyond_plain_process`] lists
+/// (FAILED_PRECONDITION), and an executor's action user; on a root
+/// executor `kiln_sandbox::PlainProcess` honours them instead, starting
+/// actions through the launchers.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoIsolation;
 
 impl NoIsolation {
+    /// An action user needs root's steps (the workspace given to it, the
+    /// switch), which are `kiln_sandbox::PlainProcess`'s, not this one's.
+    fn refuse_action_user(action_user: Option<(u32, u32)>) -> Result<(), RunError> {
+        match action_user {
+            None | Some((0, _)) => Ok(()),
+            Some((uid, gid)) => Err(RunError::Internal(format!(
+                "the action user {uid}:{gid}: this none backend runs actions as the executor's \
+                 own user; an executor with an action user runs them with kiln_sandbox's \
+                 PlainProcess"
+            ))),
+        }
+    }
+
     /// FAILED_PRECONDITION naming the first of [`beyond_plain_process`].
     fn refuse_extras(platform: &Platform) -> Result<(), RunError> {
         match beyond_plain_process(platform).first() {
@@ -442,10 +463,8 @@ impl Isolation for NoIsolation {
         action_user: Option<(u32, u32)>,
     ) -> Result<RunAs, RunError> {
         NoIsolation::refuse_extras(platform)?;
-        Ok(match action_user {
-            Some((uid, gid)) if uid != 0 => RunAs::User(uid, gid),
-            _ => RunAs::Privileged,
-        })
+        NoIsolation::refuse_action_user(action_user)?;
+        Ok(RunAs::Privileged)
     }
 
     async fn run(
@@ -455,6 +474,7 @@ impl Isolation for NoIsolation {
         cancel: &CancellationToken,
     ) -> Result<ProcessOutcome, RunError> {
         NoIsolation::refuse_extras(&spec.platform)?;
+        NoIsolation::refuse_action_user(spec.action_user)?;
         let (program_name, program) = match spec.program()? {
             Ok(found) => found,
             Err(not_found) => return Ok(not_found),
@@ -469,11 +489,6 @@ impl Isolation for NoIsolation {
             .current_dir(&spec.working_directory)
             .stdout(stdout)
             .stderr(stderr);
-        if let Some((uid, gid)) = spec.action_user {
-            // std drops the supplementary groups too (setgroups before
-            // setuid), then changes to the working directory as the user.
-            command.uid(uid).gid(gid);
-        }
         process::supervise(command, &program_name, &spec.stderr_path, limits, cancel).await
     }
 
@@ -484,7 +499,8 @@ impl Isolation for NoIsolation {
         _limits: &Limits,
     ) -> Result<WorkerProcess, RunError> {
         NoIsolation::refuse_extras(&spec.platform)?;
-        crate::persistent::spawn(spec, start, spec.action_user).await
+        NoIsolation::refuse_action_user(spec.action_user)?;
+        crate::persistent::spawn(spec, start).await
     }
 }
 
@@ -495,7 +511,7 @@ impl Isolation for NoIsolation {
 pub struct Isolations {
     backends: Vec<Arc<dyn Isolation>>,
     default: &'static str,
-    overlay_mounts: Option<Arc<dyn OverlayMounts>>,
+    privileged_steps: Option<Arc<dyn PrivilegedSteps>>,
 }
 
 impl Isolations {
@@ -504,21 +520,21 @@ impl Isolations {
         Isolations {
             default: default.name(),
             backends: vec![default],
-            overlay_mounts: None,
+            privileged_steps: None,
         }
     }
 
     /// Overlay workspaces are mounted through `mounts` (the executor's
     /// privileged side). Without it a root executor copies the inputs of
     /// privileged actions ([`crate::workspace::InputProtection::probe`]).
-    pub fn with_overlay_mounts(mut self, mounts: Arc<dyn OverlayMounts>) -> Isolations {
-        self.overlay_mounts = Some(mounts);
+    pub fn with_privileged_steps(mut self, mounts: Arc<dyn PrivilegedSteps>) -> Isolations {
+        self.privileged_steps = Some(mounts);
         self
     }
 
     /// What mounts overlay workspaces, if anything.
-    pub fn overlay_mounts(&self) -> Option<Arc<dyn OverlayMounts>> {
-        self.overlay_mounts.clone()
+    pub fn privileged_steps(&self) -> Option<Arc<dyn PrivilegedSteps>> {
+        self.privileged_steps.clone()
     }
 
     /// Adds `backend` (replacing one of the same name).

@@ -25,7 +25,7 @@
 //! - [`scratch`]: action directories, and the directories reused inside them;
 //! - [`workspace`]: how inputs are laid out so no action can change the
 //!   cache (linked, overlaid or copied); the overlays themselves are
-//!   mounted by the executor's privileged side (`OverlayMounts`);
+//!   mounted by the executor's privileged side (`PrivilegedSteps`);
 //! - [`users`]: user names and uids from the host's /etc/passwd;
 //! - [`worker`]: [`Worker`], which runs one action by composing the above.
 //!

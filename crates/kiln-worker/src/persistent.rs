@@ -383,16 +383,13 @@ impl WorkerStart {
     }
 }
 
-/// Starts a worker as `user` (None: the executor's own), in its own
-/// process group; `spec` gives the environment, working directory and
-/// PATH lookup, `start` the arguments. A program that cannot be found is
-/// an error naming it. A backend that holds more (a cgroup) adds it with
+/// Starts a worker as the executor's own user, in its own process group
+/// (`none` without root; `kiln-sandbox` starts the others through its
+/// launchers); `spec` gives the environment, working directory and PATH
+/// lookup, `start` the arguments. A program that cannot be found is an
+/// error naming it. A backend that holds more (a cgroup) adds it with
 /// [`WorkerProcess::guarded_by`].
-pub async fn spawn(
-    spec: &CommandSpec,
-    start: &WorkerStart,
-    user: Option<(u32, u32)>,
-) -> Result<WorkerProcess, RunError> {
+pub async fn spawn(spec: &CommandSpec, start: &WorkerStart) -> Result<WorkerProcess, RunError> {
     let arguments = &start.identity.startup;
     let (name, program) = worker_program(spec, start)?;
     let stderr = start.open_stderr()?;
@@ -408,9 +405,6 @@ pub async fn spawn(
         .stderr(stderr)
         .process_group(0)
         .kill_on_drop(true);
-    if let Some((uid, gid)) = user {
-        command.uid(uid).gid(gid);
-    }
     let mut child = command
         .spawn()
         .map_err(|e| RunError::io(format!("starting persistent worker {name:?}"), e))?;

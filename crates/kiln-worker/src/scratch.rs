@@ -92,18 +92,24 @@ impl Scratch {
     }
 
     /// Like `std::fs::create_dir_all`, with the missing directories taken
-    /// from the pool and given `access`.
-    pub fn make_dir_all(&self, path: &Path, access: &DirAccess) -> std::io::Result<()> {
+    /// from the pool and given `access` ([`DirAccess::apply`], noting
+    /// them in `owned`).
+    pub fn make_dir_all(
+        &self,
+        path: &Path,
+        access: &DirAccess,
+        owned: &mut Vec<PathBuf>,
+    ) -> std::io::Result<()> {
         if path.is_dir() {
             return Ok(());
         }
         if let Some(parent) = path.parent() {
-            self.make_dir_all(parent, access)?;
+            self.make_dir_all(parent, access, owned)?;
         }
         match self.make_dir(path) {
             Err(_) if path.is_dir() => Ok(()),
             Err(e) => Err(e),
-            Ok(()) => access.apply(path),
+            Ok(()) => access.apply(path, owned),
         }
     }
 
@@ -289,9 +295,15 @@ mod tests {
         let (_temp, scratch, action_dir) = recycled_once();
 
         let deep = action_dir.join("workspace/x/y/z");
-        scratch.make_dir_all(&deep, &DirAccess::default()).unwrap();
+        let mut owned = Vec::new();
+        scratch
+            .make_dir_all(&deep, &DirAccess::default(), &mut owned)
+            .unwrap();
         assert!(deep.is_dir());
-        scratch.make_dir_all(&deep, &DirAccess::default()).unwrap();
+        scratch
+            .make_dir_all(&deep, &DirAccess::default(), &mut owned)
+            .unwrap();
+        assert_eq!(owned, Vec::<PathBuf>::new(), "no owner to give them to");
         assert_eq!(scratch.spare_dirs(), 0, "both spares were used");
     }
 

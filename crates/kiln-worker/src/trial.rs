@@ -69,6 +69,7 @@ impl TrialAction {
             action_user: None,
             runner_tmp: None,
             output_paths: Vec::new(),
+            owned_directories: Vec::new(),
             input_digests: None,
             stored_outputs: None,
         };

@@ -131,6 +131,8 @@ struct Staged {
     /// files before the next action).
     directories: Arc<inputs::DirectoryMap>,
     input_root: Digest,
+    /// The directories made that go to the action's user as it starts.
+    owned_directories: Vec<PathBuf>,
 }
 
 /// How one action's workspace is set up: decided before staging from whom
@@ -209,7 +211,7 @@ impl Worker {
             &config.cache_dir,
             config.cache_max_bytes,
         )?);
-        let mounts = isolations.overlay_mounts();
+        let mounts = isolations.privileged_steps();
         if let Some(mounts) = &mounts {
             let stale = crate::workspace::unmount_stale(&config.work_root, &**mounts);
             if stale > 0 {
@@ -527,6 +529,7 @@ impl Worker {
             overlay,
             directories,
             input_root,
+            owned_directories,
         } = staged;
         metadata.input_fetch_completed_timestamp = Some(timestamp_now());
 
@@ -546,6 +549,7 @@ impl Worker {
             output: Some(output),
             platform: Arc::new(platform.clone()),
             action_user: self.config.action_user,
+            owned_directories,
             runner_tmp,
             output_paths: crate::outputs::declared_paths(&command)
                 .into_iter()
@@ -579,6 +583,7 @@ impl Worker {
                     directories: &directories,
                     input_root: &input_root,
                     action_dir,
+                    directories_owner: plan.directories.owner,
                 };
                 let served = self
                     .serve(&**isolation, worker, &spec, &limits, cancel, request, notes)
@@ -808,7 +813,15 @@ impl Worker {
             ..Default::default()
         };
         let mut process = match notes.worker.take() {
-            Some(process) => process,
+            // Already running: no start gives this action's directories
+            // to its user, so they are given here.
+            Some(process) => {
+                if let Some(owner) = request.directories_owner {
+                    self.give_directories(&spec.owned_directories, owner)
+                        .await?;
+                }
+                process
+            }
             None => {
                 let start = WorkerStart {
                     identity,
@@ -927,18 +940,20 @@ impl Worker {
         // The directory the action sees as its input root (the upper
         // layer's, under an overlay) gets the action's access.
         let (access, root) = (plan.directories, written.clone());
-        blocking("preparing the workspace", move || {
+        let mut owned_directories = blocking("preparing the workspace", move || {
             for dir in &dirs {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| RunError::io(format!("creating {}", dir.display()), e))?;
             }
+            let mut owned = Vec::new();
             access
-                .apply(&root)
-                .map_err(|e| RunError::io(format!("preparing {}", root.display()), e))
+                .apply(&root, &mut owned)
+                .map_err(|e| RunError::io(format!("preparing {}", root.display()), e))?;
+            Ok(owned)
         })
         .await?;
         let directories = Arc::new(directories);
-        inputs::materialize(
+        let made = inputs::materialize(
             self.cache.clone(),
             self.scratch.clone(),
             directories.clone(),
@@ -952,6 +967,7 @@ impl Worker {
             },
         )
         .await?;
+        owned_directories.extend(made);
         drop(pinned);
         if plan.over_existing && overlaid {
             let (directories, root, upper) =
@@ -963,14 +979,16 @@ impl Worker {
             .await?;
         }
         let working_in_tree = tree.join(&working_directory);
-        create_output_parents(
-            &self.scratch,
-            &command,
-            &tree,
-            &working_in_tree,
-            plan.directories,
-        )
-        .await?;
+        owned_directories.extend(
+            create_output_parents(
+                &self.scratch,
+                &command,
+                &tree,
+                &working_in_tree,
+                plan.directories,
+            )
+            .await?,
+        );
         let overlay = if overlaid {
             Some(
                 self.mount_overlay(action_dir, &tree, &written, &workspace)
@@ -991,6 +1009,7 @@ impl Worker {
             overlay,
             directories,
             input_root,
+            owned_directories,
         })
     }
 
@@ -1001,6 +1020,37 @@ impl Worker {
     /// Otherwise they are copied ([`FileCache::adopt_copy`]).
     fn adopts_in_place(&self, isolation: &dyn Isolation) -> bool {
         isolation.stops_every_process() || matches!(self.protection, InputProtection::Unprivileged)
+    }
+
+    /// Gives `directories` to `owner` through the privileged side.
+    async fn give_directories(
+        &self,
+        directories: &[PathBuf],
+        owner: (u32, u32),
+    ) -> Result<(), RunError> {
+        let Some(steps) = self.isolations.privileged_steps() else {
+            return Err(RunError::Internal(format!(
+                "the workspace's directories cannot be given to {}:{}: nothing takes this \
+                 executor's privileged steps",
+                owner.0, owner.1
+            )));
+        };
+        let directories = directories.to_vec();
+        blocking(
+            "giving the workspace's directories to the action's user",
+            move || {
+                steps.give(&directories, owner).map_err(|e| {
+                    privileged_step_error(
+                        format!(
+                            "giving the workspace's directories to {}:{}",
+                            owner.0, owner.1
+                        ),
+                        e,
+                    )
+                })
+            },
+        )
+        .await
     }
 
     /// Mounts the overlay of `lower` at `workspace`, its upper layer
@@ -1028,14 +1078,10 @@ impl Worker {
             std::fs::create_dir_all(&layers.work)
                 .map_err(|e| RunError::io(format!("creating {}", layers.work.display()), e))?;
             overlays.mount(&layers).map_err(|e| {
-                let context = format!("mounting the overlay at {}", layers.target.display());
-                // The privileged side went away with the request: another
-                // attempt may run the action.
-                if e.kind() == std::io::ErrorKind::ConnectionAborted {
-                    RunError::ExecutorUnavailable(format!("{context}: {e}"))
-                } else {
-                    RunError::io(context, e)
-                }
+                privileged_step_error(
+                    format!("mounting the overlay at {}", layers.target.display()),
+                    e,
+                )
             })
         })
         .await
@@ -1195,14 +1241,14 @@ fn check_command(command: &Command) -> Result<String, RunError> {
 /// REAPI: the server creates the parent directory of every declared output
 /// (and, for legacy output_directories, the directory itself is not made).
 /// An input symlink on the way must not lead the creation outside the
-/// workspace.
+/// workspace. Returns those made that are to go to the action's user.
 async fn create_output_parents(
     scratch: &Arc<Scratch>,
     command: &Command,
     workspace: &Path,
     working_path: &Path,
     access: DirAccess,
-) -> Result<(), RunError> {
+) -> Result<Vec<PathBuf>, RunError> {
     let all = command
         .output_paths
         .iter()
@@ -1221,16 +1267,17 @@ async fn create_output_parents(
         }
     }
     if parents.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let scratch = scratch.clone();
     blocking("creating the outputs' parent directories", move || {
+        let mut owned = Vec::new();
         for (path, parent) in parents {
             scratch
-                .make_dir_all(&parent, &access)
+                .make_dir_all(&parent, &access, &mut owned)
                 .map_err(|e| RunError::io(format!("creating the parent of output {path:?}"), e))?;
         }
-        Ok(())
+        Ok(owned)
     })
     .await
 }
@@ -1268,6 +1315,19 @@ struct PendingRequest<'a> {
     directories: &'a inputs::DirectoryMap,
     input_root: &'a Digest,
     action_dir: &'a Path,
+    /// Who the workspace's directories go to: the worker's user.
+    directories_owner: Option<(u32, u32)>,
+}
+
+/// A failed privileged step (`context`) as the action's error: when the
+/// privileged side went away with the request (a launcher that died),
+/// another attempt may run the action.
+fn privileged_step_error(context: String, error: std::io::Error) -> RunError {
+    if error.kind() == std::io::ErrorKind::ConnectionAborted {
+        RunError::ExecutorUnavailable(format!("{context}: {error}"))
+    } else {
+        RunError::io(context, error)
+    }
 }
 
 /// Kills a persistent worker and everything it started, off the async

@@ -22,10 +22,11 @@
 //! nothing can protect the cache from them, so it links and says so at
 //! start-up.
 //!
-//! This crate mounts nothing itself: the overlays are mounted and
-//! detached by the executor's privileged side ([`OverlayMounts`], which
-//! `kiln-sandbox` implements through its launchers), named by their
-//! layers' paths.
+//! This crate mounts nothing and changes no owner for an action itself:
+//! the overlays are mounted and detached, and the directories given to an
+//! action's user, by the executor's privileged side ([`PrivilegedSteps`],
+//! which `kiln-sandbox` implements through its launchers; a directory is
+//! given as the action starts, in the start request), named by path.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,10 +55,10 @@ pub struct OverlayLayers {
     pub target: PathBuf,
 }
 
-/// The root-only half of overlay workspaces, done by the executor's
-/// privileged side: on a root executor, its launchers
-/// (`kiln_sandbox::overlay`). Both calls block.
-pub trait OverlayMounts: Send + Sync + std::fmt::Debug {
+/// The steps of laying out a workspace that only root can take, taken by
+/// the executor's privileged side: on a root executor, its launchers
+/// (`kiln_sandbox::privileged`). Every call blocks.
+pub trait PrivilegedSteps: Send + Sync + std::fmt::Debug {
     /// Mounts `layers` (nosuid, nodev), with `options` besides the layers'
     /// directories.
     fn mount(&self, layers: &OverlayLayers, options: &str) -> std::io::Result<()>;
@@ -65,6 +66,12 @@ pub trait OverlayMounts: Send + Sync + std::fmt::Debug {
     /// Detaches the mount at `target`: processes still inside keep what
     /// they hold, and nothing new enters through it.
     fn detach(&self, target: &Path) -> std::io::Result<()>;
+
+    /// Gives the workspace `directories` (made by the executor) to
+    /// `owner`, the action's user, for an action no start precedes: the
+    /// backends give them as they start an action
+    /// ([`crate::CommandSpec::owned_directories`]).
+    fn give(&self, directories: &[PathBuf], owner: (u32, u32)) -> std::io::Result<()>;
 }
 
 /// What this executor can do to keep privileged actions away from the
@@ -83,7 +90,7 @@ pub enum InputProtection {
 /// which options (besides the layers' directories).
 #[derive(Debug, Clone)]
 pub struct Overlays {
-    mounts: Arc<dyn OverlayMounts>,
+    mounts: Arc<dyn PrivilegedSteps>,
     options: String,
 }
 
@@ -108,7 +115,7 @@ impl InputProtection {
     /// Probes what works under `work_root` (which must exist) by mounting a
     /// small overlay there through `mounts`, logging the outcome. A root
     /// executor without `mounts` copies.
-    pub fn probe(work_root: &Path, mounts: Option<Arc<dyn OverlayMounts>>) -> InputProtection {
+    pub fn probe(work_root: &Path, mounts: Option<Arc<dyn PrivilegedSteps>>) -> InputProtection {
         if !rustix::process::geteuid().is_root() {
             tracing::warn!(
                 uid = rustix::process::geteuid().as_raw(),
@@ -159,12 +166,12 @@ impl InputProtection {
 #[derive(Debug)]
 pub struct OverlayMount {
     target: PathBuf,
-    mounts: Arc<dyn OverlayMounts>,
+    mounts: Arc<dyn PrivilegedSteps>,
     mounted: bool,
 }
 
 impl OverlayMount {
-    /// Detaches the mount ([`OverlayMounts::detach`]). Blocking.
+    /// Detaches the mount ([`PrivilegedSteps::detach`]). Blocking.
     pub fn unmount(mut self) -> std::io::Result<()> {
         self.mounted = false;
         self.mounts.detach(&self.target)
@@ -183,7 +190,7 @@ impl Drop for OverlayMount {
 
 /// Mounts and unmounts one overlay under `work_root` with each option set
 /// in turn; the first that works, or why none did.
-fn probe_overlay(work_root: &Path, mounts: &dyn OverlayMounts) -> Result<String, String> {
+fn probe_overlay(work_root: &Path, mounts: &dyn PrivilegedSteps) -> Result<String, String> {
     let dir = work_root.join(format!("overlay-probe-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let [lower, upper, work, merged] = ["lower", "upper", "work", "merged"].map(|d| dir.join(d));
@@ -223,7 +230,7 @@ fn probe_overlay(work_root: &Path, mounts: &dyn OverlayMounts) -> Result<String,
 
 /// Detaches every mount below `root` (overlays a crashed executor left),
 /// deepest first, through `mounts`. Returns how many.
-pub fn unmount_stale(root: &Path, mounts: &dyn OverlayMounts) -> usize {
+pub fn unmount_stale(root: &Path, mounts: &dyn PrivilegedSteps) -> usize {
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return 0;
     };
@@ -314,8 +321,11 @@ pub fn check_reachable(work_root: &Path, (uid, gid): (u32, u32)) -> Result<(), R
 /// Who owns the directories of an action's workspace, and their mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirAccess {
-    /// Chown each directory to this `uid`, `gid` (the action user's), so it
-    /// can create its outputs; None: they stay the executor's.
+    /// Each directory goes to this `uid`, `gid` (the action user's), so it
+    /// can create its outputs; None: they stay the executor's. Changing
+    /// an owner is root's: the executor lists them
+    /// ([`crate::CommandSpec::owned_directories`]) and the backend gives
+    /// them as the action starts (through the launchers).
     pub owner: Option<(u32, u32)>,
     /// 0777 with `nonroot-workspace` (a user only the image knows must
     /// write), else 0755.
@@ -344,12 +354,13 @@ impl DirAccess {
         }
     }
 
-    /// Gives the directory `path` (just made by the executor) this access.
+    /// Gives the directory `path` (just made by the executor) its mode,
+    /// and notes it in `owned` when it is to go to [`DirAccess::owner`].
     /// Blocking.
-    pub fn apply(&self, path: &Path) -> std::io::Result<()> {
+    pub fn apply(&self, path: &Path, owned: &mut Vec<PathBuf>) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        if let Some((uid, gid)) = self.owner {
-            std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+        if self.owner.is_some() {
+            owned.push(path.to_path_buf());
         }
         if self.mode != 0o755 {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.mode))?;
@@ -367,12 +378,15 @@ mod tests {
         /// Never asked: choosing a layout mounts nothing.
         #[derive(Debug)]
         struct Unused;
-        impl OverlayMounts for Unused {
+        impl PrivilegedSteps for Unused {
             fn mount(&self, _: &OverlayLayers, _: &str) -> std::io::Result<()> {
                 unreachable!("a layout was chosen by mounting")
             }
             fn detach(&self, _: &Path) -> std::io::Result<()> {
                 unreachable!("a layout was chosen by unmounting")
+            }
+            fn give(&self, _: &[PathBuf], _: (u32, u32)) -> std::io::Result<()> {
+                unreachable!("a layout was chosen by giving directories")
             }
         }
         let overlay = InputProtection::Overlay(Overlays {

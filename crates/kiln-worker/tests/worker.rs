@@ -63,11 +63,18 @@ impl Harness {
         runner_config.max_timeout = Duration::from_secs(600);
         runner_config.default_grace = Duration::from_secs(60);
         adjust(&mut runner_config);
-        let mut isolations = Isolations::new(Arc::new(NoIsolation));
+        // `none` as `kiln` offers it: with an action user, kiln_sandbox's
+        // (which gives the workspace to that user and switches to it).
+        let none: Arc<dyn kiln_worker::Isolation> = if runner_config.action_user.is_some() {
+            Arc::new(kiln_sandbox::PlainProcess::new("kiln-worker-tests"))
+        } else {
+            Arc::new(NoIsolation)
+        };
+        let mut isolations = Isolations::new(none);
         // As `kiln` composes it: a root executor's privileged actions get
         // overlay workspaces (this process mounts them: no launchers).
-        if let Some(mounts) = kiln_sandbox::overlay::mounts() {
-            isolations = isolations.with_overlay_mounts(mounts);
+        if let Some(mounts) = kiln_sandbox::privileged::steps() {
+            isolations = isolations.with_privileged_steps(mounts);
         }
         let runner = Worker::new(channel.clone(), runner_config, isolations)
             .await
@@ -1363,5 +1370,23 @@ async fn the_action_user_can_change_no_input() {
     .await;
     let said = attack_then_read(&harness, true).await;
     assert_eq!(said, "65534 original", "the action user changed its input");
+
+    // Its workspace and its outputs' parents, made by the executor, are
+    // given to it as it starts: it writes an output two directories down.
+    let mut blobs = Blobs::default();
+    let write = blobs.action(
+        &Directory::default(),
+        &shell("id -u > out/deep/who"),
+        &["out/deep/who"],
+    );
+    harness.upload(&blobs.0).await;
+    let outcome = harness.run(&write, &Platform::default()).await.unwrap();
+    assert_eq!(outcome.result.exit_code, 0, "{:?}", outcome.status);
+    let who = &outcome.result.output_files[0];
+    assert_eq!(who.path, "out/deep/who");
+    assert_eq!(
+        harness.download(who.digest.as_ref().unwrap()).await,
+        b"65534\n"
+    );
     harness.stop().await;
 }

@@ -402,8 +402,8 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Resul
     ));
     // The overlay workspaces of actions that run privileged are mounted
     // by the launchers too.
-    if let Some(mounts) = kiln_sandbox::overlay::mounts() {
-        isolations = isolations.with_overlay_mounts(mounts);
+    if let Some(mounts) = kiln_sandbox::privileged::steps() {
+        isolations = isolations.with_privileged_steps(mounts);
     }
     let images = ImageConfig {
         default_image: Some(settings.default_image.clone()).filter(|image| !image.is_empty()),

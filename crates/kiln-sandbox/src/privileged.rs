@@ -1,22 +1,29 @@
-//! Workspace overlays, mounted and detached for the worker
-//! ([`kiln_worker::workspace::OverlayMounts`]): by the launchers on a root
-//! executor, so that the process holding the executor's network, CAS and
-//! file cache makes no mount itself; in the calling process where no
-//! launcher is installed (a server embedded in another program, the
-//! crates' own tests).
+//! The workspace steps only root can take, taken for the worker
+//! ([`kiln_worker::workspace::PrivilegedSteps`]): mounting and detaching
+//! workspace overlays, and giving workspace directories to an action's
+//! user. By the launchers on a root executor, so that the process holding
+//! the executor's network, CAS and file cache makes no mount and changes
+//! no owner itself; in the calling process where no launcher is installed
+//! (a server embedded in another program, the crates' own tests).
 //!
-//! The launcher takes only what a workspace overlay needs: absolute paths
-//! of plain components (no `.` or `..`), a fixed file system type, source
-//! and flags (`overlay`, nosuid, nodev), and options from a fixed list.
+//! A launcher takes only what these steps need: absolute paths of plain
+//! components (no `.` or `..`); for a mount, a fixed file system type,
+//! source and flags (`overlay`, nosuid, nodev) and options from a fixed
+//! list; for a directory, `lchown` (a symlink in its place is not
+//! followed). Giving directories as an action starts travels in the start
+//! request itself ([`crate::child::Plan::owned_directories`]); the request
+//! here is for an action no start precedes (one served by a persistent
+//! worker already running).
 
 use std::ffi::CString;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_worker::workspace::{OverlayLayers, OverlayMounts};
+use kiln_worker::workspace::{OverlayLayers, PrivilegedSteps};
 use rustix::mount::{MountFlags, UnmountFlags};
 
+use crate::child::{check_plain_path, give_directories};
 use crate::launcher;
 
 /// The options a workspace overlay may carry besides its layers, most
@@ -25,20 +32,21 @@ use crate::launcher;
 /// lower files from needing the inode index. The launcher mounts no other.
 pub const OPTIONS: &[&str] = &["volatile,index=off", "index=off", ""];
 
-/// Mounts and detaches workspace overlays through the launchers when they
-/// are installed, else in this process.
+/// Takes the steps through the launchers when they are installed, else in
+/// this process.
 #[derive(Debug, Default)]
-pub struct Mounts;
+pub struct ThroughLaunchers;
 
-/// What mounts overlay workspaces for an executor running as this process
-/// does: [`Mounts`] when it is root, nothing otherwise.
-pub fn mounts() -> Option<Arc<dyn OverlayMounts>> {
+/// What takes the workspace's root-only steps for an executor running as
+/// this process does: [`ThroughLaunchers`] when it is root, nothing
+/// otherwise.
+pub fn steps() -> Option<Arc<dyn PrivilegedSteps>> {
     rustix::process::geteuid()
         .is_root()
-        .then(|| Arc::new(Mounts) as Arc<dyn OverlayMounts>)
+        .then(|| Arc::new(ThroughLaunchers) as Arc<dyn PrivilegedSteps>)
 }
 
-impl OverlayMounts for Mounts {
+impl PrivilegedSteps for ThroughLaunchers {
     fn mount(&self, layers: &OverlayLayers, options: &str) -> io::Result<()> {
         let request = Request::mount(layers, options)?;
         let mounted = launcher::privileged(&request);
@@ -55,6 +63,19 @@ impl OverlayMounts for Mounts {
     fn detach(&self, target: &Path) -> io::Result<()> {
         launcher::privileged(&Request::Detach(c_path(target)?))
     }
+
+    fn give(&self, directories: &[PathBuf], (uid, gid): (u32, u32)) -> io::Result<()> {
+        if directories.is_empty() {
+            return Ok(());
+        }
+        launcher::privileged(&Request::Give {
+            owner: (uid, gid),
+            directories: directories
+                .iter()
+                .map(|dir| c_path(dir))
+                .collect::<io::Result<_>>()?,
+        })
+    }
 }
 
 /// A root-only step on a workspace, as a launcher receives it.
@@ -68,6 +89,11 @@ pub(crate) enum Request {
     },
     /// Detach the mount at this path.
     Detach(CString),
+    /// Give these directories to `owner` (`uid`, `gid`).
+    Give {
+        owner: (u32, u32),
+        directories: Vec<CString>,
+    },
 }
 
 impl Request {
@@ -95,7 +121,7 @@ impl Request {
         match self {
             Request::Mount { options, layers } => {
                 for layer in layers {
-                    check_path(layer)?;
+                    check_plain_path(layer)?;
                 }
                 let options = options
                     .to_str()
@@ -132,10 +158,11 @@ impl Request {
                 .map_err(io::Error::from)
             }
             Request::Detach(target) => {
-                check_path(target)?;
+                check_plain_path(target)?;
                 rustix::mount::unmount(target.as_c_str(), UnmountFlags::DETACH)
                     .map_err(io::Error::from)
             }
+            Request::Give { owner, directories } => give_directories(directories, *owner),
         }
     }
 }
@@ -150,20 +177,6 @@ fn invalid(what: impl std::fmt::Display) -> io::Error {
 fn c_path(path: &Path) -> io::Result<CString> {
     use std::os::unix::ffi::OsStrExt;
     CString::new(path.as_os_str().as_bytes()).map_err(|_| invalid("a path with a NUL byte"))
-}
-
-/// An absolute path with no `.` or `..` component.
-fn check_path(path: &CString) -> io::Result<()> {
-    let bytes = path.as_bytes();
-    let plain = bytes.starts_with(b"/")
-        && bytes
-            .split(|b| *b == b'/')
-            .all(|part| part != b"." && part != b"..");
-    if plain {
-        Ok(())
-    } else {
-        Err(invalid(format!("path {}", path.to_string_lossy())))
-    }
 }
 
 #[cfg(test)]
@@ -187,7 +200,7 @@ mod tests {
                 io::ErrorKind::InvalidInput,
                 "{target}: {error}"
             );
-            assert!(error.to_string().contains("path"), "{error}");
+            assert!(error.to_string().contains("path: "), "{error}");
         }
         let request = Request::mount(&layers("/w/a/workspace"), "lowerdir=/etc").unwrap();
         let error = request.perform().unwrap_err();
@@ -197,7 +210,7 @@ mod tests {
         let error = Request::mount(&comma, "").unwrap().perform().unwrap_err();
         assert!(error.to_string().contains("','"), "{error}");
         // Names that merely start with a dot are plain.
-        assert!(check_path(&c"/root/.cache/kiln/work/a/workspace".to_owned()).is_ok());
+        assert!(check_plain_path(c"/root/.cache/kiln/work/a/workspace").is_ok());
         let error = Request::Detach(c"/w/../etc".to_owned())
             .perform()
             .unwrap_err();
