@@ -527,17 +527,10 @@ fn encode(plan: &Plan, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Ve
     for &capability in &plan.drop_capabilities {
         out.u32(capability);
     }
-    out.u32(plan.owned_directories.len() as u32);
-    for dir in &plan.owned_directories {
-        out.bytes(dir.as_bytes());
-    }
+    out.strings(&plan.owned_directories);
     out.bytes(exec.program().to_bytes());
-    for strings in [exec.arguments(), exec.environment()] {
-        out.u32(strings.len() as u32);
-        for string in strings {
-            out.bytes(string.as_bytes());
-        }
-    }
+    out.strings(exec.arguments());
+    out.strings(exec.environment());
     (out.0, fds)
 }
 
@@ -563,10 +556,7 @@ fn encode_privileged(request: &privileged::Request) -> Vec<u8> {
             out.u8(GIVE);
             out.u32(*uid);
             out.u32(*gid);
-            out.u32(directories.len() as u32);
-            for dir in directories {
-                out.bytes(dir.as_bytes());
-            }
+            out.strings(directories);
         }
     }
     out.0
@@ -577,40 +567,7 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
     let start = match input.u8()? {
         START_CLONED => Start::Cloned,
         START_WITH_INIT => Start::WithInit,
-        MOUNT_OVERLAY => {
-            let options = input.c_string()?;
-            let layers = [
-                input.c_string()?,
-                input.c_string()?,
-                input.c_string()?,
-                input.c_string()?,
-            ];
-            return Ok(Request::Privileged(privileged::Request::Mount {
-                options,
-                layers,
-            }));
-        }
-        DETACH => {
-            return Ok(Request::Privileged(privileged::Request::Detach(
-                input.c_string()?,
-            )))
-        }
-        GIVE => {
-            let owner = (input.u32()?, input.u32()?);
-            let directories = (0..input.u32()?)
-                .map(|_| input.c_string())
-                .collect::<io::Result<_>>()?;
-            return Ok(Request::Privileged(privileged::Request::Give {
-                owner,
-                directories,
-            }));
-        }
-        kind => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("a request of unknown kind {kind}"),
-            ))
-        }
+        kind => return decode_privileged(kind, &mut input).map(Request::Privileged),
     };
     let fd = |index: usize| {
         fds.get(index).map(AsRawFd::as_raw_fd).ok_or_else(|| {
@@ -650,9 +607,7 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
     let drop_capabilities = (0..input.u32()?)
         .map(|_| input.u32())
         .collect::<io::Result<_>>()?;
-    let owned_directories = (0..input.u32()?)
-        .map(|_| input.c_string())
-        .collect::<io::Result<_>>()?;
+    let owned_directories = input.strings()?;
     let plan = Plan {
         namespaces,
         cgroup_join,
@@ -667,19 +622,41 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
         owned_directories,
     };
     let program = input.c_string()?;
-    let mut string_lists = [Vec::new(), Vec::new()];
-    for strings in &mut string_lists {
-        for _ in 0..input.u32()? {
-            strings.push(input.c_string()?);
-        }
-    }
-    let [arguments, environment] = string_lists;
+    let arguments = input.strings()?;
+    let environment = input.strings()?;
     Ok(Request::Start(
         Box::new(plan),
         Exec::from_parts(program, arguments, environment),
         stdio,
         start,
     ))
+}
+
+/// The rest of a privileged step's request, whose first byte was `kind`.
+fn decode_privileged(kind: u8, input: &mut Reader) -> io::Result<privileged::Request> {
+    // A struct's fields are read in the order written.
+    Ok(match kind {
+        MOUNT_OVERLAY => privileged::Request::Mount {
+            options: input.c_string()?,
+            layers: [
+                input.c_string()?,
+                input.c_string()?,
+                input.c_string()?,
+                input.c_string()?,
+            ],
+        },
+        DETACH => privileged::Request::Detach(input.c_string()?),
+        GIVE => privileged::Request::Give {
+            owner: (input.u32()?, input.u32()?),
+            directories: input.strings()?,
+        },
+        kind => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a request of unknown kind {kind}"),
+            ))
+        }
+    })
 }
 
 #[derive(Default)]
@@ -701,6 +678,14 @@ impl Writer {
     fn bytes(&mut self, value: &[u8]) {
         self.u32(value.len() as u32);
         self.0.extend_from_slice(value);
+    }
+
+    /// A count, then each string.
+    fn strings(&mut self, values: &[CString]) {
+        self.u32(values.len() as u32);
+        for value in values {
+            self.bytes(value.as_bytes());
+        }
     }
 
     fn optional(&mut self, value: &Option<CString>) {
@@ -783,6 +768,10 @@ impl Reader<'_> {
         let length = self.u32()? as usize;
         CString::new(self.take(length)?)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a NUL byte in a string"))
+    }
+
+    fn strings(&mut self) -> io::Result<Vec<CString>> {
+        (0..self.u32()?).map(|_| self.c_string()).collect()
     }
 
     fn optional(&mut self) -> io::Result<Option<CString>> {

@@ -54,6 +54,21 @@ fn executor(address: &str, name: &str, work_dir: &Path) -> Process {
 
 /// `kiln serve` without an embedded executor, plus `extra` flags; returns
 /// it and its address.
+/// A server and a registered executor `name` offering `none` and
+/// `docker`, with the test images built: (server, its address, executor).
+fn serve_docker_executor(scratch: &Path, name: &str) -> (Process, String, Process) {
+    common::test_images().unwrap_or_else(|error| panic!("building the test images: {error}"));
+    let (server, address) = serve(scratch, &[]);
+    let executor = spawn_executor(
+        &address,
+        name,
+        &scratch.join("work"),
+        &["--isolation", "none,docker"],
+    );
+    executor.wait_for_log("executor registered");
+    (server, address, executor)
+}
+
 fn serve(scratch: &Path, extra: &[&str]) -> (Process, String) {
     serve_on("127.0.0.1:0", &scratch.join("server"), extra)
 }
@@ -957,16 +972,8 @@ async fn header_overrides_partition_the_action_cache() {
     if !common::runtime_available("docker") {
         return;
     }
-    common::test_images().unwrap_or_else(|error| panic!("building the test images: {error}"));
     let scratch = tempfile::tempdir().unwrap();
-    let (_server, address) = serve(scratch.path(), &[]);
-    let executor = spawn_executor(
-        &address,
-        "proc-images",
-        &scratch.path().join("work"),
-        &["--isolation", "none,docker"],
-    );
-    executor.wait_for_log("executor registered");
+    let (_server, address, _executor) = serve_docker_executor(scratch.path(), "proc-images");
 
     // One action digest; the image comes from a header only (base runs as
     // root, nonroot as uid 1000).
@@ -1138,16 +1145,8 @@ async fn overlay_workspaces_are_mounted_by_the_launchers() {
     {
         return;
     }
-    common::test_images().unwrap_or_else(|error| panic!("building the test images: {error}"));
     let scratch = tempfile::tempdir().unwrap();
-    let (_server, address) = serve(scratch.path(), &[]);
-    let process = spawn_executor(
-        &address,
-        "mounts",
-        &scratch.path().join("work"),
-        &["--isolation", "none,docker"],
-    );
-    process.wait_for_log("executor registered");
+    let (_server, address, process) = serve_docker_executor(scratch.path(), "mounts");
     let launchers = launchers_running(process.child.id());
     let work_root = scratch.path().join("work").canonicalize().unwrap();
     let mounted_below = |root: &Path| -> Vec<String> {
