@@ -1137,7 +1137,9 @@ async fn execute_waiting_on_launchers(
 /// launchers, not by the executor: while they are stopped, a `docker`
 /// action (which starts no process through them) waits in EXECUTING with
 /// nothing mounted under the work root; once they go on, it runs, as root,
-/// with its workspace on that overlay.
+/// with its workspace on that overlay. Killed while such a mount waits on
+/// them, they are replaced: the action is given back, runs again, and no
+/// mount is left behind.
 #[tokio::test]
 async fn overlay_workspaces_are_mounted_by_the_launchers() {
     if !common::root_available("the launchers of a root executor")
@@ -1158,19 +1160,15 @@ async fn overlay_workspaces_are_mounted_by_the_launchers() {
             .map(str::to_owned)
             .collect()
     };
-    let stream = execute_waiting_on_launchers(
-        &address,
-        &launchers,
-        "id -u; grep ' - overlay kiln-workspace ' /proc/self/mountinfo | wc -l",
-        &[
-            ("workload-isolation-type", "docker"),
-            (
-                "container-image",
-                "docker://127.0.0.1:5000/kiln-test/base:latest",
-            ),
-        ],
-    )
-    .await;
+    const SCRIPT: &str = "id -u; grep ' - overlay kiln-workspace ' /proc/self/mountinfo | wc -l";
+    const DOCKER: &[(&str, &str)] = &[
+        ("workload-isolation-type", "docker"),
+        (
+            "container-image",
+            "docker://127.0.0.1:5000/kiln-test/base:latest",
+        ),
+    ];
+    let stream = execute_waiting_on_launchers(&address, &launchers, SCRIPT, DOCKER).await;
     let early = mounted_below(&work_root);
     signal_all("-CONT", &launchers);
     assert_eq!(
@@ -1183,6 +1181,26 @@ async fn overlay_workspaces_are_mounted_by_the_launchers() {
     assert_eq!(result.exit_code, 0, "{:?}", response.status);
     // Root in the container, on one overlay: its workspace.
     assert_eq!(result.stdout_digest, Some(digest(b"0\n1\n")));
+
+    // Killed while the mount waits on them.
+    let stream =
+        execute_waiting_on_launchers(&address, &launchers, &format!("{SCRIPT}; true"), DOCKER)
+            .await;
+    signal_all("-KILL", &launchers);
+    let response = completed(stream).await;
+    let result = response.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    assert_eq!(result.stdout_digest, Some(digest(b"0\n1\n")));
+    process.wait_for_log("the launcher exited while mounting a workspace overlay");
+    // Every overlay detached once its action was done (bounded wait: the
+    // detach follows the result's upload).
+    for _ in 0..100 {
+        if mounted_below(&work_root).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("left mounted: {:?}", mounted_below(&work_root));
 }
 
 #[tokio::test]
