@@ -20,17 +20,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_worker::workspace::{OverlayLayers, PrivilegedSteps};
+use kiln_worker::workspace::{OverlayLayers, PrivilegedSteps, OVERLAY_OPTIONS};
 use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::child::{check_plain_path, give_directories};
 use crate::launcher;
-
-/// The options a workspace overlay may carry besides its layers, most
-/// wanted first: `volatile` skips the syncs of an upper layer that is
-/// thrown away after the action (Linux 5.10+); `index=off` keeps hardlinked
-/// lower files from needing the inode index. The launcher mounts no other.
-pub const OPTIONS: &[&str] = &["volatile,index=off", "index=off", ""];
 
 /// Takes the steps through the launchers when they are installed, else in
 /// this process.
@@ -81,8 +75,9 @@ impl PrivilegedSteps for ThroughLaunchers {
 /// A root-only step on a workspace, as a launcher receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Request {
-    /// Mount an overlay: `options` (one of [`OPTIONS`]), then the lower,
-    /// upper and work directories and the target.
+    /// Mount an overlay: `options` (one of [`OVERLAY_OPTIONS`], which the
+    /// worker's probe tries), then the lower, upper and work directories
+    /// and the target.
     Mount {
         options: CString,
         layers: [CString; 4],
@@ -126,7 +121,7 @@ impl Request {
                 let options = options
                     .to_str()
                     .ok()
-                    .filter(|options| OPTIONS.contains(options))
+                    .filter(|options| OVERLAY_OPTIONS.contains(options))
                     .ok_or_else(|| invalid(format!("overlay options {options:?}")))?;
                 let [lower, upper, work, target] = layers;
                 let mut data = Vec::new();

@@ -506,7 +506,8 @@ impl Isolation for NoIsolation {
 
 /// The isolation backends an executor offers, and the one used when an
 /// action names none (`workload-isolation-type` unset); with them, what
-/// mounts the overlay workspaces of actions that run privileged.
+/// takes the workspace's steps only root can take (overlays, directories
+/// given to an action's user outside a start).
 #[derive(Clone)]
 pub struct Isolations {
     backends: Vec<Arc<dyn Isolation>>,
@@ -524,15 +525,16 @@ impl Isolations {
         }
     }
 
-    /// Overlay workspaces are mounted through `mounts` (the executor's
-    /// privileged side). Without it a root executor copies the inputs of
-    /// privileged actions ([`crate::workspace::InputProtection::probe`]).
-    pub fn with_privileged_steps(mut self, mounts: Arc<dyn PrivilegedSteps>) -> Isolations {
-        self.privileged_steps = Some(mounts);
+    /// The workspace's root-only steps are taken by `steps` (the
+    /// executor's privileged side). Without them a root executor copies
+    /// the inputs of privileged actions
+    /// ([`crate::workspace::InputProtection::probe`]).
+    pub fn with_privileged_steps(mut self, steps: Arc<dyn PrivilegedSteps>) -> Isolations {
+        self.privileged_steps = Some(steps);
         self
     }
 
-    /// What mounts overlay workspaces, if anything.
+    /// What takes the workspace's root-only steps, if anything.
     pub fn privileged_steps(&self) -> Option<Arc<dyn PrivilegedSteps>> {
         self.privileged_steps.clone()
     }

@@ -211,9 +211,9 @@ impl Worker {
             &config.cache_dir,
             config.cache_max_bytes,
         )?);
-        let mounts = isolations.privileged_steps();
-        if let Some(mounts) = &mounts {
-            let stale = crate::workspace::unmount_stale(&config.work_root, &**mounts);
+        let steps = isolations.privileged_steps();
+        if let Some(steps) = &steps {
+            let stale = crate::workspace::unmount_stale(&config.work_root, &**steps);
             if stale > 0 {
                 tracing::info!(stale, "detached workspace overlays an earlier run left");
             }
@@ -223,7 +223,7 @@ impl Worker {
         if let Some(user) = config.action_user {
             crate::workspace::check_reachable(&config.work_root, user)?;
         }
-        let protection = InputProtection::probe(&config.work_root, mounts);
+        let protection = InputProtection::probe(&config.work_root, steps);
         let runners = Arc::new(RunnerPool::new(config.runners));
         let scratch = Arc::new(scratch);
         sweep_idle_runners(Arc::downgrade(&runners), scratch.clone());

@@ -108,8 +108,9 @@ impl Overlays {
 
 /// Overlay options tried in order: `volatile` skips the syncs of an upper
 /// layer that is thrown away after the action (Linux 5.10+); `index=off`
-/// keeps hardlinked lower files from needing the inode index.
-const OVERLAY_OPTIONS: &[&str] = &["volatile,index=off", "index=off", ""];
+/// keeps hardlinked lower files from needing the inode index. The
+/// privileged side mounts with no other.
+pub const OVERLAY_OPTIONS: &[&str] = &["volatile,index=off", "index=off", ""];
 
 impl InputProtection {
     /// Probes what works under `work_root` (which must exist) by mounting a
