@@ -388,14 +388,21 @@ fn the_web_ui_shows_a_real_build_in_chromium() {
     assert_eq!(body.len() as u64, OUTPUT_BYTES);
 
     // One slow action holds the executor's one slot; the other waits, and
-    // its page says why.
+    // its page says why. (The slow one may be seen queued too, for the
+    // moment before it is assigned: the one wanted is the one that waits.)
     let mut background = bazel.spawn(&["build", "--jobs=2", "//ui:slow", "//ui:waiting"]);
     let started = Instant::now();
-    let queued_link = loop {
-        assert!(started.elapsed() < HANG_GUARD, "no action was ever queued");
+    let queued_link = 'found: loop {
+        assert!(
+            started.elapsed() < HANG_GUARD,
+            "//ui:waiting was never queued"
+        );
         let (_, list) = http_get(server.monitoring_port, "/operations?state=queued").unwrap();
-        if let Some(link) = operation_links(&list).into_iter().next() {
-            break link;
+        for link in operation_links(&list) {
+            let (_, page) = http_get(server.monitoring_port, &link).unwrap();
+            if page.contains("//ui:waiting") && page.contains("Why is this still queued?") {
+                break 'found link;
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     };
