@@ -24,6 +24,8 @@ use std::ptr;
 
 use kiln_worker::process::{BUSY_TEXT_PAUSE, BUSY_TEXT_RETRIES};
 
+use crate::view::c_path;
+
 /// What a setup failure makes `spawn` return; the details go to the
 /// action's stderr as a `kiln sandbox:` line.
 pub(crate) const SETUP_FAILED: i32 = libc::ENOTRECOVERABLE;
@@ -129,12 +131,8 @@ impl Plan {
     /// Gives `directories` to [`Plan::user`] before the start (nothing
     /// when the action stays root).
     pub fn giving(mut self, directories: &[std::path::PathBuf]) -> Plan {
-        use std::os::unix::ffi::OsStrExt;
         if self.user.is_some() {
-            self.owned_directories = directories
-                .iter()
-                .filter_map(|dir| CString::new(dir.as_os_str().as_bytes()).ok())
-                .collect();
+            self.owned_directories = directories.iter().map(|dir| c_path(dir)).collect();
         }
         self
     }

@@ -25,6 +25,7 @@ use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::child::{check_plain_path, give_directories};
 use crate::launcher;
+use crate::view::c_path;
 
 /// Takes the steps through the launchers when they are installed, else in
 /// this process.
@@ -49,13 +50,13 @@ impl PrivilegedSteps for ThroughLaunchers {
             .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionAborted)
         {
             // The launcher died with the request, perhaps after mounting.
-            let _ = launcher::privileged(&Request::Detach(c_path(&layers.target)?));
+            let _ = launcher::privileged(&Request::Detach(c_path(&layers.target)));
         }
         mounted
     }
 
     fn detach(&self, target: &Path) -> io::Result<()> {
-        launcher::privileged(&Request::Detach(c_path(target)?))
+        launcher::privileged(&Request::Detach(c_path(target)))
     }
 
     fn give(&self, directories: &[PathBuf], (uid, gid): (u32, u32)) -> io::Result<()> {
@@ -64,10 +65,7 @@ impl PrivilegedSteps for ThroughLaunchers {
         }
         launcher::privileged(&Request::Give {
             owner: (uid, gid),
-            directories: directories
-                .iter()
-                .map(|dir| c_path(dir))
-                .collect::<io::Result<_>>()?,
+            directories: directories.iter().map(|dir| c_path(dir)).collect(),
         })
     }
 }
@@ -101,12 +99,7 @@ impl Request {
         } = layers;
         Ok(Request::Mount {
             options: CString::new(options).map_err(|_| invalid("options with a NUL byte"))?,
-            layers: [
-                c_path(lower)?,
-                c_path(upper)?,
-                c_path(work)?,
-                c_path(target)?,
-            ],
+            layers: [c_path(lower), c_path(upper), c_path(work), c_path(target)],
         })
     }
 
@@ -167,11 +160,6 @@ fn invalid(what: impl std::fmt::Display) -> io::Error {
         io::ErrorKind::InvalidInput,
         format!("not a workspace overlay's: {what}"),
     )
-}
-
-fn c_path(path: &Path) -> io::Result<CString> {
-    use std::os::unix::ffi::OsStrExt;
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| invalid("a path with a NUL byte"))
 }
 
 #[cfg(test)]

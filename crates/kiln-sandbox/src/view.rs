@@ -55,7 +55,7 @@ const BIND: u64 = libc::MS_BIND;
 const REMOUNT_READ_ONLY: u64 =
     libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
 
-fn c_path(path: &Path) -> CString {
+pub(crate) fn c_path(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).expect("paths have no NUL")
 }
 

@@ -90,17 +90,17 @@ pub enum InputProtection {
 /// which options (besides the layers' directories).
 #[derive(Debug, Clone)]
 pub struct Overlays {
-    mounts: Arc<dyn PrivilegedSteps>,
+    steps: Arc<dyn PrivilegedSteps>,
     options: String,
 }
 
 impl Overlays {
     /// Mounts `layers`; detached when the result is dropped or unmounted.
     pub fn mount(&self, layers: &OverlayLayers) -> std::io::Result<OverlayMount> {
-        self.mounts.mount(layers, &self.options)?;
+        self.steps.mount(layers, &self.options)?;
         Ok(OverlayMount {
             target: layers.target.clone(),
-            mounts: self.mounts.clone(),
+            steps: self.steps.clone(),
             mounted: true,
         })
     }
@@ -114,9 +114,9 @@ pub const OVERLAY_OPTIONS: &[&str] = &["volatile,index=off", "index=off", ""];
 
 impl InputProtection {
     /// Probes what works under `work_root` (which must exist) by mounting a
-    /// small overlay there through `mounts`, logging the outcome. A root
-    /// executor without `mounts` copies.
-    pub fn probe(work_root: &Path, mounts: Option<Arc<dyn PrivilegedSteps>>) -> InputProtection {
+    /// small overlay there through `steps`, logging the outcome. A root
+    /// executor without `steps` copies.
+    pub fn probe(work_root: &Path, steps: Option<Arc<dyn PrivilegedSteps>>) -> InputProtection {
         if !rustix::process::geteuid().is_root() {
             tracing::warn!(
                 uid = rustix::process::geteuid().as_raw(),
@@ -126,17 +126,17 @@ impl InputProtection {
             );
             return InputProtection::Unprivileged;
         }
-        let Some(mounts) = mounts else {
+        let Some(steps) = steps else {
             tracing::warn!(
                 "nothing mounts overlays for this executor: actions that run as root or as an \
                  image's user get copies of their inputs (slower)"
             );
             return InputProtection::Copy;
         };
-        match probe_overlay(work_root, &*mounts) {
+        match probe_overlay(work_root, &*steps) {
             Ok(options) => {
                 tracing::debug!(%options, "overlay workspaces available");
-                InputProtection::Overlay(Overlays { mounts, options })
+                InputProtection::Overlay(Overlays { steps, options })
             }
             Err(reason) => {
                 tracing::warn!(
@@ -167,7 +167,7 @@ impl InputProtection {
 #[derive(Debug)]
 pub struct OverlayMount {
     target: PathBuf,
-    mounts: Arc<dyn PrivilegedSteps>,
+    steps: Arc<dyn PrivilegedSteps>,
     mounted: bool,
 }
 
@@ -175,14 +175,14 @@ impl OverlayMount {
     /// Detaches the mount ([`PrivilegedSteps::detach`]). Blocking.
     pub fn unmount(mut self) -> std::io::Result<()> {
         self.mounted = false;
-        self.mounts.detach(&self.target)
+        self.steps.detach(&self.target)
     }
 }
 
 impl Drop for OverlayMount {
     fn drop(&mut self) {
         if self.mounted {
-            if let Err(error) = self.mounts.detach(&self.target) {
+            if let Err(error) = self.steps.detach(&self.target) {
                 tracing::warn!(target = %self.target.display(), %error, "unmounting a workspace overlay");
             }
         }
@@ -191,7 +191,7 @@ impl Drop for OverlayMount {
 
 /// Mounts and unmounts one overlay under `work_root` with each option set
 /// in turn; the first that works, or why none did.
-fn probe_overlay(work_root: &Path, mounts: &dyn PrivilegedSteps) -> Result<String, String> {
+fn probe_overlay(work_root: &Path, steps: &dyn PrivilegedSteps) -> Result<String, String> {
     let dir = work_root.join(format!("overlay-probe-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let [lower, upper, work, merged] = ["lower", "upper", "work", "merged"].map(|d| dir.join(d));
@@ -210,9 +210,9 @@ fn probe_overlay(work_root: &Path, mounts: &dyn PrivilegedSteps) -> Result<Strin
                 target: merged,
             };
             for options in OVERLAY_OPTIONS {
-                match mounts.mount(&layers, options) {
+                match steps.mount(&layers, options) {
                     Ok(()) => {
-                        let unmounted = mounts.detach(&layers.target);
+                        let unmounted = steps.detach(&layers.target);
                         if unmounted.is_ok() {
                             found = Some(options.to_string());
                             break;
@@ -230,8 +230,8 @@ fn probe_overlay(work_root: &Path, mounts: &dyn PrivilegedSteps) -> Result<Strin
 }
 
 /// Detaches every mount below `root` (overlays a crashed executor left),
-/// deepest first, through `mounts`. Returns how many.
-pub fn unmount_stale(root: &Path, mounts: &dyn PrivilegedSteps) -> usize {
+/// deepest first, through `steps`. Returns how many.
+pub fn unmount_stale(root: &Path, steps: &dyn PrivilegedSteps) -> usize {
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return 0;
     };
@@ -247,7 +247,7 @@ pub fn unmount_stale(root: &Path, mounts: &dyn PrivilegedSteps) -> usize {
     below.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
     below
         .iter()
-        .filter(|point| match mounts.detach(point) {
+        .filter(|point| match steps.detach(point) {
             Ok(()) => true,
             Err(error) => {
                 tracing::warn!(mount = %point.display(), %error, "could not detach a stale mount");
@@ -391,7 +391,7 @@ mod tests {
             }
         }
         let overlay = InputProtection::Overlay(Overlays {
-            mounts: Arc::new(Unused),
+            steps: Arc::new(Unused),
             options: String::new(),
         });
         let unprivileged = RunAs::User(65534, 65534);

@@ -400,10 +400,10 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Resul
             .probe_namespaces()
             .await,
     ));
-    // The overlay workspaces of actions that run privileged are mounted
-    // by the launchers too.
-    if let Some(mounts) = kiln_sandbox::privileged::steps() {
-        isolations = isolations.with_privileged_steps(mounts);
+    // The workspace's root-only steps (overlays, directories given to the
+    // action user) are the launchers' too.
+    if let Some(steps) = kiln_sandbox::privileged::steps() {
+        isolations = isolations.with_privileged_steps(steps);
     }
     let images = ImageConfig {
         default_image: Some(settings.default_image.clone()).filter(|image| !image.is_empty()),
