@@ -148,6 +148,7 @@ pub(crate) fn privileged(request: &privileged::Request) -> io::Result<()> {
                 privileged::Request::Mount { .. } => "mounting a workspace overlay",
                 privileged::Request::Detach(_) => "detaching a workspace overlay",
                 privileged::Request::Give { .. } => "giving workspace directories to a user",
+                privileged::Request::TakeBack { .. } => "taking back what an action's user made",
             };
             launchers
                 .call(&encode_privileged(request), &[], what)
@@ -484,6 +485,7 @@ const START_WITH_INIT: u8 = 1;
 const MOUNT_OVERLAY: u8 = 2;
 const DETACH: u8 = 3;
 const GIVE: u8 = 4;
+const TAKE_BACK: u8 = 5;
 
 /// A start request's bytes, and the descriptors to send with it in the
 /// order [`decode`] takes them: stdin, stdout, stderr, the cgroup's files,
@@ -557,6 +559,17 @@ fn encode_privileged(request: &privileged::Request) -> Vec<u8> {
             out.u32(*uid);
             out.u32(*gid);
             out.strings(directories);
+        }
+        privileged::Request::TakeBack {
+            owner: (uid, gid),
+            directory,
+            files,
+        } => {
+            out.u8(TAKE_BACK);
+            out.u32(*uid);
+            out.u32(*gid);
+            out.bytes(directory.as_bytes());
+            out.strings(files);
         }
     }
     out.0
@@ -649,6 +662,11 @@ fn decode_privileged(kind: u8, input: &mut Reader) -> io::Result<privileged::Req
         GIVE => privileged::Request::Give {
             owner: (input.u32()?, input.u32()?),
             directories: input.strings()?,
+        },
+        TAKE_BACK => privileged::Request::TakeBack {
+            owner: (input.u32()?, input.u32()?),
+            directory: input.c_string()?,
+            files: input.strings()?,
         },
         kind => {
             return Err(io::Error::new(
@@ -917,6 +935,11 @@ mod tests {
                     c"/w/a/workspace".to_owned(),
                     c"/w/a/workspace/out".to_owned(),
                 ],
+            },
+            privileged::Request::TakeBack {
+                owner: (0, 0),
+                directory: c"/w/a/workspace".to_owned(),
+                files: vec![c"out/a.o".to_owned(), c"b".to_owned()],
             },
         ];
         for step in steps {

@@ -1,7 +1,7 @@
 //! The workspace steps only root can take, taken for the worker
 //! ([`kiln_worker::workspace::PrivilegedSteps`]): mounting and detaching
-//! workspace overlays, and giving workspace directories to an action's
-//! user. By the launchers on a root executor, so that the process holding
+//! workspace overlays, giving workspace directories to an action's user,
+//! and taking back what a finished action's user made. By the launchers on a root executor, so that the process holding
 //! the executor's network, CAS and file cache makes no mount and changes
 //! no owner itself; in the calling process where no launcher is installed
 //! (a server embedded in another program, the crates' own tests).
@@ -10,18 +10,22 @@
 //! components (no `.` or `..`); for a mount, a fixed file system type,
 //! source and flags (`overlay`, nosuid, nodev) and options from a fixed
 //! list; for a directory, `lchown` (a symlink in its place is not
-//! followed). Giving directories as an action starts travels in the start
+//! followed); for a take-back, a walk through descriptors that follows no
+//! symlink and leaves the directory's file system. Giving directories as an action starts travels in the start
 //! request itself ([`crate::child::Plan::owned_directories`]); the request
 //! here is for an action no start precedes (one served by a persistent
 //! worker already running).
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_worker::workspace::{OverlayLayers, PrivilegedSteps, OVERLAY_OPTIONS};
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, CWD};
 use rustix::mount::{MountFlags, UnmountFlags};
+use rustix::process::{Gid, Uid};
 
 use crate::child::{check_plain_path, give_directories};
 use crate::launcher;
@@ -68,6 +72,27 @@ impl PrivilegedSteps for ThroughLaunchers {
             directories: directories.iter().map(|dir| c_path(dir)).collect(),
         })
     }
+
+    fn take_back(&self, directory: &Path, files: &[PathBuf], owner: (u32, u32)) -> io::Result<()> {
+        let files = files
+            .iter()
+            .map(|file| {
+                let relative = file.strip_prefix(directory).map_err(|_| {
+                    invalid(format!(
+                        "{} is not under {}",
+                        file.display(),
+                        directory.display()
+                    ))
+                })?;
+                Ok(c_path(relative))
+            })
+            .collect::<io::Result<_>>()?;
+        launcher::privileged(&Request::TakeBack {
+            owner,
+            directory: c_path(directory),
+            files,
+        })
+    }
 }
 
 /// A root-only step on a workspace, as a launcher receives it.
@@ -86,6 +111,13 @@ pub(crate) enum Request {
     Give {
         owner: (u32, u32),
         directories: Vec<CString>,
+    },
+    /// Give `directory` and every directory under it, and the regular
+    /// `files` (relative to it) that have one link, to `owner`.
+    TakeBack {
+        owner: (u32, u32),
+        directory: CString,
+        files: Vec<CString>,
     },
 }
 
@@ -151,8 +183,121 @@ impl Request {
                     .map_err(io::Error::from)
             }
             Request::Give { owner, directories } => give_directories(directories, *owner),
+            Request::TakeBack {
+                owner,
+                directory,
+                files,
+            } => take_back(directory, files, *owner),
         }
     }
+}
+
+/// Deepest level below a taken-back directory that is walked: each level
+/// holds a descriptor open in the launcher.
+const TAKE_BACK_DEPTH: usize = 256;
+
+/// Gives `directory`, each directory under it on its file system (to
+/// [`TAKE_BACK_DEPTH`] levels), and each of `files` (relative to it) that
+/// is a regular file with a single link to `owner`. No symlink is followed
+/// and no other file system entered, through descriptors, so an action
+/// that left symlinks or swapped names reaches nothing outside. A file
+/// with more than one link may also be somewhere else (another action's,
+/// a host file its owner linked) and stays as it is. Files that are
+/// missing or unreachable that way are left; deeper levels make it an
+/// error (`ELOOP`) once the rest is done.
+fn take_back(directory: &CStr, files: &[CString], (uid, gid): (u32, u32)) -> io::Result<()> {
+    check_plain_path(directory)?;
+    let owner = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    let ours = |stat: &rustix::fs::Stat| stat.st_uid == uid && stat.st_gid == gid;
+    let top = rustix::fs::openat2(
+        CWD,
+        directory,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS,
+    )?;
+    let beneath = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
+    for file in files {
+        let Ok(fd) = rustix::fs::openat2(
+            &top,
+            file.as_c_str(),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            beneath,
+        ) else {
+            continue;
+        };
+        let stat = rustix::fs::fstat(&fd)?;
+        let single =
+            FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile && stat.st_nlink == 1;
+        if single && !ours(&stat) {
+            rustix::fs::chownat(&fd, c"", owner.0, owner.1, AtFlags::EMPTY_PATH)?;
+        }
+    }
+    // Depth first, one descriptor per level: each directory is taken back
+    // as it is entered, then its subdirectories one at a time.
+    let mut too_deep = false;
+    let mut walking: Vec<Dir> = Vec::new();
+    let mut entered = Some(top);
+    loop {
+        if let Some(dir) = entered.take() {
+            if !ours(&rustix::fs::fstat(&dir)?) {
+                rustix::fs::fchown(&dir, owner.0, owner.1)?;
+            }
+            if walking.len() < TAKE_BACK_DEPTH {
+                walking.push(Dir::new(dir)?);
+            } else {
+                too_deep = true;
+            }
+        }
+        let Some(level) = walking.last_mut() else {
+            break;
+        };
+        match next_subdirectory(level, beneath)? {
+            Some(subdirectory) => entered = Some(subdirectory),
+            None => {
+                walking.pop();
+            }
+        }
+    }
+    if too_deep {
+        return Err(io::Error::from_raw_os_error(libc::ELOOP));
+    }
+    Ok(())
+}
+
+/// The next entry of `dir` that is a directory on its file system, opened;
+/// None when there is none left.
+fn next_subdirectory(dir: &mut Dir, resolve: ResolveFlags) -> io::Result<Option<OwnedFd>> {
+    while let Some(entry) = dir.next() {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        let parent = dir.fd()?;
+        let is_dir = match entry.file_type() {
+            FileType::Directory => true,
+            FileType::Unknown => rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::Directory),
+            _ => false,
+        };
+        if !is_dir {
+            continue;
+        }
+        // A name swapped for a symlink or a mount since it was listed is
+        // not entered.
+        if let Ok(subdirectory) = rustix::fs::openat2(
+            parent.as_fd(),
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve,
+        ) {
+            return Ok(Some(subdirectory));
+        }
+    }
+    Ok(None)
 }
 
 fn invalid(what: impl std::fmt::Display) -> io::Error {
@@ -198,5 +343,109 @@ mod tests {
             .perform()
             .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+    }
+
+    #[test]
+    fn a_take_back_gives_the_tree_back_and_reaches_nothing_outside_it() {
+        use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+        if !rustix::process::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root, this process does not"
+            );
+            eprintln!("skipped: taking back needs root");
+            return;
+        }
+        const NOBODY: (u32, u32) = (65534, 65534);
+        let temp = tempfile::tempdir().unwrap();
+        let give = |path: &Path| chown(path, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+        // What an action's user left: directories (one it closed to
+        // others), outputs, and ways out.
+        let tree = temp.path().join("workspace");
+        let closed = tree.join("out/closed");
+        std::fs::create_dir_all(closed.join("inner")).unwrap();
+        std::fs::write(closed.join("single.o"), "a").unwrap();
+        std::fs::write(tree.join("out/linked.o"), "b").unwrap();
+        let outside = temp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("host-file"), "c").unwrap();
+        std::fs::write(outside.join("alone"), "d").unwrap();
+        std::fs::hard_link(outside.join("host-file"), tree.join("out/host-link")).unwrap();
+        std::fs::hard_link(tree.join("out/linked.o"), outside.join("second-name")).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("out/escape")).unwrap();
+        // Deeper than a take-back walks.
+        let mut deep = tree.join("deep");
+        for _ in 0..TAKE_BACK_DEPTH + 2 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        for entry in [&tree, &outside]
+            .into_iter()
+            .flat_map(|dir| walk(dir.as_path()))
+            .chain([tree.clone(), outside.clone()])
+        {
+            std::os::unix::fs::lchown(&entry, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+        }
+        give(&closed);
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        let files = [
+            "out/closed/single.o",
+            "out/linked.o",
+            "out/host-link",
+            "out/escape/alone",
+            "../outside/alone",
+            "missing",
+        ]
+        .map(|file| tree.join(file));
+        let error = ThroughLaunchers
+            .take_back(&tree, &files, (0, 0))
+            .unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ELOOP), "{error}");
+
+        let owner = |path: &Path| {
+            let meta = path.symlink_metadata().unwrap();
+            (meta.uid(), meta.gid())
+        };
+        for dir in [&tree, &tree.join("out"), &closed, &closed.join("inner")] {
+            assert_eq!(owner(dir), (0, 0), "{}", dir.display());
+        }
+        assert_eq!(owner(&closed.join("single.o")), (0, 0));
+        // Files with a second name, and everything outside, stay as they were.
+        for file in [
+            tree.join("out/linked.o"),
+            tree.join("out/host-link"),
+            tree.join("out/escape"),
+            outside.join("host-file"),
+            outside.join("alone"),
+            outside.clone(),
+        ] {
+            assert_eq!(owner(&file), NOBODY, "{}", file.display());
+        }
+        // The levels the walk reached are the executor's, the rest not.
+        let mut level = tree.join("deep");
+        for _ in 0..TAKE_BACK_DEPTH - 1 {
+            level.push("d");
+        }
+        assert_eq!(owner(&level), (0, 0));
+        assert_eq!(owner(&deep), NOBODY);
+        // A directory outside the one named is refused before anything.
+        let error = ThroughLaunchers
+            .take_back(&tree, &[outside.join("host-file")], (0, 0))
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+    }
+
+    /// Every path under `dir`, not following symlinks.
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                found.extend(walk(&entry.path()));
+            }
+            found.push(entry.path());
+        }
+        found
     }
 }

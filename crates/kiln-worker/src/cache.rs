@@ -353,18 +353,22 @@ impl FileCache {
     /// Makes the output file at `source`, which a finished action left
     /// and the worker hashed to `digest` once the action's processes were
     /// gone, the entry for (digest, executable) by a hardlink; the file
-    /// becomes read-only. Nothing happens when the entry exists or the
-    /// file cannot be linked (another file system, another owner).
-    /// Blocking.
+    /// becomes read-only. A file the executor does not own alone (another
+    /// user's, which the privileged side did not take back, or one linked
+    /// elsewhere too) is copied instead ([`FileCache::adopt_copy`]).
+    /// Nothing happens when the entry exists or the file cannot be linked
+    /// (another file system). Blocking.
     pub fn adopt(&self, source: &Path, digest: &Digest, executable: bool) {
         let target = self.path(digest, executable);
         if target.exists() {
             return;
         }
         // An entry belongs to the executor: an action user that owned it
-        // could make it writable again.
-        if claim(source).is_err() {
-            return;
+        // could make it writable again. And it is the only name of its
+        // inode: a second link is a way to write to it, for whoever made
+        // that link (another action running as the same user, say).
+        if !owned_alone(source) {
+            return self.adopt_copy(source, digest, executable);
         }
         if install(source, &target, executable, |from, to| {
             std::fs::hard_link(from, to)
@@ -456,19 +460,16 @@ fn copy_verified(source: &Path, target: &Path, digest: &Digest) -> std::io::Resu
     Ok(())
 }
 
-/// Makes the executor the owner of `file` (without following a symlink),
-/// when it is not already. Blocking.
-fn claim(file: &Path) -> std::io::Result<()> {
+/// Whether `file` (not followed if a symlink) is a regular file the
+/// executor owns, with no other link. Blocking.
+fn owned_alone(file: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let meta = file.symlink_metadata()?;
-    let (uid, gid) = (
-        rustix::process::geteuid().as_raw(),
-        rustix::process::getegid().as_raw(),
-    );
-    if meta.uid() != uid || meta.gid() != gid {
-        std::os::unix::fs::lchown(file, Some(uid), Some(gid))?;
-    }
-    Ok(())
+    file.symlink_metadata().is_ok_and(|meta| {
+        meta.is_file()
+            && meta.nlink() == 1
+            && meta.uid() == rustix::process::geteuid().as_raw()
+            && meta.gid() == rustix::process::getegid().as_raw()
+    })
 }
 
 /// Gives `file` an entry's read-only mode, then `place`s it as `target` (a
@@ -575,6 +576,28 @@ mod tests {
         cache.adopt(&again, &digest, false);
         assert_eq!(entry.metadata().unwrap().ino(), output_meta.ino());
         assert_eq!(cache.stats().bytes_held, 100);
+    }
+
+    #[test]
+    fn an_output_linked_elsewhere_too_is_adopted_as_a_copy() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FileCache::open(&dir.path().join("cache")).unwrap();
+        let (digest, data) = blob(9, 100);
+        // Whoever holds the second name could write to the entry through it.
+        let output = dir.path().join("output.bin");
+        std::fs::write(&output, &data).unwrap();
+        std::fs::hard_link(&output, dir.path().join("elsewhere")).unwrap();
+        cache.adopt(&output, &digest, false);
+        let entry = cache.path(&digest, false).metadata().unwrap();
+        assert_ne!(entry.ino(), output.metadata().unwrap().ino());
+        assert_eq!(entry.nlink(), 1);
+        assert_eq!(std::fs::read(cache.path(&digest, false)).unwrap(), data);
+        assert_eq!(
+            output.metadata().unwrap().mode() & 0o222,
+            0o200,
+            "the output is left as it was"
+        );
     }
 
     #[tokio::test]

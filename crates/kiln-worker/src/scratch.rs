@@ -14,15 +14,17 @@
 //!   `rename` instead of a `mkdir`.
 //!
 //! A reused directory is indistinguishable from a fresh one: it is empty,
-//! owned by the executor and has mode 0755. One that cannot be made so is
-//! deleted instead.
+//! owned by the executor and has mode 0755. What an action's user made or
+//! was given is taken back by the privileged side
+//! ([`PrivilegedSteps::take_back`]); a directory that cannot be made the
+//! executor's is deleted instead.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use crate::workspace::DirAccess;
+use crate::workspace::{DirAccess, PrivilegedSteps};
 
 /// Most emptied action directories kept for reuse.
 const SPARE_ACTION_DIRS: usize = 64;
@@ -42,6 +44,7 @@ pub struct Scratch {
     next_spare: AtomicU64,
     owner: u32,
     group: u32,
+    steps: Option<Arc<dyn PrivilegedSteps>>,
 }
 
 impl Scratch {
@@ -66,7 +69,21 @@ impl Scratch {
             next_spare: AtomicU64::new(0),
             owner: rustix::process::geteuid().as_raw(),
             group: rustix::process::getegid().as_raw(),
+            steps: None,
         })
+    }
+
+    /// Has `steps` take back the directories an action's user made or was
+    /// given, which the executor could not empty itself.
+    pub fn with_privileged_steps(mut self, steps: Option<Arc<dyn PrivilegedSteps>>) -> Scratch {
+        self.steps = steps;
+        self
+    }
+
+    /// The executor's own user and group: what [`PrivilegedSteps::take_back`]
+    /// gives an action's leftovers to.
+    pub fn owner(&self) -> (u32, u32) {
+        (self.owner, self.group)
     }
 
     /// A directory for one action: an emptied one, or a new (not yet
@@ -185,11 +202,19 @@ impl Scratch {
 
     /// Makes the directory `path` the executor's again, mode 0755: one
     /// given to the action user or made by the action goes back to the
-    /// executor (a root executor can), and an action may have changed its
-    /// mode. False when it cannot be made the executor's.
+    /// executor, with everything under it, through the privileged side;
+    /// and an action may have changed its mode. False when it cannot be
+    /// made the executor's.
     fn reset(&self, path: &Path, metadata: &std::fs::Metadata) -> std::io::Result<bool> {
-        let ours = (metadata.uid() == self.owner && metadata.gid() == self.group)
-            || std::os::unix::fs::lchown(path, Some(self.owner), Some(self.group)).is_ok();
+        let is_ours =
+            |meta: &std::fs::Metadata| meta.uid() == self.owner && meta.gid() == self.group;
+        let mut ours = is_ours(metadata);
+        if let Some(steps) = self.steps.as_ref().filter(|_| !ours) {
+            if let Err(error) = steps.take_back(path, &[], (self.owner, self.group)) {
+                tracing::debug!(path = %path.display(), %error, "taking back a directory");
+            }
+            ours = path.symlink_metadata().is_ok_and(|meta| is_ours(&meta));
+        }
         if ours && metadata.mode() & 0o7777 != DIR_MODE {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(DIR_MODE))?;
         }

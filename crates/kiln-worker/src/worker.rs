@@ -21,7 +21,7 @@ use crate::cache::FileCache;
 use crate::cas::{CasClient, GrpcTransport, UploadSource};
 use crate::error::{format_digest, RunError};
 use crate::inputs;
-use crate::isolation::{CommandSpec, Isolation, Isolations, Resident, StoredOutputs};
+use crate::isolation::{CommandSpec, Isolation, Isolations, Resident, RunAs, StoredOutputs};
 use crate::outputs;
 use crate::persistent::{self, WorkerIdentity, WorkerProcess, WorkerStart};
 use crate::process::{blocking, Limits, ProcessOutcome, StopReason};
@@ -219,7 +219,8 @@ impl Worker {
             }
         }
         let scratch = Scratch::open(&config.work_root)
-            .map_err(|e| RunError::io(format!("preparing {}", config.work_root.display()), e))?;
+            .map_err(|e| RunError::io(format!("preparing {}", config.work_root.display()), e))?
+            .with_privileged_steps(steps.clone());
         if let Some(user) = config.action_user {
             crate::workspace::check_reachable(&config.work_root, user)?;
         }
@@ -698,9 +699,32 @@ impl Worker {
             })
             .collect();
         let cache = self.cache.clone();
+        // What the action's user made is given back to the executor first,
+        // its directories with it (so that emptying them needs no second
+        // request): an output it owns alone is then adopted in place.
+        let take_back = self
+            .isolations
+            .privileged_steps()
+            .filter(|_| in_place)
+            .map(|steps| (steps, written.clone(), self.scratch.owner()));
+        let ran_as_another_user = matches!(run_as, RunAs::User(..));
         let [stdout, stderr] = blocking(
             "adopting the outputs, hashing stdout and stderr",
             move || {
+                if let Some((steps, written, owner)) = take_back {
+                    let files: Vec<PathBuf> =
+                        adopted.iter().map(|(path, ..)| path.clone()).collect();
+                    let foreign = |path: &PathBuf| {
+                        use std::os::unix::fs::MetadataExt;
+                        path.symlink_metadata()
+                            .is_ok_and(|meta| (meta.uid(), meta.gid()) != owner)
+                    };
+                    if ran_as_another_user || files.iter().any(foreign) {
+                        if let Err(error) = steps.take_back(&written, &files, owner) {
+                            tracing::debug!(%error, "taking back the action's outputs");
+                        }
+                    }
+                }
                 for (path, digest, executable) in &adopted {
                     if in_place {
                         cache.adopt(path, digest, *executable);

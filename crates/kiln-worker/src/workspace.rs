@@ -72,6 +72,19 @@ pub trait PrivilegedSteps: Send + Sync + std::fmt::Debug {
     /// backends give them as they start an action
     /// ([`crate::CommandSpec::owned_directories`]).
     fn give(&self, directories: &[PathBuf], owner: (u32, u32)) -> std::io::Result<()>;
+
+    /// Gives back to `owner`, the executor, what a finished action's user
+    /// made or was given: `directory` and every directory under it, and
+    /// those of `files` (under `directory`) that are regular files with a
+    /// single link, so that the worker can adopt them into its file cache
+    /// and empty the directory. Follows no symlink and enters no other
+    /// file system; a file linked elsewhere too is left as it is.
+    fn take_back(
+        &self,
+        directory: &Path,
+        files: &[PathBuf],
+        owner: (u32, u32),
+    ) -> std::io::Result<()>;
 }
 
 /// What this executor can do to keep privileged actions away from the
@@ -385,6 +398,9 @@ mod tests {
             }
             fn detach(&self, _: &Path) -> std::io::Result<()> {
                 unreachable!("a layout was chosen by unmounting")
+            }
+            fn take_back(&self, _: &Path, _: &[PathBuf], _: (u32, u32)) -> std::io::Result<()> {
+                unreachable!()
             }
             fn give(&self, _: &[PathBuf], _: (u32, u32)) -> std::io::Result<()> {
                 unreachable!("a layout was chosen by giving directories")

@@ -73,8 +73,8 @@ impl Harness {
         let mut isolations = Isolations::new(none);
         // As `kiln` composes it: a root executor's privileged actions get
         // overlay workspaces (this process mounts them: no launchers).
-        if let Some(mounts) = kiln_sandbox::privileged::steps() {
-            isolations = isolations.with_privileged_steps(mounts);
+        if let Some(steps) = kiln_sandbox::privileged::steps() {
+            isolations = isolations.with_privileged_steps(steps);
         }
         let runner = Worker::new(channel.clone(), runner_config, isolations)
             .await

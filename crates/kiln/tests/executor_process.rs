@@ -1203,6 +1203,149 @@ async fn overlay_workspaces_are_mounted_by_the_launchers() {
     panic!("left mounted: {:?}", mounted_below(&work_root));
 }
 
+/// What an action's user made is taken back by the launchers, not by the
+/// executor: an action as `nobody` (a root executor's default under `none`)
+/// closes a directory it made and the output in it to everyone else. With
+/// the launchers stopped once it ends, the action goes no further and that
+/// directory stays `nobody`'s; once they go on, the output is read, becomes
+/// a file-cache entry of the executor's (read-only, its only link), and
+/// the directories go to the executor's pool of spare directories.
+#[tokio::test]
+async fn what_an_action_user_made_is_taken_back_by_the_launchers() {
+    use std::os::unix::fs::MetadataExt;
+    if !common::root_available("the launchers of a root executor") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let work_dir = scratch.path().join("work");
+    let process = executor(&address, "take-back", &work_dir);
+    let launchers = launchers_running(process.child.id());
+    let marks = marks(scratch.path());
+    let script = format!(
+        "id -u > {marks}/user && mkdir -p out/closed && echo made > out/closed/result.txt \
+         && chmod 600 out/closed/result.txt && chmod 700 out/closed && touch {marks}/started \
+         && i=0 && while [ ! -e {marks}/go ] && [ $i -lt 2000 ]; do sleep 0.05; i=$((i+1)); done",
+        marks = marks.display()
+    );
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let command = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script],
+        output_paths: vec!["out/closed/result.txt".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let empty = reapi::Directory::default().encode_to_vec();
+    let action = reapi::Action {
+        command_digest: Some(digest(&command)),
+        input_root_digest: Some(digest(&empty)),
+        platform: Some(remote::platform(&[("Pool", "procs")])),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action_digest = digest(&action);
+    remote::upload_as(&channel, None, &[command, empty, action]).await;
+    let mut stream = execute_digest(channel, action_digest).await.unwrap();
+    wait_until("the action to start", || marks.join("started").exists()).await;
+    assert_eq!(
+        std::fs::read_to_string(marks.join("user")).unwrap(),
+        "65534\n"
+    );
+    let closed: Vec<_> = walk(&work_dir)
+        .into_iter()
+        .filter(|path| path.ends_with("workspace/out/closed"))
+        .collect();
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    let owner = |path: &Path| path.symlink_metadata().map(|m| (m.uid(), m.gid())).ok();
+
+    signal_all("-STOP", &launchers);
+    std::fs::write(marks.join("go"), "").unwrap();
+    let early = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(operation) = stream.next().await {
+            if operation.unwrap().done {
+                return;
+            }
+        }
+    })
+    .await;
+    let left_as_it_was = owner(&closed[0]);
+    signal_all("-CONT", &launchers);
+    assert!(early.is_err(), "finished with the launchers stopped");
+    assert_eq!(
+        left_as_it_was,
+        Some((65534, 65534)),
+        "taken back by the executor"
+    );
+
+    let response = completed(stream).await;
+    let result = response.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    assert_eq!(result.output_files.len(), 1, "{result:?}");
+    assert_eq!(result.output_files[0].digest, Some(digest(b"made\n")));
+    // Once the directory is emptied (after the result is sent: bounded
+    // wait), the output's one copy is the cache's entry.
+    let entries = || -> Vec<std::path::PathBuf> {
+        walk(&work_dir)
+            .into_iter()
+            .filter(|path| std::fs::read(path).is_ok_and(|bytes| bytes == b"made\n"))
+            .collect()
+    };
+    wait_until("the workspace to be emptied", || entries().len() == 1).await;
+    let entry = entries().remove(0).symlink_metadata().unwrap();
+    assert_eq!((entry.uid(), entry.gid(), entry.nlink()), (0, 0, 1));
+    assert_eq!(entry.mode() & 0o7777, 0o444);
+    assert!(!closed[0].exists(), "the workspace was not emptied");
+    let spare: Vec<_> = walk(&work_dir)
+        .into_iter()
+        .filter(|path| {
+            path.parent()
+                .is_some_and(|parent| parent.ends_with("spare"))
+        })
+        .collect();
+    assert!(
+        spare.len() >= 2,
+        "out/ and out/closed/ kept for reuse: {spare:?}"
+    );
+    for dir in &spare {
+        let meta = dir.symlink_metadata().unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (0, 0, 0o755)
+        );
+    }
+}
+
+/// Waits until `condition` holds, failing the test after [`HANG_GUARD`].
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited too long for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every path under `dir`, not following symlinks.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            found.extend(walk(&entry.path()));
+        }
+        found.push(entry.path());
+    }
+    found
+}
+
 #[tokio::test]
 async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
     if !common::root_available("the launchers of a root executor") {
