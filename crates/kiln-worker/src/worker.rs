@@ -21,7 +21,7 @@ use crate::cache::FileCache;
 use crate::cas::{CasClient, GrpcTransport, UploadSource};
 use crate::error::{format_digest, RunError};
 use crate::inputs;
-use crate::isolation::{CommandSpec, Isolation, Isolations, Resident, RunAs, StoredOutputs};
+use crate::isolation::{CommandSpec, Isolation, Isolations, Resident, StoredOutputs};
 use crate::outputs;
 use crate::persistent::{self, WorkerIdentity, WorkerProcess, WorkerStart};
 use crate::process::{blocking, Limits, ProcessOutcome, StopReason};
@@ -194,6 +194,9 @@ pub struct Worker {
     protection: InputProtection,
     /// Warm runners waiting for an action with their key.
     runners: Arc<RunnerPool>,
+    /// Finished actions' directories being emptied after their result
+    /// went out, at most one per CPU ([`Worker::empty_after_result`]).
+    emptying: Arc<tokio::sync::Semaphore>,
 }
 
 impl Worker {
@@ -228,7 +231,9 @@ impl Worker {
         let runners = Arc::new(RunnerPool::new(config.runners));
         let scratch = Arc::new(scratch);
         sweep_idle_runners(Arc::downgrade(&runners), scratch.clone());
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Worker {
+            emptying: Arc::new(tokio::sync::Semaphore::new(cpus)),
             runners,
             cas,
             cache,
@@ -326,7 +331,7 @@ impl Worker {
             _ => {
                 discard_worker(notes.worker.take()).await;
                 if !self.config.keep_workspaces {
-                    recycle_action_dir(action_dir, self.scratch.clone()).await;
+                    self.empty_after_result(action_dir).await;
                 }
                 false
             }
@@ -407,6 +412,23 @@ impl Worker {
         discard_worker(notes.worker.take()).await;
         recycle_action_dir(action_dir, self.scratch.clone()).await;
         false
+    }
+
+    /// Recycles a finished action's directory off its result's path: a
+    /// later action that finds no emptied directory yet takes a new one.
+    /// Past one per CPU in the background, the caller waits for it, so
+    /// directories waiting to be emptied cannot pile up.
+    async fn empty_after_result(&self, action_dir: PathBuf) {
+        let scratch = self.scratch.clone();
+        match self.emptying.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    recycle_action_dir(action_dir, scratch).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => recycle_action_dir(action_dir, scratch).await,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -699,15 +721,14 @@ impl Worker {
             })
             .collect();
         let cache = self.cache.clone();
-        // What the action's user made is given back to the executor first,
-        // its directories with it (so that emptying them needs no second
-        // request): an output it owns alone is then adopted in place.
+        // Outputs the action's user made are given back to the executor
+        // first, the directories with them (so that emptying them needs no
+        // second request): an output it owns alone is adopted in place.
         let take_back = self
             .isolations
             .privileged_steps()
             .filter(|_| in_place)
             .map(|steps| (steps, written.clone(), self.scratch.owner()));
-        let ran_as_another_user = matches!(run_as, RunAs::User(..));
         let [stdout, stderr] = blocking(
             "adopting the outputs, hashing stdout and stderr",
             move || {
@@ -719,7 +740,7 @@ impl Worker {
                         path.symlink_metadata()
                             .is_ok_and(|meta| (meta.uid(), meta.gid()) != owner)
                     };
-                    if ran_as_another_user || files.iter().any(foreign) {
+                    if files.iter().any(foreign) {
                         if let Err(error) = steps.take_back(&written, &files, owner) {
                             tracing::debug!(%error, "taking back the action's outputs");
                         }

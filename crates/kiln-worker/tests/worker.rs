@@ -268,6 +268,37 @@ fn entries_of(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
+/// Parts every action directory keeps when it is emptied for reuse (root
+/// runs actions of the default `none` on an overlay, whose lower and upper
+/// layers are kept too).
+const KEPT_PARTS: [&str; 4] = ["workspace", "io", "inputs", "upper"];
+
+/// Whether every action directory under `work_root` is emptied for reuse:
+/// nothing but its kept parts, each empty.
+fn all_emptied(work_root: &Path) -> bool {
+    action_dirs_in(work_root).iter().all(|kept| {
+        let parts: Vec<_> = KEPT_PARTS.iter().map(|part| kept.join(part)).collect();
+        let present = parts.iter().filter(|part| part.exists()).count();
+        entries_of(kept) == present && parts.iter().all(|part| entries_of(part) == 0)
+    })
+}
+
+/// Waits (at most a minute) until the finished actions' directories are
+/// emptied, which happens after their results went out.
+async fn wait_until_emptied(work_root: &Path) {
+    for _ in 0..3000 {
+        if all_emptied(work_root) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left: Vec<_> = action_dirs_in(work_root)
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()))
+        .collect();
+    panic!("action directories not emptied: {left:?}");
+}
+
 const TOOL: &[u8] = b"#!/bin/sh\nset -e\ncat link > out/copy.txt\nmkdir -p out/dir/sub\ncp src/deep/b.txt out/dir/sub/b.txt\necho top > out/dir/top.txt\nln -s top.txt out/dir/top-link\ncp src/big.bin out/big.bin\ntest -d empty\ntest -f src/deep/empty.txt\ntest ! -x src/a.txt\necho stdout-text\necho stderr-text >&2\n";
 
 /// The happy path's action: nested inputs, an executable, a symlink, an
@@ -426,20 +457,10 @@ async fn happy_path_runs_and_uploads_outputs() {
     ];
     assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
 
-    // Nothing of the action is left: its directory is either gone or kept
-    // for reuse with an empty workspace and no output files.
-    // (Root runs actions of the default `none` on an overlay, whose lower
-    // and upper layers are kept too.)
-    for kept in action_dirs_in(&harness.work_root()) {
-        let mut parts = 0;
-        for part in ["workspace", "io", "inputs", "upper"] {
-            if kept.join(part).exists() {
-                parts += 1;
-                assert_eq!(entries_of(&kept.join(part)), 0, "{}/{part}", kept.display());
-            }
-        }
-        assert_eq!(entries_of(&kept), parts, "{}", kept.display());
-    }
+    // Nothing of the action is left once its directory is emptied (after
+    // the result): it is either gone or kept for reuse with an empty
+    // workspace and no output files.
+    wait_until_emptied(&harness.work_root()).await;
     harness.stop().await;
 }
 
@@ -1164,7 +1185,9 @@ async fn a_reused_action_directory_starts_empty() {
     harness.upload(&blobs.0).await;
     let outcome = harness.run(&messy, &Platform::default()).await.unwrap();
     assert_eq!(outcome.result.exit_code, 0);
-    // One action at a time: the second takes the first one's directory.
+    // One action at a time, once the first one's directory is emptied:
+    // the second takes it.
+    wait_until_emptied(&harness.work_root()).await;
     let outcome = harness.run(&look, &Platform::default()).await.unwrap();
     assert_eq!(outcome.result.exit_code, 0);
     let stdout = harness
