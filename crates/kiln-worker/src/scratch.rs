@@ -237,6 +237,28 @@ impl Scratch {
         Ok(())
     }
 
+    /// Empties the action directories an earlier run of the executor left
+    /// (killed, or stopped while emptying them after their results) and
+    /// keeps them for reuse or deletes them, as [`Scratch::recycle`] does.
+    /// Returns how many there were. Blocking.
+    pub fn reclaim_leftovers(&self) -> std::io::Result<usize> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut reclaimed = 0;
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            // Named as [`Scratch::action_dir`] names them.
+            let action_dir = name.len() == 32
+                && name.as_bytes().iter().all(u8::is_ascii_hexdigit)
+                && entry.file_type()?.is_dir();
+            if action_dir {
+                self.recycle(entry.path())?;
+                reclaimed += 1;
+            }
+        }
+        Ok(reclaimed)
+    }
+
     /// Directories in the pool now.
     pub fn spare_dirs(&self) -> usize {
         self.spare_dirs.lock().expect("scratch lock").len()
@@ -330,6 +352,24 @@ mod tests {
             .unwrap();
         assert_eq!(owned, Vec::<PathBuf>::new(), "no owner to give them to");
         assert_eq!(scratch.spare_dirs(), 0, "both spares were used");
+    }
+
+    #[test]
+    fn action_dirs_an_earlier_run_left_are_emptied_for_reuse() {
+        let temp = tempfile::tempdir().unwrap();
+        let earlier = Scratch::open(temp.path()).unwrap();
+        let left = earlier.action_dir();
+        layout(&left);
+        std::fs::write(temp.path().join("not-an-action-dir"), "z").unwrap();
+        drop(earlier);
+
+        let scratch = Scratch::open(temp.path()).unwrap();
+        assert_eq!(scratch.reclaim_leftovers().unwrap(), 1);
+        assert_eq!(scratch.action_dir(), left);
+        for dir in ["workspace", "io"] {
+            assert_eq!(std::fs::read_dir(left.join(dir)).unwrap().count(), 0);
+        }
+        assert!(temp.path().join("not-an-action-dir").exists());
     }
 
     #[test]

@@ -230,6 +230,25 @@ impl Worker {
         let protection = InputProtection::probe(&config.work_root, steps);
         let runners = Arc::new(RunnerPool::new(config.runners));
         let scratch = Arc::new(scratch);
+        let reclaiming = scratch.clone();
+        match blocking("reclaiming action directories", move || {
+            Ok(reclaiming.reclaim_leftovers())
+        })
+        .await?
+        {
+            Ok(0) => {}
+            Ok(reclaimed) => {
+                tracing::info!(
+                    reclaimed,
+                    "emptied the action directories an earlier run left"
+                )
+            }
+            Err(error) => tracing::warn!(
+                work_root = %config.work_root.display(),
+                %error,
+                "could not empty the action directories an earlier run left"
+            ),
+        }
         sweep_idle_runners(Arc::downgrade(&runners), scratch.clone());
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Worker {

@@ -832,12 +832,12 @@ async fn a_killed_executor_process_loses_its_action_to_another() {
     let (server, address) = serve(scratch.path(), &[]);
     let mut first = executor(&address, "proc-first", &scratch.path().join("first"));
 
-    // The action: on its first run it reports its pid through a FIFO and
-    // sleeps; run again (the marker exists) it finishes at once.
+    // The action: on its first run it leaves a file in its workspace,
+    // reports its pid through a FIFO and sleeps; run again (the marker exists) it finishes at once.
     let fifo = pid_fifo(scratch.path());
     let marker = marks(scratch.path()).join("marker");
     let script = format!(
-        "if [ -e {m} ]; then echo second run; else touch {m}; echo $$ > {f}; exec sleep 600; fi",
+        "if [ -e {m} ]; then echo second run; else touch {m} left-behind; echo $$ > {f}; exec sleep 600; fi",
         m = marker.display(),
         f = fifo.display()
     );
@@ -857,6 +857,27 @@ async fn a_killed_executor_process_loses_its_action_to_another() {
     assert_eq!(result.stdout_digest, Some(digest(b"second run\n")));
     assert_eq!(result.execution_metadata.unwrap().worker, "proc-second");
     server.wait_for_log("requeued");
+
+    // Started again on its directory, the killed executor's successor
+    // empties the action directory it left, for reuse.
+    let work = scratch.path().join("first/work");
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.file_name().is_some_and(|name| name.len() == 32))
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].join("workspace/left-behind").exists());
+    let again = spawn_executor(&address, "proc-first", &scratch.path().join("first"), &[]);
+    again.log_until_all(&[
+        "emptied the action directories an earlier run left",
+        "executor registered",
+    ]);
+    for part in ["workspace", "io"] {
+        let dir = left[0].join(part);
+        let entries: Vec<_> = std::fs::read_dir(&dir).map_or(Vec::new(), |d| d.collect());
+        assert!(entries.is_empty(), "{}: {entries:?}", dir.display());
+    }
 }
 
 #[tokio::test]
