@@ -22,11 +22,12 @@
 //! nothing can protect the cache from them, so it links and says so at
 //! start-up.
 //!
-//! This crate mounts nothing and changes no owner for an action itself:
-//! the overlays are mounted and detached, and the directories given to an
-//! action's user, by the executor's privileged side ([`PrivilegedSteps`],
-//! which `kiln-sandbox` implements through its launchers; a directory is
-//! given as the action starts, in the start request), named by path.
+//! This crate mounts nothing and changes no owner itself: the overlays are
+//! mounted and detached, the directories given to an action's user, and
+//! what that user made taken back, by the executor's privileged side
+//! ([`PrivilegedSteps`], which `kiln-sandbox` implements through its
+//! launchers; a directory is given as the action starts, in the start
+//! request), named by path.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
