@@ -69,6 +69,13 @@ pub struct ExecBenchArgs {
     #[arg(long)]
     pub flag_file: bool,
 
+    /// Have each action write its unique argument to one declared output
+    /// file (`out/result`, through `/bin/sh` instead of `--program`), so
+    /// that collecting, uploading and adopting an output is part of the
+    /// cost measured.
+    #[arg(long, conflicts_with_all = ["flag_file", "program"])]
+    pub output_file: bool,
+
     /// Input files every action shares (`inputs/0`, `inputs/1`, …, the
     /// same in every action of a run): what a warm runner can keep from
     /// one action to the next.
@@ -118,6 +125,12 @@ const MAX_INPUT_FILE_SIZE: u64 = 3 << 20;
 /// The flag file of `--flag-file` actions, in their input root.
 const FLAG_FILE: &str = "args.params";
 
+/// The output of `--output-file` actions, and the script that writes it
+/// (its one argument after the script's name is the unique one); the
+/// executor makes the output's parent directory, as the REAPI says.
+const OUTPUT_FILE: &str = "out/result";
+const OUTPUT_SCRIPT: &str = "printf '%s\\n' \"$1\" > out/result";
+
 /// A client executing trivial actions against one server.
 pub(super) struct ExecBench {
     args: ExecBenchArgs,
@@ -155,6 +168,7 @@ impl ExecBench {
                     self.execution.clone(),
                     self.args.instance_name.clone(),
                     action_digest,
+                    usize::from(self.args.output_file),
                 )
                 .await?
                 .latency,
@@ -170,9 +184,19 @@ impl ExecBench {
         } else {
             self.unique_argument(index)
         };
-        let command = reapi::Command {
-            arguments: vec![self.args.program.clone(), unique],
-            ..Default::default()
+        let command = if self.args.output_file {
+            reapi::Command {
+                arguments: ["/bin/sh", "-c", OUTPUT_SCRIPT, "sh", &unique]
+                    .map(String::from)
+                    .to_vec(),
+                output_paths: vec![OUTPUT_FILE.into()],
+                ..Default::default()
+            }
+        } else {
+            reapi::Command {
+                arguments: vec![self.args.program.clone(), unique],
+                ..Default::default()
+            }
         }
         .encode_to_vec();
         let platform = (!self.args.properties.is_empty()).then(|| reapi::Platform {
@@ -313,7 +337,9 @@ impl ExecBench {
             ("seed".into(), format!("{:016x}", self.seed)),
             (
                 "action".into(),
-                if self.args.flag_file {
+                if self.args.output_file {
+                    format!("/bin/sh -c {OUTPUT_SCRIPT:?} sh <unique argument>")
+                } else if self.args.flag_file {
                     format!(
                         "{} @{FLAG_FILE} (holding a unique argument)",
                         self.args.program
@@ -378,6 +404,7 @@ impl ExecBench {
                     self.execution.clone(),
                     self.args.instance_name.clone(),
                     action_digest,
+                    usize::from(self.args.output_file),
                 )
             })
             .buffer_unordered(in_flight.max(1))
@@ -470,12 +497,13 @@ struct Executed {
     warm: bool,
 }
 
-/// One Execute call, followed to its last Operation; checks the result and
-/// returns the call's latency.
+/// One Execute call, followed to its last Operation; checks the result
+/// (with `output_files` output files) and returns the call's latency.
 async fn execute(
     mut execution: ExecutionClient<super::Keyed>,
     instance_name: String,
     action_digest: Digest,
+    output_files: usize,
 ) -> anyhow::Result<Executed> {
     let hash = action_digest.hash.clone();
     let started = Instant::now();
@@ -535,6 +563,14 @@ async fn execute(
         .as_ref()
         .map_or(-1, |result| result.exit_code);
     ensure!(exit_code == 0, "action {hash}: exit code {exit_code}");
+    let outputs = response
+        .result
+        .as_ref()
+        .map_or(0, |result| result.output_files.len());
+    ensure!(
+        outputs == output_files,
+        "action {hash}: {outputs} output files, expected {output_files}"
+    );
     let warm = response
         .result
         .and_then(|result| result.execution_metadata)

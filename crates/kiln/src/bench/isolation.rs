@@ -205,6 +205,7 @@ async fn execute_trivial(
         concurrency: 1,
         program: "true".into(),
         flag_file: false,
+        output_file: false,
         input_files: args.input_files,
         input_file_size: args.input_file_size,
         properties,
