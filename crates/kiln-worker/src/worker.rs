@@ -209,6 +209,15 @@ impl Worker {
         config: WorkerConfig,
         isolations: Isolations,
     ) -> Result<Worker, RunError> {
+        // Every path handed to a launcher, a container engine or a VM is
+        // built from these, and must not depend on this process's
+        // directory: a relative data directory would otherwise make them
+        // relative, which the launchers refuse.
+        let mut config = config;
+        for dir in [&mut config.work_root, &mut config.cache_dir] {
+            *dir = std::path::absolute(&*dir)
+                .map_err(|e| RunError::io(format!("resolving {}", dir.display()), e))?;
+        }
         let cas = CasClient::new(transport, "").await?;
         let cache = Arc::new(FileCache::open_limited(
             &config.cache_dir,

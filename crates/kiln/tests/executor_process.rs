@@ -1340,6 +1340,38 @@ async fn what_an_action_user_made_is_taken_back_by_the_launchers() {
     }
 }
 
+/// A work directory given relative to where the executor starts works as
+/// an absolute one: its actions run as the action user (whose workspace
+/// directories the launchers, which take absolute paths alone, give it).
+#[tokio::test]
+async fn an_executor_with_a_relative_work_dir_runs_actions() {
+    if !common::root_available("the launchers of a root executor") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    common::open_to_actions(&scratch.path().join("relative"));
+    let scheduler = format!("grpc://{address}");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command.current_dir(scratch.path()).args([
+        "executor",
+        "--scheduler",
+        &scheduler,
+        "--pool",
+        "procs",
+        "--name",
+        "relative",
+        "--work-dir",
+        "relative",
+    ]);
+    let process = Process::spawn_command(command);
+    process.wait_for_log("executor registered");
+    let response = completed(execute(&address, "id -u".into()).await).await;
+    let result = response.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    assert_eq!(result.stdout_digest, Some(digest(b"65534\n")));
+}
+
 /// Waits until `condition` holds, failing the test after [`HANG_GUARD`].
 async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + HANG_GUARD;
