@@ -138,6 +138,51 @@ pub(crate) fn start(
     })
 }
 
+/// The confinement every launcher gets (see [`privileged::Confinement`]),
+/// as its request's bytes: sent to those running when it is set, and to
+/// each one started after.
+static CONFINEMENT: OnceLock<Vec<u8>> = OnceLock::new();
+
+/// Confines the launchers' privileged steps to the work root `request`
+/// names ([`privileged::Request::Confine`]), now and in launchers started
+/// later. Once per process; a different root later is refused. Nothing
+/// where no launcher is installed.
+pub(crate) fn confine(request: &privileged::Request) -> io::Result<()> {
+    let Some(launchers) = LAUNCHERS.get() else {
+        return Ok(());
+    };
+    let bytes = encode_privileged(request);
+    if *CONFINEMENT.get_or_init(|| bytes.clone()) != bytes {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the launchers are confined to another work root already",
+        ));
+    }
+    for slot in &launchers.slots {
+        let mut connection = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(current) = connection.as_ref() {
+            if let Err(error) = confine_one(current) {
+                // Found dead, or confused: the next request starts a new
+                // one, which is confined as it starts.
+                let dead = connection.take().map(Connection::end).unwrap_or_default();
+                tracing::warn!(%error, status = dead, "a launcher could not be confined");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends the confinement, if one is set, to the launcher `connection`.
+fn confine_one(connection: &Connection) -> io::Result<()> {
+    let Some(request) = CONFINEMENT.get() else {
+        return Ok(());
+    };
+    send(&connection.socket, request, &[])?;
+    read_reply(&connection.socket)?
+        .map(drop)
+        .map_err(|failure| failure.error)
+}
+
 /// Takes a root-only step of a workspace (see [`crate::privileged`]): in a
 /// launcher when they are installed, else in this process. A launcher that
 /// died with the request is `ConnectionAborted`.
@@ -149,6 +194,7 @@ pub(crate) fn privileged(request: &privileged::Request) -> io::Result<()> {
                 privileged::Request::Detach(_) => "detaching a workspace overlay",
                 privileged::Request::Give { .. } => "giving workspace directories to a user",
                 privileged::Request::TakeBack { .. } => "taking back what an action's user made",
+                privileged::Request::Confine(_) => "confining the launcher to the work root",
             };
             launchers
                 .call(&encode_privileged(request), &[], what)
@@ -276,6 +322,14 @@ impl Launchers {
                 None => {
                     let started = Connection::start(&self.program)?;
                     tracing::warn!(pid = started.process.id(), "started a new launcher");
+                    if let Err(error) = confine_one(&started) {
+                        let status = started.end();
+                        return Err(io::Error::new(
+                            error.kind(),
+                            format!("confining a new launcher ({status}): {error}"),
+                        )
+                        .into());
+                    }
                     connection.insert(started)
                 }
             };
@@ -350,12 +404,19 @@ pub fn serve() -> io::Result<()> {
     };
     // One child at a time, so one stack for all of them.
     let mut stack = Stack::new()?;
+    let mut confinement = privileged::Confinement::default();
     while let Some((request, fds)) = read_request(&socket)? {
         let reply = match decode(&request, &fds) {
-            Ok(Request::Start(plan, exec, stdio, start)) => {
-                child::spawn(&plan, &exec, &stdio, start, true, &mut stack)
-            }
-            Ok(Request::Privileged(step)) => step.perform().map(|()| 0).map_err(Into::into),
+            Ok(Request::Start(plan, exec, stdio, start)) => plan
+                .owned_directories
+                .iter()
+                .try_for_each(|dir| confinement.check(dir))
+                .map_err(Into::into)
+                .and_then(|()| child::spawn(&plan, &exec, &stdio, start, true, &mut stack)),
+            Ok(Request::Privileged(step)) => step
+                .perform_within(&mut confinement)
+                .map(|()| 0)
+                .map_err(Into::into),
             Err(error) => Err(error.into()),
         };
         // The action has its copies; the launcher keeps none.
@@ -486,6 +547,7 @@ const MOUNT_OVERLAY: u8 = 2;
 const DETACH: u8 = 3;
 const GIVE: u8 = 4;
 const TAKE_BACK: u8 = 5;
+const CONFINE: u8 = 6;
 
 /// A start request's bytes, and the descriptors to send with it in the
 /// order [`decode`] takes them: stdin, stdout, stderr, the cgroup's files,
@@ -570,6 +632,10 @@ fn encode_privileged(request: &privileged::Request) -> Vec<u8> {
             out.u32(*gid);
             out.bytes(directory.as_bytes());
             out.strings(files);
+        }
+        privileged::Request::Confine(root) => {
+            out.u8(CONFINE);
+            out.bytes(root.as_bytes());
         }
     }
     out.0
@@ -668,6 +734,7 @@ fn decode_privileged(kind: u8, input: &mut Reader) -> io::Result<privileged::Req
             directory: input.c_string()?,
             files: input.strings()?,
         },
+        CONFINE => privileged::Request::Confine(input.c_string()?),
         kind => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -941,6 +1008,7 @@ mod tests {
                 directory: c"/w/a/workspace".to_owned(),
                 files: vec![c"out/a.o".to_owned(), c"b".to_owned()],
             },
+            privileged::Request::Confine(c"/w".to_owned()),
         ];
         for step in steps {
             let request = encode_privileged(&step);

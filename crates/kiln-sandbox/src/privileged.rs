@@ -46,6 +46,10 @@ pub fn steps() -> Option<Arc<dyn PrivilegedSteps>> {
 }
 
 impl PrivilegedSteps for ThroughLaunchers {
+    fn confine(&self, work_root: &Path) -> io::Result<()> {
+        launcher::confine(&Request::Confine(c_path(work_root)))
+    }
+
     fn mount(&self, layers: &OverlayLayers, options: &str) -> io::Result<()> {
         let request = Request::mount(layers, options)?;
         let mounted = launcher::privileged(&request);
@@ -119,6 +123,67 @@ pub(crate) enum Request {
         directory: CString,
         files: Vec<CString>,
     },
+    /// Take every later step under this directory (the executor's work
+    /// root) alone; see [`Confinement`].
+    Confine(CString),
+}
+
+/// Where a launcher's privileged steps may act: nowhere until the executor
+/// names its work root, once, and from then on only on paths under it
+/// (the directories given as an action starts included). So a launcher
+/// changes no owner and mounts nothing elsewhere, whatever path the
+/// executor's side sends it.
+#[derive(Debug, Default)]
+pub(crate) struct Confinement(Option<CString>);
+
+impl Confinement {
+    /// Checks that `path` (plain, absolute) is under the work root, or is
+    /// it.
+    pub(crate) fn check(&self, path: &CStr) -> io::Result<()> {
+        check_plain_path(path)?;
+        let Some(root) = &self.0 else {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "no work root given: no privileged step yet",
+            ));
+        };
+        let path = path.to_bytes();
+        let under = path
+            .strip_prefix(root.to_bytes())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"/"));
+        if under {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is not under the work root {}",
+                    String::from_utf8_lossy(path),
+                    root.to_string_lossy()
+                ),
+            ))
+        }
+    }
+
+    /// Takes `root` as the work root; a different one after it is refused.
+    fn confine(&mut self, root: &CStr) -> io::Result<()> {
+        check_plain_path(root)?;
+        let root = root
+            .to_bytes()
+            .strip_suffix(b"/")
+            .unwrap_or(root.to_bytes());
+        let root = CString::new(root).map_err(|_| invalid("a NUL byte"))?;
+        match &self.0 {
+            Some(given) if *given != root => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("already confined to {}", given.to_string_lossy()),
+            )),
+            _ => {
+                self.0 = Some(root);
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Request {
@@ -135,10 +200,28 @@ impl Request {
         })
     }
 
+    /// Does it in a launcher: confines `confinement`, or checks that every
+    /// path is within it and [`Request::perform`]s the step.
+    pub(crate) fn perform_within(&self, confinement: &mut Confinement) -> io::Result<()> {
+        let paths: Vec<&CString> = match self {
+            Request::Confine(root) => return confinement.confine(root),
+            Request::Mount { layers, .. } => layers.iter().collect(),
+            Request::Detach(target) => vec![target],
+            Request::Give { directories, .. } => directories.iter().collect(),
+            Request::TakeBack { directory, .. } => vec![directory],
+        };
+        for path in paths {
+            confinement.check(path)?;
+        }
+        self.perform()
+    }
+
     /// Does it, after checking it is a workspace overlay's step and nothing
-    /// else. Blocking: one mount or umount call.
+    /// else (in the calling process, where no launcher is installed, a
+    /// confinement is nothing to keep). Blocking.
     pub(crate) fn perform(&self) -> io::Result<()> {
         match self {
+            Request::Confine(_) => Ok(()),
             Request::Mount { options, layers } => {
                 for layer in layers {
                     check_plain_path(layer)?;
@@ -434,6 +517,56 @@ mod tests {
             .take_back(&tree, &[outside.join("host-file")], (0, 0))
             .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+    }
+
+    #[test]
+    fn a_launcher_takes_steps_under_its_work_root_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("work");
+        let inside = root.join("a/workspace");
+        let beside = temp.path().join("work-beside");
+        for dir in [&inside, &beside] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let give = |dir: &Path| Request::Give {
+            owner: (65534, 65534),
+            directories: vec![c_path(dir)],
+        };
+        let denied = |result: io::Result<()>| {
+            let error = result.unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        };
+        let mut confinement = Confinement::default();
+        // Nothing before the work root is named.
+        denied(give(&inside).perform_within(&mut confinement));
+        Request::Confine(c_path(&root))
+            .perform_within(&mut confinement)
+            .unwrap();
+        // Outside it, or beside it with a name it starts with: refused,
+        // before any change.
+        denied(give(&beside).perform_within(&mut confinement));
+        denied(Request::Detach(c_path(temp.path())).perform_within(&mut confinement));
+        denied(
+            Request::TakeBack {
+                owner: (0, 0),
+                directory: c_path(&beside),
+                files: Vec::new(),
+            }
+            .perform_within(&mut confinement),
+        );
+        assert_ne!(beside.metadata().unwrap().uid(), 65534);
+        // Another root later: refused; the same again: fine.
+        denied(Request::Confine(c_path(temp.path())).perform_within(&mut confinement));
+        Request::Confine(c_path(&root))
+            .perform_within(&mut confinement)
+            .unwrap();
+        assert!(confinement.check(&c_path(&inside)).is_ok());
+        assert!(confinement.check(&c_path(&root)).is_ok());
+        if rustix::process::geteuid().is_root() {
+            give(&inside).perform_within(&mut confinement).unwrap();
+            assert_eq!(inside.metadata().unwrap().uid(), 65534);
+        }
     }
 
     /// Every path under `dir`, not following symlinks.

@@ -225,6 +225,15 @@ impl Worker {
         )?);
         let steps = isolations.privileged_steps();
         if let Some(steps) = &steps {
+            steps.confine(&config.work_root).map_err(|e| {
+                privileged_step_error(
+                    format!(
+                        "confining the privileged steps to {}",
+                        config.work_root.display()
+                    ),
+                    e,
+                )
+            })?;
             let stale = crate::workspace::unmount_stale(&config.work_root, &**steps);
             if stale > 0 {
                 tracing::info!(stale, "detached workspace overlays an earlier run left");

@@ -60,6 +60,12 @@ pub struct OverlayLayers {
 /// the executor's privileged side: on a root executor, its launchers
 /// (`kiln_sandbox::privileged`). Every call blocks.
 pub trait PrivilegedSteps: Send + Sync + std::fmt::Debug {
+    /// Limits every later step, and every directory given as an action
+    /// starts, to paths under `work_root` (absolute): what the privileged
+    /// side will do for this executor at all. Called once, before any
+    /// other step; a second call with another root fails.
+    fn confine(&self, work_root: &Path) -> std::io::Result<()>;
+
     /// Mounts `layers` (nosuid, nodev), with `options` besides the layers'
     /// directories.
     fn mount(&self, layers: &OverlayLayers, options: &str) -> std::io::Result<()>;
@@ -394,6 +400,9 @@ mod tests {
         #[derive(Debug)]
         struct Unused;
         impl PrivilegedSteps for Unused {
+            fn confine(&self, _: &Path) -> std::io::Result<()> {
+                unreachable!()
+            }
             fn mount(&self, _: &OverlayLayers, _: &str) -> std::io::Result<()> {
                 unreachable!("a layout was chosen by mounting")
             }
