@@ -27,22 +27,29 @@ const HANG_GUARD: Duration = Duration::from_secs(120);
 /// `kiln executor` in pool `procs` with one slot, plus `extra` flags.
 fn spawn_executor(address: &str, name: &str, work_dir: &Path, extra: &[&str]) -> Process {
     common::open_to_actions(work_dir);
-    let scheduler = format!("grpc://{address}");
-    let mut args = vec![
-        "executor",
-        "--scheduler",
-        &scheduler,
-        "--pool",
-        "procs",
-        "--name",
-        name,
-        "--capacity",
-        "1",
-        "--work-dir",
-        work_dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    Process::spawn(&args)
+    Process::spawn_command(executor_command(address, name, work_dir, extra))
+}
+
+/// The command line of `kiln executor` `name` in pool `procs`, one action
+/// at a time, in `work_dir`, with `extra` flags.
+fn executor_command(address: &str, name: &str, work_dir: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .arg("executor")
+        .arg("--scheduler")
+        .arg(format!("grpc://{address}"))
+        .args([
+            "--pool",
+            "procs",
+            "--name",
+            name,
+            "--capacity",
+            "1",
+            "--work-dir",
+        ])
+        .arg(work_dir)
+        .args(extra);
+    command
 }
 
 /// An executor that has registered.
@@ -1351,19 +1358,8 @@ async fn an_executor_with_a_relative_work_dir_runs_actions() {
     let scratch = tempfile::tempdir().unwrap();
     let (_server, address) = serve(scratch.path(), &[]);
     common::open_to_actions(&scratch.path().join("relative"));
-    let scheduler = format!("grpc://{address}");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    command.current_dir(scratch.path()).args([
-        "executor",
-        "--scheduler",
-        &scheduler,
-        "--pool",
-        "procs",
-        "--name",
-        "relative",
-        "--work-dir",
-        "relative",
-    ]);
+    let mut command = executor_command(&address, "relative", Path::new("relative"), &[]);
+    command.current_dir(scratch.path());
     let process = Process::spawn_command(command);
     process.wait_for_log("executor registered");
     let response = completed(execute(&address, "id -u".into()).await).await;
