@@ -18,8 +18,9 @@
 //! discarded kills it. Its workspace directory itself is kept (only its
 //! contents are emptied), so the worker's working directory stays valid.
 //!
-//! Between two actions, before the runner is offered again
-//! ([`reset_for_reuse`]): its captured stdout/stderr and an overlay's lower
+//! Between two actions ([`reset_for_reuse`], in the background once the
+//! result went out: the runner is offered at once, and whoever takes or
+//! retires it waits for the reset first, [`WarmRunner::reset`]): its captured stdout/stderr and an overlay's lower
 //! layer are emptied; without `preserve-workspace` the workspace is
 //! emptied too. With it, the previous action's declared outputs, every file
 //! of its input tree, and the files matching `clean-workspace-inputs` are
@@ -104,6 +105,11 @@ pub struct WarmRunner {
     /// Its memory when it was put back (a waiting container is frozen,
     /// so it holds no more later).
     held_bytes: u64,
+    /// Its reset for the next action ([`reset_for_reuse`]), running in the
+    /// background after the last action's result went out. Whoever takes
+    /// the runner, or retires it, waits for it first: a runner whose reset
+    /// failed is discarded.
+    pub reset: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl WarmRunner {
@@ -122,6 +128,7 @@ impl WarmRunner {
             resident: None,
             idle_since: Instant::now(),
             held_bytes: 0,
+            reset: None,
         }
     }
 }
@@ -142,8 +149,8 @@ impl RunnerPool {
     }
 
     /// The most recently used warm runner with `key`, if any; and the
-    /// directories of runners that expired meanwhile (to be recycled).
-    pub fn take(&self, key: &RunnerKey) -> (Option<WarmRunner>, Vec<PathBuf>) {
+    /// runners that expired meanwhile (to be retired).
+    pub fn take(&self, key: &RunnerKey) -> (Option<WarmRunner>, Vec<WarmRunner>) {
         let mut warm = self.warm.lock().expect("runner pool lock");
         let expired = self.expire(&mut warm);
         let found = warm
@@ -158,26 +165,26 @@ impl RunnerPool {
         std::mem::take(&mut *self.warm.lock().expect("runner pool lock"))
     }
 
-    /// Offers `runner` to later actions. Returns the directories of the
-    /// runners it pushed out (over the count, idle too long, or itself when
-    /// it has run its last action), to be recycled.
-    pub fn put(&self, mut runner: WarmRunner) -> Vec<PathBuf> {
+    /// Offers `runner` to later actions. Returns the runners it pushed out
+    /// (over the count, idle too long, or itself when it has run its last
+    /// action), to be retired.
+    pub fn put(&self, mut runner: WarmRunner) -> Vec<WarmRunner> {
         if runner.uses >= self.limits.max_uses || self.limits.max_warm == 0 {
-            return vec![runner.dir];
+            return vec![runner];
         }
         if let Some(budget) = self.limits.memory_budget {
             // Read once, outside the lock. One that alone holds more than
             // the budget is not kept, and pushes no other out.
             runner.held_bytes = runner.memory_bytes();
             if runner.held_bytes > budget {
-                return vec![runner.dir];
+                return vec![runner];
             }
         }
         let mut warm = self.warm.lock().expect("runner pool lock");
         warm.push(runner);
         let mut evicted = self.expire(&mut warm);
         let over = warm.len().saturating_sub(self.limits.max_warm);
-        evicted.extend(warm.drain(..over).map(|runner| runner.dir));
+        evicted.extend(warm.drain(..over));
         if let Some(budget) = self.limits.memory_budget {
             let mut total: u64 = warm.iter().map(|runner| runner.held_bytes).sum();
             let mut over = 0;
@@ -185,13 +192,13 @@ impl RunnerPool {
                 total -= warm[over].held_bytes;
                 over += 1;
             }
-            evicted.extend(warm.drain(..over).map(|runner| runner.dir));
+            evicted.extend(warm.drain(..over));
         }
         evicted
     }
 
     /// Removes every runner idle longer than the idle timeout.
-    pub fn expire_idle(&self) -> Vec<PathBuf> {
+    pub fn expire_idle(&self) -> Vec<WarmRunner> {
         let mut warm = self.warm.lock().expect("runner pool lock");
         self.expire(&mut warm)
     }
@@ -214,16 +221,12 @@ impl RunnerPool {
         self.len() == 0
     }
 
-    fn expire(&self, warm: &mut Vec<WarmRunner>) -> Vec<PathBuf> {
+    fn expire(&self, warm: &mut Vec<WarmRunner>) -> Vec<WarmRunner> {
         let timeout = self.limits.idle_timeout;
-        let mut expired = Vec::new();
-        warm.retain_mut(|runner| {
-            let keep = runner.idle_since.elapsed() < timeout;
-            if !keep {
-                expired.push(std::mem::take(&mut runner.dir));
-            }
-            keep
-        });
+        let (kept, expired) = std::mem::take(warm)
+            .into_iter()
+            .partition(|runner| runner.idle_since.elapsed() < timeout);
+        *warm = kept;
         expired
     }
 }
@@ -359,6 +362,11 @@ mod tests {
         .runner_key_of("test", "")
     }
 
+    /// The directories of `runners`.
+    fn dirs(runners: Vec<WarmRunner>) -> Vec<PathBuf> {
+        runners.into_iter().map(|runner| runner.dir).collect()
+    }
+
     #[test]
     fn the_pool_hands_out_runners_by_key_and_evicts_the_least_recently_used() {
         let pool = RunnerPool::new(RunnerLimits {
@@ -372,7 +380,7 @@ mod tests {
             .put(WarmRunner::new(key("b"), "/b".into(), 1))
             .is_empty());
         assert_eq!(
-            pool.put(WarmRunner::new(key("c"), "/c".into(), 1)),
+            dirs(pool.put(WarmRunner::new(key("c"), "/c".into(), 1))),
             vec![PathBuf::from("/a")]
         );
         assert!(pool.take(&key("a")).0.is_none());
@@ -429,10 +437,13 @@ mod tests {
             .put(WarmRunner::new(key("dir"), "/dir".into(), 1))
             .is_empty());
         // 120 bytes: the oldest goes, and only it.
-        assert_eq!(pool.put(holding("c", 40)), vec![PathBuf::from("/a")]);
+        assert_eq!(dirs(pool.put(holding("c", 40))), vec![PathBuf::from("/a")]);
         assert_eq!(pool.len(), 3);
         // One alone over the budget is not kept, and pushes no other out.
-        assert_eq!(pool.put(holding("huge", 500)), vec![PathBuf::from("/huge")]);
+        assert_eq!(
+            dirs(pool.put(holding("huge", 500))),
+            vec![PathBuf::from("/huge")]
+        );
         assert_eq!(pool.len(), 3);
         assert!(pool.take(&key("b")).0.is_some());
     }
@@ -444,7 +455,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            pool.put(WarmRunner::new(key("a"), "/a".into(), 3)),
+            dirs(pool.put(WarmRunner::new(key("a"), "/a".into(), 3))),
             vec![PathBuf::from("/a")]
         );
         let idle = RunnerPool::new(RunnerLimits {
@@ -452,7 +463,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            idle.put(WarmRunner::new(key("a"), "/a".into(), 1)),
+            dirs(idle.put(WarmRunner::new(key("a"), "/a".into(), 1))),
             vec![PathBuf::from("/a")]
         );
         assert!(idle.is_empty());

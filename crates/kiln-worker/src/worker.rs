@@ -325,9 +325,13 @@ impl Worker {
             Some(key) => self.runners.take(key),
             None => (None, Vec::new()),
         };
-        for dir in expired {
-            recycle_action_dir(dir, self.scratch.clone()).await;
+        for runner in expired {
+            retire_runner(runner, self.scratch.clone()).await;
         }
+        let warm = match warm {
+            Some(runner) => self.ready(runner).await,
+            None => None,
+        };
         let runner = RunnerUse {
             warm: warm.is_some(),
             uses: warm.as_ref().map_or(0, |w| w.uses) + 1,
@@ -363,7 +367,8 @@ impl Worker {
         let warm = runner.warm && !notes.fresh_resident;
         let kept = match (&runner.key, result.is_ok() && notes.clean) {
             (Some(key), true) if !self.config.keep_workspaces => {
-                self.keep_runner(key, action_dir, runner.uses, notes).await
+                self.keep_runner(key, action_dir, runner.uses, notes).await;
+                true
             }
             _ => {
                 discard_worker(notes.worker.take()).await;
@@ -401,7 +406,10 @@ impl Worker {
         if !runners.is_empty() {
             tracing::info!(runners = runners.len(), "discarding the warm runners");
         }
-        for runner in runners {
+        for mut runner in runners {
+            if let Some(reset) = runner.reset.take() {
+                let _ = reset.await;
+            }
             discard_worker(runner.worker).await;
             if let Some(resident) = runner.resident {
                 resident.discard().await;
@@ -411,44 +419,44 @@ impl Worker {
         self.isolations.settle().await;
     }
 
-    /// Cleans a runner whose action finished cleanly and offers it to the
-    /// next action with `key`; false when it could not be made ready (then
-    /// its directory is recycled).
+    /// Offers a runner whose action finished cleanly to the next action
+    /// with `key`, its reset for that action running in the background
+    /// ([`WarmRunner::reset`]): the result goes out without waiting for it.
     async fn keep_runner(
         &self,
         key: &RunnerKey,
         action_dir: PathBuf,
         uses: u32,
         mut notes: RunnerNotes,
-    ) -> bool {
+    ) {
         let leftovers = notes.leftovers.take();
         let scratch = self.scratch.clone();
         let dir = action_dir.clone();
-        let reset = tokio::task::spawn_blocking(move || {
+        let mut runner = WarmRunner::new(key.clone(), action_dir, uses);
+        runner.reset = Some(tokio::task::spawn_blocking(move || {
             runners::reset_for_reuse(&scratch, &dir, leftovers.as_ref())
-        })
-        .await;
-        let error = match reset {
-            Ok(Ok(())) => {
-                let mut runner = WarmRunner::new(key.clone(), action_dir, uses);
-                runner.worker = notes.worker.take();
-                runner.resident = notes.resident.take();
-                if let Some(resident) = &runner.resident {
-                    resident.pause();
-                }
-                let evicted = self.runners.put(runner);
-                for dir in evicted {
-                    recycle_action_dir(dir, self.scratch.clone()).await;
-                }
-                return true;
-            }
+        }));
+        runner.worker = notes.worker.take();
+        runner.resident = notes.resident.take();
+        if let Some(resident) = &runner.resident {
+            resident.pause();
+        }
+        for evicted in self.runners.put(runner) {
+            retire_runner(evicted, self.scratch.clone()).await;
+        }
+    }
+
+    /// `runner`, taken for an action, once its reset is done; None (and
+    /// the runner retired) when the reset failed.
+    async fn ready(&self, mut runner: WarmRunner) -> Option<WarmRunner> {
+        let error = match runner.reset.take()?.await {
+            Ok(Ok(())) => return Some(runner),
             Ok(Err(e)) => e.to_string(),
             Err(e) => e.to_string(),
         };
-        tracing::warn!(path = %action_dir.display(), %error, "a warm runner could not be cleaned; discarded");
-        discard_worker(notes.worker.take()).await;
-        recycle_action_dir(action_dir, self.scratch.clone()).await;
-        false
+        tracing::warn!(path = %runner.dir.display(), %error, "a warm runner could not be cleaned; discarded");
+        retire_runner(runner, self.scratch.clone()).await;
+        None
     }
 
     /// Recycles a finished action's directory off its result's path: a
@@ -1431,11 +1439,23 @@ fn sweep_idle_runners(pool: std::sync::Weak<RunnerPool>, scratch: Arc<Scratch>) 
             let Some(pool) = pool.upgrade() else {
                 return;
             };
-            for dir in pool.expire_idle() {
-                recycle_action_dir(dir, scratch.clone()).await;
+            for runner in pool.expire_idle() {
+                retire_runner(runner, scratch.clone()).await;
             }
         }
     });
+}
+
+/// Ends a runner that leaves the pool (expired, pushed out, or whose
+/// reset failed): waits for its reset, ends its persistent worker and what
+/// its backend keeps in it, and recycles its directory.
+async fn retire_runner(mut runner: WarmRunner, scratch: Arc<Scratch>) {
+    if let Some(reset) = runner.reset.take() {
+        let _ = reset.await;
+    }
+    discard_worker(runner.worker.take()).await;
+    drop(runner.resident.take());
+    recycle_action_dir(runner.dir, scratch).await;
 }
 
 async fn recycle_action_dir(action_dir: PathBuf, scratch: Arc<Scratch>) {
