@@ -1,20 +1,23 @@
 //! The workspace steps only root can take, taken for the worker
 //! ([`kiln_worker::workspace::PrivilegedSteps`]): mounting and detaching
 //! workspace overlays, giving workspace directories to an action's user,
-//! and taking back what a finished action's user made. By the launchers on a root executor, so that the process holding
-//! the executor's network, CAS and file cache makes no mount and changes
-//! no owner itself; in the calling process where no launcher is installed
-//! (a server embedded in another program, the crates' own tests).
+//! and taking back what a finished action's user made. By the launchers
+//! on a root executor, so that the process holding the executor's
+//! network, CAS and file cache makes no mount and changes no owner
+//! itself; in the calling process where no launcher is installed (a
+//! server embedded in another program, the crates' own tests).
 //!
-//! A launcher takes only what these steps need: absolute paths of plain
-//! components (no `.` or `..`); for a mount, a fixed file system type,
-//! source and flags (`overlay`, nosuid, nodev) and options from a fixed
-//! list; for a directory, `lchown` (a symlink in its place is not
-//! followed); for a take-back, a walk through descriptors that follows no
-//! symlink and leaves the directory's file system. Giving directories as an action starts travels in the start
-//! request itself ([`crate::child::Plan::owned_directories`]); the request
-//! here is for an action no start precedes (one served by a persistent
-//! worker already running).
+//! A launcher takes only what these steps need, and only under the work
+//! root the worker names once as it starts ([`Confinement`]): absolute
+//! paths of plain components (no `.` or `..`); for a mount, a fixed file
+//! system type, source and flags (`overlay`, nosuid, nodev) and options
+//! from a fixed list; for a directory, `lchown` (a symlink in its place is
+//! not followed); for a take-back, a walk through descriptors that
+//! follows no symlink and leaves the directory's file system. Giving
+//! directories as an action starts travels in the start request itself
+//! ([`crate::child::Plan::owned_directories`]); the request here is for an
+//! action no start precedes (one served by a persistent worker already
+//! running).
 
 use std::ffi::{CStr, CString};
 use std::io;
