@@ -239,8 +239,9 @@ impl Scratch {
 
     /// Empties the action directories an earlier run of the executor left
     /// (killed, or stopped while emptying them after their results) and
-    /// keeps them for reuse or deletes them, as [`Scratch::recycle`] does.
-    /// Returns how many there were. Blocking.
+    /// keeps them for reuse or deletes them, as [`Scratch::recycle`] does;
+    /// one that cannot be is logged and left. Returns how many there were.
+    /// Blocking.
     pub fn reclaim_leftovers(&self) -> std::io::Result<usize> {
         use std::os::unix::ffi::OsStrExt;
         let mut reclaimed = 0;
@@ -252,7 +253,9 @@ impl Scratch {
                 && name.as_bytes().iter().all(u8::is_ascii_hexdigit)
                 && entry.file_type()?.is_dir();
             if action_dir {
-                self.recycle(entry.path())?;
+                if let Err(error) = self.recycle(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), %error, "could not empty an action directory an earlier run left");
+                }
                 reclaimed += 1;
             }
         }
