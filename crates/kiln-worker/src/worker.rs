@@ -449,7 +449,10 @@ impl Worker {
     /// `runner`, taken for an action, once its reset is done; None (and
     /// the runner retired) when the reset failed.
     async fn ready(&self, mut runner: WarmRunner) -> Option<WarmRunner> {
-        let error = match runner.reset.take()?.await {
+        let Some(reset) = runner.reset.take() else {
+            return Some(runner);
+        };
+        let error = match reset.await {
             Ok(Ok(())) => return Some(runner),
             Ok(Err(e)) => e.to_string(),
             Err(e) => e.to_string(),
