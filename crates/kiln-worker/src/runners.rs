@@ -119,6 +119,19 @@ impl WarmRunner {
         self.resident.as_ref().map_or(0, |r| r.memory_bytes())
     }
 
+    /// Waits for its reset ([`WarmRunner::reset`]): itself, ready for its
+    /// next action, or with why it is not (to be retired).
+    pub async fn ready(mut self) -> Result<WarmRunner, (WarmRunner, String)> {
+        let Some(reset) = self.reset.take() else {
+            return Ok(self);
+        };
+        match reset.await {
+            Ok(Ok(())) => Ok(self),
+            Ok(Err(e)) => Err((self, e.to_string())),
+            Err(e) => Err((self, e.to_string())),
+        }
+    }
+
     pub fn new(key: RunnerKey, dir: PathBuf, uses: u32) -> WarmRunner {
         WarmRunner {
             key,
@@ -422,6 +435,24 @@ mod tests {
         let mut runner = WarmRunner::new(key(name), format!("/{name}").into(), 1);
         runner.resident = Some(Box::new(Holding(bytes)));
         runner
+    }
+
+    #[tokio::test]
+    async fn a_runner_is_ready_once_its_reset_is_done_and_not_if_it_failed() {
+        let mut done = WarmRunner::new(key("a"), "/a".into(), 1);
+        done.reset = Some(tokio::task::spawn_blocking(|| Ok(())));
+        assert!(done.ready().await.is_ok_and(|r| r.reset.is_none()));
+        let mut failed = WarmRunner::new(key("b"), "/b".into(), 1);
+        failed.reset = Some(tokio::task::spawn_blocking(|| {
+            Err(std::io::Error::other("cannot be emptied"))
+        }));
+        let (runner, why) = failed.ready().await.unwrap_err();
+        assert_eq!(
+            (runner.dir, why),
+            (PathBuf::from("/b"), "cannot be emptied".into())
+        );
+        let never_reset = WarmRunner::new(key("c"), "/c".into(), 1);
+        assert!(never_reset.ready().await.is_ok());
     }
 
     #[test]

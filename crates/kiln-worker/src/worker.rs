@@ -448,18 +448,15 @@ impl Worker {
 
     /// `runner`, taken for an action, once its reset is done; None (and
     /// the runner retired) when the reset failed.
-    async fn ready(&self, mut runner: WarmRunner) -> Option<WarmRunner> {
-        let Some(reset) = runner.reset.take() else {
-            return Some(runner);
-        };
-        let error = match reset.await {
-            Ok(Ok(())) => return Some(runner),
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::warn!(path = %runner.dir.display(), %error, "a warm runner could not be cleaned; discarded");
-        retire_runner(runner, self.scratch.clone()).await;
-        None
+    async fn ready(&self, runner: WarmRunner) -> Option<WarmRunner> {
+        match runner.ready().await {
+            Ok(runner) => Some(runner),
+            Err((runner, error)) => {
+                tracing::warn!(path = %runner.dir.display(), %error, "a warm runner could not be cleaned; discarded");
+                retire_runner(runner, self.scratch.clone()).await;
+                None
+            }
+        }
     }
 
     /// Recycles a finished action's directory off its result's path: a
