@@ -388,24 +388,9 @@ fn the_web_ui_shows_a_real_build_in_chromium() {
     assert_eq!(body.len() as u64, OUTPUT_BYTES);
 
     // One slow action holds the executor's one slot; the other waits, and
-    // its page says why. (The slow one may be seen queued too, for the
-    // moment before it is assigned: the one wanted is the one that waits.)
+    // its page says why.
     let mut background = bazel.spawn(&["build", "--jobs=2", "//ui:slow", "//ui:waiting"]);
-    let started = Instant::now();
-    let queued_link = 'found: loop {
-        assert!(
-            started.elapsed() < HANG_GUARD,
-            "//ui:waiting was never queued"
-        );
-        let (_, list) = http_get(server.monitoring_port, "/operations?state=queued").unwrap();
-        for link in operation_links(&list) {
-            let (_, page) = http_get(server.monitoring_port, &link).unwrap();
-            if page.contains("//ui:waiting") && page.contains("Why is this still queued?") {
-                break 'found link;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (queued_link, _) = waiting_page(server.monitoring_port);
     let queued = visit(&queued_link, "queued-action", 1280, 800);
     assert!(queued.contains("Why is this still queued?"), "{queued}");
     assert!(queued.contains("free slot"), "{queued}");
@@ -455,15 +440,30 @@ fn the_browser_harness_reports_console_errors() {
     assert!(visit.dom.contains("<p>x</p>"), "{}", visit.dom);
 }
 
-/// The first queued operation's page, once there is one (bounded wait).
-fn first_queued_page(port: u16) -> (String, String) {
+/// The link and page of whichever of //ui:slow and //ui:waiting waits in
+/// the queue behind the other (Bazel sends them in either order), once its
+/// page has said why for a second: the one assigned first may be seen
+/// queued for the moment before it is, the one that waits for eight
+/// seconds. Bounded wait.
+fn waiting_page(port: u16) -> (String, String) {
     let started = Instant::now();
+    let mut first_seen: BTreeMap<String, Instant> = BTreeMap::new();
     loop {
-        assert!(started.elapsed() < HANG_GUARD, "no action was ever queued");
+        assert!(
+            started.elapsed() < HANG_GUARD,
+            "neither //ui:slow nor //ui:waiting waited in the queue"
+        );
         let (_, list) = http_get(port, "/operations?state=queued").unwrap();
-        if let Some(link) = operation_links(&list).into_iter().next() {
+        for link in operation_links(&list) {
             let (_, page) = http_get(port, &link).unwrap();
-            return (link, page);
+            let ours = page.contains("//ui:waiting") || page.contains("//ui:slow");
+            if !(ours && page.contains("Why is this still queued?")) {
+                continue;
+            }
+            let since = *first_seen.entry(link.clone()).or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(1) {
+                return (link, page);
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -533,7 +533,7 @@ fn a_queued_action_says_why_until_no_executor_can_take_it() {
 /// once it is gone, the page says no executor matches.
 fn the_queue_explains_itself(port: u16, executor: common::Process) {
     // One action holds the slot; the other's page says so.
-    let (link, page) = first_queued_page(port);
+    let (link, page) = waiting_page(port);
     assert!(page.contains("Why is this still queued?"), "{page}");
     assert!(page.contains("free slot"), "{page}");
 
