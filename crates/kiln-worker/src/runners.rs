@@ -22,9 +22,10 @@
 //! result went out: the runner is offered at once, and whoever takes or
 //! retires it waits for the reset first, [`WarmRunner::reset`]): its
 //! captured stdout/stderr and an overlay's lower layer are emptied;
-//! without `preserve-workspace` the workspace is emptied too. With it, the previous action's declared outputs, every file
-//! of its input tree, and the files matching `clean-workspace-inputs` are
-//! deleted, and the next action's inputs are laid over what is left
+//! without `preserve-workspace` the workspace is emptied too. With it,
+//! the previous action's declared outputs, every file of its input tree,
+//! and the files matching `clean-workspace-inputs` are deleted, and the
+//! next action's inputs are laid over what is left
 //! ([`crate::inputs::Placement::over_existing`]). Every path is opened
 //! beneath the runner's directory without following symlinks, so an action
 //! that replaced a directory with a link cannot make the executor delete

@@ -86,6 +86,11 @@ impl Scratch {
         (self.owner, self.group)
     }
 
+    /// Whether a file with `metadata` is the executor's (user and group).
+    pub fn owns(&self, metadata: &std::fs::Metadata) -> bool {
+        metadata.uid() == self.owner && metadata.gid() == self.group
+    }
+
     /// A directory for one action: an emptied one, or a new (not yet
     /// created) path under the root.
     pub fn action_dir(&self) -> PathBuf {
@@ -206,14 +211,12 @@ impl Scratch {
     /// and an action may have changed its mode. False when it cannot be
     /// made the executor's.
     fn reset(&self, path: &Path, metadata: &std::fs::Metadata) -> std::io::Result<bool> {
-        let is_ours =
-            |meta: &std::fs::Metadata| meta.uid() == self.owner && meta.gid() == self.group;
-        let mut ours = is_ours(metadata);
+        let mut ours = self.owns(metadata);
         if let Some(steps) = self.steps.as_ref().filter(|_| !ours) {
-            if let Err(error) = steps.take_back(path, &[], (self.owner, self.group)) {
+            if let Err(error) = steps.take_back(path, &[], self.owner()) {
                 tracing::debug!(path = %path.display(), %error, "taking back a directory");
             }
-            ours = path.symlink_metadata().is_ok_and(|meta| is_ours(&meta));
+            ours = path.symlink_metadata().is_ok_and(|meta| self.owns(&meta));
         }
         if ours && metadata.mode() & 0o7777 != DIR_MODE {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(DIR_MODE))?;

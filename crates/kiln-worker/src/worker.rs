@@ -206,14 +206,13 @@ impl Worker {
     /// (the executor embedded in `kiln serve`).
     pub async fn new(
         transport: impl Into<GrpcTransport>,
-        config: WorkerConfig,
+        mut config: WorkerConfig,
         isolations: Isolations,
     ) -> Result<Worker, RunError> {
         // Every path handed to a launcher, a container engine or a VM is
         // built from these, and must not depend on this process's
         // directory: a relative data directory would otherwise make them
         // relative, which the launchers refuse.
-        let mut config = config;
         for dir in [&mut config.work_root, &mut config.cache_dir] {
             *dir = std::path::absolute(&*dir)
                 .map_err(|e| RunError::io(format!("resolving {}", dir.display()), e))?;
@@ -407,14 +406,13 @@ impl Worker {
             tracing::info!(runners = runners.len(), "discarding the warm runners");
         }
         for mut runner in runners {
-            if let Some(reset) = runner.reset.take() {
-                let _ = reset.await;
-            }
-            discard_worker(runner.worker).await;
-            if let Some(resident) = runner.resident {
+            // Ended here, not in the background: no container outlives a
+            // stopping executor.
+            discard_worker(runner.worker.take()).await;
+            if let Some(resident) = runner.resident.take() {
                 resident.discard().await;
             }
-            recycle_action_dir(runner.dir, self.scratch.clone()).await;
+            retire_runner(runner, self.scratch.clone()).await;
         }
         self.isolations.settle().await;
     }
@@ -773,20 +771,19 @@ impl Worker {
             .isolations
             .privileged_steps()
             .filter(|_| in_place)
-            .map(|steps| (steps, written.clone(), self.scratch.owner()));
+            .map(|steps| (steps, written.clone(), self.scratch.clone()));
         let [stdout, stderr] = blocking(
             "adopting the outputs, hashing stdout and stderr",
             move || {
-                if let Some((steps, written, owner)) = take_back {
+                if let Some((steps, written, scratch)) = take_back {
                     let files: Vec<PathBuf> =
                         adopted.iter().map(|(path, ..)| path.clone()).collect();
                     let foreign = |path: &PathBuf| {
-                        use std::os::unix::fs::MetadataExt;
                         path.symlink_metadata()
-                            .is_ok_and(|meta| (meta.uid(), meta.gid()) != owner)
+                            .is_ok_and(|meta| !scratch.owns(&meta))
                     };
                     if files.iter().any(foreign) {
-                        if let Err(error) = steps.take_back(&written, &files, owner) {
+                        if let Err(error) = steps.take_back(&written, &files, scratch.owner()) {
                             tracing::debug!(%error, "taking back the action's outputs");
                         }
                     }
