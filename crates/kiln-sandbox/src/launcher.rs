@@ -9,7 +9,9 @@
 //! clones the action with [`child::spawn`] and answers with its pid once
 //! it has exec'd. It also takes the executor's other root-only steps that
 //! have moved behind it ([`crate::privileged`]: mounting and detaching
-//! workspace overlays), each checked to be that step and nothing more.
+//! workspace overlays, giving directories to an action's user and taking
+//! back what it made), each checked to be that step and nothing more, and
+//! under the work root alone once the executor has named it.
 //!
 //! Why processes of their own:
 //! - **Nothing of the executor reaches a starting action.** A clone copies

@@ -19,8 +19,9 @@
 //!   (`kiln launcher`) and takes its other root-only steps, and the
 //!   executor's side of it;
 //! - [`privileged`]: the workspace steps only root can take (overlays of
-//!   actions that run privileged, directories given to an action's user),
-//!   taken for the worker through the launchers;
+//!   actions that run privileged, directories given to an action's user
+//!   and taken back from it), taken for the worker through the launchers,
+//!   confined to the work root;
 //! - `child`: the code that runs between clone (or fork) and exec;
 //! - `cloned`: waiting for a cloned action through its pidfd.
 //!

@@ -24,8 +24,9 @@
 //! - [`runners`]: warm runners (`recycle-runner`), kept by runner key;
 //! - [`scratch`]: action directories, and the directories reused inside them;
 //! - [`workspace`]: how inputs are laid out so no action can change the
-//!   cache (linked, overlaid or copied); the overlays themselves are
-//!   mounted by the executor's privileged side (`PrivilegedSteps`);
+//!   cache (linked, overlaid or copied); the steps only root can take
+//!   (overlay mounts, owners given and taken back) are the executor's
+//!   privileged side's (`PrivilegedSteps`);
 //! - [`users`]: user names and uids from the host's /etc/passwd;
 //! - [`worker`]: [`Worker`], which runs one action by composing the above.
 //!

@@ -56,8 +56,9 @@ pub struct OverlayLayers {
     pub target: PathBuf,
 }
 
-/// The steps of laying out a workspace that only root can take, taken by
-/// the executor's privileged side: on a root executor, its launchers
+/// The steps on an action's workspace that only root can take (laying it
+/// out, and taking back what the action's user made), by the executor's
+/// privileged side: on a root executor, its launchers
 /// (`kiln_sandbox::privileged`). Every call blocks.
 pub trait PrivilegedSteps: Send + Sync + std::fmt::Debug {
     /// Limits every later step, and every directory given as an action
