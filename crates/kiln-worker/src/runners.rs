@@ -272,6 +272,10 @@ pub fn reset_for_reuse(
     };
     scratch.empty_action_dir(action_dir, &[RUNNER_TMP, WORKER_STDERR, leftovers.written])?;
     let written = action_dir.join(leftovers.written);
+    // Its directories are the action user's: the executor takes them
+    // back to delete in them, and gives them again before the next
+    // action (`Worker::stage`).
+    scratch.hand_over_directories(&written, scratch.owner())?;
     let root = rustix::fs::open(
         &written,
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,

@@ -86,6 +86,19 @@ impl Scratch {
         (self.owner, self.group)
     }
 
+    /// Hands `dir` and every directory under it (not the files) to
+    /// `owner` through the privileged side, where there is one: to the
+    /// executor, so that it can delete and link in a warm runner's
+    /// preserved workspace, which its action's user made; and back to that
+    /// user, before the next action there. Without privileged steps (a
+    /// non-root executor: everything is its own) nothing to do.
+    pub fn hand_over_directories(&self, dir: &Path, owner: (u32, u32)) -> std::io::Result<()> {
+        match &self.steps {
+            Some(steps) => steps.take_back(dir, &[], owner),
+            None => Ok(()),
+        }
+    }
+
     /// Whether a file with `metadata` is the executor's (user and group).
     pub fn owns(&self, metadata: &std::fs::Metadata) -> bool {
         metadata.uid() == self.owner && metadata.gid() == self.group
@@ -149,7 +162,7 @@ impl Scratch {
                 .push(action_dir);
             return Ok(());
         }
-        match std::fs::remove_dir_all(&action_dir) {
+        match remove_tree(&action_dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -180,7 +193,7 @@ impl Scratch {
                 continue;
             }
             if entry.file_type()?.is_dir() {
-                std::fs::remove_dir_all(entry.path())?;
+                remove_tree(&entry.path())?;
             } else {
                 std::fs::remove_file(entry.path())?;
             }
@@ -269,6 +282,43 @@ impl Scratch {
     pub fn spare_dirs(&self) -> usize {
         self.spare_dirs.lock().expect("scratch lock").len()
     }
+}
+
+/// Deletes the directory `path` and everything under it. A directory of
+/// the executor's own that is closed to its owner (overlayfs leaves its
+/// work directory's `work` at mode 0) is opened to it first: the
+/// executor holds no capability to write past a mode
+/// (`kiln-sandbox::capabilities`), but may change its own directories'.
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            open_to_owner(path, 0)?;
+            std::fs::remove_dir_all(path)
+        }
+        other => other,
+    }
+}
+
+/// How deep [`open_to_owner`] goes: as deep as an action's tree may be.
+const OPEN_DEPTH: usize = 256;
+
+/// Gives the owner (the executor) read, write and search on `dir` and
+/// each directory under it that it owns and lacks them on.
+fn open_to_owner(dir: &Path, depth: usize) -> std::io::Result<()> {
+    let metadata = dir.symlink_metadata()?;
+    if !metadata.is_dir() || depth > OPEN_DEPTH {
+        return Ok(());
+    }
+    if metadata.uid() == rustix::process::geteuid().as_raw() && metadata.mode() & 0o700 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            open_to_owner(&entry.path(), depth + 1)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

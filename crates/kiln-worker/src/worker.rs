@@ -1076,6 +1076,20 @@ impl Worker {
             )
             .await?,
         );
+        // A preserved workspace was taken back to be reset
+        // (`runners::reset_for_reuse`): its user gets its directories again.
+        if let Some(owner) = plan.directories.owner.filter(|_| plan.over_existing) {
+            let (scratch, root) = (self.scratch.clone(), written.clone());
+            blocking(
+                "giving a preserved workspace to the action's user",
+                move || {
+                    scratch.hand_over_directories(&root, owner).map_err(|e| {
+                        RunError::io(format!("giving {} to the action's user", root.display()), e)
+                    })
+                },
+            )
+            .await?;
+        }
         let overlay = if overlaid {
             Some(
                 self.mount_overlay(action_dir, &tree, &written, &workspace)
