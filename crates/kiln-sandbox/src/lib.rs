@@ -59,6 +59,7 @@
 //! (`EstimatedFreeDiskBytes`). Linux only; the executor must run as
 //! root.
 
+pub mod capabilities;
 pub mod cgroup;
 mod child;
 mod cloned;

@@ -90,7 +90,7 @@ struct ExecutorArgs {
 impl ExecutorArgs {
     /// The file's settings (or the defaults) with the flags over them,
     /// and notes about old-style keys.
-    fn into_config(self) -> anyhow::Result<(Config, Vec<String>)> {
+    fn to_config(&self) -> anyhow::Result<(Config, Vec<String>)> {
         let (mut config, notes) = Config::read(self.config.as_deref())?;
         self.executor.apply(&mut config.executor)?;
         self.log.apply(&mut config.log)?;
@@ -105,8 +105,7 @@ fn file_setting(path: &str) -> Option<PathBuf> {
     Some(PathBuf::from(path)).filter(|p| !p.as_os_str().is_empty())
 }
 
-async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
-    let (config, notes) = args.into_config()?;
+async fn executor((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
     init_logging(config.log.format, &config.log.level);
     for note in notes {
         tracing::warn!("{note}");
@@ -215,7 +214,7 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn into_config(self) -> anyhow::Result<(Config, Vec<String>)> {
+    fn to_config(&self) -> anyhow::Result<(Config, Vec<String>)> {
         let (mut config, notes) = Config::read(self.config.as_deref())?;
         self.settings.apply(&mut config)?;
         Ok((config, notes))
@@ -234,8 +233,7 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (config, notes) = args.into_config()?;
+async fn serve((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
     init_logging(config.log.format, &config.log.level);
     for note in notes {
         tracing::warn!("{note}");
@@ -269,15 +267,35 @@ fn main() -> anyhow::Result<()> {
     // settings they name.
     let args = kiln::config::migrate_flags(&Cli::command(), std::env::args_os().collect());
     let cli = Cli::parse_from(args);
-    match cli.command {
+    // Settings are read before any thread starts: what a root executor
+    // keeps of root's capabilities depends on them.
+    let configured = match cli.command {
         // Single-threaded, as it must stay: no runtime.
         Command::Launcher => return Ok(kiln_sandbox::launcher::serve()?),
-        // A root executor starts its actions through launchers, this
-        // binary run as `kiln launcher` (see `kiln_sandbox::launcher`).
-        Command::Serve(_) | Command::Executor(_) if rustix::process::geteuid().is_root() => {
+        Command::Serve(ref args) => Some(args.to_config()?),
+        Command::Executor(ref args) => Some(args.to_config()?),
+        _ => None,
+    };
+    if let Some((config, _)) = configured.as_ref() {
+        if rustix::process::geteuid().is_root() {
+            // A root executor starts its actions through launchers, this
+            // binary run as `kiln launcher` (see `kiln_sandbox::launcher`),
+            // which take its root-only steps; it keeps the capabilities
+            // its own process still needs.
             kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))?;
+            let vm_disks = config
+                .execution
+                .isolation
+                .offer
+                .iter()
+                .any(|t| t == "firecracker");
+            kiln_sandbox::capabilities::keep_only(kiln_sandbox::capabilities::executor_needs(
+                vm_disks,
+            ))
+            .map_err(|e| {
+                anyhow::anyhow!("dropping the capabilities the executor does not need: {e}")
+            })?;
         }
-        _ => {}
     }
     // Servers and the benchmark client alike move blobs through buffers
     // they free as fast as they take new ones.
@@ -287,8 +305,8 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(*args).await,
-            Command::Executor(args) => executor(*args).await,
+            Command::Serve(_) => serve(configured.expect("read above")).await,
+            Command::Executor(_) => executor(configured.expect("read above")).await,
             Command::Keys { command } => keys::run(command),
             Command::Config {
                 command: ConfigCommand::PrintDefault,

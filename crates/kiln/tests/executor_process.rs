@@ -1368,6 +1368,105 @@ async fn an_executor_with_a_relative_work_dir_runs_actions() {
     assert_eq!(result.stdout_digest, Some(digest(b"65534\n")));
 }
 
+/// A capability set from a `/proc/PID/status` line (`CapEff:\t…`).
+fn capabilities(pid: u32, task: Option<&str>, line: &str) -> u64 {
+    let path = match task {
+        Some(task) => format!("/proc/{pid}/task/{task}/status"),
+        None => format!("/proc/{pid}/status"),
+    };
+    let status = std::fs::read_to_string(&path).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(line))
+        .unwrap_or_else(|| panic!("no {line} in {path}"));
+    u64::from_str_radix(hex.trim(), 16).unwrap()
+}
+
+/// Capability numbers (linux/capability.h).
+const CAP_CHOWN: u32 = 0;
+const CAP_DAC_OVERRIDE: u32 = 1;
+const CAP_FOWNER: u32 = 3;
+const CAP_KILL: u32 = 5;
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SYS_MODULE: u32 = 16;
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// A root executor, and a root server with its embedded executor, keep
+/// only the capabilities their own process needs, in every thread; their
+/// launchers, which take the root-only steps, keep root's; and actions
+/// still run as the action user. (The rest of the suite runs under the
+/// same executors: every isolation type works without what it dropped.)
+#[tokio::test]
+async fn a_root_executor_keeps_only_the_capabilities_it_needs() {
+    if !common::root_available("the launchers of a root executor") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (server, address) = serve(scratch.path(), &[]);
+    let process = spawn_executor(
+        &address,
+        "capable",
+        &scratch.path().join("work"),
+        &["--isolation", "none,sandbox"],
+    );
+    process.wait_for_log("executor registered");
+    let response = completed(execute(&address, "id -u".into()).await).await;
+    let result = response.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    assert_eq!(result.stdout_digest, Some(digest(b"65534\n")));
+
+    let bit = |cap: u32| 1u64 << cap;
+    let dropped = [
+        ("CAP_CHOWN", CAP_CHOWN),
+        ("CAP_DAC_OVERRIDE", CAP_DAC_OVERRIDE),
+        ("CAP_FOWNER", CAP_FOWNER),
+        ("CAP_SETGID", CAP_SETGID),
+        ("CAP_SETUID", CAP_SETUID),
+        ("CAP_SYS_MODULE", CAP_SYS_MODULE),
+        ("CAP_SYS_PTRACE", CAP_SYS_PTRACE),
+    ];
+    for (what, pid) in [
+        ("the executor", process.child.id()),
+        ("the server", server.child.id()),
+    ] {
+        let bounding = capabilities(pid, None, "CapBnd:");
+        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|task| task.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(threads.len() > 1, "{what} runs one thread only");
+        for thread in &threads {
+            for set in ["CapEff:", "CapPrm:"] {
+                let caps = capabilities(pid, Some(thread), set);
+                for (name, cap) in dropped {
+                    assert_eq!(
+                        caps & bit(cap),
+                        0,
+                        "{what}'s thread {thread} still has {name} in {set} {caps:x}"
+                    );
+                }
+                assert_ne!(caps & bit(CAP_KILL), 0, "{what} lost CAP_KILL: {caps:x}");
+            }
+        }
+        // What it runs as root gets root's capabilities back: the
+        // bounding set is whole.
+        for (name, cap) in dropped {
+            assert_ne!(bounding & bit(cap), 0, "{what}'s bounding set lacks {name}");
+        }
+        for launcher in launchers_running(pid) {
+            let caps = capabilities(launcher, None, "CapEff:");
+            for (name, cap) in dropped {
+                assert_ne!(
+                    caps & bit(cap),
+                    0,
+                    "{what}'s launcher lacks {name}: {caps:x}"
+                );
+            }
+        }
+    }
+}
+
 /// Waits until `condition` holds, failing the test after [`HANG_GUARD`].
 async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + HANG_GUARD;

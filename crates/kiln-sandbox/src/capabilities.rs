@@ -1,0 +1,122 @@
+//! The capabilities a root executor keeps once its launchers run.
+//!
+//! The launchers take the root-only steps of starting an action and of its
+//! workspace (see [`crate::launcher`], [`crate::privileged`]), so the
+//! executor's own process, the one that talks to the scheduler, the CAS
+//! and the file cache, needs far less than root's whole set. It keeps
+//! [`executor_needs`] and drops the rest from its effective, permitted and
+//! inheritable sets. What it still does as root it does as the owner of
+//! root's files alone: it can change no file of another user (an
+//! action's, or anyone's on the host), no owner and no mode but its own,
+//! and it cannot switch users, trace processes or load modules.
+//!
+//! The bounding set is kept whole: the programs the executor runs as root
+//! (`kiln launcher`, `podman`, `nft`, QEMU) start with root's capabilities
+//! again, as they need. That makes this a guard against the executor's own
+//! mistakes (a path it got wrong, a file an action made it follow), not
+//! against code run inside it: that needs the executor to run as a user of
+//! its own, which is where this is heading (ARCHITECTURE.md, "Where root
+//! is").
+//!
+//! Capabilities belong to a thread, and a new thread copies its creator's.
+//! [`keep_only`] is therefore called while the process has one thread,
+//! before any runtime starts, and refuses otherwise.
+
+use std::io;
+
+pub use rustix::thread::CapabilitySet;
+
+/// What a root executor still needs in its own process, each for a reason
+/// that names the code:
+/// - `KILL`: signalling actions' process groups, which run as other users
+///   (`kiln-worker::process`);
+/// - `SYS_ADMIN`: making a network namespace per bridged action
+///   (`network`), and QEMU's `setns` into one before it execs
+///   (`kiln-vm::qemu`);
+/// - `NET_ADMIN`: wiring those namespaces (veth pairs, addresses, routes:
+///   `netlink`);
+/// - `NET_BIND_SERVICE`: a server listening on a port below 1024;
+/// - `DAC_READ_SEARCH`: reading the outputs an action's user closed to
+///   others (`kiln-worker::outputs` hashes them before anything is taken
+///   back, and a warm runner's workspace stays its user's between
+///   actions). It reads; it writes, deletes and changes nothing of
+///   another user's.
+///
+/// `vm_disks`: the executor builds VM disks from image layers, which it
+/// unpacks with their owners, modes and file capabilities
+/// (`kiln-vm::image_disk`): it keeps `CHOWN`, `FOWNER`, `FSETID`,
+/// `SETFCAP` and `DAC_OVERRIDE` (an image's directory may be closed to
+/// its owner) too.
+pub fn executor_needs(vm_disks: bool) -> CapabilitySet {
+    let mut set = CapabilitySet::KILL
+        | CapabilitySet::SYS_ADMIN
+        | CapabilitySet::NET_ADMIN
+        | CapabilitySet::NET_BIND_SERVICE
+        | CapabilitySet::DAC_READ_SEARCH;
+    if vm_disks {
+        set |= CapabilitySet::CHOWN
+            | CapabilitySet::FOWNER
+            | CapabilitySet::FSETID
+            | CapabilitySet::SETFCAP
+            | CapabilitySet::DAC_OVERRIDE;
+    }
+    set
+}
+
+/// Drops every capability outside `keep` from this process's effective,
+/// permitted and inheritable sets, for good. Only while the process has a
+/// single thread (`EBUSY` otherwise: other threads would keep theirs).
+pub fn keep_only(keep: CapabilitySet) -> io::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("capabilities can be dropped only while the process has one thread; it has {threads}"),
+        ));
+    }
+    let current = rustix::thread::capabilities(None)?;
+    rustix::thread::set_capabilities(
+        None,
+        rustix::thread::CapabilitySets {
+            effective: current.effective & keep,
+            permitted: current.permitted & keep,
+            inheritable: CapabilitySet::empty(),
+        },
+    )?;
+    Ok(())
+}
+
+/// This process's effective capabilities.
+pub fn effective() -> io::Result<CapabilitySet> {
+    Ok(rustix::thread::capabilities(None)?.effective)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_are_not_dropped_while_another_thread_runs() {
+        let before = effective().unwrap();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || stopped.recv());
+        let error = keep_only(CapabilitySet::empty()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ResourceBusy, "{error}");
+        assert!(error.to_string().contains("one thread"), "{error}");
+        assert_eq!(effective().unwrap(), before);
+        stop.send(()).unwrap();
+        other.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn only_an_executor_building_vm_disks_keeps_what_changing_owners_takes() {
+        let owners = CapabilitySet::CHOWN | CapabilitySet::FOWNER | CapabilitySet::DAC_OVERRIDE;
+        assert!(executor_needs(false).intersection(owners).is_empty());
+        assert!(executor_needs(true).contains(owners));
+        for vm_disks in [false, true] {
+            let needs = executor_needs(vm_disks);
+            assert!(needs.contains(CapabilitySet::KILL | CapabilitySet::DAC_READ_SEARCH));
+            assert!(!needs.intersects(CapabilitySet::SETUID | CapabilitySet::SETGID));
+        }
+    }
+}
