@@ -22,6 +22,8 @@
 //!   actions that run privileged, directories given to an action's user
 //!   and taken back from it), taken for the worker through the launchers,
 //!   confined to the work root;
+//! - [`capabilities`]: what a root executor's own process keeps of root's
+//!   capabilities once its launchers run;
 //! - `child`: the code that runs between clone (or fork) and exec;
 //! - `cloned`: waiting for a cloned action through its pidfd.
 //!
