@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_worker::workspace::{OverlayLayers, PrivilegedSteps, OVERLAY_OPTIONS};
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, CWD};
 use rustix::mount::{MountFlags, UnmountFlags};
 use rustix::process::{Gid, Uid};
@@ -120,7 +120,8 @@ pub(crate) enum Request {
         directories: Vec<CString>,
     },
     /// Give `directory` and every directory under it, and the regular
-    /// `files` (relative to it) that have one link, to `owner`.
+    /// `files` (relative to it) that have one link, to `owner`; a listed
+    /// directory has every such file under it given too.
     TakeBack {
         owner: (u32, u32),
         directory: CString,
@@ -284,13 +285,14 @@ const TAKE_BACK_DEPTH: usize = 256;
 
 /// Gives `directory`, each directory under it on its file system (to
 /// [`TAKE_BACK_DEPTH`] levels), and each of `files` (relative to it) that
-/// is a regular file with a single link to `owner`. No symlink is followed
-/// and no other file system entered, through descriptors, so an action
-/// that left symlinks or swapped names reaches nothing outside. A file
-/// with more than one link may also be somewhere else (another action's,
-/// a host file its owner linked) and stays as it is. Files that are
-/// missing or unreachable that way are left; deeper levels make it an
-/// error (`ELOOP`) once the rest is done.
+/// is a regular file with a single link to `owner`; a listed directory
+/// (an output directory) has every such file under it given too. No
+/// symlink is followed and no other file system entered, through
+/// descriptors, so an action that left symlinks or swapped names reaches
+/// nothing outside. A file with more than one link may also be somewhere
+/// else (another action's, a host file its owner linked) and stays as it
+/// is. Files that are missing or unreachable that way are left; deeper
+/// levels make it an error (`ELOOP`) once the rest is done.
 fn take_back(directory: &CStr, files: &[CString], (uid, gid): (u32, u32)) -> io::Result<()> {
     check_plain_path(directory)?;
     let owner = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
@@ -303,15 +305,17 @@ fn take_back(directory: &CStr, files: &[CString], (uid, gid): (u32, u32)) -> io:
         ResolveFlags::NO_SYMLINKS,
     )?;
     let beneath = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
-    for file in files {
+    // A regular file with one link, reached from `parent` without a
+    // symlink, is given; anything else is left. Returns what was found.
+    let take_file = |parent: BorrowedFd<'_>, name: &CStr| -> io::Result<Option<rustix::fs::Stat>> {
         let Ok(fd) = rustix::fs::openat2(
-            &top,
-            file.as_c_str(),
+            parent,
+            name,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
             beneath,
         ) else {
-            continue;
+            return Ok(None);
         };
         let stat = rustix::fs::fstat(&fd)?;
         let single =
@@ -319,27 +323,46 @@ fn take_back(directory: &CStr, files: &[CString], (uid, gid): (u32, u32)) -> io:
         if single && !ours(&stat) {
             rustix::fs::chownat(&fd, c"", owner.0, owner.1, AtFlags::EMPTY_PATH)?;
         }
+        Ok(Some(stat))
+    };
+    // Listed directories: every file under them is given as well.
+    let mut trees = Vec::new();
+    for file in files {
+        if let Some(stat) = take_file(top.as_fd(), file.as_c_str())? {
+            if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
+                trees.push((stat.st_dev, stat.st_ino));
+            }
+        }
     }
     // Depth first, one descriptor per level: each directory is taken back
-    // as it is entered, then its subdirectories one at a time.
+    // as it is entered, then its subdirectories one at a time (and, within
+    // a listed directory, its files).
     let mut too_deep = false;
-    let mut walking: Vec<Dir> = Vec::new();
+    let mut walking: Vec<(Dir, bool)> = Vec::new();
     let mut entered = Some(top);
     loop {
         if let Some(dir) = entered.take() {
-            if !ours(&rustix::fs::fstat(&dir)?) {
+            let stat = rustix::fs::fstat(&dir)?;
+            if !ours(&stat) {
                 rustix::fs::fchown(&dir, owner.0, owner.1)?;
             }
+            let with_files = walking.last().is_some_and(|(_, files)| *files)
+                || trees.contains(&(stat.st_dev, stat.st_ino));
             if walking.len() < TAKE_BACK_DEPTH {
-                walking.push(Dir::new(dir)?);
+                walking.push((Dir::new(dir)?, with_files));
             } else {
                 too_deep = true;
             }
         }
-        let Some(level) = walking.last_mut() else {
+        let Some((level, with_files)) = walking.last_mut() else {
             break;
         };
-        match next_subdirectory(level, beneath)? {
+        let on_file: Option<&OnFile<'_>> = if *with_files {
+            Some(&|parent, name| take_file(parent, name).map(drop))
+        } else {
+            None
+        };
+        match next_subdirectory(level, beneath, on_file)? {
             Some(subdirectory) => entered = Some(subdirectory),
             None => {
                 walking.pop();
@@ -352,9 +375,17 @@ fn take_back(directory: &CStr, files: &[CString], (uid, gid): (u32, u32)) -> io:
     Ok(())
 }
 
+/// What a walk does with a file it passes: given its directory and name.
+type OnFile<'a> = dyn Fn(BorrowedFd<'_>, &CStr) -> io::Result<()> + 'a;
+
 /// The next entry of `dir` that is a directory on its file system, opened;
-/// None when there is none left.
-fn next_subdirectory(dir: &mut Dir, resolve: ResolveFlags) -> io::Result<Option<OwnedFd>> {
+/// None when there is none left. Each other entry passed on the way goes
+/// to `on_file`, when given.
+fn next_subdirectory(
+    dir: &mut Dir,
+    resolve: ResolveFlags,
+    on_file: Option<&OnFile<'_>>,
+) -> io::Result<Option<OwnedFd>> {
     while let Some(entry) = dir.next() {
         let entry = entry?;
         let name = entry.file_name();
@@ -369,6 +400,11 @@ fn next_subdirectory(dir: &mut Dir, resolve: ResolveFlags) -> io::Result<Option<
             _ => false,
         };
         if !is_dir {
+            if let Some(on_file) = on_file {
+                if matches!(entry.file_type(), FileType::RegularFile | FileType::Unknown) {
+                    on_file(parent, name)?;
+                }
+            }
             continue;
         }
         // A name swapped for a symlink or a mount since it was listed is
@@ -459,6 +495,17 @@ mod tests {
         std::fs::hard_link(outside.join("host-file"), tree.join("out/host-link")).unwrap();
         std::fs::hard_link(tree.join("out/linked.o"), outside.join("second-name")).unwrap();
         std::os::unix::fs::symlink(&outside, tree.join("out/escape")).unwrap();
+        // An output directory, listed: the files under it go too; the
+        // files of a directory not listed stay.
+        let listed = tree.join("out/listed");
+        std::fs::create_dir_all(listed.join("sub")).unwrap();
+        std::fs::write(listed.join("a.o"), "e").unwrap();
+        std::fs::write(listed.join("sub/b.o"), "f").unwrap();
+        std::fs::write(listed.join("twice.o"), "g").unwrap();
+        std::fs::hard_link(listed.join("twice.o"), outside.join("listed-link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("alone"), listed.join("sub/escape")).unwrap();
+        std::fs::create_dir(tree.join("unlisted")).unwrap();
+        std::fs::write(tree.join("unlisted/c.o"), "h").unwrap();
         // Deeper than a take-back walks.
         let mut deep = tree.join("deep");
         for _ in 0..TAKE_BACK_DEPTH + 2 {
@@ -481,6 +528,7 @@ mod tests {
             "out/host-link",
             "out/escape/alone",
             "../outside/alone",
+            "out/listed",
             "missing",
         ]
         .map(|file| tree.join(file));
@@ -497,8 +545,19 @@ mod tests {
             assert_eq!(owner(dir), (0, 0), "{}", dir.display());
         }
         assert_eq!(owner(&closed.join("single.o")), (0, 0));
-        // Files with a second name, and everything outside, stay as they were.
         for file in [
+            listed.join("a.o"),
+            listed.join("sub/b.o"),
+            listed.join("sub"),
+        ] {
+            assert_eq!(owner(&file), (0, 0), "{}", file.display());
+        }
+        // Files with a second name, files of directories not listed, and
+        // everything outside, stay as they were.
+        for file in [
+            listed.join("twice.o"),
+            listed.join("sub/escape"),
+            tree.join("unlisted/c.o"),
             tree.join("out/linked.o"),
             tree.join("out/host-link"),
             tree.join("out/escape"),

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -260,7 +260,7 @@ fn build_directory(
     blobs: &mut Vec<(Digest, UploadSource)>,
 ) -> Result<Directory, RunError> {
     let mut directory = Directory::default();
-    let entries = std::fs::read_dir(path)
+    let entries = opened_as_owner(path, 0o500, |p| std::fs::read_dir(p))
         .map_err(|e| RunError::io(format!("listing {}", path.display()), e))?;
     for entry in entries {
         let entry = entry.map_err(|e| RunError::io(format!("listing {}", path.display()), e))?;
@@ -311,9 +311,42 @@ fn is_executable(metadata: &std::fs::Metadata) -> bool {
     metadata.permissions().mode() & 0o111 != 0
 }
 
+/// `open(path)`, for an output the executor must read. One it owns but
+/// closed to its owner (an action running as root may leave mode 000;
+/// one taken back from the action's user keeps its mode) gets the owner's
+/// `bits` added and is opened again: the executor holds no capability to
+/// read past a mode (`kiln-sandbox::capabilities`). One of another user's
+/// that stays closed (a file with a second link is never taken back) is
+/// an error that says so.
+pub fn opened_as_owner<T>(
+    path: &Path,
+    bits: u32,
+    open: impl Fn(&Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    match open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let metadata = std::fs::symlink_metadata(path)?;
+            if metadata.uid() != rustix::process::geteuid().as_raw() {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e}: the action's user (uid {}) closed it to others, and it was not \
+                         given to the executor (a file with more than one link never is)",
+                        metadata.uid()
+                    ),
+                ));
+            }
+            let mode = metadata.permissions().mode();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | bits))?;
+            open(path)
+        }
+        other => other,
+    }
+}
+
 /// The SHA-256 digest of a file, read in chunks.
 pub fn hash_file(path: &Path) -> Result<Digest, RunError> {
-    let mut file = std::fs::File::open(path)
+    let mut file = opened_as_owner(path, 0o400, |p| std::fs::File::open(p))
         .map_err(|e| RunError::io(format!("opening {}", path.display()), e))?;
     hash_copy(&mut file, &mut std::io::sink())
         .map_err(|e| RunError::io(format!("reading {}", path.display()), e))

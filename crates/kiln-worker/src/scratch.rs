@@ -162,7 +162,7 @@ impl Scratch {
                 .push(action_dir);
             return Ok(());
         }
-        match remove_tree(&action_dir) {
+        match self.remove_tree(&action_dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -193,7 +193,7 @@ impl Scratch {
                 continue;
             }
             if entry.file_type()?.is_dir() {
-                remove_tree(&entry.path())?;
+                self.remove_tree(&entry.path())?;
             } else {
                 std::fs::remove_file(entry.path())?;
             }
@@ -216,6 +216,26 @@ impl Scratch {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the directory `path` and everything under it. What the
+    /// executor cannot delete in (directories an action's user made, as in
+    /// a warm sandbox runner's /tmp; its own closed ones, as overlayfs
+    /// leaves its work directory's `work` at mode 0) is taken back through
+    /// the privileged side and opened to it first: the executor holds no
+    /// capability to write past an owner or a mode
+    /// (`kiln-sandbox::capabilities`). Blocking.
+    fn remove_tree(&self, path: &Path) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                if let Some(steps) = &self.steps {
+                    steps.take_back(path, &[], self.owner())?;
+                }
+                open_to_owner(path, 0)?;
+                std::fs::remove_dir_all(path)
+            }
+            other => other,
+        }
     }
 
     /// Makes the directory `path` the executor's again, mode 0755: one
@@ -281,21 +301,6 @@ impl Scratch {
     /// Directories in the pool now.
     pub fn spare_dirs(&self) -> usize {
         self.spare_dirs.lock().expect("scratch lock").len()
-    }
-}
-
-/// Deletes the directory `path` and everything under it. A directory of
-/// the executor's own that is closed to its owner (overlayfs leaves its
-/// work directory's `work` at mode 0) is opened to it first: the
-/// executor holds no capability to write past a mode
-/// (`kiln-sandbox::capabilities`), but may change its own directories'.
-fn remove_tree(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            open_to_owner(path, 0)?;
-            std::fs::remove_dir_all(path)
-        }
-        other => other,
     }
 }
 

@@ -714,6 +714,8 @@ impl Worker {
                     ));
                 }
                 None => {
+                    self.take_back_outputs(&command, &written, &workspace, &working_path)
+                        .await?;
                     let stored = spec
                         .stored_outputs
                         .as_ref()
@@ -764,30 +766,12 @@ impl Worker {
             })
             .collect();
         let cache = self.cache.clone();
-        // Outputs the action's user made are given back to the executor
-        // first, the directories with them (so that emptying them needs no
-        // second request): an output it owns alone is adopted in place.
-        let take_back = self
-            .isolations
-            .privileged_steps()
-            .filter(|_| in_place)
-            .map(|steps| (steps, written.clone(), self.scratch.clone()));
+        // The outputs were taken back before they were hashed
+        // (`take_back_outputs`): one the executor owns alone is adopted in
+        // place.
         let [stdout, stderr] = blocking(
             "adopting the outputs, hashing stdout and stderr",
             move || {
-                if let Some((steps, written, scratch)) = take_back {
-                    let files: Vec<PathBuf> =
-                        adopted.iter().map(|(path, ..)| path.clone()).collect();
-                    let foreign = |path: &PathBuf| {
-                        path.symlink_metadata()
-                            .is_ok_and(|meta| !scratch.owns(&meta))
-                    };
-                    if files.iter().any(foreign) {
-                        if let Err(error) = steps.take_back(&written, &files, scratch.owner()) {
-                            tracing::debug!(%error, "taking back the action's outputs");
-                        }
-                    }
-                }
                 for (path, digest, executable) in &adopted {
                     if in_place {
                         cache.adopt(path, digest, *executable);
@@ -1112,6 +1096,63 @@ impl Worker {
             input_root,
             owned_directories,
         })
+    }
+
+    /// Has the launchers give what the action's user made to the executor
+    /// before its outputs are read: every directory of the workspace, the
+    /// declared output files and everything under the declared output
+    /// directories (files with a single link; see
+    /// [`PrivilegedSteps::take_back`]). The executor keeps no capability to
+    /// read past a mode (`kiln-sandbox::capabilities`), and an action may
+    /// close its outputs to others. Sent only when something there is not
+    /// the executor's already. A launcher that died with the request gives
+    /// the action back (`ExecutorUnavailable`); another failure is logged,
+    /// and reading what stays closed then fails naming the output.
+    async fn take_back_outputs(
+        &self,
+        command: &Command,
+        written: &Path,
+        workspace: &Path,
+        working_path: &Path,
+    ) -> Result<(), RunError> {
+        let Some(steps) = self.isolations.privileged_steps() else {
+            return Ok(());
+        };
+        let declared = outputs::declared_paths(command);
+        if declared.is_empty() {
+            return Ok(());
+        }
+        // Outputs as the action wrote them: under an overlay, in its upper
+        // layer (where only a root action writes, owning them already).
+        let working_directory = working_path
+            .strip_prefix(workspace)
+            .unwrap_or(Path::new(""));
+        let in_written = written.join(working_directory);
+        let files: Vec<PathBuf> = declared.iter().map(|path| in_written.join(path)).collect();
+        let (scratch, written) = (self.scratch.clone(), written.to_path_buf());
+        let taken = tokio::task::spawn_blocking(move || {
+            // What cannot even be looked at is not the executor's either.
+            let foreign = |path: &Path| match path.symlink_metadata() {
+                Ok(meta) => !scratch.owns(&meta),
+                Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+            };
+            if foreign(&written) || files.iter().any(|file| foreign(file)) {
+                steps.take_back(&written, &files, scratch.owner())?;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(|e| RunError::Internal(format!("taking back the action's outputs: {e}")))?;
+        match taken {
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionAborted => Err(
+                privileged_step_error("taking back the action's outputs".into(), error),
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "the action's outputs were not taken back before reading them");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// Whether output files may become cache entries in place (hardlinked,
