@@ -6,9 +6,10 @@
 //! and the file cache, needs far less than root's whole set. It keeps
 //! [`executor_needs`] and drops the rest from its effective, permitted and
 //! inheritable sets. What it still does as root it does as the owner of
-//! root's files alone: it can change no file of another user (an
-//! action's, or anyone's on the host), no owner and no mode but its own,
-//! and it cannot switch users, trace processes or load modules.
+//! root's files alone: it can read or change no file of another user (an
+//! action's, or anyone's on the host) that its mode keeps from others,
+//! change no owner and no mode but its own, and it cannot switch users,
+//! trace processes or load modules.
 //!
 //! The bounding set is kept whole: the programs the executor runs as root
 //! (`kiln launcher`, `podman`, `nft`, QEMU) start with root's capabilities
@@ -35,12 +36,11 @@ pub use rustix::thread::CapabilitySet;
 ///   (`kiln-vm::qemu`);
 /// - `NET_ADMIN`: wiring those namespaces (veth pairs, addresses, routes:
 ///   `netlink`);
-/// - `NET_BIND_SERVICE`: a server listening on a port below 1024;
-/// - `DAC_READ_SEARCH`: reading the outputs an action's user closed to
-///   others (`kiln-worker::outputs` hashes them before anything is taken
-///   back, and a warm runner's workspace stays its user's between
-///   actions). It reads; it writes, deletes and changes nothing of
-///   another user's.
+/// - `NET_BIND_SERVICE`: a server listening on a port below 1024.
+///
+/// Not `DAC_READ_SEARCH`: what an action's user made is given to the
+/// executor through the launchers before the executor reads it
+/// (`kiln-worker`'s `take_back_outputs`).
 ///
 /// `vm_disks`: the executor builds VM disks from image layers, which it
 /// unpacks with their owners, modes and file capabilities
@@ -51,8 +51,7 @@ pub fn executor_needs(vm_disks: bool) -> CapabilitySet {
     let mut set = CapabilitySet::KILL
         | CapabilitySet::SYS_ADMIN
         | CapabilitySet::NET_ADMIN
-        | CapabilitySet::NET_BIND_SERVICE
-        | CapabilitySet::DAC_READ_SEARCH;
+        | CapabilitySet::NET_BIND_SERVICE;
     if vm_disks {
         set |= CapabilitySet::CHOWN
             | CapabilitySet::FOWNER
@@ -115,7 +114,8 @@ mod tests {
         assert!(executor_needs(true).contains(owners));
         for vm_disks in [false, true] {
             let needs = executor_needs(vm_disks);
-            assert!(needs.contains(CapabilitySet::KILL | CapabilitySet::DAC_READ_SEARCH));
+            assert!(needs.contains(CapabilitySet::KILL));
+            assert!(!needs.contains(CapabilitySet::DAC_READ_SEARCH));
             assert!(!needs.intersects(CapabilitySet::SETUID | CapabilitySet::SETGID));
         }
     }

@@ -1347,6 +1347,159 @@ async fn what_an_action_user_made_is_taken_back_by_the_launchers() {
     }
 }
 
+/// Executes `script` declaring `output_paths`, in pool `procs` with
+/// `properties` besides it; the completed response.
+async fn execute_with_outputs(
+    address: &str,
+    script: &str,
+    output_paths: &[&str],
+    properties: &[(&str, &str)],
+) -> reapi::ExecuteResponse {
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let command = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        output_paths: output_paths.iter().map(|p| p.to_string()).collect(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let empty = reapi::Directory::default().encode_to_vec();
+    let mut all = vec![("Pool", "procs")];
+    all.extend_from_slice(properties);
+    let action = reapi::Action {
+        command_digest: Some(digest(&command)),
+        input_root_digest: Some(digest(&empty)),
+        platform: Some(remote::platform(&all)),
+        do_not_cache: true,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action_digest = digest(&action);
+    remote::upload_as(&channel, None, &[command, empty, action]).await;
+    completed(execute_digest(channel, action_digest).await.unwrap()).await
+}
+
+/// The executor reads no file past its mode (it keeps no
+/// CAP_DAC_READ_SEARCH): what an action's user closed to others, in
+/// output files and output directories, is given to it by the launchers
+/// before it is read, in a fresh runner and in a warm one, kept with its
+/// workspace or not; what an action closed to its owner is opened to the
+/// executor where it is the owner; and a closed output with a second link,
+/// which is never given, fails the action naming it.
+#[tokio::test]
+async fn outputs_closed_to_others_are_read_once_taken_back() {
+    if !common::root_available("the launchers of a root executor") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let process = spawn_executor(
+        &address,
+        "closed-outputs",
+        &scratch.path().join("work"),
+        &["--isolation", "none,sandbox"],
+    );
+    process.wait_for_log("executor registered");
+    // A tree closed at every level, a file closed even to its owner, and a
+    // file alone in a closed directory.
+    let script = "rm -rf tree lone zero && mkdir -p tree/deep lone && echo t > tree/top \
+                  && echo f > tree/deep/file && echo z > zero && echo l > lone/file \
+                  && chmod 600 tree/top tree/deep/file lone/file && chmod 000 zero \
+                  && chmod 700 tree tree/deep lone";
+    let file = |name: &str, bytes: &[u8]| reapi::FileNode {
+        name: name.into(),
+        digest: Some(digest(bytes)),
+        ..Default::default()
+    };
+    let deep = reapi::Directory {
+        files: vec![file("file", b"f\n")],
+        ..Default::default()
+    };
+    let tree = reapi::Directory {
+        files: vec![file("top", b"t\n")],
+        directories: vec![reapi::DirectoryNode {
+            name: "deep".into(),
+            digest: Some(digest(&deep.encode_to_vec())),
+        }],
+        ..Default::default()
+    };
+    let tree_digest = digest(&tree.encode_to_vec());
+    let cases: [&[(&str, &str)]; 5] = [
+        &[("workload-isolation-type", "none")],
+        &[("workload-isolation-type", "sandbox")],
+        &[
+            ("workload-isolation-type", "none"),
+            ("recycle-runner", "true"),
+        ],
+        &[
+            ("workload-isolation-type", "none"),
+            ("recycle-runner", "true"),
+            ("preserve-workspace", "true"),
+        ],
+        &[
+            ("workload-isolation-type", "sandbox"),
+            ("recycle-runner", "true"),
+            ("preserve-workspace", "true"),
+        ],
+    ];
+    for properties in cases {
+        // Twice: a warm runner's second action reads its outputs too.
+        for round in 0..2 {
+            let response =
+                execute_with_outputs(&address, script, &["tree", "zero", "lone/file"], properties)
+                    .await;
+            let result = response.result.clone().expect("a result");
+            assert_eq!(
+                (
+                    result.exit_code,
+                    response.status.as_ref().map_or(0, |s| s.code)
+                ),
+                (0, 0),
+                "{properties:?}, round {round}: {response:?}"
+            );
+            let mut files: Vec<_> = result
+                .output_files
+                .iter()
+                .map(|f| (f.path.as_str(), f.digest.clone()))
+                .collect();
+            files.sort_by_key(|(path, _)| *path);
+            assert_eq!(
+                files,
+                [
+                    ("lone/file", Some(digest(b"l\n"))),
+                    ("zero", Some(digest(b"z\n")))
+                ],
+                "{properties:?}, round {round}"
+            );
+            assert_eq!(result.output_directories.len(), 1, "{properties:?}");
+            assert_eq!(
+                result.output_directories[0].root_directory_digest,
+                Some(tree_digest.clone()),
+                "{properties:?}, round {round}"
+            );
+        }
+    }
+
+    // A second link: never taken back, so never read; the status says why.
+    let response = execute_with_outputs(
+        &address,
+        "echo x > a && chmod 600 a && ln a b",
+        &["a", "b"],
+        &[("workload-isolation-type", "none")],
+    )
+    .await;
+    let status = response.status.expect("a status");
+    assert_ne!(status.code, 0, "{status:?}");
+    assert!(
+        status.message.contains("closed it to others")
+            && status.message.contains("more than one link"),
+        "{status:?}"
+    );
+}
+
 /// A work directory given relative to where the executor starts works as
 /// an absolute one: its actions run as the action user (whose workspace
 /// directories the launchers, which take absolute paths alone, give it).
