@@ -59,23 +59,29 @@ fn executor(address: &str, name: &str, work_dir: &Path) -> Process {
     process
 }
 
-/// `kiln serve` without an embedded executor, plus `extra` flags; returns
-/// it and its address.
 /// A server and a registered executor `name` offering `none` and
 /// `docker`, with the test images built: (server, its address, executor).
 fn serve_docker_executor(scratch: &Path, name: &str) -> (Process, String, Process) {
     common::test_images().unwrap_or_else(|error| panic!("building the test images: {error}"));
+    serve_with_executor(scratch, name, "none,docker")
+}
+
+/// A server and a registered executor `name` offering `isolation` (as
+/// `--isolation` takes it): (server, its address, executor).
+fn serve_with_executor(scratch: &Path, name: &str, isolation: &str) -> (Process, String, Process) {
     let (server, address) = serve(scratch, &[]);
     let executor = spawn_executor(
         &address,
         name,
         &scratch.join("work"),
-        &["--isolation", "none,docker"],
+        &["--isolation", isolation],
     );
     executor.wait_for_log("executor registered");
     (server, address, executor)
 }
 
+/// `kiln serve` without an embedded executor, plus `extra` flags; returns
+/// it and its address.
 fn serve(scratch: &Path, extra: &[&str]) -> (Process, String) {
     serve_on("127.0.0.1:0", &scratch.join("server"), extra)
 }
@@ -1395,14 +1401,8 @@ async fn outputs_closed_to_others_are_read_once_taken_back() {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
-    let (_server, address) = serve(scratch.path(), &[]);
-    let process = spawn_executor(
-        &address,
-        "closed-outputs",
-        &scratch.path().join("work"),
-        &["--isolation", "none,sandbox"],
-    );
-    process.wait_for_log("executor registered");
+    let (_server, address, _executor) =
+        serve_with_executor(scratch.path(), "closed-outputs", "none,sandbox");
     // A tree closed at every level, a file closed even to its owner, and a
     // file alone in a closed directory.
     let script = "rm -rf tree lone zero && mkdir -p tree/deep lone && echo t > tree/top \
@@ -1556,14 +1556,7 @@ async fn a_root_executor_keeps_only_the_capabilities_it_needs() {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
-    let (server, address) = serve(scratch.path(), &[]);
-    let process = spawn_executor(
-        &address,
-        "capable",
-        &scratch.path().join("work"),
-        &["--isolation", "none,sandbox"],
-    );
-    process.wait_for_log("executor registered");
+    let (server, address, process) = serve_with_executor(scratch.path(), "capable", "none,sandbox");
     let response = completed(execute(&address, "id -u".into()).await).await;
     let result = response.result.expect("a result");
     assert_eq!(result.exit_code, 0, "{:?}", response.status);
@@ -1653,14 +1646,8 @@ async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
-    let (_server, address) = serve(scratch.path(), &[]);
-    let process = spawn_executor(
-        &address,
-        "launched",
-        &scratch.path().join("work"),
-        &["--isolation", "none,sandbox"],
-    );
-    process.wait_for_log("executor registered");
+    let (_server, address, process) =
+        serve_with_executor(scratch.path(), "launched", "none,sandbox");
     let executor = process.child.id();
     let launchers = launchers_running(executor);
 
