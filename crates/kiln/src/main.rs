@@ -262,6 +262,37 @@ async fn serve((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses to start when `dir` (or, while it does not exist, the nearest
+/// directory above it) cannot be written by this root process, which keeps
+/// no capability to write past an owner and a mode: said now, with the way
+/// out, rather than as a failure deep in opening the store.
+fn writable_as_root(flag: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if dir.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let Some(existing) = dir.ancestors().find(|d| d.symlink_metadata().is_ok()) else {
+        return Ok(());
+    };
+    // access(2) checks a root caller against its permitted capabilities,
+    // which no longer hold CAP_DAC_OVERRIDE.
+    let access = rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK;
+    if rustix::fs::access(existing, access).is_ok() {
+        return Ok(());
+    }
+    let meta = existing.metadata()?;
+    anyhow::bail!(
+        "{flag} {}: {} (uid {}, mode {:o}) is not writable by this process. Kiln running as \
+         root keeps no capability to write past a file's owner and mode (README, \
+         \"Launchers\"): give the directory to root (chown root: {}) or choose one root owns",
+        dir.display(),
+        existing.display(),
+        meta.uid(),
+        meta.mode() & 0o7777,
+        existing.display()
+    )
+}
+
 fn main() -> anyhow::Result<()> {
     // Flags spelled the old way (`--sync-interval-ms 1000`) are read as the
     // settings they name.
@@ -295,6 +326,13 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| {
                 anyhow::anyhow!("dropping the capabilities the executor does not need: {e}")
             })?;
+            let dirs = match &cli.command {
+                Command::Serve(_) => vec![("--data-dir", config.data_dir.clone())],
+                _ => vec![("--work-dir", config.executor.work_dir.clone())],
+            };
+            for (flag, dir) in dirs {
+                writable_as_root(flag, &dir)?;
+            }
         }
     }
     // Servers and the benchmark client alike move blobs through buffers

@@ -363,6 +363,34 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     assert!(stderr_of(first).0.success());
 }
 
+/// A root server keeps no capability to write past an owner and a mode:
+/// a data directory of another user's is refused at start, saying why
+/// and what to do, not deep in opening the store.
+#[test]
+fn a_root_server_refuses_a_data_dir_it_cannot_write() {
+    if !common::root_available("a root server's capabilities") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let output = serve_on_free_ports()
+        .arg("--data-dir")
+        .arg(theirs.join("kiln"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--data-dir")
+            && stderr.contains("uid 65534")
+            && stderr.contains("chown root:"),
+        "{stderr}"
+    );
+    assert!(!theirs.join("kiln").exists(), "it wrote there all the same");
+}
+
 /// A server killed with SIGKILL (no shutdown, no final sync) restarts with
 /// every blob it acknowledged: the journal and data were written before
 /// the acknowledgement, and start-up re-verifies what the last checkpoint
