@@ -262,30 +262,38 @@ async fn serve((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses to start when `dir` (or, while it does not exist, the nearest
-/// directory above it) cannot be written by this root process, which keeps
-/// no capability to write past an owner and a mode: said now, with the way
-/// out, rather than as a failure deep in opening the store.
-fn writable_as_root(flag: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+/// Refuses to start when this root process cannot use `path`, as it
+/// keeps no capability to read or write past an owner and a mode: a
+/// directory (or, while it does not exist, the nearest one above it) it
+/// must write to, or a file it must read. Said now, with the way out,
+/// rather than as a bare "permission denied" deep in start-up.
+fn usable_as_root(flag: &str, path: &std::path::Path, directory: bool) -> anyhow::Result<()> {
+    use rustix::fs::Access;
     use std::os::unix::fs::MetadataExt;
-    if dir.as_os_str().is_empty() {
+    if path.as_os_str().is_empty() {
         return Ok(());
     }
-    let Some(existing) = dir.ancestors().find(|d| d.symlink_metadata().is_ok()) else {
-        return Ok(());
+    let (existing, access, needs) = if directory {
+        let Some(existing) = path.ancestors().find(|d| d.symlink_metadata().is_ok()) else {
+            return Ok(());
+        };
+        (existing, Access::WRITE_OK | Access::EXEC_OK, "writable")
+    } else {
+        (path, Access::READ_OK, "readable")
     };
     // access(2) checks a root caller against its permitted capabilities,
-    // which no longer hold CAP_DAC_OVERRIDE.
-    let access = rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK;
-    if rustix::fs::access(existing, access).is_ok() {
-        return Ok(());
+    // which no longer hold CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH. A file
+    // that is missing is left to the code that reads it to name.
+    match rustix::fs::access(existing, access) {
+        Err(rustix::io::Errno::ACCESS) => {}
+        _ => return Ok(()),
     }
     let meta = existing.metadata()?;
     anyhow::bail!(
-        "{flag} {}: {} (uid {}, mode {:o}) is not writable by this process. Kiln running as \
-         root keeps no capability to write past a file's owner and mode (README, \
-         \"Launchers\"): give the directory to root (chown root: {}) or choose one root owns",
-        dir.display(),
+        "{flag} {}: {} (uid {}, mode {:o}) is not {needs} by this process. Kiln running as \
+         root keeps no capability to read or write past a file's owner and mode (README, \
+         \"Launchers\"): give it to root (chown root: {}) or choose one root owns",
+        path.display(),
         existing.display(),
         meta.uid(),
         meta.mode() & 0o7777,
@@ -326,12 +334,39 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| {
                 anyhow::anyhow!("dropping the capabilities the executor does not need: {e}")
             })?;
-            let dirs = match &cli.command {
-                Command::Serve(_) => vec![("--data-dir", config.data_dir.clone())],
-                _ => vec![("--work-dir", config.executor.work_dir.clone())],
+            let path = |setting: &str| PathBuf::from(setting);
+            let (dirs, files) = match &cli.command {
+                Command::Serve(_) => (
+                    vec![("--data-dir", config.data_dir.clone())],
+                    vec![
+                        ("--tls-cert", path(&config.tls.cert)),
+                        ("--tls-key", path(&config.tls.key)),
+                        ("--tls-client-ca", path(&config.tls.client_ca)),
+                        (
+                            "--executor-token-file",
+                            path(&config.execution.executor_token_file),
+                        ),
+                    ],
+                ),
+                _ => {
+                    let executor = &config.executor;
+                    (
+                        vec![("--work-dir", executor.work_dir.clone())],
+                        vec![
+                            ("--tls-ca", executor.tls.ca.clone()),
+                            ("--tls-cert", executor.tls.cert.clone()),
+                            ("--tls-key", executor.tls.key.clone()),
+                            ("--executor-token-file", path(&executor.executor_token_file)),
+                            ("--api-key-file", path(&executor.api_key_file)),
+                        ],
+                    )
+                }
             };
             for (flag, dir) in dirs {
-                writable_as_root(flag, &dir)?;
+                usable_as_root(flag, &dir, true)?;
+            }
+            for (flag, file) in files {
+                usable_as_root(flag, &file, false)?;
             }
         }
     }

@@ -363,11 +363,11 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     assert!(stderr_of(first).0.success());
 }
 
-/// A root server keeps no capability to write past an owner and a mode:
-/// a data directory of another user's is refused at start, saying why
-/// and what to do, not deep in opening the store.
+/// A root server keeps no capability to read or write past an owner and a
+/// mode: a data directory or a key file of another user's is refused at
+/// start, saying why and what to do, not deep in opening the store.
 #[test]
-fn a_root_server_refuses_a_data_dir_it_cannot_write() {
+fn a_root_server_refuses_a_data_dir_or_key_it_cannot_use() {
     if !common::root_available("a root server's capabilities") {
         return;
     }
@@ -389,6 +389,28 @@ fn a_root_server_refuses_a_data_dir_it_cannot_write() {
         "{stderr}"
     );
     assert!(!theirs.join("kiln").exists(), "it wrote there all the same");
+
+    // A key file closed to root by its owner: refused the same way, and
+    // never read.
+    let key = theirs.join("key.pem");
+    std::fs::write(&key, "not read").unwrap();
+    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let output = serve_on_free_ports()
+        .arg("--data-dir")
+        .arg(dir.path().join("ours"))
+        .args(["--tls-cert", "/dev/null", "--tls-key"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--tls-key")
+            && stderr.contains("not readable")
+            && stderr.contains("uid 65534"),
+        "{stderr}"
+    );
 }
 
 /// A server killed with SIGKILL (no shutdown, no final sync) restarts with
