@@ -120,8 +120,9 @@ pub(crate) enum Request {
         directories: Vec<CString>,
     },
     /// Give `directory` and every directory under it, and the regular
-    /// `files` (relative to it) that have one link, to `owner`; a listed
-    /// directory has every such file under it given too.
+    /// `files` (relative to it) that have one link (or whose every link
+    /// is listed), to `owner`; a listed directory has every single-link
+    /// file under it given too.
     TakeBack {
         owner: (u32, u32),
         directory: CString,
@@ -286,7 +287,8 @@ const TAKE_BACK_DEPTH: usize = 256;
 /// Gives `directory`, each directory under it on its file system (to
 /// [`TAKE_BACK_DEPTH`] levels), and each of `files` (relative to it) that
 /// is a regular file with a single link to `owner`; a listed directory
-/// (an output directory) has every such file under it given too. No
+/// (an output directory) has every such file under it given too, and a
+/// listed file whose every link is a listed file is given as well. No
 /// symlink is followed and no other file system entered, through
 /// descriptors, so an action that left symlinks or swapped names reaches
 /// nothing outside. A file with more than one link may also be somewhere
@@ -325,15 +327,27 @@ fn take_back(directory: &CStr, files: &[CString], (uid, gid): (u32, u32)) -> io:
         }
         Ok(Some(stat))
     };
-    // Listed directories: every file under them is given as well.
+    // Listed directories: every file under them is given as well. Listed
+    // files with more than one link: given if every link is a listed file
+    // (an action that declared `a` and `b` and made one a link of the
+    // other), once all are counted.
     let mut trees = Vec::new();
+    let mut linked: Vec<LinkedOutput> = Vec::new();
     for file in files {
-        if let Some(stat) = take_file(top.as_fd(), file.as_c_str())? {
-            if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
-                trees.push((stat.st_dev, stat.st_ino));
+        let Some(stat) = take_file(top.as_fd(), file.as_c_str())? else {
+            continue;
+        };
+        match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Directory => trees.push((stat.st_dev, stat.st_ino)),
+            FileType::RegularFile if stat.st_nlink > 1 && !ours(&stat) => {
+                if let Some(output) = LinkedOutput::find(top.as_fd(), file, beneath)? {
+                    linked.push(output);
+                }
             }
+            _ => {}
         }
     }
+    give_linked_outputs(&linked, owner)?;
     // Depth first, one descriptor per level: each directory is taken back
     // as it is entered, then its subdirectories one at a time (and, within
     // a listed directory, its files).
@@ -371,6 +385,86 @@ fn take_back(directory: &CStr, files: &[CString], (uid, gid): (u32, u32)) -> io:
     }
     if too_deep {
         return Err(io::Error::from_raw_os_error(libc::ELOOP));
+    }
+    Ok(())
+}
+
+/// A listed output with more than one link, and which link it is: its
+/// directory's device and inode, and its name there (two listed paths
+/// that reach the same directory entry are one link).
+struct LinkedOutput {
+    file: OwnedFd,
+    inode: (u64, u64),
+    links: u64,
+    link: ((u64, u64), CString),
+}
+
+impl LinkedOutput {
+    /// The listed output `path` beneath `top`, opened again with its
+    /// directory; None when it is not reachable that way any more.
+    fn find(top: BorrowedFd<'_>, path: &CStr, resolve: ResolveFlags) -> io::Result<Option<Self>> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = Path::new(std::ffi::OsStr::from_bytes(path.to_bytes()));
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Ok(None);
+        };
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        let directory = rustix::fs::openat2(
+            top,
+            parent,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve,
+        );
+        let (Ok(directory), Ok(name)) = (directory, CString::new(name.as_bytes())) else {
+            return Ok(None);
+        };
+        let Ok(file) = rustix::fs::openat2(
+            directory.as_fd(),
+            name.as_c_str(),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve,
+        ) else {
+            return Ok(None);
+        };
+        let (at, stat) = (rustix::fs::fstat(&directory)?, rustix::fs::fstat(&file)?);
+        Ok(Some(LinkedOutput {
+            file,
+            inode: (stat.st_dev, stat.st_ino),
+            links: stat.st_nlink,
+            link: ((at.st_dev, at.st_ino), name),
+        }))
+    }
+}
+
+/// Gives each of `linked` whose every link is among them (counted by
+/// distinct link, and its link count unchanged since) to `owner`; the
+/// others stay, as any file a name outside may reach.
+fn give_linked_outputs(
+    linked: &[LinkedOutput],
+    (uid, gid): (Option<Uid>, Option<Gid>),
+) -> io::Result<()> {
+    for (at, output) in linked.iter().enumerate() {
+        if linked[..at].iter().any(|seen| seen.inode == output.inode) {
+            continue;
+        }
+        let mut links: Vec<&((u64, u64), CString)> = linked
+            .iter()
+            .filter(|other| other.inode == output.inode)
+            .map(|other| &other.link)
+            .collect();
+        links.sort();
+        links.dedup();
+        if links.len() as u64 == output.links
+            && rustix::fs::fstat(&output.file)?.st_nlink == output.links
+        {
+            rustix::fs::chownat(&output.file, c"", uid, gid, AtFlags::EMPTY_PATH)?;
+        }
     }
     Ok(())
 }
@@ -504,6 +598,12 @@ mod tests {
         std::fs::write(listed.join("twice.o"), "g").unwrap();
         std::fs::hard_link(listed.join("twice.o"), outside.join("listed-link")).unwrap();
         std::os::unix::fs::symlink(outside.join("alone"), listed.join("sub/escape")).unwrap();
+        // Listed files linked to each other only: given. One linked
+        // outside, listed twice by two spellings: one link of two, kept.
+        std::fs::write(tree.join("out/pair-a"), "i").unwrap();
+        std::fs::hard_link(tree.join("out/pair-a"), tree.join("out/pair-b")).unwrap();
+        std::fs::write(tree.join("out/solo"), "j").unwrap();
+        std::fs::hard_link(tree.join("out/solo"), outside.join("solo-link")).unwrap();
         std::fs::create_dir(tree.join("unlisted")).unwrap();
         std::fs::write(tree.join("unlisted/c.o"), "h").unwrap();
         // Deeper than a take-back walks.
@@ -529,6 +629,10 @@ mod tests {
             "out/escape/alone",
             "../outside/alone",
             "out/listed",
+            "out/pair-a",
+            "out/pair-b",
+            "out/solo",
+            "out/../out/solo",
             "missing",
         ]
         .map(|file| tree.join(file));
@@ -549,6 +653,7 @@ mod tests {
             listed.join("a.o"),
             listed.join("sub/b.o"),
             listed.join("sub"),
+            tree.join("out/pair-a"),
         ] {
             assert_eq!(owner(&file), (0, 0), "{}", file.display());
         }
@@ -557,6 +662,7 @@ mod tests {
         for file in [
             listed.join("twice.o"),
             listed.join("sub/escape"),
+            tree.join("out/solo"),
             tree.join("unlisted/c.o"),
             tree.join("out/linked.o"),
             tree.join("out/host-link"),

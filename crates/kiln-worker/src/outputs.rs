@@ -316,8 +316,8 @@ fn is_executable(metadata: &std::fs::Metadata) -> bool {
 /// one taken back from the action's user keeps its mode) gets the owner's
 /// `bits` added and is opened again: the executor holds no capability to
 /// read past a mode (`kiln-sandbox::capabilities`). One of another user's
-/// that stays closed (a file with a second link is never taken back) is
-/// an error that says so.
+/// that stays closed (a file with a name that is no declared output is
+/// never taken back) is an error that says so.
 pub fn opened_as_owner<T>(
     path: &Path,
     bits: u32,
@@ -331,7 +331,8 @@ pub fn opened_as_owner<T>(
                     e.kind(),
                     format!(
                         "{e}: the action's user (uid {}) closed it to others, and it was not \
-                         given to the executor (a file with more than one link never is)",
+                         given to the executor (a file with more than one link is given only \
+                         when each of its names is a declared output)",
                         metadata.uid()
                     ),
                 ));

@@ -1393,8 +1393,9 @@ async fn execute_with_outputs(
 /// output files and output directories, is given to it by the launchers
 /// before it is read, in a fresh runner and in a warm one, kept with its
 /// workspace or not; what an action closed to its owner is opened to the
-/// executor where it is the owner; and a closed output with a second link,
-/// which is never given, fails the action naming it.
+/// executor where it is the owner; outputs linked to each other are given
+/// too; and a closed output with a name that is no output, which is never
+/// given, fails the action naming it.
 #[tokio::test]
 async fn outputs_closed_to_others_are_read_once_taken_back() {
     if !common::root_available("the launchers of a root executor") {
@@ -1483,11 +1484,31 @@ async fn outputs_closed_to_others_are_read_once_taken_back() {
         }
     }
 
-    // A second link: never taken back, so never read; the status says why.
+    // Outputs linked to each other only are given and read; a closed
+    // output with a name that is not an output is never given, so never
+    // read: the status says why.
     let response = execute_with_outputs(
         &address,
         "echo x > a && chmod 600 a && ln a b",
         &["a", "b"],
+        &[("workload-isolation-type", "none")],
+    )
+    .await;
+    let result = response.result.expect("a result");
+    assert_eq!(
+        result
+            .output_files
+            .iter()
+            .map(|f| (f.path.as_str(), f.digest.clone()))
+            .collect::<Vec<_>>(),
+        [("a", Some(digest(b"x\n"))), ("b", Some(digest(b"x\n")))],
+        "{:?}",
+        response.status
+    );
+    let response = execute_with_outputs(
+        &address,
+        "echo x > a && chmod 600 a && mkdir kept && ln a kept/b",
+        &["a"],
         &[("workload-isolation-type", "none")],
     )
     .await;
