@@ -1120,6 +1120,36 @@ fn signal_all(signal: &str, pids: &[u32]) {
     }
 }
 
+/// A shell command that waits (bounded) until the test writes `go` in
+/// `marks`.
+fn until_go(marks: &Path) -> String {
+    format!(
+        "i=0 && while [ ! -e {m}/go ] && [ $i -lt 2000 ]; do sleep 0.05; i=$((i+1)); done",
+        m = marks.display()
+    )
+}
+
+/// Stops `launchers`, lets the action waiting [`until_go`] end, and
+/// watches `stream` for two seconds: whether the operation finished
+/// meanwhile. The launchers stay stopped.
+async fn end_with_launchers_stopped(
+    stream: &mut Streaming<Operation>,
+    launchers: &[u32],
+    marks: &Path,
+) -> bool {
+    signal_all("-STOP", launchers);
+    std::fs::write(marks.join("go"), "").unwrap();
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(operation) = stream.next().await {
+            if operation.unwrap().done {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// Stops `launchers` and executes `script` under `sandbox`: the action
 /// reaches EXECUTING and goes no further (its start waits on a stopped
 /// launcher, half a second of it watched). The launchers stay stopped.
@@ -1258,31 +1288,12 @@ async fn what_an_action_user_made_is_taken_back_by_the_launchers() {
     let marks = marks(scratch.path());
     let script = format!(
         "id -u > {marks}/user && mkdir -p out/closed && echo made > out/closed/result.txt \
-         && chmod 600 out/closed/result.txt && chmod 700 out/closed && touch {marks}/started \
-         && i=0 && while [ ! -e {marks}/go ] && [ $i -lt 2000 ]; do sleep 0.05; i=$((i+1)); done",
-        marks = marks.display()
+         && chmod 600 out/closed/result.txt && chmod 700 out/closed && touch {marks}/started && {go}",
+        marks = marks.display(),
+        go = until_go(&marks),
     );
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let command = reapi::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), script],
-        output_paths: vec!["out/closed/result.txt".into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let empty = reapi::Directory::default().encode_to_vec();
-    let action = reapi::Action {
-        command_digest: Some(digest(&command)),
-        input_root_digest: Some(digest(&empty)),
-        platform: Some(remote::platform(&[("Pool", "procs")])),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action_digest = digest(&action);
-    remote::upload_as(&channel, None, &[command, empty, action]).await;
+    let (channel, action_digest) =
+        upload_with_outputs(&address, &script, &["out/closed/result.txt"], &[]).await;
     let mut stream = execute_digest(channel, action_digest).await.unwrap();
     wait_until("the action to start", || marks.join("started").exists()).await;
     assert_eq!(
@@ -1296,19 +1307,10 @@ async fn what_an_action_user_made_is_taken_back_by_the_launchers() {
     assert_eq!(closed.len(), 1, "{closed:?}");
     let owner = |path: &Path| path.symlink_metadata().map(|m| (m.uid(), m.gid())).ok();
 
-    signal_all("-STOP", &launchers);
-    std::fs::write(marks.join("go"), "").unwrap();
-    let early = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(operation) = stream.next().await {
-            if operation.unwrap().done {
-                return;
-            }
-        }
-    })
-    .await;
+    let finished = end_with_launchers_stopped(&mut stream, &launchers, &marks).await;
     let left_as_it_was = owner(&closed[0]);
     signal_all("-CONT", &launchers);
-    assert!(early.is_err(), "finished with the launchers stopped");
+    assert!(!finished, "finished with the launchers stopped");
     assert_eq!(
         left_as_it_was,
         Some((65534, 65534)),
@@ -1353,14 +1355,15 @@ async fn what_an_action_user_made_is_taken_back_by_the_launchers() {
     }
 }
 
-/// Executes `script` declaring `output_paths`, in pool `procs` with
-/// `properties` besides it; the completed response.
-async fn execute_with_outputs(
+/// Uploads an action (never cached) running `script`, declaring
+/// `output_paths`, in pool `procs` with `properties` besides it; returns a
+/// channel to the server and the action's digest.
+async fn upload_with_outputs(
     address: &str,
     script: &str,
     output_paths: &[&str],
     properties: &[(&str, &str)],
-) -> reapi::ExecuteResponse {
+) -> (Channel, Digest) {
     let channel = Channel::from_shared(format!("http://{address}"))
         .unwrap()
         .connect()
@@ -1385,7 +1388,19 @@ async fn execute_with_outputs(
     .encode_to_vec();
     let action_digest = digest(&action);
     remote::upload_as(&channel, None, &[command, empty, action]).await;
-    completed(execute_digest(channel, action_digest).await.unwrap()).await
+    (channel, action_digest)
+}
+
+/// Executes `script` declaring `output_paths` (see
+/// [`upload_with_outputs`]); the completed response.
+async fn execute_with_outputs(
+    address: &str,
+    script: &str,
+    output_paths: &[&str],
+    properties: &[(&str, &str)],
+) -> reapi::ExecuteResponse {
+    let (channel, action) = upload_with_outputs(address, script, output_paths, properties).await;
+    completed(execute_digest(channel, action).await.unwrap()).await
 }
 
 /// The executor reads no file past its mode (it keeps no
@@ -1519,6 +1534,54 @@ async fn outputs_closed_to_others_are_read_once_taken_back() {
             && status.message.contains("more than one link"),
         "{status:?}"
     );
+}
+
+/// A launcher killed while it takes back an action's outputs (which the
+/// executor cannot read before) does not fail the action: it is given
+/// back, runs again, and its result has the output.
+#[tokio::test]
+async fn launchers_killed_while_taking_back_outputs_give_the_action_back() {
+    if !common::root_available("the launchers of a root executor") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address, executor) =
+        serve_with_executor(scratch.path(), "killed-take-back", "none,sandbox");
+    let launchers = launchers_running(executor.child.id());
+    let marks = marks(scratch.path());
+    let script = format!(
+        "echo run >> {marks}/runs && mkdir -p out && echo made > out/result.txt \
+         && chmod 600 out/result.txt && chmod 700 out && touch {marks}/started && {go}",
+        marks = marks.display(),
+        go = until_go(&marks),
+    );
+    let (channel, action_digest) =
+        upload_with_outputs(&address, &script, &["out/result.txt"], &[]).await;
+    let mut stream = execute_digest(channel, action_digest).await.unwrap();
+    wait_until("the action to start", || marks.join("started").exists()).await;
+
+    // It ends with the launchers stopped: its take-back waits on one.
+    let finished = end_with_launchers_stopped(&mut stream, &launchers, &marks).await;
+    assert!(!finished, "finished with the launchers stopped");
+    signal_all("-KILL", &launchers);
+
+    let response = completed(stream).await;
+    let result = response.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    assert_eq!(
+        result
+            .output_files
+            .iter()
+            .map(|f| (f.path.as_str(), f.digest.clone()))
+            .collect::<Vec<_>>(),
+        [("out/result.txt", Some(digest(b"made\n")))]
+    );
+    assert_eq!(
+        std::fs::read_to_string(marks.join("runs")).unwrap(),
+        "run\nrun\n",
+        "the action ran again once its take-back was lost"
+    );
+    executor.wait_for_log("the launcher exited while");
 }
 
 /// A work directory given relative to where the executor starts works as
