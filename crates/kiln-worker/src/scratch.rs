@@ -228,9 +228,7 @@ impl Scratch {
     fn remove_tree(&self, path: &Path) -> std::io::Result<()> {
         match std::fs::remove_dir_all(path) {
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                if let Some(steps) = &self.steps {
-                    steps.take_back(path, &[], self.owner())?;
-                }
+                self.hand_over_directories(path, self.owner())?;
                 open_to_owner(path, 0)?;
                 std::fs::remove_dir_all(path)
             }
@@ -245,8 +243,8 @@ impl Scratch {
     /// made the executor's.
     fn reset(&self, path: &Path, metadata: &std::fs::Metadata) -> std::io::Result<bool> {
         let mut ours = self.owns(metadata);
-        if let Some(steps) = self.steps.as_ref().filter(|_| !ours) {
-            if let Err(error) = steps.take_back(path, &[], self.owner()) {
+        if !ours && self.steps.is_some() {
+            if let Err(error) = self.hand_over_directories(path, self.owner()) {
                 tracing::debug!(path = %path.display(), %error, "taking back a directory");
             }
             ours = path.symlink_metadata().is_ok_and(|meta| self.owns(&meta));

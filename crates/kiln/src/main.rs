@@ -262,6 +262,53 @@ async fn serve((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A root `kiln serve` (`serving`) or `kiln executor`, still with one
+/// thread: starts the launchers, this binary run as `kiln launcher` (see
+/// `kiln_sandbox::launcher`), which take its root-only steps; keeps only
+/// the capabilities its own process still needs; and refuses to start
+/// with a directory or file it can no longer use.
+fn as_root(serving: bool, config: &Config) -> anyhow::Result<()> {
+    kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))?;
+    let offer = &config.execution.isolation.offer;
+    let vm_disks = offer.iter().any(|t| t == "firecracker");
+    kiln_sandbox::capabilities::keep_only(kiln_sandbox::capabilities::executor_needs(vm_disks))
+        .map_err(|e| {
+            anyhow::anyhow!("dropping the capabilities the executor does not need: {e}")
+        })?;
+    for (flag, path, directory) in used_paths(serving, config) {
+        usable_as_root(flag, &path, directory)?;
+    }
+    Ok(())
+}
+
+/// What a server (`serving`) or an executor writes (directories: true)
+/// and reads (files: false), by the flag that sets each; empty when unset.
+fn used_paths(serving: bool, config: &Config) -> Vec<(&'static str, PathBuf, bool)> {
+    let file = |flag, setting: &str| (flag, PathBuf::from(setting), false);
+    if serving {
+        vec![
+            ("--data-dir", config.data_dir.clone(), true),
+            file("--tls-cert", &config.tls.cert),
+            file("--tls-key", &config.tls.key),
+            file("--tls-client-ca", &config.tls.client_ca),
+            file(
+                "--executor-token-file",
+                &config.execution.executor_token_file,
+            ),
+        ]
+    } else {
+        let executor = &config.executor;
+        vec![
+            ("--work-dir", executor.work_dir.clone(), true),
+            ("--tls-ca", executor.tls.ca.clone(), false),
+            ("--tls-cert", executor.tls.cert.clone(), false),
+            ("--tls-key", executor.tls.key.clone(), false),
+            file("--executor-token-file", &executor.executor_token_file),
+            file("--api-key-file", &executor.api_key_file),
+        ]
+    }
+}
+
 /// Refuses to start when this root process cannot use `path`, as it
 /// keeps no capability to read or write past an owner and a mode: a
 /// directory (or, while it does not exist, the nearest one above it) it
@@ -317,57 +364,7 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some((config, _)) = configured.as_ref() {
         if rustix::process::geteuid().is_root() {
-            // A root executor starts its actions through launchers, this
-            // binary run as `kiln launcher` (see `kiln_sandbox::launcher`),
-            // which take its root-only steps; it keeps the capabilities
-            // its own process still needs.
-            kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))?;
-            let vm_disks = config
-                .execution
-                .isolation
-                .offer
-                .iter()
-                .any(|t| t == "firecracker");
-            kiln_sandbox::capabilities::keep_only(kiln_sandbox::capabilities::executor_needs(
-                vm_disks,
-            ))
-            .map_err(|e| {
-                anyhow::anyhow!("dropping the capabilities the executor does not need: {e}")
-            })?;
-            let path = |setting: &str| PathBuf::from(setting);
-            let (dirs, files) = match &cli.command {
-                Command::Serve(_) => (
-                    vec![("--data-dir", config.data_dir.clone())],
-                    vec![
-                        ("--tls-cert", path(&config.tls.cert)),
-                        ("--tls-key", path(&config.tls.key)),
-                        ("--tls-client-ca", path(&config.tls.client_ca)),
-                        (
-                            "--executor-token-file",
-                            path(&config.execution.executor_token_file),
-                        ),
-                    ],
-                ),
-                _ => {
-                    let executor = &config.executor;
-                    (
-                        vec![("--work-dir", executor.work_dir.clone())],
-                        vec![
-                            ("--tls-ca", executor.tls.ca.clone()),
-                            ("--tls-cert", executor.tls.cert.clone()),
-                            ("--tls-key", executor.tls.key.clone()),
-                            ("--executor-token-file", path(&executor.executor_token_file)),
-                            ("--api-key-file", path(&executor.api_key_file)),
-                        ],
-                    )
-                }
-            };
-            for (flag, dir) in dirs {
-                usable_as_root(flag, &dir, true)?;
-            }
-            for (flag, file) in files {
-                usable_as_root(flag, &file, false)?;
-            }
+            as_root(matches!(cli.command, Command::Serve(_)), config)?;
         }
     }
     // Servers and the benchmark client alike move blobs through buffers

@@ -35,19 +35,11 @@ fn spawn_executor(address: &str, name: &str, work_dir: &Path, extra: &[&str]) ->
 fn executor_command(address: &str, name: &str, work_dir: &Path, extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
-        .arg("executor")
-        .arg("--scheduler")
-        .arg(format!("grpc://{address}"))
-        .args([
-            "--pool",
-            "procs",
-            "--name",
+        .args(common::executor_args(
+            &format!("grpc://{address}"),
             name,
-            "--capacity",
-            "1",
-            "--work-dir",
-        ])
-        .arg(work_dir)
+            work_dir,
+        ))
         .args(extra);
     command
 }

@@ -115,34 +115,19 @@ fn spawn_executor(
     extra: &[String],
 ) -> Process {
     common::open_to_actions(work_dir);
-    let mut args: Vec<String> = [
-        "executor",
-        "--scheduler",
-        scheduler,
-        "--pool",
-        "procs",
-        "--name",
-        name,
-        "--capacity",
-        "1",
-        "--work-dir",
-        work_dir.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().cloned());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    if wrapper.is_empty() {
-        Process::spawn(&args)
-    } else {
-        let mut command = Command::new(wrapper[0]);
-        command
-            .args(&wrapper[1..])
-            .arg(env!("CARGO_BIN_EXE_kiln"))
-            .args(&args);
-        Process::spawn_command(command)
+    let mut command = Command::new(
+        wrapper
+            .first()
+            .copied()
+            .unwrap_or(env!("CARGO_BIN_EXE_kiln")),
+    );
+    if !wrapper.is_empty() {
+        command.args(&wrapper[1..]).arg(env!("CARGO_BIN_EXE_kiln"));
     }
+    command
+        .args(common::executor_args(scheduler, name, work_dir))
+        .args(extra);
+    Process::spawn_command(command)
 }
 
 /// A channel to `address` (`grpc://` or `grpcs://` with `ca`), without a

@@ -701,6 +701,29 @@ pub fn root_available(what: &str) -> bool {
     false
 }
 
+/// The arguments of `kiln executor` `name` taking actions from
+/// `scheduler` (a `grpc://` or `grpcs://` address) in pool `procs`, one at
+/// a time, in `work_dir`.
+pub fn executor_args(scheduler: &str, name: &str, work_dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = [
+        "executor",
+        "--scheduler",
+        scheduler,
+        "--pool",
+        "procs",
+        "--name",
+        name,
+        "--capacity",
+        "1",
+        "--work-dir",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    args.push(work_dir.into());
+    args
+}
+
 /// A tmpfs of a fixed size mounted on a fresh temporary directory: a small
 /// disk a test can fill. Unmounted when dropped (also when the test fails;
 /// lazily, should a process still hold a file in it).
