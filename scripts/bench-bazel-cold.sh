@@ -34,7 +34,7 @@ for binary in "${kilns[@]}"; do
 done
 
 scratch="$(mktemp -d /tmp/kiln-bazel-cold-XXXXXX)"
-# A root server's actions run as an action user (nobody), who must be able
+# A root server's actions run as action users (uids of no user), who must be able
 # to traverse the path to the server's work directory.
 chmod 0711 "$scratch"
 server_pid=""

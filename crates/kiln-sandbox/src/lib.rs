@@ -38,8 +38,8 @@
 //! Who it runs as: root with `dockerRunAsRoot` (keeping Docker's default
 //! capabilities minus CAP_MKNOD); else `dockerUser` (name through the
 //! host's /etc/passwd, uid, or uid:gid; only that group, no supplementary
-//! ones); else the executor's action user (`--action-user`, `nobody` by
-//! default; root only when that is `root`). Always
+//! ones); else the executor's action user (`--action-user`: by default a
+//! uid of its own for each runner; root only when that is `root`). Always
 //! with `no_new_privs`; a user other than root keeps no capabilities.
 //!
 //! Its network: with `dockerNetwork=off`, only its own `lo`. With `bridge`

@@ -53,6 +53,7 @@ use rustix::fs::{Mode, OFlags, ResolveFlags};
 use crate::isolation::Resident;
 use crate::persistent::{WorkerProcess, WORKER_STDERR};
 use crate::scratch::Scratch;
+use crate::users::ActionUser;
 
 /// An action that leaves this file at its workspace's root asks for its
 /// runner not to be reused.
@@ -111,6 +112,9 @@ pub struct WarmRunner {
     /// the runner, or retires it, waits for it first: a runner whose reset
     /// failed is discarded.
     pub reset: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Whom its actions run as: its own uid while it is kept, given back
+    /// when it is dropped (after its directory is recycled).
+    pub user: ActionUser,
 }
 
 impl WarmRunner {
@@ -143,6 +147,7 @@ impl WarmRunner {
             idle_since: Instant::now(),
             held_bytes: 0,
             reset: None,
+            user: ActionUser::own(),
         }
     }
 }

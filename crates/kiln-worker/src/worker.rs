@@ -28,6 +28,7 @@ use crate::process::{blocking, Limits, ProcessOutcome, StopReason};
 use crate::runners::{self, Leftovers, RunnerKey, RunnerLimits, RunnerPool, WarmRunner};
 use crate::scratch::Scratch;
 use crate::stdio;
+use crate::users::{ActionUser, ActionUserPool, ActionUsers};
 use crate::validate::{check_output_path, check_relative_path};
 use crate::workspace::{DirAccess, InputProtection, Layout, OverlayLayers, OverlayMount};
 
@@ -62,11 +63,11 @@ pub struct WorkerConfig {
     /// Most bytes the file cache keeps (least recently used entries go
     /// first); None: unlimited.
     pub cache_max_bytes: Option<u64>,
-    /// The `uid`, `gid` that `none` actions, and `sandbox` actions that ask
-    /// for no user, run as: never the cache's owner (see
-    /// [`crate::workspace`]). Needs a root executor, and a work root every
-    /// user can traverse. None: the executor's own user.
-    pub action_user: Option<(u32, u32)>,
+    /// Whom `none` actions, and `sandbox` actions that ask for no user,
+    /// run as: never the cache's owner (see [`crate::workspace`]); one user
+    /// for all, or a uid of its own for each runner. Needs a root executor,
+    /// and a work root every user can traverse.
+    pub action_users: ActionUsers,
     /// How many warm runners (`recycle-runner=true`) are kept, and for how
     /// long.
     pub runners: RunnerLimits,
@@ -92,7 +93,7 @@ impl WorkerConfig {
             default_cpu_millis: None,
             pids_max: Some(16_384),
             cache_max_bytes: Some(10 << 30),
-            action_user: None,
+            action_users: ActionUsers::One(None),
             runners: RunnerLimits::default(),
             input_limits: inputs::InputLimits::default(),
             staging_timeout: Duration::from_secs(300),
@@ -152,6 +153,8 @@ struct RunnerUse {
     warm: bool,
     /// Actions it has run, this one included.
     uses: u32,
+    /// Whom its actions run as, held for as long as the runner lives.
+    user: ActionUser,
 }
 
 /// What [`Worker::run_in`] learnt that decides whether its runner is kept.
@@ -194,6 +197,8 @@ pub struct Worker {
     protection: InputProtection,
     /// Warm runners waiting for an action with their key.
     runners: Arc<RunnerPool>,
+    /// Whom runners' actions run as: each runner leases its user here.
+    action_users: Arc<ActionUserPool>,
     /// Finished actions' directories being emptied after their result
     /// went out, at most one per CPU ([`Worker::empty_after_result`]).
     emptying: Arc<tokio::sync::Semaphore>,
@@ -241,7 +246,7 @@ impl Worker {
         let scratch = Scratch::open(&config.work_root)
             .map_err(|e| RunError::io(format!("preparing {}", config.work_root.display()), e))?
             .with_privileged_steps(steps.clone());
-        if let Some(user) = config.action_user {
+        if let Some(user) = config.action_users.any() {
             crate::workspace::check_reachable(&config.work_root, user)?;
         }
         let protection = InputProtection::probe(&config.work_root, steps);
@@ -271,6 +276,7 @@ impl Worker {
         Ok(Worker {
             emptying: Arc::new(tokio::sync::Semaphore::new(cpus)),
             runners,
+            action_users: ActionUserPool::new(config.action_users),
             cas,
             cache,
             config,
@@ -331,19 +337,28 @@ impl Worker {
             Some(runner) => self.ready(runner).await,
             None => None,
         };
-        let runner = RunnerUse {
-            warm: warm.is_some(),
-            uses: warm.as_ref().map_or(0, |w| w.uses) + 1,
-            key,
-        };
-        let (action_dir, worker, resident) = match warm {
-            Some(warm) => {
+        let was_warm = warm.is_some();
+        let (action_dir, worker, resident, user, uses) = match warm {
+            Some(mut warm) => {
                 if let Some(resident) = &warm.resident {
                     resident.resume();
                 }
-                (warm.dir, warm.worker, warm.resident)
+                let user = std::mem::replace(&mut warm.user, ActionUser::own());
+                (warm.dir, warm.worker, warm.resident, user, warm.uses)
             }
-            None => (self.scratch.action_dir(), None, None),
+            None => {
+                let user = self
+                    .action_users
+                    .lease()
+                    .map_err(RunError::ExecutorUnavailable)?;
+                (self.scratch.action_dir(), None, None, user, 0)
+            }
+        };
+        let runner = RunnerUse {
+            warm: was_warm,
+            uses: uses + 1,
+            key,
+            user,
         };
         let mut notes = RunnerNotes {
             worker,
@@ -364,15 +379,18 @@ impl Worker {
             )
             .await;
         let warm = runner.warm && !notes.fresh_resident;
-        let kept = match (&runner.key, result.is_ok() && notes.clean) {
+        let RunnerUse {
+            key, uses, user, ..
+        } = runner;
+        let kept = match (&key, result.is_ok() && notes.clean) {
             (Some(key), true) if !self.config.keep_workspaces => {
-                self.keep_runner(key, action_dir, runner.uses, notes).await;
+                self.keep_runner(key, action_dir, uses, user, notes).await;
                 true
             }
             _ => {
                 discard_worker(notes.worker.take()).await;
                 if !self.config.keep_workspaces {
-                    self.empty_after_result(action_dir).await;
+                    self.empty_after_result(action_dir, user).await;
                 }
                 false
             }
@@ -382,7 +400,7 @@ impl Worker {
                 action = %format_digest(action_digest),
                 exit_code = outcome.result.exit_code,
                 status = ?outcome.status.code(),
-                runner = runner.key.as_ref().map_or("", RunnerKey::short),
+                runner = key.as_ref().map_or("", RunnerKey::short),
                 warm,
                 kept,
                 "action ran"
@@ -425,12 +443,14 @@ impl Worker {
         key: &RunnerKey,
         action_dir: PathBuf,
         uses: u32,
+        user: ActionUser,
         mut notes: RunnerNotes,
     ) {
         let leftovers = notes.leftovers.take();
         let scratch = self.scratch.clone();
         let dir = action_dir.clone();
         let mut runner = WarmRunner::new(key.clone(), action_dir, uses);
+        runner.user = user;
         runner.reset = Some(tokio::task::spawn_blocking(move || {
             runners::reset_for_reuse(&scratch, &dir, leftovers.as_ref())
         }));
@@ -461,16 +481,21 @@ impl Worker {
     /// later action that finds no emptied directory yet takes a new one.
     /// Past one per CPU in the background, the caller waits for it, so
     /// directories waiting to be emptied cannot pile up.
-    async fn empty_after_result(&self, action_dir: PathBuf) {
+    /// Its user is given back once it is empty: nothing of it is left
+    /// for the next runner with that uid to reach.
+    async fn empty_after_result(&self, action_dir: PathBuf, user: ActionUser) {
         let scratch = self.scratch.clone();
         match self.emptying.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
                     recycle_action_dir(action_dir, scratch).await;
-                    drop(permit);
+                    drop((permit, user));
                 });
             }
-            Err(_) => recycle_action_dir(action_dir, scratch).await,
+            Err(_) => {
+                recycle_action_dir(action_dir, scratch).await;
+                drop(user);
+            }
         }
     }
 
@@ -488,7 +513,7 @@ impl Worker {
         notes: &mut RunnerNotes,
     ) -> Result<RunOutcome, RunError> {
         let isolation = self.isolations.select_for(platform)?;
-        let run_as = isolation.run_as(platform, self.config.action_user)?;
+        let run_as = isolation.run_as(platform, runner.user.get())?;
         let recycling = runner.key.is_some() && isolation.keeps_warm_runners();
         if runner.key.is_some() && !recycling {
             tracing::info!(
@@ -614,7 +639,7 @@ impl Worker {
             stderr_path,
             output: Some(output),
             platform: Arc::new(platform.clone()),
-            action_user: self.config.action_user,
+            action_user: runner.user.get(),
             owned_directories,
             runner_tmp,
             output_paths: crate::outputs::declared_paths(&command)

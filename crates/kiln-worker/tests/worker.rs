@@ -19,6 +19,7 @@ use kiln_proto::reapi::{
     Directory, DirectoryNode, FileNode, SymlinkNode, Tree,
 };
 use kiln_proto::status::PreconditionFailure;
+use kiln_worker::users::ActionUsers;
 use kiln_worker::{CancellationToken, Isolations, NoIsolation, RunError, Worker, WorkerConfig};
 use prost::Message;
 use tonic::transport::Channel;
@@ -65,7 +66,7 @@ impl Harness {
         adjust(&mut runner_config);
         // `none` as `kiln` offers it: with an action user, kiln_sandbox's
         // (which gives the workspace to that user and switches to it).
-        let none: Arc<dyn kiln_worker::Isolation> = if runner_config.action_user.is_some() {
+        let none: Arc<dyn kiln_worker::Isolation> = if runner_config.action_users.any().is_some() {
             Arc::new(kiln_sandbox::PlainProcess::new("kiln-worker-tests"))
         } else {
             Arc::new(NoIsolation)
@@ -1388,7 +1389,7 @@ async fn the_action_user_can_change_no_input() {
     .unwrap();
     let work = dir.path().to_path_buf();
     let harness = Harness::start_with(dir, work, |config| {
-        config.action_user = Some((65534, 65534));
+        config.action_users = ActionUsers::One(Some((65534, 65534)));
     })
     .await;
     let said = attack_then_read(&harness, true).await;
@@ -1412,4 +1413,103 @@ async fn the_action_user_can_change_no_input() {
         b"65534\n"
     );
     harness.stop().await;
+}
+
+/// What one `none` action learns of another running at the same time, as
+/// the action user(s) `users`: `(what the first said, what the second
+/// said)`. The second writes its shell's pid where the first finds it and
+/// waits for it (bounded); the first then tries that process's working
+/// directory (`/proc/PID/cwd`, the second's workspace), plants a file
+/// there, and signals it (`kill -0`).
+async fn reach_a_concurrent_action(users: ActionUsers) -> (String, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let marks = dir.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    std::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let work = dir.path().to_path_buf();
+    let harness = Harness::start_with(dir, work, |config| config.action_users = users).await;
+    let wait_for = |file: &str| {
+        format!(
+            "i=0; while [ ! -e {m}/{file} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done",
+            m = marks.display()
+        )
+    };
+    let second = format!(
+        "echo $$ > {m}/pid.tmp && mv {m}/pid.tmp {m}/pid; {wait}; \
+         [ -e planted ] && echo planted; id -u",
+        m = marks.display(),
+        wait = wait_for("done"),
+    );
+    let first = format!(
+        "{wait}; p=$(cat {m}/pid); \
+         if ls /proc/$p/cwd/ >/dev/null 2>&1; then echo cwd=reached; else echo cwd=denied; fi; \
+         if (echo x > /proc/$p/cwd/planted) 2>/dev/null; then echo plant=reached; else echo plant=denied; fi; \
+         if kill -0 $p 2>/dev/null; then echo signal=reached; else echo signal=denied; fi; \
+         id -u; touch {m}/done",
+        m = marks.display(),
+        wait = wait_for("pid"),
+    );
+    let mut blobs = Blobs::default();
+    let first = blobs.action(&Directory::default(), &shell(&first), &[]);
+    let second = blobs.action(&Directory::default(), &shell(&second), &[]);
+    harness.upload(&blobs.0).await;
+    let platform = Platform::default();
+    let (first, second) = tokio::join!(
+        harness.run(&first, &platform),
+        harness.run(&second, &platform)
+    );
+    let mut said = Vec::new();
+    for outcome in [first, second] {
+        let outcome = outcome.unwrap();
+        assert_eq!(outcome.result.exit_code, 0, "{:?}", outcome.status);
+        let stdout = harness
+            .download(outcome.result.stdout_digest.as_ref().unwrap())
+            .await;
+        said.push(String::from_utf8(stdout).unwrap());
+    }
+    harness.stop().await;
+    let second = said.pop().unwrap();
+    (said.pop().unwrap(), second)
+}
+
+/// Under a range of action users, each running action has a uid of its
+/// own: a `none` action, in the host's process and mount namespaces, can
+/// neither enter another's workspace through `/proc/PID/cwd`, nor write
+/// there, nor signal it. Under one action user for all (the control, as
+/// `--action-user nobody` gives) it can do all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_actions_under_a_range_of_users_cannot_reach_each_other() {
+    if !running_as_root("concurrent_actions_under_a_range_of_users_cannot_reach_each_other") {
+        return;
+    }
+    let (first, second) = reach_a_concurrent_action(ActionUsers::Range {
+        first: 0x7A00_0000,
+        last: 0x7A00_0003,
+    })
+    .await;
+    let lines: Vec<&str> = first.lines().collect();
+    assert_eq!(
+        lines[..3],
+        ["cwd=denied", "plant=denied", "signal=denied"],
+        "{first}"
+    );
+    let uid = |said: &str| -> u32 { said.lines().last().unwrap().parse().unwrap() };
+    let (a, b) = (uid(&first), uid(&second));
+    assert_ne!(a, b, "two running actions shared a uid");
+    for uid in [a, b] {
+        assert!(
+            (0x7A00_0000..=0x7A00_0003).contains(&uid),
+            "uid {uid} is outside the range"
+        );
+    }
+    assert!(!second.contains("planted"), "{second}");
+
+    let (first, second) = reach_a_concurrent_action(ActionUsers::One(Some((65534, 65534)))).await;
+    assert_eq!(
+        first, "cwd=reached\nplant=reached\nsignal=reached\n65534\n",
+        "one user for all: the control"
+    );
+    assert_eq!(second, "planted\n65534\n");
 }

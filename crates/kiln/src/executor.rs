@@ -146,7 +146,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         ))
     };
     let owner = format!("kiln-worker:{}", options.work_dir.display());
-    let action_user = options.isolation.resolve_action_user()?;
+    let action_users = options.isolation.resolve_action_users()?;
     let isolations = crate::isolation::offered(&options.isolation, &owner).await?;
     let isolation_types = isolations.names().iter().map(|n| n.to_string()).collect();
     let mut worker_config = WorkerConfig::new(
@@ -157,7 +157,8 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     worker_config.max_timeout = options.max_action_timeout;
     worker_config.max_grace = options.max_termination_grace;
     worker_config.cache_max_bytes = Some(options.cache_max_bytes).filter(|&b| b > 0);
-    worker_config.action_user = action_user;
+    worker_config.action_users = action_users;
+    crate::isolation::log_action_users(action_users);
     options
         .isolation
         .apply_to(&mut worker_config, options.resources.memory_bytes)?;

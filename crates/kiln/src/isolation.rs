@@ -10,6 +10,7 @@ use std::time::Duration;
 use kiln_container::{Docker, DockerConfig, ImageConfig, NetworkConfig, Podman, PodmanConfig};
 use kiln_sandbox::{PlainProcess, Sandbox, SandboxConfig};
 use kiln_worker::runners::RunnerLimits;
+use kiln_worker::users::ActionUsers;
 use kiln_worker::{Isolation, Isolations, WorkerConfig};
 use serde::{Deserialize, Serialize};
 
@@ -56,11 +57,16 @@ pub struct IsolationSettings {
     #[arg(long)]
     pub podman_binary: PathBuf,
     /// Whom `none` actions, and `sandbox` actions that set no `dockerUser`,
-    /// run as: a name, a uid or `uid:gid`. Never the owner of the input
-    /// cache, so no action can change a file another action will see.
-    /// Empty: `nobody` when the executor is root; an executor that is not
-    /// root runs actions as itself (and warns that it cannot protect its
-    /// cache). `root` runs them as root (inputs are then overlaid).
+    /// run as: a range of uids `FIRST-LAST`, a uid of its own for each
+    /// runner (with the group of the same number), so that two actions
+    /// running at once cannot reach each other; or one user for all, a
+    /// name, a uid or `uid:gid`. Never the owner of the input cache, so no
+    /// action can change a file another action will see. A range must hold
+    /// no user of /etc/passwd and no range of /etc/subuid. Empty: on a root
+    /// executor the 65,536 uids from 2046820352 (0x7A000000), which no
+    /// tool hands out; an executor that is not root runs actions as itself
+    /// (and warns that it cannot protect its cache). `root` runs them as
+    /// root (inputs are then overlaid).
     #[arg(long)]
     pub action_user: String,
     /// Whether `none` actions may choose whom they run as with
@@ -293,11 +299,12 @@ impl Default for IsolationSettings {
     }
 }
 
-/// The user `none` and `sandbox` actions run as by default on a root
-/// executor.
-const DEFAULT_ACTION_USER: &str = "nobody";
-/// `nobody`'s ids where /etc/passwd has no `nobody` (Debian's).
-const NOBODY: (u32, u32) = (65534, 65534);
+/// The uids `none` and `sandbox` actions run as by default on a root
+/// executor, one per runner: 65,536 from 0x7A000000, in the range systemd
+/// leaves unused (between the container ranges, which end at
+/// 1,879,048,191, and its "foreign" range at 2,147,352,576), far above
+/// where `useradd` and `/etc/subuid` hand out ids.
+pub const DEFAULT_ACTION_UIDS: (u32, u32) = (0x7A00_0000, 0x7A00_FFFF);
 
 impl IsolationSettings {
     /// Writes what these settings say about running actions (warm
@@ -348,32 +355,108 @@ impl IsolationSettings {
         Ok(Some(bytes).filter(|&b| b > 0))
     }
 
-    /// The action user as `(uid, gid)` (see [`IsolationSettings::action_user`]);
-    /// None: actions run as the executor's own user.
-    pub fn resolve_action_user(&self) -> anyhow::Result<Option<(u32, u32)>> {
+    /// Whom actions run as (see [`IsolationSettings::action_user`]): a
+    /// user, a range of uids, or the executor's own user. A range must
+    /// hold no user of this machine (`/etc/passwd`) and no subordinate uid
+    /// (`/etc/subuid`), whose files an action could reach.
+    pub fn resolve_action_users(&self) -> anyhow::Result<ActionUsers> {
         let root = rustix::process::geteuid().is_root();
-        if self.action_user.is_empty() {
-            if !root {
-                return Ok(None);
-            }
-            let nobody = kiln_platform::DockerUser::Name(DEFAULT_ACTION_USER.into());
-            return Ok(Some(kiln_worker::users::resolve(&nobody).unwrap_or(NOBODY)));
-        }
-        let user = kiln_platform::DockerUser::parse("--action-user", &self.action_user)?;
-        let (uid, gid) = kiln_worker::users::resolve(&user)
-            .map_err(|reason| anyhow::anyhow!("--action-user {}: {reason}", self.action_user))?;
         let own = rustix::process::geteuid().as_raw();
-        if uid == own {
-            return Ok(None);
-        }
+        let (first, last) = if self.action_user.is_empty() {
+            if !root {
+                return Ok(ActionUsers::One(None));
+            }
+            DEFAULT_ACTION_UIDS
+        } else if let Some(range) = uid_range(&self.action_user)? {
+            range
+        } else {
+            let user = kiln_platform::DockerUser::parse("--action-user", &self.action_user)?;
+            let (uid, gid) = kiln_worker::users::resolve(&user).map_err(|reason| {
+                anyhow::anyhow!("--action-user {}: {reason}", self.action_user)
+            })?;
+            if uid == own {
+                return Ok(ActionUsers::One(None));
+            }
+            if !root {
+                anyhow::bail!(
+                    "--action-user {} needs a root executor (this one runs as uid {own} and cannot switch users)",
+                    self.action_user
+                );
+            }
+            return Ok(ActionUsers::One(Some((uid, gid))));
+        };
+        let shown = if self.action_user.is_empty() {
+            format!("the action users {first}-{last} (the default --action-user)")
+        } else {
+            format!("--action-user {}", self.action_user)
+        };
         if !root {
             anyhow::bail!(
-                "--action-user {} needs a root executor (this one runs as uid {own} and cannot switch users)",
-                self.action_user
+                "{shown} needs a root executor (this one runs as uid {own} and cannot switch users)"
             );
         }
-        Ok(Some((uid, gid)))
+        if let Some((name, uid)) = kiln_worker::users::named_in_range(first, last)
+            .into_iter()
+            .next()
+        {
+            anyhow::bail!(
+                "{shown}: uid {uid} is taken on this machine, by {name}, and an action running \
+                 as it could reach their files; choose uids no user (/etc/passwd) or subordinate \
+                 range (/etc/subuid) has"
+            );
+        }
+        Ok(ActionUsers::Range { first, last })
     }
+}
+
+/// Says at start-up whom actions run as; one user shared by every action
+/// is a warning: two `none` actions running at once can reach each other.
+pub fn log_action_users(users: ActionUsers) {
+    match users {
+        ActionUsers::Range { first, last } => tracing::info!(
+            first,
+            last,
+            "actions run as the action users: a uid of its own for each runner"
+        ),
+        ActionUsers::One(Some((uid, gid))) => tracing::warn!(
+            uid,
+            gid,
+            "every action runs as one action user: two `none` actions running at once can \
+             reach each other's processes and workspaces (give --action-user a range of uids, \
+             FIRST-LAST, for a uid of its own to each)"
+        ),
+        ActionUsers::One(None) => {}
+    }
+}
+
+/// `FIRST-LAST` as a range of uids (None: not a range, a user); an error
+/// for a range that is empty or holds root or the invalid uid 4294967295.
+fn uid_range(given: &str) -> anyhow::Result<Option<(u32, u32)>> {
+    let Some((first, last)) = given.split_once('-') else {
+        return Ok(None);
+    };
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !number(first) || !number(last) {
+        return Ok(None);
+    }
+    let parse = |s: &str| {
+        s.parse::<u32>()
+            .ok()
+            .filter(|&uid| uid != u32::MAX)
+            .ok_or_else(|| {
+                anyhow::anyhow!("--action-user {given}: {s} is not a uid (0 to 4294967294)")
+            })
+    };
+    let (first, last) = (parse(first)?, parse(last)?);
+    if first == 0 || first > last {
+        anyhow::bail!(
+            "--action-user {given}: a range of uids goes from its first to its last, and \
+             holds no root (0): e.g. {}-{}, the default",
+            DEFAULT_ACTION_UIDS.0,
+            DEFAULT_ACTION_UIDS.1
+        );
+    }
+    Ok(Some((first, last)))
 }
 
 /// Probes the configured backends and returns those that work; an error

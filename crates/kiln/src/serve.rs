@@ -24,6 +24,7 @@ use kiln_scheduler::{
 };
 use kiln_store::{BlobStore, DiskStore, DiskStoreConfig, Durability, MemoryStore, TieredStore};
 use kiln_worker::cas::GrpcTransport;
+use kiln_worker::users::ActionUsers;
 use kiln_worker::{Isolations, LocalSession, Worker, WorkerConfig};
 use tokio::sync::oneshot;
 use tonic::transport::server::TcpIncoming;
@@ -424,7 +425,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let executor = match &scheduler {
         Some(scheduler) if config.execution.embedded_executor => {
             let owner = format!("kiln-serve:{}", config.data_dir.display());
-            let action_user = config.execution.isolation.resolve_action_user()?;
+            let action_users = config.execution.isolation.resolve_action_users()?;
             let isolations = crate::isolation::offered(&config.execution.isolation, &owner).await?;
             Some(start_embedded_executor(
                 config,
@@ -432,7 +433,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 GrpcTransport::from_service(in_process),
                 isolations,
                 executor_cache_bytes,
-                action_user,
+                action_users,
             )?)
         }
         _ => None,
@@ -472,7 +473,7 @@ fn start_embedded_executor(
     transport: GrpcTransport,
     isolations: Isolations,
     executor_cache_bytes: u64,
-    action_user: Option<(u32, u32)>,
+    action_users: ActionUsers,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let execution = &config.execution;
     let root = config.data_dir.join("execution");
@@ -493,20 +494,20 @@ fn start_embedded_executor(
         .max(Duration::from_secs(1));
     worker_config.max_grace = execution.max_termination_grace.get();
     worker_config.cache_max_bytes = Some(executor_cache_bytes).filter(|&b| b > 0);
-    worker_config.action_user = action_user;
+    worker_config.action_users = action_users;
     execution.isolation.apply_to(
         &mut worker_config,
         execution.effective_resources(&root).memory_bytes,
     )?;
     worker_config.input_limits = execution.inputs.limits();
-    if let Some(user) = action_user {
+    if let Some(user) = action_users.any() {
         // Checked here, not only by the worker, so a server whose actions
         // could not start fails to start itself, saying why.
         std::fs::create_dir_all(&worker_config.work_root)
             .with_context(|| format!("creating {}", worker_config.work_root.display()))?;
         kiln_worker::workspace::check_reachable(&worker_config.work_root, user)?;
-        tracing::info!(uid = user.0, gid = user.1, "actions run as the action user");
     }
+    crate::isolation::log_action_users(action_users);
     let concurrency = execution.effective_concurrency();
     Ok(tokio::spawn(async move {
         match Worker::new(transport, worker_config, isolations).await {

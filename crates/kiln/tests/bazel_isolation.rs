@@ -246,11 +246,15 @@ fn bazel_runs_targets_under_each_isolation_type() {
     let none = read("in_none");
     let sandbox = read("in_sandbox");
     eprintln!("none: {none}\nsandbox: {sandbox}");
-    // A root server runs `none` and `sandbox` actions as an unprivileged
-    // action user (nobody) by default.
+    // A root server runs `none` and `sandbox` actions as unprivileged
+    // action users by default, a uid of its own for each.
     if rustix::process::geteuid().is_root() {
         for (name, seen) in [("none", &none), ("sandbox", &sandbox)] {
-            assert_ne!(probe_value(seen, "uid"), "0", "{name} ran as root:\n{seen}");
+            let uid = probe_value(seen, "uid");
+            assert!(
+                common::is_default_action_user(&uid),
+                "{name} ran as {uid}:\n{seen}"
+            );
         }
     }
     // The sandbox's /root is empty, and it sees only its own few processes.

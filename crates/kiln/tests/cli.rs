@@ -413,6 +413,51 @@ fn a_root_server_refuses_a_data_dir_or_key_it_cannot_use() {
     );
 }
 
+/// A range of action users is refused at start when it holds a user of
+/// this machine (an action running as one could reach their files), naming
+/// the uid and the user; so is a range that is empty or holds root.
+#[test]
+fn a_range_of_action_users_holding_a_user_of_the_machine_is_refused() {
+    if !common::root_available("a root server's action users") {
+        return;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let (name, uid) = passwd
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            Some((
+                fields.first()?.to_string(),
+                fields.get(2)?.parse::<u32>().ok()?,
+            ))
+        })
+        .filter(|(_, uid)| (1..1000).contains(uid))
+        .min_by_key(|(_, uid)| *uid)
+        .expect("a system user below uid 1000");
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |range: &str| {
+        let output = serve_on_free_ports()
+            .arg("--data-dir")
+            .arg(dir.path().join("kiln"))
+            .args(["--action-user", range])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "--action-user {range} was taken");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = refused("1-999");
+    assert!(
+        stderr.contains("--action-user 1-999")
+            && stderr.contains(&format!("uid {uid} "))
+            && stderr.contains(&name),
+        "{stderr}"
+    );
+    for bad in ["0-10", "10-5", "5-4294967295"] {
+        let stderr = refused(bad);
+        assert!(stderr.contains(&format!("--action-user {bad}")), "{stderr}");
+    }
+}
+
 /// A server killed with SIGKILL (no shutdown, no final sync) restarts with
 /// every blob it acknowledged: the journal and data were written before
 /// the acknowledgement, and start-up re-verifies what the last checkpoint

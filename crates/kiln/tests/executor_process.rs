@@ -1288,10 +1288,9 @@ async fn what_an_action_user_made_is_taken_back_by_the_launchers() {
         upload_with_outputs(&address, &script, &["out/closed/result.txt"], &[]).await;
     let mut stream = execute_digest(channel, action_digest).await.unwrap();
     wait_until("the action to start", || marks.join("started").exists()).await;
-    assert_eq!(
-        std::fs::read_to_string(marks.join("user")).unwrap(),
-        "65534\n"
-    );
+    let user = std::fs::read_to_string(marks.join("user")).unwrap();
+    assert!(common::is_default_action_user(&user), "ran as {user}");
+    let uid: u32 = user.trim().parse().unwrap();
     let closed: Vec<_> = walk(&work_dir)
         .into_iter()
         .filter(|path| path.ends_with("workspace/out/closed"))
@@ -1305,7 +1304,7 @@ async fn what_an_action_user_made_is_taken_back_by_the_launchers() {
     assert!(!finished, "finished with the launchers stopped");
     assert_eq!(
         left_as_it_was,
-        Some((65534, 65534)),
+        Some((uid, uid)),
         "taken back by the executor"
     );
 
@@ -1541,9 +1540,14 @@ async fn launchers_killed_while_taking_back_outputs_give_the_action_back() {
         serve_with_executor(scratch.path(), "killed-take-back", "none,sandbox");
     let launchers = launchers_running(executor.child.id());
     let marks = marks(scratch.path());
+    // Each run has a uid of its own: both may append, and replace `started`.
+    let runs = marks.join("runs");
+    std::fs::write(&runs, "").unwrap();
+    std::fs::set_permissions(&runs, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     let script = format!(
         "echo run >> {marks}/runs && mkdir -p out && echo made > out/result.txt \
-         && chmod 600 out/result.txt && chmod 700 out && touch {marks}/started && {go}",
+         && chmod 600 out/result.txt && chmod 700 out && rm -f {marks}/started \
+         && touch {marks}/started && {go}",
         marks = marks.display(),
         go = until_go(&marks),
     );
@@ -1591,10 +1595,10 @@ async fn an_executor_with_a_relative_work_dir_runs_actions() {
     command.current_dir(scratch.path());
     let process = Process::spawn_command(command);
     process.wait_for_log("executor registered");
-    let response = completed(execute(&address, "id -u".into()).await).await;
+    let response = completed(execute(&address, common::who_runs_this()).await).await;
     let result = response.result.expect("a result");
     assert_eq!(result.exit_code, 0, "{:?}", response.status);
-    assert_eq!(result.stdout_digest, Some(digest(b"65534\n")));
+    assert_eq!(result.stdout_digest, Some(digest(b"action-user\n")));
 }
 
 /// A capability set from a `/proc/PID/status` line (`CapEff:\t…`).
@@ -1633,10 +1637,10 @@ async fn a_root_executor_keeps_only_the_capabilities_it_needs() {
     }
     let scratch = tempfile::tempdir().unwrap();
     let (server, address, process) = serve_with_executor(scratch.path(), "capable", "none,sandbox");
-    let response = completed(execute(&address, "id -u".into()).await).await;
+    let response = completed(execute(&address, common::who_runs_this()).await).await;
     let result = response.result.expect("a result");
     assert_eq!(result.exit_code, 0, "{:?}", response.status);
-    assert_eq!(result.stdout_digest, Some(digest(b"65534\n")));
+    assert_eq!(result.stdout_digest, Some(digest(b"action-user\n")));
 
     let bit = |cap: u32| 1u64 << cap;
     let dropped = [

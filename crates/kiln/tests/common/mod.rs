@@ -73,8 +73,28 @@ pub fn assert_test_passed(output: &str) {
     assert!(passed, "//hello:hello_test did not pass:\n{output}");
 }
 
+/// Whether `uid`, as `id -u` prints it, is one of the uids a root
+/// executor's actions run as by default (one per runner).
+pub fn is_default_action_user(uid: &str) -> bool {
+    let (first, last) = kiln::isolation::DEFAULT_ACTION_UIDS;
+    uid.trim()
+        .parse::<u32>()
+        .is_ok_and(|uid| (first..=last).contains(&uid))
+}
+
+/// A shell command that prints `action-user` when it runs as one of a root
+/// executor's default action users, with the group of the same number,
+/// and otherwise its `uid:gid`.
+pub fn who_runs_this() -> String {
+    let (first, last) = kiln::isolation::DEFAULT_ACTION_UIDS;
+    format!(
+        "u=$(id -u); g=$(id -g); if [ $u -ge {first} ] && [ $u -le {last} ] && [ $g = $u ]; \
+         then echo action-user; else echo $u:$g; fi"
+    )
+}
+
 /// Lets a root server's actions reach their workspaces under `dir`: they
-/// run as `nobody`, who must traverse every directory down to the data or
+/// run as action users (uids of no user), who must traverse every directory down to the data or
 /// work directory, and temporary directories are private (0700). Adds
 /// search (not read) permission for others to `dir` and its ancestors
 /// inside the temporary directory, creating `dir`.
