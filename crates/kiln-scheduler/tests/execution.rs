@@ -153,16 +153,26 @@ impl Harness {
         let (started, gate, order) = (
             scratch.join("started"),
             scratch.join("gate"),
-            scratch.join("order"),
+            self.shared_file("order"),
         );
         mkfifo(&started);
         mkfifo(&gate);
         (started, gate, order)
     }
 
+    /// An empty file in [`Harness::scratch`] that every action may append
+    /// to: each runs as a uid of its own when the tests run as root.
+    fn shared_file(&self, name: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.scratch().join(name);
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        path
+    }
+
     /// A directory outside every workspace where actions leave marks for
     /// the test: writable by all, as the embedded executor runs actions as
-    /// its action user (`nobody`) when the tests run as root.
+    /// its action users when the tests run as root.
     fn scratch(&self) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let path = self.dir.path().join("scratch");
@@ -674,7 +684,7 @@ async fn identical_concurrent_executes_run_once() {
     let scratch = harness.scratch();
     let gate = scratch.join("gate");
     mkfifo(&gate);
-    let count = scratch.join("count");
+    let count = harness.shared_file("count");
     let action = harness
         .action(ActionSpec {
             arguments: sh(&format!(
@@ -1050,7 +1060,7 @@ async fn priority_first_then_invocations_take_turns() {
     let scratch = harness.scratch();
     let gate = scratch.join("gate");
     mkfifo(&gate);
-    let order = scratch.join("order");
+    let order = harness.shared_file("order");
     let blocker = harness
         .action(ActionSpec {
             arguments: sh(&format!("cat {} > /dev/null", gate.display())),

@@ -41,7 +41,8 @@
 //! while it waits: it is a directory, and maybe a container whose
 //! processes are an action's leftovers.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -298,24 +299,17 @@ pub fn reset_for_reuse(
 /// Deletes `relative` (a file, symlink or whole directory) beneath `root`,
 /// resolving its parent without following any symlink; a path that is not
 /// there, or whose parent is not a real directory beneath `root`, is left.
+/// Directories of the executor's closed to their owner on the way (an
+/// action that closed them, taken back with their mode) are opened to it
+/// first: it holds no capability to search past a mode.
 pub fn remove_beneath(root: &impl AsFd, relative: &Path) -> std::io::Result<()> {
     let (Some(parent), Some(name)) = (relative.parent(), relative.file_name()) else {
         return Ok(());
     };
-    let parent_path = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    let parent = match rustix::fs::openat2(
-        root,
-        parent_path,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    ) {
+    let parent = match open_dir_as_owner(root, parent) {
         Ok(fd) => fd,
-        // Gone, not a directory, or reached only through a symlink.
+        // Gone, not a directory, reached only through a symlink, or closed
+        // by someone else.
         Err(_) => return Ok(()),
     };
     match rustix::fs::unlinkat(&parent, name, rustix::fs::AtFlags::empty()) {
@@ -328,13 +322,51 @@ pub fn remove_beneath(root: &impl AsFd, relative: &Path) -> std::io::Result<()> 
             let through_fd = Path::new("/proc/self/fd")
                 .join(parent.as_raw_fd().to_string())
                 .join(name);
-            match std::fs::remove_dir_all(through_fd) {
+            let removed = match std::fs::remove_dir_all(&through_fd) {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    crate::scratch::open_to_owner(&through_fd, 0)?;
+                    std::fs::remove_dir_all(&through_fd)
+                }
+                other => other,
+            };
+            match removed {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             }
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The directory `relative` beneath `root`, opened one component at a time
+/// with no symlink followed; each directory on the way that the executor
+/// owns but cannot read, write or search is given those bits first.
+fn open_dir_as_owner(root: &impl AsFd, relative: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let beneath = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let open = |dir: &dyn AsFd, name: &Path, flags: OFlags| {
+        rustix::fs::openat2(dir, name, flags | OFlags::CLOEXEC, Mode::empty(), beneath)
+    };
+    let mut dir = open(root, Path::new("."), OFlags::DIRECTORY | OFlags::RDONLY)?;
+    let own = rustix::process::geteuid().as_raw();
+    for component in relative.components() {
+        let std::path::Component::Normal(name) = component else {
+            continue;
+        };
+        let name = Path::new(name);
+        let found = open(&dir, name, OFlags::DIRECTORY | OFlags::PATH)?;
+        let stat = rustix::fs::fstat(&found)?;
+        if stat.st_uid == own && stat.st_mode & 0o700 != 0o700 {
+            // By the descriptor: the directory just found, not a name.
+            let through_fd = Path::new("/proc/self/fd").join(found.as_raw_fd().to_string());
+            std::fs::set_permissions(
+                through_fd,
+                std::fs::Permissions::from_mode((stat.st_mode | 0o700) & 0o7777),
+            )?;
+        }
+        dir = open(&dir, name, OFlags::DIRECTORY | OFlags::RDONLY)?;
+    }
+    Ok(dir)
 }
 
 /// Deletes the files and symlinks under `dir` whose path relative to the
@@ -388,6 +420,75 @@ mod tests {
     /// The directories of `runners`.
     fn dirs(runners: Vec<WarmRunner>) -> Vec<PathBuf> {
         runners.into_iter().map(|runner| runner.dir).collect()
+    }
+
+    /// Runs `f` on a thread of its own that holds none of the capabilities
+    /// a root executor drops to read, search or change past a mode: an
+    /// owner like any other, as the executor is.
+    fn as_the_executor<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        use rustix::thread::{CapabilitySet, CapabilitySets};
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let past_modes = CapabilitySet::DAC_OVERRIDE
+                        | CapabilitySet::DAC_READ_SEARCH
+                        | CapabilitySet::FOWNER;
+                    let current = rustix::thread::capabilities(None).unwrap();
+                    rustix::thread::set_capabilities(
+                        None,
+                        CapabilitySets {
+                            effective: current.effective - past_modes,
+                            permitted: current.permitted - past_modes,
+                            inheritable: CapabilitySet::empty(),
+                        },
+                    )
+                    .unwrap();
+                    f()
+                })
+                .join()
+                .unwrap()
+        })
+    }
+
+    /// A preserved workspace's previous outputs go even from under
+    /// directories the action closed to everyone, the executor included
+    /// once it took them back: it opens its own directories on the way.
+    #[test]
+    fn previous_outputs_under_closed_directories_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("workspace");
+        std::fs::create_dir_all(root.join("out/closed/kept")).unwrap();
+        std::fs::create_dir_all(root.join("out/tree/sub")).unwrap();
+        std::fs::write(root.join("out/closed/result.txt"), "old").unwrap();
+        std::fs::write(root.join("out/closed/kept/input.txt"), "in").unwrap();
+        std::fs::write(root.join("out/tree/sub/deep.txt"), "old").unwrap();
+        let close = |path: &str| {
+            std::fs::set_permissions(root.join(path), std::fs::Permissions::from_mode(0o000))
+                .unwrap()
+        };
+        close("out/tree/sub");
+        close("out/closed");
+        let fd = rustix::fs::open(
+            &root,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        as_the_executor(|| {
+            assert!(
+                std::fs::symlink_metadata(root.join("out/closed/result.txt")).is_err(),
+                "this thread still searches past a mode"
+            );
+            remove_beneath(&fd, Path::new("out/closed/result.txt")).unwrap();
+            remove_beneath(&fd, Path::new("out/tree")).unwrap();
+        });
+        assert!(!root.join("out/closed/result.txt").exists());
+        assert!(!root.join("out/tree").exists());
+        assert_eq!(
+            std::fs::read_to_string(root.join("out/closed/kept/input.txt")).unwrap(),
+            "in",
+            "only the outputs go"
+        );
     }
 
     #[test]

@@ -307,7 +307,7 @@ const OPEN_DEPTH: usize = 256;
 
 /// Gives the owner (the executor) read, write and search on `dir` and
 /// each directory under it that it owns and lacks them on.
-fn open_to_owner(dir: &Path, depth: usize) -> std::io::Result<()> {
+pub(crate) fn open_to_owner(dir: &Path, depth: usize) -> std::io::Result<()> {
     let metadata = dir.symlink_metadata()?;
     if !metadata.is_dir() || depth > OPEN_DEPTH {
         return Ok(());
