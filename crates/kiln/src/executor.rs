@@ -146,7 +146,9 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
         ))
     };
     let owner = format!("kiln-worker:{}", options.work_dir.display());
-    let action_users = options.isolation.resolve_action_users()?;
+    let action_users = options
+        .isolation
+        .resolve_action_users(options.capacity.max(1) as usize)?;
     let isolations = crate::isolation::offered(&options.isolation, &owner).await?;
     let isolation_types = isolations.names().iter().map(|n| n.to_string()).collect();
     let mut worker_config = WorkerConfig::new(

@@ -358,8 +358,10 @@ impl IsolationSettings {
     /// Whom actions run as (see [`IsolationSettings::action_user`]): a
     /// user, a range of uids, or the executor's own user. A range must
     /// hold no user of this machine (`/etc/passwd`) and no subordinate uid
-    /// (`/etc/subuid`), whose files an action could reach.
-    pub fn resolve_action_users(&self) -> anyhow::Result<ActionUsers> {
+    /// (`/etc/subuid`), whose files an action could reach; and enough
+    /// uids for every runner an executor running `concurrency` actions at
+    /// once may hold.
+    pub fn resolve_action_users(&self, concurrency: usize) -> anyhow::Result<ActionUsers> {
         let root = rustix::process::geteuid().is_root();
         let own = rustix::process::geteuid().as_raw();
         let (first, last) = if self.action_user.is_empty() {
@@ -403,6 +405,19 @@ impl IsolationSettings {
                 "{shown}: uid {uid} is taken on this machine, by {name}, and an action running \
                  as it could reach their files; choose uids no user (/etc/passwd) or subordinate \
                  range (/etc/subuid) has"
+            );
+        }
+        // Running actions, warm runners, and directories being emptied
+        // in the background (one per CPU) each hold a uid.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let needed = (concurrency + self.max_warm_runners + cpus) as u64;
+        let count = u64::from(last - first) + 1;
+        if count < needed {
+            anyhow::bail!(
+                "{shown} holds {count} uids, and this executor may hold {needed} at once \
+                 ({concurrency} running at once, {} kept warm (--max-warm-runners), and one per \
+                 CPU for directories being emptied): give a wider range",
+                self.max_warm_runners
             );
         }
         Ok(ActionUsers::Range { first, last })

@@ -425,7 +425,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let executor = match &scheduler {
         Some(scheduler) if config.execution.embedded_executor => {
             let owner = format!("kiln-serve:{}", config.data_dir.display());
-            let action_users = config.execution.isolation.resolve_action_users()?;
+            let action_users = config
+                .execution
+                .isolation
+                .resolve_action_users(config.execution.effective_concurrency())?;
             let isolations = crate::isolation::offered(&config.execution.isolation, &owner).await?;
             Some(start_embedded_executor(
                 config,

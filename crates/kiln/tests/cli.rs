@@ -456,6 +456,30 @@ fn a_range_of_action_users_holding_a_user_of_the_machine_is_refused() {
         let stderr = refused(bad);
         assert!(stderr.contains(&format!("--action-user {bad}")), "{stderr}");
     }
+    // Fewer uids than runners may be held at once (one running action,
+    // two warm runners, one directory being emptied per CPU).
+    let first = kiln::isolation::DEFAULT_ACTION_UIDS.0;
+    let few = format!("{first}-{}", first + 2);
+    let output = serve_on_free_ports()
+        .arg("--data-dir")
+        .arg(dir.path().join("kiln"))
+        .args([
+            "--action-user",
+            &few,
+            "--concurrency",
+            "1",
+            "--max-warm-runners",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "--action-user {few} was taken");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("--action-user {few} holds 3 uids"))
+            && stderr.contains("--max-warm-runners"),
+        "{stderr}"
+    );
 }
 
 /// A server killed with SIGKILL (no shutdown, no final sync) restarts with
