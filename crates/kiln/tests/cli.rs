@@ -363,6 +363,22 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     assert!(stderr_of(first).0.success());
 }
 
+/// Runs `kiln serve` on free ports with `data_dir` and `more` flags,
+/// which must refuse to start: its stderr.
+fn refused_start(
+    data_dir: &std::path::Path,
+    more: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+) -> String {
+    let output = serve_on_free_ports()
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(more)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "it started all the same");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A root server keeps no capability to read or write past an owner and a
 /// mode: a data directory or a key file of another user's is refused at
 /// start, saying why and what to do, not deep in opening the store.
@@ -375,13 +391,7 @@ fn a_root_server_refuses_a_data_dir_or_key_it_cannot_use() {
     let theirs = dir.path().join("theirs");
     std::fs::create_dir(&theirs).unwrap();
     std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
-    let output = serve_on_free_ports()
-        .arg("--data-dir")
-        .arg(theirs.join("kiln"))
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start(&theirs.join("kiln"), [""; 0]);
     assert!(
         stderr.contains("--data-dir")
             && stderr.contains("uid 65534")
@@ -396,15 +406,11 @@ fn a_root_server_refuses_a_data_dir_or_key_it_cannot_use() {
     std::fs::write(&key, "not read").unwrap();
     std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let output = serve_on_free_ports()
-        .arg("--data-dir")
-        .arg(dir.path().join("ours"))
-        .args(["--tls-cert", "/dev/null", "--tls-key"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let flags = ["--tls-cert", "/dev/null", "--tls-key"].map(std::ffi::OsStr::new);
+    let stderr = refused_start(
+        &dir.path().join("ours"),
+        flags.iter().chain([&key.as_os_str()]),
+    );
     assert!(
         stderr.contains("--tls-key")
             && stderr.contains("not readable")
@@ -435,16 +441,9 @@ fn a_range_of_action_users_holding_a_user_of_the_machine_is_refused() {
         .min_by_key(|(_, uid)| *uid)
         .expect("a system user below uid 1000");
     let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("kiln");
     let refused = |range: &str, more: &[&str]| {
-        let output = serve_on_free_ports()
-            .arg("--data-dir")
-            .arg(dir.path().join("kiln"))
-            .args(["--action-user", range])
-            .args(more)
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "--action-user {range} was taken");
-        String::from_utf8_lossy(&output.stderr).into_owned()
+        refused_start(&data_dir, ["--action-user", range].iter().chain(more))
     };
     let stderr = refused("1-999", &[]);
     assert!(
