@@ -29,8 +29,6 @@ pub use rustix::thread::CapabilitySet;
 
 /// What a root executor still needs in its own process, each for a reason
 /// that names the code:
-/// - `KILL`: signalling actions' process groups, which run as other users
-///   (`kiln-worker::process`);
 /// - `SYS_ADMIN`: making a network namespace per bridged action
 ///   (`network`), and QEMU's `setns` into one before it execs
 ///   (`kiln-vm::qemu`);
@@ -40,7 +38,10 @@ pub use rustix::thread::CapabilitySet;
 ///
 /// Not `DAC_READ_SEARCH`: what an action's user made is given to the
 /// executor through the launchers before the executor reads it
-/// (`kiln-worker`'s `take_back_outputs`).
+/// (`kiln-worker`'s `take_back_outputs`). Not `KILL`: actions run as
+/// other users, and their process groups are signalled by the launchers
+/// ([`crate::launcher::signal_group`]), what is left in a cgroup killed
+/// through `cgroup.kill` or, on v1, by the launchers too.
 ///
 /// `vm_disks`: the executor builds VM disks from image layers, which it
 /// unpacks with their owners, modes and file capabilities
@@ -48,10 +49,8 @@ pub use rustix::thread::CapabilitySet;
 /// `SETFCAP` and `DAC_OVERRIDE` (an image's directory may be closed to
 /// its owner) too.
 pub fn executor_needs(vm_disks: bool) -> CapabilitySet {
-    let mut set = CapabilitySet::KILL
-        | CapabilitySet::SYS_ADMIN
-        | CapabilitySet::NET_ADMIN
-        | CapabilitySet::NET_BIND_SERVICE;
+    let mut set =
+        CapabilitySet::SYS_ADMIN | CapabilitySet::NET_ADMIN | CapabilitySet::NET_BIND_SERVICE;
     if vm_disks {
         set |= CapabilitySet::CHOWN
             | CapabilitySet::FOWNER
@@ -114,7 +113,7 @@ mod tests {
         assert!(executor_needs(true).contains(owners));
         for vm_disks in [false, true] {
             let needs = executor_needs(vm_disks);
-            assert!(needs.contains(CapabilitySet::KILL));
+            assert!(!needs.contains(CapabilitySet::KILL));
             assert!(!needs.contains(CapabilitySet::DAC_READ_SEARCH));
             assert!(!needs.intersects(CapabilitySet::SETUID | CapabilitySet::SETGID));
         }

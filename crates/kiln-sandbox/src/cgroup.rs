@@ -607,21 +607,33 @@ impl Cgroup {
 
     /// SIGKILLs every process in the cgroup and waits (briefly) until none
     /// is left. A fork bomb is bounded by `pids.max`, so this converges.
+    /// v2 writes `cgroup.kill` (the executor owns that file: no signal of
+    /// its own); v1, which has none, has the launchers kill each process
+    /// listed, until none is (its processes run as other users, whom the
+    /// executor, keeping no CAP_KILL, cannot signal).
     pub fn kill_all(&self) {
-        if self.version == Version::V2 {
-            if let Some(directory) = self.directory(Controller::Unified) {
-                let _ = write_file(&directory.join("cgroup.kill"), "1");
-            }
-        }
+        let killed_whole = self.version == Version::V2
+            && self
+                .directory(Controller::Unified)
+                .is_some_and(|directory| write_file(&directory.join("cgroup.kill"), "1").is_ok());
+        let listed = self
+            .directories
+            .iter()
+            .find(|(c, _)| *c == Controller::Pids)
+            .or(self.directories.first())
+            .map(|(_, directory)| directory.clone());
         for _ in 0..1000 {
-            let pids = match self.pids() {
-                Ok(pids) if !pids.is_empty() => pids,
+            match self.pids() {
+                Ok(pids) if !pids.is_empty() => {}
                 _ => return,
-            };
-            for pid in pids {
-                // SAFETY: kill(2) has no memory-safety preconditions; a
-                // stale pid at worst gets ESRCH.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            if !killed_whole {
+                if let Some(directory) = &listed {
+                    if let Err(error) = crate::launcher::kill_cgroup(directory) {
+                        tracing::warn!(cgroup = %directory.display(), %error, "killing what is left in a cgroup");
+                        return;
+                    }
+                }
             }
             std::thread::sleep(Duration::from_millis(1));
         }

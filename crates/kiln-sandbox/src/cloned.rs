@@ -1,28 +1,57 @@
 //! The executor's handle on an action started by [`crate::launcher::start`]
 //! (its child, whichever process cloned it): tokio cannot adopt a pid, so this waits
 //! on a pidfd instead and implements [`kiln_worker::process::Process`]
-//! for the shared supervision.
+//! for the shared supervision. Its signals go through the launchers
+//! ([`crate::launcher::signal_group`]): the action runs as another user,
+//! whom the executor, keeping no CAP_KILL, cannot signal itself.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
-use kiln_worker::process::Process;
+use kiln_worker::process::{Pid, Process, Signal};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+
+use crate::launcher;
+
+/// What ends the processes an action leaves behind once it has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leftovers {
+    /// Its pid namespace (the action, or its init, is PID 1: the kernel
+    /// kills the rest as it ends) or its cgroup (emptied by the caller).
+    EndWithIt,
+    /// Nothing but its process group, which is SIGKILLed as it ends,
+    /// before it is reaped (while its pid still names the group).
+    KillGroup,
+}
+
+impl Leftovers {
+    /// For an action started with `plan`, `start`'s way: a pid namespace
+    /// with namespaces or an init, a cgroup when it joins one.
+    pub fn of(plan: &crate::child::Plan, start: crate::child::Start) -> Leftovers {
+        let pid_namespace = plan.namespaces || start == crate::child::Start::WithInit;
+        if pid_namespace || !plan.cgroup_join.is_empty() {
+            Leftovers::EndWithIt
+        } else {
+            Leftovers::KillGroup
+        }
+    }
+}
 
 /// A cloned child of this process, reaped through its pidfd.
 #[derive(Debug)]
 pub(crate) struct ClonedChild {
     pid: libc::pid_t,
     pidfd: AsyncFd<OwnedFd>,
+    leftovers: Leftovers,
     status: Option<ExitStatus>,
 }
 
 impl ClonedChild {
     /// Takes charge of child `pid` (which must not be reaped elsewhere).
-    pub fn new(pid: libc::pid_t) -> io::Result<ClonedChild> {
+    pub fn new(pid: libc::pid_t, leftovers: Leftovers) -> io::Result<ClonedChild> {
         // SAFETY: pidfd_open returns a new descriptor (or -1), owned below.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
@@ -46,8 +75,29 @@ impl ClonedChild {
         Ok(ClonedChild {
             pid,
             pidfd,
+            leftovers,
             status: None,
         })
+    }
+
+    /// Whether it has exited, leaving it unreaped.
+    fn exited(&self) -> io::Result<bool> {
+        // SAFETY: an all-zero siginfo_t is valid; waitid fills it in.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: WNOWAIT | WNOHANG waitid on our own child: reaps nothing.
+        let found = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if found < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: waitid set si_pid (or left it zero: still running).
+        Ok(unsafe { info.si_pid() } != 0)
     }
 
     fn try_reap(&mut self) -> io::Result<Option<ExitStatus>> {
@@ -72,12 +122,27 @@ impl Process for ClonedChild {
 
     async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
-            if let Some(status) = self.try_reap()? {
+            if let Some(status) = self.status {
                 return Ok(status);
+            }
+            if self.leftovers == Leftovers::KillGroup && self.exited()? {
+                signal(self.pid, Signal::KILL);
+            }
+            if self.try_reap()?.is_some() {
+                continue;
             }
             // A pidfd turns readable when its process exits.
             let mut ready = self.pidfd.readable().await?;
             ready.clear_ready();
+        }
+    }
+
+    /// Only while it is not reaped: its pid is its own until then, and
+    /// what is left of its group afterwards has ended with it
+    /// ([`Leftovers`]).
+    fn signal_group(&self, _group: Pid, signal_sent: Signal) {
+        if self.status.is_none() {
+            signal(self.pid, signal_sent);
         }
     }
 }
@@ -90,11 +155,18 @@ impl Drop for ClonedChild {
     }
 }
 
-/// SIGKILLs `pid` (PID 1 of its namespaces, so everything in them dies)
-/// and reaps it on a thread, so no zombie is left when a run is dropped.
+/// Sends `signal` to the group `leader` leads, logging a failure.
+fn signal(leader: libc::pid_t, signal: Signal) {
+    if let Err(error) = launcher::signal_group(leader, signal.as_raw()) {
+        tracing::warn!(pid = leader, ?signal, %error, "signalling an action's process group");
+    }
+}
+
+/// SIGKILLs the group `pid` leads (PID 1 of its namespaces, so everything
+/// in them dies) and reaps it on a thread, so no zombie is left when a run
+/// is dropped.
 fn reap_in_background(pid: libc::pid_t) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    signal(pid, Signal::KILL);
     std::thread::spawn(move || {
         let mut status = 0;
         // SAFETY: blocking waitpid on our own child.

@@ -27,8 +27,13 @@
 //!   executor's root is to be confined.
 //!
 //! Actions are cloned with `CLONE_PARENT`: they are the executor's
-//! children, so it waits for them, signals their process groups and reads
-//! their exit status as before, and a launcher never waits for anything.
+//! children, so it waits for them and reads their exit status as before,
+//! and a launcher never waits for anything. Their process groups run as
+//! other users, whom the executor (keeping no CAP_KILL) cannot signal:
+//! a stop goes through a launcher ([`signal_group`]), which signals only
+//! the group of a child of the executor, and only with SIGTERM or SIGKILL;
+//! what is left in a v1 action cgroup is killed the same way
+//! ([`kill_cgroup`]).
 //! Each launcher serves one request at a time and waits for the action's
 //! exec (a sandbox's setup takes a millisecond or two), so the executor
 //! sends to an idle one.
@@ -197,12 +202,44 @@ pub(crate) fn privileged(request: &privileged::Request) -> io::Result<()> {
                 privileged::Request::Give { .. } => "giving workspace directories to a user",
                 privileged::Request::TakeBack { .. } => "taking back what an action's user made",
                 privileged::Request::Confine(_) => "confining the launcher to the work root",
+                privileged::Request::Signal { .. } => "signalling an action's process group",
+                privileged::Request::KillCgroup(_) => "killing what is left in an action cgroup",
             };
             launchers
                 .call(&encode_privileged(request), &[], what)
                 .map(drop)
                 .map_err(|failure| failure.error)
         }
+        None => request.perform(),
+    }
+}
+
+/// Sends `signal` (SIGTERM or SIGKILL) to the process group of `leader`,
+/// an action this process started and has not reaped (see
+/// [`privileged::signal_group`]): through a launcher when they are
+/// installed, since the action runs as another user and the executor
+/// keeps no CAP_KILL; else from this process. An action already gone is
+/// no error. Blocking, and brief: a launcher answers between starts.
+pub(crate) fn signal_group(leader: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
+    let request = privileged::Request::Signal { leader, signal };
+    let sent = match LAUNCHERS.get() {
+        Some(_) => privileged(&request),
+        None => request.perform(),
+    };
+    match sent {
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        other => other,
+    }
+}
+
+/// SIGKILLs every process in the action cgroup `directory` (see
+/// [`privileged::kill_cgroup`]): through a launcher when they are
+/// installed, else from this process. For v1 hierarchies, which have no
+/// `cgroup.kill`. Blocking.
+pub(crate) fn kill_cgroup(directory: &Path) -> io::Result<()> {
+    let request = privileged::Request::KillCgroup(crate::view::c_path(directory));
+    match LAUNCHERS.get() {
+        Some(_) => privileged(&request),
         None => request.perform(),
     }
 }
@@ -508,6 +545,7 @@ fn write_reply(socket: &UnixStream, reply: &Result<libc::pid_t, SpawnFailure>) -
                 .raw_os_error()
                 .unwrap_or(match failure.error.kind() {
                     io::ErrorKind::InvalidInput => libc::EINVAL,
+                    io::ErrorKind::PermissionDenied => libc::EPERM,
                     _ => libc::EIO,
                 }),
             failure.unreaped.unwrap_or(0),
@@ -550,6 +588,8 @@ const DETACH: u8 = 3;
 const GIVE: u8 = 4;
 const TAKE_BACK: u8 = 5;
 const CONFINE: u8 = 6;
+const SIGNAL: u8 = 7;
+const KILL_CGROUP: u8 = 8;
 
 /// A start request's bytes, and the descriptors to send with it in the
 /// order [`decode`] takes them: stdin, stdout, stderr, the cgroup's files,
@@ -638,6 +678,15 @@ fn encode_privileged(request: &privileged::Request) -> Vec<u8> {
         privileged::Request::Confine(root) => {
             out.u8(CONFINE);
             out.bytes(root.as_bytes());
+        }
+        privileged::Request::Signal { leader, signal } => {
+            out.u8(SIGNAL);
+            out.u32(*leader as u32);
+            out.u32(*signal as u32);
+        }
+        privileged::Request::KillCgroup(directory) => {
+            out.u8(KILL_CGROUP);
+            out.bytes(directory.as_bytes());
         }
     }
     out.0
@@ -737,6 +786,11 @@ fn decode_privileged(kind: u8, input: &mut Reader) -> io::Result<privileged::Req
             files: input.strings()?,
         },
         CONFINE => privileged::Request::Confine(input.c_string()?),
+        SIGNAL => privileged::Request::Signal {
+            leader: input.u32()? as i32,
+            signal: input.u32()? as i32,
+        },
+        KILL_CGROUP => privileged::Request::KillCgroup(input.c_string()?),
         kind => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -1011,6 +1065,11 @@ mod tests {
                 files: vec![c"out/a.o".to_owned(), c"b".to_owned()],
             },
             privileged::Request::Confine(c"/w".to_owned()),
+            privileged::Request::Signal {
+                leader: 4242,
+                signal: libc::SIGTERM,
+            },
+            privileged::Request::KillCgroup(c"/sys/fs/cgroup/pids/kiln/42-7".to_owned()),
         ];
         for step in steps {
             let request = encode_privileged(&step);

@@ -326,9 +326,9 @@ struct PlainWorker {
 
 impl Drop for PlainWorker {
     fn drop(&mut self) {
-        if let Some(pid) = kiln_worker::process::Process::id(&self.child) {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+        use kiln_worker::process::{Pid, Process, Signal};
+        if let Some(pid) = self.child.id().and_then(|pid| Pid::from_raw(pid as i32)) {
+            self.child.signal_group(pid, Signal::KILL);
         }
     }
 }

@@ -1,11 +1,13 @@
-//! The workspace steps only root can take, taken for the worker
-//! ([`kiln_worker::workspace::PrivilegedSteps`]): mounting and detaching
-//! workspace overlays, giving workspace directories to an action's user,
-//! and taking back what a finished action's user made. By the launchers
-//! on a root executor, so that the process holding the executor's
-//! network, CAS and file cache makes no mount and changes no owner
-//! itself; in the calling process where no launcher is installed (a
-//! server embedded in another program, the crates' own tests).
+//! The steps only root can take, taken for the worker: for a workspace
+//! ([`kiln_worker::workspace::PrivilegedSteps`]), mounting and detaching
+//! its overlay, giving its directories to an action's user, and taking
+//! back what a finished action's user made; for an action's processes,
+//! signalling the process group it leads ([`signal_group`]), which runs
+//! as another user. By the launchers on a root executor, so that the
+//! process holding the executor's network, CAS and file cache makes no
+//! mount, changes no owner and signals no other user's process itself;
+//! in the calling process where no launcher is installed (a server
+//! embedded in another program, the crates' own tests).
 //!
 //! A launcher takes only what these steps need, and only under the work
 //! root the worker names once as it starts ([`Confinement`]): absolute
@@ -17,10 +19,13 @@
 //! directories as an action starts travels in the start request itself
 //! ([`crate::child::Plan::owned_directories`]); the request here is for an
 //! action no start precedes (one served by a persistent worker already
-//! running).
+//! running). A signal goes only to SIGTERM or SIGKILL, and only to the
+//! process group led by a child of the executor (an action it started and
+//! has not reaped): never to a pid the executor got wrong.
 
 use std::ffi::{CStr, CString};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -131,6 +136,12 @@ pub(crate) enum Request {
     /// Take every later step under this directory (the executor's work
     /// root) alone; see [`Confinement`].
     Confine(CString),
+    /// Send `signal` (SIGTERM or SIGKILL) to the process group `leader`
+    /// leads, `leader` being a child of the executor.
+    Signal { leader: i32, signal: i32 },
+    /// SIGKILL every process in this action cgroup (a v1 leaf, which has
+    /// no `cgroup.kill`), one of the executor's or of one gone.
+    KillCgroup(CString),
 }
 
 /// Where a launcher's privileged steps may act: nowhere until the executor
@@ -210,6 +221,14 @@ impl Request {
     pub(crate) fn perform_within(&self, confinement: &mut Confinement) -> io::Result<()> {
         let paths: Vec<&CString> = match self {
             Request::Confine(root) => return confinement.confine(root),
+            // The launcher's parent is the executor, whose children the
+            // actions are (they are cloned with CLONE_PARENT).
+            Request::Signal { leader, signal } => {
+                return signal_group(*leader, *signal, rustix::process::getppid())
+            }
+            Request::KillCgroup(directory) => {
+                return kill_cgroup(directory, rustix::process::getppid())
+            }
             Request::Mount { layers, .. } => layers.iter().collect(),
             Request::Detach(target) => vec![target],
             Request::Give { directories, .. } => directories.iter().collect(),
@@ -227,6 +246,12 @@ impl Request {
     pub(crate) fn perform(&self) -> io::Result<()> {
         match self {
             Request::Confine(_) => Ok(()),
+            Request::Signal { leader, signal } => {
+                signal_group(*leader, *signal, Some(rustix::process::getpid()))
+            }
+            Request::KillCgroup(directory) => {
+                kill_cgroup(directory, Some(rustix::process::getpid()))
+            }
             Request::Mount { options, layers } => {
                 for layer in layers {
                     check_plain_path(layer)?;
@@ -278,6 +303,112 @@ impl Request {
             } => take_back(directory, files, *owner),
         }
     }
+}
+
+/// Sends `signal` to the process group `leader` leads, after checking
+/// that it is a stop signal (SIGTERM or SIGKILL), that `leader` is a child
+/// of `executor` (an action, alive or not yet reaped: a reaped one's pid
+/// may name another process by now) and that it leads its group.
+/// PermissionDenied otherwise, naming the pid; ESRCH when it is gone.
+pub(crate) fn signal_group(
+    leader: i32,
+    signal: i32,
+    executor: Option<rustix::process::Pid>,
+) -> io::Result<()> {
+    let refused = |why: String| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("not signalling process group {leader}: {why}"),
+        )
+    };
+    let signal = match signal {
+        libc::SIGTERM => rustix::process::Signal::TERM,
+        libc::SIGKILL => rustix::process::Signal::KILL,
+        other => return Err(refused(format!("signal {other} is not SIGTERM or SIGKILL"))),
+    };
+    let pid = rustix::process::Pid::from_raw(leader)
+        .filter(|pid| !pid.is_init())
+        .ok_or_else(|| refused("not a pid an action can have".into()))?;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{leader}/stat")).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => io::Error::from_raw_os_error(libc::ESRCH),
+            _ => e,
+        })?;
+    // The name in brackets may hold anything: the state, the parent's pid
+    // and the process group follow its end.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().take(3).collect())
+        .unwrap_or_default();
+    let number = |at: usize| fields.get(at).and_then(|field| field.parse::<i32>().ok());
+    let (parent, group) = (number(1), number(2));
+    let executor = executor.map(|pid| pid.as_raw_nonzero().get());
+    if parent.is_none() || parent != executor {
+        return Err(refused(format!(
+            "pid {leader} is not a child of the executor (its parent is {})",
+            parent.unwrap_or(0)
+        )));
+    }
+    if group != Some(leader) {
+        return Err(refused(format!(
+            "pid {leader} does not lead its process group"
+        )));
+    }
+    rustix::process::kill_process_group(pid, signal).map_err(io::Error::from)
+}
+
+/// SIGKILLs every process listed in `directory`'s `cgroup.procs`, after
+/// checking that it is an action cgroup: a plain path on a cgroup file
+/// system whose name is `<pid>-<n>` ([`crate::cgroup::action_cgroup_name`])
+/// with `pid` the executor's, or a process's no longer running (what
+/// [`crate::cgroup::CgroupRoot::remove_stale`] empties). PermissionDenied
+/// otherwise, naming the directory.
+pub(crate) fn kill_cgroup(
+    directory: &CStr,
+    executor: Option<rustix::process::Pid>,
+) -> io::Result<()> {
+    check_plain_path(directory)?;
+    let refused = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("not emptying {}: {why}", directory.to_string_lossy()),
+        )
+    };
+    let named = directory
+        .to_bytes()
+        .rsplit(|b| *b == b'/')
+        .next()
+        .and_then(|name| std::str::from_utf8(name).ok())
+        .and_then(|name| name.split_once('-'))
+        .and_then(|(pid, n)| Some((pid.parse::<i32>().ok()?, n.parse::<u64>().ok()?)))
+        .map(|(pid, _)| pid);
+    let Some(owner) = named else {
+        return Err(refused("not an action cgroup's name, <pid>-<n>"));
+    };
+    let executor = executor.map(|pid| pid.as_raw_nonzero().get());
+    if Some(owner) != executor && Path::new(&format!("/proc/{owner}")).exists() {
+        return Err(refused("it belongs to another running process"));
+    }
+    // The field's and the constants' types differ between targets.
+    #[allow(clippy::unnecessary_cast)]
+    let cgroup_file_system = {
+        let found = rustix::fs::statfs(directory)?.f_type as i64;
+        found == libc::CGROUP_SUPER_MAGIC as i64 || found == libc::CGROUP2_SUPER_MAGIC as i64
+    };
+    if !cgroup_file_system {
+        return Err(refused("not on a cgroup file system"));
+    }
+    let mut procs = Path::new(std::ffi::OsStr::from_bytes(directory.to_bytes())).to_path_buf();
+    procs.push("cgroup.procs");
+    for pid in std::fs::read_to_string(procs)?
+        .lines()
+        .filter_map(|line| line.trim().parse::<i32>().ok())
+        .filter_map(rustix::process::Pid::from_raw)
+    {
+        // ESRCH: gone already, as wanted.
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+    Ok(())
 }
 
 /// Deepest level below a taken-back directory that is walked: each level
@@ -526,6 +657,69 @@ fn invalid(what: impl std::fmt::Display) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_stop_signals_reach_only_the_groups_of_the_executors_children() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let me = Some(rustix::process::getpid());
+        let sleeper = |own_group: bool| {
+            let mut command = std::process::Command::new("sleep");
+            command.arg("30");
+            if own_group {
+                command.process_group(0);
+            }
+            command.spawn().unwrap()
+        };
+        let mut leader = sleeper(true);
+        let pid = leader.id() as i32;
+        for (signal, what) in [(libc::SIGSTOP, "signal 19"), (libc::SIGHUP, "signal 1")] {
+            let error = signal_group(pid, signal, me).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+            assert!(error.to_string().contains(what), "{error}");
+        }
+        // Not the executor's child: the test's parent, and init.
+        let parent = rustix::process::getppid().unwrap().as_raw_nonzero().get();
+        let error = signal_group(parent, libc::SIGTERM, me).unwrap_err();
+        assert!(
+            error.to_string().contains("not a child of the executor"),
+            "{error}"
+        );
+        let error = signal_group(1, libc::SIGKILL, me).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        // A child that does not lead a group of its own.
+        let mut follower = sleeper(false);
+        let error = signal_group(follower.id() as i32, libc::SIGKILL, me).unwrap_err();
+        assert!(error.to_string().contains("does not lead"), "{error}");
+        follower.kill().unwrap();
+        follower.wait().unwrap();
+
+        signal_group(pid, libc::SIGTERM, me).unwrap();
+        assert_eq!(leader.wait().unwrap().signal(), Some(libc::SIGTERM));
+        // Reaped: gone.
+        let error = signal_group(pid, libc::SIGKILL, me).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ESRCH), "{error}");
+    }
+
+    #[test]
+    fn only_action_cgroups_are_emptied() {
+        let me = Some(rustix::process::getpid());
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |path: &Path, why: &str| {
+            let error = kill_cgroup(&c_path(path), me).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+            assert!(error.to_string().contains(why), "{error}");
+        };
+        refused(&dir.path().join("kiln"), "not an action cgroup's name");
+        // pid 1 runs: its cgroups are not the executor's.
+        refused(&dir.path().join("1-3"), "another running process");
+        // The executor's name, but not a cgroup.
+        let own = dir.path().join(format!("{}-3", std::process::id()));
+        std::fs::create_dir(&own).unwrap();
+        std::fs::write(own.join("cgroup.procs"), "1\n").unwrap();
+        refused(&own, "not on a cgroup file system");
+        let error = kill_cgroup(c"/sys/fs/cgroup/../1-3", me).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+    }
 
     #[test]
     fn only_a_workspace_overlays_steps_are_taken() {

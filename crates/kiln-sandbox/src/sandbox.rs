@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupRoot};
 use crate::child::{self, Exec, Network, Plan, Start, FAILURE_PREFIX};
-use crate::cloned::ClonedChild;
+use crate::cloned::{ClonedChild, Leftovers};
 use crate::launcher;
 use crate::network::{ActionNetwork, Outbound};
 use crate::view::View;
@@ -363,6 +363,7 @@ pub(crate) async fn run_started(
     let exec = Exec::new(program, &spec.arguments, &spec.environment_variables)
         .map_err(|e| RunError::InvalidArgument(format!("{program_name}: {e}")))?;
     let namespaces = plan.namespaces || start == Start::WithInit;
+    let leftovers = Leftovers::of(&plan, start);
     let spawned = tokio::task::spawn_blocking(move || {
         let stdio = child::Stdio {
             stdin: stdin.as_raw_fd(),
@@ -382,7 +383,7 @@ pub(crate) async fn run_started(
         };
         launcher::start_error(&format!("{program_name:?}"), e, hint)
     })?;
-    let child = ClonedChild::new(pid)
+    let child = ClonedChild::new(pid, leftovers)
         .map_err(|e| RunError::Internal(format!("waiting for {program_name:?}: {e}")))?;
     process::supervise_process(child, program_name, limits, cancel).await
 }
@@ -552,6 +553,7 @@ pub(crate) async fn start_worker_process(
     .map_err(|e| RunError::InvalidArgument(format!("persistent worker {name:?}: {e}")))?;
     let (worker_ends, executor_ends) = persistent::worker_pipes()?;
     let stderr = start.open_stderr()?;
+    let leftovers = Leftovers::of(&plan, Start::Cloned);
     let spawned = tokio::task::spawn_blocking(move || {
         let stdio = child::Stdio {
             stdin: worker_ends.stdin.as_raw_fd(),
@@ -564,7 +566,7 @@ pub(crate) async fn start_worker_process(
     .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
     let pid = spawned
         .map_err(|e| launcher::start_error(&format!("persistent worker {name:?}"), e, ""))?;
-    let child = ClonedChild::new(pid)
+    let child = ClonedChild::new(pid, leftovers)
         .map_err(|e| RunError::Internal(format!("watching persistent worker {name:?}: {e}")))?;
     Ok((executor_ends.worker(start, pid as u32)?, child))
 }

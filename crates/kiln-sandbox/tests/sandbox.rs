@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kiln_platform::{DockerNetwork, DockerUser, Platform};
-use kiln_sandbox::cgroup::{CgroupRoot, Version};
+use kiln_sandbox::cgroup::{action_cgroup_name, CgroupRoot, Version};
 use kiln_sandbox::{Sandbox, SandboxConfig};
 use kiln_worker::{
     CancellationToken, CommandSpec, Isolation, Limits, NoIsolation, ProcessOutcome, StopReason,
@@ -619,9 +619,7 @@ fn a_cgroup_holds_its_processes_and_is_removed_when_dropped() {
         cpu_millis: Some(500),
         pids_max: Some(8),
     };
-    let cgroup = root
-        .create(&format!("test-{}", std::process::id()), &limits)
-        .unwrap();
+    let cgroup = root.create(&action_cgroup_name(), &limits).unwrap();
     let directories: Vec<PathBuf> = cgroup.directories().map(Path::to_path_buf).collect();
     let mut child = std::process::Command::new("sleep")
         .arg("3600")

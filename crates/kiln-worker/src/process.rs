@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use rustix::process::{kill_process_group, Pid, Signal};
+use rustix::process::kill_process_group;
+pub use rustix::process::{Pid, Signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RunError;
@@ -121,25 +122,6 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| RunError::Internal(format!("{what}: {e}")))?
 }
 
-/// Kills the process group when dropped, so no child outlives the future
-/// that owns it (a dropped run, a panic).
-struct GroupGuard(Option<Pid>);
-
-impl GroupGuard {
-    fn signal(&self, signal: Signal) {
-        if let Some(pid) = self.0 {
-            // ESRCH: the group is already gone, which is what we want.
-            let _ = kill_process_group(pid, signal);
-        }
-    }
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        self.signal(Signal::KILL);
-    }
-}
-
 /// A started process [`supervise_process`] can wait for: tokio's `Child`,
 /// or one a backend started its own way (cloned into namespaces). It must
 /// lead its own process group, which is what gets signalled.
@@ -149,6 +131,39 @@ pub trait Process: Send {
     fn id(&self) -> Option<u32>;
     /// Waits until it ends and reaps it. Cancel-safe: may be called again.
     async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus>;
+    /// Sends `signal` (SIGTERM or SIGKILL) to `group`, the process group
+    /// it leads (or led, once reaped: what is left of it). By default
+    /// from this process, which may signal it: a child running as the
+    /// executor's own user. A backend whose processes run as another user
+    /// sends it the way it may (a root executor's launchers), and may
+    /// skip a reaped one's group where nothing of it can be left (a pid
+    /// namespace or cgroup ended it). ESRCH, a group already gone, is
+    /// what was wanted.
+    fn signal_group(&self, group: Pid, signal: Signal) {
+        let _ = kill_process_group(group, signal);
+    }
+}
+
+/// The process being supervised, whose group is killed when this is
+/// dropped, so no child outlives the future that owns it (a dropped run,
+/// a panic).
+struct Supervised<P: Process> {
+    child: P,
+    group: Option<Pid>,
+}
+
+impl<P: Process> Supervised<P> {
+    fn signal(&self, signal: Signal) {
+        if let Some(group) = self.group {
+            self.child.signal_group(group, signal);
+        }
+    }
+}
+
+impl<P: Process> Drop for Supervised<P> {
+    fn drop(&mut self) {
+        self.signal(Signal::KILL);
+    }
 }
 
 #[async_trait::async_trait]
@@ -220,33 +235,34 @@ async fn spawn_past_busy_text(
 /// Waits for an already started `child` (leading its own process group)
 /// under `limits`, with the same stop sequence as [`supervise`].
 pub async fn supervise_process(
-    mut child: impl Process,
+    child: impl Process,
     program: &str,
     limits: &Limits,
     cancel: &CancellationToken,
 ) -> Result<ProcessOutcome, RunError> {
-    let guard = GroupGuard(child.id().and_then(|id| Pid::from_raw(id as i32)));
+    let group = child.id().and_then(|id| Pid::from_raw(id as i32));
+    let mut process = Supervised { child, group };
     let wait_error = |e| RunError::io(format!("waiting for {program:?}"), e);
 
     let stopped = tokio::select! {
-        status = child.wait() => {
+        status = process.child.wait() => {
             let status = status.map_err(wait_error)?;
-            guard.signal(Signal::KILL);
+            process.signal(Signal::KILL);
             return Ok(outcome(status, None));
         }
         _ = tokio::time::sleep(limits.timeout) => StopReason::Timeout,
         _ = cancel.cancelled() => StopReason::Cancelled,
     };
     tracing::debug!(program, ?stopped, "stopping the process group");
-    guard.signal(Signal::TERM);
+    process.signal(Signal::TERM);
     let status = tokio::select! {
-        status = child.wait() => status.map_err(wait_error)?,
+        status = process.child.wait() => status.map_err(wait_error)?,
         _ = tokio::time::sleep(limits.grace) => {
-            guard.signal(Signal::KILL);
-            child.wait().await.map_err(wait_error)?
+            process.signal(Signal::KILL);
+            process.child.wait().await.map_err(wait_error)?
         }
     };
-    guard.signal(Signal::KILL);
+    process.signal(Signal::KILL);
     Ok(outcome(status, Some(stopped)))
 }
 

@@ -1647,6 +1647,7 @@ async fn a_root_executor_keeps_only_the_capabilities_it_needs() {
         ("CAP_CHOWN", CAP_CHOWN),
         ("CAP_DAC_OVERRIDE", CAP_DAC_OVERRIDE),
         ("CAP_FOWNER", CAP_FOWNER),
+        ("CAP_KILL", CAP_KILL),
         ("CAP_SETGID", CAP_SETGID),
         ("CAP_SETUID", CAP_SETUID),
         ("CAP_SYS_MODULE", CAP_SYS_MODULE),
@@ -1672,7 +1673,6 @@ async fn a_root_executor_keeps_only_the_capabilities_it_needs() {
                         "{what}'s thread {thread} still has {name} in {set} {caps:x}"
                     );
                 }
-                assert_ne!(caps & bit(CAP_KILL), 0, "{what} lost CAP_KILL: {caps:x}");
             }
         }
         // What it runs as root gets root's capabilities back: the
@@ -1689,6 +1689,75 @@ async fn a_root_executor_keeps_only_the_capabilities_it_needs() {
                     "{what}'s launcher lacks {name}: {caps:x}"
                 );
             }
+        }
+    }
+}
+
+/// A root executor keeps no CAP_KILL (see the test above), yet stops its
+/// actions, which run as other users: on timeout, the SIGTERM reaches the
+/// action's process group (its trap runs and reports) through the
+/// launchers, under `none` and `sandbox`; and under `none`, a process
+/// the action left running in a session of its own dies with the
+/// action's cgroup.
+#[tokio::test]
+async fn a_root_executor_stops_its_actions_through_the_launchers() {
+    if !common::root_available("the launchers of a root executor") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address, process) =
+        serve_with_executor(scratch.path(), "stopping", "none,sandbox");
+    let executor_caps = capabilities(process.child.id(), None, "CapEff:");
+    assert_eq!(
+        executor_caps & (1 << CAP_KILL),
+        0,
+        "the executor holds CAP_KILL"
+    );
+    let marks = marks(scratch.path());
+    for isolation in ["none", "sandbox"] {
+        // Under sandbox the marks directory is not there: only `none`
+        // records the pid of what it leaves behind.
+        let left = marks.join(format!("{isolation}-left"));
+        let script = format!(
+            "trap 'echo got-TERM; exit 3' TERM; setsid sleep 300 & \
+             [ -d {marks} ] && echo $! > {left}; sleep 300 & wait",
+            marks = marks.display(),
+            left = left.display(),
+        );
+        let stream = execute_with(
+            &address,
+            script,
+            &[
+                ("workload-isolation-type", isolation),
+                ("default-timeout", "1s"),
+            ],
+        )
+        .await;
+        let response = completed(stream).await;
+        let status = response.status.unwrap_or_default();
+        assert_eq!(
+            status.code,
+            tonic::Code::DeadlineExceeded as i32,
+            "{isolation}: {status:?}"
+        );
+        let result = response.result.expect("a result");
+        assert_eq!(result.exit_code, 3, "{isolation}: the trap did not run");
+        assert_eq!(
+            result.stdout_digest,
+            Some(digest(b"got-TERM\n")),
+            "{isolation}: the SIGTERM did not reach the action"
+        );
+        if isolation == "none" {
+            let pid: u32 = std::fs::read_to_string(&left)
+                .unwrap_or_else(|e| panic!("{}: {e}", left.display()))
+                .trim()
+                .parse()
+                .unwrap();
+            // The result comes once the action's cgroup is emptied.
+            assert!(
+                !alive(pid),
+                "none: the setsid leftover {pid} outlived its action"
+            );
         }
     }
 }
