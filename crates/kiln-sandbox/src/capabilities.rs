@@ -4,7 +4,7 @@
 //! workspace (see [`crate::launcher`], [`crate::privileged`]), so the
 //! executor's own process, the one that talks to the scheduler, the CAS
 //! and the file cache, needs far less than root's whole set. It keeps
-//! [`executor_needs`] and drops the rest from its effective, permitted and
+//! what [`Needs`] says and drops the rest from its effective, permitted and
 //! inheritable sets. What it still does as root it does as the owner of
 //! root's files alone: it can read or change no file of another user (an
 //! action's, or anyone's on the host) that its mode keeps from others,
@@ -27,38 +27,60 @@ use std::io;
 
 pub use rustix::thread::CapabilitySet;
 
-/// What a root executor still needs in its own process, each for a reason
-/// that names the code:
-/// - `SYS_ADMIN`: making a network namespace per bridged action
-///   (`network`), and QEMU's `setns` into one before it execs
-///   (`kiln-vm::qemu`);
-/// - `NET_ADMIN`: wiring those namespaces (veth pairs, addresses, routes:
-///   `netlink`);
-/// - `NET_BIND_SERVICE`: a server listening on a port below 1024.
-///
-/// Not `DAC_READ_SEARCH`: what an action's user made is given to the
-/// executor through the launchers before the executor reads it
-/// (`kiln-worker`'s `take_back_outputs`). Not `KILL`: actions run as
-/// other users, and their process groups are signalled by the launchers
-/// ([`crate::launcher::signal_group`]), what is left in a cgroup killed
-/// through `cgroup.kill` or, on v1, by the launchers too.
-///
-/// `vm_disks`: the executor builds VM disks from image layers, which it
-/// unpacks with their owners, modes and file capabilities
-/// (`kiln-vm::image_disk`): it keeps `CHOWN`, `FOWNER`, `FSETID`,
-/// `SETFCAP` and `DAC_OVERRIDE` (an image's directory may be closed to
-/// its owner) too.
-pub fn executor_needs(vm_disks: bool) -> CapabilitySet {
-    let mut set =
-        CapabilitySet::SYS_ADMIN | CapabilitySet::NET_ADMIN | CapabilitySet::NET_BIND_SERVICE;
-    if vm_disks {
-        set |= CapabilitySet::CHOWN
-            | CapabilitySet::FOWNER
-            | CapabilitySet::FSETID
-            | CapabilitySet::SETFCAP
-            | CapabilitySet::DAC_OVERRIDE;
+/// What a root process of Kiln's does itself, which decides what it keeps
+/// of root's capabilities ([`Needs::capabilities`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// It wires a network namespace per bridged action: it offers
+    /// `sandbox`, `podman` or `firecracker` (docker's network is the
+    /// daemon's, and `none` gets its namespaces from the launchers).
+    pub bridged_networks: bool,
+    /// It builds VM disks from image layers (it offers `firecracker`).
+    pub vm_disks: bool,
+    /// It listens on a port below 1024.
+    pub low_port: bool,
+}
+
+impl Needs {
+    /// What it keeps, each for a reason that names the code:
+    /// - `SYS_ADMIN` (`bridged_networks`): making a network namespace per
+    ///   bridged action (`network`), and QEMU's `setns` into one before it
+    ///   execs (`kiln-vm::qemu`);
+    /// - `NET_ADMIN` (`bridged_networks`): wiring those namespaces (veth
+    ///   pairs, addresses, routes: `netlink`);
+    /// - `NET_BIND_SERVICE` (`low_port`): a server listening on a port
+    ///   below 1024;
+    /// - `vm_disks`: the executor unpacks image layers with their owners,
+    ///   modes and file capabilities (`kiln-vm::image_disk`): `CHOWN`,
+    ///   `FOWNER`, `FSETID`, `SETFCAP` and `DAC_OVERRIDE` (an image's
+    ///   directory may be closed to its owner).
+    ///
+    /// So a server that runs no actions, or an executor offering `none`
+    /// and `docker` alone, on ports above 1023, keeps nothing.
+    ///
+    /// Never `DAC_READ_SEARCH`: what an action's user made is given to
+    /// the executor through the launchers before the executor reads it
+    /// (`kiln-worker`'s `take_back_outputs`). Never `KILL`: actions run as
+    /// other users, and their process groups are signalled by the
+    /// launchers ([`crate::launcher::signal_group`]), what is left in a
+    /// cgroup killed through `cgroup.kill` or, on v1, by the launchers too.
+    pub fn capabilities(self) -> CapabilitySet {
+        let mut set = CapabilitySet::empty();
+        if self.bridged_networks {
+            set |= CapabilitySet::SYS_ADMIN | CapabilitySet::NET_ADMIN;
+        }
+        if self.low_port {
+            set |= CapabilitySet::NET_BIND_SERVICE;
+        }
+        if self.vm_disks {
+            set |= CapabilitySet::CHOWN
+                | CapabilitySet::FOWNER
+                | CapabilitySet::FSETID
+                | CapabilitySet::SETFCAP
+                | CapabilitySet::DAC_OVERRIDE;
+        }
+        set
     }
-    set
 }
 
 /// Drops every capability outside `keep` from this process's effective,
@@ -107,15 +129,34 @@ mod tests {
     }
 
     #[test]
-    fn only_an_executor_building_vm_disks_keeps_what_changing_owners_takes() {
+    fn only_what_a_process_does_is_kept() {
+        assert_eq!(Needs::default().capabilities(), CapabilitySet::empty());
         let owners = CapabilitySet::CHOWN | CapabilitySet::FOWNER | CapabilitySet::DAC_OVERRIDE;
-        assert!(executor_needs(false).intersection(owners).is_empty());
-        assert!(executor_needs(true).contains(owners));
-        for vm_disks in [false, true] {
-            let needs = executor_needs(vm_disks);
-            assert!(!needs.contains(CapabilitySet::KILL));
-            assert!(!needs.contains(CapabilitySet::DAC_READ_SEARCH));
-            assert!(!needs.intersects(CapabilitySet::SETUID | CapabilitySet::SETGID));
-        }
+        let networks = CapabilitySet::SYS_ADMIN | CapabilitySet::NET_ADMIN;
+        let bridged = Needs {
+            bridged_networks: true,
+            ..Needs::default()
+        };
+        assert_eq!(bridged.capabilities(), networks);
+        let vm = Needs {
+            vm_disks: true,
+            ..bridged
+        };
+        assert!(vm.capabilities().contains(owners | networks));
+        let low = Needs {
+            low_port: true,
+            ..Needs::default()
+        };
+        assert_eq!(low.capabilities(), CapabilitySet::NET_BIND_SERVICE);
+        let all = Needs {
+            bridged_networks: true,
+            vm_disks: true,
+            low_port: true,
+        };
+        let never = CapabilitySet::KILL
+            | CapabilitySet::DAC_READ_SEARCH
+            | CapabilitySet::SETUID
+            | CapabilitySet::SETGID;
+        assert!(!all.capabilities().intersects(never));
     }
 }

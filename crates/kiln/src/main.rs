@@ -265,20 +265,53 @@ async fn serve((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
 /// A root `kiln serve` (`serving`) or `kiln executor`, still with one
 /// thread: starts the launchers, this binary run as `kiln launcher` (see
 /// `kiln_sandbox::launcher`), which take its root-only steps; keeps only
-/// the capabilities its own process still needs; and refuses to start
-/// with a directory or file it can no longer use.
+/// the capabilities its own process still needs ([`capability_needs`]);
+/// and refuses to start with a directory or file it can no longer use.
 fn as_root(serving: bool, config: &Config) -> anyhow::Result<()> {
     kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))?;
-    let offer = &config.execution.isolation.offer;
-    let vm_disks = offer.iter().any(|t| t == "firecracker");
-    kiln_sandbox::capabilities::keep_only(kiln_sandbox::capabilities::executor_needs(vm_disks))
-        .map_err(|e| {
-            anyhow::anyhow!("dropping the capabilities the executor does not need: {e}")
-        })?;
+    let needs = capability_needs(serving, config)?;
+    kiln_sandbox::capabilities::keep_only(needs.capabilities()).map_err(|e| {
+        anyhow::anyhow!("dropping the capabilities the executor does not need: {e}")
+    })?;
     for (flag, path, directory) in used_paths(serving, config) {
         usable_as_root(flag, &path, directory)?;
     }
     Ok(())
+}
+
+/// What a server (`serving`) or an executor with `config` does that takes
+/// a capability: the isolation types it offers, if it runs actions (a
+/// server without an embedded executor runs none), and the ports it
+/// listens on.
+fn capability_needs(
+    serving: bool,
+    config: &Config,
+) -> anyhow::Result<kiln_sandbox::capabilities::Needs> {
+    let runs_actions = !serving || (config.execution.enabled && config.execution.embedded_executor);
+    let offers = |types: &[&str]| {
+        runs_actions
+            && config
+                .execution
+                .isolation
+                .offer
+                .iter()
+                .any(|offered| types.contains(&offered.as_str()))
+    };
+    let monitoring = if serving {
+        &config.monitoring_listen
+    } else {
+        &config.executor.monitoring_listen
+    };
+    let mut ports = Vec::new();
+    if serving {
+        ports.push(config.listen.port());
+    }
+    ports.extend(kiln::config::monitoring_address(monitoring)?.map(|a| a.port()));
+    Ok(kiln_sandbox::capabilities::Needs {
+        bridged_networks: offers(&["sandbox", "podman", "firecracker"]),
+        vm_disks: offers(&["firecracker"]),
+        low_port: ports.iter().any(|port| (1..1024).contains(port)),
+    })
 }
 
 /// What a server (`serving`) or an executor writes (directories: true)
