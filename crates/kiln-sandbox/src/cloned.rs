@@ -173,3 +173,67 @@ fn reap_in_background(pid: libc::pid_t) {
         unsafe { libc::waitpid(pid, &mut status, 0) };
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child leading its own group that starts `sleep` in that group,
+    /// writes its pid into `pid_file` and exits: (the child, the sleep).
+    fn leaving_a_process_behind(pid_file: &std::path::Path) -> (libc::pid_t, u32) {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("sleep 300 & echo $! > {}", pid_file.display()))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        // Reaped by the ClonedChild made from its pid, not by std.
+        let pid = child.id() as libc::pid_t;
+        std::mem::forget(child);
+        while std::fs::read_to_string(pid_file).map_or(true, |text| !text.ends_with('\n')) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let left = std::fs::read_to_string(pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        (pid, left)
+    }
+
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    }
+
+    #[tokio::test]
+    async fn a_group_nothing_else_ends_is_killed_as_its_leader_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pid, left) = leaving_a_process_behind(&dir.path().join("killed"));
+        let mut child = ClonedChild::new(pid, Leftovers::KillGroup).unwrap();
+        assert!(child.wait().await.unwrap().success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while alive(left) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{left} outlived its group's leader"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+
+        // The control: a group that something else ends is left alone.
+        let (pid, left) = leaving_a_process_behind(&dir.path().join("kept"));
+        let mut child = ClonedChild::new(pid, Leftovers::EndWithIt).unwrap();
+        assert!(child.wait().await.unwrap().success());
+        assert!(alive(left), "{left} was killed");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(left as libc::pid_t, libc::SIGKILL) };
+    }
+}
