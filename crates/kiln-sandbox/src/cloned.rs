@@ -177,6 +177,7 @@ fn reap_in_background(pid: libc::pid_t) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_worker::process::is_running as alive;
 
     /// A child leading its own group that starts `sleep` in that group,
     /// writes its pid into `pid_file` and exits: (the child, the sleep).
@@ -200,17 +201,6 @@ mod tests {
             .parse()
             .unwrap();
         (pid, left)
-    }
-
-    fn alive(pid: u32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            !stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
     }
 
     #[tokio::test]

@@ -769,14 +769,7 @@ impl Harness {
 
 /// Whether process `pid` is still alive (and not a zombie).
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
+    kiln_worker::process::is_running(pid)
 }
 
 #[tokio::test]

@@ -112,6 +112,20 @@ pub fn write_stderr(stderr_path: &Path, message: &str) -> Result<(), RunError> {
         .map_err(|e| RunError::io(format!("writing {}", stderr_path.display()), e))
 }
 
+/// Whether process `pid` is running: it exists and is not a zombie.
+pub fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the name, which is in brackets and may hold
+        // anything.
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
 /// Runs `work` on the blocking pool; `what` names it if the task dies.
 pub async fn blocking<T: Send + 'static>(
     what: &str,

@@ -410,14 +410,7 @@ async fn input_trees_that_expand_without_bound_are_refused_naming_the_limit() {
 
 /// Whether process `pid` is still alive (and not a zombie).
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
+    kiln_worker::process::is_running(pid)
 }
 
 #[tokio::test]
