@@ -19,9 +19,10 @@
 //! directories as an action starts travels in the start request itself
 //! ([`crate::child::Plan::owned_directories`]); the request here is for an
 //! action no start precedes (one served by a persistent worker already
-//! running). A signal goes only to SIGTERM or SIGKILL, and only to the
+//! running). A signal is only SIGTERM or SIGKILL, sent only to the
 //! process group led by a child of the executor (an action it started and
-//! has not reaped): never to a pid the executor got wrong.
+//! has not reaped): never to a pid the executor got wrong. A cgroup is
+//! emptied only if it is an action cgroup of the executor's.
 
 use std::ffi::{CStr, CString};
 use std::io;

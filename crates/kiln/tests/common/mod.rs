@@ -193,8 +193,10 @@ impl Process {
 fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (sender, lines) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            let _ = sender.send(line);
+        // Line by line as bytes: one that is not UTF-8 must not end the
+        // reading.
+        for line in BufReader::new(pipe).split(b'\n').map_while(Result::ok) {
+            let _ = sender.send(String::from_utf8_lossy(&line).into_owned());
         }
     });
     lines
