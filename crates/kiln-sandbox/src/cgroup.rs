@@ -562,14 +562,19 @@ impl Cgroup {
         Ok(())
     }
 
-    /// The processes in this cgroup now.
-    pub fn pids(&self) -> io::Result<Vec<u32>> {
-        let Some((_, directory)) = self
-            .directories
+    /// The directory whose `cgroup.procs` lists its processes: the pids
+    /// controller's, else the first (all list the same on v1).
+    fn listing_directory(&self) -> Option<&Path> {
+        self.directories
             .iter()
             .find(|(c, _)| *c == Controller::Pids)
             .or(self.directories.first())
-        else {
+            .map(|(_, directory)| directory.as_path())
+    }
+
+    /// The processes in this cgroup now.
+    pub fn pids(&self) -> io::Result<Vec<u32>> {
+        let Some(directory) = self.listing_directory() else {
             return Ok(Vec::new());
         };
         let text = fs::read_to_string(directory.join("cgroup.procs"))?;
@@ -616,19 +621,13 @@ impl Cgroup {
             && self
                 .directory(Controller::Unified)
                 .is_some_and(|directory| write_file(&directory.join("cgroup.kill"), "1").is_ok());
-        let listed = self
-            .directories
-            .iter()
-            .find(|(c, _)| *c == Controller::Pids)
-            .or(self.directories.first())
-            .map(|(_, directory)| directory.clone());
         for _ in 0..1000 {
             match self.pids() {
                 Ok(pids) if !pids.is_empty() => {}
                 _ => return,
             }
             if !killed_whole {
-                if let Some(directory) = &listed {
+                if let Some(directory) = self.listing_directory() {
                     if let Err(error) = crate::launcher::kill_cgroup(directory) {
                         tracing::warn!(cgroup = %directory.display(), %error, "killing what is left in a cgroup");
                         return;

@@ -221,12 +221,7 @@ pub(crate) fn privileged(request: &privileged::Request) -> io::Result<()> {
 /// keeps no CAP_KILL; else from this process. An action already gone is
 /// no error. Blocking, and brief: a launcher answers between starts.
 pub(crate) fn signal_group(leader: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
-    let request = privileged::Request::Signal { leader, signal };
-    let sent = match LAUNCHERS.get() {
-        Some(_) => privileged(&request),
-        None => request.perform(),
-    };
-    match sent {
+    match privileged(&privileged::Request::Signal { leader, signal }) {
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
         other => other,
     }
@@ -237,11 +232,9 @@ pub(crate) fn signal_group(leader: libc::pid_t, signal: libc::c_int) -> io::Resu
 /// installed, else from this process. For v1 hierarchies, which have no
 /// `cgroup.kill`. Blocking.
 pub(crate) fn kill_cgroup(directory: &Path) -> io::Result<()> {
-    let request = privileged::Request::KillCgroup(crate::view::c_path(directory));
-    match LAUNCHERS.get() {
-        Some(_) => privileged(&request),
-        None => request.perform(),
-    }
+    privileged(&privileged::Request::KillCgroup(crate::view::c_path(
+        directory,
+    )))
 }
 
 /// What a failed [`start`] of `what` means for the action: a launcher that

@@ -259,12 +259,9 @@ fn parse_cidr(cidr: &str) -> Result<(u32, u8), String> {
 
 /// `pid:start time` of a live process, or None.
 fn process_identity(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): state is
-    // field 3, start time field 22.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let start_time = rest.split_whitespace().nth(19)?;
-    Some(format!("{pid}:{start_time}"))
+    // The start time is field 22.
+    let fields = kiln_worker::process::stat_fields(pid).ok()?;
+    Some(format!("{pid}:{}", fields.get(19)?))
 }
 
 /// Turns IPv4 forwarding on (bridged actions are routed by the host).

@@ -330,17 +330,11 @@ pub(crate) fn signal_group(
     let pid = rustix::process::Pid::from_raw(leader)
         .filter(|pid| !pid.is_init())
         .ok_or_else(|| refused("not a pid an action can have".into()))?;
-    let stat =
-        std::fs::read_to_string(format!("/proc/{leader}/stat")).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => io::Error::from_raw_os_error(libc::ESRCH),
-            _ => e,
-        })?;
-    // The name in brackets may hold anything: the state, the parent's pid
-    // and the process group follow its end.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().take(3).collect())
-        .unwrap_or_default();
+    let fields = kiln_worker::process::stat_fields(leader as u32).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => io::Error::from_raw_os_error(libc::ESRCH),
+        _ => e,
+    })?;
+    // After the state: the parent's pid and the process group.
     let number = |at: usize| fields.get(at).and_then(|field| field.parse::<i32>().ok());
     let (parent, group) = (number(1), number(2));
     let executor = executor.map(|pid| pid.as_raw_nonzero().get());

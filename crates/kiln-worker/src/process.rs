@@ -112,18 +112,24 @@ pub fn write_stderr(stderr_path: &Path, message: &str) -> Result<(), RunError> {
         .map_err(|e| RunError::io(format!("writing {}", stderr_path.display()), e))
 }
 
+/// The fields of `/proc/PID/stat` after the process's name, which is in
+/// brackets and may hold anything: field N of proc(5) is at N - 3, so the
+/// state comes first, then the parent's pid, the process group, ...
+/// NotFound when there is no such process.
+pub fn stat_fields(pid: u32) -> std::io::Result<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let (_, rest) = stat.rsplit_once(')').ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/stat: no name"),
+        )
+    })?;
+    Ok(rest.split_whitespace().map(str::to_string).collect())
+}
+
 /// Whether process `pid` is running: it exists and is not a zombie.
 pub fn is_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the name, which is in brackets and may hold
-        // anything.
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
+    stat_fields(pid).is_ok_and(|fields| fields.first().is_some_and(|state| state != "Z"))
 }
 
 /// Runs `work` on the blocking pool; `what` names it if the task dies.

@@ -44,10 +44,8 @@ fn per_second(amount: f64, seconds: f64) -> f64 {
 /// every architecture Kiln runs on.
 pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     const USER_HZ: f64 = 100.0;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses; fields after the last
-    // ')' are fixed: state is field 3, utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15.
+    let fields = kiln_worker::process::stat_fields(pid).ok()?;
     let user: u64 = fields.get(11)?.parse().ok()?;
     let system: u64 = fields.get(12)?.parse().ok()?;
     Some((user + system) as f64 / USER_HZ)
