@@ -269,10 +269,7 @@ impl Podman {
             Ok(outbound) => Arc::clone(outbound),
             Err(reason) => return Err(RunError::Internal(format!("podman: {reason}"))),
         };
-        tokio::task::spawn_blocking(move || outbound.connect())
-            .await
-            .map_err(|e| RunError::Internal(format!("podman: action network: {e}")))?
-            .map_err(|e| RunError::Internal(format!("podman: action network: {e}")))
+        outbound.connect_for_action("podman: action network").await
     }
 
     /// The image metadata this backend keeps.

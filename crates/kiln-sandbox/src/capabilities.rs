@@ -31,10 +31,10 @@ pub use rustix::thread::CapabilitySet;
 /// of root's capabilities ([`Needs::capabilities`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Needs {
-    /// It wires a network namespace per bridged action: it offers
-    /// `sandbox`, `podman` or `firecracker` (docker's network is the
-    /// daemon's, and `none` gets its namespaces from the launchers).
-    pub bridged_networks: bool,
+    /// It starts QEMU into an action's network namespace (it offers
+    /// `firecracker`). The namespaces themselves, and every other
+    /// action's, are made and wired by the launchers.
+    pub vm_networks: bool,
     /// It builds VM disks from image layers (it offers `firecracker`).
     pub vm_disks: bool,
     /// It listens on a port below 1024.
@@ -43,11 +43,8 @@ pub struct Needs {
 
 impl Needs {
     /// What it keeps, each for a reason that names the code:
-    /// - `SYS_ADMIN` (`bridged_networks`): making a network namespace per
-    ///   bridged action (`network`), and QEMU's `setns` into one before it
-    ///   execs (`kiln-vm::qemu`);
-    /// - `NET_ADMIN` (`bridged_networks`): wiring those namespaces (veth
-    ///   pairs, addresses, routes: `netlink`);
+    /// - `SYS_ADMIN` (`vm_networks`): QEMU's `setns` into an action's
+    ///   network namespace before it execs (`kiln-vm::qemu`);
     /// - `NET_BIND_SERVICE` (`low_port`): a server listening on a port
     ///   below 1024;
     /// - `vm_disks`: the executor unpacks image layers with their owners,
@@ -55,8 +52,8 @@ impl Needs {
     ///   `FOWNER`, `FSETID`, `SETFCAP` and `DAC_OVERRIDE` (an image's
     ///   directory may be closed to its owner).
     ///
-    /// So a server that runs no actions, or an executor offering `none`
-    /// and `docker` alone, on ports above 1023, keeps nothing.
+    /// So a server that runs no actions, and an executor that offers no
+    /// `firecracker`, on ports above 1023, keep nothing.
     ///
     /// Never `DAC_READ_SEARCH`: what an action's user made is given to
     /// the executor through the launchers before the executor reads it
@@ -64,10 +61,12 @@ impl Needs {
     /// other users, and their process groups are signalled by the
     /// launchers ([`crate::launcher::signal_group`]), what is left in a
     /// cgroup killed through `cgroup.kill` or, on v1, by the launchers too.
+    /// Never `NET_ADMIN`: bridged actions' namespaces are wired and
+    /// unwired by the launchers ([`crate::launcher::wire`]).
     pub fn capabilities(self) -> CapabilitySet {
         let mut set = CapabilitySet::empty();
-        if self.bridged_networks {
-            set |= CapabilitySet::SYS_ADMIN | CapabilitySet::NET_ADMIN;
+        if self.vm_networks {
+            set |= CapabilitySet::SYS_ADMIN;
         }
         if self.low_port {
             set |= CapabilitySet::NET_BIND_SERVICE;
@@ -132,28 +131,25 @@ mod tests {
     fn only_what_a_process_does_is_kept() {
         assert_eq!(Needs::default().capabilities(), CapabilitySet::empty());
         let owners = CapabilitySet::CHOWN | CapabilitySet::FOWNER | CapabilitySet::DAC_OVERRIDE;
-        let networks = CapabilitySet::SYS_ADMIN | CapabilitySet::NET_ADMIN;
-        let bridged = Needs {
-            bridged_networks: true,
+        let vm = Needs {
+            vm_networks: true,
+            vm_disks: true,
             ..Needs::default()
         };
-        assert_eq!(bridged.capabilities(), networks);
-        let vm = Needs {
-            vm_disks: true,
-            ..bridged
-        };
-        assert!(vm.capabilities().contains(owners | networks));
+        assert!(vm
+            .capabilities()
+            .contains(owners | CapabilitySet::SYS_ADMIN));
         let low = Needs {
             low_port: true,
             ..Needs::default()
         };
         assert_eq!(low.capabilities(), CapabilitySet::NET_BIND_SERVICE);
         let all = Needs {
-            bridged_networks: true,
-            vm_disks: true,
             low_port: true,
+            ..vm
         };
         let never = CapabilitySet::KILL
+            | CapabilitySet::NET_ADMIN
             | CapabilitySet::DAC_READ_SEARCH
             | CapabilitySet::SETUID
             | CapabilitySet::SETGID;

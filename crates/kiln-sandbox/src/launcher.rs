@@ -49,9 +49,9 @@
 //! calling process.
 
 use std::ffi::CString;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -65,6 +65,7 @@ use rustix::net::{
 };
 
 use crate::child::{self, Exec, Network, Op, Plan, SpawnFailure, Stack, Start, Stdio};
+use crate::network;
 use crate::privileged;
 
 /// The subcommand of the executor's binary that runs [`serve`].
@@ -237,12 +238,100 @@ pub(crate) fn kill_cgroup(directory: &Path) -> io::Result<()> {
     )))
 }
 
+/// Wires a bridged action's network namespace in a launcher (see
+/// [`network::wire_on_a_thread`]): the namespace and the index of the
+/// host's end of its pair. None where no launcher is installed.
+pub(crate) fn wire(base: u32, slots: u32, start: u32) -> Option<io::Result<(OwnedFd, u32)>> {
+    let launchers = LAUNCHERS.get()?;
+    let wired = launchers
+        .call(
+            &wire_request(base, slots, start),
+            &[],
+            "wiring a network namespace",
+        )
+        .map_err(|failure| failure.error)
+        .and_then(|(host_index, fds)| {
+            let namespace = fds
+                .into_iter()
+                .next()
+                .ok_or_else(|| io::Error::other("the launcher answered without the namespace"))?;
+            Ok((namespace, host_index as u32))
+        });
+    Some(wired)
+}
+
+/// Deletes a bridged action's interface `host_index` (see
+/// [`network::unwire`]) through a launcher, returning once it is deleted.
+/// None where no launcher is installed. Blocking: 20-40 ms.
+pub(crate) fn unwire(host_index: u32) -> Option<io::Result<()>> {
+    let launchers = LAUNCHERS.get()?;
+    let unwired = (|| {
+        let (mut done, theirs) = std::io::pipe()?;
+        launchers
+            .call(
+                &unwire_request(host_index),
+                &[theirs.as_fd()],
+                "deleting a network interface",
+            )
+            .map_err(|failure| failure.error)?;
+        // Ours closed, the pipe ends when the launcher's child exits.
+        drop(theirs);
+        let mut failure = String::new();
+        done.read_to_string(&mut failure)?;
+        match failure.is_empty() {
+            true => Ok(()),
+            false => Err(io::Error::other(failure)),
+        }
+    })();
+    Some(unwired)
+}
+
+/// A [`Request::Wire`]'s bytes.
+fn wire_request(base: u32, slots: u32, start: u32) -> Vec<u8> {
+    let mut out = Writer::default();
+    out.u8(WIRE);
+    out.u32(base);
+    out.u32(slots);
+    out.u32(start);
+    out.0
+}
+
+/// A [`Request::Unwire`]'s bytes; the pipe goes alongside.
+fn unwire_request(host_index: u32) -> Vec<u8> {
+    let mut out = Writer::default();
+    out.u8(UNWIRE);
+    out.u32(host_index);
+    out.0
+}
+
+/// Deletes, in a launcher, the interfaces of executors that are gone.
+/// None where no launcher is installed.
+pub(crate) fn reclaim_networks() -> Option<io::Result<()>> {
+    let launchers = LAUNCHERS.get()?;
+    Some(
+        launchers
+            .call(
+                &[RECLAIM_NETWORKS],
+                &[],
+                "deleting the interfaces of gone executors",
+            )
+            .map(drop)
+            .map_err(|failure| failure.error),
+    )
+}
+
 /// What a failed [`start`] of `what` means for the action: a launcher that
 /// died with the request lets another attempt run it
 /// (`ExecutorUnavailable`, which the scheduler retries); anything else is
 /// this executor's failure.
 pub(crate) fn start_error(what: &str, error: io::Error, hint: &str) -> kiln_worker::RunError {
-    let message = format!("starting {what}: {error}{hint}");
+    failure(format!("starting {what}: {error}{hint}"), &error)
+}
+
+/// A request's failure `error`, described by `message`, as the action
+/// sees it: given back for another attempt when the launcher died with
+/// the request (`ConnectionAborted`), else this executor's failure.
+pub(crate) fn failure(message: String, error: &io::Error) -> kiln_worker::RunError {
     if error.kind() == io::ErrorKind::ConnectionAborted {
         kiln_worker::RunError::ExecutorUnavailable(message)
     } else {
@@ -326,6 +415,7 @@ impl Launchers {
             .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
             .collect();
         self.call(&request, &fds, "starting an action")
+            .map(|(pid, _)| pid)
     }
 
     /// Sends `request` (with `fds`) to an idle launcher, else the next in
@@ -335,7 +425,7 @@ impl Launchers {
         request: &[u8],
         fds: &[BorrowedFd],
         what: &str,
-    ) -> Result<libc::pid_t, SpawnFailure> {
+    ) -> Result<(libc::pid_t, Vec<OwnedFd>), SpawnFailure> {
         let idle = self.slots.iter().find_map(|slot| match slot.try_lock() {
             Ok(guard) => Some(guard),
             Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
@@ -438,6 +528,8 @@ pub fn serve() -> io::Result<()> {
     let mut stack = Stack::new()?;
     let mut confinement = privileged::Confinement::default();
     while let Some((request, fds)) = read_request(&socket)? {
+        reap_unwiring();
+        let mut answer = None;
         let reply = match decode(&request, &fds) {
             Ok(Request::Start(plan, exec, stdio, start)) => plan
                 .owned_directories
@@ -449,71 +541,102 @@ pub fn serve() -> io::Result<()> {
                 .perform_within(&mut confinement)
                 .map(|()| 0)
                 .map_err(Into::into),
+            Ok(Request::Wire { base, slots, start }) => executor_alias()
+                .and_then(|alias| network::wire_on_a_thread(base, slots, start, &alias))
+                .map(|(namespace, host_index)| {
+                    answer = Some(namespace);
+                    host_index as libc::pid_t
+                })
+                .map_err(Into::into),
+            Ok(Request::Unwire { host_index, done }) => unwire_in_a_child(host_index, done)
+                .map(|()| 0)
+                .map_err(Into::into),
+            Ok(Request::ReclaimNetworks) => {
+                network::reclaim_leftovers();
+                Ok(0)
+            }
             Err(error) => Err(error.into()),
         };
         // The action has its copies; the launcher keeps none.
         drop(fds);
-        write_reply(&socket, &reply)?;
+        write_reply(&socket, &reply, answer.as_ref())?;
     }
     Ok(())
+}
+
+/// The alias of the interfaces the executor (this launcher's parent) owns.
+fn executor_alias() -> io::Result<String> {
+    rustix::process::getppid()
+        .and_then(|pid| network::alias_of(pid.as_raw_nonzero().get() as u32))
+        .ok_or_else(|| io::Error::other("the executor is gone"))
+}
+
+/// Deletes the interface `host_index` in a child of this launcher, which
+/// writes what went wrong, if anything, to `done` and closes it as it
+/// exits: deleting takes the kernel 20-40 ms, which would otherwise hold
+/// up every start sent to this launcher meanwhile. The executor waits on
+/// `done`, bounding how many run at once; [`reap_unwiring`] reaps them.
+fn unwire_in_a_child(host_index: u32, done: RawFd) -> io::Result<()> {
+    let alias = executor_alias()?;
+    // SAFETY: fork in this single-threaded process; the child only
+    // deletes the interface, writes to `done` and exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            // Nothing but `done`: holding the launcher's socket would keep
+            // a launcher killed meanwhile looking alive to the executor.
+            // SAFETY: close_range on this child's own descriptors.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    (done as u32).saturating_sub(1),
+                    0u32,
+                );
+                libc::syscall(libc::SYS_close_range, done as u32 + 1, u32::MAX, 0u32);
+            }
+            if let Err(error) = network::unwire(host_index, &alias) {
+                // SAFETY: `done` stays open in this child until it exits.
+                let done = unsafe { BorrowedFd::borrow_raw(done) };
+                let _ = rustix::io::write(done, error.to_string().as_bytes());
+            }
+            // SAFETY: ends the child without running the launcher's exit.
+            unsafe { libc::_exit(0) }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reaps the children [`unwire_in_a_child`] left that have exited. A
+/// launcher's only children are those: actions are cloned as the
+/// executor's.
+fn reap_unwiring() {
+    loop {
+        let mut status = 0;
+        // SAFETY: WNOHANG waitpid on this process's own children.
+        if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
+            return;
+        }
+    }
 }
 
 /// Sends one request: its length, then its bytes, the descriptors
 /// alongside the first.
 fn send(socket: &UnixStream, request: &[u8], fds: &[BorrowedFd]) -> io::Result<()> {
-    let length = (request.len() as u32).to_le_bytes();
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other("too many descriptors for one request"));
-    }
-    let sent = rustix::net::sendmsg(
-        socket,
-        &[IoSlice::new(&length), IoSlice::new(request)],
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?;
-    // What the first call did not take (a request larger than the
-    // socket's buffer), without the descriptors already sent.
-    let mut skip = sent;
-    for part in [&length[..], request] {
-        let mut remaining = &part[skip.min(part.len())..];
-        skip = skip.saturating_sub(part.len());
-        while !remaining.is_empty() {
-            let written = rustix::net::send(socket, remaining, SendFlags::NOSIGNAL)?;
-            remaining = &remaining[written..];
-        }
-    }
-    Ok(())
+    let mut message = Vec::with_capacity(4 + request.len());
+    message.extend_from_slice(&(request.len() as u32).to_le_bytes());
+    message.extend_from_slice(request);
+    send_bytes(socket, &message, fds)
 }
 
 /// Reads one request and its descriptors; `None` when the executor closed
 /// the socket.
 fn read_request(socket: &UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
-    let mut length = [0u8; 4];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let received = loop {
-        match rustix::net::recvmsg(
-            socket,
-            &mut [IoSliceMut::new(&mut length)],
-            &mut control,
-            RecvFlags::CMSG_CLOEXEC,
-        ) {
-            Err(rustix::io::Errno::INTR) => continue,
-            other => break other?,
-        }
+    let (length, fds) = match receive_bytes::<4>(socket) {
+        Ok(received) => received,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
     };
-    if received.bytes == 0 {
-        return Ok(None);
-    }
-    let mut fds = Vec::new();
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = message {
-            fds.extend(received);
-        }
-    }
-    (&*socket).read_exact(&mut length[received.bytes..])?;
     let length = u32::from_le_bytes(length) as usize;
     if length > MAX_REQUEST_BYTES {
         return Err(io::Error::new(
@@ -526,9 +649,15 @@ fn read_request(socket: &UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>
     Ok(Some((request, fds)))
 }
 
-/// The answer: the pid, or an errno and the pid of a child that failed its
-/// setup (0 for none), which the executor reaps.
-fn write_reply(socket: &UnixStream, reply: &Result<libc::pid_t, SpawnFailure>) -> io::Result<()> {
+/// The answer: the pid (or another number a request returns), or an errno
+/// and the pid of a child that failed its setup (0 for none), which the
+/// executor reaps; with `descriptor` alongside when a request returns one
+/// (a network namespace).
+fn write_reply(
+    socket: &UnixStream,
+    reply: &Result<libc::pid_t, SpawnFailure>,
+    descriptor: Option<&OwnedFd>,
+) -> io::Result<()> {
     let (pid, errno, unreaped) = match reply {
         Ok(pid) => (*pid, 0, 0),
         Err(failure) => (
@@ -548,17 +677,21 @@ fn write_reply(socket: &UnixStream, reply: &Result<libc::pid_t, SpawnFailure>) -
     bytes[..4].copy_from_slice(&pid.to_le_bytes());
     bytes[4..8].copy_from_slice(&errno.to_le_bytes());
     bytes[8..].copy_from_slice(&unreaped.to_le_bytes());
-    (&*socket).write_all(&bytes)
+    let fds: Vec<BorrowedFd> = descriptor.iter().map(|fd| fd.as_fd()).collect();
+    send_bytes(socket, &bytes, &fds)
 }
 
-fn read_reply(socket: &UnixStream) -> io::Result<Result<libc::pid_t, SpawnFailure>> {
-    let mut bytes = [0u8; 12];
-    (&*socket).read_exact(&mut bytes)?;
+/// The answer [`write_reply`] wrote, and the descriptors that came with it.
+#[allow(clippy::type_complexity)]
+fn read_reply(
+    socket: &UnixStream,
+) -> io::Result<Result<(libc::pid_t, Vec<OwnedFd>), SpawnFailure>> {
+    let (bytes, fds) = receive_bytes::<12>(socket)?;
     let field =
         |at: usize| i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let (pid, errno, unreaped) = (field(0), field(4), field(8));
     Ok(if errno == 0 {
-        Ok(pid)
+        Ok((pid, fds))
     } else {
         Err(SpawnFailure {
             error: io::Error::from_raw_os_error(errno),
@@ -567,10 +700,77 @@ fn read_reply(socket: &UnixStream) -> io::Result<Result<libc::pid_t, SpawnFailur
     })
 }
 
+/// Sends `bytes` with `fds` alongside the first of them.
+fn send_bytes(socket: &UnixStream, bytes: &[u8], fds: &[BorrowedFd]) -> io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("too many descriptors for one message"));
+    }
+    let sent = rustix::net::sendmsg(
+        socket,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    let mut remaining = &bytes[sent..];
+    while !remaining.is_empty() {
+        let written = rustix::net::send(socket, remaining, SendFlags::NOSIGNAL)?;
+        remaining = &remaining[written..];
+    }
+    Ok(())
+}
+
+/// Receives `N` bytes and the descriptors sent with them; EOF before the
+/// first byte is `UnexpectedEof`.
+fn receive_bytes<const N: usize>(socket: &UnixStream) -> io::Result<([u8; N], Vec<OwnedFd>)> {
+    let mut bytes = [0u8; N];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = loop {
+        match rustix::net::recvmsg(
+            socket,
+            &mut [IoSliceMut::new(&mut bytes)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    if received.bytes == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    (&*socket).read_exact(&mut bytes[received.bytes..])?;
+    Ok((bytes, fds))
+}
+
 /// What a launcher is asked, as it decodes it.
 enum Request {
     Start(Box<Plan>, Exec, Stdio, Start),
     Privileged(privileged::Request),
+    /// Wire a bridged action's network namespace
+    /// ([`network::wire_on_a_thread`]); answered with its host-side
+    /// interface's index and the namespace's descriptor.
+    Wire {
+        base: u32,
+        slots: u32,
+        start: u32,
+    },
+    /// Delete a bridged action's interface ([`unwire_in_a_child`]); `done`
+    /// is the executor's pipe, closed once it is deleted.
+    Unwire {
+        host_index: u32,
+        done: RawFd,
+    },
+    /// Delete the interfaces of executors that are gone.
+    ReclaimNetworks,
 }
 
 /// Each request's first byte: what it asks.
@@ -583,6 +783,9 @@ const TAKE_BACK: u8 = 5;
 const CONFINE: u8 = 6;
 const SIGNAL: u8 = 7;
 const KILL_CGROUP: u8 = 8;
+const WIRE: u8 = 9;
+const UNWIRE: u8 = 10;
+const RECLAIM_NETWORKS: u8 = 11;
 
 /// A start request's bytes, and the descriptors to send with it in the
 /// order [`decode`] takes them: stdin, stdout, stderr, the cgroup's files,
@@ -687,11 +890,6 @@ fn encode_privileged(request: &privileged::Request) -> Vec<u8> {
 
 fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
     let mut input = Reader(request);
-    let start = match input.u8()? {
-        START_CLONED => Start::Cloned,
-        START_WITH_INIT => Start::WithInit,
-        kind => return decode_privileged(kind, &mut input).map(Request::Privileged),
-    };
     let fd = |index: usize| {
         fds.get(index).map(AsRawFd::as_raw_fd).ok_or_else(|| {
             io::Error::new(
@@ -699,6 +897,25 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
                 format!("descriptor {index} missing"),
             )
         })
+    };
+    let start = match input.u8()? {
+        START_CLONED => Start::Cloned,
+        START_WITH_INIT => Start::WithInit,
+        WIRE => {
+            return Ok(Request::Wire {
+                base: input.u32()?,
+                slots: input.u32()?,
+                start: input.u32()?,
+            })
+        }
+        UNWIRE => {
+            return Ok(Request::Unwire {
+                host_index: input.u32()?,
+                done: fd(0)?,
+            })
+        }
+        RECLAIM_NETWORKS => return Ok(Request::ReclaimNetworks),
+        kind => return decode_privileged(kind, &mut input).map(Request::Privileged),
     };
     let stdio = Stdio {
         stdin: fd(0)?,
@@ -943,6 +1160,42 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_requests_read_back_and_a_reply_carries_a_descriptor() {
+        match decode(&wire_request(0x0ad5_0000, 16384, 7), &[]) {
+            Ok(Request::Wire { base, slots, start }) => {
+                assert_eq!((base, slots, start), (0x0ad5_0000, 16384, 7))
+            }
+            _ => panic!("a wire request not read back"),
+        }
+        let (_, pipe) = std::io::pipe().unwrap();
+        let pipe = OwnedFd::from(pipe);
+        match decode(&unwire_request(42), std::slice::from_ref(&pipe)) {
+            Ok(Request::Unwire { host_index, done }) => {
+                assert_eq!((host_index, done), (42, pipe.as_raw_fd()))
+            }
+            _ => panic!("an unwire request not read back"),
+        }
+        assert!(decode(&unwire_request(42), &[]).is_err(), "no pipe");
+        assert!(matches!(
+            decode(&[RECLAIM_NETWORKS], &[]),
+            Ok(Request::ReclaimNetworks)
+        ));
+
+        // An answer with a descriptor, then one without.
+        let (executor, launcher) = UnixStream::pair().unwrap();
+        let file = tempfile::tempfile().unwrap();
+        write_reply(&launcher, &Ok(9), Some(&OwnedFd::from(file))).unwrap();
+        write_reply(&launcher, &Ok(10), None).unwrap();
+        let (index, fds) = read_reply(&executor).unwrap().unwrap();
+        assert_eq!((index, fds.len()), (9, 1));
+        let (index, fds) = read_reply(&executor).unwrap().unwrap();
+        assert_eq!((index, fds.len()), (10, 0));
+        drop(launcher);
+        let closed = read_reply(&executor).unwrap_err();
+        assert_eq!(closed.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn a_request_reads_back_as_it_was_written() {

@@ -26,6 +26,16 @@
 //! The same namespaces serve podman's actions (`kiln-container`), which
 //! join one by the path of its descriptor in this process
 //! ([`ActionNetwork::path`]).
+//!
+//! On a root executor the launchers make, wire and delete them
+//! ([`crate::launcher::wire`], [`crate::launcher::unwire`]), and delete
+//! what gone executors left, so the executor keeps neither CAP_SYS_ADMIN
+//! nor CAP_NET_ADMIN: a launcher wires on a thread of its own and sends
+//! the namespace's descriptor back; it deletes only an interface named
+//! and aliased as its executor's, in a child of its own (the kernel takes
+//! 20-40 ms), while the executor waits, off the action's path, for that
+//! child to close the pipe it was given. Elsewhere (the crate's tests)
+//! this process does it all.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -94,7 +104,13 @@ impl Outbound {
             deletions: Arc::new(Semaphore::new(MAX_BACKGROUND_DELETIONS)),
         };
         enable_forwarding()?;
-        reclaim_leftovers();
+        match crate::launcher::reclaim_networks() {
+            None => reclaim_leftovers(),
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "deleting the interfaces of executors that are gone")
+            }
+        }
         install_ruleset(nft, NFT_TABLE, &ruleset(cidr))?;
         warn_about_loopback_resolver();
         let trial = outbound
@@ -105,18 +121,33 @@ impl Outbound {
     }
 
     /// A fresh network namespace with `lo` up and `eth0` routed through
-    /// the host. Blocking (a few netlink requests).
+    /// the host. Blocking (a few netlink requests). Wired by a launcher
+    /// where they are installed (a root executor keeps no CAP_SYS_ADMIN
+    /// or CAP_NET_ADMIN for it), else in this process.
     pub fn connect(&self) -> io::Result<ActionNetwork> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        // Unsharing changes only the calling thread's namespace: a thread
-        // of its own, which ends with the wiring, leaves the executor's
-        // threads where they are.
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| self.wire(start))
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the wiring thread panicked")))
+        let (namespace, host_index) = match crate::launcher::wire(self.base, self.slots, start) {
+            Some(wired) => wired?,
+            None => wire_on_a_thread(self.base, self.slots, start, &self.alias)?,
+        };
+        Ok(ActionNetwork {
+            namespace,
+            host_index,
         })
+    }
+
+    /// [`Outbound::connect`] for an action, on the blocking pool, its
+    /// failure named by `what` (the backend): given back for another
+    /// attempt when the launcher wiring it died with the request.
+    pub async fn connect_for_action(
+        self: &Arc<Self>,
+        what: &str,
+    ) -> Result<ActionNetwork, kiln_worker::RunError> {
+        let outbound = Arc::clone(self);
+        let connected = tokio::task::spawn_blocking(move || outbound.connect())
+            .await
+            .map_err(|e| kiln_worker::RunError::Internal(format!("{what}: {e}")))?;
+        connected.map_err(|e| connect_failure(what, e))
     }
 
     /// Unwires `network` once its action has ended: in the background,
@@ -140,80 +171,137 @@ impl Outbound {
             .acquire_many(MAX_BACKGROUND_DELETIONS as u32)
             .await;
     }
+}
 
-    fn wire(&self, start: u32) -> io::Result<ActionNetwork> {
-        let mut host = Socket::open()?;
-        // SAFETY: unshare affects only this thread, which ends after this.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a constant NUL-terminated path; the result is checked.
-        let namespace = unsafe {
-            libc::open(
-                c"/proc/thread-self/ns/net".as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
-        if namespace < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor owned by nobody else.
-        let namespace = unsafe { OwnedFd::from_raw_fd(namespace) };
-        let mut inside = Socket::open()?;
-        // `lo` is always interface 1 of a new namespace.
-        inside.set_up(1)?;
-        let mut claimed = None;
-        for offset in 0..self.slots {
-            let slot = start.wrapping_add(offset) % self.slots;
-            let name = format!("{INTERFACE_PREFIX}{slot}");
-            match host.add_veth(&name, ACTION_INTERFACE, namespace.as_raw_fd()) {
-                Ok(()) => {
-                    claimed = Some((slot, name));
-                    break;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
-                Err(e) => return Err(io::Error::new(e.kind(), format!("creating {name}: {e}"))),
+/// Wires a fresh network namespace (see [`Outbound::connect`]) for an
+/// action of the executor whose interfaces carry `alias`, in slot `start`
+/// or the next free one of the `slots` /30s from `base`: on a thread of
+/// its own, since unsharing moves only the calling thread, which ends
+/// with the wiring. Returns the namespace and the index of the host's
+/// end of the pair. Blocking. What a launcher does for the executor.
+pub(crate) fn wire_on_a_thread(
+    base: u32,
+    slots: u32,
+    start: u32,
+    alias: &str,
+) -> io::Result<(OwnedFd, u32)> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| wire(base, slots, start, alias))
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the wiring thread panicked")))
+    })
+}
+
+fn wire(base: u32, slots: u32, start: u32, alias: &str) -> io::Result<(OwnedFd, u32)> {
+    let mut host = Socket::open()?;
+    // SAFETY: unshare affects only this thread, which ends after this.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a constant NUL-terminated path; the result is checked.
+    let namespace = unsafe {
+        libc::open(
+            c"/proc/thread-self/ns/net".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if namespace < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let namespace = unsafe { OwnedFd::from_raw_fd(namespace) };
+    let mut inside = Socket::open()?;
+    // `lo` is always interface 1 of a new namespace.
+    inside.set_up(1)?;
+    let mut claimed = None;
+    for offset in 0..slots {
+        let slot = start.wrapping_add(offset) % slots;
+        let name = format!("{INTERFACE_PREFIX}{slot}");
+        match host.add_veth(&name, ACTION_INTERFACE, namespace.as_raw_fd()) {
+            Ok(()) => {
+                claimed = Some((slot, name));
+                break;
             }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+            Err(e) => return Err(io::Error::new(e.kind(), format!("creating {name}: {e}"))),
         }
-        let Some((slot, name)) = claimed else {
-            return Err(io::Error::other(format!(
-                "all {} sandbox network slots are in use",
-                self.slots
-            )));
-        };
-        // At once, so an executor killed from here on leaves an interface
-        // the next start-up knows to reclaim.
-        let host_index = host
-            .set_alias(&name, &self.alias)
-            .and_then(|()| host.link_index(&name))
-            .map_err(|e| io::Error::new(e.kind(), format!("the index of {name}: {e}")));
-        let host_index = match host_index {
-            Ok(index) => index,
-            Err(e) => {
-                let _ = host.delete_link_named(&name);
-                return Err(e);
-            }
-        };
-        // From here on, dropping it deletes the pair.
-        let network = ActionNetwork {
-            namespace,
-            host_index,
-        };
-        let gateway = Ipv4Addr::from(self.base + slot * 4 + 1);
-        let address = Ipv4Addr::from(self.base + slot * 4 + 2);
+    }
+    let Some((slot, name)) = claimed else {
+        return Err(io::Error::other(format!(
+            "all {slots} sandbox network slots are in use"
+        )));
+    };
+    // At once, so an executor killed from here on leaves an interface
+    // the next start-up knows to reclaim.
+    let host_index = host
+        .set_alias(&name, alias)
+        .and_then(|()| host.link_index(&name))
+        .map_err(|e| io::Error::new(e.kind(), format!("the index of {name}: {e}")));
+    let host_index = match host_index {
+        Ok(index) => index,
+        Err(e) => {
+            let _ = host.delete_link_named(&name);
+            return Err(e);
+        }
+    };
+    let gateway = Ipv4Addr::from(base + slot * 4 + 1);
+    let address = Ipv4Addr::from(base + slot * 4 + 2);
+    let mut addresses = || -> io::Result<()> {
         host.add_address(host_index, gateway, 30)?;
         host.set_up(host_index)?;
-        // SAFETY: a constant NUL-terminated name, looked up in this
-        // thread's (the new) namespace.
-        let inner_index = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
-        if inner_index == 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let inner_index = inside.link_index(ACTION_INTERFACE)?;
         inside.add_address(inner_index, address, 30)?;
         inside.set_up(inner_index)?;
-        inside.add_default_route(gateway)?;
-        Ok(network)
+        inside.add_default_route(gateway)
+    };
+    match addresses() {
+        Ok(()) => Ok((namespace, host_index)),
+        Err(e) => {
+            // Deleting the host's end takes the action's with it.
+            let _ = host.delete_link(host_index);
+            Err(e)
+        }
     }
+}
+
+/// A failed [`Outbound::connect`] as the action sees it, `what` naming
+/// the step: given back for another attempt when the launcher wiring the
+/// namespace died with the request, else the executor's failure.
+pub fn connect_failure(what: &str, error: io::Error) -> kiln_worker::RunError {
+    crate::launcher::failure(format!("{what}: {error}"), &error)
+}
+
+/// The alias Kiln gives the interfaces process `pid` owns; None once it
+/// is gone.
+pub(crate) fn alias_of(pid: u32) -> Option<String> {
+    process_identity(pid).map(|identity| format!("{ALIAS_PREFIX}{identity}"))
+}
+
+/// Deletes the host's end of a bridged action's pair, `host_index`, and
+/// with it the action's end, after checking that it is an interface the
+/// executor whose interfaces carry `alias` made (its name and alias).
+/// PermissionDenied otherwise, naming it. Blocking: the kernel takes 20-40
+/// ms. What a launcher does for the executor (in a child of its own, see
+/// [`crate::launcher::unwire`]).
+pub(crate) fn unwire(host_index: u32, alias: &str) -> io::Result<()> {
+    let mut host = Socket::open()?;
+    let link = host
+        .links()?
+        .into_iter()
+        .find(|link| link.index == host_index)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
+    if !link.name.starts_with(INTERFACE_PREFIX) || link.alias != alias {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "not deleting interface {} (index {host_index}): not one of this executor's \
+                 bridged actions'",
+                link.name
+            ),
+        ));
+    }
+    host.delete_link(host_index)
 }
 
 impl ActionNetwork {
@@ -234,9 +322,12 @@ impl ActionNetwork {
 }
 
 impl Drop for ActionNetwork {
-    /// Deletes the host's end of the pair, and with it the action's.
+    /// Deletes the host's end of the pair, and with it the action's:
+    /// through a launcher where they are installed, else in this process.
     fn drop(&mut self) {
-        let deleted = Socket::open().and_then(|mut host| host.delete_link(self.host_index));
+        let deleted = crate::launcher::unwire(self.host_index).unwrap_or_else(|| {
+            Socket::open().and_then(|mut host| host.delete_link(self.host_index))
+        });
         if let Err(e) = deleted {
             tracing::warn!(index = self.host_index, error = %e, "deleting an action's network interface");
         }
@@ -324,7 +415,9 @@ fn leftover_interfaces() -> Vec<(String, u32)> {
         .collect()
 }
 
-fn reclaim_leftovers() {
+/// Deletes the interfaces of executors that are gone (what a launcher
+/// does for the executor, see [`crate::launcher::reclaim_networks`]).
+pub(crate) fn reclaim_leftovers() {
     let leftovers = leftover_interfaces();
     if leftovers.is_empty() {
         return;

@@ -237,11 +237,10 @@ impl Sandbox {
                 )))
             }
         };
-        tokio::task::spawn_blocking(move || outbound.connect())
+        outbound
+            .connect_for_action("sandbox network")
             .await
-            .map_err(|e| RunError::Internal(format!("sandbox network: {e}")))?
             .map(Some)
-            .map_err(|e| RunError::Internal(format!("sandbox network: {e}")))
     }
 
     /// Returns once the networks of ended actions are all deleted (they

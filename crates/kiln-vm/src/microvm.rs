@@ -248,9 +248,9 @@ impl Microvm {
         }
         match &self.network {
             Ok(outbound) => {
-                let namespace = outbound
-                    .connect()
-                    .map_err(|e| RunError::io("creating the VM's network namespace", e))?;
+                let namespace = outbound.connect().map_err(|e| {
+                    kiln_sandbox::network::connect_failure("creating the VM's network namespace", e)
+                })?;
                 let network = Network::User {
                     netns: Some(namespace.path()),
                 };

@@ -308,7 +308,7 @@ fn capability_needs(
     }
     ports.extend(kiln::config::monitoring_address(monitoring)?.map(|a| a.port()));
     Ok(kiln_sandbox::capabilities::Needs {
-        bridged_networks: offers(&["sandbox", "podman", "firecracker"]),
+        vm_networks: offers(&["firecracker"]),
         vm_disks: offers(&["firecracker"]),
         low_port: ports.iter().any(|port| (1..1024).contains(port)),
     })
