@@ -11,7 +11,8 @@
 //! have moved behind it ([`crate::privileged`]: mounting and detaching
 //! workspace overlays, giving directories to an action's user and taking
 //! back what it made), each checked to be that step and nothing more, and
-//! under the work root alone once the executor has named it.
+//! under the work root alone once the executor has named it; and it makes
+//! and wires the network namespaces of bridged actions ([`wire`]).
 //!
 //! Why processes of their own:
 //! - **Nothing of the executor reaches a starting action.** A clone copies
@@ -239,7 +240,8 @@ pub(crate) fn kill_cgroup(directory: &Path) -> io::Result<()> {
 }
 
 /// Wires a bridged action's network namespace in a launcher (see
-/// [`network::wire_on_a_thread`]): the namespace and the index of the
+/// [`network::wire`], on the launcher's one thread, which then
+/// returns to the host's namespace): the namespace and the index of the
 /// host's end of its pair. None where no launcher is installed.
 pub(crate) fn wire(base: u32, slots: u32, start: u32) -> Option<io::Result<(OwnedFd, u32)>> {
     let launchers = LAUNCHERS.get()?;
@@ -262,28 +264,21 @@ pub(crate) fn wire(base: u32, slots: u32, start: u32) -> Option<io::Result<(Owne
 
 /// Deletes a bridged action's interface `host_index` (see
 /// [`network::unwire`]) through a launcher, returning once it is deleted.
-/// None where no launcher is installed. Blocking: 20-40 ms.
+/// None where no launcher is installed. Blocking: 20-40 ms, which holds
+/// that launcher up; only for an interface that outlived its namespace's
+/// release (see [`network::Outbound::release`]).
 pub(crate) fn unwire(host_index: u32) -> Option<io::Result<()>> {
     let launchers = LAUNCHERS.get()?;
-    let unwired = (|| {
-        let (mut done, theirs) = std::io::pipe()?;
+    Some(
         launchers
             .call(
                 &unwire_request(host_index),
-                &[theirs.as_fd()],
+                &[],
                 "deleting a network interface",
             )
-            .map_err(|failure| failure.error)?;
-        // Ours closed, the pipe ends when the launcher's child exits.
-        drop(theirs);
-        let mut failure = String::new();
-        done.read_to_string(&mut failure)?;
-        match failure.is_empty() {
-            true => Ok(()),
-            false => Err(io::Error::other(failure)),
-        }
-    })();
-    Some(unwired)
+            .map(drop)
+            .map_err(|failure| failure.error),
+    )
 }
 
 /// A [`Request::Wire`]'s bytes.
@@ -296,7 +291,7 @@ fn wire_request(base: u32, slots: u32, start: u32) -> Vec<u8> {
     out.0
 }
 
-/// A [`Request::Unwire`]'s bytes; the pipe goes alongside.
+/// A [`Request::Unwire`]'s bytes.
 fn unwire_request(host_index: u32) -> Vec<u8> {
     let mut out = Writer::default();
     out.u8(UNWIRE);
@@ -524,11 +519,12 @@ pub fn serve() -> io::Result<()> {
         libc::prctl(libc::PR_SET_NAME, c"kiln-launcher".as_ptr(), 0, 0, 0);
         UnixStream::from(OwnedFd::from_raw_fd(fd))
     };
+    // Where a wiring returns to (see `Request::Wire` below).
+    let host_network = std::fs::File::open("/proc/self/ns/net")?;
     // One child at a time, so one stack for all of them.
     let mut stack = Stack::new()?;
     let mut confinement = privileged::Confinement::default();
     while let Some((request, fds)) = read_request(&socket)? {
-        reap_unwiring();
         let mut answer = None;
         let reply = match decode(&request, &fds) {
             Ok(Request::Start(plan, exec, stdio, start)) => plan
@@ -541,14 +537,26 @@ pub fn serve() -> io::Result<()> {
                 .perform_within(&mut confinement)
                 .map(|()| 0)
                 .map_err(Into::into),
-            Ok(Request::Wire { base, slots, start }) => executor_alias()
-                .and_then(|alias| network::wire_on_a_thread(base, slots, start, &alias))
-                .map(|(namespace, host_index)| {
-                    answer = Some(namespace);
-                    host_index as libc::pid_t
-                })
-                .map_err(Into::into),
-            Ok(Request::Unwire { host_index, done }) => unwire_in_a_child(host_index, done)
+            Ok(Request::Wire { base, slots, start }) => {
+                // On this, the launcher's only thread (no thread to start
+                // and end per wiring), which then goes back to the host's
+                // namespace before anything else runs here; a launcher
+                // that cannot is of no more use, and ends.
+                let wired =
+                    executor_alias().and_then(|alias| network::wire(base, slots, start, &alias));
+                rustix::thread::move_into_link_name_space(
+                    host_network.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                wired
+                    .map(|(namespace, host_index)| {
+                        answer = Some(namespace);
+                        host_index as libc::pid_t
+                    })
+                    .map_err(Into::into)
+            }
+            Ok(Request::Unwire { host_index }) => executor_alias()
+                .and_then(|alias| network::unwire(host_index, &alias))
                 .map(|()| 0)
                 .map_err(Into::into),
             Ok(Request::ReclaimNetworks) => {
@@ -569,55 +577,6 @@ fn executor_alias() -> io::Result<String> {
     rustix::process::getppid()
         .and_then(|pid| network::alias_of(pid.as_raw_nonzero().get() as u32))
         .ok_or_else(|| io::Error::other("the executor is gone"))
-}
-
-/// Deletes the interface `host_index` in a child of this launcher, which
-/// writes what went wrong, if anything, to `done` and closes it as it
-/// exits: deleting takes the kernel 20-40 ms, which would otherwise hold
-/// up every start sent to this launcher meanwhile. The executor waits on
-/// `done`, bounding how many run at once; [`reap_unwiring`] reaps them.
-fn unwire_in_a_child(host_index: u32, done: RawFd) -> io::Result<()> {
-    let alias = executor_alias()?;
-    // SAFETY: fork in this single-threaded process; the child only
-    // deletes the interface, writes to `done` and exits.
-    match unsafe { libc::fork() } {
-        -1 => Err(io::Error::last_os_error()),
-        0 => {
-            // Nothing but `done`: holding the launcher's socket would keep
-            // a launcher killed meanwhile looking alive to the executor.
-            // SAFETY: close_range on this child's own descriptors.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_close_range,
-                    3u32,
-                    (done as u32).saturating_sub(1),
-                    0u32,
-                );
-                libc::syscall(libc::SYS_close_range, done as u32 + 1, u32::MAX, 0u32);
-            }
-            if let Err(error) = network::unwire(host_index, &alias) {
-                // SAFETY: `done` stays open in this child until it exits.
-                let done = unsafe { BorrowedFd::borrow_raw(done) };
-                let _ = rustix::io::write(done, error.to_string().as_bytes());
-            }
-            // SAFETY: ends the child without running the launcher's exit.
-            unsafe { libc::_exit(0) }
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Reaps the children [`unwire_in_a_child`] left that have exited. A
-/// launcher's only children are those: actions are cloned as the
-/// executor's.
-fn reap_unwiring() {
-    loop {
-        let mut status = 0;
-        // SAFETY: WNOHANG waitpid on this process's own children.
-        if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
-            return;
-        }
-    }
 }
 
 /// Sends one request: its length, then its bytes, the descriptors
@@ -756,18 +715,16 @@ enum Request {
     Start(Box<Plan>, Exec, Stdio, Start),
     Privileged(privileged::Request),
     /// Wire a bridged action's network namespace
-    /// ([`network::wire_on_a_thread`]); answered with its host-side
+    /// ([`network::wire`]); answered with its host-side
     /// interface's index and the namespace's descriptor.
     Wire {
         base: u32,
         slots: u32,
         start: u32,
     },
-    /// Delete a bridged action's interface ([`unwire_in_a_child`]); `done`
-    /// is the executor's pipe, closed once it is deleted.
+    /// Delete a bridged action's interface ([`network::unwire`]).
     Unwire {
         host_index: u32,
-        done: RawFd,
     },
     /// Delete the interfaces of executors that are gone.
     ReclaimNetworks,
@@ -911,7 +868,6 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
         UNWIRE => {
             return Ok(Request::Unwire {
                 host_index: input.u32()?,
-                done: fd(0)?,
             })
         }
         RECLAIM_NETWORKS => return Ok(Request::ReclaimNetworks),
@@ -1169,15 +1125,10 @@ mod tests {
             }
             _ => panic!("a wire request not read back"),
         }
-        let (_, pipe) = std::io::pipe().unwrap();
-        let pipe = OwnedFd::from(pipe);
-        match decode(&unwire_request(42), std::slice::from_ref(&pipe)) {
-            Ok(Request::Unwire { host_index, done }) => {
-                assert_eq!((host_index, done), (42, pipe.as_raw_fd()))
-            }
+        match decode(&unwire_request(42), &[]) {
+            Ok(Request::Unwire { host_index }) => assert_eq!(host_index, 42),
             _ => panic!("an unwire request not read back"),
         }
-        assert!(decode(&unwire_request(42), &[]).is_err(), "no pipe");
         assert!(matches!(
             decode(&[RECLAIM_NETWORKS], &[]),
             Ok(Request::ReclaimNetworks)

@@ -110,13 +110,40 @@ impl Message {
 /// `struct ifinfomsg`'s size.
 const IFINFOMSG_BYTES: usize = 16;
 
-/// A link as [`Socket::links`] lists it.
+/// A link as [`Socket::links`] and [`Socket::link`] describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Link {
     pub name: String,
     pub index: u32,
     /// Empty when it has none.
     pub alias: String,
+}
+
+impl Link {
+    /// The link a reply of `kind` with `body` describes, if it is one.
+    fn read(kind: u16, body: &[u8]) -> Option<Link> {
+        if kind != RTM_NEWLINK || body.len() < IFINFOMSG_BYTES {
+            return None;
+        }
+        let index = i32::from_ne_bytes([body[4], body[5], body[6], body[7]]);
+        let mut link = Link {
+            name: String::new(),
+            index: index as u32,
+            alias: String::new(),
+        };
+        for (kind, data) in attributes(&body[IFINFOMSG_BYTES..]) {
+            let text = || {
+                let text = data.split(|&b| b == 0).next().unwrap_or_default();
+                String::from_utf8_lossy(text).into_owned()
+            };
+            match kind {
+                IFLA_IFNAME => link.name = text(),
+                IFLA_IFALIAS => link.alias = text(),
+                _ => {}
+            }
+        }
+        Some(link)
+    }
 }
 
 /// The attributes (type without flags, data) in `bytes`, up to the first
@@ -241,30 +268,20 @@ impl Socket {
         let mut message = Message::new(RTM_GETLINK, NLM_F_DUMP);
         message.link_header(0, 0, 0);
         let mut links = Vec::new();
-        self.exchange(message, |kind, body| {
-            if kind != RTM_NEWLINK || body.len() < IFINFOMSG_BYTES {
-                return;
-            }
-            let index = i32::from_ne_bytes([body[4], body[5], body[6], body[7]]);
-            let mut link = Link {
-                name: String::new(),
-                index: index as u32,
-                alias: String::new(),
-            };
-            for (kind, data) in attributes(&body[IFINFOMSG_BYTES..]) {
-                let text = || {
-                    let text = data.split(|&b| b == 0).next().unwrap_or_default();
-                    String::from_utf8_lossy(text).into_owned()
-                };
-                match kind {
-                    IFLA_IFNAME => link.name = text(),
-                    IFLA_IFALIAS => link.alias = text(),
-                    _ => {}
-                }
-            }
-            links.push(link);
-        })?;
+        self.exchange(message, |kind, body| links.extend(Link::read(kind, body)))?;
         Ok(links)
+    }
+
+    /// Link `index` of this socket's namespace; None when there is none.
+    pub fn link(&mut self, index: u32) -> io::Result<Option<Link>> {
+        let mut message = Message::new(RTM_GETLINK, 0);
+        message.link_header(index as i32, 0, 0);
+        let mut link = None;
+        match self.exchange(message, |kind, body| link = Link::read(kind, body)) {
+            Ok(()) => Ok(link),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The index of link `name` in this socket's namespace (which, unlike

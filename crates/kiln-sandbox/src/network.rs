@@ -18,24 +18,27 @@
 //! cannot collide. Its alias names the executor process that owns it; at
 //! start-up, interfaces left by a process that is gone (killed -9, say)
 //! are deleted (an executor's own death deletes nothing while an orphaned
-//! action keeps the namespace alive). An action's interface is deleted when
-//! it ends, in the background (it takes the kernel 20-40 ms), and with it
-//! the peer inside the action's namespace; the action has no
-//! CAP_NET_ADMIN, so it can create nothing more.
+//! action keeps the namespace alive). When an action ends, the executor
+//! closes the namespace's descriptor: its last reference once the action's
+//! processes are gone, so the kernel deletes the namespace and the pair
+//! with it, in the background and batched across namespaces (one
+//! `RTM_DELLINK` per action cost the executor more CPU, and took 20-40 ms).
+//! The executor waits for the host's end to go, off the action's path,
+//! and deletes it outright if something else still holds the namespace
+//! after [`DELETION_BOUND`]. The action has no CAP_NET_ADMIN, so it can
+//! create nothing more.
 //!
 //! The same namespaces serve podman's actions (`kiln-container`), which
 //! join one by the path of its descriptor in this process
 //! ([`ActionNetwork::path`]).
 //!
-//! On a root executor the launchers make, wire and delete them
-//! ([`crate::launcher::wire`], [`crate::launcher::unwire`]), and delete
-//! what gone executors left, so the executor keeps neither CAP_SYS_ADMIN
-//! nor CAP_NET_ADMIN: a launcher wires on a thread of its own and sends
-//! the namespace's descriptor back; it deletes only an interface named
-//! and aliased as its executor's, in a child of its own (the kernel takes
-//! 20-40 ms), while the executor waits, off the action's path, for that
-//! child to close the pipe it was given. Elsewhere (the crate's tests)
-//! this process does it all.
+//! On a root executor the launchers make and wire them
+//! ([`crate::launcher::wire`]), delete what outlived its release
+//! ([`crate::launcher::unwire`]) and what gone executors left, so the
+//! executor keeps neither CAP_SYS_ADMIN nor CAP_NET_ADMIN: a launcher
+//! wires on a thread of its own and sends the namespace's descriptor
+//! back, and deletes only an interface named and aliased as its
+//! executor's. Elsewhere (the crate's tests) this process does it all.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -44,6 +47,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
@@ -60,6 +64,11 @@ const ACTION_INTERFACE: &str = "eth0";
 /// Most interfaces being deleted in the background at once; past this an
 /// action's own deletion is waited for before its result is returned.
 const MAX_BACKGROUND_DELETIONS: usize = 32;
+/// How long an ended action's interface may take to go with its namespace
+/// before it is deleted outright.
+pub const DELETION_BOUND: Duration = Duration::from_secs(5);
+/// How often a release looks whether the interface has gone.
+const DELETION_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The host's side of bridged sandbox networks, set up once at start-up.
 #[derive(Debug)]
@@ -72,13 +81,16 @@ pub struct Outbound {
     /// The alias this process gives its interfaces (pid and start time,
     /// so a recycled pid is not mistaken for the owner).
     alias: String,
-    /// Deleting an interface takes the kernel 20-40 ms (RCU grace periods,
-    /// waiting for the last references): done after the action's result
-    /// is returned, a bounded number at a time.
+    /// Deleting a namespace and its interfaces takes the kernel 20-40 ms
+    /// (RCU grace periods, waiting for the last references): waited for
+    /// after the action's result is returned, a bounded number at a time.
     deletions: Arc<Semaphore>,
 }
 
-/// An action's network namespace, wired to the host; unwired when dropped.
+/// An action's network namespace, wired to the host. Dropped, it closes
+/// the namespace's descriptor: once nothing else holds the namespace, the
+/// kernel deletes it and the pair with it ([`Outbound::release`] waits
+/// for that).
 #[derive(Debug)]
 pub struct ActionNetwork {
     namespace: OwnedFd,
@@ -116,7 +128,9 @@ impl Outbound {
         let trial = outbound
             .connect()
             .map_err(|e| format!("wiring a trial network namespace: {e}"))?;
+        let host_index = trial.host_index;
         drop(trial);
+        await_deletion(host_index, &outbound.alias);
         Ok(outbound)
     }
 
@@ -150,15 +164,22 @@ impl Outbound {
         connected.map_err(|e| connect_failure(what, e))
     }
 
-    /// Unwires `network` once its action has ended: in the background,
-    /// unless [`MAX_BACKGROUND_DELETIONS`] are under way already.
+    /// Ends `network` once its action has ended: closes its namespace,
+    /// which the kernel then deletes with the pair, and waits for the
+    /// host's end to go (deleting it after [`DELETION_BOUND`]), in the
+    /// background unless [`MAX_BACKGROUND_DELETIONS`] are under way
+    /// already.
     pub async fn release(&self, network: ActionNetwork) {
+        let host_index = network.host_index;
+        drop(network);
+        let alias = self.alias.clone();
+        let deleted = move || await_deletion(host_index, &alias);
         let Ok(permit) = Arc::clone(&self.deletions).try_acquire_owned() else {
-            let _ = tokio::task::spawn_blocking(move || drop(network)).await;
+            let _ = tokio::task::spawn_blocking(deleted).await;
             return;
         };
         tokio::task::spawn_blocking(move || {
-            drop(network);
+            deleted();
             drop(permit);
         });
     }
@@ -173,18 +194,9 @@ impl Outbound {
     }
 }
 
-/// Wires a fresh network namespace (see [`Outbound::connect`]) for an
-/// action of the executor whose interfaces carry `alias`, in slot `start`
-/// or the next free one of the `slots` /30s from `base`: on a thread of
-/// its own, since unsharing moves only the calling thread, which ends
-/// with the wiring. Returns the namespace and the index of the host's
-/// end of the pair. Blocking. What a launcher does for the executor.
-pub(crate) fn wire_on_a_thread(
-    base: u32,
-    slots: u32,
-    start: u32,
-    alias: &str,
-) -> io::Result<(OwnedFd, u32)> {
+/// [`wire`] on a thread of its own, since unsharing moves only the
+/// calling thread, which ends with the wiring.
+fn wire_on_a_thread(base: u32, slots: u32, start: u32, alias: &str) -> io::Result<(OwnedFd, u32)> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| wire(base, slots, start, alias))
@@ -193,9 +205,15 @@ pub(crate) fn wire_on_a_thread(
     })
 }
 
-fn wire(base: u32, slots: u32, start: u32, alias: &str) -> io::Result<(OwnedFd, u32)> {
+/// Wires a fresh network namespace (see [`Outbound::connect`]) for an
+/// action of the executor whose interfaces carry `alias`, in slot `start`
+/// or the next free one of the `slots` /30s from `base`, and leaves the
+/// calling thread in it. Returns the namespace and the index of the
+/// host's end of the pair. Blocking. What a launcher does for the
+/// executor.
+pub(crate) fn wire(base: u32, slots: u32, start: u32, alias: &str) -> io::Result<(OwnedFd, u32)> {
     let mut host = Socket::open()?;
-    // SAFETY: unshare affects only this thread, which ends after this.
+    // SAFETY: unshare affects only this thread (see above for where it goes next).
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -282,14 +300,12 @@ pub(crate) fn alias_of(pid: u32) -> Option<String> {
 /// with it the action's end, after checking that it is an interface the
 /// executor whose interfaces carry `alias` made (its name and alias).
 /// PermissionDenied otherwise, naming it. Blocking: the kernel takes 20-40
-/// ms. What a launcher does for the executor (in a child of its own, see
+/// ms. What a launcher does for the executor (see
 /// [`crate::launcher::unwire`]).
 pub(crate) fn unwire(host_index: u32, alias: &str) -> io::Result<()> {
     let mut host = Socket::open()?;
     let link = host
-        .links()?
-        .into_iter()
-        .find(|link| link.index == host_index)
+        .link(host_index)?
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
     if !link.name.starts_with(INTERFACE_PREFIX) || link.alias != alias {
         return Err(io::Error::new(
@@ -321,16 +337,42 @@ impl ActionNetwork {
     }
 }
 
-impl Drop for ActionNetwork {
-    /// Deletes the host's end of the pair, and with it the action's:
-    /// through a launcher where they are installed, else in this process.
-    fn drop(&mut self) {
-        let deleted = crate::launcher::unwire(self.host_index).unwrap_or_else(|| {
-            Socket::open().and_then(|mut host| host.delete_link(self.host_index))
-        });
-        if let Err(e) = deleted {
-            tracing::warn!(index = self.host_index, error = %e, "deleting an action's network interface");
+/// Waits until interface `host_index`, of the executor whose interfaces
+/// carry `alias`, has gone with its closed namespace; one still there
+/// after [`DELETION_BOUND`] (something outside the action holds the
+/// namespace) is deleted outright, through a launcher where they are
+/// installed, else in this process. Blocking.
+fn await_deletion(host_index: u32, alias: &str) {
+    let deadline = Instant::now() + DELETION_BOUND;
+    let gone = || -> io::Result<bool> {
+        let mut host = Socket::open()?;
+        loop {
+            std::thread::sleep(DELETION_CHECK_INTERVAL);
+            // Interface indices are handed out in turn, not reused at
+            // once; another's at this index means ours is gone.
+            match host.link(host_index)? {
+                Some(link) if link.alias == alias => {}
+                _ => return Ok(true),
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
         }
+    };
+    match gone() {
+        Ok(true) => return,
+        Ok(false) => tracing::warn!(
+            index = host_index,
+            "an ended action's network interface outlived its namespace by {DELETION_BOUND:?}; deleting it"
+        ),
+        Err(e) => tracing::warn!(index = host_index, error = %e, "watching an ended action's network interface go; deleting it"),
+    }
+    let deleted = crate::launcher::unwire(host_index).unwrap_or_else(|| unwire(host_index, alias));
+    match deleted {
+        Err(e) if e.raw_os_error() != Some(libc::ENODEV) => {
+            tracing::warn!(index = host_index, error = %e, "deleting an action's network interface")
+        }
+        _ => {}
     }
 }
 

@@ -15,7 +15,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kiln_platform::{DockerNetwork, Platform};
-use kiln_sandbox::network::{interfaces_owned_by, INTERFACE_PREFIX, NFT_TABLE};
+use kiln_sandbox::network::{
+    interfaces_owned_by, Outbound, DELETION_BOUND, INTERFACE_PREFIX, NFT_TABLE,
+};
 
 #[path = "support/outside.rs"]
 mod outside;
@@ -298,6 +300,42 @@ fn nft_rules() -> String {
         .expect("running nft");
     assert!(output.status.success());
     String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn an_interface_whose_namespace_outlives_its_action_is_deleted_after_the_bound() {
+    if sandbox().is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let pid = std::process::id();
+    let config = SandboxConfig::default();
+    let outbound = Outbound::set_up(&config.network_cidr, &config.nft_binary).unwrap();
+
+    // Released as nothing else holds it: gone with its namespace.
+    let network = outbound.connect().unwrap();
+    assert_eq!(interfaces_owned_by(pid).len(), 1);
+    outbound.release(network).await;
+    outbound.released().await;
+    assert_eq!(interfaces_owned_by(pid), Vec::<String>::new());
+
+    // Released while something else (here this test) still holds its
+    // namespace: deleted outright once the bound has passed.
+    let network = outbound.connect().unwrap();
+    let held = std::fs::File::open(network.path()).unwrap();
+    let interface = interfaces_owned_by(pid);
+    assert_eq!(interface.len(), 1);
+    let released = std::time::Instant::now();
+    outbound.release(network).await;
+    outbound.released().await;
+    assert!(
+        released.elapsed() >= DELETION_BOUND,
+        "waited {:?} for a namespace still held",
+        released.elapsed()
+    );
+    assert!(!link_exists(&interface[0]));
+    assert_eq!(interfaces_owned_by(pid), Vec::<String>::new());
+    drop(held);
 }
 
 #[tokio::test]

@@ -1047,19 +1047,8 @@ async fn header_overrides_partition_the_action_cache() {
 
 /// The pids of `parent`'s children whose command line is `kiln launcher`.
 fn launchers_of(parent: u32) -> Vec<u32> {
-    // Children are listed per thread: whichever thread started them.
-    let tasks = std::fs::read_dir(format!("/proc/{parent}/task"))
-        .map(|tasks| tasks.filter_map(Result::ok).collect::<Vec<_>>())
-        .unwrap_or_default();
-    tasks
-        .iter()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|children| {
-            children
-                .split_whitespace()
-                .filter_map(|pid| pid.parse().ok())
-                .collect::<Vec<u32>>()
-        })
+    children_of(parent)
+        .into_iter()
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             cmdline.split(|b| *b == 0).nth(1) == Some(b"launcher".as_slice())
@@ -1638,7 +1627,7 @@ async fn a_root_executor_keeps_only_the_capabilities_it_needs() {
     let result = response.result.expect("a result");
     assert_eq!(result.exit_code, 0, "{:?}", response.status);
     assert_eq!(result.stdout_digest, Some(digest(b"action-user\n")));
-    // A bridged network, wired and unwired by the launchers.
+    // A bridged network, wired by the launchers, gone with its namespace.
     let response = completed(
         execute_with(
             &address,
@@ -1816,6 +1805,85 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// A bridged action's interface goes with its namespace once the action
+/// ends; one whose namespace something else still holds (here, this
+/// test) is deleted by a launcher after the bound, since the executor,
+/// keeping no CAP_NET_ADMIN, cannot delete it.
+#[tokio::test]
+async fn an_interface_held_past_its_action_is_deleted_by_a_launcher() {
+    if !common::root_available("the launchers of a root executor") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address, process) = serve_with_executor(scratch.path(), "held", "none,sandbox");
+    let executor = process.child.id();
+    let stream = execute_with(
+        &address,
+        "sleep 10".into(),
+        &[
+            ("workload-isolation-type", "sandbox"),
+            ("dockerNetwork", "bridge"),
+        ],
+    )
+    .await;
+    // The action's namespace, opened through its first process (a child
+    // of the executor in another network namespace).
+    let executor_network = std::fs::read_link(format!("/proc/{executor}/ns/net")).unwrap();
+    let mut held = None;
+    for _ in 0..400 {
+        held = children_of(executor).into_iter().find_map(|child| {
+            let path = format!("/proc/{child}/ns/net");
+            let network = std::fs::read_link(&path).ok()?;
+            (network != executor_network)
+                .then(|| std::fs::File::open(&path).ok())
+                .flatten()
+        });
+        if held.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = held.expect("the running action's network namespace");
+    let interfaces = kiln_sandbox::network::interfaces_owned_by(executor);
+    assert_eq!(interfaces.len(), 1, "{interfaces:?}");
+
+    let response = completed(stream).await;
+    assert_eq!(response.result.expect("a result").exit_code, 0);
+    process.wait_for_log("outlived its namespace");
+    wait_until("the held interface to be deleted", || {
+        kiln_sandbox::network::interfaces_owned_by(executor).is_empty()
+    })
+    .await;
+    let failed: Vec<String> = process
+        .stderr
+        .try_iter()
+        .filter(|line| line.contains("deleting an action's network interface"))
+        .collect();
+    assert_eq!(
+        failed,
+        Vec::<String>::new(),
+        "the launcher's deletion failed"
+    );
+    drop(held);
+}
+
+/// The children of process `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    // Children are listed per thread: whichever thread started them.
+    std::fs::read_dir(format!("/proc/{parent}/task"))
+        .map(|tasks| tasks.filter_map(Result::ok).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
     if !common::root_available("the launchers of a root executor") {
@@ -1827,9 +1895,10 @@ async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
     let executor = process.child.id();
     let launchers = launchers_running(executor);
 
-    // One thread each; stdio and the socket to the executor, nothing else
-    // of the executor's (no input being written, no client connection);
-    // no environment.
+    // One thread each; stdio, the socket to the executor and the network
+    // namespace it runs in (which a wiring returns to), nothing else of
+    // the executor's (no input being written, no client connection); no
+    // environment.
     for launcher in &launchers {
         let status = std::fs::read_to_string(format!("/proc/{launcher}/status")).unwrap();
         assert!(
@@ -1850,10 +1919,12 @@ async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
         fds.sort();
         assert_eq!(
             fds.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
-            [0, 1, 2, 3],
+            [0, 1, 2, 3, 4],
             "launcher {launcher}'s descriptors: {fds:?}"
         );
         assert!(fds[3].1.starts_with("socket:"), "{fds:?}");
+        let own_network = std::fs::read_link(format!("/proc/{launcher}/ns/net")).unwrap();
+        assert_eq!(fds[4].1, own_network.display().to_string(), "{fds:?}");
         assert_eq!(
             std::fs::read(format!("/proc/{launcher}/environ")).unwrap(),
             b""
