@@ -352,6 +352,21 @@ impl CgroupRoot {
         }
         let enable: String = wanted.iter().map(|c| format!("+{c} ")).collect();
         let directory = parent_directory(&mount.mount_point, &mount.root, own, parent);
+        let enabled = |directory: &Path| {
+            fs::read_to_string(directory.join("cgroup.subtree_control")).is_ok_and(|on| {
+                wanted
+                    .iter()
+                    .all(|c| on.split_whitespace().any(|o| o == *c))
+            })
+        };
+        // Done already, by this process as root before it switched to a
+        // user of its own (see `give_to`), who may not write it.
+        if enabled(&own_directory) && enabled(&directory) {
+            return Ok(CgroupRoot {
+                version: Version::V2,
+                parents: vec![(Controller::Unified, directory)],
+            });
+        }
         if !parent.starts_with('/') {
             // "No internal processes": a cgroup with processes cannot give
             // controllers to its children, so the executor moves itself
@@ -381,6 +396,35 @@ impl CgroupRoot {
             version: Version::V2,
             parents: vec![(Controller::Unified, directory)],
         })
+    }
+
+    /// Hands the parents to user `uid` (group `gid`), as cgroup delegation
+    /// does: each directory and the files that add processes and enable
+    /// controllers below it. The user then makes, limits and removes the
+    /// actions' cgroups in them; a new cgroup's files belong to whoever
+    /// made it. For a root process that switches to that user next.
+    pub fn give_to(&self, uid: u32, gid: u32) -> io::Result<()> {
+        let owner = (
+            Some(rustix::process::Uid::from_raw(uid)),
+            Some(rustix::process::Gid::from_raw(gid)),
+        );
+        for (_, directory) in &self.parents {
+            rustix::fs::chown(directory, owner.0, owner.1)
+                .map_err(|e| context(e.into(), "giving away", directory))?;
+            for file in [
+                "cgroup.procs",
+                "tasks",
+                "cgroup.subtree_control",
+                "cgroup.threads",
+            ] {
+                let path = directory.join(file);
+                match rustix::fs::chown(&path, owner.0, owner.1) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => return Err(context(e.into(), "giving away", &path)),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The same root with one hierarchy only (v1: the pids controller if

@@ -114,6 +114,13 @@ pub fn install(program: &Path) -> io::Result<Vec<u32>> {
     Ok(LAUNCHERS.get().map(Launchers::pids).unwrap_or_default())
 }
 
+/// Whether root's steps are taken for this process: by its launchers
+/// (it may itself run as a user of its own, see [`crate::run_as`]), or by
+/// itself, as root.
+pub fn root_behind() -> bool {
+    LAUNCHERS.get().is_some() || rustix::process::geteuid().is_root()
+}
+
 /// The pids of the installed launchers; empty when none are.
 pub fn pids() -> Vec<u32> {
     LAUNCHERS.get().map(Launchers::pids).unwrap_or_default()
@@ -421,21 +428,51 @@ impl Launchers {
         fds: &[BorrowedFd],
         what: &str,
     ) -> Result<(libc::pid_t, Vec<OwnedFd>), SpawnFailure> {
-        let idle = self.slots.iter().find_map(|slot| match slot.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
+        // A launcher found dead is replaced, except by an executor that is
+        // not root (see `crate::run_as`), which uses the others.
+        let replaceable = rustix::process::geteuid().is_root();
+        let usable = |slot: &Option<Connection>| replaceable || slot.is_some();
+        let idle = self.slots.iter().find_map(|slot| {
+            let guard = match slot.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => return None,
+            };
+            usable(&guard).then_some(guard)
         });
-        let mut connection = idle.unwrap_or_else(|| {
-            let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-            self.slots[turn]
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-        });
+        let count = self.slots.len();
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut connection = idle
+            .or_else(|| {
+                (0..count)
+                    .map(|i| {
+                        self.slots[(turn + i) % count]
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                    })
+                    .find(|guard| usable(guard))
+            })
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "every launcher has exited, and an executor that is not root cannot start \
+                     others: restart the executor",
+                )
+            })?;
         let mut restarted = false;
         loop {
             let current = match connection.as_mut() {
                 Some(current) => current,
+                None if !replaceable => {
+                    // Found dead by this request: a launcher this executor
+                    // started would not be root.
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the launcher has exited, and an executor that is not root cannot start \
+                         another; the others take the next requests",
+                    )
+                    .into());
+                }
                 None => {
                     let started = Connection::start(&self.program)?;
                     tracing::warn!(pid = started.process.id(), "started a new launcher");
@@ -527,12 +564,18 @@ pub fn serve() -> io::Result<()> {
     while let Some((request, fds)) = read_request(&socket)? {
         let mut answer = None;
         let reply = match decode(&request, &fds) {
-            Ok(Request::Start(plan, exec, stdio, start)) => plan
-                .owned_directories
-                .iter()
-                .try_for_each(|dir| confinement.check(dir))
-                .map_err(Into::into)
-                .and_then(|()| child::spawn(&plan, &exec, &stdio, start, true, &mut stack)),
+            Ok(Request::Start(mut plan, exec, stdio, start)) => {
+                // Kept open until the child has exec'd.
+                let mut reopened = Vec::new();
+                let checked = plan
+                    .owned_directories
+                    .iter()
+                    .try_for_each(|dir| confinement.check(dir))
+                    .and_then(|()| join_files_as_root(&mut plan, &mut reopened));
+                checked
+                    .map_err(Into::into)
+                    .and_then(|()| child::spawn(&plan, &exec, &stdio, start, true, &mut stack))
+            }
             Ok(Request::Privileged(step)) => step
                 .perform_within(&mut confinement)
                 .map(|()| 0)
@@ -568,6 +611,24 @@ pub fn serve() -> io::Result<()> {
         // The action has its copies; the launcher keeps none.
         drop(fds);
         write_reply(&socket, &reply, answer.as_ref())?;
+    }
+    Ok(())
+}
+
+/// Replaces the cgroup join files of `plan` that the executor opened as a
+/// user of its own with the same files opened as root
+/// ([`privileged::join_file_as_root`]), kept in `reopened`.
+fn join_files_as_root(plan: &mut Plan, reopened: &mut Vec<OwnedFd>) -> io::Result<()> {
+    let executor = rustix::process::getppid()
+        .map(|pid| pid.as_raw_nonzero().get())
+        .ok_or_else(|| io::Error::other("the executor is gone"))?;
+    for fd in plan.cgroup_join.iter_mut() {
+        // SAFETY: the request's descriptors stay open until it is answered.
+        let sent = unsafe { BorrowedFd::borrow_raw(*fd) };
+        if let Some(file) = privileged::join_file_as_root(sent, executor)? {
+            *fd = file.as_raw_fd();
+            reopened.push(file);
+        }
     }
     Ok(())
 }

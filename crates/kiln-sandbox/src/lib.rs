@@ -59,7 +59,8 @@
 //! Not done: rootless operation (user namespaces), seccomp filters, IPv6
 //! for bridged actions, device cgroups, and disk quotas
 //! (`EstimatedFreeDiskBytes`). Linux only; the executor must run as
-//! root.
+//! root, or as a user of its own that root switched to once its launchers
+//! ran ([`run_as`]).
 
 pub mod capabilities;
 pub mod cgroup;
@@ -70,6 +71,7 @@ mod netlink;
 pub mod network;
 pub mod plain;
 pub mod privileged;
+pub mod run_as;
 pub mod sandbox;
 mod view;
 

@@ -115,7 +115,9 @@ impl Outbound {
             alias,
             deletions: Arc::new(Semaphore::new(MAX_BACKGROUND_DELETIONS)),
         };
-        enable_forwarding()?;
+        if !host_prepared_for(cidr, nft) {
+            prepare_host(cidr, nft)?;
+        }
         match crate::launcher::reclaim_networks() {
             None => reclaim_leftovers(),
             Some(Ok(())) => {}
@@ -123,7 +125,6 @@ impl Outbound {
                 tracing::warn!(error = %e, "deleting the interfaces of executors that are gone")
             }
         }
-        install_ruleset(nft, NFT_TABLE, &ruleset(cidr))?;
         warn_about_loopback_resolver();
         let trial = outbound
             .connect()
@@ -192,6 +193,32 @@ impl Outbound {
             .acquire_many(MAX_BACKGROUND_DELETIONS as u32)
             .await;
     }
+}
+
+/// What [`prepare_host`] did, for which range and `nft`.
+static PREPARED: std::sync::Mutex<Option<(String, PathBuf)>> = std::sync::Mutex::new(None);
+
+/// What bridged networks need of the host, which only root may change:
+/// IPv4 forwarding on, and the nftables table for `cidr`, installed with
+/// `nft`. Done by [`Outbound::set_up`], or before it by a root process
+/// about to switch to a user of its own (see [`crate::run_as`]). Blocking.
+pub fn prepare_host(cidr: &str, nft: &Path) -> Result<(), String> {
+    enable_forwarding()?;
+    install_ruleset(nft, NFT_TABLE, &ruleset(cidr))?;
+    *PREPARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+        Some((cidr.to_string(), nft.to_path_buf()));
+    Ok(())
+}
+
+/// Whether [`prepare_host`] has run in this process for `cidr` and `nft`.
+fn host_prepared_for(cidr: &str, nft: &Path) -> bool {
+    PREPARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_ref()
+        .is_some_and(|(done, with)| done == cidr && with == nft)
 }
 
 /// [`wire`] on a thread of its own, since unsharing moves only the

@@ -79,8 +79,11 @@ impl PlainProcess {
     /// executor can make them; says why not otherwise. Actions may not
     /// choose their user.
     pub fn new(cgroup_parent: &str) -> PlainProcess {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
+        // Root's steps taken for it (by launchers) count as root here.
+        let euid = match crate::launcher::root_behind() {
+            true => 0,
+            false => rustix::process::geteuid().as_raw(),
+        };
         let mut plain = PlainProcess {
             euid,
             cgroups: None,

@@ -46,12 +46,10 @@ use crate::view::c_path;
 pub struct ThroughLaunchers;
 
 /// What takes the workspace's root-only steps for an executor running as
-/// this process does: [`ThroughLaunchers`] when it is root, nothing
-/// otherwise.
+/// this process does: [`ThroughLaunchers`] when it is root or has
+/// launchers (see [`launcher::root_behind`]), nothing otherwise.
 pub fn steps() -> Option<Arc<dyn PrivilegedSteps>> {
-    rustix::process::geteuid()
-        .is_root()
-        .then(|| Arc::new(ThroughLaunchers) as Arc<dyn PrivilegedSteps>)
+    launcher::root_behind().then(|| Arc::new(ThroughLaunchers) as Arc<dyn PrivilegedSteps>)
 }
 
 impl PrivilegedSteps for ThroughLaunchers {
@@ -358,6 +356,70 @@ pub(crate) fn signal_group(
 /// with `pid` the executor's, or a process's no longer running (what
 /// [`crate::cgroup::CgroupRoot::remove_stale`] empties). PermissionDenied
 /// otherwise, naming the directory.
+/// The effective uid of process `pid`; None once it is gone.
+fn uid_of(pid: i32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1)?.parse().ok())
+}
+
+/// The file a starting action writes to, to join one of its cgroups:
+/// `fd` as the executor sent it, or None to use it as it is. An executor
+/// running as a user of its own (see [`crate::run_as`]) opens its action
+/// cgroups' `tasks` and `cgroup.procs` as that user, and cgroup v1 refuses
+/// the write of a process that is another user's (the child is root
+/// until it execs). Such a file is opened again here, as root: only if
+/// it is on a cgroup file system, owned by the executor's user (not
+/// root), and is the join file of an action cgroup of executor `executor`
+/// (`<pid>-<n>`). Opened through the descriptor, so it is the same file
+/// whatever its path has become; PermissionDenied otherwise.
+pub(crate) fn join_file_as_root(fd: BorrowedFd, executor: i32) -> io::Result<Option<OwnedFd>> {
+    use std::os::fd::AsRawFd as _;
+    let owner = rustix::fs::fstat(fd)?.st_uid;
+    if owner == 0 {
+        return Ok(None);
+    }
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let refused = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("not joining {} as root: {why}", path.display()),
+        )
+    };
+    if uid_of(executor) != Some(owner) {
+        return Err(refused("it is not the executor's user's"));
+    }
+    // The field's and the constants' types differ between targets.
+    #[allow(clippy::unnecessary_cast)]
+    let cgroup_file_system = {
+        let found = rustix::fs::fstatfs(fd)?.f_type as i64;
+        found == libc::CGROUP_SUPER_MAGIC as i64 || found == libc::CGROUP2_SUPER_MAGIC as i64
+    };
+    if !cgroup_file_system {
+        return Err(refused("not on a cgroup file system"));
+    }
+    let join_file = path
+        .file_name()
+        .is_some_and(|name| name == "tasks" || name == "cgroup.procs");
+    let action_cgroup = path
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.split_once('-'))
+        .is_some_and(|(pid, n)| pid.parse() == Ok(executor) && n.parse::<u64>().is_ok());
+    if !join_file || !action_cgroup {
+        return Err(refused("not the join file of one of its action cgroups"));
+    }
+    let reopened = rustix::fs::open(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(Some(reopened))
+}
+
 pub(crate) fn kill_cgroup(
     directory: &CStr,
     executor: Option<rustix::process::Pid>,
@@ -693,6 +755,99 @@ mod tests {
         // Reaped: gone.
         let error = signal_group(pid, libc::SIGKILL, me).unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::ESRCH), "{error}");
+    }
+
+    #[test]
+    fn only_the_join_files_of_a_user_executors_action_cgroups_are_opened_as_root() {
+        use std::os::fd::AsFd;
+        use std::os::unix::process::CommandExt as _;
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        // The executor: a process of that user's.
+        const USER: u32 = 64_123;
+        let user_process = || {
+            std::process::Command::new("sleep")
+                .arg("60")
+                .uid(USER)
+                .gid(USER)
+                .spawn()
+                .unwrap()
+        };
+        let (mut executor, mut another) = (user_process(), user_process());
+        let pid = executor.id() as i32;
+        let give = |path: &Path| std::os::unix::fs::chown(path, Some(USER), Some(USER)).unwrap();
+        let refused = |file: &std::fs::File, why: &str| {
+            let error = join_file_as_root(file.as_fd(), pid).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+            assert!(error.to_string().contains(why), "{error}");
+        };
+
+        // Root's own: used as sent.
+        let roots = tempfile::NamedTempFile::new().unwrap();
+        assert!(join_file_as_root(roots.as_file().as_fd(), pid)
+            .unwrap()
+            .is_none());
+        // The user's, but no cgroup's.
+        let dir = tempfile::tempdir().unwrap();
+        let named = dir.path().join(format!("{pid}-0"));
+        std::fs::create_dir(&named).unwrap();
+        std::fs::write(named.join("tasks"), "").unwrap();
+        give(&named.join("tasks"));
+        refused(
+            &std::fs::File::open(named.join("tasks")).unwrap(),
+            "not on a cgroup file system",
+        );
+        // Another user's.
+        let others = tempfile::NamedTempFile::new().unwrap();
+        std::os::unix::fs::chown(others.path(), Some(USER + 1), None).unwrap();
+        refused(others.as_file(), "not the executor's user's");
+
+        // Cgroups handed to the user, as `--run-as` does.
+        match crate::cgroup::CgroupRoot::detect("kiln-join-test") {
+            Err(reason) if std::env::var_os("CI").is_some() => panic!("no cgroups: {reason}"),
+            Err(reason) => eprintln!("cgroup part skipped: {reason}"),
+            Ok(_) => {}
+        }
+        if let Ok(root) = crate::cgroup::CgroupRoot::detect("kiln-join-test") {
+            root.give_to(USER, USER).unwrap();
+            for (_, parent) in root.parents() {
+                let action = parent.join(format!("{pid}-7"));
+                let other = parent.join("not-an-action");
+                for made in [&action, &other] {
+                    // Left by an earlier run that failed, perhaps.
+                    let _ = std::fs::remove_dir(made);
+                    std::fs::create_dir(made).unwrap();
+                    give(made);
+                }
+                for join in ["tasks", "cgroup.procs"] {
+                    let path = action.join(join);
+                    if !path.exists() {
+                        continue;
+                    }
+                    give(&path);
+                    let sent = std::fs::File::open(&path).unwrap();
+                    let reopened = join_file_as_root(sent.as_fd(), pid).unwrap().unwrap();
+                    let flags = rustix::fs::fcntl_getfl(&reopened).unwrap();
+                    assert!(flags.contains(OFlags::WRONLY), "{path:?}: {flags:?}");
+                    // Not that executor's: another process of the user's.
+                    let error = join_file_as_root(sent.as_fd(), another.id() as i32).unwrap_err();
+                    assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+                }
+                let control = other.join("cgroup.procs");
+                give(&control);
+                refused(&std::fs::File::open(&control).unwrap(), "not the join file");
+                for made in [&action, &other] {
+                    std::fs::remove_dir(made).unwrap();
+                }
+                std::fs::remove_dir(parent).unwrap();
+            }
+        }
+        for process in [&mut executor, &mut another] {
+            process.kill().unwrap();
+            process.wait().unwrap();
+        }
     }
 
     #[test]

@@ -163,9 +163,8 @@ impl Sandbox {
     /// The checks of the host that need no action, and the backend they
     /// allow.
     fn check_host(config: SandboxConfig) -> Result<Sandbox, String> {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        if euid != 0 {
+        let euid = rustix::process::geteuid().as_raw();
+        if !crate::launcher::root_behind() {
             return Err(format!(
                 "the sandbox needs root (CAP_SYS_ADMIN for namespaces and mounts) but the executor runs as uid {euid}; \
                  rootless sandboxing through user namespaces is not implemented"

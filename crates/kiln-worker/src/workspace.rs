@@ -138,7 +138,7 @@ impl InputProtection {
     /// small overlay there through `steps`, logging the outcome. A root
     /// executor without `steps` copies.
     pub fn probe(work_root: &Path, steps: Option<Arc<dyn PrivilegedSteps>>) -> InputProtection {
-        if !rustix::process::geteuid().is_root() {
+        if steps.is_none() && !rustix::process::geteuid().is_root() {
             tracing::warn!(
                 uid = rustix::process::geteuid().as_raw(),
                 "the executor is not root: actions run as its own user, which owns the input \

@@ -69,6 +69,17 @@ pub struct IsolationSettings {
     /// root (inputs are then overlaid).
     #[arg(long)]
     pub action_user: String,
+    /// The user a root server or executor becomes once its launchers run
+    /// (a name, a uid or `uid:gid`; not root), so that the process that
+    /// talks to clients, the scheduler, the CAS and the file cache is not
+    /// root: the launchers keep root for the steps that need it. Before it
+    /// switches it hands that user what it needs (its cgroups, the
+    /// directories it writes, created if missing) and prepares bridged
+    /// networks. Only `none` and `sandbox` may be offered with it, on ports
+    /// above 1023. Empty: it stays root (keeping only the capabilities its
+    /// own work needs).
+    #[arg(long)]
+    pub run_as: String,
     /// Whether `none` actions may choose whom they run as with
     /// `dockerRunAsRoot` or `dockerUser` (as `sandbox` actions do). A
     /// `none` action that runs as root is root on the host: its inputs are
@@ -285,6 +296,7 @@ impl Default for IsolationSettings {
             docker_socket: DockerConfig::default().socket,
             podman_binary: PodmanConfig::default().binary,
             action_user: String::new(),
+            run_as: String::new(),
             none_allow_user_switch: false,
             max_warm_runners: RunnerLimits::default().max_warm,
             runner_idle_timeout: Period(RunnerLimits::default().idle_timeout),
@@ -362,7 +374,7 @@ impl IsolationSettings {
     /// uids for every runner an executor running `concurrency` actions at
     /// once may hold.
     pub fn resolve_action_users(&self, concurrency: usize) -> anyhow::Result<ActionUsers> {
-        let root = rustix::process::geteuid().is_root();
+        let root = kiln_sandbox::launcher::root_behind();
         let own = rustix::process::geteuid().as_raw();
         let (first, last) = if self.action_user.is_empty() {
             if !root {

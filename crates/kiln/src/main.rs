@@ -267,9 +267,15 @@ async fn serve((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
 /// `kiln_sandbox::launcher`), which take its root-only steps; keeps only
 /// the capabilities its own process still needs ([`capability_needs`]);
 /// and refuses to start with a directory or file it can no longer use.
-fn as_root(serving: bool, config: &Config) -> anyhow::Result<()> {
+fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<()> {
     kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))?;
     let needs = capability_needs(serving, config)?;
+    let run_as = config.execution.isolation.run_as.clone();
+    if !run_as.is_empty() {
+        let (uid, gid) = prepare_for_user(serving, config, needs)?;
+        kiln_sandbox::run_as::switch_to(uid, gid)
+            .map_err(|e| anyhow::anyhow!("--run-as {run_as}: switching to uid {uid}: {e}"))?;
+    }
     kiln_sandbox::capabilities::keep_only(needs.capabilities()).map_err(|e| {
         anyhow::anyhow!("dropping the capabilities the executor does not need: {e}")
     })?;
@@ -277,6 +283,88 @@ fn as_root(serving: bool, config: &Config) -> anyhow::Result<()> {
         usable_as_root(flag, &path, directory)?;
     }
     Ok(())
+}
+
+/// Whether a server (`serving`) or an executor with `config` runs actions
+/// of one of `types`.
+fn offers(serving: bool, config: &Config, types: &[&str]) -> bool {
+    let runs_actions = !serving || (config.execution.enabled && config.execution.embedded_executor);
+    runs_actions
+        && config
+            .execution
+            .isolation
+            .offer
+            .iter()
+            .any(|offered| types.contains(&offered.as_str()))
+}
+
+/// What a root process does for the user of `--run-as` before it becomes
+/// that user (see `kiln_sandbox::run_as`), which it returns: refuses what
+/// still needs root in the process itself (container engines, VMs, a port
+/// below 1024); hands the user the action cgroups' parents and the
+/// directories it writes (created if missing); installs what bridged
+/// networks need of the host.
+fn prepare_for_user(
+    serving: bool,
+    config: &mut Config,
+    needs: kiln_sandbox::capabilities::Needs,
+) -> anyhow::Result<(u32, u32)> {
+    let spec = &config.execution.isolation.run_as.clone();
+    let user = kiln_platform::DockerUser::parse("--run-as", spec)?;
+    let (uid, gid) = kiln_worker::users::resolve(&user)
+        .map_err(|reason| anyhow::anyhow!("--run-as {spec}: {reason}"))?;
+    anyhow::ensure!(
+        uid != 0,
+        "--run-as {spec}: that is root, not a user of its own"
+    );
+    for engine in ["docker", "podman", "firecracker"] {
+        anyhow::ensure!(
+            !offers(serving, config, &[engine]),
+            "--run-as {spec}: `{engine}` still needs root in this process (its engine or VM); \
+             offer only none and sandbox (--isolation none,sandbox), or leave --run-as unset"
+        );
+    }
+    anyhow::ensure!(
+        !needs.low_port,
+        "--run-as {spec}: a port below 1024 needs root; listen on a higher one"
+    );
+    if offers(serving, config, &["none", "sandbox"]) {
+        // A parent of the user's own below root's: root executors on the
+        // same host keep theirs.
+        let parent = &mut config.execution.isolation.sandbox.cgroup_parent;
+        *parent = format!("{}/uid-{uid}", parent.trim_end_matches('/'));
+        match kiln_sandbox::cgroup::CgroupRoot::detect(parent) {
+            Ok(cgroups) => cgroups.give_to(uid, gid).map_err(|e| {
+                anyhow::anyhow!("--run-as {spec}: handing the action cgroups to uid {uid}: {e}")
+            })?,
+            // Said again, with its consequence, when the backends start.
+            Err(reason) => tracing::warn!(%reason, "no action cgroups to hand to --run-as"),
+        }
+    }
+    if offers(serving, config, &["sandbox"]) {
+        let sandbox = &config.execution.isolation.sandbox;
+        if let Err(reason) =
+            kiln_sandbox::network::prepare_host(&sandbox.network_cidr, &sandbox.nft_binary)
+        {
+            // The sandbox's probe says what that means for its actions.
+            tracing::warn!(%reason, "preparing the host for bridged networks");
+        }
+    }
+    for (flag, path, directory) in used_paths(serving, config) {
+        if directory && !path.as_os_str().is_empty() && !path.exists() {
+            std::fs::create_dir_all(&path)
+                .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
+            rustix::fs::chown(
+                &path,
+                Some(rustix::process::Uid::from_raw(uid)),
+                Some(rustix::process::Gid::from_raw(gid)),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!("{flag} {}: giving it to uid {uid}: {e}", path.display())
+            })?;
+        }
+    }
+    Ok((uid, gid))
 }
 
 /// What a server (`serving`) or an executor with `config` does that takes
@@ -287,16 +375,7 @@ fn capability_needs(
     serving: bool,
     config: &Config,
 ) -> anyhow::Result<kiln_sandbox::capabilities::Needs> {
-    let runs_actions = !serving || (config.execution.enabled && config.execution.embedded_executor);
-    let offers = |types: &[&str]| {
-        runs_actions
-            && config
-                .execution
-                .isolation
-                .offer
-                .iter()
-                .any(|offered| types.contains(&offered.as_str()))
-    };
+    let offers = |types: &[&str]| offers(serving, config, types);
     let monitoring = if serving {
         &config.monitoring_listen
     } else {
@@ -369,6 +448,21 @@ fn usable_as_root(flag: &str, path: &std::path::Path, directory: bool) -> anyhow
         _ => return Ok(()),
     }
     let meta = existing.metadata()?;
+    let (uid, gid) = (rustix::process::getuid(), rustix::process::getgid());
+    if !uid.is_root() {
+        anyhow::bail!(
+            "{flag} {}: {} (uid {}, mode {:o}) is not {needs} by uid {}, whom --run-as made \
+             this process: give it to that user (chown -R {}:{} {}) or choose another",
+            path.display(),
+            existing.display(),
+            meta.uid(),
+            meta.mode() & 0o7777,
+            uid.as_raw(),
+            uid.as_raw(),
+            gid.as_raw(),
+            existing.display()
+        )
+    }
     anyhow::bail!(
         "{flag} {}: {} (uid {}, mode {:o}) is not {needs} by this process. Kiln running as \
          root keeps no capability to read or write past a file's owner and mode (README, \
@@ -388,14 +482,14 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(args);
     // Settings are read before any thread starts: what a root executor
     // keeps of root's capabilities depends on them.
-    let configured = match cli.command {
+    let mut configured = match cli.command {
         // Single-threaded, as it must stay: no runtime.
         Command::Launcher => return Ok(kiln_sandbox::launcher::serve()?),
         Command::Serve(ref args) => Some(args.to_config()?),
         Command::Executor(ref args) => Some(args.to_config()?),
         _ => None,
     };
-    if let Some((config, _)) = configured.as_ref() {
+    if let Some((config, _)) = configured.as_mut() {
         if rustix::process::geteuid().is_root() {
             as_root(matches!(cli.command, Command::Serve(_)), config)?;
         }

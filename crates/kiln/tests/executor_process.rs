@@ -1805,6 +1805,157 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// A root executor with `--run-as` becomes that user once its launchers
+/// run: every id of its process is the user's, it holds no capability,
+/// and what it writes was handed to it (its work directory, made for it,
+/// and a cgroup parent of its own below root's);
+/// its launchers stay root. Actions still run as the action user, under
+/// `none` (with namespaces) and under `sandbox` (with a bridged network),
+/// their outputs are read, and a launcher killed is not replaced (a user
+/// cannot start a root one): the others run the next actions. What still
+/// needs root in the process (a container engine) is refused up front.
+#[tokio::test]
+async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launchers() {
+    if !common::root_available("the launchers of a root executor") {
+        return;
+    }
+    const USER: &str = "64000:64000";
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let home = scratch.path().join("run-as");
+    common::open_to_actions(&home);
+    // Not made by the test: the executor makes it for its user.
+    let work_dir = home.join("work");
+    let process = Process::spawn_command(executor_command(
+        &address,
+        "run-as",
+        &work_dir,
+        &["--isolation", "none,sandbox", "--run-as", USER],
+    ));
+    process.wait_for_log("executor registered");
+    let executor = process.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{executor}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{status}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(field("Uid:"), "64000 64000 64000 64000");
+    assert_eq!(field("Gid:"), "64000 64000 64000 64000");
+    assert_eq!(field("Groups:"), "");
+    assert_eq!(field("CapPrm:"), "0000000000000000");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&work_dir).unwrap().uid(), 64000);
+    // Its action cgroups' parent is its own, below root's, which root
+    // executors on this host go on using.
+    let cgroups = kiln_sandbox::cgroup::CgroupRoot::detect("kiln").unwrap();
+    for (_, roots) in cgroups.parents() {
+        assert_eq!(std::fs::metadata(roots).unwrap().uid(), 0, "{roots:?}");
+        let users = roots.join("uid-64000");
+        assert_eq!(std::fs::metadata(&users).unwrap().uid(), 64000, "{users:?}");
+    }
+    let launchers = launchers_running(executor);
+    for launcher in &launchers {
+        let status = std::fs::read_to_string(format!("/proc/{launcher}/status")).unwrap();
+        assert!(
+            status.contains("\nUid:\t0\t0\t0\t0\n"),
+            "launcher {launcher}:\n{status}"
+        );
+    }
+
+    let run = |script: String, properties: &'static [(&'static str, &'static str)]| {
+        let address = address.clone();
+        async move {
+            let response = completed(execute_with(&address, script, properties).await).await;
+            let result = response.result.expect("a result");
+            assert_eq!(result.exit_code, 0, "{properties:?}: {:?}", response.status);
+            result.stdout_digest
+        }
+    };
+    let namespaced: &[(&str, &str)] = &[("dockerNetwork", "off"), ("dockerInit", "true")];
+    for properties in [&[][..], namespaced] {
+        assert_eq!(
+            run(common::who_runs_this(), properties).await,
+            Some(digest(b"action-user\n")),
+            "{properties:?}"
+        );
+    }
+    let bridged: &[(&str, &str)] = &[
+        ("workload-isolation-type", "sandbox"),
+        ("dockerNetwork", "bridge"),
+    ];
+    let script = format!(
+        "grep -q eth0 /proc/net/dev && echo bridged && {}",
+        common::who_runs_this()
+    );
+    assert_eq!(
+        run(script, bridged).await,
+        Some(digest(b"bridged\naction-user\n"))
+    );
+    let response = execute_with_outputs(
+        &address,
+        "echo out > result && chmod 600 result",
+        &["result"],
+        &[("workload-isolation-type", "sandbox")],
+    )
+    .await;
+    let result = response.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    assert_eq!(result.output_files.len(), 1, "{result:?}");
+    assert_eq!(result.output_files[0].digest, Some(digest(b"out\n")));
+
+    // A launcher killed: the others run what comes next.
+    signal_all("-KILL", &launchers[..1]);
+    for _ in 0..3 {
+        let response = completed(execute_with(&address, "true".into(), &[]).await).await;
+        assert_eq!(
+            response.result.map(|r| r.exit_code),
+            Some(0),
+            "{:?}",
+            response.status
+        );
+    }
+    if launchers.len() > 1 {
+        assert_eq!(
+            launchers_of(executor),
+            launchers[1..],
+            "no launcher replaced"
+        );
+    }
+
+    // A container engine still needs root in the executor.
+    let refused = executor_command(
+        &address,
+        "run-as-docker",
+        &home.join("docker-work"),
+        &["--isolation", "none,docker", "--run-as", USER],
+    )
+    .output()
+    .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--run-as 64000:64000: `docker` still needs root"),
+        "{stderr}"
+    );
+    let refused = executor_command(
+        &address,
+        "run-as-root",
+        &home.join("root-work"),
+        &["--isolation", "none", "--run-as", "0:0"],
+    )
+    .output()
+    .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("not a user of its own"), "{stderr}");
+}
+
 /// A bridged action's interface goes with its namespace once the action
 /// ends; one whose namespace something else still holds (here, this
 /// test) is deleted by a launcher after the bound, since the executor,

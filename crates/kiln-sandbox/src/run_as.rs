@@ -1,0 +1,50 @@
+//! A root Kiln process switching to a user of its own (`--run-as`).
+//!
+//! Once its launchers run (see [`crate::launcher`]), what a root executor
+//! still does as root is reached through them, so the executor itself can
+//! become an ordinary user: it then owns no file of root's, can change
+//! nothing outside what is that user's, and a program it runs starts with
+//! no capability at all. What that takes of the host is done as root just
+//! before ([`crate::cgroup::CgroupRoot::give_to`],
+//! [`crate::network::prepare_host`]); the switch itself is [`switch_to`].
+
+use std::io;
+
+use rustix::process::{Gid, Uid};
+
+/// Switches this process to `uid` and `gid`, with no supplementary groups,
+/// for good (real, effective and saved ids): the kernel clears every
+/// capability with it. Only while the process has one thread (ids
+/// belong to a thread, and a new thread copies its creator's); refuses
+/// otherwise.
+pub fn switch_to(uid: u32, gid: u32) -> io::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "the user can be switched only while the process has one thread; it has {threads}"
+            ),
+        ));
+    }
+    if uid == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "uid 0 is root, not a user of its own",
+        ));
+    }
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    rustix::thread::set_thread_groups(&[])?;
+    rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+    rustix::thread::set_thread_res_uid(uid, uid, uid)?;
+    let now = rustix::thread::capabilities(None)?;
+    if rustix::process::geteuid() != uid
+        || rustix::process::getuid() != uid
+        || !now.permitted.is_empty()
+    {
+        return Err(io::Error::other(
+            "the switch did not take: still root, or still holding capabilities",
+        ));
+    }
+    Ok(())
+}
