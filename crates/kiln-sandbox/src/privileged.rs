@@ -356,6 +356,24 @@ pub(crate) fn signal_group(
 /// with `pid` the executor's, or a process's no longer running (what
 /// [`crate::cgroup::CgroupRoot::remove_stale`] empties). PermissionDenied
 /// otherwise, naming the directory.
+/// The executor an action cgroup's directory `name` (`<pid>-<n>`, see
+/// [`crate::cgroup::action_cgroup_name`]) belongs to; None for any other
+/// name.
+fn action_cgroup_owner(name: &[u8]) -> Option<i32> {
+    let (pid, n) = std::str::from_utf8(name).ok()?.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether a file system `statfs` describes is a cgroup hierarchy (v1 or
+/// v2).
+// The field's and the constants' types differ between targets.
+#[allow(clippy::unnecessary_cast)]
+fn is_cgroup_file_system(statfs: &rustix::fs::StatFs) -> bool {
+    let found = statfs.f_type as i64;
+    found == libc::CGROUP_SUPER_MAGIC as i64 || found == libc::CGROUP2_SUPER_MAGIC as i64
+}
+
 /// The effective uid of process `pid`; None once it is gone.
 fn uid_of(pid: i32) -> Option<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -391,13 +409,7 @@ pub(crate) fn join_file_as_root(fd: BorrowedFd, executor: i32) -> io::Result<Opt
     if uid_of(executor) != Some(owner) {
         return Err(refused("it is not the executor's user's"));
     }
-    // The field's and the constants' types differ between targets.
-    #[allow(clippy::unnecessary_cast)]
-    let cgroup_file_system = {
-        let found = rustix::fs::fstatfs(fd)?.f_type as i64;
-        found == libc::CGROUP_SUPER_MAGIC as i64 || found == libc::CGROUP2_SUPER_MAGIC as i64
-    };
-    if !cgroup_file_system {
+    if !is_cgroup_file_system(&rustix::fs::fstatfs(fd)?) {
         return Err(refused("not on a cgroup file system"));
     }
     let join_file = path
@@ -406,9 +418,8 @@ pub(crate) fn join_file_as_root(fd: BorrowedFd, executor: i32) -> io::Result<Opt
     let action_cgroup = path
         .parent()
         .and_then(Path::file_name)
-        .and_then(|name| name.to_str())
-        .and_then(|name| name.split_once('-'))
-        .is_some_and(|(pid, n)| pid.parse() == Ok(executor) && n.parse::<u64>().is_ok());
+        .and_then(|name| action_cgroup_owner(name.as_bytes()))
+        .is_some_and(|owner| owner == executor);
     if !join_file || !action_cgroup {
         return Err(refused("not the join file of one of its action cgroups"));
     }
@@ -435,10 +446,7 @@ pub(crate) fn kill_cgroup(
         .to_bytes()
         .rsplit(|b| *b == b'/')
         .next()
-        .and_then(|name| std::str::from_utf8(name).ok())
-        .and_then(|name| name.split_once('-'))
-        .and_then(|(pid, n)| Some((pid.parse::<i32>().ok()?, n.parse::<u64>().ok()?)))
-        .map(|(pid, _)| pid);
+        .and_then(action_cgroup_owner);
     let Some(owner) = named else {
         return Err(refused("not an action cgroup's name, <pid>-<n>"));
     };
@@ -446,13 +454,7 @@ pub(crate) fn kill_cgroup(
     if Some(owner) != executor && Path::new(&format!("/proc/{owner}")).exists() {
         return Err(refused("it belongs to another running process"));
     }
-    // The field's and the constants' types differ between targets.
-    #[allow(clippy::unnecessary_cast)]
-    let cgroup_file_system = {
-        let found = rustix::fs::statfs(directory)?.f_type as i64;
-        found == libc::CGROUP_SUPER_MAGIC as i64 || found == libc::CGROUP2_SUPER_MAGIC as i64
-    };
-    if !cgroup_file_system {
+    if !is_cgroup_file_system(&rustix::fs::statfs(directory)?) {
         return Err(refused("not on a cgroup file system"));
     }
     let mut procs = Path::new(std::ffi::OsStr::from_bytes(directory.to_bytes())).to_path_buf();
