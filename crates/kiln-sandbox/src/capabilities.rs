@@ -86,13 +86,7 @@ impl Needs {
 /// permitted and inheritable sets, for good. Only while the process has a
 /// single thread (`EBUSY` otherwise: other threads would keep theirs).
 pub fn keep_only(keep: CapabilitySet) -> io::Result<()> {
-    let threads = std::fs::read_dir("/proc/self/task")?.count();
-    if threads != 1 {
-        return Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!("capabilities can be dropped only while the process has one thread; it has {threads}"),
-        ));
-    }
+    only_thread("capabilities can be dropped")?;
     let current = rustix::thread::capabilities(None)?;
     rustix::thread::set_capabilities(
         None,
@@ -102,6 +96,20 @@ pub fn keep_only(keep: CapabilitySet) -> io::Result<()> {
             inheritable: CapabilitySet::empty(),
         },
     )?;
+    Ok(())
+}
+
+/// ResourceBusy, saying that what is `doing` (e.g. "capabilities can be
+/// dropped") can be done only then, unless the process has one thread:
+/// credentials belong to a thread, and a new thread copies its creator's.
+pub(crate) fn only_thread(doing: &str) -> io::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{doing} only while the process has one thread; it has {threads}"),
+        ));
+    }
     Ok(())
 }
 

@@ -203,24 +203,19 @@ fn confine_one(connection: &Connection) -> io::Result<()> {
 /// launcher when they are installed, else in this process. A launcher that
 /// died with the request is `ConnectionAborted`.
 pub(crate) fn privileged(request: &privileged::Request) -> io::Result<()> {
-    match LAUNCHERS.get() {
-        Some(launchers) => {
-            let what = match request {
-                privileged::Request::Mount { .. } => "mounting a workspace overlay",
-                privileged::Request::Detach(_) => "detaching a workspace overlay",
-                privileged::Request::Give { .. } => "giving workspace directories to a user",
-                privileged::Request::TakeBack { .. } => "taking back what an action's user made",
-                privileged::Request::Confine(_) => "confining the launcher to the work root",
-                privileged::Request::Signal { .. } => "signalling an action's process group",
-                privileged::Request::KillCgroup(_) => "killing what is left in an action cgroup",
-            };
-            launchers
-                .call(&encode_privileged(request), &[], what)
-                .map(drop)
-                .map_err(|failure| failure.error)
-        }
-        None => request.perform(),
+    if LAUNCHERS.get().is_none() {
+        return request.perform();
     }
+    let what = match request {
+        privileged::Request::Mount { .. } => "mounting a workspace overlay",
+        privileged::Request::Detach(_) => "detaching a workspace overlay",
+        privileged::Request::Give { .. } => "giving workspace directories to a user",
+        privileged::Request::TakeBack { .. } => "taking back what an action's user made",
+        privileged::Request::Confine(_) => "confining the launcher to the work root",
+        privileged::Request::Signal { .. } => "signalling an action's process group",
+        privileged::Request::KillCgroup(_) => "killing what is left in an action cgroup",
+    };
+    ask(&encode_privileged(request), what).unwrap_or_else(|| request.perform())
 }
 
 /// Sends `signal` (SIGTERM or SIGKILL) to the process group of `leader`,
@@ -275,17 +270,7 @@ pub(crate) fn wire(base: u32, slots: u32, start: u32) -> Option<io::Result<(Owne
 /// that launcher up; only for an interface that outlived its namespace's
 /// release (see [`network::Outbound::release`]).
 pub(crate) fn unwire(host_index: u32) -> Option<io::Result<()>> {
-    let launchers = LAUNCHERS.get()?;
-    Some(
-        launchers
-            .call(
-                &unwire_request(host_index),
-                &[],
-                "deleting a network interface",
-            )
-            .map(drop)
-            .map_err(|failure| failure.error),
-    )
+    ask(&unwire_request(host_index), "deleting a network interface")
 }
 
 /// A [`Request::Wire`]'s bytes.
@@ -309,14 +294,19 @@ fn unwire_request(host_index: u32) -> Vec<u8> {
 /// Deletes, in a launcher, the interfaces of executors that are gone.
 /// None where no launcher is installed.
 pub(crate) fn reclaim_networks() -> Option<io::Result<()>> {
+    ask(
+        &[RECLAIM_NETWORKS],
+        "deleting the interfaces of gone executors",
+    )
+}
+
+/// Sends `request` (`what`, in errors) to a launcher and returns whether
+/// it was done; None where no launcher is installed.
+fn ask(request: &[u8], what: &str) -> Option<io::Result<()>> {
     let launchers = LAUNCHERS.get()?;
     Some(
         launchers
-            .call(
-                &[RECLAIM_NETWORKS],
-                &[],
-                "deleting the interfaces of gone executors",
-            )
+            .call(request, &[], what)
             .map(drop)
             .map_err(|failure| failure.error),
     )
@@ -558,6 +548,14 @@ pub fn serve() -> io::Result<()> {
     };
     // Where a wiring returns to (see `Request::Wire` below).
     let host_network = std::fs::File::open("/proc/self/ns/net")?;
+    // The executor's interfaces' alias: its parent is its executor for
+    // good (it ends when the executor does).
+    let alias = executor_alias();
+    let alias = || {
+        alias
+            .as_deref()
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+    };
     // One child at a time, so one stack for all of them.
     let mut stack = Stack::new()?;
     let mut confinement = privileged::Confinement::default();
@@ -585,8 +583,7 @@ pub fn serve() -> io::Result<()> {
                 // and end per wiring), which then goes back to the host's
                 // namespace before anything else runs here; a launcher
                 // that cannot is of no more use, and ends.
-                let wired =
-                    executor_alias().and_then(|alias| network::wire(base, slots, start, &alias));
+                let wired = alias().and_then(|alias| network::wire(base, slots, start, alias));
                 rustix::thread::move_into_link_name_space(
                     host_network.as_fd(),
                     Some(rustix::thread::LinkNameSpaceType::Network),
@@ -598,8 +595,8 @@ pub fn serve() -> io::Result<()> {
                     })
                     .map_err(Into::into)
             }
-            Ok(Request::Unwire { host_index }) => executor_alias()
-                .and_then(|alias| network::unwire(host_index, &alias))
+            Ok(Request::Unwire { host_index }) => alias()
+                .and_then(|alias| network::unwire(host_index, alias))
                 .map(|()| 0)
                 .map_err(Into::into),
             Ok(Request::ReclaimNetworks) => {
@@ -643,10 +640,8 @@ fn executor_alias() -> io::Result<String> {
 /// Sends one request: its length, then its bytes, the descriptors
 /// alongside the first.
 fn send(socket: &UnixStream, request: &[u8], fds: &[BorrowedFd]) -> io::Result<()> {
-    let mut message = Vec::with_capacity(4 + request.len());
-    message.extend_from_slice(&(request.len() as u32).to_le_bytes());
-    message.extend_from_slice(request);
-    send_bytes(socket, &message, fds)
+    let length = (request.len() as u32).to_le_bytes();
+    send_parts(socket, &[&length, request], fds)
 }
 
 /// Reads one request and its descriptors; `None` when the executor closed
@@ -698,7 +693,7 @@ fn write_reply(
     bytes[4..8].copy_from_slice(&errno.to_le_bytes());
     bytes[8..].copy_from_slice(&unreaped.to_le_bytes());
     let fds: Vec<BorrowedFd> = descriptor.iter().map(|fd| fd.as_fd()).collect();
-    send_bytes(socket, &bytes, &fds)
+    send_parts(socket, &[&bytes], &fds)
 }
 
 /// The answer [`write_reply`] wrote, and the descriptors that came with it.
@@ -720,23 +715,26 @@ fn read_reply(
     })
 }
 
-/// Sends `bytes` with `fds` alongside the first of them.
-fn send_bytes(socket: &UnixStream, bytes: &[u8], fds: &[BorrowedFd]) -> io::Result<()> {
+/// Sends `parts` one after the other, in one message where the socket's
+/// buffer takes them, with `fds` alongside the first byte.
+fn send_parts(socket: &UnixStream, parts: &[&[u8]], fds: &[BorrowedFd]) -> io::Result<()> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Error::other("too many descriptors for one message"));
     }
-    let sent = rustix::net::sendmsg(
-        socket,
-        &[IoSlice::new(bytes)],
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?;
-    let mut remaining = &bytes[sent..];
-    while !remaining.is_empty() {
-        let written = rustix::net::send(socket, remaining, SendFlags::NOSIGNAL)?;
-        remaining = &remaining[written..];
+    let slices: Vec<IoSlice> = parts.iter().map(|part| IoSlice::new(part)).collect();
+    let sent = rustix::net::sendmsg(socket, &slices, &mut control, SendFlags::NOSIGNAL)?;
+    // What the first call did not take (a request larger than the
+    // socket's buffer), without the descriptors already sent.
+    let mut skip = sent;
+    for part in parts {
+        let mut remaining = &part[skip.min(part.len())..];
+        skip = skip.saturating_sub(part.len());
+        while !remaining.is_empty() {
+            let written = rustix::net::send(socket, remaining, SendFlags::NOSIGNAL)?;
+            remaining = &remaining[written..];
+        }
     }
     Ok(())
 }

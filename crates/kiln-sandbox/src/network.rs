@@ -36,9 +36,9 @@
 //! ([`crate::launcher::wire`]), delete what outlived its release
 //! ([`crate::launcher::unwire`]) and what gone executors left, so the
 //! executor keeps neither CAP_SYS_ADMIN nor CAP_NET_ADMIN: a launcher
-//! wires on a thread of its own and sends the namespace's descriptor
-//! back, and deletes only an interface named and aliased as its
-//! executor's. Elsewhere (the crate's tests) this process does it all.
+//! wires on its one thread, which then returns to the host's namespace,
+//! sends the namespace's descriptor back, and deletes only an interface
+//! named and aliased as its executor's. Elsewhere (the crate's tests) this process does it all.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -80,7 +80,7 @@ pub struct Outbound {
     next: AtomicU32,
     /// The alias this process gives its interfaces (pid and start time,
     /// so a recycled pid is not mistaken for the owner).
-    alias: String,
+    alias: Arc<str>,
     /// Deleting a namespace and its interfaces takes the kernel 20-40 ms
     /// (RCU grace periods, waiting for the last references): waited for
     /// after the action's result is returned, a bounded number at a time.
@@ -112,7 +112,7 @@ impl Outbound {
             base,
             slots: 1 << ((30 - prefix) as u32),
             next: AtomicU32::new(std::process::id()),
-            alias,
+            alias: alias.into(),
             deletions: Arc::new(Semaphore::new(MAX_BACKGROUND_DELETIONS)),
         };
         if !host_prepared_for(cidr, nft) {
@@ -173,7 +173,7 @@ impl Outbound {
     pub async fn release(&self, network: ActionNetwork) {
         let host_index = network.host_index;
         drop(network);
-        let alias = self.alias.clone();
+        let alias = Arc::clone(&self.alias);
         let deleted = move || await_deletion(host_index, &alias);
         let Ok(permit) = Arc::clone(&self.deletions).try_acquire_owned() else {
             let _ = tokio::task::spawn_blocking(deleted).await;

@@ -34,9 +34,10 @@ use crate::child::{Network, Plan, Start};
 /// `none`; see the module documentation.
 #[derive(Debug)]
 pub struct PlainProcess {
-    /// The executor's effective uid: only root can give an action
-    /// namespaces or another user.
-    euid: u32,
+    /// Whether root's steps are taken for the executor (by its launchers,
+    /// or by itself as root, see [`crate::launcher::root_behind`]): only
+    /// then can an action have namespaces or another user.
+    root_behind: bool,
     /// Where each action's cgroup goes; None where cgroups cannot be made
     /// (not root): then processes an action leaves behind can outlive it.
     cgroups: Option<CgroupRoot>,
@@ -79,19 +80,15 @@ impl PlainProcess {
     /// executor can make them; says why not otherwise. Actions may not
     /// choose their user.
     pub fn new(cgroup_parent: &str) -> PlainProcess {
-        // Root's steps taken for it (by launchers) count as root here.
-        let euid = match crate::launcher::root_behind() {
-            true => 0,
-            false => rustix::process::geteuid().as_raw(),
-        };
+        let root_behind = crate::launcher::root_behind();
         let mut plain = PlainProcess {
-            euid,
+            root_behind,
             cgroups: None,
             allow_user_switch: false,
             drop_capabilities: crate::sandbox::dropped_capabilities(),
             namespaces: Ok(()),
         };
-        if euid != 0 {
+        if !root_behind {
             return plain;
         }
         match CgroupRoot::detect(cgroup_parent) {
@@ -122,7 +119,7 @@ impl PlainProcess {
     /// with the trial's reason, instead of failing as they start; plain
     /// `none` actions run as before. Once, at start-up.
     pub async fn probe_namespaces(mut self) -> PlainProcess {
-        if self.euid != 0 {
+        if !self.root_behind {
             return self;
         }
         let mut platform = Platform::default();
@@ -149,14 +146,14 @@ impl PlainProcess {
         platform: &Platform,
         action_user: Option<(u32, u32)>,
     ) -> Result<Option<(u32, u32)>, RunError> {
-        if self.euid != 0 {
+        if !self.root_behind {
             if let Some(asked) = beyond_plain_process(platform).first() {
                 return Err(RunError::Unsupported(format!(
                     "{asked}: workload-isolation-type=none honours it only on a root executor (a \
                      network namespace, an init or another user needs root), and this one runs as \
                      uid {}; use workload-isolation-type=docker or podman, a root executor, or \
                      remove the property",
-                    self.euid
+                    rustix::process::geteuid().as_raw()
                 )));
             }
             return Ok(action_user);
@@ -242,7 +239,7 @@ impl Isolation for PlainProcess {
         };
         let plain =
             user.is_none() && !chose_root && network == Network::Host && !platform.docker_init;
-        if self.euid != 0 || (plain && self.cgroups.is_none()) {
+        if !self.root_behind || (plain && self.cgroups.is_none()) {
             return NoIsolation.run(spec, limits, cancel).await;
         }
         let (program_name, program) = match spec.program()? {
@@ -292,7 +289,7 @@ impl Isolation for PlainProcess {
     ) -> Result<WorkerProcess, RunError> {
         let platform = &spec.platform;
         let user = self.user(platform, spec.action_user)?;
-        if self.euid != 0 {
+        if !self.root_behind {
             return NoIsolation.start_worker(spec, start, limits).await;
         }
         if let Some(asked) = beyond_plain_process(platform).first() {

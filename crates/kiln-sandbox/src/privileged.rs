@@ -807,12 +807,15 @@ mod tests {
         refused(others.as_file(), "not the executor's user's");
 
         // Cgroups handed to the user, as `--run-as` does.
-        match crate::cgroup::CgroupRoot::detect("kiln-join-test") {
+        let cgroups = match crate::cgroup::CgroupRoot::detect("kiln-join-test") {
             Err(reason) if std::env::var_os("CI").is_some() => panic!("no cgroups: {reason}"),
-            Err(reason) => eprintln!("cgroup part skipped: {reason}"),
-            Ok(_) => {}
-        }
-        if let Ok(root) = crate::cgroup::CgroupRoot::detect("kiln-join-test") {
+            Err(reason) => {
+                eprintln!("cgroup part skipped: {reason}");
+                None
+            }
+            Ok(root) => Some(root),
+        };
+        if let Some(root) = cgroups {
             root.give_to(USER, USER).unwrap();
             for (_, parent) in root.parents() {
                 let action = parent.join(format!("{pid}-7"));

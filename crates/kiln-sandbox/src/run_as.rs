@@ -18,15 +18,7 @@ use rustix::process::{Gid, Uid};
 /// belong to a thread, and a new thread copies its creator's); refuses
 /// otherwise.
 pub fn switch_to(uid: u32, gid: u32) -> io::Result<()> {
-    let threads = std::fs::read_dir("/proc/self/task")?.count();
-    if threads != 1 {
-        return Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!(
-                "the user can be switched only while the process has one thread; it has {threads}"
-            ),
-        ));
-    }
+    crate::capabilities::only_thread("the user can be switched")?;
     if uid == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

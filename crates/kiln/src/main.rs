@@ -309,8 +309,8 @@ fn prepare_for_user(
     config: &mut Config,
     needs: kiln_sandbox::capabilities::Needs,
 ) -> anyhow::Result<(u32, u32)> {
-    let spec = &config.execution.isolation.run_as.clone();
-    let user = kiln_platform::DockerUser::parse("--run-as", spec)?;
+    let spec = config.execution.isolation.run_as.clone();
+    let user = kiln_platform::DockerUser::parse("--run-as", &spec)?;
     let (uid, gid) = kiln_worker::users::resolve(&user)
         .map_err(|reason| anyhow::anyhow!("--run-as {spec}: {reason}"))?;
     anyhow::ensure!(
