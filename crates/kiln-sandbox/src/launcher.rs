@@ -40,10 +40,12 @@
 //! sends to an idle one.
 //!
 //! Faults: a launcher exits when its socket closes, so it never outlives
-//! the executor. If one dies (`kill -9`), the executor notices at the next
-//! request sent to it, logs the exit and starts another; an action whose
-//! start was under way is given back for another attempt
-//! ([`start_error`]).
+//! the executor. If one dies (`kill -9`), a root executor notices at the
+//! next request sent to it, logs the exit and starts another; an action
+//! whose start was under way is given back for another attempt
+//! ([`start_error`]). An executor that became a user of its own
+//! ([`crate::run_as`]) cannot start a root process: [`keep_running`]
+//! watches its launchers and has a running one start each replacement.
 //!
 //! Where no launcher is installed (the crate's own tests, a non-root
 //! executor, which starts `none` actions itself), [`start`] clones in the
@@ -56,7 +58,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError, TryLockError};
 
@@ -175,7 +177,7 @@ pub(crate) fn confine(request: &privileged::Request) -> io::Result<()> {
         ));
     }
     for slot in &launchers.slots {
-        let mut connection = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut connection = lock(slot);
         if let Some(current) = connection.as_ref() {
             if let Err(error) = confine_one(current) {
                 // Found dead, or confused: the next request starts a new
@@ -312,6 +314,100 @@ fn ask(request: &[u8], what: &str) -> Option<io::Result<()>> {
     )
 }
 
+/// How long [`keep_running`] waits before trying again to start a
+/// launcher it could not.
+const RESTART_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// For an executor that is not root (a user of its own, see
+/// [`crate::run_as`]), which cannot start a root process: keeps its
+/// launchers running. Each one that exits is reaped, logged, and replaced
+/// by one that a running launcher starts for it
+/// ([`Request::StartLauncher`]), confined as the others. Returns, with
+/// the reason, once none is left to start more, or at once where no
+/// launcher is installed. Blocks for as long as launchers run: call it on
+/// a thread of its own.
+pub fn keep_running() -> String {
+    let Some(launchers) = LAUNCHERS.get() else {
+        return "no launcher was started".to_string();
+    };
+    let mut failing = false;
+    loop {
+        let mut missing = false;
+        for slot in &launchers.slots {
+            if lock(slot).is_some() {
+                continue;
+            }
+            match launchers.start_through_another() {
+                Ok(started) => {
+                    tracing::warn!(pid = started.pid, "started a new launcher through another");
+                    failing = false;
+                    let mut slot = lock(slot);
+                    match slot.as_ref() {
+                        None => *slot = Some(started),
+                        Some(_) => drop(started.end()),
+                    }
+                }
+                Err(error) => {
+                    missing = true;
+                    if !failing {
+                        tracing::error!(%error, "could not start a launcher in place of one that exited; trying again every second");
+                    }
+                    failing = true;
+                }
+            }
+        }
+        // Each running launcher's pidfd, copied, so that a request that
+        // finds one dead meanwhile may end it.
+        let watched: Vec<(usize, libc::pid_t, OwnedFd)> = (launchers.slots.iter().enumerate())
+            .filter_map(|(i, slot)| {
+                let slot = lock(slot);
+                let current = slot.as_ref()?;
+                Some((i, current.pid, current.pidfd.try_clone().ok()?))
+            })
+            .collect();
+        if watched.is_empty() {
+            return "every launcher has exited, and a process that is not root cannot start \
+                    another"
+                .to_string();
+        }
+        let mut polled: Vec<libc::pollfd> = watched
+            .iter()
+            .map(|(_, _, fd)| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let timeout = if missing {
+            RESTART_PAUSE.as_millis() as libc::c_int
+        } else {
+            -1
+        };
+        // SAFETY: poll over descriptors `watched` keeps open.
+        if unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout) } < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return format!("watching the launchers: {error}");
+            }
+        }
+        for ((i, pid, _), polled) in watched.iter().zip(&polled) {
+            if polled.revents == 0 {
+                continue;
+            }
+            let mut slot = lock(&launchers.slots[*i]);
+            if slot.as_ref().is_some_and(|current| current.pid == *pid) {
+                let status = slot.take().map(Connection::end).unwrap_or_default();
+                tracing::error!(pid, status, "a launcher exited");
+            }
+        }
+    }
+}
+
+/// `mutex`, locked, whether or not a thread panicked holding it.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// What a failed [`start`] of `what` means for the action: a launcher that
 /// died with the request lets another attempt run it
 /// (`ExecutorUnavailable`, which the scheduler retries); anything else is
@@ -345,7 +441,13 @@ struct Launchers {
 
 struct Connection {
     socket: UnixStream,
-    process: Child,
+    /// A child of this process: one it started, or one a launcher started
+    /// for it ([`Request::StartLauncher`], a sibling, so this process's
+    /// child too). Reaped by [`Connection::end`] alone.
+    pid: libc::pid_t,
+    /// Readable once the launcher has exited: what [`keep_running`]
+    /// waits on.
+    pidfd: OwnedFd,
 }
 
 impl Connection {
@@ -369,16 +471,56 @@ impl Connection {
                     ),
                 )
             })?;
-        Ok(Connection { socket, process })
+        // Reaped by `end`, through its pid: the Child is not waited for.
+        Connection::adopt(socket, process.id() as libc::pid_t)
     }
 
-    /// Why the launcher ended, reaping it: it has closed its socket.
-    fn end(mut self) -> String {
-        let _ = self.process.kill();
-        match self.process.wait() {
-            Ok(status) => status.to_string(),
-            Err(e) => format!("status unknown: {e}"),
+    /// Takes charge of the launcher `pid`, a child of this process that
+    /// serves `socket`.
+    fn adopt(socket: UnixStream, pid: libc::pid_t) -> io::Result<Connection> {
+        // SAFETY: pidfd_open of an unreaped child returns a new descriptor
+        // (or -1), owned below.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            let error = io::Error::last_os_error();
+            drop(socket);
+            reap(pid);
+            return Err(error);
         }
+        Ok(Connection {
+            socket,
+            pid,
+            // SAFETY: a fresh descriptor nobody else owns.
+            pidfd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+        })
+    }
+
+    /// Why the launcher ended, reaping it. It exits when its socket
+    /// closes; one that is stuck is killed, where this process may (as
+    /// root: a user of its own cannot signal a launcher).
+    fn end(self) -> String {
+        drop(self.socket);
+        // SAFETY: a signal to our own unreaped child.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        reap(self.pid)
+    }
+}
+
+/// Waits for child `pid` to exit and reaps it; its status, described.
+fn reap(pid: libc::pid_t) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    // SAFETY: a blocking waitpid on our own child.
+    let reaped = loop {
+        match unsafe { libc::waitpid(pid, &mut status, 0) } {
+            -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            reaped => break reaped,
+        }
+    };
+    if reaped == pid {
+        std::process::ExitStatus::from_raw(status).to_string()
+    } else {
+        format!("status unknown: {}", io::Error::last_os_error())
     }
 }
 
@@ -387,10 +529,38 @@ impl Launchers {
         self.slots
             .iter()
             .filter_map(|slot| {
-                let slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
-                slot.as_ref().map(|c| c.process.id())
+                let slot = lock(slot);
+                slot.as_ref().map(|c| c.pid as u32)
             })
             .collect()
+    }
+
+    /// A new launcher, started by a running one ([`start_sibling`]) and
+    /// confined as the others.
+    fn start_through_another(&self) -> io::Result<Connection> {
+        let (pid, fds) = self
+            .call(&[START_LAUNCHER], &[], "starting another launcher")
+            .map_err(|failure| {
+                if let Some(pid) = failure.unreaped {
+                    reap(pid);
+                }
+                failure.error
+            })?;
+        let Some(socket) = fds.into_iter().next() else {
+            reap(pid);
+            return Err(io::Error::other(
+                "the launcher answered without the new one's socket",
+            ));
+        };
+        let started = Connection::adopt(UnixStream::from(socket), pid)?;
+        if let Err(error) = confine_one(&started) {
+            let status = started.end();
+            return Err(io::Error::new(
+                error.kind(),
+                format!("confining a new launcher ({status}): {error}"),
+            ));
+        }
+        Ok(started)
     }
 
     fn start(
@@ -435,18 +605,14 @@ impl Launchers {
         let mut connection = idle
             .or_else(|| {
                 (0..count)
-                    .map(|i| {
-                        self.slots[(turn + i) % count]
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                    })
+                    .map(|i| lock(&self.slots[(turn + i) % count]))
                     .find(|guard| usable(guard))
             })
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "every launcher has exited, and an executor that is not root cannot start \
-                     others: restart the executor",
+                     another: it stops",
                 )
             })?;
         let mut restarted = false;
@@ -458,14 +624,14 @@ impl Launchers {
                     // started would not be root.
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
-                        "the launcher has exited, and an executor that is not root cannot start \
-                         another; the others take the next requests",
+                        "the launcher has exited; the others take the next requests while \
+                         one of them starts another",
                     )
                     .into());
                 }
                 None => {
                     let started = Connection::start(&self.program)?;
-                    tracing::warn!(pid = started.process.id(), "started a new launcher");
+                    tracing::warn!(pid = started.pid, "started a new launcher");
                     if let Err(error) = confine_one(&started) {
                         let status = started.end();
                         return Err(io::Error::new(
@@ -483,7 +649,7 @@ impl Launchers {
                 // launcher may take it, once.
                 Err(e) if !restarted && is_disconnect(&e) => {
                     if let Some(dead) = connection.take() {
-                        let pid = dead.process.id();
+                        let pid = dead.pid;
                         tracing::error!(pid, status = dead.end(), "the launcher had exited");
                     }
                     restarted = true;
@@ -494,9 +660,7 @@ impl Launchers {
             return match read_reply(&current.socket) {
                 Ok(reply) => reply,
                 Err(e) => {
-                    let ended = connection
-                        .take()
-                        .map(|dead| (dead.process.id(), dead.end()));
+                    let ended = connection.take().map(|dead| (dead.pid, dead.end()));
                     let (pid, status) = ended.unwrap_or((0, String::new()));
                     tracing::error!(pid, status, error = %e, "the launcher exited while {what}");
                     // Not done, or (an action started) killed with its
@@ -603,6 +767,10 @@ pub fn serve() -> io::Result<()> {
                 network::reclaim_leftovers();
                 Ok(0)
             }
+            Ok(Request::StartLauncher) => start_sibling(&mut stack).map(|(pid, socket)| {
+                answer = Some(socket);
+                pid
+            }),
             Err(error) => Err(error.into()),
         };
         // The action has its copies; the launcher keeps none.
@@ -610,6 +778,29 @@ pub fn serve() -> io::Result<()> {
         write_reply(&socket, &reply, answer.as_ref())?;
     }
     Ok(())
+}
+
+/// Starts another launcher from this one's binary, as its executor would
+/// ([`Connection::start`]: its own process group, an empty environment,
+/// the socket as its stdin), but as the executor's child (`CLONE_PARENT`),
+/// which waits for it: how an executor that is not root gets a launcher
+/// (see [`keep_running`]). Its pid, and the executor's end of its socket.
+fn start_sibling(stack: &mut Stack) -> Result<(libc::pid_t, OwnedFd), SpawnFailure> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let plan = Plan::plain(Path::new("/"), None, Vec::new());
+    let exec = Exec::new(
+        Path::new("/proc/self/exe"),
+        &["kiln".to_string(), SUBCOMMAND.to_string()],
+        &[],
+    )?;
+    // Its stdout and stderr are this launcher's, the executor's own.
+    let stdio = Stdio {
+        stdin: theirs.as_raw_fd(),
+        stdout: 1,
+        stderr: 2,
+    };
+    let pid = child::spawn(&plan, &exec, &stdio, Start::Cloned, true, stack)?;
+    Ok((pid, OwnedFd::from(ours)))
 }
 
 /// Replaces the cgroup join files of `plan` that the executor opened as a
@@ -787,6 +978,10 @@ enum Request {
     },
     /// Delete the interfaces of executors that are gone.
     ReclaimNetworks,
+    /// Start another launcher for an executor that is not root
+    /// ([`start_sibling`]); answered with its pid and the executor's end
+    /// of its socket.
+    StartLauncher,
 }
 
 /// Each request's first byte: what it asks.
@@ -802,6 +997,7 @@ const KILL_CGROUP: u8 = 8;
 const WIRE: u8 = 9;
 const UNWIRE: u8 = 10;
 const RECLAIM_NETWORKS: u8 = 11;
+const START_LAUNCHER: u8 = 12;
 
 /// A start request's bytes, and the descriptors to send with it in the
 /// order [`decode`] takes them: stdin, stdout, stderr, the cgroup's files,
@@ -930,6 +1126,7 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
             })
         }
         RECLAIM_NETWORKS => return Ok(Request::ReclaimNetworks),
+        START_LAUNCHER => return Ok(Request::StartLauncher),
         kind => return decode_privileged(kind, &mut input).map(Request::Privileged),
     };
     let stdio = Stdio {

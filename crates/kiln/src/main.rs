@@ -105,7 +105,10 @@ fn file_setting(path: &str) -> Option<PathBuf> {
     Some(PathBuf::from(path)).filter(|p| !p.as_os_str().is_empty())
 }
 
-async fn executor((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
+async fn executor(
+    (config, notes): (Config, Vec<String>),
+    launchers: Option<LaunchersGone>,
+) -> anyhow::Result<()> {
     init_logging(config.log.format, &config.log.level);
     for note in notes {
         tracing::warn!("{note}");
@@ -197,9 +200,50 @@ async fn executor((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> 
         result = &mut run => return result,
         _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+        reason = launchers_gone(launchers) => {
+            let reason = stopping_without_launchers(&reason);
+            stop.cancel();
+            if tokio::time::timeout(STOP_WITHOUT_LAUNCHERS, run).await.is_err() {
+                tracing::error!("stopped waiting for the executor to stop");
+            }
+            anyhow::bail!(reason)
+        }
     }
     stop.cancel();
     run.await
+}
+
+/// What a root process that became a user of its own (`--run-as`) is
+/// told when its launchers are all gone, which it cannot start again
+/// (see `kiln_sandbox::launcher::keep_running`).
+type LaunchersGone = tokio::sync::oneshot::Receiver<String>;
+
+/// How long a process whose launchers are gone waits for its orderly
+/// stop before it exits anyway.
+const STOP_WITHOUT_LAUNCHERS: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Resolves, with the reason, once `launchers` says they are all gone;
+/// never where there is nothing to say it (a process that stays root
+/// starts launchers again itself).
+async fn launchers_gone(launchers: Option<LaunchersGone>) -> String {
+    match launchers {
+        Some(gone) => gone
+            .await
+            .unwrap_or_else(|_| "the thread that kept the launchers running ended".to_string()),
+        None => std::future::pending().await,
+    }
+}
+
+/// The error a process without launchers stops with, logged now: it
+/// cannot run actions any more, and exits for a supervisor to start it
+/// again, as root.
+fn stopping_without_launchers(reason: &str) -> String {
+    let reason = format!(
+        "{reason}: stopping, since no action can run without one; start Kiln again (as root, \
+         with --run-as) to get new launchers"
+    );
+    tracing::error!("{reason}");
+    reason
 }
 
 /// `kiln serve`'s flags: `--config`, and one flag per setting of the file
@@ -233,7 +277,10 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-async fn serve((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
+async fn serve(
+    (config, notes): (Config, Vec<String>),
+    launchers: Option<LaunchersGone>,
+) -> anyhow::Result<()> {
     init_logging(config.log.format, &config.log.level);
     for note in notes {
         tracing::warn!("{note}");
@@ -256,6 +303,13 @@ async fn serve((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
     tokio::select! {
         _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
         _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        reason = launchers_gone(launchers) => {
+            let reason = stopping_without_launchers(&reason);
+            if tokio::time::timeout(STOP_WITHOUT_LAUNCHERS, server.stop()).await.is_err() {
+                tracing::error!("stopped waiting for the server to stop");
+            }
+            anyhow::bail!(reason)
+        }
     }
     server.stop().await?;
     tracing::info!("stopped cleanly");
@@ -267,7 +321,9 @@ async fn serve((config, notes): (Config, Vec<String>)) -> anyhow::Result<()> {
 /// `kiln_sandbox::launcher`), which take its root-only steps; keeps only
 /// the capabilities its own process still needs ([`capability_needs`]);
 /// and refuses to start with a directory or file it can no longer use.
-fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<()> {
+/// With `--run-as`, it becomes that user, and what it returns says when
+/// its launchers are all gone (see `kiln_sandbox::launcher::keep_running`).
+fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<Option<LaunchersGone>> {
     kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))?;
     let needs = capability_needs(serving, config)?;
     let run_as = config.execution.isolation.run_as.clone();
@@ -282,7 +338,18 @@ fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<()> {
     for (flag, path, directory) in used_paths(serving, config) {
         usable_as_root(flag, &path, directory)?;
     }
-    Ok(())
+    if run_as.is_empty() {
+        return Ok(None);
+    }
+    // Started once the process keeps only its capabilities, which takes
+    // it being single-threaded.
+    let (sender, gone) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kiln-launchers".into())
+        .spawn(move || {
+            let _ = sender.send(kiln_sandbox::launcher::keep_running());
+        })?;
+    Ok(Some(gone))
 }
 
 /// Whether a server (`serving`) or an executor with `config` runs actions
@@ -489,9 +556,10 @@ fn main() -> anyhow::Result<()> {
         Command::Executor(ref args) => Some(args.to_config()?),
         _ => None,
     };
+    let mut launchers = None;
     if let Some((config, _)) = configured.as_mut() {
         if rustix::process::geteuid().is_root() {
-            as_root(matches!(cli.command, Command::Serve(_)), config)?;
+            launchers = as_root(matches!(cli.command, Command::Serve(_)), config)?;
         }
     }
     // Servers and the benchmark client alike move blobs through buffers
@@ -502,8 +570,8 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Serve(_) => serve(configured.expect("read above")).await,
-            Command::Executor(_) => executor(configured.expect("read above")).await,
+            Command::Serve(_) => serve(configured.expect("read above"), launchers).await,
+            Command::Executor(_) => executor(configured.expect("read above"), launchers).await,
             Command::Keys { command } => keys::run(command),
             Command::Config {
                 command: ConfigCommand::PrintDefault,

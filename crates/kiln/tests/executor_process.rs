@@ -1811,9 +1811,12 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// and a cgroup parent of its own below root's);
 /// its launchers stay root. Actions still run as the action user, under
 /// `none` (with namespaces) and under `sandbox` (with a bridged network),
-/// their outputs are read, and a launcher killed is not replaced (a user
-/// cannot start a root one): the others run the next actions. What still
-/// needs root in the process (a container engine) is refused up front.
+/// and their outputs are read. A launcher killed is replaced by one that
+/// a running launcher starts (a user cannot start a root process), root
+/// and the executor's child as the first ones were. With every launcher
+/// gone at once, the executor stops with an error saying so, and started
+/// again as before it runs actions. What still needs root in the process
+/// (a container engine) is refused up front.
 #[tokio::test]
 async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launchers() {
     if !common::root_available("the launchers of a root executor") {
@@ -1826,13 +1829,17 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     common::open_to_actions(&home);
     // Not made by the test: the executor makes it for its user.
     let work_dir = home.join("work");
-    let process = Process::spawn_command(executor_command(
-        &address,
-        "run-as",
-        &work_dir,
-        &["--isolation", "none,sandbox", "--run-as", USER],
-    ));
-    process.wait_for_log("executor registered");
+    let start = || {
+        let process = Process::spawn_command(executor_command(
+            &address,
+            "run-as",
+            &work_dir,
+            &["--isolation", "none,sandbox", "--run-as", USER],
+        ));
+        process.wait_for_log("executor registered");
+        process
+    };
+    let mut process = start();
     let executor = process.child.id();
     let status = std::fs::read_to_string(format!("/proc/{executor}/status")).unwrap();
     let field = |name: &str| {
@@ -1860,13 +1867,14 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
         assert_eq!(std::fs::metadata(&users).unwrap().uid(), 64000, "{users:?}");
     }
     let launchers = launchers_running(executor);
-    for launcher in &launchers {
+    let root = |launcher: &u32| {
         let status = std::fs::read_to_string(format!("/proc/{launcher}/status")).unwrap();
         assert!(
             status.contains("\nUid:\t0\t0\t0\t0\n"),
             "launcher {launcher}:\n{status}"
         );
-    }
+    };
+    launchers.iter().for_each(root);
 
     let run = |script: String, properties: &'static [(&'static str, &'static str)]| {
         let address = address.clone();
@@ -1909,24 +1917,53 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     assert_eq!(result.output_files.len(), 1, "{result:?}");
     assert_eq!(result.output_files[0].digest, Some(digest(b"out\n")));
 
-    // A launcher killed: the others run what comes next.
-    signal_all("-KILL", &launchers[..1]);
-    for _ in 0..3 {
-        let response = completed(execute_with(&address, "true".into(), &[]).await).await;
-        assert_eq!(
-            response.result.map(|r| r.exit_code),
-            Some(0),
-            "{:?}",
-            response.status
-        );
-    }
+    // A launcher killed: one that runs starts another in its place. With
+    // one CPU, that one was the only launcher, which the next step covers.
     if launchers.len() > 1 {
-        assert_eq!(
-            launchers_of(executor),
-            launchers[1..],
-            "no launcher replaced"
-        );
+        signal_all("-KILL", &launchers[..1]);
+        wait_until("a launcher in place of the one killed", || {
+            let now = launchers_of(executor);
+            now.len() == launchers.len() && !now.contains(&launchers[0])
+        })
+        .await;
+        let now = launchers_of(executor);
+        let new: Vec<u32> = now
+            .iter()
+            .filter(|pid| !launchers.contains(pid))
+            .copied()
+            .collect();
+        assert_eq!(new.len(), 1, "before {launchers:?}, now {now:?}");
+        root(&new[0]);
+        for properties in [&[][..], &[("workload-isolation-type", "sandbox")]] {
+            assert_eq!(
+                run(common::who_runs_this(), properties).await,
+                Some(digest(b"action-user\n")),
+                "{properties:?}"
+            );
+        }
     }
+
+    // Every launcher gone at once (stopped first, so that none can start
+    // another before it is killed too): the executor cannot run actions
+    // any more, and stops, saying why.
+    let launchers = launchers_of(executor);
+    signal_all("-STOP", &launchers);
+    signal_all("-KILL", &launchers);
+    process.wait_for_log("every launcher has exited");
+    let status = wait_bounded(&mut process.child);
+    assert!(!status.success(), "{status}");
+    // Started again, as a supervisor would, it runs actions: what the
+    // first run left (its work directory, its cgroups) is the user's.
+    process = start();
+    assert_eq!(
+        run(
+            common::who_runs_this(),
+            &[("workload-isolation-type", "sandbox")]
+        )
+        .await,
+        Some(digest(b"action-user\n"))
+    );
+    drop(process);
 
     // A container engine still needs root in the executor.
     let refused = executor_command(
@@ -1954,6 +1991,69 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("not a user of its own"), "{stderr}");
+}
+
+/// `kiln serve --run-as`: the server and its embedded executor become
+/// the user, run actions through the launchers, and stop with an error
+/// saying why once every launcher is gone.
+#[tokio::test]
+async fn a_root_server_run_as_a_user_of_its_own_stops_once_its_launchers_are_gone() {
+    if !common::root_available("the launchers of a root server") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let home = scratch.path().join("run-as");
+    common::open_to_actions(&home);
+    let data_dir = home.join("data");
+    let mut server = Process::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--monitoring-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--pool",
+        "procs",
+        "--isolation",
+        "none,sandbox",
+        "--run-as",
+        "64000:64000",
+    ]);
+    let line = server.stdout_line_with("listening grpc://");
+    let address = line["listening grpc://".len()..].trim().to_string();
+    let pid = server.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains("\nUid:\t64000\t64000\t64000\t64000\n"),
+        "{status}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&data_dir).unwrap().uid(), 64000);
+    for isolation in ["none", "sandbox"] {
+        let response = completed(
+            execute_with(
+                &address,
+                common::who_runs_this(),
+                &[("workload-isolation-type", isolation)],
+            )
+            .await,
+        )
+        .await;
+        let result = response.result.expect("a result");
+        assert_eq!(result.exit_code, 0, "{isolation}: {:?}", response.status);
+        assert_eq!(
+            result.stdout_digest,
+            Some(digest(b"action-user\n")),
+            "{isolation}"
+        );
+    }
+    let launchers = launchers_running(pid);
+    signal_all("-STOP", &launchers);
+    signal_all("-KILL", &launchers);
+    server.wait_for_log("every launcher has exited");
+    let status = wait_bounded(&mut server.child);
+    assert!(!status.success(), "{status}");
 }
 
 /// A bridged action's interface goes with its namespace once the action
