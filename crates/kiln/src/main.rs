@@ -219,8 +219,11 @@ async fn executor(
 type LaunchersGone = tokio::sync::oneshot::Receiver<String>;
 
 /// How long a process whose launchers are gone waits for its orderly
-/// stop before it exits anyway.
-const STOP_WITHOUT_LAUNCHERS: std::time::Duration = std::time::Duration::from_secs(30);
+/// stop before it exits anyway: not for its running actions, which it
+/// can no longer signal (they are killed with their cgroups when it
+/// starts again), but for its session to end, which gives them back to
+/// the scheduler.
+const STOP_WITHOUT_LAUNCHERS: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Resolves, with the reason, once `launchers` says they are all gone;
 /// never where there is nothing to say it (a process that stays root

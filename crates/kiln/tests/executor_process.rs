@@ -1824,7 +1824,8 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     }
     const USER: &str = "64000:64000";
     let scratch = tempfile::tempdir().unwrap();
-    let (_server, address) = serve(scratch.path(), &[]);
+    // An action given back while its executor restarts waits for it.
+    let (_server, address) = serve(scratch.path(), &["--unmatched-grace", "120s"]);
     let home = scratch.path().join("run-as");
     common::open_to_actions(&home);
     // Not made by the test: the executor makes it for its user.
@@ -1944,8 +1945,18 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     }
 
     // Every launcher gone at once (stopped first, so that none can start
-    // another before it is killed too): the executor cannot run actions
-    // any more, and stops, saying why.
+    // another before it is killed too), with an action running: the
+    // executor cannot run actions any more, nor stop that one, and stops,
+    // saying why.
+    let fifo = pid_fifo(scratch.path());
+    let again = fifo.with_file_name("again");
+    let script = format!(
+        "[ -e {again} ] && exit 0; touch {again}; echo $$ > {fifo}; exec sleep 300",
+        again = again.display(),
+        fifo = fifo.display()
+    );
+    let running = execute_with(&address, script, &[]).await;
+    let action = started_pid(fifo).await;
     let launchers = launchers_of(executor);
     signal_all("-STOP", &launchers);
     signal_all("-KILL", &launchers);
@@ -1953,8 +1964,19 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     let status = wait_bounded(&mut process.child);
     assert!(!status.success(), "{status}");
     // Started again, as a supervisor would, it runs actions: what the
-    // first run left (its work directory, its cgroups) is the user's.
+    // first run left (its work directory, its cgroups) is the user's, and
+    // what was left running in its action cgroups is killed.
     process = start();
+    wait_until("the gone executor's action to be killed", || !alive(action)).await;
+    // The action was given back and runs again (finding its mark, it
+    // exits at once): its client gets a result.
+    let response = completed(running).await;
+    assert_eq!(
+        response.result.map(|r| r.exit_code),
+        Some(0),
+        "{:?}",
+        response.status
+    );
     assert_eq!(
         run(
             common::who_runs_this(),
