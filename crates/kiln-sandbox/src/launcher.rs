@@ -1,7 +1,8 @@
 //! Launchers: the processes that start actions on a root executor.
 //!
 //! `kiln launcher` is a small single-threaded process the executor starts
-//! from its own binary ([`install`]: one per CPU), with an empty
+//! from its own binary ([`install`]: one per CPU, at least two for one
+//! that becomes a user of its own), with an empty
 //! environment and a Unix stream socket as its stdin. The executor sends
 //! one a [`Plan`] and an [`Exec`] per action (and per persistent worker),
 //! the descriptors the action needs alongside (stdio, the cgroup's
@@ -87,16 +88,17 @@ const MAX_LAUNCHERS: usize = 8;
 static LAUNCHERS: OnceLock<Launchers> = OnceLock::new();
 
 /// Starts the launchers from `program` (the executor's own binary, run as
-/// `program launcher`), one per CPU (at most [`MAX_LAUNCHERS`]), and makes
-/// [`start`] use them from now on. Returns their pids. Once per process:
-/// later calls return the running ones'.
-pub fn install(program: &Path) -> io::Result<Vec<u32>> {
+/// `program launcher`), one per CPU (at most [`MAX_LAUNCHERS`]) and at
+/// least `at_least`, and makes [`start`] use them from now on. Returns
+/// their pids. Once per process: later calls return the running ones'.
+pub fn install(program: &Path, at_least: usize) -> io::Result<Vec<u32>> {
     if let Some(launchers) = LAUNCHERS.get() {
         return Ok(launchers.pids());
     }
     let count = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(MAX_LAUNCHERS);
+        .min(MAX_LAUNCHERS)
+        .max(at_least);
     let slots = (0..count)
         .map(|_| Connection::start(program).map(|c| Mutex::new(Some(c))))
         .collect::<io::Result<Vec<_>>>()?;
@@ -314,13 +316,17 @@ fn ask(request: &[u8], what: &str) -> Option<io::Result<()>> {
     )
 }
 
+/// Launchers a process that [`keep_running`] serves needs at least: one
+/// to start another in place of one that died.
+pub const TO_KEEP_RUNNING: usize = 2;
+
 /// How long [`keep_running`] waits before trying again to start a
 /// launcher it could not.
 const RESTART_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// For an executor that is not root (a user of its own, see
 /// [`crate::run_as`]), which cannot start a root process: keeps its
-/// launchers running. Each one that exits is reaped, logged, and replaced
+/// launchers running (install at least [`TO_KEEP_RUNNING`] of them). Each one that exits is reaped, logged, and replaced
 /// by one that a running launcher starts for it
 /// ([`Request::StartLauncher`]), confined as the others. Returns, with
 /// the reason, once none is left to start more, or at once where no

@@ -327,9 +327,16 @@ async fn serve(
 /// With `--run-as`, it becomes that user, and what it returns says when
 /// its launchers are all gone (see `kiln_sandbox::launcher::keep_running`).
 fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<Option<LaunchersGone>> {
-    kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"))?;
-    let needs = capability_needs(serving, config)?;
     let run_as = config.execution.isolation.run_as.clone();
+    // A user of its own cannot start launchers: it keeps enough for one
+    // to start another in place of one that dies.
+    let at_least = if run_as.is_empty() {
+        1
+    } else {
+        kiln_sandbox::launcher::TO_KEEP_RUNNING
+    };
+    kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"), at_least)?;
+    let needs = capability_needs(serving, config)?;
     if !run_as.is_empty() {
         let (uid, gid) = prepare_for_user(serving, config, needs)?;
         kiln_sandbox::run_as::switch_to(uid, gid)

@@ -1070,17 +1070,30 @@ fn ended(pid: u32) -> bool {
 /// (bounded).
 fn launchers_running(executor: u32) -> Vec<u32> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    launchers_counted(executor, cpus)
+}
+
+/// The `count` launchers of executor `executor`, waited for (bounded).
+fn launchers_counted(executor: u32, count: usize) -> Vec<u32> {
     for _ in 0..600 {
         let launchers = launchers_of(executor);
-        if launchers.len() == cpus {
+        if launchers.len() == count {
             return launchers;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!(
-        "executor {executor} does not have {cpus} launchers: {:?}",
+        "executor {executor} does not have {count} launchers: {:?}",
         launchers_of(executor)
     );
+}
+
+/// How many launchers a `--run-as` process with this test's CPUs has:
+/// one per CPU, and at least two, so that one can start another.
+fn run_as_launchers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get().min(8))
+        .max(2)
 }
 
 /// Sends `signal` (as `kill` takes it) to each of `pids`.
@@ -1867,7 +1880,7 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
         let users = roots.join("uid-64000");
         assert_eq!(std::fs::metadata(&users).unwrap().uid(), 64000, "{users:?}");
     }
-    let launchers = launchers_running(executor);
+    let launchers = launchers_counted(executor, run_as_launchers());
     let root = |launcher: &u32| {
         let status = std::fs::read_to_string(format!("/proc/{launcher}/status")).unwrap();
         assert!(
@@ -1918,9 +1931,8 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     assert_eq!(result.output_files.len(), 1, "{result:?}");
     assert_eq!(result.output_files[0].digest, Some(digest(b"out\n")));
 
-    // A launcher killed: one that runs starts another in its place. With
-    // one CPU, that one was the only launcher, which the next step covers.
-    if launchers.len() > 1 {
+    // A launcher killed: one that runs starts another in its place.
+    {
         signal_all("-KILL", &launchers[..1]);
         wait_until("a launcher in place of the one killed", || {
             let now = launchers_of(executor);
@@ -2016,8 +2028,9 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
 }
 
 /// `kiln serve --run-as`: the server and its embedded executor become
-/// the user, run actions through the launchers, and stop with an error
-/// saying why once every launcher is gone.
+/// the user and run actions through the launchers. On one CPU it still
+/// has two, so that one killed is replaced through the other; once every
+/// launcher is gone it stops with an error saying why.
 #[tokio::test]
 async fn a_root_server_run_as_a_user_of_its_own_stops_once_its_launchers_are_gone() {
     if !common::root_available("the launchers of a root server") {
@@ -2027,7 +2040,9 @@ async fn a_root_server_run_as_a_user_of_its_own_stops_once_its_launchers_are_gon
     let home = scratch.path().join("run-as");
     common::open_to_actions(&home);
     let data_dir = home.join("data");
-    let mut server = Process::spawn(&[
+    let mut command = Command::new("taskset");
+    command.args(["-c", "0", env!("CARGO_BIN_EXE_kiln")]);
+    command.args([
         "serve",
         "--listen",
         "127.0.0.1:0",
@@ -2042,6 +2057,7 @@ async fn a_root_server_run_as_a_user_of_its_own_stops_once_its_launchers_are_gon
         "--run-as",
         "64000:64000",
     ]);
+    let mut server = Process::spawn_command(command);
     let line = server.stdout_line_with("listening grpc://");
     let address = line["listening grpc://".len()..].trim().to_string();
     let pid = server.child.id();
@@ -2070,7 +2086,21 @@ async fn a_root_server_run_as_a_user_of_its_own_stops_once_its_launchers_are_gon
             "{isolation}"
         );
     }
-    let launchers = launchers_running(pid);
+    let launchers = launchers_counted(pid, 2);
+    signal_all("-KILL", &launchers[..1]);
+    wait_until("a launcher in place of the one killed", || {
+        let now = launchers_of(pid);
+        now.len() == 2 && !now.contains(&launchers[0])
+    })
+    .await;
+    let response = completed(execute_with(&address, "true".into(), &[]).await).await;
+    assert_eq!(
+        response.result.map(|r| r.exit_code),
+        Some(0),
+        "{:?}",
+        response.status
+    );
+    let launchers = launchers_of(pid);
     signal_all("-STOP", &launchers);
     signal_all("-KILL", &launchers);
     server.wait_for_log("every launcher has exited");
