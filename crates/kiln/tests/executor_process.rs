@@ -1932,28 +1932,26 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     assert_eq!(result.output_files[0].digest, Some(digest(b"out\n")));
 
     // A launcher killed: one that runs starts another in its place.
-    {
-        signal_all("-KILL", &launchers[..1]);
-        wait_until("a launcher in place of the one killed", || {
-            let now = launchers_of(executor);
-            now.len() == launchers.len() && !now.contains(&launchers[0])
-        })
-        .await;
+    signal_all("-KILL", &launchers[..1]);
+    wait_until("a launcher in place of the one killed", || {
         let now = launchers_of(executor);
-        let new: Vec<u32> = now
-            .iter()
-            .filter(|pid| !launchers.contains(pid))
-            .copied()
-            .collect();
-        assert_eq!(new.len(), 1, "before {launchers:?}, now {now:?}");
-        root(&new[0]);
-        for properties in [&[][..], &[("workload-isolation-type", "sandbox")]] {
-            assert_eq!(
-                run(common::who_runs_this(), properties).await,
-                Some(digest(b"action-user\n")),
-                "{properties:?}"
-            );
-        }
+        now.len() == launchers.len() && !now.contains(&launchers[0])
+    })
+    .await;
+    let now = launchers_of(executor);
+    let new: Vec<u32> = now
+        .iter()
+        .filter(|pid| !launchers.contains(pid))
+        .copied()
+        .collect();
+    assert_eq!(new.len(), 1, "before {launchers:?}, now {now:?}");
+    root(&new[0]);
+    for properties in [&[][..], &[("workload-isolation-type", "sandbox")]] {
+        assert_eq!(
+            run(common::who_runs_this(), properties).await,
+            Some(digest(b"action-user\n")),
+            "{properties:?}"
+        );
     }
 
     // Every launcher gone at once (stopped first, so that none can start
