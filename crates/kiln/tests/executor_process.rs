@@ -1954,10 +1954,9 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
         );
     }
 
-    // Every launcher gone at once (stopped first, so that none can start
-    // another before it is killed too), with an action running: the
-    // executor cannot run actions any more, nor stop that one, and stops,
-    // saying why.
+    // Every launcher gone at once, with an action running: the executor
+    // cannot run actions any more, nor stop that one, and stops, saying
+    // why.
     let fifo = pid_fifo(scratch.path());
     let again = fifo.with_file_name("again");
     let script = format!(
@@ -1967,12 +1966,7 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     );
     let running = execute_with(&address, script, &[]).await;
     let action = started_pid(fifo).await;
-    let launchers = launchers_of(executor);
-    signal_all("-STOP", &launchers);
-    signal_all("-KILL", &launchers);
-    process.wait_for_log("every launcher has exited");
-    let status = wait_bounded(&mut process.child);
-    assert!(!status.success(), "{status}");
+    stops_once_every_launcher_is_gone(&mut process);
     // Started again, as a supervisor would, it runs actions: what the
     // first run left (its work directory, its cgroups) is the user's, and
     // what was left running in its action cgroups is killed.
@@ -2098,11 +2092,19 @@ async fn a_root_server_run_as_a_user_of_its_own_stops_once_its_launchers_are_gon
         "{:?}",
         response.status
     );
-    let launchers = launchers_of(pid);
+    stops_once_every_launcher_is_gone(&mut server);
+}
+
+/// Stops every launcher of `process`, a `--run-as` server or executor,
+/// then kills them (stopped first, so that none can start another before
+/// it is killed too), and checks that it stops, saying why, and exits
+/// with an error.
+fn stops_once_every_launcher_is_gone(process: &mut Process) {
+    let launchers = launchers_of(process.child.id());
     signal_all("-STOP", &launchers);
     signal_all("-KILL", &launchers);
-    server.wait_for_log("every launcher has exited");
-    let status = wait_bounded(&mut server.child);
+    process.wait_for_log("every launcher has exited");
+    let status = wait_bounded(&mut process.child);
     assert!(!status.success(), "{status}");
 }
 
