@@ -207,9 +207,6 @@ fn confine_one(connection: &Connection) -> io::Result<()> {
 /// launcher when they are installed, else in this process. A launcher that
 /// died with the request is `ConnectionAborted`.
 pub(crate) fn privileged(request: &privileged::Request) -> io::Result<()> {
-    if LAUNCHERS.get().is_none() {
-        return request.perform();
-    }
     let what = match request {
         privileged::Request::Mount { .. } => "mounting a workspace overlay",
         privileged::Request::Detach(_) => "detaching a workspace overlay",
@@ -326,9 +323,10 @@ const RESTART_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// For an executor that is not root (a user of its own, see
 /// [`crate::run_as`]), which cannot start a root process: keeps its
-/// launchers running (install at least [`TO_KEEP_RUNNING`] of them). Each one that exits is reaped, logged, and replaced
-/// by one that a running launcher starts for it
-/// ([`Request::StartLauncher`]), confined as the others. Returns, with
+/// launchers running (install at least [`TO_KEEP_RUNNING`] of them).
+/// Each one that exits is reaped, logged, and replaced by one that a
+/// running launcher starts for it ([`Request::StartLauncher`]), confined
+/// as the others. Returns, with
 /// the reason, once none is left to start more, or at once where no
 /// launcher is installed. Blocks for as long as launchers run: call it on
 /// a thread of its own.
@@ -718,9 +716,14 @@ pub fn serve() -> io::Result<()> {
     };
     // Where a wiring returns to (see `Request::Wire` below).
     let host_network = std::fs::File::open("/proc/self/ns/net")?;
-    // The executor's interfaces' alias: its parent is its executor for
-    // good (it ends when the executor does).
-    let alias = executor_alias();
+    // Its parent is its executor for good (it ends when the executor
+    // does): the executor's interfaces' alias, and what its join files
+    // are checked against.
+    let executor = rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get());
+    let alias = executor
+        .and_then(|pid| network::alias_of(pid as u32))
+        .ok_or_else(executor_gone);
+    let mut executor = executor.map(privileged::Executor::new);
     let alias = || {
         alias
             .as_deref()
@@ -739,7 +742,10 @@ pub fn serve() -> io::Result<()> {
                     .owned_directories
                     .iter()
                     .try_for_each(|dir| confinement.check(dir))
-                    .and_then(|()| join_files_as_root(&mut plan, &mut reopened));
+                    .and_then(|()| {
+                        let executor = executor.as_mut().ok_or_else(executor_gone)?;
+                        join_files_as_root(&mut plan, &mut reopened, executor)
+                    });
                 checked
                     .map_err(Into::into)
                     .and_then(|()| child::spawn(&plan, &exec, &stdio, start, true, &mut stack))
@@ -812,10 +818,11 @@ fn start_sibling(stack: &mut Stack) -> Result<(libc::pid_t, OwnedFd), SpawnFailu
 /// Replaces the cgroup join files of `plan` that the executor opened as a
 /// user of its own with the same files opened as root
 /// ([`privileged::join_file_as_root`]), kept in `reopened`.
-fn join_files_as_root(plan: &mut Plan, reopened: &mut Vec<OwnedFd>) -> io::Result<()> {
-    let executor = rustix::process::getppid()
-        .map(|pid| pid.as_raw_nonzero().get())
-        .ok_or_else(|| io::Error::other("the executor is gone"))?;
+fn join_files_as_root(
+    plan: &mut Plan,
+    reopened: &mut Vec<OwnedFd>,
+    executor: &mut privileged::Executor,
+) -> io::Result<()> {
     for fd in plan.cgroup_join.iter_mut() {
         // SAFETY: the request's descriptors stay open until it is answered.
         let sent = unsafe { BorrowedFd::borrow_raw(*fd) };
@@ -827,11 +834,8 @@ fn join_files_as_root(plan: &mut Plan, reopened: &mut Vec<OwnedFd>) -> io::Resul
     Ok(())
 }
 
-/// The alias of the interfaces the executor (this launcher's parent) owns.
-fn executor_alias() -> io::Result<String> {
-    rustix::process::getppid()
-        .and_then(|pid| network::alias_of(pid.as_raw_nonzero().get() as u32))
-        .ok_or_else(|| io::Error::other("the executor is gone"))
+fn executor_gone() -> io::Error {
+    io::Error::other("the executor is gone")
 }
 
 /// Sends one request: its length, then its bytes, the descriptors

@@ -383,6 +383,29 @@ fn uid_of(pid: i32) -> Option<u32> {
         .and_then(|ids| ids.split_whitespace().nth(1)?.parse().ok())
 }
 
+/// The executor a launcher serves, as [`join_file_as_root`] checks files
+/// against it: its pid, and its uid once it is a user of its own, read
+/// when first needed and kept (the switch is for good).
+#[derive(Debug)]
+pub(crate) struct Executor {
+    pid: i32,
+    user: Option<u32>,
+}
+
+impl Executor {
+    pub fn new(pid: i32) -> Executor {
+        Executor { pid, user: None }
+    }
+
+    /// Its uid, if it is not root.
+    fn user(&mut self) -> Option<u32> {
+        if self.user.is_none() {
+            self.user = uid_of(self.pid).filter(|&uid| uid != 0);
+        }
+        self.user
+    }
+}
+
 /// The file a starting action writes to, to join one of its cgroups:
 /// `fd` as the executor sent it, or None to use it as it is. An executor
 /// running as a user of its own (see [`crate::run_as`]) opens its action
@@ -390,10 +413,13 @@ fn uid_of(pid: i32) -> Option<u32> {
 /// the write of a process that is another user's (the child is root
 /// until it execs). Such a file is opened again here, as root: only if
 /// it is on a cgroup file system, owned by the executor's user (not
-/// root), and is the join file of an action cgroup of executor `executor`
+/// root), and is the join file of an action cgroup of `executor`
 /// (`<pid>-<n>`). Opened through the descriptor, so it is the same file
 /// whatever its path has become; PermissionDenied otherwise.
-pub(crate) fn join_file_as_root(fd: BorrowedFd, executor: i32) -> io::Result<Option<OwnedFd>> {
+pub(crate) fn join_file_as_root(
+    fd: BorrowedFd,
+    executor: &mut Executor,
+) -> io::Result<Option<OwnedFd>> {
     use std::os::fd::AsRawFd as _;
     let owner = rustix::fs::fstat(fd)?.st_uid;
     if owner == 0 {
@@ -406,7 +432,7 @@ pub(crate) fn join_file_as_root(fd: BorrowedFd, executor: i32) -> io::Result<Opt
             format!("not joining {} as root: {why}", path.display()),
         )
     };
-    if uid_of(executor) != Some(owner) {
+    if executor.user() != Some(owner) {
         return Err(refused("it is not the executor's user's"));
     }
     if !is_cgroup_file_system(&rustix::fs::fstatfs(fd)?) {
@@ -419,7 +445,7 @@ pub(crate) fn join_file_as_root(fd: BorrowedFd, executor: i32) -> io::Result<Opt
         .parent()
         .and_then(Path::file_name)
         .and_then(|name| action_cgroup_owner(name.as_bytes()))
-        .is_some_and(|owner| owner == executor);
+        .is_some_and(|owner| owner == executor.pid);
     if !join_file || !action_cgroup {
         return Err(refused("not the join file of one of its action cgroups"));
     }
@@ -781,16 +807,18 @@ mod tests {
         let pid = executor.id() as i32;
         let give = |path: &Path| std::os::unix::fs::chown(path, Some(USER), Some(USER)).unwrap();
         let refused = |file: &std::fs::File, why: &str| {
-            let error = join_file_as_root(file.as_fd(), pid).unwrap_err();
+            let error = join_file_as_root(file.as_fd(), &mut Executor::new(pid)).unwrap_err();
             assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
             assert!(error.to_string().contains(why), "{error}");
         };
 
         // Root's own: used as sent.
         let roots = tempfile::NamedTempFile::new().unwrap();
-        assert!(join_file_as_root(roots.as_file().as_fd(), pid)
-            .unwrap()
-            .is_none());
+        assert!(
+            join_file_as_root(roots.as_file().as_fd(), &mut Executor::new(pid))
+                .unwrap()
+                .is_none()
+        );
         // The user's, but no cgroup's.
         let dir = tempfile::tempdir().unwrap();
         let named = dir.path().join(format!("{pid}-0"));
@@ -833,11 +861,15 @@ mod tests {
                     }
                     give(&path);
                     let sent = std::fs::File::open(&path).unwrap();
-                    let reopened = join_file_as_root(sent.as_fd(), pid).unwrap().unwrap();
+                    let reopened = join_file_as_root(sent.as_fd(), &mut Executor::new(pid))
+                        .unwrap()
+                        .unwrap();
                     let flags = rustix::fs::fcntl_getfl(&reopened).unwrap();
                     assert!(flags.contains(OFlags::WRONLY), "{path:?}: {flags:?}");
                     // Not that executor's: another process of the user's.
-                    let error = join_file_as_root(sent.as_fd(), another.id() as i32).unwrap_err();
+                    let error =
+                        join_file_as_root(sent.as_fd(), &mut Executor::new(another.id() as i32))
+                            .unwrap_err();
                     assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
                 }
                 let control = other.join("cgroup.procs");
