@@ -24,8 +24,6 @@ use std::ptr;
 
 use kiln_worker::process::{BUSY_TEXT_PAUSE, BUSY_TEXT_RETRIES};
 
-use crate::view::c_path;
-
 /// What a setup failure makes `spawn` return; the details go to the
 /// action's stderr as a `kiln sandbox:` line.
 pub(crate) const SETUP_FAILED: i32 = libc::ENOTRECOVERABLE;
@@ -126,15 +124,6 @@ impl Plan {
             drop_capabilities: Vec::new(),
             owned_directories: Vec::new(),
         }
-    }
-
-    /// Gives `directories` to [`Plan::user`] before the start (nothing
-    /// when the action stays root).
-    pub fn giving(mut self, directories: &[std::path::PathBuf]) -> Plan {
-        if self.user.is_some() {
-            self.owned_directories = directories.iter().map(|dir| c_path(dir)).collect();
-        }
-        self
     }
 }
 

@@ -28,11 +28,11 @@ pub(crate) enum Leftovers {
 }
 
 impl Leftovers {
-    /// For an action started with `plan`, `start`'s way: a pid namespace
-    /// with namespaces or an init, a cgroup when it joins one.
-    pub fn of(plan: &crate::child::Plan, start: crate::child::Start) -> Leftovers {
-        let pid_namespace = plan.namespaces || start == crate::child::Start::WithInit;
-        if pid_namespace || !plan.cgroup_join.is_empty() {
+    /// For `launch`, started `start`'s way: a pid namespace for a sandbox
+    /// or under an init, a cgroup when it joins one.
+    pub fn of(launch: &crate::launch::Launch, start: crate::child::Start) -> Leftovers {
+        let sandbox = matches!(launch.kind, crate::launch::Kind::Sandbox { .. });
+        if sandbox || start == crate::child::Start::WithInit || !launch.cgroup_join.is_empty() {
             Leftovers::EndWithIt
         } else {
             Leftovers::KillGroup

@@ -3,16 +3,18 @@
 //! `kiln launcher` is a small single-threaded process the executor starts
 //! from its own binary ([`install`]: one per CPU, at least two for one
 //! that becomes a user of its own), with an empty
-//! environment and a Unix stream socket as its stdin. The executor sends
-//! one a [`Plan`] and an [`Exec`] per action (and per persistent worker),
-//! the descriptors the action needs alongside (stdio, the cgroup's
-//! `cgroup.procs` files, a network namespace; SCM_RIGHTS); the launcher
-//! clones the action with [`child::spawn`] and answers with its pid once
-//! it has exec'd. It also takes the executor's other root-only steps that
+//! environment and a Unix stream socket as its stdin. Its first message is
+//! its policy ([`crate::launch::Policy`]), from root. Then the executor
+//! sends one a [`Launch`] and an [`Exec`] per action (and per persistent
+//! worker), the descriptors the action needs alongside (stdio, the
+//! cgroup's `cgroup.procs` files, a network namespace; SCM_RIGHTS); the
+//! launcher checks the launch against its policy, plans it, clones the
+//! action with [`child::spawn`] and answers with its pid once it has
+//! exec'd. It also takes the executor's other root-only steps that
 //! have moved behind it ([`crate::privileged`]: mounting and detaching
 //! workspace overlays, giving directories to an action's user and taking
 //! back what it made), each checked to be that step and nothing more, and
-//! under the work root alone once the executor has named it; and it makes
+//! under the work root its policy names alone; and it makes
 //! and wires the network namespaces of bridged actions ([`wire`]).
 //!
 //! Why processes of their own:
@@ -68,9 +70,13 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
-use crate::child::{self, Exec, Network, Op, Plan, SpawnFailure, Stack, Start, Stdio};
+use crate::child::{self, Exec, Network, Plan, SpawnFailure, Stack, Start, Stdio};
+use crate::launch::{Enforced, Kind, Launch, Planner, Policy};
 use crate::network;
 use crate::privileged;
+use crate::view::c_path;
+use kiln_worker::users::ActionUsers;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 /// The subcommand of the executor's binary that runs [`serve`].
 pub const SUBCOMMAND: &str = "launcher";
@@ -87,11 +93,24 @@ const MAX_LAUNCHERS: usize = 8;
 
 static LAUNCHERS: OnceLock<Launchers> = OnceLock::new();
 
+/// The policy every launcher gets as its first message
+/// ([`crate::launch::Policy`]), as that message's bytes: for the launchers
+/// a root executor starts again.
+static POLICY_GIVEN: OnceLock<Vec<u8>> = OnceLock::new();
+
 /// Starts the launchers from `program` (the executor's own binary, run as
 /// `program launcher`), one per CPU (at most [`MAX_LAUNCHERS`]) and at
-/// least `at_least`, and makes [`start`] use them from now on. Returns
-/// their pids. Once per process: later calls return the running ones'.
-pub fn install(program: &Path, at_least: usize) -> io::Result<Vec<u32>> {
+/// least `at_least`, each under `policy`, and makes [`start`] use them
+/// from now on. Returns their pids. Once per process, as root: later
+/// calls return the running ones' (a different policy is refused).
+pub fn install(program: &Path, at_least: usize, policy: &Policy) -> io::Result<Vec<u32>> {
+    let bytes = encode_policy(policy);
+    if *POLICY_GIVEN.get_or_init(|| bytes.clone()) != bytes {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the launchers were installed under another policy",
+        ));
+    }
     if let Some(launchers) = LAUNCHERS.get() {
         return Ok(launchers.pids());
     }
@@ -130,22 +149,26 @@ pub fn pids() -> Vec<u32> {
     LAUNCHERS.get().map(Launchers::pids).unwrap_or_default()
 }
 
-/// Starts an action `start`'s way: through a launcher when they are
-/// installed, else in this process. The pid returned is this process's
+/// Starts `launch` `how`: through a launcher when they are installed,
+/// which checks it against its policy and plans it itself; else in this
+/// process, planned by `local`. The pid returned is this process's
 /// child either way. A child whose setup failed is reaped here. A
 /// launcher that died with the request is `ConnectionAborted` (see
 /// [`start_error`]).
 pub(crate) fn start(
-    plan: &Plan,
+    launch: &Launch,
+    local: &Planner,
     exec: &Exec,
     stdio: &Stdio,
     how: Start,
 ) -> io::Result<libc::pid_t> {
     let spawned = match LAUNCHERS.get() {
-        Some(launchers) => launchers.start(plan, exec, stdio, how),
-        None => Stack::new()
+        Some(launchers) => launchers.start(launch, exec, stdio, how),
+        None => local
+            .plan(launch)
+            .and_then(|plan| Ok((plan, Stack::new()?)))
             .map_err(SpawnFailure::from)
-            .and_then(|mut stack| child::spawn(plan, exec, stdio, how, false, &mut stack)),
+            .and_then(|(plan, mut stack)| child::spawn(&plan, exec, stdio, how, false, &mut stack)),
     };
     spawned.map_err(|failure| {
         if let Some(pid) = failure.unreaped {
@@ -158,51 +181,6 @@ pub(crate) fn start(
     })
 }
 
-/// The confinement every launcher gets (see [`privileged::Confinement`]),
-/// as its request's bytes: sent to those running when it is set, and to
-/// each one started after.
-static CONFINEMENT: OnceLock<Vec<u8>> = OnceLock::new();
-
-/// Confines the launchers' privileged steps to the work root `request`
-/// names ([`privileged::Request::Confine`]), now and in launchers started
-/// later. Once per process; a different root later is refused. Nothing
-/// where no launcher is installed.
-pub(crate) fn confine(request: &privileged::Request) -> io::Result<()> {
-    let Some(launchers) = LAUNCHERS.get() else {
-        return Ok(());
-    };
-    let bytes = encode_privileged(request);
-    if *CONFINEMENT.get_or_init(|| bytes.clone()) != bytes {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "the launchers are confined to another work root already",
-        ));
-    }
-    for slot in &launchers.slots {
-        let mut connection = lock(slot);
-        if let Some(current) = connection.as_ref() {
-            if let Err(error) = confine_one(current) {
-                // Found dead, or confused: the next request starts a new
-                // one, which is confined as it starts.
-                let dead = connection.take().map(Connection::end).unwrap_or_default();
-                tracing::warn!(%error, status = dead, "a launcher could not be confined");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Sends the confinement, if one is set, to the launcher `connection`.
-fn confine_one(connection: &Connection) -> io::Result<()> {
-    let Some(request) = CONFINEMENT.get() else {
-        return Ok(());
-    };
-    send(&connection.socket, request, &[])?;
-    read_reply(&connection.socket)?
-        .map(drop)
-        .map_err(|failure| failure.error)
-}
-
 /// Takes a root-only step of a workspace (see [`crate::privileged`]): in a
 /// launcher when they are installed, else in this process. A launcher that
 /// died with the request is `ConnectionAborted`.
@@ -212,7 +190,7 @@ pub(crate) fn privileged(request: &privileged::Request) -> io::Result<()> {
         privileged::Request::Detach(_) => "detaching a workspace overlay",
         privileged::Request::Give { .. } => "giving workspace directories to a user",
         privileged::Request::TakeBack { .. } => "taking back what an action's user made",
-        privileged::Request::Confine(_) => "confining the launcher to the work root",
+        privileged::Request::Confine(_) => "checking the launchers' work root",
         privileged::Request::Signal { .. } => "signalling an action's process group",
         privileged::Request::KillCgroup(_) => "killing what is left in an action cgroup",
     };
@@ -476,7 +454,16 @@ impl Connection {
                 )
             })?;
         // Reaped by `end`, through its pid: the Child is not waited for.
-        Connection::adopt(socket, process.id() as libc::pid_t)
+        let started = Connection::adopt(socket, process.id() as libc::pid_t)?;
+        let policy = POLICY_GIVEN.get().map(Vec::as_slice).unwrap_or_default();
+        if let Err(error) = give_policy(&started.socket, policy) {
+            let status = started.end();
+            return Err(io::Error::new(
+                error.kind(),
+                format!("giving a new launcher its policy ({status}): {error}"),
+            ));
+        }
+        Ok(started)
     }
 
     /// Takes charge of the launcher `pid`, a child of this process that
@@ -539,8 +526,8 @@ impl Launchers {
             .collect()
     }
 
-    /// A new launcher, started by a running one ([`start_sibling`]) and
-    /// confined as the others.
+    /// A new launcher, started by a running one ([`start_sibling`]), which
+    /// gave it its own policy.
     fn start_through_another(&self) -> io::Result<Connection> {
         let (pid, fds) = self
             .call(&[START_LAUNCHER], &[], "starting another launcher")
@@ -556,25 +543,17 @@ impl Launchers {
                 "the launcher answered without the new one's socket",
             ));
         };
-        let started = Connection::adopt(UnixStream::from(socket), pid)?;
-        if let Err(error) = confine_one(&started) {
-            let status = started.end();
-            return Err(io::Error::new(
-                error.kind(),
-                format!("confining a new launcher ({status}): {error}"),
-            ));
-        }
-        Ok(started)
+        Connection::adopt(UnixStream::from(socket), pid)
     }
 
     fn start(
         &self,
-        plan: &Plan,
+        launch: &Launch,
         exec: &Exec,
         stdio: &Stdio,
         start: Start,
     ) -> Result<libc::pid_t, SpawnFailure> {
-        let (request, fds) = encode(plan, exec, stdio, start);
+        let (request, fds) = encode(launch, exec, stdio, start);
         // SAFETY: the caller keeps these descriptors open for the call.
         let fds: Vec<BorrowedFd> = fds
             .iter()
@@ -636,14 +615,6 @@ impl Launchers {
                 None => {
                     let started = Connection::start(&self.program)?;
                     tracing::warn!(pid = started.pid, "started a new launcher");
-                    if let Err(error) = confine_one(&started) {
-                        let status = started.end();
-                        return Err(io::Error::new(
-                            error.kind(),
-                            format!("confining a new launcher ({status}): {error}"),
-                        )
-                        .into());
-                    }
                     connection.insert(started)
                 }
             };
@@ -732,24 +703,50 @@ pub fn serve() -> io::Result<()> {
     // One child at a time, so one stack for all of them.
     let mut stack = Stack::new()?;
     let mut confinement = privileged::Confinement::default();
+    // The first message is the policy, from root: the executor before it
+    // became a user of its own, or the launcher that started this one.
+    let (policy_bytes, enforced) = match read_request(&socket)? {
+        None => return Ok(()),
+        Some((request, _)) => {
+            let taken = decode_policy(&request).and_then(|policy| {
+                confinement.confine(&c_path(&policy.work_root))?;
+                Enforced::new(policy, host_network.as_fd())
+            });
+            write_reply(
+                &socket,
+                &taken
+                    .as_ref()
+                    .map(|_| 0)
+                    .map_err(|e| SpawnFailure::from(copy(e))),
+                None,
+            )?;
+            (request, taken?)
+        }
+    };
     while let Some((request, fds)) = read_request(&socket)? {
         let mut answer = None;
         let reply = match decode(&request, &fds) {
-            Ok(Request::Start(mut plan, exec, stdio, start)) => {
+            Ok(Request::Start(mut launch, exec, stdio, start)) => {
                 // Kept open until the child has exec'd.
                 let mut reopened = Vec::new();
-                let checked = plan
-                    .owned_directories
-                    .iter()
-                    .try_for_each(|dir| confinement.check(dir))
-                    .and_then(|()| {
+                let planned = enforced
+                    .check(&mut launch, &confinement)
+                    .inspect_err(|error| eprintln!("kiln launcher: refused a start: {error}"))
+                    .and_then(|()| enforced.planner.plan(&launch))
+                    .and_then(|mut plan| {
                         let executor = executor.as_mut().ok_or_else(executor_gone)?;
-                        join_files_as_root(&mut plan, &mut reopened, executor)
+                        join_files_as_root(&mut plan, &mut reopened, executor)?;
+                        Ok(plan)
                     });
-                checked
+                planned
                     .map_err(Into::into)
-                    .and_then(|()| child::spawn(&plan, &exec, &stdio, start, true, &mut stack))
+                    .and_then(|plan| child::spawn(&plan, &exec, &stdio, start, true, &mut stack))
             }
+            Ok(Request::Policy) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "a launcher takes its policy once, as it starts",
+            )
+            .into()),
             Ok(Request::Privileged(step)) => step
                 .perform_within(&mut confinement)
                 .map(|()| 0)
@@ -779,10 +776,12 @@ pub fn serve() -> io::Result<()> {
                 network::reclaim_leftovers();
                 Ok(0)
             }
-            Ok(Request::StartLauncher) => start_sibling(&mut stack).map(|(pid, socket)| {
-                answer = Some(socket);
-                pid
-            }),
+            Ok(Request::StartLauncher) => {
+                start_sibling(&mut stack, &policy_bytes).map(|(pid, socket)| {
+                    answer = Some(socket);
+                    pid
+                })
+            }
             Err(error) => Err(error.into()),
         };
         // The action has its copies; the launcher keeps none.
@@ -794,10 +793,12 @@ pub fn serve() -> io::Result<()> {
 
 /// Starts another launcher from this one's binary, as its executor would
 /// ([`Connection::start`]: its own process group, an empty environment,
-/// the socket as its stdin), but as the executor's child (`CLONE_PARENT`),
-/// which waits for it: how an executor that is not root gets a launcher
-/// (see [`keep_running`]). Its pid, and the executor's end of its socket.
-fn start_sibling(stack: &mut Stack) -> Result<(libc::pid_t, OwnedFd), SpawnFailure> {
+/// the socket as its stdin, `policy` as its first message), but as the
+/// executor's child (`CLONE_PARENT`), which waits for it: how an
+/// executor that is not root gets a launcher (see [`keep_running`]). Its
+/// pid, and the executor's end of its socket, handed over once the new
+/// launcher has taken the policy.
+fn start_sibling(stack: &mut Stack, policy: &[u8]) -> Result<(libc::pid_t, OwnedFd), SpawnFailure> {
     let (ours, theirs) = UnixStream::pair()?;
     let plan = Plan::plain(Path::new("/"), None, Vec::new());
     let exec = Exec::new(
@@ -812,7 +813,35 @@ fn start_sibling(stack: &mut Stack) -> Result<(libc::pid_t, OwnedFd), SpawnFailu
         stderr: 2,
     };
     let pid = child::spawn(&plan, &exec, &stdio, Start::Cloned, true, stack)?;
+    drop(theirs);
+    if let Err(error) = give_policy(&ours, policy) {
+        // The executor reaps it, as its child.
+        // SAFETY: a signal to the process just started, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        return Err(SpawnFailure {
+            error,
+            unreaped: Some(pid),
+        });
+    }
     Ok((pid, OwnedFd::from(ours)))
+}
+
+/// Sends a new launcher its policy, its first message, and waits for it
+/// to take it.
+fn give_policy(socket: &UnixStream, policy: &[u8]) -> io::Result<()> {
+    send(socket, policy, &[])?;
+    read_reply(socket)?
+        .map(drop)
+        .map_err(|failure| failure.error)
+}
+
+/// `error` again (io::Error is not Clone): its errno, or its kind and
+/// text.
+fn copy(error: &io::Error) -> io::Error {
+    match error.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(error.kind(), error.to_string()),
+    }
 }
 
 /// Replaces the cgroup join files of `plan` that the executor opened as a
@@ -972,7 +1001,9 @@ fn receive_bytes<const N: usize>(socket: &UnixStream) -> io::Result<([u8; N], Ve
 
 /// What a launcher is asked, as it decodes it.
 enum Request {
-    Start(Box<Plan>, Exec, Stdio, Start),
+    Start(Box<Launch>, Exec, Stdio, Start),
+    /// A policy after the first message, which is refused.
+    Policy,
     Privileged(privileged::Request),
     /// Wire a bridged action's network namespace
     /// ([`network::wire`]); answered with its host-side
@@ -1008,21 +1039,35 @@ const WIRE: u8 = 9;
 const UNWIRE: u8 = 10;
 const RECLAIM_NETWORKS: u8 = 11;
 const START_LAUNCHER: u8 = 12;
+const POLICY: u8 = 13;
 
 /// A start request's bytes, and the descriptors to send with it in the
 /// order [`decode`] takes them: stdin, stdout, stderr, the cgroup's files,
 /// the network namespace.
-fn encode(plan: &Plan, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Vec<RawFd>) {
+fn encode(launch: &Launch, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Vec<RawFd>) {
     let mut fds = vec![stdio.stdin, stdio.stdout, stdio.stderr];
-    fds.extend(&plan.cgroup_join);
+    fds.extend(&launch.cgroup_join);
     let mut out = Writer::default();
     out.u8(match start {
         Start::Cloned => START_CLONED,
         Start::WithInit => START_WITH_INIT,
     });
-    out.u8(plan.namespaces.into());
-    out.u32(plan.cgroup_join.len() as u32);
-    match plan.network {
+    match &launch.kind {
+        Kind::Plain => out.u8(0),
+        Kind::Sandbox {
+            workspace,
+            runner_tmp,
+            tmpfs_bytes,
+        } => {
+            out.u8(1);
+            out.optional(workspace);
+            out.optional(runner_tmp);
+            out.u8(tmpfs_bytes.is_some().into());
+            out.u64(tmpfs_bytes.unwrap_or(0));
+        }
+    }
+    out.u32(launch.cgroup_join.len() as u32);
+    match launch.network {
         Network::Host => out.u8(0),
         Network::Empty => out.u8(1),
         Network::Join(namespace) => {
@@ -1030,16 +1075,8 @@ fn encode(plan: &Plan, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Ve
             fds.push(namespace);
         }
     }
-    out.bytes(plan.new_root.as_bytes());
-    for ops in [&plan.before_pivot, &plan.after_pivot] {
-        out.u32(ops.len() as u32);
-        for op in ops {
-            out.op(op);
-        }
-    }
-    out.bytes(plan.hostname.as_bytes());
-    out.bytes(plan.working_directory.as_bytes());
-    match plan.user {
+    out.bytes(launch.working_directory.as_bytes());
+    match launch.user {
         None => out.u8(0),
         Some((uid, gid)) => {
             out.u8(1);
@@ -1047,15 +1084,77 @@ fn encode(plan: &Plan, exec: &Exec, stdio: &Stdio, start: Start) -> (Vec<u8>, Ve
             out.u32(gid);
         }
     }
-    out.u32(plan.drop_capabilities.len() as u32);
-    for &capability in &plan.drop_capabilities {
-        out.u32(capability);
-    }
-    out.strings(&plan.owned_directories);
+    out.u8(launch.drop_root_capabilities.into());
+    out.strings(&launch.owned_directories);
     out.bytes(exec.program().to_bytes());
     out.strings(exec.arguments());
     out.strings(exec.environment());
     (out.0, fds)
+}
+
+/// A launcher's first message: its policy.
+fn encode_policy(policy: &Policy) -> Vec<u8> {
+    let paths = |paths: &[PathBuf]| paths.iter().map(|p| c_path(p)).collect::<Vec<_>>();
+    let mut out = Writer::default();
+    out.u8(POLICY);
+    out.bytes(policy.work_root.as_os_str().as_bytes());
+    out.bytes(policy.root_mount_point.as_os_str().as_bytes());
+    out.strings(&paths(&policy.read_only_paths));
+    out.strings(&paths(&policy.hidden_paths));
+    match policy.action_users {
+        ActionUsers::One(None) => out.u8(0),
+        ActionUsers::One(Some((uid, gid))) => {
+            out.u8(1);
+            out.u32(uid);
+            out.u32(gid);
+        }
+        ActionUsers::Range { first, last } => {
+            out.u8(2);
+            out.u32(first);
+            out.u32(last);
+        }
+    }
+    out.u8(policy.none_allow_user_switch.into());
+    out.0
+}
+
+/// The policy [`encode_policy`] wrote; an error for any other message.
+fn decode_policy(request: &[u8]) -> io::Result<Policy> {
+    let mut input = Reader(request);
+    if input.u8()? != POLICY {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a launcher's first message must be its policy",
+        ));
+    }
+    let path = |c: CString| PathBuf::from(std::ffi::OsString::from_vec(c.into_bytes()));
+    let work_root = path(input.c_string()?);
+    let root_mount_point = path(input.c_string()?);
+    let read_only_paths = input.strings()?.into_iter().map(path).collect();
+    let hidden_paths = input.strings()?.into_iter().map(path).collect();
+    let action_users = match input.u8()? {
+        0 => ActionUsers::One(None),
+        1 => ActionUsers::One(Some((input.u32()?, input.u32()?))),
+        _ => ActionUsers::Range {
+            first: input.u32()?,
+            last: input.u32()?,
+        },
+    };
+    let none_allow_user_switch = input.u8()? != 0;
+    if !work_root.is_absolute() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the work root {} is not absolute", work_root.display()),
+        ));
+    }
+    Ok(Policy {
+        work_root,
+        root_mount_point,
+        read_only_paths,
+        hidden_paths,
+        action_users,
+        none_allow_user_switch,
+    })
 }
 
 /// A privileged step's bytes; it carries no descriptors.
@@ -1137,6 +1236,7 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
         }
         RECLAIM_NETWORKS => return Ok(Request::ReclaimNetworks),
         START_LAUNCHER => return Ok(Request::StartLauncher),
+        POLICY => return Ok(Request::Policy),
         kind => return decode_privileged(kind, &mut input).map(Request::Privileged),
     };
     let stdio = Stdio {
@@ -1144,7 +1244,18 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
         stdout: fd(1)?,
         stderr: fd(2)?,
     };
-    let namespaces = input.u8()? != 0;
+    let kind = match input.u8()? {
+        0 => Kind::Plain,
+        _ => Kind::Sandbox {
+            workspace: input.optional()?,
+            runner_tmp: input.optional()?,
+            tmpfs_bytes: {
+                let some = input.u8()? != 0;
+                let bytes = input.u64()?;
+                some.then_some(bytes)
+            },
+        },
+    };
     let cgroups = input.u32()? as usize;
     let cgroup_join = (3..3 + cgroups).map(fd).collect::<io::Result<Vec<_>>>()?;
     let network = match input.u8()? {
@@ -1152,42 +1263,27 @@ fn decode(request: &[u8], fds: &[OwnedFd]) -> io::Result<Request> {
         1 => Network::Empty,
         _ => Network::Join(fd(3 + cgroups)?),
     };
-    let new_root = input.c_string()?;
-    let mut op_lists = [Vec::new(), Vec::new()];
-    for ops in &mut op_lists {
-        for _ in 0..input.u32()? {
-            ops.push(input.op()?);
-        }
-    }
-    let [before_pivot, after_pivot] = op_lists;
-    let hostname = input.c_string()?;
     let working_directory = input.c_string()?;
     let user = match input.u8()? {
         0 => None,
         _ => Some((input.u32()?, input.u32()?)),
     };
-    let drop_capabilities = (0..input.u32()?)
-        .map(|_| input.u32())
-        .collect::<io::Result<_>>()?;
+    let drop_root_capabilities = input.u8()? != 0;
     let owned_directories = input.strings()?;
-    let plan = Plan {
-        namespaces,
-        cgroup_join,
-        network,
-        new_root,
-        before_pivot,
-        after_pivot,
-        hostname,
+    let launch = Launch {
+        kind,
         working_directory,
         user,
-        drop_capabilities,
+        network,
+        cgroup_join,
         owned_directories,
+        drop_root_capabilities,
     };
     let program = input.c_string()?;
     let arguments = input.strings()?;
     let environment = input.strings()?;
     Ok(Request::Start(
-        Box::new(plan),
+        Box::new(launch),
         Exec::from_parts(program, arguments, environment),
         stdio,
         start,
@@ -1270,41 +1366,6 @@ impl Writer {
             }
         }
     }
-
-    fn op(&mut self, op: &Op) {
-        match op {
-            Op::Mkdir { path, mode } => {
-                self.u8(0);
-                self.bytes(path.as_bytes());
-                self.u32(*mode);
-            }
-            Op::Symlink { target, link } => {
-                self.u8(1);
-                self.bytes(target.as_bytes());
-                self.bytes(link.as_bytes());
-            }
-            Op::Touch { path } => {
-                self.u8(2);
-                self.bytes(path.as_bytes());
-            }
-            Op::Mount {
-                source,
-                target,
-                fstype,
-                flags,
-                data,
-                optional,
-            } => {
-                self.u8(3);
-                self.optional(source);
-                self.bytes(target.as_bytes());
-                self.optional(fstype);
-                self.u64(*flags);
-                self.optional(data);
-                self.u8((*optional).into());
-            }
-        }
-    }
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -1353,30 +1414,6 @@ impl Reader<'_> {
             _ => Some(self.c_string()?),
         })
     }
-
-    fn op(&mut self) -> io::Result<Op> {
-        Ok(match self.u8()? {
-            0 => Op::Mkdir {
-                path: self.c_string()?,
-                mode: self.u32()?,
-            },
-            1 => Op::Symlink {
-                target: self.c_string()?,
-                link: self.c_string()?,
-            },
-            2 => Op::Touch {
-                path: self.c_string()?,
-            },
-            _ => Op::Mount {
-                source: self.optional()?,
-                target: self.c_string()?,
-                fstype: self.optional()?,
-                flags: self.u64()?,
-                data: self.optional()?,
-                optional: self.u8()? != 0,
-            },
-        })
-    }
 }
 
 #[cfg(test)]
@@ -1416,39 +1453,18 @@ mod tests {
 
     #[test]
     fn a_request_reads_back_as_it_was_written() {
-        let plan = Plan {
-            namespaces: true,
-            cgroup_join: vec![10, 11],
-            network: Network::Join(12),
-            new_root: c"/run/kiln/root".to_owned(),
-            before_pivot: vec![
-                Op::Mkdir {
-                    path: c"/run/kiln/root/usr".to_owned(),
-                    mode: 0o755,
-                },
-                Op::Mount {
-                    source: Some(c"/usr".to_owned()),
-                    target: c"/run/kiln/root/usr".to_owned(),
-                    fstype: None,
-                    flags: libc::MS_BIND | libc::MS_REC,
-                    data: None,
-                    optional: false,
-                },
-            ],
-            after_pivot: vec![
-                Op::Symlink {
-                    target: c"/proc/self/fd".to_owned(),
-                    link: c"/dev/fd".to_owned(),
-                },
-                Op::Touch {
-                    path: c"/dev/null".to_owned(),
-                },
-            ],
-            hostname: c"localhost".to_owned(),
-            working_directory: c"/work/w1".to_owned(),
+        let launch = Launch {
+            kind: Kind::Sandbox {
+                workspace: Some(c"/work/w1".to_owned()),
+                runner_tmp: Some(c"/work/w1.tmp".to_owned()),
+                tmpfs_bytes: Some(64 << 20),
+            },
+            working_directory: c"/work/w1/pkg".to_owned(),
             user: Some((65534, 65534)),
-            drop_capabilities: vec![27, 21],
+            network: Network::Join(12),
+            cgroup_join: vec![10, 11],
             owned_directories: vec![c"/work/w1".to_owned(), c"/work/w1/out".to_owned()],
+            drop_root_capabilities: true,
         };
         let exec = Exec::new(
             Path::new("/bin/sh"),
@@ -1461,7 +1477,7 @@ mod tests {
             stdout: 4,
             stderr: 5,
         };
-        let (request, fds) = encode(&plan, &exec, &stdio, Start::WithInit);
+        let (request, fds) = encode(&launch, &exec, &stdio, Start::WithInit);
         assert_eq!(fds, [3, 4, 5, 10, 11, 12]);
         // Stand-ins for the descriptors as received: any open ones do.
         let received: Vec<OwnedFd> = (0..fds.len())
@@ -1477,29 +1493,90 @@ mod tests {
             [stdio_back.stdin, stdio_back.stdout, stdio_back.stderr],
             numbers[..3]
         );
-        assert_eq!(decoded.cgroup_join, numbers[3..5]);
-        assert_eq!(decoded.network, Network::Join(numbers[5]));
-        assert_eq!(
-            format!("{:?}", decoded.before_pivot),
-            format!("{:?}", plan.before_pivot)
-        );
-        assert_eq!(
-            format!("{:?}", decoded.after_pivot),
-            format!("{:?}", plan.after_pivot)
-        );
-        assert_eq!(decoded.new_root, plan.new_root);
-        assert_eq!(decoded.hostname, plan.hostname);
-        assert_eq!(decoded.working_directory, plan.working_directory);
-        assert_eq!(decoded.user, plan.user);
-        assert_eq!(decoded.drop_capabilities, plan.drop_capabilities);
-        assert_eq!(decoded.owned_directories, plan.owned_directories);
+        let expected = Launch {
+            cgroup_join: numbers[3..5].to_vec(),
+            network: Network::Join(numbers[5]),
+            ..launch.clone()
+        };
+        assert_eq!(*decoded, expected);
         assert_eq!(exec_back.program(), exec.program());
         assert_eq!(exec_back.arguments(), exec.arguments());
         assert_eq!(exec_back.environment(), exec.environment());
 
+        // A plain one, in the host's network, as root.
+        let plain = Launch {
+            drop_root_capabilities: false,
+            ..Launch::plain(Path::new("/work/w2"), None, Vec::new())
+        };
+        let (request, fds) = encode(&plain, &exec, &stdio, Start::Cloned);
+        assert_eq!(fds, [3, 4, 5]);
+        let Ok(Request::Start(decoded, ..)) = decode(&request, &received[..3]) else {
+            panic!("not read back as a start");
+        };
+        assert_eq!(*decoded, plain);
+
         // A request cut short, or missing a descriptor, is refused.
+        let (request, _) = encode(&launch, &exec, &stdio, Start::WithInit);
         assert!(decode(&request[..request.len() - 1], &received).is_err());
         assert!(decode(&request, &received[..5]).is_err());
+    }
+
+    #[test]
+    fn a_policy_reads_back_as_it_was_written_and_only_as_a_first_message() {
+        let policies = [
+            Policy {
+                work_root: "/var/lib/kiln/work".into(),
+                root_mount_point: "/run/kiln-sandbox".into(),
+                read_only_paths: vec!["/opt/tools".into()],
+                hidden_paths: vec!["/etc/secret".into(), "/opt/tools/key".into()],
+                action_users: ActionUsers::Range {
+                    first: 2_000_000,
+                    last: 2_000_999,
+                },
+                none_allow_user_switch: true,
+            },
+            Policy {
+                work_root: "/w".into(),
+                root_mount_point: "/run/k".into(),
+                read_only_paths: Vec::new(),
+                hidden_paths: Vec::new(),
+                action_users: ActionUsers::One(Some((65534, 65534))),
+                none_allow_user_switch: false,
+            },
+            Policy {
+                action_users: ActionUsers::One(None),
+                ..policy_for_tests()
+            },
+        ];
+        for policy in policies {
+            let bytes = encode_policy(&policy);
+            assert_eq!(decode_policy(&bytes).unwrap(), policy);
+            // After the first message, a policy is a request the launcher
+            // refuses.
+            assert!(matches!(decode(&bytes, &[]), Ok(Request::Policy)));
+            assert!(decode_policy(&bytes[..bytes.len() - 1]).is_err());
+        }
+        // A start is no policy; nor is a relative work root.
+        assert!(decode_policy(&[START_LAUNCHER]).is_err());
+        let relative = Policy {
+            work_root: "work".into(),
+            ..policy_for_tests()
+        };
+        assert!(decode_policy(&encode_policy(&relative)).is_err());
+    }
+
+    fn policy_for_tests() -> Policy {
+        Policy {
+            work_root: "/work".into(),
+            root_mount_point: "/run/kiln-sandbox".into(),
+            read_only_paths: Vec::new(),
+            hidden_paths: Vec::new(),
+            action_users: ActionUsers::Range {
+                first: 1000,
+                last: 1999,
+            },
+            none_allow_user_switch: false,
+        }
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //!   access only (a veth pair per action, one nftables table per host),
 //!   and `netlink`, the few rtnetlink requests that wire it;
 //! - `view`: the filesystem an action sees, as mount steps;
+//! - [`launch`]: what a launcher is asked to start, and the policy root
+//!   fixes for what it starts;
 //! - [`launcher`]: the process that starts actions for a root executor
 //!   (`kiln launcher`) and takes its other root-only steps, and the
 //!   executor's side of it;
@@ -66,6 +68,7 @@ pub mod capabilities;
 pub mod cgroup;
 mod child;
 mod cloned;
+pub mod launch;
 pub mod launcher;
 mod netlink;
 pub mod network;

@@ -29,7 +29,8 @@ use kiln_worker::{
 };
 
 use crate::cgroup::{action_cgroup_name, CgroupRoot};
-use crate::child::{Network, Plan, Start};
+use crate::child::Network;
+use crate::launch::{Launch, Planner};
 
 /// `none`; see the module documentation.
 #[derive(Debug)]
@@ -44,8 +45,10 @@ pub struct PlainProcess {
     /// Whether actions may choose their user (`dockerRunAsRoot`,
     /// `dockerUser`); see [`PlainProcess::allowing_user_switch`].
     allow_user_switch: bool,
-    /// What an action that chose root loses, as under `sandbox`.
-    drop_capabilities: Vec<u32>,
+    /// Plans its actions where no launcher does.
+    planner: Arc<Planner>,
+    /// Whom the trial of [`PlainProcess::probe_namespaces`] runs as.
+    trial_user: Option<(u32, u32)>,
     /// Why `dockerNetwork=off` and `dockerInit` cannot work here (their
     /// trial failed, see [`PlainProcess::probe_namespaces`]); Ok when they
     /// can, or were not tried.
@@ -85,7 +88,8 @@ impl PlainProcess {
             root_behind,
             cgroups: None,
             allow_user_switch: false,
-            drop_capabilities: crate::sandbox::dropped_capabilities(),
+            planner: Arc::new(Planner::plain()),
+            trial_user: None,
             namespaces: Ok(()),
         };
         if !root_behind {
@@ -112,6 +116,13 @@ impl PlainProcess {
         self
     }
 
+    /// Runs the trial of [`PlainProcess::probe_namespaces`] as `user`, an
+    /// action user (None: root), as the launchers' policy wants it.
+    pub fn trying_as(mut self, user: Option<(u32, u32)>) -> PlainProcess {
+        self.trial_user = user;
+        self
+    }
+
     /// Runs, on a root executor, a trial action (`true`) with
     /// `dockerNetwork=off` and `dockerInit` through [`Isolation::run`], as
     /// the other backends' probes do. Where it fails (a root without
@@ -126,7 +137,13 @@ impl PlainProcess {
         platform.docker_network = Some(DockerNetwork::Off);
         platform.docker_init = true;
         let verdict = match TrialAction::new(&["true"], &[("PATH", "/usr/bin:/bin")], platform) {
-            Ok(trial) => trial.run_on(&self).await,
+            Ok(mut trial) => {
+                // As an action would run: as an action user, whom its
+                // workspace is not given to.
+                trial.spec.action_user = self.trial_user;
+                trial.spec.working_directory = "/".into();
+                trial.run_on(&self).await
+            }
             Err(reason) => Err(reason),
         };
         if let Err(reason) = verdict {
@@ -247,21 +264,26 @@ impl Isolation for PlainProcess {
             Err(not_found) => return Ok(not_found),
         };
         let cgroup = self.pids_cgroup(limits, "action")?;
-        let mut plan = Plan::plain(
-            &spec.working_directory,
-            user,
-            cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
-        )
-        .giving(&spec.owned_directories);
-        plan.network = network;
-        if chose_root {
-            plan.drop_capabilities = self.drop_capabilities.clone();
+        let launch = Launch {
+            network,
+            drop_root_capabilities: chose_root,
+            ..Launch::plain(
+                &spec.working_directory,
+                user,
+                cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
+            )
         }
-        let plan = Arc::new(plan);
-        let start = Start::of(platform);
-        let outcome =
-            crate::sandbox::run_started(spec, &program, &program_name, plan, start, limits, cancel)
-                .await;
+        .giving(&spec.owned_directories);
+        let outcome = crate::sandbox::run_started(
+            spec,
+            &program,
+            &program_name,
+            launch,
+            Arc::clone(&self.planner),
+            limits,
+            cancel,
+        )
+        .await;
         if let Some(cgroup) = cgroup {
             // Whatever the action left running dies here.
             cgroup.remove_off_thread().await;
@@ -300,13 +322,15 @@ impl Isolation for PlainProcess {
             )));
         }
         let cgroup = self.pids_cgroup(limits, "worker")?;
-        let plan = Plan::plain(
+        let launch = Launch::plain(
             &spec.working_directory,
             user,
             cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default(),
         )
         .giving(&spec.owned_directories);
-        let (worker, child) = crate::sandbox::start_worker_process(spec, start, plan).await?;
+        let planner = Arc::clone(&self.planner);
+        let (worker, child) =
+            crate::sandbox::start_worker_process(spec, start, launch, planner).await?;
         Ok(worker.guarded_by(Box::new(PlainWorker {
             child,
             _cgroup: cgroup,

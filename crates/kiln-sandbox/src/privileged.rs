@@ -10,14 +10,15 @@
 //! embedded in another program, the crates' own tests).
 //!
 //! A launcher takes only what these steps need, and only under the work
-//! root the worker names once as it starts ([`Confinement`]): absolute
+//! root its policy names ([`Confinement`], [`crate::launch::Policy`]):
+//! absolute
 //! paths of plain components (no `.` or `..`); for a mount, a fixed file
 //! system type, source and flags (`overlay`, nosuid, nodev) and options
 //! from a fixed list; for a directory, `lchown` (a symlink in its place is
 //! not followed); for a take-back, a walk through descriptors that
 //! follows no symlink and leaves the directory's file system. Giving
 //! directories as an action starts travels in the start request itself
-//! ([`crate::child::Plan::owned_directories`]); the request here is for an
+//! ([`crate::launch::Launch::owned_directories`]); the request here is for an
 //! action no start precedes (one served by a persistent worker already
 //! running). A signal is only SIGTERM or SIGKILL, sent only to the
 //! process group led by a child of the executor (an action it started and
@@ -54,7 +55,7 @@ pub fn steps() -> Option<Arc<dyn PrivilegedSteps>> {
 
 impl PrivilegedSteps for ThroughLaunchers {
     fn confine(&self, work_root: &Path) -> io::Result<()> {
-        launcher::confine(&Request::Confine(c_path(work_root)))
+        launcher::privileged(&Request::Confine(c_path(work_root)))
     }
 
     fn mount(&self, layers: &OverlayLayers, options: &str) -> io::Result<()> {
@@ -132,8 +133,8 @@ pub(crate) enum Request {
         directory: CString,
         files: Vec<CString>,
     },
-    /// Take every later step under this directory (the executor's work
-    /// root) alone; see [`Confinement`].
+    /// Check that the launcher's work root is this directory (its policy
+    /// fixed it: another is refused); see [`Confinement`].
     Confine(CString),
     /// Send `signal` (SIGTERM or SIGKILL) to the process group `leader`
     /// leads, `leader` being a child of the executor.
@@ -143,9 +144,9 @@ pub(crate) enum Request {
     KillCgroup(CString),
 }
 
-/// Where a launcher's privileged steps may act: nowhere until the executor
-/// names its work root, once, and from then on only on paths under it
-/// (the directories given as an action starts included). So a launcher
+/// Where a launcher's privileged steps may act: nowhere until its policy
+/// names the work root, and from then on only on paths under it (the
+/// workspaces and directories of its starts included). So a launcher
 /// changes no owner and mounts nothing elsewhere, whatever path the
 /// executor's side sends it.
 #[derive(Debug, Default)]
@@ -181,7 +182,7 @@ impl Confinement {
     }
 
     /// Takes `root` as the work root; a different one after it is refused.
-    fn confine(&mut self, root: &CStr) -> io::Result<()> {
+    pub(crate) fn confine(&mut self, root: &CStr) -> io::Result<()> {
         check_plain_path(root)?;
         let root = root
             .to_bytes()

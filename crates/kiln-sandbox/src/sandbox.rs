@@ -4,9 +4,7 @@
 //! through the launcher ([`crate::launcher`]) and handed to the shared
 //! supervision ([`process::supervise_process`]).
 
-use std::ffi::CString;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,11 +17,12 @@ use kiln_worker::{CancellationToken, CommandSpec, Isolation, RunAs, RunError};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupRoot};
-use crate::child::{self, Exec, Network, Plan, Start, FAILURE_PREFIX};
+use crate::child::{self, Exec, Network, Start, FAILURE_PREFIX};
 use crate::cloned::{ClonedChild, Leftovers};
+use crate::launch::{Kind, Launch, Planner};
 use crate::launcher;
 use crate::network::{ActionNetwork, Outbound};
-use crate::view::View;
+use crate::view::c_path;
 
 /// How the sandbox is set up on this executor (a section of the
 /// executor's configuration file).
@@ -128,8 +127,8 @@ pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
 pub struct Sandbox {
     config: SandboxConfig,
     cgroups: Option<CgroupRoot>,
-    view: View,
-    drop_capabilities: Vec<u32>,
+    /// Plans its actions where no launcher does.
+    planner: Arc<Planner>,
     /// What `dockerNetwork=bridge` actions are wired to, or why this host
     /// cannot give them a network of their own.
     network: Result<Arc<Outbound>, String>,
@@ -142,13 +141,21 @@ impl Sandbox {
     /// `dockerInit`), and returns the backend; or a reason a person can act
     /// on.
     pub async fn probe(config: SandboxConfig) -> Result<Sandbox, String> {
+        Sandbox::probe_in(config, &std::env::temp_dir()).await
+    }
+
+    /// [`Sandbox::probe`], with the trial actions' workspaces under
+    /// `trials`: the work root, on an executor with launchers (whose
+    /// policy takes workspaces nowhere else).
+    pub async fn probe_in(config: SandboxConfig, trials: &Path) -> Result<Sandbox, String> {
         let sandbox = tokio::task::spawn_blocking(move || Sandbox::check_host(config))
             .await
             .map_err(|e| format!("the sandbox probe panicked: {e}"))??;
         for docker_init in [false, true] {
             let mut platform = Platform::default();
             platform.docker_init = docker_init;
-            let trial = TrialAction::new(&["true"], &[("PATH", "/usr/bin:/bin")], platform)?;
+            let trial =
+                TrialAction::under(trials, &["true"], &[("PATH", "/usr/bin:/bin")], platform)?;
             trial
                 .run_on(&sandbox)
                 .await
@@ -201,14 +208,13 @@ impl Sandbox {
             });
         let sandbox = Sandbox {
             network,
-            view: View::new(
+            planner: Arc::new(Planner::sandbox(
                 &config.root_mount_point,
                 &config.read_only_paths,
                 &config.hidden_paths,
-            ),
+            )),
             config,
             cgroups,
-            drop_capabilities: dropped_capabilities(),
         };
         Ok(sandbox)
     }
@@ -268,49 +274,20 @@ impl Sandbox {
             .map(Some)
             .map_err(|e| RunError::Internal(format!("sandbox cgroup: {e}")))
     }
-
-    #[allow(clippy::too_many_arguments)]
-    fn plan(
-        &self,
-        workspace: Option<&Path>,
-        runner_tmp: Option<&Path>,
-        tmpfs_bytes: Option<u64>,
-        working_directory: &Path,
-        user: Option<(u32, u32)>,
-        network: Network,
-        cgroup: Option<&Cgroup>,
-    ) -> Plan {
-        let (new_root, before_pivot, after_pivot) =
-            self.view.with_workspace(workspace, runner_tmp, tmpfs_bytes);
-        Plan {
-            namespaces: true,
-            cgroup_join: cgroup.map(Cgroup::join_fds).unwrap_or_default(),
-            network,
-            new_root,
-            before_pivot,
-            after_pivot,
-            hostname: c"localhost".to_owned(),
-            working_directory: CString::new(working_directory.as_os_str().as_bytes())
-                .unwrap_or_else(|_| c"/".to_owned()),
-            user,
-            drop_capabilities: self.drop_capabilities.clone(),
-            owned_directories: Vec::new(),
-        }
-    }
 }
 
 /// What an action (or a persistent worker) of `spec` is started into:
 /// its limits (memory at least [`MIN_MEMORY_BYTES`]), network, cgroup and
-/// mount plan.
+/// what a launcher is asked to start.
 struct Confined {
     limits: Limits,
     network: Option<ActionNetwork>,
     cgroup: Option<Cgroup>,
-    plan: Plan,
+    launch: Launch,
 }
 
 impl Sandbox {
-    /// The user, network, cgroup and plan of `spec` under `limits`.
+    /// The user, network, cgroup and launch of `spec` under `limits`.
     async fn confine(&self, spec: &CommandSpec, limits: &Limits) -> Result<Confined, RunError> {
         let user = resolve_user(&spec.platform, spec.action_user)?;
         let limits = Limits {
@@ -319,24 +296,24 @@ impl Sandbox {
         };
         let network = self.network(spec.platform.docker_network).await?;
         let cgroup = self.cgroup(&limits)?;
-        let plan = self
-            .plan(
-                Some(&spec.workspace),
-                spec.runner_tmp.as_deref(),
-                limits.memory_bytes,
-                &spec.working_directory,
-                user,
-                network
-                    .as_ref()
-                    .map_or(Network::Empty, |n| Network::Join(n.namespace())),
-                cgroup.as_ref(),
-            )
-            .giving(&spec.owned_directories);
+        let launch = Launch {
+            kind: Kind::Sandbox {
+                workspace: Some(c_path(&spec.workspace)),
+                runner_tmp: spec.runner_tmp.as_deref().map(c_path),
+                tmpfs_bytes: limits.memory_bytes,
+            },
+            network: network
+                .as_ref()
+                .map_or(Network::Empty, |n| Network::Join(n.namespace())),
+            cgroup_join: cgroup.as_ref().map(Cgroup::join_fds).unwrap_or_default(),
+            ..Launch::plain(&spec.working_directory, user, Vec::new())
+        }
+        .giving(&spec.owned_directories);
         Ok(Confined {
             limits,
             network,
             cgroup,
-            plan,
+            launch,
         })
     }
 }
@@ -350,25 +327,26 @@ pub(crate) async fn run_started(
     spec: &CommandSpec,
     program: &Path,
     program_name: &str,
-    plan: Arc<Plan>,
-    start: Start,
+    launch: Launch,
+    planner: Arc<Planner>,
     limits: &Limits,
     cancel: &CancellationToken,
 ) -> Result<ProcessOutcome, RunError> {
+    let start = Start::of(&spec.platform);
     let stdin = std::fs::File::open("/dev/null")
         .map_err(|e| RunError::Internal(format!("opening /dev/null: {e}")))?;
     let (stdout, stderr) = spec.output_fds()?;
     let exec = Exec::new(program, &spec.arguments, &spec.environment_variables)
         .map_err(|e| RunError::InvalidArgument(format!("{program_name}: {e}")))?;
-    let namespaces = plan.namespaces || start == Start::WithInit;
-    let leftovers = Leftovers::of(&plan, start);
+    let namespaces = matches!(launch.kind, Kind::Sandbox { .. }) || start == Start::WithInit;
+    let leftovers = Leftovers::of(&launch, start);
     let spawned = tokio::task::spawn_blocking(move || {
         let stdio = child::Stdio {
             stdin: stdin.as_raw_fd(),
             stdout: stdout.as_raw_fd(),
             stderr: stderr.as_raw_fd(),
         };
-        launcher::start(&plan, &exec, &stdio, start)
+        launcher::start(&launch, &planner, &exec, &stdio, start)
     })
     .await
     .map_err(|e| RunError::Internal(format!("starting {program_name:?}: {e}")))?;
@@ -470,11 +448,20 @@ impl Isolation for Sandbox {
             limits,
             network,
             cgroup,
-            plan,
+            launch,
         } = self.confine(spec, limits).await?;
-        let (limits, plan) = (&limits, Arc::new(plan));
-        let start = Start::of(&spec.platform);
-        let result = run_started(spec, &program, &program_name, plan, start, limits, cancel).await;
+        let limits = &limits;
+        let planner = Arc::clone(&self.planner);
+        let result = run_started(
+            spec,
+            &program,
+            &program_name,
+            launch,
+            planner,
+            limits,
+            cancel,
+        )
+        .await;
         // The action (PID 1 of its namespace) is gone: unwire its network.
         if let (Some(network), Ok(outbound)) = (network, &self.network) {
             outbound.release(network).await;
@@ -522,10 +509,11 @@ impl Isolation for Sandbox {
         let Confined {
             network,
             cgroup,
-            plan,
+            launch,
             ..
         } = self.confine(spec, limits).await?;
-        let (worker, child) = start_worker_process(spec, start, plan).await?;
+        let planner = Arc::clone(&self.planner);
+        let (worker, child) = start_worker_process(spec, start, launch, planner).await?;
         Ok(worker.guarded_by(Box::new(SandboxedWorker {
             _child: child,
             _cgroup: cgroup,
@@ -534,13 +522,15 @@ impl Isolation for Sandbox {
     }
 }
 
-/// Starts the persistent worker `start` with `plan` through the launcher,
+/// Starts the persistent worker `start` as `launch` (planned by `planner`
+/// where no launcher is installed),
 /// on pipes of its own; the worker's stderr goes to the runner's file.
 /// Returns it with its process, for the caller's guard.
 pub(crate) async fn start_worker_process(
     spec: &CommandSpec,
     start: &WorkerStart,
-    plan: Plan,
+    launch: Launch,
+    planner: Arc<Planner>,
 ) -> Result<(WorkerProcess, ClonedChild), RunError> {
     let (name, program) = persistent::worker_program(spec, start)?;
     let exec = Exec::new(
@@ -551,14 +541,14 @@ pub(crate) async fn start_worker_process(
     .map_err(|e| RunError::InvalidArgument(format!("persistent worker {name:?}: {e}")))?;
     let (worker_ends, executor_ends) = persistent::worker_pipes()?;
     let stderr = start.open_stderr()?;
-    let leftovers = Leftovers::of(&plan, Start::Cloned);
+    let leftovers = Leftovers::of(&launch, Start::Cloned);
     let spawned = tokio::task::spawn_blocking(move || {
         let stdio = child::Stdio {
             stdin: worker_ends.stdin.as_raw_fd(),
             stdout: worker_ends.stdout.as_raw_fd(),
             stderr: stderr.as_raw_fd(),
         };
-        launcher::start(&plan, &exec, &stdio, Start::Cloned)
+        launcher::start(&launch, &planner, &exec, &stdio, Start::Cloned)
     })
     .await
     .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;

@@ -47,9 +47,23 @@ impl TrialAction {
         environment: &[(&str, &str)],
         platform: Platform,
     ) -> Result<TrialAction, String> {
+        TrialAction::under(&std::env::temp_dir(), arguments, environment, platform)
+    }
+
+    /// [`TrialAction::new`], in a fresh workspace under `directory`
+    /// (created if missing): where an executor's launchers take
+    /// workspaces, its work root.
+    pub fn under(
+        directory: &std::path::Path,
+        arguments: &[&str],
+        environment: &[(&str, &str)],
+        platform: Platform,
+    ) -> Result<TrialAction, String> {
+        std::fs::create_dir_all(directory)
+            .map_err(|e| format!("creating {}: {e}", directory.display()))?;
         let dir = tempfile::Builder::new()
             .prefix("kiln-trial-")
-            .tempdir()
+            .tempdir_in(directory)
             .map_err(|e| format!("creating the trial action's directory: {e}"))?;
         let workspace = dir.path().join("workspace");
         std::fs::create_dir(&workspace)

@@ -815,6 +815,15 @@ impl ExecutionConfig {
     }
 }
 
+/// The work root of an executor whose own directory is `dir` (`kiln
+/// executor --work-dir`, or a server's `<data-dir>/execution`): where its
+/// actions' workspaces go, as an absolute path, which the launchers'
+/// policy takes (see `kiln_sandbox::launch`).
+pub fn work_root(dir: &std::path::Path) -> PathBuf {
+    let root = dir.join("work");
+    std::path::absolute(&root).unwrap_or(root)
+}
+
 /// A `monitoring_listen` value: an address, or `None` for `off`.
 pub fn monitoring_address(value: &str) -> anyhow::Result<Option<SocketAddr>> {
     match value.trim() {

@@ -149,12 +149,11 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
     let action_users = options
         .isolation
         .resolve_action_users(options.capacity.max(1) as usize)?;
-    let isolations = crate::isolation::offered(&options.isolation, &owner).await?;
+    let work_root = crate::config::work_root(&options.work_dir);
+    let isolations =
+        crate::isolation::offered(&options.isolation, &owner, action_users, &work_root).await?;
     let isolation_types = isolations.names().iter().map(|n| n.to_string()).collect();
-    let mut worker_config = WorkerConfig::new(
-        options.work_dir.join("work"),
-        options.work_dir.join("cache"),
-    );
+    let mut worker_config = WorkerConfig::new(work_root, options.work_dir.join("cache"));
     worker_config.worker_name = options.name.clone();
     worker_config.max_timeout = options.max_action_timeout;
     worker_config.max_grace = options.max_termination_grace;

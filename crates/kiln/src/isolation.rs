@@ -491,8 +491,15 @@ fn uid_range(given: &str) -> anyhow::Result<Option<(u32, u32)>> {
 /// names this executor instance, stably across restarts and uniquely among
 /// those sharing a container daemon (e.g. its data directory): containers
 /// are labelled with it, and at start-up the leftovers of a previous run of
-/// the same owner are removed.
-pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Result<Isolations> {
+/// the same owner are removed. Trial actions run as `action_users` would
+/// and in workspaces under `work_root`, where a launcher's policy (see
+/// `kiln_sandbox::launch`) takes them.
+pub async fn offered(
+    settings: &IsolationSettings,
+    owner: &str,
+    action_users: ActionUsers,
+    work_root: &std::path::Path,
+) -> anyhow::Result<Isolations> {
     // The `kiln` binary installs launchers when it runs as root (see
     // `kiln_sandbox::launcher`); a server embedded in another program
     // starts its actions itself.
@@ -507,6 +514,7 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Resul
     let mut isolations = Isolations::new(Arc::new(
         PlainProcess::new(&settings.sandbox.cgroup_parent)
             .allowing_user_switch(settings.none_allow_user_switch)
+            .trying_as(action_users.any())
             .probe_namespaces()
             .await,
     ));
@@ -536,7 +544,7 @@ pub async fn offered(settings: &IsolationSettings, owner: &str) -> anyhow::Resul
                 // dropped.
                 let timed_out =
                     || format!("the probe did not finish within {probe_timeout:?} (probe_timeout)");
-                let probed = probe(name, settings, images, owner);
+                let probed = probe(name, settings, images, owner, work_root);
                 let probed = tokio::time::timeout(probe_timeout, probed)
                     .await
                     .unwrap_or_else(|_| Err(timed_out()));
@@ -583,9 +591,10 @@ async fn probe(
     settings: &IsolationSettings,
     images: ImageConfig,
     owner: &str,
+    work_root: &std::path::Path,
 ) -> Result<Arc<dyn Isolation>, String> {
     match name {
-        "sandbox" => Sandbox::probe(settings.sandbox.clone())
+        "sandbox" => Sandbox::probe_in(settings.sandbox.clone(), work_root)
             .await
             .map(|s| Arc::new(s) as _),
         "docker" => Docker::probe(DockerConfig {

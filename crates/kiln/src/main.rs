@@ -335,10 +335,11 @@ fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<Option<Launcher
     } else {
         kiln_sandbox::launcher::TO_KEEP_RUNNING
     };
-    kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"), at_least)?;
+    let policy = launch_policy(serving, config)?;
+    kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"), at_least, &policy)?;
     let needs = capability_needs(serving, config)?;
     if !run_as.is_empty() {
-        let (uid, gid) = prepare_for_user(serving, config, needs)?;
+        let (uid, gid) = prepare_for_user(serving, config, needs, policy.action_users)?;
         kiln_sandbox::run_as::switch_to(uid, gid)
             .map_err(|e| anyhow::anyhow!("--run-as {run_as}: switching to uid {uid}: {e}"))?;
     }
@@ -360,6 +361,30 @@ fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<Option<Launcher
             let _ = sender.send(kiln_sandbox::launcher::keep_running());
         })?;
     Ok(Some(gone))
+}
+
+/// What the launchers of a server (`serving`) or an executor with
+/// `config` may start (see `kiln_sandbox::launch`): workspaces under its
+/// work root, the sandbox's view of the host, plain processes as its
+/// action users (or as whom `--none-allow-user-switch` lets actions
+/// choose). Fixed here, while the process is root.
+fn launch_policy(serving: bool, config: &Config) -> anyhow::Result<kiln_sandbox::launch::Policy> {
+    let isolation = &config.execution.isolation;
+    let work_root = if serving {
+        kiln::config::work_root(&config.data_dir.join("execution"))
+    } else {
+        kiln::config::work_root(&config.executor.work_dir)
+    };
+    Ok(kiln_sandbox::launch::Policy {
+        work_root,
+        root_mount_point: isolation.sandbox.root_mount_point.clone(),
+        read_only_paths: isolation.sandbox.read_only_paths.clone(),
+        hidden_paths: isolation.sandbox.hidden_paths.clone(),
+        // How many run at once matters only to whether the range is wide
+        // enough, which the executor checks again as it starts.
+        action_users: isolation.resolve_action_users(1)?,
+        none_allow_user_switch: isolation.none_allow_user_switch,
+    })
 }
 
 /// Whether a server (`serving`) or an executor with `config` runs actions
@@ -385,7 +410,9 @@ fn prepare_for_user(
     serving: bool,
     config: &mut Config,
     needs: kiln_sandbox::capabilities::Needs,
+    action_users: kiln_worker::users::ActionUsers,
 ) -> anyhow::Result<(u32, u32)> {
+    use kiln_worker::users::ActionUsers;
     let spec = config.execution.isolation.run_as.clone();
     let user = kiln_platform::DockerUser::parse("--run-as", &spec)?;
     let (uid, gid) = kiln_worker::users::resolve(&user)
@@ -393,6 +420,17 @@ fn prepare_for_user(
     anyhow::ensure!(
         uid != 0,
         "--run-as {spec}: that is root, not a user of its own"
+    );
+    let shared = match action_users {
+        ActionUsers::One(Some((action_uid, _))) => action_uid == uid,
+        ActionUsers::Range { first, last } => (first..=last).contains(&uid),
+        ActionUsers::One(None) => false,
+    };
+    anyhow::ensure!(
+        !shared,
+        "--run-as {spec}: uid {uid} is also an action user ({action_users}), and actions \
+         running as it could reach the executor's process and files; choose another \
+         --action-user or --run-as"
     );
     for engine in ["docker", "podman", "firecracker"] {
         anyhow::ensure!(

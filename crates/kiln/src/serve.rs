@@ -429,7 +429,14 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 .execution
                 .isolation
                 .resolve_action_users(config.execution.effective_concurrency())?;
-            let isolations = crate::isolation::offered(&config.execution.isolation, &owner).await?;
+            let work_root = crate::config::work_root(&config.data_dir.join("execution"));
+            let isolations = crate::isolation::offered(
+                &config.execution.isolation,
+                &owner,
+                action_users,
+                &work_root,
+            )
+            .await?;
             Some(start_embedded_executor(
                 config,
                 scheduler.clone(),
@@ -489,7 +496,7 @@ fn start_embedded_executor(
         execution.effective_concurrency(),
     );
     let session = LocalSession::new(executor);
-    let mut worker_config = WorkerConfig::new(root.join("work"), root.join("cache"));
+    let mut worker_config = WorkerConfig::new(crate::config::work_root(&root), root.join("cache"));
     worker_config.worker_name = format!("kiln-embedded/{}", execution.pool);
     worker_config.max_timeout = execution
         .max_action_timeout

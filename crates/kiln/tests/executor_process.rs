@@ -2017,6 +2017,29 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("not a user of its own"), "{stderr}");
+    // Nor may actions run as the executor's own user: they could reach
+    // its process.
+    let refused = executor_command(
+        &address,
+        "run-as-action-user",
+        &home.join("shared-work"),
+        &[
+            "--isolation",
+            "none",
+            "--run-as",
+            USER,
+            "--action-user",
+            USER,
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("uid 64000 is also an action user"),
+        "{stderr}"
+    );
 }
 
 /// `kiln serve --run-as`: the server and its embedded executor become
