@@ -58,6 +58,7 @@ use std::ffi::CString;
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError, TryLockError};
 
+use kiln_worker::users::ActionUsers;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
@@ -75,8 +77,6 @@ use crate::launch::{Enforced, Kind, Launch, Planner, Policy};
 use crate::network;
 use crate::privileged;
 use crate::view::c_path;
-use kiln_worker::users::ActionUsers;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 /// The subcommand of the executor's binary that runs [`serve`].
 pub const SUBCOMMAND: &str = "launcher";

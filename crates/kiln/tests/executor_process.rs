@@ -1991,51 +1991,36 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     );
     drop(process);
 
+    // What an executor run as a user refuses to start with, saying why.
+    let refusal = |name: &str, args: &[&str]| {
+        let refused = executor_command(&address, name, &home.join(name), args)
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{name} started");
+        String::from_utf8_lossy(&refused.stderr).into_owned()
+    };
     // A container engine still needs root in the executor.
-    let refused = executor_command(
-        &address,
+    let stderr = refusal(
         "run-as-docker",
-        &home.join("docker-work"),
         &["--isolation", "none,docker", "--run-as", USER],
-    )
-    .output()
-    .unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    );
     assert!(
         stderr.contains("--run-as 64000:64000: `docker` still needs root"),
         "{stderr}"
     );
-    let refused = executor_command(
-        &address,
-        "run-as-root",
-        &home.join("root-work"),
-        &["--isolation", "none", "--run-as", "0:0"],
-    )
-    .output()
-    .unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = refusal("run-as-root", &["--isolation", "none", "--run-as", "0:0"]);
     assert!(stderr.contains("not a user of its own"), "{stderr}");
     // Nor may actions run as the executor's own user: they could reach
     // its process.
-    let refused = executor_command(
-        &address,
-        "run-as-action-user",
-        &home.join("shared-work"),
-        &[
-            "--isolation",
-            "none",
-            "--run-as",
-            USER,
-            "--action-user",
-            USER,
-        ],
-    )
-    .output()
-    .unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let args = [
+        "--isolation",
+        "none",
+        "--run-as",
+        USER,
+        "--action-user",
+        USER,
+    ];
+    let stderr = refusal("run-as-action-user", &args);
     assert!(
         stderr.contains("uid 64000 is also an action user"),
         "{stderr}"
