@@ -1565,6 +1565,157 @@ mod tests {
         assert!(decode_policy(&encode_policy(&relative)).is_err());
     }
 
+    /// Set when this test binary runs again as a launcher, for
+    /// [`a_launcher_process_refuses_what_its_policy_does_not_allow`].
+    const AS_LAUNCHER: &str = "KILN_TEST_AS_LAUNCHER";
+
+    /// A real launcher process (this test binary, run again: its one test
+    /// serves as the launcher) asked for what a taken-over executor might
+    /// ask: before its policy, and against it.
+    #[test]
+    fn a_launcher_process_refuses_what_its_policy_does_not_allow() {
+        if std::env::var_os(AS_LAUNCHER).is_some() {
+            serve().unwrap();
+            return;
+        }
+        let launcher = || {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let process = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "launcher::tests::a_launcher_process_refuses_what_its_policy_does_not_allow",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(AS_LAUNCHER, "1")
+                .stdin(OwnedFd::from(theirs))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (ours, process)
+        };
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let stdio = Stdio {
+            stdin: null.as_raw_fd(),
+            stdout: null.as_raw_fd(),
+            stderr: null.as_raw_fd(),
+        };
+        let exec = Exec::new(Path::new("/bin/true"), &["true".into()], &[]).unwrap();
+        let ask = |socket: &UnixStream, launch: &Launch| {
+            let (request, fds) = encode(launch, &exec, &stdio, Start::Cloned);
+            // SAFETY: `null` and the test's namespace stay open meanwhile.
+            let fds: Vec<BorrowedFd> = (fds.iter())
+                .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+                .collect();
+            send(socket, &request, &fds).unwrap();
+            read_reply(socket)
+                .unwrap()
+                .map(|(pid, _)| pid)
+                .map_err(|failure| failure.error.raw_os_error())
+        };
+        let work = tempfile::tempdir().unwrap();
+        let workspace = work.path().join("w1");
+        std::fs::create_dir(&workspace).unwrap();
+        let plain = |user| Launch::plain(&workspace, user, Vec::new());
+
+        // A start before the policy: refused, and the launcher ends.
+        let (socket, mut process) = launcher();
+        assert!(ask(&socket, &plain(Some((5003, 5003)))).is_err());
+        assert!(!process.wait().unwrap().success());
+
+        let (socket, process) = launcher();
+        let policy = Policy {
+            work_root: work.path().to_path_buf(),
+            action_users: ActionUsers::Range {
+                first: 5000,
+                last: 5009,
+            },
+            ..policy_for_tests()
+        };
+        give_policy(&socket, &encode_policy(&policy)).unwrap();
+        let host_network = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let mut in_etc = Launch {
+            kind: Kind::Sandbox {
+                workspace: Some(c"/etc".to_owned()),
+                runner_tmp: None,
+                tmpfs_bytes: None,
+            },
+            network: Network::Empty,
+            ..plain(None)
+        };
+        let mut in_host_network = Launch {
+            kind: Kind::Sandbox {
+                workspace: Some(c_path(&workspace)),
+                runner_tmp: None,
+                tmpfs_bytes: None,
+            },
+            network: Network::Join(host_network.as_raw_fd()),
+            ..plain(None)
+        };
+        let giving_home = Launch {
+            owned_directories: vec![c"/root".to_owned()],
+            ..plain(Some((5003, 5003)))
+        };
+        for hostile in [
+            &mut in_etc,
+            &mut in_host_network,
+            &mut plain(None),
+            &mut plain(Some((1000, 1000))),
+            &mut plain(Some((5003, 0))),
+            &mut giving_home.clone(),
+        ] {
+            assert_eq!(ask(&socket, hostile), Err(Some(libc::EPERM)), "{hostile:?}");
+        }
+        in_host_network.network = Network::Host;
+        assert_eq!(ask(&socket, &in_host_network), Err(Some(libc::EPERM)));
+        // Nor does it take another policy.
+        send(
+            &socket,
+            &encode_policy(&Policy {
+                none_allow_user_switch: true,
+                ..policy
+            }),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            read_reply(&socket)
+                .unwrap()
+                .map(drop)
+                .map_err(|f| f.error.raw_os_error()),
+            Err(Some(libc::EPERM))
+        );
+        if rustix::process::geteuid().is_root() {
+            // What the policy allows runs: as an action user, in its
+            // workspace, given to it. The action is this process's child.
+            let allowed = plain(Some((5003, 5003))).giving(std::slice::from_ref(&workspace));
+            let pid = ask(&socket, &allowed).expect("allowed");
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(std::fs::metadata(&workspace).unwrap().uid(), 5003);
+        } else {
+            eprintln!("skipped the allowed start: needs root");
+        }
+        drop(socket);
+        let output = process.wait_with_output().unwrap();
+        assert!(output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        for said in [
+            "is not under the work root",
+            "a sandbox in the host's network namespace",
+            "joining the host's network namespace",
+            "a plain process as root",
+            "a plain process as uid 1000, gid 1000, not an action user",
+            "a plain process as uid 5003, gid 0",
+        ] {
+            assert!(stderr.contains(said), "{said:?} not in {stderr}");
+        }
+    }
+
     fn policy_for_tests() -> Policy {
         Policy {
             work_root: "/work".into(),
