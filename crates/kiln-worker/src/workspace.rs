@@ -61,10 +61,11 @@ pub struct OverlayLayers {
 /// privileged side: on a root executor, its launchers
 /// (`kiln_sandbox::privileged`). Every call blocks.
 pub trait PrivilegedSteps: Send + Sync + std::fmt::Debug {
-    /// Limits every later step, and every directory given as an action
-    /// starts, to paths under `work_root` (absolute): what the privileged
-    /// side will do for this executor at all. Called once, before any
-    /// other step; a second call with another root fails.
+    /// Says that every later step, and every directory given as an action
+    /// starts, is under `work_root` (absolute): what the privileged side
+    /// will do for this executor at all. Called once, before any other
+    /// step. A privileged side fixed to another root already (launchers
+    /// whose policy names it) fails it.
     fn confine(&self, work_root: &Path) -> std::io::Result<()>;
 
     /// Mounts `layers` (nosuid, nodev), with `options` besides the layers'
