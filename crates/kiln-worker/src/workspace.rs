@@ -247,8 +247,32 @@ fn probe_overlay(work_root: &Path, steps: &dyn PrivilegedSteps) -> Result<String
             found.ok_or(last)
         }
     };
-    let _ = std::fs::remove_dir_all(&dir);
+    remove_probe(&dir, steps);
     result
+}
+
+/// Deletes the overlay probe's directory `dir`. A mount leaves one of
+/// root's in its work directory (`work/work`, mode 000), which an executor
+/// running as a user of its own can neither search nor delete: it takes
+/// the tree back first. What cannot go is logged and left.
+fn remove_probe(dir: &Path, steps: &dyn PrivilegedSteps) {
+    let removed = std::fs::remove_dir_all(dir).or_else(|error| {
+        match error.kind() {
+            std::io::ErrorKind::NotFound => return Ok(()),
+            std::io::ErrorKind::PermissionDenied => {}
+            _ => return Err(error),
+        }
+        let own = (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        );
+        steps.take_back(dir, &[], own)?;
+        crate::scratch::open_to_owner(dir, 0)?;
+        std::fs::remove_dir_all(dir)
+    });
+    if let Err(error) = removed {
+        tracing::warn!(dir = %dir.display(), %error, "could not delete the overlay probe's directory");
+    }
 }
 
 /// Detaches every mount below `root` (overlays a crashed executor left),

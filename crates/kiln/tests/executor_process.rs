@@ -1990,6 +1990,15 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
         Some(digest(b"action-user\n"))
     );
     drop(process);
+    // Nothing is left of either run's overlay probe, whose mount leaves a
+    // directory of root's.
+    let probes: Vec<_> = std::fs::read_dir(work_dir.join("work"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name())
+        .filter(|name| name.to_string_lossy().starts_with("overlay-probe"))
+        .collect();
+    assert!(probes.is_empty(), "left: {probes:?}");
 
     // What an executor run as a user refuses to start with, saying why.
     let refusal = |name: &str, args: &[&str]| {
