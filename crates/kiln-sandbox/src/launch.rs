@@ -129,6 +129,10 @@ pub struct Policy {
     /// Whether plain processes may run as any user, root included
     /// (`--none-allow-user-switch`).
     pub none_allow_user_switch: bool,
+    /// Whether the process runs actions at all: a server without an
+    /// executor has its launchers start nothing (and its action users are
+    /// not resolved).
+    pub runs_actions: bool,
 }
 
 impl Policy {
@@ -250,6 +254,9 @@ impl Enforced {
     /// actions choose, and that stays root, is made to keep only the
     /// sandbox's capabilities.
     pub fn check(&self, launch: &mut Launch, confinement: &Confinement) -> io::Result<()> {
+        if !self.policy.runs_actions {
+            return Err(refused("any start: this process runs no actions"));
+        }
         for dir in &launch.owned_directories {
             confinement.check(dir)?;
         }
@@ -333,6 +340,7 @@ mod tests {
             hidden_paths: Vec::new(),
             action_users,
             none_allow_user_switch,
+            runs_actions: true,
         }
     }
 
@@ -447,6 +455,15 @@ mod tests {
         lenient
             .check(&mut plain(Some((1000, 1000))), &confinement)
             .unwrap();
+
+        // A process that runs no actions has its launchers start nothing.
+        let (none, confinement) = enforced(Policy {
+            runs_actions: false,
+            ..policy(range, true)
+        });
+        let refused = refusal(none.check(&mut plain(Some((5003, 5003))), &confinement));
+        assert!(refused.contains("runs no actions"), "{refused}");
+        refusal(none.check(&mut sandbox("/work/a"), &confinement));
 
         // An executor whose action user is root runs root actions as root.
         let (root_users, confinement) = enforced(policy(ActionUsers::One(None), false));

@@ -1115,6 +1115,7 @@ fn encode_policy(policy: &Policy) -> Vec<u8> {
         }
     }
     out.u8(policy.none_allow_user_switch.into());
+    out.u8(policy.runs_actions.into());
     out.0
 }
 
@@ -1141,6 +1142,7 @@ fn decode_policy(request: &[u8]) -> io::Result<Policy> {
         },
     };
     let none_allow_user_switch = input.u8()? != 0;
+    let runs_actions = input.u8()? != 0;
     if !work_root.is_absolute() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -1154,6 +1156,7 @@ fn decode_policy(request: &[u8]) -> io::Result<Policy> {
         hidden_paths,
         action_users,
         none_allow_user_switch,
+        runs_actions,
     })
 }
 
@@ -1534,6 +1537,7 @@ mod tests {
                     last: 2_000_999,
                 },
                 none_allow_user_switch: true,
+                runs_actions: true,
             },
             Policy {
                 work_root: "/w".into(),
@@ -1542,6 +1546,7 @@ mod tests {
                 hidden_paths: Vec::new(),
                 action_users: ActionUsers::One(Some((65534, 65534))),
                 none_allow_user_switch: false,
+                runs_actions: false,
             },
             Policy {
                 action_users: ActionUsers::One(None),
@@ -1727,6 +1732,7 @@ mod tests {
                 last: 1999,
             },
             none_allow_user_switch: false,
+            runs_actions: true,
         }
     }
 

@@ -370,6 +370,7 @@ fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<Option<Launcher
 /// choose). Fixed here, while the process is root.
 fn launch_policy(serving: bool, config: &Config) -> anyhow::Result<kiln_sandbox::launch::Policy> {
     let isolation = &config.execution.isolation;
+    let runs_actions = runs_actions(serving, config);
     let work_root = if serving {
         kiln::config::work_root(&config.data_dir.join("execution"))
     } else {
@@ -382,16 +383,26 @@ fn launch_policy(serving: bool, config: &Config) -> anyhow::Result<kiln_sandbox:
         hidden_paths: isolation.sandbox.hidden_paths.clone(),
         // How many run at once matters only to whether the range is wide
         // enough, which the executor checks again as it starts.
-        action_users: isolation.resolve_action_users(1)?,
+        action_users: if runs_actions {
+            isolation.resolve_action_users(1)?
+        } else {
+            kiln_worker::users::ActionUsers::One(None)
+        },
         none_allow_user_switch: isolation.none_allow_user_switch,
+        runs_actions,
     })
+}
+
+/// Whether a server (`serving`) or an executor with `config` runs actions
+/// at all: a server without an embedded executor runs none.
+fn runs_actions(serving: bool, config: &Config) -> bool {
+    !serving || (config.execution.enabled && config.execution.embedded_executor)
 }
 
 /// Whether a server (`serving`) or an executor with `config` runs actions
 /// of one of `types`.
 fn offers(serving: bool, config: &Config, types: &[&str]) -> bool {
-    let runs_actions = !serving || (config.execution.enabled && config.execution.embedded_executor);
-    runs_actions
+    runs_actions(serving, config)
         && config
             .execution
             .isolation
