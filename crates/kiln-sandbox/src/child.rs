@@ -99,34 +99,6 @@ pub(crate) struct Plan {
     pub owned_directories: Vec<CString>,
 }
 
-impl Plan {
-    /// A plain process: no namespaces or new root; it joins `cgroup_join`,
-    /// changes to `working_directory` and becomes `user` (`None`: stays
-    /// root). Setting a non-root uid clears every capability, so none are
-    /// dropped by hand.
-    pub fn plain(
-        working_directory: &std::path::Path,
-        user: Option<(u32, u32)>,
-        cgroup_join: Vec<RawFd>,
-    ) -> Plan {
-        use std::os::unix::ffi::OsStrExt;
-        Plan {
-            namespaces: false,
-            cgroup_join,
-            network: Network::Host,
-            new_root: CString::default(),
-            before_pivot: Vec::new(),
-            after_pivot: Vec::new(),
-            hostname: CString::default(),
-            working_directory: CString::new(working_directory.as_os_str().as_bytes())
-                .unwrap_or_else(|_| c"/".to_owned()),
-            user,
-            drop_capabilities: Vec::new(),
-            owned_directories: Vec::new(),
-        }
-    }
-}
-
 /// An absolute path with no `.` or `..` component: the only paths the
 /// launcher's root-only steps take.
 pub(crate) fn check_plain_path(path: &CStr) -> io::Result<()> {

@@ -176,7 +176,7 @@ impl Planner {
     }
 
     /// The steps that start `launch`.
-    pub fn plan(&self, launch: &Launch) -> io::Result<Plan> {
+    pub fn plan(&self, launch: Launch) -> io::Result<Plan> {
         let path = |c: &CString| PathBuf::from(OsStr::from_bytes(c.to_bytes()));
         let (namespaces, new_root, before_pivot, after_pivot, hostname) = match &launch.kind {
             Kind::Plain => (
@@ -205,20 +205,20 @@ impl Planner {
         let drop = namespaces || (launch.user.is_none() && launch.drop_root_capabilities);
         Ok(Plan {
             namespaces,
-            cgroup_join: launch.cgroup_join.clone(),
+            cgroup_join: launch.cgroup_join,
             network: launch.network,
             new_root,
             before_pivot,
             after_pivot,
             hostname,
-            working_directory: launch.working_directory.clone(),
+            working_directory: launch.working_directory,
             user: launch.user,
             drop_capabilities: if drop {
                 self.drop_capabilities.clone()
             } else {
                 Vec::new()
             },
-            owned_directories: launch.owned_directories.clone(),
+            owned_directories: launch.owned_directories,
         })
     }
 }
@@ -378,7 +378,7 @@ mod tests {
         // sandbox's capabilities.
         let mut fine = sandbox("/work/a");
         enforced.check(&mut fine, &confinement).unwrap();
-        let plan = enforced.planner.plan(&fine).unwrap();
+        let plan = enforced.planner.plan(fine).unwrap();
         assert!(plan.namespaces);
         assert!(
             plan.drop_capabilities.contains(&21),
@@ -448,7 +448,7 @@ mod tests {
         assert!(root.drop_root_capabilities);
         assert!(lenient
             .planner
-            .plan(&root)
+            .plan(root)
             .unwrap()
             .drop_capabilities
             .contains(&21));
@@ -471,7 +471,7 @@ mod tests {
         root_users.check(&mut root, &confinement).unwrap();
         assert!(root_users
             .planner
-            .plan(&root)
+            .plan(root)
             .unwrap()
             .drop_capabilities
             .is_empty());

@@ -156,14 +156,14 @@ pub fn pids() -> Vec<u32> {
 /// launcher that died with the request is `ConnectionAborted` (see
 /// [`start_error`]).
 pub(crate) fn start(
-    launch: &Launch,
+    launch: Launch,
     local: &Planner,
     exec: &Exec,
     stdio: &Stdio,
     how: Start,
 ) -> io::Result<libc::pid_t> {
     let spawned = match LAUNCHERS.get() {
-        Some(launchers) => launchers.start(launch, exec, stdio, how),
+        Some(launchers) => launchers.start(&launch, exec, stdio, how),
         None => local
             .plan(launch)
             .and_then(|plan| Ok((plan, Stack::new()?)))
@@ -712,15 +712,17 @@ pub fn serve() -> io::Result<()> {
                 confinement.confine(&c_path(&policy.work_root))?;
                 Enforced::new(policy, host_network.as_fd())
             });
-            write_reply(
-                &socket,
-                &taken
-                    .as_ref()
-                    .map(|_| 0)
-                    .map_err(|e| SpawnFailure::from(copy(e))),
-                None,
-            )?;
-            (request, taken?)
+            match taken {
+                Ok(enforced) => {
+                    write_reply(&socket, &Ok(0), None)?;
+                    (request, enforced)
+                }
+                Err(error) => {
+                    eprintln!("kiln launcher: refused its first message as a policy: {error}");
+                    write_reply(&socket, &Err(error.into()), None)?;
+                    return Err(io::Error::other("no policy"));
+                }
+            }
         }
     };
     while let Some((request, fds)) = read_request(&socket)? {
@@ -732,7 +734,7 @@ pub fn serve() -> io::Result<()> {
                 let planned = enforced
                     .check(&mut launch, &confinement)
                     .inspect_err(|error| eprintln!("kiln launcher: refused a start: {error}"))
-                    .and_then(|()| enforced.planner.plan(&launch))
+                    .and_then(|()| enforced.planner.plan(*launch))
                     .and_then(|mut plan| {
                         let executor = executor.as_mut().ok_or_else(executor_gone)?;
                         join_files_as_root(&mut plan, &mut reopened, executor)?;
@@ -777,7 +779,7 @@ pub fn serve() -> io::Result<()> {
                 Ok(0)
             }
             Ok(Request::StartLauncher) => {
-                start_sibling(&mut stack, &policy_bytes).map(|(pid, socket)| {
+                start_sibling(&mut stack, &enforced, &policy_bytes).map(|(pid, socket)| {
                     answer = Some(socket);
                     pid
                 })
@@ -798,9 +800,13 @@ pub fn serve() -> io::Result<()> {
 /// executor that is not root gets a launcher (see [`keep_running`]). Its
 /// pid, and the executor's end of its socket, handed over once the new
 /// launcher has taken the policy.
-fn start_sibling(stack: &mut Stack, policy: &[u8]) -> Result<(libc::pid_t, OwnedFd), SpawnFailure> {
+fn start_sibling(
+    stack: &mut Stack,
+    enforced: &Enforced,
+    policy: &[u8],
+) -> Result<(libc::pid_t, OwnedFd), SpawnFailure> {
     let (ours, theirs) = UnixStream::pair()?;
-    let plan = Plan::plain(Path::new("/"), None, Vec::new());
+    let plan = (enforced.planner).plan(Launch::plain(Path::new("/"), None, Vec::new()))?;
     let exec = Exec::new(
         Path::new("/proc/self/exe"),
         &["kiln".to_string(), SUBCOMMAND.to_string()],
@@ -833,15 +839,6 @@ fn give_policy(socket: &UnixStream, policy: &[u8]) -> io::Result<()> {
     read_reply(socket)?
         .map(drop)
         .map_err(|failure| failure.error)
-}
-
-/// `error` again (io::Error is not Clone): its errno, or its kind and
-/// text.
-fn copy(error: &io::Error) -> io::Error {
-    match error.raw_os_error() {
-        Some(errno) => io::Error::from_raw_os_error(errno),
-        None => io::Error::new(error.kind(), error.to_string()),
-    }
 }
 
 /// Replaces the cgroup join files of `plan` that the executor opened as a

@@ -346,7 +346,7 @@ pub(crate) async fn run_started(
             stdout: stdout.as_raw_fd(),
             stderr: stderr.as_raw_fd(),
         };
-        launcher::start(&launch, &planner, &exec, &stdio, start)
+        launcher::start(launch, &planner, &exec, &stdio, start)
     })
     .await
     .map_err(|e| RunError::Internal(format!("starting {program_name:?}: {e}")))?;
@@ -548,7 +548,7 @@ pub(crate) async fn start_worker_process(
             stdout: worker_ends.stdout.as_raw_fd(),
             stderr: stderr.as_raw_fd(),
         };
-        launcher::start(&launch, &planner, &exec, &stdio, Start::Cloned)
+        launcher::start(launch, &planner, &exec, &stdio, Start::Cloned)
     })
     .await
     .map_err(|e| RunError::Internal(format!("starting persistent worker {name:?}: {e}")))?;
