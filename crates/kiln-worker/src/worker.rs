@@ -423,15 +423,20 @@ impl Worker {
         if !runners.is_empty() {
             tracing::info!(runners = runners.len(), "discarding the warm runners");
         }
-        for mut runner in runners {
-            // Ended here, not in the background: no container outlives a
-            // stopping executor.
-            discard_worker(runner.worker.take()).await;
-            if let Some(resident) = runner.resident.take() {
-                resident.discard().await;
+        // Ended here, not in the background, so no container outlives a
+        // stopping executor; all at once, as each removal is mostly
+        // waiting on its container engine.
+        futures::future::join_all(runners.into_iter().map(|mut runner| {
+            let scratch = self.scratch.clone();
+            async move {
+                discard_worker(runner.worker.take()).await;
+                if let Some(resident) = runner.resident.take() {
+                    resident.discard().await;
+                }
+                retire_runner(runner, scratch).await;
             }
-            retire_runner(runner, self.scratch.clone()).await;
-        }
+        }))
+        .await;
         self.isolations.settle().await;
     }
 

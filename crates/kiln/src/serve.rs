@@ -51,7 +51,19 @@ pub struct RunningServer {
     disk: Option<DiskStore>,
     shutdown_grace: Duration,
     scheduler: Option<Arc<Scheduler>>,
-    executor: Option<tokio::task::JoinHandle<()>>,
+    executor: Option<EmbeddedExecutor>,
+}
+
+/// How long a stopping server waits for its embedded executor to remove
+/// its warm runners (their containers) once its actions have ended: apart
+/// from the shutdown grace, which is the actions' own.
+const RUNNER_REMOVAL_LIMIT: Duration = Duration::from_secs(60);
+
+/// The embedded executor's task, and word from it when its actions have
+/// ended (what is left then is removing its warm runners).
+struct EmbeddedExecutor {
+    task: tokio::task::JoinHandle<()>,
+    actions_ended: oneshot::Receiver<()>,
 }
 
 impl RunningServer {
@@ -79,11 +91,24 @@ impl RunningServer {
             scheduler.shutdown();
         }
         if let Some(executor) = self.executor.take() {
-            if tokio::time::timeout(self.shutdown_grace, executor)
+            if tokio::time::timeout(self.shutdown_grace, executor.actions_ended)
                 .await
                 .is_err()
             {
                 tracing::warn!("actions still running after the shutdown grace");
+            }
+            // Removing warm runner containers takes its own time (a few
+            // hundred milliseconds each on a loaded machine), not the
+            // actions' grace: cut short, it would leave containers behind.
+            if tokio::time::timeout(RUNNER_REMOVAL_LIMIT, executor.task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    limit_s = RUNNER_REMOVAL_LIMIT.as_secs(),
+                    "warm runners still being removed at the limit; the next start of this \
+                     server removes their containers"
+                );
             }
         }
         if let Some(stop) = self.stop.take() {
@@ -484,7 +509,7 @@ fn start_embedded_executor(
     isolations: Isolations,
     executor_cache_bytes: u64,
     action_users: ActionUsers,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<EmbeddedExecutor> {
     let execution = &config.execution;
     let root = config.data_dir.join("execution");
     let executor = LocalExecutor::register(
@@ -519,14 +544,20 @@ fn start_embedded_executor(
     }
     crate::isolation::log_action_users(action_users);
     let concurrency = execution.effective_concurrency();
-    Ok(tokio::spawn(async move {
+    let (ended, actions_ended) = oneshot::channel();
+    let task = tokio::spawn(async move {
         match Worker::new(transport, worker_config, isolations).await {
             Ok(worker) => {
                 let worker = Arc::new(worker);
                 session.run(worker.clone(), concurrency).await;
+                let _ = ended.send(());
                 worker.discard_runners().await;
             }
             Err(e) => tracing::error!(error = %e, "the embedded worker could not start"),
         }
-    }))
+    });
+    Ok(EmbeddedExecutor {
+        task,
+        actions_ended,
+    })
 }

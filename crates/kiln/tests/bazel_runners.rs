@@ -306,7 +306,20 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
     let data_dir = scratch.path().join("kiln-data");
     let server_log = scratch.path().join("kiln.log");
     let isolation = format!("none,{}", runtimes.join(","));
-    let server = KilnServer::start(&data_dir, &server_log, &["--isolation", &isolation]);
+    // A shutdown grace far shorter than removing a container takes: the
+    // stopping server removes its warm runners' containers all the same.
+    let config = scratch.path().join("kiln.toml");
+    fs::write(&config, "shutdown_grace_ms = 200\n").unwrap();
+    let server = KilnServer::start(
+        &data_dir,
+        &server_log,
+        &[
+            "--isolation",
+            &isolation,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
     let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
     let package = bazel.workspace.join("runners");
     fs::create_dir_all(package.join("inputs")).unwrap();
@@ -394,7 +407,8 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
         let left = common::containers_of_server(runtime, &data_dir);
         assert!(
             left.is_empty(),
-            "{runtime}: the stopped server left {left:?}"
+            "{runtime}: the stopped server left {left:?}; its log:\n{}",
+            fs::read_to_string(&server_log).unwrap_or_default()
         );
     }
 }
