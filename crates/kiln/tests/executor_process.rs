@@ -1155,8 +1155,10 @@ async fn execute_with_launchers_stopped(
 }
 
 /// Stops `launchers` and executes `script` with `properties`; asserts
-/// that the action reaches EXECUTING and goes no further while they are
-/// stopped (half a second of it watched). The launchers stay stopped.
+/// that the action reaches EXECUTING, that a request of its executor then
+/// waits unread on one of them, and that the action goes no further while
+/// they are stopped (half a second of it watched). The launchers stay
+/// stopped.
 async fn execute_waiting_on_launchers(
     address: &str,
     launchers: &[u32],
@@ -1176,12 +1178,32 @@ async fn execute_waiting_on_launchers(
             break;
         }
     }
+    // EXECUTING is said before the executor has asked a launcher anything
+    // (on a loaded machine, up to seconds before): a test that kills them
+    // now must know its request is already with one of them.
+    wait_until("a request waiting on a stopped launcher", || {
+        launchers
+            .iter()
+            .any(|&launcher| unread_request(launcher) > 0)
+    })
+    .await;
     let early = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
     assert!(
         early.is_err(),
         "the operation moved on with the launchers stopped: {early:?}"
     );
     stream
+}
+
+/// How many bytes of requests wait unread on `launcher`'s socket to its
+/// executor (its descriptor 3), read through a copy of that descriptor.
+fn unread_request(launcher: u32) -> u64 {
+    use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
+    let pid = Pid::from_raw(launcher as i32).expect("a launcher's pid");
+    let pidfd = pidfd_open(pid, PidfdFlags::empty()).expect("pidfd_open of a launcher");
+    let socket =
+        pidfd_getfd(&pidfd, 3, PidfdGetfdFlags::empty()).expect("a copy of a launcher's socket");
+    rustix::io::ioctl_fionread(&socket).expect("FIONREAD on a launcher's socket")
 }
 
 /// The overlay workspace of an action that runs as root is mounted by the
