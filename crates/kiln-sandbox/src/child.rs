@@ -54,6 +54,12 @@ pub(crate) enum Op {
         /// Failure is ignored (e.g. masking a /proc file this kernel lacks).
         optional: bool,
     },
+    /// Attaches a detached mount (`open_tree(OPEN_TREE_CLONE)`, made by
+    /// the launcher) at `target`: a bind of what the launcher opened.
+    AttachTree {
+        tree: RawFd,
+        target: CString,
+    },
 }
 
 /// The network namespace of a sandboxed action.
@@ -563,6 +569,9 @@ unsafe fn action(plan: &Plan) -> io::Result<()> {
     Ok(())
 }
 
+/// `move_mount`'s flag: the source is the descriptor itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
 fn run_ops(ops: &[Op]) -> io::Result<()> {
     for op in ops {
         // SAFETY: every pointer is a NUL-terminated string owned by `op`
@@ -608,6 +617,19 @@ fn run_ops(ops: &[Op]) -> io::Result<()> {
                     );
                     if result < 0 && !optional {
                         return Err(failure("mount", target));
+                    }
+                }
+                Op::AttachTree { tree, target } => {
+                    let result = libc::syscall(
+                        libc::SYS_move_mount,
+                        *tree,
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        target.as_ptr(),
+                        MOVE_MOUNT_F_EMPTY_PATH,
+                    );
+                    if result < 0 {
+                        return Err(failure("move_mount", target));
                     }
                 }
             }

@@ -20,14 +20,17 @@
 //! - a plain process (`none`) runs as an action user, or as whom the
 //!   operator lets `none` actions choose (`--none-allow-user-switch`), and
 //!   a root one chosen that way keeps only the sandbox's capabilities;
-//! - directories are given to an action's user only under the work root.
+//! - directories are given to an action's user only under the work root;
+//! - every path is opened beneath the work root, following no symlink,
+//!   and the start binds and gives what was opened
+//!   ([`Enforced::take_paths`]).
 //!
 //! Where no launcher is installed, the calling process builds the plan
 //! itself from the same [`Launch`], without checks: it is root itself.
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -35,7 +38,9 @@ use kiln_worker::users::ActionUsers;
 
 use crate::child::{Network, Plan};
 use crate::privileged::Confinement;
-use crate::view::{c_path, View};
+use crate::view::{c_path, Trees, View};
+use rustix::fs::OFlags;
+use rustix::mount::OpenTreeFlags;
 
 /// What to start, as the executor asks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +182,12 @@ impl Planner {
 
     /// The steps that start `launch`.
     pub fn plan(&self, launch: Launch) -> io::Result<Plan> {
+        self.plan_from(launch, Trees::default())
+    }
+
+    /// The steps that start `launch`, a sandbox binding `trees` (what its
+    /// launcher opened of its workspace and runner's /tmp) where given.
+    pub fn plan_from(&self, launch: Launch, trees: Trees) -> io::Result<Plan> {
         let path = |c: &CString| PathBuf::from(OsStr::from_bytes(c.to_bytes()));
         let (namespaces, new_root, before_pivot, after_pivot, hostname) = match &launch.kind {
             Kind::Plain => (
@@ -198,6 +209,7 @@ impl Planner {
                     workspace.as_ref().map(path).as_deref(),
                     runner_tmp.as_ref().map(path).as_deref(),
                     *tmpfs_bytes,
+                    trees,
                 );
                 (true, new_root, before, after, c"localhost".to_owned())
             }
@@ -299,6 +311,50 @@ impl Enforced {
             self.check_network(unsafe { BorrowedFd::borrow_raw(fd) })?;
         }
         Ok(())
+    }
+
+    /// Takes the host paths of a checked `launch` as a launcher must, by
+    /// what it opens beneath the work root rather than by their names
+    /// (see [`Confinement`]): gives its directories to its user now (and
+    /// leaves none for the plan), and opens detached copies of a
+    /// sandbox's workspace and runner /tmp, which its plan binds
+    /// ([`Planner::plan_from`]). The copies stay open until the action
+    /// has started.
+    pub fn take_paths(
+        &self,
+        launch: &mut Launch,
+        confinement: &Confinement,
+    ) -> io::Result<(Trees, Vec<OwnedFd>)> {
+        let directories = std::mem::take(&mut launch.owned_directories);
+        if let Some(user) = launch.user {
+            confinement.give(&directories, user)?;
+        }
+        let mut trees = Trees::default();
+        let mut held = Vec::new();
+        if let Kind::Sandbox {
+            workspace,
+            runner_tmp,
+            ..
+        } = &launch.kind
+        {
+            for (path, tree) in [
+                (workspace, &mut trees.workspace),
+                (runner_tmp, &mut trees.runner_tmp),
+            ] {
+                let Some(path) = path else { continue };
+                let opened = confinement.open_beneath(path, OFlags::PATH | OFlags::DIRECTORY)?;
+                let copy = rustix::mount::open_tree(
+                    &opened,
+                    c"",
+                    OpenTreeFlags::OPEN_TREE_CLONE
+                        | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                        | OpenTreeFlags::AT_EMPTY_PATH,
+                )?;
+                *tree = Some(copy.as_raw_fd());
+                held.push(copy);
+            }
+        }
+        Ok((trees, held))
     }
 
     /// Refuses a namespace to join that is not a network namespace, or is

@@ -705,11 +705,12 @@ pub fn serve() -> io::Result<()> {
     let mut confinement = privileged::Confinement::default();
     // The first message is the policy, from root: the executor before it
     // became a user of its own, or the launcher that started this one.
+    // A launcher that starts this one hands over the work root it holds.
     let (policy_bytes, enforced) = match read_request(&socket)? {
         None => return Ok(()),
-        Some((request, _)) => {
+        Some((request, mut fds)) => {
             let taken = decode_policy(&request).and_then(|policy| {
-                confinement.confine(&c_path(&policy.work_root))?;
+                confinement.confine_held(&c_path(&policy.work_root), fds.pop())?;
                 Enforced::new(policy, host_network.as_fd())
             });
             match taken {
@@ -731,10 +732,15 @@ pub fn serve() -> io::Result<()> {
             Ok(Request::Start(mut launch, exec, stdio, start)) => {
                 // Kept open until the child has exec'd.
                 let mut reopened = Vec::new();
+                let mut held = Vec::new();
                 let planned = enforced
                     .check(&mut launch, &confinement)
+                    .and_then(|()| enforced.take_paths(&mut launch, &confinement))
                     .inspect_err(|error| eprintln!("kiln launcher: refused a start: {error}"))
-                    .and_then(|()| enforced.planner.plan(*launch))
+                    .and_then(|(trees, opened)| {
+                        held = opened;
+                        enforced.planner.plan_from(*launch, trees)
+                    })
                     .and_then(|mut plan| {
                         let executor = executor.as_mut().ok_or_else(executor_gone)?;
                         join_files_as_root(&mut plan, &mut reopened, executor)?;
@@ -779,7 +785,8 @@ pub fn serve() -> io::Result<()> {
                 Ok(0)
             }
             Ok(Request::StartLauncher) => {
-                start_sibling(&mut stack, &enforced, &policy_bytes).map(|(pid, socket)| {
+                let held = confinement.held();
+                start_sibling(&mut stack, &enforced, &policy_bytes, held).map(|(pid, socket)| {
                     answer = Some(socket);
                     pid
                 })
@@ -804,6 +811,7 @@ fn start_sibling(
     stack: &mut Stack,
     enforced: &Enforced,
     policy: &[u8],
+    work_root: Option<BorrowedFd>,
 ) -> Result<(libc::pid_t, OwnedFd), SpawnFailure> {
     let (ours, theirs) = UnixStream::pair()?;
     let plan = (enforced.planner).plan(Launch::plain(Path::new("/"), None, Vec::new()))?;
@@ -820,7 +828,7 @@ fn start_sibling(
     };
     let pid = child::spawn(&plan, &exec, &stdio, Start::Cloned, true, stack)?;
     drop(theirs);
-    if let Err(error) = give_policy(&ours, policy) {
+    if let Err(error) = give_policy_holding(&ours, policy, work_root) {
         // The executor reaps it, as its child.
         // SAFETY: a signal to the process just started, not yet reaped.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -835,7 +843,18 @@ fn start_sibling(
 /// Sends a new launcher its policy, its first message, and waits for it
 /// to take it.
 fn give_policy(socket: &UnixStream, policy: &[u8]) -> io::Result<()> {
-    send(socket, policy, &[])?;
+    give_policy_holding(socket, policy, None)
+}
+
+/// [`give_policy`], with the work root held open by the launcher that
+/// starts this one, which the new one takes rather than opening the path
+/// again (its directories may have been changed since by the executor).
+fn give_policy_holding(
+    socket: &UnixStream,
+    policy: &[u8],
+    work_root: Option<BorrowedFd>,
+) -> io::Result<()> {
+    send(socket, policy, work_root.as_slice())?;
     read_reply(socket)?
         .map(drop)
         .map_err(|failure| failure.error)
@@ -1688,6 +1707,42 @@ mod tests {
                 .map_err(|f| f.error.raw_os_error()),
             Err(Some(libc::EPERM))
         );
+        // Under the work root by name, elsewhere through a symlink the
+        // executor's side put there: refused, before any change.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), work.path().join("escape")).unwrap();
+        let escape = work.path().join("escape");
+        let escape_sub = escape.join("sub");
+        let through_symlink = [
+            Launch {
+                kind: Kind::Sandbox {
+                    workspace: Some(c_path(&escape)),
+                    runner_tmp: None,
+                    tmpfs_bytes: None,
+                },
+                network: Network::Empty,
+                ..plain(None)
+            },
+            Launch {
+                kind: Kind::Sandbox {
+                    workspace: Some(c_path(&workspace)),
+                    runner_tmp: Some(c_path(&escape_sub)),
+                    tmpfs_bytes: None,
+                },
+                network: Network::Empty,
+                ..plain(None)
+            },
+            plain(Some((5003, 5003))).giving(std::slice::from_ref(&escape_sub)),
+        ];
+        for hostile in &through_symlink {
+            assert_eq!(ask(&socket, hostile), Err(Some(libc::EPERM)), "{hostile:?}");
+        }
+        {
+            use std::os::unix::fs::MetadataExt;
+            let sub = std::fs::metadata(outside.path().join("sub")).unwrap();
+            assert_eq!(sub.uid(), rustix::process::geteuid().as_raw());
+        }
         if rustix::process::geteuid().is_root() {
             // What the policy allows runs: as an action user, in its
             // workspace, given to it. The action is this process's child.
@@ -1713,6 +1768,8 @@ mod tests {
             "a plain process as root",
             "a plain process as uid 1000, gid 1000, not an action user",
             "a plain process as uid 5003, gid 0",
+            "escape: not reached beneath the work root without a symlink",
+            "escape/sub: not reached beneath the work root without a symlink",
         ] {
             assert!(stderr.contains(said), "{said:?} not in {stderr}");
         }

@@ -11,11 +11,11 @@
 //!
 //! A launcher takes only what these steps need, and only under the work
 //! root its policy names ([`Confinement`], [`crate::launch::Policy`]):
-//! absolute
-//! paths of plain components (no `.` or `..`); for a mount, a fixed file
+//! absolute paths of plain components (no `.` or `..`), each opened
+//! beneath the work root it holds open without following any symlink,
+//! the step then taken on what was opened; for a mount, a fixed file
 //! system type, source and flags (`overlay`, nosuid, nodev) and options
-//! from a fixed list; for a directory, `lchown` (a symlink in its place is
-//! not followed); for a take-back, a walk through descriptors that
+//! from a fixed list; for a take-back, a walk through descriptors that
 //! follows no symlink and leaves the directory's file system. Giving
 //! directories as an action starts travels in the start request itself
 //! ([`crate::launch::Launch::owned_directories`]); the request here is for an
@@ -149,13 +149,36 @@ pub(crate) enum Request {
 /// workspaces and directories of its starts included). So a launcher
 /// changes no owner and mounts nothing elsewhere, whatever path the
 /// executor's side sends it.
+///
+/// Naming a path under the work root is not enough: a taken-over
+/// executor running as a user of its own owns the directories there, and
+/// can put a symlink to anywhere in one's place. So the work root is held
+/// open from the moment the policy names it (opened then, by root, before
+/// anything of the executor's ran; or handed over by the launcher that
+/// started this one), and every path is opened beneath that descriptor
+/// without following any symlink ([`Confinement::open_beneath`]); the
+/// step then acts on what was opened, not on the path again.
 #[derive(Debug, Default)]
-pub(crate) struct Confinement(Option<CString>);
+pub(crate) struct Confinement(Option<WorkRoot>);
+
+#[derive(Debug)]
+struct WorkRoot {
+    path: CString,
+    /// The work root held open; None if it did not exist when the policy
+    /// named it (a server that runs no actions), when every step refuses.
+    dir: Option<OwnedFd>,
+}
 
 impl Confinement {
     /// Checks that `path` (plain, absolute) is under the work root, or is
-    /// it.
+    /// it, by name: what [`Confinement::open_beneath`] then holds to.
     pub(crate) fn check(&self, path: &CStr) -> io::Result<()> {
+        self.relative(path).map(drop)
+    }
+
+    /// `path` relative to the work root (`.` for the root itself), if it
+    /// is under it by name.
+    fn relative(&self, path: &CStr) -> io::Result<CString> {
         check_plain_path(path)?;
         let Some(root) = &self.0 else {
             return Err(io::Error::new(
@@ -163,26 +186,91 @@ impl Confinement {
                 "no work root given: no privileged step yet",
             ));
         };
-        let path = path.to_bytes();
-        let under = path
-            .strip_prefix(root.to_bytes())
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"/"));
-        if under {
-            Ok(())
-        } else {
-            Err(io::Error::new(
+        let bytes = path.to_bytes();
+        match bytes.strip_prefix(root.path.to_bytes()) {
+            Some([] | [b'/']) => Ok(c".".to_owned()),
+            Some([b'/', rest @ ..]) => CString::new(rest).map_err(|_| invalid("a NUL byte")),
+            _ => Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!(
                     "{} is not under the work root {}",
-                    String::from_utf8_lossy(path),
-                    root.to_string_lossy()
+                    String::from_utf8_lossy(bytes),
+                    root.path.to_string_lossy()
                 ),
-            ))
+            )),
         }
     }
 
-    /// Takes `root` as the work root; a different one after it is refused.
+    /// Opens `path` (under the work root by name) beneath the work root's
+    /// descriptor, with `flags` (plus `O_NOFOLLOW`, `O_CLOEXEC`), through
+    /// no symlink at all and no `..`. A symlink on the way, wherever the
+    /// executor's side put it, is refused (PermissionDenied, naming the
+    /// path), so the step acts on a directory that really is under the
+    /// work root.
+    pub(crate) fn open_beneath(&self, path: &CStr, flags: OFlags) -> io::Result<OwnedFd> {
+        let relative = self.relative(path)?;
+        let root = self.0.as_ref().expect("checked by relative");
+        let dir = root.dir.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "the work root {} did not exist when this launcher took its policy",
+                    root.path.to_string_lossy()
+                ),
+            )
+        })?;
+        rustix::fs::openat2(
+            dir,
+            relative.as_c_str(),
+            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|errno| match errno {
+            // A symlink on the way (ELOOP), in the last place (ENOTDIR,
+            // asked for a directory), or a way out (EXDEV).
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR | rustix::io::Errno::XDEV => {
+                io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{}: not reached beneath the work root without a symlink ({errno}): \
+                         refused",
+                        path.to_string_lossy()
+                    ),
+                )
+            }
+            other => io::Error::new(
+                io::Error::from(other).kind(),
+                format!("{}: {other}", path.to_string_lossy()),
+            ),
+        })
+    }
+
+    /// Gives `directories` (each opened beneath the work root) to `uid`,
+    /// `gid`.
+    pub(crate) fn give(&self, directories: &[CString], (uid, gid): (u32, u32)) -> io::Result<()> {
+        for directory in directories {
+            let fd = self.open_beneath(directory, OFlags::PATH | OFlags::DIRECTORY)?;
+            rustix::fs::chownat(
+                &fd,
+                c"",
+                Some(Uid::from_raw(uid)),
+                Some(Gid::from_raw(gid)),
+                AtFlags::EMPTY_PATH,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Takes `root` as the work root, opening it now; a different one
+    /// after it is refused (the same again is fine).
     pub(crate) fn confine(&mut self, root: &CStr) -> io::Result<()> {
+        self.confine_held(root, None)
+    }
+
+    /// Takes `root` as the work root, held open as `dir` (handed over by
+    /// the launcher that started this one) or, without it, opened now.
+    pub(crate) fn confine_held(&mut self, root: &CStr, dir: Option<OwnedFd>) -> io::Result<()> {
         check_plain_path(root)?;
         let root = root
             .to_bytes()
@@ -190,16 +278,47 @@ impl Confinement {
             .unwrap_or(root.to_bytes());
         let root = CString::new(root).map_err(|_| invalid("a NUL byte"))?;
         match &self.0 {
-            Some(given) if *given != root => Err(io::Error::new(
+            Some(given) if given.path != root => Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!("already confined to {}", given.to_string_lossy()),
+                format!("already confined to {}", given.path.to_string_lossy()),
             )),
-            _ => {
-                self.0 = Some(root);
+            Some(_) => Ok(()),
+            None => {
+                let dir = match dir {
+                    Some(dir) => Some(dir),
+                    None => match rustix::fs::open(
+                        root.as_c_str(),
+                        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    ) {
+                        Ok(dir) => Some(dir),
+                        Err(rustix::io::Errno::NOENT) => None,
+                        Err(e) => return Err(e.into()),
+                    },
+                };
+                if let Some(dir) = &dir {
+                    let stat = rustix::fs::fstat(dir)?;
+                    if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
+                        return Err(invalid("a work root that is not a directory"));
+                    }
+                }
+                self.0 = Some(WorkRoot { path: root, dir });
                 Ok(())
             }
         }
     }
+
+    /// The work root held open, for a launcher this one starts.
+    pub(crate) fn held(&self) -> Option<BorrowedFd<'_>> {
+        self.0.as_ref()?.dir.as_ref().map(AsFd::as_fd)
+    }
+}
+
+/// `/proc/self/fd/N` for `fd`: a path that names exactly what `fd` was
+/// opened on, whatever is at its old path now.
+pub(crate) fn fd_path(fd: BorrowedFd<'_>) -> CString {
+    use std::os::fd::AsRawFd;
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
 }
 
 impl Request {
@@ -216,28 +335,45 @@ impl Request {
         })
     }
 
-    /// Does it in a launcher: confines `confinement`, or checks that every
-    /// path is within it and [`Request::perform`]s the step.
+    /// Does it in a launcher: confines `confinement`, or takes the step
+    /// on what it opens beneath the work root (see [`Confinement`]).
     pub(crate) fn perform_within(&self, confinement: &mut Confinement) -> io::Result<()> {
-        let paths: Vec<&CString> = match self {
-            Request::Confine(root) => return confinement.confine(root),
+        let directory = OFlags::PATH | OFlags::DIRECTORY;
+        match self {
+            Request::Confine(root) => confinement.confine(root),
             // The launcher's parent is the executor, whose children the
             // actions are (they are cloned with CLONE_PARENT).
             Request::Signal { leader, signal } => {
-                return signal_group(*leader, *signal, rustix::process::getppid())
+                signal_group(*leader, *signal, rustix::process::getppid())
             }
-            Request::KillCgroup(directory) => {
-                return kill_cgroup(directory, rustix::process::getppid())
+            Request::KillCgroup(directory) => kill_cgroup(directory, rustix::process::getppid()),
+            Request::Mount { options, layers } => {
+                let opened = layers
+                    .iter()
+                    .map(|layer| confinement.open_beneath(layer, directory))
+                    .collect::<io::Result<Vec<_>>>()?;
+                let [lower, upper, work, target] = [0, 1, 2, 3].map(|i| fd_path(opened[i].as_fd()));
+                // Checked by their names, as the errors say; mounted by
+                // what was opened.
+                overlay_data(options, layers)?;
+                mount_overlay(options, &[lower, upper, work], &target)
             }
-            Request::Mount { layers, .. } => layers.iter().collect(),
-            Request::Detach(target) => vec![target],
-            Request::Give { directories, .. } => directories.iter().collect(),
-            Request::TakeBack { directory, .. } => vec![directory],
-        };
-        for path in paths {
-            confinement.check(path)?;
+            Request::Detach(target) => {
+                let opened = confinement.open_beneath(target, directory)?;
+                rustix::mount::unmount(fd_path(opened.as_fd()).as_c_str(), UnmountFlags::DETACH)
+                    .map_err(io::Error::from)
+            }
+            Request::Give { owner, directories } => confinement.give(directories, *owner),
+            Request::TakeBack {
+                owner,
+                directory,
+                files,
+            } => {
+                let top =
+                    confinement.open_beneath(directory, OFlags::RDONLY | OFlags::DIRECTORY)?;
+                take_back(top, files, *owner)
+            }
         }
-        self.perform()
     }
 
     /// Does it, after checking it is a workspace overlay's step and nothing
@@ -256,39 +392,12 @@ impl Request {
                 for layer in layers {
                     check_plain_path(layer)?;
                 }
-                let options = options
-                    .to_str()
-                    .ok()
-                    .filter(|options| OVERLAY_OPTIONS.contains(options))
-                    .ok_or_else(|| invalid(format!("overlay options {options:?}")))?;
                 let [lower, upper, work, target] = layers;
-                let mut data = Vec::new();
-                for (key, dir) in [("lowerdir", lower), ("upperdir", upper), ("workdir", work)] {
-                    // The option string's own separators and escape.
-                    if dir.as_bytes().iter().any(|b| b",:\\".contains(b)) {
-                        return Err(invalid(format!(
-                            "{} cannot be an overlay layer: its path has a ',', ':' or '\\'",
-                            dir.to_string_lossy()
-                        )));
-                    }
-                    data.extend_from_slice(key.as_bytes());
-                    data.push(b'=');
-                    data.extend_from_slice(dir.as_bytes());
-                    data.push(b',');
-                }
-                data.extend_from_slice(options.as_bytes());
-                if data.last() == Some(&b',') {
-                    data.pop();
-                }
-                let data = CString::new(data).map_err(|_| invalid("a NUL byte"))?;
-                rustix::mount::mount(
-                    "kiln-workspace",
-                    target.as_c_str(),
-                    "overlay",
-                    MountFlags::NOSUID | MountFlags::NODEV,
-                    data.as_c_str(),
+                mount_overlay(
+                    options,
+                    &[lower.clone(), upper.clone(), work.clone()],
+                    target,
                 )
-                .map_err(io::Error::from)
             }
             Request::Detach(target) => {
                 check_plain_path(target)?;
@@ -300,9 +409,62 @@ impl Request {
                 owner,
                 directory,
                 files,
-            } => take_back(directory, files, *owner),
+            } => {
+                check_plain_path(directory)?;
+                let top = rustix::fs::openat2(
+                    CWD,
+                    directory.as_c_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                    ResolveFlags::NO_SYMLINKS,
+                )?;
+                take_back(top, files, *owner)
+            }
         }
     }
+}
+
+/// The overlay's mount data for `layers` (lower, upper, work): each
+/// layer's key and path, then `options` (one of [`OVERLAY_OPTIONS`]).
+fn overlay_data(options: &CStr, layers: &[CString]) -> io::Result<CString> {
+    let options = options
+        .to_str()
+        .ok()
+        .filter(|options| OVERLAY_OPTIONS.contains(options))
+        .ok_or_else(|| invalid(format!("overlay options {options:?}")))?;
+    let mut data = Vec::new();
+    for (key, dir) in ["lowerdir", "upperdir", "workdir"].iter().zip(layers) {
+        // The option string's own separators and escape.
+        if dir.as_bytes().iter().any(|b| b",:\\".contains(b)) {
+            return Err(invalid(format!(
+                "{} cannot be an overlay layer: its path has a ',', ':' or '\\'",
+                dir.to_string_lossy()
+            )));
+        }
+        data.extend_from_slice(key.as_bytes());
+        data.push(b'=');
+        data.extend_from_slice(dir.as_bytes());
+        data.push(b',');
+    }
+    data.extend_from_slice(options.as_bytes());
+    if data.last() == Some(&b',') {
+        data.pop();
+    }
+    CString::new(data).map_err(|_| invalid("a NUL byte"))
+}
+
+/// Mounts a workspace overlay of `layers` (lower, upper, work) at
+/// `target`: nosuid, nodev, `options` from [`OVERLAY_OPTIONS`].
+fn mount_overlay(options: &CStr, layers: &[CString; 3], target: &CStr) -> io::Result<()> {
+    let data = overlay_data(options, layers)?;
+    rustix::mount::mount(
+        "kiln-workspace",
+        target,
+        "overlay",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        data.as_c_str(),
+    )
+    .map_err(io::Error::from)
 }
 
 /// Sends `signal` to the process group `leader` leads, after checking
@@ -481,12 +643,35 @@ pub(crate) fn kill_cgroup(
     if Some(owner) != executor && Path::new(&format!("/proc/{owner}")).exists() {
         return Err(refused("it belongs to another running process"));
     }
-    if !is_cgroup_file_system(&rustix::fs::statfs(directory)?) {
+    // Judged again by what was opened, not by the name sent: a symlink
+    // named like an action cgroup may lead to any other.
+    let opened = rustix::fs::open(
+        directory,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let resolved = std::fs::read_link(fd_path(opened.as_fd()).to_str().expect("ASCII"))?;
+    let resolved_owner = resolved
+        .file_name()
+        .and_then(|name| action_cgroup_owner(name.as_bytes()));
+    if resolved_owner != Some(owner) {
+        return Err(refused(&format!(
+            "it leads to {}, not an action cgroup's name",
+            resolved.display()
+        )));
+    }
+    if !is_cgroup_file_system(&rustix::fs::fstatfs(&opened)?) {
         return Err(refused("not on a cgroup file system"));
     }
-    let mut procs = Path::new(std::ffi::OsStr::from_bytes(directory.to_bytes())).to_path_buf();
-    procs.push("cgroup.procs");
-    for pid in std::fs::read_to_string(procs)?
+    let procs = rustix::fs::openat(
+        &opened,
+        c"cgroup.procs",
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut listed = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(procs), &mut listed)?;
+    for pid in listed
         .lines()
         .filter_map(|line| line.trim().parse::<i32>().ok())
         .filter_map(rustix::process::Pid::from_raw)
@@ -512,17 +697,9 @@ const TAKE_BACK_DEPTH: usize = 256;
 /// else (another action's, a host file its owner linked) and stays as it
 /// is. Files that are missing or unreachable that way are left; deeper
 /// levels make it an error (`ELOOP`) once the rest is done.
-fn take_back(directory: &CStr, files: &[CString], (uid, gid): (u32, u32)) -> io::Result<()> {
-    check_plain_path(directory)?;
+fn take_back(top: OwnedFd, files: &[CString], (uid, gid): (u32, u32)) -> io::Result<()> {
     let owner = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
     let ours = |stat: &rustix::fs::Stat| stat.st_uid == uid && stat.st_gid == gid;
-    let top = rustix::fs::openat2(
-        CWD,
-        directory,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::NO_SYMLINKS,
-    )?;
     let beneath = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
     // A regular file with one link, reached from `parent` without a
     // symlink, is given; anything else is left. Returns what was found.
@@ -907,6 +1084,32 @@ mod tests {
         refused(&own, "not on a cgroup file system");
         let error = kill_cgroup(c"/sys/fs/cgroup/../1-3", me).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+        // Named as the executor's, but a symlink to another cgroup (an
+        // empty one made for the test, should the check ever fail).
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped the symlink to another cgroup: needs root");
+            return;
+        }
+        let hierarchy = [
+            "/sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup",
+        ]
+        .into_iter()
+        .find(|path| rustix::fs::statfs(*path).is_ok_and(|s| is_cgroup_file_system(&s)))
+        .expect("a cgroup file system");
+        let other = Path::new(hierarchy).join(format!("kiln-test-{}", std::process::id()));
+        std::fs::create_dir(&other).unwrap();
+        let link = dir.path().join(format!("{}-4", std::process::id()));
+        std::os::unix::fs::symlink(&other, &link).unwrap();
+        let result = kill_cgroup(&c_path(&link), me);
+        std::fs::remove_dir(&other).unwrap();
+        let error = result.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        assert!(
+            error.to_string().contains("not an action cgroup's name"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -1117,6 +1320,39 @@ mod tests {
             give(&inside).perform_within(&mut confinement).unwrap();
             assert_eq!(inside.metadata().unwrap().uid(), 65534);
         }
+        // A path under the work root through a symlink (which a taken-over
+        // executor can make there) to somewhere else: refused, whichever
+        // step, before any change.
+        let elsewhere = beside.join("sub");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&beside, root.join("a/escape")).unwrap();
+        let through = root.join("a/escape/sub");
+        denied(give(&through).perform_within(&mut confinement));
+        denied(Request::Detach(c_path(&through)).perform_within(&mut confinement));
+        denied(
+            Request::TakeBack {
+                owner: (65534, 65534),
+                directory: c_path(&through),
+                files: Vec::new(),
+            }
+            .perform_within(&mut confinement),
+        );
+        let layers = |last: &Path| Request::Mount {
+            options: CString::new(OVERLAY_OPTIONS[0]).unwrap(),
+            layers: [
+                c_path(&inside),
+                c_path(&inside),
+                c_path(&inside),
+                c_path(last),
+            ],
+        };
+        denied(layers(&through).perform_within(&mut confinement));
+        assert_ne!(elsewhere.metadata().unwrap().uid(), 65534);
+        assert_eq!(
+            std::fs::read_dir(&elsewhere).unwrap().count(),
+            0,
+            "nothing mounted or made there"
+        );
     }
 
     /// Every path under `dir`, not following symlinks.

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -378,12 +379,15 @@ impl View {
     }
 
     /// The complete steps for one action: the shared view plus its
-    /// workspace, read-write at its own path, and a warm runner's /tmp.
+    /// workspace, read-write at its own path, and a warm runner's /tmp;
+    /// each bound from its tree in `trees` where given (detached copies a
+    /// launcher opened), else from its path.
     pub fn with_workspace(
         &self,
         workspace: Option<&Path>,
         runner_tmp: Option<&Path>,
         tmpfs_bytes: Option<u64>,
+        trees: Trees,
     ) -> (CString, Vec<Op>, Vec<Op>) {
         let mut view = self.clone();
         // The private /tmp and /dev/shm hold at most the action's memory:
@@ -399,16 +403,41 @@ impl View {
         // workspace that may live below /tmp is mounted.
         if let Some(tmp) = runner_tmp {
             let target = c_path(&view.inside(Path::new("/tmp")));
-            let steps = bind_steps(tmp, target, false);
+            let steps = bind_steps_from(tmp, trees.runner_tmp, target, false);
             view.before_pivot
                 .splice(view.tmp_mount..=view.tmp_mount, steps);
         }
         if let Some(workspace) = workspace {
             view.mkdir(workspace);
             let target = c_path(&view.inside(workspace));
-            view.bind(workspace, target, false);
+            let steps = bind_steps_from(workspace, trees.workspace, target, false);
+            view.before_pivot.extend(steps);
         }
         (c_path(&view.new_root), view.before_pivot, view.after_pivot)
+    }
+}
+
+/// Detached copies (`open_tree`) of the host directories a sandbox binds
+/// read-write, opened by its launcher beneath the work root: bound as
+/// they are, so that what is bound is what was checked.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Trees {
+    pub workspace: Option<RawFd>,
+    pub runner_tmp: Option<RawFd>,
+}
+
+/// [`bind_steps`] of `tree` when given (attached where `source` would
+/// be bound), else of `source`.
+fn bind_steps_from(
+    source: &Path,
+    tree: Option<RawFd>,
+    target: CString,
+    read_only: bool,
+) -> [Op; 2] {
+    let [bind, remount] = bind_steps(source, target.clone(), read_only);
+    match tree {
+        Some(tree) => [Op::AttachTree { tree, target }, remount],
+        None => [bind, remount],
     }
 }
 
@@ -449,7 +478,8 @@ mod tests {
     #[test]
     fn the_workspace_is_mounted_after_the_private_tmp_it_may_live_in() {
         let view = View::new(Path::new("/run/root"), &[], &[]);
-        let (root, before, after) = view.with_workspace(Some(Path::new("/tmp/ws/a")), None, None);
+        let (root, before, after) =
+            view.with_workspace(Some(Path::new("/tmp/ws/a")), None, None, Trees::default());
         assert_eq!(root.to_str().unwrap(), "/run/root");
         let mounts = targets(&before);
         let tmp = mounts.iter().position(|t| t == "/run/root/tmp").unwrap();
@@ -465,7 +495,7 @@ mod tests {
     #[test]
     fn the_private_tmp_and_shm_hold_at_most_the_actions_memory() {
         let view = View::new(Path::new("/run/root"), &[], &[]);
-        let (_, ops, _) = view.with_workspace(None, None, Some(64 << 20));
+        let (_, ops, _) = view.with_workspace(None, None, Some(64 << 20), Trees::default());
         let sized: Vec<String> = ops
             .iter()
             .filter_map(|op| match op {
@@ -485,8 +515,9 @@ mod tests {
     #[test]
     fn a_warm_runners_tmp_replaces_the_private_tmpfs() {
         let view = View::new(Path::new("/run/root"), &[], &[]);
-        let (_, fresh, _) = view.with_workspace(None, None, None);
-        let (_, warm, _) = view.with_workspace(None, Some(Path::new("/work/a/tmp")), None);
+        let (_, fresh, _) = view.with_workspace(None, None, None, Trees::default());
+        let (_, warm, _) =
+            view.with_workspace(None, Some(Path::new("/work/a/tmp")), None, Trees::default());
         let is_tmp = |op: &&Op| matches!(op, Op::Mount { target, .. } if target.to_str() == Ok("/run/root/tmp"));
         let fstypes = |ops: &[Op]| -> Vec<Option<String>> {
             ops.iter()

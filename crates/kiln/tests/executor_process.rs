@@ -2237,10 +2237,11 @@ async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
     let executor = process.child.id();
     let launchers = launchers_running(executor);
 
-    // One thread each; stdio, the socket to the executor and the network
-    // namespace it runs in (which a wiring returns to), nothing else of
-    // the executor's (no input being written, no client connection); no
-    // environment.
+    // One thread each; stdio, the socket to the executor, the network
+    // namespace it runs in (which a wiring returns to) and the work root
+    // it holds open (every path it takes is opened beneath it), nothing
+    // else of the executor's (no input being written, no client
+    // connection); no environment.
     for launcher in &launchers {
         let status = std::fs::read_to_string(format!("/proc/{launcher}/status")).unwrap();
         assert!(
@@ -2261,12 +2262,14 @@ async fn actions_start_through_launchers_that_hold_nothing_of_the_executor() {
         fds.sort();
         assert_eq!(
             fds.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
-            [0, 1, 2, 3, 4],
+            [0, 1, 2, 3, 4, 5],
             "launcher {launcher}'s descriptors: {fds:?}"
         );
         assert!(fds[3].1.starts_with("socket:"), "{fds:?}");
         let own_network = std::fs::read_link(format!("/proc/{launcher}/ns/net")).unwrap();
         assert_eq!(fds[4].1, own_network.display().to_string(), "{fds:?}");
+        let work_root = scratch.path().join("work/work");
+        assert_eq!(fds[5].1, work_root.display().to_string(), "{fds:?}");
         assert_eq!(
             std::fs::read(format!("/proc/{launcher}/environ")).unwrap(),
             b""
