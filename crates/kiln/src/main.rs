@@ -336,20 +336,24 @@ fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<Option<Launcher
         kiln_sandbox::launcher::TO_KEEP_RUNNING
     };
     let policy = launch_policy(serving, config)?;
-    // The launchers hold the work root open from their start, so it must
-    // exist by then (see `kiln_sandbox::privileged::Confinement`).
-    let made = if policy.runs_actions {
-        make_directories(&policy.work_root)?
-    } else {
-        Vec::new()
-    };
-    kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"), at_least, &policy)?;
     let needs = capability_needs(serving, config)?;
-    if !run_as.is_empty() {
-        let (uid, gid) = prepare_for_user(serving, config, needs, policy.action_users)?;
-        for dir in &made {
-            give_to(dir, uid, gid)?;
-        }
+    let user = if run_as.is_empty() {
+        None
+    } else {
+        Some(prepare_for_user(
+            serving,
+            config,
+            needs,
+            policy.action_users,
+        )?)
+    };
+    // The launchers hold the work root open from their start (see
+    // `kiln_sandbox::privileged::Confinement`), so it is made first.
+    if policy.runs_actions {
+        make_as_started(&policy.work_root, user, needs);
+    }
+    kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"), at_least, &policy)?;
+    if let Some((uid, gid)) = user {
         kiln_sandbox::run_as::switch_to(uid, gid)
             .map_err(|e| anyhow::anyhow!("--run-as {run_as}: switching to uid {uid}: {e}"))?;
     }
@@ -490,31 +494,33 @@ fn prepare_for_user(
         if directory && !path.as_os_str().is_empty() && !path.exists() {
             std::fs::create_dir_all(&path)
                 .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
-            give_to(&path, uid, gid).map_err(|e| anyhow::anyhow!("{flag}: {e:#}"))?;
+            rustix::fs::chown(
+                &path,
+                Some(rustix::process::Uid::from_raw(uid)),
+                Some(rustix::process::Gid::from_raw(gid)),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!("{flag} {}: giving it to uid {uid}: {e}", path.display())
+            })?;
         }
     }
     Ok((uid, gid))
 }
 
-/// Makes `dir` and whatever is missing above it; what it made, top first.
-fn make_directories(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
-    let missing: Vec<PathBuf> = dir
-        .ancestors()
-        .take_while(|ancestor| !ancestor.exists())
-        .map(std::path::Path::to_path_buf)
-        .collect();
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("making {}: {e}", dir.display()))?;
-    Ok(missing.into_iter().rev().collect())
-}
-
-/// Gives `path` (made by this root process) to the user of `--run-as`.
-fn give_to(path: &std::path::Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    rustix::fs::chown(
-        path,
-        Some(rustix::process::Uid::from_raw(uid)),
-        Some(rustix::process::Gid::from_raw(gid)),
-    )
-    .map_err(|e| anyhow::anyhow!("{}: giving it to uid {uid}: {e}", path.display()))
+/// Makes `dir` (and what is missing above it) as this process will be
+/// once started: `user` (`--run-as`), keeping only the capabilities of
+/// `needs` (`kiln_sandbox::run_as::make_directory_as`), so that root's
+/// whole power makes nothing this process would then be refused. What it
+/// cannot make is left to the checks that follow ([`usable_as_root`]) to
+/// name.
+fn make_as_started(
+    dir: &std::path::Path,
+    user: Option<(u32, u32)>,
+    needs: kiln_sandbox::capabilities::Needs,
+) {
+    if let Err(error) = kiln_sandbox::run_as::make_directory_as(dir, user, needs.capabilities()) {
+        tracing::debug!(work_root = %dir.display(), %error, "could not make the work root as started");
+    }
 }
 
 /// What a server (`serving`) or an executor with `config` does that takes

@@ -369,14 +369,36 @@ fn refused_start(
     data_dir: &std::path::Path,
     more: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
 ) -> String {
-    let output = serve_on_free_ports()
+    let mut child = serve_on_free_ports()
         .arg("--data-dir")
         .arg(data_dir)
         .args(more)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!output.status.success(), "it started all the same");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    let mut stderr = child.stderr.take().unwrap();
+    let reading = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    // Bounded: a server that started all the same would run on.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("it started all the same:\n{}", reading.join().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stderr = reading.join().unwrap();
+    assert!(!status.success(), "it started all the same:\n{stderr}");
+    stderr
 }
 
 /// A root server keeps no capability to read or write past an owner and a
