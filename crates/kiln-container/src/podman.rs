@@ -582,6 +582,34 @@ fn remove_stale_cgroups() {
     }
 }
 
+/// How many times a container's removal is tried before it is left to
+/// the next start's sweep.
+const REMOVAL_ATTEMPTS: u32 = 3;
+
+/// Removes container `name` (`podman rm -f`), trying again after a pause
+/// when podman fails, and saying what it answered: a container left
+/// behind is swept only at the executor's next start.
+async fn remove_container(binary: &Path, name: &str) {
+    for attempt in 1..=REMOVAL_ATTEMPTS {
+        let output = tokio::process::Command::new(binary)
+            .args(["rm", "-f", "-t", "0", "--ignore", name])
+            .stdin(Stdio::null())
+            .output()
+            .await;
+        let said = match output {
+            Ok(output) if output.status.success() => return,
+            Ok(output) => format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+            Err(error) => error.to_string(),
+        };
+        tracing::warn!(container = name, attempt, answer = %said, "podman could not remove a container");
+        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+    }
+}
+
 impl PodmanContainer {
     async fn podman(&self, args: &[&str]) -> Result<Output, RunError> {
         tokio::process::Command::new(&self.binary)
@@ -832,13 +860,7 @@ impl StartsRunners for Podman {
         let name = params.name.clone();
         let outbound = self.network.as_ref().ok().cloned();
         let removal = Removal::new(move || async move {
-            let _ = tokio::process::Command::new(binary)
-                .args(["rm", "-f", "-t", "0", "--ignore", &name])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await;
+            remove_container(&binary, &name).await;
             if let (Some(network), Some(outbound)) = (network, outbound) {
                 outbound.release(network).await;
             }
@@ -920,13 +942,7 @@ impl Podman {
         let guard = RemovalGuard::new(move || {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    let _ = tokio::process::Command::new(binary)
-                        .args(["rm", "-f", "-t", "0", "--ignore", &name])
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .await;
+                    remove_container(&binary, &name).await;
                     if let Some(relative) = cgroup {
                         let _ = remove_cgroup(&relative);
                     }
