@@ -1286,6 +1286,11 @@ mod tests {
             owner: (65534, 65534),
             directories: vec![c_path(dir)],
         };
+        let take_back = |dir: &Path| Request::TakeBack {
+            owner: (65534, 65534),
+            directory: c_path(dir),
+            files: Vec::new(),
+        };
         let denied = |result: io::Result<()>| {
             let error = result.unwrap_err();
             assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
@@ -1300,14 +1305,7 @@ mod tests {
         // before any change.
         denied(give(&beside).perform_within(&mut confinement));
         denied(Request::Detach(c_path(temp.path())).perform_within(&mut confinement));
-        denied(
-            Request::TakeBack {
-                owner: (0, 0),
-                directory: c_path(&beside),
-                files: Vec::new(),
-            }
-            .perform_within(&mut confinement),
-        );
+        denied(take_back(&beside).perform_within(&mut confinement));
         assert_ne!(beside.metadata().unwrap().uid(), 65534);
         // Another root later: refused; the same again: fine.
         denied(Request::Confine(c_path(temp.path())).perform_within(&mut confinement));
@@ -1329,14 +1327,7 @@ mod tests {
         let through = root.join("a/escape/sub");
         denied(give(&through).perform_within(&mut confinement));
         denied(Request::Detach(c_path(&through)).perform_within(&mut confinement));
-        denied(
-            Request::TakeBack {
-                owner: (65534, 65534),
-                directory: c_path(&through),
-                files: Vec::new(),
-            }
-            .perform_within(&mut confinement),
-        );
+        denied(take_back(&through).perform_within(&mut confinement));
         let layers = |last: &Path| Request::Mount {
             options: CString::new(OVERLAY_OPTIONS[0]).unwrap(),
             layers: [
