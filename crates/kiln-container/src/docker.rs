@@ -249,6 +249,25 @@ impl Docker {
     }
 }
 
+/// Removes container `id` in the background (a runner's, or an action's
+/// whose run was dropped), saying why if the daemon refuses: a container
+/// left behind is swept only at the executor's next start.
+async fn remove_logged(client: &Client, id: &str) {
+    match client.remove_container(id, Some(force_remove())).await {
+        // 404: gone already; 409: its removal is under way.
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404 | 409,
+            ..
+        }) => {}
+        Err(error) => tracing::warn!(
+            container = id,
+            error = %daemon_error(&error, None),
+            "docker could not remove a container"
+        ),
+    }
+}
+
 fn force_remove() -> bollard::query_parameters::RemoveContainerOptions {
     RemoveContainerOptionsBuilder::default()
         .force(true)
@@ -645,7 +664,7 @@ impl StartsRunners for Docker {
         let client = self.client.clone();
         let id = created.id.clone();
         let removal = Removal::new(move || async move {
-            let _ = client.remove_container(&id, Some(force_remove())).await;
+            remove_logged(&client, &id).await;
         });
         self.client
             .start_container(&created.id, None)
@@ -724,7 +743,7 @@ impl Docker {
         let guard = RemovalGuard::new(move || {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    let _ = client.remove_container(&id, Some(force_remove())).await;
+                    remove_logged(&client, &id).await;
                 });
             }
         });
