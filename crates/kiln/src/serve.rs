@@ -96,14 +96,14 @@ impl RunningServer {
                 .is_err()
             {
                 tracing::warn!("actions still running after the shutdown grace");
-            }
-            // Removing warm runner containers takes its own time (a few
-            // hundred milliseconds each on a loaded machine), not the
-            // actions' grace: cut short, it would leave containers behind.
-            if tokio::time::timeout(RUNNER_REMOVAL_LIMIT, executor.task)
+            } else if tokio::time::timeout(RUNNER_REMOVAL_LIMIT, executor.task)
                 .await
                 .is_err()
             {
+                // Removing warm runner containers takes its own time (a
+                // few hundred milliseconds each on a loaded machine), not
+                // the actions' grace: cut short, it would leave containers
+                // behind.
                 tracing::warn!(
                     limit_s = RUNNER_REMOVAL_LIMIT.as_secs(),
                     "warm runners still being removed at the limit; the next start of this \

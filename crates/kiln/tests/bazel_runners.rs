@@ -306,10 +306,11 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
     let data_dir = scratch.path().join("kiln-data");
     let server_log = scratch.path().join("kiln.log");
     let isolation = format!("none,{}", runtimes.join(","));
-    // A shutdown grace far shorter than removing a container takes: the
-    // stopping server removes its warm runners' containers all the same.
+    // A shutdown grace long enough for the idle executor's session to end
+    // but far shorter than removing its runners' containers one by one:
+    // the stopping server removes them all the same.
     let config = scratch.path().join("kiln.toml");
-    fs::write(&config, "shutdown_grace_ms = 200\n").unwrap();
+    fs::write(&config, "shutdown_grace_ms = 1000\n").unwrap();
     let server = KilnServer::start(
         &data_dir,
         &server_log,
