@@ -606,7 +606,9 @@ async fn remove_container(binary: &Path, name: &str) {
             Err(error) => error.to_string(),
         };
         tracing::warn!(container = name, attempt, answer = %said, "podman could not remove a container");
-        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+        if attempt < REMOVAL_ATTEMPTS {
+            tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+        }
     }
 }
 

@@ -456,7 +456,7 @@ impl Connection {
         // Reaped by `end`, through its pid: the Child is not waited for.
         let started = Connection::adopt(socket, process.id() as libc::pid_t)?;
         let policy = POLICY_GIVEN.get().map(Vec::as_slice).unwrap_or_default();
-        if let Err(error) = give_policy(&started.socket, policy) {
+        if let Err(error) = give_policy(&started.socket, policy, None) {
             let status = started.end();
             return Err(io::Error::new(
                 error.kind(),
@@ -828,7 +828,7 @@ fn start_sibling(
     };
     let pid = child::spawn(&plan, &exec, &stdio, Start::Cloned, true, stack)?;
     drop(theirs);
-    if let Err(error) = give_policy_holding(&ours, policy, work_root) {
+    if let Err(error) = give_policy(&ours, policy, work_root) {
         // The executor reaps it, as its child.
         // SAFETY: a signal to the process just started, not yet reaped.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -841,15 +841,11 @@ fn start_sibling(
 }
 
 /// Sends a new launcher its policy, its first message, and waits for it
-/// to take it.
-fn give_policy(socket: &UnixStream, policy: &[u8]) -> io::Result<()> {
-    give_policy_holding(socket, policy, None)
-}
-
-/// [`give_policy`], with the work root held open by the launcher that
-/// starts this one, which the new one takes rather than opening the path
-/// again (its directories may have been changed since by the executor).
-fn give_policy_holding(
+/// to take it; with `work_root`, the work root held open by the launcher
+/// that starts this one, which the new one takes rather than opening the
+/// path again (its directories may have been changed since by the
+/// executor).
+fn give_policy(
     socket: &UnixStream,
     policy: &[u8],
     work_root: Option<BorrowedFd>,
@@ -1654,7 +1650,7 @@ mod tests {
             },
             ..policy_for_tests()
         };
-        give_policy(&socket, &encode_policy(&policy)).unwrap();
+        give_policy(&socket, &encode_policy(&policy), None).unwrap();
         let host_network = std::fs::File::open("/proc/self/ns/net").unwrap();
         let mut in_etc = Launch {
             kind: Kind::Sandbox {

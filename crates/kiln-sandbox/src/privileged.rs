@@ -25,7 +25,7 @@
 //! has not reaped): never to a pid the executor got wrong. A cgroup is
 //! emptied only if it is an action cgroup of the executor's.
 
-use std::ffi::{CStr, CString};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -321,6 +321,11 @@ pub(crate) fn fd_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
 }
 
+/// Where what `fd` was opened on is now, as the kernel names it.
+fn opened_path(fd: BorrowedFd<'_>) -> io::Result<PathBuf> {
+    std::fs::read_link(OsStr::from_bytes(fd_path(fd).as_bytes()))
+}
+
 impl Request {
     fn mount(layers: &OverlayLayers, options: &str) -> io::Result<Request> {
         let OverlayLayers {
@@ -352,11 +357,11 @@ impl Request {
                     .iter()
                     .map(|layer| confinement.open_beneath(layer, directory))
                     .collect::<io::Result<Vec<_>>>()?;
-                let [lower, upper, work, target] = [0, 1, 2, 3].map(|i| fd_path(opened[i].as_fd()));
+                let paths: Vec<CString> = opened.iter().map(|fd| fd_path(fd.as_fd())).collect();
                 // Checked by their names, as the errors say; mounted by
                 // what was opened.
                 overlay_data(options, layers)?;
-                mount_overlay(options, &[lower, upper, work], &target)
+                mount_overlay(options, &paths[..3], &paths[3])
             }
             Request::Detach(target) => {
                 let opened = confinement.open_beneath(target, directory)?;
@@ -392,12 +397,7 @@ impl Request {
                 for layer in layers {
                     check_plain_path(layer)?;
                 }
-                let [lower, upper, work, target] = layers;
-                mount_overlay(
-                    options,
-                    &[lower.clone(), upper.clone(), work.clone()],
-                    target,
-                )
+                mount_overlay(options, &layers[..3], &layers[3])
             }
             Request::Detach(target) => {
                 check_plain_path(target)?;
@@ -455,7 +455,7 @@ fn overlay_data(options: &CStr, layers: &[CString]) -> io::Result<CString> {
 
 /// Mounts a workspace overlay of `layers` (lower, upper, work) at
 /// `target`: nosuid, nodev, `options` from [`OVERLAY_OPTIONS`].
-fn mount_overlay(options: &CStr, layers: &[CString; 3], target: &CStr) -> io::Result<()> {
+fn mount_overlay(options: &CStr, layers: &[CString], target: &CStr) -> io::Result<()> {
     let data = overlay_data(options, layers)?;
     rustix::mount::mount(
         "kiln-workspace",
@@ -583,12 +583,11 @@ pub(crate) fn join_file_as_root(
     fd: BorrowedFd,
     executor: &mut Executor,
 ) -> io::Result<Option<OwnedFd>> {
-    use std::os::fd::AsRawFd as _;
     let owner = rustix::fs::fstat(fd)?.st_uid;
     if owner == 0 {
         return Ok(None);
     }
-    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let path = opened_path(fd)?;
     let refused = |why: &str| {
         io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -613,7 +612,7 @@ pub(crate) fn join_file_as_root(
         return Err(refused("not the join file of one of its action cgroups"));
     }
     let reopened = rustix::fs::open(
-        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        fd_path(fd).as_c_str(),
         OFlags::WRONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
@@ -650,7 +649,7 @@ pub(crate) fn kill_cgroup(
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let resolved = std::fs::read_link(fd_path(opened.as_fd()).to_str().expect("ASCII"))?;
+    let resolved = opened_path(opened.as_fd())?;
     let resolved_owner = resolved
         .file_name()
         .and_then(|name| action_cgroup_owner(name.as_bytes()));

@@ -434,21 +434,21 @@ fn bind_steps_from(
     target: CString,
     read_only: bool,
 ) -> [Op; 2] {
-    let [bind, remount] = bind_steps(source, target.clone(), read_only);
     match tree {
-        Some(tree) => [Op::AttachTree { tree, target }, remount],
-        None => [bind, remount],
+        Some(tree) => [
+            Op::AttachTree {
+                tree,
+                target: target.clone(),
+            },
+            remount_step(target, read_only),
+        ],
+        None => bind_steps(source, target, read_only),
     }
 }
 
 /// Binds `source` at `target`, then remounts it nosuid and nodev, and
 /// read-only if asked.
 fn bind_steps(source: &Path, target: CString, read_only: bool) -> [Op; 2] {
-    let flags = if read_only {
-        REMOUNT_READ_ONLY
-    } else {
-        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV
-    };
     [
         Op::Mount {
             source: Some(c_path(source)),
@@ -458,8 +458,18 @@ fn bind_steps(source: &Path, target: CString, read_only: bool) -> [Op; 2] {
             data: None,
             optional: false,
         },
-        mount(None, target, None, flags, None),
+        remount_step(target, read_only),
     ]
+}
+
+/// Remounts the bind at `target` nosuid and nodev, and read-only if asked.
+fn remount_step(target: CString, read_only: bool) -> Op {
+    let flags = if read_only {
+        REMOUNT_READ_ONLY
+    } else {
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV
+    };
+    mount(None, target, None, flags, None)
 }
 
 #[cfg(test)]

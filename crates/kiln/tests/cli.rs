@@ -373,14 +373,14 @@ fn refused_start(
         .arg("--data-dir")
         .arg(data_dir)
         .args(more)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let reading = std::thread::spawn(move || {
         let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        let _ = stderr.read_to_string(&mut text);
         text
     });
     // Bounded: a server that started all the same would run on.
