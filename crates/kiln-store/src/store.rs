@@ -26,25 +26,38 @@ pub enum Blob {
     },
 }
 
-/// A blob in memory as consecutive pieces of one length (the last may be
-/// shorter): a large blob kept in the buffers it was written from.
+/// A blob in memory in consecutive pieces of one length (the last may be
+/// shorter), from some offset in the first: a large blob kept in the
+/// buffers it was written from, or a packed one in the buffers of its batch.
 #[derive(Clone, Debug)]
 pub struct Pieces {
     parts: Arc<[Bytes]>,
     part_len: usize,
+    /// Where the blob starts in the first part.
+    skip: usize,
     len: u64,
 }
 
 impl Pieces {
-    /// `parts` must all be `part_len` long but the last, which may be
-    /// shorter and not empty.
+    /// The whole of `parts`, which must all be equally long but the last,
+    /// which may be shorter and not empty.
     pub fn new(parts: Vec<Bytes>) -> Self {
-        let part_len = parts.first().map_or(1, Bytes::len).max(1);
         let len = parts.iter().map(|part| part.len() as u64).sum();
+        Pieces::within(parts, 0, len)
+    }
+
+    /// Bytes `skip..skip + len` of `parts` (as [`Pieces::new`] takes them).
+    pub fn within(parts: Vec<Bytes>, skip: usize, len: u64) -> Self {
+        let part_len = parts.first().map_or(1, Bytes::len).max(1);
         debug_assert!(parts.iter().rev().skip(1).all(|p| p.len() == part_len));
+        debug_assert!(
+            skip as u64 + len <= parts.iter().map(|part| part.len() as u64).sum::<u64>(),
+            "a range within the parts"
+        );
         Pieces {
             parts: parts.into(),
             part_len,
+            skip,
             len,
         }
     }
@@ -60,14 +73,15 @@ impl Pieces {
     /// How many bytes from `at` (within the blob) to the end of its piece.
     fn to_piece_end(&self, at: u64) -> u64 {
         let part_len = self.part_len as u64;
-        (part_len - at % part_len).min(self.len - at)
+        (part_len - (self.skip as u64 + at) % part_len).min(self.len - at)
     }
 
     /// The bytes from `at` to the end of the piece holding `at`, at most
     /// `max`: zero-copy.
     fn slice_from(&self, at: u64, max: u64) -> Bytes {
-        let part = &self.parts[(at / self.part_len as u64) as usize];
-        let within = (at % self.part_len as u64) as usize;
+        let from = self.skip as u64 + at;
+        let part = &self.parts[(from / self.part_len as u64) as usize];
+        let within = (from % self.part_len as u64) as usize;
         part.slice(within..within + self.to_piece_end(at).min(max) as usize)
     }
 }
@@ -248,6 +262,13 @@ pub trait BlobStore: Send + Sync + 'static {
             results.push(self.put(key, data).await);
         }
         results
+    }
+
+    /// Whether the store itself keeps a [`BlobStore::put_many`] batch of
+    /// `total_bytes` in memory once written (its content-addressed blobs,
+    /// while it has room), so a cache in front of it need not copy it.
+    fn keeps_batch_in_memory(&self, _total_bytes: u64) -> bool {
+        false
     }
 
     /// Starts a streaming write of a blob of `size` bytes.

@@ -54,7 +54,9 @@ impl BlobStore for TieredStore {
         let Some(blob) = self.slow.get(key).await? else {
             return Ok(None);
         };
-        if blob.len() <= self.max_cached_blob {
+        // Pieces are in memory already, in the slow store's buffers: a
+        // slice of them here would pin a whole buffer unseen by the budget.
+        if blob.len() <= self.max_cached_blob && !matches!(blob, Blob::Pieces(_)) {
             let data = blob
                 .into_bytes()
                 .await
@@ -74,6 +76,10 @@ impl BlobStore for TieredStore {
     }
 
     async fn put_many(&self, items: Vec<(Key, Bytes)>) -> Vec<Result<()>> {
+        let total = items.iter().map(|(_, data)| data.len() as u64).sum();
+        if self.slow.keeps_batch_in_memory(total) {
+            return self.slow.put_many(items).await;
+        }
         let results = self.slow.put_many(items.clone()).await;
         for ((key, data), result) in items.into_iter().zip(&results) {
             if result.is_ok() && data.len() as u64 <= self.max_cached_blob {
@@ -135,5 +141,40 @@ mod tests {
                 "the memory tier keeps a slice of the caller's buffer"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_the_disk_store_keeps_in_memory_is_neither_copied_nor_promoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) =
+            crate::DiskStore::open(crate::DiskStoreConfig::new(dir.path(), 1 << 30)).unwrap();
+        let store = TieredStore::new(MemoryStore::new(64 << 20), Arc::new(disk), 64 << 10);
+        let batch: Vec<(crate::Key, Bytes)> = (0..40u32)
+            .map(|i| {
+                let data = Bytes::from(vec![i as u8; 60_000]);
+                (DigestFunction::Sha256.digest_of(&data).key(), data)
+            })
+            .collect();
+        assert!(
+            store.slow.keeps_batch_in_memory(40 * 60_000),
+            "the test directory's file system refuses O_DIRECT: point TMPDIR at a disk"
+        );
+        let results = store.put_many(batch.clone()).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        for (key, data) in &batch {
+            // Read twice: served from the disk store's buffers both times,
+            // never copied into the memory tier.
+            for _ in 0..2 {
+                let blob = store.get(key).await.unwrap().expect("stored");
+                assert!(matches!(blob, Blob::Pieces(_)), "{key:?} was copied");
+                assert_eq!(&blob.into_bytes().await.unwrap(), data);
+            }
+            assert!(store.fast.get_now(key).is_none());
+        }
+        // A single small blob is still cached.
+        let small = Bytes::from_static(b"small");
+        let key = DigestFunction::Sha256.digest_of(&small).key();
+        store.put(key, small.clone()).await.unwrap();
+        assert_eq!(store.fast.get_now(&key), Some(small));
     }
 }

@@ -1,7 +1,9 @@
-//! Large blobs just written, kept in memory in the direct-I/O buffers they
+//! Blobs just written with direct I/O, kept in memory in the buffers they
 //! were written from, so that reading one back (Bazel downloads an action's
 //! outputs right after the executor uploads them) needs neither the disk
-//! nor a copy.
+//! nor a copy: large blobs, and the blobs of large batches packed into a
+//! segment (several blobs share a buffer then, and it returns to the pool
+//! once the last of them is dropped from here).
 //!
 //! The buffers come from one [`BufferPool`] of at most the configured
 //! bytes, which never gives memory back to the system: on the VMs measured,
@@ -84,7 +86,9 @@ impl RecentBlobs {
         Box::new(move || recent.buffer())
     }
 
-    fn buffer(&self) -> Option<AlignedBuf> {
+    /// A buffer from the pool, else given back by the least recently used
+    /// blobs here; `None` when writes and reads under way hold them all.
+    pub(super) fn buffer(&self) -> Option<AlignedBuf> {
         loop {
             if let Some(buffer) = self.pool.take() {
                 return Some(buffer);
@@ -101,8 +105,15 @@ impl RecentBlobs {
 
     /// Keeps a blob just written, replacing what was kept under its key.
     pub(super) fn insert(&self, key: Key, parts: Vec<Bytes>) {
-        let pieces = Pieces::new(parts);
-        self.index.lock().insert(key, pieces);
+        self.insert_many(vec![(key, Pieces::new(parts))]);
+    }
+
+    /// Keeps blobs just written, under one lock.
+    pub(super) fn insert_many(&self, blobs: Vec<(Key, Pieces)>) {
+        let mut index = self.index.lock();
+        for (key, pieces) in blobs {
+            index.insert(key, pieces);
+        }
     }
 
     /// Forgets `key` (its blob was replaced without being kept, or dropped).

@@ -729,3 +729,89 @@ async fn a_recent_blob_being_read_keeps_its_bytes_while_newer_writes_need_the_me
     write_streaming(&store, fourth, &fourth_data).await;
     assert_eq!(read_kept(&store, &fourth).await, (true, fourth_data));
 }
+
+/// Fails, rather than testing the buffered path instead, where the test
+/// directory's file system refuses direct I/O (tmpfs).
+fn assert_direct_segments(store: &DiskStore) {
+    assert!(
+        store.inner.active.lock().segment.direct.is_some(),
+        "the test directory's file system refuses O_DIRECT: point TMPDIR at a disk"
+    );
+}
+
+#[tokio::test]
+async fn a_large_batch_of_small_blobs_is_read_back_from_memory_and_after_a_restart_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    // Odd sizes, so blobs straddle the 1 MiB buffers, after a small blob
+    // that leaves the segment's end unaligned.
+    let before = blob(80, 1000);
+    let mut batch: Vec<_> = (0..40).map(|i| blob(81 + i, 100_003)).collect();
+    let action = DigestFunction::Sha256.digest_of(b"action");
+    let result = (
+        Key::action_cache("", "", None, &action),
+        Bytes::from_static(b"a result"),
+    );
+    batch.insert(17, result.clone());
+    let after = blob(130, 1000);
+    {
+        let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+        assert_direct_segments(&store);
+        store.put(before.0, before.1.clone()).await.unwrap();
+        for outcome in store.put_many(batch.clone()).await {
+            outcome.unwrap();
+        }
+        store.put(after.0, after.1.clone()).await.unwrap();
+        for (key, data) in batch.iter().filter(|(key, _)| *key != result.0) {
+            assert_eq!(read_kept(&store, key).await, (true, data.clone()));
+        }
+        // An Action Cache entry is replaced in place: never kept.
+        assert_eq!(
+            read_kept(&store, &result.0).await,
+            (false, result.1.clone())
+        );
+        for (key, data) in [&before, &after] {
+            assert_eq!(read_kept(&store, key).await, (false, data.clone()));
+        }
+        // The batch fills its buffers from their start: the 11th blob
+        // crosses the first one's end `at` bytes in.
+        let (key, data) = &batch[10];
+        let blob = store.get(key).await.unwrap().unwrap();
+        let at = MIB - 10 * 100_003;
+        assert_eq!(blob.contiguous_len(at as u64 - 1), 1);
+        assert_eq!(blob.contiguous_len(at as u64), (100_003 - at) as u64);
+        assert_eq!(
+            blob.read_range(at as u64 - 5, 10).unwrap(),
+            data.slice(at - 5..at + 5)
+        );
+        store.flush().unwrap();
+    }
+    let (store, report) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    assert_eq!(report.dropped_invalid, 0);
+    for (key, data) in batch.iter().chain([&before, &after]) {
+        assert_eq!(read_kept(&store, key).await, (false, data.clone()));
+    }
+}
+
+#[tokio::test]
+async fn a_batch_the_recent_tier_cannot_hold_is_written_and_served_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 1 << 30);
+    config.recent_blob_bytes = 2 * MIB as u64;
+    let (store, _) = DiskStore::open(config).unwrap();
+    assert_direct_segments(&store);
+    let large: Vec<_> = (0..30).map(|i| blob(140 + i, 100_000)).collect();
+    for outcome in store.put_many(large.clone()).await {
+        outcome.unwrap();
+    }
+    for (key, data) in &large {
+        assert_eq!(read_kept(&store, key).await, (false, data.clone()));
+    }
+    // The buffers it took went back: the next batch that fits is kept.
+    let fits: Vec<_> = (0..15).map(|i| blob(180 + i, 100_000)).collect();
+    for outcome in store.put_many(fits.clone()).await {
+        outcome.unwrap();
+    }
+    for (key, data) in &fits {
+        assert_eq!(read_kept(&store, key).await, (true, data.clone()));
+    }
+}
