@@ -435,11 +435,12 @@ pub struct StorageConfig {
     /// than getting a file each.
     #[arg(long)]
     pub max_packed_blob: Size,
-    /// Memory for the large blobs (above `max_packed_blob`) written last,
-    /// kept in the buffers they were written from, so a download right
-    /// after an upload (Bazel fetching an action's outputs) comes from
-    /// memory. Taken as large blobs are written and then kept, up to this;
-    /// 0 keeps none.
+    /// Memory for the large blobs (above `max_packed_blob`) and the batches
+    /// of 1 MiB or more written last, kept in the buffers they were written
+    /// from, so a download right after an upload (Bazel fetching an
+    /// action's outputs) comes from memory. Taken as they are written and
+    /// then kept, up to this; 0 keeps none (and batches are then written
+    /// through the page cache).
     #[arg(long)]
     pub recent_blob_memory: Size,
     /// `group-commit` (acknowledge writes at once, sync every

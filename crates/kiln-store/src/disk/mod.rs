@@ -87,9 +87,9 @@ pub struct DiskStoreConfig {
     /// holds it: a store being closed (a restart, in this process or the
     /// previous one) lets go of it only after its final commit.
     pub lock_wait: Duration,
-    /// Memory for the large blobs written last, kept in the buffers they
-    /// were written from and read back from there (see [`recent`]); 0
-    /// keeps none. Taken as large blobs are written, then kept.
+    /// Memory for the large blobs and large batches written last, kept in
+    /// the buffers they were written from and read back from there (see
+    /// [`recent`]); 0 keeps none. Taken as they are written, then kept.
     pub recent_blob_bytes: u64,
 }
 
