@@ -31,6 +31,7 @@
 //! A blob's [`Retention`] shifts its recency (see there); it is journaled,
 //! so it survives restarts.
 
+mod behind;
 mod direct;
 pub mod journal;
 mod recent;
@@ -50,6 +51,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::watch;
 
+use self::behind::{Landing, WriteBehind};
 use self::direct::DirectFileSink;
 use self::journal::{Location, Record, RECORD_LEN};
 use self::recent::RecentBlobs;
@@ -167,6 +169,8 @@ struct Inner {
     compaction_retry_bytes: AtomicU64,
     /// Large blobs just written, in memory (none when configured off).
     recent: Option<Arc<RecentBlobs>>,
+    /// Direct writes of kept batches that go on after their acknowledgement.
+    behind: WriteBehind,
     _lock: File,
 }
 
@@ -206,7 +210,7 @@ struct Segment {
     /// The same file opened for direct I/O, for large batches; `None` for
     /// segments found at start (they take no writes) and where the file
     /// system refuses it.
-    direct: Option<File>,
+    direct: Option<Arc<File>>,
     /// Whether blobs written to it were kept in the recent-blob tier, so a
     /// read looks there first.
     kept: AtomicBool,
@@ -453,70 +457,98 @@ const MAX_WRITE_PARTS: usize = 1024;
 /// on an async worker.
 const DIRECT_BATCH_MIN: u64 = direct::BUFFER_BYTES as u64;
 
-/// Copies `items` back to back into aligned buffers from `recent`, writes
-/// them at `offset` (aligned) of `file` (opened for direct I/O), and returns
-/// each content-addressed item's bytes in those buffers to keep. When the
-/// tier has too few buffers free, the batch goes through buffers of its own
-/// and nothing is kept (`None`).
-fn write_packed_direct(
-    file: &File,
-    items: &[(Key, Bytes)],
-    offset: u64,
-    recent: &RecentBlobs,
-) -> io::Result<Option<Vec<(Key, Pieces)>>> {
-    let keeping = Cell::new(true);
-    let next_buffer = || {
-        if keeping.get() {
-            match recent.buffer() {
-                Some(buffer) => return buffer,
-                None => keeping.set(false),
+/// A batch copied back to back into aligned buffers, each zero-padded to
+/// a whole number of blocks.
+struct AlignedBatch {
+    buffers: Vec<Bytes>,
+    /// Where each item starts: (buffer, offset in it).
+    starts: Vec<(usize, usize)>,
+    /// Every buffer's capacity (all but the last are full).
+    part_len: usize,
+    /// Whether the buffers are the recent tier's, to keep.
+    from_tier: bool,
+}
+
+impl AlignedBatch {
+    /// Copies `items` into buffers from `recent`, or, once it has none
+    /// free, into buffers of the batch's own (then nothing is kept).
+    fn fill(items: &[(Key, Bytes)], recent: &RecentBlobs) -> AlignedBatch {
+        let from_tier = Cell::new(true);
+        let next_buffer = || {
+            if from_tier.get() {
+                match recent.buffer() {
+                    Some(buffer) => return buffer,
+                    None => from_tier.set(false),
+                }
+            }
+            AlignedBuf::new(direct::BUFFER_BYTES)
+        };
+        let mut buffers = vec![next_buffer()];
+        let mut starts = Vec::with_capacity(items.len());
+        for (_, data) in items {
+            let mut data = &data[..];
+            starts.push((buffers.len() - 1, buffers.last().expect("one buffer").len));
+            while !data.is_empty() {
+                let last = buffers.last_mut().expect("one buffer");
+                if last.len == last.capacity() {
+                    buffers.push(next_buffer());
+                    continue;
+                }
+                let spare = last.spare();
+                let n = spare.len().min(data.len());
+                spare[..n].copy_from_slice(&data[..n]);
+                last.len += n;
+                data = &data[n..];
             }
         }
-        AlignedBuf::new(direct::BUFFER_BYTES)
-    };
-    let mut buffers = vec![next_buffer()];
-    // Where each item starts: (buffer, offset in it).
-    let mut starts = Vec::with_capacity(items.len());
-    for (_, data) in items {
-        let mut data = &data[..];
-        starts.push((buffers.len() - 1, buffers.last().expect("one buffer").len));
-        while !data.is_empty() {
-            let last = buffers.last_mut().expect("one buffer");
-            if last.len == last.capacity() {
-                buffers.push(next_buffer());
-                continue;
-            }
-            let spare = last.spare();
-            let n = spare.len().min(data.len());
-            spare[..n].copy_from_slice(&data[..n]);
-            last.len += n;
-            data = &data[n..];
+        let part_len = buffers[0].capacity();
+        let buffers = buffers
+            .into_iter()
+            .map(|mut buffer| {
+                buffer.len = buffer.padded().len();
+                let len = buffer.len;
+                buffer.into_bytes(0, len)
+            })
+            .collect();
+        AlignedBatch {
+            buffers,
+            starts,
+            part_len,
+            from_tier: from_tier.get(),
         }
     }
-    let padded: Vec<&[u8]> = buffers.iter_mut().map(|buffer| buffer.padded()).collect();
-    write_all_vectored_at(file, &padded, offset)?;
-    if !keeping.get() {
-        return Ok(None);
+
+    fn padded_len(&self) -> u64 {
+        self.buffers.iter().map(|b| b.len() as u64).sum()
     }
-    let part_len = buffers[0].capacity();
-    let whole: Vec<Bytes> = buffers
-        .into_iter()
-        .map(|buffer| {
-            let len = buffer.len;
-            buffer.into_bytes(0, len)
-        })
-        .collect();
-    let kept = items
-        .iter()
-        .zip(starts)
-        .filter(|((key, _), _)| key.namespace.content_addressed().is_some())
-        .map(|((key, data), (first, skip))| {
-            let following = (skip + data.len()).saturating_sub(1) / part_len;
-            let parts = whole[first..=(first + following).min(whole.len() - 1)].to_vec();
-            (*key, Pieces::within(parts, skip, data.len() as u64))
-        })
-        .collect();
-    Ok(Some(kept))
+
+    fn write_at(&self, file: &File, offset: u64) -> io::Result<()> {
+        let parts: Vec<&[u8]> = self.buffers.iter().map(|b| &b[..]).collect();
+        write_all_vectored_at(file, &parts, offset)
+    }
+
+    /// The content-addressed items, each as its bytes in the buffers (an
+    /// Action Cache entry changes under its key: never kept).
+    fn kept(&self, items: &[(Key, Bytes)]) -> Vec<(Key, Pieces)> {
+        items
+            .iter()
+            .zip(&self.starts)
+            .filter(|((key, _), _)| key.namespace.content_addressed().is_some())
+            .map(|((key, data), &(first, skip))| {
+                let following = (skip + data.len()).saturating_sub(1) / self.part_len;
+                let last = (first + following).min(self.buffers.len() - 1);
+                let parts = self.buffers[first..=last].to_vec();
+                (*key, Pieces::within(parts, skip, data.len() as u64))
+            })
+            .collect()
+    }
+}
+
+/// Reserves `len` bytes at `offset` of `file` without changing its size,
+/// so a write there later cannot fail for want of space.
+fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, offset, len)
+        .map_err(io::Error::from)
 }
 
 fn fsync_dir(path: &Path) -> io::Result<()> {
@@ -850,6 +882,7 @@ impl DiskStore {
             checkpoint_failing: AtomicBool::new(false),
             compaction_retry_bytes: AtomicU64::new(0),
             recent: RecentBlobs::new(direct::BUFFER_BYTES, config.recent_blob_bytes),
+            behind: WriteBehind::new(),
             _lock: lock,
             config,
         });
@@ -885,7 +918,8 @@ impl DiskStore {
             .write(true)
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(&path)
-            .ok();
+            .ok()
+            .map(Arc::new);
         Ok(Arc::new(Segment {
             id,
             file: Arc::new(file),
@@ -1303,12 +1337,7 @@ impl Inner {
         // never read; its reserved range stays a hole in the segment.
         let written = match (direct, &segment.direct) {
             (Some(recent), Some(file)) => {
-                write_packed_direct(file, items, base, recent).map(|kept| {
-                    if let Some(kept) = kept {
-                        segment.kept.store(true, Ordering::Relaxed);
-                        recent.insert_many(kept);
-                    }
-                })
+                self.write_packed_direct(&segment, file, items, base, recent)
             }
             // Written from the items themselves: joining them first cost a
             // copy and, for a batch of megabytes, fresh pages to fault in.
@@ -1343,6 +1372,51 @@ impl Inner {
         let (journal_end, _) = self.append_journal(&records, &entries)?;
         self.maybe_evict();
         Ok(journal_end)
+    }
+
+    /// Writes a batch with direct I/O at `offset` (aligned) of `segment`,
+    /// through `file`, its direct descriptor. A batch whose every blob the
+    /// recent tier keeps is written behind its acknowledgement, once its
+    /// range is reserved (see [`behind`]); any other is written now, and
+    /// its content-addressed blobs kept if the tier gave the buffers.
+    fn write_packed_direct(
+        &self,
+        segment: &Segment,
+        file: &Arc<File>,
+        items: &[(Key, Bytes)],
+        offset: u64,
+        recent: &RecentBlobs,
+    ) -> io::Result<()> {
+        let batch = AlignedBatch::fill(items, recent);
+        let all_kept = batch.from_tier
+            && items
+                .iter()
+                .all(|(key, _)| key.namespace.content_addressed().is_some());
+        let behind = all_kept
+            && match reserve(file, offset, batch.padded_len()) {
+                Ok(()) => true,
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => {
+                    return Err(e)
+                }
+                // Not supported here: written now instead.
+                Err(_) => false,
+            };
+        let landing = match behind {
+            true => Landing::default(),
+            false => {
+                batch.write_at(file, offset)?;
+                Landing::landed()
+            }
+        };
+        if batch.from_tier {
+            segment.kept.store(true, Ordering::Relaxed);
+            recent.insert_many(batch.kept(items), landing.clone());
+        }
+        if behind {
+            self.behind
+                .submit(file.clone(), offset, batch.buffers, landing)?;
+        }
+        Ok(())
     }
 
     /// Marks the stored blobs among `keys` used now with `retention`, and
@@ -1470,6 +1544,10 @@ impl Inner {
                 .collect()
         };
         let synced = (|| {
+            // Batches written behind their acknowledgement land first.
+            self.behind
+                .wait()
+                .map_err(self.io_err("writing a packed batch"))?;
             for segment in segments {
                 segment
                     .file
@@ -1613,6 +1691,10 @@ impl Inner {
         if total <= budget {
             return Ok(());
         }
+        // Copying forward reads the blobs it keeps from their segment's file.
+        self.behind
+            .wait()
+            .map_err(|e| self.stop(StoreError::io("writing a packed batch", e)))?;
         let active_id = self.active.lock().segment.id;
         let sealed: Vec<Arc<Segment>> = self
             .segments

@@ -13,7 +13,9 @@
 //! pool is spent makes the least recently used blobs here give theirs back
 //! (a blob still being read keeps its buffers until the read ends); when
 //! writes under way hold the whole pool, the write goes on without keeping.
-//! The file on disk stays the blob's home: this is a cache of it.
+//! The file on disk stays the blob's home: this is a cache of it. A blob
+//! whose write goes on behind its acknowledgement ([`super::behind`]) is
+//! its only copy until the write lands, so it is never given up before.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::behind::Landing;
 use super::direct::BufferSource;
 use crate::aligned::{AlignedBuf, BufferPool};
 use crate::{Key, Pieces};
@@ -32,7 +35,7 @@ pub(super) struct RecentBlobs {
 
 #[derive(Default)]
 struct Index {
-    blobs: HashMap<Key, (u64, Pieces)>,
+    blobs: HashMap<Key, (u64, Pieces, Landing)>,
     /// Last use → key, oldest first.
     by_use: BTreeMap<u64, Key>,
     clock: u64,
@@ -40,21 +43,32 @@ struct Index {
 
 impl Index {
     fn remove(&mut self, key: &Key) -> Option<Pieces> {
-        let (used, pieces) = self.blobs.remove(key)?;
+        let (used, pieces, _) = self.blobs.remove(key)?;
         self.by_use.remove(&used);
         Some(pieces)
     }
 
-    fn insert(&mut self, key: Key, pieces: Pieces) {
+    fn insert(&mut self, key: Key, pieces: Pieces, landing: Landing) {
         self.remove(&key);
         self.clock += 1;
         self.by_use.insert(self.clock, key);
-        self.blobs.insert(key, (self.clock, pieces));
+        self.blobs.insert(key, (self.clock, pieces, landing));
+    }
+
+    /// Gives up the least recently used blob, unless its write has not
+    /// landed; `None` when there is none to give up.
+    fn give_up_oldest(&mut self) -> Option<Pieces> {
+        let (_, key) = self.by_use.first_key_value()?;
+        let key = *key;
+        if !self.blobs.get(&key)?.2.has_landed() {
+            return None;
+        }
+        self.remove(&key)
     }
 
     /// The blob under `key`, if it is `len` bytes long, marked used now.
     fn use_now(&mut self, key: &Key, len: u64) -> Option<Pieces> {
-        let (used, pieces) = self.blobs.get_mut(key)?;
+        let (used, pieces, _) = self.blobs.get_mut(key)?;
         if pieces.len() != len {
             return None;
         }
@@ -93,26 +107,24 @@ impl RecentBlobs {
             if let Some(buffer) = self.pool.take() {
                 return Some(buffer);
             }
-            // Dropped outside the lock: the buffers go back to the pool.
-            let oldest = {
-                let mut index = self.index.lock();
-                let (_, key) = index.by_use.pop_first()?;
-                index.blobs.remove(&key)
-            };
+            // Dropped outside the lock: the buffers go back to the pool. The
+            // oldest not landed yet means writes in flight hold the rest.
+            let oldest = self.index.lock().give_up_oldest()?;
             drop(oldest);
         }
     }
 
     /// Keeps a blob just written, replacing what was kept under its key.
     pub(super) fn insert(&self, key: Key, parts: Vec<Bytes>) {
-        self.insert_many(vec![(key, Pieces::new(parts))]);
+        self.insert_many(vec![(key, Pieces::new(parts))], Landing::landed());
     }
 
-    /// Keeps blobs just written, under one lock.
-    pub(super) fn insert_many(&self, blobs: Vec<(Key, Pieces)>) {
+    /// Keeps blobs of one batch, written or being written (`landing`),
+    /// under one lock.
+    pub(super) fn insert_many(&self, blobs: Vec<(Key, Pieces)>, landing: Landing) {
         let mut index = self.index.lock();
         for (key, pieces) in blobs {
-            index.insert(key, pieces);
+            index.insert(key, pieces, landing.clone());
         }
     }
 

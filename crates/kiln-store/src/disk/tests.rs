@@ -815,3 +815,94 @@ async fn a_batch_the_recent_tier_cannot_hold_is_written_and_served_from_disk() {
         assert_eq!(read_kept(&store, key).await, (true, data.clone()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The writer thread is held on purpose; nothing awaited takes its lock.
+#[allow(clippy::await_holding_lock)]
+async fn a_batch_written_behind_its_acknowledgement_is_served_from_memory_until_it_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 1 << 30);
+    config.recent_blob_bytes = 3 * MIB as u64;
+    let (store, _) = DiskStore::open(config.clone()).unwrap();
+    assert_direct_segments(&store);
+    let first: Vec<_> = (0..20).map(|i| blob(200 + i, 100_000)).collect();
+    let second: Vec<_> = (0..20).map(|i| blob(230 + i, 100_000)).collect();
+    {
+        // The writer thread is held: nothing written behind lands.
+        let held = store.inner.behind.hold();
+        for outcome in store.put_many(first.clone()).await {
+            outcome.unwrap();
+        }
+        for (key, data) in &first {
+            assert_eq!(read_kept(&store, key).await, (true, data.clone()));
+        }
+        // The tier's third buffer is free, the first two hold a batch that
+        // has not landed: the next batch is written now and not kept, and
+        // the first stays in memory.
+        for outcome in store.put_many(second.clone()).await {
+            outcome.unwrap();
+        }
+        for (key, data) in &second {
+            assert_eq!(read_kept(&store, key).await, (false, data.clone()));
+        }
+        for (key, data) in &first {
+            assert_eq!(read_kept(&store, key).await, (true, data.clone()));
+        }
+        // A commit waits for the batch in flight.
+        let committing = {
+            let inner = store.inner.clone();
+            std::thread::spawn(move || inner.commit())
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !committing.is_finished(),
+            "committed before the batch landed"
+        );
+        drop(held);
+        committing.join().unwrap().unwrap();
+    }
+    drop(store);
+    let (store, report) = DiskStore::open(config).unwrap();
+    assert_eq!(report.dropped_invalid, 0);
+    for (key, data) in first.iter().chain(&second) {
+        assert_eq!(read_kept(&store, key).await, (false, data.clone()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The writer thread is held on purpose; nothing awaited takes its lock.
+#[allow(clippy::await_holding_lock)]
+async fn a_crash_before_a_batch_lands_loses_that_batch_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = tempfile::tempdir().unwrap();
+    let (store, _) = DiskStore::open(config(dir.path(), 1 << 30)).unwrap();
+    assert_direct_segments(&store);
+    let landed: Vec<_> = (0..20).map(|i| blob(260 + i, 100_000)).collect();
+    let in_flight: Vec<_> = (0..20).map(|i| blob(290 + i, 100_000)).collect();
+    for outcome in store.put_many(landed.clone()).await {
+        outcome.unwrap();
+    }
+    store.flush().unwrap();
+    {
+        let _held = store.inner.behind.hold();
+        for outcome in store.put_many(in_flight.clone()).await {
+            outcome.unwrap();
+        }
+        // What a crash now leaves: the journal names the batch, its range
+        // is reserved but holds nothing yet.
+        crash_snapshot(dir.path(), snapshot.path());
+    }
+    drop(store);
+    let (store, report) = DiskStore::open(config(snapshot.path(), 1 << 30)).unwrap();
+    assert_eq!(report.dropped_invalid, in_flight.len() as u64, "{report:?}");
+    for (key, data) in &landed {
+        assert_eq!(read(&store, key).await.as_ref(), Some(data));
+    }
+    for (key, _) in &in_flight {
+        assert_eq!(
+            read(&store, key).await,
+            None,
+            "a blob that never landed surfaced"
+        );
+    }
+}
