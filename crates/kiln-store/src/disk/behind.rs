@@ -6,8 +6,9 @@
 //! write returns once the page cache has the data. Acknowledging first is
 //! what group commit allows anyway (a blob reaches the disk with the next
 //! commit). What keeps it safe:
-//! - the batch's range is reserved with `fallocate` before it is
-//!   acknowledged, so a full disk fails the upload that hit it;
+//! - the batch's range is allocated (`fallocate`, the rest of its segment
+//!   at once where there is room) before it is acknowledged, so a full
+//!   disk fails the upload that hit it;
 //! - only batches whose every blob is kept in memory go behind, and a kept
 //!   blob whose write has not landed is never given up by the recent tier
 //!   ([`Landing`]), so no read reaches the file before its data does;

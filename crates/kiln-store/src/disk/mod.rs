@@ -214,6 +214,9 @@ struct Segment {
     /// Whether blobs written to it were kept in the recent-blob tier, so a
     /// read looks there first.
     kept: AtomicBool,
+    /// How far from its start the file's space is allocated for writes
+    /// behind their acknowledgement (see [`reserve`]).
+    reserved: AtomicU64,
 }
 
 struct Active {
@@ -544,11 +547,26 @@ impl AlignedBatch {
     }
 }
 
-/// Reserves `len` bytes at `offset` of `file` without changing its size,
-/// so a write there later cannot fail for want of space.
-fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, offset, len)
-        .map_err(io::Error::from)
+/// Makes sure the segment's bytes up to `end` are allocated, so a write
+/// there cannot fail for want of space; `false` where the file system
+/// cannot reserve. Reserves the whole segment at once where there is room:
+/// a reservation waits for the direct writes in flight on the file, so
+/// one per segment keeps uploads from waiting for the writer thread.
+fn reserve(segment: &Segment, file: &File, end: u64, segment_size: u64) -> io::Result<bool> {
+    if segment.reserved.load(Ordering::Acquire) >= end {
+        return Ok(true);
+    }
+    // From the segment's start: ranges written already cost nothing, and a
+    // batch below this one that has not reserved yet is covered too.
+    let allocate = |len: u64| {
+        rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, len)
+            .map(|()| segment.reserved.fetch_max(len, Ordering::AcqRel))
+    };
+    match allocate(segment_size.max(end)).or_else(|_| allocate(end)) {
+        Ok(_) => Ok(true),
+        Err(rustix::io::Errno::NOSPC) => Err(io::Error::from(rustix::io::Errno::NOSPC)),
+        Err(_) => Ok(false),
+    }
 }
 
 fn fsync_dir(path: &Path) -> io::Result<()> {
@@ -830,6 +848,7 @@ impl DiskStore {
                     len: AtomicU64::new(len),
                     direct: None,
                     kept: AtomicBool::new(false),
+                    reserved: AtomicU64::new(0),
                 }),
             );
         }
@@ -927,6 +946,7 @@ impl DiskStore {
             len: AtomicU64::new(0),
             direct,
             kept: AtomicBool::new(false),
+            reserved: AtomicU64::new(0),
         }))
     }
 
@@ -1392,15 +1412,9 @@ impl Inner {
             && items
                 .iter()
                 .all(|(key, _)| key.namespace.content_addressed().is_some());
-        let behind = all_kept
-            && match reserve(file, offset, batch.padded_len()) {
-                Ok(()) => true,
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => {
-                    return Err(e)
-                }
-                // Not supported here: written now instead.
-                Err(_) => false,
-            };
+        let end = offset + batch.padded_len();
+        // Where the file system cannot reserve, the batch is written now.
+        let behind = all_kept && reserve(segment, file, end, self.segment_size)?;
         let landing = match behind {
             true => Landing::default(),
             false => {
