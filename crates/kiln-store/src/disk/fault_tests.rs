@@ -292,3 +292,79 @@ async fn a_failed_sync_stops_the_store_and_is_never_checkpointed() {
     drop(store);
     assert_eq!(checkpoint(), Some(durable), "the checkpoint never moved");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_full_while_batches_are_written_behind_loses_no_acknowledged_blob() {
+    if !can_mount("a_disk_full_while_batches_are_written_behind_loses_no_acknowledged_blob") {
+        return;
+    }
+    // ext4, for direct I/O, with room for its whole image in the tmpfs
+    // under it: the file system fills up, writeback never fails.
+    let fs = Mount::overcommitted_ext4("96m", "192m");
+    let root = fs.point.join("cas");
+    let batch = |first: u64| -> Vec<(Key, Bytes)> {
+        (first..first + 20)
+            .map(|seed| blob(seed, 100_000))
+            .collect()
+    };
+    let (store, _) = DiskStore::open(config(&root)).unwrap();
+    assert!(
+        store.keeps_batch_in_memory(2_000_000),
+        "ext4 refuses O_DIRECT here: the test would not write behind"
+    );
+    let mut acknowledged = batch(0);
+    for outcome in store.put_many(acknowledged.clone()).await {
+        outcome.unwrap();
+    }
+    // Full, but for room for the journal to grow: what fails next is the
+    // batches' data. The segment the first batch reserved takes them until
+    // it is full; the next segment cannot reserve.
+    let filler = fs.point.join("filler");
+    fill(&filler);
+    let file = fs::OpenOptions::new().write(true).open(&filler).unwrap();
+    file.set_len(file.metadata().unwrap().len() - (256 << 10))
+        .unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    run(&mut Command::new("sync"));
+    let (mut refused, mut taken_while_full) = (0, 0);
+    for round in 1..40 {
+        let items = batch(round * 20);
+        let outcomes = store.put_many(items.clone()).await;
+        match &outcomes[0] {
+            Ok(()) => {
+                taken_while_full += 1;
+                acknowledged.extend(items)
+            }
+            Err(StoreError::NoSpace { .. }) => {
+                refused += 1;
+                for (key, _) in &items {
+                    assert_eq!(read(&store, key).await, None, "a refused blob is absent");
+                }
+            }
+            Err(e) => panic!("expected NoSpace, got {e}"),
+        }
+    }
+    assert!(refused > 0, "the file system never filled up");
+    assert!(
+        taken_while_full > 0,
+        "no batch went to the reserved segment"
+    );
+    fs::remove_file(&filler).unwrap();
+    let after = batch(1000);
+    for outcome in store.put_many(after.clone()).await {
+        outcome.unwrap();
+    }
+    acknowledged.extend(after);
+    drop(store);
+
+    let (store, report) = DiskStore::open(config(&root)).unwrap();
+    assert_eq!(report.dropped_invalid, 0, "{report:?}");
+    for (key, data) in &acknowledged {
+        assert_eq!(
+            read(&store, key).await.as_ref(),
+            Some(data),
+            "acknowledged blob {key:?} lost after the restart"
+        );
+    }
+}
