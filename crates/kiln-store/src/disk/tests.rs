@@ -630,6 +630,13 @@ fn many_parts_are_written_back_to_back_at_the_offset() {
 
 const MIB: usize = 1 << 20;
 
+/// A store's config with `bytes` of recent-blob memory.
+fn with_recent(path: &Path, bytes: usize) -> DiskStoreConfig {
+    let mut config = config(path, 1 << 30);
+    config.recent_blob_bytes = bytes as u64;
+    config
+}
+
 /// Whether `store` serves `key` from memory, and what it serves.
 async fn read_kept(store: &DiskStore, key: &Key) -> (bool, Bytes) {
     let blob = store.get(key).await.unwrap().expect("stored");
@@ -668,9 +675,7 @@ async fn a_large_blob_just_written_is_read_back_from_memory_and_after_a_restart_
 #[tokio::test]
 async fn recent_blobs_stay_within_their_memory_and_give_way_to_newer_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path(), 1 << 30);
-    config.recent_blob_bytes = 5 * MIB as u64;
-    let (store, _) = DiskStore::open(config).unwrap();
+    let (store, _) = DiskStore::open(with_recent(dir.path(), 5 * MIB)).unwrap();
     let blobs: Vec<_> = (0..4).map(|i| blob(50 + i, 2 * MIB + 1)).collect();
     // Three buffers each: the tier holds one of them at a time.
     for (i, (key, data)) in blobs.iter().enumerate() {
@@ -700,9 +705,7 @@ async fn recent_blobs_stay_within_their_memory_and_give_way_to_newer_ones() {
 #[tokio::test]
 async fn a_recent_blob_being_read_keeps_its_bytes_while_newer_writes_need_the_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path(), 1 << 30);
-    config.recent_blob_bytes = 3 * MIB as u64;
-    let (store, _) = DiskStore::open(config).unwrap();
+    let (store, _) = DiskStore::open(with_recent(dir.path(), 3 * MIB)).unwrap();
     let (first, first_data) = blob(70, 2 * MIB + 1);
     write_streaming(&store, first, &first_data).await;
     let reading = store.get(&first).await.unwrap().unwrap();
@@ -795,9 +798,7 @@ async fn a_large_batch_of_small_blobs_is_read_back_from_memory_and_after_a_resta
 #[tokio::test]
 async fn a_batch_the_recent_tier_cannot_hold_is_written_and_served_from_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path(), 1 << 30);
-    config.recent_blob_bytes = 2 * MIB as u64;
-    let (store, _) = DiskStore::open(config).unwrap();
+    let (store, _) = DiskStore::open(with_recent(dir.path(), 2 * MIB)).unwrap();
     assert_direct_segments(&store);
     let large: Vec<_> = (0..30).map(|i| blob(140 + i, 100_000)).collect();
     for outcome in store.put_many(large.clone()).await {
@@ -821,8 +822,7 @@ async fn a_batch_the_recent_tier_cannot_hold_is_written_and_served_from_disk() {
 #[allow(clippy::await_holding_lock)]
 async fn a_batch_written_behind_its_acknowledgement_is_served_from_memory_until_it_lands() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path(), 1 << 30);
-    config.recent_blob_bytes = 3 * MIB as u64;
+    let config = with_recent(dir.path(), 3 * MIB);
     let (store, _) = DiskStore::open(config.clone()).unwrap();
     assert_direct_segments(&store);
     let first: Vec<_> = (0..20).map(|i| blob(200 + i, 100_000)).collect();
