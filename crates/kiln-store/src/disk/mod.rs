@@ -10,9 +10,11 @@
 //! - `checkpoint`: how much of the journal is known to be on disk.
 //!
 //! Durability is group commit: every `sync_interval` (or as soon as a
-//! writer waits, with [`Durability::Sync`]) a committer thread syncs the
-//! segments, blob files and directories written since the last commit, then
-//! the journal, and then advances the checkpoint. After a
+//! writer waits, with [`Durability::Sync`]) a committer thread waits for
+//! the batches still being written behind their acknowledgement
+//! (`disk/behind.rs`), syncs the segments, blob files and directories written
+//! since the last commit, then the journal, and then advances the
+//! checkpoint. After a
 //! crash, journal records before the checkpoint are trusted; later ones are
 //! kept only if their data re-verifies (crc32c for packed blobs, the content
 //! hash for files). So a blob is either whole and verified, or absent — and
