@@ -12,13 +12,12 @@
 //! Durability is group commit: every `sync_interval` (or as soon as a
 //! writer waits, with [`Durability::Sync`]) a committer thread waits for
 //! the batches still being written behind their acknowledgement
-//! (`disk/behind.rs`), syncs the segments, blob files and directories written
-//! since the last commit, then the journal, and then advances the
-//! checkpoint. After a
-//! crash, journal records before the checkpoint are trusted; later ones are
-//! kept only if their data re-verifies (crc32c for packed blobs, the content
-//! hash for files). So a blob is either whole and verified, or absent — and
-//! a torn write can never surface.
+//! (`disk/behind.rs`), syncs the segments, blob files and directories
+//! written since the last commit, then the journal, and then advances the
+//! checkpoint. After a crash, journal records before the checkpoint are
+//! trusted; later ones are kept only if their data re-verifies (crc32c for
+//! packed blobs, the content hash for files). So a blob is either whole
+//! and verified, or absent — and a torn write can never surface.
 //!
 //! Faults: a write that fails (a full disk) leaves no partial journal
 //! record behind, so the store keeps going once there is room again. A
