@@ -36,12 +36,16 @@ impl Landing {
     /// A landing for a write that has already happened.
     pub(super) fn landed() -> Self {
         let landing = Landing::default();
-        landing.0.store(true, Ordering::Release);
+        landing.land();
         landing
     }
 
     pub(super) fn has_landed(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+
+    pub(super) fn land(&self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -164,7 +168,7 @@ fn write_jobs(receiver: mpsc::Receiver<Job>, shared: &Shared) {
         let written = write_all_vectored_at(&job.file, &parts, job.offset);
         let mut progress = shared.progress.lock();
         match written {
-            Ok(()) => job.landing.0.store(true, Ordering::Release),
+            Ok(()) => job.landing.land(),
             Err(e) => {
                 tracing::error!(error = %e, offset = job.offset, "writing a packed batch failed");
                 progress.failed.get_or_insert((e.kind(), e.to_string()));

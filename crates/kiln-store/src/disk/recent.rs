@@ -49,6 +49,13 @@ impl Index {
     }
 
     fn insert(&mut self, key: Key, pieces: Pieces, landing: Landing) {
+        // The index may name the replaced blob's place a moment longer: if
+        // its write has not landed, the new entry stays held until it has
+        // (writes land in order, so the later of the two is enough).
+        let landing = match self.blobs.get(&key) {
+            Some((_, _, old)) if !old.has_landed() && landing.has_landed() => old.clone(),
+            _ => landing,
+        };
         self.remove(&key);
         self.clock += 1;
         self.by_use.insert(self.clock, key);
@@ -142,5 +149,34 @@ impl RecentBlobs {
     /// Bytes of memory the tier holds (its pool's buffers, in use or free).
     pub(super) fn memory_bytes(&self) -> usize {
         self.pool.made_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::{Index, Landing};
+    use crate::{DigestFunction, Pieces};
+
+    #[test]
+    fn a_blob_replaced_before_its_write_landed_stays_held_until_it_has() {
+        let mut index = Index::default();
+        let key = DigestFunction::Sha256.digest_of(b"blob").key();
+        let pieces = || Pieces::new(vec![Bytes::from_static(b"blob")]);
+        let first = Landing::default();
+        index.insert(key, pieces(), first.clone());
+        assert!(
+            index.give_up_oldest().is_none(),
+            "a blob not landed was given up"
+        );
+        // Written again, at once: the index may still name the first place.
+        index.insert(key, pieces(), Landing::landed());
+        assert!(
+            index.give_up_oldest().is_none(),
+            "the replacement was given up before the first write landed"
+        );
+        first.land();
+        assert!(index.give_up_oldest().is_some());
     }
 }
