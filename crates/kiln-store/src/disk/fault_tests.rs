@@ -368,3 +368,51 @@ async fn a_disk_full_while_batches_are_written_behind_loses_no_acknowledged_blob
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_behind_stops_the_store_and_is_never_checkpointed() {
+    if !can_mount("a_failed_write_behind_stops_the_store_and_is_never_checkpointed") {
+        return;
+    }
+    let fs = Mount::overcommitted_ext4("256m", "24m");
+    let root = fs.point.join("cas");
+    let (store, _) = DiskStore::open(config(&root)).unwrap();
+    assert!(
+        store.keeps_batch_in_memory(2_000_000),
+        "ext4 refuses O_DIRECT here: the test would not write behind"
+    );
+    let (early_key, early) = blob(1, 5000);
+    store.put(early_key, early.clone()).await.unwrap();
+    store.flush().unwrap();
+    let checkpoint = || journal::decode_checkpoint(&fs::read(root.join("checkpoint")).unwrap());
+    let durable = checkpoint().unwrap();
+
+    // More than the backing file system can hold, in batches written
+    // behind their acknowledgement: acknowledged, then their writes fail.
+    for round in 0..20 {
+        let items: Vec<_> = (0..20)
+            .map(|i| blob(100 + round * 20 + i, 100_000))
+            .collect();
+        for outcome in store.put_many(items).await {
+            outcome.unwrap();
+        }
+    }
+    let error = store.flush().unwrap_err();
+    assert!(
+        error.to_string().contains("writing a packed batch"),
+        "{error}"
+    );
+
+    // Stopped: nothing is acknowledged, checkpointed or served any more,
+    // not even the blobs the recent tier still holds.
+    let stopped = |e: StoreError| {
+        assert!(matches!(e, StoreError::Stopped(_)), "{e}");
+        assert!(e.to_string().contains("restart"), "{e}");
+    };
+    stopped(store.flush().unwrap_err());
+    let (key, _) = blob(100, 100_000);
+    stopped(store.get(&key).await.unwrap_err());
+    stopped(store.get(&early_key).await.unwrap_err());
+    drop(store);
+    assert_eq!(checkpoint(), Some(durable), "the checkpoint never moved");
+}
