@@ -119,6 +119,15 @@ impl AlignedBuf {
         &mut self.raw[self.start + self.len..self.start + self.capacity]
     }
 
+    /// Appends as much of `data` as fits; returns how much that was.
+    pub fn fill_from(&mut self, data: &[u8]) -> usize {
+        let spare = self.spare();
+        let n = spare.len().min(data.len());
+        spare[..n].copy_from_slice(&data[..n]);
+        self.len += n;
+        n
+    }
+
     /// The data, zero-padded to a whole number of aligned blocks.
     pub fn padded(&mut self) -> &[u8] {
         let padded = self.len.div_ceil(ALIGN) * ALIGN;

@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
-use super::write_all_vectored_at;
+use super::write_buffers_at;
 
 /// Whether a batch written behind has landed on the file. Shared by the
 /// batch's kept blobs.
@@ -76,22 +76,33 @@ struct Shared {
 }
 
 pub(super) struct WriteBehind {
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// `None` once dropping, which ends the thread.
+    jobs: Option<mpsc::Sender<Job>>,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl WriteBehind {
-    pub(super) fn new() -> Self {
-        WriteBehind {
-            jobs: Mutex::new(None),
-            shared: Arc::default(),
-            thread: Mutex::new(None),
-        }
+    pub(super) fn start() -> io::Result<Self> {
+        let (sender, receiver) = mpsc::channel();
+        let shared = Arc::<Shared>::default();
+        let thread = std::thread::Builder::new()
+            .name("kiln-store-behind".into())
+            .spawn({
+                let shared = shared.clone();
+                move || write_jobs(receiver, &shared)
+            })?;
+        Ok(WriteBehind {
+            jobs: Some(sender),
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// Queues `buffers` to be written at `offset` of `file` (opened for
-    /// direct I/O); `landing` is set once they are.
+    /// direct I/O); `landing` is set once they are. Counted before it is
+    /// sent, so a [`WriteBehind::wait`] that follows the batch's journal
+    /// record waits for it.
     pub(super) fn submit(
         &self,
         file: Arc<File>,
@@ -99,16 +110,6 @@ impl WriteBehind {
         buffers: Vec<Bytes>,
         landing: Landing,
     ) -> io::Result<()> {
-        let mut jobs = self.jobs.lock();
-        if jobs.is_none() {
-            let (sender, receiver) = mpsc::channel();
-            let shared = self.shared.clone();
-            let thread = std::thread::Builder::new()
-                .name("kiln-store-behind".into())
-                .spawn(move || write_jobs(receiver, &shared))?;
-            *self.thread.lock() = Some(thread);
-            *jobs = Some(sender);
-        }
         self.shared.progress.lock().submitted += 1;
         let job = Job {
             file,
@@ -116,16 +117,17 @@ impl WriteBehind {
             buffers,
             landing,
         };
-        if jobs.as_ref().expect("started").send(job).is_err() {
-            let mut progress = self.shared.progress.lock();
-            progress.done += 1;
-            progress.failed.get_or_insert((
-                io::ErrorKind::Other,
-                "the store's writer thread stopped".into(),
-            ));
-            return Err(io::Error::other("the store's writer thread stopped"));
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
+        if matches!(sent, Some(Ok(()))) {
+            return Ok(());
         }
-        Ok(())
+        let stopped = "the store's writer thread stopped";
+        let mut progress = self.shared.progress.lock();
+        progress.done += 1;
+        progress
+            .failed
+            .get_or_insert((io::ErrorKind::Other, stopped.into()));
+        Err(io::Error::other(stopped))
     }
 
     /// Waits until every write submitted so far is done; the first that
@@ -153,8 +155,8 @@ impl WriteBehind {
 
 impl Drop for WriteBehind {
     fn drop(&mut self) {
-        self.jobs.lock().take();
-        if let Some(thread) = self.thread.lock().take() {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
@@ -164,8 +166,7 @@ fn write_jobs(receiver: mpsc::Receiver<Job>, shared: &Shared) {
     for job in receiver {
         #[cfg(test)]
         drop(shared.hold.lock());
-        let parts: Vec<&[u8]> = job.buffers.iter().map(|b| &b[..]).collect();
-        let written = write_all_vectored_at(&job.file, &parts, job.offset);
+        let written = write_buffers_at(&job.file, &job.buffers, job.offset);
         let mut progress = shared.progress.lock();
         match written {
             Ok(()) => job.landing.land(),

@@ -101,10 +101,7 @@ impl DirectFileSink {
             if self.filling.len == self.filling.capacity() {
                 self.submit()?;
             }
-            let spare = self.filling.spare();
-            let n = spare.len().min(data.len());
-            spare[..n].copy_from_slice(&data[..n]);
-            self.filling.len += n;
+            let n = self.filling.fill_from(data);
             data = &data[n..];
         }
         Ok(())

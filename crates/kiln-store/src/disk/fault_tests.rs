@@ -293,6 +293,24 @@ async fn a_failed_sync_stops_the_store_and_is_never_checkpointed() {
     assert_eq!(checkpoint(), Some(durable), "the checkpoint never moved");
 }
 
+/// Twenty blobs of 100,000 bytes from seed `first` on: a 2 MB batch.
+fn batch(first: u64) -> Vec<(Key, Bytes)> {
+    (first..first + 20)
+        .map(|seed| blob(seed, 100_000))
+        .collect()
+}
+
+/// A store at `root` that writes large batches behind their
+/// acknowledgement; fails where the file system refuses direct I/O.
+fn open_writing_behind(root: &Path) -> DiskStore {
+    let (store, _) = DiskStore::open(config(root)).unwrap();
+    assert!(
+        store.keeps_batch_in_memory(2_000_000),
+        "the file system refuses O_DIRECT here: the test would not write behind"
+    );
+    store
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_full_while_batches_are_written_behind_loses_no_acknowledged_blob() {
     if !can_mount("a_disk_full_while_batches_are_written_behind_loses_no_acknowledged_blob") {
@@ -302,16 +320,7 @@ async fn a_disk_full_while_batches_are_written_behind_loses_no_acknowledged_blob
     // under it: the file system fills up, writeback never fails.
     let fs = Mount::overcommitted_ext4("96m", "192m");
     let root = fs.point.join("cas");
-    let batch = |first: u64| -> Vec<(Key, Bytes)> {
-        (first..first + 20)
-            .map(|seed| blob(seed, 100_000))
-            .collect()
-    };
-    let (store, _) = DiskStore::open(config(&root)).unwrap();
-    assert!(
-        store.keeps_batch_in_memory(2_000_000),
-        "ext4 refuses O_DIRECT here: the test would not write behind"
-    );
+    let store = open_writing_behind(&root);
     let mut acknowledged = batch(0);
     for outcome in store.put_many(acknowledged.clone()).await {
         outcome.unwrap();
@@ -376,11 +385,7 @@ async fn a_failed_write_behind_stops_the_store_and_is_never_checkpointed() {
     }
     let fs = Mount::overcommitted_ext4("256m", "24m");
     let root = fs.point.join("cas");
-    let (store, _) = DiskStore::open(config(&root)).unwrap();
-    assert!(
-        store.keeps_batch_in_memory(2_000_000),
-        "ext4 refuses O_DIRECT here: the test would not write behind"
-    );
+    let store = open_writing_behind(&root);
     let (early_key, early) = blob(1, 5000);
     store.put(early_key, early.clone()).await.unwrap();
     store.flush().unwrap();
@@ -390,9 +395,7 @@ async fn a_failed_write_behind_stops_the_store_and_is_never_checkpointed() {
     // More than the backing file system can hold, in batches written
     // behind their acknowledgement: acknowledged, then their writes fail.
     for round in 0..20 {
-        let items: Vec<_> = (0..20)
-            .map(|i| blob(100 + round * 20 + i, 100_000))
-            .collect();
+        let items = batch(100 + round * 20);
         for outcome in store.put_many(items).await {
             outcome.unwrap();
         }

@@ -455,6 +455,12 @@ fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> io::R
 /// Most buffers one `pwritev` takes (Linux's `IOV_MAX`).
 const MAX_WRITE_PARTS: usize = 1024;
 
+/// [`write_all_vectored_at`] of whole buffers.
+fn write_buffers_at(file: &File, buffers: &[Bytes], offset: u64) -> io::Result<()> {
+    let parts: Vec<&[u8]> = buffers.iter().map(|b| &b[..]).collect();
+    write_all_vectored_at(file, &parts, offset)
+}
+
 /// Batches of at least this many bytes are written to a segment with direct
 /// I/O and kept in memory (see [`Inner::put_packed`]). Above
 /// [`INLINE_PUT_BYTES`], so a write that waits for the device never runs
@@ -498,10 +504,7 @@ impl AlignedBatch {
                     buffers.push(next_buffer());
                     continue;
                 }
-                let spare = last.spare();
-                let n = spare.len().min(data.len());
-                spare[..n].copy_from_slice(&data[..n]);
-                last.len += n;
+                let n = last.fill_from(data);
                 data = &data[n..];
             }
         }
@@ -524,11 +527,6 @@ impl AlignedBatch {
 
     fn padded_len(&self) -> u64 {
         self.buffers.iter().map(|b| b.len() as u64).sum()
-    }
-
-    fn write_at(&self, file: &File, offset: u64) -> io::Result<()> {
-        let parts: Vec<&[u8]> = self.buffers.iter().map(|b| &b[..]).collect();
-        write_all_vectored_at(file, &parts, offset)
     }
 
     /// The content-addressed items, each as its bytes in the buffers (an
@@ -902,7 +900,7 @@ impl DiskStore {
             checkpoint_failing: AtomicBool::new(false),
             compaction_retry_bytes: AtomicU64::new(0),
             recent: RecentBlobs::new(direct::BUFFER_BYTES, config.recent_blob_bytes),
-            behind: WriteBehind::new(),
+            behind: WriteBehind::start().map_err(io_err("starting the store's writer thread"))?,
             _lock: lock,
             config,
         });
@@ -1300,23 +1298,27 @@ impl Inner {
     /// reuses costs a fraction of it.
     fn put_packed(&self, items: &[(Key, Bytes)]) -> Result<u64> {
         let now = self.epoch();
-        let total: u64 = items.iter().map(|(_, data)| data.len() as u64).sum();
-        let keep = self.recent.as_deref().filter(|_| total >= DIRECT_BATCH_MIN);
-        self.put_packed_as(items, |_| (now, Retention::DEFAULT), keep)
+        self.put_packed_as(items, |_| (now, Retention::DEFAULT), true)
+    }
+
+    /// The recent tier, when a new batch of `total` bytes is to be kept in
+    /// it (and so written with direct I/O where the segment allows it).
+    fn tier_for_batch(&self, total: u64) -> Option<&RecentBlobs> {
+        self.recent.as_deref().filter(|_| total >= DIRECT_BATCH_MIN)
     }
 
     /// [`Inner::put_packed`] with each item's last use and retention given
-    /// by `stamp(index)`: eviction copies blobs forward keeping both. With
-    /// `keep`, the batch goes with direct I/O where the segment allows it,
-    /// and its content-addressed blobs are kept there.
+    /// by `stamp(index)`: eviction copies blobs forward keeping both, and
+    /// does not keep them (`fresh` false).
     fn put_packed_as(
         &self,
         items: &[(Key, Bytes)],
         stamp: impl Fn(usize) -> (u32, Retention),
-        keep: Option<&RecentBlobs>,
+        fresh: bool,
     ) -> Result<u64> {
         self.check_running()?;
         let total: u64 = items.iter().map(|(_, data)| data.len() as u64).sum();
+        let keep = self.tier_for_batch(total).filter(|_| fresh);
         // A direct write starts and ends on aligned offsets, so it shares no
         // block with a buffered one; the padding is never read.
         let aligned = |offset: u64| offset.div_ceil(ALIGN as u64) * ALIGN as u64;
@@ -1419,7 +1421,7 @@ impl Inner {
         let landing = match behind {
             true => Landing::default(),
             false => {
-                batch.write_at(file, offset)?;
+                write_buffers_at(file, &batch.buffers, offset)?;
                 Landing::landed()
             }
         };
@@ -1814,7 +1816,7 @@ impl Inner {
                         self.copied_forward_bytes
                             .fetch_add(bytes, Ordering::Relaxed);
                         remaining += bytes;
-                        self.put_packed_as(&items, |i| stamps[i], None)?;
+                        self.put_packed_as(&items, |i| stamps[i], false)?;
                     }
                     for (key, entry) in &entries {
                         if self.index.remove_if_at(key, entry.location()) {
@@ -2078,8 +2080,7 @@ impl BlobStore for DiskStore {
     }
 
     fn keeps_batch_in_memory(&self, total_bytes: u64) -> bool {
-        total_bytes >= DIRECT_BATCH_MIN
-            && self.inner.recent.is_some()
+        self.inner.tier_for_batch(total_bytes).is_some()
             && self.inner.active.lock().segment.direct.is_some()
     }
 
