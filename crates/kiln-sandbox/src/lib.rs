@@ -24,6 +24,8 @@
 //!   actions that run privileged, directories given to an action's user
 //!   and taken back from it), taken for the worker through the launchers,
 //!   confined to the work root;
+//! - [`pin`]: paths checked beneath a root and bind-mounted where only
+//!   root writes, for the docker gate to hand to dockerd;
 //! - [`capabilities`]: what a root executor's own process keeps of root's
 //!   capabilities once its launchers run;
 //! - `child`: the code that runs between clone (or fork) and exec;
@@ -72,6 +74,7 @@ pub mod launch;
 pub mod launcher;
 mod netlink;
 pub mod network;
+pub mod pin;
 pub mod plain;
 pub mod privileged;
 pub mod run_as;
