@@ -89,6 +89,13 @@ fn main() {
     let signals = signal_fd(&[SIGCHLD, SIGTERM])
         .unwrap_or_else(|call| die(&format!("blocking SIGCHLD and SIGTERM: {call}")));
     let listener = UnixListener::bind(&socket).unwrap_or_else(|e| die(&format!("bind: {e}")));
+    // The executor may be another user than the container's (`--run-as`);
+    // the socket's directory is reachable by the executor alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))
+            .unwrap_or_else(|e| die(&format!("chmod: {e}")));
+    }
     // SIGTERM ends the agent while it waits for the executor too.
     while !readable(&listener, &signals) {}
     let (stream, _) = listener

@@ -35,7 +35,7 @@ use crate::trial::TrialRuntime;
 use crate::warm::{self, AgentFile, Removal, RunnerContainer, StartsRunners};
 
 /// The Engine API version Kiln speaks (Docker 20.10).
-const API_VERSION: ClientVersion = ClientVersion {
+pub(crate) const API_VERSION: ClientVersion = ClientVersion {
     major_version: 1,
     minor_version: 41,
 };
@@ -55,6 +55,12 @@ pub struct DockerConfig {
     pub owner: Option<String>,
     /// How `dockerNetwork=bridge` actions are isolated.
     pub network: NetworkConfig,
+    /// The executor's work root, where the probe's trial workspace goes
+    /// (None: the temporary directory).
+    pub work_root: Option<PathBuf>,
+    /// Whether `socket` is a docker gate's ([`crate::gate`]), which set up
+    /// the bridge network as root: this process only checks it is there.
+    pub gated: bool,
 }
 
 impl Default for DockerConfig {
@@ -64,6 +70,8 @@ impl Default for DockerConfig {
             images: ImageConfig::default(),
             owner: None,
             network: NetworkConfig::default(),
+            work_root: None,
+            gated: false,
         }
     }
 }
@@ -79,6 +87,8 @@ pub struct Docker {
     owner: String,
     /// The agent mounted into warm runner containers ([`crate::warm`]).
     agent: AgentFile,
+    /// Where the probe's trial workspace goes.
+    work_root: Option<PathBuf>,
 }
 
 impl Docker {
@@ -126,7 +136,11 @@ impl Docker {
                 "docker: the daemon at {socket} has no usable default runtime ({runtime:?})"
             ));
         }
-        let bridge = crate::network::set_up_docker(&client, &config.network.nft_binary).await;
+        let bridge = if config.gated {
+            crate::network::gated_docker(&client).await
+        } else {
+            crate::network::set_up_docker(&client, &config.network.nft_binary).await
+        };
         if let Err(reason) = &bridge {
             tracing::warn!(
                 socket,
@@ -144,6 +158,7 @@ impl Docker {
             bridge,
             owner,
             agent,
+            work_root: config.work_root,
         };
         if sweep {
             docker.remove_leftovers().await?;
@@ -352,6 +367,10 @@ impl ImageStore for Docker {
 impl TrialRuntime for Docker {
     fn runtime_name(&self) -> &'static str {
         "docker"
+    }
+
+    fn trial_dir(&self) -> Option<&Path> {
+        self.work_root.as_deref()
     }
 
     async fn import_rootfs(&self, reference: &str, rootfs: Vec<u8>) -> Result<(), String> {

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod docker;
+pub mod gate;
 pub mod image;
 pub mod network;
 pub mod params;

@@ -80,11 +80,35 @@ impl Default for NetworkConfig {
 /// network's IPv4 subnet, or why bridged docker actions cannot be
 /// isolated here.
 pub async fn set_up_docker(client: &Client, nft: &Path) -> Result<String, String> {
+    let subnet = docker_subnet(client, true).await?;
+    let nft = nft.to_path_buf();
+    let rules = docker_ruleset(&subnet);
+    tokio::task::spawn_blocking(move || {
+        bridge_netfilter()?;
+        kiln_sandbox::network::enable_forwarding()?;
+        kiln_sandbox::network::install_ruleset(&nft, NFT_TABLE, &rules)
+    })
+    .await
+    .map_err(|e| format!("setting up {NFT_TABLE}: {e}"))??;
+    Ok(subnet)
+}
+
+/// The subnet of [`DOCKER_NETWORK`] as the docker gate set it up (see
+/// [`crate::gate`], which answers why not if it could not), for a backend
+/// that is not root and reaches the daemon through the gate: the rules
+/// are the gate's to install.
+pub async fn gated_docker(client: &Client) -> Result<String, String> {
+    docker_subnet(client, false).await
+}
+
+/// [`DOCKER_NETWORK`]'s IPv4 subnet, once checked to be Kiln's bridge;
+/// created first if absent and `create`.
+async fn docker_subnet(client: &Client, create: bool) -> Result<String, String> {
     let network = match client.inspect_network(DOCKER_NETWORK, None).await {
         Ok(network) => network,
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
-        }) => {
+        }) if create => {
             let created = client.create_network(docker_network_request()).await;
             match created {
                 Ok(_)
@@ -131,17 +155,7 @@ pub async fn set_up_docker(client: &Client, nft: &Path) -> Result<String, String
             "the docker network {DOCKER_NETWORK} should have one IPv4 subnet, it has {subnets:?}"
         ));
     };
-    let subnet = subnet.clone();
-    let nft = nft.to_path_buf();
-    let rules = docker_ruleset(&subnet);
-    tokio::task::spawn_blocking(move || {
-        bridge_netfilter()?;
-        kiln_sandbox::network::enable_forwarding()?;
-        kiln_sandbox::network::install_ruleset(&nft, NFT_TABLE, &rules)
-    })
-    .await
-    .map_err(|e| format!("setting up {NFT_TABLE}: {e}"))??;
-    Ok(subnet)
+    Ok(subnet.clone())
 }
 
 fn docker_network_request() -> NetworkCreateRequest {

@@ -57,6 +57,12 @@ pub(crate) trait TrialRuntime: ImageStore {
     /// The backend's name, prefixed to failure reasons.
     fn runtime_name(&self) -> &'static str;
 
+    /// Where the trial's workspace goes: the executor's work root, where
+    /// a docker gate lets binds come from; None: the temporary directory.
+    fn trial_dir(&self) -> Option<&std::path::Path> {
+        None
+    }
+
     /// Imports `rootfs` (a tar of a root file system) as the local image
     /// `reference`.
     async fn import_rootfs(&self, reference: &str, rootfs: Vec<u8>) -> Result<(), String>;
@@ -116,7 +122,12 @@ pub(crate) async fn run_trial_in(
         );
         return Ok(());
     };
-    let trial = TrialAction::new(&[&format!("/{PROGRAM}")], &[], Platform::default())?;
+    let arguments = [format!("/{PROGRAM}")];
+    let arguments = [arguments[0].as_str()];
+    let trial = match runtime.trial_dir() {
+        Some(dir) => TrialAction::under(dir, &arguments, &[], Platform::default())?,
+        None => TrialAction::new(&arguments, &[], Platform::default())?,
+    };
     let outcome = runtime
         .run_local(
             &trial.spec,

@@ -83,12 +83,22 @@ impl AgentFile {
         AgentFile::write_in(&std::env::temp_dir())
     }
 
-    fn write_in(base: &Path) -> std::io::Result<AgentFile> {
+    /// The directory [`AgentFile::write`] uses for a process of `uid`:
+    /// what a docker gate lets that process bind (see [`crate::gate`]).
+    pub fn dir_for(uid: u32) -> PathBuf {
+        AgentFile::dir_in(&std::env::temp_dir(), uid)
+    }
+
+    fn dir_in(base: &Path, uid: u32) -> PathBuf {
         use sha2::Digest as _;
+        let hash = hex::encode(&sha2::Sha256::digest(AGENT)[..8]);
+        base.join(format!("kiln-agent-{uid}-{hash}"))
+    }
+
+    fn write_in(base: &Path) -> std::io::Result<AgentFile> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let uid = rustix::process::geteuid().as_raw();
-        let hash = hex::encode(&sha2::Sha256::digest(AGENT)[..8]);
-        let dir = base.join(format!("kiln-agent-{uid}-{hash}"));
+        let dir = AgentFile::dir_in(base, uid);
         match std::fs::create_dir(&dir) {
             Ok(()) => std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -287,7 +297,7 @@ impl Drop for RunnerContainer {
 /// (`docker pause` is a daemon round trip), and the engine does not know:
 /// [`RunnerContainer`] thaws before it is removed.
 #[derive(Debug)]
-struct Freezer {
+pub(crate) struct Freezer {
     file: PathBuf,
     v2: bool,
 }
@@ -297,6 +307,12 @@ impl Freezer {
     fn of(pid: u32) -> Option<Freezer> {
         cgroup_file(pid, "freezer", "freezer.state", "cgroup.freeze")
             .map(|(file, v2)| Freezer { file, v2 })
+    }
+
+    /// The file that freezes process `pid`'s cgroup: what a docker gate
+    /// gives an executor that is not root (see [`crate::gate`]).
+    pub(crate) fn file_of(pid: u32) -> Option<PathBuf> {
+        Freezer::of(pid).map(|freezer| freezer.file)
     }
 
     fn set(&self, frozen: bool) {
