@@ -145,7 +145,7 @@ pub async fn run(options: ExecutorOptions, stop: CancellationToken) -> anyhow::R
             },
         ))
     };
-    let owner = format!("kiln-worker:{}", options.work_dir.display());
+    let owner = crate::isolation::container_owner(false, &options.work_dir);
     let action_users = options
         .isolation
         .resolve_action_users(options.capacity.max(1) as usize)?;

@@ -53,6 +53,11 @@ pub struct IsolationSettings {
     /// The Docker daemon's socket.
     #[arg(long)]
     pub docker_socket: PathBuf,
+    /// Whether `docker_socket` is a docker gate's (`kiln docker-gate`,
+    /// started by a root process with `--run-as`), not a setting.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub docker_gated: bool,
     /// The `podman` binary.
     #[arg(long)]
     pub podman_binary: PathBuf,
@@ -75,8 +80,9 @@ pub struct IsolationSettings {
     /// root: the launchers keep root for the steps that need it. Before it
     /// switches it hands that user what it needs (its cgroups, the
     /// directories it writes, created if missing) and prepares bridged
-    /// networks. Only `none` and `sandbox` may be offered with it, on ports
-    /// above 1023. Empty: it stays root (keeping only the capabilities its
+    /// networks. `none`, `sandbox` and `docker` may be offered with it
+    /// (`docker` through a gate root starts, which forwards only the
+    /// containers Kiln makes), on ports above 1023. Empty: it stays root (keeping only the capabilities its
     /// own work needs).
     #[arg(long)]
     pub run_as: String,
@@ -294,6 +300,7 @@ impl Default for IsolationSettings {
             default_image: String::new(),
             insecure_registries: Vec::new(),
             docker_socket: DockerConfig::default().socket,
+            docker_gated: false,
             podman_binary: PodmanConfig::default().binary,
             action_user: String::new(),
             run_as: String::new(),
@@ -486,6 +493,17 @@ fn uid_range(given: &str) -> anyhow::Result<Option<(u32, u32)>> {
     Ok(Some((first, last)))
 }
 
+/// Who a server's embedded executor (`serving`, its data directory
+/// `dir`) or an executor (its work directory `dir`) is on a container
+/// daemon: the `kiln.owner` label of its containers (see [`offered`]).
+pub fn container_owner(serving: bool, dir: &std::path::Path) -> String {
+    if serving {
+        format!("kiln-serve:{}", dir.display())
+    } else {
+        format!("kiln-worker:{}", dir.display())
+    }
+}
+
 /// Probes the configured backends and returns those that work; an error
 /// when `none` is not configured and no other type works. `owner`
 /// names this executor instance, stably across restarts and uniquely among
@@ -602,6 +620,8 @@ async fn probe(
             images,
             owner: Some(owner.to_string()),
             network: container_network(settings),
+            work_root: Some(work_root.to_path_buf()),
+            gated: settings.docker_gated,
         })
         .await
         .map(|d| Arc::new(d) as _),

@@ -7,6 +7,7 @@
 #[allow(unsafe_code)]
 mod allocator;
 mod bench;
+mod docker_gate;
 mod keys;
 
 use std::path::PathBuf;
@@ -51,6 +52,11 @@ enum Command {
     /// the executor itself; not for use by hand).
     #[command(name = kiln_sandbox::launcher::SUBCOMMAND, hide = true)]
     Launcher,
+    /// The process a root executor with `--run-as` reaches the Docker
+    /// daemon through (started by the executor itself; not for use by
+    /// hand).
+    #[command(name = docker_gate::SUBCOMMAND, hide = true)]
+    DockerGate(docker_gate::DockerGateArgs),
 }
 
 #[derive(Subcommand)]
@@ -352,6 +358,18 @@ fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<Option<Launcher
     if policy.runs_actions {
         make_as_started(&policy.work_root, user, needs);
     }
+    let gate = match user {
+        Some((uid, _)) if offers(serving, config, &["docker"]) => {
+            let owner = container_owner(serving, config)?;
+            Some(docker_gate::start(
+                &mut config.execution.isolation,
+                &owner,
+                uid,
+                &policy.work_root,
+            )?)
+        }
+        _ => None,
+    };
     kiln_sandbox::launcher::install(std::path::Path::new("/proc/self/exe"), at_least, &policy)?;
     if let Some((uid, gid)) = user {
         kiln_sandbox::run_as::switch_to(uid, gid)
@@ -369,12 +387,37 @@ fn as_root(serving: bool, config: &mut Config) -> anyhow::Result<Option<Launcher
     // Started once the process keeps only its capabilities, which takes
     // it being single-threaded.
     let (sender, gone) = tokio::sync::oneshot::channel();
+    let sender = std::sync::Arc::new(std::sync::Mutex::new(Some(sender)));
+    let tell = move |reason: String| {
+        if let Some(sender) = sender.lock().ok().and_then(|mut s| s.take()) {
+            let _ = sender.send(reason);
+        }
+    };
+    if let Some(gate) = gate {
+        docker_gate::watch(gate, tell.clone())?;
+    }
     std::thread::Builder::new()
         .name("kiln-launchers".into())
-        .spawn(move || {
-            let _ = sender.send(kiln_sandbox::launcher::keep_running());
-        })?;
+        .spawn(move || tell(kiln_sandbox::launcher::keep_running()))?;
     Ok(Some(gone))
+}
+
+/// The `kiln.owner` of the containers of a server's embedded executor
+/// (`serving`) or an executor with `config`, as it names itself once
+/// started (see `kiln::isolation::container_owner`).
+fn container_owner(serving: bool, config: &Config) -> anyhow::Result<String> {
+    if serving {
+        return Ok(kiln::isolation::container_owner(true, &config.data_dir));
+    }
+    anyhow::ensure!(
+        !config.executor.work_dir.as_os_str().is_empty(),
+        "--run-as with docker needs --work-dir: the docker gate lets the executor bind only \
+         what is under it"
+    );
+    Ok(kiln::isolation::container_owner(
+        false,
+        &config.executor.work_dir,
+    ))
 }
 
 /// What the launchers of a server (`serving`) or an executor with
@@ -457,7 +500,7 @@ fn prepare_for_user(
          running as it could reach the executor's process and files; choose another \
          --action-user or --run-as"
     );
-    for engine in ["docker", "podman", "firecracker"] {
+    for engine in ["podman", "firecracker"] {
         anyhow::ensure!(
             !offers(serving, config, &[engine]),
             "--run-as {spec}: `{engine}` still needs root in this process (its engine or VM); \
@@ -678,6 +721,10 @@ fn main() -> anyhow::Result<()> {
                 command: BenchCommand::Isolation(args),
             } => bench::isolation::run(args).await,
             Command::Launcher => unreachable!("served above, without a runtime"),
+            Command::DockerGate(args) => {
+                init_logging(LogFormat::Human, "info");
+                docker_gate::run(args).await
+            }
         }
     })
 }

@@ -449,7 +449,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     });
     let executor = match &scheduler {
         Some(scheduler) if config.execution.embedded_executor => {
-            let owner = format!("kiln-serve:{}", config.data_dir.display());
+            let owner = crate::isolation::container_owner(true, &config.data_dir);
             let action_users = config
                 .execution
                 .isolation

@@ -1851,7 +1851,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// and the executor's child as the first ones were. With every launcher
 /// gone at once, the executor stops with an error saying so, and started
 /// again as before it runs actions. What still needs root in the process
-/// (a container engine) is refused up front.
+/// (podman, VMs) is refused up front.
 #[tokio::test]
 async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launchers() {
     if !common::root_available("the launchers of a root executor") {
@@ -2030,13 +2030,13 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
         assert!(!refused.status.success(), "{name} started");
         String::from_utf8_lossy(&refused.stderr).into_owned()
     };
-    // A container engine still needs root in the executor.
+    // Podman (rootful, through its CLI) still needs root in the executor.
     let stderr = refusal(
-        "run-as-docker",
-        &["--isolation", "none,docker", "--run-as", USER],
+        "run-as-podman",
+        &["--isolation", "none,podman", "--run-as", USER],
     );
     assert!(
-        stderr.contains("--run-as 64000:64000: `docker` still needs root"),
+        stderr.contains("--run-as 64000:64000: `podman` still needs root"),
         "{stderr}"
     );
     let stderr = refusal("run-as-root", &["--isolation", "none", "--run-as", "0:0"]);
@@ -2056,6 +2056,153 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
         stderr.contains("uid 64000 is also an action user"),
         "{stderr}"
     );
+}
+
+/// A root executor with `--run-as` offering `docker` reaches the daemon
+/// only through its docker gate, a root process it started before
+/// becoming its user: cold and warm container actions run (a warm
+/// runner's file outside the workspace is there for the next action, and
+/// the runner is frozen between actions, its freezer given to the user),
+/// while the executor holds no capability and cannot reach the daemon's
+/// socket itself. The gate goes with the executor, its pins with it; and
+/// an executor whose gate is gone stops, saying so.
+#[tokio::test]
+async fn a_root_executor_run_as_a_user_of_its_own_runs_docker_actions_through_its_gate() {
+    if !common::root_available("a root executor's docker gate") {
+        return;
+    }
+    common::test_images().unwrap_or_else(|error| panic!("building the test images: {error}"));
+    const USER: &str = "64000:64000";
+    let scratch = tempfile::tempdir().unwrap();
+    let (_server, address) = serve(scratch.path(), &[]);
+    let home = scratch.path().join("run-as");
+    common::open_to_actions(&home);
+    let work_dir = home.join("work");
+    let start = || {
+        let process = Process::spawn_command(executor_command(
+            &address,
+            "run-as-docker",
+            &work_dir,
+            &["--isolation", "none,docker", "--run-as", USER],
+        ));
+        process.wait_for_log("executor registered");
+        process
+    };
+    let mut process = start();
+    let executor = process.child.id();
+    let uids = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(uids(executor), "64000 64000 64000 64000");
+    assert_eq!(capabilities(executor, None, "CapEff:"), 0);
+    let gates_of = |parent: u32| -> Vec<u32> {
+        children_of(parent)
+            .into_iter()
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                cmdline.split(|b| *b == 0).nth(1) == Some(b"docker-gate".as_slice())
+            })
+            .collect()
+    };
+    let gates = gates_of(executor);
+    assert_eq!(gates.len(), 1, "{gates:?}");
+    let gate = gates[0];
+    assert_eq!(uids(gate), "0 0 0 0");
+    let gate_dir = std::path::PathBuf::from(format!("/run/kiln-docker-gate-{executor}"));
+    assert!(gate_dir.join("docker.sock").exists());
+
+    let image = (
+        "container-image",
+        "docker://127.0.0.1:5000/kiln-test/base:latest",
+    );
+    let docker = ("workload-isolation-type", "docker");
+    let response =
+        completed(execute_with(&address, "echo cold".into(), &[docker, image]).await).await;
+    let result = response.result.as_ref().expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    assert_eq!(result.stdout_digest, Some(digest(b"cold\n")));
+
+    let warm = [
+        docker,
+        image,
+        ("recycle-runner", "true"),
+        ("runner-recycling-key", "run-as-docker"),
+    ];
+    let first =
+        completed(execute_with(&address, "echo kept > /tmp/mark; sleep 300 &".into(), &warm).await)
+            .await;
+    assert_eq!(
+        first.result.as_ref().map(|r| r.exit_code),
+        Some(0),
+        "{:?}",
+        first.status
+    );
+    // Between actions the runner is frozen, through a freezer the gate
+    // gave the executor's user.
+    let frozen = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "for id in $(docker ps -q --no-trunc --filter \"label=kiln.owner=$1\"); do \
+             f=/sys/fs/cgroup/freezer/docker/$id/freezer.state; \
+             [ -e $f ] && echo $(stat -c %u $f) $(cat $f); done",
+            "sh",
+            &kiln::isolation::container_owner(false, &work_dir),
+        ])
+        .output()
+        .unwrap();
+    let frozen = String::from_utf8_lossy(&frozen.stdout).into_owned();
+    if std::path::Path::new("/sys/fs/cgroup/freezer").exists() {
+        assert!(frozen.contains("64000 FROZEN"), "{frozen}");
+    }
+    let second = completed(
+        execute_with(
+            &address,
+            "cat /tmp/mark; for c in /proc/[0-9]*/comm; do read n < $c; \
+             [ \"$n\" = sleep ] && echo running && break; done; true"
+                .into(),
+            &warm,
+        )
+        .await,
+    )
+    .await;
+    let result = second.result.as_ref().expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", second.status);
+    assert_eq!(result.stdout_digest, Some(digest(b"kept\nrunning\n")));
+    assert!(runner_usage(&second).warm, "{:?}", runner_usage(&second));
+
+    // Not the daemon's socket itself: it is root's.
+    let reached = std::process::Command::new("setpriv")
+        .args(["--reuid", "64000", "--regid", "64000", "--clear-groups"])
+        .args(["sh", "-c", "exec 3<>/var/run/docker.sock"])
+        .output()
+        .unwrap();
+    assert!(
+        !reached.status.success(),
+        "the executor's user reaches dockerd itself"
+    );
+
+    // The gate goes with its executor, and its pins with it.
+    drop(process);
+    wait_until("the gate to end with its executor", || ended(gate)).await;
+    wait_until("the gate's directory to go", || !gate_dir.exists()).await;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(gate_dir.to_str().unwrap()), "{mounts}");
+
+    // An executor whose gate is gone stops, saying so.
+    process = start();
+    let gates = gates_of(process.child.id());
+    assert_eq!(gates.len(), 1, "{gates:?}");
+    signal_all("-KILL", &gates);
+    process.wait_for_log("the docker gate ended");
+    let status = wait_bounded(&mut process.child);
+    assert!(!status.success(), "{status}");
 }
 
 /// `kiln serve --run-as`: the server and its embedded executor become
