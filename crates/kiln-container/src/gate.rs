@@ -133,41 +133,61 @@ fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// Sets up Kiln's bridge network on the daemon (as root), then serves
-/// `listener` until the process ends.
-pub async fn serve(listener: UnixListener, config: GateConfig) -> std::io::Result<()> {
-    let pins = Pins::new(&config.pins_dir, config.bind_roots.clone())?;
-    let bridge = set_up_bridge(&config).await;
-    if let Err(reason) = &bridge {
-        tracing::warn!(%reason, "docker gate: bridged containers are not offered");
-    }
-    let gate = Arc::new(Gate {
-        config,
-        pins: Mutex::new(pins),
-        owned: Mutex::new(HashMap::new()),
-        bridge,
-    });
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let peer = rustix::net::sockopt::socket_peercred(&stream).map(|cred| cred.uid.as_raw());
-        if peer.ok() != Some(gate.config.client_uid) {
-            tracing::warn!(?peer, "docker gate: refused a connection from another user");
-            continue;
+/// A docker gate, ready to serve.
+pub struct DockerGate(Arc<Gate>);
+
+impl DockerGate {
+    /// Opens the roots binds may come from (as the process is before
+    /// anything of the user's runs: the caller says it is ready only
+    /// after this) and sets up Kiln's bridge network on the daemon, as
+    /// root; an error if its pins directory cannot be made.
+    pub async fn start(config: GateConfig) -> std::io::Result<DockerGate> {
+        let pins = Pins::new(&config.pins_dir, config.bind_roots.clone())?;
+        let bridge = set_up_bridge(&config).await;
+        if let Err(reason) = &bridge {
+            tracing::warn!(%reason, "docker gate: bridged containers are not offered");
         }
-        let gate = gate.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let gate = gate.clone();
-                async move { Ok::<_, Infallible>(gate.handle(request).await) }
-            });
-            let served = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-            if let Err(error) = served {
-                tracing::debug!(%error, "docker gate: a connection ended");
+        Ok(DockerGate(Arc::new(Gate {
+            config,
+            pins: Mutex::new(pins),
+            owned: Mutex::new(HashMap::new()),
+            bridge,
+        })))
+    }
+
+    /// Serves `listener` until the process ends.
+    pub async fn serve(self, listener: UnixListener) {
+        let gate = self.0;
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                // Out of descriptors, say: the executor's next request retries.
+                Err(error) => {
+                    tracing::warn!(%error, "docker gate: accepting a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let peer = rustix::net::sockopt::socket_peercred(&stream).map(|cred| cred.uid.as_raw());
+            if peer.ok() != Some(gate.config.client_uid) {
+                tracing::warn!(?peer, "docker gate: refused a connection from another user");
+                continue;
             }
-        });
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let gate = gate.clone();
+                    async move { Ok::<_, Infallible>(gate.handle(request).await) }
+                });
+                let served = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+                if let Err(error) = served {
+                    tracing::debug!(%error, "docker gate: a connection ended");
+                }
+            });
+        }
     }
 }
 

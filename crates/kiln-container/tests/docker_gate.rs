@@ -69,7 +69,10 @@ impl Gate {
             pins_dir: dir.path().join("pins"),
             nft_binary: "nft".into(),
         };
-        tokio::spawn(kiln_container::gate::serve(listener, config));
+        let gate = kiln_container::gate::DockerGate::start(config)
+            .await
+            .unwrap();
+        tokio::spawn(gate.serve(listener));
         let api = bollard::ClientVersion {
             major_version: 1,
             minor_version: 41,

@@ -31,9 +31,54 @@ pub struct Pins {
 #[derive(Debug)]
 struct PinRoot {
     path: PathBuf,
-    /// Opened the first time a path beneath it is pinned (it may not
-    /// exist before), through no symlink; held from then on.
+    /// Its longest part that existed when the pins were made, opened then
+    /// as the path says (symlinks followed, as a launcher opens its work
+    /// root: nothing the user runs has run yet), and what is left of it.
+    existing: Option<(OwnedFd, PathBuf)>,
+    /// The root itself, opened the first time a path beneath it is pinned
+    /// (it may not exist before): what is left of it beneath the part
+    /// that existed, through no symlink. Held from then on.
     fd: Option<OwnedFd>,
+}
+
+impl PinRoot {
+    fn new(path: PathBuf) -> PinRoot {
+        let existing = path.ancestors().find_map(|ancestor| {
+            let opened = rustix::fs::open(
+                ancestor,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ok()?;
+            let rest = path
+                .strip_prefix(ancestor)
+                .expect("an ancestor")
+                .to_path_buf();
+            Some((opened, rest))
+        });
+        PinRoot {
+            path,
+            existing,
+            fd: None,
+        }
+    }
+
+    /// The root, opened now if not yet.
+    fn open(&mut self) -> io::Result<&OwnedFd> {
+        if self.fd.is_none() {
+            let (base, rest) = self
+                .existing
+                .as_ref()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+            let rest = if rest.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                rest
+            };
+            self.fd = Some(open_without_symlinks(base.as_fd(), rest)?);
+        }
+        Ok(self.fd.as_ref().expect("opened above"))
+    }
 }
 
 /// One path pinned: its mount point, which the mount leaves with.
@@ -77,10 +122,7 @@ impl Pins {
             Err(e) => return Err(e),
         }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
-        let roots = roots
-            .into_iter()
-            .map(|path| PinRoot { path, fd: None })
-            .collect();
+        let roots = roots.into_iter().map(PinRoot::new).collect();
         Ok(Pins {
             dir: dir.to_path_buf(),
             roots,
@@ -121,16 +163,14 @@ impl Pins {
         } else {
             relative
         };
-        if root.fd.is_none() {
-            root.fd = Some(open_without_symlinks(None, &root.path).map_err(|e| {
-                refused(&format!(
-                    "its root {} is not reached: {e}",
-                    root.path.display()
-                ))
-            })?);
-        }
-        let dir = root.fd.as_ref().expect("opened above");
-        let opened = open_without_symlinks(Some(dir.as_fd()), relative)
+        let root_path = root.path.clone();
+        let dir = root.open().map_err(|e| {
+            refused(&format!(
+                "its root {} is not reached without a symlink: {e}",
+                root_path.display()
+            ))
+        })?;
+        let opened = open_without_symlinks(dir.as_fd(), relative)
             .map_err(|e| refused(&format!("not reached without a symlink ({e})")))?;
         let kind = FileType::from_raw_mode(rustix::fs::fstat(&opened)?.st_mode);
         self.next += 1;
@@ -154,22 +194,12 @@ impl Pins {
     }
 }
 
-/// Opens `path` (relative to `dir`, or absolute) as `O_PATH`, refusing a
-/// symlink anywhere on the way and, from `dir`, a way out of it.
-fn open_without_symlinks(
-    dir: Option<rustix::fd::BorrowedFd<'_>>,
-    path: &Path,
-) -> io::Result<OwnedFd> {
-    let mut resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-    if dir.is_some() {
-        resolve |= ResolveFlags::BENEATH;
-    }
+/// Opens `path`, relative to `dir`, as `O_PATH`, refusing a symlink
+/// anywhere on the way and a way out of `dir`.
+fn open_without_symlinks(dir: rustix::fd::BorrowedFd<'_>, path: &Path) -> io::Result<OwnedFd> {
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let opened = match dir {
-        Some(dir) => rustix::fs::openat2(dir, path, flags, Mode::empty(), resolve),
-        None => rustix::fs::openat2(rustix::fs::CWD, path, flags, Mode::empty(), resolve),
-    };
-    opened.map_err(io::Error::from)
+    rustix::fs::openat2(dir, path, flags, Mode::empty(), resolve).map_err(io::Error::from)
 }
 
 /// Detaches whatever is mounted at `target` and removes it.
@@ -236,5 +266,31 @@ mod tests {
         drop(pin);
         assert!(!target.exists(), "the mount point goes with the pin");
         assert!(allowed.join("old/mine").exists(), "what was pinned stays");
+    }
+
+    #[test]
+    fn a_root_made_after_the_pins_is_reached_through_no_symlink() {
+        if !root() {
+            eprintln!("skipped: pins take root (mounts)");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let later = base.path().join("later");
+        let linked = base.path().join("linked");
+        let outside = base.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let mut pins = Pins::new(
+            &base.path().join("pins"),
+            vec![later.clone(), linked.clone()],
+        )
+        .unwrap();
+        // Made once the pins exist, as the runners' agent directory is.
+        std::fs::create_dir_all(later.join("runs")).unwrap();
+        let pin = pins.pin(&later.join("runs")).unwrap();
+        assert!(pin.path().is_dir());
+        // One that turns out to be a symlink is refused.
+        std::os::unix::fs::symlink(&outside, &linked).unwrap();
+        let refused = pins.pin(&linked).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied, "{refused}");
     }
 }

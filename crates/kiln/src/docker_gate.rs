@@ -145,7 +145,19 @@ pub async fn run(args: DockerGateArgs) -> anyhow::Result<()> {
         pins_dir: args.pins_dir.clone(),
         nft_binary: args.nft,
     };
-    let serving = tokio::spawn(kiln_container::gate::serve(listener, config));
+    // Ready only once its roots are open: nothing of the user's runs
+    // before the process that started it hears so.
+    let gate = kiln_container::gate::DockerGate::start(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("docker gate: {e}"));
+    let gate = match gate {
+        Ok(gate) => gate,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            std::process::exit(1);
+        }
+    };
+    let serving = tokio::spawn(gate.serve(listener));
     println!("{READY}");
     let ended = tokio::task::spawn_blocking(|| {
         use std::io::Read;
@@ -154,11 +166,7 @@ pub async fn run(args: DockerGateArgs) -> anyhow::Result<()> {
     });
     let result = tokio::select! {
         _ = ended => Ok(()),
-        served = serving => match served {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::anyhow!("docker gate: {e}")),
-            Err(e) => Err(anyhow::anyhow!("docker gate: {e}")),
-        },
+        served = serving => Err(anyhow::anyhow!("docker gate: stopped serving: {served:?}")),
     };
     if let Some(dir) = args.socket.parent() {
         remove_gate_dir(dir);
