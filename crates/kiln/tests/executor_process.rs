@@ -1865,31 +1865,12 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
     common::open_to_actions(&home);
     // Not made by the test: the executor makes it for its user.
     let work_dir = home.join("work");
-    let start = || {
-        let process = Process::spawn_command(executor_command(
-            &address,
-            "run-as",
-            &work_dir,
-            &["--isolation", "none,sandbox", "--run-as", USER],
-        ));
-        process.wait_for_log("executor registered");
-        process
-    };
+    let start = || run_as_executor(&address, "run-as", &work_dir, "none,sandbox");
     let mut process = start();
     let executor = process.child.id();
-    let status = std::fs::read_to_string(format!("/proc/{executor}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no {name} in\n{status}"))
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    assert_eq!(field("Uid:"), "64000 64000 64000 64000");
-    assert_eq!(field("Gid:"), "64000 64000 64000 64000");
-    assert_eq!(field("Groups:"), "");
+    assert_eq!(status_field(executor, "Uid:"), "64000 64000 64000 64000");
+    assert_eq!(status_field(executor, "Gid:"), "64000 64000 64000 64000");
+    assert_eq!(status_field(executor, "Groups:"), "");
     assert_eq!(capabilities(executor, None, "CapPrm:"), 0);
     assert_eq!(capabilities(executor, None, "CapEff:"), 0);
     use std::os::unix::fs::MetadataExt;
@@ -2072,34 +2053,15 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_docker_actions_through_it
         return;
     }
     common::test_images().unwrap_or_else(|error| panic!("building the test images: {error}"));
-    const USER: &str = "64000:64000";
     let scratch = tempfile::tempdir().unwrap();
     let (_server, address) = serve(scratch.path(), &[]);
     let home = scratch.path().join("run-as");
     common::open_to_actions(&home);
     let work_dir = home.join("work");
-    let start = || {
-        let process = Process::spawn_command(executor_command(
-            &address,
-            "run-as-docker",
-            &work_dir,
-            &["--isolation", "none,docker", "--run-as", USER],
-        ));
-        process.wait_for_log("executor registered");
-        process
-    };
+    let start = || run_as_executor(&address, "run-as-docker", &work_dir, "none,docker");
     let mut process = start();
     let executor = process.child.id();
-    let uids = |pid: u32| {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Uid:"))
-            .unwrap()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let uids = |pid: u32| status_field(pid, "Uid:");
     assert_eq!(uids(executor), "64000 64000 64000 64000");
     assert_eq!(capabilities(executor, None, "CapEff:"), 0);
     let gates_of = |parent: u32| -> Vec<u32> {
@@ -2203,6 +2165,32 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_docker_actions_through_it
     process.wait_for_log("the docker gate ended");
     let status = wait_bounded(&mut process.child);
     assert!(!status.success(), "{status}");
+}
+
+/// A registered executor `name` offering `isolation`, started as root
+/// with `--run-as 64000:64000`.
+fn run_as_executor(address: &str, name: &str, work_dir: &Path, isolation: &str) -> Process {
+    let process = Process::spawn_command(executor_command(
+        address,
+        name,
+        work_dir,
+        &["--isolation", isolation, "--run-as", "64000:64000"],
+    ));
+    process.wait_for_log("executor registered");
+    process
+}
+
+/// The values of line `name` (`Uid:`, say) of process `pid`'s status,
+/// one space apart.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in\n{status}"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `kiln serve --run-as`: the server and its embedded executor become
