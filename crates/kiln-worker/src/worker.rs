@@ -744,7 +744,7 @@ impl Worker {
                     ));
                 }
                 None => {
-                    self.take_back_outputs(&command, &written, &workspace, &working_path)
+                    self.take_back_outputs(&command, &workspace, &working_path)
                         .await?;
                     let stored = spec
                         .stored_outputs
@@ -1138,10 +1138,16 @@ impl Worker {
     /// the executor's already. A launcher that died with the request gives
     /// the action back (`ExecutorUnavailable`); another failure is logged,
     /// and reading what stays closed then fails naming the output.
+    ///
+    /// Under an overlay (an action that runs as root, on an executor that
+    /// is not: `--run-as`), through the overlay, not its upper layer: an
+    /// owner changed in the upper layer alone is not what the overlay's
+    /// files already looked up say, so the executor would still be
+    /// refused them. The walk then lists the input tree too, but changes
+    /// nothing there (the executor's already) and copies nothing up.
     async fn take_back_outputs(
         &self,
         command: &Command,
-        written: &Path,
         workspace: &Path,
         working_path: &Path,
     ) -> Result<(), RunError> {
@@ -1152,14 +1158,11 @@ impl Worker {
         if declared.is_empty() {
             return Ok(());
         }
-        // Outputs as the action wrote them: under an overlay, in its upper
-        // layer (where only a root action writes, owning them already).
-        let working_directory = working_path
-            .strip_prefix(workspace)
-            .unwrap_or(Path::new(""));
-        let in_written = written.join(working_directory);
-        let files: Vec<PathBuf> = declared.iter().map(|path| in_written.join(path)).collect();
-        let (scratch, written) = (self.scratch.clone(), written.to_path_buf());
+        let files: Vec<PathBuf> = declared
+            .iter()
+            .map(|path| working_path.join(path))
+            .collect();
+        let (scratch, written) = (self.scratch.clone(), workspace.to_path_buf());
         let taken = tokio::task::spawn_blocking(move || {
             // What cannot even be looked at is not the executor's either.
             let foreign = |path: &Path| match path.symlink_metadata() {

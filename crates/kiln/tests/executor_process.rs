@@ -1922,17 +1922,24 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_actions_through_its_launc
         run(script, bridged).await,
         Some(digest(b"bridged\naction-user\n"))
     );
-    let response = execute_with_outputs(
-        &address,
-        "echo out > result && chmod 600 result",
-        &["result"],
-        &[("workload-isolation-type", "sandbox")],
-    )
-    .await;
-    let result = response.result.expect("a result");
-    assert_eq!(result.exit_code, 0, "{:?}", response.status);
-    assert_eq!(result.output_files.len(), 1, "{result:?}");
-    assert_eq!(result.output_files[0].digest, Some(digest(b"out\n")));
+    // As the action user, and as root (under an overlay, given back
+    // through it).
+    for root in ["false", "true"] {
+        let response = execute_with_outputs(
+            &address,
+            "mkdir -p d && echo out > d/result && chmod 600 d/result && chmod 700 d",
+            &["d/result"],
+            &[
+                ("workload-isolation-type", "sandbox"),
+                ("dockerRunAsRoot", root),
+            ],
+        )
+        .await;
+        let result = response.result.expect("a result");
+        assert_eq!(result.exit_code, 0, "root {root}: {:?}", response.status);
+        assert_eq!(result.output_files.len(), 1, "{result:?}");
+        assert_eq!(result.output_files[0].digest, Some(digest(b"out\n")));
+    }
 
     // A launcher killed: one that runs starts another in its place.
     signal_all("-KILL", &launchers[..1]);
@@ -2090,6 +2097,22 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_docker_actions_through_it
     let result = response.result.as_ref().expect("a result");
     assert_eq!(result.exit_code, 0, "{:?}", response.status);
     assert_eq!(result.stdout_digest, Some(digest(b"cold\n")));
+
+    // Outputs root made in the container, closed to others, are read.
+    let response = execute_with_outputs(
+        &address,
+        "mkdir -p d && echo out > d/result && chmod 600 d/result && chmod 700 d",
+        &["d/result"],
+        &[docker, image],
+    )
+    .await;
+    let result = response.result.as_ref().unwrap_or_else(|| {
+        let log: Vec<String> = process.stderr.try_iter().collect();
+        panic!("no result: {:?}\n{}", response.status, log.join("\n"))
+    });
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    assert_eq!(result.output_files.len(), 1, "{result:?}");
+    assert_eq!(result.output_files[0].digest, Some(digest(b"out\n")));
 
     let warm = [
         docker,
