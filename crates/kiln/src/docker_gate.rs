@@ -71,7 +71,12 @@ pub fn start(
         .map_err(|e| anyhow::anyhow!("docker gate: making {}: {e}", dir.display()))?;
     let socket = dir.join("docker.sock");
     let agent_dir = kiln_container::warm::AgentFile::dir_for(uid);
+    use std::os::unix::process::CommandExt;
     let mut child = std::process::Command::new("/proc/self/exe")
+        // A group of its own, as the launchers have: a terminal's Ctrl-C
+        // stops the process, which then still removes its containers
+        // through the gate, and the gate ends after it.
+        .process_group(0)
         .arg(SUBCOMMAND)
         .arg("--socket")
         .arg(&socket)

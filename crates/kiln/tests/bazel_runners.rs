@@ -296,6 +296,33 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
         common::say_skipped("warm container runners: neither docker nor podman is available");
         return;
     }
+    container_runners_hold(&runtimes, &[]);
+}
+
+/// The same build, by a root server run as a user of its own
+/// (`--run-as`), whose docker actions go through its docker gate.
+#[test]
+fn bazel_keeps_warm_docker_runners_of_a_server_run_as_a_user() {
+    if !common::bazel_available()
+        || !common::root_available("a server run as a user of its own")
+        || !common::runtime_available("docker")
+    {
+        return;
+    }
+    container_runners_hold(
+        &["docker"],
+        &["--run-as", &format!("{}:{}", RUN_AS.0, RUN_AS.1)],
+    );
+}
+
+/// The user a `--run-as` server of these tests becomes.
+const RUN_AS: (u32, u32) = (64000, 64000);
+
+/// Builds the container runners' targets of `runtimes` with real Bazel
+/// against a server started with `extra` flags, and checks what each
+/// says about warm runners, failed ones, preserved workspaces and
+/// poisoned inputs; the stopped server leaves no container.
+fn container_runners_hold(runtimes: &[&str], extra: &[&str]) {
     if let Err(error) = common::test_images() {
         panic!("building the test images: {error}");
     }
@@ -303,7 +330,14 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
         .prefix("kiln-bazel-container-runners-")
         .tempdir()
         .expect("create scratch directory");
+    // A server run as a user of its own reaches its data directory, and
+    // owns it (one of another owner is refused at start).
+    common::open_to_actions(scratch.path());
     let data_dir = scratch.path().join("kiln-data");
+    if extra.contains(&"--run-as") {
+        fs::create_dir(&data_dir).unwrap();
+        std::os::unix::fs::chown(&data_dir, Some(RUN_AS.0), Some(RUN_AS.1)).unwrap();
+    }
     let server_log = scratch.path().join("kiln.log");
     let isolation = format!("none,{}", runtimes.join(","));
     // A shutdown grace long enough for the idle executor's session to end
@@ -311,21 +345,19 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
     // the stopping server removes them all the same.
     let config = scratch.path().join("kiln.toml");
     fs::write(&config, "shutdown_grace_ms = 1000\n").unwrap();
-    let server = KilnServer::start(
-        &data_dir,
-        &server_log,
-        &[
-            "--isolation",
-            &isolation,
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "--isolation",
+        &isolation,
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let server = KilnServer::start(&data_dir, &server_log, &args);
     let bazel = Bazel::new(scratch.path(), common::remote_only_flags(server.port));
     let package = bazel.workspace.join("runners");
     fs::create_dir_all(package.join("inputs")).unwrap();
     let mut build = BUILD.to_string() + CONTAINER_BUILD;
-    for runtime in &runtimes {
+    for runtime in runtimes {
         build += &container_targets(runtime);
     }
     fs::write(package.join("BUILD"), build).unwrap();
@@ -334,7 +366,7 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
     let read = |name: &str| output_of(&bazel, name);
     let warm_runs = || warm_runs_in(&server_log);
 
-    for runtime in &runtimes {
+    for runtime in runtimes {
         // The same key: the same container, its /tmp and its processes.
         let before = warm_runs();
         bazel.run_ok(&[
@@ -404,7 +436,7 @@ fn bazel_keeps_warm_docker_and_podman_runners() {
     bazel.run_ok(&["shutdown"]);
     let status = server.terminate(std::time::Duration::from_secs(60));
     assert!(status.success(), "kiln serve stopped with {status}");
-    for runtime in &runtimes {
+    for runtime in runtimes {
         let left = common::containers_of_server(runtime, &data_dir);
         assert!(
             left.is_empty(),
