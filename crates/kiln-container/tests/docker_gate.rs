@@ -407,6 +407,46 @@ async fn the_gate_refuses_what_the_backend_never_asks_for() {
     assert_eq!(status, 403, "{message}");
 }
 
+/// Sends `body` as a container create straight to the gate's socket and
+/// returns the answer's status line and body.
+async fn raw_create(socket: &Path, body: &[u8]) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let head = format!(
+        "POST /v1.41/containers/create HTTP/1.1\r\nHost: docker\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The gate may answer before reading all of an oversized body.
+    let _ = stream.write_all(body).await;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.lines().next().unwrap_or("").to_string();
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gate_answers_malformed_creates_and_keeps_serving() {
+    if !available("the docker gate's bad input") {
+        return;
+    }
+    let gate = Gate::start(rustix::process::geteuid().as_raw()).await;
+    let (status, body) = raw_create(&gate.socket, b"{not json").await;
+    assert!(status.contains(" 400 "), "{status}: {body}");
+    assert!(body.contains("the create body"), "{body}");
+    let (status, body) = raw_create(&gate.socket, b"[1, 2]").await;
+    assert!(status.contains(" 403 "), "{status}: {body}");
+    let huge = vec![b' '; 2 << 20];
+    let (status, body) = raw_create(&gate.socket, &huge).await;
+    assert!(status.contains(" 400 "), "{status}: {body}");
+    assert!(body.contains("over 1048576 bytes"), "{body}");
+    // Still serving.
+    assert!(gate.client.ping().await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_gate_serves_its_user_alone() {
     if !available("the docker gate's peer check") {
