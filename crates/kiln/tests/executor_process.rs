@@ -1047,11 +1047,17 @@ async fn header_overrides_partition_the_action_cache() {
 
 /// The pids of `parent`'s children whose command line is `kiln launcher`.
 fn launchers_of(parent: u32) -> Vec<u32> {
+    children_running(parent, "launcher")
+}
+
+/// The pids of `parent`'s children whose command line is `kiln
+/// <subcommand> …`.
+fn children_running(parent: u32, subcommand: &str) -> Vec<u32> {
     children_of(parent)
         .into_iter()
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            cmdline.split(|b| *b == 0).nth(1) == Some(b"launcher".as_slice())
+            cmdline.split(|b| *b == 0).nth(1) == Some(subcommand.as_bytes())
         })
         .collect()
 }
@@ -2071,15 +2077,7 @@ async fn a_root_executor_run_as_a_user_of_its_own_runs_docker_actions_through_it
     let uids = |pid: u32| status_field(pid, "Uid:");
     assert_eq!(uids(executor), "64000 64000 64000 64000");
     assert_eq!(capabilities(executor, None, "CapEff:"), 0);
-    let gates_of = |parent: u32| -> Vec<u32> {
-        children_of(parent)
-            .into_iter()
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                cmdline.split(|b| *b == 0).nth(1) == Some(b"docker-gate".as_slice())
-            })
-            .collect()
-    };
+    let gates_of = |parent: u32| children_running(parent, "docker-gate");
     let gates = gates_of(executor);
     assert_eq!(gates.len(), 1, "{gates:?}");
     let gate = gates[0];
