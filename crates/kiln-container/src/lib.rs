@@ -14,7 +14,10 @@
 //! - [`trial`]: the container each backend starts when probed, in a
 //!   one-file image made offline;
 //! - [`warm`]: warm runners (`recycle-runner=true`): a container kept per
-//!   runner, whose actions Kiln's agent starts inside it.
+//!   runner, whose actions Kiln's agent starts inside it;
+//! - [`gate`]: the docker gate, the root process an executor run as a
+//!   user of its own reaches dockerd through, which forwards only what
+//!   the `docker` backend asks for.
 //!
 //! [`docker`] drives the Docker Engine API with bollard; [`podman`] drives
 //! the podman CLI. Both implement [`kiln_worker::Isolation`].

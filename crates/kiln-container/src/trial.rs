@@ -122,8 +122,8 @@ pub(crate) async fn run_trial_in(
         );
         return Ok(());
     };
-    let arguments = [format!("/{PROGRAM}")];
-    let arguments = [arguments[0].as_str()];
+    let program = format!("/{PROGRAM}");
+    let arguments = [program.as_str()];
     let trial = match runtime.trial_dir() {
         Some(dir) => TrialAction::under(dir, &arguments, &[], Platform::default())?,
         None => TrialAction::new(&arguments, &[], Platform::default())?,
