@@ -275,11 +275,11 @@ impl Gate {
         query: String,
     ) -> Result<Response<Body>, Refusal> {
         let id = self.owned_id(given).await?;
-        let uri = match op {
+        let path = match op {
             Some(op) => format!("{API_PREFIX}/containers/{id}/{op}"),
             None => format!("{API_PREFIX}/containers/{id}"),
         };
-        let response = self.forward(request, Some((uri, query))).await?;
+        let response = self.forward(request, Some(api_uri(&path, &query)?)).await?;
         let status = response.status();
         match op {
             Some("start") if status.is_success() => {
@@ -328,18 +328,7 @@ impl Gate {
                 "{given:?} is not a container name"
             )));
         }
-        let request = Request::get(format!("{API_PREFIX}/containers/{given}/json"))
-            .header(header::HOST, "docker")
-            .body(full(Bytes::new()))
-            .expect("a valid request");
-        let response = self.send(request).await?;
-        if !response.status().is_success() {
-            return Err(Refusal::Daemon(Box::new(response.map(BodyExt::boxed))));
-        }
-        let body = read_whole(response.into_body()).await?;
-        let inspected: Value = serde_json::from_slice(&body).map_err(|e| {
-            Refusal::Gate(StatusCode::BAD_GATEWAY, format!("kiln docker gate: {e}"))
-        })?;
+        let inspected = self.inspect(given).await?;
         let owner = inspected
             .pointer("/Config/Labels")
             .and_then(|labels| labels.get(OWNER_LABEL))
@@ -354,28 +343,31 @@ impl Gate {
         Ok(id.to_string())
     }
 
+    /// The daemon's inspection of container `container`; its own answer
+    /// when it has none (no such container: 404).
+    async fn inspect(&self, container: &str) -> Result<Value, Refusal> {
+        let request = Request::get(format!("{API_PREFIX}/containers/{container}/json"))
+            .header(header::HOST, "docker")
+            .body(full(Bytes::new()))
+            .expect("a valid request");
+        let response = self.send(request).await?;
+        if !response.status().is_success() {
+            return Err(Refusal::Daemon(Box::new(response.map(BodyExt::boxed))));
+        }
+        let body = read_whole(response.into_body()).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| Refusal::Gate(StatusCode::BAD_GATEWAY, format!("kiln docker gate: {e}")))
+    }
+
     /// Gives the executor the freezer of runner container `id`, just
     /// started, so it freezes its runner between actions itself (a file
     /// write, where `docker pause` is a daemon round trip): what cgroup
     /// delegation gives a user, for that one cgroup.
     async fn give_freezer(&self, id: &str) {
-        let request = Request::get(format!("{API_PREFIX}/containers/{id}/json"))
-            .header(header::HOST, "docker")
-            .body(full(Bytes::new()))
-            .expect("a valid request");
-        let pid = match self.send(request).await {
-            Ok(response) if response.status().is_success() => read_whole(response.into_body())
-                .await
-                .ok()
-                .and_then(|body| {
-                    serde_json::from_slice::<Value>(&body)
-                        .ok()?
-                        .pointer("/State/Pid")?
-                        .as_u64()
-                }),
-            _ => None,
-        };
-        let file = pid
+        let inspected = self.inspect(id).await.ok();
+        let file = inspected
+            .as_ref()
+            .and_then(|inspected| inspected.pointer("/State/Pid")?.as_u64())
             .and_then(|pid| u32::try_from(pid).ok())
             .filter(|pid| *pid > 0)
             .and_then(crate::warm::Freezer::file_of);
@@ -408,14 +400,8 @@ impl Gate {
         let body = Bytes::from(serde_json::to_vec(&create).expect("a JSON value"));
         // The API version the body was checked against, whatever the path
         // said (an unversioned path means the daemon's latest).
-        let query = parts
-            .uri
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
-        parts.uri = format!("{API_PREFIX}/containers/create{query}")
-            .parse()
-            .map_err(|e| Refusal::forbidden(format!("the create's query: {e}")))?;
+        let query = parts.uri.query().unwrap_or("").to_string();
+        parts.uri = api_uri(&format!("{API_PREFIX}/containers/create"), &query)?;
         parts.headers.remove(header::TRANSFER_ENCODING);
         parts
             .headers
@@ -557,23 +543,15 @@ impl Gate {
         Ok(pins)
     }
 
-    /// Forwards `request` to the daemon, at `to` (path, query) if given,
-    /// splicing the two connections once the daemon switches protocols
-    /// (an attach).
+    /// Forwards `request` to the daemon, at `to` if given, splicing the
+    /// two connections once the daemon switches protocols (an attach).
     async fn forward(
         &self,
         mut request: Request<Incoming>,
-        to: Option<(String, String)>,
+        to: Option<Uri>,
     ) -> Result<Response<Body>, Refusal> {
-        if let Some((path, query)) = to {
-            let uri = if query.is_empty() {
-                path
-            } else {
-                format!("{path}?{query}")
-            };
-            *request.uri_mut() = uri
-                .parse::<Uri>()
-                .map_err(|e| Refusal::forbidden(format!("{uri}: {e}")))?;
+        if let Some(uri) = to {
+            *request.uri_mut() = uri;
         }
         let upgrading = request.headers().contains_key(header::UPGRADE);
         let downstream = upgrading.then(|| hyper::upgrade::on(&mut request));
@@ -617,6 +595,17 @@ impl Gate {
             .await
             .map_err(|e| unreachable(&e))
     }
+}
+
+/// `path` with `query` (the request's, unchanged).
+fn api_uri(path: &str, query: &str) -> Result<Uri, Refusal> {
+    let uri = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    };
+    uri.parse()
+        .map_err(|e| Refusal::forbidden(format!("{uri}: {e}")))
 }
 
 /// Refuses any setting of `object` outside `allowed` that is not null.

@@ -115,9 +115,7 @@ impl Pins {
                         dir.display()
                     )));
                 }
-                for entry in std::fs::read_dir(dir)? {
-                    release(&entry?.path());
-                }
+                Pins::release_all(dir);
             }
             Err(e) => return Err(e),
         }

@@ -1162,15 +1162,15 @@ impl Worker {
             .iter()
             .map(|path| working_path.join(path))
             .collect();
-        let (scratch, written) = (self.scratch.clone(), workspace.to_path_buf());
+        let (scratch, workspace) = (self.scratch.clone(), workspace.to_path_buf());
         let taken = tokio::task::spawn_blocking(move || {
             // What cannot even be looked at is not the executor's either.
             let foreign = |path: &Path| match path.symlink_metadata() {
                 Ok(meta) => !scratch.owns(&meta),
                 Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
             };
-            if foreign(&written) || files.iter().any(|file| foreign(file)) {
-                steps.take_back(&written, &files, scratch.owner())?;
+            if foreign(&workspace) || files.iter().any(|file| foreign(file)) {
+                steps.take_back(&workspace, &files, scratch.owner())?;
             }
             Ok::<(), std::io::Error>(())
         })

@@ -82,8 +82,8 @@ pub struct IsolationSettings {
     /// directories it writes, created if missing) and prepares bridged
     /// networks. `none`, `sandbox` and `docker` may be offered with it
     /// (`docker` through a gate root starts, which forwards only the
-    /// containers Kiln makes), on ports above 1023. Empty: it stays root (keeping only the capabilities its
-    /// own work needs).
+    /// containers Kiln makes), on ports above 1023. Empty: it stays root
+    /// (keeping only the capabilities its own work needs).
     #[arg(long)]
     pub run_as: String,
     /// Whether `none` actions may choose whom they run as with
